@@ -1,0 +1,46 @@
+# Every target sets itself up on a fresh machine: .venv, the project (editable) with what it needs,
+# and Debian's Fashion-MNIST package when it is missing and apt is usable.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-dev
+EXTRAS  := test,numba,torch,demo,bench
+FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# BLAS threads pinned for reproducible timings; the machine has 2 cores.
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: setup test test-slow test-all demo bench wheel-test clean fashion-mnist
+
+setup: $(STAMP) fashion-mnist
+
+$(STAMP): pyproject.toml constraints-dev.txt
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -c constraints-dev.txt -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+fashion-mnist:
+	@if [ ! -f $(FMNIST) ]; then \
+	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+	    (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null \
+	      || echo "warning: could not install dataset-fashion-mnist; tests that need it will skip"; \
+	  else echo "warning: dataset-fashion-mnist missing and apt unusable; tests that need it will skip"; fi; \
+	fi
+
+test: setup
+	$(VPY) -m pytest -q -m "not slow and not gpu" -n 2 tests
+
+test-slow: setup
+	$(VPY) -m pytest -q -m "slow" tests
+
+test-gpu: setup
+	$(VPY) -m pytest -q -m "gpu" tests
+
+demo: setup
+	$(VENV)/bin/crest demo
+
+bench: setup
+	$(VENV)/bin/crest bench selection --out docs/benchmarks.md
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis

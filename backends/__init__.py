@@ -1,0 +1,64 @@
+"""Fast kernels, one module per array library, all with the same kernel names and signatures.
+
+``crestcore.backends.numba``  NumPy input, Numba-jitted (parallel ``prange``) CPU kernels
+``crestcore.backends.torch``  torch tensors, CPU and CUDA, batched, no host sync inside loops
+``crestcore.backends.cupy``   CuPy arrays on the GPU
+
+Kernels (see ``crestcore._reference_kernels`` for the exact contract every implementation meets):
+``similarity_batched``, ``greedy_batched``, ``assign_batched``, ``greedy_features``.
+
+:func:`get_kernel` is the dispatch rule: a native kernel is returned only when the namespace matches,
+the optional dependency imports, and the module's cheap ``usable_for`` check passes; otherwise ``None``
+and the caller runs the generic array-API reference. Nothing here imports the floors above
+(``crestcore`` proper or the adapters), and importing this package imports no optional dependency.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+KERNEL_NAMES = ("similarity_batched", "greedy_batched", "assign_batched", "greedy_features")
+
+# namespace name (as crestcore._compat.namespace_name reports it) -> backend module
+_MODULES = {"numpy": "numba", "torch": "torch", "cupy": "cupy"}
+_loaded: dict[str, Any] = {}
+_failed: dict[str, str] = {}
+
+__all__ = ["KERNEL_NAMES", "get_kernel", "backend_module", "available_backends"]
+
+
+def backend_module(namespace_name: str):
+    """The backend module for an array namespace, or ``None`` when none exists or it cannot import."""
+    mod = _MODULES.get(namespace_name)
+    if mod is None:
+        return None
+    if mod in _loaded:
+        return _loaded[mod]
+    if mod in _failed:
+        return None
+    try:
+        m = importlib.import_module(f"crestcore.backends.{mod}")
+    except ImportError as exc:  # the optional dependency is not installed
+        _failed[mod] = str(exc)
+        return None
+    _loaded[mod] = m
+    return m
+
+
+def get_kernel(name: str, namespace_name: str, *arrays: Any) -> Callable | None:
+    """The native kernel ``name`` for these arrays, or ``None`` (use the generic reference)."""
+    if name not in KERNEL_NAMES:
+        raise ValueError(f"unknown kernel {name!r}; known: {KERNEL_NAMES}")
+    m = backend_module(namespace_name)
+    if m is None or not m.usable_for(name, *arrays):
+        return None
+    return getattr(m, name)
+
+
+def available_backends() -> dict[str, str]:
+    """Which backends import here: ``{'numba': 'ok' | reason, ...}`` (imports them)."""
+    out = {}
+    for ns, mod in _MODULES.items():
+        out[mod] = "ok" if backend_module(ns) is not None else _failed.get(mod, "not importable")
+    return out

@@ -1,0 +1,118 @@
+"""The one place that talks to array-api-compat.
+
+Everything in ``crestcore`` resolves the array namespace of its inputs here, once, at the public
+boundary. Helpers for the few host round trips the core needs (labels, random draws) live here too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import array_api_compat
+from array_api_compat import array_namespace, device as _device, is_array_api_obj
+
+__all__ = [
+    "namespace",
+    "device_of",
+    "to_numpy",
+    "from_numpy",
+    "is_numpy_namespace",
+    "namespace_name",
+    "as_array",
+]
+
+
+def namespace(*arrays: Any, names: tuple[str, ...] | None = None):
+    """Return the array-API namespace shared by ``arrays`` (``None`` entries are skipped).
+
+    Raises ``TypeError`` naming the arguments when they come from different libraries (or are not
+    arrays), and ``ValueError`` when they live on different devices.
+    """
+    present = [(i, a) for i, a in enumerate(arrays) if a is not None]
+    labels = names or tuple(f"argument {i}" for i in range(len(arrays)))
+    for i, a in present:
+        if not is_array_api_obj(a):
+            raise TypeError(
+                f"{labels[i]} must be an array (NumPy, torch, CuPy, array-api-strict, ...), "
+                f"got {type(a).__name__}"
+            )
+    try:
+        xp = array_namespace(*[a for _, a in present])
+    except TypeError as exc:
+        kinds = ", ".join(f"{labels[i]}: {type(a).__module__}.{type(a).__name__}" for i, a in present)
+        raise TypeError(f"arrays from different libraries cannot be mixed ({kinds})") from exc
+    if len(present) > 1:
+        devs = [(labels[i], _device(a)) for i, a in present]
+        first = devs[0][1]
+        for lab, dev in devs[1:]:
+            if dev != first:
+                raise ValueError(
+                    f"{lab} is on device {dev!r} but {devs[0][0]} is on {first!r}; move them to one device"
+                )
+    return xp
+
+
+def namespace_name(xp) -> str:
+    """'numpy', 'torch', 'cupy', 'array_api_strict', ... for a compat namespace."""
+    if array_api_compat.is_numpy_namespace(xp):
+        return "numpy"
+    if array_api_compat.is_torch_namespace(xp):
+        return "torch"
+    if array_api_compat.is_cupy_namespace(xp):
+        return "cupy"
+    name = getattr(xp, "__name__", type(xp).__name__)
+    return name.split(".")[-1] if name.startswith("array_api_compat") else name.split(".")[0]
+
+
+def is_numpy_namespace(xp) -> bool:
+    return bool(array_api_compat.is_numpy_namespace(xp))
+
+
+def device_of(x: Any):
+    return _device(x)
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """Copy an array of any supported library to host NumPy (one transfer)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if array_api_compat.is_torch_array(x):
+        return x.detach().cpu().numpy()
+    if array_api_compat.is_cupy_array(x):
+        return x.get()
+    if hasattr(x, "__dlpack__"):  # array-api-strict and other host libraries
+        try:
+            return np.from_dlpack(x)
+        except Exception:
+            pass
+    out = np.asarray(x)
+    if out.dtype == object:
+        raise TypeError(f"cannot copy a {type(x).__name__} to NumPy")
+    return out
+
+
+def from_numpy(a: np.ndarray, xp, device=None):
+    """Move a host NumPy array into namespace ``xp`` on ``device``."""
+    if array_api_compat.is_numpy_namespace(xp):
+        return a
+    if array_api_compat.is_torch_namespace(xp):
+        import importlib
+
+        torch = importlib.import_module("torch")  # already imported by the caller's data
+        return torch.as_tensor(np.ascontiguousarray(a), device=device)
+    return xp.asarray(np.ascontiguousarray(a), device=device)
+
+
+def host_to(a: np.ndarray, like):
+    """Host array ``a`` in the namespace, device and (floating) dtype of ``like``."""
+    xp = array_namespace(like)
+    out = from_numpy(a, xp, _device(like))
+    if np.issubdtype(a.dtype, np.floating):
+        out = xp.astype(out, like.dtype)
+    return out
+
+
+def as_array(value, xp, like):
+    """A scalar or host array in ``xp`` on the device of ``like``."""
+    return xp.asarray(value, device=_device(like))

@@ -1,0 +1,247 @@
+"""Generic array-API kernels: the reference every backend must agree with, and the fallback.
+
+These have exactly the names and signatures of the kernels in ``crestcore.backends.{numba,torch,cupy}``:
+
+``similarity_batched(X, valid, metric, kernel, scale) -> S``
+    see :func:`crestcore.similarity.similarity_batched`.
+``greedy_batched(S, valid, budgets, optimizer, u) -> (indices, gains)``
+    facility-location greedy on ``B`` dense problems at once.
+``assign_batched(S, valid, indices) -> (weights, objective)``
+    cluster sizes of the picks and the objective of each problem.
+``greedy_features(X, k, metric, kernel, scale, optimizer, u, tile) -> (indices, gains, weights, objective)``
+    one problem given by features, never materialising the n x n similarity (tiles of ``tile`` rows).
+
+Conventions shared by every implementation
+-------------------------------------------
+* Facility location ``F(S) = sum_i max_{j in S} s_ij`` with ``max`` over the empty set = 0, ``s >= 0``.
+* Greedy picks ``argmax_j F(S + j) - F(S)`` among the valid, unselected candidates; ties go to the
+  lowest index. ``"lazy"`` gives exactly the same picks as ``"naive"`` (stale gains are upper bounds;
+  a candidate is accepted only when it beats every bound, ties included, by the same rule).
+* ``"stochastic"`` (Mirzasoleiman et al. 2015): at step ``t`` of problem ``b`` the candidates are the
+  remaining ones at positions ``floor(u[b, t, q] * R)`` (``R`` = number remaining, ordered by index),
+  ``q = 0..s-1``; the best of those is picked. ``u`` holds uniform draws made by the caller's RNG, so
+  every backend sees the same sample.
+* ``budgets[b]`` picks are made in problem ``b``; ``indices`` is (B, K) with ``K = max(budgets)``,
+  padded with -1 (gain 0) after ``budgets[b]`` picks.
+* Weights: every valid point is assigned to the pick it is most similar to (ties: the earliest pick in
+  greedy order); a pick's weight is the number of points assigned to it (its own included).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ._compat import device_of, from_numpy, host_to, namespace, to_numpy
+from .similarity import pairwise_distances
+
+__all__ = ["similarity_batched", "greedy_batched", "assign_batched", "greedy_features"]
+
+from .similarity import similarity_batched  # noqa: E402  (same function, re-exported as a kernel)
+
+
+def _neg_inf(xp, like):
+    return xp.full_like(like, -math.inf)
+
+
+def _stochastic_mask(xp, remaining, u_t):
+    """(B, n) bool: candidates sampled at this step from the remaining ones (see module docstring)."""
+    dtype = u_t.dtype
+    rem_f = xp.astype(remaining, dtype)
+    R = xp.sum(rem_f, axis=1)  # (B,)
+    pos = xp.floor(u_t * R[:, None])  # (B, s)
+    rank = xp.cumulative_sum(rem_f, axis=1) - 1.0  # (B, n): rank among the remaining
+    hit = xp.any(rank[:, :, None] == pos[:, None, :], axis=2)
+    return hit & remaining
+
+
+def greedy_batched(S, valid, budgets, optimizer, u=None):
+    """Reference greedy over B dense problems; ``lazy`` and ``naive`` coincide by construction here."""
+    xp = namespace(S, valid, budgets, names=("S", "valid", "budgets"))
+    B, n, _ = S.shape
+    dev = device_of(S)
+    K = int(to_numpy(xp.max(budgets))) if B else 0
+    cover = xp.zeros((B, n), dtype=S.dtype, device=dev)
+    selected = xp.zeros((B, n), dtype=xp.bool, device=dev)
+    ar = xp.arange(n, device=dev)
+    idx_cols, gain_cols = [], []
+    zero = xp.zeros_like(S)
+    for t in range(K):
+        gains = xp.sum(xp.maximum(S - cover[:, :, None], zero), axis=1)  # (B, n)
+        cand = valid & ~selected
+        if optimizer == "stochastic":
+            cand = _stochastic_mask(xp, cand, u[:, t, :])
+        masked = xp.where(cand, gains, _neg_inf(xp, gains))
+        j = xp.argmax(masked, axis=1)  # first maximum = lowest index
+        onehot = ar[None, :] == j[:, None]
+        active = budgets > t
+        g = xp.sum(xp.where(onehot, gains, xp.zeros_like(gains)), axis=1)
+        col = xp.sum(xp.where(onehot[:, None, :], S, zero), axis=2)  # (B, n) = S[b, :, j_b]
+        cover = xp.where(active[:, None], xp.maximum(cover, col), cover)
+        selected = selected | (onehot & active[:, None])
+        idx_cols.append(xp.where(active, j, xp.full_like(j, -1)))
+        gain_cols.append(xp.where(active, g, xp.zeros_like(g)))
+    if K == 0:
+        return (xp.zeros((B, 0), dtype=xp.int64, device=dev), xp.zeros((B, 0), dtype=S.dtype, device=dev))
+    return xp.astype(xp.stack(idx_cols, axis=1), xp.int64), xp.stack(gain_cols, axis=1)
+
+
+def assign_batched(S, valid, indices):
+    """Cluster-size weights (B, K) and objectives (B,) of the picks ``indices`` (-1 = no pick)."""
+    xp = namespace(S, valid, indices, names=("S", "valid", "indices"))
+    B, n, _ = S.shape
+    K = indices.shape[1]
+    dev = device_of(S)
+    if K == 0:
+        return xp.zeros((B, 0), dtype=S.dtype, device=dev), xp.zeros((B,), dtype=S.dtype, device=dev)
+    ar = xp.arange(n, device=dev)
+    onehot = xp.astype(ar[None, None, :] == indices[:, :, None], S.dtype)  # (B, K, n); -1 matches none
+    sims = xp.matmul(S, xp.matrix_transpose(onehot))  # (B, n, K): S[b, i, pick_t]
+    real = indices >= 0
+    sims = xp.where(real[:, None, :], sims, _neg_inf(xp, sims))
+    a = xp.argmax(sims, axis=2)  # (B, n), earliest pick on ties
+    kk = xp.arange(K, device=dev)
+    member = (a[:, :, None] == kk[None, None, :]) & valid[:, :, None] & real[:, None, :]
+    weights = xp.sum(xp.astype(member, S.dtype), axis=1)
+    best = xp.max(sims, axis=2)
+    best = xp.where(valid & xp.any(real, axis=1)[:, None], best, xp.zeros_like(best))
+    objective = xp.sum(best, axis=1)
+    return weights, objective
+
+
+# --------------------------------------------------------------------------------------------------
+# matrix-free path: one big problem given by its features
+# --------------------------------------------------------------------------------------------------
+
+
+def _sim_block(xp, Xi, Xj, metric, kernel, scale, M, same_offset=None):
+    D = pairwise_distances(Xi, Xj, metric=metric)
+    if same_offset is not None:  # exact zeros on the global diagonal
+        ni, nj = D.shape
+        ri = xp.arange(ni, device=device_of(D))[:, None] + same_offset[0]
+        rj = xp.arange(nj, device=device_of(D))[None, :] + same_offset[1]
+        D = xp.where(ri == rj, xp.zeros_like(D), D)
+    if kernel == "max-minus":
+        return M - D
+    return xp.exp(-D / scale)
+
+
+def _max_distance(xp, X, metric, tile):
+    n = X.shape[0]
+    M = 0.0
+    for a in range(0, n, tile):
+        for b in range(a, n, tile):
+            D = pairwise_distances(X[a : a + tile], X[b : b + tile], metric=metric)
+            M = max(M, float(to_numpy(xp.max(D))))
+    return M
+
+
+def _column_sims(xp, X, cols, metric, kernel, scale, M, tile):
+    """(n, len(cols)) similarities of every point to the candidates ``cols`` (host int array)."""
+    dev = device_of(X)
+    C = xp.take(X, from_numpy(np.asarray(cols, dtype=np.int64), xp, dev), axis=0)
+    out = []
+    n = X.shape[0]
+    for a in range(0, n, tile):
+        Xi = X[a : a + tile]
+        D = pairwise_distances(Xi, C, metric=metric)
+        rows = xp.arange(Xi.shape[0], device=dev)[:, None] + a
+        D = xp.where(rows == from_numpy(np.asarray(cols, dtype=np.int64), xp, dev)[None, :], xp.zeros_like(D), D)
+        out.append(M - D if kernel == "max-minus" else xp.exp(-D / scale))
+    return xp.concat(out, axis=0)
+
+
+def greedy_features(X, k, metric, kernel, scale, optimizer, u=None, tile=2048):
+    """Greedy on one problem of n points given by features X (n, d), in tiles; never n x n.
+
+    ``lazy`` here is blocked lazy greedy: the candidates with the largest upper bounds are re-evaluated
+    a block at a time (one tile operation) until the best exact gain beats every remaining bound.
+    Bookkeeping of bounds is on the host; similarity work stays in X's namespace and device.
+    """
+    xp = namespace(X, names=("X",))
+    n = X.shape[0]
+    dev = device_of(X)
+    M = _max_distance(xp, X, metric, tile) if kernel == "max-minus" else 0.0
+    cover = xp.zeros((n,), dtype=X.dtype, device=dev)
+    selected = np.zeros(n, dtype=bool)
+    picks, pick_gains = [], []
+
+    def exact(cols):
+        Sc = _column_sims(xp, X, cols, metric, kernel, scale, M, tile)
+        g = xp.sum(xp.maximum(Sc - cover[:, None], xp.zeros_like(Sc)), axis=0)
+        return to_numpy(g).astype(np.float64), Sc
+
+    # initial gains (cover = 0): column sums, computed tile by tile
+    ub = np.empty(n, dtype=np.float64)
+    for b in range(0, n, tile):
+        cols = np.arange(b, min(n, b + tile))
+        ub[cols] = exact(cols)[0]
+    block = max(8, min(256, n // 64 or 1))
+    for t in range(k):
+        if optimizer == "stochastic":
+            rem = np.flatnonzero(~selected)
+            pos = np.floor(to_numpy(u[t]).astype(np.float64) * rem.size).astype(np.int64)
+            cands = np.unique(rem[np.minimum(pos, rem.size - 1)])
+            g, Sc = exact(cands)
+            best = int(np.argmax(g))
+        elif optimizer == "naive":
+            cands = np.flatnonzero(~selected)
+            g, Sc = exact(cands)
+            best = int(np.argmax(g))
+        else:  # lazy
+            fresh = np.zeros(n, dtype=bool)
+            exact_g = np.full(n, -np.inf)
+            cols_cache = {}
+            while True:
+                key = np.where(selected | fresh, -np.inf, ub)
+                top = np.argsort(-key, kind="stable")[:block]
+                top = top[np.isfinite(key[top])]
+                if top.size:
+                    g, Sc = exact(top)
+                    exact_g[top] = g
+                    ub[top] = g
+                    fresh[top] = True
+                    cols_cache.update({int(c): (Sc, i) for i, c in enumerate(top)})
+                cand_g = np.where(fresh, exact_g, -np.inf)
+                c = int(np.argmax(cand_g))
+                others = np.where(selected | fresh, -np.inf, ub)
+                o = int(np.argmax(others))
+                if not np.isfinite(others[o]) or cand_g[c] > others[o] or (cand_g[c] == others[o] and c < o):
+                    break
+            Sc, i = cols_cache[c]
+            cands = np.array([c])
+            g = np.array([exact_g[c]])
+            best = 0
+            col = Sc[:, i]
+        if optimizer != "lazy":
+            col = Sc[:, best]
+        j = int(cands[best])
+        picks.append(j)
+        pick_gains.append(float(g[best]))
+        selected[j] = True
+        ub[j] = -np.inf
+        cover = xp.maximum(cover, col)
+    idx = np.asarray(picks, dtype=np.int64)
+    # weights: assignment to the most similar pick, tile by tile (earliest pick on ties)
+    counts = np.zeros(len(picks), dtype=np.float64)
+    objective = 0.0
+    if len(picks):
+        for a in range(0, n, tile):
+            Xi = X[a : a + tile]
+            Sp = _sim_block(xp, Xi, xp.take(X, from_numpy(idx, xp, dev), axis=0), metric, kernel, scale, M)
+            rows = np.arange(a, a + Xi.shape[0])
+            self_hit = from_numpy(rows[:, None] == idx[None, :], xp, dev)
+            if kernel == "max-minus":
+                Sp = xp.where(self_hit, xp.full_like(Sp, M), Sp)
+            else:
+                Sp = xp.where(self_hit, xp.ones_like(Sp), Sp)
+            asg = to_numpy(xp.argmax(Sp, axis=1))
+            counts += np.bincount(asg, minlength=len(picks))
+            objective += float(to_numpy(xp.sum(xp.max(Sp, axis=1))))
+    return (
+        from_numpy(idx, xp, dev),
+        host_to(np.asarray(pick_gains, dtype=np.float64), X),
+        host_to(counts, X),
+        host_to(np.asarray(objective, dtype=np.float64), X),
+    )

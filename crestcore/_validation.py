@@ -1,0 +1,102 @@
+"""Boundary checks shared by the public functions. Every error names the offending argument."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from ._compat import to_numpy
+
+
+def check_float_matrix(xp, X, name: str, *, square: bool = False):
+    """X must be a finite, non-empty, 2-D real floating array."""
+    if X.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (n, d), got {X.ndim}-D with shape {tuple(X.shape)}")
+    n, d = X.shape
+    if n == 0 or d == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(X.shape)})")
+    if square and n != d:
+        raise ValueError(f"{name} must be a square (n, n) similarity matrix, got shape {tuple(X.shape)}")
+    if not xp.isdtype(X.dtype, "real floating"):
+        raise TypeError(f"{name} must have a real floating dtype (float32 or float64), got {X.dtype}")
+    if not bool(xp.all(xp.isfinite(X))):
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def check_int(value, name: str, *, low: int = 1, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    v = int(value)
+    if v < low or (high is not None and v > high):
+        rng = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be in {rng}, got {v}")
+    return v
+
+
+def check_choice(value, name: str, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_epsilon(epsilon) -> float:
+    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
+        raise TypeError(f"epsilon must be a number in (0, 1), got {type(epsilon).__name__}")
+    e = float(epsilon)
+    if not (0.0 < e < 1.0):
+        raise ValueError(f"epsilon must be in (0, 1), got {epsilon!r}")
+    return e
+
+
+def labels_to_host(xp, labels, n: int, name: str = "labels") -> np.ndarray:
+    """Integer labels (n,) -> host int64 array (one transfer)."""
+    if labels.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(labels.shape)}")
+    if labels.shape[0] != n:
+        raise ValueError(f"{name} has length {labels.shape[0]} but there are {n} examples")
+    if not xp.isdtype(labels.dtype, "integral"):
+        raise TypeError(f"{name} must have an integer dtype, got {labels.dtype}")
+    return np.asarray(to_numpy(labels), dtype=np.int64)
+
+
+def make_rng(rng, name: str = "rng") -> np.random.Generator:
+    """A NumPy Generator from a seed or Generator; nothing else (no hidden global RNG)."""
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if isinstance(rng, bool) or rng is None:
+        raise TypeError(f"{name} must be an int seed or a numpy.random.Generator, got {rng!r}")
+    if isinstance(rng, numbers.Integral):
+        return np.random.default_rng(int(rng))
+    if isinstance(rng, np.random.SeedSequence):
+        return np.random.default_rng(rng)
+    raise TypeError(f"{name} must be an int seed or a numpy.random.Generator, got {type(rng).__name__}")
+
+
+def hamilton(total: int, sizes: np.ndarray) -> np.ndarray:
+    """Split ``total`` over groups proportionally to ``sizes`` (largest-remainder / Hamilton method).
+
+    Each group gets ``floor(total * n_c / n)``, then the leftover units go to the largest fractional
+    remainders (ties: the lower group). When ``total >= len(sizes)`` every non-empty group gets at least
+    one unit, taken from the groups with the most units. Never more than ``sizes[c]`` per group when
+    ``total <= sum(sizes)``.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    n = int(sizes.sum())
+    if n == 0:
+        return np.zeros_like(sizes)
+    exact = total * sizes / n
+    base = np.floor(exact).astype(np.int64)
+    left = total - int(base.sum())
+    frac = exact - base
+    order = np.lexsort((np.arange(sizes.size), -frac))
+    base[order[:left]] += 1
+    nonempty = sizes > 0
+    if total >= int(nonempty.sum()):
+        for c in np.flatnonzero(nonempty & (base == 0)):
+            donor = int(np.argmax(np.where(base > 1, base, -1)))
+            if base[donor] <= 1:
+                break
+            base[donor] -= 1
+            base[c] += 1
+    return base

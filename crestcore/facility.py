@@ -1,0 +1,310 @@
+"""Facility-location selection on raw arrays: objective, gains, greedy (naive, lazy, stochastic), weights.
+
+``F(S) = sum_{i in V} max_{j in S} s_ij`` is monotone submodular for ``s >= 0``; greedy maximisation
+under ``|S| <= k`` reaches at least ``(1 - 1/e)`` of the optimum. The public entry point is
+:func:`facility_location`; :func:`solve_batched` is the batched engine the CREST selection step
+(:mod:`crestcore.minibatch`) shares. Kernels come from ``crestcore.backends`` when one fits the input,
+else from the generic array-API reference (:mod:`crestcore._reference_kernels`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import _reference_kernels as ref
+from ._compat import device_of, from_numpy, namespace, namespace_name, to_numpy
+from ._validation import (
+    check_choice,
+    check_epsilon,
+    check_float_matrix,
+    check_int,
+    hamilton,
+    labels_to_host,
+    make_rng,
+)
+from .similarity import KERNELS, METRICS, kernel_scale
+
+OPTIMIZERS = ("naive", "lazy", "stochastic")
+BACKENDS = ("auto", "reference")
+
+__all__ = [
+    "Selection",
+    "facility_location",
+    "facility_objective",
+    "marginal_gains",
+    "solve_batched",
+    "OPTIMIZERS",
+]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A weighted selection, in the namespace and on the device of the input.
+
+    indices : (k,) int64. The picks; per class (ascending label) when labels were given, each class's
+        picks in greedy order.
+    weights : (k,) floating. Cluster sizes: how many points have this pick as their most similar pick
+        (in its own class when labels were given). They sum to n.
+    gains : (k,) floating. The marginal gain of each pick when it was made (non-increasing per problem).
+    objective : 0-d floating array. ``F(S)`` summed over the problems.
+    """
+
+    indices: Any
+    weights: Any
+    gains: Any
+    objective: Any
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+
+def _kernel(name: str, xp, *arrays, force_reference: bool):
+    if not force_reference:
+        from crestcore.backends import get_kernel
+
+        k = get_kernel(name, namespace_name(xp), *arrays)
+        if k is not None:
+            return k
+    return getattr(ref, name)
+
+
+def stochastic_draws(rng: np.random.Generator, sizes, budgets, epsilon: float) -> np.ndarray:
+    """Uniform draws (B, K, s) for stochastic greedy; ``s = ceil(n_b / k_b * ln(1 / epsilon))``.
+
+    Problems needing fewer than ``s_max`` samples repeat their first draw in the spare columns
+    (duplicates change nothing). Drawn on the host so every backend sees the same sample.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    budgets = np.asarray(budgets, dtype=np.int64)
+    B = sizes.size
+    K = int(budgets.max()) if B else 0
+    s_b = np.ceil(sizes / np.maximum(budgets, 1) * math.log(1.0 / epsilon)).astype(np.int64)
+    s_b = np.clip(s_b, 1, np.maximum(sizes, 1))
+    s = int(s_b.max()) if B else 1
+    u = rng.random((B, K, s))
+    spare = np.arange(s)[None, None, :] >= s_b[:, None, None]
+    return np.where(spare, u[:, :, :1], u)
+
+
+def solve_batched(
+    xp,
+    X,
+    valid,
+    budgets_host: np.ndarray,
+    *,
+    metric: str,
+    kernel: str | None,
+    scale: float,
+    optimizer: str,
+    u_host: np.ndarray | None,
+    force_reference: bool = False,
+):
+    """Solve B padded dense problems in one batched call.
+
+    X is (B, n, d) features, or with ``metric == "precomputed"`` (B, n, n) similarities. Returns local
+    indices (B, K), gains (B, K), weights (B, K), objectives (B,), all in ``xp``.
+    """
+    dev = device_of(X)
+    if metric == "precomputed":
+        zero = xp.zeros_like(X)
+        S = xp.where(valid[:, :, None] & valid[:, None, :], X, zero)
+    else:
+        sim = _kernel("similarity_batched", xp, X, valid, force_reference=force_reference)
+        S = sim(X, valid, metric, kernel, scale)
+    budgets = from_numpy(budgets_host.astype(np.int64), xp, dev)
+    u = None if u_host is None else xp.astype(from_numpy(u_host, xp, dev), X.dtype)
+    greedy = _kernel("greedy_batched", xp, S, valid, budgets, force_reference=force_reference)
+    idx, gains = greedy(S, valid, budgets, optimizer, u)
+    assign = _kernel("assign_batched", xp, S, valid, idx, force_reference=force_reference)
+    weights, objective = assign(S, valid, idx)
+    return idx, gains, weights, objective
+
+
+def _problems_from_labels(labels_host: np.ndarray | None, n: int):
+    if labels_host is None:
+        return [np.arange(n, dtype=np.int64)]
+    classes = np.unique(labels_host)
+    return [np.flatnonzero(labels_host == c).astype(np.int64) for c in classes]
+
+
+def _pack(sizes: np.ndarray, itemsize: int, max_dense_bytes: int, per_point_extra: int):
+    """Group problems (sorted by size) into batches whose padded dense similarities fit the limit."""
+    order = np.argsort(-sizes, kind="stable")
+    groups, cur, cur_n = [], [], 0
+    for p in order:
+        n_p = int(sizes[p])
+        n_max = max(cur_n, n_p)
+        if cur and (len(cur) + 1) * n_max * (n_max + per_point_extra) * itemsize > max_dense_bytes:
+            groups.append(cur)
+            cur, n_max = [], n_p
+        cur.append(int(p))
+        cur_n = n_max
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def facility_location(
+    X,
+    k,
+    *,
+    labels=None,
+    metric: str = "euclidean",
+    kernel: str | None = "max-minus",
+    optimizer: str = "lazy",
+    epsilon: float = 0.1,
+    rng=None,
+    scale: float | None = None,
+    max_dense_bytes: int = 1 << 30,
+    backend: str = "auto",
+) -> Selection:
+    """Select ``k`` representative rows of ``X`` by facility-location greedy, with cluster-size weights.
+
+    Parameters
+    ----------
+    X : (n, d) real floating array of any array-API library (NumPy, torch CPU/CUDA, CuPy,
+        array-api-strict), or with ``metric="precomputed"`` an (n, n) non-negative similarity matrix
+        (``X[i, j]`` = similarity of point i to candidate j).
+    k : number of picks, ``1 <= k <= n``.
+    labels : optional (n,) integer array in X's namespace. Then one problem per class, solved together:
+        class c gets ``k_c`` picks by the largest-remainder (Hamilton) split of k proportional to class
+        sizes (``floor(k n_c / n)`` plus one for the largest fractional parts, lower label on ties; when
+        ``k >= #classes`` every class gets at least one). Weights and the objective are per class.
+    metric : "euclidean" (default), "sqeuclidean", "cosine" or "precomputed".
+    kernel : "max-minus" (default; ``max(D) - D`` per problem, CRAIG and the paper's objective) or
+        "exp" (``exp(-D / scale)``, the CREST release). Must be None with ``metric="precomputed"``.
+    optimizer : "lazy" (default; the same picks as "naive", much faster), "naive", or "stochastic"
+        (stochastic greedy: each step looks at ``ceil(n/k ln(1/epsilon))`` random remaining candidates;
+        ``(1 - 1/e - epsilon)``-approximate in expectation; needs ``rng``).
+    epsilon : stochastic greedy's accuracy parameter in (0, 1).
+    rng : int seed or ``numpy.random.Generator``; only used (and then required) by "stochastic".
+    scale : the "exp" kernel's length scale; default the number of features.
+    max_dense_bytes : problems whose dense similarity matrix would exceed this many bytes are solved by
+        the matrix-free tiled path, which never forms the n x n matrix.
+    backend : "auto" (native kernels where they fit the input, else the generic code) or "reference"
+        (always the generic array-API code; for testing).
+
+    Returns
+    -------
+    Selection, with arrays in X's namespace, on X's device, in X's dtype (indices int64). Ties break to
+    the lowest index. All-identical points are a valid input: every gain after the first is 0, the picks
+    are the lowest indices and the first pick of each problem carries all the weight.
+    """
+    xp = namespace(X, labels, names=("X", "labels"))
+    metric = check_choice(metric, "metric", METRICS + ("precomputed",))
+    precomputed = metric == "precomputed"
+    check_float_matrix(xp, X, "X", square=precomputed)
+    n = X.shape[0]
+    k = check_int(k, "k", low=1, high=n)
+    if precomputed:
+        if kernel is not None:
+            raise ValueError("kernel must be None with metric='precomputed' (X already holds similarities)")
+        if bool(xp.any(X < 0)):
+            raise ValueError("X (precomputed similarities) must be non-negative for facility location")
+    else:
+        kernel = check_choice(kernel, "kernel", KERNELS)
+    optimizer = check_choice(optimizer, "optimizer", OPTIMIZERS)
+    backend = check_choice(backend, "backend", BACKENDS)
+    max_dense_bytes = check_int(max_dense_bytes, "max_dense_bytes", low=1)
+    eps = check_epsilon(epsilon)
+    gen = make_rng(rng) if optimizer == "stochastic" else None
+    sc = kernel_scale(scale, X.shape[1]) if not precomputed else 1.0
+    labels_host = labels_to_host(xp, labels, n) if labels is not None else None
+
+    problems = _problems_from_labels(labels_host, n)
+    sizes = np.array([p.size for p in problems], dtype=np.int64)
+    budgets = hamilton(k, sizes)
+    dev = device_of(X)
+    itemsize = int(to_numpy(X[:1, :1]).dtype.itemsize)
+    force_ref = backend == "reference"
+
+    n_prob = len(problems)
+    out_idx: list[Any] = [None] * n_prob
+    out_gain: list[Any] = [None] * n_prob
+    out_w: list[Any] = [None] * n_prob
+    out_obj: list[Any] = [None] * n_prob
+    u_all = stochastic_draws(gen, sizes, budgets, eps) if gen is not None else None
+
+    big = [p for p in range(n_prob) if not precomputed and sizes[p] * sizes[p] * itemsize > max_dense_bytes]
+    dense = [p for p in range(n_prob) if p not in set(big)]
+    for p in big:
+        pidx = from_numpy(problems[p], xp, dev)
+        Xp = xp.take(X, pidx, axis=0)
+        u = None
+        if u_all is not None:
+            u = xp.astype(from_numpy(u_all[p, : budgets[p]], xp, dev), X.dtype)
+        gf = _kernel("greedy_features", xp, Xp, force_reference=force_ref)
+        tile = max(1, int(max_dense_bytes // max(1, sizes[p] * itemsize * 4)))
+        li, g, w, obj = gf(Xp, int(budgets[p]), metric, kernel, sc, optimizer, u, min(tile, 4096))
+        out_idx[p] = xp.take(pidx, li, axis=0)
+        out_gain[p], out_w[p], out_obj[p] = g, w, obj
+
+    extra = 0 if precomputed else X.shape[1]
+    for group in _pack(sizes[dense], itemsize, max_dense_bytes, extra) if dense else []:
+        group = [dense[g] for g in group]
+        n_max = int(sizes[group].max())
+        pad_idx = np.zeros((len(group), n_max), dtype=np.int64)
+        valid_h = np.zeros((len(group), n_max), dtype=bool)
+        for b, p in enumerate(group):
+            pad_idx[b, : sizes[p]] = problems[p]
+            valid_h[b, : sizes[p]] = True
+        flat = from_numpy(pad_idx.reshape(-1), xp, dev)
+        if precomputed:
+            rows = xp.take(X, flat, axis=0)  # (B*n_max, n)
+            rows = xp.reshape(rows, (len(group), n_max, n))
+            Xb = xp.stack([xp.take(rows[b], from_numpy(pad_idx[b], xp, dev), axis=1) for b in range(len(group))])
+        else:
+            Xb = xp.reshape(xp.take(X, flat, axis=0), (len(group), n_max, X.shape[1]))
+        valid = from_numpy(valid_h, xp, dev)
+        u = None
+        if u_all is not None:
+            K = int(budgets[group].max())
+            u = u_all[group][:, :K]
+        li, g, w, obj = solve_batched(
+            xp, Xb, valid, budgets[group], metric=metric, kernel=kernel, scale=sc,
+            optimizer=optimizer, u_host=u, force_reference=force_ref,
+        )
+        for b, p in enumerate(group):
+            kb = int(budgets[p])
+            loc = li[b, :kb]
+            out_idx[p] = xp.take(from_numpy(problems[p], xp, dev), loc, axis=0)
+            out_gain[p], out_w[p], out_obj[p] = g[b, :kb], w[b, :kb], obj[b]
+
+    keep = [p for p in range(n_prob) if budgets[p] > 0]
+    indices = xp.concat([xp.astype(out_idx[p], xp.int64) for p in keep])
+    gains = xp.concat([out_gain[p] for p in keep])
+    weights = xp.concat([out_w[p] for p in keep])
+    objective = xp.sum(xp.stack([xp.asarray(out_obj[p], device=dev) for p in keep]))
+    return Selection(indices=indices, weights=weights, gains=gains, objective=objective)
+
+
+def facility_objective(S, selected):
+    """``F(selected) = sum_i max_{j in selected} S[i, j]`` for a dense similarity matrix S (n, n).
+
+    ``selected`` is a 1-D integer array of candidate indices (may be empty: F = 0).
+    """
+    xp = namespace(S, selected, names=("S", "selected"))
+    if S.ndim != 2:
+        raise ValueError(f"S must be 2-D, got shape {tuple(S.shape)}")
+    if selected.ndim != 1:
+        raise ValueError(f"selected must be 1-D, got shape {tuple(selected.shape)}")
+    if selected.shape[0] == 0:
+        return xp.asarray(0.0, dtype=S.dtype, device=device_of(S))
+    cols = xp.take(S, selected, axis=1)
+    return xp.sum(xp.max(cols, axis=1))
+
+
+def marginal_gains(S, selected):
+    """Gains ``F(selected + j) - F(selected)`` of every candidate j (n,), for a dense S (n, n)."""
+    xp = namespace(S, selected, names=("S", "selected"))
+    if S.ndim != 2:
+        raise ValueError(f"S must be 2-D, got shape {tuple(S.shape)}")
+    if selected.shape[0] == 0:
+        cover = xp.zeros((S.shape[0],), dtype=S.dtype, device=device_of(S))
+    else:
+        cover = xp.max(xp.take(S, selected, axis=1), axis=1)
+    return xp.sum(xp.maximum(S - cover[:, None], xp.zeros_like(S)), axis=0)

@@ -1,0 +1,220 @@
+"""The CREST selection step: P random subsets of size r, a mini-batch coreset of m picked from each.
+
+All P (x C) facility-location problems are solved in one batched call (:func:`solve_batched`), not a
+Python loop over problems.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._compat import device_of, from_numpy, namespace
+from ._validation import check_choice, check_epsilon, check_float_matrix, check_int, hamilton, labels_to_host, make_rng
+from .facility import OPTIMIZERS, solve_batched, stochastic_draws
+from .similarity import KERNELS, METRICS, kernel_scale
+
+CLASS_BUDGETS = ("proportional", "ceil")
+
+__all__ = ["Coresets", "minibatch_coresets", "draw_subsets", "CLASS_BUDGETS"]
+
+
+@dataclass(frozen=True)
+class Coresets:
+    """P weighted mini-batch coresets, in the namespace and on the device of the features.
+
+    indices : (P, m') int64 indices into the full dataset (``features`` rows). ``m' = m`` except with
+        ``class_budget="ceil"``, where ``m' = C * ceil(m / C)`` as in the CREST release; slots a class
+        could not fill (fewer examples of it in the subset than its budget) hold -1 with weight 0.
+        Within a coreset, picks are grouped by class (ascending label), each class in greedy order.
+    weights : (P, m') floating. Cluster sizes within the subset (and the class when per_class): the
+        weights of coreset p sum to r, and per class to that class's count in subset p.
+    gains : (P, m') floating marginal gains.
+    objective : (P,) floating facility-location value of each coreset on its subset.
+    subsets : (P, r) int64, the random subsets V_p (sorted), indices into the dataset.
+    """
+
+    indices: Any
+    weights: Any
+    gains: Any
+    objective: Any
+    subsets: Any
+
+    @property
+    def P(self) -> int:
+        return int(self.indices.shape[0])
+
+
+def draw_subsets(labels_host: np.ndarray | None, pool: np.ndarray, r: int, P: int, rng: np.random.Generator):
+    """P random subsets of size r from ``pool`` (host int array), class-stratified when labels are given.
+
+    Stratification: class c of the pool gets ``r_c`` slots by the Hamilton split of r proportional to its
+    share of the pool; its members are drawn uniformly without replacement. Each subset is sorted.
+    Returns (P, r) int64.
+    """
+    out = np.empty((P, r), dtype=np.int64)
+    if labels_host is None:
+        for p in range(P):
+            out[p] = np.sort(rng.choice(pool, size=r, replace=False))
+        return out
+    pl = labels_host[pool]
+    classes = np.unique(pl)
+    members = [pool[pl == c] for c in classes]
+    r_c = hamilton(r, np.array([mm.size for mm in members]))
+    for p in range(P):
+        parts = [rng.choice(mm, size=int(rc), replace=False) for mm, rc in zip(members, r_c) if rc > 0]
+        out[p] = np.sort(np.concatenate(parts))
+    return out
+
+
+def minibatch_coresets(
+    features,
+    labels,
+    *,
+    m: int,
+    r: int,
+    P: int,
+    rng,
+    per_class: bool = True,
+    kernel: str = "max-minus",
+    metric: str = "euclidean",
+    optimizer: str = "lazy",
+    epsilon: float = 0.1,
+    class_budget: str = "proportional",
+    scale: float | None = None,
+    pool=None,
+    backend: str = "auto",
+) -> Coresets:
+    """The CREST selection step: ``P`` weighted mini-batch coresets of size ``m``.
+
+    Draws P random subsets V_1..V_P of size r from the pool (class-stratified when ``labels`` is given;
+    see :func:`draw_subsets`), then picks m examples from each V_p by facility-location greedy on
+    ``features`` (typically last-layer gradients), weighting every pick by its cluster size.
+
+    Parameters
+    ----------
+    features : (n, d) real floating array (any array-API library).
+    labels : (n,) integer array in the same namespace, or None (no stratification, whole-subset problems).
+    m, r, P : coreset size, subset size (``m <= r <= pool size``), number of coresets.
+    rng : int seed or ``numpy.random.Generator`` (required; the only source of randomness).
+    per_class : one problem per class inside each subset (the release's choice) or one per subset.
+    kernel, metric, optimizer, epsilon, scale : as for :func:`crestcore.facility_location`.
+    class_budget : "proportional" (default: the Hamilton split of m over the classes of the subset, so a
+        coreset has exactly m picks) or "ceil" (the release: ``ceil(m / C)`` per class).
+    pool : optional 1-D integer array (host NumPy or features' namespace) of the active example indices
+        (e.g. after dropping learned examples); default all n.
+    backend : "auto" or "reference", as for :func:`crestcore.facility_location`.
+
+    Returns
+    -------
+    Coresets (see its docstring for shapes).
+    """
+    xp = namespace(features, labels, names=("features", "labels"))
+    check_float_matrix(xp, features, "features")
+    n, d = features.shape
+    labels_host = labels_to_host(xp, labels, n) if labels is not None else None
+    if pool is None:
+        pool_h = np.arange(n, dtype=np.int64)
+    else:
+        from ._compat import to_numpy
+
+        pool_h = np.asarray(to_numpy(pool))
+        if pool_h.ndim != 1 or not np.issubdtype(pool_h.dtype, np.integer):
+            raise TypeError("pool must be a 1-D integer array of example indices")
+        if pool_h.size == 0:
+            raise ValueError("pool is empty")
+        if pool_h.min() < 0 or pool_h.max() >= n or np.unique(pool_h).size != pool_h.size:
+            raise ValueError(f"pool must hold distinct indices in [0, {n})")
+        pool_h = pool_h.astype(np.int64)
+    P = check_int(P, "P", low=1)
+    r = check_int(r, "r", low=1, high=int(pool_h.size))
+    m = check_int(m, "m", low=1, high=r)
+    kernel = check_choice(kernel, "kernel", KERNELS)
+    metric = check_choice(metric, "metric", METRICS)
+    optimizer = check_choice(optimizer, "optimizer", OPTIMIZERS)
+    class_budget = check_choice(class_budget, "class_budget", CLASS_BUDGETS)
+    backend = check_choice(backend, "backend", ("auto", "reference"))
+    eps = check_epsilon(epsilon)
+    if not isinstance(per_class, bool):
+        raise TypeError(f"per_class must be a bool, got {type(per_class).__name__}")
+    gen = make_rng(rng)
+    sc = kernel_scale(scale, d)
+    dev = device_of(features)
+
+    subsets = draw_subsets(labels_host, pool_h, r, P, gen)  # (P, r) host
+    if per_class and labels_host is not None:
+        classes = np.unique(labels_host[pool_h])
+        C = classes.size
+        sub_lab = labels_host[subsets]  # (P, r)
+        counts = np.stack([(sub_lab == c).sum(axis=1) for c in classes], axis=1)  # (P, C)
+        if class_budget == "ceil":
+            per = math.ceil(m / C)
+            budgets = np.minimum(per, counts)
+            width = C * per
+        else:
+            budgets = np.stack([hamilton(m, counts[p]) for p in range(P)])
+            width = m
+        n_max = int(counts.max())
+        pad = np.zeros((P, C, n_max), dtype=np.int64)
+        valid_h = np.zeros((P, C, n_max), dtype=bool)
+        for p in range(P):
+            for c in range(C):
+                mem = subsets[p][sub_lab[p] == classes[c]]
+                pad[p, c, : mem.size] = mem
+                valid_h[p, c, : mem.size] = True
+        pad = pad.reshape(P * C, n_max)
+        valid_h = valid_h.reshape(P * C, n_max)
+        budgets = budgets.reshape(P * C)
+        sizes = counts.reshape(P * C)
+    else:
+        C = 1
+        pad, valid_h = subsets.copy(), np.ones((P, r), dtype=bool)
+        budgets = np.full(P, m, dtype=np.int64)
+        sizes = np.full(P, r, dtype=np.int64)
+        width = m
+
+    u = stochastic_draws(gen, sizes, budgets, eps) if optimizer == "stochastic" else None
+    flat = from_numpy(pad.reshape(-1), xp, dev)
+    Xb = xp.reshape(xp.take(features, flat, axis=0), (pad.shape[0], pad.shape[1], d))
+    valid = from_numpy(valid_h, xp, dev)
+    li, g, w, obj = solve_batched(
+        xp, Xb, valid, budgets, metric=metric, kernel=kernel, scale=sc, optimizer=optimizer,
+        u_host=u, force_reference=backend == "reference",
+    )
+    # local -> global indices without leaving the device: gather from the padded index table
+    B, K = li.shape
+    pad_x = from_numpy(pad, xp, dev)
+    safe = xp.where(li >= 0, li, xp.zeros_like(li))
+    rows = xp.reshape(xp.arange(B, device=dev, dtype=xp.int64), (B, 1)) * pad.shape[1]
+    glob = xp.take(xp.reshape(pad_x, (-1,)), xp.reshape(safe + rows, (-1,)), axis=0)
+    glob = xp.where(li >= 0, xp.reshape(glob, (B, K)), xp.full_like(li, -1))
+    # slot layout: each problem's K columns -> the first budgets[b] (or the class's fixed width) slots
+    slot_w = (math.ceil(m / C) if (class_budget == "ceil" and C > 1) else None)
+    # order picks class-major inside each coreset; compute the take-positions on the host
+    take = np.full((P, width), -1, dtype=np.int64)
+    for p in range(P):
+        pos = []
+        for c in range(C):
+            b = p * C + c
+            kb = int(budgets[b])
+            pos.extend(b * K + np.arange(kb))
+            if slot_w is not None:
+                pos.extend([-1] * (slot_w - kb))
+        take[p, : len(pos)] = pos
+    tk = from_numpy(take.reshape(-1), xp, dev)
+    tk_safe = xp.where(tk >= 0, tk, xp.zeros_like(tk))
+    hole = xp.reshape(tk < 0, (P, width))
+
+    def gather(a, fill):
+        v = xp.reshape(xp.take(xp.reshape(a, (-1,)), tk_safe, axis=0), (P, width))
+        return xp.where(hole, xp.full_like(v, fill), v)
+
+    indices = gather(glob, -1)
+    weights = gather(w, 0)
+    gains = gather(g, 0)
+    objective = xp.sum(xp.reshape(obj, (P, C)), axis=1)
+    return Coresets(indices=indices, weights=weights, gains=gains, objective=objective,
+                    subsets=from_numpy(subsets, xp, dev))
