@@ -22,3 +22,38 @@ __all__ = [
     "pairwise_distances",
     "__version__",
 ]
+
+from .features import cross_entropy, last_layer_gradients, softmax  # noqa: E402
+from .quadratic import (  # noqa: E402
+    QuadraticConfig,
+    QuadraticState,
+    hutchinson_diagonal,
+    quadratic_anchor,
+    quadratic_curvature,
+    quadratic_init,
+    quadratic_predict,
+    quadratic_update,
+)
+from .trust import relative_error, should_reselect, update_schedule  # noqa: E402
+from .dropping import DropConfig, DropState, drop_init, drop_record, drop_update  # noqa: E402
+from .controller import (  # noqa: E402
+    Batch,
+    CrestConfig,
+    CrestState,
+    ModelOps,
+    crest_init,
+    crest_load_state_dict,
+    crest_next_batch,
+    crest_observe,
+    crest_state_dict,
+)
+
+__all__ += [
+    "cross_entropy", "last_layer_gradients", "softmax",
+    "QuadraticConfig", "QuadraticState", "hutchinson_diagonal", "quadratic_anchor",
+    "quadratic_curvature", "quadratic_init", "quadratic_predict", "quadratic_update",
+    "relative_error", "should_reselect", "update_schedule",
+    "DropConfig", "DropState", "drop_init", "drop_record", "drop_update",
+    "Batch", "CrestConfig", "CrestState", "ModelOps", "crest_init", "crest_load_state_dict",
+    "crest_next_batch", "crest_observe", "crest_state_dict",
+]

@@ -77,7 +77,7 @@ def minibatch_coresets(
     m: int,
     r: int,
     P: int,
-    rng,
+    rng=None,
     per_class: bool = True,
     kernel: str = "max-minus",
     metric: str = "euclidean",
@@ -86,6 +86,7 @@ def minibatch_coresets(
     class_budget: str = "proportional",
     scale: float | None = None,
     pool=None,
+    subsets=None,
     backend: str = "auto",
 ) -> Coresets:
     """The CREST selection step: ``P`` weighted mini-batch coresets of size ``m``.
@@ -106,6 +107,9 @@ def minibatch_coresets(
         coreset has exactly m picks) or "ceil" (the release: ``ceil(m / C)`` per class).
     pool : optional 1-D integer array (host NumPy or features' namespace) of the active example indices
         (e.g. after dropping learned examples); default all n.
+    subsets : optional (P, r) integer array of pre-drawn subsets (rows of ``features``, distinct within a
+        row). Then no subsets are drawn and ``rng`` is only needed by the stochastic optimizer. This is
+        how a training loop computes features for the subsets' union only and selects on them.
     backend : "auto" or "reference", as for :func:`crestcore.facility_location`.
 
     Returns
@@ -140,11 +144,25 @@ def minibatch_coresets(
     eps = check_epsilon(epsilon)
     if not isinstance(per_class, bool):
         raise TypeError(f"per_class must be a bool, got {type(per_class).__name__}")
-    gen = make_rng(rng)
+    gen = make_rng(rng) if (subsets is None or optimizer == "stochastic" or rng is not None) else None
     sc = kernel_scale(scale, d)
     dev = device_of(features)
 
-    subsets = draw_subsets(labels_host, pool_h, r, P, gen)  # (P, r) host
+    if subsets is None:
+        subsets = draw_subsets(labels_host, pool_h, r, P, gen)  # (P, r) host
+    else:
+        from ._compat import to_numpy
+
+        subsets = np.asarray(to_numpy(subsets))
+        if subsets.ndim != 2 or not np.issubdtype(subsets.dtype, np.integer):
+            raise TypeError("subsets must be a 2-D (P, r) integer array")
+        if subsets.shape != (P, r):
+            raise ValueError(f"subsets has shape {subsets.shape}, expected (P, r) = ({P}, {r})")
+        if subsets.min() < 0 or subsets.max() >= n:
+            raise ValueError(f"subsets must hold row indices in [0, {n})")
+        if any(np.unique(row).size != r for row in subsets):
+            raise ValueError("subsets rows must hold distinct indices")
+        subsets = subsets.astype(np.int64)
     if per_class and labels_host is not None:
         classes = np.unique(labels_host[pool_h])
         C = classes.size

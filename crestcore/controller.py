@@ -1,0 +1,389 @@
+"""Algorithm 1 (CREST) as an explicit state machine, driven through a small model interface.
+
+The controller owns no model. An adapter gives it exactly these operations (:class:`ModelOps`):
+
+* ``outputs(indices)`` -> eval-mode logits ``(len(indices), C)`` (and, when the config asks for
+  embeddings, ``outputs(indices, embeddings=True)`` -> ``(logits, penultimate (len, h))``);
+* ``params()`` -> a *copy* of the flat parameter vector (D,);
+* ``gradient(indices, weights)`` -> ``(loss, flat gradient)`` of the weighted mean loss
+  ``mean(w_i * l_i)`` at the current parameters;
+* ``hutchinson(indices, weights, seed)`` -> one probe ``z * (H z)`` with ``z`` Rademacher drawn from
+  ``seed`` and ``H`` the Hessian of that weighted loss.
+
+Indices handed to the adapter are host NumPy int64 arrays; vectors stay in the adapter's namespace.
+
+The loop, per training step: ``state, batch = crest_next_batch(state, ops)``; train one step on
+``batch.indices`` with ``batch.weights``; optionally ``state = crest_observe(state, idx, losses)``
+with the per-example training losses (feeds the drop policy). Inside ``crest_next_batch``:
+
+1. Selection (when due): P class-stratified random subsets of r from the pool; one forward over
+   their union; last-layer gradient features; P mini-batch coresets of m by batched facility
+   location; anchor ``w_a`` and the anchor loss ``L_R(w_a)`` from the same forward.
+2. Quadratic model at the anchor: gradient and Hutchinson curvature of the weighted coreset loss on
+   ``fit_batches`` coresets, smoothed by EMAs.
+3. The batch: coreset ``p`` in turn (weights cluster sizes scaled to mean 1), cycling if more steps
+   than coresets pass before a reselection.
+4. Every T1 steps: ``rho = |L_R(w) - F(w - w_a)| / L_R(w)``, L_R on the same random examples the
+   anchor loss was measured on (V_1, or the union of the subsets with ``check_union``); if
+   ``rho > tau``: reselect, ``T1 <- ceil(h ||H_0|| / ||H_t||)``, ``P <- min(b T1, P_cap)``.
+5. Every T2 steps (when dropping is on): examples whose recent losses all stayed below alpha leave
+   the pool (see :mod:`crestcore.dropping`).
+
+Every forward and backward the controller asks for is counted (in examples) in ``state.counters``.
+The loss is cross-entropy (the features are its closed-form last-layer gradient).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+
+from ._compat import device_of, from_numpy, namespace, to_numpy
+from .dropping import DropConfig, DropState, drop_init, drop_record, drop_update
+from .features import cross_entropy, last_layer_gradients
+from .minibatch import CLASS_BUDGETS, draw_subsets, minibatch_coresets
+from .quadratic import (
+    QuadraticConfig,
+    QuadraticState,
+    quadratic_anchor,
+    quadratic_curvature,
+    quadratic_init,
+    quadratic_predict,
+    quadratic_update,
+)
+from .trust import relative_error, update_schedule
+
+__all__ = [
+    "CrestConfig",
+    "CrestState",
+    "Batch",
+    "ModelOps",
+    "crest_init",
+    "crest_next_batch",
+    "crest_observe",
+    "crest_state_dict",
+    "crest_load_state_dict",
+]
+
+
+class ModelOps(Protocol):
+    def outputs(self, indices: np.ndarray, embeddings: bool = False) -> Any: ...
+    def params(self) -> Any: ...
+    def gradient(self, indices: np.ndarray, weights: np.ndarray) -> tuple[float, Any]: ...
+    def hutchinson(self, indices: np.ndarray, weights: np.ndarray, seed: int) -> Any: ...
+
+
+@dataclass(frozen=True)
+class CrestConfig:
+    """Options of CREST. Defaults are the intended algorithm; :meth:`release` gives the release's.
+
+    m : mini-batch (coreset) size. r : random subset size (default ``max(C ceil(0.01 n / C), 4 m)``,
+    at most the pool). P : coresets per selection at the start (release 5). T1 : steps between checks
+    at the start (release 1). tau : trust threshold (release 0.1). h, b : multipliers of the T1 and P
+    updates (release 1 and 5). P_cap : most coresets per selection (default one virtual epoch,
+    ``ceil(pool / m)``). fit_batches : coresets used to fit g and diag(H) at each anchor.
+    T2 : steps between drop decisions; None (default) turns dropping off. drop : the drop rule.
+    quadratic : the loss model. kernel, metric, optimizer, per_class, class_budget : selection options
+    (see :func:`crestcore.minibatch_coresets`). embeddings : select on last-linear-layer weight
+    gradients (needs ``outputs(..., embeddings=True)``) instead of logit gradients.
+    batches : "coreset" (coreset p is mini-batch p) or "shuffled-union" (the release: the union of the
+    P coresets, weights rescaled to mean 1 over it, shuffled into mini-batches of m).
+    check_union : the trust check's loss L_R on the union of all P subsets (the release; its cost
+    grows with P) instead of on the first random subset V_1 (r examples, an unbiased sample too).
+    """
+
+    m: int = 128
+    r: int | None = None
+    P: int = 5
+    T1: int = 1
+    tau: float = 0.1
+    h: float = 1.0
+    b: float = 5.0
+    P_cap: int | None = None
+    fit_batches: int = 1
+    T2: int | None = None
+    drop: DropConfig = field(default_factory=DropConfig)
+    quadratic: QuadraticConfig = field(default_factory=QuadraticConfig)
+    kernel: str = "max-minus"
+    metric: str = "euclidean"
+    optimizer: str = "lazy"
+    per_class: bool = True
+    class_budget: str = "proportional"
+    embeddings: bool = False
+    batches: str = "coreset"
+    check_union: bool = False
+
+    def __post_init__(self):
+        def pos_int(name, v):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+        for name in ("m", "P", "T1", "fit_batches"):
+            pos_int(name, getattr(self, name))
+        for name in ("r", "P_cap", "T2"):
+            if getattr(self, name) is not None:
+                pos_int(name, getattr(self, name))
+        if not (isinstance(self.tau, (int, float)) and math.isfinite(self.tau) and self.tau > 0):
+            raise ValueError(f"tau must be a positive finite number, got {self.tau!r}")
+        for name in ("h", "b"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+        if self.class_budget not in CLASS_BUDGETS:
+            raise ValueError(f"class_budget must be one of {CLASS_BUDGETS}, got {self.class_budget!r}")
+        if self.batches not in ("coreset", "shuffled-union"):
+            raise ValueError(f"batches must be 'coreset' or 'shuffled-union', got {self.batches!r}")
+
+    @classmethod
+    def release(cls, **overrides) -> "CrestConfig":
+        """The design choices of the authors' release (CREST-NOTES.md), never its bugs."""
+        base = dict(
+            kernel="exp", class_budget="ceil", batches="shuffled-union",
+            quadratic=QuadraticConfig(variant="adahessian"), check_union=True,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+
+class Batch(NamedTuple):
+    indices: np.ndarray  # (m,) int64 dataset indices
+    weights: np.ndarray  # (m,) float64, mean 1 over a coreset
+    reselected: bool  # a new selection was made for this batch
+
+
+class CrestState(NamedTuple):
+    seed: int
+    labels: np.ndarray  # (n,) int64 host
+    n_classes: int
+    step: int  # training steps completed
+    since_check: int
+    T1: int
+    P: int
+    need_select: bool
+    pending: bool  # a batch was handed out and not yet accounted
+    n_selections: int
+    cursor: int
+    batch_idx: np.ndarray  # (nb, m) int64
+    batch_w: np.ndarray  # (nb, m) float64
+    check_idx: np.ndarray  # (u,) int64 sorted: the examples the trust check's L_R is measured on
+    anchor: Any  # flat params at the anchor (adapter namespace) or None
+    quad: QuadraticState | None
+    h_norm_0: float
+    h_norm_t: float
+    drop: DropState
+    counters: dict
+    log: dict  # plain lists: selections (steps), checks (step, rho, L_R, F), drops (step, count)
+
+
+def _counters():
+    return {"train_steps": 0, "train_examples": 0, "forward_examples": 0, "backward_examples": 0,
+            "selections": 0, "checks": 0}
+
+
+def crest_init(config: CrestConfig, labels, *, seed: int) -> CrestState:
+    """A fresh controller for a dataset with integer ``labels`` (n,) (any array library)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    lab = np.asarray(to_numpy(labels))
+    if lab.ndim != 1 or lab.size == 0:
+        raise ValueError(f"labels must be a non-empty 1-D array, got shape {lab.shape}")
+    if not np.issubdtype(lab.dtype, np.integer):
+        raise TypeError(f"labels must have an integer dtype, got {lab.dtype}")
+    if lab.min() < 0:
+        raise ValueError("labels must be non-negative class indices")
+    lab = lab.astype(np.int64)
+    C = int(lab.max()) + 1
+    if np.unique(lab).size < 2:
+        raise ValueError("labels hold a single class: a classifier needs at least two")
+    n = lab.size
+    if config.m > n:
+        raise ValueError(f"m ({config.m}) exceeds the number of examples ({n})")
+    return CrestState(
+        seed=int(seed), labels=lab, n_classes=C, step=0, since_check=0, T1=config.T1, P=config.P,
+        need_select=True, pending=False, n_selections=0, cursor=0,
+        batch_idx=np.zeros((0, config.m), dtype=np.int64), batch_w=np.zeros((0, config.m)),
+        check_idx=np.zeros(0, dtype=np.int64), anchor=None, quad=None, h_norm_0=math.nan,
+        h_norm_t=math.nan, drop=drop_init(n, config.drop), counters=_counters(),
+        log={"selections": [], "checks": [], "drops": []},
+    )
+
+
+def _subset_size(config: CrestConfig, pool: int, C: int) -> int:
+    r = config.r if config.r is not None else max(C * math.ceil(0.01 * pool / C), 4 * config.m)
+    return int(min(r, pool))
+
+
+def _labels_in(xp, lab_host, like):
+    return from_numpy(lab_host, xp, device_of(like))
+
+
+def _forward(state: CrestState, ops, idx: np.ndarray, config: CrestConfig):
+    out = ops.outputs(idx, embeddings=True) if config.embeddings else ops.outputs(idx)
+    logits, emb = (out if config.embeddings else (out, None))
+    xp = namespace(logits, names=("outputs",))
+    if logits.ndim != 2 or logits.shape[0] != idx.size:
+        raise ValueError(f"outputs returned shape {tuple(logits.shape)} for {idx.size} indices")
+    if not bool(xp.all(xp.isfinite(logits))):
+        raise ValueError("outputs returned NaN or infinite logits (the model diverged?)")
+    y = _labels_in(xp, state.labels[idx], logits)
+    losses = cross_entropy(logits, y)
+    return xp, logits, emb, y, losses
+
+
+def _select(state: CrestState, ops, config: CrestConfig) -> CrestState:
+    gen = np.random.default_rng([state.seed, state.n_selections])
+    pool = np.flatnonzero(state.drop.active)
+    if pool.size < config.m:
+        raise ValueError(f"the pool has {pool.size} examples, fewer than m={config.m}")
+    r = _subset_size(config, pool.size, state.n_classes)
+    P = state.P
+    subsets = draw_subsets(state.labels, pool, r, P, gen)
+    union = np.unique(subsets)
+    pos = np.searchsorted(union, subsets)
+    xp, logits, emb, y, losses = _forward(state, ops, union, config)
+    feats = last_layer_gradients(logits, y, embeddings=emb)
+    cs = minibatch_coresets(
+        feats, y, m=config.m, r=r, P=P, rng=gen, subsets=pos, per_class=config.per_class,
+        kernel=config.kernel, metric=config.metric, optimizer=config.optimizer,
+        class_budget=config.class_budget,
+    )
+    loc = np.asarray(to_numpy(cs.indices))
+    w = np.asarray(to_numpy(cs.weights), dtype=np.float64)
+    idx = np.where(loc >= 0, union[np.maximum(loc, 0)], -1)
+    if config.batches == "coreset":
+        w = w * (loc >= 0).sum(axis=1, keepdims=True) / np.maximum(w.sum(axis=1, keepdims=True), 1e-300)
+        keep = loc >= 0
+        batch_idx = [idx[p][keep[p]] for p in range(P)]
+        batch_w = [w[p][keep[p]] for p in range(P)]
+        width = min(len(b) for b in batch_idx)
+        batch_idx = np.stack([b[:width] for b in batch_idx])
+        batch_w = np.stack([b[:width] for b in batch_w])
+    else:  # the release: union of the coresets, mean-1 weights over it, shuffled into batches of m
+        flat_i, flat_w = idx[loc >= 0], w[loc >= 0]
+        flat_w = flat_w / flat_w.mean()
+        perm = gen.permutation(flat_i.size)
+        flat_i, flat_w = flat_i[perm], flat_w[perm]
+        nb = max(1, flat_i.size // config.m)
+        batch_idx = flat_i[: nb * config.m].reshape(nb, config.m)
+        batch_w = flat_w[: nb * config.m].reshape(nb, config.m)
+    check_idx = union if config.check_union else subsets[0]
+    on_check = from_numpy(np.searchsorted(union, check_idx), xp, device_of(losses))
+    anchor_loss = float(to_numpy(xp.mean(xp.take(losses, on_check, axis=0))))
+    drop = drop_record(state.drop, union, to_numpy(losses), state.step)
+
+    # quadratic model at the anchor
+    anchor = ops.params()
+    quad = state.quad if state.quad is not None else quadratic_init(anchor)
+    quad = quadratic_anchor(quad, anchor_loss, config.quadratic)
+    c = dict(state.counters)
+    c["forward_examples"] += int(union.size)
+    for p in range(min(config.fit_batches, batch_idx.shape[0])):
+        _, g = ops.gradient(batch_idx[p], batch_w[p])
+        zhz = ops.hutchinson(batch_idx[p], batch_w[p], int(gen.integers(2**31 - 1)))
+        quad = quadratic_update(quad, g, zhz, config.quadratic)
+        # gradient: one forward + one backward; Hessian-vector product: one more (double) backward
+        c["forward_examples"] += 2 * batch_idx.shape[1]
+        c["backward_examples"] += 3 * batch_idx.shape[1]
+    hx = namespace(anchor)
+    h_norm = float(to_numpy(hx.sqrt(hx.sum(quadratic_curvature(quad, config.quadratic) ** 2))))
+    c["selections"] += 1
+    log = {k: list(v) for k, v in state.log.items()}
+    log["selections"].append(state.step)
+    return state._replace(
+        need_select=False, n_selections=state.n_selections + 1, cursor=0, since_check=0,
+        batch_idx=batch_idx, batch_w=batch_w, check_idx=check_idx, anchor=anchor, quad=quad,
+        h_norm_0=h_norm if math.isnan(state.h_norm_0) else state.h_norm_0, h_norm_t=h_norm,
+        drop=drop, counters=c, log=log,
+    )
+
+
+def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
+    xp, logits, emb, y, losses = _forward(state, ops, state.check_idx, config)
+    L_R = float(to_numpy(xp.mean(losses)))
+    w = ops.params()
+    namespace(w, state.anchor, names=("params()", "anchor"))  # same library and device
+    F = quadratic_predict(state.quad, w - state.anchor, config.quadratic)
+    rho = relative_error(L_R, F)
+    c = dict(state.counters)
+    c["forward_examples"] += int(state.check_idx.size)
+    c["checks"] += 1
+    log = {k: list(v) for k, v in state.log.items()}
+    log["checks"].append((state.step, rho, L_R, F))
+    drop = drop_record(state.drop, state.check_idx, to_numpy(losses), state.step)
+    new = state._replace(since_check=0, counters=c, log=log, drop=drop)
+    if rho > config.tau:
+        pool = int(state.drop.active.sum())
+        cap = config.P_cap if config.P_cap is not None else max(1, math.ceil(pool / config.m))
+        T1, P = update_schedule(state.h_norm_0, state.h_norm_t, h=config.h, b=config.b, cap=cap)
+        new = new._replace(need_select=True, T1=T1, P=P)
+    return new
+
+
+def crest_next_batch(state: CrestState, ops: ModelOps, config: CrestConfig):
+    """Account for the step just trained (if any), run due checks/drops/selection, return the next batch."""
+    if state.pending:
+        c = dict(state.counters)
+        c["train_steps"] += 1
+        c["train_examples"] += int(state.batch_idx.shape[1])
+        state = state._replace(step=state.step + 1, since_check=state.since_check + 1, pending=False,
+                               counters=c)
+        if config.T2 is not None and state.step % config.T2 == 0:
+            drop, gone = drop_update(state.drop, state.step, config.drop, state.labels)
+            log = {k: list(v) for k, v in state.log.items()}
+            log["drops"].append((state.step, int(gone.size)))
+            state = state._replace(drop=drop, log=log)
+            if gone.size:
+                state = state._replace(need_select=True)
+        if not state.need_select and state.since_check >= state.T1:
+            state = _check(state, ops, config)
+    reselected = False
+    if state.need_select:
+        state = _select(state, ops, config)
+        reselected = True
+    b = state.cursor % state.batch_idx.shape[0]
+    batch = Batch(state.batch_idx[b].copy(), state.batch_w[b].copy(), reselected)
+    return state._replace(cursor=state.cursor + 1, pending=True), batch
+
+
+def crest_observe(state: CrestState, indices, losses) -> CrestState:
+    """Record per-example training losses (measured at the current step) for the drop policy."""
+    return state._replace(drop=drop_record(state.drop, indices, losses, state.step))
+
+
+def crest_state_dict(state: CrestState) -> dict:
+    """Plain NumPy arrays and Python numbers/lists; :func:`crest_load_state_dict` restores exactly."""
+    d = {k: getattr(state, k) for k in CrestState._fields}
+    d["anchor"] = None if state.anchor is None else np.asarray(to_numpy(state.anchor)).copy()
+    if state.quad is not None:
+        q = state.quad
+        d["quad"] = {"anchor_loss": q.anchor_loss, "g_ema": np.asarray(to_numpy(q.g_ema)).copy(),
+                     "h_ema": np.asarray(to_numpy(q.h_ema)).copy(), "n_g": q.n_g, "n_h": q.n_h}
+    d["drop"] = {k: np.asarray(v).copy() for k, v in state.drop._asdict().items()}
+    d["counters"] = dict(state.counters)
+    d["log"] = {k: list(v) for k, v in state.log.items()}
+    return d
+
+
+def crest_load_state_dict(d: dict, params_like) -> CrestState:
+    """Restore a state; vectors go to the namespace/device/dtype of ``params_like`` (e.g. ops.params())."""
+    missing = set(CrestState._fields) - set(d)
+    if missing:
+        raise ValueError(f"state dict is missing {sorted(missing)}")
+    xp = namespace(params_like, names=("params_like",))
+
+    def vec(a):
+        return xp.astype(from_numpy(np.asarray(a), xp, device_of(params_like)), params_like.dtype)
+
+    fields = dict(d)
+    fields["anchor"] = None if d["anchor"] is None else vec(d["anchor"])
+    if d["quad"] is not None:
+        q = d["quad"]
+        fields["quad"] = QuadraticState(float(q["anchor_loss"]), vec(q["g_ema"]), vec(q["h_ema"]),
+                                        int(q["n_g"]), int(q["n_h"]))
+    fields["drop"] = DropState(**{k: np.asarray(v).copy() for k, v in d["drop"].items()})
+    fields["counters"] = dict(d["counters"])
+    fields["log"] = {k: list(v) for k, v in d["log"].items()}
+    return CrestState(**fields)

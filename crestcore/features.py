@@ -1,0 +1,93 @@
+"""Last-layer gradient features, the proxy CREST (and CRAIG) select on.
+
+For cross-entropy ``l = -log softmax(z)_y`` the gradient with respect to the logits ``z`` is
+``softmax(z) - onehot(y)`` (C numbers per example). For a last linear layer ``z = W e + b`` the
+gradient with respect to ``W`` is the outer product ``(softmax(z) - onehot(y)) e^T``.
+"""
+
+from __future__ import annotations
+
+from ._compat import device_of, namespace
+from ._validation import check_float_matrix
+
+__all__ = ["last_layer_gradients", "softmax", "cross_entropy"]
+
+
+def softmax(logits):
+    """Row-wise softmax, numerically stable (the row maximum is subtracted first)."""
+    xp = namespace(logits, names=("logits",))
+    z = logits - xp.max(logits, axis=-1, keepdims=True)
+    e = xp.exp(z)
+    return e / xp.sum(e, axis=-1, keepdims=True)
+
+
+def _check_labels(xp, labels, n: int, C: int):
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {tuple(labels.shape)}")
+    if labels.shape[0] != n:
+        raise ValueError(f"labels has length {labels.shape[0]} but logits has {n} rows")
+    if not xp.isdtype(labels.dtype, "integral"):
+        raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
+    if n and (bool(xp.any(labels < 0)) or bool(xp.any(labels >= C))):
+        raise ValueError(f"labels must lie in [0, {C}) for {C} classes (logits has {C} columns)")
+
+
+def _onehot(xp, labels, C: int, dtype):
+    cls = xp.arange(C, device=device_of(labels))
+    return xp.astype(labels[:, None] == cls[None, :], dtype)
+
+
+def cross_entropy(logits, labels, *, from_probabilities: bool = False):
+    """Per-example cross-entropy (n,) from logits (stable log-sum-exp) or from probabilities."""
+    xp = namespace(logits, labels, names=("logits", "labels"))
+    check_float_matrix(xp, logits, "logits")
+    n, C = logits.shape
+    _check_labels(xp, labels, n, C)
+    oh = _onehot(xp, labels, C, logits.dtype)
+    if from_probabilities:
+        p = xp.sum(logits * oh, axis=1)
+        tiny = xp.finfo(logits.dtype).tiny
+        return -xp.log(xp.maximum(p, xp.full_like(p, tiny)))
+    mx = xp.max(logits, axis=1, keepdims=True)
+    lse = xp.log(xp.sum(xp.exp(logits - mx), axis=1)) + mx[:, 0]
+    return lse - xp.sum(logits * oh, axis=1)
+
+
+def last_layer_gradients(logits, labels, *, embeddings=None, from_probabilities: bool = False):
+    """Per-example gradient of the cross-entropy loss with respect to the last layer.
+
+    Parameters
+    ----------
+    logits : (n, C) real floating array: the model's logits, or probabilities when
+        ``from_probabilities=True`` (rows non-negative, summing to 1 within 1e-3).
+    labels : (n,) integer array in the same namespace, values in [0, C).
+    embeddings : optional (n, h) penultimate-layer features (same namespace and dtype). When given the
+        result is the gradient with respect to the last linear layer's weight matrix W (C, h),
+        flattened row-major to (n, C * h): ``g[i, c * h + k] = (p_ic - [y_i = c]) e_ik``. Only this
+        output is materialised.
+
+    Returns
+    -------
+    (n, C) (or (n, C * h)) array of logits' dtype, namespace and device: ``softmax(z) - onehot(y)``.
+    """
+    xp = namespace(logits, labels, embeddings, names=("logits", "labels", "embeddings"))
+    check_float_matrix(xp, logits, "logits")
+    n, C = logits.shape
+    _check_labels(xp, labels, n, C)
+    if from_probabilities:
+        if bool(xp.any(logits < 0)) or bool(xp.any(xp.abs(xp.sum(logits, axis=1) - 1.0) > 1e-3)):
+            raise ValueError("logits must hold probabilities (non-negative rows summing to 1) "
+                             "when from_probabilities=True")
+        p = logits
+    else:
+        p = softmax(logits)
+    g = p - _onehot(xp, labels, C, logits.dtype)
+    if embeddings is None:
+        return g
+    check_float_matrix(xp, embeddings, "embeddings")
+    if embeddings.shape[0] != n:
+        raise ValueError(f"embeddings has {embeddings.shape[0]} rows but logits has {n}")
+    if embeddings.dtype != logits.dtype:
+        raise TypeError(f"embeddings dtype {embeddings.dtype} differs from logits dtype {logits.dtype}")
+    h = embeddings.shape[1]
+    return xp.reshape(g[:, :, None] * embeddings[:, None, :], (n, C * h))

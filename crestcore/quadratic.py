@@ -1,0 +1,169 @@
+"""The piecewise-quadratic loss model of CREST.
+
+At an anchor ``w_a`` the loss is modelled as ``F(delta) = L_a + g . delta + 1/2 delta . (h * delta)``
+with ``g`` the (weighted coreset) gradient and ``h`` a diagonal curvature, both smoothed by
+exponential moving averages over the samples folded in.
+
+Two variants (``QuadraticConfig.variant``):
+
+* ``"hutchinson"`` (default, the paper's intent): ``h`` is the signed Hutchinson estimate
+  ``E[z * (H z)]`` of diag(H); EMAs are bias-corrected and restart at every anchor, so ``g`` and ``h``
+  are measured at the anchor.
+* ``"adahessian"`` (the release): ``h = sqrt(EMA_beta2 of (z * Hz)^2) + 1e-4`` (an RMS, always
+  positive), EMAs are carried across anchors and not bias-corrected.
+
+State is a NamedTuple of arrays (in the parameters' namespace) and numbers: ``quadratic_init`` then
+``quadratic_anchor`` / ``quadratic_update`` return new states; nothing is mutated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+from ._compat import namespace
+
+__all__ = [
+    "QuadraticConfig",
+    "QuadraticState",
+    "hutchinson_diagonal",
+    "quadratic_init",
+    "quadratic_anchor",
+    "quadratic_update",
+    "quadratic_predict",
+    "quadratic_curvature",
+]
+
+VARIANTS = ("hutchinson", "adahessian")
+
+
+@dataclass(frozen=True)
+class QuadraticConfig:
+    beta1: float = 0.9  # gradient EMA
+    beta2: float = 0.999  # curvature EMA
+    variant: str = "hutchinson"
+    eps: float = 1e-4  # added to the adahessian RMS curvature
+
+    def __post_init__(self):
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            if not (0.0 <= float(v) < 1.0):
+                raise ValueError(f"{name} must be in [0, 1), got {v!r}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if not (float(self.eps) >= 0.0):
+            raise ValueError(f"eps must be >= 0, got {self.eps!r}")
+
+
+class QuadraticState(NamedTuple):
+    anchor_loss: float
+    g_ema: Any  # (D,) raw EMA of gradients
+    h_ema: Any  # (D,) raw EMA of z*Hz (hutchinson) or of (z*Hz)^2 (adahessian)
+    n_g: int  # samples folded in since the EMA (re)start, for bias correction
+    n_h: int
+
+
+def _check_vec(xp, v, name, dim=None):
+    if v.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D (flat) vector, got shape {tuple(v.shape)}")
+    if dim is not None and v.shape[0] != dim:
+        raise ValueError(f"{name} has length {v.shape[0]}, expected {dim}")
+    if not xp.isdtype(v.dtype, "real floating"):
+        raise TypeError(f"{name} must be real floating, got {v.dtype}")
+    if not bool(xp.all(xp.isfinite(v))):
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def hutchinson_diagonal(hvp: Callable[[Any], Any], probes):
+    """Hutchinson's estimate of diag(H): the mean over probes z of ``z * hvp(z)``.
+
+    ``hvp(v)`` returns ``H v`` (a caller-supplied Hessian-vector product); ``probes`` is (k, D), usually
+    Rademacher (+-1) rows drawn by the caller. Unbiased for Rademacher probes; exact when the probes'
+    outer products average to the identity on the diagonal and cancel off it (e.g. all 2^D sign
+    vectors, or the rows of a Hadamard matrix).
+    """
+    if not callable(hvp):
+        raise TypeError("hvp must be callable: v -> H v")
+    xp = namespace(probes, names=("probes",))
+    if probes.ndim != 2 or probes.shape[0] == 0:
+        raise ValueError(f"probes must be a non-empty (k, D) array, got shape {tuple(probes.shape)}")
+    if not xp.isdtype(probes.dtype, "real floating"):
+        raise TypeError(f"probes must be real floating, got {probes.dtype}")
+    acc = None
+    for i in range(probes.shape[0]):
+        z = probes[i]
+        hz = hvp(z)
+        if tuple(hz.shape) != tuple(z.shape):
+            raise ValueError(f"hvp returned shape {tuple(hz.shape)} for a probe of shape {tuple(z.shape)}")
+        term = z * hz
+        acc = term if acc is None else acc + term
+    return acc / probes.shape[0]
+
+
+def quadratic_init(params) -> QuadraticState:
+    """An empty model shaped like the flat parameter vector ``params`` (D,)."""
+    xp = namespace(params, names=("params",))
+    _check_vec(xp, params, "params")
+    z = xp.zeros_like(params)
+    return QuadraticState(anchor_loss=math.nan, g_ema=z, h_ema=xp.zeros_like(params), n_g=0, n_h=0)
+
+
+def quadratic_anchor(state: QuadraticState, loss: float, config: QuadraticConfig = QuadraticConfig()):
+    """Start a new piece at a new anchor with anchor loss ``loss``.
+
+    The hutchinson variant restarts its EMAs (g and h are re-measured at the anchor); the adahessian
+    variant keeps them, as the release does.
+    """
+    loss = float(loss)
+    if not math.isfinite(loss):
+        raise ValueError(f"loss must be finite, got {loss}")
+    if config.variant == "hutchinson":
+        xp = namespace(state.g_ema)
+        return QuadraticState(loss, xp.zeros_like(state.g_ema), xp.zeros_like(state.h_ema), 0, 0)
+    return state._replace(anchor_loss=loss)
+
+
+def quadratic_update(state: QuadraticState, grad=None, zhz=None, config: QuadraticConfig = QuadraticConfig()):
+    """Fold one gradient sample and/or one Hutchinson sample ``z * (H z)`` into the EMAs."""
+    xp = namespace(state.g_ema, grad, zhz, names=("state", "grad", "zhz"))
+    D = state.g_ema.shape[0]
+    g_ema, h_ema, n_g, n_h = state.g_ema, state.h_ema, state.n_g, state.n_h
+    if grad is not None:
+        _check_vec(xp, grad, "grad", D)
+        g_ema = config.beta1 * g_ema + (1.0 - config.beta1) * grad
+        n_g += 1
+    if zhz is not None:
+        _check_vec(xp, zhz, "zhz", D)
+        sample = zhz if config.variant == "hutchinson" else zhz * zhz
+        h_ema = config.beta2 * h_ema + (1.0 - config.beta2) * sample
+        n_h += 1
+    return QuadraticState(state.anchor_loss, g_ema, h_ema, n_g, n_h)
+
+
+def _gradient(state: QuadraticState, config: QuadraticConfig):
+    if config.variant == "hutchinson" and state.n_g > 0:
+        return state.g_ema / (1.0 - config.beta1 ** state.n_g)
+    return state.g_ema
+
+
+def quadratic_curvature(state: QuadraticState, config: QuadraticConfig = QuadraticConfig()):
+    """The diagonal curvature vector h the model uses."""
+    xp = namespace(state.h_ema)
+    if config.variant == "hutchinson":
+        if state.n_h == 0:
+            return state.h_ema
+        return state.h_ema / (1.0 - config.beta2 ** state.n_h)
+    return xp.sqrt(state.h_ema) + config.eps
+
+
+def quadratic_predict(state: QuadraticState, delta, config: QuadraticConfig = QuadraticConfig()) -> float:
+    """``F(delta) = L_a + g . delta + 1/2 delta . (h * delta)`` as a Python float (one host sync)."""
+    xp = namespace(state.g_ema, delta, names=("state", "delta"))
+    _check_vec(xp, delta, "delta", state.g_ema.shape[0])
+    if not math.isfinite(state.anchor_loss):
+        raise ValueError("the model has no anchor yet: call quadratic_anchor first")
+    g = _gradient(state, config)
+    h = quadratic_curvature(state, config)
+    val = xp.sum(g * delta) + 0.5 * xp.sum(h * delta * delta)
+    return state.anchor_loss + float(val)

@@ -1,0 +1,72 @@
+"""The trust check: how far the quadratic model can be trusted, and the schedule it drives.
+
+``rho_t = |L_R(w_t) - F(delta_t)| / L_R(w_t)`` with ``L_R`` the loss on the random subsets. When
+``rho_t > tau`` the coresets are reselected, the check interval becomes
+``T1 = ceil(h * ||H_0|| / ||H_t||)`` and the number of coresets per selection ``P = min(b * T1, cap)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["relative_error", "should_reselect", "update_schedule"]
+
+
+def _finite(x, name):
+    try:
+        v = float(x)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}") from exc
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    return v
+
+
+def relative_error(loss_random, predicted) -> float:
+    """``rho = |L_R - F| / L_R``. ``loss_random`` must be positive and finite."""
+    L = _finite(loss_random, "loss_random")
+    F = _finite(predicted, "predicted")
+    if L <= 0:
+        raise ValueError(f"loss_random must be > 0 (rho divides by it), got {L}")
+    return abs(L - F) / L
+
+
+def should_reselect(rho, tau) -> bool:
+    """True exactly when ``rho > tau``."""
+    r = _finite(rho, "rho")
+    t = _finite(tau, "tau")
+    if t <= 0:
+        raise ValueError(f"tau must be > 0, got {t}")
+    if r < 0:
+        raise ValueError(f"rho must be >= 0, got {r}")
+    return r > t
+
+
+def update_schedule(h_norm_0, h_norm_t, *, h: float = 1.0, b: float = 5.0, cap: int | None = None):
+    """New ``(T1, P)``: ``T1 = max(1, ceil(h * ||H_0|| / ||H_t||))``, ``P = max(1, min(ceil(b * T1), cap))``.
+
+    A zero ``||H_t||`` (flat model) gives the largest interval allowed: ``T1 = cap`` when a cap is
+    given, else it is an error.
+    """
+    h0 = _finite(h_norm_0, "h_norm_0")
+    ht = _finite(h_norm_t, "h_norm_t")
+    hh = _finite(h, "h")
+    bb = _finite(b, "b")
+    if h0 < 0 or ht < 0:
+        raise ValueError(f"curvature norms must be >= 0, got h_norm_0={h0}, h_norm_t={ht}")
+    if hh <= 0 or bb <= 0:
+        raise ValueError(f"h and b must be > 0, got h={hh}, b={bb}")
+    if cap is not None and (isinstance(cap, bool) or int(cap) != cap or cap < 1):
+        raise ValueError(f"cap must be a positive integer, got {cap!r}")
+    if ht == 0:
+        if cap is None:
+            raise ValueError("h_norm_t is 0 and no cap is given: T1 would be infinite")
+        T1 = int(cap)
+    else:
+        T1 = max(1, math.ceil(hh * h0 / ht))
+        if cap is not None:
+            T1 = min(T1, int(cap))
+    P = max(1, math.ceil(bb * T1))
+    if cap is not None:
+        P = min(P, int(cap))
+    return T1, P
