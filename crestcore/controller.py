@@ -69,6 +69,9 @@ __all__ = [
 ]
 
 
+_LOSS_FLOOR = 1e-12
+
+
 class ModelOps(Protocol):
     def outputs(self, indices: np.ndarray, embeddings: bool = False) -> Any: ...
     def params(self) -> Any: ...
@@ -272,7 +275,7 @@ def _select(state: CrestState, ops, config: CrestConfig) -> CrestState:
     check_idx = union if config.check_union else subsets[0]
     on_check = from_numpy(np.searchsorted(union, check_idx), xp, device_of(losses))
     anchor_loss = float(to_numpy(xp.mean(xp.take(losses, on_check, axis=0))))
-    drop = drop_record(state.drop, union, to_numpy(losses), state.step)
+    drop = drop_record(state.drop, union, to_numpy(losses), state.step) if config.T2 else state.drop
 
     # quadratic model at the anchor
     anchor = ops.params()
@@ -306,13 +309,15 @@ def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
     w = ops.params()
     namespace(w, state.anchor, names=("params()", "anchor"))  # same library and device
     F = quadratic_predict(state.quad, w - state.anchor, config.quadratic)
-    rho = relative_error(L_R, F)
+    # A float32 cross-entropy underflows to exactly 0 on confidently right examples; rho's
+    # denominator is floored so a fully learned sample gives rho = |F| / floor, not an error.
+    rho = relative_error(max(L_R, _LOSS_FLOOR), F)
     c = dict(state.counters)
     c["forward_examples"] += int(state.check_idx.size)
     c["checks"] += 1
     log = {k: list(v) for k, v in state.log.items()}
     log["checks"].append((state.step, rho, L_R, F))
-    drop = drop_record(state.drop, state.check_idx, to_numpy(losses), state.step)
+    drop = drop_record(state.drop, state.check_idx, to_numpy(losses), state.step) if config.T2 else state.drop
     new = state._replace(since_check=0, counters=c, log=log, drop=drop)
     if rho > config.tau:
         pool = int(state.drop.active.sum())
@@ -325,11 +330,7 @@ def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
 def crest_next_batch(state: CrestState, ops: ModelOps, config: CrestConfig):
     """Account for the step just trained (if any), run due checks/drops/selection, return the next batch."""
     if state.pending:
-        c = dict(state.counters)
-        c["train_steps"] += 1
-        c["train_examples"] += int(state.batch_idx.shape[1])
-        state = state._replace(step=state.step + 1, since_check=state.since_check + 1, pending=False,
-                               counters=c)
+        state = state._replace(step=state.step + 1, since_check=state.since_check + 1, pending=False)
         if config.T2 is not None and state.step % config.T2 == 0:
             drop, gone = drop_update(state.drop, state.step, config.drop, state.labels)
             log = {k: list(v) for k, v in state.log.items()}
@@ -345,7 +346,10 @@ def crest_next_batch(state: CrestState, ops: ModelOps, config: CrestConfig):
         reselected = True
     b = state.cursor % state.batch_idx.shape[0]
     batch = Batch(state.batch_idx[b].copy(), state.batch_w[b].copy(), reselected)
-    return state._replace(cursor=state.cursor + 1, pending=True), batch
+    c = dict(state.counters)  # the batch handed out is the training step the caller takes next
+    c["train_steps"] += 1
+    c["train_examples"] += int(batch.indices.size)
+    return state._replace(cursor=state.cursor + 1, pending=True, counters=c), batch
 
 
 def crest_observe(state: CrestState, indices, losses) -> CrestState:

@@ -1,0 +1,203 @@
+"""Lightning adapter: CREST inside ``Trainer.fit`` through one Callback.
+
+Usage (``docs/pytorch.md`` has the whole example)::
+
+    crest = CrestCallback(train_set, config=CrestConfig(m=128), budget=0.1, seed=0)
+    trainer = L.Trainer(max_epochs=200, callbacks=[crest])
+    trainer.fit(module, train_dataloaders=crest.dataloader())
+
+    # in the LightningModule
+    def training_step(self, batch, batch_idx):
+        x, y, w = batch
+        losses = F.cross_entropy(self(x), y, reduction="none")
+        return {"loss": (w * losses).mean(), "crest_losses": losses.detach()}  # crest_losses optional
+
+The callback builds a :class:`crestcore.adapters.torch.CrestLoader` on the LightningModule at
+``setup("fit")`` (``epochs`` defaults to ``trainer.max_epochs``), in per-epoch mode: every Lightning epoch
+yields ``steps_per_epoch`` weighted coreset batches, so ``len(dataloader)`` is exact and Lightning
+never pre-fetches (a pre-fetched batch would be selected before the previous optimizer step). Its
+``state_dict`` carries the controller and the position into checkpoints; resuming from a checkpoint
+(``trainer.fit(..., ckpt_path=...)``) continues with the same batches, mid-epoch included.
+
+Lightning is an optional dependency (``pip install 'crestcore[lightning]'``); both the ``lightning``
+package and the older ``pytorch_lightning`` work. One process (no DDP): the distributed adapter is separate.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+try:  # the unified package first, then the standalone one
+    import lightning.pytorch as pl
+except ImportError:  # pragma: no cover - depends on what is installed
+    try:
+        import pytorch_lightning as pl
+    except ImportError as exc:
+        raise ImportError(
+            "crestcore.adapters.lightning needs Lightning: pip install 'crestcore[lightning]'"
+        ) from exc
+
+from crestcore.controller import CrestConfig
+
+from .torch import CrestLoader
+
+__all__ = ["CrestCallback"]
+
+
+class _CrestTrainLoader:
+    """What ``trainer.fit`` iterates: a thin view of the callback's loader (built at ``setup``).
+
+    Its own ``state_dict`` is only the position (Lightning stores it with the loops and then treats the
+    loader as resumable); the controller's state travels in the callback's ``state_dict``.
+    """
+
+    def __init__(self, callback: "CrestCallback"):
+        self._cb = callback
+
+    def __len__(self) -> int:
+        return len(self._cb._require_loader())
+
+    def __iter__(self):
+        return iter(self._cb._require_loader())
+
+    def state_dict(self) -> dict:
+        loader = self._cb.loader
+        return {"position": None if loader is None else loader.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        loader = self._cb.loader
+        pos = state.get("position") if isinstance(state, dict) else None
+        if loader is not None and pos is not None and pos != loader.position:
+            warnings.warn(
+                f"CrestCallback: the checkpoint's loop state is at CREST step {pos} but the callback's state "
+                f"at step {loader.position}; was the checkpoint saved with this callback?",
+                stacklevel=2,
+            )
+
+
+class CrestCallback(pl.Callback):
+    """CREST for a LightningModule: weighted coreset batches, selection and checks inside ``fit``.
+
+    Parameters are those of :class:`~crestcore.adapters.torch.CrestLoader` (the model is the
+    LightningModule; ``epochs=None`` takes ``trainer.max_epochs``), plus:
+
+    losses_key : key of a ``training_step`` output dict holding the per-example training losses of
+        the batch (detached), fed to the drop policy; ignored when absent.
+    log_stats : log ``crest/*`` scalars (selections, checks, last rho, T1, P, budget fractions) at the
+        end of every training epoch with ``pl_module.log``.
+
+    Attributes: ``loader`` (the ``CrestLoader``, after setup) and ``stats`` (its ``stats``).
+    """
+
+    def __init__(
+        self,
+        dataset,
+        *,
+        config: CrestConfig | None = None,
+        budget: float = 0.1,
+        epochs: int | None = None,
+        seed: int = 0,
+        budget_counts: str = "steps",
+        labels=None,
+        collate_fn: Callable | None = None,
+        measure_dataset=None,
+        measure_batch_size: int = 512,
+        last_layer=None,
+        forward: Callable | None = None,
+        loss_fn: Callable | None = None,
+        losses_key: str = "crest_losses",
+        log_stats: bool = True,
+    ):
+        super().__init__()
+        self.dataset = dataset
+        self.epochs = epochs
+        self.losses_key = losses_key
+        self.log_stats = bool(log_stats)
+        self._kwargs = dict(
+            config=config, budget=budget, seed=seed, budget_counts=budget_counts, labels=labels,
+            collate_fn=collate_fn, measure_dataset=measure_dataset, measure_batch_size=measure_batch_size,
+            last_layer=last_layer, forward=forward, loss_fn=loss_fn,
+        )
+        if epochs is not None and (isinstance(epochs, bool) or int(epochs) != epochs or epochs < 1):
+            raise ValueError(f"epochs must be a positive integer or None, got {epochs!r}")
+        self.loader: CrestLoader | None = None
+        self._pending: dict | None = None
+        self._module = None
+
+    # -- the train dataloader -------------------------------------------------------------------
+    def dataloader(self) -> _CrestTrainLoader:
+        """The iterable to pass as ``train_dataloaders`` (or return from ``train_dataloader()``)."""
+        return _CrestTrainLoader(self)
+
+    def _require_loader(self) -> CrestLoader:
+        if self.loader is None:
+            raise RuntimeError(
+                "CrestCallback's dataloader is used before the callback was set up: pass the callback to "
+                "the Trainer (callbacks=[crest]) that fits with crest.dataloader()"
+            )
+        return self.loader
+
+    @property
+    def stats(self) -> dict | None:
+        return None if self.loader is None else self.loader.stats
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.loader is not None and self._module is pl_module:
+            return  # a second fit with the same module continues the same run
+        epochs = self.epochs
+        if epochs is None:
+            epochs = trainer.max_epochs
+            if epochs is None or epochs < 1:
+                raise ValueError(
+                    "CrestCallback needs the number of epochs the budget is a fraction of: set "
+                    "Trainer(max_epochs=...) or CrestCallback(epochs=...)"
+                )
+        self.loader = CrestLoader(pl_module, self.dataset, epochs=int(epochs), per_epoch=True, **self._kwargs)
+        self._module = pl_module
+        if self._pending is not None:
+            state, self._pending = self._pending, None
+            self.loader.load_state_dict(state)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        loader = self._require_loader()
+        if trainer.current_epoch < loader.epochs:
+            loader.set_epoch(trainer.current_epoch)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if isinstance(outputs, dict) and self.losses_key in outputs and self.loader is not None:
+            self.loader.observe(outputs[self.losses_key])
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not self.log_stats or self.loader is None:
+            return
+        s = self.loader.stats
+        values = {
+            "crest/selections": float(len(s["selections"])),
+            "crest/checks": float(len(s["checks"])),
+            "crest/T1": float(s["T1"]),
+            "crest/P": float(s["P"]),
+            "crest/pool": float(s["pool"]),
+            "crest/fraction_steps": float(s["budget"]["fraction_steps"]),
+            "crest/fraction_all_passes": float(s["budget"]["fraction_all_passes"]),
+        }
+        if s["rho"]:
+            values["crest/rho"] = float(s["rho"][-1])
+        pl_module.log_dict(values, on_step=False, on_epoch=True)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if self.loader is not None:
+            return self.loader.state_dict()
+        return dict(self._pending) if self._pending is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.loader is not None:
+            self.loader.load_state_dict(state_dict)
+        else:
+            self._pending = dict(state_dict)

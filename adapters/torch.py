@@ -1,0 +1,848 @@
+"""PyTorch adapter: the model operations CREST needs, and a loader of weighted coreset mini-batches.
+
+Two public classes (plus a helper):
+
+* :class:`TorchModelOps` implements the controller's :class:`crestcore.ModelOps` for any classifier
+  ``nn.Module`` and any map-style ``torch.utils.data.Dataset``: eval-mode logits (and the penultimate
+  embedding) for a set of example indices, per-example losses, the flat trainable-parameter vector,
+  the gradient of the weighted coreset loss and one Hutchinson probe ``z * (H z)`` by double backward.
+* :class:`CrestLoader` is what a training loop iterates instead of its ``DataLoader``: it yields
+  ``(x, y, weights)`` mini-batches (the weighted coresets), runs selection, trust checks and dropping
+  inside, and has ``len``, ``set_epoch``, ``state_dict`` / ``load_state_dict`` (exact resume) and
+  ``stats``. See ``docs/pytorch.md`` for the quickstart and the budget accounting.
+
+Measurement passes (selection, checks, the gradient/curvature fit) run with every module in eval
+mode: BatchNorm uses and never updates its running statistics, dropout is off. The modes of all
+modules, and every buffer, are restored exactly afterwards. Gradients are taken with
+``torch.autograd.grad``, so no ``.grad`` attribute (the optimizer's input) is ever touched. The
+quadratic model is therefore fitted to the eval-mode loss, the same loss the trust check measures.
+
+Only the ``crestcore.adapters`` floor imports torch; ``crestcore`` itself never does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import ConcatDataset, Subset, TensorDataset
+from torch.utils.data import default_collate
+
+from crestcore.controller import (
+    Batch,
+    CrestConfig,
+    crest_init,
+    crest_load_state_dict,
+    crest_next_batch,
+    crest_observe,
+    crest_state_dict,
+)
+
+__all__ = ["TorchModelOps", "CrestLoader", "dataset_labels"]
+
+_FORMAT = "crestcore.adapters.torch.CrestLoader/1"
+
+
+# ------------------------------------------------------------------------------------------------
+# data access
+# ------------------------------------------------------------------------------------------------
+def _label_value(v, i: int) -> int:
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"example {i}'s label has shape {tuple(v.shape)}; expected one class index")
+        v = v.reshape(()).item()
+    elif isinstance(v, np.ndarray):
+        if v.size != 1:
+            raise ValueError(f"example {i}'s label has shape {v.shape}; expected one class index")
+        v = v.reshape(()).item()
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"example {i}'s label is {v!r} ({type(v).__name__}); expected an integer class index")
+    return int(v)
+
+
+def _as_labels(lab, n: int, what: str) -> np.ndarray:
+    if isinstance(lab, torch.Tensor):
+        if lab.is_floating_point() or lab.is_complex() or lab.dtype == torch.bool:
+            raise TypeError(f"{what} must hold integer class indices, got dtype {lab.dtype}")
+        lab = lab.detach().cpu().numpy()
+    elif isinstance(lab, (list, tuple)):
+        lab = np.asarray([_label_value(v, i) for i, v in enumerate(lab)], dtype=np.int64)
+    lab = np.asarray(lab)
+    if lab.ndim != 1 or lab.shape[0] != n:
+        raise ValueError(f"{what} must be 1-D with one class index per example ({n}), got shape {lab.shape}")
+    if lab.dtype == bool or not np.issubdtype(lab.dtype, np.integer):
+        raise TypeError(f"{what} must hold integer class indices, got dtype {lab.dtype}")
+    if n and lab.min() < 0:
+        raise ValueError(f"{what} must be non-negative class indices, got minimum {lab.min()}")
+    return lab.astype(np.int64, copy=True)
+
+
+def dataset_labels(dataset) -> np.ndarray:
+    """The integer class label of every example of ``dataset`` as a host int64 array (n,).
+
+    Read without touching the examples where possible: ``TensorDataset`` (its second tensor),
+    ``Subset`` and ``ConcatDataset`` (recursively), or a ``targets`` / ``labels`` attribute (torchvision
+    datasets). Otherwise every example is loaded once and its second field taken (``dataset[i][1]``);
+    pass ``labels=`` to :class:`CrestLoader` to avoid that pass.
+    """
+    n = _length(dataset)
+    if isinstance(dataset, TensorDataset):
+        if len(dataset.tensors) < 2:
+            raise ValueError("a TensorDataset needs (inputs, labels) tensors to give labels; pass labels=")
+        return _as_labels(dataset.tensors[1], n, "the TensorDataset's second tensor")
+    if isinstance(dataset, Subset):
+        base = dataset_labels(dataset.dataset)
+        return _as_labels(base[np.asarray(dataset.indices, dtype=np.int64)], n, "the Subset's labels")
+    if isinstance(dataset, ConcatDataset):
+        parts = [dataset_labels(d) for d in dataset.datasets]
+        return _as_labels(np.concatenate(parts) if parts else np.zeros(0, np.int64), n, "labels")
+    for attr in ("targets", "labels"):
+        v = getattr(dataset, attr, None)
+        if v is not None and not callable(v):
+            return _as_labels(v if not isinstance(v, (list, tuple)) else list(v), n, f"dataset.{attr}")
+    out = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        item = dataset[i]
+        if not isinstance(item, (tuple, list)) or len(item) < 2:
+            raise TypeError(
+                "cannot find the labels of this dataset: its items are not (input, label, ...) tuples "
+                "and it has no `targets` attribute; pass labels= (one class index per example)"
+            )
+        out[i] = _label_value(item[1], i)
+    return _as_labels(out, n, "the dataset's labels")
+
+
+def _length(dataset) -> int:
+    try:
+        return int(len(dataset))
+    except TypeError as exc:
+        raise TypeError(
+            f"the dataset must be a map-style torch Dataset with __len__ and __getitem__, got "
+            f"{type(dataset).__name__}"
+        ) from exc
+
+
+class _Fetcher:
+    """Collated examples for a set of indices, through the dataset's own ``__getitem__`` (transforms
+    included) and ``collate_fn`` (default ``default_collate``). A ``TensorDataset`` is sliced directly."""
+
+    def __init__(self, dataset, collate_fn=None):
+        self.dataset = dataset
+        self.collate = collate_fn if collate_fn is not None else default_collate
+        self._tensors = type(dataset) is TensorDataset and collate_fn is None
+
+    def __call__(self, idx: np.ndarray):
+        if self._tensors:
+            t = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
+            return tuple(x[t.to(x.device)] for x in self.dataset.tensors)
+        keys = [int(i) for i in idx]
+        getitems = getattr(self.dataset, "__getitems__", None)
+        items = getitems(keys) if callable(getitems) else [self.dataset[i] for i in keys]
+        return self.collate(items)
+
+
+def _to_device(batch, device, non_blocking: bool = False):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # NamedTuple
+        return type(batch)(*(_to_device(b, device, non_blocking) for b in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device, non_blocking) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device, non_blocking) for k, v in batch.items()}
+    return batch
+
+
+def _default_forward(model: nn.Module, batch):
+    if isinstance(batch, (tuple, list)):
+        return model(batch[0])
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    raise TypeError(
+        f"cannot tell the model's input in a batch of type {type(batch).__name__}; pass "
+        "forward=lambda model, batch: model(...) returning the logits"
+    )
+
+
+def _cross_entropy(logits, y):
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def _as_indices(indices, n: int) -> np.ndarray:
+    idx = np.asarray(indices)
+    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+        raise TypeError(f"indices must be a 1-D integer array, got shape {idx.shape} and dtype {idx.dtype}")
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise IndexError(f"indices must lie in [0, {n})")
+    return idx.astype(np.int64, copy=False)
+
+
+def _as_weights(weights, k: int) -> np.ndarray:
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (k,):
+        raise ValueError(f"weights must have shape ({k},) like the indices, got {w.shape}")
+    if not np.all(np.isfinite(w)):
+        raise ValueError("weights contain NaN or infinite values")
+    return w
+
+
+# ------------------------------------------------------------------------------------------------
+# model operations
+# ------------------------------------------------------------------------------------------------
+class TorchModelOps:
+    """The controller's :class:`crestcore.ModelOps` for a PyTorch classifier and a map-style dataset.
+
+    Parameters
+    ----------
+    model : the ``nn.Module``; ``forward(model, batch)`` must give (k, C) logits.
+    dataset : any ``torch.utils.data.Dataset`` with ``__len__``; examples are loaded by index through
+        ``__getitem__`` (its transforms included) or ``__getitems__`` and collated by ``collate_fn``.
+    labels : (n,) integer labels; default :func:`dataset_labels`. The losses use these labels.
+    loss_fn : ``loss_fn(logits, labels) -> (k,)`` per-example losses for ``gradient``, ``hutchinson``
+        and ``losses``; default cross-entropy. The controller's features and trust check assume
+        cross-entropy, so change this only for a loss with the same gradient in the logits.
+    device : where the measurement runs; default the device of the model's parameters at each call.
+    batch_size : examples per forward in measurement passes (memory bound, not a result).
+    collate_fn : as for a ``DataLoader``; default ``default_collate``.
+    last_layer : for ``outputs(..., embeddings=True)``: the ``nn.Linear`` (or its name in
+        ``model.named_modules()``) whose input is the penultimate embedding. Default: the last
+        ``nn.Linear`` executed in the forward; it must map to the C logits.
+    forward : ``forward(model, batch) -> logits`` with ``batch`` the collated examples on the device;
+        default ``model(batch[0])``.
+
+    Every measurement puts all modules in eval mode under a snapshot of the buffers, and restores each
+    module's ``training`` flag and every buffer afterwards. Gradients use ``torch.autograd.grad`` with
+    respect to the parameters with ``requires_grad`` (the same set as :meth:`params`), never ``.grad``.
+    NaN or infinite logits or losses raise ``FloatingPointError``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataset,
+        *,
+        labels=None,
+        loss_fn: Callable | None = None,
+        device=None,
+        batch_size: int = 512,
+        collate_fn: Callable | None = None,
+        last_layer: nn.Module | str | None = None,
+        forward: Callable | None = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.model = model
+        self.dataset = dataset
+        self.n = _length(dataset)
+        if self.n == 0:
+            raise ValueError("the dataset is empty: CREST needs examples to select from")
+        self.labels = dataset_labels(dataset) if labels is None else _as_labels(labels, self.n, "labels")
+        self.loss_fn = loss_fn if loss_fn is not None else _cross_entropy
+        self._device = None if device is None else torch.device(device)
+        self.batch_size = int(batch_size)
+        self._fetch = _Fetcher(dataset, collate_fn)
+        self._forward = forward if forward is not None else _default_forward
+        self._last_layer = self._resolve_layer(last_layer) if last_layer is not None else None
+        if self._last_layer is not None and not isinstance(self._last_layer, nn.Linear):
+            raise TypeError(f"last_layer must be an nn.Linear, got {type(self._last_layer).__name__}")
+        if not self._trainable():
+            raise ValueError("the model has no parameter with requires_grad=True: nothing to train")
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _resolve_layer(self, layer):
+        if isinstance(layer, str):
+            mods = dict(self.model.named_modules())
+            if layer not in mods:
+                raise ValueError(f"last_layer {layer!r} is not a module of the model")
+            return mods[layer]
+        if not any(m is layer for m in self.model.modules()):
+            raise ValueError("last_layer is not a module of the model")
+        return layer
+
+    def _trainable(self) -> list[torch.Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def device(self) -> torch.device:
+        """The measurement device: the one given, else the model's (first parameter or buffer)."""
+        if self._device is not None:
+            return self._device
+        for t in self.model.parameters():
+            return t.device
+        for t in self.model.buffers():
+            return t.device
+        return torch.device("cpu")
+
+    def _dtype(self) -> torch.dtype:
+        for p in self._trainable():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.get_default_dtype()
+
+    @contextlib.contextmanager
+    def _measuring(self):
+        """All modules in eval mode; every module's mode and every buffer restored afterwards."""
+        modes = [(m, m.training) for m in self.model.modules()]
+        saved = [(b, b.detach().clone()) for b in self.model.buffers()]
+        self.model.eval()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, s in saved:
+                    if b.shape == s.shape:
+                        b.copy_(s)
+            for m, mode in modes:
+                m.training = mode
+
+    def _chunks(self, k: int):
+        for a in range(0, k, self.batch_size):
+            yield a, min(k, a + self.batch_size)
+
+    def _logits(self, batch, k: int):
+        out = self._forward(self.model, batch)
+        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != k:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"the model must return (batch, classes) logits; got {got} for {k} examples "
+                "(pass forward= to extract the logits)"
+            )
+        if not out.is_floating_point():
+            raise TypeError(f"the model returned {out.dtype} outputs; logits must be floating point")
+        return out
+
+    def _labels_on(self, idx: np.ndarray, device) -> torch.Tensor:
+        return torch.from_numpy(self.labels[idx]).to(device)
+
+    @staticmethod
+    def _check_finite(t: torch.Tensor, what: str):
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            count = int(bad.reshape(bad.shape[0], -1).any(dim=1).sum()) if t.ndim else 1
+            raise FloatingPointError(
+                f"CREST: the model produced NaN or infinite {what} ({count} of {t.shape[0] if t.ndim else 1} "
+                "in this measurement pass): training has diverged. Lower the learning rate, add gradient "
+                "clipping, or check the data and the loss."
+            )
+
+    # -- ModelOps -------------------------------------------------------------------------------
+    def outputs(self, indices, embeddings: bool = False):
+        """Eval-mode logits (k, C) for ``indices``; with ``embeddings=True`` also the input of the last
+        linear layer (k, h), in the logits' dtype. No graph is built; the model is left as it was."""
+        idx = _as_indices(indices, self.n)
+        dev = self.device
+        logits, embs = [], []
+        with self._measuring(), torch.no_grad():
+            for a, b in self._chunks(idx.size):
+                batch = _to_device(self._fetch(idx[a:b]), dev)
+                if not embeddings:
+                    logits.append(self._logits(batch, b - a))
+                    continue
+                z, e = self._logits_and_embedding(batch, b - a)
+                logits.append(z)
+                embs.append(e)
+        z = torch.cat(logits) if logits else torch.zeros(0, 0, device=dev)
+        self._check_finite(z, "outputs")
+        if not embeddings:
+            return z
+        e = torch.cat(embs).to(z.dtype)
+        self._check_finite(e, "embeddings")
+        return z, e
+
+    def _logits_and_embedding(self, batch, k: int):
+        seen: list[tuple[nn.Module, torch.Tensor]] = []
+
+        def hook(module, inputs, output):
+            seen.append((module, inputs[0]))
+
+        layers = [self._last_layer] if self._last_layer is not None else [
+            m for m in self.model.modules() if isinstance(m, nn.Linear)]
+        if not layers:
+            raise ValueError("embeddings need an nn.Linear last layer; the model has none (pass last_layer=)")
+        handles = [m.register_forward_hook(hook) for m in layers]
+        try:
+            z = self._logits(batch, k)
+        finally:
+            for h in handles:
+                h.remove()
+        if not seen:
+            raise ValueError("the last linear layer was not called in the forward (pass last_layer=)")
+        layer, e = seen[-1]
+        if self._last_layer is None and layer.out_features != z.shape[1]:
+            raise ValueError(
+                f"the last nn.Linear executed maps to {layer.out_features} features but the model returns "
+                f"{z.shape[1]} logits; pass last_layer= (the classifier layer)"
+            )
+        if e.ndim != 2 or e.shape[0] != k:
+            raise ValueError(
+                f"the last linear layer's input has shape {tuple(e.shape)}; embeddings must be (batch, h)"
+            )
+        return z, e.detach()
+
+    def losses(self, indices):
+        """Eval-mode per-example losses (k,) at the current parameters (no graph)."""
+        idx = _as_indices(indices, self.n)
+        z = self.outputs(idx)
+        with torch.no_grad():
+            return self.loss_fn(z, self._labels_on(idx, z.device))
+
+    def params(self):
+        """A copy of the flat vector of the trainable parameters (D,)."""
+        return torch.cat([p.detach().reshape(-1) for p in self._trainable()]).clone()
+
+    def _weighted_losses(self, idx, w, a, b, dev, N):
+        batch = _to_device(self._fetch(idx[a:b]), dev)
+        z = self._logits(batch, b - a)
+        ell = self.loss_fn(z, self._labels_on(idx[a:b], z.device))
+        if not isinstance(ell, torch.Tensor) or ell.shape != (b - a,):
+            raise ValueError(f"loss_fn must return per-example losses of shape ({b - a},)")
+        wt = torch.as_tensor(w[a:b], dtype=ell.dtype, device=ell.device)
+        return (wt * ell).sum() / N, ell
+
+    def gradient(self, indices, weights):
+        """``(loss, flat gradient)`` of ``mean(w_i * loss_i)`` over ``indices`` (eval mode)."""
+        idx = _as_indices(indices, self.n)
+        w = _as_weights(weights, idx.size)
+        if idx.size == 0:
+            raise ValueError("gradient needs at least one example")
+        params = self._trainable()
+        dev = self.device
+        acc = [torch.zeros_like(p) for p in params]
+        total = 0.0
+        with self._measuring(), torch.enable_grad():
+            for a, b in self._chunks(idx.size):
+                part, ell = self._weighted_losses(idx, w, a, b, dev, idx.size)
+                self._check_finite(ell.detach(), "losses")
+                grads = torch.autograd.grad(part, params, allow_unused=True)
+                for s, g in zip(acc, grads):
+                    if g is not None:
+                        s.add_(g)
+                total += float(part.detach())
+        flat = torch.cat([g.reshape(-1) for g in acc])
+        self._check_finite(flat, "gradients")
+        return total, flat
+
+    def rademacher(self, seed: int) -> torch.Tensor:
+        """The probe ``z`` (D,) of :meth:`hutchinson`: +-1 from a ``torch.Generator`` seeded with
+        ``seed`` on the parameters' device (so CPU and CUDA draw different, equally valid, probes)."""
+        params = self._trainable()
+        D = sum(p.numel() for p in params)
+        dev = params[0].device
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(int(seed))
+        bits = torch.randint(0, 2, (D,), generator=gen, device=dev)
+        return bits.to(self._dtype()) * 2 - 1
+
+    def hutchinson(self, indices, weights, seed: int):
+        """One Hutchinson probe ``z * (H z)`` of the weighted loss's Hessian (double backward)."""
+        idx = _as_indices(indices, self.n)
+        w = _as_weights(weights, idx.size)
+        if idx.size == 0:
+            raise ValueError("hutchinson needs at least one example")
+        params = self._trainable()
+        z = self.rademacher(seed)
+        zs = [t.view_as(p) for t, p in zip(torch.split(z, [p.numel() for p in params]), params)]
+        acc = [torch.zeros_like(p) for p in params]
+        dev = self.device
+        with self._measuring(), torch.enable_grad():
+            for a, b in self._chunks(idx.size):
+                part, ell = self._weighted_losses(idx, w, a, b, dev, idx.size)
+                self._check_finite(ell.detach(), "losses")
+                grads = torch.autograd.grad(part, params, create_graph=True, allow_unused=True)
+                dot = None
+                for g, v in zip(grads, zs):
+                    if g is not None and g.requires_grad:
+                        term = (g * v).sum()
+                        dot = term if dot is None else dot + term
+                if dot is None:  # the loss is linear in every parameter: H = 0
+                    continue
+                hz = torch.autograd.grad(dot, params, allow_unused=True)
+                for s, h in zip(acc, hz):
+                    if h is not None:
+                        s.add_(h.detach())
+        out = z * torch.cat([h.reshape(-1) for h in acc])
+        self._check_finite(out, "Hessian-vector products")
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# state dict conversion (torch.load(weights_only=True) safe: tensors, numbers, strings, containers)
+# ------------------------------------------------------------------------------------------------
+def _to_portable(x):
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.array(x, copy=True))
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().clone()
+    if isinstance(x, dict):
+        return {k: _to_portable(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_to_portable(v) for v in x]
+    if isinstance(x, tuple):
+        return tuple(_to_portable(v) for v in x)
+    return x
+
+
+def _from_portable(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy().copy()
+    if isinstance(x, dict):
+        return {k: _from_portable(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_from_portable(v) for v in x]
+    if isinstance(x, tuple):
+        return tuple(_from_portable(v) for v in x)
+    return x
+
+
+# ------------------------------------------------------------------------------------------------
+# the loader
+# ------------------------------------------------------------------------------------------------
+class CrestLoader:
+    """An iterable of weighted coreset mini-batches ``(x, y, weights)`` for a training loop.
+
+    Parameters
+    ----------
+    model : the classifier being trained (the measurement passes use it; it is never modified).
+    dataset : the training set (any map-style ``Dataset``; its transforms apply to the yielded batches).
+    config : :class:`crestcore.CrestConfig` (``m`` is the mini-batch size); default ``CrestConfig()``.
+    budget : fraction of the full-data training steps to train for (see *Budget*); positive.
+    epochs : the number of full-data epochs the budget is a fraction of.
+    seed : seeds every random draw of CREST (subsets, probes); independent of torch's global RNG.
+    device : where yielded batches go; default the model's device at each step.
+    per_epoch : False (default): one pass over the loader yields the whole run and ``len()`` is the
+        total number of steps. True: each pass yields one epoch's share and ``len()`` is
+        ``steps_per_epoch`` (the DataLoader habit, and what a per-epoch LR scheduler or Lightning wants).
+        Calling :meth:`set_epoch` switches to per-epoch passes.
+    budget_counts : "steps" (default; the paper's and the release's accounting) or "passes" (the
+        measurement passes CREST spends count against the budget too, in step-equivalents).
+    labels : (n,) class indices; default :func:`dataset_labels` (read from the dataset).
+    collate_fn : as for a ``DataLoader``.
+    measure_dataset : the same examples, in the same order, for the measurement passes, e.g. without
+        random augmentation; default ``dataset``.
+    measure_batch_size : examples per forward in measurement passes (memory only).
+    last_layer, forward, loss_fn : as for :class:`TorchModelOps`.
+
+    Budget
+    ------
+    ``full_steps_per_epoch = ceil(n / m)`` (a ``DataLoader`` with batch ``m``),
+    ``steps_per_epoch = max(1, round(budget * full_steps_per_epoch))`` and
+    ``total_steps = epochs * steps_per_epoch``. With ``budget_counts="steps"`` exactly ``total_steps``
+    batches are yielded. With ``"passes"`` a batch is yielded only while the training steps so far plus
+    CREST's measurement passes, in step-equivalents (``(forward + 2 * backward examples) / 3 / m``;
+    a backward costs about two forwards), stay within the same cap; ``len()`` is then an upper bound.
+    ``stats["budget"]`` reports both fractions whichever mode is used.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataset,
+        *,
+        config: CrestConfig | None = None,
+        budget: float = 0.1,
+        epochs: int = 1,
+        seed: int = 0,
+        device=None,
+        per_epoch: bool = False,
+        budget_counts: str = "steps",
+        labels=None,
+        collate_fn: Callable | None = None,
+        measure_dataset=None,
+        measure_batch_size: int = 512,
+        last_layer: nn.Module | str | None = None,
+        forward: Callable | None = None,
+        loss_fn: Callable | None = None,
+    ):
+        self.config = config if config is not None else CrestConfig()
+        if not isinstance(self.config, CrestConfig):
+            raise TypeError(f"config must be a crestcore.CrestConfig, got {type(self.config).__name__}")
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (
+            math.isfinite(budget) and budget > 0
+        ):
+            raise ValueError(f"budget must be a positive finite fraction of the full-data steps, got {budget!r}")
+        if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
+            raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        if budget_counts not in ("steps", "passes"):
+            raise ValueError(f"budget_counts must be 'steps' or 'passes', got {budget_counts!r}")
+        n = _length(dataset)
+        if n == 0:
+            raise ValueError("the training dataset is empty: CREST needs examples to select from")
+        lab = dataset_labels(dataset) if labels is None else _as_labels(labels, n, "labels")
+        classes = np.unique(lab)
+        if classes.size < 2:
+            raise ValueError(
+                f"the training dataset holds a single class (label {int(classes[0])}): a classifier, and "
+                "CREST's per-class selection, need at least two"
+            )
+        if self.config.m > n:
+            raise ValueError(f"the mini-batch size m={self.config.m} exceeds the dataset's {n} examples")
+        if measure_dataset is not None and _length(measure_dataset) != n:
+            raise ValueError(
+                f"measure_dataset has {_length(measure_dataset)} examples but dataset has {n}; it must hold "
+                "the same examples in the same order"
+            )
+        self.model = model
+        self.dataset = dataset
+        self.n = n
+        self.labels = lab
+        self.budget = float(budget)
+        self.epochs = int(epochs)
+        self.seed = int(seed)
+        self.budget_counts = budget_counts
+        self.per_epoch = bool(per_epoch)
+        self._device = None if device is None else torch.device(device)
+        self.ops = TorchModelOps(
+            model, measure_dataset if measure_dataset is not None else dataset, labels=lab, loss_fn=loss_fn,
+            device=device, batch_size=measure_batch_size, collate_fn=collate_fn, last_layer=last_layer,
+            forward=forward,
+        )
+        self._fetch = _Fetcher(dataset, collate_fn)
+        m = self.config.m
+        self.full_steps_per_epoch = math.ceil(n / m)
+        self.steps_per_epoch = max(1, int(math.floor(self.budget * self.full_steps_per_epoch + 0.5)))
+        self.total_steps = self.epochs * self.steps_per_epoch
+        self._state = crest_init(self.config, lab, seed=self.seed)
+        self._position = 0  # batches handed out
+        self._batch: Batch | None = None
+        self._epoch_hint: int | None = None
+        self._token = 0
+        self._warned_done = False
+
+    # -- sizing ---------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.steps_per_epoch if self.per_epoch else self.total_steps
+
+    @property
+    def position(self) -> int:
+        """Batches handed out so far (over the whole run)."""
+        return self._position
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next batch belongs to (``position // steps_per_epoch``; ``epochs`` when done)."""
+        return min(self._position // self.steps_per_epoch, self.epochs)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Declare that the next pass is epoch ``epoch`` (0-based): it yields from the current position to
+        the end of that epoch's share (so a pass that broke off early is completed, never skipped).
+        Switches the loader to per-epoch passes."""
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
+        if epoch >= self.epochs:
+            raise ValueError(
+                f"epoch {epoch} is beyond the {self.epochs} epochs this loader was planned for "
+                "(CrestLoader(..., epochs=...))"
+            )
+        self.per_epoch = True
+        self._epoch_hint = int(epoch)
+
+    def _pass_end(self) -> int:
+        if self._epoch_hint is not None:
+            e, self._epoch_hint = self._epoch_hint, None
+        elif self.per_epoch:
+            e = self._position // self.steps_per_epoch
+        else:
+            return self.total_steps
+        return min(self.total_steps, (e + 1) * self.steps_per_epoch)
+
+    # -- accounting -----------------------------------------------------------------------------
+    def _cost(self) -> tuple[float, float]:
+        """(training, measurement) cost so far, in examples of forward+backward."""
+        s = self._state
+        c = s.counters
+        train = c["train_examples"]
+        overhead = (c["forward_examples"] + 2.0 * c["backward_examples"]) / 3.0
+        return float(train), overhead
+
+    def _budget_report(self) -> dict:
+        m = self.config.m
+        train, overhead = self._cost()
+        full = self.epochs * self.full_steps_per_epoch
+        return {
+            "budget": self.budget,
+            "counts": self.budget_counts,
+            "full_data_steps": full,
+            "planned_steps": self.total_steps,
+            "steps_done": self._position,
+            "overhead_step_equivalents": overhead / m,
+            "fraction_steps": self._position / full,
+            "fraction_all_passes": (train + overhead) / m / full,
+        }
+
+    # -- iteration ------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[tuple]:
+        self._token += 1
+        return self._pass(self._token)
+
+    def _pass(self, token: int):
+        end = self._pass_end()
+        if self._position >= end and not self._warned_done and self._position >= self.total_steps:
+            self._warned_done = True
+            warnings.warn(
+                f"CrestLoader: all {self.total_steps} planned steps are used; this pass yields nothing. "
+                "To spread the run over an epoch loop, call loader.set_epoch(epoch) at the start of each "
+                "epoch (or build the loader with per_epoch=True).",
+                stacklevel=3,
+            )
+        while self._token == token and self._position < end:
+            if self.budget_counts == "passes":
+                train, overhead = self._cost()
+                if (train + overhead) / self.config.m + 1 > end + 1e-9:
+                    return
+            self._sync_device()
+            try:
+                state, batch = crest_next_batch(self._state, self.ops, self.config)
+            except FloatingPointError as exc:
+                raise FloatingPointError(f"{exc} [CrestLoader at step {self._position}]") from exc
+            self._state = state
+            self._position += 1
+            self._batch = batch
+            yield self._make_batch(batch)
+
+    def _make_batch(self, batch: Batch):
+        dev = self._device if self._device is not None else self.ops.device
+        data = _to_device(self._fetch(batch.indices), dev)
+        w = torch.as_tensor(batch.weights, dtype=self.ops._dtype()).to(dev)
+        if isinstance(data, (tuple, list)):
+            return (*data, w)
+        return data, w
+
+    def _sync_device(self):
+        """Move the controller's vectors to the model's device if the model moved (e.g. after a resume)."""
+        anchor = self._state.anchor
+        if anchor is None:
+            return
+        first = self.ops._trainable()[0]
+        if anchor.device != first.device or anchor.dtype != first.dtype:
+            self._state = crest_load_state_dict(crest_state_dict(self._state), self.ops.params())
+
+    # -- feedback and observability -------------------------------------------------------------
+    @property
+    def last_indices(self) -> np.ndarray | None:
+        """Dataset indices of the batch yielded last (host int64), or None before the first."""
+        return None if self._batch is None else self._batch.indices.copy()
+
+    @property
+    def last_weights(self) -> np.ndarray | None:
+        return None if self._batch is None else self._batch.weights.copy()
+
+    def observe(self, losses) -> None:
+        """Feed the per-example training losses (k,) of the batch yielded last to the drop policy.
+
+        Optional. Recorded only when dropping is on (``CrestConfig(T2=...)``); always checked: NaN or
+        infinite losses raise ``FloatingPointError``. Detached; one host copy."""
+        if self._batch is None:
+            raise RuntimeError("observe() needs a batch: call it after training on a yielded batch")
+        if isinstance(losses, torch.Tensor):
+            losses = losses.detach().float().cpu().numpy()
+        vals = np.asarray(losses, dtype=np.float64).reshape(-1)
+        if vals.size != self._batch.indices.size:
+            raise ValueError(
+                f"observe() got {vals.size} losses for a batch of {self._batch.indices.size} examples "
+                "(pass the per-example losses, reduction='none')"
+            )
+        if not np.all(np.isfinite(vals)):
+            raise FloatingPointError(
+                f"CREST: the training loss is NaN or infinite at step {self._position - 1} "
+                f"({int((~np.isfinite(vals)).sum())} of {vals.size} examples): training has diverged. "
+                "Lower the learning rate, add gradient clipping, or check the data."
+            )
+        if self.config.T2 is not None:  # the loss history only feeds drop decisions
+            self._state = crest_observe(self._state, self._batch.indices, vals)
+
+    @property
+    def stats(self) -> dict:
+        """Plain data: counters, selection steps, trust checks (step, rho, L_R, F), drops, schedule, budget."""
+        s = self._state
+        checks = [
+            {"step": int(t), "rho": float(r), "loss_random": float(lr), "predicted": float(f)}
+            for t, r, lr, f in s.log["checks"]
+        ]
+        return {
+            "step": self._position,
+            "epoch": self.epoch,
+            "total_steps": self.total_steps,
+            "steps_per_epoch": self.steps_per_epoch,
+            "selections": [int(t) for t in s.log["selections"]],
+            "checks": checks,
+            "rho": [c["rho"] for c in checks],
+            "drops": [(int(t), int(k)) for t, k in s.log["drops"]],
+            "T1": int(s.T1),
+            "P": int(s.P),
+            "pool": int(s.drop.active.sum()),
+            "counters": {k: int(v) for k, v in s.counters.items()},
+            "budget": self._budget_report(),
+        }
+
+    @property
+    def controller_state(self):
+        """The controller's :class:`crestcore.CrestState` (read-only by convention)."""
+        return self._state
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _fingerprint(self) -> dict:
+        return {"n": self.n, "m": self.config.m, "seed": self.seed, "steps_per_epoch": self.steps_per_epoch}
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue with the same batches: the controller state and the position.
+
+        Holds tensors, numbers and strings only, so ``torch.load(..., weights_only=True)`` reads it."""
+        return {
+            "format": _FORMAT,
+            **self._fingerprint(),
+            "epochs": self.epochs,
+            "budget": self.budget,
+            "budget_counts": self.budget_counts,
+            "config": repr(self.config),
+            "position": self._position,
+            "per_epoch": self.per_epoch,
+            "batch": None if self._batch is None else {
+                "indices": torch.from_numpy(self._batch.indices.copy()),
+                "weights": torch.from_numpy(self._batch.weights.copy()),
+                "reselected": bool(self._batch.reselected),
+            },
+            "crest": _to_portable(crest_state_dict(self._state)),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output; the next pass continues exactly where it was saved.
+
+        Restore the model's and optimizer's states too (the controller measures the model)."""
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            raise ValueError("not a CrestLoader state dict (missing or unknown 'format')")
+        fp = self._fingerprint()
+        for k, v in fp.items():
+            if state.get(k) != v:
+                raise ValueError(
+                    f"the state dict was saved with {k}={state.get(k)!r}, this loader has {k}={v!r}; "
+                    "resume with the same dataset, config.m, seed and budget"
+                )
+        if state.get("config") != repr(self.config):
+            warnings.warn("CrestLoader.load_state_dict: the CrestConfig differs from the saved one", stacklevel=2)
+        d = _from_portable(state["crest"])
+        if not np.array_equal(np.asarray(d["labels"]), self.labels):
+            raise ValueError("the state dict was saved for a dataset with different labels")
+        self._state = crest_load_state_dict(d, self.ops.params())
+        self._position = int(state["position"])
+        self.per_epoch = bool(state.get("per_epoch", self.per_epoch)) or self.per_epoch
+        b = state.get("batch")
+        self._batch = None if b is None else Batch(
+            np.asarray(_from_portable(b["indices"]), dtype=np.int64),
+            np.asarray(_from_portable(b["weights"]), dtype=np.float64),
+            bool(b["reselected"]),
+        )
+        self._epoch_hint = None
+        self._token += 1  # passes started before the load stop
+        self._warned_done = False

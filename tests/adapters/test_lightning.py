@@ -1,0 +1,152 @@
+"""crestcore.adapters.lightning: the CrestCallback inside Trainer.fit (skipped without Lightning)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pl = pytest.importorskip("lightning.pytorch")
+
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import TensorDataset  # noqa: E402
+
+from crestcore import CrestConfig  # noqa: E402
+from crestcore.adapters.lightning import CrestCallback  # noqa: E402
+from crestcore.adapters.torch import CrestLoader  # noqa: E402
+
+N, D_IN, C = 240, 6, 3
+CFG = dict(config=CrestConfig(m=24, r=60, tau=0.05), budget=0.3, seed=2)  # 3 steps per epoch
+
+
+@pytest.fixture(autouse=True)
+def _quiet_one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*LeafSpec.*")
+        warnings.filterwarnings("ignore", ".*litlogger.*")
+        warnings.filterwarnings("ignore", ".*callbacks used to create the checkpoint.*")
+        yield
+    torch.set_num_threads(before)
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(N, D_IN, generator=g)
+    y = (X @ torch.randn(D_IN, C, generator=g)).argmax(1)
+    return TensorDataset(X, y)
+
+
+def net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(D_IN, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, C))
+
+
+class Module(pl.LightningModule):
+    def __init__(self, seed=0):
+        super().__init__()
+        self.net = net(seed)
+        self.seen = []
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y, w = batch
+        losses = F.cross_entropy(self(x), y, reduction="none")
+        crest = next(c for c in self.trainer.callbacks if isinstance(c, CrestCallback))
+        self.seen.append(crest.loader.last_indices)
+        return {"loss": (w * losses).mean(), "crest_losses": losses.detach()}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def trainer(tmp_path, max_epochs, cb, **kw):
+    return pl.Trainer(max_epochs=max_epochs, callbacks=[cb], logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                      accelerator="cpu", deterministic=True, **kw)
+
+
+def plain_loop(epochs):
+    """The same run in a plain PyTorch loop: the reference for the batches and the final parameters."""
+    model = net(0)
+    ds = data()
+    loader = CrestLoader(model, ds, epochs=epochs, **CFG)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+    for x, y, w in loader:
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        opt.zero_grad()
+        (w * losses).mean().backward()
+        opt.step()
+        loader.observe(losses.detach())
+        seen.append(loader.last_indices)
+    return seen, model, loader
+
+
+def test_callback_runs_a_short_fit_like_the_plain_loop(tmp_path):
+    cb = CrestCallback(data(), **CFG)
+    module = Module()
+    t = trainer(tmp_path, 3, cb)
+    t.fit(module, train_dataloaders=cb.dataloader())
+    assert len(cb.dataloader()) == 3 and t.global_step == 9 == cb.stats["step"]
+    seen, model, loader = plain_loop(3)
+    assert len(module.seen) == len(seen) == 9
+    for a, b in zip(module.seen, seen):
+        np.testing.assert_array_equal(a, b)
+    for p, q in zip(module.net.parameters(), model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert cb.stats == loader.stats
+    assert cb.stats["counters"]["selections"] >= 1 and cb.stats["checks"]
+
+
+def test_checkpoint_restores_the_controller(tmp_path):
+    cb = CrestCallback(data(), **CFG)
+    module = Module()
+    t = trainer(tmp_path, 2, cb)
+    t.fit(module, train_dataloaders=cb.dataloader())
+    path = tmp_path / "two.ckpt"
+    t.save_checkpoint(path)
+    saved = torch.load(path, weights_only=True)["callbacks"]
+    assert saved["CrestCallback"]["position"] == 6
+
+    cb2 = CrestCallback(data(), **CFG)
+    module2 = Module(seed=5)  # other weights: the checkpoint must bring them back
+    t2 = trainer(tmp_path, 3, cb2)
+    t2.fit(module2, train_dataloaders=cb2.dataloader(), ckpt_path=path)
+    seen, model, loader = plain_loop(3)
+    assert len(module2.seen) == 3
+    for a, b in zip(module.seen + module2.seen, seen):
+        np.testing.assert_array_equal(a, b)
+    for p, q in zip(module2.net.parameters(), model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert cb2.stats["selections"] == loader.stats["selections"]
+    assert cb2.stats["counters"] == loader.stats["counters"]
+
+
+def test_mid_epoch_checkpoint_resumes_exactly(tmp_path):
+    cb = CrestCallback(data(), **CFG)
+    module = Module()
+    every = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)
+    t = pl.Trainer(max_epochs=2, callbacks=[cb, every], logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, accelerator="cpu", deterministic=True)
+    t.fit(module, train_dataloaders=cb.dataloader())
+    path = tmp_path / "epoch=1-step=4.ckpt"  # one step into the second epoch
+    assert torch.load(path, weights_only=True)["callbacks"]["CrestCallback"]["position"] == 4
+
+    cb2 = CrestCallback(data(), **CFG)
+    module2 = Module(seed=5)
+    t2 = trainer(tmp_path, 3, cb2)
+    t2.fit(module2, train_dataloaders=cb2.dataloader(), ckpt_path=path)
+    seen, model, _ = plain_loop(3)
+    assert t2.global_step == 9 and len(module2.seen) == 5
+    for a, b in zip(module.seen[:4] + module2.seen, seen):
+        np.testing.assert_array_equal(a, b)
+    for p, q in zip(module2.net.parameters(), model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)

@@ -1,0 +1,464 @@
+"""crestcore.adapters.torch: TorchModelOps (the controller's model operations) and CrestLoader."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+F = torch.nn.functional
+
+from torch.utils.data import Dataset, TensorDataset  # noqa: E402
+
+from crestcore import CrestConfig, crest_init, crest_next_batch  # noqa: E402
+from crestcore.adapters.torch import CrestLoader, TorchModelOps, dataset_labels  # noqa: E402
+
+N, D_IN, C = 240, 6, 3
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: bitwise-repeatable CPU results and no oversubscription on small machines."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_data(n=N, seed=0, classes=C):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, D_IN, generator=g)
+    W = torch.randn(D_IN, classes, generator=g)
+    y = (X @ W + 0.3 * torch.randn(n, classes, generator=g)).argmax(1)
+    return X, y
+
+
+def mlp(seed=0, dropout=False):
+    torch.manual_seed(seed)
+    layers = [nn.Linear(D_IN, 16), nn.BatchNorm1d(16), nn.ReLU()]
+    if dropout:
+        layers.append(nn.Dropout(0.5))
+    layers.append(nn.Linear(16, C))
+    return nn.Sequential(*layers)
+
+
+def train(loader, model, steps=None, lr=0.1, observe=False):
+    """The user's loop, unchanged but for the loader; returns the (indices, weights) it trained on."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    seen = []
+    for k, (x, y, w) in enumerate(loader):
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        loss = (w * losses).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if observe:
+            loader.observe(losses)
+        seen.append((loader.last_indices, w.clone()))
+        if steps is not None and k + 1 >= steps:
+            break
+    return seen, opt
+
+
+def flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.state_dict().values() if p.is_floating_point()])
+
+
+# ------------------------------------------------------------------------------------------------
+# TorchModelOps
+# ------------------------------------------------------------------------------------------------
+def test_outputs_eval_mode_without_side_effects():
+    X, y = make_data()
+    model = mlp(dropout=True)
+    model.train()
+    model[1].eval()  # a user's frozen BatchNorm: its mode must come back as it was
+    ops = TorchModelOps(model, TensorDataset(X, y), batch_size=50)
+    bn_before = {k: v.clone() for k, v in model.state_dict().items()}
+    idx = np.array([5, 0, 17, 200, 3, 3])
+    z = ops.outputs(idx)
+    modes = [m.training for m in model.modules()]
+    assert modes == [True, True, False, True, True, True]  # Sequential, Linear, BN, ReLU, Dropout, Linear
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, bn_before[k]), k
+    ref = copy.deepcopy(model).eval()(X[idx])
+    torch.testing.assert_close(z, ref)
+    assert all(p.grad is None for p in model.parameters())
+    # the gradient and Hessian passes leave no trace either
+    ops.gradient(idx, np.ones(idx.size))
+    ops.hutchinson(idx, np.ones(idx.size), seed=3)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, bn_before[k]), k
+    assert [m.training for m in model.modules()] == modes
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_embeddings_are_the_last_linear_layers_input():
+    X, y = make_data()
+    model = mlp().eval()
+    ops = TorchModelOps(model, TensorDataset(X, y), batch_size=7)
+    idx = np.arange(20)
+    z, e = ops.outputs(idx, embeddings=True)
+    with torch.no_grad():
+        h = model[:-1](X[idx])
+    torch.testing.assert_close(e, h)
+    torch.testing.assert_close(z, model(X[idx]))
+    named = TorchModelOps(model, TensorDataset(X, y), last_layer="3")
+    torch.testing.assert_close(named.outputs(idx, embeddings=True)[1], h)
+
+    class Scaled(nn.Module):  # the last Linear executed is not the classifier
+        def __init__(self):
+            super().__init__()
+            self.body = mlp()
+            self.head = nn.Linear(C, 5)
+
+        def forward(self, x):
+            return self.head(self.body(x))[:, :C]
+
+    with pytest.raises(ValueError, match="last_layer"):
+        TorchModelOps(Scaled(), TensorDataset(X, y)).outputs(idx, embeddings=True)
+
+
+def _double_model():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+
+def _flat_loss(model, X, y, w):
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+
+    def f(theta):
+        parts = torch.split(theta, [int(np.prod(s)) for s in shapes])
+        params = {n: t.view(s) for n, t, s in zip(names, parts, shapes)}
+        z = torch.func.functional_call(model, params, (X,))
+        return (w * F.cross_entropy(z, y, reduction="none")).mean()
+
+    return f
+
+
+def test_gradient_and_hutchinson_match_autograd():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,), generator=g)
+    model = _double_model()
+    ops = TorchModelOps(model, TensorDataset(X, y), batch_size=7)  # chunks: the sums must add up
+    idx = np.array([1, 4, 9, 16, 25, 36, 2, 3, 5, 7, 11, 13])
+    w = np.linspace(0.5, 1.5, idx.size)
+    theta = ops.params()
+    f = _flat_loss(model, X[idx], y[idx], torch.as_tensor(w))
+    loss, grad = ops.gradient(idx, w)
+    assert abs(loss - float(f(theta))) < 1e-12
+    torch.testing.assert_close(grad, torch.func.grad(f)(theta))
+    H = torch.autograd.functional.hessian(f, theta)
+    z = ops.rademacher(123)
+    assert set(z.unique().tolist()) == {-1.0, 1.0} and z.dtype == torch.float64
+    torch.testing.assert_close(ops.hutchinson(idx, w, 123), z * (H @ z))
+    torch.testing.assert_close(ops.hutchinson(idx, w, 123), ops.hutchinson(idx, w, 123), rtol=0, atol=0)
+    # params() is a copy
+    p = ops.params()
+    p += 1.0
+    torch.testing.assert_close(ops.params(), theta, rtol=0, atol=0)
+
+
+def test_frozen_parameters_are_left_out():
+    X, y = make_data()
+    model = mlp()
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    ops = TorchModelOps(model, TensorDataset(X, y))
+    D = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert ops.params().shape == (D,)
+    assert ops.gradient(np.arange(10), np.ones(10))[1].shape == (D,)
+    assert ops.hutchinson(np.arange(10), np.ones(10), 0).shape == (D,)
+
+
+class ImageSet(Dataset):
+    """A map-style dataset with a transform and Python-int labels, as torchvision datasets are."""
+
+    def __init__(self, n=120, transform=None, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.rand(n, 1, 8, 8, generator=g)
+        self.targets = [int(v) for v in (self.images.mean((1, 2, 3)) * 1e4).long() % 2]
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        x = self.images[i]
+        return (self.transform(x) if self.transform else x), self.targets[i]
+
+
+def tiny_cnn(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                         nn.Flatten(), nn.Linear(16, 2))
+
+
+def test_any_dataset_with_transforms_and_a_cnn():
+    ds = ImageSet(transform=lambda x: 2 * x - 1)
+    np.testing.assert_array_equal(dataset_labels(ds), ds.targets)
+    model = tiny_cnn()
+    ops = TorchModelOps(model, ds)
+    torch.testing.assert_close(ops.outputs(np.arange(4)), copy.deepcopy(model).eval()(2 * ds.images[:4] - 1))
+    loader = CrestLoader(model, ds, config=CrestConfig(m=16, r=48), budget=0.5, epochs=2, seed=0)
+    seen, _ = train(loader, model)
+    assert len(seen) == len(loader) == 2 * 4
+    x, y, w = next(iter(CrestLoader(model, ds, config=CrestConfig(m=16, r=48), seed=0)))
+    assert x.shape == (16, 1, 8, 8) and y.dtype == torch.int64 and w.shape == (16,)
+
+    class NoTargets(Dataset):  # labels found by loading every example once
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return torch.zeros(2), torch.tensor(i % 3)
+
+    np.testing.assert_array_equal(dataset_labels(NoTargets()), np.arange(10) % 3)
+
+
+# ------------------------------------------------------------------------------------------------
+# CrestLoader
+# ------------------------------------------------------------------------------------------------
+def test_yielded_batches_are_the_controllers():
+    X, y = make_data()
+    ds = TensorDataset(X, y)
+    cfg = CrestConfig(m=24, r=60, tau=0.02)
+    model_a, model_b = mlp(), mlp()
+    loader = CrestLoader(model_a, ds, config=cfg, budget=0.5, epochs=4, seed=7)
+    ops = TorchModelOps(model_b, ds)
+    state = crest_init(cfg, y, seed=7)
+    opt_a = torch.optim.SGD(model_a.parameters(), lr=0.2)
+    opt_b = torch.optim.SGD(model_b.parameters(), lr=0.2)
+    steps = 0
+    for x, yb, w in loader:
+        state, batch = crest_next_batch(state, ops, cfg)
+        np.testing.assert_array_equal(loader.last_indices, batch.indices)
+        assert w.dtype == torch.float32 and torch.equal(w, torch.as_tensor(batch.weights, dtype=torch.float32))
+        assert abs(float(w.mean()) - 1.0) < 1e-5
+        assert torch.equal(x, X[batch.indices]) and torch.equal(yb, y[batch.indices])
+        for model, opt, xx, ww in ((model_a, opt_a, x, w), (model_b, opt_b, X[batch.indices], w)):
+            loss = (ww * F.cross_entropy(model(xx), y[batch.indices], reduction="none")).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        steps += 1
+    assert steps == len(loader) == 4 * round(0.5 * 10)
+    assert loader.stats["counters"] == {**state.counters}
+    assert loader.stats["selections"] == state.log["selections"]
+    assert loader.stats["counters"]["selections"] >= 2  # tau=0.02 forces reselections: the checks ran
+
+
+def _run(seed=0, steps=None, **kw):
+    X, y = make_data()
+    model = mlp()
+    loader = CrestLoader(model, TensorDataset(X, y), config=CrestConfig(m=24, r=60, tau=0.05),
+                         budget=0.5, epochs=3, seed=seed, **kw)
+    seen, _ = train(loader, model, steps=steps)
+    return seen, model, loader
+
+
+def test_cpu_runs_are_deterministic_under_a_seed():
+    a, model_a, la = _run(seed=3)
+    b, model_b, lb = _run(seed=3)
+    assert len(a) == len(b) == 15
+    for (ia, wa), (ib, wb) in zip(a, b):
+        np.testing.assert_array_equal(ia, ib)
+        assert torch.equal(wa, wb)
+    assert torch.equal(flat(model_a), flat(model_b))
+    assert la.stats == lb.stats
+    c, _, _ = _run(seed=4)
+    assert any(not np.array_equal(ia, ic) for (ia, _), (ic, _) in zip(a, c))
+
+
+@pytest.mark.parametrize("per_epoch", [False, True])
+def test_resume_is_exact(per_epoch):
+    X, y = make_data()
+    ds = TensorDataset(X, y)
+    cfg = CrestConfig(m=24, r=60, tau=0.05)
+    epochs, lr = 3, 0.1
+
+    def new(seed_model):
+        model = mlp(seed=seed_model)
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+        loader = CrestLoader(model, ds, config=cfg, budget=0.5, epochs=epochs, seed=1, per_epoch=per_epoch)
+        return model, opt, sched, loader
+
+    def steps(model, opt, sched, loader, record, stop_after=None, epoch=None):
+        if epoch is not None:
+            loader.set_epoch(epoch)
+        for x, yb, w in loader:
+            loss = (w * F.cross_entropy(model(x), yb, reduction="none")).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            record.append((loader.last_indices, w.clone()))
+            if stop_after is not None and len(record) >= stop_after:
+                return True
+        return False
+
+    full = []
+    model_full, opt, sched, loader_full = new(0)
+    for e in range(epochs if per_epoch else 1):
+        steps(model_full, opt, sched, loader_full, full, epoch=e if per_epoch else None)
+    assert len(full) == loader_full.total_steps == 15
+
+    cut = 7  # mid-epoch (epochs have 5 steps) and mid-selection
+    part = []
+    model, opt, sched, loader = new(0)
+    for e in range(epochs if per_epoch else 1):
+        if steps(model, opt, sched, loader, part, stop_after=cut, epoch=e if per_epoch else None):
+            break
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                "crest": loader.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)  # plain tensors and numbers only
+
+    model2, opt2, sched2, loader2 = new(99)  # a different init: the checkpoint must decide everything
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    sched2.load_state_dict(ckpt["sched"])
+    loader2.load_state_dict(ckpt["crest"])
+    assert loader2.position == cut
+    if per_epoch:
+        for e in range(loader2.epoch, epochs):
+            steps(model2, opt2, sched2, loader2, part, epoch=e)
+    else:
+        steps(model2, opt2, sched2, loader2, part)
+    assert len(part) == len(full)
+    for (ia, wa), (ib, wb) in zip(full, part):
+        np.testing.assert_array_equal(ia, ib)
+        assert torch.equal(wa, wb)
+    assert torch.equal(flat(model2), flat(model_full))
+    assert loader2.stats == loader_full.stats
+
+
+def test_len_epochs_and_budget_accounting():
+    X, y = make_data()
+    model = mlp()
+    loader = CrestLoader(model, TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.25, epochs=4)
+    assert loader.full_steps_per_epoch == 10 and loader.steps_per_epoch == 3  # round(2.5) half up
+    assert len(loader) == loader.total_steps == 12
+    with pytest.raises(ValueError, match="beyond"):
+        loader.set_epoch(4)
+    loader.set_epoch(0)
+    assert len(loader) == 3
+    got = [len(list(loader)) for _ in range(2)]  # without set_epoch a pass runs to the next epoch's end
+    assert got == [3, 3]
+    loader.set_epoch(3)  # epoch 2 was skipped: the pass completes it too, the budget is never lost
+    assert len(list(loader)) == 6
+    with pytest.warns(UserWarning, match="set_epoch"):
+        assert list(loader) == []
+    b = loader.stats["budget"]
+    assert b["planned_steps"] == b["steps_done"] == 12 and b["full_data_steps"] == 40
+    assert b["fraction_steps"] == pytest.approx(0.3)
+    assert b["fraction_all_passes"] > b["fraction_steps"]  # selections and checks cost passes too
+    json.dumps(loader.stats)  # plain data
+
+    passes = CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.25, epochs=4,
+                         budget_counts="passes")
+    n_steps = len(list(passes))
+    assert 0 < n_steps < passes.total_steps  # the measurement passes took the place of training steps
+    b = passes.stats["budget"]
+    assert b["steps_done"] == n_steps
+    assert b["fraction_all_passes"] * 40 + 1 > 12  # it stopped because one more step would go over
+
+
+def test_nan_raises_a_clear_error():
+    X, y = make_data()
+    model = mlp()
+    loader = CrestLoader(model, TensorDataset(X, y), config=CrestConfig(m=24, r=60, tau=0.01), budget=1.0,
+                         epochs=2, seed=0)
+    it = iter(loader)
+    next(it)
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN or infinite outputs.*diverged"):
+        for _ in it:
+            pass
+    loader2 = CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=24, r=60), seed=0)
+    next(iter(loader2))
+    with pytest.raises(FloatingPointError, match="training loss is NaN"):
+        loader2.observe(torch.full((24,), float("nan")))
+    with pytest.raises(ValueError, match="per-example"):
+        loader2.observe(torch.ones(3))
+
+
+def test_empty_or_single_class_dataset_is_refused():
+    X, y = make_data()
+    with pytest.raises(ValueError, match="empty"):
+        CrestLoader(mlp(), TensorDataset(X[:0], y[:0]))
+    with pytest.raises(ValueError, match="single class"):
+        CrestLoader(mlp(), TensorDataset(X, torch.zeros_like(y)), config=CrestConfig(m=8))
+    with pytest.raises(ValueError, match="exceeds"):
+        CrestLoader(mlp(), TensorDataset(X[:10], y[:10]), config=CrestConfig(m=24))
+    with pytest.raises(TypeError, match="integer"):
+        CrestLoader(mlp(), TensorDataset(X, y.float()), config=CrestConfig(m=8))
+    with pytest.raises(ValueError, match="budget"):
+        CrestLoader(mlp(), TensorDataset(X, y), budget=0)
+
+
+def test_observe_feeds_the_drop_policy():
+    X, y = make_data()
+    model = mlp()
+    from crestcore import DropConfig
+
+    cfg = CrestConfig(m=24, r=60, T2=5, drop=DropConfig(alpha=10.0, window=50, min_records=1, floor=100))
+    loader = CrestLoader(model, TensorDataset(X, y), config=cfg, budget=1.0, epochs=2, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(loader, model, observe=True)
+    s = loader.stats
+    assert s["drops"] and s["pool"] == 100  # alpha=10: every observed example counts as learned
+
+
+def test_embedding_features_and_release_config():
+    X, y = make_data()
+    for cfg in (CrestConfig(m=24, r=60, embeddings=True, tau=0.02), CrestConfig.release(m=24, r=60, P=2)):
+        model = mlp()
+        loader = CrestLoader(model, TensorDataset(X, y), config=cfg, budget=0.5, epochs=1, seed=0)
+        seen, _ = train(loader, model)
+        assert len(seen) == 5 and all(w.shape == (24,) for _, w in seen)
+
+
+def test_load_state_dict_refuses_another_run():
+    X, y = make_data()
+    a = CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=24), seed=0)
+    b = CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=24), seed=1)
+    with pytest.raises(ValueError, match="seed"):
+        b.load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="format"):
+        b.load_state_dict({"position": 3})
+
+
+@pytest.mark.gpu
+def test_cuda_loader_runs_and_keeps_batchnorm_stats():
+    if not torch.cuda.is_available():
+        pytest.skip("torch.cuda.is_available() is False")
+    X, y = make_data()
+    model = mlp().cuda()
+    loader = CrestLoader(model, TensorDataset(X, y), config=CrestConfig(m=24, r=60, tau=0.02), budget=0.5,
+                         epochs=2, seed=0)
+    model.eval()
+    stats = {k: v.clone() for k, v in model.state_dict().items()}
+    z = loader.ops.outputs(np.arange(50))
+    assert z.is_cuda and all(torch.equal(v, stats[k]) for k, v in model.state_dict().items())
+    model.train()
+    seen, _ = train(loader, model)
+    assert len(seen) == len(loader) and seen[0][1].is_cuda
+    buf = io.BytesIO()
+    torch.save(loader.state_dict(), buf)
+    buf.seek(0)
+    again = CrestLoader(model, TensorDataset(X, y), config=CrestConfig(m=24, r=60, tau=0.02), budget=0.5,
+                        epochs=2, seed=0)
+    again.load_state_dict(torch.load(buf, weights_only=True))
+    assert again.controller_state.anchor.is_cuda
