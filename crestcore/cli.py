@@ -130,6 +130,21 @@ def _dist_version(name: str) -> str | None:
         return None
 
 
+def _gpu_line() -> str | None:
+    """Whether a CUDA device is usable (asked through torch when it imports; an import alone proves
+    nothing: CuPy imports without a GPU)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    try:
+        if torch.cuda.is_available():
+            return f"GPU: {torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
+    except Exception as exc:  # a broken driver must not break `crest info`
+        return f"GPU: none usable ({type(exc).__name__}: {exc})"
+    return "GPU: none (torch.cuda.is_available() is False)"
+
+
 def _cmd_info(ns: argparse.Namespace) -> int:
     import platform
 
@@ -143,6 +158,9 @@ def _cmd_info(ns: argparse.Namespace) -> int:
     print("backends (native kernels; the generic array-API reference is always available):")
     for name, state in available_backends().items():
         print(f"  {name:<6} {'ok' if state == 'ok' else 'unavailable: ' + state.splitlines()[0]}")
+    gpu = _gpu_line()
+    if gpu:
+        print(gpu)
     extras = ", ".join(f"{d} {_dist_version(d) or 'missing'}" for d in ("tqdm", "matplotlib"))
     print(f"demo extras: {extras}")
     root = ns.root if ns.root is not None else DEFAULT_FASHION_MNIST_ROOT
@@ -180,7 +198,8 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
     args = list(ns.args)
     if args[:1] == ["--"]:
         args = args[1:]
-    return subprocess.call([sys.executable, str(script), *args], cwd=str(bdir.parent))
+    # the caller's working directory is kept, so relative paths in args mean what the user meant
+    return subprocess.call([sys.executable, str(script), *args])
 
 
 def main(argv=None) -> int:

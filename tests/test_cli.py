@@ -1,0 +1,180 @@
+"""The ``crest`` command line (crestcore/cli.py) and the selection demo (crestcore/demo.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from crestcore import cli, facility_objective, pairwise_distances
+from crestcore.datasets import fashion_mnist_available
+from crestcore.demo import evaluate_subset, max_distance
+
+needs_fmnist = pytest.mark.skipif(
+    not fashion_mnist_available(),
+    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
+)
+
+
+def run_cli(*args, timeout=120):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run(
+        [sys.executable, "-m", "crestcore.cli", *args],
+        capture_output=True, text=True, timeout=timeout, env=env,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# info, usage, errors
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_info_subprocess():
+    r = run_cli("info")
+    assert r.returncode == 0, r.stderr
+    assert "crestcore 0.1.0" in r.stdout
+    for name in ("numba", "torch", "cupy", "Fashion-MNIST"):
+        assert name in r.stdout
+
+
+def test_info_reports_missing_dataset(tmp_path, capsys):
+    assert cli.main(["info", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "train missing" in out and "apt-get install dataset-fashion-mnist" in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["nope"], ["demo", "--fraction", "0"], ["demo", "--fraction", "1.5"], ["demo", "--metric", "l1"],
+     ["demo", "--kernel", "rbf"], ["demo", "--optimizer", "fast"], ["demo", "--limit-per-class", "0"]],
+)
+def test_usage_errors_exit_2(argv, capsys):
+    assert cli.main(argv) == 2
+
+
+def test_help_exits_0(capsys):
+    assert cli.main(["--help"]) == 0
+    assert "demo" in capsys.readouterr().out
+
+
+def test_demo_missing_dataset_exit_1_one_line(tmp_path):
+    r = run_cli("demo", "--root", str(tmp_path), "--no-progress", "--out", str(tmp_path / "out"))
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("crest: error:")
+    assert "apt-get install dataset-fashion-mnist" in lines[0] and str(tmp_path) in lines[0]
+
+
+def test_demo_missing_dataset_via_main(tmp_path, capsys):
+    assert cli.main(["demo", "--root", str(tmp_path), "--no-progress", "--out", str(tmp_path / "o")]) == 1
+    assert "dataset-fashion-mnist" in capsys.readouterr().err
+
+
+def test_bench_without_benchmarks(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_source_benchmarks", lambda: tmp_path / "benchmarks")
+    assert cli.main(["bench", "selection"]) == 1
+    assert "make bench" in capsys.readouterr().err
+
+
+def test_bench_runs_source_script_with_args(tmp_path, monkeypatch):
+    bdir = tmp_path / "benchmarks"
+    bdir.mkdir()
+    (bdir / "selection.py").write_text(textwrap.dedent("""
+        import json, sys
+        open(sys.argv[0] + ".args.json", "w").write(json.dumps(sys.argv[1:]))
+        sys.exit(3)
+    """))
+    monkeypatch.setattr(cli, "_source_benchmarks", lambda: bdir)
+    assert cli.main(["bench", "selection", "--out", "x.md", "--quick"]) == 3
+    assert json.loads((bdir / "selection.py.args.json").read_text()) == ["--out", "x.md", "--quick"]
+    assert cli.main(["bench", "other"]) == 1
+
+
+def test_cli_and_demo_imports_stay_light():
+    code = (
+        "import sys, crestcore, crestcore.cli, crestcore.demo, crestcore.datasets\n"
+        "heavy = [m for m in ('torch', 'numba', 'cupy', 'keras', 'matplotlib', 'tqdm') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# the demo's exact tiled evaluation against a dense computation
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernel", ["max-minus", "exp"])
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
+def test_evaluate_subset_matches_dense(metric, kernel):
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(37, 5))
+    subset = np.array([30, 2, 17, 5])
+    D = pairwise_distances(X, metric=metric)
+    if kernel == "max-minus":
+        M = float(D.max())
+        assert max_distance(X, metric, tile=8) == pytest.approx(M, rel=1e-12)
+        S = M - D
+    else:
+        S = np.exp(-D / X.shape[1])
+    ev = evaluate_subset(X, subset, metric=metric, kernel=kernel, tile=8)
+    assert ev["objective"] == pytest.approx(float(facility_objective(S, subset)), rel=1e-10)
+    assert ev["weights"].sum() == X.shape[0]
+    expected_w = np.bincount(np.argmax(S[:, subset], axis=1), minlength=subset.size)
+    np.testing.assert_array_equal(ev["weights"], expected_w)
+    assert ev["mean_distance"] == pytest.approx(float(D[:, subset].min(axis=1).mean()), rel=1e-10)
+
+
+def test_evaluate_subset_self_distance_is_zero():
+    # float32 pixels: the Gram-trick distance of a point to itself is not exactly 0 unless forced
+    rng = np.random.default_rng(2)
+    X = rng.random((50, 784), dtype=np.float32)
+    ev = evaluate_subset(X, np.arange(50), metric="euclidean", kernel="max-minus", M=10.0)
+    assert ev["mean_distance"] == 0.0 and ev["objective"] == 500.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# the demo end to end on a subsample of the real data
+# ---------------------------------------------------------------------------------------------------
+
+
+@needs_fmnist
+def test_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = cli.main(["demo", "--out", str(out), "--fraction", "0.01", "--limit-per-class", "200",
+                   "--no-progress", "--top", "4"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "F(coreset)" in text and "ratio" in text and "Ankle boot" in text and "total" in text
+    for name in ("selected_per_class.png", "random_per_class.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    res = json.loads((out / "results.json").read_text())
+    assert res["n"] == 2000 and res["n_features"] == 784 and len(res["classes"]) == 10
+    for c in res["classes"]:
+        assert c["n"] == 200 and c["k"] == 2
+        assert len(c["indices"]) == 2 and sum(c["weights"]) == 200 and sum(c["random_weights"]) == 200
+        # the tiled re-evaluation agrees with what facility_location reported (float32 sums)
+        assert c["objective_coreset"] == pytest.approx(c["objective_coreset_reported"], rel=1e-4)
+    assert res["total"]["k"] == 20
+
+
+@needs_fmnist
+def test_demo_single_pick_beats_every_random_pick(tmp_path):
+    # With one pick per class, greedy's pick maximises F({j}) over all j: never below a random one.
+    from crestcore.demo import run_selection_demo
+
+    res = run_selection_demo(tmp_path, fraction=0.005, limit_per_class=200, progress=False, seed=3,
+                             top=1, print_fn=None)
+    for c in res["classes"]:
+        assert c["k"] == 1
+        assert c["objective_coreset"] >= c["objective_random"] * (1 - 1e-6)
+    assert os.path.isfile(res["paths"]["selected"]) and os.path.isfile(res["paths"]["random"])
