@@ -85,11 +85,11 @@ def hamilton(total: int, sizes: np.ndarray) -> np.ndarray:
     n = int(sizes.sum())
     if n == 0:
         return np.zeros_like(sizes)
-    exact = total * sizes / n
-    base = np.floor(exact).astype(np.int64)
-    left = total - int(base.sum())
-    frac = exact - base
-    order = np.lexsort((np.arange(sizes.size), -frac))
+    prod = int(total) * sizes  # exact integer arithmetic: equal remainders really tie
+    base = prod // n
+    rem = prod % n
+    left = int(total) - int(base.sum())
+    order = np.lexsort((np.arange(sizes.size), -rem))
     base[order[:left]] += 1
     nonempty = sizes > 0
     if total >= int(nonempty.sum()):

@@ -1,4 +1,4 @@
-"""The ``crest`` command line: ``crest demo``, ``crest info``, ``crest bench``.
+"""The ``crest`` command line: ``crest demo`` (``--selection``), ``crest info``, ``crest bench``.
 
 The CLI sits on top of everything and the core never imports it. Heavy or optional modules (the demo,
 the backends, torch, numba, tqdm, matplotlib) are imported inside the command that needs them, so
@@ -44,6 +44,14 @@ def _source_benchmarks() -> Path:
     return Path(__file__).resolve().parent.parent / "benchmarks"
 
 
+# defaults of the training demo, shown in --help (kept in step with crestcore.train_demo.TrainSettings
+# by tests/test_train_demo.py; the CLI must not import torch to show them)
+_TRAIN_DEFAULTS = {"epochs": 5, "budget": 0.1, "evals": 6}
+
+_SELECTION_OPTS = ("fraction", "metric", "kernel", "optimizer", "limit_per_class", "top")
+_TRAINING_OPTS = ("epochs", "budget", "device", "threads", "methods", "limit_train", "limit_test", "evals")
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Choices come from the core's constants (cheap: the core imports only numpy/array-api-compat).
     from .facility import OPTIMIZERS
@@ -51,36 +59,62 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="CREST mini-batch coresets: facility-location selection demo, environment info, benchmarks.",
+        description="CREST mini-batch coresets: training demo (full data vs random vs CREST), selection "
+                    "demo, environment info, benchmarks (e.g. `crest bench e2e`).",
     )
     sub = parser.add_subparsers(dest="command", metavar="{demo,info,bench}")
 
     demo = sub.add_parser(
         "demo",
-        help="select a weighted per-class coreset of Fashion-MNIST and compare it with random picks",
+        help="train a CNN on Fashion-MNIST with full data, random subsets and CREST (--selection: the "
+             "selection demo)",
         description=(
-            "Select a weighted facility-location coreset of each Fashion-MNIST class (pixel features), "
-            "compare its objective with a random subset of the same size, print a table and save figures."
+            "Train a small CNN on Fashion-MNIST on full data, on random subsets and with CREST at a "
+            "budget of the full run's steps (with learned-example dropping off and on); print a table of "
+            "test accuracy, relative error and wall clock, and save figures and results.json. "
+            "With --selection (or any selection option), run the selection demo instead: a weighted "
+            "facility-location coreset of each class against random picks."
         ),
     )
-    demo.add_argument("--out", default="./crest-demo-out", metavar="DIR",
-                      help="output folder for the figures and results.json (default: %(default)s)")
-    demo.add_argument("--fraction", type=_fraction, default=0.01,
-                      help="share of each class to select, in (0, 1] (default: %(default)s = 60 per class)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the random baseline (default: %(default)s)")
-    demo.add_argument("--metric", choices=METRICS, default="euclidean", help="distance (default: %(default)s)")
-    demo.add_argument("--kernel", choices=KERNELS, default="max-minus",
-                      help="similarity kernel (default: %(default)s)")
-    demo.add_argument("--optimizer", choices=OPTIMIZERS, default="lazy",
-                      help="greedy variant (default: %(default)s)")
-    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument("--out", default=None, metavar="DIR",
+                      help="output folder for the figures and results.json (default: ./crest-demo-out, "
+                           "./crest-selection-demo-out with --selection)")
+    demo.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.add_argument("--root", default=None, metavar="DIR",
                       help="folder with the gzipped Fashion-MNIST IDX files "
                            "(default: /usr/share/datasets/fashion-mnist)")
-    demo.add_argument("--limit-per-class", type=_positive_int, default=None, metavar="N",
-                      help="use at most N randomly chosen images per class (quick runs)")
-    demo.add_argument("--top", type=_positive_int, default=12, metavar="N",
-                      help="images per class in the figures (default: %(default)s)")
+    train = demo.add_argument_group("training comparison (the default)")
+    train.add_argument("--epochs", type=_positive_int, default=None,
+                       help=f"epochs of the full-data run; budgeted runs get --budget of its steps "
+                            f"(default: {_TRAIN_DEFAULTS['epochs']})")
+    train.add_argument("--budget", type=_fraction, default=None,
+                       help=f"share of the full run's training steps for random and CREST, in (0, 1] "
+                            f"(default: {_TRAIN_DEFAULTS['budget']})")
+    train.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
+    train.add_argument("--threads", type=_positive_int, default=None,
+                       help="torch CPU threads (default: 2)")
+    train.add_argument("--methods", default=None, metavar="LIST",
+                       help="comma-separated subset of full,random,crest,crest-drop (default: all; full "
+                            "always runs: the relative error and the forgetting scores need it)")
+    train.add_argument("--limit-train", type=_positive_int, default=None, metavar="N",
+                       help="use N random training images (quick runs)")
+    train.add_argument("--limit-test", type=_positive_int, default=None, metavar="N",
+                       help="use N random test images (quick runs)")
+    train.add_argument("--evals", type=_positive_int, default=None,
+                       help=f"test evaluations per run (default: {_TRAIN_DEFAULTS['evals']})")
+    sel = demo.add_argument_group("selection demo (--selection; any of these options implies it)")
+    sel.add_argument("--selection", action="store_true",
+                     help="run the facility-location selection demo instead of the training comparison")
+    sel.add_argument("--fraction", type=_fraction, default=None,
+                     help="share of each class to select, in (0, 1] (default: 0.01 = 60 per class)")
+    sel.add_argument("--metric", choices=METRICS, default=None, help="distance (default: euclidean)")
+    sel.add_argument("--kernel", choices=KERNELS, default=None, help="similarity kernel (default: max-minus)")
+    sel.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="greedy variant (default: lazy)")
+    sel.add_argument("--limit-per-class", type=_positive_int, default=None, metavar="N",
+                     help="use at most N randomly chosen images per class (quick runs)")
+    sel.add_argument("--top", type=_positive_int, default=None, metavar="N",
+                     help="images per class in the figures (default: 12)")
 
     info = sub.add_parser("info", help="version, importable backends, data set presence",
                           description="Print the version, which backends import here, and whether "
@@ -91,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     # are not installed with the package; from a checkout `make bench` runs them all.
     bench = sub.add_parser(
         "bench",
-        help="run a benchmark from the source checkout (e.g. `crest bench selection`)",
+        help="run a benchmark from the source checkout (e.g. `crest bench selection`, `crest bench e2e`)",
         description="Run benchmarks/NAME.py from the source checkout, passing the remaining arguments on.",
     )
     bench.add_argument("name", help="benchmark name, e.g. 'selection' for benchmarks/selection.py")
@@ -104,20 +138,63 @@ def _err(msg: str) -> None:
 
 
 def _cmd_demo(ns: argparse.Namespace) -> int:
+    selection = ns.selection or any(getattr(ns, k) is not None for k in _SELECTION_OPTS)
+    if selection:
+        wrong = [k for k in _TRAINING_OPTS if getattr(ns, k) is not None]
+        if wrong:
+            _err(f"--{wrong[0].replace('_', '-')} belongs to the training demo; the selection demo "
+                 "(--selection or a selection option) does not take it")
+            return 2
+        return _cmd_selection_demo(ns)
+    return _cmd_training_demo(ns)
+
+
+def _cmd_selection_demo(ns: argparse.Namespace) -> int:
     from .demo import run_selection_demo
 
     run_selection_demo(
-        ns.out,
-        fraction=ns.fraction,
+        ns.out if ns.out is not None else "./crest-selection-demo-out",
+        fraction=ns.fraction if ns.fraction is not None else 0.01,
         seed=ns.seed,
-        metric=ns.metric,
-        kernel=ns.kernel,
-        optimizer=ns.optimizer,
+        metric=ns.metric or "euclidean",
+        kernel=ns.kernel or "max-minus",
+        optimizer=ns.optimizer or "lazy",
         progress=not ns.no_progress,
         root=ns.root,
         limit_per_class=ns.limit_per_class,
-        top=ns.top,
+        top=ns.top if ns.top is not None else 12,
     )
+    return 0
+
+
+def _cmd_training_demo(ns: argparse.Namespace) -> int:
+    from .train_demo import METHODS, TrainSettings, run_training_demo
+
+    s = TrainSettings(seed=ns.seed)
+    for k in ("epochs", "budget", "device", "threads", "evals"):
+        if getattr(ns, k) is not None:
+            setattr(s, k, getattr(ns, k))
+    if ns.seed < 0:
+        _err(f"--seed must be a non-negative integer, got {ns.seed}")
+        return 2
+    methods = METHODS
+    if ns.methods is not None:
+        methods = tuple(m.strip() for m in ns.methods.split(",") if m.strip())
+        bad = [m for m in methods if m not in METHODS]
+        if bad or not methods:
+            _err(f"--methods: unknown method {bad[0] if bad else ''!r}; choose from {', '.join(METHODS)}")
+            return 2
+    try:
+        run_training_demo(
+            ns.out if ns.out is not None else "./crest-demo-out",
+            settings=s, methods=methods, progress=not ns.no_progress, root=ns.root,
+            n_train=ns.limit_train, n_test=ns.limit_test,
+        )
+    except ImportError as exc:
+        if getattr(exc, "name", None) == "torch" or "torch" in str(exc):
+            _err(f"{exc}; the training demo needs PyTorch: pip install 'crestcore[torch,demo]'")
+            return 1
+        raise
     return 0
 
 

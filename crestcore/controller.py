@@ -54,7 +54,7 @@ from .quadratic import (
     quadratic_predict,
     quadratic_update,
 )
-from .trust import relative_error, update_schedule
+from .trust import relative_error, should_reselect, update_schedule
 
 __all__ = [
     "CrestConfig",
@@ -319,7 +319,7 @@ def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
     log["checks"].append((state.step, rho, L_R, F))
     drop = drop_record(state.drop, state.check_idx, to_numpy(losses), state.step) if config.T2 else state.drop
     new = state._replace(since_check=0, counters=c, log=log, drop=drop)
-    if rho > config.tau:
+    if should_reselect(rho, config.tau):
         pool = int(state.drop.active.sum())
         cap = config.P_cap if config.P_cap is not None else max(1, math.ceil(pool / config.m))
         T1, P = update_schedule(state.h_norm_0, state.h_norm_t, h=config.h, b=config.b, cap=cap)
@@ -332,7 +332,9 @@ def crest_next_batch(state: CrestState, ops: ModelOps, config: CrestConfig):
     if state.pending:
         state = state._replace(step=state.step + 1, since_check=state.since_check + 1, pending=False)
         if config.T2 is not None and state.step % config.T2 == 0:
-            drop, gone = drop_update(state.drop, state.step, config.drop, state.labels)
+            # the pool never shrinks below one mini-batch, whatever the configured floor
+            floor = max(config.drop.floor, config.m)
+            drop, gone = drop_update(state.drop, state.step, replace(config.drop, floor=floor), state.labels)
             log = {k: list(v) for k, v in state.log.items()}
             log["drops"].append((state.step, int(gone.size)))
             state = state._replace(drop=drop, log=log)

@@ -69,12 +69,22 @@ def drop_init(n: int, config: DropConfig = DropConfig()) -> DropState:
     )
 
 
+def _check_step(step) -> int:
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise ValueError(f"step must be a non-negative integer, got {step!r}")
+    return int(step)
+
+
 def drop_record(state: DropState, indices, losses, step: int) -> DropState:
     """Record per-example ``losses`` of examples ``indices`` measured at ``step``. Returns a new state.
 
-    A repeated index within one call keeps its last loss.
+    A repeated index within one call keeps its last loss; a second record of an example at the same
+    step replaces the first (one measurement per step counts once towards ``min_records``).
     """
-    idx = np.asarray(to_numpy(indices)).astype(np.int64, copy=False).ravel()
+    idx = np.asarray(to_numpy(indices))
+    if not np.issubdtype(idx.dtype, np.integer):
+        raise TypeError(f"indices must hold integers, got dtype {idx.dtype}")
+    idx = idx.astype(np.int64, copy=False).ravel()
     vals = np.asarray(to_numpy(losses), dtype=np.float64).ravel()
     n = state.active.size
     if idx.size != vals.size:
@@ -83,18 +93,20 @@ def drop_record(state: DropState, indices, losses, step: int) -> DropState:
         raise ValueError(f"indices must lie in [0, {n})")
     if not np.all(np.isfinite(vals)):
         raise ValueError("losses contain NaN or infinite values")
-    if int(step) != step or step < 0:
-        raise ValueError(f"step must be a non-negative integer, got {step!r}")
+    step = _check_step(step)
     # keep the last occurrence of repeated indices
     _, last = np.unique(idx[::-1], return_index=True)
     keep = idx.size - 1 - last
     idx, vals = idx[keep], vals[keep]
     H = state.losses.shape[1]
     L, S, head = state.losses.copy(), state.steps.copy(), state.head.copy()
-    slot = head[idx] % H
+    # a second measurement at the same step replaces the first: one step, one record
+    prev = (head[idx] - 1) % H
+    same = (head[idx] > 0) & (S[idx, prev] == step)
+    slot = np.where(same, prev, head[idx] % H)
     L[idx, slot] = vals
-    S[idx, slot] = int(step)
-    head[idx] += 1
+    S[idx, slot] = step
+    head[idx] += np.where(same, 0, 1)
     return state._replace(losses=L, steps=S, head=head)
 
 
@@ -104,9 +116,15 @@ def drop_update(state: DropState, step: int, config: DropConfig = DropConfig(), 
     Returns ``(new_state, dropped_indices)``. ``labels`` (n,) integers enable the per-class limit.
     """
     n = state.active.size
-    lab = None if labels is None else np.asarray(to_numpy(labels)).astype(np.int64).ravel()
-    if lab is not None and lab.size != n:
-        raise ValueError(f"labels has length {lab.size}, expected {n}")
+    step = _check_step(step)
+    lab = None
+    if labels is not None:
+        lab = np.asarray(to_numpy(labels))
+        if not np.issubdtype(lab.dtype, np.integer):
+            raise TypeError(f"labels must hold integers, got dtype {lab.dtype}")
+        lab = lab.astype(np.int64).ravel()
+        if lab.size != n:
+            raise ValueError(f"labels has length {lab.size}, expected {n}")
     in_win = (state.steps > step - config.window) & (state.steps >= 0) & (state.steps <= step)
     cnt = in_win.sum(axis=1)
     below = np.where(in_win, state.losses < config.alpha, True).all(axis=1)

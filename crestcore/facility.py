@@ -48,8 +48,10 @@ class Selection:
     indices : (k,) int64. The picks; per class (ascending label) when labels were given, each class's
         picks in greedy order.
     weights : (k,) floating. Cluster sizes: how many points have this pick as their most similar pick
-        (in its own class when labels were given). They sum to n.
-    gains : (k,) floating. The marginal gain of each pick when it was made (non-increasing per problem).
+        (in its own class when labels were given). They sum to n, except that a class given no pick
+        (only possible when k < #classes) represents nobody.
+    gains : (k,) floating. The marginal gain of each pick when it was made (non-increasing per problem
+        for "naive" and "lazy"; stochastic greedy's sampled gains need not be monotone).
     objective : 0-d floating array. ``F(S)`` summed over the problems.
     """
 
@@ -154,7 +156,7 @@ def facility_location(
     *,
     labels=None,
     metric: str = "euclidean",
-    kernel: str | None = "max-minus",
+    kernel: str | None = None,
     optimizer: str = "lazy",
     epsilon: float = 0.1,
     rng=None,
@@ -175,8 +177,9 @@ def facility_location(
         sizes (``floor(k n_c / n)`` plus one for the largest fractional parts, lower label on ties; when
         ``k >= #classes`` every class gets at least one). Weights and the objective are per class.
     metric : "euclidean" (default), "sqeuclidean", "cosine" or "precomputed".
-    kernel : "max-minus" (default; ``max(D) - D`` per problem, CRAIG and the paper's objective) or
-        "exp" (``exp(-D / scale)``, the CREST release). Must be None with ``metric="precomputed"``.
+    kernel : "max-minus" (``max(D) - D`` per problem, CRAIG and the paper's objective; the default for
+        features) or "exp" (``exp(-D / scale)``, the CREST release). None picks the default; it must be
+        None with ``metric="precomputed"``.
     optimizer : "lazy" (default; the same picks as "naive", much faster), "naive", or "stochastic"
         (stochastic greedy: each step looks at ``ceil(n/k ln(1/epsilon))`` random remaining candidates;
         ``(1 - 1/e - epsilon)``-approximate in expectation; needs ``rng``).
@@ -206,7 +209,7 @@ def facility_location(
         if bool(xp.any(X < 0)):
             raise ValueError("X (precomputed similarities) must be non-negative for facility location")
     else:
-        kernel = check_choice(kernel, "kernel", KERNELS)
+        kernel = check_choice("max-minus" if kernel is None else kernel, "kernel", KERNELS)
     optimizer = check_choice(optimizer, "optimizer", OPTIMIZERS)
     backend = check_choice(backend, "backend", BACKENDS)
     max_dense_bytes = check_int(max_dense_bytes, "max_dense_bytes", low=1)
@@ -256,7 +259,7 @@ def facility_location(
         if precomputed:
             rows = xp.take(X, flat, axis=0)  # (B*n_max, n)
             rows = xp.reshape(rows, (len(group), n_max, n))
-            Xb = xp.stack([xp.take(rows[b], from_numpy(pad_idx[b], xp, dev), axis=1) for b in range(len(group))])
+            Xb = xp.stack([xp.take(rows[b, ...], from_numpy(pad_idx[b], xp, dev), axis=1) for b in range(len(group))])
         else:
             Xb = xp.reshape(xp.take(X, flat, axis=0), (len(group), n_max, X.shape[1]))
         valid = from_numpy(valid_h, xp, dev)
@@ -282,16 +285,29 @@ def facility_location(
     return Selection(indices=indices, weights=weights, gains=gains, objective=objective)
 
 
+def _check_dense_and_selected(S, selected):
+    xp = namespace(S, selected, names=("S", "selected"))
+    if S.ndim != 2 or S.shape[0] == 0:
+        raise ValueError(f"S must be a non-empty 2-D similarity matrix, got shape {tuple(S.shape)}")
+    if not xp.isdtype(S.dtype, "real floating"):
+        raise TypeError(f"S must have a real floating dtype, got {S.dtype}")
+    if not bool(xp.all(xp.isfinite(S))):
+        raise ValueError("S contains NaN or infinite values")
+    if selected.ndim != 1:
+        raise ValueError(f"selected must be 1-D, got shape {tuple(selected.shape)}")
+    if not xp.isdtype(selected.dtype, "integral"):
+        raise TypeError(f"selected must hold integer indices, got dtype {selected.dtype}")
+    if selected.shape[0] and (bool(xp.any(selected < 0)) or bool(xp.any(selected >= S.shape[1]))):
+        raise ValueError(f"selected must hold column indices in [0, {S.shape[1]})")
+    return xp
+
+
 def facility_objective(S, selected):
     """``F(selected) = sum_i max_{j in selected} S[i, j]`` for a dense similarity matrix S (n, n).
 
     ``selected`` is a 1-D integer array of candidate indices (may be empty: F = 0).
     """
-    xp = namespace(S, selected, names=("S", "selected"))
-    if S.ndim != 2:
-        raise ValueError(f"S must be 2-D, got shape {tuple(S.shape)}")
-    if selected.ndim != 1:
-        raise ValueError(f"selected must be 1-D, got shape {tuple(selected.shape)}")
+    xp = _check_dense_and_selected(S, selected)
     if selected.shape[0] == 0:
         return xp.asarray(0.0, dtype=S.dtype, device=device_of(S))
     cols = xp.take(S, selected, axis=1)
@@ -300,9 +316,7 @@ def facility_objective(S, selected):
 
 def marginal_gains(S, selected):
     """Gains ``F(selected + j) - F(selected)`` of every candidate j (n,), for a dense S (n, n)."""
-    xp = namespace(S, selected, names=("S", "selected"))
-    if S.ndim != 2:
-        raise ValueError(f"S must be 2-D, got shape {tuple(S.shape)}")
+    xp = _check_dense_and_selected(S, selected)
     if selected.shape[0] == 0:
         cover = xp.zeros((S.shape[0],), dtype=S.dtype, device=device_of(S))
     else:

@@ -46,11 +46,10 @@ def cross_entropy(logits, labels, *, from_probabilities: bool = False):
     oh = _onehot(xp, labels, C, logits.dtype)
     if from_probabilities:
         p = xp.sum(logits * oh, axis=1)
-        tiny = xp.finfo(logits.dtype).tiny
+        tiny = xp.finfo(logits.dtype).smallest_normal
         return -xp.log(xp.maximum(p, xp.full_like(p, tiny)))
-    mx = xp.max(logits, axis=1, keepdims=True)
-    lse = xp.log(xp.sum(xp.exp(logits - mx), axis=1)) + mx[:, 0]
-    return lse - xp.sum(logits * oh, axis=1)
+    z = logits - xp.max(logits, axis=1, keepdims=True)  # shift first: no cancellation against max
+    return xp.log(xp.sum(xp.exp(z), axis=1)) - xp.sum(z * oh, axis=1)
 
 
 def last_layer_gradients(logits, labels, *, embeddings=None, from_probabilities: bool = False):

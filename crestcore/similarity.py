@@ -47,8 +47,22 @@ def pairwise_distances(X, Y=None, *, metric: str = "euclidean"):
     Leading batch dimensions broadcast. With ``Y`` omitted the diagonal is exactly zero.
     """
     xp = namespace(X, Y, names=("X", "Y"))
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    for name, A in (("X", X), ("Y", Y)):
+        if A is None:
+            continue
+        if A.ndim < 2:
+            raise ValueError(f"{name} must be at least 2-D (..., n, d), got shape {tuple(A.shape)}")
+        if not xp.isdtype(A.dtype, "real floating"):
+            raise TypeError(f"{name} must have a real floating dtype, got {A.dtype}")
     same = Y is None
     Y = X if same else Y
+    if X.shape[-1] != Y.shape[-1]:
+        raise ValueError(f"X has {X.shape[-1]} features but Y has {Y.shape[-1]}")
+    # The Gram-matrix forms below lose up to a few ulps of (|x|^2 + |y|^2) to cancellation; values
+    # within that rounding error of 0 are set to exactly 0, so identical points are at distance 0.
+    tol = 8.0 * float(xp.finfo(X.dtype).eps)
     if metric == "cosine":
         nx = xp.sqrt(_sqnorms(xp, X))
         ny = xp.sqrt(_sqnorms(xp, Y))
@@ -56,14 +70,14 @@ def pairwise_distances(X, Y=None, *, metric: str = "euclidean"):
         ny = xp.where(ny > 0, ny, xp.ones_like(ny))
         cos = xp.matmul(X / nx[..., None], xp.matrix_transpose(Y / ny[..., None]))
         D = xp.clip(1.0 - cos, 0.0, 2.0)
-    elif metric in ("euclidean", "sqeuclidean"):
+        D = xp.where(D <= tol, xp.zeros_like(D), D)
+    else:
         G = xp.matmul(X, xp.matrix_transpose(Y))
-        D = _sqnorms(xp, X)[..., :, None] + _sqnorms(xp, Y)[..., None, :] - 2.0 * G
-        D = xp.maximum(D, xp.zeros_like(D))
+        sx, sy = _sqnorms(xp, X)[..., :, None], _sqnorms(xp, Y)[..., None, :]
+        D = sx + sy - 2.0 * G
+        D = xp.where(D <= tol * (sx + sy), xp.zeros_like(D), D)
         if metric == "euclidean":
             D = xp.sqrt(D)
-    else:
-        raise ValueError(f"metric must be one of {METRICS + ('precomputed',)}, got {metric!r}")
     if same:
         n = X.shape[-2]
         eye = xp.eye(n, dtype=xp.bool, device=_dev(X))

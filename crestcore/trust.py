@@ -43,7 +43,8 @@ def should_reselect(rho, tau) -> bool:
 
 
 def update_schedule(h_norm_0, h_norm_t, *, h: float = 1.0, b: float = 5.0, cap: int | None = None):
-    """New ``(T1, P)``: ``T1 = max(1, ceil(h * ||H_0|| / ||H_t||))``, ``P = max(1, min(ceil(b * T1), cap))``.
+    """New ``(T1, P)``: ``T1 = max(1, ceil(h * ||H_0|| / ||H_t||))``, ``P = max(1, ceil(b * T1))``,
+    both capped at ``cap`` when one is given.
 
     A zero ``||H_t||`` (flat model) gives the largest interval allowed: ``T1 = cap`` when a cap is
     given, else it is an error.

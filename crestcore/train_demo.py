@@ -1,0 +1,806 @@
+"""``crest demo``: train a small CNN on Fashion-MNIST on full data, on random subsets and with CREST.
+
+This module sits on top of everything (like the CLI and :mod:`crestcore.demo`): the core never imports
+it. torch, tqdm and matplotlib are imported inside the functions that use them, so ``import
+crestcore.train_demo`` imports none of them.
+
+What it does (see ``docs/demo.md``)
+-----------------------------------
+* ``full``: SGD over the whole training set for ``epochs`` epochs (``ceil(n / m)`` steps each).
+* ``random``: the same recipe for ``budget`` of the steps: every epoch a fresh uniformly random subset of
+  ``steps_per_epoch * m`` examples, in mini-batches of ``m``.
+* ``crest``: the same number of steps on CREST's weighted mini-batch coresets
+  (:class:`crestcore.adapters.torch.CrestLoader`, ``budget_counts="steps"``), learned-example dropping
+  off; ``crest-drop``: the same with dropping on.
+
+Every method uses the same model initialisation, SGD (momentum 0.9, Nesterov, weight decay 5e-4) and a
+linear warm-up + cosine learning-rate schedule over its own number of steps. Test accuracy is measured
+``evals`` times during training; the evaluation time is *excluded* from the wall clock, which counts the
+batch loading, every training step and, for CREST, every selection, quadratic-model fit, trust check and
+drop decision (they all happen inside the loader's ``next``).
+
+The overhead of CREST is measured from the outside: the loader's :class:`TorchModelOps` methods are
+wrapped with timers (:class:`OpsTimer`), and the time spent in each ``next(loader)`` is attributed to
+selection (forward over the random subsets; features and facility location), quadratic model (gradient
+and Hutchinson probes), checks, or batch loading.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+__all__ = [
+    "TrainSettings",
+    "ForgettingTracker",
+    "forgetting_events",
+    "relative_error",
+    "format_table",
+    "TABLE_COLUMNS",
+    "OpsTimer",
+    "load_data",
+    "build_cnn",
+    "train_method",
+    "run_training_demo",
+    "make_figures",
+    "crest_config",
+    "METHODS",
+]
+
+METHODS = ("full", "random", "crest", "crest-drop")
+
+# Fashion-MNIST training-set pixel mean and standard deviation (of x / 255)
+_MEAN, _STD = 0.2860, 0.3530
+
+
+# --------------------------------------------------------------------------------------------------
+# settings
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainSettings:
+    """The training recipe shared by every method, and CREST's options.
+
+    epochs : epochs of the full-data run; the budgeted methods get ``budget`` of its steps.
+    m : mini-batch size. lr : peak learning rate (linear warm-up over ``warmup`` of a run's steps, then
+    cosine to 0). evals : test evaluations during a run (plus one before the first step).
+    crest_* : options of :class:`crestcore.CrestConfig` (see :func:`crest_config`).
+    """
+
+    epochs: int = 5
+    budget: float = 0.1
+    m: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    warmup: float = 0.1
+    evals: int = 6
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = 2
+    # CREST
+    crest_r: int | None = 256
+    crest_P: int = 5
+    crest_T1: int = 10
+    crest_tau: float = 0.1
+    crest_h: float = 10.0
+    crest_b: float = 1.0
+    crest_fit_batches: int = 1
+    # dropping (the crest-drop method): a decision every drop_every steps (default: once per epoch of
+    # the budgeted run), alpha, window (default: the same number of steps), min_records
+    drop_every: int | None = None
+    drop_alpha: float = 0.1
+    drop_min_records: int = 1
+    measure_batch_size: int = 1024
+    extra: dict = field(default_factory=dict)
+
+
+def crest_config(s: TrainSettings, *, dropping: bool = False, steps_per_epoch: int = 1):
+    """The :class:`crestcore.CrestConfig` of a run with settings ``s``."""
+    from .controller import CrestConfig
+    from .dropping import DropConfig
+
+    kw = dict(m=s.m, r=s.crest_r, P=s.crest_P, T1=s.crest_T1, tau=s.crest_tau, h=s.crest_h, b=s.crest_b,
+              fit_batches=s.crest_fit_batches)
+    if dropping:
+        T2 = s.drop_every if s.drop_every is not None else max(1, steps_per_epoch)
+        kw["T2"] = T2
+        kw["drop"] = DropConfig(alpha=s.drop_alpha, window=T2, min_records=s.drop_min_records)
+    return CrestConfig(**kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# small pure helpers (unit-tested)
+# --------------------------------------------------------------------------------------------------
+
+
+def relative_error(acc_full: float, acc: float) -> float:
+    """``(acc_full - acc) / acc_full * 100`` (percent; negative when ``acc`` beats full data)."""
+    if not acc_full > 0:
+        raise ValueError(f"acc_full must be > 0, got {acc_full!r}")
+    return (acc_full - acc) / acc_full * 100.0
+
+
+def forgetting_events(correct_sequence) -> int:
+    """Forgetting events of one example: how many times its classification goes from correct at one
+    evaluation to wrong at the next (``True, False`` pairs in the sequence of its evaluations)."""
+    seq = [bool(c) for c in correct_sequence]
+    return sum(1 for a, b in zip(seq, seq[1:]) if a and not b)
+
+
+class ForgettingTracker:
+    """Forgetting scores of ``n`` examples, updated from successive evaluations.
+
+    ``update(indices, correct)`` records whether each example of ``indices`` is classified correctly at
+    this evaluation; an example's score is its number of forgetting events so far (correct at its
+    previous evaluation, wrong at this one). ``seen`` counts evaluations, ``ever_correct`` flags examples
+    classified correctly at least once. A repeated index within one update counts once (its last value).
+    """
+
+    def __init__(self, n: int):
+        self.n = int(n)
+        self.last = np.full(self.n, -1, dtype=np.int8)  # -1 never seen, 0 wrong, 1 correct
+        self.scores = np.zeros(self.n, dtype=np.int64)
+        self.seen = np.zeros(self.n, dtype=np.int64)
+        self.ever_correct = np.zeros(self.n, dtype=bool)
+
+    def update(self, indices, correct) -> None:
+        idx = np.asarray(indices, dtype=np.int64).ravel()
+        ok = np.asarray(correct, dtype=bool).ravel()
+        if idx.size != ok.size:
+            raise ValueError(f"indices ({idx.size}) and correct ({ok.size}) differ in length")
+        _, last = np.unique(idx[::-1], return_index=True)
+        keep = idx.size - 1 - last
+        idx, ok = idx[keep], ok[keep]
+        self.scores[idx] += (self.last[idx] == 1) & ~ok
+        self.last[idx] = ok.astype(np.int8)
+        self.seen[idx] += 1
+        self.ever_correct[idx] |= ok
+
+
+TABLE_COLUMNS = ("method", "steps", "test acc %", "rel. error %", "wall clock s", "speedup", "updates",
+                 "overhead %")
+
+
+def format_table(rows: list[dict]) -> str:
+    """The result table (one row per method) as text, columns :data:`TABLE_COLUMNS`.
+
+    Each row: ``method``, ``steps``, ``acc`` (fraction), ``rel_error`` (%), ``wall`` (s), ``speedup``
+    (full wall / this wall), ``updates`` (coreset selections, None for baselines), ``overhead_pct``
+    (CREST's selection + model + checks + dropping, % of its training-step time; None for baselines)."""
+    widths = (12, 6, 11, 13, 13, 8, 8, 11)
+    head = " ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(TABLE_COLUMNS, widths)))
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        upd = "-" if r.get("updates") is None else str(r["updates"])
+        ovh = "-" if r.get("overhead_pct") is None else f"{r['overhead_pct']:.1f}"
+        cells = (r["method"], str(r["steps"]), f"{100 * r['acc']:.2f}", f"{r['rel_error']:.2f}",
+                 f"{r['wall']:.1f}", f"{r['speedup']:.2f}x", upd, ovh)
+        lines.append(" ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths))))
+    return "\n".join(lines)
+
+
+def lr_factor(step: int, total: int, warmup: float) -> float:
+    """Learning-rate multiplier at ``step`` of ``total``: linear warm-up over ``ceil(warmup * total)``
+    steps, then cosine decay to 0."""
+    w = max(1, math.ceil(warmup * total)) if warmup > 0 else 0
+    if step < w:
+        return (step + 1) / w
+    rest = max(1, total - w)
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - w, rest) / rest))
+
+
+def moving_average(x, k: int) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.size == 0 or k <= 1:
+        return x
+    k = min(k, x.size)
+    c = np.cumsum(np.insert(x, 0, 0.0))
+    out = np.empty_like(x)
+    for i in range(x.size):  # trailing window, shorter at the start
+        a = max(0, i - k + 1)
+        out[i] = (c[i + 1] - c[a]) / (i + 1 - a)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# data and model
+# --------------------------------------------------------------------------------------------------
+
+
+def _import_torch():
+    """Import torch; before its first import, default ``OMP_WAIT_POLICY`` to ``PASSIVE``.
+
+    With OpenMP's default busy-waiting, torch with 2 threads on a shared 2-core machine slows down by
+    10x-30x as soon as another process competes for the cores (measured: 25 ms -> 700 ms per step);
+    passive waiting costs little when the machine is idle. An explicit setting is kept."""
+    import sys
+
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    return torch
+
+
+def load_data(root=None, *, n_train: int | None = None, n_test: int | None = None, seed: int = 0):
+    """Fashion-MNIST as normalised float32 tensors ``(x_train, y_train, x_test, y_test)``, x (n, 1, 28, 28).
+
+    ``n_train`` / ``n_test`` keep a uniformly random subset (seeded) for quick runs."""
+    from .datasets import load_fashion_mnist
+
+    xtr, ytr = load_fashion_mnist(root, split="train")
+    xte, yte = load_fashion_mnist(root, split="test")
+    torch = _import_torch()
+
+    rng = np.random.default_rng([seed, 7])
+
+    def prep(x, y, k):
+        if k is not None and k < x.shape[0]:
+            keep = np.sort(rng.choice(x.shape[0], size=k, replace=False))
+            x, y = x[keep], y[keep]
+        xt = torch.from_numpy(((x.astype(np.float32) / 255.0) - _MEAN) / _STD).unsqueeze(1).contiguous()
+        return xt, torch.from_numpy(y.astype(np.int64))
+
+    return (*prep(xtr, ytr, n_train), *prep(xte, yte, n_test))
+
+
+def build_cnn(num_classes: int = 10):
+    """The demo's small CNN (~106k parameters): two strided 3x3/5x5 convolutions with ReLU, then a
+    64-unit hidden layer and the linear classifier (the last ``nn.Linear`` gives the logits)."""
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 5, stride=2, padding=2), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 7 * 7, 64), nn.ReLU(),
+        nn.Linear(64, num_classes),
+    )
+
+
+def evaluate(model, x, y, device, batch: int = 2000) -> float:
+    """Test accuracy (fraction) in eval mode; the model's mode is restored."""
+    import torch
+
+    was = model.training
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for a in range(0, x.shape[0], batch):
+            z = model(x[a:a + batch].to(device))
+            correct += int((z.argmax(1).cpu() == y[a:a + batch]).sum())
+    model.train(was)
+    return correct / max(1, x.shape[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# timing CREST's model operations from the outside
+# --------------------------------------------------------------------------------------------------
+
+
+class OpsTimer:
+    """Wraps a :class:`~crestcore.adapters.torch.TorchModelOps` instance's methods with timers.
+
+    The controller calls ``outputs`` (a forward over the random subsets at a selection, over the check
+    sample at a trust check), ``gradient`` and ``hutchinson`` (the quadratic model's fit) and ``params``.
+    Each call is appended to ``events`` as ``(name, seconds)``; :meth:`attribute` splits the time of
+    one ``next(loader)`` into categories.
+    """
+
+    CATEGORIES = ("select_forward", "select_solve", "model_fit", "checks", "drops", "data")
+
+    def __init__(self, ops, sync: Callable[[], None] | None = None):
+        self.ops = ops
+        self.sync = sync or (lambda: None)
+        self.events: list[tuple[str, float]] = []
+        for name in ("outputs", "gradient", "hutchinson", "params"):
+            setattr(ops, name, self._wrap(name, getattr(ops, name)))
+
+    def _wrap(self, name, fn):
+        def timed(*args, **kwargs):
+            self.sync()
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.sync()
+                self.events.append((name, time.perf_counter() - t))
+
+        timed.__wrapped__ = fn
+        return timed
+
+    def attribute(self, total: float, selected: bool, checked: bool, dropped: bool) -> dict:
+        """Split ``total`` seconds of one ``next(loader)`` (whose ops calls are in ``events``) into
+        categories, then clear the events.
+
+        In one ``next`` the controller may run a check (one ``outputs``) and then a selection (one
+        ``outputs``, then ``gradient``/``hutchinson``). With a selection, the last ``outputs`` before the
+        first ``gradient`` is the selection's forward and earlier ones are checks; without one, every
+        ``outputs`` is a check. The time outside the ops calls goes to the selection's solve (features,
+        facility location, subsets) when a selection ran, else to the check (the quadratic model's
+        prediction), else to the drop decision, else to loading the batch (``data``)."""
+        out = dict.fromkeys(self.CATEGORIES, 0.0)
+        ev = self.events
+        first_fit = next((i for i, (n, _) in enumerate(ev) if n in ("gradient", "hutchinson")), None)
+        sel_out = None
+        if selected:
+            cands = [i for i, (n, _) in enumerate(ev) if n == "outputs" and (first_fit is None or i < first_fit)]
+            sel_out = cands[-1] if cands else None
+        spent = 0.0
+        for i, (n, dt) in enumerate(ev):
+            spent += dt
+            if n in ("gradient", "hutchinson"):
+                out["model_fit"] += dt
+            elif n == "outputs":
+                out["select_forward" if i == sel_out else "checks"] += dt
+            else:  # params(): a copy of the weights, at an anchor or a check
+                out["select_solve" if selected else "checks"] += dt
+        rest = max(0.0, total - spent)
+        key = "select_solve" if selected else "checks" if checked else "drops" if dropped else "data"
+        out[key] += rest
+        self.events = []
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# one training run
+# --------------------------------------------------------------------------------------------------
+
+
+def _sync_fn(device):
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def _eval_steps(total: int, evals: int) -> set[int]:
+    """Steps (1-based counts of completed steps) after which the test accuracy is measured."""
+    k = max(1, min(evals, total))
+    return {int(round(total * (i + 1) / k)) for i in range(k)}
+
+
+def train_method(method: str, data, s: TrainSettings, *, progress: bool = True, track_forgetting: bool = False,
+                 desc: str | None = None) -> dict:
+    """Train one method (``full``, ``random``, ``crest``, ``crest-drop``) and return its record.
+
+    The record: ``acc`` (final test accuracy), ``wall`` (training seconds, evaluation excluded),
+    ``steps``, ``curve`` (list of ``{step, wall, acc, updates}``), ``breakdown`` (seconds per category:
+    ``train`` = forward/backward/optimizer steps, ``data`` = batch loading, and for CREST the
+    :class:`OpsTimer` categories), ``counts`` (number of selections, fits, checks), and for CREST
+    ``stats`` (the loader's), ``batches`` (indices of every training batch, int32 (steps, m)) and
+    ``pool`` (active pool size after each step). With ``track_forgetting`` (full data), ``forgetting``
+    is a :class:`ForgettingTracker` fed with the training forward's predictions at every presentation.
+    """
+    torch = _import_torch()
+    import torch.nn.functional as F
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if s.threads:
+        torch.set_num_threads(int(s.threads))
+    device = torch.device(s.device)
+    sync = _sync_fn(device)
+    x_tr, y_tr, x_te, y_te = data
+    n = int(x_tr.shape[0])
+    m = int(s.m)
+    full_spe = math.ceil(n / m)
+    spe = full_spe if method == "full" else max(1, int(math.floor(s.budget * full_spe + 0.5)))
+    total = s.epochs * spe
+
+    torch.manual_seed(s.seed)  # the same initial weights for every method
+    model = build_cnn(int(y_tr.max()) + 1).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, nesterov=s.nesterov,
+                          weight_decay=s.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, total, s.warmup))
+    x_dev, y_dev = x_tr.to(device), y_tr.to(device)
+
+    loader = timer = None
+    batches = np.zeros((total, m), dtype=np.int32) if method.startswith("crest") else None
+    pool = [] if method == "crest-drop" else None
+    if method.startswith("crest"):
+        from torch.utils.data import TensorDataset
+
+        from .adapters.torch import CrestLoader
+
+        cfg = crest_config(s, dropping=method == "crest-drop", steps_per_epoch=spe)
+        loader = CrestLoader(model, TensorDataset(x_dev, y_dev), config=cfg, budget=s.budget, epochs=s.epochs,
+                             seed=s.seed, labels=y_tr.numpy(), measure_batch_size=s.measure_batch_size)
+        if loader.total_steps != total:  # same rounding as ours; guard against drift
+            raise RuntimeError(f"CrestLoader plans {loader.total_steps} steps, expected {total}")
+        timer = OpsTimer(loader.ops, sync)
+        batch_iter = iter(loader)
+    else:
+        gen = np.random.default_rng([s.seed, 11 if method == "full" else 13])
+
+        def index_batches():
+            for _ in range(s.epochs):
+                if method == "full":
+                    perm = gen.permutation(n)
+                else:  # a fresh uniformly random subset of spe * m examples each epoch
+                    perm = gen.choice(n, size=min(n, spe * m), replace=False)
+                for a in range(0, perm.size, m):
+                    if method != "full" and a // m >= spe:
+                        break
+                    yield perm[a:a + m]
+
+        idx_iter = index_batches()
+
+    tracker = ForgettingTracker(n) if track_forgetting else None
+    bd = {"train": 0.0, "data": 0.0}
+    if timer is not None:
+        bd.update(dict.fromkeys(OpsTimer.CATEGORIES, 0.0))
+    counts = {"selections": 0, "fits": 0, "checks": 0, "drop_decisions": 0}
+    eval_at = _eval_steps(total, s.evals)
+    wall = 0.0
+    curve = [{"step": 0, "wall": 0.0, "acc": evaluate(model, x_te, y_te, device), "updates": 0}]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=desc or method, unit="step", leave=True, dynamic_ncols=True)
+    model.train()
+    for step in range(total):
+        sync()
+        t0 = time.perf_counter()
+        if loader is not None:
+            c0 = dict(loader.controller_state.counters)
+            d0 = len(loader.controller_state.log["drops"])
+            xb, yb, wb = next(batch_iter)
+            sync()
+            t1 = time.perf_counter()
+            c1 = loader.controller_state.counters
+            sel = c1["selections"] > c0["selections"]
+            chk = c1["checks"] > c0["checks"]
+            drp = len(loader.controller_state.log["drops"]) > d0
+            for k, v in timer.attribute(t1 - t0, sel, chk, drp).items():
+                bd[k] += v
+            counts["selections"] += int(sel)
+            counts["fits"] += int(sel)
+            counts["checks"] += c1["checks"] - c0["checks"]
+            counts["drop_decisions"] += int(drp)
+            idx = loader.last_indices
+            batches[step, : idx.size] = idx
+        else:
+            idx = next(idx_iter)
+            it = torch.from_numpy(idx).to(device)
+            xb, yb = x_dev[it], y_dev[it]
+            wb = None
+            sync()
+            t1 = time.perf_counter()
+            bd["data"] += t1 - t0
+        logits = model(xb)
+        losses = F.cross_entropy(logits, yb, reduction="none")
+        loss = (wb * losses).mean() if wb is not None else losses.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        sync()
+        t2 = time.perf_counter()
+        bd["train"] += t2 - t1
+        if loader is not None and method == "crest-drop":
+            loader.observe(losses.detach())  # feeds the drop policy
+            t3 = time.perf_counter()
+            bd["drops"] += t3 - t2
+            t2 = t3
+            pool.append(int(loader.controller_state.drop.active.sum()))
+        wall += t2 - t0
+        if not math.isfinite(float(loss.detach())):
+            raise FloatingPointError(f"{method}: the training loss is not finite at step {step}")
+        if tracker is not None:
+            correct = (logits.detach().argmax(1) == yb).cpu().numpy()
+            tracker.update(idx, correct)
+        if (step + 1) in eval_at:
+            curve.append({"step": step + 1, "wall": wall, "acc": evaluate(model, x_te, y_te, device),
+                          "updates": counts["selections"]})
+        if bar is not None:
+            bar.update(1)
+            if (step + 1) in eval_at:
+                bar.set_postfix(acc=f"{100 * curve[-1]['acc']:.1f}%")
+    if bar is not None:
+        bar.close()
+    rec = {
+        "method": method, "steps": total, "steps_per_epoch": spe, "acc": curve[-1]["acc"], "wall": wall,
+        "curve": curve, "breakdown": bd, "counts": counts,
+    }
+    if loader is not None:
+        rec["stats"] = loader.stats
+        rec["batches"] = batches
+        rec["config"] = repr(loader.config)
+        if pool is not None:
+            rec["pool"] = pool
+    if tracker is not None:
+        rec["forgetting"] = tracker
+    return rec
+
+
+def overhead_seconds(bd: dict) -> float:
+    """CREST's overhead: selection (forward + solve) + quadratic model + checks + drop bookkeeping."""
+    return sum(bd.get(k, 0.0) for k in ("select_forward", "select_solve", "model_fit", "checks", "drops"))
+
+
+def summarize(records: dict) -> list[dict]:
+    """Table rows (see :func:`format_table`) from the records of one seed, keyed by method."""
+    full = records.get("full")
+    rows = []
+    for name, r in records.items():
+        bd = r["breakdown"]
+        crest = name.startswith("crest")
+        train_time = bd["train"] + bd["data"]
+        rows.append({
+            "method": name, "steps": r["steps"], "acc": r["acc"],
+            "rel_error": relative_error(full["acc"], r["acc"]) if full else float("nan"),
+            "wall": r["wall"], "speedup": (full["wall"] / r["wall"]) if full else float("nan"),
+            "updates": r["counts"]["selections"] if crest else None,
+            "overhead_pct": 100.0 * overhead_seconds(bd) / train_time if crest and train_time > 0 else None,
+        })
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# figures
+# --------------------------------------------------------------------------------------------------
+
+_COLORS = {"full": "black", "random": "tab:orange", "crest": "tab:blue", "crest-drop": "tab:green"}
+_LABELS = {"full": "full data", "random": "random", "crest": "CREST", "crest-drop": "CREST + dropping"}
+
+
+def forgetting_traces(records: dict, scores: np.ndarray, never: np.ndarray | None = None) -> dict:
+    """Per CREST run: the mean forgetting score (and share never learned) of each step's batch."""
+    out = {}
+    for name, r in records.items():
+        if r.get("batches") is None:
+            continue
+        b = r["batches"].astype(np.int64)
+        out[name] = {"mean_score": scores[b].mean(axis=1).tolist()}
+        if never is not None:
+            out[name]["never_learned"] = never[b].mean(axis=1).tolist()
+    return out
+
+
+def make_figures(records: dict, out, *, tau: float, forgetting: dict | None = None,
+                 dataset_mean_score: float | None = None, title: str = "") -> dict:
+    """Write the four figures into ``out``; return their paths.
+
+    accuracy_vs_time.png: test accuracy vs training wall clock (evaluation excluded), every method.
+    coreset_updates.png: (left) cumulative coreset updates vs iterations, (right) test accuracy vs the
+    number of coreset updates (the talk's Figure 8). rho.png: rho_t at each trust check, tau dashed,
+    selections marked. forgetting.png: mean forgetting score of the examples in CREST's batches over
+    training, dropping off and on (the talk's Figure 9), the whole training set's mean dashed.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    paths = {}
+    crest_runs = [k for k in records if k.startswith("crest")]
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, r in records.items():
+        w = [p["wall"] for p in r["curve"]]
+        a = [100 * p["acc"] for p in r["curve"]]
+        ax.plot(w, a, "o-", color=_COLORS.get(name), label=f"{_LABELS.get(name, name)} ({100 * r['acc']:.1f}%)",
+                ms=4)
+    ax.set_xlabel("training wall clock (s, evaluation excluded)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_ylim(bottom=max(0, min(100 * p["acc"] for r in records.values() for p in r["curve"][1:]) - 10)
+                if any(len(r["curve"]) > 1 for r in records.values()) else 0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(f"Test accuracy vs wall clock{title}", fontsize=10)
+    fig.tight_layout()
+    paths["accuracy_vs_time"] = str(out / "accuracy_vs_time.png")
+    fig.savefig(paths["accuracy_vs_time"], dpi=120)
+    plt.close(fig)
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in crest_runs:
+        r = records[name]
+        sel = r["stats"]["selections"]
+        steps = np.arange(r["steps"] + 1)
+        cum = np.searchsorted(np.asarray(sel), steps, side="right")
+        a1.step(steps, cum, where="post", color=_COLORS.get(name), label=_LABELS.get(name, name))
+        a2.plot([p["updates"] for p in r["curve"][1:]], [100 * p["acc"] for p in r["curve"][1:]], "o-",
+                color=_COLORS.get(name), label=_LABELS.get(name, name), ms=4)
+    a1.set_xlabel("training iterations")
+    a1.set_ylabel("number of coreset updates")
+    a1.set_title("Coreset updates vs iterations", fontsize=10)
+    a2.set_xlabel("number of coreset updates")
+    a2.set_ylabel("test accuracy (%)")
+    a2.set_title("Test accuracy vs coreset updates", fontsize=10)
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    paths["coreset_updates"] = str(out / "coreset_updates.png")
+    fig.savefig(paths["coreset_updates"], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name in crest_runs:
+        ch = records[name]["stats"]["checks"]
+        if ch:
+            st = [c["step"] for c in ch]
+            rho = [max(c["rho"], 1e-6) for c in ch]
+            ax.plot(st, rho, ".-", color=_COLORS.get(name), label=_LABELS.get(name, name), lw=0.8, ms=4)
+            fail = [(t, v) for t, v in zip(st, rho) if v > tau]
+            if fail:
+                ax.plot(*zip(*fail), "x", color=_COLORS.get(name), ms=7)
+    ax.axhline(tau, color="red", ls="--", lw=1, label=f"tau = {tau:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("training iterations")
+    ax.set_ylabel("rho_t = |L_R - F| / L_R")
+    ax.set_title("Trust check rho_t over training (x: reselection)", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths["rho"] = str(out / "rho.png")
+    fig.savefig(paths["rho"], dpi=120)
+    plt.close(fig)
+
+    if forgetting:
+        names = [k for k in ("crest", "crest-drop") if k in forgetting] or list(forgetting)
+        fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), sharey=True, squeeze=False)
+        for ax, name in zip(axes[0], names):
+            tr = np.asarray(forgetting[name]["mean_score"])
+            k = max(1, records[name]["steps_per_epoch"] // 2)
+            steps = np.arange(1, tr.size + 1)
+            ax.plot(steps, tr, color=_COLORS.get(name), alpha=0.25, lw=0.7)
+            ax.plot(steps, moving_average(tr, k), color=_COLORS.get(name), lw=2,
+                    label=f"selected examples (moving mean, {k} steps)")
+            if dataset_mean_score is not None:
+                ax.axhline(dataset_mean_score, color="gray", ls="--", lw=1, label="all training examples")
+            drop_note = "learned examples dropped" if name == "crest-drop" else "learned examples kept"
+            ax.set_title(f"{_LABELS.get(name, name)}: {drop_note}", fontsize=10)
+            ax.set_xlabel("training iterations")
+            ax.grid(alpha=0.3)
+            if name == "crest-drop" and records[name].get("pool"):
+                ax2 = ax.twinx()
+                ax2.plot(steps, records[name]["pool"], color="tab:purple", lw=1, ls=":")
+                ax2.set_ylabel("active pool size", color="tab:purple", fontsize=8)
+                ax2.tick_params(axis="y", labelcolor="tab:purple", labelsize=7)
+            ax.legend(fontsize=7, loc="upper left")
+        axes[0][0].set_ylabel("mean forgetting score")
+        fig.suptitle("Forgetting score of the examples CREST trains on (scores from the full-data run)",
+                     fontsize=10)
+        fig.tight_layout()
+        paths["forgetting"] = str(out / "forgetting.png")
+        fig.savefig(paths["forgetting"], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------
+# the demo
+# --------------------------------------------------------------------------------------------------
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}"
+
+
+def _jsonable(records: dict) -> dict:
+    out = {}
+    for name, r in records.items():
+        d = {k: v for k, v in r.items() if k not in ("batches", "forgetting")}
+        out[name] = d
+    return out
+
+
+def run_training_demo(
+    out="./crest-demo-out",
+    *,
+    settings: TrainSettings | None = None,
+    methods=METHODS,
+    progress: bool = True,
+    root=None,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    print_fn: Callable[[str], None] | None = print,
+    figures: bool = True,
+) -> dict:
+    """Train every method of ``methods`` with ``settings``, print a table, save figures and results.json.
+
+    Returns the results dict (also written to ``out/results.json``)."""
+    s = settings or TrainSettings()
+    methods = list(methods)
+    for mth in methods:
+        if mth not in METHODS:
+            raise ValueError(f"unknown method {mth!r}; choose from {METHODS}")
+    if "full" not in methods:
+        methods.insert(0, "full")  # relative error, speedup and forgetting scores need it
+    if not (0 < s.budget <= 1):
+        raise ValueError(f"budget must be in (0, 1], got {s.budget}")
+    t_start = time.perf_counter()
+    data = load_data(root, n_train=n_train, n_test=n_test, seed=s.seed)  # FileNotFoundError if missing
+    import torch
+
+    if torch.device(s.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {s.device!r} requested but torch.cuda.is_available() is False")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    n = int(data[0].shape[0])
+    if print_fn is not None:
+        print_fn(f"Fashion-MNIST: {n} train / {int(data[2].shape[0])} test images; CNN, m={s.m}, "
+                 f"{s.epochs} epochs of full data, budget {s.budget:g}, seed {s.seed}, device {s.device}, "
+                 f"torch threads {torch.get_num_threads() if not s.threads else s.threads}")
+    records = {}
+    for mth in methods:
+        records[mth] = train_method(mth, data, s, progress=progress, track_forgetting=mth == "full",
+                                    desc=f"{mth:<10}")
+    rows = summarize(records)
+    table = format_table(rows)
+
+    ft = records["full"].pop("forgetting")
+    scores = ft.scores.astype(np.float64)
+    never = (~ft.ever_correct).astype(np.float64)
+    forgetting = forgetting_traces(records, scores, never)
+    tau = s.crest_tau
+    paths = {}
+    if figures:
+        paths = make_figures(records, out, tau=tau, forgetting=forgetting, dataset_mean_score=float(scores.mean()),
+                             title=f" (seed {s.seed})")
+    results = {
+        "settings": asdict(s),
+        "n_train": n, "n_test": int(data[2].shape[0]),
+        "machine": machine_line(),
+        "torch": torch.__version__,
+        "table": table,
+        "rows": rows,
+        "runs": _jsonable(records),
+        "forgetting": {
+            "definition": "forgetting events per example in the full-data run: correct at one presentation "
+                          "(training forward before the update), wrong at the next",
+            "dataset_mean": float(scores.mean()),
+            "dataset_never_learned": float(never.mean()),
+            "histogram": np.bincount(ft.scores).tolist(),
+            "traces": forgetting,
+        },
+        "paths": {**paths, "results": str(out / "results.json")},
+    }
+    results["time_total_s"] = time.perf_counter() - t_start
+    with open(out / "results.json", "w") as fh:
+        json.dump(results, fh, indent=1)
+    if print_fn is not None:
+        print_fn("")
+        print_fn(table)
+        for name in records:
+            if name.startswith("crest"):
+                print_fn(breakdown_line(name, records[name]))
+        print_fn(f"\nwall clock excludes test evaluations. Total demo time {results['time_total_s']:.0f} s. "
+                 f"Figures and results.json in {out}/")
+    return results
+
+
+def breakdown_line(name: str, r: dict) -> str:
+    bd = r["breakdown"]
+    parts = [f"{k} {bd.get(k, 0.0):.1f}s" for k in ("train", "data", "select_forward", "select_solve",
+                                                      "model_fit", "checks", "drops") if k in bd]
+    c = r["counts"]
+    return (f"{name}: {', '.join(parts)}; {c['selections']} selections, {c['checks']} checks"
+            + (f", {c['drop_decisions']} drop decisions, pool {r['pool'][-1]}" if r.get("pool") else ""))

@@ -1,0 +1,618 @@
+"""Tests for crestcore/controller.py: Algorithm 1 as a state machine.
+
+Two model sides:
+
+* ``SoftmaxOps``: softmax regression in NumPy on scikit-learn's digits, with its exact gradient and
+  exact Hessian-vector product (checked against torch autograd below). It trains for real.
+* ``FakeOps``: a scripted model whose every example has the same cross-entropy ``level`` (set by the
+  test before each step), constant gradient and a curvature scaled per call, and which counts every
+  call. It lets a test choose the loss trace, hence rho, and check each decision of the controller.
+
+Self-contained: no conftest fixtures.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import pickle
+
+import array_api_strict as xs
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import crestcore as cc
+from crestcore import (
+    CrestConfig,
+    DropConfig,
+    QuadraticConfig,
+    crest_init,
+    crest_load_state_dict,
+    crest_next_batch,
+    crest_observe,
+    crest_state_dict,
+    quadratic_curvature,
+    relative_error,
+    update_schedule,
+)
+
+
+# ================================================================================================
+# a real model: softmax regression on digits
+# ================================================================================================
+@functools.lru_cache(maxsize=None)
+def digits():
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    perm = np.random.default_rng(0).permutation(len(y))
+    X, y = X[perm] / 16.0, y[perm].astype(np.int64)
+    X = np.hstack([X, np.ones((len(X), 1))])  # bias column
+    return X[:1400], y[:1400], X[1400:], y[1400:]
+
+
+class SoftmaxOps:
+    """ModelOps for softmax regression ``z = x W`` (W (d, C)), loss mean_i(w_i * CE_i)."""
+
+    def __init__(self, X, y, C=10):
+        self.X, self.y, self.C = X, y, C
+        self.W = np.zeros((X.shape[1], C))
+        self.calls = {"outputs": [], "gradient": 0, "hutchinson": 0}
+
+    def outputs(self, idx, embeddings=False):
+        assert isinstance(idx, np.ndarray) and idx.dtype == np.int64
+        self.calls["outputs"].append(idx.copy())
+        Z = self.X[idx] @ self.W
+        return (Z, self.X[idx].copy()) if embeddings else Z
+
+    def params(self):
+        return self.W.ravel().copy()
+
+    def _probs(self, idx):
+        return cc.softmax(self.X[idx] @ self.W)
+
+    def loss_grad(self, idx, w):
+        X, P = self.X[idx], self._probs(idx)
+        G = P.copy()
+        G[np.arange(len(idx)), self.y[idx]] -= 1.0
+        loss = float(np.mean(w * cc.cross_entropy(X @ self.W, self.y[idx])))
+        return loss, (X.T @ (G * w[:, None]) / len(idx)).ravel()
+
+    def gradient(self, idx, w):
+        self.calls["gradient"] += 1
+        return self.loss_grad(idx, w)
+
+    def hvp(self, idx, w, v):
+        X, P = self.X[idx], self._probs(idx)
+        A = X @ v.reshape(self.W.shape)
+        HA = P * A - P * np.sum(P * A, axis=1, keepdims=True)
+        return (X.T @ (HA * w[:, None]) / len(idx)).ravel()
+
+    def hutchinson(self, idx, w, seed):
+        self.calls["hutchinson"] += 1
+        z = np.random.default_rng(seed).choice([-1.0, 1.0], size=self.W.size)
+        return z * self.hvp(idx, w, z)
+
+    def accuracy(self, X, y):
+        return float(np.mean(np.argmax(X @ self.W, axis=1) == y))
+
+
+M = 32
+LR = 0.5
+FULL_EPOCHS = 40
+BUDGET = FULL_EPOCHS * (1400 // M) // 10  # 10% of the SGD steps of a 40-epoch full run: 172
+
+
+def train_crest(cfg, seed, steps, ops=None, state=None, observe=False, record=None):
+    Xtr, ytr, _, _ = digits()
+    ops = ops if ops is not None else SoftmaxOps(Xtr, ytr)
+    state = state if state is not None else crest_init(cfg, ytr, seed=seed)
+    for _ in range(steps):
+        state, batch = crest_next_batch(state, ops, cfg)
+        if record is not None:
+            record.append((batch, state.drop.active.copy()))
+        loss, g = ops.loss_grad(batch.indices, batch.weights)
+        if observe:
+            per = cc.cross_entropy(ops.X[batch.indices] @ ops.W, ops.y[batch.indices])
+            state = crest_observe(state, batch.indices, per)
+        ops.W -= LR * g.reshape(ops.W.shape)
+        if record is not None:
+            record[-1] = record[-1] + (loss,)
+    return ops, state
+
+
+def train_random(seed, steps):
+    Xtr, ytr, Xte, yte = digits()
+    ops = SoftmaxOps(Xtr, ytr)
+    rng = np.random.default_rng(seed)
+    order = np.zeros(0, dtype=np.int64)
+    for _ in range(steps):  # epochs of shuffled mini-batches, as plain SGD does
+        if order.size < M:
+            order = np.concatenate([order, rng.permutation(len(ytr))])
+        idx, order = order[:M], order[M:]
+        _, g = ops.loss_grad(idx, np.ones(M))
+        ops.W -= LR * g.reshape(ops.W.shape)
+    return ops.accuracy(Xte, yte)
+
+
+def test_softmax_ops_match_torch_autograd():
+    """The test's own model is right: gradient and Hessian-vector product equal autograd's."""
+    Xtr, ytr, _, _ = digits()
+    ops = SoftmaxOps(Xtr, ytr)
+    rng = np.random.default_rng(0)
+    ops.W = rng.normal(scale=0.3, size=ops.W.shape)
+    idx = rng.choice(len(ytr), size=20, replace=False)
+    w = rng.uniform(0.2, 3.0, size=20)
+    Xt, yt, wt = torch.tensor(Xtr[idx]), torch.tensor(ytr[idx]), torch.tensor(w)
+
+    def f(flat):
+        z = Xt @ flat.reshape(ops.W.shape)
+        return torch.mean(wt * torch.nn.functional.cross_entropy(z, yt, reduction="none"))
+
+    W = torch.tensor(ops.W.ravel())
+    v = torch.tensor(rng.normal(size=ops.W.size))
+    loss, g = ops.gradient(idx, w)
+    assert loss == pytest.approx(float(f(W)), rel=1e-12)
+    np.testing.assert_allclose(g, torch.func.grad(f)(W).numpy(), rtol=1e-10, atol=1e-13)
+    _, hv = torch.autograd.functional.hvp(f, W, v)
+    np.testing.assert_allclose(ops.hvp(idx, w, v.numpy()), hv.numpy(), rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# (1) a 10% budget reaches a useful accuracy, not much worse than random subsets
+# ------------------------------------------------------------------------------------------------
+def test_crest_at_ten_percent_budget_trains_digits(record_property, capsys):
+    _, _, Xte, yte = digits()
+    cfg = CrestConfig(m=M)
+    crest = []
+    for seed in (0, 1):
+        ops, state = train_crest(cfg, seed, BUDGET)
+        crest.append(ops.accuracy(Xte, yte))
+        c = state.counters
+        assert c["train_steps"] == BUDGET  # every batch handed out is a step the caller takes
+        assert c["train_examples"] == BUDGET * M
+        assert state.step == BUDGET - 1  # steps completed: the last one is still being trained
+        assert c["selections"] >= 1 and c["checks"] >= 1
+    rand = [train_random(seed, BUDGET) for seed in (0, 1, 2)]
+    record_property("crest_acc", crest)
+    record_property("random_acc", rand)
+    with capsys.disabled():
+        print(f"\n[digits, {BUDGET} steps of m={M}] CREST acc {crest} mean {np.mean(crest):.4f}; "
+              f"random-subset SGD acc {rand} mean {np.mean(rand):.4f}")
+    assert min(crest) >= 0.85
+    assert np.mean(crest) >= np.mean(rand) - 0.03
+
+
+# ------------------------------------------------------------------------------------------------
+# (2) save / restore in the middle reproduces the uninterrupted run exactly
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cfg", [
+    CrestConfig(m=M, tau=0.02),
+    CrestConfig.release(m=M, tau=0.02),
+    CrestConfig(m=M, tau=0.02, T2=15, drop=DropConfig(alpha=0.3, window=15, min_records=1, floor=200)),
+], ids=["default", "release", "dropping"])
+def test_save_restore_mid_run_is_exact(cfg):
+    k0, k1 = 25, 30
+    observe = cfg.T2 is not None
+    ops, state = train_crest(cfg, 3, k0, observe=observe)
+    saved = pickle.loads(pickle.dumps(copy.deepcopy(crest_state_dict(state))))
+    saved_W = ops.W.copy()
+    tail_a = []
+    ops_a, state_a = train_crest(cfg, 3, k1, ops=ops, state=state, observe=observe, record=tail_a)
+
+    Xtr, ytr, _, _ = digits()
+    ops_b = SoftmaxOps(Xtr, ytr)
+    ops_b.W = saved_W
+    state_b = crest_load_state_dict(saved, ops_b.params())
+    tail_b = []
+    ops_b, state_b = train_crest(cfg, 3, k1, ops=ops_b, state=state_b, observe=observe, record=tail_b)
+
+    assert state_a.counters["selections"] > state.counters["selections"]  # reselections after restore
+    for (ba, act_a, la), (bb, act_b, lb) in zip(tail_a, tail_b, strict=True):
+        np.testing.assert_array_equal(ba.indices, bb.indices)
+        np.testing.assert_array_equal(ba.weights, bb.weights)
+        assert ba.reselected == bb.reselected
+        np.testing.assert_array_equal(act_a, act_b)
+        assert la == lb
+    np.testing.assert_array_equal(ops_a.W, ops_b.W)
+    assert state_a.counters == state_b.counters
+    assert state_a.log == state_b.log
+    assert (state_a.T1, state_a.P, state_a.step) == (state_b.T1, state_b.P, state_b.step)
+
+
+def test_state_dict_is_plain_data_and_restores_to_torch():
+    cfg = CrestConfig(m=M)
+    ops, state = train_crest(cfg, 0, 5)
+    d = crest_state_dict(state)
+    assert isinstance(d["anchor"], np.ndarray) and isinstance(d["drop"], dict)
+    restored = crest_load_state_dict(d, torch.zeros(ops.W.size, dtype=torch.float64))
+    assert isinstance(restored.anchor, torch.Tensor)
+    np.testing.assert_array_equal(restored.anchor.numpy(), state.anchor)
+    assert isinstance(restored.quad.g_ema, torch.Tensor)
+    with pytest.raises(ValueError, match="missing"):
+        crest_load_state_dict({k: v for k, v in d.items() if k != "quad"}, ops.params())
+
+
+# ================================================================================================
+# a scripted model: the test chooses the loss trace
+# ================================================================================================
+LIBS = {
+    "numpy": (lambda a: a),
+    "array_api_strict": (lambda a: xs.asarray(a)),
+    "torch": (lambda a: torch.asarray(a)),
+}
+
+
+class FakeOps:
+    """Every example's cross-entropy equals ``self.level`` (C = 2: logits 0 for the true class and
+    log(expm1(level)) for the other); parameters ``self.w`` move only when the test moves them;
+    gradient ``self.g``; Hutchinson probe ``scales[k] * ones`` on its k-th call. Counts everything."""
+
+    def __init__(self, labels, lib="numpy", D=3, scales=(1.0,), emb_dim=0):
+        self.labels = np.asarray(labels)
+        self.conv = LIBS[lib]
+        self.level = 1.0
+        self.w = np.zeros(D)
+        self.g = np.linspace(-1.0, 1.0, D)
+        self.scales = list(scales)
+        self.emb_dim = emb_dim
+        self.nan = False
+        self.n = {"outputs": 0, "outputs_examples": 0, "gradient": 0, "gradient_examples": 0,
+                  "hutchinson": 0, "hutchinson_examples": 0}
+        self.output_calls = []  # (idx, level)
+
+    def logits_host(self, idx, level=None):
+        level = self.level if level is None else level
+        v = math.log(math.expm1(level))
+        Z = np.full((idx.size, 2), v)
+        Z[np.arange(idx.size), self.labels[idx]] = 0.0
+        if self.nan:
+            Z[0, 0] = np.nan
+        return Z
+
+    def outputs(self, idx, embeddings=False):
+        assert isinstance(idx, np.ndarray) and idx.dtype == np.int64 and idx.ndim == 1
+        self.n["outputs"] += 1
+        self.n["outputs_examples"] += idx.size
+        self.output_calls.append((idx.copy(), self.level))
+        Z = self.conv(self.logits_host(idx))
+        if embeddings:
+            E = np.cos(np.outer(idx, np.arange(1, self.emb_dim + 1)))  # distinct per example
+            return Z, self.conv(E)
+        return Z
+
+    def params(self):
+        return self.conv(self.w.copy())
+
+    def gradient(self, idx, w):
+        assert isinstance(idx, np.ndarray) and idx.dtype == np.int64
+        assert isinstance(w, np.ndarray) and w.dtype == np.float64 and w.shape == idx.shape
+        self.n["gradient"] += 1
+        self.n["gradient_examples"] += idx.size
+        return self.level, self.conv(self.g.copy())
+
+    def hutchinson(self, idx, w, seed):
+        assert isinstance(idx, np.ndarray) and idx.dtype == np.int64
+        assert isinstance(seed, int) and 0 <= seed < 2**31
+        k = self.n["hutchinson"]
+        self.n["hutchinson"] += 1
+        self.n["hutchinson_examples"] += idx.size
+        return self.conv(np.full(self.w.size, self.scales[k % len(self.scales)]))
+
+
+def _labels(n=120):
+    return np.arange(n, dtype=np.int64) % 2
+
+
+def _mean_loss(level, size):
+    """What the controller measures: the mean cross-entropy of ``size`` examples at ``level``."""
+    ops = FakeOps(_labels(size))
+    idx = np.arange(size, dtype=np.int64)
+    return float(np.mean(cc.cross_entropy(ops.logits_host(idx, level), ops.labels[idx])))
+
+
+def _run_trace(cfg, levels, ops, move=None):
+    """Drive the controller; before call k the model's loss level is levels[k]. Returns per-call records."""
+    state = crest_init(cfg, ops.labels, seed=5)
+    rec = []
+    for k, lev in enumerate(levels):
+        ops.level = lev
+        before, n_out = state, len(ops.output_calls)
+        state, batch = crest_next_batch(state, ops, cfg)
+        rec.append((before, state, batch, ops.output_calls[n_out:]))
+        if move is not None:
+            ops.w = ops.w + move
+    return state, rec
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+    levels=st.lists(st.sampled_from([0.3, 0.5, 0.55, 0.7, 1.0, 1.2, 2.0]), min_size=6, max_size=24),
+    tau=st.sampled_from([0.01, 0.05, 0.1, 0.3, 0.6]),
+    T1=st.integers(1, 3),
+    h=st.sampled_from([0.5, 1.0, 1.7, 3.0]),
+    b=st.sampled_from([0.5, 1.0, 2.5, 5.0]),
+    scales=st.lists(st.sampled_from([0.2, 0.5, 1.0, 3.0, 7.0]), min_size=1, max_size=5),
+    lib=st.sampled_from(["numpy", "array_api_strict", "torch"]),
+)
+def test_reselects_exactly_when_rho_exceeds_tau(levels, tau, T1, h, b, scales, lib):
+    cfg = CrestConfig(m=4, r=12, P=2, T1=T1, tau=tau, h=h, b=b)
+    ops = FakeOps(_labels(), lib=lib, scales=scales)
+    state, rec = _run_trace(cfg, levels, ops)
+    r = 12
+    anchor_level = None
+    since = 0
+    T1_now, P_now = T1, cfg.P
+    h_norm_0 = None
+    for k, (before, after, batch, calls) in enumerate(rec):
+        checked = len(after.log["checks"]) > len(before.log["checks"])
+        selected = len(after.log["selections"]) > len(before.log["selections"])
+        assert batch.reselected == selected
+        if k == 0:
+            assert selected and not checked  # the first call selects
+        else:
+            since += 1
+            # a check is due exactly when T1 steps passed since the last selection or check
+            assert checked == (since >= T1_now), (k, since, T1_now)
+            if not checked:
+                assert not selected  # no selection without a check saying so (dropping is off)
+        if checked:
+            since = 0
+            step, rho, L_R, F = after.log["checks"][-1]
+            assert step == k
+            assert L_R == pytest.approx(_mean_loss(levels[k], r), rel=1e-12)
+            assert F == pytest.approx(_mean_loss(anchor_level, r), rel=1e-12)  # delta = 0: F = L_a
+            assert rho == relative_error(L_R, F)
+            # the decision: a selection follows this check iff rho > tau
+            assert selected == (rho > tau), (k, rho, tau)
+            if selected:  # the schedule after the reselect
+                T1_now, P_now = update_schedule(before.h_norm_0, before.h_norm_t, h=h, b=b,
+                                                cap=math.ceil(120 / cfg.m))
+        if selected:
+            since = 0
+            anchor_level = levels[k]
+            assert (after.T1, after.P) == (T1_now, P_now)
+            assert after.batch_idx.shape == (P_now, cfg.m)  # P coresets of m
+            # the selection's forward covered the union of P subsets of r, at this step's level
+            idx, lev = calls[-1]
+            assert lev == levels[k] and r <= idx.size <= P_now * r
+            assert len(calls) == 1 + checked
+            # curvature norms: ||H_0|| from the first selection, ||H_t|| from this one
+            n_sel = after.counters["selections"]
+            expect = scales[(n_sel - 1) % len(scales)] * math.sqrt(3)
+            assert after.h_norm_t == pytest.approx(expect, rel=1e-9)
+            h_norm_0 = h_norm_0 if h_norm_0 is not None else expect
+            assert after.h_norm_0 == pytest.approx(h_norm_0, rel=1e-9)
+        else:
+            assert len(calls) == int(checked)
+            assert (after.T1, after.P) == (before.T1, before.P)
+            # between selections, the coresets are used in turn
+            assert after.cursor == before.cursor + 1
+            np.testing.assert_array_equal(batch.indices, after.batch_idx[before.cursor % after.batch_idx.shape[0]])
+    assert state.counters["checks"] == len(state.log["checks"])
+    assert state.counters["selections"] == len(state.log["selections"])
+
+
+def test_rho_equal_to_tau_does_not_reselect():
+    r = 12
+    L0, L1 = _mean_loss(1.0, r), _mean_loss(1.5, r)
+    tau = relative_error(L1, L0)  # exactly the rho the controller will measure
+    for t, expect in ((tau, False), (math.nextafter(tau, 0.0), True)):
+        cfg = CrestConfig(m=4, r=r, P=2, T1=1, tau=t)
+        ops = FakeOps(_labels())
+        state, rec = _run_trace(cfg, [1.0, 1.5], ops)
+        assert state.log["checks"][0][1] == tau
+        assert rec[1][2].reselected is expect
+
+
+def test_check_uses_the_quadratic_model_of_the_moved_parameters():
+    cfg = CrestConfig(m=4, r=12, P=2, T1=1, tau=1e9)  # never reselect: one anchor
+    ops = FakeOps(_labels(), scales=(2.0,))
+    move = np.array([0.1, -0.2, 0.05])
+    levels = [1.0, 1.1, 0.9, 1.3, 0.7]
+    state, _ = _run_trace(cfg, levels, ops, move=move)
+    L_a = _mean_loss(1.0, 12)
+    assert len(state.log["checks"]) == len(levels) - 1
+    for k, (step, rho, L_R, F) in enumerate(state.log["checks"], start=1):
+        delta = k * move  # parameters moved k times since the anchor
+        expected_F = L_a + ops.g @ delta + 0.5 * 2.0 * delta @ delta
+        assert step == k and F == pytest.approx(expected_F, rel=1e-12)
+        assert L_R == pytest.approx(_mean_loss(levels[k], 12), rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# (4) every forward and backward the controller asks for is counted
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("lib", ["numpy", "torch", "array_api_strict"])
+@pytest.mark.parametrize("fit_batches, embeddings, batches, check_union", [
+    (1, False, "coreset", False), (3, True, "coreset", True), (2, False, "shuffled-union", True),
+])
+def test_counters_match_the_calls_made(lib, fit_batches, embeddings, batches, check_union):
+    cfg = CrestConfig(m=4, r=12, P=3, T1=2, tau=0.05, fit_batches=fit_batches, embeddings=embeddings,
+                      batches=batches, check_union=check_union)
+    ops = FakeOps(_labels(), lib=lib, emb_dim=3 if embeddings else 0)
+    levels = [1.0, 1.0, 1.02, 1.5, 1.5, 0.5, 0.5, 0.52, 0.52, 2.0, 2.0, 2.0]
+    state, rec = _run_trace(cfg, levels, ops)
+    c = state.counters
+    handed = [batch for _, _, batch, _ in rec]  # each batch handed out is a step the caller takes
+    assert c["train_steps"] == len(handed) == state.step + 1
+    assert c["train_examples"] == sum(b.indices.size for b in handed)
+    assert c["selections"] == len(state.log["selections"]) >= 2
+    assert c["checks"] == len(state.log["checks"]) >= 2
+    assert ops.n["outputs"] == c["selections"] + c["checks"]
+    assert ops.n["gradient"] == ops.n["hutchinson"] <= fit_batches * c["selections"]
+    # forward: every output call, plus one per gradient and per Hessian-vector product;
+    # backward: one per gradient, two per Hessian-vector product (a double backward)
+    assert c["forward_examples"] == (ops.n["outputs_examples"] + ops.n["gradient_examples"]
+                                     + ops.n["hutchinson_examples"])
+    assert c["backward_examples"] == ops.n["gradient_examples"] + 2 * ops.n["hutchinson_examples"]
+    if batches == "coreset":
+        assert ops.n["gradient"] == min(fit_batches, cfg.P) + sum(
+            min(fit_batches, after.P) for before, after, _, _ in rec[1:] if after.counters["selections"] >
+            before.counters["selections"])
+
+
+# ------------------------------------------------------------------------------------------------
+# (5) the release's configuration runs and does what it says
+# ------------------------------------------------------------------------------------------------
+def test_release_configuration_trains():
+    _, ytr, Xte, yte = digits()
+    cfg = CrestConfig.release(m=M)
+    assert cfg.kernel == "exp" and cfg.class_budget == "ceil" and cfg.batches == "shuffled-union"
+    assert cfg.quadratic.variant == "adahessian" and cfg.check_union
+    record = []
+    ops, state = train_crest(cfg, 0, BUDGET, record=record)
+    assert ops.accuracy(Xte, yte) >= 0.85
+    for k, (batch, _, _) in enumerate(record):  # every batch: exactly m real examples
+        assert batch.indices.shape == (M,) and np.all(batch.indices >= 0)
+        assert np.all(batch.weights >= 0) and batch.weights.sum() > 0
+        if k > 0:  # (at step 0, W = 0: a class's features are all equal, and ties give one pick all)
+            assert np.all(batch.weights > 0)
+    # the union of the coresets, weights mean 1 over it (before the remainder that does not fill a batch)
+    assert abs(state.batch_w.mean() - 1.0) < 0.2
+    # the trust check is measured on the union of all P subsets
+    assert state.check_idx.size > 128 and np.all(np.diff(state.check_idx) > 0)
+    # AdaHessian curvature: positive, EMAs carried across anchors
+    curv = quadratic_curvature(state.quad, cfg.quadratic)
+    assert np.all(curv > 0)
+    assert state.quad.n_h == state.counters["selections"] * cfg.fit_batches
+    assert state.counters["selections"] >= 2
+
+
+def test_default_coreset_batches_are_m_with_mean_one_weights():
+    Xtr, ytr, _, _ = digits()
+    cfg = CrestConfig(m=M)
+    ops, state = train_crest(cfg, 0, 3)
+    assert state.batch_idx.shape == (cfg.P, M)
+    np.testing.assert_allclose(state.batch_w.mean(axis=1), 1.0, rtol=1e-12)
+    for p in range(cfg.P):  # a coreset holds distinct examples, class-stratified
+        assert np.unique(state.batch_idx[p]).size == M
+        assert np.unique(ytr[state.batch_idx[p]]).size == 10
+
+
+# ------------------------------------------------------------------------------------------------
+# (6) dropping learned examples shrinks the pool; selection draws from the pool only
+# ------------------------------------------------------------------------------------------------
+def test_dropping_shrinks_the_pool_and_selection_uses_it():
+    Xtr, ytr, _, _ = digits()
+    cfg = CrestConfig(m=M, T2=20, drop=DropConfig(alpha=0.25, window=20, min_records=1, min_per_class=40))
+    record = []
+    ops, state = train_crest(cfg, 0, 140, observe=True, record=record)
+    active = state.drop.active
+    assert active.sum() < len(ytr)  # the pool shrank
+    dropped = sum(k for _, k in state.log["drops"])
+    assert dropped == len(ytr) - active.sum()
+    assert all(step % cfg.T2 == 0 for step, _ in state.log["drops"])
+    for c in range(10):  # min_per_class held
+        assert active[ytr == c].sum() >= 40
+    for batch, active_then, _ in record:  # every batch comes from the pool of its time
+        assert np.all(active_then[batch.indices])
+    # the selection forwards after the first drop only covered the pool of their time
+    first_drop = min(step for step, k in state.log["drops"] if k > 0)
+    sel_after = [s for s in state.log["selections"] if s >= first_drop]
+    assert first_drop in sel_after  # a drop triggers a reselection at once
+    assert np.all(state.drop.active[state.check_idx])
+
+
+def test_dropping_never_shrinks_the_pool_below_a_selection():
+    # everything is "learned" (alpha huge): the pool must still hold enough examples for a coreset of m
+    Xtr, ytr, Xte, yte = digits()
+    cfg = CrestConfig(m=M, T2=5, drop=DropConfig(alpha=1e6, window=5, min_records=1))
+    ops, state = train_crest(cfg, 0, 40, observe=True)
+    assert state.drop.active.sum() >= M
+
+
+# ------------------------------------------------------------------------------------------------
+# (7) bad input
+# ------------------------------------------------------------------------------------------------
+def test_nan_outputs_give_a_clear_error():
+    cfg = CrestConfig(m=4, r=12)
+    ops = FakeOps(_labels())
+    ops.nan = True
+    with pytest.raises(ValueError, match="outputs"):
+        crest_next_batch(crest_init(cfg, ops.labels, seed=0), ops, cfg)
+    # NaN appearing later (at a check) too
+    ops.nan = False
+    state, _ = crest_next_batch(crest_init(cfg, ops.labels, seed=0), ops, cfg)
+    ops.nan = True
+    with pytest.raises(ValueError, match="outputs"):
+        crest_next_batch(state, ops, cfg)
+
+
+def test_outputs_of_the_wrong_shape():
+    cfg = CrestConfig(m=4, r=12)
+
+    class Short(FakeOps):
+        def outputs(self, idx, embeddings=False):
+            return super().outputs(idx)[:-1]
+
+    ops = Short(_labels())
+    with pytest.raises(ValueError, match="outputs"):
+        crest_next_batch(crest_init(cfg, ops.labels, seed=0), ops, cfg)
+
+
+def test_zero_random_subset_loss_does_not_crash_training():
+    # a model that fits the check subset perfectly (cross-entropy exactly 0.0, e.g. a float32 net with
+    # large margins): rho = |0 - F| / 0 is not a reason to stop the user's training loop
+    cfg = CrestConfig(m=4, r=12, T1=1)
+
+    class Perfect(FakeOps):
+        def logits_host(self, idx, level=None):
+            Z = np.full((idx.size, 2), -1000.0)
+            Z[np.arange(idx.size), self.labels[idx]] = 0.0
+            return Z
+
+    ops = Perfect(_labels())
+    state = crest_init(cfg, ops.labels, seed=0)
+    for _ in range(3):
+        state, batch = crest_next_batch(state, ops, cfg)
+        assert batch.indices.shape == (4,)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(tau=0.0), "tau"), (dict(tau=-1.0), "tau"), (dict(tau=float("nan")), "tau"),
+    (dict(tau=float("inf")), "tau"), (dict(m=0), "m"), (dict(P=0), "P"), (dict(T1=1.5), "T1"),
+    (dict(r=0), "r"), (dict(T2=0), "T2"), (dict(P_cap=-1), "P_cap"), (dict(h=0.0), "h"),
+    (dict(b=float("nan")), "b"), (dict(batches="random"), "batches"), (dict(class_budget="x"), "class_budget"),
+    (dict(fit_batches=0), "fit_batches"),
+])
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CrestConfig(**kwargs)
+
+
+def test_subset_smaller_than_the_batch_is_rejected():
+    with pytest.raises(ValueError, match=r"\bm\b|\br\b"):
+        cfg = CrestConfig(m=8, r=4)
+        ops = FakeOps(_labels())
+        crest_next_batch(crest_init(cfg, ops.labels, seed=0), ops, cfg)
+
+
+@pytest.mark.parametrize("labels, seed, exc, match", [
+    (np.arange(10) % 2, 0, ValueError, "m"),  # m = 16 > n = 10
+    (np.zeros(50, dtype=np.int64), 0, ValueError, "single class"),
+    (np.zeros(0, dtype=np.int64), 0, ValueError, "labels"),
+    (np.zeros((5, 10), dtype=np.int64), 0, ValueError, "labels"),
+    (np.arange(50) % 2 * 1.0, 0, TypeError, "labels"),
+    (np.arange(50) % 2 - 1, 0, ValueError, "labels"),
+    (np.arange(50) % 2, -1, ValueError, "seed"),
+    (np.arange(50) % 2, 1.5, ValueError, "seed"),
+    (np.arange(50) % 2, True, ValueError, "seed"),
+])
+def test_bad_init(labels, seed, exc, match):
+    with pytest.raises(exc, match=match):
+        crest_init(CrestConfig(m=16), labels, seed=seed)
+
+
+def test_init_accepts_labels_from_any_library():
+    y = np.arange(40) % 4
+    a = crest_init(CrestConfig(m=8), y, seed=0)
+    b = crest_init(CrestConfig(m=8), torch.tensor(y), seed=0)
+    c = crest_init(CrestConfig(m=8), xs.asarray(y), seed=0)
+    for s in (b, c):
+        np.testing.assert_array_equal(s.labels, a.labels)
+        assert s.labels.dtype == np.int64 and s.n_classes == 4

@@ -1,0 +1,573 @@
+"""crestcore/facility.py: the facility-location objective, greedy (naive, lazy, stochastic), weights.
+
+Every claim is checked against tests/reference.py (plain loops in float64), on random instances drawn by
+hypothesis. Index comparisons are made only on tie-free inputs: the reference greedy reports the smallest
+gap between the winning and the runner-up gain, and a test compares indices only when that gap is far
+above the rounding noise of the paths compared (``_tie_free``). Exact ties are tested separately with
+small-integer similarity matrices, where every sum is exact and "lowest index wins" is checkable.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import pytest
+from hypothesis import assume, example, given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import crestcore
+import reference as R
+
+METRICS = ("euclidean", "sqeuclidean", "cosine")
+KERNELS = ("max-minus", "exp")
+ONE_MINUS_INV_E = 1.0 - 1.0 / math.e
+
+seeds = st.integers(0, 2**32 - 1)
+metrics = st.sampled_from(METRICS)
+kernels = st.sampled_from(KERNELS)
+backends = st.sampled_from(("auto", "reference"))
+exact_optimizers = st.sampled_from(("naive", "lazy"))
+
+
+def _features(seed: int, n: int, d: int, *, scale: float = 1.0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, d)) * scale
+
+
+def _labels(seed: int, n: int, n_classes: int) -> np.ndarray:
+    """Labels with every class present, in shuffled order, with non-contiguous label values."""
+    rng = np.random.default_rng(seed + 1)
+    base = np.concatenate([np.arange(n_classes), rng.integers(0, n_classes, n - n_classes)])
+    values = np.array([7, -3, 0, 42, 5, 11])[:n_classes]  # class order = ascending label value
+    return values[rng.permutation(base)].astype(np.int64)
+
+
+def _tie_free(expected: dict, rel: float = 1e-9) -> bool:
+    """The reference's decisions are separated by more than ``rel`` of the first gain."""
+    scale = max(1.0, float(np.max(np.abs(expected["gains"]))))
+    return expected["margin"] > rel * scale
+
+
+def _np(x) -> np.ndarray:
+    return np.asarray(x)
+
+
+def _check_against_reference(sel, expected, *, rtol=1e-9):
+    scale = max(1.0, abs(expected["objective"]))
+    np.testing.assert_array_equal(_np(sel.indices), expected["indices"])
+    np.testing.assert_array_equal(_np(sel.weights), expected["weights"])
+    np.testing.assert_allclose(_np(sel.gains), expected["gains"], rtol=rtol, atol=rtol * scale)
+    np.testing.assert_allclose(float(sel.objective), expected["objective"], rtol=rtol, atol=rtol * scale)
+
+
+# ================================================================================================
+# the objective and the gains (facility_objective, marginal_gains)
+# ================================================================================================
+
+nonneg_square = st.integers(1, 8).flatmap(
+    lambda n: hnp.arrays(np.float64, (n, n), elements=st.floats(0.0, 10.0, allow_subnormal=False))
+)
+
+
+@given(S=nonneg_square, data=st.data())
+def test_objective_is_monotone_and_submodular(S, data):
+    """f(A + v) >= f(A) and f(A + v) - f(A) >= f(B + v) - f(B) for A subset of B, v outside B."""
+    n = S.shape[0]
+    B = data.draw(st.lists(st.integers(0, n - 1), unique=True, max_size=n - 1), label="B")
+    A = data.draw(st.lists(st.sampled_from(B), unique=True) if B else st.just([]), label="A")
+    v = data.draw(st.sampled_from([j for j in range(n) if j not in B]), label="v")
+
+    def f(sel):
+        return float(crestcore.facility_objective(S, np.asarray(sel, dtype=np.int64)))
+
+    tol = 1e-9 * max(1.0, float(S.sum()))
+    assert f(A + [v]) >= f(A) - tol
+    assert f(A + [v]) - f(A) >= f(B + [v]) - f(B) - tol
+    # and the library's objective is the definition
+    assert f(B) == pytest.approx(R.objective(S, B), rel=1e-12, abs=1e-12)
+
+
+@given(S=nonneg_square, data=st.data())
+def test_marginal_gains_are_objective_differences(S, data):
+    n = S.shape[0]
+    A = data.draw(st.lists(st.integers(0, n - 1), unique=True, max_size=n), label="A")
+    sel = np.asarray(A, dtype=np.int64)
+    g = _np(crestcore.marginal_gains(S, sel))
+    assert g.shape == (n,)
+    expected = [R.gain(S, A, j) for j in range(n)]
+    np.testing.assert_allclose(g, expected, rtol=1e-12, atol=1e-12)
+    assert np.all(g[sel] == 0)  # nothing to gain from a candidate already chosen
+    assert np.all(g >= 0)
+
+
+def test_objective_and_gains_in_every_namespace(xp):
+    rng = np.random.default_rng(3)
+    S = rng.random((9, 9))
+    for sel in ([], [4], [0, 8, 3]):
+        sel_np = np.asarray(sel, dtype=np.int64)
+        S_x, sel_x = xp.asarray(S), xp.asarray(sel_np)
+        f = crestcore.facility_objective(S_x, sel_x)
+        g = crestcore.marginal_gains(S_x, sel_x)
+        xp.assert_native(f, S_x, np.float64, ndim=0)
+        xp.assert_native(g, S_x, np.float64, ndim=1)
+        assert float(xp.to_numpy(f)) == pytest.approx(R.objective(S, sel), rel=1e-12)
+        np.testing.assert_allclose(xp.to_numpy(g), [R.gain(S, sel, j) for j in range(9)], rtol=1e-12)
+
+
+# ================================================================================================
+# greedy quality and agreement with the independent naive greedy
+# ================================================================================================
+
+
+@given(seed=seeds, n=st.integers(2, 9), d=st.integers(1, 4), metric=metrics, kernel=kernels,
+       optimizer=exact_optimizers, data=st.data())
+def test_greedy_reaches_1_minus_1_over_e_of_the_optimum(seed, n, d, metric, kernel, optimizer, data):
+    k = data.draw(st.integers(1, n), label="k")
+    X = _features(seed, n, d)
+    sel = crestcore.facility_location(X, k, metric=metric, kernel=kernel, optimizer=optimizer)
+    S = R.similarity(X, metric, kernel)
+    opt, _ = R.brute_force_optimum(S, k)
+    achieved = R.objective(S, _np(sel.indices))
+    assert achieved >= ONE_MINUS_INV_E * opt - 1e-9 * max(1.0, opt)
+    assert achieved <= opt + 1e-9 * max(1.0, opt)
+
+
+@given(S=st.integers(2, 9).flatmap(lambda n: hnp.arrays(np.float64, (n, n), elements=st.integers(0, 5))),
+       data=st.data())
+def test_greedy_bound_on_precomputed_with_ties(S, data):
+    n = S.shape[0]
+    k = data.draw(st.integers(1, n), label="k")
+    sel = crestcore.facility_location(S, k, metric="precomputed", kernel=None, optimizer="lazy")
+    opt, _ = R.brute_force_optimum(S, k)
+    assert float(sel.objective) >= ONE_MINUS_INV_E * opt - 1e-12
+    assert float(sel.objective) == R.objective(S, _np(sel.indices))
+
+
+@given(seed=seeds, n=st.integers(2, 40), d=st.integers(1, 6), metric=metrics, kernel=kernels,
+       optimizer=exact_optimizers, backend=backends, n_classes=st.integers(0, 4), data=st.data())
+def test_greedy_equals_independent_naive_greedy(seed, n, d, metric, kernel, optimizer, backend, n_classes, data):
+    """Indices (tie-free inputs), weights, gains and objective of the library == the loop reference."""
+    assume(n_classes <= n)
+    k = data.draw(st.integers(1, n), label="k")
+    X = _features(seed, n, d, scale=data.draw(st.sampled_from([1e-2, 1.0, 30.0]), label="scale"))
+    labels = _labels(seed, n, n_classes) if n_classes else None
+    expected = R.facility_location(X, k, labels, metric=metric, kernel=kernel)
+    assume(_tie_free(expected))
+    sel = crestcore.facility_location(X, k, labels=labels, metric=metric, kernel=kernel,
+                                      optimizer=optimizer, backend=backend)
+    _check_against_reference(sel, expected)
+
+
+small_int_square = st.integers(1, 12).flatmap(
+    lambda n: hnp.arrays(np.float64, (n, n), elements=st.integers(0, 3))
+)
+
+
+@given(S=small_int_square, backend=backends, optimizer=exact_optimizers, data=st.data())
+@example(S=np.zeros((5, 5)), backend="auto", optimizer="lazy", data=None).via("all gains zero")
+@example(S=np.ones((6, 6)), backend="auto", optimizer="lazy", data=None).via("all similarities equal")
+def test_exact_ties_break_to_the_lowest_index(S, backend, optimizer, data):
+    """Small-integer, asymmetric similarities: sums are exact, so ties are real and checkable."""
+    n = S.shape[0]
+    k = data.draw(st.integers(1, n), label="k") if data is not None else min(3, n)
+    sel = crestcore.facility_location(S, k, metric="precomputed", kernel=None, optimizer=optimizer,
+                                      backend=backend)
+    expected = R.facility_location(S, k, metric="precomputed")
+    np.testing.assert_array_equal(_np(sel.indices), expected["indices"])
+    np.testing.assert_array_equal(_np(sel.weights), expected["weights"])
+    np.testing.assert_array_equal(_np(sel.gains), expected["gains"])
+    assert float(sel.objective) == expected["objective"]
+
+
+@given(S=small_int_square, n_classes=st.integers(1, 3), backend=backends, optimizer=exact_optimizers,
+       data=st.data())
+def test_exact_ties_per_class(S, n_classes, backend, optimizer, data):
+    n = S.shape[0]
+    assume(n_classes <= n)
+    labels = _labels(int(S.sum()), n, n_classes)
+    k = data.draw(st.integers(1, n), label="k")
+    sel = crestcore.facility_location(S, k, labels=labels, metric="precomputed", kernel=None,
+                                      optimizer=optimizer, backend=backend)
+    expected = R.facility_location(S, k, labels, metric="precomputed")
+    np.testing.assert_array_equal(_np(sel.indices), expected["indices"])
+    np.testing.assert_array_equal(_np(sel.weights), expected["weights"])
+    assert float(sel.objective) == expected["objective"]
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_lazy_equals_naive_on_a_larger_instance(metric, kernel):
+    """n = 150 makes lazy greedy's stale bounds matter (the dense and the matrix-free lazy)."""
+    X = _features(11, 150, 5)
+    naive = crestcore.facility_location(X, 20, metric=metric, kernel=kernel, optimizer="naive")
+    for mdb in (1 << 30, 150 * 150 * 8 - 1):
+        lazy = crestcore.facility_location(X, 20, metric=metric, kernel=kernel, optimizer="lazy",
+                                           max_dense_bytes=mdb)
+        np.testing.assert_array_equal(_np(lazy.indices), _np(naive.indices))
+        np.testing.assert_array_equal(_np(lazy.weights), _np(naive.weights))
+        np.testing.assert_allclose(_np(lazy.gains), _np(naive.gains), rtol=1e-9)
+
+
+# ================================================================================================
+# stochastic greedy
+# ================================================================================================
+
+
+@pytest.mark.parametrize("epsilon", [0.1, 0.5])
+def test_stochastic_greedy_is_near_naive_in_expectation(epsilon):
+    """Statistical test, fixed seeds: mean over 40 seeds >= (1 - 1/e - epsilon) x the naive objective.
+
+    The guarantee is in expectation; the tolerance is the guarantee itself, which is far below what
+    stochastic greedy reaches in practice, so a failure means a broken sampler, not bad luck.
+    """
+    X = _features(5, 80, 3)
+    k = 8
+    naive = float(crestcore.facility_location(X, k, optimizer="naive").objective)
+    values = []
+    for seed in range(40):
+        sel = crestcore.facility_location(X, k, optimizer="stochastic", epsilon=epsilon, rng=seed)
+        idx = _np(sel.indices)
+        assert idx.shape == (k,) and idx.dtype == np.int64
+        assert np.unique(idx).size == k and idx.min() >= 0 and idx.max() < 80
+        assert float(np.sum(_np(sel.weights))) == 80
+        values.append(float(sel.objective))
+    assert np.mean(values) >= (ONE_MINUS_INV_E - epsilon) * naive
+
+
+@given(seed=seeds, n=st.integers(1, 30), epsilon=st.floats(0.01, 0.99), n_classes=st.integers(0, 3),
+       data=st.data())
+def test_stochastic_returns_k_distinct_valid_indices(seed, n, epsilon, n_classes, data):
+    assume(n_classes <= n)
+    k = data.draw(st.integers(1, n), label="k")
+    X = _features(seed, n, 2)
+    labels = _labels(seed, n, n_classes) if n_classes else None
+    sel = crestcore.facility_location(X, k, labels=labels, optimizer="stochastic", epsilon=epsilon, rng=seed)
+    idx = _np(sel.indices)
+    assert idx.shape == (k,) and np.unique(idx).size == k
+    assert idx.min() >= 0 and idx.max() < n
+    if k >= n_classes:  # every class has a pick, so every point is represented
+        assert float(np.sum(_np(sel.weights))) == n
+    # the objective it reports is the objective of what it picked
+    if labels is None:
+        assert float(sel.objective) == pytest.approx(R.objective(R.similarity(X), idx), rel=1e-9, abs=1e-9)
+
+
+def test_stochastic_is_reproducible_from_the_seed():
+    X = _features(2, 50, 3)
+    a = crestcore.facility_location(X, 6, optimizer="stochastic", rng=123)
+    b = crestcore.facility_location(X, 6, optimizer="stochastic", rng=np.random.default_rng(123))
+    np.testing.assert_array_equal(_np(a.indices), _np(b.indices))
+    differ = [
+        not np.array_equal(_np(crestcore.facility_location(X, 6, optimizer="stochastic", rng=s).indices),
+                           _np(a.indices))
+        for s in range(10)
+    ]
+    assert any(differ)  # the seed is actually used
+
+
+# ================================================================================================
+# gains, objective along the order, weights
+# ================================================================================================
+
+
+@given(seed=seeds, n=st.integers(1, 30), d=st.integers(1, 4), metric=metrics, kernel=kernels,
+       optimizer=st.sampled_from(("naive", "lazy", "stochastic")), n_classes=st.integers(0, 3), data=st.data())
+def test_gains_objective_and_weights_are_consistent(seed, n, d, metric, kernel, optimizer, n_classes, data):
+    """Per class: gains[t] = F(picks[:t+1]) - F(picks[:t]) (so F never decreases and sum(gains) = F),
+    gains non-increasing for the exact optimizers, weights sum to the class size."""
+    assume(n_classes <= n)
+    k = data.draw(st.integers(1, n), label="k")
+    X = _features(seed, n, d)
+    labels = _labels(seed, n, n_classes) if n_classes else np.zeros(n, dtype=np.int64)
+    sel = crestcore.facility_location(X, k, labels=labels if n_classes else None, metric=metric,
+                                      kernel=kernel, optimizer=optimizer, rng=seed)
+    idx, gains, weights = _np(sel.indices), _np(sel.gains), _np(sel.weights)
+    assert idx.shape == gains.shape == weights.shape == (k,)
+    if k >= n_classes:  # every class has a pick (else see test_budget_split_when_classes_outnumber_k)
+        assert float(np.sum(weights)) == n
+    assert float(np.sum(gains)) == pytest.approx(float(sel.objective), rel=1e-9, abs=1e-9)
+    total = 0.0
+    pick_labels = labels[idx]
+    assert np.all(np.diff(pick_labels) >= 0) or n_classes == 0  # grouped by ascending label
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        mine = np.flatnonzero(pick_labels == c)
+        if mine.size == 0:
+            continue
+        assert float(np.sum(weights[mine])) == members.size
+        S = R.similarity(X[members], metric, kernel)
+        local = np.searchsorted(members, idx[mine])
+        assert np.array_equal(members[local], idx[mine])
+        prev = 0.0
+        tol = 1e-9 * max(1.0, float(gains[mine[0]]))
+        for t in range(mine.size):
+            f = R.objective(S, local[: t + 1])
+            assert f >= prev - tol
+            assert gains[mine[t]] == pytest.approx(f - prev, rel=1e-7, abs=tol)
+            prev = f
+        if optimizer != "stochastic":  # stochastic greedy looks at a random sample each step
+            assert np.all(np.diff(gains[mine]) <= tol)
+        total += prev
+    assert float(sel.objective) == pytest.approx(total, rel=1e-9, abs=1e-9)
+
+
+@given(seed=seeds, n=st.integers(2, 30), d=st.integers(1, 4), metric=st.sampled_from(("euclidean", "sqeuclidean")),
+       kernel=kernels, data=st.data())
+def test_weights_are_explicit_cluster_sizes(seed, n, d, metric, kernel, data):
+    k = data.draw(st.integers(1, n), label="k")
+    X = _features(seed, n, d)
+    sel = crestcore.facility_location(X, k, metric=metric, kernel=kernel)
+    expected = R.facility_location(X, k, metric=metric, kernel=kernel)
+    assume(_tie_free(expected))
+    S = R.similarity(X, metric, kernel)
+    # tie-free assignment too: every point's best pick beats its second best clearly
+    sims = S[:, _np(sel.indices)]
+    if k > 1:
+        top2 = np.sort(sims, axis=1)[:, -2:]
+        assume(np.all(top2[:, 1] - top2[:, 0] > 1e-9 * max(1.0, float(S.max()))))
+    np.testing.assert_array_equal(_np(sel.weights), R.assign_weights(S, _np(sel.indices)))
+    assert np.all(_np(sel.weights) >= 1)  # distinct points: every pick represents at least itself
+
+
+def test_k_equal_n_selects_everything():
+    X = _features(4, 12, 3)
+    sel = crestcore.facility_location(X, 12)
+    assert sorted(_np(sel.indices).tolist()) == list(range(12))
+    np.testing.assert_array_equal(_np(sel.weights), np.ones(12))
+    S = R.similarity(X)
+    assert float(sel.objective) == pytest.approx(12 * S.max(), rel=1e-12)
+    assert len(sel) == 12
+
+
+# ================================================================================================
+# permutation equivariance
+# ================================================================================================
+
+
+@given(seed=seeds, n=st.integers(2, 30), d=st.integers(1, 4), metric=metrics, kernel=kernels,
+       n_classes=st.integers(0, 3), data=st.data())
+def test_permuting_the_rows_permutes_the_picks(seed, n, d, metric, kernel, n_classes, data):
+    assume(n_classes <= n)
+    k = data.draw(st.integers(1, n), label="k")
+    perm = np.asarray(data.draw(st.permutations(range(n)), label="perm"), dtype=np.int64)
+    X = _features(seed, n, d)
+    labels = _labels(seed, n, n_classes) if n_classes else None
+    expected = R.facility_location(X, k, labels, metric=metric, kernel=kernel)
+    assume(_tie_free(expected))
+    a = crestcore.facility_location(X, k, labels=labels, metric=metric, kernel=kernel)
+    b = crestcore.facility_location(X[perm], k, labels=None if labels is None else labels[perm],
+                                    metric=metric, kernel=kernel)
+    inv = np.argsort(perm)
+    np.testing.assert_array_equal(_np(b.indices), inv[_np(a.indices)])
+    np.testing.assert_array_equal(_np(b.weights), _np(a.weights))
+    assert float(b.objective) == pytest.approx(float(a.objective), rel=1e-9)
+
+
+# ================================================================================================
+# every array library gives the same answer, in its own arrays
+# ================================================================================================
+
+CASES = ("plain", "labels", "matrix-free", "precomputed", "stochastic", "exp-cosine")
+
+
+@functools.lru_cache(maxsize=None)
+def _tie_free_instance(n, d, k, labels_seed, n_classes, metric, kernel, rel):
+    """First seed whose reference decisions are separated by ``rel`` (float32 needs a wide margin)."""
+    labels = _labels(labels_seed, n, n_classes) if n_classes else None
+    for seed in range(100):
+        X = _features(1000 + seed, n, d)
+        exp = R.facility_location(X, k, labels, metric=metric, kernel=kernel)
+        if _tie_free(exp, rel):
+            return X, exp
+    raise AssertionError("no tie-free instance found")  # pragma: no cover
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("case", CASES)
+def test_every_namespace_gives_the_numpy_answer(xp, dtype, backend, case):
+    n, d, k = 36, 4, 6
+    labels = _labels(9, n, 3) if case in ("labels", "matrix-free") else None
+    metric, kernel = ("cosine", "exp") if case == "exp-cosine" else ("euclidean", "max-minus")
+    X, expected = _tie_free_instance(n, d, k, 9, 3 if labels is not None else 0, metric, kernel, rel=2e-5)
+    kwargs = dict(metric=metric, kernel=kernel, backend=backend)
+    data = X
+    if case == "matrix-free":
+        kwargs["max_dense_bytes"] = 64  # every class is solved without its dense matrix
+    if case == "precomputed":
+        data = R.similarity(X, metric, kernel)
+        kwargs.update(metric="precomputed", kernel=None)
+    if case == "stochastic":
+        kwargs.update(optimizer="stochastic", rng=7)
+        expected = None  # compared with NumPy's own stochastic run (same host draws for every library)
+    base = crestcore.facility_location(data, k, labels=labels, **{**kwargs, "backend": "reference"})
+    Xx = xp.asarray(data, dtype=dtype)
+    lab = None if labels is None else xp.asarray(labels)
+    sel = crestcore.facility_location(Xx, k, labels=lab, **kwargs)
+
+    xp.assert_native(sel.indices, Xx, np.int64, ndim=1)
+    xp.assert_native(sel.weights, Xx, dtype, ndim=1)
+    xp.assert_native(sel.gains, Xx, dtype, ndim=1)
+    xp.assert_native(sel.objective, Xx, dtype, ndim=0)
+    rtol = 1e-4 if dtype == np.float32 else 1e-9
+    np.testing.assert_array_equal(xp.to_numpy(sel.indices), _np(base.indices))
+    np.testing.assert_array_equal(xp.to_numpy(sel.weights), _np(base.weights))
+    np.testing.assert_allclose(xp.to_numpy(sel.gains), _np(base.gains), rtol=rtol, atol=rtol * float(base.objective))
+    np.testing.assert_allclose(float(xp.to_numpy(sel.objective)), float(base.objective), rtol=rtol)
+    if expected is not None:
+        np.testing.assert_array_equal(_np(base.indices), expected["indices"])
+
+
+# ================================================================================================
+# precomputed, matrix-free and dense paths agree
+# ================================================================================================
+
+
+@given(seed=seeds, n=st.integers(2, 30), d=st.integers(1, 4), metric=metrics, kernel=kernels,
+       optimizer=exact_optimizers, n_classes=st.integers(0, 3), data=st.data())
+def test_precomputed_equals_features_path(seed, n, d, metric, kernel, optimizer, n_classes, data):
+    """Given the same similarities, metric="precomputed" picks what the features path picks.
+
+    With labels only the within-class blocks matter; the rest of the matrix is filled with junk.
+    """
+    assume(n_classes <= n)
+    k = data.draw(st.integers(1, n), label="k")
+    X = _features(seed, n, d)
+    labels = _labels(seed, n, n_classes) if n_classes else None
+    expected = R.facility_location(X, k, labels, metric=metric, kernel=kernel)
+    assume(_tie_free(expected))
+    if labels is None:
+        S = R.similarity(X, metric, kernel)
+    else:
+        S = np.random.default_rng(seed).random((n, n)) * 1e3  # junk across classes
+        for c in np.unique(labels):
+            g = np.flatnonzero(labels == c)
+            S[np.ix_(g, g)] = R.similarity(X[g], metric, kernel)
+    a = crestcore.facility_location(X, k, labels=labels, metric=metric, kernel=kernel, optimizer=optimizer)
+    b = crestcore.facility_location(S, k, labels=labels, metric="precomputed", kernel=None, optimizer=optimizer)
+    np.testing.assert_array_equal(_np(b.indices), _np(a.indices))
+    np.testing.assert_array_equal(_np(b.weights), _np(a.weights))
+    assert float(b.objective) == pytest.approx(float(a.objective), rel=1e-9, abs=1e-9)
+    _check_against_reference(b, expected)
+
+
+@given(seed=seeds, n=st.integers(2, 60), d=st.integers(1, 4), metric=metrics, kernel=kernels,
+       optimizer=st.sampled_from(("naive", "lazy", "stochastic")), n_classes=st.integers(0, 3),
+       data=st.data())
+def test_matrix_free_path_equals_dense_path(seed, n, d, metric, kernel, optimizer, n_classes, data):
+    """A small ``max_dense_bytes`` sends (some or all) problems down the tiled matrix-free path."""
+    assume(n_classes <= n)
+    k = data.draw(st.integers(1, n), label="k")
+    X = _features(seed, n, d)
+    labels = _labels(seed, n, n_classes) if n_classes else None
+    expected = R.facility_location(X, k, labels, metric=metric, kernel=kernel)
+    assume(_tie_free(expected))
+    sizes = [n] if labels is None else np.unique(labels, return_counts=True)[1].tolist()
+    # between "the smallest problem is big" and "only the largest is": tiles of a few rows each
+    mdb = data.draw(st.sampled_from([min(sizes) ** 2 * 8 - 1, max(sizes) ** 2 * 8 - 1]), label="max_dense_bytes")
+    assume(mdb >= 1)
+    dense = crestcore.facility_location(X, k, labels=labels, metric=metric, kernel=kernel,
+                                        optimizer=optimizer, rng=seed)
+    free = crestcore.facility_location(X, k, labels=labels, metric=metric, kernel=kernel,
+                                       optimizer=optimizer, rng=seed, max_dense_bytes=mdb)
+    np.testing.assert_array_equal(_np(free.indices), _np(dense.indices))
+    np.testing.assert_array_equal(_np(free.weights), _np(dense.weights))
+    np.testing.assert_allclose(_np(free.gains), _np(dense.gains), rtol=1e-9, atol=1e-9)
+    assert float(free.objective) == pytest.approx(float(dense.objective), rel=1e-9, abs=1e-9)
+    if optimizer != "stochastic":
+        np.testing.assert_array_equal(_np(free.indices), expected["indices"])
+
+
+# ================================================================================================
+# per-class budgets (Hamilton) and all-identical points
+# ================================================================================================
+
+class_sizes = st.lists(st.integers(1, 30), min_size=1, max_size=5)
+
+
+@given(sizes=class_sizes, data=st.data())
+@example(sizes=[4, 28, 28], data=None).via("exact remainder tie: 20*4/60 and 20*28/60 both end in 1/3")
+@example(sizes=[3, 16, 13, 25], data=None).via("exact remainder tie between classes 0 and 1")
+@example(sizes=[1, 1, 30], data=None).via("small classes get one pick each")
+def test_per_class_budget_is_the_documented_hamilton_split(sizes, data):
+    n = sum(sizes)
+    if data is None:
+        k = {60: 20, 57: 19, 32: 3}[n]
+    else:
+        k = data.draw(st.integers(1, n), label="k")
+    values = np.array([7, -3, 0, 42, 5])[: len(sizes)]  # label values, not positions, order the classes
+    labels = np.random.default_rng(n).permutation(np.repeat(values, sizes))
+    X = _features(n, n, 2)
+    sel = crestcore.facility_location(X, k, labels=labels, optimizer="lazy")
+    idx = _np(sel.indices)
+    order = np.argsort(values, kind="stable")
+    expected = R.hamilton(k, np.asarray(sizes)[order])  # by ascending label
+    got = np.array([np.sum(labels[idx] == values[c]) for c in order])
+    np.testing.assert_array_equal(got, expected)
+    assert idx.size == k and np.unique(idx).size == k
+    # picks are grouped by ascending label
+    assert np.all(np.diff(np.searchsorted(np.sort(values), labels[idx])) >= 0)
+    # weights per class sum to the class size (classes with no pick have no weights)
+    w = _np(sel.weights)
+    for c, size in zip(values, sizes):
+        if np.any(labels[idx] == c):
+            assert float(np.sum(w[labels[idx] == c])) == size
+
+
+def test_budget_split_when_classes_outnumber_k():
+    """k < #classes: the largest classes get the picks (no class can get one of nothing)."""
+    labels = np.repeat(np.arange(5), [10, 2, 7, 1, 5])
+    X = _features(0, labels.size, 2)
+    sel = crestcore.facility_location(X, 3, labels=labels)
+    got = np.bincount(labels[_np(sel.indices)], minlength=5)
+    np.testing.assert_array_equal(got, R.hamilton(3, [10, 2, 7, 1, 5]))
+    np.testing.assert_array_equal(got, [1, 0, 1, 0, 1])
+    assert float(np.sum(_np(sel.weights))) == 10 + 7 + 5  # only classes with picks are represented
+
+
+IDENTICAL_ROWS = {
+    "0.1": lambda d: np.full((1, d), 0.1),
+    "1/3": lambda d: np.full((1, d), 1.0 / 3.0),
+    "normal": lambda d: np.random.default_rng(0).normal(size=(1, d)),
+}
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("d", [3, 64])
+@pytest.mark.parametrize("row", sorted(IDENTICAL_ROWS))
+def test_all_identical_points_give_the_documented_answer(xp, metric, kernel, d, row):
+    """Docstring: every gain after the first is 0, the picks are the lowest indices, the first pick of
+    each problem carries all the weight. (Identical points are at distance exactly 0 from each other,
+    so all similarities of a problem are equal: an all-ties input.)"""
+    row = IDENTICAL_ROWS[row](d)
+    X = np.repeat(row, 9, axis=0)
+    Xx = xp.asarray(X)
+    sel = crestcore.facility_location(Xx, 3, metric=metric, kernel=kernel)
+    np.testing.assert_array_equal(xp.to_numpy(sel.indices), [0, 1, 2])
+    np.testing.assert_array_equal(xp.to_numpy(sel.weights), [9, 0, 0])
+    g = xp.to_numpy(sel.gains)
+    assert np.all(np.abs(g[1:]) <= 1e-12 * max(1.0, abs(g[0])))
+    # per class: each class's first pick carries the whole class
+    labels = np.array([1, 0, 1, 0, 1, 0, 1, 1, 0])
+    sel = crestcore.facility_location(Xx, 4, labels=xp.asarray(labels), metric=metric, kernel=kernel)
+    np.testing.assert_array_equal(xp.to_numpy(sel.indices), [1, 3, 0, 2])
+    np.testing.assert_array_equal(xp.to_numpy(sel.weights), [4, 0, 5, 0])
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean"])
+def test_all_zero_points(metric):
+    sel = crestcore.facility_location(np.zeros((6, 2)), 2, metric=metric)
+    np.testing.assert_array_equal(_np(sel.indices), [0, 1])
+    np.testing.assert_array_equal(_np(sel.weights), [6, 0])
+    np.testing.assert_array_equal(_np(sel.gains), [0, 0])
+
+
+def test_selection_dataclass():
+    sel = crestcore.facility_location(_features(0, 10, 2), 3)
+    assert isinstance(sel, crestcore.Selection)
+    assert len(sel) == 3
+    with pytest.raises(AttributeError):
+        sel.indices = None  # frozen

@@ -1,0 +1,261 @@
+"""Tests for crestcore/features.py: last-layer gradient features and the cross-entropy they differentiate.
+
+Every closed form is checked against torch autograd (float64), the ground truth for "the gradient of
+the cross-entropy loss". Self-contained: no conftest fixtures.
+"""
+
+from __future__ import annotations
+
+import array_api_strict as xs
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from crestcore import cross_entropy, last_layer_gradients, softmax
+
+SETTINGS = settings(deadline=None, max_examples=30)
+
+
+def _problem(seed: int, n: int, C: int, scale: float = 3.0):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(scale=scale, size=(n, C))
+    labels = rng.integers(0, C, size=n)
+    return logits, labels
+
+
+# --------------------------------------------------------------------------------------------
+# against autograd
+# --------------------------------------------------------------------------------------------
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 20), C=st.integers(2, 12),
+       scale=st.sampled_from([0.1, 1.0, 5.0, 30.0]))
+def test_logit_gradient_equals_autograd(seed, n, C, scale):
+    logits, labels = _problem(seed, n, C, scale)
+    z = torch.tensor(logits, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor(labels)
+    # the gradient of the *summed* loss w.r.t. the logits: row i is example i's own gradient
+    torch.nn.functional.cross_entropy(z, y, reduction="sum").backward()
+    expected = z.grad.numpy()
+    got = last_layer_gradients(logits, labels)
+    assert got.shape == (n, C)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14)
+    # properties of softmax - onehot: rows sum to 0, the true class is in (-1, 0], others in [0, 1)
+    np.testing.assert_allclose(got.sum(axis=1), 0.0, atol=1e-12)
+    assert np.all(got[np.arange(n), labels] <= 0) and np.all(got[np.arange(n), labels] > -1 - 1e-15)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 8), C=st.integers(2, 6), h=st.integers(1, 7))
+def test_embedding_gradient_equals_per_example_autograd_of_last_linear_weight(seed, n, C, h):
+    rng = np.random.default_rng(seed)
+    lin = torch.nn.Linear(h, C, bias=True).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor(rng.normal(size=(C, h))))
+        lin.bias.copy_(torch.tensor(rng.normal(size=C)))
+    emb = torch.tensor(rng.normal(size=(n, h)))
+    y = torch.tensor(rng.integers(0, C, size=n))
+    expected = np.empty((n, C * h))
+    for i in range(n):  # per-example gradient of the loss w.r.t. the weight (C, h), row-major
+        lin.zero_grad()
+        torch.nn.functional.cross_entropy(lin(emb[i : i + 1]), y[i : i + 1]).backward()
+        expected[i] = lin.weight.grad.numpy().reshape(-1)
+    with torch.no_grad():
+        logits = lin(emb).numpy()
+    got = last_layer_gradients(logits, y.numpy(), embeddings=emb.numpy())
+    assert got.shape == (n, C * h)
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_embedding_gradient_in_torch_matches_numpy():
+    logits, labels = _problem(3, 7, 4)
+    emb = np.random.default_rng(4).normal(size=(7, 5))
+    ref = last_layer_gradients(logits, labels, embeddings=emb)
+    got = last_layer_gradients(torch.tensor(logits), torch.tensor(labels), embeddings=torch.tensor(emb))
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-13, atol=1e-15)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 20), C=st.integers(2, 12))
+def test_from_probabilities_equals_logits_path(seed, n, C):
+    logits, labels = _problem(seed, n, C)
+    probs = softmax(logits)
+    np.testing.assert_allclose(
+        last_layer_gradients(probs, labels, from_probabilities=True),
+        last_layer_gradients(logits, labels), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(
+        cross_entropy(probs, labels, from_probabilities=True),
+        cross_entropy(logits, labels), rtol=1e-9, atol=1e-12)
+
+
+def test_cross_entropy_of_zero_probability_is_large_and_finite():
+    p = np.array([[1.0, 0.0], [0.5, 0.5]])
+    ce = cross_entropy(p, np.array([1, 0]), from_probabilities=True)
+    assert np.all(np.isfinite(ce)) and ce[0] > 700  # -log(tiny)
+    assert ce[1] == pytest.approx(np.log(2.0))
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 20), C=st.integers(2, 12),
+       scale=st.sampled_from([0.01, 1.0, 10.0, 100.0]))
+def test_cross_entropy_equals_torch(seed, n, C, scale):
+    logits, labels = _problem(seed, n, C, scale)
+    expected = torch.nn.functional.cross_entropy(torch.tensor(logits), torch.tensor(labels),
+                                                 reduction="none").numpy()
+    np.testing.assert_allclose(cross_entropy(logits, labels), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_softmax_rows_sum_to_one_and_shift_invariant():
+    logits, _ = _problem(0, 6, 5)
+    p = softmax(logits)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-14)
+    np.testing.assert_allclose(softmax(logits + 1234.5), p, rtol=1e-10)
+
+
+# --------------------------------------------------------------------------------------------
+# numerical stability
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_huge_logits_are_finite_and_exact(dtype):
+    logits = np.array([[1e4, -1e4, 0.0], [0.0, 1e4, 1e4], [-1e4, -1e4, -1e4]], dtype=dtype)
+    labels = np.array([1, 0, 2])
+    g = last_layer_gradients(logits, labels)
+    ce = cross_entropy(logits, labels)
+    assert np.all(np.isfinite(g)) and np.all(np.isfinite(ce))
+    np.testing.assert_allclose(g, [[1, -1, 0], [-1, 0.5, 0.5], [1 / 3, 1 / 3, -2 / 3]], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ce, [2e4, 1e4 + np.log(2.0), np.log(3.0)], rtol=1e-6)
+    emb = np.ones((3, 2), dtype=dtype) * 1e3
+    assert np.all(np.isfinite(last_layer_gradients(logits, labels, embeddings=emb)))
+
+
+def test_float32_cross_entropy_with_large_offset_keeps_precision():
+    # logits = 1e4 + O(1) in float32: the loss is O(1) and must not lose digits to cancellation against
+    # 1e4 (log(sum exp(z - max)) - (z_y - max) is exact to float32 rounding; torch gets 2.5e-7 here)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, size=50)
+    z32 = (rng.normal(size=(50, 5)) + 1e4).astype(np.float32)
+    exact = cross_entropy(z32.astype(np.float64), labels)  # the same (rounded) inputs, float64 maths
+    ref_torch = torch.nn.functional.cross_entropy(torch.tensor(z32), torch.tensor(labels),
+                                                  reduction="none").numpy()
+    np.testing.assert_allclose(ref_torch, exact, atol=1e-5)  # what float32 can do
+    np.testing.assert_allclose(cross_entropy(z32, labels), exact, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# namespace and dtype in = namespace and dtype out
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("lib", ["numpy", "torch", "array_api_strict"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("func", ["grad", "grad_emb", "grad_prob", "ce", "ce_prob", "softmax"])
+def test_result_in_input_namespace_and_dtype(lib, dtype, func):
+    logits64, labels = _problem(7, 5, 4)
+    emb64 = np.random.default_rng(8).normal(size=(5, 3))
+    probs64 = softmax(logits64)
+    ref = {
+        "grad": lambda: last_layer_gradients(logits64, labels),
+        "grad_emb": lambda: last_layer_gradients(logits64, labels, embeddings=emb64),
+        "grad_prob": lambda: last_layer_gradients(probs64, labels, from_probabilities=True),
+        "ce": lambda: cross_entropy(logits64, labels),
+        "ce_prob": lambda: cross_entropy(probs64, labels, from_probabilities=True),
+        "softmax": lambda: softmax(logits64),
+    }[func]()
+
+    def conv(a):
+        a = a.astype(dtype) if a.dtype.kind == "f" else a
+        if lib == "torch":
+            return torch.asarray(a)
+        if lib == "array_api_strict":
+            return xs.asarray(a)
+        return a
+
+    lg, lb, em, pr = conv(logits64), conv(labels), conv(emb64), conv(probs64)
+    out = {
+        "grad": lambda: last_layer_gradients(lg, lb),
+        "grad_emb": lambda: last_layer_gradients(lg, lb, embeddings=em),
+        "grad_prob": lambda: last_layer_gradients(pr, lb, from_probabilities=True),
+        "ce": lambda: cross_entropy(lg, lb),
+        "ce_prob": lambda: cross_entropy(pr, lb, from_probabilities=True),
+        "softmax": lambda: softmax(lg),
+    }[func]()
+    if lib == "torch":
+        assert isinstance(out, torch.Tensor) and str(out.dtype) == f"torch.{dtype}"
+        host = out.numpy()
+    elif lib == "array_api_strict":
+        assert type(out).__module__.startswith("array_api_strict")
+        assert out.dtype == getattr(xs, dtype)
+        host = np.from_dlpack(out)
+    else:
+        assert isinstance(out, np.ndarray) and out.dtype == np.dtype(dtype)
+        host = out
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(host, ref, rtol=tol, atol=tol)
+
+
+# --------------------------------------------------------------------------------------------
+# bad input names the argument
+# --------------------------------------------------------------------------------------------
+GOOD_Z = np.zeros((3, 4))
+GOOD_Y = np.array([0, 1, 3])
+
+
+@pytest.mark.parametrize("func", [last_layer_gradients, cross_entropy])
+@pytest.mark.parametrize("logits, labels, exc, match", [
+    (np.array([[0.0, np.nan, 1.0, 2.0], [0, 0, 0, 0], [0, 0, 0, 0]]), GOOD_Y, ValueError, "logits"),
+    (np.array([[0.0, np.inf, 1.0, 2.0], [0, 0, 0, 0], [0, 0, 0, 0]]), GOOD_Y, ValueError, "logits"),
+    (GOOD_Z, np.array([0, 1, 4]), ValueError, "labels"),  # out of range (C = 4)
+    (GOOD_Z, np.array([0, -1, 2]), ValueError, "labels"),  # negative
+    (GOOD_Z, np.array([0.0, 1.0, 2.0]), TypeError, "labels"),  # float labels
+    (GOOD_Z, np.array([0, 1]), ValueError, "labels"),  # length mismatch
+    (GOOD_Z, np.array([[0, 1, 2]]), ValueError, "labels"),  # 2-D labels
+    (np.zeros(4), np.array([0]), ValueError, "logits"),  # 1-D logits
+    (np.zeros((0, 4)), np.zeros(0, dtype=np.int64), ValueError, "logits"),  # empty
+    (np.zeros((3, 4), dtype=np.int64), GOOD_Y, TypeError, "logits"),  # integer logits
+    (GOOD_Z, [0, 1, 3], TypeError, "labels"),  # not an array
+    (GOOD_Z, torch.tensor([0, 1, 3]), TypeError, "different libraries"),  # mixed namespaces
+])
+def test_bad_inputs_name_the_argument(func, logits, labels, exc, match):
+    with pytest.raises(exc, match=match):
+        func(logits, labels)
+
+
+@pytest.mark.parametrize("emb, exc, match", [
+    (np.zeros((2, 5)), ValueError, "embeddings"),  # row mismatch
+    (np.zeros(3), ValueError, "embeddings"),  # 1-D
+    (np.zeros((3, 5), dtype=np.float32), TypeError, "embeddings"),  # dtype differs from logits
+    (np.full((3, 5), np.nan), ValueError, "embeddings"),
+    (np.zeros((3, 5), dtype=np.int64), TypeError, "embeddings"),
+])
+def test_bad_embeddings(emb, exc, match):
+    with pytest.raises(exc, match=match):
+        last_layer_gradients(GOOD_Z, GOOD_Y, embeddings=emb)
+
+
+@pytest.mark.parametrize("probs", [
+    np.array([[0.5, 0.6, 0.0, 0.0]] * 3),  # rows do not sum to 1
+    np.array([[1.5, -0.5, 0.0, 0.0]] * 3),  # negative entry
+])
+def test_from_probabilities_rejects_non_probabilities(probs):
+    with pytest.raises(ValueError, match="probabilities"):
+        last_layer_gradients(probs, GOOD_Y, from_probabilities=True)
+
+
+def test_inputs_not_mutated_and_read_only_ok():
+    logits, labels = _problem(1, 6, 3)
+    emb = np.random.default_rng(2).normal(size=(6, 2))
+    copies = [a.copy() for a in (logits, labels, emb)]
+    for a in (logits, labels, emb):
+        a.setflags(write=False)
+    last_layer_gradients(logits, labels, embeddings=emb)
+    cross_entropy(logits, labels)
+    for a, c in zip((logits, labels, emb), copies):
+        np.testing.assert_array_equal(a, c)
+
+
+def test_non_contiguous_input():
+    logits, labels = _problem(5, 6, 8)
+    view = logits[:, ::2]
+    lab = labels % 4
+    np.testing.assert_allclose(last_layer_gradients(view, lab),
+                               last_layer_gradients(np.ascontiguousarray(view), lab), rtol=1e-15)

@@ -1,0 +1,313 @@
+"""crestcore/minibatch.py: the CREST selection step (P class-stratified subsets, a coreset from each).
+
+The batched solver is checked against the plain loop it replaces: every (subset, class) problem solved
+on its own with ``crestcore.facility_location`` (itself checked against tests/reference.py in
+test_facility.py), with the per-class budget computed by the documented rule in tests/reference.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+import crestcore
+import reference as R
+
+
+def _features(seed: int, n: int, d: int = 3) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, d))
+
+
+def _labels(seed: int, n: int, n_classes: int, *, skew: bool = False) -> np.ndarray:
+    """Every class present; non-contiguous label values; optionally very unbalanced."""
+    rng = np.random.default_rng(seed + 1)
+    p = np.geomspace(1.0, 0.05, n_classes) if skew else np.ones(n_classes)
+    rest = rng.choice(n_classes, size=n - n_classes, p=p / p.sum())
+    values = np.array([3, -1, 10, 4, 0])[:n_classes]
+    return values[rng.permutation(np.concatenate([np.arange(n_classes), rest]))].astype(np.int64)
+
+
+def _np(x) -> np.ndarray:
+    return np.asarray(x)
+
+
+@st.composite
+def instances(draw, max_n=60, max_classes=4, labelled=None):
+    """(X, labels or None, pool, m, r, P, seed) for a valid call."""
+    seed = draw(st.integers(0, 2**32 - 1), label="seed")
+    n = draw(st.integers(2, max_n), label="n")
+    with_labels = draw(st.booleans(), label="labelled") if labelled is None else labelled
+    C = draw(st.integers(1, min(max_classes, n)), label="C") if with_labels else 0
+    labels = _labels(seed, n, C, skew=draw(st.booleans(), label="skew")) if C else None
+    if draw(st.booleans(), label="use pool"):
+        size = draw(st.integers(1, n), label="pool size")
+        pool = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False)).astype(np.int64)
+    else:
+        pool = None
+    pool_size = n if pool is None else pool.size
+    r = draw(st.integers(1, pool_size), label="r")
+    m = draw(st.integers(1, r), label="m")
+    P = draw(st.integers(1, 4), label="P")
+    return _features(seed, n), labels, pool, m, r, P, seed
+
+
+def _class_values(labels, pool):
+    return np.unique(labels[pool])
+
+
+def _expected_budgets(m, counts, class_budget):
+    """Per-class budgets of one subset by the documented rule (counts per class, ascending label)."""
+    if class_budget == "ceil":
+        per = math.ceil(m / len(counts))
+        return np.minimum(per, counts)
+    return R.hamilton(m, counts)
+
+
+# ================================================================================================
+# shapes and the subsets
+# ================================================================================================
+
+
+@given(inst=instances(), per_class=st.booleans())
+def test_shapes_and_subsets(inst, per_class):
+    X, labels, pool, m, r, P, seed = inst
+    n = X.shape[0]
+    out = crestcore.minibatch_coresets(X, labels, m=m, r=r, P=P, rng=seed, pool=pool, per_class=per_class)
+    assert isinstance(out, crestcore.Coresets) and out.P == P
+    idx, w, g, obj, subs = (_np(a) for a in (out.indices, out.weights, out.gains, out.objective, out.subsets))
+    assert idx.shape == w.shape == g.shape == (P, m) and idx.dtype == np.int64
+    assert obj.shape == (P,) and subs.shape == (P, r) and subs.dtype == np.int64
+    pool_set = set(range(n)) if pool is None else set(pool.tolist())
+    for p in range(P):
+        assert np.all(np.diff(subs[p]) > 0)  # sorted and distinct
+        assert set(subs[p].tolist()) <= pool_set
+        assert np.unique(idx[p]).size == m  # m distinct picks
+        assert set(idx[p].tolist()) <= set(subs[p].tolist())  # each pick is a member of its subset
+        if labels is None or not per_class or m >= np.unique(labels[subs[p]]).size:
+            assert float(np.sum(w[p])) == r  # every class has a pick: each member is represented once
+        assert float(np.sum(g[p])) == pytest.approx(float(obj[p]), rel=1e-9, abs=1e-9)
+    if labels is not None:
+        pool_idx = np.arange(n) if pool is None else pool
+        classes, pool_counts = np.unique(labels[pool_idx], return_counts=True)
+        expected = R.hamilton(r, pool_counts)  # documented stratification (draw_subsets)
+        for p in range(P):
+            got = np.array([np.sum(labels[subs[p]] == c) for c in classes])
+            np.testing.assert_array_equal(got, expected)
+
+
+@given(inst=instances(labelled=True), class_budget=st.sampled_from(("proportional", "ceil")))
+def test_coresets_are_class_stratified_with_class_weights(inst, class_budget):
+    X, labels, pool, m, r, P, seed = inst
+    out = crestcore.minibatch_coresets(X, labels, m=m, r=r, P=P, rng=seed, pool=pool, class_budget=class_budget)
+    idx, w, g, subs = _np(out.indices), _np(out.weights), _np(out.gains), _np(out.subsets)
+    pool_idx = np.arange(X.shape[0]) if pool is None else pool
+    classes = _class_values(labels, pool_idx)
+    C = classes.size
+    per = math.ceil(m / C)
+    width = C * per if class_budget == "ceil" else m
+    assert idx.shape == (P, width)
+    for p in range(P):
+        counts = np.array([np.sum(labels[subs[p]] == c) for c in classes])
+        budgets = _expected_budgets(m, counts, class_budget)
+        real = idx[p] >= 0
+        assert np.all(w[p][~real] == 0) and np.all(g[p][~real] == 0)
+        if class_budget == "proportional":
+            assert np.all(real)
+        picked = idx[p][real]
+        assert np.unique(picked).size == picked.size
+        assert set(picked.tolist()) <= set(subs[p].tolist())
+        # grouped by ascending label, budgets[c] picks of class c
+        np.testing.assert_array_equal(labels[picked], np.repeat(classes, budgets))
+        for c, cnt in zip(classes, counts):
+            sel = real & (labels[np.where(real, idx[p], 0)] == c)
+            if sel.any():
+                assert float(np.sum(w[p][sel])) == cnt  # weights sum to the class's count in the subset
+        if class_budget == "ceil":
+            for c in range(C):  # class c owns slots [c * per, (c + 1) * per): picks first, then holes
+                slot = idx[p][c * per : (c + 1) * per]
+                np.testing.assert_array_equal(slot >= 0, np.arange(per) < budgets[c])
+
+
+def test_ceil_budget_leaves_holes_when_a_class_is_short():
+    labels = np.array([0] * 30 + [1] * 3 + [2] * 27)
+    X = _features(0, labels.size)
+    out = crestcore.minibatch_coresets(X, labels, m=9, r=20, P=3, rng=0, class_budget="ceil")
+    idx, w, g = _np(out.indices), _np(out.weights), _np(out.gains)
+    # r = 20 split 30:3:27 -> 10, 1, 9 per subset; ceil(9 / 3) = 3 slots per class, class 1 fills one
+    assert idx.shape == (3, 9)
+    for p in range(3):
+        np.testing.assert_array_equal(idx[p] >= 0, [True] * 4 + [False] * 2 + [True] * 3)
+        np.testing.assert_array_equal(idx[p][4:6], [-1, -1])
+        np.testing.assert_array_equal(w[p][4:6], [0, 0])
+        np.testing.assert_array_equal(g[p][4:6], [0, 0])
+        assert float(np.sum(w[p])) == 20
+        np.testing.assert_array_equal(w[p][3], 1)  # the single class-1 member represents itself
+
+
+def test_ceil_budget_width_with_balanced_classes():
+    labels = np.repeat([5, 6, 7], 20)
+    out = crestcore.minibatch_coresets(_features(1, 60), labels, m=10, r=30, P=2, rng=1, class_budget="ceil")
+    assert _np(out.indices).shape == (2, 3 * 4)  # C * ceil(m / C)
+    assert np.all(_np(out.indices) >= 0)
+
+
+# ================================================================================================
+# randomness
+# ================================================================================================
+
+
+def test_same_seed_same_result_different_seed_different_subsets():
+    X, labels = _features(3, 80), _labels(3, 80, 3)
+    a = crestcore.minibatch_coresets(X, labels, m=5, r=20, P=4, rng=42)
+    b = crestcore.minibatch_coresets(X, labels, m=5, r=20, P=4, rng=42)
+    c = crestcore.minibatch_coresets(X, labels, m=5, r=20, P=4, rng=np.random.default_rng(42))
+    for f in ("indices", "weights", "gains", "objective", "subsets"):
+        np.testing.assert_array_equal(_np(getattr(a, f)), _np(getattr(b, f)))
+        np.testing.assert_array_equal(_np(getattr(a, f)), _np(getattr(c, f)))
+    d = crestcore.minibatch_coresets(X, labels, m=5, r=20, P=4, rng=43)
+    assert not np.array_equal(_np(a.subsets), _np(d.subsets))
+    # the P subsets of one call are different draws, not copies
+    assert len({tuple(s) for s in _np(a.subsets).tolist()}) > 1
+
+
+def test_generator_state_advances():
+    X = _features(4, 50)
+    gen = np.random.default_rng(0)
+    a = crestcore.minibatch_coresets(X, None, m=3, r=10, P=2, rng=gen)
+    b = crestcore.minibatch_coresets(X, None, m=3, r=10, P=2, rng=gen)
+    assert not np.array_equal(_np(a.subsets), _np(b.subsets))
+
+
+def test_stochastic_optimizer_is_valid_and_reproducible():
+    X, labels = _features(5, 90), _labels(5, 90, 3)
+    a = crestcore.minibatch_coresets(X, labels, m=9, r=45, P=3, rng=1, optimizer="stochastic", epsilon=0.2)
+    b = crestcore.minibatch_coresets(X, labels, m=9, r=45, P=3, rng=1, optimizer="stochastic", epsilon=0.2)
+    np.testing.assert_array_equal(_np(a.indices), _np(b.indices))
+    idx, subs, w = _np(a.indices), _np(a.subsets), _np(a.weights)
+    for p in range(3):
+        assert np.unique(idx[p]).size == 9 and set(idx[p].tolist()) <= set(subs[p].tolist())
+        assert float(np.sum(w[p])) == 45
+
+
+# ================================================================================================
+# the batched solver equals the loop over problems
+# ================================================================================================
+
+
+@given(inst=instances(max_n=45), per_class=st.booleans(), class_budget=st.sampled_from(("proportional", "ceil")),
+       metric=st.sampled_from(("euclidean", "sqeuclidean", "cosine")), kernel=st.sampled_from(("max-minus", "exp")),
+       optimizer=st.sampled_from(("naive", "lazy")), backend=st.sampled_from(("auto", "reference")))
+def test_batched_equals_per_problem_loop(inst, per_class, class_budget, metric, kernel, optimizer, backend):
+    X, labels, pool, m, r, P, seed = inst
+    out = crestcore.minibatch_coresets(
+        X, labels, m=m, r=r, P=P, rng=seed, pool=pool, per_class=per_class, class_budget=class_budget,
+        metric=metric, kernel=kernel, optimizer=optimizer, backend=backend,
+    )
+    idx, w, g, obj, subs = (_np(a) for a in (out.indices, out.weights, out.gains, out.objective, out.subsets))
+    by_class = per_class and labels is not None
+    pool_idx = np.arange(X.shape[0]) if pool is None else pool
+    classes = _class_values(labels, pool_idx) if by_class else np.array([0])
+    for p in range(P):
+        sub = subs[p]
+        lab = labels[sub] if by_class else np.zeros(r, dtype=np.int64)
+        counts = np.array([np.sum(lab == c) for c in classes])
+        budgets = _expected_budgets(m, counts, class_budget) if by_class else np.array([m])
+        exp_idx, exp_w, exp_g, exp_obj, margin = [], [], [], 0.0, math.inf
+        for c, kc in zip(classes, budgets):
+            members = sub[lab == c]
+            if kc > 0:
+                # tie-free check on the independent reference, then the library on this one problem
+                _, ref_gains, ref_margin = R.naive_greedy(R.similarity(X[members], metric, kernel), int(kc))
+                margin = min(margin, ref_margin / max(1.0, float(ref_gains[0])))
+                one = crestcore.facility_location(X[members], int(kc), metric=metric, kernel=kernel,
+                                                  optimizer=optimizer, backend=backend)
+                exp_idx.append(members[_np(one.indices)])
+                exp_w.append(_np(one.weights))
+                exp_g.append(_np(one.gains))
+                exp_obj += float(one.objective)
+            if class_budget == "ceil" and by_class:  # holes up to the class's slot width
+                holes = math.ceil(m / classes.size) - kc
+                exp_idx.append(np.full(holes, -1))
+                exp_w.append(np.zeros(holes))
+                exp_g.append(np.zeros(holes))
+        assume(margin > 1e-9)
+        np.testing.assert_array_equal(idx[p], np.concatenate(exp_idx))
+        np.testing.assert_array_equal(w[p], np.concatenate(exp_w))
+        np.testing.assert_allclose(g[p], np.concatenate(exp_g), rtol=1e-9, atol=1e-9)
+        assert float(obj[p]) == pytest.approx(exp_obj, rel=1e-9, abs=1e-9)
+
+
+def test_per_class_false_solves_whole_subsets():
+    X, labels = _features(6, 60), _labels(6, 60, 3)
+    out = crestcore.minibatch_coresets(X, labels, m=6, r=24, P=2, rng=3, per_class=False)
+    idx, subs, w = _np(out.indices), _np(out.subsets), _np(out.weights)
+    for p in range(2):
+        one = crestcore.facility_location(X[subs[p]], 6)
+        np.testing.assert_array_equal(idx[p], subs[p][_np(one.indices)])
+        np.testing.assert_array_equal(w[p], _np(one.weights))
+    # the subsets are still stratified (labels were given)
+    np.testing.assert_array_equal(np.bincount(np.searchsorted([-1, 3, 10], labels[subs[0]])),
+                                  R.hamilton(24, np.unique(labels, return_counts=True)[1]))
+
+
+def test_a_single_class_equals_no_classes():
+    X = _features(7, 40)
+    one = crestcore.minibatch_coresets(X, np.full(40, 2), m=5, r=15, P=3, rng=9)
+    none = crestcore.minibatch_coresets(X, None, m=5, r=15, P=3, rng=9)
+    for f in ("indices", "weights", "subsets"):
+        np.testing.assert_array_equal(_np(getattr(one, f)), _np(getattr(none, f)))
+    np.testing.assert_allclose(_np(one.objective), _np(none.objective), rtol=1e-12)
+
+
+def test_pool_restricts_everything():
+    X, labels = _features(8, 100), _labels(8, 100, 4)
+    pool = np.arange(30, 70)
+    out = crestcore.minibatch_coresets(X, labels, m=8, r=40, P=3, rng=0, pool=pool)
+    subs, idx = _np(out.subsets), _np(out.indices)
+    for p in range(3):  # r = pool size: every subset is the whole pool
+        np.testing.assert_array_equal(subs[p], pool)
+    assert np.all((idx >= 30) & (idx < 70))
+    # a pool given in the features' library is accepted too
+    import torch
+
+    t = crestcore.minibatch_coresets(torch.asarray(X), torch.asarray(labels), m=8, r=40, P=3, rng=0,
+                                     pool=torch.asarray(pool))
+    np.testing.assert_array_equal(t.indices.numpy(), idx)
+
+
+def test_m_equal_r_selects_the_whole_subset():
+    X, labels = _features(9, 30), _labels(9, 30, 2)
+    out = crestcore.minibatch_coresets(X, labels, m=10, r=10, P=2, rng=2)
+    for p in range(2):
+        assert sorted(_np(out.indices)[p].tolist()) == _np(out.subsets)[p].tolist()
+        np.testing.assert_array_equal(_np(out.weights)[p], np.ones(10))
+
+
+# ================================================================================================
+# every array library
+# ================================================================================================
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("class_budget", ["proportional", "ceil"])
+def test_every_namespace_gives_the_numpy_answer(xp, dtype, class_budget):
+    labels = np.repeat([0, 1, 2], [30, 4, 26])
+    X = _features(10, 60, 4)
+    base = crestcore.minibatch_coresets(X, labels, m=9, r=30, P=3, rng=5, class_budget=class_budget,
+                                        backend="reference")
+    Xx, lx = xp.asarray(X, dtype=dtype), xp.asarray(labels)
+    out = crestcore.minibatch_coresets(Xx, lx, m=9, r=30, P=3, rng=5, class_budget=class_budget)
+    xp.assert_native(out.indices, Xx, np.int64, ndim=2)
+    xp.assert_native(out.subsets, Xx, np.int64, ndim=2)
+    xp.assert_native(out.weights, Xx, dtype, ndim=2)
+    xp.assert_native(out.gains, Xx, dtype, ndim=2)
+    xp.assert_native(out.objective, Xx, dtype, ndim=1)
+    np.testing.assert_array_equal(xp.to_numpy(out.subsets), _np(base.subsets))
+    np.testing.assert_array_equal(xp.to_numpy(out.indices), _np(base.indices))
+    np.testing.assert_array_equal(xp.to_numpy(out.weights), _np(base.weights))
+    rtol = 1e-4 if dtype == np.float32 else 1e-9
+    np.testing.assert_allclose(xp.to_numpy(out.objective), _np(base.objective), rtol=rtol)

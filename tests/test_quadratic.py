@@ -1,0 +1,332 @@
+"""Tests for crestcore/quadratic.py: Hutchinson's diagonal estimator and the piecewise-quadratic loss model.
+
+Self-contained: no conftest fixtures.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from crestcore import (
+    QuadraticConfig,
+    hutchinson_diagonal,
+    quadratic_anchor,
+    quadratic_curvature,
+    quadratic_init,
+    quadratic_predict,
+    quadratic_update,
+)
+
+SETTINGS = settings(deadline=None, max_examples=30)
+
+
+def _sym(seed: int, D: int) -> np.ndarray:
+    B = np.random.default_rng(seed).normal(size=(D, D))
+    return (B + B.T) / 2
+
+
+def _all_signs(D: int) -> np.ndarray:
+    return np.array(list(itertools.product([-1.0, 1.0], repeat=D)))
+
+
+def _sylvester(k: int) -> np.ndarray:
+    H = np.ones((1, 1))
+    for _ in range(k):
+        H = np.block([[H, H], [H, -H]])
+    return H
+
+
+# --------------------------------------------------------------------------------------------
+# Hutchinson
+# --------------------------------------------------------------------------------------------
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), D=st.integers(1, 6))
+def test_hutchinson_exact_with_all_sign_vectors(seed, D):
+    # the mean over all 2^D sign vectors IS the expectation over Rademacher z: exactness here is
+    # unbiasedness, for every symmetric matrix
+    A = _sym(seed, D)
+    est = hutchinson_diagonal(lambda v: A @ v, _all_signs(D))
+    np.testing.assert_allclose(est, np.diag(A), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3])  # D = 1, 2, 4, 8
+def test_hutchinson_exact_with_hadamard_rows(k):
+    D = 2**k
+    A = _sym(100 + k, D)
+    est = hutchinson_diagonal(lambda v: A @ v, _sylvester(k))
+    np.testing.assert_allclose(est, np.diag(A), rtol=1e-12, atol=1e-12)
+
+
+def test_hutchinson_statistical_convergence_at_one_over_sqrt_k():
+    """With k Rademacher probes, coordinate i's error has standard deviation
+    sigma_i / sqrt(k), sigma_i^2 = sum_{j != i} A_ij^2 (z_i z_j are independent signs).
+    Fixed seed; tolerance 5 sigma_i / sqrt(k) per coordinate (a false alarm has probability < 1e-5
+    per coordinate), and the error must actually shrink as probes grow.
+    """
+    D = 12
+    A = _sym(7, D) + np.diag(np.linspace(-3, 3, D))
+    sigma = np.sqrt((A**2).sum(axis=1) - np.diag(A) ** 2)
+    rng = np.random.default_rng(12345)
+    rms = []
+    for k in (16, 256, 4096):
+        Z = rng.choice([-1.0, 1.0], size=(k, D))
+        est = hutchinson_diagonal(lambda v: A @ v, Z)
+        err = est - np.diag(A)
+        assert np.all(np.abs(err) <= 5 * sigma / math.sqrt(k)), (k, err, sigma)
+        rms.append(float(np.sqrt(np.mean((err / sigma) ** 2))))
+    # each 16x more probes: the normalised rms error shrinks (1/sqrt(k) predicts 4x)
+    assert rms[2] < rms[1] < rms[0]
+    assert rms[2] * math.sqrt(4096) < 3.0  # normalised rms ~ 1 / sqrt(k)
+
+
+def test_hutchinson_mean_of_many_estimates_is_unbiased():
+    # 400 independent 4-probe estimates: their mean is within 4 standard errors of diag(A)
+    D = 6
+    A = _sym(3, D)
+    sigma = np.sqrt((A**2).sum(axis=1) - np.diag(A) ** 2)
+    rng = np.random.default_rng(99)
+    ests = np.stack([hutchinson_diagonal(lambda v: A @ v, rng.choice([-1.0, 1.0], size=(4, D)))
+                     for _ in range(400)])
+    se = sigma / math.sqrt(4 * 400)
+    assert np.all(np.abs(ests.mean(axis=0) - np.diag(A)) <= 4 * se)
+
+
+def test_hutchinson_torch_probes_stay_in_torch():
+    A = torch.tensor(_sym(5, 4))
+    est = hutchinson_diagonal(lambda v: A @ v, torch.tensor(_all_signs(4)))
+    assert isinstance(est, torch.Tensor) and est.dtype == torch.float64
+    np.testing.assert_allclose(est.numpy(), np.diag(A.numpy()), atol=1e-12)
+
+
+def test_hutchinson_bad_inputs():
+    A = np.eye(3)
+    probes = _all_signs(3)
+    with pytest.raises(ValueError, match="hvp"):
+        hutchinson_diagonal(lambda v: np.ones(4), probes)  # H v of the wrong shape
+    with pytest.raises(ValueError, match="probes"):
+        hutchinson_diagonal(lambda v: A @ v, np.zeros((0, 3)))  # no probes
+    with pytest.raises(ValueError, match="probes"):
+        hutchinson_diagonal(lambda v: A @ v, np.ones(3))  # 1-D
+    with pytest.raises(TypeError, match="probes"):
+        hutchinson_diagonal(lambda v: A @ v, np.ones((2, 3), dtype=np.int64))
+    with pytest.raises(TypeError, match="hvp"):
+        hutchinson_diagonal(A, probes)  # not callable
+
+
+# --------------------------------------------------------------------------------------------
+# the quadratic model is exact on a quadratic loss
+# --------------------------------------------------------------------------------------------
+class DiagQuadratic:
+    """L(w) = c + g.w + 1/2 w.(a * w): gradient g + a*w, Hessian diag(a)."""
+
+    def __init__(self, seed: int, D: int):
+        rng = np.random.default_rng(seed)
+        self.c = float(rng.normal())
+        self.g = rng.normal(size=D)
+        self.a = rng.normal(size=D)  # any signs: the hutchinson variant keeps the sign
+
+    def loss(self, w):
+        return self.c + self.g @ w + 0.5 * w @ (self.a * w)
+
+    def grad(self, w):
+        return self.g + self.a * w
+
+    def hvp(self, v):
+        return self.a * v
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), D=st.integers(1, 6), n_updates=st.integers(1, 12),
+       beta1=st.floats(0.0, 0.99), beta2=st.floats(0.0, 0.9999))
+def test_hutchinson_model_is_exact_on_a_diagonal_quadratic(seed, D, n_updates, beta1, beta2):
+    q = DiagQuadratic(seed, D)
+    rng = np.random.default_rng(seed + 1)
+    w_a = rng.normal(size=D)
+    cfg = QuadraticConfig(beta1=beta1, beta2=beta2)
+    zhz = hutchinson_diagonal(q.hvp, _all_signs(D))  # exact diag
+    state = quadratic_anchor(quadratic_init(w_a), q.loss(w_a), cfg)
+    for _ in range(n_updates):  # the same exact sample each time: bias-corrected EMA == sample
+        state = quadratic_update(state, q.grad(w_a), zhz, cfg)
+    for _ in range(5):
+        delta = rng.normal(scale=2.0, size=D)
+        expected = q.loss(w_a + delta)
+        assert quadratic_predict(state, delta, cfg) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+    np.testing.assert_allclose(quadratic_curvature(state, cfg), q.a, rtol=1e-9, atol=1e-12)
+
+
+def test_model_exact_after_reanchoring_at_a_new_point():
+    q = DiagQuadratic(11, 5)
+    cfg = QuadraticConfig()
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.normal(size=5), rng.normal(size=5)
+    s = quadratic_anchor(quadratic_init(w1), q.loss(w1), cfg)
+    s = quadratic_update(s, q.grad(w1), q.hvp(np.ones(5)), cfg)
+    s = quadratic_anchor(s, q.loss(w2), cfg)  # hutchinson: restart, so w1's gradient is forgotten
+    s = quadratic_update(s, q.grad(w2), q.hvp(np.ones(5)), cfg)
+    d = rng.normal(size=5)
+    assert quadratic_predict(s, d, cfg) == pytest.approx(q.loss(w2 + d), rel=1e-12)
+
+
+def test_predict_with_torch_vectors():
+    q = DiagQuadratic(2, 4)
+    w = np.zeros(4)
+    s = quadratic_anchor(quadratic_init(torch.tensor(w)), q.loss(w))
+    s = quadratic_update(s, torch.tensor(q.grad(w)), torch.tensor(q.a))
+    d = np.array([0.5, -1.0, 2.0, 0.1])
+    out = quadratic_predict(s, torch.tensor(d))
+    assert type(out) is float and out == pytest.approx(q.loss(d), rel=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# EMAs
+# --------------------------------------------------------------------------------------------
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), beta1=st.floats(0.0, 0.999), beta2=st.floats(0.0, 0.9999))
+def test_single_update_gives_exactly_the_sample(seed, beta1, beta2):
+    rng = np.random.default_rng(seed)
+    g, z = rng.normal(size=4), rng.normal(size=4)
+    cfg = QuadraticConfig(beta1=beta1, beta2=beta2)
+    s = quadratic_update(quadratic_anchor(quadratic_init(np.zeros(4)), 1.0, cfg), g, z, cfg)
+    # F(delta) - L_a = g.delta + 1/2 delta.(h delta): recover g and h from the model itself
+    np.testing.assert_allclose(quadratic_curvature(s, cfg), z, rtol=1e-12, atol=1e-15)
+    for i in range(4):
+        e = np.zeros(4)
+        e[i] = 1.0
+        f_plus = quadratic_predict(s, e, cfg) - 1.0
+        f_minus = quadratic_predict(s, -e, cfg) - 1.0
+        assert (f_plus - f_minus) / 2 == pytest.approx(g[i], rel=1e-12, abs=1e-15)
+        assert f_plus + f_minus == pytest.approx(z[i], rel=1e-12, abs=1e-15)
+
+
+def test_two_updates_follow_the_bias_corrected_ema():
+    cfg = QuadraticConfig(beta1=0.5, beta2=0.75)
+    x1, x2 = np.array([1.0, -2.0]), np.array([3.0, 4.0])
+    s = quadratic_anchor(quadratic_init(np.zeros(2)), 0.0, cfg)
+    s = quadratic_update(s, x1, x1, cfg)
+    s = quadratic_update(s, x2, x2, cfg)
+    g = (0.5 * 0.5 * x1 + 0.5 * x2) / (1 - 0.5**2)
+    h = (0.75 * 0.25 * x1 + 0.25 * x2) / (1 - 0.75**2)
+    np.testing.assert_allclose(quadratic_curvature(s, cfg), h, rtol=1e-14)
+    d = np.array([1.0, 0.0])
+    assert quadratic_predict(s, d, cfg) == pytest.approx(g[0] + 0.5 * h[0], rel=1e-14)
+
+
+def test_gradient_only_and_curvature_only_updates_are_independent():
+    cfg = QuadraticConfig()
+    s = quadratic_anchor(quadratic_init(np.zeros(2)), 2.0, cfg)
+    s = quadratic_update(s, grad=np.array([1.0, 1.0]), config=cfg)
+    assert (s.n_g, s.n_h) == (1, 0)
+    assert quadratic_predict(s, np.array([1.0, 0.0]), cfg) == pytest.approx(3.0)  # no curvature yet
+    s = quadratic_update(s, zhz=np.array([4.0, 4.0]), config=cfg)
+    assert (s.n_g, s.n_h) == (1, 1)
+    assert quadratic_predict(s, np.array([1.0, 0.0]), cfg) == pytest.approx(5.0)
+
+
+def test_adahessian_curvature_is_rms_plus_eps_and_emas_persist_across_anchors():
+    cfg = QuadraticConfig(variant="adahessian", beta1=0.9, beta2=0.999, eps=1e-4)
+    g1, z1 = np.array([1.0, -2.0, 0.0]), np.array([-3.0, 0.5, 0.0])
+    g2, z2 = np.array([0.5, 0.5, 0.5]), np.array([1.0, -1.0, 2.0])
+    s = quadratic_anchor(quadratic_init(np.zeros(3)), 1.0, cfg)
+    s = quadratic_update(s, g1, z1, cfg)
+    # no bias correction; curvature = sqrt(EMA(zhz^2)) + eps, always positive even for negative zhz
+    np.testing.assert_allclose(quadratic_curvature(s, cfg), np.sqrt(0.001 * z1**2) + 1e-4, rtol=1e-14)
+    assert np.all(quadratic_curvature(s, cfg) > 0)
+    d = np.array([1.0, 1.0, 1.0])
+    expected = 1.0 + (0.1 * g1) @ d + 0.5 * (np.sqrt(0.001 * z1**2) + 1e-4) @ (d * d)
+    assert quadratic_predict(s, d, cfg) == pytest.approx(expected, rel=1e-14)
+    # a new anchor keeps the EMAs (the release never resets them); only the anchor loss changes
+    s2 = quadratic_anchor(s, 7.0, cfg)
+    assert s2.anchor_loss == 7.0
+    np.testing.assert_array_equal(s2.g_ema, s.g_ema)
+    np.testing.assert_array_equal(s2.h_ema, s.h_ema)
+    assert (s2.n_g, s2.n_h) == (s.n_g, s.n_h)
+    s3 = quadratic_update(s2, g2, z2, cfg)
+    np.testing.assert_allclose(s3.g_ema, 0.9 * 0.1 * g1 + 0.1 * g2, rtol=1e-14)
+    np.testing.assert_allclose(quadratic_curvature(s3, cfg),
+                               np.sqrt(0.999 * 0.001 * z1**2 + 0.001 * z2**2) + 1e-4, rtol=1e-14)
+
+
+def test_hutchinson_variant_restarts_emas_at_each_anchor():
+    cfg = QuadraticConfig()
+    s = quadratic_anchor(quadratic_init(np.zeros(2)), 1.0, cfg)
+    s = quadratic_update(s, np.array([5.0, 5.0]), np.array([2.0, 2.0]), cfg)
+    s2 = quadratic_anchor(s, 3.0, cfg)
+    assert (s2.anchor_loss, s2.n_g, s2.n_h) == (3.0, 0, 0)
+    np.testing.assert_array_equal(s2.g_ema, 0.0)
+    np.testing.assert_array_equal(s2.h_ema, 0.0)
+    s3 = quadratic_update(s2, np.array([1.0, 0.0]), np.array([0.0, 4.0]), cfg)
+    assert quadratic_predict(s3, np.array([1.0, 1.0]), cfg) == pytest.approx(3.0 + 1.0 + 2.0, rel=1e-12)
+
+
+def test_states_are_new_objects_and_inputs_not_mutated():
+    cfg = QuadraticConfig()
+    s0 = quadratic_anchor(quadratic_init(np.zeros(3)), 1.0, cfg)
+    g = np.array([1.0, 2.0, 3.0])
+    z = np.array([0.5, 0.5, 0.5])
+    for a in (g, z, s0.g_ema, s0.h_ema):
+        a.setflags(write=False)
+    s1 = quadratic_update(s0, g, z, cfg)
+    np.testing.assert_array_equal(s0.g_ema, 0.0)
+    np.testing.assert_array_equal(g, [1.0, 2.0, 3.0])
+    assert s1 is not s0 and s1.g_ema is not s0.g_ema
+
+
+# --------------------------------------------------------------------------------------------
+# bad input
+# --------------------------------------------------------------------------------------------
+def _fitted(cfg=QuadraticConfig()):
+    s = quadratic_anchor(quadratic_init(np.zeros(3)), 1.0, cfg)
+    return quadratic_update(s, np.ones(3), np.ones(3), cfg)
+
+
+def test_bad_update_inputs():
+    s = _fitted()
+    with pytest.raises(ValueError, match="grad"):
+        quadratic_update(s, np.array([1.0, np.nan, 0.0]), None)
+    with pytest.raises(ValueError, match="zhz"):
+        quadratic_update(s, None, np.array([1.0, np.inf, 0.0]))
+    with pytest.raises(ValueError, match="grad"):
+        quadratic_update(s, np.ones(4), None)
+    with pytest.raises(ValueError, match="grad"):
+        quadratic_update(s, np.ones((3, 1)), None)
+    with pytest.raises(TypeError, match="grad"):
+        quadratic_update(s, np.ones(3, dtype=np.int64), None)
+    with pytest.raises(TypeError):
+        quadratic_update(s, torch.ones(3, dtype=torch.float64), None)  # mixed namespaces
+
+
+def test_bad_predict_inputs():
+    s = _fitted()
+    with pytest.raises(ValueError, match="delta"):
+        quadratic_predict(s, np.ones(2))
+    with pytest.raises(ValueError, match="delta"):
+        quadratic_predict(s, np.array([0.0, np.nan, 0.0]))
+    unanchored = quadratic_init(np.zeros(3))
+    with pytest.raises(ValueError, match="anchor"):
+        quadratic_predict(unanchored, np.zeros(3))
+
+
+def test_bad_anchor_and_init():
+    with pytest.raises(ValueError, match="loss"):
+        quadratic_anchor(quadratic_init(np.zeros(2)), float("nan"))
+    with pytest.raises(ValueError, match="params"):
+        quadratic_init(np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="params"):
+        quadratic_init(np.array([0.0, np.inf]))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(beta1=1.0), "beta1"), (dict(beta1=-0.1), "beta1"), (dict(beta2=1.5), "beta2"),
+    (dict(beta2=float("nan")), "beta2"), (dict(variant="newton"), "variant"), (dict(eps=-1.0), "eps"),
+    (dict(eps=float("nan")), "eps"),
+])
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QuadraticConfig(**kwargs)

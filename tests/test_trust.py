@@ -1,0 +1,171 @@
+"""Tests for crestcore/trust.py: rho_t, the reselect decision and the T1 / P schedule.
+
+Self-contained: no conftest fixtures.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from crestcore import (
+    QuadraticConfig,
+    quadratic_anchor,
+    quadratic_init,
+    quadratic_predict,
+    quadratic_update,
+    relative_error,
+    should_reselect,
+    update_schedule,
+)
+
+SETTINGS = settings(deadline=None, max_examples=60)
+pos = st.floats(1e-6, 1e6, allow_nan=False, allow_infinity=False)
+
+
+# --------------------------------------------------------------------------------------------
+# rho
+# --------------------------------------------------------------------------------------------
+def _quadratic_loss(seed, D=6):
+    rng = np.random.default_rng(seed)
+    c = 5.0 + abs(float(rng.normal()))
+    g, a = rng.normal(size=D), rng.uniform(0.1, 2.0, size=D)
+    return (lambda w: c + g @ w + 0.5 * w @ (a * w)), (lambda w: g + a * w), a
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1))
+def test_rho_is_zero_when_the_model_is_exact_and_grows_with_model_error(seed):
+    loss, grad, a = _quadratic_loss(seed)
+    rng = np.random.default_rng(seed + 1)
+    w_a = rng.normal(size=6)
+    delta = rng.normal(scale=0.5, size=6)
+    cfg = QuadraticConfig()
+    rhos = []
+    for err in (0.0, 0.1, 0.3, 1.0, 3.0):  # curvature off by a growing factor
+        s = quadratic_anchor(quadratic_init(w_a), loss(w_a), cfg)
+        s = quadratic_update(s, grad(w_a), a * (1.0 + err), cfg)
+        rhos.append(relative_error(loss(w_a + delta), quadratic_predict(s, delta, cfg)))
+    assert rhos[0] < 1e-12
+    assert all(r1 < r2 for r1, r2 in zip(rhos, rhos[1:]))
+
+
+@SETTINGS
+@given(L=pos, F=st.floats(-1e6, 1e6))
+def test_rho_formula(L, F):
+    assert relative_error(L, F) == abs(L - F) / L
+    assert relative_error(L, L) == 0.0
+
+
+@SETTINGS
+@given(L=pos, e1=st.floats(0, 1e6), e2=st.floats(0, 1e6), sign=st.sampled_from([-1.0, 1.0]))
+def test_rho_monotone_in_model_error(L, e1, e2, sign):
+    lo, hi = sorted((e1, e2))
+    assert relative_error(L, L + sign * lo) <= relative_error(L, L + sign * hi)
+
+
+def test_rho_accepts_numpy_and_0d_scalars():
+    assert relative_error(np.float32(2.0), np.array(1.0)) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("L, F, exc, match", [
+    (0.0, 1.0, ValueError, "loss_random"), (-1.0, 1.0, ValueError, "loss_random"),
+    (float("nan"), 1.0, ValueError, "loss_random"), (float("inf"), 1.0, ValueError, "loss_random"),
+    (1.0, float("nan"), ValueError, "predicted"), (1.0, float("-inf"), ValueError, "predicted"),
+    ("a", 1.0, TypeError, "loss_random"), (1.0, None, TypeError, "predicted"),
+])
+def test_rho_bad_inputs(L, F, exc, match):
+    with pytest.raises(exc, match=match):
+        relative_error(L, F)
+
+
+# --------------------------------------------------------------------------------------------
+# the decision
+# --------------------------------------------------------------------------------------------
+@SETTINGS
+@given(rho=st.floats(0, 1e6), tau=st.floats(1e-12, 1e6))
+def test_should_reselect_exactly_when_rho_exceeds_tau(rho, tau):
+    assert should_reselect(rho, tau) is (rho > tau)
+
+
+@SETTINGS
+@given(tau=st.floats(1e-12, 1e6))
+def test_rho_equal_to_tau_does_not_reselect(tau):
+    assert should_reselect(tau, tau) is False
+    assert should_reselect(math.nextafter(tau, math.inf), tau) is True
+    assert should_reselect(0.0, tau) is False
+
+
+@pytest.mark.parametrize("rho, tau, exc, match", [
+    (0.5, 0.0, ValueError, "tau"), (0.5, -0.1, ValueError, "tau"), (0.5, float("nan"), ValueError, "tau"),
+    (0.5, float("inf"), ValueError, "tau"), (float("nan"), 0.1, ValueError, "rho"),
+    (-0.1, 0.1, ValueError, "rho"), (float("inf"), 0.1, ValueError, "rho"), ("x", 0.1, TypeError, "rho"),
+])
+def test_should_reselect_bad_inputs(rho, tau, exc, match):
+    with pytest.raises(exc, match=match):
+        should_reselect(rho, tau)
+
+
+# --------------------------------------------------------------------------------------------
+# the schedule
+# --------------------------------------------------------------------------------------------
+@SETTINGS
+@given(h0=st.floats(0, 1e4), ht=st.floats(1e-3, 1e4), h=st.floats(0.01, 10), b=st.floats(0.01, 10),
+       cap=st.one_of(st.none(), st.integers(1, 500)))
+def test_update_schedule_rule(h0, ht, h, b, cap):
+    assume(h * h0 / ht < 1e7)
+    T1, P = update_schedule(h0, ht, h=h, b=b, cap=cap)
+    assert type(T1) is int and type(P) is int
+    t1 = max(1, math.ceil(h * h0 / ht))
+    if cap is not None:
+        t1 = min(t1, cap)  # the check interval never exceeds the cap (one virtual epoch) either
+    p = max(1, math.ceil(b * t1))
+    if cap is not None:
+        p = min(p, cap)
+    assert (T1, P) == (t1, p)
+    assert T1 >= 1 and P >= 1
+    if cap is not None:
+        assert T1 <= cap and P <= cap
+
+
+@pytest.mark.parametrize("h0, ht, h, b, cap, expected", [
+    (1.0, 1.0, 1.0, 5.0, None, (1, 5)),  # the release's start: T1 = 1, P = 5
+    (1.0, 0.3, 1.0, 5.0, None, (4, 20)),  # ceil(3.33) = 4
+    (1.0, 0.3, 1.0, 5.0, 10, (4, 10)),  # P capped
+    (10.0, 1.0, 1.0, 5.0, 6, (6, 6)),  # T1 capped too
+    (1.0, 4.0, 1.0, 5.0, None, (1, 5)),  # T1 never below 1
+    (0.0, 4.0, 1.0, 5.0, None, (1, 5)),
+    (2.0, 1.0, 1.5, 0.5, None, (3, 2)),  # P = ceil(b * T1) = ceil(1.5) = 2
+    (1.0, 1.0, 1.0, 0.01, None, (1, 1)),  # P never below 1
+])
+def test_update_schedule_examples(h0, ht, h, b, cap, expected):
+    assert update_schedule(h0, ht, h=h, b=b, cap=cap) == expected
+
+
+def test_zero_current_curvature():
+    assert update_schedule(1.0, 0.0, cap=7) == (7, 7)
+    assert update_schedule(1.0, 0.0, b=0.1, cap=7) == (7, 1)
+    with pytest.raises(ValueError, match="h_norm_t"):
+        update_schedule(1.0, 0.0)
+
+
+@pytest.mark.parametrize("args, kwargs, exc, match", [
+    ((float("nan"), 1.0), {}, ValueError, "h_norm_0"),
+    ((1.0, float("inf")), {}, ValueError, "h_norm_t"),
+    ((-1.0, 1.0), {}, ValueError, "norms"),
+    ((1.0, -1.0), {}, ValueError, "norms"),
+    ((1.0, 1.0), dict(h=0.0), ValueError, "h and b"),
+    ((1.0, 1.0), dict(b=-1.0), ValueError, "h and b"),
+    ((1.0, 1.0), dict(b=float("nan")), ValueError, "b must be finite"),
+    ((1.0, 1.0), dict(cap=0), ValueError, "cap"),
+    ((1.0, 1.0), dict(cap=2.5), ValueError, "cap"),
+    ((1.0, 1.0), dict(cap=True), ValueError, "cap"),
+    (("one", 1.0), {}, TypeError, "h_norm_0"),
+])
+def test_update_schedule_bad_inputs(args, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        update_schedule(*args, **kwargs)
