@@ -100,8 +100,14 @@ def from_numpy(a: np.ndarray, xp, device=None):
         import importlib
 
         torch = importlib.import_module("torch")  # already imported by the caller's data
-        return torch.as_tensor(np.ascontiguousarray(a), device=device)
-    return xp.asarray(np.ascontiguousarray(a), device=device)
+        return torch.as_tensor(_contiguous(a), device=device)
+    return xp.asarray(_contiguous(a), device=device)
+
+
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    """C-contiguous copy when needed, keeping 0-d arrays 0-d (np.ascontiguousarray makes them 1-d)."""
+    a = np.asarray(a)
+    return a if a.flags.c_contiguous else np.array(a, order="C")
 
 
 def host_to(a: np.ndarray, like):

@@ -18,7 +18,8 @@ Conventions shared by every implementation
   lowest index. ``"lazy"`` gives exactly the same picks as ``"naive"`` (stale gains are upper bounds;
   a candidate is accepted only when it beats every bound, ties included, by the same rule).
 * ``"stochastic"`` (Mirzasoleiman et al. 2015): at step ``t`` of problem ``b`` the candidates are the
-  remaining ones at positions ``floor(u[b, t, q] * R)`` (``R`` = number remaining, ordered by index),
+  remaining ones at positions ``min(floor(u[b, t, q] * R), R - 1)`` (``R`` = number remaining,
+  ordered by index; the product is computed in u's dtype, where it can round up to R),
   ``q = 0..s-1``; the best of those is picked. ``u`` holds uniform draws made by the caller's RNG, so
   every backend sees the same sample.
 * ``budgets[b]`` picks are made in problem ``b``; ``indices`` is (B, K) with ``K = max(budgets)``,
@@ -50,7 +51,7 @@ def _stochastic_mask(xp, remaining, u_t):
     dtype = u_t.dtype
     rem_f = xp.astype(remaining, dtype)
     R = xp.sum(rem_f, axis=1)  # (B,)
-    pos = xp.floor(u_t * R[:, None])  # (B, s)
+    pos = xp.minimum(xp.floor(u_t * R[:, None]), R[:, None] - 1.0)  # (B, s); u*R may round up to R
     rank = xp.cumulative_sum(rem_f, axis=1) - 1.0  # (B, n): rank among the remaining
     hit = xp.any(rank[:, :, None] == pos[:, None, :], axis=2)
     return hit & remaining
@@ -132,7 +133,7 @@ def _max_distance(xp, X, metric, tile):
     M = 0.0
     for a in range(0, n, tile):
         for b in range(a, n, tile):
-            D = pairwise_distances(X[a : a + tile, :], X[b : b + tile, :], metric=metric)
+            D = pairwise_distances(X[a : a + tile, :], None if a == b else X[b : b + tile, :], metric=metric)
             M = max(M, float(to_numpy(xp.max(D))))
     return M
 
@@ -167,60 +168,47 @@ def greedy_features(X, k, metric, kernel, scale, optimizer, u=None, tile=2048):
     selected = np.zeros(n, dtype=bool)
     picks, pick_gains = [], []
 
-    def exact(cols):
-        Sc = _column_sims(xp, X, cols, metric, kernel, scale, M, tile)
-        g = xp.sum(xp.maximum(Sc - cover[:, None], xp.zeros_like(Sc)), axis=0)
-        return to_numpy(g).astype(np.float64), Sc
+    def gains_of(cols):
+        """Exact gains of the candidates ``cols`` (host ints), ``tile`` columns at a time."""
+        out = np.empty(cols.size, dtype=np.float64)
+        for a in range(0, cols.size, tile):
+            Sc = _column_sims(xp, X, cols[a : a + tile], metric, kernel, scale, M, tile)
+            g = xp.sum(xp.maximum(Sc - cover[:, None], xp.zeros_like(Sc)), axis=0)
+            out[a : a + tile] = to_numpy(g).astype(np.float64)
+        return out
 
-    # initial gains (cover = 0): column sums, computed tile by tile
-    ub = np.empty(n, dtype=np.float64)
-    for b in range(0, n, tile):
-        cols = np.arange(b, min(n, b + tile))
-        ub[cols] = exact(cols)[0]
+    ub = gains_of(np.arange(n))  # initial gains (cover = 0)
     block = max(8, min(256, n // 64 or 1))
     for t in range(k):
-        if optimizer == "stochastic":
-            rem = np.flatnonzero(~selected)
-            pos = np.floor(to_numpy(u[t]).astype(np.float64) * rem.size).astype(np.int64)
-            cands = np.unique(rem[np.minimum(pos, rem.size - 1)])
-            g, Sc = exact(cands)
-            best = int(np.argmax(g))
-        elif optimizer == "naive":
+        if optimizer in ("stochastic", "naive"):
             cands = np.flatnonzero(~selected)
-            g, Sc = exact(cands)
+            if optimizer == "stochastic":
+                pos = np.floor(to_numpy(u[t, :]) * cands.size)  # in u's dtype, as the dense path
+                cands = np.unique(cands[np.minimum(pos.astype(np.int64), cands.size - 1)])
+            g = gains_of(cands)
             best = int(np.argmax(g))
-        else:  # lazy
+            j, gain = int(cands[best]), float(g[best])
+        else:  # blocked lazy: re-evaluate the largest bounds a block at a time
             fresh = np.zeros(n, dtype=bool)
             exact_g = np.full(n, -np.inf)
-            cols_cache = {}
             while True:
                 key = np.where(selected | fresh, -np.inf, ub)
                 top = np.argsort(-key, kind="stable")[:block]
                 top = top[np.isfinite(key[top])]
                 if top.size:
-                    g, Sc = exact(top)
-                    exact_g[top] = g
-                    ub[top] = g
+                    exact_g[top] = ub[top] = gains_of(top)
                     fresh[top] = True
-                    cols_cache.update({int(c): (Sc, i) for i, c in enumerate(top)})
-                cand_g = np.where(fresh, exact_g, -np.inf)
-                c = int(np.argmax(cand_g))
+                c = int(np.argmax(np.where(fresh, exact_g, -np.inf)))
                 others = np.where(selected | fresh, -np.inf, ub)
                 o = int(np.argmax(others))
-                if not np.isfinite(others[o]) or cand_g[c] > others[o] or (cand_g[c] == others[o] and c < o):
+                if not np.isfinite(others[o]) or exact_g[c] > others[o] or (exact_g[c] == others[o] and c < o):
                     break
-            Sc, i = cols_cache[c]
-            cands = np.array([c])
-            g = np.array([exact_g[c]])
-            best = 0
-            col = Sc[:, i]
-        if optimizer != "lazy":
-            col = Sc[:, best]
-        j = int(cands[best])
+            j, gain = c, float(exact_g[c])
         picks.append(j)
-        pick_gains.append(float(g[best]))
+        pick_gains.append(gain)
         selected[j] = True
         ub[j] = -np.inf
+        col = _column_sims(xp, X, np.array([j]), metric, kernel, scale, M, tile)[:, 0]
         cover = xp.maximum(cover, col)
     idx = np.asarray(picks, dtype=np.int64)
     # weights: assignment to the most similar pick, tile by tile (earliest pick on ties)

@@ -167,8 +167,9 @@ def minibatch_coresets(
     if per_class and labels_host is not None:
         classes = np.unique(labels_host[pool_h])
         C = classes.size
-        sub_lab = labels_host[subsets]  # (P, r)
-        counts = np.stack([(sub_lab == c).sum(axis=1) for c in classes], axis=1)  # (P, C)
+        cls = np.searchsorted(classes, labels_host[subsets])  # (P, r) class position of each member
+        counts = np.zeros((P, C), dtype=np.int64)
+        np.add.at(counts, (np.repeat(np.arange(P), r), cls.ravel()), 1)
         if class_budget == "ceil":
             per = math.ceil(m / C)
             budgets = np.minimum(per, counts)
@@ -177,13 +178,17 @@ def minibatch_coresets(
             budgets = np.stack([hamilton(m, counts[p]) for p in range(P)])
             width = m
         n_max = int(counts.max())
+        # group each subset's members by class (members stay in index order within a class)
+        order = np.lexsort((subsets, cls))  # row-wise, along the last axis
+        mem = np.take_along_axis(subsets, order, axis=1)
+        mcls = np.take_along_axis(cls, order, axis=1)
+        start = np.cumsum(counts, axis=1) - counts  # (P, C) first position of each class
+        rank = np.arange(r)[None, :] - np.take_along_axis(start, mcls, axis=1)
         pad = np.zeros((P, C, n_max), dtype=np.int64)
         valid_h = np.zeros((P, C, n_max), dtype=bool)
-        for p in range(P):
-            for c in range(C):
-                mem = subsets[p][sub_lab[p] == classes[c]]
-                pad[p, c, : mem.size] = mem
-                valid_h[p, c, : mem.size] = True
+        pp = np.repeat(np.arange(P), r)
+        pad[pp, mcls.ravel(), rank.ravel()] = mem.ravel()
+        valid_h[pp, mcls.ravel(), rank.ravel()] = True
         pad = pad.reshape(P * C, n_max)
         valid_h = valid_h.reshape(P * C, n_max)
         budgets = budgets.reshape(P * C)
@@ -213,16 +218,13 @@ def minibatch_coresets(
     # slot layout: each problem's K columns -> the first budgets[b] (or the class's fixed width) slots
     slot_w = (math.ceil(m / C) if (class_budget == "ceil" and C > 1) else None)
     # order picks class-major inside each coreset; compute the take-positions on the host
-    take = np.full((P, width), -1, dtype=np.int64)
-    for p in range(P):
-        pos = []
-        for c in range(C):
-            b = p * C + c
-            kb = int(budgets[b])
-            pos.extend(b * K + np.arange(kb))
-            if slot_w is not None:
-                pos.extend([-1] * (slot_w - kb))
-        take[p, : len(pos)] = pos
+    # take-positions into the flat (B, K) results: problem b's first budgets[b] picks, class-major
+    if slot_w is None:
+        t = np.arange(K)[None, :]
+        take = (np.arange(B)[:, None] * K + t)[t < budgets[:, None]].reshape(P, width)
+    else:
+        t = np.arange(slot_w)[None, :]
+        take = np.where(t < budgets[:, None], np.arange(B)[:, None] * K + t, -1).reshape(P, width)
     tk = from_numpy(take.reshape(-1), xp, dev)
     tk_safe = xp.where(tk >= 0, tk, xp.zeros_like(tk))
     hole = xp.reshape(tk < 0, (P, width))

@@ -67,7 +67,7 @@ FL_BAD = [
     # choices
     ("metric", lambda: dict(X=X0, k=2, metric="manhattan"), ValueError, "metric"),
     ("kernel", lambda: dict(X=X0, k=2, kernel="rbf"), ValueError, "kernel"),
-    ("kernel None", lambda: dict(X=X0, k=2, kernel=None), ValueError, "kernel"),
+    ("kernel unknown", lambda: dict(X=X0, k=2, kernel="gauss"), ValueError, "kernel"),
     ("optimizer", lambda: dict(X=X0, k=2, optimizer="greedy"), ValueError, "optimizer"),
     ("backend", lambda: dict(X=X0, k=2, backend="numba"), ValueError, "backend"),
     # precomputed
@@ -361,9 +361,13 @@ def test_numpy_integer_k_is_accepted():
     np.testing.assert_array_equal(a.indices, b.indices)
 
 
-def test_precomputed_needs_kernel_none():
-    """Documented: kernel must be None with metric="precomputed" (the default kernel is not)."""
-    with pytest.raises(ValueError, match="kernel"):
-        crestcore.facility_location(S0, 2, metric="precomputed")
-    sel = crestcore.facility_location(S0, 2, metric="precomputed", kernel=None)
+def test_kernel_none_means_the_default():
+    """Documented: kernel=None is the default: max-minus for features, no kernel for precomputed."""
+    sel = crestcore.facility_location(S0, 2, metric="precomputed")
     assert np.asarray(sel.indices).shape == (2,)
+    a = crestcore.facility_location(X0, 2)
+    b = crestcore.facility_location(X0, 2, kernel="max-minus")
+    np.testing.assert_array_equal(a.indices, b.indices)
+    assert float(a.objective) == float(b.objective)
+    with pytest.raises(ValueError, match="kernel"):
+        crestcore.facility_location(S0, 2, metric="precomputed", kernel="max-minus")

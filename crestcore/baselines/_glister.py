@@ -1,0 +1,156 @@
+"""GLISTER (Killamsetty et al., AAAI 2021): greedy validation log-likelihood, one-step Taylor model."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .._compat import device_of, from_numpy, namespace, to_numpy
+from .._validation import check_choice, check_epsilon, check_float_matrix, check_int
+from ..facility import Selection
+from ._common import check_real, epoch_rng, host_selection
+
+OPTIMIZERS = ("naive", "stochastic")
+
+
+def _val_state(xp, val_logits, onehot, E, G_S, eta: float, C: int):
+    """Validation logits after the step ``W - eta G_S`` and the gradient of the summed validation loss."""
+    if E is None:
+        Z = val_logits - eta * G_S[None, :]
+    else:
+        h = E.shape[1]
+        Z = val_logits - eta * xp.matmul(E, xp.matrix_transpose(xp.reshape(G_S, (C, h))))
+    z = Z - xp.max(Z, axis=1, keepdims=True)
+    e = xp.exp(z)
+    P = e / xp.sum(e, axis=1, keepdims=True)
+    R = P - onehot
+    if E is None:
+        gval = xp.sum(R, axis=0)
+    else:
+        gval = xp.reshape(xp.matmul(xp.matrix_transpose(R), E), (-1,))
+    loss = xp.sum(xp.log(xp.sum(e, axis=1)) - xp.sum(z * onehot, axis=1))
+    return gval, loss
+
+
+def glister(
+    train_grads,
+    val_logits,
+    val_labels,
+    k,
+    *,
+    val_embeddings=None,
+    eta: float = 0.01,
+    optimizer: str = "naive",
+    epsilon: float = 0.1,
+    rng=None,
+) -> Selection:
+    """GLISTER: pick k training examples whose one SGD step most lowers the validation loss.
+
+    The model is the last layer only, linearised around the current parameters theta (GLISTER's
+    one-step Taylor approximation): choosing a set S moves the last layer to
+    ``theta_S = theta - eta * sum_{j in S} g_j``, with ``g_j`` the training gradients at theta. With
+    ``L_V(theta) = sum_v CE(z_v(theta), y_v)`` the summed validation cross-entropy (minus the validation
+    log-likelihood), the gain of adding j to S is the first-order decrease
+
+        gain_j(S) = L_V(theta_S) - L_V(theta_S - eta g_j) + O(eta^2) = eta * g_j . grad L_V(theta_S).
+
+    Greedy adds the best gain (ties: lowest index), then recomputes the validation logits at
+    ``theta_S`` (``z_v - eta G_S e_v`` for the last linear layer's weight, ``z_v - eta G_S`` for a bias
+    on the logits, where ``G_S = sum_S g_j``) and the validation gradient there; the training gradients
+    are not recomputed (that is the approximation).
+
+    Parameters
+    ----------
+    train_grads : (n, d) real floating array of training gradients at theta. Either ``d = C``: the
+        gradient w.r.t. the logits, ``softmax(z) - onehot(y)`` (the last layer is a bias on the logits),
+        or ``d = C * h`` with ``val_embeddings`` given: the gradient w.r.t. the last linear layer's
+        weight (C, h), flattened row-major, as :func:`crestcore.last_layer_gradients` with
+        ``embeddings=`` returns it. To include a bias, append a constant-1 column to the train and
+        validation embeddings.
+    val_logits : (n_v, C) validation logits at theta, same namespace and dtype.
+    val_labels : (n_v,) integer validation labels in [0, C).
+    k : budget, ``1 <= k <= n``.
+    val_embeddings : optional (n_v, h) penultimate validation features (see ``train_grads``).
+    eta : step size of the one-step update (> 0), on the scale of the learning rate for a summed loss.
+    optimizer : "naive" (exact greedy: all remaining candidates each step) or "stochastic" (stochastic
+        greedy: each step evaluates ``ceil(n / k * ln(1 / epsilon))`` random remaining candidates).
+    epsilon : stochastic greedy's parameter in (0, 1).
+    rng : int seed or ``numpy.random.Generator``; required by (and only used by) "stochastic".
+
+    Returns
+    -------
+    Selection in the namespace, device and dtype of ``train_grads``: ``indices`` the picks in greedy
+    order; ``weights`` all ``n / k`` (GLISTER trains unweighted; n/k puts the subset on the same
+    sum-of-losses scale as the other baselines); ``gains`` the first-order gain of each pick when it was
+    made (may be negative: the budget is always filled); ``objective`` the exact decrease of the
+    validation loss under the update, ``L_V(theta) - L_V(theta_S)``.
+    """
+    xp = namespace(train_grads, val_logits, val_labels, val_embeddings,
+                   names=("train_grads", "val_logits", "val_labels", "val_embeddings"))
+    check_float_matrix(xp, train_grads, "train_grads")
+    check_float_matrix(xp, val_logits, "val_logits")
+    n, d = train_grads.shape
+    n_v, C = val_logits.shape
+    if val_logits.dtype != train_grads.dtype:
+        raise TypeError(f"val_logits dtype {val_logits.dtype} differs from train_grads dtype {train_grads.dtype}")
+    if val_labels.ndim != 1:
+        raise ValueError(f"val_labels must be 1-D, got shape {tuple(val_labels.shape)}")
+    if val_labels.shape[0] != n_v:
+        raise ValueError(f"val_labels has length {val_labels.shape[0]} but val_logits has {n_v} rows")
+    if not xp.isdtype(val_labels.dtype, "integral"):
+        raise TypeError(f"val_labels must have an integer dtype, got {val_labels.dtype}")
+    if bool(xp.any(val_labels < 0)) or bool(xp.any(val_labels >= C)):
+        raise ValueError(f"val_labels must lie in [0, {C}) for {C} classes (val_logits has {C} columns)")
+    E = val_embeddings
+    if E is None:
+        if d != C:
+            raise ValueError(f"train_grads has {d} columns but val_logits has {C}: without val_embeddings "
+                             "the gradients must be w.r.t. the logits (d = C)")
+    else:
+        check_float_matrix(xp, E, "val_embeddings")
+        if E.shape[0] != n_v:
+            raise ValueError(f"val_embeddings has {E.shape[0]} rows but val_logits has {n_v}")
+        if E.dtype != train_grads.dtype:
+            raise TypeError(f"val_embeddings dtype {E.dtype} differs from train_grads dtype {train_grads.dtype}")
+        if d != C * E.shape[1]:
+            raise ValueError(f"train_grads has {d} columns but C * h = {C} * {E.shape[1]} = {C * E.shape[1]} "
+                             "(the flattened last-layer weight gradient)")
+    k = check_int(k, "k", low=1, high=n)
+    eta = check_real(eta, "eta", low=0.0, low_open=True)
+    optimizer = check_choice(optimizer, "optimizer", OPTIMIZERS)
+    eps = check_epsilon(epsilon)
+    gen = epoch_rng(rng, None) if optimizer == "stochastic" else None
+
+    dev = device_of(train_grads)
+    dt = train_grads.dtype
+    onehot = xp.astype(val_labels[:, None] == xp.arange(C, device=dev)[None, :], dt)
+    G_S = xp.zeros((d,), dtype=dt, device=dev)
+    neg_inf = xp.asarray(-math.inf, dtype=dt, device=dev)
+    avail = xp.ones((n,), dtype=xp.bool, device=dev)
+    pos = xp.arange(n, device=dev)
+    remaining = np.ones(n, dtype=bool)
+    s = max(1, math.ceil(n / k * math.log(1.0 / eps)))
+    picks: list[int] = []
+    gains: list[float] = []
+    gval, loss0 = _val_state(xp, val_logits, onehot, E, G_S, eta, C)
+    for _ in range(k):
+        if gen is None:
+            g = eta * xp.matmul(train_grads, gval)
+            j = int(to_numpy(xp.argmax(xp.where(avail, g, neg_inf))))
+            gj = float(to_numpy(g[j]))
+        else:
+            rem = np.flatnonzero(remaining)
+            cand = np.sort(gen.choice(rem, size=min(s, rem.size), replace=False)).astype(np.int64)
+            g = eta * xp.matmul(xp.take(train_grads, from_numpy(cand, xp, dev), axis=0), gval)
+            loc = int(to_numpy(xp.argmax(g)))
+            j, gj = int(cand[loc]), float(to_numpy(g[loc]))
+        picks.append(j)
+        gains.append(gj)
+        remaining[j] = False
+        avail = xp.where(pos == j, xp.zeros_like(avail), avail)
+        G_S = G_S + train_grads[j, ...]
+        gval, loss = _val_state(xp, val_logits, onehot, E, G_S, eta, C)
+    objective = float(to_numpy(loss0)) - float(to_numpy(loss))
+    return host_selection(xp, dev, dt, np.asarray(picks, dtype=np.int64), np.full(k, n / k),
+                          np.asarray(gains), objective)

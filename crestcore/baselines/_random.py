@@ -1,0 +1,46 @@
+"""Random: a uniform random subset of the budget, redrawn each epoch."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._compat import device_of
+from .._validation import check_int
+from ._common import epoch_rng, host_selection, resolve_xp
+
+
+def random_subset(n, k, *, rng, epoch=None, xp=None, device=None, dtype=None):
+    """A uniform random subset of ``k`` of the ``n`` examples, each weighted ``n / k``.
+
+    Parameters
+    ----------
+    n : number of examples (int >= 1).
+    k : budget, ``1 <= k <= n``.
+    rng : int seed or ``numpy.random.Generator``: the only source of randomness.
+    epoch : optional int >= 0. With an int seed, the subset of epoch e depends on ``(rng, e)`` alone
+        (``numpy.random.default_rng([seed, e])``): pass the epoch to redraw every epoch reproducibly.
+        Without it an int seed gives the same subset on every call. A Generator is used as is (each call
+        advances it), and ``epoch`` then does not enter the draw.
+    xp : array namespace module of the result (``numpy`` by default, ``torch``, ``array_api_strict``...).
+    device : device of the result in ``xp`` (default: the library's default device).
+    dtype : floating dtype of the weights/gains/objective (default: the library's default float).
+
+    Returns
+    -------
+    Selection: ``indices`` (k,) int64 sorted ascending, drawn uniformly without replacement (every
+    k-subset equally likely); ``weights`` all ``n / k`` (so the weighted sum over the subset is an
+    unbiased estimate of the full-data sum); ``gains`` all 0 and ``objective`` 0 (nothing is optimised).
+    """
+    n = check_int(n, "n", low=1)
+    k = check_int(k, "k", low=1, high=n)
+    if epoch is not None:
+        epoch = check_int(epoch, "epoch", low=0)
+    gen = epoch_rng(rng, epoch)
+    ns, probe = resolve_xp(xp, device)
+    dev = device_of(probe)
+    if dtype is None:
+        dtype = ns.asarray(0.0, device=dev).dtype
+    elif not ns.isdtype(dtype, "real floating"):
+        raise TypeError(f"dtype must be a real floating dtype, got {dtype}")
+    idx = np.sort(gen.choice(n, size=k, replace=False)).astype(np.int64)
+    return host_selection(ns, dev, dtype, idx, np.full(k, n / k), np.zeros(k), 0.0)

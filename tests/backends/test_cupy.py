@@ -1,0 +1,385 @@
+"""crestcore.backends.cupy: differential tests against the generic reference kernels.
+
+The GPU tests (marked ``gpu``) run only when CuPy imports *and* ``cupy.cuda.is_available()`` is True
+and a first operation succeeds: CuPy imports fine without a GPU and fails on its first operation.
+
+One test is not a GPU test and says so: ``test_array_program_on_numpy_stand_in`` executes the module's
+source with NumPy bound to the name ``cupy``. The module only uses operations whose NumPy and CuPy
+semantics coincide, so this checks its array logic (indexing, sampling, ties, tiling) everywhere,
+including machines without CuPy; it proves nothing about CUDA, which the ``gpu`` tests cover.
+
+Picks are compared as in ``test_torch.py``: exactly where the reference's best-vs-second gain gap
+exceeds a tolerance at every step, otherwise as a valid greedy run within that tolerance.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import crestcore
+from crestcore import _reference_kernels as ref
+from crestcore.facility import stochastic_draws
+
+
+def _gpu_reason():
+    try:
+        import cupy
+    except Exception as exc:  # not installed, or a broken install
+        return f"cupy does not import: {type(exc).__name__}: {exc}"
+    try:
+        if not cupy.cuda.is_available():
+            return "cupy.cuda.is_available() is False"
+        float(cupy.ones(2).sum())
+    except Exception as exc:
+        return f"cupy not usable: {type(exc).__name__}: {exc}"
+    return None
+
+
+GPU_REASON = _gpu_reason()
+gpu = pytest.mark.gpu
+needs_gpu = pytest.mark.skipif(GPU_REASON is not None, reason=GPU_REASON or "")
+METRICS = ("euclidean", "sqeuclidean", "cosine")
+KERNELS = ("max-minus", "exp")
+OPTIMIZERS = ("naive", "lazy", "stochastic")
+RTOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-9}
+FEW = settings(deadline=None, max_examples=max(5, settings().max_examples // 2),
+               suppress_health_check=[HealthCheck.too_slow])
+
+
+def host(x):
+    if isinstance(x, np.ndarray):
+        return x
+    if type(x).__module__.startswith("cupy"):
+        import cupy
+
+        return cupy.asnumpy(x)
+    return np.asarray(x)
+
+
+# --------------------------------------------------------------------------------------------------
+# data and greedy trajectories (host NumPy, float64)
+# --------------------------------------------------------------------------------------------------
+
+
+def make_batch(seed, B, n, d, dtype, *, eps=0.1):
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, n + 1, size=B)
+    sizes[0] = n
+    valid = np.arange(n)[None, :] < sizes[:, None]
+    perm = rng.permuted(np.broadcast_to(np.arange(n), (B, n)).copy(), axis=1)
+    valid = np.take_along_axis(valid, perm, axis=1)
+    X = rng.standard_normal((B, n, d)) * rng.uniform(0.2, 3.0)
+    X[~valid] = rng.uniform(-1e3, 1e3, size=(int((~valid).sum()), d))
+    budgets = np.array([rng.integers(0, s + 1) for s in sizes], dtype=np.int64)
+    budgets[0] = max(1, budgets[0])
+    u = stochastic_draws(rng, sizes, budgets, eps)
+    return X.astype(dtype), valid, budgets, u.astype(dtype)
+
+
+def _sample(remaining, u_row, mode):
+    if mode == "batched":
+        R = u_row.dtype.type(remaining.sum())
+        pos = np.floor(u_row * R)
+        return np.isin(np.cumsum(remaining) - 1, pos) & remaining
+    rem = np.flatnonzero(remaining)
+    pos = np.minimum(np.floor(u_row.astype(np.float64) * rem.size).astype(np.int64), rem.size - 1)
+    hit = np.zeros_like(remaining)
+    hit[rem[pos]] = True
+    return hit
+
+
+def trace(S64, valid, picks, optimizer, u, mode):
+    n = S64.shape[0]
+    cover = np.zeros(n)
+    remaining = valid.copy()
+    steps = []
+    for t, j in enumerate(picks):
+        if j < 0:
+            break
+        g = np.maximum(S64 - cover[:, None], 0.0).sum(axis=0)
+        cand = remaining if optimizer != "stochastic" else _sample(remaining, u[t], mode)
+        cg = np.where(cand, g, -np.inf)
+        order = np.argsort(-cg, kind="stable")
+        second = cg[order[1]] if n > 1 else -np.inf
+        steps.append(dict(gap=cg[order[0]] - second, best=cg[order[0]], gain=g[j], cand=bool(cand[j])))
+        cover = np.maximum(cover, S64[:, j])
+        remaining[j] = False
+    return steps
+
+
+def assert_greedy_matches(S, valid, budgets, optimizer, u, got, want, mode="batched", noise=0.0):
+    S = host(S)
+    S64 = S.astype(np.float64)
+    V, bud = host(valid), host(budgets)
+    gi, gg = host(got[0]), host(got[1]).astype(np.float64)
+    wi = host(want[0])
+    U = None if u is None else host(u)
+    assert gi.shape == wi.shape == gg.shape
+    for b in range(S64.shape[0]):
+        kb = int(bud[b])
+        assert (gi[b, kb:] == -1).all() and (gg[b, kb:] == 0).all()
+        tol = RTOL[S.dtype] * max(1.0, float(S64[b].sum(axis=0).max())) + noise
+        ub = None if U is None else U[b]
+        if all(s["gap"] > tol for s in trace(S64[b], V[b], wi[b, :kb], optimizer, ub, mode)):
+            np.testing.assert_array_equal(gi[b], wi[b])
+        steps = trace(S64[b], V[b], gi[b, :kb], optimizer, ub, mode)
+        assert len(steps) == kb and len(set(gi[b, :kb].tolist())) == kb
+        for t, s in enumerate(steps):
+            assert s["cand"], f"step {t}: pick is not a candidate"
+            assert s["gain"] >= s["best"] - tol
+            assert abs(gg[b, t] - s["gain"]) <= tol
+
+
+def _dense_S(X_host, metric, kernel, scale):
+    X = X_host[None]
+    return ref.similarity_batched(X, np.ones(X.shape[:2], dtype=bool), metric, kernel, scale)[0]
+
+
+def _elem_noise(X_host, metric, S):
+    eps = float(np.finfo(X_host.dtype).eps)
+    noise = 16 * eps * max(1.0, float(np.abs(S).max()) if S.size else 1.0)
+    if metric == "euclidean":
+        noise += 4 * math.sqrt(eps) * float(np.linalg.norm(X_host.astype(np.float64), axis=1).max())
+    return noise
+
+
+def assert_features_result(X, k, metric, kernel, scale, optimizer, u, got, want, xp_module):
+    Xh = host(X)
+    n = Xh.shape[0]
+    idx, gains, weights, obj = got
+    for a in got:
+        assert isinstance(a, xp_module.ndarray)
+    assert idx.dtype == np.int64 and idx.shape == (k,)
+    assert gains.dtype == Xh.dtype and weights.dtype == Xh.dtype and obj.dtype == Xh.dtype and obj.shape == ()
+    S = _dense_S(Xh, metric, kernel, scale)
+    elem = _elem_noise(Xh, metric, S)
+    U = None if u is None else host(u)[None]
+    assert_greedy_matches(S[None], np.ones((1, n), bool), np.array([k]), optimizer, U,
+                          (host(idx)[None], host(gains)[None]), (host(want[0])[None], None),
+                          mode="features", noise=n * elem)
+    w = host(weights)
+    assert w.sum() == n
+    sims = S.astype(np.float64)[:, host(idx)]
+    ambiguous = 0
+    if k > 1:
+        top2 = np.sort(sims, axis=1)[:, -2:]
+        ambiguous = int((top2[:, 1] - top2[:, 0] <= 2 * elem).sum())
+    expected = np.bincount(np.argmax(sims, axis=1), minlength=k)
+    assert np.abs(w - expected).sum() <= 2 * ambiguous
+    np.testing.assert_allclose(float(host(obj)), sims.max(axis=1).sum(), rtol=RTOL[Xh.dtype], atol=n * elem)
+
+
+# --------------------------------------------------------------------------------------------------
+# the shared differential checks, for any module implementing the kernels and an array constructor
+# --------------------------------------------------------------------------------------------------
+
+
+def check_batched(kmod, asarray, seed, B, n, d, dtype, metric, kernel, optimizer, eps):
+    Xh, Vh, bh, uh = make_batch(seed, B, n, d, dtype, eps=eps)
+    X, valid, budgets, u = asarray(Xh), asarray(Vh), asarray(bh), asarray(uh)
+    S_got = kmod.similarity_batched(X, valid, metric, kernel, float(d))
+    S = ref.similarity_batched(X, valid, metric, kernel, float(d))
+    assert S_got.dtype == np.dtype(dtype) and S_got.shape == (B, n, n)
+    atol = 50 * float(np.finfo(dtype).eps) * max(1.0, float(np.abs(host(S)).max()))
+    np.testing.assert_allclose(host(S_got), host(S), rtol=0, atol=atol)
+    assert (host(S_got)[~(Vh[:, :, None] & Vh[:, None, :])] == 0).all()
+    uu = u if optimizer == "stochastic" else None
+    got = kmod.greedy_batched(S, valid, budgets, optimizer, uu)
+    want = ref.greedy_batched(S, valid, budgets, optimizer, uu)
+    assert got[0].dtype == np.int64 and got[1].dtype == np.dtype(dtype)
+    assert_greedy_matches(S, valid, budgets, optimizer, uu, got, want)
+    w_got, o_got = kmod.assign_batched(S, valid, got[0])
+    w_ref, o_ref = ref.assign_batched(S, valid, got[0])
+    assert w_got.dtype == np.dtype(dtype) and o_got.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(host(w_got), host(w_ref))
+    scale = max(1.0, float(host(S).sum(axis=(1, 2)).max()))
+    np.testing.assert_allclose(host(o_got), host(o_ref), rtol=0, atol=RTOL[np.dtype(dtype)] * scale)
+
+
+def check_features(kmod, asarray, xp_module, seed, n, d, k, tile, dtype, metric, kernel, optimizer):
+    rng = np.random.default_rng(seed)
+    X = asarray((rng.standard_normal((n, d)) * rng.uniform(0.2, 3.0)).astype(dtype))
+    u = None
+    if optimizer == "stochastic":
+        u = asarray(stochastic_draws(rng, [n], [k], 0.1)[0].astype(dtype))
+    got = kmod.greedy_features(X, k, metric, kernel, float(d), optimizer, u, tile)
+    want = ref.greedy_features(X, k, metric, kernel, float(d), optimizer, u, tile)
+    assert_features_result(X, k, metric, kernel, float(d), optimizer, u, got, want, xp_module)
+
+
+# --------------------------------------------------------------------------------------------------
+# the module's array program on a NumPy stand-in (CPU; not a GPU test)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def standin():
+    """backends/cupy.py executed with NumPy bound to ``cupy`` (private module name, nothing registered)."""
+    origin = importlib.util.find_spec("crestcore.backends").origin
+    path = Path(origin).with_name("cupy.py")
+    saved = sys.modules.get("cupy")
+    sys.modules["cupy"] = np
+    try:
+        spec = importlib.util.spec_from_file_location("_crestcore_cupy_kernels_on_numpy", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        if saved is None:
+            del sys.modules["cupy"]
+        else:
+            sys.modules["cupy"] = saved
+    assert mod.cp is np
+    return mod
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@FEW
+@given(seed=st.integers(0, 2**32 - 1), B=st.integers(1, 5), n=st.integers(1, 24), d=st.integers(1, 5),
+       metric=st.sampled_from(METRICS), kernel=st.sampled_from(KERNELS),
+       optimizer=st.sampled_from(OPTIMIZERS), eps=st.sampled_from([0.01, 0.1, 0.5]))
+def test_array_program_on_numpy_stand_in(standin, dtype, seed, B, n, d, metric, kernel, optimizer, eps):
+    check_batched(standin, np.asarray, seed, B, n, d, dtype, metric, kernel, optimizer, eps)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@FEW
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 50), d=st.integers(1, 5), data=st.data(),
+       metric=st.sampled_from(METRICS), kernel=st.sampled_from(KERNELS), optimizer=st.sampled_from(OPTIMIZERS))
+def test_features_program_on_numpy_stand_in(standin, dtype, seed, n, d, data, metric, kernel, optimizer):
+    k = data.draw(st.integers(1, n), label="k")
+    tile = data.draw(st.integers(1, n + 3), label="tile")
+    check_features(standin, np.asarray, np, seed, n, d, k, tile, dtype, metric, kernel, optimizer)
+
+
+def test_stand_in_chunking_changes_nothing(standin, monkeypatch):
+    Xh, Vh, bh, uh = make_batch(2, 5, 33, 3, np.float64)
+    S = ref.similarity_batched(Xh, Vh, "euclidean", "exp", 3.0)
+    full = [standin.greedy_batched(S, Vh, bh, o, uh) for o in OPTIMIZERS]
+    Xf = np.random.default_rng(1).standard_normal((90, 3))
+    feat = standin.greedy_features(Xf, 12, "cosine", "max-minus", 3.0, "lazy", None, 4096)
+    monkeypatch.setattr(standin, "_MAX_TEMP_ELEMENTS", 5 * 33 * 4)
+    assert standin._gain_chunk(5, 33) == 4
+    for o, (i0, g0) in zip(OPTIMIZERS, full):
+        i1, g1 = standin.greedy_batched(S, Vh, bh, o, uh)
+        np.testing.assert_array_equal(i0, i1)
+        np.testing.assert_allclose(g0, g1, rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(standin, "_MAX_TEMP_ELEMENTS", 64)
+    feat2 = standin.greedy_features(Xf, 12, "cosine", "max-minus", 3.0, "lazy", None, 4096)
+    np.testing.assert_array_equal(feat[0], feat2[0])
+    np.testing.assert_array_equal(feat[2], feat2[2])
+
+
+# --------------------------------------------------------------------------------------------------
+# on the GPU
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cupy_mod():
+    import cupy
+
+    return cupy
+
+
+@pytest.fixture(scope="module")
+def ck():
+    from crestcore.backends import cupy as ck
+
+    return ck
+
+
+@gpu
+@needs_gpu
+def test_usable_for_and_dispatch(cupy_mod, ck):
+    cp = cupy_mod
+    from crestcore.backends import get_kernel
+
+    S = cp.zeros((2, 3, 3), dtype=cp.float32)
+    v = cp.ones((2, 3), dtype=bool)
+    b = cp.ones(2, dtype=cp.int64)
+    assert ck.usable_for("greedy_batched", S, v, b)
+    assert ck.usable_for("assign_batched", S.astype(cp.float64), v, None)
+    assert not ck.usable_for("greedy_batched", S.astype(cp.float16), v, b)
+    assert not ck.usable_for("greedy_batched", cp.asnumpy(S), v, b)
+    assert not ck.usable_for("greedy_features", cp.zeros((3, 2), dtype=cp.int64))
+    assert not ck.usable_for("nope", S)
+    assert get_kernel("greedy_batched", "cupy", S, v, b) is ck.greedy_batched
+    assert get_kernel("greedy_batched", "cupy", S.astype(cp.float16), v, b) is None
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@FEW
+@given(seed=st.integers(0, 2**32 - 1), B=st.integers(1, 5), n=st.integers(1, 24), d=st.integers(1, 5),
+       metric=st.sampled_from(METRICS), kernel=st.sampled_from(KERNELS),
+       optimizer=st.sampled_from(OPTIMIZERS), eps=st.sampled_from([0.01, 0.1, 0.5]))
+def test_batched_kernels_match_reference(cupy_mod, ck, dtype, seed, B, n, d, metric, kernel, optimizer, eps):
+    check_batched(ck, cupy_mod.asarray, seed, B, n, d, dtype, metric, kernel, optimizer, eps)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@FEW
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 50), d=st.integers(1, 5), data=st.data(),
+       metric=st.sampled_from(METRICS), kernel=st.sampled_from(KERNELS), optimizer=st.sampled_from(OPTIMIZERS))
+def test_greedy_features_matches_reference(cupy_mod, ck, dtype, seed, n, d, data, metric, kernel, optimizer):
+    k = data.draw(st.integers(1, n), label="k")
+    tile = data.draw(st.integers(1, n + 3), label="tile")
+    check_features(ck, cupy_mod.asarray, cupy_mod, seed, n, d, k, tile, dtype, metric, kernel, optimizer)
+
+
+def assert_same_selection(cp, a, r):
+    """The same picks and weights, or (a near-tie broken the other way by differently ordered sums)
+    the same objective."""
+    ai, ri = cp.asnumpy(a.indices), cp.asnumpy(r.indices)
+    if np.array_equal(ai, ri):
+        np.testing.assert_array_equal(cp.asnumpy(a.weights), cp.asnumpy(r.weights))
+    np.testing.assert_allclose(cp.asnumpy(a.objective), cp.asnumpy(r.objective), rtol=1e-9, atol=1e-9)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_public_api_auto_equals_reference(cupy_mod, optimizer):
+    cp = cupy_mod
+    rng = np.random.default_rng(0)
+    Xh = rng.standard_normal((1500, 10))
+    yh = rng.integers(0, 10, size=1500)
+    X, y = cp.asarray(Xh), cp.asarray(yh)
+    X0 = X.copy()
+    a = crestcore.facility_location(X, 40, labels=y, optimizer=optimizer, rng=1)
+    r = crestcore.facility_location(X, 40, labels=y, optimizer=optimizer, rng=1, backend="reference")
+    for arr in (a.indices, a.weights, a.gains, a.objective):
+        assert isinstance(arr, cp.ndarray)
+    assert a.indices.dtype == np.int64 and a.weights.dtype == np.float64
+    assert_same_selection(cp, a, r)
+    assert float(a.weights.sum()) == 1500
+    kw = dict(m=32, r=400, P=3, rng=4, optimizer=optimizer)
+    c = crestcore.minibatch_coresets(X, y, **kw)
+    cr = crestcore.minibatch_coresets(X, y, backend="reference", **kw)
+    assert isinstance(c.indices, cp.ndarray) and c.indices.dtype == np.int64
+    np.testing.assert_array_equal(cp.asnumpy(c.subsets), cp.asnumpy(cr.subsets))
+    assert_same_selection(cp, c, cr)
+    np.testing.assert_array_equal(cp.asnumpy(c.weights.sum(axis=1)), [400.0] * 3)
+    # the matrix-free path, and the dense path on the same input
+    kwm = dict(optimizer=optimizer, rng=2, metric="cosine")
+    m = crestcore.facility_location(X[:300], 12, max_dense_bytes=300 * 300 * 8 - 1, **kwm)
+    mr = crestcore.facility_location(X[:300], 12, max_dense_bytes=300 * 300 * 8 - 1, backend="reference", **kwm)
+    md = crestcore.facility_location(X[:300], 12, **kwm)
+    assert isinstance(m.indices, cp.ndarray) and m.weights.dtype == np.float64
+    assert_same_selection(cp, m, mr)
+    assert_same_selection(cp, md, mr)
+    assert bool(cp.all(X == X0)), "input mutated"
+    # float32 stays float32
+    f = crestcore.minibatch_coresets(X.astype(cp.float32), y, m=16, r=200, P=2, rng=0)
+    assert f.weights.dtype == np.float32 and f.objective.dtype == np.float32
