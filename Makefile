@@ -6,10 +6,11 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-dev
 EXTRAS  := test,numba,torch,demo,bench
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
-# BLAS threads pinned for reproducible timings; the machine has 2 cores.
-export OMP_NUM_THREADS ?= 2
+# Tests run in 2 pytest workers on 2 cores: one BLAS/Numba thread per worker avoids oversubscription
+# (spinning OpenMP threads on a busy machine slow small kernels by an order of magnitude).
+TEST_ENV := OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 
-.PHONY: setup test test-slow test-all demo bench wheel-test clean fashion-mnist
+.PHONY: setup test test-slow test-gpu demo bench clean fashion-mnist
 
 setup: $(STAMP) fashion-mnist
 
@@ -28,10 +29,10 @@ fashion-mnist:
 	fi
 
 test: setup
-	$(VPY) -m pytest -q -m "not slow and not gpu" -n 2 tests
+	$(TEST_ENV) $(VPY) -m pytest -q -m "not slow and not gpu" -n 2 tests
 
 test-slow: setup
-	$(VPY) -m pytest -q -m "slow" tests
+	$(TEST_ENV) $(VPY) -m pytest -q -m "slow" tests
 
 test-gpu: setup
 	$(VPY) -m pytest -q -m "gpu" tests

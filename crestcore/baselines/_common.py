@@ -7,7 +7,7 @@ import numbers
 
 import numpy as np
 
-from .._compat import device_of, from_numpy, namespace
+from .._compat import from_numpy, namespace
 from .._validation import make_rng
 from ..facility import Selection
 
@@ -113,4 +113,4 @@ def reselect_due(epoch, every, *, start: int = 0) -> bool:
 
 
 __all__ = ["check_real", "check_bool", "check_vector", "epoch_rng", "resolve_xp", "host_selection",
-           "reselect_due", "device_of"]
+           "reselect_due"]

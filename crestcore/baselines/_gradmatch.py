@@ -18,10 +18,16 @@ from ._common import check_bool, check_real, host_selection
 
 
 def _solve(Q: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """``Q z = h`` for a symmetric PSD Q; the minimum-norm solution when Q is (numerically) singular.
+
+    With ``lam = 0`` a support with more atoms than dimensions (or duplicate gradients) makes the Gram
+    matrix singular, where a plain solve returns huge, meaningless weights.
+    """
     try:
-        z = np.linalg.solve(Q, h)
-        if np.all(np.isfinite(z)):
-            return z
+        L = np.linalg.cholesky(Q)
+        d = np.diag(L)
+        if d.min() > 1e-7 * d.max():  # condition number of Q below ~1e14
+            return np.linalg.solve(L.T, np.linalg.solve(L, h))
     except np.linalg.LinAlgError:
         pass
     return np.linalg.lstsq(Q, h, rcond=None)[0]
@@ -113,15 +119,15 @@ def nonneg_ridge(atoms, target, *, lam: float = 0.0, positive: bool = True):
 
 
 def _omp(xp, A, b, k: int, lam: float, tol: float, positive: bool):
-    """Regularised (non-negative) OMP of target ``b`` (d,) with atoms ``A`` (n, d), at most k steps.
+    """Regularised (non-negative) OMP of target ``b`` (d,) with atoms ``A`` (n, d), at most k picks.
 
-    Returns host arrays (local support, weights, gains) and the explained amount ``||b||^2 - J``.
+    Returns host arrays (local picks, weights, gains) and the explained amount ``||b||^2 - J``.
     """
     n = A.shape[0]
     dev = device_of(A)
     bnorm2 = float(to_numpy(xp.sum(b * b)))
     J = bnorm2
-    support: list[int] = []
+    support: list[int] = []  # the active picks, in pick order
     gains: list[float] = []
     w = np.zeros(0)
     G = np.zeros((0, 0))
@@ -130,7 +136,8 @@ def _omp(xp, A, b, k: int, lam: float, tol: float, positive: bool):
     avail = xp.ones((n,), dtype=xp.bool, device=dev)
     pos = xp.arange(n, device=dev)
     neg_inf = xp.asarray(-math.inf, dtype=A.dtype, device=dev)
-    for _ in range(k):
+    tried = 0
+    while len(support) < k and tried < n:
         rnorm2 = float(to_numpy(xp.sum(r * r)))
         if bnorm2 == 0.0 or math.sqrt(max(rnorm2, 0.0)) <= tol * math.sqrt(bnorm2):
             break
@@ -140,33 +147,43 @@ def _omp(xp, A, b, k: int, lam: float, tol: float, positive: bool):
         j = int(to_numpy(xp.argmax(score)))
         if not float(to_numpy(score[j])) > 0.0:
             break  # no remaining atom can lower the error with a positive weight
+        tried += 1
+        avail = xp.where(pos == j, xp.zeros_like(avail), avail)
         a_j = A[j, ...]
-        if support:
+        s = len(support)
+        if s:
             S = xp.take(A, from_numpy(np.asarray(support, dtype=np.int64), xp, dev), axis=0)
             col = np.asarray(to_numpy(xp.matmul(S, a_j)), dtype=np.float64)
         else:
             col = np.zeros(0)
-        diag = float(to_numpy(xp.sum(a_j * a_j)))
-        s = len(support)
         G2 = np.empty((s + 1, s + 1))
         G2[:s, :s] = G
         G2[:s, s] = col
         G2[s, :s] = col
-        G2[s, s] = diag
+        G2[s, s] = float(to_numpy(xp.sum(a_j * a_j)))
         G = G2
         h = np.append(h, float(to_numpy(xp.sum(a_j * b))))
         support.append(j)
+        gains.append(0.0)
         w = _gram_nnls(G + lam * np.eye(s + 1), h, np.append(w, 0.0), positive=positive)
-        S = xp.take(A, from_numpy(np.asarray(support, dtype=np.int64), xp, dev), axis=0)
-        wd = xp.astype(from_numpy(w, xp, dev), A.dtype)
-        r = b - xp.matmul(wd, S)
+        # a pick whose refit weight is 0 retires for good: it leaves the support and is never picked
+        # again, so the support grows by at most one per step and ends with k weighted examples
+        live = w > 0 if positive else w != 0
+        if not live.all():
+            keep = np.flatnonzero(live)
+            support = [support[i] for i in keep]
+            gains = [gains[i] for i in keep]
+            w, G, h = w[keep], G[np.ix_(keep, keep)], h[keep]
+        if support:
+            S = xp.take(A, from_numpy(np.asarray(support, dtype=np.int64), xp, dev), axis=0)
+            r = b - xp.matmul(xp.astype(from_numpy(w, xp, dev), A.dtype), S)
+        else:
+            r = b
         J_new = float(to_numpy(xp.sum(r * r))) + lam * float(w @ w)
-        gains.append(J - J_new)
+        if live[-1]:
+            gains[-1] = J - J_new
         J = J_new
-        avail = xp.where(pos == j, xp.zeros_like(avail), avail)
-    sup = np.asarray(support, dtype=np.int64)
-    keep = w > 0 if positive else w != 0
-    return sup[keep], w[keep], np.asarray(gains, dtype=np.float64)[keep], bnorm2 - J
+    return np.asarray(support, dtype=np.int64), w, np.asarray(gains, dtype=np.float64), bnorm2 - J
 
 
 def gradmatch(
@@ -192,9 +209,11 @@ def gradmatch(
     the residual ``r = b - sum_S w_j g_j`` (the steepest descent coordinate of J; ``|g_j . r|`` when
     ``positive=False``), then refits all weights of the support by non-negative regularised least
     squares (:func:`nonneg_ridge`, warm-started). ``J`` never increases along the steps (the previous
-    weights stay feasible), so with ``lam = 0`` the residual norm never increases. It stops after
-    ``k_c`` steps, when ``||r|| <= tol * ||b||``, or when no remaining example correlates positively
-    with the residual.
+    weights stay feasible), so with ``lam = 0`` the residual norm never increases. An example whose
+    refit weight drops to 0 leaves the support for good (the support grows by at most one per step),
+    so the budget is filled with examples that carry weight. It stops when ``k_c`` examples are in the
+    support, when ``||r|| <= tol * ||b||``, or when no remaining example correlates positively with the
+    residual.
 
     Parameters
     ----------
@@ -221,12 +240,12 @@ def gradmatch(
     -------
     Selection in the namespace, device and dtype of ``gradients``:
     ``indices`` the support per problem (classes in ascending label order), each in pick order (with
-    ``per_batch``: the selected batches in pick order, each batch's examples ascending); an example whose
-    refit weight ended at exactly 0 is dropped, so there can be fewer than k picks, as there are when
-    the tolerance is reached first. ``weights`` the fitted w (sum semantics: ``sum_S w_j g_j``
+    ``per_batch``: the selected batches in pick order, each batch's examples ascending); there are
+    fewer than k picks only when the tolerance or the lack of positively correlated examples stopped it
+    first. ``weights`` the fitted w (sum semantics: ``sum_S w_j g_j``
     approximates ``sum_i g_i``; when a class's gradients form tight clusters they approach the cluster
     sizes, but in general they need not sum to the class size). ``gains`` the decrease of J at
-    the step the pick was added. ``objective`` the explained amount ``sum_c (||b_c||^2 - J_c)`` at the
+    the step the pick was added (so they sum to the objective unless a pick retired on the way). ``objective`` the explained amount ``sum_c (||b_c||^2 - J_c)`` at the
     end (the final regularised error of class c is ``||b_c||^2`` minus its share).
     """
     xp = namespace(gradients, labels, per_batch, target, names=("gradients", "labels", "per_batch", "target"))
