@@ -42,6 +42,7 @@ demo: setup
 
 bench: setup
 	$(VENV)/bin/crest bench selection --out docs/benchmarks.md
+	$(VENV)/bin/crest bench e2e --out docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis

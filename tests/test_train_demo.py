@@ -1,0 +1,262 @@
+"""The training demo (crestcore/train_demo.py, `crest demo`): helpers, timing attribution, end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from crestcore import cli
+from crestcore.datasets import fashion_mnist_available
+from crestcore.train_demo import (
+    TABLE_COLUMNS,
+    ForgettingTracker,
+    OpsTimer,
+    TrainSettings,
+    forgetting_events,
+    format_table,
+    lr_factor,
+    moving_average,
+    relative_error,
+    summarize,
+)
+
+needs_fmnist = pytest.mark.skipif(
+    not fashion_mnist_available() or not fashion_mnist_available(split="test"),
+    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
+)
+
+FIGURES = ("accuracy_vs_time.png", "coreset_updates.png", "rho.png", "forgetting.png")
+
+
+# ---------------------------------------------------------------------------------------------------
+# pure helpers
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_relative_error():
+    assert relative_error(0.9, 0.81) == pytest.approx(10.0)
+    assert relative_error(0.8, 0.8) == 0.0
+    assert relative_error(0.5, 0.6) == pytest.approx(-20.0)  # better than full data: negative
+    with pytest.raises(ValueError):
+        relative_error(0.0, 0.5)
+
+
+def test_forgetting_events_hand_made():
+    # correct, correct, wrong (1), correct, wrong (2), wrong, correct
+    assert forgetting_events([1, 1, 0, 1, 0, 0, 1]) == 2
+    assert forgetting_events([0, 0, 0]) == 0  # never learned: no forgetting event
+    assert forgetting_events([1, 1, 1]) == 0
+    assert forgetting_events([]) == 0 and forgetting_events([True]) == 0
+    assert forgetting_events([True, False]) == 1
+
+
+def test_forgetting_tracker_matches_sequences():
+    rng = np.random.default_rng(0)
+    n, T = 12, 30
+    history = {i: [] for i in range(n)}
+    tr = ForgettingTracker(n)
+    for _ in range(T):
+        idx = rng.choice(n, size=5, replace=False)
+        ok = rng.random(5) < 0.6
+        tr.update(idx, ok)
+        for i, c in zip(idx, ok):
+            history[int(i)].append(bool(c))
+    for i in range(n):
+        assert tr.scores[i] == forgetting_events(history[i])
+        assert tr.seen[i] == len(history[i])
+        assert tr.ever_correct[i] == any(history[i])
+
+
+def test_forgetting_tracker_hand_made_and_repeats():
+    tr = ForgettingTracker(3)
+    tr.update([0, 1], [True, False])
+    tr.update([0, 1], [False, True])
+    tr.update([0, 0, 2], [True, False, True])  # repeated index: the last value counts
+    # example 0: T, F (1), F ; example 1: F, T ; example 2: T
+    assert tr.scores.tolist() == [1, 0, 0]
+    assert tr.seen.tolist() == [3, 2, 1]
+    with pytest.raises(ValueError):
+        tr.update([0, 1], [True])
+
+
+def test_lr_factor_warmup_then_cosine():
+    total = 100
+    f = [lr_factor(t, total, 0.1) for t in range(total)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[9:], f[10:]))  # non-increasing after warm-up
+    assert f[-1] < 0.01
+    assert lr_factor(0, 1, 0.1) == pytest.approx(1.0)
+
+
+def test_moving_average():
+    np.testing.assert_allclose(moving_average([1, 2, 3, 4], 2), [1, 1.5, 2.5, 3.5])
+    np.testing.assert_allclose(moving_average([5.0], 3), [5.0])
+
+
+def test_table_columns_and_summary():
+    def rec(acc, wall, crest=False):
+        bd = {"train": wall * 0.8, "data": wall * 0.2 if not crest else 0.0}
+        if crest:
+            bd.update(select_forward=0.1 * wall, select_solve=0.05 * wall, model_fit=0.05 * wall, checks=0.0,
+                      drops=0.0, data=0.0)
+            bd["train"] = 0.8 * wall
+        return {"acc": acc, "wall": wall, "steps": 10, "breakdown": bd,
+                "counts": {"selections": 3 if crest else 0}}
+
+    recs = {"full": rec(0.9, 100.0), "random": rec(0.81, 10.0), "crest": rec(0.855, 12.5, crest=True)}
+    rows = summarize(recs)
+    by = {r["method"]: r for r in rows}
+    assert by["random"]["rel_error"] == pytest.approx(10.0)
+    assert by["crest"]["rel_error"] == pytest.approx(5.0)
+    assert by["full"]["rel_error"] == 0.0
+    assert by["crest"]["speedup"] == pytest.approx(8.0)
+    assert by["crest"]["overhead_pct"] == pytest.approx(25.0)  # 0.2 wall / 0.8 wall
+    assert by["random"]["overhead_pct"] is None and by["random"]["updates"] is None
+    text = format_table(rows)
+    head = text.splitlines()[0]
+    pos = [head.index(c) for c in TABLE_COLUMNS]
+    assert pos == sorted(pos)  # every column, in order
+    assert len(text.splitlines()) == 2 + len(rows)
+    assert "10.00" in text and "8.00x" in text
+
+
+# ---------------------------------------------------------------------------------------------------
+# attributing CREST's time
+# ---------------------------------------------------------------------------------------------------
+
+
+class _FakeOps:
+    def outputs(self, idx, embeddings=False):
+        return "z"
+
+    def gradient(self, idx, w):
+        return 0.0, "g"
+
+    def hutchinson(self, idx, w, seed):
+        return "h"
+
+    def params(self):
+        return "p"
+
+
+def test_ops_timer_attribution():
+    ops = _FakeOps()
+    t = OpsTimer(ops)
+    assert ops.outputs([1]) == "z" and ops.gradient([1], [1.0]) == (0.0, "g")
+    t.events = []
+    # a check, then a selection in the same next(): outputs (check), params, outputs (select), fit
+    t.events = [("outputs", 1.0), ("params", 0.1), ("outputs", 2.0), ("params", 0.1), ("gradient", 3.0),
+                ("hutchinson", 4.0)]
+    out = t.attribute(12.0, selected=True, checked=True, dropped=False)
+    assert out["checks"] == pytest.approx(1.0)
+    assert out["select_forward"] == pytest.approx(2.0)
+    assert out["model_fit"] == pytest.approx(7.0)
+    assert out["select_solve"] == pytest.approx(0.2 + 1.8)  # params copies + the rest of the time
+    assert sum(out.values()) == pytest.approx(12.0)
+    assert t.events == []
+    # a check only
+    t.events = [("outputs", 1.0), ("params", 0.5)]
+    out = t.attribute(2.0, selected=False, checked=True, dropped=False)
+    assert out["checks"] == pytest.approx(2.0) and out["select_forward"] == 0.0
+    # nothing due: batch loading
+    out = t.attribute(0.3, selected=False, checked=False, dropped=False)
+    assert out["data"] == pytest.approx(0.3)
+    out = t.attribute(0.3, selected=False, checked=False, dropped=True)
+    assert out["drops"] == pytest.approx(0.3)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI wiring and imports
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_train_demo_import_stays_light():
+    code = (
+        "import sys, crestcore.train_demo, crestcore.cli\n"
+        "heavy = [m for m in ('torch', 'matplotlib', 'tqdm', 'numba') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def test_cli_defaults_match_settings():
+    s = TrainSettings()
+    for k, v in cli._TRAIN_DEFAULTS.items():
+        assert getattr(s, k) == v, k
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["demo", "--selection", "--epochs", "2"], ["demo", "--top", "3", "--budget", "0.2"],
+     ["demo", "--methods", "full,nope"], ["demo", "--epochs", "0"], ["demo", "--budget", "0"]],
+)
+def test_demo_usage_errors(argv, capsys):
+    assert cli.main(argv) == 2
+
+
+def test_demo_missing_dataset(tmp_path, capsys):
+    assert cli.main(["demo", "--root", str(tmp_path), "--no-progress", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "dataset-fashion-mnist" in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# end to end on a tiny slice of the real data
+# ---------------------------------------------------------------------------------------------------
+
+
+@needs_fmnist
+def test_demo_end_to_end_tiny(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = cli.main(["demo", "--out", str(out), "--limit-train", "300", "--limit-test", "100", "--epochs", "1",
+                   "--evals", "2", "--no-progress", "--threads", "1"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    head = next(line for line in text.splitlines() if line.startswith("method"))
+    for c in TABLE_COLUMNS:
+        assert c in head
+    for name in ("full", "random", "crest", "crest-drop"):
+        assert any(line.startswith(name + " ") for line in text.splitlines()), name
+    for name in FIGURES:
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000, name
+    res = json.loads((out / "results.json").read_text())
+    assert res["n_train"] == 300 and res["n_test"] == 100
+    rows = {r["method"]: r for r in res["rows"]}
+    acc_full = rows["full"]["acc"]
+    for name, r in rows.items():
+        assert r["rel_error"] == pytest.approx((acc_full - r["acc"]) / acc_full * 100)
+        run = res["runs"][name]
+        assert r["speedup"] == pytest.approx(res["runs"]["full"]["wall"] / run["wall"])
+        # the wall clock is exactly the sum of its parts (evaluation excluded)
+        assert sum(run["breakdown"].values()) == pytest.approx(run["wall"], rel=1e-9, abs=1e-9)
+        assert run["curve"][0]["step"] == 0 and run["curve"][-1]["step"] == run["steps"]
+    assert res["runs"]["full"]["steps"] == 3  # ceil(300 / 128)
+    assert res["runs"]["random"]["steps"] == res["runs"]["crest"]["steps"] == 1  # 10% of 3, at least 1
+    crest = res["runs"]["crest"]
+    assert crest["counts"]["selections"] >= 1 and crest["stats"]["selections"][0] == 0
+    tr = res["forgetting"]["traces"]["crest"]
+    assert len(tr["mean_score"]) == crest["steps"]
+    assert sum(res["forgetting"]["histogram"]) == 300
+
+
+@needs_fmnist
+def test_crest_drop_run_records_pool_and_checks(tmp_path):
+    from crestcore.train_demo import run_training_demo
+
+    s = TrainSettings(epochs=2, m=32, budget=0.5, evals=1, threads=1, crest_T1=1, crest_r=64,
+                      drop_alpha=10.0)  # alpha 10: every example measured counts as learned
+    res = run_training_demo(tmp_path, settings=s, methods=("full", "crest-drop"), progress=False, n_train=400,
+                            n_test=50, print_fn=None)
+    run = res["runs"]["crest-drop"]
+    assert run["steps"] == 2 * 7  # round(0.5 * ceil(400 / 32)) = 7 per epoch
+    assert len(run["stats"]["checks"]) >= 1
+    assert run["counts"]["drop_decisions"] >= 1 and run["pool"][-1] < 400
+    assert len(run["pool"]) == run["steps"]
+    for name in ("accuracy_vs_time.png", "coreset_updates.png", "rho.png", "forgetting.png"):
+        assert (tmp_path / name).is_file()
