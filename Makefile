@@ -4,7 +4,7 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-dev
-EXTRAS  := test,numba,torch,demo,bench
+EXTRAS  := test,numba,torch,demo,bench,keras,lightning
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # Tests run in 2 pytest workers on 2 cores: one BLAS/Numba thread per worker avoids oversubscription
 # (spinning OpenMP threads on a busy machine slow small kernels by an order of magnitude).

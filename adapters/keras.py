@@ -1,0 +1,1107 @@
+"""Keras 3 adapter: CREST inside ``model.fit`` through one Callback and the PyDataset it serves.
+
+Usage (``docs/keras.md`` has the whole story)::
+
+    crest = CrestCallback(x_train, y_train, config=CrestConfig(m=128), budget=0.1, seed=0)
+    model.fit(crest.dataset, epochs=20, callbacks=[crest])
+
+:class:`CrestCallback` owns the CREST controller (:func:`crestcore.crest_next_batch`) and
+:class:`KerasModelOps`, the operations the controller needs (eval-mode outputs for a set of example
+indices, the flat trainable weights, the gradient of the weighted coreset loss, one Hutchinson probe
+``z * (H z)``). ``crest.dataset`` is a :class:`keras.utils.PyDataset` of ``steps_per_epoch`` batches
+``(x, y, sample_weight)``: the weighted mini-batch coresets.
+
+How the batches stay right whatever Keras does
+----------------------------------------------
+* **The batch a step trains on is decided by the controller, not by Keras's index.** Every
+  ``__getitem__`` call during ``fit`` serves the controller's next batch, whichever index Keras asks
+  for; ``fit(shuffle=...)`` therefore changes nothing. The controller is asked lazily, at the moment
+  Keras fetches a batch, which (torch backend, jax on CPU) is after the previous step's
+  ``on_train_batch_end``: selections and trust checks measure the weights the next step starts from.
+* **The extra fetch before the first epoch does not consume a step.** ``fit`` fetches one batch to
+  build the model and calls the dataset's ``on_epoch_begin`` / ``on_epoch_end`` once extra around it,
+  before any callback's ``on_train_begin``. Outside ``on_train_begin`` ... ``on_train_end`` the
+  dataset serves a fixed shape probe (the first ``m`` examples, weights 1) and never asks the
+  controller; the dataset's own epoch hooks are not used. A third such fetch in a row (the build fetch
+  is one call, two when Keras fetches ahead) means the dataset is being trained on without its
+  callback, and raises ``RuntimeError``.
+* **A step is accounted when Keras reports it trained** (``on_train_batch_end``): the served batch is
+  popped then. Should Keras fetch ahead (JAX on an accelerator fetches one batch ahead), the queue
+  holds the batches served and not yet trained and every one is still trained exactly once, in order;
+  the look-ahead batch is then chosen at the weights one step earlier.
+* **Loss reduction.** The controller's loss is ``mean_i(w_i l_i) = sum_i(w_i l_i) / m``. Keras's
+  default reduction (``"sum_over_batch_size"``, also ``"mean"``) divides the weighted sum by the batch
+  size, not by the sum of the weights: that *is* the controller's loss, so the weights are served as
+  they are. With ``reduction="sum"`` they are served divided by the batch size. A loss compiled with
+  ``reduction="mean_with_sample_weight"`` (divides by the sum of the weights, which no rescaling of the
+  weights can undo) is refused with a ``ValueError``.
+
+Backends
+--------
+The torch backend and the jax backend are supported. Forward passes use ``model(x, training=False)``
+(torch) or ``model.stateless_call(..., training=False)`` (jax); the loss is computed with
+``keras.ops``. Gradients and Hessian-vector products use ``torch.autograd.grad`` (double backward) on
+torch and ``jax.grad`` / ``jax.jvp`` (jitted) on jax. In inference mode BatchNorm uses and never updates
+its moving statistics and dropout is off; nothing the optimizer reads is touched (no ``.grad`` on torch,
+no variable assignment on jax). On jax, the weights are read from the trainer's current state during
+``fit`` (Keras detaches them from the variables within an epoch), never written. The TensorFlow backend
+is refused with an error that says what it lacks (gradients/HVPs here, and ``fit`` feeds a PyDataset to
+TensorFlow through ``tf.data`` with prefetching); the other backends cannot train.
+
+Only the ``crestcore.adapters`` floor (and the demo layer, lazily) imports keras; the core never does.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+try:
+    import keras
+    from keras import ops as kops
+except ImportError as exc:  # pragma: no cover - depends on what is installed
+    raise ImportError("crestcore.adapters.keras needs Keras 3: pip install 'crestcore[keras]'") from exc
+
+if not str(getattr(keras, "__version__", "0")).startswith("3"):  # pragma: no cover
+    raise ImportError(f"crestcore.adapters.keras needs Keras 3, found keras {keras.__version__}")
+
+from crestcore.controller import (
+    Batch,
+    CrestConfig,
+    crest_init,
+    crest_load_state_dict,
+    crest_next_batch,
+    crest_observe,
+    crest_state_dict,
+)
+
+__all__ = ["CrestCallback", "CrestDataset", "KerasModelOps", "SUPPORTED_BACKENDS", "labels_from_targets"]
+
+SUPPORTED_BACKENDS = ("torch", "jax")
+_FORMAT = "crestcore.adapters.keras.CrestCallback/1"
+_TINY = 1e-30  # floor of probabilities before the log (float32 keeps it: smallest normal ~1.2e-38)
+_CE_NAMES = ("sparse_categorical_crossentropy", "categorical_crossentropy")
+
+
+def _backend() -> str:
+    return keras.backend.backend()
+
+
+def _unsupported(backend: str, what: str) -> str:
+    extra = ""
+    if backend == "tensorflow":
+        extra = (" Also, Keras feeds a PyDataset to TensorFlow through tf.data with prefetching, so batches "
+                 "would be chosen before the steps before them have trained.")
+    return (f"crestcore.adapters.keras: the {backend!r} Keras backend lacks {what}: it is implemented for "
+            f"the {' and '.join(SUPPORTED_BACKENDS)} backends only.{extra} Set KERAS_BACKEND=torch (or jax) "
+            "before keras is first imported.")
+
+
+# ------------------------------------------------------------------------------------------------
+# data on the host
+# ------------------------------------------------------------------------------------------------
+def _host(a, what: str) -> np.ndarray:
+    """A host NumPy view/copy of an array of any library (NumPy, torch, jax, TensorFlow, lists)."""
+    if isinstance(a, np.ndarray):
+        return a
+    if type(a).__module__.startswith("torch"):
+        return a.detach().cpu().numpy()
+    if hasattr(a, "numpy") and callable(a.numpy) and "tensorflow" in type(a).__module__:
+        return np.asarray(a.numpy())  # a TensorFlow tensor
+    try:
+        return np.asarray(a)
+    except Exception as exc:
+        raise TypeError(f"{what} must be an array NumPy can read, got {type(a).__name__}") from exc
+
+
+def _as_inputs(x, what: str = "x"):
+    """``x`` as NumPy: one array (n, ...), or a dict / list / tuple of arrays with the same n."""
+    if isinstance(x, dict):
+        out = {k: _host(v, f"{what}[{k!r}]") for k, v in x.items()}
+    elif isinstance(x, (list, tuple)) and x and not np.isscalar(x[0]) and hasattr(x[0], "shape"):
+        out = type(x)(_host(v, f"{what}[{i}]") for i, v in enumerate(x))
+    else:
+        out = _host(x, what)
+    leaves = list(out.values()) if isinstance(out, dict) else list(out) if isinstance(out, (list, tuple)) else [out]
+    if not leaves:
+        raise ValueError(f"{what} is empty")
+    ns = {int(a.shape[0]) if a.ndim else -1 for a in leaves}
+    if len(ns) != 1 or -1 in ns:
+        raise ValueError(f"every array of {what} needs the examples along its first axis, with one length; got "
+                         f"lengths {sorted(ns)}")
+    return out, ns.pop()
+
+
+def _take(x, idx: np.ndarray):
+    if isinstance(x, dict):
+        return {k: v[idx] for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(v[idx] for v in x)
+    return x[idx]
+
+
+def labels_from_targets(y) -> np.ndarray:
+    """The integer class of every example from Keras targets: class indices (n,) or (n, 1), or one-hot
+    rows (n, C). Soft labels are refused (pass ``labels=``)."""
+    y = _host(y, "y")
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim == 1:
+        if y.dtype == bool:
+            raise TypeError("y must hold integer class indices, got booleans")
+        if not np.issubdtype(y.dtype, np.integer):
+            if not np.issubdtype(y.dtype, np.floating) or not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
+                raise TypeError(f"y must hold integer class indices (or one-hot rows), got dtype {y.dtype}")
+        lab = y.astype(np.int64)
+    elif y.ndim == 2:
+        is_onehot = np.all((y == 0) | (y == 1)) and np.all(y.sum(axis=1) == 1)
+        if not is_onehot:
+            raise ValueError("y has rows that are not one-hot (soft labels?): pass labels= with one class index "
+                             "per example")
+        lab = np.argmax(y, axis=1).astype(np.int64)
+    else:
+        raise ValueError(f"y must be class indices (n,) or one-hot rows (n, C), got shape {y.shape}")
+    if lab.size and lab.min() < 0:
+        raise ValueError(f"labels must be non-negative class indices, got minimum {lab.min()}")
+    return lab
+
+
+def _as_indices(indices, n: int) -> np.ndarray:
+    idx = np.asarray(indices)
+    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+        raise TypeError(f"indices must be a 1-D integer array, got shape {idx.shape} and dtype {idx.dtype}")
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise IndexError(f"indices must lie in [0, {n})")
+    return idx.astype(np.int64, copy=False)
+
+
+def _as_weights(weights, k: int) -> np.ndarray:
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (k,):
+        raise ValueError(f"weights must have shape ({k},) like the indices, got {w.shape}")
+    if not np.all(np.isfinite(w)):
+        raise ValueError("weights contain NaN or infinite values")
+    return w
+
+
+# ------------------------------------------------------------------------------------------------
+# the compiled loss: reduction and logits/probabilities
+# ------------------------------------------------------------------------------------------------
+def _single_loss(model):
+    loss = getattr(model, "loss", None)
+    if isinstance(loss, dict):
+        loss = list(loss.values())
+    if isinstance(loss, (list, tuple)):
+        if len(loss) != 1:
+            raise ValueError(f"CREST needs a classifier with one output and one loss; the model is compiled "
+                             f"with {len(loss)} losses")
+        loss = loss[0]
+    return loss
+
+
+def loss_facts(model) -> dict:
+    """What the compiled loss tells: ``reduction``, ``from_logits`` (None if unknown), ``crossentropy``."""
+    loss = _single_loss(model)
+    if loss is None:
+        raise ValueError("compile the model with a cross-entropy loss before fit (model.compile(loss=...))")
+    if isinstance(loss, str):
+        name = loss.lower()
+        ce = name in _CE_NAMES or name in ("sparsecategoricalcrossentropy", "categoricalcrossentropy")
+        # Keras's string losses take probabilities (from_logits=False)
+        return {"reduction": "sum_over_batch_size", "from_logits": False if ce else None, "crossentropy": ce}
+    if isinstance(loss, keras.losses.Loss):
+        fl = getattr(loss, "from_logits", None)
+        if fl is None:
+            fl = (getattr(loss, "_fn_kwargs", None) or {}).get("from_logits")
+        ce = isinstance(loss, (keras.losses.SparseCategoricalCrossentropy, keras.losses.CategoricalCrossentropy))
+        return {"reduction": loss.reduction, "from_logits": None if fl is None else bool(fl), "crossentropy": ce}
+    if callable(loss):
+        ce = loss in (keras.losses.sparse_categorical_crossentropy, keras.losses.categorical_crossentropy)
+        return {"reduction": "sum_over_batch_size", "from_logits": False if ce else None, "crossentropy": ce}
+    raise TypeError(f"cannot read the compiled loss {loss!r}")
+
+
+def _weight_scale(reduction) -> str:
+    """How served weights relate to the controller's: 'as-is' or 'per-batch' (divided by batch size)."""
+    if reduction in ("sum_over_batch_size", "mean"):
+        return "as-is"
+    if reduction in (None, "none"):
+        raise ValueError("the model's loss has reduction=None: fit cannot train on an unreduced loss; compile with "
+                         "the default reduction ('sum_over_batch_size')")
+    if reduction == "sum":
+        return "per-batch"
+    if reduction == "mean_with_sample_weight":
+        raise ValueError(
+            "the model's loss uses reduction='mean_with_sample_weight', which divides by the sum of the "
+            "sample weights: CREST's coreset loss is mean(w_i * l_i) = sum(w_i * l_i) / batch size, and no "
+            "rescaling of the weights can undo a division by their sum. Compile with the default reduction "
+            "('sum_over_batch_size')."
+        )
+    raise ValueError(f"unknown loss reduction {reduction!r}")
+
+
+def _last_is_softmax(model) -> bool:
+    layers = getattr(model, "layers", None) or []
+    if not layers:
+        return False
+    last = layers[-1]
+    if isinstance(last, keras.layers.Softmax):
+        return True
+    act = getattr(last, "activation", None)
+    return act is keras.activations.softmax or getattr(act, "__name__", "") == "softmax"
+
+
+def resolve_outputs(model, outputs: str | None) -> str:
+    """'logits' or 'probabilities': the option when given, else the compiled loss's ``from_logits``,
+    else a softmax last layer means probabilities; otherwise a ``ValueError`` asks for the option."""
+    if outputs is not None:
+        if outputs not in ("logits", "probabilities"):
+            raise ValueError(f"outputs must be 'logits', 'probabilities' or None (detect), got {outputs!r}")
+        return outputs
+    fl = loss_facts(model)["from_logits"]
+    if fl is not None:
+        kind = "logits" if fl else "probabilities"
+        soft = _last_is_softmax(model)
+        if fl and soft:
+            warnings.warn("the model's last layer is a softmax but its loss has from_logits=True; CREST takes the "
+                          "outputs as logits (as the loss does). Pass outputs= to override.", stacklevel=3)
+        elif not fl and not soft and getattr(model, "layers", None):
+            warnings.warn("the model's loss takes probabilities (from_logits=False, the default of Keras's "
+                          "cross-entropies and their string names) but its last layer is no softmax; CREST takes "
+                          "the outputs as probabilities, as the loss does. If they are logits, compile with "
+                          "from_logits=True (or pass outputs='logits').", stacklevel=3)
+        return kind
+    if _last_is_softmax(model):
+        return "probabilities"
+    raise ValueError(
+        "cannot tell whether the model's last layer gives logits or probabilities (the loss is not a Keras "
+        "cross-entropy with from_logits, and the last layer is no softmax): pass "
+        "CrestCallback(..., outputs='logits') or outputs='probabilities'"
+    )
+
+
+def _crossentropy(out, y, from_probabilities: bool):
+    """Per-example cross-entropy with keras.ops (works on torch tensors with their graph, and inside jax.jit)."""
+    out = kops.cast(out, "float32")
+    if from_probabilities:
+        p = kops.take_along_axis(out, y[:, None], axis=1)[:, 0]
+        return -kops.log(kops.maximum(p, _TINY))
+    z = out - kops.max(out, axis=1, keepdims=True)
+    return kops.logsumexp(z, axis=1) - kops.take_along_axis(z, y[:, None], axis=1)[:, 0]
+
+
+def _fp_error(what: str, count: int, total: int) -> FloatingPointError:
+    return FloatingPointError(
+        f"CREST: the model produced NaN or infinite {what} ({count} of {total} in this measurement pass): "
+        "training has diverged. Lower the learning rate, add gradient clipping, or check the data and the loss."
+    )
+
+
+def _check_finite_np(a: np.ndarray, what: str):
+    bad = ~np.isfinite(a)
+    if bad.any():
+        rows = int(bad.reshape(bad.shape[0], -1).any(axis=1).sum()) if a.ndim else 1
+        raise _fp_error(what, rows, a.shape[0] if a.ndim else 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# model operations
+# ------------------------------------------------------------------------------------------------
+class KerasModelOps:
+    """The controller's :class:`crestcore.ModelOps` for a compiled Keras classifier and in-memory data.
+
+    Parameters
+    ----------
+    model : a built ``keras.Model`` whose output is (batch, C) logits or probabilities.
+    x : the inputs, an array (n, ...) or a dict / list of arrays (multi-input models), anything NumPy
+        reads (torch and jax arrays and TensorFlow tensors included; they are copied to the host once).
+    labels : (n,) integer class indices.
+    outputs : "logits" or "probabilities" (the model's last layer). Probabilities ``p`` are handed to
+        the controller as ``log p`` (``softmax(log p) = p``; the cross-entropy is ``-log p_y``).
+    batch_size : examples per forward in measurement passes (memory only).
+    last_layer : for ``outputs(..., embeddings=True)``: the ``Dense`` layer (or its name) whose input is
+        the penultimate embedding; default the model's last layer. Sequential and functional models only.
+
+    Return types: on torch, torch tensors on Keras's device; on jax, host NumPy arrays (copies, so
+    nothing the jitted train step donates is kept). Hutchinson probes ``z`` are drawn with NumPy from
+    ``seed``, identical on every backend and device. NaN or infinite outputs raise ``FloatingPointError``.
+    """
+
+    def __init__(self, model, x, labels, *, outputs: str = "logits", batch_size: int = 512, last_layer=None):
+        self.backend = _backend()
+        if outputs not in ("logits", "probabilities"):
+            raise ValueError(f"outputs must be 'logits' or 'probabilities', got {outputs!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.model = model
+        self.x, self.n = _as_inputs(x)
+        lab = np.asarray(labels)
+        if lab.shape != (self.n,) or not np.issubdtype(lab.dtype, np.integer):
+            raise ValueError(f"labels must be (n,) = ({self.n},) integers, got shape {lab.shape}, dtype {lab.dtype}")
+        self.labels = lab.astype(np.int64)
+        self.from_probabilities = outputs == "probabilities"
+        self.batch_size = int(batch_size)
+        self._last_layer = last_layer
+        self._emb_model = None
+        self._pinned = None
+        self._jax = None
+
+    # -- the trainable weights ------------------------------------------------------------------
+    def _tvars(self):
+        tv = list(self.model.trainable_variables)
+        if not tv:
+            raise ValueError("the model has no trainable weights (is it built?): nothing to train")
+        return tv
+
+    def _jax_values(self):
+        """(trainable, non-trainable) value lists of a jax model: pinned at the last on_train_batch_begin,
+        else the trainer's current state during fit (Keras detaches the variables within an epoch),
+        else the variables. Read, never written."""
+        if self._pinned is not None:
+            return self._pinned
+        m = self.model
+        st = getattr(m, "_jax_state", None)
+        tv = ntv = None
+        if st and not getattr(m, "_jax_state_synced", True):
+            tv, ntv = st.get("trainable_variables"), st.get("non_trainable_variables")
+        if tv is None:
+            tv = [v.value for v in self._tvars()]
+        if ntv is None:
+            ntv = [v.value for v in m.non_trainable_variables]
+        if any(t is None for t in tv) or any(t is None for t in ntv):
+            raise RuntimeError(
+                "crestcore.adapters.keras: Keras's JAX trainer holds the weights detached from the model's "
+                "variables here (within an epoch), and its current state was not reachable. KerasModelOps is "
+                "meant to run from CrestCallback's hooks; elsewhere call model.jax_state_sync() first."
+            )
+        return list(tv), list(ntv)
+
+    def pin(self) -> None:
+        """Remember where the weights of the upcoming step are (jax; a reference, no copy). Called by
+        :class:`CrestCallback` at ``on_train_batch_begin`` and cleared at ``on_train_batch_end``."""
+        self._pinned = None
+        if self.backend == "jax":
+            self._pinned = self._jax_values()
+
+    def unpin(self) -> None:
+        self._pinned = None
+
+    def params(self):
+        """A copy of the flat trainable weights (D,), in ``model.trainable_variables`` order."""
+        if self.backend == "torch":
+            import torch
+
+            return torch.cat([v.value.detach().reshape(-1) for v in self._tvars()]).clone()
+        if self.backend == "jax":
+            tv, _ = self._jax_values()
+            return np.concatenate([np.array(t).reshape(-1) for t in tv])
+        return np.concatenate([np.array(kops.convert_to_numpy(v.value)).reshape(-1) for v in self._tvars()])
+
+    def _dtype_np(self):
+        try:
+            return np.dtype(keras.backend.standardize_dtype(self._tvars()[0].dtype))
+        except TypeError:  # e.g. bfloat16 weights: probes in float32
+            return np.dtype(np.float32)
+
+    def rademacher(self, seed: int) -> np.ndarray:
+        """The probe ``z`` (D,) of :meth:`hutchinson`: +-1 from ``numpy.random.default_rng(seed)``."""
+        D = sum(int(np.prod(v.shape)) for v in self._tvars())
+        bits = np.random.default_rng(int(seed)).integers(0, 2, size=D, dtype=np.int8)
+        return (bits.astype(self._dtype_np()) * 2 - 1)
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _chunks(self, k: int):
+        for a in range(0, k, self.batch_size):
+            yield a, min(k, a + self.batch_size)
+
+    def _check_out(self, out, k: int):
+        if not hasattr(out, "shape"):
+            raise ValueError(f"the model must return one (batch, classes) output; got {type(out).__name__} "
+                             "(CREST needs a classifier with one output)")
+        shape = tuple(out.shape)
+        if len(shape) != 2 or shape[0] != k:
+            raise ValueError(f"the model must return (batch, classes) outputs; got shape {shape} for {k} examples")
+
+    def _to_logits_np(self, out: np.ndarray) -> np.ndarray:
+        out = out.astype(np.float32, copy=False)
+        if self.from_probabilities:
+            return np.log(np.maximum(out, _TINY))
+        return out
+
+    def _embedding_model(self):
+        if self._emb_model is not None:
+            return self._emb_model
+        m = self.model
+        if not getattr(m, "inputs", None) or not getattr(m, "outputs", None):
+            raise ValueError("embeddings=True needs a Sequential or functional Keras model (subclassed models "
+                             "have no graph to read the penultimate embedding from)")
+        layer = self._last_layer if self._last_layer is not None else m.layers[-1]
+        if isinstance(layer, str):
+            layer = m.get_layer(layer)
+        if not isinstance(layer, keras.layers.Dense):
+            raise ValueError(f"embeddings=True needs the classifier to be a Dense layer (got "
+                             f"{type(layer).__name__}); pass last_layer=")
+        inputs = m.inputs[0] if len(m.inputs) == 1 else m.inputs
+        self._emb_model = keras.Model(inputs, [layer.input, m.outputs[0]])
+        return self._emb_model
+
+    # -- ModelOps: outputs ----------------------------------------------------------------------
+    def outputs(self, indices, embeddings: bool = False):
+        """Inference-mode logits (k, C) for ``indices`` (float32; ``log p`` for probability outputs);
+        with ``embeddings=True`` also the input of the last Dense layer (k, h)."""
+        idx = _as_indices(indices, self.n)
+        if self.backend == "torch":
+            return self._outputs_torch(idx, embeddings)
+        return self._outputs_host(idx, embeddings)
+
+    def _outputs_torch(self, idx, embeddings):
+        import torch
+
+        logits, embs = [], []
+        net = self._embedding_model() if embeddings else self.model
+        with torch.no_grad():
+            for a, b in self._chunks(idx.size):
+                xb = keras.tree.map_structure(kops.convert_to_tensor, _take(self.x, idx[a:b]))
+                out = net(xb, training=False)
+                if embeddings:
+                    e, out = out
+                    embs.append(e.float().reshape(b - a, -1))
+                self._check_out(out, b - a)
+                out = out.float()
+                logits.append(torch.log(torch.clamp(out, min=_TINY)) if self.from_probabilities else out)
+        if not logits:
+            raise ValueError("outputs needs at least one index")
+        z = torch.cat(logits)
+        bad = ~torch.isfinite(z)
+        if bool(bad.any()):
+            raise _fp_error("outputs", int(bad.any(dim=1).sum()), z.shape[0])
+        if not embeddings:
+            return z
+        return z, torch.cat(embs)
+
+    def _outputs_host(self, idx, embeddings):
+        logits, embs = [], []
+        if self.backend == "jax":
+            fns = self._jax_fns()
+            tv, ntv = self._jax_values()
+            if embeddings:
+                emb = self._embedding_model()
+                pos = {id(v): i for i, v in enumerate(self._tvars())}
+                npos = {id(v): i for i, v in enumerate(self.model.non_trainable_variables)}
+                etv = [tv[pos[id(v)]] for v in emb.trainable_variables]
+                entv = [ntv[npos[id(v)]] for v in emb.non_trainable_variables]
+        for a, b in self._chunks(idx.size):
+            k = b - a
+            if self.backend == "jax":
+                xb = _take(self.x, self._padded(idx[a:b]))
+                if embeddings:
+                    (e, out), _ = emb.stateless_call(etv, entv, xb, training=False)
+                else:
+                    out = fns["forward"](tv, ntv, xb)
+            else:
+                xb = _take(self.x, idx[a:b])
+                res = (self._embedding_model() if embeddings else self.model)(xb, training=False)
+                e, out = res if embeddings else (None, res)
+            out = np.asarray(kops.convert_to_numpy(out))[:k]
+            self._check_out(out, k)
+            logits.append(self._to_logits_np(out))
+            if embeddings:
+                embs.append(np.asarray(kops.convert_to_numpy(e), dtype=np.float32)[:k].reshape(k, -1))
+        if not logits:
+            raise ValueError("outputs needs at least one index")
+        z = np.concatenate(logits)
+        _check_finite_np(z, "outputs")
+        return (z, np.concatenate(embs)) if embeddings else z
+
+    def losses(self, indices):
+        """Inference-mode per-example cross-entropy (k,) at the current weights (host NumPy float64)."""
+        idx = _as_indices(indices, self.n)
+        z = self.outputs(idx)
+        if self.backend == "torch":
+            z = z.detach().cpu().numpy()
+        z = np.asarray(z, dtype=np.float64)
+        zs = z - z.max(axis=1, keepdims=True)
+        y = self.labels[idx]
+        return np.log(np.exp(zs).sum(axis=1)) - zs[np.arange(idx.size), y]
+
+    # -- ModelOps: gradient and Hutchinson ------------------------------------------------------
+    def _require_autodiff(self, what: str):
+        if self.backend not in SUPPORTED_BACKENDS:
+            raise NotImplementedError(_unsupported(self.backend, what))
+
+    def gradient(self, indices, weights):
+        """``(loss, flat gradient)`` of ``mean_i(w_i * l_i)`` (cross-entropy, inference mode) over ``indices``."""
+        self._require_autodiff("gradients of the weighted coreset loss")
+        idx = _as_indices(indices, self.n)
+        w = _as_weights(weights, idx.size)
+        if idx.size == 0:
+            raise ValueError("gradient needs at least one example")
+        if self.backend == "torch":
+            return self._gradient_torch(idx, w)
+        return self._gradient_jax(idx, w)
+
+    def hutchinson(self, indices, weights, seed: int):
+        """One Hutchinson probe ``z * (H z)`` of the weighted loss's Hessian, ``z`` = :meth:`rademacher`."""
+        self._require_autodiff("Hessian-vector products (the Hutchinson probe)")
+        idx = _as_indices(indices, self.n)
+        w = _as_weights(weights, idx.size)
+        if idx.size == 0:
+            raise ValueError("hutchinson needs at least one example")
+        z = self.rademacher(seed)
+        if self.backend == "torch":
+            return self._hutchinson_torch(idx, w, z)
+        return self._hutchinson_jax(idx, w, z)
+
+    # torch ------------------------------------------------------------------------------------
+    def _torch_part(self, idx, w, a, b, N):
+        import torch
+
+        xb = keras.tree.map_structure(kops.convert_to_tensor, _take(self.x, idx[a:b]))
+        out = self.model(xb, training=False)
+        self._check_out(out, b - a)
+        y = kops.convert_to_tensor(self.labels[idx[a:b]])
+        ell = _crossentropy(out, y, self.from_probabilities)
+        wt = torch.as_tensor(w[a:b], dtype=ell.dtype, device=ell.device)
+        if not bool(torch.isfinite(ell.detach()).all()):
+            raise _fp_error("losses", int((~torch.isfinite(ell.detach())).sum()), b - a)
+        return (wt * ell).sum() / N
+
+    def _gradient_torch(self, idx, w):
+        import torch
+
+        params = [v.value for v in self._tvars()]
+        acc = [torch.zeros_like(p) for p in params]
+        total = 0.0
+        with torch.enable_grad():
+            for a, b in self._chunks(idx.size):
+                part = self._torch_part(idx, w, a, b, idx.size)
+                grads = torch.autograd.grad(part, params, allow_unused=True)
+                for s, g in zip(acc, grads):
+                    if g is not None:
+                        s.add_(g)
+                total += float(part.detach())
+        flat = torch.cat([g.reshape(-1) for g in acc])
+        if not bool(torch.isfinite(flat).all()):
+            raise _fp_error("gradients", 1, 1)
+        return total, flat
+
+    def _hutchinson_torch(self, idx, w, z_np):
+        import torch
+
+        params = [v.value for v in self._tvars()]
+        z = torch.as_tensor(z_np, device=params[0].device, dtype=params[0].dtype)
+        zs = [t.view_as(p) for t, p in zip(torch.split(z, [p.numel() for p in params]), params)]
+        acc = [torch.zeros_like(p) for p in params]
+        with torch.enable_grad():
+            for a, b in self._chunks(idx.size):
+                part = self._torch_part(idx, w, a, b, idx.size)
+                grads = torch.autograd.grad(part, params, create_graph=True, allow_unused=True)
+                dot = None
+                for g, v in zip(grads, zs):
+                    if g is not None and g.requires_grad:
+                        term = (g * v).sum()
+                        dot = term if dot is None else dot + term
+                if dot is None:  # the loss is linear in every weight: H = 0
+                    continue
+                hz = torch.autograd.grad(dot, params, allow_unused=True)
+                for s, h in zip(acc, hz):
+                    if h is not None:
+                        s.add_(h.detach())
+        out = z * torch.cat([h.reshape(-1) for h in acc])
+        if not bool(torch.isfinite(out).all()):
+            raise _fp_error("Hessian-vector products", 1, 1)
+        return out
+
+    # jax --------------------------------------------------------------------------------------
+    def _jax_fns(self):
+        if self._jax is not None:
+            return self._jax
+        import jax
+        import jax.numpy as jnp
+
+        model, probs = self.model, self.from_probabilities
+
+        def forward(tv, ntv, xb):
+            out, _ = model.stateless_call(tv, ntv, xb, training=False)
+            return out
+
+        def wloss(tv, ntv, xb, yb, wb, N):
+            out = forward(tv, ntv, xb)
+            ell = _crossentropy(out, yb, probs)
+            return jnp.sum(wb * ell) / N, ell
+
+        def value_grad(tv, ntv, xb, yb, wb, N):
+            (val, ell), g = jax.value_and_grad(wloss, has_aux=True)(tv, ntv, xb, yb, wb, N)
+            return val, ell, g
+
+        def hvp(tv, ntv, xb, yb, wb, N, zs):
+            def grad_of(t):
+                return jax.grad(lambda s: wloss(s, ntv, xb, yb, wb, N)[0])(t)
+
+            return jax.jvp(grad_of, (tv,), (zs,))[1]
+
+        self._jax = {"forward": jax.jit(forward), "value_grad": jax.jit(value_grad), "hvp": jax.jit(hvp)}
+        return self._jax
+
+    def _bucket(self, k: int) -> int:
+        """Padded chunk length on jax: a power of two (at least 8, at most ``batch_size``), so a run
+        compiles each jitted function for a handful of shapes, not once per subset-union size."""
+        return k if k >= self.batch_size else min(self.batch_size, max(8, 1 << (k - 1).bit_length()))
+
+    def _padded(self, sel: np.ndarray) -> np.ndarray:
+        pad = self._bucket(sel.size) - sel.size
+        return sel if pad <= 0 else np.concatenate([sel, np.repeat(sel[:1], pad)])
+
+    def _jax_args(self, idx, w, a, b):
+        sel = self._padded(idx[a:b])
+        xb = _take(self.x, sel)
+        yb = self.labels[sel].astype(np.int32)
+        wb = np.zeros(sel.size, dtype=np.float32)  # padding rows weigh 0 (they repeat a real, finite example)
+        wb[: b - a] = w[a:b]
+        return xb, yb, wb, np.float32(idx.size)
+
+    def _gradient_jax(self, idx, w):
+        fns = self._jax_fns()
+        tv, ntv = self._jax_values()
+        acc = None
+        total = 0.0
+        for a, b in self._chunks(idx.size):
+            xb, yb, wb, N = self._jax_args(idx, w, a, b)
+            val, ell, g = fns["value_grad"](tv, ntv, xb, yb, wb, N)
+            ell = np.asarray(ell)[: b - a]
+            if not np.all(np.isfinite(ell)):
+                raise _fp_error("losses", int((~np.isfinite(ell)).sum()), b - a)
+            flat = np.concatenate([np.asarray(t).reshape(-1) for t in g])
+            acc = flat if acc is None else acc + flat
+            total += float(val)
+        _check_finite_np(acc, "gradients")
+        return total, acc
+
+    def _hutchinson_jax(self, idx, w, z):
+        fns = self._jax_fns()
+        tv, ntv = self._jax_values()
+        sizes = [int(np.prod(t.shape)) for t in tv]
+        zs = [c.reshape(t.shape).astype(np.asarray(t).dtype) for c, t in zip(np.split(z, np.cumsum(sizes)[:-1]), tv)]
+        acc = None
+        for a, b in self._chunks(idx.size):
+            xb, yb, wb, N = self._jax_args(idx, w, a, b)
+            hz = fns["hvp"](tv, ntv, xb, yb, wb, N, zs)
+            flat = np.concatenate([np.asarray(t).reshape(-1) for t in hz])
+            acc = flat if acc is None else acc + flat
+        out = z * acc
+        _check_finite_np(out, "Hessian-vector products")
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the dataset and the callback
+# ------------------------------------------------------------------------------------------------
+class CrestDataset(keras.utils.PyDataset):
+    """What ``fit`` iterates: ``len`` is the callback's ``steps_per_epoch``; every ``__getitem__`` during
+    ``fit`` serves the controller's next weighted coreset batch ``(x, y, sample_weight)``, whatever the
+    index (``fit(shuffle=...)`` is irrelevant). Outside ``fit`` (Keras's build fetch) it serves a fixed
+    shape probe and asks the controller nothing; a third fetch in a row outside a fit with the callback
+    raises ``RuntimeError`` (the callback was left out of ``fit``). Built by :class:`CrestCallback`; one worker, no
+    multiprocessing (a worker pool would fetch batches before the steps before them have trained)."""
+
+    def __init__(self, callback: "CrestCallback"):
+        super().__init__(workers=1, use_multiprocessing=False, max_queue_size=1)
+        self._cb = callback
+
+    def __len__(self) -> int:
+        return self._cb.steps_per_epoch
+
+    def __getitem__(self, index):
+        return self._cb._serve(index)
+
+    # fit calls these once extra around its build fetch; CREST's bookkeeping lives in the callback
+    def on_epoch_begin(self):
+        pass
+
+    def on_epoch_end(self):
+        pass
+
+
+@dataclass
+class _Entry:
+    batch: Batch
+    served: bool
+
+
+def _portable(x):
+    if isinstance(x, dict):
+        return {k: _portable(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_portable(v) for v in x]
+    if isinstance(x, tuple):
+        return tuple(_portable(v) for v in x)
+    if isinstance(x, np.generic):
+        return x.item()
+    if type(x).__module__.startswith("torch"):
+        return x.detach().cpu().numpy().copy()
+    return x
+
+
+class CrestCallback(keras.callbacks.Callback):
+    """CREST for ``model.fit``: pass ``crest.dataset`` as ``x`` and the callback in ``callbacks``.
+
+    Parameters
+    ----------
+    x, y : the training inputs and targets, in memory (anything NumPy reads; ``x`` may be a dict or list
+        of arrays). ``y`` is served as given (class indices or one-hot rows, whatever the loss expects).
+    config : :class:`crestcore.CrestConfig`; ``m`` is the mini-batch size. Default ``CrestConfig()``.
+    budget : fraction of the full-data training steps per epoch (positive).
+    epochs : the epochs the budget refers to (reporting only); default ``fit``'s ``epochs``.
+    seed : seeds every random draw of CREST (subsets, probes); independent of Keras's seeds.
+    labels : (n,) class indices; default from ``y`` (class indices or one-hot rows).
+    outputs : "logits", "probabilities" or None (default: detect from the compiled loss's
+        ``from_logits``, else a softmax last layer means probabilities, else a ``ValueError``).
+    measure_x : the same examples, same order, for the measurement passes (e.g. without augmentation).
+    measure_batch_size : examples per forward in measurement passes (memory only).
+    last_layer : the classifier ``Dense`` layer (or its name) for ``CrestConfig(embeddings=True)``.
+    observe_losses : feed the inference-mode losses of every trained batch to the drop policy (one extra
+        forward of ``m`` examples per step, counted). Default: on exactly when dropping is on (``T2``).
+    record : keep ``trained``: a list of ``(indices, weights)`` of every trained step (the controller's
+        weights; see :attr:`last_weights` for what Keras received).
+    log_stats : add ``crest_*`` numbers (selections, checks, T1, P, pool, last rho) to the epoch logs
+        (so to ``History`` and the progress bar).
+
+    Budget: ``full_steps_per_epoch = ceil(n / m)``, ``steps_per_epoch = max(1, round(budget *
+    full_steps_per_epoch))`` (half up) = ``len(crest.dataset)``; ``fit(epochs=E)`` trains ``E *
+    steps_per_epoch`` steps. The measurement passes are counted in ``stats["budget"]``.
+    """
+
+    def __init__(
+        self,
+        x,
+        y,
+        *,
+        config: CrestConfig | None = None,
+        budget: float = 0.1,
+        epochs: int | None = None,
+        seed: int = 0,
+        labels=None,
+        outputs: str | None = None,
+        measure_x=None,
+        measure_batch_size: int = 512,
+        last_layer=None,
+        observe_losses: bool | None = None,
+        record: bool = False,
+        log_stats: bool = False,
+    ):
+        super().__init__()
+        backend = _backend()
+        if backend not in SUPPORTED_BACKENDS:
+            raise NotImplementedError(_unsupported(backend, "gradients and Hessian-vector products"))
+        self.config = config if config is not None else CrestConfig()
+        if not isinstance(self.config, CrestConfig):
+            raise TypeError(f"config must be a crestcore.CrestConfig, got {type(self.config).__name__}")
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (
+                math.isfinite(budget) and budget > 0):
+            raise ValueError(f"budget must be a positive finite fraction of the full-data steps, got {budget!r}")
+        if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1):
+            raise ValueError(f"epochs must be a positive integer or None, got {epochs!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        if outputs is not None and outputs not in ("logits", "probabilities"):
+            raise ValueError(f"outputs must be 'logits', 'probabilities' or None (detect), got {outputs!r}")
+        self.x, n = _as_inputs(x, "x")
+        if n == 0:
+            raise ValueError("the training data is empty: CREST needs examples to select from")
+        self.y = _host(y, "y")
+        if self.y.shape[0] != n:
+            raise ValueError(f"x has {n} examples but y has {self.y.shape[0]}")
+        if labels is None:
+            lab = labels_from_targets(self.y)
+        else:
+            lab = np.asarray(_host(labels, "labels"))
+            if lab.shape != (n,) or not np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool:
+                raise ValueError(f"labels must be ({n},) integer class indices, got shape {lab.shape}, "
+                                 f"dtype {lab.dtype}")
+            if lab.min() < 0:
+                raise ValueError("labels must be non-negative class indices")
+            lab = lab.astype(np.int64)
+        classes = np.unique(lab)
+        if classes.size < 2:
+            raise ValueError(f"the training data holds a single class (label {int(classes[0])}): a classifier, and "
+                             "CREST's per-class selection, need at least two")
+        if self.config.m > n:
+            raise ValueError(f"the mini-batch size m={self.config.m} exceeds the data's {n} examples")
+        if measure_x is not None:
+            self.measure_x, mn = _as_inputs(measure_x, "measure_x")
+            if mn != n:
+                raise ValueError(f"measure_x has {mn} examples but x has {n}; it must hold the same examples in the "
+                                 "same order")
+        else:
+            self.measure_x = self.x
+        self.n = n
+        self.labels = lab
+        self.budget = float(budget)
+        self.epochs = None if epochs is None else int(epochs)
+        self.seed = int(seed)
+        self.outputs_option = outputs
+        self.measure_batch_size = int(measure_batch_size)
+        self.last_layer = last_layer
+        self.observe_losses = (self.config.T2 is not None) if observe_losses is None else bool(observe_losses)
+        self.record = bool(record)
+        self.log_stats = bool(log_stats)
+        m = self.config.m
+        self.full_steps_per_epoch = math.ceil(n / m)
+        self.steps_per_epoch = max(1, int(math.floor(self.budget * self.full_steps_per_epoch + 0.5)))
+        self.dataset = CrestDataset(self)
+        self.ops: KerasModelOps | None = None
+        self.trained: list[tuple[np.ndarray, np.ndarray]] = []
+        self.timings = {"controller": 0.0, "selection": 0.0, "check": 0.0, "observe": 0.0}
+        self._state = crest_init(self.config, lab, seed=self.seed)
+        self._position = 0  # steps trained
+        self._queue: list[_Entry] = []
+        self._last: tuple[np.ndarray, np.ndarray] | None = None
+        self._fitting = False
+        self._idle_fetches = 0
+        self._scale = "as-is"
+        self._ops_model = None
+        self._probe = np.arange(m, dtype=np.int64)
+
+    # -- serving --------------------------------------------------------------------------------
+    def _served_weights(self, w: np.ndarray) -> np.ndarray:
+        w = np.asarray(w, dtype=np.float64)
+        if self._scale == "per-batch":
+            w = w / w.size
+        return w.astype(np.float32)
+
+    def _make(self, idx: np.ndarray, w: np.ndarray):
+        return _take(self.x, idx), self.y[idx], self._served_weights(w)
+
+    def _serve(self, index):
+        if not self._fitting:
+            # Keras's build fetch (before on_train_begin; two calls when Keras fetches one batch ahead): a fixed
+            # shape probe. More fetches outside a fit with this callback mean the dataset is being trained on
+            # without it: refuse rather than serve probes.
+            self._idle_fetches += 1
+            if self._idle_fetches > 2:
+                raise RuntimeError(
+                    "crest.dataset serves CREST's batches only inside model.fit(crest.dataset, callbacks=[crest]): "
+                    "it was iterated without the CrestCallback (add it to fit's callbacks)"
+                )
+            return _take(self.x, self._probe), self.y[self._probe], np.ones(self._probe.size, dtype=np.float32)
+        for e in self._queue:
+            if not e.served:
+                e.served = True
+                return self._make(e.batch.indices, e.batch.weights)
+        batch = self._next_batch()
+        self._queue.append(_Entry(batch, True))
+        return self._make(batch.indices, batch.weights)
+
+    def _next_batch(self) -> Batch:
+        c0 = self._state.counters
+        t0 = time.perf_counter()
+        try:
+            state, batch = crest_next_batch(self._state, self.ops, self.config)
+        except FloatingPointError as exc:
+            raise FloatingPointError(f"{exc} [CrestCallback at step {self._position}]") from exc
+        dt = time.perf_counter() - t0
+        self.timings["controller"] += dt
+        if batch.reselected:
+            self.timings["selection"] += dt
+        elif state.counters["checks"] > c0["checks"]:
+            self.timings["check"] += dt
+        self._state = state
+        return batch
+
+    # -- Keras hooks ----------------------------------------------------------------------------
+    def on_train_begin(self, logs=None):
+        backend = _backend()
+        if backend not in SUPPORTED_BACKENDS:
+            raise NotImplementedError(_unsupported(backend, "gradients and Hessian-vector products"))
+        model = self.model
+        spe = getattr(model, "steps_per_execution", 1)
+        if spe not in (None, 1):
+            raise ValueError(f"CrestCallback needs model.compile(steps_per_execution=1), got {spe}: several steps "
+                             "per execution fetch their batches before the steps before them have trained")
+        ds = self.dataset
+        if ds.workers != 1 or ds.use_multiprocessing:
+            raise ValueError("crest.dataset must run with workers=1 and use_multiprocessing=False: a worker pool "
+                             "fetches batches before the steps before them have trained")
+        facts = loss_facts(model)
+        self._scale = _weight_scale(facts["reduction"])
+        if facts["crossentropy"] is False and facts["from_logits"] is None:
+            warnings.warn("the model's loss is not a Keras cross-entropy: CREST's features and trust check assume "
+                          "cross-entropy (pass outputs= to say what the last layer gives)", stacklevel=2)
+        kind = resolve_outputs(model, self.outputs_option)
+        if self.ops is None or self._ops_model is not model or self.ops.from_probabilities != (kind == "probabilities"):
+            self.ops = KerasModelOps(model, self.measure_x, self.labels, outputs=kind,
+                                     batch_size=self.measure_batch_size, last_layer=self.last_layer)
+            self._ops_model = model
+        self._sync_state()
+        for e in self._queue:  # nothing is in flight when fit starts (e.g. after a fit that raised)
+            e.served = False
+        planned = (self.params or {}).get("epochs")
+        if self.epochs is None and planned:
+            self.epochs = int(planned)
+        self._fitting = True
+        self._idle_fetches = 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.ops is not None:
+            self.ops.pin()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.ops is not None:
+            self.ops.unpin()
+        entry = next((e for e in self._queue if e.served), None)
+        if entry is None:
+            raise RuntimeError(
+                "Keras trained a step on a batch CrestCallback did not serve: pass crest.dataset as fit's x "
+                "(model.fit(crest.dataset, callbacks=[crest], ...))"
+            )
+        self._queue.remove(entry)
+        b = entry.batch
+        self._position += 1
+        self._last = (b.indices.copy(), np.asarray(b.weights, dtype=np.float64).copy())
+        if self.record:
+            self.trained.append(self._last)
+        if self.observe_losses:
+            t0 = time.perf_counter()
+            losses = self.ops.losses(b.indices)
+            if not np.all(np.isfinite(losses)):
+                raise _fp_error("losses", int((~np.isfinite(losses)).sum()), losses.size)
+            st = crest_observe(self._state, b.indices, losses)
+            c = dict(st.counters)
+            c["forward_examples"] += int(b.indices.size)
+            self._state = st._replace(counters=c)
+            self.timings["observe"] += time.perf_counter() - t0
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.log_stats or logs is None:
+            return
+        s = self.stats
+        logs.update({
+            "crest_selections": float(len(s["selections"])), "crest_checks": float(len(s["checks"])),
+            "crest_T1": float(s["T1"]), "crest_P": float(s["P"]), "crest_pool": float(s["pool"]),
+        })
+        if s["rho"]:
+            logs["crest_rho"] = float(s["rho"][-1])
+
+    def on_train_end(self, logs=None):
+        self._fitting = False
+        self._idle_fetches = 0
+        if self.ops is not None:
+            self.ops.unpin()
+        for e in self._queue:  # fetched ahead and not trained: served first by the next fit
+            e.served = False
+
+    def _sync_state(self):
+        """Put the controller's vectors in the namespace of ``ops.params()`` (after a load, or a new backend)."""
+        anchor = self._state.anchor
+        if anchor is None:
+            return
+        p = self.ops.params()
+        if type(anchor) is not type(p) or getattr(anchor, "dtype", None) != p.dtype or (
+                hasattr(p, "device") and getattr(anchor, "device", None) != p.device):
+            self._state = crest_load_state_dict(crest_state_dict(self._state), p)
+
+    # -- observability --------------------------------------------------------------------------
+    @property
+    def position(self) -> int:
+        """Steps trained so far."""
+        return self._position
+
+    @property
+    def last_indices(self):
+        """Dataset indices of the batch trained last (host int64), or None."""
+        return None if self._last is None else self._last[0].copy()
+
+    @property
+    def last_weights(self):
+        """The controller's weights of the batch trained last (float64), or None. Keras got them as they are
+        (float32) under the default loss reduction, divided by the batch size under ``reduction="sum"``."""
+        return None if self._last is None else self._last[1].copy()
+
+    @property
+    def controller_state(self):
+        """The controller's :class:`crestcore.CrestState` (read-only by convention)."""
+        return self._state
+
+    def _budget_report(self) -> dict:
+        m = self.config.m
+        c = self._state.counters
+        overhead = (c["forward_examples"] + 2.0 * c["backward_examples"]) / 3.0
+        epochs = self.epochs if self.epochs is not None else max(1, math.ceil(self._position / self.steps_per_epoch))
+        full = epochs * self.full_steps_per_epoch
+        return {
+            "budget": self.budget, "counts": "steps", "full_data_steps": full,
+            "planned_steps": epochs * self.steps_per_epoch, "steps_done": self._position,
+            "overhead_step_equivalents": overhead / m, "fraction_steps": self._position / full,
+            "fraction_all_passes": (self._position * m + overhead) / m / full,
+        }
+
+    @property
+    def stats(self) -> dict:
+        """Plain data: selections (steps), checks (step, rho, L_R, F), drops, T1, P, pool, counters, budget."""
+        s = self._state
+        checks = [{"step": int(t), "rho": float(r), "loss_random": float(lr), "predicted": float(f)}
+                  for t, r, lr, f in s.log["checks"]]
+        return {
+            "step": self._position,
+            "steps_per_epoch": self.steps_per_epoch,
+            "selections": [int(t) for t in s.log["selections"]],
+            "checks": checks,
+            "rho": [c["rho"] for c in checks],
+            "drops": [(int(t), int(k)) for t, k in s.log["drops"]],
+            "T1": int(s.T1),
+            "P": int(s.P),
+            "pool": int(s.drop.active.sum()),
+            "counters": {k: int(v) for k, v in s.counters.items()},
+            "budget": self._budget_report(),
+            "timings": dict(self.timings),
+        }
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _fingerprint(self) -> dict:
+        return {"n": self.n, "m": self.config.m, "seed": self.seed, "steps_per_epoch": self.steps_per_epoch}
+
+    def state_dict(self) -> dict:
+        """The controller state, the position and the batches handed out and not yet trained: NumPy arrays,
+        Python numbers, strings, lists and dicts (``pickle`` it next to ``model.save(...)``)."""
+        return {
+            "format": _FORMAT,
+            **self._fingerprint(),
+            "epochs": self.epochs,
+            "budget": self.budget,
+            "config": repr(self.config),
+            "position": self._position,
+            "queue": [{"indices": e.batch.indices.copy(), "weights": e.batch.weights.copy(),
+                       "reselected": bool(e.batch.reselected)} for e in self._queue],
+            "crest": _portable(crest_state_dict(self._state)),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output (restore the model and its optimizer too, e.g.
+        ``keras.saving.load_model``); the next ``fit`` continues with the same batches."""
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            raise ValueError("not a CrestCallback state dict (missing or unknown 'format')")
+        for k, v in self._fingerprint().items():
+            if state.get(k) != v:
+                raise ValueError(f"the state dict was saved with {k}={state.get(k)!r}, this callback has {k}={v!r}; "
+                                 "resume with the same data, config.m, seed and budget")
+        if state.get("config") != repr(self.config):
+            warnings.warn("CrestCallback.load_state_dict: the CrestConfig differs from the saved one", stacklevel=2)
+        d = state["crest"]
+        if not np.array_equal(np.asarray(d["labels"]), self.labels):
+            raise ValueError("the state dict was saved for data with different labels")
+        like = np.zeros(1, dtype=np.asarray(d["anchor"]).dtype if d.get("anchor") is not None else np.float32)
+        self._state = crest_load_state_dict(d, like)
+        self._position = int(state["position"])
+        if self.epochs is None and state.get("epochs") is not None:
+            self.epochs = int(state["epochs"])
+        self._queue = [
+            _Entry(Batch(np.asarray(q["indices"], dtype=np.int64), np.asarray(q["weights"], dtype=np.float64),
+                         bool(q["reselected"])), False)
+            for q in state.get("queue", [])
+        ]
+        if self.ops is not None:
+            self._sync_state()

@@ -1,0 +1,373 @@
+"""``crest demo --framework keras``: the training demo's comparison (full data, random, CREST, CREST with
+dropping) on Fashion-MNIST, trained through Keras 3 ``model.fit`` with :mod:`crestcore.adapters.keras`.
+
+This module sits on top of everything, like :mod:`crestcore.train_demo` (whose settings, CREST
+configuration, table and figures it reuses): the core never imports it, and ``import
+crestcore.keras_demo`` imports neither keras nor torch. The Keras backend is chosen when keras is first
+imported: ``backend=`` (default ``KERAS_BACKEND``, else ``"torch"``); a keras already imported with another
+backend is an error.
+
+The recipe mirrors the PyTorch demo: the same examples (``n_train`` / ``n_test`` subsets drawn the same
+way), the same CNN shape (two strided convolutions, a 64-unit hidden layer, a linear classifier giving
+logits), the same initial weights for every method (``keras.utils.set_random_seed(seed)``), SGD with
+Nesterov momentum 0.9 and weight decay 5e-4, linear warm-up + cosine over each run's own steps, the same
+step counts and the same CrestConfig. Differences that come from Keras: NHWC images and Keras's default
+initialisers, and Keras's weight decay is decoupled (``w -= lr * wd * w``; PyTorch adds ``wd * w`` to the
+gradient). The full and random runs serve the same index sequences as the PyTorch demo.
+
+The wall clock counts everything ``fit`` does between its first and last step (batch loading, the steps,
+and for CREST every selection, fit of the quadratic model, trust check and drop decision: they happen
+when Keras fetches a batch) and excludes the test evaluations. No forgetting figure (Keras's train step
+does not expose the per-example predictions it makes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .train_demo import METHODS, TrainSettings, crest_config, format_table, make_figures, relative_error
+
+__all__ = ["run_keras_comparison", "train_keras_method", "load_keras_data", "build_keras_cnn", "import_keras"]
+
+# Fashion-MNIST training-set pixel mean and standard deviation (of x / 255), as in train_demo
+_MEAN, _STD = 0.2860, 0.3530
+
+
+def import_keras(backend: str | None = None, device: str | None = None):
+    """Import keras with ``backend`` (default ``KERAS_BACKEND``, else "torch"); refuse a mismatch.
+
+    ``device`` ("cpu", "cuda", "cuda:1", ...) is where Keras puts everything: it must be chosen before
+    keras is imported (``KERAS_TORCH_DEVICE`` on torch, ``JAX_PLATFORMS=cpu`` for a CPU run on jax); a
+    keras imported earlier keeps its device (with a warning when it differs)."""
+    want = backend or os.environ.get("KERAS_BACKEND") or "torch"
+    fresh = "keras" not in sys.modules
+    if fresh:
+        os.environ["KERAS_BACKEND"] = want
+        if want == "torch":
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see train_demo._import_torch
+            if device is not None:
+                os.environ["KERAS_TORCH_DEVICE"] = str(device)
+        elif want == "jax" and device == "cpu" and "jax" not in sys.modules:
+            os.environ["JAX_PLATFORMS"] = "cpu"
+    import keras
+
+    have = keras.backend.backend()
+    if have != want:
+        raise ValueError(f"keras is already imported with the {have!r} backend in this process; the demo was asked "
+                         f"for {want!r} (set KERAS_BACKEND={want} before keras is first imported)")
+    if not fresh and device is not None and have == "torch":
+        from keras.src.backend.torch.core import get_device
+
+        if str(get_device()) != str(device):
+            warnings.warn(f"keras was imported before the demo and runs on {get_device()}, not {device} "
+                          "(set KERAS_TORCH_DEVICE before keras is first imported)", stacklevel=2)
+    return keras
+
+
+def load_keras_data(root=None, *, n_train: int | None = None, n_test: int | None = None, seed: int = 0):
+    """Fashion-MNIST as normalised float32 NumPy ``(x_train, y_train, x_test, y_test)``, x (n, 28, 28, 1).
+
+    The ``n_train`` / ``n_test`` subsets are the PyTorch demo's (same seeded draw)."""
+    from .datasets import load_fashion_mnist
+
+    xtr, ytr = load_fashion_mnist(root, split="train")
+    xte, yte = load_fashion_mnist(root, split="test")
+    rng = np.random.default_rng([seed, 7])
+
+    def prep(x, y, k):
+        if k is not None and k < x.shape[0]:
+            keep = np.sort(rng.choice(x.shape[0], size=k, replace=False))
+            x, y = x[keep], y[keep]
+        x = (((x.astype(np.float32) / 255.0) - _MEAN) / _STD)[..., None]
+        return np.ascontiguousarray(x), y.astype(np.int64)
+
+    return (*prep(xtr, ytr, n_train), *prep(xte, yte, n_test))
+
+
+def build_keras_cnn(keras, num_classes: int = 10):
+    """The demo CNN in Keras: Conv 5x5/2 (16) + ReLU, Conv 3x3/2 (32) + ReLU, Dense 64 + ReLU, Dense
+    ``num_classes`` (logits)."""
+    L = keras.layers
+    return keras.Sequential([
+        keras.Input((28, 28, 1)),
+        L.Conv2D(16, 5, strides=2, padding="same", activation="relu"),
+        L.Conv2D(32, 3, strides=2, padding="same", activation="relu"),
+        L.Flatten(),
+        L.Dense(64, activation="relu"),
+        L.Dense(num_classes),
+    ])
+
+
+def _warmup_cosine(keras, peak: float, total: int, warmup: float):
+    """``train_demo.lr_factor`` as a Keras schedule (keras.ops: traceable on every backend)."""
+    ops = keras.ops
+    w = max(1, math.ceil(warmup * total)) if warmup > 0 else 0
+    rest = max(1, total - w)
+
+    class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+        def __call__(self, step):
+            t = ops.cast(step, "float32")
+            cos = 0.5 * (1.0 + ops.cos(math.pi * ops.minimum(t - w, float(rest)) / rest))
+            if w == 0:
+                return peak * cos
+            return peak * ops.where(t < w, (t + 1.0) / w, cos)
+
+        def get_config(self):
+            return {"peak": peak, "total": total, "warmup": warmup}
+
+    return WarmupCosine()
+
+
+def _accuracy(keras, model, x, y, batch: int = 2000) -> float:
+    if keras.backend.backend() == "jax":
+        model.jax_state_sync()  # Keras's JAX trainer detaches the weights within an epoch
+    correct = 0
+    for a in range(0, x.shape[0], batch):
+        z = keras.ops.convert_to_numpy(model(x[a:a + batch], training=False))
+        correct += int((np.argmax(z, axis=1) == y[a:a + batch]).sum())
+    return correct / max(1, x.shape[0])
+
+
+def _eval_steps(total: int, evals: int) -> set[int]:
+    k = max(1, min(evals, total))
+    return {int(round(total * (i + 1) / k)) for i in range(k)}
+
+
+def train_keras_method(method: str, data, s: TrainSettings, *, backend: str | None = None, progress: bool = True,
+                       desc: str | None = None) -> dict:
+    """Train one method through ``model.fit`` and return its record (the fields of
+    ``train_demo.train_method``'s, less the forgetting tracker and the per-step batch list)."""
+    keras = import_keras(backend, s.device)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if keras.backend.backend() == "torch" and s.threads:
+        import torch
+
+        torch.set_num_threads(int(s.threads))
+    x_tr, y_tr, x_te, y_te = data
+    n, m = int(x_tr.shape[0]), int(s.m)
+    full_spe = math.ceil(n / m)
+    spe = full_spe if method == "full" else max(1, int(math.floor(s.budget * full_spe + 0.5)))
+    total = s.epochs * spe
+
+    keras.utils.set_random_seed(s.seed)  # the same initial weights for every method
+    model = build_keras_cnn(keras, int(y_tr.max()) + 1)
+    opt = keras.optimizers.SGD(learning_rate=_warmup_cosine(keras, s.lr, total, s.warmup), momentum=s.momentum,
+                               nesterov=s.nesterov, weight_decay=s.weight_decay)
+    model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+    crest = None
+    if method.startswith("crest"):
+        from .adapters.keras import CrestCallback
+
+        cfg = crest_config(s, dropping=method == "crest-drop", steps_per_epoch=spe)
+        crest = CrestCallback(x_tr, y_tr, config=cfg, budget=s.budget, epochs=s.epochs, seed=s.seed,
+                              measure_batch_size=s.measure_batch_size)
+        if crest.steps_per_epoch != spe:
+            raise RuntimeError(f"CrestCallback plans {crest.steps_per_epoch} steps per epoch, expected {spe}")
+        dataset = crest.dataset
+    else:
+        gen = np.random.default_rng([s.seed, 11 if method == "full" else 13])
+        batches = []
+        for _ in range(s.epochs):  # the PyTorch demo's index sequence
+            if method == "full":
+                perm = gen.permutation(n)
+            else:  # a fresh uniformly random subset of spe * m examples each epoch
+                perm = gen.choice(n, size=min(n, spe * m), replace=False)
+            batches.extend([perm[a:a + m] for a in range(0, perm.size, m)][:spe])
+        dataset = _index_batches(keras, x_tr, y_tr, batches, spe)
+
+    rec = _recorder(keras, model, x_te, y_te, total, _eval_steps(total, s.evals), crest,
+                    dataset=None if crest is not None else dataset, progress=progress, desc=desc or method)
+    model.fit(dataset, epochs=s.epochs, callbacks=([crest] if crest is not None else []) + [rec], verbose=0)
+    rec.close()
+
+    bd = {"train": rec.wall, "data": 0.0}
+    counts = {"selections": 0, "fits": 0, "checks": 0, "drop_decisions": 0}
+    out = {"method": method, "steps": total, "steps_per_epoch": spe, "acc": rec.curve[-1]["acc"], "wall": rec.wall,
+           "curve": rec.curve, "breakdown": bd, "counts": counts, "backend": keras.backend.backend()}
+    if crest is not None:
+        st = crest.stats
+        t = crest.timings
+        bd.update({"select": t["selection"], "model_fit": 0.0, "checks": t["check"],
+                   "controller_other": max(0.0, t["controller"] - t["selection"] - t["check"]), "drops": t["observe"]})
+        bd["train"] = max(0.0, rec.wall - t["controller"] - t["observe"])
+        counts.update(selections=len(st["selections"]), fits=len(st["selections"]), checks=len(st["checks"]),
+                      drop_decisions=len(st["drops"]))
+        out["stats"] = st
+        out["config"] = repr(crest.config)
+        if rec.pool:
+            out["pool"] = rec.pool
+    return out
+
+
+def _index_batches(keras, x, y, batches, steps_per_epoch):
+    """A PyDataset serving a fixed sequence of index batches in order, whatever index Keras asks for."""
+
+    class IndexBatches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__(workers=1, use_multiprocessing=False)
+            self.pos = 0
+            self.fitting = False
+
+        def __len__(self):
+            return steps_per_epoch
+
+        def __getitem__(self, index):
+            if not self.fitting:  # Keras's build fetch
+                b = batches[0]
+                return x[b], y[b]
+            b = batches[self.pos % len(batches)]
+            self.pos += 1
+            return x[b], y[b]
+
+    return IndexBatches()
+
+
+def _recorder(keras, model, x_te, y_te, total, eval_at, crest, *, dataset, progress, desc):
+    """A Keras callback measuring wall clock (evaluations excluded) and test accuracy at given steps."""
+
+    class Recorder(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.curve, self.pool, self.wall = [], [], 0.0
+            self._step = 0
+            self._bar = None
+
+        def _now(self):
+            return time.perf_counter() - self._t0 - self._excluded
+
+        def on_train_begin(self, logs=None):
+            if dataset is not None:
+                dataset.fitting = True
+            self.curve.append({"step": 0, "wall": 0.0, "acc": _accuracy(keras, model, x_te, y_te), "updates": 0})
+            if progress:
+                from tqdm.auto import tqdm
+
+                self._bar = tqdm(total=total, desc=desc, unit="step", leave=True, dynamic_ncols=True)
+            self._excluded = 0.0
+            self._t0 = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self._step += 1
+            self.wall = self._now()
+            if crest is not None and crest.config.T2 is not None:
+                self.pool.append(int(crest.controller_state.drop.active.sum()))
+            if self._step in eval_at:
+                t = time.perf_counter()
+                acc = _accuracy(keras, model, x_te, y_te)
+                self._excluded += time.perf_counter() - t
+                upd = len(crest.controller_state.log["selections"]) if crest is not None else 0
+                self.curve.append({"step": self._step, "wall": self.wall, "acc": acc, "updates": upd})
+                if self._bar is not None:
+                    self._bar.set_postfix(acc=f"{100 * acc:.1f}%")
+            if self._bar is not None:
+                self._bar.update(1)
+
+        def on_train_end(self, logs=None):
+            if dataset is not None:
+                dataset.fitting = False
+
+        def close(self):
+            if self._bar is not None:
+                self._bar.close()
+
+    return Recorder()
+
+
+def _summarize(records: dict) -> list[dict]:
+    full = records.get("full")
+    rows = []
+    for name, r in records.items():
+        crest = name.startswith("crest")
+        bd = r["breakdown"]
+        overhead = sum(bd.get(k, 0.0) for k in ("select", "checks", "controller_other", "drops"))
+        rows.append({
+            "method": name, "steps": r["steps"], "acc": r["acc"],
+            "rel_error": relative_error(full["acc"], r["acc"]) if full and full["acc"] > 0 else float("nan"),
+            "wall": r["wall"], "speedup": (full["wall"] / r["wall"]) if full and r["wall"] > 0 else float("nan"),
+            "updates": r["counts"]["selections"] if crest else None,
+            "overhead_pct": 100.0 * overhead / bd["train"] if crest and bd["train"] > 0 else None,
+        })
+    return rows
+
+
+def run_keras_comparison(
+    out="./crest-keras-demo-out",
+    *,
+    settings: TrainSettings | None = None,
+    methods=METHODS,
+    backend: str | None = None,
+    progress: bool = True,
+    root=None,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    print_fn: Callable[[str], None] | None = print,
+    figures: bool = True,
+) -> dict:
+    """The training demo through Keras: train every method of ``methods`` (``full`` always runs), print the
+    table, save figures (accuracy vs wall clock, coreset updates, rho) and ``results.json`` in ``out``.
+
+    Same arguments as :func:`crestcore.train_demo.run_training_demo`, plus ``backend`` (the Keras backend:
+    "torch" or "jax"; default ``KERAS_BACKEND``, else "torch"). Returns the results dict."""
+    s = settings or TrainSettings()
+    methods = list(methods)
+    for mth in methods:
+        if mth not in METHODS:
+            raise ValueError(f"unknown method {mth!r}; choose from {METHODS}")
+    if "full" not in methods:
+        methods.insert(0, "full")  # relative error and speedup need it
+    if not (0 < s.budget <= 1):
+        raise ValueError(f"budget must be in (0, 1], got {s.budget}")
+    if backend is not None and backend not in ("torch", "jax"):
+        raise ValueError(f"backend must be 'torch' or 'jax' (the Keras backends CREST supports), got {backend!r}")
+    t_start = time.perf_counter()
+    data = load_keras_data(root, n_train=n_train, n_test=n_test, seed=s.seed)  # FileNotFoundError if missing
+    keras = import_keras(backend, s.device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    n = int(data[0].shape[0])
+    if print_fn is not None:
+        print_fn(f"Fashion-MNIST: {n} train / {int(data[2].shape[0])} test images; Keras {keras.__version__} on "
+                 f"{keras.backend.backend()}; CNN, m={s.m}, {s.epochs} epochs of full data, budget {s.budget:g}, "
+                 f"seed {s.seed}, device {s.device}")
+    records = {}
+    for mth in methods:
+        records[mth] = train_keras_method(mth, data, s, backend=backend, progress=progress, desc=f"{mth:<10}")
+    rows = _summarize(records)
+    table = format_table(rows)
+    paths = {}
+    if figures:
+        paths = make_figures(records, out, tau=s.crest_tau, forgetting=None,
+                             title=f" (Keras/{keras.backend.backend()}, seed {s.seed})")
+    results = {
+        "framework": "keras", "backend": keras.backend.backend(), "keras": keras.__version__,
+        "settings": asdict(s), "n_train": n, "n_test": int(data[2].shape[0]),
+        "table": table, "rows": rows, "runs": records,
+        "paths": {**paths, "results": str(out / "results.json")},
+    }
+    results["time_total_s"] = time.perf_counter() - t_start
+    with open(out / "results.json", "w") as fh:
+        json.dump(results, fh, indent=1, default=float)
+    if print_fn is not None:
+        print_fn("")
+        print_fn(table)
+        for name, r in records.items():
+            if name.startswith("crest"):
+                bd, c = r["breakdown"], r["counts"]
+                print_fn(f"{name}: train {bd['train']:.1f}s, selections {bd['select']:.1f}s, "
+                         f"checks {bd['checks']:.1f}s,"
+                         f" drops {bd['drops']:.1f}s; {c['selections']} selections, {c['checks']} checks")
+        print_fn(f"\nwall clock excludes test evaluations. Total demo time {results['time_total_s']:.0f} s. "
+                 f"Figures and results.json in {out}/")
+    return results

@@ -1,0 +1,634 @@
+"""crestcore.adapters.keras: CrestCallback + CrestDataset inside model.fit, and KerasModelOps.
+
+The tests run on Keras's torch backend: ``KERAS_BACKEND=torch`` is set here before keras is first
+imported. When keras was already imported with another backend in this pytest process, the torch-backend
+tests rerun this file in a subprocess instead. The jax backend is tested in a subprocess (started at the
+first test, so it overlaps with the torch tests) whenever jax is installed: a fit checked against a manual
+drive of the controller, a simulated one-batch-ahead fetch (what Keras does with JAX on an accelerator),
+and the model operations compared with the torch backend's on the same weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+if importlib.util.find_spec("keras") is None or importlib.util.find_spec("torch") is None:
+    pytest.skip("keras and torch are needed (pip install 'crestcore[keras,torch]')", allow_module_level=True)
+
+if "keras" not in sys.modules:
+    os.environ["KERAS_BACKEND"] = "torch"  # before keras is imported
+import keras  # noqa: E402
+
+IN_PROCESS = keras.backend.backend() == "torch"
+HERE = Path(__file__).resolve()
+ROOT = HERE.parents[2]
+HAS_JAX = importlib.util.find_spec("jax") is not None and importlib.util.find_spec("jaxlib") is not None
+
+from crestcore import CrestConfig, DropConfig, crest_init, crest_next_batch  # noqa: E402
+from crestcore.adapters.keras import CrestCallback, CrestDataset, KerasModelOps, labels_from_targets  # noqa: E402
+
+if IN_PROCESS:
+    import torch
+
+_SUBPROCESS_TEST = "test_torch_backend_suite_in_subprocess"
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend_here(request):
+    if not IN_PROCESS and request.node.name != _SUBPROCESS_TEST:
+        pytest.skip(f"keras was imported with the {keras.backend.backend()!r} backend in this process; "
+                    f"{_SUBPROCESS_TEST} runs these tests on torch in a subprocess")
+    if IN_PROCESS:
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)  # bitwise-repeatable CPU results
+        yield
+        torch.set_num_threads(before)
+    else:
+        yield
+
+
+# ------------------------------------------------------------------------------------------------
+# data, models
+# ------------------------------------------------------------------------------------------------
+def digits(n=480):
+    """A slice of scikit-learn's digits (8x8 images, 10 classes), scaled to [0, 1]; synthetic if absent."""
+    try:
+        from sklearn.datasets import load_digits
+
+        X, y = load_digits(return_X_y=True)
+        return (X[:n] / 16.0).astype(np.float32), y[:n].astype(np.int64)
+    except ImportError:  # pragma: no cover
+        g = np.random.default_rng(0)
+        centers = g.normal(size=(10, 64))
+        y = np.arange(n) % 10
+        return (centers[y] + 0.8 * g.normal(size=(n, 64))).astype(np.float32), y.astype(np.int64)
+
+
+CFG = dict(m=32, r=96, P=2, T1=2, tau=0.005, h=1.0, b=1.0)
+BUDGET = 0.25  # ceil(480 / 32) = 15 full steps per epoch -> 4 CREST steps per epoch
+
+RECORD: list = []
+
+
+class Recorder(keras.Sequential):
+    """A Sequential whose train_step records what it trains on (x, y, sample_weight)."""
+
+    def train_step(self, data):
+        x, y, sw = keras.utils.unpack_x_y_sample_weight(data)
+        RECORD.append(tuple(None if t is None else np.array(keras.ops.convert_to_numpy(t)) for t in (x, y, sw)))
+        return super().train_step(data)
+
+
+def mlp(seed=0, cls=keras.Sequential, softmax=False, d=64, classes=10, hidden=16, loss=None, lr=0.1, momentum=0.0):
+    keras.utils.set_random_seed(seed)
+    model = cls([keras.Input((d,)), keras.layers.Dense(hidden, activation="relu"),
+                 keras.layers.Dense(classes, activation="softmax" if softmax else None)])
+    if loss is None:
+        loss = ("sparse_categorical_crossentropy" if softmax
+                else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(optimizer=keras.optimizers.SGD(lr, momentum=momentum), loss=loss)
+    return model
+
+
+def flat(model):
+    return np.concatenate([np.asarray(w).ravel() for w in model.get_weights()])
+
+
+def fit(model, X, y, *, epochs=2, seed=3, config=None, **kw):
+    crest = CrestCallback(X, y, config=config or CrestConfig(**CFG), budget=BUDGET, seed=seed, record=True, **kw)
+    model.fit(crest.dataset, epochs=epochs, callbacks=[crest], verbose=0)  # shuffle=True (the default)
+    return crest
+
+
+def drive_by_hand(model, X, y, steps, seed=3, config=None):
+    """The controller driven directly, one train_on_batch per batch: the reference for fit."""
+    cfg = config or CrestConfig(**CFG)
+    ops = KerasModelOps(model, X, y)
+    state = crest_init(cfg, y, seed=seed)
+    seq = []
+    for _ in range(steps):
+        state, b = crest_next_batch(state, ops, cfg)
+        model.train_on_batch(X[b.indices], y[b.indices], sample_weight=b.weights.astype(np.float32))
+        seq.append(b)
+    return state, seq
+
+
+# ------------------------------------------------------------------------------------------------
+# the jax backend, in a subprocess started at the first test (it overlaps with the torch tests)
+# ------------------------------------------------------------------------------------------------
+_JAX_SCRIPT = textwrap.dedent(r"""
+    import os, sys, json, types
+    os.environ["KERAS_BACKEND"] = "jax"
+    import numpy as np
+    sys.path.insert(0, os.environ["CREST_TEST_DIR"])
+    import keras
+    assert keras.backend.backend() == "jax"
+    import test_keras as T
+    from crestcore import CrestConfig, crest_init, crest_next_batch
+    from crestcore.adapters.keras import CrestCallback, KerasModelOps
+    out = sys.argv[1]
+    X, y = T.digits()
+    res = {}
+
+    # 1. fit == the controller driven by hand with train_on_batch
+    model = T.mlp(0)
+    crest = T.fit(model, X, y, epochs=2)
+    total = 2 * crest.steps_per_epoch
+    ref = T.mlp(0)
+    state, seq = T.drive_by_hand(ref, X, y, total)
+    res["position"] = crest.position
+    res["total"] = total
+    res["same_batches"] = all(np.array_equal(a.indices, i) and np.array_equal(a.weights, w)
+                              for a, (i, w) in zip(seq, crest.trained)) and len(seq) == len(crest.trained)
+    res["selections"] = crest.controller_state.log["selections"]
+    res["selections_ref"] = state.log["selections"]
+    res["max_param_diff"] = float(np.max(np.abs(T.flat(model) - T.flat(ref))))
+
+    # 2. one batch ahead (Keras's JAX trainer on an accelerator): every served batch trained once, in order
+    import jax
+    import keras.src.backend.jax.trainer as jt
+
+    class Ahead:
+        def __getattr__(self, k):
+            return getattr(jax, k)
+
+        def default_backend(self):
+            return "gpu"
+
+    jt.jax = Ahead()
+    model = T.mlp(0)
+    crest = CrestCallback(X, y, config=CrestConfig(**T.CFG), budget=T.BUDGET, seed=3, record=True)
+    handed = []
+    nxt = crest._next_batch
+    def spy():
+        b = nxt(); handed.append(b); return b
+    crest._next_batch = spy
+    model.fit(crest.dataset, epochs=2, callbacks=[crest], verbose=0)
+    res["ahead_position"] = crest.position
+    res["ahead_handed"] = len(handed)
+    res["ahead_in_order"] = all(np.array_equal(b.indices, i) for b, (i, _) in zip(handed, crest.trained))
+    res["ahead_counted"] = crest.controller_state.counters["train_steps"]
+
+    # 3. model operations on fixed weights, for comparison with the torch backend
+    m = T.mlp(0, d=64, classes=10, hidden=16)
+    m.set_weights([np.asarray(a) for a in np.load(os.environ["CREST_TEST_WEIGHTS"], allow_pickle=False).values()])
+    ops = KerasModelOps(m, X, y)
+    idx = np.arange(0, 96, 3)
+    w = np.linspace(0.5, 1.5, idx.size)
+    loss, g = ops.gradient(idx, w)
+    np.savez(out, outputs=np.asarray(ops.outputs(idx)), grad=np.asarray(g), loss=loss,
+             hutch=np.asarray(ops.hutchinson(idx, w, 7)), params=np.asarray(ops.params()))
+    print("JSON" + json.dumps(res))
+""")
+
+
+def _fixed_weights(path):
+    g = np.random.default_rng(11)
+    shapes = [(64, 16), (16,), (16, 10), (10,)]
+    np.savez(path, **{f"w{i}": (0.3 * g.normal(size=s)).astype(np.float32) for i, s in enumerate(shapes)})
+    return path
+
+
+@pytest.fixture(scope="module")
+def jax_child(tmp_path_factory):
+    """The jax-backend subprocess: (process, output npz path, weights path)."""
+    if not HAS_JAX:
+        pytest.skip("jax is not installed (pip install jax jaxlib to test the jax backend)")
+    d = tmp_path_factory.mktemp("keras_jax")
+    weights = _fixed_weights(d / "weights.npz")
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", CREST_TEST_DIR=str(HERE.parent),
+               CREST_TEST_WEIGHTS=str(weights), XLA_FLAGS="--xla_cpu_multi_thread_eigen=false",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-c", _JAX_SCRIPT, str(d / "ops.npz")], env=env, cwd=str(ROOT),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    yield proc, d / "ops.npz", weights
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _start_jax_early(request):
+    """Start the jax subprocess with the first test when the jax test is selected (so they overlap).
+    Not under pytest-xdist, where the jax test may run on another worker: it starts the subprocess itself."""
+    if (IN_PROCESS and HAS_JAX and not os.environ.get("PYTEST_XDIST_WORKER")
+            and any(it.name == "test_jax_backend" for it in request.session.items)):
+        request.getfixturevalue("jax_child")
+    yield
+
+
+# ------------------------------------------------------------------------------------------------
+# fit serves the controller's batches
+# ------------------------------------------------------------------------------------------------
+def test_fit_trains_on_the_controllers_batches_and_weights():
+    X, y = digits()
+    RECORD.clear()
+    model = mlp(0, cls=Recorder)
+    crest = fit(model, X, y, epochs=2)
+    total = 2 * crest.steps_per_epoch
+    assert crest.steps_per_epoch == len(crest.dataset) == 4
+    # the build fetch and the extra on_epoch_begin/end before the first epoch consumed no step
+    assert crest.position == len(crest.trained) == len(RECORD) == total
+    assert crest.controller_state.counters["train_steps"] == total
+    # what the train step received is what the controller chose, in its order, whatever Keras's index
+    for (xb, yb, sw), (idx, w) in zip(RECORD, crest.trained):
+        np.testing.assert_array_equal(xb, X[idx])
+        np.testing.assert_array_equal(yb, y[idx])
+        np.testing.assert_array_equal(sw, w.astype(np.float32))  # default reduction: weights as they are
+        assert abs(w.mean() - 1.0) < 1e-9
+    # ... and it is exactly the run of the controller driven by hand (same selections, same weights)
+    ref = mlp(0)
+    state, seq = drive_by_hand(ref, X, y, total)
+    for b, (idx, w) in zip(seq, crest.trained):
+        np.testing.assert_array_equal(b.indices, idx)
+        np.testing.assert_array_equal(b.weights, w)
+    assert state.log["selections"] == crest.stats["selections"]
+    assert len(crest.stats["selections"]) >= 2 and crest.stats["selections"][0] == 0  # reselections happened
+    assert [c[0] for c in state.log["checks"]] == [c["step"] for c in crest.stats["checks"]]
+    np.testing.assert_array_equal(flat(model), flat(ref))
+
+
+def test_reproducible_under_a_seed():
+    X, y = digits()
+    a = fit(mlp(0), X, y, epochs=1)
+    m2 = mlp(0)
+    b = fit(m2, X, y, epochs=1)
+    m3 = mlp(0)
+    c = fit(m3, X, y, epochs=1, seed=4)
+    for (i1, w1), (i2, w2) in zip(a.trained, b.trained):
+        np.testing.assert_array_equal(i1, i2)
+        np.testing.assert_array_equal(w1, w2)
+    assert a.stats["selections"] == b.stats["selections"]
+    assert any(not np.array_equal(i1, i3) for (i1, _), (i3, _) in zip(a.trained, c.trained))
+
+
+def test_build_fetch_is_a_probe_that_consumes_nothing():
+    X, y = digits()
+    crest = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=0)
+    assert isinstance(crest.dataset, CrestDataset)
+    xb, yb, wb = crest.dataset[3]  # outside fit: what Keras's build fetch gets
+    np.testing.assert_array_equal(xb, X[:32])
+    np.testing.assert_array_equal(wb, np.ones(32, np.float32))
+    crest.dataset.on_epoch_begin()
+    crest.dataset.on_epoch_end()
+    assert crest.controller_state.counters["train_steps"] == 0 and crest.position == 0
+    crest.dataset[0]  # a second probe: Keras fetching one batch ahead fetches twice to build
+    with pytest.raises(RuntimeError, match="without the CrestCallback"):
+        crest.dataset[0]
+
+
+def test_batches_fetched_ahead_are_each_trained_once_in_order(monkeypatch):
+    """Keras fetching one batch ahead (its JAX trainer does on accelerators): nothing lost or repeated."""
+    from keras.src.backend.torch import trainer as tt
+
+    orig = tt.TorchEpochIterator._get_iterator
+
+    def one_ahead(self):
+        it = orig(self)
+
+        def gen():
+            prev = None
+            for batch in it:
+                if prev is not None:
+                    yield prev
+                prev = batch
+            if prev is not None:
+                yield prev
+
+        return gen()
+
+    monkeypatch.setattr(tt.TorchEpochIterator, "_get_iterator", one_ahead)
+    X, y = digits()
+    RECORD.clear()
+    model = mlp(0, cls=Recorder)
+    crest = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=3, record=True)
+    handed = []
+    nxt = crest._next_batch
+
+    def spy():
+        b = nxt()
+        handed.append(b)
+        return b
+
+    crest._next_batch = spy
+    model.fit(crest.dataset, epochs=2, callbacks=[crest], verbose=0)
+    total = 2 * crest.steps_per_epoch
+    assert crest.position == len(handed) == len(RECORD) == total
+    for b, (idx, w), (xb, _, sw) in zip(handed, crest.trained, RECORD):
+        np.testing.assert_array_equal(b.indices, idx)
+        np.testing.assert_array_equal(xb, X[idx])
+        np.testing.assert_array_equal(sw, w.astype(np.float32))
+
+
+# ------------------------------------------------------------------------------------------------
+# loss reduction, logits or probabilities
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum"])
+def test_one_step_is_sgd_on_the_controllers_weighted_loss(reduction):
+    """Whatever the reduction, the update is -lr * grad mean_i(w_i l_i) with the controller's weights."""
+    X, y = digits(160)
+    lr = 0.5
+    model = mlp(1, lr=lr, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=reduction))
+    w0 = model.get_weights()
+    crest = CrestCallback(X, y, config=CrestConfig(m=32, r=64, P=1, T1=5), budget=0.2, seed=1, record=True)
+    assert crest.steps_per_epoch == 1
+    model.fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
+    idx, w = crest.trained[0]
+    assert np.ptp(w) > 0  # a genuinely weighted batch
+    after = flat(model)
+    model.set_weights(w0)
+    _, g = crest.ops.gradient(idx, w)
+    np.testing.assert_allclose(after, flat(model) - lr * g.cpu().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_mean_with_sample_weight_and_unreduced_losses_are_refused():
+    X, y = digits(160)
+    for red in ("mean_with_sample_weight", None):
+        model = mlp(0, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=red))
+        crest = CrestCallback(X, y, config=CrestConfig(m=32), budget=0.2)
+        with pytest.raises(ValueError, match="reduction"):
+            model.fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
+
+
+def test_probabilities_are_detected_and_handled_as_log_p():
+    X, y = digits(160)
+    onehot = np.eye(10, dtype=np.float32)[y]
+    probs = mlp(2, softmax=True, loss="categorical_crossentropy")  # Keras string losses take probabilities
+    logits = mlp(2)
+    logits.set_weights(probs.get_weights())
+    crest = CrestCallback(X, onehot, config=CrestConfig(m=32, r=64, P=1), budget=0.2, seed=0, record=True)
+    np.testing.assert_array_equal(crest.labels, y)  # labels from one-hot targets
+    probs.fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
+    assert crest.ops.from_probabilities and crest.position == 1
+    probs.set_weights(logits.get_weights())
+    idx = np.arange(40)
+    p_ops, l_ops = crest.ops, KerasModelOps(logits, X, y)
+    np.testing.assert_allclose(p_ops.outputs(idx).numpy(), torch.log_softmax(l_ops.outputs(idx), 1).numpy(),
+                               atol=1e-5)
+    w = np.linspace(0.5, 1.5, 40)
+    np.testing.assert_allclose(p_ops.gradient(idx, w)[1].numpy(), l_ops.gradient(idx, w)[1].numpy(), atol=1e-5)
+    np.testing.assert_allclose(p_ops.hutchinson(idx, w, 3).numpy(), l_ops.hutchinson(idx, w, 3).numpy(), atol=1e-4)
+
+
+def test_outputs_kind_needs_an_option_when_it_cannot_be_told():
+    X, y = digits(160)
+
+    def my_loss(t, p):
+        return keras.losses.sparse_categorical_crossentropy(t, p, from_logits=True)
+
+    model = mlp(0, loss=my_loss)
+    crest = CrestCallback(X, y, config=CrestConfig(m=32), budget=0.2)
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="outputs="):
+        warnings.simplefilter("ignore")
+        model.fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
+    crest = CrestCallback(X, y, config=CrestConfig(m=32, r=64), budget=0.2, outputs="logits")
+    with pytest.warns(UserWarning, match="cross-entropy"):
+        model.fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
+    assert crest.position == 1 and not crest.ops.from_probabilities
+
+
+def test_labels_from_targets():
+    np.testing.assert_array_equal(labels_from_targets(np.array([[0, 1], [1, 0]])), [1, 0])
+    np.testing.assert_array_equal(labels_from_targets(np.array([[2.0], [1.0]])), [2, 1])
+    with pytest.raises(ValueError, match="one-hot"):
+        labels_from_targets(np.array([[0.3, 0.7], [1, 0]]))
+    with pytest.raises(TypeError):
+        labels_from_targets(np.array([0.5, 1.0]))
+
+
+# ------------------------------------------------------------------------------------------------
+# model operations
+# ------------------------------------------------------------------------------------------------
+def _softmax_regression():
+    g = np.random.default_rng(5)
+    X = g.normal(size=(50, 4)).astype(np.float32)
+    y = g.integers(0, 3, 50)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    model.set_weights([g.normal(size=(4, 3)).astype(np.float32), g.normal(size=3).astype(np.float32)])
+    return X, y, model
+
+
+def test_gradient_and_hutchinson_are_exact_on_softmax_regression():
+    X, y, model = _softmax_regression()
+    ops = KerasModelOps(model, X, y, batch_size=7)  # chunked passes sum up exactly
+    idx = np.array([3, 1, 4, 1, 5, 9, 2, 6, 40, 49])
+    w = np.linspace(0.2, 2.0, idx.size)
+    W, b = (np.asarray(a, np.float64) for a in model.get_weights())
+    A = np.c_[X[idx].astype(np.float64)]
+    Z = A @ W + b
+    P = np.exp(Z - Z.max(1, keepdims=True))
+    P /= P.sum(1, keepdims=True)
+    R = P - np.eye(3)[y[idx]]
+    N = idx.size
+    loss, g = ops.gradient(idx, w)
+    ell = -np.log(P[np.arange(N), y[idx]])
+    assert abs(loss - (w * ell).mean()) < 1e-5
+    gW = A.T @ (w[:, None] * R) / N
+    gb = (w[:, None] * R).sum(0) / N
+    np.testing.assert_allclose(g.numpy(), np.r_[gW.ravel(), gb], rtol=1e-4, atol=1e-6)
+    z = ops.rademacher(7).astype(np.float64)
+    np.testing.assert_array_equal(np.abs(z), 1)
+    zW, zb = z[:12].reshape(4, 3), z[12:]
+    U = A @ zW + zb  # directional change of the logits
+    JU = P * U - P * (P * U).sum(1, keepdims=True)  # (diag(p) - p p^T) u per example
+    HW = A.T @ (w[:, None] * JU) / N
+    Hb = (w[:, None] * JU).sum(0) / N
+    np.testing.assert_allclose(ops.hutchinson(idx, w, 7).numpy(), z * np.r_[HW.ravel(), Hb], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(ops.losses(idx), ell, rtol=1e-5)
+    np.testing.assert_allclose(ops.params().numpy(), np.r_[W.ravel(), b], rtol=1e-6)
+
+
+def test_ops_do_not_touch_batchnorm_dropout_or_grads():
+    X, y = digits(160)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(16), keras.layers.BatchNormalization(),
+                              keras.layers.ReLU(), keras.layers.Dropout(0.5), keras.layers.Dense(10)])
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    before = [np.array(w) for w in model.get_weights()]
+    ops = KerasModelOps(model, X, y)
+    idx = np.arange(64)
+    o1 = ops.outputs(idx)
+    ops.gradient(idx, np.ones(64))
+    ops.hutchinson(idx, np.ones(64), 0)
+    o2 = ops.outputs(idx)
+    torch.testing.assert_close(o1, o2, rtol=0, atol=0)  # dropout off, BN in inference mode
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)  # moving statistics untouched
+    assert all(v.value.grad is None for v in model.trainable_variables)
+
+
+def test_embeddings_are_the_input_of_the_last_dense_layer():
+    X, y = digits(160)
+    model = mlp(0)
+    ops = KerasModelOps(model, X, y)
+    z, e = ops.outputs(np.arange(10), embeddings=True)
+    hidden = keras.Model(model.inputs[0], model.layers[0].output)
+    torch.testing.assert_close(e, hidden(X[:10]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(z, ops.outputs(np.arange(10)))
+    crest = fit(mlp(0), X, y, epochs=1, config=CrestConfig(m=32, r=64, P=1, embeddings=True))
+    assert crest.position == crest.steps_per_epoch
+
+
+def test_diverged_model_raises_floating_point_error():
+    X, y = digits(160)
+    model = mlp(0)
+    model.set_weights([np.full_like(w, np.nan) for w in model.get_weights()])
+    crest = CrestCallback(X, y, config=CrestConfig(m=32), budget=0.2)
+    with pytest.raises(FloatingPointError, match="diverged"):
+        model.fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# dropping, stats, resume, misuse
+# ------------------------------------------------------------------------------------------------
+def test_dropping_gets_the_losses_of_the_trained_batches():
+    X, y = digits(320)
+    cfg = CrestConfig(m=32, r=64, P=2, T1=3, T2=2, drop=DropConfig(alpha=5.0, window=4, min_records=1))
+    crest = fit(mlp(0, lr=0.2), X, y, epochs=2, config=cfg, log_stats=True)
+    assert crest.observe_losses
+    s = crest.stats
+    assert s["drops"] and s["drops"][0][0] == 2
+    assert s["pool"] < 320  # alpha = 5: everything seen is "learned"
+    assert s["counters"]["train_steps"] == crest.position
+    hist = crest.model.history.history
+    assert "crest_selections" in hist and "crest_pool" in hist
+    json.dumps(s)  # plain data
+
+
+def test_resume_continues_with_the_same_batches(tmp_path):
+    X, y = digits()
+    straight = mlp(0, cls=keras.Sequential, momentum=0.9)
+    a = fit(straight, X, y, epochs=3)
+
+    first = mlp(0, momentum=0.9)
+    b = fit(first, X, y, epochs=2)
+    first.save(tmp_path / "model.keras")
+    blob = pickle.dumps(b.state_dict())
+
+    model = keras.saving.load_model(tmp_path / "model.keras")
+    c = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=3, record=True)
+    c.load_state_dict(pickle.loads(blob))
+    assert c.position == 2 * c.steps_per_epoch
+    model.fit(c.dataset, epochs=3, initial_epoch=2, callbacks=[c], verbose=0)
+    assert c.position == 3 * c.steps_per_epoch
+    for (i1, w1), (i2, w2) in zip(a.trained[2 * c.steps_per_epoch:], c.trained):
+        np.testing.assert_array_equal(i1, i2)
+        np.testing.assert_array_equal(w1, w2)
+    np.testing.assert_allclose(flat(model), flat(straight), rtol=1e-5, atol=1e-6)
+    other = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=4)
+    with pytest.raises(ValueError, match="seed"):
+        other.load_state_dict(pickle.loads(blob))
+
+
+def test_misuse_is_refused_clearly():
+    X, y = digits(160)
+    with pytest.raises(ValueError, match="single class"):
+        CrestCallback(X, np.zeros(160, np.int64))
+    with pytest.raises(ValueError, match="exceeds"):
+        CrestCallback(X[:20], y[:20], config=CrestConfig(m=32))
+    with pytest.raises(ValueError, match="budget"):
+        CrestCallback(X, y, budget=0)
+    with pytest.raises(ValueError, match="y has"):
+        CrestCallback(X, y[:10])
+    model = mlp(0)
+    crest = CrestCallback(X, y, config=CrestConfig(m=32), budget=0.2)
+    with pytest.raises(RuntimeError, match="crest.dataset"):  # the callback with other data
+        model.fit(X, y, batch_size=32, epochs=1, callbacks=[crest], verbose=0)
+    crest = CrestCallback(X, y, config=CrestConfig(m=32), budget=0.2)
+    with pytest.raises(RuntimeError, match="callbacks"):  # the dataset without its callback
+        mlp(0).fit(crest.dataset, epochs=3, verbose=0)
+    from crestcore.adapters.keras import _unsupported
+
+    msg = _unsupported("tensorflow", "gradients and Hessian-vector products")
+    assert "'tensorflow'" in msg and "torch" in msg and "tf.data" in msg
+
+
+# ------------------------------------------------------------------------------------------------
+# the demo: `crest demo --framework keras`
+# ------------------------------------------------------------------------------------------------
+def test_keras_demo_module_imports_no_framework():
+    code = ("import sys, json, crestcore.keras_demo\n"
+            "print(json.dumps([m for m in ('keras', 'torch', 'jax') if m in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_keras_demo_schedule_is_the_pytorch_demos():
+    from crestcore.keras_demo import _warmup_cosine
+    from crestcore.train_demo import lr_factor
+
+    for total, warmup in ((50, 0.1), (7, 0.0), (3, 0.5)):
+        sched = _warmup_cosine(keras, 0.05, total, warmup)
+        got = [float(keras.ops.convert_to_numpy(sched(t))) for t in range(total + 2)]
+        np.testing.assert_allclose(got, [0.05 * lr_factor(t, total, warmup) for t in range(total + 2)], rtol=1e-5,
+                                   atol=1e-9)
+
+
+def test_keras_demo_runs_the_comparison(tmp_path):
+    from crestcore.datasets import fashion_mnist_available
+    from crestcore.keras_demo import run_keras_comparison
+    from crestcore.train_demo import TrainSettings
+
+    if not (fashion_mnist_available(split="train") and fashion_mnist_available(split="test")):
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    s = TrainSettings(epochs=1, budget=0.5, m=64, evals=1, crest_r=128, crest_T1=1, threads=1)
+    res = run_keras_comparison(tmp_path, settings=s, backend="torch", progress=False, n_train=256, n_test=64,
+                               print_fn=None, figures=False, methods=("random", "crest", "crest-drop"))
+    assert [r["method"] for r in res["rows"]] == ["full", "random", "crest", "crest-drop"]
+    assert [r["steps"] for r in res["rows"]] == [4, 2, 2, 2]
+    assert res["runs"]["crest"]["stats"]["step"] == 2 and res["runs"]["crest"]["counts"]["selections"] >= 1
+    assert (tmp_path / "results.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------------
+# the jax backend (subprocess), and the whole suite in a subprocess when keras has another backend
+# ------------------------------------------------------------------------------------------------
+def test_jax_backend(jax_child):
+    proc, out_npz, weights = jax_child
+    try:
+        stdout, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:  # pragma: no cover
+        proc.kill()
+        pytest.fail("the jax-backend subprocess did not finish in 300 s")
+    assert proc.returncode == 0, stdout[-4000:]
+    res = json.loads(next(ln for ln in stdout.splitlines() if ln.startswith("JSON"))[4:])
+    assert res["position"] == res["total"] and res["same_batches"], res
+    assert res["selections"] == res["selections_ref"] and len(res["selections"]) >= 2
+    assert res["max_param_diff"] < 1e-5
+    assert res["ahead_position"] == res["ahead_handed"] == res["ahead_counted"] == res["total"]
+    assert res["ahead_in_order"]
+    # the model operations agree with the torch backend's on the same weights
+    X, y = digits()
+    model = mlp(0)
+    model.set_weights([np.asarray(a) for a in np.load(weights).values()])
+    ops = KerasModelOps(model, X, y)
+    idx = np.arange(0, 96, 3)
+    w = np.linspace(0.5, 1.5, idx.size)
+    jx = np.load(out_npz)
+    loss, g = ops.gradient(idx, w)
+    np.testing.assert_allclose(jx["params"], ops.params().numpy(), rtol=0, atol=0)
+    np.testing.assert_allclose(jx["outputs"], ops.outputs(idx).numpy(), rtol=1e-5, atol=1e-5)
+    assert abs(float(jx["loss"]) - loss) < 1e-5
+    np.testing.assert_allclose(jx["grad"], g.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(jx["hutch"], ops.hutchinson(idx, w, 7).numpy(), rtol=1e-3, atol=1e-5)
+
+
+def test_torch_backend_suite_in_subprocess():
+    if IN_PROCESS:
+        pytest.skip("keras runs on torch in this process: the tests above ran here")
+    env = dict(os.environ, KERAS_BACKEND="torch")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE)],
+                         env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
