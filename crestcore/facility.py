@@ -241,7 +241,7 @@ def facility_location(
         if u_all is not None:
             u = xp.astype(from_numpy(u_all[p, : budgets[p]], xp, dev), X.dtype)
         gf = _kernel("greedy_features", xp, Xp, force_reference=force_ref)
-        tile = max(1, int(max_dense_bytes // max(1, sizes[p] * itemsize * 4)))
+        tile = max(64, int(max_dense_bytes // max(1, sizes[p] * itemsize * 4)))
         li, g, w, obj = gf(Xp, int(budgets[p]), metric, kernel, sc, optimizer, u, min(tile, 4096))
         out_idx[p] = xp.take(pidx, li, axis=0)
         out_gain[p], out_w[p], out_obj[p] = g, w, obj

@@ -1,0 +1,933 @@
+"""Numba-jitted CPU kernels for NumPy input.
+
+Same names, signatures and semantics as :mod:`crestcore._reference_kernels` (read its docstring for
+the contract). This module is the only place in the project that imports numba; ``crestcore`` reaches
+it through :func:`crestcore.backends.get_kernel` only.
+
+Implementation notes
+--------------------
+* Distances are computed from direct differences ``sum_k (x_ik - x_jk)^2`` (cosine:
+  ``x_i . x_j / sqrt(|x_i|^2 |x_j|^2)``, exactly 1 for identical points) in float64, whatever the input
+  dtype: more accurate than the Gram trick of the reference, and exactly symmetric, so ``S[b]`` built
+  here is bit-for-bit symmetric. The inner loops run over a transposed copy of the features so that
+  they vectorise over points, while every pair's sum is still accumulated in the fixed order
+  ``k = 0..d-1``. ``similarity_batched`` rounds to X's dtype once, when it writes S;
+  ``greedy_features`` keeps its on-the-fly similarities in float64.
+* A candidate's marginal gain ``sum_i max(s_ij - cover_i, 0)`` is always computed by one function,
+  :func:`_gain`, in float64 and in one fixed order (four interleaved partial sums over ``i``, combined
+  in a fixed way). Naive, lazy and stochastic greedy therefore see bit-identical gains, and lazy greedy
+  (a binary max-heap of stale upper bounds ordered by (bound desc, index asc); a candidate is taken
+  when its exact gain beats every other bound, ties by lowest index) makes exactly the picks of naive
+  greedy. Stale bounds stay upper bounds exactly: rounding is monotone, and the cover only grows.
+* Stochastic greedy samples exactly as the reference: positions ``min(floor(u * R), R - 1)`` with the
+  product computed in the dtype of ``u`` (a float32 draw can round up to 1.0, so ``u * R`` to R).
+* No ``fastmath`` anywhere: the kernels must be exact and deterministic.
+* Parallelism: ``prange`` over problems when there are many; for few, large problems the full gain
+  passes run in parallel over candidates, while lazy re-evaluations of one column stay serial (a
+  parallel launch costs more than a contiguous O(n) column, and much more on a busy machine). The
+  matrix-free lazy greedy re-evaluates in parallel batches only in steps that already needed many
+  serial re-evaluations (each costs O(n d) there). Dense problems are solved candidate-major (the
+  matrix itself when it is symmetric, else a transposed copy) so that a candidate's column is
+  contiguous.
+* Flags reach the jitted solvers as runtime arguments, never as literal constants at a call site:
+  numba compiles a separate specialisation per literal value, which multiplies compile time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import get_num_threads, njit, prange
+
+__all__ = ["usable_for", "similarity_batched", "greedy_batched", "assign_batched", "greedy_features"]
+
+_KERNEL_NAMES = ("similarity_batched", "greedy_batched", "assign_batched", "greedy_features")
+_METRICS = {"euclidean": 0, "sqeuclidean": 1, "cosine": 2}
+_KERNELS = {"max-minus": 0, "exp": 1}
+_OPTIMIZERS = {"naive": 0, "lazy": 1, "stochastic": 2}
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+# Dense problems at least this large, when there are few of them, are solved one after the other with
+# parallel gain passes (else one thread per problem).
+_BIG_N = 256
+# Tile edge for the symmetry check and the blocked transpose.
+_TILE = 64
+
+
+_DIRECT_MAX_FEATURES = 64
+
+
+def usable_for(name: str, *arrays) -> bool:
+    """True when these kernels accept the arrays: NumPy arrays (or None), floats float32/float64."""
+    if name not in _KERNEL_NAMES:
+        return False
+    if name == "similarity_batched" and arrays and getattr(arrays[0], "ndim", 0) == 3:
+        # Direct-difference loops cost O(n^2 d) scalar work; past a few dozen features the generic
+        # path's BLAS matrix product is faster (seen: d=784, n=6000, 70 s here vs ~2 s with BLAS).
+        if arrays[0].shape[2] > _DIRECT_MAX_FEATURES:
+            return False
+    seen = False
+    for a in arrays:
+        if a is None:
+            continue
+        seen = True
+        if type(a) is not np.ndarray:
+            return False
+        dt = a.dtype
+        kind = dt.kind
+        if kind == "f":
+            if dt not in _FLOATS:
+                return False
+        elif kind not in "biu" or not dt.isnative:
+            return False
+    return seen
+
+
+def _arr(a, dtype=None) -> np.ndarray:
+    """C-contiguous and writable (a copy only when needed): the one array type the jitted code sees.
+
+    Numba compiles read-only arrays as a separate type; copying the rare read-only input keeps the
+    kernels to one specialisation per dtype. Inputs are never written to either way.
+    """
+    a = np.ascontiguousarray(a, dtype=dtype)
+    return a if a.flags.writeable else a.copy()
+
+
+def _code(table: dict, value, what: str) -> int:
+    try:
+        return table[value]
+    except (KeyError, TypeError):
+        raise ValueError(f"{what} must be one of {tuple(table)}, got {value!r}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# distances and similarities (float64 inside)
+# --------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def _sqnorms(X, out):
+    """out[i] = sum_k X[i, k]^2, accumulated in the order k = 0..d-1 (the order of _dist_to's dots)."""
+    n, d = X.shape
+    for i in range(n):
+        s = 0.0
+        for k in range(d):
+            v = X[i, k]
+            s += v * v
+        out[i] = s
+
+
+@njit(cache=True)
+def _dist_to(X, XT, nrm, j, metric, lo, hi, buf):
+    """buf[i] = D(i, j) for i in [lo, hi); X (n, d) and XT (d, n) float64, nrm the squared norms
+    (cosine only); D(j, j) = 0 exactly.
+
+    Loops run over views from index 0, which lets LLVM vectorise them over i; each distance is still
+    accumulated in the order k = 0..d-1, so D(i, j) and D(j, i) are bit-identical.
+    """
+    d = X.shape[1]
+    b = buf[lo:hi]
+    m = b.shape[0]
+    for i in range(m):
+        b[i] = 0.0
+    if metric == 2:
+        for k in range(d):
+            xj = X[j, k]
+            xt = XT[k, lo:hi]
+            for i in range(m):
+                b[i] += xt[i] * xj
+        nj = nrm[j]
+        nr = nrm[lo:hi]
+        for i in range(m):
+            # sqrt(|x_i|^2 |x_j|^2): for x_i = x_j (or parallel by a power of 2) dot and denominator are
+            # bit-equal, so identical points are at distance exactly 0, as the diagonal is
+            c = b[i] / math.sqrt(nr[i] * nj) if (nr[i] > 0.0 and nj > 0.0) else 0.0
+            b[i] = min(max(1.0 - c, 0.0), 2.0)
+    else:
+        for k in range(d):
+            xj = X[j, k]
+            xt = XT[k, lo:hi]
+            for i in range(m):
+                diff = xt[i] - xj
+                b[i] += diff * diff
+        if metric == 0:
+            for i in range(m):
+                b[i] = math.sqrt(b[i])
+    if lo <= j < hi:
+        buf[j] = 0.0
+
+
+@njit(cache=True)
+def _sim_to(X, XT, nrm, j, metric, kernel, scale, M, lo, hi, buf):
+    """buf[i] = s(i, j) for i in [lo, hi) (max-minus with the given M, or exp(-D / scale))."""
+    _dist_to(X, XT, nrm, j, metric, lo, hi, buf)
+    b = buf[lo:hi]
+    if kernel == 0:
+        for i in range(b.shape[0]):
+            b[i] = M - b[i]
+    else:
+        for i in range(b.shape[0]):
+            b[i] = math.exp(-b[i] / scale)
+
+
+@njit(cache=True)
+def _tile_pairs(nt):
+    """The (I, J) tile pairs with J >= I of an (nt x nt) tiling, as two arrays."""
+    m = nt * (nt + 1) // 2
+    pI = np.empty(m, dtype=np.int64)
+    pJ = np.empty(m, dtype=np.int64)
+    q = 0
+    for a in range(nt):
+        for b in range(a, nt):
+            pI[q] = a
+            pJ[q] = b
+            q += 1
+    return pI, pJ
+
+
+@njit(parallel=True, cache=True)
+def _similarity_pass(X, XT, nrm, valid, metric, kernel, scale, M, pI, pJ, nch, umax, S):
+    """One pass over the upper tile pairs (I, J >= I) of every problem, in parallel over chunks.
+
+    With ``umax`` non-empty: record in ``umax[w]`` the largest distance over the valid pairs of tile
+    pair ``w`` (max-minus needs it first). Otherwise write ``S`` (both triangles: exactly symmetric)
+    with the max-minus maxima ``M``; problems of a single tile (n <= _TILE) find their own maximum
+    here, from distances kept in a scratch tile, so they need no measuring pass.
+    """
+    B, n, d = X.shape
+    T = _TILE
+    pairs = pI.shape[0]
+    units = B * pairs
+    measure = umax.shape[0] > 0
+    single = pairs == 1 and kernel == 0 and not measure
+    for c in prange(nch):
+        buf = np.empty(n)
+        D = np.empty((n if single else 0, n))
+        for w in range(c * units // nch, (c + 1) * units // nch):
+            b = w // pairs
+            p = w - b * pairs
+            J0 = pJ[p] * T
+            J1 = min(J0 + T, n)
+            Mb = M[b]
+            if single:  # the whole problem: distances into the scratch tile, and their maximum
+                Mb = 0.0
+                for i in range(n):
+                    if valid[b, i]:
+                        _dist_to(X[b], XT[b], nrm[b], i, metric, i, n, buf)
+                        drow = D[i, i:n]
+                        v = buf[i:n]
+                        vb = valid[b, i:n]
+                        for q in range(v.shape[0]):
+                            drow[q] = v[q]
+                            if vb[q] and v[q] > Mb:
+                                Mb = v[q]
+            m_w = 0.0
+            for i in range(pI[p] * T, min(pI[p] * T + T, n)):
+                lo = max(J0, i)
+                if lo >= J1:
+                    continue
+                v = buf[lo:J1]
+                m = v.shape[0]
+                vb = valid[b, lo:J1]
+                if valid[b, i]:
+                    if single:
+                        drow = D[i, lo:J1]
+                        for q in range(m):
+                            v[q] = drow[q]
+                    else:
+                        _dist_to(X[b], XT[b], nrm[b], i, metric, lo, J1, buf)
+                    if measure:
+                        for q in range(m):
+                            if vb[q] and v[q] > m_w:
+                                m_w = v[q]
+                        continue
+                    if kernel == 0:
+                        for q in range(m):
+                            v[q] = Mb - v[q] if vb[q] else 0.0
+                    else:
+                        for q in range(m):
+                            v[q] = math.exp(-v[q] / scale) if vb[q] else 0.0
+                elif measure:
+                    continue
+                else:
+                    for q in range(m):
+                        v[q] = 0.0
+                row = S[b, i, lo:J1]
+                for q in range(m):
+                    row[q] = v[q]
+                for q in range(m):
+                    S[b, lo + q, i] = v[q]
+            if measure:
+                umax[w] = m_w
+
+
+def similarity_batched(X, valid, metric, kernel, scale):
+    """Dense similarities (B, n, n) of B padded problems, X's dtype; 0 on padded rows and columns."""
+    m = _code(_METRICS, metric, "metric")
+    kk = _code(_KERNELS, kernel, "kernel")
+    X = np.asarray(X)
+    if X.ndim != 3:
+        raise ValueError(f"X must be 3-D (B, n, d), got shape {X.shape}")
+    B, n, d = X.shape
+    valid = _arr(valid, dtype=bool)
+    if valid.shape != (B, n):
+        raise ValueError(f"valid must have shape {(B, n)}, got {valid.shape}")
+    S = np.empty((B, n, n), dtype=X.dtype)
+    if B == 0 or n == 0:
+        return S
+    X64 = _arr(X, dtype=np.float64)
+    XT = _arr(np.swapaxes(X64, 1, 2))
+    nrm = np.zeros(B * n)
+    if m == 2:
+        _sqnorms(X64.reshape(B * n, d), nrm)
+    nrm = nrm.reshape(B, n)
+    nt = (n + _TILE - 1) // _TILE
+    pI, pJ = _tile_pairs(nt)
+    units = B * pI.shape[0]
+    nch = min(units, 16 * get_num_threads())
+    M = np.zeros(B)
+    if kk == 0 and nt > 1:  # max-minus: the largest distance over valid pairs of each problem, first
+        umax = np.zeros(units)
+        _similarity_pass(X64, XT, nrm, valid, m, kk, 1.0, M, pI, pJ, nch, umax, S)
+        M = umax.reshape(B, -1).max(axis=1)
+    sc = float(scale) if kk == 1 else 1.0
+    _similarity_pass(X64, XT, nrm, valid, m, kk, sc, M, pI, pJ, nch, np.zeros(0), S)
+    return S
+
+
+# --------------------------------------------------------------------------------------------------
+# heap of (bound, index): max bound first, lowest index on ties
+# --------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def _better(k1, i1, k2, i2):
+    return k1 > k2 or (k1 == k2 and i1 < i2)
+
+
+@njit(cache=True)
+def _sift_down(keys, ids, size, pos):
+    k = keys[pos]
+    v = ids[pos]
+    while True:
+        c = 2 * pos + 1
+        if c >= size:
+            break
+        r = c + 1
+        if r < size and _better(keys[r], ids[r], keys[c], ids[c]):
+            c = r
+        if _better(keys[c], ids[c], k, v):
+            keys[pos] = keys[c]
+            ids[pos] = ids[c]
+            pos = c
+        else:
+            break
+    keys[pos] = k
+    ids[pos] = v
+
+
+@njit(cache=True)
+def _heapify(keys, ids, size):
+    for p in range(size // 2 - 1, -1, -1):
+        _sift_down(keys, ids, size, p)
+
+
+@njit(cache=True)
+def _heap_pop(keys, ids, size):
+    """Remove the top; returns the new size."""
+    size -= 1
+    if size > 0:
+        keys[0] = keys[size]
+        ids[0] = ids[size]
+        _sift_down(keys, ids, size, np.int64(0))
+    return size
+
+
+@njit(cache=True)
+def _heap_push(keys, ids, size, k, v):
+    """Insert (k, v); returns the new size."""
+    pos = size
+    while pos > 0:
+        parent = (pos - 1) // 2
+        if _better(k, v, keys[parent], ids[parent]):
+            keys[pos] = keys[parent]
+            ids[pos] = ids[parent]
+            pos = parent
+        else:
+            break
+    keys[pos] = k
+    ids[pos] = v
+    return size + 1
+
+
+@njit(cache=True)
+def _runner_up(keys, ids, size):
+    """Heap position of the best entry below the top (one of the root's children); -1 if none."""
+    if size < 2:
+        return -1
+    if size > 2 and _better(keys[2], ids[2], keys[1], ids[1]):
+        return 2
+    return 1
+
+
+@njit(cache=True)
+def _pop_stale(keys, ids, size, stamp, t, limit, out):
+    """Pop up to ``limit`` entries from the top whose bound is stale at step t, into ``out``.
+
+    Returns (count, new size). Stops at the first fresh entry (it is then the best remaining bound).
+    """
+    m = 0
+    while size > 0 and m < limit and stamp[ids[0]] != t:
+        out[m] = ids[0]
+        m += 1
+        size = _heap_pop(keys, ids, size)
+    return m, size
+
+
+@njit(cache=True)
+def _sample_position(u, R, u32):
+    """min(floor(u * R), R - 1), the product in u's original dtype (float32 when u32), as the reference."""
+    if u32:
+        p = math.floor(np.float32(u) * np.float32(R))
+    else:
+        p = math.floor(u * R)
+    return max(min(p, R - 1), 0)
+
+
+@njit(cache=True)
+def _gain(row, cover):
+    """sum_i max(row_i - cover_i, 0) in float64, in one fixed order.
+
+    Four interleaved partial sums (over i = 0, 4, 8, ..., i = 1, 5, ... and so on, the tail added to
+    the first) combined as (p0 + p1) + (p2 + p3). Every gain in this module is computed by this one
+    function, so equal inputs give bit-identical gains whichever optimizer asks.
+    """
+    n = cover.shape[0]
+    m = n - n % 4
+    p0 = 0.0
+    p1 = 0.0
+    p2 = 0.0
+    p3 = 0.0
+    for i in range(0, m, 4):
+        p0 += max(row[i] - cover[i], 0.0)
+        p1 += max(row[i + 1] - cover[i + 1], 0.0)
+        p2 += max(row[i + 2] - cover[i + 2], 0.0)
+        p3 += max(row[i + 3] - cover[i + 3], 0.0)
+    for i in range(m, n):
+        p0 += max(row[i] - cover[i], 0.0)
+    return (p0 + p1) + (p2 + p3)
+
+
+# --------------------------------------------------------------------------------------------------
+# dense greedy: one problem given by its (n, n) similarity, read row- or candidate-major
+# --------------------------------------------------------------------------------------------------
+
+
+@njit(parallel=True, cache=True)
+def _gains_parallel(C, js, m, cover, out):
+    """out[q] = gain of candidate js[q] for q < m, in parallel over candidates (C candidate-major)."""
+    for q in prange(m):
+        out[q] = _gain(C[js[q]], cover)
+
+
+@njit(cache=True)
+def _gains_of(C, js, m, cover, out, par):
+    if par:
+        _gains_parallel(C, js, m, cover, out)
+    else:
+        for q in range(m):
+            out[q] = _gain(C[js[q]], cover)
+
+
+@njit(cache=True)
+def _add_to_cover(row, cover):
+    for i in range(cover.shape[0]):
+        if row[i] > cover[i]:
+            cover[i] = row[i]
+
+
+@njit(cache=True)
+def _solve_dense(C, valid, budget, opt, u, u32, out_idx, out_gain, par):
+    """Greedy on one dense problem, candidate-major: ``C[j, i]`` is s_ij, so a column is a row.
+
+    Writes ``out_idx[:t]`` / ``out_gain[:t]`` for the t picks made (t <= budget; fewer only when the
+    valid candidates run out); the rest is left as the caller initialised it (-1 / 0). With ``par`` the
+    full gain passes (lazy's first, every naive step) run in parallel over candidates; lazy
+    re-evaluations stay serial (each reads one contiguous column, cheaper than a parallel launch).
+    """
+    n = valid.shape[0]
+    cover = np.zeros(n)
+    cand = valid.copy()  # valid and not yet selected
+    js = np.empty(n, dtype=np.int64)
+    gs = np.empty(n)
+    nc = np.int64(0)
+    for j in range(n):
+        if cand[j]:
+            js[nc] = j
+            nc += 1
+    if opt == 1:  # lazy
+        _gains_of(C, js, nc, cover, gs, par)  # exact at step 0
+        keys = gs[:nc].copy()
+        ids = js[:nc].copy()
+        size = nc
+        _heapify(keys, ids, size)
+        stamp = np.zeros(n, dtype=np.int64)  # the step at which j's bound was last made exact
+        for t in range(budget):
+            if size == 0:
+                break
+            while True:
+                j = ids[0]
+                if stamp[j] == t:  # exact and >= every other bound: the naive pick
+                    g = keys[0]
+                    size = _heap_pop(keys, ids, size)
+                    break
+                g = _gain(C[j], cover)
+                r = _runner_up(keys, ids, size)
+                if r < 0 or _better(g, j, keys[r], ids[r]):
+                    size = _heap_pop(keys, ids, size)
+                    break
+                keys[0] = g
+                stamp[j] = t
+                _sift_down(keys, ids, size, np.int64(0))
+            out_idx[t] = j
+            out_gain[t] = g
+            cand[j] = False
+            _add_to_cover(C[j], cover)
+    elif opt == 0:  # naive
+        for t in range(budget):
+            if nc == 0:
+                break
+            _gains_of(C, js, nc, cover, gs, par)
+            bq = 0
+            for q in range(1, nc):
+                if gs[q] > gs[bq]:  # js ascending: the lowest index keeps ties
+                    bq = q
+            j = js[bq]
+            out_idx[t] = j
+            out_gain[t] = gs[bq]
+            for q in range(bq, nc - 1):
+                js[q] = js[q + 1]
+            nc -= 1
+            _add_to_cover(C[j], cover)
+    else:  # stochastic; js holds the remaining candidates, ascending
+        s = u.shape[1]
+        for t in range(budget):
+            R = nc
+            if R == 0:
+                break
+            best = np.int64(-1)
+            bg = 0.0
+            bpos = -1
+            for q in range(s):
+                p = _sample_position(u[t, q], R, u32)
+                j = js[p]
+                if j == best:
+                    continue
+                g = _gain(C[j], cover)
+                if best < 0 or _better(g, j, bg, best):
+                    best = j
+                    bg = g
+                    bpos = p
+            out_idx[t] = best
+            out_gain[t] = bg
+            for q in range(bpos, nc - 1):
+                js[q] = js[q + 1]
+            nc -= 1
+            _add_to_cover(C[best], cover)
+
+
+@njit(cache=True)
+def _is_symmetric(A):
+    n = A.shape[0]
+    T = _TILE
+    for I in range(0, n, T):
+        for J in range(I, n, T):
+            for i in range(I, min(I + T, n)):
+                for j in range(max(J, i + 1), min(J + T, n)):
+                    if A[i, j] != A[j, i]:
+                        return False
+    return True
+
+
+@njit(parallel=True, cache=True)
+def _is_symmetric_parallel(A):
+    n = A.shape[0]
+    T = _TILE
+    nt = (n + T - 1) // T
+    pI, pJ = _tile_pairs(nt)
+    m = pI.shape[0]
+    ok = np.ones(m, dtype=np.bool_)
+    for p in prange(m):
+        I = pI[p] * T
+        J = pJ[p] * T
+        for i in range(I, min(I + T, n)):
+            for j in range(max(J, i + 1), min(J + T, n)):
+                if A[i, j] != A[j, i]:
+                    ok[p] = False
+    return ok.all()
+
+
+@njit(cache=True)
+def _transpose(A, out):
+    n = A.shape[0]
+    T = _TILE
+    for I in range(0, n, T):
+        for J in range(0, n, T):
+            for i in range(I, min(I + T, n)):
+                for j in range(J, min(J + T, n)):
+                    out[j, i] = A[i, j]
+
+
+@njit(parallel=True, cache=True)
+def _transpose_parallel(A, out):
+    n = A.shape[0]
+    T = _TILE
+    nt = (n + T - 1) // T
+    for tI in prange(nt):
+        I = tI * T
+        for J in range(0, n, T):
+            for i in range(I, min(I + T, n)):
+                for j in range(J, min(J + T, n)):
+                    out[j, i] = A[i, j]
+
+
+@njit(parallel=True, cache=True)
+def _greedy_many(S, valid, budgets, opt, u, u32, par, out_idx, out_gain):
+    """Many problems: one thread per problem, each solved serially (``par`` is False).
+
+    Each problem is solved candidate-major: on the matrix itself when it is symmetric (as every
+    similarity built here is), else on a transposed copy. ``par`` comes in as an argument, not a
+    constant, so that numba compiles one specialisation of the solver, not one per literal.
+    """
+    B, n, _ = S.shape
+    for b in prange(B):
+        C = S[b]
+        if not _is_symmetric(C):
+            C = np.empty_like(S[b])
+            _transpose(S[b], C)
+        _solve_dense(C, valid[b], budgets[b], opt, u[b], u32, out_idx[b], out_gain[b], par)
+
+
+@njit(cache=True)
+def _greedy_few(S, valid, budgets, opt, u, u32, par, out_idx, out_gain):
+    """Few large problems, one after the other, with parallel gain passes (``par`` True)."""
+    B, n, _ = S.shape
+    T = np.empty((0, 0), dtype=S.dtype)
+    for b in range(B):
+        C = S[b]
+        if not _is_symmetric_parallel(C):
+            if T.shape[0] != n:
+                T = np.empty_like(S[b])
+            _transpose_parallel(S[b], T)
+            C = T
+        _solve_dense(C, valid[b], budgets[b], opt, u[b], u32, out_idx[b], out_gain[b], par)
+
+
+def _prepare_u(u, shape_bk, optimizer_code):
+    """u as float64 (B, K, s) plus whether the caller's draws were float32 (then products are too)."""
+    B, K = shape_bk
+    if optimizer_code != 2:
+        return np.zeros((max(B, 1), max(K, 1), 1)), False
+    if u is None:
+        raise ValueError("u (uniform draws of shape (B, K, s)) is required by the 'stochastic' optimizer")
+    u = np.asarray(u)
+    u32 = u.dtype == np.float32
+    if u.ndim != 3 or u.shape[0] != B or u.shape[1] < K or u.shape[2] < 1:
+        raise ValueError(f"u must have shape (B, K, s) = ({B}, >= {K}, >= 1), got {u.shape}")
+    return _arr(u, dtype=np.float64), bool(u32)
+
+
+def greedy_batched(S, valid, budgets, optimizer, u=None):
+    """Facility-location greedy on B dense problems: indices (B, K) int64 and gains (B, K), S's dtype.
+
+    ``S[b, i, j]`` is the similarity of ground point i to candidate j (need not be symmetric); picks
+    are made among the valid candidates, ``budgets[b]`` in problem b (fewer only if the valid
+    candidates run out), padded with -1 / 0. ``u`` (B, >= K, s): the stochastic optimizer's draws.
+    """
+    opt = _code(_OPTIMIZERS, optimizer, "optimizer")
+    S = _arr(S)
+    if S.ndim != 3 or S.shape[1] != S.shape[2]:
+        raise ValueError(f"S must be (B, n, n), got shape {S.shape}")
+    B, n, _ = S.shape
+    valid = _arr(valid, dtype=bool)
+    budgets = _arr(budgets, dtype=np.int64).reshape(-1)
+    if valid.shape != (B, n) or budgets.shape != (B,):
+        raise ValueError(f"valid must be (B, n) = {(B, n)} and budgets (B,), got {valid.shape}, {budgets.shape}")
+    K = int(budgets.max()) if B else 0
+    out_idx = np.full((B, K), -1, dtype=np.int64)
+    out_gain = np.zeros((B, K), dtype=S.dtype)
+    if B == 0 or K <= 0:
+        return out_idx, out_gain
+    uu, u32 = _prepare_u(u, (B, K), opt)
+    threads = get_num_threads()
+    if n >= _BIG_N and B < 2 * threads:
+        _greedy_few(S, valid, budgets, opt, uu, u32, True, out_idx, out_gain)
+    else:
+        _greedy_many(S, valid, budgets, opt, uu, u32, False, out_idx, out_gain)
+    return out_idx, out_gain
+
+
+# --------------------------------------------------------------------------------------------------
+# weights and objective
+# --------------------------------------------------------------------------------------------------
+
+
+@njit(parallel=True, cache=True)
+def _assign_kernel(S, valid, idx, asg, best):
+    B, n, _ = S.shape
+    K = idx.shape[1]
+    total = B * n
+    for r in prange(total):
+        b = r // n
+        i = r - b * n
+        a = -1
+        m = 0.0
+        if valid[b, i]:
+            for t in range(K):
+                j = idx[b, t]
+                if j < 0:
+                    continue
+                v = float(S[b, i, j])
+                if a < 0 or v > m:  # strict: the earliest pick keeps ties
+                    a = t
+                    m = v
+        asg[b, i] = a
+        best[b, i] = m if a >= 0 else 0.0
+
+
+@njit(cache=True)
+def _assign_reduce(asg, best, weights, objective):
+    B, n = asg.shape
+    for b in range(B):
+        o = 0.0
+        for i in range(n):
+            a = asg[b, i]
+            if a >= 0:
+                weights[b, a] += 1.0
+                o += best[b, i]
+        objective[b] = o
+
+
+def assign_batched(S, valid, indices):
+    """Cluster-size weights (B, K) and objectives (B,) of the picks (-1 = no pick), S's dtype."""
+    S = _arr(S)
+    B, n, _ = S.shape
+    valid = _arr(valid, dtype=bool)
+    idx = _arr(indices, dtype=np.int64)
+    if idx.ndim != 2 or idx.shape[0] != B or valid.shape != (B, n):
+        raise ValueError(f"indices must be (B, K) and valid (B, n) with B, n = {B}, {n}")
+    K = idx.shape[1]
+    if idx.size and idx.max() >= n:
+        raise ValueError(f"indices must be < n = {n} (or -1 for no pick), got {idx.max()}")
+    if K == 0 or B == 0:
+        return np.zeros((B, K), dtype=S.dtype), np.zeros((B,), dtype=S.dtype)
+    asg = np.empty((B, n), dtype=np.int64)
+    best = np.empty((B, n))
+    _assign_kernel(S, valid, idx, asg, best)
+    weights = np.zeros((B, K))
+    objective = np.zeros(B)
+    _assign_reduce(asg, best, weights, objective)
+    return weights.astype(S.dtype), objective.astype(S.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# matrix-free path: one problem given by its features (n, d), similarities computed on the fly
+# --------------------------------------------------------------------------------------------------
+
+# In a lazy step, after this many serial re-evaluations the next ones go in parallel batches (each
+# re-evaluation costs O(n d) here, so a batch is worth a parallel launch; few steps get that far).
+_SERIAL_EVALS = 256
+
+
+@njit(parallel=True, cache=True)
+def _max_distance(X, XT, nrm, metric, nthr):
+    n = X.shape[0]
+    nch = min(n, 16 * nthr)
+    part = np.zeros(nch)
+    for c in prange(nch):
+        buf = np.empty(n)
+        m = 0.0
+        for i in range(c, n, nch):  # interleaved rows balance the triangle between chunks
+            _dist_to(X, XT, nrm, i, metric, i + 1, n, buf)
+            for j in range(i + 1, n):
+                if buf[j] > m:
+                    m = buf[j]
+        part[c] = m
+    return part.max()
+
+
+@njit(parallel=True, cache=True)
+def _feature_gains(X, XT, nrm, metric, kernel, scale, M, js, m, cover, nthr, out):
+    """out[q] = exact gain of candidate js[q], q < m, in parallel over candidates."""
+    n = X.shape[0]
+    nch = min(m, 4 * nthr)
+    for c in prange(nch):
+        buf = np.empty(n)
+        for q in range(c * m // nch, (c + 1) * m // nch):
+            _sim_to(X, XT, nrm, js[q], metric, kernel, scale, M, np.int64(0), n, buf)
+            out[q] = _gain(buf, cover)
+
+
+@njit(cache=True)
+def _features_greedy(X, XT, nrm, k, metric, kernel, scale, M, opt, u, u32, nthr, batch, out_idx, out_gain):
+    n = X.shape[0]
+    cover = np.zeros(n)
+    buf = np.empty(n)
+    js = np.arange(n)  # the remaining candidates, ascending (naive, stochastic)
+    gs = np.empty(n)
+    if opt == 1:  # lazy
+        _feature_gains(X, XT, nrm, metric, kernel, scale, M, js, n, cover, nthr, gs)  # exact at step 0
+        keys = gs.copy()
+        ids = js.copy()
+        size = n
+        _heapify(keys, ids, size)
+        stamp = np.zeros(n, dtype=np.int64)
+        for t in range(k):
+            if size == 0:
+                break
+            evals = 0
+            while True:
+                j = ids[0]
+                if stamp[j] == t:
+                    g = keys[0]
+                    size = _heap_pop(keys, ids, size)
+                    break
+                if evals >= _SERIAL_EVALS:  # many re-evaluations this step: parallel batches
+                    m, size = _pop_stale(keys, ids, size, stamp, t, batch, js)
+                    _feature_gains(X, XT, nrm, metric, kernel, scale, M, js, m, cover, nthr, gs)
+                    for q in range(m):
+                        size = _heap_push(keys, ids, size, gs[q], js[q])
+                        stamp[js[q]] = t
+                    evals += m
+                    continue
+                _sim_to(X, XT, nrm, j, metric, kernel, scale, M, np.int64(0), n, buf)
+                g = _gain(buf, cover)
+                evals += 1
+                r = _runner_up(keys, ids, size)
+                if r < 0 or _better(g, j, keys[r], ids[r]):
+                    size = _heap_pop(keys, ids, size)
+                    break
+                keys[0] = g
+                stamp[j] = t
+                _sift_down(keys, ids, size, np.int64(0))
+            out_idx[t] = j
+            out_gain[t] = g
+            _sim_to(X, XT, nrm, j, metric, kernel, scale, M, np.int64(0), n, buf)
+            for i in range(n):
+                if buf[i] > cover[i]:
+                    cover[i] = buf[i]
+    else:
+        rem = np.arange(n)  # remaining candidates, ascending
+        hit = np.zeros(n, dtype=np.bool_)  # stochastic: positions sampled at this step
+        R = n
+        for t in range(k):
+            if R == 0:
+                break
+            if opt == 0:  # naive: every remaining candidate
+                nc = R
+                for q in range(R):
+                    js[q] = rem[q]
+            else:  # stochastic: positions min(floor(u * R), R - 1), deduplicated, ascending
+                for q in range(u.shape[1]):
+                    hit[_sample_position(u[t, q], R, u32)] = True
+                nc = np.int64(0)
+                for p in range(R):
+                    if hit[p]:
+                        hit[p] = False
+                        js[nc] = rem[p]
+                        nc += 1
+            _feature_gains(X, XT, nrm, metric, kernel, scale, M, js, nc, cover, nthr, gs)
+            bq = 0
+            for q in range(1, nc):
+                if gs[q] > gs[bq]:  # js ascending: the lowest index keeps ties
+                    bq = q
+            j = js[bq]
+            out_idx[t] = j
+            out_gain[t] = gs[bq]
+            p = 0
+            while rem[p] != j:
+                p += 1
+            for q in range(p, R - 1):
+                rem[q] = rem[q + 1]
+            R -= 1
+            _sim_to(X, XT, nrm, j, metric, kernel, scale, M, np.int64(0), n, buf)
+            for i in range(n):
+                if buf[i] > cover[i]:
+                    cover[i] = buf[i]
+
+
+@njit(parallel=True, cache=True)
+def _feature_assign(X, XT, nrm, metric, kernel, scale, M, picks, nthr, asg, best):
+    """Each point's most similar pick (earliest on ties) and that similarity, in row chunks."""
+    n = X.shape[0]
+    k = picks.shape[0]
+    nch = min(n, 4 * nthr)
+    for c in prange(nch):
+        lo = c * n // nch
+        hi = (c + 1) * n // nch
+        buf = np.empty(n)
+        for i in range(lo, hi):
+            asg[i] = -1
+            best[i] = 0.0
+        for t in range(k):
+            _sim_to(X, XT, nrm, picks[t], metric, kernel, scale, M, lo, hi, buf)
+            for i in range(lo, hi):
+                if asg[i] < 0 or buf[i] > best[i]:
+                    asg[i] = t
+                    best[i] = buf[i]
+
+
+def greedy_features(X, k, metric, kernel, scale, optimizer, u=None, tile=2048):
+    """Greedy on one problem given by features X (n, d), never forming the n x n similarity.
+
+    Returns indices (k,) int64, gains (k,), weights (k,) and a 0-d objective, floats in X's dtype.
+    ``tile`` is accepted for signature compatibility; memory here is O(n) per thread anyway.
+    """
+    m = _code(_METRICS, metric, "metric")
+    kk = _code(_KERNELS, kernel, "kernel")
+    opt = _code(_OPTIMIZERS, optimizer, "optimizer")
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise ValueError(f"X must be 2-D (n, d), got shape {X.shape}")
+    dtype = X.dtype
+    n = X.shape[0]
+    k = int(k)
+    if k < 0 or k > n:
+        raise ValueError(f"k must be in [0, {n}], got {k}")
+    if opt == 2:
+        if u is None:
+            raise ValueError("u (uniform draws of shape (k, s)) is required by the 'stochastic' optimizer")
+        u32 = np.asarray(u).dtype == np.float32
+        uu = _arr(u, dtype=np.float64)
+        if uu.ndim != 2 or uu.shape[0] < k or uu.shape[1] < 1:
+            raise ValueError(f"u must have shape (k, s) = ({k}, >= 1), got {uu.shape}")
+    else:
+        u32 = False
+        uu = np.zeros((1, 1))
+    nthr = get_num_threads()
+    X64 = _arr(X, dtype=np.float64)
+    XT = _arr(X64.T)
+    nrm = np.zeros(n)
+    if m == 2:
+        _sqnorms(X64, nrm)
+    sc = float(scale) if kk == 1 else 1.0
+    M = float(_max_distance(X64, XT, nrm, m, nthr)) if (kk == 0 and n > 1) else 0.0
+    out_idx = np.full(k, -1, dtype=np.int64)
+    out_gain = np.zeros(k)
+    if k > 0:
+        _features_greedy(X64, XT, nrm, k, m, kk, sc, M, opt, uu, bool(u32), nthr, 64 * nthr, out_idx, out_gain)
+    weights = np.zeros(k)
+    objective = 0.0
+    if k > 0:
+        asg = np.empty(n, dtype=np.int64)
+        best = np.empty(n)
+        _feature_assign(X64, XT, nrm, m, kk, sc, M, out_idx, nthr, asg, best)
+        weights = np.bincount(asg, minlength=k).astype(np.float64)
+        objective = float(best.sum())
+    return (
+        out_idx,
+        out_gain.astype(dtype),
+        weights.astype(dtype),
+        np.asarray(objective, dtype=dtype),
+    )
