@@ -703,13 +703,18 @@ class CrestLoader:
                     return
             self._sync_device()
             try:
-                state, batch = crest_next_batch(self._state, self.ops, self.config)
+                state, batch = self._advance()
             except FloatingPointError as exc:
                 raise FloatingPointError(f"{exc} [CrestLoader at step {self._position}]") from exc
             self._state = state
             self._position += 1
             self._batch = batch
             yield self._make_batch(batch)
+
+    def _advance(self):
+        """One controller step: ``(state, batch)``. The hook subclasses wrap (e.g. the distributed
+        loader runs it with sharded selection and checks that every rank took the same step)."""
+        return crest_next_batch(self._state, self.ops, self.config)
 
     def _make_batch(self, batch: Batch):
         dev = self._device if self._device is not None else self.ops.device

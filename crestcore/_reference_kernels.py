@@ -133,7 +133,7 @@ def _max_distance(xp, X, metric, tile):
     M = 0.0
     for a in range(0, n, tile):
         for b in range(a, n, tile):
-            D = pairwise_distances(X[a : a + tile, :], None if a == b else X[b : b + tile, :], metric=metric)
+            D = pairwise_distances(X[a : min(n, a + tile), :], None if a == b else X[b : min(n, b + tile), :], metric=metric)
             M = max(M, float(to_numpy(xp.max(D))))
     return M
 
@@ -145,7 +145,7 @@ def _column_sims(xp, X, cols, metric, kernel, scale, M, tile):
     out = []
     n = X.shape[0]
     for a in range(0, n, tile):
-        Xi = X[a : a + tile, :]
+        Xi = X[a : min(n, a + tile), :]
         D = pairwise_distances(Xi, C, metric=metric)
         rows = xp.arange(Xi.shape[0], device=dev)[:, None] + a
         D = xp.where(rows == from_numpy(np.asarray(cols, dtype=np.int64), xp, dev)[None, :], xp.zeros_like(D), D)
@@ -216,7 +216,7 @@ def greedy_features(X, k, metric, kernel, scale, optimizer, u=None, tile=2048):
     objective = 0.0
     if len(picks):
         for a in range(0, n, tile):
-            Xi = X[a : a + tile, :]
+            Xi = X[a : min(n, a + tile), :]
             Sp = _sim_block(xp, Xi, xp.take(X, from_numpy(idx, xp, dev), axis=0), metric, kernel, scale, M)
             rows = np.arange(a, a + Xi.shape[0])
             self_hit = from_numpy(rows[:, None] == idx[None, :], xp, dev)

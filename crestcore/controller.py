@@ -73,6 +73,10 @@ _LOSS_FLOOR = 1e-12
 
 
 class ModelOps(Protocol):
+    """What an adapter supplies (see the module docstring). Optionally it may also define
+    ``coresets(features, labels, **kw)`` with :func:`crestcore.minibatch_coresets`'s signature and
+    result; the controller then selects through it (the distributed adapter shards the problems so)."""
+
     def outputs(self, indices: np.ndarray, embeddings: bool = False) -> Any: ...
     def params(self) -> Any: ...
     def gradient(self, indices: np.ndarray, weights: np.ndarray) -> tuple[float, Any]: ...
@@ -248,7 +252,8 @@ def _select(state: CrestState, ops, config: CrestConfig) -> CrestState:
     pos = np.searchsorted(union, subsets)
     xp, logits, emb, y, losses = _forward(state, ops, union, config)
     feats = last_layer_gradients(logits, y, embeddings=emb)
-    cs = minibatch_coresets(
+    solve = getattr(ops, "coresets", None) or minibatch_coresets  # an adapter may shard the solve
+    cs = solve(
         feats, y, m=config.m, r=r, P=P, rng=gen, subsets=pos, per_class=config.per_class,
         kernel=config.kernel, metric=config.metric, optimizer=config.optimizer,
         class_budget=config.class_budget,

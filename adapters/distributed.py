@@ -1,0 +1,533 @@
+"""CREST under ``torch.distributed`` (DistributedDataParallel, ``torchrun``): one coreset schedule, sharded work.
+
+The controller (:func:`crestcore.crest_next_batch`) is deterministic given its seed and what the model
+operations return, so it runs whole on every rank and the ranks stay in lockstep as long as every
+:class:`crestcore.ModelOps` result is *bit-identical* on all ranks. This module makes them so while
+splitting the work:
+
+* :class:`DistributedModelOps` wraps a :class:`~crestcore.adapters.torch.TorchModelOps`.
+  ``outputs(indices)`` runs each rank's contiguous share of the indices and all-gathers the logits
+  (and embeddings): a forward over the random subsets, for selection or for the trust check, costs
+  ``1 / world`` of it per rank, and every rank then holds the same logits, hence the same features,
+  the same anchor loss ``L_R`` and the same check loss. ``gradient`` and ``hutchinson`` compute each
+  rank's share of the weighted loss sum ``sum_i w_i l_i / N`` and all-reduce it (SUM), so every rank
+  gets the same vector, as DDP's own gradient all-reduce does. ``params()`` is the local flat
+  parameter vector, identical on all ranks under DDP. ``coresets(...)`` solves the rank's share of the
+  ``P`` coreset problems (each with its ``C`` per-class problems) by :func:`crestcore.minibatch_coresets`
+  on pre-drawn subset rows, and all-gathers the results: int64 indices as int64 (never cast to float),
+  float weights, gains and objectives as floats.
+* :class:`DistributedCrestLoader` is :class:`~crestcore.adapters.torch.CrestLoader` over those
+  operations: every rank runs the same global schedule and yields its share of each global mini-batch
+  of ``m``, ``indices[rank::world]`` (as ``DistributedSampler`` strides), with weights rescaled so that
+  the unchanged loss line ``(w * per_example_loss).mean()`` followed by DDP's gradient averaging gives
+  exactly the single-process weighted-mean gradient. ``observe`` all-gathers the per-example losses so
+  the drop policy's loss history is the same global history on every rank. ``set_epoch``,
+  ``state_dict`` / ``load_state_dict`` (per rank) and ``stats`` work as in the single-process loader.
+  With ``verify=True`` (default) the controller state is fingerprinted and compared across ranks (one
+  int64 all-gather) after every step that selected, checked or dropped, so a divergence fails at once
+  with the step and the ranks, instead of desynchronising collectives later.
+
+Everything each rank calls is collective: every rank builds the loader with the same arguments,
+iterates it the same number of times and calls ``observe`` (when it does) at the same steps. A rank that
+fails leaves the others blocked in a collective until the process group's timeout
+(``init_process_group(timeout=...)``) or until the launcher (``torchrun``) tears the job down; the
+error raised then names the collective, the rank and the step. See ``docs/distributed.md``.
+
+The controller selects through :meth:`DistributedModelOps.coresets` (an adapter's optional
+``coresets`` operation, see :class:`crestcore.ModelOps`), which shares the problems out over the ranks.
+The stochastic optimizer draws its random numbers for all problems at once from the controller's generator,
+so with ``optimizer="stochastic"`` every rank solves all problems (same result, no sharding).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from crestcore.controller import Batch
+from crestcore.minibatch import Coresets
+from crestcore.minibatch import minibatch_coresets as _minibatch_coresets
+
+from .torch import CrestLoader, TorchModelOps, _as_indices, _as_weights
+
+__all__ = [
+    "DistributedModelOps",
+    "DistributedCrestLoader",
+    "CollectiveError",
+    "batch_share",
+    "shard_bounds",
+]
+
+
+class CollectiveError(RuntimeError):
+    """A collective of the distributed adapter failed, timed out, or found the ranks out of step."""
+
+
+# ------------------------------------------------------------------------------------------------
+# pure helpers
+# ------------------------------------------------------------------------------------------------
+def shard_bounds(k: int, world: int) -> np.ndarray:
+    """Boundaries ``(world + 1,)`` of the contiguous shares of ``k`` items: rank ``q`` gets
+    ``[b[q], b[q + 1])``; the first ``k % world`` ranks get one item more (``numpy.array_split``)."""
+    if world < 1:
+        raise ValueError(f"world must be a positive integer, got {world!r}")
+    base, extra = divmod(int(k), int(world))
+    sizes = np.full(world, base, dtype=np.int64)
+    sizes[:extra] += 1
+    return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+
+def batch_share(indices, weights, rank: int, world: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rank ``rank``'s share of one global weighted mini-batch: ``indices[rank::world]`` and its weights
+    times ``world * k_rank / m``.
+
+    The shares of all ranks partition the batch (nothing lost or duplicated). The factor makes the
+    per-rank loss ``mean_share(w' * l)`` equal ``(world / m) sum_share(w * l)``, so the average over
+    ranks (DDP's gradient averaging) is the single-process ``mean(w * l)`` over the whole batch; it is
+    exactly 1 when ``world`` divides ``m``.
+    """
+    idx = np.asarray(indices)
+    w = np.asarray(weights, dtype=np.float64)
+    m = idx.size
+    if not (0 <= rank < world):
+        raise ValueError(f"rank must lie in [0, {world}), got {rank!r}")
+    if m < world:
+        raise ValueError(
+            f"a global mini-batch of {m} examples cannot be split over {world} ranks without an empty "
+            f"share: use m >= world size (CrestConfig(m=...))"
+        )
+    sel = slice(rank, None, world)
+    k = len(range(rank, m, world))
+    return idx[sel].copy(), w[sel] * (world * k / m)
+
+
+def _digest(*parts) -> int:
+    """A 64-bit fingerprint (signed, for an int64 tensor) of arrays and plain values."""
+    h = hashlib.blake2b(digest_size=8)
+    for p in parts:
+        if isinstance(p, torch.Tensor):
+            p = p.detach().cpu().numpy()
+        if isinstance(p, np.ndarray):
+            a = np.ascontiguousarray(p)
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(a.tobytes())
+        else:
+            h.update(repr(p).encode())
+        h.update(b"|")
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# model operations
+# ------------------------------------------------------------------------------------------------
+def _require_initialized():
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "the distributed CREST adapter needs an initialised process group: call "
+            "torch.distributed.init_process_group(backend, timeout=...) first (torchrun sets the "
+            "environment it reads)"
+        )
+
+
+class DistributedModelOps:
+    """:class:`crestcore.ModelOps` whose results are identical on every rank, with the work sharded.
+
+    Parameters
+    ----------
+    ops : the rank's :class:`~crestcore.adapters.torch.TorchModelOps` (over the unwrapped module, not
+        the DDP wrapper: measurement passes must not trigger DDP's gradient hooks).
+    group : the process group (default: the world).
+    broadcast_buffers : measure with rank 0's buffers (BatchNorm running statistics): they are broadcast
+        into the model for the duration of each measurement and the rank's own buffers restored after.
+        Under DDP (``broadcast_buffers=True``, its default) these are the buffers every rank's next
+        training forward uses anyway. Without it, ranks whose buffers differ measure slightly different
+        models (the results are still identical on every rank, being gathered or reduced).
+
+    Attributes other than the ModelOps methods (``device``, ``labels``, ``model``, ``rademacher``, ...)
+    are the wrapped ops'. ``sharded_solves`` counts the coreset solves that were sharded.
+    """
+
+    def __init__(self, ops: TorchModelOps, *, group=None, broadcast_buffers: bool = True):
+        _require_initialized()
+        if not isinstance(ops, TorchModelOps):
+            raise TypeError(f"ops must be a crestcore.adapters.torch.TorchModelOps, got {type(ops).__name__}")
+        self.inner = ops
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.backend = str(dist.get_backend(group))
+        self._src = 0 if group is None else dist.get_global_rank(group, 0)
+        self.broadcast_buffers = bool(broadcast_buffers)
+        self.sharded_solves = 0
+        self.context: Callable[[], str] = lambda: ""  # the loader says which step is being measured
+
+    def __getattr__(self, name):
+        if name == "inner":  # not yet set (e.g. during unpickling)
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    # -- communication --------------------------------------------------------------------------
+    def _wire(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on a device the backend handles: CPU for gloo, the current CUDA device for NCCL."""
+        if self.backend == "gloo":
+            return t.cpu()
+        if self.backend == "nccl":
+            return t.to(torch.device("cuda", torch.cuda.current_device()))
+        return t
+
+    def _collective(self, what: str, fn):
+        try:
+            return fn()
+        except RuntimeError as exc:
+            where = self.context()
+            raise CollectiveError(
+                f"CREST distributed: rank {self.rank} of {self.world_size} ({self.backend}): the collective "
+                f"'{what}'{' ' + where if where else ''} failed: {exc}. Another rank has most likely failed "
+                "or stopped iterating (see its log); a collective waits at most the process group's timeout "
+                "(init_process_group(timeout=...))."
+            ) from exc
+
+    def gather_rows(self, t: torch.Tensor, counts, what: str) -> torch.Tensor:
+        """Concatenate every rank's ``t`` (``counts[q]`` rows on rank ``q``, same trailing shape and dtype
+        everywhere) in rank order, on every rank. Rows are padded to the largest count for the wire."""
+        counts = [int(c) for c in counts]
+        if t.shape[0] != counts[self.rank]:
+            raise ValueError(f"rank {self.rank} holds {t.shape[0]} rows, expected {counts[self.rank]}")
+        k_max = max(counts)
+        dev = t.device
+        pad = t.new_zeros((k_max, *t.shape[1:]))
+        pad[: t.shape[0]] = t
+        pad = self._wire(pad)
+        out = [torch.empty_like(pad) for _ in range(self.world_size)]
+        self._collective(what, lambda: dist.all_gather(out, pad, group=self.group))
+        return torch.cat([o[:c] for o, c in zip(out, counts)]).to(dev)
+
+    def all_reduce_sum(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        dev = t.device
+        w = self._wire(t.contiguous()).clone()
+        self._collective(what, lambda: dist.all_reduce(w, op=dist.ReduceOp.SUM, group=self.group))
+        return w.to(dev)
+
+    def broadcast(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        dev = t.device
+        w = self._wire(t.contiguous()).clone()
+        self._collective(what, lambda: dist.broadcast(w, src=self._src, group=self.group))
+        return w.to(dev)
+
+    def agree(self, value: int, what: str) -> None:
+        """Raise :class:`CollectiveError` on every rank unless every rank passes the same int64 ``value``."""
+        t = torch.tensor([int(value)], dtype=torch.int64)
+        got = self.gather_rows(t, [1] * self.world_size, f"verify {what}").cpu().tolist()
+        if len(set(got)) > 1:
+            groups: dict[int, list[int]] = {}
+            for q, v in enumerate(got):
+                groups.setdefault(v, []).append(q)
+            raise CollectiveError(
+                f"CREST distributed: the ranks disagree on {what}: rank groups {sorted(groups.values())}. "
+                "Every rank must build the loader with the same dataset, labels, config, seed and budget, "
+                "train a DDP-wrapped model (identical parameters), and iterate and observe in lockstep."
+            )
+
+    @contextlib.contextmanager
+    def _rank0_buffers(self):
+        bufs = list(self.inner.model.buffers()) if (self.broadcast_buffers and self.world_size > 1) else []
+        if not bufs:
+            yield
+            return
+        saved = [b.detach().clone() for b in bufs]
+        with torch.no_grad():
+            by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+            for b in bufs:
+                by_dtype.setdefault(b.dtype, []).append(b)
+            for group in by_dtype.values():
+                flat = torch.cat([b.detach().reshape(-1) for b in group])
+                flat = self.broadcast(flat, "broadcast of rank 0's buffers")
+                for b, v in zip(group, torch.split(flat, [b.numel() for b in group])):
+                    b.copy_(v.view_as(b))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, s in zip(bufs, saved):
+                    b.copy_(s)
+
+    # -- ModelOps -------------------------------------------------------------------------------
+    def outputs(self, indices, embeddings: bool = False):
+        """Eval-mode logits (and embeddings) for ``indices``, each rank computing its contiguous share;
+        the pieces are all-gathered so every rank returns the same (k, C) tensor."""
+        idx = _as_indices(indices, self.inner.n)
+        W = self.world_size
+        if W == 1:
+            with self._rank0_buffers():
+                return self.inner.outputs(idx, embeddings=embeddings)
+        k = idx.size
+        if k < W:  # too few to share out: every rank computes them, rank 0's copy is kept
+            with self._rank0_buffers():
+                out = self.inner.outputs(idx, embeddings=embeddings)
+            packed, C = self._pack(out, embeddings)
+            packed = self.broadcast(packed, f"broadcast of the outputs of {k} examples")
+        else:
+            b = shard_bounds(k, W)
+            with self._rank0_buffers():
+                out = self.inner.outputs(idx[b[self.rank]: b[self.rank + 1]], embeddings=embeddings)
+            packed, C = self._pack(out, embeddings)
+            packed = self.gather_rows(packed, np.diff(b), f"all_gather of the outputs of {k} examples")
+        if not embeddings:
+            return packed
+        return packed[:, :C], packed[:, C:]
+
+    @staticmethod
+    def _pack(out, embeddings):
+        if not embeddings:
+            return out, out.shape[1]
+        z, e = out
+        return torch.cat([z, e.to(z.dtype)], dim=1), z.shape[1]
+
+    def losses(self, indices):
+        """Eval-mode per-example losses (k,) from the gathered logits (the same on every rank)."""
+        idx = _as_indices(indices, self.inner.n)
+        z = self.outputs(idx)
+        with torch.no_grad():
+            return self.inner.loss_fn(z, self.inner._labels_on(idx, z.device))
+
+    def params(self):
+        """The rank's flat parameter vector (identical on every rank under DDP)."""
+        return self.inner.params()
+
+    def _share(self, indices, weights, what):
+        idx = _as_indices(indices, self.inner.n)
+        w = _as_weights(weights, idx.size)
+        if idx.size == 0:
+            raise ValueError(f"{what} needs at least one example")
+        b = shard_bounds(idx.size, self.world_size)
+        lo, hi = int(b[self.rank]), int(b[self.rank + 1])
+        return idx, w, lo, hi
+
+    def gradient(self, indices, weights):
+        """``(loss, flat gradient)`` of ``mean(w_i l_i)`` over all ``indices``: each rank differentiates its
+        contiguous share's ``sum w_i l_i / N``, and the shares are all-reduced (SUM)."""
+        if self.world_size == 1:
+            with self._rank0_buffers():
+                return self.inner.gradient(indices, weights)
+        idx, w, lo, hi = self._share(indices, weights, "gradient")
+        if hi > lo:
+            with self._rank0_buffers():
+                loss, g = self.inner.gradient(idx[lo:hi], w[lo:hi])
+            f = (hi - lo) / idx.size
+            part = torch.cat([g * f, torch.tensor([loss * f], dtype=g.dtype, device=g.device)])
+        else:
+            p = self.inner.params()
+            part = torch.zeros(p.numel() + 1, dtype=p.dtype, device=p.device)
+        total = self.all_reduce_sum(part, f"all_reduce of the gradient over {idx.size} examples")
+        return float(total[-1]), total[:-1]
+
+    def hutchinson(self, indices, weights, seed: int):
+        """One probe ``z * (H z)`` of ``mean(w_i l_i)``'s Hessian: ``z`` is drawn from ``seed`` on every rank
+        (the same Rademacher vector), each rank's share of ``z * (H z)`` is all-reduced (SUM)."""
+        if self.world_size == 1:
+            with self._rank0_buffers():
+                return self.inner.hutchinson(indices, weights, seed)
+        idx, w, lo, hi = self._share(indices, weights, "hutchinson")
+        if hi > lo:
+            with self._rank0_buffers():
+                part = self.inner.hutchinson(idx[lo:hi], w[lo:hi], seed) * ((hi - lo) / idx.size)
+        else:
+            part = torch.zeros_like(self.inner.params())
+        return self.all_reduce_sum(part, f"all_reduce of the Hutchinson probe over {idx.size} examples")
+
+    # -- the coreset solve ----------------------------------------------------------------------
+    def coresets(self, features, labels, *, m, r, P, rng=None, subsets=None, optimizer="lazy", **kwargs) -> Coresets:
+        """:func:`crestcore.minibatch_coresets` with the ``P`` problems shared out over the ranks.
+
+        Rank ``q`` solves its contiguous share of the pre-drawn ``subsets`` rows (each row's ``C``
+        per-class problems included); indices (int64), weights, gains and objectives are all-gathered, so
+        every rank returns the same :class:`crestcore.Coresets`. Falls back to the unsharded call (on
+        every rank; the same result) with one process, without ``subsets``, for non-torch features, or
+        with the stochastic optimizer (its random draws are taken for all problems at once).
+        """
+        W = self.world_size
+        if W == 1 or subsets is None or optimizer == "stochastic" or not isinstance(features, torch.Tensor):
+            return _minibatch_coresets(features, labels, m=m, r=r, P=P, rng=rng, subsets=subsets,
+                                       optimizer=optimizer, **kwargs)
+        subs = np.asarray(subsets.detach().cpu().numpy() if isinstance(subsets, torch.Tensor) else subsets)
+        if subs.ndim != 2 or subs.shape[0] != P:
+            raise ValueError(f"subsets has shape {subs.shape}, expected (P, r) = ({P}, {r})")
+        b = shard_bounds(P, W)
+        lo, hi = int(b[self.rank]), int(b[self.rank + 1])
+        own = np.arange(lo, hi) if hi > lo else np.array([0])  # a rank with no problem solves row 0 for shapes
+        cs = _minibatch_coresets(features, labels, m=m, r=r, P=int(own.size), rng=rng, subsets=subs[own],
+                                 optimizer=optimizer, **kwargs)
+        k = hi - lo
+        counts = np.diff(b)
+        indices = self.gather_rows(cs.indices[:k].to(torch.int64), counts,
+                                   f"all_gather of the coreset indices of {P} problems")
+        floats = [cs.weights[:k], cs.gains[:k], cs.objective[:k, None]]
+        if len({t.dtype for t in floats}) == 1:
+            got = self.gather_rows(torch.cat(floats, dim=1), counts,
+                                   f"all_gather of the coreset weights of {P} problems")
+            wd = cs.weights.shape[1]
+            weights, gains, objective = got[:, :wd], got[:, wd: 2 * wd], got[:, 2 * wd]
+        else:
+            weights, gains, objective = (
+                self.gather_rows(t, counts, f"all_gather of the coreset weights of {P} problems") for t in floats)
+            objective = objective[:, 0]
+        self.sharded_solves += 1
+        return Coresets(indices=indices, weights=weights.contiguous(), gains=gains.contiguous(),
+                        objective=objective.contiguous(),
+                        subsets=torch.as_tensor(subs.astype(np.int64), device=features.device))
+
+
+# ------------------------------------------------------------------------------------------------
+# the loader
+# ------------------------------------------------------------------------------------------------
+class DistributedCrestLoader(CrestLoader):
+    """:class:`~crestcore.adapters.torch.CrestLoader` for DDP: every rank runs one global coreset schedule
+    and yields its share ``indices[rank::world]`` of each global mini-batch of ``m``.
+
+    Parameters
+    ----------
+    model : the model being trained, DDP-wrapped or not (measurement passes use the underlying module).
+    dataset : the training set, the same on every rank (each rank loads only the examples it needs).
+    group : the process group (default: the world). ``torch.distributed`` must be initialised.
+    verify : after every step at which the controller measured or decided (a selection, a trust check, a
+        drop decision), fingerprint its state, the batch and the parameters and compare across ranks (one
+        int64 all-gather); a divergence raises :class:`CollectiveError` on every rank at that step.
+    broadcast_buffers : see :class:`DistributedModelOps`.
+    **kwargs : every option of :class:`~crestcore.adapters.torch.CrestLoader` (``config``, ``budget``,
+        ``epochs``, ``seed``, ...), identical on every rank.
+
+    Yields ``(x, y, w)`` for the rank's share (``ceil`` or ``floor`` of ``m / world`` examples). ``w`` is
+    the coreset weights times ``world * k / m`` (1 when ``world`` divides ``m``), so the single-process
+    loss line ``(w * F.cross_entropy(model(x), y, reduction="none")).mean()`` under DDP's gradient
+    averaging gives exactly the single-process weighted-mean gradient of the global batch.
+    ``last_indices`` / ``last_weights`` are the global batch's; ``local_indices`` / ``local_weights`` the
+    rank's share. ``len()``, ``set_epoch``, budgets and ``stats`` are global (the same on every rank).
+    """
+
+    def __init__(self, model: nn.Module, dataset, *, group=None, verify: bool = True,
+                 broadcast_buffers: bool = True, **kwargs):
+        _require_initialized()
+        self.ddp_model = model
+        module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        super().__init__(module, dataset, **kwargs)
+        self.ops = DistributedModelOps(self.ops, group=group, broadcast_buffers=broadcast_buffers)
+        self.ops.context = lambda: f"at step {self._position}"
+        self.group = group
+        self.rank = self.ops.rank
+        self.world_size = self.ops.world_size
+        self.verify = bool(verify)
+        if self.config.m < self.world_size:
+            raise ValueError(
+                f"CrestConfig(m={self.config.m}) is smaller than the world size {self.world_size}: every rank "
+                "needs at least one example of each global mini-batch"
+            )
+        self.ops.agree(
+            _digest(self.n, self.labels, repr(self.config), self.seed, self.budget, self.epochs, self.per_epoch,
+                    self.budget_counts, self.total_steps),
+            "the loader's arguments (dataset size and labels, config, seed, budget, epochs)",
+        )
+
+    # -- the controller step, sharded and verified ----------------------------------------------
+    def _advance(self):
+        before = dict(self._state.counters), len(self._state.log["drops"])
+        state, batch = super()._advance()
+        # Ranks can only part ways where the controller used a measurement (a selection, a trust check)
+        # or the merged loss history (a drop decision): verify there. Whether such a step happened is
+        # decided by the (verified) state, so every rank takes part in the same verifications.
+        worked = (state.counters["selections"] != before[0]["selections"]
+                  or state.counters["checks"] != before[0]["checks"] or len(state.log["drops"]) != before[1])
+        if self.verify and worked:
+            p = self.ops.params().detach().to(torch.float64)
+            self.ops.agree(_digest(
+                state.step, state.cursor, state.n_selections, state.T1, state.P, state.need_select,
+                batch.indices, batch.weights, batch.reselected, state.batch_idx, state.batch_w, state.check_idx,
+                state.drop.active, list(state.log["checks"][-1:]), torch.stack([p.sum(), p.abs().sum()]),
+            ), f"the controller state at step {self._position}")
+        return state, batch
+
+    def _make_batch(self, batch: Batch):
+        li, lw = batch_share(batch.indices, batch.weights, self.rank, self.world_size)
+        return super()._make_batch(Batch(li, lw, batch.reselected))
+
+    @property
+    def local_indices(self) -> np.ndarray | None:
+        """Dataset indices of this rank's share of the batch yielded last (host int64), or None."""
+        if self._batch is None:
+            return None
+        return batch_share(self._batch.indices, self._batch.weights, self.rank, self.world_size)[0]
+
+    @property
+    def local_weights(self) -> np.ndarray | None:
+        """The weights yielded with :attr:`local_indices` (rescaled; see the class docstring), float64."""
+        if self._batch is None:
+            return None
+        return batch_share(self._batch.indices, self._batch.weights, self.rank, self.world_size)[1]
+
+    def observe(self, losses) -> None:
+        """Feed this rank's per-example training losses (its share, in the order yielded) to the drop
+        policy. Collective when dropping is on (``CrestConfig(T2=...)``): the shares are all-gathered into
+        the global batch's losses, so every rank records the same history. Call it on every rank or none."""
+        if self._batch is None:
+            raise RuntimeError("observe() needs a batch: call it after training on a yielded batch")
+        m = self._batch.indices.size
+        counts = [len(range(q, m, self.world_size)) for q in range(self.world_size)]
+        if isinstance(losses, torch.Tensor):
+            t = losses.detach().reshape(-1).to(torch.float64)
+        else:
+            t = torch.as_tensor(np.asarray(losses, dtype=np.float64).reshape(-1))
+        if t.numel() != counts[self.rank]:
+            raise ValueError(
+                f"observe() got {t.numel()} losses for this rank's share of {counts[self.rank]} examples "
+                "(pass the per-example losses of the batch this rank trained on, reduction='none')"
+            )
+        if self.config.T2 is None:  # no drop policy: nothing to merge, only the local check
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise FloatingPointError(
+                    f"CREST: the training loss is NaN or infinite at step {self._position - 1} on rank "
+                    f"{self.rank} ({bad} of {t.numel()} examples): training has diverged. Lower the learning "
+                    "rate, add gradient clipping, or check the data."
+                )
+            return
+        parts = self.ops.gather_rows(t, counts, "all_gather of the training losses (observe)").cpu().numpy()
+        full = np.empty(m, dtype=np.float64)
+        b = np.concatenate([[0], np.cumsum(counts)])
+        for q in range(self.world_size):
+            full[q::self.world_size] = parts[b[q]: b[q + 1]]
+        super().observe(full)
+
+    # -- observability and checkpoints ----------------------------------------------------------
+    @property
+    def stats(self) -> dict:
+        """The single-process loader's stats (global: the same on every rank) plus ``distributed``."""
+        s = super().stats
+        s["distributed"] = {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "backend": self.ops.backend,
+            "sharded_solves": self.ops.sharded_solves,
+            "selection_sharded": self.config.optimizer != "stochastic",
+        }
+        return s
+
+    def state_dict(self) -> dict:
+        """As the single-process loader's (the same on every rank; save it from every rank or from rank 0).
+        The global schedule does not depend on the world size, so it also resumes on another one."""
+        d = super().state_dict()
+        d["world_size"] = self.world_size
+        return d
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output on every rank (collective: the restored states are compared)."""
+        super().load_state_dict(state)
+        self.ops.agree(
+            _digest(self._position, self._state.step, self._state.cursor, self._state.n_selections,
+                    self._state.batch_idx, self._state.batch_w, self._state.drop.active),
+            "the restored loader state (load the same checkpoint on every rank)",
+        )

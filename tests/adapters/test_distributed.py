@@ -1,0 +1,548 @@
+"""crestcore.adapters.distributed: CREST under torch.distributed, with real processes (gloo, loopback).
+
+The multi-process tests launch this file as a script, once per rank (``python test_distributed.py
+--worker SCENARIO ...``), with the environment ``torchrun`` would set (MASTER_ADDR=127.0.0.1, a free
+MASTER_PORT, RANK, WORLD_SIZE). Every launch is bounded: the process group's timeout is PG_TIMEOUT_S and
+the whole job is killed after JOB_TIMEOUT_S.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+F = torch.nn.functional
+
+from torch.utils.data import TensorDataset  # noqa: E402
+
+from crestcore import CrestConfig, DropConfig  # noqa: E402
+from crestcore.adapters.torch import CrestLoader  # noqa: E402
+from crestcore.adapters import distributed as D  # noqa: E402
+
+N, D_IN, C = 480, 6, 3
+M = 15  # odd on purpose: the two ranks get 8 and 7 examples, so the weights are rescaled
+EPOCHS, BUDGET, SEED = 5, 0.25, 3
+RESUME_AT = 17  # a checkpoint is taken after this many steps, mid-epoch
+PG_TIMEOUT_S = 20
+JOB_TIMEOUT_S = 150
+HERE = Path(__file__).resolve()
+
+
+# ------------------------------------------------------------------------------------------------
+# the shared problem (the workers and the single-process reference build exactly the same)
+# ------------------------------------------------------------------------------------------------
+def make_data():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(N, D_IN, generator=g, dtype=torch.float64)
+    W = torch.randn(D_IN, C, generator=g, dtype=torch.float64)
+    y = (X @ W + 0.5 * torch.randn(N, C, generator=g, dtype=torch.float64)).argmax(1)
+    return X, y
+
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(D_IN, 24), nn.Tanh(), nn.Linear(24, C)).double()
+
+
+def make_config():
+    # small tau and T1: several trust checks and reselections in 40 steps; dropping on (merged losses);
+    # embeddings on (logits and embeddings gathered together)
+    return CrestConfig(m=M, r=60, P=3, T1=2, tau=0.02, h=1.0, b=2.0, T2=8, embeddings=True,
+                       drop=DropConfig(alpha=0.3, window=8, min_records=1))
+
+
+def make_opt(model):
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+
+def full_loss(model, X, y) -> float:
+    with torch.no_grad():
+        return float(F.cross_entropy(model(X), y))
+
+
+def train(loader, model, opt, records, *, stop_at=None):
+    """The user's loop (set_epoch, the weighted loss line, observe). Returns at ``stop_at`` steps."""
+    for epoch in range(loader.epoch, loader.epochs):
+        loader.set_epoch(epoch)
+        for x, y, w in loader:
+            losses = F.cross_entropy(model(x), y, reduction="none")
+            loss = (w * losses).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loader.observe(losses)
+            st = loader.controller_state
+            rec = {"pos": loader.position, "idx": loader.last_indices, "w": loader.last_weights,
+                   "selections": st.counters["selections"], "checks": st.counters["checks"],
+                   "pool": int(st.drop.active.sum()), "batch_idx": st.batch_idx.copy(),
+                   "batch_w": st.batch_w.copy()}
+            if hasattr(loader, "local_indices"):
+                rec["local_idx"] = loader.local_indices
+                rec["local_w"] = w.detach().numpy().copy()
+                assert np.array_equal(loader.local_weights, rec["local_w"])
+            records.append(rec)
+            if stop_at is not None and loader.position >= stop_at:
+                return
+
+
+# ------------------------------------------------------------------------------------------------
+# worker side (runs in a subprocess, one per rank)
+# ------------------------------------------------------------------------------------------------
+def _init_group():
+    import torch.distributed as dist
+
+    timeout = float(os.environ.get("CREST_TEST_PG_TIMEOUT", PG_TIMEOUT_S))
+    dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
+    return dist
+
+
+def worker_train(out: Path):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist = _init_group()
+    rank = dist.get_rank()
+    X, y = make_data()
+    result = {"rank": rank, "world": dist.get_world_size()}
+
+    # -- the sharded operations against the unsharded ones, on this rank -------------------------
+    model = make_model()
+    ddp = DDP(model)
+    loader = D.DistributedCrestLoader(ddp, TensorDataset(X, y), config=make_config(), budget=BUDGET,
+                                      epochs=EPOCHS, seed=SEED)
+    ops, inner = loader.ops, loader.ops.inner
+    from crestcore import draw_subsets, minibatch_coresets
+
+    checks = {}
+    feats = torch.randn(200, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    lab = torch.randint(0, 4, (200,), generator=torch.Generator().manual_seed(2))
+    for P in (5, 1):  # 5: uneven shares; 1: fewer problems than ranks
+        subs = draw_subsets(lab.numpy(), np.arange(200), 40, P, np.random.default_rng(P))
+        full = minibatch_coresets(feats, lab, m=10, r=40, P=P, rng=np.random.default_rng(0), subsets=subs)
+        shard = ops.coresets(feats, lab, m=10, r=40, P=P, rng=np.random.default_rng(0), subsets=subs)
+        checks[f"coresets P={P}"] = all(
+            torch.equal(getattr(full, f), getattr(shard, f)) for f in ("indices", "weights", "gains", "objective"))
+        checks[f"coresets P={P} int64"] = shard.indices.dtype == torch.int64
+    for k in (1, 7, 40):  # 1: fewer examples than ranks
+        idx = np.arange(3, 3 + 3 * k, 3)
+        z, e = ops.outputs(idx, embeddings=True)
+        z0, e0 = inner.outputs(idx, embeddings=True)
+        checks[f"outputs k={k}"] = bool(torch.allclose(z, z0, rtol=0, atol=1e-12)
+                                        and torch.allclose(e, e0, rtol=0, atol=1e-12))
+        wts = np.linspace(0.5, 1.5, k)
+        l1, g1 = ops.gradient(idx, wts)
+        l0, g0 = inner.gradient(idx, wts)
+        checks[f"gradient k={k}"] = bool(abs(l1 - l0) < 1e-12 and torch.allclose(g1, g0, rtol=1e-10, atol=1e-13))
+        h1, h0 = ops.hutchinson(idx, wts, 11), inner.hutchinson(idx, wts, 11)
+        checks[f"hutchinson k={k}"] = bool(torch.allclose(h1, h0, rtol=1e-10, atol=1e-13))
+        result[f"grad k={k}"] = g1.numpy().copy()  # must be bit-identical across ranks
+    # measurement with rank 0's buffers (BatchNorm statistics differ per rank between DDP forwards)
+    from crestcore.adapters.torch import TorchModelOps
+
+    torch.manual_seed(0)
+    bn = nn.Sequential(nn.Linear(D_IN, 8), nn.BatchNorm1d(8), nn.Linear(8, C)).double()
+    with torch.no_grad():
+        bn[1].running_mean.fill_(float(rank))
+    bops = D.DistributedModelOps(TorchModelOps(bn, TensorDataset(X, y)))
+    idx = np.arange(0, 60, 2)
+    z = bops.outputs(idx)
+    checks["own buffers restored"] = bool((bn[1].running_mean == rank).all())
+    with torch.no_grad():
+        bn[1].running_mean.fill_(0.0)
+    z0 = bops.inner.outputs(idx)
+    checks["measured with rank 0's buffers"] = bool(torch.allclose(z, z0, rtol=0, atol=1e-12))
+    result["checks"] = checks
+
+    # -- training, with a checkpoint mid-epoch ---------------------------------------------------
+    opt = make_opt(ddp)
+    result["loss_before"] = full_loss(model, X, y)
+    records: list = []
+    train(loader, ddp, opt, records, stop_at=RESUME_AT)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "crest": loader.state_dict()}, buf)
+    train(loader, ddp, opt, records)
+    result["records"] = records
+    result["loss_after"] = full_loss(model, X, y)
+    result["params"] = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
+    result["stats"] = loader.stats
+
+    # -- resume from the checkpoint on fresh objects ---------------------------------------------
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model2 = make_model()
+    model2.load_state_dict(ckpt["model"])
+    ddp2 = DDP(model2)
+    opt2 = make_opt(ddp2)
+    opt2.load_state_dict(ckpt["opt"])
+    loader2 = D.DistributedCrestLoader(ddp2, TensorDataset(X, y), config=make_config(), budget=BUDGET,
+                                       epochs=EPOCHS, seed=SEED)
+    loader2.load_state_dict(ckpt["crest"])
+    resumed: list = []
+    train(loader2, ddp2, opt2, resumed)
+    result["resumed"] = resumed
+    result["params_resumed"] = torch.cat([p.detach().reshape(-1) for p in model2.parameters()]).numpy()
+    with open(out / f"rank{rank}.pkl", "wb") as f:
+        pickle.dump(result, f)
+    dist.destroy_process_group()
+
+
+def worker_fail(out: Path):
+    """Rank 1 dies at step 3; rank 0 must fail with a clear error, not wait forever."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist = _init_group()
+    rank = dist.get_rank()
+    X, y = make_data()
+    model = make_model()
+    ddp = DDP(model)
+    loader = D.DistributedCrestLoader(ddp, TensorDataset(X, y), config=make_config(), budget=BUDGET,
+                                      epochs=EPOCHS, seed=SEED)
+    opt = make_opt(ddp)
+    for k, (x, y_, w) in enumerate(loader):
+        if rank == 1 and k == 3:
+            raise RuntimeError("injected failure on rank 1")
+        loss = (w * F.cross_entropy(ddp(x), y_, reduction="none")).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    (out / f"rank{rank}.done").write_text("finished")  # must never happen
+
+
+def worker_stall(out: Path):
+    """Rank 1 stays alive but stops iterating after step 3 (stuck); rank 0's next collective must time
+    out with the adapter's error naming the rank, the step and the collective."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist = _init_group()
+    rank = dist.get_rank()
+    X, y = make_data()
+    model = make_model()
+    ddp = DDP(model)
+    loader = D.DistributedCrestLoader(ddp, TensorDataset(X, y), config=make_config(), budget=BUDGET,
+                                      epochs=EPOCHS, seed=SEED)
+    opt = make_opt(ddp)
+    for k, (x, y_, w) in enumerate(loader):
+        loss = (w * F.cross_entropy(ddp(x), y_, reduction="none")).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if rank == 1 and k == 3:
+            time.sleep(2 * float(os.environ["CREST_TEST_PG_TIMEOUT"]))
+            raise RuntimeError("rank 1 gives up after stalling")
+    (out / f"rank{rank}.done").write_text("finished")  # must never happen
+
+
+def _worker_main(argv):
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker", required=True, choices=("train", "fail", "stall"))
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    {"train": worker_train, "fail": worker_fail, "stall": worker_stall}[a.worker](Path(a.out))
+
+
+# ------------------------------------------------------------------------------------------------
+# launching (test side)
+# ------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(scenario: str, out: Path, world: int = 2, timeout: float = JOB_TIMEOUT_S,
+           pg_timeout: float = PG_TIMEOUT_S):
+    """Start ``world`` ranks of ``scenario``; return [(returncode, stderr)], killing all after ``timeout``."""
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, CREST_TEST_PG_TIMEOUT=str(pg_timeout),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                   WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
+                   OMP_WAIT_POLICY="PASSIVE")
+        if Path("/sys/class/net/lo").exists():
+            env["GLOO_SOCKET_IFNAME"] = "lo"
+        procs.append(subprocess.Popen(
+            [sys.executable, str(HERE), "--worker", scenario, "--out", str(out)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))
+    deadline = time.monotonic() + timeout
+    results = []
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            results.append((p.returncode, err))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.communicate()
+        pytest.fail(f"the {scenario!r} job did not finish within {timeout} s (a rank hangs)")
+    return results
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    results = launch("train", out)
+    for rank, (code, err) in enumerate(results):
+        assert code == 0, f"rank {rank} exited with {code}:\n{err[-4000:]}"
+    ranks = []
+    for rank in range(2):
+        with open(out / f"rank{rank}.pkl", "rb") as f:
+            ranks.append(pickle.load(f))
+    return ranks
+
+
+@pytest.fixture(scope="module")
+def single():
+    """The same run in one process with the single-process CrestLoader."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        X, y = make_data()
+        model = make_model()
+        loader = CrestLoader(model, TensorDataset(X, y), config=make_config(), budget=BUDGET, epochs=EPOCHS,
+                             seed=SEED)
+        records: list = []
+        train(loader, model, make_opt(model), records)
+        params = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
+        return {"records": records, "stats": loader.stats, "params": params}
+    finally:
+        torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------------------
+# pure helpers
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k,world", [(0, 1), (10, 3), (7, 7), (3, 5), (128, 8)])
+def test_shard_bounds_partition(k, world):
+    b = D.shard_bounds(k, world)
+    assert b[0] == 0 and b[-1] == k and b.size == world + 1
+    sizes = np.diff(b)
+    assert sizes.min() >= 0 and sizes.max() - sizes.min() <= 1
+
+
+@pytest.mark.parametrize("m,world", [(15, 2), (16, 4), (10, 3), (5, 5)])
+def test_batch_share_partitions_without_loss_or_duplication(m, world):
+    idx = np.arange(100, 100 + m) * 3
+    w = np.linspace(0.2, 1.8, m)
+    parts = [D.batch_share(idx, w, r, world) for r in range(world)]
+    got = np.concatenate([p[0] for p in parts])
+    assert np.array_equal(np.sort(got), np.sort(idx)) and np.unique(got).size == m
+    for r, (li, lw) in enumerate(parts):
+        assert li.dtype == idx.dtype
+        assert np.array_equal(li, idx[r::world])
+        scale = world * li.size / m
+        np.testing.assert_array_equal(lw, w[r::world] * scale)
+        if m % world == 0:
+            np.testing.assert_array_equal(lw, w[r::world])  # exactly unchanged
+
+
+def test_batch_share_refuses_an_empty_share():
+    with pytest.raises(ValueError, match="m >= world size"):
+        D.batch_share(np.arange(3), np.ones(3), 0, 4)
+    with pytest.raises(ValueError, match="rank"):
+        D.batch_share(np.arange(8), np.ones(8), 4, 4)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_rescaled_shares_average_to_the_single_process_gradient(world):
+    """DDP averages the ranks' gradients; with the rescaled weights that is the weighted-mean gradient."""
+    X, y = make_data()
+    model = make_model()
+    idx = np.arange(0, 3 * M, 3)
+    w = np.linspace(0.3, 2.0, M)
+
+    def grad(ii, ww):
+        model.zero_grad()
+        losses = F.cross_entropy(model(X[ii]), y[ii], reduction="none")
+        (torch.as_tensor(ww) * losses).mean().backward()
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone()
+
+    single = grad(idx, w)
+    avg = sum(grad(*D.batch_share(idx, w, r, world)) for r in range(world)) / world
+    torch.testing.assert_close(avg, single, rtol=1e-12, atol=1e-14)
+
+
+def test_needs_a_process_group():
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    X, y = make_data()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        D.DistributedCrestLoader(make_model(), TensorDataset(X, y), config=make_config())
+
+
+def test_one_process_group_matches_the_single_process_loader(tmp_path):
+    """World size 1: the distributed loader yields exactly the single-process batches."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
+                            timeout=timedelta(seconds=PG_TIMEOUT_S))
+    try:
+        X, y = make_data()
+        runs = []
+        for cls in (CrestLoader, D.DistributedCrestLoader):
+            model = make_model()
+            loader = cls(model, TensorDataset(X, y), config=make_config(), budget=BUDGET, epochs=1, seed=SEED)
+            recs: list = []
+            train(loader, model, make_opt(model), recs)
+            runs.append(recs)
+        assert len(runs[0]) == len(runs[1]) > 0
+        for a, b in zip(*runs):
+            assert np.array_equal(a["idx"], b["idx"]) and np.array_equal(a["w"], b["w"])
+            assert np.array_equal(b["local_idx"], b["idx"])
+        assert loader.stats["distributed"]["world_size"] == 1
+    finally:
+        dist.destroy_process_group()
+        torch.set_num_threads(before)
+
+
+def test_the_controller_selects_through_the_adapters_coresets():
+    """The controller calls an adapter's optional ``coresets`` operation (how the solve is sharded)."""
+    import crestcore
+    from crestcore.adapters.distributed import DistributedModelOps
+
+    assert callable(getattr(DistributedModelOps, "coresets", None))
+    calls = []
+    n, C, D = 60, 3, 4
+    gen = np.random.default_rng(0)
+    X = gen.normal(size=(n, D))
+    y = np.arange(n) % C
+
+    class Ops:
+        W = np.zeros((D, C))
+
+        def outputs(self, idx, embeddings=False):
+            return X[idx] @ self.W + gen.normal(scale=1e-3, size=(len(idx), C))
+
+        def params(self):
+            return self.W.ravel().copy()
+
+        def gradient(self, idx, w):
+            return 0.0, np.zeros(D * C)
+
+        def hutchinson(self, idx, w, seed):
+            return np.zeros(D * C)
+
+        def coresets(self, *args, **kwargs):
+            calls.append(kwargs["P"])
+            return crestcore.minibatch_coresets(*args, **kwargs)
+
+    cfg = crestcore.CrestConfig(m=6, r=30)
+    state = crestcore.crest_init(cfg, y, seed=0)
+    state, batch = crestcore.crest_next_batch(state, Ops(), cfg)
+    assert calls == [cfg.P] and batch.indices.shape == (6,)
+
+
+# ------------------------------------------------------------------------------------------------
+# two processes
+# ------------------------------------------------------------------------------------------------
+def test_sharded_operations_equal_the_unsharded_ones(job):
+    for res in job:
+        failed = [k for k, ok in res["checks"].items() if not ok]
+        assert not failed, f"rank {res['rank']}: {failed}"
+    for k in (1, 7, 40):  # all-reduced vectors are bit-identical across ranks
+        assert np.array_equal(job[0][f"grad k={k}"], job[1][f"grad k={k}"])
+
+
+def test_ranks_agree_on_every_coreset_and_decision(job):
+    r0, r1 = job
+    assert len(r0["records"]) == len(r1["records"]) == EPOCHS * round(BUDGET * -(-N // M))
+    for a, b in zip(r0["records"], r1["records"]):
+        assert a["pos"] == b["pos"]
+        for key in ("idx", "w", "batch_idx", "batch_w"):
+            assert np.array_equal(a[key], b[key]), (key, a["pos"])
+        assert a["selections"] == b["selections"] and a["checks"] == b["checks"] and a["pool"] == b["pool"]
+    s0, s1 = r0["stats"], r1["stats"]
+    assert s0["selections"] == s1["selections"] and s0["checks"] == s1["checks"] and s0["drops"] == s1["drops"]
+    assert len(s0["selections"]) >= 3, "the run should reselect a few times (tau is small)"
+    # every selection's solve was sharded (plus the two direct calls of the operations check)
+    assert s0["distributed"]["sharded_solves"] == len(s0["selections"]) + 2
+    assert s0["distributed"]["selection_sharded"]
+    np.testing.assert_array_equal(r0["params"], r1["params"])  # DDP keeps the replicas identical
+
+
+def test_union_of_rank_batches_is_the_single_process_batch(job, single):
+    r0, r1 = job
+    ref = single["records"]
+    assert len(ref) == len(r0["records"])
+    for a, b, s in zip(r0["records"], r1["records"], ref):
+        union = np.concatenate([a["local_idx"], b["local_idx"]])
+        assert np.unique(union).size == union.size == M, "an index is duplicated or lost"
+        assert np.array_equal(np.sort(union), np.sort(s["idx"]))
+        assert np.array_equal(a["idx"], s["idx"]) and np.allclose(a["w"], s["w"], rtol=1e-12, atol=0)
+        assert a["local_idx"].dtype == np.int64 and a["idx"].dtype == np.int64
+        # the rescaled local weights: world * k / m times the global ones
+        for r, loc in enumerate((a, b)):
+            np.testing.assert_allclose(loc["local_w"], s["w"][r::2] * (2 * loc["local_idx"].size / M), rtol=1e-12)
+        assert a["selections"] == s["selections"] and a["checks"] == s["checks"] and a["pool"] == s["pool"]
+    st, ss = r0["stats"], single["stats"]
+    assert st["selections"] == ss["selections"] and st["drops"] == ss["drops"]
+    assert [c["step"] for c in st["checks"]] == [c["step"] for c in ss["checks"]]
+    np.testing.assert_allclose(st["rho"], ss["rho"], rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(r0["params"], single["params"], rtol=1e-9, atol=1e-12)
+
+
+def test_training_loss_decreases(job):
+    for res in job:
+        assert res["loss_after"] < 0.8 * res["loss_before"], (res["loss_before"], res["loss_after"])
+
+
+def test_resume_per_rank_continues_the_same_schedule(job):
+    for res in job:
+        tail = [r for r in res["records"] if r["pos"] > RESUME_AT]
+        assert len(tail) == len(res["resumed"]) > 0
+        for a, b in zip(tail, res["resumed"]):
+            assert a["pos"] == b["pos"]
+            for key in ("idx", "w", "local_idx", "local_w"):
+                assert np.array_equal(a[key], b[key]), (key, a["pos"])
+        np.testing.assert_array_equal(res["params"], res["params_resumed"])
+
+
+def test_a_failing_rank_fails_the_job_instead_of_hanging(tmp_path):
+    t0 = time.monotonic()
+    results = launch("fail", tmp_path, timeout=PG_TIMEOUT_S + 60)
+    elapsed = time.monotonic() - t0
+    (c0, e0), (c1, e1) = results
+    assert c1 != 0 and "injected failure on rank 1" in e1
+    assert c0 != 0, "rank 0 finished although rank 1 died"
+    assert not list(tmp_path.glob("*.done"))
+    assert elapsed < PG_TIMEOUT_S + 60
+    # rank 0 stops in a collective: ours (which names the rank and step) or DDP's gradient all-reduce
+    assert ("CREST distributed: rank 0 of 2" in e0) or ("gloo" in e0.lower()) or ("timed out" in e0.lower()), e0[-3000:]
+
+
+def test_a_stuck_rank_times_out_with_a_clear_error(tmp_path):
+    pg_timeout = 4.0
+    t0 = time.monotonic()
+    results = launch("stall", tmp_path, timeout=60, pg_timeout=pg_timeout)
+    elapsed = time.monotonic() - t0
+    (c0, e0), (c1, e1) = results
+    assert c0 != 0 and c1 != 0
+    assert not list(tmp_path.glob("*.done"))
+    assert "CREST distributed: rank 0 of 2 (gloo)" in e0 and "at step 4" in e0, e0[-3000:]
+    assert "init_process_group(timeout=...)" in e0
+    assert elapsed < 60
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1:])
