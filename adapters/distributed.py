@@ -54,7 +54,9 @@ from crestcore.controller import Batch
 from crestcore.minibatch import Coresets
 from crestcore.minibatch import minibatch_coresets as _minibatch_coresets
 
-from .torch import CrestLoader, TorchModelOps, _as_indices, _as_weights
+from crestcore._validation import host_indices, host_weights
+
+from .torch import CrestLoader, TorchModelOps
 
 __all__ = [
     "DistributedModelOps",
@@ -261,7 +263,7 @@ class DistributedModelOps:
     def outputs(self, indices, embeddings: bool = False):
         """Eval-mode logits (and embeddings) for ``indices``, each rank computing its contiguous share;
         the pieces are all-gathered so every rank returns the same (k, C) tensor."""
-        idx = _as_indices(indices, self.inner.n)
+        idx = host_indices(indices, self.inner.n)
         W = self.world_size
         if W == 1:
             with self._rank0_buffers():
@@ -291,7 +293,7 @@ class DistributedModelOps:
 
     def losses(self, indices):
         """Eval-mode per-example losses (k,) from the gathered logits (the same on every rank)."""
-        idx = _as_indices(indices, self.inner.n)
+        idx = host_indices(indices, self.inner.n)
         z = self.outputs(idx)
         with torch.no_grad():
             return self.inner.loss_fn(z, self.inner._labels_on(idx, z.device))
@@ -301,8 +303,8 @@ class DistributedModelOps:
         return self.inner.params()
 
     def _share(self, indices, weights, what):
-        idx = _as_indices(indices, self.inner.n)
-        w = _as_weights(weights, idx.size)
+        idx = host_indices(indices, self.inner.n)
+        w = host_weights(weights, idx.size)
         if idx.size == 0:
             raise ValueError(f"{what} needs at least one example")
         b = shard_bounds(idx.size, self.world_size)

@@ -60,6 +60,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from crestcore._validation import host_indices, host_weights
+
 try:
     import keras
     from keras import ops as kops
@@ -170,22 +172,6 @@ def labels_from_targets(y) -> np.ndarray:
     return lab
 
 
-def _as_indices(indices, n: int) -> np.ndarray:
-    idx = np.asarray(indices)
-    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
-        raise TypeError(f"indices must be a 1-D integer array, got shape {idx.shape} and dtype {idx.dtype}")
-    if idx.size and (idx.min() < 0 or idx.max() >= n):
-        raise IndexError(f"indices must lie in [0, {n})")
-    return idx.astype(np.int64, copy=False)
-
-
-def _as_weights(weights, k: int) -> np.ndarray:
-    w = np.asarray(weights, dtype=np.float64)
-    if w.shape != (k,):
-        raise ValueError(f"weights must have shape ({k},) like the indices, got {w.shape}")
-    if not np.all(np.isfinite(w)):
-        raise ValueError("weights contain NaN or infinite values")
-    return w
 
 
 # ------------------------------------------------------------------------------------------------
@@ -453,7 +439,7 @@ class KerasModelOps:
     def outputs(self, indices, embeddings: bool = False):
         """Inference-mode logits (k, C) for ``indices`` (float32; ``log p`` for probability outputs);
         with ``embeddings=True`` also the input of the last Dense layer (k, h)."""
-        idx = _as_indices(indices, self.n)
+        idx = host_indices(indices, self.n)
         if self.backend == "torch":
             return self._outputs_torch(idx, embeddings)
         return self._outputs_host(idx, embeddings)
@@ -519,7 +505,7 @@ class KerasModelOps:
 
     def losses(self, indices):
         """Inference-mode per-example cross-entropy (k,) at the current weights (host NumPy float64)."""
-        idx = _as_indices(indices, self.n)
+        idx = host_indices(indices, self.n)
         z = self.outputs(idx)
         if self.backend == "torch":
             z = z.detach().cpu().numpy()
@@ -536,8 +522,8 @@ class KerasModelOps:
     def gradient(self, indices, weights):
         """``(loss, flat gradient)`` of ``mean_i(w_i * l_i)`` (cross-entropy, inference mode) over ``indices``."""
         self._require_autodiff("gradients of the weighted coreset loss")
-        idx = _as_indices(indices, self.n)
-        w = _as_weights(weights, idx.size)
+        idx = host_indices(indices, self.n)
+        w = host_weights(weights, idx.size)
         if idx.size == 0:
             raise ValueError("gradient needs at least one example")
         if self.backend == "torch":
@@ -547,8 +533,8 @@ class KerasModelOps:
     def hutchinson(self, indices, weights, seed: int):
         """One Hutchinson probe ``z * (H z)`` of the weighted loss's Hessian, ``z`` = :meth:`rademacher`."""
         self._require_autodiff("Hessian-vector products (the Hutchinson probe)")
-        idx = _as_indices(indices, self.n)
-        w = _as_weights(weights, idx.size)
+        idx = host_indices(indices, self.n)
+        w = host_weights(weights, idx.size)
         if idx.size == 0:
             raise ValueError("hutchinson needs at least one example")
         z = self.rademacher(seed)

@@ -28,6 +28,8 @@ import warnings
 from typing import Callable, Iterator
 
 import numpy as np
+
+from crestcore._validation import host_indices, host_weights
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -174,22 +176,6 @@ def _cross_entropy(logits, y):
     return F.cross_entropy(logits, y, reduction="none")
 
 
-def _as_indices(indices, n: int) -> np.ndarray:
-    idx = np.asarray(indices)
-    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
-        raise TypeError(f"indices must be a 1-D integer array, got shape {idx.shape} and dtype {idx.dtype}")
-    if idx.size and (idx.min() < 0 or idx.max() >= n):
-        raise IndexError(f"indices must lie in [0, {n})")
-    return idx.astype(np.int64, copy=False)
-
-
-def _as_weights(weights, k: int) -> np.ndarray:
-    w = np.asarray(weights, dtype=np.float64)
-    if w.shape != (k,):
-        raise ValueError(f"weights must have shape ({k},) like the indices, got {w.shape}")
-    if not np.all(np.isfinite(w)):
-        raise ValueError("weights contain NaN or infinite values")
-    return w
 
 
 # ------------------------------------------------------------------------------------------------
@@ -337,7 +323,7 @@ class TorchModelOps:
     def outputs(self, indices, embeddings: bool = False):
         """Eval-mode logits (k, C) for ``indices``; with ``embeddings=True`` also the input of the last
         linear layer (k, h), in the logits' dtype. No graph is built; the model is left as it was."""
-        idx = _as_indices(indices, self.n)
+        idx = host_indices(indices, self.n)
         dev = self.device
         logits, embs = [], []
         with self._measuring(), torch.no_grad():
@@ -389,7 +375,7 @@ class TorchModelOps:
 
     def losses(self, indices):
         """Eval-mode per-example losses (k,) at the current parameters (no graph)."""
-        idx = _as_indices(indices, self.n)
+        idx = host_indices(indices, self.n)
         z = self.outputs(idx)
         with torch.no_grad():
             return self.loss_fn(z, self._labels_on(idx, z.device))
@@ -409,8 +395,8 @@ class TorchModelOps:
 
     def gradient(self, indices, weights):
         """``(loss, flat gradient)`` of ``mean(w_i * loss_i)`` over ``indices`` (eval mode)."""
-        idx = _as_indices(indices, self.n)
-        w = _as_weights(weights, idx.size)
+        idx = host_indices(indices, self.n)
+        w = host_weights(weights, idx.size)
         if idx.size == 0:
             raise ValueError("gradient needs at least one example")
         params = self._trainable()
@@ -443,8 +429,8 @@ class TorchModelOps:
 
     def hutchinson(self, indices, weights, seed: int):
         """One Hutchinson probe ``z * (H z)`` of the weighted loss's Hessian (double backward)."""
-        idx = _as_indices(indices, self.n)
-        w = _as_weights(weights, idx.size)
+        idx = host_indices(indices, self.n)
+        w = host_weights(weights, idx.size)
         if idx.size == 0:
             raise ValueError("hutchinson needs at least one example")
         params = self._trainable()

@@ -100,3 +100,23 @@ def hamilton(total: int, sizes: np.ndarray) -> np.ndarray:
             base[donor] -= 1
             base[c] += 1
     return base
+
+
+def host_indices(indices, n: int, name: str = "indices") -> np.ndarray:
+    """A 1-D host int64 array of example indices in [0, n) (adapters' boundary check)."""
+    idx = np.asarray(indices)
+    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+        raise TypeError(f"{name} must be a 1-D integer array, got shape {idx.shape} and dtype {idx.dtype}")
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise IndexError(f"{name} must lie in [0, {n})")
+    return idx.astype(np.int64, copy=False)
+
+
+def host_weights(weights, k: int, name: str = "weights") -> np.ndarray:
+    """A finite host float64 vector of k per-example weights (adapters' boundary check)."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (k,):
+        raise ValueError(f"{name} must have shape ({k},) like the indices, got {w.shape}")
+    if not np.all(np.isfinite(w)):
+        raise ValueError(f"{name} contain NaN or infinite values")
+    return w
