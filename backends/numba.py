@@ -38,7 +38,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import get_num_threads, njit, prange
+import contextlib
+import functools
+
+from numba import get_num_threads, njit, prange, set_num_threads
+from numba import get_num_threads as _active_threads
 
 __all__ = ["usable_for", "similarity_batched", "greedy_batched", "assign_batched", "greedy_features"]
 
@@ -262,7 +266,26 @@ def _similarity_pass(X, XT, nrm, valid, metric, kernel, scale, M, pI, pJ, nch, u
                 umax[w] = m_w
 
 
-def similarity_batched(X, valid, metric, kernel, scale):
+# Small batches run on one thread: a parallel launch costs more than it saves there, and OpenMP/TBB
+# workers that spin on a busy machine made the CREST step (100 problems of 60) 3x-30x slower with 2
+# threads than with 1 (measured in benchmarks/selection.py, S1).
+_PARALLEL_MIN_WORK = 4_000_000
+
+
+@contextlib.contextmanager
+def _threads_for(work: int):
+    before = _active_threads()
+    if work < _PARALLEL_MIN_WORK and before > 1:
+        set_num_threads(1)
+        try:
+            yield
+        finally:
+            set_num_threads(before)
+    else:
+        yield
+
+
+def _similarity_batched_impl(X, valid, metric, kernel, scale):
     """Dense similarities (B, n, n) of B padded problems, X's dtype; 0 on padded rows and columns."""
     m = _code(_METRICS, metric, "metric")
     kk = _code(_KERNELS, kernel, "kernel")
@@ -638,7 +661,7 @@ def _prepare_u(u, shape_bk, optimizer_code):
     return _arr(u, dtype=np.float64), bool(u32)
 
 
-def greedy_batched(S, valid, budgets, optimizer, u=None):
+def _greedy_batched_impl(S, valid, budgets, optimizer, u=None):
     """Facility-location greedy on B dense problems: indices (B, K) int64 and gains (B, K), S's dtype.
 
     ``S[b, i, j]`` is the similarity of ground point i to candidate j (need not be symmetric); picks
@@ -709,7 +732,7 @@ def _assign_reduce(asg, best, weights, objective):
         objective[b] = o
 
 
-def assign_batched(S, valid, indices):
+def _assign_batched_impl(S, valid, indices):
     """Cluster-size weights (B, K) and objectives (B,) of the picks (-1 = no pick), S's dtype."""
     S = _arr(S)
     B, n, _ = S.shape
@@ -931,3 +954,31 @@ def greedy_features(X, k, metric, kernel, scale, optimizer, u=None, tile=2048):
         weights.astype(dtype),
         np.asarray(objective, dtype=dtype),
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# public dense kernels: one thread for small batches (see _threads_for)
+# --------------------------------------------------------------------------------------------------
+
+
+def _dense_work(A) -> int:
+    shape = getattr(A, "shape", ())
+    return int(shape[0]) * int(shape[1]) * int(shape[1]) if len(shape) == 3 else 0
+
+
+@functools.wraps(_similarity_batched_impl)
+def similarity_batched(X, valid, metric, kernel, scale):
+    with _threads_for(_dense_work(X)):
+        return _similarity_batched_impl(X, valid, metric, kernel, scale)
+
+
+@functools.wraps(_greedy_batched_impl)
+def greedy_batched(S, valid, budgets, optimizer, u=None):
+    with _threads_for(_dense_work(S)):
+        return _greedy_batched_impl(S, valid, budgets, optimizer, u)
+
+
+@functools.wraps(_assign_batched_impl)
+def assign_batched(S, valid, indices):
+    with _threads_for(_dense_work(S)):
+        return _assign_batched_impl(S, valid, indices)
