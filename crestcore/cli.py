@@ -49,7 +49,8 @@ def _source_benchmarks() -> Path:
 _TRAIN_DEFAULTS = {"epochs": 5, "budget": 0.1, "evals": 6}
 
 _SELECTION_OPTS = ("fraction", "metric", "kernel", "optimizer", "limit_per_class", "top")
-_TRAINING_OPTS = ("epochs", "budget", "device", "threads", "methods", "limit_train", "limit_test", "evals")
+_TRAINING_OPTS = ("epochs", "budget", "device", "threads", "methods", "limit_train", "limit_test", "evals",
+                  "framework", "keras_backend")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Train a small CNN on Fashion-MNIST on full data, on random subsets and with CREST at a "
             "budget of the full run's steps (with learned-example dropping off and on); print a table of "
             "test accuracy, relative error and wall clock, and save figures and results.json. "
+            "By default it also trains SGD for the budget's steps, CRAIG, GradMatch, GLISTER and loss-based "
+            "pruning (--methods picks some). "
             "With --selection (or any selection option), run the selection demo instead: a weighted "
             "facility-location coreset of each class against random picks."
         ),
@@ -92,11 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"share of the full run's training steps for random and CREST, in (0, 1] "
                             f"(default: {_TRAIN_DEFAULTS['budget']})")
     train.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
+    train.add_argument("--framework", choices=("torch", "keras"), default=None,
+                       help="train through PyTorch (default) or Keras 3 (crestcore.adapters.keras)")
+    train.add_argument("--keras-backend", choices=("torch", "jax"), default=None,
+                       help="Keras backend with --framework keras (default: torch)")
     train.add_argument("--threads", type=_positive_int, default=None,
                        help="torch CPU threads (default: 2)")
     train.add_argument("--methods", default=None, metavar="LIST",
-                       help="comma-separated subset of full,random,crest,crest-drop (default: all; full "
-                            "always runs: the relative error and the forgetting scores need it)")
+                       help="comma-separated methods of full,sgd-budget,random,craig,gradmatch,glister,prune,"
+                            "crest,crest-drop, or 'all' (default: full,random,crest,crest-drop; 'all' adds every baseline "
+                            "and takes several minutes more; full always runs: the relative error and the forgetting "
+                            "scores need it)")
     train.add_argument("--limit-train", type=_positive_int, default=None, metavar="N",
                        help="use N random training images (quick runs)")
     train.add_argument("--limit-test", type=_positive_int, default=None, metavar="N",
@@ -168,7 +177,7 @@ def _cmd_selection_demo(ns: argparse.Namespace) -> int:
 
 
 def _cmd_training_demo(ns: argparse.Namespace) -> int:
-    from .train_demo import METHODS, TrainSettings, run_training_demo
+    from .train_demo import DEFAULT_METHODS, TrainSettings, parse_methods, run_training_demo
 
     s = TrainSettings(seed=ns.seed)
     for k in ("epochs", "budget", "device", "threads", "evals"):
@@ -177,13 +186,33 @@ def _cmd_training_demo(ns: argparse.Namespace) -> int:
     if ns.seed < 0:
         _err(f"--seed must be a non-negative integer, got {ns.seed}")
         return 2
-    methods = METHODS
+    methods = DEFAULT_METHODS
     if ns.methods is not None:
-        methods = tuple(m.strip() for m in ns.methods.split(",") if m.strip())
-        bad = [m for m in methods if m not in METHODS]
-        if bad or not methods:
-            _err(f"--methods: unknown method {bad[0] if bad else ''!r}; choose from {', '.join(METHODS)}")
+        try:
+            methods = parse_methods(ns.methods)
+        except ValueError as exc:
+            _err(f"--methods: {exc}")
             return 2
+    if ns.keras_backend is not None and ns.framework != "keras":
+        _err("--keras-backend needs --framework keras")
+        return 2
+    if ns.framework == "keras":
+        try:
+            from .keras_demo import METHODS as KERAS_METHODS, run_keras_comparison
+
+            run_keras_comparison(
+                ns.out if ns.out is not None else "./crest-keras-demo-out", settings=s,
+                methods=methods if ns.methods is not None else KERAS_METHODS,
+                backend=ns.keras_backend or "torch", progress=not ns.no_progress, root=ns.root,
+                n_train=ns.limit_train, n_test=ns.limit_test,
+            )
+        except ImportError as exc:
+            _err(f"{exc}; the Keras demo needs Keras 3: pip install 'crestcore[keras,torch,demo]'")
+            return 1
+        except ValueError as exc:  # a method the Keras demo does not run
+            _err(f"--methods: {exc}")
+            return 2
+        return 0
     try:
         run_training_demo(
             ns.out if ns.out is not None else "./crest-demo-out",

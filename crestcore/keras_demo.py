@@ -35,7 +35,10 @@ from typing import Callable
 
 import numpy as np
 
-from .train_demo import METHODS, TrainSettings, crest_config, format_table, make_figures, relative_error
+from .train_demo import TrainSettings, crest_config, format_table, make_figures, relative_error
+
+#: the methods the Keras comparison trains (the baselines run through the PyTorch demo only)
+METHODS = ("full", "random", "crest", "crest-drop")
 
 __all__ = ["run_keras_comparison", "train_keras_method", "load_keras_data", "build_keras_cnn", "import_keras"]
 

@@ -1,4 +1,4 @@
-"""``crest demo``: train a small CNN on Fashion-MNIST on full data, on random subsets and with CREST.
+"""``crest demo``: train a small CNN on Fashion-MNIST on full data, on the baselines' subsets and with CREST.
 
 This module sits on top of everything (like the CLI and :mod:`crestcore.demo`): the core never imports
 it. torch, tqdm and matplotlib are imported inside the functions that use them, so ``import
@@ -7,11 +7,19 @@ crestcore.train_demo`` imports none of them.
 What it does (see ``docs/demo.md``)
 -----------------------------------
 * ``full``: SGD over the whole training set for ``epochs`` epochs (``ceil(n / m)`` steps each).
+* ``sgd-budget``: the full data, shuffled, for ``budget`` of the full run's steps (then it stops).
 * ``random``: the same recipe for ``budget`` of the steps: every epoch a fresh uniformly random subset of
   ``steps_per_epoch * m`` examples, in mini-batches of ``m``.
+* ``craig``, ``gradmatch``, ``glister``: the same number of steps on the baseline's weighted subset of
+  ``steps_per_epoch * m`` examples, selected on last-layer gradients at the current model every
+  ``reselect_every`` epochs (GLISTER on a validation split held out of the training set).
+* ``prune``: InfoBatch-style loss-based pruning at the same number of steps.
 * ``crest``: the same number of steps on CREST's weighted mini-batch coresets
   (:class:`crestcore.adapters.torch.CrestLoader`, ``budget_counts="steps"``), learned-example dropping
   off; ``crest-drop``: the same with dropping on.
+
+Every method but CREST iterates a :class:`crestcore.adapters.baselines.SubsetLoader` (same loop, same
+budget accounting as ``CrestLoader``); its selection time is part of the wall clock.
 
 Every method uses the same model initialisation, SGD (momentum 0.9, Nesterov, weight decay 5e-4) and a
 linear warm-up + cosine learning-rate schedule over its own number of steps. Test accuracy is measured
@@ -53,9 +61,35 @@ __all__ = [
     "make_figures",
     "crest_config",
     "METHODS",
+    "DEFAULT_METHODS",
+    "QUICK_METHODS",
+    "parse_methods",
 ]
 
-METHODS = ("full", "random", "crest", "crest-drop")
+METHODS = ("full", "sgd-budget", "random", "craig", "gradmatch", "glister", "prune", "crest", "crest-drop")
+# what `crest demo` runs without --methods: every method (measured 3.5 min with the default 5 epochs on an
+# idle 2-core machine, GradMatch's two selections being 2 of them; the rule was to keep the quick four,
+# QUICK_METHODS, had all of them taken more than 10 min)
+QUICK_METHODS = ("full", "random", "crest", "crest-drop")
+DEFAULT_METHODS = QUICK_METHODS  # `crest demo`: ~1-2 min on 2 cores; `--methods all` adds every baseline (~4-10 min)
+_BASELINES = ("full", "sgd-budget", "random", "craig", "gradmatch", "glister", "prune")
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    """``"all"`` or a comma-separated list of :data:`METHODS` -> a tuple in the given order (duplicates
+    dropped); ValueError naming the first unknown method."""
+    names = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not names:
+        raise ValueError(f"no method given; choose from all, {', '.join(METHODS)}")
+    out: list[str] = []
+    for name in names:
+        expand = METHODS if name == "all" else (name,)
+        for mth in expand:
+            if mth not in METHODS:
+                raise ValueError(f"unknown method {mth!r}; choose from all, {', '.join(METHODS)}")
+            if mth not in out:
+                out.append(mth)
+    return tuple(out)
 
 # Fashion-MNIST training-set pixel mean and standard deviation (of x / 255)
 _MEAN, _STD = 0.2860, 0.3530
@@ -102,6 +136,13 @@ class TrainSettings:
     drop_alpha: float = 0.1
     drop_min_records: int = 1
     measure_batch_size: int = 1024
+    # baselines (crestcore.adapters.baselines.SubsetLoader): craig, gradmatch and glister reselect every
+    # reselect_every epochs of the budgeted run (None: ceil(epochs / 2), i.e. two selections per run);
+    # glister holds out val_fraction of the training set; prune's ratio and annealing (InfoBatch's)
+    reselect_every: int | None = None
+    val_fraction: float = 0.1
+    prune_ratio: float = 0.5
+    prune_anneal: float = 0.875
     extra: dict = field(default_factory=dict)
 
 
@@ -176,8 +217,9 @@ def format_table(rows: list[dict]) -> str:
     """The result table (one row per method) as text, columns :data:`TABLE_COLUMNS`.
 
     Each row: ``method``, ``steps``, ``acc`` (fraction), ``rel_error`` (%), ``wall`` (s), ``speedup``
-    (full wall / this wall), ``updates`` (coreset selections, None for baselines), ``overhead_pct``
-    (CREST's selection + model + checks + dropping, % of its training-step time; None for baselines)."""
+    (full wall / this wall), ``updates`` (selections; None for full and sgd-budget), ``overhead_pct``
+    (selection + CREST's model, checks and dropping + prune's bookkeeping, % of the method's training-step
+    time; None for full and sgd-budget)."""
     widths = (12, 6, 11, 13, 13, 8, 8, 11)
     head = " ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(TABLE_COLUMNS, widths)))
     lines = [head, "-" * len(head)]
@@ -374,14 +416,16 @@ def _eval_steps(total: int, evals: int) -> set[int]:
 
 def train_method(method: str, data, s: TrainSettings, *, progress: bool = True, track_forgetting: bool = False,
                  desc: str | None = None) -> dict:
-    """Train one method (``full``, ``random``, ``crest``, ``crest-drop``) and return its record.
+    """Train one method of :data:`METHODS` and return its record.
 
     The record: ``acc`` (final test accuracy), ``wall`` (training seconds, evaluation excluded),
     ``steps``, ``curve`` (list of ``{step, wall, acc, updates}``), ``breakdown`` (seconds per category:
-    ``train`` = forward/backward/optimizer steps, ``data`` = batch loading, and for CREST the
-    :class:`OpsTimer` categories), ``counts`` (number of selections, fits, checks), and for CREST
-    ``stats`` (the loader's), ``batches`` (indices of every training batch, int32 (steps, m)) and
-    ``pool`` (active pool size after each step). With ``track_forgetting`` (full data), ``forgetting``
+    ``train`` = forward/backward/optimizer steps, ``data`` = batch loading, for CREST the
+    :class:`OpsTimer` categories, for the baselines ``select_forward`` / ``select_solve`` (the
+    selection's measurement forward and the rest of it) and ``observe`` (prune's loss bookkeeping)),
+    ``counts`` (number of selections, fits, checks), ``stats`` (the loader's), and for CREST
+    ``batches`` (indices of every training batch, int32 (steps, m)) and ``pool`` (active pool size after
+    each step). With ``track_forgetting`` (full data), ``forgetting``
     is a :class:`ForgettingTracker` fed with the training forward's predictions at every presentation.
     """
     torch = _import_torch()
@@ -399,6 +443,7 @@ def train_method(method: str, data, s: TrainSettings, *, progress: bool = True, 
     full_spe = math.ceil(n / m)
     spe = full_spe if method == "full" else max(1, int(math.floor(s.budget * full_spe + 0.5)))
     total = s.epochs * spe
+    reselect = s.reselect_every if s.reselect_every is not None else max(1, math.ceil(s.epochs / 2))
 
     torch.manual_seed(s.seed)  # the same initial weights for every method
     model = build_cnn(int(y_tr.max()) + 1).to(device)
@@ -407,7 +452,7 @@ def train_method(method: str, data, s: TrainSettings, *, progress: bool = True, 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, total, s.warmup))
     x_dev, y_dev = x_tr.to(device), y_tr.to(device)
 
-    loader = timer = None
+    loader = timer = sub = None
     batches = np.zeros((total, m), dtype=np.int32) if method.startswith("crest") else None
     pool = [] if method == "crest-drop" else None
     if method.startswith("crest"):
@@ -423,25 +468,26 @@ def train_method(method: str, data, s: TrainSettings, *, progress: bool = True, 
         timer = OpsTimer(loader.ops, sync)
         batch_iter = iter(loader)
     else:
-        gen = np.random.default_rng([s.seed, 11 if method == "full" else 13])
+        from torch.utils.data import TensorDataset
 
-        def index_batches():
-            for _ in range(s.epochs):
-                if method == "full":
-                    perm = gen.permutation(n)
-                else:  # a fresh uniformly random subset of spe * m examples each epoch
-                    perm = gen.choice(n, size=min(n, spe * m), replace=False)
-                for a in range(0, perm.size, m):
-                    if method != "full" and a // m >= spe:
-                        break
-                    yield perm[a:a + m]
+        from .adapters.baselines import SubsetLoader
 
-        idx_iter = index_batches()
+        sub = SubsetLoader(model, TensorDataset(x_dev, y_dev), method=method, budget=s.budget, epochs=s.epochs,
+                           m=m, seed=s.seed, labels=y_tr.numpy(), measure_batch_size=s.measure_batch_size,
+                           reselect_every=reselect, val_fraction=s.val_fraction, glister_lr=s.lr,
+                           prune_ratio=s.prune_ratio, prune_anneal=s.prune_anneal)
+        if sub.total_steps != total:
+            raise RuntimeError(f"SubsetLoader plans {sub.total_steps} steps, expected {total}")
+        batch_iter = iter(sub)
 
     tracker = ForgettingTracker(n) if track_forgetting else None
     bd = {"train": 0.0, "data": 0.0}
     if timer is not None:
         bd.update(dict.fromkeys(OpsTimer.CATEGORIES, 0.0))
+    if sub is not None and method not in ("full", "sgd-budget"):
+        bd.update(select_forward=0.0, select_solve=0.0)
+        if method == "prune":
+            bd["observe"] = 0.0
     counts = {"selections": 0, "fits": 0, "checks": 0, "drop_decisions": 0}
     eval_at = _eval_steps(total, s.evals)
     wall = 0.0
@@ -474,16 +520,23 @@ def train_method(method: str, data, s: TrainSettings, *, progress: bool = True, 
             idx = loader.last_indices
             batches[step, : idx.size] = idx
         else:
-            idx = next(idx_iter)
-            it = torch.from_numpy(idx).to(device)
-            xb, yb = x_dev[it], y_dev[it]
-            wb = None
+            n_sel = sub.stats["counters"]["selections"]
+            xb, yb, wb = next(batch_iter)
             sync()
             t1 = time.perf_counter()
-            bd["data"] += t1 - t0
+            spent = 0.0
+            for rec_ in sub.stats["selections"][n_sel:]:  # a selection ran inside this next()
+                bd["select_forward"] += rec_["forward_seconds"]
+                bd["select_solve"] += rec_["solve_seconds"]
+                spent += rec_["seconds"]
+                counts["selections"] += 1
+            bd["data"] += max(0.0, (t1 - t0) - spent)
+            if spent > t1 - t0:  # clock granularity: keep the parts summing to the wall clock
+                bd["select_solve"] -= spent - (t1 - t0)
+            idx = sub.last_indices
         logits = model(xb)
         losses = F.cross_entropy(logits, yb, reduction="none")
-        loss = (wb * losses).mean() if wb is not None else losses.mean()
+        loss = (wb * losses).mean()  # weights mean 1 (exactly 1 for full, sgd-budget and random)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -497,6 +550,11 @@ def train_method(method: str, data, s: TrainSettings, *, progress: bool = True, 
             bd["drops"] += t3 - t2
             t2 = t3
             pool.append(int(loader.controller_state.drop.active.sum()))
+        elif sub is not None and method == "prune":
+            sub.observe(losses.detach())  # the pruning rule reads the training losses
+            t3 = time.perf_counter()
+            bd["observe"] += t3 - t2
+            t2 = t3
         wall += t2 - t0
         if not math.isfinite(float(loss.detach())):
             raise FloatingPointError(f"{method}: the training loss is not finite at step {step}")
@@ -516,6 +574,9 @@ def train_method(method: str, data, s: TrainSettings, *, progress: bool = True, 
         "method": method, "steps": total, "steps_per_epoch": spe, "acc": curve[-1]["acc"], "wall": wall,
         "curve": curve, "breakdown": bd, "counts": counts,
     }
+    if sub is not None:
+        rec["stats"] = sub.stats
+        rec["reselect_every"] = reselect if method in ("craig", "gradmatch", "glister") else None
     if loader is not None:
         rec["stats"] = loader.stats
         rec["batches"] = batches
@@ -539,8 +600,15 @@ def config_summary(c) -> str:
 
 
 def overhead_seconds(bd: dict) -> float:
-    """CREST's overhead: selection (forward + solve) + quadratic model + checks + drop bookkeeping."""
-    return sum(bd.get(k, 0.0) for k in ("select_forward", "select_solve", "model_fit", "checks", "drops"))
+    """A method's overhead: selection (forward + solve) + CREST's quadratic model, checks and drop
+    bookkeeping + prune's loss bookkeeping (0 for full and sgd-budget)."""
+    return sum(bd.get(k, 0.0) for k in ("select_forward", "select_solve", "model_fit", "checks", "drops",
+                                        "observe"))
+
+
+def selects(name: str) -> bool:
+    """Whether a method selects (has updates and an overhead): everything but full and sgd-budget."""
+    return name not in ("full", "sgd-budget")
 
 
 def summarize(records: dict) -> list[dict]:
@@ -549,7 +617,7 @@ def summarize(records: dict) -> list[dict]:
     rows = []
     for name, r in records.items():
         bd = r["breakdown"]
-        crest = name.startswith("crest")
+        crest = selects(name)
         train_time = bd["train"] + bd["data"]
         rows.append({
             "method": name, "steps": r["steps"], "acc": r["acc"],
@@ -565,8 +633,12 @@ def summarize(records: dict) -> list[dict]:
 # figures
 # --------------------------------------------------------------------------------------------------
 
-_COLORS = {"full": "black", "random": "tab:orange", "crest": "tab:blue", "crest-drop": "tab:green"}
-_LABELS = {"full": "full data", "random": "random", "crest": "CREST", "crest-drop": "CREST + dropping"}
+_COLORS = {"full": "black", "random": "tab:orange", "crest": "tab:blue", "crest-drop": "tab:green",
+           "sgd-budget": "tab:gray", "craig": "tab:red", "gradmatch": "tab:purple", "glister": "tab:brown",
+           "prune": "tab:pink"}
+_LABELS = {"full": "full data", "random": "random", "crest": "CREST", "crest-drop": "CREST + dropping",
+           "sgd-budget": "SGD (budget steps)", "craig": "CRAIG", "gradmatch": "GradMatch", "glister": "GLISTER",
+           "prune": "prune (InfoBatch-style)"}
 
 
 def forgetting_traces(records: dict, scores: np.ndarray, never: np.ndarray | None = None) -> dict:
@@ -731,7 +803,7 @@ def run_training_demo(
     out="./crest-demo-out",
     *,
     settings: TrainSettings | None = None,
-    methods=METHODS,
+    methods=DEFAULT_METHODS,
     progress: bool = True,
     root=None,
     n_train: int | None = None,
@@ -739,11 +811,12 @@ def run_training_demo(
     print_fn: Callable[[str], None] | None = print,
     figures: bool = True,
 ) -> dict:
-    """Train every method of ``methods`` with ``settings``, print a table, save figures and results.json.
+    """Train every method of ``methods`` (names of :data:`METHODS`, or a string for :func:`parse_methods`
+    such as ``"all"``) with ``settings``, print a table, save figures and results.json.
 
     Returns the results dict (also written to ``out/results.json``)."""
     s = settings or TrainSettings()
-    methods = list(methods)
+    methods = list(parse_methods(methods) if isinstance(methods, str) else methods)
     for mth in methods:
         if mth not in METHODS:
             raise ValueError(f"unknown method {mth!r}; choose from {METHODS}")
@@ -805,7 +878,7 @@ def run_training_demo(
         print_fn("")
         print_fn(table)
         for name in records:
-            if name.startswith("crest"):
+            if selects(name):
                 print_fn(breakdown_line(name, records[name]))
         print_fn(f"\nwall clock excludes test evaluations. Total demo time {results['time_total_s']:.0f} s. "
                  f"Figures and results.json in {out}/")
@@ -815,7 +888,9 @@ def run_training_demo(
 def breakdown_line(name: str, r: dict) -> str:
     bd = r["breakdown"]
     parts = [f"{k} {bd.get(k, 0.0):.1f}s" for k in ("train", "data", "select_forward", "select_solve",
-                                                      "model_fit", "checks", "drops") if k in bd]
+                                                      "model_fit", "checks", "drops", "observe") if k in bd]
     c = r["counts"]
+    if not name.startswith("crest"):
+        return f"{name}: {', '.join(parts)}; {c['selections']} selections"
     return (f"{name}: {', '.join(parts)}; {c['selections']} selections, {c['checks']} checks"
             + (f", {c['drop_decisions']} drop decisions, pool {r['pool'][-1]}" if r.get("pool") else ""))

@@ -12,6 +12,9 @@ import pytest
 from crestcore import cli
 from crestcore.datasets import fashion_mnist_available
 from crestcore.train_demo import (
+    DEFAULT_METHODS,
+    QUICK_METHODS,
+    METHODS,
     TABLE_COLUMNS,
     ForgettingTracker,
     OpsTimer,
@@ -20,6 +23,7 @@ from crestcore.train_demo import (
     format_table,
     lr_factor,
     moving_average,
+    parse_methods,
     relative_error,
     summarize,
 )
@@ -107,7 +111,8 @@ def test_table_columns_and_summary():
         return {"acc": acc, "wall": wall, "steps": 10, "breakdown": bd,
                 "counts": {"selections": 3 if crest else 0}}
 
-    recs = {"full": rec(0.9, 100.0), "random": rec(0.81, 10.0), "crest": rec(0.855, 12.5, crest=True)}
+    recs = {"full": rec(0.9, 100.0), "random": rec(0.81, 10.0), "crest": rec(0.855, 12.5, crest=True),
+            "sgd-budget": rec(0.72, 10.0)}
     rows = summarize(recs)
     by = {r["method"]: r for r in rows}
     assert by["random"]["rel_error"] == pytest.approx(10.0)
@@ -115,7 +120,10 @@ def test_table_columns_and_summary():
     assert by["full"]["rel_error"] == 0.0
     assert by["crest"]["speedup"] == pytest.approx(8.0)
     assert by["crest"]["overhead_pct"] == pytest.approx(25.0)  # 0.2 wall / 0.8 wall
-    assert by["random"]["overhead_pct"] is None and by["random"]["updates"] is None
+    # every method that selects has updates and an overhead; full and sgd-budget select nothing
+    assert by["random"]["overhead_pct"] == 0.0 and by["random"]["updates"] == 0
+    assert by["sgd-budget"]["overhead_pct"] is None and by["sgd-budget"]["updates"] is None
+    assert by["full"]["overhead_pct"] is None and by["sgd-budget"]["rel_error"] == pytest.approx(20.0)
     text = format_table(rows)
     head = text.splitlines()[0]
     pos = [head.index(c) for c in TABLE_COLUMNS]
@@ -199,6 +207,24 @@ def test_demo_usage_errors(argv, capsys):
     assert cli.main(argv) == 2
 
 
+def test_parse_methods():
+    assert parse_methods("all") == METHODS
+    assert set(METHODS) == {"full", "sgd-budget", "random", "craig", "gradmatch", "glister", "prune", "crest",
+                            "crest-drop"}
+    assert parse_methods(" craig, full ,craig") == ("craig", "full")  # order kept, duplicates dropped
+    assert parse_methods("crest,all")[0] == "crest" and len(parse_methods("crest,all")) == len(METHODS)
+    for bad in ("", "full,nope", "CRAIG"):
+        with pytest.raises(ValueError):
+            parse_methods(bad)
+    assert DEFAULT_METHODS == QUICK_METHODS  # the default demo stays quick; --methods all adds the baselines
+
+
+@pytest.mark.parametrize("argv", [["demo", "--methods", ""], ["demo", "--methods", "all,nope"]])
+def test_demo_methods_usage_errors(argv, capsys):
+    assert cli.main(argv) == 2
+    assert "--methods" in capsys.readouterr().err
+
+
 def test_demo_missing_dataset(tmp_path, capsys):
     assert cli.main(["demo", "--root", str(tmp_path), "--no-progress", "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
@@ -214,13 +240,13 @@ def test_demo_missing_dataset(tmp_path, capsys):
 def test_demo_end_to_end_tiny(tmp_path, capsys):
     out = tmp_path / "out"
     rc = cli.main(["demo", "--out", str(out), "--limit-train", "300", "--limit-test", "100", "--epochs", "1",
-                   "--evals", "2", "--no-progress", "--threads", "1"])
+                   "--evals", "2", "--no-progress", "--threads", "1", "--methods", "all"])
     assert rc == 0
     text = capsys.readouterr().out
     head = next(line for line in text.splitlines() if line.startswith("method"))
     for c in TABLE_COLUMNS:
         assert c in head
-    for name in ("full", "random", "crest", "crest-drop"):
+    for name in METHODS:  # --methods all: every method
         assert any(line.startswith(name + " ") for line in text.splitlines()), name
     for name in FIGURES:
         data = (out / name).read_bytes()
@@ -246,6 +272,61 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
 
 
 @needs_fmnist
+def test_demo_all_methods_tiny(tmp_path):
+    from crestcore.train_demo import run_training_demo
+
+    s = TrainSettings(epochs=2, m=32, budget=0.25, evals=1, threads=1, crest_r=64)
+    res = run_training_demo(tmp_path, settings=s, methods="all", progress=False, n_train=400, n_test=50,
+                            print_fn=None, figures=False)
+    runs = res["runs"]
+    assert list(runs) == list(METHODS)
+    spe = round(0.25 * 13)  # ceil(400 / 32) = 13 full steps per epoch
+    assert runs["full"]["steps"] == 2 * 13
+    for name in METHODS[1:]:
+        assert runs[name]["steps"] == 2 * spe, name  # the same budget for every method
+    for name, run in runs.items():
+        assert sum(run["breakdown"].values()) == pytest.approx(run["wall"], rel=1e-9, abs=1e-9), name
+    for name in ("craig", "gradmatch", "glister"):
+        st = runs[name]["stats"]
+        assert runs[name]["reselect_every"] == 1  # ceil(2 epochs / 2)
+        assert [x["epoch"] for x in st["selections"]] == [0, 1]
+        assert runs[name]["counts"]["selections"] == 2
+        assert st["counters"]["forward_examples"] == 2 * 400
+        assert runs[name]["breakdown"]["select_forward"] > 0
+    assert runs["sgd-budget"]["stats"]["selections"] == []
+    assert runs["prune"]["breakdown"]["observe"] > 0
+    rows = {r["method"]: r for r in res["rows"]}
+    assert rows["sgd-budget"]["updates"] is None and rows["craig"]["updates"] == 2
+    json.dumps(res)  # results.json holds plain data
+
+
+@needs_fmnist
+def test_bench_e2e_all_methods_markdown(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(cli.__file__).resolve().parent.parent / "benchmarks" / "e2e.py"
+    spec = importlib.util.spec_from_file_location("e2e_bench_under_test", path)
+    e2e = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(e2e)
+    out = tmp_path / "bench.md"
+    out.write_text("# head\n\n<!-- e2e-bench:start -->\nold\n<!-- e2e-bench:end -->\n\ntail\n")
+    rc = e2e.main(["--methods", "all", "--epochs", "1", "--seeds", "0", "--limit-train", "300",
+                   "--limit-test", "50", "--evals", "1", "--threads", "1", "--out", str(out),
+                   "--json", str(tmp_path / "raw.json")])
+    assert rc == 0
+    text = out.read_text()
+    assert text.startswith("# head") and text.rstrip().endswith("tail") and "\nold\n" not in text
+    for name in METHODS:
+        assert f"| {name} |" in text, name
+    assert "paper rel. error % (CIFAR-10, ResNet-20)" in text and "| 21.3 +- 8.0 |" in text
+    assert "Selection time per method" in text
+    # re-rendering from the JSON gives the same block
+    rc = e2e.main(["--from-json", str(tmp_path / "raw.json"), "--out", str(tmp_path / "again.md")])
+    assert rc == 0 and "| gradmatch |" in (tmp_path / "again.md").read_text()
+
+
+@needs_fmnist
 def test_crest_drop_run_records_pool_and_checks(tmp_path):
     from crestcore.train_demo import run_training_demo
 
@@ -260,3 +341,14 @@ def test_crest_drop_run_records_pool_and_checks(tmp_path):
     assert len(run["pool"]) == run["steps"]
     for name in ("accuracy_vs_time.png", "coreset_updates.png", "rho.png", "forgetting.png"):
         assert (tmp_path / name).is_file()
+
+
+def test_keras_backend_needs_the_keras_framework(capsys):
+    assert cli.main(["demo", "--keras-backend", "torch", "--no-progress"]) == 2
+    assert "--framework keras" in capsys.readouterr().err
+
+
+def test_keras_framework_rejects_methods_it_does_not_run(tmp_path, capsys):
+    rc = cli.main(["demo", "--framework", "keras", "--methods", "craig", "--out", str(tmp_path),
+                   "--limit-train", "200", "--limit-test", "50", "--no-progress"])
+    assert rc == 2 and "craig" in capsys.readouterr().err

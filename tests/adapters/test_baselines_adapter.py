@@ -1,0 +1,351 @@
+"""crestcore.adapters.baselines: SubsetLoader, the baselines behind CrestLoader's interface."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+F = torch.nn.functional
+
+from torch.utils.data import TensorDataset  # noqa: E402
+
+from crestcore.adapters.baselines import METHODS, SubsetLoader  # noqa: E402
+
+N, D_IN, C, M = 240, 6, 3, 16
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: bitwise-repeatable CPU results."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_data(n=N, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, D_IN, generator=g)
+    W = torch.randn(D_IN, C, generator=g)
+    y = (X @ W + 0.3 * torch.randn(n, C, generator=g)).argmax(1)
+    return X, y
+
+
+def mlp(seed=0, bn=False):
+    torch.manual_seed(seed)
+    layers = [nn.Linear(D_IN, 16)]
+    if bn:
+        layers.append(nn.BatchNorm1d(16))
+    layers += [nn.ReLU(), nn.Linear(16, C)]
+    return nn.Sequential(*layers)
+
+
+def loader(method, model=None, data=None, **kw):
+    X, y = data if data is not None else make_data()
+    model = model if model is not None else mlp()
+    kw = {"budget": 0.5, "epochs": 3, "m": M, "seed": 1, **kw}
+    return SubsetLoader(model, TensorDataset(X, y), method=method, **kw)
+
+
+def train(ld, steps=None, lr=0.1):
+    """The user's loop (the same as for CrestLoader); returns [(indices, weights)] it trained on."""
+    model = ld.model
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    seen = []
+    for k, (x, y, w) in enumerate(ld):
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        loss = (w * losses).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ld.observe(losses)
+        seen.append((ld.last_indices, w.detach().numpy().copy()))
+        if steps is not None and k + 1 >= steps:
+            break
+    return seen, opt
+
+
+# ------------------------------------------------------------------------------------------------
+# every method through the same loop
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_with_the_crestloader_loop(method):
+    ld = loader(method)
+    full_spe = math.ceil(N / M)  # 15
+    spe = full_spe if method == "full" else round(0.5 * full_spe)  # 8 (round half to even: 7.5 -> 8)
+    assert ld.full_steps_per_epoch == full_spe and ld.steps_per_epoch == spe
+    assert len(ld) == ld.total_steps == 3 * spe
+    seen, _ = train(ld)
+    assert len(seen) == ld.total_steps and ld.position == ld.total_steps
+    for idx, w in seen:
+        assert idx.dtype == np.int64 and idx.ndim == 1 and idx.size <= M
+        assert np.all(np.isfinite(w)) and np.all(w > 0) and w.shape == idx.shape
+    if method not in ("full", "sgd-budget"):
+        assert all(idx.size == M for idx, _ in seen)  # subset epochs: full batches of m
+    st = ld.stats
+    assert st["step"] == ld.total_steps and st["method"] == method
+    assert st["counters"]["train_steps"] == ld.total_steps
+    assert st["counters"]["train_examples"] == sum(idx.size for idx, _ in seen)
+    # a finished loader warns and yields nothing more
+    with pytest.warns(UserWarning, match="planned steps are used"):
+        assert list(ld) == []
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_weights_mean_one_per_selection_and_per_batch(method):
+    ld = loader(method)
+    seen, _ = train(ld)
+    if method in ("full", "sgd-budget", "random", "glister"):
+        assert all(np.all(w == 1.0) for _, w in seen)
+    if ld.selection is not None:
+        assert ld.selection[1].mean() == pytest.approx(1.0, abs=1e-12)
+    ldb = loader(method, weights="batch")
+    for _, w in train(ldb)[0]:
+        assert w.mean() == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_deterministic_under_a_seed(method):
+    a, _ = train(loader(method, model=mlp(0)))
+    b, _ = train(loader(method, model=mlp(0)))
+    assert len(a) == len(b)
+    for (ia, wa), (ib, wb) in zip(a, b):
+        np.testing.assert_array_equal(ia, ib)
+        np.testing.assert_array_equal(wa, wb)
+    if method not in ("full",):  # another seed, other batches
+        c, _ = train(loader(method, model=mlp(0), seed=2))
+        assert any(not np.array_equal(x[0], y[0]) for x, y in zip(a, c))
+
+
+@pytest.mark.parametrize("method", ["random", "craig", "gradmatch", "glister", "prune", "sgd-budget"])
+@pytest.mark.parametrize("cut", [5, 8, 11])  # mid-epoch, at an epoch boundary, mid-epoch after a reselection
+def test_state_dict_resume_is_exact(method, cut):
+    ref = loader(method, model=mlp(0), reselect_every=1)
+    ref_seen, _ = train(ref)
+
+    a = loader(method, model=mlp(0), reselect_every=1)
+    seen_a, opt_a = train(a, steps=cut)
+    buf = io.BytesIO()
+    torch.save({"loader": a.state_dict(), "model": a.model.state_dict(), "opt": opt_a.state_dict()}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+
+    model_b = mlp(5)  # other weights: the checkpoint restores them
+    model_b.load_state_dict(ck["model"])
+    b = loader(method, model=model_b, reselect_every=1)
+    b.load_state_dict(ck["loader"])
+    assert b.position == cut
+    np.testing.assert_array_equal(b.last_indices, seen_a[-1][0])
+    opt_b = torch.optim.SGD(model_b.parameters(), lr=0.1, momentum=0.9)
+    opt_b.load_state_dict(ck["opt"])
+    rest = []
+    for x, y, w in b:
+        losses = F.cross_entropy(model_b(x), y, reduction="none")
+        opt_b.zero_grad()
+        (w * losses).mean().backward()
+        opt_b.step()
+        b.observe(losses)
+        rest.append((b.last_indices, w.numpy().copy()))
+    assert len(seen_a) + len(rest) == len(ref_seen)
+    for (i1, w1), (i2, w2) in zip(seen_a + rest, ref_seen):
+        np.testing.assert_array_equal(i1, i2)
+        np.testing.assert_array_equal(w1, w2)
+    assert b.stats["counters"] == ref.stats["counters"]
+    assert len(b.stats["selections"]) == len(ref.stats["selections"])
+
+
+def test_load_state_dict_checks_the_fingerprint():
+    a = loader("random")
+    train(a, steps=2)
+    sd = a.state_dict()
+    with pytest.raises(ValueError, match="seed"):
+        loader("random", seed=3).load_state_dict(sd)
+    with pytest.raises(ValueError, match="method"):
+        loader("craig").load_state_dict(sd)
+    with pytest.raises(ValueError, match="format"):
+        loader("random").load_state_dict({"position": 3})
+    with pytest.warns(UserWarning, match="options differ"):
+        loader("random", weights="batch").load_state_dict(sd)
+
+
+# ------------------------------------------------------------------------------------------------
+# budget accounting (CrestLoader's)
+# ------------------------------------------------------------------------------------------------
+def test_budget_counts_and_counted_selection_passes():
+    n_full = 3 * math.ceil(N / M)
+    for method in METHODS:
+        ld = loader(method, reselect_every=2)
+        train(ld)
+        st = ld.stats
+        c, b = st["counters"], st["budget"]
+        assert b["full_data_steps"] == n_full and b["planned_steps"] == ld.total_steps
+        assert b["fraction_steps"] == pytest.approx(ld.total_steps / n_full)
+        overhead = (c["forward_examples"] + 2 * c["backward_examples"]) / 3
+        assert b["overhead_step_equivalents"] == pytest.approx(overhead / M)
+        assert b["fraction_all_passes"] == pytest.approx((c["train_examples"] + overhead) / M / n_full)
+        n_sel = len(st["selections"])
+        assert c["selections"] == n_sel
+        if method in ("craig", "gradmatch", "glister"):
+            assert [s["epoch"] for s in st["selections"]] == [0, 2]  # every R = 2 epochs
+            assert c["forward_examples"] == n_sel * N  # the whole training set (glister: pool + validation)
+            assert st["selection_time_s"] == pytest.approx(
+                sum(s["forward_seconds"] + s["solve_seconds"] for s in st["selections"]))
+            assert st["selection_forward_s"] > 0
+        else:
+            assert c["forward_examples"] == 0 and c["backward_examples"] == 0
+        if method in ("random", "prune"):
+            assert [s["epoch"] for s in st["selections"]] == [0, 1, 2]
+        if method in ("full", "sgd-budget"):
+            assert n_sel == 0
+
+
+def test_passes_mode_charges_the_selection_forwards():
+    steps = loader("craig", budget_counts="steps")
+    passes = loader("craig", budget_counts="passes")
+    n_steps = len(train(steps)[0])
+    n_passes = len(train(passes)[0])
+    assert n_steps == steps.total_steps
+    assert n_passes < n_steps  # the forwards over the whole set count against the same cap
+    b = passes.stats["budget"]
+    one_selection = N / 3 / M / b["full_data_steps"]  # checked before a step, as CrestLoader does
+    assert b["fraction_all_passes"] <= b["planned_steps"] / b["full_data_steps"] + one_selection + 1e-9
+    rnd = loader("random", budget_counts="passes")
+    assert len(train(rnd)[0]) == rnd.total_steps  # nothing measured: the whole budget trains
+
+
+def test_full_ignores_budget_and_sgd_budget_is_its_prefix():
+    full = loader("full", budget=0.2)
+    sgd = loader("sgd-budget", budget=0.2)
+    assert full.total_steps == 3 * 15 and full.budget == 1.0
+    assert sgd.total_steps == 3 * 3  # round(0.2 * 15) = 3 per epoch
+    f, _ = train(full)
+    s, _ = train(sgd)
+    for (i1, _), (i2, _) in zip(s, f):
+        np.testing.assert_array_equal(i1, i2)  # the full run's first batches, just fewer of them
+    first_epoch = np.concatenate([i for i, _ in f[:15]])
+    assert np.array_equal(np.sort(first_epoch), np.arange(N))  # a full epoch sees every example once
+    assert len(s) == 9 and np.unique(np.concatenate([i for i, _ in s])).size == 9 * M  # no repeat in 9 steps
+
+
+def test_random_redraws_every_epoch_without_repeats():
+    ld = loader("random")
+    seen, _ = train(ld)
+    spe = ld.steps_per_epoch
+    epochs = [np.concatenate([i for i, _ in seen[e * spe:(e + 1) * spe]]) for e in range(3)]
+    for ep in epochs:
+        assert np.unique(ep).size == spe * M  # one epoch: a subset of spe * m distinct examples
+    assert not np.array_equal(np.sort(epochs[0]), np.sort(epochs[1]))
+
+
+# ------------------------------------------------------------------------------------------------
+# method specifics
+# ------------------------------------------------------------------------------------------------
+def test_glister_holds_out_a_stratified_validation_split():
+    X, y = make_data()
+    ld = loader("glister", data=(X, y), val_fraction=0.25)
+    seen, _ = train(ld)
+    val = ld.val_indices
+    lab = y.numpy()
+    for c in range(C):
+        assert abs((lab[val] == c).sum() - 0.25 * (lab == c).sum()) <= 1
+    trained = np.concatenate([i for i, _ in seen])
+    assert not np.intersect1d(trained, val).size  # never trained on
+    assert np.array_equal(np.sort(np.concatenate([ld.pool, val])), np.arange(N))
+    assert loader("glister", data=(X, y), val_fraction=0.25).val_indices.tolist() == val.tolist()
+
+
+def test_craig_weights_are_cluster_sizes_rescaled():
+    ld = loader("craig")
+    train(ld, steps=1)
+    s = ld.stats["selections"][0]
+    assert s["size"] == ld.subset_size == 8 * M and s["weight_sum"] == pytest.approx(N)
+    idx, w = ld.selection
+    assert np.unique(idx).size == idx.size and w.mean() == pytest.approx(1.0)
+
+
+def test_gradmatch_tops_up_a_short_selection():
+    # a huge tolerance stops OMP after its first pick per class: the rest is filled with random examples
+    ld = loader("gradmatch", options={"tol": 0.999})
+    train(ld, steps=1)
+    s = ld.stats["selections"][0]
+    assert s["picked"] < ld.subset_size and s["picked"] + s["filled"] == ld.subset_size == s["size"]
+    cyc = loader("gradmatch", options={"tol": 0.999}, fill="cycle")
+    seen, _ = train(cyc, steps=cyc.steps_per_epoch)
+    assert cyc.stats["selections"][0]["size"] < cyc.subset_size
+    assert all(i.size == M for i, _ in seen)  # the small selection is cycled into full batches
+
+
+def test_prune_reads_observed_losses_and_anneals():
+    X, y = make_data()
+    ld = loader("prune", data=(X, y), epochs=4, budget=1.0, prune_ratio=0.5, prune_anneal=0.75)
+    spe = ld.steps_per_epoch
+    sels = []
+    model = ld.model
+    for e in range(4):
+        ld.set_epoch(e)
+        for x, yb, w in ld:
+            losses = F.cross_entropy(model(x), yb, reduction="none")
+            ld.observe(losses)  # no update: only the losses matter here
+        sels.append(ld.stats["selections"][-1])
+    assert sels[0]["pruned"] == 0  # nothing observed yet
+    assert sels[1]["pruned"] > 0 and sels[2]["pruned"] > 0  # well-learned examples thinned
+    assert sels[3]["pruned"] == 0  # annealed: epoch 3 >= 0.75 * 4
+    for s in sels:
+        assert s["weight_sum"] == pytest.approx(N)  # inverse inclusion probabilities: unbiased
+    assert ld.position == 4 * spe
+    # unseen examples are never pruned: with nothing observed, every example is kept
+    fresh = loader("prune", data=(X, y))
+    train(fresh, steps=1)
+    assert fresh.stats["selections"][0]["size"] == N
+
+
+def test_selection_measures_in_eval_mode_without_side_effects():
+    model = mlp(bn=True)
+    model.train()
+    X, y = make_data()
+    with torch.no_grad():
+        model(X)  # some running statistics
+    bn = model[1]
+    before = copy.deepcopy(bn.state_dict())
+    ld = loader("craig", model=model, data=(X, y))
+    next(iter(ld))  # the selection runs here
+    assert model.training and bn.training
+    for k, v in before.items():
+        assert torch.equal(v, bn.state_dict()[k]), k
+
+
+def test_set_epoch_and_per_epoch_passes():
+    ld = loader("random", per_epoch=True)
+    assert len(ld) == ld.steps_per_epoch
+    counts = []
+    for e in range(3):
+        ld.set_epoch(e)
+        counts.append(sum(1 for _ in ld))
+    assert counts == [ld.steps_per_epoch] * 3 and ld.epoch == 3
+    with pytest.raises(ValueError, match="beyond"):
+        ld.set_epoch(3)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="method"):
+        loader("nope")
+    with pytest.raises(ValueError, match="weights"):
+        loader("random", weights="sum")
+    with pytest.raises(ValueError, match="budget"):
+        loader("random", budget=0)
+    with pytest.raises(ValueError, match="exceeds"):
+        loader("random", m=N + 1)
+    ld = loader("prune")
+    with pytest.raises(RuntimeError, match="observe"):
+        ld.observe(torch.zeros(M))
+    next(iter(ld))
+    with pytest.raises(ValueError, match="losses"):
+        ld.observe(torch.zeros(M + 1))
+    with pytest.raises(FloatingPointError):
+        ld.observe(torch.full((M,), float("nan")))
