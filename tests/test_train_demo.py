@@ -305,7 +305,9 @@ def test_bench_e2e_all_methods_markdown(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    path = Path(cli.__file__).resolve().parent.parent / "benchmarks" / "e2e.py"
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "e2e.py"
+    if not path.is_file():  # the tests run against an installed wheel, away from the source checkout
+        pytest.skip("benchmarks/e2e.py belongs to the source checkout, not to the installed package")
     spec = importlib.util.spec_from_file_location("e2e_bench_under_test", path)
     e2e = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(e2e)
