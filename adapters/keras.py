@@ -578,6 +578,8 @@ class KerasModelOps:
     def _hutchinson_torch(self, idx, w, z_np):
         import torch
 
+        from .torch import add_hvp  # the same double-backward HVP as the PyTorch adapter
+
         params = [v.value for v in self._tvars()]
         z = torch.as_tensor(z_np, device=params[0].device, dtype=params[0].dtype)
         zs = [t.view_as(p) for t, p in zip(torch.split(z, [p.numel() for p in params]), params)]
@@ -585,18 +587,7 @@ class KerasModelOps:
         with torch.enable_grad():
             for a, b in self._chunks(idx.size):
                 part = self._torch_part(idx, w, a, b, idx.size)
-                grads = torch.autograd.grad(part, params, create_graph=True, allow_unused=True)
-                dot = None
-                for g, v in zip(grads, zs):
-                    if g is not None and g.requires_grad:
-                        term = (g * v).sum()
-                        dot = term if dot is None else dot + term
-                if dot is None:  # the loss is linear in every weight: H = 0
-                    continue
-                hz = torch.autograd.grad(dot, params, allow_unused=True)
-                for s, h in zip(acc, hz):
-                    if h is not None:
-                        s.add_(h.detach())
+                add_hvp(part, params, zs, acc)
         out = z * torch.cat([h.reshape(-1) for h in acc])
         if not bool(torch.isfinite(out).all()):
             raise _fp_error("Hessian-vector products", 1, 1)

@@ -130,6 +130,24 @@ def _length(dataset) -> int:
         ) from exc
 
 
+
+def add_hvp(loss, params, vectors, acc) -> None:
+    """Add ``H v`` of ``loss`` w.r.t. ``params`` (double backward) into the tensors ``acc``, in place.
+
+    ``vectors`` are shaped like ``params``; a loss that is linear in every parameter adds nothing.
+    """
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    dot = None
+    for g, v in zip(grads, vectors):
+        if g is not None and g.requires_grad:
+            term = (g * v).sum()
+            dot = term if dot is None else dot + term
+    if dot is None:  # H = 0
+        return
+    for s, h in zip(acc, torch.autograd.grad(dot, params, allow_unused=True)):
+        if h is not None:
+            s.add_(h.detach())
+
 class _Fetcher:
     """Collated examples for a set of indices, through the dataset's own ``__getitem__`` (transforms
     included) and ``collate_fn`` (default ``default_collate``). A ``TensorDataset`` is sliced directly."""
@@ -442,18 +460,7 @@ class TorchModelOps:
             for a, b in self._chunks(idx.size):
                 part, ell = self._weighted_losses(idx, w, a, b, dev, idx.size)
                 self._check_finite(ell.detach(), "losses")
-                grads = torch.autograd.grad(part, params, create_graph=True, allow_unused=True)
-                dot = None
-                for g, v in zip(grads, zs):
-                    if g is not None and g.requires_grad:
-                        term = (g * v).sum()
-                        dot = term if dot is None else dot + term
-                if dot is None:  # the loss is linear in every parameter: H = 0
-                    continue
-                hz = torch.autograd.grad(dot, params, allow_unused=True)
-                for s, h in zip(acc, hz):
-                    if h is not None:
-                        s.add_(h.detach())
+                add_hvp(part, params, zs, acc)
         out = z * torch.cat([h.reshape(-1) for h in acc])
         self._check_finite(out, "Hessian-vector products")
         return out
