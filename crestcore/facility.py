@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import _reference_kernels as ref
-from ._compat import device_of, from_numpy, namespace, namespace_name, to_numpy
+from ._compat import device_of, from_numpy, namespace, namespace_name
 from ._validation import (
     check_choice,
     check_epsilon,
@@ -222,7 +222,7 @@ def facility_location(
     sizes = np.array([p.size for p in problems], dtype=np.int64)
     budgets = hamilton(k, sizes)
     dev = device_of(X)
-    itemsize = int(to_numpy(X[:1, :1]).dtype.itemsize)
+    itemsize = int(xp.finfo(X.dtype).bits) // 8  # no device round trip
     force_ref = backend == "reference"
 
     n_prob = len(problems)
@@ -233,7 +233,7 @@ def facility_location(
     u_all = stochastic_draws(gen, sizes, budgets, eps) if gen is not None else None
 
     big = [p for p in range(n_prob) if not precomputed and sizes[p] * sizes[p] * itemsize > max_dense_bytes]
-    dense = [p for p in range(n_prob) if p not in set(big)]
+    dense = [p for p in range(n_prob) if p not in big]
     for p in big:
         pidx = from_numpy(problems[p], xp, dev)
         Xp = xp.take(X, pidx, axis=0)
