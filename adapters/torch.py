@@ -606,7 +606,7 @@ class CrestLoader:
         self.full_steps_per_epoch = math.ceil(n / m)
         self.steps_per_epoch = max(1, int(math.floor(self.budget * self.full_steps_per_epoch + 0.5)))
         self.total_steps = self.epochs * self.steps_per_epoch
-        self._state = crest_init(self.config, lab, seed=self.seed)
+        self._state = crest_init(self.config, lab, seed=self.seed, epoch_steps=self.steps_per_epoch)
         self._position = 0  # batches handed out
         self._batch: Batch | None = None
         self._epoch_hint: int | None = None

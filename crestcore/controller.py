@@ -70,6 +70,8 @@ __all__ = [
 
 
 _LOSS_FLOOR = 1e-12
+WEIGHTS = ("cluster", "uniform", "tempered")
+RESELECT = ("trust", "epoch")
 
 
 class ModelOps(Protocol):
@@ -90,8 +92,11 @@ class CrestConfig:
     m : mini-batch (coreset) size. r : random subset size (default ``max(C ceil(0.01 n / C), 4 m)``,
     at most the pool). P : coresets per selection at the start (release 5). T1 : steps between checks
     at the start (release 1). tau : trust threshold (release 0.1). h, b : multipliers of the T1 and P
-    updates (release 1 and 5). P_cap : most coresets per selection (default one virtual epoch,
-    ``ceil(pool / m)``). fit_batches : coresets used to fit g and diag(H) at each anchor.
+    updates (release 1 and 5); every selection after the first sets ``T1 = ceil(h ||H_0|| / ||H_t||)``
+    from the curvature at its new anchor and ``P = ceil(b T1)`` for the next one. P_cap : most coresets
+    per selection and longest check interval (default: one budgeted epoch of steps, the ``epoch_steps``
+    the loaders give :func:`crest_init`, as the release caps; bare, ``ceil(pool / m)``).
+    fit_batches : coresets used to fit g and diag(H) at each anchor.
     T2 : steps between drop decisions; None (default) turns dropping off. drop : the drop rule.
     quadratic : the loss model. kernel, metric, optimizer, per_class, class_budget : selection options
     (see :func:`crestcore.minibatch_coresets`). embeddings : select on last-linear-layer weight
@@ -100,6 +105,11 @@ class CrestConfig:
     P coresets, weights rescaled to mean 1 over it, shuffled into mini-batches of m).
     check_union : the trust check's loss L_R on the union of all P subsets (the release; its cost
     grows with P) instead of on the first random subset V_1 (r examples, an unbiased sample too).
+    weights : "cluster" (cluster sizes, the paper), "uniform" (every pick weight 1) or "tempered"
+    (square roots of the cluster sizes); always rescaled to mean 1 over a batch (over the union with
+    "shuffled-union"). No pick is ever dropped: batches of unequal length stay unequal.
+    reselect : "trust" (the rho_t check every T1 steps decides) or "epoch" (no checks: P = one
+    budgeted epoch of coresets, reselected every budgeted epoch; an ablation of the trust check).
     """
 
     m: int = 128
@@ -122,6 +132,8 @@ class CrestConfig:
     embeddings: bool = False
     batches: str = "coreset"
     check_union: bool = False
+    weights: str = "cluster"
+    reselect: str = "trust"
 
     def __post_init__(self):
         def pos_int(name, v):
@@ -143,6 +155,10 @@ class CrestConfig:
             raise ValueError(f"class_budget must be one of {CLASS_BUDGETS}, got {self.class_budget!r}")
         if self.batches not in ("coreset", "shuffled-union"):
             raise ValueError(f"batches must be 'coreset' or 'shuffled-union', got {self.batches!r}")
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {WEIGHTS}, got {self.weights!r}")
+        if self.reselect not in RESELECT:
+            raise ValueError(f"reselect must be one of {RESELECT}, got {self.reselect!r}")
 
     @classmethod
     def release(cls, **overrides) -> "CrestConfig":
@@ -182,6 +198,7 @@ class CrestState(NamedTuple):
     h_norm_t: float
     drop: DropState
     counters: dict
+    epoch_steps: int  # steps of one budgeted epoch (the cap of P and T1); 0: unknown
     log: dict  # plain lists: selections (steps), checks (step, rho, L_R, F), drops (step, count)
 
 
@@ -190,10 +207,20 @@ def _counters():
             "selections": 0, "checks": 0}
 
 
-def crest_init(config: CrestConfig, labels, *, seed: int) -> CrestState:
-    """A fresh controller for a dataset with integer ``labels`` (n,) (any array library)."""
+def crest_init(config: CrestConfig, labels, *, seed: int, epoch_steps: int | None = None) -> CrestState:
+    """A fresh controller for a dataset with integer ``labels`` (n,) (any array library).
+
+    ``epoch_steps``: training steps in one epoch of the budgeted run (``round(budget * ceil(n / m))``,
+    what the loaders pass). It caps the number of coresets per selection and the check interval, as the
+    release caps them, unless ``config.P_cap`` is set; without either the cap is one virtual epoch of the
+    pool, ``ceil(pool / m)``.
+    """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if epoch_steps is not None and (
+        isinstance(epoch_steps, bool) or not isinstance(epoch_steps, (int, np.integer)) or epoch_steps < 1
+    ):
+        raise ValueError(f"epoch_steps must be a positive integer or None, got {epoch_steps!r}")
     lab = np.asarray(to_numpy(labels))
     if lab.ndim != 1 or lab.size == 0:
         raise ValueError(f"labels must be a non-empty 1-D array, got shape {lab.shape}")
@@ -214,7 +241,7 @@ def crest_init(config: CrestConfig, labels, *, seed: int) -> CrestState:
         batch_idx=np.zeros((0, config.m), dtype=np.int64), batch_w=np.zeros((0, config.m)),
         check_idx=np.zeros(0, dtype=np.int64), anchor=None, quad=None, h_norm_0=math.nan,
         h_norm_t=math.nan, drop=drop_init(n, config.drop), counters=_counters(),
-        log={"selections": [], "checks": [], "drops": []},
+        epoch_steps=int(epoch_steps or 0), log={"selections": [], "checks": [], "drops": []},
     )
 
 
@@ -240,13 +267,54 @@ def _forward(state: CrestState, ops, idx: np.ndarray, config: CrestConfig):
     return xp, logits, emb, y, losses
 
 
-def _select(state: CrestState, ops, config: CrestConfig) -> CrestState:
+def _cap(state: CrestState, config: CrestConfig) -> int:
+    """Most coresets per selection and longest check interval: ``P_cap``, else one budgeted epoch of
+    steps (``epoch_steps``, as the release caps), else one virtual epoch of the pool."""
+    if config.P_cap is not None:
+        return int(config.P_cap)
+    if state.epoch_steps:
+        return int(state.epoch_steps)
+    return max(1, math.ceil(int(state.drop.active.sum()) / config.m))
+
+
+def _transform_weights(w: np.ndarray, valid: np.ndarray, rule: str) -> np.ndarray:
+    """Cluster-size weights -> the configured weights (before normalisation); padding stays 0."""
+    if rule == "uniform":
+        return valid.astype(np.float64)
+    if rule == "tempered":
+        return np.sqrt(np.maximum(w, 0.0)) * valid
+    return w * valid
+
+
+def _pack(rows_i: list, rows_w: list) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged batches -> (nb, width) arrays padded with index -1 and weight 0 (no pick is dropped)."""
+    width = max(1, max(r.size for r in rows_i))
+    bi = np.full((len(rows_i), width), -1, dtype=np.int64)
+    bw = np.zeros((len(rows_i), width), dtype=np.float64)
+    for p, (ri, rw) in enumerate(zip(rows_i, rows_w)):
+        bi[p, : ri.size] = ri
+        bw[p, : rw.size] = rw
+    return bi, bw
+
+
+def _row(state: CrestState, b: int) -> tuple[np.ndarray, np.ndarray]:
+    keep = state.batch_idx[b] >= 0
+    return state.batch_idx[b][keep], state.batch_w[b][keep]
+
+
+def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestState:
+    """A selection. ``reason``: "first", "check" (a failed trust check), "epoch" (the fixed interval of
+    ``reselect="epoch"``) or "drop" (the pool shrank)."""
     gen = np.random.default_rng([state.seed, state.n_selections])
     pool = np.flatnonzero(state.drop.active)
     if pool.size < config.m:
         raise ValueError(f"the pool has {pool.size} examples, fewer than m={config.m}")
+    cap = _cap(state, config)
     r = _subset_size(config, pool.size, state.n_classes)
-    P = state.P
+    P = cap if config.reselect == "epoch" else min(state.P, cap)
+    if config.T2 is not None:  # never select coresets the next drop decision discards unused
+        P = min(P, config.T2 - state.step % config.T2)
+    P = max(1, P)
     subsets = draw_subsets(state.labels, pool, r, P, gen)
     union = np.unique(subsets)
     pos = np.searchsorted(union, subsets)
@@ -259,24 +327,21 @@ def _select(state: CrestState, ops, config: CrestConfig) -> CrestState:
         class_budget=config.class_budget,
     )
     loc = np.asarray(to_numpy(cs.indices))
-    w = np.asarray(to_numpy(cs.weights), dtype=np.float64)
-    idx = np.where(loc >= 0, union[np.maximum(loc, 0)], -1)
-    if config.batches == "coreset":
-        w = w * (loc >= 0).sum(axis=1, keepdims=True) / np.maximum(w.sum(axis=1, keepdims=True), 1e-300)
-        keep = loc >= 0
-        batch_idx = [idx[p][keep[p]] for p in range(P)]
-        batch_w = [w[p][keep[p]] for p in range(P)]
-        width = min(len(b) for b in batch_idx)
-        batch_idx = np.stack([b[:width] for b in batch_idx])
-        batch_w = np.stack([b[:width] for b in batch_w])
-    else:  # the release: union of the coresets, mean-1 weights over it, shuffled into batches of m
-        flat_i, flat_w = idx[loc >= 0], w[loc >= 0]
-        flat_w = flat_w / flat_w.mean()
+    valid = loc >= 0
+    w = _transform_weights(np.asarray(to_numpy(cs.weights), dtype=np.float64), valid, config.weights)
+    idx = np.where(valid, union[np.maximum(loc, 0)], -1)
+    if config.batches == "coreset":  # coreset p is batch p, weights mean 1 over its picks
+        rows_i = [idx[p][valid[p]] for p in range(P)]
+        rows_w = [w[p][valid[p]] for p in range(P)]
+        rows_w = [rw * rw.size / max(rw.sum(), 1e-300) for rw in rows_w]
+    else:  # the release: union of the coresets, mean-1 weights over it, shuffled into batches of ~m
+        flat_i, flat_w = idx[valid], w[valid]
+        flat_w = flat_w * flat_w.size / max(flat_w.sum(), 1e-300)
         perm = gen.permutation(flat_i.size)
-        flat_i, flat_w = flat_i[perm], flat_w[perm]
-        nb = max(1, flat_i.size // config.m)
-        batch_idx = flat_i[: nb * config.m].reshape(nb, config.m)
-        batch_w = flat_w[: nb * config.m].reshape(nb, config.m)
+        parts = np.array_split(perm, max(1, int(round(flat_i.size / config.m))))
+        rows_i = [flat_i[q] for q in parts]
+        rows_w = [flat_w[q] for q in parts]
+    batch_idx, batch_w = _pack(rows_i, rows_w)
     check_idx = union if config.check_union else subsets[0]
     on_check = from_numpy(np.searchsorted(union, check_idx), xp, device_of(losses))
     anchor_loss = float(to_numpy(xp.mean(xp.take(losses, on_check, axis=0))))
@@ -288,23 +353,36 @@ def _select(state: CrestState, ops, config: CrestConfig) -> CrestState:
     quad = quadratic_anchor(quad, anchor_loss, config.quadratic)
     c = dict(state.counters)
     c["forward_examples"] += int(union.size)
-    for p in range(min(config.fit_batches, batch_idx.shape[0])):
-        _, g = ops.gradient(batch_idx[p], batch_w[p])
-        zhz = ops.hutchinson(batch_idx[p], batch_w[p], int(gen.integers(2**31 - 1)))
+    for p in range(min(config.fit_batches, len(rows_i))):
+        bi, bw = rows_i[p], rows_w[p]
+        _, g = ops.gradient(bi, bw)
+        zhz = ops.hutchinson(bi, bw, int(gen.integers(2**31 - 1)))
         quad = quadratic_update(quad, g, zhz, config.quadratic)
         # gradient: one forward + one backward; Hessian-vector product: one more (double) backward
-        c["forward_examples"] += 2 * batch_idx.shape[1]
-        c["backward_examples"] += 3 * batch_idx.shape[1]
+        c["forward_examples"] += 2 * bi.size
+        c["backward_examples"] += 3 * bi.size
     hx = namespace(anchor)
     h_norm = float(to_numpy(hx.sqrt(hx.sum(quadratic_curvature(quad, config.quadratic) ** 2))))
+    # The schedule (Algorithm 1: T1 <- h ||H_0|| / ||H_t||, P <- b T1) is set from the curvature measured
+    # at the new anchor, as the release does; the first selection measures ||H_0|| and keeps T1 and P.
+    first = math.isnan(state.h_norm_0)
+    h0 = h_norm if first else state.h_norm_0
+    if config.reselect == "epoch":
+        T1, P_next = cap, cap
+    elif first:
+        T1, P_next = min(state.T1, cap), state.P
+    elif h0 == 0.0 and h_norm == 0.0:  # no curvature information at all: keep the schedule
+        T1, P_next = min(state.T1, cap), state.P
+    else:
+        T1, P_next = update_schedule(h0, h_norm, h=config.h, b=config.b, cap=cap)
     c["selections"] += 1
     log = {k: list(v) for k, v in state.log.items()}
     log["selections"].append(state.step)
     return state._replace(
-        need_select=False, n_selections=state.n_selections + 1, cursor=0, since_check=0,
+        need_select=False, n_selections=state.n_selections + 1, cursor=0,
+        since_check=state.since_check if reason == "drop" else 0, T1=T1, P=P_next,
         batch_idx=batch_idx, batch_w=batch_w, check_idx=check_idx, anchor=anchor, quad=quad,
-        h_norm_0=h_norm if math.isnan(state.h_norm_0) else state.h_norm_0, h_norm_t=h_norm,
-        drop=drop, counters=c, log=log,
+        h_norm_0=h0, h_norm_t=h_norm, drop=drop, counters=c, log=log,
     )
 
 
@@ -325,17 +403,23 @@ def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
     drop = drop_record(state.drop, state.check_idx, to_numpy(losses), state.step) if config.T2 else state.drop
     new = state._replace(since_check=0, counters=c, log=log, drop=drop)
     if should_reselect(rho, config.tau):
-        pool = int(state.drop.active.sum())
-        cap = config.P_cap if config.P_cap is not None else max(1, math.ceil(pool / config.m))
-        T1, P = update_schedule(state.h_norm_0, state.h_norm_t, h=config.h, b=config.b, cap=cap)
-        new = new._replace(need_select=True, T1=T1, P=P)
+        new = new._replace(need_select=True)  # the new anchor's curvature sets T1 and P (in _select)
     return new
 
 
 def crest_next_batch(state: CrestState, ops: ModelOps, config: CrestConfig):
     """Account for the step just trained (if any), run due checks/drops/selection, return the next batch."""
+    reason = "first" if state.n_selections == 0 else "check"
     if state.pending:
         state = state._replace(step=state.step + 1, since_check=state.since_check + 1, pending=False)
+        # the trust check runs every T1 steps whatever else happens at this step
+        if not state.need_select and state.since_check >= state.T1:
+            if config.reselect == "epoch":
+                state = state._replace(need_select=True)
+                reason = "epoch"
+            else:
+                state = _check(state, ops, config)
+                reason = "check"
         if config.T2 is not None and state.step % config.T2 == 0:
             # the pool never shrinks below one mini-batch, whatever the configured floor
             floor = max(config.drop.floor, config.m)
@@ -343,16 +427,15 @@ def crest_next_batch(state: CrestState, ops: ModelOps, config: CrestConfig):
             log = {k: list(v) for k, v in state.log.items()}
             log["drops"].append((state.step, int(gone.size)))
             state = state._replace(drop=drop, log=log)
-            if gone.size:
+            if gone.size and not state.need_select:  # the new pool gets new coresets
                 state = state._replace(need_select=True)
-        if not state.need_select and state.since_check >= state.T1:
-            state = _check(state, ops, config)
+                reason = "drop"
     reselected = False
     if state.need_select:
-        state = _select(state, ops, config)
+        state = _select(state, ops, config, reason)
         reselected = True
-    b = state.cursor % state.batch_idx.shape[0]
-    batch = Batch(state.batch_idx[b].copy(), state.batch_w[b].copy(), reselected)
+    bi, bw = _row(state, state.cursor % state.batch_idx.shape[0])
+    batch = Batch(bi.copy(), bw.copy(), reselected)
     c = dict(state.counters)  # the batch handed out is the training step the caller takes next
     c["train_steps"] += 1
     c["train_examples"] += int(batch.indices.size)

@@ -351,7 +351,7 @@ def run_keras_comparison(
     table = format_table(rows)
     paths = {}
     if figures:
-        paths = make_figures(records, out, tau=s.crest_tau, forgetting=None,
+        paths = make_figures(records, out, tau=crest_config(s).tau, forgetting=None,
                              title=f" (Keras/{keras.backend.backend()}, seed {s.seed})")
     results = {
         "framework": "keras", "backend": keras.backend.backend(), "keras": keras.__version__,

@@ -122,14 +122,14 @@ class TrainSettings:
     seed: int = 0
     device: str = "cpu"
     threads: int | None = 2
-    # CREST
-    crest_r: int | None = 384
-    crest_P: int = 5
-    crest_T1: int = 10
-    crest_tau: float = 0.1
-    crest_h: float = 100.0
-    crest_b: float = 1.0
-    crest_fit_batches: int = 1
+    # CREST: None = the library's CrestConfig default; extra["crest"] = more CrestConfig overrides
+    crest_r: int | None = None
+    crest_P: int | None = None
+    crest_T1: int | None = None
+    crest_tau: float | None = None
+    crest_h: float | None = None
+    crest_b: float | None = None
+    crest_fit_batches: int | None = None
     # dropping (the crest-drop method): a decision every drop_every steps (default: once per epoch of
     # the budgeted run), alpha, window (default: the same number of steps), min_records
     drop_every: int | None = None
@@ -151,12 +151,16 @@ def crest_config(s: TrainSettings, *, dropping: bool = False, steps_per_epoch: i
     from .controller import CrestConfig
     from .dropping import DropConfig
 
-    kw = dict(m=s.m, r=s.crest_r, P=s.crest_P, T1=s.crest_T1, tau=s.crest_tau, h=s.crest_h, b=s.crest_b,
-              fit_batches=s.crest_fit_batches)
+    kw = {"m": s.m}
+    for name in ("r", "P", "T1", "tau", "h", "b", "fit_batches"):
+        v = getattr(s, "crest_" + name)
+        if v is not None:
+            kw[name] = v
     if dropping:
         T2 = s.drop_every if s.drop_every is not None else max(1, steps_per_epoch)
         kw["T2"] = T2
         kw["drop"] = DropConfig(alpha=s.drop_alpha, window=T2, min_records=s.drop_min_records)
+    kw.update(s.extra.get("crest", {}))
     return CrestConfig(**kw)
 
 
@@ -848,7 +852,7 @@ def run_training_demo(
     scores = ft.scores.astype(np.float64)
     never = (~ft.ever_correct).astype(np.float64)
     forgetting = forgetting_traces(records, scores, never)
-    tau = s.crest_tau
+    tau = crest_config(s).tau
     paths = {}
     if figures:
         paths = make_figures(records, out, tau=tau, forgetting=forgetting, dataset_mean_score=float(scores.mean()),

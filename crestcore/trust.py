@@ -64,7 +64,9 @@ def update_schedule(h_norm_0, h_norm_t, *, h: float = 1.0, b: float = 5.0, cap: 
             raise ValueError("h_norm_t is 0 and no cap is given: T1 would be infinite")
         T1 = int(cap)
     else:
-        T1 = max(1, math.ceil(hh * h0 / ht))
+        x = hh * (h0 / ht)
+        # a relative 1e-9 slack: rounding in the norms (equal curvature, ratio 1 +- 1 ulp) adds no step
+        T1 = max(1, math.ceil(x - 1e-9 * max(1.0, x)))
         if cap is not None:
             T1 = min(T1, int(cap))
     P = max(1, math.ceil(bb * T1))

@@ -169,3 +169,12 @@ def test_zero_current_curvature():
 def test_update_schedule_bad_inputs(args, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         update_schedule(*args, **kwargs)
+
+
+@pytest.mark.parametrize("norm", [1.7320508075688772, 0.1, 3.3e-7, 12345.678])
+@pytest.mark.parametrize("h", [1.0, 6.0, 100.0])
+def test_equal_curvature_gives_exactly_h(norm, h):
+    # ceil(h * n / n) must not gain a step from rounding (6 * 1.732.. / 1.732.. = 6.000000000000001)
+    assert update_schedule(norm, norm, h=h, b=1.0) == (int(h), int(h))
+    # a real excess of one part in a million still rounds up
+    assert update_schedule(norm * (1 + 1e-6), norm, h=h, b=1.0)[0] == int(h) + 1

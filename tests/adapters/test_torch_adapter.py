@@ -233,7 +233,7 @@ def test_yielded_batches_are_the_controllers():
     model_a, model_b = mlp(), mlp()
     loader = CrestLoader(model_a, ds, config=cfg, budget=0.5, epochs=4, seed=7)
     ops = TorchModelOps(model_b, ds)
-    state = crest_init(cfg, y, seed=7)
+    state = crest_init(cfg, y, seed=7, epoch_steps=loader.steps_per_epoch)  # the loader caps at its epoch
     opt_a = torch.optim.SGD(model_a.parameters(), lr=0.2)
     opt_b = torch.optim.SGD(model_b.parameters(), lr=0.2)
     steps = 0
