@@ -2,17 +2,33 @@
 
 Every recorded per-example loss goes into that example's ring buffer of the last ``history`` values,
 with the training step it was measured at. At a drop decision at step ``t`` an active example is
-*learned* when it has at least ``min_records`` losses recorded in the window ``(t - window, t]`` and
-every one of them is below ``alpha``. Learned examples leave the pool, except that the pool never
+*learned* when it has at least ``min_records`` losses recorded in the closed window
+``[t - window, t]`` and every one of them is below ``alpha``. The window is closed so that with
+``window = T2`` a decision sees the records made at the previous decision's step: the losses of the
+forward pass of the reselection that decision triggered (for examples the new coresets do not train
+on, the only losses measured since). Learned examples leave the pool, except that the pool never
 shrinks below ``floor`` examples and no class loses its last ``min_per_class`` examples; when those
 limits bind, the learned examples with the smallest maximum loss leave first (ties: lowest index).
 
 This is index bookkeeping, kept on the host in NumPy (like the random draws); the losses may come
-from any array library and are copied once per record.
+from any array library and are copied to the host once per record.
+
+Ownership (the cost of a record is O(batch), not O(n)): a :class:`DropState` owns its loss history
+buffers (``losses``, ``steps``, ``head``). :func:`drop_record` writes the batch's rows into them in
+place and returns a new ``DropState`` sharing them; the state passed in is *consumed*: it must not be
+used afterwards (its buffers now hold the new records too), and :func:`drop_record`,
+:func:`drop_update` and :func:`drop_copy` raise ``RuntimeError`` when given a consumed state. To keep
+a snapshot, take :func:`drop_copy` (or ``copy.deepcopy``, or copy every field, as a state dict does)
+*before* recording. The caller's ``indices`` and ``losses`` are never written. A state built from
+arrays the module did not allocate (no ownership fields) or with read-only buffers is copied once on
+its first record (copy on write) and left as it was. :func:`drop_update` stays functional: it reads
+the history (O(n * history), once per decision) and returns new ``active`` / ``dropped_at`` arrays;
+its input and output share the history, and the first of them recorded into consumes the other.
 
 The release's rule (``faithful``): slots indexed by epoch, decision every 20 epochs, keep examples
 with any slot above alpha or never seen, only while more than 40,000 remain; this module's window and
-floor parameters express it (window = 5 epochs of steps, floor = 40,000).
+floor parameters express it (window = 5 epochs of steps less one, the window being closed;
+floor = 40,000).
 """
 
 from __future__ import annotations
@@ -24,11 +40,23 @@ import numpy as np
 
 from ._compat import to_numpy
 
-__all__ = ["DropConfig", "DropState", "drop_init", "drop_record", "drop_update"]
+__all__ = ["DropConfig", "DropState", "drop_init", "drop_record", "drop_update", "drop_copy"]
 
 
 @dataclass(frozen=True)
 class DropConfig:
+    """The drop rule.
+
+    alpha : an example is learned when all its losses in the window are below alpha (strictly).
+    window : a decision at step ``t`` looks at the records of steps ``t - window`` to ``t``, both
+        included (``window + 1`` steps): with ``window = T2`` it sees the records made at the previous
+        decision's step. Records after ``t`` are ignored.
+    history : losses kept per example (a ring buffer: older records are forgotten even in the window).
+    min_records : in-window records an example needs before it can be learned (one per step).
+    floor, min_per_class : the pool never shrinks below ``floor`` examples, no class below
+        ``min_per_class`` (or what it had).
+    """
+
     alpha: float = 0.1
     window: int = 100  # steps
     history: int = 8  # losses kept per example
@@ -48,11 +76,22 @@ class DropConfig:
 
 
 class DropState(NamedTuple):
+    """The loss history and the pool. See the module docstring for the ownership contract.
+
+    ``clock`` and ``version`` are the ownership fields: ``clock`` (1,) int64 is shared by every state
+    over the same history buffers and counts the in-place records made to them; a state is live while
+    its ``version`` equals ``clock[0]``. Copying every field (``np.asarray(v).copy()``, as a state dict
+    does) gives an independent live state; a state without them (the five arrays alone) owns nothing
+    and is copied on its first record.
+    """
+
     losses: np.ndarray  # (n, history) float64, NaN = empty slot
     steps: np.ndarray  # (n, history) int64, step of each record, -1 = empty
     head: np.ndarray  # (n,) int64 next slot to write
     active: np.ndarray  # (n,) bool, the pool
     dropped_at: np.ndarray  # (n,) int64 step an example was dropped, -1 if active
+    clock: np.ndarray | None = None  # (1,) int64 records made in place to these buffers; None = not owned
+    version: int = 0  # clock[0] when this state was made: live while equal
 
 
 def drop_init(n: int, config: DropConfig = DropConfig()) -> DropState:
@@ -66,6 +105,52 @@ def drop_init(n: int, config: DropConfig = DropConfig()) -> DropState:
         head=np.zeros(n, dtype=np.int64),
         active=np.ones(n, dtype=bool),
         dropped_at=np.full(n, -1, dtype=np.int64),
+        clock=np.zeros(1, dtype=np.int64),
+        version=0,
+    )
+
+
+_CONSUMED = (
+    "this DropState was consumed: a later drop_record wrote its loss history in place (the buffers "
+    "are shared). Use the state drop_record returned; to keep a snapshot, take drop_copy(state) "
+    "before recording"
+)
+
+
+def _check_live(state: DropState) -> None:
+    """Raise on a consumed state (a later record wrote its history in place). O(1)."""
+    clock = state.clock
+    if _has_clock(state) and int(state.version) != int(clock[0]):
+        raise RuntimeError(_CONSUMED)
+
+
+def _has_clock(state: DropState) -> bool:
+    c = state.clock
+    return isinstance(c, np.ndarray) and c.shape == (1,) and c.dtype == np.int64
+
+
+def _owned(state: DropState) -> bool:
+    """Whether ``drop_record`` may write ``state``'s history in place; raises on a consumed state."""
+    _check_live(state)
+    if not _has_clock(state):
+        return False  # no ownership fields (hand-built, or an old checkpoint): copy on write
+    return state.clock.flags.writeable and all(
+        isinstance(a, np.ndarray) and a.flags.writeable for a in (state.losses, state.steps, state.head)
+    )
+
+
+def drop_copy(state: DropState) -> DropState:
+    """An independent snapshot of ``state`` (O(n * history)): it owns fresh buffers and stays valid
+    whatever is recorded into ``state`` afterwards (and the other way round)."""
+    _check_live(state)
+    return DropState(
+        losses=np.array(state.losses, dtype=np.float64),
+        steps=np.array(state.steps, dtype=np.int64),
+        head=np.array(state.head, dtype=np.int64),
+        active=np.array(state.active, dtype=bool),
+        dropped_at=np.array(state.dropped_at, dtype=np.int64),
+        clock=np.zeros(1, dtype=np.int64),
+        version=0,
     )
 
 
@@ -76,11 +161,17 @@ def _check_step(step) -> int:
 
 
 def drop_record(state: DropState, indices, losses, step: int) -> DropState:
-    """Record per-example ``losses`` of examples ``indices`` measured at ``step``. Returns a new state.
+    """Record per-example ``losses`` of examples ``indices`` measured at ``step``. Returns the new state.
 
     A repeated index within one call keeps its last loss; a second record of an example at the same
     step replaces the first (one measurement per step counts once towards ``min_records``).
+
+    O(batch): the rows of ``indices`` are written in place into ``state``'s buffers, which the returned
+    state shares; ``state`` is consumed and must not be used afterwards (keep a snapshot with
+    :func:`drop_copy` first). ``indices`` and ``losses`` are not written. A state that does not own
+    writable buffers is copied once instead (and left unchanged).
     """
+    owned = _owned(state)  # first: a consumed state raises before anything else
     idx = np.asarray(to_numpy(indices))
     if not np.issubdtype(idx.dtype, np.integer):
         raise TypeError(f"indices must hold integers, got dtype {idx.dtype}")
@@ -99,22 +190,34 @@ def drop_record(state: DropState, indices, losses, step: int) -> DropState:
     keep = idx.size - 1 - last
     idx, vals = idx[keep], vals[keep]
     H = state.losses.shape[1]
-    L, S, head = state.losses.copy(), state.steps.copy(), state.head.copy()
+    if owned:
+        L, S, head, clock = state.losses, state.steps, state.head, state.clock
+    else:  # copy on write, once: the copy owns its buffers, ``state`` stays as it was
+        L = np.array(state.losses, dtype=np.float64)
+        S = np.array(state.steps, dtype=np.int64)
+        head = np.array(state.head, dtype=np.int64)
+        clock = np.zeros(1, dtype=np.int64)
     # a second measurement at the same step replaces the first: one step, one record
-    prev = (head[idx] - 1) % H
-    same = (head[idx] > 0) & (S[idx, prev] == step)
-    slot = np.where(same, prev, head[idx] % H)
+    h = head[idx]  # idx holds no repeats: every gather and scatter below touches each row once
+    prev = (h - 1) % H
+    same = (h > 0) & (S[idx, prev] == step)
+    slot = np.where(same, prev, h % H)
     L[idx, slot] = vals
     S[idx, slot] = step
-    head[idx] += np.where(same, 0, 1)
-    return state._replace(losses=L, steps=S, head=head)
+    head[idx] = h + np.where(same, 0, 1)
+    clock[0] += 1  # every state made before this one over these buffers is now consumed
+    return state._replace(losses=L, steps=S, head=head, clock=clock, version=int(clock[0]))
 
 
 def drop_update(state: DropState, step: int, config: DropConfig = DropConfig(), labels=None):
     """Decide which active examples are learned at ``step`` and drop them within the limits.
 
     Returns ``(new_state, dropped_indices)``. ``labels`` (n,) integers enable the per-class limit.
+    A learned example has at least ``min_records`` records in ``[step - window, step]``, all below
+    ``alpha``. Functional: ``state`` is not written and stays valid; the new state has new ``active``
+    and ``dropped_at`` arrays and shares the loss history with ``state`` (O(n * history) per call).
     """
+    _check_live(state)
     n = state.active.size
     step = _check_step(step)
     lab = None
@@ -125,7 +228,8 @@ def drop_update(state: DropState, step: int, config: DropConfig = DropConfig(), 
         lab = lab.astype(np.int64).ravel()
         if lab.size != n:
             raise ValueError(f"labels has length {lab.size}, expected {n}")
-    in_win = (state.steps > step - config.window) & (state.steps >= 0) & (state.steps <= step)
+    # the closed window [step - window, step]; empty slots hold step -1
+    in_win = (state.steps >= max(step - config.window, 0)) & (state.steps <= step)
     cnt = in_win.sum(axis=1)
     below = np.where(in_win, state.losses < config.alpha, True).all(axis=1)
     learned = state.active & (cnt >= config.min_records) & below

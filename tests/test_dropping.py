@@ -1,10 +1,15 @@
 """Tests for crestcore/dropping.py: the loss history, the alpha rule and the pool limits.
 
 A plain reference (a Python list of every (step, loss) record per example) decides who is learned;
-the module's ring buffers must agree with it. Self-contained: no conftest fixtures.
+the module's ring buffers must agree with it, and a plain copy-per-record ring buffer (the original
+semantic) must agree with the in-place one record for record. Self-contained: no conftest fixtures.
 """
 
 from __future__ import annotations
+
+import copy
+import pickle
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -12,6 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import crestcore.dropping as dropping
 from crestcore import DropConfig, drop_init, drop_record, drop_update
 
 SETTINGS = settings(deadline=None, max_examples=60)
@@ -70,7 +76,7 @@ def _kept(log_i, history):
 
 
 def _in_window(records, t, window):
-    return [l for s, l in records if t - window < s <= t]
+    return [l for s, l in records if t - window <= s <= t]  # the closed window [t - window, t]
 
 
 @SETTINGS
@@ -139,14 +145,40 @@ def test_old_records_outside_the_window_are_ignored():
     # 0: the old high loss is outside the window -> learned; 1: no in-window record -> kept;
     # 2: high in the window -> kept; 3: low -> learned
     assert dropped.tolist() == [0, 3]
-    # the window is (t - window, t]: a record at exactly t - window is outside
+    # the window is [t - window, t]: a record at exactly t - window is inside, one step earlier is not
     # (example 2 is never recorded, so it stays and the floor of 1 never binds)
-    s2 = drop_record(drop_init(3, cfg), [0], [5.0], step=5)
+    s2 = drop_record(drop_init(3, cfg), [0], [5.0], step=4)
     s2 = drop_record(s2, [0, 1], [0.0, 0.0], step=15)
     assert drop_update(s2, 15, cfg)[1].tolist() == [0, 1]
-    s3 = drop_record(drop_init(3, cfg), [0], [5.0], step=6)
+    s3 = drop_record(drop_init(3, cfg), [0], [5.0], step=5)
     s3 = drop_record(s3, [0, 1], [0.0, 0.0], step=15)
     assert drop_update(s3, 15, cfg)[1].tolist() == [1]
+
+
+def test_a_record_at_exactly_step_minus_window_counts():
+    # the reproduction: a loss of 0.01 recorded at step 5, decision at step 10 with window 5
+    cfg = DropConfig(alpha=0.1, window=5, min_records=1)
+    s = drop_record(drop_init(2, cfg), [0], [0.01], step=5)
+    assert drop_update(s, 10, cfg)[1].tolist() == [0]
+    assert drop_update(s, 11, cfg)[1].tolist() == []  # one step later it has left the window
+
+
+def test_the_drop_triggered_reselection_losses_count_at_the_next_decision():
+    # The controller's timing: a drop decision at step t, the reselection it triggers records the
+    # losses of its forward at step t, the next decision is at t + T2 with window = T2. Those losses
+    # are the only ones of examples that the new coresets do not train on, and a high one must keep
+    # an example even when it was trained to a low loss afterwards.
+    T2 = 5
+    cfg = DropConfig(alpha=0.1, window=T2, min_records=1)
+    s = drop_init(4, cfg)
+    s, gone = drop_update(s, T2, cfg)
+    assert gone.tolist() == []
+    s = drop_record(s, [0, 1, 2], [0.01, 3.0, 0.02], step=T2)  # the reselection's forward
+    s = drop_record(s, [1, 2], [0.01, 0.01], step=T2 + 3)  # training on a coreset
+    s, gone = drop_update(s, 2 * T2, cfg)
+    # 0: only the reselection's low loss -> learned; 1: its high loss at t is in the window -> kept;
+    # 2: low at t and after -> learned; 3: never measured -> kept
+    assert gone.tolist() == [0, 2]
 
 
 def test_records_after_the_decision_step_are_ignored():
@@ -189,6 +221,24 @@ def test_drop_record_keeps_the_last_of_repeated_indices():
     assert s.losses[1, 0] == 1.0 and s.steps[3, 0] == 7 and s.steps[1, 0] == 7
 
 
+def test_a_second_record_at_the_same_step_replaces_the_first():
+    cfg = DropConfig(alpha=0.1, window=10, history=3, min_records=2)
+    s = drop_record(drop_init(3, cfg), [0, 1], [0.01, 0.01], 1)
+    s = drop_record(s, [0, 1], [0.02, 5.0], 2)
+    s = drop_record(s, [0, 1], [0.03, 0.04], 2)  # the same step: replaces, does not append
+    assert s.head.tolist() == [2, 2, 0]
+    np.testing.assert_array_equal(s.losses[:2, :2], [[0.01, 0.03], [0.01, 0.04]])
+    np.testing.assert_array_equal(s.steps[:2, :2], [[1, 2], [1, 2]])
+    assert np.isnan(s.losses[:, 2]).all() and (s.steps[:, 2] == -1).all()
+    # 1's high loss at step 2 was replaced: both have two low records in the window
+    assert drop_update(s, 5, cfg)[1].tolist() == [0, 1]
+    # a record at the same step after the ring wrapped around replaces the newest slot, not slot 0
+    w = drop_init(1, DropConfig(history=2, min_records=1))
+    for step, loss in [(0, 1.0), (1, 2.0), (2, 3.0), (2, 4.0)]:
+        w = drop_record(w, [0], [loss], step)
+    assert w.head.tolist() == [3] and w.losses.tolist() == [[4.0, 2.0]] and w.steps.tolist() == [[2, 1]]
+
+
 def test_drop_record_accepts_torch_and_lists():
     cfg = DropConfig()
     a = drop_record(drop_init(3, cfg), torch.tensor([0, 2]), torch.tensor([0.5, 1.5], dtype=torch.float32), 1)
@@ -219,12 +269,13 @@ def test_dropped_examples_stay_dropped():
     assert not s.active[0] and s.dropped_at[0] == 0 and d2.tolist() == []
 
 
-def test_inputs_not_mutated_and_states_are_new_objects():
+def test_inputs_not_mutated_and_read_only_states_are_copied_on_write():
     cfg = DropConfig(alpha=0.1, min_records=1)
     s0 = drop_init(4, cfg)
     for a in s0:
-        a.setflags(write=False)  # read-only state arrays must still work
-    snap0 = [a.copy() for a in s0]
+        if isinstance(a, np.ndarray):
+            a.setflags(write=False)  # read-only state arrays must still work: copied, never written
+    snap0 = [np.copy(a) for a in s0]
     idx = np.array([0, 1, 2])
     losses = np.array([0.0, 0.0, 5.0])
     idx.setflags(write=False)
@@ -233,7 +284,8 @@ def test_inputs_not_mutated_and_states_are_new_objects():
     for a, b in zip(s0, snap0):
         np.testing.assert_array_equal(a, b)
     assert s1.losses is not s0.losses and s1.steps is not s0.steps and s1.head is not s0.head
-    snap1 = [a.copy() for a in s1]
+    drop_update(s0, 3, cfg)  # s0 was not written, so it is still a valid state
+    snap1 = [np.copy(a) for a in s1]
     labels = np.array([0, 0, 1, 1])
     s2, dropped = drop_update(s1, 3, cfg, labels)
     assert dropped.tolist() == [0]
@@ -242,6 +294,199 @@ def test_inputs_not_mutated_and_states_are_new_objects():
     assert s2.active is not s1.active and s2.dropped_at is not s1.dropped_at
     np.testing.assert_array_equal(idx, [0, 1, 2])
     np.testing.assert_array_equal(labels, [0, 0, 1, 1])
+
+
+# --------------------------------------------------------------------------------------------
+# in-place records: O(batch) per record, the ownership contract, snapshots
+# --------------------------------------------------------------------------------------------
+class RefRing:
+    """The original semantic, plainly: a ring of ``history`` (loss, step) slots per example."""
+
+    def __init__(self, n, history):
+        self.H = history
+        self.L = [[np.nan] * history for _ in range(n)]
+        self.S = [[-1] * history for _ in range(n)]
+        self.head = [0] * n
+
+    def record(self, idx, losses, step):
+        last = {}
+        for i, l in zip(idx, losses):
+            last[int(i)] = float(l)  # a repeated index keeps its last loss
+        for i, l in last.items():
+            h = self.head[i]
+            if h > 0 and self.S[i][(h - 1) % self.H] == step:  # same step: replace the newest record
+                self.L[i][(h - 1) % self.H] = l
+            else:
+                self.L[i][h % self.H] = l
+                self.S[i][h % self.H] = step
+                self.head[i] = h + 1
+
+    def check(self, state):
+        np.testing.assert_array_equal(state.losses, np.array(self.L, dtype=np.float64))
+        np.testing.assert_array_equal(state.steps, np.array(self.S, dtype=np.int64))
+        np.testing.assert_array_equal(state.head, np.array(self.head, dtype=np.int64))
+        assert state.losses.dtype == np.float64 and state.steps.dtype == np.int64 and state.head.dtype == np.int64
+
+
+def _state_dict_copy(state):
+    # exactly what crestcore.controller.crest_state_dict / crest_load_state_dict do with the drop state
+    saved = {k: np.asarray(v).copy() for k, v in state._asdict().items()}
+    return dropping.DropState(**{k: np.asarray(v).copy() for k, v in saved.items()})
+
+
+@st.composite
+def record_programs(draw):
+    n = draw(st.integers(1, 8))
+    history = draw(st.integers(1, 4))
+    ops = []
+    for _ in range(draw(st.integers(1, 30))):
+        kind = draw(st.sampled_from(["record"] * 6 + ["drop_copy", "state_dict", "deepcopy", "update"]))
+        branch = draw(st.integers(0, 7))
+        if kind == "record":
+            k = draw(st.integers(0, 2 * n))
+            idx = draw(st.lists(st.integers(0, n - 1), min_size=k, max_size=k))
+            losses = draw(st.lists(st.sampled_from([0.0, 0.01, 0.05, 0.2, 1.5]), min_size=k, max_size=k))
+            ops.append((kind, branch, idx, losses, draw(st.integers(0, 8))))
+        else:
+            ops.append((kind, branch, None, None, draw(st.integers(0, 8))))
+    return n, history, ops
+
+
+@settings(deadline=None, max_examples=80)
+@given(prog=record_programs())
+def test_in_place_records_equal_the_copying_reference(prog):
+    # random records (repeated indices, repeated and decreasing steps) on several branches made by
+    # drop_copy, a state-dict round trip, deepcopy and drop_update; every live branch always equals
+    # its own plain reference
+    n, history, ops = prog
+    cfg = DropConfig(alpha=0.1, window=3, history=history, min_records=1)
+    branches = [(drop_init(n, cfg), RefRing(n, history))]
+    for kind, b, idx, losses, step in ops:
+        b %= len(branches)
+        state, ref = branches[b]
+        if kind == "record":
+            i_in, l_in = np.array(idx, dtype=np.int64), np.array(losses, dtype=np.float64)
+            i_keep, l_keep = i_in.copy(), l_in.copy()
+            state = drop_record(state, i_in, l_in, step)
+            np.testing.assert_array_equal(i_in, i_keep)  # the caller's inputs are not written
+            np.testing.assert_array_equal(l_in, l_keep)
+            ref.record(idx, losses, step)
+            branches[b] = (state, ref)
+        elif kind == "update":
+            state, _ = drop_update(state, step, cfg)
+            branches[b] = (state, ref)  # the loss history is unchanged (and still shared)
+        else:
+            snap = {"drop_copy": dropping.drop_copy, "state_dict": _state_dict_copy,
+                    "deepcopy": copy.deepcopy}[kind](state)
+            branches.append((snap, copy.deepcopy(ref)))
+        for s_, r_ in branches:
+            r_.check(s_)
+
+
+def test_drop_record_writes_in_place_and_consumes_the_state_passed_in():
+    cfg = DropConfig(alpha=0.1, window=10, min_records=1)
+    s0 = drop_init(4, cfg)
+    s1 = drop_record(s0, [0, 1], [0.01, 2.0], 3)
+    # the buffers are shared, not copied: s0 now shows s1's records
+    assert s1.losses is s0.losses and s1.steps is s0.steps and s1.head is s0.head
+    assert s1.active is s0.active and s1.dropped_at is s0.dropped_at
+    for call in (lambda: drop_record(s0, [2], [0.0], 4), lambda: drop_update(s0, 4, cfg),
+                 lambda: dropping.drop_copy(s0)):
+        with pytest.raises(RuntimeError, match="consumed"):
+            call()
+    # the failed calls left s1 intact and live
+    assert s1.head.tolist() == [1, 1, 0, 0]
+    s2 = drop_record(s1, [2], [0.02], 4)
+    assert drop_update(s2, 4, cfg)[1].tolist() == [0, 2]
+    # drop_update reads the history and copies the pool: its input and output are both live (they
+    # share the history); the first one recorded into consumes the other
+    u, gone = drop_update(s2, 4, cfg)
+    assert gone.tolist() == [0, 2] and s2.active.all() and not u.active[0]
+    assert u.losses is s2.losses
+    u2 = drop_record(u, [3], [0.5], 5)
+    with pytest.raises(RuntimeError, match="consumed"):
+        drop_record(s2, [3], [0.5], 5)
+    assert u2.head.tolist() == [1, 1, 1, 1]
+
+
+def test_drop_copy_is_an_independent_snapshot():
+    cfg = DropConfig(alpha=0.1, window=10, history=2, min_records=1)
+    s = drop_record(drop_init(3, cfg), [0, 1], [0.01, 2.0], 1)
+    snap = dropping.drop_copy(s)
+    frozen = [np.copy(a) for a in snap]
+    for f in ("losses", "steps", "head", "active", "dropped_at"):
+        assert not np.shares_memory(getattr(snap, f), getattr(s, f))
+    s = drop_record(s, [0, 1, 2], [5.0, 0.0, 0.0], 2)  # the original goes on in place
+    s, gone = drop_update(s, 2, cfg)
+    for a, b in zip(snap, frozen):
+        np.testing.assert_array_equal(a, b)  # the snapshot did not move
+    assert gone.tolist() == [2] and drop_update(snap, 2, cfg)[1].tolist() == [0]
+    # the snapshot is a live state of its own: recording into it leaves the original alone
+    head_s = s.head.copy()
+    snap2 = drop_record(snap, [2], [0.0], 3)
+    np.testing.assert_array_equal(s.head, head_s)
+    assert snap2.head.tolist() == [1, 1, 1]
+    drop_record(s, [2], [0.0], 3)  # and the original is still live
+    assert "drop_copy" in dropping.__all__
+
+
+def test_state_dict_snapshots_stay_independent():
+    # crest_state_dict copies every field with np.asarray(v).copy(); crest_load_state_dict builds
+    # DropState(**copies): both a snapshot and every restore of it must be independent of the
+    # state that keeps training, and of each other
+    cfg = DropConfig(alpha=0.1, window=10, min_records=1)
+    s = drop_record(drop_init(3, cfg), [0, 1], [0.01, 2.0], 1)
+    saved = pickle.loads(pickle.dumps({k: np.asarray(v).copy() for k, v in s._asdict().items()}))
+    frozen = {k: v.copy() for k, v in saved.items()}
+    s = drop_record(s, [0, 1, 2], [5.0, 5.0, 5.0], 2)
+    a = dropping.DropState(**{k: np.asarray(v).copy() for k, v in saved.items()})
+    b = dropping.DropState(**{k: np.asarray(v).copy() for k, v in saved.items()})
+    a = drop_record(a, [2], [0.0], 2)
+    b = drop_record(b, [1], [0.0], 2)
+    for k, v in saved.items():
+        np.testing.assert_array_equal(v, frozen[k])
+    assert a.head.tolist() == [1, 1, 1] and b.head.tolist() == [1, 2, 0] and s.head.tolist() == [2, 2, 1]
+    assert drop_update(a, 2, cfg)[1].tolist() == [0, 2] and drop_update(s, 2, cfg)[1].tolist() == []
+
+
+def test_a_state_without_ownership_is_copied_on_its_first_record():
+    # a DropState built from the five arrays alone (e.g. a checkpoint from before the ownership
+    # fields) owns nothing: its first record copies once, later records are in place
+    cfg = DropConfig(alpha=0.1, window=10, min_records=1)
+    arrays = {k: np.copy(v) for k, v in drop_init(3, cfg)._asdict().items()
+              if k in ("losses", "steps", "head", "active", "dropped_at")}
+    legacy = dropping.DropState(**arrays)
+    s1 = drop_record(legacy, [0], [0.01], 1)
+    assert s1.losses is not arrays["losses"] and arrays["head"].tolist() == [0, 0, 0]
+    s2 = drop_record(s1, [1], [0.01], 2)
+    assert s2.losses is s1.losses and drop_update(s2, 2, cfg)[1].tolist() == [0, 1]
+    drop_record(legacy, [2], [0.0], 1)  # never written: still usable
+    # likewise a state-dict round trip of such a state (its ownership fields are object arrays)
+    rt = dropping.DropState(**{k: np.asarray(v).copy() for k, v in legacy._asdict().items()})
+    assert drop_record(rt, [2], [0.0], 1).head.tolist() == [0, 0, 1]
+
+
+def test_drop_record_cost_does_not_scale_with_n():
+    # a record of a batch of 128 writes 128 rows in place: no allocation of the size of the state
+    # (the old copy per record allocated 2 * n * history * 8 + n * 8 bytes = 40 MB here)
+    n, b = 1_000_000, 128
+    cfg = DropConfig(history=2)
+    s = drop_init(n, cfg)
+    rng = np.random.default_rng(0)
+    batches = [(rng.integers(0, n, b), rng.random(b)) for _ in range(3)]
+    s = drop_record(s, *batches[0], 0)
+    was_tracing = tracemalloc.is_tracing()
+    tracemalloc.start()
+    try:
+        for step, (idx, losses) in zip((1, 1, 2), batches):  # append, replace at the same step, append
+            tracemalloc.reset_peak()
+            s = drop_record(s, idx, losses, step)
+            peak = tracemalloc.get_traced_memory()[1]
+            assert peak < 1 << 20, f"drop_record allocated {peak} bytes at its peak on n={n}"
+    finally:
+        if not was_tracing:
+            tracemalloc.stop()
+    assert int(s.head.sum()) > 0
 
 
 # --------------------------------------------------------------------------------------------
