@@ -35,7 +35,7 @@ from .quadratic import (  # noqa: E402
     quadratic_update,
 )
 from .trust import relative_error, should_reselect, update_schedule  # noqa: E402
-from .dropping import DropConfig, DropState, drop_init, drop_record, drop_update  # noqa: E402
+from .dropping import DropConfig, DropState, drop_copy, drop_init, drop_record, drop_update  # noqa: E402
 from .controller import (  # noqa: E402
     Batch,
     CrestConfig,

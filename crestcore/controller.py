@@ -110,6 +110,12 @@ class CrestConfig:
     "shuffled-union"). No pick is ever dropped: batches of unequal length stay unequal.
     reselect : "trust" (the rho_t check every T1 steps decides) or "epoch" (no checks: P = one
     budgeted epoch of coresets, reselected every budgeted epoch; an ablation of the trust check).
+    max_overhead : None (no limit) or a positive fraction: the measurement passes CREST spends
+    (selection forwards, model fits, checks; counted in forward-equivalents, a backward = 2 forwards)
+    never exceed this fraction of the training passes (3 forward-equivalents per trained example) by
+    more than the one check or selection that crosses it. A due check, epoch reselection or
+    drop-triggered reselection waits until the count allows it; meanwhile the coresets are cycled.
+    Deterministic: counts, not clocks.
     """
 
     m: int = 128
@@ -134,6 +140,7 @@ class CrestConfig:
     check_union: bool = False
     weights: str = "cluster"
     reselect: str = "trust"
+    max_overhead: float | None = None
 
     def __post_init__(self):
         def pos_int(name, v):
@@ -159,6 +166,11 @@ class CrestConfig:
             raise ValueError(f"weights must be one of {WEIGHTS}, got {self.weights!r}")
         if self.reselect not in RESELECT:
             raise ValueError(f"reselect must be one of {RESELECT}, got {self.reselect!r}")
+        if self.max_overhead is not None and not (
+            isinstance(self.max_overhead, (int, float)) and not isinstance(self.max_overhead, bool)
+            and math.isfinite(self.max_overhead) and self.max_overhead > 0
+        ):
+            raise ValueError(f"max_overhead must be a positive finite fraction or None, got {self.max_overhead!r}")
 
     @classmethod
     def release(cls, **overrides) -> "CrestConfig":
@@ -186,6 +198,7 @@ class CrestState(NamedTuple):
     T1: int
     P: int
     need_select: bool
+    want_select: bool  # the pool changed (a drop): reselect as soon as max_overhead allows
     pending: bool  # a batch was handed out and not yet accounted
     n_selections: int
     cursor: int
@@ -237,7 +250,7 @@ def crest_init(config: CrestConfig, labels, *, seed: int, epoch_steps: int | Non
         raise ValueError(f"m ({config.m}) exceeds the number of examples ({n})")
     return CrestState(
         seed=int(seed), labels=lab, n_classes=C, step=0, since_check=0, T1=config.T1, P=config.P,
-        need_select=True, pending=False, n_selections=0, cursor=0,
+        need_select=True, want_select=False, pending=False, n_selections=0, cursor=0,
         batch_idx=np.zeros((0, config.m), dtype=np.int64), batch_w=np.zeros((0, config.m)),
         check_idx=np.zeros(0, dtype=np.int64), anchor=None, quad=None, h_norm_0=math.nan,
         h_norm_t=math.nan, drop=drop_init(n, config.drop), counters=_counters(),
@@ -345,7 +358,6 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
     check_idx = union if config.check_union else subsets[0]
     on_check = from_numpy(np.searchsorted(union, check_idx), xp, device_of(losses))
     anchor_loss = float(to_numpy(xp.mean(xp.take(losses, on_check, axis=0))))
-    drop = drop_record(state.drop, union, to_numpy(losses), state.step) if config.T2 else state.drop
 
     # quadratic model at the anchor
     anchor = ops.params()
@@ -378,8 +390,10 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
     c["selections"] += 1
     log = {k: list(v) for k, v in state.log.items()}
     log["selections"].append(state.step)
+    # last, after everything that can raise: a record consumes state.drop (see crestcore.dropping)
+    drop = drop_record(state.drop, union, to_numpy(losses), state.step) if config.T2 else state.drop
     return state._replace(
-        need_select=False, n_selections=state.n_selections + 1, cursor=0,
+        need_select=False, want_select=False, n_selections=state.n_selections + 1, cursor=0,
         since_check=state.since_check if reason == "drop" else 0, T1=T1, P=P_next,
         batch_idx=batch_idx, batch_w=batch_w, check_idx=check_idx, anchor=anchor, quad=quad,
         h_norm_0=h0, h_norm_t=h_norm, drop=drop, counters=c, log=log,
@@ -407,13 +421,22 @@ def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
     return new
 
 
+def _affordable(state: CrestState, config: CrestConfig) -> bool:
+    """Whether the measurement passes spent so far leave room for more under ``max_overhead``."""
+    if config.max_overhead is None:
+        return True
+    c = state.counters
+    spent = c["forward_examples"] + 2 * c["backward_examples"]
+    return spent <= config.max_overhead * 3 * c["train_examples"]
+
+
 def crest_next_batch(state: CrestState, ops: ModelOps, config: CrestConfig):
     """Account for the step just trained (if any), run due checks/drops/selection, return the next batch."""
     reason = "first" if state.n_selections == 0 else "check"
     if state.pending:
         state = state._replace(step=state.step + 1, since_check=state.since_check + 1, pending=False)
-        # the trust check runs every T1 steps whatever else happens at this step
-        if not state.need_select and state.since_check >= state.T1:
+        # the trust check runs every T1 steps (when max_overhead allows) whatever else happens at this step
+        if not state.need_select and state.since_check >= state.T1 and _affordable(state, config):
             if config.reselect == "epoch":
                 state = state._replace(need_select=True)
                 reason = "epoch"
@@ -426,10 +449,10 @@ def crest_next_batch(state: CrestState, ops: ModelOps, config: CrestConfig):
             drop, gone = drop_update(state.drop, state.step, replace(config.drop, floor=floor), state.labels)
             log = {k: list(v) for k, v in state.log.items()}
             log["drops"].append((state.step, int(gone.size)))
-            state = state._replace(drop=drop, log=log)
-            if gone.size and not state.need_select:  # the new pool gets new coresets
-                state = state._replace(need_select=True)
-                reason = "drop"
+            state = state._replace(drop=drop, log=log, want_select=state.want_select or bool(gone.size))
+        if state.want_select and not state.need_select and _affordable(state, config):
+            state = state._replace(need_select=True)  # the new pool gets new coresets
+            reason = "drop"
     reselected = False
     if state.need_select:
         state = _select(state, ops, config, reason)
@@ -463,6 +486,7 @@ def crest_state_dict(state: CrestState) -> dict:
 
 def crest_load_state_dict(d: dict, params_like) -> CrestState:
     """Restore a state; vectors go to the namespace/device/dtype of ``params_like`` (e.g. ops.params())."""
+    d = {"want_select": False, "epoch_steps": 0, **d}  # fields added after the first format
     missing = set(CrestState._fields) - set(d)
     if missing:
         raise ValueError(f"state dict is missing {sorted(missing)}")

@@ -755,3 +755,22 @@ def test_weight_rules(rule):
         CrestConfig(weights="sizes")
     with pytest.raises(ValueError, match="reselect"):
         CrestConfig(reselect="never")
+
+
+def test_max_overhead_bounds_the_counted_passes():
+    Xtr, ytr, _, _ = digits()
+    for frac in (0.1, 0.3):
+        cfg = CrestConfig(m=M, T1=1, tau=1e-6, max_overhead=frac)  # every check fails: wants to reselect always
+        ops, state = train_crest(cfg, 0, 120)
+        c = state.counters
+        spent = c["forward_examples"] + 2 * c["backward_examples"]
+        # at most one selection (P r forward + the fit) or check past the allowance
+        r = max(10 * math.ceil(0.01 * ytr.size / 10), 4 * M)
+        one = state.P * r + 8 * M + r
+        assert spent <= frac * 3 * c["train_examples"] + one
+        assert state.counters["selections"] >= 2  # the gate delays, it does not forbid
+    free = CrestConfig(m=M, T1=1, tau=1e-6)
+    _, st_free = train_crest(free, 0, 120)
+    assert st_free.counters["checks"] > state.counters["checks"]
+    with pytest.raises(ValueError, match="max_overhead"):
+        CrestConfig(max_overhead=0.0)
