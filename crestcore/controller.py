@@ -173,6 +173,15 @@ class CrestConfig:
             raise ValueError(f"max_overhead must be a positive finite fraction or None, got {self.max_overhead!r}")
 
     @classmethod
+    def paper(cls, **overrides) -> "CrestConfig":
+        """Algorithm 1 as the paper states it, with its hyperparameters (P = 5, T1 = 1, tau = 0.1, h = 1,
+        b = 5, cluster-size weights, the trust check, no overhead cap) and none of the release's bugs."""
+        base = dict(P=5, T1=1, tau=0.1, h=1.0, b=5.0, weights="cluster", reselect="trust", max_overhead=None,
+                    kernel="max-minus", batches="coreset", quadratic=QuadraticConfig())
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
     def release(cls, **overrides) -> "CrestConfig":
         """The design choices of the authors' release (CREST-NOTES.md), never its bugs."""
         base = dict(

@@ -774,3 +774,12 @@ def test_max_overhead_bounds_the_counted_passes():
     assert st_free.counters["checks"] > state.counters["checks"]
     with pytest.raises(ValueError, match="max_overhead"):
         CrestConfig(max_overhead=0.0)
+
+
+def test_paper_config_is_the_papers_algorithm():
+    p = CrestConfig.paper()
+    assert (p.P, p.T1, p.tau, p.h, p.b) == (5, 1, 0.1, 1.0, 5.0)
+    assert (p.weights, p.reselect, p.max_overhead, p.batches, p.kernel) == (
+        "cluster", "trust", None, "coreset", "max-minus")
+    assert p.quadratic.variant == "hutchinson"
+    assert CrestConfig.paper(m=64).m == 64
