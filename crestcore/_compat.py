@@ -73,6 +73,15 @@ def device_of(x: Any):
     return _device(x)
 
 
+def on_cpu(x: Any) -> bool:
+    """Whether ``x`` lives in host memory as NumPy or a CPU torch tensor (a free ``to_numpy``)."""
+    if isinstance(x, np.ndarray):
+        return True
+    if array_api_compat.is_torch_array(x):
+        return x.device.type == "cpu"
+    return False
+
+
 def to_numpy(x: Any) -> np.ndarray:
     """Copy an array of any supported library to host NumPy (one transfer)."""
     if isinstance(x, np.ndarray):

@@ -41,7 +41,8 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
-from ._compat import device_of, from_numpy, namespace, to_numpy
+from ._compat import device_of, from_numpy, namespace, on_cpu, to_numpy
+from .backends import backend_module
 from .dropping import DropConfig, DropState, drop_init, drop_record, drop_update
 from .features import cross_entropy, last_layer_gradients
 from .minibatch import CLASS_BUDGETS, draw_subsets, minibatch_coresets
@@ -342,9 +343,15 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
     pos = np.searchsorted(union, subsets)
     xp, logits, emb, y, losses = _forward(state, ops, union, config)
     feats = last_layer_gradients(logits, y, embeddings=emb)
-    solve = getattr(ops, "coresets", None) or minibatch_coresets  # an adapter may shard the solve
+    solve, fy = getattr(ops, "coresets", None), (feats, y)  # an adapter may shard the solve
+    if solve is None:
+        solve = minibatch_coresets
+        if not isinstance(feats, np.ndarray) and on_cpu(feats) and backend_module("numpy") is not None:
+            # CPU tensors: the Numba kernels solve these many small problems ~5x faster than torch's
+            # per-op CPU loop (48 vs 9 ms for P = 5, r = 384, C = 10, m = 128); same picks (ties: lowest index)
+            fy = (to_numpy(feats), to_numpy(y))
     cs = solve(
-        feats, y, m=config.m, r=r, P=P, rng=gen, subsets=pos, per_class=config.per_class,
+        *fy, m=config.m, r=r, P=P, rng=gen, subsets=pos, per_class=config.per_class,
         kernel=config.kernel, metric=config.metric, optimizer=config.optimizer,
         class_budget=config.class_budget,
     )

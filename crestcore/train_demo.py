@@ -135,7 +135,7 @@ class TrainSettings:
     drop_every: int | None = None
     drop_alpha: float = 0.1
     drop_min_records: int = 1
-    measure_batch_size: int = 1024
+    measure_batch_size: int = 256  # CPU: batches past ~256 run the eval forward ~1.5x slower per example (measured)
     # baselines (crestcore.adapters.baselines.SubsetLoader): craig, gradmatch and glister reselect every
     # reselect_every epochs of the budgeted run (None: ceil(epochs / 2), i.e. two selections per run);
     # glister holds out val_fraction of the training set; prune's ratio and annealing (InfoBatch's)
