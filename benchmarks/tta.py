@@ -94,6 +94,7 @@ ABLATIONS = {
     "drop,min_records=2": {"method": "crest-drop", "settings": {"drop_min_records": 2}},
     "embeddings": {"method": "crest", "crest": {"embeddings": True}},  # last-layer weight gradients
     "check_union": {"method": "crest", "crest": {"check_union": True}},
+    "max_overhead=0.2": {"method": "crest", "crest": {"max_overhead": 0.2}},  # cost-capped schedule
 }
 
 
