@@ -146,7 +146,12 @@ def _dist_to(X, XT, nrm, j, metric, lo, hi, buf):
         for i in range(m):
             # sqrt(|x_i|^2 |x_j|^2): for x_i = x_j (or parallel by a power of 2) dot and denominator are
             # bit-equal, so identical points are at distance exactly 0, as the diagonal is
-            c = b[i] / math.sqrt(nr[i] * nj) if (nr[i] > 0.0 and nj > 0.0) else 0.0
+            c = 0.0
+            if nr[i] > 0.0 and nj > 0.0:
+                den = nr[i] * nj
+                # a product of two tiny squared norms can underflow to 0: then the (non-zero) product
+                # of the square roots, never a division by zero
+                c = b[i] / (math.sqrt(den) if den > 0.0 else math.sqrt(nr[i]) * math.sqrt(nj))
             b[i] = min(max(1.0 - c, 0.0), 2.0)
     else:
         for k in range(d):

@@ -26,7 +26,7 @@ from ._validation import (
     labels_to_host,
     make_rng,
 )
-from .similarity import KERNELS, METRICS, kernel_scale
+from .similarity import KERNELS, METRICS, kernel_scale, prepare, restore
 
 OPTIMIZERS = ("naive", "lazy", "stochastic")
 BACKENDS = ("auto", "reference")
@@ -217,6 +217,10 @@ def facility_location(
     gen = make_rng(rng) if optimizer == "stochastic" else None
     sc = kernel_scale(scale, X.shape[1]) if not precomputed else 1.0
     labels_host = labels_to_host(xp, labels, n) if labels is not None else None
+    in_dtype = X.dtype
+    # numerics policy (docs/selection.md): compute in >= float32, data rescaled by a power of two when
+    # its magnitude could overflow or underflow; gains and objective are scaled back at the end
+    X, _, sc, back = prepare(xp, X, metric=metric, kernel=kernel, scale=sc)
 
     problems = _problems_from_labels(labels_host, n)
     sizes = np.array([p.size for p in problems], dtype=np.int64)
@@ -282,7 +286,12 @@ def facility_location(
     gains = xp.concat([out_gain[p] for p in keep])
     weights = xp.concat([out_w[p] for p in keep])
     objective = xp.sum(xp.stack([xp.asarray(out_obj[p], device=dev) for p in keep]))
-    return Selection(indices=indices, weights=weights, gains=gains, objective=objective)
+    return Selection(
+        indices=indices,
+        weights=restore(xp, weights, 0, in_dtype, "weights (cluster sizes)"),
+        gains=restore(xp, gains, back, in_dtype, "gains"),
+        objective=restore(xp, objective, back, in_dtype, "objective"),
+    )
 
 
 def _check_dense_and_selected(S, selected):

@@ -15,7 +15,7 @@ import numpy as np
 from ._compat import device_of, from_numpy, namespace
 from ._validation import check_choice, check_epsilon, check_float_matrix, check_int, hamilton, labels_to_host, make_rng
 from .facility import OPTIMIZERS, solve_batched, stochastic_draws
-from .similarity import KERNELS, METRICS, kernel_scale
+from .similarity import KERNELS, METRICS, kernel_scale, prepare, restore
 
 CLASS_BUDGETS = ("proportional", "ceil")
 
@@ -148,6 +148,10 @@ def minibatch_coresets(
     gen = make_rng(rng) if (subsets is None or optimizer == "stochastic" or rng is not None) else None
     sc = kernel_scale(scale, d)
     dev = device_of(features)
+    in_dtype = features.dtype
+    # numerics policy (docs/selection.md): compute in >= float32, features rescaled by a power of two
+    # when their magnitude could overflow or underflow; gains and objectives are scaled back at the end
+    features, _, sc, back = prepare(xp, features, metric=metric, kernel=kernel, scale=sc)
 
     if subsets is None:
         subsets = draw_subsets(labels_host, pool_h, r, P, gen)  # (P, r) host
@@ -234,8 +238,8 @@ def minibatch_coresets(
         return xp.where(hole, xp.full_like(v, fill), v)
 
     indices = gather(glob, -1)
-    weights = gather(w, 0)
-    gains = gather(g, 0)
-    objective = xp.sum(xp.reshape(obj, (P, C)), axis=1)
+    weights = restore(xp, gather(w, 0), 0, in_dtype, "weights (cluster sizes)")
+    gains = restore(xp, gather(g, 0), back, in_dtype, "gains")
+    objective = restore(xp, xp.sum(xp.reshape(obj, (P, C)), axis=1), back, in_dtype, "objectives")
     return Coresets(indices=indices, weights=weights, gains=gains, objective=objective,
                     subsets=from_numpy(subsets, xp, dev))

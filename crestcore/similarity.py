@@ -13,18 +13,121 @@ has cosine similarity 0 with everything). The diagonal of a distance matrix is e
 
 The batched functions work on ``B`` problems padded to a common size ``n``: ``valid`` (B, n) marks real
 points; padded rows and columns of the similarity are exactly 0, so they add nothing to any objective.
+
+Numerics policy (docs/selection.md), applied at every public entry point before any backend runs:
+:func:`compute_dtype` (half precision is upcast to float32; float32 and float64 stay), then
+:func:`rescale_exponent` / :func:`pow2_scale` (data whose magnitude could overflow or underflow the
+computation is divided by a power of two, which scales every distance exactly and leaves the picks
+unchanged), and :func:`restore` to bring gains and objectives back to the input's scale and dtype.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 from ._compat import namespace
 
 METRICS = ("euclidean", "sqeuclidean", "cosine")
 KERNELS = ("max-minus", "exp")
 
-__all__ = ["METRICS", "KERNELS", "pairwise_distances", "similarity_batched", "kernel_scale"]
+__all__ = [
+    "METRICS",
+    "KERNELS",
+    "pairwise_distances",
+    "similarity_batched",
+    "kernel_scale",
+    "compute_dtype",
+    "rescale_exponent",
+    "pow2_scale",
+    "prepare",
+    "restore",
+]
+
+
+def compute_dtype(xp, dtype):
+    """The dtype distances are computed and accumulated in: float32 for half precision (float16,
+    bfloat16) and float32 input, float64 for float64 input."""
+    return xp.float32 if int(xp.finfo(dtype).bits) < 32 else dtype
+
+
+def _max_exponent(xp, dtype) -> int:
+    return math.frexp(float(xp.finfo(dtype).max))[1]  # 128 for float32, 1024 for float64
+
+
+def rescale_exponent(xp, *arrays) -> int:
+    """0 when ``max|A|`` over the (finite) ``arrays`` lies in ``[2^-R, 2^R]`` (``R`` a quarter of the
+    dtype's exponent range: 32 for float32, 256 for float64), so squares and Gram sums of the data can
+    neither overflow nor underflow; otherwise the ``e`` with ``max|A| = f 2^e``, ``f`` in [0.5, 1).
+    Dividing by ``2^e`` (:func:`pow2_scale`) then brings the data into [0.5, 1) exactly."""
+    present = [a for a in arrays if a is not None]
+    amax = max(float(xp.max(xp.abs(a))) for a in present)
+    if amax == 0.0:
+        return 0
+    _, e = math.frexp(amax)
+    R = _max_exponent(xp, present[0].dtype) // 4
+    return 0 if -R <= e <= R else int(e)
+
+
+def pow2_scale(A, e: int):
+    """``A * 2**e``, exact (a power of two) unless the result leaves the dtype's normal range. Applied
+    in steps of at most ``2^100`` so that every factor is representable in A's dtype."""
+    while e != 0:  # steps of at most 2^100: a normal number in float32 and float64 alike
+        step = max(-100, min(100, e))
+        A = A * (2.0 ** step)
+        e -= step
+    return A
+
+
+def prepare(xp, X, *, metric: str, kernel: str | None, scale: float, Y=None):
+    """The numerics policy on a (finite, real floating) feature or similarity array.
+
+    Returns ``(Xc, Yc, scale_c, back)``: the data in :func:`compute_dtype`, divided by ``2^e`` when
+    :func:`rescale_exponent` asks for it; the ``exp`` kernel's scale divided alike (so ``D / scale``,
+    hence every similarity, is unchanged); and the power of two by which gains and objectives computed
+    on ``Xc`` must be multiplied (:func:`restore`): ``e`` for euclidean distances and for precomputed
+    similarities, ``2e`` for squared ones, 0 for cosine distances and for the ``exp`` kernel, whose
+    values do not depend on the data's scale. Raises ``ValueError`` naming ``scale`` when the rescaled
+    length scale leaves the compute dtype's normal range (every similarity would be 0 or 1).
+    """
+    cd = compute_dtype(xp, X.dtype)
+    Xc = X if X.dtype == cd else xp.astype(X, cd)
+    Yc = None if Y is None else (Y if Y.dtype == cd else xp.astype(Y, cd))
+    e = rescale_exponent(xp, Xc, Yc)
+    if e == 0:
+        return Xc, Yc, scale, 0
+    Xc = pow2_scale(Xc, -e)
+    Yc = None if Yc is None else pow2_scale(Yc, -e)
+    power = {"euclidean": 1, "sqeuclidean": 2, "cosine": 0, "precomputed": 1}[metric]
+    if kernel == "exp":
+        sc = math.ldexp(float(scale), -power * e)
+        fi = xp.finfo(cd)
+        if not (float(fi.smallest_normal) <= sc <= float(fi.max)):
+            raise ValueError(
+                f"scale={scale!r} is out of range for data of magnitude 2^{e}: the exp kernel's "
+                f"exp(-D / scale) would be exactly 0 or 1 for every pair in {cd}; pass a scale comparable "
+                f"to the distances, or rescale the data"
+            )
+        return Xc, Yc, sc, 0
+    return Xc, Yc, scale, power * e
+
+
+def restore(xp, A, back: int, dtype, what: str):
+    """``A * 2**back`` cast to ``dtype`` (the input's); ``ValueError`` naming ``what`` when the value
+    does not fit that dtype (instead of a silent ``inf``)."""
+    changed = back != 0 or A.dtype != dtype
+    with warnings.catch_warnings():  # NumPy warns on overflow; it is reported as an error just below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if back != 0:
+            A = pow2_scale(A, back)
+        if A.dtype != dtype:
+            A = xp.astype(A, dtype)
+    if changed and not bool(xp.all(xp.isfinite(A))):
+        raise ValueError(
+            f"the {what} of this computation overflows {dtype} (the picks are fine, the values are out of "
+            f"{dtype}'s range): pass the data in a wider dtype, or divide it by a power of two"
+        )
+    return A
 
 
 def kernel_scale(scale, n_features: int) -> float:
@@ -57,9 +160,20 @@ def pairwise_distances(X, Y=None, *, metric: str = "euclidean"):
         if not xp.isdtype(A.dtype, "real floating"):
             raise TypeError(f"{name} must have a real floating dtype, got {A.dtype}")
     same = Y is None
-    Y = X if same else Y
-    if X.shape[-1] != Y.shape[-1]:
+    if not same and X.shape[-1] != Y.shape[-1]:
         raise ValueError(f"X has {X.shape[-1]} features but Y has {Y.shape[-1]}")
+    for name, A in (("X", X), ("Y", Y)):
+        if A is not None and not bool(xp.all(xp.isfinite(A))):
+            raise ValueError(f"{name} contains NaN or infinite values")
+    if not same and X.dtype != Y.dtype:
+        raise TypeError(f"X and Y must have the same dtype, got {X.dtype} and {Y.dtype}")
+    dtype = X.dtype
+    X, Y, _, back = prepare(xp, X, metric=metric, kernel=None, scale=1.0, Y=Y)
+    D = _distances(xp, X, X if same else Y, metric, same)
+    return restore(xp, D, back, dtype, "distances")
+
+
+def _distances(xp, X, Y, metric: str, same: bool):
     # The Gram-matrix forms below lose up to a few ulps of (|x|^2 + |y|^2) to cancellation; values
     # within that rounding error of 0 are set to exactly 0, so identical points are at distance 0.
     tol = 8.0 * float(xp.finfo(X.dtype).eps)
@@ -107,7 +221,9 @@ def similarity_batched(X, valid, metric: str, kernel: str, scale: float):
         ``j``; 0 wherever ``i`` or ``j`` is padding.
     """
     xp = namespace(X, valid, names=("X", "valid"))
-    D = pairwise_distances(X, metric=metric)
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    D = _distances(xp, X, X, metric, True)  # X is already in the compute dtype and range (prepare)
     pair = valid[:, :, None] & valid[:, None, :]
     zero = xp.zeros_like(D)
     if kernel == "max-minus":

@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from .._compat import device_of, from_numpy, namespace, to_numpy
+from ..similarity import prepare
 from .._validation import check_float_matrix, check_int, hamilton, labels_to_host
 from ..facility import Selection
 from ._common import check_bool, check_real, host_selection
@@ -268,6 +269,23 @@ def gradmatch(
         raise ValueError("labels and per_batch cannot be combined (the per-batch variant matches the "
                          "whole gradient sum with batches)")
     dev = device_of(gradients)
+    in_dtype = gradients.dtype
+    # numerics policy (docs/selection.md): compute in >= float32; gradients (and target) whose magnitude
+    # could overflow or underflow are divided by 2^e, lam by 2^2e (J scales with the square of the
+    # gradients, the weights not at all); gains and the objective are scaled back by 2^2e at the end
+    gradients, target, _, back = prepare(xp, gradients, metric="sqeuclidean", kernel=None, scale=1.0, Y=target)
+    lam = math.ldexp(lam, -back)
+
+    def finish(idx, weights, gains, expl):
+        with np.errstate(over="ignore"):  # an overflow becomes inf here and is reported just below
+            gains = np.ldexp(np.asarray(gains, dtype=np.float64), back)
+            expl = float(np.ldexp(np.float64(expl), back))
+        sel = host_selection(xp, dev, in_dtype, idx, weights, gains, expl)
+        for what, v in (("weights", sel.weights), ("gains", sel.gains), ("objective", sel.objective)):
+            if not bool(xp.all(xp.isfinite(v))):
+                raise ValueError(f"the {what} of this selection overflow {in_dtype}: pass the gradients in a "
+                                 "wider dtype, or divide them by a power of two")
+        return sel
 
     if per_batch is not None:
         batch_h = labels_to_host(xp, per_batch, n, name="per_batch")
@@ -283,7 +301,7 @@ def gradmatch(
             weights, gains = np.repeat(w, reps), np.repeat(g, reps)
         else:
             idx, weights, gains = np.zeros(0, np.int64), np.zeros(0), np.zeros(0)
-        return host_selection(xp, dev, gradients.dtype, idx, weights, gains, expl)
+        return finish(idx, weights, gains, expl)
 
     k = check_int(k, "k", low=1, high=n)
     if labels is None:
@@ -304,5 +322,4 @@ def gradmatch(
         out_g.append(g)
         total += expl
     cat = (lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt))
-    return host_selection(xp, dev, gradients.dtype, cat(out_i, np.int64), cat(out_w, np.float64),
-                          cat(out_g, np.float64), total)
+    return finish(cat(out_i, np.int64), cat(out_w, np.float64), cat(out_g, np.float64), total)

@@ -1,0 +1,239 @@
+"""The numerics policy (docs/selection.md): compute in >= float32, exact power-of-two rescaling of data
+whose magnitude would overflow or underflow, results in the input's dtype, ties to the lowest index.
+
+Data for the invariance properties are small integers, exactly representable in every dtype tested
+(bfloat16 included): scaling them by 2^k is exact, so the picks must be *identical*, not close.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import crestcore
+from crestcore.baselines import gradmatch
+from crestcore.similarity import compute_dtype, pow2_scale, rescale_exponent
+
+torch = pytest.importorskip("torch")
+
+# dtype name -> (k range keeping integer data in [-8, 8] and every result inside the dtype)
+K_RANGE = {"float16": (-10, 3), "bfloat16": (-110, 100), "float32": (-110, 100), "float64": (-1000, 1000)}
+NP_DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+                "float64": torch.float64}
+
+
+def _int_data(seed: int, n: int, d: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(-8, 9, size=(n, d)).astype(np.float64)
+
+
+def _make(lib: str, dt: str, A: np.ndarray):
+    if lib == "numpy":
+        return A.astype(NP_DTYPES[dt])
+    return torch.from_numpy(A).to(TORCH_DTYPES[dt])
+
+
+def _np(x) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    return x.detach().float().numpy() if x.dtype == torch.bfloat16 else x.detach().numpy()
+
+
+LIB_DTYPES = [("numpy", d) for d in NP_DTYPES] + [("torch", d) for d in TORCH_DTYPES]
+
+
+@pytest.mark.parametrize("lib,dt", LIB_DTYPES)
+@settings(max_examples=10)
+@given(seed=st.integers(0, 2**32 - 1), data=st.data(),
+       metric=st.sampled_from(("euclidean", "sqeuclidean", "cosine")),
+       optimizer=st.sampled_from(("naive", "lazy")), labelled=st.booleans())
+def test_picks_invariant_under_power_of_two_scaling(lib, dt, seed, data, metric, optimizer, labelled):
+    lo, hi = K_RANGE[dt]
+    if metric == "sqeuclidean":  # distances grow like 4^k: keep them and the objective in range
+        lo, hi = lo // 2, hi // 2
+    k = data.draw(st.integers(lo, hi), label="k")
+    A = _int_data(seed, 30, 3)
+    labels = np.random.default_rng(seed).integers(0, 3, size=30) if labelled else None
+    lab = None if labels is None else (labels if lib == "numpy" else torch.from_numpy(labels))
+    base = crestcore.facility_location(_make(lib, dt, A), 6, labels=lab, metric=metric, optimizer=optimizer)
+    scaled = crestcore.facility_location(_make(lib, dt, A * 2.0**k), 6, labels=lab, metric=metric,
+                                         optimizer=optimizer)
+    assert np.array_equal(_np(base.indices), _np(scaled.indices))
+    assert np.array_equal(_np(base.weights), _np(scaled.weights))
+    assert scaled.weights.dtype == base.weights.dtype == _make(lib, dt, A).dtype
+    assert scaled.objective.dtype == _make(lib, dt, A).dtype
+    if dt in ("float32", "float64") and metric != "cosine":
+        p = 2 if metric == "sqeuclidean" else 1
+        # gains are sums of exactly scaled similarities: exactly scaled too
+        assert np.array_equal(_np(scaled.gains), _np(base.gains) * 2.0 ** (p * k))
+
+
+@pytest.mark.parametrize("dt", ["float16", "bfloat16", "float32", "float64"])
+@settings(max_examples=10)
+@given(seed=st.integers(0, 2**32 - 1), data=st.data())
+def test_minibatch_coresets_invariant_under_scaling(dt, seed, data):
+    lo, hi = K_RANGE[dt]
+    k = data.draw(st.integers(lo, hi), label="k")
+    A = _int_data(seed, 60, 3)
+    y = torch.from_numpy(np.arange(60) % 3)
+    base = crestcore.minibatch_coresets(_make("torch", dt, A), y, m=4, r=20, P=2, rng=seed)
+    scaled = crestcore.minibatch_coresets(_make("torch", dt, A * 2.0**k), y, m=4, r=20, P=2, rng=seed)
+    assert torch.equal(base.indices, scaled.indices)
+    assert torch.equal(base.weights, scaled.weights)
+    assert scaled.objective.dtype == TORCH_DTYPES[dt]
+
+
+@settings(max_examples=15)
+@given(seed=st.integers(0, 2**32 - 1), k=st.integers(-50, 50),
+       metric=st.sampled_from(("euclidean", "sqeuclidean", "cosine")), labelled=st.booleans())
+def test_torch_and_numpy_agree_on_float32(seed, k, metric, labelled):
+    A = (_int_data(seed, 40, 4) * 2.0**k).astype(np.float32)
+    labels = np.random.default_rng(seed).integers(0, 2, size=40) if labelled else None
+    a = crestcore.facility_location(A, 7, labels=labels, metric=metric)
+    t = crestcore.facility_location(torch.from_numpy(A), 7, metric=metric,
+                                    labels=None if labels is None else torch.from_numpy(labels))
+    assert np.array_equal(a.indices, t.indices.numpy())
+    assert np.array_equal(a.weights, t.weights.numpy())
+
+
+def test_float16_of_ordinary_size_is_computed_in_float32():
+    g = torch.Generator().manual_seed(0)
+    X = torch.rand(50, 4, generator=g).mul(255)
+    half = crestcore.facility_location(X.half(), 5)
+    ref = crestcore.facility_location(X.half().float(), 5)
+    assert torch.equal(half.indices, ref.indices)
+    assert half.weights.dtype == torch.float16 and torch.isfinite(half.objective)
+    assert torch.equal(half.weights, ref.weights.half())
+    assert float(half.weights.min()) > 0  # not one pick carrying all 50
+
+
+@pytest.mark.parametrize("factor", [1e200, 1e-200, 1e300, 2.0**-1000])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_extreme_float64_scales_pick_as_unit_scale(factor, backend):
+    A = np.random.default_rng(0).normal(size=(50, 4))
+    base = crestcore.facility_location(A, 5, backend=backend)
+    s = crestcore.facility_location(A * factor, 5, backend=backend)
+    assert np.array_equal(base.indices, s.indices)
+    assert np.array_equal(base.weights, s.weights)
+    assert np.isfinite(s.objective) and s.objective > 0
+
+
+@pytest.mark.parametrize("factor", [1e20, 1e-20, 1e35])
+def test_float32_extreme_scales_torch_matches_numpy(factor):
+    A = (np.random.default_rng(1).normal(size=(50, 4)) * factor).astype(np.float32)
+    a = crestcore.facility_location(A, 5)
+    t = crestcore.facility_location(torch.from_numpy(A), 5)
+    b = crestcore.facility_location(A.astype(np.float64), 5)
+    assert np.array_equal(a.indices, t.indices.numpy())
+    assert np.array_equal(a.indices, b.indices)
+    assert np.isfinite(a.objective) and torch.isfinite(t.objective)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("factor", [1.0, 1e200, 1e-200])
+def test_duplicates_tie_to_lowest_index_at_every_scale(backend, factor):
+    A = np.repeat(np.random.default_rng(2).normal(size=(5, 3)), 4, axis=0) * factor  # each row 4 times
+    s = crestcore.facility_location(A, 5, backend=backend)
+    # every pick is the first copy of its row: rows 4i .. 4i+3 are identical
+    assert set((np.asarray(s.indices) % 4).tolist()) == {0}
+
+
+def test_exp_kernel_rescaling_keeps_similarities():
+    A = np.random.default_rng(3).normal(size=(40, 3))
+    base = crestcore.facility_location(A, 5, kernel="exp", scale=2.0)
+    s = crestcore.facility_location(A * 2.0**600, 5, kernel="exp", scale=2.0 * 2.0**600)
+    assert np.array_equal(base.indices, s.indices)
+    assert np.allclose(base.objective, s.objective, rtol=1e-12)
+
+
+def test_exp_kernel_scale_out_of_range_is_refused():
+    A = np.random.default_rng(3).normal(size=(40, 3)) * 1e300
+    with pytest.raises(ValueError, match="scale"):
+        crestcore.facility_location(A, 5, kernel="exp", metric="sqeuclidean")
+
+
+def test_objective_that_overflows_the_dtype_is_refused():
+    A = np.random.default_rng(4).normal(size=(400, 3)).astype(np.float16) * np.float16(60000.0 / 4)
+    with pytest.raises(ValueError, match="objective|gains"):
+        crestcore.facility_location(A, 3)
+
+
+def test_pairwise_distances_policy():
+    A = np.random.default_rng(5).normal(size=(6, 3))
+    D = crestcore.pairwise_distances(A)
+    D_big = crestcore.pairwise_distances(A * 2.0**700)
+    assert np.array_equal(D_big, D * 2.0**700)
+    h = crestcore.pairwise_distances(torch.from_numpy(A * 200).half())
+    assert h.dtype == torch.float16 and torch.isfinite(h).all()
+    assert torch.equal(h, crestcore.pairwise_distances(torch.from_numpy(A * 200).half().float()).half())
+
+
+def test_rescale_exponent_and_pow2_scale():
+    assert rescale_exponent(np, np.ones((2, 2))) == 0
+    assert rescale_exponent(np, np.zeros((2, 2))) == 0
+    assert rescale_exponent(np, np.full((2, 2), 2.0**300)) == 301
+    assert rescale_exponent(np, np.full((2, 2), np.float32(2.0**40))) == 41
+    assert rescale_exponent(np, np.full((2, 2), np.float32(2.0**20))) == 0
+    x = np.array([3.0, -5.0])
+    assert np.array_equal(pow2_scale(pow2_scale(x, -1070), 1070), x)  # 2^-1070 alone is subnormal
+    assert compute_dtype(np, np.float16) == np.float32
+    assert compute_dtype(np, np.float64) == np.float64
+
+
+@pytest.mark.parametrize("factor", [2.0**400, 2.0**-400])
+def test_gradmatch_extreme_scales(factor):
+    A = np.random.default_rng(0).normal(size=(50, 4))
+    base = gradmatch(A, 5)
+    s = gradmatch(A * factor, 5, lam=0.5 * factor * factor)
+    assert np.array_equal(base.indices, s.indices)
+    assert np.allclose(base.weights, s.weights, rtol=1e-12)
+    assert np.isclose(s.objective / factor**2, base.objective, rtol=1e-12)
+
+
+def test_gradmatch_1e200_is_not_silently_empty():
+    A = np.random.default_rng(0).normal(size=(50, 4)) * 1e200
+    with pytest.raises(ValueError, match="overflow"):  # |g|^2 ~ 1e400: not representable in float64
+        gradmatch(A, 5)
+
+
+def test_gradmatch_half_precision_computes_in_float32():
+    A = np.random.default_rng(0).normal(size=(50, 4))
+    h = gradmatch(torch.from_numpy(A).half(), 5)
+    f = gradmatch(torch.from_numpy(A).half().float(), 5)
+    assert torch.equal(h.indices, f.indices) and h.weights.dtype == torch.float16
+
+
+finite64 = st.floats(allow_nan=False, allow_infinity=False, width=64)
+finite32 = st.floats(allow_nan=False, allow_infinity=False, width=32)
+
+
+@settings(max_examples=40)
+@given(X=st.one_of(hnp.arrays(np.float64, (12, 3), elements=finite64),
+                   hnp.arrays(np.float32, (12, 3), elements=finite32),
+                   hnp.arrays(np.float16, (12, 3), elements=st.floats(allow_nan=False, allow_infinity=False,
+                                                                      width=16))),
+       metric=st.sampled_from(("euclidean", "sqeuclidean", "cosine")),
+       kernel=st.sampled_from(("max-minus", "exp")), backend=st.sampled_from(("auto", "reference")))
+def test_no_silent_nan(X, metric, kernel, backend):
+    """Any finite input gives finite results or raises a ValueError."""
+    try:
+        s = crestcore.facility_location(X, 4, metric=metric, kernel=kernel, backend=backend)
+    except ValueError:
+        return
+    for v in (s.weights, s.gains, s.objective):
+        assert np.all(np.isfinite(v))
+    assert s.weights.sum() == 12
+
+
+@settings(max_examples=25)
+@given(X=hnp.arrays(np.float64, (30, 3), elements=finite64), seed=st.integers(0, 2**16))
+def test_no_silent_nan_minibatch(X, seed):
+    try:
+        c = crestcore.minibatch_coresets(X, np.arange(30) % 2, m=3, r=10, P=2, rng=seed)
+    except ValueError:
+        return
+    for v in (c.weights, c.gains, c.objective):
+        assert np.all(np.isfinite(v))
