@@ -569,6 +569,24 @@ class CrestLoader:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         if budget_counts not in ("steps", "passes"):
             raise ValueError(f"budget_counts must be 'steps' or 'passes', got {budget_counts!r}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(per_epoch, (bool, np.bool_)):
+            raise TypeError(f"per_epoch must be a bool, got {type(per_epoch).__name__} {per_epoch!r}")
+        if isinstance(measure_batch_size, bool) or not isinstance(measure_batch_size, (int, np.integer)) \
+                or measure_batch_size < 1:
+            raise ValueError(f"measure_batch_size must be a positive integer, got {measure_batch_size!r}")
+        for name, fn in (("collate_fn", collate_fn), ("forward", forward), ("loss_fn", loss_fn)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
+        if device is not None:
+            try:
+                torch.device(device)
+            except (RuntimeError, TypeError) as exc:
+                raise ValueError(f"device must be a torch device (or its name), got {device!r}") from exc
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise TypeError(f"dataset must be a map-style Dataset (__getitem__ and __len__), got "
+                            f"{type(dataset).__name__}")
         n = _length(dataset)
         if n == 0:
             raise ValueError("the training dataset is empty: CREST needs examples to select from")
@@ -832,15 +850,36 @@ class CrestLoader:
         d = _from_portable(state["crest"])
         if not np.array_equal(np.asarray(d["labels"]), self.labels):
             raise ValueError("the state dict was saved for a dataset with different labels")
-        self._state = crest_load_state_dict(d, self.ops.params())
-        self._position = int(state["position"])
-        self.per_epoch = bool(state.get("per_epoch", self.per_epoch)) or self.per_epoch
+        crest = crest_load_state_dict(d, self.ops.params())  # validates the controller state
+        pos = state.get("position")
+        if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or not 0 <= int(pos) <= self.total_steps:
+            raise ValueError(f"CrestLoader state dict: position must be an integer in [0, {self.total_steps}] "
+                             f"(the planned steps), got {pos!r}")
+        pos = int(pos)
+        if int(crest.counters["train_steps"]) != pos:
+            raise ValueError(f"CrestLoader state dict: position {pos} differs from the controller's "
+                             f"{int(crest.counters['train_steps'])} batches handed out")
         b = state.get("batch")
-        self._batch = None if b is None else Batch(
-            np.asarray(_from_portable(b["indices"]), dtype=np.int64),
-            np.asarray(_from_portable(b["weights"]), dtype=np.float64),
-            bool(b["reselected"]),
-        )
+        if (b is None) != (pos == 0):
+            raise ValueError(f"CrestLoader state dict: batch must be present exactly when position > 0 "
+                             f"(position {pos}, batch {'missing' if b is None else 'present'})")
+        batch = None
+        if b is not None:
+            if not isinstance(b, dict) or not {"indices", "weights", "reselected"} <= set(b):
+                raise ValueError("CrestLoader state dict: batch must hold indices, weights and reselected")
+            bi = np.asarray(_from_portable(b["indices"]))
+            bw = np.asarray(_from_portable(b["weights"]))
+            if bi.ndim != 1 or not np.issubdtype(bi.dtype, np.integer) or (bi.size and (bi.min() < 0 or bi.max() >= self.n)):
+                raise ValueError(f"CrestLoader state dict: batch indices must be a 1-D integer array in [0, {self.n})")
+            if bw.shape != bi.shape or not np.issubdtype(bw.dtype, np.floating) or not np.all(np.isfinite(bw)) \
+                    or (bw.size and bw.min() < 0):
+                raise ValueError("CrestLoader state dict: batch weights must be finite, non-negative and one per "
+                                 "index")
+            batch = Batch(bi.astype(np.int64), bw.astype(np.float64), bool(b["reselected"]))
+        self._state = crest
+        self._position = pos
+        self.per_epoch = bool(state.get("per_epoch", self.per_epoch)) or self.per_epoch
+        self._batch = batch
         self._epoch_hint = None
         self._token += 1  # passes started before the load stop
         self._warned_done = False

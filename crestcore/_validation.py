@@ -9,6 +9,12 @@ import numpy as np
 from ._compat import to_numpy
 
 
+class DivergenceError(FloatingPointError, ValueError):
+    """Non-finite numbers where a finite computation was expected (a diverged model, an overflowing
+    estimate). A ``FloatingPointError`` (what the adapters document and annotate with the step), and a
+    ``ValueError`` for code that caught the ``ValueError`` these checks used to raise."""
+
+
 def check_float_matrix(xp, X, name: str, *, square: bool = False):
     """X must be a finite, non-empty, 2-D real floating array."""
     if X.ndim != 2:
@@ -120,3 +126,60 @@ def host_weights(weights, k: int, name: str = "weights") -> np.ndarray:
     if not np.all(np.isfinite(w)):
         raise ValueError(f"{name} contain NaN or infinite values")
     return w
+
+
+# ------------------------------------------------------------------------------------------------
+# config fields (dataclass __post_init__): every error names the field, types are checked before values
+# ------------------------------------------------------------------------------------------------
+
+
+class FieldTypeError(TypeError, ValueError):
+    """A config field of the wrong type. Also a ``ValueError``: configs always raised ``ValueError`` for
+    bad fields, and code catching that keeps working."""
+
+
+def field_int(owner: str, name: str, value, *, low: int = 1, optional: bool = False) -> None:
+    """An integer field (not a bool) >= low, or None when optional. TypeError / ValueError name it."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        what = "an integer" + (" or None" if optional else "")
+        raise FieldTypeError(f"{owner}.{name} must be {what}, got {type(value).__name__} {value!r}")
+    if int(value) < low:
+        raise ValueError(f"{owner}.{name} must be an integer >= {low}, got {int(value)}")
+
+
+def field_real(owner: str, name: str, value, *, low: float | None = None, high: float | None = None,
+               low_open: bool = False, high_open: bool = False, optional: bool = False) -> None:
+    """A finite real field (not a bool) in the stated interval, or None when optional."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        what = "a real number" + (" or None" if optional else "")
+        raise FieldTypeError(f"{owner}.{name} must be {what}, got {type(value).__name__} {value!r}")
+    v = float(value)
+    bad = (not np.isfinite(v)
+           or (low is not None and (v <= low if low_open else v < low))
+           or (high is not None and (v >= high if high_open else v > high)))
+    if bad:
+        lo = "-inf" if low is None else repr(low)
+        hi = "inf" if high is None else repr(high)
+        interval = ("(" if low_open or low is None else "[") + f"{lo}, {hi}" + (")" if high_open or high is None else "]")
+        raise ValueError(f"{owner}.{name} must be a finite number in {interval}, got {value!r}")
+
+
+def field_choice(owner: str, name: str, value, choices) -> None:
+    if not isinstance(value, str):
+        raise FieldTypeError(f"{owner}.{name} must be one of {tuple(choices)} (a str), got {type(value).__name__} {value!r}")
+    if value not in choices:
+        raise ValueError(f"{owner}.{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def field_bool(owner: str, name: str, value) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise FieldTypeError(f"{owner}.{name} must be a bool (True or False), got {type(value).__name__} {value!r}")
+
+
+def field_instance(owner: str, name: str, value, cls) -> None:
+    if not isinstance(value, cls):
+        raise FieldTypeError(f"{owner}.{name} must be a {cls.__name__}, got {type(value).__name__} {value!r}")

@@ -43,8 +43,10 @@ import numpy as np
 
 from ._compat import device_of, from_numpy, namespace, on_cpu, to_numpy
 from .backends import backend_module
+from ._validation import field_bool, field_choice, field_instance, field_int, field_real
 from .dropping import DropConfig, DropState, drop_init, drop_record, drop_update
 from .features import cross_entropy, last_layer_gradients
+from .facility import OPTIMIZERS
 from .minibatch import CLASS_BUDGETS, draw_subsets, minibatch_coresets
 from .quadratic import (
     QuadraticConfig,
@@ -55,6 +57,7 @@ from .quadratic import (
     quadratic_predict,
     quadratic_update,
 )
+from .similarity import KERNELS, METRICS
 from .trust import relative_error, should_reselect, update_schedule
 
 __all__ = [
@@ -73,6 +76,7 @@ __all__ = [
 _LOSS_FLOOR = 1e-12
 WEIGHTS = ("cluster", "uniform", "tempered")
 RESELECT = ("trust", "epoch")
+BATCHES = ("coreset", "shuffled-union")
 
 
 class ModelOps(Protocol):
@@ -144,34 +148,29 @@ class CrestConfig:
     max_overhead: float | None = None
 
     def __post_init__(self):
-        def pos_int(name, v):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-
+        # every field, at construction (issue 15): a bad config fails here, not at the first batch
+        o = "CrestConfig"
         for name in ("m", "P", "T1", "fit_batches"):
-            pos_int(name, getattr(self, name))
+            field_int(o, name, getattr(self, name))
         for name in ("r", "P_cap", "T2"):
-            if getattr(self, name) is not None:
-                pos_int(name, getattr(self, name))
-        if not (isinstance(self.tau, (int, float)) and math.isfinite(self.tau) and self.tau > 0):
-            raise ValueError(f"tau must be a positive finite number, got {self.tau!r}")
-        for name in ("h", "b"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"{name} must be a positive finite number, got {v!r}")
-        if self.class_budget not in CLASS_BUDGETS:
-            raise ValueError(f"class_budget must be one of {CLASS_BUDGETS}, got {self.class_budget!r}")
-        if self.batches not in ("coreset", "shuffled-union"):
-            raise ValueError(f"batches must be 'coreset' or 'shuffled-union', got {self.batches!r}")
-        if self.weights not in WEIGHTS:
-            raise ValueError(f"weights must be one of {WEIGHTS}, got {self.weights!r}")
-        if self.reselect not in RESELECT:
-            raise ValueError(f"reselect must be one of {RESELECT}, got {self.reselect!r}")
-        if self.max_overhead is not None and not (
-            isinstance(self.max_overhead, (int, float)) and not isinstance(self.max_overhead, bool)
-            and math.isfinite(self.max_overhead) and self.max_overhead > 0
-        ):
-            raise ValueError(f"max_overhead must be a positive finite fraction or None, got {self.max_overhead!r}")
+            field_int(o, name, getattr(self, name), optional=True)
+        if self.r is not None and self.r < self.m:
+            raise ValueError(f"CrestConfig.r ({self.r}) must be >= m ({self.m}): each coreset of m is picked "
+                             f"from a random subset of r examples")
+        for name in ("tau", "h", "b"):
+            field_real(o, name, getattr(self, name), low=0.0, low_open=True)
+        field_real(o, "max_overhead", self.max_overhead, low=0.0, low_open=True, optional=True)
+        field_instance(o, "drop", self.drop, DropConfig)
+        field_instance(o, "quadratic", self.quadratic, QuadraticConfig)
+        field_choice(o, "kernel", self.kernel, KERNELS)
+        field_choice(o, "metric", self.metric, METRICS)
+        field_choice(o, "optimizer", self.optimizer, OPTIMIZERS)
+        field_choice(o, "class_budget", self.class_budget, CLASS_BUDGETS)
+        field_choice(o, "batches", self.batches, BATCHES)
+        field_choice(o, "weights", self.weights, WEIGHTS)
+        field_choice(o, "reselect", self.reselect, RESELECT)
+        for name in ("per_class", "embeddings", "check_union"):
+            field_bool(o, name, getattr(self, name))
 
     @classmethod
     def paper(cls, **overrides) -> "CrestConfig":
@@ -497,21 +496,177 @@ def crest_state_dict(state: CrestState) -> dict:
     d["drop"] = {k: np.asarray(v).copy() for k, v in state.drop._asdict().items()}
     d["counters"] = dict(state.counters)
     d["log"] = {k: list(v) for k, v in state.log.items()}
+    d["format_version"] = STATE_FORMAT
     return d
 
 
+STATE_FORMAT = 2  # 1: before epoch_steps / want_select (filled with defaults on load); 2: format_version
+
+
+def _bad(msg: str):
+    return ValueError(f"corrupt or foreign CREST state dict: {msg}")
+
+
+def _int_of(d, name, low=0):
+    v = d[name]
+    a = np.asarray(v)
+    if a.ndim != 0 or a.dtype == bool or not np.issubdtype(a.dtype, np.integer):
+        raise _bad(f"{name} must be an integer, got {type(v).__name__} {v!r}")
+    if int(a) < low:
+        raise _bad(f"{name} must be >= {low}, got {int(a)}")
+    return int(a)
+
+
+def _bool_of(d, name):
+    a = np.asarray(d[name])
+    if a.ndim != 0 or a.dtype != bool:
+        raise _bad(f"{name} must be a bool, got {d[name]!r}")
+    return bool(a)
+
+
+def _host(v, name, ndim, kind):
+    a = np.asarray(to_numpy(v)) if not isinstance(v, (list, tuple)) else np.asarray(v)
+    if a.ndim != ndim:
+        raise _bad(f"{name} must be {ndim}-D, got shape {a.shape}")
+    ok = {"i": np.issubdtype(a.dtype, np.integer) and a.dtype != bool, "b": a.dtype == bool,
+          "f": np.issubdtype(a.dtype, np.floating) or (a.size == 0 and np.issubdtype(a.dtype, np.number))}[kind]
+    if not ok:
+        raise _bad(f"{name} has dtype {a.dtype}, expected {dict(i='integer', b='bool', f='floating')[kind]}")
+    return a
+
+
+def _validate_state_dict(d: dict, D: int) -> None:
+    """Shapes, ranges and cross-field consistency of a state dict (after defaults are filled)."""
+    ver = d.get("format_version", 1)
+    if isinstance(ver, bool) or not isinstance(ver, (int, np.integer)) or not 1 <= int(ver) <= STATE_FORMAT:
+        raise _bad(f"format_version {ver!r} is not one this crestcore reads (1 to {STATE_FORMAT})")
+    labels = _host(d["labels"], "labels", 1, "i")
+    n = labels.size
+    if n == 0 or labels.min() < 0:
+        raise _bad("labels must be a non-empty array of non-negative class indices")
+    C = _int_of(d, "n_classes", low=2)
+    if labels.max() >= C:
+        raise _bad(f"labels hold class {int(labels.max())} but n_classes is {C}")
+    _int_of(d, "seed")
+    step = _int_of(d, "step")
+    _int_of(d, "since_check")
+    _int_of(d, "T1", low=1)
+    _int_of(d, "P", low=1)
+    n_sel = _int_of(d, "n_selections")
+    cursor = _int_of(d, "cursor")
+    _int_of(d, "epoch_steps")
+    need = _bool_of(d, "need_select")
+    _bool_of(d, "want_select")
+    pending = _bool_of(d, "pending")
+    bi = _host(d["batch_idx"], "batch_idx", 2, "i")
+    bw = _host(d["batch_w"], "batch_w", 2, "f")
+    if bi.shape != bw.shape:
+        raise _bad(f"batch_idx {bi.shape} and batch_w {bw.shape} differ in shape")
+    if bi.size and (bi.min() < -1 or bi.max() >= n):
+        raise _bad(f"batch_idx must hold example indices in [0, {n}) or -1 (padding)")
+    if not np.all(np.isfinite(bw)) or (bw.size and bw.min() < 0):
+        raise _bad("batch_w must hold finite non-negative weights")
+    if np.any((bi < 0) & (bw != 0)):
+        raise _bad("batch_w must be 0 on padding slots (batch_idx == -1)")
+    if not need and n_sel > 0 and (bi.shape[0] == 0 or np.any((bi >= 0).sum(axis=1) == 0)):
+        raise _bad("the stored batches are empty but no selection is due")
+    if n_sel > 0 and not need and cursor < 1 and pending:
+        raise _bad(f"cursor {cursor} is inconsistent with a pending batch")
+    chk = _host(d["check_idx"], "check_idx", 1, "i")
+    if chk.size and (chk.min() < 0 or chk.max() >= n):
+        raise _bad(f"check_idx must hold example indices in [0, {n})")
+    for name in ("h_norm_0", "h_norm_t"):
+        v = d[name]
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or (
+            not math.isnan(float(v)) and not (math.isfinite(float(v)) and float(v) >= 0)
+        ):
+            raise _bad(f"{name} must be NaN (not measured yet) or a finite number >= 0, got {v!r}")
+    if d["anchor"] is not None:
+        a = _host(d["anchor"], "anchor", 1, "f")
+        if a.size != D:
+            raise _bad(f"anchor has {a.size} parameters but the model has {D}: the state was saved for "
+                       "another model (architecture)")
+        if not np.all(np.isfinite(a)):
+            raise _bad("anchor contains NaN or infinite values")
+    q = d["quad"]
+    if q is not None:
+        if not isinstance(q, dict) or not {"anchor_loss", "g_ema", "h_ema", "n_g", "n_h"} <= set(q):
+            raise _bad("quad must be a dict with anchor_loss, g_ema, h_ema, n_g, n_h")
+        for name in ("g_ema", "h_ema"):
+            v = _host(q[name], f"quad.{name}", 1, "f")
+            if v.size != D:
+                raise _bad(f"quad.{name} has {v.size} entries but the model has {D} parameters: the state "
+                           "was saved for another model (architecture)")
+            if not np.all(np.isfinite(v)):
+                raise _bad(f"quad.{name} contains NaN or infinite values")
+        _int_of(q, "n_g")
+        _int_of(q, "n_h")
+        al = q["anchor_loss"]
+        if isinstance(al, bool) or not isinstance(al, (int, float, np.floating, np.integer)) or math.isinf(float(al)):
+            raise _bad(f"quad.anchor_loss must be a finite number (or NaN before the first anchor), got {al!r}")
+    elif d["anchor"] is not None:
+        raise _bad("an anchor without a quadratic model (quad is None)")
+    dr = d["drop"]
+    if not isinstance(dr, dict) or not {"losses", "steps", "head", "active", "dropped_at"} <= set(dr):
+        raise _bad("drop must be a dict with losses, steps, head, active, dropped_at")
+    active = _host(dr["active"], "drop.active", 1, "b")
+    if active.size != n:
+        raise _bad(f"drop.active has {active.size} entries but there are {n} examples (labels)")
+    if not active.any():
+        raise _bad("drop.active is empty: the pool holds no example")
+    dropped = _host(dr["dropped_at"], "drop.dropped_at", 1, "i")
+    head = _host(dr["head"], "drop.head", 1, "i")
+    L = _host(dr["losses"], "drop.losses", 2, "f")
+    S = _host(dr["steps"], "drop.steps", 2, "i")
+    if dropped.size != n or head.size != n or L.shape[0] != n or S.shape != L.shape:
+        raise _bad(f"drop arrays must have {n} rows like labels: dropped_at {dropped.shape}, head "
+                   f"{head.shape}, losses {L.shape}, steps {S.shape}")
+    H = L.shape[1]
+    if H < 1 or (head.size and head.min() < 0):
+        raise _bad("drop.head (records written per example) must be >= 0, and drop.losses must have a column")
+    if np.any(np.isinf(L)) or np.any(L[~np.isnan(L)] < 0):
+        raise _bad("drop.losses must hold non-negative finite losses (NaN: empty slot)")
+    if np.any((S < 0) != np.isnan(L)) or (S.size and S.min() < -1) or (S.size and S.max() > step):
+        raise _bad(f"drop.steps must be -1 exactly on empty slots and in [0, step={step}] elsewhere")
+    if np.any(active != (dropped < 0)) or (dropped.size and dropped.max() > step):
+        raise _bad("drop.dropped_at must be -1 exactly for active examples and at most step")
+    c = d["counters"]
+    if not isinstance(c, dict) or set(_counters()) - set(c):
+        raise _bad(f"counters must be a dict with {sorted(_counters())}")
+    for k in _counters():
+        _int_of(c, k)
+    if int(c["train_steps"]) != step + int(pending):
+        raise _bad(f"counters.train_steps ({int(c['train_steps'])}) must equal step ({step}) plus the pending "
+                   f"batch ({int(pending)})")
+    if int(c["selections"]) != n_sel:
+        raise _bad(f"counters.selections ({int(c['selections'])}) differs from n_selections ({n_sel})")
+    lg = d["log"]
+    if not isinstance(lg, dict) or {"selections", "checks", "drops"} - set(lg):
+        raise _bad("log must be a dict with selections, checks and drops")
+
+
 def crest_load_state_dict(d: dict, params_like) -> CrestState:
-    """Restore a state; vectors go to the namespace/device/dtype of ``params_like`` (e.g. ops.params())."""
+    """Restore a state; vectors go to the namespace/device/dtype of ``params_like`` (e.g. ops.params()).
+
+    The state is validated first: shapes, ranges and cross-field consistency (the drop pool and the
+    number of examples, step / pending batch / counters, finite weights and model vectors, the anchor's
+    length and the model's parameter count ``params_like.shape[0]``). A corrupt or foreign state raises
+    ``ValueError`` saying what is wrong. States carry ``format_version`` (absent: version 1)."""
+    if not isinstance(d, dict):
+        raise TypeError(f"d must be a dict (from crest_state_dict), got {type(d).__name__}")
     d = {"want_select": False, "epoch_steps": 0, **d}  # fields added after the first format
     missing = set(CrestState._fields) - set(d)
     if missing:
         raise ValueError(f"state dict is missing {sorted(missing)}")
     xp = namespace(params_like, names=("params_like",))
+    if params_like.ndim != 1:
+        raise ValueError(f"params_like must be the flat (D,) parameter vector, got shape {tuple(params_like.shape)}")
+    _validate_state_dict(d, int(params_like.shape[0]))
 
     def vec(a):
         return xp.astype(from_numpy(np.asarray(a), xp, device_of(params_like)), params_like.dtype)
 
-    fields = dict(d)
+    fields = {k: d[k] for k in CrestState._fields}
     fields["anchor"] = None if d["anchor"] is None else vec(d["anchor"])
     if d["quad"] is not None:
         q = d["quad"]

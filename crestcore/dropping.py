@@ -39,6 +39,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._compat import to_numpy
+from ._validation import field_int, field_real
 
 __all__ = ["DropConfig", "DropState", "drop_init", "drop_record", "drop_update", "drop_copy"]
 
@@ -65,14 +66,12 @@ class DropConfig:
     min_per_class: int = 1
 
     def __post_init__(self):
-        if not (self.alpha > 0 and np.isfinite(self.alpha)):
-            raise ValueError(f"alpha must be a positive finite number, got {self.alpha!r}")
+        o = "DropConfig"
+        field_real(o, "alpha", self.alpha, low=0.0, low_open=True)
         for name in ("window", "history", "min_records", "floor", "min_per_class"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or int(v) != v or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+            field_int(o, name, getattr(self, name))
         if self.min_records > self.history:
-            raise ValueError(f"min_records ({self.min_records}) cannot exceed history ({self.history})")
+            raise ValueError(f"DropConfig.min_records ({self.min_records}) cannot exceed history ({self.history})")
 
 
 class DropState(NamedTuple):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
 from ._compat import namespace
+from ._validation import DivergenceError, field_choice, field_real
 
 __all__ = [
     "QuadraticConfig",
@@ -46,14 +47,11 @@ class QuadraticConfig:
     eps: float = 1e-4  # added to the adahessian RMS curvature
 
     def __post_init__(self):
+        o = "QuadraticConfig"
         for name in ("beta1", "beta2"):
-            v = getattr(self, name)
-            if not (0.0 <= float(v) < 1.0):
-                raise ValueError(f"{name} must be in [0, 1), got {v!r}")
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        if not (float(self.eps) >= 0.0):
-            raise ValueError(f"eps must be >= 0, got {self.eps!r}")
+            field_real(o, name, getattr(self, name), low=0.0, high=1.0, high_open=True)
+        field_choice(o, "variant", self.variant, VARIANTS)
+        field_real(o, "eps", self.eps, low=0.0)
 
 
 class QuadraticState(NamedTuple):
@@ -64,7 +62,7 @@ class QuadraticState(NamedTuple):
     n_h: int
 
 
-def _check_vec(xp, v, name, dim=None):
+def _check_vec(xp, v, name, dim=None, *, diverged: bool = False):
     if v.ndim != 1:
         raise ValueError(f"{name} must be a 1-D (flat) vector, got shape {tuple(v.shape)}")
     if dim is not None and v.shape[0] != dim:
@@ -72,6 +70,11 @@ def _check_vec(xp, v, name, dim=None):
     if not xp.isdtype(v.dtype, "real floating"):
         raise TypeError(f"{name} must be real floating, got {v.dtype}")
     if not bool(xp.all(xp.isfinite(v))):
+        if diverged:
+            raise DivergenceError(
+                f"{name} contains NaN or infinite values: the model's gradient or curvature is not finite, "
+                "training has diverged (lower the learning rate, add gradient clipping, check the data)"
+            )
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
@@ -90,15 +93,25 @@ def hutchinson_diagonal(hvp: Callable[[Any], Any], probes):
         raise ValueError(f"probes must be a non-empty (k, D) array, got shape {tuple(probes.shape)}")
     if not xp.isdtype(probes.dtype, "real floating"):
         raise TypeError(f"probes must be real floating, got {probes.dtype}")
+    if not bool(xp.all(xp.isfinite(probes))):
+        raise ValueError("probes contains NaN or infinite values")
     acc = None
     for i in range(probes.shape[0]):
         z = probes[i]
         hz = hvp(z)
         if tuple(hz.shape) != tuple(z.shape):
             raise ValueError(f"hvp returned shape {tuple(hz.shape)} for a probe of shape {tuple(z.shape)}")
+        if not bool(xp.all(xp.isfinite(hz))):
+            raise DivergenceError(
+                f"hvp returned NaN or infinite values for probe {i}: the Hessian-vector product is not "
+                "finite (a diverged model?)"
+            )
         term = z * hz
         acc = term if acc is None else acc + term
-    return acc / probes.shape[0]
+    out = acc / probes.shape[0]
+    if not bool(xp.all(xp.isfinite(out))):
+        raise DivergenceError(f"the Hutchinson estimate overflows {out.dtype}: the curvature is not finite")
+    return out
 
 
 def quadratic_init(params) -> QuadraticState:
@@ -130,15 +143,27 @@ def quadratic_update(state: QuadraticState, grad=None, zhz=None, config: Quadrat
     D = state.g_ema.shape[0]
     g_ema, h_ema, n_g, n_h = state.g_ema, state.h_ema, state.n_g, state.n_h
     if grad is not None:
-        _check_vec(xp, grad, "grad", D)
+        _check_vec(xp, grad, "grad", D, diverged=True)
         g_ema = config.beta1 * g_ema + (1.0 - config.beta1) * grad
         n_g += 1
     if zhz is not None:
-        _check_vec(xp, zhz, "zhz", D)
+        _check_vec(xp, zhz, "zhz", D, diverged=True)
         sample = zhz if config.variant == "hutchinson" else zhz * zhz
         h_ema = config.beta2 * h_ema + (1.0 - config.beta2) * sample
         n_h += 1
-    return QuadraticState(state.anchor_loss, g_ema, h_ema, n_g, n_h)
+    new = QuadraticState(state.anchor_loss, g_ema, h_ema, n_g, n_h)
+    # Finite but exploding samples (huge logits) can overflow the EMAs or the curvature's norm (which
+    # the trust schedule needs): that is divergence, reported as such rather than as a later failure.
+    if grad is not None and not bool(xp.all(xp.isfinite(g_ema))):
+        raise DivergenceError(f"the gradient EMA overflows {g_ema.dtype}: training has diverged")
+    if zhz is not None:
+        h = quadratic_curvature(new, config)
+        if not bool(xp.isfinite(xp.sum(h * h))):
+            raise DivergenceError(
+                f"the curvature estimate (or its norm) overflows {h.dtype}: the Hessian is exploding, "
+                "training has diverged (lower the learning rate, add gradient clipping)"
+            )
+    return new
 
 
 def _gradient(state: QuadraticState, config: QuadraticConfig):

@@ -9,6 +9,7 @@ import numpy as np
 from .._compat import device_of, from_numpy, namespace, to_numpy
 from .._validation import check_int
 from ..facility import Selection
+from ..similarity import prepare, restore
 from ._common import check_real, check_vector, epoch_rng
 
 
@@ -60,8 +61,13 @@ def prune_schedule(losses, *, ratio: float = 0.5, epoch, epochs, anneal: float =
     gen = epoch_rng(rng, epoch)
     dev = device_of(losses)
 
-    mean = xp.mean(losses)
-    low = np.asarray(to_numpy(losses < mean), dtype=bool)
+    # numerics policy (docs/selection.md): the mean is taken in >= float32 on losses divided by a power
+    # of two when huge (or tiny) losses would overflow (underflow) it; the comparison with the mean is
+    # unchanged by that exact scaling, and the mean (at most the largest loss) always fits back
+    lc, _, _, e = prepare(xp, losses, metric="euclidean", kernel=None, scale=1.0)
+    mean_c = xp.mean(lc)
+    low = np.asarray(to_numpy(lc < mean_c), dtype=bool)
+    mean = restore(xp, mean_c, e, losses.dtype, "mean loss")
     weights = np.ones(n)
     keep = np.ones(n, dtype=bool)
     active = epoch < anneal * epochs

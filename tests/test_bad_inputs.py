@@ -1,0 +1,463 @@
+"""Bad inputs to every public entry point: the exception type, and a message naming the argument.
+
+One test per case (``pytest.mark.parametrize`` ids). Also: eager config validation (issue 15 item 4),
+divergence reported as ``FloatingPointError`` (item 5), and refused corrupt or foreign checkpoints
+(item 3).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+
+import crestcore
+from crestcore import (
+    CrestConfig,
+    DropConfig,
+    QuadraticConfig,
+    crest_init,
+    crest_load_state_dict,
+    crest_next_batch,
+    crest_observe,
+    crest_state_dict,
+)
+from crestcore.baselines import craig, glister, gradmatch, nonneg_ridge, prune_schedule, random_subset, reselect_due
+
+X = np.random.default_rng(0).normal(size=(20, 3))
+Y = np.arange(20) % 2
+S = np.abs(np.random.default_rng(1).normal(size=(6, 6)))
+LOGITS = np.random.default_rng(2).normal(size=(20, 2))
+NAN_X = X.copy()
+NAN_X[3, 1] = np.nan
+
+
+def _ri(n):
+    return np.arange(n, dtype=np.int64)
+
+
+# (id, callable, exception type, regex the message must match: the argument's name)
+CASES = [
+    # --- facility_location
+    ("fl-X-1d", lambda: crestcore.facility_location(X[0], 2), ValueError, r"\bX\b"),
+    ("fl-X-nan", lambda: crestcore.facility_location(NAN_X, 2), ValueError, r"\bX\b"),
+    ("fl-X-int", lambda: crestcore.facility_location(X.astype(int), 2), TypeError, r"\bX\b"),
+    ("fl-X-list", lambda: crestcore.facility_location([[1.0, 2.0]], 1), TypeError, r"\bX\b"),
+    ("fl-X-empty", lambda: crestcore.facility_location(np.zeros((0, 3)), 1), ValueError, r"\bX\b"),
+    ("fl-k-0", lambda: crestcore.facility_location(X, 0), ValueError, r"\bk\b"),
+    ("fl-k-big", lambda: crestcore.facility_location(X, 21), ValueError, r"\bk\b"),
+    ("fl-k-float", lambda: crestcore.facility_location(X, 2.0), TypeError, r"\bk\b"),
+    ("fl-k-bool", lambda: crestcore.facility_location(X, True), TypeError, r"\bk\b"),
+    ("fl-metric", lambda: crestcore.facility_location(X, 2, metric="euclidian"), ValueError, "metric"),
+    ("fl-kernel", lambda: crestcore.facility_location(X, 2, kernel="expo"), ValueError, "kernel"),
+    ("fl-kernel-precomputed", lambda: crestcore.facility_location(S, 2, metric="precomputed", kernel="exp"),
+     ValueError, "kernel"),
+    ("fl-precomputed-negative", lambda: crestcore.facility_location(-S, 2, metric="precomputed"), ValueError, r"\bX\b"),
+    ("fl-precomputed-nonsquare", lambda: crestcore.facility_location(X, 2, metric="precomputed"), ValueError, r"\bX\b"),
+    ("fl-optimizer", lambda: crestcore.facility_location(X, 2, optimizer="lazzy"), ValueError, "optimizer"),
+    ("fl-stochastic-no-rng", lambda: crestcore.facility_location(X, 2, optimizer="stochastic"), TypeError, "rng"),
+    ("fl-epsilon", lambda: crestcore.facility_location(X, 2, optimizer="stochastic", rng=0, epsilon=1.5),
+     ValueError, "epsilon"),
+    ("fl-scale", lambda: crestcore.facility_location(X, 2, kernel="exp", scale=-1.0), ValueError, "scale"),
+    ("fl-scale-out-of-range", lambda: crestcore.facility_location(X * 1e300, 2, kernel="exp", metric="sqeuclidean"),
+     ValueError, "scale"),
+    ("fl-max-dense-bytes", lambda: crestcore.facility_location(X, 2, max_dense_bytes=0), ValueError, "max_dense_bytes"),
+    ("fl-backend", lambda: crestcore.facility_location(X, 2, backend="gpu"), ValueError, "backend"),
+    ("fl-labels-length", lambda: crestcore.facility_location(X, 2, labels=Y[:5]), ValueError, "labels"),
+    ("fl-labels-float", lambda: crestcore.facility_location(X, 2, labels=Y * 1.0), TypeError, "labels"),
+    ("fl-objective-overflow", lambda: crestcore.facility_location(
+        (np.random.default_rng(4).normal(size=(400, 3)) * 15000).astype(np.float16), 3), ValueError, "objective|gains"),
+    # --- facility_objective / marginal_gains
+    ("fo-S-nan", lambda: crestcore.facility_objective(np.full((3, 3), np.nan), _ri(1)), ValueError, r"\bS\b"),
+    ("fo-selected-range", lambda: crestcore.facility_objective(S, np.array([7])), ValueError, "selected"),
+    ("fo-selected-float", lambda: crestcore.facility_objective(S, np.array([0.0])), TypeError, "selected"),
+    ("mg-S-1d", lambda: crestcore.marginal_gains(S[0], _ri(1)), ValueError, r"\bS\b"),
+    # --- pairwise_distances
+    ("pd-X-int", lambda: crestcore.pairwise_distances(X.astype(int)), TypeError, r"\bX\b"),
+    ("pd-Y-features", lambda: crestcore.pairwise_distances(X, X[:, :2]), ValueError, r"\bY\b"),
+    ("pd-X-inf", lambda: crestcore.pairwise_distances(np.full((2, 2), np.inf)), ValueError, r"\bX\b"),
+    ("pd-metric", lambda: crestcore.pairwise_distances(X, metric="l1"), ValueError, "metric"),
+    # --- minibatch_coresets
+    ("mc-features-nan", lambda: crestcore.minibatch_coresets(NAN_X, Y, m=2, r=4, P=1, rng=0), ValueError, "features"),
+    ("mc-m-gt-r", lambda: crestcore.minibatch_coresets(X, Y, m=5, r=4, P=1, rng=0), ValueError, r"\bm\b"),
+    ("mc-r-gt-pool", lambda: crestcore.minibatch_coresets(X, Y, m=2, r=30, P=1, rng=0), ValueError, r"\br\b"),
+    ("mc-P-0", lambda: crestcore.minibatch_coresets(X, Y, m=2, r=4, P=0, rng=0), ValueError, r"\bP\b"),
+    ("mc-rng-missing", lambda: crestcore.minibatch_coresets(X, Y, m=2, r=4, P=1), TypeError, "rng"),
+    ("mc-per-class", lambda: crestcore.minibatch_coresets(X, Y, m=2, r=4, P=1, rng=0, per_class="yes"),
+     TypeError, "per_class"),
+    ("mc-class-budget", lambda: crestcore.minibatch_coresets(X, Y, m=2, r=4, P=1, rng=0, class_budget="floor"),
+     ValueError, "class_budget"),
+    ("mc-pool-dup", lambda: crestcore.minibatch_coresets(X, Y, m=2, r=4, P=1, rng=0, pool=np.array([1, 1, 2, 3])),
+     ValueError, "pool"),
+    ("mc-pool-float", lambda: crestcore.minibatch_coresets(X, Y, m=2, r=4, P=1, rng=0, pool=np.array([1.0])),
+     TypeError, "pool"),
+    ("mc-subsets-shape", lambda: crestcore.minibatch_coresets(X, Y, m=2, r=4, P=1, subsets=np.zeros((2, 4), int)),
+     ValueError, "subsets"),
+    ("mc-subsets-dup", lambda: crestcore.minibatch_coresets(X, Y, m=2, r=4, P=1, subsets=np.array([[0, 0, 1, 2]])),
+     ValueError, "subsets"),
+    # --- features
+    ("ce-labels-range", lambda: crestcore.cross_entropy(LOGITS, Y + 5), ValueError, "labels"),
+    ("llg-logits-nan", lambda: crestcore.last_layer_gradients(np.full((2, 2), np.nan), np.array([0, 1])),
+     ValueError, "logits"),
+    ("softmax-list", lambda: crestcore.softmax([[0.0, 1.0]]), TypeError, "logits"),
+    # --- quadratic
+    ("qc-beta1", lambda: QuadraticConfig(beta1=1.0), ValueError, "beta1"),
+    ("qc-beta2-str", lambda: QuadraticConfig(beta2="0.9"), TypeError, "beta2"),
+    ("qc-variant", lambda: QuadraticConfig(variant="adam"), ValueError, "variant"),
+    ("qc-eps-nan", lambda: QuadraticConfig(eps=float("nan")), ValueError, "eps"),
+    ("hd-hvp-not-callable", lambda: crestcore.hutchinson_diagonal(3, np.ones((1, 2))), TypeError, "hvp"),
+    ("hd-probes-nan", lambda: crestcore.hutchinson_diagonal(lambda v: v, np.full((1, 2), np.nan)), ValueError, "probes"),
+    ("qi-params-2d", lambda: crestcore.quadratic_init(np.zeros((2, 2))), ValueError, "params"),
+    ("qa-loss-nan", lambda: crestcore.quadratic_anchor(crestcore.quadratic_init(np.zeros(2)), float("nan")),
+     ValueError, "loss"),
+    ("qp-delta-length", lambda: crestcore.quadratic_predict(
+        crestcore.quadratic_anchor(crestcore.quadratic_init(np.zeros(2)), 1.0), np.zeros(3)), ValueError, "delta"),
+    # --- trust
+    ("re-loss-zero", lambda: crestcore.relative_error(0.0, 1.0), ValueError, "loss_random"),
+    ("sr-tau", lambda: crestcore.should_reselect(0.5, 0.0), ValueError, "tau"),
+    ("us-cap", lambda: crestcore.update_schedule(1.0, 1.0, cap=0), ValueError, "cap"),
+    # --- dropping
+    ("dc-alpha", lambda: DropConfig(alpha=0.0), ValueError, "alpha"),
+    ("dc-alpha-str", lambda: DropConfig(alpha="0.1"), TypeError, "alpha"),
+    ("dc-window-float", lambda: DropConfig(window=1.5), ValueError, "window"),
+    ("dc-history-none", lambda: DropConfig(history=None), TypeError, "history"),
+    ("dc-min-records", lambda: DropConfig(history=2, min_records=3), ValueError, "min_records"),
+    ("di-n", lambda: crestcore.drop_init(0), ValueError, r"\bn\b"),
+    ("dr-losses-nan", lambda: crestcore.drop_record(crestcore.drop_init(3), [0], [float("nan")], 0), ValueError, "losses"),
+    # --- CrestConfig (eager: everything at construction)
+    ("cc-kernel", lambda: CrestConfig(kernel="expo"), ValueError, "kernel"),
+    ("cc-metric", lambda: CrestConfig(metric="euclidian"), ValueError, "metric"),
+    ("cc-optimizer", lambda: CrestConfig(optimizer="lazzy"), ValueError, "optimizer"),
+    ("cc-per-class", lambda: CrestConfig(per_class="yes"), TypeError, "per_class"),
+    ("cc-embeddings", lambda: CrestConfig(embeddings=1), TypeError, "embeddings"),
+    ("cc-check-union", lambda: CrestConfig(check_union=None), TypeError, "check_union"),
+    ("cc-drop-dict", lambda: CrestConfig(drop={}), TypeError, "drop"),
+    ("cc-quadratic-dict", lambda: CrestConfig(quadratic={"beta1": 0.5}), TypeError, "quadratic"),
+    ("cc-r-lt-m", lambda: CrestConfig(m=16, r=4), ValueError, r"\br\b.*\bm\b"),
+    ("cc-m-str", lambda: CrestConfig(m="16"), TypeError, r"\bm\b"),
+    ("cc-tau-str", lambda: CrestConfig(tau="0.1"), TypeError, "tau"),
+    ("cc-max-overhead-bool", lambda: CrestConfig(max_overhead=True), TypeError, "max_overhead"),
+    ("cc-batches-none", lambda: CrestConfig(batches=None), TypeError, "batches"),
+    ("cc-release-override", lambda: CrestConfig.release(kernel="gauss"), ValueError, "kernel"),
+    ("cc-paper-override", lambda: CrestConfig.paper(T1=0), ValueError, "T1"),
+    # --- controller
+    ("ci-seed", lambda: crest_init(CrestConfig(m=4), Y, seed=-1), ValueError, "seed"),
+    ("ci-epoch-steps", lambda: crest_init(CrestConfig(m=4), Y, seed=0, epoch_steps=0), ValueError, "epoch_steps"),
+    ("ci-labels-float", lambda: crest_init(CrestConfig(m=4), Y * 1.0, seed=0), TypeError, "labels"),
+    ("cls-not-dict", lambda: crest_load_state_dict([1, 2], np.zeros(3)), TypeError, r"\bd\b"),
+    ("cls-params-2d", lambda: crest_load_state_dict({}, np.zeros((3, 3))), ValueError, "missing|params_like"),
+    # --- baselines
+    ("craig-gradients-nan", lambda: craig(NAN_X, Y, 2), ValueError, "gradients"),
+    ("gm-lam", lambda: gradmatch(X, 2, lam=-1.0), ValueError, "lam"),
+    ("gm-target-dtype", lambda: gradmatch(X, 2, target=np.zeros(3, dtype=np.float32)), TypeError, "target"),
+    ("gm-labels-and-batch", lambda: gradmatch(X, 2, labels=Y, per_batch=Y), ValueError, "per_batch"),
+    ("gm-overflow", lambda: gradmatch(X * 1e200, 2), ValueError, "overflow"),
+    ("nr-target", lambda: nonneg_ridge(X, np.zeros(2)), ValueError, "target"),
+    ("gl-val-labels", lambda: glister(LOGITS, LOGITS, Y + 3, 2), ValueError, "val_labels"),
+    ("gl-eta", lambda: glister(LOGITS, LOGITS, Y, 2, eta=0.0), ValueError, "eta"),
+    ("ps-ratio", lambda: prune_schedule(np.ones(4), ratio=1.0, epoch=0, epochs=2, rng=0), ValueError, "ratio"),
+    ("ps-losses-inf", lambda: prune_schedule(np.array([1.0, np.inf]), epoch=0, epochs=2, rng=0), ValueError, "losses"),
+    ("ps-epoch", lambda: prune_schedule(np.ones(4), epoch=2, epochs=2, rng=0), ValueError, "epoch"),
+    ("rs-k", lambda: random_subset(5, 6, rng=0), ValueError, r"\bk\b"),
+    ("rd-every", lambda: reselect_due(0, 0), ValueError, "every"),
+]
+
+
+@pytest.mark.parametrize("fn, exc, match", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input(fn, exc, match):
+    with pytest.raises(exc, match=match):
+        fn()
+
+
+def test_case_count():
+    assert len(CASES) >= 60 and len({c[0] for c in CASES}) == len(CASES)
+
+
+def test_config_type_errors_are_value_errors_too():
+    """Configs used to raise ValueError for every bad field; callers catching that keep working."""
+    with pytest.raises(ValueError, match="per_class"):
+        CrestConfig(per_class="yes")
+    with pytest.raises(ValueError, match="alpha"):
+        DropConfig(alpha="x")
+
+
+def test_valid_configs_still_build():
+    CrestConfig(m=4, r=4)
+    CrestConfig.paper()
+    CrestConfig.release()
+    CrestConfig(per_class=np.bool_(False), max_overhead=0.5, T2=10, drop=DropConfig(alpha=0.5))
+
+
+# --------------------------------------------------------------------------------------------------
+# divergence is reported as divergence (FloatingPointError)
+# --------------------------------------------------------------------------------------------------
+def test_hutchinson_nan_hvp_is_divergence():
+    with pytest.raises(FloatingPointError, match="hvp.*probe 0"):
+        crestcore.hutchinson_diagonal(lambda v: v * np.nan, np.ones((2, 3)))
+
+
+def test_hutchinson_overflowing_estimate_is_divergence():
+    with pytest.raises(FloatingPointError, match="overflows"):
+        crestcore.hutchinson_diagonal(lambda v: v * 1e306, np.full((3, 2), 10.0))  # terms 1e308, sum inf
+
+
+def test_quadratic_update_exploding_curvature_is_divergence():
+    q = crestcore.quadratic_init(np.zeros(4, dtype=np.float32))
+    cfg = QuadraticConfig(variant="adahessian")
+    with pytest.raises(FloatingPointError, match="curvature"):  # (1e20)^2 overflows float32's EMA
+        crestcore.quadratic_update(q, None, np.full(4, 1e20, dtype=np.float32), cfg)
+    with pytest.raises(FloatingPointError, match="curvature"):  # finite h, but its norm overflows float32
+        crestcore.quadratic_update(q, None, np.full(4, 3e38, dtype=np.float32))
+
+
+def test_quadratic_update_nan_gradient_is_divergence():
+    q = crestcore.quadratic_init(np.zeros(3))
+    with pytest.raises(FloatingPointError, match="grad"):
+        crestcore.quadratic_update(q, np.array([0.0, np.nan, 1.0]))
+
+
+def test_prune_schedule_huge_losses_keep_the_highest():
+    losses = np.array([1e308, 1.5e308, 0.5e308, 1e307, 1.7e308])
+    sel = prune_schedule(losses, ratio=0.99, epoch=0, epochs=10, rng=0)
+    kept = set(sel.indices.tolist())
+    assert {1, 4} <= kept  # above the mean (9.6e307): never pruned
+    assert np.isfinite(sel.objective) and sel.objective == pytest.approx(9.6e307, rel=1e-12)
+    small = prune_schedule(losses / 1e300, ratio=0.99, epoch=0, epochs=10, rng=0)
+    assert np.array_equal(small.indices, sel.indices)
+
+
+class ExplodingOps:
+    """A linear model whose logits are finite but astronomically large and whose HVP is NaN."""
+
+    def __init__(self, labels, hvp_value=np.nan):
+        self.labels = labels
+        self.W = np.ones(6)
+        self.hvp_value = hvp_value
+
+    def outputs(self, idx, embeddings=False):
+        Z = np.zeros((idx.size, 2))
+        Z[np.arange(idx.size), self.labels[idx]] = 1e30
+        return Z
+
+    def params(self):
+        return self.W.copy()
+
+    def gradient(self, idx, w):
+        return 1.0, np.full(6, 1e30)
+
+    def hutchinson(self, idx, w, seed):
+        return np.full(6, self.hvp_value)
+
+
+def test_controller_nan_hvp_is_floating_point_error():
+    lab = np.arange(40) % 2
+    cfg = CrestConfig(m=4)
+    ops = ExplodingOps(lab)
+    with pytest.raises(FloatingPointError, match="zhz"):
+        crest_next_batch(crest_init(cfg, lab, seed=0), ops, cfg)
+
+
+def test_controller_exploding_curvature_is_floating_point_error():
+    lab = np.arange(40) % 2
+    cfg = CrestConfig(m=4)
+    ops = ExplodingOps(lab, hvp_value=1e300)  # finite, but the curvature's squared norm overflows
+    with pytest.raises(FloatingPointError, match="curvature"):
+        crest_next_batch(crest_init(cfg, lab, seed=0), ops, cfg)
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoint integrity (crest_load_state_dict)
+# --------------------------------------------------------------------------------------------------
+class LinOps:
+    def __init__(self, labels, D=6):
+        self.labels = labels
+        self.W = np.linspace(-1, 1, D)
+
+    def outputs(self, idx, embeddings=False):
+        Z = np.zeros((idx.size, 2))
+        Z[:, 0] = self.W[0] * idx / 40.0
+        Z[:, 1] = -Z[:, 0]
+        return Z
+
+    def params(self):
+        return self.W.copy()
+
+    def gradient(self, idx, w):
+        return 1.0, np.full(self.W.size, 0.01)
+
+    def hutchinson(self, idx, w, seed):
+        return np.full(self.W.size, 0.1)
+
+
+@pytest.fixture(scope="module")
+def saved():
+    lab = np.arange(40) % 2
+    cfg = CrestConfig(m=4, T2=2, drop=DropConfig(window=2))
+    ops = LinOps(lab)
+    state = crest_init(cfg, lab, seed=0)
+    for _ in range(5):
+        state, b = crest_next_batch(state, ops, cfg)
+        state = crest_observe(state, b.indices, np.full(b.indices.size, 0.5))
+    return crest_state_dict(state), ops
+
+
+def _corrupt(d, path, value):
+    d = copy.deepcopy(d)
+    cur = d
+    for k in path[:-1]:
+        cur = cur[k]
+    cur[path[-1]] = value(cur[path[-1]]) if callable(value) else value
+    return d
+
+
+CORRUPT = [
+    ("truncated-pool", ("drop", "active"), lambda a: a[: a.size // 2], "drop.active"),
+    ("negative-step", ("step",), -3, r"\bstep\b"),
+    ("step-vs-counters", ("step",), lambda s: s + 7, "train_steps"),
+    ("nan-batch-weight", ("batch_w",), lambda w: np.where(np.arange(w.size).reshape(w.shape) == 0, np.nan, w),
+     "batch_w"),
+    ("batch-index-range", ("batch_idx",), lambda b: b + 1000, "batch_idx"),
+    ("batch-shapes", ("batch_w",), lambda w: w[:, :1], "batch_idx|batch_w"),
+    ("foreign-anchor", ("anchor",), lambda a: np.zeros(a.size + 5), "anchor.*another model"),
+    ("foreign-g-ema", ("quad", "g_ema"), lambda a: np.zeros(a.size - 1), "g_ema"),
+    ("nan-h-ema", ("quad", "h_ema"), lambda a: a * np.nan, "h_ema"),
+    ("n-classes", ("n_classes",), 1, "n_classes"),
+    ("labels-float", ("labels",), lambda a: a * 1.0, "labels"),
+    ("T1-zero", ("T1",), 0, "T1"),
+    ("pending-str", ("pending",), "yes", "pending"),
+    ("format-future", ("format_version",), 99, "format_version"),
+    ("dropped-at-inconsistent", ("drop", "dropped_at"), lambda a: a * 0 + 3, "dropped_at"),
+    ("losses-inf", ("drop", "losses"), lambda a: np.where(np.isnan(a), np.inf, a), "drop.losses"),
+    ("counters-missing", ("counters",), {}, "counters"),
+    ("h-norm-negative", ("h_norm_t",), -1.0, "h_norm_t"),
+]
+
+
+@pytest.mark.parametrize("path, value, match", [c[1:] for c in CORRUPT], ids=[c[0] for c in CORRUPT])
+def test_corrupt_state_is_refused(saved, path, value, match):
+    d, ops = saved
+    bad = _corrupt(d, path, value)
+    with pytest.raises(ValueError, match=match):
+        crest_load_state_dict(bad, ops.params())
+
+
+def test_intact_state_loads_and_continues_identically(saved):
+    d, ops = saved
+    cfg = CrestConfig(m=4, T2=2, drop=DropConfig(window=2))
+    a = crest_load_state_dict(copy.deepcopy(d), ops.params())
+    b = crest_load_state_dict(copy.deepcopy(d), ops.params())
+    for _ in range(4):
+        a, ba = crest_next_batch(a, ops, cfg)
+        b, bb = crest_next_batch(b, ops, cfg)
+        assert np.array_equal(ba.indices, bb.indices) and np.array_equal(ba.weights, bb.weights)
+    assert d["format_version"] == 2
+
+
+def test_version_1_state_without_new_fields_loads(saved):
+    d, ops = saved
+    old = {k: v for k, v in copy.deepcopy(d).items() if k not in ("format_version", "epoch_steps", "want_select")}
+    st = crest_load_state_dict(old, ops.params())
+    assert st.epoch_steps == 0 and st.want_select is False
+
+
+def test_state_from_another_model_is_refused(saved):
+    d, ops = saved
+    with pytest.raises(ValueError, match="anchor has 6 parameters but the model has 9"):
+        crest_load_state_dict(copy.deepcopy(d), np.zeros(9))
+
+
+# --------------------------------------------------------------------------------------------------
+# the torch adapter: __init__ and load_state_dict
+# --------------------------------------------------------------------------------------------------
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+from torch.utils.data import TensorDataset  # noqa: E402
+
+from crestcore.adapters.torch import CrestLoader  # noqa: E402
+
+
+def _data(n=40):
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, 3, generator=g), torch.arange(n) % 2)
+
+
+def _model(out=2):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, out))
+
+
+LOADER_CASES = [
+    ("config-dict", dict(config={"m": 4}), TypeError, "config"),
+    ("budget-zero", dict(budget=0.0), ValueError, "budget"),
+    ("epochs-zero", dict(epochs=0), ValueError, "epochs"),
+    ("seed-negative", dict(seed=-1), ValueError, "seed"),
+    ("budget-counts", dict(budget_counts="time"), ValueError, "budget_counts"),
+    ("per-epoch-str", dict(per_epoch="yes"), TypeError, "per_epoch"),
+    ("measure-batch-size", dict(measure_batch_size=0), ValueError, "measure_batch_size"),
+    ("loss-fn", dict(loss_fn="ce"), TypeError, "loss_fn"),
+    ("forward", dict(forward=3), TypeError, "forward"),
+    ("collate-fn", dict(collate_fn=1.5), TypeError, "collate_fn"),
+    ("device", dict(device="nowhere:7"), ValueError, "device"),
+    ("m-too-big", dict(config=CrestConfig(m=64)), ValueError, r"\bm\b"),
+]
+
+
+@pytest.mark.parametrize("kw, exc, match", [c[1:] for c in LOADER_CASES], ids=[c[0] for c in LOADER_CASES])
+def test_crest_loader_init_bad_arguments(kw, exc, match):
+    kw = {"config": CrestConfig(m=4), **kw}
+    with pytest.raises(exc, match=match):
+        CrestLoader(_model(), _data(), **kw)
+
+
+def test_crest_loader_model_must_be_module():
+    with pytest.raises(TypeError, match="model"):
+        CrestLoader(lambda x: x, _data(), config=CrestConfig(m=4))
+
+
+@pytest.fixture(scope="module")
+def loader_state():
+    torch.set_num_threads(1)
+    model = _model()
+    loader = CrestLoader(model, _data(), config=CrestConfig(m=4), budget=0.5, epochs=2)
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    return loader.state_dict(), model
+
+
+LOADER_CORRUPT = [
+    ("position-negative", lambda s: s.update(position=-2), "position"),
+    ("position-beyond", lambda s: s.update(position=10_000), "position"),
+    ("position-vs-controller", lambda s: s.update(position=1), "position"),
+    ("batch-weight-nan", lambda s: s["batch"].update(weights=s["batch"]["weights"] * float("nan")), "weights"),
+    ("batch-index-range", lambda s: s["batch"].update(indices=s["batch"]["indices"] + 100), "indices"),
+    ("batch-missing", lambda s: s.update(batch=None), "batch"),
+    ("pool-truncated", lambda s: s["crest"]["drop"].update(active=s["crest"]["drop"]["active"][:20]), "drop.active"),
+]
+
+
+@pytest.mark.parametrize("corrupt, match", [c[1:] for c in LOADER_CORRUPT], ids=[c[0] for c in LOADER_CORRUPT])
+def test_crest_loader_refuses_corrupt_state(loader_state, corrupt, match):
+    state, model = loader_state
+    bad = copy.deepcopy(state)
+    corrupt(bad)
+    loader = CrestLoader(model, _data(), config=CrestConfig(m=4), budget=0.5, epochs=2)
+    with pytest.raises(ValueError, match=match):
+        loader.load_state_dict(bad)
+
+
+def test_crest_loader_refuses_another_architecture(loader_state):
+    state, _ = loader_state
+    other = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    loader = CrestLoader(other, _data(), config=CrestConfig(m=4), budget=0.5, epochs=2)
+    with pytest.raises(ValueError, match="another model"):
+        loader.load_state_dict(copy.deepcopy(state))
+
+
+def test_crest_loader_intact_state_loads(loader_state):
+    state, model = loader_state
+    loader = CrestLoader(model, _data(), config=CrestConfig(m=4), budget=0.5, epochs=2)
+    loader.load_state_dict(copy.deepcopy(state))
+    assert loader.position == 3 and math.isfinite(float(loader._batch.weights.sum()))
