@@ -82,12 +82,29 @@ def on_cpu(x: Any) -> bool:
     return False
 
 
+class _LazyTorchDtypes:
+    """torch dtypes NumPy cannot hold, resolved on first use (importing crestcore imports no torch)."""
+
+    def __contains__(self, dtype) -> bool:
+        import sys
+
+        torch = sys.modules.get("torch")
+        return torch is not None and dtype == torch.bfloat16
+
+
+_NO_NUMPY_EQUIVALENT = _LazyTorchDtypes()
+
+
 def to_numpy(x: Any) -> np.ndarray:
-    """Copy an array of any supported library to host NumPy (one transfer)."""
+    """Copy an array of any supported library to host NumPy (one transfer). bfloat16 tensors, which
+    NumPy cannot represent, come back as float32 (exactly: every bfloat16 is a float32)."""
     if isinstance(x, np.ndarray):
         return x
     if array_api_compat.is_torch_array(x):
-        return x.detach().cpu().numpy()
+        x = x.detach()
+        if x.dtype in _NO_NUMPY_EQUIVALENT:  # NumPy has no bfloat16: the exact float32 values instead
+            x = x.float()
+        return x.cpu().numpy()
     if array_api_compat.is_cupy_array(x):
         return x.get()
     if hasattr(x, "__dlpack__"):  # array-api-strict and other host libraries

@@ -7,6 +7,8 @@ Data for the invariance properties are small integers, exactly representable in 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -237,3 +239,49 @@ def test_no_silent_nan_minibatch(X, seed):
         return
     for v in (c.weights, c.gains, c.objective):
         assert np.all(np.isfinite(v))
+
+
+# --------------------------------------------------------------------------------------------------
+# half-precision models (issue 15 item 2, the parts in the core)
+# --------------------------------------------------------------------------------------------------
+def test_to_numpy_bfloat16_is_exact_float32():
+    from crestcore._compat import to_numpy
+
+    t = torch.tensor([1.5, -3.0, 2.0**-100, 3.0e38], dtype=torch.bfloat16)
+    a = to_numpy(t)
+    assert a.dtype == np.float32 and np.array_equal(a, t.float().numpy())
+
+
+def _train_loader(dt, autocast=False):
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from crestcore.adapters.torch import CrestLoader
+
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randn(80, 3, generator=g).to(dt), torch.arange(80) % 2)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)).to(dt)
+    loader = CrestLoader(model, ds, config=crestcore.CrestConfig(m=8), budget=0.5, epochs=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        for x, y, w in loader:
+            loss = (torch.nn.functional.cross_entropy(model(x).float(), y, reduction="none") * w).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return loader
+
+
+@pytest.mark.parametrize("dt", ["bfloat16", "float16"])
+def test_half_precision_model_trains_with_crest_loader(dt):
+    torch.set_num_threads(1)
+    loader = _train_loader(TORCH_DTYPES[dt])
+    assert loader.position == loader.total_steps == 10
+    assert all(math.isfinite(c["rho"]) for c in loader.stats["checks"])
+
+
+def test_crest_loader_under_cpu_bfloat16_autocast():
+    torch.set_num_threads(1)
+    loader = _train_loader(torch.float32, autocast=True)
+    assert loader.position == loader.total_steps == 10
