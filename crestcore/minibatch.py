@@ -71,6 +71,23 @@ def draw_subsets(labels_host: np.ndarray | None, pool: np.ndarray, r: int, P: in
     return out
 
 
+def _guard_memory(xp, dtype, B: int, n_max: int, d: int, P: int, per_class: bool, limit: int) -> None:
+    """Refuse, before allocating, a batched dense solve above ``limit`` bytes (see ``max_dense_bytes``)."""
+    itemsize = int(xp.finfo(dtype).bits) // 8  # the compute dtype (after the numerics policy's upcast)
+    need = B * n_max * (2 * n_max + d) * itemsize
+    if need <= limit:
+        return
+    per_coreset = need / P
+    fit = int(limit // per_coreset)
+    hint = f"P <= {fit}" if fit >= 1 else "no P fits"
+    raise ValueError(
+        f"minibatch_coresets would need {need / 2**30:.2f} GiB ({B} dense {n_max} x {n_max} similarity "
+        f"problems, twice, plus features) but max_dense_bytes={limit}: pass max_dense_bytes >= {need}, a "
+        f"smaller P ({hint}), or solve the P coresets in several calls"
+        + ("" if per_class else ", or per_class=True with labels (one smaller problem per class)")
+    )
+
+
 def minibatch_coresets(
     features,
     labels,
@@ -89,6 +106,7 @@ def minibatch_coresets(
     pool=None,
     subsets=None,
     backend: str = "auto",
+    max_dense_bytes: int = 1 << 32,
 ) -> Coresets:
     """The CREST selection step: ``P`` weighted mini-batch coresets of size ``m``.
 
@@ -112,6 +130,11 @@ def minibatch_coresets(
         row). Then no subsets are drawn and ``rng`` is only needed by the stochastic optimizer. This is
         how a training loop computes features for the subsets' union only and selects on them.
     backend : "auto" or "reference", as for :func:`crestcore.facility_location`.
+    max_dense_bytes : memory guard (default 4 GiB). All problems are solved densely in one batch; when
+        their padded similarity matrices, with one temporary of the same size (the distances) and the
+        gathered features, would exceed this many bytes, the call is refused with a ``ValueError``
+        before anything is allocated, naming what would make it fit (a smaller ``P``, ``per_class``,
+        or a larger ``max_dense_bytes``).
 
     Returns
     -------
@@ -142,6 +165,7 @@ def minibatch_coresets(
     optimizer = check_choice(optimizer, "optimizer", OPTIMIZERS)
     class_budget = check_choice(class_budget, "class_budget", CLASS_BUDGETS)
     backend = check_choice(backend, "backend", ("auto", "reference"))
+    max_dense_bytes = check_int(max_dense_bytes, "max_dense_bytes", low=1)
     eps = check_epsilon(epsilon)
     if not isinstance(per_class, bool):
         raise TypeError(f"per_class must be a bool, got {type(per_class).__name__}")
@@ -204,6 +228,8 @@ def minibatch_coresets(
         sizes = np.full(P, r, dtype=np.int64)
         width = m
 
+    _guard_memory(xp, features.dtype, pad.shape[0], pad.shape[1], d, P, per_class and labels_host is not None,
+                  max_dense_bytes)
     u = stochastic_draws(gen, sizes, budgets, eps) if optimizer == "stochastic" else None
     flat = from_numpy(pad.reshape(-1), xp, dev)
     Xb = xp.reshape(xp.take(features, flat, axis=0), (pad.shape[0], pad.shape[1], d))

@@ -19,6 +19,7 @@ State is a NamedTuple of arrays (in the parameters' namespace) and numbers: ``qu
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
@@ -142,15 +143,17 @@ def quadratic_update(state: QuadraticState, grad=None, zhz=None, config: Quadrat
     xp = namespace(state.g_ema, grad, zhz, names=("state", "grad", "zhz"))
     D = state.g_ema.shape[0]
     g_ema, h_ema, n_g, n_h = state.g_ema, state.h_ema, state.n_g, state.n_h
-    if grad is not None:
-        _check_vec(xp, grad, "grad", D, diverged=True)
-        g_ema = config.beta1 * g_ema + (1.0 - config.beta1) * grad
-        n_g += 1
-    if zhz is not None:
-        _check_vec(xp, zhz, "zhz", D, diverged=True)
-        sample = zhz if config.variant == "hutchinson" else zhz * zhz
-        h_ema = config.beta2 * h_ema + (1.0 - config.beta2) * sample
-        n_h += 1
+    with warnings.catch_warnings():  # NumPy warns on overflow; it is reported as divergence below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if grad is not None:
+            _check_vec(xp, grad, "grad", D, diverged=True)
+            g_ema = config.beta1 * g_ema + (1.0 - config.beta1) * grad
+            n_g += 1
+        if zhz is not None:
+            _check_vec(xp, zhz, "zhz", D, diverged=True)
+            sample = zhz if config.variant == "hutchinson" else zhz * zhz
+            h_ema = config.beta2 * h_ema + (1.0 - config.beta2) * sample
+            n_h += 1
     new = QuadraticState(state.anchor_loss, g_ema, h_ema, n_g, n_h)
     # Finite but exploding samples (huge logits) can overflow the EMAs or the curvature's norm (which
     # the trust schedule needs): that is divergence, reported as such rather than as a later failure.
@@ -158,7 +161,10 @@ def quadratic_update(state: QuadraticState, grad=None, zhz=None, config: Quadrat
         raise DivergenceError(f"the gradient EMA overflows {g_ema.dtype}: training has diverged")
     if zhz is not None:
         h = quadratic_curvature(new, config)
-        if not bool(xp.isfinite(xp.sum(h * h))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            finite = bool(xp.isfinite(xp.sum(h * h)))
+        if not finite:
             raise DivergenceError(
                 f"the curvature estimate (or its norm) overflows {h.dtype}: the Hessian is exploding, "
                 "training has diverged (lower the learning rate, add gradient clipping)"

@@ -97,6 +97,10 @@ CASES = [
      ValueError, "subsets"),
     ("mc-subsets-dup", lambda: crestcore.minibatch_coresets(X, Y, m=2, r=4, P=1, subsets=np.array([[0, 0, 1, 2]])),
      ValueError, "subsets"),
+    ("mc-max-dense-bytes-0", lambda: crestcore.minibatch_coresets(X, Y, m=2, r=4, P=1, rng=0, max_dense_bytes=0),
+     ValueError, "max_dense_bytes"),
+    ("mc-memory-guard", lambda: crestcore.minibatch_coresets(X, Y, m=2, r=16, P=3, rng=0, per_class=False,
+                                                              max_dense_bytes=4000), ValueError, "max_dense_bytes"),
     # --- features
     ("ce-labels-range", lambda: crestcore.cross_entropy(LOGITS, Y + 5), ValueError, "labels"),
     ("llg-logits-nan", lambda: crestcore.last_layer_gradients(np.full((2, 2), np.nan), np.array([0, 1])),
@@ -188,6 +192,25 @@ def test_valid_configs_still_build():
     CrestConfig.paper()
     CrestConfig.release()
     CrestConfig(per_class=np.bool_(False), max_overhead=0.5, T2=10, drop=DropConfig(alpha=0.5))
+
+
+def test_memory_guard_names_what_fits():
+    # per coreset: 16 x (2 * 16 + 3) x 8 bytes = 4480; 3 coresets need 13440 bytes
+    with pytest.raises(ValueError, match=r"P <= 2.*per_class=True"):
+        crestcore.minibatch_coresets(X, Y, m=2, r=16, P=3, rng=0, per_class=False, max_dense_bytes=10000)
+    cs = crestcore.minibatch_coresets(X, Y, m=2, r=16, P=2, rng=0, per_class=False, max_dense_bytes=10000)
+    assert cs.indices.shape == (2, 2)
+    with pytest.raises(ValueError, match="max_dense_bytes >= 13440"):
+        crestcore.minibatch_coresets(X, Y, m=2, r=16, P=3, rng=0, per_class=False, max_dense_bytes=13439)
+    crestcore.minibatch_coresets(X, Y, m=2, r=16, P=3, rng=0, per_class=False, max_dense_bytes=13440)
+
+
+def test_memory_guard_counts_the_float32_upcast_of_half_inputs():
+    Xh = torch.from_numpy(X).half()  # torch: imported (importorskip) at module level below
+    # float16 input is computed in float32: 16 x 35 x 4 = 2240 bytes per coreset, not 1120
+    with pytest.raises(ValueError, match="max_dense_bytes"):
+        crestcore.minibatch_coresets(Xh, torch.from_numpy(Y), m=2, r=16, P=1, rng=0, per_class=False,
+                                     max_dense_bytes=2000)
 
 
 # --------------------------------------------------------------------------------------------------
