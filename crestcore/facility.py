@@ -319,15 +319,19 @@ def facility_objective(S, selected):
     xp = _check_dense_and_selected(S, selected)
     if selected.shape[0] == 0:
         return xp.asarray(0.0, dtype=S.dtype, device=device_of(S))
+    dtype = S.dtype
+    S, _, _, back = prepare(xp, S, metric="precomputed", kernel=None, scale=1.0)  # numerics policy
     cols = xp.take(S, selected, axis=1)
-    return xp.sum(xp.max(cols, axis=1))
+    return restore(xp, xp.sum(xp.max(cols, axis=1)), back, dtype, "objective")
 
 
 def marginal_gains(S, selected):
     """Gains ``F(selected + j) - F(selected)`` of every candidate j (n,), for a dense S (n, n)."""
     xp = _check_dense_and_selected(S, selected)
+    dtype = S.dtype
+    S, _, _, back = prepare(xp, S, metric="precomputed", kernel=None, scale=1.0)  # numerics policy
     if selected.shape[0] == 0:
         cover = xp.zeros((S.shape[0],), dtype=S.dtype, device=device_of(S))
     else:
         cover = xp.max(xp.take(S, selected, axis=1), axis=1)
-    return xp.sum(xp.maximum(S - cover[:, None], xp.zeros_like(S)), axis=0)
+    return restore(xp, xp.sum(xp.maximum(S - cover[:, None], xp.zeros_like(S)), axis=0), back, dtype, "gains")

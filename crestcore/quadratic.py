@@ -107,8 +107,10 @@ def hutchinson_diagonal(hvp: Callable[[Any], Any], probes):
                 f"hvp returned NaN or infinite values for probe {i}: the Hessian-vector product is not "
                 "finite (a diverged model?)"
             )
-        term = z * hz
-        acc = term if acc is None else acc + term
+        with warnings.catch_warnings():  # an overflow is reported as divergence below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            term = z * hz
+            acc = term if acc is None else acc + term
     out = acc / probes.shape[0]
     if not bool(xp.all(xp.isfinite(out))):
         raise DivergenceError(f"the Hutchinson estimate overflows {out.dtype}: the curvature is not finite")
@@ -196,5 +198,13 @@ def quadratic_predict(state: QuadraticState, delta, config: QuadraticConfig = Qu
         raise ValueError("the model has no anchor yet: call quadratic_anchor first")
     g = _gradient(state, config)
     h = quadratic_curvature(state, config)
-    val = xp.sum(g * delta) + 0.5 * xp.sum(h * delta * delta)
-    return state.anchor_loss + float(val)
+    with warnings.catch_warnings():  # an overflow is reported as divergence just below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        val = xp.sum(g * delta) + 0.5 * xp.sum(h * delta * delta)
+    out = state.anchor_loss + float(val)
+    if not math.isfinite(out):
+        raise DivergenceError(
+            f"the quadratic model's prediction is not finite ({out}): the step from the anchor or the "
+            "curvature is exploding, training has diverged"
+        )
+    return out

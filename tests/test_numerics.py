@@ -285,3 +285,40 @@ def test_crest_loader_under_cpu_bfloat16_autocast():
     torch.set_num_threads(1)
     loader = _train_loader(torch.float32, autocast=True)
     assert loader.position == loader.total_steps == 10
+
+
+def test_facility_objective_and_gains_half_and_huge():
+    from crestcore import facility_objective, marginal_gains
+
+    S = np.abs(np.random.default_rng(6).normal(size=(300, 300))) * 300  # float16 sums exceed 65504
+    sel = np.array([0, 5])
+    ref = facility_objective(S.astype(np.float16).astype(np.float32), sel)
+    with pytest.raises(ValueError, match="objective"):  # the true objective is beyond float16
+        facility_objective(S.astype(np.float16), sel)
+    small = S[:20, :20].astype(np.float16)
+    assert facility_objective(small, sel) == facility_objective(small.astype(np.float32), sel).astype(np.float16)
+    assert np.isfinite(ref)
+    big = S[:20, :20] * 1e300  # float64 sums overflow unless rescaled
+    assert facility_objective(big, sel) == pytest.approx(facility_objective(S[:20, :20], sel) * 1e300, rel=1e-12)
+    g = marginal_gains(big, sel)
+    assert np.all(np.isfinite(g))
+    assert np.allclose(g / 1e300, marginal_gains(S[:20, :20], sel), rtol=1e-12)
+
+
+def test_glister_half_precision_computes_in_float32():
+    from crestcore.baselines import glister
+
+    rng = np.random.default_rng(7)
+    G = rng.normal(size=(30, 3))
+    V = rng.normal(size=(10, 3))
+    yv = np.arange(10) % 3
+    h = glister(torch.from_numpy(G).half(), torch.from_numpy(V).half(), torch.from_numpy(yv), 4)
+    f = glister(torch.from_numpy(G).half().float(), torch.from_numpy(V).half().float(), torch.from_numpy(yv), 4)
+    assert torch.equal(h.indices, f.indices) and h.gains.dtype == torch.float16
+
+
+def test_quadratic_predict_overflow_is_divergence():
+    q = crestcore.quadratic_anchor(crestcore.quadratic_init(np.zeros(3)), 1.0)
+    q = crestcore.quadratic_update(q, np.full(3, 1e200), np.full(3, 1e100))
+    with pytest.raises(FloatingPointError, match="prediction"):
+        crestcore.quadratic_predict(q, np.full(3, 1e200))

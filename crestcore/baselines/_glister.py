@@ -7,7 +7,8 @@ import math
 import numpy as np
 
 from .._compat import device_of, from_numpy, namespace, to_numpy
-from .._validation import check_choice, check_epsilon, check_float_matrix, check_int
+from .._validation import DivergenceError, check_choice, check_epsilon, check_float_matrix, check_int
+from ..similarity import compute_dtype
 from ..facility import Selection
 from ._common import check_real, epoch_rng, host_selection
 
@@ -123,7 +124,14 @@ def glister(
     gen = epoch_rng(rng, None) if optimizer == "stochastic" else None
 
     dev = device_of(train_grads)
-    dt = train_grads.dtype
+    in_dtype = train_grads.dtype
+    # numerics policy (docs/selection.md): half precision is computed in float32. No rescaling: the
+    # softmax of the updated logits is not scale invariant (eta carries the scale).
+    cd = compute_dtype(xp, in_dtype)
+    if cd != in_dtype:
+        train_grads, val_logits = xp.astype(train_grads, cd), xp.astype(val_logits, cd)
+        E = None if E is None else xp.astype(E, cd)
+    dt = cd
     onehot = xp.astype(val_labels[:, None] == xp.arange(C, device=dev)[None, :], dt)
     G_S = xp.zeros((d,), dtype=dt, device=dev)
     neg_inf = xp.asarray(-math.inf, dtype=dt, device=dev)
@@ -152,5 +160,12 @@ def glister(
         G_S = G_S + train_grads[j, ...]
         gval, loss = _val_state(xp, val_logits, onehot, E, G_S, eta, C)
     objective = float(to_numpy(loss0)) - float(to_numpy(loss))
-    return host_selection(xp, dev, dt, np.asarray(picks, dtype=np.int64), np.full(k, n / k),
-                          np.asarray(gains), objective)
+    sel = host_selection(xp, dev, in_dtype, np.asarray(picks, dtype=np.int64), np.full(k, n / k),
+                         np.asarray(gains), objective)
+    for what, v in (("weights", sel.weights), ("gains", sel.gains), ("objective", sel.objective)):
+        if not bool(xp.all(xp.isfinite(v))):
+            raise DivergenceError(
+                f"glister: the {what} are not finite in {in_dtype} (exploding gradients or logits, or values "
+                "beyond the dtype's range): lower eta, or pass the inputs in a wider dtype"
+            )
+    return sel
