@@ -497,6 +497,43 @@ def _from_portable(x):
     return x
 
 
+def check_loader_arguments(*, config=None, budget=0.1, epochs=1, seed=0, budget_counts="steps", model=None,
+                           per_epoch=False, measure_batch_size=512, collate_fn=None, forward=None, loss_fn=None,
+                           device=None, check_model: bool = True) -> CrestConfig:
+    """The argument checks of :class:`CrestLoader`'s ``__init__`` (errors name the argument), as a function
+    other adapters can call eagerly in their own ``__init__`` (``check_model=False`` when the model is
+    not known yet, e.g. a Lightning callback). Returns the config (``CrestConfig()`` for None)."""
+    config = config if config is not None else CrestConfig()
+    if not isinstance(config, CrestConfig):
+        raise TypeError(f"config must be a crestcore.CrestConfig, got {type(config).__name__}")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (
+        math.isfinite(budget) and budget > 0
+    ):
+        raise ValueError(f"budget must be a positive finite fraction of the full-data steps, got {budget!r}")
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if budget_counts not in ("steps", "passes"):
+        raise ValueError(f"budget_counts must be 'steps' or 'passes', got {budget_counts!r}")
+    if check_model and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(per_epoch, (bool, np.bool_)):
+        raise TypeError(f"per_epoch must be a bool, got {type(per_epoch).__name__} {per_epoch!r}")
+    if isinstance(measure_batch_size, bool) or not isinstance(measure_batch_size, (int, np.integer)) \
+            or measure_batch_size < 1:
+        raise ValueError(f"measure_batch_size must be a positive integer, got {measure_batch_size!r}")
+    for name, fn in (("collate_fn", collate_fn), ("forward", forward), ("loss_fn", loss_fn)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
+    if device is not None:
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device must be a torch device (or its name), got {device!r}") from exc
+    return config
+
+
 # ------------------------------------------------------------------------------------------------
 # the loader
 # ------------------------------------------------------------------------------------------------
@@ -556,34 +593,11 @@ class CrestLoader:
         forward: Callable | None = None,
         loss_fn: Callable | None = None,
     ):
-        self.config = config if config is not None else CrestConfig()
-        if not isinstance(self.config, CrestConfig):
-            raise TypeError(f"config must be a crestcore.CrestConfig, got {type(self.config).__name__}")
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (
-            math.isfinite(budget) and budget > 0
-        ):
-            raise ValueError(f"budget must be a positive finite fraction of the full-data steps, got {budget!r}")
-        if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
-            raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        if budget_counts not in ("steps", "passes"):
-            raise ValueError(f"budget_counts must be 'steps' or 'passes', got {budget_counts!r}")
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(per_epoch, (bool, np.bool_)):
-            raise TypeError(f"per_epoch must be a bool, got {type(per_epoch).__name__} {per_epoch!r}")
-        if isinstance(measure_batch_size, bool) or not isinstance(measure_batch_size, (int, np.integer)) \
-                or measure_batch_size < 1:
-            raise ValueError(f"measure_batch_size must be a positive integer, got {measure_batch_size!r}")
-        for name, fn in (("collate_fn", collate_fn), ("forward", forward), ("loss_fn", loss_fn)):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
-        if device is not None:
-            try:
-                torch.device(device)
-            except (RuntimeError, TypeError) as exc:
-                raise ValueError(f"device must be a torch device (or its name), got {device!r}") from exc
+        self.config = check_loader_arguments(
+            config=config, budget=budget, epochs=epochs, seed=seed, budget_counts=budget_counts, model=model,
+            per_epoch=per_epoch, measure_batch_size=measure_batch_size, collate_fn=collate_fn, forward=forward,
+            loss_fn=loss_fn, device=device,
+        )
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
             raise TypeError(f"dataset must be a map-style Dataset (__getitem__ and __len__), got "
                             f"{type(dataset).__name__}")

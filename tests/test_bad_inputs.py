@@ -484,3 +484,37 @@ def test_crest_loader_intact_state_loads(loader_state):
     loader = CrestLoader(model, _data(), config=CrestConfig(m=4), budget=0.5, epochs=2)
     loader.load_state_dict(copy.deepcopy(state))
     assert loader.position == 3 and math.isfinite(float(loader._batch.weights.sum()))
+
+
+def _ops_cases():
+    from crestcore.adapters.baselines import SubsetLoader
+    from crestcore.adapters.torch import TorchModelOps, check_loader_arguments
+
+    cases = [
+        ("tmo-model", lambda: TorchModelOps(lambda x: x, _data()), TypeError, "model"),
+        ("tmo-batch-size", lambda: TorchModelOps(_model(), _data(), batch_size=0), ValueError, "batch_size"),
+        ("sl-method", lambda: SubsetLoader(_model(), _data(), method="herding"), ValueError, "method"),
+        ("sl-fill", lambda: SubsetLoader(_model(), _data(), method="random", m=4, fill="none"), ValueError, "fill"),
+        ("sl-options", lambda: SubsetLoader(_model(), _data(), method="random", m=4, options=[1]), TypeError,
+         "options"),
+        ("cla-budget", lambda: check_loader_arguments(budget=-1.0, check_model=False), ValueError, "budget"),
+        ("cla-config", lambda: check_loader_arguments(config="paper", check_model=False), TypeError, "config"),
+    ]
+    try:
+        import lightning.pytorch  # noqa: F401
+
+        from crestcore.adapters.lightning import CrestCallback
+
+        cases.append(("lightning-epochs", lambda: CrestCallback(_data(), epochs=0), ValueError, "epochs"))
+    except ImportError:
+        pass
+    return cases
+
+
+ADAPTER_CASES = _ops_cases()
+
+
+@pytest.mark.parametrize("fn, exc, match", [c[1:] for c in ADAPTER_CASES], ids=[c[0] for c in ADAPTER_CASES])
+def test_adapter_bad_arguments(fn, exc, match):
+    with pytest.raises(exc, match=match):
+        fn()
