@@ -25,7 +25,7 @@ def check_float_matrix(xp, X, name: str, *, square: bool = False):
     if square and n != d:
         raise ValueError(f"{name} must be a square (n, n) similarity matrix, got shape {tuple(X.shape)}")
     if not xp.isdtype(X.dtype, "real floating"):
-        raise TypeError(f"{name} must have a real floating dtype (float32 or float64), got {X.dtype}")
+        raise TypeError(f"{name} must have a real floating dtype (float16, bfloat16, float32 or float64), got {X.dtype}")
     if not bool(xp.all(xp.isfinite(X))):
         raise ValueError(f"{name} contains NaN or infinite values")
 

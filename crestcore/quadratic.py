@@ -133,7 +133,8 @@ def quadratic_anchor(state: QuadraticState, loss: float, config: QuadraticConfig
     """
     loss = float(loss)
     if not math.isfinite(loss):
-        raise ValueError(f"loss must be finite, got {loss}")
+        raise DivergenceError(f"loss must be finite, got {loss}: the anchor loss is not finite, training has "
+                              "diverged (exploding logits?)")
     if config.variant == "hutchinson":
         xp = namespace(state.g_ema)
         return QuadraticState(loss, xp.zeros_like(state.g_ema), xp.zeros_like(state.h_ema), 0, 0)

@@ -322,3 +322,30 @@ def test_quadratic_predict_overflow_is_divergence():
     q = crestcore.quadratic_update(q, np.full(3, 1e200), np.full(3, 1e100))
     with pytest.raises(FloatingPointError, match="prediction"):
         crestcore.quadratic_predict(q, np.full(3, 1e200))
+
+
+@settings(max_examples=25)
+@given(X=hnp.arrays(np.float64, (8, 3), elements=finite64),
+       metric=st.sampled_from(("euclidean", "sqeuclidean", "cosine")))
+def test_no_silent_nan_pairwise_distances(X, metric):
+    try:
+        D = crestcore.pairwise_distances(X, metric=metric)
+    except ValueError:
+        return
+    assert np.all(np.isfinite(D)) and np.all(D >= 0)
+
+
+@settings(max_examples=25)
+@given(X=hnp.arrays(np.float64, (10, 3), elements=finite64))
+def test_no_silent_nan_gradmatch(X):
+    try:
+        s = gradmatch(X, 3)
+    except ValueError:
+        return
+    for v in (s.weights, s.gains, s.objective):
+        assert np.all(np.isfinite(v))
+
+
+def test_anchor_loss_inf_is_divergence():
+    with pytest.raises(FloatingPointError, match="loss"):
+        crestcore.quadratic_anchor(crestcore.quadratic_init(np.zeros(2)), float("inf"))

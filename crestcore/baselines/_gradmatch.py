@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
@@ -274,13 +275,21 @@ def gradmatch(
     # could overflow or underflow are divided by 2^e, lam by 2^2e (J scales with the square of the
     # gradients, the weights not at all); gains and the objective are scaled back by 2^2e at the end
     gradients, target, _, back = prepare(xp, gradients, metric="sqeuclidean", kernel=None, scale=1.0, Y=target)
-    lam = math.ldexp(lam, -back)
+    try:
+        lam = math.ldexp(lam, -back)
+    except OverflowError:
+        raise ValueError(
+            f"lam={lam!r} is beyond float64 relative to the squared gradients (about 2^{back}): every weight "
+            "would underflow to 0; scale lam with the gradients (it is on the scale of ||g||^2)"
+        ) from None
 
     def finish(idx, weights, gains, expl):
         with np.errstate(over="ignore"):  # an overflow becomes inf here and is reported just below
             gains = np.ldexp(np.asarray(gains, dtype=np.float64), back)
             expl = float(np.ldexp(np.float64(expl), back))
-        sel = host_selection(xp, dev, in_dtype, idx, weights, gains, expl)
+        with warnings.catch_warnings():  # an overflowing cast is reported just below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            sel = host_selection(xp, dev, in_dtype, idx, weights, gains, expl)
         for what, v in (("weights", sel.weights), ("gains", sel.gains), ("objective", sel.objective)):
             if not bool(xp.all(xp.isfinite(v))):
                 raise ValueError(f"the {what} of this selection overflow {in_dtype}: pass the gradients in a "
