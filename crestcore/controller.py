@@ -572,6 +572,10 @@ def _validate_state_dict(d: dict, D: int) -> None:
         raise _bad("the stored batches are empty but no selection is due")
     if n_sel > 0 and not need and cursor < 1 and pending:
         raise _bad(f"cursor {cursor} is inconsistent with a pending batch")
+    if n_sel == 0 and not need:
+        raise _bad("no selection was made yet (n_selections = 0) but need_select is False")
+    if int(d["since_check"]) > step:
+        raise _bad(f"since_check ({int(d['since_check'])}) exceeds step ({step})")
     chk = _host(d["check_idx"], "check_idx", 1, "i")
     if chk.size and (chk.min() < 0 or chk.max() >= n):
         raise _bad(f"check_idx must hold example indices in [0, {n})")
@@ -638,6 +642,9 @@ def _validate_state_dict(d: dict, D: int) -> None:
     if int(c["train_steps"]) != step + int(pending):
         raise _bad(f"counters.train_steps ({int(c['train_steps'])}) must equal step ({step}) plus the pending "
                    f"batch ({int(pending)})")
+    if n_sel > int(c["train_steps"]):
+        raise _bad(f"n_selections ({n_sel}) exceeds the batches handed out ({int(c['train_steps'])}): at most one "
+                   "selection per batch")
     if int(c["selections"]) != n_sel:
         raise _bad(f"counters.selections ({int(c['selections'])}) differs from n_selections ({n_sel})")
     lg = d["log"]

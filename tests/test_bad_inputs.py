@@ -355,6 +355,8 @@ CORRUPT = [
     ("losses-inf", ("drop", "losses"), lambda a: np.where(np.isnan(a), np.inf, a), "drop.losses"),
     ("counters-missing", ("counters",), {}, "counters"),
     ("h-norm-negative", ("h_norm_t",), -1.0, "h_norm_t"),
+    ("since-check-beyond-step", ("since_check",), 10_000, "since_check"),
+    ("no-selection-yet", ("n_selections",), 0, "n_selections|selections"),
 ]
 
 
