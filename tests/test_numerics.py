@@ -349,3 +349,15 @@ def test_no_silent_nan_gradmatch(X):
 def test_anchor_loss_inf_is_divergence():
     with pytest.raises(FloatingPointError, match="loss"):
         crestcore.quadratic_anchor(crestcore.quadratic_init(np.zeros(2)), float("inf"))
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+@pytest.mark.parametrize("factor", [2.0**700, 2.0**-700])
+def test_matrix_free_path_follows_the_policy(lib, factor):
+    A = np.random.default_rng(8).normal(size=(60, 3))
+    mk = (lambda a: a) if lib == "numpy" else torch.from_numpy
+    base = crestcore.facility_location(mk(A), 5, max_dense_bytes=2000)  # 60^2 x 8 > 2000: tiled path
+    s = crestcore.facility_location(mk(A * factor), 5, max_dense_bytes=2000)
+    assert np.array_equal(_np(base.indices), _np(s.indices))
+    assert np.array_equal(_np(base.weights), _np(s.weights))
+    assert np.isfinite(float(s.objective)) and float(s.objective) > 0
