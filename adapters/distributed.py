@@ -43,6 +43,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import tempfile
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -64,6 +67,7 @@ __all__ = [
     "CollectiveError",
     "batch_share",
     "shard_bounds",
+    "numba_cache_slot",
 ]
 
 
@@ -126,6 +130,102 @@ def _digest(*parts) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# one Numba cache directory per process
+# ------------------------------------------------------------------------------------------------
+# Numba's on-disk cache is not safe for several processes compiling into one directory at once: saving a
+# new specialisation reads the function's index (``*.nbi``), picks the first free data-file number and
+# writes the index back. Two ranks compiling different specialisations of one kernel from a cold cache
+# both pick ``.1.nbc``; the index then maps one signature to the other's machine code, and a later process
+# loading it runs code compiled for other argument types (seen here: ``f(3)`` returned ``7.0``, the float64
+# specialisation, for an int64 key). Every rank of a job starts from the same cold cache on a fresh machine,
+# so the distributed adapter gives each process its own cache directory, a "slot" held with an exclusive
+# lock for the life of the process and reused by later runs (the cache stays warm across runs).
+_SLOT: dict = {}
+
+
+def _slot_base() -> Path:
+    user = os.environ.get("NUMBA_CACHE_DIR")
+    if user:
+        return Path(user) / "crestcore-slots"
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "crestcore" / "numba"
+
+
+def numba_cache_slot(base=None) -> Path | None:
+    """This process's own Numba cache directory for crestcore's kernels, claimed once per process.
+
+    The slot is ``<base>/slot<i>`` for the first ``i`` whose lock file this process can lock exclusively
+    (``fcntl.flock``, held until the process exits), so no two live processes ever share one, and a later
+    run reuses a free slot with the kernels already compiled. ``base`` defaults to
+    ``$NUMBA_CACHE_DIR/crestcore-slots`` when ``NUMBA_CACHE_DIR`` is set, else ``~/.cache/crestcore/numba``
+    (``$XDG_CACHE_HOME`` honoured); an unwritable base falls back to the temporary directory.
+
+    The Numba kernels (``crestcore.backends.numba``) are pointed at the slot: their in-memory
+    specialisations stay, later compilations are saved to and loaded from the slot. Returns the slot, or
+    ``None`` when Numba is not installed (nothing to protect). Numba's global configuration and
+    ``os.environ`` are left as they were, so other Numba code and subprocesses are not redirected.
+    """
+    if "path" in _SLOT:
+        return _SLOT["path"]
+    import importlib.util
+
+    if importlib.util.find_spec("numba") is None:
+        return None
+    bases = [Path(base) if base is not None else _slot_base(),
+             Path(tempfile.gettempdir()) / f"crestcore-numba-{os.getuid() if hasattr(os, 'getuid') else 0}"]
+    slot, lock, errors = None, None, []
+    for b in bases:
+        try:
+            b.mkdir(parents=True, exist_ok=True)
+            slot, lock = _claim(b)
+            break
+        except OSError as exc:
+            errors.append(f"{b}: {exc}")
+    if slot is None:
+        raise RuntimeError(
+            "crestcore.adapters.distributed: no writable directory for this rank's own Numba cache ("
+            + "; ".join(errors) + "). Ranks sharing one Numba cache corrupt it when they compile at once: set "
+            "NUMBA_CACHE_DIR to a writable directory (each rank gets a slot below it)."
+        )
+    import numba.core.config as ncfg
+
+    from crestcore.backends import numba as kernels
+
+    before = ncfg.CACHE_DIR
+    ncfg.CACHE_DIR = str(slot)
+    try:
+        for obj in vars(kernels).values():
+            cache = getattr(obj, "_cache", None)
+            if cache is not None and type(cache).__name__ != "NullCache" and hasattr(obj, "enable_caching"):
+                obj.enable_caching()  # a new FunctionCache, whose locator reads CACHE_DIR now
+    finally:
+        ncfg.CACHE_DIR = before
+    _SLOT.update(path=slot, lock=lock)
+    return slot
+
+
+def _claim(base: Path):
+    """The first ``base/slot<i>`` whose lock this process takes; (path, open lock file)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: a directory of one's own, by process id
+        d = base / f"pid{os.getpid()}"
+        d.mkdir(exist_ok=True)
+        return d, None
+    for i in range(4096):
+        d = base / f"slot{i}"
+        d.mkdir(exist_ok=True)
+        f = open(d / ".lock", "a+b")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            continue
+        return d, f
+    raise OSError(f"all 4096 Numba cache slots under {base} are locked by live processes")
+
+
+# ------------------------------------------------------------------------------------------------
 # model operations
 # ------------------------------------------------------------------------------------------------
 def _require_initialized():
@@ -163,6 +263,8 @@ class DistributedModelOps:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        # before any kernel of this rank compiles: never the cache directory of another rank
+        self.numba_cache = numba_cache_slot()
         self.backend = str(dist.get_backend(group))
         self._src = 0 if group is None else dist.get_global_rank(group, 0)
         self.broadcast_buffers = bool(broadcast_buffers)
@@ -515,6 +617,7 @@ class DistributedCrestLoader(CrestLoader):
             "backend": self.ops.backend,
             "sharded_solves": self.ops.sharded_solves,
             "selection_sharded": self.config.optimizer != "stochastic",
+            "numba_cache": None if self.ops.numba_cache is None else str(self.ops.numba_cache),
         }
         return s
 

@@ -103,6 +103,15 @@ def _unsupported(backend: str, what: str) -> str:
             "before keras is first imported.")
 
 
+def _jax_contract_error(model, what: str) -> str:
+    return (f"crestcore.adapters.keras: Keras {keras.__version__}'s JAX trainer does not hold its state where "
+            f"this adapter reads it ({what}; model class {type(model).__name__}). During fit the adapter reads "
+            "the weights from the trainer's private state (model._jax_state, model._jax_state_synced) because "
+            "Keras detaches them from the variables within an epoch; this Keras release changed that state. "
+            "Use a Keras version tested with crestcore (docs/keras.md) or the torch backend (KERAS_BACKEND=torch), "
+            "and report the Keras version.")
+
+
 # ------------------------------------------------------------------------------------------------
 # data on the host
 # ------------------------------------------------------------------------------------------------
@@ -350,10 +359,24 @@ class KerasModelOps:
         if self._pinned is not None:
             return self._pinned
         m = self.model
+        # Keras's private JAX-trainer state (keras/src/backend/jax/trainer.py): ``_jax_state_synced``
+        # (set by JAXTrainer.__init__, False while fit holds the weights detached from the variables) and
+        # ``_jax_state`` (a dict with the trainer's current "trainable_variables" and
+        # "non_trainable_variables"). Should a Keras release rename or reshape them, fail loudly here
+        # instead of reading variables that may hold the weights of the start of the epoch.
+        if not hasattr(m, "_jax_state_synced"):
+            raise RuntimeError(_jax_contract_error(m, "the model has no attribute '_jax_state_synced'"))
         st = getattr(m, "_jax_state", None)
         tv = ntv = None
-        if st and not getattr(m, "_jax_state_synced", True):
-            tv, ntv = st.get("trainable_variables"), st.get("non_trainable_variables")
+        if not m._jax_state_synced:
+            if st is not None and not (isinstance(st, dict) and "trainable_variables" in st
+                                       and "non_trainable_variables" in st):
+                raise RuntimeError(_jax_contract_error(
+                    m, f"'_jax_state' is a {type(st).__name__} with keys "
+                       f"{sorted(st) if isinstance(st, dict) else '?'}, expected a dict with 'trainable_variables' "
+                       "and 'non_trainable_variables'"))
+            if st is not None:
+                tv, ntv = st.get("trainable_variables"), st.get("non_trainable_variables")
         if tv is None:
             tv = [v.value for v in self._tvars()]
         if ntv is None:
@@ -978,7 +1001,8 @@ class CrestCallback(keras.callbacks.Callback):
             return
         p = self.ops.params()
         if type(anchor) is not type(p) or getattr(anchor, "dtype", None) != p.dtype or (
-                hasattr(p, "device") and getattr(anchor, "device", None) != p.device):
+                hasattr(p, "device") and getattr(anchor, "device", None) != p.device) or (
+                anchor.shape[0] != p.shape[0]):  # a foreign state: crest_load_state_dict says so
             self._state = crest_load_state_dict(crest_state_dict(self._state), p)
 
     # -- observability --------------------------------------------------------------------------
@@ -1070,7 +1094,13 @@ class CrestCallback(keras.callbacks.Callback):
         d = state["crest"]
         if not np.array_equal(np.asarray(d["labels"]), self.labels):
             raise ValueError("the state dict was saved for data with different labels")
-        like = np.zeros(1, dtype=np.asarray(d["anchor"]).dtype if d.get("anchor") is not None else np.float32)
+        anchor = None if d.get("anchor") is None else np.asarray(d["anchor"])
+        # the flat parameter vector's length is what crest_load_state_dict checks the anchor against: the
+        # model's when this callback has measured it already, else the anchor's own (then checked against the
+        # model at the next fit's on_train_begin, by _sync_state)
+        size = (int(self.ops.params().shape[0]) if self.ops is not None
+                else (anchor.size if anchor is not None else 1))
+        like = np.zeros(size, dtype=anchor.dtype if anchor is not None else np.float32)
         self._state = crest_load_state_dict(d, like)
         self._position = int(state["position"])
         if self.epochs is None and state.get("epochs") is not None:

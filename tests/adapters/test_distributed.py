@@ -244,13 +244,48 @@ def worker_stall(out: Path):
     (out / f"rank{rank}.done").write_text("finished")  # must never happen
 
 
+def numba_problem():
+    g = np.random.default_rng(5)
+    return g.normal(size=(240, 6)), np.arange(240) % 3
+
+
+def worker_numba(out: Path):
+    """Both ranks compile the Numba kernels at once from one cold cache directory (NUMBA_CACHE_DIR, shared
+    as on a user's machine), with the Numba threading layer running next to gloo's threads, then tear down
+    in the documented order. The adapter must give each rank its own cache slot; nothing may abort."""
+    import numba
+
+    from crestcore import draw_subsets
+    from crestcore.adapters.torch import TorchModelOps
+
+    dist = _init_group()
+    rank = dist.get_rank()
+    X, y = make_data()
+    ops = D.DistributedModelOps(TorchModelOps(make_model(), TensorDataset(X, y)))
+    feats, lab = numba_problem()
+    subs = draw_subsets(lab, np.arange(lab.size), 120, 2, np.random.default_rng(0))
+    # NumPy features: not sharded, every rank solves all problems with the Numba kernels
+    cs = ops.coresets(feats, lab, m=12, r=120, P=2, rng=np.random.default_rng(0), subsets=subs)
+    mine = torch.as_tensor(np.asarray(cs.indices, dtype=np.int64))
+    both = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(both, mine)
+    result = {"rank": rank, "slot": str(ops.numba_cache), "indices": np.asarray(cs.indices),
+              "agree": all(torch.equal(b, both[0]) for b in both), "threading_layer": numba.threading_layer(),
+              "numba_threads": numba.get_num_threads()}
+    with open(out / f"rank{rank}.pkl", "wb") as f:
+        pickle.dump(result, f)
+    del ops, cs
+    dist.destroy_process_group()
+
+
 def _worker_main(argv):
     p = argparse.ArgumentParser()
-    p.add_argument("--worker", required=True, choices=("train", "fail", "stall"))
+    p.add_argument("--worker", required=True, choices=("train", "fail", "stall", "numba"))
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    {"train": worker_train, "fail": worker_fail, "stall": worker_stall}[a.worker](Path(a.out))
+    {"train": worker_train, "fail": worker_fail, "stall": worker_stall,
+     "numba": worker_numba}[a.worker](Path(a.out))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -263,42 +298,69 @@ def _free_port() -> int:
 
 
 def launch(scenario: str, out: Path, world: int = 2, timeout: float = JOB_TIMEOUT_S,
-           pg_timeout: float = PG_TIMEOUT_S):
-    """Start ``world`` ranks of ``scenario``; return [(returncode, stderr)], killing all after ``timeout``."""
+           pg_timeout: float = PG_TIMEOUT_S, env_extra: dict | None = None):
+    """Start ``world`` ranks of ``scenario``; return [(returncode, stderr)], killing all after ``timeout``.
+
+    Every job starts from a cold Numba cache: ``NUMBA_CACHE_DIR`` is a new empty directory, shared by the
+    job's ranks as two ranks of a user's job on one machine share theirs (a warm cache on a developer's
+    machine must not hide a cold-cache failure). Each rank writes its output to files (no pipe can fill
+    up and block a rank) and runs with faulthandler on, so an abort prints every thread's Python stack.
+    """
     port = _free_port()
-    procs = []
+    cache = out / "numba-cache"
+    cache.mkdir(exist_ok=True)
+    procs, logs = [], []
     for rank in range(world):
         env = dict(os.environ, CREST_TEST_PG_TIMEOUT=str(pg_timeout),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                    WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
-                   OMP_WAIT_POLICY="PASSIVE")
+                   OMP_WAIT_POLICY="PASSIVE", NUMBA_CACHE_DIR=str(cache), PYTHONFAULTHANDLER="1")
+        env.update(env_extra or {})
         if Path("/sys/class/net/lo").exists():
             env["GLOO_SOCKET_IFNAME"] = "lo"
+        log = open(out / f"rank{rank}.log", "w+")
+        logs.append(log)
         procs.append(subprocess.Popen(
             [sys.executable, str(HERE), "--worker", scenario, "--out", str(out)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
         ))
     deadline = time.monotonic() + timeout
-    results = []
     try:
         for p in procs:
-            _, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            results.append((p.returncode, err))
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         for p in procs:
             p.kill()
         for p in procs:
-            p.communicate()
-        pytest.fail(f"the {scenario!r} job did not finish within {timeout} s (a rank hangs)")
+            p.wait()
+        pytest.fail(f"the {scenario!r} job did not finish within {timeout} s (a rank hangs):\n"
+                    + _report(procs, logs))
+    results = []
+    for p, log in zip(procs, logs):
+        log.seek(0)
+        results.append((p.returncode, log.read()))
+        log.close()
     return results
+
+
+def _report(procs, logs) -> str:
+    parts = []
+    for rank, (p, log) in enumerate(zip(procs, logs)):
+        log.seek(0)
+        parts.append(f"--- rank {rank} (exit {p.returncode}):\n{log.read()[-3000:]}")
+    return "\n".join(parts)
+
+
+def assert_all_ranks_ok(results):
+    bad = [rank for rank, (code, _) in enumerate(results) if code != 0]
+    assert not bad, "\n".join(f"rank {rank} exited with {code}:\n{err[-4000:]}"
+                               for rank, (code, err) in enumerate(results))
 
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    results = launch("train", out)
-    for rank, (code, err) in enumerate(results):
-        assert code == 0, f"rank {rank} exited with {code}:\n{err[-4000:]}"
+    assert_all_ranks_ok(launch("train", out))
     ranks = []
     for rank in range(2):
         with open(out / f"rank{rank}.pkl", "rb") as f:
@@ -516,6 +578,50 @@ def test_resume_per_rank_continues_the_same_schedule(job):
             for key in ("idx", "w", "local_idx", "local_w"):
                 assert np.array_equal(a[key], b[key]), (key, a["pos"])
         np.testing.assert_array_equal(res["params"], res["params_resumed"])
+
+
+def test_ranks_compiling_numba_from_one_cold_cache_get_their_own_cache_slots(tmp_path):
+    """Regression (issue 10): a DDP job's ranks on one machine share one cold Numba cache; compiling into
+    it at once races on Numba's index files. Each rank must compile into its own slot, agree, and exit 0."""
+    pytest.importorskip("numba")
+    from crestcore import minibatch_coresets
+    from crestcore.backends import numba as kernels  # noqa: F401  (the kernels under test import)
+
+    results = launch("numba", tmp_path, env_extra={"NUMBA_NUM_THREADS": "2"})
+    assert_all_ranks_ok(results)
+    ranks = []
+    for rank in range(2):
+        with open(tmp_path / f"rank{rank}.pkl", "rb") as f:
+            ranks.append(pickle.load(f))
+    cache = tmp_path / "numba-cache"
+    slots = [Path(r["slot"]) for r in ranks]
+    assert slots[0] != slots[1], "two ranks were given one Numba cache directory"
+    for slot in slots:
+        assert slot.parent == cache / "crestcore-slots", slot
+        assert list(slot.rglob("*.nbi")) and list(slot.rglob("*.nbc")), f"nothing was compiled into {slot}"
+    outside = [p for p in cache.rglob("*.nb[ic]") if "crestcore-slots" not in p.parts]
+    assert not outside, f"kernels were cached outside the ranks' slots: {outside[:3]}"
+    assert all(r["agree"] for r in ranks)
+    assert ranks[0]["numba_threads"] == 2 and ranks[0]["threading_layer"] in ("omp", "tbb", "workqueue")
+    feats, lab = numba_problem()
+    from crestcore import draw_subsets
+
+    subs = draw_subsets(lab, np.arange(lab.size), 120, 2, np.random.default_rng(0))
+    ref = minibatch_coresets(torch.as_tensor(feats), torch.as_tensor(lab), m=12, r=120, P=2,
+                             rng=np.random.default_rng(0), subsets=subs)  # the torch kernels
+    np.testing.assert_array_equal(ranks[0]["indices"], ref.indices.numpy())
+
+
+def test_numba_cache_slots_are_exclusive_and_reused(tmp_path):
+    pytest.importorskip("fcntl")
+    a, fa = D._claim(tmp_path)
+    b, fb = D._claim(tmp_path)  # a second lock, even from this process, takes the next slot
+    assert (a.name, b.name) == ("slot0", "slot1")
+    fa.close()  # released (as at a process's exit): the next claim reuses the warm slot
+    c, fc = D._claim(tmp_path)
+    assert c.name == "slot0"
+    fb.close()
+    fc.close()
 
 
 def test_a_failing_rank_fails_the_job_instead_of_hanging(tmp_path):
