@@ -243,7 +243,11 @@ class Runner:
         data = ds.sweep if phase == "sweep" else ds.full()
         load = os.getloadavg()[0]
         t = time.perf_counter()
-        r = train_method(method, data, s, progress=False)
+        try:
+            r = train_method(method, data, s, progress=False)
+        except FloatingPointError as exc:  # diverged (e.g. a sweep's largest lr): a result, accuracy 0
+            r = {"acc": 0.0, "wall": 0.0, "steps": None, "curve": [], "breakdown": {}, "counts": {},
+                 "diverged": str(exc)}
         elapsed = time.perf_counter() - t
         rec = {"dataset": ds.name, "phase": phase, "method": method, "variant": variant, "budget": float(budget),
                "seed": int(seed), "lr": float(lr), "acc": r["acc"], "wall": r["wall"], "elapsed": elapsed,
@@ -251,7 +255,8 @@ class Runner:
                "curve": r["curve"], "breakdown": r["breakdown"], "counts": r["counts"],
                "passes": (r.get("stats") or {}).get("budget", {}).get("fraction_all_passes"),
                "config": r.get("config"), "overrides": spec.get("crest"), "settings": spec.get("settings"),
-               "load": load, "date": _dt.datetime.now().isoformat(timespec="seconds")}
+               "load": load, "date": _dt.datetime.now().isoformat(timespec="seconds"),
+               "diverged": r.get("diverged")}
         self.records.append(rec)
         self.done[key] = rec
         self.save()
@@ -481,7 +486,8 @@ def dataset_title(ds_name: str, meta: dict) -> str:
 def sweep_lines(d: dict, ns) -> list[str]:
     if not d["sweep"]:
         return []
-    L = ["Learning-rate sweep: validation accuracy % (chosen lr in bold):", "",
+    L = ["Learning-rate sweep: validation accuracy % (chosen lr in bold; 0.00: the run diverged, its loss "
+         "became NaN):", "",
          "| method | budget | " + " | ".join(f"lr {x:g}" for x in ns.lrs) + " | chosen lr | cost s |",
          "|---|---|" + "---|" * len(ns.lrs) + "---|---|"]
     for r in d["sweep"]:
