@@ -286,6 +286,11 @@ def _forward(state: CrestState, ops, idx: np.ndarray, config: CrestConfig):
         raise ValueError("outputs returned NaN or infinite logits (the model diverged?)")
     y = _labels_in(xp, state.labels[idx], logits)
     losses = cross_entropy(logits, y)
+    if not bool(xp.all(xp.isfinite(losses))):  # finite logits too large for their dtype's log-sum-exp
+        raise FloatingPointError(
+            f"CREST: the model's loss is not finite at step {state.step} (its logits are finite but "
+            "exploding): training has diverged. Lower the learning rate or clip the gradients."
+        )
     return xp, logits, emb, y, losses
 
 

@@ -783,3 +783,19 @@ def test_paper_config_is_the_papers_algorithm():
         "cluster", "trust", None, "coreset", "max-minus")
     assert p.quadratic.variant == "hutchinson"
     assert CrestConfig.paper(m=64).m == 64
+
+
+def test_exploding_finite_logits_are_reported_as_divergence():
+    class Exploding(FakeOps):
+        def logits_host(self, idx, level=None):
+            Z = np.zeros((idx.size, 2), dtype=np.float32)
+            Z[:, 0], Z[:, 1] = 3e38, -3e38  # finite, but the log-sum-exp overflows in float32
+            return Z
+
+    ops = Exploding(_labels())
+    ops.labels = np.ones(120, dtype=np.int64)
+    ops.labels[::2] = 0
+    cfg = CrestConfig(m=4, r=12, P=2)
+    state = crest_init(cfg, ops.labels, seed=0)
+    with pytest.raises(FloatingPointError, match="step 0"):
+        crest_next_batch(state, ops, cfg)
