@@ -378,6 +378,11 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
     check_idx = union if config.check_union else subsets[0]
     on_check = from_numpy(np.searchsorted(union, check_idx), xp, device_of(losses))
     anchor_loss = float(to_numpy(xp.mean(xp.take(losses, on_check, axis=0))))
+    if not math.isfinite(anchor_loss):
+        raise FloatingPointError(
+            f"CREST: the anchor loss is not finite at step {state.step}: training has diverged. Lower the "
+            "learning rate or clip the gradients."
+        )
 
     # quadratic model at the anchor
     anchor = ops.params()
@@ -426,6 +431,11 @@ def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
     w = ops.params()
     namespace(w, state.anchor, names=("params()", "anchor"))  # same library and device
     F = quadratic_predict(state.quad, w - state.anchor, config.quadratic)
+    if not (math.isfinite(L_R) and math.isfinite(F)):  # huge finite losses whose mean overflows
+        raise FloatingPointError(
+            f"CREST: the trust check's loss is not finite at step {state.step} (L_R = {L_R}, model F = {F}): "
+            "training has diverged. Lower the learning rate or clip the gradients."
+        )
     # A float32 cross-entropy underflows to exactly 0 on confidently right examples; rho's
     # denominator is floored so a fully learned sample gives rho = |F| / floor, not an error.
     rho = relative_error(max(L_R, _LOSS_FLOOR), F)

@@ -799,3 +799,19 @@ def test_exploding_finite_logits_are_reported_as_divergence():
     state = crest_init(cfg, ops.labels, seed=0)
     with pytest.raises(FloatingPointError, match="step 0"):
         crest_next_batch(state, ops, cfg)
+
+
+def test_a_loss_mean_that_overflows_is_reported_as_divergence():
+    class Huge(FakeOps):
+        def logits_host(self, idx, level=None):
+            Z = np.zeros((idx.size, 2), dtype=np.float32)
+            Z[np.arange(idx.size), 1 - self.labels[idx]] = 3e38 if self.level > 5 else 0.0
+            return Z  # every loss finite (3e38) but their float32 mean overflows
+
+    ops = Huge(_labels())
+    cfg = CrestConfig(m=4, r=12, P=2, T1=1)
+    state = crest_init(cfg, ops.labels, seed=0)
+    state, _ = crest_next_batch(state, ops, cfg)
+    ops.level = 10.0
+    with pytest.raises(FloatingPointError, match="step 1"):
+        crest_next_batch(state, ops, cfg)
