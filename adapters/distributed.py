@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -187,9 +188,21 @@ def numba_cache_slot(base=None) -> Path | None:
             + "; ".join(errors) + "). Ranks sharing one Numba cache corrupt it when they compile at once: set "
             "NUMBA_CACHE_DIR to a writable directory (each rank gets a slot below it)."
         )
-    import numba.core.config as ncfg
+    _SLOT.update(path=slot, lock=lock)
+    kernels = sys.modules.get(_KERNELS)
+    if kernels is not None:
+        _repoint(kernels, slot)
+    else:  # not imported yet (importing Numba takes seconds): re-point the kernels when they are imported
+        sys.meta_path.insert(0, _RepointOnImport(slot))
+    return slot
 
-    from crestcore.backends import numba as kernels
+
+_KERNELS = "crestcore.backends.numba"
+
+
+def _repoint(kernels, slot: Path) -> None:
+    """Point the cache of every cached jitted function of ``kernels`` at ``slot``."""
+    import numba.core.config as ncfg
 
     before = ncfg.CACHE_DIR
     ncfg.CACHE_DIR = str(slot)
@@ -200,8 +213,32 @@ def numba_cache_slot(base=None) -> Path | None:
                 obj.enable_caching()  # a new FunctionCache, whose locator reads CACHE_DIR now
     finally:
         ncfg.CACHE_DIR = before
-    _SLOT.update(path=slot, lock=lock)
-    return slot
+
+
+class _RepointOnImport:
+    """A one-shot import hook: once ``crestcore.backends.numba`` has executed, re-point its caches."""
+
+    def __init__(self, slot: Path):
+        self.slot = slot
+
+    def find_spec(self, name, path=None, target=None):
+        if name != _KERNELS:
+            return None
+        import importlib.machinery
+
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run, slot = spec.loader.exec_module, self.slot
+
+        def exec_module(module):
+            run(module)
+            _repoint(module, slot)
+
+        spec.loader.exec_module = exec_module
+        return spec
 
 
 def _claim(base: Path):

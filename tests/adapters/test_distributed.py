@@ -101,10 +101,10 @@ def train(loader, model, opt, records, *, stop_at=None):
 # ------------------------------------------------------------------------------------------------
 # worker side (runs in a subprocess, one per rank)
 # ------------------------------------------------------------------------------------------------
-def _init_group():
+def _init_group(timeout=None):
     import torch.distributed as dist
 
-    timeout = float(os.environ.get("CREST_TEST_PG_TIMEOUT", PG_TIMEOUT_S))
+    timeout = float(os.environ.get("CREST_TEST_PG_TIMEOUT", PG_TIMEOUT_S)) if timeout is None else timeout
     dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
     return dist
 
@@ -225,13 +225,16 @@ def worker_stall(out: Path):
     out with the adapter's error naming the rank, the step and the collective."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    dist = _init_group()
+    # the set-up (rendezvous, DDP's parameter check) under the usual timeout, which a busy machine needs;
+    # the loader's collectives on a group with the short timeout under test
+    dist = _init_group(timeout=PG_TIMEOUT_S)
+    short = dist.new_group(timeout=timedelta(seconds=float(os.environ["CREST_TEST_PG_TIMEOUT"])))
     rank = dist.get_rank()
     X, y = make_data()
     model = make_model()
     ddp = DDP(model)
     loader = D.DistributedCrestLoader(ddp, TensorDataset(X, y), config=make_config(), budget=BUDGET,
-                                      epochs=EPOCHS, seed=SEED)
+                                      epochs=EPOCHS, seed=SEED, group=short)
     opt = make_opt(ddp)
     for k, (x, y_, w) in enumerate(loader):
         loss = (w * F.cross_entropy(ddp(x), y_, reduction="none")).mean()
@@ -587,7 +590,9 @@ def test_ranks_compiling_numba_from_one_cold_cache_get_their_own_cache_slots(tmp
     from crestcore import minibatch_coresets
     from crestcore.backends import numba as kernels  # noqa: F401  (the kernels under test import)
 
-    results = launch("numba", tmp_path, env_extra={"NUMBA_NUM_THREADS": "2"})
+    # A cold compile of the kernels takes a minute or more per rank on a busy 2-core machine, and one rank
+    # may finish it long before the other waits for it in the all_gather: generous bounds for this job.
+    results = launch("numba", tmp_path, timeout=480, pg_timeout=420, env_extra={"NUMBA_NUM_THREADS": "2"})
     assert_all_ranks_ok(results)
     ranks = []
     for rank in range(2):
@@ -622,6 +627,16 @@ def test_numba_cache_slots_are_exclusive_and_reused(tmp_path):
     assert c.name == "slot0"
     fb.close()
     fc.close()
+
+
+def test_no_writable_numba_cache_directory_fails_naming_the_fix(tmp_path, monkeypatch):
+    pytest.importorskip("numba")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setattr(D, "_SLOT", {})
+    monkeypatch.setattr(D.tempfile, "gettempdir", lambda: str(blocker))
+    with pytest.raises(RuntimeError, match="set NUMBA_CACHE_DIR to a writable directory"):
+        D.numba_cache_slot(base=blocker / "cache")
 
 
 def test_a_failing_rank_fails_the_job_instead_of_hanging(tmp_path):
