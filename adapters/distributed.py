@@ -161,8 +161,9 @@ def numba_cache_slot(base=None) -> Path | None:
     ``$NUMBA_CACHE_DIR/crestcore-slots`` when ``NUMBA_CACHE_DIR`` is set, else ``~/.cache/crestcore/numba``
     (``$XDG_CACHE_HOME`` honoured); an unwritable base falls back to the temporary directory.
 
-    The Numba kernels (``crestcore.backends.numba``) are pointed at the slot: their in-memory
-    specialisations stay, later compilations are saved to and loaded from the slot. Returns the slot, or
+    The Numba kernels (``crestcore.backends.numba``) are pointed at the slot, at once when they are
+    imported already (their in-memory specialisations stay), else by a one-shot import hook when they are
+    imported (claiming a slot does not import Numba, which takes seconds and would skew the ranks). Returns the slot, or
     ``None`` when Numba is not installed (nothing to protect). Numba's global configuration and
     ``os.environ`` are left as they were, so other Numba code and subprocesses are not redirected.
     """
