@@ -856,7 +856,7 @@ class CrestCallback(keras.callbacks.Callback):
         self.ops: KerasModelOps | None = None
         self.trained: list[tuple[np.ndarray, np.ndarray]] = []
         self.timings = {"controller": 0.0, "selection": 0.0, "check": 0.0, "observe": 0.0}
-        self._state = crest_init(self.config, lab, seed=self.seed)
+        self._state = crest_init(self.config, lab, seed=self.seed, epoch_steps=self.steps_per_epoch)
         self._position = 0  # steps trained
         self._queue: list[_Entry] = []
         self._last: tuple[np.ndarray, np.ndarray] | None = None

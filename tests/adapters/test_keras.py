@@ -111,11 +111,11 @@ def fit(model, X, y, *, epochs=2, seed=3, config=None, **kw):
     return crest
 
 
-def drive_by_hand(model, X, y, steps, seed=3, config=None):
+def drive_by_hand(model, X, y, steps, seed=3, config=None, epoch_steps=None):
     """The controller driven directly, one train_on_batch per batch: the reference for fit."""
     cfg = config or CrestConfig(**CFG)
     ops = KerasModelOps(model, X, y)
-    state = crest_init(cfg, y, seed=seed)
+    state = crest_init(cfg, y, seed=seed, epoch_steps=epoch_steps)
     seq = []
     for _ in range(steps):
         state, b = crest_next_batch(state, ops, cfg)
@@ -146,7 +146,7 @@ _JAX_SCRIPT = textwrap.dedent(r"""
     crest = T.fit(model, X, y, epochs=2)
     total = 2 * crest.steps_per_epoch
     ref = T.mlp(0)
-    state, seq = T.drive_by_hand(ref, X, y, total)
+    state, seq = T.drive_by_hand(ref, X, y, total, epoch_steps=crest.steps_per_epoch)
     res["position"] = crest.position
     res["total"] = total
     res["same_batches"] = all(np.array_equal(a.indices, i) and np.array_equal(a.weights, w)
@@ -300,7 +300,7 @@ def test_fit_trains_on_the_controllers_batches_and_weights():
         assert abs(w.mean() - 1.0) < 1e-9
     # ... and it is exactly the run of the controller driven by hand (same selections, same weights)
     ref = mlp(0)
-    state, seq = drive_by_hand(ref, X, y, total)
+    state, seq = drive_by_hand(ref, X, y, total, epoch_steps=crest.steps_per_epoch)
     for b, (idx, w) in zip(seq, crest.trained):
         np.testing.assert_array_equal(b.indices, idx)
         np.testing.assert_array_equal(b.weights, w)
