@@ -373,9 +373,9 @@ def summarize(records, ns) -> dict:
                 c, r = final.get(("crest", b), {}), final.get(("random", b), {})
                 if c and r:
                     diff, se, per = paired({s: x["acc"] for s, x in c.items()}, {s: x["acc"] for s, x in r.items()})
-                    ratios = [c[s]["wall"] / r[s]["wall"] for s in per]
-                    d["diff"][b] = {"mean": diff, "se": se, "per_seed": per, "wall_ratio": mean_se(ratios),
-                                    "verdict": verdict(per.values(), ratios)}
+                    wr = ratios(c, r, per)
+                    d["diff"][b] = {"mean": diff, "se": se, "per_seed": per, "wall_ratio": mean_se(wr),
+                                    "verdict": verdict(per.values(), wr)}
         if ns.suite != "main":
             b = ns.ablation_budget
             lrs = {m: lr_for(m, b) for m in ("random", "crest")}
@@ -393,12 +393,17 @@ def summarize(records, ns) -> dict:
                     "acc": mean_se(acc[v].values()), "accs": acc[v],
                     "vs_default": paired(acc[v], acc["default"])[:2] if "default" in acc else None,
                     "vs_random": paired(acc[v], acc["random"])[:2] if "random" in acc else None,
-                    "wall": mean_se(x["wall"] for x in rs.values()),
-                    "wall_ratio": mean_se(rs[s]["wall"] / ref[s]["wall"] for s in rs if s in ref),
+                    "wall": mean_se(x["wall"] for x in rs.values() if x["wall"] > 0),
+                    "wall_ratio": mean_se(ratios(rs, ref, rs)),
                     "passes": mean_or_none(x["passes"] for x in rs.values()),
                 })
         out[ds_name] = d
     return out
+
+
+def ratios(a: dict, b: dict, seeds) -> list:
+    """Per-seed wall-clock ratios a / b over the seeds both ran; a diverged run (wall 0) has none."""
+    return [a[s]["wall"] / b[s]["wall"] for s in seeds if s in a and s in b and a[s]["wall"] > 0 and b[s]["wall"] > 0]
 
 
 def mean_or_none(xs):
@@ -411,14 +416,14 @@ def row(method, budget, lr, recs, full, random) -> dict:
     seeds = sorted(recs)
     accs = {s: recs[s]["acc"] for s in seeds}
     rel = [relative_error(full[s]["acc"], accs[s]) for s in seeds if s in full]
-    curves = [recs[s]["curve"] for s in seeds]
+    curves = [recs[s]["curve"] for s in seeds if recs[s]["curve"]] or [[]]  # a diverged run has none
     k = min(len(c) for c in curves)
     return {
         "method": method, "budget": budget, "lr": lr, "steps": recs[seeds[0]]["steps"], "seeds": seeds,
         "acc": mean_se(accs.values()), "accs": accs, "rel_error": mean_se(rel), "rel_errors": rel,
-        "wall": mean_se(recs[s]["wall"] for s in seeds), "walls": [recs[s]["wall"] for s in seeds],
-        "wall_ratio": mean_se(recs[s]["wall"] / random[s]["wall"] for s in seeds if s in random),
-        "speedup": mean_se(full[s]["wall"] / recs[s]["wall"] for s in seeds if s in full),
+        "wall": mean_se(recs[s]["wall"] for s in seeds if recs[s]["wall"] > 0), "walls": [recs[s]["wall"] for s in seeds],
+        "wall_ratio": mean_se(ratios(recs, random, seeds)),
+        "speedup": mean_se(ratios(full, recs, seeds)),
         "passes": mean_or_none(recs[s]["passes"] for s in seeds),
         "curve": {"wall": [statistics.fmean(c[i]["wall"] for c in curves) for i in range(k)],
                   "acc": [statistics.fmean(c[i]["acc"] for c in curves) for i in range(k)]},
