@@ -1,6 +1,6 @@
 """E1/E2: end-to-end training on Fashion-MNIST, full data vs the baselines vs CREST at a 10% budget.
 
-Suites E1 and E2 of ``shared/guide/BENCHMARKS.md``: the same small CNN and recipe as ``crest demo``
+Suites E1 and E2 (see ``benchmarks/README.md``): the same small CNN and recipe as ``crest demo``
 (:mod:`crestcore.train_demo`), 3 seeds. For each seed the methods run one after the other in one process
 (so a change of machine load hits all of them), and the table reports:
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Selection benchmarks S1-S3 (see ../shared/guide/BENCHMARKS.md): crestcore vs its peers, side by side.
+"""Selection benchmarks S1-S3 (see benchmarks/README.md): crestcore vs its peers, side by side.
 
     python benchmarks/selection.py [--suite S1,S2,S3] [--out docs/benchmarks.md] [--repeats 5] [--quick]
 
