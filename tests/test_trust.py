@@ -32,8 +32,9 @@ pos = st.floats(1e-6, 1e6, allow_nan=False, allow_infinity=False)
 # --------------------------------------------------------------------------------------------
 def _quadratic_loss(seed, D=6):
     rng = np.random.default_rng(seed)
-    c = 5.0 + abs(float(rng.normal()))
     g, a = rng.normal(size=D), rng.uniform(0.1, 2.0, size=D)
+    # the minimum of c + g.w + 1/2 w.(a w) is c - 1/2 sum(g^2 / a): keep the loss >= 1 everywhere
+    c = 1.0 + 0.5 * float(np.sum(g * g / a)) + abs(float(rng.normal()))
     return (lambda w: c + g @ w + 0.5 * w @ (a * w)), (lambda w: g + a * w), a
 
 
