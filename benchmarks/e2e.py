@@ -332,15 +332,15 @@ def methods_note(methods, epochs: int, reselect_every, s0, warm: float) -> str:
     return txt
 
 
-def write_block(path, block: str) -> None:
-    """Replace the text between the e2e-bench markers of ``path`` (append the markers when absent);
-    every other part of the file is kept byte for byte."""
+def write_block(path, block: str, start: str = START, end: str = END) -> None:
+    """Replace the text between the ``start`` and ``end`` markers of ``path`` (default: e2e-bench's;
+    appended when absent); every other part of the file is kept byte for byte."""
     p = Path(path)
     text = p.read_text() if p.exists() else ""
-    new = f"{START}\n{block.rstrip()}\n{END}"
-    if START in text and END in text and text.index(START) < text.index(END):
-        a = text.index(START)
-        b = text.index(END) + len(END)
+    new = f"{start}\n{block.rstrip()}\n{end}"
+    if start in text and end in text and text.index(start) < text.index(end):
+        a = text.index(start)
+        b = text.index(end) + len(end)
         text = text[:a] + new + text[b:]
     else:
         if text and not text.endswith("\n"):

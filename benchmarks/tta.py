@@ -60,6 +60,7 @@ if _HERE not in sys.path:  # e2e.py sits next to this file (on the path already 
     sys.path.append(_HERE)  # last: never shadows an installed module
 
 from e2e import _warm_up  # noqa: E402  (loads the selection kernels outside every clock)
+from e2e import write_block as _write_block  # noqa: E402
 
 from crestcore.train_demo import (  # noqa: E402
     TrainSettings, _COLORS, _LABELS, load_data, machine_line, relative_error, train_method,
@@ -610,16 +611,8 @@ def figure_refs(paths: dict, out) -> dict:
 
 
 def write_block(path, block: str, start: str = START, end: str = END) -> None:
-    """Replace the block between ``start`` and ``end`` in ``path`` (appended when absent); the rest is kept
-    byte for byte. (``e2e.write_block`` does the same for its own markers only.)"""
-    p = Path(path)
-    text = p.read_text() if p.exists() else ""
-    new = f"{start}\n{block.rstrip()}\n{end}"
-    if start in text and end in text and text.index(start) < text.index(end):
-        text = text[:text.index(start)] + new + text[text.index(end) + len(end):]
-    else:
-        text += ("\n" if text and not text.endswith("\n") else "") + ("\n" if text else "") + new + "\n"
-    p.write_text(text)
+    """``e2e.write_block`` with this benchmark's markers by default."""
+    _write_block(path, block, start, end)
 
 
 # --------------------------------------------------------------------------------------------------
