@@ -28,6 +28,8 @@ from __future__ import annotations
 import warnings
 from typing import Any, Callable
 
+import numpy as np
+
 try:  # the unified package first, then the standalone one
     import lightning.pytorch as pl
 except ImportError:  # pragma: no cover - depends on what is installed
@@ -40,7 +42,7 @@ except ImportError:  # pragma: no cover - depends on what is installed
 
 from crestcore.controller import CrestConfig
 
-from .torch import CrestLoader
+from .torch import CrestLoader, check_loader_arguments
 
 __all__ = ["CrestCallback"]
 
@@ -110,6 +112,20 @@ class CrestCallback(pl.Callback):
         log_stats: bool = True,
     ):
         super().__init__()
+        # every argument is checked here, not at the first batch deep inside Trainer.fit
+        if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer))
+                                   or epochs < 1):
+            raise ValueError(f"epochs must be a positive integer or None, got {epochs!r}")
+        config = check_loader_arguments(
+            config=config, budget=budget, epochs=1 if epochs is None else epochs, seed=seed,
+            budget_counts=budget_counts, per_epoch=True, measure_batch_size=measure_batch_size,
+            collate_fn=collate_fn, forward=forward, loss_fn=loss_fn, check_model=False,
+        )
+        if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise TypeError(f"dataset must be a map-style dataset (__len__ and __getitem__), got "
+                            f"{type(dataset).__name__}")
+        if not isinstance(losses_key, str):
+            raise TypeError(f"losses_key must be a str, got {type(losses_key).__name__}")
         self.dataset = dataset
         self.epochs = epochs
         self.losses_key = losses_key
@@ -119,8 +135,6 @@ class CrestCallback(pl.Callback):
             collate_fn=collate_fn, measure_dataset=measure_dataset, measure_batch_size=measure_batch_size,
             last_layer=last_layer, forward=forward, loss_fn=loss_fn,
         )
-        if epochs is not None and (isinstance(epochs, bool) or int(epochs) != epochs or epochs < 1):
-            raise ValueError(f"epochs must be a positive integer or None, got {epochs!r}")
         self.loader: CrestLoader | None = None
         self._pending: dict | None = None
         self._module = None

@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from crestcore._validation import host_indices, host_weights
+from crestcore._validation import host_indices, host_weights, stored_batch
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -167,16 +167,29 @@ class _Fetcher:
         return self.collate(items)
 
 
-def _to_device(batch, device, non_blocking: bool = False):
+def _to_device(batch, device, non_blocking: bool = False, floats: torch.dtype | None = None):
+    """``batch`` (tensors nested in tuples, lists, NamedTuples, dicts) moved to ``device``; with ``floats``,
+    its floating-point tensors are also cast to that dtype (integer tensors, e.g. labels, are not)."""
     if isinstance(batch, torch.Tensor):
+        if floats is not None and batch.is_floating_point() and batch.dtype != floats:
+            return batch.to(device, dtype=floats, non_blocking=non_blocking)
         return batch.to(device, non_blocking=non_blocking)
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # NamedTuple
-        return type(batch)(*(_to_device(b, device, non_blocking) for b in batch))
+        return type(batch)(*(_to_device(b, device, non_blocking, floats) for b in batch))
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device, non_blocking) for b in batch)
+        return type(batch)(_to_device(b, device, non_blocking, floats) for b in batch)
     if isinstance(batch, dict):
-        return {k: _to_device(v, device, non_blocking) for k, v in batch.items()}
+        return {k: _to_device(v, device, non_blocking, floats) for k, v in batch.items()}
     return batch
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 if it is float16 or bfloat16 (what CREST computes features, gradients and the
+    quadratic model in), else unchanged."""
+    return t.float() if t.dtype in _HALF else t
 
 
 def _default_forward(model: nn.Module, batch):
@@ -224,6 +237,12 @@ class TorchModelOps:
     module's ``training`` flag and every buffer afterwards. Gradients use ``torch.autograd.grad`` with
     respect to the parameters with ``requires_grad`` (the same set as :meth:`params`), never ``.grad``.
     NaN or infinite logits or losses raise ``FloatingPointError``.
+
+    Precision: the measurement passes give floating-point inputs in the dtype of the trainable
+    parameters (a ``.half()`` / ``.bfloat16()`` model, or Lightning's ``"bf16-true"``, works unchanged), and
+    logits, embeddings, gradients, Hessian probes and ``params()`` of a float16 or bfloat16 model come back
+    in float32, so CREST's features, losses and quadratic model are computed in at least float32. A
+    float32 model trained under ``torch.autocast`` is measured in float32 (outside the autocast region).
     """
 
     def __init__(
@@ -307,6 +326,11 @@ class TorchModelOps:
             for m, mode in modes:
                 m.training = mode
 
+    def _measure_batch(self, idx: np.ndarray, dev):
+        """The collated examples ``idx`` on ``dev``, floating-point inputs in the parameters' dtype (a
+        float16 or bfloat16 model gets half-precision inputs, as Lightning's true-precision plugins do)."""
+        return _to_device(self._fetch(idx), dev, floats=self._dtype())
+
     def _chunks(self, k: int):
         for a in range(0, k, self.batch_size):
             yield a, min(k, a + self.batch_size)
@@ -321,7 +345,7 @@ class TorchModelOps:
             )
         if not out.is_floating_point():
             raise TypeError(f"the model returned {out.dtype} outputs; logits must be floating point")
-        return out
+        return _wide(out)
 
     def _labels_on(self, idx: np.ndarray, device) -> torch.Tensor:
         return torch.from_numpy(self.labels[idx]).to(device)
@@ -346,7 +370,7 @@ class TorchModelOps:
         logits, embs = [], []
         with self._measuring(), torch.no_grad():
             for a, b in self._chunks(idx.size):
-                batch = _to_device(self._fetch(idx[a:b]), dev)
+                batch = self._measure_batch(idx[a:b], dev)
                 if not embeddings:
                     logits.append(self._logits(batch, b - a))
                     continue
@@ -399,11 +423,11 @@ class TorchModelOps:
             return self.loss_fn(z, self._labels_on(idx, z.device))
 
     def params(self):
-        """A copy of the flat vector of the trainable parameters (D,)."""
-        return torch.cat([p.detach().reshape(-1) for p in self._trainable()]).clone()
+        """A copy of the flat vector of the trainable parameters (D,); float32 for a half-precision model."""
+        return _wide(torch.cat([p.detach().reshape(-1) for p in self._trainable()]).clone())
 
     def _weighted_losses(self, idx, w, a, b, dev, N):
-        batch = _to_device(self._fetch(idx[a:b]), dev)
+        batch = self._measure_batch(idx[a:b], dev)
         z = self._logits(batch, b - a)
         ell = self.loss_fn(z, self._labels_on(idx[a:b], z.device))
         if not isinstance(ell, torch.Tensor) or ell.shape != (b - a,):
@@ -419,7 +443,7 @@ class TorchModelOps:
             raise ValueError("gradient needs at least one example")
         params = self._trainable()
         dev = self.device
-        acc = [torch.zeros_like(p) for p in params]
+        acc = [torch.zeros_like(p, dtype=_wide(p).dtype) for p in params]  # half grads summed in float32
         total = 0.0
         with self._measuring(), torch.enable_grad():
             for a, b in self._chunks(idx.size):
@@ -430,7 +454,7 @@ class TorchModelOps:
                     if g is not None:
                         s.add_(g)
                 total += float(part.detach())
-        flat = torch.cat([g.reshape(-1) for g in acc])
+        flat = _wide(torch.cat([g.reshape(-1) for g in acc]))
         self._check_finite(flat, "gradients")
         return total, flat
 
@@ -454,14 +478,14 @@ class TorchModelOps:
         params = self._trainable()
         z = self.rademacher(seed)
         zs = [t.view_as(p) for t, p in zip(torch.split(z, [p.numel() for p in params]), params)]
-        acc = [torch.zeros_like(p) for p in params]
+        acc = [torch.zeros_like(p, dtype=_wide(p).dtype) for p in params]  # half grads summed in float32
         dev = self.device
         with self._measuring(), torch.enable_grad():
             for a, b in self._chunks(idx.size):
                 part, ell = self._weighted_losses(idx, w, a, b, dev, idx.size)
                 self._check_finite(ell.detach(), "losses")
                 add_hvp(part, params, zs, acc)
-        out = z * torch.cat([h.reshape(-1) for h in acc])
+        out = _wide(z) * _wide(torch.cat([h.reshape(-1) for h in acc]))
         self._check_finite(out, "Hessian-vector products")
         return out
 
@@ -879,17 +903,7 @@ class CrestLoader:
                              f"(position {pos}, batch {'missing' if b is None else 'present'})")
         batch = None
         if b is not None:
-            if not isinstance(b, dict) or not {"indices", "weights", "reselected"} <= set(b):
-                raise ValueError("CrestLoader state dict: batch must hold indices, weights and reselected")
-            bi = np.asarray(_from_portable(b["indices"]))
-            bw = np.asarray(_from_portable(b["weights"]))
-            if bi.ndim != 1 or not np.issubdtype(bi.dtype, np.integer) or (bi.size and (bi.min() < 0 or bi.max() >= self.n)):
-                raise ValueError(f"CrestLoader state dict: batch indices must be a 1-D integer array in [0, {self.n})")
-            if bw.shape != bi.shape or not np.issubdtype(bw.dtype, np.floating) or not np.all(np.isfinite(bw)) \
-                    or (bw.size and bw.min() < 0):
-                raise ValueError("CrestLoader state dict: batch weights must be finite, non-negative and one per "
-                                 "index")
-            batch = Batch(bi.astype(np.int64), bw.astype(np.float64), bool(b["reselected"]))
+            batch = Batch(*stored_batch(_from_portable(b), self.n, "CrestLoader state dict"))
         self._state = crest
         self._position = pos
         self.per_epoch = bool(state.get("per_epoch", self.per_epoch)) or self.per_epoch

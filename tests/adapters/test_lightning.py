@@ -150,3 +150,43 @@ def test_mid_epoch_checkpoint_resumes_exactly(tmp_path):
         np.testing.assert_array_equal(a, b)
     for p, q in zip(module2.net.parameters(), model.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true", "bf16-mixed"])
+def test_half_precision_fits(tmp_path, precision):
+    """Lightning's true half precision casts the module (and the batches it gives training_step) to
+    bfloat16/float16; CREST's measurement passes must feed it inputs of that dtype and compute features
+    in float32. Mixed precision autocasts training_step only; the measurement stays float32."""
+    cb = CrestCallback(data(), **CFG)
+    module = Module()
+    t = trainer(tmp_path, 2, cb, precision=precision)
+    t.fit(module, train_dataloaders=cb.dataloader())
+    want = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "bf16-mixed": torch.float32}[precision]
+    assert next(module.net.parameters()).dtype == want
+    assert t.global_step == 6 == cb.stats["step"]
+    assert cb.stats["counters"]["selections"] >= 1 and cb.stats["checks"]
+    assert all(np.isfinite(r) for r in cb.stats["rho"])
+    ops = cb.loader.ops
+    z, e = ops.outputs(np.arange(8), embeddings=True)
+    _, g = ops.gradient(np.arange(8), np.ones(8))
+    assert z.dtype == e.dtype == g.dtype == ops.params().dtype == torch.float32
+
+
+@pytest.mark.parametrize("kwargs, error, name", [
+    (dict(budget=-1.0), ValueError, "budget"),
+    (dict(config="paper"), TypeError, "config"),
+    (dict(epochs=0), ValueError, "epochs"),
+    (dict(seed=-3), ValueError, "seed"),
+    (dict(budget_counts="epochs"), ValueError, "budget_counts"),
+    (dict(measure_batch_size=0), ValueError, "measure_batch_size"),
+    (dict(forward="model"), TypeError, "forward"),
+    (dict(losses_key=3), TypeError, "losses_key"),
+])
+def test_callback_validates_its_arguments_at_construction(kwargs, error, name):
+    with pytest.raises(error, match=name):
+        CrestCallback(data(), **kwargs)
+
+
+def test_callback_refuses_an_iterable_dataset():
+    with pytest.raises(TypeError, match="dataset"):
+        CrestCallback(iter(range(10)))

@@ -462,3 +462,50 @@ def test_cuda_loader_runs_and_keeps_batchnorm_stats():
                         epochs=2, seed=0)
     again.load_state_dict(torch.load(buf, weights_only=True))
     assert again.controller_state.anchor.is_cuda
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_are_measured_in_float32(dtype):
+    """A .half()/.bfloat16() model gets inputs of its dtype in the measurement passes, and logits,
+    embeddings, gradients, Hessian probes and params come back in float32, close to the float32 model's."""
+    X, y = make_data()
+    ref = mlp()
+    half = copy.deepcopy(ref).to(dtype)
+    ds = TensorDataset(X, y)
+    ops_r, ops_h = TorchModelOps(ref, ds), TorchModelOps(half, ds)
+    idx, w = np.arange(40), np.linspace(0.5, 1.5, 40)
+    zr, er = ops_r.outputs(idx, embeddings=True)
+    zh, eh = ops_h.outputs(idx, embeddings=True)
+    assert zh.dtype == eh.dtype == ops_h.params().dtype == torch.float32
+    tol = dict(rtol=0.05, atol=0.05) if dtype == torch.bfloat16 else dict(rtol=5e-3, atol=5e-3)
+    torch.testing.assert_close(zh, zr, **tol)
+    torch.testing.assert_close(eh, er, **tol)
+    (lr, gr), (lh, gh) = ops_r.gradient(idx, w), ops_h.gradient(idx, w)
+    assert gh.dtype == torch.float32 and abs(lh - lr) < 0.05 * abs(lr)
+    assert float(torch.nn.functional.cosine_similarity(gh, gr, dim=0)) > 0.99
+    hh = ops_h.hutchinson(idx, w, seed=1)
+    assert hh.dtype == torch.float32 and bool(torch.isfinite(hh).all())
+    torch.testing.assert_close(ops_h.params(), ops_r.params(), **tol)
+
+
+@pytest.mark.parametrize("mode", ["bfloat16", "float16", "autocast"])
+def test_half_precision_training_runs(mode):
+    X, y = make_data()
+    model = mlp()
+    if mode != "autocast":
+        model = model.to(getattr(torch, mode))
+    dt = next(model.parameters()).dtype
+    loader = CrestLoader(model, TensorDataset(X, y), config=CrestConfig(m=24, r=60, tau=0.05),
+                         budget=0.5, epochs=3, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, yy, w in loader:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+            losses = F.cross_entropy(model(x.to(dt)).float(), yy, reduction="none")
+        opt.zero_grad()
+        (w * losses).mean().backward()
+        opt.step()
+        loader.observe(losses.detach())
+    s = loader.stats
+    assert s["step"] == 15 and s["counters"]["selections"] >= 1 and s["checks"]
+    assert all(np.isfinite(r) for r in s["rho"])
+    assert next(model.parameters()).dtype == dt  # the model is left in its dtype
