@@ -60,7 +60,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from crestcore._validation import host_indices, host_weights
+from crestcore._validation import host_indices, host_weights, stored_batch
 
 try:
     import keras
@@ -1101,14 +1101,27 @@ class CrestCallback(keras.callbacks.Callback):
         size = (int(self.ops.params().shape[0]) if self.ops is not None
                 else (anchor.size if anchor is not None else 1))
         like = np.zeros(size, dtype=anchor.dtype if anchor is not None else np.float32)
-        self._state = crest_load_state_dict(d, like)
-        self._position = int(state["position"])
-        if self.epochs is None and state.get("epochs") is not None:
-            self.epochs = int(state["epochs"])
-        self._queue = [
-            _Entry(Batch(np.asarray(q["indices"], dtype=np.int64), np.asarray(q["weights"], dtype=np.float64),
-                         bool(q["reselected"])), False)
-            for q in state.get("queue", [])
-        ]
+        crest = crest_load_state_dict(d, like)  # validates the controller state
+        where = "CrestCallback state dict"
+        pos = state.get("position")
+        if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or pos < 0:
+            raise ValueError(f"{where}: position must be a non-negative integer (steps trained), got {pos!r}")
+        epochs = state.get("epochs")
+        if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer))
+                                   or epochs < 1):
+            raise ValueError(f"{where}: epochs must be a positive integer or None, got {epochs!r}")
+        queue = state.get("queue", [])
+        if not isinstance(queue, list):
+            raise ValueError(f"{where}: queue must be a list of batches, got {type(queue).__name__}")
+        batches = [Batch(*stored_batch(q, self.n, where)) for q in queue]
+        handed = int(crest.counters["train_steps"])
+        if handed != int(pos) + len(batches):
+            raise ValueError(f"{where}: the controller handed out {handed} batches but position {int(pos)} and "
+                             f"{len(batches)} queued batches account for {int(pos) + len(batches)}")
+        self._state = crest
+        self._position = int(pos)
+        if self.epochs is None and epochs is not None:
+            self.epochs = int(epochs)
+        self._queue = [_Entry(b, False) for b in batches]
         if self.ops is not None:
             self._sync_state()

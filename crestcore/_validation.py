@@ -183,3 +183,19 @@ def field_bool(owner: str, name: str, value) -> None:
 def field_instance(owner: str, name: str, value, cls) -> None:
     if not isinstance(value, cls):
         raise FieldTypeError(f"{owner}.{name} must be a {cls.__name__}, got {type(value).__name__} {value!r}")
+
+
+def stored_batch(record, n: int, where: str):
+    """A handed-out batch read back from a checkpoint (a dict with ``indices``, ``weights``,
+    ``reselected``), checked: 1-D integer indices in [0, n), finite non-negative weights, one per index.
+    Returns ``(indices int64, weights float64, reselected bool)``; ``where`` prefixes the error."""
+    if not isinstance(record, dict) or not {"indices", "weights", "reselected"} <= set(record):
+        raise ValueError(f"{where}: a batch must be a dict holding indices, weights and reselected")
+    bi = np.asarray(to_numpy(record["indices"]))
+    bw = np.asarray(to_numpy(record["weights"]))
+    if bi.ndim != 1 or not np.issubdtype(bi.dtype, np.integer) or (bi.size and (bi.min() < 0 or bi.max() >= n)):
+        raise ValueError(f"{where}: batch indices must be a 1-D integer array in [0, {n})")
+    if bw.shape != bi.shape or not np.issubdtype(bw.dtype, np.floating) or not np.all(np.isfinite(bw)) \
+            or (bw.size and bw.min() < 0):
+        raise ValueError(f"{where}: batch weights must be finite, non-negative and one per index")
+    return bi.astype(np.int64), bw.astype(np.float64), bool(record["reselected"])

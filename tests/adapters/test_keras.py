@@ -10,6 +10,8 @@ and the model operations compared with the torch backend's on the same weights.
 
 from __future__ import annotations
 
+import copy
+
 import importlib.util
 import json
 import os
@@ -37,6 +39,7 @@ HAS_JAX = importlib.util.find_spec("jax") is not None and importlib.util.find_sp
 
 from crestcore import CrestConfig, DropConfig, crest_init, crest_next_batch  # noqa: E402
 from crestcore.adapters.keras import CrestCallback, CrestDataset, KerasModelOps, labels_from_targets  # noqa: E402
+from crestcore.adapters import keras as keras_adapter  # noqa: E402
 
 if IN_PROCESS:
     import torch
@@ -581,6 +584,60 @@ def test_resume_continues_with_the_same_batches(tmp_path):
     other = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=4)
     with pytest.raises(ValueError, match="seed"):
         other.load_state_dict(pickle.loads(blob))
+
+
+def _corrupt(state, what):
+    s = copy.deepcopy(state)
+    if what == "negative position":
+        s["position"] -= 3 * s["position"]
+    elif what == "position ahead of the controller":
+        s["position"] += 1
+    elif what == "position not an integer":
+        s["position"] = float(s["position"])
+    elif what == "queued index out of range":
+        s["queue"][0]["indices"][0] = s["n"]
+    elif what == "NaN queued weight":
+        s["queue"][0]["weights"][1] = np.nan
+    elif what == "queued weights of another length":
+        s["queue"][0]["weights"] = s["queue"][0]["weights"][:-1]
+    elif what == "queue dropped":
+        s["queue"] = []
+    elif what == "epochs zero":
+        s["epochs"] = 0
+    elif what == "truncated drop pool":
+        s["crest"]["drop"]["active"] = s["crest"]["drop"]["active"][: s["n"] // 2]
+    return s
+
+
+@pytest.mark.parametrize("what, pattern", [
+    ("negative position", "position"),
+    ("position ahead of the controller", "position"),
+    ("position not an integer", "position"),
+    ("queued index out of range", "indices"),
+    ("NaN queued weight", "weights"),
+    ("queued weights of another length", "weights"),
+    ("queue dropped", "queued"),
+    ("epochs zero", "epochs"),
+    ("truncated drop pool", "active|pool|drop"),
+])
+def test_a_corrupt_state_dict_is_refused(what, pattern):
+    """A state whose fields disagree (position, the queue of handed-out batches, the controller's count)
+    is refused with a ValueError saying what is wrong, and the callback keeps its own state."""
+    X, y = digits(160)
+    cfg = CrestConfig(m=32, r=64)
+    a = CrestCallback(X, y, config=cfg, budget=0.4, seed=1)
+    mlp(0).fit(a.dataset, epochs=1, callbacks=[a], verbose=0)
+    if not a._queue:  # a batch fetched ahead and not trained, as a Keras backend that prefetches leaves it
+        a._queue.append(keras_adapter._Entry(a._next_batch(), False))
+    state = a.state_dict()
+    assert len(state["queue"]) == 1
+    b = CrestCallback(X, y, config=cfg, budget=0.4, seed=1)
+    b.load_state_dict(copy.deepcopy(state))  # the consistent state loads
+    assert b.position == a.position and len(b._queue) == 1
+    c = CrestCallback(X, y, config=cfg, budget=0.4, seed=1)
+    with pytest.raises(ValueError, match=pattern):
+        c.load_state_dict(_corrupt(state, what))
+    assert c.position == 0 and c._queue == []
 
 
 def test_misuse_is_refused_clearly():
