@@ -42,6 +42,16 @@ _SNAP_ULPS = 8.0
 
 # Upper bound on the elements of one work buffer (gain chunks, similarity tiles).
 _MAX_TEMP_ELEMENTS = 1 << 25
+# A work buffer beside a dense (B, n, n) similarity array holds at most this fraction of it (but at
+# least _MIN_TEMP_ELEMENTS), so the peak memory of a batched solve stays close to the similarities' own.
+_TEMP_FRACTION = 8
+_MIN_TEMP_ELEMENTS = 1 << 16
+
+
+def _temp_cap(total: int) -> int:
+    """Elements of one work buffer beside a array of ``total`` elements: at most 1/_TEMP_FRACTION of it
+    and _MAX_TEMP_ELEMENTS, at least _MIN_TEMP_ELEMENTS."""
+    return min(_MAX_TEMP_ELEMENTS, max(total // _TEMP_FRACTION, _MIN_TEMP_ELEMENTS))
 
 
 def _device_key(a):
@@ -107,14 +117,28 @@ def _distances(A, Bm, sqa, sqb, metric):
         cp.clip(G, 0.0, 2.0, out=G)
         cp.copyto(G, 0.0, where=G <= tol)
         return G
-    T = sqa[..., :, None] + sqb[..., None, :]
     G *= 2.0  # exact
-    D = cp.subtract(T, G, out=G)  # (a + b) - 2 G, rounded as the reference rounds it
-    T *= tol  # exact: tol is a power of 2
-    cp.copyto(D, 0.0, where=D <= T)
+    # (a + b) - 2 G, rounded as the reference rounds it, in blocks of rows of the contiguous (L * p, q)
+    # view, so that the (a + b) term and the snap mask are small work buffers and every op on G works in
+    # place: never a second (..., p, q) array
+    p, q = G.shape[-2], G.shape[-1]
+    Gf = G.reshape(-1, q)
+    L = Gf.shape[0] // max(1, p)
+    sa, sb = sqa.reshape(-1), sqb.reshape(L, q)
+    rows = max(1, min(Gf.shape[0], _temp_cap(Gf.size) // max(1, q)))
+    for r0 in range(0, Gf.shape[0], rows):
+        r1 = min(Gf.shape[0], r0 + rows)
+        g = Gf[r0:r1]
+        owner = cp.arange(r0, r1) // p  # the problem of each row
+        T = sb[owner]
+        T += sa[r0:r1, None]  # b + a == a + b exactly
+        cp.subtract(T, g, out=g)
+        T *= tol  # exact: tol is a power of 2
+        cp.copyto(g, 0.0, where=g <= T)
+        del T  # freed before the next block's is made
     if metric == "euclidean":
-        cp.sqrt(D, out=D)
-    return D
+        cp.sqrt(G, out=G)
+    return G
 
 
 def similarity_batched(X, valid, metric: str, kernel: str, scale: float):
@@ -149,9 +173,8 @@ def similarity_batched(X, valid, metric: str, kernel: str, scale: float):
 
 
 def _gain_chunk(B: int, n: int) -> int:
-    if B * n * n <= _MAX_TEMP_ELEMENTS:
-        return max(n, 1)
-    return max(1, _MAX_TEMP_ELEMENTS // max(1, B * n))
+    """Candidates per gain chunk: the (B, n, chunk) buffer is a small fraction of S (B, n, n)."""
+    return max(1, min(n, _temp_cap(B * n * n) // max(1, B * n)))
 
 
 def _dense_gains(S, cover, buf, chunk):

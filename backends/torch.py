@@ -64,6 +64,16 @@ _SNAP_ULPS = 8.0
 # Upper bound on the elements of one work buffer (gain chunks, similarity tiles): 2**25 elements is
 # 128 MiB in float32 / 256 MiB in float64.
 _MAX_TEMP_ELEMENTS = 1 << 25
+# A work buffer beside a dense (B, n, n) similarity tensor holds at most this fraction of it (but at
+# least _MIN_TEMP_ELEMENTS), so the peak memory of a batched solve stays close to the similarities' own.
+_TEMP_FRACTION = 8
+_MIN_TEMP_ELEMENTS = 1 << 16
+
+
+def _temp_cap(total: int) -> int:
+    """Elements of one work buffer beside a tensor of ``total`` elements: at most 1/_TEMP_FRACTION of it
+    and _MAX_TEMP_ELEMENTS, at least _MIN_TEMP_ELEMENTS."""
+    return min(_MAX_TEMP_ELEMENTS, max(total // _TEMP_FRACTION, _MIN_TEMP_ELEMENTS))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,13 +148,26 @@ def _distances_inplace(A, Bm, sqa, sqb, metric):
         # clip(1 - cos, 0, 2), then D <= tol -> 0, in place on the matmul output
         G.neg_().add_(1.0).clamp_(0.0, 2.0)
         return torch.nn.functional.threshold_(G, tol, 0.0)
-    T = sqa[..., :, None] + sqb[..., None, :]
-    D = torch.sub(T, G, alpha=2.0, out=G)  # (a + b) - 2 G, rounded as the reference rounds it
-    T.mul_(tol)  # exact: tol is a power of 2
-    D.masked_fill_(D <= T, 0.0)
+    # (a + b) - 2 G, rounded as the reference rounds it, in blocks of rows of the contiguous (L * p, q)
+    # view, so that the (a + b) term and the snap mask are small work buffers and every op on G works in
+    # place: never a second (..., p, q) tensor
+    p, q = G.shape[-2], G.shape[-1]
+    Gf = G.reshape(-1, q)
+    L = Gf.shape[0] // max(1, p)
+    sa, sb = sqa.reshape(-1), sqb.reshape(L, q)
+    rows = max(1, min(Gf.shape[0], _temp_cap(Gf.numel()) // max(1, q)))
+    for r0 in range(0, Gf.shape[0], rows):
+        r1 = min(Gf.shape[0], r0 + rows)
+        g = Gf[r0:r1]
+        owner = torch.arange(r0, r1, device=G.device) // p  # the problem of each row
+        T = sb.index_select(0, owner).add_(sa[r0:r1, None])  # b + a == a + b exactly
+        g.mul_(-2.0).add_(T)  # T - 2 g: the doubling and the negation are exact, one rounded add
+        T.mul_(tol)  # exact: tol is a power of 2
+        g.masked_fill_(g <= T, 0.0)
+        del T  # freed before the next block's is made
     if metric == "euclidean":
-        D.sqrt_()
-    return D
+        G.sqrt_()
+    return G
 
 
 def similarity_batched(X, valid, metric: str, kernel: str, scale: float):
@@ -176,9 +199,8 @@ def similarity_batched(X, valid, metric: str, kernel: str, scale: float):
 
 
 def _gain_chunk(B: int, n: int) -> int:
-    if B * n * n <= _MAX_TEMP_ELEMENTS:
-        return max(n, 1)
-    return max(1, _MAX_TEMP_ELEMENTS // max(1, B * n))
+    """Candidates per gain chunk: the (B, n, chunk) buffer is a small fraction of S (B, n, n)."""
+    return max(1, min(n, _temp_cap(B * n * n) // max(1, B * n)))
 
 
 def _dense_gains(S, cover, buf, chunk):

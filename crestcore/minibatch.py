@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from ._compat import device_of, from_numpy, namespace
+from ._compat import device_of, from_numpy, namespace, namespace_name
 from ._validation import check_choice, check_epsilon, check_float_matrix, check_int, hamilton, labels_to_host, make_rng
+from .backends import get_kernel
 from .facility import OPTIMIZERS, solve_batched, stochastic_draws
 from .similarity import KERNELS, METRICS, kernel_scale, prepare, restore
 
@@ -71,10 +72,17 @@ def draw_subsets(labels_host: np.ndarray | None, pool: np.ndarray, r: int, P: in
     return out
 
 
-def _guard_memory(xp, dtype, B: int, n_max: int, d: int, P: int, per_class: bool, limit: int) -> None:
+# Bytes per similarity entry a batched dense solve holds at its peak, as multiples of one (B, n, n)
+# tensor: the native kernels work in place beside small work buffers (benchmarks/memory.py measured
+# 1.05-1.12x the NumPy path's peak on torch); the generic array-API reference builds the distances
+# functionally, with several full-size temporaries alive at once (measured 3.7-4.1x).
+_PEAK_FACTOR = {"native": 1.25, "reference": 4.5}
+
+
+def _guard_memory(dtype_bytes: int, B: int, n_max: int, d: int, P: int, per_class: bool, limit: int,
+                  path: str) -> None:
     """Refuse, before allocating, a batched dense solve above ``limit`` bytes (see ``max_dense_bytes``)."""
-    itemsize = int(xp.finfo(dtype).bits) // 8  # the compute dtype (after the numerics policy's upcast)
-    need = B * n_max * (2 * n_max + d) * itemsize
+    need = math.ceil(B * n_max * (_PEAK_FACTOR[path] * n_max + d) * dtype_bytes)
     if need <= limit:
         return
     per_coreset = need / P
@@ -82,8 +90,8 @@ def _guard_memory(xp, dtype, B: int, n_max: int, d: int, P: int, per_class: bool
     hint = f"P <= {fit}" if fit >= 1 else "no P fits"
     raise ValueError(
         f"minibatch_coresets would need {need / 2**30:.2f} GiB ({B} dense {n_max} x {n_max} similarity "
-        f"problems, twice, plus features) but max_dense_bytes={limit}: pass max_dense_bytes >= {need}, a "
-        f"smaller P ({hint}), or solve the P coresets in several calls"
+        f"problems on the {path} path, with its work buffers, plus features) but max_dense_bytes={limit}: "
+        f"pass max_dense_bytes >= {need}, a smaller P ({hint}), or solve the P coresets in several calls"
         + ("" if per_class else ", or per_class=True with labels (one smaller problem per class)")
     )
 
@@ -131,10 +139,11 @@ def minibatch_coresets(
         how a training loop computes features for the subsets' union only and selects on them.
     backend : "auto" or "reference", as for :func:`crestcore.facility_location`.
     max_dense_bytes : memory guard (default 4 GiB). All problems are solved densely in one batch; when
-        their padded similarity matrices, with one temporary of the same size (the distances) and the
-        gathered features, would exceed this many bytes, the call is refused with a ``ValueError``
-        before anything is allocated, naming what would make it fit (a smaller ``P``, ``per_class``,
-        or a larger ``max_dense_bytes``).
+        their padded similarity matrices with the solver's work buffers (1.25x the similarities on the
+        native NumPy/Numba, torch and CuPy kernels; 4.5x on the generic array-API reference, which
+        cannot work in place) and the gathered features would exceed this many bytes, the call is
+        refused with a ``ValueError`` before anything is allocated, naming what would make it fit (a
+        smaller ``P``, ``per_class``, or a larger ``max_dense_bytes``).
 
     Returns
     -------
@@ -228,8 +237,9 @@ def minibatch_coresets(
         sizes = np.full(P, r, dtype=np.int64)
         width = m
 
-    _guard_memory(xp, features.dtype, pad.shape[0], pad.shape[1], d, P, per_class and labels_host is not None,
-                  max_dense_bytes)
+    native = backend != "reference" and get_kernel("similarity_batched", namespace_name(xp), features) is not None
+    _guard_memory(int(xp.finfo(features.dtype).bits) // 8, pad.shape[0], pad.shape[1], d, P,
+                  per_class and labels_host is not None, max_dense_bytes, "native" if native else "reference")
     u = stochastic_draws(gen, sizes, budgets, eps) if optimizer == "stochastic" else None
     flat = from_numpy(pad.reshape(-1), xp, dev)
     Xb = xp.reshape(xp.take(features, flat, axis=0), (pad.shape[0], pad.shape[1], d))

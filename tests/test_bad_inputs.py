@@ -195,22 +195,31 @@ def test_valid_configs_still_build():
 
 
 def test_memory_guard_names_what_fits():
-    # per coreset: 16 x (2 * 16 + 3) x 8 bytes = 4480; 3 coresets need 13440 bytes
+    # native (Numba) path, float64: per coreset 16 x (1.25 * 16 + 3) x 8 bytes = 2944; 3 coresets 8832
     with pytest.raises(ValueError, match=r"P <= 2.*per_class=True"):
-        crestcore.minibatch_coresets(X, Y, m=2, r=16, P=3, rng=0, per_class=False, max_dense_bytes=10000)
-    cs = crestcore.minibatch_coresets(X, Y, m=2, r=16, P=2, rng=0, per_class=False, max_dense_bytes=10000)
+        crestcore.minibatch_coresets(X, Y, m=2, r=16, P=3, rng=0, per_class=False, max_dense_bytes=6000)
+    cs = crestcore.minibatch_coresets(X, Y, m=2, r=16, P=2, rng=0, per_class=False, max_dense_bytes=6000)
     assert cs.indices.shape == (2, 2)
-    with pytest.raises(ValueError, match="max_dense_bytes >= 13440"):
-        crestcore.minibatch_coresets(X, Y, m=2, r=16, P=3, rng=0, per_class=False, max_dense_bytes=13439)
-    crestcore.minibatch_coresets(X, Y, m=2, r=16, P=3, rng=0, per_class=False, max_dense_bytes=13440)
+    with pytest.raises(ValueError, match="max_dense_bytes >= 8832"):
+        crestcore.minibatch_coresets(X, Y, m=2, r=16, P=3, rng=0, per_class=False, max_dense_bytes=8831)
+    crestcore.minibatch_coresets(X, Y, m=2, r=16, P=3, rng=0, per_class=False, max_dense_bytes=8832)
+
+
+def test_memory_guard_counts_the_reference_paths_temporaries():
+    # the array-API reference cannot work in place: 16 x (4.5 * 16 + 3) x 8 = 9600 bytes per coreset
+    with pytest.raises(ValueError, match=r"reference path.*max_dense_bytes >= 9600"):
+        crestcore.minibatch_coresets(X, Y, m=2, r=16, P=1, rng=0, per_class=False, max_dense_bytes=9599,
+                                     backend="reference")
+    crestcore.minibatch_coresets(X, Y, m=2, r=16, P=1, rng=0, per_class=False, max_dense_bytes=9600,
+                                 backend="reference")
 
 
 def test_memory_guard_counts_the_float32_upcast_of_half_inputs():
     Xh = torch.from_numpy(X).half()  # torch: imported (importorskip) at module level below
-    # float16 input is computed in float32: 16 x 35 x 4 = 2240 bytes per coreset, not 1120
-    with pytest.raises(ValueError, match="max_dense_bytes"):
+    # float16 input is computed in float32 (native torch kernels): 16 x 23 x 4 = 1472 bytes, not 736
+    with pytest.raises(ValueError, match="max_dense_bytes >= 1472"):
         crestcore.minibatch_coresets(Xh, torch.from_numpy(Y), m=2, r=16, P=1, rng=0, per_class=False,
-                                     max_dense_bytes=2000)
+                                     max_dense_bytes=1400)
 
 
 # --------------------------------------------------------------------------------------------------

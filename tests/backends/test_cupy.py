@@ -259,6 +259,19 @@ def test_features_program_on_numpy_stand_in(standin, dtype, seed, n, d, data, me
     check_features(standin, np.asarray, np, seed, n, d, k, tile, dtype, metric, kernel, optimizer)
 
 
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean"])
+def test_stand_in_distances_in_row_blocks_are_bitwise_the_whole(standin, monkeypatch, metric):
+    Xh, Vh, _, _ = make_batch(7, 4, 33, 3, np.float64)
+    whole = standin.similarity_batched(Xh, Vh, metric, "max-minus", 1.0)
+    monkeypatch.setattr(standin, "_MIN_TEMP_ELEMENTS", 1)
+    monkeypatch.setattr(standin, "_MAX_TEMP_ELEMENTS", 5 * 33)  # 5 rows per block, straddling problems
+    assert standin._temp_cap(4 * 33 * 33) // 33 == 5
+    blocked = standin.similarity_batched(Xh, Vh, metric, "max-minus", 1.0)
+    np.testing.assert_array_equal(whole, blocked)
+    want = ref.similarity_batched(Xh, Vh, metric, "max-minus", 1.0)
+    np.testing.assert_allclose(blocked, want, rtol=0, atol=1e-12 * max(1.0, float(np.abs(want).max())))
+
+
 def test_stand_in_chunking_changes_nothing(standin, monkeypatch):
     Xh, Vh, bh, uh = make_batch(2, 5, 33, 3, np.float64)
     S = ref.similarity_batched(Xh, Vh, "euclidean", "exp", 3.0)

@@ -374,6 +374,23 @@ def test_chunked_gains_and_tiles_change_nothing(monkeypatch):
     assert torch.equal(feat[0], feat2[0]) and torch.equal(feat[2], feat2[2])
 
 
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_distances_in_row_blocks_are_bitwise_the_whole(monkeypatch, metric, dtype):
+    """The distances are finished in blocks of rows that straddle problem boundaries (5 rows, n = 33):
+    bit for bit what one block gives, and the similarities match the reference as before."""
+    X, valid, _, _ = make_batch(7, 4, 33, 3, dtype, "cpu")
+    whole = tk.similarity_batched(X, valid, metric, "max-minus", 1.0)
+    monkeypatch.setattr(tk, "_MIN_TEMP_ELEMENTS", 1)
+    monkeypatch.setattr(tk, "_MAX_TEMP_ELEMENTS", 5 * 33)  # 5 rows of the (4 * 33, 33) view per block
+    assert tk._temp_cap(4 * 33 * 33) // 33 == 5
+    blocked = tk.similarity_batched(X, valid, metric, "max-minus", 1.0)
+    assert torch.equal(whole, blocked)
+    want = ref.similarity_batched(X, valid, metric, "max-minus", 1.0)
+    atol = 50 * float(torch.finfo(dtype).eps) * max(1.0, float(want.abs().max()))
+    torch.testing.assert_close(blocked, want, rtol=0, atol=atol)
+
+
 def test_edge_cases_match_reference():
     S = torch.rand(3, 4, 4, dtype=torch.float64)
     valid = torch.ones(3, 4, dtype=torch.bool)

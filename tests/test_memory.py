@@ -1,0 +1,31 @@
+"""Peak memory of the dense selection path: the torch kernels stay within 1.3x of the NumPy (Numba) path
+on the same problem (benchmarks/memory.py measures it in fresh processes; Linux /proc only)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+if not Path("/proc/self/status").exists():  # pragma: no cover - Linux only
+    pytest.skip("peak RSS is read from /proc", allow_module_level=True)
+
+PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "memory.py"
+_spec = importlib.util.spec_from_file_location("memory_bench_under_test", PATH)
+memory = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = memory
+_spec.loader.exec_module(memory)
+
+
+@pytest.mark.parametrize("per_class", [False, True])
+def test_torch_peak_memory_is_within_1_3x_of_numpy(per_class):
+    P, r, d = (4, 2000, 32) if not per_class else (6, 4000, 16)
+    np_run = memory.measure("numpy", P, r, d, per_class)
+    torch_run = memory.measure("torch", P, r, d, per_class)
+    assert torch_run["picks"] == np_run["picks"]
+    if not per_class:  # the dense similarities themselves are the floor of both
+        assert np_run["peak_mib"] >= 0.9 * np_run["dense_mib"]
+    assert torch_run["peak_mib"] <= 1.3 * np_run["peak_mib"], (torch_run["peak_mib"], np_run["peak_mib"])
