@@ -30,7 +30,12 @@ from typing import Callable, Iterator
 import numpy as np
 
 from crestcore._validation import host_indices, host_weights, stored_batch
-import torch
+try:
+    import torch
+except ImportError as exc:  # pragma: no cover - depends on what is installed
+    raise ImportError(
+        "crestcore.adapters.torch needs PyTorch: pip install 'crestcore[torch]'"
+    ) from exc
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, Subset, TensorDataset
@@ -118,6 +123,18 @@ def dataset_labels(dataset) -> np.ndarray:
             )
         out[i] = _label_value(item[1], i)
     return _as_labels(out, n, "the dataset's labels")
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile``d model wraps (the same parameters and buffers), else ``model``.
+
+    CREST's measurement passes take double-backward Hessian-vector products, which compiled graphs do not
+    support (AOTAutograd refuses ``create_graph`` on them); they run the original module, eagerly, on the
+    very parameters the compiled model trains. The training steps still run the compiled model."""
+    inner = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+        return inner
+    return model
 
 
 def _length(dataset) -> int:
@@ -260,6 +277,7 @@ class TorchModelOps:
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        model = uncompiled(model)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.model = model

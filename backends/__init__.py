@@ -41,6 +41,16 @@ def backend_module(namespace_name: str):
         m = importlib.import_module(f"crestcore.backends.{mod}")
     except ImportError as exc:  # the optional dependency is not installed
         _failed[mod] = str(exc)
+        if mod == "numba":  # a core dependency: its absence costs ~250x on every NumPy selection, say so once
+            import warnings
+
+            warnings.warn(
+                f"crestcore: the Numba kernels for NumPy input cannot import ({exc}); NumPy selection runs "
+                "on the generic array-API reference, about 250x slower. Install numba (`pip install numba`, "
+                "a dependency of crestcore) to get them back.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         return None
     _loaded[mod] = m
     return m

@@ -183,7 +183,7 @@ class CrestConfig:
 
     @classmethod
     def release(cls, **overrides) -> "CrestConfig":
-        """The design choices of the authors' release (CREST-NOTES.md), never its bugs."""
+        """The design choices of the authors' release (docs/algorithm.md lists them), never its bugs."""
         base = dict(
             kernel="exp", class_budget="ceil", batches="shuffled-union",
             quadratic=QuadraticConfig(variant="adahessian"), check_union=True,
