@@ -100,7 +100,10 @@ def prepare(xp, X, *, metric: str, kernel: str | None, scale: float, Y=None):
     Yc = None if Yc is None else pow2_scale(Yc, -e)
     power = {"euclidean": 1, "sqeuclidean": 2, "cosine": 0, "precomputed": 1}[metric]
     if kernel == "exp":
-        sc = math.ldexp(float(scale), -power * e)
+        try:
+            sc = math.ldexp(float(scale), -power * e)
+        except OverflowError:  # beyond every float: out of range below, as is a finite value beyond fi.max
+            sc = math.inf
         fi = xp.finfo(cd)
         if not (float(fi.smallest_normal) <= sc <= float(fi.max)):
             raise ValueError(

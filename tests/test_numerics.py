@@ -151,6 +151,15 @@ def test_exp_kernel_rescaling_keeps_similarities():
     assert np.allclose(base.objective, s.objective, rtol=1e-12)
 
 
+def test_exp_kernel_scale_beyond_every_float_after_rescaling_is_refused():
+    """Tiny data (2^-935) with squared distances: the rescaled scale 3 * 2^1870 overflows even a Python
+    float; refused with the ValueError naming scale, not an OverflowError (hypothesis found it)."""
+    X = np.zeros((12, 3))
+    X[0, 0] = 3.13926753e-282
+    with pytest.raises(ValueError, match="scale"):
+        crestcore.facility_location(X, 4, metric="sqeuclidean", kernel="exp")
+
+
 def test_exp_kernel_scale_out_of_range_is_refused():
     A = np.random.default_rng(3).normal(size=(40, 3)) * 1e300
     with pytest.raises(ValueError, match="scale"):
@@ -265,7 +274,7 @@ def _train_loader(dt, autocast=False):
     loader = CrestLoader(model, ds, config=crestcore.CrestConfig(m=8), budget=0.5, epochs=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        for x, y, w in loader:
+        for x, y, w in loader.iter_run():
             loss = (torch.nn.functional.cross_entropy(model(x).float(), y, reduction="none") * w).mean()
             opt.zero_grad()
             loss.backward()
