@@ -4,11 +4,12 @@ A training loop written for :class:`crestcore.adapters.torch.CrestLoader` trains
 :mod:`crestcore.baselines` by swapping the loader::
 
     loader = SubsetLoader(model, dataset, method="craig", budget=0.1, epochs=10, m=128, seed=0)
-    for x, y, w in loader:                       # w: per-example weights, mean 1 (see *Weights*)
-        losses = F.cross_entropy(model(x), y, reduction="none")
-        loss = (w * losses).mean()
-        ...
-        loader.observe(losses)                   # needed by method="prune", accepted by all
+    for epoch in range(10):                      # each pass is one epoch's share, as for CrestLoader
+        for x, y, w in loader:                   # w: per-example weights, mean 1 (see *Weights*)
+            losses = F.cross_entropy(model(x), y, reduction="none")
+            loss = (w * losses).mean()
+            ...
+            loader.observe(losses)               # needed by method="prune", accepted by all
 
 Methods (``METHODS``):
 
@@ -76,7 +77,8 @@ from torch import nn
 
 from crestcore import last_layer_gradients
 from crestcore.baselines import craig, glister, gradmatch, prune_schedule, random_subset
-from crestcore.adapters.torch import (  # the torch adapter's data access, shared on purpose
+from crestcore.adapters.torch import (  # the torch adapter's data access and pass logic, shared on purpose
+    BudgetedPasses,
     TorchModelOps,
     _as_labels,
     _Fetcher,
@@ -141,7 +143,7 @@ def _unportable(t, dtype) -> np.ndarray:
     return np.asarray(_host(t), dtype=dtype).copy()
 
 
-class SubsetLoader:
+class SubsetLoader(BudgetedPasses):
     """An iterable of weighted mini-batches ``(x, y, weights)`` chosen by a baseline ``method``.
 
     Parameters
@@ -155,8 +157,8 @@ class SubsetLoader:
     seed : seeds every random draw of the loader (orders, subsets, the validation split, pruning);
         independent of torch's global RNG.
     device : where yielded batches go; default the model's device at each step.
-    per_epoch, budget_counts : as for ``CrestLoader`` (``len()`` is ``steps_per_epoch`` with per-epoch
-        passes, else ``total_steps``; ``set_epoch`` switches to per-epoch passes).
+    per_epoch, budget_counts : as for ``CrestLoader`` (default: each pass is the next epoch and ``len()``
+        is ``steps_per_epoch``; ``per_epoch=False``: one pass is the run and ``len()`` is ``total_steps``).
     weights : ``"selection"`` (default) or ``"batch"``: over what the weights are rescaled to mean 1.
     reselect_every : R, for craig, gradmatch and glister: select at epochs 0, R, 2R, ... (0-based epochs
         of this run, each ``steps_per_epoch`` steps) and train on that selection in between.
@@ -198,7 +200,7 @@ class SubsetLoader:
         m: int = 128,
         seed: int = 0,
         device=None,
-        per_epoch: bool = False,
+        per_epoch: bool = True,
         budget_counts: str = "steps",
         weights: str = "selection",
         reselect_every: int = 1,
@@ -254,11 +256,8 @@ class SubsetLoader:
         self.n = n
         self.labels = lab
         self.m = m
-        self.epochs = epochs
         self.seed = int(seed)
         self.budget = 1.0 if method == "full" else float(budget)
-        self.budget_counts = budget_counts
-        self.per_epoch = bool(per_epoch)
         self.weights_mode = weights
         self.reselect_every = reselect_every
         self.embeddings = _DEFAULT_EMBEDDINGS.get(method, False) if embeddings is None else embeddings
@@ -275,12 +274,9 @@ class SubsetLoader:
             forward=forward,
         )
         self._fetch = _Fetcher(dataset, collate_fn)
-        self.full_steps_per_epoch = math.ceil(n / m)
-        if method == "full":
-            self.steps_per_epoch = self.full_steps_per_epoch
-        else:
-            self.steps_per_epoch = max(1, int(math.floor(self.budget * self.full_steps_per_epoch + 0.5)))
-        self.total_steps = self.epochs * self.steps_per_epoch
+        self._plan_passes(n=n, m=m, budget=self.budget, epochs=epochs, per_epoch=per_epoch,
+                          budget_counts=budget_counts,
+                          steps_per_epoch=math.ceil(n / m) if method == "full" else None)
 
         # glister's validation split: class-stratified, fixed for the run
         if method == "glister":
@@ -304,10 +300,6 @@ class SubsetLoader:
         self.subset_size = min(self.pool.size, self.steps_per_epoch * m)
 
         # run state
-        self._position = 0
-        self._token = 0
-        self._epoch_hint: int | None = None
-        self._warned_done = False
         self._last: tuple[np.ndarray, np.ndarray] | None = None
         self._sel_idx: np.ndarray | None = None  # current selection (dataset indices) ...
         self._sel_w: np.ndarray | None = None  # ... and its weights, already rescaled (selection mode) or raw
@@ -321,85 +313,18 @@ class SubsetLoader:
                           "selections": 0}
         self._selections: list[dict] = []
 
-    # -- sizing ---------------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return self.steps_per_epoch if self.per_epoch else self.total_steps
-
-    @property
-    def position(self) -> int:
-        """Batches handed out so far (over the whole run)."""
-        return self._position
-
-    @property
-    def epoch(self) -> int:
-        """The epoch the next batch belongs to (``position // steps_per_epoch``; ``epochs`` when done)."""
-        return min(self._position // self.steps_per_epoch, self.epochs)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Declare that the next pass is epoch ``epoch`` (0-based): it yields from the current position to
-        the end of that epoch's share. Switches the loader to per-epoch passes (as ``CrestLoader``)."""
-        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
-            raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
-        if epoch >= self.epochs:
-            raise ValueError(f"epoch {epoch} is beyond the {self.epochs} epochs this loader was planned for "
-                             "(SubsetLoader(..., epochs=...))")
-        self.per_epoch = True
-        self._epoch_hint = int(epoch)
-
-    def _pass_end(self) -> int:
-        if self._epoch_hint is not None:
-            e, self._epoch_hint = self._epoch_hint, None
-        elif self.per_epoch:
-            e = self._position // self.steps_per_epoch
-        else:
-            return self.total_steps
-        return min(self.total_steps, (e + 1) * self.steps_per_epoch)
-
-    # -- accounting (CrestLoader's) -------------------------------------------------------------
+    # -- accounting and stepping (the pass logic is BudgetedPasses') ------------------------------
     def _cost(self) -> tuple[float, float]:
         c = self._counters
         return float(c["train_examples"]), (c["forward_examples"] + 2.0 * c["backward_examples"]) / 3.0
 
-    def _budget_report(self) -> dict:
-        train, overhead = self._cost()
-        full = self.epochs * self.full_steps_per_epoch
-        return {
-            "budget": self.budget,
-            "counts": self.budget_counts,
-            "full_data_steps": full,
-            "planned_steps": self.total_steps,
-            "steps_done": self._position,
-            "overhead_step_equivalents": overhead / self.m,
-            "fraction_steps": self._position / full,
-            "fraction_all_passes": (train + overhead) / self.m / full,
-        }
-
-    # -- iteration ------------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[tuple]:
-        self._token += 1
-        return self._pass(self._token)
-
-    def _pass(self, token: int):
-        end = self._pass_end()
-        if self._position >= end and not self._warned_done and self._position >= self.total_steps:
-            self._warned_done = True
-            warnings.warn(
-                f"SubsetLoader: all {self.total_steps} planned steps are used; this pass yields nothing. "
-                "To spread the run over an epoch loop, call loader.set_epoch(epoch) at the start of each "
-                "epoch (or build the loader with per_epoch=True).",
-                stacklevel=3,
-            )
-        while self._token == token and self._position < end:
-            if self.budget_counts == "passes":
-                train, overhead = self._cost()
-                if (train + overhead) / self.m + 1 > end + 1e-9:
-                    return
-            idx, w = self._next_indices()
-            self._position += 1
-            self._counters["train_steps"] += 1
-            self._counters["train_examples"] += int(idx.size)
-            self._last = (idx, w)
-            yield self._make_batch(idx, w)
+    def _step(self):
+        idx, w = self._next_indices()
+        self._position += 1
+        self._counters["train_steps"] += 1
+        self._counters["train_examples"] += int(idx.size)
+        self._last = (idx, w)
+        return self._make_batch(idx, w)
 
     def _make_batch(self, idx: np.ndarray, w: np.ndarray):
         dev = self._device if self._device is not None else self.ops.device
@@ -647,8 +572,7 @@ class SubsetLoader:
             "budget": self.budget,
             "budget_counts": self.budget_counts,
             "settings": self._settings(),
-            "position": self._position,
-            "per_epoch": self.per_epoch,
+            **self._pass_state(),
             "last": None if self._last is None else {"indices": _portable(self._last[0]),
                                                      "weights": _portable(self._last[1])},
             "selection": None if self._sel_idx is None else {
@@ -673,8 +597,10 @@ class SubsetLoader:
         if state.get("settings") != self._settings():
             warnings.warn("SubsetLoader.load_state_dict: the loader's options differ from the saved ones",
                           stacklevel=2)
-        self._position = int(state["position"])
-        self.per_epoch = bool(state.get("per_epoch", self.per_epoch)) or self.per_epoch
+        pos = state.get("position")
+        if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or not 0 <= int(pos) <= self.total_steps:
+            raise ValueError(f"SubsetLoader state dict: position must be an integer in [0, {self.total_steps}], "
+                             f"got {pos!r}")
         last = state.get("last")
         self._last = None if last is None else (_unportable(last["indices"], np.int64),
                                                 _unportable(last["weights"], np.float64))
@@ -698,6 +624,4 @@ class SubsetLoader:
             self._seen = _unportable(state["seen"], bool)
         self._counters = {k: int(v) for k, v in state["counters"].items()}
         self._selections = [dict(s) for s in state.get("selections", [])]
-        self._epoch_hint = None
-        self._token += 1  # passes started before the load stop
-        self._warned_done = False
+        self._load_pass_state(state, int(pos))

@@ -540,7 +540,7 @@ def _from_portable(x):
 
 
 def check_loader_arguments(*, config=None, budget=0.1, epochs=1, seed=0, budget_counts="steps", model=None,
-                           per_epoch=False, measure_batch_size=512, collate_fn=None, forward=None, loss_fn=None,
+                           per_epoch=True, measure_batch_size=512, collate_fn=None, forward=None, loss_fn=None,
                            device=None, check_model: bool = True) -> CrestConfig:
     """The argument checks of :class:`CrestLoader`'s ``__init__`` (errors name the argument), as a function
     other adapters can call eagerly in their own ``__init__`` (``check_model=False`` when the model is
@@ -577,9 +577,147 @@ def check_loader_arguments(*, config=None, budget=0.1, epochs=1, seed=0, budget_
 
 
 # ------------------------------------------------------------------------------------------------
+# budgeted epoch passes: the sizing, epoch and budget logic every loader and sampler here shares
+# ------------------------------------------------------------------------------------------------
+class BudgetedPasses:
+    """The pass logic shared by :class:`CrestLoader`, :class:`CrestBatchSampler` and
+    :class:`crestcore.adapters.baselines.SubsetLoader`: budget sizing, epochs, ``len``, ``set_epoch``,
+    the ``"passes"`` accounting and the budget report. A subclass calls :meth:`_plan_passes` in its
+    ``__init__`` and implements ``_step()`` (hand out the next batch: advance ``_position``, return what
+    the pass yields) and ``_cost()`` ((training, measurement) examples so far).
+
+    Length semantics (the ``DataLoader`` habit): ``len()`` is the steps of one epoch and each pass over
+    the object yields the next epoch's share, so ``len(loader) * epochs`` is the run's planned steps and
+    a per-step LR scheduler sized from it ends where its schedule ends. ``per_epoch=False`` (opt-in) makes
+    one pass the whole run and ``len()`` the run's steps.
+    """
+
+    _kind = "loader"
+
+    def _plan_passes(self, *, n: int, m: int, budget: float, epochs: int, per_epoch: bool, budget_counts: str,
+                     steps_per_epoch: int | None = None) -> None:
+        self._pass_m = int(m)
+        self.full_steps_per_epoch = math.ceil(n / m)
+        self.steps_per_epoch = (steps_per_epoch if steps_per_epoch is not None
+                                else max(1, int(math.floor(budget * self.full_steps_per_epoch + 0.5))))
+        self.epochs = int(epochs)
+        self.total_steps = self.epochs * self.steps_per_epoch
+        self.per_epoch = bool(per_epoch)
+        self.budget_counts = budget_counts
+        self._position = 0  # batches handed out
+        self._epochs_done = 0  # passes that ran to the end of their epoch's share
+        self._epoch_hint: int | None = None
+        self._token = 0
+        self._warned_done = False
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch if self.per_epoch else self.total_steps
+
+    @property
+    def position(self) -> int:
+        """Batches handed out so far (over the whole run)."""
+        return self._position
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next pass yields (0-based; ``epochs`` when the run is done)."""
+        return min(max(self._position // self.steps_per_epoch, self._epochs_done), self.epochs)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Declare that the next pass is epoch ``epoch`` (0-based): it yields from the current position to
+        the end of that epoch's share (so a pass that broke off early is completed, never skipped).
+        Optional: without it each pass yields the next epoch's share."""
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
+        if epoch >= self.epochs:
+            raise ValueError(f"epoch {epoch} is beyond the {self.epochs} epochs this {self._kind} was planned for "
+                             f"({type(self).__name__}(..., epochs=...))")
+        if not self.per_epoch:
+            raise ValueError(f"set_epoch is for per-epoch passes, but this {self._kind} was built with "
+                             "per_epoch=False (one pass yields the whole run); drop per_epoch=False to pass "
+                             "over it once per epoch")
+        self._epoch_hint = int(epoch)
+
+    def _pass_epoch(self) -> int | None:
+        """The epoch of the pass starting now (None: the whole run)."""
+        if self._epoch_hint is not None:
+            e, self._epoch_hint = self._epoch_hint, None
+            return e
+        if not self.per_epoch:
+            return None
+        return min(max(self._position // self.steps_per_epoch, self._epochs_done), self.epochs - 1)
+
+    def _budget_report(self) -> dict:
+        m = self._pass_m
+        train, overhead = self._cost()
+        full = self.epochs * self.full_steps_per_epoch
+        return {
+            "budget": self.budget,
+            "counts": self.budget_counts,
+            "full_data_steps": full,
+            "planned_steps": self.total_steps,
+            "steps_done": self._position,
+            "epochs_done": self._epochs_done,
+            "overhead_step_equivalents": overhead / m,
+            "fraction_steps": self._position / full,
+            "fraction_all_passes": (train + overhead) / m / full,
+        }
+
+    def __iter__(self) -> Iterator:
+        self._token += 1
+        return self._pass(self._token)
+
+    def iter_run(self) -> Iterator:
+        """Every remaining batch of the run, epoch after epoch: one loop instead of an epoch loop
+        (``for x, y, w in loader.iter_run(): ...``). Each epoch's share is one pass, as in an epoch loop."""
+        while self._position < self.total_steps and self._epochs_done < self.epochs:
+            yield from self
+
+    def _pass(self, token: int):
+        e = self._pass_epoch()
+        end = self.total_steps if e is None else min(self.total_steps, (e + 1) * self.steps_per_epoch)
+        finished = self._position >= self.total_steps or (e is None and self._epochs_done >= self.epochs) or \
+            (self.budget_counts == "passes" and self._epochs_done >= self.epochs)
+        if finished and not self._warned_done:
+            self._warned_done = True
+            warnings.warn(
+                f"{type(self).__name__}: all planned steps are used ({self.epochs} epochs); this pass yields "
+                f"nothing (build it with a larger epochs= to train longer).",
+                stacklevel=3,
+            )
+        done = self.epochs if e is None else e + 1
+        while self._token == token and self._position < end:
+            if self.budget_counts == "passes":
+                train, overhead = self._cost()
+                if (train + overhead) / self._pass_m + 1 > end + 1e-9:
+                    break
+            item = self._step()
+            if self._position >= end:  # the share's last batch: the epoch is done even if the consumer stops here
+                self._epochs_done = max(self._epochs_done, done)
+            yield item
+        if self._token == token:  # ran to its end (not broken off by the consumer, nor replaced)
+            self._epochs_done = max(self._epochs_done, done)
+
+    def _pass_state(self) -> dict:
+        return {"position": self._position, "per_epoch": self.per_epoch, "epochs_done": self._epochs_done}
+
+    def _load_pass_state(self, state: dict, position: int) -> None:
+        self._position = int(position)
+        self.per_epoch = bool(state.get("per_epoch", self.per_epoch))
+        done = state.get("epochs_done", self._position // self.steps_per_epoch)
+        if isinstance(done, bool) or not isinstance(done, (int, np.integer)) or not 0 <= done <= self.epochs:
+            raise ValueError(f"{type(self).__name__} state dict: epochs_done must be an integer in "
+                             f"[0, {self.epochs}], got {done!r}")
+        self._epochs_done = int(done)
+        self._epoch_hint = None
+        self._token += 1  # passes started before the load stop
+        self._warned_done = False
+
+
+# ------------------------------------------------------------------------------------------------
 # the loader
 # ------------------------------------------------------------------------------------------------
-class CrestLoader:
+class CrestLoader(BudgetedPasses):
     """An iterable of weighted coreset mini-batches ``(x, y, weights)`` for a training loop.
 
     Parameters
@@ -591,10 +729,10 @@ class CrestLoader:
     epochs : the number of full-data epochs the budget is a fraction of.
     seed : seeds every random draw of CREST (subsets, probes); independent of torch's global RNG.
     device : where yielded batches go; default the model's device at each step.
-    per_epoch : False (default): one pass over the loader yields the whole run and ``len()`` is the
-        total number of steps. True: each pass yields one epoch's share and ``len()`` is
-        ``steps_per_epoch`` (the DataLoader habit, and what a per-epoch LR scheduler or Lightning wants).
-        Calling :meth:`set_epoch` switches to per-epoch passes.
+    per_epoch : True (default, the ``DataLoader`` habit): each pass yields the next epoch's share and
+        ``len()`` is ``steps_per_epoch``, so ``len(loader) * epochs`` is the run (what a per-step LR
+        scheduler, or Lightning's ``estimated_stepping_batches``, is sized from). :meth:`set_epoch` is
+        optional. False: one pass yields the whole run and ``len()`` is ``total_steps``.
     budget_counts : "steps" (default; the paper's and the release's accounting) or "passes" (the
         measurement passes CREST spends count against the budget too, in step-equivalents).
     labels : (n,) class indices; default :func:`dataset_labels` (read from the dataset).
@@ -625,7 +763,7 @@ class CrestLoader:
         epochs: int = 1,
         seed: int = 0,
         device=None,
-        per_epoch: bool = False,
+        per_epoch: bool = True,
         budget_counts: str = "steps",
         labels=None,
         collate_fn: Callable | None = None,
@@ -665,10 +803,7 @@ class CrestLoader:
         self.n = n
         self.labels = lab
         self.budget = float(budget)
-        self.epochs = int(epochs)
         self.seed = int(seed)
-        self.budget_counts = budget_counts
-        self.per_epoch = bool(per_epoch)
         self._device = None if device is None else torch.device(device)
         self.ops = TorchModelOps(
             model, measure_dataset if measure_dataset is not None else dataset, labels=lab, loss_fn=loss_fn,
@@ -676,107 +811,27 @@ class CrestLoader:
             forward=forward,
         )
         self._fetch = _Fetcher(dataset, collate_fn)
-        m = self.config.m
-        self.full_steps_per_epoch = math.ceil(n / m)
-        self.steps_per_epoch = max(1, int(math.floor(self.budget * self.full_steps_per_epoch + 0.5)))
-        self.total_steps = self.epochs * self.steps_per_epoch
+        self._plan_passes(n=n, m=self.config.m, budget=self.budget, epochs=int(epochs), per_epoch=per_epoch,
+                          budget_counts=budget_counts)
         self._state = crest_init(self.config, lab, seed=self.seed, epoch_steps=self.steps_per_epoch)
-        self._position = 0  # batches handed out
         self._batch: Batch | None = None
-        self._epoch_hint: int | None = None
-        self._token = 0
-        self._warned_done = False
 
-    # -- sizing ---------------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return self.steps_per_epoch if self.per_epoch else self.total_steps
-
-    @property
-    def position(self) -> int:
-        """Batches handed out so far (over the whole run)."""
-        return self._position
-
-    @property
-    def epoch(self) -> int:
-        """The epoch the next batch belongs to (``position // steps_per_epoch``; ``epochs`` when done)."""
-        return min(self._position // self.steps_per_epoch, self.epochs)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Declare that the next pass is epoch ``epoch`` (0-based): it yields from the current position to
-        the end of that epoch's share (so a pass that broke off early is completed, never skipped).
-        Switches the loader to per-epoch passes."""
-        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
-            raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
-        if epoch >= self.epochs:
-            raise ValueError(
-                f"epoch {epoch} is beyond the {self.epochs} epochs this loader was planned for "
-                "(CrestLoader(..., epochs=...))"
-            )
-        self.per_epoch = True
-        self._epoch_hint = int(epoch)
-
-    def _pass_end(self) -> int:
-        if self._epoch_hint is not None:
-            e, self._epoch_hint = self._epoch_hint, None
-        elif self.per_epoch:
-            e = self._position // self.steps_per_epoch
-        else:
-            return self.total_steps
-        return min(self.total_steps, (e + 1) * self.steps_per_epoch)
-
-    # -- accounting -----------------------------------------------------------------------------
+    # -- accounting and stepping ----------------------------------------------------------------
     def _cost(self) -> tuple[float, float]:
         """(training, measurement) cost so far, in examples of forward+backward."""
-        s = self._state
-        c = s.counters
-        train = c["train_examples"]
-        overhead = (c["forward_examples"] + 2.0 * c["backward_examples"]) / 3.0
-        return float(train), overhead
+        c = self._state.counters
+        return float(c["train_examples"]), (c["forward_examples"] + 2.0 * c["backward_examples"]) / 3.0
 
-    def _budget_report(self) -> dict:
-        m = self.config.m
-        train, overhead = self._cost()
-        full = self.epochs * self.full_steps_per_epoch
-        return {
-            "budget": self.budget,
-            "counts": self.budget_counts,
-            "full_data_steps": full,
-            "planned_steps": self.total_steps,
-            "steps_done": self._position,
-            "overhead_step_equivalents": overhead / m,
-            "fraction_steps": self._position / full,
-            "fraction_all_passes": (train + overhead) / m / full,
-        }
-
-    # -- iteration ------------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[tuple]:
-        self._token += 1
-        return self._pass(self._token)
-
-    def _pass(self, token: int):
-        end = self._pass_end()
-        if self._position >= end and not self._warned_done and self._position >= self.total_steps:
-            self._warned_done = True
-            warnings.warn(
-                f"CrestLoader: all {self.total_steps} planned steps are used; this pass yields nothing. "
-                "To spread the run over an epoch loop, call loader.set_epoch(epoch) at the start of each "
-                "epoch (or build the loader with per_epoch=True).",
-                stacklevel=3,
-            )
-        while self._token == token and self._position < end:
-            if self.budget_counts == "passes":
-                train, overhead = self._cost()
-                if (train + overhead) / self.config.m + 1 > end + 1e-9:
-                    return
-            self._sync_device()
-            try:
-                state, batch = self._advance()
-            except FloatingPointError as exc:
-                raise FloatingPointError(f"{exc} [CrestLoader at step {self._position}]") from exc
-            self._state = state
-            self._position += 1
-            self._batch = batch
-            yield self._make_batch(batch)
+    def _step(self):
+        self._sync_device()
+        try:
+            state, batch = self._advance()
+        except FloatingPointError as exc:
+            raise FloatingPointError(f"{exc} [CrestLoader at step {self._position}]") from exc
+        self._state = state
+        self._position += 1
+        self._batch = batch
+        return self._make_batch(batch)
 
     def _advance(self):
         """One controller step: ``(state, batch)``. The hook subclasses wrap (e.g. the distributed
@@ -878,8 +933,7 @@ class CrestLoader:
             "budget": self.budget,
             "budget_counts": self.budget_counts,
             "config": repr(self.config),
-            "position": self._position,
-            "per_epoch": self.per_epoch,
+            **self._pass_state(),
             "batch": None if self._batch is None else {
                 "indices": torch.from_numpy(self._batch.indices.copy()),
                 "weights": torch.from_numpy(self._batch.weights.copy()),
@@ -923,9 +977,5 @@ class CrestLoader:
         if b is not None:
             batch = Batch(*stored_batch(_from_portable(b), self.n, "CrestLoader state dict"))
         self._state = crest
-        self._position = pos
-        self.per_epoch = bool(state.get("per_epoch", self.per_epoch)) or self.per_epoch
+        self._load_pass_state(state, pos)
         self._batch = batch
-        self._epoch_hint = None
-        self._token += 1  # passes started before the load stop
-        self._warned_done = False

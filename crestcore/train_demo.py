@@ -470,7 +470,7 @@ def train_method(method: str, data, s: TrainSettings, *, progress: bool = True, 
         if loader.total_steps != total:  # same rounding as ours; guard against drift
             raise RuntimeError(f"CrestLoader plans {loader.total_steps} steps, expected {total}")
         timer = OpsTimer(loader.ops, sync)
-        batch_iter = iter(loader)
+        batch_iter = loader.iter_run()  # every epoch's share, one after the other
     else:
         from torch.utils.data import TensorDataset
 
@@ -482,7 +482,7 @@ def train_method(method: str, data, s: TrainSettings, *, progress: bool = True, 
                            prune_ratio=s.prune_ratio, prune_anneal=s.prune_anneal)
         if sub.total_steps != total:
             raise RuntimeError(f"SubsetLoader plans {sub.total_steps} steps, expected {total}")
-        batch_iter = iter(sub)
+        batch_iter = sub.iter_run()
 
     tracker = ForgettingTracker(n) if track_forgetting else None
     bd = {"train": 0.0, "data": 0.0}

@@ -58,7 +58,7 @@ def train(ld, steps=None, lr=0.1):
     model = ld.model
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     seen = []
-    for k, (x, y, w) in enumerate(ld):
+    for k, (x, y, w) in enumerate(ld.iter_run()):
         losses = F.cross_entropy(model(x), y, reduction="none")
         loss = (w * losses).mean()
         opt.zero_grad()
@@ -80,7 +80,7 @@ def test_every_method_trains_with_the_crestloader_loop(method):
     full_spe = math.ceil(N / M)  # 15
     spe = full_spe if method == "full" else round(0.5 * full_spe)  # 8 (round half to even: 7.5 -> 8)
     assert ld.full_steps_per_epoch == full_spe and ld.steps_per_epoch == spe
-    assert len(ld) == ld.total_steps == 3 * spe
+    assert 3 * len(ld) == ld.total_steps == 3 * spe
     seen, _ = train(ld)
     assert len(seen) == ld.total_steps and ld.position == ld.total_steps
     for idx, w in seen:
@@ -145,7 +145,7 @@ def test_state_dict_resume_is_exact(method, cut):
     opt_b = torch.optim.SGD(model_b.parameters(), lr=0.1, momentum=0.9)
     opt_b.load_state_dict(ck["opt"])
     rest = []
-    for x, y, w in b:
+    for x, y, w in b.iter_run():
         losses = F.cross_entropy(model_b(x), y, reduction="none")
         opt_b.zero_grad()
         (w * losses).mean().backward()

@@ -80,7 +80,7 @@ def plain_loop(epochs):
     loader = CrestLoader(model, ds, epochs=epochs, **CFG)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     seen = []
-    for x, y, w in loader:
+    for x, y, w in loader.iter_run():
         losses = F.cross_entropy(model(x), y, reduction="none")
         opt.zero_grad()
         (w * losses).mean().backward()

@@ -52,7 +52,7 @@ def train(loader, model, steps=None, lr=0.1, observe=False):
     """The user's loop, unchanged but for the loader; returns the (indices, weights) it trained on."""
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     seen = []
-    for k, (x, y, w) in enumerate(loader):
+    for k, (x, y, w) in enumerate(loader.iter_run()):
         losses = F.cross_entropy(model(x), y, reduction="none")
         loss = (w * losses).mean()
         opt.zero_grad()
@@ -209,7 +209,7 @@ def test_any_dataset_with_transforms_and_a_cnn():
     torch.testing.assert_close(ops.outputs(np.arange(4)), copy.deepcopy(model).eval()(2 * ds.images[:4] - 1))
     loader = CrestLoader(model, ds, config=CrestConfig(m=16, r=48), budget=0.5, epochs=2, seed=0)
     seen, _ = train(loader, model)
-    assert len(seen) == len(loader) == 2 * 4
+    assert len(seen) == loader.total_steps == 2 * len(loader) == 2 * 4
     x, y, w = next(iter(CrestLoader(model, ds, config=CrestConfig(m=16, r=48), seed=0)))
     assert x.shape == (16, 1, 8, 8) and y.dtype == torch.int64 and w.shape == (16,)
 
@@ -237,7 +237,7 @@ def test_yielded_batches_are_the_controllers():
     opt_a = torch.optim.SGD(model_a.parameters(), lr=0.2)
     opt_b = torch.optim.SGD(model_b.parameters(), lr=0.2)
     steps = 0
-    for x, yb, w in loader:
+    for x, yb, w in loader.iter_run():
         state, batch = crest_next_batch(state, ops, cfg)
         np.testing.assert_array_equal(loader.last_indices, batch.indices)
         assert w.dtype == torch.float32 and torch.equal(w, torch.as_tensor(batch.weights, dtype=torch.float32))
@@ -249,7 +249,7 @@ def test_yielded_batches_are_the_controllers():
             loss.backward()
             opt.step()
         steps += 1
-    assert steps == len(loader) == 4 * round(0.5 * 10)
+    assert steps == 4 * len(loader) == loader.total_steps == 4 * round(0.5 * 10)
     assert loader.stats["counters"] == {**state.counters}
     assert loader.stats["selections"] == state.log["selections"]
     assert loader.stats["counters"]["selections"] >= 2  # tau=0.02 forces reselections: the checks ran
@@ -347,30 +347,93 @@ def test_len_epochs_and_budget_accounting():
     model = mlp()
     loader = CrestLoader(model, TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.25, epochs=4)
     assert loader.full_steps_per_epoch == 10 and loader.steps_per_epoch == 3  # round(2.5) half up
-    assert len(loader) == loader.total_steps == 12
+    assert len(loader) == 3 and loader.total_steps == 12 == len(loader) * loader.epochs  # a pass is an epoch
     with pytest.raises(ValueError, match="beyond"):
         loader.set_epoch(4)
-    loader.set_epoch(0)
-    assert len(loader) == 3
-    got = [len(list(loader)) for _ in range(2)]  # without set_epoch a pass runs to the next epoch's end
-    assert got == [3, 3]
+    got = [len(list(loader)) for _ in range(2)]  # no set_epoch needed: each pass is the next epoch
+    assert got == [3, 3] and loader.epoch == 2
     loader.set_epoch(3)  # epoch 2 was skipped: the pass completes it too, the budget is never lost
     assert len(list(loader)) == 6
-    with pytest.warns(UserWarning, match="set_epoch"):
+    with pytest.warns(UserWarning, match="planned steps are used"):
         assert list(loader) == []
     b = loader.stats["budget"]
-    assert b["planned_steps"] == b["steps_done"] == 12 and b["full_data_steps"] == 40
+    assert b["planned_steps"] == b["steps_done"] == 12 and b["full_data_steps"] == 40 and b["epochs_done"] == 4
     assert b["fraction_steps"] == pytest.approx(0.3)
     assert b["fraction_all_passes"] > b["fraction_steps"]  # selections and checks cost passes too
     json.dumps(loader.stats)  # plain data
 
-    passes = CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.25, epochs=4,
+    whole = CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.25, epochs=4,
+                        per_epoch=False)
+    assert len(whole) == 12 and len(list(whole)) == 12
+    with pytest.raises(ValueError, match="per_epoch=False"):
+        whole.set_epoch(0)
+
+
+def test_passes_accounting_gives_every_epoch_its_share():
+    """budget_counts="passes" with per-epoch passes and no set_epoch: each pass may train up to its
+    epoch's cumulative cap. (The old loader computed the epoch from the steps trained, which lag behind
+    in this mode, so every pass after the first stayed in epoch 0 and yielded nothing: [4, 0, 0].)"""
+    X, y = make_data()
+    passes = CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.5, epochs=4,
                          budget_counts="passes")
-    n_steps = len(list(passes))
-    assert 0 < n_steps < passes.total_steps  # the measurement passes took the place of training steps
+    counts = [len(list(passes)) for _ in range(4)]
+    assert passes.stats["budget"]["epochs_done"] == 4
+    assert sum(counts) == passes.position < passes.total_steps  # the measurement passes took steps' place
+    assert sum(counts[1:]) > 0 and counts[-1] > 0, counts
     b = passes.stats["budget"]
-    assert b["steps_done"] == n_steps
-    assert b["fraction_all_passes"] * 40 + 1 > 12  # it stopped because one more step would go over
+    assert b["fraction_all_passes"] * 40 <= 20 + 1e-9  # within the budget: 0.5 of 4 epochs of 10 steps
+    assert b["fraction_all_passes"] * 40 + 1 > 20  # and it stopped because one more step would go over
+    with pytest.warns(UserWarning, match="planned steps are used"):
+        assert list(passes) == []
+
+
+def _final_lr(kind, total, lr=0.1):
+    """The schedule's own end: the scheduler stepped exactly ``total`` times on a dummy optimizer."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    sched = _scheduler(kind, opt, total, lr)
+    for _ in range(total):
+        opt.step()
+        sched.step()
+    return opt.param_groups[0]["lr"]
+
+
+def _scheduler(kind, opt, total, lr):
+    if kind == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total)
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=1e-3)
+    warm = 4  # linear warm-up, then linear decay to 0 at the planned last step
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warm) * max(0.0, 1 - k / total))
+
+
+@pytest.mark.parametrize("kind", ["onecycle", "cosine", "warmup"])
+@pytest.mark.parametrize("budget_counts", ["steps", "passes"])
+def test_a_per_step_scheduler_sized_from_len_ends_at_its_schedules_end(kind, budget_counts):
+    """The user's habit: ``total = len(loader) * epochs``, a per-step scheduler, an epoch loop. The run
+    ends exactly where the schedule ends (passes: ``len`` is an upper bound; the scheduler is asked for
+    no more steps than it was sized for and the run reports how far it got)."""
+    X, y = make_data()
+    model = mlp()
+    loader = CrestLoader(model, TensorDataset(X, y), config=CrestConfig(m=24, r=60, tau=0.05), budget=0.5,
+                         epochs=3, seed=0, budget_counts=budget_counts)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    total = len(loader) * loader.epochs
+    sched = _scheduler(kind, opt, total, 0.1)
+    steps = 0
+    for epoch in range(loader.epochs):
+        for x, yb, w in loader:
+            loss = (w * F.cross_entropy(model(x), yb, reduction="none")).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            steps += 1
+    if budget_counts == "steps":
+        assert steps == total == loader.total_steps
+        assert opt.param_groups[0]["lr"] == pytest.approx(_final_lr(kind, total), rel=1e-9, abs=1e-12)
+        assert opt.param_groups[0]["lr"] < 0.05 * 0.1  # at the schedule's low end, not mid-way
+    else:
+        assert 0 < steps <= total and loader.stats["budget"]["epochs_done"] == 3
 
 
 def test_nan_raises_a_clear_error():
@@ -498,7 +561,7 @@ def test_half_precision_training_runs(mode):
     loader = CrestLoader(model, TensorDataset(X, y), config=CrestConfig(m=24, r=60, tau=0.05),
                          budget=0.5, epochs=3, seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for x, yy, w in loader:
+    for x, yy, w in loader.iter_run():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
             losses = F.cross_entropy(model(x.to(dt)).float(), yy, reduction="none")
         opt.zero_grad()
