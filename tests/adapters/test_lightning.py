@@ -190,3 +190,27 @@ def test_callback_validates_its_arguments_at_construction(kwargs, error, name):
 def test_callback_refuses_an_iterable_dataset():
     with pytest.raises(TypeError, match="dataset"):
         CrestCallback(iter(range(10)))
+
+
+class OneCycleModule(Module):
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.1)
+        total = self.trainer.estimated_stepping_batches  # len(dataloader) * max_epochs
+        self.planned = total
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def test_a_scheduler_sized_from_estimated_stepping_batches_ends_at_its_end(tmp_path):
+    cb = CrestCallback(data(), **CFG)
+    module = OneCycleModule()
+    t = trainer(tmp_path, 3, cb)
+    t.fit(module, train_dataloaders=cb.dataloader())
+    assert module.planned == t.global_step == cb.loader.total_steps == 9
+    ref_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    ref = torch.optim.lr_scheduler.OneCycleLR(ref_opt, max_lr=0.1, total_steps=9)
+    for _ in range(9):
+        ref_opt.step()
+        ref.step()
+    lr = t.optimizers[0].param_groups[0]["lr"]
+    assert lr == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-12) and lr < 0.1 * 0.1  # its low end
