@@ -527,6 +527,11 @@ def _to_portable(x):
     return x
 
 
+def _portable_batch(b: Batch) -> dict:
+    return {"indices": torch.from_numpy(b.indices.copy()), "weights": torch.from_numpy(b.weights.copy()),
+            "reselected": bool(b.reselected)}
+
+
 def _from_portable(x):
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy().copy()
@@ -606,6 +611,7 @@ class BudgetedPasses:
         self.budget_counts = budget_counts
         self._position = 0  # batches handed out
         self._epochs_done = 0  # passes that ran to the end of their epoch's share
+        self._pass_e: int | None = None  # the epoch of the pass running (None: the whole run)
         self._epoch_hint: int | None = None
         self._token = 0
         self._warned_done = False
@@ -686,6 +692,7 @@ class BudgetedPasses:
                 stacklevel=3,
             )
         done = self.epochs if e is None else e + 1
+        self._pass_e = e
         while self._token == token and self._position < end:
             if self.budget_counts == "passes":
                 train, overhead = self._cost()
@@ -815,6 +822,7 @@ class CrestLoader(BudgetedPasses):
                           budget_counts=budget_counts)
         self._state = crest_init(self.config, lab, seed=self.seed, epoch_steps=self.steps_per_epoch)
         self._batch: Batch | None = None
+        self._pending: list[Batch] = []  # handed out before a checkpoint and not trained: replayed first
 
     # -- accounting and stepping ----------------------------------------------------------------
     def _cost(self) -> tuple[float, float]:
@@ -823,12 +831,15 @@ class CrestLoader(BudgetedPasses):
         return float(c["train_examples"]), (c["forward_examples"] + 2.0 * c["backward_examples"]) / 3.0
 
     def _step(self):
-        self._sync_device()
-        try:
-            state, batch = self._advance()
-        except FloatingPointError as exc:
-            raise FloatingPointError(f"{exc} [CrestLoader at step {self._position}]") from exc
-        self._state = state
+        if self._pending:  # batches the controller handed out before a checkpoint, not trained then
+            batch = self._pending.pop(0)
+        else:
+            self._sync_device()
+            try:
+                state, batch = self._advance()
+            except FloatingPointError as exc:
+                raise FloatingPointError(f"{exc} [{type(self).__name__} at step {self._position}]") from exc
+            self._state = state
         self._position += 1
         self._batch = batch
         return self._make_batch(batch)
@@ -934,11 +945,8 @@ class CrestLoader(BudgetedPasses):
             "budget_counts": self.budget_counts,
             "config": repr(self.config),
             **self._pass_state(),
-            "batch": None if self._batch is None else {
-                "indices": torch.from_numpy(self._batch.indices.copy()),
-                "weights": torch.from_numpy(self._batch.weights.copy()),
-                "reselected": bool(self._batch.reselected),
-            },
+            "batch": None if self._batch is None else _portable_batch(self._batch),
+            "pending": [_portable_batch(b) for b in self._pending],
             "crest": _to_portable(crest_state_dict(self._state)),
         }
 
@@ -966,9 +974,17 @@ class CrestLoader(BudgetedPasses):
             raise ValueError(f"CrestLoader state dict: position must be an integer in [0, {self.total_steps}] "
                              f"(the planned steps), got {pos!r}")
         pos = int(pos)
-        if int(crest.counters["train_steps"]) != pos:
-            raise ValueError(f"CrestLoader state dict: position {pos} differs from the controller's "
-                             f"{int(crest.counters['train_steps'])} batches handed out")
+        where = f"{type(self).__name__} state dict"
+        pending = state.get("pending", [])
+        if not isinstance(pending, list):
+            raise ValueError(f"{where}: pending must be a list of batches, got {type(pending).__name__}")
+        pending = [Batch(*stored_batch(_from_portable(b), self.n, where)) for b in pending]
+        if int(crest.counters["train_steps"]) != pos + len(pending):
+            raise ValueError(f"{where}: position {pos} and {len(pending)} pending batches differ from the "
+                             f"controller's {int(crest.counters['train_steps'])} batches handed out")
+        if pos + len(pending) > self.total_steps:
+            raise ValueError(f"{where}: position {pos} plus {len(pending)} pending batches exceed the "
+                             f"{self.total_steps} planned steps")
         b = state.get("batch")
         if (b is None) != (pos == 0):
             raise ValueError(f"CrestLoader state dict: batch must be present exactly when position > 0 "
@@ -979,3 +995,161 @@ class CrestLoader(BudgetedPasses):
         self._state = crest
         self._load_pass_state(state, pos)
         self._batch = batch
+        self._pending = pending
+
+
+# ------------------------------------------------------------------------------------------------
+# the batch sampler: CREST's batches through the user's own DataLoader
+# ------------------------------------------------------------------------------------------------
+class WeightedKey(tuple):
+    """``(index, weight)``: what :class:`CrestBatchSampler` hands the ``DataLoader`` for each example.
+    :class:`WeightedDataset` turns it into the example plus its weight; a plain tuple, so it pickles to
+    worker processes unchanged."""
+
+    __slots__ = ()
+
+    def __new__(cls, index: int, weight: float):
+        return super().__new__(cls, (int(index), np.float32(weight)))
+
+    def __reduce__(self):
+        return WeightedKey, (self[0], self[1])
+
+
+class WeightedDataset:
+    """``dataset`` read through :class:`WeightedKey` s: item ``(i, w)`` is ``dataset[i]`` with the weight ``w``
+    appended (``(x, y)`` becomes ``(x, y, w)``; a non-tuple item ``x`` becomes ``(x, w)``). The weight is a
+    float32 scalar, so ``default_collate`` stacks a batch's weights into a float32 tensor. Plain integer
+    keys read ``dataset`` unchanged (weight-free evaluation through the same object). Map-style,
+    picklable, and its own transforms are the dataset's: safe in ``DataLoader`` worker processes."""
+
+    def __init__(self, dataset):
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise TypeError(f"dataset must be a map-style Dataset (__getitem__ and __len__), got "
+                            f"{type(dataset).__name__}")
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @staticmethod
+    def _with(item, w):
+        if isinstance(item, tuple) and hasattr(item, "_fields"):  # a NamedTuple: keep it, weight after
+            return (*item, w)
+        if isinstance(item, (tuple, list)):
+            return (*item, w)
+        return item, w
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            i, w = key
+            return self._with(self.dataset[i], w)
+        return self.dataset[key]
+
+    def __getitems__(self, keys):
+        getitems = getattr(self.dataset, "__getitems__", None)
+        if not keys or not isinstance(keys[0], tuple) or not callable(getitems):
+            return [self[k] for k in keys]
+        items = getitems([int(k[0]) for k in keys])
+        return [self._with(item, k[1]) for item, k in zip(items, keys)]
+
+
+class CrestBatchSampler(CrestLoader):
+    """CREST's weighted coreset batches for **your own** ``DataLoader`` (workers, pinned memory,
+    persistent workers, your ``collate_fn``)::
+
+        sampler = CrestBatchSampler(model, train_set, config=CrestConfig(m=128), budget=0.1, epochs=200)
+        loader = DataLoader(WeightedDataset(train_set), batch_sampler=sampler, num_workers=2, pin_memory=True,
+                            persistent_workers=True)              # or: loader = sampler.dataloader(num_workers=2, ...)
+        for epoch in range(200):
+            for x, y, w in loader:                                # w: float32 weights, mean 1
+                loss = (w.to(device) * F.cross_entropy(model(x.to(device)), y.to(device), reduction="none")).mean()
+
+    Each pass over the sampler yields one epoch's share of index lists, ``len(sampler)`` batches (the
+    ``DataLoader``'s length), as lists of :class:`WeightedKey`; :class:`WeightedDataset` appends each
+    example's weight. Everything else is :class:`CrestLoader`'s (one implementation): the budget,
+    ``set_epoch``, ``iter_run``, ``stats``, ``observe``, the measurement passes (``measure_dataset``,
+    ``measure_batch_size``, ``measure_workers``) in the training process.
+
+    Prefetching. A ``DataLoader`` with ``num_workers=w`` asks for ``w * prefetch_factor`` batches before
+    the first is trained and stays that many ahead, so CREST decides a batch that many optimizer steps
+    before it is trained: its selections and trust checks measure the model as it was then (with
+    ``num_workers=0`` there is no lag). The run stays deterministic for a fixed ``num_workers`` and
+    ``prefetch_factor``. Checkpoints: :meth:`state_dict` takes ``trained``, the number of batches of the
+    run you have trained (e.g. your global step); batches handed out beyond it are stored and handed out
+    first after :meth:`load_state_dict`, so a resumed run trains the same batches. Without ``trained``
+    every handed-out batch counts as trained, which is exact at an epoch's end.
+    ``observe(losses, indices=...)`` feeds the drop policy with the indices of the batch the losses
+    belong to (``WeightedDataset(..., )`` items do not carry them: keep them with
+    ``sampler.last_indices`` only when ``num_workers=0``).
+    """
+
+    _kind = "sampler"
+
+    def __init__(self, model: nn.Module, dataset, **kwargs):
+        if "device" in kwargs:
+            raise TypeError("CrestBatchSampler has no device: the DataLoader yields host batches; move them "
+                            "in your step (pin_memory=True speeds that up)")
+        super().__init__(model, dataset, **kwargs)
+        self._handed: list[Batch] = []  # the batches handed out last (at most an epoch and 64 more), in order
+        self._handed_epoch: list[int] = []  # the epoch of the pass that handed out each
+        self._handed_from = 0  # the run position of _handed[0]
+
+    def _make_batch(self, batch: Batch):
+        if not self._handed or self._handed_from + len(self._handed) != self._position - 1:
+            self._handed, self._handed_epoch, self._handed_from = [], [], self._position - 1
+        self._handed.append(batch)
+        e = self._pass_e
+        self._handed_epoch.append(e if e is not None else (self._position - 1) // self.steps_per_epoch)
+        if len(self._handed) > self.steps_per_epoch + 64:  # bounded: older batches are trained for sure
+            drop = len(self._handed) - self.steps_per_epoch
+            self._handed, self._handed_from = self._handed[drop:], self._handed_from + drop
+            self._handed_epoch = self._handed_epoch[drop:]
+        return [WeightedKey(i, w) for i, w in zip(batch.indices.tolist(), batch.weights.tolist())]
+
+    def dataloader(self, **kwargs):
+        """``DataLoader(WeightedDataset(dataset), batch_sampler=self, **kwargs)``: ``num_workers``,
+        ``pin_memory``, ``persistent_workers``, ``prefetch_factor``, ``collate_fn``, ... are yours."""
+        from torch.utils.data import DataLoader
+
+        for bad in ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"):
+            if bad in kwargs:
+                raise TypeError(f"dataloader() got {bad}=: CREST decides the batches (m = config.m) and their order")
+        return DataLoader(WeightedDataset(self.dataset), batch_sampler=self, **kwargs)
+
+    def observe(self, losses, indices=None) -> None:
+        """The per-example training losses of one trained batch, for the drop policy and the NaN check.
+        ``indices``: that batch's dataset indices (needed when a ``DataLoader`` prefetches; default the
+        batch handed out last, right only with ``num_workers=0``)."""
+        if indices is None:
+            return super().observe(losses)
+        idx = np.asarray(indices.detach().cpu().numpy() if isinstance(indices, torch.Tensor) else indices)
+        if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer) or (idx.size and (idx.min() < 0 or idx.max() >= self.n)):
+            raise ValueError(f"indices must be a 1-D integer array of dataset indices in [0, {self.n})")
+        saved = self._batch
+        self._batch = Batch(idx.astype(np.int64), np.ones(idx.size), False)
+        try:
+            super().observe(losses)
+        finally:
+            self._batch = saved
+
+    def state_dict(self, trained: int | None = None) -> dict:
+        """:meth:`CrestLoader.state_dict` with the batches handed out after the first ``trained`` of the
+        run stored as pending (see the class docstring); ``trained=None``: all handed out are trained."""
+        if trained is None or trained == self._position:
+            return super().state_dict()
+        low = self._handed_from + 1 if self._handed_from > 0 else 0  # the last trained batch must be known
+        if isinstance(trained, bool) or not isinstance(trained, (int, np.integer)) or not \
+                low <= trained <= self._position:
+            raise ValueError(f"trained must be an integer in [{low}, {self._position}] (batches of the run "
+                             f"trained; {self._position} are handed out), got {trained!r}")
+        k = int(trained) - self._handed_from
+        saved = (self._position, self._batch, self._pending, self._epochs_done)
+        self._position = int(trained)
+        self._batch = self._handed[k - 1] if k > 0 else None
+        self._pending = self._handed[k:] + self._pending
+        # the epoch of the first untrained batch is not done: a resumed run replays it in that epoch's pass
+        self._epochs_done = min(self._epochs_done, self._handed_epoch[k])
+        try:
+            return super().state_dict()
+        finally:
+            self._position, self._batch, self._pending, self._epochs_done = saved

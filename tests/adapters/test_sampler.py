@@ -1,0 +1,183 @@
+"""CrestBatchSampler: CREST's batches through the user's own DataLoader (workers, pinned memory)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+F = torch.nn.functional
+
+from torch.utils.data import DataLoader, Dataset, TensorDataset  # noqa: E402
+
+from crestcore import CrestConfig  # noqa: E402
+from crestcore.adapters.torch import CrestBatchSampler, CrestLoader, WeightedDataset, WeightedKey  # noqa: E402
+
+N, D_IN, C = 240, 6, 3
+CFG = dict(config=CrestConfig(m=24, r=60, tau=0.05), budget=0.5, epochs=3, seed=1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(N, D_IN, generator=g)
+    y = (X @ torch.randn(D_IN, C, generator=g)).argmax(1)
+    return X, y
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(D_IN, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, C))
+
+
+class Flip(Dataset):
+    """A dataset with a per-item transform (a sign flip decided by the index, so workers agree)."""
+
+    def __init__(self, X, y):
+        self.X, self.y = X, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        x = self.X[i]
+        return (-x if i % 2 else x), self.y[i]
+
+
+def step(model, opt, x, y, w):
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    opt.zero_grad()
+    (w * losses).mean().backward()
+    opt.step()
+    return losses.detach()
+
+
+def run_loader(epochs_loop, model, make):
+    """Train through ``make(model)`` (an iterable of (x, y, w)) epoch by epoch; returns the (x, w) seen."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    it = make(model)
+    seen = []
+    for _ in range(epochs_loop):
+        for x, y, w in it:
+            step(model, opt, x, y, w)
+            seen.append((x.clone(), w.clone()))
+    return seen, opt
+
+
+def test_keys_and_weighted_dataset():
+    X, y = make_data()
+    ds = WeightedDataset(TensorDataset(X, y))
+    k = WeightedKey(5, 0.25)
+    assert k == (5, np.float32(0.25)) and isinstance(k[1], np.float32)
+    x, yy, w = ds[k]
+    assert torch.equal(x, X[5]) and int(yy) == int(y[5]) and w == np.float32(0.25)
+    assert len(ds[5]) == 2  # a plain index reads the dataset unchanged
+    batch = torch.utils.data.default_collate(ds.__getitems__([WeightedKey(1, 2.0), WeightedKey(3, 0.5)]))
+    assert batch[2].dtype == torch.float32 and batch[2].tolist() == [2.0, 0.5]
+    with pytest.raises(TypeError, match="dataset"):
+        WeightedDataset(iter([1, 2]))
+
+
+def test_without_workers_it_is_the_crest_loader():
+    """num_workers=0: the DataLoader asks for a batch only when the loop wants one, so the sampler's run is
+    CrestLoader's run, batch for batch and bit for bit."""
+    X, y = make_data()
+    ds = Flip(X, y)
+    ref_model = mlp()
+    ref_seen, _ = run_loader(3, ref_model, lambda m: CrestLoader(m, ds, **CFG))
+    model = mlp()
+    sampler_box = {}
+
+    def make(m):
+        sampler_box["s"] = s = CrestBatchSampler(m, ds, **CFG)
+        return DataLoader(WeightedDataset(ds), batch_sampler=s, num_workers=0)
+
+    seen, _ = run_loader(3, model, make)
+    assert len(seen) == len(ref_seen) == 15 == sampler_box["s"].total_steps
+    for (xa, wa), (xb, wb) in zip(seen, ref_seen):
+        assert torch.equal(xa, xb) and torch.equal(wa, wb)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(p, q)
+
+
+def _worker_run(cut=None, resume_from=None, seed_model=0):
+    """One run through a DataLoader with 2 workers and pinned memory. ``cut``: stop after that many steps
+    and return a checkpoint; ``resume_from``: start from such a checkpoint."""
+    X, y = make_data()
+    ds = Flip(X, y)
+    model = mlp(seed_model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sampler = CrestBatchSampler(model, ds, **CFG)
+    if resume_from is not None:
+        model.load_state_dict(resume_from["model"])
+        opt.load_state_dict(resume_from["opt"])
+        sampler.load_state_dict(resume_from["crest"])
+    loader = sampler.dataloader(num_workers=2, persistent_workers=True, prefetch_factor=2,
+                                pin_memory=torch.cuda.is_available())  # pinning needs an accelerator
+    assert len(loader) == sampler.steps_per_epoch == 5
+    seen, done = [], sampler.position if resume_from is None else resume_from["trained"]
+    for _ in range(sampler.epoch, sampler.epochs):
+        for x, yb, w in loader:
+            assert w.dtype == torch.float32 and abs(float(w.mean()) - 1) < 1e-5
+            step(model, opt, x, yb, w)
+            seen.append((x.clone(), w.clone()))
+            done += 1
+            if cut is not None and done == cut:
+                buf = io.BytesIO()
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                            "crest": sampler.state_dict(trained=done), "trained": done}, buf)
+                buf.seek(0)
+                return seen, model, torch.load(buf, weights_only=True), sampler
+    return seen, model, None, sampler
+
+
+@pytest.mark.parametrize("cut", [3, 7, 11])  # 2, 3 and 4 batches handed out ahead of the cut
+def test_workers_resume_and_determinism(cut):
+    """With 2 workers the DataLoader runs 4 batches ahead; the run is still deterministic, every batch holds
+    the dataset's (transformed) examples with CREST's weights, and a mid-epoch checkpoint with
+    trained= resumes to the same batches and parameters as the run that never stopped."""
+    a, model_a, _, sampler_a = _worker_run()
+    assert len(a) == 15 and sampler_a.position == 15 and sampler_a.stats["counters"]["selections"] >= 1
+    b, model_b, _, _ = _worker_run()
+    for (xa, wa), (xb, wb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(wa, wb)
+    for p, q in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(p, q)
+
+    first, _, ckpt, sampler_cut = _worker_run(cut=cut)  # mid-epoch (epochs of 5), batches handed out ahead
+    assert sampler_cut.position > cut and len(ckpt["crest"]["pending"]) == sampler_cut.position - cut
+    rest, model_c, _, _ = _worker_run(resume_from=ckpt, seed_model=9)
+    assert len(first) + len(rest) == 15
+    for (xa, wa), (xb, wb) in zip(a, first + rest):
+        assert torch.equal(xa, xb) and torch.equal(wa, wb)
+    for p, q in zip(model_a.parameters(), model_c.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_observe_with_indices_and_bad_arguments():
+    X, y = make_data()
+    ds = TensorDataset(X, y)
+    s = CrestBatchSampler(mlp(), ds, config=CrestConfig(m=24, r=60, T2=2), budget=0.5, epochs=2)
+    keys = next(iter(s))
+    idx = np.array([k[0] for k in keys])
+    s.observe(torch.ones(idx.size), indices=idx)
+    with pytest.raises(FloatingPointError, match="NaN"):
+        s.observe(torch.full((idx.size,), float("nan")), indices=idx)
+    with pytest.raises(ValueError, match="indices"):
+        s.observe(torch.ones(3), indices=np.array([0, 1, N]))
+    with pytest.raises(ValueError, match="trained"):
+        s.state_dict(trained=5)
+    with pytest.raises(TypeError, match="device"):
+        CrestBatchSampler(mlp(), ds, device="cpu")
+    with pytest.raises(TypeError, match="batch_size"):
+        s.dataloader(batch_size=4)
