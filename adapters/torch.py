@@ -1022,27 +1022,28 @@ class WeightedDataset:
     keys read ``dataset`` unchanged (weight-free evaluation through the same object). Map-style,
     picklable, and its own transforms are the dataset's: safe in ``DataLoader`` worker processes."""
 
-    def __init__(self, dataset):
+    def __init__(self, dataset, *, indices: bool = False):
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
             raise TypeError(f"dataset must be a map-style Dataset (__getitem__ and __len__), got "
                             f"{type(dataset).__name__}")
+        if not isinstance(indices, bool):
+            raise TypeError(f"indices must be a bool, got {type(indices).__name__}")
         self.dataset = dataset
+        self.indices = indices  # also append the example's index: (x, y, w, i), for observe(indices=)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    @staticmethod
-    def _with(item, w):
-        if isinstance(item, tuple) and hasattr(item, "_fields"):  # a NamedTuple: keep it, weight after
-            return (*item, w)
-        if isinstance(item, (tuple, list)):
-            return (*item, w)
-        return item, w
+    def _with(self, item, i, w):
+        extra = (w, i) if self.indices else (w,)
+        if isinstance(item, (tuple, list)):  # (x, y, ...) and NamedTuples: the fields, then the weight
+            return (*item, *extra)
+        return (item, *extra)
 
     def __getitem__(self, key):
         if isinstance(key, tuple):
             i, w = key
-            return self._with(self.dataset[i], w)
+            return self._with(self.dataset[i], int(i), w)
         return self.dataset[key]
 
     def __getitems__(self, keys):
@@ -1050,7 +1051,7 @@ class WeightedDataset:
         if not keys or not isinstance(keys[0], tuple) or not callable(getitems):
             return [self[k] for k in keys]
         items = getitems([int(k[0]) for k in keys])
-        return [self._with(item, k[1]) for item, k in zip(items, keys)]
+        return [self._with(item, int(k[0]), k[1]) for item, k in zip(items, keys)]
 
 
 class CrestBatchSampler(CrestLoader):
@@ -1079,8 +1080,7 @@ class CrestBatchSampler(CrestLoader):
     first after :meth:`load_state_dict`, so a resumed run trains the same batches. Without ``trained``
     every handed-out batch counts as trained, which is exact at an epoch's end.
     ``observe(losses, indices=...)`` feeds the drop policy with the indices of the batch the losses
-    belong to (``WeightedDataset(..., )`` items do not carry them: keep them with
-    ``sampler.last_indices`` only when ``num_workers=0``).
+    belong to (``WeightedDataset(dataset, indices=True)`` appends them to each item: ``x, y, w, i``).
     """
 
     _kind = "sampler"
@@ -1106,15 +1106,16 @@ class CrestBatchSampler(CrestLoader):
             self._handed_epoch = self._handed_epoch[drop:]
         return [WeightedKey(i, w) for i, w in zip(batch.indices.tolist(), batch.weights.tolist())]
 
-    def dataloader(self, **kwargs):
-        """``DataLoader(WeightedDataset(dataset), batch_sampler=self, **kwargs)``: ``num_workers``,
-        ``pin_memory``, ``persistent_workers``, ``prefetch_factor``, ``collate_fn``, ... are yours."""
+    def dataloader(self, *, indices: bool = False, **kwargs):
+        """``DataLoader(WeightedDataset(dataset, indices=indices), batch_sampler=self, **kwargs)``:
+        ``num_workers``, ``pin_memory``, ``persistent_workers``, ``prefetch_factor``, ``collate_fn``, ...
+        are yours."""
         from torch.utils.data import DataLoader
 
         for bad in ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"):
             if bad in kwargs:
                 raise TypeError(f"dataloader() got {bad}=: CREST decides the batches (m = config.m) and their order")
-        return DataLoader(WeightedDataset(self.dataset), batch_sampler=self, **kwargs)
+        return DataLoader(WeightedDataset(self.dataset, indices=indices), batch_sampler=self, **kwargs)
 
     def observe(self, losses, indices=None) -> None:
         """The per-example training losses of one trained batch, for the drop policy and the NaN check.

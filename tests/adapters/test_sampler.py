@@ -164,6 +164,26 @@ def test_workers_resume_and_determinism(cut):
         assert torch.equal(p, q)
 
 
+def test_dropping_through_workers_with_indices():
+    """The drop policy gets each trained batch's own indices from the items (indices=True), not the
+    batch handed out last, which with 2 workers is 4 batches ahead."""
+    X, y = make_data()
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = CrestConfig(m=24, r=60, T2=3)
+    s = CrestBatchSampler(model, TensorDataset(X, y), config=cfg, budget=0.5, epochs=3, seed=0)
+    loader = s.dataloader(indices=True, num_workers=2)
+    ahead = 0
+    for _ in range(3):
+        for x, yb, w, i in loader:
+            losses = step(model, opt, x, yb, w)
+            ahead += not np.array_equal(i.numpy(), s.last_indices)  # the sampler handed out later batches
+            s.observe(losses, indices=i)
+    assert ahead >= 9  # all but the last batch or two of each epoch
+    st = s.stats
+    assert st["step"] == 15 and st["drops"], st["drops"]
+
+
 def test_observe_with_indices_and_bad_arguments():
     X, y = make_data()
     ds = TensorDataset(X, y)
