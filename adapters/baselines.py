@@ -181,8 +181,8 @@ class SubsetLoader(BudgetedPasses):
     options : extra keyword arguments for the core function (``craig``: metric, kernel, optimizer, ...;
         ``gradmatch``: lam, tol, positive; ``glister``: eta, optimizer, epsilon). Defaults: gradmatch
         ``lam=0.5, tol=1e-6``, glister ``optimizer="stochastic", epsilon=0.1``.
-    labels, collate_fn, measure_dataset, measure_batch_size, last_layer, forward, loss_fn : as for
-        ``CrestLoader``.
+    labels, collate_fn, measure_dataset, measure_batch_size, measure_workers, last_layer, forward, loss_fn :
+        as for ``CrestLoader``.
 
     Attributes: ``n``, ``labels``, ``full_steps_per_epoch``, ``steps_per_epoch``, ``total_steps``,
     ``pool`` (indices that may be trained on: all, or glister's training part), ``val_indices``
@@ -215,6 +215,7 @@ class SubsetLoader(BudgetedPasses):
         collate_fn: Callable | None = None,
         measure_dataset=None,
         measure_batch_size: int = 512,
+        measure_workers: int = 0,
         last_layer: nn.Module | str | None = None,
         forward: Callable | None = None,
         loss_fn: Callable | None = None,
@@ -271,7 +272,7 @@ class SubsetLoader(BudgetedPasses):
         self.ops = TorchModelOps(
             model, measure_dataset if measure_dataset is not None else dataset, labels=lab, loss_fn=loss_fn,
             device=device, batch_size=measure_batch_size, collate_fn=collate_fn, last_layer=last_layer,
-            forward=forward,
+            forward=forward, num_workers=measure_workers,
         )
         self._fetch = _Fetcher(dataset, collate_fn)
         self._plan_passes(n=n, m=m, budget=self.budget, epochs=epochs, per_epoch=per_epoch,

@@ -105,6 +105,7 @@ class CrestCallback(pl.Callback):
         collate_fn: Callable | None = None,
         measure_dataset=None,
         measure_batch_size: int = 512,
+        measure_workers: int = 0,
         last_layer=None,
         forward: Callable | None = None,
         loss_fn: Callable | None = None,
@@ -119,7 +120,8 @@ class CrestCallback(pl.Callback):
         config = check_loader_arguments(
             config=config, budget=budget, epochs=1 if epochs is None else epochs, seed=seed,
             budget_counts=budget_counts, per_epoch=True, measure_batch_size=measure_batch_size,
-            collate_fn=collate_fn, forward=forward, loss_fn=loss_fn, check_model=False,
+            collate_fn=collate_fn, forward=forward, loss_fn=loss_fn, measure_workers=measure_workers,
+            check_model=False,
         )
         if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
             raise TypeError(f"dataset must be a map-style dataset (__len__ and __getitem__), got "
@@ -133,7 +135,7 @@ class CrestCallback(pl.Callback):
         self._kwargs = dict(
             config=config, budget=budget, seed=seed, budget_counts=budget_counts, labels=labels,
             collate_fn=collate_fn, measure_dataset=measure_dataset, measure_batch_size=measure_batch_size,
-            last_layer=last_layer, forward=forward, loss_fn=loss_fn,
+            measure_workers=measure_workers, last_layer=last_layer, forward=forward, loss_fn=loss_fn,
         )
         self.loader: CrestLoader | None = None
         self._pending: dict | None = None

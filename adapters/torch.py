@@ -113,16 +113,37 @@ def dataset_labels(dataset) -> np.ndarray:
         v = getattr(dataset, attr, None)
         if v is not None and not callable(v):
             return _as_labels(v if not isinstance(v, (list, tuple)) else list(v), n, f"dataset.{attr}")
+    warnings.warn(
+        f"crestcore: reading all {n} examples of the {type(dataset).__name__} once to find their labels (it has no "
+        "`targets` or `labels` attribute): pass labels= (one class index per example) or give the dataset a "
+        "`targets` attribute to skip this pass. The global random states are restored afterwards.",
+        stacklevel=3,
+    )
     out = np.empty(n, dtype=np.int64)
-    for i in range(n):
-        item = dataset[i]
-        if not isinstance(item, (tuple, list)) or len(item) < 2:
-            raise TypeError(
-                "cannot find the labels of this dataset: its items are not (input, label, ...) tuples "
-                "and it has no `targets` attribute; pass labels= (one class index per example)"
-            )
-        out[i] = _label_value(item[1], i)
+    with _random_states_kept():  # random transforms in __getitem__ must not advance the user's RNGs
+        for i in range(n):
+            item = dataset[i]
+            if not isinstance(item, (tuple, list)) or len(item) < 2:
+                raise TypeError(
+                    "cannot find the labels of this dataset: its items are not (input, label, ...) tuples "
+                    "and it has no `targets` attribute; pass labels= (one class index per example)"
+                )
+            out[i] = _label_value(item[1], i)
     return _as_labels(out, n, "the dataset's labels")
+
+
+@contextlib.contextmanager
+def _random_states_kept():
+    """Python's, NumPy's legacy and torch's CPU (and CUDA, where initialised) global RNG states, restored."""
+    import random
+
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
 
 
 def uncompiled(model: nn.Module) -> nn.Module:
@@ -164,6 +185,19 @@ def add_hvp(loss, params, vectors, acc) -> None:
     for s, h in zip(acc, torch.autograd.grad(dot, params, allow_unused=True)):
         if h is not None:
             s.add_(h.detach())
+
+class _IndexLists:
+    """A ``batch_sampler`` whose batches are set before each pass (``items``: lists of indices)."""
+
+    def __init__(self):
+        self.items: list[list[int]] = []
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
 
 class _Fetcher:
     """Collated examples for a set of indices, through the dataset's own ``__getitem__`` (transforms
@@ -243,6 +277,8 @@ class TorchModelOps:
         cross-entropy, so change this only for a loss with the same gradient in the logits.
     device : where the measurement runs; default the device of the model's parameters at each call.
     batch_size : examples per forward in measurement passes (memory bound, not a result).
+    num_workers : worker processes that load the examples of the measurement passes (a persistent
+        ``DataLoader`` with this ``collate_fn``, chunks in order); 0 (default) loads them in this process.
     collate_fn : as for a ``DataLoader``; default ``default_collate``.
     last_layer : for ``outputs(..., embeddings=True)``: the ``nn.Linear`` (or its name in
         ``model.named_modules()``) whose input is the penultimate embedding. Default: the last
@@ -274,9 +310,12 @@ class TorchModelOps:
         collate_fn: Callable | None = None,
         last_layer: nn.Module | str | None = None,
         forward: Callable | None = None,
+        num_workers: int = 0,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, (int, np.integer)) or num_workers < 0:
+            raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
         model = uncompiled(model)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -290,6 +329,9 @@ class TorchModelOps:
         self._device = None if device is None else torch.device(device)
         self.batch_size = int(batch_size)
         self._fetch = _Fetcher(dataset, collate_fn)
+        self.num_workers = int(num_workers)
+        self._pool = None  # the persistent DataLoader of the measurement passes (num_workers > 0), made lazily
+        self._collate = collate_fn
         self._forward = forward if forward is not None else _default_forward
         self._last_layer = self._resolve_layer(last_layer) if last_layer is not None else None
         if self._last_layer is not None and not isinstance(self._last_layer, nn.Linear):
@@ -353,6 +395,29 @@ class TorchModelOps:
         for a in range(0, k, self.batch_size):
             yield a, min(k, a + self.batch_size)
 
+    def _batches(self, idx: np.ndarray, dev):
+        """``((a, b), batch)`` for consecutive chunks ``idx[a:b]`` of at most ``batch_size``: loaded in this
+        process, or with ``num_workers > 0`` by a persistent ``DataLoader``'s worker processes (transforms
+        and decoding in parallel, the chunks in order), on ``dev`` in the parameters' dtype."""
+        spans = list(self._chunks(idx.size))
+        if self.num_workers == 0 or len(spans) == 0:
+            for a, b in spans:
+                yield (a, b), self._measure_batch(idx[a:b], dev)
+            return
+        pool = self._worker_pool()
+        pool.batch_sampler.items = [idx[a:b].tolist() for a, b in spans]
+        for (a, b), batch in zip(spans, pool):
+            yield (a, b), _to_device(batch, dev, floats=self._dtype())
+
+    def _worker_pool(self):
+        if self._pool is None:
+            from torch.utils.data import DataLoader
+
+            self._pool = DataLoader(self.dataset, batch_sampler=_IndexLists(), num_workers=self.num_workers,
+                                    collate_fn=self._collate if self._collate is not None else default_collate,
+                                    persistent_workers=True)
+        return self._pool
+
     def _logits(self, batch, k: int):
         out = self._forward(self.model, batch)
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != k:
@@ -387,8 +452,7 @@ class TorchModelOps:
         dev = self.device
         logits, embs = [], []
         with self._measuring(), torch.no_grad():
-            for a, b in self._chunks(idx.size):
-                batch = self._measure_batch(idx[a:b], dev)
+            for (a, b), batch in self._batches(idx, dev):
                 if not embeddings:
                     logits.append(self._logits(batch, b - a))
                     continue
@@ -444,8 +508,7 @@ class TorchModelOps:
         """A copy of the flat vector of the trainable parameters (D,); float32 for a half-precision model."""
         return _wide(torch.cat([p.detach().reshape(-1) for p in self._trainable()]).clone())
 
-    def _weighted_losses(self, idx, w, a, b, dev, N):
-        batch = self._measure_batch(idx[a:b], dev)
+    def _weighted_losses(self, batch, idx, w, a, b, N):
         z = self._logits(batch, b - a)
         ell = self.loss_fn(z, self._labels_on(idx[a:b], z.device))
         if not isinstance(ell, torch.Tensor) or ell.shape != (b - a,):
@@ -464,8 +527,8 @@ class TorchModelOps:
         acc = [torch.zeros_like(p, dtype=_wide(p).dtype) for p in params]  # half grads summed in float32
         total = 0.0
         with self._measuring(), torch.enable_grad():
-            for a, b in self._chunks(idx.size):
-                part, ell = self._weighted_losses(idx, w, a, b, dev, idx.size)
+            for (a, b), batch in self._batches(idx, dev):
+                part, ell = self._weighted_losses(batch, idx, w, a, b, idx.size)
                 self._check_finite(ell.detach(), "losses")
                 grads = torch.autograd.grad(part, params, allow_unused=True)
                 for s, g in zip(acc, grads):
@@ -499,8 +562,8 @@ class TorchModelOps:
         acc = [torch.zeros_like(p, dtype=_wide(p).dtype) for p in params]  # half grads summed in float32
         dev = self.device
         with self._measuring(), torch.enable_grad():
-            for a, b in self._chunks(idx.size):
-                part, ell = self._weighted_losses(idx, w, a, b, dev, idx.size)
+            for (a, b), batch in self._batches(idx, dev):
+                part, ell = self._weighted_losses(batch, idx, w, a, b, idx.size)
                 self._check_finite(ell.detach(), "losses")
                 add_hvp(part, params, zs, acc)
         out = _wide(z) * _wide(torch.cat([h.reshape(-1) for h in acc]))
@@ -546,7 +609,7 @@ def _from_portable(x):
 
 def check_loader_arguments(*, config=None, budget=0.1, epochs=1, seed=0, budget_counts="steps", model=None,
                            per_epoch=True, measure_batch_size=512, collate_fn=None, forward=None, loss_fn=None,
-                           device=None, check_model: bool = True) -> CrestConfig:
+                           device=None, measure_workers=0, check_model: bool = True) -> CrestConfig:
     """The argument checks of :class:`CrestLoader`'s ``__init__`` (errors name the argument), as a function
     other adapters can call eagerly in their own ``__init__`` (``check_model=False`` when the model is
     not known yet, e.g. a Lightning callback). Returns the config (``CrestConfig()`` for None)."""
@@ -570,6 +633,8 @@ def check_loader_arguments(*, config=None, budget=0.1, epochs=1, seed=0, budget_
     if isinstance(measure_batch_size, bool) or not isinstance(measure_batch_size, (int, np.integer)) \
             or measure_batch_size < 1:
         raise ValueError(f"measure_batch_size must be a positive integer, got {measure_batch_size!r}")
+    if isinstance(measure_workers, bool) or not isinstance(measure_workers, (int, np.integer)) or measure_workers < 0:
+        raise ValueError(f"measure_workers must be a non-negative integer, got {measure_workers!r}")
     for name, fn in (("collate_fn", collate_fn), ("forward", forward), ("loss_fn", loss_fn)):
         if fn is not None and not callable(fn):
             raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
@@ -747,6 +812,9 @@ class CrestLoader(BudgetedPasses):
     measure_dataset : the same examples, in the same order, for the measurement passes, e.g. without
         random augmentation; default ``dataset``.
     measure_batch_size : examples per forward in measurement passes (memory only).
+    measure_workers : worker processes that load the measurement passes' examples (a persistent
+        ``DataLoader`` over ``measure_dataset``: decoding and transforms in parallel); 0 loads them in
+        this process.
     last_layer, forward, loss_fn : as for :class:`TorchModelOps`.
 
     Budget
@@ -776,6 +844,7 @@ class CrestLoader(BudgetedPasses):
         collate_fn: Callable | None = None,
         measure_dataset=None,
         measure_batch_size: int = 512,
+        measure_workers: int = 0,
         last_layer: nn.Module | str | None = None,
         forward: Callable | None = None,
         loss_fn: Callable | None = None,
@@ -783,7 +852,7 @@ class CrestLoader(BudgetedPasses):
         self.config = check_loader_arguments(
             config=config, budget=budget, epochs=epochs, seed=seed, budget_counts=budget_counts, model=model,
             per_epoch=per_epoch, measure_batch_size=measure_batch_size, collate_fn=collate_fn, forward=forward,
-            loss_fn=loss_fn, device=device,
+            loss_fn=loss_fn, device=device, measure_workers=measure_workers,
         )
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
             raise TypeError(f"dataset must be a map-style Dataset (__getitem__ and __len__), got "
@@ -815,7 +884,7 @@ class CrestLoader(BudgetedPasses):
         self.ops = TorchModelOps(
             model, measure_dataset if measure_dataset is not None else dataset, labels=lab, loss_fn=loss_fn,
             device=device, batch_size=measure_batch_size, collate_fn=collate_fn, last_layer=last_layer,
-            forward=forward,
+            forward=forward, num_workers=measure_workers,
         )
         self._fetch = _Fetcher(dataset, collate_fn)
         self._plan_passes(n=n, m=self.config.m, budget=self.budget, epochs=int(epochs), per_epoch=per_epoch,

@@ -45,6 +45,7 @@ class Flip(Dataset):
 
     def __init__(self, X, y):
         self.X, self.y = X, y
+        self.targets = y  # as torchvision datasets have: no full pass to find the labels
 
     def __len__(self):
         return len(self.y)
@@ -201,3 +202,24 @@ def test_observe_with_indices_and_bad_arguments():
         CrestBatchSampler(mlp(), ds, device="cpu")
     with pytest.raises(TypeError, match="batch_size"):
         s.dataloader(batch_size=4)
+
+
+def test_measurement_passes_through_workers_are_the_same_passes():
+    """measure_workers=2 loads the measurement passes' examples in worker processes (per-item transforms
+    run there): the same outputs, gradients and probes, hence the same run, as loading in-process."""
+    X, y = make_data()
+    ds = Flip(X, y)
+    runs = []
+    for workers in (0, 2):
+        model = mlp()
+        loader = CrestLoader(model, ds, measure_workers=workers, measure_batch_size=50, **CFG)
+        runs.append((run_loader(3, model, lambda m, ld=loader: ld)[0], model, loader))
+    (a, ma, la), (b, mb, lb) = runs
+    assert lb.ops._pool is not None and la.ops._pool is None  # the workers were used
+    assert len(a) == len(b) == 15
+    for (xa, wa), (xb, wb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(wa, wb)
+    for p, q in zip(ma.parameters(), mb.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="measure_workers"):
+        CrestLoader(mlp(), ds, measure_workers=-1, **CFG)

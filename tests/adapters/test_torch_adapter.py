@@ -220,7 +220,8 @@ def test_any_dataset_with_transforms_and_a_cnn():
         def __getitem__(self, i):
             return torch.zeros(2), torch.tensor(i % 3)
 
-    np.testing.assert_array_equal(dataset_labels(NoTargets()), np.arange(10) % 3)
+    with pytest.warns(UserWarning, match="labels="):
+        np.testing.assert_array_equal(dataset_labels(NoTargets()), np.arange(10) % 3)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -592,3 +593,27 @@ def test_a_compiled_model_is_measured_through_its_original_module():
     for (a, wa), (b, wb) in zip(seen, ref_seen):
         np.testing.assert_array_equal(a, b)
     assert loader.stats["counters"]["selections"] >= 1 and loader.stats["checks"]
+
+
+def test_a_full_label_pass_is_announced_and_leaves_the_global_rngs_alone():
+    import random
+
+    class Noisy(Dataset):  # no targets attribute; a random transform in __getitem__
+        def __len__(self):
+            return 30
+
+        def __getitem__(self, i):
+            return torch.rand(2) + np.random.rand() + random.random(), i % 3
+
+    torch.manual_seed(5)
+    np.random.seed(5)
+    random.seed(5)
+    want = (torch.rand(1), np.random.rand(), random.random())
+    torch.manual_seed(5)
+    np.random.seed(5)
+    random.seed(5)
+    with pytest.warns(UserWarning, match="labels="):
+        lab = dataset_labels(Noisy())
+    np.testing.assert_array_equal(lab, np.arange(30) % 3)
+    got = (torch.rand(1), np.random.rand(), random.random())
+    assert torch.equal(got[0], want[0]) and got[1:] == want[1:]
