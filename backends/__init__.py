@@ -25,7 +25,8 @@ _MODULES = {"numpy": "numba", "torch": "torch", "cupy": "cupy"}
 _loaded: dict[str, Any] = {}
 _failed: dict[str, str] = {}
 
-__all__ = ["KERNEL_NAMES", "get_kernel", "backend_module", "available_backends"]
+__all__ = ["KERNEL_NAMES", "get_kernel", "backend_module", "available_backends", "available_bytes",
+           "host_available_bytes"]
 
 
 def backend_module(namespace_name: str):
@@ -72,3 +73,35 @@ def available_backends() -> dict[str, str]:
     for ns, mod in _MODULES.items():
         out[mod] = "ok" if backend_module(ns) is not None else _failed.get(mod, "not importable")
     return out
+
+
+def host_available_bytes() -> int | None:
+    """Memory the host can give now without swapping (Linux ``MemAvailable``; else free physical pages),
+    or None where neither can be read."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import os
+
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def available_bytes(namespace_name: str, array: Any) -> int | None:
+    """Memory available now where ``array`` lives: the backend module's ``available_bytes`` (a GPU's
+    free memory for device arrays), else the host's; None when it cannot be told."""
+    # NumPy arrays are on the host (and numba need not be imported for that); a torch or CuPy array's
+    # library is imported already, so its backend module is cheap to load
+    m = backend_module(namespace_name) if namespace_name in ("torch", "cupy") else None
+    fn = getattr(m, "available_bytes", None) if m is not None else None
+    if fn is not None:
+        got = fn(array)
+        if got is not None:
+            return int(got)
+    return host_available_bytes()

@@ -54,6 +54,13 @@ def _temp_cap(total: int) -> int:
     return min(_MAX_TEMP_ELEMENTS, max(total // _TEMP_FRACTION, _MIN_TEMP_ELEMENTS))
 
 
+def available_bytes(x) -> int | None:
+    """Free memory of the array's GPU (``cudaMemGetInfo`` on its device)."""
+    with cp.cuda.Device(_device_key(x)):
+        free, _ = cp.cuda.runtime.memGetInfo()
+    return int(free)
+
+
 def _device_key(a):
     dev = getattr(a, "device", None)
     return getattr(dev, "id", dev)

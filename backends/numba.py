@@ -62,6 +62,11 @@ _TILE = 64
 _DIRECT_MAX_FEATURES = 64
 
 
+def available_bytes(x) -> int | None:
+    """NumPy arrays live on the host: None, the caller reads the host's available memory."""
+    return None
+
+
 def usable_for(name: str, *arrays) -> bool:
     """True when these kernels accept the arrays: NumPy arrays (or None), floats float32/float64."""
     if name not in _KERNEL_NAMES:

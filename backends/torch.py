@@ -117,6 +117,15 @@ def usable_for(name: str, *arrays) -> bool:
     return present[0].is_floating_point()
 
 
+def available_bytes(x) -> int | None:
+    """Free memory of a CUDA tensor's device (``torch.cuda.mem_get_info``); None for CPU tensors (the
+    caller reads the host's)."""
+    if isinstance(x, torch.Tensor) and x.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(x.device)
+        return int(free)
+    return None
+
+
 def _check(value, name, choices):
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")

@@ -9,6 +9,7 @@ else from the generic array-API reference (:mod:`crestcore._reference_kernels`).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,8 @@ from ._validation import (
     make_rng,
 )
 from .similarity import KERNELS, METRICS, kernel_scale, prepare, restore
+
+_log = logging.getLogger("crestcore")
 
 OPTIMIZERS = ("naive", "lazy", "stochastic")
 BACKENDS = ("auto", "reference")
@@ -53,15 +56,37 @@ class Selection:
     gains : (k,) floating. The marginal gain of each pick when it was made (non-increasing per problem
         for "naive" and "lazy"; stochastic greedy's sampled gains need not be monotone).
     objective : 0-d floating array. ``F(S)`` summed over the problems.
+    path : how the problems were solved: "dense" (batched n x n similarities), "matrix-free" (tiled,
+        never n x n; for problems above ``max_dense_bytes``) or "dense+matrix-free"; "" where the
+        selection did not come from facility location.
     """
 
     indices: Any
     weights: Any
     gains: Any
     objective: Any
+    path: str = ""
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
+
+
+# max_dense_bytes=None: this fraction of the memory available now where the data lives (host RAM, or the
+# GPU's free memory), at least 64 MiB; 1 GiB where the available memory cannot be told
+DENSE_MEMORY_FRACTION = 0.25
+_FALLBACK_DENSE_BYTES = 1 << 30
+
+
+def resolve_dense_bytes(max_dense_bytes, xp, X, name: str = "max_dense_bytes") -> int:
+    """``max_dense_bytes`` checked, or for None the default sized from the memory available now."""
+    if max_dense_bytes is not None:
+        return check_int(max_dense_bytes, name, low=1)
+    from crestcore.backends import available_bytes
+
+    avail = available_bytes(namespace_name(xp), X)
+    if not avail:
+        return _FALLBACK_DENSE_BYTES
+    return max(1 << 26, int(avail * DENSE_MEMORY_FRACTION))
 
 
 def _kernel(name: str, xp, *arrays, force_reference: bool):
@@ -161,7 +186,7 @@ def facility_location(
     epsilon: float = 0.1,
     rng=None,
     scale: float | None = None,
-    max_dense_bytes: int = 1 << 30,
+    max_dense_bytes: int | None = None,
     backend: str = "auto",
 ) -> Selection:
     """Select ``k`` representative rows of ``X`` by facility-location greedy, with cluster-size weights.
@@ -187,7 +212,10 @@ def facility_location(
     rng : int seed or ``numpy.random.Generator``; only used (and then required) by "stochastic".
     scale : the "exp" kernel's length scale; default the number of features.
     max_dense_bytes : problems whose dense similarity matrix would exceed this many bytes are solved by
-        the matrix-free tiled path, which never forms the n x n matrix.
+        the matrix-free tiled path, which never forms the n x n matrix (several times slower). Default
+        None: a quarter of the memory available now where X lives (the host's ``MemAvailable``, or the
+        GPU's free memory), at least 64 MiB. The path taken is ``Selection.path`` and is logged on the
+        ``crestcore`` logger (INFO when a problem goes matrix-free).
     backend : "auto" (native kernels where they fit the input, else the generic code) or "reference"
         (always the generic array-API code; for testing).
 
@@ -212,7 +240,7 @@ def facility_location(
         kernel = check_choice("max-minus" if kernel is None else kernel, "kernel", KERNELS)
     optimizer = check_choice(optimizer, "optimizer", OPTIMIZERS)
     backend = check_choice(backend, "backend", BACKENDS)
-    max_dense_bytes = check_int(max_dense_bytes, "max_dense_bytes", low=1)
+    max_dense_bytes = resolve_dense_bytes(max_dense_bytes, xp, X)
     eps = check_epsilon(epsilon)
     gen = make_rng(rng) if optimizer == "stochastic" else None
     sc = kernel_scale(scale, X.shape[1]) if not precomputed else 1.0
@@ -238,6 +266,11 @@ def facility_location(
 
     big = [p for p in range(n_prob) if not precomputed and sizes[p] * sizes[p] * itemsize > max_dense_bytes]
     dense = [p for p in range(n_prob) if p not in big]
+    path = "matrix-free" if not dense else ("dense" if not big else "dense+matrix-free")
+    _log.log(logging.INFO if big else logging.DEBUG,
+             "facility_location: %d problem(s), largest n=%d: %s path (max_dense_bytes=%d; a dense n x n "
+             "similarity of the largest takes %d bytes)", n_prob, int(sizes.max()), path, max_dense_bytes,
+             int(sizes.max()) ** 2 * itemsize)
     for p in big:
         pidx = from_numpy(problems[p], xp, dev)
         Xp = xp.take(X, pidx, axis=0)
@@ -291,6 +324,7 @@ def facility_location(
         weights=restore(xp, weights, 0, in_dtype, "weights (cluster sizes)"),
         gains=restore(xp, gains, back, in_dtype, "gains"),
         objective=restore(xp, objective, back, in_dtype, "objective"),
+        path=path,
     )
 
 

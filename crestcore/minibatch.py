@@ -15,7 +15,7 @@ import numpy as np
 from ._compat import device_of, from_numpy, namespace, namespace_name
 from ._validation import check_choice, check_epsilon, check_float_matrix, check_int, hamilton, labels_to_host, make_rng
 from .backends import get_kernel
-from .facility import OPTIMIZERS, solve_batched, stochastic_draws
+from .facility import OPTIMIZERS, resolve_dense_bytes, solve_batched, stochastic_draws
 from .similarity import KERNELS, METRICS, kernel_scale, prepare, restore
 
 CLASS_BUDGETS = ("proportional", "ceil")
@@ -114,7 +114,7 @@ def minibatch_coresets(
     pool=None,
     subsets=None,
     backend: str = "auto",
-    max_dense_bytes: int = 1 << 32,
+    max_dense_bytes: int | None = None,
 ) -> Coresets:
     """The CREST selection step: ``P`` weighted mini-batch coresets of size ``m``.
 
@@ -138,7 +138,8 @@ def minibatch_coresets(
         row). Then no subsets are drawn and ``rng`` is only needed by the stochastic optimizer. This is
         how a training loop computes features for the subsets' union only and selects on them.
     backend : "auto" or "reference", as for :func:`crestcore.facility_location`.
-    max_dense_bytes : memory guard (default 4 GiB). All problems are solved densely in one batch; when
+    max_dense_bytes : memory guard (default None: a quarter of the memory available now where the
+        features live, as for :func:`crestcore.facility_location`). All problems are solved densely in one batch; when
         their padded similarity matrices with the solver's work buffers (1.25x the similarities on the
         native NumPy/Numba, torch and CuPy kernels; 4.5x on the generic array-API reference, which
         cannot work in place) and the gathered features would exceed this many bytes, the call is
@@ -174,7 +175,7 @@ def minibatch_coresets(
     optimizer = check_choice(optimizer, "optimizer", OPTIMIZERS)
     class_budget = check_choice(class_budget, "class_budget", CLASS_BUDGETS)
     backend = check_choice(backend, "backend", ("auto", "reference"))
-    max_dense_bytes = check_int(max_dense_bytes, "max_dense_bytes", low=1)
+    max_dense_bytes = resolve_dense_bytes(max_dense_bytes, xp, features)
     eps = check_epsilon(epsilon)
     if not isinstance(per_class, bool):
         raise TypeError(f"per_class must be a bool, got {type(per_class).__name__}")

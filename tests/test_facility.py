@@ -572,3 +572,34 @@ def test_selection_dataclass():
     assert len(sel) == 3
     with pytest.raises(AttributeError):
         sel.indices = None  # frozen
+
+
+def test_default_max_dense_bytes_follows_available_memory_and_the_path_is_reported(monkeypatch, caplog):
+    """max_dense_bytes=None is a quarter of the memory available now (at least 64 MiB); the path taken
+    is in the result and on the crestcore logger."""
+    import logging
+
+    import crestcore.backends as B
+    from crestcore.facility import resolve_dense_bytes
+
+    X = np.random.default_rng(0).normal(size=(3000, 4))  # a dense 3000 x 3000 float64 similarity: 72 MB
+    avail = B.host_available_bytes()
+    assert avail is None or avail > 0
+    assert resolve_dense_bytes(None, np, X) == (max(1 << 26, int(avail * 0.25)) if avail else 1 << 30)
+    assert resolve_dense_bytes(123, np, X) == 123
+    if avail is not None and avail * 0.25 > 3000 * 3000 * 8:
+        assert crestcore.facility_location(X, 10).path == "dense"
+    # a machine with 100 MB free: a quarter is under the 64 MiB floor, and 72 MB does not fit it
+    monkeypatch.setattr(B, "host_available_bytes", lambda: 100_000_000)
+    assert resolve_dense_bytes(None, np, X) == 1 << 26
+    with caplog.at_level(logging.INFO, logger="crestcore"):
+        sel = crestcore.facility_location(X, 10)
+    assert sel.path == "matrix-free"
+    assert any("matrix-free path" in r.getMessage() for r in caplog.records)
+    ref = crestcore.facility_location(X, 10, max_dense_bytes=1 << 30)
+    assert ref.path == "dense"
+    np.testing.assert_array_equal(sel.indices, ref.indices)
+    small = X[:600]
+    two = crestcore.facility_location(small, 10, labels=(np.arange(600) < 500).astype(np.int64),
+                                      max_dense_bytes=300 * 300 * 8)
+    assert two.path == "dense+matrix-free"

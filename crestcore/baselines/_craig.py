@@ -18,7 +18,7 @@ def craig(
     epsilon: float = 0.1,
     rng=None,
     scale: float | None = None,
-    max_dense_bytes: int = 1 << 30,
+    max_dense_bytes: int | None = None,
     backend: str = "auto",
 ) -> Selection:
     """CRAIG's coreset of the whole training set: per-class facility location, cluster-size weights.
