@@ -42,6 +42,7 @@ except ImportError:  # pragma: no cover - depends on what is installed
 
 from crestcore.controller import CrestConfig
 
+from .monitor import scalars
 from .torch import CrestLoader, check_loader_arguments
 
 __all__ = ["CrestCallback"]
@@ -190,19 +191,7 @@ class CrestCallback(pl.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if not self.log_stats or self.loader is None:
             return
-        s = self.loader.stats
-        values = {
-            "crest/selections": float(len(s["selections"])),
-            "crest/checks": float(len(s["checks"])),
-            "crest/T1": float(s["T1"]),
-            "crest/P": float(s["P"]),
-            "crest/pool": float(s["pool"]),
-            "crest/fraction_steps": float(s["budget"]["fraction_steps"]),
-            "crest/fraction_all_passes": float(s["budget"]["fraction_all_passes"]),
-        }
-        if s["rho"]:
-            values["crest/rho"] = float(s["rho"][-1])
-        pl_module.log_dict(values, on_step=False, on_epoch=True)
+        pl_module.log_dict(scalars(self.loader.stats), on_step=False, on_epoch=True)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -186,6 +186,47 @@ def add_hvp(loss, params, vectors, acc) -> None:
         if h is not None:
             s.add_(h.detach())
 
+class _Progress:
+    """Progress bars (tqdm) for measurement passes, shown only once a pass has run ``after`` seconds, so
+    short passes print nothing; without tqdm, one warning and no bars."""
+
+    def __init__(self, after: float = 1.0):
+        self.after = float(after)
+        self._warned = False
+
+    def start(self, total: int):
+        return _ProgressPass(self, total)
+
+
+class _ProgressPass:
+    def __init__(self, owner: _Progress, total: int):
+        import time
+
+        self.owner, self.total, self.done, self.bar = owner, int(total), 0, None
+        self.t0 = time.perf_counter()
+
+    def advance(self, k: int) -> None:
+        import time
+
+        self.done += int(k)
+        if self.bar is None and time.perf_counter() - self.t0 >= self.owner.after and self.done < self.total:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                if not self.owner._warned:
+                    self.owner._warned = True
+                    warnings.warn("progress=True needs tqdm (pip install tqdm); no progress is shown", stacklevel=2)
+                return
+            self.bar = tqdm(total=self.total, initial=self.done, desc="CREST measurement pass", unit="ex",
+                            leave=False)
+        elif self.bar is not None:
+            self.bar.update(int(k))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 class _IndexLists:
     """A ``batch_sampler`` whose batches are set before each pass (``items``: lists of indices)."""
 
@@ -330,6 +371,7 @@ class TorchModelOps:
         self.batch_size = int(batch_size)
         self._fetch = _Fetcher(dataset, collate_fn)
         self.num_workers = int(num_workers)
+        self.progress = None  # a _Progress: a bar for measurement passes that run longer than a second
         self._pool = None  # the persistent DataLoader of the measurement passes (num_workers > 0), made lazily
         self._collate = collate_fn
         self._forward = forward if forward is not None else _default_forward
@@ -400,14 +442,23 @@ class TorchModelOps:
         process, or with ``num_workers > 0`` by a persistent ``DataLoader``'s worker processes (transforms
         and decoding in parallel, the chunks in order), on ``dev`` in the parameters' dtype."""
         spans = list(self._chunks(idx.size))
-        if self.num_workers == 0 or len(spans) == 0:
-            for a, b in spans:
-                yield (a, b), self._measure_batch(idx[a:b], dev)
-            return
-        pool = self._worker_pool()
-        pool.batch_sampler.items = [idx[a:b].tolist() for a, b in spans]
-        for (a, b), batch in zip(spans, pool):
-            yield (a, b), _to_device(batch, dev, floats=self._dtype())
+        bar = self.progress.start(idx.size) if self.progress is not None and spans else None
+        try:
+            if self.num_workers == 0:
+                for a, b in spans:
+                    yield (a, b), self._measure_batch(idx[a:b], dev)
+                    if bar is not None:
+                        bar.advance(b - a)
+                return
+            pool = self._worker_pool()
+            pool.batch_sampler.items = [idx[a:b].tolist() for a, b in spans]
+            for (a, b), batch in zip(spans, pool):
+                yield (a, b), _to_device(batch, dev, floats=self._dtype())
+                if bar is not None:
+                    bar.advance(b - a)
+        finally:
+            if bar is not None:
+                bar.close()
 
     def _worker_pool(self):
         if self._pool is None:
@@ -765,10 +816,18 @@ class BudgetedPasses:
                     break
             item = self._step()
             if self._position >= end:  # the share's last batch: the epoch is done even if the consumer stops here
-                self._epochs_done = max(self._epochs_done, done)
+                self._finish_epochs(done)
             yield item
         if self._token == token:  # ran to its end (not broken off by the consumer, nor replaced)
-            self._epochs_done = max(self._epochs_done, done)
+            self._finish_epochs(done)
+
+    def _finish_epochs(self, done: int) -> None:
+        if done > self._epochs_done:
+            self._epochs_done = done
+            self._on_epoch_done()
+
+    def _on_epoch_done(self) -> None:
+        """Called once each time an epoch's share has been handed out (subclasses report it)."""
 
     def _pass_state(self) -> dict:
         return {"position": self._position, "per_epoch": self.per_epoch, "epochs_done": self._epochs_done}
@@ -848,7 +907,14 @@ class CrestLoader(BudgetedPasses):
         last_layer: nn.Module | str | None = None,
         forward: Callable | None = None,
         loss_fn: Callable | None = None,
+        callbacks=None,
+        progress: bool = False,
     ):
+        from .monitor import check_listeners
+
+        self._listeners = check_listeners(callbacks)
+        if not isinstance(progress, bool):
+            raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
         self.config = check_loader_arguments(
             config=config, budget=budget, epochs=epochs, seed=seed, budget_counts=budget_counts, model=model,
             per_epoch=per_epoch, measure_batch_size=measure_batch_size, collate_fn=collate_fn, forward=forward,
@@ -886,6 +952,8 @@ class CrestLoader(BudgetedPasses):
             device=device, batch_size=measure_batch_size, collate_fn=collate_fn, last_layer=last_layer,
             forward=forward, num_workers=measure_workers,
         )
+        if progress:
+            self.ops.progress = _Progress()
         self._fetch = _Fetcher(dataset, collate_fn)
         self._plan_passes(n=n, m=self.config.m, budget=self.budget, epochs=int(epochs), per_epoch=per_epoch,
                           budget_counts=budget_counts)
@@ -900,18 +968,41 @@ class CrestLoader(BudgetedPasses):
         return float(c["train_examples"]), (c["forward_examples"] + 2.0 * c["backward_examples"]) / 3.0
 
     def _step(self):
+        events = ()
         if self._pending:  # batches the controller handed out before a checkpoint, not trained then
             batch = self._pending.pop(0)
         else:
             self._sync_device()
+            before = self._event_counts(self._state)
             try:
                 state, batch = self._advance()
             except FloatingPointError as exc:
                 raise FloatingPointError(f"{exc} [{type(self).__name__} at step {self._position}]") from exc
             self._state = state
+            if self._listeners:
+                events = [e for e, a, b in zip(("check", "drop", "selection"), before, self._event_counts(state))
+                          if b > a]
         self._position += 1
         self._batch = batch
+        for e in events:
+            self._emit(e)
         return self._make_batch(batch)
+
+    @staticmethod
+    def _event_counts(state) -> tuple[int, int, int]:
+        return int(state.counters["checks"]), len(state.log["drops"]), int(state.counters["selections"])
+
+    def _emit(self, event: str) -> None:
+        if not self._listeners:
+            return
+        from .monitor import scalars
+
+        values = scalars(self.stats)
+        for listener in self._listeners:
+            listener(event, self._position, values)
+
+    def _on_epoch_done(self) -> None:
+        self._emit("epoch")
 
     def _advance(self):
         """One controller step: ``(state, batch)``. The hook subclasses wrap (e.g. the distributed

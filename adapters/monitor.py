@@ -1,0 +1,113 @@
+"""Watching a CREST run outside Lightning: a small listener protocol, TensorBoard and W&B writers.
+
+A listener is any callable ``listener(event, step, scalars)``: ``event`` is ``"selection"`` (coresets were
+selected), ``"check"`` (a trust check ran), ``"drop"`` (a drop decision removed learned examples) or
+``"epoch"`` (an epoch's share was handed out); ``step`` is the run's step (batches handed out);
+``scalars`` is :func:`scalars` of the loader's ``stats`` (plain floats named ``crest/...``). Pass
+listeners to :class:`crestcore.adapters.torch.CrestLoader` or ``CrestBatchSampler`` as
+``callbacks=[...]``::
+
+    from torch.utils.tensorboard import SummaryWriter
+    from crestcore.adapters.monitor import TensorBoardWriter
+
+    loader = CrestLoader(model, train_set, budget=0.1, epochs=200, callbacks=[TensorBoardWriter(SummaryWriter())])
+
+The Lightning callback logs the same scalars through ``pl_module.log_dict``. Nothing here imports
+TensorBoard or W&B until a writer is built.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+__all__ = ["EVENTS", "scalars", "TensorBoardWriter", "WandbWriter", "check_listeners"]
+
+EVENTS = ("selection", "check", "drop", "epoch")
+
+
+def scalars(stats: dict) -> dict[str, float]:
+    """The numbers worth plotting from a loader's ``stats``: selections and checks so far, the last rho,
+    T1, P, the pool size, drops, and both budget fractions (training steps; all passes)."""
+    out = {
+        "crest/selections": float(len(stats["selections"])),
+        "crest/checks": float(len(stats["checks"])),
+        "crest/drops": float(len(stats.get("drops", []))),
+        "crest/T1": float(stats["T1"]),
+        "crest/P": float(stats["P"]),
+        "crest/pool": float(stats["pool"]),
+        "crest/fraction_steps": float(stats["budget"]["fraction_steps"]),
+        "crest/fraction_all_passes": float(stats["budget"]["fraction_all_passes"]),
+    }
+    if stats["rho"]:
+        out["crest/rho"] = float(stats["rho"][-1])
+    return out
+
+
+def check_listeners(callbacks) -> list[Callable]:
+    """``callbacks`` as a list of callables (None: empty); a clear error naming ``callbacks`` otherwise."""
+    if callbacks is None:
+        return []
+    if callable(callbacks):
+        callbacks = [callbacks]
+    try:
+        out = list(callbacks)
+    except TypeError as exc:
+        raise TypeError(f"callbacks must be a list of callables listener(event, step, scalars), got "
+                        f"{type(callbacks).__name__}") from exc
+    for c in out:
+        if not callable(c):
+            raise TypeError(f"callbacks must hold callables listener(event, step, scalars), got {type(c).__name__}")
+    return out
+
+
+class TensorBoardWriter:
+    """Writes every event's scalars to TensorBoard: ``writer`` is a ``SummaryWriter`` (torch's or
+    tensorboardX's: anything with ``add_scalar(tag, value, step)``), or a log directory for a new
+    ``torch.utils.tensorboard.SummaryWriter``. ``events``: which events write (default all)."""
+
+    def __init__(self, writer: Any = None, *, events=EVENTS):
+        if writer is None or isinstance(writer, str):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:  # pragma: no cover - depends on what is installed
+                raise ImportError("TensorBoardWriter needs TensorBoard: pip install tensorboard") from exc
+            writer = SummaryWriter(log_dir=writer)
+        if not callable(getattr(writer, "add_scalar", None)):
+            raise TypeError(f"writer must have add_scalar(tag, value, step), got {type(writer).__name__}")
+        bad = set(events) - set(EVENTS)
+        if bad:
+            raise ValueError(f"events must be among {EVENTS}, got {sorted(bad)}")
+        self.writer = writer
+        self.events = tuple(events)
+
+    def __call__(self, event: str, step: int, values: dict[str, float]) -> None:
+        if event not in self.events:
+            return
+        for tag, v in values.items():
+            self.writer.add_scalar(tag, v, step)
+
+
+class WandbWriter:
+    """Logs every event's scalars to Weights & Biases: ``run`` is a ``wandb`` run (default
+    ``wandb.run``, the active one). W&B is optional and imported only here."""
+
+    def __init__(self, run: Any = None, *, events=EVENTS):
+        if run is None:
+            try:
+                import wandb
+            except ImportError as exc:  # pragma: no cover - depends on what is installed
+                raise ImportError("WandbWriter needs wandb (pip install wandb), or pass run=") from exc
+            run = wandb.run
+            if run is None:
+                raise RuntimeError("WandbWriter: no active W&B run; call wandb.init() first or pass run=")
+        if not callable(getattr(run, "log", None)):
+            raise TypeError(f"run must have log(dict, step=...), got {type(run).__name__}")
+        bad = set(events) - set(EVENTS)
+        if bad:
+            raise ValueError(f"events must be among {EVENTS}, got {sorted(bad)}")
+        self.run = run
+        self.events = tuple(events)
+
+    def __call__(self, event: str, step: int, values: dict[str, float]) -> None:
+        if event in self.events:
+            self.run.log({**values, "crest/event": EVENTS.index(event)}, step=step)

@@ -1,0 +1,142 @@
+"""crestcore.adapters.monitor: listeners, the TensorBoard and W&B writers, progress bars."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+F = torch.nn.functional
+
+from torch.utils.data import TensorDataset  # noqa: E402
+
+from crestcore import CrestConfig, DropConfig  # noqa: E402
+from crestcore.adapters.monitor import TensorBoardWriter, WandbWriter, scalars  # noqa: E402
+from crestcore.adapters.torch import CrestLoader  # noqa: E402
+
+N, D_IN, C = 240, 6, 3
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def setup(**kw):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(N, D_IN, generator=g)
+    y = (X @ torch.randn(D_IN, C, generator=g)).argmax(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D_IN, 16), nn.ReLU(), nn.Linear(16, C))
+    cfg = CrestConfig(m=24, r=60, tau=0.02, T2=3, drop=DropConfig(alpha=5.0, window=3, min_records=1))
+    return model, CrestLoader(model, TensorDataset(X, y), config=cfg, budget=0.5, epochs=3, seed=0, **kw)
+
+
+def train(model, loader):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(loader.epochs):
+        for x, y, w in loader:
+            losses = F.cross_entropy(model(x), y, reduction="none")
+            opt.zero_grad()
+            (w * losses).mean().backward()
+            opt.step()
+            loader.observe(losses)
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, event, step, values):
+        self.calls.append((event, step, dict(values)))
+
+
+def test_listeners_see_every_selection_check_drop_and_epoch():
+    rec = Recorder()
+    model, loader = setup(callbacks=[rec])
+    train(model, loader)
+    st = loader.stats
+    events = [e for e, _, _ in rec.calls]
+    assert events.count("epoch") == 3
+    assert events.count("selection") == len(st["selections"]) >= 2
+    assert events.count("check") == len(st["checks"]) >= 1
+    assert events.count("drop") == len(st["drops"]) >= 1
+    assert [s for e, s, _ in rec.calls if e == "selection"] == [t + 1 for t in st["selections"]]
+    assert [s for e, s, _ in rec.calls if e == "epoch"] == [5, 10, 15]
+    last = rec.calls[-1][2]
+    assert last == scalars(st) and last["crest/selections"] == len(st["selections"])
+    assert all(isinstance(v, float) for _, _, vals in rec.calls for v in vals.values())
+
+
+def test_tensorboard_writer_writes_event_files(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    sw = SummaryWriter(log_dir=str(tmp_path))
+    model, loader = setup(callbacks=[TensorBoardWriter(sw, events=("epoch",))])
+    train(model, loader)
+    sw.close()
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert "crest/fraction_all_passes" in acc.Tags()["scalars"]
+    sel = acc.Scalars("crest/selections")
+    assert [e.step for e in sel] == [5, 10, 15] and sel[-1].value == len(loader.stats["selections"])
+
+
+def test_wandb_writer_logs_to_the_run_it_is_given():
+    class Run:
+        def __init__(self):
+            self.logged = []
+
+        def log(self, values, step=None):
+            self.logged.append((step, values))
+
+    run = Run()
+    model, loader = setup(callbacks=[WandbWriter(run, events=("selection", "epoch"))])
+    train(model, loader)
+    steps = [s for s, _ in run.logged]
+    assert steps == sorted(steps) and len(run.logged) == len(loader.stats["selections"]) + 3
+
+
+def test_bad_listeners_and_writers_are_refused():
+    with pytest.raises(TypeError, match="callbacks"):
+        setup(callbacks=[3])
+    with pytest.raises(TypeError, match="progress"):
+        setup(progress="yes")
+    with pytest.raises(ValueError, match="events"):
+        WandbWriter(type("R", (), {"log": lambda self, v, step=None: None})(), events=("selections",))
+    with pytest.raises(TypeError, match="add_scalar"):
+        TensorBoardWriter(object())
+
+
+def test_progress_bars_only_for_passes_over_a_second(monkeypatch, capsys):
+    """A pass that outlasts the threshold shows a tqdm bar; short passes print nothing."""
+    model, loader = setup(progress=True)
+    bars = []
+
+    import tqdm.auto
+
+    class FakeBar:
+        def __init__(self, total, initial, **kw):
+            bars.append(self)
+            self.n, self.total = initial, total
+
+        def update(self, k):
+            self.n += k
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", FakeBar)
+    loader.ops.batch_size = 16
+    idx = np.arange(200)
+    loader.ops.outputs(idx)  # fast: no bar
+    assert bars == []
+    loader.ops.progress.after = 0.0  # every pass counts as slow now
+    loader.ops.outputs(idx)
+    assert len(bars) == 1 and bars[0].n == 200 and bars[0].closed
