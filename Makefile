@@ -4,7 +4,7 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-dev
-EXTRAS  := test,numba,torch,demo,bench,keras,keras-jax,lightning
+EXTRAS  := test,numba,torch,demo,bench,keras,keras-jax,lightning,huggingface
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # Tests run in 2 pytest workers on 2 cores: one BLAS/Numba thread per worker avoids oversubscription
 # (spinning OpenMP threads on a busy machine slow small kernels by an order of magnitude).
@@ -16,7 +16,7 @@ TEST_ENV := OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM
 
 setup: $(STAMP) fashion-mnist
 
-$(STAMP): pyproject.toml constraints-dev.txt
+$(STAMP): pyproject.toml constraints-dev.txt Makefile
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -c constraints-dev.txt -e ".[$(EXTRAS)]"

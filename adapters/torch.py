@@ -123,6 +123,13 @@ def dataset_labels(dataset) -> np.ndarray:
     with _random_states_kept():  # random transforms in __getitem__ must not advance the user's RNGs
         for i in range(n):
             item = dataset[i]
+            if isinstance(item, dict):
+                key = next((k for k in _LABEL_KEYS if k in item), None)
+                if key is None:
+                    raise TypeError(f"cannot find the labels of this dataset: its dict items have none of the keys "
+                                    f"{_LABEL_KEYS}; pass labels= (one class index per example)")
+                out[i] = _label_value(item[key], i)
+                continue
             if not isinstance(item, (tuple, list)) or len(item) < 2:
                 raise TypeError(
                     "cannot find the labels of this dataset: its items are not (input, label, ...) tuples "
@@ -185,6 +192,16 @@ def add_hvp(loss, params, vectors, acc) -> None:
     for s, h in zip(acc, torch.autograd.grad(dot, params, allow_unused=True)):
         if h is not None:
             s.add_(h.detach())
+
+def _double_backward_attention():
+    """``scaled_dot_product_attention`` on its math kernel: the fused (flash, memory-efficient) kernels
+    have no double backward, which the Hessian-vector products need (transformers use SDPA by default)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
 
 class _Progress:
     """Progress bars (tqdm) for measurement passes, shown only once a pass has run ``after`` seconds, so
@@ -284,11 +301,20 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in _HALF else t
 
 
+_LABEL_KEYS = ("labels", "label", "label_ids")
+
+
 def _default_forward(model: nn.Module, batch):
     if isinstance(batch, (tuple, list)):
         return model(batch[0])
     if isinstance(batch, torch.Tensor):
         return model(batch)
+    if isinstance(batch, dict):  # Hugging Face style: keyword inputs; the output's .logits (or its first field)
+        out = model(**{k: v for k, v in batch.items() if k not in _LABEL_KEYS and not k.startswith("crest_")})
+        logits = getattr(out, "logits", None)
+        if logits is None and isinstance(out, (tuple, list)):
+            logits = out[0]
+        return out if logits is None else logits
     raise TypeError(
         f"cannot tell the model's input in a batch of type {type(batch).__name__}; pass "
         "forward=lambda model, batch: model(...) returning the logits"
@@ -612,7 +638,7 @@ class TorchModelOps:
         zs = [t.view_as(p) for t, p in zip(torch.split(z, [p.numel() for p in params]), params)]
         acc = [torch.zeros_like(p, dtype=_wide(p).dtype) for p in params]  # half grads summed in float32
         dev = self.device
-        with self._measuring(), torch.enable_grad():
+        with self._measuring(), torch.enable_grad(), _double_backward_attention():
             for (a, b), batch in self._batches(idx, dev):
                 part, ell = self._weighted_losses(batch, idx, w, a, b, idx.size)
                 self._check_finite(ell.detach(), "losses")
@@ -1177,7 +1203,8 @@ class WeightedKey(tuple):
 
 class WeightedDataset:
     """``dataset`` read through :class:`WeightedKey` s: item ``(i, w)`` is ``dataset[i]`` with the weight ``w``
-    appended (``(x, y)`` becomes ``(x, y, w)``; a non-tuple item ``x`` becomes ``(x, w)``). The weight is a
+    appended (``(x, y)`` becomes ``(x, y, w)``; a non-tuple item ``x`` becomes ``(x, w)``; a dict item gets
+    the key ``"crest_weight"``, and ``"crest_index"`` with ``indices=True``). The weight is a
     float32 scalar, so ``default_collate`` stacks a batch's weights into a float32 tensor. Plain integer
     keys read ``dataset`` unchanged (weight-free evaluation through the same object). Map-style,
     picklable, and its own transforms are the dataset's: safe in ``DataLoader`` worker processes."""
@@ -1195,6 +1222,8 @@ class WeightedDataset:
         return len(self.dataset)
 
     def _with(self, item, i, w):
+        if isinstance(item, dict):  # Hugging Face style features: the weight (and index) as extra keys
+            return {**item, "crest_weight": w, **({"crest_index": i} if self.indices else {})}
         extra = (w, i) if self.indices else (w,)
         if isinstance(item, (tuple, list)):  # (x, y, ...) and NamedTuples: the fields, then the weight
             return (*item, *extra)

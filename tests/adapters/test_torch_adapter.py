@@ -617,3 +617,25 @@ def test_a_full_label_pass_is_announced_and_leaves_the_global_rngs_alone():
     np.testing.assert_array_equal(lab, np.arange(30) % 3)
     got = (torch.rand(1), np.random.rand(), random.random())
     assert torch.equal(got[0], want[0]) and got[1:] == want[1:]
+
+
+def test_hessian_probes_through_scaled_dot_product_attention():
+    """Fused SDPA kernels have no double backward; the probes run attention on the math kernel (the
+    result is the math kernel's own double backward)."""
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(D_IN, 8), nn.Linear(D_IN, 8), nn.Linear(D_IN, 8)
+            self.out = nn.Linear(8, C)
+
+        def forward(self, x):
+            t = x.view(x.shape[0], 1, 1, D_IN).expand(-1, 1, 3, D_IN)  # 3 tokens per example
+            a = F.scaled_dot_product_attention(self.q(t), self.k(t), self.v(t))
+            return self.out(a.mean(dim=2)[:, 0])
+
+    X, y = make_data()
+    torch.manual_seed(0)
+    ops = TorchModelOps(Attn().double(), TensorDataset(X.double(), y))
+    h = ops.hutchinson(np.arange(30), np.ones(30), seed=3)
+    assert h.shape == ops.params().shape and bool(torch.isfinite(h).all())

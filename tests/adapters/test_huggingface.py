@@ -1,0 +1,120 @@
+"""crestcore.adapters.huggingface: CrestTrainer inside transformers.Trainer, and the sampler with plain
+accelerate. The model is a tiny BERT built from a config in the test (no hub download)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+accelerate = pytest.importorskip("accelerate")
+
+from crestcore import CrestConfig  # noqa: E402
+from crestcore.adapters.huggingface import CrestTrainer, weighted_cross_entropy  # noqa: E402
+from crestcore.adapters.torch import CrestBatchSampler  # noqa: E402
+
+N, SEQ, C = 192, 8, 3
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Texts(torch.utils.data.Dataset):
+    """Token sequences whose class is the first token mod 3: dict items, as a tokenized HF dataset gives."""
+
+    def __init__(self, n=N, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(3, 60, (n, SEQ), generator=g)
+        self.targets = (self.ids[:, 0] % C).tolist()
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones(SEQ, dtype=torch.int64),
+                "labels": self.targets[i]}
+
+
+def tiny_bert(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=SEQ, num_labels=C)
+    return transformers.BertForSequenceClassification(cfg)
+
+
+def test_crest_trainer_trains_on_crests_batches(tmp_path):
+    model = tiny_bert()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), num_train_epochs=3, per_device_train_batch_size=16, learning_rate=5e-3,
+        report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0,
+        lr_scheduler_type="linear",
+    )
+    events = []
+    trainer = CrestTrainer(model=model, args=args, train_dataset=Texts(),
+                           data_collator=transformers.default_data_collator,
+                           crest_config=CrestConfig(m=16, r=48), crest_budget=0.5,
+                           crest_callbacks=[lambda e, step, v: events.append((e, step))])
+    before = [p.detach().clone() for p in model.parameters()]
+    out = trainer.train()
+    crest = trainer.crest
+    spe = round(0.5 * 12)  # ceil(192 / 16) = 12 full steps per epoch
+    assert crest.steps_per_epoch == spe and trainer.state.global_step == out.global_step == 3 * spe
+    assert crest.position == crest.total_steps == 3 * spe
+    st = crest.stats
+    assert st["counters"]["selections"] >= 1 and st["checks"] and all(np.isfinite(st["rho"]))
+    assert [s for e, s in events if e == "epoch"] == [spe, 2 * spe, 3 * spe]
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # the Trainer's scheduler was sized from len(loader) * epochs: linear decay ends at 0
+    assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_the_loss_is_the_weighted_mean_of_per_example_cross_entropy():
+    logits = torch.randn(5, C)
+    labels = torch.tensor([0, 1, 2, 1, 0])
+    w = torch.tensor([0.5, 1.5, 1.0, 0.25, 1.75])
+    want = (w * torch.nn.functional.cross_entropy(logits, labels, reduction="none")).mean()
+    assert torch.allclose(weighted_cross_entropy(logits, labels, w), want)
+
+
+def test_crest_trainer_refuses_what_it_cannot_do(tmp_path):
+    base = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no")
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        CrestTrainer(model=tiny_bert(), args=transformers.TrainingArguments(gradient_accumulation_steps=2, **base),
+                     train_dataset=Texts())
+    with pytest.raises(ValueError, match="budget"):
+        CrestTrainer(model=tiny_bert(), args=transformers.TrainingArguments(**base), train_dataset=Texts(),
+                     crest_budget=0)
+    t = CrestTrainer(model=tiny_bert(), args=transformers.TrainingArguments(max_steps=5, **base),
+                     train_dataset=Texts(), data_collator=transformers.default_data_collator)
+    with pytest.raises(ValueError, match="num_train_epochs"):
+        t.get_train_dataloader()
+
+
+def test_the_sampler_with_plain_accelerate():
+    acc = accelerate.Accelerator(cpu=True)
+    model = tiny_bert()
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    ds = Texts()
+    sampler = CrestBatchSampler(model, ds, config=CrestConfig(m=16, r=48), budget=0.5, epochs=2, seed=0,
+                                collate_fn=transformers.default_data_collator, measure_batch_size=64)
+    model, opt = acc.prepare(model, opt)
+    loader = acc.prepare(sampler.dataloader(collate_fn=transformers.default_data_collator))
+    assert len(loader) == sampler.steps_per_epoch
+    steps = 0
+    for _ in range(2):
+        for batch in loader:
+            w = batch.pop("crest_weight")
+            labels = batch.pop("labels")
+            loss = weighted_cross_entropy(model(**batch).logits, labels, w)
+            opt.zero_grad()
+            acc.backward(loss)
+            opt.step()
+            steps += 1
+    assert steps == sampler.total_steps == sampler.position
+    assert sampler.stats["counters"]["selections"] >= 1
