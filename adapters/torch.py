@@ -22,6 +22,7 @@ Only the ``crestcore.adapters`` floor imports torch; ``crestcore`` itself never 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import warnings
@@ -276,6 +277,19 @@ class _Fetcher:
         return self.collate(items)
 
 
+def _nbytes(batch) -> int:
+    """Bytes of the tensors (and NumPy arrays) in a collated batch."""
+    if isinstance(batch, torch.Tensor):
+        return batch.element_size() * batch.nelement()
+    if isinstance(batch, np.ndarray):
+        return int(batch.nbytes)
+    if isinstance(batch, dict):
+        return sum(_nbytes(v) for v in batch.values())
+    if isinstance(batch, (tuple, list)):
+        return sum(_nbytes(v) for v in batch)
+    return 64
+
+
 def _to_device(batch, device, non_blocking: bool = False, floats: torch.dtype | None = None):
     """``batch`` (tensors nested in tuples, lists, NamedTuples, dicts) moved to ``device``; with ``floats``,
     its floating-point tensors are also cast to that dtype (integer tensors, e.g. labels, are not)."""
@@ -346,6 +360,9 @@ class TorchModelOps:
     batch_size : examples per forward in measurement passes (memory bound, not a result).
     num_workers : worker processes that load the examples of the measurement passes (a persistent
         ``DataLoader`` with this ``collate_fn``, chunks in order); 0 (default) loads them in this process.
+    cache_bytes : host memory for the collated batches of recent measurement passes (default 256 MiB; 0
+        turns it off). The trust checks re-read the examples the anchor loss was measured on; kept, they
+        are not loaded again and see exactly the anchor's inputs (random transforms included).
     collate_fn : as for a ``DataLoader``; default ``default_collate``.
     last_layer : for ``outputs(..., embeddings=True)``: the ``nn.Linear`` (or its name in
         ``model.named_modules()``) whose input is the penultimate embedding. Default: the last
@@ -378,6 +395,7 @@ class TorchModelOps:
         last_layer: nn.Module | str | None = None,
         forward: Callable | None = None,
         num_workers: int = 0,
+        cache_bytes: int = 256 << 20,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -397,6 +415,13 @@ class TorchModelOps:
         self.batch_size = int(batch_size)
         self._fetch = _Fetcher(dataset, collate_fn)
         self.num_workers = int(num_workers)
+        if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, (int, np.integer)) or cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be a non-negative integer, got {cache_bytes!r}")
+        self.cache_bytes = int(cache_bytes)
+        # a TensorDataset is sliced in place: nothing to save by keeping its batches
+        self._cacheable = self.cache_bytes > 0 and not self._fetch._tensors
+        self._cache: collections.OrderedDict = collections.OrderedDict()
+        self._cache_sizes: dict = {}
         self.progress = None  # a _Progress: a bar for measurement passes that run longer than a second
         self._pool = None  # the persistent DataLoader of the measurement passes (num_workers > 0), made lazily
         self._collate = collate_fn
@@ -466,25 +491,50 @@ class TorchModelOps:
     def _batches(self, idx: np.ndarray, dev):
         """``((a, b), batch)`` for consecutive chunks ``idx[a:b]`` of at most ``batch_size``: loaded in this
         process, or with ``num_workers > 0`` by a persistent ``DataLoader``'s worker processes (transforms
-        and decoding in parallel, the chunks in order), on ``dev`` in the parameters' dtype."""
+        and decoding in parallel, the chunks in order), on ``dev`` in the parameters' dtype.
+
+        The collated host batches of recent index sets are kept (up to ``cache_bytes``): every trust check
+        reads the same examples the anchor loss was measured on, so it is served without loading them
+        again (and with the very inputs the anchor saw, random transforms included)."""
         spans = list(self._chunks(idx.size))
+        key = (self.batch_size, idx.tobytes())
+        cached = self._cache.get(key) if self._cacheable else None
+        if cached is not None:
+            self._cache.move_to_end(key)
+            source, keep = iter(cached), None
+        else:
+            source = self._host_batches(idx, spans)
+            keep = [] if self._cacheable else None
         bar = self.progress.start(idx.size) if self.progress is not None and spans else None
+        size = 0
         try:
-            if self.num_workers == 0:
-                for a, b in spans:
-                    yield (a, b), self._measure_batch(idx[a:b], dev)
-                    if bar is not None:
-                        bar.advance(b - a)
-                return
-            pool = self._worker_pool()
-            pool.batch_sampler.items = [idx[a:b].tolist() for a, b in spans]
-            for (a, b), batch in zip(spans, pool):
-                yield (a, b), _to_device(batch, dev, floats=self._dtype())
+            for (a, b), host in zip(spans, source):
+                if keep is not None:
+                    keep.append(host)
+                    size += _nbytes(host)
+                    if size > self.cache_bytes // 2:  # too big to keep (e.g. a selection's union)
+                        keep = None
+                yield (a, b), _to_device(host, dev, floats=self._dtype())
                 if bar is not None:
                     bar.advance(b - a)
+            if keep is not None and len(keep) == len(spans):
+                self._cache[key] = keep
+                self._cache_sizes[key] = size
+                while sum(self._cache_sizes.values()) > self.cache_bytes or len(self._cache) > 16:
+                    old, _ = self._cache.popitem(last=False)
+                    self._cache_sizes.pop(old)
         finally:
             if bar is not None:
                 bar.close()
+
+    def _host_batches(self, idx: np.ndarray, spans):
+        if self.num_workers == 0:
+            for a, b in spans:
+                yield self._fetch(idx[a:b])
+            return
+        pool = self._worker_pool()
+        pool.batch_sampler.items = [idx[a:b].tolist() for a, b in spans]
+        yield from pool
 
     def _worker_pool(self):
         if self._pool is None:
@@ -900,6 +950,8 @@ class CrestLoader(BudgetedPasses):
     measure_workers : worker processes that load the measurement passes' examples (a persistent
         ``DataLoader`` over ``measure_dataset``: decoding and transforms in parallel); 0 loads them in
         this process.
+    measure_cache_bytes : host memory for recently measured batches (see :class:`TorchModelOps`'s
+        ``cache_bytes``; default 256 MiB, 0 off): the trust checks' examples are loaded once per selection.
     last_layer, forward, loss_fn : as for :class:`TorchModelOps`.
 
     Budget
@@ -930,6 +982,7 @@ class CrestLoader(BudgetedPasses):
         measure_dataset=None,
         measure_batch_size: int = 512,
         measure_workers: int = 0,
+        measure_cache_bytes: int = 256 << 20,
         last_layer: nn.Module | str | None = None,
         forward: Callable | None = None,
         loss_fn: Callable | None = None,
@@ -976,7 +1029,7 @@ class CrestLoader(BudgetedPasses):
         self.ops = TorchModelOps(
             model, measure_dataset if measure_dataset is not None else dataset, labels=lab, loss_fn=loss_fn,
             device=device, batch_size=measure_batch_size, collate_fn=collate_fn, last_layer=last_layer,
-            forward=forward, num_workers=measure_workers,
+            forward=forward, num_workers=measure_workers, cache_bytes=measure_cache_bytes,
         )
         if progress:
             self.ops.progress = _Progress()

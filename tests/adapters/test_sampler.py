@@ -223,3 +223,32 @@ def test_measurement_passes_through_workers_are_the_same_passes():
         assert torch.equal(p, q)
     with pytest.raises(ValueError, match="measure_workers"):
         CrestLoader(mlp(), ds, measure_workers=-1, **CFG)
+
+
+def test_the_checks_examples_are_loaded_once_per_selection():
+    """The measurement cache: a repeated index set (every trust check re-reads the anchor's examples) is
+    served from host memory; the run is identical to one without the cache."""
+
+    class Counting(Flip):
+        reads = 0
+
+        def __getitem__(self, i):
+            type(self).reads += 1
+            return super().__getitem__(i)
+
+    X, y = make_data()
+    runs = []
+    for cache in (256 << 20, 0):
+        Counting.reads = 0
+        model = mlp()
+        loader = CrestLoader(model, Counting(X, y), measure_cache_bytes=cache, **CFG)
+        seen = run_loader(3, model, lambda m, ld=loader: ld)[0]
+        runs.append((seen, model, Counting.reads, loader.stats))
+    (a, ma, reads_cached, st), (b, mb, reads_plain, _) = runs
+    assert st["checks"] and reads_cached < reads_plain
+    for (xa, wa), (xb, wb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(wa, wb)
+    for p, q in zip(ma.parameters(), mb.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="cache_bytes"):
+        CrestLoader(mlp(), Flip(X, y), measure_cache_bytes=-1, **CFG)
