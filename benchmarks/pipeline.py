@@ -35,7 +35,7 @@ if _HERE not in sys.path:
     sys.path.append(_HERE)
 
 START, END = "<!-- pipeline-bench:start -->", "<!-- pipeline-bench:end -->"
-METHODS = ("full", "random", "crest", "crest-passes")
+METHODS = ("full", "random", "crest", "crest-passes", "crest-cap")
 
 
 def _datasets(n: int, seed: int):
@@ -97,7 +97,8 @@ def run_one(method: str, seed: int, a) -> dict:
                             sampler=RandomSampler(train_set, replacement=False, num_samples=spe * a.m, generator=g),
                             **kw)
     else:
-        sampler = CrestBatchSampler(model, train_set, config=CrestConfig(m=a.m), budget=a.budget, epochs=a.epochs,
+        cfg = CrestConfig(m=a.m, max_overhead=a.cap if method == "crest-cap" else None)
+        sampler = CrestBatchSampler(model, train_set, config=cfg, budget=a.budget, epochs=a.epochs,
                                     seed=seed, measure_dataset=measure_set, measure_batch_size=256,
                                     measure_workers=a.measure_workers,
                                     budget_counts="passes" if method == "crest-passes" else "steps")
@@ -171,6 +172,8 @@ def table(rows: list[dict], a, command: str) -> str:
         "",
         "`crest-passes` is CREST with `budget_counts=\"passes\"`: its measurement passes count against the",
         "budget too, so all its forward and backward passes stay within 10 % of the full run's.",
+        f"`crest-cap` is CREST with `CrestConfig(max_overhead={a.cap})`: its measurement passes are held to",
+        f"{a.cap:g} of its training passes (checks and reselections wait until the count allows them).",
         "*passes / full*: training plus measurement passes in step-equivalents, over the full run's steps.",
         "",
         "| method | steps | wall s | wall / full | passes / full | test accuracy (%) |",
@@ -204,6 +207,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--measure-workers", type=int, default=2)
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--cap", type=float, default=0.5, help="max_overhead of the crest-cap row")
     ap.add_argument("--out", help="write the table between the pipeline-bench markers of this markdown file")
     ap.add_argument("--json", help="write every run here")
     a = ap.parse_args(argv)
