@@ -43,7 +43,7 @@ except ImportError:  # pragma: no cover - depends on what is installed
 from crestcore.controller import CrestConfig
 
 from .monitor import scalars
-from .torch import CrestLoader, check_loader_arguments
+from .torch import CrestLoader, check_loader_arguments, check_map_style
 
 __all__ = ["CrestCallback"]
 
@@ -124,9 +124,7 @@ class CrestCallback(pl.Callback):
             collate_fn=collate_fn, forward=forward, loss_fn=loss_fn, measure_workers=measure_workers,
             check_model=False,
         )
-        if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
-            raise TypeError(f"dataset must be a map-style dataset (__len__ and __getitem__), got "
-                            f"{type(dataset).__name__}")
+        check_map_style(dataset)
         if not isinstance(losses_key, str):
             raise TypeError(f"losses_key must be a str, got {type(losses_key).__name__}")
         self.dataset = dataset

@@ -60,6 +60,13 @@ def check_listeners(callbacks) -> list[Callable]:
     return out
 
 
+def _check_events(events) -> tuple[str, ...]:
+    bad = set(events) - set(EVENTS)
+    if bad:
+        raise ValueError(f"events must be among {EVENTS}, got {sorted(bad)}")
+    return tuple(events)
+
+
 class TensorBoardWriter:
     """Writes every event's scalars to TensorBoard: ``writer`` is a ``SummaryWriter`` (torch's or
     tensorboardX's: anything with ``add_scalar(tag, value, step)``), or a log directory for a new
@@ -74,11 +81,8 @@ class TensorBoardWriter:
             writer = SummaryWriter(log_dir=writer)
         if not callable(getattr(writer, "add_scalar", None)):
             raise TypeError(f"writer must have add_scalar(tag, value, step), got {type(writer).__name__}")
-        bad = set(events) - set(EVENTS)
-        if bad:
-            raise ValueError(f"events must be among {EVENTS}, got {sorted(bad)}")
         self.writer = writer
-        self.events = tuple(events)
+        self.events = _check_events(events)
 
     def __call__(self, event: str, step: int, values: dict[str, float]) -> None:
         if event not in self.events:
@@ -102,11 +106,8 @@ class WandbWriter:
                 raise RuntimeError("WandbWriter: no active W&B run; call wandb.init() first or pass run=")
         if not callable(getattr(run, "log", None)):
             raise TypeError(f"run must have log(dict, step=...), got {type(run).__name__}")
-        bad = set(events) - set(EVENTS)
-        if bad:
-            raise ValueError(f"events must be among {EVENTS}, got {sorted(bad)}")
         self.run = run
-        self.events = tuple(events)
+        self.events = _check_events(events)
 
     def __call__(self, event: str, step: int, values: dict[str, float]) -> None:
         if event in self.events:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import math
+import time
 import warnings
 from typing import Callable, Iterator
 
@@ -166,6 +167,12 @@ def uncompiled(model: nn.Module) -> nn.Module:
     return model
 
 
+def check_map_style(dataset, name: str = "dataset") -> None:
+    """``dataset`` must be a map-style dataset (``__getitem__`` and ``__len__``); a ``TypeError`` naming it."""
+    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        raise TypeError(f"{name} must be a map-style Dataset (__getitem__ and __len__), got {type(dataset).__name__}")
+
+
 def _length(dataset) -> int:
     try:
         return int(len(dataset))
@@ -218,14 +225,10 @@ class _Progress:
 
 class _ProgressPass:
     def __init__(self, owner: _Progress, total: int):
-        import time
-
         self.owner, self.total, self.done, self.bar = owner, int(total), 0, None
         self.t0 = time.perf_counter()
 
     def advance(self, k: int) -> None:
-        import time
-
         self.done += int(k)
         if self.bar is None and time.perf_counter() - self.t0 >= self.owner.after and self.done < self.total:
             try:
@@ -479,11 +482,6 @@ class TorchModelOps:
             for m, mode in modes:
                 m.training = mode
 
-    def _measure_batch(self, idx: np.ndarray, dev):
-        """The collated examples ``idx`` on ``dev``, floating-point inputs in the parameters' dtype (a
-        float16 or bfloat16 model gets half-precision inputs, as Lightning's true-precision plugins do)."""
-        return _to_device(self._fetch(idx), dev, floats=self._dtype())
-
     def _chunks(self, k: int):
         for a in range(0, k, self.batch_size):
             yield a, min(k, a + self.batch_size)
@@ -497,8 +495,8 @@ class TorchModelOps:
         reads the same examples the anchor loss was measured on, so it is served without loading them
         again (and with the very inputs the anchor saw, random transforms included)."""
         spans = list(self._chunks(idx.size))
-        key = (self.batch_size, idx.tobytes())
-        cached = self._cache.get(key) if self._cacheable else None
+        key = (self.batch_size, idx.tobytes()) if self._cacheable else None
+        cached = self._cache.get(key) if key is not None else None
         if cached is not None:
             self._cache.move_to_end(key)
             source, keep = iter(cached), None
@@ -874,8 +872,7 @@ class BudgetedPasses:
     def _pass(self, token: int):
         e = self._pass_epoch()
         end = self.total_steps if e is None else min(self.total_steps, (e + 1) * self.steps_per_epoch)
-        finished = self._position >= self.total_steps or (e is None and self._epochs_done >= self.epochs) or \
-            (self.budget_counts == "passes" and self._epochs_done >= self.epochs)
+        finished = self._position >= self.total_steps or self._epochs_done >= self.epochs
         if finished and not self._warned_done:
             self._warned_done = True
             warnings.warn(
@@ -905,8 +902,9 @@ class BudgetedPasses:
     def _on_epoch_done(self) -> None:
         """Called once each time an epoch's share has been handed out (subclasses report it)."""
 
-    def _pass_state(self) -> dict:
-        return {"position": self._position, "per_epoch": self.per_epoch, "epochs_done": self._epochs_done}
+    def _pass_state(self, position: int | None = None, epochs_done: int | None = None) -> dict:
+        return {"position": self._position if position is None else position, "per_epoch": self.per_epoch,
+                "epochs_done": self._epochs_done if epochs_done is None else epochs_done}
 
     def _load_pass_state(self, state: dict, position: int) -> None:
         self._position = int(position)
@@ -999,9 +997,7 @@ class CrestLoader(BudgetedPasses):
             per_epoch=per_epoch, measure_batch_size=measure_batch_size, collate_fn=collate_fn, forward=forward,
             loss_fn=loss_fn, device=device, measure_workers=measure_workers,
         )
-        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-            raise TypeError(f"dataset must be a map-style Dataset (__getitem__ and __len__), got "
-                            f"{type(dataset).__name__}")
+        check_map_style(dataset)
         n = _length(dataset)
         if n == 0:
             raise ValueError("the training dataset is empty: CREST needs examples to select from")
@@ -1122,12 +1118,16 @@ class CrestLoader(BudgetedPasses):
         infinite losses raise ``FloatingPointError``. Detached; one host copy."""
         if self._batch is None:
             raise RuntimeError("observe() needs a batch: call it after training on a yielded batch")
+        self._observe(self._batch.indices, losses)
+
+    def _observe(self, indices: np.ndarray, losses) -> None:
+        """Check and record the training losses of the examples ``indices`` (host int64)."""
         if isinstance(losses, torch.Tensor):
             losses = losses.detach().float().cpu().numpy()
         vals = np.asarray(losses, dtype=np.float64).reshape(-1)
-        if vals.size != self._batch.indices.size:
+        if vals.size != indices.size:
             raise ValueError(
-                f"observe() got {vals.size} losses for a batch of {self._batch.indices.size} examples "
+                f"observe() got {vals.size} losses for a batch of {indices.size} examples "
                 "(pass the per-example losses, reduction='none')"
             )
         if not np.all(np.isfinite(vals)):
@@ -1137,7 +1137,7 @@ class CrestLoader(BudgetedPasses):
                 "Lower the learning rate, add gradient clipping, or check the data."
             )
         if self.config.T2 is not None:  # the loss history only feeds drop decisions
-            self._state = crest_observe(self._state, self._batch.indices, vals)
+            self._state = crest_observe(self._state, indices, vals)
 
     @property
     def stats(self) -> dict:
@@ -1176,6 +1176,10 @@ class CrestLoader(BudgetedPasses):
         """Everything needed to continue with the same batches: the controller state and the position.
 
         Holds tensors, numbers and strings only, so ``torch.load(..., weights_only=True)`` reads it."""
+        return self._state_dict(self._position, self._batch, self._pending, self._epochs_done)
+
+    def _state_dict(self, position: int, batch: Batch | None, pending: list, epochs_done: int) -> dict:
+        """The state with the run cut at ``position`` (batches handed out beyond it as ``pending``)."""
         return {
             "format": _FORMAT,
             **self._fingerprint(),
@@ -1183,9 +1187,9 @@ class CrestLoader(BudgetedPasses):
             "budget": self.budget,
             "budget_counts": self.budget_counts,
             "config": repr(self.config),
-            **self._pass_state(),
-            "batch": None if self._batch is None else _portable_batch(self._batch),
-            "pending": [_portable_batch(b) for b in self._pending],
+            **self._pass_state(position, epochs_done),
+            "batch": None if batch is None else _portable_batch(batch),
+            "pending": [_portable_batch(b) for b in pending],
             "crest": _to_portable(crest_state_dict(self._state)),
         }
 
@@ -1263,9 +1267,7 @@ class WeightedDataset:
     picklable, and its own transforms are the dataset's: safe in ``DataLoader`` worker processes."""
 
     def __init__(self, dataset, *, indices: bool = False):
-        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-            raise TypeError(f"dataset must be a map-style Dataset (__getitem__ and __len__), got "
-                            f"{type(dataset).__name__}")
+        check_map_style(dataset)
         if not isinstance(indices, bool):
             raise TypeError(f"indices must be a bool, got {type(indices).__name__}")
         self.dataset = dataset
@@ -1368,12 +1370,7 @@ class CrestBatchSampler(CrestLoader):
         idx = np.asarray(indices.detach().cpu().numpy() if isinstance(indices, torch.Tensor) else indices)
         if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer) or (idx.size and (idx.min() < 0 or idx.max() >= self.n)):
             raise ValueError(f"indices must be a 1-D integer array of dataset indices in [0, {self.n})")
-        saved = self._batch
-        self._batch = Batch(idx.astype(np.int64), np.ones(idx.size), False)
-        try:
-            super().observe(losses)
-        finally:
-            self._batch = saved
+        self._observe(idx.astype(np.int64), losses)
 
     def state_dict(self, trained: int | None = None) -> dict:
         """:meth:`CrestLoader.state_dict` with the batches handed out after the first ``trained`` of the
@@ -1386,13 +1383,6 @@ class CrestBatchSampler(CrestLoader):
             raise ValueError(f"trained must be an integer in [{low}, {self._position}] (batches of the run "
                              f"trained; {self._position} are handed out), got {trained!r}")
         k = int(trained) - self._handed_from
-        saved = (self._position, self._batch, self._pending, self._epochs_done)
-        self._position = int(trained)
-        self._batch = self._handed[k - 1] if k > 0 else None
-        self._pending = self._handed[k:] + self._pending
         # the epoch of the first untrained batch is not done: a resumed run replays it in that epoch's pass
-        self._epochs_done = min(self._epochs_done, self._handed_epoch[k])
-        try:
-            return super().state_dict()
-        finally:
-            self._position, self._batch, self._pending, self._epochs_done = saved
+        return self._state_dict(int(trained), self._handed[k - 1] if k > 0 else None,
+                                self._handed[k:] + self._pending, min(self._epochs_done, self._handed_epoch[k]))
