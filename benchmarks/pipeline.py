@@ -168,7 +168,9 @@ def table(rows: list[dict], a, command: str) -> str:
         f"flipped in `__getitem__`; `DataLoader(num_workers={a.workers}, persistent_workers=True)` for every "
         f"method; CREST through `CrestBatchSampler` (measurement passes: `measure_workers={a.measure_workers}`, "
         f"no flip), `CrestConfig(m={a.m})` defaults. {a.epochs} epochs, m = {a.m}, budget {a.budget}, "
-        f"OneCycle lr {a.lr}, one intra-op thread. Mean +- standard error over {a.seeds} seeds; every run below.",
+        f"OneCycle lr {a.lr} for every method (not tuned per method: this measures wall clock; the "
+        f"accuracies are indicative), one intra-op thread. Mean +- standard error over {a.seeds} seeds; "
+        f"every run below.",
         "",
         "`crest-passes` is CREST with `budget_counts=\"passes\"`: its measurement passes count against the",
         "budget too, so all its forward and backward passes stay within 10 % of the full run's.",
