@@ -52,6 +52,9 @@ _LABEL_KEYS = ("labels", "label", "label_ids")
 
 def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``mean_i w_i * CE(logits_i, labels_i)``: the training loss on a CREST batch (weights have mean 1)."""
+    if logits.ndim != 2 or labels.shape != logits.shape[:1] or weights.shape != labels.shape:
+        raise ValueError(f"weighted_cross_entropy needs logits (k, C), labels (k,) and weights (k,); got "
+                         f"{tuple(logits.shape)}, {tuple(labels.shape)} and {tuple(weights.shape)}")
     losses = F.cross_entropy(logits.float(), labels, reduction="none")
     return (weights.to(losses.dtype) * losses).mean()
 

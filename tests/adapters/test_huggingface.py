@@ -80,6 +80,8 @@ def test_the_loss_is_the_weighted_mean_of_per_example_cross_entropy():
     w = torch.tensor([0.5, 1.5, 1.0, 0.25, 1.75])
     want = (w * torch.nn.functional.cross_entropy(logits, labels, reduction="none")).mean()
     assert torch.allclose(weighted_cross_entropy(logits, labels, w), want)
+    with pytest.raises(ValueError, match="weights"):
+        weighted_cross_entropy(logits, labels, w[:3])
 
 
 def test_crest_trainer_refuses_what_it_cannot_do(tmp_path):
