@@ -23,14 +23,17 @@ With plain ``accelerate``, use the sampler directly (``docs/pytorch.md`` has the
                                 collate_fn=collator)
     loader = accelerator.prepare(sampler.dataloader(collate_fn=collator))
 
-Limits: one process (the distributed adapter is separate); ``resume_from_checkpoint`` restores the
-model and optimizer but not CREST's state (a resumed Trainer re-runs the skipped batches' selections).
+Checkpoints: every checkpoint the Trainer writes also holds CREST's state (``crest_state.pt``: the
+controller, the run position and the batches handed out to the loader's workers but not yet trained), and
+``trainer.train(resume_from_checkpoint=...)`` restores it, so a resumed run trains the same batches as
+one that never stopped. Limits: one process (the distributed adapter is separate).
 ``transformers`` and ``accelerate`` are optional: ``pip install 'crestcore[huggingface]'``.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 try:
     import transformers
@@ -43,11 +46,36 @@ import torch.nn.functional as F
 
 from crestcore.controller import CrestConfig
 
-from .torch import CrestBatchSampler, WeightedDataset, check_loader_arguments
+from .torch import CrestBatchSampler, WeightedDataset, WeightedKey, check_loader_arguments
 
-__all__ = ["CrestTrainer", "weighted_cross_entropy"]
+__all__ = ["CrestTrainer", "weighted_cross_entropy", "CREST_STATE_NAME"]
 
 _LABEL_KEYS = ("labels", "label", "label_ids")
+CREST_STATE_NAME = "crest_state.pt"  # CREST's state in each of the Trainer's checkpoint folders
+
+
+class _ResumedEpoch:
+    """The batch sampler of a run resumed in the middle of an epoch. The Trainer skips the epoch's first
+    ``lead`` batches (they were trained before the checkpoint) by discarding that many index lists of its
+    loader unread (accelerate's ``skip_first_batches``). CREST's restored sampler continues with the
+    first *untrained* batch, so the resumed pass leads with ``lead`` stand-ins for the Trainer to discard:
+    the first ``m`` examples with zero weights (harmless even if something trained them).
+    Later passes are the sampler's own."""
+
+    def __init__(self, sampler: CrestBatchSampler, lead: int, stand_in: list):
+        self.sampler, self._lead, self._stand_in = sampler, int(lead), stand_in
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        lead, self._lead = self._lead, 0
+        for _ in range(lead):
+            yield list(self._stand_in)
+        yield from self.sampler
 
 
 def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -95,6 +123,7 @@ class CrestTrainer(transformers.Trainer):
         self.crest_measure_batch_size = int(crest_measure_batch_size)
         self.crest_callbacks = crest_callbacks
         self.crest: CrestBatchSampler | None = None
+        self._crest_resume: str | None = None  # the checkpoint folder train() resumes from
         # compute_loss returns a mean over the batch: the Trainer must not expect a sum over tokens
         self.model_accepts_loss_kwargs = False
 
@@ -103,19 +132,62 @@ class CrestTrainer(transformers.Trainer):
             raise ValueError("CrestTrainer plans the run in epochs: set num_train_epochs, not max_steps")
         return max(1, int(math.ceil(self.args.num_train_epochs)))
 
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """``Trainer.train``; resuming from a checkpoint also restores CREST's state from it."""
+        path = resume_from_checkpoint
+        if isinstance(path, bool):
+            path = transformers.trainer_utils.get_last_checkpoint(self.args.output_dir) if path else None
+        self._crest_resume = None if path is None else str(path)
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            self._crest_resume = None
+
+    def _save_checkpoint(self, model, trial, *args, **kwargs):
+        super()._save_checkpoint(model, trial, *args, **kwargs)
+        if self.crest is None or not self.args.should_save:
+            return
+        folder = os.path.join(self._get_output_dir(trial=trial),
+                              f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        # the Trainer has trained global_step batches of the run; the loader's workers may hold more
+        torch.save(self.crest.state_dict(trained=int(self.state.global_step)),
+                   os.path.join(folder, CREST_STATE_NAME))
+
+    def _restore_crest(self, folder: str):
+        """Load CREST's state saved with the checkpoint ``folder``; the batch sampler for the resumed run."""
+        file = os.path.join(folder, CREST_STATE_NAME)
+        if not os.path.isfile(file):
+            raise ValueError(f"CrestTrainer: resume_from_checkpoint={folder!r} holds no {CREST_STATE_NAME} "
+                             "(not written by a CrestTrainer); CREST's state cannot be restored from it")
+        self.crest.load_state_dict(torch.load(file, weights_only=True))
+        step = transformers.TrainerState.load_from_json(
+            os.path.join(folder, transformers.trainer.TRAINER_STATE_NAME)).global_step
+        if self.crest.position != step:
+            raise ValueError(f"CrestTrainer: {file} is at batch {self.crest.position} of the run but the "
+                             f"checkpoint's trainer state at step {step}; they were not saved together")
+        lead = step % len(self.crest)
+        if lead == 0 or self.args.ignore_data_skip:
+            return self.crest
+        stand_in = [WeightedKey(i, 0.0) for i in range(min(self.crest_config.m, self.crest.n))]
+        return _ResumedEpoch(self.crest, lead, stand_in)
+
     def get_train_dataloader(self):
         if self.train_dataset is None:
             raise ValueError("CrestTrainer: training requires a train_dataset.")
-        if self.crest is None or self.crest.model is not self.model:
+        if self.crest is None or self.crest.model is not self.model or self._crest_resume is not None:
             self.crest = CrestBatchSampler(
                 self.model, self.train_dataset, config=self.crest_config, budget=self.crest_budget,
                 epochs=self._planned_epochs(), seed=self.crest_seed, labels=self.crest_labels,
                 collate_fn=self.data_collator, measure_batch_size=self.crest_measure_batch_size,
                 callbacks=self.crest_callbacks,
             )
+        batch_sampler = self.crest
+        if self._crest_resume is not None:
+            batch_sampler = self._restore_crest(self._crest_resume)
+            self._crest_resume = None  # restored once; a later call (a new epoch loop) builds nothing new
         a = self.args
         loader = torch.utils.data.DataLoader(
-            WeightedDataset(self.train_dataset), batch_sampler=self.crest, collate_fn=self.data_collator,
+            WeightedDataset(self.train_dataset), batch_sampler=batch_sampler, collate_fn=self.data_collator,
             num_workers=a.dataloader_num_workers, pin_memory=a.dataloader_pin_memory,
             persistent_workers=a.dataloader_persistent_workers and a.dataloader_num_workers > 0,
         )
