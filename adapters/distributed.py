@@ -58,7 +58,7 @@ from crestcore.controller import Batch
 from crestcore.minibatch import Coresets
 from crestcore.minibatch import minibatch_coresets as _minibatch_coresets
 
-from crestcore._validation import host_indices, host_weights
+from crestcore.validation import host_indices, host_weights
 
 from .torch import CrestLoader, TorchModelOps
 

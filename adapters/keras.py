@@ -60,7 +60,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from crestcore._validation import host_indices, host_weights, stored_batch
+from crestcore.plan import budget_steps, full_steps
+from crestcore.validation import host_indices, host_weights, stored_batch
 
 try:
     import keras
@@ -850,8 +851,8 @@ class CrestCallback(keras.callbacks.Callback):
         self.record = bool(record)
         self.log_stats = bool(log_stats)
         m = self.config.m
-        self.full_steps_per_epoch = math.ceil(n / m)
-        self.steps_per_epoch = max(1, int(math.floor(self.budget * self.full_steps_per_epoch + 0.5)))
+        self.full_steps_per_epoch = full_steps(n, m)
+        self.steps_per_epoch = budget_steps(self.budget, self.full_steps_per_epoch)
         self.dataset = CrestDataset(self)
         self.ops: KerasModelOps | None = None
         self.trained: list[tuple[np.ndarray, np.ndarray]] = []

@@ -31,7 +31,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from crestcore._validation import host_indices, host_weights, stored_batch
+from crestcore.plan import budget_steps, full_steps
+from crestcore.validation import host_indices, host_weights, stored_batch
 try:
     import torch
 except ImportError as exc:  # pragma: no cover - depends on what is installed
@@ -792,9 +793,9 @@ class BudgetedPasses:
     def _plan_passes(self, *, n: int, m: int, budget: float, epochs: int, per_epoch: bool, budget_counts: str,
                      steps_per_epoch: int | None = None) -> None:
         self._pass_m = int(m)
-        self.full_steps_per_epoch = math.ceil(n / m)
+        self.full_steps_per_epoch = full_steps(n, m)
         self.steps_per_epoch = (steps_per_epoch if steps_per_epoch is not None
-                                else max(1, int(math.floor(budget * self.full_steps_per_epoch + 0.5))))
+                                else budget_steps(budget, self.full_steps_per_epoch))
         self.epochs = int(epochs)
         self.total_steps = self.epochs * self.steps_per_epoch
         self.per_epoch = bool(per_epoch)

@@ -109,7 +109,15 @@ def hamilton(total: int, sizes: np.ndarray) -> np.ndarray:
 
 
 def host_indices(indices, n: int, name: str = "indices") -> np.ndarray:
-    """A 1-D host int64 array of example indices in [0, n) (adapters' boundary check)."""
+    """A 1-D host int64 array of example indices in [0, n) (adapters' boundary check).
+
+    >>> host_indices([3, 0, 2], 4)
+    array([3, 0, 2])
+    >>> host_indices([4], 4)
+    Traceback (most recent call last):
+    ...
+    IndexError: indices must lie in [0, 4)
+    """
     idx = np.asarray(indices)
     if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
         raise TypeError(f"{name} must be a 1-D integer array, got shape {idx.shape} and dtype {idx.dtype}")
@@ -119,7 +127,15 @@ def host_indices(indices, n: int, name: str = "indices") -> np.ndarray:
 
 
 def host_weights(weights, k: int, name: str = "weights") -> np.ndarray:
-    """A finite host float64 vector of k per-example weights (adapters' boundary check)."""
+    """A finite host float64 vector of k per-example weights (adapters' boundary check).
+
+    >>> host_weights([1, 0.5], 2)
+    array([1. , 0.5])
+    >>> host_weights([1.0, float("nan")], 2, name="w")
+    Traceback (most recent call last):
+    ...
+    ValueError: w contain NaN or infinite values
+    """
     w = np.asarray(weights, dtype=np.float64)
     if w.shape != (k,):
         raise ValueError(f"{name} must have shape ({k},) like the indices, got {w.shape}")
@@ -188,7 +204,11 @@ def field_instance(owner: str, name: str, value, cls) -> None:
 def stored_batch(record, n: int, where: str):
     """A handed-out batch read back from a checkpoint (a dict with ``indices``, ``weights``,
     ``reselected``), checked: 1-D integer indices in [0, n), finite non-negative weights, one per index.
-    Returns ``(indices int64, weights float64, reselected bool)``; ``where`` prefixes the error."""
+    Returns ``(indices int64, weights float64, reselected bool)``; ``where`` prefixes the error.
+
+    >>> stored_batch({"indices": [1, 2], "weights": [1.0, 2.0], "reselected": True}, 3, "ckpt")
+    (array([1, 2]), array([1., 2.]), True)
+    """
     if not isinstance(record, dict) or not {"indices", "weights", "reselected"} <= set(record):
         raise ValueError(f"{where}: a batch must be a dict holding indices, weights and reselected")
     bi = np.asarray(to_numpy(record["indices"]))

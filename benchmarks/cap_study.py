@@ -1,0 +1,154 @@
+"""Choosing CREST's default cost cap (``CrestConfig.max_overhead``) on the validation split.
+
+The time-to-accuracy protocol of ``benchmarks/tta.py`` (Fashion-MNIST, clean and with 40 % label noise,
+budget 0.1, m = 128, CREST's learning rate as chosen by that protocol's sweep), but every run here
+trains on the sweep's 90 % training part and is scored on its 10 % validation split: the test set is
+not read. Variants: the uncapped schedule and ``max_overhead`` in ``--caps``; seeds ``--seeds``.
+
+The rule, fixed before the runs: the default becomes the *smallest* cap whose mean validation accuracy
+is, on every data set, no more than ``--tolerance`` points below the uncapped schedule's, and not
+worse by more than one standard error of the per-seed differences (paired by seed). If no cap
+passes, the default stays uncapped. The wall clock and the counted passes (CREST's forward and
+backward passes over the full run's, load-independent) are reported for each variant.
+
+    python benchmarks/cap_study.py --json benchmarks/results/cap-validation.json --out docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+START, END = "<!-- cap-study:start -->", "<!-- cap-study:end -->"
+
+
+def _tta():
+    spec = importlib.util.spec_from_file_location("crest_tta_bench", HERE / "tta.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def variant_name(cap: float | None) -> str:
+    return "default" if cap is None else f"max_overhead={cap:g}"
+
+
+def paired(base: dict, other: dict) -> tuple[float, float]:
+    """Mean and standard error of ``other - base`` over the seeds both hold (accuracy points)."""
+    seeds = sorted(set(base) & set(other))
+    d = [100 * (other[s] - base[s]) for s in seeds]
+    if not d:
+        return math.nan, math.nan
+    mean = sum(d) / len(d)
+    if len(d) < 2:
+        return mean, math.nan
+    var = sum((x - mean) ** 2 for x in d) / (len(d) - 1)
+    return mean, math.sqrt(var / len(d))
+
+
+def choose(results: dict, caps: list[float], tolerance: float) -> float | None:
+    """The rule of the module docstring. ``results[dataset][variant][seed] = accuracy``."""
+    for cap in sorted(caps):
+        ok = True
+        for per in results.values():
+            mean, se = paired(per["default"], per[variant_name(cap)])
+            se = 0.0 if math.isnan(se) else se
+            if math.isnan(mean) or mean < -tolerance or mean < -se:
+                ok = False
+        if ok:
+            return cap
+    return None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--datasets", default="fmnist,fmnist-noisy40")
+    p.add_argument("--caps", default="0.5,1.0")
+    p.add_argument("--seeds", default="1000,1001,1002")
+    p.add_argument("--tolerance", type=float, default=0.3, help="accuracy points (default %(default)s)")
+    p.add_argument("--tta-json", default=str(HERE / "results" / "tta-2026-11-29.json"),
+                   help="the time-to-accuracy records whose sweep chose CREST's learning rate")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", required=True, help="this study's records (resumed when present)")
+    p.add_argument("--out", help="markdown file whose cap-study block is rewritten")
+    p.add_argument("--limit-train", type=int)
+    p.add_argument("--limit-test", type=int)
+    a = p.parse_args(argv)
+    tta = _tta()
+    caps = [float(c) for c in a.caps.split(",") if c.strip()]
+    seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    datasets = [d for d in a.datasets.split(",") if d.strip()]
+    for cap in caps:
+        tta.ABLATIONS.setdefault(variant_name(cap), {"method": "crest", "crest": {"max_overhead": cap}})
+
+    # CREST's learning rate per data set: the time-to-accuracy sweep's choice at budget 0.1
+    tta_ns = tta.parse_args(["--suite", "ablations", "--threads", str(a.threads)])
+    old = json.loads(Path(a.tta_json).read_text())["records"]
+    lrs = {}
+    for d in datasets:
+        rows = [r for r in tta.lr_table(old, tta_ns, d) if r["method"] == "crest" and r["budget"] == 0.1]
+        if not rows:
+            print(f"cap_study: {a.tta_json} holds no complete CREST sweep for {d} at budget 0.1", file=sys.stderr)
+            return 2
+        lrs[d] = rows[0]["lr"]
+
+    ns = tta.parse_args(["--suite", "ablations", "--threads", str(a.threads), "--json", a.json, "--resume",
+                         *(["--limit-train", str(a.limit_train)] if a.limit_train else []),
+                         *(["--limit-test", str(a.limit_test)] if a.limit_test else [])])
+    protocol = {**tta.protocol_of(ns), "study": "max_overhead on validation"}
+    records = json.loads(Path(a.json).read_text())["records"] if Path(a.json).exists() else []
+    variants = ["default"] + [variant_name(c) for c in caps]
+    runner = tta.Runner(ns, protocol, records, len(datasets) * len(seeds) * len(variants))
+    results = {}
+    for d in datasets:
+        ds = tta.load_dataset(d, ns)
+        results[d] = {v: {} for v in variants}
+        for seed in seeds:
+            for v in variants:
+                rec = runner.run(ds, "sweep", "crest", 0.1, seed, lrs[d], variant=v)
+                results[d][v][seed] = rec["acc"]
+    recs = {(r["dataset"], r["variant"], r["seed"]): r for r in runner.records}
+    chosen = choose(results, caps, a.tolerance)
+
+    lines = [START, "### Choosing `max_overhead` on the validation split", "",
+             f"Command: `python benchmarks/cap_study.py --json {a.json}"
+             f"{' --out ' + a.out if a.out else ''}`. Budget 0.1, m = 128, CREST's learning rate from the "
+             f"time-to-accuracy sweep ({', '.join(f'{d}: {lrs[d]:g}' for d in datasets)}), trained on the "
+             f"90 % training part and scored on the 10 % validation split (the test set is not read), "
+             f"seeds {', '.join(map(str, seeds))}, {a.threads} torch thread(s). Rule, fixed before the runs: "
+             f"the smallest cap whose mean validation accuracy is within {a.tolerance:g} points of the "
+             "uncapped schedule's and within one standard error of the paired per-seed differences, on "
+             "every data set. Accuracy differences are paired by seed; wall clock is as measured on a "
+             "shared machine (other jobs ran at the same time), the counted passes are load-independent.",
+             "", "| data set | variant | val acc (%) per seed | mean | vs uncapped (points) | "
+             "counted passes / full | wall s |", "|---|---|---|---|---|---|---|"]
+    for d in datasets:
+        for v in variants:
+            accs = [100 * results[d][v][s] for s in seeds]
+            diff = "-" if v == "default" else "{:+.2f} +- {:.2f}".format(*paired(results[d]["default"], results[d][v]))
+            passes = [recs[(d, v, s)]["passes"] for s in seeds]
+            walls = [recs[(d, v, s)]["wall"] for s in seeds]
+            pmean = sum(x for x in passes if x is not None) / max(1, sum(x is not None for x in passes))
+            lines.append(f"| {d} | {v} | {', '.join(f'{x:.2f}' for x in accs)} | {sum(accs) / len(accs):.2f} | "
+                         f"{diff} | {pmean:.3f} | {sum(walls) / len(walls):.1f} |")
+    lines += ["", f"Chosen by the rule: **{variant_name(chosen) if chosen is not None else 'uncapped'}**.", END]
+    block = "\n".join(lines)
+    print(block)
+    if a.out:
+        text = Path(a.out).read_text()
+        if START in text:
+            text = text[:text.index(START)] + block + text[text.index(END) + len(END):]
+        else:
+            text = text.rstrip("\n") + "\n\n" + block + "\n"
+        Path(a.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,15 @@
+"""Public boundary checks for code that feeds CREST's batches to a framework (the adapters, and yours).
+
+Each check returns a normalised host (NumPy) copy or raises an error naming the argument:
+
+* :func:`host_indices` -- example indices: 1-D integers in ``[0, n)``, as int64.
+* :func:`host_weights` -- per-example weights: ``k`` finite numbers, as float64.
+* :func:`stored_batch` -- a batch read back from a checkpoint (indices, weights, reselected).
+* :class:`DivergenceError` -- what CREST raises on non-finite numbers (a ``FloatingPointError``).
+"""
+
+from __future__ import annotations
+
+from ._validation import DivergenceError, host_indices, host_weights, stored_batch
+
+__all__ = ["DivergenceError", "host_indices", "host_weights", "stored_batch"]

@@ -1,0 +1,45 @@
+"""crestcore.plan: the budgeted run's step counts, written once for every loader."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from crestcore.plan import budget_steps, full_steps
+
+
+@given(st.integers(1, 10**7), st.integers(1, 4096))
+def test_full_steps_is_the_ceiling(n, m):
+    s = full_steps(n, m)
+    assert (s - 1) * m < n <= s * m
+
+
+@given(st.floats(1e-6, 4.0), st.integers(1, 10**6))
+def test_budget_steps_rounds_half_up_and_is_at_least_one(budget, full):
+    s = budget_steps(budget, full)
+    assert s >= 1
+    assert s == max(1, math.floor(budget * full + 0.5))
+    assert abs(s - budget * full) <= 0.5 or s == 1
+
+
+def test_budget_steps_ties_round_up_and_known_values():
+    assert budget_steps(0.5, 5) == 3  # 2.5 -> 3
+    assert budget_steps(0.1, 469) == 47
+    assert budget_steps(0.1, 1) == 1
+
+
+@pytest.mark.parametrize("bad", [0, -0.1, float("nan"), float("inf"), True, "0.1", None])
+def test_bad_budgets_are_named(bad):
+    with pytest.raises(ValueError, match="budget"):
+        budget_steps(bad, 10)
+
+
+@pytest.mark.parametrize("args,name", [((0, 4), "n"), ((10, 0), "m"), ((10.0, 4), "n"), ((10, True), "m")])
+def test_bad_sizes_are_named(args, name):
+    with pytest.raises(ValueError, match=f"^{name} must"):
+        full_steps(*args)
+    with pytest.raises(ValueError, match="full must"):
+        budget_steps(0.1, 0)
