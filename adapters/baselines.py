@@ -76,9 +76,9 @@ import torch
 from torch import nn
 
 from crestcore import last_layer_gradients
+from crestcore.plan import BudgetedPasses, full_steps
 from crestcore.baselines import craig, glister, gradmatch, prune_schedule, random_subset
-from crestcore.adapters.torch import (  # the torch adapter's data access and pass logic, shared on purpose
-    BudgetedPasses,
+from crestcore.adapters.torch import (  # the torch adapter's data access, shared on purpose
     TorchModelOps,
     _as_labels,
     _Fetcher,
@@ -277,7 +277,7 @@ class SubsetLoader(BudgetedPasses):
         self._fetch = _Fetcher(dataset, collate_fn)
         self._plan_passes(n=n, m=m, budget=self.budget, epochs=epochs, per_epoch=per_epoch,
                           budget_counts=budget_counts,
-                          steps_per_epoch=math.ceil(n / m) if method == "full" else None)
+                          steps_per_epoch=full_steps(n, m) if method == "full" else None)
 
         # glister's validation split: class-stratified, fixed for the run
         if method == "glister":

@@ -1,6 +1,7 @@
 """The training-step plan of a budgeted run, framework-free: written once, used by every loader.
 
-A run over ``n`` examples in mini-batches of ``m`` has ``full_steps(n, m) = ceil(n / m)`` steps per
+:class:`BudgetedPasses` holds the pass accounting every loader shares (epochs, ``len``, ``set_epoch``,
+the ``"passes"`` budget and the budget report). A run over ``n`` examples in mini-batches of ``m`` has ``full_steps(n, m) = ceil(n / m)`` steps per
 full-data epoch; a budget (a positive fraction of those) gives ``budget_steps(budget, full)`` steps per budgeted
 epoch, rounded half up and never fewer than one.
 """
@@ -9,8 +10,12 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
+from collections.abc import Iterator
 
-__all__ = ["full_steps", "budget_steps"]
+import numpy as np
+
+__all__ = ["full_steps", "budget_steps", "BudgetedPasses"]
 
 
 def full_steps(n: int, m: int) -> int:
@@ -42,3 +47,149 @@ def budget_steps(budget: float, full: int) -> int:
     if isinstance(full, bool) or not isinstance(full, numbers.Integral) or full < 1:
         raise ValueError(f"full must be a positive integer (steps of a full-data epoch), got {full!r}")
     return max(1, int(math.floor(float(budget) * int(full) + 0.5)))
+
+
+class BudgetedPasses:
+    """The pass logic of a budgeted run, framework-free, shared by the loaders of the adapters
+    (``crestcore.adapters.torch.CrestLoader`` and ``CrestBatchSampler``,
+    ``crestcore.adapters.baselines.SubsetLoader``): budget sizing, epochs, ``len``, ``set_epoch``,
+    the ``"passes"`` accounting and the budget report. A subclass calls :meth:`_plan_passes` in its
+    ``__init__`` and implements ``_step()`` (hand out the next batch: advance ``_position``, return what
+    the pass yields) and ``_cost()`` ((training, measurement) examples so far).
+
+    Length semantics (the ``DataLoader`` habit): ``len()`` is the steps of one epoch and each pass over
+    the object yields the next epoch's share, so ``len(loader) * epochs`` is the run's planned steps and
+    a per-step LR scheduler sized from it ends where its schedule ends. ``per_epoch=False`` (opt-in) makes
+    one pass the whole run and ``len()`` the run's steps.
+    """
+
+    _kind = "loader"
+
+    def _plan_passes(self, *, n: int, m: int, budget: float, epochs: int, per_epoch: bool, budget_counts: str,
+                     steps_per_epoch: int | None = None) -> None:
+        self._pass_m = int(m)
+        self.full_steps_per_epoch = full_steps(n, m)
+        self.steps_per_epoch = (steps_per_epoch if steps_per_epoch is not None
+                                else budget_steps(budget, self.full_steps_per_epoch))
+        self.epochs = int(epochs)
+        self.total_steps = self.epochs * self.steps_per_epoch
+        self.per_epoch = bool(per_epoch)
+        self.budget_counts = budget_counts
+        self._position = 0  # batches handed out
+        self._epochs_done = 0  # passes that ran to the end of their epoch's share
+        self._pass_e: int | None = None  # the epoch of the pass running (None: the whole run)
+        self._epoch_hint: int | None = None
+        self._token = 0
+        self._warned_done = False
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch if self.per_epoch else self.total_steps
+
+    @property
+    def position(self) -> int:
+        """Batches handed out so far (over the whole run)."""
+        return self._position
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next pass yields (0-based; ``epochs`` when the run is done)."""
+        return min(max(self._position // self.steps_per_epoch, self._epochs_done), self.epochs)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Declare that the next pass is epoch ``epoch`` (0-based): it yields from the current position to
+        the end of that epoch's share (so a pass that broke off early is completed, never skipped).
+        Optional: without it each pass yields the next epoch's share."""
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
+        if epoch >= self.epochs:
+            raise ValueError(f"epoch {epoch} is beyond the {self.epochs} epochs this {self._kind} was planned for "
+                             f"({type(self).__name__}(..., epochs=...))")
+        if not self.per_epoch:
+            raise ValueError(f"set_epoch is for per-epoch passes, but this {self._kind} was built with "
+                             "per_epoch=False (one pass yields the whole run); drop per_epoch=False to pass "
+                             "over it once per epoch")
+        self._epoch_hint = int(epoch)
+
+    def _pass_epoch(self) -> int | None:
+        """The epoch of the pass starting now (None: the whole run)."""
+        if self._epoch_hint is not None:
+            e, self._epoch_hint = self._epoch_hint, None
+            return e
+        if not self.per_epoch:
+            return None
+        return min(max(self._position // self.steps_per_epoch, self._epochs_done), self.epochs - 1)
+
+    def _budget_report(self) -> dict:
+        m = self._pass_m
+        train, overhead = self._cost()
+        full = self.epochs * self.full_steps_per_epoch
+        return {
+            "budget": self.budget,
+            "counts": self.budget_counts,
+            "full_data_steps": full,
+            "planned_steps": self.total_steps,
+            "steps_done": self._position,
+            "epochs_done": self._epochs_done,
+            "overhead_step_equivalents": overhead / m,
+            "fraction_steps": self._position / full,
+            "fraction_all_passes": (train + overhead) / m / full,
+        }
+
+    def __iter__(self) -> Iterator:
+        self._token += 1
+        return self._pass(self._token)
+
+    def iter_run(self) -> Iterator:
+        """Every remaining batch of the run, epoch after epoch: one loop instead of an epoch loop
+        (``for x, y, w in loader.iter_run(): ...``). Each epoch's share is one pass, as in an epoch loop."""
+        while self._position < self.total_steps and self._epochs_done < self.epochs:
+            yield from self
+
+    def _pass(self, token: int):
+        e = self._pass_epoch()
+        end = self.total_steps if e is None else min(self.total_steps, (e + 1) * self.steps_per_epoch)
+        finished = self._position >= self.total_steps or self._epochs_done >= self.epochs
+        if finished and not self._warned_done:
+            self._warned_done = True
+            warnings.warn(
+                f"{type(self).__name__}: all planned steps are used ({self.epochs} epochs); this pass yields "
+                f"nothing (build it with a larger epochs= to train longer).",
+                stacklevel=3,
+            )
+        done = self.epochs if e is None else e + 1
+        self._pass_e = e
+        while self._token == token and self._position < end:
+            if self.budget_counts == "passes":
+                train, overhead = self._cost()
+                if (train + overhead) / self._pass_m + 1 > end + 1e-9:
+                    break
+            item = self._step()
+            if self._position >= end:  # the share's last batch: the epoch is done even if the consumer stops here
+                self._finish_epochs(done)
+            yield item
+        if self._token == token:  # ran to its end (not broken off by the consumer, nor replaced)
+            self._finish_epochs(done)
+
+    def _finish_epochs(self, done: int) -> None:
+        if done > self._epochs_done:
+            self._epochs_done = done
+            self._on_epoch_done()
+
+    def _on_epoch_done(self) -> None:
+        """Called once each time an epoch's share has been handed out (subclasses report it)."""
+
+    def _pass_state(self, position: int | None = None, epochs_done: int | None = None) -> dict:
+        return {"position": self._position if position is None else position, "per_epoch": self.per_epoch,
+                "epochs_done": self._epochs_done if epochs_done is None else epochs_done}
+
+    def _load_pass_state(self, state: dict, position: int) -> None:
+        self._position = int(position)
+        self.per_epoch = bool(state.get("per_epoch", self.per_epoch))
+        done = state.get("epochs_done", self._position // self.steps_per_epoch)
+        if isinstance(done, bool) or not isinstance(done, (int, np.integer)) or not 0 <= done <= self.epochs:
+            raise ValueError(f"{type(self).__name__} state dict: epochs_done must be an integer in "
+                             f"[0, {self.epochs}], got {done!r}")
+        self._epochs_done = int(done)
+        self._epoch_hint = None
+        self._token += 1  # passes started before the load stop
+        self._warned_done = False
