@@ -1,6 +1,6 @@
 """D1: CREST on one process against CREST on two processes (DDP, gloo), Fashion-MNIST at a 10% budget.
 
-The same recipe as ``crest demo`` (:mod:`crestcore.train_demo`: the small CNN, SGD with momentum and
+The same recipe as ``crest demo`` (:mod:`crestcore.apps.train_demo`: the small CNN, SGD with momentum and
 Nesterov, warm-up + cosine learning rate, CREST's demo options), run
 
 * ``1 process``: the single-process :class:`crestcore.adapters.torch.CrestLoader`, ``--threads`` torch
@@ -71,7 +71,7 @@ def worker(a) -> None:
     from torch.utils.data import TensorDataset
 
     from crestcore.adapters.torch import CrestLoader
-    from crestcore.train_demo import TrainSettings, build_cnn, crest_config, evaluate, load_data, lr_factor
+    from crestcore.apps.train_demo import TrainSettings, build_cnn, crest_config, evaluate, load_data, lr_factor
 
     ddp = a.worker == "ddp"
     threads = a.threads if not ddp else (a.threads_per_rank or max(1, a.threads // a.nproc))
@@ -256,7 +256,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     import torch
 
-    from crestcore.train_demo import machine_line
+    from crestcore.apps.train_demo import machine_line
 
     t_start = time.perf_counter()
     load_before = load1()

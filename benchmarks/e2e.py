@@ -1,7 +1,7 @@
 """E1/E2: end-to-end training on Fashion-MNIST, full data vs the baselines vs CREST at a 10% budget.
 
 Suites E1 and E2 (see ``benchmarks/README.md``): the same small CNN and recipe as ``crest demo``
-(:mod:`crestcore.train_demo`), 3 seeds. For each seed the methods run one after the other in one process
+(:mod:`crestcore.apps.train_demo`), 3 seeds. For each seed the methods run one after the other in one process
 (so a change of machine load hits all of them), and the table reports:
 
 * E1: test accuracy (mean +- std over seeds), relative error ``(acc_full - acc) / acc_full x 100``
@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, default=0.1, help="share of the full run's steps (default: %(default)s)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)")
     p.add_argument("--methods", default="full,random,crest",
-                   help="comma-separated methods of crestcore.train_demo.METHODS, or 'all' "
+                   help="comma-separated methods of crestcore.apps.train_demo.METHODS, or 'all' "
                         "(default: %(default)s)")
     p.add_argument("--reselect-every", type=int, default=None, metavar="R",
                    help="craig, gradmatch, glister: select every R epochs of the budgeted run "
@@ -72,7 +72,7 @@ def _mean_std(xs):
 
 def aggregate(per_seed: list[dict], methods: list[str]) -> dict:
     """per_seed: [{method: record}] -> per-method summary (see the module docstring)."""
-    from crestcore.train_demo import overhead_seconds, relative_error
+    from crestcore.apps.train_demo import overhead_seconds, relative_error
 
     out = {}
     for mth in methods:
@@ -361,7 +361,7 @@ def main(argv=None) -> int:
             write_block(ns.out, md)
             print(f"\nwrote the e2e-bench block of {ns.out}")
         return 0
-    from crestcore.train_demo import (
+    from crestcore.apps.train_demo import (
         TrainSettings, _import_torch, breakdown_line, format_table, load_data, machine_line, parse_methods,
         selects, summarize, train_method,
     )

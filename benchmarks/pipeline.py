@@ -42,7 +42,7 @@ def _datasets(n: int, seed: int):
     import numpy as np
     import torch
 
-    from crestcore.datasets import load_fashion_mnist
+    from crestcore.apps.datasets import load_fashion_mnist
 
     xtr, ytr = load_fashion_mnist(split="train")
     xte, yte = load_fashion_mnist(split="test")
@@ -76,7 +76,7 @@ def run_one(method: str, seed: int, a) -> dict:
 
     from crestcore import CrestConfig
     from crestcore.adapters.torch import CrestBatchSampler
-    from crestcore.train_demo import build_cnn, evaluate
+    from crestcore.apps.train_demo import build_cnn, evaluate
 
     torch.set_num_threads(1)
     xtr, ytr, xte, yte = _datasets(a.n, 0)
@@ -213,7 +213,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="write the table between the pipeline-bench markers of this markdown file")
     ap.add_argument("--json", help="write every run here")
     a = ap.parse_args(argv)
-    from crestcore.datasets import fashion_mnist_available
+    from crestcore.apps.datasets import fashion_mnist_available
 
     if not fashion_mnist_available():
         print("Fashion-MNIST is not installed (Debian package dataset-fashion-mnist; `make setup` installs it)")

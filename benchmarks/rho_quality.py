@@ -9,9 +9,9 @@ t steps after the anchor, and whether it predicts better than the trivial "nothi
 
 Protocol (``docs/rho.md`` has the results and the discussion):
 
-* Training: the demo CNN (:func:`crestcore.train_demo.build_cnn`) on a Fashion-MNIST subset, SGD
+* Training: the demo CNN (:func:`crestcore.apps.train_demo.build_cnn`) on a Fashion-MNIST subset, SGD
   (momentum 0.9, Nesterov, weight decay 5e-4), peak lr 0.05 with linear warm-up over 10 % of the steps
-  then cosine to 0 (:func:`crestcore.train_demo.lr_factor`), mini-batches of m = 128. Two trajectories
+  then cosine to 0 (:func:`crestcore.apps.train_demo.lr_factor`), mini-batches of m = 128. Two trajectories
   (``--trajectories``): ``random`` (uniformly random mini-batches, the brief's) and ``coreset`` (CREST's
   weighted coresets: the P coresets selected at the latest anchor, cycled, loss ``mean(w_i l_i)``, as
   ``CrestConfig(batches="coreset")`` trains).
@@ -107,7 +107,7 @@ def run_seed(data, seed: int, trajectory: str, a) -> dict:
         quadratic_curvature, quadratic_init, quadratic_predict, quadratic_update,
     )
     from crestcore.adapters.torch import TorchModelOps
-    from crestcore.train_demo import build_cnn, lr_factor
+    from crestcore.apps.train_demo import build_cnn, lr_factor
 
     x, y = data
     n = int(x.shape[0])
@@ -470,7 +470,7 @@ def main(argv=None):
     else:
         import torch
 
-        from crestcore.train_demo import load_data
+        from crestcore.apps.train_demo import load_data
 
         torch.set_num_threads(a.threads)
         x, y, _, _ = load_data(n_train=a.n_train, n_test=10, seed=0)

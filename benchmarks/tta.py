@@ -27,7 +27,7 @@ learning rate tuned on a validation split, several seeds, and its wall clock cou
 
 Sweep and ablation runs evaluate only at the end; final runs also at ``--evals`` points for the curves.
 
-Every run goes through :func:`crestcore.train_demo.train_method`. ``--json PATH`` is rewritten after
+Every run goes through :func:`crestcore.apps.train_demo.train_method`. ``--json PATH`` is rewritten after
 every run; ``--resume`` skips the runs it holds (key: data set, method or variant, budget, seed, lr,
 phase), so an interrupted run continues, and a finished one is re-rendered without training.
 
@@ -62,7 +62,7 @@ if _HERE not in sys.path:  # e2e.py sits next to this file (on the path already 
 from e2e import _warm_up  # noqa: E402  (loads the selection kernels outside every clock)
 from e2e import write_block as _write_block  # noqa: E402
 
-from crestcore.train_demo import (  # noqa: E402
+from crestcore.apps.train_demo import (  # noqa: E402
     TrainSettings, _COLORS, _LABELS, load_data, machine_line, relative_error, train_method,
 )
 
@@ -313,7 +313,7 @@ def check_ablations(names) -> None:
     """Fail before any run when a variant's CrestConfig field does not exist or is not passed through
     (``train_demo.crest_config`` must apply ``settings.extra["crest"]``)."""
     from crestcore import CrestConfig
-    from crestcore.train_demo import crest_config
+    from crestcore.apps.train_demo import crest_config
 
     fields = {f.name for f in dataclasses.fields(CrestConfig)}
     for v in names:
@@ -462,7 +462,7 @@ def header(title: str, meta: dict, ns) -> list[str]:
         f"device {ns.device}; load average {meta['load_before']} before, {meta['load_after']} after "
         f"(1-min load at the start of the runs: {meta['load_runs']}); this invocation {meta['total_s'] / 60:.1f} min.",
         "",
-        f"Protocol: the `crest demo` CNN and recipe (`crestcore.train_demo.train_method`: SGD, momentum 0.9, "
+        f"Protocol: the `crest demo` CNN and recipe (`crestcore.apps.train_demo.train_method`: SGD, momentum 0.9, "
         f"Nesterov, weight decay 5e-4, m = 128, linear warm-up and cosine decay over each run's own steps), "
         f"{meta['n_train']} training / {meta['n_test']} test images, full data {ns.epochs} epochs; Random (a "
         "fresh uniform subset each epoch), CREST and CREST with dropping get a budget of the full run's steps. "

@@ -123,9 +123,9 @@ def from_numpy(a: np.ndarray, xp, device=None):
     if array_api_compat.is_numpy_namespace(xp):
         return a
     if array_api_compat.is_torch_namespace(xp):
-        import importlib
+        import sys
 
-        torch = importlib.import_module("torch")  # already imported by the caller's data
+        torch = sys.modules["torch"]  # imported by the caller's data (xp is its namespace); the core imports no torch
         return torch.as_tensor(_contiguous(a), device=device)
     return xp.asarray(_contiguous(a), device=device)
 

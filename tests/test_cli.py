@@ -1,4 +1,4 @@
-"""The ``crest`` command line (crestcore/cli.py) and the selection demo (crestcore/demo.py)."""
+"""The ``crest`` command line (apps/cli.py) and the selection demo (apps/demo.py)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from crestcore import cli, facility_objective, pairwise_distances
-from crestcore.datasets import fashion_mnist_available
-from crestcore.demo import evaluate_subset, max_distance
+from crestcore import facility_objective, pairwise_distances
+from crestcore.apps import cli
+from crestcore.apps.datasets import fashion_mnist_available
+from crestcore.apps.demo import evaluate_subset, max_distance
 
 needs_fmnist = pytest.mark.skipif(
     not fashion_mnist_available(),
@@ -24,7 +26,7 @@ needs_fmnist = pytest.mark.skipif(
 def run_cli(*args, timeout=120):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     return subprocess.run(
-        [sys.executable, "-m", "crestcore.cli", *args],
+        [sys.executable, "-m", "crestcore.apps.cli", *args],
         capture_output=True, text=True, timeout=timeout, env=env,
     )
 
@@ -78,9 +80,25 @@ def test_demo_missing_dataset_via_main(tmp_path, capsys):
 
 
 def test_bench_without_benchmarks(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_source_benchmarks", lambda: tmp_path / "benchmarks")
+    """An installed wheel has no benchmarks/: `crest bench` says it needs the source checkout."""
+    missing = tmp_path / "benchmarks"
+    monkeypatch.setattr(cli, "_source_benchmarks", lambda: missing)
     assert cli.main(["bench", "selection"]) == 1
-    assert "make bench" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("crest: error: `crest bench` needs a source checkout of crestcore")
+    assert "not installed with the package" in err and str(missing) in err and "make bench" in err
+    assert len(err.strip().splitlines()) == 1
+    assert cli.main(["info", "--root", str(tmp_path)]) == 0
+    assert "benchmarks: not installed" in capsys.readouterr().out
+
+
+def test_bench_finds_the_checkouts_benchmarks():
+    """From the source checkout (apps/ next to benchmarks/) the lookup finds the real folder."""
+    root = Path(__file__).resolve().parent.parent
+    if Path(cli.__file__).resolve() != root / "apps" / "cli.py":
+        pytest.skip("the tests run against an installed wheel, away from the source checkout")
+    assert cli._source_benchmarks() == root / "benchmarks"
+    assert (root / "benchmarks" / "selection.py").is_file()
 
 
 def test_bench_runs_source_script_with_args(tmp_path, monkeypatch):
@@ -99,7 +117,7 @@ def test_bench_runs_source_script_with_args(tmp_path, monkeypatch):
 
 def test_cli_and_demo_imports_stay_light():
     code = (
-        "import sys, crestcore, crestcore.cli, crestcore.demo, crestcore.datasets\n"
+        "import sys, crestcore, crestcore.apps.cli, crestcore.apps.demo, crestcore.apps.datasets\n"
         "heavy = [m for m in ('torch', 'numba', 'cupy', 'keras', 'matplotlib', 'tqdm') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
@@ -170,7 +188,7 @@ def test_demo_end_to_end(tmp_path, capsys):
 @needs_fmnist
 def test_demo_single_pick_beats_every_random_pick(tmp_path):
     # With one pick per class, greedy's pick maximises F({j}) over all j: never below a random one.
-    from crestcore.demo import run_selection_demo
+    from crestcore.apps.demo import run_selection_demo
 
     res = run_selection_demo(tmp_path, fraction=0.005, limit_per_class=200, progress=False, seed=3,
                              top=1, print_fn=None)

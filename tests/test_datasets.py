@@ -1,4 +1,4 @@
-"""The IDX reader and the Fashion-MNIST loader (crestcore/datasets.py)."""
+"""The IDX reader and the Fashion-MNIST loader (apps/datasets.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from crestcore.datasets import (
+from crestcore.apps.datasets import (
     DEFAULT_FASHION_MNIST_ROOT,
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_FILES,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from crestcore.datasets import fashion_mnist_available
+from crestcore.apps.datasets import fashion_mnist_available
 
 PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "pipeline.py"
 if not PATH.exists():  # the wheel's test run copies tests/ alone

@@ -1,17 +1,18 @@
-"""The training demo (crestcore/train_demo.py, `crest demo`): helpers, timing attribution, end to end."""
+"""The training demo (apps/train_demo.py, `crest demo`): helpers, timing attribution, end to end."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from crestcore import cli
-from crestcore.datasets import fashion_mnist_available
-from crestcore.train_demo import (
+from crestcore.apps import cli
+from crestcore.apps.datasets import fashion_mnist_available
+from crestcore.apps.train_demo import (
     DEFAULT_METHODS,
     QUICK_METHODS,
     METHODS,
@@ -184,7 +185,7 @@ def test_ops_timer_attribution():
 
 def test_train_demo_import_stays_light():
     code = (
-        "import sys, crestcore.train_demo, crestcore.cli\n"
+        "import sys, crestcore.apps.train_demo, crestcore.apps.cli\n"
         "heavy = [m for m in ('torch', 'matplotlib', 'tqdm', 'numba') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
@@ -273,7 +274,7 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
 
 @needs_fmnist
 def test_demo_all_methods_tiny(tmp_path):
-    from crestcore.train_demo import run_training_demo
+    from crestcore.apps.train_demo import run_training_demo
 
     s = TrainSettings(epochs=2, m=32, budget=0.25, evals=1, threads=1, crest_r=64)
     res = run_training_demo(tmp_path, settings=s, methods="all", progress=False, n_train=400, n_test=50,
@@ -330,7 +331,7 @@ def test_bench_e2e_all_methods_markdown(tmp_path):
 
 @needs_fmnist
 def test_crest_drop_run_records_pool_and_checks(tmp_path):
-    from crestcore.train_demo import run_training_demo
+    from crestcore.apps.train_demo import run_training_demo
 
     s = TrainSettings(epochs=2, m=32, budget=0.5, evals=1, threads=1, crest_T1=1, crest_r=64,
                       drop_alpha=10.0)  # alpha 10: every example measured counts as learned
@@ -348,6 +349,60 @@ def test_crest_drop_run_records_pool_and_checks(tmp_path):
 def test_keras_backend_needs_the_keras_framework(capsys):
     assert cli.main(["demo", "--keras-backend", "torch", "--no-progress"]) == 2
     assert "--framework keras" in capsys.readouterr().err
+
+
+def test_keras_environment_names_the_variables():
+    from crestcore.apps.keras_demo import keras_environment
+
+    assert keras_environment("torch") == {"KERAS_BACKEND": "torch"}
+    assert keras_environment("torch", "cuda:1") == {"KERAS_BACKEND": "torch", "KERAS_TORCH_DEVICE": "cuda:1"}
+    assert keras_environment("jax", "cpu") == {"KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    assert keras_environment("jax", "cuda") == {"KERAS_BACKEND": "jax"}
+    with pytest.raises(ValueError, match="tensorflow"):
+        keras_environment("tensorflow")
+
+
+def _child(code: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "KERAS_TORCH_DEVICE", "JAX_PLATFORMS")}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_keras_demo_writes_no_environment():
+    """Importing the Keras demo and asking it for keras write nothing to os.environ; a KERAS_BACKEND naming
+    another backend is refused before keras is imported."""
+    r = _child(
+        "import os, sys\n"
+        "before = dict(os.environ)\n"
+        "import crestcore.apps.keras_demo as kd\n"
+        "assert dict(os.environ) == before\n"
+        "os.environ['KERAS_BACKEND'] = 'jax'\n"
+        "try:\n"
+        "    kd.import_keras('torch', 'cpu')\n"
+        "except ValueError as exc:\n"
+        "    assert 'KERAS_BACKEND' in str(exc) and \"'jax'\" in str(exc), exc\n"
+        "else:\n"
+        "    raise AssertionError('a mismatched KERAS_BACKEND was accepted')\n"
+        "assert 'keras' not in sys.modules\n"
+        "assert dict(os.environ) == {**before, 'KERAS_BACKEND': 'jax'}\n"
+        "print('ok')\n"
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_cli_chooses_the_keras_backend_before_keras_is_imported():
+    r = _child(
+        "import os, sys\n"
+        "from crestcore.apps import cli\n"
+        "cli._choose_keras_backend('torch', 'cpu')\n"
+        "assert os.environ['KERAS_BACKEND'] == 'torch' and os.environ['KERAS_TORCH_DEVICE'] == 'cpu'\n"
+        "assert 'keras' not in sys.modules\n"
+        "del os.environ['KERAS_BACKEND']\n"
+        "sys.modules['keras'] = object()  # a keras imported earlier keeps its backend\n"
+        "cli._choose_keras_backend('jax', 'cpu')\n"
+        "assert 'KERAS_BACKEND' not in os.environ and 'JAX_PLATFORMS' not in os.environ\n"
+        "print('ok')\n"
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
 def test_keras_framework_rejects_methods_it_does_not_run(tmp_path, capsys):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crestcore.datasets import fashion_mnist_available
+from crestcore.apps.datasets import fashion_mnist_available
 
 PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "tta.py"
 if not PATH.is_file():  # the tests run against an installed wheel, away from the source checkout
@@ -113,7 +113,7 @@ def test_ablation_table_is_checked(monkeypatch):
     monkeypatch.setitem(tta.ABLATIONS, "bogus", {"method": "crest", "crest": {"no_such_field": 1}})
     with pytest.raises(ValueError, match="no_such_field"):
         tta.check_ablations(["bogus"])
-    import crestcore.train_demo as td
+    import crestcore.apps.train_demo as td
 
     real = td.crest_config
     monkeypatch.setattr(td, "crest_config", lambda s, **kw: real(td.TrainSettings(), **kw))  # ignores extra
@@ -299,7 +299,7 @@ def test_ablations_run_the_table(fake, tmp_path, monkeypatch):
 @needs_fmnist
 def test_smoke_fashion_mnist(tmp_path, monkeypatch):
     """The whole harness, tiny: 600 training / 200 test images, one epoch, two seeds, two lrs."""
-    from crestcore.train_demo import train_method
+    from crestcore.apps.train_demo import train_method
 
     seen = []
 
@@ -339,6 +339,6 @@ def test_smoke_noisy_and_ablations(tmp_path):
 
 
 def test_cli_finds_the_benchmark():
-    from crestcore import cli
+    from crestcore.apps import cli
 
     assert cli.main(["bench", "tta", "--help"]) == 0  # benchmarks/tta.py, run by `crest bench tta`

@@ -667,15 +667,15 @@ def test_misuse_is_refused_clearly():
 # the demo: `crest demo --framework keras`
 # ------------------------------------------------------------------------------------------------
 def test_keras_demo_module_imports_no_framework():
-    code = ("import sys, json, crestcore.keras_demo\n"
+    code = ("import sys, json, crestcore.apps.keras_demo\n"
             "print(json.dumps([m for m in ('keras', 'torch', 'jax') if m in sys.modules]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
 
 def test_keras_demo_schedule_is_the_pytorch_demos():
-    from crestcore.keras_demo import _warmup_cosine
-    from crestcore.train_demo import lr_factor
+    from crestcore.apps.keras_demo import _warmup_cosine
+    from crestcore.apps.train_demo import lr_factor
 
     for total, warmup in ((50, 0.1), (7, 0.0), (3, 0.5)):
         sched = _warmup_cosine(keras, 0.05, total, warmup)
@@ -685,9 +685,9 @@ def test_keras_demo_schedule_is_the_pytorch_demos():
 
 
 def test_keras_demo_runs_the_comparison(tmp_path):
-    from crestcore.datasets import fashion_mnist_available
-    from crestcore.keras_demo import run_keras_comparison
-    from crestcore.train_demo import TrainSettings
+    from crestcore.apps.datasets import fashion_mnist_available
+    from crestcore.apps.keras_demo import run_keras_comparison
+    from crestcore.apps.train_demo import TrainSettings
 
     if not (fashion_mnist_available(split="train") and fashion_mnist_available(split="test")):
         pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")

@@ -30,9 +30,10 @@ from typing import Callable
 
 import numpy as np
 
+from crestcore.facility import facility_location
+from crestcore.similarity import KERNELS, METRICS, kernel_scale, pairwise_distances
+
 from .datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
-from .facility import facility_location
-from .similarity import KERNELS, METRICS, kernel_scale, pairwise_distances
 
 __all__ = ["run_selection_demo", "evaluate_subset", "max_distance", "format_table"]
 

@@ -1,11 +1,14 @@
 """``crest demo --framework keras``: the training demo's comparison (full data, random, CREST, CREST with
 dropping) on Fashion-MNIST, trained through Keras 3 ``model.fit`` with :mod:`crestcore.adapters.keras`.
 
-This module sits on top of everything, like :mod:`crestcore.train_demo` (whose settings, CREST
-configuration, table and figures it reuses): the core never imports it, and ``import
-crestcore.keras_demo`` imports neither keras nor torch. The Keras backend is chosen when keras is first
-imported: ``backend=`` (default ``KERAS_BACKEND``, else ``"torch"``); a keras already imported with another
-backend is an error.
+This module sits on the applications floor, like :mod:`crestcore.apps.train_demo` (whose settings, CREST
+configuration, table and figures it reuses): nothing below imports it, and ``import
+crestcore.apps.keras_demo`` imports neither keras nor torch. Keras takes its backend (and device) from the
+environment once, when it is first imported. This module writes no environment variable:
+:func:`keras_environment` says which ones pick a backend and device, the ``crest`` entry point
+(:mod:`crestcore.apps.cli`) sets them before keras is imported, and a script calling
+:func:`run_keras_comparison` sets ``KERAS_BACKEND`` itself before its first ``import keras``. A keras
+imported with another backend than ``backend=`` (default ``KERAS_BACKEND``, else ``"torch"``) is an error.
 
 The recipe mirrors the PyTorch demo: the same examples (``n_train`` / ``n_test`` subsets drawn the same
 way), the same CNN shape (two strided convolutions, a 64-unit hidden layer, a linear classifier giving
@@ -40,40 +43,65 @@ from .train_demo import TrainSettings, crest_config, format_table, make_figures,
 #: the methods the Keras comparison trains (the baselines run through the PyTorch demo only)
 METHODS = ("full", "random", "crest", "crest-drop")
 
-__all__ = ["run_keras_comparison", "train_keras_method", "load_keras_data", "build_keras_cnn", "import_keras"]
+__all__ = ["run_keras_comparison", "train_keras_method", "load_keras_data", "build_keras_cnn", "import_keras",
+           "keras_environment"]
 
 # Fashion-MNIST training-set pixel mean and standard deviation (of x / 255), as in train_demo
 _MEAN, _STD = 0.2860, 0.3530
 
 
+def keras_environment(backend: str = "torch", device: str | None = None) -> dict[str, str]:
+    """The environment variables that make a keras imported afterwards run ``backend`` on ``device``.
+
+    Keras reads them once, at its first import, so they must be in ``os.environ`` before it. This function
+    only computes them (``KERAS_BACKEND``; ``KERAS_TORCH_DEVICE`` for a device on torch;
+    ``JAX_PLATFORMS=cpu`` for a CPU run on jax); ``crest demo --framework keras`` sets them."""
+    if backend not in ("torch", "jax"):
+        raise ValueError(f"backend must be 'torch' or 'jax' (the Keras backends CREST supports), got {backend!r}")
+    env = {"KERAS_BACKEND": backend}
+    if backend == "torch" and device is not None:
+        env["KERAS_TORCH_DEVICE"] = str(device)
+    elif backend == "jax" and device == "cpu":
+        env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _same_torch_device(have, want: str) -> bool:
+    """Whether torch device ``have`` is ``want`` ("cuda" matches every CUDA device, "cuda:1" only that one)."""
+    import torch  # imported already: keras runs on it
+
+    want = torch.device(want)
+    return have.type == want.type and (want.index is None or have.index == want.index)
+
+
 def import_keras(backend: str | None = None, device: str | None = None):
-    """Import keras with ``backend`` (default ``KERAS_BACKEND``, else "torch"); refuse a mismatch.
+    """Import keras and check that it runs ``backend`` (default ``KERAS_BACKEND``, else "torch").
 
-    ``device`` ("cpu", "cuda", "cuda:1", ...) is where Keras puts everything: it must be chosen before
-    keras is imported (``KERAS_TORCH_DEVICE`` on torch, ``JAX_PLATFORMS=cpu`` for a CPU run on jax); a
-    keras imported earlier keeps its device (with a warning when it differs)."""
+    Nothing is written to the environment: Keras takes its backend and device from it at its first import
+    (:func:`keras_environment` lists the variables), so a keras not yet imported must find
+    ``KERAS_BACKEND=backend`` there; a keras already imported with another backend is refused. On torch,
+    a Keras device other than ``device`` ("cpu", "cuda", "cuda:1", ...) draws a warning."""
     want = backend or os.environ.get("KERAS_BACKEND") or "torch"
-    fresh = "keras" not in sys.modules
-    if fresh:
-        os.environ["KERAS_BACKEND"] = want
-        if want == "torch":
-            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see train_demo._import_torch
-            if device is not None:
-                os.environ["KERAS_TORCH_DEVICE"] = str(device)
-        elif want == "jax" and device == "cpu" and "jax" not in sys.modules:
-            os.environ["JAX_PLATFORMS"] = "cpu"
-    import keras
-
+    env = os.environ.get("KERAS_BACKEND")
+    hint = (f"set KERAS_BACKEND={want} before keras is first imported (`crest demo --framework keras` does it; "
+            "keras_environment() lists the variables)")
+    if "keras" not in sys.modules and env is not None and env != want:
+        raise ValueError(f"KERAS_BACKEND is {env!r} but the demo was asked for the {want!r} backend; {hint}")
+    try:
+        import keras
+    except ImportError as exc:
+        if env is None and getattr(exc, "name", None) != "keras":  # Keras's default backend is missing
+            raise ImportError(f"{exc}; {hint}") from exc
+        raise
     have = keras.backend.backend()
     if have != want:
-        raise ValueError(f"keras is already imported with the {have!r} backend in this process; the demo was asked "
-                         f"for {want!r} (set KERAS_BACKEND={want} before keras is first imported)")
-    if not fresh and device is not None and have == "torch":
-        from keras.src.backend.torch.core import get_device
-
-        if str(get_device()) != str(device):
-            warnings.warn(f"keras was imported before the demo and runs on {get_device()}, not {device} "
-                          "(set KERAS_TORCH_DEVICE before keras is first imported)", stacklevel=2)
+        raise ValueError(f"keras is imported with the {have!r} backend in this process; the demo was asked "
+                         f"for {want!r} ({hint})")
+    if device is not None and have == "torch":
+        where = keras.ops.zeros((1,)).device  # a torch tensor, made where Keras puts everything
+        if not _same_torch_device(where, str(device)):
+            warnings.warn(f"keras runs on {where}, not {device} (set KERAS_TORCH_DEVICE={device} before keras is "
+                          "first imported)", stacklevel=2)
     return keras
 
 
@@ -171,7 +199,7 @@ def train_keras_method(method: str, data, s: TrainSettings, *, backend: str | No
 
     crest = None
     if method.startswith("crest"):
-        from .adapters.keras import CrestCallback
+        from crestcore.adapters.keras import CrestCallback
 
         cfg = crest_config(s, dropping=method == "crest-drop", steps_per_epoch=spe)
         crest = CrestCallback(x_tr, y_tr, config=cfg, budget=s.budget, epochs=s.epochs, seed=s.seed,
@@ -321,8 +349,9 @@ def run_keras_comparison(
     """The training demo through Keras: train every method of ``methods`` (``full`` always runs), print the
     table, save figures (accuracy vs wall clock, coreset updates, rho) and ``results.json`` in ``out``.
 
-    Same arguments as :func:`crestcore.train_demo.run_training_demo`, plus ``backend`` (the Keras backend:
-    "torch" or "jax"; default ``KERAS_BACKEND``, else "torch"). Returns the results dict."""
+    Same arguments as :func:`crestcore.apps.train_demo.run_training_demo`, plus ``backend`` (the Keras
+    backend: "torch" or "jax"; default ``KERAS_BACKEND``, else "torch"; a keras not yet imported must find
+    it in ``KERAS_BACKEND``, see :func:`import_keras`). Returns the results dict."""
     s = settings or TrainSettings()
     methods = list(methods)
     for mth in methods:

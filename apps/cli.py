@@ -1,8 +1,8 @@
 """The ``crest`` command line: ``crest demo`` (``--selection``), ``crest info``, ``crest bench``.
 
-The CLI sits on top of everything and the core never imports it. Heavy or optional modules (the demo,
-the backends, torch, numba, tqdm, matplotlib) are imported inside the command that needs them, so
-``crest --help`` and ``crest info`` stay quick.
+The CLI sits on the applications floor (``crestcore.apps``), on top of everything: nothing below imports
+it. Heavy or optional modules (the demo, the backends, torch, numba, keras, tqdm, matplotlib) are imported
+inside the command that needs them, so ``crest --help`` and ``crest info`` stay quick.
 
 Exit codes: 0 success; 2 usage error (argparse); 1 a clear one-line error (missing data set, malformed
 file, bad value) without a traceback; 130 interrupted; ``crest bench`` passes on the benchmark's own.
@@ -40,11 +40,18 @@ def _positive_int(text: str) -> int:
 
 
 def _source_benchmarks() -> Path:
-    """``benchmarks/`` of the source checkout this package runs from (it is not installed)."""
+    """``benchmarks/`` of the source checkout this package runs from: it sits next to ``apps/`` (this
+    file's folder). A wheel installs no benchmarks, so there the folder does not exist."""
     return Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-# defaults of the training demo, shown in --help (kept in step with crestcore.train_demo.TrainSettings
+def _no_checkout_message(bdir: Path) -> str:
+    return (f"`crest bench` needs a source checkout of crestcore: the benchmarks are not installed with the "
+            f"package (looked for {bdir}). Run it from a clone of the repository, installed with "
+            "`pip install -e .`, or run `make bench` there")
+
+
+# defaults of the training demo, shown in --help (kept in step with crestcore.apps.train_demo.TrainSettings
 # by tests/test_train_demo.py; the CLI must not import torch to show them)
 _TRAIN_DEFAULTS = {"epochs": 5, "budget": 0.1, "evals": 6}
 
@@ -55,8 +62,8 @@ _TRAINING_OPTS = ("epochs", "budget", "device", "threads", "methods", "limit_tra
 
 def build_parser() -> argparse.ArgumentParser:
     # Choices come from the core's constants (cheap: the core imports only numpy/array-api-compat).
-    from .facility import OPTIMIZERS
-    from .similarity import KERNELS, METRICS
+    from crestcore.facility import OPTIMIZERS
+    from crestcore.similarity import KERNELS, METRICS
 
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -197,21 +204,24 @@ def _cmd_training_demo(ns: argparse.Namespace) -> int:
         _err("--keras-backend needs --framework keras")
         return 2
     if ns.framework == "keras":
-        try:
-            from .keras_demo import METHODS as KERAS_METHODS, run_keras_comparison
+        from .keras_demo import METHODS as KERAS_METHODS, run_keras_comparison  # imports no keras
 
+        other = [m for m in methods if m not in KERAS_METHODS]
+        if ns.methods is not None and other:
+            _err(f"--methods: the Keras demo runs {', '.join(KERAS_METHODS)}, not {other[0]!r}")
+            return 2
+        backend = ns.keras_backend or "torch"
+        _choose_keras_backend(backend, s.device)
+        try:
             run_keras_comparison(
                 ns.out if ns.out is not None else "./crest-keras-demo-out", settings=s,
                 methods=methods if ns.methods is not None else KERAS_METHODS,
-                backend=ns.keras_backend or "torch", progress=not ns.no_progress, root=ns.root,
+                backend=backend, progress=not ns.no_progress, root=ns.root,
                 n_train=ns.limit_train, n_test=ns.limit_test,
             )
         except ImportError as exc:
             _err(f"{exc}; the Keras demo needs Keras 3: pip install 'crestcore[keras,torch,demo]'")
             return 1
-        except ValueError as exc:  # a method the Keras demo does not run
-            _err(f"--methods: {exc}")
-            return 2
         return 0
     try:
         run_training_demo(
@@ -225,6 +235,24 @@ def _cmd_training_demo(ns: argparse.Namespace) -> int:
             return 1
         raise
     return 0
+
+
+def _choose_keras_backend(backend: str, device: str | None) -> None:
+    """Put the Keras backend and device in the environment, before keras is first imported.
+
+    Keras reads ``KERAS_BACKEND`` (and ``KERAS_TORCH_DEVICE`` / ``JAX_PLATFORMS``) once, at its first import,
+    and cannot switch afterwards. So the choice is made here, in the command-line entry point and only
+    here: the library modules (``crestcore.apps.keras_demo`` included) never write ``os.environ``. A keras
+    imported earlier in this process keeps its backend, and the demo refuses a mismatch."""
+    import os
+
+    if "keras" in sys.modules:
+        return
+    from .keras_demo import keras_environment
+
+    os.environ.update(keras_environment(backend, device))
+    if backend == "torch" and "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see train_demo._import_torch
 
 
 def _dist_version(name: str) -> str | None:
@@ -256,8 +284,8 @@ def _cmd_info(ns: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from . import __version__
-    from .backends import available_backends
+    from crestcore import __version__
+    from crestcore.backends import available_backends
     from .datasets import DEFAULT_FASHION_MNIST_ROOT, fashion_mnist_available
 
     print(f"crestcore {__version__}  (Python {platform.python_version()}, NumPy {np.__version__})")
@@ -280,7 +308,7 @@ def _cmd_info(ns: argparse.Namespace) -> int:
         names = sorted(p.stem for p in bdir.glob("*.py") if not p.name.startswith("_"))
         print(f"benchmarks ({bdir}): {', '.join(names) if names else 'none yet'}")
     else:
-        print("benchmarks: not available (they run from a source checkout with `make bench`)")
+        print("benchmarks: not installed (`crest bench` and `make bench` run from a source checkout)")
     return 0
 
 
@@ -296,10 +324,7 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
             _err(f"no benchmark {ns.name!r}: {script} does not exist ({known}); "
                  "benchmarks run from a source checkout with `make bench`")
         else:
-            _err(
-                "benchmarks are not installed with the package; they run from a source checkout "
-                "of crestcore with `make bench` (or `crest bench NAME` there)"
-            )
+            _err(_no_checkout_message(bdir))
         return 1
     args = list(ns.args)
     if args[:1] == ["--"]:

@@ -1,8 +1,8 @@
 """``crest demo``: train a small CNN on Fashion-MNIST on full data, on the baselines' subsets and with CREST.
 
-This module sits on top of everything (like the CLI and :mod:`crestcore.demo`): the core never imports
+This module sits on top of everything (like the CLI and :mod:`crestcore.apps.demo`): the core never imports
 it. torch, tqdm and matplotlib are imported inside the functions that use them, so ``import
-crestcore.train_demo`` imports none of them.
+crestcore.apps.train_demo`` imports none of them.
 
 What it does (see ``docs/demo.md``)
 -----------------------------------
@@ -148,8 +148,8 @@ class TrainSettings:
 
 def crest_config(s: TrainSettings, *, dropping: bool = False, steps_per_epoch: int = 1):
     """The :class:`crestcore.CrestConfig` of a run with settings ``s``."""
-    from .controller import CrestConfig
-    from .dropping import DropConfig
+    from crestcore.controller import CrestConfig
+    from crestcore.dropping import DropConfig
 
     kw = {"m": s.m}
     for name in ("r", "P", "T1", "tau", "h", "b", "fit_batches"):
@@ -462,7 +462,7 @@ def train_method(method: str, data, s: TrainSettings, *, progress: bool = True, 
     if method.startswith("crest"):
         from torch.utils.data import TensorDataset
 
-        from .adapters.torch import CrestLoader
+        from crestcore.adapters.torch import CrestLoader
 
         cfg = crest_config(s, dropping=method == "crest-drop", steps_per_epoch=spe)
         loader = CrestLoader(model, TensorDataset(x_dev, y_dev), config=cfg, budget=s.budget, epochs=s.epochs,
@@ -474,7 +474,7 @@ def train_method(method: str, data, s: TrainSettings, *, progress: bool = True, 
     else:
         from torch.utils.data import TensorDataset
 
-        from .adapters.baselines import SubsetLoader
+        from crestcore.adapters.baselines import SubsetLoader
 
         sub = SubsetLoader(model, TensorDataset(x_dev, y_dev), method=method, budget=s.budget, epochs=s.epochs,
                            m=m, seed=s.seed, labels=y_tr.numpy(), measure_batch_size=s.measure_batch_size,
