@@ -176,15 +176,16 @@ class CrestConfig:
     def paper(cls, **overrides) -> "CrestConfig":
         """Algorithm 1 as the paper states it, with its hyperparameters (P = 5, T1 = 1, tau = 0.1, h = 1,
         b = 5, cluster-size weights, the trust check, no overhead cap) and none of the release's bugs."""
-        base = dict(P=5, T1=1, tau=0.1, h=1.0, b=5.0, weights="cluster", reselect="trust", max_overhead=None,
-                    kernel="max-minus", batches="coreset", quadratic=QuadraticConfig())
+        base: dict[str, Any] = dict(P=5, T1=1, tau=0.1, h=1.0, b=5.0, weights="cluster", reselect="trust",
+                                    max_overhead=None, kernel="max-minus", batches="coreset",
+                                    quadratic=QuadraticConfig())
         base.update(overrides)
         return cls(**base)
 
     @classmethod
     def release(cls, **overrides) -> "CrestConfig":
         """The design choices of the authors' release (docs/algorithm.md lists them), never its bugs."""
-        base = dict(
+        base: dict[str, Any] = dict(
             kernel="exp", class_budget="ceil", batches="shuffled-union",
             quadratic=QuadraticConfig(variant="adahessian"), check_union=True,
         )
@@ -430,6 +431,7 @@ def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
     L_R = float(to_numpy(xp.mean(losses)))
     w = ops.params()
     namespace(w, state.anchor, names=("params()", "anchor"))  # same library and device
+    assert state.quad is not None, "a trust check runs only after a selection set the quadratic model"
     F = quadratic_predict(state.quad, w - state.anchor, config.quadratic)
     if not (math.isfinite(L_R) and math.isfinite(F)):  # huge finite losses whose mean overflows
         raise FloatingPointError(
@@ -694,7 +696,7 @@ def crest_load_state_dict(d: dict, params_like) -> CrestState:
         q = d["quad"]
         fields["quad"] = QuadraticState(float(q["anchor_loss"]), vec(q["g_ema"]), vec(q["h_ema"]),
                                         int(q["n_g"]), int(q["n_h"]))
-    fields["drop"] = DropState(**{k: np.asarray(v).copy() for k, v in d["drop"].items()})
+    fields["drop"] = DropState(**{k: np.asarray(v).copy() for k, v in d["drop"].items()})  # type: ignore[arg-type]
     fields["counters"] = dict(d["counters"])
     fields["log"] = {k: list(v) for k, v in d["log"].items()}
     return CrestState(**fields)

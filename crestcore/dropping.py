@@ -119,7 +119,7 @@ _CONSUMED = (
 def _check_live(state: DropState) -> None:
     """Raise on a consumed state (a later record wrote its history in place). O(1)."""
     clock = state.clock
-    if _has_clock(state) and int(state.version) != int(clock[0]):
+    if clock is not None and _has_clock(state) and int(state.version) != int(clock[0]):
         raise RuntimeError(_CONSUMED)
 
 
@@ -133,7 +133,7 @@ def _owned(state: DropState) -> bool:
     _check_live(state)
     if not _has_clock(state):
         return False  # no ownership fields (hand-built, or an old checkpoint): copy on write
-    return state.clock.flags.writeable and all(
+    return state.clock is not None and state.clock.flags.writeable and all(
         isinstance(a, np.ndarray) and a.flags.writeable for a in (state.losses, state.steps, state.head)
     )
 
@@ -196,6 +196,7 @@ def drop_record(state: DropState, indices, losses, step: int) -> DropState:
         S = np.array(state.steps, dtype=np.int64)
         head = np.array(state.head, dtype=np.int64)
         clock = np.zeros(1, dtype=np.int64)
+    assert clock is not None  # owned states hold a clock (_owned checked it)
     # a second measurement at the same step replaces the first: one step, one record
     h = head[idx]  # idx holds no repeats: every gather and scatter below touches each row once
     prev = (h - 1) % H
@@ -240,9 +241,9 @@ def drop_update(state: DropState, step: int, config: DropConfig = DropConfig(), 
     budget = int(state.active.sum()) - config.floor
     if budget <= 0:
         return state, cand[:0]
-    chosen = []
+    chosen: list[int] = []
     if lab is None:
-        chosen = list(cand[:budget])
+        chosen = [int(i) for i in cand[:budget]]
     else:
         left = {c: int(v) for c, v in zip(*np.unique(lab[state.active], return_counts=True))}
         for i in cand:
@@ -252,9 +253,9 @@ def drop_update(state: DropState, step: int, config: DropConfig = DropConfig(), 
             if left[c] > config.min_per_class:
                 left[c] -= 1
                 chosen.append(int(i))
-    chosen = np.asarray(sorted(chosen), dtype=np.int64)
+    picked = np.asarray(sorted(chosen), dtype=np.int64)
     active = state.active.copy()
-    active[chosen] = False
+    active[picked] = False
     dropped_at = state.dropped_at.copy()
-    dropped_at[chosen] = int(step)
-    return state._replace(active=active, dropped_at=dropped_at), chosen
+    dropped_at[picked] = int(step)
+    return state._replace(active=active, dropped_at=dropped_at), picked

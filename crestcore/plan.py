@@ -64,6 +64,15 @@ class BudgetedPasses:
     """
 
     _kind = "loader"
+    budget: float  # set by the subclass: the budget it was built with
+
+    def _step(self):
+        """Hand out the next batch: advance ``_position``, return what the pass yields."""
+        raise NotImplementedError
+
+    def _cost(self) -> tuple[float, float]:
+        """(training, measurement) examples spent so far."""
+        raise NotImplementedError
 
     def _plan_passes(self, *, n: int, m: int, budget: float, epochs: int, per_epoch: bool, budget_counts: str,
                      steps_per_epoch: int | None = None) -> None:
