@@ -20,14 +20,6 @@ from crestcore.adapters.baselines import METHODS, SubsetLoader  # noqa: E402
 N, D_IN, C, M = 240, 6, 3, 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: bitwise-repeatable CPU results."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def make_data(n=N, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -17,13 +17,6 @@ from crestcore.adapters.torch import CrestBatchSampler  # noqa: E402
 N, SEQ, C = 192, 8, 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 class Texts(torch.utils.data.Dataset):
     """Token sequences whose class is the first token mod 3: dict items, as a tokenized HF dataset gives."""

@@ -18,13 +18,6 @@ from crestcore.adapters.torch import CrestLoader  # noqa: E402
 N, D_IN, C = 240, 6, 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def setup(**kw):
     g = torch.Generator().manual_seed(0)

@@ -20,13 +20,6 @@ N, D_IN, C = 240, 6, 3
 CFG = dict(config=CrestConfig(m=24, r=60, tau=0.05), budget=0.5, epochs=3, seed=1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def make_data(seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -22,14 +22,6 @@ from crestcore.adapters.torch import CrestLoader, TorchModelOps, dataset_labels 
 N, D_IN, C = 240, 6, 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: bitwise-repeatable CPU results and no oversubscription on small machines."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def make_data(n=N, seed=0, classes=C):
     g = torch.Generator().manual_seed(seed)
