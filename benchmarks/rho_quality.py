@@ -81,7 +81,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
     os.environ.setdefault(_v, "1")
 
-import numpy as np
+import numpy as np  # noqa: E402 (the thread settings above must come first)
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:

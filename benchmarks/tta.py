@@ -356,13 +356,13 @@ def summarize(records, ns) -> dict:
         sw = lr_table(records, ns, ds_name)
         lr_of = {(r["method"], r["budget"]): r["lr"] for r in sw}
 
-        def by_seed(phase, method, budget, lr, variant=None):
-            return {r["seed"]: r for r in records if r["phase"] == phase and r["dataset"] == ds_name
+        def by_seed(phase, method, budget, lr, variant=None):  # used within this iteration only
+            return {r["seed"]: r for r in records if r["phase"] == phase and r["dataset"] == ds_name  # noqa: B023
                     and r["method"] == method and r["budget"] == budget and r["lr"] == lr
                     and r.get("variant") == variant and r["seed"] in ns.seeds}
 
         d = {"sweep": sw, "rows": [], "diff": {}, "ablations": []}
-        lr_for = (lambda m, b: ns.lr) if ns.lr is not None else (lambda m, b: lr_of.get((m, b)))
+        lr_for = (lambda m, b: ns.lr) if ns.lr is not None else (lambda m, b: lr_of.get((m, b)))  # noqa: B023
         if ns.suite != "ablations":
             full = by_seed("final", "full", 1.0, lr_for("full", 1.0))
             final = {p: by_seed("final", *p, lr_for(*p)) for p in pairs(ns.methods, ns.budgets)}

@@ -53,7 +53,7 @@ __all__ += [
     "QuadraticConfig", "QuadraticState", "hutchinson_diagonal", "quadratic_anchor",
     "quadratic_curvature", "quadratic_init", "quadratic_predict", "quadratic_update",
     "relative_error", "should_reselect", "update_schedule",
-    "DropConfig", "DropState", "drop_init", "drop_record", "drop_update",
+    "DropConfig", "DropState", "drop_copy", "drop_init", "drop_record", "drop_update",
     "Batch", "CrestConfig", "CrestState", "ModelOps", "crest_init", "crest_load_state_dict",
     "crest_next_batch", "crest_observe", "crest_state_dict",
 ]

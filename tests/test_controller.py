@@ -29,7 +29,6 @@ import crestcore as cc
 from crestcore import (
     CrestConfig,
     DropConfig,
-    QuadraticConfig,
     crest_init,
     crest_load_state_dict,
     crest_next_batch,
@@ -44,7 +43,7 @@ from crestcore import (
 # ================================================================================================
 # a real model: softmax regression on digits
 # ================================================================================================
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def digits():
     from sklearn.datasets import load_digits
 
@@ -319,7 +318,7 @@ def _run_trace(cfg, levels, ops, move=None):
     """Drive the controller; before call k the model's loss level is levels[k]. Returns per-call records."""
     state = crest_init(cfg, ops.labels, seed=5)
     rec = []
-    for k, lev in enumerate(levels):
+    for lev in levels:
         ops.level = lev
         before, n_out = state, len(ops.output_calls)
         state, batch = crest_next_batch(state, ops, cfg)
@@ -421,7 +420,7 @@ def test_check_uses_the_quadratic_model_of_the_moved_parameters():
     state, _ = _run_trace(cfg, levels, ops, move=move)
     L_a = _mean_loss(1.0, 12)
     assert len(state.log["checks"]) == len(levels) - 1
-    for k, (step, rho, L_R, F) in enumerate(state.log["checks"], start=1):
+    for k, (step, _rho, L_R, F) in enumerate(state.log["checks"], start=1):
         delta = k * move  # parameters moved k times since the anchor
         expected_F = L_a + ops.g @ delta + 0.5 * 2.0 * delta @ delta
         assert step == k and F == pytest.approx(expected_F, rel=1e-12)

@@ -137,7 +137,7 @@ def _fake_root(tmp_path, n=20, n_labels=None, shape=(28, 28)):
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, size=(n, *shape), dtype=np.uint8)
     labs = (np.arange(n if n_labels is None else n_labels) % 10).astype(np.uint8)
-    for split, (fi, fl) in FASHION_MNIST_FILES.items():
+    for _split, (fi, fl) in FASHION_MNIST_FILES.items():
         write(tmp_path / fi, idx_bytes(imgs), True)
         write(tmp_path / fl, idx_bytes(labs), True)
     return imgs, labs

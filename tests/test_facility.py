@@ -373,7 +373,7 @@ def test_permuting_the_rows_permutes_the_picks(seed, n, d, metric, kernel, n_cla
 CASES = ("plain", "labels", "matrix-free", "precomputed", "stochastic", "exp-cosine")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tie_free_instance(n, d, k, labels_seed, n_classes, metric, kernel, rel):
     """First seed whose reference decisions are separated by ``rel`` (float32 needs a wide margin)."""
     labels = _labels(labels_seed, n, n_classes) if n_classes else None

@@ -281,7 +281,8 @@ def test_states_are_new_objects_and_inputs_not_mutated():
 # --------------------------------------------------------------------------------------------
 # bad input
 # --------------------------------------------------------------------------------------------
-def _fitted(cfg=QuadraticConfig()):
+def _fitted(cfg=None):
+    cfg = QuadraticConfig() if cfg is None else cfg
     s = quadratic_anchor(quadratic_init(np.zeros(3)), 1.0, cfg)
     return quadratic_update(s, np.ones(3), np.ones(3), cfg)
 

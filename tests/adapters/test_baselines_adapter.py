@@ -281,7 +281,7 @@ def test_prune_reads_observed_losses_and_anneals():
     model = ld.model
     for e in range(4):
         ld.set_epoch(e)
-        for x, yb, w in ld:
+        for x, yb, _w in ld:
             losses = F.cross_entropy(model(x), yb, reduction="none")
             ld.observe(losses)  # no update: only the losses matter here
         sels.append(ld.stats["selections"][-1])

@@ -413,7 +413,7 @@ def test_a_per_step_scheduler_sized_from_len_ends_at_its_schedules_end(kind, bud
     total = len(loader) * loader.epochs
     sched = _scheduler(kind, opt, total, 0.1)
     steps = 0
-    for epoch in range(loader.epochs):
+    for _epoch in range(loader.epochs):
         for x, yb, w in loader:
             loss = (w * F.cross_entropy(model(x), yb, reduction="none")).mean()
             opt.zero_grad()
@@ -582,7 +582,7 @@ def test_a_compiled_model_is_measured_through_its_original_module():
                       budget=0.5, epochs=2, seed=0)
     ref_seen, _ = train(ref, ref_model)
     assert len(seen) == len(ref_seen) == 10
-    for (a, wa), (b, wb) in zip(seen, ref_seen):
+    for (a, _wa), (b, _wb) in zip(seen, ref_seen):
         np.testing.assert_array_equal(a, b)
     assert loader.stats["counters"]["selections"] >= 1 and loader.stats["checks"]
 
