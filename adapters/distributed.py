@@ -73,7 +73,17 @@ __all__ = [
 
 
 class CollectiveError(RuntimeError):
-    """A collective of the distributed adapter failed, timed out, or found the ranks out of step."""
+    """A collective of the distributed adapter failed, timed out, or found the ranks out of step.
+
+    Examples
+    --------
+    Raised on every rank when the ranks disagree, e.g. on the loader's arguments; it is a
+    ``RuntimeError``, as torch's collective failures are:
+
+    >>> error = CollectiveError("CREST distributed: the ranks disagree on the loader's arguments")
+    >>> isinstance(error, RuntimeError)
+    True
+    """
 
 
 # ------------------------------------------------------------------------------------------------
@@ -81,7 +91,13 @@ class CollectiveError(RuntimeError):
 # ------------------------------------------------------------------------------------------------
 def shard_bounds(k: int, world: int) -> np.ndarray:
     """Boundaries ``(world + 1,)`` of the contiguous shares of ``k`` items: rank ``q`` gets
-    ``[b[q], b[q + 1])``; the first ``k % world`` ranks get one item more (``numpy.array_split``)."""
+    ``[b[q], b[q + 1])``; the first ``k % world`` ranks get one item more (``numpy.array_split``).
+
+    Examples
+    --------
+    >>> shard_bounds(10, 4)  # rank 0 gets items 0-2, rank 1 3-5, rank 2 6-7, rank 3 8-9
+    array([ 0,  3,  6,  8, 10])
+    """
     if world < 1:
         raise ValueError(f"world must be a positive integer, got {world!r}")
     base, extra = divmod(int(k), int(world))
@@ -98,6 +114,18 @@ def batch_share(indices, weights, rank: int, world: int) -> tuple[np.ndarray, np
     per-rank loss ``mean_share(w' * l)`` equal ``(world / m) sum_share(w * l)``, so the average over
     ranks (DDP's gradient averaging) is the single-process ``mean(w * l)`` over the whole batch; it is
     exactly 1 when ``world`` divides ``m``.
+
+    Examples
+    --------
+    A batch of five over two ranks: rank 0 trains three examples, rank 1 two, and the factors make the
+    average of the two ranks' mean losses the weighted mean over all five:
+
+    >>> import numpy as np
+    >>> indices, weights = np.array([10, 11, 12, 13, 14]), np.ones(5)
+    >>> batch_share(indices, weights, rank=0, world=2)
+    (array([10, 12, 14]), array([1.2, 1.2, 1.2]))
+    >>> batch_share(indices, weights, rank=1, world=2)
+    (array([11, 13]), array([0.8, 0.8]))
     """
     idx = np.asarray(indices)
     w = np.asarray(weights, dtype=np.float64)
@@ -166,6 +194,17 @@ def numba_cache_slot(base=None) -> Path | None:
     imported (claiming a slot does not import Numba, which takes seconds and would skew the ranks). Returns the slot, or
     ``None`` when Numba is not installed (nothing to protect). Numba's global configuration and
     ``os.environ`` are left as they were, so other Numba code and subprocesses are not redirected.
+
+    Examples
+    --------
+    :class:`DistributedModelOps` claims the slot itself; a rank may claim it earlier, before anything
+    compiles:
+
+    >>> slot = numba_cache_slot()
+    >>> slot == numba_cache_slot()  # once per process
+    True
+    >>> slot is None or slot.name.startswith("slot")
+    True
     """
     if "path" in _SLOT:
         return _SLOT["path"]
@@ -291,6 +330,29 @@ class DistributedModelOps:
 
     Attributes other than the ModelOps methods (``device``, ``labels``, ``model``, ``rademacher``, ...)
     are the wrapped ops'. ``sharded_solves`` counts the coreset solves that were sharded.
+
+    Examples
+    --------
+    Under ``torchrun`` every rank wraps its own ops over the same dataset (here one rank):
+
+    >>> import tempfile
+    >>> import torch
+    >>> import torch.distributed as dist
+    >>> from torch.utils.data import TensorDataset
+    >>> from crestcore import CrestConfig
+    >>> store = tempfile.TemporaryDirectory()  # one process, as ``torchrun --nproc-per-node 1`` runs
+    >>> dist.init_process_group("gloo", init_method=f"file://{store.name}/pg", rank=0, world_size=1)
+    >>> y = torch.arange(64) % 2
+    >>> data = TensorDataset(torch.randn(64, 4, generator=torch.Generator().manual_seed(0)), y)
+    >>> from crestcore import crest_init, crest_next_batch
+    >>> from crestcore.adapters.torch import TorchModelOps
+    >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), data))
+    >>> config = CrestConfig(m=8)
+    >>> state, batch = crest_next_batch(crest_init(config, ops.labels, seed=0), ops, config)
+    >>> ops.world_size, batch.indices.shape
+    (1, (8,))
+    >>> dist.destroy_process_group()
+    >>> store.cleanup()
     """
 
     def __init__(self, ops: TorchModelOps, *, group=None, broadcast_buffers: bool = True):
@@ -337,7 +399,27 @@ class DistributedModelOps:
 
     def gather_rows(self, t: torch.Tensor, counts, what: str) -> torch.Tensor:
         """Concatenate every rank's ``t`` (``counts[q]`` rows on rank ``q``, same trailing shape and dtype
-        everywhere) in rank order, on every rank. Rows are padded to the largest count for the wire."""
+        everywhere) in rank order, on every rank. Rows are padded to the largest count for the wire.
+
+        Examples
+        --------
+        With one rank the gathered rows are that rank's; with ``world`` ranks, every rank's in rank order:
+
+        >>> import tempfile
+        >>> import torch
+        >>> import torch.distributed as dist
+        >>> from torch.utils.data import TensorDataset
+        >>> from crestcore.adapters.torch import TorchModelOps
+        >>> store = tempfile.TemporaryDirectory()  # one process, as ``torchrun --nproc-per-node 1`` runs
+        >>> dist.init_process_group("gloo", init_method=f"file://{store.name}/pg", rank=0, world_size=1)
+        >>> x = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
+        >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), TensorDataset(x, torch.arange(32) % 2)))
+        >>> ops.gather_rows(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), [2], "an example's rows")
+        tensor([[1., 2.],
+                [3., 4.]])
+        >>> dist.destroy_process_group()
+        >>> store.cleanup()
+        """
         counts = [int(c) for c in counts]
         if t.shape[0] != counts[self.rank]:
             raise ValueError(f"rank {self.rank} holds {t.shape[0]} rows, expected {counts[self.rank]}")
@@ -351,19 +433,75 @@ class DistributedModelOps:
         return torch.cat([o[:c] for o, c in zip(out, counts)]).to(dev)
 
     def all_reduce_sum(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        """The sum of every rank's ``t`` (same shape and dtype everywhere), on every rank; ``what`` names
+        the collective in a :class:`CollectiveError`.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> import torch
+        >>> import torch.distributed as dist
+        >>> from torch.utils.data import TensorDataset
+        >>> from crestcore.adapters.torch import TorchModelOps
+        >>> store = tempfile.TemporaryDirectory()  # one process, as ``torchrun --nproc-per-node 1`` runs
+        >>> dist.init_process_group("gloo", init_method=f"file://{store.name}/pg", rank=0, world_size=1)
+        >>> x = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
+        >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), TensorDataset(x, torch.arange(32) % 2)))
+        >>> ops.all_reduce_sum(torch.tensor([1.0, 2.0]), "an example's sum")
+        tensor([1., 2.])
+        >>> dist.destroy_process_group()
+        >>> store.cleanup()
+        """
         dev = t.device
         w = self._wire(t.contiguous()).clone()
         self._collective(what, lambda: dist.all_reduce(w, op=dist.ReduceOp.SUM, group=self.group))
         return w.to(dev)
 
     def broadcast(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        """Rank 0's ``t`` (of the group), on every rank; ``what`` names the collective in a
+        :class:`CollectiveError`.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> import torch
+        >>> import torch.distributed as dist
+        >>> from torch.utils.data import TensorDataset
+        >>> from crestcore.adapters.torch import TorchModelOps
+        >>> store = tempfile.TemporaryDirectory()  # one process, as ``torchrun --nproc-per-node 1`` runs
+        >>> dist.init_process_group("gloo", init_method=f"file://{store.name}/pg", rank=0, world_size=1)
+        >>> x = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
+        >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), TensorDataset(x, torch.arange(32) % 2)))
+        >>> ops.broadcast(torch.tensor([3, 1, 2]), "an example's broadcast")
+        tensor([3, 1, 2])
+        >>> dist.destroy_process_group()
+        >>> store.cleanup()
+        """
         dev = t.device
         w = self._wire(t.contiguous()).clone()
         self._collective(what, lambda: dist.broadcast(w, src=self._src, group=self.group))
         return w.to(dev)
 
     def agree(self, value: int, what: str) -> None:
-        """Raise :class:`CollectiveError` on every rank unless every rank passes the same int64 ``value``."""
+        """Raise :class:`CollectiveError` on every rank unless every rank passes the same int64 ``value``.
+
+        Examples
+        --------
+        Every rank passes a fingerprint of what must agree (here the dataset size):
+
+        >>> import tempfile
+        >>> import torch
+        >>> import torch.distributed as dist
+        >>> from torch.utils.data import TensorDataset
+        >>> from crestcore.adapters.torch import TorchModelOps
+        >>> store = tempfile.TemporaryDirectory()  # one process, as ``torchrun --nproc-per-node 1`` runs
+        >>> dist.init_process_group("gloo", init_method=f"file://{store.name}/pg", rank=0, world_size=1)
+        >>> x = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
+        >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), TensorDataset(x, torch.arange(32) % 2)))
+        >>> ops.agree(32, "the dataset size")
+        >>> dist.destroy_process_group()
+        >>> store.cleanup()
+        """
         t = torch.tensor([int(value)], dtype=torch.int64)
         got = self.gather_rows(t, [1] * self.world_size, f"verify {what}").cpu().tolist()
         if len(set(got)) > 1:
@@ -402,7 +540,24 @@ class DistributedModelOps:
     # -- ModelOps -------------------------------------------------------------------------------
     def outputs(self, indices, embeddings: bool = False):
         """Eval-mode logits (and embeddings) for ``indices``, each rank computing its contiguous share;
-        the pieces are all-gathered so every rank returns the same (k, C) tensor."""
+        the pieces are all-gathered so every rank returns the same (k, C) tensor.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> import torch
+        >>> import torch.distributed as dist
+        >>> from torch.utils.data import TensorDataset
+        >>> from crestcore.adapters.torch import TorchModelOps
+        >>> store = tempfile.TemporaryDirectory()  # one process, as ``torchrun --nproc-per-node 1`` runs
+        >>> dist.init_process_group("gloo", init_method=f"file://{store.name}/pg", rank=0, world_size=1)
+        >>> x = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
+        >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), TensorDataset(x, torch.arange(32) % 2)))
+        >>> ops.outputs([0, 5, 9]).shape
+        torch.Size([3, 2])
+        >>> dist.destroy_process_group()
+        >>> store.cleanup()
+        """
         idx = host_indices(indices, self.inner.n)
         W = self.world_size
         if W == 1:
@@ -432,14 +587,48 @@ class DistributedModelOps:
         return torch.cat([z, e.to(z.dtype)], dim=1), z.shape[1]
 
     def losses(self, indices):
-        """Eval-mode per-example losses (k,) from the gathered logits (the same on every rank)."""
+        """Eval-mode per-example losses (k,) from the gathered logits (the same on every rank).
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> import torch
+        >>> import torch.distributed as dist
+        >>> from torch.utils.data import TensorDataset
+        >>> from crestcore.adapters.torch import TorchModelOps
+        >>> store = tempfile.TemporaryDirectory()  # one process, as ``torchrun --nproc-per-node 1`` runs
+        >>> dist.init_process_group("gloo", init_method=f"file://{store.name}/pg", rank=0, world_size=1)
+        >>> x = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
+        >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), TensorDataset(x, torch.arange(32) % 2)))
+        >>> ops.losses([0, 5, 9]).shape
+        torch.Size([3])
+        >>> dist.destroy_process_group()
+        >>> store.cleanup()
+        """
         idx = host_indices(indices, self.inner.n)
         z = self.outputs(idx)
         with torch.no_grad():
             return self.inner.loss_fn(z, self.inner._labels_on(idx, z.device))
 
     def params(self):
-        """The rank's flat parameter vector (identical on every rank under DDP)."""
+        """The rank's flat parameter vector (identical on every rank under DDP).
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> import torch
+        >>> import torch.distributed as dist
+        >>> from torch.utils.data import TensorDataset
+        >>> from crestcore.adapters.torch import TorchModelOps
+        >>> store = tempfile.TemporaryDirectory()  # one process, as ``torchrun --nproc-per-node 1`` runs
+        >>> dist.init_process_group("gloo", init_method=f"file://{store.name}/pg", rank=0, world_size=1)
+        >>> x = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
+        >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), TensorDataset(x, torch.arange(32) % 2)))
+        >>> ops.params().shape  # 4 * 2 weights and 2 biases
+        torch.Size([10])
+        >>> dist.destroy_process_group()
+        >>> store.cleanup()
+        """
         return self.inner.params()
 
     def _share(self, indices, weights, what):
@@ -453,7 +642,28 @@ class DistributedModelOps:
 
     def gradient(self, indices, weights):
         """``(loss, flat gradient)`` of ``mean(w_i l_i)`` over all ``indices``: each rank differentiates its
-        contiguous share's ``sum w_i l_i / N``, and the shares are all-reduced (SUM)."""
+        contiguous share's ``sum w_i l_i / N``, and the shares are all-reduced (SUM).
+
+        Examples
+        --------
+        The result is the single-process gradient, whatever the world size:
+
+        >>> import tempfile
+        >>> import torch
+        >>> import torch.distributed as dist
+        >>> from torch.utils.data import TensorDataset
+        >>> from crestcore.adapters.torch import TorchModelOps
+        >>> store = tempfile.TemporaryDirectory()  # one process, as ``torchrun --nproc-per-node 1`` runs
+        >>> dist.init_process_group("gloo", init_method=f"file://{store.name}/pg", rank=0, world_size=1)
+        >>> x = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
+        >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), TensorDataset(x, torch.arange(32) % 2)))
+        >>> loss, grad = ops.gradient([0, 5, 9], [1.0, 2.0, 0.0])
+        >>> single = ops.inner.gradient([0, 5, 9], [1.0, 2.0, 0.0])
+        >>> bool(torch.allclose(grad, single[1])), abs(loss - single[0]) < 1e-6
+        (True, True)
+        >>> dist.destroy_process_group()
+        >>> store.cleanup()
+        """
         if self.world_size == 1:
             with self._rank0_buffers():
                 return self.inner.gradient(indices, weights)
@@ -471,7 +681,25 @@ class DistributedModelOps:
 
     def hutchinson(self, indices, weights, seed: int):
         """One probe ``z * (H z)`` of ``mean(w_i l_i)``'s Hessian: ``z`` is drawn from ``seed`` on every rank
-        (the same Rademacher vector), each rank's share of ``z * (H z)`` is all-reduced (SUM)."""
+        (the same Rademacher vector), each rank's share of ``z * (H z)`` is all-reduced (SUM).
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> import torch
+        >>> import torch.distributed as dist
+        >>> from torch.utils.data import TensorDataset
+        >>> from crestcore.adapters.torch import TorchModelOps
+        >>> store = tempfile.TemporaryDirectory()  # one process, as ``torchrun --nproc-per-node 1`` runs
+        >>> dist.init_process_group("gloo", init_method=f"file://{store.name}/pg", rank=0, world_size=1)
+        >>> x = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
+        >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), TensorDataset(x, torch.arange(32) % 2)))
+        >>> probe = ops.hutchinson([0, 5, 9], [1.0, 1.0, 1.0], seed=4)
+        >>> probe.shape, bool(torch.equal(probe, ops.inner.hutchinson([0, 5, 9], [1.0, 1.0, 1.0], seed=4)))
+        (torch.Size([10]), True)
+        >>> dist.destroy_process_group()
+        >>> store.cleanup()
+        """
         if self.world_size == 1:
             with self._rank0_buffers():
                 return self.inner.hutchinson(indices, weights, seed)
@@ -492,6 +720,30 @@ class DistributedModelOps:
         every rank returns the same :class:`crestcore.Coresets`. Falls back to the unsharded call (on
         every rank; the same result) with one process, without ``subsets``, for non-torch features, or
         with the stochastic optimizer (its random draws are taken for all problems at once).
+
+        Examples
+        --------
+        The controller calls it with the features of the random subsets' union:
+
+        >>> import tempfile
+        >>> import torch
+        >>> import torch.distributed as dist
+        >>> from torch.utils.data import TensorDataset
+        >>> from crestcore.adapters.torch import TorchModelOps
+        >>> store = tempfile.TemporaryDirectory()  # one process, as ``torchrun --nproc-per-node 1`` runs
+        >>> dist.init_process_group("gloo", init_method=f"file://{store.name}/pg", rank=0, world_size=1)
+        >>> x = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
+        >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), TensorDataset(x, torch.arange(32) % 2)))
+        >>> import numpy as np
+        >>> from crestcore import last_layer_gradients
+        >>> logits = ops.outputs(np.arange(32))
+        >>> labels = torch.arange(32) % 2
+        >>> coresets = ops.coresets(last_layer_gradients(logits, labels), labels, m=4, r=16, P=2,
+        ...                         rng=np.random.default_rng(0))
+        >>> coresets.indices.shape
+        torch.Size([2, 4])
+        >>> dist.destroy_process_group()
+        >>> store.cleanup()
         """
         W = self.world_size
         if W == 1 or subsets is None or optimizer == "stochastic" or not isinstance(features, torch.Tensor):
@@ -550,6 +802,34 @@ class DistributedCrestLoader(CrestLoader):
     averaging gives exactly the single-process weighted-mean gradient of the global batch.
     ``last_indices`` / ``last_weights`` are the global batch's; ``local_indices`` / ``local_weights`` the
     rank's share. ``len()``, ``set_epoch``, budgets and ``stats`` are global (the same on every rank).
+
+    Examples
+    --------
+    The training loop of every rank (here one) is the single-process loop over a DDP model:
+
+    >>> import tempfile
+    >>> import torch
+    >>> import torch.distributed as dist
+    >>> from torch.utils.data import TensorDataset
+    >>> from crestcore import CrestConfig
+    >>> store = tempfile.TemporaryDirectory()  # one process, as ``torchrun --nproc-per-node 1`` runs
+    >>> dist.init_process_group("gloo", init_method=f"file://{store.name}/pg", rank=0, world_size=1)
+    >>> y = torch.arange(64) % 2
+    >>> data = TensorDataset(torch.randn(64, 4, generator=torch.Generator().manual_seed(0)), y)
+    >>> model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 2))
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> loader = DistributedCrestLoader(model, data, config=CrestConfig(m=8), budget=0.25, epochs=2, seed=0)
+    >>> for epoch in range(loader.epochs):
+    ...     loader.set_epoch(epoch)
+    ...     for x, y, w in loader:
+    ...         losses = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+    ...         optimizer.zero_grad()
+    ...         (w * losses).mean().backward()
+    ...         optimizer.step()
+    >>> loader.stats["step"], loader.stats["distributed"]["world_size"], x.shape
+    (4, 1, torch.Size([8, 4]))
+    >>> dist.destroy_process_group()
+    >>> store.cleanup()
     """
 
     def __init__(self, model: nn.Module, dataset, *, group=None, verify: bool = True,
@@ -614,7 +894,28 @@ class DistributedCrestLoader(CrestLoader):
     def observe(self, losses) -> None:
         """Feed this rank's per-example training losses (its share, in the order yielded) to the drop
         policy. Collective when dropping is on (``CrestConfig(T2=...)``): the shares are all-gathered into
-        the global batch's losses, so every rank records the same history. Call it on every rank or none."""
+        the global batch's losses, so every rank records the same history. Call it on every rank or none.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> import torch
+        >>> import torch.distributed as dist
+        >>> from torch.utils.data import TensorDataset
+        >>> from crestcore import CrestConfig
+        >>> store = tempfile.TemporaryDirectory()  # one process, as ``torchrun --nproc-per-node 1`` runs
+        >>> dist.init_process_group("gloo", init_method=f"file://{store.name}/pg", rank=0, world_size=1)
+        >>> y = torch.arange(64) % 2
+        >>> data = TensorDataset(torch.randn(64, 4, generator=torch.Generator().manual_seed(0)), y)
+        >>> model = torch.nn.Linear(4, 2)
+        >>> loader = DistributedCrestLoader(model, data, config=CrestConfig(m=8, T2=2), budget=0.5, seed=0)
+        >>> for x, y, w in loader:
+        ...     loader.observe(torch.nn.functional.cross_entropy(model(x), y, reduction="none"))
+        >>> loader.stats["step"]
+        4
+        >>> dist.destroy_process_group()
+        >>> store.cleanup()
+        """
         if self._batch is None:
             raise RuntimeError("observe() needs a batch: call it after training on a yielded batch")
         m = self._batch.indices.size
@@ -661,13 +962,57 @@ class DistributedCrestLoader(CrestLoader):
 
     def state_dict(self) -> dict:
         """As the single-process loader's (the same on every rank; save it from every rank or from rank 0).
-        The global schedule does not depend on the world size, so it also resumes on another one."""
+        The global schedule does not depend on the world size, so it also resumes on another one.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> import torch
+        >>> import torch.distributed as dist
+        >>> from torch.utils.data import TensorDataset
+        >>> from crestcore import CrestConfig
+        >>> store = tempfile.TemporaryDirectory()  # one process, as ``torchrun --nproc-per-node 1`` runs
+        >>> dist.init_process_group("gloo", init_method=f"file://{store.name}/pg", rank=0, world_size=1)
+        >>> y = torch.arange(64) % 2
+        >>> data = TensorDataset(torch.randn(64, 4, generator=torch.Generator().manual_seed(0)), y)
+        >>> loader = DistributedCrestLoader(torch.nn.Linear(4, 2), data, config=CrestConfig(m=8), budget=0.5)
+        >>> batch = next(iter(loader))
+        >>> loader.state_dict()["position"]
+        1
+        >>> dist.destroy_process_group()
+        >>> store.cleanup()
+        """
         d = super().state_dict()
         d["world_size"] = self.world_size
         return d
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`'s output on every rank (collective: the restored states are compared)."""
+        """Restore :meth:`state_dict`'s output on every rank (collective: the restored states are compared).
+
+        Examples
+        --------
+        A restored loader continues with the batches the saved one would have yielded:
+
+        >>> import tempfile
+        >>> import torch
+        >>> import torch.distributed as dist
+        >>> from torch.utils.data import TensorDataset
+        >>> from crestcore import CrestConfig
+        >>> store = tempfile.TemporaryDirectory()  # one process, as ``torchrun --nproc-per-node 1`` runs
+        >>> dist.init_process_group("gloo", init_method=f"file://{store.name}/pg", rank=0, world_size=1)
+        >>> y = torch.arange(64) % 2
+        >>> data = TensorDataset(torch.randn(64, 4, generator=torch.Generator().manual_seed(0)), y)
+        >>> model = torch.nn.Linear(4, 2)
+        >>> loader = DistributedCrestLoader(model, data, config=CrestConfig(m=8), budget=0.5, seed=0)
+        >>> passes = iter(loader)
+        >>> first = next(passes)
+        >>> resumed = DistributedCrestLoader(model, data, config=CrestConfig(m=8), budget=0.5, seed=0)
+        >>> resumed.load_state_dict(loader.state_dict())
+        >>> bool(torch.equal(next(passes)[1], next(iter(resumed))[1]))
+        True
+        >>> dist.destroy_process_group()
+        >>> store.cleanup()
+        """
         super().load_state_dict(state)
         self.ops.agree(
             _digest(self._position, self._state.step, self._state.cursor, self._state.n_selections,

@@ -79,7 +79,18 @@ class _ResumedEpoch:
 
 
 def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``mean_i w_i * CE(logits_i, labels_i)``: the training loss on a CREST batch (weights have mean 1)."""
+    """``mean_i w_i * CE(logits_i, labels_i)``: the training loss on a CREST batch (weights have mean 1).
+
+    Examples
+    --------
+    >>> import torch
+    >>> logits = torch.zeros(3, 2)
+    >>> labels = torch.tensor([0, 1, 1])
+    >>> weighted_cross_entropy(logits, labels, torch.ones(3))  # log 2 for every example
+    tensor(0.6931)
+    >>> weighted_cross_entropy(logits, labels, torch.tensor([3.0, 0.0, 0.0]))
+    tensor(0.6931)
+    """
     if logits.ndim != 2 or labels.shape != logits.shape[:1] or weights.shape != labels.shape:
         raise ValueError(f"weighted_cross_entropy needs logits (k, C), labels (k,) and weights (k,); got "
                          f"{tuple(logits.shape)}, {tuple(labels.shape)} and {tuple(weights.shape)}")
@@ -102,6 +113,34 @@ class CrestTrainer(transformers.Trainer):
 
     ``trainer.crest`` is the :class:`~crestcore.adapters.torch.CrestBatchSampler` once training started
     (``trainer.crest.stats``).
+
+    Examples
+    --------
+    A one-layer BERT classifying 64 token sequences, trained for a quarter of the steps of two epochs
+    (the Trainer writes nothing with ``save_strategy="no"``; its folder is a temporary one all the same):
+
+    >>> import tempfile
+    >>> import torch
+    >>> import transformers
+    >>> from crestcore import CrestConfig
+    >>> ids = torch.randint(3, 60, (64, 8), generator=torch.Generator().manual_seed(0))
+    >>> labels = (ids[:, 0] % 2).tolist()
+    >>> data = [{"input_ids": ids[i], "labels": labels[i]} for i in range(64)]
+    >>> model = transformers.BertForSequenceClassification(transformers.BertConfig(
+    ...     vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+    ...     intermediate_size=32, max_position_embeddings=8, num_labels=2))
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> args = transformers.TrainingArguments(
+    ...     output_dir=folder.name, num_train_epochs=2, learning_rate=5e-3, use_cpu=True, report_to=[],
+    ...     save_strategy="no", logging_strategy="no", disable_tqdm=True)
+    >>> trainer = CrestTrainer(model=model, args=args, train_dataset=data,
+    ...                        data_collator=transformers.default_data_collator,
+    ...                        crest_config=CrestConfig(m=8), crest_budget=0.25, crest_labels=labels)
+    >>> result = trainer.train()
+    {'train_runtime': ...}
+    >>> result.global_step, trainer.crest.steps_per_epoch  # 8 full-data steps per epoch, a quarter
+    (4, 2)
+    >>> folder.cleanup()
     """
 
     def __init__(self, *args, crest_config: CrestConfig | None = None, crest_budget: float = 0.1,

@@ -158,7 +158,20 @@ def _take(x, idx: np.ndarray):
 
 def labels_from_targets(y) -> np.ndarray:
     """The integer class of every example from Keras targets: class indices (n,) or (n, 1), or one-hot
-    rows (n, C). Soft labels are refused (pass ``labels=``)."""
+    rows (n, C). Soft labels are refused (pass ``labels=``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> labels_from_targets(np.array([[2], [0], [1]]))
+    array([2, 0, 1])
+    >>> labels_from_targets(np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))  # one-hot rows
+    array([1, 0])
+    >>> labels_from_targets(np.array([[0.3, 0.7], [1.0, 0.0]]))
+    Traceback (most recent call last):
+        ...
+    ValueError: y has rows that are not one-hot (soft labels?): pass labels= with one class index per example
+    """
     y = _host(y, "y")
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
@@ -325,6 +338,23 @@ class KerasModelOps:
     Return types: on torch, torch tensors on Keras's device; on jax, host NumPy arrays (copies, so
     nothing the jitted train step donates is kept). Hutchinson probes ``z`` are drawn with NumPy from
     ``seed``, identical on every backend and device. NaN or infinite outputs raise ``FloatingPointError``.
+
+    Examples
+    --------
+    Drive the controller by hand (:class:`CrestCallback` does this inside ``fit``):
+
+    >>> import numpy as np
+    >>> import keras
+    >>> y = np.arange(64) % 2
+    >>> x = (np.random.default_rng(0).normal(size=(64, 4)) + 2.0 * y[:, None]).astype("float32")
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    >>> model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    >>> from crestcore import CrestConfig, crest_init, crest_next_batch
+    >>> ops = KerasModelOps(model, x, y)
+    >>> config = CrestConfig(m=8)
+    >>> state, batch = crest_next_batch(crest_init(config, ops.labels, seed=0), ops, config)
+    >>> batch.indices.shape, batch.reselected
+    ((8,), True)
     """
 
     def __init__(self, model, x, labels, *, outputs: str = "logits", batch_size: int = 512, last_layer=None):
@@ -392,16 +422,63 @@ class KerasModelOps:
 
     def pin(self) -> None:
         """Remember where the weights of the upcoming step are (jax; a reference, no copy). Called by
-        :class:`CrestCallback` at ``on_train_batch_begin`` and cleared at ``on_train_batch_end``."""
+        :class:`CrestCallback` at ``on_train_batch_begin`` and cleared at ``on_train_batch_end``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import keras
+        >>> y = np.arange(64) % 2
+        >>> x = (np.random.default_rng(0).normal(size=(64, 4)) + 2.0 * y[:, None]).astype("float32")
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> ops = KerasModelOps(model, x, y)
+        >>> ops.pin()  # the weights the next step starts from
+        >>> tuple(ops.params().shape)
+        (10,)
+        >>> ops.unpin()
+        """
         self._pinned = None
         if self.backend == "jax":
             self._pinned = self._jax_values()
 
     def unpin(self) -> None:
+        """Forget the weights :meth:`pin` remembered: measurements read the model's current weights again.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import keras
+        >>> y = np.arange(64) % 2
+        >>> x = (np.random.default_rng(0).normal(size=(64, 4)) + 2.0 * y[:, None]).astype("float32")
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> ops = KerasModelOps(model, x, y)
+        >>> ops.pin()
+        >>> ops.unpin()
+        >>> tuple(ops.outputs(np.arange(3)).shape)
+        (3, 2)
+        """
         self._pinned = None
 
     def params(self):
-        """A copy of the flat trainable weights (D,), in ``model.trainable_variables`` order."""
+        """A copy of the flat trainable weights (D,), in ``model.trainable_variables`` order.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import keras
+        >>> y = np.arange(64) % 2
+        >>> x = (np.random.default_rng(0).normal(size=(64, 4)) + 2.0 * y[:, None]).astype("float32")
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> ops = KerasModelOps(model, x, y)
+        >>> w = ops.params()  # the Dense kernel (4 x 2), then its bias (2)
+        >>> tuple(w.shape)
+        (10,)
+        >>> bool(np.allclose(keras.ops.convert_to_numpy(w)[8:], 0.0))  # the bias starts at zero
+        True
+        """
         if self.backend == "torch":
             import torch
 
@@ -418,7 +495,21 @@ class KerasModelOps:
             return np.dtype(np.float32)
 
     def rademacher(self, seed: int) -> np.ndarray:
-        """The probe ``z`` (D,) of :meth:`hutchinson`: +-1 from ``numpy.random.default_rng(seed)``."""
+        """The probe ``z`` (D,) of :meth:`hutchinson`: +-1 from ``numpy.random.default_rng(seed)``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import keras
+        >>> y = np.arange(64) % 2
+        >>> x = (np.random.default_rng(0).normal(size=(64, 4)) + 2.0 * y[:, None]).astype("float32")
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> ops = KerasModelOps(model, x, y)
+        >>> z = ops.rademacher(seed=3)
+        >>> z.shape, sorted(set(z.tolist())), bool(np.array_equal(z, ops.rademacher(seed=3)))
+        ((10,), [-1.0, 1.0], True)
+        """
         D = sum(int(np.prod(v.shape)) for v in self._tvars())
         bits = np.random.default_rng(int(seed)).integers(0, 2, size=D, dtype=np.int8)
         return (bits.astype(self._dtype_np()) * 2 - 1)
@@ -462,7 +553,23 @@ class KerasModelOps:
     # -- ModelOps: outputs ----------------------------------------------------------------------
     def outputs(self, indices, embeddings: bool = False):
         """Inference-mode logits (k, C) for ``indices`` (float32; ``log p`` for probability outputs);
-        with ``embeddings=True`` also the input of the last Dense layer (k, h)."""
+        with ``embeddings=True`` also the input of the last Dense layer (k, h).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import keras
+        >>> y = np.arange(64) % 2
+        >>> x = (np.random.default_rng(0).normal(size=(64, 4)) + 2.0 * y[:, None]).astype("float32")
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> ops = KerasModelOps(model, x, y)
+        >>> tuple(ops.outputs(np.array([0, 5, 7])).shape)
+        (3, 2)
+        >>> logits, embeddings = ops.outputs(np.array([0, 5, 7]), embeddings=True)
+        >>> tuple(embeddings.shape)  # the Dense layer's input: the 4 features here
+        (3, 4)
+        """
         idx = host_indices(indices, self.n)
         if self.backend == "torch":
             return self._outputs_torch(idx, embeddings)
@@ -528,7 +635,21 @@ class KerasModelOps:
         return (z, np.concatenate(embs)) if embeddings else z
 
     def losses(self, indices):
-        """Inference-mode per-example cross-entropy (k,) at the current weights (host NumPy float64)."""
+        """Inference-mode per-example cross-entropy (k,) at the current weights (host NumPy float64).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import keras
+        >>> y = np.arange(64) % 2
+        >>> x = (np.random.default_rng(0).normal(size=(64, 4)) + 2.0 * y[:, None]).astype("float32")
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> ops = KerasModelOps(model, x, y)
+        >>> losses = ops.losses(np.array([0, 1, 2]))
+        >>> losses.shape, losses.dtype, bool((losses > 0).all())
+        ((3,), dtype('float64'), True)
+        """
         idx = host_indices(indices, self.n)
         z = self.outputs(idx)
         if self.backend == "torch":
@@ -544,7 +665,23 @@ class KerasModelOps:
             raise NotImplementedError(_unsupported(self.backend, what))
 
     def gradient(self, indices, weights):
-        """``(loss, flat gradient)`` of ``mean_i(w_i * l_i)`` (cross-entropy, inference mode) over ``indices``."""
+        """``(loss, flat gradient)`` of ``mean_i(w_i * l_i)`` (cross-entropy, inference mode) over ``indices``.
+
+        Examples
+        --------
+        A weight of 0 removes an example; here the loss is example 0's:
+
+        >>> import numpy as np
+        >>> import keras
+        >>> y = np.arange(64) % 2
+        >>> x = (np.random.default_rng(0).normal(size=(64, 4)) + 2.0 * y[:, None]).astype("float32")
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> ops = KerasModelOps(model, x, y)
+        >>> loss, grad = ops.gradient(np.array([0, 1]), np.array([2.0, 0.0]))
+        >>> tuple(grad.shape), abs(loss - float(ops.losses(np.array([0]))[0])) < 1e-5
+        ((10,), True)
+        """
         self._require_autodiff("gradients of the weighted coreset loss")
         idx = host_indices(indices, self.n)
         w = host_weights(weights, idx.size)
@@ -555,7 +692,21 @@ class KerasModelOps:
         return self._gradient_jax(idx, w)
 
     def hutchinson(self, indices, weights, seed: int):
-        """One Hutchinson probe ``z * (H z)`` of the weighted loss's Hessian, ``z`` = :meth:`rademacher`."""
+        """One Hutchinson probe ``z * (H z)`` of the weighted loss's Hessian, ``z`` = :meth:`rademacher`.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import keras
+        >>> y = np.arange(64) % 2
+        >>> x = (np.random.default_rng(0).normal(size=(64, 4)) + 2.0 * y[:, None]).astype("float32")
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> ops = KerasModelOps(model, x, y)
+        >>> probe = ops.hutchinson(np.arange(16), np.ones(16), seed=0)
+        >>> tuple(probe.shape)
+        (10,)
+        """
         self._require_autodiff("Hessian-vector products (the Hutchinson probe)")
         idx = host_indices(indices, self.n)
         w = host_weights(weights, idx.size)
@@ -707,7 +858,24 @@ class CrestDataset(keras.utils.PyDataset):
     index (``fit(shuffle=...)`` is irrelevant). Outside ``fit`` (Keras's build fetch) it serves a fixed
     shape probe and asks the controller nothing; a third fetch in a row outside a fit with the callback
     raises ``RuntimeError`` (the callback was left out of ``fit``). Built by :class:`CrestCallback`; one worker, no
-    multiprocessing (a worker pool would fetch batches before the steps before them have trained)."""
+    multiprocessing (a worker pool would fetch batches before the steps before them have trained).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import keras
+    >>> y = np.arange(64) % 2
+    >>> x = (np.random.default_rng(0).normal(size=(64, 4)) + 2.0 * y[:, None]).astype("float32")
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    >>> model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    >>> from crestcore import CrestConfig
+    >>> crest = CrestCallback(x, y, config=CrestConfig(m=8), budget=0.25)
+    >>> len(crest.dataset)  # 8 full-data steps per epoch, a quarter of them
+    2
+    >>> xb, yb, wb = crest.dataset[0]  # outside fit: a shape probe, the first m examples
+    >>> xb.shape, wb.tolist() == [1.0] * 8
+    ((8, 4), True)
+    """
 
     def __init__(self, callback: "CrestCallback"):
         super().__init__(workers=1, use_multiprocessing=False, max_queue_size=1)
@@ -774,6 +942,22 @@ class CrestCallback(keras.callbacks.Callback):
     Budget: ``full_steps_per_epoch = ceil(n / m)``, ``steps_per_epoch = max(1, round(budget *
     full_steps_per_epoch))`` (half up) = ``len(crest.dataset)``; ``fit(epochs=E)`` trains ``E *
     steps_per_epoch`` steps. The measurement passes are counted in ``stats["budget"]``.
+
+    Examples
+    --------
+    A linear classifier on 64 examples, trained for a quarter of the steps of two epochs:
+
+    >>> import numpy as np
+    >>> import keras
+    >>> y = np.arange(64) % 2
+    >>> x = (np.random.default_rng(0).normal(size=(64, 4)) + 2.0 * y[:, None]).astype("float32")
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    >>> model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    >>> from crestcore import CrestConfig
+    >>> crest = CrestCallback(x, y, config=CrestConfig(m=8), budget=0.25, seed=0)
+    >>> history = model.fit(crest.dataset, epochs=2, callbacks=[crest], verbose=0)
+    >>> crest.steps_per_epoch, crest.stats["step"], crest.stats["selections"][0]
+    (2, 4, 0)
     """
 
     def __init__(
@@ -1068,7 +1252,24 @@ class CrestCallback(keras.callbacks.Callback):
 
     def state_dict(self) -> dict:
         """The controller state, the position and the batches handed out and not yet trained: NumPy arrays,
-        Python numbers, strings, lists and dicts (``pickle`` it next to ``model.save(...)``)."""
+        Python numbers, strings, lists and dicts (``pickle`` it next to ``model.save(...)``).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import keras
+        >>> y = np.arange(64) % 2
+        >>> x = (np.random.default_rng(0).normal(size=(64, 4)) + 2.0 * y[:, None]).astype("float32")
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> import pickle
+        >>> from crestcore import CrestConfig
+        >>> crest = CrestCallback(x, y, config=CrestConfig(m=8), budget=0.25, seed=0)
+        >>> history = model.fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
+        >>> state = pickle.loads(pickle.dumps(crest.state_dict()))
+        >>> state["position"], state["budget"]
+        (2, 0.25)
+        """
         return {
             "format": _FORMAT,
             **self._fingerprint(),
@@ -1083,7 +1284,26 @@ class CrestCallback(keras.callbacks.Callback):
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`'s output (restore the model and its optimizer too, e.g.
-        ``keras.saving.load_model``); the next ``fit`` continues with the same batches."""
+        ``keras.saving.load_model``); the next ``fit`` continues with the same batches.
+
+        Examples
+        --------
+        Resume in a new process: rebuild the callback with the same arguments, then restore:
+
+        >>> import numpy as np
+        >>> import keras
+        >>> y = np.arange(64) % 2
+        >>> x = (np.random.default_rng(0).normal(size=(64, 4)) + 2.0 * y[:, None]).astype("float32")
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> from crestcore import CrestConfig
+        >>> crest = CrestCallback(x, y, config=CrestConfig(m=8), budget=0.25, seed=0)
+        >>> history = model.fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
+        >>> resumed = CrestCallback(x, y, config=CrestConfig(m=8), budget=0.25, seed=0)
+        >>> resumed.load_state_dict(crest.state_dict())
+        >>> resumed.position
+        2
+        """
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
             raise ValueError("not a CrestCallback state dict (missing or unknown 'format')")
         for k, v in self._fingerprint().items():

@@ -91,6 +91,35 @@ class CrestCallback(pl.Callback):
         end of every training epoch with ``pl_module.log``.
 
     Attributes: ``loader`` (the ``CrestLoader``, after setup) and ``stats`` (its ``stats``).
+
+    Examples
+    --------
+    A linear classifier on 64 examples, trained for a quarter of the steps of two epochs:
+
+    >>> import torch
+    >>> from torch.utils.data import TensorDataset
+    >>> from crestcore import CrestConfig
+    >>> class Classifier(pl.LightningModule):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.net = torch.nn.Linear(4, 2)
+    ...     def forward(self, x):
+    ...         return self.net(x)
+    ...     def training_step(self, batch, batch_idx):
+    ...         x, y, w = batch
+    ...         losses = torch.nn.functional.cross_entropy(self(x), y, reduction="none")
+    ...         return {"loss": (w * losses).mean(), "crest_losses": losses.detach()}
+    ...     def configure_optimizers(self):
+    ...         return torch.optim.SGD(self.parameters(), lr=0.1)
+    >>> y = torch.arange(64) % 2
+    >>> x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0)) + 2.0 * y[:, None]
+    >>> crest = CrestCallback(TensorDataset(x, y), config=CrestConfig(m=8), budget=0.25, seed=0)
+    >>> trainer = pl.Trainer(max_epochs=2, callbacks=[crest], accelerator="cpu", devices=1, logger=False,
+    ...                      enable_checkpointing=False, enable_progress_bar=False,
+    ...                      enable_model_summary=False)
+    >>> trainer.fit(Classifier(), train_dataloaders=crest.dataloader())
+    >>> trainer.global_step, crest.stats["step"], crest.stats["selections"][0]  # the first one at step 0
+    (4, 4, 0)
     """
 
     def __init__(
@@ -142,7 +171,23 @@ class CrestCallback(pl.Callback):
 
     # -- the train dataloader -------------------------------------------------------------------
     def dataloader(self) -> _CrestTrainLoader:
-        """The iterable to pass as ``train_dataloaders`` (or return from ``train_dataloader()``)."""
+        """The iterable to pass as ``train_dataloaders`` (or return from ``train_dataloader()``).
+
+        Examples
+        --------
+        Its batches come from the callback's loader, which the Trainer sets up: pass the callback to the
+        Trainer that fits with this dataloader (the class example shows the whole run). Alone it says so:
+
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> from crestcore import CrestConfig
+        >>> data = TensorDataset(torch.zeros(64, 4), torch.arange(64) % 2)
+        >>> crest = CrestCallback(data, config=CrestConfig(m=8), budget=0.25)
+        >>> len(crest.dataloader())
+        Traceback (most recent call last):
+            ...
+        RuntimeError: CrestCallback's dataloader is used before the callback was set up: ...
+        """
         return _CrestTrainLoader(self)
 
     def _require_loader(self) -> CrestLoader:

@@ -27,7 +27,25 @@ EVENTS = ("selection", "check", "drop", "epoch")
 
 def scalars(stats: dict) -> dict[str, float]:
     """The numbers worth plotting from a loader's ``stats``: selections and checks so far, the last rho,
-    T1, P, the pool size, drops, and both budget fractions (training steps; all passes)."""
+    T1, P, the pool size, drops, and both budget fractions (training steps; all passes).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch.utils.data import TensorDataset
+    >>> from crestcore import CrestConfig
+    >>> from crestcore.adapters.torch import CrestLoader
+    >>> data = TensorDataset(torch.randn(64, 4, generator=torch.Generator().manual_seed(0)),
+    ...                      torch.arange(64) % 2)
+    >>> loader = CrestLoader(torch.nn.Linear(4, 2), data, config=CrestConfig(m=8), budget=0.5)
+    >>> batch = next(iter(loader))
+    >>> values = scalars(loader.stats)
+    >>> sorted(values)
+    ['crest/P', 'crest/T1', 'crest/checks', 'crest/drops', 'crest/fraction_all_passes',
+     'crest/fraction_steps', 'crest/pool', 'crest/selections']
+    >>> values["crest/selections"], values["crest/pool"], values["crest/fraction_steps"]
+    (1.0, 64.0, 0.125)
+    """
     out = {
         "crest/selections": float(len(stats["selections"])),
         "crest/checks": float(len(stats["checks"])),
@@ -44,7 +62,19 @@ def scalars(stats: dict) -> dict[str, float]:
 
 
 def check_listeners(callbacks) -> list[Callable]:
-    """``callbacks`` as a list of callables (None: empty); a clear error naming ``callbacks`` otherwise."""
+    """``callbacks`` as a list of callables (None: empty); a clear error naming ``callbacks`` otherwise.
+
+    Examples
+    --------
+    >>> def show(event, step, values):
+    ...     print(event, step)
+    >>> check_listeners(None), check_listeners(show) == [show]
+    ([], True)
+    >>> check_listeners(["selection"])
+    Traceback (most recent call last):
+        ...
+    TypeError: callbacks must hold callables listener(event, step, scalars), got str
+    """
     if callbacks is None:
         return []
     if callable(callbacks):
@@ -70,7 +100,23 @@ def _check_events(events) -> tuple[str, ...]:
 class TensorBoardWriter:
     """Writes every event's scalars to TensorBoard: ``writer`` is a ``SummaryWriter`` (torch's or
     tensorboardX's: anything with ``add_scalar(tag, value, step)``), or a log directory for a new
-    ``torch.utils.tensorboard.SummaryWriter``. ``events``: which events write (default all)."""
+    ``torch.utils.tensorboard.SummaryWriter``. ``events``: which events write (default all).
+
+    Examples
+    --------
+    Any object with ``add_scalar`` will do; here one that prints what TensorBoard would receive:
+
+    >>> class Printer:
+    ...     def add_scalar(self, tag, value, step):
+    ...         print(step, tag, value)
+    >>> listener = TensorBoardWriter(Printer(), events=("check",))
+    >>> listener("check", 12, {"crest/rho": 0.03, "crest/T1": 2.0})
+    12 crest/rho 0.03
+    12 crest/T1 2.0
+    >>> listener("selection", 12, {"crest/selections": 3.0})  # not among events: nothing written
+
+    Pass it to a loader as ``CrestLoader(..., callbacks=[listener])``.
+    """
 
     def __init__(self, writer: Any = None, *, events=EVENTS):
         if writer is None or isinstance(writer, str):
@@ -93,7 +139,20 @@ class TensorBoardWriter:
 
 class WandbWriter:
     """Logs every event's scalars to Weights & Biases: ``run`` is a ``wandb`` run (default
-    ``wandb.run``, the active one). W&B is optional and imported only here."""
+    ``wandb.run``, the active one). W&B is optional and imported only here.
+
+    Examples
+    --------
+    Any object with ``log(dict, step=...)`` will do; here one that prints what W&B would receive (the
+    event is logged too, as its index in ``EVENTS``):
+
+    >>> class Run:
+    ...     def log(self, values, step):
+    ...         print(step, values)
+    >>> listener = WandbWriter(Run())
+    >>> listener("epoch", 40, {"crest/fraction_steps": 0.1})
+    40 {'crest/fraction_steps': 0.1, 'crest/event': 3}
+    """
 
     def __init__(self, run: Any = None, *, events=EVENTS):
         if run is None:

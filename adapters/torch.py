@@ -100,6 +100,16 @@ def dataset_labels(dataset) -> np.ndarray:
     ``Subset`` and ``ConcatDataset`` (recursively), or a ``targets`` / ``labels`` attribute (torchvision
     datasets). Otherwise every example is loaded once and its second field taken (``dataset[i][1]``);
     pass ``labels=`` to :class:`CrestLoader` to avoid that pass.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch.utils.data import ConcatDataset, Subset, TensorDataset
+    >>> data = TensorDataset(torch.zeros(6, 3), torch.tensor([0, 1, 2, 0, 1, 2]))
+    >>> dataset_labels(data)
+    array([0, 1, 2, 0, 1, 2])
+    >>> dataset_labels(ConcatDataset([Subset(data, [5, 4]), data]))
+    array([2, 1, 0, 1, 2, 0, 1, 2])
     """
     n = _length(dataset)
     if isinstance(dataset, TensorDataset):
@@ -384,6 +394,25 @@ class TorchModelOps:
     logits, embeddings, gradients, Hessian probes and ``params()`` of a float16 or bfloat16 model come back
     in float32, so CREST's features, losses and quadratic model are computed in at least float32. A
     float32 model trained under ``torch.autocast`` is measured in float32 (outside the autocast region).
+
+    Examples
+    --------
+    Drive the controller by hand with a linear classifier on 64 examples of two classes
+    (:class:`CrestLoader` does this, and the training step, for you):
+
+    >>> import torch
+    >>> from torch.utils.data import TensorDataset
+    >>> from crestcore import CrestConfig, crest_init, crest_next_batch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> y = torch.arange(64) % 2
+    >>> data = TensorDataset(torch.randn(64, 4, generator=g) + 2.0 * y[:, None], y)
+    >>> model = torch.nn.Linear(4, 2)
+    >>> ops = TorchModelOps(model, data)
+    >>> config = CrestConfig(m=8)
+    >>> state = crest_init(config, ops.labels, seed=0)
+    >>> state, batch = crest_next_batch(state, ops, config)
+    >>> batch.indices.shape, batch.reselected, ops.params().shape
+    ((8,), True, torch.Size([10]))
     """
 
     def __init__(
@@ -573,7 +602,23 @@ class TorchModelOps:
     # -- ModelOps -------------------------------------------------------------------------------
     def outputs(self, indices, embeddings: bool = False):
         """Eval-mode logits (k, C) for ``indices``; with ``embeddings=True`` also the input of the last
-        linear layer (k, h), in the logits' dtype. No graph is built; the model is left as it was."""
+        linear layer (k, h), in the logits' dtype. No graph is built; the model is left as it was.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+        >>> data = TensorDataset(x, torch.arange(16) % 2)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+        >>> ops = TorchModelOps(model, data)
+        >>> ops.outputs(np.array([0, 5, 7])).shape
+        torch.Size([3, 2])
+        >>> logits, embeddings = ops.outputs(np.array([0, 5, 7]), embeddings=True)
+        >>> embeddings.shape  # the input of the last nn.Linear
+        torch.Size([3, 3])
+        """
         idx = host_indices(indices, self.n)
         dev = self.device
         logits, embs = [], []
@@ -624,14 +669,42 @@ class TorchModelOps:
         return z, e.detach()
 
     def losses(self, indices):
-        """Eval-mode per-example losses (k,) at the current parameters (no graph)."""
+        """Eval-mode per-example losses (k,) at the current parameters (no graph).
+
+        Examples
+        --------
+        A model that predicts nothing yet (zero logits) has loss ``log 2`` on every example:
+
+        >>> import numpy as np
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+        >>> data = TensorDataset(x, torch.arange(16) % 2)
+        >>> model = torch.nn.Linear(4, 2)
+        >>> _ = [torch.nn.init.zeros_(p) for p in model.parameters()]
+        >>> ops = TorchModelOps(model, data)
+        >>> ops.losses(np.array([0, 1, 2]))
+        tensor([0.6931, 0.6931, 0.6931])
+        """
         idx = host_indices(indices, self.n)
         z = self.outputs(idx)
         with torch.no_grad():
             return self.loss_fn(z, self._labels_on(idx, z.device))
 
     def params(self):
-        """A copy of the flat vector of the trainable parameters (D,); float32 for a half-precision model."""
+        """A copy of the flat vector of the trainable parameters (D,); float32 for a half-precision model.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+        >>> data = TensorDataset(x, torch.arange(16) % 2)
+        >>> model = torch.nn.Linear(4, 2).half()
+        >>> p = TorchModelOps(model, data).params()
+        >>> p.shape, p.dtype  # 4 * 2 weights and 2 biases
+        (torch.Size([10]), torch.float32)
+        """
         return _wide(torch.cat([p.detach().reshape(-1) for p in self._trainable()]).clone())
 
     def _weighted_losses(self, batch, idx, w, a, b, N):
@@ -643,7 +716,25 @@ class TorchModelOps:
         return (wt * ell).sum() / N, ell
 
     def gradient(self, indices, weights):
-        """``(loss, flat gradient)`` of ``mean(w_i * loss_i)`` over ``indices`` (eval mode)."""
+        """``(loss, flat gradient)`` of ``mean(w_i * loss_i)`` over ``indices`` (eval mode).
+
+        Examples
+        --------
+        Weights scale each example's share of the loss; a weight of 0 removes it:
+
+        >>> import numpy as np
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+        >>> data = TensorDataset(x, torch.arange(16) % 2)
+        >>> ops = TorchModelOps(torch.nn.Linear(4, 2), data)
+        >>> loss, grad = ops.gradient(np.array([0, 1]), np.array([2.0, 0.0]))
+        >>> grad.shape, abs(loss - ops.losses(np.array([0])).item()) < 1e-6
+        (torch.Size([10]), True)
+        >>> model_grads = [p.grad for p in ops.model.parameters()]  # the optimizer's .grad is untouched
+        >>> model_grads
+        [None, None]
+        """
         idx = host_indices(indices, self.n)
         w = host_weights(weights, idx.size)
         if idx.size == 0:
@@ -667,7 +758,19 @@ class TorchModelOps:
 
     def rademacher(self, seed: int) -> torch.Tensor:
         """The probe ``z`` (D,) of :meth:`hutchinson`: +-1 from a ``torch.Generator`` seeded with
-        ``seed`` on the parameters' device (so CPU and CUDA draw different, equally valid, probes)."""
+        ``seed`` on the parameters' device (so CPU and CUDA draw different, equally valid, probes).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+        >>> data = TensorDataset(x, torch.arange(16) % 2)
+        >>> ops = TorchModelOps(torch.nn.Linear(4, 2), data)
+        >>> z = ops.rademacher(seed=3)
+        >>> z.shape, sorted(set(z.tolist())), bool(torch.equal(z, ops.rademacher(seed=3)))
+        (torch.Size([10]), [-1.0, 1.0], True)
+        """
         params = self._trainable()
         D = sum(p.numel() for p in params)
         dev = params[0].device
@@ -677,7 +780,28 @@ class TorchModelOps:
         return bits.to(self._dtype()) * 2 - 1
 
     def hutchinson(self, indices, weights, seed: int):
-        """One Hutchinson probe ``z * (H z)`` of the weighted loss's Hessian (double backward)."""
+        """One Hutchinson probe ``z * (H z)`` of the weighted loss's Hessian (double backward).
+
+        Examples
+        --------
+        The probes average to the Hessian's diagonal. For a linear classifier with zero weights on two
+        classes that diagonal is ``mean(x_k^2) / 4`` for the weights of feature ``k`` and ``1/4`` for
+        the biases:
+
+        >>> import numpy as np
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+        >>> data = TensorDataset(x, torch.arange(16) % 2)
+        >>> model = torch.nn.Linear(4, 2)
+        >>> _ = [torch.nn.init.zeros_(p) for p in model.parameters()]
+        >>> ops = TorchModelOps(model, data)
+        >>> idx, w = np.arange(16), np.ones(16)
+        >>> estimate = sum(ops.hutchinson(idx, w, seed=s) for s in range(200)) / 200
+        >>> exact = torch.cat([(x**2).mean(0).repeat(2) / 4, torch.full((2,), 0.25)])
+        >>> bool(torch.allclose(estimate, exact, atol=0.1))
+        True
+        """
         idx = host_indices(indices, self.n)
         w = host_weights(weights, idx.size)
         if idx.size == 0:
@@ -815,6 +939,32 @@ class CrestLoader(BudgetedPasses):
     CREST's measurement passes, in step-equivalents (``(forward + 2 * backward examples) / 3 / m``;
     a backward costs about two forwards), stay within the same cap; ``len()`` is then an upper bound.
     ``stats["budget"]`` reports both fractions whichever mode is used.
+
+    Examples
+    --------
+    Train a linear classifier on 64 examples for a quarter of the steps of two epochs:
+
+    >>> import torch
+    >>> from torch.utils.data import TensorDataset
+    >>> from crestcore import CrestConfig
+    >>> g = torch.Generator().manual_seed(0)
+    >>> y = torch.arange(64) % 2
+    >>> data = TensorDataset(torch.randn(64, 4, generator=g) + 2.0 * y[:, None], y)
+    >>> model = torch.nn.Linear(4, 2)
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> loader = CrestLoader(model, data, config=CrestConfig(m=8), budget=0.25, epochs=2, seed=0)
+    >>> len(loader), loader.total_steps  # 8 full-data steps per epoch, a quarter of them
+    (2, 4)
+    >>> for epoch in range(loader.epochs):
+    ...     for x, y, w in loader:
+    ...         losses = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+    ...         optimizer.zero_grad()
+    ...         (w * losses).mean().backward()
+    ...         optimizer.step()
+    >>> x.shape, w.shape
+    (torch.Size([8, 4]), torch.Size([8]))
+    >>> loader.stats["step"], loader.stats["budget"]["fraction_steps"]
+    (4, 0.25)
     """
 
     def __init__(
@@ -969,7 +1119,27 @@ class CrestLoader(BudgetedPasses):
         """Feed the per-example training losses (k,) of the batch yielded last to the drop policy.
 
         Optional. Recorded only when dropping is on (``CrestConfig(T2=...)``); always checked: NaN or
-        infinite losses raise ``FloatingPointError``. Detached; one host copy."""
+        infinite losses raise ``FloatingPointError``. Detached; one host copy.
+
+        Examples
+        --------
+        With dropping on (``T2``), the per-example training losses feed the drop decisions:
+
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> from crestcore import CrestConfig
+        >>> y = torch.arange(64) % 2
+        >>> data = TensorDataset(torch.randn(64, 4, generator=torch.Generator().manual_seed(0)), y)
+        >>> model = torch.nn.Linear(4, 2)
+        >>> loader = CrestLoader(model, data, config=CrestConfig(m=8, T2=2), budget=0.5, epochs=1)
+        >>> for x, y, w in loader:
+        ...     losses = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+        ...     loader.observe(losses)
+        >>> loader.observe(torch.full((8,), float("nan")))
+        Traceback (most recent call last):
+            ...
+        FloatingPointError: ...
+        """
         if self._batch is None:
             raise RuntimeError("observe() needs a batch: call it after training on a yielded batch")
         self._observe(self._batch.indices, losses)
@@ -1029,7 +1199,24 @@ class CrestLoader(BudgetedPasses):
     def state_dict(self) -> dict:
         """Everything needed to continue with the same batches: the controller state and the position.
 
-        Holds tensors, numbers and strings only, so ``torch.load(..., weights_only=True)`` reads it."""
+        Holds tensors, numbers and strings only, so ``torch.load(..., weights_only=True)`` reads it.
+
+        Examples
+        --------
+        >>> import io
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> from crestcore import CrestConfig
+        >>> data = TensorDataset(torch.randn(64, 4, generator=torch.Generator().manual_seed(0)),
+        ...                      torch.arange(64) % 2)
+        >>> loader = CrestLoader(torch.nn.Linear(4, 2), data, config=CrestConfig(m=8), budget=0.5)
+        >>> batch = next(iter(loader))
+        >>> buffer = io.BytesIO()
+        >>> torch.save(loader.state_dict(), buffer)
+        >>> _ = buffer.seek(0)
+        >>> torch.load(buffer, weights_only=True)["position"]
+        1
+        """
         return self._state_dict(self._position, self._batch, self._pending, self._epochs_done)
 
     def _state_dict(self, position: int, batch: Batch | None, pending: list, epochs_done: int) -> dict:
@@ -1050,7 +1237,27 @@ class CrestLoader(BudgetedPasses):
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`'s output; the next pass continues exactly where it was saved.
 
-        Restore the model's and optimizer's states too (the controller measures the model)."""
+        Restore the model's and optimizer's states too (the controller measures the model).
+
+        Examples
+        --------
+        A loader restored from a checkpoint yields the batches the saved one would have yielded:
+
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> from crestcore import CrestConfig
+        >>> data = TensorDataset(torch.randn(64, 4, generator=torch.Generator().manual_seed(0)),
+        ...                      torch.arange(64) % 2)
+        >>> model = torch.nn.Linear(4, 2)
+        >>> loader = CrestLoader(model, data, config=CrestConfig(m=8), budget=0.5, seed=0)
+        >>> passes = iter(loader)
+        >>> first = next(passes)
+        >>> saved = loader.state_dict()
+        >>> resumed = CrestLoader(model, data, config=CrestConfig(m=8), budget=0.5, seed=0)
+        >>> resumed.load_state_dict(saved)
+        >>> bool(torch.equal(next(passes)[1], next(iter(resumed))[1]))
+        True
+        """
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
             raise ValueError("not a CrestLoader state dict (missing or unknown 'format')")
         fp = self._fingerprint()

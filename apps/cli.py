@@ -61,6 +61,21 @@ _TRAINING_OPTS = ("epochs", "budget", "device", "threads", "methods", "limit_tra
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``crest`` argument parser: ``demo`` (the training demo; ``--selection``: the selection demo),
+    ``info`` and ``bench``. Options left out are ``None``: the demo's own defaults apply.
+
+    Examples
+    --------
+    >>> parser = build_parser()
+    >>> ns = parser.parse_args(["demo", "--epochs", "3", "--budget", "0.2", "--methods", "random,crest"])
+    >>> ns.command, ns.epochs, ns.budget, ns.methods, ns.framework
+    ('demo', 3, 0.2, 'random,crest', None)
+    >>> ns = parser.parse_args(["demo", "--selection", "--fraction", "0.05", "--limit-per-class", "100"])
+    >>> ns.selection, ns.fraction, ns.limit_per_class, ns.metric
+    (True, 0.05, 100, None)
+    >>> parser.parse_args(["bench", "selection", "--quick"]).args
+    ['--quick']
+    """
     # Choices come from the core's constants (cheap: the core imports only numpy/array-api-compat).
     from crestcore.facility import OPTIMIZERS
     from crestcore.similarity import KERNELS, METRICS
@@ -334,7 +349,28 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    """Run the ``crest`` command line with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    """Run the ``crest`` command line with ``argv`` (default ``sys.argv[1:]``); return the exit code.
+
+    Examples
+    --------
+    ``crest info`` reports the versions, the backends that import and whether the data set is present:
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as empty:
+    ...     code = main(["info", "--root", empty])
+    crestcore ...
+    backends (native kernels; the generic array-API reference is always available):
+    ...
+    Fashion-MNIST in ...: train missing, test missing
+    ...
+    >>> code
+    0
+
+    A usage error (here a budget above 1) is reported on stderr with exit code 2:
+
+    >>> main(["demo", "--budget", "2"])
+    2
+    """
     parser = build_parser()
     try:
         ns = parser.parse_args(argv)

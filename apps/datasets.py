@@ -57,7 +57,21 @@ _IDX_DTYPES = {
 
 
 class IDXFormatError(ValueError):
-    """An IDX file is malformed (bad magic number, truncated, trailing bytes, unexpected shape)."""
+    """An IDX file is malformed (bad magic number, truncated, trailing bytes, unexpected shape).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = Path(folder) / "broken-idx1-ubyte"
+    ...     _ = path.write_bytes(bytes([1, 2, 8, 1]))  # the magic number must start with two zero bytes
+    ...     try:
+    ...         read_idx(path)
+    ...     except IDXFormatError as exc:
+    ...         print(isinstance(exc, ValueError))
+    True
+    """
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -81,6 +95,24 @@ def read_idx(path) -> np.ndarray:
     :class:`IDXFormatError` (a ``ValueError``) naming the file if it is malformed: a magic number
     whose first two bytes are not zero, an unknown type code, zero dimensions, a size that does not
     match the header (truncated or with trailing bytes).
+
+    Examples
+    --------
+    An IDX file is two zero bytes, a type code (0x08: unsigned bytes), the number of dimensions, each
+    dimension as a big-endian int32, then the data:
+
+    >>> import gzip
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> a = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = Path(folder) / "tiny-idx2-ubyte.gz"
+    ...     with gzip.open(path, "wb") as fh:
+    ...         _ = fh.write(bytes([0, 0, 0x08, 2]) + np.array(a.shape, dtype=">i4").tobytes() + a.tobytes())
+    ...     read_idx(path)
+    array([[0, 1, 2],
+           [3, 4, 5]], dtype=uint8)
     """
     path = Path(path)
     if not path.is_file():
@@ -122,7 +154,17 @@ def _resolve_root(root) -> Path:
 
 
 def fashion_mnist_available(root=None, split: str = "train") -> bool:
-    """Whether the Fashion-MNIST files of ``split`` are present under ``root``."""
+    """Whether the Fashion-MNIST files of ``split`` are present under ``root``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as empty:
+    ...     fashion_mnist_available(empty), fashion_mnist_available(empty, split="test")
+    (False, False)
+    >>> fashion_mnist_available(split="validation")  # no such split
+    False
+    """
     r = _resolve_root(root)
     files = FASHION_MNIST_FILES.get(split, ())
     return bool(files) and all((r / f).is_file() for f in files)
@@ -138,6 +180,26 @@ def load_fashion_mnist(root=None, split: str = "train"):
     split : "train" (60,000 images) or "test" (10,000 images).
 
     Label ``c`` names the class ``FASHION_MNIST_CLASSES[c]``.
+
+    Examples
+    --------
+    A folder laid out like the data set's, with four 28 x 28 images instead of 60,000:
+
+    >>> import gzip
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> def write_idx(path, a):
+    ...     with gzip.open(path, "wb") as fh:
+    ...         fh.write(bytes([0, 0, 0x08, a.ndim]) + np.array(a.shape, dtype=">i4").tobytes() + a.tobytes())
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> image_file, label_file = FASHION_MNIST_FILES["train"]
+    >>> write_idx(Path(folder.name) / image_file, np.zeros((4, 28, 28), dtype=np.uint8))
+    >>> write_idx(Path(folder.name) / label_file, np.array([9, 0, 0, 3], dtype=np.uint8))
+    >>> images, labels = load_fashion_mnist(folder.name)
+    >>> images.shape, labels, FASHION_MNIST_CLASSES[labels[0]]
+    ((4, 28, 28), array([9, 0, 0, 3]), 'Ankle boot')
+    >>> folder.cleanup()
     """
     if split not in FASHION_MNIST_FILES:
         raise ValueError(f"split must be one of {tuple(FASHION_MNIST_FILES)}, got {split!r}")

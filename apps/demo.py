@@ -52,6 +52,13 @@ def max_distance(X: np.ndarray, metric: str, tile: int = _TILE) -> float:
     one problem (one class): the maximum over the pairs *of that class*, not of the whole data set.
     Computed in X's dtype by the same ``pairwise_distances``, so it is the same number up to the
     rounding of a differently blocked matrix product.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.array([[0.0, 0.0], [3.0, 4.0], [1.0, 0.0]])
+    >>> max_distance(X, "euclidean"), max_distance(X, "sqeuclidean", tile=1)
+    (5.0, 25.0)
     """
     n = X.shape[0]
     M = 0.0
@@ -82,6 +89,16 @@ def evaluate_subset(
     Returns a dict: ``objective`` (float), ``mean_distance`` (mean distance of a point to its nearest
     member of the subset), ``weights`` (cluster sizes: how many points have each member as their most
     similar one, earliest member on ties; they sum to ``len(X)``), ``M``, ``scale``.
+
+    Examples
+    --------
+    Four points on a line; the subset {0, 3} serves the two points on its left and right:
+
+    >>> import numpy as np
+    >>> X = np.array([[0.0], [1.0], [5.0], [6.0]])
+    >>> result = evaluate_subset(X, np.array([0, 3]), metric="euclidean", kernel="max-minus")
+    >>> result["M"], result["objective"], result["mean_distance"], result["weights"]
+    (6.0, 22.0, 0.5, array([2, 2]))
     """
     subset = np.asarray(subset, dtype=np.int64)
     n = X.shape[0]
@@ -120,7 +137,39 @@ def evaluate_subset(
 
 
 def format_table(results: dict) -> str:
-    """The demo's result table as text (one row per class, then the total)."""
+    """The demo's result table as text (one row per class, then the total).
+
+    Examples
+    --------
+    The table of a selection demo run on a stand-in for Fashion-MNIST (20 random images of two classes;
+    :func:`run_selection_demo` shows how the folder is written):
+
+    >>> import gzip
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> from crestcore.apps.datasets import FASHION_MNIST_FILES
+    >>> def write_idx(path, a):
+    ...     with gzip.open(path, "wb") as fh:
+    ...         fh.write(bytes([0, 0, 0x08, a.ndim]) + np.array(a.shape, dtype=">i4").tobytes() + a.tobytes())
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> image_file, label_file = FASHION_MNIST_FILES["train"]
+    >>> images = np.random.default_rng(0).integers(0, 256, size=(20, 28, 28), dtype=np.uint8)
+    >>> write_idx(Path(folder.name) / image_file, images)
+    >>> write_idx(Path(folder.name) / label_file, np.arange(20, dtype=np.uint8) % 2)
+    >>> results = run_selection_demo(Path(folder.name) / "out", fraction=0.2, root=folder.name,
+    ...                              progress=False, top=2, print_fn=None)
+    >>> print(format_table(results))
+    class             n    k    F(coreset)     F(random)   ratio d(coreset)  d(random)  time s
+    ------------------------------------------------------------------------------------------
+    T-shirt/top      10    2 ...
+    Trouser          10    2 ...
+    ------------------------------------------------------------------------------------------
+    total            20    4 ...
+    <BLANKLINE>
+    F = sum_i max_(j in subset) s_ij per class; ...
+    >>> folder.cleanup()
+    """
     head = (
         f"{'class':<12} {'n':>6} {'k':>4} {'F(coreset)':>13} {'F(random)':>13} {'ratio':>7} "
         f"{'d(coreset)':>10} {'d(random)':>10} {'time s':>7}"
@@ -232,6 +281,32 @@ def run_selection_demo(
     A plain dict (JSON-serialisable): ``params``, ``n``, ``n_features``, ``classes`` (per class: name,
     n, k, time_s, objectives, ratio, mean distances, picked indices and weights), ``total``,
     ``time_warmup_s``, ``time_total_s``, ``max_rel_diff_reported``, ``paths``.
+
+    Examples
+    --------
+    On a stand-in for Fashion-MNIST (``root=``): 40 random 28 x 28 images of the ten classes, in the
+    data set's gzipped IDX files; half of each class is selected:
+
+    >>> import gzip
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> from crestcore.apps.datasets import FASHION_MNIST_FILES
+    >>> def write_idx(path, a):
+    ...     with gzip.open(path, "wb") as fh:
+    ...         fh.write(bytes([0, 0, 0x08, a.ndim]) + np.array(a.shape, dtype=">i4").tobytes() + a.tobytes())
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> image_file, label_file = FASHION_MNIST_FILES["train"]
+    >>> images = np.random.default_rng(0).integers(0, 256, size=(40, 28, 28), dtype=np.uint8)
+    >>> write_idx(Path(folder.name) / image_file, images)
+    >>> write_idx(Path(folder.name) / label_file, np.arange(40, dtype=np.uint8) % 10)
+    >>> results = run_selection_demo(Path(folder.name) / "out", fraction=0.5, root=folder.name,
+    ...                              progress=False, top=2, print_fn=None)
+    >>> [(c["name"], c["n"], c["k"]) for c in results["classes"][:2]]
+    [('T-shirt/top', 4, 2), ('Trouser', 4, 2)]
+    >>> results["total"]["k"], sorted(Path(p).name for p in results["paths"].values())
+    (20, ['random_per_class.png', 'results.json', 'selected_per_class.png'])
+    >>> folder.cleanup()
     """
     fraction = float(fraction)
     if not (0.0 < fraction <= 1.0) or not math.isfinite(fraction):

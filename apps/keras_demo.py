@@ -55,7 +55,18 @@ def keras_environment(backend: str = "torch", device: str | None = None) -> dict
 
     Keras reads them once, at its first import, so they must be in ``os.environ`` before it. This function
     only computes them (``KERAS_BACKEND``; ``KERAS_TORCH_DEVICE`` for a device on torch;
-    ``JAX_PLATFORMS=cpu`` for a CPU run on jax); ``crest demo --framework keras`` sets them."""
+    ``JAX_PLATFORMS=cpu`` for a CPU run on jax); ``crest demo --framework keras`` sets them.
+
+    Examples
+    --------
+    >>> keras_environment("torch", "cuda:1")
+    {'KERAS_BACKEND': 'torch', 'KERAS_TORCH_DEVICE': 'cuda:1'}
+    >>> keras_environment("jax", "cpu")
+    {'KERAS_BACKEND': 'jax', 'JAX_PLATFORMS': 'cpu'}
+
+    A launcher puts them in the environment of the process that runs keras, e.g.
+    ``subprocess.run(cmd, env={**os.environ, **keras_environment("jax")})``.
+    """
     if backend not in ("torch", "jax"):
         raise ValueError(f"backend must be 'torch' or 'jax' (the Keras backends CREST supports), got {backend!r}")
     env = {"KERAS_BACKEND": backend}
@@ -80,7 +91,22 @@ def import_keras(backend: str | None = None, device: str | None = None):
     Nothing is written to the environment: Keras takes its backend and device from it at its first import
     (:func:`keras_environment` lists the variables), so a keras not yet imported must find
     ``KERAS_BACKEND=backend`` there; a keras already imported with another backend is refused. On torch,
-    a Keras device other than ``device`` ("cpu", "cuda", "cuda:1", ...) draws a warning."""
+    a Keras device other than ``device`` ("cpu", "cuda", "cuda:1", ...) draws a warning.
+
+    Examples
+    --------
+    Keras runs the backend ``KERAS_BACKEND`` named when it was first imported:
+
+    >>> import os
+    >>> keras = import_keras()
+    >>> keras.backend.backend() == os.environ.get("KERAS_BACKEND", "torch")
+    True
+    >>> other = "jax" if keras.backend.backend() == "torch" else "torch"
+    >>> import_keras(other)
+    Traceback (most recent call last):
+        ...
+    ValueError: keras is imported with the ... backend in this process; the demo was asked for ...
+    """
     want = backend or os.environ.get("KERAS_BACKEND") or "torch"
     env = os.environ.get("KERAS_BACKEND")
     hint = (f"set KERAS_BACKEND={want} before keras is first imported (`crest demo --framework keras` does it; "
@@ -108,7 +134,31 @@ def import_keras(backend: str | None = None, device: str | None = None):
 def load_keras_data(root=None, *, n_train: int | None = None, n_test: int | None = None, seed: int = 0):
     """Fashion-MNIST as normalised float32 NumPy ``(x_train, y_train, x_test, y_test)``, x (n, 28, 28, 1).
 
-    The ``n_train`` / ``n_test`` subsets are the PyTorch demo's (same seeded draw)."""
+    The ``n_train`` / ``n_test`` subsets are the PyTorch demo's (same seeded draw).
+
+    Examples
+    --------
+    A folder laid out like Fashion-MNIST's (the real one is read from ``root=None``):
+
+    >>> import gzip
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> from crestcore.apps.datasets import FASHION_MNIST_FILES
+    >>> def write_idx(path, a):
+    ...     with gzip.open(path, "wb") as fh:
+    ...         fh.write(bytes([0, 0, 0x08, a.ndim]) + np.array(a.shape, dtype=">i4").tobytes() + a.tobytes())
+    >>> folder = tempfile.TemporaryDirectory()  # a stand-in for Fashion-MNIST: 64 train, 32 test images
+    >>> rng = np.random.default_rng(0)
+    >>> for split, n in (("train", 64), ("test", 32)):
+    ...     images, labels = FASHION_MNIST_FILES[split]
+    ...     write_idx(Path(folder.name) / images, rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8))
+    ...     write_idx(Path(folder.name) / labels, (np.arange(n) % 10).astype(np.uint8))
+    >>> x_train, y_train, x_test, y_test = load_keras_data(folder.name, n_train=48)
+    >>> x_train.shape, x_train.dtype, y_train.dtype, x_test.shape
+    ((48, 28, 28, 1), dtype('float32'), dtype('int64'), (32, 28, 28, 1))
+    >>> folder.cleanup()
+    """
     from .datasets import load_fashion_mnist
 
     xtr, ytr = load_fashion_mnist(root, split="train")
@@ -127,7 +177,18 @@ def load_keras_data(root=None, *, n_train: int | None = None, n_test: int | None
 
 def build_keras_cnn(keras, num_classes: int = 10):
     """The demo CNN in Keras: Conv 5x5/2 (16) + ReLU, Conv 3x3/2 (32) + ReLU, Dense 64 + ReLU, Dense
-    ``num_classes`` (logits)."""
+    ``num_classes`` (logits).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> keras = import_keras()
+    >>> model = build_keras_cnn(keras)
+    >>> tuple(model(np.zeros((5, 28, 28, 1), dtype="float32")).shape)
+    (5, 10)
+    >>> model.count_params()  # the PyTorch demo's CNN has as many
+    106122
+    """
     L = keras.layers
     return keras.Sequential([
         keras.Input((28, 28, 1)),
@@ -177,7 +238,22 @@ def _eval_steps(total: int, evals: int) -> set[int]:
 def train_keras_method(method: str, data, s: TrainSettings, *, backend: str | None = None, progress: bool = True,
                        desc: str | None = None) -> dict:
     """Train one method through ``model.fit`` and return its record (the fields of
-    ``train_demo.train_method``'s, less the forgetting tracker and the per-step batch list)."""
+    ``train_demo.train_method``'s, less the forgetting tracker and the per-step batch list).
+
+    Examples
+    --------
+    Half the steps of one epoch of CREST on synthetic images, in batches of 16:
+
+    >>> import numpy as np
+    >>> from crestcore.apps.train_demo import TrainSettings
+    >>> y = np.arange(96) % 10  # 64 training and 32 test images of 10 classes (synthetic)
+    >>> x = (np.random.default_rng(0).normal(size=(96, 28, 28, 1)) + y[:, None, None, None] / 5).astype("float32")
+    >>> data = (x[:64], y[:64], x[64:], y[64:])
+    >>> settings = TrainSettings(epochs=1, budget=0.5, m=16, evals=1, threads=None)
+    >>> record = train_keras_method("crest", data, settings, progress=False)
+    >>> record["steps"], record["counts"]["selections"] >= 1, 0.0 <= record["acc"] <= 1.0
+    (2, True, True)
+    """
     keras = import_keras(backend, s.device)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -351,7 +427,34 @@ def run_keras_comparison(
 
     Same arguments as :func:`crestcore.apps.train_demo.run_training_demo`, plus ``backend`` (the Keras
     backend: "torch" or "jax"; default ``KERAS_BACKEND``, else "torch"; a keras not yet imported must find
-    it in ``KERAS_BACKEND``, see :func:`import_keras`). Returns the results dict."""
+    it in ``KERAS_BACKEND``, see :func:`import_keras`). Returns the results dict.
+
+    Examples
+    --------
+    On a stand-in for Fashion-MNIST (``root=``), without figures:
+
+    >>> import gzip
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> from crestcore.apps.datasets import FASHION_MNIST_FILES
+    >>> def write_idx(path, a):
+    ...     with gzip.open(path, "wb") as fh:
+    ...         fh.write(bytes([0, 0, 0x08, a.ndim]) + np.array(a.shape, dtype=">i4").tobytes() + a.tobytes())
+    >>> folder = tempfile.TemporaryDirectory()  # a stand-in for Fashion-MNIST: 64 train, 32 test images
+    >>> rng = np.random.default_rng(0)
+    >>> for split, n in (("train", 64), ("test", 32)):
+    ...     images, labels = FASHION_MNIST_FILES[split]
+    ...     write_idx(Path(folder.name) / images, rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8))
+    ...     write_idx(Path(folder.name) / labels, (np.arange(n) % 10).astype(np.uint8))
+    >>> from crestcore.apps.train_demo import TrainSettings
+    >>> settings = TrainSettings(epochs=1, budget=0.5, m=16, evals=1, threads=None)
+    >>> results = run_keras_comparison(Path(folder.name) / "out", settings=settings, methods=["random", "crest"],
+    ...                                progress=False, root=folder.name, print_fn=None, figures=False)
+    >>> [(row["method"], row["steps"]) for row in results["rows"]]
+    [('full', 4), ('random', 2), ('crest', 2)]
+    >>> folder.cleanup()
+    """
     s = settings or TrainSettings()
     methods = list(methods)
     for mth in methods:

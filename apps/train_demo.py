@@ -77,7 +77,19 @@ _BASELINES = ("full", "sgd-budget", "random", "craig", "gradmatch", "glister", "
 
 def parse_methods(text: str) -> tuple[str, ...]:
     """``"all"`` or a comma-separated list of :data:`METHODS` -> a tuple in the given order (duplicates
-    dropped); ValueError naming the first unknown method."""
+    dropped); ValueError naming the first unknown method.
+
+    Examples
+    --------
+    >>> parse_methods("crest, random,crest")
+    ('crest', 'random')
+    >>> parse_methods("all") == METHODS
+    True
+    >>> parse_methods("crest,sgd")
+    Traceback (most recent call last):
+        ...
+    ValueError: unknown method 'sgd'; choose from all, full, sgd-budget, ...
+    """
     names = [t.strip() for t in str(text).split(",") if t.strip()]
     if not names:
         raise ValueError(f"no method given; choose from all, {', '.join(METHODS)}")
@@ -108,6 +120,12 @@ class TrainSettings:
     m : mini-batch size. lr : peak learning rate (linear warm-up over ``warmup`` of a run's steps, then
     cosine to 0). evals : test evaluations during a run (plus one before the first step).
     crest_* : options of :class:`crestcore.CrestConfig` (see :func:`crest_config`).
+
+    Examples
+    --------
+    >>> s = TrainSettings(epochs=20, budget=0.1, crest_tau=0.05)
+    >>> s.m, s.lr, s.epochs, s.crest_tau
+    (128, 0.05, 20, 0.05)
     """
 
     epochs: int = 5
@@ -147,7 +165,17 @@ class TrainSettings:
 
 
 def crest_config(s: TrainSettings, *, dropping: bool = False, steps_per_epoch: int = 1):
-    """The :class:`crestcore.CrestConfig` of a run with settings ``s``."""
+    """The :class:`crestcore.CrestConfig` of a run with settings ``s``.
+
+    Examples
+    --------
+    >>> config = crest_config(TrainSettings(m=64, crest_tau=0.05))
+    >>> config.m, config.tau, config.T2
+    (64, 0.05, None)
+    >>> config = crest_config(TrainSettings(m=64), dropping=True, steps_per_epoch=47)
+    >>> config.T2, config.drop.window, config.drop.alpha
+    (47, 47, 0.1)
+    """
     from crestcore.controller import CrestConfig
     from crestcore.dropping import DropConfig
 
@@ -170,7 +198,15 @@ def crest_config(s: TrainSettings, *, dropping: bool = False, steps_per_epoch: i
 
 
 def relative_error(acc_full: float, acc: float) -> float:
-    """``(acc_full - acc) / acc_full * 100`` (percent; negative when ``acc`` beats full data)."""
+    """``(acc_full - acc) / acc_full * 100`` (percent; negative when ``acc`` beats full data).
+
+    Examples
+    --------
+    >>> round(relative_error(0.90, 0.88), 4)
+    2.2222
+    >>> relative_error(0.80, 0.84) < 0
+    True
+    """
     if not acc_full > 0:
         raise ValueError(f"acc_full must be > 0, got {acc_full!r}")
     return (acc_full - acc) / acc_full * 100.0
@@ -178,7 +214,15 @@ def relative_error(acc_full: float, acc: float) -> float:
 
 def forgetting_events(correct_sequence) -> int:
     """Forgetting events of one example: how many times its classification goes from correct at one
-    evaluation to wrong at the next (``True, False`` pairs in the sequence of its evaluations)."""
+    evaluation to wrong at the next (``True, False`` pairs in the sequence of its evaluations).
+
+    Examples
+    --------
+    >>> forgetting_events([True, False, True, True, False, False])
+    2
+    >>> forgetting_events([False, False, True])  # learned, never forgotten
+    0
+    """
     seq = [bool(c) for c in correct_sequence]
     return sum(1 for a, b in zip(seq, seq[1:]) if a and not b)
 
@@ -190,6 +234,14 @@ class ForgettingTracker:
     this evaluation; an example's score is its number of forgetting events so far (correct at its
     previous evaluation, wrong at this one). ``seen`` counts evaluations, ``ever_correct`` flags examples
     classified correctly at least once. A repeated index within one update counts once (its last value).
+
+    Examples
+    --------
+    >>> tracker = ForgettingTracker(4)
+    >>> tracker.update([0, 1, 2], [True, True, False])
+    >>> tracker.update([0, 1, 2], [False, True, True])
+    >>> tracker.scores, tracker.seen, tracker.ever_correct
+    (array([1, 0, 0, 0]), array([2, 2, 2, 0]), array([ True,  True,  True, False]))
     """
 
     def __init__(self, n: int):
@@ -200,6 +252,17 @@ class ForgettingTracker:
         self.ever_correct = np.zeros(self.n, dtype=bool)
 
     def update(self, indices, correct) -> None:
+        """Record one evaluation of the examples ``indices``: ``correct`` says which were classified
+        correctly; an example correct at its previous evaluation and wrong now is forgotten once more.
+
+        Examples
+        --------
+        >>> tracker = ForgettingTracker(3)
+        >>> for correct in ([True, True, False], [False, True, True], [True, False, True]):
+        ...     tracker.update([0, 1, 2], correct)
+        >>> tracker.scores
+        array([1, 1, 0])
+        """
         idx = np.asarray(indices, dtype=np.int64).ravel()
         ok = np.asarray(correct, dtype=bool).ravel()
         if idx.size != ok.size:
@@ -223,7 +286,21 @@ def format_table(rows: list[dict]) -> str:
     Each row: ``method``, ``steps``, ``acc`` (fraction), ``rel_error`` (%), ``wall`` (s), ``speedup``
     (full wall / this wall), ``updates`` (selections; None for full and sgd-budget), ``overhead_pct``
     (selection + CREST's model, checks and dropping + prune's bookkeeping, % of the method's training-step
-    time; None for full and sgd-budget)."""
+    time; None for full and sgd-budget).
+
+    Examples
+    --------
+    >>> rows = [
+    ...     {"method": "full", "steps": 2345, "acc": 0.912, "rel_error": 0.0, "wall": 300.0, "speedup": 1.0},
+    ...     {"method": "crest", "steps": 235, "acc": 0.884, "rel_error": 3.07, "wall": 41.0, "speedup": 7.32,
+    ...      "updates": 12, "overhead_pct": 18.4},
+    ... ]
+    >>> print(format_table(rows))
+    method        steps  test acc %  rel. error %  wall clock s  speedup  updates  overhead %
+    -----------------------------------------------------------------------------------------
+    full           2345       91.20          0.00         300.0    1.00x        -           -
+    crest           235       88.40          3.07          41.0    7.32x       12        18.4
+    """
     widths = (12, 6, 11, 13, 13, 8, 8, 11)
     head = " ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(TABLE_COLUMNS, widths)))
     lines = [head, "-" * len(head)]
@@ -282,7 +359,31 @@ def _import_torch():
 def load_data(root=None, *, n_train: int | None = None, n_test: int | None = None, seed: int = 0):
     """Fashion-MNIST as normalised float32 tensors ``(x_train, y_train, x_test, y_test)``, x (n, 1, 28, 28).
 
-    ``n_train`` / ``n_test`` keep a uniformly random subset (seeded) for quick runs."""
+    ``n_train`` / ``n_test`` keep a uniformly random subset (seeded) for quick runs.
+
+    Examples
+    --------
+    A folder laid out like Fashion-MNIST's (the real one is read from ``root=None``):
+
+    >>> import gzip
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> from crestcore.apps.datasets import FASHION_MNIST_FILES
+    >>> def write_idx(path, a):
+    ...     with gzip.open(path, "wb") as fh:
+    ...         fh.write(bytes([0, 0, 0x08, a.ndim]) + np.array(a.shape, dtype=">i4").tobytes() + a.tobytes())
+    >>> folder = tempfile.TemporaryDirectory()  # a stand-in for Fashion-MNIST: 64 train, 32 test images
+    >>> rng = np.random.default_rng(0)
+    >>> for split, n in (("train", 64), ("test", 32)):
+    ...     images, labels = FASHION_MNIST_FILES[split]
+    ...     write_idx(Path(folder.name) / images, rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8))
+    ...     write_idx(Path(folder.name) / labels, (np.arange(n) % 10).astype(np.uint8))
+    >>> x_train, y_train, x_test, y_test = load_data(folder.name, n_train=48)
+    >>> x_train.shape, x_train.dtype, y_train.dtype, x_test.shape
+    (torch.Size([48, 1, 28, 28]), torch.float32, torch.int64, torch.Size([32, 1, 28, 28]))
+    >>> folder.cleanup()
+    """
     from .datasets import load_fashion_mnist
 
     xtr, ytr = load_fashion_mnist(root, split="train")
@@ -303,7 +404,17 @@ def load_data(root=None, *, n_train: int | None = None, n_test: int | None = Non
 
 def build_cnn(num_classes: int = 10):
     """The demo's small CNN (~106k parameters): two strided 3x3/5x5 convolutions with ReLU, then a
-    64-unit hidden layer and the linear classifier (the last ``nn.Linear`` gives the logits)."""
+    64-unit hidden layer and the linear classifier (the last ``nn.Linear`` gives the logits).
+
+    Examples
+    --------
+    >>> import torch
+    >>> model = build_cnn()
+    >>> model(torch.zeros(5, 1, 28, 28)).shape
+    torch.Size([5, 10])
+    >>> sum(p.numel() for p in model.parameters())
+    106122
+    """
     from torch import nn
 
     return nn.Sequential(
@@ -342,6 +453,18 @@ class OpsTimer:
     sample at a trust check), ``gradient`` and ``hutchinson`` (the quadratic model's fit) and ``params``.
     Each call is appended to ``events`` as ``(name, seconds)``; :meth:`attribute` splits the time of
     one ``next(loader)`` into categories.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch.utils.data import TensorDataset
+    >>> from crestcore.adapters.torch import TorchModelOps
+    >>> data = TensorDataset(torch.randn(16, 4, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 2)
+    >>> ops = TorchModelOps(torch.nn.Linear(4, 2), data)
+    >>> timer = OpsTimer(ops)
+    >>> logits = ops.outputs([0, 1, 2])
+    >>> [name for name, seconds in timer.events]
+    ['outputs']
     """
 
     CATEGORIES = ("select_forward", "select_solve", "model_fit", "checks", "drops", "data")
@@ -375,7 +498,22 @@ class OpsTimer:
         first ``gradient`` is the selection's forward and earlier ones are checks; without one, every
         ``outputs`` is a check. The time outside the ops calls goes to the selection's solve (features,
         facility location, subsets) when a selection ran, else to the check (the quadratic model's
-        prediction), else to the drop decision, else to loading the batch (``data``)."""
+        prediction), else to the drop decision, else to loading the batch (``data``).
+
+        Examples
+        --------
+        A step that ran a trust check (an ``outputs`` of 0.2 s) and then a selection (an ``outputs`` of
+        0.5 s and a model fit of 0.3 s) in 1.5 s; what the ops calls leave is the selection's solve:
+
+        >>> timer = OpsTimer(type("Ops", (), {"outputs": None, "gradient": None, "hutchinson": None,
+        ...                                   "params": None})())
+        >>> timer.events = [("outputs", 0.2), ("outputs", 0.5), ("gradient", 0.2), ("hutchinson", 0.1)]
+        >>> split = timer.attribute(1.5, selected=True, checked=True, dropped=False)
+        >>> {k: round(v, 6) for k, v in split.items()}
+        {'select_forward': 0.5, 'select_solve': 0.5, 'model_fit': 0.3, 'checks': 0.2, 'drops': 0.0, 'data': 0.0}
+        >>> timer.events
+        []
+        """
         out = dict.fromkeys(self.CATEGORIES, 0.0)
         ev = self.events
         first_fit = next((i for i, (n, _) in enumerate(ev) if n in ("gradient", "hutchinson")), None)
@@ -431,6 +569,19 @@ def train_method(method: str, data, s: TrainSettings, *, progress: bool = True, 
     ``batches`` (indices of every training batch, int32 (steps, m)) and ``pool`` (active pool size after
     each step). With ``track_forgetting`` (full data), ``forgetting``
     is a :class:`ForgettingTracker` fed with the training forward's predictions at every presentation.
+
+    Examples
+    --------
+    Half the steps of one epoch of CREST on synthetic images, in batches of 16:
+
+    >>> import torch
+    >>> y = torch.arange(96) % 10  # 64 training and 32 test images of 10 classes (synthetic)
+    >>> x = torch.randn(96, 1, 28, 28, generator=torch.Generator().manual_seed(0)) + y[:, None, None, None] / 5
+    >>> data = (x[:64], y[:64], x[64:], y[64:])
+    >>> record = train_method("crest", data, TrainSettings(epochs=1, budget=0.5, m=16, evals=1, threads=None),
+    ...                       progress=False)
+    >>> record["steps"], record["counts"]["selections"] >= 1, 0.0 <= record["acc"] <= 1.0
+    (2, True, True)
     """
     torch = _import_torch()
     import torch.nn.functional as F
@@ -667,6 +818,24 @@ def make_figures(records: dict, out, *, tau: float, forgetting: dict | None = No
     number of coreset updates (the talk's Figure 8). rho.png: rho_t at each trust check, tau dashed,
     selections marked. forgetting.png: mean forgetting score of the examples in CREST's batches over
     training, dropping off and on (the talk's Figure 9), the whole training set's mean dashed.
+
+    Examples
+    --------
+    The figures of two short runs on synthetic images:
+
+    >>> import torch
+    >>> y = torch.arange(96) % 10  # 64 training and 32 test images of 10 classes (synthetic)
+    >>> x = torch.randn(96, 1, 28, 28, generator=torch.Generator().manual_seed(0)) + y[:, None, None, None] / 5
+    >>> data = (x[:64], y[:64], x[64:], y[64:])
+    >>> settings = TrainSettings(epochs=1, budget=0.5, m=16, evals=2, threads=None)
+    >>> records = {name: train_method(name, data, settings, progress=False) for name in ("full", "crest")}
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> paths = make_figures(records, folder.name, tau=0.1)
+    >>> sorted(Path(p).name for p in paths.values())
+    ['accuracy_vs_time.png', 'coreset_updates.png', 'rho.png']
+    >>> folder.cleanup()
     """
     import matplotlib
 
@@ -818,7 +987,35 @@ def run_training_demo(
     """Train every method of ``methods`` (names of :data:`METHODS`, or a string for :func:`parse_methods`
     such as ``"all"``) with ``settings``, print a table, save figures and results.json.
 
-    Returns the results dict (also written to ``out/results.json``)."""
+    Returns the results dict (also written to ``out/results.json``).
+
+    Examples
+    --------
+    On a stand-in for Fashion-MNIST (``root=``), without figures:
+
+    >>> import gzip
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> from crestcore.apps.datasets import FASHION_MNIST_FILES
+    >>> def write_idx(path, a):
+    ...     with gzip.open(path, "wb") as fh:
+    ...         fh.write(bytes([0, 0, 0x08, a.ndim]) + np.array(a.shape, dtype=">i4").tobytes() + a.tobytes())
+    >>> folder = tempfile.TemporaryDirectory()  # a stand-in for Fashion-MNIST: 64 train, 32 test images
+    >>> rng = np.random.default_rng(0)
+    >>> for split, n in (("train", 64), ("test", 32)):
+    ...     images, labels = FASHION_MNIST_FILES[split]
+    ...     write_idx(Path(folder.name) / images, rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8))
+    ...     write_idx(Path(folder.name) / labels, (np.arange(n) % 10).astype(np.uint8))
+    >>> settings = TrainSettings(epochs=1, budget=0.5, m=16, evals=1, threads=None)
+    >>> results = run_training_demo(Path(folder.name) / "out", settings=settings, methods="random,crest",
+    ...                             progress=False, root=folder.name, print_fn=None, figures=False)
+    >>> [(row["method"], row["steps"]) for row in results["rows"]]
+    [('full', 4), ('random', 2), ('crest', 2)]
+    >>> (Path(folder.name) / "out" / "results.json").is_file()
+    True
+    >>> folder.cleanup()
+    """
     s = settings or TrainSettings()
     methods = list(parse_methods(methods) if isinstance(methods, str) else methods)
     for mth in methods:

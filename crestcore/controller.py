@@ -82,12 +82,121 @@ BATCHES = ("coreset", "shuffled-union")
 class ModelOps(Protocol):
     """What an adapter supplies (see the module docstring). Optionally it may also define
     ``coresets(features, labels, **kw)`` with :func:`crestcore.minibatch_coresets`'s signature and
-    result; the controller then selects through it (the distributed adapter shards the problems so)."""
+    result; the controller then selects through it (the distributed adapter shards the problems so).
 
-    def outputs(self, indices: np.ndarray, embeddings: bool = False) -> Any: ...
-    def params(self) -> Any: ...
-    def gradient(self, indices: np.ndarray, weights: np.ndarray) -> tuple[float, Any]: ...
-    def hutchinson(self, indices: np.ndarray, weights: np.ndarray, seed: int) -> Any: ...
+    Examples
+    --------
+    Softmax regression ``z = x W`` on NumPy data, written as the four operations (the PyTorch adapter,
+    ``crestcore.adapters.torch.TorchModelOps``, does the same for any ``nn.Module``):
+
+    >>> import numpy as np
+    >>> from crestcore import CrestConfig, crest_init, crest_next_batch, cross_entropy, softmax
+    >>> class SoftmaxOps:
+    ...     def __init__(self, X, y, C):
+    ...         self.X, self.y, self.W = X, y, np.zeros((X.shape[1], C))
+    ...     def outputs(self, indices, embeddings=False):
+    ...         return self.X[indices] @ self.W
+    ...     def params(self):
+    ...         return self.W.ravel().copy()
+    ...     def gradient(self, indices, weights):
+    ...         X, y = self.X[indices], self.y[indices]
+    ...         loss = float(np.mean(weights * cross_entropy(X @ self.W, y)))
+    ...         G = softmax(X @ self.W)
+    ...         G[np.arange(len(y)), y] -= 1.0
+    ...         return loss, (X.T @ (G * weights[:, None]) / len(y)).ravel()
+    ...     def hutchinson(self, indices, weights, seed):
+    ...         X = self.X[indices]
+    ...         z = np.random.default_rng(seed).choice([-1.0, 1.0], size=self.W.size)
+    ...         P, A = softmax(X @ self.W), X @ z.reshape(self.W.shape)
+    ...         HA = P * A - P * np.sum(P * A, axis=1, keepdims=True)
+    ...         return z * (X.T @ (HA * weights[:, None]) / len(indices)).ravel()
+    >>> rng = np.random.default_rng(0)
+    >>> y = np.arange(200) % 2
+    >>> X = rng.normal(size=(200, 2)) + 2.0 * y[:, None]
+    >>> ops = SoftmaxOps(X, y, C=2)
+    >>> config = CrestConfig(m=10)
+    >>> state = crest_init(config, y, seed=0)
+    >>> state, batch = crest_next_batch(state, ops, config)
+    >>> batch.indices.shape, batch.reselected
+    ((10,), True)
+    """
+
+    def outputs(self, indices: np.ndarray, embeddings: bool = False) -> Any:
+        """Eval-mode logits ``(len(indices), C)`` of the examples ``indices`` (host int64); with
+        ``embeddings=True`` the pair ``(logits, penultimate features (len(indices), h))``.
+
+        Examples
+        --------
+        For softmax regression ``z = x W`` the logits are rows of ``X W``; the penultimate features are
+        the inputs of the last (here the only) layer:
+
+        >>> import numpy as np
+        >>> X = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+        >>> W = np.array([[2.0, 0.0], [0.0, 3.0]])
+        >>> def outputs(indices, embeddings=False):
+        ...     return (X[indices] @ W, X[indices]) if embeddings else X[indices] @ W
+        >>> outputs(np.array([2, 0]))
+        array([[2., 3.],
+               [2., 0.]])
+        """
+        ...
+
+    def params(self) -> Any:
+        """A copy of the flat parameter vector (D,), in the model's namespace and on its device.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> W = np.zeros((2, 3))
+        >>> def params():
+        ...     return W.ravel().copy()  # a copy: training must not change what the controller holds
+        >>> anchor = params()
+        >>> W += 1.0
+        >>> anchor.shape, float(anchor.sum())
+        ((6,), 0.0)
+        """
+        ...
+
+    def gradient(self, indices: np.ndarray, weights: np.ndarray) -> tuple[float, Any]:
+        """``(loss, flat gradient)`` of the weighted mean loss ``mean_i(w_i * l_i)`` over the examples
+        ``indices`` at the current parameters; the gradient is shaped like :meth:`params`.
+
+        Examples
+        --------
+        Softmax regression ``z = x W`` at ``W = 0``: every loss is ``log 2``:
+
+        >>> import numpy as np
+        >>> from crestcore import cross_entropy, softmax
+        >>> X, y, W = np.array([[1.0, 0.0], [0.0, 2.0]]), np.array([0, 1]), np.zeros((2, 2))
+        >>> def gradient(indices, weights):
+        ...     Xi, yi = X[indices], y[indices]
+        ...     loss = float(np.mean(weights * cross_entropy(Xi @ W, yi)))
+        ...     G = softmax(Xi @ W)
+        ...     G[np.arange(len(yi)), yi] -= 1.0
+        ...     return loss, (Xi.T @ (G * weights[:, None]) / len(yi)).ravel()
+        >>> loss, grad = gradient(np.array([0, 1]), np.array([1.0, 1.0]))
+        >>> round(loss, 4), grad
+        (0.6931, array([-0.25,  0.25,  0.5 , -0.5 ]))
+        """
+        ...
+
+    def hutchinson(self, indices: np.ndarray, weights: np.ndarray, seed: int) -> Any:
+        """One Hutchinson probe ``z * (H z)``: ``z`` Rademacher (+-1) drawn from ``seed``, ``H`` the
+        Hessian of the weighted mean loss of :meth:`gradient`; shaped like :meth:`params`.
+
+        Examples
+        --------
+        For a loss whose Hessian is diagonal, one probe is exactly the diagonal (``z * z = 1``):
+
+        >>> import numpy as np
+        >>> H = np.diag([1.0, 2.0, 3.0])
+        >>> def hutchinson(indices, weights, seed):
+        ...     z = np.random.default_rng(seed).choice([-1.0, 1.0], size=3)
+        ...     return z * (H @ z)
+        >>> hutchinson(np.array([0, 1]), np.array([1.0, 1.0]), seed=7)
+        array([1., 2., 3.])
+        """
+        ...
 
 
 @dataclass(frozen=True)
@@ -121,6 +230,16 @@ class CrestConfig:
     more than the one check or selection that crosses it. A due check, epoch reselection or
     drop-triggered reselection waits until the count allows it; meanwhile the coresets are cycled.
     Deterministic: counts, not clocks.
+
+    Examples
+    --------
+    >>> config = CrestConfig(m=64, T2=20, drop=DropConfig(alpha=0.05))
+    >>> config.m, config.P, config.tau, config.T2
+    (64, 5, 0.1, 20)
+    >>> CrestConfig(m=64, r=32)
+    Traceback (most recent call last):
+        ...
+    ValueError: CrestConfig.r (32) must be >= m (64): ...
     """
 
     m: int = 128
@@ -175,7 +294,14 @@ class CrestConfig:
     @classmethod
     def paper(cls, **overrides) -> "CrestConfig":
         """Algorithm 1 as the paper states it, with its hyperparameters (P = 5, T1 = 1, tau = 0.1, h = 1,
-        b = 5, cluster-size weights, the trust check, no overhead cap) and none of the release's bugs."""
+        b = 5, cluster-size weights, the trust check, no overhead cap) and none of the release's bugs.
+
+        Examples
+        --------
+        >>> config = CrestConfig.paper(m=32)
+        >>> config.m, config.P, config.T1, config.tau, config.weights
+        (32, 5, 1, 0.1, 'cluster')
+        """
         base: dict[str, Any] = dict(P=5, T1=1, tau=0.1, h=1.0, b=5.0, weights="cluster", reselect="trust",
                                     max_overhead=None, kernel="max-minus", batches="coreset",
                                     quadratic=QuadraticConfig())
@@ -184,7 +310,14 @@ class CrestConfig:
 
     @classmethod
     def release(cls, **overrides) -> "CrestConfig":
-        """The design choices of the authors' release (docs/algorithm.md lists them), never its bugs."""
+        """The design choices of the authors' release (docs/algorithm.md lists them), never its bugs.
+
+        Examples
+        --------
+        >>> config = CrestConfig.release(m=128)
+        >>> config.kernel, config.batches, config.quadratic.variant, config.check_union
+        ('exp', 'shuffled-union', 'adahessian', True)
+        """
         base: dict[str, Any] = dict(
             kernel="exp", class_budget="ceil", batches="shuffled-union",
             quadratic=QuadraticConfig(variant="adahessian"), check_union=True,
@@ -194,12 +327,43 @@ class CrestConfig:
 
 
 class Batch(NamedTuple):
+    """The next mini-batch (:func:`crest_next_batch`): dataset ``indices``, per-example ``weights``
+    (mean 1 over a coreset) and whether a new selection was made for it. Train one step on
+    ``mean_i(weights_i * loss_i)`` over ``indices``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from crestcore import cross_entropy
+    >>> batch = Batch(np.array([4, 0, 2]), np.array([1.5, 0.5, 1.0]), reselected=False)
+    >>> logits, labels = np.zeros((5, 2)), np.array([0, 1, 0, 1, 0])
+    >>> losses = cross_entropy(logits[batch.indices], labels[batch.indices])
+    >>> round(float(np.mean(batch.weights * losses)), 4)  # the loss the training step minimises
+    0.6931
+    """
+
     indices: np.ndarray  # (m,) int64 dataset indices
     weights: np.ndarray  # (m,) float64, mean 1 over a coreset
     reselected: bool  # a new selection was made for this batch
 
 
 class CrestState(NamedTuple):
+    """The whole controller state as plain data: labels and seed, the step and schedule (``T1``, ``P``),
+    the coresets of the current selection, the anchor and the quadratic model, the drop policy's loss
+    history, the cost ``counters`` and a ``log`` of selections, checks and drops. Made by
+    :func:`crest_init`; every controller function returns a new one. Saved and restored with
+    :func:`crest_state_dict` / :func:`crest_load_state_dict`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> state = crest_init(CrestConfig(m=4), np.array([0, 1, 0, 1, 1, 0, 1, 0]), seed=0)
+    >>> state.step, state.T1, state.P, state.n_classes, state.need_select
+    (0, 1, 5, 2, True)
+    >>> state.counters["selections"], state.log["checks"]
+    (0, [])
+    """
+
     seed: int
     labels: np.ndarray  # (n,) int64 host
     n_classes: int
@@ -237,6 +401,18 @@ def crest_init(config: CrestConfig, labels, *, seed: int, epoch_steps: int | Non
     what the loaders pass). It caps the number of coresets per selection and the check interval, as the
     release caps them, unless ``config.P_cap`` is set; without either the cap is one virtual epoch of the
     pool, ``ceil(pool / m)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> labels = np.arange(1000) % 10
+    >>> state = crest_init(CrestConfig(m=32), labels, seed=0, epoch_steps=4)
+    >>> state.n_classes, state.epoch_steps, int(state.drop.active.sum())
+    (10, 4, 1000)
+    >>> crest_init(CrestConfig(m=32), np.zeros(100, dtype=int), seed=0)
+    Traceback (most recent call last):
+        ...
+    ValueError: labels hold a single class: a classifier needs at least two
     """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
@@ -463,7 +639,48 @@ def _affordable(state: CrestState, config: CrestConfig) -> bool:
 
 
 def crest_next_batch(state: CrestState, ops: ModelOps, config: CrestConfig):
-    """Account for the step just trained (if any), run due checks/drops/selection, return the next batch."""
+    """Account for the step just trained (if any), run due checks/drops/selection, return the next batch.
+
+    Examples
+    --------
+    Thirty SGD steps of softmax regression on two Gaussian blobs, each on the next weighted coreset
+    (``SoftmaxOps`` implements :class:`ModelOps` in NumPy):
+
+    >>> import numpy as np
+    >>> from crestcore import cross_entropy, softmax
+    >>> class SoftmaxOps:
+    ...     def __init__(self, X, y, C):
+    ...         self.X, self.y, self.W = X, y, np.zeros((X.shape[1], C))
+    ...     def outputs(self, indices, embeddings=False):
+    ...         return self.X[indices] @ self.W
+    ...     def params(self):
+    ...         return self.W.ravel().copy()
+    ...     def gradient(self, indices, weights):
+    ...         X, y = self.X[indices], self.y[indices]
+    ...         loss = float(np.mean(weights * cross_entropy(X @ self.W, y)))
+    ...         G = softmax(X @ self.W)
+    ...         G[np.arange(len(y)), y] -= 1.0
+    ...         return loss, (X.T @ (G * weights[:, None]) / len(y)).ravel()
+    ...     def hutchinson(self, indices, weights, seed):
+    ...         X = self.X[indices]
+    ...         z = np.random.default_rng(seed).choice([-1.0, 1.0], size=self.W.size)
+    ...         P, A = softmax(X @ self.W), X @ z.reshape(self.W.shape)
+    ...         HA = P * A - P * np.sum(P * A, axis=1, keepdims=True)
+    ...         return z * (X.T @ (HA * weights[:, None]) / len(indices)).ravel()
+    >>> rng = np.random.default_rng(0)
+    >>> y = np.arange(200) % 2
+    >>> X = rng.normal(size=(200, 2)) + 2.0 * y[:, None]
+    >>> ops, config = SoftmaxOps(X, y, C=2), CrestConfig(m=10)
+    >>> state = crest_init(config, y, seed=0)
+    >>> for step in range(30):
+    ...     state, batch = crest_next_batch(state, ops, config)
+    ...     loss, grad = ops.gradient(batch.indices, batch.weights)
+    ...     ops.W -= 0.5 * grad.reshape(ops.W.shape)  # the training step
+    >>> batch.indices.shape, round(float(batch.weights.mean()), 6)
+    ((10,), 1.0)
+    >>> state.counters["train_steps"], state.counters["checks"] > 0, state.n_selections >= 1
+    (30, True, True)
+    """
     reason = "first" if state.n_selections == 0 else "check"
     if state.pending:
         state = state._replace(step=state.step + 1, since_check=state.since_check + 1, pending=False)
@@ -498,12 +715,34 @@ def crest_next_batch(state: CrestState, ops: ModelOps, config: CrestConfig):
 
 
 def crest_observe(state: CrestState, indices, losses) -> CrestState:
-    """Record per-example training losses (measured at the current step) for the drop policy."""
+    """Record per-example training losses (measured at the current step) for the drop policy.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> config = CrestConfig(m=2, T2=10)
+    >>> state = crest_init(config, np.array([0, 1, 0, 1]), seed=0)
+    >>> state = crest_observe(state, np.array([1, 3]), np.array([0.02, 0.7]))
+    >>> state.drop.losses[:, 0]
+    array([ nan, 0.02,  nan, 0.7 ])
+    """
     return state._replace(drop=drop_record(state.drop, indices, losses, state.step))
 
 
 def crest_state_dict(state: CrestState) -> dict:
-    """Plain NumPy arrays and Python numbers/lists; :func:`crest_load_state_dict` restores exactly."""
+    """Plain NumPy arrays and Python numbers/lists; :func:`crest_load_state_dict` restores exactly.
+
+    Examples
+    --------
+    >>> import pickle
+    >>> import numpy as np
+    >>> state = crest_init(CrestConfig(m=2), np.array([0, 1, 0, 1]), seed=3)
+    >>> d = crest_state_dict(state)
+    >>> d["seed"], d["step"], d["format_version"]
+    (3, 0, 2)
+    >>> pickle.loads(pickle.dumps(d))["labels"]  # plain data: any checkpoint format stores it
+    array([0, 1, 0, 1])
+    """
     d = {k: getattr(state, k) for k in CrestState._fields}
     d["anchor"] = None if state.anchor is None else np.asarray(to_numpy(state.anchor)).copy()
     if state.quad is not None:
@@ -675,7 +914,22 @@ def crest_load_state_dict(d: dict, params_like) -> CrestState:
     The state is validated first: shapes, ranges and cross-field consistency (the drop pool and the
     number of examples, step / pending batch / counters, finite weights and model vectors, the anchor's
     length and the model's parameter count ``params_like.shape[0]``). A corrupt or foreign state raises
-    ``ValueError`` saying what is wrong. States carry ``format_version`` (absent: version 1)."""
+    ``ValueError`` saying what is wrong. States carry ``format_version`` (absent: version 1).
+
+    Examples
+    --------
+    ``params_like`` is any vector shaped like the model's flat parameters (``ops.params()``):
+
+    >>> import numpy as np
+    >>> state = crest_init(CrestConfig(m=2), np.array([0, 1, 0, 1]), seed=3)
+    >>> restored = crest_load_state_dict(crest_state_dict(state), np.zeros(6))
+    >>> restored.seed, restored.step, bool(np.array_equal(restored.labels, state.labels))
+    (3, 0, True)
+    >>> crest_load_state_dict({"seed": 3}, np.zeros(6))
+    Traceback (most recent call last):
+        ...
+    ValueError: state dict is missing [...]
+    """
     if not isinstance(d, dict):
         raise TypeError(f"d must be a dict (from crest_state_dict), got {type(d).__name__}")
     d = {"want_select": False, "epoch_steps": 0, **d}  # fields added after the first format

@@ -56,6 +56,16 @@ class DropConfig:
     min_records : in-window records an example needs before it can be learned (one per step).
     floor, min_per_class : the pool never shrinks below ``floor`` examples, no class below
         ``min_per_class`` (or what it had).
+
+    Examples
+    --------
+    >>> config = DropConfig(alpha=0.05, window=10, min_records=2, floor=100)
+    >>> config.history
+    8
+    >>> DropConfig(min_records=9, history=8)
+    Traceback (most recent call last):
+        ...
+    ValueError: DropConfig.min_records (9) cannot exceed history (8)
     """
 
     alpha: float = 0.1
@@ -82,6 +92,12 @@ class DropState(NamedTuple):
     its ``version`` equals ``clock[0]``. Copying every field (``np.asarray(v).copy()``, as a state dict
     does) gives an independent live state; a state without them (the five arrays alone) owns nothing
     and is copied on its first record.
+
+    Examples
+    --------
+    >>> state = drop_init(4, DropConfig(history=3))
+    >>> state.losses.shape, state.active
+    ((4, 3), array([ True,  True,  True,  True]))
     """
 
     losses: np.ndarray  # (n, history) float64, NaN = empty slot
@@ -94,6 +110,14 @@ class DropState(NamedTuple):
 
 
 def drop_init(n: int, config: DropConfig = DropConfig()) -> DropState:
+    """An empty loss history for ``n`` examples (``config.history`` slots each), all in the pool.
+
+    Examples
+    --------
+    >>> state = drop_init(5)
+    >>> int(state.active.sum()), state.dropped_at
+    (5, array([-1, -1, -1, -1, -1]))
+    """
     if isinstance(n, bool) or int(n) != n or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
     n = int(n)
@@ -140,7 +164,17 @@ def _owned(state: DropState) -> bool:
 
 def drop_copy(state: DropState) -> DropState:
     """An independent snapshot of ``state`` (O(n * history)): it owns fresh buffers and stays valid
-    whatever is recorded into ``state`` afterwards (and the other way round)."""
+    whatever is recorded into ``state`` afterwards (and the other way round).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> state = drop_init(3)
+    >>> snapshot = drop_copy(state)
+    >>> state = drop_record(state, np.array([0]), np.array([0.5]), step=1)
+    >>> bool(np.isnan(snapshot.losses).all()), float(state.losses[0, 0])
+    (True, 0.5)
+    """
     _check_live(state)
     return DropState(
         losses=np.array(state.losses, dtype=np.float64),
@@ -169,6 +203,27 @@ def drop_record(state: DropState, indices, losses, step: int) -> DropState:
     state shares; ``state`` is consumed and must not be used afterwards (keep a snapshot with
     :func:`drop_copy` first). ``indices`` and ``losses`` are not written. A state that does not own
     writable buffers is copied once instead (and left unchanged).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> state = drop_init(3, DropConfig(history=2))
+    >>> state = drop_record(state, np.array([0, 2]), np.array([0.3, 0.01]), step=5)
+    >>> state.losses
+    array([[0.3 ,  nan],
+           [ nan,  nan],
+           [0.01,  nan]])
+    >>> state.steps[:, 0]
+    array([ 5, -1,  5])
+
+    The state passed in is consumed (its buffers now hold the new records):
+
+    >>> old = state
+    >>> state = drop_record(state, np.array([1]), np.array([0.2]), step=6)
+    >>> drop_record(old, np.array([1]), np.array([0.2]), step=6)
+    Traceback (most recent call last):
+        ...
+    RuntimeError: this DropState was consumed: ...
     """
     owned = _owned(state)  # first: a consumed state raises before anything else
     idx = np.asarray(to_numpy(indices))
@@ -216,6 +271,26 @@ def drop_update(state: DropState, step: int, config: DropConfig = DropConfig(), 
     A learned example has at least ``min_records`` records in ``[step - window, step]``, all below
     ``alpha``. Functional: ``state`` is not written and stays valid; the new state has new ``active``
     and ``dropped_at`` arrays and shares the loss history with ``state`` (O(n * history) per call).
+
+    Examples
+    --------
+    Four examples of two classes; examples 0 and 1 have had low losses at two steps:
+
+    >>> import numpy as np
+    >>> config = DropConfig(alpha=0.1, window=10, min_records=2)
+    >>> state = drop_init(4, config)
+    >>> for step in (1, 2):
+    ...     state = drop_record(state, np.arange(4), np.array([0.01, 0.02, 0.5, 0.03]), step)
+    >>> state = drop_record(state, np.array([3]), np.array([0.4]), step=3)
+    >>> new, dropped = drop_update(state, step=3, config=config)
+    >>> dropped, new.active, new.dropped_at
+    (array([0, 1]), array([False, False,  True,  True]), array([ 3,  3, -1, -1]))
+
+    With labels, no class loses its last example (``min_per_class=1``):
+
+    >>> new, dropped = drop_update(state, step=3, config=config, labels=np.array([0, 0, 1, 1]))
+    >>> dropped
+    array([0])
     """
     _check_live(state)
     n = state.active.size

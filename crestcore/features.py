@@ -14,7 +14,15 @@ __all__ = ["last_layer_gradients", "softmax", "cross_entropy"]
 
 
 def softmax(logits):
-    """Row-wise softmax, numerically stable (the row maximum is subtracted first)."""
+    """Row-wise softmax, numerically stable (the row maximum is subtracted first).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> softmax(np.array([[0.0, 0.0], [1000.0, 1000.0 + np.log(3.0)]]))
+    array([[0.5 , 0.5 ],
+           [0.25, 0.75]])
+    """
     xp = namespace(logits, names=("logits",))
     z = logits - xp.max(logits, axis=-1, keepdims=True)
     e = xp.exp(z)
@@ -38,7 +46,18 @@ def _onehot(xp, labels, C: int, dtype):
 
 
 def cross_entropy(logits, labels, *, from_probabilities: bool = False):
-    """Per-example cross-entropy (n,) from logits (stable log-sum-exp) or from probabilities."""
+    """Per-example cross-entropy (n,) from logits (stable log-sum-exp) or from probabilities.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> logits = np.array([[0.0, 0.0], [0.0, np.log(3.0)]])
+    >>> labels = np.array([0, 1])
+    >>> np.round(cross_entropy(logits, labels), 4)
+    array([0.6931, 0.2877])
+    >>> np.round(cross_entropy(softmax(logits), labels, from_probabilities=True), 4)
+    array([0.6931, 0.2877])
+    """
     xp = namespace(logits, labels, names=("logits", "labels"))
     check_float_matrix(xp, logits, "logits")
     n, C = logits.shape
@@ -68,6 +87,24 @@ def last_layer_gradients(logits, labels, *, embeddings=None, from_probabilities:
     Returns
     -------
     (n, C) (or (n, C * h)) array of logits' dtype, namespace and device: ``softmax(z) - onehot(y)``.
+
+    Examples
+    --------
+    Three examples of a two-class problem; the gradient is small where the model is confident and
+    right, large where it is wrong:
+
+    >>> import numpy as np
+    >>> logits = np.array([[0.0, 0.0], [0.0, np.log(3.0)], [np.log(3.0), 0.0]])
+    >>> labels = np.array([0, 1, 1])
+    >>> last_layer_gradients(logits, labels)
+    array([[-0.5 ,  0.5 ],
+           [ 0.25, -0.25],
+           [ 0.75, -0.75]])
+
+    With the penultimate features the rows are the gradients of the last layer's weights (C * h):
+
+    >>> last_layer_gradients(logits, labels, embeddings=np.ones((3, 4))).shape
+    (3, 8)
     """
     xp = namespace(logits, labels, embeddings, names=("logits", "labels", "embeddings"))
     check_float_matrix(xp, logits, "logits")

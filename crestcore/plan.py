@@ -15,7 +15,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-__all__ = ["full_steps", "budget_steps", "BudgetedPasses"]
+from ._validation import hamilton
+
+__all__ = ["full_steps", "budget_steps", "hamilton", "BudgetedPasses"]
 
 
 def full_steps(n: int, m: int) -> int:
@@ -61,6 +63,29 @@ class BudgetedPasses:
     the object yields the next epoch's share, so ``len(loader) * epochs`` is the run's planned steps and
     a per-step LR scheduler sized from it ends where its schedule ends. ``per_epoch=False`` (opt-in) makes
     one pass the whole run and ``len()`` the run's steps.
+
+    Examples
+    --------
+    A minimal loader that hands out step numbers, with a 30 % budget over two epochs of 1000 examples
+    in batches of 100:
+
+    >>> class Steps(BudgetedPasses):
+    ...     def __init__(self, n, m, budget, epochs):
+    ...         self.budget = budget
+    ...         self._plan_passes(n=n, m=m, budget=budget, epochs=epochs, per_epoch=True,
+    ...                           budget_counts="steps")
+    ...     def _step(self):
+    ...         self._position += 1
+    ...         return self._position
+    ...     def _cost(self):
+    ...         return self._position * self._pass_m, 0.0
+    >>> loader = Steps(n=1000, m=100, budget=0.3, epochs=2)
+    >>> len(loader), loader.total_steps
+    (3, 6)
+    >>> for epoch in range(loader.epochs):
+    ...     print(epoch, list(loader))
+    0 [1, 2, 3]
+    1 [4, 5, 6]
     """
 
     _kind = "loader"
@@ -107,7 +132,33 @@ class BudgetedPasses:
     def set_epoch(self, epoch: int) -> None:
         """Declare that the next pass is epoch ``epoch`` (0-based): it yields from the current position to
         the end of that epoch's share (so a pass that broke off early is completed, never skipped).
-        Optional: without it each pass yields the next epoch's share."""
+        Optional: without it each pass yields the next epoch's share.
+
+        Examples
+        --------
+        A loader handing out step numbers (as in the class example); a pass broken off early is
+        completed by the next pass of the same epoch:
+
+        >>> class Steps(BudgetedPasses):
+        ...     def __init__(self, n, m, budget, epochs):
+        ...         self.budget = budget
+        ...         self._plan_passes(n=n, m=m, budget=budget, epochs=epochs, per_epoch=True,
+        ...                           budget_counts="steps")
+        ...     def _step(self):
+        ...         self._position += 1
+        ...         return self._position
+        ...     def _cost(self):
+        ...         return self._position * self._pass_m, 0.0
+        >>> loader = Steps(n=1000, m=100, budget=0.3, epochs=2)
+        >>> for step in loader:
+        ...     break
+        >>> loader.set_epoch(0)
+        >>> list(loader)
+        [2, 3]
+        >>> loader.set_epoch(1)
+        >>> list(loader)
+        [4, 5, 6]
+        """
         if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
             raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
         if epoch >= self.epochs:
@@ -150,7 +201,28 @@ class BudgetedPasses:
 
     def iter_run(self) -> Iterator:
         """Every remaining batch of the run, epoch after epoch: one loop instead of an epoch loop
-        (``for x, y, w in loader.iter_run(): ...``). Each epoch's share is one pass, as in an epoch loop."""
+        (``for x, y, w in loader.iter_run(): ...``). Each epoch's share is one pass, as in an epoch loop.
+
+        Examples
+        --------
+        A loader handing out step numbers (as in the class example):
+
+        >>> class Steps(BudgetedPasses):
+        ...     def __init__(self, n, m, budget, epochs):
+        ...         self.budget = budget
+        ...         self._plan_passes(n=n, m=m, budget=budget, epochs=epochs, per_epoch=True,
+        ...                           budget_counts="steps")
+        ...     def _step(self):
+        ...         self._position += 1
+        ...         return self._position
+        ...     def _cost(self):
+        ...         return self._position * self._pass_m, 0.0
+        >>> loader = Steps(n=1000, m=100, budget=0.3, epochs=2)
+        >>> list(loader.iter_run())
+        [1, 2, 3, 4, 5, 6]
+        >>> loader.epoch
+        2
+        """
         while self._position < self.total_steps and self._epochs_done < self.epochs:
             yield from self
 

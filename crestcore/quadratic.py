@@ -42,6 +42,22 @@ VARIANTS = ("hutchinson", "adahessian")
 
 @dataclass(frozen=True)
 class QuadraticConfig:
+    """Settings of the quadratic loss model: the EMA rates of the gradient (``beta1``) and of the
+    curvature (``beta2``), the ``variant`` (``"hutchinson"`` or ``"adahessian"``) and the ``eps`` the
+    adahessian variant adds to its RMS curvature. Checked on construction.
+
+    Examples
+    --------
+    >>> QuadraticConfig()
+    QuadraticConfig(beta1=0.9, beta2=0.999, variant='hutchinson', eps=0.0001)
+    >>> QuadraticConfig(variant="adahessian").variant
+    'adahessian'
+    >>> QuadraticConfig(beta1=1.0)
+    Traceback (most recent call last):
+        ...
+    ValueError: ...beta1...
+    """
+
     beta1: float = 0.9  # gradient EMA
     beta2: float = 0.999  # curvature EMA
     variant: str = "hutchinson"
@@ -56,6 +72,20 @@ class QuadraticConfig:
 
 
 class QuadraticState(NamedTuple):
+    """The quadratic model's state: the anchor loss, the raw EMAs of the gradient and of the curvature
+    samples (flat vectors in the parameters' namespace) and how many samples each EMA holds. Made by
+    :func:`quadratic_init`, advanced by :func:`quadratic_anchor` and :func:`quadratic_update`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> state = quadratic_init(np.zeros(3))
+    >>> state.n_g, state.n_h, state.g_ema.shape
+    (0, 0, (3,))
+    >>> quadratic_anchor(state, 2.5).anchor_loss
+    2.5
+    """
+
     anchor_loss: float
     g_ema: Any  # (D,) raw EMA of gradients
     h_ema: Any  # (D,) raw EMA of z*Hz (hutchinson) or of (z*Hz)^2 (adahessian)
@@ -86,6 +116,22 @@ def hutchinson_diagonal(hvp: Callable[[Any], Any], probes):
     Rademacher (+-1) rows drawn by the caller. Unbiased for Rademacher probes; exact when the probes'
     outer products average to the identity on the diagonal and cancel off it (e.g. all 2^D sign
     vectors, or the rows of a Hadamard matrix).
+
+    Examples
+    --------
+    The rows of a 4 x 4 Hadamard matrix recover the diagonal of any symmetric 4 x 4 matrix exactly:
+
+    >>> import numpy as np
+    >>> H = np.array([[2.0, 1.0, 0.0, 0.0],
+    ...               [1.0, 3.0, 0.5, 0.0],
+    ...               [0.0, 0.5, 4.0, 1.0],
+    ...               [0.0, 0.0, 1.0, 5.0]])
+    >>> probes = np.array([[1.0, 1.0, 1.0, 1.0],
+    ...                    [1.0, -1.0, 1.0, -1.0],
+    ...                    [1.0, 1.0, -1.0, -1.0],
+    ...                    [1.0, -1.0, -1.0, 1.0]])
+    >>> hutchinson_diagonal(lambda v: H @ v, probes)
+    array([2., 3., 4., 5.])
     """
     if not callable(hvp):
         raise TypeError("hvp must be callable: v -> H v")
@@ -118,7 +164,15 @@ def hutchinson_diagonal(hvp: Callable[[Any], Any], probes):
 
 
 def quadratic_init(params) -> QuadraticState:
-    """An empty model shaped like the flat parameter vector ``params`` (D,)."""
+    """An empty model shaped like the flat parameter vector ``params`` (D,).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> state = quadratic_init(np.zeros(2))
+    >>> state.g_ema, state.h_ema
+    (array([0., 0.]), array([0., 0.]))
+    """
     xp = namespace(params, names=("params",))
     _check_vec(xp, params, "params")
     z = xp.zeros_like(params)
@@ -130,6 +184,17 @@ def quadratic_anchor(state: QuadraticState, loss: float, config: QuadraticConfig
 
     The hutchinson variant restarts its EMAs (g and h are re-measured at the anchor); the adahessian
     variant keeps them, as the release does.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> state = quadratic_update(quadratic_init(np.zeros(2)), grad=np.array([1.0, -1.0]))
+    >>> fresh = quadratic_anchor(state, 0.7)
+    >>> fresh.anchor_loss, fresh.n_g, fresh.g_ema
+    (0.7, 0, array([0., 0.]))
+    >>> kept = quadratic_anchor(state, 0.7, QuadraticConfig(variant="adahessian"))
+    >>> kept.n_g, kept.g_ema
+    (1, array([ 0.1, -0.1]))
     """
     loss = float(loss)
     if not math.isfinite(loss):
@@ -142,7 +207,18 @@ def quadratic_anchor(state: QuadraticState, loss: float, config: QuadraticConfig
 
 
 def quadratic_update(state: QuadraticState, grad=None, zhz=None, config: QuadraticConfig = QuadraticConfig()):
-    """Fold one gradient sample and/or one Hutchinson sample ``z * (H z)`` into the EMAs."""
+    """Fold one gradient sample and/or one Hutchinson sample ``z * (H z)`` into the EMAs.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> state = quadratic_anchor(quadratic_init(np.zeros(2)), 1.0)
+    >>> state = quadratic_update(state, grad=np.array([2.0, 0.0]), zhz=np.array([1.0, 4.0]))
+    >>> state.n_g, state.n_h
+    (1, 1)
+    >>> np.round(state.g_ema, 6), np.round(state.h_ema, 6)
+    (array([0.2, 0. ]), array([0.001, 0.004]))
+    """
     xp = namespace(state.g_ema, grad, zhz, names=("state", "grad", "zhz"))
     D = state.g_ema.shape[0]
     g_ema, h_ema, n_g, n_h = state.g_ema, state.h_ema, state.n_g, state.n_h
@@ -182,7 +258,17 @@ def _gradient(state: QuadraticState, config: QuadraticConfig):
 
 
 def quadratic_curvature(state: QuadraticState, config: QuadraticConfig = QuadraticConfig()):
-    """The diagonal curvature vector h the model uses."""
+    """The diagonal curvature vector h the model uses.
+
+    Examples
+    --------
+    The hutchinson variant corrects the EMA's bias, so one sample is the curvature itself:
+
+    >>> import numpy as np
+    >>> state = quadratic_update(quadratic_init(np.zeros(2)), zhz=np.array([1.0, 4.0]))
+    >>> np.round(quadratic_curvature(state), 6)
+    array([1., 4.])
+    """
     xp = namespace(state.h_ema)
     if config.variant == "hutchinson":
         if state.n_h == 0:
@@ -192,7 +278,19 @@ def quadratic_curvature(state: QuadraticState, config: QuadraticConfig = Quadrat
 
 
 def quadratic_predict(state: QuadraticState, delta, config: QuadraticConfig = QuadraticConfig()) -> float:
-    """``F(delta) = L_a + g . delta + 1/2 delta . (h * delta)`` as a Python float (one host sync)."""
+    """``F(delta) = L_a + g . delta + 1/2 delta . (h * delta)`` as a Python float (one host sync).
+
+    Examples
+    --------
+    The loss ``L(w) = 1/2 (w_0^2 + 4 w_1^2)`` anchored at ``w = (1, 1)`` (loss 2.5, gradient (1, 4),
+    curvature (1, 4)); the model is exact for a quadratic loss:
+
+    >>> import numpy as np
+    >>> state = quadratic_anchor(quadratic_init(np.zeros(2)), 2.5)
+    >>> state = quadratic_update(state, grad=np.array([1.0, 4.0]), zhz=np.array([1.0, 4.0]))
+    >>> round(quadratic_predict(state, np.array([-0.5, -0.5])), 6)  # loss at w = (0.5, 0.5)
+    0.625
+    """
     xp = namespace(state.g_ema, delta, names=("state", "delta"))
     _check_vec(xp, delta, "delta", state.g_ema.shape[0])
     if not math.isfinite(state.anchor_loss):

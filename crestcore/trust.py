@@ -23,7 +23,15 @@ def _finite(x, name):
 
 
 def relative_error(loss_random, predicted) -> float:
-    """``rho = |L_R - F| / L_R``. ``loss_random`` must be positive and finite."""
+    """``rho = |L_R - F| / L_R``. ``loss_random`` must be positive and finite.
+
+    Examples
+    --------
+    The loss measured on the random subset is 2.0 and the quadratic model predicted 1.5:
+
+    >>> relative_error(2.0, 1.5)
+    0.25
+    """
     L = _finite(loss_random, "loss_random")
     F = _finite(predicted, "predicted")
     if L <= 0:
@@ -32,7 +40,15 @@ def relative_error(loss_random, predicted) -> float:
 
 
 def should_reselect(rho, tau) -> bool:
-    """True exactly when ``rho > tau``."""
+    """True exactly when ``rho > tau``.
+
+    Examples
+    --------
+    >>> should_reselect(0.25, tau=0.05)
+    True
+    >>> should_reselect(0.01, tau=0.05)
+    False
+    """
     r = _finite(rho, "rho")
     t = _finite(tau, "tau")
     if t <= 0:
@@ -48,6 +64,18 @@ def update_schedule(h_norm_0, h_norm_t, *, h: float = 1.0, b: float = 5.0, cap: 
 
     A zero ``||H_t||`` (flat model) gives the largest interval allowed: ``T1 = cap`` when a cap is
     given, else it is an error.
+
+    Examples
+    --------
+    The curvature norm has grown fourfold since the first selection, so the interval shrinks fourfold
+    (here to one step); with a flatter model it grows, up to ``cap``:
+
+    >>> update_schedule(1.0, 4.0, h=4, b=5)
+    (1, 5)
+    >>> update_schedule(2.0, 1.0, h=4, b=5, cap=20)
+    (8, 20)
+    >>> update_schedule(2.0, 0.0, cap=20)
+    (20, 20)
     """
     h0 = _finite(h_norm_0, "h_norm_0")
     ht = _finite(h_norm_t, "h_norm_t")

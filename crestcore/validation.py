@@ -5,11 +5,12 @@ Each check returns a normalised host (NumPy) copy or raises an error naming the 
 * :func:`host_indices` -- example indices: 1-D integers in ``[0, n)``, as int64.
 * :func:`host_weights` -- per-example weights: ``k`` finite numbers, as float64.
 * :func:`stored_batch` -- a batch read back from a checkpoint (indices, weights, reselected).
+* :func:`check_int` -- an integer argument in a range (bools refused), named in the error.
 * :class:`DivergenceError` -- what CREST raises on non-finite numbers (a ``FloatingPointError``).
 """
 
 from __future__ import annotations
 
-from ._validation import DivergenceError, host_indices, host_weights, stored_batch
+from ._validation import DivergenceError, check_int, host_indices, host_weights, stored_batch
 
-__all__ = ["DivergenceError", "host_indices", "host_weights", "stored_batch"]
+__all__ = ["DivergenceError", "check_int", "host_indices", "host_weights", "stored_batch"]

@@ -10,7 +10,9 @@ violation unless :data:`DYNAMIC_ALLOWED` names it. The rules:
   it reaches the kernels only through the package ``crestcore.backends`` (whose dispatch imports the
   module by name), never a backend module directly;
 * ``backends/`` imports neither floor above it, and from the core only :data:`BACKENDS_MAY_IMPORT`;
-* ``adapters/`` does not import ``crestcore.apps``.
+* ``adapters/`` does not import ``crestcore.apps``;
+* ``adapters/`` and ``apps/`` use the core's public modules only (no ``crestcore._validation`` and the
+  like: what they need is public, e.g. ``crestcore.validation`` and ``crestcore.plan``).
 
 The folders are the repository's when this file sits in its ``tests/`` (next to ``crestcore/``,
 ``backends/``, ``adapters/``, ``apps/``); otherwise (the tests copied alone, run against an installed
@@ -55,6 +57,14 @@ class Import:
 
 def _is_under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
+
+
+def _private_core(name: str) -> bool:
+    """A private module of the core or the backends (a name part starting with "_"), not a floor above."""
+    parts = name.split(".")
+    if parts[0] != "crestcore" or len(parts) < 2 or parts[1] in ("adapters", "apps"):
+        return False
+    return any(p.startswith("_") and p != COMPUTED and not p.startswith("__") for p in parts[1:])
 
 
 def _reaches(name: str, prefix: str) -> bool:
@@ -163,6 +173,9 @@ def violations(floor: str, module: str, imports: list[Import]) -> list[tuple[int
             continue
         if floor in ("crestcore", "backends", "adapters") and _reaches(name, "crestcore.apps"):
             out.append((imp.line, f"imports {name}: nothing below the applications floor imports crestcore.apps"))
+        elif floor in ("adapters", "apps") and _private_core(name):
+            out.append((imp.line, f"imports {name}: a private module of the core (use its public API, e.g. "
+                                  "crestcore.validation, crestcore.plan)"))
         elif floor in ("crestcore", "backends") and _reaches(name, "crestcore.adapters"):
             out.append((imp.line, f"imports {name}: the adapters sit above {PACKAGE[floor]}"))
         elif floor == "crestcore" and any(_reaches(name, h) for h in HEAVY):
@@ -312,6 +325,11 @@ def test_a_lazy_framework_import_in_the_core_is_reported():
      "crestcore.<computed>"),
     ("crestcore", "crestcore.fake", "import importlib\nimportlib.import_module(f'torch.{n}')\n", 2,
      "torch.<computed>"),
+    # the adapters and the applications use the core's public modules
+    ("adapters", "crestcore.adapters.fake", "from crestcore._validation import host_indices\n", 1,
+     "crestcore._validation"),
+    ("apps", "crestcore.apps.fake", "def f():\n    from crestcore.baselines._gradmatch import _omp\n", 2,
+     "crestcore.baselines._gradmatch"),
     # a computed name this check cannot read
     ("adapters", "crestcore.adapters.fake", "import importlib\nname = 'x'\nimportlib.import_module(name)\n", 3,
      "computed"),
@@ -330,6 +348,8 @@ def test_each_rule_reports(floor, module, source, line, what):
     ("adapters", "crestcore.adapters.fake", "import torch\nfrom crestcore.backends import get_kernel\n"
                                             "from .torch import CrestLoader\n", False),
     ("apps", "crestcore.apps.fake", "from crestcore.adapters.torch import CrestLoader\nimport keras\n", False),
+    ("adapters", "crestcore.adapters.fake", "from crestcore.validation import host_indices\n"
+                                            "from crestcore.adapters.torch import _Fetcher\n", False),
     ("backends", "crestcore.backends", "import importlib\n\n\ndef backend_module(n):\n"
                                        "    return importlib.import_module(f'crestcore.backends.{n}')\n", True),
     ("backends", "crestcore.backends", "import importlib\n\n\ndef other(n):\n"
