@@ -4,7 +4,7 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-dev
-EXTRAS  := test,numba,torch,demo,bench,keras,keras-jax,lightning,huggingface
+EXTRAS  := test,numba,torch,demo,bench,keras,keras-jax,lightning,huggingface,ann,dask,docs,lint
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # Tests run in 2 pytest workers on 2 cores: one BLAS/Numba thread per worker avoids oversubscription
 # (spinning OpenMP threads on a busy machine slow small kernels by an order of magnitude).
@@ -12,7 +12,7 @@ FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # instead of skipping when jax does not import.
 TEST_ENV := OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 CRESTCORE_TEST_REQUIRE_JAX=1
 
-.PHONY: setup test test-slow test-gpu demo bench clean fashion-mnist
+.PHONY: setup test test-slow test-gpu demo bench clean fashion-mnist docs lint
 
 setup: $(STAMP) fashion-mnist
 
@@ -39,6 +39,16 @@ test-slow: setup
 test-gpu: setup
 	$(VPY) -m pytest -q -m "gpu" tests
 
+# ruff on the whole tree (crestcore/.ruff.toml bans the frameworks in the core); mypy on the core and
+# the backends, laid out as installed (crestcore/backends) by scripts/typecheck
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VPY) scripts/typecheck
+
+# the documentation site: guides, benchmark tables and the API reference from the docstrings, into site/
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -q
+
 demo: setup
 	$(VENV)/bin/crest demo
 
@@ -47,5 +57,5 @@ bench: setup
 	$(VENV)/bin/crest bench e2e --out docs/benchmarks.md
 
 clean:
-	rm -rf $(VENV) .venv-wheel build dist *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-wheel build dist site *.egg-info .pytest_cache .hypothesis
 	find . -path ./.git -prune -o \( -name '*.nbi' -o -name '*.nbc' \) -type f -print0 | xargs -0 rm -f

@@ -5,7 +5,9 @@
 ``crestcore.backends.cupy``   CuPy arrays on the GPU
 
 Kernels (see ``crestcore._reference_kernels`` for the exact contract every implementation meets):
-``similarity_batched``, ``greedy_batched``, ``assign_batched``, ``greedy_features``.
+``similarity_batched``, ``greedy_batched``, ``assign_batched``, ``greedy_features``, ``facility_batched``
+(the first three in one call). Host kernels (``HOST_KERNEL_NAMES``: ``draw_stratified``) take host NumPy
+arrays whatever the features' library and exist in the Numba module only: :func:`get_host_kernel`.
 
 :func:`get_kernel` is the dispatch rule: a native kernel is returned only when the namespace matches,
 the optional dependency imports, and the module's cheap ``usable_for`` check passes; otherwise ``None``
@@ -18,14 +20,18 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable
 
-KERNEL_NAMES = ("similarity_batched", "greedy_batched", "assign_batched", "greedy_features")
+KERNEL_NAMES = ("similarity_batched", "greedy_batched", "assign_batched", "greedy_features",
+                "facility_batched")
+# the sparse neighbour-graph kernels (crestcore.sparse holds their reference); NumPy only for now
+SPARSE_KERNEL_NAMES = ("sparse_greedy", "sparse_assign")
+_SPARSE_MODULES = {"numpy": "numba_sparse"}
 
 # namespace name (as crestcore._compat.namespace_name reports it) -> backend module
 _MODULES = {"numpy": "numba", "torch": "torch", "cupy": "cupy"}
 _loaded: dict[str, Any] = {}
 _failed: dict[str, str] = {}
 
-__all__ = ["KERNEL_NAMES", "get_kernel", "backend_module", "available_backends", "available_bytes",
+__all__ = ["KERNEL_NAMES", "SPARSE_KERNEL_NAMES", "HOST_KERNEL_NAMES", "get_kernel", "get_host_kernel", "knn_builder", "backend_module", "available_backends", "available_bytes",
            "host_available_bytes"]
 
 
@@ -59,12 +65,27 @@ def backend_module(namespace_name: str):
 
 def get_kernel(name: str, namespace_name: str, *arrays: Any) -> Callable | None:
     """The native kernel ``name`` for these arrays, or ``None`` (use the generic reference)."""
+    if name in SPARSE_KERNEL_NAMES:
+        m = _sparse_module(namespace_name)
+        return getattr(m, name) if m is not None and m.usable_for(name, *arrays) else None
     if name not in KERNEL_NAMES:
-        raise ValueError(f"unknown kernel {name!r}; known: {KERNEL_NAMES}")
+        raise ValueError(f"unknown kernel {name!r}; known: {KERNEL_NAMES + SPARSE_KERNEL_NAMES}")
     m = backend_module(namespace_name)
     if m is None or not m.usable_for(name, *arrays):
         return None
     return getattr(m, name)
+
+
+HOST_KERNEL_NAMES = ("draw_stratified",)
+
+
+def get_host_kernel(name: str) -> Callable | None:
+    """The Numba host kernel ``name`` (host NumPy arrays, whatever library the features are in), or
+    ``None`` when Numba cannot import (the caller runs the NumPy reference, which gives the same result)."""
+    if name not in HOST_KERNEL_NAMES:
+        raise ValueError(f"unknown host kernel {name!r}; known: {HOST_KERNEL_NAMES}")
+    m = backend_module("numpy")
+    return None if m is None else getattr(m, name)
 
 
 def available_backends() -> dict[str, str]:
@@ -105,3 +126,27 @@ def available_bytes(namespace_name: str, array: Any) -> int | None:
         if got is not None:
             return int(got)
     return host_available_bytes()
+
+
+def _sparse_module(namespace_name: str):
+    """The sparse-kernel module for a namespace (it builds on the dense one, so needs it to import)."""
+    mod = _SPARSE_MODULES.get(namespace_name)
+    if mod is None or backend_module(namespace_name) is None:
+        return None
+    if mod not in _loaded and mod not in _failed:
+        try:
+            _loaded[mod] = importlib.import_module(f"crestcore.backends.{mod}")
+        except ImportError as exc:
+            _failed[mod] = str(exc)
+    return _loaded.get(mod)
+
+
+def knn_builder(namespace_name: str, array: Any = None) -> Callable | None:
+    """The K-nearest-neighbour graph builder for these arrays (``crestcore.backends.knn.build``: faiss,
+    NumPy input), or ``None`` when faiss is not installed or the input is not NumPy (then the core's
+    exact tiled search runs). Imports faiss only when called for NumPy input."""
+    if namespace_name != "numpy":
+        return None
+    from . import knn
+
+    return knn.build if knn.available() else None

@@ -30,9 +30,11 @@ import math
 
 import cupy as cp
 
-__all__ = ["usable_for", "similarity_batched", "greedy_batched", "assign_batched", "greedy_features"]
+__all__ = ["usable_for", "similarity_batched", "greedy_batched", "assign_batched", "greedy_features",
+           "facility_batched"]
 
-_KERNELS = ("similarity_batched", "greedy_batched", "assign_batched", "greedy_features")
+_KERNELS = ("similarity_batched", "greedy_batched", "assign_batched", "greedy_features",
+            "facility_batched")
 _METRICS = ("euclidean", "sqeuclidean", "cosine")
 _KERNEL_KINDS = ("max-minus", "exp")
 _OPTIMIZERS = ("naive", "lazy", "stochastic")
@@ -447,3 +449,14 @@ def greedy_features(X, k, metric, kernel, scale, optimizer, u=None, tile=2048):
         counts += cp.sum(a[:, None] == kk[None, :], axis=0).astype(dt)
         objective += cp.sum(cp.max(Sp, axis=1).astype(cp.float64))
     return picks, pick_gains, counts, objective.astype(dt)
+
+
+def facility_batched(X, valid, budgets, metric, kernel, scale, optimizer, u=None):
+    """``similarity_batched``, then ``greedy_batched``, then ``assign_batched``: indices (B, K), gains
+    (B, K), weights (B, K), objectives (B,). The batched device kernels gain nothing from fusing (the
+    (B, n, n) similarities are built once either way); the kernel exists so that every backend has the
+    same kernels (the Numba one fuses)."""
+    S = similarity_batched(X, valid, metric, kernel, scale)
+    idx, gains = greedy_batched(S, valid, budgets, optimizer, u)
+    weights, objective = assign_batched(S, valid, idx)
+    return idx, gains, weights, objective

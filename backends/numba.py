@@ -29,6 +29,15 @@ Implementation notes
   serial re-evaluations (each costs O(n d) there). Dense problems are solved candidate-major (the
   matrix itself when it is symmetric, else a transposed copy) so that a candidate's column is
   contiguous.
+* ``facility_batched`` (the dense path of ``crestcore``) fuses similarity, greedy and cluster sizes:
+  each problem's matrix is built in a per-thread buffer, only up to its last valid point (full rows
+  above ``_MIRROR_MAX_N``, else the upper triangle mirrored), and solved there; lazy greedy uses the
+  same heap and accept rule as ``_solve_dense`` and every gain sums its terms into the four partial
+  sums the padded row would use, so the results are bit for bit those of the three separate kernels.
+  It is serial (one compile unit, the cold-start cost of every dense call) unless a batch has at least
+  ``_FUSED_PARALLEL_MIN_WORK`` of work; then whole problems go to the threads (``_fused_parallel``,
+  compiled only when first needed). On this project's shared 2-core machine two threads made the CREST
+  step slower, not faster, hence the high threshold.
 * Flags reach the jitted solvers as runtime arguments, never as literal constants at a call site:
   numba compiles a separate specialisation per literal value, which multiplies compile time.
 """
@@ -44,9 +53,11 @@ import functools
 from numba import get_num_threads, njit, prange, set_num_threads
 from numba import get_num_threads as _active_threads
 
-__all__ = ["usable_for", "similarity_batched", "greedy_batched", "assign_batched", "greedy_features"]
+__all__ = ["usable_for", "similarity_batched", "greedy_batched", "assign_batched", "greedy_features",
+           "facility_batched", "draw_stratified"]
 
-_KERNEL_NAMES = ("similarity_batched", "greedy_batched", "assign_batched", "greedy_features")
+_KERNEL_NAMES = ("similarity_batched", "greedy_batched", "assign_batched", "greedy_features",
+                 "facility_batched")
 _METRICS = {"euclidean": 0, "sqeuclidean": 1, "cosine": 2}
 _KERNELS = {"max-minus": 0, "exp": 1}
 _OPTIMIZERS = {"naive": 0, "lazy": 1, "stochastic": 2}
@@ -71,7 +82,7 @@ def usable_for(name: str, *arrays) -> bool:
     """True when these kernels accept the arrays: NumPy arrays (or None), floats float32/float64."""
     if name not in _KERNEL_NAMES:
         return False
-    if name == "similarity_batched" and arrays and getattr(arrays[0], "ndim", 0) == 3:
+    if name in ("similarity_batched", "facility_batched") and arrays and getattr(arrays[0], "ndim", 0) == 3:
         # Direct-difference loops cost O(n^2 d) scalar work; past a few dozen features the generic
         # path's BLAS matrix product is faster (seen: d=784, n=6000, 70 s here vs ~2 s with BLAS).
         if arrays[0].shape[2] > _DIRECT_MAX_FEATURES:
@@ -964,6 +975,421 @@ def greedy_features(X, k, metric, kernel, scale, optimizer, u=None, tile=2048):
         weights.astype(dtype),
         np.asarray(objective, dtype=dtype),
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# fused dense path: similarities, greedy and cluster sizes of each problem in one pass (facility_batched)
+# --------------------------------------------------------------------------------------------------
+
+# Problems up to this size compute the upper triangle and mirror it (the matrix is in cache); larger ones
+# compute full rows (twice the distance work, but no strided writes). Both give the same values.
+_MIRROR_MAX_N = 512
+# The fused kernel runs one thread per problem (problems split over threads, never one problem over
+# several) once the batch has this much work (B * n * n * (d + 4)); below it one thread is faster.
+_FUSED_PARALLEL_MIN_WORK = 50_000_000
+
+
+@njit(cache=True, nogil=True)
+def _fused_gain(W, off, nw, mq, cover):
+    """Gain of the candidate whose (candidate-major) column starts at W[off]: sum_i max(W - cover, 0),
+    float64, partial sums assigned as the padded kernels assign them (p_{i mod 4} below mq, p0 after)."""
+    m4 = nw if nw < mq else mq
+    m4 -= m4 % 4
+    p0 = 0.0
+    p1 = 0.0
+    p2 = 0.0
+    p3 = 0.0
+    for i in range(0, m4, 4):
+        p0 += max(W[off + i] - cover[i], 0.0)
+        p1 += max(W[off + i + 1] - cover[i + 1], 0.0)
+        p2 += max(W[off + i + 2] - cover[i + 2], 0.0)
+        p3 += max(W[off + i + 3] - cover[i + 3], 0.0)
+    for i in range(m4, nw):
+        v = max(W[off + i] - cover[i], 0.0)
+        if i >= mq:
+            p0 += v
+        else:
+            r = i % 4
+            if r == 0:
+                p0 += v
+            elif r == 1:
+                p1 += v
+            elif r == 2:
+                p2 += v
+            else:
+                p3 += v
+    return (p0 + p1) + (p2 + p3)
+
+
+@njit(cache=True, nogil=True)
+def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, store_d,
+            W, xt, nrm, row, cover, ub, gs, st, alive, js, out_idx, out_gain, out_w):
+    """Problem b: similarities into W (flat, nw x nw, candidate-major = row-major: symmetric), greedy,
+    cluster sizes. Returns the objective (float64)."""
+    n = X.shape[1]
+    d = X.shape[2]
+    nw = 0
+    for i in range(n):
+        if valid[b, i]:
+            nw = i + 1
+    if nw == 0:
+        return 0.0
+    for k in range(d):
+        for i in range(nw):
+            xt[k * nw + i] = X[b, i, k]
+    if metric == 2:
+        for i in range(nw):
+            s = 0.0
+            for k in range(d):
+                v = X[b, i, k]
+                s += v * v
+            nrm[i] = s
+    # distances row by row (j >= i, vectorised over j); kernel values mirrored into both triangles
+    M = 0.0
+    npass = 2 if (kernel == 0 and not store_d) else 1
+    mirror = nw <= _MIRROR_MAX_N  # small problems: the upper triangle, mirrored (in cache); large: full rows
+    for ps in range(npass):
+        last = ps == npass - 1
+        for i in range(nw):
+            vi = valid[b, i]
+            lo = i if mirror else 0
+            m = nw - lo
+            for q in range(m):
+                row[q] = 0.0
+            if vi:
+                if metric == 2:
+                    for k in range(d):
+                        xi = X[b, i, k]
+                        base = k * nw + lo
+                        for q in range(m):
+                            row[q] += xt[base + q] * xi
+                    ni = nrm[i]
+                    for q in range(m):
+                        nj = nrm[lo + q]
+                        c = 0.0
+                        if nj > 0.0 and ni > 0.0:
+                            den = nj * ni
+                            c = row[q] / (math.sqrt(den) if den > 0.0 else math.sqrt(nj) * math.sqrt(ni))
+                        row[q] = min(max(1.0 - c, 0.0), 2.0)
+                else:
+                    for k in range(d):
+                        xi = X[b, i, k]
+                        base = k * nw + lo
+                        for q in range(m):
+                            df = xt[base + q] - xi
+                            row[q] += df * df
+                    if metric == 0:
+                        for q in range(m):
+                            row[q] = math.sqrt(row[q])
+                row[i - lo] = 0.0
+            if kernel == 0 and not last:  # max-minus, measuring pass: the largest valid distance
+                if vi:
+                    for q in range(m):
+                        if valid[b, lo + q] and row[q] > M:
+                            M = row[q]
+                continue
+            for q in range(m):
+                v = 0.0
+                if vi and valid[b, lo + q]:
+                    if kernel == 0:
+                        v = row[q]
+                        if not store_d:
+                            v = M - v
+                    else:
+                        v = math.exp(-row[q] / scale)
+                W[i * nw + lo + q] = v
+            if mirror:
+                for q in range(1, m):
+                    W[(i + q) * nw + i] = W[i * nw + i + q]
+            if kernel == 0 and store_d and vi:
+                for q in range(m):
+                    if valid[b, lo + q] and row[q] > M:
+                        M = row[q]
+    if kernel == 0 and store_d:
+        for i in range(nw):
+            for j in range(nw):
+                if valid[b, i] and valid[b, j]:
+                    W[i * nw + j] = M - W[i * nw + j]
+    # greedy
+    nc = 0
+    for j in range(nw):
+        alive[j] = valid[b, j]
+        cover[j] = 0.0
+        if alive[j]:
+            js[nc] = j
+            nc += 1
+    t_done = 0
+    if opt == 1:  # lazy: a max-heap of stale bounds (bound desc, index asc); accept a fresh best
+        for q in range(nc):
+            gs[q] = _fused_gain(W, js[q] * nw, nw, mq, cover)
+            st[js[q]] = 0
+        size = nc
+        for q in range(nc):
+            ub[q] = gs[q]
+        _heapify(ub, js, size)
+        for t in range(budget):
+            if size == 0:
+                break
+            while True:
+                j = js[0]
+                if st[j] == t:
+                    g = ub[0]
+                    size = _heap_pop(ub, js, size)
+                    break
+                g = _fused_gain(W, j * nw, nw, mq, cover)
+                r = _runner_up(ub, js, size)
+                if r < 0 or _better(g, j, ub[r], js[r]):
+                    size = _heap_pop(ub, js, size)
+                    break
+                ub[0] = g
+                st[j] = t
+                _sift_down(ub, js, size, np.int64(0))
+            out_idx[b, t] = j
+            out_gain[b, t] = g
+            off = j * nw
+            for i in range(nw):
+                if W[off + i] > cover[i]:
+                    cover[i] = W[off + i]
+            t_done = t + 1
+    elif opt == 0:  # naive: every remaining candidate's gain at every step
+        for t in range(budget):
+            if nc == 0:
+                break
+            bq = 0
+            bg = 0.0
+            for q in range(nc):
+                g = _fused_gain(W, js[q] * nw, nw, mq, cover)
+                if q == 0 or g > bg:
+                    bq = q
+                    bg = g
+            j = js[bq]
+            out_idx[b, t] = j
+            out_gain[b, t] = bg
+            for q in range(bq, nc - 1):
+                js[q] = js[q + 1]
+            nc -= 1
+            off = j * nw
+            for i in range(nw):
+                if W[off + i] > cover[i]:
+                    cover[i] = W[off + i]
+            t_done = t + 1
+    else:  # stochastic: the remaining candidates (ascending) at the drawn positions
+        s = u.shape[2]
+        for t in range(budget):
+            R = nc
+            if R == 0:
+                break
+            best = -1
+            bg = 0.0
+            bpos = -1
+            for q in range(s):
+                p = _sample_position(u[b, t, q], R, u32)
+                j = js[p]
+                if j == best:
+                    continue
+                g = _fused_gain(W, j * nw, nw, mq, cover)
+                if best < 0 or g > bg or (g == bg and j < best):
+                    best = j
+                    bg = g
+                    bpos = p
+            out_idx[b, t] = best
+            out_gain[b, t] = bg
+            for q in range(bpos, nc - 1):
+                js[q] = js[q + 1]
+            nc -= 1
+            off = best * nw
+            for i in range(nw):
+                if W[off + i] > cover[i]:
+                    cover[i] = W[off + i]
+            t_done = t + 1
+    # cluster sizes: each valid point to its most similar pick, the earliest on ties
+    obj = 0.0
+    for i in range(nw):
+        if not valid[b, i]:
+            continue
+        a = -1
+        mv = 0.0
+        for t in range(t_done):
+            v = float(W[out_idx[b, t] * nw + i])
+            if a < 0 or v > mv:
+                a = t
+                mv = v
+        if a >= 0:
+            out_w[b, a] += 1.0
+            obj += mv
+    return obj
+
+
+@njit(cache=True, nogil=True)
+def _fused_serial(X, valid, budgets, metric, kernel, scale, opt, u, u32, store_d, W,
+               out_idx, out_gain, out_w, out_obj):
+    B, n, d = X.shape
+    mq = n - n % 4
+    xt = np.empty(d * n)
+    nrm = np.empty(n)
+    row = np.empty(n)
+    cover = np.empty(n)
+    ub = np.empty(n)
+    st = np.empty(n, dtype=np.int64)
+    alive = np.empty(n, dtype=np.bool_)
+    js = np.empty(n, dtype=np.int64)
+    gs = np.empty(n)
+    for b in range(B):
+        out_obj[b] = _fused_problem(X, valid, b, mq, budgets[b], metric, kernel, scale, opt, u, u32, store_d,
+                             W, xt, nrm, row, cover, ub, gs, st, alive, js, out_idx, out_gain, out_w)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _fused_parallel(X, valid, budgets, metric, kernel, scale, opt, u, u32, store_d, W0, nch,
+                    out_idx, out_gain, out_w, out_obj):
+    """As :func:`_fused_serial`, the problems dealt round-robin to ``nch`` threads, each with its own
+    work buffers (``W0`` is one thread's similarity buffer; the others are allocated here)."""
+    B, n, d = X.shape
+    mq = n - n % 4
+    for c in prange(nch):
+        W = W0 if c == 0 else np.empty_like(W0)
+        xt = np.empty(d * n)
+        nrm = np.empty(n)
+        row = np.empty(n)
+        cover = np.empty(n)
+        ub = np.empty(n)
+        gs = np.empty(n)
+        st = np.empty(n, dtype=np.int64)
+        alive = np.empty(n, dtype=np.bool_)
+        js = np.empty(n, dtype=np.int64)
+        for b in range(c, B, nch):
+            out_obj[b] = _fused_problem(X, valid, b, mq, budgets[b], metric, kernel, scale, opt, u, u32,
+                                        store_d, W, xt, nrm, row, cover, ub, gs, st, alive, js, out_idx,
+                                        out_gain, out_w)
+
+
+def facility_batched(X, valid, budgets, metric, kernel, scale, optimizer, u=None):
+    """``similarity_batched`` + ``greedy_batched`` + ``assign_batched`` in one call, never forming the
+    (B, n, n) similarities: each problem's matrix is built in a work buffer (one per thread), solved and
+    weighted there. Returns indices (B, K) int64, gains (B, K), weights (B, K), objectives (B,), floats
+    in X's dtype; bit-for-bit what the three kernels return.
+
+    Only the prefix of each problem up to its last valid point is computed (padding at the end costs
+    nothing). Serial for small batches; above ``_FUSED_PARALLEL_MIN_WORK`` the problems are split over
+    the threads (whole problems per thread, so results do not depend on the thread count).
+    """
+    m = _code(_METRICS, metric, "metric")
+    kk = _code(_KERNELS, kernel, "kernel")
+    opt = _code(_OPTIMIZERS, optimizer, "optimizer")
+    X = np.asarray(X)
+    if X.ndim != 3:
+        raise ValueError(f"X must be 3-D (B, n, d), got shape {X.shape}")
+    if X.dtype not in _FLOATS:
+        raise TypeError(f"X must be float32 or float64, got {X.dtype}")
+    B, n, d = X.shape
+    valid = _arr(valid, dtype=bool)
+    budgets = _arr(budgets, dtype=np.int64).reshape(-1)
+    if valid.shape != (B, n) or budgets.shape != (B,):
+        raise ValueError(f"valid must be (B, n) = {(B, n)} and budgets (B,), got {valid.shape}, {budgets.shape}")
+    K = int(budgets.max()) if B else 0
+    if B and int(budgets.min()) < 0:
+        raise ValueError("budgets must be >= 0")
+    K = max(K, 0)
+    out_idx = np.full((B, K), -1, dtype=np.int64)
+    out_gain = np.zeros((B, K))
+    out_w = np.zeros((B, K))
+    out_obj = np.zeros(B)
+    if B and n:
+        uu, u32 = _prepare_u(u, (B, K), opt)
+        X64 = _arr(X, dtype=np.float64)
+        sc = float(scale) if kk == 1 else 1.0
+        store_d = X.dtype == np.float64  # max-minus keeps the distances in the buffer (else 2 passes)
+        W = np.empty(n * n, dtype=X.dtype)
+        threads = get_num_threads()
+        nch = min(threads, B)
+        if nch > 1 and B * n * n * (d + 4) >= _FUSED_PARALLEL_MIN_WORK:
+            _fused_parallel(X64, valid, budgets, m, kk, sc, opt, uu, u32, store_d, W, nch,
+                            out_idx, out_gain, out_w, out_obj)
+        else:
+            _fused_serial(X64, valid, budgets, m, kk, sc, opt, uu, u32, store_d, W,
+                          out_idx, out_gain, out_w, out_obj)
+    dt = X.dtype
+    return out_idx, out_gain.astype(dt), out_w.astype(dt), out_obj.astype(dt)
+
+
+# --------------------------------------------------------------------------------------------------
+# host kernel: class-stratified subsets by Floyd's algorithm (crestcore.minibatch.draw_subsets)
+# --------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def _draw_stratified(pool, cls, r_c, draws, out):
+    """Group ``pool`` by class (stable counting sort on ``cls``), then for every subset p and class c
+    Floyd's algorithm over the class's members with the pre-drawn ``draws[p, off_c + t]`` uniform in
+    ``[0, N_c - r_c + t]``; each class block of ``out[p]`` (classes in order, block c has ``r_c[c]``
+    entries) is written sorted."""
+    N = pool.shape[0]
+    C = r_c.shape[0]
+    P = draws.shape[0]
+    start = np.zeros(C + 1, dtype=np.int64)
+    for i in range(N):
+        start[cls[i] + 1] += 1
+    for c in range(C):
+        start[c + 1] += start[c]
+    fill = start[:C].copy()
+    members = np.empty(N, dtype=np.int64)
+    for i in range(N):
+        c = cls[i]
+        members[fill[c]] = pool[i]
+        fill[c] += 1
+    mark = np.zeros(N, dtype=np.int64)  # position -> last (subset, class) stamp that took it
+    stamp = 0
+    for p in range(P):
+        off = 0
+        for c in range(C):
+            k = r_c[c]
+            Nc = start[c + 1] - start[c]
+            s0 = start[c]
+            stamp += 1
+            for t in range(k):
+                x = draws[p, off + t]
+                if mark[s0 + x] == stamp:
+                    x = Nc - k + t
+                mark[s0 + x] = stamp
+                v = members[s0 + x]
+                q = off + t  # insertion into the sorted block
+                while q > off and out[p, q - 1] > v:
+                    out[p, q] = out[p, q - 1]
+                    q -= 1
+                out[p, q] = v
+            off += k
+
+
+def draw_stratified(pool, cls, r_c, draws):
+    """Class-blocked subsets (P, r) from Floyd draws; see :func:`crestcore.minibatch.draw_subsets`.
+
+    ``pool`` (N,) int64 indices, ``cls`` (N,) int64 class position in ``[0, C)`` of each, ``r_c`` (C,)
+    slots per class (``r_c[c] <= `` the class's size), ``draws`` (P, r) int64 with
+    ``draws[p, off_c + t]`` in ``[0, N_c - r_c + t]``. Host NumPy arrays only, whatever the features'
+    library (the draws are made on the host so that every backend gets the same subsets).
+    """
+    pool = _arr(pool, dtype=np.int64)
+    cls = _arr(cls, dtype=np.int64)
+    r_c = _arr(r_c, dtype=np.int64)
+    draws = _arr(draws, dtype=np.int64)
+    if pool.ndim != 1 or cls.shape != pool.shape:
+        raise ValueError(f"pool and cls must be 1-D of one length, got {pool.shape} and {cls.shape}")
+    C = r_c.shape[0]
+    if cls.size and (cls.min() < 0 or cls.max() >= C):
+        raise ValueError(f"cls must hold class positions in [0, {C})")
+    sizes = np.bincount(cls, minlength=C)
+    if r_c.ndim != 1 or (r_c < 0).any() or (r_c > sizes).any():
+        raise ValueError("r_c must be 1-D with 0 <= r_c[c] <= the size of class c")
+    r = int(r_c.sum())
+    if draws.ndim != 2 or draws.shape[1] != r:
+        raise ValueError(f"draws must be (P, {r}), got {draws.shape}")
+    t = np.arange(r) - np.repeat(np.cumsum(r_c) - r_c, r_c)  # slot t within its class block
+    high = np.repeat(sizes - r_c, r_c) + t
+    if draws.size and ((draws < 0).any() or (draws > high).any()):
+        raise ValueError("draws[p, off_c + t] must lie in [0, N_c - r_c + t]")
+    out = np.empty(draws.shape, dtype=np.int64)
+    _draw_stratified(pool, cls, r_c, draws, out)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

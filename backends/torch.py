@@ -49,9 +49,11 @@ import math
 
 import torch
 
-__all__ = ["usable_for", "similarity_batched", "greedy_batched", "assign_batched", "greedy_features"]
+__all__ = ["usable_for", "similarity_batched", "greedy_batched", "assign_batched", "greedy_features",
+           "facility_batched"]
 
-_KERNELS = ("similarity_batched", "greedy_batched", "assign_batched", "greedy_features")
+_KERNELS = ("similarity_batched", "greedy_batched", "assign_batched", "greedy_features",
+            "facility_batched")
 _FLOATS = (torch.float32, torch.float64)
 _DEVICE_TYPES = ("cpu", "cuda")
 _METRICS = ("euclidean", "sqeuclidean", "cosine")
@@ -108,7 +110,7 @@ def usable_for(name: str, *arrays) -> bool:
         if a.is_floating_point():
             if a.dtype not in _FLOATS:
                 return False
-            if name == "similarity_batched" and a.requires_grad:
+            if name in ("similarity_batched", "facility_batched") and a.requires_grad:
                 return False
         elif a.dtype != torch.bool and a.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64,
                                                        torch.uint8):
@@ -482,3 +484,14 @@ def greedy_features(X, k, metric, kernel, scale, optimizer, u=None, tile=2048):
         counts.scatter_add_(0, a, torch.ones((r1 - r0,), dtype=dt, device=dev))
         objective += torch.sum(torch.amax(Sp, dim=1).to(torch.float64))
     return idx, gains, counts, objective.to(dt)
+
+
+def facility_batched(X, valid, budgets, metric, kernel, scale, optimizer, u=None):
+    """``similarity_batched``, then ``greedy_batched``, then ``assign_batched``: indices (B, K), gains
+    (B, K), weights (B, K), objectives (B,). The batched device kernels gain nothing from fusing (the
+    (B, n, n) similarities are built once either way); the kernel exists so that every backend has the
+    same kernels (the Numba one fuses)."""
+    S = similarity_batched(X, valid, metric, kernel, scale)
+    idx, gains = greedy_batched(S, valid, budgets, optimizer, u)
+    weights, objective = assign_batched(S, valid, idx)
+    return idx, gains, weights, objective

@@ -10,6 +10,12 @@ These have exactly the names and signatures of the kernels in ``crestcore.backen
     cluster sizes of the picks and the objective of each problem.
 ``greedy_features(X, k, metric, kernel, scale, optimizer, u, tile) -> (indices, gains, weights, objective)``
     one problem given by features, never materialising the n x n similarity (tiles of ``tile`` rows).
+``facility_batched(X, valid, budgets, metric, kernel, scale, optimizer, u) -> (indices, gains, weights, objective)``
+    ``similarity_batched``, ``greedy_batched`` and ``assign_batched`` in one call (the Numba backend
+    fuses them and never forms the (B, n, n) similarities; its results are bit-for-bit those of its
+    three kernels).
+``draw_stratified(members, starts, r_c, draws) -> (P, r) int64`` (host NumPy only)
+    the subsets of :func:`crestcore.minibatch.draw_subsets` from pre-drawn Floyd draws.
 
 Conventions shared by every implementation
 -------------------------------------------
@@ -37,7 +43,8 @@ import numpy as np
 from ._compat import device_of, from_numpy, host_to, namespace, to_numpy
 from .similarity import pairwise_distances
 
-__all__ = ["similarity_batched", "greedy_batched", "assign_batched", "greedy_features"]
+__all__ = ["similarity_batched", "greedy_batched", "assign_batched", "greedy_features", "facility_batched",
+           "draw_stratified"]
 
 from .similarity import similarity_batched  # noqa: E402  (same function, re-exported as a kernel)
 
@@ -233,3 +240,51 @@ def greedy_features(X, k, metric, kernel, scale, optimizer, u=None, tile=2048):
         host_to(counts, X),
         host_to(np.asarray(objective, dtype=np.float64), X),
     )
+
+
+def facility_batched(X, valid, budgets, metric, kernel, scale, optimizer, u=None):
+    """``similarity_batched``, then ``greedy_batched``, then ``assign_batched``."""
+    S = similarity_batched(X, valid, metric, kernel, scale)
+    idx, gains = greedy_batched(S, valid, budgets, optimizer, u)
+    weights, objective = assign_batched(S, valid, idx)
+    return idx, gains, weights, objective
+
+
+def draw_stratified(pool, cls, r_c, draws):
+    """Class-blocked subsets (P, r) by Floyd's algorithm (host NumPy; the Numba backend's host kernel
+    of the same name returns the same array).
+
+    ``pool`` (N,) int64 indices and ``cls`` (N,) their class positions in ``[0, C)``; the members of
+    class c are ``pool[cls == c]`` in pool order. For subset p and class c, Floyd's algorithm draws
+    ``r_c[c]`` distinct members: at slot t (``j = N_c - r_c + t``) it takes position
+    ``x = draws[p, off_c + t]`` (uniform in ``[0, j]``), or ``j`` when x is taken already. Every
+    ``r_c``-subset of the class is equally likely. Block c of row p (columns ``off_c .. off_c + r_c``)
+    holds the picks sorted.
+    """
+    pool = np.asarray(pool, dtype=np.int64)
+    cls = np.asarray(cls, dtype=np.int64)
+    r_c = np.asarray(r_c, dtype=np.int64)
+    draws = np.asarray(draws, dtype=np.int64)
+    C = r_c.size
+    P, r = draws.shape
+    members = pool[np.argsort(cls, kind="stable")]
+    sizes = np.bincount(cls, minlength=C)
+    start = np.cumsum(sizes) - sizes
+    off = np.cumsum(r_c) - r_c
+    blk = np.repeat(np.arange(C), r_c)  # class block of every column
+    t = np.arange(r) - off[blk]
+    fallback = start[blk] + sizes[blk] - r_c[blk] + t  # Floyd's j, as a position in ``members``
+    mark = np.zeros((P, members.size), dtype=bool)
+    pos = np.empty((P, r), dtype=np.int64)
+    rows = np.arange(P)[:, None]
+    for tt in range(int(r_c.max()) if C else 0):  # slot tt of every class at once (classes are disjoint)
+        cols = off[r_c > tt] + tt
+        x = start[blk[cols]][None, :] + draws[:, cols]
+        x = np.where(mark[rows, x], fallback[cols][None, :], x)
+        mark[rows, x] = True
+        pos[:, cols] = x
+    vals = members[pos]
+    big = int(pool.max()) + 1 if pool.size else 1
+    key = blk[None, :] * big + vals  # sort within blocks: the block order is kept by the key
+    key.sort(axis=1)
+    return key - blk[None, :] * big

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -12,11 +13,24 @@ from ._compat import to_numpy
 class DivergenceError(FloatingPointError, ValueError):
     """Non-finite numbers where a finite computation was expected (a diverged model, an overflowing
     estimate). A ``FloatingPointError`` (what the adapters document and annotate with the step), and a
-    ``ValueError`` for code that caught the ``ValueError`` these checks used to raise."""
+    ``ValueError`` for code that caught the ``ValueError`` these checks used to raise.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from crestcore import quadratic_anchor, quadratic_init
+    >>> state = quadratic_init(np.zeros(2))
+    >>> try:
+    ...     quadratic_anchor(state, float("nan"))
+    ... except FloatingPointError as exc:
+    ...     print(type(exc).__name__, isinstance(exc, ValueError))
+    DivergenceError True
+    """
 
 
-def check_float_matrix(xp, X, name: str, *, square: bool = False):
-    """X must be a finite, non-empty, 2-D real floating array."""
+def check_float_matrix(xp, X, name: str, *, square: bool = False) -> float:
+    """X must be a finite, non-empty, 2-D real floating array. Returns ``max|X|`` (the numerics policy's
+    rescaling needs it): one max and one min over X, no temporaries (NaN propagates through both)."""
     if X.ndim != 2:
         raise ValueError(f"{name} must be 2-D (n, d), got {X.ndim}-D with shape {tuple(X.shape)}")
     n, d = X.shape
@@ -26,11 +40,25 @@ def check_float_matrix(xp, X, name: str, *, square: bool = False):
         raise ValueError(f"{name} must be a square (n, n) similarity matrix, got shape {tuple(X.shape)}")
     if not xp.isdtype(X.dtype, "real floating"):
         raise TypeError(f"{name} must have a real floating dtype (float16, bfloat16, float32 or float64), got {X.dtype}")
-    if not bool(xp.all(xp.isfinite(X))):
+    hi = float(xp.max(X))
+    lo = float(xp.min(X))
+    if not (math.isfinite(hi) and math.isfinite(lo)):
         raise ValueError(f"{name} contains NaN or infinite values")
+    return max(hi, -lo)
 
 
 def check_int(value, name: str, *, low: int = 1, high: int | None = None) -> int:
+    """``value`` as an int in ``[low, high]`` (bools refused); the errors name the argument ``name``.
+
+    Examples
+    --------
+    >>> check_int(5, "k")
+    5
+    >>> check_int(0, "k")
+    Traceback (most recent call last):
+    ...
+    ValueError: k must be in >= 1, got 0
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
     v = int(value)
@@ -86,6 +114,13 @@ def hamilton(total: int, sizes: np.ndarray) -> np.ndarray:
     remainders (ties: the lower group). When ``total >= len(sizes)`` every non-empty group gets at least
     one unit, taken from the groups with the most units. Never more than ``sizes[c]`` per group when
     ``total <= sum(sizes)``.
+
+    Examples
+    --------
+    >>> hamilton(10, [50, 30, 20]).tolist()
+    [5, 3, 2]
+    >>> hamilton(3, [10, 5, 1]).tolist()  # every non-empty class gets one
+    [1, 1, 1]
     """
     sizes = np.asarray(sizes, dtype=np.int64)
     n = int(sizes.sum())

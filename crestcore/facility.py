@@ -57,8 +57,11 @@ class Selection:
         for "naive" and "lazy"; stochastic greedy's sampled gains need not be monotone).
     objective : 0-d floating array. ``F(S)`` summed over the problems.
     path : how the problems were solved: "dense" (batched n x n similarities), "matrix-free" (tiled,
-        never n x n; for problems above ``max_dense_bytes``) or "dense+matrix-free"; "" where the
-        selection did not come from facility location.
+        never n x n; for problems above ``max_dense_bytes``), "sparse" (K-nearest-neighbour similarity,
+        ``neighbors=``), or several joined by "+" ("dense+matrix-free"); "" where the selection did not
+        come from facility location.
+    plan : with ``optimizer="auto"`` or ``neighbors=``, what was chosen and why (one line, see
+        :mod:`crestcore.planner`); "" otherwise.
     """
 
     indices: Any
@@ -66,6 +69,7 @@ class Selection:
     gains: Any
     objective: Any
     path: str = ""
+    plan: str = ""
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
@@ -136,14 +140,20 @@ def solve_batched(
     indices (B, K), gains (B, K), weights (B, K), objectives (B,), all in ``xp``.
     """
     dev = device_of(X)
+    budgets = from_numpy(budgets_host.astype(np.int64), xp, dev)
+    u = None if u_host is None else xp.astype(from_numpy(u_host, xp, dev), X.dtype)
+    if metric != "precomputed" and not force_reference:
+        from crestcore.backends import get_kernel
+
+        fused = get_kernel("facility_batched", namespace_name(xp), X, valid, budgets)
+        if fused is not None:  # one call: similarities, greedy and weights (Numba never forms (B, n, n))
+            return fused(X, valid, budgets, metric, kernel, scale, optimizer, u)
     if metric == "precomputed":
         zero = xp.zeros_like(X)
         S = xp.where(valid[:, :, None] & valid[:, None, :], X, zero)
     else:
         sim = _kernel("similarity_batched", xp, X, valid, force_reference=force_reference)
         S = sim(X, valid, metric, kernel, scale)
-    budgets = from_numpy(budgets_host.astype(np.int64), xp, dev)
-    u = None if u_host is None else xp.astype(from_numpy(u_host, xp, dev), X.dtype)
     greedy = _kernel("greedy_batched", xp, S, valid, budgets, force_reference=force_reference)
     idx, gains = greedy(S, valid, budgets, optimizer, u)
     assign = _kernel("assign_batched", xp, S, valid, idx, force_reference=force_reference)
@@ -188,6 +198,7 @@ def facility_location(
     scale: float | None = None,
     max_dense_bytes: int | None = None,
     backend: str = "auto",
+    neighbors=None,
 ) -> Selection:
     """Select ``k`` representative rows of ``X`` by facility-location greedy, with cluster-size weights.
 
@@ -207,7 +218,10 @@ def facility_location(
         None with ``metric="precomputed"``.
     optimizer : "lazy" (default; the same picks as "naive", much faster), "naive", or "stochastic"
         (stochastic greedy: each step looks at ``ceil(n/k ln(1/epsilon))`` random remaining candidates;
-        ``(1 - 1/e - epsilon)``-approximate in expectation; needs ``rng``).
+        ``(1 - 1/e - epsilon)``-approximate in expectation; needs ``rng``), or "auto": lazy greedy on the
+        path :func:`crestcore.planner.plan_problem` picks per problem from n, d, k and
+        ``max_dense_bytes`` (dense, matrix-free or sparse), never needing more than ``max_dense_bytes``;
+        a ``ValueError`` names what would fit when nothing does.
     epsilon : stochastic greedy's accuracy parameter in (0, 1).
     rng : int seed or ``numpy.random.Generator``; only used (and then required) by "stochastic".
     scale : the "exp" kernel's length scale; default the number of features.
@@ -218,6 +232,14 @@ def facility_location(
         ``crestcore`` logger (INFO when a problem goes matrix-free).
     backend : "auto" (native kernels where they fit the input, else the generic code) or "reference"
         (always the generic array-API code; for testing).
+    neighbors : None (default: the full similarity), an int K, or an (n, K) integer array of neighbour
+        indices (-1 = none; cross-class pairs are ignored with labels). With K, each point is represented
+        only by itself and its K nearest neighbours (in its class): the sparse path of
+        :mod:`crestcore.sparse`, memory O(n K). The graph comes from faiss for NumPy input when the
+        ``[ann]`` extra is installed (exact up to 20,000 points, IVF above), else from an exact tiled
+        search; distances on the graph's pairs are recomputed exactly. ``1 <= K < n`` (a class with
+        fewer than K + 1 points gets its complete graph). Weights count the points that have a pick
+        among their neighbours.
 
     Returns
     -------
@@ -238,8 +260,18 @@ def facility_location(
             raise ValueError("X (precomputed similarities) must be non-negative for facility location")
     else:
         kernel = check_choice("max-minus" if kernel is None else kernel, "kernel", KERNELS)
-    optimizer = check_choice(optimizer, "optimizer", OPTIMIZERS)
+    optimizer = check_choice(optimizer, "optimizer", OPTIMIZERS + ("auto",))
     backend = check_choice(backend, "backend", BACKENDS)
+    auto = optimizer == "auto"
+    if neighbors is not None:
+        if precomputed:
+            raise ValueError("neighbors cannot be used with metric='precomputed' (the graph's distances are "
+                             "computed from the features X)")
+        from .sparse import check_neighbors
+
+        neighbors = check_neighbors(neighbors, n)
+    if auto:
+        optimizer = "lazy"
     max_dense_bytes = resolve_dense_bytes(max_dense_bytes, xp, X)
     eps = check_epsilon(epsilon)
     gen = make_rng(rng) if optimizer == "stochastic" else None
@@ -264,9 +296,29 @@ def facility_location(
     out_obj: list[Any] = [None] * n_prob
     u_all = stochastic_draws(gen, sizes, budgets, eps) if gen is not None else None
 
-    big = [p for p in range(n_prob) if not precomputed and sizes[p] * sizes[p] * itemsize > max_dense_bytes]
-    dense = [p for p in range(n_prob) if p not in big]
-    path = "matrix-free" if not dense else ("dense" if not big else "dense+matrix-free")
+    plan_text = ""
+    if auto or neighbors is not None:
+        from .planner import plan_problem
+
+        k_nb = neighbors if isinstance(neighbors, int) else (None if neighbors is None else int(neighbors.shape[1]))
+        if auto:
+            plans = [plan_problem(int(sizes[p]), X.shape[1], int(budgets[p]), itemsize, max_dense_bytes,
+                                  neighbors=k_nb, precomputed=precomputed) for p in range(n_prob)]
+            kinds = [pl.path for pl in plans]
+        else:
+            kinds = ["sparse"] * n_prob
+        sparse_p = [p for p in range(n_prob) if kinds[p] == "sparse"]
+        big = [p for p in range(n_prob) if kinds[p] == "matrix-free"]
+        largest = int(np.argmax(sizes))
+        plan_text = (f"{'auto' if auto else 'neighbors'}: " + ", ".join(
+            f"{kinds.count(c)} {c}" for c in ("dense", "matrix-free", "sparse") if c in kinds)
+            + f" problem(s); largest (n={int(sizes[largest])}, d={X.shape[1]}, k={int(budgets[largest])}): "
+            + (plans[largest].reason if auto else f"neighbors={min(k_nb, int(sizes[largest]) - 1)}"))
+    else:
+        sparse_p = []
+        big = [p for p in range(n_prob) if not precomputed and sizes[p] * sizes[p] * itemsize > max_dense_bytes]
+    dense = [p for p in range(n_prob) if p not in big and p not in sparse_p]
+    path = "+".join(c for c, ps in (("dense", dense), ("matrix-free", big), ("sparse", sparse_p)) if ps)
     _log.log(logging.INFO if big else logging.DEBUG,
              "facility_location: %d problem(s), largest n=%d: %s path (max_dense_bytes=%d; a dense n x n "
              "similarity of the largest takes %d bytes)", n_prob, int(sizes.max()), path, max_dense_bytes,
@@ -282,6 +334,38 @@ def facility_location(
         li, g, w, obj = gf(Xp, int(budgets[p]), metric, kernel, sc, optimizer, u, min(tile, 4096))
         out_idx[p] = xp.take(pidx, li, axis=0)
         out_gain[p], out_w[p], out_obj[p] = g, w, obj
+
+    graph_methods = set()
+    for p in sparse_p:
+        from .sparse import knn_graph, solve_sparse
+
+        members = problems[p]
+        pidx = from_numpy(members, xp, dev)
+        Xp = xp.take(X, pidx, axis=0)
+        n_p = int(sizes[p])
+        if isinstance(neighbors, np.ndarray):  # a given graph, restricted to the problem's points
+            loc = np.full(n, -1, dtype=np.int64)
+            loc[members] = np.arange(n_p)
+            g = neighbors[members]
+            nbr = np.where(g >= 0, loc[np.maximum(g, 0)], -1)
+            graph_methods.add("given")
+        else:
+            K_p = min(plans[p].neighbors if auto else neighbors, n_p - 1)
+            if K_p >= 1:
+                nbr, how = knn_graph(xp, Xp, K_p, metric, force_reference=force_ref)
+                graph_methods.add(how)
+            else:
+                nbr = np.zeros((n_p, 0), dtype=np.int64)
+        u = None
+        if u_all is not None:
+            u = xp.astype(from_numpy(u_all[p, : budgets[p]], xp, dev), X.dtype)
+        li, g_, w_, obj_ = solve_sparse(xp, Xp, nbr, int(budgets[p]), metric=metric, kernel=kernel, scale=sc,
+                                        optimizer=optimizer, u=u, force_reference=force_ref)
+        out_idx[p] = xp.take(pidx, li, axis=0)
+        out_gain[p], out_w[p], out_obj[p] = g_, w_, obj_
+    if graph_methods:
+        plan_text += f"; graph: {'+'.join(sorted(graph_methods))}"
+        _log.info("facility_location: %s", plan_text)
 
     extra = 0 if precomputed else X.shape[1]
     for group in _pack(sizes[dense], itemsize, max_dense_bytes, extra) if dense else []:
@@ -325,6 +409,7 @@ def facility_location(
         gains=restore(xp, gains, back, in_dtype, "gains"),
         objective=restore(xp, objective, back, in_dtype, "objective"),
         path=path,
+        plan=plan_text,
     )
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from ._compat import device_of, from_numpy, namespace, namespace_name
 from ._validation import check_choice, check_epsilon, check_float_matrix, check_int, hamilton, labels_to_host, make_rng
-from .backends import get_kernel
+from .backends import get_host_kernel, get_kernel
 from .facility import OPTIMIZERS, resolve_dense_bytes, solve_batched, stochastic_draws
 from .similarity import KERNELS, METRICS, kernel_scale, prepare, restore
 
@@ -50,26 +50,50 @@ class Coresets:
         return int(self.indices.shape[0])
 
 
+def _class_positions(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(classes, cls): the sorted distinct labels and each entry's position among them. O(n) through
+    ``bincount`` for small non-negative labels (the usual case), else a sort."""
+    if labels.size and labels.min() >= 0 and labels.max() < 4 * labels.size + 1024:
+        counts = np.bincount(labels)
+        present = counts > 0
+        lut = np.cumsum(present) - 1
+        return np.flatnonzero(present), lut[labels]
+    classes, cls = np.unique(labels, return_inverse=True)
+    return classes, cls.reshape(-1).astype(np.int64)
+
+
+def _draw_blocked(labels_host: np.ndarray | None, pool: np.ndarray, r: int, P: int,
+                  rng: np.random.Generator, native: bool = True):
+    """P class-blocked subsets: ``(blocked (P, r), r_c (C,))``, block c of every row holding the
+    ``r_c[c]`` members of the pool's c-th class (ascending label) drawn for that subset, sorted."""
+    if labels_host is None:
+        cls = np.zeros(pool.size, dtype=np.int64)
+    else:
+        _, cls = _class_positions(labels_host[pool])
+    sizes = np.bincount(cls)
+    r_c = hamilton(r, sizes)
+    blk = np.repeat(np.arange(sizes.size), r_c)
+    t = np.arange(r) - np.repeat(np.cumsum(r_c) - r_c, r_c)
+    high = (sizes - r_c)[blk] + t + 1  # Floyd's draw at slot t is uniform in [0, N_c - r_c + t]
+    draws = np.minimum(np.floor(rng.random((P, r)) * high).astype(np.int64), high - 1)
+    kern = get_host_kernel("draw_stratified") if native else None  # both give the same subsets
+    if kern is None:
+        from ._reference_kernels import draw_stratified as kern
+    return kern(pool, cls, r_c, draws), r_c
+
+
 def draw_subsets(labels_host: np.ndarray | None, pool: np.ndarray, r: int, P: int, rng: np.random.Generator):
     """P random subsets of size r from ``pool`` (host int array), class-stratified when labels are given.
 
     Stratification: class c of the pool gets ``r_c`` slots by the Hamilton split of r proportional to its
-    share of the pool; its members are drawn uniformly without replacement. Each subset is sorted.
-    Returns (P, r) int64.
+    share of the pool; its members are drawn uniformly without replacement (Floyd's algorithm, one
+    uniform draw per slot from ``rng``, all P subsets in one host kernel). Each subset is sorted.
+    Returns (P, r) int64. The draws are made on the host, so the same seed gives the same subsets
+    whatever library the features are in.
     """
-    out = np.empty((P, r), dtype=np.int64)
-    if labels_host is None:
-        for p in range(P):
-            out[p] = np.sort(rng.choice(pool, size=r, replace=False))
-        return out
-    pl = labels_host[pool]
-    classes = np.unique(pl)
-    members = [pool[pl == c] for c in classes]
-    r_c = hamilton(r, np.array([mm.size for mm in members]))
-    for p in range(P):
-        parts = [rng.choice(mm, size=int(rc), replace=False) for mm, rc in zip(members, r_c) if rc > 0]
-        out[p] = np.sort(np.concatenate(parts))
-    return out
+    pool = np.asarray(pool, dtype=np.int64)
+    blocked, _ = _draw_blocked(labels_host, pool, r, P, rng)
+    return np.sort(blocked, axis=1)
 
 
 # Bytes per similarity entry a batched dense solve holds at its peak, as multiples of one (B, n, n)
@@ -151,7 +175,7 @@ def minibatch_coresets(
     Coresets (see its docstring for shapes).
     """
     xp = namespace(features, labels, names=("features", "labels"))
-    check_float_matrix(xp, features, "features")
+    amax = check_float_matrix(xp, features, "features")
     n, d = features.shape
     labels_host = labels_to_host(xp, labels, n) if labels is not None else None
     if pool is None:
@@ -185,10 +209,13 @@ def minibatch_coresets(
     in_dtype = features.dtype
     # numerics policy (docs/selection.md): compute in >= float32, features rescaled by a power of two
     # when their magnitude could overflow or underflow; gains and objectives are scaled back at the end
-    features, _, sc, back = prepare(xp, features, metric=metric, kernel=kernel, scale=sc)
+    features, _, sc, back = prepare(xp, features, metric=metric, kernel=kernel, scale=sc, amax=amax)
 
+    blocked = None
     if subsets is None:
-        subsets = draw_subsets(labels_host, pool_h, r, P, gen)  # (P, r) host
+        # (P, r) host, class blocks; backend="reference" draws with the NumPy reference (same subsets)
+        blocked, r_c = _draw_blocked(labels_host, pool_h, r, P, gen, native=backend != "reference")
+        subsets = np.sort(blocked, axis=1)
     else:
         from ._compat import to_numpy
 
@@ -202,7 +229,25 @@ def minibatch_coresets(
         if any(np.unique(row).size != r for row in subsets):
             raise ValueError("subsets rows must hold distinct indices")
         subsets = subsets.astype(np.int64)
-    if per_class and labels_host is not None:
+    if per_class and labels_host is not None and blocked is not None:
+        # drawn here: class c has r_c[c] members in every subset, block c of each row, sorted
+        C = r_c.size
+        if class_budget == "ceil":
+            per = math.ceil(m / C)
+            b_c = np.minimum(per, r_c)
+            width = C * per
+        else:
+            b_c = hamilton(m, r_c)
+            width = m
+        n_max = int(r_c.max())
+        tt = np.arange(n_max)
+        valid_c = tt[None, :] < r_c[:, None]  # (C, n_max)
+        col = np.where(valid_c, (np.cumsum(r_c) - r_c)[:, None] + tt[None, :], 0)
+        pad = np.where(valid_c[None], blocked[:, col], 0).reshape(P * C, n_max)
+        valid_h = np.broadcast_to(valid_c[None], (P, C, n_max)).reshape(P * C, n_max)
+        budgets = np.tile(b_c, P)
+        sizes = np.tile(r_c, P)
+    elif per_class and labels_host is not None:
         classes = np.unique(labels_host[pool_h])
         C = classes.size
         cls = np.searchsorted(classes, labels_host[subsets])  # (P, r) class position of each member

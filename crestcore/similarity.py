@@ -47,7 +47,14 @@ __all__ = [
 
 def compute_dtype(xp, dtype):
     """The dtype distances are computed and accumulated in: float32 for half precision (float16,
-    bfloat16) and float32 input, float64 for float64 input."""
+    bfloat16) and float32 input, float64 for float64 input.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> compute_dtype(np, np.float16), compute_dtype(np, np.float64)
+    (<class 'numpy.float32'>, <class 'numpy.float64'>)
+    """
     return xp.float32 if int(xp.finfo(dtype).bits) < 32 else dtype
 
 
@@ -55,13 +62,23 @@ def _max_exponent(xp, dtype) -> int:
     return math.frexp(float(xp.finfo(dtype).max))[1]  # 128 for float32, 1024 for float64
 
 
-def rescale_exponent(xp, *arrays) -> int:
+def rescale_exponent(xp, *arrays, amax: float | None = None) -> int:
     """0 when ``max|A|`` over the (finite) ``arrays`` lies in ``[2^-R, 2^R]`` (``R`` a quarter of the
     dtype's exponent range: 32 for float32, 256 for float64), so squares and Gram sums of the data can
     neither overflow nor underflow; otherwise the ``e`` with ``max|A| = f 2^e``, ``f`` in [0.5, 1).
-    Dividing by ``2^e`` (:func:`pow2_scale`) then brings the data into [0.5, 1) exactly."""
+    Dividing by ``2^e`` (:func:`pow2_scale`) then brings the data into [0.5, 1) exactly.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rescale_exponent(np, np.array([1.0, -3.0], dtype=np.float32))  # a safe range: no rescaling
+    0
+    >>> rescale_exponent(np, np.array([3e30, 1.0], dtype=np.float32))  # squares would overflow
+    102
+    """
     present = [a for a in arrays if a is not None]
-    amax = max(float(xp.max(xp.abs(a))) for a in present)
+    if amax is None:  # else the caller measured max|A| already (check_float_matrix returns it)
+        amax = max(float(xp.max(xp.abs(a))) for a in present)
     if amax == 0.0:
         return 0
     _, e = math.frexp(amax)
@@ -71,7 +88,16 @@ def rescale_exponent(xp, *arrays) -> int:
 
 def pow2_scale(A, e: int):
     """``A * 2**e``, exact (a power of two) unless the result leaves the dtype's normal range. Applied
-    in steps of at most ``2^100`` so that every factor is representable in A's dtype."""
+    in steps of at most ``2^100`` so that every factor is representable in A's dtype.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> pow2_scale(np.array([3.0, 0.5]), -2)
+    array([0.75 , 0.125])
+    >>> float(pow2_scale(np.array([1.0]), 300)[0]) == 2.0 ** 300
+    True
+    """
     while e != 0:  # steps of at most 2^100: a normal number in float32 and float64 alike
         step = max(-100, min(100, e))
         A = A * (2.0 ** step)
@@ -79,7 +105,7 @@ def pow2_scale(A, e: int):
     return A
 
 
-def prepare(xp, X, *, metric: str, kernel: str | None, scale: float, Y=None):
+def prepare(xp, X, *, metric: str, kernel: str | None, scale: float, Y=None, amax: float | None = None):
     """The numerics policy on a (finite, real floating) feature or similarity array.
 
     Returns ``(Xc, Yc, scale_c, back)``: the data in :func:`compute_dtype`, divided by ``2^e`` when
@@ -89,11 +115,23 @@ def prepare(xp, X, *, metric: str, kernel: str | None, scale: float, Y=None):
     similarities, ``2e`` for squared ones, 0 for cosine distances and for the ``exp`` kernel, whose
     values do not depend on the data's scale. Raises ``ValueError`` naming ``scale`` when the rescaled
     length scale leaves the compute dtype's normal range (every similarity would be 0 or 1).
+
+    Examples
+    --------
+    Features of magnitude ``2^99`` in float32 would overflow squared distances; they are brought into
+    [0.5, 1), and euclidean results must be multiplied back by ``2^100``:
+
+    >>> import numpy as np
+    >>> X = np.array([[2.0 ** 99, 0.0], [0.0, 2.0 ** 98]], dtype=np.float32)
+    >>> Xc, Yc, scale, back = prepare(np, X, metric="euclidean", kernel=None, scale=1.0)
+    >>> Xc, back
+    (array([[0.5 , 0.  ],
+           [0.  , 0.25]], dtype=float32), 100)
     """
     cd = compute_dtype(xp, X.dtype)
     Xc = X if X.dtype == cd else xp.astype(X, cd)
     Yc = None if Y is None else (Y if Y.dtype == cd else xp.astype(Y, cd))
-    e = rescale_exponent(xp, Xc, Yc)
+    e = rescale_exponent(xp, Xc, Yc, amax=amax if Y is None else None)  # amax: max|X|, if known
     if e == 0:
         return Xc, Yc, scale, 0
     Xc = pow2_scale(Xc, -e)
@@ -117,7 +155,19 @@ def prepare(xp, X, *, metric: str, kernel: str | None, scale: float, Y=None):
 
 def restore(xp, A, back: int, dtype, what: str):
     """``A * 2**back`` cast to ``dtype`` (the input's); ``ValueError`` naming ``what`` when the value
-    does not fit that dtype (instead of a silent ``inf``)."""
+    does not fit that dtype (instead of a silent ``inf``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> gains = np.array([0.5, 0.25], dtype=np.float32)
+    >>> restore(np, gains, 3, np.dtype("float64"), "gains")
+    array([4., 2.])
+    >>> restore(np, gains, 200, gains.dtype, "gains")
+    Traceback (most recent call last):
+        ...
+    ValueError: the gains of this computation overflows float32 ...
+    """
     changed = back != 0 or A.dtype != dtype
     with warnings.catch_warnings():  # NumPy warns on overflow; it is reported as an error just below
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -134,7 +184,13 @@ def restore(xp, A, back: int, dtype, what: str):
 
 
 def kernel_scale(scale, n_features: int) -> float:
-    """The ``exp`` kernel's length scale: ``scale`` if given, else the number of features."""
+    """The ``exp`` kernel's length scale: ``scale`` if given, else the number of features.
+
+    Examples
+    --------
+    >>> kernel_scale(None, 10), kernel_scale(2.5, 10)
+    (10.0, 2.5)
+    """
     if scale is None:
         return float(max(n_features, 1))
     s = float(scale)
@@ -151,6 +207,22 @@ def pairwise_distances(X, Y=None, *, metric: str = "euclidean"):
     """Distances between the rows of ``X`` (..., n, d) and ``Y`` (..., m, d): shape (..., n, m).
 
     Leading batch dimensions broadcast. With ``Y`` omitted the diagonal is exactly zero.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.array([[0.0, 0.0], [3.0, 4.0], [0.0, 1.0]])
+    >>> pairwise_distances(X)
+    array([[0.        , 5.        , 1.        ],
+           [5.        , 0.        , 4.24264069],
+           [1.        , 4.24264069, 0.        ]])
+    >>> pairwise_distances(X, X[:1], metric="sqeuclidean")
+    array([[ 0.],
+           [25.],
+           [ 1.]])
+    >>> pairwise_distances(X[1:], metric="cosine").round(4)
+    array([[0. , 0.2],
+           [0.2, 0. ]])
     """
     xp = namespace(X, Y, names=("X", "Y"))
     if metric not in METRICS:
@@ -222,6 +294,23 @@ def similarity_batched(X, valid, metric: str, kernel: str, scale: float):
     -------
     S : (B, n, n) array of X's dtype, ``S[b, i, j]`` the similarity of ground point ``i`` to candidate
         ``j``; 0 wherever ``i`` or ``j`` is padding.
+
+    Examples
+    --------
+    Two problems padded to three points; the second has two real points:
+
+    >>> import numpy as np
+    >>> X = np.array([[[0.0], [1.0], [3.0]],
+    ...               [[0.0], [2.0], [9.0]]])
+    >>> valid = np.array([[True, True, True], [True, True, False]])
+    >>> similarity_batched(X, valid, "euclidean", "max-minus", 1.0)
+    array([[[3., 2., 0.],
+            [2., 3., 1.],
+            [0., 1., 3.]],
+    <BLANKLINE>
+           [[2., 0., 0.],
+            [0., 2., 0.],
+            [0., 0., 0.]]])
     """
     xp = namespace(X, valid, names=("X", "valid"))
     if metric not in METRICS:

@@ -1,0 +1,318 @@
+"""Facility location past one machine: GreeDi (Mirzasoleiman et al., NeurIPS 2013) on dask.distributed.
+
+    sel = crestcore.adapters.dask.facility_location(X, k, client=None, partitions=None, seed=0, **options)
+
+1. **Partition** the rows into ``m`` contiguous blocks (the row chunks of a ``dask.array``, or ``m`` equal
+   blocks); each block is loaded or scattered to one worker once and stays there. The caller's array is
+   never gathered on one process, nor is any n x n block formed.
+2. **Local greedy**: each worker runs :func:`crestcore.facility_location` on its block (``**options``:
+   metric, kernel, optimizer, epsilon, scale, neighbors, max_dense_bytes, backend), ``k`` picks (per class
+   with ``labels``: class c gets its share ``k_c`` of k, the Hamilton split of :func:`facility_location`,
+   or the whole class in the block when that is smaller).
+3. **Merge**: greedy over the union of the partial solutions (at most ``m k`` rows, which come back with
+   the partial solutions), on the process that called.
+4. **Choose**: the merged solution and every partial one are evaluated on the common objective
+   ``F(S) = sum_{i in V} max_{j in S} s_ij`` over *all* points (each worker adds its block's share), and
+   the best is returned (the merged one on ties). Per class with labels.
+
+The common objective uses the kernel of the options: ``exp`` as is; ``max-minus`` with ``M`` the
+diameter bound ``2 max_i |x_i - mean|`` of the class (``2`` for cosine, squared for sqeuclidean), which
+every distance respects, so no similarity is clipped and the comparison between solutions does not
+depend on M (``F = n M - sum_i min_j D_ij``); the objective's value does, so it is not the
+single-machine objective (which uses the exact largest distance). Weights are cluster sizes over all
+points, gains the common objective's increments along the returned order.
+
+Determinism: every random draw (stochastic greedy) comes from ``numpy.random.SeedSequence([seed, p, c])``
+for partition ``p`` and class ``c`` (the merge uses ``p = m``), so the result depends on ``seed`` and the
+partitioning only, not on which worker ran what or on retries. ``partitions=1`` runs
+:func:`crestcore.facility_location` itself on one worker (``rng=seed``): exactly the single-machine result.
+
+GreeDi's guarantee for ``m`` partitions is ``(1 - 1/e)^2 / min(m, k)`` of the optimum in the worst case;
+in practice it is close to centralized greedy (docs/benchmarks.md, S3).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+
+import numpy as np
+
+import crestcore
+from crestcore.plan import hamilton
+from crestcore.validation import check_int
+from crestcore.facility import Selection
+from crestcore.similarity import KERNELS, METRICS, kernel_scale, pairwise_distances
+
+__all__ = ["facility_location"]
+
+_OPTIONS = ("metric", "kernel", "optimizer", "epsilon", "scale", "neighbors", "max_dense_bytes", "backend")
+_TILE_ELEMENTS = 1 << 22
+
+
+def _check_options(options: dict) -> dict:
+    if "rng" in options:
+        raise TypeError("rng is not an option here: pass seed= (each partition's draws are derived from it)")
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown}; the options of crestcore.facility_location passed on are {_OPTIONS}")
+    if options.get("metric", "euclidean") not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS} here (features are partitioned), got {options['metric']!r}")
+    kern = options.get("kernel")
+    if kern is not None and kern not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kern!r}")
+    nb = options.get("neighbors")
+    if nb is not None and (isinstance(nb, bool) or not isinstance(nb, numbers.Integral)):
+        raise TypeError("neighbors must be an integer K here (an index graph refers to the whole data set)")
+    return options
+
+
+# --------------------------------------------------------------------------------------------------
+# worker tasks (pure functions of their arguments: a retry recomputes the same result)
+# --------------------------------------------------------------------------------------------------
+
+
+def _stats(block, p: int, start: int, labels_p, classes):
+    """NaN check (naming the chunk), and per class the row count and the sum of the rows."""
+    B = np.asarray(block)
+    if not np.all(np.isfinite(B)):
+        bad = int(np.flatnonzero(~np.all(np.isfinite(B), axis=1))[0])
+        raise ValueError(f"X: row chunk {p} (rows {start}-{start + B.shape[0] - 1}) contains NaN or infinite "
+                         f"values (first at row {start + bad})")
+    counts = np.zeros(len(classes), dtype=np.int64)
+    sums = np.zeros((len(classes), B.shape[1]))
+    for ci, c in enumerate(classes):
+        rows = B[labels_p == c]
+        counts[ci] = rows.shape[0]
+        sums[ci] = rows.astype(np.float64).sum(axis=0)
+    return counts, sums
+
+
+def _local(block, p: int, start: int, labels_p, classes, budgets, means, metric, seed: int, options):
+    """Greedy per class on one block: global picks, their rows, and the class's largest distance from
+    its mean within the block (for the common objective's M)."""
+    B = np.asarray(block)
+    out = []
+    for ci, c in enumerate(classes):
+        idx = np.flatnonzero(labels_p == c)
+        r = 0.0
+        if idx.size:
+            diff = B[idx].astype(np.float64) - means[ci]
+            r = float(np.sqrt((diff * diff).sum(axis=1).max()))
+        kk = int(min(budgets[ci], idx.size))
+        if kk == 0:
+            out.append((np.zeros(0, dtype=np.int64), np.zeros((0, B.shape[1]), dtype=B.dtype), r))
+            continue
+        rng = np.random.default_rng(np.random.SeedSequence([seed, p, ci]))
+        sel = crestcore.facility_location(B[idx], kk, rng=rng, **options)
+        loc = idx[np.asarray(sel.indices)]
+        out.append((start + loc, B[loc].copy(), r))
+    return out
+
+
+def _evaluate(block, start: int, labels_p, classes, candidates, metric, kernel, scale, Ms):
+    """For every class and candidate solution (rows in greedy order): this block's share of the common
+    objective, of the cluster sizes and of the gains along the order."""
+    B = np.asarray(block).astype(np.float64)
+    res = []
+    for ci, c in enumerate(classes):
+        idx = np.flatnonzero(labels_p == c)
+        per = []
+        for rows in candidates[ci]:
+            kc = rows.shape[0]
+            obj, w, g = 0.0, np.zeros(kc), np.zeros(kc)
+            if idx.size and kc:
+                R = rows.astype(np.float64)
+                tile = max(1, _TILE_ELEMENTS // kc)
+                for a in range(0, idx.size, tile):
+                    D = pairwise_distances(B[idx[a:a + tile]], R, metric=metric)
+                    S = np.maximum(Ms[ci] - D, 0.0) if kernel == "max-minus" else np.exp(-D / scale)
+                    best = np.argmax(S, axis=1)  # the earliest pick on ties
+                    w += np.bincount(best, minlength=kc)
+                    run = np.maximum.accumulate(S, axis=1)
+                    obj += float(run[:, -1].sum())
+                    g += np.diff(run, axis=1, prepend=0.0).sum(axis=0)
+            per.append((obj, w, g))
+        res.append(per)
+    return res
+
+
+def _single(block, k, labels, seed, options):
+    return crestcore.facility_location(np.asarray(block), k, labels=labels, rng=seed, **options)
+
+
+# --------------------------------------------------------------------------------------------------
+# the driver
+# --------------------------------------------------------------------------------------------------
+
+
+def _blocks(client, X, partitions, n):
+    """(futures of the row blocks, row bounds). Dask input is computed block by block on the workers."""
+    import dask.array as da
+
+    if isinstance(X, da.Array):
+        if partitions is not None:
+            X = X.rechunk({0: int(math.ceil(n / partitions)), 1: -1})
+        else:
+            X = X.rechunk({1: -1})
+        sizes = list(X.chunks[0])
+        delayed = X.to_delayed().ravel().tolist()
+        futures = client.compute(delayed)
+    else:
+        m = partitions if partitions is not None else max(1, len(client.scheduler_info()["workers"]))
+        m = min(m, n)
+        bounds = np.linspace(0, n, m + 1).round().astype(np.int64)
+        sizes = np.diff(bounds).tolist()
+        # hash=False: a fresh key per call (equal blocks scattered by two calls must not share a key that the
+        # first call releases)
+        futures = [client.scatter(X[bounds[p]:bounds[p + 1]], hash=False) for p in range(m)]
+    bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    return futures, bounds
+
+
+def facility_location(X, k, *, labels=None, client=None, partitions=None, seed=0, **options) -> Selection:
+    """GreeDi facility location on dask.distributed (see the module docstring).
+
+    Parameters
+    ----------
+    X : (n, d) NumPy array or ``dask.array`` (chunked by rows, known chunk sizes; e.g.
+        ``da.from_array(np.load(path, mmap_mode="r"), chunks=(100_000, -1))``).
+    k : number of picks, ``1 <= k <= n``; without labels every partition must hold at least k rows.
+    labels : optional (n,) integers (NumPy, or a dask array of O(n) integers, computed): per-class budgets as
+        in :func:`crestcore.facility_location`, GreeDi per class.
+    client : a ``dask.distributed.Client``; None starts a ``LocalCluster`` of worker processes for this call
+        and closes it after.
+    partitions : number of partitions m; None: the row chunks of a dask array, or one per worker for NumPy.
+    seed : int >= 0, the only source of randomness (stochastic greedy's draws, derived per partition).
+    **options : passed to every :func:`crestcore.facility_location` call (``metric``, ``kernel``,
+        ``optimizer``, ``epsilon``, ``scale``, ``neighbors`` as an int, ``max_dense_bytes``, ``backend``).
+
+    Returns
+    -------
+    Selection of NumPy arrays in X's dtype: global indices (per class in ascending label), cluster-size
+    weights over all n points, gains and objective on the common objective; ``path`` "greedi" and ``plan``
+    what won.
+    """
+    import dask.array as da
+
+    options = _check_options(dict(options))
+    is_dask = isinstance(X, da.Array)
+    if not is_dask and not isinstance(X, np.ndarray):
+        raise TypeError(f"X must be a NumPy array or a dask.array, got {type(X).__name__}")
+    if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
+        raise ValueError(f"X must be a non-empty 2-D (n, d) array, got shape {X.shape}")
+    if is_dask and any(math.isnan(c) for c in X.chunks[0] + X.chunks[1]):
+        raise ValueError("X has unknown chunk sizes (e.g. after boolean indexing); call X.compute_chunk_sizes() "
+                         "first")
+    if X.dtype.kind != "f":
+        raise TypeError(f"X must have a real floating dtype, got {X.dtype}")
+    n, d = (int(s) for s in X.shape)
+    k = check_int(k, "k", low=1, high=n)
+    seed = check_int(seed, "seed", low=0)
+    if partitions is not None:
+        partitions = check_int(partitions, "partitions", low=1, high=n)
+    if labels is None:
+        lab = np.zeros(n, dtype=np.int64)
+    else:
+        lab = np.asarray(labels.compute() if isinstance(labels, da.Array) else labels)
+        if lab.ndim != 1 or lab.shape[0] != n:
+            raise ValueError(f"labels must be 1-D with one label per row of X (n={n}), got shape {lab.shape}")
+        if lab.dtype.kind not in "iu":
+            raise TypeError(f"labels must have an integer dtype, got {lab.dtype}")
+        lab = lab.astype(np.int64)
+    classes, class_sizes = np.unique(lab, return_counts=True)
+    budgets = hamilton(k, class_sizes)
+    metric = options.get("metric", "euclidean")
+    kernel = options.get("kernel") or "max-minus"
+    scale = kernel_scale(options.get("scale"), d)
+
+    own = client is None
+    cluster = None
+    if own:
+        from dask.distributed import Client, LocalCluster
+
+        workers = max(1, min(partitions or os.cpu_count() or 1, os.cpu_count() or 1))
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
+        client = Client(cluster)
+    try:
+        futures, bounds = _blocks(client, X, partitions, n)
+        m = len(futures)
+        if m == 1:
+            sel = client.submit(_single, futures[0], k, labels if labels is None else lab, seed, options).result()
+            return Selection(sel.indices, sel.weights, sel.gains, sel.objective, path=sel.path,
+                             plan="greedi: partitions=1, the single-machine facility_location" +
+                             (f"; {sel.plan}" if sel.plan else ""))
+        if labels is None:
+            small = [p for p in range(m) if bounds[p + 1] - bounds[p] < k]
+            if small:
+                p = small[0]
+                raise ValueError(
+                    f"k={k} is larger than partition {p} can give (rows {bounds[p]}-{bounds[p + 1] - 1}, "
+                    f"{bounds[p + 1] - bounds[p]} rows): every partition must hold at least k rows; use at most "
+                    f"{n // k} partitions (partitions=) or larger row chunks"
+                )
+        labs = [lab[bounds[p]:bounds[p + 1]] for p in range(m)]
+        stats = client.gather([client.submit(_stats, futures[p], p, int(bounds[p]), labs[p], classes)
+                               for p in range(m)])
+        counts = sum(s[0] for s in stats)
+        means = sum(s[1] for s in stats) / np.maximum(counts, 1)[:, None]
+        local = client.gather([
+            client.submit(_local, futures[p], p, int(bounds[p]), labs[p], classes, budgets, means, metric, seed,
+                          options)
+            for p in range(m)
+        ])
+        # the merge, per class, over the union of the partial solutions (sorted by global index)
+        candidates, cand_idx, Ms = [], [], []
+        for ci in range(len(classes)):
+            parts = [local[p][ci] for p in range(m)]
+            r = max(pp[2] for pp in parts)
+            Ms.append({"euclidean": 2.0 * r, "sqeuclidean": 4.0 * r * r, "cosine": 2.0}[metric])
+            U = np.concatenate([pp[0] for pp in parts])
+            rows = np.concatenate([pp[1] for pp in parts])
+            order = np.argsort(U, kind="stable")
+            U, rows = U[order], rows[order]
+            rng = np.random.default_rng(np.random.SeedSequence([seed, m, ci]))
+            if budgets[ci] == 0:
+                merged = np.zeros(0, dtype=np.int64)
+            else:
+                msel = crestcore.facility_location(rows, int(budgets[ci]), rng=rng, **options)
+                merged = np.asarray(msel.indices)
+            cands_i = [U[merged]] + [pp[0] for pp in parts]
+            cands_r = [rows[merged]] + [pp[1] for pp in parts]
+            cand_idx.append(cands_i)
+            candidates.append(cands_r)
+        cand_future = client.scatter([candidates], broadcast=True, hash=False)[0]
+        evals = client.gather([
+            client.submit(_evaluate, futures[p], int(bounds[p]), labs[p], classes, cand_future, metric, kernel,
+                          scale, Ms)
+            for p in range(m)
+        ])
+    finally:
+        if own:
+            client.close()
+            cluster.close()
+
+    idx_out, w_out, g_out, total, won = [], [], [], 0.0, []
+    for ci in range(len(classes)):
+        if budgets[ci] == 0:
+            continue
+        nc = len(cand_idx[ci])
+        objs = [sum(evals[p][ci][c][0] for p in range(m)) for c in range(nc)]
+        best = int(np.argmax(objs))  # the merged solution (0) on ties
+        won.append("merged" if best == 0 else f"partition {best - 1}")
+        idx_out.append(cand_idx[ci][best])
+        w_out.append(sum(evals[p][ci][best][1] for p in range(m)))
+        g_out.append(sum(evals[p][ci][best][2] for p in range(m)))
+        total += objs[best]
+    dtype = X.dtype if X.dtype in (np.float32, np.float64) else np.float32
+    plan = (f"greedi: {m} partitions; winner per class: " + ", ".join(won) if len(classes) > 1
+            else f"greedi: {m} partitions; winner: {won[0]}")
+    return Selection(
+        indices=np.concatenate(idx_out).astype(np.int64),
+        weights=np.concatenate(w_out).astype(dtype),
+        gains=np.concatenate(g_out).astype(dtype),
+        objective=np.asarray(total, dtype=dtype),
+        path="greedi",
+        plan=plan,
+    )

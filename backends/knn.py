@@ -1,0 +1,95 @@
+"""K-nearest-neighbour graphs with faiss (the ``[ann]`` extra), for NumPy input.
+
+:func:`build` returns, for each row of X, the indices of its K nearest *other* rows (an (n, K) int64
+array, nearest first, -1 where the search found fewer) and the method used. It is what
+``crestcore.facility_location(..., neighbors=K)`` calls for NumPy input when faiss imports; the graph
+can also be built here once and passed as ``neighbors=`` to several calls.
+
+Methods (``method="auto"`` picks ``exact`` up to ``EXACT_MAX_N`` points, ``ivf`` above):
+
+* ``exact``: ``faiss.IndexFlatL2`` / ``IndexFlatIP`` (cosine on row-normalised data), brute force with
+  BLAS, O(n^2 d) time, O(n d) memory.
+* ``ivf``: ``faiss.IndexIVFFlat`` with ``nlist = round(sqrt(n))`` lists (k-means trained on at most
+  ``64 nlist`` rows drawn with ``seed``) and ``nprobe`` lists searched per query (default 8).
+  Approximate: a missed neighbour only removes a pair from the similarity (the facility-location
+  code recomputes every distance it keeps exactly, in the input's precision).
+
+The search runs in float32 (faiss's type) whatever the input dtype; the kept pairs' distances are
+recomputed by the caller. Chosen over pynndescent by measurement (docs/benchmarks.md, S4: at
+n = 60,000, d = 64 faiss IVF built the graph ~30x faster at the same recall). Deterministic for a given
+``seed`` and thread count (faiss parallelises with OpenMP: ``OMP_NUM_THREADS``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import numpy as np
+
+__all__ = ["available", "build", "METHODS", "EXACT_MAX_N"]
+
+METHODS = ("auto", "exact", "ivf")
+EXACT_MAX_N = 20_000
+_METRICS = ("euclidean", "sqeuclidean", "cosine")
+
+
+def available() -> bool:
+    """True when faiss can be imported (without importing it)."""
+    return importlib.util.find_spec("faiss") is not None
+
+
+def _drop_self(I: np.ndarray, K: int) -> np.ndarray:
+    """From a (n, K + 1) result, each row's K neighbours other than the row itself (in order)."""
+    n = I.shape[0]
+    own = I == np.arange(n, dtype=I.dtype)[:, None]
+    missing = ~own.any(axis=1)
+    own[missing, K] = True  # the row itself was not returned (duplicates at distance 0): drop the last
+    return I[~own].reshape(n, K)
+
+
+def build(X, K: int, metric: str = "euclidean", *, method: str = "auto", seed: int = 0,
+          nprobe: int = 8) -> tuple[np.ndarray, str]:
+    """(n, K) int64 neighbour indices of the rows of X (NumPy, (n, d)), and the method used
+    ("faiss-exact" or "faiss-ivf")."""
+    import faiss
+
+    if not isinstance(X, np.ndarray) or X.ndim != 2:
+        raise TypeError(f"X must be a 2-D NumPy array, got {type(X).__name__}")
+    if metric not in _METRICS:
+        raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    n, d = X.shape
+    K = int(K)
+    if not 1 <= K < n:
+        raise ValueError(f"K must be in [1, n - 1] = [1, {n - 1}], got {K}")
+    if int(nprobe) < 1:
+        raise ValueError(f"nprobe must be >= 1, got {nprobe}")
+    A = np.array(X, dtype=np.float32, order="C", copy=True)  # never the caller's buffer
+    if metric == "cosine":
+        nrm = np.sqrt((A.astype(np.float64) ** 2).sum(axis=1))
+        A /= np.where(nrm > 0, nrm, 1.0).astype(np.float32)[:, None]
+        ftype = faiss.METRIC_INNER_PRODUCT
+    else:  # squared and plain euclidean distances order neighbours alike
+        ftype = faiss.METRIC_L2
+    if method == "auto":
+        method = "exact" if n <= EXACT_MAX_N else "ivf"
+    kq = min(n, K + 1)
+    if method == "exact":
+        index = faiss.IndexFlat(d, ftype)
+        index.add(A)
+        _, I = index.search(A, kq)
+    else:
+        nlist = max(1, min(n // 39, int(round(math.sqrt(n)))))
+        quant = faiss.IndexFlat(d, ftype)
+        index = faiss.IndexIVFFlat(quant, d, nlist, ftype)
+        index.cp.seed = int(seed)
+        rng = np.random.default_rng(seed)
+        m = min(n, 64 * nlist)
+        train = A if m == n else A[np.sort(rng.choice(n, size=m, replace=False))]
+        index.train(train)
+        index.add(A)
+        index.nprobe = min(nlist, int(nprobe))
+        _, I = index.search(A, kq)
+    return _drop_self(I.astype(np.int64), K), f"faiss-{method}"

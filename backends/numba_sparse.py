@@ -1,0 +1,240 @@
+"""Numba kernels for facility location on a sparse neighbour graph (NumPy input).
+
+Same names, signatures and semantics as the reference kernels in :mod:`crestcore.sparse` (read its
+docstring for the layout: ``nbr`` / ``sims`` (n, K + 1) with column 0 the point itself, ``order`` /
+``indptr`` the candidate-major order of the present entries).
+
+* A candidate's gain ``sum max(s_ij - cover_i, 0)`` over its entries is computed by one function,
+  :func:`_sparse_gain`, in float64, in the fixed order of ``order``; naive, lazy and stochastic greedy see
+  bit-identical gains, and lazy greedy (the max-heap of stale upper bounds of :mod:`.numba`, a candidate
+  taken when its fresh gain beats every other bound, ties by lowest index) makes exactly naive's picks.
+* Stochastic greedy maps each draw to the ``min(floor(u R), R - 1)``-th remaining candidate (ascending
+  index), as every backend does, through a Fenwick tree over the remaining candidates (O(log n) a draw).
+* Only the first full gain pass runs in parallel (over candidates); a lazy re-evaluation costs the
+  candidate's in-degree, far less than a parallel launch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .numba import _better, _heap_pop, _heapify, _runner_up, _sample_position, _sift_down
+
+__all__ = ["usable_for", "sparse_greedy", "sparse_assign"]
+
+_KERNEL_NAMES = ("sparse_greedy", "sparse_assign")
+_OPTIMIZERS = {"naive": 0, "lazy": 1, "stochastic": 2}
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def usable_for(name: str, *arrays) -> bool:
+    """NumPy arrays with float32/float64 similarities."""
+    if name not in _KERNEL_NAMES:
+        return False
+    return bool(arrays) and all(type(a) is np.ndarray for a in arrays) and arrays[0].dtype in _FLOATS
+
+
+@njit(cache=True)
+def _sparse_gain(rows, vals, lo, hi, cover):
+    g = 0.0
+    for e in range(lo, hi):
+        v = vals[e] - cover[rows[e]]
+        if v > 0.0:
+            g += v
+    return g
+
+
+@njit(parallel=True, cache=True)
+def _all_gains(rows, vals, indptr, cover, out):
+    n = indptr.shape[0] - 1
+    for j in prange(n):
+        out[j] = _sparse_gain(rows, vals, indptr[j], indptr[j + 1], cover)
+
+
+@njit(cache=True)
+def _cover_with(rows, vals, lo, hi, cover):
+    for e in range(lo, hi):
+        r = rows[e]
+        if vals[e] > cover[r]:
+            cover[r] = vals[e]
+
+
+@njit(cache=True)
+def _fenwick_init(tree):
+    """A Fenwick tree over n ones (every candidate remaining); tree has n + 1 slots, slot 0 unused."""
+    n = tree.shape[0] - 1
+    for i in range(1, n + 1):
+        tree[i] += 1
+        p = i + (i & -i)
+        if p <= n:
+            tree[p] += tree[i]
+
+
+@njit(cache=True)
+def _fenwick_remove(tree, j):
+    n = tree.shape[0] - 1
+    i = j + 1
+    while i <= n:
+        tree[i] -= 1
+        i += i & -i
+
+
+@njit(cache=True)
+def _fenwick_select(tree, p, top):
+    """The candidate at 0-based position p among the remaining ones (ascending index)."""
+    n = tree.shape[0] - 1
+    pos = 0
+    rem = p + 1
+    step = top
+    while step > 0:
+        q = pos + step
+        if q <= n and tree[q] < rem:
+            pos = q
+            rem -= tree[q]
+        step >>= 1
+    return pos  # 0-based index = (1-based pos + 1) - 1
+
+
+@njit(cache=True)
+def _sparse_solve(rows, vals, indptr, budget, opt, u, u32, out_idx, out_gain):
+    n = indptr.shape[0] - 1
+    cover = np.zeros(n)
+    if opt == 1:  # lazy
+        keys = np.empty(n)
+        _all_gains(rows, vals, indptr, cover, keys)  # exact at step 0
+        ids = np.arange(n)
+        size = n
+        _heapify(keys, ids, size)
+        stamp = np.zeros(n, dtype=np.int64)
+        for t in range(budget):
+            if size == 0:
+                break
+            while True:
+                j = ids[0]
+                if stamp[j] == t:
+                    g = keys[0]
+                    size = _heap_pop(keys, ids, size)
+                    break
+                g = _sparse_gain(rows, vals, indptr[j], indptr[j + 1], cover)
+                r = _runner_up(keys, ids, size)
+                if r < 0 or _better(g, j, keys[r], ids[r]):
+                    size = _heap_pop(keys, ids, size)
+                    break
+                keys[0] = g
+                stamp[j] = t
+                _sift_down(keys, ids, size, np.int64(0))
+            out_idx[t] = j
+            out_gain[t] = g
+            _cover_with(rows, vals, indptr[j], indptr[j + 1], cover)
+    elif opt == 0:  # naive
+        selected = np.zeros(n, dtype=np.bool_)
+        gs = np.empty(n)
+        for t in range(min(budget, n)):
+            _all_gains(rows, vals, indptr, cover, gs)
+            bj = -1
+            for j in range(n):
+                if not selected[j] and (bj < 0 or gs[j] > gs[bj]):
+                    bj = j
+            out_idx[t] = bj
+            out_gain[t] = gs[bj]
+            selected[bj] = True
+            _cover_with(rows, vals, indptr[bj], indptr[bj + 1], cover)
+    else:  # stochastic
+        tree = np.zeros(n + 1, dtype=np.int64)
+        _fenwick_init(tree)
+        top = 1
+        while top * 2 <= n:
+            top *= 2
+        R = n
+        s = u.shape[1]
+        for t in range(budget):
+            if R == 0:
+                break
+            best = np.int64(-1)
+            bg = 0.0
+            for q in range(s):
+                j = _fenwick_select(tree, _sample_position(u[t, q], R, u32), top)
+                if j == best:
+                    continue
+                g = _sparse_gain(rows, vals, indptr[j], indptr[j + 1], cover)
+                if best < 0 or _better(g, j, bg, best):
+                    best = j
+                    bg = g
+            out_idx[t] = best
+            out_gain[t] = bg
+            _fenwick_remove(tree, best)
+            R -= 1
+            _cover_with(rows, vals, indptr[best], indptr[best + 1], cover)
+
+
+def sparse_greedy(nbr, sims, order, indptr, budget, optimizer, u=None):
+    """Greedy on the sparse similarity: indices (budget,) int64 (-1 after the candidates run out) and
+    gains (budget,) in sims' dtype."""
+    try:
+        opt = _OPTIMIZERS[optimizer]
+    except KeyError:
+        raise ValueError(f"optimizer must be one of {tuple(_OPTIMIZERS)}, got {optimizer!r}") from None
+    nbr = np.asarray(nbr)
+    n, K1 = nbr.shape
+    order = np.ascontiguousarray(order, dtype=np.int64)
+    indptr = np.ascontiguousarray(indptr, dtype=np.int64)
+    if indptr.shape != (n + 1,) or order.shape != (int(indptr[-1]),):
+        raise ValueError(f"indptr must be (n + 1,) = ({n + 1},) and order (indptr[-1],)")
+    rows = order // K1
+    vals = np.ascontiguousarray(np.asarray(sims, dtype=np.float64).reshape(-1)[order])
+    budget = int(budget)
+    if opt == 2:
+        if u is None:
+            raise ValueError("u (uniform draws of shape (budget, s)) is required by the 'stochastic' optimizer")
+        u32 = np.asarray(u).dtype == np.float32
+        uu = np.ascontiguousarray(u, dtype=np.float64)
+        if uu.ndim != 2 or uu.shape[0] < budget or uu.shape[1] < 1:
+            raise ValueError(f"u must have shape (budget, s) = ({budget}, >= 1), got {uu.shape}")
+    else:
+        u32 = False
+        uu = np.zeros((1, 1))
+    out_idx = np.full(budget, -1, dtype=np.int64)
+    out_gain = np.zeros(budget)
+    if budget > 0 and n > 0:
+        _sparse_solve(rows, vals, indptr, budget, opt, uu, bool(u32), out_idx, out_gain)
+    return out_idx, out_gain.astype(np.asarray(sims).dtype)
+
+
+@njit(parallel=True, cache=True)
+def _assign(nbr, sims, rank, k, first, best):
+    n, K1 = nbr.shape
+    for i in prange(n):
+        a = k
+        m = 0.0
+        for q in range(K1):
+            j = nbr[i, q]
+            if j < 0:
+                continue
+            r = rank[j]
+            if r >= k:
+                continue
+            v = float(sims[i, q])
+            if a == k or v > m or (v == m and r < a):
+                a = r
+                m = v
+        first[i] = a
+        best[i] = m if a < k else 0.0
+
+
+def sparse_assign(nbr, sims, picks):
+    """Weights (k,) and the objective (0-d) of the picks, in sims' dtype (see the reference)."""
+    nbr = np.ascontiguousarray(nbr, dtype=np.int64)
+    sims = np.asarray(sims)
+    dtype = sims.dtype
+    p = np.asarray(picks, dtype=np.int64)
+    n = nbr.shape[0]
+    k = p.size
+    rank = np.full(n, k, dtype=np.int64)
+    real = p >= 0
+    rank[p[real]] = np.flatnonzero(real)
+    first = np.empty(n, dtype=np.int64)
+    best = np.empty(n)
+    _assign(nbr, np.ascontiguousarray(sims, dtype=np.float64), rank, k, first, best)
+    weights = np.bincount(first[first < k], minlength=k).astype(np.float64)
+    return weights.astype(dtype), np.asarray(best.sum(), dtype=dtype)

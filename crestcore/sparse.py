@@ -1,0 +1,316 @@
+"""Facility location on a sparse K-nearest-neighbour similarity (the ``neighbors=`` option).
+
+The dense path needs the n x n similarity (memory O(n^2)); the matrix-free path recomputes it in tiles
+(memory O(n d), time O(n^2 d) and more). Here each point ``i`` can only be represented by itself and by
+its K nearest neighbours ``N(i)``:
+
+    s_ij = kernel(D_ij)   for j in N(i) or j = i,     s_ij = 0 otherwise,
+
+with the kernel of the dense path: ``max-minus`` uses ``M - D_ij`` with ``M`` the largest distance among
+the graph's pairs (the dense path's ``M`` when the graph holds every pair, ``K = n - 1``), ``exp`` uses
+``exp(-D_ij / scale)``; ``s_ii`` is ``M`` or 1. ``F(S) = sum_i max_{j in S} s_ij`` is the dense objective
+on this similarity, still monotone submodular, so greedy keeps its ``(1 - 1/e)`` guarantee for it.
+Memory is O(n K); a lazy greedy step touches only the points the re-evaluated candidates cover.
+
+Weights on the same graph: point ``i`` goes to its most similar pick among ``N(i)`` and itself (the
+earliest pick on ties); a point with no pick there is represented by no pick (it adds 0 to ``F``), so the
+weights sum to the number of covered points, ``n`` when every point has a pick within its K nearest
+neighbours. With ``K = n - 1`` everything equals the dense path.
+
+Which pairs form the graph is the only approximate part: the graph comes from
+``crestcore.backends.knn`` (faiss, exact or IVF; NumPy input with the ``[ann]`` extra) or from the exact
+tiled search below (any array library, O(n^2 d) time, O(n) memory per row tile), or from the caller
+(an (n, K) index array from any kNN library). Distances on the graph's pairs are always recomputed here,
+exactly, in the compute dtype: an approximate search can only change which pairs are present.
+
+Kernels (NumPy: ``crestcore.backends.numba_sparse``; others: the reference below, also the test oracle):
+
+``sparse_greedy(nbr, sims, order, indptr, budget, optimizer, u) -> (indices (budget,), gains (budget,))``
+``sparse_assign(nbr, sims, picks) -> (weights (k,), objective ())``
+
+``nbr`` (n, K + 1) int64 holds each point's candidates (column 0 the point itself, -1 = none) and
+``sims`` (n, K + 1) their similarities (0 where ``nbr`` is -1). ``order`` (E,) lists the flat positions
+``i * (K + 1) + q`` of the E present entries sorted by candidate, then by point; candidate j's entries
+are ``order[indptr[j]:indptr[j + 1]]``. Greedy, ties and the stochastic sample follow
+:mod:`crestcore._reference_kernels`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from ._compat import device_of, from_numpy, namespace, namespace_name, to_numpy
+from .similarity import pairwise_distances
+
+__all__ = [
+    "SPARSE_KERNEL_NAMES",
+    "check_neighbors",
+    "sparse_bytes",
+    "exact_knn",
+    "knn_graph",
+    "solve_sparse",
+    "sparse_greedy",
+    "sparse_assign",
+]
+
+SPARSE_KERNEL_NAMES = ("sparse_greedy", "sparse_assign")
+
+# elements of one row tile in the exact search and in the edge-distance pass (bounds their memory)
+_TILE_ELEMENTS = 1 << 22
+
+
+def sparse_bytes(n: int, d: int, K: int) -> int:
+    """Upper estimate of the sparse path's working memory for one problem of n points, d features, K
+    neighbours: the graph, the similarities and their candidate-major order (about 64 bytes per pair),
+    plus a float32 copy of the features and the search structures of the graph builder (8 n d)."""
+    return 64 * n * (K + 1) + 8 * n * d + (1 << 20)
+
+
+def check_neighbors(neighbors, n: int):
+    """``neighbors`` as an int K (``1 <= K < n``) or as a host (n, K) int64 index graph (validated)."""
+    if isinstance(neighbors, bool):
+        raise TypeError("neighbors must be an integer K or an (n, K) integer array of neighbour indices, got bool")
+    if isinstance(neighbors, numbers.Integral):
+        K = int(neighbors)
+        if K < 1:
+            raise ValueError(f"neighbors must be >= 1, got {K}")
+        if K >= n:
+            raise ValueError(
+                f"neighbors={K} must be smaller than the number of points n={n} (each point has at most n - 1 "
+                f"neighbours; neighbors={n - 1} is the complete graph, i.e. the dense problem)"
+            )
+        return K
+    if isinstance(neighbors, numbers.Number):
+        raise TypeError(f"neighbors must be an integer K or an (n, K) integer array, got {neighbors!r}")
+    try:
+        nbr = np.asarray(to_numpy(neighbors))
+    except Exception as exc:  # not an array of any kind
+        raise TypeError(
+            f"neighbors must be an integer K or an (n, K) integer array of neighbour indices, got "
+            f"{type(neighbors).__name__}"
+        ) from exc
+    if nbr.ndim != 2 or nbr.shape[0] != n or nbr.shape[1] < 1:
+        raise ValueError(f"neighbors as an index graph must have shape (n, K) = ({n}, >= 1), got {nbr.shape}")
+    if nbr.dtype.kind not in "iu":
+        raise TypeError(f"neighbors as an index graph must hold integers, got dtype {nbr.dtype}")
+    nbr = nbr.astype(np.int64)
+    if nbr.shape[1] >= n:
+        raise ValueError(f"neighbors has {nbr.shape[1]} columns; at most n - 1 = {n - 1} neighbours per point")
+    if nbr.size and (nbr.min() < -1 or nbr.max() >= n):
+        raise ValueError(f"neighbors must hold indices in [0, {n}) or -1 for 'no neighbour'")
+    rows = np.arange(n, dtype=np.int64)[:, None]
+    if np.any(nbr == rows):
+        i = int(np.flatnonzero(np.any(nbr == rows, axis=1))[0])
+        raise ValueError(
+            f"neighbors row {i} lists point {i} itself; pass each point's K nearest *other* points (a kNN query "
+            f"of K + 1 returns the point itself first: drop that column)"
+        )
+    s = np.sort(nbr, axis=1)
+    dup = (s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0)
+    if np.any(dup):
+        i = int(np.flatnonzero(np.any(dup, axis=1))[0])
+        raise ValueError(f"neighbors row {i} lists a neighbour twice")
+    return nbr
+
+
+# --------------------------------------------------------------------------------------------------
+# the graph
+# --------------------------------------------------------------------------------------------------
+
+
+def exact_knn(xp, X, K: int, metric: str) -> np.ndarray:
+    """Exact K nearest other points of every row of X (n, d), as host (n, K) int64, nearest first, ties
+    to the lower index. Any array library; tiles of rows, O(n) memory per row, O(n^2 d) time."""
+    n = X.shape[0]
+    dev = device_of(X)
+    tile = max(1, min(n, _TILE_ELEMENTS // max(n, 1)))
+    out = np.empty((n, K), dtype=np.int64)
+    cols = xp.arange(n, device=dev)[None, :]
+    for a in range(0, n, tile):
+        b = min(n, a + tile)
+        D = pairwise_distances(X[a:b, :], X, metric=metric)
+        rows = xp.arange(a, b, device=dev)[:, None]
+        D = xp.where(rows == cols, xp.full_like(D, math.inf), D)
+        out[a:b] = to_numpy(xp.argsort(D, axis=1, stable=True)[:, :K])
+    return out
+
+
+def knn_graph(xp, X, K: int, metric: str, *, force_reference: bool = False) -> tuple[np.ndarray, str]:
+    """The (n, K) neighbour graph of X (host int64, -1 = none) and the method that built it: the
+    ``crestcore.backends.knn`` builder where one serves X's library, else :func:`exact_knn`."""
+    if not force_reference:
+        from crestcore.backends import knn_builder
+
+        build = knn_builder(namespace_name(xp), X)
+        if build is not None:
+            return build(X, K, metric)
+    return exact_knn(xp, X, K, metric), "exact"
+
+
+def _edge_distances(xp, X, nbr: np.ndarray, metric: str):
+    """D (n, K) between each row and its graph neighbours, by direct differences in X's dtype (0 where
+    ``nbr`` is -1)."""
+    n, K = nbr.shape
+    d = X.shape[1]
+    dev = device_of(X)
+    tile = max(1, _TILE_ELEMENTS // max(1, K * d))
+    parts = []
+    for a in range(0, n, tile):
+        b = min(n, a + tile)
+        idx = from_numpy(np.maximum(nbr[a:b], 0).reshape(-1), xp, dev)
+        Xn = xp.reshape(xp.take(X, idx, axis=0), (b - a, K, d))
+        Xi = X[a:b, :][:, None, :]
+        if metric == "cosine":
+            dot = xp.sum(Xn * Xi, axis=2)
+            ni = xp.sum(Xi * Xi, axis=2)
+            nn = xp.sum(Xn * Xn, axis=2)
+            den = xp.sqrt(ni * nn)
+            ok = den > 0
+            cos = xp.where(ok, dot / xp.where(ok, den, xp.ones_like(den)), xp.zeros_like(dot))
+            D = xp.clip(1.0 - cos, 0.0, 2.0)
+        else:
+            diff = Xn - Xi
+            D = xp.sum(diff * diff, axis=2)
+            if metric == "euclidean":
+                D = xp.sqrt(D)
+        parts.append(D)
+    D = xp.concat(parts, axis=0) if parts else xp.zeros((0, K), dtype=X.dtype, device=dev)
+    present = from_numpy(nbr >= 0, xp, dev)
+    return xp.where(present, D, xp.zeros_like(D))
+
+
+def _similarities(xp, X, nbr: np.ndarray, metric: str, kernel: str, scale: float):
+    """(nbr_self, sims) of the (n, K + 1) layout: column 0 is the point itself."""
+    n = X.shape[0]
+    dev = device_of(X)
+    present = from_numpy(nbr >= 0, xp, dev)
+    D = _edge_distances(xp, X, nbr, metric)
+    if kernel == "max-minus":
+        M = xp.max(D) if D.shape[1] else xp.asarray(0.0, dtype=X.dtype, device=dev)
+        S = xp.where(present, M - D, xp.zeros_like(D))
+        self_s = xp.zeros((n, 1), dtype=X.dtype, device=dev) + M  # M is a 0-d array
+    else:
+        S = xp.where(present, xp.exp(-D / scale), xp.zeros_like(D))
+        self_s = xp.ones((n, 1), dtype=X.dtype, device=dev)
+    nbr_self = np.concatenate([np.arange(n, dtype=np.int64)[:, None], nbr], axis=1)
+    return nbr_self, xp.concat([self_s, S], axis=1)
+
+
+def _candidate_order(nbr_self: np.ndarray):
+    """(order, indptr): the present entries' flat positions sorted by candidate, then by point."""
+    n, K1 = nbr_self.shape
+    flat = nbr_self.reshape(-1)
+    pos = np.flatnonzero(flat >= 0)
+    # positions are ascending in the point; a stable sort by candidate keeps that order within a column
+    order = pos[np.argsort(flat[pos], kind="stable")].astype(np.int64)
+    counts = np.bincount(flat[pos], minlength=n)
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    return order, indptr
+
+
+def solve_sparse(xp, X, nbr: np.ndarray, budget: int, *, metric: str, kernel: str, scale: float,
+                 optimizer: str, u, force_reference: bool = False):
+    """One problem on its neighbour graph ``nbr`` (host (n, K) int64, local indices, -1 = none).
+
+    Returns local indices (budget,) int64, gains, weights (budget,) and a 0-d objective, in ``xp``.
+    """
+    nbr_self, sims = _similarities(xp, X, nbr, metric, kernel, scale)
+    order, indptr = _candidate_order(nbr_self)
+    dev = device_of(X)
+    nbr_d = from_numpy(nbr_self, xp, dev)
+    order_d = from_numpy(order, xp, dev)
+    indptr_d = from_numpy(indptr, xp, dev)
+    greedy = _sparse_kernel("sparse_greedy", xp, sims, force_reference)
+    idx, gains = greedy(nbr_d, sims, order_d, indptr_d, int(budget), optimizer, u)
+    assign = _sparse_kernel("sparse_assign", xp, sims, force_reference)
+    weights, objective = assign(nbr_d, sims, idx)
+    return idx, gains, weights, objective
+
+
+def _sparse_kernel(name: str, xp, arr, force_reference: bool):
+    if not force_reference:
+        from crestcore.backends import get_kernel
+
+        k = get_kernel(name, namespace_name(xp), arr)
+        if k is not None:
+            return k
+    return globals()[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# reference kernels (array API; greedy bookkeeping on the host)
+# --------------------------------------------------------------------------------------------------
+
+
+def _cover(xp, nbr, sims, selected_host):
+    """cover_i = max over the picks among point i's candidates of s_ij (0 if none)."""
+    dev = device_of(sims)
+    sel = from_numpy(selected_host, xp, dev)
+    present = nbr >= 0
+    is_pick = xp.take(sel, xp.reshape(xp.where(present, nbr, xp.zeros_like(nbr)), (-1,)), axis=0)
+    is_pick = xp.reshape(is_pick, nbr.shape) & present
+    return xp.max(xp.where(is_pick, sims, xp.zeros_like(sims)), axis=1)
+
+
+def sparse_greedy(nbr, sims, order, indptr, budget, optimizer, u=None):
+    """Reference sparse greedy; ``lazy`` and ``naive`` coincide by construction here (every step
+    recomputes every gain, as segment sums over the candidate-major order)."""
+    xp = namespace(sims, names=("sims",))
+    n, K1 = nbr.shape
+    dev = device_of(sims)
+    rows = order // K1
+    vals = xp.take(xp.reshape(sims, (-1,)), order, axis=0)
+    lo, hi = indptr[:-1], indptr[1:]
+    selected = np.zeros(n, dtype=bool)
+    picks, pick_gains = [], []
+    cover = xp.zeros((n,), dtype=sims.dtype, device=dev)
+    for t in range(int(budget)):
+        cands = np.flatnonzero(~selected)
+        if cands.size == 0:
+            break
+        c = xp.maximum(vals - xp.take(cover, rows, axis=0), xp.zeros_like(vals))
+        cs = xp.cumulative_sum(c, include_initial=True)
+        g = to_numpy(xp.take(cs, hi, axis=0) - xp.take(cs, lo, axis=0)).astype(np.float64)
+        if optimizer == "stochastic":
+            pos = np.floor(to_numpy(u[t, :]) * cands.size)  # in u's dtype, as the dense path
+            cands = np.unique(cands[np.minimum(pos.astype(np.int64), cands.size - 1)])
+        best = int(np.argmax(g[cands]))  # cands ascending: the first maximum is the lowest index
+        j = int(cands[best])
+        picks.append(j)
+        pick_gains.append(float(g[j]))
+        selected[j] = True
+        cover = _cover(xp, nbr, sims, selected)
+    idx = np.full(int(budget), -1, dtype=np.int64)
+    idx[: len(picks)] = picks
+    gains = np.zeros(int(budget))
+    gains[: len(picks)] = pick_gains
+    return from_numpy(idx, xp, dev), xp.astype(from_numpy(gains, xp, dev), sims.dtype)
+
+
+def sparse_assign(nbr, sims, picks):
+    """Weights (k,) and objective of the picks: each point to its most similar pick among its
+    candidates (earliest pick on ties); points with no pick there count for nobody."""
+    xp = namespace(sims, names=("sims",))
+    n, K1 = nbr.shape
+    dev = device_of(sims)
+    p = to_numpy(picks).astype(np.int64)
+    k = p.size
+    rank = np.full(n, k, dtype=np.int64)  # k = "not a pick"
+    real = p >= 0
+    rank[p[real]] = np.flatnonzero(real)
+    nbr_h = to_numpy(nbr)
+    r = np.where(nbr_h >= 0, rank[np.maximum(nbr_h, 0)], k)  # (n, K1) pick rank of each candidate
+    r_d = from_numpy(r, xp, dev)
+    is_pick = r_d < k
+    best = xp.max(xp.where(is_pick, sims, xp.full_like(sims, -math.inf)), axis=1)
+    covered = xp.any(is_pick, axis=1)
+    # the earliest pick among those achieving the best similarity
+    hit = is_pick & (sims == best[:, None])
+    first = to_numpy(xp.min(xp.where(hit, r_d, xp.full_like(r_d, k)), axis=1))
+    weights = np.bincount(first[first < k], minlength=k).astype(np.float64)
+    objective = xp.sum(xp.where(covered, best, xp.zeros_like(best)))
+    return xp.astype(from_numpy(weights, xp, dev), sims.dtype), objective

@@ -1,0 +1,135 @@
+"""crestcore.adapters.dask: GreeDi on a 2-process LocalCluster (skipped without dask.distributed)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+da = pytest.importorskip("dask.array")
+distributed = pytest.importorskip("dask.distributed")
+
+import crestcore  # noqa: E402
+from crestcore.adapters import dask as cdask  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def client():
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
+    c = distributed.Client(cluster)
+    yield c
+    c.close()
+    cluster.close()
+
+
+def _features(seed, n, d):
+    return np.random.default_rng(seed).normal(size=(n, d))
+
+
+def _objective(X, picks, M):
+    """The common max-minus objective sum_i max_j (M - D_ij), from the definition."""
+    D = np.sqrt(((X[:, None, :] - X[None, picks, :]) ** 2).sum(axis=2))
+    return float((M - D).max(axis=1).sum())
+
+
+def test_one_partition_is_the_single_machine_result(client):
+    X = _features(0, 300, 4)
+    labels = np.repeat([3, 1], [180, 120])
+    for kw in (dict(), dict(optimizer="stochastic"), dict(neighbors=10), dict(kernel="exp", metric="cosine")):
+        single = crestcore.facility_location(X, 20, labels=labels, rng=7, **kw)
+        got = cdask.facility_location(X, 20, labels=labels, client=client, partitions=1, seed=7, **kw)
+        np.testing.assert_array_equal(got.indices, single.indices)
+        np.testing.assert_array_equal(got.weights, single.weights)
+        np.testing.assert_array_equal(got.gains, single.gains)
+        assert float(got.objective) == float(single.objective)
+
+
+def test_greedi_on_numpy_and_dask_input_agree_and_are_deterministic(client):
+    X = _features(1, 400, 3)
+    a = cdask.facility_location(X, 15, client=client, partitions=2, seed=3, optimizer="stochastic")
+    b = cdask.facility_location(X, 15, client=client, partitions=2, seed=3, optimizer="stochastic")
+    Xd = da.from_array(X, chunks=(200, 3))
+    c = cdask.facility_location(Xd, 15, client=client, seed=3, optimizer="stochastic")  # chunks = partitions
+    for other in (b, c):
+        np.testing.assert_array_equal(other.indices, a.indices)
+        np.testing.assert_array_equal(other.weights, a.weights)
+    assert a.path == "greedi" and "2 partitions" in a.plan
+    assert float(np.sum(a.weights)) == 400
+    assert np.unique(a.indices).size == 15
+    # the reported objective is the common objective of the picks, and the gains add up to it
+    M = 2 * np.sqrt(((X - X.mean(axis=0)) ** 2).sum(axis=1).max())
+    assert float(a.objective) == pytest.approx(_objective(X, a.indices, M), rel=1e-9)
+    assert float(np.sum(a.gains)) == pytest.approx(float(a.objective), rel=1e-9)
+
+
+def test_greedi_is_no_worse_than_its_candidates_and_close_to_centralized(client):
+    X = _features(2, 600, 4)
+    k = 30
+    sel = cdask.facility_location(X, k, client=client, partitions=3, seed=0)
+    M = 2 * np.sqrt(((X - X.mean(axis=0)) ** 2).sum(axis=1).max())
+    got = _objective(X, sel.indices, M)
+    # the best single partition's own greedy, evaluated alike, cannot beat what GreeDi returns
+    for p in range(3):
+        part = np.arange(p * 200, (p + 1) * 200)
+        local = part[crestcore.facility_location(X[part], k).indices]
+        assert got >= _objective(X, local, M) - 1e-9 * abs(got)
+    central = crestcore.facility_location(X, k).indices
+    assert got >= 0.98 * _objective(X, central, M)
+
+
+def test_greedi_within_its_guarantee_on_brute_forceable_instances(client):
+    """(1 - 1/e)^2 / min(m, k) of the optimum (the worst-case bound), on instances small enough to
+    enumerate every k-subset; in practice it is much closer, which the second assertion records."""
+    for seed in range(3):
+        X = _features(10 + seed, 12, 2)
+        k, m = 3, 2
+        sel = cdask.facility_location(X, k, client=client, partitions=m, seed=seed)
+        M = 2 * np.sqrt(((X - X.mean(axis=0)) ** 2).sum(axis=1).max())
+        opt = max(_objective(X, list(s), M) for s in itertools.combinations(range(12), k))
+        got = _objective(X, sel.indices, M)
+        assert got <= opt + 1e-9
+        assert got >= (1 - 1 / math.e) ** 2 / min(m, k) * opt
+        assert got >= (1 - 1 / math.e) * opt
+
+
+def test_labels_get_the_single_machine_budgets(client):
+    X = _features(4, 500, 3)
+    labels = np.random.default_rng(4).integers(0, 3, 500)
+    sel = cdask.facility_location(X, 25, labels=labels, client=client, partitions=2, seed=0)
+    single = crestcore.facility_location(X, 25, labels=labels)
+    np.testing.assert_array_equal(np.bincount(labels[sel.indices], minlength=3),
+                                  np.bincount(labels[single.indices], minlength=3))
+    assert np.all(np.diff(labels[sel.indices]) >= 0)  # grouped by ascending label
+    for c in range(3):
+        assert float(np.sum(sel.weights[labels[sel.indices] == c])) == np.sum(labels == c)
+
+
+def test_bad_input_is_refused_clearly(client):
+    X = _features(5, 200, 3)
+    Xn = X.copy()
+    Xn[130, 1] = np.nan
+    with pytest.raises(ValueError, match=r"row chunk 1 \(rows 100-199\) contains NaN"):
+        cdask.facility_location(da.from_array(Xn, chunks=(100, 3)), 5, client=client, seed=0)
+    with pytest.raises(ValueError, match=r"k=120 is larger than partition 0 can give"):
+        cdask.facility_location(X, 120, client=client, partitions=2)
+    unknown = da.from_array(X, chunks=(50, 3))
+    unknown = unknown[unknown[:, 0] > 0]
+    with pytest.raises(ValueError, match="unknown chunk sizes"):
+        cdask.facility_location(unknown, 5, client=client)
+    with pytest.raises(TypeError, match="seed"):
+        cdask.facility_location(X, 5, client=client, rng=0)
+    with pytest.raises(TypeError, match="unknown option"):
+        cdask.facility_location(X, 5, client=client, labelz=None)
+    with pytest.raises(ValueError, match="k must be"):
+        cdask.facility_location(X, 0, client=client)
+    with pytest.raises(TypeError, match="X must be"):
+        cdask.facility_location([[1.0]], 1, client=client)
+    np.testing.assert_array_equal(np.isnan(Xn).sum(), 1)  # the input was not modified
+
+
+def test_without_a_client_a_local_cluster_is_started_and_closed():
+    X = _features(6, 120, 2)
+    sel = cdask.facility_location(X, 4, partitions=2, seed=0)
+    assert sel.indices.shape == (4,) and sel.path == "greedi"

@@ -1,0 +1,120 @@
+"""crestcore.draw_subsets: Floyd's algorithm for all P class-stratified subsets in one host call.
+
+The Numba host kernel and the NumPy reference must return the same subsets; the subsets must be
+uniform within each class, with the Hamilton split of r over the classes in every subset.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+import crestcore
+from crestcore import minibatch
+from crestcore._reference_kernels import draw_stratified as ref_draw
+from crestcore._validation import hamilton
+
+
+def _both(monkeypatch, labels, pool, r, P, seed):
+    a = crestcore.draw_subsets(labels, pool, r, P, np.random.default_rng(seed))
+    with monkeypatch.context() as mp:
+        mp.setattr(minibatch, "get_host_kernel", lambda name: None)  # no Numba: the NumPy reference
+        b = crestcore.draw_subsets(labels, pool, r, P, np.random.default_rng(seed))
+    return a, b
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_numba_and_reference_draw_the_same_subsets(monkeypatch, seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(20, 400))
+    labels = rng.integers(-3, 7, size=n) * (1 if seed % 2 else 1000)  # negative and sparse labels too
+    pool = rng.permutation(n)[: int(rng.integers(10, n + 1))]  # unsorted pool
+    r = int(rng.integers(1, pool.size + 1))
+    P = int(rng.integers(1, 9))
+    for lab in (labels, None):
+        a, b = _both(monkeypatch, lab, pool, r, P, seed)
+        np.testing.assert_array_equal(a, b)
+        assert a.shape == (P, r) and a.dtype == np.int64
+        assert (np.diff(a, axis=1) > 0).all(), "rows sorted, entries distinct"
+        assert np.isin(a, pool).all()
+
+
+def test_per_class_sizes_are_the_hamilton_split():
+    rng = np.random.default_rng(3)
+    labels = rng.choice(5, size=1000, p=[0.5, 0.2, 0.15, 0.1, 0.05])
+    pool = np.arange(1000)
+    sub = crestcore.draw_subsets(labels, pool, 97, 40, np.random.default_rng(0))
+    want = hamilton(97, np.bincount(labels))
+    for row in sub:
+        np.testing.assert_array_equal(np.bincount(labels[row], minlength=5), want)
+
+
+def test_subsets_are_uniform_within_each_class():
+    """Chi-square over many seeds on a tiny instance: class 0 has 5 members and 3 slots (10 subsets),
+    class 1 has 3 members and 1 slot (3): all 30 combinations equally likely."""
+    labels = np.array([0, 1, 0, 0, 1, 0, 1, 0])
+    pool = np.arange(8)
+    assert hamilton(4, np.bincount(labels)).tolist() == [3, 1]
+    combos = {tuple(sorted(a + b)): i for i, (a, b) in enumerate(itertools.product(
+        itertools.combinations([0, 2, 3, 5, 7], 3), itertools.combinations([1, 4, 6], 1)))}
+    counts = np.zeros(len(combos))
+    for seed in range(300):  # 300 seeds x 50 subsets
+        for row in crestcore.draw_subsets(labels, pool, 4, 50, np.random.default_rng(seed)):
+            counts[combos[tuple(row.tolist())]] += 1
+    expected = counts.sum() / len(combos)
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 58.3, (chi2, counts)  # df = 29: P(chi2 > 58.3) = 0.001
+
+
+def test_uniform_over_the_pool_without_labels():
+    pool = np.array([9, 2, 7, 4])
+    counts = {}
+    for seed in range(200):
+        for row in crestcore.draw_subsets(None, pool, 2, 30, np.random.default_rng(seed)):
+            counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    assert len(counts) == math.comb(4, 2)
+    c = np.array(list(counts.values()), dtype=float)
+    e = c.sum() / c.size
+    assert float(((c - e) ** 2 / e).sum()) < 20.5  # df = 5: P(chi2 > 20.5) = 0.001
+
+
+def test_same_seed_same_subsets_and_inputs_untouched():
+    labels = np.arange(300) % 7
+    pool = np.arange(300)[::-1].copy()
+    keep = (labels.copy(), pool.copy())
+    a = crestcore.draw_subsets(labels, pool, 50, 4, np.random.default_rng(5))
+    b = crestcore.draw_subsets(labels, pool, 50, 4, np.random.default_rng(5))
+    c = crestcore.draw_subsets(labels, pool, 50, 4, np.random.default_rng(6))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    np.testing.assert_array_equal(labels, keep[0])
+    np.testing.assert_array_equal(pool, keep[1])
+
+
+def test_minibatch_coresets_same_subsets_for_torch_input():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((500, 4))
+    y = rng.integers(0, 5, size=500)
+    a = crestcore.minibatch_coresets(X, y, m=10, r=60, P=3, rng=11)
+    b = crestcore.minibatch_coresets(torch.from_numpy(X), torch.from_numpy(y), m=10, r=60, P=3, rng=11)
+    np.testing.assert_array_equal(a.subsets, b.subsets.numpy())
+    np.testing.assert_array_equal(a.indices, b.indices.numpy())
+
+
+def test_reference_kernel_floyd_fallback_and_bounds():
+    """Floyd's rule: a draw that hits a taken position takes j = N_c - r_c + t instead."""
+    pool = np.array([10, 11, 12, 13])
+    cls = np.zeros(4, dtype=np.int64)
+    # r_c = 3: slots draw in [0, 1], [0, 2], [0, 3]; draws 1, 1 (taken -> 2), 2 (taken -> 3)
+    out = ref_draw(pool, cls, np.array([3]), np.array([[1, 1, 2]]))
+    np.testing.assert_array_equal(out, [[11, 12, 13]])
+    nb = pytest.importorskip("crestcore.backends.numba")
+    np.testing.assert_array_equal(nb.draw_stratified(pool, cls, np.array([3]), np.array([[1, 1, 2]])), out)
+    with pytest.raises(ValueError, match="draws"):
+        nb.draw_stratified(pool, cls, np.array([3]), np.array([[2, 0, 0]]))  # slot 0 draws in [0, 1]
+    with pytest.raises(ValueError, match="r_c"):
+        nb.draw_stratified(pool, cls, np.array([5]), np.zeros((1, 5), dtype=np.int64))

@@ -1,0 +1,340 @@
+"""The sparse nearest-neighbour path (``facility_location(..., neighbors=K)``), its kernels, the faiss
+graph builder and the planner (``optimizer="auto"``).
+
+The oracle is tests/reference.py on the sparse similarity built here from the definition (the reference
+distances, the exact K nearest other points, the kernel on those pairs, 0 elsewhere); index comparisons
+only on tie-free instances, as in tests/test_facility.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import crestcore
+import reference as R
+from crestcore import planner
+from crestcore.sparse import check_neighbors, exact_knn
+
+METRICS = ("euclidean", "sqeuclidean", "cosine")
+KERNELS = ("max-minus", "exp")
+
+
+def _features(seed, n, d):
+    return np.random.default_rng(seed).normal(size=(n, d))
+
+
+def _knn_from_reference(X, K, metric):
+    D = R.distances(X, metric)
+    np.fill_diagonal(D, np.inf)
+    return np.argsort(D, axis=1, kind="stable")[:, :K].astype(np.int64)
+
+
+def _sparse_similarity(X, nbr, metric, kernel):
+    """The documented sparse similarity, from the definition: kernel on the graph's pairs and the
+    diagonal, 0 elsewhere; max-minus uses the largest distance among the graph's pairs."""
+    n = X.shape[0]
+    D = R.distances(X, metric)
+    mask = np.zeros((n, n), dtype=bool)
+    for i in range(n):
+        for j in nbr[i]:
+            if j >= 0:
+                mask[i, j] = True
+    if kernel == "max-minus":
+        M = D[mask].max() if mask.any() else 0.0
+        S = np.where(mask, M - D, 0.0)
+        np.fill_diagonal(S, M)
+    else:
+        S = np.where(mask, np.exp(-D / X.shape[1]), 0.0)
+        np.fill_diagonal(S, 1.0)
+    return S
+
+
+def _sparse_weights(S, nbr, picks):
+    """Each point to its most similar pick among itself and its neighbours (earliest on ties)."""
+    w = np.zeros(len(picks))
+    for i in range(S.shape[0]):
+        cands = {i, *[int(j) for j in nbr[i] if j >= 0]}
+        best, a = -np.inf, -1
+        for t, j in enumerate(picks):
+            if j in cands and S[i, j] > best:
+                best, a = S[i, j], t
+        if a >= 0:
+            w[a] += 1
+    return w
+
+
+def _tie_free(expected, rel=1e-9):
+    return expected["margin"] > rel * max(1.0, float(np.max(np.abs(expected["gains"]))))
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(3, 40), d=st.integers(1, 5),
+       metric=st.sampled_from(METRICS), kernel=st.sampled_from(KERNELS),
+       optimizer=st.sampled_from(("naive", "lazy")), backend=st.sampled_from(("auto", "reference")),
+       given_graph=st.booleans(), data=st.data())
+def test_sparse_equals_the_reference_on_the_sparse_similarity(seed, n, d, metric, kernel, optimizer, backend,
+                                                                given_graph, data):
+    K = data.draw(st.integers(1, n - 1), label="K")
+    k = data.draw(st.integers(1, n), label="k")
+    X = _features(seed, n, d)
+    nbr = _knn_from_reference(X, K, metric)
+    if not given_graph:  # the exact search must find the same graph: no distance ties at the K-th place
+        D = np.sort(np.where(np.eye(n, dtype=bool), np.inf, R.distances(X, metric)), axis=1)
+        assume(K == n - 1 or np.all(D[:, K] - D[:, K - 1] > 1e-9 * max(1.0, float(D[:, :-1].max()))))
+    S = _sparse_similarity(X, nbr, metric, kernel)
+    expected = R.facility_location(S, k, metric="precomputed")
+    assume(_tie_free(expected))
+    sel = crestcore.facility_location(X, k, metric=metric, kernel=kernel, optimizer=optimizer, backend=backend,
+                                      neighbors=nbr if given_graph else K)
+    assert sel.path == "sparse"
+    np.testing.assert_array_equal(sel.indices, expected["indices"])
+    scale = max(1.0, abs(expected["objective"]))
+    np.testing.assert_allclose(sel.gains, expected["gains"], rtol=1e-9, atol=1e-9 * scale)
+    assert float(sel.objective) == pytest.approx(expected["objective"], rel=1e-9, abs=1e-9 * scale)
+    sims = S[:, sel.indices]
+    if k > 1:  # tie-free assignment too
+        top2 = np.sort(sims, axis=1)[:, -2:]
+        assume(np.all((top2[:, 1] - top2[:, 0] > 1e-9 * scale) | (top2[:, 1] == 0)))
+    np.testing.assert_array_equal(sel.weights, _sparse_weights(S, nbr, list(sel.indices)))
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_complete_graph_equals_the_dense_path(metric, kernel, backend):
+    """K = n - 1: every pair is in the graph, so picks, weights, gains and objective are the dense ones."""
+    X = _features(7, 60, 4)
+    for optimizer in ("lazy", "stochastic"):
+        dense = crestcore.facility_location(X, 9, metric=metric, kernel=kernel, optimizer=optimizer, rng=3)
+        sparse = crestcore.facility_location(X, 9, metric=metric, kernel=kernel, optimizer=optimizer, rng=3,
+                                             neighbors=59, backend=backend)
+        np.testing.assert_array_equal(sparse.indices, dense.indices)
+        np.testing.assert_array_equal(sparse.weights, dense.weights)
+        np.testing.assert_allclose(sparse.gains, dense.gains, rtol=1e-9)
+        assert float(sparse.objective) == pytest.approx(float(dense.objective), rel=1e-12)
+
+
+def test_complete_graph_per_class_equals_the_dense_path():
+    """With labels each class gets its own graph; K >= a class's size - 1 gives that class its complete graph."""
+    X = _features(8, 90, 3)
+    labels = np.repeat([2, 0, 5], [40, 30, 20])
+    dense = crestcore.facility_location(X, 12, labels=labels)
+    sparse = crestcore.facility_location(X, 12, labels=labels, neighbors=39)  # classes of 30 and 20: complete
+    np.testing.assert_array_equal(sparse.indices, dense.indices)
+    np.testing.assert_array_equal(sparse.weights, dense.weights)
+    assert float(sparse.objective) == pytest.approx(float(dense.objective), rel=1e-12)
+    # a given global graph: cross-class pairs are ignored
+    nbr = _knn_from_reference(X, 89, "euclidean")
+    given = crestcore.facility_location(X, 12, labels=labels, neighbors=nbr)
+    np.testing.assert_array_equal(given.indices, dense.indices)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_lazy_equals_naive_on_a_larger_sparse_instance(backend):
+    X = _features(12, 400, 6)
+    naive = crestcore.facility_location(X, 40, neighbors=8, optimizer="naive", backend=backend)
+    lazy = crestcore.facility_location(X, 40, neighbors=8, optimizer="lazy", backend=backend)
+    np.testing.assert_array_equal(lazy.indices, naive.indices)
+    np.testing.assert_array_equal(lazy.gains, naive.gains)
+    np.testing.assert_array_equal(lazy.weights, naive.weights)
+
+
+def test_numba_kernels_equal_the_reference_kernels():
+    X = _features(13, 300, 5)
+    for optimizer in ("lazy", "stochastic"):
+        a = crestcore.facility_location(X, 30, neighbors=6, optimizer=optimizer, rng=5, backend="reference")
+        b = crestcore.facility_location(X, 30, neighbors=6, optimizer=optimizer, rng=5)
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_array_equal(a.weights, b.weights)
+        np.testing.assert_allclose(a.gains, b.gains, rtol=1e-10)
+    # the stochastic sample is used: another seed picks differently
+    c = crestcore.facility_location(X, 30, neighbors=6, optimizer="stochastic", rng=6)
+    assert not np.array_equal(c.indices, b.indices)
+
+
+def test_uncovered_points_count_for_nobody():
+    """A hand-made graph where point 3 has only neighbour 2 and 2 is not picked: weights sum to the
+    covered points, and the objective is the sum over covered points."""
+    X = np.array([[0.0], [1.0], [5.0], [6.0], [0.5]])
+    nbr = np.array([[4, -1], [4, -1], [3, -1], [2, -1], [0, 1]])
+    sel = crestcore.facility_location(X, 1, neighbors=nbr, kernel="exp", scale=1.0)
+    assert sel.indices.tolist() == [4]  # covers 0, 1 and itself
+    np.testing.assert_array_equal(sel.weights, [3.0])
+    assert float(sel.objective) == pytest.approx(1.0 + 2 * math.exp(-0.5), rel=1e-12)
+
+
+def test_sparse_in_every_namespace(xp):
+    X = _features(14, 50, 3)
+    base = crestcore.facility_location(X, 6, neighbors=7, backend="reference")
+    Xx = xp.asarray(X)
+    sel = crestcore.facility_location(Xx, 6, neighbors=7)
+    xp.assert_native(sel.indices, Xx, np.int64, ndim=1)
+    xp.assert_native(sel.weights, Xx, np.float64, ndim=1)
+    xp.assert_native(sel.objective, Xx, np.float64, ndim=0)
+    np.testing.assert_array_equal(xp.to_numpy(sel.indices), base.indices)
+    np.testing.assert_array_equal(xp.to_numpy(sel.weights), base.weights)
+
+
+def test_input_is_not_modified():
+    X = _features(15, 80, 3)
+    nbr = _knn_from_reference(X, 5, "euclidean")
+    X0, nbr0 = X.copy(), nbr.copy()
+    crestcore.facility_location(X, 8, neighbors=nbr)
+    crestcore.facility_location(X, 8, neighbors=5)
+    np.testing.assert_array_equal(X, X0)
+    np.testing.assert_array_equal(nbr, nbr0)
+
+
+def test_float32_input_gives_float32_results():
+    X = _features(16, 70, 3).astype(np.float32)
+    sel = crestcore.facility_location(X, 7, neighbors=6)
+    assert sel.weights.dtype == np.float32 and sel.gains.dtype == np.float32 and sel.objective.dtype == np.float32
+    ref = crestcore.facility_location(X, 7, neighbors=6, backend="reference")
+    np.testing.assert_array_equal(sel.indices, ref.indices)
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------------
+
+
+def test_neighbors_at_least_n_is_refused_clearly():
+    X = _features(0, 10, 2)
+    with pytest.raises(ValueError, match=r"neighbors=10 must be smaller than the number of points n=10"):
+        crestcore.facility_location(X, 3, neighbors=10)
+    with pytest.raises(ValueError, match="neighbors must be >= 1"):
+        crestcore.facility_location(X, 3, neighbors=0)
+    with pytest.raises(TypeError, match="neighbors"):
+        crestcore.facility_location(X, 3, neighbors=True)
+    with pytest.raises(TypeError, match="neighbors"):
+        crestcore.facility_location(X, 3, neighbors=2.5)
+    with pytest.raises(ValueError, match="precomputed"):
+        crestcore.facility_location(np.ones((10, 10)), 3, metric="precomputed", neighbors=3)
+
+
+def _ring(n=10):
+    i = np.arange(n)
+    return np.stack([(i + 1) % n, (i + 2) % n], axis=1).astype(np.int64)
+
+
+def _with(g, r, c, v):
+    g = g.copy()
+    g[r, c] = v
+    return g
+
+
+@pytest.mark.parametrize("graph, match", [
+    (_ring()[:9], r"shape \(n, K\)"),
+    (_ring().astype(np.float64), "integers"),
+    (_with(_ring(), 4, 1, 12), r"indices in \[0, 10\)"),
+    (_with(_ring(), 4, 1, -2), r"indices in \[0, 10\)"),
+    (_with(_ring(), 0, 1, 0), "row 0 lists point 0 itself"),
+    (_with(_ring(), 3, 1, 4), "row 3 lists a neighbour twice"),
+    (np.zeros((10, 10), dtype=np.int64), "at most n - 1"),
+])
+def test_bad_neighbour_graphs_are_refused(graph, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        check_neighbors(graph, 10)
+    assert check_neighbors(_with(_ring(), 3, 1, -1), 10).shape == (10, 2)  # -1 = no neighbour is fine
+
+
+# ------------------------------------------------------------------------------------------------
+# the faiss graph builder ([ann] extra)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_faiss_exact_graph_is_the_exact_graph():
+    pytest.importorskip("faiss")
+    from crestcore.backends import knn
+
+    X = _features(20, 500, 8)
+    for metric in METRICS:
+        ref = exact_knn(np, X, 6, metric)
+        got, how = knn.build(X, 6, metric, method="exact")
+        assert how == "faiss-exact"
+        # float32 search: compare as sets of neighbours (order within near-ties may differ)
+        same = np.mean([len(set(a) & set(b)) / 6 for a, b in zip(ref, got)])
+        assert same > 0.99
+        assert not np.any(got == np.arange(500)[:, None])
+
+
+def test_faiss_ivf_graph_is_deterministic_and_accurate_on_clustered_data():
+    pytest.importorskip("faiss")
+    from crestcore.backends import knn
+
+    rng = np.random.default_rng(21)
+    centers = rng.normal(size=(20, 8)) * 5
+    X = centers[rng.integers(0, 20, 3000)] + rng.normal(size=(3000, 8))
+    X0 = X.copy()
+    a, how = knn.build(X, 10, "euclidean", method="ivf", seed=1)
+    b, _ = knn.build(X, 10, "euclidean", method="ivf", seed=1)
+    assert how == "faiss-ivf"
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(X, X0)
+    ref = exact_knn(np, X, 10, "euclidean")
+    recall = np.mean([len(set(r) & set(g)) / 10 for r, g in zip(ref, a)])
+    assert recall > 0.9
+    with pytest.raises(ValueError, match="K must be"):
+        knn.build(X, 3000, "euclidean")
+
+
+# ------------------------------------------------------------------------------------------------
+# the planner
+# ------------------------------------------------------------------------------------------------
+
+
+def test_planner_decisions():
+    # fits densely
+    p = planner.plan_problem(1000, 10, 100, 8, 1 << 30)
+    assert p.path == "dense" and p.optimizer == "lazy" and p.bytes == 8_000_000
+    # dense too big, matrix-free cheap enough
+    p = planner.plan_problem(5000, 10, 500, 8, 100_000_000)
+    assert p.path == "matrix-free" and p.bytes <= 100_000_000
+    # big n: sparse with the default K
+    p = planner.plan_problem(60_000, 64, 6000, 8, 1 << 30)
+    assert p.path == "sparse" and p.neighbors == planner.AUTO_NEIGHBORS and p.bytes <= 1 << 30
+    # tight memory lowers K, never below MIN_NEIGHBORS, and never past the budget
+    budget = crestcore.sparse.sparse_bytes(60_000, 64, 6)
+    p = planner.plan_problem(60_000, 64, 6000, 8, budget)
+    assert p.path == "sparse" and p.neighbors == 6 and p.bytes <= budget
+    # a given K is kept
+    p = planner.plan_problem(60_000, 64, 6000, 8, 1 << 30, neighbors=5)
+    assert p.neighbors == 5
+    # nothing fits: the error names the max_dense_bytes that would do, and that value works
+    with pytest.raises(ValueError, match=r"max_dense_bytes >= (\d+) \(the sparse path, neighbors=4\)") as e:
+        planner.plan_problem(60_000, 64, 6000, 8, 10_000_000)
+    need = int(str(e.value).split("max_dense_bytes >= ")[1].split(" ")[0])
+    assert planner.plan_problem(60_000, 64, 6000, 8, need).bytes <= need
+
+
+def test_auto_records_the_plan_and_solves_on_it():
+    X = _features(30, 400, 3)
+    dense = crestcore.facility_location(X, 20, optimizer="auto")
+    assert dense.path == "dense" and "fits max_dense_bytes" in dense.plan
+    np.testing.assert_array_equal(dense.indices, crestcore.facility_location(X, 20).indices)
+    mf = crestcore.facility_location(X, 20, optimizer="auto", max_dense_bytes=400 * 400 * 8 - 1)
+    assert mf.path == "matrix-free" and "matrix-free work" in mf.plan
+    np.testing.assert_array_equal(mf.indices, dense.indices)
+    # force the sparse choice by a tiny work limit
+    old = planner.MATRIX_FREE_MAX_WORK
+    try:
+        planner.MATRIX_FREE_MAX_WORK = 1.0
+        sp = crestcore.facility_location(X, 20, optimizer="auto", max_dense_bytes=400 * 400 * 8 - 1)
+    finally:
+        planner.MATRIX_FREE_MAX_WORK = old
+    assert sp.path == "sparse"
+    K = int(sp.plan.split("sparse (neighbors=")[1].split(")")[0])  # lowered to fit the budget
+    assert planner.MIN_NEIGHBORS <= K < planner.AUTO_NEIGHBORS
+    assert crestcore.sparse.sparse_bytes(400, 3, K) <= 400 * 400 * 8 - 1
+    np.testing.assert_array_equal(sp.indices, crestcore.facility_location(X, 20, neighbors=K).indices)
+    # per class: the small classes go dense, the big one not
+    labels = (np.arange(400) < 300).astype(np.int64)
+    two = crestcore.facility_location(X, 20, labels=labels, optimizer="auto", max_dense_bytes=200 * 200 * 8)
+    assert two.path == "dense+matrix-free"
+    with pytest.raises(ValueError, match="too small for any path"):
+        crestcore.facility_location(X, 20, optimizer="auto", max_dense_bytes=1000)
