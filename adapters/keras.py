@@ -877,7 +877,7 @@ class CrestDataset(keras.utils.PyDataset):
     ((8, 4), True)
     """
 
-    def __init__(self, callback: "CrestCallback"):
+    def __init__(self, callback: CrestCallback):
         super().__init__(workers=1, use_multiprocessing=False, max_queue_size=1)
         self._cb = callback
 

@@ -26,7 +26,8 @@ package and the older ``pytorch_lightning`` work. One process (no DDP): the dist
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
@@ -55,7 +56,7 @@ class _CrestTrainLoader:
     loader as resumable); the controller's state travels in the callback's ``state_dict``.
     """
 
-    def __init__(self, callback: "CrestCallback"):
+    def __init__(self, callback: CrestCallback):
         self._cb = callback
 
     def __len__(self) -> int:

@@ -18,7 +18,8 @@ TensorBoard or W&B until a writer is built.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 __all__ = ["EVENTS", "scalars", "TensorBoardWriter", "WandbWriter", "check_listeners"]
 

@@ -27,7 +27,7 @@ import contextlib
 import math
 import time
 import warnings
-from typing import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 
@@ -1429,7 +1429,8 @@ class CrestBatchSampler(CrestLoader):
         if indices is None:
             return super().observe(losses)
         idx = np.asarray(indices.detach().cpu().numpy() if isinstance(indices, torch.Tensor) else indices)
-        if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer) or (idx.size and (idx.min() < 0 or idx.max() >= self.n)):
+        if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer) or (
+                idx.size and (idx.min() < 0 or idx.max() >= self.n)):
             raise ValueError(f"indices must be a 1-D integer array of dataset indices in [0, {self.n})")
         self._observe(idx.astype(np.int64), losses)
 

@@ -34,7 +34,7 @@ import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

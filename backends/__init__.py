@@ -18,7 +18,8 @@ and the caller runs the generic array-API reference. Nothing here imports the fl
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 KERNEL_NAMES = ("similarity_batched", "greedy_batched", "assign_batched", "greedy_features",
                 "facility_batched")
@@ -31,8 +32,18 @@ _MODULES = {"numpy": "numba", "torch": "torch", "cupy": "cupy"}
 _loaded: dict[str, Any] = {}
 _failed: dict[str, str] = {}
 
-__all__ = ["KERNEL_NAMES", "SPARSE_KERNEL_NAMES", "HOST_KERNEL_NAMES", "get_kernel", "get_host_kernel", "knn_builder", "backend_module", "available_backends", "available_bytes",
-           "host_available_bytes"]
+__all__ = [
+    "KERNEL_NAMES",
+    "SPARSE_KERNEL_NAMES",
+    "HOST_KERNEL_NAMES",
+    "get_kernel",
+    "get_host_kernel",
+    "knn_builder",
+    "backend_module",
+    "available_backends",
+    "available_bytes",
+    "host_available_bytes",
+]
 
 
 def backend_module(namespace_name: str):

@@ -1398,7 +1398,7 @@ def draw_stratified(pool, cls, r_c, draws):
 
 
 def _dense_work(A) -> int:
-    shape = getattr(A, "shape", ())
+    shape: tuple = getattr(A, "shape", ())
     return int(shape[0]) * int(shape[1]) * int(shape[1]) if len(shape) == 3 else 0
 
 

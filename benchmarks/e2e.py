@@ -216,9 +216,9 @@ def markdown(summary: dict, meta: dict) -> str:
         ]
         train = bd["train"] + bd["data"]
 
-        def row(name, sec, calls):
+        def row(name, sec, calls):  # called within this iteration only
             per = f"{1000 * sec / calls:.1f}" if calls else "-"
-            lines.append(f"| {name} | {sec:.2f} | {100 * sec / train:.1f} | {calls:.1f} | {per} |")
+            lines.append(f"| {name} | {sec:.2f} | {100 * sec / train:.1f} | {calls:.1f} | {per} |")  # noqa: B023
 
         row("selection: forward over the random subsets", bd["select_forward"], cnt["selections"])
         row("selection: features + facility location", bd["select_solve"], cnt["selections"])

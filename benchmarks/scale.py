@@ -181,7 +181,7 @@ def main(argv=None) -> None:
                               wall=time.perf_counter() - t0, distinct=int(np.unique(idx).size))
                 print(n, k, m, res[m], flush=True)
             ref = next((r for r in ("mf-lazy", "mf-stochastic", "sparse-16") if res.get(r, {}).get("status") == "ok"), None)
-            for m, r in res.items():
+            for r in res.values():
                 if r.get("status") == "ok" and ref is not None:
                     r["cost_ratio"] = res[ref]["cost"] / r["cost"]
                     if M is not None:

@@ -624,7 +624,7 @@ def suite_s1(sizes, repeats, timeout, apricot_repeats=0):
     subsets = draw_subsets(labels, np.arange(F.shape[0], dtype=np.int64), prm["r"], prm["P"],
                            np.random.default_rng(prm["seed"]))
     ref_sha = _sha(subsets)
-    for meth, row in rows.items():
+    for _meth, row in rows.items():
         if "error" in row:
             continue
         row["same_subsets"] = row["subsets_sha"] == ref_sha

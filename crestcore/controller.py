@@ -292,7 +292,7 @@ class CrestConfig:
             field_bool(o, name, getattr(self, name))
 
     @classmethod
-    def paper(cls, **overrides) -> "CrestConfig":
+    def paper(cls, **overrides) -> CrestConfig:
         """Algorithm 1 as the paper states it, with its hyperparameters (P = 5, T1 = 1, tau = 0.1, h = 1,
         b = 5, cluster-size weights, the trust check, no overhead cap) and none of the release's bugs.
 
@@ -309,7 +309,7 @@ class CrestConfig:
         return cls(**base)
 
     @classmethod
-    def release(cls, **overrides) -> "CrestConfig":
+    def release(cls, **overrides) -> CrestConfig:
         """The design choices of the authors' release (docs/algorithm.md lists them), never its bugs.
 
         Examples

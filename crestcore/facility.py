@@ -171,7 +171,9 @@ def _problems_from_labels(labels_host: np.ndarray | None, n: int):
 def _pack(sizes: np.ndarray, itemsize: int, max_dense_bytes: int, per_point_extra: int):
     """Group problems (sorted by size) into batches whose padded dense similarities fit the limit."""
     order = np.argsort(-sizes, kind="stable")
-    groups, cur, cur_n = [], [], 0
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    cur_n = 0
     for p in order:
         n_p = int(sizes[p])
         n_max = max(cur_n, n_p)
@@ -313,7 +315,7 @@ def facility_location(
         plan_text = (f"{'auto' if auto else 'neighbors'}: " + ", ".join(
             f"{kinds.count(c)} {c}" for c in ("dense", "matrix-free", "sparse") if c in kinds)
             + f" problem(s); largest (n={int(sizes[largest])}, d={X.shape[1]}, k={int(budgets[largest])}): "
-            + (plans[largest].reason if auto else f"neighbors={min(k_nb, int(sizes[largest]) - 1)}"))
+            + (plans[largest].reason if auto else f"neighbors={min(int(k_nb or 0), int(sizes[largest]) - 1)}"))
     else:
         sparse_p = []
         big = [p for p in range(n_prob) if not precomputed and sizes[p] * sizes[p] * itemsize > max_dense_bytes]
@@ -350,7 +352,7 @@ def facility_location(
             nbr = np.where(g >= 0, loc[np.maximum(g, 0)], -1)
             graph_methods.add("given")
         else:
-            K_p = min(plans[p].neighbors if auto else neighbors, n_p - 1)
+            K_p = min(int((plans[p].neighbors if auto else neighbors) or 0), n_p - 1)
             if K_p >= 1:
                 nbr, how = knn_graph(xp, Xp, K_p, metric, force_reference=force_ref)
                 graph_methods.add(how)
@@ -359,6 +361,7 @@ def facility_location(
         u = None
         if u_all is not None:
             u = xp.astype(from_numpy(u_all[p, : budgets[p]], xp, dev), X.dtype)
+        assert kernel is not None  # the sparse path refuses metric="precomputed", so the kernel is set
         li, g_, w_, obj_ = solve_sparse(xp, Xp, nbr, int(budgets[p]), metric=metric, kernel=kernel, scale=sc,
                                         optimizer=optimizer, u=u, force_reference=force_ref)
         out_idx[p] = xp.take(pidx, li, axis=0)

@@ -78,7 +78,9 @@ def _draw_blocked(labels_host: np.ndarray | None, pool: np.ndarray, r: int, P: i
     draws = np.minimum(np.floor(rng.random((P, r)) * high).astype(np.int64), high - 1)
     kern = get_host_kernel("draw_stratified") if native else None  # both give the same subsets
     if kern is None:
-        from ._reference_kernels import draw_stratified as kern
+        from ._reference_kernels import draw_stratified
+
+        kern = draw_stratified
     return kern(pool, cls, r_c, draws), r_c
 
 
@@ -214,6 +216,7 @@ def minibatch_coresets(
     blocked = None
     if subsets is None:
         # (P, r) host, class blocks; backend="reference" draws with the NumPy reference (same subsets)
+        assert gen is not None  # made whenever subsets are drawn
         blocked, r_c = _draw_blocked(labels_host, pool_h, r, P, gen, native=backend != "reference")
         subsets = np.sort(blocked, axis=1)
     else:
@@ -286,7 +289,7 @@ def minibatch_coresets(
     native = backend != "reference" and get_kernel("similarity_batched", namespace_name(xp), features) is not None
     _guard_memory(int(xp.finfo(features.dtype).bits) // 8, pad.shape[0], pad.shape[1], d, P,
                   per_class and labels_host is not None, max_dense_bytes, "native" if native else "reference")
-    u = stochastic_draws(gen, sizes, budgets, eps) if optimizer == "stochastic" else None
+    u = stochastic_draws(gen, sizes, budgets, eps) if optimizer == "stochastic" and gen is not None else None
     flat = from_numpy(pad.reshape(-1), xp, dev)
     Xb = xp.reshape(xp.take(features, flat, axis=0), (pad.shape[0], pad.shape[1], d))
     valid = from_numpy(valid_h, xp, dev)

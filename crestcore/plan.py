@@ -1,9 +1,10 @@
 """The training-step plan of a budgeted run, framework-free: written once, used by every loader.
 
 :class:`BudgetedPasses` holds the pass accounting every loader shares (epochs, ``len``, ``set_epoch``,
-the ``"passes"`` budget and the budget report). A run over ``n`` examples in mini-batches of ``m`` has ``full_steps(n, m) = ceil(n / m)`` steps per
-full-data epoch; a budget (a positive fraction of those) gives ``budget_steps(budget, full)`` steps per budgeted
-epoch, rounded half up and never fewer than one.
+the ``"passes"`` budget and the budget report). A run over ``n`` examples in mini-batches of ``m`` has
+``full_steps(n, m) = ceil(n / m)`` steps per full-data epoch; a budget (a positive fraction of those)
+gives ``budget_steps(budget, full)`` steps per budgeted epoch, rounded half up and never fewer than one.
+:func:`hamilton` splits a budget over classes in proportion to their sizes.
 """
 
 from __future__ import annotations

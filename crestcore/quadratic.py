@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 from ._compat import namespace
 from ._validation import DivergenceError, field_choice, field_real
