@@ -4,7 +4,9 @@
 ``crestcore.backends.torch``  torch tensors, CPU and CUDA, batched, no host sync inside loops
 ``crestcore.backends.cupy``   CuPy arrays on the GPU
 
-Kernels (see ``crestcore._reference_kernels`` for the exact contract every implementation meets):
+The contract (``crestcore.backends.contract``: kernel names and parameters, the similarity transforms,
+the zero-distance snap, the stochastic sampling rule, the capability table) is re-exported here.
+Kernels (see ``crestcore._reference_kernels`` for the exact behaviour every implementation meets):
 ``similarity_batched``, ``greedy_batched``, ``assign_batched``, ``greedy_features``, ``facility_batched``
 (the first three in one call). Host kernels (``HOST_KERNEL_NAMES``: ``draw_stratified``) take host NumPy
 arrays whatever the features' library and exist in the Numba module only: :func:`get_host_kernel`.
@@ -21,18 +23,34 @@ import importlib
 from typing import Any
 from collections.abc import Callable
 
-KERNEL_NAMES = ("similarity_batched", "greedy_batched", "assign_batched", "greedy_features",
-                "facility_batched")
-# the sparse neighbour-graph kernels (crestcore.sparse holds their reference); NumPy only for now
-SPARSE_KERNEL_NAMES = ("sparse_greedy", "sparse_assign")
-_SPARSE_MODULES = {"numpy": "numba_sparse"}
+from .contract import (
+    CAPABILITIES,
+    HOST_KERNEL_NAMES,
+    KERNEL_NAMES,
+    KERNELS,
+    METRICS,
+    SIGNATURES,
+    SPARSE_KERNEL_NAMES,
+    backend_for_namespace,
+    sample_sizes,
+    snap_tolerance,
+)
 
-# namespace name (as crestcore._compat.namespace_name reports it) -> backend module
-_MODULES = {"numpy": "numba", "torch": "torch", "cupy": "cupy"}
+# namespace name (as crestcore._compat.namespace_name reports it) -> backend module, from the contract's
+# capability table
+_MODULES = {c.namespace: c.module for c in CAPABILITIES.values() if KERNEL_NAMES[0] in c.kernels}
+_SPARSE_MODULES = {c.namespace: c.module for c in CAPABILITIES.values() if SPARSE_KERNEL_NAMES[0] in c.kernels}
 _loaded: dict[str, Any] = {}
 _failed: dict[str, str] = {}
 
 __all__ = [
+    "CAPABILITIES",
+    "SIGNATURES",
+    "KERNELS",
+    "METRICS",
+    "backend_for_namespace",
+    "sample_sizes",
+    "snap_tolerance",
     "KERNEL_NAMES",
     "SPARSE_KERNEL_NAMES",
     "HOST_KERNEL_NAMES",
@@ -85,9 +103,6 @@ def get_kernel(name: str, namespace_name: str, *arrays: Any) -> Callable | None:
     if m is None or not m.usable_for(name, *arrays):
         return None
     return getattr(m, name)
-
-
-HOST_KERNEL_NAMES = ("draw_stratified",)
 
 
 def get_host_kernel(name: str) -> Callable | None:

@@ -30,17 +30,12 @@ import math
 
 import cupy as cp
 
+from .contract import KERNEL_NAMES, KERNELS, METRICS, OPTIMIZERS, snap_tolerance
+
 __all__ = ["usable_for", "similarity_batched", "greedy_batched", "assign_batched", "greedy_features",
            "facility_batched"]
 
-_KERNELS = ("similarity_batched", "greedy_batched", "assign_batched", "greedy_features",
-            "facility_batched")
-_METRICS = ("euclidean", "sqeuclidean", "cosine")
-_KERNEL_KINDS = ("max-minus", "exp")
-_OPTIMIZERS = ("naive", "lazy", "stochastic")
 
-# crestcore.similarity.pairwise_distances snaps distances within this many ulps of 0 to exactly 0.
-_SNAP_ULPS = 8.0
 
 # Upper bound on the elements of one work buffer (gain chunks, similarity tiles).
 _MAX_TEMP_ELEMENTS = 1 << 25
@@ -71,7 +66,7 @@ def _device_key(a):
 def usable_for(name: str, *arrays) -> bool:
     """True when every non-None argument is a CuPy array on one device, floating ones float32/float64
     (float16 goes to the reference), the others bool or integer."""
-    if name not in _KERNELS:
+    if name not in KERNEL_NAMES:
         return False
     present = [a for a in arrays if a is not None]
     if not present:
@@ -118,7 +113,7 @@ def _distances(A, Bm, sqa, sqb, metric):
     """Distances between rows of A (..., p, d) and Bm (..., q, d), a fresh array, with the formula and
     rounding of :func:`crestcore.similarity.pairwise_distances` (cosine: A and Bm already normalized),
     including its snap of values within ``8 eps`` (relative to ``|a|^2 + |b|^2``) of 0 to exactly 0."""
-    tol = _SNAP_ULPS * float(cp.finfo(A.dtype).eps)
+    tol = snap_tolerance(cp.finfo(A.dtype).eps)  # the contract's zero-distance snap
     G = cp.matmul(A, cp.swapaxes(Bm, -1, -2))
     if metric == "cosine":
         cp.negative(G, out=G)
@@ -152,8 +147,8 @@ def _distances(A, Bm, sqa, sqb, metric):
 
 def similarity_batched(X, valid, metric: str, kernel: str, scale: float):
     """Dense similarities (B, n, n) of B padded problems; see the reference for the contract."""
-    _check(metric, "metric", _METRICS)
-    _check(kernel, "kernel", _KERNEL_KINDS)
+    _check(metric, "metric", METRICS)
+    _check(kernel, "kernel", KERNELS)
     B, n = X.shape[0], X.shape[1]
     valid = valid.astype(cp.bool_, copy=False)
     Xn = _normalized(X) if metric == "cosine" else X
@@ -223,7 +218,7 @@ def greedy_batched(S, valid, budgets, optimizer, u=None):
 
     ``K = max(budgets)`` is read once before the loop; the loop never syncs with the host.
     """
-    _check(optimizer, "optimizer", _OPTIMIZERS)
+    _check(optimizer, "optimizer", OPTIMIZERS)
     if optimizer == "stochastic" and u is None:
         raise ValueError("optimizer='stochastic' needs the uniform draws u (B, K, s)")
     B = S.shape[0]
@@ -375,9 +370,9 @@ def greedy_features(X, k, metric, kernel, scale, optimizer, u=None, tile=2048):
 
     Returns (indices (k,) int64, gains (k,), weights (k,), objective 0-d), in X's dtype.
     """
-    _check(metric, "metric", _METRICS)
-    _check(kernel, "kernel", _KERNEL_KINDS)
-    _check(optimizer, "optimizer", _OPTIMIZERS)
+    _check(metric, "metric", METRICS)
+    _check(kernel, "kernel", KERNELS)
+    _check(optimizer, "optimizer", OPTIMIZERS)
     if optimizer == "stochastic" and u is None:
         raise ValueError("optimizer='stochastic' needs the uniform draws u (k, s)")
     n = X.shape[0]

@@ -27,11 +27,12 @@ import math
 
 import numpy as np
 
+from .contract import METRICS
+
 __all__ = ["available", "build", "METHODS", "EXACT_MAX_N"]
 
 METHODS = ("auto", "exact", "ivf")
 EXACT_MAX_N = 20_000
-_METRICS = ("euclidean", "sqeuclidean", "cosine")
 
 
 def available() -> bool:
@@ -56,8 +57,8 @@ def build(X, K: int, metric: str = "euclidean", *, method: str = "auto", seed: i
 
     if not isinstance(X, np.ndarray) or X.ndim != 2:
         raise TypeError(f"X must be a 2-D NumPy array, got {type(X).__name__}")
-    if metric not in _METRICS:
-        raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     n, d = X.shape

@@ -53,14 +53,15 @@ import functools
 from numba import get_num_threads, njit, prange, set_num_threads
 from numba import get_num_threads as _active_threads
 
+from .contract import KERNEL_NAMES, KERNELS, METRICS, OPTIMIZERS
+
 __all__ = ["usable_for", "similarity_batched", "greedy_batched", "assign_batched", "greedy_features",
            "facility_batched", "draw_stratified"]
 
-_KERNEL_NAMES = ("similarity_batched", "greedy_batched", "assign_batched", "greedy_features",
-                 "facility_batched")
-_METRICS = {"euclidean": 0, "sqeuclidean": 1, "cosine": 2}
-_KERNELS = {"max-minus": 0, "exp": 1}
-_OPTIMIZERS = {"naive": 0, "lazy": 1, "stochastic": 2}
+# the options as the compiled code's integer codes, in the contract's order
+_METRIC_CODE = {m: i for i, m in enumerate(METRICS)}  # euclidean 0, sqeuclidean 1, cosine 2
+_KERNEL_CODE = {k: i for i, k in enumerate(KERNELS)}  # max-minus 0, exp 1
+_OPTIMIZER_CODE = {o: i for i, o in enumerate(OPTIMIZERS)}  # naive 0, lazy 1, stochastic 2
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 # Dense problems at least this large, when there are few of them, are solved one after the other with
@@ -80,7 +81,7 @@ def available_bytes(x) -> int | None:
 
 def usable_for(name: str, *arrays) -> bool:
     """True when these kernels accept the arrays: NumPy arrays (or None), floats float32/float64."""
-    if name not in _KERNEL_NAMES:
+    if name not in KERNEL_NAMES:
         return False
     if name in ("similarity_batched", "facility_batched") and arrays and getattr(arrays[0], "ndim", 0) == 3:
         # Direct-difference loops cost O(n^2 d) scalar work; past a few dozen features the generic
@@ -308,8 +309,8 @@ def _threads_for(work: int):
 
 def _similarity_batched_impl(X, valid, metric, kernel, scale):
     """Dense similarities (B, n, n) of B padded problems, X's dtype; 0 on padded rows and columns."""
-    m = _code(_METRICS, metric, "metric")
-    kk = _code(_KERNELS, kernel, "kernel")
+    m = _code(_METRIC_CODE, metric, "metric")
+    kk = _code(_KERNEL_CODE, kernel, "kernel")
     X = np.asarray(X)
     if X.ndim != 3:
         raise ValueError(f"X must be 3-D (B, n, d), got shape {X.shape}")
@@ -689,7 +690,7 @@ def _greedy_batched_impl(S, valid, budgets, optimizer, u=None):
     are made among the valid candidates, ``budgets[b]`` in problem b (fewer only if the valid
     candidates run out), padded with -1 / 0. ``u`` (B, >= K, s): the stochastic optimizer's draws.
     """
-    opt = _code(_OPTIMIZERS, optimizer, "optimizer")
+    opt = _code(_OPTIMIZER_CODE, optimizer, "optimizer")
     S = _arr(S)
     if S.ndim != 3 or S.shape[1] != S.shape[2]:
         raise ValueError(f"S must be (B, n, n), got shape {S.shape}")
@@ -928,9 +929,9 @@ def greedy_features(X, k, metric, kernel, scale, optimizer, u=None, tile=2048):
     Returns indices (k,) int64, gains (k,), weights (k,) and a 0-d objective, floats in X's dtype.
     ``tile`` is accepted for signature compatibility; memory here is O(n) per thread anyway.
     """
-    m = _code(_METRICS, metric, "metric")
-    kk = _code(_KERNELS, kernel, "kernel")
-    opt = _code(_OPTIMIZERS, optimizer, "optimizer")
+    m = _code(_METRIC_CODE, metric, "metric")
+    kk = _code(_KERNEL_CODE, kernel, "kernel")
+    opt = _code(_OPTIMIZER_CODE, optimizer, "optimizer")
     X = np.asarray(X)
     if X.ndim != 2:
         raise ValueError(f"X must be 2-D (n, d), got shape {X.shape}")
@@ -1273,9 +1274,9 @@ def facility_batched(X, valid, budgets, metric, kernel, scale, optimizer, u=None
     nothing). Serial for small batches; above ``_FUSED_PARALLEL_MIN_WORK`` the problems are split over
     the threads (whole problems per thread, so results do not depend on the thread count).
     """
-    m = _code(_METRICS, metric, "metric")
-    kk = _code(_KERNELS, kernel, "kernel")
-    opt = _code(_OPTIMIZERS, optimizer, "optimizer")
+    m = _code(_METRIC_CODE, metric, "metric")
+    kk = _code(_KERNEL_CODE, kernel, "kernel")
+    opt = _code(_OPTIMIZER_CODE, optimizer, "optimizer")
     X = np.asarray(X)
     if X.ndim != 3:
         raise ValueError(f"X must be 3-D (B, n, d), got shape {X.shape}")

@@ -19,18 +19,18 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .contract import OPTIMIZERS, SPARSE_KERNEL_NAMES
 from .numba import _better, _heap_pop, _heapify, _runner_up, _sample_position, _sift_down
 
 __all__ = ["usable_for", "sparse_greedy", "sparse_assign"]
 
-_KERNEL_NAMES = ("sparse_greedy", "sparse_assign")
-_OPTIMIZERS = {"naive": 0, "lazy": 1, "stochastic": 2}
+_OPTIMIZER_CODE = {o: i for i, o in enumerate(OPTIMIZERS)}  # naive 0, lazy 1, stochastic 2
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def usable_for(name: str, *arrays) -> bool:
     """NumPy arrays with float32/float64 similarities."""
-    if name not in _KERNEL_NAMES:
+    if name not in SPARSE_KERNEL_NAMES:
         return False
     return bool(arrays) and all(type(a) is np.ndarray for a in arrays) and arrays[0].dtype in _FLOATS
 
@@ -172,9 +172,9 @@ def sparse_greedy(nbr, sims, order, indptr, budget, optimizer, u=None):
     """Greedy on the sparse similarity: indices (budget,) int64 (-1 after the candidates run out) and
     gains (budget,) in sims' dtype."""
     try:
-        opt = _OPTIMIZERS[optimizer]
+        opt = _OPTIMIZER_CODE[optimizer]
     except KeyError:
-        raise ValueError(f"optimizer must be one of {tuple(_OPTIMIZERS)}, got {optimizer!r}") from None
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}") from None
     nbr = np.asarray(nbr)
     n, K1 = nbr.shape
     order = np.ascontiguousarray(order, dtype=np.int64)

@@ -49,19 +49,14 @@ import math
 
 import torch
 
+from .contract import KERNEL_NAMES, KERNELS, METRICS, OPTIMIZERS, snap_tolerance
+
 __all__ = ["usable_for", "similarity_batched", "greedy_batched", "assign_batched", "greedy_features",
            "facility_batched"]
 
-_KERNELS = ("similarity_batched", "greedy_batched", "assign_batched", "greedy_features",
-            "facility_batched")
 _FLOATS = (torch.float32, torch.float64)
 _DEVICE_TYPES = ("cpu", "cuda")
-_METRICS = ("euclidean", "sqeuclidean", "cosine")
-_KERNEL_KINDS = ("max-minus", "exp")
-_OPTIMIZERS = ("naive", "lazy", "stochastic")
 
-# crestcore.similarity.pairwise_distances snaps distances within this many ulps of 0 to exactly 0.
-_SNAP_ULPS = 8.0
 
 # Upper bound on the elements of one work buffer (gain chunks, similarity tiles): 2**25 elements is
 # 128 MiB in float32 / 256 MiB in float64.
@@ -90,7 +85,7 @@ def usable_for(name: str, *arrays) -> bool:
     float32 or float64 (float16/bfloat16 go to the reference), the others bool or integer.
     ``similarity_batched`` is declined for inputs that require grad (the reference keeps the graph).
     """
-    if name not in _KERNELS:
+    if name not in KERNEL_NAMES:
         return False
     present = [a for a in arrays if a is not None]
     if not present:
@@ -153,7 +148,7 @@ def _distances_inplace(A, Bm, sqa, sqb, metric):
     and rounding of :func:`crestcore.similarity.pairwise_distances` (``sqa``/``sqb``: squared norms;
     for cosine ``A``/``Bm`` already normalized and the norms unused): values within ``8 eps`` (relative
     to ``|a|^2 + |b|^2``) of 0 are snapped to exactly 0, so identical points are at distance 0."""
-    tol = _SNAP_ULPS * torch.finfo(A.dtype).eps
+    tol = snap_tolerance(torch.finfo(A.dtype).eps)  # the contract's zero-distance snap
     G = torch.matmul(A, Bm.transpose(-1, -2))
     if metric == "cosine":
         # clip(1 - cos, 0, 2), then D <= tol -> 0, in place on the matmul output
@@ -183,8 +178,8 @@ def _distances_inplace(A, Bm, sqa, sqb, metric):
 
 def similarity_batched(X, valid, metric: str, kernel: str, scale: float):
     """Dense similarities (B, n, n) of B padded problems; see the reference for the contract."""
-    _check(metric, "metric", _METRICS)
-    _check(kernel, "kernel", _KERNEL_KINDS)
+    _check(metric, "metric", METRICS)
+    _check(kernel, "kernel", KERNELS)
     valid = valid.to(dtype=torch.bool)
     Xn = _normalized(X) if metric == "cosine" else X
     sq = None if metric == "cosine" else _sqnorms(X)
@@ -247,7 +242,7 @@ def greedy_batched(S, valid, budgets, optimizer, u=None):
     ``K = max(budgets)`` is read once before the loop; the loop itself never syncs with the host.
     ``"lazy"`` runs the same exact dense computation as ``"naive"`` (see the module docstring).
     """
-    _check(optimizer, "optimizer", _OPTIMIZERS)
+    _check(optimizer, "optimizer", OPTIMIZERS)
     if optimizer == "stochastic" and u is None:
         raise ValueError("optimizer='stochastic' needs the uniform draws u (B, K, s)")
     B = S.shape[0]
@@ -408,9 +403,9 @@ def greedy_features(X, k, metric, kernel, scale, optimizer, u=None, tile=2048):
 
     Returns (indices (k,) int64, gains (k,), weights (k,), objective 0-d), on X's device and dtype.
     """
-    _check(metric, "metric", _METRICS)
-    _check(kernel, "kernel", _KERNEL_KINDS)
-    _check(optimizer, "optimizer", _OPTIMIZERS)
+    _check(metric, "metric", METRICS)
+    _check(kernel, "kernel", KERNELS)
+    _check(optimizer, "optimizer", OPTIMIZERS)
     if optimizer == "stochastic" and u is None:
         raise ValueError("optimizer='stochastic' needs the uniform draws u (k, s)")
     X = X.detach()

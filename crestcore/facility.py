@@ -10,7 +10,6 @@ else from the generic array-API reference (:mod:`crestcore._reference_kernels`).
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +26,7 @@ from ._validation import (
     labels_to_host,
     make_rng,
 )
+from .backends import sample_sizes
 from .similarity import KERNELS, METRICS, kernel_scale, prepare, restore
 
 _log = logging.getLogger("crestcore")
@@ -113,8 +113,7 @@ def stochastic_draws(rng: np.random.Generator, sizes, budgets, epsilon: float) -
     budgets = np.asarray(budgets, dtype=np.int64)
     B = sizes.size
     K = int(budgets.max()) if B else 0
-    s_b = np.ceil(sizes / np.maximum(budgets, 1) * math.log(1.0 / epsilon)).astype(np.int64)
-    s_b = np.clip(s_b, 1, np.maximum(sizes, 1))
+    s_b = sample_sizes(sizes, budgets, epsilon)  # the contract's rule
     s = int(s_b.max()) if B else 1
     u = rng.random((B, K, s))
     spare = np.arange(s)[None, None, :] >= s_b[:, None, None]

@@ -27,9 +27,7 @@ import math
 import warnings
 
 from ._compat import namespace
-
-METRICS = ("euclidean", "sqeuclidean", "cosine")
-KERNELS = ("max-minus", "exp")
+from .backends import KERNELS, METRICS, snap_tolerance  # the kernel contract (crestcore.backends.contract)
 
 __all__ = [
     "METRICS",
@@ -251,7 +249,7 @@ def pairwise_distances(X, Y=None, *, metric: str = "euclidean"):
 def _distances(xp, X, Y, metric: str, same: bool):
     # The Gram-matrix forms below lose up to a few ulps of (|x|^2 + |y|^2) to cancellation; values
     # within that rounding error of 0 are set to exactly 0, so identical points are at distance 0.
-    tol = 8.0 * float(xp.finfo(X.dtype).eps)
+    tol = snap_tolerance(xp.finfo(X.dtype).eps)  # the kernel contract's zero-distance snap
     if metric == "cosine":
         nx = xp.sqrt(_sqnorms(xp, X))
         ny = xp.sqrt(_sqnorms(xp, Y))

@@ -222,13 +222,14 @@ def check_features(kmod, asarray, xp_module, seed, n, d, k, tile, dtype, metric,
 
 @pytest.fixture(scope="module")
 def standin():
-    """backends/cupy.py executed with NumPy bound to ``cupy`` (private module name, nothing registered)."""
+    """backends/cupy.py executed with NumPy bound to ``cupy`` (a private module name inside the package, so its
+    relative imports resolve; nothing registered in sys.modules)."""
     origin = importlib.util.find_spec("crestcore.backends").origin
     path = Path(origin).with_name("cupy.py")
     saved = sys.modules.get("cupy")
     sys.modules["cupy"] = np
     try:
-        spec = importlib.util.spec_from_file_location("_crestcore_cupy_kernels_on_numpy", path)
+        spec = importlib.util.spec_from_file_location("crestcore.backends._cupy_on_numpy", path)  # in the package: relative imports
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
     finally:

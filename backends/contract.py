@@ -1,0 +1,138 @@
+"""The kernel contract: what every backend module implements and what the core's reference encodes.
+
+One module that the dispatch (``crestcore.backends``), every backend module and the tests read:
+
+* the kernel names and their parameters (:data:`SIGNATURES`): every backend module that offers a kernel
+  offers it under this name with exactly these parameters (``tests/backends/test_contract.py``);
+* the distances and similarity transforms (:data:`METRICS`, :data:`KERNELS`): ``"max-minus"`` is
+  ``s_ij = M - D_ij`` with ``M`` the largest distance of the problem (so ``s >= 0`` and ``s_ii = M``),
+  ``"exp"`` is ``s_ij = exp(-D_ij / scale)``;
+* the zero-distance snap (:data:`SNAP_ULPS`, :func:`snap_tolerance`): a distance computed through
+  ``|a|^2 + |b|^2 - 2 a.b`` within ``SNAP_ULPS * eps * (|a|^2 + |b|^2)`` of 0 is exactly 0, so identical
+  points are at distance 0 on every backend;
+* stochastic greedy's sampling rule (:func:`sample_size`): each step looks at
+  ``ceil(n / k * ln(1 / epsilon))`` random remaining candidates (at least one, at most n);
+* the capability table (:data:`CAPABILITIES`): per backend, the array library it serves, the floating
+  dtypes it computes in, the devices and the kernels it offers. The dispatch maps namespaces to modules
+  from it, the docs print it and the tests check every module against it.
+
+Pure Python and NumPy: importing it imports no optional dependency.
+
+Examples
+--------
+>>> SIGNATURES["greedy_batched"]
+('S', 'valid', 'budgets', 'optimizer', 'u')
+>>> sample_size(1000, 10, 0.1)
+231
+>>> CAPABILITIES["torch"].devices
+('cpu', 'cuda')
+>>> backend_for_namespace("numpy")
+'numba'
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "KERNEL_NAMES", "SPARSE_KERNEL_NAMES", "HOST_KERNEL_NAMES", "SIGNATURES", "METRICS", "KERNELS",
+    "OPTIMIZERS", "SNAP_ULPS", "snap_tolerance", "sample_sizes", "sample_size", "Capability", "CAPABILITIES",
+    "backend_for_namespace",
+]
+
+# dense kernels: every backend module offers these
+KERNEL_NAMES = ("similarity_batched", "greedy_batched", "assign_batched", "greedy_features", "facility_batched")
+# the sparse neighbour-graph kernels (crestcore.sparse holds their reference); NumPy only for now
+SPARSE_KERNEL_NAMES = ("sparse_greedy", "sparse_assign")
+# host kernels: host NumPy arrays whatever library the features are in (Numba only; NumPy reference)
+HOST_KERNEL_NAMES = ("draw_stratified",)
+
+# parameter names, in order, of every kernel (the reference in crestcore/_reference_kernels.py and
+# crestcore/sparse.py defines the behaviour)
+SIGNATURES: dict[str, tuple[str, ...]] = {
+    "similarity_batched": ("X", "valid", "metric", "kernel", "scale"),
+    "greedy_batched": ("S", "valid", "budgets", "optimizer", "u"),
+    "assign_batched": ("S", "valid", "indices"),
+    "greedy_features": ("X", "k", "metric", "kernel", "scale", "optimizer", "u", "tile"),
+    "facility_batched": ("X", "valid", "budgets", "metric", "kernel", "scale", "optimizer", "u"),
+    "sparse_greedy": ("nbr", "sims", "order", "indptr", "budget", "optimizer", "u"),
+    "sparse_assign": ("nbr", "sims", "picks"),
+    "draw_stratified": ("pool", "cls", "r_c", "draws"),
+}
+
+METRICS = ("euclidean", "sqeuclidean", "cosine")
+KERNELS = ("max-minus", "exp")
+OPTIMIZERS = ("naive", "lazy", "stochastic")
+
+SNAP_ULPS = 8.0
+
+
+def snap_tolerance(eps: float) -> float:
+    """The relative tolerance under which a distance is snapped to exactly 0, for a dtype with machine
+    epsilon ``eps`` (relative to ``|a|^2 + |b|^2``).
+
+    >>> snap_tolerance(2.0 ** -52) == 8 * 2.0 ** -52
+    True
+    """
+    return SNAP_ULPS * float(eps)
+
+
+def sample_sizes(sizes, budgets, epsilon: float) -> np.ndarray:
+    """Candidates stochastic greedy looks at per step, per problem: ``ceil(n / k * ln(1 / epsilon))``
+    clipped to ``[1, max(n, 1)]`` (Mirzasoleiman et al. 2015, "Lazier than lazy greedy"); int64.
+
+    >>> sample_sizes([5000, 10], [500, 20], 0.1).tolist()
+    [24, 2]
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    budgets = np.asarray(budgets, dtype=np.int64)
+    s = np.ceil(sizes / np.maximum(budgets, 1) * math.log(1.0 / float(epsilon))).astype(np.int64)
+    return np.clip(s, 1, np.maximum(sizes, 1))
+
+
+def sample_size(n: int, k: int, epsilon: float) -> int:
+    """:func:`sample_sizes` for one problem.
+
+    >>> sample_size(5000, 500, 0.1)
+    24
+    """
+    return int(sample_sizes([n], [k], epsilon)[0])
+
+
+@dataclass(frozen=True)
+class Capability:
+    """What one backend module accepts. ``namespace``: the array library it serves (as
+    ``crestcore._compat.namespace_name`` reports it); ``module``: its module in ``crestcore.backends``;
+    ``dtypes``: the floating dtypes it computes in (others go to the reference); ``devices``; ``kernels``."""
+
+    namespace: str
+    module: str
+    dtypes: tuple[str, ...]
+    devices: tuple[str, ...]
+    kernels: tuple[str, ...]
+    notes: str = ""
+
+
+CAPABILITIES: dict[str, Capability] = {
+    "numba": Capability(
+        "numpy", "numba", ("float32", "float64"), ("cpu",), KERNEL_NAMES + HOST_KERNEL_NAMES,
+        "direct-difference distances up to 64 features (more: the reference's BLAS product is faster)"),
+    "numba_sparse": Capability("numpy", "numba_sparse", ("float32", "float64"), ("cpu",), SPARSE_KERNEL_NAMES),
+    "torch": Capability(
+        "torch", "torch", ("float32", "float64"), ("cpu", "cuda"), KERNEL_NAMES,
+        "float16/bfloat16 and inputs that require grad go to the reference"),
+    "cupy": Capability("cupy", "cupy", ("float32", "float64"), ("cuda",), KERNEL_NAMES,
+                       "float16 goes to the reference"),
+}
+
+
+def backend_for_namespace(namespace_name: str, sparse: bool = False) -> str | None:
+    """The backend module serving an array namespace (its dense or its sparse kernels), or None."""
+    want = SPARSE_KERNEL_NAMES[0] if sparse else KERNEL_NAMES[0]
+    for cap in CAPABILITIES.values():
+        if cap.namespace == namespace_name and want in cap.kernels:
+            return cap.module
+    return None

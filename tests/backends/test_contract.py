@@ -1,0 +1,119 @@
+"""crestcore.backends.contract: every backend module and the reference implement the contract's kernels
+with its parameters, export what the capability table says, and the dispatch follows the table.
+
+The signature checks read the modules' source with ``ast``, so the CuPy module is checked on machines
+without CuPy too."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import crestcore
+from crestcore import backends
+from crestcore.backends import contract
+
+BACKENDS_DIR = Path(importlib.util.find_spec("crestcore.backends").origin).parent
+
+
+def _functions(path: Path) -> dict[str, tuple[str, ...]]:
+    """Top-level functions of a module and their parameter names (positional and keyword)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            a = node.args
+            out[node.name] = tuple(p.arg for p in a.posonlyargs + a.args + a.kwonlyargs)
+    return out
+
+
+def _all(path: Path) -> tuple[str, ...]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            return tuple(ast.literal_eval(node.value))
+    raise AssertionError(f"{path} has no __all__")
+
+
+@pytest.mark.parametrize("backend", sorted(contract.CAPABILITIES))
+def test_each_backend_module_implements_its_kernels_with_the_contracts_parameters(backend):
+    cap = contract.CAPABILITIES[backend]
+    path = BACKENDS_DIR / f"{cap.module}.py"
+    funcs = _functions(path)
+    for name in cap.kernels:
+        assert name in funcs, f"{path.name} lacks the kernel {name}"
+        assert funcs[name] == contract.SIGNATURES[name], (path.name, name, funcs[name])
+    assert "usable_for" in funcs, f"{path.name} has no usable_for"
+    assert set(_all(path)) == {"usable_for", *cap.kernels}, (path.name, _all(path))
+
+
+def test_the_reference_implements_every_kernel_with_the_contracts_parameters():
+    import inspect
+
+    from crestcore import _reference_kernels, sparse
+
+    for name, params in contract.SIGNATURES.items():
+        fn = getattr(_reference_kernels, name, None) or getattr(sparse, name)
+        assert tuple(inspect.signature(fn).parameters) == params, (name, inspect.signature(fn))
+
+
+def test_every_kernel_of_the_contract_has_a_signature_and_a_backend():
+    names = contract.KERNEL_NAMES + contract.SPARSE_KERNEL_NAMES + contract.HOST_KERNEL_NAMES
+    assert set(contract.SIGNATURES) == set(names)
+    offered = {k for cap in contract.CAPABILITIES.values() for k in cap.kernels}
+    assert offered == set(names)
+
+
+def test_the_dispatch_follows_the_capability_table():
+    for cap in contract.CAPABILITIES.values():
+        sparse = cap.kernels[0] in contract.SPARSE_KERNEL_NAMES
+        assert contract.backend_for_namespace(cap.namespace, sparse=sparse) == cap.module
+    assert contract.backend_for_namespace("array_api_strict") is None
+    X = np.random.default_rng(0).normal(size=(2, 5, 3))
+    valid = np.ones((2, 5), dtype=bool)
+    if backends.backend_module("numpy") is not None:  # numba imports here
+        k = backends.get_kernel("similarity_batched", "numpy", X, valid)
+        assert k is not None and k.__module__ == "crestcore.backends.numba"
+        # a dtype outside the table goes to the reference
+        assert backends.get_kernel("similarity_batched", "numpy", X.astype(np.float16), valid) is None
+
+
+def test_torch_accepts_the_tables_dtypes_and_declines_the_others():
+    torch = pytest.importorskip("torch")
+    cap = contract.CAPABILITIES["torch"]
+    valid = torch.ones(1, 4, dtype=torch.bool)
+    for name in ("float16", "bfloat16", "float32", "float64"):
+        X = torch.zeros(1, 4, 2, dtype=getattr(torch, name))
+        got = backends.get_kernel("similarity_batched", "torch", X, valid) is not None
+        assert got == (name in cap.dtypes), name
+
+
+def test_the_core_uses_the_contracts_names_and_constants():
+    from crestcore import similarity
+
+    assert similarity.METRICS == contract.METRICS and similarity.KERNELS == contract.KERNELS
+    x = np.array([[1e8, 1.0]])
+    # identical points are at distance exactly 0 (the snap), whatever the cancellation
+    assert float(crestcore.pairwise_distances(x, x)[0, 0]) == 0.0
+
+
+@given(st.integers(0, 10**6), st.integers(0, 10**4), st.floats(1e-6, 0.999))
+def test_sample_size_is_the_stochastic_greedy_rule(n, k, eps):
+    s = contract.sample_size(n, k, eps)
+    want = math.ceil(n / max(k, 1) * math.log(1 / eps))
+    assert s == min(max(want, 1), max(n, 1))
+
+
+def test_stochastic_draws_use_the_contracts_sample_sizes():
+    from crestcore.facility import stochastic_draws
+
+    sizes, budgets = np.array([100, 40]), np.array([10, 4])
+    u = stochastic_draws(np.random.default_rng(0), sizes, budgets, 0.1)
+    assert u.shape[2] == int(contract.sample_sizes(sizes, budgets, 0.1).max()) == 24
