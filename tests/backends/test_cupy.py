@@ -229,7 +229,8 @@ def standin():
     saved = sys.modules.get("cupy")
     sys.modules["cupy"] = np
     try:
-        spec = importlib.util.spec_from_file_location("crestcore.backends._cupy_on_numpy", path)  # in the package: relative imports
+        # a name inside the package, so the module's relative imports resolve
+        spec = importlib.util.spec_from_file_location("crestcore.backends._cupy_on_numpy", path)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
     finally:
