@@ -80,6 +80,7 @@ from crestcore.controller import (
     crest_next_batch,
     crest_observe,
     crest_state_dict,
+    crest_stats,
 )
 
 __all__ = ["CrestCallback", "CrestDataset", "KerasModelOps", "SUPPORTED_BACKENDS", "labels_from_targets"]
@@ -1228,23 +1229,8 @@ class CrestCallback(keras.callbacks.Callback):
     @property
     def stats(self) -> dict:
         """Plain data: selections (steps), checks (step, rho, L_R, F), drops, T1, P, pool, counters, budget."""
-        s = self._state
-        checks = [{"step": int(t), "rho": float(r), "loss_random": float(lr), "predicted": float(f)}
-                  for t, r, lr, f in s.log["checks"]]
-        return {
-            "step": self._position,
-            "steps_per_epoch": self.steps_per_epoch,
-            "selections": [int(t) for t in s.log["selections"]],
-            "checks": checks,
-            "rho": [c["rho"] for c in checks],
-            "drops": [(int(t), int(k)) for t, k in s.log["drops"]],
-            "T1": int(s.T1),
-            "P": int(s.P),
-            "pool": int(s.drop.active.sum()),
-            "counters": {k: int(v) for k, v in s.counters.items()},
-            "budget": self._budget_report(),
-            "timings": dict(self.timings),
-        }
+        return {"step": self._position, "steps_per_epoch": self.steps_per_epoch, **crest_stats(self._state),
+                "budget": self._budget_report(), "timings": dict(self.timings)}
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _fingerprint(self) -> dict:

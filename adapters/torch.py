@@ -52,6 +52,7 @@ from crestcore.controller import (
     crest_next_batch,
     crest_observe,
     crest_state_dict,
+    crest_stats,
 )
 
 __all__ = ["TorchModelOps", "CrestLoader", "dataset_labels"]
@@ -1166,26 +1167,9 @@ class CrestLoader(BudgetedPasses):
     @property
     def stats(self) -> dict:
         """Plain data: counters, selection steps, trust checks (step, rho, L_R, F), drops, schedule, budget."""
-        s = self._state
-        checks = [
-            {"step": int(t), "rho": float(r), "loss_random": float(lr), "predicted": float(f)}
-            for t, r, lr, f in s.log["checks"]
-        ]
-        return {
-            "step": self._position,
-            "epoch": self.epoch,
-            "total_steps": self.total_steps,
-            "steps_per_epoch": self.steps_per_epoch,
-            "selections": [int(t) for t in s.log["selections"]],
-            "checks": checks,
-            "rho": [c["rho"] for c in checks],
-            "drops": [(int(t), int(k)) for t, k in s.log["drops"]],
-            "T1": int(s.T1),
-            "P": int(s.P),
-            "pool": int(s.drop.active.sum()),
-            "counters": {k: int(v) for k, v in s.counters.items()},
-            "budget": self._budget_report(),
-        }
+        return {"step": self._position, "epoch": self.epoch, "total_steps": self.total_steps,
+                "steps_per_epoch": self.steps_per_epoch, **crest_stats(self._state),
+                "budget": self._budget_report()}
 
     @property
     def controller_state(self):

@@ -46,6 +46,7 @@ from .controller import (  # noqa: E402
     crest_next_batch,
     crest_observe,
     crest_state_dict,
+    crest_stats,
 )
 
 __all__ += [
@@ -55,5 +56,5 @@ __all__ += [
     "relative_error", "should_reselect", "update_schedule",
     "DropConfig", "DropState", "drop_copy", "drop_init", "drop_record", "drop_update",
     "Batch", "CrestConfig", "CrestState", "ModelOps", "crest_init", "crest_load_state_dict",
-    "crest_next_batch", "crest_observe", "crest_state_dict",
+    "crest_next_batch", "crest_observe", "crest_state_dict", "crest_stats",
 ]

@@ -68,6 +68,7 @@ __all__ = [
     "crest_init",
     "crest_next_batch",
     "crest_observe",
+    "crest_stats",
     "crest_state_dict",
     "crest_load_state_dict",
 ]
@@ -727,6 +728,34 @@ def crest_observe(state: CrestState, indices, losses) -> CrestState:
     array([ nan, 0.02,  nan, 0.7 ])
     """
     return state._replace(drop=drop_record(state.drop, indices, losses, state.step))
+
+
+def crest_stats(state: CrestState) -> dict:
+    """The controller's record as plain data: selection steps, trust checks (step, rho, the loss on the
+    random examples ``loss_random`` and the model's prediction ``predicted``), drops (step, count), the
+    schedule (``T1``, ``P``), the pool size and the counters. The adapters' ``stats`` add their position
+    and budget to it.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> state = crest_init(CrestConfig(m=4), np.arange(40) % 2, seed=0)
+    >>> s = crest_stats(state)
+    >>> s["selections"], s["checks"], s["T1"], s["pool"], s["counters"]["train_steps"]
+    ([], [], 1, 40, 0)
+    """
+    checks = [{"step": int(t), "rho": float(r), "loss_random": float(lr), "predicted": float(f)}
+              for t, r, lr, f in state.log["checks"]]
+    return {
+        "selections": [int(t) for t in state.log["selections"]],
+        "checks": checks,
+        "rho": [c["rho"] for c in checks],
+        "drops": [(int(t), int(k)) for t, k in state.log["drops"]],
+        "T1": int(state.T1),
+        "P": int(state.P),
+        "pool": int(state.drop.active.sum()),
+        "counters": {k: int(v) for k, v in state.counters.items()},
+    }
 
 
 def crest_state_dict(state: CrestState) -> dict:
