@@ -193,6 +193,31 @@ def facility_location(X, k, *, labels=None, client=None, partitions=None, seed=0
     Selection of NumPy arrays in X's dtype: global indices (per class in ascending label), cluster-size
     weights over all n points, gains and objective on the common objective; ``path`` "greedi" and ``plan``
     what won.
+
+    Examples
+    --------
+    Two clusters of three points in two partitions (one cluster each), on an in-process cluster of one
+    worker; the merged solution wins and takes one pick per cluster (the merge sees only the partial
+    solutions, so its picks may differ from the single-machine ones):
+
+    >>> import numpy as np
+    >>> from dask.distributed import Client, LocalCluster
+    >>> X = np.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [10.0, 10.0], [10.0, 11.0], [12.0, 10.0]])
+    >>> cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0")
+    >>> client = Client(cluster)
+    >>> sel = facility_location(X, 2, client=client, partitions=2)
+    >>> one = facility_location(X, 2, client=client, partitions=1)
+    >>> client.close(); cluster.close()
+    >>> sel.indices.tolist(), sel.weights.tolist(), sel.path
+    ([1, 3], [3.0, 3.0], 'greedi')
+    >>> sel.plan
+    'greedi: 2 partitions; winner: merged'
+
+    With one partition it is the single-machine :func:`crestcore.facility_location`:
+
+    >>> import crestcore
+    >>> one.indices.tolist() == crestcore.facility_location(X, 2).indices.tolist()
+    True
     """
     import dask.array as da
 

@@ -65,7 +65,15 @@ __all__ = [
 
 
 def backend_module(namespace_name: str):
-    """The backend module for an array namespace, or ``None`` when none exists or it cannot import."""
+    """The backend module for an array namespace, or ``None`` when none exists or it cannot import.
+
+    Examples
+    --------
+    >>> backend_module("numpy").__name__
+    'crestcore.backends.numba'
+    >>> backend_module("array_api_strict") is None
+    True
+    """
     mod = _MODULES.get(namespace_name)
     if mod is None:
         return None
@@ -93,7 +101,18 @@ def backend_module(namespace_name: str):
 
 
 def get_kernel(name: str, namespace_name: str, *arrays: Any) -> Callable | None:
-    """The native kernel ``name`` for these arrays, or ``None`` (use the generic reference)."""
+    """The native kernel ``name`` for these arrays, or ``None`` (use the generic reference).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> S, valid, budgets = np.zeros((1, 3, 3)), np.ones((1, 3), dtype=bool), np.array([2])
+    >>> from crestcore.backends import numba
+    >>> get_kernel("greedy_batched", "numpy", S, valid, budgets) is numba.greedy_batched
+    True
+    >>> get_kernel("greedy_batched", "numpy", S.astype(np.float16), valid, budgets) is None
+    True
+    """
     if name in SPARSE_KERNEL_NAMES:
         m = _sparse_module(namespace_name)
         return getattr(m, name) if m is not None and m.usable_for(name, *arrays) else None
@@ -107,7 +126,17 @@ def get_kernel(name: str, namespace_name: str, *arrays: Any) -> Callable | None:
 
 def get_host_kernel(name: str) -> Callable | None:
     """The Numba host kernel ``name`` (host NumPy arrays, whatever library the features are in), or
-    ``None`` when Numba cannot import (the caller runs the NumPy reference, which gives the same result)."""
+    ``None`` when Numba cannot import (the caller runs the NumPy reference, which gives the same result).
+
+    Examples
+    --------
+    Two subsets of 2 from five examples of one class, from Floyd draws:
+
+    >>> import numpy as np
+    >>> draw = get_host_kernel("draw_stratified")
+    >>> draw(np.arange(5), np.zeros(5, dtype=np.int64), np.array([2]), np.array([[0, 0], [3, 4]])).tolist()
+    [[0, 4], [3, 4]]
+    """
     if name not in HOST_KERNEL_NAMES:
         raise ValueError(f"unknown host kernel {name!r}; known: {HOST_KERNEL_NAMES}")
     m = backend_module("numpy")
@@ -115,7 +144,14 @@ def get_host_kernel(name: str) -> Callable | None:
 
 
 def available_backends() -> dict[str, str]:
-    """Which backends import here: ``{'numba': 'ok' | reason, ...}`` (imports them)."""
+    """Which backends import here: ``{'numba': 'ok' | reason, ...}`` (imports them).
+
+    Examples
+    --------
+    >>> status = available_backends()
+    >>> sorted(status), status["numba"]
+    (['cupy', 'numba', 'torch'], 'ok')
+    """
     out = {}
     for ns, mod in _MODULES.items():
         out[mod] = "ok" if backend_module(ns) is not None else _failed.get(mod, "not importable")
@@ -124,7 +160,14 @@ def available_backends() -> dict[str, str]:
 
 def host_available_bytes() -> int | None:
     """Memory the host can give now without swapping (Linux ``MemAvailable``; else free physical pages),
-    or None where neither can be read."""
+    or None where neither can be read.
+
+    Examples
+    --------
+    >>> free = host_available_bytes()
+    >>> free is None or free > 0
+    True
+    """
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
@@ -142,7 +185,17 @@ def host_available_bytes() -> int | None:
 
 def available_bytes(namespace_name: str, array: Any) -> int | None:
     """Memory available now where ``array`` lives: the backend module's ``available_bytes`` (a GPU's
-    free memory for device arrays), else the host's; None when it cannot be told."""
+    free memory for device arrays), else the host's; None when it cannot be told.
+
+    Examples
+    --------
+    A NumPy array lives on the host, so this is the host's available memory:
+
+    >>> import numpy as np
+    >>> free = available_bytes("numpy", np.zeros(3))
+    >>> free is None or free > 0
+    True
+    """
     # NumPy arrays are on the host (and numba need not be imported for that); a torch or CuPy array's
     # library is imported already, so its backend module is cheap to load
     m = backend_module(namespace_name) if namespace_name in ("torch", "cupy") else None
@@ -170,7 +223,16 @@ def _sparse_module(namespace_name: str):
 def knn_builder(namespace_name: str, array: Any = None) -> Callable | None:
     """The K-nearest-neighbour graph builder for these arrays (``crestcore.backends.knn.build``: faiss,
     NumPy input), or ``None`` when faiss is not installed or the input is not NumPy (then the core's
-    exact tiled search runs). Imports faiss only when called for NumPy input."""
+    exact tiled search runs). Imports faiss only when called for NumPy input.
+
+    Examples
+    --------
+    >>> from crestcore.backends import knn
+    >>> knn_builder("numpy") is (knn.build if knn.available() else None)
+    True
+    >>> knn_builder("torch") is None  # the core's exact tiled search runs
+    True
+    """
     if namespace_name != "numpy":
         return None
     from . import knn

@@ -106,7 +106,16 @@ def sample_size(n: int, k: int, epsilon: float) -> int:
 class Capability:
     """What one backend module accepts. ``namespace``: the array library it serves (as
     ``crestcore._compat.namespace_name`` reports it); ``module``: its module in ``crestcore.backends``;
-    ``dtypes``: the floating dtypes it computes in (others go to the reference); ``devices``; ``kernels``."""
+    ``dtypes``: the floating dtypes it computes in (others go to the reference); ``devices``; ``kernels``.
+
+    Examples
+    --------
+    >>> cap = CAPABILITIES["numba_sparse"]
+    >>> cap.namespace, cap.dtypes, cap.kernels
+    ('numpy', ('float32', 'float64'), ('sparse_greedy', 'sparse_assign'))
+    >>> Capability("numpy", "mine", ("float64",), ("cpu",), KERNEL_NAMES).notes
+    ''
+    """
 
     namespace: str
     module: str
@@ -130,7 +139,15 @@ CAPABILITIES: dict[str, Capability] = {
 
 
 def backend_for_namespace(namespace_name: str, sparse: bool = False) -> str | None:
-    """The backend module serving an array namespace (its dense or its sparse kernels), or None."""
+    """The backend module serving an array namespace (its dense or its sparse kernels), or None.
+
+    Examples
+    --------
+    >>> backend_for_namespace("torch"), backend_for_namespace("numpy", sparse=True)
+    ('torch', 'numba_sparse')
+    >>> backend_for_namespace("jax") is None  # no native kernels: the generic reference runs
+    True
+    """
     want = SPARSE_KERNEL_NAMES[0] if sparse else KERNEL_NAMES[0]
     for cap in CAPABILITIES.values():
         if cap.namespace == namespace_name and want in cap.kernels:

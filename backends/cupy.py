@@ -65,7 +65,19 @@ def _device_key(a):
 
 def usable_for(name: str, *arrays) -> bool:
     """True when every non-None argument is a CuPy array on one device, floating ones float32/float64
-    (float16 goes to the reference), the others bool or integer."""
+    (float16 goes to the reference), the others bool or integer.
+
+    Examples
+    --------
+    >>> import cupy as cp
+    >>> S, valid, budgets = cp.zeros((1, 3, 3)), cp.ones((1, 3), dtype=bool), cp.asarray([2])
+    >>> usable_for("greedy_batched", S, valid, budgets)
+    True
+    >>> usable_for("greedy_batched", S.astype(cp.float16), valid, budgets)  # float16: the reference
+    False
+    >>> usable_for("sparse_greedy", S)  # not a kernel of this module
+    False
+    """
     if name not in KERNEL_NAMES:
         return False
     present = [a for a in arrays if a is not None]
@@ -146,7 +158,26 @@ def _distances(A, Bm, sqa, sqb, metric):
 
 
 def similarity_batched(X, valid, metric: str, kernel: str, scale: float):
-    """Dense similarities (B, n, n) of B padded problems; see the reference for the contract."""
+    """Dense similarities (B, n, n) of B padded problems; see the reference for the contract.
+
+    Examples
+    --------
+    Two problems padded to four points: four points on a line, and two points (the last two rows are
+    padding). With ``"max-minus"`` each problem's largest distance ``M`` (10, then 5) is on the diagonal:
+
+    >>> import cupy as cp
+    >>> from crestcore import _reference_kernels as ref
+    >>> X = cp.asarray([[[0.0], [1.0], [2.0], [10.0]], [[0.0], [5.0], [0.0], [0.0]]], dtype=cp.float64)
+    >>> valid = cp.asarray([[True, True, True, True], [True, True, False, False]])
+    >>> budgets = cp.asarray([2, 1])
+    >>> S = similarity_batched(X, valid, "euclidean", "max-minus", 1.0)
+    >>> S[0].tolist()
+    [[10.0, 9.0, 8.0, 0.0], [9.0, 10.0, 9.0, 1.0], [8.0, 9.0, 10.0, 2.0], [0.0, 1.0, 2.0, 10.0]]
+    >>> S[1].tolist()
+    [[5.0, 0.0, 0.0, 0.0], [0.0, 5.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
+    >>> bool(cp.allclose(S, ref.similarity_batched(X, valid, "euclidean", "max-minus", 1.0)))
+    True
+    """
     _check(metric, "metric", METRICS)
     _check(kernel, "kernel", KERNELS)
     B, n = X.shape[0], X.shape[1]
@@ -217,6 +248,23 @@ def greedy_batched(S, valid, budgets, optimizer, u=None):
     """Facility-location greedy on B dense problems at once -> (indices (B, K) int64, gains (B, K)).
 
     ``K = max(budgets)`` is read once before the loop; the loop never syncs with the host.
+
+    Examples
+    --------
+    Budgets 2 and 1 on the similarities of :func:`similarity_batched`'s example: the middle point,
+    then the outlier; the second problem's row is padded with -1. The picks are the reference's:
+
+    >>> import cupy as cp
+    >>> from crestcore import _reference_kernels as ref
+    >>> X = cp.asarray([[[0.0], [1.0], [2.0], [10.0]], [[0.0], [5.0], [0.0], [0.0]]], dtype=cp.float64)
+    >>> valid = cp.asarray([[True, True, True, True], [True, True, False, False]])
+    >>> budgets = cp.asarray([2, 1])
+    >>> S = similarity_batched(X, valid, "euclidean", "max-minus", 1.0)
+    >>> idx, gains = greedy_batched(S, valid, budgets, "lazy")
+    >>> idx.tolist(), gains.tolist()
+    ([[1, 3], [0, -1]], [[29.0, 9.0], [5.0, 0.0]])
+    >>> bool(cp.array_equal(idx, ref.greedy_batched(S, valid, budgets, "lazy")[0]))
+    True
     """
     _check(optimizer, "optimizer", OPTIMIZERS)
     if optimizer == "stochastic" and u is None:
@@ -258,7 +306,25 @@ def _greedy_loop(S, valid, budgets, K: int, optimizer: str, u=None):
 
 
 def assign_batched(S, valid, indices):
-    """Cluster-size weights (B, K) and objectives (B,) of the picks ``indices`` (-1 = no pick)."""
+    """Cluster-size weights (B, K) and objectives (B,) of the picks ``indices`` (-1 = no pick).
+
+    Examples
+    --------
+    The picks of :func:`greedy_batched`'s example: three points go to pick 1, the outlier to itself:
+
+    >>> import cupy as cp
+    >>> from crestcore import _reference_kernels as ref
+    >>> X = cp.asarray([[[0.0], [1.0], [2.0], [10.0]], [[0.0], [5.0], [0.0], [0.0]]], dtype=cp.float64)
+    >>> valid = cp.asarray([[True, True, True, True], [True, True, False, False]])
+    >>> budgets = cp.asarray([2, 1])
+    >>> S = similarity_batched(X, valid, "euclidean", "max-minus", 1.0)
+    >>> idx = cp.asarray([[1, 3], [0, -1]])
+    >>> weights, objective = assign_batched(S, valid, idx)
+    >>> weights.tolist(), objective.tolist()
+    ([[3.0, 1.0], [2.0, 0.0]], [38.0, 5.0])
+    >>> bool(cp.array_equal(weights, ref.assign_batched(S, valid, idx)[0]))
+    True
+    """
     B, n, _ = S.shape
     K = indices.shape[1]
     dt = S.dtype
@@ -369,6 +435,23 @@ def greedy_features(X, k, metric, kernel, scale, optimizer, u=None, tile=2048):
     """Greedy on one problem of n points given by features X (n, d), in tiles; never n x n.
 
     Returns (indices (k,) int64, gains (k,), weights (k,), objective 0-d), in X's dtype.
+
+    Examples
+    --------
+    Four points on a line, two picks, as the dense kernels pick them; stochastic greedy's draws ``u``
+    (k, s) pick the reference's sample:
+
+    >>> import cupy as cp
+    >>> from crestcore import _reference_kernels as ref
+    >>> X = cp.asarray([[0.0], [1.0], [2.0], [10.0]], dtype=cp.float64)
+    >>> idx, gains, weights, objective = greedy_features(X, 2, "euclidean", "max-minus", 1.0, "lazy")
+    >>> idx.tolist(), gains.tolist(), weights.tolist(), float(objective)
+    ([1, 3], [29.0, 9.0], [3.0, 1.0], 38.0)
+    >>> u = cp.asarray([[0.9, 0.1], [0.5, 0.5]], dtype=cp.float64)
+    >>> greedy_features(X, 2, "euclidean", "max-minus", 1.0, "stochastic", u)[0].tolist()
+    [0, 2]
+    >>> ref.greedy_features(X, 2, "euclidean", "max-minus", 1.0, "stochastic", u)[0].tolist()
+    [0, 2]
     """
     _check(metric, "metric", METRICS)
     _check(kernel, "kernel", KERNELS)
@@ -450,7 +533,26 @@ def facility_batched(X, valid, budgets, metric, kernel, scale, optimizer, u=None
     """``similarity_batched``, then ``greedy_batched``, then ``assign_batched``: indices (B, K), gains
     (B, K), weights (B, K), objectives (B,). The batched device kernels gain nothing from fusing (the
     (B, n, n) similarities are built once either way); the kernel exists so that every backend has the
-    same kernels (the Numba one fuses)."""
+    same kernels (the Numba one fuses).
+
+    Examples
+    --------
+    The two padded problems of :func:`similarity_batched`'s example with budgets 2 and 1, in one call;
+    the results equal the reference's:
+
+    >>> import cupy as cp
+    >>> from crestcore import _reference_kernels as ref
+    >>> X = cp.asarray([[[0.0], [1.0], [2.0], [10.0]], [[0.0], [5.0], [0.0], [0.0]]], dtype=cp.float64)
+    >>> valid = cp.asarray([[True, True, True, True], [True, True, False, False]])
+    >>> budgets = cp.asarray([2, 1])
+    >>> out = facility_batched(X, valid, budgets, "euclidean", "max-minus", 1.0, "lazy")
+    >>> idx, gains, weights, objective = out
+    >>> idx.tolist(), weights.tolist(), objective.tolist()
+    ([[1, 3], [0, -1]], [[3.0, 1.0], [2.0, 0.0]], [38.0, 5.0])
+    >>> expected = ref.facility_batched(X, valid, budgets, "euclidean", "max-minus", 1.0, "lazy")
+    >>> all(bool(cp.allclose(a, b)) for a, b in zip(out, expected))
+    True
+    """
     S = similarity_batched(X, valid, metric, kernel, scale)
     idx, gains = greedy_batched(S, valid, budgets, optimizer, u)
     weights, objective = assign_batched(S, valid, idx)

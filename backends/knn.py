@@ -36,7 +36,14 @@ EXACT_MAX_N = 20_000
 
 
 def available() -> bool:
-    """True when faiss can be imported (without importing it)."""
+    """True when faiss can be imported (without importing it).
+
+    Examples
+    --------
+    >>> import importlib.util
+    >>> available() == (importlib.util.find_spec("faiss") is not None)
+    True
+    """
     return importlib.util.find_spec("faiss") is not None
 
 
@@ -52,7 +59,28 @@ def _drop_self(I: np.ndarray, K: int) -> np.ndarray:
 def build(X, K: int, metric: str = "euclidean", *, method: str = "auto", seed: int = 0,
           nprobe: int = 8) -> tuple[np.ndarray, str]:
     """(n, K) int64 neighbour indices of the rows of X (NumPy, (n, d)), and the method used
-    ("faiss-exact" or "faiss-ivf")."""
+    ("faiss-exact" or "faiss-ivf").
+
+    Examples
+    --------
+    Two clusters of three points (needs faiss, the ``[ann]`` extra): each point's two nearest others
+    are the rest of its cluster, as the core's exact search finds them:
+
+    >>> import numpy as np
+    >>> from crestcore.sparse import exact_knn
+    >>> X = np.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [10.0, 10.0], [10.0, 11.0], [12.0, 10.0]])
+    >>> nbr, how = build(X, 2)
+    >>> nbr.tolist(), how
+    ([[1, 2], [0, 2], [0, 1], [4, 5], [3, 5], [3, 4]], 'faiss-exact')
+    >>> np.array_equal(nbr, exact_knn(np, X, 2, "euclidean"))
+    True
+
+    The graph can be built once and passed to several selections:
+
+    >>> from crestcore import facility_location
+    >>> facility_location(X, 2, neighbors=nbr).indices.tolist()
+    [0, 3]
+    """
     import faiss
 
     if not isinstance(X, np.ndarray) or X.ndim != 2:

@@ -80,7 +80,19 @@ def available_bytes(x) -> int | None:
 
 
 def usable_for(name: str, *arrays) -> bool:
-    """True when these kernels accept the arrays: NumPy arrays (or None), floats float32/float64."""
+    """True when these kernels accept the arrays: NumPy arrays (or None), floats float32/float64.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> S, valid, budgets = np.zeros((1, 3, 3)), np.ones((1, 3), dtype=bool), np.array([2])
+    >>> usable_for("greedy_batched", S, valid, budgets)
+    True
+    >>> usable_for("greedy_batched", S.astype(np.float16), valid, budgets)  # float16: the reference
+    False
+    >>> usable_for("similarity_batched", np.zeros((1, 3, 100)), valid)  # many features: BLAS is faster
+    False
+    """
     if name not in KERNEL_NAMES:
         return False
     if name in ("similarity_batched", "facility_batched") and arrays and getattr(arrays[0], "ndim", 0) == 3:
@@ -308,7 +320,25 @@ def _threads_for(work: int):
 
 
 def _similarity_batched_impl(X, valid, metric, kernel, scale):
-    """Dense similarities (B, n, n) of B padded problems, X's dtype; 0 on padded rows and columns."""
+    """Dense similarities (B, n, n) of B padded problems, X's dtype; 0 on padded rows and columns.
+
+    Examples
+    --------
+    Two problems padded to four points: four points on a line, and two points (the last two rows are
+    padding). With ``"max-minus"`` each problem's largest distance ``M`` (10, then 5) is on the diagonal:
+
+    >>> import numpy as np
+    >>> from crestcore import _reference_kernels as ref
+    >>> X = np.array([[[0.0], [1.0], [2.0], [10.0]], [[0.0], [5.0], [0.0], [0.0]]])
+    >>> valid = np.array([[True, True, True, True], [True, True, False, False]])
+    >>> S = similarity_batched(X, valid, "euclidean", "max-minus", 1.0)
+    >>> S[0].tolist()
+    [[10.0, 9.0, 8.0, 0.0], [9.0, 10.0, 9.0, 1.0], [8.0, 9.0, 10.0, 2.0], [0.0, 1.0, 2.0, 10.0]]
+    >>> S[1].tolist()
+    [[5.0, 0.0, 0.0, 0.0], [0.0, 5.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
+    >>> np.array_equal(S, ref.similarity_batched(X, valid, "euclidean", "max-minus", 1.0))
+    True
+    """
     m = _code(_METRIC_CODE, metric, "metric")
     kk = _code(_KERNEL_CODE, kernel, "kernel")
     X = np.asarray(X)
@@ -689,6 +719,23 @@ def _greedy_batched_impl(S, valid, budgets, optimizer, u=None):
     ``S[b, i, j]`` is the similarity of ground point i to candidate j (need not be symmetric); picks
     are made among the valid candidates, ``budgets[b]`` in problem b (fewer only if the valid
     candidates run out), padded with -1 / 0. ``u`` (B, >= K, s): the stochastic optimizer's draws.
+
+    Examples
+    --------
+    Budgets 2 and 1 on the similarities of :func:`similarity_batched`'s example: the middle point,
+    then the outlier; the second problem's row is padded with -1. The picks are the reference's:
+
+    >>> import numpy as np
+    >>> from crestcore import _reference_kernels as ref
+    >>> X = np.array([[[0.0], [1.0], [2.0], [10.0]], [[0.0], [5.0], [0.0], [0.0]]])
+    >>> valid = np.array([[True, True, True, True], [True, True, False, False]])
+    >>> S = similarity_batched(X, valid, "euclidean", "max-minus", 1.0)
+    >>> idx, gains = greedy_batched(S, valid, np.array([2, 1]), "lazy")
+    >>> idx.tolist(), gains.tolist()
+    ([[1, 3], [0, -1]], [[29.0, 9.0], [5.0, 0.0]])
+    >>> ref_idx, ref_gains = ref.greedy_batched(S, valid, np.array([2, 1]), "lazy")
+    >>> np.array_equal(idx, ref_idx) and np.array_equal(gains, ref_gains)
+    True
     """
     opt = _code(_OPTIMIZER_CODE, optimizer, "optimizer")
     S = _arr(S)
@@ -755,7 +802,24 @@ def _assign_reduce(asg, best, weights, objective):
 
 
 def _assign_batched_impl(S, valid, indices):
-    """Cluster-size weights (B, K) and objectives (B,) of the picks (-1 = no pick), S's dtype."""
+    """Cluster-size weights (B, K) and objectives (B,) of the picks (-1 = no pick), S's dtype.
+
+    Examples
+    --------
+    The picks of :func:`greedy_batched`'s example: three points go to pick 1, the outlier to itself:
+
+    >>> import numpy as np
+    >>> from crestcore import _reference_kernels as ref
+    >>> X = np.array([[[0.0], [1.0], [2.0], [10.0]], [[0.0], [5.0], [0.0], [0.0]]])
+    >>> valid = np.array([[True, True, True, True], [True, True, False, False]])
+    >>> S = similarity_batched(X, valid, "euclidean", "max-minus", 1.0)
+    >>> idx = np.array([[1, 3], [0, -1]])
+    >>> weights, objective = assign_batched(S, valid, idx)
+    >>> weights.tolist(), objective.tolist()
+    ([[3.0, 1.0], [2.0, 0.0]], [38.0, 5.0])
+    >>> all(np.array_equal(a, b) for a, b in zip((weights, objective), ref.assign_batched(S, valid, idx)))
+    True
+    """
     S = _arr(S)
     B, n, _ = S.shape
     valid = _arr(valid, dtype=bool)
@@ -928,6 +992,28 @@ def greedy_features(X, k, metric, kernel, scale, optimizer, u=None, tile=2048):
 
     Returns indices (k,) int64, gains (k,), weights (k,) and a 0-d objective, floats in X's dtype.
     ``tile`` is accepted for signature compatibility; memory here is O(n) per thread anyway.
+
+    Examples
+    --------
+    Four points on a line, two picks, as the dense kernels pick them:
+
+    >>> import numpy as np
+    >>> from crestcore import _reference_kernels as ref
+    >>> X = np.array([[0.0], [1.0], [2.0], [10.0]])
+    >>> idx, gains, weights, objective = greedy_features(X, 2, "euclidean", "max-minus", 1.0, "lazy")
+    >>> idx.tolist(), gains.tolist(), weights.tolist(), float(objective)
+    ([1, 3], [29.0, 9.0], [3.0, 1.0], 38.0)
+    >>> np.array_equal(idx, ref.greedy_features(X, 2, "euclidean", "max-minus", 1.0, "lazy")[0])
+    True
+
+    Stochastic greedy with draws ``u`` (k, s): step 0 looks at positions ``floor(0.9 * 4) = 3`` and
+    ``floor(0.1 * 4) = 0`` of the remaining candidates, step 1 at position 1 of ``[1, 2, 3]``:
+
+    >>> u = np.array([[0.9, 0.1], [0.5, 0.5]])
+    >>> greedy_features(X, 2, "euclidean", "max-minus", 1.0, "stochastic", u)[0].tolist()
+    [0, 2]
+    >>> ref.greedy_features(X, 2, "euclidean", "max-minus", 1.0, "stochastic", u)[0].tolist()
+    [0, 2]
     """
     m = _code(_METRIC_CODE, metric, "metric")
     kk = _code(_KERNEL_CODE, kernel, "kernel")
@@ -1273,6 +1359,23 @@ def facility_batched(X, valid, budgets, metric, kernel, scale, optimizer, u=None
     Only the prefix of each problem up to its last valid point is computed (padding at the end costs
     nothing). Serial for small batches; above ``_FUSED_PARALLEL_MIN_WORK`` the problems are split over
     the threads (whole problems per thread, so results do not depend on the thread count).
+
+    Examples
+    --------
+    The two padded problems of :func:`similarity_batched`'s example with budgets 2 and 1, in one call;
+    the results equal the reference's three kernels in a row:
+
+    >>> import numpy as np
+    >>> from crestcore import _reference_kernels as ref
+    >>> X = np.array([[[0.0], [1.0], [2.0], [10.0]], [[0.0], [5.0], [0.0], [0.0]]])
+    >>> valid = np.array([[True, True, True, True], [True, True, False, False]])
+    >>> out = facility_batched(X, valid, np.array([2, 1]), "euclidean", "max-minus", 1.0, "lazy")
+    >>> idx, gains, weights, objective = out
+    >>> idx.tolist(), weights.tolist(), objective.tolist()
+    ([[1, 3], [0, -1]], [[3.0, 1.0], [2.0, 0.0]], [38.0, 5.0])
+    >>> expected = ref.facility_batched(X, valid, np.array([2, 1]), "euclidean", "max-minus", 1.0, "lazy")
+    >>> all(np.array_equal(a, b) for a, b in zip(out, expected))
+    True
     """
     m = _code(_METRIC_CODE, metric, "metric")
     kk = _code(_KERNEL_CODE, kernel, "kernel")
@@ -1368,6 +1471,21 @@ def draw_stratified(pool, cls, r_c, draws):
     slots per class (``r_c[c] <= `` the class's size), ``draws`` (P, r) int64 with
     ``draws[p, off_c + t]`` in ``[0, N_c - r_c + t]``. Host NumPy arrays only, whatever the features'
     library (the draws are made on the host so that every backend gets the same subsets).
+
+    Examples
+    --------
+    Two subsets of 3 from six examples of two classes, 2 slots for class 0 (examples 0-2) and 1 for
+    class 1 (examples 3-5). Row 0 draws positions 0, then 1 in class 0 and 0 in class 1; row 1 draws
+    1, then 0 and 2:
+
+    >>> import numpy as np
+    >>> from crestcore import _reference_kernels as ref
+    >>> pool, cls, r_c = np.arange(6), np.array([0, 0, 0, 1, 1, 1]), np.array([2, 1])
+    >>> draws = np.array([[0, 1, 0], [1, 0, 2]])
+    >>> draw_stratified(pool, cls, r_c, draws).tolist()
+    [[0, 1, 3], [0, 1, 5]]
+    >>> ref.draw_stratified(pool, cls, r_c, draws).tolist()
+    [[0, 1, 3], [0, 1, 5]]
     """
     pool = _arr(pool, dtype=np.int64)
     cls = _arr(cls, dtype=np.int64)

@@ -29,7 +29,18 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def usable_for(name: str, *arrays) -> bool:
-    """NumPy arrays with float32/float64 similarities."""
+    """NumPy arrays with float32/float64 similarities.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> usable_for("sparse_greedy", np.zeros((3, 2)), np.zeros(6, dtype=np.int64))
+    True
+    >>> usable_for("sparse_greedy", np.zeros((3, 2), dtype=np.float16))  # goes to the reference
+    False
+    >>> usable_for("greedy_batched", np.zeros((1, 3, 3)))  # a dense kernel: crestcore.backends.numba
+    False
+    """
     if name not in SPARSE_KERNEL_NAMES:
         return False
     return bool(arrays) and all(type(a) is np.ndarray for a in arrays) and arrays[0].dtype in _FLOATS
@@ -170,7 +181,31 @@ def _sparse_solve(rows, vals, indptr, budget, opt, u, u32, out_idx, out_gain):
 
 def sparse_greedy(nbr, sims, order, indptr, budget, optimizer, u=None):
     """Greedy on the sparse similarity: indices (budget,) int64 (-1 after the candidates run out) and
-    gains (budget,) in sims' dtype."""
+    gains (budget,) in sims' dtype.
+
+    Examples
+    --------
+    Three points with one neighbour each (point 0's is 1, point 1's is 0, point 2's is 1), in the
+    layout of :mod:`crestcore.sparse` (column 0 of ``nbr`` is the point itself; ``order`` and ``indptr``
+    list each candidate's entries): the picks and gains of the reference, with lazy greedy and with
+    stochastic greedy's draws alike.
+
+    >>> import numpy as np
+    >>> from crestcore import sparse as ref
+    >>> nbr = np.array([[0, 1], [1, 0], [2, 1]])
+    >>> sims = np.array([[1.0, 0.5], [1.0, 0.5], [1.0, 0.2]])
+    >>> order, indptr = np.array([0, 3, 1, 2, 5, 4]), np.array([0, 2, 5, 6])
+    >>> idx, gains = sparse_greedy(nbr, sims, order, indptr, 2, "lazy")
+    >>> idx.tolist(), gains.round(6).tolist()
+    ([1, 2], [1.7, 0.8])
+    >>> np.array_equal(idx, ref.sparse_greedy(nbr, sims, order, indptr, 2, "lazy")[0])
+    True
+    >>> u = np.array([[0.9], [0.1]])
+    >>> sparse_greedy(nbr, sims, order, indptr, 2, "stochastic", u)[0].tolist()
+    [2, 0]
+    >>> ref.sparse_greedy(nbr, sims, order, indptr, 2, "stochastic", u)[0].tolist()
+    [2, 0]
+    """
     try:
         opt = _OPTIMIZER_CODE[optimizer]
     except KeyError:
@@ -223,7 +258,24 @@ def _assign(nbr, sims, rank, k, first, best):
 
 
 def sparse_assign(nbr, sims, picks):
-    """Weights (k,) and the objective (0-d) of the picks, in sims' dtype (see the reference)."""
+    """Weights (k,) and the objective (0-d) of the picks, in sims' dtype (see the reference).
+
+    Examples
+    --------
+    The graph of :func:`sparse_greedy`'s example and its picks: points 0 and 1 go to pick 1, point 2
+    to itself, as in the reference:
+
+    >>> import numpy as np
+    >>> from crestcore import sparse as ref
+    >>> nbr = np.array([[0, 1], [1, 0], [2, 1]])
+    >>> sims = np.array([[1.0, 0.5], [1.0, 0.5], [1.0, 0.2]])
+    >>> weights, objective = sparse_assign(nbr, sims, np.array([1, 2]))
+    >>> weights.tolist(), float(objective)
+    ([2.0, 1.0], 2.5)
+    >>> ref_weights, ref_objective = ref.sparse_assign(nbr, sims, np.array([1, 2]))
+    >>> np.array_equal(weights, ref_weights) and float(objective) == float(ref_objective)
+    True
+    """
     nbr = np.ascontiguousarray(nbr, dtype=np.int64)
     sims = np.asarray(sims)
     dtype = sims.dtype

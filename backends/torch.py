@@ -84,6 +84,19 @@ def usable_for(name: str, *arrays) -> bool:
     Every non-None argument must be a torch tensor on one CPU or CUDA device; floating tensors must be
     float32 or float64 (float16/bfloat16 go to the reference), the others bool or integer.
     ``similarity_batched`` is declined for inputs that require grad (the reference keeps the graph).
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> S, valid, budgets = torch.zeros(1, 3, 3), torch.ones(1, 3, dtype=torch.bool), torch.tensor([2])
+    >>> usable_for("greedy_batched", S, valid, budgets)
+    True
+    >>> usable_for("greedy_batched", S.half(), valid, budgets)  # float16: the reference
+    False
+    >>> usable_for("similarity_batched", torch.zeros(1, 3, 2, requires_grad=True), valid)
+    False
+    >>> usable_for("greedy_batched", np.zeros((1, 3, 3)), valid, budgets)  # NumPy: not this module's
+    False
     """
     if name not in KERNEL_NAMES:
         return False
@@ -177,7 +190,26 @@ def _distances_inplace(A, Bm, sqa, sqb, metric):
 
 
 def similarity_batched(X, valid, metric: str, kernel: str, scale: float):
-    """Dense similarities (B, n, n) of B padded problems; see the reference for the contract."""
+    """Dense similarities (B, n, n) of B padded problems; see the reference for the contract.
+
+    Examples
+    --------
+    Two problems padded to four points: four points on a line, and two points (the last two rows are
+    padding). With ``"max-minus"`` each problem's largest distance ``M`` (10, then 5) is on the diagonal:
+
+    >>> import torch
+    >>> from crestcore import _reference_kernels as ref
+    >>> X = torch.tensor([[[0.0], [1.0], [2.0], [10.0]], [[0.0], [5.0], [0.0], [0.0]]], dtype=torch.float64)
+    >>> valid = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    >>> budgets = torch.tensor([2, 1])
+    >>> S = similarity_batched(X, valid, "euclidean", "max-minus", 1.0)
+    >>> S[0].tolist()
+    [[10.0, 9.0, 8.0, 0.0], [9.0, 10.0, 9.0, 1.0], [8.0, 9.0, 10.0, 2.0], [0.0, 1.0, 2.0, 10.0]]
+    >>> S[1].tolist()
+    [[5.0, 0.0, 0.0, 0.0], [0.0, 5.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
+    >>> torch.allclose(S, ref.similarity_batched(X, valid, "euclidean", "max-minus", 1.0))
+    True
+    """
     _check(metric, "metric", METRICS)
     _check(kernel, "kernel", KERNELS)
     valid = valid.to(dtype=torch.bool)
@@ -241,6 +273,23 @@ def greedy_batched(S, valid, budgets, optimizer, u=None):
 
     ``K = max(budgets)`` is read once before the loop; the loop itself never syncs with the host.
     ``"lazy"`` runs the same exact dense computation as ``"naive"`` (see the module docstring).
+
+    Examples
+    --------
+    Budgets 2 and 1 on the similarities of :func:`similarity_batched`'s example: the middle point,
+    then the outlier; the second problem's row is padded with -1. The picks are the reference's:
+
+    >>> import torch
+    >>> from crestcore import _reference_kernels as ref
+    >>> X = torch.tensor([[[0.0], [1.0], [2.0], [10.0]], [[0.0], [5.0], [0.0], [0.0]]], dtype=torch.float64)
+    >>> valid = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    >>> budgets = torch.tensor([2, 1])
+    >>> S = similarity_batched(X, valid, "euclidean", "max-minus", 1.0)
+    >>> idx, gains = greedy_batched(S, valid, budgets, "lazy")
+    >>> idx.tolist(), gains.tolist()
+    ([[1, 3], [0, -1]], [[29.0, 9.0], [5.0, 0.0]])
+    >>> torch.equal(idx, ref.greedy_batched(S, valid, budgets, "lazy")[0])
+    True
     """
     _check(optimizer, "optimizer", OPTIMIZERS)
     if optimizer == "stochastic" and u is None:
@@ -288,7 +337,25 @@ def _greedy_loop(S, valid, budgets, K: int, optimizer: str, u=None):
 
 @torch.no_grad()
 def assign_batched(S, valid, indices):
-    """Cluster-size weights (B, K) and objectives (B,) of the picks ``indices`` (-1 = no pick)."""
+    """Cluster-size weights (B, K) and objectives (B,) of the picks ``indices`` (-1 = no pick).
+
+    Examples
+    --------
+    The picks of :func:`greedy_batched`'s example: three points go to pick 1, the outlier to itself:
+
+    >>> import torch
+    >>> from crestcore import _reference_kernels as ref
+    >>> X = torch.tensor([[[0.0], [1.0], [2.0], [10.0]], [[0.0], [5.0], [0.0], [0.0]]], dtype=torch.float64)
+    >>> valid = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    >>> budgets = torch.tensor([2, 1])
+    >>> S = similarity_batched(X, valid, "euclidean", "max-minus", 1.0)
+    >>> idx = torch.tensor([[1, 3], [0, -1]])
+    >>> weights, objective = assign_batched(S, valid, idx)
+    >>> weights.tolist(), objective.tolist()
+    ([[3.0, 1.0], [2.0, 0.0]], [38.0, 5.0])
+    >>> torch.equal(weights, ref.assign_batched(S, valid, idx)[0])
+    True
+    """
     S = S.detach()
     B, n, _ = S.shape
     K = indices.shape[1]
@@ -402,6 +469,23 @@ def greedy_features(X, k, metric, kernel, scale, optimizer, u=None, tile=2048):
     """Greedy on one problem of n points given by features X (n, d), in tiles; never n x n.
 
     Returns (indices (k,) int64, gains (k,), weights (k,), objective 0-d), on X's device and dtype.
+
+    Examples
+    --------
+    Four points on a line, two picks, as the dense kernels pick them; stochastic greedy's draws ``u``
+    (k, s) pick the reference's sample:
+
+    >>> import torch
+    >>> from crestcore import _reference_kernels as ref
+    >>> X = torch.tensor([[0.0], [1.0], [2.0], [10.0]], dtype=torch.float64)
+    >>> idx, gains, weights, objective = greedy_features(X, 2, "euclidean", "max-minus", 1.0, "lazy")
+    >>> idx.tolist(), gains.tolist(), weights.tolist(), objective.item()
+    ([1, 3], [29.0, 9.0], [3.0, 1.0], 38.0)
+    >>> u = torch.tensor([[0.9, 0.1], [0.5, 0.5]], dtype=torch.float64)
+    >>> greedy_features(X, 2, "euclidean", "max-minus", 1.0, "stochastic", u)[0].tolist()
+    [0, 2]
+    >>> ref.greedy_features(X, 2, "euclidean", "max-minus", 1.0, "stochastic", u)[0].tolist()
+    [0, 2]
     """
     _check(metric, "metric", METRICS)
     _check(kernel, "kernel", KERNELS)
@@ -485,7 +569,26 @@ def facility_batched(X, valid, budgets, metric, kernel, scale, optimizer, u=None
     """``similarity_batched``, then ``greedy_batched``, then ``assign_batched``: indices (B, K), gains
     (B, K), weights (B, K), objectives (B,). The batched device kernels gain nothing from fusing (the
     (B, n, n) similarities are built once either way); the kernel exists so that every backend has the
-    same kernels (the Numba one fuses)."""
+    same kernels (the Numba one fuses).
+
+    Examples
+    --------
+    The two padded problems of :func:`similarity_batched`'s example with budgets 2 and 1, in one call;
+    the results equal the reference's:
+
+    >>> import torch
+    >>> from crestcore import _reference_kernels as ref
+    >>> X = torch.tensor([[[0.0], [1.0], [2.0], [10.0]], [[0.0], [5.0], [0.0], [0.0]]], dtype=torch.float64)
+    >>> valid = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    >>> budgets = torch.tensor([2, 1])
+    >>> out = facility_batched(X, valid, budgets, "euclidean", "max-minus", 1.0, "lazy")
+    >>> idx, gains, weights, objective = out
+    >>> idx.tolist(), weights.tolist(), objective.tolist()
+    ([[1, 3], [0, -1]], [[3.0, 1.0], [2.0, 0.0]], [38.0, 5.0])
+    >>> expected = ref.facility_batched(X, valid, budgets, "euclidean", "max-minus", 1.0, "lazy")
+    >>> all(torch.allclose(a, b) for a, b in zip(out, expected))
+    True
+    """
     S = similarity_batched(X, valid, metric, kernel, scale)
     idx, gains = greedy_batched(S, valid, budgets, optimizer, u)
     weights, objective = assign_batched(S, valid, idx)

@@ -37,6 +37,17 @@ class Coresets:
     gains : (P, m') floating marginal gains.
     objective : (P,) floating facility-location value of each coreset on its subset.
     subsets : (P, r) int64, the random subsets V_p (sorted), indices into the dataset.
+
+    Examples
+    --------
+    :func:`minibatch_coresets` returns one; ``P`` is the number of coresets:
+
+    >>> import numpy as np
+    >>> X = np.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.5, 0.5],
+    ...               [10.0, 10.0], [10.0, 11.0], [12.0, 10.0], [11.0, 11.0]])
+    >>> c = minibatch_coresets(X, None, m=2, r=4, P=3, rng=0)
+    >>> c.P, c.indices.shape, c.subsets.shape
+    (3, (3, 2), (3, 4))
     """
 
     indices: Any
@@ -92,6 +103,18 @@ def draw_subsets(labels_host: np.ndarray | None, pool: np.ndarray, r: int, P: in
     uniform draw per slot from ``rng``, all P subsets in one host kernel). Each subset is sorted.
     Returns (P, r) int64. The draws are made on the host, so the same seed gives the same subsets
     whatever library the features are in.
+
+    Examples
+    --------
+    Three subsets of 4 from a pool of 8 with two classes of 4: each subset holds 2 of each class.
+
+    >>> import numpy as np
+    >>> labels = np.array([0, 0, 0, 1, 1, 1, 0, 1])
+    >>> V = draw_subsets(labels, np.arange(8), 4, 3, np.random.default_rng(0))
+    >>> V.tolist()
+    [[1, 3, 6, 7], [2, 4, 5, 6], [1, 3, 5, 6]]
+    >>> (labels[V] == 0).sum(axis=1).tolist()
+    [2, 2, 2]
     """
     pool = np.asarray(pool, dtype=np.int64)
     blocked, _ = _draw_blocked(labels_host, pool, r, P, rng)
@@ -175,6 +198,29 @@ def minibatch_coresets(
     Returns
     -------
     Coresets (see its docstring for shapes).
+
+    Examples
+    --------
+    Eight examples of two classes; three coresets of 2 picks, each from a class-stratified random subset
+    of 6 (3 per class), one pick per class weighted by the 3 members of its class in the subset:
+
+    >>> import numpy as np
+    >>> X = np.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [10.0, 10.0],
+    ...               [10.0, 11.0], [12.0, 10.0], [0.5, 0.5], [11.0, 11.0]])
+    >>> y = np.array([0, 0, 0, 1, 1, 1, 0, 1])
+    >>> c = minibatch_coresets(X, y, m=2, r=6, P=3, rng=0)
+    >>> c.subsets.tolist()
+    [[0, 1, 3, 5, 6, 7], [1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 5, 7]]
+    >>> c.indices.tolist()
+    [[6, 7], [6, 3], [0, 7]]
+    >>> c.weights.tolist()
+    [[3.0, 3.0], [3.0, 3.0], [3.0, 3.0]]
+
+    The same seed gives the same coresets on the generic reference:
+
+    >>> ref = minibatch_coresets(X, y, m=2, r=6, P=3, rng=0, backend="reference")
+    >>> np.array_equal(ref.indices, c.indices) and np.array_equal(ref.subsets, c.subsets)
+    True
     """
     xp = namespace(features, labels, names=("features", "labels"))
     amax = check_float_matrix(xp, features, "features")

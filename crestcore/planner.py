@@ -43,7 +43,18 @@ _REEVALS = 32  # matrix-free lazy re-evaluations per step assumed by the cost mo
 @dataclass(frozen=True)
 class Plan:
     """One problem's plan: the path, the optimizer, K (sparse only), the estimated working memory in
-    bytes, and a one-line reason."""
+    bytes, and a one-line reason.
+
+    Examples
+    --------
+    :func:`plan_problem` returns one:
+
+    >>> plan = plan_problem(1000, 10, 100, 4, 2**30)
+    >>> plan.path, plan.optimizer, plan.neighbors, plan.bytes
+    ('dense', 'lazy', None, 4000000)
+    >>> plan.reason
+    'the dense similarity (0.004 GB) fits max_dense_bytes'
+    """
 
     path: str
     optimizer: str
@@ -53,10 +64,24 @@ class Plan:
 
 
 def dense_bytes(n: int, itemsize: int) -> int:
+    """Bytes of the dense n x n similarity with ``itemsize`` bytes per entry.
+
+    Examples
+    --------
+    >>> dense_bytes(1000, 4)  # float32
+    4000000
+    """
     return int(n) * int(n) * int(itemsize)
 
 
 def matrix_free_bytes(n: int, d: int) -> int:
+    """Working memory of the matrix-free path: float64 copies of the features and O(n) buffers.
+
+    Examples
+    --------
+    >>> matrix_free_bytes(20000, 10)
+    4480000
+    """
     return 16 * int(n) * int(d) + 64 * int(n)
 
 
@@ -66,7 +91,28 @@ def _gb(b: float) -> str:
 
 def plan_problem(n: int, d: int, k: int, itemsize: int, max_dense_bytes: int, *, neighbors: int | None = None,
                  precomputed: bool = False) -> Plan:
-    """The plan for one problem (see the module docstring for the rule)."""
+    """The plan for one problem (see the module docstring for the rule).
+
+    Examples
+    --------
+    With a 1 GiB bound and float32 data, 1,000 points fit densely, 20,000 go matrix-free, and a million
+    points with 64 features take the sparse path with as many neighbours as fit:
+
+    >>> plan_problem(1000, 10, 100, 4, 2**30).path
+    'dense'
+    >>> plan_problem(20000, 10, 100, 4, 2**30).path
+    'matrix-free'
+    >>> plan = plan_problem(1_000_000, 64, 1000, 4, 2**30)
+    >>> plan.path, plan.neighbors
+    ('sparse', 7)
+
+    When nothing fits, the error names the bound that would:
+
+    >>> plan_problem(1000, 10, 10, 4, 1000)
+    Traceback (most recent call last):
+        ...
+    ValueError: max_dense_bytes=1000 is too small for any path ... pass max_dense_bytes >= 224000 (the matrix-free path)
+    """
     db = dense_bytes(n, itemsize)
     if db <= max_dense_bytes:
         return Plan("dense", "lazy", None, db, f"the dense similarity ({_gb(db)}) fits max_dense_bytes")
