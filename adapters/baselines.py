@@ -69,7 +69,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -522,7 +522,7 @@ def test_glister_gain_is_the_first_order_change_of_the_validation_loss(seed, bia
 
 def _reference_glister(p, k, eta):
     """Independent greedy: every step, every remaining candidate's gain, explicitly."""
-    G, C = p["G"], p["C"]
+    G = p["G"]
     n = G.shape[0]
     GS, picks, gains, margins = np.zeros(G.shape[1]), [], [], []
     for _ in range(k):

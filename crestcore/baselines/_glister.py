@@ -34,6 +34,30 @@ def _val_state(xp, val_logits, onehot, E, G_S, eta: float, C: int):
     return gval, loss
 
 
+def _val_grad_T(xp, ZT, onehotT, E):
+    """Gradient of the summed validation loss w.r.t. the last layer, from logits laid out class-major.
+
+    ``ZT`` is (C, n_v): the reductions over the classes then run along the leading axis, element-wise over
+    the n_v contiguous columns, instead of over rows of C values each (several times slower in NumPy).
+    """
+    ZT = ZT - xp.max(ZT, axis=0, keepdims=True)
+    e = xp.exp(ZT)
+    R = e / xp.sum(e, axis=0, keepdims=True) - onehotT
+    if E is None:
+        return xp.sum(R, axis=1)
+    return xp.reshape(xp.matmul(R, E), (-1,))
+
+
+def _kth_remaining(removed_sorted: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """The ``pos``-th (0-based) indices not in ``removed_sorted`` (ascending distinct ints), vectorised.
+
+    The m-th removed index has ``removed[m] - m`` kept indices below it, so the answer to position p is
+    ``p`` plus the number of removed indices with ``removed[m] - m <= p``.
+    """
+    below = removed_sorted - np.arange(removed_sorted.size)
+    return pos + np.searchsorted(below, pos, side="right")
+
+
 def glister(
     train_grads,
     val_logits,
@@ -133,32 +157,48 @@ def glister(
         E = None if E is None else xp.astype(E, cd)
     dt = cd
     onehot = xp.astype(val_labels[:, None] == xp.arange(C, device=dev)[None, :], dt)
+    onehotT = xp.matrix_transpose(onehot)
     G_S = xp.zeros((d,), dtype=dt, device=dev)
     neg_inf = xp.asarray(-math.inf, dtype=dt, device=dev)
     avail = xp.ones((n,), dtype=xp.bool, device=dev)
-    pos = xp.arange(n, device=dev)
-    remaining = np.ones(n, dtype=bool)
+    removed = np.zeros(0, dtype=np.int64)  # the picks, ascending (stochastic: maps draws to candidates)
     s = max(1, math.ceil(n / k * math.log(1.0 / eps)))
     picks: list[int] = []
     gains: list[float] = []
-    gval, loss0 = _val_state(xp, val_logits, onehot, E, G_S, eta, C)
-    for _ in range(k):
+    # The state after each pick: the validation logits at theta_S, laid out (C, n_v), rebuilt from
+    # G_S = sum_S g_j (a C x h by h x n_v product, the same cost as adding the new pick's own change,
+    # and free of rounding accumulated over the picks), and the validation gradient there. The loss is
+    # only needed at the start and at the end (the objective). Z0T is made contiguous (a bare transpose
+    # would keep NumPy's results column-major, and the class reductions slow); 0 + z is exact.
+    Z0T = xp.zeros((C, n_v), dtype=dt, device=dev) + xp.matrix_transpose(val_logits)
+    # E^T as its own contiguous array: NumPy's BLAS call on a transposed view ran 2x slower here
+    ET = None if E is None else xp.zeros((E.shape[1], n_v), dtype=dt, device=dev) + xp.matrix_transpose(E)
+    _, loss0 = _val_state(xp, val_logits, onehot, E, G_S, eta, C)
+    gval = _val_grad_T(xp, Z0T, onehotT, E)
+    for t in range(k):
         if gen is None:
             g = eta * xp.matmul(train_grads, gval)
             j = int(to_numpy(xp.argmax(xp.where(avail, g, neg_inf))))
             gj = float(to_numpy(g[j]))
+            avail[j] = False
         else:
-            rem = np.flatnonzero(remaining)
-            cand = np.sort(gen.choice(rem, size=min(s, rem.size), replace=False)).astype(np.int64)
+            # the same draw as gen.choice(np.flatnonzero(remaining), ...): positions among the remaining
+            pos = gen.choice(n - t, size=min(s, n - t), replace=False)
+            cand = np.sort(_kth_remaining(removed, np.asarray(pos, dtype=np.int64))).astype(np.int64)
             g = eta * xp.matmul(xp.take(train_grads, from_numpy(cand, xp, dev), axis=0), gval)
             loc = int(to_numpy(xp.argmax(g)))
             j, gj = int(cand[loc]), float(to_numpy(g[loc]))
+            removed = np.insert(removed, int(np.searchsorted(removed, j)), j)
         picks.append(j)
         gains.append(gj)
-        remaining[j] = False
-        avail = xp.where(pos == j, xp.zeros_like(avail), avail)
         G_S = G_S + train_grads[j, ...]
-        gval, loss = _val_state(xp, val_logits, onehot, E, G_S, eta, C)
+        if t + 1 < k:
+            if E is None:
+                ZT = Z0T - eta * G_S[:, None]
+            else:
+                ZT = Z0T - xp.matmul(eta * xp.reshape(G_S, (C, E.shape[1])), ET)  # eta on the small factor
+            gval = _val_grad_T(xp, ZT, onehotT, E)
+    _, loss = _val_state(xp, val_logits, onehot, E, G_S, eta, C)
     objective = float(to_numpy(loss0)) - float(to_numpy(loss))
     sel = host_selection(xp, dev, in_dtype, np.asarray(picks, dtype=np.int64), np.full(k, n / k),
                          np.asarray(gains), objective)

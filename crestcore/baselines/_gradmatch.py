@@ -35,21 +35,212 @@ def _solve(Q: np.ndarray, h: np.ndarray) -> np.ndarray:
     return np.linalg.lstsq(Q, h, rcond=None)[0]
 
 
-def _gram_nnls(Q: np.ndarray, h: np.ndarray, w0: np.ndarray | None = None, *, positive: bool = True) -> np.ndarray:
+class _GramInverse:
+    """``inv(Q[order, order])`` for a changing index set, kept up to date in O(s^2) per index in or out.
+
+    Lawson-Hanson solves on passive sets that differ from the previous one by an index or two, and OMP
+    grows its support by one atom per step; re-factoring the s x s system each time made GradMatch cost
+    O(picks^4). Here an index joins by bordering (the Schur complement ``delta = Q_aa - q^T u`` with
+    ``u = inv q`` is the square of the Cholesky pivot it would get; the solution grows in O(s) from the
+    previous one) and leaves by the reverse formula ``inv' = inv_rest - b b^T / c``. The last solution is
+    remembered, so the warm start's re-solve of an unchanged set is free. Every new solution is accepted
+    only when the residual of ``Q z = h`` is at the level of a backward-stable solve (after one step of
+    iterative refinement if needed); otherwise (an ill-conditioned or singular system, or error
+    accumulated over many updates) that solve is done by :func:`_solve` on the submatrix, exactly as
+    before, and the inverse is rebuilt from scratch.
+
+    The cache assumes that ``Q[order, order]`` does not change while it is in use (true within one
+    refit, and in OMP, whose Gram matrix only grows).
+    """
+
+    # accept z when ||Q z - h||_inf <= RTOL * (s ||Q||_max ||z||_inf + ||h||_inf): a few units of
+    # float64 rounding, what a backward-stable solve (and one refinement step from a decent inverse)
+    # reaches; the solution then differs from a Cholesky solve's by about cond(Q) * 1e-16
+    RTOL = 1e-15
+
+    # bordering updates are kept as a low-rank term and folded into the dense inverse every FOLD adds
+    FOLD = 32
+
+    def __init__(self):
+        self.order = np.zeros(0, dtype=np.int64)  # indices of Q, in the order they joined
+        # inv(Q[order, order]) = B (padded with zeros to the current size) + X diag(dx) X^T
+        self.B = np.zeros((0, 0))
+        self.X = np.zeros((0, self.FOLD))  # columns [u; -1] of the adds since the last fold, zero-padded
+        self.dx = np.zeros(0)
+        self.ok = True  # False: the inverse is not usable (singular set); solve by _solve until rebuilt
+        self.z = None  # the last accepted solution on ``order`` (factor order) and the h it solved
+        self.hz = None
+
+    def remap(self, keep: np.ndarray) -> None:
+        """The caller kept rows/columns ``keep`` of Q (ascending): drop the others, renumber the rest."""
+        mark = np.zeros(int(max(keep.max(initial=-1), self.order.max(initial=-1))) + 1, dtype=bool)
+        mark[keep] = True
+        for p in np.flatnonzero(~mark[self.order])[::-1]:
+            self._drop(int(p))
+        new = np.cumsum(mark) - 1
+        self.order = new[self.order]
+
+    def apply(self, v: np.ndarray) -> np.ndarray:
+        """``inv(Q[order, order]) @ v``."""
+        s, sb, t = self.order.size, self.B.shape[0], self.dx.size
+        y = np.zeros(s)
+        y[:sb] = self.B @ v[:sb]
+        if t:
+            X = self.X[:s, :t]
+            y += X @ (self.dx * (v @ X))
+        return y
+
+    def _fold(self) -> None:
+        s, sb, t = self.order.size, self.B.shape[0], self.dx.size
+        if sb == s and t == 0:
+            return
+        B = np.zeros((s, s))
+        B[:sb, :sb] = self.B
+        if t:
+            X = self.X[:s, :t]
+            B += (X * self.dx) @ X.T
+        self.B, self.dx = B, np.zeros(0)
+        self.X = np.zeros((max(s, 16), self.FOLD))
+
+    def _drop(self, p: int) -> None:
+        self.z = None
+        if not self.ok:
+            self.order = np.delete(self.order, p)
+            return
+        self._fold()
+        c = self.B[p, p]
+        rest = np.r_[0:p, p + 1 : self.order.size]
+        bcol = self.B[rest, p]
+        B = self.B[np.ix_(rest, rest)]
+        if c > 0.0:
+            B -= np.outer(bcol, bcol / c)
+        else:
+            self.ok = False
+        self.B = B
+        self.order = self.order[rest]
+
+    def _add(self, Q: np.ndarray, a: int, floor: float):
+        o = self.order
+        s = o.size
+        if self.ok:
+            q = Q[o, a]
+            u = self.apply(q)
+            delta = Q[a, a] - q @ u
+            if not delta > floor:  # (numerically) not positive definite: leave it to _solve
+                self.ok = False
+        if not self.ok:  # nothing to update: the next solve rebuilds
+            self.order = np.append(o, a)
+            return None, None, None
+        # the bordered inverse is pad(inv) + x x^T / delta with x = [u; -1]
+        if self.dx.size == self.FOLD:
+            self._fold()
+        self.order = np.append(o, a)
+        if self.X.shape[0] < s + 1:
+            X = np.zeros((max(2 * (s + 1), 16), self.FOLD))
+            X[: self.X.shape[0]] = self.X
+            self.X = X
+        t = self.dx.size
+        self.X[:s, t] = u
+        self.X[s, t] = -1.0
+        self.dx = np.append(self.dx, 1.0 / delta)
+        return q, u, delta
+
+    def _rebuild(self, Q: np.ndarray, idx: np.ndarray) -> None:
+        self.order = idx.copy()
+        self.ok = False
+        self.B, self.dx, self.X = np.zeros((idx.size, idx.size)), np.zeros(0), np.zeros((max(idx.size, 16), self.FOLD))
+        if idx.size:
+            try:
+                L = np.linalg.cholesky(Q[np.ix_(idx, idx)])
+            except np.linalg.LinAlgError:
+                return
+            d = np.diag(L)
+            if d.min() > 1e-7 * d.max():  # the condition _solve uses
+                Li = np.linalg.inv(L)
+                self.B = Li.T @ Li
+                self.ok = True
+
+    def _accept(self, Qs, hs, z, qmax) -> bool:
+        res = hs - Qs @ z
+        bound = self.RTOL * (hs.size * qmax * float(np.max(np.abs(z))) + float(np.max(np.abs(hs))))
+        return bool(np.all(np.isfinite(z))) and float(np.max(np.abs(res))) <= bound
+
+    def solve(self, Q: np.ndarray, h: np.ndarray, idx: np.ndarray, qmax: float) -> np.ndarray:
+        """``Q[idx, idx] z = h[idx]`` (idx ascending, non-empty); z in the order of idx.
+
+        ``qmax`` is ``max |Q[idx, idx]|`` or an upper bound of it.
+        """
+        mark = np.zeros(Q.shape[0], dtype=bool)
+        mark[idx] = True
+        o = self.order
+        if not mark[o].all():
+            for p in np.flatnonzero(~mark[o])[::-1]:
+                self._drop(int(p))
+            o = self.order
+        mark[o] = False
+        new = np.flatnonzero(mark)  # ascending
+        z_prev = None
+        if self.z is not None and self.ok and np.array_equal(h[o], self.hz):
+            z_prev = self.z  # the solution on the current set: grow it, or return it
+        if new.size:
+            floor = 1e-14 * float(np.max(np.diag(Q)[idx]))  # a pivot below 1e-7 x the largest: singular
+            for a in new:
+                q, u, delta = self._add(Q, int(a), floor)
+                if z_prev is not None and self.ok:
+                    gamma = (h[a] - q @ z_prev) / delta
+                    z_prev = np.append(z_prev - gamma * u, gamma)
+                else:
+                    z_prev = None
+            fresh = True
+        else:
+            fresh = False
+        o = self.order
+        natural = bool(np.all(o[1:] > o[:-1]))  # the factor order is idx's
+        hs = h[o]
+        if self.ok:
+            if z_prev is not None and not fresh:
+                return z_prev if natural else z_prev[np.argsort(o)]
+            contiguous = natural and o[-1] == o.size - 1
+            Qs = Q[: o.size, : o.size] if contiguous else Q[np.ix_(o, o)]
+            z = self.apply(hs) if z_prev is None else z_prev
+            good = self._accept(Qs, hs, z, qmax)
+            if not good:  # one step of iterative refinement
+                z = z + self.apply(hs - Qs @ z)
+                good = self._accept(Qs, hs, z, qmax)
+            if good:
+                self.z, self.hz = z, hs
+                return z if natural else z[np.argsort(o)]
+        # the slow, exact path of old: factor (or least squares) from scratch, and start the inverse anew
+        z = _solve(Q[np.ix_(idx, idx)], h[idx])
+        self._rebuild(Q, idx)
+        self.z, self.hz = (z, h[idx]) if self.ok else (None, None)
+        return z
+
+
+def _gram_nnls(Q: np.ndarray, h: np.ndarray, w0: np.ndarray | None = None, *, positive: bool = True,
+               cache: _GramInverse | None = None, qmax: float | None = None) -> np.ndarray:
     """Minimise ``1/2 w^T Q w - h^T w`` over ``w >= 0`` (Q symmetric PSD) by Lawson-Hanson active sets.
 
     ``w0`` (feasible, >= 0) warm-starts the passive set; OMP passes the previous solution with the new
-    atom at 0, so a step usually costs one or two small solves. Without ``positive`` it is the plain
-    (regularised) least-squares solution ``Q^-1 h``.
+    atom at 0, so a step usually costs one solve, on the previous passive set plus the new atom. The
+    solves go through ``cache`` (a :class:`_GramInverse` the caller may keep across calls on a growing
+    Q), so each costs O(s^2) instead of a fresh O(s^3) factorisation. ``qmax`` is ``max |Q|`` when the
+    caller knows it. Without ``positive`` it is the plain (regularised) least-squares solution
+    ``Q^-1 h``.
     """
     s = h.shape[0]
     if s == 0:
         return np.zeros(0)
+    if cache is None:
+        cache = _GramInverse()
+    everything = np.arange(s)
+    if qmax is None:
+        qmax = float(np.max(np.abs(Q)))
     if not positive:
-        return _solve(Q, h)
+        return cache.solve(Q, h, everything, qmax)
     w = np.zeros(s) if w0 is None else np.maximum(np.asarray(w0, dtype=np.float64), 0.0)
     passive = w > 0
-    scale = max(float(np.max(np.abs(h))), float(np.max(np.abs(Q))) * max(1.0, float(np.sum(w))), 1e-300)
+    scale = max(float(np.max(np.abs(h))), qmax * max(1.0, float(np.sum(w))), 1e-300)
     tol = 1e-12 * scale
 
     def inner(w, passive):
@@ -58,7 +249,7 @@ def _gram_nnls(Q: np.ndarray, h: np.ndarray, w0: np.ndarray | None = None, *, po
             idx = np.flatnonzero(passive)
             z = np.zeros(s)
             if idx.size:
-                z[idx] = _solve(Q[np.ix_(idx, idx)], h[idx])
+                z[idx] = cache.solve(Q, h, idx, qmax)
             if idx.size == 0 or np.all(z[idx] > 0):
                 return z, passive
             neg = idx[z[idx] <= 0]
@@ -73,11 +264,13 @@ def _gram_nnls(Q: np.ndarray, h: np.ndarray, w0: np.ndarray | None = None, *, po
     if passive.any():
         w, passive = inner(w, passive)
     for _ in range(3 * s + 10):
-        d = h - Q @ w  # minus the gradient; KKT: d <= 0 off the passive set
-        cand = (~passive) & (d > tol)
-        if not cand.any():
+        off = np.flatnonzero(~passive)
+        if off.size == 0:
             break
-        t = int(np.argmax(np.where(cand, d, -np.inf)))
+        d = h[off] - Q[off] @ w  # minus the gradient off the passive set; KKT: d <= 0 there
+        if not np.any(d > tol):
+            break
+        t = int(off[np.argmax(np.where(d > tol, d, -np.inf))])
         passive = passive.copy()
         passive[t] = True
         w, passive = inner(w, passive)
@@ -124,23 +317,34 @@ def _omp(xp, A, b, k: int, lam: float, tol: float, positive: bool):
     """Regularised (non-negative) OMP of target ``b`` (d,) with atoms ``A`` (n, d), at most k picks.
 
     Returns host arrays (local picks, weights, gains) and the explained amount ``||b||^2 - J``.
+
+    Per step: one correlation pass ``A r`` (O(n d), the dominant cost), the new atom's Gram column
+    against the support (O(s d)), the refit through the incrementally updated inverse Gram (O(s^2)
+    unless the active set changes a lot), and the residual ``r = b - w S`` (O(s d)). The support's
+    gradients, the Gram matrix and ``h = S b`` live in buffers that grow by one row per step.
     """
-    n = A.shape[0]
+    n, d = A.shape
     dev = device_of(A)
     bnorm2 = float(to_numpy(xp.sum(b * b)))
     J = bnorm2
-    support: list[int] = []  # the active picks, in pick order
-    gains: list[float] = []
+    # buffers for the support (it never exceeds min(k, n)); they start small and double when full, so
+    # a run that stops early never holds a k x k matrix
+    cap = min(k, n, 64)
+    Q = np.zeros((cap, cap))  # G + lam I on the support, support order
+    h = np.zeros(cap)
+    rows = xp.zeros((cap, d), dtype=A.dtype, device=dev)  # the support's gradients, support order
+    support = np.zeros(cap, dtype=np.int64)  # the active picks, in pick order
+    gains = np.zeros(cap)
+    s = 0
+    qmax = 0.0  # max |Q| over the support
+    cache = _GramInverse()
     w = np.zeros(0)
-    G = np.zeros((0, 0))
-    h = np.zeros(0)
     r = b
+    rnorm2 = bnorm2
     avail = xp.ones((n,), dtype=xp.bool, device=dev)
-    pos = xp.arange(n, device=dev)
     neg_inf = xp.asarray(-math.inf, dtype=A.dtype, device=dev)
     tried = 0
-    while len(support) < k and tried < n:
-        rnorm2 = float(to_numpy(xp.sum(r * r)))
+    while s < k and tried < n:
         if bnorm2 == 0.0 or math.sqrt(max(rnorm2, 0.0)) <= tol * math.sqrt(bnorm2):
             break
         c = xp.matmul(A, r)
@@ -150,42 +354,51 @@ def _omp(xp, A, b, k: int, lam: float, tol: float, positive: bool):
         if not float(to_numpy(score[j])) > 0.0:
             break  # no remaining atom can lower the error with a positive weight
         tried += 1
-        avail = xp.where(pos == j, xp.zeros_like(avail), avail)
+        avail[j] = False
         a_j = A[j, ...]
-        s = len(support)
+        if s == cap:
+            cap = min(2 * cap, k, n)
+            Q2 = np.zeros((cap, cap))
+            Q2[:s, :s] = Q[:s, :s]
+            Q, h, support, gains = Q2, np.resize(h, cap), np.resize(support, cap), np.resize(gains, cap)
+            rows = xp.concat([rows, xp.zeros((cap - s, d), dtype=A.dtype, device=dev)], axis=0)
         if s:
-            S = xp.take(A, from_numpy(np.asarray(support, dtype=np.int64), xp, dev), axis=0)
-            col = np.asarray(to_numpy(xp.matmul(S, a_j)), dtype=np.float64)
-        else:
-            col = np.zeros(0)
-        G2 = np.empty((s + 1, s + 1))
-        G2[:s, :s] = G
-        G2[:s, s] = col
-        G2[s, :s] = col
-        G2[s, s] = float(to_numpy(xp.sum(a_j * a_j)))
-        G = G2
-        h = np.append(h, float(to_numpy(xp.sum(a_j * b))))
-        support.append(j)
-        gains.append(0.0)
-        w = _gram_nnls(G + lam * np.eye(s + 1), h, np.append(w, 0.0), positive=positive)
+            col = np.asarray(to_numpy(xp.matmul(rows[:s, ...], a_j)), dtype=np.float64)
+            Q[:s, s] = col
+            Q[s, :s] = col
+            qmax = max(qmax, float(np.max(np.abs(col))))
+        Q[s, s] = float(to_numpy(xp.sum(a_j * a_j))) + lam
+        qmax = max(qmax, abs(Q[s, s]))
+        h[s] = float(to_numpy(xp.sum(a_j * b)))
+        rows[s, ...] = a_j
+        support[s] = j
+        gains[s] = 0.0
+        s += 1
+        w = _gram_nnls(Q[:s, :s], h[:s], np.append(w, 0.0), positive=positive, cache=cache, qmax=qmax)
         # a pick whose refit weight is 0 retires for good: it leaves the support and is never picked
         # again, so the support grows by at most one per step and ends with k weighted examples
         live = w > 0 if positive else w != 0
         if not live.all():
             keep = np.flatnonzero(live)
-            support = [support[i] for i in keep]
-            gains = [gains[i] for i in keep]
-            w, G, h = w[keep], G[np.ix_(keep, keep)], h[keep]
-        if support:
-            S = xp.take(A, from_numpy(np.asarray(support, dtype=np.int64), xp, dev), axis=0)
-            r = b - xp.matmul(xp.astype(from_numpy(w, xp, dev), A.dtype), S)
+            m = keep.size
+            support[:m], gains[:m], h[:m] = support[keep], gains[keep], h[keep]
+            Q[:m, :m] = Q[np.ix_(keep, keep)]
+            w = w[keep]
+            kept_rows = xp.take(rows, from_numpy(keep, xp, dev), axis=0)
+            rows = xp.concat([kept_rows, xp.zeros((cap - m, d), dtype=A.dtype, device=dev)], axis=0)
+            cache.remap(keep)
+            qmax = float(np.max(np.abs(Q[:m, :m]))) if m else 0.0
+            s = m
+        if s:
+            r = b - xp.matmul(xp.astype(from_numpy(w, xp, dev), A.dtype), rows[:s, ...])
         else:
             r = b
-        J_new = float(to_numpy(xp.sum(r * r))) + lam * float(w @ w)
+        rnorm2 = float(to_numpy(xp.sum(r * r)))
+        J_new = rnorm2 + lam * float(w @ w)
         if live[-1]:
-            gains[-1] = J - J_new
+            gains[s - 1] = J - J_new
         J = J_new
-    return np.asarray(support, dtype=np.int64), w, np.asarray(gains, dtype=np.float64), bnorm2 - J
+    return support[:s].copy(), w, gains[:s].copy(), bnorm2 - J
 
 
 def gradmatch(
@@ -247,8 +460,9 @@ def gradmatch(
     first. ``weights`` the fitted w (sum semantics: ``sum_S w_j g_j``
     approximates ``sum_i g_i``; when a class's gradients form tight clusters they approach the cluster
     sizes, but in general they need not sum to the class size). ``gains`` the decrease of J at
-    the step the pick was added (so they sum to the objective unless a pick retired on the way). ``objective`` the explained amount ``sum_c (||b_c||^2 - J_c)`` at the
-    end (the final regularised error of class c is ``||b_c||^2`` minus its share).
+    the step the pick was added (so they sum to the objective unless a pick retired on the way).
+    ``objective`` the explained amount ``sum_c (||b_c||^2 - J_c)`` at the end (the final regularised
+    error of class c is ``||b_c||^2`` minus its share).
     """
     xp = namespace(gradients, labels, per_batch, target, names=("gradients", "labels", "per_batch", "target"))
     check_float_matrix(xp, gradients, "gradients")
@@ -320,13 +534,13 @@ def gradmatch(
         problems = [np.flatnonzero(lab_h == c).astype(np.int64) for c in np.unique(lab_h)]
     budgets = hamilton(k, np.array([p.size for p in problems]))
     out_i, out_w, out_g, total = [], [], [], 0.0
-    for members, kc in zip(problems, budgets):
+    for rows, kc in zip(problems, budgets):
         if kc == 0:
             continue
-        A = gradients if labels is None else xp.take(gradients, from_numpy(members, xp, dev), axis=0)
+        A = gradients if labels is None else xp.take(gradients, from_numpy(rows, xp, dev), axis=0)
         b = xp.sum(A, axis=0) if target is None else target
         sup, w, g, expl = _omp(xp, A, b, int(kc), lam, tol, positive)
-        out_i.append(members[sup])
+        out_i.append(rows[sup])
         out_w.append(w)
         out_g.append(g)
         total += expl
