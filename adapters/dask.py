@@ -12,8 +12,9 @@
 3. **Merge**: greedy over the union of the partial solutions (at most ``m k`` rows, which come back with
    the partial solutions), on the process that called.
 4. **Choose**: the merged solution and every partial one are evaluated on the common objective
-   ``F(S) = sum_{i in V} max_{j in S} s_ij`` over *all* points (each worker adds its block's share), and
-   the best is returned (the merged one on ties). Per class with labels.
+   ``F(S) = sum_{i in V} max_{j in S} s_ij`` over *all* points (each worker adds its block's share, from
+   one nearest-pick pass per candidate), and the best is returned (the merged one on ties), with its
+   cluster sizes and gains from one more pass. Per class with labels.
 
 The common objective uses the kernel of the options: ``exp`` as is; ``max-minus`` with ``M`` the
 diameter bound ``2 max_i |x_i - mean|`` of the class (``2`` for cosine, squared for sqeuclidean), which
@@ -109,6 +110,34 @@ def _local(block, p: int, start: int, labels_p, classes, budgets, means, metric,
         loc = idx[np.asarray(sel.indices)]
         out.append((start + loc, B[loc].copy(), r))
     return out
+
+
+def _similarity_to_nearest(dmin, M, kernel, scale):
+    """``max_j s(D_ij)`` from ``min_j D_ij``: the transforms are monotone, so this is the best similarity
+    (``max(M - D, 0)`` and ``exp(-D / scale)`` round monotonically, so the values are the same)."""
+    return np.maximum(M - dmin, 0.0) if kernel == "max-minus" else np.exp(-dmin / scale)
+
+
+def _objectives(block, start: int, labels_p, classes, candidates, metric, kernel, scale, Ms):
+    """For every class and candidate solution: this block's share of the common objective only (one
+    nearest-pick pass; the weights and gains are computed for the winner alone, by :func:`_evaluate`)."""
+    B = np.asarray(block).astype(np.float64)
+    res = []
+    for ci, c in enumerate(classes):
+        idx = np.flatnonzero(labels_p == c)
+        per = []
+        for rows in candidates[ci]:
+            kc = rows.shape[0]
+            obj = 0.0
+            if idx.size and kc:
+                R = rows.astype(np.float64)
+                tile = max(1, _TILE_ELEMENTS // kc)
+                for a in range(0, idx.size, tile):
+                    dmin = pairwise_distances(B[idx[a:a + tile]], R, metric=metric).min(axis=1)
+                    obj += float(_similarity_to_nearest(dmin, Ms[ci], kernel, scale).sum())
+            per.append(obj)
+        res.append(per)
+    return res
 
 
 def _evaluate(block, start: int, labels_p, classes, candidates, metric, kernel, scale, Ms):
@@ -307,9 +336,21 @@ def facility_location(X, k, *, labels=None, client=None, partitions=None, seed=0
             cands_r = [rows[merged]] + [pp[1] for pp in parts]
             cand_idx.append(cands_i)
             candidates.append(cands_r)
+        # choose per class on the common objective (a nearest-pick pass per candidate), then the winner's
+        # weights and gains (one full pass)
         cand_future = client.scatter([candidates], broadcast=True, hash=False)[0]
+        shares = client.gather([
+            client.submit(_objectives, futures[p], int(bounds[p]), labs[p], classes, cand_future, metric, kernel,
+                          scale, Ms)
+            for p in range(m)
+        ])
+        objs = [[sum(shares[p][ci][c] for p in range(m)) for c in range(len(candidates[ci]))]
+                for ci in range(len(classes))]
+        bests = [int(np.argmax(o)) for o in objs]  # the merged solution (0) on ties
+        win_future = client.scatter([[[candidates[ci][bests[ci]]] for ci in range(len(classes))]],
+                                    broadcast=True, hash=False)[0]
         evals = client.gather([
-            client.submit(_evaluate, futures[p], int(bounds[p]), labs[p], classes, cand_future, metric, kernel,
+            client.submit(_evaluate, futures[p], int(bounds[p]), labs[p], classes, win_future, metric, kernel,
                           scale, Ms)
             for p in range(m)
         ])
@@ -322,14 +363,12 @@ def facility_location(X, k, *, labels=None, client=None, partitions=None, seed=0
     for ci in range(len(classes)):
         if budgets[ci] == 0:
             continue
-        nc = len(cand_idx[ci])
-        objs = [sum(evals[p][ci][c][0] for p in range(m)) for c in range(nc)]
-        best = int(np.argmax(objs))  # the merged solution (0) on ties
+        best = bests[ci]
         won.append("merged" if best == 0 else f"partition {best - 1}")
         idx_out.append(cand_idx[ci][best])
-        w_out.append(sum(evals[p][ci][best][1] for p in range(m)))
-        g_out.append(sum(evals[p][ci][best][2] for p in range(m)))
-        total += objs[best]
+        w_out.append(sum(evals[p][ci][0][1] for p in range(m)))
+        g_out.append(sum(evals[p][ci][0][2] for p in range(m)))
+        total += sum(evals[p][ci][0][0] for p in range(m))
     dtype = X.dtype if X.dtype in (np.float32, np.float64) else np.float32
     plan = (f"greedi: {m} partitions; winner per class: " + ", ".join(won) if len(classes) > 1
             else f"greedi: {m} partitions; winner: {won[0]}")
