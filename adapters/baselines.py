@@ -187,6 +187,40 @@ class SubsetLoader(BudgetedPasses):
     Attributes: ``n``, ``labels``, ``full_steps_per_epoch``, ``steps_per_epoch``, ``total_steps``,
     ``pool`` (indices that may be trained on: all, or glister's training part), ``val_indices``
     (glister's validation split, else empty), ``ops`` (the :class:`TorchModelOps`).
+
+    Examples
+    --------
+    CRAIG at half the steps, on a linear classifier and 48 examples of two classes in batches of 8:
+    each pass is one epoch's share, three batches drawn from a 24-example weighted subset that is
+    reselected every epoch:
+
+    >>> import torch
+    >>> import torch.nn.functional as F
+    >>> from torch.utils.data import TensorDataset
+    >>> from crestcore.adapters.baselines import SubsetLoader
+    >>> _ = torch.manual_seed(0)
+    >>> y = torch.arange(48) % 2
+    >>> data = TensorDataset(torch.randn(48, 4) + 2.0 * y[:, None], y)
+    >>> model = torch.nn.Linear(4, 2)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> loader = SubsetLoader(model, data, method="craig", budget=0.5, epochs=2, m=8, seed=0)
+    >>> len(loader), loader.total_steps, loader.subset_size
+    (3, 6, 24)
+    >>> for epoch in range(loader.epochs):
+    ...     for x, yb, w in loader:
+    ...         losses = F.cross_entropy(model(x), yb, reduction="none")
+    ...         opt.zero_grad()
+    ...         (w * losses).mean().backward()
+    ...         opt.step()
+    >>> x.shape, w.shape
+    (torch.Size([8, 4]), torch.Size([8]))
+    >>> indices, weights = loader.selection  # the last epoch's subset, weights rescaled to mean 1
+    >>> indices.size, round(float(weights.mean()), 6)
+    (24, 1.0)
+    >>> [s["weight_sum"] for s in loader.stats["selections"]]  # CRAIG's raw weights sum to n
+    [48.0, 48.0]
+    >>> loader.stats["counters"]["forward_examples"]  # each selection measured all 48 examples
+    96
     """
 
     def __init__(
@@ -512,7 +546,28 @@ class SubsetLoader(BudgetedPasses):
         """Feed the per-example training losses (k,) of the batch yielded last.
 
         Needed by ``prune`` (its pruning rule reads them); accepted by every method. Always checked:
-        NaN or infinite losses raise ``FloatingPointError``. Detached; one host copy."""
+        NaN or infinite losses raise ``FloatingPointError``. Detached; one host copy.
+
+        Examples
+        --------
+        ``prune`` reads the observed losses at its next epoch: examples below the mean loss are
+        partly left out (none before any loss was seen):
+
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch.utils.data import TensorDataset
+        >>> _ = torch.manual_seed(0)
+        >>> y = torch.arange(48) % 2
+        >>> data = TensorDataset(torch.randn(48, 4) + 2.0 * y[:, None], y)
+        >>> model = torch.nn.Linear(4, 2)
+        >>> loader = SubsetLoader(model, data, method="prune", budget=0.5, epochs=4, m=8, seed=0)
+        >>> for epoch in range(2):
+        ...     for x, yb, w in loader:
+        ...         losses = F.cross_entropy(model(x), yb, reduction="none")
+        ...         loader.observe(losses)
+        >>> [s["pruned"] > 0 for s in loader.stats["selections"]]
+        [False, True]
+        """
         if self._last is None:
             raise RuntimeError("observe() needs a batch: call it after training on a yielded batch")
         if isinstance(losses, torch.Tensor):
@@ -566,7 +621,26 @@ class SubsetLoader(BudgetedPasses):
         """Everything needed to continue with the same batches: position, the current selection and epoch
         layout, prune's loss record, counters and the selection log. Tensors, numbers and strings only
         (``torch.load(..., weights_only=True)`` reads it). Restore the model too: a later selection
-        measures it."""
+        measures it.
+
+        Examples
+        --------
+        >>> import io
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> _ = torch.manual_seed(0)
+        >>> data = TensorDataset(torch.randn(48, 4), torch.arange(48) % 2)
+        >>> loader = SubsetLoader(torch.nn.Linear(4, 2), data, method="random", budget=0.5, epochs=2, m=8)
+        >>> batch = next(iter(loader))
+        >>> state = loader.state_dict()
+        >>> state["format"], state["position"]
+        ('crestcore.adapters.baselines.SubsetLoader/1', 1)
+        >>> buffer = io.BytesIO()
+        >>> torch.save(state, buffer)
+        >>> _ = buffer.seek(0)
+        >>> torch.load(buffer, weights_only=True)["position"]
+        1
+        """
         return {
             "format": _FORMAT,
             **self._fingerprint(),
@@ -588,7 +662,28 @@ class SubsetLoader(BudgetedPasses):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`'s output; the next pass continues exactly where it was saved."""
+        """Restore :meth:`state_dict`'s output; the next pass continues exactly where it was saved.
+
+        Examples
+        --------
+        A loader rebuilt with the same arguments resumes after the saved step with the same batches:
+
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> _ = torch.manual_seed(0)
+        >>> data = TensorDataset(torch.randn(48, 4), torch.arange(48) % 2)
+        >>> model = torch.nn.Linear(4, 2)
+        >>> loader = SubsetLoader(model, data, method="random", budget=0.5, epochs=2, m=8, seed=0)
+        >>> batches = iter(loader)
+        >>> _ = next(batches)
+        >>> state = loader.state_dict()
+        >>> _ = next(batches)
+        >>> resumed = SubsetLoader(model, data, method="random", budget=0.5, epochs=2, m=8, seed=0)
+        >>> resumed.load_state_dict(state)
+        >>> _ = next(iter(resumed))
+        >>> resumed.position, bool((resumed.last_indices == loader.last_indices).all())
+        (2, True)
+        """
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
             raise ValueError("not a SubsetLoader state dict (missing or unknown 'format')")
         for k, v in self._fingerprint().items():

@@ -95,6 +95,14 @@ def reselect_due(epoch, every, *, start: int = 0) -> bool:
     CRAIG, GradMatch and GLISTER reselect their subset every R epochs and train on it in between:
     ``reselect_due(e, R)`` is True for e = start, start + R, start + 2R, ... (0-based epochs), False
     before ``start``.
+
+    Examples
+    --------
+    >>> from crestcore.baselines import reselect_due
+    >>> [epoch for epoch in range(10) if reselect_due(epoch, 3)]
+    [0, 3, 6, 9]
+    >>> [epoch for epoch in range(10) if reselect_due(epoch, 3, start=2)]
+    [2, 5, 8]
     """
     if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral):
         raise TypeError(f"epoch must be an integer, got {type(epoch).__name__}")

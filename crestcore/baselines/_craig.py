@@ -51,6 +51,25 @@ def craig(
     Selection in the namespace, device and dtype of ``gradients``: picks per class (ascending label),
     each class in greedy order; ``weights`` cluster sizes; ``gains`` the facility-location marginal gain
     of each pick; ``objective`` F summed over the classes.
+
+    Examples
+    --------
+    A tiny 2-class gradient matrix: in each class three gradients lie close together and one lies
+    apart. With two picks per class CRAIG takes a centre of the cluster and the outlier, weighted by
+    the examples each one covers:
+
+    >>> import numpy as np
+    >>> from crestcore.baselines import craig
+    >>> G = np.array([[1.0, 0.0], [1.0, 0.2], [0.8, 0.0], [0.2, 0.6],    # class 0
+    ...               [0.0, 1.0], [0.2, 1.0], [0.0, 0.8], [0.6, 0.2]])   # class 1
+    >>> y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    >>> sel = craig(G, y, 4)
+    >>> sel.indices, sel.weights
+    (array([2, 3, 6, 7]), array([3., 1., 3., 1.]))
+    >>> float(sel.weights.sum())  # the weights of each class sum to its size
+    8.0
+    >>> np.round(sel.gains, 4), round(float(sel.objective), 4)
+    (array([2.6686, 0.8485, 2.6686, 0.8485]), 7.0343)
     """
     xp = namespace(gradients, labels, names=("gradients", "labels"))
     check_float_matrix(xp, gradients, "gradients")

@@ -110,6 +110,26 @@ def glister(
     sum-of-losses scale as the other baselines); ``gains`` the first-order gain of each pick when it was
     made (may be negative: the budget is always filled); ``objective`` the exact decrease of the
     validation loss under the update, ``L_V(theta) - L_V(theta_S)``.
+
+    Examples
+    --------
+    Six training examples of two classes and a validation set where three of four examples are of
+    class 0, two of them scored as class 1. The gradients are w.r.t. the logits (a bias on the logits);
+    greedy picks the class-0 examples whose step raises the class-0 logit most:
+
+    >>> import numpy as np
+    >>> from crestcore import last_layer_gradients
+    >>> from crestcore.baselines import glister
+    >>> logits = np.array([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 2.0], [1.0, 0.0], [1.0, 1.0]])
+    >>> labels = np.array([0, 0, 0, 1, 1, 1])
+    >>> grads = last_layer_gradients(logits, labels)  # softmax(z) - onehot(y), (6, 2)
+    >>> val_logits = np.array([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    >>> val_labels = np.array([0, 0, 0, 1])
+    >>> sel = glister(grads, val_logits, val_labels, 2, eta=0.1)
+    >>> sel.indices, sel.weights  # weights n / k
+    (array([1, 2]), array([3., 3.]))
+    >>> np.round(sel.gains, 4), round(float(sel.objective), 4)  # the validation loss drops
+    (array([0.2138, 0.1345]), 0.3357)
     """
     xp = namespace(train_grads, val_logits, val_labels, val_embeddings,
                    names=("train_grads", "val_logits", "val_labels", "val_embeddings"))
