@@ -106,9 +106,9 @@ def build(X, K: int, metric: str = "euclidean", *, method: str = "auto", seed: i
         method = "exact" if n <= EXACT_MAX_N else "ivf"
     kq = min(n, K + 1)
     if method == "exact":
-        index = faiss.IndexFlat(d, ftype)
-        index.add(A)
-        _, I = index.search(A, kq)
+        flat = faiss.IndexFlat(d, ftype)
+        flat.add(A)
+        _, I = flat.search(A, kq)
     else:
         nlist = max(1, min(n // 39, int(round(math.sqrt(n)))))
         quant = faiss.IndexFlat(d, ftype)
