@@ -263,8 +263,10 @@ def train_keras_method(method: str, data, s: TrainSettings, *, backend: str | No
         torch.set_num_threads(int(s.threads))
     x_tr, y_tr, x_te, y_te = data
     n, m = int(x_tr.shape[0]), int(s.m)
-    full_spe = math.ceil(n / m)
-    spe = full_spe if method == "full" else max(1, int(math.floor(s.budget * full_spe + 0.5)))
+    from crestcore.plan import budget_steps, full_steps
+
+    full_spe = full_steps(n, m)
+    spe = full_spe if method == "full" else budget_steps(s.budget, full_spe)
     total = s.epochs * spe
 
     keras.utils.set_random_seed(s.seed)  # the same initial weights for every method

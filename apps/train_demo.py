@@ -595,8 +595,10 @@ def train_method(method: str, data, s: TrainSettings, *, progress: bool = True, 
     x_tr, y_tr, x_te, y_te = data
     n = int(x_tr.shape[0])
     m = int(s.m)
-    full_spe = math.ceil(n / m)
-    spe = full_spe if method == "full" else max(1, int(math.floor(s.budget * full_spe + 0.5)))
+    from crestcore.plan import budget_steps, full_steps
+
+    full_spe = full_steps(n, m)
+    spe = full_spe if method == "full" else budget_steps(s.budget, full_spe)
     total = s.epochs * spe
     reselect = s.reselect_every if s.reselect_every is not None else max(1, math.ceil(s.epochs / 2))
 

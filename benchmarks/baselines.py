@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import shlex
@@ -81,8 +80,10 @@ def _set_threads(t: int) -> None:
 
 
 def budget(n: int, m: int = 128, fraction: float = 0.1) -> int:
-    """E1's subset size: ``steps_per_epoch * m`` with ``steps_per_epoch = max(1, round(0.1 ceil(n / m)))``."""
-    return min(n, max(1, round(fraction * math.ceil(n / m))) * m)
+    """E1's subset size: ``steps_per_epoch * m``, the loaders' ``budget_steps(fraction, ceil(n / m))``."""
+    from crestcore.plan import budget_steps, full_steps
+
+    return min(n, budget_steps(fraction, full_steps(n, m)) * m)
 
 
 def synthetic_features(n: int, seed: int, C: int = 10, h: int = 64):

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -90,7 +89,9 @@ def worker(a) -> None:
     s = TrainSettings(epochs=a.epochs, budget=a.budget, m=a.m, seed=a.seed, device=str(device), threads=threads)
     x_tr, y_tr, x_te, y_te = load_data(a.root, n_train=a.limit_train, n_test=a.limit_test, seed=a.seed)
     n = int(x_tr.shape[0])
-    spe = max(1, int(math.floor(s.budget * math.ceil(n / s.m) + 0.5)))
+    from crestcore.plan import budget_steps, full_steps
+
+    spe = budget_steps(s.budget, full_steps(n, s.m))
     total = s.epochs * spe
     torch.manual_seed(s.seed)
     model = build_cnn(int(y_tr.max()) + 1).to(device)

@@ -84,8 +84,10 @@ def run_one(method: str, seed: int, a) -> dict:
     torch.manual_seed(seed)
     model = build_cnn()
     opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    full_spe = math.ceil(a.n / a.m)
-    spe = max(1, int(math.floor(a.budget * full_spe + 0.5)))
+    from crestcore.plan import budget_steps, full_steps
+
+    full_spe = full_steps(a.n, a.m)
+    spe = budget_steps(a.budget, full_spe)
     kw = dict(num_workers=a.workers, persistent_workers=a.workers > 0)
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
