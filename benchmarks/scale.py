@@ -95,10 +95,20 @@ def run_child(method: str, n: int, k: int, out: str) -> None:
         t = time.perf_counter()
         idx = crestcore.facility_location(X, k, neighbors=K_NEIGHBORS, optimizer=opt, epsilon=0.1, rng=0).indices
     elif method == "greedi":
+        from dask.distributed import Client, LocalCluster
+
         from crestcore.adapters import dask as cdask
 
-        t = time.perf_counter()
-        idx = cdask.facility_location(X, k, partitions=2, seed=0, neighbors=K_NEIGHBORS).indices
+        t = time.perf_counter()  # the cluster's start is in the time, as with client=None
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+                Client(cluster) as client:
+            idx = cdask.facility_location(X, k, client=client, partitions=2, seed=0, neighbors=K_NEIGHBORS).indices
+            seconds = time.perf_counter() - t
+            peaks = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        np.savez(out, idx=np.asarray(idx, dtype=np.int64), seconds=seconds, rss=rss,
+                 worker_rss=np.asarray(sorted(peaks.values()), dtype=np.int64), total=time.perf_counter() - t_total)
+        return
     elif method == "apricot-knn":
         from apricot import FacilityLocationSelection
 
@@ -138,6 +148,9 @@ def main(argv=None) -> None:
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--previous", default=None,
+                    help="a JSON file of an earlier run (--json): its rows stay in the table; a size measured again "
+                         "keeps the previous run's other methods")
     ap.add_argument("--child", nargs=4, metavar=("METHOD", "N", "K", "OUT"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
@@ -146,7 +159,7 @@ def main(argv=None) -> None:
     ns = [int(x) for x in a.ns.split(",")]
     fracs = [float(x) for x in a.fracs.split(",")]
     methods = a.methods.split(",")
-    rows = []
+    rows = json.loads(Path(a.previous).read_text()) if a.previous else []
     tmp = Path(tempfile.mkdtemp(prefix="crest-scale-"))
     for n in ns:
         X = make_data(n)
@@ -172,14 +185,19 @@ def main(argv=None) -> None:
                     res[m] = dict(status=f"timed out after {a.timeout:.0f} s")
                     continue
                 if proc.returncode != 0:
-                    res[m] = dict(status="failed: " + proc.stderr.strip().splitlines()[-1][:200])
+                    err = proc.stderr.strip().splitlines()
+                    res[m] = dict(status="failed: " + (err[-1][:200] if err else f"exit code {proc.returncode}"))
                     continue
                 z = np.load(out)
                 idx = z["idx"]
                 cost = min_dist_cost(X, idx)
-                res[m] = dict(status="ok" + note, seconds=float(z["seconds"]), rss=int(z["rss"]), cost=cost,
+                extra = {"worker_rss": [int(v) for v in z["worker_rss"]]} if "worker_rss" in z.files else {}
+                res[m] = dict(extra, status="ok" + note, seconds=float(z["seconds"]), rss=int(z["rss"]), cost=cost,
                               wall=time.perf_counter() - t0, distinct=int(np.unique(idx).size))
                 print(n, k, m, res[m], flush=True)
+            old = next((i for i, row in enumerate(rows) if row["n"] == n and row["k"] == k), None)
+            if old is not None:  # the same size in --previous: its other methods join this row
+                res = {**{m: r for m, r in rows.pop(old)["results"].items() if m not in res}, **res}
             ref = next((r for r in ("mf-lazy", "mf-stochastic", "sparse-16") if res.get(r, {}).get("status") == "ok"), None)
             for r in res.values():
                 if r.get("status") == "ok" and ref is not None:
@@ -212,7 +230,7 @@ def render(rows, command: str) -> str:
         "float64, clustered data (see the script). cost = mean distance of a point to its nearest pick over all n "
         "(lower is better); F ratio = facility-location objective `n (M - cost)` with the exact largest distance M, "
         "relative to the reference row (n <= 60,000 only); cost ratio = reference cost / cost. GreeDi's RSS is "
-        "the driver process only (its 2 worker processes are not counted).",
+        "the driver's, then each worker process's peak in brackets (older rows: the driver's only).",
         "",
     ]
     for row in rows:
@@ -221,11 +239,12 @@ def render(rows, command: str) -> str:
                   "|---|---|---|---|---|---|---|"]
         for m, r in row["results"].items():
             if r.get("status") == "ok":
-                lines.append(f"| {m} | ok | {r['seconds']:.1f} | {r['rss'] / 1e6:.0f} | {r['cost']:.4f} | "
-                             f"{r.get('cost_ratio', float('nan')):.4f} | "
-                             f"{r['F_ratio']:.5f} |" if "F_ratio" in r else
-                             f"| {m} | ok | {r['seconds']:.1f} | {r['rss'] / 1e6:.0f} | {r['cost']:.4f} | "
-                             f"{r.get('cost_ratio', float('nan')):.4f} | - |")
+                rss = f"{r['rss'] / 1e6:.0f}"
+                if r.get("worker_rss"):
+                    rss += " [" + ", ".join(f"{v / 1e6:.0f}" for v in r["worker_rss"]) + "]"
+                f_ratio = f"{r['F_ratio']:.5f}" if "F_ratio" in r else "-"
+                lines.append(f"| {m} | ok | {r['seconds']:.1f} | {rss} | {r['cost']:.4f} | "
+                             f"{r.get('cost_ratio', float('nan')):.4f} | {f_ratio} |")
             else:
                 lines.append(f"| {m} | {r['status']} | - | - | - | - | - |")
         lines.append("")
