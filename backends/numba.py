@@ -30,10 +30,17 @@ Implementation notes
   matrix itself when it is symmetric, else a transposed copy) so that a candidate's column is
   contiguous.
 * ``facility_batched`` (the dense path of ``crestcore``) fuses similarity, greedy and cluster sizes:
-  each problem's matrix is built in a per-thread buffer, only up to its last valid point (full rows
-  above ``_MIRROR_MAX_N``, else the upper triangle mirrored), and solved there; lazy greedy uses the
-  same heap and accept rule as ``_solve_dense`` and every gain sums its terms into the four partial
-  sums the padded row would use, so the results are bit for bit those of the three separate kernels.
+  each problem's matrix is built in a per-thread buffer, only up to its last valid point (the upper
+  triangle mirrored, row by row up to ``_MIRROR_MAX_N``, above it by ``_FILL_TILE`` square tiles), and
+  solved there; lazy greedy uses the same heap and accept rule as ``_solve_dense`` and every gain sums
+  its terms into the four partial sums the padded row would use, so the results are bit for bit those
+  of the three separate kernels. Above ``_MIRROR_MAX_N`` every distance is computed once: ``max-minus``
+  takes its M from a pruned pass (``_max_valid_distance``: points by decreasing distance to their mean,
+  stopped by the triangle inequality; a few rows on typical data) whose values are bit for bit the
+  fill's. The fused gain skips blocks of ``_GAIN_BLOCK`` terms that are all exactly 0 (covered points);
+  adding +0.0 changes no partial sum, so this is exact, and it shortens the serial chain of additions
+  that bounds a gain's cost. The matrix the fused kernel builds is symmetric by construction: no
+  symmetry check there (``greedy_batched`` keeps it for matrices it is given).
   It is serial (one compile unit, the cold-start cost of every dense call) unless a batch has at least
   ``_FUSED_PARALLEL_MIN_WORK`` of work; then whole problems go to the threads (``_fused_parallel``,
   compiled only when first needed). On this project's shared 2-core machine two threads made the CREST
@@ -1068,12 +1075,15 @@ def greedy_features(X, k, metric, kernel, scale, optimizer, u=None, tile=2048):
 # fused dense path: similarities, greedy and cluster sizes of each problem in one pass (facility_batched)
 # --------------------------------------------------------------------------------------------------
 
-# Problems up to this size compute the upper triangle and mirror it (the matrix is in cache); larger ones
-# compute full rows (twice the distance work, but no strided writes). Both give the same values.
+# Problems up to this size compute the upper triangle row by row and mirror it (the matrix is in cache);
+# larger ones compute the upper triangle by _FILL_TILE tiles, each written to both triangles (no strided
+# writes out of cache). Both give the same values.
 _MIRROR_MAX_N = 512
 # The fused kernel runs one thread per problem (problems split over threads, never one problem over
 # several) once the batch has this much work (B * n * n * (d + 4)); below it one thread is faster.
 _FUSED_PARALLEL_MIN_WORK = 50_000_000
+# Block of gain terms tested at once for "all exactly 0" in _fused_gain (a multiple of 4).
+_GAIN_BLOCK = 16
 
 
 @njit(cache=True, nogil=True)
@@ -1086,7 +1096,24 @@ def _fused_gain(W, off, nw, mq, cover):
     p1 = 0.0
     p2 = 0.0
     p3 = 0.0
-    for i in range(0, m4, 4):
+    w = W[off:off + nw]
+    c = cover[:nw]
+    # Blocks of _GAIN_BLOCK terms: a block whose terms are all exactly 0 (W <= cover: covered points, most
+    # of them once the greedy is under way) is skipped. Adding +0.0 leaves a partial sum (>= +0) as it
+    # is, so the four sums are bit for bit the full loop's; only the serial chain of additions shrinks.
+    mb = m4 - m4 % _GAIN_BLOCK
+    for i0 in range(0, mb, _GAIN_BLOCK):
+        hit = False
+        for q in range(i0, i0 + _GAIN_BLOCK):
+            if not w[q] <= c[q]:  # a positive term (or a NaN, kept as the full loop would)
+                hit = True
+        if hit:
+            for i in range(i0, i0 + _GAIN_BLOCK, 4):
+                p0 += max(w[i] - c[i], 0.0)
+                p1 += max(w[i + 1] - c[i + 1], 0.0)
+                p2 += max(w[i + 2] - c[i + 2], 0.0)
+                p3 += max(w[i + 3] - c[i + 3], 0.0)
+    for i in range(mb, m4, 4):
         p0 += max(W[off + i] - cover[i], 0.0)
         p1 += max(W[off + i + 1] - cover[i + 1], 0.0)
         p2 += max(W[off + i + 2] - cover[i + 2], 0.0)
@@ -1106,6 +1133,159 @@ def _fused_gain(W, off, nw, mq, cover):
             else:
                 p3 += v
     return (p0 + p1) + (p2 + p3)
+
+
+@njit(cache=True, nogil=True)
+def _tile_row(xi, ni, xt, stride, nr, metric, J0, J1, o):
+    """o[q] = D(x_i, point J0 + q) for q < J1 - J0: x_i given as ``xi`` (d,) with squared norm ``ni``,
+    the points as ``xt`` (flat, feature k of point j at ``xt[k * stride + j]``) with squared norms ``nr``
+    (cosine only). The same arithmetic, in the same order, as every other distance of the fused path,
+    so the values are bit for bit theirs (and D(i, j) == D(j, i)). No diagonal handling."""
+    m = J1 - J0
+    d = xi.shape[0]
+    for q in range(m):
+        o[q] = 0.0
+    if metric == 2:
+        for k in range(d):
+            x = xi[k]
+            xr = xt[k * stride + J0:k * stride + J1]
+            for q in range(m):
+                o[q] += xr[q] * x
+        nn = nr[J0:J1]
+        for q in range(m):
+            nj = nn[q]
+            c = 0.0
+            if nj > 0.0 and ni > 0.0:
+                den = nj * ni
+                c = o[q] / (math.sqrt(den) if den > 0.0 else math.sqrt(nj) * math.sqrt(ni))
+            o[q] = min(max(1.0 - c, 0.0), 2.0)
+    else:
+        for k in range(d):
+            x = xi[k]
+            xr = xt[k * stride + J0:k * stride + J1]
+            for q in range(m):
+                df = xr[q] - x
+                o[q] += df * df
+        if metric == 0:
+            for q in range(m):
+                o[q] = math.sqrt(o[q])
+
+
+# Tile edge of _fill_tiled: rows of 256 vectorise well and a 256 x 256 float64 tile stays in L2 (measured
+# on this machine: 64 took 1.4x as long, 1024 1.3x).
+_FILL_TILE = 256
+
+# relative slack of the radius bound D(i, j) <= r_i + r_j in _max_valid_distance: the computed distances
+# and radii are within ~4 d eps (d <= 64: < 3e-14) of the exact ones, far inside it
+_PRUNE_SLACK = 1e-9
+
+
+@njit(cache=True, nogil=True)
+def _max_valid_distance(X, valid, b, nw, metric, nrm):
+    """M = the largest D over valid pairs (0 with fewer than two), each pair's value bit for bit the
+    one the fill computes, so ``M - D`` is exactly what a full measuring pass would give.
+
+    The valid points are visited in order of decreasing distance r_p to their mean, each against the
+    points after it (the upper triangle, once), and the visit stops once ``r_p + r_{p+1}`` (times
+    1 + _PRUNE_SLACK) is below the maximum found: by the triangle inequality no remaining pair can
+    reach it. Cosine distances are not metric: the whole triangle is visited there.
+    """
+    d = X.shape[2]
+    nv = 0
+    for i in range(nw):
+        if valid[b, i]:
+            nv += 1
+    if nv < 2:
+        return 0.0
+    idx = np.empty(nv, dtype=np.int64)
+    q = 0
+    for i in range(nw):
+        if valid[b, i]:
+            idx[q] = i
+            q += 1
+    r = np.zeros(nv)
+    if metric != 2:
+        c = np.zeros(d)
+        for p in range(nv):
+            for k in range(d):
+                c[k] += X[b, idx[p], k]
+        for k in range(d):
+            c[k] /= nv
+        for p in range(nv):
+            s = 0.0
+            for k in range(d):
+                v = X[b, idx[p], k] - c[k]
+                s += v * v
+            r[p] = math.sqrt(s)
+        order = np.argsort(-r, kind="mergesort")
+        idx = idx[order]
+        r = r[order]
+    xs = np.empty(d * nv)
+    ns = np.empty(nv)
+    for p in range(nv):
+        ns[p] = nrm[idx[p]]
+        for k in range(d):
+            xs[k * nv + p] = X[b, idx[p], k]
+    xi = np.empty(d)
+    buf = np.empty(nv)
+    M = 0.0
+    for p in range(nv - 1):
+        if metric != 2:
+            bound = (r[p] + r[p + 1]) * (1.0 + _PRUNE_SLACK)
+            if metric == 1:
+                bound = bound * bound
+            if bound < M:
+                break
+        for k in range(d):
+            xi[k] = xs[k * nv + p]
+        _tile_row(xi, ns[p], xs, nv, ns, metric, p + 1, nv, buf)
+        for q in range(nv - p - 1):
+            if buf[q] > M:
+                M = buf[q]
+    return M
+
+
+@njit(cache=True, nogil=True)
+def _fill_tiled(X, valid, b, nw, metric, kernel, scale, M, xt, nrm, W):
+    """W[i * nw + j] = s(i, j) over the first nw points (0 on invalid rows and columns), by square
+    tiles of the upper triangle, each written to both triangles: every distance computed once."""
+    d = X.shape[2]
+    T = _FILL_TILE
+    tile = np.empty((T, T))
+    xi = np.empty(d)
+    for I0 in range(0, nw, T):
+        I1 = min(I0 + T, nw)
+        for J0 in range(I0, nw, T):
+            J1 = min(J0 + T, nw)
+            m = J1 - J0
+            vb = valid[b, J0:J1]
+            for i in range(I0, I1):
+                tr = tile[i - I0]
+                if valid[b, i]:
+                    for k in range(d):
+                        xi[k] = X[b, i, k]
+                    _tile_row(xi, nrm[i], xt, nw, nrm, metric, J0, J1, tr)
+                    if J0 <= i < J1:
+                        tr[i - J0] = 0.0
+                    if kernel == 0:
+                        for q in range(m):
+                            tr[q] = M - tr[q] if vb[q] else 0.0
+                    else:
+                        for q in range(m):
+                            tr[q] = math.exp(-tr[q] / scale) if vb[q] else 0.0
+                else:
+                    for q in range(m):
+                        tr[q] = 0.0
+                wr = W[i * nw + J0:i * nw + J1]
+                for q in range(m):
+                    wr[q] = tr[q]
+            if J0 != I0:
+                h = I1 - I0
+                for q in range(m):
+                    wc = W[(J0 + q) * nw + I0:(J0 + q) * nw + I1]
+                    for p in range(h):
+                        wc[p] = tile[p, q]
+
 
 
 @njit(cache=True, nogil=True)
@@ -1134,7 +1314,12 @@ def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, 
     # distances row by row (j >= i, vectorised over j); kernel values mirrored into both triangles
     M = 0.0
     npass = 2 if (kernel == 0 and not store_d) else 1
-    mirror = nw <= _MIRROR_MAX_N  # small problems: the upper triangle, mirrored (in cache); large: full rows
+    mirror = nw <= _MIRROR_MAX_N  # small problems: the upper triangle, mirrored (in cache); large: tiles
+    if not mirror:  # large: M from the pruned triangle, then every distance once, in tiles
+        npass = 0
+        if kernel == 0:
+            M = _max_valid_distance(X, valid, b, nw, metric, nrm)
+        _fill_tiled(X, valid, b, nw, metric, kernel, scale, M, xt, nrm, W)
     for ps in range(npass):
         last = ps == npass - 1
         for i in range(nw):
@@ -1192,7 +1377,7 @@ def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, 
                 for q in range(m):
                     if valid[b, lo + q] and row[q] > M:
                         M = row[q]
-    if kernel == 0 and store_d:
+    if kernel == 0 and store_d and mirror:
         for i in range(nw):
             for j in range(nw):
                 if valid[b, i] and valid[b, j]:

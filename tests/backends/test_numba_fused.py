@@ -76,6 +76,24 @@ def test_fused_large_problems_full_rows(n):
         assert_bitwise(got, composed(X, valid, budgets, metric, kernel, "lazy", None))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("metric", METRICS)
+def test_fused_large_problems_tiles_and_pruned_maximum(metric, dtype):
+    """Above _MIRROR_MAX_N: tiled fill and max-minus's M from the pruned pass, padding anywhere, float32
+    too (its M was a second full pass before); and points on a sphere around their mean, where the radius
+    bound prunes nothing."""
+    X, valid, budgets, _ = batch(5, 2, 600, 4, dtype, trailing=False)
+    budgets = np.array([50, 20])
+    got = nbk.facility_batched(X, valid, budgets, metric, "max-minus", 2.5, "lazy")
+    assert_bitwise(got, composed(X, valid, budgets, metric, "max-minus", "lazy", None))
+    rng = np.random.default_rng(7)
+    Y = rng.standard_normal((1, 530, 3))
+    Y = (Y / np.linalg.norm(Y, axis=2, keepdims=True)).astype(dtype)
+    v = np.ones((1, 530), dtype=bool)
+    got = nbk.facility_batched(Y, v, np.array([30]), metric, "max-minus", 2.5, "lazy")
+    assert_bitwise(got, composed(Y, v, np.array([30]), metric, "max-minus", "lazy", None))
+
+
 def test_fused_threads_change_nothing(monkeypatch):
     """Problems split over threads (the parallel variant) give the serial results bit for bit."""
     X, valid, budgets, u = batch(11, 9, 40, 4, np.float64, trailing=True)
