@@ -1,7 +1,8 @@
 """Peak memory of one dense ``minibatch_coresets`` call, per backend, on the same problem (M1).
 
-Every backend runs in its own fresh process: the kernels are warmed up on a tiny problem, the heap is
-trimmed and the peak RSS reset, then one full-size call runs; its memory is the peak RSS over the RSS
+Every backend runs in its own fresh process: the kernels are warmed up by the same call with another
+seed (so a cold Numba cache's compilation is not counted), the heap is trimmed and the peak RSS reset,
+then the full-size call runs; its memory is the peak RSS over the RSS
 before the call. The ratio to the NumPy (Numba) path is the figure of merit: the dense (B, n, n)
 similarities are the floor every path shares, and work buffers beside them should add little.
 
@@ -35,7 +36,8 @@ PROBLEMS = ((8, 3000, 64, False), (4, 4000, 32, False), (10, 6000, 16, True))
 
 
 def _child(backend: str, P: int, r: int, d: int, per_class: bool) -> dict:
-    """Run in the measuring process: one warm-up, then the measured call; returns MiB figures."""
+    """Run in the measuring process: a warm-up (the same call, another seed), then the measured call;
+    returns MiB figures. Nothing is cached between calls (work buffers are per call)."""
     from selection import _malloc_release, _peak_kb, _proc_status_kb, _reset_peak
 
     import numpy as np
@@ -54,7 +56,9 @@ def _child(backend: str, P: int, r: int, d: int, per_class: bool) -> dict:
     else:
         Xa, ya = X, y
     extra = {"backend": "reference"} if backend == "reference" else {}
-    crestcore.minibatch_coresets(Xa[:400], ya[:400], m=4, r=100, P=2, per_class=per_class, rng=0, **extra)
+    # the warm-up is the measured call itself (another seed): every kernel and code path the measured call
+    # takes is compiled (a cold Numba cache would otherwise count the compiler's memory), its buffers sized
+    crestcore.minibatch_coresets(Xa, ya, rng=0, **kw, **extra)
     gc.collect()
     _malloc_release()
     reset = _reset_peak()
