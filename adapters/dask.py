@@ -112,32 +112,33 @@ def _local(block, p: int, start: int, labels_p, classes, budgets, means, metric,
     return out
 
 
-def _similarity_to_nearest(dmin, M, kernel, scale):
-    """``max_j s(D_ij)`` from ``min_j D_ij``: the transforms are monotone, so this is the best similarity
-    (``max(M - D, 0)`` and ``exp(-D / scale)`` round monotonically, so the values are the same)."""
-    return np.maximum(M - dmin, 0.0) if kernel == "max-minus" else np.exp(-dmin / scale)
+def _similarity(D, M, kernel, scale):
+    """The options' kernel on distances ``D``: ``max(M - D, 0)`` or ``exp(-D / scale)``. Both are monotone
+    (and round monotonically), so on ``min_j D_ij`` they give ``max_j s_ij`` exactly."""
+    return np.maximum(M - D, 0.0) if kernel == "max-minus" else np.exp(-D / scale)
+
+
+def _distance_tiles(B, labels_p, c, rows, metric):
+    """The distances from the block's points of class ``c`` to a candidate's rows, in row tiles of at most
+    ``_TILE_ELEMENTS`` elements (never a block x k matrix at once)."""
+    idx = np.flatnonzero(labels_p == c)
+    kc = rows.shape[0]
+    if not (idx.size and kc):
+        return
+    R = rows.astype(np.float64)
+    tile = max(1, _TILE_ELEMENTS // kc)
+    for a in range(0, idx.size, tile):
+        yield pairwise_distances(B[idx[a:a + tile]], R, metric=metric)
 
 
 def _objectives(block, start: int, labels_p, classes, candidates, metric, kernel, scale, Ms):
     """For every class and candidate solution: this block's share of the common objective only (one
     nearest-pick pass; the weights and gains are computed for the winner alone, by :func:`_evaluate`)."""
     B = np.asarray(block).astype(np.float64)
-    res = []
-    for ci, c in enumerate(classes):
-        idx = np.flatnonzero(labels_p == c)
-        per = []
-        for rows in candidates[ci]:
-            kc = rows.shape[0]
-            obj = 0.0
-            if idx.size and kc:
-                R = rows.astype(np.float64)
-                tile = max(1, _TILE_ELEMENTS // kc)
-                for a in range(0, idx.size, tile):
-                    dmin = pairwise_distances(B[idx[a:a + tile]], R, metric=metric).min(axis=1)
-                    obj += float(_similarity_to_nearest(dmin, Ms[ci], kernel, scale).sum())
-            per.append(obj)
-        res.append(per)
-    return res
+    return [[sum(float(_similarity(D.min(axis=1), Ms[ci], kernel, scale).sum())
+                 for D in _distance_tiles(B, labels_p, c, rows, metric))
+             for rows in candidates[ci]]
+            for ci, c in enumerate(classes)]
 
 
 def _evaluate(block, start: int, labels_p, classes, candidates, metric, kernel, scale, Ms):
@@ -146,22 +147,16 @@ def _evaluate(block, start: int, labels_p, classes, candidates, metric, kernel, 
     B = np.asarray(block).astype(np.float64)
     res = []
     for ci, c in enumerate(classes):
-        idx = np.flatnonzero(labels_p == c)
         per = []
         for rows in candidates[ci]:
             kc = rows.shape[0]
             obj, w, g = 0.0, np.zeros(kc), np.zeros(kc)
-            if idx.size and kc:
-                R = rows.astype(np.float64)
-                tile = max(1, _TILE_ELEMENTS // kc)
-                for a in range(0, idx.size, tile):
-                    D = pairwise_distances(B[idx[a:a + tile]], R, metric=metric)
-                    S = np.maximum(Ms[ci] - D, 0.0) if kernel == "max-minus" else np.exp(-D / scale)
-                    best = np.argmax(S, axis=1)  # the earliest pick on ties
-                    w += np.bincount(best, minlength=kc)
-                    run = np.maximum.accumulate(S, axis=1)
-                    obj += float(run[:, -1].sum())
-                    g += np.diff(run, axis=1, prepend=0.0).sum(axis=0)
+            for D in _distance_tiles(B, labels_p, c, rows, metric):
+                S = _similarity(D, Ms[ci], kernel, scale)
+                w += np.bincount(np.argmax(S, axis=1), minlength=kc)  # the earliest pick on ties
+                run = np.maximum.accumulate(S, axis=1)
+                obj += float(run[:, -1].sum())
+                g += np.diff(run, axis=1, prepend=0.0).sum(axis=0)
             per.append((obj, w, g))
         res.append(per)
     return res
