@@ -122,7 +122,12 @@ def hamilton(total: int, sizes: np.ndarray) -> np.ndarray:
     >>> hamilton(3, [10, 5, 1]).tolist()  # every non-empty class gets one
     [1, 1, 1]
     """
-    sizes = np.asarray(sizes, dtype=np.int64)
+    total = check_int(total, "total", low=0)
+    raw = np.asarray(sizes)
+    if raw.ndim != 1 or (raw.size and (not np.issubdtype(raw.dtype, np.integer) or raw.min() < 0)):
+        raise ValueError(f"sizes must be a 1-D array of non-negative integers, got shape {raw.shape} and "
+                         f"dtype {raw.dtype}")
+    sizes = raw.astype(np.int64)
     n = int(sizes.sum())
     if n == 0:
         return np.zeros_like(sizes)

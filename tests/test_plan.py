@@ -43,3 +43,21 @@ def test_bad_sizes_are_named(args, name):
         full_steps(*args)
     with pytest.raises(ValueError, match="full must"):
         budget_steps(0.1, 0)
+
+
+def test_hamilton_refuses_what_it_cannot_split():
+    from crestcore.plan import hamilton
+
+    with pytest.raises(ValueError, match="total"):
+        hamilton(-1, [3, 4])
+    with pytest.raises(TypeError, match="total"):
+        hamilton(2.5, [3, 4])
+    with pytest.raises(ValueError, match="sizes"):
+        hamilton(2, [3.5, 4.0])
+    with pytest.raises(ValueError, match="sizes"):
+        hamilton(2, [[3, 4]])
+    with pytest.raises(ValueError, match="sizes"):
+        hamilton(2, [3, -1])
+    sizes = [5, 3, 2]
+    assert hamilton(10, sizes).tolist() == [5, 3, 2] and sizes == [5, 3, 2]
+    assert hamilton(0, []).tolist() == []
