@@ -6,10 +6,11 @@ Self-contained: no conftest fixtures.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from crestcore import (
@@ -117,11 +118,17 @@ def test_should_reselect_bad_inputs(rho, tau, exc, match):
 @SETTINGS
 @given(h0=st.floats(0, 1e4), ht=st.floats(1e-3, 1e4), h=st.floats(0.01, 10), b=st.floats(0.01, 10),
        cap=st.one_of(st.none(), st.integers(1, 500)))
+@example(h0=247.0, ht=0.01, h=0.01, b=1.0, cap=None)  # float h * h0 / ht lands an ulp above 247
 def test_update_schedule_rule(h0, ht, h, b, cap):
     assume(h * h0 / ht < 1e7)
     T1, P = update_schedule(h0, ht, h=h, b=b, cap=cap)
     assert type(T1) is int and type(P) is int
-    t1 = max(1, math.ceil(h * h0 / ht))
+    # the documented rule, on the exact value of h * h0 / ht (float arithmetic can land an ulp above an
+    # integer: 0.01 * 247 / 0.01 is 247.00000000000003), with its relative 1e-9 slack below that value
+    exact = Fraction(h) * Fraction(h0) / Fraction(ht)
+    t1 = max(1, math.ceil(exact))
+    if t1 > 1 and exact - (t1 - 1) <= Fraction(1e-9) * max(1, exact):
+        t1 -= 1
     if cap is not None:
         t1 = min(t1, cap)  # the check interval never exceeds the cap (one virtual epoch) either
     p = max(1, math.ceil(b * t1))
