@@ -12,9 +12,10 @@
 3. **Merge**: greedy over the union of the partial solutions (at most ``m k`` rows, which come back with
    the partial solutions), on the process that called.
 4. **Choose**: the merged solution and every partial one are evaluated on the common objective
-   ``F(S) = sum_{i in V} max_{j in S} s_ij`` over *all* points (each worker adds its block's share, from
-   one nearest-pick pass per candidate), and the best is returned (the merged one on ties), with its
-   cluster sizes and gains from one more pass. Per class with labels.
+   ``F(S) = sum_{i in V} max_{j in S} s_ij`` over *all* points, with their cluster sizes and gains: each
+   worker scores its block with :func:`crestcore.score_orders` (one distance pass over the union of the
+   candidates, at most ``m k`` rows, scores them all), and the best is returned (the merged one on ties).
+   Per class with labels.
 
 The common objective uses the kernel of the options: ``exp`` as is; ``max-minus`` with ``M`` the
 diameter bound ``2 max_i |x_i - mean|`` of the class (``2`` for cosine, squared for sqeuclidean), which
@@ -44,12 +45,11 @@ import crestcore
 from crestcore.plan import hamilton
 from crestcore.validation import check_int
 from crestcore.facility import Selection
-from crestcore.similarity import KERNELS, METRICS, kernel_scale, pairwise_distances
+from crestcore.similarity import KERNELS, METRICS, kernel_scale
 
 __all__ = ["facility_location"]
 
 _OPTIONS = ("metric", "kernel", "optimizer", "epsilon", "scale", "neighbors", "max_dense_bytes", "backend")
-_TILE_ELEMENTS = 1 << 22
 
 
 def _check_options(options: dict) -> dict:
@@ -112,54 +112,19 @@ def _local(block, p: int, start: int, labels_p, classes, budgets, means, metric,
     return out
 
 
-def _similarity(D, M, kernel, scale):
-    """The options' kernel on distances ``D``: ``max(M - D, 0)`` or ``exp(-D / scale)``. Both are monotone
-    (and round monotonically), so on ``min_j D_ij`` they give ``max_j s_ij`` exactly."""
-    return np.maximum(M - D, 0.0) if kernel == "max-minus" else np.exp(-D / scale)
-
-
-def _distance_tiles(B, labels_p, c, rows, metric):
-    """The distances from the block's points of class ``c`` to a candidate's rows, in row tiles of at most
-    ``_TILE_ELEMENTS`` elements (never a block x k matrix at once)."""
-    idx = np.flatnonzero(labels_p == c)
-    kc = rows.shape[0]
-    if not (idx.size and kc):
-        return
-    R = rows.astype(np.float64)
-    tile = max(1, _TILE_ELEMENTS // kc)
-    for a in range(0, idx.size, tile):
-        yield pairwise_distances(B[idx[a:a + tile]], R, metric=metric)
-
-
-def _objectives(block, start: int, labels_p, classes, candidates, metric, kernel, scale, Ms):
-    """For every class and candidate solution: this block's share of the common objective only (one
-    nearest-pick pass; the weights and gains are computed for the winner alone, by :func:`_evaluate`)."""
-    B = np.asarray(block).astype(np.float64)
-    return [[sum(float(_similarity(D.min(axis=1), Ms[ci], kernel, scale).sum())
-                 for D in _distance_tiles(B, labels_p, c, rows, metric))
-             for rows in candidates[ci]]
-            for ci, c in enumerate(classes)]
-
-
-def _evaluate(block, start: int, labels_p, classes, candidates, metric, kernel, scale, Ms):
-    """For every class and candidate solution (rows in greedy order): this block's share of the common
-    objective, of the cluster sizes and of the gains along the order."""
-    B = np.asarray(block).astype(np.float64)
-    res = []
+def _scores(block, labels_p, classes, candidates, metric, kernel, scale, Ms):
+    """For every class: this block's share of every candidate solution's objective, cluster sizes and
+    gains along its order (:func:`crestcore.score_orders`: one distance pass over the union of the
+    candidates, all of them scored in it). ``candidates`` is (per class the union's rows, per class the
+    candidates as orders of those rows)."""
+    unions, orders = candidates
+    B = np.asarray(block)
+    out = []
     for ci, c in enumerate(classes):
-        per = []
-        for rows in candidates[ci]:
-            kc = rows.shape[0]
-            obj, w, g = 0.0, np.zeros(kc), np.zeros(kc)
-            for D in _distance_tiles(B, labels_p, c, rows, metric):
-                S = _similarity(D, Ms[ci], kernel, scale)
-                w += np.bincount(np.argmax(S, axis=1), minlength=kc)  # the earliest pick on ties
-                run = np.maximum.accumulate(S, axis=1)
-                obj += float(run[:, -1].sum())
-                g += np.diff(run, axis=1, prepend=0.0).sum(axis=0)
-            per.append((obj, w, g))
-        res.append(per)
-    return res
+        idx = np.flatnonzero(labels_p == c)
+        out.append(crestcore.score_orders(B[idx], unions[ci], orders[ci], metric=metric, kernel=kernel,
+                                          bound=Ms[ci] if kernel == "max-minus" else None, scale=scale))
+    return out
 
 
 def _single(block, k, labels, seed, options):
@@ -311,8 +276,9 @@ def facility_location(X, k, *, labels=None, client=None, partitions=None, seed=0
                           options)
             for p in range(m)
         ])
-        # the merge, per class, over the union of the partial solutions (sorted by global index)
-        candidates, cand_idx, Ms = [], [], []
+        # the merge, per class, over the union of the partial solutions (sorted by global index); the
+        # candidates are the merged solution and every partial one, as orders of rows of the union
+        unions, union_idx, orders, Ms = [], [], [], []
         for ci in range(len(classes)):
             parts = [local[p][ci] for p in range(m)]
             r = max(pp[2] for pp in parts)
@@ -326,27 +292,14 @@ def facility_location(X, k, *, labels=None, client=None, partitions=None, seed=0
                 merged = np.zeros(0, dtype=np.int64)
             else:
                 msel = crestcore.facility_location(rows, int(budgets[ci]), rng=rng, **options)
-                merged = np.asarray(msel.indices)
-            cands_i = [U[merged]] + [pp[0] for pp in parts]
-            cands_r = [rows[merged]] + [pp[1] for pp in parts]
-            cand_idx.append(cands_i)
-            candidates.append(cands_r)
-        # choose per class on the common objective (a nearest-pick pass per candidate), then the winner's
-        # weights and gains (one full pass)
-        cand_future = client.scatter([candidates], broadcast=True, hash=False)[0]
+                merged = np.asarray(msel.indices).astype(np.int64)
+            orders.append([merged] + [np.searchsorted(U, pp[0]) for pp in parts])
+            unions.append(rows)
+            union_idx.append(U)
+        # choose per class on the common objective: every block scores every candidate in one pass
+        shared = client.scatter([(unions, orders)], broadcast=True, hash=False)[0]
         shares = client.gather([
-            client.submit(_objectives, futures[p], int(bounds[p]), labs[p], classes, cand_future, metric, kernel,
-                          scale, Ms)
-            for p in range(m)
-        ])
-        objs = [[sum(shares[p][ci][c] for p in range(m)) for c in range(len(candidates[ci]))]
-                for ci in range(len(classes))]
-        bests = [int(np.argmax(o)) for o in objs]  # the merged solution (0) on ties
-        win_future = client.scatter([[[candidates[ci][bests[ci]]] for ci in range(len(classes))]],
-                                    broadcast=True, hash=False)[0]
-        evals = client.gather([
-            client.submit(_evaluate, futures[p], int(bounds[p]), labs[p], classes, win_future, metric, kernel,
-                          scale, Ms)
+            client.submit(_scores, futures[p], labs[p], classes, shared, metric, kernel, scale, Ms)
             for p in range(m)
         ])
     finally:
@@ -358,12 +311,13 @@ def facility_location(X, k, *, labels=None, client=None, partitions=None, seed=0
     for ci in range(len(classes)):
         if budgets[ci] == 0:
             continue
-        best = bests[ci]
+        objs = [sum(shares[p][ci][q][0] for p in range(m)) for q in range(len(orders[ci]))]
+        best = int(np.argmax(objs))  # the merged solution (0) on ties
         won.append("merged" if best == 0 else f"partition {best - 1}")
-        idx_out.append(cand_idx[ci][best])
-        w_out.append(sum(evals[p][ci][0][1] for p in range(m)))
-        g_out.append(sum(evals[p][ci][0][2] for p in range(m)))
-        total += sum(evals[p][ci][0][0] for p in range(m))
+        idx_out.append(union_idx[ci][orders[ci][best]])
+        w_out.append(sum(shares[p][ci][best][1] for p in range(m)))
+        g_out.append(sum(shares[p][ci][best][2] for p in range(m)))
+        total += objs[best]
     dtype = X.dtype if X.dtype in (np.float32, np.float64) else np.float32
     plan = (f"greedi: {m} partitions; winner per class: " + ", ".join(won) if len(classes) > 1
             else f"greedi: {m} partitions; winner: {won[0]}")

@@ -5,7 +5,7 @@ Framework-free core written against the Python array API; fast kernels live in
 no torch, cupy, numba or keras.
 """
 
-from .facility import Selection, facility_location, facility_objective, marginal_gains
+from .facility import Selection, facility_location, facility_objective, marginal_gains, score_orders
 from .minibatch import Coresets, draw_subsets, minibatch_coresets
 from .similarity import pairwise_distances
 
@@ -17,6 +17,7 @@ __all__ = [
     "facility_location",
     "facility_objective",
     "marginal_gains",
+    "score_orders",
     "minibatch_coresets",
     "draw_subsets",
     "pairwise_distances",

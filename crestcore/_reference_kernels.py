@@ -16,6 +16,9 @@ These have exactly the names and signatures of the kernels in ``crestcore.backen
     three kernels).
 ``draw_stratified(members, starts, r_c, draws) -> (P, r) int64`` (host NumPy only)
     the subsets of :func:`crestcore.minibatch.draw_subsets` from pre-drawn Floyd draws.
+``order_scores(D, cols, offsets, kernel, bound, scale) -> (objectives, weights, gains)`` (host NumPy only)
+    objective, cluster sizes and gains of ordered pick lists on a distance block (see
+    :func:`crestcore.facility.score_orders`).
 
 Conventions shared by every implementation
 -------------------------------------------
@@ -41,10 +44,11 @@ import math
 import numpy as np
 
 from ._compat import device_of, from_numpy, host_to, namespace, to_numpy
-from .similarity import pairwise_distances
+from .backends import snap_tolerance
+from .similarity import _gram_distances, pairwise_distances
 
 __all__ = ["similarity_batched", "greedy_batched", "assign_batched", "greedy_features", "facility_batched",
-           "draw_stratified"]
+           "draw_stratified", "order_scores"]
 
 from .similarity import similarity_batched  # noqa: E402  (same function, re-exported as a kernel)
 
@@ -288,3 +292,35 @@ def draw_stratified(pool, cls, r_c, draws):
     key = blk[None, :] * big + vals  # sort within blocks: the block order is kept by the key
     key.sort(axis=1)
     return key - blk[None, :] * big
+
+
+def order_scores(G, sx, sy, cols, offsets, metric, kernel, bound, scale):
+    """Per ordered pick list ``q`` (the columns ``cols[offsets[q]:offsets[q + 1]]``, in greedy order) of a
+    block of points against candidate rows given by inner products ``G`` (n, c) and squared norms ``sx``
+    (n,), ``sy`` (c,) (cosine: ``G`` of the unit rows, norms unused): the objective ``sum_i max_j s_ij``,
+    each pick's cluster size (the points most similar to it, ties to the earliest pick) and its gain along
+    the order ``sum_i max(s_ij - max_{l < j} s_il, 0)``, in float64 (host NumPy; the Numba host kernel of
+    the same name returns the same values up to the order of the sums). Distances from
+    :func:`crestcore.similarity._gram_distances` (float64 snap), ``s = max(bound - D, 0)`` for
+    ``"max-minus"``, ``exp(-D / scale)`` for ``"exp"``; an empty list scores 0.
+    """
+    G = np.asarray(G, dtype=np.float64)
+    cols = np.asarray(cols, dtype=np.int64)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    D = _gram_distances(np, G, np.asarray(sx, dtype=np.float64), np.asarray(sy, dtype=np.float64), metric,
+                        snap_tolerance(np.finfo(np.float64).eps))
+    nq = offsets.size - 1
+    objectives = np.zeros(nq)
+    weights = np.zeros(cols.size)
+    gains = np.zeros(cols.size)
+    for q in range(nq):
+        a, b = int(offsets[q]), int(offsets[q + 1])
+        if a == b or D.shape[0] == 0:
+            continue
+        sub = D[:, cols[a:b]]
+        S = np.maximum(bound - sub, 0.0) if kernel == "max-minus" else np.exp(-sub / scale)
+        run = np.maximum.accumulate(S, axis=1)
+        objectives[q] = run[:, -1].sum()
+        weights[a:b] = np.bincount(np.argmax(S, axis=1), minlength=b - a)
+        gains[a:b] = np.diff(run, axis=1, prepend=0.0).sum(axis=0)
+    return objectives, weights, gains

@@ -26,7 +26,7 @@ from ._validation import (
     labels_to_host,
     make_rng,
 )
-from .backends import sample_sizes
+from .backends import get_host_kernel, sample_sizes
 from .similarity import KERNELS, METRICS, kernel_scale, prepare, restore
 
 _log = logging.getLogger("crestcore")
@@ -39,6 +39,7 @@ __all__ = [
     "facility_location",
     "facility_objective",
     "marginal_gains",
+    "score_orders",
     "solve_batched",
     "OPTIMIZERS",
 ]
@@ -530,3 +531,118 @@ def marginal_gains(S, selected):
     else:
         cover = xp.max(xp.take(S, selected, axis=1), axis=1)
     return restore(xp, xp.sum(xp.maximum(S - cover[:, None], xp.zeros_like(S)), axis=0), back, dtype, "gains")
+
+
+_SCORE_TILE_ELEMENTS = 1 << 22  # inner products held at once by score_orders (32 MiB in float64)
+
+
+def _gram_rows(A, metric):
+    """Rows in float64 for inner products, and their squared norms (cosine: the unit rows, as
+    :func:`crestcore.pairwise_distances` normalises them; the norms are then unused)."""
+    A = A.astype(np.float64)
+    sq = np.einsum("ij,ij->i", A, A)
+    if metric == "cosine":
+        nrm = np.sqrt(sq)
+        return A / np.where(nrm > 0, nrm, 1.0)[:, None], sq
+    return A, sq
+
+
+def score_orders(X, C, orders, *, metric: str = "euclidean", kernel: str = "max-minus",
+                 bound: float | None = None, scale: float | None = None,
+                 ) -> list[tuple[float, np.ndarray, np.ndarray]]:
+    """Score ordered pick lists on a set of points: the objective, cluster sizes and gains of each list.
+
+    The picks are rows of ``C`` (candidate rows, e.g. the union of several solutions); pick list ``o``
+    names rows of ``C`` in greedy order. With ``s_ij`` the similarity of point ``x_i`` to row ``c_j``
+    (``max(bound - D_ij, 0)`` for ``kernel="max-minus"``, ``exp(-D_ij / scale)`` for ``"exp"``, ``D`` the
+    ``metric`` distance), each list gets:
+
+    * objective ``sum_i max_{j in o} s_ij`` (0 for an empty list);
+    * weights: per pick, the number of points most similar to it (ties: the earliest pick in the order);
+    * gains: per pick, ``sum_i max(s_ij - max_{l before j} s_il, 0)`` (they add up to the objective).
+
+    All three add over points, so a data set held in blocks is scored block by block and the results
+    summed (what :func:`crestcore.adapters.dask.facility_location` does on every worker). The inner
+    products with the candidate rows are computed once for all lists (one matrix product per row tile of
+    at most 2^22 entries, never an n x c matrix), and every list is scored from them in one pass, the
+    distances formed on the fly as :func:`crestcore.pairwise_distances` forms them (the Numba host kernel
+    when Numba imports, else the NumPy reference: the same values up to the order of the sums), in
+    float64. Host NumPy arrays only.
+
+    Parameters
+    ----------
+    X : (n, d) NumPy array of points (real floating, finite).
+    C : (c, d) NumPy array of candidate rows.
+    orders : sequence of 1-D integer arrays, each a list of distinct rows of ``C`` in greedy order.
+    metric : ``"euclidean"``, ``"sqeuclidean"`` or ``"cosine"``.
+    kernel : ``"max-minus"`` (needs ``bound``, the kernel's M: for values comparable between blocks or
+        solutions, one bound of every distance of the problem) or ``"exp"`` (``scale`` defaults to d, as
+        in :func:`facility_location`).
+
+    Returns
+    -------
+    list of ``(objective, weights, gains)`` per pick list: a float and two float64 NumPy arrays of the
+    list's length.
+
+    Examples
+    --------
+    Three points on a line at 0, 1 and 3; the pick lists [point 0, point 2] and [point 1]:
+
+    >>> import numpy as np
+    >>> X = np.array([[0.0], [1.0], [3.0]])
+    >>> scores = score_orders(X, X, [np.array([0, 2]), np.array([1])], bound=3.0)
+    >>> [(obj, w.tolist(), g.tolist()) for obj, w, g in scores]
+    [(8.0, [2.0, 1.0], [5.0, 3.0]), (6.0, [3.0], [6.0])]
+    """
+    for name, A in (("X", X), ("C", C)):
+        if not isinstance(A, np.ndarray):
+            raise TypeError(f"{name} must be a NumPy array, got {type(A).__name__}")
+        if A.ndim != 2:
+            raise ValueError(f"{name} must be 2-D (rows, features), got shape {A.shape}")
+        if A.dtype.kind != "f":
+            raise TypeError(f"{name} must have a real floating dtype, got {A.dtype}")
+        if not np.all(np.isfinite(A)):
+            raise ValueError(f"{name} contains NaN or infinite values")
+    if X.shape[1] != C.shape[1]:
+        raise ValueError(f"X and C must have the same number of features, got {X.shape[1]} and {C.shape[1]}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "max-minus":
+        if bound is None or isinstance(bound, bool) or not np.isfinite(bound) or bound < 0:
+            raise ValueError(f"bound must be a finite number >= 0 for kernel='max-minus', got {bound!r}")
+        scale_v, bound_v = 1.0, float(bound)
+    else:
+        scale_v, bound_v = kernel_scale(scale, X.shape[1]), 0.0
+    if isinstance(orders, np.ndarray):
+        raise TypeError("orders must be a sequence of 1-D index arrays (one per pick list), not one array")
+    lists = []
+    for q, o in enumerate(orders):
+        o = np.asarray(o)
+        if o.ndim != 1 or (o.size and o.dtype.kind not in "iu"):
+            raise ValueError(f"orders[{q}] must be a 1-D integer array, got shape {o.shape} and dtype {o.dtype}")
+        o = o.astype(np.int64)
+        if o.size and (o.min() < 0 or o.max() >= C.shape[0]):
+            raise ValueError(f"orders[{q}] must hold row indices of C in [0, {C.shape[0]})")
+        if np.unique(o).size != o.size:
+            raise ValueError(f"orders[{q}] must not repeat a row")
+        lists.append(o)
+    offsets = np.concatenate([[0], np.cumsum([o.size for o in lists])]).astype(np.int64)
+    objective = np.zeros(len(lists))
+    weights = np.zeros(int(offsets[-1]))
+    gains = np.zeros(int(offsets[-1]))
+    used = np.unique(np.concatenate(lists)) if offsets[-1] else np.zeros(0, dtype=np.int64)
+    if used.size and X.shape[0]:
+        cols = np.searchsorted(used, np.concatenate(lists))  # the lists as columns of D (rows of C used)
+        kern = get_host_kernel("order_scores") or ref.order_scores
+        R, sr = _gram_rows(C[used], metric)
+        tile = max(1, _SCORE_TILE_ELEMENTS // used.size)
+        for a in range(0, X.shape[0], tile):
+            P, sp = _gram_rows(X[a:a + tile], metric)
+            o, w, g = kern(P @ R.T, sp, sr, cols, offsets, metric, kernel, bound_v, scale_v)
+            objective += o
+            weights += w
+            gains += g
+    return [(float(objective[q]), weights[offsets[q]:offsets[q + 1]], gains[offsets[q]:offsets[q + 1]])
+            for q in range(len(lists))]

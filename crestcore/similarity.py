@@ -246,6 +246,30 @@ def pairwise_distances(X, Y=None, *, metric: str = "euclidean"):
     return restore(xp, D, back, dtype, "distances")
 
 
+def _gram_distances(xp, G, sx, sy, metric: str, tol: float):
+    """Distances from inner products: ``G`` (..., n, m) holds ``x_i . y_j`` (for ``"cosine"``: of the
+    unit-normalised rows, and ``sx``, ``sy`` are unused), ``sx`` (..., n) and ``sy`` (..., m) the squared
+    norms. A value within ``tol`` (relative to ``|x|^2 + |y|^2``; absolute for cosine) of 0 is exactly 0
+    (the contract's snap, :func:`crestcore.backends.contract.snap_tolerance`). The one formula of the
+    Gram-form distances: :func:`pairwise_distances` and the ``order_scores`` kernels use it.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.array([[0.0, 0.0], [3.0, 4.0]])
+    >>> sq = (X * X).sum(axis=1)
+    >>> _gram_distances(np, X @ X.T, sq, sq, "euclidean", 1e-15).tolist()
+    [[0.0, 5.0], [5.0, 0.0]]
+    """
+    if metric == "cosine":
+        D = xp.clip(1.0 - G, 0.0, 2.0)
+        return xp.where(D <= tol, xp.zeros_like(D), D)
+    sx, sy = sx[..., :, None], sy[..., None, :]
+    D = sx + sy - 2.0 * G
+    D = xp.where(D <= tol * (sx + sy), xp.zeros_like(D), D)
+    return xp.sqrt(D) if metric == "euclidean" else D
+
+
 def _distances(xp, X, Y, metric: str, same: bool):
     # The Gram-matrix forms below lose up to a few ulps of (|x|^2 + |y|^2) to cancellation; values
     # within that rounding error of 0 are set to exactly 0, so identical points are at distance 0.
@@ -256,15 +280,10 @@ def _distances(xp, X, Y, metric: str, same: bool):
         nx = xp.where(nx > 0, nx, xp.ones_like(nx))
         ny = xp.where(ny > 0, ny, xp.ones_like(ny))
         cos = xp.matmul(X / nx[..., None], xp.matrix_transpose(Y / ny[..., None]))
-        D = xp.clip(1.0 - cos, 0.0, 2.0)
-        D = xp.where(D <= tol, xp.zeros_like(D), D)
+        D = _gram_distances(xp, cos, None, None, metric, tol)
     else:
         G = xp.matmul(X, xp.matrix_transpose(Y))
-        sx, sy = _sqnorms(xp, X)[..., :, None], _sqnorms(xp, Y)[..., None, :]
-        D = sx + sy - 2.0 * G
-        D = xp.where(D <= tol * (sx + sy), xp.zeros_like(D), D)
-        if metric == "euclidean":
-            D = xp.sqrt(D)
+        D = _gram_distances(xp, G, _sqnorms(xp, X), _sqnorms(xp, Y), metric, tol)
     if same:
         n = X.shape[-2]
         eye = xp.eye(n, dtype=xp.bool, device=_dev(X))
