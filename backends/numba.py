@@ -1696,53 +1696,60 @@ def draw_stratified(pool, cls, r_c, draws):
     return out
 
 
-@njit(parallel=True, cache=True)
-def _order_scores(G, sx, sy, cols, offsets, metric, use_exp, bound, scale, tol, parts, obj, w, g):
-    """Row ranges in parallel (``parts`` of them, each with its own accumulator row in obj/w/g); per row
-    and pick list one pass along the order: the distance from the inner product (the reference's formula
-    and snap, element by element), the running best, the gain increments and the first argmax."""
+@njit(cache=True, nogil=True)
+def _order_scores(G, sx, sy, cols, offsets, metric, use_exp, bound, scale, tol, obj, w, g):
+    """Per row and pick list one pass along the order, keeping the running best similarity, the gain
+    increments and the first argmax (serial: in this loop a parallel region measured slower per element
+    than the serial code, and GreeDi's workers run one thread each).
+
+    The distance's pre-image ``e`` (the snapped squared distance, or the snapped cosine distance) is formed
+    for every element by the reference's formula; the similarity (sqrt, then the kernel) only when ``e``
+    is below the smallest ``e`` seen so far in the row. The similarity is a non-increasing function of
+    ``e``, so that is necessary for a new best, and the record test itself (``s > best``) is made on the
+    similarity, exactly as the reference makes it: the same picks win ties, and the increments are the
+    reference's values."""
     n = G.shape[0]
     nq = offsets.shape[0] - 1
-    for t in prange(parts):
-        lo = t * n // parts
-        hi = (t + 1) * n // parts
-        for i in range(lo, hi):
-            for q in range(nq):
-                a = offsets[q]
-                b = offsets[q + 1]
-                if a == b:
+    for i in range(n):
+        for q in range(nq):
+            a = offsets[q]
+            b = offsets[q + 1]
+            if a == b:
+                continue
+            run = 0.0
+            arg = a
+            low = np.inf
+            for j in range(a, b):
+                c = cols[j]
+                if metric == 2:  # cosine: G holds the unit rows' products
+                    e = 1.0 - G[i, c]
+                    if e < 0.0:
+                        e = 0.0
+                    elif e > 2.0:
+                        e = 2.0
+                    if e <= tol:
+                        e = 0.0
+                else:
+                    ss = sx[i] + sy[c]
+                    e = ss - 2.0 * G[i, c]
+                    if e <= tol * ss:
+                        e = 0.0
+                if e >= low:
                     continue
-                run = 0.0
-                arg = a
-                for j in range(a, b):
-                    c = cols[j]
-                    if metric == 2:  # cosine: G holds the unit rows' products
-                        dij = 1.0 - G[i, c]
-                        if dij < 0.0:
-                            dij = 0.0
-                        elif dij > 2.0:
-                            dij = 2.0
-                        if dij <= tol:
-                            dij = 0.0
-                    else:
-                        ss = sx[i] + sy[c]
-                        dij = ss - 2.0 * G[i, c]
-                        if dij <= tol * ss:
-                            dij = 0.0
-                        if metric == 0:
-                            dij = math.sqrt(dij)
-                    if use_exp:
-                        s = math.exp(-dij / scale)
-                    else:
-                        s = bound - dij
-                        if s < 0.0:
-                            s = 0.0
-                    if s > run:
-                        g[t, j] += s - run
-                        run = s
-                        arg = j
-                w[t, arg] += 1.0
-                obj[t, q] += run
+                low = e
+                dij = math.sqrt(e) if metric == 0 else e
+                if use_exp:
+                    s = math.exp(-dij / scale)
+                else:
+                    s = bound - dij
+                    if s < 0.0:
+                        s = 0.0
+                if s > run:
+                    g[j] += s - run
+                    run = s
+                    arg = j
+            w[arg] += 1.0
+            obj[q] += run
 
 
 def order_scores(G, sx, sy, cols, offsets, metric, kernel, bound, scale):
@@ -1757,7 +1764,7 @@ def order_scores(G, sx, sy, cols, offsets, metric, kernel, bound, scale):
     ``exp(-D / scale)`` (``"exp"``), in float64. The distances are formed element by element while
     scanning (never a distance matrix), and the values are the NumPy reference's
     (:func:`crestcore._reference_kernels.order_scores`) up to the order of the sums. Host NumPy arrays;
-    rows are split between the threads.
+    one thread.
 
     Examples
     --------
@@ -1789,14 +1796,12 @@ def order_scores(G, sx, sy, cols, offsets, metric, kernel, bound, scale):
     if cols.size and (cols.min() < 0 or cols.max() >= G.shape[1]):
         raise ValueError(f"cols must hold column indices in [0, {G.shape[1]})")
     use_exp = _code(_KERNEL_CODE, kernel, "kernel") == _KERNEL_CODE["exp"]
-    parts = max(1, min(get_num_threads(), G.shape[0]))
-    nq = offsets.size - 1
-    obj = np.zeros((parts, nq))
-    w = np.zeros((parts, cols.size))
-    g = np.zeros((parts, cols.size))
+    obj = np.zeros(offsets.size - 1)
+    w = np.zeros(cols.size)
+    g = np.zeros(cols.size)
     tol = snap_tolerance(np.finfo(np.float64).eps)
-    _order_scores(G, sx, sy, cols, offsets, metric_code, use_exp, float(bound), float(scale), tol, parts, obj, w, g)
-    return obj.sum(axis=0), w.sum(axis=0), g.sum(axis=0)
+    _order_scores(G, sx, sy, cols, offsets, metric_code, use_exp, float(bound), float(scale), tol, obj, w, g)
+    return obj, w, g
 
 
 # --------------------------------------------------------------------------------------------------
