@@ -12,7 +12,7 @@ FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # instead of skipping when jax does not import.
 TEST_ENV := OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 CRESTCORE_TEST_REQUIRE_JAX=1
 
-.PHONY: setup test test-slow test-gpu demo bench clean fashion-mnist docs lint
+.PHONY: setup test test-slow test-gpu demo bench clean fashion-mnist docs lint wheel
 
 setup: $(STAMP) fashion-mnist
 
@@ -48,6 +48,13 @@ lint: setup
 # the documentation site: guides, benchmark tables and the API reference from the docstrings, into site/
 docs: setup
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -q
+
+# the wheel, shipping the Numba kernels of a first selection compiled for this machine's CPU
+# (scripts/warm_kernels.py; used only where the CPU, Python and Numba match, compiled anywhere else)
+wheel: setup
+	rm -rf dist
+	env -u NUMBA_CACHE_DIR $(VPY) scripts/warm_kernels.py
+	$(VPY) -m build --wheel --outdir dist .
 
 demo: setup
 	$(VENV)/bin/crest demo

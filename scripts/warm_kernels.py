@@ -1,0 +1,69 @@
+#!/usr/bin/env python
+"""Compile the Numba kernels of a first selection into the in-tree cache, for the wheel to ship.
+
+    .venv/bin/python scripts/warm_kernels.py          # before `python -m build --wheel`
+
+Numba caches compiled kernels next to their source (``backends/__pycache__/*.nbi`` index and ``*.nbc``
+data files), keyed by the source file's content hash, the Python and Numba versions and the CPU
+(name and features). ``pyproject.toml`` ships those files in the wheel (package data of
+``crestcore.backends``), so on a machine with the build machine's CPU, Python and Numba, the first call
+after ``pip install`` loads the kernels instead of compiling them (seconds saved; see "Cold start" in
+docs/benchmarks.md). Anywhere else Numba finds no matching entry and compiles as usual: a shipped entry
+is never used for another CPU or another version.
+
+What is compiled: the README's first example as written there (its first ``python`` block: dense
+facility location, per class, and the CREST step), and the same on float32 input. The old cache files
+in ``backends/__pycache__`` are removed first, so that the wheel holds no entries of earlier sources.
+``NUMBA_CACHE_DIR`` is ignored here (with it set Numba would write elsewhere).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+os.environ.pop("NUMBA_CACHE_DIR", None)  # before numba reads its configuration
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "backends" / "__pycache__"
+
+
+def readme_example() -> str:
+    """The first ``python`` code block of README.md."""
+    text = (ROOT / "README.md").read_text()
+    m = re.search(r"```python\n(.*?)```", text, flags=re.S)
+    if m is None:
+        raise SystemExit("README.md has no python code block")
+    return m.group(1)
+
+
+def main() -> None:
+    removed = 0
+    if CACHE.is_dir():
+        for f in list(CACHE.glob("*.nbi")) + list(CACHE.glob("*.nbc")):
+            f.unlink()
+            removed += 1
+    import numpy as np
+
+    import crestcore
+    import crestcore.backends.numba as nb
+
+    if Path(nb.__file__).resolve().parent != ROOT / "backends":
+        raise SystemExit(f"crestcore.backends resolves to {nb.__file__}, not this checkout: install it editable "
+                         "(pip install -e .) so that the cache is written into backends/__pycache__")
+    exec(compile(readme_example(), "README.md", "exec"), {})
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(600, 10)).astype(np.float32)
+    y = rng.integers(0, 10, 600)
+    crestcore.facility_location(X, 60)
+    crestcore.facility_location(X, 60, labels=y)
+    crestcore.minibatch_coresets(X, y, m=16, r=100, P=4, rng=0)
+    files = sorted(CACHE.glob("*.nb*"))
+    size = sum(f.stat().st_size for f in files)
+    print(f"removed {removed} old cache files; wrote {len(files)} ({size / 1e6:.1f} MB) into {CACHE}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
