@@ -112,7 +112,7 @@ def _local(block, p: int, start: int, labels_p, classes, budgets, means, metric,
     return out
 
 
-def _scores(block, labels_p, classes, candidates, metric, kernel, scale, Ms):
+def _scores(block, labels_p, classes, metric, kernel, scale, Ms, candidates):
     """For every class: this block's share of every candidate solution's objective, cluster sizes and
     gains along its order (:func:`crestcore.score_orders`: one distance pass over the union of the
     candidates, all of them scored in it). ``candidates`` is (per class the union's rows, per class the
@@ -136,28 +136,63 @@ def _single(block, k, labels, seed, options):
 # --------------------------------------------------------------------------------------------------
 
 
-def _blocks(client, X, partitions, n):
-    """(futures of the row blocks, row bounds). Dask input is computed block by block on the workers."""
-    import dask.array as da
+class _Blocks:
+    """The row blocks on the workers, and one map over them that survives the loss of a worker.
 
-    if isinstance(X, da.Array):
-        if partitions is not None:
-            X = X.rechunk({0: int(math.ceil(n / partitions)), 1: -1})
+    Dask input is computed block by block on the workers (a lost block is recomputed from its graph).
+    NumPy blocks are scattered, and scattered data has no recipe: when the only worker holding a scattered
+    block (or a scattered shared argument) dies, dask cancels the tasks that need it. :meth:`map` then
+    scatters again what was lost and resubmits (at most ``attempts`` times); every task is a pure function
+    of its arguments, so a rerun gives the same result.
+    """
+
+    def __init__(self, client, X, partitions, n):
+        import dask.array as da
+
+        self.client = client
+        if isinstance(X, da.Array):
+            if partitions is not None:
+                X = X.rechunk({0: int(math.ceil(n / partitions)), 1: -1})
+            else:
+                X = X.rechunk({1: -1})
+            sizes = list(X.chunks[0])
+            self.X = None
+            self.futures = client.compute(X.to_delayed().ravel().tolist())
         else:
-            X = X.rechunk({1: -1})
-        sizes = list(X.chunks[0])
-        delayed = X.to_delayed().ravel().tolist()
-        futures = client.compute(delayed)
-    else:
-        m = partitions if partitions is not None else max(1, len(client.scheduler_info()["workers"]))
-        m = min(m, n)
-        bounds = np.linspace(0, n, m + 1).round().astype(np.int64)
-        sizes = np.diff(bounds).tolist()
-        # hash=False: a fresh key per call (equal blocks scattered by two calls must not share a key that the
-        # first call releases)
-        futures = [client.scatter(X[bounds[p]:bounds[p + 1]], hash=False) for p in range(m)]
-    bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    return futures, bounds
+            m = partitions if partitions is not None else max(1, len(client.scheduler_info()["workers"]))
+            m = min(m, n)
+            sizes = np.diff(np.linspace(0, n, m + 1).round().astype(np.int64)).tolist()
+            self.X = X
+        self.bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        if self.X is not None:
+            self.futures = [self._scatter(p) for p in range(len(sizes))]
+
+    def __len__(self) -> int:
+        return len(self.futures)
+
+    def _scatter(self, p):
+        # hash=False: a fresh key per call (equal blocks scattered by two calls must not share a key that
+        # the first call releases)
+        return self.client.scatter(self.X[self.bounds[p]:self.bounds[p + 1]], hash=False)
+
+    def map(self, fn, per_block, shared=None, attempts: int = 3):
+        """``[fn(block_p, *per_block[p], shared?) for p]`` gathered; ``shared`` (if not None) is scattered
+        once and passed last."""
+        from distributed.client import FutureCancelledError
+
+        for attempt in range(attempts):
+            # not broadcast: a worker that restarts during a broadcast makes dask's replicate fail; the workers
+            # fetch the one copy as their tasks need it
+            extra = () if shared is None else (self.client.scatter([shared], hash=False)[0],)
+            tasks = [self.client.submit(fn, self.futures[p], *per_block[p], *extra) for p in range(len(self))]
+            try:
+                return self.client.gather(tasks)
+            except FutureCancelledError:
+                if attempt == attempts - 1 or self.X is None and shared is None:
+                    raise
+                if self.X is not None:  # scatter again the blocks that went with a worker
+                    self.futures = [f if f.status == "finished" else self._scatter(p)
+                                    for p, f in enumerate(self.futures)]
 
 
 def facility_location(X, k, *, labels=None, client=None, partitions=None, seed=0, **options) -> Selection:
@@ -250,10 +285,10 @@ def facility_location(X, k, *, labels=None, client=None, partitions=None, seed=0
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
         client = Client(cluster)
     try:
-        futures, bounds = _blocks(client, X, partitions, n)
-        m = len(futures)
+        blocks = _Blocks(client, X, partitions, n)
+        bounds, m = blocks.bounds, len(blocks)
         if m == 1:
-            sel = client.submit(_single, futures[0], k, labels if labels is None else lab, seed, options).result()
+            sel = blocks.map(_single, [(k, labels if labels is None else lab, seed, options)])[0]
             return Selection(sel.indices, sel.weights, sel.gains, sel.objective, path=sel.path,
                              plan="greedi: partitions=1, the single-machine facility_location" +
                              (f"; {sel.plan}" if sel.plan else ""))
@@ -267,15 +302,11 @@ def facility_location(X, k, *, labels=None, client=None, partitions=None, seed=0
                     f"{n // k} partitions (partitions=) or larger row chunks"
                 )
         labs = [lab[bounds[p]:bounds[p + 1]] for p in range(m)]
-        stats = client.gather([client.submit(_stats, futures[p], p, int(bounds[p]), labs[p], classes)
-                               for p in range(m)])
+        stats = blocks.map(_stats, [(p, int(bounds[p]), labs[p], classes) for p in range(m)])
         counts = sum(s[0] for s in stats)
         means = sum(s[1] for s in stats) / np.maximum(counts, 1)[:, None]
-        local = client.gather([
-            client.submit(_local, futures[p], p, int(bounds[p]), labs[p], classes, budgets, means, metric, seed,
-                          options)
-            for p in range(m)
-        ])
+        local = blocks.map(_local, [(p, int(bounds[p]), labs[p], classes, budgets, means, metric, seed, options)
+                                    for p in range(m)])
         # the merge, per class, over the union of the partial solutions (sorted by global index); the
         # candidates are the merged solution and every partial one, as orders of rows of the union
         unions, union_idx, orders, Ms = [], [], [], []
@@ -297,11 +328,8 @@ def facility_location(X, k, *, labels=None, client=None, partitions=None, seed=0
             unions.append(rows)
             union_idx.append(U)
         # choose per class on the common objective: every block scores every candidate in one pass
-        shared = client.scatter([(unions, orders)], broadcast=True, hash=False)[0]
-        shares = client.gather([
-            client.submit(_scores, futures[p], labs[p], classes, shared, metric, kernel, scale, Ms)
-            for p in range(m)
-        ])
+        shares = blocks.map(_scores, [(labs[p], classes, metric, kernel, scale, Ms) for p in range(m)],
+                            shared=(unions, orders))
     finally:
         if own:
             client.close()

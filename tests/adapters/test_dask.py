@@ -133,3 +133,39 @@ def test_without_a_client_a_local_cluster_is_started_and_closed():
     X = _features(6, 120, 2)
     sel = cdask.facility_location(X, 4, partitions=2, seed=0)
     assert sel.indices.shape == (4,) and sel.path == "greedi"
+
+
+def test_tasks_rerun_after_a_worker_dies_give_the_same_result(tmp_path):
+    """Dask reruns the tasks of a worker that died (on a restarted worker, its input blocks recomputed from
+    the dask array); every task is a pure function of its arguments, so the result is unchanged. A worker
+    plugin kills its process once when a local-greedy task starts and once when a scoring task starts."""
+    import os
+
+    class DieOnce(distributed.WorkerPlugin):
+        def __init__(self, prefixes, folder):
+            self.prefixes, self.folder = prefixes, folder
+
+        def transition(self, key, start, finish, **kwargs):
+            name = str(key[0] if isinstance(key, tuple) else key)
+            for prefix in self.prefixes:
+                marker = os.path.join(self.folder, prefix)
+                if finish == "executing" and name.startswith(prefix + "-") and not os.path.exists(marker):
+                    open(marker, "w").close()
+                    os._exit(1)
+
+    X = _features(7, 400, 3)
+    Xd = da.from_array(X, chunks=(200, 3))
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
+    c = distributed.Client(cluster)
+    try:
+        ref = cdask.facility_location(Xd, 12, client=c, seed=5, optimizer="stochastic")
+        c.register_plugin(DieOnce(["_local", "_scores"], str(tmp_path)))
+        got = cdask.facility_location(Xd, 12, client=c, seed=5, optimizer="stochastic")
+    finally:
+        c.close()
+        cluster.close()
+    assert sorted(os.listdir(tmp_path)) == ["_local", "_scores"]  # both kills happened
+    np.testing.assert_array_equal(got.indices, ref.indices)
+    np.testing.assert_array_equal(got.weights, ref.weights)
+    np.testing.assert_array_equal(got.gains, ref.gains)
+    assert float(got.objective) == float(ref.objective)
