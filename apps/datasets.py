@@ -4,7 +4,9 @@ Fashion-MNIST ships as four gzipped IDX files. On Debian/Ubuntu they come with t
 ``dataset-fashion-mnist`` and live in ``/usr/share/datasets/fashion-mnist``.
 
 The IDX format (LeCun et al.): a 4-byte big-endian magic number ``0x00 0x00 <type code> <ndim>``,
-then ``ndim`` big-endian uint32 dimensions, then the data in C order, big-endian.
+then ``ndim`` big-endian uint32 dimensions, then the data in C order, big-endian. :func:`write_idx` writes
+such files and :func:`write_fashion_mnist_stand_in` a small random stand-in for the data set (for examples
+and tests).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ __all__ = [
     "FASHION_MNIST_FILES",
     "IDXFormatError",
     "read_idx",
+    "write_idx",
     "load_fashion_mnist",
+    "write_fashion_mnist_stand_in",
     "fashion_mnist_available",
 ]
 
@@ -149,6 +153,66 @@ def read_idx(path) -> np.ndarray:
     return arr.astype(dtype.newbyteorder("="), copy=True).reshape(dims)
 
 
+def write_idx(path, array) -> None:
+    """Write ``array`` to ``path`` as an IDX file, gzip-compressed when the name ends in ``.gz``: what
+    :func:`read_idx` reads back (the element type must be one IDX knows: uint8, int8, int16, int32,
+    float32, float64).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> a = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     write_idx(Path(folder) / "tiny-idx2-ubyte.gz", a)
+    ...     read_idx(Path(folder) / "tiny-idx2-ubyte.gz")
+    array([[0, 1, 2],
+           [3, 4, 5]], dtype=uint8)
+    """
+    a = np.asarray(array)
+    code = next((c for c, dt in _IDX_DTYPES.items() if dt == a.dtype.newbyteorder(">")), None)
+    if code is None or a.ndim == 0:
+        raise ValueError(f"IDX cannot store a {a.dtype} array of shape {a.shape} (types: uint8, int8, int16, "
+                         "int32, float32, float64; one dimension or more)")
+    data = bytes([0, 0, code, a.ndim]) + np.array(a.shape, dtype=">i4").tobytes()
+    data += np.ascontiguousarray(a, dtype=_IDX_DTYPES[code]).tobytes()
+    path = Path(path)
+    if path.name.endswith(".gz"):
+        with gzip.open(path, "wb") as fh:
+            fh.write(data)
+    else:
+        path.write_bytes(data)
+
+
+def write_fashion_mnist_stand_in(root, n_train: int, n_test: int = 0, *, num_classes: int = 10,
+                                 seed: int = 0) -> None:
+    """Write a stand-in for Fashion-MNIST into the folder ``root``: ``n_train`` training images (and
+    ``n_test`` test images; none: no test files) of uniformly random pixels, in the data set's gzipped IDX
+    files (:data:`FASHION_MNIST_FILES`), so that the loaders read it like the real one. The labels cycle
+    through ``0 .. num_classes - 1``; the pixels come from ``numpy.random.default_rng(seed)``, the
+    training images first. For examples and tests that must not depend on the real data set.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     write_fashion_mnist_stand_in(folder, n_train=6, n_test=4, num_classes=3)
+    ...     images, labels = load_fashion_mnist(folder, split="train")
+    ...     fashion_mnist_available(folder, split="test")
+    True
+    >>> images.shape, images.dtype, labels
+    ((6, 28, 28), dtype('uint8'), array([0, 1, 2, 0, 1, 2]))
+    """
+    root = Path(os.fspath(root))
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        if n:
+            image_file, label_file = FASHION_MNIST_FILES[split]
+            write_idx(root / image_file, rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8))
+            write_idx(root / label_file, (np.arange(n) % num_classes).astype(np.uint8))
+
+
 def _resolve_root(root) -> Path:
     return Path(DEFAULT_FASHION_MNIST_ROOT if root is None else os.fspath(root))
 
@@ -185,13 +249,9 @@ def load_fashion_mnist(root=None, split: str = "train"):
     --------
     A folder laid out like the data set's, with four 28 x 28 images instead of 60,000:
 
-    >>> import gzip
     >>> import tempfile
     >>> from pathlib import Path
     >>> import numpy as np
-    >>> def write_idx(path, a):
-    ...     with gzip.open(path, "wb") as fh:
-    ...         fh.write(bytes([0, 0, 0x08, a.ndim]) + np.array(a.shape, dtype=">i4").tobytes() + a.tobytes())
     >>> folder = tempfile.TemporaryDirectory()
     >>> image_file, label_file = FASHION_MNIST_FILES["train"]
     >>> write_idx(Path(folder.name) / image_file, np.zeros((4, 28, 28), dtype=np.uint8))

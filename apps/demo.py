@@ -142,21 +142,13 @@ def format_table(results: dict) -> str:
     Examples
     --------
     The table of a selection demo run on a stand-in for Fashion-MNIST (20 random images of two classes;
-    :func:`run_selection_demo` shows how the folder is written):
+    written by :func:`~crestcore.apps.datasets.write_fashion_mnist_stand_in`):
 
-    >>> import gzip
     >>> import tempfile
     >>> from pathlib import Path
-    >>> import numpy as np
-    >>> from crestcore.apps.datasets import FASHION_MNIST_FILES
-    >>> def write_idx(path, a):
-    ...     with gzip.open(path, "wb") as fh:
-    ...         fh.write(bytes([0, 0, 0x08, a.ndim]) + np.array(a.shape, dtype=">i4").tobytes() + a.tobytes())
+    >>> from crestcore.apps.datasets import write_fashion_mnist_stand_in
     >>> folder = tempfile.TemporaryDirectory()
-    >>> image_file, label_file = FASHION_MNIST_FILES["train"]
-    >>> images = np.random.default_rng(0).integers(0, 256, size=(20, 28, 28), dtype=np.uint8)
-    >>> write_idx(Path(folder.name) / image_file, images)
-    >>> write_idx(Path(folder.name) / label_file, np.arange(20, dtype=np.uint8) % 2)
+    >>> write_fashion_mnist_stand_in(folder.name, n_train=20, num_classes=2)
     >>> results = run_selection_demo(Path(folder.name) / "out", fraction=0.2, root=folder.name,
     ...                              progress=False, top=2, print_fn=None)
     >>> print(format_table(results))
@@ -287,19 +279,11 @@ def run_selection_demo(
     On a stand-in for Fashion-MNIST (``root=``): 40 random 28 x 28 images of the ten classes, in the
     data set's gzipped IDX files; half of each class is selected:
 
-    >>> import gzip
     >>> import tempfile
     >>> from pathlib import Path
-    >>> import numpy as np
-    >>> from crestcore.apps.datasets import FASHION_MNIST_FILES
-    >>> def write_idx(path, a):
-    ...     with gzip.open(path, "wb") as fh:
-    ...         fh.write(bytes([0, 0, 0x08, a.ndim]) + np.array(a.shape, dtype=">i4").tobytes() + a.tobytes())
+    >>> from crestcore.apps.datasets import write_fashion_mnist_stand_in
     >>> folder = tempfile.TemporaryDirectory()
-    >>> image_file, label_file = FASHION_MNIST_FILES["train"]
-    >>> images = np.random.default_rng(0).integers(0, 256, size=(40, 28, 28), dtype=np.uint8)
-    >>> write_idx(Path(folder.name) / image_file, images)
-    >>> write_idx(Path(folder.name) / label_file, np.arange(40, dtype=np.uint8) % 10)
+    >>> write_fashion_mnist_stand_in(folder.name, n_train=40, num_classes=10)
     >>> results = run_selection_demo(Path(folder.name) / "out", fraction=0.5, root=folder.name,
     ...                              progress=False, top=2, print_fn=None)
     >>> [(c["name"], c["n"], c["k"]) for c in results["classes"][:2]]

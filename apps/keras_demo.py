@@ -26,7 +26,6 @@ does not expose the per-example predictions it makes).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -38,16 +37,16 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .train_demo import TrainSettings, crest_config, format_table, make_figures, relative_error
+from .train_demo import (
+    TrainSettings, crest_config, eval_steps, finish_comparison, format_table, load_arrays, make_figures,
+    methods_to_run, relative_error,
+)
 
 #: the methods the Keras comparison trains (the baselines run through the PyTorch demo only)
 METHODS = ("full", "random", "crest", "crest-drop")
 
 __all__ = ["run_keras_comparison", "train_keras_method", "load_keras_data", "build_keras_cnn", "import_keras",
            "keras_environment"]
-
-# Fashion-MNIST training-set pixel mean and standard deviation (of x / 255), as in train_demo
-_MEAN, _STD = 0.2860, 0.3530
 
 
 def keras_environment(backend: str = "torch", device: str | None = None) -> dict[str, str]:
@@ -140,39 +139,17 @@ def load_keras_data(root=None, *, n_train: int | None = None, n_test: int | None
     --------
     A folder laid out like Fashion-MNIST's (the real one is read from ``root=None``):
 
-    >>> import gzip
     >>> import tempfile
-    >>> from pathlib import Path
-    >>> import numpy as np
-    >>> from crestcore.apps.datasets import FASHION_MNIST_FILES
-    >>> def write_idx(path, a):
-    ...     with gzip.open(path, "wb") as fh:
-    ...         fh.write(bytes([0, 0, 0x08, a.ndim]) + np.array(a.shape, dtype=">i4").tobytes() + a.tobytes())
-    >>> folder = tempfile.TemporaryDirectory()  # a stand-in for Fashion-MNIST: 64 train, 32 test images
-    >>> rng = np.random.default_rng(0)
-    >>> for split, n in (("train", 64), ("test", 32)):
-    ...     images, labels = FASHION_MNIST_FILES[split]
-    ...     write_idx(Path(folder.name) / images, rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8))
-    ...     write_idx(Path(folder.name) / labels, (np.arange(n) % 10).astype(np.uint8))
+    >>> from crestcore.apps.datasets import write_fashion_mnist_stand_in
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> write_fashion_mnist_stand_in(folder.name, n_train=64, n_test=32)  # 64 training, 32 test images
     >>> x_train, y_train, x_test, y_test = load_keras_data(folder.name, n_train=48)
     >>> x_train.shape, x_train.dtype, y_train.dtype, x_test.shape
     ((48, 28, 28, 1), dtype('float32'), dtype('int64'), (32, 28, 28, 1))
     >>> folder.cleanup()
     """
-    from .datasets import load_fashion_mnist
-
-    xtr, ytr = load_fashion_mnist(root, split="train")
-    xte, yte = load_fashion_mnist(root, split="test")
-    rng = np.random.default_rng([seed, 7])
-
-    def prep(x, y, k):
-        if k is not None and k < x.shape[0]:
-            keep = np.sort(rng.choice(x.shape[0], size=k, replace=False))
-            x, y = x[keep], y[keep]
-        x = (((x.astype(np.float32) / 255.0) - _MEAN) / _STD)[..., None]
-        return np.ascontiguousarray(x), y.astype(np.int64)
-
-    return (*prep(xtr, ytr, n_train), *prep(xte, yte, n_test))
+    x_train, y_train, x_test, y_test = load_arrays(root, n_train=n_train, n_test=n_test, seed=seed)
+    return np.ascontiguousarray(x_train[..., None]), y_train, np.ascontiguousarray(x_test[..., None]), y_test
 
 
 def build_keras_cnn(keras, num_classes: int = 10):
@@ -228,11 +205,6 @@ def _accuracy(keras, model, x, y, batch: int = 2000) -> float:
         z = keras.ops.convert_to_numpy(model(x[a:a + batch], training=False))
         correct += int((np.argmax(z, axis=1) == y[a:a + batch]).sum())
     return correct / max(1, x.shape[0])
-
-
-def _eval_steps(total: int, evals: int) -> set[int]:
-    k = max(1, min(evals, total))
-    return {int(round(total * (i + 1) / k)) for i in range(k)}
 
 
 def train_keras_method(method: str, data, s: TrainSettings, *, backend: str | None = None, progress: bool = True,
@@ -296,7 +268,7 @@ def train_keras_method(method: str, data, s: TrainSettings, *, backend: str | No
             batches.extend([perm[a:a + m] for a in range(0, perm.size, m)][:spe])
         dataset = _index_batches(keras, x_tr, y_tr, batches, spe)
 
-    rec = _recorder(keras, model, x_te, y_te, total, _eval_steps(total, s.evals), crest,
+    rec = _recorder(keras, model, x_te, y_te, total, eval_steps(total, s.evals), crest,
                     dataset=None if crest is not None else dataset, progress=progress, desc=desc or method)
     model.fit(dataset, epochs=s.epochs, callbacks=([crest] if crest is not None else []) + [rec], verbose=0)
     rec.close()
@@ -435,20 +407,11 @@ def run_keras_comparison(
     --------
     On a stand-in for Fashion-MNIST (``root=``), without figures:
 
-    >>> import gzip
     >>> import tempfile
     >>> from pathlib import Path
-    >>> import numpy as np
-    >>> from crestcore.apps.datasets import FASHION_MNIST_FILES
-    >>> def write_idx(path, a):
-    ...     with gzip.open(path, "wb") as fh:
-    ...         fh.write(bytes([0, 0, 0x08, a.ndim]) + np.array(a.shape, dtype=">i4").tobytes() + a.tobytes())
-    >>> folder = tempfile.TemporaryDirectory()  # a stand-in for Fashion-MNIST: 64 train, 32 test images
-    >>> rng = np.random.default_rng(0)
-    >>> for split, n in (("train", 64), ("test", 32)):
-    ...     images, labels = FASHION_MNIST_FILES[split]
-    ...     write_idx(Path(folder.name) / images, rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8))
-    ...     write_idx(Path(folder.name) / labels, (np.arange(n) % 10).astype(np.uint8))
+    >>> from crestcore.apps.datasets import write_fashion_mnist_stand_in
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> write_fashion_mnist_stand_in(folder.name, n_train=64, n_test=32)  # 64 training, 32 test images
     >>> from crestcore.apps.train_demo import TrainSettings
     >>> settings = TrainSettings(epochs=1, budget=0.5, m=16, evals=1, threads=None)
     >>> results = run_keras_comparison(Path(folder.name) / "out", settings=settings, methods=["random", "crest"],
@@ -458,14 +421,7 @@ def run_keras_comparison(
     >>> folder.cleanup()
     """
     s = settings or TrainSettings()
-    methods = list(methods)
-    for mth in methods:
-        if mth not in METHODS:
-            raise ValueError(f"unknown method {mth!r}; choose from {METHODS}")
-    if "full" not in methods:
-        methods.insert(0, "full")  # relative error and speedup need it
-    if not (0 < s.budget <= 1):
-        raise ValueError(f"budget must be in (0, 1], got {s.budget}")
+    methods = methods_to_run(methods, METHODS, s.budget)
     if backend is not None and backend not in ("torch", "jax"):
         raise ValueError(f"backend must be 'torch' or 'jax' (the Keras backends CREST supports), got {backend!r}")
     t_start = time.perf_counter()
@@ -493,18 +449,13 @@ def run_keras_comparison(
         "table": table, "rows": rows, "runs": records,
         "paths": {**paths, "results": str(out / "results.json")},
     }
-    results["time_total_s"] = time.perf_counter() - t_start
-    with open(out / "results.json", "w") as fh:
-        json.dump(results, fh, indent=1, default=float)
-    if print_fn is not None:
-        print_fn("")
-        print_fn(table)
-        for name, r in records.items():
-            if name.startswith("crest"):
-                bd, c = r["breakdown"], r["counts"]
-                print_fn(f"{name}: train {bd['train']:.1f}s, selections {bd['select']:.1f}s, "
-                         f"checks {bd['checks']:.1f}s,"
-                         f" drops {bd['drops']:.1f}s; {c['selections']} selections, {c['checks']} checks")
-        print_fn(f"\nwall clock excludes test evaluations. Total demo time {results['time_total_s']:.0f} s. "
-                 f"Figures and results.json in {out}/")
-    return results
+    notes = [_breakdown_line(name, r) for name, r in records.items() if name.startswith("crest")]
+    return finish_comparison(results, out, t_start, table=table, notes=notes, print_fn=print_fn,
+                             json_default=float)
+
+
+def _breakdown_line(name: str, r: dict) -> str:
+    """Where a CREST run's time went, in one line (``train_demo.breakdown_line`` for the Keras records)."""
+    bd, c = r["breakdown"], r["counts"]
+    return (f"{name}: train {bd['train']:.1f}s, selections {bd['select']:.1f}s, checks {bd['checks']:.1f}s,"
+            f" drops {bd['drops']:.1f}s; {c['selections']} selections, {c['checks']} checks")

@@ -365,39 +365,50 @@ def load_data(root=None, *, n_train: int | None = None, n_test: int | None = Non
     --------
     A folder laid out like Fashion-MNIST's (the real one is read from ``root=None``):
 
-    >>> import gzip
     >>> import tempfile
-    >>> from pathlib import Path
-    >>> import numpy as np
-    >>> from crestcore.apps.datasets import FASHION_MNIST_FILES
-    >>> def write_idx(path, a):
-    ...     with gzip.open(path, "wb") as fh:
-    ...         fh.write(bytes([0, 0, 0x08, a.ndim]) + np.array(a.shape, dtype=">i4").tobytes() + a.tobytes())
-    >>> folder = tempfile.TemporaryDirectory()  # a stand-in for Fashion-MNIST: 64 train, 32 test images
-    >>> rng = np.random.default_rng(0)
-    >>> for split, n in (("train", 64), ("test", 32)):
-    ...     images, labels = FASHION_MNIST_FILES[split]
-    ...     write_idx(Path(folder.name) / images, rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8))
-    ...     write_idx(Path(folder.name) / labels, (np.arange(n) % 10).astype(np.uint8))
+    >>> from crestcore.apps.datasets import write_fashion_mnist_stand_in
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> write_fashion_mnist_stand_in(folder.name, n_train=64, n_test=32)  # 64 training, 32 test images
     >>> x_train, y_train, x_test, y_test = load_data(folder.name, n_train=48)
     >>> x_train.shape, x_train.dtype, y_train.dtype, x_test.shape
     (torch.Size([48, 1, 28, 28]), torch.float32, torch.int64, torch.Size([32, 1, 28, 28]))
     >>> folder.cleanup()
     """
+    x_train, y_train, x_test, y_test = load_arrays(root, n_train=n_train, n_test=n_test, seed=seed)
+    torch = _import_torch()
+    return (torch.from_numpy(x_train).unsqueeze(1).contiguous(), torch.from_numpy(y_train),
+            torch.from_numpy(x_test).unsqueeze(1).contiguous(), torch.from_numpy(y_test))
+
+
+def load_arrays(root=None, *, n_train: int | None = None, n_test: int | None = None, seed: int = 0):
+    """Fashion-MNIST as normalised NumPy arrays ``(x_train, y_train, x_test, y_test)``: x float32 (n, 28, 28)
+    (pixels / 255, less the training-set mean, over its standard deviation), y int64.
+
+    ``n_train`` / ``n_test`` keep a uniformly random subset (seeded by ``seed``, in the order of the data
+    set). The demos lay these arrays out for their framework: :func:`load_data` (PyTorch, NCHW) and
+    :func:`crestcore.apps.keras_demo.load_keras_data` (Keras, NHWC) train on the same examples.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from crestcore.apps.datasets import write_fashion_mnist_stand_in
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     write_fashion_mnist_stand_in(folder, n_train=64, n_test=32)
+    ...     x_train, y_train, x_test, y_test = load_arrays(folder, n_train=48)
+    >>> x_train.shape, x_train.dtype, y_train.dtype, x_test.shape
+    ((48, 28, 28), dtype('float32'), dtype('int64'), (32, 28, 28))
+    """
     from .datasets import load_fashion_mnist
 
     xtr, ytr = load_fashion_mnist(root, split="train")
     xte, yte = load_fashion_mnist(root, split="test")
-    torch = _import_torch()
-
     rng = np.random.default_rng([seed, 7])
 
     def prep(x, y, k):
         if k is not None and k < x.shape[0]:
             keep = np.sort(rng.choice(x.shape[0], size=k, replace=False))
             x, y = x[keep], y[keep]
-        xt = torch.from_numpy(((x.astype(np.float32) / 255.0) - _MEAN) / _STD).unsqueeze(1).contiguous()
-        return xt, torch.from_numpy(y.astype(np.int64))
+        return ((x.astype(np.float32) / 255.0) - _MEAN) / _STD, y.astype(np.int64)
 
     return (*prep(xtr, ytr, n_train), *prep(xte, yte, n_test))
 
@@ -550,10 +561,50 @@ def _sync_fn(device):
     return lambda: None
 
 
-def _eval_steps(total: int, evals: int) -> set[int]:
-    """Steps (1-based counts of completed steps) after which the test accuracy is measured."""
+def eval_steps(total: int, evals: int) -> set[int]:
+    """Steps (1-based counts of completed steps) after which the test accuracy is measured: ``evals``
+    of them (at most one per step), evenly spread, the last step among them.
+
+    Examples
+    --------
+    >>> sorted(eval_steps(10, 4)), sorted(eval_steps(2, 6))
+    ([2, 5, 8, 10], [1, 2])
+    """
     k = max(1, min(evals, total))
     return {int(round(total * (i + 1) / k)) for i in range(k)}
+
+
+def sgd_optimizer(params, s: TrainSettings, total: int):
+    """The recipe's optimizer for a run of ``total`` steps: ``(optimizer, scheduler)``, SGD with the peak
+    learning rate ``s.lr``, momentum, Nesterov and weight decay of ``s``, and the per-step schedule of
+    :func:`lr_factor` (linear warm-up over ``s.warmup`` of the steps, then cosine to 0). One training step
+    with them is :func:`sgd_step`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> model = torch.nn.Linear(3, 2)
+    >>> opt, sched = sgd_optimizer(model.parameters(), TrainSettings(lr=0.1, warmup=0.5), total=4)
+    >>> opt.param_groups[0]["lr"]  # the first of two warm-up steps: half the peak
+    0.05
+    >>> sgd_step(opt, sched, model(torch.ones(1, 3)).sum())
+    >>> opt.param_groups[0]["lr"]
+    0.1
+    """
+    import torch
+
+    opt = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, nesterov=s.nesterov, weight_decay=s.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, total, s.warmup))
+    return opt, sched
+
+
+def sgd_step(opt, sched, loss) -> None:
+    """One training step: clear the gradients, back-propagate ``loss``, step the optimizer and then its
+    learning-rate schedule (see :func:`sgd_optimizer`, whose example takes one)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
 
 
 def train_method(method: str, data, s: TrainSettings, *, progress: bool = True, track_forgetting: bool = False,
@@ -604,9 +655,7 @@ def train_method(method: str, data, s: TrainSettings, *, progress: bool = True, 
 
     torch.manual_seed(s.seed)  # the same initial weights for every method
     model = build_cnn(int(y_tr.max()) + 1).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, nesterov=s.nesterov,
-                          weight_decay=s.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, total, s.warmup))
+    opt, sched = sgd_optimizer(model.parameters(), s, total)
     x_dev, y_dev = x_tr.to(device), y_tr.to(device)
 
     loader = timer = sub = None
@@ -646,7 +695,7 @@ def train_method(method: str, data, s: TrainSettings, *, progress: bool = True, 
         if method == "prune":
             bd["observe"] = 0.0
     counts = {"selections": 0, "fits": 0, "checks": 0, "drop_decisions": 0}
-    eval_at = _eval_steps(total, s.evals)
+    eval_at = eval_steps(total, s.evals)
     wall = 0.0
     curve = [{"step": 0, "wall": 0.0, "acc": evaluate(model, x_te, y_te, device), "updates": 0}]
     bar = None
@@ -694,10 +743,7 @@ def train_method(method: str, data, s: TrainSettings, *, progress: bool = True, 
         logits = model(xb)
         losses = F.cross_entropy(logits, yb, reduction="none")
         loss = (wb * losses).mean()  # weights mean 1 (exactly 1 for full, sgd-budget and random)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        sgd_step(opt, sched, loss)
         sync()
         t2 = time.perf_counter()
         bd["train"] += t2 - t1
@@ -974,6 +1020,67 @@ def _jsonable(records: dict) -> dict:
     return out
 
 
+def methods_to_run(methods, known, budget: float) -> list[str]:
+    """The methods a comparison trains, in order: ``methods`` (each one of ``known``), with ``full`` put
+    first when it is missing (relative errors, speedups and forgetting scores are measured against it).
+    ValueError for an unknown method or a ``budget`` outside (0, 1].
+
+    Examples
+    --------
+    >>> methods_to_run(["crest", "random"], METHODS, 0.1)
+    ['full', 'crest', 'random']
+    >>> methods_to_run(["crest"], METHODS, 1.5)
+    Traceback (most recent call last):
+        ...
+    ValueError: budget must be in (0, 1], got 1.5
+    """
+    methods = list(methods)
+    for mth in methods:
+        if mth not in known:
+            raise ValueError(f"unknown method {mth!r}; choose from {known}")
+    if "full" not in methods:
+        methods.insert(0, "full")
+    if not (0 < budget <= 1):
+        raise ValueError(f"budget must be in (0, 1], got {budget}")
+    return methods
+
+
+def finish_comparison(results: dict, out: Path, t_start: float, *, table: str, notes=(),
+                      print_fn: Callable[[str], None] | None = print, json_default=None) -> dict:
+    """The end of a comparison: record the time since ``t_start`` as ``results["time_total_s"]``, write
+    ``results`` to ``out/results.json`` (``json_default`` converts what JSON cannot hold), then with
+    ``print_fn`` (None: nothing) print the ``table``, the ``notes`` (one line each) and the total time.
+    Returns ``results``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import time
+    >>> from pathlib import Path
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     results = finish_comparison({"rows": []}, Path(folder), time.perf_counter(), table="(the table)",
+    ...                                 notes=["crest: (its time split)"])
+    ...     sorted(path.name for path in Path(folder).iterdir())
+    <BLANKLINE>
+    (the table)
+    crest: (its time split)
+    <BLANKLINE>
+    wall clock excludes test evaluations. Total demo time 0 s. Figures and results.json in .../
+    ['results.json']
+    """
+    results["time_total_s"] = time.perf_counter() - t_start
+    with open(out / "results.json", "w") as fh:
+        json.dump(results, fh, indent=1, default=json_default)
+    if print_fn is not None:
+        print_fn("")
+        print_fn(table)
+        for line in notes:
+            print_fn(line)
+        print_fn(f"\nwall clock excludes test evaluations. Total demo time {results['time_total_s']:.0f} s. "
+                 f"Figures and results.json in {out}/")
+    return results
+
+
 def run_training_demo(
     out="./crest-demo-out",
     *,
@@ -995,20 +1102,11 @@ def run_training_demo(
     --------
     On a stand-in for Fashion-MNIST (``root=``), without figures:
 
-    >>> import gzip
     >>> import tempfile
     >>> from pathlib import Path
-    >>> import numpy as np
-    >>> from crestcore.apps.datasets import FASHION_MNIST_FILES
-    >>> def write_idx(path, a):
-    ...     with gzip.open(path, "wb") as fh:
-    ...         fh.write(bytes([0, 0, 0x08, a.ndim]) + np.array(a.shape, dtype=">i4").tobytes() + a.tobytes())
-    >>> folder = tempfile.TemporaryDirectory()  # a stand-in for Fashion-MNIST: 64 train, 32 test images
-    >>> rng = np.random.default_rng(0)
-    >>> for split, n in (("train", 64), ("test", 32)):
-    ...     images, labels = FASHION_MNIST_FILES[split]
-    ...     write_idx(Path(folder.name) / images, rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8))
-    ...     write_idx(Path(folder.name) / labels, (np.arange(n) % 10).astype(np.uint8))
+    >>> from crestcore.apps.datasets import write_fashion_mnist_stand_in
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> write_fashion_mnist_stand_in(folder.name, n_train=64, n_test=32)  # 64 training, 32 test images
     >>> settings = TrainSettings(epochs=1, budget=0.5, m=16, evals=1, threads=None)
     >>> results = run_training_demo(Path(folder.name) / "out", settings=settings, methods="random,crest",
     ...                             progress=False, root=folder.name, print_fn=None, figures=False)
@@ -1019,14 +1117,7 @@ def run_training_demo(
     >>> folder.cleanup()
     """
     s = settings or TrainSettings()
-    methods = list(parse_methods(methods) if isinstance(methods, str) else methods)
-    for mth in methods:
-        if mth not in METHODS:
-            raise ValueError(f"unknown method {mth!r}; choose from {METHODS}")
-    if "full" not in methods:
-        methods.insert(0, "full")  # relative error, speedup and forgetting scores need it
-    if not (0 < s.budget <= 1):
-        raise ValueError(f"budget must be in (0, 1], got {s.budget}")
+    methods = methods_to_run(parse_methods(methods) if isinstance(methods, str) else methods, METHODS, s.budget)
     t_start = time.perf_counter()
     data = load_data(root, n_train=n_train, n_test=n_test, seed=s.seed)  # FileNotFoundError if missing
     import torch
@@ -1074,18 +1165,8 @@ def run_training_demo(
         },
         "paths": {**paths, "results": str(out / "results.json")},
     }
-    results["time_total_s"] = time.perf_counter() - t_start
-    with open(out / "results.json", "w") as fh:
-        json.dump(results, fh, indent=1)
-    if print_fn is not None:
-        print_fn("")
-        print_fn(table)
-        for name in records:
-            if selects(name):
-                print_fn(breakdown_line(name, records[name]))
-        print_fn(f"\nwall clock excludes test evaluations. Total demo time {results['time_total_s']:.0f} s. "
-                 f"Figures and results.json in {out}/")
-    return results
+    notes = [breakdown_line(name, records[name]) for name in records if selects(name)]
+    return finish_comparison(results, out, t_start, table=table, notes=notes, print_fn=print_fn)
 
 
 def breakdown_line(name: str, r: dict) -> str:

@@ -70,7 +70,9 @@ def worker(a) -> None:
     from torch.utils.data import TensorDataset
 
     from crestcore.adapters.torch import CrestLoader
-    from crestcore.apps.train_demo import TrainSettings, build_cnn, crest_config, evaluate, load_data, lr_factor
+    from crestcore.apps.train_demo import (
+        TrainSettings, build_cnn, crest_config, evaluate, load_data, sgd_optimizer, sgd_step,
+    )
 
     ddp = a.worker == "ddp"
     threads = a.threads if not ddp else (a.threads_per_rank or max(1, a.threads // a.nproc))
@@ -100,9 +102,7 @@ def worker(a) -> None:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = torch.optim.SGD(net.parameters(), lr=s.lr, momentum=s.momentum, nesterov=s.nesterov,
-                          weight_decay=s.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, total, s.warmup))
+    opt, sched = sgd_optimizer(net.parameters(), s, total)
     data = TensorDataset(x_tr.to(device), y_tr.to(device))
     kw = dict(config=crest_config(s, steps_per_epoch=spe), budget=s.budget, epochs=s.epochs, seed=s.seed,
               labels=y_tr.numpy(), measure_batch_size=s.measure_batch_size)
@@ -132,10 +132,7 @@ def worker(a) -> None:
             sync()
             t1 = time.perf_counter()
             loss = (w * F.cross_entropy(net(x), y, reduction="none")).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            sgd_step(opt, sched, loss)
             sync()
             t2 = time.perf_counter()
             in_loader += t1 - t0

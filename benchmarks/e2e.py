@@ -349,6 +349,44 @@ def write_block(path, block: str, start: str = START, end: str = END) -> None:
     p.write_text(text)
 
 
+def publish(text: str, *, out=None, json_path=None, payload=None, start: str = START, end: str = END) -> None:
+    """Print the markdown ``text``; write ``payload`` as JSON to ``json_path`` and ``text`` between the
+    ``start`` and ``end`` markers of the markdown file ``out`` (see :func:`write_block`), each when given."""
+    print(text)
+    if json_path:
+        Path(json_path).write_text(json.dumps(payload, indent=1))
+    if out:
+        write_block(out, text, start, end)
+
+
+# A benchmark that measures in fresh processes (benchmarks/memory.py, benchmarks/pipeline.py) starts itself
+# again as ``script --child ARGS``; the child prints its result as one JSON line, the last of its output.
+CHILD_FLAG = "--child"
+
+
+def answer_child(argv, measure) -> bool:
+    """The child's side of :func:`run_child`: when ``argv`` (default ``sys.argv[1:]``) is ``--child ARGS``,
+    print ``measure(ARGS)`` (a dict) as one JSON line and return True; else (a normal run) return False."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not (argv and argv[0] == CHILD_FLAG):
+        return False
+    print(json.dumps(measure(argv[1:])))
+    return True
+
+
+def run_child(script, args, *, env, timeout: float, what: str, tail: int = 2000) -> dict:
+    """Run ``script --child ARGS`` in a fresh Python process with the environment ``env`` and return the JSON
+    object its last output line holds; RuntimeError naming ``what``, with the last ``tail`` characters of
+    its stderr, when it fails."""
+    import subprocess
+
+    res = subprocess.run([sys.executable, str(script), CHILD_FLAG, *args], capture_output=True, text=True,
+                         env=env, timeout=timeout)
+    if res.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{res.stderr[-tail:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
     ns = parse_args(argv)
     if ns.from_json:

@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
-import json
 import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -35,9 +33,11 @@ BACKENDS = ("numpy", "torch", "reference")
 PROBLEMS = ((8, 3000, 64, False), (4, 4000, 32, False), (10, 6000, 16, True))
 
 
-def _child(backend: str, P: int, r: int, d: int, per_class: bool) -> dict:
-    """Run in the measuring process: a warm-up (the same call, another seed), then the measured call;
-    returns MiB figures. Nothing is cached between calls (work buffers are per call)."""
+def _child(args) -> dict:
+    """Run in the measuring process (``args``: backend, P, r, d, per_class 0/1, as :func:`measure` passes
+    them): a warm-up (the same call, another seed), then the measured call; returns MiB figures. Nothing is
+    cached between calls (work buffers are per call)."""
+    backend, P, r, d, per_class = args[0], int(args[1]), int(args[2]), int(args[3]), bool(int(args[4]))
     from selection import _malloc_release, _peak_kb, _proc_status_kb, _reset_peak
 
     import numpy as np
@@ -75,13 +75,12 @@ def _child(backend: str, P: int, r: int, d: int, per_class: bool) -> dict:
 
 def measure(backend: str, P: int, r: int, d: int, per_class: bool = False, timeout: float = 600) -> dict:
     """Peak-memory figures of one call, measured in a fresh process."""
+    from e2e import run_child
+
     env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1", MKL_NUM_THREADS="1",
                OPENBLAS_NUM_THREADS="1")
-    cmd = [sys.executable, __file__, "--child", backend, str(P), str(r), str(d), str(int(per_class))]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    if res.returncode != 0:
-        raise RuntimeError(f"{backend} P={P} r={r} d={d} failed:\n{res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_child(__file__, [backend, str(P), str(r), str(d), str(int(per_class))], env=env, timeout=timeout,
+                     what=f"{backend} P={P} r={r} d={d}", tail=2000)
 
 
 def run(problems=PROBLEMS, backends=BACKENDS) -> list[dict]:
@@ -116,10 +115,9 @@ def table(rows: list[dict], command: str) -> str:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "--child":
-        backend, P, r, d, pc = argv[1:6]
-        print(json.dumps(_child(backend, int(P), int(r), int(d), bool(int(pc)))))
+    from e2e import answer_child, publish
+
+    if answer_child(argv, _child):
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="write the table between the memory-bench markers of this markdown file")
@@ -127,14 +125,7 @@ def main(argv=None) -> int:
     ns = ap.parse_args(argv)
     rows = run()
     command = "python benchmarks/memory.py" + (f" --out {shlex.quote(ns.out)}" if ns.out else "")
-    text = table(rows, command)
-    print(text)
-    if ns.json:
-        Path(ns.json).write_text(json.dumps(rows, indent=1))
-    if ns.out:
-        from e2e import write_block
-
-        write_block(ns.out, text, START, END)
+    publish(table(rows, command), out=ns.out, json_path=ns.json, payload=rows, start=START, end=END)
     return 0
 
 

@@ -128,26 +128,22 @@ def run_one(method: str, seed: int, a) -> dict:
     return out
 
 
-def _child(argv) -> int:
-    ns = json.loads(argv[0])
-    a = argparse.Namespace(**ns["args"])
-    print(json.dumps(run_one(ns["method"], ns["seed"], a)))
-    return 0
+def _child(args) -> dict:
+    """One run in a child process (see ``e2e.run_child``): ``args`` is ``[spec]``, a JSON method, seed and
+    the parent's options."""
+    ns = json.loads(args[0])
+    return run_one(ns["method"], ns["seed"], argparse.Namespace(**ns["args"]))
 
 
 def run(a) -> list[dict]:
-    import subprocess
+    from e2e import run_child
 
     rows = []
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
     for seed in range(a.seeds):
         for method in METHODS:  # interleaved: machine load drifts hit every method alike
             spec = json.dumps({"method": method, "seed": seed, "args": vars(a)})
-            res = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True,
-                                 env=env, timeout=3600)
-            if res.returncode != 0:
-                raise RuntimeError(f"{method} seed {seed} failed:\n{res.stderr[-3000:]}")
-            row = json.loads(res.stdout.strip().splitlines()[-1])
+            row = run_child(__file__, [spec], env=env, timeout=3600, what=f"{method} seed {seed}", tail=3000)
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
@@ -199,9 +195,10 @@ def table(rows: list[dict], a, command: str) -> str:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "--child":
-        return _child(argv[1:])
+    from e2e import answer_child, publish
+
+    if answer_child(argv, _child):
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--epochs", type=int, default=5)
@@ -225,14 +222,8 @@ def main(argv=None) -> int:
                      if k not in ("out", "json") and ap.get_default(k) != v)
     command = "python benchmarks/pipeline.py" + (f" {flags}" if flags else "") + (
         f" --out {shlex.quote(a.out)}" if a.out else "")
-    text = table(rows, a, command)
-    print(text)
-    if a.json:
-        Path(a.json).write_text(json.dumps({"args": vars(a), "rows": rows}, indent=1))
-    if a.out:
-        from e2e import write_block
-
-        write_block(a.out, text, START, END)
+    publish(table(rows, a, command), out=a.out, json_path=a.json, payload={"args": vars(a), "rows": rows},
+            start=START, end=END)
     return 0
 
 

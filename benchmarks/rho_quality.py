@@ -107,7 +107,7 @@ def run_seed(data, seed: int, trajectory: str, a) -> dict:
         quadratic_curvature, quadratic_init, quadratic_predict, quadratic_update,
     )
     from crestcore.adapters.torch import TorchModelOps
-    from crestcore.apps.train_demo import build_cnn, lr_factor
+    from crestcore.apps.train_demo import build_cnn, lr_factor, sgd_step
 
     x, y = data
     n = int(x.shape[0])
@@ -267,10 +267,7 @@ def run_seed(data, seed: int, trajectory: str, a) -> dict:
         tb = torch.from_numpy(np.asarray(bi, dtype=np.int64))
         losses = F.cross_entropy(model(x[tb]), y[tb], reduction="none")
         loss = (torch.as_tensor(bw, dtype=losses.dtype) * losses).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        sgd_step(opt, sched, loss)
     return {"seed": seed, "trajectory": trajectory, "total_steps": total, "anchors": anchors,
             "seconds": time.perf_counter() - t0, "records": records}
 

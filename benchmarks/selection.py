@@ -776,6 +776,25 @@ def _loads(rows) -> str:
     return "1-min load average before->after each method: " + "; ".join(parts) if parts else ""
 
 
+def _timing(row) -> str:
+    """A method's median time (with the number of timed runs) and its ratio to crestcore: two table cells."""
+    return f"{_t(row['median_s'])} (n={row['timed_runs']}) | {_x(row.get('ratio'))}"
+
+
+def _method_table(header: str, rows: dict, names: dict, cells) -> list[str]:
+    """The lines of a markdown table with one row per method: ``header``, the separator, then per method of
+    ``rows`` (named by ``names``, else its key) ``cells(name, row)``, or an error row for a method that failed."""
+    ncols = header.count("|") - 1
+    lines = [header, "|" + "---|" * ncols]
+    for meth, row in rows.items():
+        name = names.get(meth, meth)
+        if "error" in row:
+            lines.append(f"| {name} | error: {row['error']} |" + " |" * (ncols - 2))
+        else:
+            lines.append(cells(name, row))
+    return lines
+
+
 def _native(row):
     d = row.get("dispatch", {}).get("native", {})
     if "error" in d:
@@ -861,21 +880,18 @@ def render(results, args, argv) -> str:
                  "(`crestcore.draw_subsets`, same seed; drawing them is inside every timed step). Objective = "
                  "sum over the P x C problems of F(S) on the exp kernel, recomputed in float64.")
         L.append("")
-        L.append("| method | median time per step | ratio vs crestcore (without subset drawing) | objective | rel. diff vs crestcore (total / worst problem) | identical pick sets (ties may break differently) | same subsets | peak extra RSS |")
-        L.append("|---|---|---|---|---|---|---|---|")
-        for meth, row in rows.items():
-            name = S1_NAMES.get(meth, meth)
-            if "error" in row:
-                L.append(f"| {name} | error: {row['error']} | | | | | | |")
-                continue
+
+        def s1_row(name, row):
+            subsets_rss = f"{'yes' if row.get('same_subsets') else 'NO'} | {_mb(row.get('peak_extra_mb'))} |"
             if "objective" not in row:
-                L.append(f"| {name} | {_t(row['median_s'])} (n={row['timed_runs']}) | {_x(row.get('ratio'))} | - | - | - | "
-                         f"{'yes' if row.get('same_subsets') else 'NO'} | {_mb(row.get('peak_extra_mb'))} |")
-                continue
+                return f"| {name} | {_timing(row)} | - | - | - | {subsets_rss}"
             exd = f" ({_x(row['ratio_ex_draw'])})" if "ratio_ex_draw" in row else ""
-            L.append(f"| {name} | {_t(row['median_s'])} (n={row['timed_runs']}) | {_x(row.get('ratio'))}{exd} | "
-                     f"{row['objective']:.6f} | {row.get('obj_rel_diff', 0):.1e} / {row.get('max_problem_rel_diff', 0):.1e} | "
-                     f"{row.get('same_picks', '-')} | {'yes' if row.get('same_subsets') else 'NO'} | {_mb(row.get('peak_extra_mb'))} |")
+            return (f"| {name} | {_timing(row)}{exd} | "
+                    f"{row['objective']:.6f} | {row.get('obj_rel_diff', 0):.1e} / {row.get('max_problem_rel_diff', 0):.1e} | "
+                    f"{row.get('same_picks', '-')} | {subsets_rss}")
+
+        L += _method_table("| method | median time per step | ratio vs crestcore (without subset drawing) | objective | rel. diff vs crestcore (total / worst problem) | identical pick sets (ties may break differently) | same subsets | peak extra RSS |",
+                           rows, S1_NAMES, s1_row)
         L.append("")
         dv = [(S1_SHORT.get(m, m), r["diverging_problems"], r["max_gain_gap_at_divergence"])
               for m, r in rows.items() if "diverging_problems" in r]
@@ -931,16 +947,14 @@ def render(results, args, argv) -> str:
                      "`metric=\"sqeuclidean\", kernel=\"max-minus\"`. Objective recomputed in float64 on the "
                      f"{dt} data. apricot converts the similarity to float64 whatever the input dtype.")
             L.append("")
-            L.append("| method | median time | ratio vs crestcore | objective | rel. diff vs crestcore | common picks | peak extra RSS | first call (tiny: compile or cache load) |")
-            L.append("|---|---|---|---|---|---|---|---|")
-            for meth, row in rows.items():
-                name = S2_NAMES.get(meth, meth)
-                if "error" in row:
-                    L.append(f"| {name} | error: {row['error']} | | | | | | |")
-                    continue
-                L.append(f"| {name} | {_t(row['median_s'])} (n={row['timed_runs']}) | {_x(row.get('ratio'))} | "
-                         f"{row['objective']:.2f} | {row.get('obj_rel_diff', 0):.1e} | {row.get('same_picks', '-')} | "
-                         f"{_mb(row.get('peak_extra_mb'))} | {_t(row.get('tiny_first_s'))} |")
+
+            def s2_row(name, row):
+                return (f"| {name} | {_timing(row)} | "
+                        f"{row['objective']:.2f} | {row.get('obj_rel_diff', 0):.1e} | {row.get('same_picks', '-')} | "
+                        f"{_mb(row.get('peak_extra_mb'))} | {_t(row.get('tiny_first_s'))} |")
+
+            L += _method_table("| method | median time | ratio vs crestcore | objective | rel. diff vs crestcore | common picks | peak extra RSS | first call (tiny: compile or cache load) |",
+                               rows, S2_NAMES, s2_row)
             L.append("")
             L.append(_loads(rows))
             al = rows.get("apricot-lazy", {})
