@@ -68,12 +68,12 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from crestcore import last_layer_gradients
 from crestcore.plan import BudgetedPasses, full_steps
@@ -83,9 +83,12 @@ from crestcore.adapters.torch import (  # the torch adapter's data access, share
     _as_labels,
     _Fetcher,
     _length,
-    _to_device,
+    _observed_losses,
+    _weighted_batch,
     dataset_labels,
 )
+
+from ._common import check_budget, check_budget_counts, check_checkpoint, check_count, examples_spent
 
 __all__ = ["SubsetLoader", "METHODS", "SELECTING_METHODS"]
 
@@ -106,12 +109,6 @@ _DEFAULT_OPTIONS = {
 # whether the last-layer gradient includes the penultimate embedding (the last linear layer's weight,
 # C * h features) or is the gradient w.r.t. the logits (C features)
 _DEFAULT_EMBEDDINGS = {"craig": False, "gradmatch": True, "glister": True}
-
-
-def _check_pos_int(v, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    return int(v)
 
 
 def _check_fraction(v, name: str, *, low_open=True, high=1.0, high_open=True) -> float:
@@ -141,6 +138,15 @@ def _portable(a: np.ndarray) -> torch.Tensor:
 
 def _unportable(t, dtype) -> np.ndarray:
     return np.asarray(_host(t), dtype=dtype).copy()
+
+
+def _example_blobs() -> TensorDataset:
+    """The examples' training set, as :class:`SubsetLoader`'s example draws it: torch's global generator
+    seeded with 0, then 48 points of 4 features in two Gaussian blobs (labels ``0, 1, 0, 1, ...``, class 1
+    shifted by 2)."""
+    torch.manual_seed(0)
+    y = torch.arange(48) % 2
+    return TensorDataset(torch.randn(48, 4) + 2.0 * y[:, None], y)
 
 
 class SubsetLoader(BudgetedPasses):
@@ -256,20 +262,17 @@ class SubsetLoader(BudgetedPasses):
     ):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if method != "full" and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (
-                math.isfinite(budget) and budget > 0)):
-            raise ValueError(f"budget must be a positive finite fraction of the full-data steps, got {budget!r}")
-        epochs = _check_pos_int(epochs, "epochs")
-        m = _check_pos_int(m, "m")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        if budget_counts not in ("steps", "passes"):
-            raise ValueError(f"budget_counts must be 'steps' or 'passes', got {budget_counts!r}")
+        if method != "full":
+            check_budget(budget)
+        epochs = check_count(epochs, "epochs")
+        m = check_count(m, "m")
+        check_count(seed, "seed", low=0)
+        check_budget_counts(budget_counts)
         if weights not in ("selection", "batch"):
             raise ValueError(f"weights must be 'selection' or 'batch', got {weights!r}")
         if fill not in ("random", "cycle"):
             raise ValueError(f"fill must be 'random' or 'cycle', got {fill!r}")
-        reselect_every = _check_pos_int(reselect_every, "reselect_every")
+        reselect_every = check_count(reselect_every, "reselect_every")
         if embeddings is not None and not isinstance(embeddings, bool):
             raise TypeError(f"embeddings must be a bool or None, got {type(embeddings).__name__}")
         if options is not None and not isinstance(options, dict):
@@ -350,8 +353,7 @@ class SubsetLoader(BudgetedPasses):
 
     # -- accounting and stepping (the pass logic is BudgetedPasses') ------------------------------
     def _cost(self) -> tuple[float, float]:
-        c = self._counters
-        return float(c["train_examples"]), (c["forward_examples"] + 2.0 * c["backward_examples"]) / 3.0
+        return examples_spent(self._counters)
 
     def _step(self):
         idx, w = self._next_indices()
@@ -362,12 +364,7 @@ class SubsetLoader(BudgetedPasses):
         return self._make_batch(idx, w)
 
     def _make_batch(self, idx: np.ndarray, w: np.ndarray):
-        dev = self._device if self._device is not None else self.ops.device
-        data = _to_device(self._fetch(idx), dev)
-        wt = torch.as_tensor(w, dtype=self.ops._dtype()).to(dev)
-        if isinstance(data, (tuple, list)):
-            return (*data, wt)
-        return data, wt
+        return _weighted_batch(self, idx, w)
 
     # -- the batches ----------------------------------------------------------------------------
     def _next_indices(self) -> tuple[np.ndarray, np.ndarray]:
@@ -555,10 +552,7 @@ class SubsetLoader(BudgetedPasses):
 
         >>> import torch
         >>> import torch.nn.functional as F
-        >>> from torch.utils.data import TensorDataset
-        >>> _ = torch.manual_seed(0)
-        >>> y = torch.arange(48) % 2
-        >>> data = TensorDataset(torch.randn(48, 4) + 2.0 * y[:, None], y)
+        >>> data = _example_blobs()  # the class example's 48 examples of two classes (seeds torch with 0)
         >>> model = torch.nn.Linear(4, 2)
         >>> loader = SubsetLoader(model, data, method="prune", budget=0.5, epochs=4, m=8, seed=0)
         >>> for epoch in range(2):
@@ -570,19 +564,8 @@ class SubsetLoader(BudgetedPasses):
         """
         if self._last is None:
             raise RuntimeError("observe() needs a batch: call it after training on a yielded batch")
-        if isinstance(losses, torch.Tensor):
-            losses = losses.detach().float().cpu().numpy()
-        vals = np.asarray(losses, dtype=np.float64).reshape(-1)
         idx = self._last[0]
-        if vals.size != idx.size:
-            raise ValueError(f"observe() got {vals.size} losses for a batch of {idx.size} examples "
-                             "(pass the per-example losses, reduction='none')")
-        if not np.all(np.isfinite(vals)):
-            raise FloatingPointError(
-                f"SubsetLoader: the training loss is NaN or infinite at step {self._position - 1} "
-                f"({int((~np.isfinite(vals)).sum())} of {vals.size} examples): training has diverged. "
-                "Lower the learning rate, add gradient clipping, or check the data."
-            )
+        vals = _observed_losses(losses, idx.size, self._position - 1, "SubsetLoader")
         if self.method == "prune":
             self._losses[idx] = vals
             self._seen[idx] = True
@@ -684,15 +667,9 @@ class SubsetLoader(BudgetedPasses):
         >>> resumed.position, bool((resumed.last_indices == loader.last_indices).all())
         (2, True)
         """
-        if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            raise ValueError("not a SubsetLoader state dict (missing or unknown 'format')")
-        for k, v in self._fingerprint().items():
-            if state.get(k) != v:
-                raise ValueError(f"the state dict was saved with {k}={state.get(k)!r}, this loader has {k}={v!r}; "
-                                 "resume with the same method, dataset, m, seed, budget and epochs")
-        if state.get("settings") != self._settings():
-            warnings.warn("SubsetLoader.load_state_dict: the loader's options differ from the saved ones",
-                          stacklevel=2)
+        check_checkpoint(state, fmt=_FORMAT, owner="SubsetLoader", kind="loader", fingerprint=self._fingerprint(),
+                         same="method, dataset, m, seed, budget and epochs",
+                         options=("settings", self._settings(), "the loader's options differ from the saved ones"))
         pos = state.get("position")
         if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or not 0 <= int(pos) <= self.total_steps:
             raise ValueError(f"SubsetLoader state dict: position must be an integer in [0, {self.total_steps}], "

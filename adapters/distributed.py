@@ -58,9 +58,10 @@ from crestcore.controller import Batch
 from crestcore.minibatch import Coresets
 from crestcore.minibatch import minibatch_coresets as _minibatch_coresets
 
-from crestcore.validation import host_indices, host_weights
+from crestcore.validation import host_indices
 
-from .torch import CrestLoader, TorchModelOps
+from ._common import training_loss_error, weighted_examples
+from .torch import CrestLoader, TorchModelOps, _example_data
 
 __all__ = [
     "DistributedModelOps",
@@ -333,26 +334,20 @@ class DistributedModelOps:
 
     Examples
     --------
-    Under ``torchrun`` every rank wraps its own ops over the same dataset (here one rank):
+    Under ``torchrun`` every rank wraps its own ops over the same dataset (here one rank).
+    ``_OneProcess(n)`` starts the group of the examples, one gloo process (as :class:`DistributedCrestLoader`'s
+    example does by hand), and makes ``n`` random examples of two classes:
 
-    >>> import tempfile
     >>> import torch
-    >>> import torch.distributed as dist
-    >>> from torch.utils.data import TensorDataset
-    >>> from crestcore import CrestConfig
-    >>> store = tempfile.TemporaryDirectory()  # one process, as ``torchrun --nproc-per-node 1`` runs
-    >>> dist.init_process_group("gloo", init_method=f"file://{store.name}/pg", rank=0, world_size=1)
-    >>> y = torch.arange(64) % 2
-    >>> data = TensorDataset(torch.randn(64, 4, generator=torch.Generator().manual_seed(0)), y)
-    >>> from crestcore import crest_init, crest_next_batch
+    >>> from crestcore import CrestConfig, crest_init, crest_next_batch
     >>> from crestcore.adapters.torch import TorchModelOps
-    >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), data))
+    >>> group = _OneProcess(64)
+    >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), group.data))
     >>> config = CrestConfig(m=8)
     >>> state, batch = crest_next_batch(crest_init(config, ops.labels, seed=0), ops, config)
     >>> ops.world_size, batch.indices.shape
     (1, (8,))
-    >>> dist.destroy_process_group()
-    >>> store.cleanup()
+    >>> group.close()
     """
 
     def __init__(self, ops: TorchModelOps, *, group=None, broadcast_buffers: bool = True):
@@ -405,20 +400,13 @@ class DistributedModelOps:
         --------
         With one rank the gathered rows are that rank's; with ``world`` ranks, every rank's in rank order:
 
-        >>> import tempfile
         >>> import torch
-        >>> import torch.distributed as dist
-        >>> from torch.utils.data import TensorDataset
-        >>> from crestcore.adapters.torch import TorchModelOps
-        >>> store = tempfile.TemporaryDirectory()  # one process, as ``torchrun --nproc-per-node 1`` runs
-        >>> dist.init_process_group("gloo", init_method=f"file://{store.name}/pg", rank=0, world_size=1)
-        >>> x = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
-        >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), TensorDataset(x, torch.arange(32) % 2)))
+        >>> group = _OneProcess()  # one gloo process, as ``torchrun --nproc-per-node 1`` runs, and 32 examples
+        >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), group.data))
         >>> ops.gather_rows(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), [2], "an example's rows")
         tensor([[1., 2.],
                 [3., 4.]])
-        >>> dist.destroy_process_group()
-        >>> store.cleanup()
+        >>> group.close()
         """
         counts = [int(c) for c in counts]
         if t.shape[0] != counts[self.rank]:
@@ -438,24 +426,14 @@ class DistributedModelOps:
 
         Examples
         --------
-        >>> import tempfile
         >>> import torch
-        >>> import torch.distributed as dist
-        >>> from torch.utils.data import TensorDataset
-        >>> from crestcore.adapters.torch import TorchModelOps
-        >>> store = tempfile.TemporaryDirectory()  # one process, as ``torchrun --nproc-per-node 1`` runs
-        >>> dist.init_process_group("gloo", init_method=f"file://{store.name}/pg", rank=0, world_size=1)
-        >>> x = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
-        >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), TensorDataset(x, torch.arange(32) % 2)))
+        >>> group = _OneProcess()  # one gloo process, as ``torchrun --nproc-per-node 1`` runs, and 32 examples
+        >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), group.data))
         >>> ops.all_reduce_sum(torch.tensor([1.0, 2.0]), "an example's sum")
         tensor([1., 2.])
-        >>> dist.destroy_process_group()
-        >>> store.cleanup()
+        >>> group.close()
         """
-        dev = t.device
-        w = self._wire(t.contiguous()).clone()
-        self._collective(what, lambda: dist.all_reduce(w, op=dist.ReduceOp.SUM, group=self.group))
-        return w.to(dev)
+        return self._in_place(t, what, lambda w: dist.all_reduce(w, op=dist.ReduceOp.SUM, group=self.group))
 
     def broadcast(self, t: torch.Tensor, what: str) -> torch.Tensor:
         """Rank 0's ``t`` (of the group), on every rank; ``what`` names the collective in a
@@ -463,24 +441,21 @@ class DistributedModelOps:
 
         Examples
         --------
-        >>> import tempfile
         >>> import torch
-        >>> import torch.distributed as dist
-        >>> from torch.utils.data import TensorDataset
-        >>> from crestcore.adapters.torch import TorchModelOps
-        >>> store = tempfile.TemporaryDirectory()  # one process, as ``torchrun --nproc-per-node 1`` runs
-        >>> dist.init_process_group("gloo", init_method=f"file://{store.name}/pg", rank=0, world_size=1)
-        >>> x = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
-        >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), TensorDataset(x, torch.arange(32) % 2)))
+        >>> group = _OneProcess()  # one gloo process, as ``torchrun --nproc-per-node 1`` runs, and 32 examples
+        >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), group.data))
         >>> ops.broadcast(torch.tensor([3, 1, 2]), "an example's broadcast")
         tensor([3, 1, 2])
-        >>> dist.destroy_process_group()
-        >>> store.cleanup()
+        >>> group.close()
         """
-        dev = t.device
+        return self._in_place(t, what, lambda w: dist.broadcast(w, src=self._src, group=self.group))
+
+    def _in_place(self, t: torch.Tensor, what: str, collective) -> torch.Tensor:
+        """Run the in-place ``collective(w)`` (named ``what``) on ``w``, a copy of ``t`` on the wire's
+        device; the result on ``t``'s device."""
         w = self._wire(t.contiguous()).clone()
-        self._collective(what, lambda: dist.broadcast(w, src=self._src, group=self.group))
-        return w.to(dev)
+        self._collective(what, lambda: collective(w))
+        return w.to(t.device)
 
     def agree(self, value: int, what: str) -> None:
         """Raise :class:`CollectiveError` on every rank unless every rank passes the same int64 ``value``.
@@ -489,18 +464,11 @@ class DistributedModelOps:
         --------
         Every rank passes a fingerprint of what must agree (here the dataset size):
 
-        >>> import tempfile
         >>> import torch
-        >>> import torch.distributed as dist
-        >>> from torch.utils.data import TensorDataset
-        >>> from crestcore.adapters.torch import TorchModelOps
-        >>> store = tempfile.TemporaryDirectory()  # one process, as ``torchrun --nproc-per-node 1`` runs
-        >>> dist.init_process_group("gloo", init_method=f"file://{store.name}/pg", rank=0, world_size=1)
-        >>> x = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
-        >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), TensorDataset(x, torch.arange(32) % 2)))
+        >>> group = _OneProcess()  # one gloo process, as ``torchrun --nproc-per-node 1`` runs, and 32 examples
+        >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), group.data))
         >>> ops.agree(32, "the dataset size")
-        >>> dist.destroy_process_group()
-        >>> store.cleanup()
+        >>> group.close()
         """
         t = torch.tensor([int(value)], dtype=torch.int64)
         got = self.gather_rows(t, [1] * self.world_size, f"verify {what}").cpu().tolist()
@@ -544,19 +512,12 @@ class DistributedModelOps:
 
         Examples
         --------
-        >>> import tempfile
         >>> import torch
-        >>> import torch.distributed as dist
-        >>> from torch.utils.data import TensorDataset
-        >>> from crestcore.adapters.torch import TorchModelOps
-        >>> store = tempfile.TemporaryDirectory()  # one process, as ``torchrun --nproc-per-node 1`` runs
-        >>> dist.init_process_group("gloo", init_method=f"file://{store.name}/pg", rank=0, world_size=1)
-        >>> x = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
-        >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), TensorDataset(x, torch.arange(32) % 2)))
+        >>> group = _OneProcess()  # one gloo process, as ``torchrun --nproc-per-node 1`` runs, and 32 examples
+        >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), group.data))
         >>> ops.outputs([0, 5, 9]).shape
         torch.Size([3, 2])
-        >>> dist.destroy_process_group()
-        >>> store.cleanup()
+        >>> group.close()
         """
         idx = host_indices(indices, self.inner.n)
         W = self.world_size
@@ -591,19 +552,12 @@ class DistributedModelOps:
 
         Examples
         --------
-        >>> import tempfile
         >>> import torch
-        >>> import torch.distributed as dist
-        >>> from torch.utils.data import TensorDataset
-        >>> from crestcore.adapters.torch import TorchModelOps
-        >>> store = tempfile.TemporaryDirectory()  # one process, as ``torchrun --nproc-per-node 1`` runs
-        >>> dist.init_process_group("gloo", init_method=f"file://{store.name}/pg", rank=0, world_size=1)
-        >>> x = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
-        >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), TensorDataset(x, torch.arange(32) % 2)))
+        >>> group = _OneProcess()  # one gloo process, as ``torchrun --nproc-per-node 1`` runs, and 32 examples
+        >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), group.data))
         >>> ops.losses([0, 5, 9]).shape
         torch.Size([3])
-        >>> dist.destroy_process_group()
-        >>> store.cleanup()
+        >>> group.close()
         """
         idx = host_indices(indices, self.inner.n)
         z = self.outputs(idx)
@@ -615,27 +569,17 @@ class DistributedModelOps:
 
         Examples
         --------
-        >>> import tempfile
         >>> import torch
-        >>> import torch.distributed as dist
-        >>> from torch.utils.data import TensorDataset
-        >>> from crestcore.adapters.torch import TorchModelOps
-        >>> store = tempfile.TemporaryDirectory()  # one process, as ``torchrun --nproc-per-node 1`` runs
-        >>> dist.init_process_group("gloo", init_method=f"file://{store.name}/pg", rank=0, world_size=1)
-        >>> x = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
-        >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), TensorDataset(x, torch.arange(32) % 2)))
+        >>> group = _OneProcess()  # one gloo process, as ``torchrun --nproc-per-node 1`` runs, and 32 examples
+        >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), group.data))
         >>> ops.params().shape  # 4 * 2 weights and 2 biases
         torch.Size([10])
-        >>> dist.destroy_process_group()
-        >>> store.cleanup()
+        >>> group.close()
         """
         return self.inner.params()
 
     def _share(self, indices, weights, what):
-        idx = host_indices(indices, self.inner.n)
-        w = host_weights(weights, idx.size)
-        if idx.size == 0:
-            raise ValueError(f"{what} needs at least one example")
+        idx, w = weighted_examples(indices, weights, self.inner.n, what)
         b = shard_bounds(idx.size, self.world_size)
         lo, hi = int(b[self.rank]), int(b[self.rank + 1])
         return idx, w, lo, hi
@@ -648,21 +592,14 @@ class DistributedModelOps:
         --------
         The result is the single-process gradient, whatever the world size:
 
-        >>> import tempfile
         >>> import torch
-        >>> import torch.distributed as dist
-        >>> from torch.utils.data import TensorDataset
-        >>> from crestcore.adapters.torch import TorchModelOps
-        >>> store = tempfile.TemporaryDirectory()  # one process, as ``torchrun --nproc-per-node 1`` runs
-        >>> dist.init_process_group("gloo", init_method=f"file://{store.name}/pg", rank=0, world_size=1)
-        >>> x = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
-        >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), TensorDataset(x, torch.arange(32) % 2)))
+        >>> group = _OneProcess()  # one gloo process, as ``torchrun --nproc-per-node 1`` runs, and 32 examples
+        >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), group.data))
         >>> loss, grad = ops.gradient([0, 5, 9], [1.0, 2.0, 0.0])
         >>> single = ops.inner.gradient([0, 5, 9], [1.0, 2.0, 0.0])
         >>> bool(torch.allclose(grad, single[1])), abs(loss - single[0]) < 1e-6
         (True, True)
-        >>> dist.destroy_process_group()
-        >>> store.cleanup()
+        >>> group.close()
         """
         if self.world_size == 1:
             with self._rank0_buffers():
@@ -685,20 +622,13 @@ class DistributedModelOps:
 
         Examples
         --------
-        >>> import tempfile
         >>> import torch
-        >>> import torch.distributed as dist
-        >>> from torch.utils.data import TensorDataset
-        >>> from crestcore.adapters.torch import TorchModelOps
-        >>> store = tempfile.TemporaryDirectory()  # one process, as ``torchrun --nproc-per-node 1`` runs
-        >>> dist.init_process_group("gloo", init_method=f"file://{store.name}/pg", rank=0, world_size=1)
-        >>> x = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
-        >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), TensorDataset(x, torch.arange(32) % 2)))
+        >>> group = _OneProcess()  # one gloo process, as ``torchrun --nproc-per-node 1`` runs, and 32 examples
+        >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), group.data))
         >>> probe = ops.hutchinson([0, 5, 9], [1.0, 1.0, 1.0], seed=4)
         >>> probe.shape, bool(torch.equal(probe, ops.inner.hutchinson([0, 5, 9], [1.0, 1.0, 1.0], seed=4)))
         (torch.Size([10]), True)
-        >>> dist.destroy_process_group()
-        >>> store.cleanup()
+        >>> group.close()
         """
         if self.world_size == 1:
             with self._rank0_buffers():
@@ -725,15 +655,9 @@ class DistributedModelOps:
         --------
         The controller calls it with the features of the random subsets' union:
 
-        >>> import tempfile
         >>> import torch
-        >>> import torch.distributed as dist
-        >>> from torch.utils.data import TensorDataset
-        >>> from crestcore.adapters.torch import TorchModelOps
-        >>> store = tempfile.TemporaryDirectory()  # one process, as ``torchrun --nproc-per-node 1`` runs
-        >>> dist.init_process_group("gloo", init_method=f"file://{store.name}/pg", rank=0, world_size=1)
-        >>> x = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
-        >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), TensorDataset(x, torch.arange(32) % 2)))
+        >>> group = _OneProcess()  # one gloo process, as ``torchrun --nproc-per-node 1`` runs, and 32 examples
+        >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), group.data))
         >>> import numpy as np
         >>> from crestcore import last_layer_gradients
         >>> logits = ops.outputs(np.arange(32))
@@ -742,8 +666,7 @@ class DistributedModelOps:
         ...                         rng=np.random.default_rng(0))
         >>> coresets.indices.shape
         torch.Size([2, 4])
-        >>> dist.destroy_process_group()
-        >>> store.cleanup()
+        >>> group.close()
         """
         W = self.world_size
         if W == 1 or subsets is None or optimizer == "stochastic" or not isinstance(features, torch.Tensor):
@@ -898,23 +821,16 @@ class DistributedCrestLoader(CrestLoader):
 
         Examples
         --------
-        >>> import tempfile
         >>> import torch
-        >>> import torch.distributed as dist
-        >>> from torch.utils.data import TensorDataset
         >>> from crestcore import CrestConfig
-        >>> store = tempfile.TemporaryDirectory()  # one process, as ``torchrun --nproc-per-node 1`` runs
-        >>> dist.init_process_group("gloo", init_method=f"file://{store.name}/pg", rank=0, world_size=1)
-        >>> y = torch.arange(64) % 2
-        >>> data = TensorDataset(torch.randn(64, 4, generator=torch.Generator().manual_seed(0)), y)
+        >>> group = _OneProcess(64)  # one gloo process, as ``torchrun --nproc-per-node 1`` runs, and 64 examples
         >>> model = torch.nn.Linear(4, 2)
-        >>> loader = DistributedCrestLoader(model, data, config=CrestConfig(m=8, T2=2), budget=0.5, seed=0)
+        >>> loader = DistributedCrestLoader(model, group.data, config=CrestConfig(m=8, T2=2), budget=0.5, seed=0)
         >>> for x, y, w in loader:
         ...     loader.observe(torch.nn.functional.cross_entropy(model(x), y, reduction="none"))
         >>> loader.stats["step"]
         4
-        >>> dist.destroy_process_group()
-        >>> store.cleanup()
+        >>> group.close()
         """
         if self._batch is None:
             raise RuntimeError("observe() needs a batch: call it after training on a yielded batch")
@@ -932,11 +848,7 @@ class DistributedCrestLoader(CrestLoader):
         if self.config.T2 is None:  # no drop policy: nothing to merge, only the local check
             bad = int((~torch.isfinite(t)).sum())
             if bad:
-                raise FloatingPointError(
-                    f"CREST: the training loss is NaN or infinite at step {self._position - 1} on rank "
-                    f"{self.rank} ({bad} of {t.numel()} examples): training has diverged. Lower the learning "
-                    "rate, add gradient clipping, or check the data."
-                )
+                raise training_loss_error("CREST", self._position - 1, bad, t.numel(), f" on rank {self.rank}")
             return
         parts = self.ops.gather_rows(t, counts, "all_gather of the training losses (observe)").cpu().numpy()
         full = np.empty(m, dtype=np.float64)
@@ -966,21 +878,14 @@ class DistributedCrestLoader(CrestLoader):
 
         Examples
         --------
-        >>> import tempfile
         >>> import torch
-        >>> import torch.distributed as dist
-        >>> from torch.utils.data import TensorDataset
         >>> from crestcore import CrestConfig
-        >>> store = tempfile.TemporaryDirectory()  # one process, as ``torchrun --nproc-per-node 1`` runs
-        >>> dist.init_process_group("gloo", init_method=f"file://{store.name}/pg", rank=0, world_size=1)
-        >>> y = torch.arange(64) % 2
-        >>> data = TensorDataset(torch.randn(64, 4, generator=torch.Generator().manual_seed(0)), y)
-        >>> loader = DistributedCrestLoader(torch.nn.Linear(4, 2), data, config=CrestConfig(m=8), budget=0.5)
+        >>> group = _OneProcess(64)  # one gloo process, as ``torchrun --nproc-per-node 1`` runs, and 64 examples
+        >>> loader = DistributedCrestLoader(torch.nn.Linear(4, 2), group.data, config=CrestConfig(m=8), budget=0.5)
         >>> batch = next(iter(loader))
         >>> loader.state_dict()["position"]
         1
-        >>> dist.destroy_process_group()
-        >>> store.cleanup()
+        >>> group.close()
         """
         d = super().state_dict()
         d["world_size"] = self.world_size
@@ -993,25 +898,18 @@ class DistributedCrestLoader(CrestLoader):
         --------
         A restored loader continues with the batches the saved one would have yielded:
 
-        >>> import tempfile
         >>> import torch
-        >>> import torch.distributed as dist
-        >>> from torch.utils.data import TensorDataset
         >>> from crestcore import CrestConfig
-        >>> store = tempfile.TemporaryDirectory()  # one process, as ``torchrun --nproc-per-node 1`` runs
-        >>> dist.init_process_group("gloo", init_method=f"file://{store.name}/pg", rank=0, world_size=1)
-        >>> y = torch.arange(64) % 2
-        >>> data = TensorDataset(torch.randn(64, 4, generator=torch.Generator().manual_seed(0)), y)
+        >>> group = _OneProcess(64)  # one gloo process, as ``torchrun --nproc-per-node 1`` runs, and 64 examples
         >>> model = torch.nn.Linear(4, 2)
-        >>> loader = DistributedCrestLoader(model, data, config=CrestConfig(m=8), budget=0.5, seed=0)
+        >>> loader = DistributedCrestLoader(model, group.data, config=CrestConfig(m=8), budget=0.5, seed=0)
         >>> passes = iter(loader)
         >>> first = next(passes)
-        >>> resumed = DistributedCrestLoader(model, data, config=CrestConfig(m=8), budget=0.5, seed=0)
+        >>> resumed = DistributedCrestLoader(model, group.data, config=CrestConfig(m=8), budget=0.5, seed=0)
         >>> resumed.load_state_dict(loader.state_dict())
         >>> bool(torch.equal(next(passes)[1], next(iter(resumed))[1]))
         True
-        >>> dist.destroy_process_group()
-        >>> store.cleanup()
+        >>> group.close()
         """
         super().load_state_dict(state)
         self.ops.agree(
@@ -1019,3 +917,23 @@ class DistributedCrestLoader(CrestLoader):
                     self._state.batch_idx, self._state.batch_w, self._state.drop.active),
             "the restored loader state (load the same checkpoint on every rank)",
         )
+
+
+# ------------------------------------------------------------------------------------------------
+# the examples' setup
+# ------------------------------------------------------------------------------------------------
+class _OneProcess:
+    """The process group of the examples: ``torch.distributed`` initialised with one gloo process, as
+    ``torchrun --nproc-per-node 1`` starts one (its file store in a temporary folder), and ``data``, the
+    torch adapter's example training set of ``n`` random points of 4 features in two classes.
+    :meth:`close` destroys the group."""
+
+    def __init__(self, n: int = 32):
+        self._store = tempfile.TemporaryDirectory()
+        dist.init_process_group("gloo", init_method=f"file://{self._store.name}/pg", rank=0, world_size=1)
+        self.data = _example_data(n)
+
+    def close(self) -> None:
+        """Destroy the process group and remove its file store."""
+        dist.destroy_process_group()
+        self._store.cleanup()

@@ -46,11 +46,10 @@ import torch.nn.functional as F
 
 from crestcore.controller import CrestConfig
 
-from .torch import CrestBatchSampler, WeightedDataset, WeightedKey, check_loader_arguments
+from .torch import _LABEL_KEYS, CrestBatchSampler, WeightedDataset, WeightedKey, check_loader_arguments
 
 __all__ = ["CrestTrainer", "weighted_cross_entropy", "CREST_STATE_NAME"]
 
-_LABEL_KEYS = ("labels", "label", "label_ids")
 CREST_STATE_NAME = "crest_state.pt"  # CREST's state in each of the Trainer's checkpoint folders
 
 

@@ -61,7 +61,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from crestcore.plan import budget_steps, full_steps
-from crestcore.validation import host_indices, host_weights, stored_batch
+from crestcore.validation import host_indices
 
 try:
     import keras
@@ -76,12 +76,13 @@ from crestcore.controller import (
     Batch,
     CrestConfig,
     crest_init,
-    crest_load_state_dict,
     crest_next_batch,
     crest_observe,
     crest_state_dict,
     crest_stats,
 )
+
+from . import _common
 
 __all__ = ["CrestCallback", "CrestDataset", "KerasModelOps", "SUPPORTED_BACKENDS", "labels_from_targets"]
 
@@ -93,6 +94,14 @@ _CE_NAMES = ("sparse_categorical_crossentropy", "categorical_crossentropy")
 
 def _backend() -> str:
     return keras.backend.backend()
+
+
+def _require_supported(what: str, backend: str | None = None) -> None:
+    """``NotImplementedError`` saying that ``backend`` (default Keras's) lacks ``what``, unless it is one of
+    :data:`SUPPORTED_BACKENDS`."""
+    backend = _backend() if backend is None else backend
+    if backend not in SUPPORTED_BACKENDS:
+        raise NotImplementedError(_unsupported(backend, what))
 
 
 def _unsupported(backend: str, what: str) -> str:
@@ -304,18 +313,11 @@ def _crossentropy(out, y, from_probabilities: bool):
     return kops.logsumexp(z, axis=1) - kops.take_along_axis(z, y[:, None], axis=1)[:, 0]
 
 
-def _fp_error(what: str, count: int, total: int) -> FloatingPointError:
-    return FloatingPointError(
-        f"CREST: the model produced NaN or infinite {what} ({count} of {total} in this measurement pass): "
-        "training has diverged. Lower the learning rate, add gradient clipping, or check the data and the loss."
-    )
-
-
 def _check_finite_np(a: np.ndarray, what: str):
     bad = ~np.isfinite(a)
     if bad.any():
         rows = int(bad.reshape(bad.shape[0], -1).any(axis=1).sum()) if a.ndim else 1
-        raise _fp_error(what, rows, a.shape[0] if a.ndim else 1)
+        raise _common.measurement_error(what, rows, a.shape[0] if a.ndim else 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -342,14 +344,11 @@ class KerasModelOps:
 
     Examples
     --------
-    Drive the controller by hand (:class:`CrestCallback` does this inside ``fit``):
+    Drive the controller by hand (:class:`CrestCallback` does this inside ``fit``). The examples of this
+    module take their model and data from ``_example_problem()``: a compiled linear classifier and 64
+    points of two classes (:class:`CrestCallback`'s example builds the same by hand):
 
-    >>> import numpy as np
-    >>> import keras
-    >>> y = np.arange(64) % 2
-    >>> x = (np.random.default_rng(0).normal(size=(64, 4)) + 2.0 * y[:, None]).astype("float32")
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    >>> model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    >>> model, x, y = _example_problem()
     >>> from crestcore import CrestConfig, crest_init, crest_next_batch
     >>> ops = KerasModelOps(model, x, y)
     >>> config = CrestConfig(m=8)
@@ -362,8 +361,7 @@ class KerasModelOps:
         self.backend = _backend()
         if outputs not in ("logits", "probabilities"):
             raise ValueError(f"outputs must be 'logits' or 'probabilities', got {outputs!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        _common.check_count(batch_size, "batch_size")
         self.model = model
         self.x, self.n = _as_inputs(x)
         lab = np.asarray(labels)
@@ -427,12 +425,7 @@ class KerasModelOps:
 
         Examples
         --------
-        >>> import numpy as np
-        >>> import keras
-        >>> y = np.arange(64) % 2
-        >>> x = (np.random.default_rng(0).normal(size=(64, 4)) + 2.0 * y[:, None]).astype("float32")
-        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-        >>> model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> model, x, y = _example_problem()  # a linear classifier and 64 examples of two classes
         >>> ops = KerasModelOps(model, x, y)
         >>> ops.pin()  # the weights the next step starts from
         >>> tuple(ops.params().shape)
@@ -449,11 +442,7 @@ class KerasModelOps:
         Examples
         --------
         >>> import numpy as np
-        >>> import keras
-        >>> y = np.arange(64) % 2
-        >>> x = (np.random.default_rng(0).normal(size=(64, 4)) + 2.0 * y[:, None]).astype("float32")
-        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-        >>> model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> model, x, y = _example_problem()  # a linear classifier and 64 examples of two classes
         >>> ops = KerasModelOps(model, x, y)
         >>> ops.pin()
         >>> ops.unpin()
@@ -469,10 +458,7 @@ class KerasModelOps:
         --------
         >>> import numpy as np
         >>> import keras
-        >>> y = np.arange(64) % 2
-        >>> x = (np.random.default_rng(0).normal(size=(64, 4)) + 2.0 * y[:, None]).astype("float32")
-        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-        >>> model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> model, x, y = _example_problem()  # a linear classifier and 64 examples of two classes
         >>> ops = KerasModelOps(model, x, y)
         >>> w = ops.params()  # the Dense kernel (4 x 2), then its bias (2)
         >>> tuple(w.shape)
@@ -501,11 +487,7 @@ class KerasModelOps:
         Examples
         --------
         >>> import numpy as np
-        >>> import keras
-        >>> y = np.arange(64) % 2
-        >>> x = (np.random.default_rng(0).normal(size=(64, 4)) + 2.0 * y[:, None]).astype("float32")
-        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-        >>> model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> model, x, y = _example_problem()  # a linear classifier and 64 examples of two classes
         >>> ops = KerasModelOps(model, x, y)
         >>> z = ops.rademacher(seed=3)
         >>> z.shape, sorted(set(z.tolist())), bool(np.array_equal(z, ops.rademacher(seed=3)))
@@ -516,10 +498,6 @@ class KerasModelOps:
         return (bits.astype(self._dtype_np()) * 2 - 1)
 
     # -- helpers --------------------------------------------------------------------------------
-    def _chunks(self, k: int):
-        for a in range(0, k, self.batch_size):
-            yield a, min(k, a + self.batch_size)
-
     def _check_out(self, out, k: int):
         if not hasattr(out, "shape"):
             raise ValueError(f"the model must return one (batch, classes) output; got {type(out).__name__} "
@@ -559,11 +537,7 @@ class KerasModelOps:
         Examples
         --------
         >>> import numpy as np
-        >>> import keras
-        >>> y = np.arange(64) % 2
-        >>> x = (np.random.default_rng(0).normal(size=(64, 4)) + 2.0 * y[:, None]).astype("float32")
-        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-        >>> model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> model, x, y = _example_problem()  # a linear classifier and 64 examples of two classes
         >>> ops = KerasModelOps(model, x, y)
         >>> tuple(ops.outputs(np.array([0, 5, 7])).shape)
         (3, 2)
@@ -582,7 +556,7 @@ class KerasModelOps:
         logits, embs = [], []
         net = self._embedding_model() if embeddings else self.model
         with torch.no_grad():
-            for a, b in self._chunks(idx.size):
+            for a, b in _common.chunk_spans(idx.size, self.batch_size):
                 xb = keras.tree.map_structure(kops.convert_to_tensor, _take(self.x, idx[a:b]))
                 out = net(xb, training=False)
                 if embeddings:
@@ -596,7 +570,7 @@ class KerasModelOps:
         z = torch.cat(logits)
         bad = ~torch.isfinite(z)
         if bool(bad.any()):
-            raise _fp_error("outputs", int(bad.any(dim=1).sum()), z.shape[0])
+            raise _common.measurement_error("outputs", int(bad.any(dim=1).sum()), z.shape[0])
         if not embeddings:
             return z
         return z, torch.cat(embs)
@@ -612,7 +586,7 @@ class KerasModelOps:
                 npos = {id(v): i for i, v in enumerate(self.model.non_trainable_variables)}
                 etv = [tv[pos[id(v)]] for v in emb.trainable_variables]
                 entv = [ntv[npos[id(v)]] for v in emb.non_trainable_variables]
-        for a, b in self._chunks(idx.size):
+        for a, b in _common.chunk_spans(idx.size, self.batch_size):
             k = b - a
             if self.backend == "jax":
                 xb = _take(self.x, self._padded(idx[a:b]))
@@ -641,11 +615,7 @@ class KerasModelOps:
         Examples
         --------
         >>> import numpy as np
-        >>> import keras
-        >>> y = np.arange(64) % 2
-        >>> x = (np.random.default_rng(0).normal(size=(64, 4)) + 2.0 * y[:, None]).astype("float32")
-        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-        >>> model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> model, x, y = _example_problem()  # a linear classifier and 64 examples of two classes
         >>> ops = KerasModelOps(model, x, y)
         >>> losses = ops.losses(np.array([0, 1, 2]))
         >>> losses.shape, losses.dtype, bool((losses > 0).all())
@@ -661,10 +631,6 @@ class KerasModelOps:
         return np.log(np.exp(zs).sum(axis=1)) - zs[np.arange(idx.size), y]
 
     # -- ModelOps: gradient and Hutchinson ------------------------------------------------------
-    def _require_autodiff(self, what: str):
-        if self.backend not in SUPPORTED_BACKENDS:
-            raise NotImplementedError(_unsupported(self.backend, what))
-
     def gradient(self, indices, weights):
         """``(loss, flat gradient)`` of ``mean_i(w_i * l_i)`` (cross-entropy, inference mode) over ``indices``.
 
@@ -673,21 +639,14 @@ class KerasModelOps:
         A weight of 0 removes an example; here the loss is example 0's:
 
         >>> import numpy as np
-        >>> import keras
-        >>> y = np.arange(64) % 2
-        >>> x = (np.random.default_rng(0).normal(size=(64, 4)) + 2.0 * y[:, None]).astype("float32")
-        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-        >>> model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> model, x, y = _example_problem()  # a linear classifier and 64 examples of two classes
         >>> ops = KerasModelOps(model, x, y)
         >>> loss, grad = ops.gradient(np.array([0, 1]), np.array([2.0, 0.0]))
         >>> tuple(grad.shape), abs(loss - float(ops.losses(np.array([0]))[0])) < 1e-5
         ((10,), True)
         """
-        self._require_autodiff("gradients of the weighted coreset loss")
-        idx = host_indices(indices, self.n)
-        w = host_weights(weights, idx.size)
-        if idx.size == 0:
-            raise ValueError("gradient needs at least one example")
+        _require_supported("gradients of the weighted coreset loss", self.backend)
+        idx, w = _common.weighted_examples(indices, weights, self.n, "gradient")
         if self.backend == "torch":
             return self._gradient_torch(idx, w)
         return self._gradient_jax(idx, w)
@@ -698,21 +657,14 @@ class KerasModelOps:
         Examples
         --------
         >>> import numpy as np
-        >>> import keras
-        >>> y = np.arange(64) % 2
-        >>> x = (np.random.default_rng(0).normal(size=(64, 4)) + 2.0 * y[:, None]).astype("float32")
-        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-        >>> model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> model, x, y = _example_problem()  # a linear classifier and 64 examples of two classes
         >>> ops = KerasModelOps(model, x, y)
         >>> probe = ops.hutchinson(np.arange(16), np.ones(16), seed=0)
         >>> tuple(probe.shape)
         (10,)
         """
-        self._require_autodiff("Hessian-vector products (the Hutchinson probe)")
-        idx = host_indices(indices, self.n)
-        w = host_weights(weights, idx.size)
-        if idx.size == 0:
-            raise ValueError("hutchinson needs at least one example")
+        _require_supported("Hessian-vector products (the Hutchinson probe)", self.backend)
+        idx, w = _common.weighted_examples(indices, weights, self.n, "hutchinson")
         z = self.rademacher(seed)
         if self.backend == "torch":
             return self._hutchinson_torch(idx, w, z)
@@ -729,26 +681,25 @@ class KerasModelOps:
         ell = _crossentropy(out, y, self.from_probabilities)
         wt = torch.as_tensor(w[a:b], dtype=ell.dtype, device=ell.device)
         if not bool(torch.isfinite(ell.detach()).all()):
-            raise _fp_error("losses", int((~torch.isfinite(ell.detach())).sum()), b - a)
+            raise _common.measurement_error("losses", int((~torch.isfinite(ell.detach())).sum()), b - a)
         return (wt * ell).sum() / N
 
     def _gradient_torch(self, idx, w):
         import torch
 
+        from .torch import add_grad  # the same gradient accumulation as the PyTorch adapter
+
         params = [v.value for v in self._tvars()]
         acc = [torch.zeros_like(p) for p in params]
         total = 0.0
         with torch.enable_grad():
-            for a, b in self._chunks(idx.size):
+            for a, b in _common.chunk_spans(idx.size, self.batch_size):
                 part = self._torch_part(idx, w, a, b, idx.size)
-                grads = torch.autograd.grad(part, params, allow_unused=True)
-                for s, g in zip(acc, grads):
-                    if g is not None:
-                        s.add_(g)
+                add_grad(part, params, acc)
                 total += float(part.detach())
         flat = torch.cat([g.reshape(-1) for g in acc])
         if not bool(torch.isfinite(flat).all()):
-            raise _fp_error("gradients", 1, 1)
+            raise _common.measurement_error("gradients", 1, 1)
         return total, flat
 
     def _hutchinson_torch(self, idx, w, z_np):
@@ -761,12 +712,12 @@ class KerasModelOps:
         zs = [t.view_as(p) for t, p in zip(torch.split(z, [p.numel() for p in params]), params)]
         acc = [torch.zeros_like(p) for p in params]
         with torch.enable_grad():
-            for a, b in self._chunks(idx.size):
+            for a, b in _common.chunk_spans(idx.size, self.batch_size):
                 part = self._torch_part(idx, w, a, b, idx.size)
                 add_hvp(part, params, zs, acc)
         out = z * torch.cat([h.reshape(-1) for h in acc])
         if not bool(torch.isfinite(out).all()):
-            raise _fp_error("Hessian-vector products", 1, 1)
+            raise _common.measurement_error("Hessian-vector products", 1, 1)
         return out
 
     # jax --------------------------------------------------------------------------------------
@@ -822,12 +773,12 @@ class KerasModelOps:
         tv, ntv = self._jax_values()
         acc = None
         total = 0.0
-        for a, b in self._chunks(idx.size):
+        for a, b in _common.chunk_spans(idx.size, self.batch_size):
             xb, yb, wb, N = self._jax_args(idx, w, a, b)
             val, ell, g = fns["value_grad"](tv, ntv, xb, yb, wb, N)
             ell = np.asarray(ell)[: b - a]
             if not np.all(np.isfinite(ell)):
-                raise _fp_error("losses", int((~np.isfinite(ell)).sum()), b - a)
+                raise _common.measurement_error("losses", int((~np.isfinite(ell)).sum()), b - a)
             flat = np.concatenate([np.asarray(t).reshape(-1) for t in g])
             acc = flat if acc is None else acc + flat
             total += float(val)
@@ -840,7 +791,7 @@ class KerasModelOps:
         sizes = [int(np.prod(t.shape)) for t in tv]
         zs = [c.reshape(t.shape).astype(np.asarray(t).dtype) for c, t in zip(np.split(z, np.cumsum(sizes)[:-1]), tv)]
         acc = None
-        for a, b in self._chunks(idx.size):
+        for a, b in _common.chunk_spans(idx.size, self.batch_size):
             xb, yb, wb, N = self._jax_args(idx, w, a, b)
             hz = fns["hvp"](tv, ntv, xb, yb, wb, N, zs)
             flat = np.concatenate([np.asarray(t).reshape(-1) for t in hz])
@@ -863,12 +814,7 @@ class CrestDataset(keras.utils.PyDataset):
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import keras
-    >>> y = np.arange(64) % 2
-    >>> x = (np.random.default_rng(0).normal(size=(64, 4)) + 2.0 * y[:, None]).astype("float32")
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    >>> model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    >>> model, x, y = _example_problem()  # a linear classifier and 64 examples of two classes
     >>> from crestcore import CrestConfig
     >>> crest = CrestCallback(x, y, config=CrestConfig(m=8), budget=0.25)
     >>> len(crest.dataset)  # 8 full-data steps per epoch, a quarter of them
@@ -902,18 +848,17 @@ class _Entry:
     served: bool
 
 
-def _portable(x):
-    if isinstance(x, dict):
-        return {k: _portable(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_portable(v) for v in x]
-    if isinstance(x, tuple):
-        return tuple(_portable(v) for v in x)
+def _portable_leaf(x):
     if isinstance(x, np.generic):
         return x.item()
     if type(x).__module__.startswith("torch"):
         return x.detach().cpu().numpy().copy()
     return x
+
+
+def _portable(x):
+    """``x`` (nested dicts, lists, tuples) with torch tensors as NumPy copies and NumPy scalars as numbers."""
+    return _common.map_nested(x, _portable_leaf)
 
 
 class CrestCallback(keras.callbacks.Callback):
@@ -980,19 +925,11 @@ class CrestCallback(keras.callbacks.Callback):
         log_stats: bool = False,
     ):
         super().__init__()
-        backend = _backend()
-        if backend not in SUPPORTED_BACKENDS:
-            raise NotImplementedError(_unsupported(backend, "gradients and Hessian-vector products"))
-        self.config = config if config is not None else CrestConfig()
-        if not isinstance(self.config, CrestConfig):
-            raise TypeError(f"config must be a crestcore.CrestConfig, got {type(self.config).__name__}")
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (
-                math.isfinite(budget) and budget > 0):
-            raise ValueError(f"budget must be a positive finite fraction of the full-data steps, got {budget!r}")
-        if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1):
-            raise ValueError(f"epochs must be a positive integer or None, got {epochs!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        _require_supported("gradients and Hessian-vector products")
+        self.config = _common.check_config(config)
+        _common.check_budget(budget)
+        _common.check_count(epochs, "epochs", optional=True)
+        _common.check_count(seed, "seed", low=0)
         if outputs is not None and outputs not in ("logits", "probabilities"):
             raise ValueError(f"outputs must be 'logits', 'probabilities' or None (detect), got {outputs!r}")
         self.x, n = _as_inputs(x, "x")
@@ -1011,12 +948,7 @@ class CrestCallback(keras.callbacks.Callback):
             if lab.min() < 0:
                 raise ValueError("labels must be non-negative class indices")
             lab = lab.astype(np.int64)
-        classes = np.unique(lab)
-        if classes.size < 2:
-            raise ValueError(f"the training data holds a single class (label {int(classes[0])}): a classifier, and "
-                             "CREST's per-class selection, need at least two")
-        if self.config.m > n:
-            raise ValueError(f"the mini-batch size m={self.config.m} exceeds the data's {n} examples")
+        _common.check_training_labels(lab, self.config.m, "data")
         if measure_x is not None:
             self.measure_x, mn = _as_inputs(measure_x, "measure_x")
             if mn != n:
@@ -1100,9 +1032,7 @@ class CrestCallback(keras.callbacks.Callback):
 
     # -- Keras hooks ----------------------------------------------------------------------------
     def on_train_begin(self, logs=None):
-        backend = _backend()
-        if backend not in SUPPORTED_BACKENDS:
-            raise NotImplementedError(_unsupported(backend, "gradients and Hessian-vector products"))
+        _require_supported("gradients and Hessian-vector products")
         model = self.model
         spe = getattr(model, "steps_per_execution", 1)
         if spe not in (None, 1):
@@ -1154,7 +1084,7 @@ class CrestCallback(keras.callbacks.Callback):
             t0 = time.perf_counter()
             losses = self.ops.losses(b.indices)
             if not np.all(np.isfinite(losses)):
-                raise _fp_error("losses", int((~np.isfinite(losses)).sum()), losses.size)
+                raise _common.measurement_error("losses", int((~np.isfinite(losses)).sum()), losses.size)
             st = crest_observe(self._state, b.indices, losses)
             c = dict(st.counters)
             c["forward_examples"] += int(b.indices.size)
@@ -1189,7 +1119,7 @@ class CrestCallback(keras.callbacks.Callback):
         if type(anchor) is not type(p) or getattr(anchor, "dtype", None) != p.dtype or (
                 hasattr(p, "device") and getattr(anchor, "device", None) != p.device) or (
                 anchor.shape[0] != p.shape[0]):  # a foreign state: crest_load_state_dict says so
-            self._state = crest_load_state_dict(crest_state_dict(self._state), p)
+            self._state = _common.rehomed(self._state, p)
 
     # -- observability --------------------------------------------------------------------------
     @property
@@ -1215,8 +1145,7 @@ class CrestCallback(keras.callbacks.Callback):
 
     def _budget_report(self) -> dict:
         m = self.config.m
-        c = self._state.counters
-        overhead = (c["forward_examples"] + 2.0 * c["backward_examples"]) / 3.0
+        _, overhead = _common.examples_spent(self._state.counters)
         epochs = self.epochs if self.epochs is not None else max(1, math.ceil(self._position / self.steps_per_epoch))
         full = epochs * self.full_steps_per_epoch
         return {
@@ -1242,12 +1171,7 @@ class CrestCallback(keras.callbacks.Callback):
 
         Examples
         --------
-        >>> import numpy as np
-        >>> import keras
-        >>> y = np.arange(64) % 2
-        >>> x = (np.random.default_rng(0).normal(size=(64, 4)) + 2.0 * y[:, None]).astype("float32")
-        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-        >>> model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> model, x, y = _example_problem()  # a linear classifier and 64 examples of two classes
         >>> import pickle
         >>> from crestcore import CrestConfig
         >>> crest = CrestCallback(x, y, config=CrestConfig(m=8), budget=0.25, seed=0)
@@ -1263,8 +1187,7 @@ class CrestCallback(keras.callbacks.Callback):
             "budget": self.budget,
             "config": repr(self.config),
             "position": self._position,
-            "queue": [{"indices": e.batch.indices.copy(), "weights": e.batch.weights.copy(),
-                       "reselected": bool(e.batch.reselected)} for e in self._queue],
+            "queue": [_common.batch_record(e.batch) for e in self._queue],
             "crest": _portable(crest_state_dict(self._state)),
         }
 
@@ -1276,12 +1199,7 @@ class CrestCallback(keras.callbacks.Callback):
         --------
         Resume in a new process: rebuild the callback with the same arguments, then restore:
 
-        >>> import numpy as np
-        >>> import keras
-        >>> y = np.arange(64) % 2
-        >>> x = (np.random.default_rng(0).normal(size=(64, 4)) + 2.0 * y[:, None]).astype("float32")
-        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-        >>> model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> model, x, y = _example_problem()  # a linear classifier and 64 examples of two classes
         >>> from crestcore import CrestConfig
         >>> crest = CrestCallback(x, y, config=CrestConfig(m=8), budget=0.25, seed=0)
         >>> history = model.fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
@@ -1290,17 +1208,11 @@ class CrestCallback(keras.callbacks.Callback):
         >>> resumed.position
         2
         """
-        if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            raise ValueError("not a CrestCallback state dict (missing or unknown 'format')")
-        for k, v in self._fingerprint().items():
-            if state.get(k) != v:
-                raise ValueError(f"the state dict was saved with {k}={state.get(k)!r}, this callback has {k}={v!r}; "
-                                 "resume with the same data, config.m, seed and budget")
-        if state.get("config") != repr(self.config):
-            warnings.warn("CrestCallback.load_state_dict: the CrestConfig differs from the saved one", stacklevel=2)
+        _common.check_checkpoint(
+            state, fmt=_FORMAT, owner="CrestCallback", kind="callback", fingerprint=self._fingerprint(),
+            same="data, config.m, seed and budget",
+            options=("config", repr(self.config), "the CrestConfig differs from the saved one"))
         d = state["crest"]
-        if not np.array_equal(np.asarray(d["labels"]), self.labels):
-            raise ValueError("the state dict was saved for data with different labels")
         anchor = None if d.get("anchor") is None else np.asarray(d["anchor"])
         # the flat parameter vector's length is what crest_load_state_dict checks the anchor against: the
         # model's when this callback has measured it already, else the anchor's own (then checked against the
@@ -1308,7 +1220,7 @@ class CrestCallback(keras.callbacks.Callback):
         size = (int(self.ops.params().shape[0]) if self.ops is not None
                 else (anchor.size if anchor is not None else 1))
         like = np.zeros(size, dtype=anchor.dtype if anchor is not None else np.float32)
-        crest = crest_load_state_dict(d, like)  # validates the controller state
+        crest = _common.restore_controller(d, self.labels, like, "data")  # validates the controller state
         where = "CrestCallback state dict"
         pos = state.get("position")
         if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or pos < 0:
@@ -1317,10 +1229,7 @@ class CrestCallback(keras.callbacks.Callback):
         if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer))
                                    or epochs < 1):
             raise ValueError(f"{where}: epochs must be a positive integer or None, got {epochs!r}")
-        queue = state.get("queue", [])
-        if not isinstance(queue, list):
-            raise ValueError(f"{where}: queue must be a list of batches, got {type(queue).__name__}")
-        batches = [Batch(*stored_batch(q, self.n, where)) for q in queue]
+        batches = _common.stored_batches(state.get("queue", []), self.n, where, "queue")
         handed = int(crest.counters["train_steps"])
         if handed != int(pos) + len(batches):
             raise ValueError(f"{where}: the controller handed out {handed} batches but position {int(pos)} and "
@@ -1332,3 +1241,17 @@ class CrestCallback(keras.callbacks.Callback):
         self._queue = [_Entry(b, False) for b in batches]
         if self.ops is not None:
             self._sync_state()
+
+
+# ------------------------------------------------------------------------------------------------
+# the examples' setup
+# ------------------------------------------------------------------------------------------------
+def _example_problem():
+    """The examples' classification problem, ``(model, x, y)``: ``x`` holds 64 float32 points (64, 4) of two
+    Gaussian blobs, ``y`` their labels ``0, 1, 0, 1, ...`` (class 1 shifted by 2), and ``model`` is a new
+    linear classifier for them (one ``Dense`` layer), compiled for SGD on the cross-entropy of its logits."""
+    y = np.arange(64) % 2
+    x = (np.random.default_rng(0).normal(size=(64, 4)) + 2.0 * y[:, None]).astype("float32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model, x, y

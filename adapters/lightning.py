@@ -29,8 +29,6 @@ import warnings
 from typing import Any
 from collections.abc import Callable
 
-import numpy as np
-
 try:  # the unified package first, then the standalone one
     import lightning.pytorch as pl
 except ImportError:  # pragma: no cover - depends on what is installed
@@ -43,6 +41,7 @@ except ImportError:  # pragma: no cover - depends on what is installed
 
 from crestcore.controller import CrestConfig
 
+from ._common import check_count
 from .monitor import scalars
 from .torch import CrestLoader, check_loader_arguments, check_map_style
 
@@ -145,9 +144,7 @@ class CrestCallback(pl.Callback):
     ):
         super().__init__()
         # every argument is checked here, not at the first batch deep inside Trainer.fit
-        if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer))
-                                   or epochs < 1):
-            raise ValueError(f"epochs must be a positive integer or None, got {epochs!r}")
+        check_count(epochs, "epochs", optional=True)
         config = check_loader_arguments(
             config=config, budget=budget, epochs=1 if epochs is None else epochs, seed=seed,
             budget_counts=budget_counts, per_epoch=True, measure_batch_size=measure_batch_size,

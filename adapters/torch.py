@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import math
 import time
 import warnings
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from collections.abc import Callable
 import numpy as np
 
 from crestcore.plan import BudgetedPasses
-from crestcore.validation import host_indices, host_weights, stored_batch
+from crestcore.validation import host_indices, stored_batch
 try:
     import torch
 except ImportError as exc:  # pragma: no cover - depends on what is installed
@@ -48,12 +47,13 @@ from crestcore.controller import (
     Batch,
     CrestConfig,
     crest_init,
-    crest_load_state_dict,
     crest_next_batch,
     crest_observe,
     crest_state_dict,
     crest_stats,
 )
+
+from . import _common
 
 __all__ = ["TorchModelOps", "CrestLoader", "dataset_labels"]
 
@@ -194,6 +194,14 @@ def _length(dataset) -> int:
             f"{type(dataset).__name__}"
         ) from exc
 
+
+
+def add_grad(loss, params, acc) -> None:
+    """Add the gradient of ``loss`` w.r.t. ``params`` into the tensors ``acc``, in place (a parameter the
+    loss does not use adds nothing). ``torch.autograd.grad``: no ``.grad`` attribute is touched."""
+    for s, g in zip(acc, torch.autograd.grad(loss, params, allow_unused=True)):
+        if g is not None:
+            s.add_(g)
 
 
 def add_hvp(loss, params, vectors, acc) -> None:
@@ -354,6 +362,21 @@ def _cross_entropy(logits, y):
     return F.cross_entropy(logits, y, reduction="none")
 
 
+def _example_data(n: int = 16) -> TensorDataset:
+    """The examples' training set: ``n`` random points of 4 features (``torch.randn`` from a generator
+    seeded with 0) with the labels ``0, 1, 0, 1, ...``."""
+    return TensorDataset(torch.randn(n, 4, generator=torch.Generator().manual_seed(0)), torch.arange(n) % 2)
+
+
+def _zero_classifier() -> nn.Linear:
+    """The examples' untrained classifier: ``nn.Linear(4, 2)`` with every weight and bias zero (zero
+    logits, so the cross-entropy is ``log 2`` on every example)."""
+    model = nn.Linear(4, 2)
+    for p in model.parameters():
+        nn.init.zeros_(p)
+    return model
+
+
 
 
 # ------------------------------------------------------------------------------------------------
@@ -433,11 +456,9 @@ class TorchModelOps:
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, (int, np.integer)) or num_workers < 0:
-            raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+        _common.check_count(num_workers, "num_workers", low=0)
         model = uncompiled(model)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        _common.check_count(batch_size, "batch_size")
         self.model = model
         self.dataset = dataset
         self.n = _length(dataset)
@@ -449,9 +470,7 @@ class TorchModelOps:
         self.batch_size = int(batch_size)
         self._fetch = _Fetcher(dataset, collate_fn)
         self.num_workers = int(num_workers)
-        if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, (int, np.integer)) or cache_bytes < 0:
-            raise ValueError(f"cache_bytes must be a non-negative integer, got {cache_bytes!r}")
-        self.cache_bytes = int(cache_bytes)
+        self.cache_bytes = _common.check_count(cache_bytes, "cache_bytes", low=0)
         # a TensorDataset is sliced in place: nothing to save by keeping its batches
         self._cacheable = self.cache_bytes > 0 and not self._fetch._tensors
         self._cache: collections.OrderedDict = collections.OrderedDict()
@@ -513,10 +532,6 @@ class TorchModelOps:
             for m, mode in modes:
                 m.training = mode
 
-    def _chunks(self, k: int):
-        for a in range(0, k, self.batch_size):
-            yield a, min(k, a + self.batch_size)
-
     def _batches(self, idx: np.ndarray, dev):
         """``((a, b), batch)`` for consecutive chunks ``idx[a:b]`` of at most ``batch_size``: loaded in this
         process, or with ``num_workers > 0`` by a persistent ``DataLoader``'s worker processes (transforms
@@ -525,7 +540,7 @@ class TorchModelOps:
         The collated host batches of recent index sets are kept (up to ``cache_bytes``): every trust check
         reads the same examples the anchor loss was measured on, so it is served without loading them
         again (and with the very inputs the anchor saw, random transforms included)."""
-        spans = list(self._chunks(idx.size))
+        spans = list(_common.chunk_spans(idx.size, self.batch_size))
         key = (self.batch_size, idx.tobytes()) if self._cacheable else None
         cached = self._cache.get(key) if key is not None else None
         if cached is not None:
@@ -594,11 +609,7 @@ class TorchModelOps:
         bad = ~torch.isfinite(t)
         if bool(bad.any()):
             count = int(bad.reshape(bad.shape[0], -1).any(dim=1).sum()) if t.ndim else 1
-            raise FloatingPointError(
-                f"CREST: the model produced NaN or infinite {what} ({count} of {t.shape[0] if t.ndim else 1} "
-                "in this measurement pass): training has diverged. Lower the learning rate, add gradient "
-                "clipping, or check the data and the loss."
-            )
+            raise _common.measurement_error(what, count, t.shape[0] if t.ndim else 1)
 
     # -- ModelOps -------------------------------------------------------------------------------
     def outputs(self, indices, embeddings: bool = False):
@@ -607,13 +618,13 @@ class TorchModelOps:
 
         Examples
         --------
+        ``_example_data()`` is this module's example training set: 16 random points of 4 features, in two
+        classes.
+
         >>> import numpy as np
         >>> import torch
-        >>> from torch.utils.data import TensorDataset
-        >>> x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
-        >>> data = TensorDataset(x, torch.arange(16) % 2)
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
-        >>> ops = TorchModelOps(model, data)
+        >>> ops = TorchModelOps(model, _example_data())
         >>> ops.outputs(np.array([0, 5, 7])).shape
         torch.Size([3, 2])
         >>> logits, embeddings = ops.outputs(np.array([0, 5, 7]), embeddings=True)
@@ -674,16 +685,11 @@ class TorchModelOps:
 
         Examples
         --------
-        A model that predicts nothing yet (zero logits) has loss ``log 2`` on every example:
+        A model that predicts nothing yet (``_zero_classifier()``, a linear classifier with zero weights) has
+        loss ``log 2`` on every example of ``_example_data()`` (16 random points of 4 features):
 
         >>> import numpy as np
-        >>> import torch
-        >>> from torch.utils.data import TensorDataset
-        >>> x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
-        >>> data = TensorDataset(x, torch.arange(16) % 2)
-        >>> model = torch.nn.Linear(4, 2)
-        >>> _ = [torch.nn.init.zeros_(p) for p in model.parameters()]
-        >>> ops = TorchModelOps(model, data)
+        >>> ops = TorchModelOps(_zero_classifier(), _example_data())
         >>> ops.losses(np.array([0, 1, 2]))
         tensor([0.6931, 0.6931, 0.6931])
         """
@@ -698,11 +704,8 @@ class TorchModelOps:
         Examples
         --------
         >>> import torch
-        >>> from torch.utils.data import TensorDataset
-        >>> x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
-        >>> data = TensorDataset(x, torch.arange(16) % 2)
         >>> model = torch.nn.Linear(4, 2).half()
-        >>> p = TorchModelOps(model, data).params()
+        >>> p = TorchModelOps(model, _example_data()).params()  # 16 random points of 4 features
         >>> p.shape, p.dtype  # 4 * 2 weights and 2 biases
         (torch.Size([10]), torch.float32)
         """
@@ -725,10 +728,7 @@ class TorchModelOps:
 
         >>> import numpy as np
         >>> import torch
-        >>> from torch.utils.data import TensorDataset
-        >>> x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
-        >>> data = TensorDataset(x, torch.arange(16) % 2)
-        >>> ops = TorchModelOps(torch.nn.Linear(4, 2), data)
+        >>> ops = TorchModelOps(torch.nn.Linear(4, 2), _example_data())  # 16 random points of 4 features
         >>> loss, grad = ops.gradient(np.array([0, 1]), np.array([2.0, 0.0]))
         >>> grad.shape, abs(loss - ops.losses(np.array([0])).item()) < 1e-6
         (torch.Size([10]), True)
@@ -736,10 +736,7 @@ class TorchModelOps:
         >>> model_grads
         [None, None]
         """
-        idx = host_indices(indices, self.n)
-        w = host_weights(weights, idx.size)
-        if idx.size == 0:
-            raise ValueError("gradient needs at least one example")
+        idx, w = _common.weighted_examples(indices, weights, self.n, "gradient")
         params = self._trainable()
         dev = self.device
         acc = [torch.zeros_like(p, dtype=_wide(p).dtype) for p in params]  # half grads summed in float32
@@ -748,10 +745,7 @@ class TorchModelOps:
             for (a, b), batch in self._batches(idx, dev):
                 part, ell = self._weighted_losses(batch, idx, w, a, b, idx.size)
                 self._check_finite(ell.detach(), "losses")
-                grads = torch.autograd.grad(part, params, allow_unused=True)
-                for s, g in zip(acc, grads):
-                    if g is not None:
-                        s.add_(g)
+                add_grad(part, params, acc)
                 total += float(part.detach())
         flat = _wide(torch.cat([g.reshape(-1) for g in acc]))
         self._check_finite(flat, "gradients")
@@ -764,10 +758,7 @@ class TorchModelOps:
         Examples
         --------
         >>> import torch
-        >>> from torch.utils.data import TensorDataset
-        >>> x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
-        >>> data = TensorDataset(x, torch.arange(16) % 2)
-        >>> ops = TorchModelOps(torch.nn.Linear(4, 2), data)
+        >>> ops = TorchModelOps(torch.nn.Linear(4, 2), _example_data())  # 16 random points of 4 features
         >>> z = ops.rademacher(seed=3)
         >>> z.shape, sorted(set(z.tolist())), bool(torch.equal(z, ops.rademacher(seed=3)))
         (torch.Size([10]), [-1.0, 1.0], True)
@@ -786,27 +777,21 @@ class TorchModelOps:
         Examples
         --------
         The probes average to the Hessian's diagonal. For a linear classifier with zero weights on two
-        classes that diagonal is ``mean(x_k^2) / 4`` for the weights of feature ``k`` and ``1/4`` for
-        the biases:
+        classes (``_zero_classifier()``) that diagonal is ``mean(x_k^2) / 4`` for the weights of feature
+        ``k`` and ``1/4`` for the biases:
 
         >>> import numpy as np
         >>> import torch
-        >>> from torch.utils.data import TensorDataset
-        >>> x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
-        >>> data = TensorDataset(x, torch.arange(16) % 2)
-        >>> model = torch.nn.Linear(4, 2)
-        >>> _ = [torch.nn.init.zeros_(p) for p in model.parameters()]
-        >>> ops = TorchModelOps(model, data)
+        >>> data = _example_data()  # 16 random points x of 4 features, in two classes
+        >>> ops = TorchModelOps(_zero_classifier(), data)
+        >>> x = data.tensors[0]
         >>> idx, w = np.arange(16), np.ones(16)
         >>> estimate = sum(ops.hutchinson(idx, w, seed=s) for s in range(200)) / 200
         >>> exact = torch.cat([(x**2).mean(0).repeat(2) / 4, torch.full((2,), 0.25)])
         >>> bool(torch.allclose(estimate, exact, atol=0.1))
         True
         """
-        idx = host_indices(indices, self.n)
-        w = host_weights(weights, idx.size)
-        if idx.size == 0:
-            raise ValueError("hutchinson needs at least one example")
+        idx, w = _common.weighted_examples(indices, weights, self.n, "hutchinson")
         params = self._trainable()
         z = self.rademacher(seed)
         zs = [t.view_as(p) for t, p in zip(torch.split(z, [p.numel() for p in params]), params)]
@@ -825,37 +810,24 @@ class TorchModelOps:
 # ------------------------------------------------------------------------------------------------
 # state dict conversion (torch.load(weights_only=True) safe: tensors, numbers, strings, containers)
 # ------------------------------------------------------------------------------------------------
-def _to_portable(x):
+def _portable_leaf(x):
     if isinstance(x, np.ndarray):
         return torch.from_numpy(np.array(x, copy=True))
     if isinstance(x, np.generic):
         return x.item()
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().clone()
-    if isinstance(x, dict):
-        return {k: _to_portable(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_to_portable(v) for v in x]
-    if isinstance(x, tuple):
-        return tuple(_to_portable(v) for v in x)
     return x
 
 
-def _portable_batch(b: Batch) -> dict:
-    return {"indices": torch.from_numpy(b.indices.copy()), "weights": torch.from_numpy(b.weights.copy()),
-            "reselected": bool(b.reselected)}
+def _to_portable(x):
+    """``x`` (nested dicts, lists, tuples) with NumPy arrays as CPU tensors and NumPy scalars as numbers."""
+    return _common.map_nested(x, _portable_leaf)
 
 
 def _from_portable(x):
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy().copy()
-    if isinstance(x, dict):
-        return {k: _from_portable(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_from_portable(v) for v in x]
-    if isinstance(x, tuple):
-        return tuple(_from_portable(v) for v in x)
-    return x
+    """:func:`_to_portable`'s inverse for arrays: every tensor nested in ``x`` as a NumPy copy."""
+    return _common.map_nested(x, lambda v: v.detach().cpu().numpy().copy() if isinstance(v, torch.Tensor) else v)
 
 
 def check_loader_arguments(*, config=None, budget=0.1, epochs=1, seed=0, budget_counts="steps", model=None,
@@ -864,28 +836,17 @@ def check_loader_arguments(*, config=None, budget=0.1, epochs=1, seed=0, budget_
     """The argument checks of :class:`CrestLoader`'s ``__init__`` (errors name the argument), as a function
     other adapters can call eagerly in their own ``__init__`` (``check_model=False`` when the model is
     not known yet, e.g. a Lightning callback). Returns the config (``CrestConfig()`` for None)."""
-    config = config if config is not None else CrestConfig()
-    if not isinstance(config, CrestConfig):
-        raise TypeError(f"config must be a crestcore.CrestConfig, got {type(config).__name__}")
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (
-        math.isfinite(budget) and budget > 0
-    ):
-        raise ValueError(f"budget must be a positive finite fraction of the full-data steps, got {budget!r}")
-    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    if budget_counts not in ("steps", "passes"):
-        raise ValueError(f"budget_counts must be 'steps' or 'passes', got {budget_counts!r}")
+    config = _common.check_config(config)
+    _common.check_budget(budget)
+    _common.check_count(epochs, "epochs")
+    _common.check_count(seed, "seed", low=0)
+    _common.check_budget_counts(budget_counts)
     if check_model and not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(per_epoch, (bool, np.bool_)):
         raise TypeError(f"per_epoch must be a bool, got {type(per_epoch).__name__} {per_epoch!r}")
-    if isinstance(measure_batch_size, bool) or not isinstance(measure_batch_size, (int, np.integer)) \
-            or measure_batch_size < 1:
-        raise ValueError(f"measure_batch_size must be a positive integer, got {measure_batch_size!r}")
-    if isinstance(measure_workers, bool) or not isinstance(measure_workers, (int, np.integer)) or measure_workers < 0:
-        raise ValueError(f"measure_workers must be a non-negative integer, got {measure_workers!r}")
+    _common.check_count(measure_batch_size, "measure_batch_size")
+    _common.check_count(measure_workers, "measure_workers", low=0)
     for name, fn in (("collate_fn", collate_fn), ("forward", forward), ("loss_fn", loss_fn)):
         if fn is not None and not callable(fn):
             raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
@@ -896,6 +857,34 @@ def check_loader_arguments(*, config=None, budget=0.1, epochs=1, seed=0, budget_
             raise ValueError(f"device must be a torch device (or its name), got {device!r}") from exc
     return config
 
+
+def _weighted_batch(loader, indices: np.ndarray, weights: np.ndarray):
+    """What a loader (:class:`CrestLoader`, ``SubsetLoader``) yields for one batch: the examples ``indices``
+    collated and moved to its ``device`` (default the model's), with their ``weights`` appended as a
+    tensor in the dtype of the trainable parameters."""
+    dev = loader._device if loader._device is not None else loader.ops.device
+    data = _to_device(loader._fetch(indices), dev)
+    w = torch.as_tensor(weights, dtype=loader.ops._dtype()).to(dev)
+    if isinstance(data, (tuple, list)):
+        return (*data, w)
+    return data, w
+
+
+def _observed_losses(losses, k: int, step: int, who: str) -> np.ndarray:
+    """The ``k`` per-example training losses a loader's ``observe`` got, detached, as host float64 (one
+    copy). A wrong count raises ``ValueError``; NaN or infinite losses a ``FloatingPointError`` that names
+    ``step``, led by ``who`` ("CREST", the loader's name)."""
+    if isinstance(losses, torch.Tensor):
+        losses = losses.detach().float().cpu().numpy()
+    vals = np.asarray(losses, dtype=np.float64).reshape(-1)
+    if vals.size != k:
+        raise ValueError(
+            f"observe() got {vals.size} losses for a batch of {k} examples "
+            "(pass the per-example losses, reduction='none')"
+        )
+    if not np.all(np.isfinite(vals)):
+        raise _common.training_loss_error(who, step, int((~np.isfinite(vals)).sum()), vals.size)
+    return vals
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1007,14 +996,7 @@ class CrestLoader(BudgetedPasses):
         if n == 0:
             raise ValueError("the training dataset is empty: CREST needs examples to select from")
         lab = dataset_labels(dataset) if labels is None else _as_labels(labels, n, "labels")
-        classes = np.unique(lab)
-        if classes.size < 2:
-            raise ValueError(
-                f"the training dataset holds a single class (label {int(classes[0])}): a classifier, and "
-                "CREST's per-class selection, need at least two"
-            )
-        if self.config.m > n:
-            raise ValueError(f"the mini-batch size m={self.config.m} exceeds the dataset's {n} examples")
+        _common.check_training_labels(lab, self.config.m)
         if measure_dataset is not None and _length(measure_dataset) != n:
             raise ValueError(
                 f"measure_dataset has {_length(measure_dataset)} examples but dataset has {n}; it must hold "
@@ -1044,8 +1026,7 @@ class CrestLoader(BudgetedPasses):
     # -- accounting and stepping ----------------------------------------------------------------
     def _cost(self) -> tuple[float, float]:
         """(training, measurement) cost so far, in examples of forward+backward."""
-        c = self._state.counters
-        return float(c["train_examples"]), (c["forward_examples"] + 2.0 * c["backward_examples"]) / 3.0
+        return _common.examples_spent(self._state.counters)
 
     def _step(self):
         events = ()
@@ -1090,12 +1071,7 @@ class CrestLoader(BudgetedPasses):
         return crest_next_batch(self._state, self.ops, self.config)
 
     def _make_batch(self, batch: Batch):
-        dev = self._device if self._device is not None else self.ops.device
-        data = _to_device(self._fetch(batch.indices), dev)
-        w = torch.as_tensor(batch.weights, dtype=self.ops._dtype()).to(dev)
-        if isinstance(data, (tuple, list)):
-            return (*data, w)
-        return data, w
+        return _weighted_batch(self, batch.indices, batch.weights)
 
     def _sync_device(self):
         """Move the controller's vectors to the model's device if the model moved (e.g. after a resume)."""
@@ -1104,7 +1080,7 @@ class CrestLoader(BudgetedPasses):
             return
         first = self.ops._trainable()[0]
         if anchor.device != first.device or anchor.dtype != first.dtype:
-            self._state = crest_load_state_dict(crest_state_dict(self._state), self.ops.params())
+            self._state = _common.rehomed(self._state, self.ops.params())
 
     # -- feedback and observability -------------------------------------------------------------
     @property
@@ -1127,10 +1103,8 @@ class CrestLoader(BudgetedPasses):
         With dropping on (``T2``), the per-example training losses feed the drop decisions:
 
         >>> import torch
-        >>> from torch.utils.data import TensorDataset
         >>> from crestcore import CrestConfig
-        >>> y = torch.arange(64) % 2
-        >>> data = TensorDataset(torch.randn(64, 4, generator=torch.Generator().manual_seed(0)), y)
+        >>> data = _example_data(64)  # this module's example data: 64 random points of 4 features, two classes
         >>> model = torch.nn.Linear(4, 2)
         >>> loader = CrestLoader(model, data, config=CrestConfig(m=8, T2=2), budget=0.5, epochs=1)
         >>> for x, y, w in loader:
@@ -1147,20 +1121,7 @@ class CrestLoader(BudgetedPasses):
 
     def _observe(self, indices: np.ndarray, losses) -> None:
         """Check and record the training losses of the examples ``indices`` (host int64)."""
-        if isinstance(losses, torch.Tensor):
-            losses = losses.detach().float().cpu().numpy()
-        vals = np.asarray(losses, dtype=np.float64).reshape(-1)
-        if vals.size != indices.size:
-            raise ValueError(
-                f"observe() got {vals.size} losses for a batch of {indices.size} examples "
-                "(pass the per-example losses, reduction='none')"
-            )
-        if not np.all(np.isfinite(vals)):
-            raise FloatingPointError(
-                f"CREST: the training loss is NaN or infinite at step {self._position - 1} "
-                f"({int((~np.isfinite(vals)).sum())} of {vals.size} examples): training has diverged. "
-                "Lower the learning rate, add gradient clipping, or check the data."
-            )
+        vals = _observed_losses(losses, indices.size, self._position - 1, "CREST")
         if self.config.T2 is not None:  # the loss history only feeds drop decisions
             self._state = crest_observe(self._state, indices, vals)
 
@@ -1189,10 +1150,8 @@ class CrestLoader(BudgetedPasses):
         --------
         >>> import io
         >>> import torch
-        >>> from torch.utils.data import TensorDataset
         >>> from crestcore import CrestConfig
-        >>> data = TensorDataset(torch.randn(64, 4, generator=torch.Generator().manual_seed(0)),
-        ...                      torch.arange(64) % 2)
+        >>> data = _example_data(64)  # this module's example data: 64 random points of 4 features, two classes
         >>> loader = CrestLoader(torch.nn.Linear(4, 2), data, config=CrestConfig(m=8), budget=0.5)
         >>> batch = next(iter(loader))
         >>> buffer = io.BytesIO()
@@ -1213,8 +1172,8 @@ class CrestLoader(BudgetedPasses):
             "budget_counts": self.budget_counts,
             "config": repr(self.config),
             **self._pass_state(position, epochs_done),
-            "batch": None if batch is None else _portable_batch(batch),
-            "pending": [_portable_batch(b) for b in pending],
+            "batch": None if batch is None else _to_portable(_common.batch_record(batch)),
+            "pending": [_to_portable(_common.batch_record(b)) for b in pending],
             "crest": _to_portable(crest_state_dict(self._state)),
         }
 
@@ -1228,10 +1187,8 @@ class CrestLoader(BudgetedPasses):
         A loader restored from a checkpoint yields the batches the saved one would have yielded:
 
         >>> import torch
-        >>> from torch.utils.data import TensorDataset
         >>> from crestcore import CrestConfig
-        >>> data = TensorDataset(torch.randn(64, 4, generator=torch.Generator().manual_seed(0)),
-        ...                      torch.arange(64) % 2)
+        >>> data = _example_data(64)  # this module's example data: 64 random points of 4 features, two classes
         >>> model = torch.nn.Linear(4, 2)
         >>> loader = CrestLoader(model, data, config=CrestConfig(m=8), budget=0.5, seed=0)
         >>> passes = iter(loader)
@@ -1242,31 +1199,18 @@ class CrestLoader(BudgetedPasses):
         >>> bool(torch.equal(next(passes)[1], next(iter(resumed))[1]))
         True
         """
-        if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            raise ValueError("not a CrestLoader state dict (missing or unknown 'format')")
-        fp = self._fingerprint()
-        for k, v in fp.items():
-            if state.get(k) != v:
-                raise ValueError(
-                    f"the state dict was saved with {k}={state.get(k)!r}, this loader has {k}={v!r}; "
-                    "resume with the same dataset, config.m, seed and budget"
-                )
-        if state.get("config") != repr(self.config):
-            warnings.warn("CrestLoader.load_state_dict: the CrestConfig differs from the saved one", stacklevel=2)
-        d = _from_portable(state["crest"])
-        if not np.array_equal(np.asarray(d["labels"]), self.labels):
-            raise ValueError("the state dict was saved for a dataset with different labels")
-        crest = crest_load_state_dict(d, self.ops.params())  # validates the controller state
+        _common.check_checkpoint(
+            state, fmt=_FORMAT, owner="CrestLoader", kind="loader", fingerprint=self._fingerprint(),
+            same="dataset, config.m, seed and budget",
+            options=("config", repr(self.config), "the CrestConfig differs from the saved one"))
+        crest = _common.restore_controller(_from_portable(state["crest"]), self.labels, self.ops.params())
         pos = state.get("position")
         if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or not 0 <= int(pos) <= self.total_steps:
             raise ValueError(f"CrestLoader state dict: position must be an integer in [0, {self.total_steps}] "
                              f"(the planned steps), got {pos!r}")
         pos = int(pos)
         where = f"{type(self).__name__} state dict"
-        pending = state.get("pending", [])
-        if not isinstance(pending, list):
-            raise ValueError(f"{where}: pending must be a list of batches, got {type(pending).__name__}")
-        pending = [Batch(*stored_batch(_from_portable(b), self.n, where)) for b in pending]
+        pending = _common.stored_batches(state.get("pending", []), self.n, where, "pending", convert=_from_portable)
         if int(crest.counters["train_steps"]) != pos + len(pending):
             raise ValueError(f"{where}: position {pos} and {len(pending)} pending batches differ from the "
                              f"controller's {int(crest.counters['train_steps'])} batches handed out")

@@ -1,0 +1,167 @@
+"""What the framework adapters share, written once: argument checks, divergence errors, chunking, the cost
+of the measurement passes and the checkpoint plumbing around the controller state.
+
+Framework-free (NumPy and the core's public modules only), so the Keras adapter imports it on any Keras
+backend, torch installed or not. The error messages are the adapters' own: each helper takes the words
+that differ between them (the owner's class name, "dataset" or "data") as arguments.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+
+from crestcore.controller import Batch, CrestConfig, crest_load_state_dict, crest_state_dict
+from crestcore.validation import host_indices, host_weights, stored_batch
+
+
+# ------------------------------------------------------------------------------------------------
+# argument checks (the errors name the argument)
+# ------------------------------------------------------------------------------------------------
+def check_count(value, name: str, *, low: int = 1, optional: bool = False):
+    """``value`` must be an integer (not a bool) of at least ``low`` (1: "positive", 0: "non-negative"),
+    or None when ``optional``; else a ``ValueError`` naming ``name``. Returns it as an int (or None)."""
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        kind = "positive" if low == 1 else "non-negative"
+        raise ValueError(f"{name} must be a {kind} integer{' or None' if optional else ''}, got {value!r}")
+    return int(value)
+
+
+def check_config(config) -> CrestConfig:
+    """The loader's ``config``: ``CrestConfig()`` for None, else it must be a :class:`crestcore.CrestConfig`."""
+    config = config if config is not None else CrestConfig()
+    if not isinstance(config, CrestConfig):
+        raise TypeError(f"config must be a crestcore.CrestConfig, got {type(config).__name__}")
+    return config
+
+
+def check_budget(budget) -> None:
+    """``budget`` must be a positive finite fraction (an int or a float, not a bool) of the full-data steps."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (
+            math.isfinite(budget) and budget > 0):
+        raise ValueError(f"budget must be a positive finite fraction of the full-data steps, got {budget!r}")
+
+
+def check_budget_counts(budget_counts) -> None:
+    """``budget_counts`` must be ``"steps"`` or ``"passes"`` (what counts against the budget)."""
+    if budget_counts not in ("steps", "passes"):
+        raise ValueError(f"budget_counts must be 'steps' or 'passes', got {budget_counts!r}")
+
+
+def check_training_labels(labels: np.ndarray, m: int, data: str = "dataset") -> None:
+    """The training labels (n,) must hold two classes or more, and the mini-batch size ``m`` must not
+    exceed ``n``; ``data`` names the training set in the errors ("dataset", "data")."""
+    classes = np.unique(labels)
+    if classes.size < 2:
+        raise ValueError(f"the training {data} holds a single class (label {int(classes[0])}): a classifier, and "
+                         "CREST's per-class selection, need at least two")
+    if m > labels.size:
+        raise ValueError(f"the mini-batch size m={m} exceeds the {data}'s {labels.size} examples")
+
+
+def weighted_examples(indices, weights, n: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """``indices`` (in ``[0, n)``) and their ``weights`` as host int64 / float64 arrays, at least one
+    example: the arguments of a weighted-loss operation ``what`` ("gradient", "hutchinson")."""
+    idx = host_indices(indices, n)
+    w = host_weights(weights, idx.size)
+    if idx.size == 0:
+        raise ValueError(f"{what} needs at least one example")
+    return idx, w
+
+
+# ------------------------------------------------------------------------------------------------
+# measurement passes and divergence
+# ------------------------------------------------------------------------------------------------
+def chunk_spans(k: int, size: int):
+    """``(a, b)`` for the consecutive chunks ``[a, b)`` of ``k`` items, at most ``size`` each."""
+    for a in range(0, k, size):
+        yield a, min(k, a + size)
+
+
+def measurement_error(what: str, count: int, total: int) -> FloatingPointError:
+    """The error for NaN or infinite ``what`` (outputs, losses, gradients, ...) of ``count`` of the
+    ``total`` examples of a measurement pass: the model has diverged."""
+    return FloatingPointError(
+        f"CREST: the model produced NaN or infinite {what} ({count} of {total} in this measurement pass): "
+        "training has diverged. Lower the learning rate, add gradient clipping, or check the data and the loss."
+    )
+
+
+def training_loss_error(who: str, step: int, bad: int, total: int, where: str = "") -> FloatingPointError:
+    """The error for ``bad`` NaN or infinite training losses of the ``total`` examples observed at ``step``;
+    ``who`` leads the message ("CREST", a loader's name), ``where`` follows the step (e.g. " on rank 1")."""
+    return FloatingPointError(
+        f"{who}: the training loss is NaN or infinite at step {step}{where} ({bad} of {total} examples): "
+        "training has diverged. Lower the learning rate, add gradient clipping, or check the data."
+    )
+
+
+def examples_spent(counters: dict) -> tuple[float, float]:
+    """(training, measurement) examples spent so far, from the controller's ``counters``: the measurement
+    passes in examples of forward+backward, ``(forward + 2 * backward) / 3`` (a backward costs about two
+    forwards)."""
+    c = counters
+    return float(c["train_examples"]), (c["forward_examples"] + 2.0 * c["backward_examples"]) / 3.0
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+# ------------------------------------------------------------------------------------------------
+def map_nested(x, leaf):
+    """``x`` with every value nested in dicts, lists and tuples replaced by ``leaf(value)`` (the containers
+    are rebuilt as dicts, lists and tuples)."""
+    if isinstance(x, dict):
+        return {k: map_nested(v, leaf) for k, v in x.items()}
+    if isinstance(x, list):
+        return [map_nested(v, leaf) for v in x]
+    if isinstance(x, tuple):
+        return tuple(map_nested(v, leaf) for v in x)
+    return leaf(x)
+
+
+def batch_record(batch: Batch) -> dict:
+    """A handed-out batch as a checkpoint record (host copies): what ``stored_batch`` reads back."""
+    return {"indices": batch.indices.copy(), "weights": batch.weights.copy(), "reselected": bool(batch.reselected)}
+
+
+def stored_batches(records, n: int, where: str, name: str, convert=None) -> list[Batch]:
+    """The batches of a checkpoint's list ``name`` (each record passed through ``convert`` first, if
+    given), checked as ``stored_batch`` does; ``where`` names the checkpoint in the errors."""
+    if not isinstance(records, list):
+        raise ValueError(f"{where}: {name} must be a list of batches, got {type(records).__name__}")
+    return [Batch(*stored_batch(r if convert is None else convert(r), n, where)) for r in records]
+
+
+def check_checkpoint(state, *, fmt: str, owner: str, kind: str, fingerprint: dict, same: str,
+                     options: tuple[str, object, str]) -> None:
+    """Check the header of a state dict ``owner.load_state_dict`` got: its ``format`` must be ``fmt`` and
+    every ``fingerprint`` value the one it was saved with (else a ``ValueError`` asking to resume with the
+    same ``same``; ``kind`` is "loader" or "callback"). ``options`` is ``(key, value, what)``: a saved
+    ``state[key]`` other than ``value`` only warns ``what`` (the run continues with the new options)."""
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        raise ValueError(f"not a {owner} state dict (missing or unknown 'format')")
+    for k, v in fingerprint.items():
+        if state.get(k) != v:
+            raise ValueError(f"the state dict was saved with {k}={state.get(k)!r}, this {kind} has {k}={v!r}; "
+                             f"resume with the same {same}")
+    key, value, what = options
+    if state.get(key) != value:
+        warnings.warn(f"{owner}.load_state_dict: {what}", stacklevel=3)
+
+
+def restore_controller(saved: dict, labels: np.ndarray, like, data: str = "a dataset"):
+    """The controller state of a checkpoint, saved for these ``labels`` (else a ``ValueError``; ``data``
+    names the training set), validated and with its vectors like ``like`` (``crest_load_state_dict``)."""
+    if not np.array_equal(np.asarray(saved["labels"]), labels):
+        raise ValueError(f"the state dict was saved for {data} with different labels")
+    return crest_load_state_dict(saved, like)
+
+
+def rehomed(state, like):
+    """The controller ``state`` with its vectors moved to where ``like`` (a flat parameter vector) lives:
+    its array library, device and dtype (a round trip through ``crest_state_dict``)."""
+    return crest_load_state_dict(crest_state_dict(state), like)
