@@ -83,14 +83,25 @@ def check_epsilon(epsilon) -> float:
     return e
 
 
-def labels_to_host(xp, labels, n: int, name: str = "labels") -> np.ndarray:
-    """Integer labels (n,) -> host int64 array (one transfer)."""
+def check_labels(xp, labels, n: int, name: str = "labels", *, of: str | None = None,
+                 classes: int | None = None) -> None:
+    """``labels`` must be 1-D integers, one per example (``n`` of them); the errors name the argument
+    ``name`` and, when ``of`` is given, the array whose ``n`` rows they label. With ``classes`` (the
+    columns of ``of``) every label must also lie in ``[0, classes)``."""
     if labels.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(labels.shape)}")
     if labels.shape[0] != n:
-        raise ValueError(f"{name} has length {labels.shape[0]} but there are {n} examples")
+        counted = f"there are {n} examples" if of is None else f"{of} has {n} rows"
+        raise ValueError(f"{name} has length {labels.shape[0]} but {counted}")
     if not xp.isdtype(labels.dtype, "integral"):
         raise TypeError(f"{name} must have an integer dtype, got {labels.dtype}")
+    if classes is not None and n and (bool(xp.any(labels < 0)) or bool(xp.any(labels >= classes))):
+        raise ValueError(f"{name} must lie in [0, {classes}) for {classes} classes ({of} has {classes} columns)")
+
+
+def labels_to_host(xp, labels, n: int, name: str = "labels") -> np.ndarray:
+    """Integer labels (n,) -> host int64 array (one transfer)."""
+    check_labels(xp, labels, n, name)
     return np.asarray(to_numpy(labels), dtype=np.int64)
 
 

@@ -45,7 +45,7 @@ from ._compat import device_of, from_numpy, namespace, on_cpu, to_numpy
 from .backends import backend_module
 from ._validation import field_bool, field_choice, field_instance, field_int, field_real
 from .dropping import DropConfig, DropState, drop_init, drop_record, drop_update
-from .features import cross_entropy, last_layer_gradients
+from .features import cross_entropy, last_layer_gradients, softmax
 from .facility import OPTIMIZERS
 from .minibatch import CLASS_BUDGETS, draw_subsets, minibatch_coresets
 from .quadratic import (
@@ -87,34 +87,16 @@ class ModelOps(Protocol):
 
     Examples
     --------
-    Softmax regression ``z = x W`` on NumPy data, written as the four operations (the PyTorch adapter,
-    ``crestcore.adapters.torch.TorchModelOps``, does the same for any ``nn.Module``):
+    ``_SoftmaxOps`` of this module is softmax regression ``z = x W`` on NumPy data, written as the four
+    operations (each method's example below shows its formula; the PyTorch adapter,
+    ``crestcore.adapters.torch.TorchModelOps``, does the same for any ``nn.Module``). One step with it:
 
     >>> import numpy as np
-    >>> from crestcore import CrestConfig, crest_init, crest_next_batch, cross_entropy, softmax
-    >>> class SoftmaxOps:
-    ...     def __init__(self, X, y, C):
-    ...         self.X, self.y, self.W = X, y, np.zeros((X.shape[1], C))
-    ...     def outputs(self, indices, embeddings=False):
-    ...         return self.X[indices] @ self.W
-    ...     def params(self):
-    ...         return self.W.ravel().copy()
-    ...     def gradient(self, indices, weights):
-    ...         X, y = self.X[indices], self.y[indices]
-    ...         loss = float(np.mean(weights * cross_entropy(X @ self.W, y)))
-    ...         G = softmax(X @ self.W)
-    ...         G[np.arange(len(y)), y] -= 1.0
-    ...         return loss, (X.T @ (G * weights[:, None]) / len(y)).ravel()
-    ...     def hutchinson(self, indices, weights, seed):
-    ...         X = self.X[indices]
-    ...         z = np.random.default_rng(seed).choice([-1.0, 1.0], size=self.W.size)
-    ...         P, A = softmax(X @ self.W), X @ z.reshape(self.W.shape)
-    ...         HA = P * A - P * np.sum(P * A, axis=1, keepdims=True)
-    ...         return z * (X.T @ (HA * weights[:, None]) / len(indices)).ravel()
+    >>> from crestcore import CrestConfig, crest_init, crest_next_batch
     >>> rng = np.random.default_rng(0)
     >>> y = np.arange(200) % 2
     >>> X = rng.normal(size=(200, 2)) + 2.0 * y[:, None]
-    >>> ops = SoftmaxOps(X, y, C=2)
+    >>> ops = _SoftmaxOps(X, y, C=2)
     >>> config = CrestConfig(m=10)
     >>> state = crest_init(config, y, seed=0)
     >>> state, batch = crest_next_batch(state, ops, config)
@@ -198,6 +180,35 @@ class ModelOps(Protocol):
         array([1., 2., 3.])
         """
         ...
+
+
+class _SoftmaxOps:
+    """The examples' :class:`ModelOps`: softmax regression ``z = x W`` on NumPy inputs ``X`` (n, d) with
+    integer labels ``y`` in ``[0, C)``, ``W`` (d, C) starting at zero; each operation is the formula
+    its :class:`ModelOps` example shows."""
+
+    def __init__(self, X: np.ndarray, y: np.ndarray, C: int) -> None:
+        self.X, self.y, self.W = X, y, np.zeros((X.shape[1], C))
+
+    def outputs(self, indices: np.ndarray, embeddings: bool = False) -> np.ndarray:
+        return self.X[indices] @ self.W
+
+    def params(self) -> np.ndarray:
+        return self.W.ravel().copy()
+
+    def gradient(self, indices: np.ndarray, weights: np.ndarray) -> tuple[float, np.ndarray]:
+        X, y = self.X[indices], self.y[indices]
+        loss = float(np.mean(weights * cross_entropy(X @ self.W, y)))
+        G = softmax(X @ self.W)
+        G[np.arange(len(y)), y] -= 1.0
+        return loss, (X.T @ (G * weights[:, None]) / len(y)).ravel()
+
+    def hutchinson(self, indices: np.ndarray, weights: np.ndarray, seed: int) -> np.ndarray:
+        X = self.X[indices]
+        z = np.random.default_rng(seed).choice([-1.0, 1.0], size=self.W.size)
+        P, A = softmax(X @ self.W), X @ z.reshape(self.W.shape)
+        HA = P * A - P * np.sum(P * A, axis=1, keepdims=True)
+        return z * (X.T @ (HA * weights[:, None]) / len(indices)).ravel()
 
 
 @dataclass(frozen=True)
@@ -645,33 +656,13 @@ def crest_next_batch(state: CrestState, ops: ModelOps, config: CrestConfig):
     Examples
     --------
     Thirty SGD steps of softmax regression on two Gaussian blobs, each on the next weighted coreset
-    (``SoftmaxOps`` implements :class:`ModelOps` in NumPy):
+    (``_SoftmaxOps``, the example of :class:`ModelOps`, implements it in NumPy):
 
     >>> import numpy as np
-    >>> from crestcore import cross_entropy, softmax
-    >>> class SoftmaxOps:
-    ...     def __init__(self, X, y, C):
-    ...         self.X, self.y, self.W = X, y, np.zeros((X.shape[1], C))
-    ...     def outputs(self, indices, embeddings=False):
-    ...         return self.X[indices] @ self.W
-    ...     def params(self):
-    ...         return self.W.ravel().copy()
-    ...     def gradient(self, indices, weights):
-    ...         X, y = self.X[indices], self.y[indices]
-    ...         loss = float(np.mean(weights * cross_entropy(X @ self.W, y)))
-    ...         G = softmax(X @ self.W)
-    ...         G[np.arange(len(y)), y] -= 1.0
-    ...         return loss, (X.T @ (G * weights[:, None]) / len(y)).ravel()
-    ...     def hutchinson(self, indices, weights, seed):
-    ...         X = self.X[indices]
-    ...         z = np.random.default_rng(seed).choice([-1.0, 1.0], size=self.W.size)
-    ...         P, A = softmax(X @ self.W), X @ z.reshape(self.W.shape)
-    ...         HA = P * A - P * np.sum(P * A, axis=1, keepdims=True)
-    ...         return z * (X.T @ (HA * weights[:, None]) / len(indices)).ravel()
     >>> rng = np.random.default_rng(0)
     >>> y = np.arange(200) % 2
     >>> X = rng.normal(size=(200, 2)) + 2.0 * y[:, None]
-    >>> ops, config = SoftmaxOps(X, y, C=2), CrestConfig(m=10)
+    >>> ops, config = _SoftmaxOps(X, y, C=2), CrestConfig(m=10)
     >>> state = crest_init(config, y, seed=0)
     >>> for step in range(30):
     ...     state, batch = crest_next_batch(state, ops, config)

@@ -8,7 +8,7 @@ gradient with respect to ``W`` is the outer product ``(softmax(z) - onehot(y)) e
 from __future__ import annotations
 
 from ._compat import device_of, namespace
-from ._validation import check_float_matrix
+from ._validation import check_float_matrix, check_labels
 
 __all__ = ["last_layer_gradients", "softmax", "cross_entropy"]
 
@@ -27,17 +27,6 @@ def softmax(logits):
     z = logits - xp.max(logits, axis=-1, keepdims=True)
     e = xp.exp(z)
     return e / xp.sum(e, axis=-1, keepdims=True)
-
-
-def _check_labels(xp, labels, n: int, C: int):
-    if labels.ndim != 1:
-        raise ValueError(f"labels must be 1-D, got shape {tuple(labels.shape)}")
-    if labels.shape[0] != n:
-        raise ValueError(f"labels has length {labels.shape[0]} but logits has {n} rows")
-    if not xp.isdtype(labels.dtype, "integral"):
-        raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
-    if n and (bool(xp.any(labels < 0)) or bool(xp.any(labels >= C))):
-        raise ValueError(f"labels must lie in [0, {C}) for {C} classes (logits has {C} columns)")
 
 
 def _onehot(xp, labels, C: int, dtype):
@@ -61,7 +50,7 @@ def cross_entropy(logits, labels, *, from_probabilities: bool = False):
     xp = namespace(logits, labels, names=("logits", "labels"))
     check_float_matrix(xp, logits, "logits")
     n, C = logits.shape
-    _check_labels(xp, labels, n, C)
+    check_labels(xp, labels, n, of="logits", classes=C)
     oh = _onehot(xp, labels, C, logits.dtype)
     if from_probabilities:
         p = xp.sum(logits * oh, axis=1)
@@ -109,7 +98,7 @@ def last_layer_gradients(logits, labels, *, embeddings=None, from_probabilities:
     xp = namespace(logits, labels, embeddings, names=("logits", "labels", "embeddings"))
     check_float_matrix(xp, logits, "logits")
     n, C = logits.shape
-    _check_labels(xp, labels, n, C)
+    check_labels(xp, labels, n, of="logits", classes=C)
     if from_probabilities:
         if bool(xp.any(logits < 0)) or bool(xp.any(xp.abs(xp.sum(logits, axis=1) - 1.0) > 1e-3)):
             raise ValueError("logits must hold probabilities (non-negative rows summing to 1) "

@@ -67,20 +67,10 @@ class BudgetedPasses:
 
     Examples
     --------
-    A minimal loader that hands out step numbers, with a 30 % budget over two epochs of 1000 examples
-    in batches of 100:
+    The smallest subclass, ``_StepNumbers`` at the end of this module, hands out step numbers; with a
+    30 % budget over two epochs of 1000 examples in batches of 100:
 
-    >>> class Steps(BudgetedPasses):
-    ...     def __init__(self, n, m, budget, epochs):
-    ...         self.budget = budget
-    ...         self._plan_passes(n=n, m=m, budget=budget, epochs=epochs, per_epoch=True,
-    ...                           budget_counts="steps")
-    ...     def _step(self):
-    ...         self._position += 1
-    ...         return self._position
-    ...     def _cost(self):
-    ...         return self._position * self._pass_m, 0.0
-    >>> loader = Steps(n=1000, m=100, budget=0.3, epochs=2)
+    >>> loader = _StepNumbers(n=1000, m=100, budget=0.3, epochs=2)
     >>> len(loader), loader.total_steps
     (3, 6)
     >>> for epoch in range(loader.epochs):
@@ -140,17 +130,7 @@ class BudgetedPasses:
         A loader handing out step numbers (as in the class example); a pass broken off early is
         completed by the next pass of the same epoch:
 
-        >>> class Steps(BudgetedPasses):
-        ...     def __init__(self, n, m, budget, epochs):
-        ...         self.budget = budget
-        ...         self._plan_passes(n=n, m=m, budget=budget, epochs=epochs, per_epoch=True,
-        ...                           budget_counts="steps")
-        ...     def _step(self):
-        ...         self._position += 1
-        ...         return self._position
-        ...     def _cost(self):
-        ...         return self._position * self._pass_m, 0.0
-        >>> loader = Steps(n=1000, m=100, budget=0.3, epochs=2)
+        >>> loader = _StepNumbers(n=1000, m=100, budget=0.3, epochs=2)
         >>> for step in loader:
         ...     break
         >>> loader.set_epoch(0)
@@ -208,17 +188,7 @@ class BudgetedPasses:
         --------
         A loader handing out step numbers (as in the class example):
 
-        >>> class Steps(BudgetedPasses):
-        ...     def __init__(self, n, m, budget, epochs):
-        ...         self.budget = budget
-        ...         self._plan_passes(n=n, m=m, budget=budget, epochs=epochs, per_epoch=True,
-        ...                           budget_counts="steps")
-        ...     def _step(self):
-        ...         self._position += 1
-        ...         return self._position
-        ...     def _cost(self):
-        ...         return self._position * self._pass_m, 0.0
-        >>> loader = Steps(n=1000, m=100, budget=0.3, epochs=2)
+        >>> loader = _StepNumbers(n=1000, m=100, budget=0.3, epochs=2)
         >>> list(loader.iter_run())
         [1, 2, 3, 4, 5, 6]
         >>> loader.epoch
@@ -275,3 +245,20 @@ class BudgetedPasses:
         self._epoch_hint = None
         self._token += 1  # passes started before the load stop
         self._warned_done = False
+
+
+class _StepNumbers(BudgetedPasses):
+    """The examples' loader, the smallest subclass of :class:`BudgetedPasses`: it plans per-epoch passes
+    whose budget counts steps, each step hands out the next step number (1, 2, ...) and costs ``m``
+    training examples and no measurement."""
+
+    def __init__(self, n: int, m: int, budget: float, epochs: int) -> None:
+        self.budget = budget
+        self._plan_passes(n=n, m=m, budget=budget, epochs=epochs, per_epoch=True, budget_counts="steps")
+
+    def _step(self) -> int:
+        self._position += 1
+        return self._position
+
+    def _cost(self) -> tuple[float, float]:
+        return self._position * self._pass_m, 0.0

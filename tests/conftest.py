@@ -26,6 +26,8 @@ _TESTS = str(Path(__file__).resolve().parent)
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
+from _helpers import to_numpy  # noqa: E402  (plain helpers live in tests/_helpers.py)
+
 # ------------------------------------------------------------------------------------------------
 # hypothesis: no deadline (a JIT compiles on the first call), small example counts (2-core budget)
 # ------------------------------------------------------------------------------------------------
@@ -118,18 +120,6 @@ def asarray(xp_name: str, a, dtype=None):
 
         return cupy.asarray(a)
     raise ValueError(f"unknown namespace {xp_name!r}")
-
-
-def to_numpy(x) -> np.ndarray:
-    """Host NumPy copy of an array of any library in the matrix (0-d arrays stay 0-d)."""
-    if isinstance(x, (np.ndarray, np.generic)):
-        return np.asarray(x)
-    mod = type(x).__module__
-    if mod.startswith("torch"):
-        return x.detach().cpu().numpy()
-    if mod.startswith("cupy"):
-        return x.get()
-    return np.from_dlpack(x)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 import pytest
+from _helpers import to_numpy
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -27,17 +28,6 @@ from crestcore.baselines import (
 )
 
 seeds = st.integers(0, 2**32 - 1)
-
-
-def _np(x) -> np.ndarray:
-    if isinstance(x, (np.ndarray, np.generic)):
-        return np.asarray(x)
-    mod = type(x).__module__
-    if mod.startswith("torch"):
-        return x.detach().cpu().numpy()
-    if mod.startswith("cupy"):
-        return x.get()
-    return np.from_dlpack(x)
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -60,25 +50,25 @@ def _labels(rng, n, C):
 def test_random_subset_is_a_sorted_distinct_subset_with_n_over_k_weights(n, data, seed):
     k = data.draw(st.integers(1, n), label="k")
     sel = random_subset(n, k, rng=seed)
-    idx = _np(sel.indices)
+    idx = to_numpy(sel.indices)
     assert idx.dtype == np.int64 and idx.shape == (k,)
     assert np.all(np.diff(idx) > 0) and idx[0] >= 0 and idx[-1] < n
-    np.testing.assert_allclose(_np(sel.weights), n / k)
-    assert float(_np(sel.weights).sum()) == pytest.approx(n)
-    assert np.all(_np(sel.gains) == 0) and float(sel.objective) == 0.0
+    np.testing.assert_allclose(to_numpy(sel.weights), n / k)
+    assert float(to_numpy(sel.weights).sum()) == pytest.approx(n)
+    assert np.all(to_numpy(sel.gains) == 0) and float(sel.objective) == 0.0
 
 
 def test_random_subset_redraws_each_epoch_reproducibly():
-    a = [_np(random_subset(100, 10, rng=7, epoch=e).indices) for e in range(5)]
-    b = [_np(random_subset(100, 10, rng=7, epoch=e).indices) for e in reversed(range(5))][::-1]
+    a = [to_numpy(random_subset(100, 10, rng=7, epoch=e).indices) for e in range(5)]
+    b = [to_numpy(random_subset(100, 10, rng=7, epoch=e).indices) for e in reversed(range(5))][::-1]
     for x, y in zip(a, b):  # epoch e depends on (seed, e) only, not on call order
         np.testing.assert_array_equal(x, y)
     assert len({tuple(x) for x in a}) == 5
-    np.testing.assert_array_equal(_np(random_subset(100, 10, rng=7).indices),
-                                  _np(random_subset(100, 10, rng=7).indices))
+    np.testing.assert_array_equal(to_numpy(random_subset(100, 10, rng=7).indices),
+                                  to_numpy(random_subset(100, 10, rng=7).indices))
     g = np.random.default_rng(3)
-    assert not np.array_equal(_np(random_subset(100, 10, rng=g).indices),
-                              _np(random_subset(100, 10, rng=g).indices))  # a Generator advances
+    assert not np.array_equal(to_numpy(random_subset(100, 10, rng=g).indices),
+                              to_numpy(random_subset(100, 10, rng=g).indices))  # a Generator advances
 
 
 def test_random_subset_is_uniform():
@@ -87,7 +77,7 @@ def test_random_subset_is_uniform():
     g = np.random.default_rng(11)
     counts = np.zeros(n)
     for _ in range(T):
-        counts[_np(random_subset(n, k, rng=g).indices)] += 1
+        counts[to_numpy(random_subset(n, k, rng=g).indices)] += 1
     p = k / n
     se = math.sqrt(p * (1 - p) / T)
     assert np.all(np.abs(counts / T - p) < 5 * se)
@@ -102,7 +92,7 @@ def test_random_subset_in_every_namespace(xp):
     sel = random_subset(30, 7, rng=0, epoch=1, xp=mod, device=dev, dtype=xp.dtype(np.float64))
     xp.assert_native(sel.indices, like, np.int64, ndim=1)
     xp.assert_native(sel.weights, like, np.float64, ndim=1)
-    np.testing.assert_array_equal(xp.to_numpy(sel.indices), _np(random_subset(30, 7, rng=0, epoch=1).indices))
+    np.testing.assert_array_equal(xp.to_numpy(sel.indices), to_numpy(random_subset(30, 7, rng=0, epoch=1).indices))
 
 
 @pytest.mark.parametrize(
@@ -157,8 +147,8 @@ def test_craig_equals_per_class_facility_location(seed, n, d, C, data, metric, k
     sel = craig(G, y, k, metric=metric, kernel=kernel)
     ref = crestcore.facility_location(G, k, labels=y, metric=metric, kernel=kernel)
     for f in ("indices", "weights", "gains", "objective"):
-        np.testing.assert_array_equal(_np(getattr(sel, f)), _np(getattr(ref, f)))
-    idx, w = _np(sel.indices), _np(sel.weights)
+        np.testing.assert_array_equal(to_numpy(getattr(sel, f)), to_numpy(getattr(ref, f)))
+    idx, w = to_numpy(sel.indices), to_numpy(sel.weights)
     if k >= np.unique(y).size:  # every class has a pick: its weights sum to its size
         for c in np.unique(y):
             assert w[y[idx] == c].sum() == pytest.approx((y == c).sum())
@@ -171,11 +161,11 @@ def test_craig_large_class_uses_the_tiled_path_and_agrees():
     y = _labels(rng, 300, 3)
     dense = craig(G, y, 12)
     tiled = craig(G, y, 12, max_dense_bytes=4096)  # every class exceeds 4 KiB dense: matrix-free path
-    np.testing.assert_array_equal(_np(dense.indices), _np(tiled.indices))
-    np.testing.assert_array_equal(_np(dense.weights), _np(tiled.weights))
+    np.testing.assert_array_equal(to_numpy(dense.indices), to_numpy(tiled.indices))
+    np.testing.assert_array_equal(to_numpy(dense.weights), to_numpy(tiled.weights))
     assert float(tiled.objective) == pytest.approx(float(dense.objective), rel=1e-9)
     for c in range(3):
-        assert _np(tiled.weights)[y[_np(tiled.indices)] == c].sum() == (y == c).sum()
+        assert to_numpy(tiled.weights)[y[to_numpy(tiled.indices)] == c].sum() == (y == c).sum()
 
 
 def test_craig_on_last_layer_gradients_without_labels_and_stochastic():
@@ -183,10 +173,10 @@ def test_craig_on_last_layer_gradients_without_labels_and_stochastic():
     logits, y = rng.normal(size=(50, 3)), _labels(rng, 50, 3)
     G = crestcore.last_layer_gradients(logits, y)
     sel = craig(G, None, 5)
-    assert _np(sel.weights).sum() == 50
+    assert to_numpy(sel.weights).sum() == 50
     a = craig(G, y, 6, optimizer="stochastic", rng=3)
     b = craig(G, y, 6, optimizer="stochastic", rng=3)
-    np.testing.assert_array_equal(_np(a.indices), _np(b.indices))
+    np.testing.assert_array_equal(to_numpy(a.indices), to_numpy(b.indices))
 
 
 def test_craig_in_every_namespace(xp):
@@ -196,7 +186,7 @@ def test_craig_in_every_namespace(xp):
     sel = craig(Gx, yx, 6)
     xp.assert_native(sel.indices, Gx, np.int64, ndim=1)
     xp.assert_native(sel.weights, Gx, np.float64, ndim=1)
-    np.testing.assert_array_equal(xp.to_numpy(sel.indices), _np(craig(G, y, 6).indices))
+    np.testing.assert_array_equal(xp.to_numpy(sel.indices), to_numpy(craig(G, y, 6).indices))
 
 
 def test_craig_bad_inputs_and_inputs_untouched():
@@ -240,7 +230,7 @@ def test_nonneg_ridge_equals_scipy_nnls_on_the_augmented_system(seed, s, d, lam)
     nnls = pytest.importorskip("scipy.optimize").nnls
     rng = np.random.default_rng(seed)
     A, b = rng.normal(size=(s, d)), rng.normal(size=d) * 3
-    w = _np(nonneg_ridge(A, b, lam=lam))
+    w = to_numpy(nonneg_ridge(A, b, lam=lam))
     assert np.all(w >= 0)
     M = np.vstack([A.T, math.sqrt(lam) * np.eye(s)])
     rhs = np.concatenate([b, np.zeros(s)])
@@ -264,13 +254,13 @@ def test_nonneg_ridge_equals_scipy_nnls_on_the_augmented_system(seed, s, d, lam)
 def test_lam_shrinks_the_weights(seed, s, d, positive):
     rng = np.random.default_rng(seed)
     A, b = rng.normal(size=(s, d)), rng.normal(size=d) * 2
-    norms = [float(np.linalg.norm(_np(nonneg_ridge(A, b, lam=lam, positive=positive))))
+    norms = [float(np.linalg.norm(to_numpy(nonneg_ridge(A, b, lam=lam, positive=positive))))
              for lam in (0.0, 0.01, 0.1, 1.0, 10.0, 1e3)]
     assert all(b_ <= a_ * (1 + 1e-9) + 1e-12 for a_, b_ in zip(norms, norms[1:]))
     # and for large lam, w -> (A b)_+ / lam (A b without the sign constraint)
     h = A @ b
     limit = np.maximum(h, 0.0) if positive else h
-    np.testing.assert_allclose(_np(nonneg_ridge(A, b, lam=1e6, positive=positive)) * 1e6, limit,
+    np.testing.assert_allclose(to_numpy(nonneg_ridge(A, b, lam=1e6, positive=positive)) * 1e6, limit,
                                rtol=1e-3, atol=1e-3 * float(np.abs(h).max()))
 
 
@@ -282,7 +272,7 @@ def test_gradmatch_weights_on_orthogonal_gradients_are_documented_shrinkage(lam)
     scales = rng.uniform(0.5, 3.0, size=6)
     G = Q.T * scales[:, None]  # 6 orthogonal rows of norms `scales`
     sel = gradmatch(G, 6, lam=lam, tol=0.0)
-    idx, w = _np(sel.indices), _np(sel.weights)
+    idx, w = to_numpy(sel.indices), to_numpy(sel.weights)
     assert sorted(idx) == list(range(6))
     np.testing.assert_allclose(w, scales[idx] ** 2 / (scales[idx] ** 2 + lam), rtol=1e-10)
     # greedy order: largest correlation g_j . b = ||g_j||^2 first
@@ -305,7 +295,7 @@ def test_omp_recovers_an_exact_sparse_nonnegative_combination(seed, n, s, extra)
     coef = rng.uniform(0.5, 2.0, size=s)
     b = coef @ A[support]
     sel = gradmatch(A, min(n, s + extra), lam=0.0, target=b, tol=1e-9)
-    idx, w = _np(sel.indices), _np(sel.weights)
+    idx, w = to_numpy(sel.indices), to_numpy(sel.weights)
     assert sorted(idx) == sorted(support)  # extra budget unused: the tolerance stops it
     order = np.argsort(support)
     np.testing.assert_allclose(w[np.argsort(idx)], coef[order], rtol=1e-8)
@@ -326,7 +316,7 @@ def test_omp_error_never_increases(seed, n, d, lam, positive):
     prev_J, prev_r = float(b @ b), float(np.linalg.norm(b))
     for k in range(1, n + 1):
         sel = gradmatch(G, k, lam=lam, tol=0.0, positive=positive)
-        idx, w, gains = _np(sel.indices), _np(sel.weights), _np(sel.gains)
+        idx, w, gains = to_numpy(sel.indices), to_numpy(sel.weights), to_numpy(sel.gains)
         r = _residual(G, b, idx, w)
         J = r * r + lam * float(w @ w)
         tol = 1e-9 * float(b @ b) + 1e-12
@@ -347,7 +337,7 @@ def test_gradmatch_per_class_matches_each_class_alone():
     y = _labels(rng, n, C)
     G = crestcore.last_layer_gradients(rng.normal(size=(n, C)) * 2, y, embeddings=rng.normal(size=(n, 4)))
     sel = gradmatch(G, 9, labels=y, lam=0.1)
-    idx, w = _np(sel.indices), _np(sel.weights)
+    idx, w = to_numpy(sel.indices), to_numpy(sel.weights)
     from reference import hamilton
 
     budgets = hamilton(9, np.bincount(y))
@@ -355,9 +345,9 @@ def test_gradmatch_per_class_matches_each_class_alone():
     for c in range(C):
         members = np.flatnonzero(y == c)
         alone = gradmatch(G[members], int(budgets[c]), lam=0.1)
-        m = _np(alone.indices).size
-        np.testing.assert_array_equal(idx[start:start + m], members[_np(alone.indices)])
-        np.testing.assert_allclose(w[start:start + m], _np(alone.weights), rtol=1e-12)
+        m = to_numpy(alone.indices).size
+        np.testing.assert_array_equal(idx[start:start + m], members[to_numpy(alone.indices)])
+        np.testing.assert_allclose(w[start:start + m], to_numpy(alone.weights), rtol=1e-12)
         assert np.all(y[idx[start:start + m]] == c)
         start += m
         total += float(alone.objective)
@@ -373,7 +363,7 @@ def test_gradmatch_weights_are_counts_when_gradients_cluster():
     G = np.concatenate([c + 1e-4 * rng.normal(size=(m, 6)) for c, m in zip(centres, sizes)])
     y = np.repeat([0, 0, 1, 1], sizes)
     sel = gradmatch(G, 4, labels=y, lam=0.0)
-    idx, w = _np(sel.indices), _np(sel.weights)
+    idx, w = to_numpy(sel.indices), to_numpy(sel.weights)
     cluster = np.repeat(np.arange(4), sizes)
     assert sorted(cluster[idx]) == [0, 1, 2, 3]
     np.testing.assert_allclose(w[np.argsort(cluster[idx])], sizes, rtol=1e-3)
@@ -388,10 +378,10 @@ def test_gradmatch_per_batch_selects_whole_batches():
     ids = np.unique(batch)
     atoms = np.stack([G[batch == i].sum(axis=0) for i in ids])
     ref = gradmatch(atoms, 3, lam=0.2, target=G.sum(axis=0))
-    idx, w = _np(sel.indices), _np(sel.weights)
-    expected = np.concatenate([np.flatnonzero(batch == ids[b]) for b in _np(ref.indices)])
+    idx, w = to_numpy(sel.indices), to_numpy(sel.weights)
+    expected = np.concatenate([np.flatnonzero(batch == ids[b]) for b in to_numpy(ref.indices)])
     np.testing.assert_array_equal(idx, expected)
-    np.testing.assert_allclose(w, np.repeat(_np(ref.weights), n // B), rtol=1e-12)
+    np.testing.assert_allclose(w, np.repeat(to_numpy(ref.weights), n // B), rtol=1e-12)
     assert float(sel.objective) == pytest.approx(float(ref.objective), rel=1e-12)
 
 
@@ -400,17 +390,17 @@ def test_gradmatch_unsigned_variant_allows_negative_weights():
     A = _incoherent_atoms(rng, 10, 20)
     b = 1.5 * A[2] - 0.7 * A[6]
     sel = gradmatch(A, 2, lam=0.0, target=b, positive=False)
-    order = np.argsort(_np(sel.indices))
-    np.testing.assert_array_equal(_np(sel.indices)[order], [2, 6])
-    np.testing.assert_allclose(_np(sel.weights)[order], [1.5, -0.7], rtol=1e-9)
+    order = np.argsort(to_numpy(sel.indices))
+    np.testing.assert_array_equal(to_numpy(sel.indices)[order], [2, 6])
+    np.testing.assert_allclose(to_numpy(sel.weights)[order], [1.5, -0.7], rtol=1e-9)
     pos = gradmatch(A, 2, lam=0.0, target=b)  # non-negative: -0.7 A[6] cannot be matched
-    assert np.all(_np(pos.weights) > 0)
+    assert np.all(to_numpy(pos.weights) > 0)
 
 
 def test_gradmatch_zero_target_selects_nothing():
     G = np.array([[1.0, 0.0], [-1.0, 0.0]])
     sel = gradmatch(G, 2)
-    assert _np(sel.indices).shape == (0,) and float(sel.objective) == 0.0
+    assert to_numpy(sel.indices).shape == (0,) and float(sel.objective) == 0.0
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -425,9 +415,9 @@ def test_gradmatch_in_every_namespace(xp, dtype):
         xp.assert_native(sel.objective, Gx, dtype, ndim=0)
         kw_np = {key: xp.to_numpy(v) for key, v in kw.items()}
         ref = gradmatch(G.astype(np.float64), 4, lam=0.1, **kw_np)
-        np.testing.assert_array_equal(xp.to_numpy(sel.indices), _np(ref.indices))
+        np.testing.assert_array_equal(xp.to_numpy(sel.indices), to_numpy(ref.indices))
         rtol = 1e-9 if dtype == np.float64 else 1e-3
-        np.testing.assert_allclose(xp.to_numpy(sel.weights), _np(ref.weights), rtol=rtol)
+        np.testing.assert_allclose(xp.to_numpy(sel.weights), to_numpy(ref.weights), rtol=rtol)
 
 
 def test_gradmatch_bad_inputs_and_inputs_untouched():
@@ -503,7 +493,7 @@ def test_glister_gain_is_the_first_order_change_of_the_validation_loss(seed, bia
     errs = {}
     for eta in (1e-3, 5e-4):
         sel = glister(G, p["z_v"], p["y_v"], k, val_embeddings=p["E_v"], eta=eta)
-        picks, gains = _np(sel.indices), _np(sel.gains)
+        picks, gains = to_numpy(sel.indices), to_numpy(sel.gains)
         GS = np.zeros(G.shape[1])
         err = []
         for j, g in zip(picks, gains):
@@ -551,9 +541,9 @@ def test_glister_greedy_picks_the_best_gain_each_step(seed, bias_only, eta):
     picks, gains, margins = _reference_glister(p, 6, eta)
     assume(np.all(margins > 1e-9 * max(1.0, np.abs(gains).max())))
     sel = glister(p["G"], p["z_v"], p["y_v"], 6, val_embeddings=p["E_v"], eta=eta)
-    np.testing.assert_array_equal(_np(sel.indices), picks)
-    np.testing.assert_allclose(_np(sel.gains), gains, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(_np(sel.weights), 20 / 6)
+    np.testing.assert_array_equal(to_numpy(sel.indices), picks)
+    np.testing.assert_allclose(to_numpy(sel.gains), gains, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(to_numpy(sel.weights), 20 / 6)
 
 
 def test_glister_stochastic():
@@ -561,12 +551,12 @@ def test_glister_stochastic():
     args = (p["G"], p["z_v"], p["y_v"], 8)
     a = glister(*args, val_embeddings=p["E_v"], optimizer="stochastic", rng=5)
     b = glister(*args, val_embeddings=p["E_v"], optimizer="stochastic", rng=5)
-    np.testing.assert_array_equal(_np(a.indices), _np(b.indices))
-    assert np.unique(_np(a.indices)).size == 8
+    np.testing.assert_array_equal(to_numpy(a.indices), to_numpy(b.indices))
+    assert np.unique(to_numpy(a.indices)).size == 8
     # a sample at least as large as what remains is the exact greedy
     full = glister(*args, val_embeddings=p["E_v"], optimizer="stochastic", rng=5, epsilon=1e-30)
     naive = glister(*args, val_embeddings=p["E_v"])
-    np.testing.assert_array_equal(_np(full.indices), _np(naive.indices))
+    np.testing.assert_array_equal(to_numpy(full.indices), to_numpy(naive.indices))
     with pytest.raises(TypeError, match="rng"):
         glister(*args, val_embeddings=p["E_v"], optimizer="stochastic")
 
@@ -582,7 +572,7 @@ def test_glister_in_every_namespace(xp, dtype):
     xp.assert_native(sel.objective, Gx, dtype, ndim=0)
     if dtype == np.float64:
         ref = glister(G, z, y, 5, val_embeddings=E, eta=0.1)
-        np.testing.assert_array_equal(xp.to_numpy(sel.indices), _np(ref.indices))
+        np.testing.assert_array_equal(xp.to_numpy(sel.indices), to_numpy(ref.indices))
 
 
 def test_glister_bad_inputs_and_inputs_untouched():
@@ -624,7 +614,7 @@ def test_pruning_only_touches_below_mean_examples(seed, n, ratio):
     rng = np.random.default_rng(seed)
     losses = rng.exponential(size=n)
     sel = prune_schedule(losses, ratio=ratio, epoch=0, epochs=10, rng=seed)
-    idx, w = _np(sel.indices), _np(sel.weights)
+    idx, w = to_numpy(sel.indices), to_numpy(sel.weights)
     assert np.all(np.diff(idx) > 0)
     low = losses < losses.mean()
     n_low = int(low.sum())
@@ -634,7 +624,7 @@ def test_pruning_only_touches_below_mean_examples(seed, n, ratio):
     assert int(low[idx].sum()) == (n_low if ratio == 0 else n_keep)
     if n_low and ratio > 0:
         np.testing.assert_allclose(w[low[idx]], n_low / n_keep)
-    np.testing.assert_array_equal(_np(sel.gains), losses[idx])
+    np.testing.assert_array_equal(to_numpy(sel.gains), losses[idx])
     assert float(sel.objective) == pytest.approx(losses.mean())
 
 
@@ -649,7 +639,7 @@ def test_pruning_keeps_the_expected_gradient_unbiased():
     counts = np.zeros(n)
     for t in range(T):
         sel = prune_schedule(losses, ratio=0.7, epoch=0, epochs=10, rng=gen)
-        idx, w = _np(sel.indices), _np(sel.weights)
+        idx, w = to_numpy(sel.indices), to_numpy(sel.weights)
         est[t] = w @ g[idx]
         counts[idx] += 1
     se = est.std(axis=0, ddof=1) / math.sqrt(T)
@@ -666,26 +656,27 @@ def test_pruning_anneals_as_documented():
     epochs = 16
 
     def pruned(epoch, anneal):
-        return _np(prune_schedule(losses, ratio=0.5, epoch=epoch, epochs=epochs, anneal=anneal, rng=1).indices).size < 50
+        sel = prune_schedule(losses, ratio=0.5, epoch=epoch, epochs=epochs, anneal=anneal, rng=1)
+        return to_numpy(sel.indices).size < 50
 
     # 0.875 * 16 = 14: epochs 0..13 prune, 14 and 15 train on everything with weight 1
     assert [pruned(e, 0.875) for e in range(epochs)] == [True] * 14 + [False] * 2
     assert all(pruned(e, 1.0) for e in range(epochs))
     assert not any(pruned(e, 0.0) for e in range(epochs))
     off = prune_schedule(losses, ratio=0.5, epoch=15, epochs=epochs, rng=1)
-    np.testing.assert_array_equal(_np(off.indices), np.arange(50))
-    np.testing.assert_array_equal(_np(off.weights), 1.0)
+    np.testing.assert_array_equal(to_numpy(off.indices), np.arange(50))
+    np.testing.assert_array_equal(to_numpy(off.weights), 1.0)
 
 
 def test_pruning_randomness_comes_from_rng_and_epoch():
     losses = np.random.default_rng(0).exponential(size=80)
-    a = [_np(prune_schedule(losses, ratio=0.5, epoch=e, epochs=10, rng=3).indices) for e in range(4)]
-    b = [_np(prune_schedule(losses, ratio=0.5, epoch=e, epochs=10, rng=3).indices) for e in range(4)]
+    a = [to_numpy(prune_schedule(losses, ratio=0.5, epoch=e, epochs=10, rng=3).indices) for e in range(4)]
+    b = [to_numpy(prune_schedule(losses, ratio=0.5, epoch=e, epochs=10, rng=3).indices) for e in range(4)]
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
     assert len({tuple(x) for x in a}) == 4
     same = np.full(10, 2.0)  # all equal: nothing is below the mean
-    np.testing.assert_array_equal(_np(prune_schedule(same, epoch=0, epochs=5, rng=0).indices), np.arange(10))
+    np.testing.assert_array_equal(to_numpy(prune_schedule(same, epoch=0, epochs=5, rng=0).indices), np.arange(10))
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -697,7 +688,7 @@ def test_pruning_in_every_namespace(xp, dtype):
     xp.assert_native(sel.weights, lx, dtype, ndim=1)
     xp.assert_native(sel.objective, lx, dtype, ndim=0)
     ref = prune_schedule(losses, ratio=0.5, epoch=1, epochs=4, rng=0)
-    np.testing.assert_array_equal(xp.to_numpy(sel.indices), _np(ref.indices))
+    np.testing.assert_array_equal(xp.to_numpy(sel.indices), to_numpy(ref.indices))
 
 
 def test_pruning_bad_inputs_and_inputs_untouched():

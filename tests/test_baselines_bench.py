@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
-import pytest
+from _helpers import load_benchmark
 
-PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "baselines.py"
-if not PATH.exists():  # the wheel's test run copies tests/ alone
-    pytest.skip("benchmarks/baselines.py belongs to the source checkout", allow_module_level=True)
-_spec = importlib.util.spec_from_file_location("baselines_bench_under_test", PATH)
-bench = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = bench
-_spec.loader.exec_module(bench)
+bench = load_benchmark("baselines.py", "baselines_bench_under_test")
 
 
 def test_budget_is_e1s_subset_size():

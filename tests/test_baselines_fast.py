@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _helpers import to_numpy
 from baselines_reference import (
     craig_reference,
     glister_reference,
@@ -29,20 +30,9 @@ from crestcore.baselines._gradmatch import _gram_nnls, _GramInverse
 seeds = st.integers(0, 2**32 - 1)
 
 
-def _np(x) -> np.ndarray:
-    if isinstance(x, (np.ndarray, np.generic)):
-        return np.asarray(x)
-    mod = type(x).__module__
-    if mod.startswith("torch"):
-        return x.detach().cpu().numpy()
-    if mod.startswith("cupy"):
-        return x.get()
-    return np.from_dlpack(x)
-
-
 def _close(a, b, rtol):
     """|a - b| <= rtol * max|b| elementwise (relative to the vector's scale: gains may cross 0)."""
-    a, b = np.asarray(_np(a), dtype=np.float64), np.asarray(_np(b), dtype=np.float64)
+    a, b = np.asarray(to_numpy(a), dtype=np.float64), np.asarray(to_numpy(b), dtype=np.float64)
     assert a.shape == b.shape
     if a.size == 0:
         return
@@ -69,17 +59,17 @@ def _same_selection(new, old, dtype, G=None, float32: float = 3e-7):
     alike, and the two may break it differently. Swapping identical gradients changes no weight, gain
     or objective, which are still compared.
     """
-    a, b = _np(new.indices), _np(old.indices)
+    a, b = to_numpy(new.indices), to_numpy(old.indices)
     if not np.array_equal(a, b):
         assert G is not None and a.shape == b.shape, (a, b)
-        G = _np(G)
+        G = to_numpy(G)
         assert np.array_equal(G[a], G[b]), (a, b)
     rt = _rtol(dtype, float32)
     _close(new.weights, old.weights, rt)
     _close(new.gains, old.gains, rt)
     _close(new.objective, old.objective, rt)
     for a, b in ((new.weights, old.weights), (new.gains, old.gains), (new.objective, old.objective)):
-        assert _np(a).dtype == _np(b).dtype
+        assert to_numpy(a).dtype == to_numpy(b).dtype
 
 
 def _tol(lam, tol, dtype):
@@ -266,7 +256,7 @@ def test_glister_equals_the_reference(seed, n, n_v, C, h, data, eta, stochastic,
     kw = dict(val_embeddings=E, eta=eta, optimizer="stochastic" if stochastic else "naive", epsilon=eps)
     new = glister(G, zv, yv, k, rng=seed if stochastic else None, **kw)
     old = glister_reference(G, zv, yv, k, rng=seed if stochastic else None, **kw)
-    a, b = _np(new.indices), _np(old.indices)
+    a, b = to_numpy(new.indices), to_numpy(old.indices)
     if np.array_equal(a, b):
         _same_selection(new, old, dtype, G, GLISTER_F32)
         return
@@ -279,7 +269,7 @@ def test_glister_equals_the_reference(seed, n, n_v, C, h, data, eta, stochastic,
         assert dtype == np.float32, (t, a, b)
         gains = _glister_gains64(G, zv, yv, E, eta, b[:t])
         assert abs(gains[a[t]] - gains[b[t]]) <= 1e-4 * np.max(np.abs(gains)), (t, a, b)
-    _close(_np(new.gains)[: t + 1], _np(old.gains)[: t + 1], _rtol(dtype, GLISTER_F32))
+    _close(to_numpy(new.gains)[: t + 1], to_numpy(old.gains)[: t + 1], _rtol(dtype, GLISTER_F32))
 
 
 def _glister_gains64(G, zv, yv, E, eta, picks):
@@ -354,6 +344,6 @@ def test_craig_equals_the_reference(seed, n, d, C, data, dup, dtype):
     opt = data.draw(st.sampled_from(("lazy", "naive", "stochastic")), label="optimizer")
     new = craig(G, labels, k, optimizer=opt, rng=seed)
     old = craig_reference(G, labels, k, optimizer=opt, rng=seed)
-    assert np.array_equal(_np(new.indices), _np(old.indices))
+    assert np.array_equal(to_numpy(new.indices), to_numpy(old.indices))
     for a, b in ((new.weights, old.weights), (new.gains, old.gains), (new.objective, old.objective)):
         _close(a, b, _rtol(dtype))

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
+from _helpers import load_benchmark
 
-PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "cap_study.py"
-if not PATH.exists():  # the wheel's test run copies tests/ alone
-    pytest.skip("benchmarks/cap_study.py belongs to the source checkout", allow_module_level=True)
-_spec = importlib.util.spec_from_file_location("cap_study_under_test", PATH)
-cap_study = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = cap_study
-_spec.loader.exec_module(cap_study)
+cap_study = load_benchmark("cap_study.py", "cap_study_under_test")
 
 
 def _per(default, **caps):

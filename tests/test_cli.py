@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers import assert_import_stays_light
 
 from crestcore import facility_objective, pairwise_distances
 from crestcore.apps import cli
@@ -116,13 +117,8 @@ def test_bench_runs_source_script_with_args(tmp_path, monkeypatch):
 
 
 def test_cli_and_demo_imports_stay_light():
-    code = (
-        "import sys, crestcore, crestcore.apps.cli, crestcore.apps.demo, crestcore.apps.datasets\n"
-        "heavy = [m for m in ('torch', 'numba', 'cupy', 'keras', 'matplotlib', 'tqdm') if m in sys.modules]\n"
-        "assert not heavy, heavy\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
+    assert_import_stays_light(("crestcore", "crestcore.apps.cli", "crestcore.apps.demo", "crestcore.apps.datasets"),
+                              ("torch", "numba", "cupy", "keras", "matplotlib", "tqdm"))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -50,6 +50,19 @@ def _tie_free(expected: dict, rel: float = 1e-9) -> bool:
     return expected["margin"] > rel * scale
 
 
+def _tie_free_problem(data, seed, n, d, n_classes, metric, kernel, *, scale=1.0):
+    """``(k, X, labels, expected)`` of a property test against the reference: ``k`` drawn in [1, n], the
+    features, labels of ``n_classes`` classes (None for 0), and the reference's answer; hypothesis
+    discards the draws with more classes than points or with near-tied reference decisions."""
+    assume(n_classes <= n)
+    k = data.draw(st.integers(1, n), label="k")
+    X = _features(seed, n, d, scale=scale)
+    labels = _labels(seed, n, n_classes) if n_classes else None
+    expected = R.facility_location(X, k, labels, metric=metric, kernel=kernel)
+    assume(_tie_free(expected))
+    return k, X, labels, expected
+
+
 def _np(x) -> np.ndarray:
     return np.asarray(x)
 
@@ -150,12 +163,8 @@ def test_greedy_bound_on_precomputed_with_ties(S, data):
        optimizer=exact_optimizers, backend=backends, n_classes=st.integers(0, 4), data=st.data())
 def test_greedy_equals_independent_naive_greedy(seed, n, d, metric, kernel, optimizer, backend, n_classes, data):
     """Indices (tie-free inputs), weights, gains and objective of the library == the loop reference."""
-    assume(n_classes <= n)
-    k = data.draw(st.integers(1, n), label="k")
-    X = _features(seed, n, d, scale=data.draw(st.sampled_from([1e-2, 1.0, 30.0]), label="scale"))
-    labels = _labels(seed, n, n_classes) if n_classes else None
-    expected = R.facility_location(X, k, labels, metric=metric, kernel=kernel)
-    assume(_tie_free(expected))
+    scale = data.draw(st.sampled_from([1e-2, 1.0, 30.0]), label="scale")
+    k, X, labels, expected = _tie_free_problem(data, seed, n, d, n_classes, metric, kernel, scale=scale)
     sel = crestcore.facility_location(X, k, labels=labels, metric=metric, kernel=kernel,
                                       optimizer=optimizer, backend=backend)
     _check_against_reference(sel, expected)
@@ -350,13 +359,8 @@ def test_k_equal_n_selects_everything():
 @given(seed=seeds, n=st.integers(2, 30), d=st.integers(1, 4), metric=metrics, kernel=kernels,
        n_classes=st.integers(0, 3), data=st.data())
 def test_permuting_the_rows_permutes_the_picks(seed, n, d, metric, kernel, n_classes, data):
-    assume(n_classes <= n)
-    k = data.draw(st.integers(1, n), label="k")
+    k, X, labels, _ = _tie_free_problem(data, seed, n, d, n_classes, metric, kernel)
     perm = np.asarray(data.draw(st.permutations(range(n)), label="perm"), dtype=np.int64)
-    X = _features(seed, n, d)
-    labels = _labels(seed, n, n_classes) if n_classes else None
-    expected = R.facility_location(X, k, labels, metric=metric, kernel=kernel)
-    assume(_tie_free(expected))
     a = crestcore.facility_location(X, k, labels=labels, metric=metric, kernel=kernel)
     b = crestcore.facility_location(X[perm], k, labels=None if labels is None else labels[perm],
                                     metric=metric, kernel=kernel)
@@ -433,12 +437,7 @@ def test_precomputed_equals_features_path(seed, n, d, metric, kernel, optimizer,
 
     With labels only the within-class blocks matter; the rest of the matrix is filled with junk.
     """
-    assume(n_classes <= n)
-    k = data.draw(st.integers(1, n), label="k")
-    X = _features(seed, n, d)
-    labels = _labels(seed, n, n_classes) if n_classes else None
-    expected = R.facility_location(X, k, labels, metric=metric, kernel=kernel)
-    assume(_tie_free(expected))
+    k, X, labels, expected = _tie_free_problem(data, seed, n, d, n_classes, metric, kernel)
     if labels is None:
         S = R.similarity(X, metric, kernel)
     else:
@@ -459,12 +458,7 @@ def test_precomputed_equals_features_path(seed, n, d, metric, kernel, optimizer,
        data=st.data())
 def test_matrix_free_path_equals_dense_path(seed, n, d, metric, kernel, optimizer, n_classes, data):
     """A small ``max_dense_bytes`` sends (some or all) problems down the tiled matrix-free path."""
-    assume(n_classes <= n)
-    k = data.draw(st.integers(1, n), label="k")
-    X = _features(seed, n, d)
-    labels = _labels(seed, n, n_classes) if n_classes else None
-    expected = R.facility_location(X, k, labels, metric=metric, kernel=kernel)
-    assume(_tie_free(expected))
+    k, X, labels, expected = _tie_free_problem(data, seed, n, d, n_classes, metric, kernel)
     sizes = [n] if labels is None else np.unique(labels, return_counts=True)[1].tolist()
     # between "the smallest problem is big" and "only the largest is": tiles of a few rows each
     mdb = data.draw(st.sampled_from([min(sizes) ** 2 * 8 - 1, max(sizes) ** 2 * 8 - 1]), label="max_dense_bytes")

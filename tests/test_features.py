@@ -146,6 +146,18 @@ def test_float32_cross_entropy_with_large_offset_keeps_precision():
 # --------------------------------------------------------------------------------------------
 # namespace and dtype in = namespace and dtype out
 # --------------------------------------------------------------------------------------------
+def _call(func: str, logits, labels, embeddings, probs):
+    """The case ``func`` of the namespace test: a public function of crestcore/features.py on these inputs."""
+    return {
+        "grad": lambda: last_layer_gradients(logits, labels),
+        "grad_emb": lambda: last_layer_gradients(logits, labels, embeddings=embeddings),
+        "grad_prob": lambda: last_layer_gradients(probs, labels, from_probabilities=True),
+        "ce": lambda: cross_entropy(logits, labels),
+        "ce_prob": lambda: cross_entropy(probs, labels, from_probabilities=True),
+        "softmax": lambda: softmax(logits),
+    }[func]()
+
+
 @pytest.mark.parametrize("lib", ["numpy", "torch", "array_api_strict"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("func", ["grad", "grad_emb", "grad_prob", "ce", "ce_prob", "softmax"])
@@ -153,14 +165,7 @@ def test_result_in_input_namespace_and_dtype(lib, dtype, func):
     logits64, labels = _problem(7, 5, 4)
     emb64 = np.random.default_rng(8).normal(size=(5, 3))
     probs64 = softmax(logits64)
-    ref = {
-        "grad": lambda: last_layer_gradients(logits64, labels),
-        "grad_emb": lambda: last_layer_gradients(logits64, labels, embeddings=emb64),
-        "grad_prob": lambda: last_layer_gradients(probs64, labels, from_probabilities=True),
-        "ce": lambda: cross_entropy(logits64, labels),
-        "ce_prob": lambda: cross_entropy(probs64, labels, from_probabilities=True),
-        "softmax": lambda: softmax(logits64),
-    }[func]()
+    ref = _call(func, logits64, labels, emb64, probs64)
 
     def conv(a):
         a = a.astype(dtype) if a.dtype.kind == "f" else a
@@ -170,15 +175,7 @@ def test_result_in_input_namespace_and_dtype(lib, dtype, func):
             return xs.asarray(a)
         return a
 
-    lg, lb, em, pr = conv(logits64), conv(labels), conv(emb64), conv(probs64)
-    out = {
-        "grad": lambda: last_layer_gradients(lg, lb),
-        "grad_emb": lambda: last_layer_gradients(lg, lb, embeddings=em),
-        "grad_prob": lambda: last_layer_gradients(pr, lb, from_probabilities=True),
-        "ce": lambda: cross_entropy(lg, lb),
-        "ce_prob": lambda: cross_entropy(pr, lb, from_probabilities=True),
-        "softmax": lambda: softmax(lg),
-    }[func]()
+    out = _call(func, conv(logits64), conv(labels), conv(emb64), conv(probs64))
     if lib == "torch":
         assert isinstance(out, torch.Tensor) and str(out.dtype) == f"torch.{dtype}"
         host = out.numpy()

@@ -296,45 +296,45 @@ def test_a_lazy_framework_import_in_the_core_is_reported():
     assert [line for line, _ in bad] == [6] and "torch.nn" in bad[0][1]
 
 
+def _on(floor: str, source: str, *expected, module: str | None = None) -> tuple:
+    """A row of the tables below: ``source`` as a synthetic module on ``floor`` (named
+    ``<the floor's package>.fake`` unless ``module`` says otherwise), then the ``expected`` values."""
+    return (floor, module or f"{PACKAGE[floor]}.fake", source, *expected)
+
+
+def _import_module_call(args: str) -> str:
+    """A module's source: ``import importlib``, then ``importlib.import_module(<args>)`` on line 2."""
+    return f"import importlib\nimportlib.import_module({args})\n"
+
+
 @pytest.mark.parametrize("floor, module, source, line, what", [
     # relative imports resolved against the module's package
-    ("adapters", "crestcore.adapters.fake", "def f():\n    from ..apps import cli\n", 2, "crestcore.apps.cli"),
-    ("crestcore", "crestcore.fake", "from .adapters.torch import CrestLoader\n", 1, "crestcore.adapters.torch"),
-    ("crestcore", "crestcore.baselines.fake", "from .. import apps\n", 1, "crestcore.apps"),
+    _on("adapters", "def f():\n    from ..apps import cli\n", 2, "crestcore.apps.cli"),
+    _on("crestcore", "from .adapters.torch import CrestLoader\n", 1, "crestcore.adapters.torch"),
+    _on("crestcore", "from .. import apps\n", 1, "crestcore.apps", module="crestcore.baselines.fake"),
     # a backend module named directly, bypassing the dispatch
-    ("crestcore", "crestcore.fake", "from .backends import numba\n", 1, "crestcore.backends.numba"),
-    ("crestcore", "crestcore.fake", "from crestcore.backends.numba import greedy_batched\n", 1,
-     "crestcore.backends.numba"),
+    _on("crestcore", "from .backends import numba\n", 1, "crestcore.backends.numba"),
+    _on("crestcore", "from crestcore.backends.numba import greedy_batched\n", 1, "crestcore.backends.numba"),
     # literal importlib / __import__ calls
-    ("crestcore", "crestcore.fake", "import importlib\nx = importlib.import_module('numba')\n", 2, "numba"),
-    ("crestcore", "crestcore.fake", "def f():\n    return __import__('cupy')\n", 2, "cupy"),
-    ("crestcore", "crestcore.fake", "from importlib import import_module as im\n\n\ndef f():\n"
-                                    "    return im('jax.numpy')\n", 5, "jax.numpy"),
-    ("adapters", "crestcore.adapters.fake", "import importlib\nimportlib.import_module('.cli', 'crestcore.apps')\n",
-     2, "crestcore.apps.cli"),
+    _on("crestcore", "import importlib\nx = importlib.import_module('numba')\n", 2, "numba"),
+    _on("crestcore", "def f():\n    return __import__('cupy')\n", 2, "cupy"),
+    _on("crestcore", "from importlib import import_module as im\n\n\ndef f():\n    return im('jax.numpy')\n", 5,
+        "jax.numpy"),
+    _on("adapters", _import_module_call("'.cli', 'crestcore.apps'"), 2, "crestcore.apps.cli"),
     # the backends reach into the core, or above it
-    ("backends", "crestcore.backends.fake", "from ..similarity import pairwise_distances\n", 1,
-     "crestcore.similarity"),
-    ("backends", "crestcore.backends.fake", "import crestcore\n", 1, "crestcore"),
-    ("backends", "crestcore.backends.fake", "def f():\n    import crestcore.adapters.torch\n", 2,
-     "crestcore.adapters.torch"),
+    _on("backends", "from ..similarity import pairwise_distances\n", 1, "crestcore.similarity"),
+    _on("backends", "import crestcore\n", 1, "crestcore"),
+    _on("backends", "def f():\n    import crestcore.adapters.torch\n", 2, "crestcore.adapters.torch"),
     # a computed name under a literal prefix that may reach a forbidden module
-    ("crestcore", "crestcore.fake", "import importlib\nimportlib.import_module(f'crestcore.backends.{n}')\n", 2,
-     "crestcore.backends.<computed>"),
-    ("adapters", "crestcore.adapters.fake", "import importlib\nimportlib.import_module('crestcore.' + n)\n", 2,
-     "crestcore.<computed>"),
-    ("crestcore", "crestcore.fake", "import importlib\nimportlib.import_module(f'torch.{n}')\n", 2,
-     "torch.<computed>"),
+    _on("crestcore", _import_module_call("f'crestcore.backends.{n}'"), 2, "crestcore.backends.<computed>"),
+    _on("adapters", _import_module_call("'crestcore.' + n"), 2, "crestcore.<computed>"),
+    _on("crestcore", _import_module_call("f'torch.{n}'"), 2, "torch.<computed>"),
     # the adapters and the applications use the core's public modules
-    ("adapters", "crestcore.adapters.fake", "from crestcore._validation import host_indices\n", 1,
-     "crestcore._validation"),
-    ("apps", "crestcore.apps.fake", "def f():\n    from crestcore.baselines._gradmatch import _omp\n", 2,
-     "crestcore.baselines._gradmatch"),
+    _on("adapters", "from crestcore._validation import host_indices\n", 1, "crestcore._validation"),
+    _on("apps", "def f():\n    from crestcore.baselines._gradmatch import _omp\n", 2, "crestcore.baselines._gradmatch"),
     # a computed name this check cannot read
-    ("adapters", "crestcore.adapters.fake", "import importlib\nname = 'x'\nimportlib.import_module(name)\n", 3,
-     "computed"),
-    ("backends", "crestcore.backends.fake", "import importlib\n\n\ndef backend_module(n):\n"
-                                            "    return importlib.import_module(n)\n", 5, "computed"),
+    _on("adapters", "import importlib\nname = 'x'\nimportlib.import_module(name)\n", 3, "computed"),
+    _on("backends", "import importlib\n\n\ndef backend_module(n):\n    return importlib.import_module(n)\n", 5, "computed"),
 ])
 def test_each_rule_reports(floor, module, source, line, what):
     bad = _check(floor, module, source)
@@ -342,20 +342,18 @@ def test_each_rule_reports(floor, module, source, line, what):
 
 
 @pytest.mark.parametrize("floor, module, source, is_package", [
-    ("crestcore", "crestcore.fake", "from .backends import get_kernel\nimport numpy as np\n", False),
-    ("crestcore", "crestcore", "from . import similarity\nfrom .backends import backend_module\n", True),
-    ("backends", "crestcore.backends.fake", "from . import numba\nimport torch\nimport cupy as cp\n", False),
-    ("adapters", "crestcore.adapters.fake", "import torch\nfrom crestcore.backends import get_kernel\n"
-                                            "from .torch import CrestLoader\n", False),
-    ("apps", "crestcore.apps.fake", "from crestcore.adapters.torch import CrestLoader\nimport keras\n", False),
-    ("adapters", "crestcore.adapters.fake", "from crestcore.validation import host_indices\n"
-                                            "from crestcore.adapters.torch import _Fetcher\n", False),
-    ("backends", "crestcore.backends", "import importlib\n\n\ndef backend_module(n):\n"
-                                       "    return importlib.import_module(f'crestcore.backends.{n}')\n", True),
-    ("backends", "crestcore.backends", "import importlib\n\n\ndef other(n):\n"
-                                       "    return importlib.import_module('crestcore.backends.' + n)\n", True),
-    ("adapters", "crestcore.adapters.fake", "import importlib\nimportlib.import_module(f'crestcore.baselines.{n}')\n",
-     False),
+    _on("crestcore", "from .backends import get_kernel\nimport numpy as np\n", False),
+    _on("crestcore", "from . import similarity\nfrom .backends import backend_module\n", True, module="crestcore"),
+    _on("backends", "from . import numba\nimport torch\nimport cupy as cp\n", False),
+    _on("adapters", "import torch\nfrom crestcore.backends import get_kernel\nfrom .torch import CrestLoader\n", False),
+    _on("apps", "from crestcore.adapters.torch import CrestLoader\nimport keras\n", False),
+    _on("adapters", "from crestcore.validation import host_indices\nfrom crestcore.adapters.torch import _Fetcher\n",
+        False),
+    _on("backends", "import importlib\n\n\ndef backend_module(n):\n"
+                    "    return importlib.import_module(f'crestcore.backends.{n}')\n", True, module="crestcore.backends"),
+    _on("backends", "import importlib\n\n\ndef other(n):\n"
+                    "    return importlib.import_module('crestcore.backends.' + n)\n", True, module="crestcore.backends"),
+    _on("adapters", _import_module_call("f'crestcore.baselines.{n}'"), False),
 ])
 def test_allowed_imports_are_not_reported(floor, module, source, is_package):
     assert _check(floor, module, source, is_package=is_package) == []

@@ -5,23 +5,16 @@ only)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from _helpers import load_benchmark
 
 pytest.importorskip("torch")
 if not Path("/proc/self/status").exists():  # pragma: no cover - Linux only
     pytest.skip("peak RSS is read from /proc", allow_module_level=True)
 
-PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "memory.py"
-if not PATH.exists():  # the wheel's test run copies tests/ alone; the source checkout's make test runs this
-    pytest.skip("benchmarks/memory.py belongs to the source checkout", allow_module_level=True)
-_spec = importlib.util.spec_from_file_location("memory_bench_under_test", PATH)
-memory = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = memory
-_spec.loader.exec_module(memory)
+memory = load_benchmark("memory.py", "memory_bench_under_test")
 
 
 @pytest.mark.parametrize("per_class", [False, True])

@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
+from _helpers import load_benchmark
 
 from crestcore.apps.datasets import fashion_mnist_available
 
-PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "pipeline.py"
-if not PATH.exists():  # the wheel's test run copies tests/ alone
-    pytest.skip("benchmarks/pipeline.py belongs to the source checkout", allow_module_level=True)
-_spec = importlib.util.spec_from_file_location("pipeline_bench_under_test", PATH)
-pipeline = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = pipeline
-_spec.loader.exec_module(pipeline)
+pipeline = load_benchmark("pipeline.py", "pipeline_bench_under_test")
 
 
 def _args(**kw):

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from _helpers import assert_import_stays_light, load_benchmark
 
 from crestcore.apps import cli
 from crestcore.apps.datasets import fashion_mnist_available
@@ -184,13 +185,8 @@ def test_ops_timer_attribution():
 
 
 def test_train_demo_import_stays_light():
-    code = (
-        "import sys, crestcore.apps.train_demo, crestcore.apps.cli\n"
-        "heavy = [m for m in ('torch', 'matplotlib', 'tqdm', 'numba') if m in sys.modules]\n"
-        "assert not heavy, heavy\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
+    assert_import_stays_light(("crestcore.apps.train_demo", "crestcore.apps.cli"),
+                              ("torch", "matplotlib", "tqdm", "numba"))
 
 
 def test_cli_defaults_match_settings():
@@ -303,15 +299,7 @@ def test_demo_all_methods_tiny(tmp_path):
 
 @needs_fmnist
 def test_bench_e2e_all_methods_markdown(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "e2e.py"
-    if not path.is_file():  # the tests run against an installed wheel, away from the source checkout
-        pytest.skip("benchmarks/e2e.py belongs to the source checkout, not to the installed package")
-    spec = importlib.util.spec_from_file_location("e2e_bench_under_test", path)
-    e2e = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(e2e)
+    e2e = load_benchmark("e2e.py", "e2e_bench_under_test")
     out = tmp_path / "bench.md"
     out.write_text("# head\n\n<!-- e2e-bench:start -->\nold\n<!-- e2e-bench:end -->\n\ntail\n")
     rc = e2e.main(["--methods", "all", "--epochs", "1", "--seeds", "0", "--limit-train", "300",

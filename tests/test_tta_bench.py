@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers import load_benchmark
 
 from crestcore.apps.datasets import fashion_mnist_available
 
-PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "tta.py"
-if not PATH.is_file():  # the tests run against an installed wheel, away from the source checkout
-    pytest.skip("benchmarks/tta.py belongs to the source checkout", allow_module_level=True)
-_spec = importlib.util.spec_from_file_location("tta_bench_under_test", PATH)
-tta = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = tta  # dataclasses look their module up there
-_spec.loader.exec_module(tta)
+tta = load_benchmark("tta.py", "tta_bench_under_test")
 
 needs_fmnist = pytest.mark.skipif(
     not fashion_mnist_available() or not fashion_mnist_available(split="test"),

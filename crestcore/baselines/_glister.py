@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from .._compat import device_of, from_numpy, namespace, to_numpy
-from .._validation import DivergenceError, check_choice, check_epsilon, check_float_matrix, check_int
+from .._validation import DivergenceError, check_choice, check_epsilon, check_float_matrix, check_int, check_labels
 from ..similarity import compute_dtype
 from ..facility import Selection
 from ._common import check_real, epoch_rng, host_selection
@@ -139,14 +139,7 @@ def glister(
     n_v, C = val_logits.shape
     if val_logits.dtype != train_grads.dtype:
         raise TypeError(f"val_logits dtype {val_logits.dtype} differs from train_grads dtype {train_grads.dtype}")
-    if val_labels.ndim != 1:
-        raise ValueError(f"val_labels must be 1-D, got shape {tuple(val_labels.shape)}")
-    if val_labels.shape[0] != n_v:
-        raise ValueError(f"val_labels has length {val_labels.shape[0]} but val_logits has {n_v} rows")
-    if not xp.isdtype(val_labels.dtype, "integral"):
-        raise TypeError(f"val_labels must have an integer dtype, got {val_labels.dtype}")
-    if bool(xp.any(val_labels < 0)) or bool(xp.any(val_labels >= C)):
-        raise ValueError(f"val_labels must lie in [0, {C}) for {C} classes (val_logits has {C} columns)")
+    check_labels(xp, val_labels, n_v, "val_labels", of="val_logits", classes=C)
     E = val_embeddings
     if E is None:
         if d != C:

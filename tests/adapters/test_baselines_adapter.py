@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-nn = torch.nn
 F = torch.nn.functional
 
+from _helpers import torch_blobs, torch_mlp, weighted_step  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
 from crestcore.adapters.baselines import METHODS, SubsetLoader  # noqa: E402
@@ -22,20 +22,11 @@ N, D_IN, C, M = 240, 6, 3, 16
 
 
 def make_data(n=N, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, D_IN, generator=g)
-    W = torch.randn(D_IN, C, generator=g)
-    y = (X @ W + 0.3 * torch.randn(n, C, generator=g)).argmax(1)
-    return X, y
+    return torch_blobs(n, D_IN, C, seed=seed)
 
 
 def mlp(seed=0, bn=False):
-    torch.manual_seed(seed)
-    layers = [nn.Linear(D_IN, 16)]
-    if bn:
-        layers.append(nn.BatchNorm1d(16))
-    layers += [nn.ReLU(), nn.Linear(16, C)]
-    return nn.Sequential(*layers)
+    return torch_mlp(D_IN, C, seed=seed, bn=bn)
 
 
 def loader(method, model=None, data=None, **kw):
@@ -51,12 +42,7 @@ def train(ld, steps=None, lr=0.1):
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     seen = []
     for k, (x, y, w) in enumerate(ld.iter_run()):
-        losses = F.cross_entropy(model(x), y, reduction="none")
-        loss = (w * losses).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        ld.observe(losses)
+        ld.observe(weighted_step(model, opt, x, y, w))
         seen.append((ld.last_indices, w.detach().numpy().copy()))
         if steps is not None and k + 1 >= steps:
             break
@@ -138,11 +124,7 @@ def test_state_dict_resume_is_exact(method, cut):
     opt_b.load_state_dict(ck["opt"])
     rest = []
     for x, y, w in b.iter_run():
-        losses = F.cross_entropy(model_b(x), y, reduction="none")
-        opt_b.zero_grad()
-        (w * losses).mean().backward()
-        opt_b.step()
-        b.observe(losses)
+        b.observe(weighted_step(model_b, opt_b, x, y, w))
         rest.append((b.last_indices, w.numpy().copy()))
     assert len(seen_a) + len(rest) == len(ref_seen)
     for (i1, w1), (i2, w2) in zip(seen_a + rest, ref_seen):

@@ -32,6 +32,11 @@ from crestcore import CrestConfig, DropConfig  # noqa: E402
 from crestcore.adapters.torch import CrestLoader  # noqa: E402
 from crestcore.adapters import distributed as D  # noqa: E402
 
+# tests/_helpers.py, also when this file runs as a worker script (conftest.py has not put tests/ on the path)
+if str(Path(__file__).resolve().parents[1]) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _helpers import torch_blobs, weighted_step  # noqa: E402
+
 N, D_IN, C = 480, 6, 3
 M = 15  # odd on purpose: the two ranks get 8 and 7 examples, so the weights are rescaled
 EPOCHS, BUDGET, SEED = 5, 0.25, 3
@@ -45,11 +50,7 @@ HERE = Path(__file__).resolve()
 # the shared problem (the workers and the single-process reference build exactly the same)
 # ------------------------------------------------------------------------------------------------
 def make_data():
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(N, D_IN, generator=g, dtype=torch.float64)
-    W = torch.randn(D_IN, C, generator=g, dtype=torch.float64)
-    y = (X @ W + 0.5 * torch.randn(N, C, generator=g, dtype=torch.float64)).argmax(1)
-    return X, y
+    return torch_blobs(N, D_IN, C, noise=0.5, dtype=torch.float64)
 
 
 def make_model():
@@ -78,12 +79,7 @@ def train(loader, model, opt, records, *, stop_at=None):
     for epoch in range(loader.epoch, loader.epochs):
         loader.set_epoch(epoch)
         for x, y, w in loader:
-            losses = F.cross_entropy(model(x), y, reduction="none")
-            loss = (w * losses).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            loader.observe(losses)
+            loader.observe(weighted_step(model, opt, x, y, w))
             st = loader.controller_state
             rec = {"pos": loader.position, "idx": loader.last_indices, "w": loader.last_weights,
                    "selections": st.counters["selections"], "checks": st.counters["checks"],
@@ -213,10 +209,7 @@ def worker_fail(out: Path):
     for k, (x, y_, w) in enumerate(loader):
         if rank == 1 and k == 3:
             raise RuntimeError("injected failure on rank 1")
-        loss = (w * F.cross_entropy(ddp(x), y_, reduction="none")).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        weighted_step(ddp, opt, x, y_, w)
     (out / f"rank{rank}.done").write_text("finished")  # must never happen
 
 
@@ -237,10 +230,7 @@ def worker_stall(out: Path):
                                       epochs=EPOCHS, seed=SEED, group=short)
     opt = make_opt(ddp)
     for k, (x, y_, w) in enumerate(loader):
-        loss = (w * F.cross_entropy(ddp(x), y_, reduction="none")).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        weighted_step(ddp, opt, x, y_, w)
         if rank == 1 and k == 3:
             time.sleep(2 * float(os.environ["CREST_TEST_PG_TIMEOUT"]))
             raise RuntimeError("rank 1 gives up after stalling")

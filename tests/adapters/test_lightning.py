@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 pl = pytest.importorskip("lightning.pytorch")
 
 import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+from _helpers import torch_mlp, weighted_step  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
 from crestcore import CrestConfig  # noqa: E402
@@ -43,8 +43,7 @@ def data():
 
 
 def net(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(D_IN, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, C))
+    return torch_mlp(D_IN, C, seed=seed)
 
 
 class Module(pl.LightningModule):
@@ -81,11 +80,7 @@ def plain_loop(epochs):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     seen = []
     for x, y, w in loader.iter_run():
-        losses = F.cross_entropy(model(x), y, reduction="none")
-        opt.zero_grad()
-        (w * losses).mean().backward()
-        opt.step()
-        loader.observe(losses.detach())
+        loader.observe(weighted_step(model, opt, x, y, w).detach())
         seen.append(loader.last_indices)
     return seen, model, loader
 

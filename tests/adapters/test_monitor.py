@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-nn = torch.nn
-F = torch.nn.functional
 
+from _helpers import torch_mlp, weighted_step  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
 from crestcore import CrestConfig, DropConfig  # noqa: E402
@@ -23,8 +22,7 @@ def setup(**kw):
     g = torch.Generator().manual_seed(0)
     X = torch.randn(N, D_IN, generator=g)
     y = (X @ torch.randn(D_IN, C, generator=g)).argmax(1)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(D_IN, 16), nn.ReLU(), nn.Linear(16, C))
+    model = torch_mlp(D_IN, C, bn=False)
     cfg = CrestConfig(m=24, r=60, tau=0.02, T2=3, drop=DropConfig(alpha=5.0, window=3, min_records=1))
     return model, CrestLoader(model, TensorDataset(X, y), config=cfg, budget=0.5, epochs=3, seed=0, **kw)
 
@@ -33,11 +31,7 @@ def train(model, loader):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(loader.epochs):
         for x, y, w in loader:
-            losses = F.cross_entropy(model(x), y, reduction="none")
-            opt.zero_grad()
-            (w * losses).mean().backward()
-            opt.step()
-            loader.observe(losses)
+            loader.observe(weighted_step(model, opt, x, y, w))
 
 
 class Recorder:

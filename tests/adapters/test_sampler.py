@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-nn = torch.nn
-F = torch.nn.functional
 
+from _helpers import torch_mlp, weighted_step  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, TensorDataset  # noqa: E402
 
 from crestcore import CrestConfig  # noqa: E402
@@ -29,8 +28,7 @@ def make_data(seed=0):
 
 
 def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(D_IN, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, C))
+    return torch_mlp(D_IN, C, seed=seed)
 
 
 class Flip(Dataset):
@@ -49,11 +47,7 @@ class Flip(Dataset):
 
 
 def step(model, opt, x, y, w):
-    losses = F.cross_entropy(model(x), y, reduction="none")
-    opt.zero_grad()
-    (w * losses).mean().backward()
-    opt.step()
-    return losses.detach()
+    return weighted_step(model, opt, x, y, w).detach()
 
 
 def run_loader(epochs_loop, model, make):

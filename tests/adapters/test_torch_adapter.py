@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 F = torch.nn.functional
 
+from _helpers import torch_blobs, torch_mlp, weighted_step  # noqa: E402
 from torch.utils.data import Dataset, TensorDataset  # noqa: E402
 
 from crestcore import CrestConfig, crest_init, crest_next_batch  # noqa: E402
@@ -24,20 +25,11 @@ N, D_IN, C = 240, 6, 3
 
 
 def make_data(n=N, seed=0, classes=C):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, D_IN, generator=g)
-    W = torch.randn(D_IN, classes, generator=g)
-    y = (X @ W + 0.3 * torch.randn(n, classes, generator=g)).argmax(1)
-    return X, y
+    return torch_blobs(n, D_IN, classes, seed=seed)
 
 
 def mlp(seed=0, dropout=False):
-    torch.manual_seed(seed)
-    layers = [nn.Linear(D_IN, 16), nn.BatchNorm1d(16), nn.ReLU()]
-    if dropout:
-        layers.append(nn.Dropout(0.5))
-    layers.append(nn.Linear(16, C))
-    return nn.Sequential(*layers)
+    return torch_mlp(D_IN, C, seed=seed, dropout=dropout)
 
 
 def train(loader, model, steps=None, lr=0.1, observe=False):
@@ -45,11 +37,7 @@ def train(loader, model, steps=None, lr=0.1, observe=False):
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     seen = []
     for k, (x, y, w) in enumerate(loader.iter_run()):
-        losses = F.cross_entropy(model(x), y, reduction="none")
-        loss = (w * losses).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        losses = weighted_step(model, opt, x, y, w)
         if observe:
             loader.observe(losses)
         seen.append((loader.last_indices, w.clone()))
@@ -237,10 +225,7 @@ def test_yielded_batches_are_the_controllers():
         assert abs(float(w.mean()) - 1.0) < 1e-5
         assert torch.equal(x, X[batch.indices]) and torch.equal(yb, y[batch.indices])
         for model, opt, xx, ww in ((model_a, opt_a, x, w), (model_b, opt_b, X[batch.indices], w)):
-            loss = (ww * F.cross_entropy(model(xx), y[batch.indices], reduction="none")).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            weighted_step(model, opt, xx, y[batch.indices], ww)
         steps += 1
     assert steps == 4 * len(loader) == loader.total_steps == 4 * round(0.5 * 10)
     assert loader.stats["counters"] == {**state.counters}
@@ -288,10 +273,7 @@ def test_resume_is_exact(per_epoch):
         if epoch is not None:
             loader.set_epoch(epoch)
         for x, yb, w in loader:
-            loss = (w * F.cross_entropy(model(x), yb, reduction="none")).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            weighted_step(model, opt, x, yb, w)
             sched.step()
             record.append((loader.last_indices, w.clone()))
             if stop_after is not None and len(record) >= stop_after:
@@ -415,10 +397,7 @@ def test_a_per_step_scheduler_sized_from_len_ends_at_its_schedules_end(kind, bud
     steps = 0
     for _epoch in range(loader.epochs):
         for x, yb, w in loader:
-            loss = (w * F.cross_entropy(model(x), yb, reduction="none")).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            weighted_step(model, opt, x, yb, w)
             sched.step()
             steps += 1
     if budget_counts == "steps":

@@ -8,25 +8,27 @@ source with NumPy bound to the name ``cupy``. The module only uses operations wh
 semantics coincide, so this checks its array logic (indexing, sampling, ties, tiling) everywhere,
 including machines without CuPy; it proves nothing about CUDA, which the ``gpu`` tests cover.
 
-Picks are compared as in ``test_torch.py``: exactly where the reference's best-vs-second gain gap
-exceeds a tolerance at every step, otherwise as a valid greedy run within that tolerance.
+Picks are compared as in ``test_torch.py`` (both replay the trajectories with tests/_greedy_replay.py):
+exactly where the reference's best-vs-second gain gap exceeds a tolerance at every step, otherwise as a
+valid greedy run within that tolerance.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _greedy_replay import KERNELS, METRICS, OPTIMIZERS, features_problem, features_strategies, host, padded_batch
+from _greedy_replay import assert_features_matches, assert_greedy_matches
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import crestcore
 from crestcore import _reference_kernels as ref
-from crestcore.facility import stochastic_draws
+from crestcore.backends import _device
 
 
 def _gpu_reason():
@@ -46,96 +48,20 @@ def _gpu_reason():
 GPU_REASON = _gpu_reason()
 gpu = pytest.mark.gpu
 needs_gpu = pytest.mark.skipif(GPU_REASON is not None, reason=GPU_REASON or "")
-METRICS = ("euclidean", "sqeuclidean", "cosine")
-KERNELS = ("max-minus", "exp")
-OPTIMIZERS = ("naive", "lazy", "stochastic")
 RTOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-9}
 FEW = settings(deadline=None, max_examples=max(5, settings().max_examples // 2),
                suppress_health_check=[HealthCheck.too_slow])
 
 
-def host(x):
-    if isinstance(x, np.ndarray):
-        return x
-    if type(x).__module__.startswith("cupy"):
-        import cupy
-
-        return cupy.asnumpy(x)
-    return np.asarray(x)
-
-
 # --------------------------------------------------------------------------------------------------
-# data and greedy trajectories (host NumPy, float64)
+# data (host NumPy) and the features path's checks
 # --------------------------------------------------------------------------------------------------
 
 
 def make_batch(seed, B, n, d, dtype, *, eps=0.1):
-    rng = np.random.default_rng(seed)
-    sizes = rng.integers(1, n + 1, size=B)
-    sizes[0] = n
-    valid = np.arange(n)[None, :] < sizes[:, None]
-    perm = rng.permuted(np.broadcast_to(np.arange(n), (B, n)).copy(), axis=1)
-    valid = np.take_along_axis(valid, perm, axis=1)
-    X = rng.standard_normal((B, n, d)) * rng.uniform(0.2, 3.0)
-    X[~valid] = rng.uniform(-1e3, 1e3, size=(int((~valid).sum()), d))
-    budgets = np.array([rng.integers(0, s + 1) for s in sizes], dtype=np.int64)
-    budgets[0] = max(1, budgets[0])
-    u = stochastic_draws(rng, sizes, budgets, eps)
+    """A padded batch (:func:`_greedy_replay.padded_batch`) in ``dtype``."""
+    X, valid, budgets, u = padded_batch(seed, B, n, d, eps=eps)
     return X.astype(dtype), valid, budgets, u.astype(dtype)
-
-
-def _sample(remaining, u_row, mode):
-    if mode == "batched":
-        R = u_row.dtype.type(remaining.sum())
-        pos = np.floor(u_row * R)
-        return np.isin(np.cumsum(remaining) - 1, pos) & remaining
-    rem = np.flatnonzero(remaining)
-    pos = np.minimum(np.floor(u_row.astype(np.float64) * rem.size).astype(np.int64), rem.size - 1)
-    hit = np.zeros_like(remaining)
-    hit[rem[pos]] = True
-    return hit
-
-
-def trace(S64, valid, picks, optimizer, u, mode):
-    n = S64.shape[0]
-    cover = np.zeros(n)
-    remaining = valid.copy()
-    steps = []
-    for t, j in enumerate(picks):
-        if j < 0:
-            break
-        g = np.maximum(S64 - cover[:, None], 0.0).sum(axis=0)
-        cand = remaining if optimizer != "stochastic" else _sample(remaining, u[t], mode)
-        cg = np.where(cand, g, -np.inf)
-        order = np.argsort(-cg, kind="stable")
-        second = cg[order[1]] if n > 1 else -np.inf
-        steps.append(dict(gap=cg[order[0]] - second, best=cg[order[0]], gain=g[j], cand=bool(cand[j])))
-        cover = np.maximum(cover, S64[:, j])
-        remaining[j] = False
-    return steps
-
-
-def assert_greedy_matches(S, valid, budgets, optimizer, u, got, want, mode="batched", noise=0.0):
-    S = host(S)
-    S64 = S.astype(np.float64)
-    V, bud = host(valid), host(budgets)
-    gi, gg = host(got[0]), host(got[1]).astype(np.float64)
-    wi = host(want[0])
-    U = None if u is None else host(u)
-    assert gi.shape == wi.shape == gg.shape
-    for b in range(S64.shape[0]):
-        kb = int(bud[b])
-        assert (gi[b, kb:] == -1).all() and (gg[b, kb:] == 0).all()
-        tol = RTOL[S.dtype] * max(1.0, float(S64[b].sum(axis=0).max())) + noise
-        ub = None if U is None else U[b]
-        if all(s["gap"] > tol for s in trace(S64[b], V[b], wi[b, :kb], optimizer, ub, mode)):
-            np.testing.assert_array_equal(gi[b], wi[b])
-        steps = trace(S64[b], V[b], gi[b, :kb], optimizer, ub, mode)
-        assert len(steps) == kb and len(set(gi[b, :kb].tolist())) == kb
-        for t, s in enumerate(steps):
-            assert s["cand"], f"step {t}: pick is not a candidate"
-            assert s["gain"] >= s["best"] - tol
-            assert abs(gg[b, t] - s["gain"]) <= tol
 
 
 def _dense_S(X_host, metric, kernel, scale):
@@ -143,38 +69,17 @@ def _dense_S(X_host, metric, kernel, scale):
     return ref.similarity_batched(X, np.ones(X.shape[:2], dtype=bool), metric, kernel, scale)[0]
 
 
-def _elem_noise(X_host, metric, S):
-    eps = float(np.finfo(X_host.dtype).eps)
-    noise = 16 * eps * max(1.0, float(np.abs(S).max()) if S.size else 1.0)
-    if metric == "euclidean":
-        noise += 4 * math.sqrt(eps) * float(np.linalg.norm(X_host.astype(np.float64), axis=1).max())
-    return noise
-
-
 def assert_features_result(X, k, metric, kernel, scale, optimizer, u, got, want, xp_module):
+    """Arrays of ``xp_module`` in ``X``'s dtype, and the reference's trajectory, cluster sizes and
+    objective within rounding (:func:`_greedy_replay.assert_features_matches`)."""
     Xh = host(X)
-    n = Xh.shape[0]
     idx, gains, weights, obj = got
     for a in got:
         assert isinstance(a, xp_module.ndarray)
     assert idx.dtype == np.int64 and idx.shape == (k,)
     assert gains.dtype == Xh.dtype and weights.dtype == Xh.dtype and obj.dtype == Xh.dtype and obj.shape == ()
     S = _dense_S(Xh, metric, kernel, scale)
-    elem = _elem_noise(Xh, metric, S)
-    U = None if u is None else host(u)[None]
-    assert_greedy_matches(S[None], np.ones((1, n), bool), np.array([k]), optimizer, U,
-                          (host(idx)[None], host(gains)[None]), (host(want[0])[None], None),
-                          mode="features", noise=n * elem)
-    w = host(weights)
-    assert w.sum() == n
-    sims = S.astype(np.float64)[:, host(idx)]
-    ambiguous = 0
-    if k > 1:
-        top2 = np.sort(sims, axis=1)[:, -2:]
-        ambiguous = int((top2[:, 1] - top2[:, 0] <= 2 * elem).sum())
-    expected = np.bincount(np.argmax(sims, axis=1), minlength=k)
-    assert np.abs(w - expected).sum() <= 2 * ambiguous
-    np.testing.assert_allclose(float(host(obj)), sims.max(axis=1).sum(), rtol=RTOL[Xh.dtype], atol=n * elem)
+    assert_features_matches(Xh, S, k, metric, optimizer, u, got, want[0], rtol=RTOL[Xh.dtype])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,7 +100,7 @@ def check_batched(kmod, asarray, seed, B, n, d, dtype, metric, kernel, optimizer
     got = kmod.greedy_batched(S, valid, budgets, optimizer, uu)
     want = ref.greedy_batched(S, valid, budgets, optimizer, uu)
     assert got[0].dtype == np.int64 and got[1].dtype == np.dtype(dtype)
-    assert_greedy_matches(S, valid, budgets, optimizer, uu, got, want)
+    assert_greedy_matches(S, valid, budgets, optimizer, uu, got, want, rtol=RTOL[np.dtype(dtype)])
     w_got, o_got = kmod.assign_batched(S, valid, got[0])
     w_ref, o_ref = ref.assign_batched(S, valid, got[0])
     assert w_got.dtype == np.dtype(dtype) and o_got.dtype == np.dtype(dtype)
@@ -204,12 +109,10 @@ def check_batched(kmod, asarray, seed, B, n, d, dtype, metric, kernel, optimizer
     np.testing.assert_allclose(host(o_got), host(o_ref), rtol=0, atol=RTOL[np.dtype(dtype)] * scale)
 
 
-def check_features(kmod, asarray, xp_module, seed, n, d, k, tile, dtype, metric, kernel, optimizer):
-    rng = np.random.default_rng(seed)
-    X = asarray((rng.standard_normal((n, d)) * rng.uniform(0.2, 3.0)).astype(dtype))
-    u = None
-    if optimizer == "stochastic":
-        u = asarray(stochastic_draws(rng, [n], [k], 0.1)[0].astype(dtype))
+def check_features(kmod, asarray, xp_module, data, seed, n, d, dtype, metric, kernel, optimizer):
+    Xh, k, tile, uh = features_problem(data, seed, n, d, optimizer)
+    X = asarray(Xh.astype(dtype))
+    u = None if uh is None else asarray(uh.astype(dtype))
     got = kmod.greedy_features(X, k, metric, kernel, float(d), optimizer, u, tile)
     want = ref.greedy_features(X, k, metric, kernel, float(d), optimizer, u, tile)
     assert_features_result(X, k, metric, kernel, float(d), optimizer, u, got, want, xp_module)
@@ -253,21 +156,18 @@ def test_array_program_on_numpy_stand_in(standin, dtype, seed, B, n, d, metric, 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @FEW
-@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 50), d=st.integers(1, 5), data=st.data(),
-       metric=st.sampled_from(METRICS), kernel=st.sampled_from(KERNELS), optimizer=st.sampled_from(OPTIMIZERS))
+@given(**features_strategies(max_n=50))
 def test_features_program_on_numpy_stand_in(standin, dtype, seed, n, d, data, metric, kernel, optimizer):
-    k = data.draw(st.integers(1, n), label="k")
-    tile = data.draw(st.integers(1, n + 3), label="tile")
-    check_features(standin, np.asarray, np, seed, n, d, k, tile, dtype, metric, kernel, optimizer)
+    check_features(standin, np.asarray, np, data, seed, n, d, dtype, metric, kernel, optimizer)
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean"])
 def test_stand_in_distances_in_row_blocks_are_bitwise_the_whole(standin, monkeypatch, metric):
     Xh, Vh, _, _ = make_batch(7, 4, 33, 3, np.float64)
     whole = standin.similarity_batched(Xh, Vh, metric, "max-minus", 1.0)
-    monkeypatch.setattr(standin, "_MIN_TEMP_ELEMENTS", 1)
-    monkeypatch.setattr(standin, "_MAX_TEMP_ELEMENTS", 5 * 33)  # 5 rows per block, straddling problems
-    assert standin._temp_cap(4 * 33 * 33) // 33 == 5
+    monkeypatch.setattr(_device, "_MIN_TEMP_ELEMENTS", 1)
+    monkeypatch.setattr(_device, "_MAX_TEMP_ELEMENTS", 5 * 33)  # 5 rows per block, straddling problems
+    assert _device._temp_cap(4 * 33 * 33) // 33 == 5
     blocked = standin.similarity_batched(Xh, Vh, metric, "max-minus", 1.0)
     np.testing.assert_array_equal(whole, blocked)
     want = ref.similarity_batched(Xh, Vh, metric, "max-minus", 1.0)
@@ -280,13 +180,13 @@ def test_stand_in_chunking_changes_nothing(standin, monkeypatch):
     full = [standin.greedy_batched(S, Vh, bh, o, uh) for o in OPTIMIZERS]
     Xf = np.random.default_rng(1).standard_normal((90, 3))
     feat = standin.greedy_features(Xf, 12, "cosine", "max-minus", 3.0, "lazy", None, 4096)
-    monkeypatch.setattr(standin, "_MAX_TEMP_ELEMENTS", 5 * 33 * 4)
-    assert standin._gain_chunk(5, 33) == 4
+    monkeypatch.setattr(_device, "_MAX_TEMP_ELEMENTS", 5 * 33 * 4)
+    assert _device._gain_chunk(5, 33) == 4
     for o, (i0, g0) in zip(OPTIMIZERS, full):
         i1, g1 = standin.greedy_batched(S, Vh, bh, o, uh)
         np.testing.assert_array_equal(i0, i1)
         np.testing.assert_allclose(g0, g1, rtol=1e-12, atol=1e-12)
-    monkeypatch.setattr(standin, "_MAX_TEMP_ELEMENTS", 64)
+    monkeypatch.setattr(_device, "_MAX_TEMP_ELEMENTS", 64)
     feat2 = standin.greedy_features(Xf, 12, "cosine", "max-minus", 3.0, "lazy", None, 4096)
     np.testing.assert_array_equal(feat[0], feat2[0])
     np.testing.assert_array_equal(feat[2], feat2[2])
@@ -345,12 +245,9 @@ def test_batched_kernels_match_reference(cupy_mod, ck, dtype, seed, B, n, d, met
 @needs_gpu
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @FEW
-@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 50), d=st.integers(1, 5), data=st.data(),
-       metric=st.sampled_from(METRICS), kernel=st.sampled_from(KERNELS), optimizer=st.sampled_from(OPTIMIZERS))
+@given(**features_strategies(max_n=50))
 def test_greedy_features_matches_reference(cupy_mod, ck, dtype, seed, n, d, data, metric, kernel, optimizer):
-    k = data.draw(st.integers(1, n), label="k")
-    tile = data.draw(st.integers(1, n + 3), label="tile")
-    check_features(ck, cupy_mod.asarray, cupy_mod, seed, n, d, k, tile, dtype, metric, kernel, optimizer)
+    check_features(ck, cupy_mod.asarray, cupy_mod, data, seed, n, d, dtype, metric, kernel, optimizer)
 
 
 def assert_same_selection(cp, a, r):

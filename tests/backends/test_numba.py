@@ -8,7 +8,8 @@ continuous random data, almost always), and the Numba trajectory must itself be 
 On integer-valued similarities every sum is exact in both, so there the two must agree exactly, ties
 included (lowest index), for every optimizer.
 
-Lazy greedy is compared with naive greedy on the Numba path bit for bit (indices and gains).
+Lazy greedy is compared with naive greedy on the Numba path bit for bit (indices and gains). The replay
+is shared with the other backends' tests (tests/_greedy_replay.py).
 """
 
 from __future__ import annotations
@@ -20,19 +21,30 @@ from hypothesis import strategies as st
 
 pytest.importorskip("numba")
 
+import _greedy_replay  # noqa: E402
+from _greedy_replay import KERNELS, METRICS, OPTIMIZERS, padded_batch  # noqa: E402
+
 import crestcore  # noqa: E402
 from crestcore import _reference_kernels as ref  # noqa: E402
 from crestcore.backends import get_kernel  # noqa: E402
 from crestcore.backends import numba as nbk  # noqa: E402
 from crestcore.facility import stochastic_draws  # noqa: E402
 
-METRICS = ("euclidean", "sqeuclidean", "cosine")
-KERNELS = ("max-minus", "exp")
-OPTIMIZERS = ("naive", "lazy", "stochastic")
 DTYPES = [pytest.param(np.float32, id="f32"), pytest.param(np.float64, id="f64")]
 RTOL = {np.dtype(np.float32): 2e-4, np.dtype(np.float64): 1e-9}
 
 FEW = settings(deadline=None, max_examples=10, suppress_health_check=[HealthCheck.too_slow])
+
+
+def each_dtype_and_optimizer(**strategies):
+    """Decorator of the differential property tests: the test for every dtype and optimizer
+    (parametrized), each on FEW hypothesis examples of a ``seed`` and ``strategies``."""
+
+    def decorate(test):
+        test = FEW(given(seed=st.integers(0, 2**32 - 1), **strategies)(test))
+        return pytest.mark.parametrize("dtype", DTYPES)(pytest.mark.parametrize("optimizer", OPTIMIZERS)(test))
+
+    return decorate
 
 
 # --------------------------------------------------------------------------------------------------
@@ -41,21 +53,9 @@ FEW = settings(deadline=None, max_examples=10, suppress_health_check=[HealthChec
 
 
 def make_batch(seed, B, n, d, dtype, *, eps=0.1):
-    """Padded batch: X (B, n, d) with finite junk in the padding (anywhere, not only at the end),
-    valid (B, n), budgets (B,) (the first problem full with budget >= 1), u (B, K, s)."""
-    rng = np.random.default_rng(seed)
-    sizes = rng.integers(1, n + 1, size=B)
-    sizes[0] = n
-    valid = np.arange(n)[None, :] < sizes[:, None]
-    perm = rng.permuted(np.broadcast_to(np.arange(n), (B, n)).copy(), axis=1)
-    valid = np.take_along_axis(valid, perm, axis=1)
-    X = rng.standard_normal((B, n, d)) * rng.uniform(0.2, 3.0)
-    X[~valid] = rng.uniform(-1e3, 1e3, size=(int((~valid).sum()), d))
-    # budgets up to half the problem, as in CREST: a greedy run to the very end meets structural ties
-    # (two points that only cover each other have equal gains), decided there by rounding alone
-    budgets = np.array([rng.integers(0, (s + 1) // 2 + 1) for s in sizes], dtype=np.int64)
-    budgets[0] = max(1, budgets[0])
-    u = stochastic_draws(rng, sizes, budgets, eps)
+    """A padded batch (:func:`_greedy_replay.padded_batch`) in ``dtype``, with budgets up to half of each
+    problem, as in CREST."""
+    X, valid, budgets, u = padded_batch(seed, B, n, d, eps=eps, half_budgets=True)
     return X.astype(dtype), valid, budgets, u.astype(dtype)
 
 
@@ -73,68 +73,14 @@ def integer_batch(seed, B, n, dtype, *, high=4):
 # --------------------------------------------------------------------------------------------------
 
 
-def _sample(remaining, u_row):
-    """The stochastic candidate set as the reference defines it: the remaining candidates at positions
-    min(floor(u * R), R - 1), the product computed in u's dtype."""
-    R = u_row.dtype.type(remaining.sum())
-    pos = np.minimum(np.floor(u_row * R), R - 1)
-    rank = np.cumsum(remaining) - 1
-    return np.isin(rank, pos) & remaining
-
-
-def trace(S64, valid, picks, optimizer, u):
-    """Walk ``picks`` (up to the first -1) on S64: per step the best-vs-second gap among the step's
-    candidates, the best gain, the pick's gain and whether the pick was a candidate."""
-    n = S64.shape[0]
-    cover = np.zeros(n)
-    remaining = valid.copy()
-    steps = []
-    for t, j in enumerate(picks):
-        if j < 0:
-            break
-        g = np.maximum(S64 - cover[:, None], 0.0).sum(axis=0)
-        cand = remaining if optimizer != "stochastic" else _sample(remaining, u[t])
-        cg = np.where(cand, g, -np.inf)
-        order = np.argsort(-cg, kind="stable")
-        second = cg[order[1]] if n > 1 else -np.inf
-        steps.append(dict(gap=cg[order[0]] - second, best=cg[order[0]], gain=g[j], cand=bool(cand[j])))
-        cover = np.maximum(cover, S64[:, j])
-        remaining[j] = False
-    return steps
-
-
 def assert_greedy_matches(S, valid, budgets, optimizer, u, got, want, noise=0.0):
     """``got`` = (indices, gains) under test, ``want`` = the reference's, both on similarities ``S``
     (B, n, n). The picks must be equal up to the first step where they differ, and that step must be a
-    near tie (gap <= tol) of the reference's. Returns how many problems agreed over their whole budget."""
-    S64 = np.asarray(S, dtype=np.float64)
-    gi, gg = got[0], np.asarray(got[1], dtype=np.float64)
-    wi = np.asarray(want[0])
-    assert gi.dtype == np.int64 and gi.shape == wi.shape and gg.shape == gi.shape
-    rtol = RTOL[np.dtype(S.dtype)]
-    full = 0
-    for b in range(S64.shape[0]):
-        kb = int(budgets[b])
-        assert (gi[b, kb:] == -1).all() and (gg[b, kb:] == 0).all(), "padding after the budget"
-        tol = rtol * max(1.0, float(S64[b].sum(axis=0).max())) + noise
-        ub = None if u is None else np.asarray(u[b])
-        ref_steps = trace(S64[b], valid[b], wi[b, :kb], optimizer, ub)
-        same = 0  # the trajectories may part only at a near tie of the reference's
-        while same < kb and gi[b, same] == wi[b, same]:
-            same += 1
-        if same < kb:
-            assert ref_steps[same]["gap"] <= tol, (
-                f"problem {b} step {same}: picks {gi[b, same]} != {wi[b, same]} with a clear gap "
-                f"{ref_steps[same]['gap']} > tol {tol}")
-        full += same == kb
-        steps = trace(S64[b], valid[b], gi[b, :kb], optimizer, ub)
-        assert len(steps) == kb, "fewer picks than the budget"
-        assert len(set(gi[b, :kb].tolist())) == kb, "a point picked twice"
-        for t, s in enumerate(steps):
-            assert s["cand"], f"problem {b} step {t}: the pick is not a candidate"
-            assert s["gain"] >= s["best"] - tol, f"step {t}: gain {s['gain']} < best {s['best']}"
-            assert abs(gg[b, t] - s["gain"]) <= tol, f"step {t}: reported gain {gg[b, t]}, true {s['gain']}"
-    return full
+    near tie (gap <= tol) of the reference's (whose stochastic positions are clamped to ``R - 1``).
+    Returns how many problems agreed over their whole budget (:func:`_greedy_replay.assert_greedy_matches`)."""
+    return _greedy_replay.assert_greedy_matches(S, valid, budgets, optimizer, u, got, want,
+                                                rtol=RTOL[np.dtype(S.dtype)], mode="clamped", agree="prefix",
+                                                noise=noise)
 
 
 def F(S64, picks):
@@ -266,11 +212,8 @@ def test_identical_points_are_at_distance_exactly_zero(metric, row):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
-@FEW
-@given(seed=st.integers(0, 2**32 - 1), B=st.integers(1, 6), n=st.integers(1, 70),
-       kernel=st.sampled_from(KERNELS), metric=st.sampled_from(METRICS))
+@each_dtype_and_optimizer(B=st.integers(1, 6), n=st.integers(1, 70), kernel=st.sampled_from(KERNELS),
+                          metric=st.sampled_from(METRICS))
 def test_greedy_batched_matches_reference(optimizer, dtype, seed, B, n, kernel, metric):
     X, valid, budgets, u = make_batch(seed, B, n, 3, dtype)
     S = ref.similarity_batched(X, valid, metric, kernel, 3.0)
@@ -296,10 +239,7 @@ def test_greedy_batched_agrees_on_most_problems_index_for_index():
         assert assert_greedy_matches(S, valid, budgets, opt, uu, got, want) >= 36
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
-@FEW
-@given(seed=st.integers(0, 2**32 - 1), B=st.integers(1, 5), n=st.integers(1, 40), high=st.integers(1, 5))
+@each_dtype_and_optimizer(B=st.integers(1, 5), n=st.integers(1, 40), high=st.integers(1, 5))
 def test_greedy_batched_exact_with_ties(optimizer, dtype, seed, B, n, high):
     """Integer similarities: all sums exact, many ties. Picks and gains equal the reference's exactly."""
     S, valid, budgets, u = integer_batch(seed, B, n, dtype, high=high)
@@ -447,11 +387,8 @@ def test_assign_ties_go_to_the_earliest_pick_and_holes_are_skipped():
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
-@FEW
-@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 120), d=st.integers(1, 5),
-       metric=st.sampled_from(METRICS), kernel=st.sampled_from(KERNELS))
+@each_dtype_and_optimizer(n=st.integers(1, 120), d=st.integers(1, 5), metric=st.sampled_from(METRICS),
+                          kernel=st.sampled_from(KERNELS))
 def test_greedy_features_matches_reference(optimizer, dtype, seed, n, d, metric, kernel):
     rng = np.random.default_rng(seed)
     X = (rng.standard_normal((n, d)) * rng.uniform(0.3, 3)).astype(dtype)

@@ -6,22 +6,23 @@ gains are closer than the rounding noise of the sums. So each problem's referenc
 replayed in float64: where every step's best-vs-second gain gap exceeds ``tol`` the indices must match
 exactly; otherwise the torch trajectory must itself be a ``tol``-greedy run (each pick a candidate of its
 step, its gain within ``tol`` of that step's best, its reported gain right). Gains, weights and
-objectives are compared within a dtype tolerance.
+objectives are compared within a dtype tolerance. The replay is shared with the other backends' tests
+(tests/_greedy_replay.py).
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
+from _greedy_replay import KERNELS, METRICS, OPTIMIZERS, features_problem, features_strategies, host, padded_batch
+from _greedy_replay import assert_features_matches, assert_greedy_matches
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import crestcore
 from crestcore import _reference_kernels as ref
-from crestcore.backends import get_kernel
+from crestcore.backends import _device, get_kernel
 from crestcore.backends import torch as tk
 from crestcore.facility import stochastic_draws
 
@@ -29,9 +30,6 @@ CUDA = torch.cuda.is_available()
 _cuda_marks = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="torch.cuda.is_available() is False")]
 DEVICES = ["cpu", pytest.param("cuda", marks=_cuda_marks, id="cuda")]
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.float64, id="f64")]
-METRICS = ("euclidean", "sqeuclidean", "cosine")
-KERNELS = ("max-minus", "exp")
-OPTIMIZERS = ("naive", "lazy", "stochastic")
 RTOL = {torch.float32: 1e-4, torch.float64: 1e-9}
 
 # half the loaded profile's examples (conftest: default 25, ci 15, thorough 300): this file has many
@@ -59,95 +57,10 @@ def _no_tf32():
 
 
 def make_batch(seed, B, n, d, dtype, device, *, eps=0.1):
-    """Padded batch: X (B, n, d) with junk in the padding, valid (B, n), budgets (B,), u (B, K, s)."""
-    rng = np.random.default_rng(seed)
-    sizes = rng.integers(1, n + 1, size=B)
-    sizes[0] = n  # at least one full problem
-    valid = np.arange(n)[None, :] < sizes[:, None]
-    perm = rng.permuted(np.broadcast_to(np.arange(n), (B, n)).copy(), axis=1)
-    valid = np.take_along_axis(valid, perm, axis=1)  # padding anywhere, not only at the end
-    X = rng.standard_normal((B, n, d)) * rng.uniform(0.2, 3.0)
-    X[~valid] = rng.uniform(-1e3, 1e3, size=(int((~valid).sum()), d))  # finite junk
-    budgets = np.array([rng.integers(0, s + 1) for s in sizes], dtype=np.int64)
-    budgets[0] = max(1, budgets[0])
-    u = stochastic_draws(rng, sizes, budgets, eps)
+    """A padded batch (:func:`_greedy_replay.padded_batch`) as tensors on ``device``, X and u in ``dtype``."""
+    X, valid, budgets, u = padded_batch(seed, B, n, d, eps=eps)
     t = lambda a, dt=None: torch.as_tensor(a, dtype=dt, device=device)  # noqa: E731
     return t(X, dtype), t(valid), t(budgets), t(u, dtype)
-
-
-def host(x):
-    return x.detach().cpu().numpy()
-
-
-# --------------------------------------------------------------------------------------------------
-# greedy trajectories in float64
-# --------------------------------------------------------------------------------------------------
-
-
-def _sample(remaining, u_row, mode):
-    """The stochastic candidate set, exactly as each path defines it (see the reference)."""
-    if mode == "batched":  # positions floor(u * R) in u's dtype; positions >= R hit nothing
-        R = u_row.dtype.type(remaining.sum())
-        pos = np.floor(u_row * R)
-        rank = np.cumsum(remaining) - 1
-        return np.isin(rank, pos) & remaining
-    rem = np.flatnonzero(remaining)  # greedy_features: float64 positions, clipped to R - 1
-    pos = np.minimum(np.floor(u_row.astype(np.float64) * rem.size).astype(np.int64), rem.size - 1)
-    hit = np.zeros_like(remaining)
-    hit[rem[pos]] = True
-    return hit
-
-
-def trace(S64, valid, picks, optimizer, u, mode="batched"):
-    """Walk ``picks`` (stopping at -1) on S64; per step: gap, best gain, pick's gain, pick is a candidate."""
-    n = S64.shape[0]
-    cover = np.zeros(n)
-    remaining = valid.copy()
-    steps = []
-    for t, j in enumerate(picks):
-        if j < 0:
-            break
-        g = np.maximum(S64 - cover[:, None], 0.0).sum(axis=0)
-        cand = remaining if optimizer != "stochastic" else _sample(remaining, u[t], mode)
-        cg = np.where(cand, g, -np.inf)
-        order = np.argsort(-cg, kind="stable")
-        second = cg[order[1]] if n > 1 else -np.inf
-        steps.append(dict(gap=cg[order[0]] - second, best=cg[order[0]], gain=g[j], cand=bool(cand[j])))
-        cover = np.maximum(cover, S64[:, j])
-        remaining[j] = False
-    return steps
-
-
-def assert_greedy_matches(S, valid, budgets, optimizer, u, got, want, mode="batched", noise=0.0):
-    """``got`` = (indices, gains) of the kernel under test, ``want`` = the reference's, on the dense
-    similarities ``S`` (B, n, n). ``noise``: extra absolute tolerance on a gain (similarities the kernel
-    computed itself, e.g. in tiles, may differ from ``S`` by rounding). Returns how many problems were
-    compared index for index."""
-    S64 = host(S).astype(np.float64)
-    V, bud = host(valid), host(budgets)
-    gi, gg = host(got[0]), host(got[1]).astype(np.float64)
-    wi = host(want[0])
-    U = None if u is None else host(u)
-    assert gi.shape == wi.shape and gg.shape == gi.shape
-    rtol = RTOL[S.dtype]
-    exact = 0
-    for b in range(S64.shape[0]):
-        kb = int(bud[b])
-        assert (gi[b, kb:] == -1).all() and (gg[b, kb:] == 0).all(), "padding after the budget"
-        tol = rtol * max(1.0, float(np.sum(S64[b], axis=0).max())) + noise
-        ub = None if U is None else U[b]
-        ref_steps = trace(S64[b], V[b], wi[b, :kb], optimizer, ub, mode)
-        if all(s["gap"] > tol for s in ref_steps):
-            np.testing.assert_array_equal(gi[b], wi[b])
-            exact += 1
-        steps = trace(S64[b], V[b], gi[b, :kb], optimizer, ub, mode)
-        assert len(steps) == kb, "fewer picks than the budget"
-        assert len(set(gi[b, :kb].tolist())) == kb, "a point picked twice"
-        for t, s in enumerate(steps):
-            assert s["cand"], f"step {t}: pick is not a candidate"
-            assert s["gain"] >= s["best"] - tol, f"step {t}: gain {s['gain']} < best {s['best']}"
-            assert abs(gg[b, t] - s["gain"]) <= tol, f"step {t}: gain {gg[b, t]}, true {s['gain']}"
-    return exact
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,7 +156,7 @@ def test_greedy_and_assign_match_reference(device, dtype, seed, B, n, d, metric,
     want = ref.greedy_batched(S, valid, budgets, optimizer, u)
     assert got[0].dtype == torch.int64 and got[1].dtype == dtype
     assert got[0].device == S.device and got[1].device == S.device
-    assert_greedy_matches(S, valid, budgets, optimizer, u, got, want)
+    assert_greedy_matches(S, valid, budgets, optimizer, u, got, want, rtol=RTOL[dtype])
 
     # assignment of the same picks: identical weights, objective within rounding
     w_got, o_got = tk.assign_batched(S, valid, got[0])
@@ -286,57 +199,26 @@ def _dense_S(X, metric, kernel, scale):
     return ref.similarity_batched(Xc, torch.ones(Xc.shape[:2], dtype=torch.bool), metric, kernel, scale)[0]
 
 
-def _elem_noise(X, metric, S):
-    """Rounding noise of one similarity computed in X's dtype with another tiling: a few ulps, plus for
-    "euclidean" the square root of a few ulps of |x|^2 (near-duplicate points)."""
-    eps = float(torch.finfo(X.dtype).eps)
-    big = float(S.abs().max()) if S.numel() else 1.0
-    noise = 16 * eps * max(1.0, big)
-    if metric == "euclidean":
-        noise += 4 * math.sqrt(eps) * float(torch.linalg.vector_norm(X.detach().cpu().double(), dim=1).max())
-    return noise
-
-
 def assert_features_result(X, k, metric, kernel, scale, optimizer, u, got, want):
-    n = X.shape[0]
+    """Tensors on ``X``'s device in its dtype, and the reference's trajectory, cluster sizes and
+    objective within rounding (:func:`_greedy_replay.assert_features_matches`)."""
     idx, gains, weights, obj = got
-    dt = X.dtype
     assert idx.dtype == torch.int64 and idx.shape == (k,) and idx.device == X.device
     for a in (gains, weights, obj):
-        assert a.dtype == dt and a.device == X.device
+        assert a.dtype == X.dtype and a.device == X.device
     assert obj.shape == ()
     S = _dense_S(X, metric, kernel, scale)
-    elem = _elem_noise(X, metric, S)
-    U = None if u is None else u[None]
-    assert_greedy_matches(S[None], torch.ones((1, n), dtype=torch.bool), torch.tensor([k]), optimizer, U,
-                          (idx[None], gains[None]), (want[0][None], want[1][None]), mode="features",
-                          noise=n * elem)
-    # weights: cluster sizes of the picks (ambiguous assignments, within rounding, may go either way)
-    w = host(weights)
-    assert w.sum() == n
-    sims = host(S).astype(np.float64)[:, host(idx)]
-    ambiguous = 0
-    if k > 1:
-        top2 = np.sort(sims, axis=1)[:, -2:]
-        ambiguous = int((top2[:, 1] - top2[:, 0] <= 2 * elem).sum())
-    expected = np.bincount(np.argmax(sims, axis=1), minlength=k)
-    assert np.abs(w - expected).sum() <= 2 * ambiguous
-    np.testing.assert_allclose(float(host(obj)), sims.max(axis=1).sum(), rtol=RTOL[dt], atol=n * elem)
+    assert_features_matches(X, S, k, metric, optimizer, u, got, want[0], rtol=RTOL[X.dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @FEW
-@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 60), d=st.integers(1, 5), data=st.data(),
-       metric=st.sampled_from(METRICS), kernel=st.sampled_from(KERNELS), optimizer=st.sampled_from(OPTIMIZERS))
+@given(**features_strategies(max_n=60))
 def test_greedy_features_matches_reference(device, dtype, seed, n, d, data, metric, kernel, optimizer):
-    k = data.draw(st.integers(1, n), label="k")
-    tile = data.draw(st.integers(1, n + 3), label="tile")
-    rng = np.random.default_rng(seed)
-    X = torch.as_tensor(rng.standard_normal((n, d)) * rng.uniform(0.2, 3.0), dtype=dtype, device=device)
-    u = None
-    if optimizer == "stochastic":
-        u = torch.as_tensor(stochastic_draws(rng, [n], [k], 0.1)[0], dtype=dtype, device=device)
+    Xh, k, tile, uh = features_problem(data, seed, n, d, optimizer)
+    X = torch.as_tensor(Xh, dtype=dtype, device=device)
+    u = None if uh is None else torch.as_tensor(uh, dtype=dtype, device=device)
     scale = float(d)
     got = tk.greedy_features(X, k, metric, kernel, scale, optimizer, u, tile)
     want = ref.greedy_features(X, k, metric, kernel, scale, optimizer, u, tile)
@@ -363,13 +245,13 @@ def test_chunked_gains_and_tiles_change_nothing(monkeypatch):
     Xf = torch.as_tensor(np.random.default_rng(5).standard_normal((90, 3)))
     full = [tk.greedy_batched(S, valid, budgets, opt, u) for opt in OPTIMIZERS]
     feat = tk.greedy_features(Xf, 12, "cosine", "max-minus", 3.0, "lazy", None, 4096)
-    monkeypatch.setattr(tk, "_MAX_TEMP_ELEMENTS", 5 * 33 * 4)  # 4 candidates per chunk
-    assert tk._gain_chunk(5, 33) == 4
+    monkeypatch.setattr(_device, "_MAX_TEMP_ELEMENTS", 5 * 33 * 4)  # 4 candidates per chunk
+    assert _device._gain_chunk(5, 33) == 4
     for opt, (i0, g0) in zip(OPTIMIZERS, full):
         i1, g1 = tk.greedy_batched(S, valid, budgets, opt, u)
         assert torch.equal(i0, i1)
         torch.testing.assert_close(g0, g1, rtol=1e-12, atol=1e-12)
-    monkeypatch.setattr(tk, "_MAX_TEMP_ELEMENTS", 64)
+    monkeypatch.setattr(_device, "_MAX_TEMP_ELEMENTS", 64)
     feat2 = tk.greedy_features(Xf, 12, "cosine", "max-minus", 3.0, "lazy", None, 4096)
     assert torch.equal(feat[0], feat2[0]) and torch.equal(feat[2], feat2[2])
 
@@ -381,9 +263,9 @@ def test_distances_in_row_blocks_are_bitwise_the_whole(monkeypatch, metric, dtyp
     bit for bit what one block gives, and the similarities match the reference as before."""
     X, valid, _, _ = make_batch(7, 4, 33, 3, dtype, "cpu")
     whole = tk.similarity_batched(X, valid, metric, "max-minus", 1.0)
-    monkeypatch.setattr(tk, "_MIN_TEMP_ELEMENTS", 1)
-    monkeypatch.setattr(tk, "_MAX_TEMP_ELEMENTS", 5 * 33)  # 5 rows of the (4 * 33, 33) view per block
-    assert tk._temp_cap(4 * 33 * 33) // 33 == 5
+    monkeypatch.setattr(_device, "_MIN_TEMP_ELEMENTS", 1)
+    monkeypatch.setattr(_device, "_MAX_TEMP_ELEMENTS", 5 * 33)  # 5 rows of the (4 * 33, 33) view per block
+    assert _device._temp_cap(4 * 33 * 33) // 33 == 5
     blocked = tk.similarity_batched(X, valid, metric, "max-minus", 1.0)
     assert torch.equal(whole, blocked)
     want = ref.similarity_batched(X, valid, metric, "max-minus", 1.0)
@@ -538,7 +420,7 @@ def test_facility_location_matrix_free_path(device, optimizer):
     for got, mode in ((a, "features"), (d, "batched")):
         exact = assert_greedy_matches(S[None], *one, optimizer, None if u is None else u[None],
                                       (got.indices.cpu()[None], got.gains.cpu()[None]),
-                                      (r.indices.cpu()[None], None), mode=mode, noise=1e-9)
+                                      (r.indices.cpu()[None], None), rtol=RTOL[S.dtype], mode=mode, noise=1e-9)
         if exact:
             assert torch.equal(got.weights.cpu(), r.weights.cpu())
         torch.testing.assert_close(got.objective.cpu(), r.objective.cpu(), rtol=1e-9, atol=1e-9)
