@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit, prange
 
 from .contract import OPTIMIZERS, SPARSE_KERNEL_NAMES
-from .numba import _better, _heap_pop, _heapify, _runner_up, _sample_position, _sift_down
+from .numba import _better, _heap_pop, _heapify, _prepare_u_steps, _runner_up, _sample_position, _sift_down
 
 __all__ = ["usable_for", "sparse_greedy", "sparse_assign"]
 
@@ -219,20 +219,11 @@ def sparse_greedy(nbr, sims, order, indptr, budget, optimizer, u=None):
     rows = order // K1
     vals = np.ascontiguousarray(np.asarray(sims, dtype=np.float64).reshape(-1)[order])
     budget = int(budget)
-    if opt == 2:
-        if u is None:
-            raise ValueError("u (uniform draws of shape (budget, s)) is required by the 'stochastic' optimizer")
-        u32 = np.asarray(u).dtype == np.float32
-        uu = np.ascontiguousarray(u, dtype=np.float64)
-        if uu.ndim != 2 or uu.shape[0] < budget or uu.shape[1] < 1:
-            raise ValueError(f"u must have shape (budget, s) = ({budget}, >= 1), got {uu.shape}")
-    else:
-        u32 = False
-        uu = np.zeros((1, 1))
+    uu, u32 = _prepare_u_steps(u, budget, opt, "budget")
     out_idx = np.full(budget, -1, dtype=np.int64)
     out_gain = np.zeros(budget)
     if budget > 0 and n > 0:
-        _sparse_solve(rows, vals, indptr, budget, opt, uu, bool(u32), out_idx, out_gain)
+        _sparse_solve(rows, vals, indptr, budget, opt, uu, u32, out_idx, out_gain)
     return out_idx, out_gain.astype(np.asarray(sims).dtype)
 
 
