@@ -188,7 +188,7 @@ class _Blocks:
             try:
                 return self.client.gather(tasks)
             except FutureCancelledError:
-                if attempt == attempts - 1 or self.X is None and shared is None:
+                if attempt == attempts - 1 or (self.X is None and shared is None):  # nothing we could scatter again
                     raise
                 if self.X is not None:  # scatter again the blocks that went with a worker
                     self.futures = [f if f.status == "finished" else self._scatter(p)
