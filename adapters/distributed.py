@@ -785,8 +785,8 @@ class DistributedCrestLoader(CrestLoader):
         # Ranks can only part ways where the controller used a measurement (a selection, a trust check)
         # or the merged loss history (a drop decision): verify there. Whether such a step happened is
         # decided by the (verified) state, so every rank takes part in the same verifications.
-        worked = (state.counters["selections"] != before[0]["selections"]
-                  or state.counters["checks"] != before[0]["checks"] or len(state.log["drops"]) != before[1])
+        worked = (state.counters["forward_examples"] != before[0]["forward_examples"]  # selections, checks,
+                  or len(state.log["drops"]) != before[1])  # just-in-time coresets
         if self.verify and worked:
             p = self.ops.params().detach().to(torch.float64)
             self.ops.agree(_digest(

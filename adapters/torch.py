@@ -313,6 +313,29 @@ def _nbytes(batch) -> int:
     return 64
 
 
+def _rows_tree(batches: list, take=None):
+    """Collated batches joined along their first dimension (``take`` None), or the rows ``take`` (a
+    slice or an int64 index tensor) of one joined batch; tensors nested in tuples, lists, NamedTuples and
+    dicts. None when a leaf is not a tensor with a row per example (it cannot be indexed by example)."""
+    first = batches[0] if take is None else batches
+    if isinstance(first, torch.Tensor):
+        if first.ndim == 0:
+            return None
+        if take is None:
+            return torch.cat(batches) if all(isinstance(b, torch.Tensor) for b in batches) else None
+        return first[take] if isinstance(take, slice) else first.index_select(0, take)
+    parts = (lambda i: [b[i] for b in batches]) if take is None else (lambda i: first[i])
+    if isinstance(first, tuple) or isinstance(first, list):
+        out = [_rows_tree(parts(i), take) for i in range(len(first))]
+        if any(o is None for o in out):
+            return None
+        return type(first)(*out) if hasattr(first, "_fields") else type(first)(out)
+    if isinstance(first, dict):
+        got = {k: _rows_tree(parts(k), take) for k in first}
+        return None if any(v is None for v in got.values()) else got
+    return None
+
+
 def _to_device(batch, device, non_blocking: bool = False, floats: torch.dtype | None = None):
     """``batch`` (tensors nested in tuples, lists, NamedTuples, dicts) moved to ``device``; with ``floats``,
     its floating-point tensors are also cast to that dtype (integer tensors, e.g. labels, are not)."""
@@ -537,15 +560,15 @@ class TorchModelOps:
         process, or with ``num_workers > 0`` by a persistent ``DataLoader``'s worker processes (transforms
         and decoding in parallel, the chunks in order), on ``dev`` in the parameters' dtype.
 
-        The collated host batches of recent index sets are kept (up to ``cache_bytes``): every trust check
-        reads the same examples the anchor loss was measured on, so it is served without loading them
-        again (and with the very inputs the anchor saw, random transforms included)."""
+        The examples of recent measurement passes are kept on the host (up to ``cache_bytes``, when the
+        collated batches are tensors with a row per example): a pass over examples that a recent pass read
+        (the trust check's examples, the coresets the quadratic model is fitted on: all inside the
+        selection's forward) takes their rows instead of loading them again, so every measurement of a
+        selection sees the very inputs the anchor saw, random transforms included."""
         spans = list(_common.chunk_spans(idx.size, self.batch_size))
-        key = (self.batch_size, idx.tobytes()) if self._cacheable else None
-        cached = self._cache.get(key) if key is not None else None
+        cached = self._cached(idx, spans) if self._cacheable and spans else None
         if cached is not None:
-            self._cache.move_to_end(key)
-            source, keep = iter(cached), None
+            source, keep = cached, None
         else:
             source = self._host_batches(idx, spans)
             keep = [] if self._cacheable else None
@@ -556,20 +579,41 @@ class TorchModelOps:
                 if keep is not None:
                     keep.append(host)
                     size += _nbytes(host)
-                    if size > self.cache_bytes // 2:  # too big to keep (e.g. a selection's union)
+                    if size > self.cache_bytes // 2:  # too big to keep
                         keep = None
                 yield (a, b), _to_device(host, dev, floats=self._dtype())
                 if bar is not None:
                     bar.advance(b - a)
             if keep is not None and len(keep) == len(spans):
-                self._cache[key] = keep
-                self._cache_sizes[key] = size
-                while sum(self._cache_sizes.values()) > self.cache_bytes or len(self._cache) > 16:
-                    old, _ = self._cache.popitem(last=False)
-                    self._cache_sizes.pop(old)
+                self._remember(idx, keep, size)
         finally:
             if bar is not None:
                 bar.close()
+
+    def _remember(self, idx: np.ndarray, batches: list, size: int) -> None:
+        joined = _rows_tree(batches)
+        if joined is None:  # not indexable by example: not kept
+            return
+        order = np.argsort(idx, kind="stable")
+        self._cache[idx.tobytes()] = (idx[order], order, joined)
+        self._cache_sizes[idx.tobytes()] = size
+        while sum(self._cache_sizes.values()) > self.cache_bytes or len(self._cache) > 16:
+            old, _ = self._cache.popitem(last=False)
+            self._cache_sizes.pop(old)
+
+    def _cached(self, idx: np.ndarray, spans):
+        """The host batches of ``idx`` taken from the most recent kept pass that read all of them, or None."""
+        for key in reversed(self._cache):
+            keys, order, joined = self._cache[key]
+            at = np.minimum(np.searchsorted(keys, idx), keys.size - 1)
+            if not np.array_equal(keys[at], idx):
+                continue
+            self._cache.move_to_end(key)
+            rows = order[at]
+            if key == idx.tobytes():  # the same pass again: slices, no copies
+                return (_rows_tree(joined, slice(a, b)) for a, b in spans)
+            return (_rows_tree(joined, torch.from_numpy(rows[a:b].copy())) for a, b in spans)
+        return None
 
     def _host_batches(self, idx: np.ndarray, spans):
         if self.num_workers == 0:

@@ -35,7 +35,7 @@ if _HERE not in sys.path:
     sys.path.append(_HERE)
 
 START, END = "<!-- pipeline-bench:start -->", "<!-- pipeline-bench:end -->"
-METHODS = ("full", "random", "crest", "crest-passes", "crest-cap")
+METHODS = ("full", "random", "crest", "crest-passes", "crest-cap", "crest-jit")
 
 
 def _datasets(n: int, seed: int):
@@ -99,7 +99,8 @@ def run_one(method: str, seed: int, a) -> dict:
                             sampler=RandomSampler(train_set, replacement=False, num_samples=spe * a.m, generator=g),
                             **kw)
     else:
-        cfg = CrestConfig(m=a.m, max_overhead=a.cap if method == "crest-cap" else None)
+        jit = dict(coresets="just-in-time", check_size=a.m) if method == "crest-jit" else {}
+        cfg = CrestConfig(m=a.m, max_overhead=a.cap if method == "crest-cap" else None, **jit)
         sampler = CrestBatchSampler(model, train_set, config=cfg, budget=a.budget, epochs=a.epochs,
                                     seed=seed, measure_dataset=measure_set, measure_batch_size=256,
                                     measure_workers=a.measure_workers,
@@ -174,6 +175,9 @@ def table(rows: list[dict], a, command: str) -> str:
         "budget too, so all its forward and backward passes stay within 10 % of the full run's.",
         f"`crest-cap` is CREST with `CrestConfig(max_overhead={a.cap})`: its measurement passes are held to",
         f"{a.cap:g} of its training passes (checks and reselections wait until the count allows them).",
+        "`crest-jit` is CREST with `CrestConfig(coresets=\"just-in-time\", check_size=m)`: coreset p selected",
+        "at step p (a selection cut short by a failed check forwards only the subsets it used), the check on m",
+        "examples of V_1.",
         "*passes / full*: training plus measurement passes in step-equivalents, over the full run's steps.",
         "",
         "| method | steps | wall s | wall / full | passes / full | test accuracy (%) |",

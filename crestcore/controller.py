@@ -18,7 +18,9 @@ with the per-example training losses (feeds the drop policy). Inside ``crest_nex
 
 1. Selection (when due): P class-stratified random subsets of r from the pool; one forward over
    their union; last-layer gradient features; P mini-batch coresets of m by batched facility
-   location; anchor ``w_a`` and the anchor loss ``L_R(w_a)`` from the same forward.
+   location; anchor ``w_a`` and the anchor loss ``L_R(w_a)`` from the same forward. (With
+   ``coresets="just-in-time"`` only ``V_1`` is forwarded here, and coreset p is selected from ``V_p``
+   at step p, at that step's parameters.)
 2. Quadratic model at the anchor: gradient and Hutchinson curvature of the weighted coreset loss on
    ``fit_batches`` coresets, smoothed by EMAs.
 3. The batch: coreset ``p`` in turn (weights cluster sizes scaled to mean 1), cycling if more steps
@@ -78,6 +80,7 @@ _LOSS_FLOOR = 1e-12
 WEIGHTS = ("cluster", "uniform", "tempered")
 RESELECT = ("trust", "epoch")
 BATCHES = ("coreset", "shuffled-union")
+CORESETS = ("at-anchor", "just-in-time")
 
 
 class ModelOps(Protocol):
@@ -231,6 +234,13 @@ class CrestConfig:
     P coresets, weights rescaled to mean 1 over it, shuffled into mini-batches of m).
     check_union : the trust check's loss L_R on the union of all P subsets (the release; its cost
     grows with P) instead of on the first random subset V_1 (r examples, an unbiased sample too).
+    check_size : None (all of V_1) or the number of examples of V_1, drawn at random at each selection,
+    the trust check measures L_R on (the anchor loss is measured on the same examples).
+    coresets : "at-anchor" (all P coresets selected at the anchor, from one forward over the union of
+    the P subsets; the paper and the release) or "just-in-time" (the P subsets are drawn at the anchor,
+    but coreset p is selected from V_p only when step p of the selection needs it, at the parameters of
+    that step, after the trust check allowed it: a selection that a failed check cuts short after k
+    steps costs k forwards of r, not P; needs ``batches="coreset"`` and no ``check_union``).
     weights : "cluster" (cluster sizes, the paper), "uniform" (every pick weight 1) or "tempered"
     (square roots of the cluster sizes); always rescaled to mean 1 over a batch (over the union with
     "shuffled-union"). No pick is ever dropped: batches of unequal length stay unequal.
@@ -274,6 +284,8 @@ class CrestConfig:
     embeddings: bool = False
     batches: str = "coreset"
     check_union: bool = False
+    check_size: int | None = None
+    coresets: str = "at-anchor"
     weights: str = "cluster"
     reselect: str = "trust"
     max_overhead: float | None = None
@@ -283,7 +295,7 @@ class CrestConfig:
         o = "CrestConfig"
         for name in ("m", "P", "T1", "fit_batches"):
             field_int(o, name, getattr(self, name))
-        for name in ("r", "P_cap", "T2"):
+        for name in ("r", "P_cap", "T2", "check_size"):
             field_int(o, name, getattr(self, name), optional=True)
         if self.r is not None and self.r < self.m:
             raise ValueError(f"CrestConfig.r ({self.r}) must be >= m ({self.m}): each coreset of m is picked "
@@ -300,8 +312,15 @@ class CrestConfig:
         field_choice(o, "batches", self.batches, BATCHES)
         field_choice(o, "weights", self.weights, WEIGHTS)
         field_choice(o, "reselect", self.reselect, RESELECT)
+        field_choice(o, "coresets", self.coresets, CORESETS)
         for name in ("per_class", "embeddings", "check_union"):
             field_bool(o, name, getattr(self, name))
+        if self.coresets == "just-in-time" and (self.batches != "coreset" or self.check_union):
+            raise ValueError(
+                f"CrestConfig.coresets='just-in-time' selects coreset p when step p needs it, so it needs "
+                f"batches='coreset' (got {self.batches!r}) and check_union=False (got {self.check_union}): "
+                "both use all P coresets or subsets at the anchor; set coresets='at-anchor' with them"
+            )
 
     @classmethod
     def paper(cls, **overrides) -> CrestConfig:
@@ -316,7 +335,7 @@ class CrestConfig:
         """
         base: dict[str, Any] = dict(P=5, T1=1, tau=0.1, h=1.0, b=5.0, weights="cluster", reselect="trust",
                                     max_overhead=None, kernel="max-minus", batches="coreset",
-                                    quadratic=QuadraticConfig())
+                                    quadratic=QuadraticConfig(), coresets="at-anchor", check_size=None)
         base.update(overrides)
         return cls(**base)
 
@@ -332,7 +351,8 @@ class CrestConfig:
         """
         base: dict[str, Any] = dict(
             kernel="exp", class_budget="ceil", batches="shuffled-union",
-            quadratic=QuadraticConfig(variant="adahessian"), check_union=True,
+            quadratic=QuadraticConfig(variant="adahessian"), check_union=True, coresets="at-anchor",
+            check_size=None,
         )
         base.update(overrides)
         return cls(**base)
@@ -390,6 +410,8 @@ class CrestState(NamedTuple):
     cursor: int
     batch_idx: np.ndarray  # (nb, m) int64
     batch_w: np.ndarray  # (nb, m) float64
+    made: int  # rows of batch_idx selected so far (the rest wait for coresets="just-in-time")
+    subsets: np.ndarray  # (nb, r) int64: the selection's random subsets (kept for "just-in-time"; else (0, 0))
     check_idx: np.ndarray  # (u,) int64 sorted: the examples the trust check's L_R is measured on
     anchor: Any  # flat params at the anchor (adapter namespace) or None
     quad: QuadraticState | None
@@ -449,8 +471,8 @@ def crest_init(config: CrestConfig, labels, *, seed: int, epoch_steps: int | Non
     return CrestState(
         seed=int(seed), labels=lab, n_classes=C, step=0, since_check=0, T1=config.T1, P=config.P,
         need_select=True, want_select=False, pending=False, n_selections=0, cursor=0,
-        batch_idx=np.zeros((0, config.m), dtype=np.int64), batch_w=np.zeros((0, config.m)),
-        check_idx=np.zeros(0, dtype=np.int64), anchor=None, quad=None, h_norm_0=math.nan,
+        batch_idx=np.zeros((0, config.m), dtype=np.int64), batch_w=np.zeros((0, config.m)), made=0,
+        subsets=np.zeros((0, 0), dtype=np.int64), check_idx=np.zeros(0, dtype=np.int64), anchor=None, quad=None, h_norm_0=math.nan,
         h_norm_t=math.nan, drop=drop_init(n, config.drop), counters=_counters(),
         epoch_steps=int(epoch_steps or 0), log={"selections": [], "checks": [], "drops": []},
     )
@@ -518,6 +540,41 @@ def _row(state: CrestState, b: int) -> tuple[np.ndarray, np.ndarray]:
     return state.batch_idx[b][keep], state.batch_w[b][keep]
 
 
+def _coresets(state: CrestState, ops, config: CrestConfig, subsets: np.ndarray, gen: np.random.Generator):
+    """One forward over the union of ``subsets`` (k, r) at the current parameters and a mini-batch
+    coreset from each. Returns the forward's namespace, ``union`` (host, sorted), per-example ``losses``
+    (over ``union``), and the picks as dataset indices ``idx`` (k, width; -1 padding), ``valid`` and
+    the configured (not yet normalised) weights ``w``."""
+    union = np.unique(subsets)
+    pos = np.searchsorted(union, subsets)
+    xp, logits, emb, y, losses = _forward(state, ops, union, config)
+    feats = last_layer_gradients(logits, y, embeddings=emb)
+    solve, fy = getattr(ops, "coresets", None), (feats, y)  # an adapter may shard the solve
+    if solve is None:
+        solve = minibatch_coresets
+        if not isinstance(feats, np.ndarray) and on_cpu(feats) and backend_module("numpy") is not None:
+            # CPU tensors: the Numba kernels solve these many small problems ~5x faster than torch's
+            # per-op CPU loop (48 vs 9 ms for P = 5, r = 384, C = 10, m = 128); same picks (ties: lowest index)
+            fy = (to_numpy(feats), to_numpy(y))
+    cs = solve(
+        *fy, m=config.m, r=subsets.shape[1], P=subsets.shape[0], rng=gen, subsets=pos,
+        per_class=config.per_class, kernel=config.kernel, metric=config.metric, optimizer=config.optimizer,
+        class_budget=config.class_budget,
+    )
+    loc = np.asarray(to_numpy(cs.indices))
+    valid = loc >= 0
+    w = _transform_weights(np.asarray(to_numpy(cs.weights), dtype=np.float64), valid, config.weights)
+    idx = np.where(valid, union[np.maximum(loc, 0)], -1)
+    return xp, union, losses, idx, valid, w
+
+
+def _coreset_rows(idx: np.ndarray, valid: np.ndarray, w: np.ndarray) -> tuple[list, list]:
+    """Coreset p is batch p, its weights scaled to mean 1 over its picks."""
+    rows_i = [idx[p][valid[p]] for p in range(idx.shape[0])]
+    rows_w = [w[p][valid[p]] for p in range(idx.shape[0])]
+    return rows_i, [rw * rw.size / max(rw.sum(), 1e-300) for rw in rows_w]
+
+
 def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestState:
     """A selection. ``reason``: "first", "check" (a failed trust check), "epoch" (the fixed interval of
     ``reselect="epoch"``) or "drop" (the pool shrank)."""
@@ -532,30 +589,12 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
         P = min(P, config.T2 - state.step % config.T2)
     P = max(1, P)
     subsets = draw_subsets(state.labels, pool, r, P, gen)
-    union = np.unique(subsets)
-    pos = np.searchsorted(union, subsets)
-    xp, logits, emb, y, losses = _forward(state, ops, union, config)
-    feats = last_layer_gradients(logits, y, embeddings=emb)
-    solve, fy = getattr(ops, "coresets", None), (feats, y)  # an adapter may shard the solve
-    if solve is None:
-        solve = minibatch_coresets
-        if not isinstance(feats, np.ndarray) and on_cpu(feats) and backend_module("numpy") is not None:
-            # CPU tensors: the Numba kernels solve these many small problems ~5x faster than torch's
-            # per-op CPU loop (48 vs 9 ms for P = 5, r = 384, C = 10, m = 128); same picks (ties: lowest index)
-            fy = (to_numpy(feats), to_numpy(y))
-    cs = solve(
-        *fy, m=config.m, r=r, P=P, rng=gen, subsets=pos, per_class=config.per_class,
-        kernel=config.kernel, metric=config.metric, optimizer=config.optimizer,
-        class_budget=config.class_budget,
-    )
-    loc = np.asarray(to_numpy(cs.indices))
-    valid = loc >= 0
-    w = _transform_weights(np.asarray(to_numpy(cs.weights), dtype=np.float64), valid, config.weights)
-    idx = np.where(valid, union[np.maximum(loc, 0)], -1)
-    if config.batches == "coreset":  # coreset p is batch p, weights mean 1 over its picks
-        rows_i = [idx[p][valid[p]] for p in range(P)]
-        rows_w = [w[p][valid[p]] for p in range(P)]
-        rows_w = [rw * rw.size / max(rw.sum(), 1e-300) for rw in rows_w]
+    jit = config.coresets == "just-in-time"
+    # "just-in-time": the coresets the quadratic model is fitted on now, the rest when their step comes
+    now = max(1, min(config.fit_batches, P)) if jit else P
+    xp, union, losses, idx, valid, w = _coresets(state, ops, config, subsets[:now], gen)
+    if config.batches == "coreset":
+        rows_i, rows_w = _coreset_rows(idx, valid, w)
     else:  # the release: union of the coresets, mean-1 weights over it, shuffled into batches of ~m
         flat_i, flat_w = idx[valid], w[valid]
         flat_w = flat_w * flat_w.size / max(flat_w.sum(), 1e-300)
@@ -563,8 +602,14 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
         parts = np.array_split(perm, max(1, int(round(flat_i.size / config.m))))
         rows_i = [flat_i[q] for q in parts]
         rows_w = [flat_w[q] for q in parts]
+    made = len(rows_i)
+    if jit:  # rows still to be selected: padding only, until their step
+        rows_i += [np.zeros(0, dtype=np.int64)] * (P - now)
+        rows_w += [np.zeros(0)] * (P - now)
     batch_idx, batch_w = _pack(rows_i, rows_w)
     check_idx = union if config.check_union else subsets[0]
+    if config.check_size is not None and config.check_size < check_idx.size:
+        check_idx = np.sort(gen.choice(check_idx, size=config.check_size, replace=False))
     on_check = from_numpy(np.searchsorted(union, check_idx), xp, device_of(losses))
     anchor_loss = float(to_numpy(xp.mean(xp.take(losses, on_check, axis=0))))
     if not math.isfinite(anchor_loss):
@@ -579,7 +624,7 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
     quad = quadratic_anchor(quad, anchor_loss, config.quadratic)
     c = dict(state.counters)
     c["forward_examples"] += int(union.size)
-    for p in range(min(config.fit_batches, len(rows_i))):
+    for p in range(min(config.fit_batches, made)):
         bi, bw = rows_i[p], rows_w[p]
         _, g = ops.gradient(bi, bw)
         zhz = ops.hutchinson(bi, bw, int(gen.integers(2**31 - 1)))
@@ -609,9 +654,31 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
     return state._replace(
         need_select=False, want_select=False, n_selections=state.n_selections + 1, cursor=0,
         since_check=state.since_check if reason == "drop" else 0, T1=T1, P=P_next,
-        batch_idx=batch_idx, batch_w=batch_w, check_idx=check_idx, anchor=anchor, quad=quad,
-        h_norm_0=h0, h_norm_t=h_norm, drop=drop, counters=c, log=log,
+        batch_idx=batch_idx, batch_w=batch_w, made=made,
+        subsets=subsets if jit else np.zeros((0, 0), dtype=np.int64), check_idx=check_idx, anchor=anchor,
+        quad=quad, h_norm_0=h0, h_norm_t=h_norm, drop=drop, counters=c, log=log,
     )
+
+
+def _select_next(state: CrestState, ops, config: CrestConfig) -> CrestState:
+    """``coresets="just-in-time"``: select the selection's next coreset from its random subset, at the
+    current parameters; it becomes batch row ``state.made``."""
+    p = state.made
+    gen = np.random.default_rng([state.seed, state.n_selections, p])
+    _, union, losses, idx, valid, w = _coresets(state, ops, config, state.subsets[p : p + 1], gen)
+    (ri,), (rw,) = _coreset_rows(idx, valid, w)
+    bi, bw = state.batch_idx, state.batch_w
+    if ri.size > bi.shape[1]:  # a wider coreset than the padding holds ("ceil" class budgets)
+        bi = np.pad(bi, ((0, 0), (0, ri.size - bi.shape[1])), constant_values=-1)
+        bw = np.pad(bw, ((0, 0), (0, ri.size - bw.shape[1])))
+    else:
+        bi, bw = bi.copy(), bw.copy()
+    bi[p], bw[p] = -1, 0.0
+    bi[p, : ri.size], bw[p, : rw.size] = ri, rw
+    c = dict(state.counters)
+    c["forward_examples"] += int(union.size)
+    drop = drop_record(state.drop, union, to_numpy(losses), state.step) if config.T2 else state.drop
+    return state._replace(batch_idx=bi, batch_w=bw, made=p + 1, counters=c, drop=drop)
 
 
 def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
@@ -698,7 +765,13 @@ def crest_next_batch(state: CrestState, ops: ModelOps, config: CrestConfig):
     if state.need_select:
         state = _select(state, ops, config, reason)
         reselected = True
-    bi, bw = _row(state, state.cursor % state.batch_idx.shape[0])
+    if (state.made < state.batch_idx.shape[0] and state.cursor >= state.made and not state.want_select
+            and _affordable(state, config)):
+        state = _select_next(state, ops, config)  # coresets="just-in-time": this step's coreset, now
+        row = state.made - 1
+    else:  # the next coreset, cycling through those selected when more steps pass than there are
+        row = state.cursor % state.made
+    bi, bw = _row(state, row)
     batch = Batch(bi.copy(), bw.copy(), reselected)
     c = dict(state.counters)  # the batch handed out is the training step the caller takes next
     c["train_steps"] += 1
@@ -759,7 +832,7 @@ def crest_state_dict(state: CrestState) -> dict:
     >>> state = crest_init(CrestConfig(m=2), np.array([0, 1, 0, 1]), seed=3)
     >>> d = crest_state_dict(state)
     >>> d["seed"], d["step"], d["format_version"]
-    (3, 0, 2)
+    (3, 0, 3)
     >>> pickle.loads(pickle.dumps(d))["labels"]  # plain data: any checkpoint format stores it
     array([0, 1, 0, 1])
     """
@@ -776,7 +849,9 @@ def crest_state_dict(state: CrestState) -> dict:
     return d
 
 
-STATE_FORMAT = 2  # 1: before epoch_steps / want_select (filled with defaults on load); 2: format_version
+# 1: before epoch_steps / want_select (filled with defaults on load); 2: format_version; 3: made and
+# subsets (coresets="just-in-time"; a version-2 state has every row made)
+STATE_FORMAT = 3
 
 
 def _bad(msg: str):
@@ -844,8 +919,19 @@ def _validate_state_dict(d: dict, D: int) -> None:
         raise _bad("batch_w must hold finite non-negative weights")
     if np.any((bi < 0) & (bw != 0)):
         raise _bad("batch_w must be 0 on padding slots (batch_idx == -1)")
-    if not need and n_sel > 0 and (bi.shape[0] == 0 or np.any((bi >= 0).sum(axis=1) == 0)):
+    made = _int_of(d, "made")
+    if made > bi.shape[0]:
+        raise _bad(f"made ({made}) exceeds the {bi.shape[0]} stored batch rows")
+    if not need and n_sel > 0 and (made == 0 or np.any((bi[:made] >= 0).sum(axis=1) == 0)):
         raise _bad("the stored batches are empty but no selection is due")
+    if np.any(bi[made:] >= 0):
+        raise _bad(f"batch rows from made ({made}) on must be padding (-1) until they are selected")
+    sub = _host(d["subsets"], "subsets", 2, "i")
+    if sub.size and (sub.shape[0] != bi.shape[0] or sub.min() < 0 or sub.max() >= n):
+        raise _bad(f"subsets must hold one row of example indices in [0, {n}) per batch row "
+                   f"({bi.shape[0]}), got shape {sub.shape}")
+    if made < bi.shape[0] and sub.shape[0] != bi.shape[0]:
+        raise _bad(f"{bi.shape[0] - made} batch rows wait to be selected but subsets has {sub.shape[0]} rows")
     if n_sel > 0 and not need and cursor < 1 and pending:
         raise _bad(f"cursor {cursor} is inconsistent with a pending batch")
     if n_sel == 0 and not need:
@@ -953,6 +1039,9 @@ def crest_load_state_dict(d: dict, params_like) -> CrestState:
     if not isinstance(d, dict):
         raise TypeError(f"d must be a dict (from crest_state_dict), got {type(d).__name__}")
     d = {"want_select": False, "epoch_steps": 0, **d}  # fields added after the first format
+    if "made" not in d and "batch_idx" in d:  # before format 3 every stored row was selected
+        d = {"made": int(np.asarray(d["batch_idx"]).shape[0]) if np.ndim(d["batch_idx"]) == 2 else 0,
+             "subsets": np.zeros((0, 0), dtype=np.int64), **d}
     missing = set(CrestState._fields) - set(d)
     if missing:
         raise ValueError(f"state dict is missing {sorted(missing)}")
@@ -971,6 +1060,8 @@ def crest_load_state_dict(d: dict, params_like) -> CrestState:
         fields["quad"] = QuadraticState(float(q["anchor_loss"]), vec(q["g_ema"]), vec(q["h_ema"]),
                                         int(q["n_g"]), int(q["n_h"]))
     fields["drop"] = DropState(**{k: np.asarray(v).copy() for k, v in d["drop"].items()})  # type: ignore[arg-type]
+    fields["made"] = int(d["made"])
+    fields["subsets"] = np.asarray(d["subsets"], dtype=np.int64).copy()
     fields["counters"] = dict(d["counters"])
     fields["log"] = {k: list(v) for k, v in d["log"].items()}
     return CrestState(**fields)

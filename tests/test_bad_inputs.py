@@ -386,14 +386,16 @@ def test_intact_state_loads_and_continues_identically(saved):
         a, ba = crest_next_batch(a, ops, cfg)
         b, bb = crest_next_batch(b, ops, cfg)
         assert np.array_equal(ba.indices, bb.indices) and np.array_equal(ba.weights, bb.weights)
-    assert d["format_version"] == 2
+    assert d["format_version"] == 3
 
 
 def test_version_1_state_without_new_fields_loads(saved):
     d, ops = saved
-    old = {k: v for k, v in copy.deepcopy(d).items() if k not in ("format_version", "epoch_steps", "want_select")}
+    old = {k: v for k, v in copy.deepcopy(d).items()
+           if k not in ("format_version", "epoch_steps", "want_select", "made", "subsets")}
     st = crest_load_state_dict(old, ops.params())
     assert st.epoch_steps == 0 and st.want_select is False
+    assert st.made == st.batch_idx.shape[0] and st.subsets.size == 0  # every stored row was selected
 
 
 def test_state_from_another_model_is_refused(saved):

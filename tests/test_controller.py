@@ -193,7 +193,8 @@ def test_crest_at_ten_percent_budget_trains_digits(record_property, capsys):
     CrestConfig(m=M, tau=0.02),
     CrestConfig.release(m=M, tau=0.02),
     CrestConfig(m=M, tau=0.02, T2=15, drop=DropConfig(alpha=0.3, window=15, min_records=1, floor=200)),
-], ids=["default", "release", "dropping"])
+    CrestConfig(m=M, tau=0.02, P=8, coresets="just-in-time", check_size=48),
+], ids=["default", "release", "dropping", "just-in-time"])
 def test_save_restore_mid_run_is_exact(cfg):
     k0, k1 = 25, 30
     observe = cfg.T2 is not None
@@ -814,3 +815,124 @@ def test_a_loss_mean_that_overflows_is_reported_as_divergence():
     ops.level = 10.0
     with pytest.raises(FloatingPointError, match="step 1"):
         crest_next_batch(state, ops, cfg)
+
+
+# ------------------------------------------------------------------------------------------------
+# coresets="just-in-time" and check_size
+# ------------------------------------------------------------------------------------------------
+def test_just_in_time_coreset_p_is_selected_from_subset_p_at_the_parameters_of_step_p():
+    """The P subsets are the anchor's draw; coreset p is what facility location picks from V_p with the
+    features of the parameters at step p, after that step's check; the anchor's check set is V_1."""
+    from crestcore.minibatch import draw_subsets
+
+    Xtr, ytr, _, _ = digits()
+    P, seed = 5, 4
+    cfg = CrestConfig(m=M, P=P, T1=1, tau=1e9, coresets="just-in-time")  # no check ever fails
+    ops = SoftmaxOps(Xtr, ytr)
+    state = crest_init(cfg, ytr, seed=seed)
+    r = max(10 * math.ceil(0.01 * ytr.size / 10), 4 * M)
+    V = draw_subsets(ytr, np.arange(ytr.size), r, P, np.random.default_rng([seed, 0]))
+    for k in range(P + 3):
+        W_now = ops.W.copy()
+        n_calls = len(ops.calls["outputs"])
+        state, batch = crest_next_batch(state, ops, cfg)
+        calls = ops.calls["outputs"][n_calls:]
+        if k < P:  # a coreset of its own, from V_k, at this step's parameters
+            assert state.made == k + 1 and calls[-1].tolist() == V[k].tolist()
+            Z = Xtr[V[k]] @ W_now
+            feats = cc.last_layer_gradients(Z, ytr[V[k]])
+            want = cc.minibatch_coresets(feats, ytr[V[k]], m=M, r=r, P=1, rng=np.random.default_rng(0),
+                                         subsets=np.arange(r)[None, :])
+            picked = V[k][np.asarray(want.indices[0])]
+            assert sorted(batch.indices.tolist()) == sorted(picked.tolist())
+        else:  # all P made: they are cycled, nothing more is forwarded but the checks
+            assert state.made == P and all(c.tolist() == V[0].tolist() for c in calls)
+            np.testing.assert_array_equal(batch.indices, state.batch_idx[k % P][state.batch_idx[k % P] >= 0])
+        if k:  # every step after the first checks on V_1
+            assert calls[0].tolist() == V[0].tolist()
+        _, g = ops.loss_grad(batch.indices, batch.weights)
+        ops.W -= LR * g.reshape(ops.W.shape)
+    assert state.counters["selections"] == 1
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_a_selection_cut_short_forwards_only_the_subsets_it_used(lib):
+    """Every check fails: at-anchor forwards P subsets per selection, just-in-time one; the counters
+    hold every example forwarded either way."""
+    levels = [1.0, 1.5, 0.6, 2.0, 0.8, 1.9, 0.5]
+    spent = {}
+    for mode in ("at-anchor", "just-in-time"):
+        cfg = CrestConfig(m=4, r=12, P=3, T1=1, tau=0.01, coresets=mode)
+        ops = FakeOps(_labels(), lib=lib)
+        state, rec = _run_trace(cfg, levels, ops)
+        c = state.counters
+        assert c["selections"] == len(levels)  # each check failed
+        assert c["forward_examples"] == (ops.n["outputs_examples"] + ops.n["gradient_examples"]
+                                         + ops.n["hutchinson_examples"])
+        sel_examples = ops.n["outputs_examples"] - 12 * c["checks"]
+        spent[mode] = sel_examples
+        if mode == "just-in-time":  # V_1 alone (r = 12 distinct examples) per selection
+            assert sel_examples == 12 * c["selections"]
+    assert spent["just-in-time"] * 2 < spent["at-anchor"]
+
+
+def test_check_size_measures_the_check_on_a_random_part_of_v1():
+    Xtr, ytr, _, _ = digits()
+    cfg = CrestConfig(m=M, check_size=40, tau=0.02)
+    ops, state = train_crest(cfg, 0, 30)
+    from crestcore.minibatch import draw_subsets
+
+    assert state.check_idx.size == 40 and np.all(np.diff(state.check_idx) > 0)
+    # the check set of the first selection is inside its V_1
+    first = crest_init(cfg, ytr, seed=0)
+    first, _ = crest_next_batch(first, SoftmaxOps(Xtr, ytr), cfg)
+    r = max(10 * math.ceil(0.01 * ytr.size / 10), 4 * M)
+    V1 = draw_subsets(ytr, np.arange(ytr.size), r, cfg.P, np.random.default_rng([0, 0]))[0]
+    assert first.check_idx.size == 40 and np.isin(first.check_idx, V1).all()
+    assert first.quad.anchor_loss == pytest.approx(
+        float(np.mean(cc.cross_entropy(np.zeros((40, 10)), ytr[first.check_idx]))))
+    assert CrestConfig(m=M, check_size=10_000).check_size == 10_000  # larger than V_1: all of V_1
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(coresets="lazy"), "coresets"),
+    (dict(coresets="just-in-time", batches="shuffled-union"), "batches='coreset'"),
+    (dict(coresets="just-in-time", check_union=True), "check_union"),
+    (dict(check_size=0), "check_size"),
+])
+def test_bad_just_in_time_configs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CrestConfig(**kwargs)
+
+
+def test_release_and_paper_select_every_coreset_at_the_anchor():
+    assert CrestConfig.release().coresets == CrestConfig.paper().coresets == "at-anchor"
+    assert CrestConfig.release().check_size is CrestConfig.paper().check_size is None
+
+
+def test_a_state_saved_between_just_in_time_coresets_restores_exactly():
+    cfg = CrestConfig(m=M, P=6, tau=1e9, coresets="just-in-time")
+    ops, state = train_crest(cfg, 1, 3)
+    assert 0 < state.made < state.batch_idx.shape[0]  # saved with coresets still to select
+    saved = copy.deepcopy(crest_state_dict(state))
+    W = ops.W.copy()
+    ops_a, state_a = train_crest(cfg, 1, 6, ops=ops, state=state)
+    Xtr, ytr, _, _ = digits()
+    ops_b = SoftmaxOps(Xtr, ytr)
+    ops_b.W = W
+    ops_b, state_b = train_crest(cfg, 1, 6, ops=ops_b, state=crest_load_state_dict(saved, ops_b.params()))
+    np.testing.assert_array_equal(ops_a.W, ops_b.W)
+    np.testing.assert_array_equal(state_a.batch_idx, state_b.batch_idx)
+    assert state_a.counters == state_b.counters
+    bad = copy.deepcopy(saved)
+    bad["batch_idx"][-1, 0] = 3  # a row not selected yet must still be padding
+    with pytest.raises(ValueError, match="padding"):
+        crest_load_state_dict(bad, ops_b.params())
+    bad = copy.deepcopy(saved)
+    bad["subsets"] = bad["subsets"][:1]
+    with pytest.raises(ValueError, match="subsets"):
+        crest_load_state_dict(bad, ops_b.params())
+    bad = copy.deepcopy(saved)
+    bad["made"] = 99
+    with pytest.raises(ValueError, match="made"):
+        crest_load_state_dict(bad, ops_b.params())

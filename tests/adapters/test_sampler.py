@@ -239,3 +239,33 @@ def test_the_checks_examples_are_loaded_once_per_selection():
         assert torch.equal(p, q)
     with pytest.raises(ValueError, match="cache_bytes"):
         CrestLoader(mlp(), Flip(X, y), measure_cache_bytes=-1, **CFG)
+
+
+def test_a_pass_over_examples_a_recent_pass_read_takes_their_rows_without_loading_them():
+    """Subsets of a kept pass (the check's examples and the fitted coresets inside a selection's forward)
+    are served in any order from its rows: no ``__getitem__``, the same inputs, random transforms included."""
+    from crestcore.adapters.torch import TorchModelOps
+
+    class Noisy(Flip):
+        reads = 0
+
+        def __getitem__(self, i):
+            type(self).reads += 1
+            x, t = super().__getitem__(i)
+            return x + torch.randn(()), t  # a random per-item transform: re-reading changes the input
+
+    X, y = make_data()
+    seen = []
+    ops = TorchModelOps(mlp(), Noisy(X, y), batch_size=7, forward=lambda mdl, b: (seen.append(b[0]), mdl(b[0]))[1])
+    first = np.array([9, 3, 50, 4, 17, 28, 60, 1, 2, 33])
+    ops.outputs(first)
+    rows = dict(zip(first.tolist(), torch.cat(seen)))
+    Noisy.reads, seen[:] = 0, []
+    subset = np.array([17, 1, 9, 33])  # other order, other batch split
+    ops.outputs(subset)
+    assert Noisy.reads == 0
+    got = torch.cat(seen)
+    assert all(torch.equal(got[k], rows[int(i)]) for k, i in enumerate(subset))
+    Noisy.reads = 0
+    ops.outputs(np.array([17, 5]))  # 5 was never read: a pass of its own
+    assert Noisy.reads == 2
