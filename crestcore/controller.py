@@ -472,8 +472,8 @@ def crest_init(config: CrestConfig, labels, *, seed: int, epoch_steps: int | Non
         seed=int(seed), labels=lab, n_classes=C, step=0, since_check=0, T1=config.T1, P=config.P,
         need_select=True, want_select=False, pending=False, n_selections=0, cursor=0,
         batch_idx=np.zeros((0, config.m), dtype=np.int64), batch_w=np.zeros((0, config.m)), made=0,
-        subsets=np.zeros((0, 0), dtype=np.int64), check_idx=np.zeros(0, dtype=np.int64), anchor=None, quad=None, h_norm_0=math.nan,
-        h_norm_t=math.nan, drop=drop_init(n, config.drop), counters=_counters(),
+        subsets=np.zeros((0, 0), dtype=np.int64), check_idx=np.zeros(0, dtype=np.int64), anchor=None, quad=None,
+        h_norm_0=math.nan, h_norm_t=math.nan, drop=drop_init(n, config.drop), counters=_counters(),
         epoch_steps=int(epoch_steps or 0), log={"selections": [], "checks": [], "drops": []},
     )
 
