@@ -204,12 +204,17 @@ def add_grad(loss, params, acc) -> None:
             s.add_(g)
 
 
-def add_hvp(loss, params, vectors, acc) -> None:
-    """Add ``H v`` of ``loss`` w.r.t. ``params`` (double backward) into the tensors ``acc``, in place.
+def add_hvp(loss, params, vectors, acc, grad_acc=None) -> None:
+    """Add ``H v`` of ``loss`` w.r.t. ``params`` (double backward) into the tensors ``acc``, in place;
+    with ``grad_acc``, add the gradient (the first backward's, no extra pass) into it too.
 
     ``vectors`` are shaped like ``params``; a loss that is linear in every parameter adds nothing.
     """
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    if grad_acc is not None:
+        for s, g in zip(grad_acc, grads):
+            if g is not None:
+                s.add_(g.detach())
     dot = None
     for g, v in zip(grads, vectors):
         if g is not None and g.requires_grad:
@@ -835,20 +840,48 @@ class TorchModelOps:
         >>> bool(torch.allclose(estimate, exact, atol=0.1))
         True
         """
-        idx, w = _common.weighted_examples(indices, weights, self.n, "hutchinson")
+        return self._probe(indices, weights, seed, "hutchinson", with_gradient=False)[2]
+
+    def gradient_and_hutchinson(self, indices, weights, seed: int):
+        """``(loss, flat gradient, z * (H z))``: :meth:`gradient` and :meth:`hutchinson` from one forward
+        and the one backward the Hessian-vector product needs anyway (the controller's model fit calls
+        this when an adapter has it: one forward and one backward fewer per fitted coreset).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import torch
+        >>> ops = TorchModelOps(torch.nn.Linear(4, 2), _example_data())  # 16 random points of 4 features
+        >>> idx, w = np.array([0, 3, 5]), np.array([1.0, 2.0, 0.5])
+        >>> loss, grad, probe = ops.gradient_and_hutchinson(idx, w, seed=1)
+        >>> bool(torch.equal(grad, ops.gradient(idx, w)[1])), bool(torch.equal(probe, ops.hutchinson(idx, w, 1)))
+        (True, True)
+        """
+        return self._probe(indices, weights, seed, "gradient_and_hutchinson", with_gradient=True)
+
+    def _probe(self, indices, weights, seed: int, what: str, with_gradient: bool):
+        idx, w = _common.weighted_examples(indices, weights, self.n, what)
         params = self._trainable()
         z = self.rademacher(seed)
         zs = [t.view_as(p) for t, p in zip(torch.split(z, [p.numel() for p in params]), params)]
         acc = [torch.zeros_like(p, dtype=_wide(p).dtype) for p in params]  # half grads summed in float32
+        gacc = [torch.zeros_like(p, dtype=_wide(p).dtype) for p in params] if with_gradient else None
+        total = 0.0
         dev = self.device
         with self._measuring(), torch.enable_grad(), _double_backward_attention():
             for (a, b), batch in self._batches(idx, dev):
                 part, ell = self._weighted_losses(batch, idx, w, a, b, idx.size)
                 self._check_finite(ell.detach(), "losses")
-                add_hvp(part, params, zs, acc)
+                add_hvp(part, params, zs, acc, grad_acc=gacc)
+                if gacc is not None:
+                    total += float(part.detach())
         out = _wide(z) * _wide(torch.cat([h.reshape(-1) for h in acc]))
         self._check_finite(out, "Hessian-vector products")
-        return out
+        if gacc is None:
+            return total, None, out
+        flat = _wide(torch.cat([g.reshape(-1) for g in gacc]))
+        self._check_finite(flat, "gradients")
+        return total, flat, out
 
 
 # ------------------------------------------------------------------------------------------------

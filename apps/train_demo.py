@@ -479,13 +479,15 @@ class OpsTimer:
     """
 
     CATEGORIES = ("select_forward", "select_solve", "model_fit", "checks", "drops", "data")
+    FITS = ("gradient", "hutchinson", "gradient_and_hutchinson")  # the model fit's calls
 
     def __init__(self, ops, sync: Callable[[], None] | None = None):
         self.ops = ops
         self.sync = sync or (lambda: None)
         self.events: list[tuple[str, float]] = []
-        for name in ("outputs", "gradient", "hutchinson", "params"):
-            setattr(ops, name, self._wrap(name, getattr(ops, name)))
+        for name in ("outputs", "gradient", "hutchinson", "params", "gradient_and_hutchinson"):
+            if getattr(ops, name, None) is not None:
+                setattr(ops, name, self._wrap(name, getattr(ops, name)))
 
     def _wrap(self, name, fn):
         def timed(*args, **kwargs):
@@ -527,7 +529,7 @@ class OpsTimer:
         """
         out = dict.fromkeys(self.CATEGORIES, 0.0)
         ev = self.events
-        first_fit = next((i for i, (n, _) in enumerate(ev) if n in ("gradient", "hutchinson")), None)
+        first_fit = next((i for i, (n, _) in enumerate(ev) if n in self.FITS), None)
         sel_out = None
         if selected:
             cands = [i for i, (n, _) in enumerate(ev) if n == "outputs" and (first_fit is None or i < first_fit)]
@@ -535,7 +537,7 @@ class OpsTimer:
         spent = 0.0
         for i, (n, dt) in enumerate(ev):
             spent += dt
-            if n in ("gradient", "hutchinson"):
+            if n in self.FITS:
                 out["model_fit"] += dt
             elif n == "outputs":
                 out["select_forward" if i == sel_out else "checks"] += dt

@@ -86,7 +86,9 @@ CORESETS = ("at-anchor", "just-in-time")
 class ModelOps(Protocol):
     """What an adapter supplies (see the module docstring). Optionally it may also define
     ``coresets(features, labels, **kw)`` with :func:`crestcore.minibatch_coresets`'s signature and
-    result; the controller then selects through it (the distributed adapter shards the problems so).
+    result; the controller then selects through it (the distributed adapter shards the problems so);
+    and ``gradient_and_hutchinson(indices, weights, seed)`` -> ``(loss, gradient, z * (H z))``, equal
+    to the two calls, from one forward: the model fit then uses it.
 
     Examples
     --------
@@ -624,14 +626,20 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
     quad = quadratic_anchor(quad, anchor_loss, config.quadratic)
     c = dict(state.counters)
     c["forward_examples"] += int(union.size)
+    fused = getattr(ops, "gradient_and_hutchinson", None)
     for p in range(min(config.fit_batches, made)):
         bi, bw = rows_i[p], rows_w[p]
-        _, g = ops.gradient(bi, bw)
-        zhz = ops.hutchinson(bi, bw, int(gen.integers(2**31 - 1)))
+        seed = int(gen.integers(2**31 - 1))
+        if fused is not None:  # one forward; the probe's first backward gives the gradient
+            _, g, zhz = fused(bi, bw, seed)
+            c["forward_examples"] += bi.size
+            c["backward_examples"] += 2 * bi.size
+        else:  # gradient: one forward + one backward; Hessian-vector product: its own forward and a double backward
+            _, g = ops.gradient(bi, bw)
+            zhz = ops.hutchinson(bi, bw, seed)
+            c["forward_examples"] += 2 * bi.size
+            c["backward_examples"] += 3 * bi.size
         quad = quadratic_update(quad, g, zhz, config.quadratic)
-        # gradient: one forward + one backward; Hessian-vector product: one more (double) backward
-        c["forward_examples"] += 2 * bi.size
-        c["backward_examples"] += 3 * bi.size
     hx = namespace(anchor)
     h_norm = float(to_numpy(hx.sqrt(hx.sum(quadratic_curvature(quad, config.quadratic) ** 2))))
     # The schedule (Algorithm 1: T1 <- h ||H_0|| / ||H_t||, P <- b T1) is set from the curvature measured

@@ -610,3 +610,22 @@ def test_hessian_probes_through_scaled_dot_product_attention():
     ops = TorchModelOps(Attn().double(), TensorDataset(X.double(), y))
     h = ops.hutchinson(np.arange(30), np.ones(30), seed=3)
     assert h.shape == ops.params().shape and bool(torch.isfinite(h).all())
+
+
+@pytest.mark.parametrize("batch_size", [7, 64])
+def test_gradient_and_hutchinson_in_one_pass_equals_the_two_calls(batch_size):
+    """The model fit's fused call: the same loss, gradient and probe, bit for bit, as gradient() and
+    hutchinson(), for a convolutional net with batch norm, over several measurement batches."""
+    g = torch.Generator().manual_seed(3)
+    X, y = torch.randn(90, 1, 8, 8, generator=g), torch.randint(0, 3, (90,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
+    model.train()(X[:32])  # running statistics off their defaults
+    ops = TorchModelOps(model, TensorDataset(X, y), batch_size=batch_size)
+    idx, w = np.arange(1, 90, 3), np.random.default_rng(1).random(30)
+    loss, grad = ops.gradient(idx, w)
+    probe = ops.hutchinson(idx, w, seed=11)
+    l2, g2, p2 = ops.gradient_and_hutchinson(idx, w, seed=11)
+    assert l2 == pytest.approx(loss, rel=1e-12)
+    assert torch.equal(g2, grad) and torch.equal(p2, probe)
+    assert model.training  # the mode (and the buffers) are restored
