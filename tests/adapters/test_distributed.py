@@ -58,11 +58,14 @@ def make_model():
     return nn.Sequential(nn.Linear(D_IN, 24), nn.Tanh(), nn.Linear(24, C)).double()
 
 
-def make_config():
+def make_config(jit=None):
     # small tau and T1: several trust checks and reselections in 40 steps; dropping on (merged losses);
-    # embeddings on (logits and embeddings gathered together)
+    # embeddings on (logits and embeddings gathered together). CREST_TEST_JIT=1 (a job's ranks): coresets
+    # selected just in time, the check on 30 examples
+    jit = os.environ.get("CREST_TEST_JIT") == "1" if jit is None else jit
+    extra = dict(coresets="just-in-time", check_size=30) if jit else {}
     return CrestConfig(m=M, r=60, P=3, T1=2, tau=0.02, h=1.0, b=2.0, T2=8, embeddings=True,
-                       drop=DropConfig(alpha=0.3, window=8, min_records=1))
+                       drop=DropConfig(alpha=0.3, window=8, min_records=1), **extra)
 
 
 def make_opt(model):
@@ -362,6 +365,18 @@ def job(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def job_jit(tmp_path_factory):
+    """The training job with ``coresets="just-in-time"`` and ``check_size``."""
+    out = tmp_path_factory.mktemp("ddp-jit")
+    assert_all_ranks_ok(launch("train", out, env_extra={"CREST_TEST_JIT": "1"}))
+    ranks = []
+    for rank in range(2):
+        with open(out / f"rank{rank}.pkl", "rb") as f:
+            ranks.append(pickle.load(f))
+    return ranks
+
+
+@pytest.fixture(scope="module")
 def single():
     """The same run in one process with the single-process CrestLoader."""
     before = torch.get_num_threads()
@@ -369,8 +384,8 @@ def single():
     try:
         X, y = make_data()
         model = make_model()
-        loader = CrestLoader(model, TensorDataset(X, y), config=make_config(), budget=BUDGET, epochs=EPOCHS,
-                             seed=SEED)
+        loader = CrestLoader(model, TensorDataset(X, y), config=make_config(jit=False), budget=BUDGET,
+                             epochs=EPOCHS, seed=SEED)
         records: list = []
         train(loader, model, make_opt(model), records)
         params = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
@@ -657,3 +672,29 @@ def test_a_stuck_rank_times_out_with_a_clear_error(tmp_path):
 
 if __name__ == "__main__":
     _worker_main(sys.argv[1:])
+
+
+def test_just_in_time_coresets_under_ddp_are_the_single_process_ones(job_jit):
+    """coresets="just-in-time": every rank forwards and solves coreset p at step p in lockstep; the ranks
+    agree, and their batches together are the single-process loader's."""
+    r0, r1 = job_jit
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        X, y = make_data()
+        model = make_model()
+        loader = CrestLoader(model, TensorDataset(X, y), config=make_config(jit=True), budget=BUDGET,
+                             epochs=EPOCHS, seed=SEED)
+        records: list = []
+        train(loader, model, make_opt(model), records)
+    finally:
+        torch.set_num_threads(before)
+    assert len(r0["records"]) == len(r1["records"]) == len(records)
+    for a, b, one in zip(r0["records"], r1["records"], records):
+        for key in ("idx", "w", "batch_idx", "batch_w"):
+            assert np.array_equal(a[key], b[key]), (key, a["pos"])
+        assert np.array_equal(a["idx"], one["idx"]) and np.array_equal(a["w"], one["w"])
+        assert sorted(np.concatenate([a["local_idx"], b["local_idx"]]).tolist()) == sorted(one["idx"].tolist())
+    # more solves than selections: the coresets made at their steps
+    assert r0["stats"]["distributed"]["sharded_solves"] > len(r0["stats"]["selections"]) + 2
+    np.testing.assert_array_equal(r0["params"], r1["params"])
