@@ -353,38 +353,34 @@ def assert_all_ranks_ok(results):
                                for rank, (code, err) in enumerate(results))
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    assert_all_ranks_ok(launch("train", out))
+def _train_job(out: Path, env_extra: dict | None = None) -> list:
+    assert_all_ranks_ok(launch("train", out, env_extra=env_extra))
     ranks = []
     for rank in range(2):
         with open(out / f"rank{rank}.pkl", "rb") as f:
             ranks.append(pickle.load(f))
     return ranks
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    return _train_job(tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.fixture(scope="module")
 def job_jit(tmp_path_factory):
     """The training job with ``coresets="just-in-time"`` and ``check_size``."""
-    out = tmp_path_factory.mktemp("ddp-jit")
-    assert_all_ranks_ok(launch("train", out, env_extra={"CREST_TEST_JIT": "1"}))
-    ranks = []
-    for rank in range(2):
-        with open(out / f"rank{rank}.pkl", "rb") as f:
-            ranks.append(pickle.load(f))
-    return ranks
+    return _train_job(tmp_path_factory.mktemp("ddp-jit"), {"CREST_TEST_JIT": "1"})
 
 
-@pytest.fixture(scope="module")
-def single():
-    """The same run in one process with the single-process CrestLoader."""
+def _single_run(jit: bool) -> dict:
+    """The training job's run in one process with the single-process CrestLoader."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         X, y = make_data()
         model = make_model()
-        loader = CrestLoader(model, TensorDataset(X, y), config=make_config(jit=False), budget=BUDGET,
+        loader = CrestLoader(model, TensorDataset(X, y), config=make_config(jit=jit), budget=BUDGET,
                              epochs=EPOCHS, seed=SEED)
         records: list = []
         train(loader, model, make_opt(model), records)
@@ -392,6 +388,11 @@ def single():
         return {"records": records, "stats": loader.stats, "params": params}
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def single():
+    return _single_run(jit=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -670,25 +671,12 @@ def test_a_stuck_rank_times_out_with_a_clear_error(tmp_path):
     assert elapsed < 60
 
 
-if __name__ == "__main__":
-    _worker_main(sys.argv[1:])
-
 
 def test_just_in_time_coresets_under_ddp_are_the_single_process_ones(job_jit):
     """coresets="just-in-time": every rank forwards and solves coreset p at step p in lockstep; the ranks
     agree, and their batches together are the single-process loader's."""
     r0, r1 = job_jit
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        X, y = make_data()
-        model = make_model()
-        loader = CrestLoader(model, TensorDataset(X, y), config=make_config(jit=True), budget=BUDGET,
-                             epochs=EPOCHS, seed=SEED)
-        records: list = []
-        train(loader, model, make_opt(model), records)
-    finally:
-        torch.set_num_threads(before)
+    records = _single_run(jit=True)["records"]
     assert len(r0["records"]) == len(r1["records"]) == len(records)
     for a, b, one in zip(r0["records"], r1["records"], records):
         for key in ("idx", "w", "batch_idx", "batch_w"):
@@ -698,3 +686,8 @@ def test_just_in_time_coresets_under_ddp_are_the_single_process_ones(job_jit):
     # more solves than selections: the coresets made at their steps
     assert r0["stats"]["distributed"]["sharded_solves"] > len(r0["stats"]["selections"]) + 2
     np.testing.assert_array_equal(r0["params"], r1["params"])
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1:])
+
