@@ -502,7 +502,7 @@ class OpsTimer:
         timed.__wrapped__ = fn
         return timed
 
-    def attribute(self, total: float, selected: bool, checked: bool, dropped: bool) -> dict:
+    def attribute(self, total: float, selected: bool, checked: bool, dropped: bool, made: bool = False) -> dict:
         """Split ``total`` seconds of one ``next(loader)`` (whose ops calls are in ``events``) into
         categories, then clear the events.
 
@@ -511,7 +511,9 @@ class OpsTimer:
         first ``gradient`` is the selection's forward and earlier ones are checks; without one, every
         ``outputs`` is a check. The time outside the ops calls goes to the selection's solve (features,
         facility location, subsets) when a selection ran, else to the check (the quadratic model's
-        prediction), else to the drop decision, else to loading the batch (``data``).
+        prediction), else to the drop decision, else to loading the batch (``data``). With ``made``
+        (``coresets="just-in-time"`` selected this step's coreset, no selection ran) the last ``outputs``
+        is that coreset's forward and the rest of the time is its solve.
 
         Examples
         --------
@@ -531,7 +533,7 @@ class OpsTimer:
         ev = self.events
         first_fit = next((i for i, (n, _) in enumerate(ev) if n in self.FITS), None)
         sel_out = None
-        if selected:
+        if selected or made:
             cands = [i for i, (n, _) in enumerate(ev) if n == "outputs" and (first_fit is None or i < first_fit)]
             sel_out = cands[-1] if cands else None
         spent = 0.0
@@ -544,7 +546,7 @@ class OpsTimer:
             else:  # params(): a copy of the weights, at an anchor or a check
                 out["select_solve" if selected else "checks"] += dt
         rest = max(0.0, total - spent)
-        key = "select_solve" if selected else "checks" if checked else "drops" if dropped else "data"
+        key = "select_solve" if selected or made else "checks" if checked else "drops" if dropped else "data"
         out[key] += rest
         self.events = []
         return out
@@ -696,7 +698,7 @@ def train_method(method: str, data, s: TrainSettings, *, progress: bool = True, 
         bd.update(select_forward=0.0, select_solve=0.0)
         if method == "prune":
             bd["observe"] = 0.0
-    counts = {"selections": 0, "fits": 0, "checks": 0, "drop_decisions": 0}
+    counts = {"selections": 0, "fits": 0, "checks": 0, "drop_decisions": 0, "coresets_made": 0}
     eval_at = eval_steps(total, s.evals)
     wall = 0.0
     curve = [{"step": 0, "wall": 0.0, "acc": evaluate(model, x_te, y_te, device), "updates": 0}]
@@ -712,6 +714,7 @@ def train_method(method: str, data, s: TrainSettings, *, progress: bool = True, 
         if loader is not None:
             c0 = dict(loader.controller_state.counters)
             d0 = len(loader.controller_state.log["drops"])
+            made0 = loader.controller_state.made
             xb, yb, wb = next(batch_iter)
             sync()
             t1 = time.perf_counter()
@@ -719,8 +722,10 @@ def train_method(method: str, data, s: TrainSettings, *, progress: bool = True, 
             sel = c1["selections"] > c0["selections"]
             chk = c1["checks"] > c0["checks"]
             drp = len(loader.controller_state.log["drops"]) > d0
-            for k, v in timer.attribute(t1 - t0, sel, chk, drp).items():
+            made = not sel and loader.controller_state.made > made0  # coresets="just-in-time"
+            for k, v in timer.attribute(t1 - t0, sel, chk, drp, made=made).items():
                 bd[k] += v
+            counts["coresets_made"] += int(made)
             counts["selections"] += int(sel)
             counts["fits"] += int(sel)
             counts["checks"] += c1["checks"] - c0["checks"]

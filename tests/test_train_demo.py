@@ -177,6 +177,15 @@ def test_ops_timer_attribution():
     assert out["data"] == pytest.approx(0.3)
     out = t.attribute(0.3, selected=False, checked=False, dropped=True)
     assert out["drops"] == pytest.approx(0.3)
+    # coresets="just-in-time": a check, then this step's coreset (its forward and its solve)
+    t.events = [("outputs", 1.0), ("params", 0.1), ("outputs", 2.0)]
+    out = t.attribute(4.0, selected=False, checked=True, dropped=False, made=True)
+    assert out["checks"] == pytest.approx(1.1) and out["select_forward"] == pytest.approx(2.0)
+    assert out["select_solve"] == pytest.approx(0.9) and out["model_fit"] == 0.0
+    # the fused model fit is a fit
+    t.events = [("outputs", 2.0), ("gradient_and_hutchinson", 3.0)]
+    out = t.attribute(6.0, selected=True, checked=False, dropped=False)
+    assert out["select_forward"] == pytest.approx(2.0) and out["model_fit"] == pytest.approx(3.0)
 
 
 # ---------------------------------------------------------------------------------------------------
