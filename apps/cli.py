@@ -219,7 +219,7 @@ def _cmd_training_demo(ns: argparse.Namespace) -> int:
         _err("--keras-backend needs --framework keras")
         return 2
     if ns.framework == "keras":
-        from .keras_demo import METHODS as KERAS_METHODS, run_keras_comparison  # imports no keras
+        from .keras_demo import DEFAULT_METHODS as KERAS_DEFAULT, METHODS as KERAS_METHODS, run_keras_comparison
 
         other = [m for m in methods if m not in KERAS_METHODS]
         if ns.methods is not None and other:
@@ -230,7 +230,7 @@ def _cmd_training_demo(ns: argparse.Namespace) -> int:
         try:
             run_keras_comparison(
                 ns.out if ns.out is not None else "./crest-keras-demo-out", settings=s,
-                methods=methods if ns.methods is not None else KERAS_METHODS,
+                methods=methods if ns.methods is not None else KERAS_DEFAULT,
                 backend=backend, progress=not ns.no_progress, root=ns.root,
                 n_train=ns.limit_train, n_test=ns.limit_test,
             )

@@ -43,7 +43,8 @@ from .train_demo import (
 )
 
 #: the methods the Keras comparison trains (the baselines run through the PyTorch demo only)
-METHODS = ("full", "random", "crest", "crest-drop")
+METHODS = ("full", "sgd-budget", "random", "crest", "crest-drop")
+DEFAULT_METHODS = ("full", "random", "crest", "crest-drop")  # the PyTorch demo's default four
 
 __all__ = ["run_keras_comparison", "train_keras_method", "load_keras_data", "build_keras_cnn", "import_keras",
            "keras_environment"]
@@ -258,14 +259,17 @@ def train_keras_method(method: str, data, s: TrainSettings, *, backend: str | No
             raise RuntimeError(f"CrestCallback plans {crest.steps_per_epoch} steps per epoch, expected {spe}")
         dataset = crest.dataset
     else:
-        gen = np.random.default_rng([s.seed, 11 if method == "full" else 13])
+        gen = np.random.default_rng([s.seed, 13 if method == "random" else 11])
         batches = []
-        for _ in range(s.epochs):  # the PyTorch demo's index sequence
-            if method == "full":
-                perm = gen.permutation(n)
-            else:  # a fresh uniformly random subset of spe * m examples each epoch
+        if method == "random":  # a fresh uniformly random subset of spe * m examples each epoch
+            for _ in range(s.epochs):
                 perm = gen.choice(n, size=min(n, spe * m), replace=False)
-            batches.extend([perm[a:a + m] for a in range(0, perm.size, m)][:spe])
+                batches.extend([perm[a:a + m] for a in range(0, perm.size, m)][:spe])
+        else:  # full data, shuffled each pass; sgd-budget: the full run's first `total` batches
+            while len(batches) < total:
+                perm = gen.permutation(n)
+                batches.extend([perm[a:a + m] for a in range(0, perm.size, m)])
+            batches = batches[:total]
         dataset = _index_batches(keras, x_tr, y_tr, batches, spe)
 
     rec = _recorder(keras, model, x_te, y_te, total, eval_steps(total, s.evals), crest,
@@ -387,7 +391,7 @@ def run_keras_comparison(
     out="./crest-keras-demo-out",
     *,
     settings: TrainSettings | None = None,
-    methods=METHODS,
+    methods=DEFAULT_METHODS,
     backend: str | None = None,
     progress: bool = True,
     root=None,

@@ -748,3 +748,29 @@ def test_torch_backend_suite_in_subprocess():
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE)],
                          env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+
+
+def test_keras_demo_sgd_budget_trains_the_full_runs_first_batches():
+    """sgd-budget (SGD-dagger): the full data's shuffled batches, stopped after the budget's steps."""
+    from crestcore.apps import keras_demo
+    from crestcore.apps.train_demo import TrainSettings
+
+    y = np.arange(160) % 10
+    x = (np.random.default_rng(0).normal(size=(160, 28, 28, 1)) + y[:, None, None, None] / 5).astype("float32")
+    seen = {}
+    real = keras_demo._index_batches
+
+    def spy(keras_, x_, y_, batches, spe):
+        seen[current] = [b.tolist() for b in batches]
+        return real(keras_, x_, y_, batches, spe)
+
+    keras_demo._index_batches = spy
+    try:
+        for current in ("full", "sgd-budget"):
+            s = TrainSettings(epochs=3, budget=0.25, m=16, evals=1, threads=1)
+            rec = keras_demo.train_keras_method(current, (x, y, x[:20], y[:20]), s, progress=False)
+            assert rec["steps"] == {"full": 30, "sgd-budget": 9}[current]
+    finally:
+        keras_demo._index_batches = real
+    assert len(seen["sgd-budget"]) == 9 and seen["sgd-budget"] == seen["full"][:9]
+    assert sorted(sum(seen["full"][:10], [])) == list(range(160))  # one full pass: every example once
