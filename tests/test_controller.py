@@ -959,3 +959,37 @@ def test_an_adapters_fused_gradient_and_probe_is_used_and_counted_once():
     ca, cb = st_a.counters, st_b.counters
     assert ca["forward_examples"] - cb["forward_examples"] == fits * M
     assert ca["backward_examples"] - cb["backward_examples"] == fits * M
+
+
+@settings(deadline=None, max_examples=12)
+@given(
+    jit=st.booleans(), drop=st.booleans(), cap=st.sampled_from([None, 0.5, 2.0]),
+    tau=st.sampled_from([0.005, 0.05, 1.0]), P=st.integers(1, 6), check_size=st.sampled_from([None, 20]),
+    cut=st.integers(1, 39),
+)
+def test_any_schedule_accounts_every_forward_and_resumes_exactly(jit, drop, cap, tau, P, check_size, cut):
+    """Whatever the options (just-in-time or at-anchor coresets, dropping, a cost cap, the check's size):
+    the counters hold every example the ops were asked to forward, without a cap every batch comes from
+    the pool of its step, and a state saved at any step continues exactly as the run that never stopped."""
+    Xtr, ytr, _, _ = digits()
+    extra = dict(T2=10, drop=DropConfig(alpha=0.3, window=10, min_records=1, floor=300)) if drop else {}
+    cfg = CrestConfig(m=M, P=P, T1=1, tau=tau, max_overhead=cap, check_size=check_size,
+                      coresets="just-in-time" if jit else "at-anchor", **extra)
+    record: list = []
+    ops, state = train_crest(cfg, 7, cut, observe=drop, record=record)
+    saved = copy.deepcopy(crest_state_dict(state))
+    W = ops.W.copy()
+    ops_a, state_a = train_crest(cfg, 7, 40 - cut, ops=ops, state=state, observe=drop, record=record)
+    c = state_a.counters
+    outputs = sum(int(i.size) for i in ops_a.calls["outputs"])
+    # the rest are the model fits: a gradient and a probe, 2 forwards and 3 backwards per example
+    assert 3 * (c["forward_examples"] - outputs) == 2 * c["backward_examples"]
+    if cap is None:
+        for batch, active_then, _ in record:
+            assert np.all(active_then[batch.indices])
+    ops_b = SoftmaxOps(Xtr, ytr)
+    ops_b.W = W
+    _, state_b = train_crest(cfg, 7, 40 - cut, ops=ops_b, state=crest_load_state_dict(saved, ops_b.params()),
+                             observe=drop)
+    np.testing.assert_array_equal(ops_a.W, ops_b.W)
+    assert state_a.counters == state_b.counters and state_a.log == state_b.log
