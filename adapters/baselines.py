@@ -66,8 +66,6 @@ statistics untouched, modes and buffers restored); nothing touches ``.grad`` or 
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -75,9 +73,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from crestcore import last_layer_gradients
 from crestcore.plan import BudgetedPasses, full_steps
-from crestcore.baselines import craig, glister, gradmatch, prune_schedule, random_subset
+from crestcore.baselines import METHODS, SELECTING_METHODS, SubsetSchedule
 from crestcore.adapters.torch import (  # the torch adapter's data access, shared on purpose
     TorchModelOps,
     _as_labels,
@@ -92,52 +89,16 @@ from ._common import check_budget, check_budget_counts, check_checkpoint, check_
 
 __all__ = ["SubsetLoader", "METHODS", "SELECTING_METHODS"]
 
-METHODS = ("full", "sgd-budget", "random", "craig", "gradmatch", "glister", "prune")
-SELECTING_METHODS = ("craig", "gradmatch", "glister")  # measure the model and reselect every R epochs
 _FORMAT = "crestcore.adapters.baselines.SubsetLoader/1"
 
-# tags that separate the random streams of one seed: default_rng([seed, epoch, tag])
-_TAG_ORDER, _TAG_SELECT, _TAG_VAL, _TAG_FILL = 101, 102, 103, 104
 
-# per-method defaults of the options forwarded to the core functions (overridable with options=)
-_DEFAULT_OPTIONS = {
-    "craig": {},
-    "gradmatch": {"lam": 0.5, "tol": 1e-6},
-    "glister": {"optimizer": "stochastic", "epsilon": 0.1},
-    "prune": {},
-}
-# whether the last-layer gradient includes the penultimate embedding (the last linear layer's weight,
-# C * h features) or is the gradient w.r.t. the logits (C features)
-_DEFAULT_EMBEDDINGS = {"craig": False, "gradmatch": True, "glister": True}
-
-
-def _check_fraction(v, name: str, *, low_open=True, high=1.0, high_open=True) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not math.isfinite(v):
-        raise ValueError(f"{name} must be a finite number, got {v!r}")
-    v = float(v)
-    ok = (v > 0 if low_open else v >= 0) and (v < high if high_open else v <= high)
-    if not ok:
-        raise ValueError(f"{name} must be in {'(' if low_open else '['}0, {high}{')' if high_open else ']'}, "
-                         f"got {v!r}")
-    return v
-
-
-def _rng(seed: int, epoch: int, tag: int) -> np.random.Generator:
-    return np.random.default_rng([int(seed), int(epoch), int(tag)])
-
-
-def _host(a) -> np.ndarray:
-    if isinstance(a, torch.Tensor):
-        return a.detach().cpu().numpy()
-    return np.asarray(a)
-
-
-def _portable(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.array(a, copy=True))
-
-
-def _unportable(t, dtype) -> np.ndarray:
-    return np.asarray(_host(t), dtype=dtype).copy()
+def _portable(a):
+    """Host arrays as CPU tensors (``torch.load(weights_only=True)`` reads them), nested containers kept."""
+    if isinstance(a, np.ndarray):
+        return torch.from_numpy(np.array(a, copy=True))
+    if isinstance(a, dict):
+        return {k: _portable(v) for k, v in a.items()}
+    return a
 
 
 def _example_blobs() -> TensorDataset:
@@ -268,15 +229,6 @@ class SubsetLoader(BudgetedPasses):
         m = check_count(m, "m")
         check_count(seed, "seed", low=0)
         check_budget_counts(budget_counts)
-        if weights not in ("selection", "batch"):
-            raise ValueError(f"weights must be 'selection' or 'batch', got {weights!r}")
-        if fill not in ("random", "cycle"):
-            raise ValueError(f"fill must be 'random' or 'cycle', got {fill!r}")
-        reselect_every = check_count(reselect_every, "reselect_every")
-        if embeddings is not None and not isinstance(embeddings, bool):
-            raise TypeError(f"embeddings must be a bool or None, got {type(embeddings).__name__}")
-        if options is not None and not isinstance(options, dict):
-            raise TypeError(f"options must be a dict of keyword arguments, got {type(options).__name__}")
         n = _length(dataset)
         if n == 0:
             raise ValueError("the training dataset is empty")
@@ -290,239 +242,56 @@ class SubsetLoader(BudgetedPasses):
                              "it must hold the same examples in the same order")
         self.model = model
         self.dataset = dataset
-        self.method = method
         self.n = n
         self.labels = lab
         self.m = m
         self.seed = int(seed)
         self.budget = 1.0 if method == "full" else float(budget)
-        self.weights_mode = weights
-        self.reselect_every = reselect_every
-        self.embeddings = _DEFAULT_EMBEDDINGS.get(method, False) if embeddings is None else embeddings
-        self.val_fraction = _check_fraction(val_fraction, "val_fraction")
-        self.glister_lr = _check_fraction(glister_lr, "glister_lr", high=math.inf)
-        self.prune_ratio = _check_fraction(prune_ratio, "prune_ratio", low_open=False)
-        self.prune_anneal = _check_fraction(prune_anneal, "prune_anneal", low_open=False, high_open=False)
-        self.fill = fill
-        self.options = {**_DEFAULT_OPTIONS.get(method, {}), **(options or {})}
         self._device = None if device is None else torch.device(device)
+        self._plan_passes(n=n, m=m, budget=self.budget, epochs=epochs, per_epoch=per_epoch,
+                          budget_counts=budget_counts,
+                          steps_per_epoch=full_steps(n, m) if method == "full" else None)
+        # which examples each step trains on: the framework-free schedule of crestcore.baselines
+        self.schedule = SubsetSchedule(
+            method, lab, m=m, seed=self.seed, steps_per_epoch=self.steps_per_epoch,
+            full_steps_per_epoch=self.full_steps_per_epoch, epochs=epochs, reselect_every=reselect_every,
+            weights=weights, embeddings=embeddings, val_fraction=val_fraction, glister_lr=glister_lr,
+            prune_ratio=prune_ratio, prune_anneal=prune_anneal, fill=fill, options=options,
+        )
         self.ops = TorchModelOps(
             model, measure_dataset if measure_dataset is not None else dataset, labels=lab, loss_fn=loss_fn,
             device=device, batch_size=measure_batch_size, collate_fn=collate_fn, last_layer=last_layer,
             forward=forward, num_workers=measure_workers,
         )
         self._fetch = _Fetcher(dataset, collate_fn)
-        self._plan_passes(n=n, m=m, budget=self.budget, epochs=epochs, per_epoch=per_epoch,
-                          budget_counts=budget_counts,
-                          steps_per_epoch=full_steps(n, m) if method == "full" else None)
-
-        # glister's validation split: class-stratified, fixed for the run
-        if method == "glister":
-            gen = _rng(self.seed, 0, _TAG_VAL)
-            val = []
-            for c in np.unique(lab):
-                members = np.flatnonzero(lab == c)
-                k = int(round(self.val_fraction * members.size))
-                k = min(max(k, 1), members.size - 1) if members.size > 1 else 0
-                if k:
-                    val.append(gen.choice(members, size=k, replace=False))
-            self.val_indices = np.sort(np.concatenate(val)).astype(np.int64) if val else np.zeros(0, np.int64)
-            if self.val_indices.size == 0:
-                raise ValueError("glister needs a validation split: the dataset is too small to hold one out")
-            keep = np.ones(n, dtype=bool)
-            keep[self.val_indices] = False
-            self.pool = np.flatnonzero(keep).astype(np.int64)
-        else:
-            self.val_indices = np.zeros(0, dtype=np.int64)
-            self.pool = np.arange(n, dtype=np.int64)
-        self.subset_size = min(self.pool.size, self.steps_per_epoch * m)
-
-        # run state
         self._last: tuple[np.ndarray, np.ndarray] | None = None
-        self._sel_idx: np.ndarray | None = None  # current selection (dataset indices) ...
-        self._sel_w: np.ndarray | None = None  # ... and its weights, already rescaled (selection mode) or raw
-        self._sel_epoch = -1
-        self._plan_key: int | None = None  # epoch (subset methods) or full-data pass (full, sgd-budget)
-        self._plan_idx: np.ndarray | None = None
-        self._plan_w: np.ndarray | None = None
-        self._losses = np.zeros(n, dtype=np.float64)  # prune: latest training loss per example
-        self._seen = np.zeros(n, dtype=bool)
-        self._counters = {"train_steps": 0, "train_examples": 0, "forward_examples": 0, "backward_examples": 0,
-                          "selections": 0}
-        self._selections: list[dict] = []
+
+    # the schedule's settings, read as the loader's own
+    method = property(lambda self: self.schedule.method)
+    pool = property(lambda self: self.schedule.pool)
+    val_indices = property(lambda self: self.schedule.val_indices)
+    subset_size = property(lambda self: self.schedule.subset_size)
+    embeddings = property(lambda self: self.schedule.embeddings)
+    options = property(lambda self: self.schedule.options)
+    weights_mode = property(lambda self: self.schedule.weights_mode)
+    reselect_every = property(lambda self: self.schedule.reselect_every)
 
     # -- accounting and stepping (the pass logic is BudgetedPasses') ------------------------------
     def _cost(self) -> tuple[float, float]:
-        return examples_spent(self._counters)
+        return examples_spent(self.schedule.counters)
 
     def _step(self):
-        idx, w = self._next_indices()
+        idx, w = self.schedule.next_indices(self._position, self.ops, sync=self._sync)
         self._position += 1
-        self._counters["train_steps"] += 1
-        self._counters["train_examples"] += int(idx.size)
         self._last = (idx, w)
         return self._make_batch(idx, w)
 
     def _make_batch(self, idx: np.ndarray, w: np.ndarray):
         return _weighted_batch(self, idx, w)
 
-    # -- the batches ----------------------------------------------------------------------------
-    def _next_indices(self) -> tuple[np.ndarray, np.ndarray]:
-        t = self._position
-        if self.method in ("full", "sgd-budget"):
-            p, b = divmod(t, self.full_steps_per_epoch)  # full-data pass p, its batch b
-            if self._plan_key != p:
-                self._plan_idx = _rng(self.seed, p, _TAG_ORDER).permutation(self.n).astype(np.int64)
-                self._plan_w = None
-                self._plan_key = p
-            idx = self._plan_idx[b * self.m:(b + 1) * self.m]
-            return idx.copy(), np.ones(idx.size)
-        e, b = divmod(t, self.steps_per_epoch)
-        if self._plan_key != e:
-            self._plan_epoch(e)
-        sl = slice(b * self.m, (b + 1) * self.m)
-        idx, w = self._plan_idx[sl].copy(), self._plan_w[sl].copy()
-        if self.weights_mode == "batch":
-            w = w / w.mean()
-        return idx, w
-
-    def _plan_epoch(self, e: int) -> None:
-        """Select (when due) for epoch ``e`` and lay out its ``steps_per_epoch * m`` batch slots."""
-        if self._sel_idx is None or self._selection_due(e):
-            self._select(e)
-        gen = _rng(self.seed, e, _TAG_ORDER)
-        need = self.steps_per_epoch * self.m
-        k = self._sel_idx.size
-        reps = -(-need // k)
-        order = np.concatenate([gen.permutation(k) for _ in range(reps)])[:need]
-        self._plan_idx = self._sel_idx[order]
-        self._plan_w = self._sel_w[order]
-        self._plan_key = e
-
-    def _selection_due(self, e: int) -> bool:
-        if self.method in SELECTING_METHODS:
-            return e % self.reselect_every == 0 or self._sel_epoch < 0
-        return e != self._sel_epoch  # random and prune draw every epoch
-
     def _sync(self):
         if self.ops.device.type == "cuda":
             torch.cuda.synchronize(self.ops.device)
-
-    def _select(self, e: int) -> None:
-        self._sync()
-        t0 = time.perf_counter()
-        fwd_s = 0.0
-        fwd_examples = 0
-        k = self.subset_size
-        gen = _rng(self.seed, e, _TAG_SELECT)
-        info: dict = {}
-        if self.method == "random":
-            sel = random_subset(self.pool.size, k, rng=gen)
-            idx, w = self.pool[_host(sel.indices)], _host(sel.weights)
-        elif self.method == "prune":
-            idx, w, info = self._select_prune(e, gen)
-        else:
-            feats, fwd_s, fwd_examples = self._features()
-            idx, w, info = self._select_gradients(e, k, gen, feats)
-        idx = np.asarray(idx, dtype=np.int64)
-        w = np.asarray(w, dtype=np.float64)
-        if idx.size == 0 or not np.all(np.isfinite(w)) or w.sum() <= 0:
-            raise FloatingPointError(f"SubsetLoader({self.method!r}): the selection at epoch {e} is empty or "
-                                     "has no positive weight")
-        raw_sum = float(w.sum())
-        if self.weights_mode == "selection":
-            w = w / w.mean()
-        self._sel_idx, self._sel_w, self._sel_epoch = idx, w, e
-        self._sync()
-        dt = time.perf_counter() - t0
-        self._counters["selections"] += 1
-        self._counters["forward_examples"] += fwd_examples
-        self._selections.append({"step": self._position, "epoch": e, "seconds": dt, "forward_seconds": fwd_s,
-                                 "solve_seconds": dt - fwd_s, "size": int(idx.size), "weight_sum": raw_sum,
-                                 **info})
-
-    def _select_prune(self, e: int, gen):
-        seen = np.flatnonzero(self._seen)
-        if seen.size:
-            sel = prune_schedule(self._losses[seen], ratio=self.prune_ratio, epoch=e, epochs=self.epochs,
-                                 anneal=self.prune_anneal, rng=gen)
-            kept, kw = seen[_host(sel.indices)], _host(sel.weights)
-        else:
-            kept, kw = np.zeros(0, np.int64), np.zeros(0)
-        # examples without a loss yet are never pruned and do not move the threshold (weight 1)
-        unseen = np.flatnonzero(~self._seen)
-        idx = np.concatenate([kept, unseen])
-        w = np.concatenate([kw, np.ones(unseen.size)])
-        order = np.argsort(idx, kind="stable")
-        return idx[order], w[order], {"pruned": int(self.n - idx.size)}
-
-    def _features(self):
-        """Last-layer gradients of the pool (and glister's validation outputs), eval mode; counted."""
-        self._sync()
-        t0 = time.perf_counter()
-        measure = self.pool if self.method != "glister" else np.concatenate([self.pool, self.val_indices])
-        out = self.ops.outputs(measure, embeddings=self.embeddings)
-        z, emb = out if self.embeddings else (out, None)
-        self._sync()
-        fwd = time.perf_counter() - t0
-        host = z.device.type == "cpu"  # solve on the host with NumPy on a CPU model, else in torch on device
-        if host:
-            z = z.detach().cpu().numpy()
-            emb = None if emb is None else emb.detach().cpu().numpy()
-            lab = self.labels[measure]
-        else:
-            lab = torch.from_numpy(self.labels[measure]).to(z.device)
-        return (z, emb, lab), fwd, int(measure.size)
-
-    def _select_gradients(self, e, k, gen, feats):
-        z, emb, lab = feats
-        npool = self.pool.size
-        zp, lp = z[:npool], lab[:npool]
-        ep = None if emb is None else emb[:npool]
-        G = last_layer_gradients(zp, lp, embeddings=ep)
-        opts = dict(self.options)
-        info: dict = {}
-        if self.method == "craig":
-            if opts.get("optimizer") == "stochastic" and "rng" not in opts:
-                opts["rng"] = gen
-            sel = craig(G, lp, k, **opts)
-        elif self.method == "gradmatch":
-            sel = gradmatch(G, k, labels=lp, **opts)
-        else:  # glister
-            zv, lv = z[npool:], lab[npool:]
-            ev = None if emb is None else emb[npool:]
-            opts.setdefault("eta", self.glister_lr)
-            if opts.get("optimizer") == "stochastic" and "rng" not in opts:
-                opts["rng"] = gen
-            sel = glister(G, zv, lv, k, val_embeddings=ev, **opts)
-        loc, w = _host(sel.indices).astype(np.int64), _host(sel.weights).astype(np.float64)
-        if self.method == "gradmatch":
-            keep = w > 0
-            loc, w = loc[keep], w[keep]
-            info["picked"] = int(loc.size)
-            short = k - loc.size
-            if short > 0 and self.fill == "random":
-                lab_h = self.labels[self.pool]
-                taken = np.zeros(npool, dtype=bool)
-                taken[loc] = True
-                fill_gen = _rng(self.seed, e, _TAG_FILL)
-                # top up each class in proportion to its share of the shortfall (largest remainders)
-                cls, counts = np.unique(lab_h, return_counts=True)
-                quota = short * counts / counts.sum()
-                base = np.floor(quota).astype(int)
-                rest = short - base.sum()
-                base[np.argsort(-(quota - base), kind="stable")[:rest]] += 1
-                extra = []
-                for c, q in zip(cls, base):
-                    free = np.flatnonzero((lab_h == c) & ~taken)
-                    if q and free.size:
-                        extra.append(fill_gen.choice(free, size=min(q, free.size), replace=False))
-                if extra:
-                    extra = np.concatenate(extra).astype(np.int64)
-                    loc = np.concatenate([loc, extra])
-                    w = np.concatenate([w, np.ones(extra.size)])
-                info["filled"] = int(loc.size - info["picked"])
-        return self.pool[loc], w, info
 
     # -- feedback and observability -------------------------------------------------------------
     @property
@@ -537,7 +306,7 @@ class SubsetLoader(BudgetedPasses):
     @property
     def selection(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The current selection: (dataset indices, weights as yielded before per-batch rescaling)."""
-        return None if self._sel_idx is None else (self._sel_idx.copy(), self._sel_w.copy())
+        return self.schedule.selection
 
     def observe(self, losses) -> None:
         """Feed the per-example training losses (k,) of the batch yielded last.
@@ -565,16 +334,13 @@ class SubsetLoader(BudgetedPasses):
         if self._last is None:
             raise RuntimeError("observe() needs a batch: call it after training on a yielded batch")
         idx = self._last[0]
-        vals = _observed_losses(losses, idx.size, self._position - 1, "SubsetLoader")
-        if self.method == "prune":
-            self._losses[idx] = vals
-            self._seen[idx] = True
+        self.schedule.observe(idx, _observed_losses(losses, idx.size, self._position - 1, "SubsetLoader"))
 
     @property
     def stats(self) -> dict:
         """Plain data: position, selections (step, epoch, seconds, forward/solve seconds, size, ...),
         total selection time, counters (counted forward/backward examples) and the budget report."""
-        sel = [dict(s) for s in self._selections]
+        sel = [dict(s) for s in self.schedule.log]
         return {
             "method": self.method,
             "step": self._position,
@@ -587,7 +353,7 @@ class SubsetLoader(BudgetedPasses):
             "selection_time_s": float(sum(s["seconds"] for s in sel)),
             "selection_forward_s": float(sum(s["forward_seconds"] for s in sel)),
             "selection_solve_s": float(sum(s["solve_seconds"] for s in sel)),
-            "counters": {k: int(v) for k, v in self._counters.items()},
+            "counters": {k: int(v) for k, v in self.schedule.counters.items()},
             "budget": self._budget_report(),
         }
 
@@ -597,8 +363,7 @@ class SubsetLoader(BudgetedPasses):
                 "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs}
 
     def _settings(self) -> str:
-        return repr((self.weights_mode, self.reselect_every, self.embeddings, self.val_fraction, self.glister_lr,
-                     self.prune_ratio, self.prune_anneal, self.fill, sorted(self.options.items())))
+        return self.schedule.settings()
 
     def state_dict(self) -> dict:
         """Everything needed to continue with the same batches: position, the current selection and epoch
@@ -633,15 +398,7 @@ class SubsetLoader(BudgetedPasses):
             **self._pass_state(),
             "last": None if self._last is None else {"indices": _portable(self._last[0]),
                                                      "weights": _portable(self._last[1])},
-            "selection": None if self._sel_idx is None else {
-                "indices": _portable(self._sel_idx), "weights": _portable(self._sel_w), "epoch": self._sel_epoch},
-            "plan": None if self._plan_key is None else {
-                "key": self._plan_key, "indices": _portable(self._plan_idx),
-                "weights": None if self._plan_w is None else _portable(self._plan_w)},
-            "losses": _portable(self._losses) if self.method == "prune" else None,
-            "seen": _portable(self._seen) if self.method == "prune" else None,
-            "counters": dict(self._counters),
-            "selections": [dict(s) for s in self._selections],
+            **{k: _portable(v) for k, v in self.schedule.state().items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -675,26 +432,7 @@ class SubsetLoader(BudgetedPasses):
             raise ValueError(f"SubsetLoader state dict: position must be an integer in [0, {self.total_steps}], "
                              f"got {pos!r}")
         last = state.get("last")
-        self._last = None if last is None else (_unportable(last["indices"], np.int64),
-                                                _unportable(last["weights"], np.float64))
-        sel = state.get("selection")
-        if sel is None:
-            self._sel_idx = self._sel_w = None
-            self._sel_epoch = -1
-        else:
-            self._sel_idx = _unportable(sel["indices"], np.int64)
-            self._sel_w = _unportable(sel["weights"], np.float64)
-            self._sel_epoch = int(sel["epoch"])
-        plan = state.get("plan")
-        if plan is None:
-            self._plan_key = self._plan_idx = self._plan_w = None
-        else:
-            self._plan_key = int(plan["key"])
-            self._plan_idx = _unportable(plan["indices"], np.int64)
-            self._plan_w = None if plan["weights"] is None else _unportable(plan["weights"], np.float64)
-        if self.method == "prune":
-            self._losses = _unportable(state["losses"], np.float64)
-            self._seen = _unportable(state["seen"], bool)
-        self._counters = {k: int(v) for k, v in state["counters"].items()}
-        self._selections = [dict(s) for s in state.get("selections", [])]
+        self._last = None if last is None else (torch.as_tensor(last["indices"]).numpy().astype(np.int64),
+                                                torch.as_tensor(last["weights"]).numpy().astype(np.float64))
+        self.schedule.load_state(state)
         self._load_pass_state(state, int(pos))

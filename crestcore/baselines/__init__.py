@@ -8,6 +8,8 @@
   Taylor model of the last layer, exact or stochastic greedy.
 * :func:`prune_schedule` -- loss-based dynamic pruning in the style of InfoBatch (Qin et al. 2024).
 * :func:`reselect_due` -- "every R epochs" for the methods that reselect periodically.
+* :class:`SubsetSchedule` -- a baseline as a sequence of weighted mini-batches of dataset indices (when to
+  select, what to measure, each epoch's layout): the framework adapters' loaders drive it.
 
 Every function returns a :class:`crestcore.Selection` (indices int64, weights, gains, objective) in
 the namespace, on the device and in the floating dtype of its input, takes randomness only from its
@@ -24,5 +26,7 @@ from ._glister import glister
 from ._gradmatch import gradmatch, nonneg_ridge
 from ._pruning import prune_schedule
 from ._random import random_subset
+from ._schedule import METHODS, SELECTING_METHODS, SubsetSchedule
 
-__all__ = ["random_subset", "craig", "gradmatch", "nonneg_ridge", "glister", "prune_schedule", "reselect_due"]
+__all__ = ["random_subset", "craig", "gradmatch", "nonneg_ridge", "glister", "prune_schedule", "reselect_due",
+           "SubsetSchedule", "METHODS", "SELECTING_METHODS"]

@@ -1,0 +1,459 @@
+"""What a baseline trains on, step by step: the schedule of the loaders, framework-free.
+
+:class:`SubsetSchedule` turns a baseline of this package into a sequence of weighted mini-batches of
+dataset indices: when to select (every ``reselect_every`` epochs for CRAIG, GradMatch and GLISTER,
+every epoch for random and prune), the measurement the selection needs (through a model interface
+like the CREST controller's: ``ops.outputs(indices, embeddings=...)``), GLISTER's held-out validation
+split, GradMatch's top-up, and the layout of each epoch's batches. A framework adapter keeps its own
+data loading and hands the indices to it (``crestcore.adapters.baselines.SubsetLoader`` for PyTorch).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from .._compat import device_of, from_numpy, namespace, on_cpu, to_numpy
+from ..features import last_layer_gradients
+from ._craig import craig
+from ._glister import glister
+from ._gradmatch import gradmatch
+from ._pruning import prune_schedule
+from ._random import random_subset
+
+__all__ = ["SubsetSchedule", "METHODS", "SELECTING_METHODS"]
+
+METHODS = ("full", "sgd-budget", "random", "craig", "gradmatch", "glister", "prune")
+SELECTING_METHODS = ("craig", "gradmatch", "glister")  # measure the model and reselect every R epochs
+
+# tags that separate the random streams of one seed: default_rng([seed, epoch, tag])
+_TAG_ORDER, _TAG_SELECT, _TAG_VAL, _TAG_FILL = 101, 102, 103, 104
+
+# per-method defaults of the options forwarded to the core functions (overridable with options=)
+_DEFAULT_OPTIONS: dict[str, dict] = {
+    "craig": {},
+    "gradmatch": {"lam": 0.5, "tol": 1e-6},
+    "glister": {"optimizer": "stochastic", "epsilon": 0.1},
+    "prune": {},
+}
+# whether the last-layer gradient includes the penultimate embedding (the last linear layer's weight,
+# C * h features) or is the gradient w.r.t. the logits (C features)
+_DEFAULT_EMBEDDINGS = {"craig": False, "gradmatch": True, "glister": True}
+
+
+def _fraction(v, name: str, *, low_open=True, high=1.0, high_open=True) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    v = float(v)
+    ok = (v > 0 if low_open else v >= 0) and (v < high if high_open else v <= high)
+    if not ok:
+        raise ValueError(f"{name} must be in {'(' if low_open else '['}0, {high}{')' if high_open else ']'}, "
+                         f"got {v!r}")
+    return v
+
+
+def _positive_int(v, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    return int(v)
+
+
+def _rng(seed: int, epoch: int, tag: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), int(epoch), int(tag)])
+
+
+def _validation_split(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """GLISTER's held-out examples: ``round(fraction * size)`` of each class (at least 1, never all),
+    drawn once from the seed; sorted dataset indices."""
+    gen = _rng(seed, 0, _TAG_VAL)
+    val = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        k = int(round(fraction * members.size))
+        k = min(max(k, 1), members.size - 1) if members.size > 1 else 0
+        if k:
+            val.append(gen.choice(members, size=k, replace=False))
+    return np.sort(np.concatenate(val)).astype(np.int64) if val else np.zeros(0, np.int64)
+
+
+class SubsetSchedule:
+    """The weighted mini-batches of a baseline ``method`` (one of :data:`METHODS`), as dataset indices.
+
+    ``labels`` (n,) host integer labels; ``m`` the mini-batch size; ``steps_per_epoch`` and
+    ``full_steps_per_epoch`` the budgeted and the full-data steps of an epoch (``full`` and
+    ``sgd-budget`` walk the full data, the others draw ``steps_per_epoch`` batches of exactly ``m`` per
+    epoch from that epoch's selection, cycled in a fresh order when the selection is smaller);
+    ``epochs`` the epochs of the run (prune's annealing). The options are ``SubsetLoader``'s (see
+    ``crestcore.adapters.baselines``): ``reselect_every``, ``weights`` (``"selection"`` or ``"batch"``:
+    over what the weights are rescaled to mean 1), ``embeddings``, ``val_fraction``, ``glister_lr``,
+    ``prune_ratio``, ``prune_anneal``, ``fill`` and ``options`` (keyword arguments of the core
+    function).
+
+    :meth:`next_indices` gives the batch of a step (selecting first when one is due, measuring the
+    model through ``ops.outputs(indices, embeddings=...)``, which returns the logits, and with
+    ``embeddings=True`` the pair (logits, penultimate features), in any array library); :meth:`observe`
+    records the training losses prune reads; ``counters`` counts the examples trained on and measured;
+    ``log`` lists the selections; :meth:`state` / :meth:`load_state` checkpoint it as host arrays.
+
+    Examples
+    --------
+    A random 24 of 48 examples each epoch, in batches of 8 (no model needed):
+
+    >>> import numpy as np
+    >>> schedule = SubsetSchedule("random", np.arange(48) % 2, m=8, seed=0, steps_per_epoch=3,
+    ...                           full_steps_per_epoch=6, epochs=2)
+    >>> idx, w = schedule.next_indices(0)
+    >>> idx.shape, w.tolist() == [1.0] * 8, schedule.subset_size
+    ((8,), True, 24)
+    >>> epoch0 = np.concatenate([idx] + [schedule.next_indices(t)[0] for t in (1, 2)])
+    >>> np.unique(epoch0).size, schedule.counters["selections"]  # 24 distinct examples, one draw
+    (24, 1)
+    """
+
+    def __init__(self, method: str, labels, *, m: int, seed: int, steps_per_epoch: int, full_steps_per_epoch: int,
+                 epochs: int, reselect_every: int = 1, weights: str = "selection", embeddings: bool | None = None,
+                 val_fraction: float = 0.1, glister_lr: float = 0.05, prune_ratio: float = 0.5,
+                 prune_anneal: float = 0.875, fill: str = "random", options: dict | None = None):
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if weights not in ("selection", "batch"):
+            raise ValueError(f"weights must be 'selection' or 'batch', got {weights!r}")
+        if fill not in ("random", "cycle"):
+            raise ValueError(f"fill must be 'random' or 'cycle', got {fill!r}")
+        if embeddings is not None and not isinstance(embeddings, bool):
+            raise TypeError(f"embeddings must be a bool or None, got {type(embeddings).__name__}")
+        if options is not None and not isinstance(options, dict):
+            raise TypeError(f"options must be a dict of keyword arguments, got {type(options).__name__}")
+        lab = np.asarray(labels)
+        if lab.ndim != 1 or lab.size == 0 or not np.issubdtype(lab.dtype, np.integer):
+            raise ValueError("labels must be a non-empty 1-D array of integer class labels")
+        self.method = method
+        self.labels = lab.astype(np.int64)
+        self.n = int(lab.size)
+        self.m = _positive_int(m, "m")
+        self.seed = int(seed)
+        self.steps_per_epoch = _positive_int(steps_per_epoch, "steps_per_epoch")
+        self.full_steps_per_epoch = _positive_int(full_steps_per_epoch, "full_steps_per_epoch")
+        self.epochs = _positive_int(epochs, "epochs")
+        self.weights_mode = weights
+        self.reselect_every = _positive_int(reselect_every, "reselect_every")
+        self.embeddings = _DEFAULT_EMBEDDINGS.get(method, False) if embeddings is None else embeddings
+        self.val_fraction = _fraction(val_fraction, "val_fraction")
+        self.glister_lr = _fraction(glister_lr, "glister_lr", high=math.inf)
+        self.prune_ratio = _fraction(prune_ratio, "prune_ratio", low_open=False)
+        self.prune_anneal = _fraction(prune_anneal, "prune_anneal", low_open=False, high_open=False)
+        self.fill = fill
+        self.options = {**_DEFAULT_OPTIONS.get(method, {}), **(options or {})}
+        if method == "glister":
+            self.val_indices = _validation_split(self.labels, self.val_fraction, self.seed)
+            if self.val_indices.size == 0:
+                raise ValueError("glister needs a validation split: the dataset is too small to hold one out")
+            keep = np.ones(self.n, dtype=bool)
+            keep[self.val_indices] = False
+            self.pool = np.flatnonzero(keep).astype(np.int64)
+        else:
+            self.val_indices = np.zeros(0, dtype=np.int64)
+            self.pool = np.arange(self.n, dtype=np.int64)
+        self.subset_size = min(self.pool.size, self.steps_per_epoch * self.m)
+        # run state
+        self.sel_idx: np.ndarray | None = None  # current selection (dataset indices) ...
+        self.sel_w: np.ndarray | None = None  # ... and its weights, rescaled (selection mode) or raw
+        self.sel_epoch = -1
+        self.plan_key: int | None = None  # epoch (subset methods) or full-data pass (full, sgd-budget)
+        self.plan_idx: np.ndarray | None = None
+        self.plan_w: np.ndarray | None = None
+        self.losses = np.zeros(self.n, dtype=np.float64)  # prune: latest training loss per example
+        self.seen = np.zeros(self.n, dtype=bool)
+        self.counters = {"train_steps": 0, "train_examples": 0, "forward_examples": 0, "backward_examples": 0,
+                         "selections": 0}
+        self.log: list[dict] = []
+
+    def settings(self) -> str:
+        """The options that decide the batches besides method, sizes and seed (a checkpoint compares them).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> SubsetSchedule("craig", np.arange(8) % 2, m=2, seed=0, steps_per_epoch=2, full_steps_per_epoch=4,
+        ...                epochs=1).settings()
+        "('selection', 1, False, 0.1, 0.05, 0.5, 0.875, 'random', [])"
+        """
+        return repr((self.weights_mode, self.reselect_every, self.embeddings, self.val_fraction, self.glister_lr,
+                     self.prune_ratio, self.prune_anneal, self.fill, sorted(self.options.items())))
+
+    # -- the batches ----------------------------------------------------------------------------
+    def next_indices(self, position: int, ops=None, sync: Callable[[], None] | None = None):
+        """``(indices, weights)`` of the batch at step ``position`` (host int64, float64), selecting
+        first when a selection is due (CRAIG, GradMatch and GLISTER measure ``ops``; ``sync`` is called
+        around the timed measurement, e.g. a device synchronisation). Counts the step as trained.
+
+        Examples
+        --------
+        The full data in a new order each pass, ``full_steps_per_epoch`` batches a pass:
+
+        >>> import numpy as np
+        >>> s = SubsetSchedule("full", np.arange(10) % 2, m=4, seed=0, steps_per_epoch=3,
+        ...                    full_steps_per_epoch=3, epochs=1)
+        >>> sorted(np.concatenate([s.next_indices(t)[0] for t in range(3)]).tolist()) == list(range(10))
+        True
+        """
+        idx, w = self._indices(int(position), ops, sync)
+        self.counters["train_steps"] += 1
+        self.counters["train_examples"] += int(idx.size)
+        return idx, w
+
+    def _indices(self, t: int, ops, sync):
+        if self.method in ("full", "sgd-budget"):
+            p, b = divmod(t, self.full_steps_per_epoch)  # full-data pass p, its batch b
+            if self.plan_key != p:
+                self.plan_idx = _rng(self.seed, p, _TAG_ORDER).permutation(self.n).astype(np.int64)
+                self.plan_w = None
+                self.plan_key = p
+            assert self.plan_idx is not None
+            idx = self.plan_idx[b * self.m:(b + 1) * self.m]
+            return idx.copy(), np.ones(idx.size)
+        e, b = divmod(t, self.steps_per_epoch)
+        if self.plan_key != e:
+            self._plan_epoch(e, t, ops, sync)
+        assert self.plan_idx is not None and self.plan_w is not None
+        sl = slice(b * self.m, (b + 1) * self.m)
+        idx, w = self.plan_idx[sl].copy(), self.plan_w[sl].copy()
+        if self.weights_mode == "batch":
+            w = w / w.mean()
+        return idx, w
+
+    def _plan_epoch(self, e: int, t: int, ops, sync) -> None:
+        """Select (when due) for epoch ``e`` and lay out its ``steps_per_epoch * m`` batch slots."""
+        if self.sel_idx is None or self._selection_due(e):
+            self._select(e, t, ops, sync)
+        assert self.sel_idx is not None and self.sel_w is not None
+        gen = _rng(self.seed, e, _TAG_ORDER)
+        need = self.steps_per_epoch * self.m
+        k = self.sel_idx.size
+        reps = -(-need // k)
+        order = np.concatenate([gen.permutation(k) for _ in range(reps)])[:need]
+        self.plan_idx = self.sel_idx[order]
+        self.plan_w = self.sel_w[order]
+        self.plan_key = e
+
+    def _selection_due(self, e: int) -> bool:
+        if self.method in SELECTING_METHODS:
+            return e % self.reselect_every == 0 or self.sel_epoch < 0
+        return e != self.sel_epoch  # random and prune draw every epoch
+
+    def _select(self, e: int, t: int, ops, sync) -> None:
+        sync = sync or (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        fwd_s = 0.0
+        fwd_examples = 0
+        k = self.subset_size
+        gen = _rng(self.seed, e, _TAG_SELECT)
+        info: dict = {}
+        if self.method == "random":
+            sel = random_subset(self.pool.size, k, rng=gen)
+            idx, w = self.pool[to_numpy(sel.indices)], to_numpy(sel.weights)
+        elif self.method == "prune":
+            idx, w, info = self._select_prune(e, gen)
+        else:
+            if ops is None:
+                raise ValueError(f"method {self.method!r} measures the model: pass ops (outputs(indices, embeddings))")
+            feats, fwd_s, fwd_examples = self._features(ops, sync)
+            idx, w, info = self._select_gradients(e, k, gen, feats)
+        idx = np.asarray(idx, dtype=np.int64)
+        w = np.asarray(w, dtype=np.float64)
+        if idx.size == 0 or not np.all(np.isfinite(w)) or w.sum() <= 0:
+            raise FloatingPointError(f"SubsetLoader({self.method!r}): the selection at epoch {e} is empty or "
+                                     "has no positive weight")
+        raw_sum = float(w.sum())
+        if self.weights_mode == "selection":
+            w = w / w.mean()
+        self.sel_idx, self.sel_w, self.sel_epoch = idx, w, e
+        sync()
+        dt = time.perf_counter() - t0
+        self.counters["selections"] += 1
+        self.counters["forward_examples"] += fwd_examples
+        self.log.append({"step": t, "epoch": e, "seconds": dt, "forward_seconds": fwd_s,
+                         "solve_seconds": dt - fwd_s, "size": int(idx.size), "weight_sum": raw_sum, **info})
+
+    def _select_prune(self, e: int, gen):
+        seen = np.flatnonzero(self.seen)
+        if seen.size:
+            sel = prune_schedule(self.losses[seen], ratio=self.prune_ratio, epoch=e, epochs=self.epochs,
+                                 anneal=self.prune_anneal, rng=gen)
+            kept, kw = seen[to_numpy(sel.indices)], to_numpy(sel.weights)
+        else:
+            kept, kw = np.zeros(0, np.int64), np.zeros(0)
+        # examples without a loss yet are never pruned and do not move the threshold (weight 1)
+        unseen = np.flatnonzero(~self.seen)
+        idx = np.concatenate([kept, unseen])
+        w = np.concatenate([kw, np.ones(unseen.size)])
+        order = np.argsort(idx, kind="stable")
+        return idx[order], w[order], {"pruned": int(self.n - idx.size)}
+
+    def _features(self, ops, sync):
+        """The model's outputs on the pool (and glister's validation split), eval mode; counted. On a CPU
+        model the solve runs on the host in NumPy, else in the outputs' library on their device."""
+        sync()
+        t0 = time.perf_counter()
+        measure = self.pool if self.method != "glister" else np.concatenate([self.pool, self.val_indices])
+        out = ops.outputs(measure, embeddings=self.embeddings)
+        z, emb = out if self.embeddings else (out, None)
+        sync()
+        fwd = time.perf_counter() - t0
+        if on_cpu(z):
+            z = to_numpy(z)
+            emb = None if emb is None else to_numpy(emb)
+            lab = self.labels[measure]
+        else:
+            lab = from_numpy(self.labels[measure], namespace(z), device_of(z))
+        return (z, emb, lab), fwd, int(measure.size)
+
+    def _select_gradients(self, e, k, gen, feats):
+        z, emb, lab = feats
+        npool = self.pool.size
+        zp, lp = z[:npool], lab[:npool]
+        ep = None if emb is None else emb[:npool]
+        G = last_layer_gradients(zp, lp, embeddings=ep)
+        opts = dict(self.options)
+        info: dict = {}
+        if self.method == "craig":
+            if opts.get("optimizer") == "stochastic" and "rng" not in opts:
+                opts["rng"] = gen
+            sel = craig(G, lp, k, **opts)
+        elif self.method == "gradmatch":
+            sel = gradmatch(G, k, labels=lp, **opts)
+        else:  # glister
+            zv, lv = z[npool:], lab[npool:]
+            ev = None if emb is None else emb[npool:]
+            opts.setdefault("eta", self.glister_lr)
+            if opts.get("optimizer") == "stochastic" and "rng" not in opts:
+                opts["rng"] = gen
+            sel = glister(G, zv, lv, k, val_embeddings=ev, **opts)
+        loc, w = to_numpy(sel.indices).astype(np.int64), to_numpy(sel.weights).astype(np.float64)
+        if self.method == "gradmatch":
+            keep = w > 0
+            loc, w = loc[keep], w[keep]
+            info["picked"] = int(loc.size)
+            short = k - loc.size
+            if short > 0 and self.fill == "random":
+                loc, w = self._top_up(e, loc, w, short)
+                info["filled"] = int(loc.size - info["picked"])
+        return self.pool[loc], w, info
+
+    def _top_up(self, e: int, loc: np.ndarray, w: np.ndarray, short: int):
+        """GradMatch stopped early: ``short`` uniformly random examples more, each class in proportion to
+        its share of the shortfall (largest remainders), each weighted 1 (itself, on the sum scale)."""
+        npool = self.pool.size
+        lab_h = self.labels[self.pool]
+        taken = np.zeros(npool, dtype=bool)
+        taken[loc] = True
+        fill_gen = _rng(self.seed, e, _TAG_FILL)
+        cls, counts = np.unique(lab_h, return_counts=True)
+        quota = short * counts / counts.sum()
+        base = np.floor(quota).astype(int)
+        rest = short - base.sum()
+        base[np.argsort(-(quota - base), kind="stable")[:rest]] += 1
+        extra = []
+        for c, q in zip(cls, base):
+            free = np.flatnonzero((lab_h == c) & ~taken)
+            if q and free.size:
+                extra.append(fill_gen.choice(free, size=min(q, free.size), replace=False))
+        if not extra:
+            return loc, w
+        more = np.concatenate(extra).astype(np.int64)
+        return np.concatenate([loc, more]), np.concatenate([w, np.ones(more.size)])
+
+    # -- feedback and checkpoints ---------------------------------------------------------------
+    def observe(self, indices: np.ndarray, losses: np.ndarray) -> None:
+        """Record the training losses (host float, checked by the caller) of the examples ``indices``;
+        only prune reads them.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> s = SubsetSchedule("prune", np.arange(10) % 2, m=4, seed=0, steps_per_epoch=2,
+        ...                    full_steps_per_epoch=3, epochs=2)
+        >>> s.observe(np.array([1, 3]), np.array([0.5, 0.25]))
+        >>> s.seen.sum(), s.losses[3]
+        (np.int64(2), np.float64(0.25))
+        """
+        if self.method == "prune":
+            self.losses[indices] = losses
+            self.seen[indices] = True
+
+    @property
+    def selection(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The current selection: (dataset indices, weights as yielded before per-batch rescaling)."""
+        return None if self.sel_idx is None or self.sel_w is None else (self.sel_idx.copy(), self.sel_w.copy())
+
+    def state(self) -> dict:
+        """The run state as host arrays, numbers and lists (:meth:`load_state` restores it).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> s = SubsetSchedule("random", np.arange(12) % 3, m=4, seed=1, steps_per_epoch=1,
+        ...                    full_steps_per_epoch=3, epochs=2)
+        >>> _ = s.next_indices(0)
+        >>> other = SubsetSchedule("random", np.arange(12) % 3, m=4, seed=1, steps_per_epoch=1,
+        ...                        full_steps_per_epoch=3, epochs=2)
+        >>> other.load_state(s.state())
+        >>> bool((other.next_indices(1)[0] == s.next_indices(1)[0]).all())
+        True
+        """
+        return {
+            "selection": None if self.sel_idx is None else {
+                "indices": self.sel_idx.copy(), "weights": np.array(self.sel_w), "epoch": self.sel_epoch},
+            "plan": None if self.plan_key is None else {
+                "key": self.plan_key, "indices": np.array(self.plan_idx),
+                "weights": None if self.plan_w is None else self.plan_w.copy()},
+            "losses": self.losses.copy() if self.method == "prune" else None,
+            "seen": self.seen.copy() if self.method == "prune" else None,
+            "counters": dict(self.counters),
+            "selections": [dict(s) for s in self.log],
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Restore :meth:`state` (arrays may come back in any library: they are copied to the host).
+
+        Examples
+        --------
+        A schedule restored after its first selection continues with the same batches:
+
+        >>> import numpy as np
+        >>> make = lambda: SubsetSchedule("random", np.arange(20) % 2, m=5, seed=4, steps_per_epoch=2,
+        ...                               full_steps_per_epoch=4, epochs=3)
+        >>> a, b = make(), make()
+        >>> _ = a.next_indices(0)
+        >>> b.load_state(a.state())
+        >>> all(np.array_equal(a.next_indices(t)[0], b.next_indices(t)[0]) for t in range(1, 6))
+        True
+        """
+
+        def host(a, dtype):
+            return np.asarray(to_numpy(a), dtype=dtype).copy()
+
+        sel = state.get("selection")
+        if sel is None:
+            self.sel_idx = self.sel_w = None
+            self.sel_epoch = -1
+        else:
+            self.sel_idx = host(sel["indices"], np.int64)
+            self.sel_w = host(sel["weights"], np.float64)
+            self.sel_epoch = int(sel["epoch"])
+        plan = state.get("plan")
+        if plan is None:
+            self.plan_key = self.plan_idx = self.plan_w = None
+        else:
+            self.plan_key = int(plan["key"])
+            self.plan_idx = host(plan["indices"], np.int64)
+            self.plan_w = None if plan["weights"] is None else host(plan["weights"], np.float64)
+        if self.method == "prune":
+            self.losses = host(state["losses"], np.float64)
+            self.seen = host(state["seen"], bool)
+        self.counters = {k: int(v) for k, v in state["counters"].items()}
+        self.log = [dict(s) for s in state.get("selections", [])]
