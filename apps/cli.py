@@ -219,12 +219,8 @@ def _cmd_training_demo(ns: argparse.Namespace) -> int:
         _err("--keras-backend needs --framework keras")
         return 2
     if ns.framework == "keras":
-        from .keras_demo import DEFAULT_METHODS as KERAS_DEFAULT, METHODS as KERAS_METHODS, run_keras_comparison
+        from .keras_demo import DEFAULT_METHODS as KERAS_DEFAULT, run_keras_comparison  # imports no keras
 
-        other = [m for m in methods if m not in KERAS_METHODS]
-        if ns.methods is not None and other:
-            _err(f"--methods: the Keras demo runs {', '.join(KERAS_METHODS)}, not {other[0]!r}")
-            return 2
         backend = ns.keras_backend or "torch"
         _choose_keras_backend(backend, s.device)
         try:

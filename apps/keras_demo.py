@@ -1,5 +1,7 @@
 """``crest demo --framework keras``: the training demo's comparison (full data, random, CREST, CREST with
-dropping) on Fashion-MNIST, trained through Keras 3 ``model.fit`` with :mod:`crestcore.adapters.keras`.
+dropping by default; every method of the PyTorch demo on request, its baselines through the same
+:class:`crestcore.baselines.SubsetSchedule`) on Fashion-MNIST, trained through Keras 3 ``model.fit`` with
+:mod:`crestcore.adapters.keras`.
 
 This module sits on the applications floor, like :mod:`crestcore.apps.train_demo` (whose settings, CREST
 configuration, table and figures it reuses): nothing below imports it, and ``import
@@ -43,7 +45,7 @@ from .train_demo import (
 )
 
 #: the methods the Keras comparison trains (the baselines run through the PyTorch demo only)
-METHODS = ("full", "sgd-budget", "random", "crest", "crest-drop")
+METHODS = ("full", "sgd-budget", "random", "craig", "gradmatch", "glister", "prune", "crest", "crest-drop")
 DEFAULT_METHODS = ("full", "random", "crest", "crest-drop")  # the PyTorch demo's default four
 
 __all__ = ["run_keras_comparison", "train_keras_method", "load_keras_data", "build_keras_cnn", "import_keras",
@@ -258,29 +260,37 @@ def train_keras_method(method: str, data, s: TrainSettings, *, backend: str | No
         if crest.steps_per_epoch != spe:
             raise RuntimeError(f"CrestCallback plans {crest.steps_per_epoch} steps per epoch, expected {spe}")
         dataset = crest.dataset
-    else:
-        gen = np.random.default_rng([s.seed, 13 if method == "random" else 11])
-        batches = []
-        if method == "random":  # a fresh uniformly random subset of spe * m examples each epoch
-            for _ in range(s.epochs):
-                perm = gen.choice(n, size=min(n, spe * m), replace=False)
-                batches.extend([perm[a:a + m] for a in range(0, perm.size, m)][:spe])
-        else:  # full data, shuffled each pass; sgd-budget: the full run's first `total` batches
-            while len(batches) < total:
-                perm = gen.permutation(n)
-                batches.extend([perm[a:a + m] for a in range(0, perm.size, m)])
-            batches = batches[:total]
-        dataset = _index_batches(keras, x_tr, y_tr, batches, spe)
+    else:  # the baselines: the PyTorch demo's schedule (crestcore.baselines.SubsetSchedule), same seeds
+        from crestcore.baselines import SubsetSchedule
+
+        reselect = s.reselect_every if s.reselect_every is not None else max(1, math.ceil(s.epochs / 2))
+        labels = np.asarray(y_tr, dtype=np.int64)
+        schedule = SubsetSchedule(method, labels, m=m, seed=s.seed, steps_per_epoch=spe, full_steps_per_epoch=full_spe,
+                                  epochs=s.epochs, reselect_every=reselect, val_fraction=s.val_fraction,
+                                  glister_lr=s.lr, prune_ratio=s.prune_ratio, prune_anneal=s.prune_anneal)
+        ops = None
+        if method in ("craig", "gradmatch", "glister", "prune"):
+            from crestcore.adapters.keras import KerasModelOps
+
+            ops = KerasModelOps(model, x_tr, labels, batch_size=s.measure_batch_size)
+        dataset = _schedule_batches(keras, x_tr, y_tr, schedule, ops, spe)
 
     rec = _recorder(keras, model, x_te, y_te, total, eval_steps(total, s.evals), crest,
                     dataset=None if crest is not None else dataset, progress=progress, desc=desc or method)
-    model.fit(dataset, epochs=s.epochs, callbacks=([crest] if crest is not None else []) + [rec], verbose=0)
+    model.fit(dataset, epochs=s.epochs, callbacks=([crest] if crest is not None else [dataset.observer]) + [rec],
+              verbose=0)
     rec.close()
 
     bd = {"train": rec.wall, "data": 0.0}
     counts = {"selections": 0, "fits": 0, "checks": 0, "drop_decisions": 0}
     out = {"method": method, "steps": total, "steps_per_epoch": spe, "acc": rec.curve[-1]["acc"], "wall": rec.wall,
            "curve": rec.curve, "breakdown": bd, "counts": counts, "backend": keras.backend.backend()}
+    if crest is None:  # a baseline: its selections (and prune's loss measurements) are overhead
+        sel = float(sum(r["seconds"] for r in dataset.schedule.log))
+        bd.update({"select": sel, "drops": dataset.observe_s, "train": max(0.0, rec.wall - sel - dataset.observe_s)})
+        counts["selections"] = len(dataset.schedule.log)
+        out["stats"] = {"selections": [dict(r) for r in dataset.schedule.log],
+                        "counters": dict(dataset.schedule.counters)}
     if crest is not None:
         st = crest.stats
         t = crest.timings
@@ -296,27 +306,61 @@ def train_keras_method(method: str, data, s: TrainSettings, *, backend: str | No
     return out
 
 
-def _index_batches(keras, x, y, batches, steps_per_epoch):
-    """A PyDataset serving a fixed sequence of index batches in order, whatever index Keras asks for."""
+def _schedule_batches(keras, x, y, schedule, ops, steps_per_epoch):
+    """A PyDataset serving a baseline's batches ``(x, y, sample_weight)`` step by step from ``schedule``
+    (a :class:`crestcore.baselines.SubsetSchedule`), whatever index Keras asks for. One worker, no
+    multiprocessing: Keras then fetches a step's batch when the step runs, so a selection at an epoch's
+    first step measures the model every earlier step trained (``ops``, a ``KerasModelOps``). Its
+    ``observer`` callback feeds prune the losses of each trained batch, measured in inference mode after
+    the step (Keras's ``fit`` does not expose the training forward's per-example losses; one extra forward
+    of ``m`` examples per step, counted in ``schedule.counters``) and, on jax, pins the step's weights for
+    ``ops`` as :class:`crestcore.adapters.keras.CrestCallback` does."""
 
-    class IndexBatches(keras.utils.PyDataset):
+    class ScheduleBatches(keras.utils.PyDataset):
         def __init__(self):
             super().__init__(workers=1, use_multiprocessing=False)
+            self.schedule = schedule
             self.pos = 0
             self.fitting = False
+            self.last = None
+            self.observe_s = 0.0
+            self.observer = Observer(self)
 
         def __len__(self):
             return steps_per_epoch
 
         def __getitem__(self, index):
-            if not self.fitting:  # Keras's build fetch
-                b = batches[0]
-                return x[b], y[b]
-            b = batches[self.pos % len(batches)]
+            if not self.fitting:  # Keras's build fetch: a fixed probe, no step taken
+                b = np.arange(min(schedule.m, schedule.n))
+                return x[b], y[b], np.ones(b.size, dtype=np.float32)
+            idx, w = schedule.next_indices(self.pos, ops)
             self.pos += 1
-            return x[b], y[b]
+            self.last = idx
+            return x[idx], y[idx], w.astype(np.float32)
 
-    return IndexBatches()
+    class Observer(keras.callbacks.Callback):
+        def __init__(self, data):
+            super().__init__()
+            self.data = data
+
+        # on jax, Keras's trainer holds the weights apart from the variables within an epoch: ops reads
+        # the step's weights pinned here (as CrestCallback does)
+        def on_train_batch_begin(self, batch, logs=None):
+            if ops is not None:
+                ops.pin()
+
+        def on_train_batch_end(self, batch, logs=None):
+            if ops is not None:
+                ops.unpin()
+            if schedule.method != "prune" or self.data.last is None:
+                return
+            t = time.perf_counter()
+            losses = np.asarray(keras.ops.convert_to_numpy(ops.losses(self.data.last)), dtype=np.float64)
+            schedule.observe(self.data.last, losses)
+            schedule.counters["forward_examples"] += int(self.data.last.size)
+            self.data.observe_s += time.perf_counter() - t
+
+    return ScheduleBatches()
 
 
 def _recorder(keras, model, x_te, y_te, total, eval_at, crest, *, dataset, progress, desc):

@@ -402,7 +402,8 @@ def test_cli_chooses_the_keras_backend_before_keras_is_imported():
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
-def test_keras_framework_rejects_methods_it_does_not_run(tmp_path, capsys):
-    rc = cli.main(["demo", "--framework", "keras", "--methods", "craig", "--out", str(tmp_path),
-                   "--limit-train", "200", "--limit-test", "50", "--no-progress"])
-    assert rc == 2 and "craig" in capsys.readouterr().err
+def test_the_keras_demo_offers_every_method_of_the_pytorch_demo():
+    from crestcore.apps import keras_demo
+
+    assert keras_demo.METHODS == METHODS
+    assert keras_demo.DEFAULT_METHODS == DEFAULT_METHODS  # the same quick default

@@ -750,27 +750,62 @@ def test_torch_backend_suite_in_subprocess():
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
 
 
-def test_keras_demo_sgd_budget_trains_the_full_runs_first_batches():
-    """sgd-budget (SGD-dagger): the full data's shuffled batches, stopped after the budget's steps."""
+def _keras_demo_data(n=160):
+    y = np.arange(n) % 10
+    x = (np.random.default_rng(0).normal(size=(n, 28, 28, 1)) + y[:, None, None, None] / 5).astype("float32")
+    return x, y
+
+
+def test_keras_demo_baselines_follow_the_pytorch_demos_schedule(monkeypatch):
+    """Every baseline of the Keras demo is crestcore.baselines.SubsetSchedule: sgd-budget trains the full
+    run's first batches, and a selection at an epoch's first step measures the model after every earlier
+    step (Keras fetches each batch when its step runs)."""
     from crestcore.apps import keras_demo
     from crestcore.apps.train_demo import TrainSettings
+    from crestcore.baselines import SubsetSchedule
 
-    y = np.arange(160) % 10
-    x = (np.random.default_rng(0).normal(size=(160, 28, 28, 1)) + y[:, None, None, None] / 5).astype("float32")
-    seen = {}
-    real = keras_demo._index_batches
+    x, y = _keras_demo_data()
+    seen: dict = {}
+    real = SubsetSchedule.next_indices
 
-    def spy(keras_, x_, y_, batches, spe):
-        seen[current] = [b.tolist() for b in batches]
-        return real(keras_, x_, y_, batches, spe)
+    def spy(self, position, ops=None, sync=None):
+        idx, w = real(self, position, ops, sync)
+        applied = None if ops is None else int(keras.ops.convert_to_numpy(ops.model.optimizer.iterations))
+        seen.setdefault(self.method, []).append((position, applied, idx.tolist(), w.tolist()))
+        return idx, w
 
-    keras_demo._index_batches = spy
-    try:
-        for current in ("full", "sgd-budget"):
-            s = TrainSettings(epochs=3, budget=0.25, m=16, evals=1, threads=1)
-            rec = keras_demo.train_keras_method(current, (x, y, x[:20], y[:20]), s, progress=False)
-            assert rec["steps"] == {"full": 30, "sgd-budget": 9}[current]
-    finally:
-        keras_demo._index_batches = real
-    assert len(seen["sgd-budget"]) == 9 and seen["sgd-budget"] == seen["full"][:9]
-    assert sorted(sum(seen["full"][:10], [])) == list(range(160))  # one full pass: every example once
+    monkeypatch.setattr(SubsetSchedule, "next_indices", spy)
+    recs = {}
+    for method in ("full", "sgd-budget", "craig", "prune"):
+        s = TrainSettings(epochs=3, budget=0.25, m=16, evals=1, threads=1)
+        recs[method] = keras_demo.train_keras_method(method, (x, y, x[:20], y[:20]), s, progress=False)
+    assert recs["full"]["steps"] == 30 and recs["sgd-budget"]["steps"] == 9
+    assert [b for _, _, b, _ in seen["sgd-budget"]] == [b for _, _, b, _ in seen["full"][:9]]
+    assert sorted(sum((b for _, _, b, _ in seen["full"][:10]), [])) == list(range(160))  # one pass
+    assert [p for p, _, _, _ in seen["craig"]] == list(range(9))
+    assert all(applied == p for p, applied, _, _ in seen["craig"])  # fetched when its step runs
+    assert recs["craig"]["counts"]["selections"] == 2  # epochs 0 and 2 (reselect every ceil(3 / 2) = 2)
+    st = recs["prune"]["stats"]
+    assert st["counters"]["forward_examples"] == 9 * 16  # one measured batch of losses per step
+    assert [r["pruned"] > 0 for r in st["selections"]] == [False, True, True]
+
+
+def test_keras_demo_baselines_run_on_jax():
+    """On jax the measured baselines read the step's weights that the Keras trainer holds apart (pinned)."""
+    pytest.importorskip("jax")
+    code = (
+        "import numpy as np\n"
+        "from crestcore.apps import keras_demo\n"
+        "from crestcore.apps.train_demo import TrainSettings\n"
+        "y = np.arange(160) % 10\n"
+        "x = (np.random.default_rng(0).normal(size=(160, 28, 28, 1)) + y[:, None, None, None] / 5).astype('float32')\n"
+        "for m in ('craig', 'prune'):\n"
+        "    r = keras_demo.train_keras_method(m, (x, y, x[:20], y[:20]), TrainSettings(epochs=3, budget=0.25, m=16,\n"
+        "                                      evals=1, threads=1), backend='jax', progress=False)\n"
+        "    print(m, r['steps'], r['counts']['selections'], r['stats']['counters']['forward_examples'])\n"
+    )
+    env = dict(os.environ, KERAS_BACKEND="jax")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(ROOT), capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert out.stdout.split("\n")[:2] == ["craig 9 2 320", "prune 9 3 144"]
