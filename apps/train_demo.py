@@ -941,7 +941,8 @@ def make_figures(records: dict, out, *, tau: float, forgetting: dict | None = No
     a2.set_title("Test accuracy vs coreset updates", fontsize=10)
     for a in (a1, a2):
         a.grid(alpha=0.3)
-        a.legend(fontsize=8)
+        if crest_runs:  # without a CREST run the panels are empty: no legend to draw
+            a.legend(fontsize=8)
     fig.tight_layout()
     paths["coreset_updates"] = str(out / "coreset_updates.png")
     fig.savefig(paths["coreset_updates"], dpi=120)
