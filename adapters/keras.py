@@ -82,12 +82,16 @@ from crestcore.controller import (
     crest_stats,
 )
 
+from crestcore.baselines import SubsetSchedule
+
 from . import _common
 
-__all__ = ["CrestCallback", "CrestDataset", "KerasModelOps", "SUPPORTED_BACKENDS", "labels_from_targets"]
+__all__ = ["CrestCallback", "CrestDataset", "KerasModelOps", "SubsetCallback", "SUPPORTED_BACKENDS",
+           "labels_from_targets"]
 
 SUPPORTED_BACKENDS = ("torch", "jax")
 _FORMAT = "crestcore.adapters.keras.CrestCallback/1"
+_SUBSET_FORMAT = "crestcore.adapters.keras.SubsetCallback/1"
 _TINY = 1e-30  # floor of probabilities before the log (float32 keeps it: smallest normal ~1.2e-38)
 _CE_NAMES = ("sparse_categorical_crossentropy", "categorical_crossentropy")
 
@@ -1241,6 +1245,249 @@ class CrestCallback(keras.callbacks.Callback):
         self._queue = [_Entry(b, False) for b in batches]
         if self.ops is not None:
             self._sync_state()
+
+
+class _SubsetDataset(keras.utils.PyDataset):
+    """What ``fit`` iterates for :class:`SubsetCallback`: ``len`` is its ``steps_per_epoch``; during ``fit``
+    each ``__getitem__`` serves the schedule's next ``(x, y, sample_weight)``; outside it a fixed probe."""
+
+    def __init__(self, callback: SubsetCallback):
+        super().__init__(workers=1, use_multiprocessing=False, max_queue_size=1)
+        self._cb = callback
+
+    def __len__(self) -> int:
+        return self._cb.steps_per_epoch
+
+    def __getitem__(self, index):
+        return self._cb._serve()
+
+    def on_epoch_begin(self):
+        pass
+
+    def on_epoch_end(self):
+        pass
+
+
+class SubsetCallback(keras.callbacks.Callback):
+    """A baseline of :mod:`crestcore.baselines` for ``model.fit``, as :class:`CrestCallback` is CREST: pass
+    ``sub.dataset`` as ``x`` and the callback in ``callbacks``.
+
+    The batches are :class:`crestcore.baselines.SubsetSchedule`'s (the PyTorch ``SubsetLoader``'s, with
+    the same seeds): ``method`` one of ``full``, ``sgd-budget``, ``random``, ``craig``, ``gradmatch``,
+    ``glister``, ``prune``; ``budget``, ``epochs`` (the run's epochs: prune anneals over them), ``m``,
+    ``seed``, ``reselect_every``, ``weights``, ``embeddings``, ``val_fraction``, ``glister_lr``,
+    ``prune_ratio``, ``prune_anneal``, ``fill`` and ``options`` as for ``SubsetLoader``. ``x``, ``y``,
+    ``labels``, ``outputs``, ``measure_x``, ``measure_batch_size`` and ``last_layer`` as for
+    :class:`CrestCallback`. CRAIG, GradMatch and GLISTER measure the model (inference mode) at the start
+    of each selecting epoch, after every step before it; prune reads each trained batch's losses from an
+    inference-mode forward after the step (``fit`` does not expose the training forward's per-example
+    losses; one forward of ``m`` examples per step, counted in ``stats["counters"]``).
+
+    ``len(sub.dataset)`` is ``steps_per_epoch`` (``full``: every example, ``ceil(n / m)`` steps); train
+    ``fit(epochs=epochs)``.
+
+    Examples
+    --------
+    CRAIG at a quarter of the steps, on a linear classifier and 64 examples of two classes:
+
+    >>> model, x, y = _example_problem()
+    >>> sub = SubsetCallback(x, y, method="craig", budget=0.25, epochs=2, m=8, seed=0)
+    >>> history = model.fit(sub.dataset, epochs=2, callbacks=[sub], verbose=0)
+    >>> sub.position, len(sub.stats["selections"]), sub.stats["counters"]["forward_examples"]
+    (4, 2, 128)
+    """
+
+    def __init__(self, x, y, *, method: str, budget: float = 0.1, epochs: int = 1, m: int = 128, seed: int = 0,
+                 labels=None, outputs: str | None = None, measure_x=None, measure_batch_size: int = 512,
+                 last_layer=None, reselect_every: int = 1, weights: str = "selection", embeddings: bool | None = None,
+                 val_fraction: float = 0.1, glister_lr: float = 0.05, prune_ratio: float = 0.5,
+                 prune_anneal: float = 0.875, fill: str = "random", options: dict | None = None):
+        super().__init__()
+        _require_supported("measurement forwards")
+        if method != "full":
+            _common.check_budget(budget)
+        epochs = _common.check_count(epochs, "epochs")
+        m = _common.check_count(m, "m")
+        _common.check_count(seed, "seed", low=0)
+        if outputs is not None and outputs not in ("logits", "probabilities"):
+            raise ValueError(f"outputs must be 'logits', 'probabilities' or None (detect), got {outputs!r}")
+        self.x, n = _as_inputs(x, "x")
+        if n == 0:
+            raise ValueError("the training data is empty")
+        self.y = _host(y, "y")
+        if self.y.shape[0] != n:
+            raise ValueError(f"x has {n} examples but y has {self.y.shape[0]}")
+        lab = labels_from_targets(self.y) if labels is None else np.asarray(_host(labels, "labels"))
+        if lab.shape != (n,) or not np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool or lab.min() < 0:
+            raise ValueError(f"labels must be ({n},) non-negative integer class indices")
+        _common.check_training_labels(lab.astype(np.int64), m, "data")
+        self.measure_x = self.x if measure_x is None else _as_inputs(measure_x, "measure_x")[0]
+        if _as_inputs(self.measure_x, "measure_x")[1] != n:
+            raise ValueError("measure_x must hold the same examples as x, in the same order")
+        self.n, self.m, self.seed, self.epochs = n, m, int(seed), epochs
+        self.labels = lab.astype(np.int64)
+        self.budget = 1.0 if method == "full" else float(budget)
+        self.outputs_option = outputs
+        self.measure_batch_size = _common.check_count(measure_batch_size, "measure_batch_size")
+        self.last_layer = last_layer
+        self.full_steps_per_epoch = full_steps(n, m)
+        self.steps_per_epoch = (self.full_steps_per_epoch if method == "full"
+                                else budget_steps(self.budget, self.full_steps_per_epoch))
+        self.schedule = SubsetSchedule(
+            method, self.labels, m=m, seed=self.seed, steps_per_epoch=self.steps_per_epoch,
+            full_steps_per_epoch=self.full_steps_per_epoch, epochs=epochs, reselect_every=reselect_every,
+            weights=weights, embeddings=embeddings, val_fraction=val_fraction, glister_lr=glister_lr,
+            prune_ratio=prune_ratio, prune_anneal=prune_anneal, fill=fill, options=options)
+        self.dataset = _SubsetDataset(self)
+        self.ops: KerasModelOps | None = None
+        self._position = 0  # steps trained
+        self._queue: list[tuple[np.ndarray, np.ndarray]] = []  # served, not trained yet
+        self._last: tuple[np.ndarray, np.ndarray] | None = None
+        self._fitting = False
+        self._scale = "as-is"
+        self.timings = {"observe": 0.0}  # seconds spent measuring prune's losses
+        self._idle_fetches = 0
+
+    @property
+    def method(self) -> str:
+        return self.schedule.method
+
+    @property
+    def _measures(self) -> bool:
+        return self.method in ("craig", "gradmatch", "glister", "prune")
+
+    def _serve(self):
+        if not self._fitting:  # Keras's build fetch: a fixed shape probe, no step
+            self._idle_fetches += 1
+            if self._idle_fetches > 2:  # iterated by a fit without this callback: refuse, never train on probes
+                raise RuntimeError("sub.dataset serves the baseline's batches only inside "
+                                   "model.fit(sub.dataset, callbacks=[sub]): add the SubsetCallback to fit's callbacks")
+            probe = np.arange(min(self.m, self.n))
+            return _take(self.x, probe), self.y[probe], np.ones(probe.size, dtype=np.float32)
+        idx, w = self.schedule.next_indices(self._position + len(self._queue), self.ops)
+        self._queue.append((idx, w))
+        w = np.asarray(w, dtype=np.float64) / (w.size if self._scale == "per-batch" else 1.0)
+        return _take(self.x, idx), self.y[idx], w.astype(np.float32)
+
+    # -- Keras hooks ----------------------------------------------------------------------------
+    def on_train_begin(self, logs=None):
+        model = self.model
+        spe = getattr(model, "steps_per_execution", 1)
+        if spe not in (None, 1):
+            raise ValueError(f"SubsetCallback needs model.compile(steps_per_execution=1), got {spe}")
+        self._scale = _weight_scale(loss_facts(model)["reduction"])
+        if self._measures:
+            kind = resolve_outputs(model, self.outputs_option)
+            if self.ops is None or self.ops.model is not model or self.ops.from_probabilities != (kind == "probabilities"):
+                self.ops = KerasModelOps(model, self.measure_x, self.labels, outputs=kind,
+                                         batch_size=self.measure_batch_size, last_layer=self.last_layer)
+        for idx, _ in self._queue:  # served and never trained (a fit that stopped): served again, counted once
+            self.schedule.counters["train_steps"] -= 1
+            self.schedule.counters["train_examples"] -= int(idx.size)
+        self._queue.clear()
+        self._fitting = True
+        self._idle_fetches = 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.ops is not None:
+            self.ops.pin()  # jax: the weights of this step, held apart from the variables within an epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.ops is not None:
+            self.ops.unpin()
+        if not self._queue:
+            raise RuntimeError("Keras trained a step on a batch SubsetCallback did not serve: pass sub.dataset as "
+                               "fit's x (model.fit(sub.dataset, callbacks=[sub], ...))")
+        idx, w = self._queue.pop(0)
+        self._position += 1
+        self._last = (idx, np.asarray(w, dtype=np.float64))
+        if self.method == "prune":
+            assert self.ops is not None
+            t0 = time.perf_counter()
+            losses = self.ops.losses(idx)
+            if not np.all(np.isfinite(losses)):
+                raise _common.measurement_error("losses", int((~np.isfinite(losses)).sum()), losses.size)
+            self.schedule.observe(idx, losses)
+            self.schedule.counters["forward_examples"] += int(idx.size)
+            self.timings["observe"] += time.perf_counter() - t0
+
+    def on_train_end(self, logs=None):
+        self._fitting = False
+        self._idle_fetches = 0
+        if self.ops is not None:
+            self.ops.unpin()
+
+    # -- observability and checkpoints ----------------------------------------------------------
+    @property
+    def position(self) -> int:
+        """Steps trained so far."""
+        return self._position
+
+    @property
+    def last_indices(self):
+        """Dataset indices of the batch trained last (host int64), or None."""
+        return None if self._last is None else self._last[0].copy()
+
+    @property
+    def stats(self) -> dict:
+        """Plain data: the method, position, selections (step, epoch, seconds, size, ...) and counters."""
+        return {"method": self.method, "step": self._position, "steps_per_epoch": self.steps_per_epoch,
+                "selections": [dict(r) for r in self.schedule.log],
+                "counters": {k: int(v) for k, v in self.schedule.counters.items()}}
+
+    def _fingerprint(self) -> dict:
+        return {"method": self.method, "n": self.n, "m": self.m, "seed": self.seed,
+                "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs}
+
+    def state_dict(self) -> dict:
+        """The schedule's state, the position and the batches served and not trained yet: NumPy arrays,
+        numbers, strings, lists and dicts (``pickle`` it next to ``model.save(...)``).
+
+        Examples
+        --------
+        A callback rebuilt with the same arguments continues with the same batches:
+
+        >>> import numpy as np
+        >>> model, x, y = _example_problem()  # a linear classifier and 64 examples of two classes
+        >>> sub = SubsetCallback(x, y, method="random", budget=0.25, epochs=2, m=8, seed=0)
+        >>> history = model.fit(sub.dataset, epochs=1, callbacks=[sub], verbose=0)
+        >>> resumed = SubsetCallback(x, y, method="random", budget=0.25, epochs=2, m=8, seed=0)
+        >>> resumed.load_state_dict(sub.state_dict())
+        >>> _ = model.fit(sub.dataset, epochs=2, initial_epoch=1, callbacks=[sub], verbose=0)
+        >>> _ = model.fit(resumed.dataset, epochs=2, initial_epoch=1, callbacks=[resumed], verbose=0)
+        >>> resumed.position, bool(np.array_equal(resumed.last_indices, sub.last_indices))
+        (4, True)
+        """
+        return {"format": _SUBSET_FORMAT, **self._fingerprint(), "budget": self.budget,
+                "settings": self.schedule.settings(), "position": self._position,
+                "queue": [{"indices": i.copy(), "weights": w.copy()} for i, w in self._queue],
+                "schedule": self.schedule.state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output (restore the model too: later selections measure it).
+
+        Examples
+        --------
+        A state saved for another baseline is refused (see :meth:`state_dict` for a resume):
+
+        >>> model, x, y = _example_problem()  # a linear classifier and 64 examples of two classes
+        >>> saved = SubsetCallback(x, y, method="random", budget=0.25, m=8).state_dict()
+        >>> SubsetCallback(x, y, method="craig", budget=0.25, m=8).load_state_dict(saved)
+        Traceback (most recent call last):
+            ...
+        ValueError: the state dict was saved with method='random', this callback has method='craig'; ...
+        """
+        _common.check_checkpoint(
+            state, fmt=_SUBSET_FORMAT, owner="SubsetCallback", kind="callback", fingerprint=self._fingerprint(),
+            same="method, data, m, seed, budget and epochs",
+            options=("settings", self.schedule.settings(), "the baseline's options differ from the saved ones"))
+        pos = state.get("position")
+        if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or pos < 0:
+            raise ValueError(f"SubsetCallback state dict: position must be a non-negative integer, got {pos!r}")
+        self.schedule.load_state(state["schedule"])
+        self._position = int(pos)
+        self._queue = [(np.asarray(q["indices"], dtype=np.int64), np.asarray(q["weights"], dtype=np.float64))
+                       for q in state.get("queue", [])]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -261,24 +261,20 @@ def train_keras_method(method: str, data, s: TrainSettings, *, backend: str | No
             raise RuntimeError(f"CrestCallback plans {crest.steps_per_epoch} steps per epoch, expected {spe}")
         dataset = crest.dataset
     else:  # the baselines: the PyTorch demo's schedule (crestcore.baselines.SubsetSchedule), same seeds
-        from crestcore.baselines import SubsetSchedule
+        from crestcore.adapters.keras import SubsetCallback
 
         reselect = s.reselect_every if s.reselect_every is not None else max(1, math.ceil(s.epochs / 2))
-        labels = np.asarray(y_tr, dtype=np.int64)
-        schedule = SubsetSchedule(method, labels, m=m, seed=s.seed, steps_per_epoch=spe, full_steps_per_epoch=full_spe,
-                                  epochs=s.epochs, reselect_every=reselect, val_fraction=s.val_fraction,
-                                  glister_lr=s.lr, prune_ratio=s.prune_ratio, prune_anneal=s.prune_anneal)
-        ops = None
-        if method in ("craig", "gradmatch", "glister", "prune"):
-            from crestcore.adapters.keras import KerasModelOps
+        sub = SubsetCallback(x_tr, np.asarray(y_tr, dtype=np.int64), method=method, budget=s.budget, epochs=s.epochs,
+                             m=m, seed=s.seed, measure_batch_size=s.measure_batch_size, reselect_every=reselect,
+                             val_fraction=s.val_fraction, glister_lr=s.lr, prune_ratio=s.prune_ratio,
+                             prune_anneal=s.prune_anneal)
+        if sub.steps_per_epoch != spe:
+            raise RuntimeError(f"SubsetCallback plans {sub.steps_per_epoch} steps per epoch, expected {spe}")
+        dataset = sub.dataset
 
-            ops = KerasModelOps(model, x_tr, labels, batch_size=s.measure_batch_size)
-        dataset = _schedule_batches(keras, x_tr, y_tr, schedule, ops, spe)
-
-    rec = _recorder(keras, model, x_te, y_te, total, eval_steps(total, s.evals), crest,
-                    dataset=None if crest is not None else dataset, progress=progress, desc=desc or method)
-    model.fit(dataset, epochs=s.epochs, callbacks=([crest] if crest is not None else [dataset.observer]) + [rec],
-              verbose=0)
+    rec = _recorder(keras, model, x_te, y_te, total, eval_steps(total, s.evals), crest, progress=progress,
+                    desc=desc or method)
+    model.fit(dataset, epochs=s.epochs, callbacks=[crest if crest is not None else sub, rec], verbose=0)
     rec.close()
 
     bd = {"train": rec.wall, "data": 0.0}
@@ -286,11 +282,12 @@ def train_keras_method(method: str, data, s: TrainSettings, *, backend: str | No
     out = {"method": method, "steps": total, "steps_per_epoch": spe, "acc": rec.curve[-1]["acc"], "wall": rec.wall,
            "curve": rec.curve, "breakdown": bd, "counts": counts, "backend": keras.backend.backend()}
     if crest is None:  # a baseline: its selections (and prune's loss measurements) are overhead
-        sel = float(sum(r["seconds"] for r in dataset.schedule.log))
-        bd.update({"select": sel, "drops": dataset.observe_s, "train": max(0.0, rec.wall - sel - dataset.observe_s)})
-        counts["selections"] = len(dataset.schedule.log)
-        out["stats"] = {"selections": [dict(r) for r in dataset.schedule.log],
-                        "counters": dict(dataset.schedule.counters)}
+        st = sub.stats
+        sel = float(sum(r["seconds"] for r in st["selections"]))
+        obs = sub.timings["observe"]
+        bd.update({"select": sel, "drops": obs, "train": max(0.0, rec.wall - sel - obs)})
+        counts["selections"] = len(st["selections"])
+        out["stats"] = st
     if crest is not None:
         st = crest.stats
         t = crest.timings
@@ -306,64 +303,7 @@ def train_keras_method(method: str, data, s: TrainSettings, *, backend: str | No
     return out
 
 
-def _schedule_batches(keras, x, y, schedule, ops, steps_per_epoch):
-    """A PyDataset serving a baseline's batches ``(x, y, sample_weight)`` step by step from ``schedule``
-    (a :class:`crestcore.baselines.SubsetSchedule`), whatever index Keras asks for. One worker, no
-    multiprocessing: Keras then fetches a step's batch when the step runs, so a selection at an epoch's
-    first step measures the model every earlier step trained (``ops``, a ``KerasModelOps``). Its
-    ``observer`` callback feeds prune the losses of each trained batch, measured in inference mode after
-    the step (Keras's ``fit`` does not expose the training forward's per-example losses; one extra forward
-    of ``m`` examples per step, counted in ``schedule.counters``) and, on jax, pins the step's weights for
-    ``ops`` as :class:`crestcore.adapters.keras.CrestCallback` does."""
-
-    class ScheduleBatches(keras.utils.PyDataset):
-        def __init__(self):
-            super().__init__(workers=1, use_multiprocessing=False)
-            self.schedule = schedule
-            self.pos = 0
-            self.fitting = False
-            self.last = None
-            self.observe_s = 0.0
-            self.observer = Observer(self)
-
-        def __len__(self):
-            return steps_per_epoch
-
-        def __getitem__(self, index):
-            if not self.fitting:  # Keras's build fetch: a fixed probe, no step taken
-                b = np.arange(min(schedule.m, schedule.n))
-                return x[b], y[b], np.ones(b.size, dtype=np.float32)
-            idx, w = schedule.next_indices(self.pos, ops)
-            self.pos += 1
-            self.last = idx
-            return x[idx], y[idx], w.astype(np.float32)
-
-    class Observer(keras.callbacks.Callback):
-        def __init__(self, data):
-            super().__init__()
-            self.data = data
-
-        # on jax, Keras's trainer holds the weights apart from the variables within an epoch: ops reads
-        # the step's weights pinned here (as CrestCallback does)
-        def on_train_batch_begin(self, batch, logs=None):
-            if ops is not None:
-                ops.pin()
-
-        def on_train_batch_end(self, batch, logs=None):
-            if ops is not None:
-                ops.unpin()
-            if schedule.method != "prune" or self.data.last is None:
-                return
-            t = time.perf_counter()
-            losses = np.asarray(keras.ops.convert_to_numpy(ops.losses(self.data.last)), dtype=np.float64)
-            schedule.observe(self.data.last, losses)
-            schedule.counters["forward_examples"] += int(self.data.last.size)
-            self.data.observe_s += time.perf_counter() - t
-
-    return ScheduleBatches()
-
-
-def _recorder(keras, model, x_te, y_te, total, eval_at, crest, *, dataset, progress, desc):
+def _recorder(keras, model, x_te, y_te, total, eval_at, crest, *, progress, desc):
     """A Keras callback measuring wall clock (evaluations excluded) and test accuracy at given steps."""
 
     class Recorder(keras.callbacks.Callback):
@@ -377,8 +317,6 @@ def _recorder(keras, model, x_te, y_te, total, eval_at, crest, *, dataset, progr
             return time.perf_counter() - self._t0 - self._excluded
 
         def on_train_begin(self, logs=None):
-            if dataset is not None:
-                dataset.fitting = True
             self.curve.append({"step": 0, "wall": 0.0, "acc": _accuracy(keras, model, x_te, y_te), "updates": 0})
             if progress:
                 from tqdm.auto import tqdm
@@ -402,10 +340,6 @@ def _recorder(keras, model, x_te, y_te, total, eval_at, crest, *, dataset, progr
                     self._bar.set_postfix(acc=f"{100 * acc:.1f}%")
             if self._bar is not None:
                 self._bar.update(1)
-
-        def on_train_end(self, logs=None):
-            if dataset is not None:
-                dataset.fitting = False
 
         def close(self):
             if self._bar is not None:

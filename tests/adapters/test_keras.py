@@ -38,7 +38,14 @@ ROOT = HERE.parents[2]
 HAS_JAX = importlib.util.find_spec("jax") is not None and importlib.util.find_spec("jaxlib") is not None
 
 from crestcore import CrestConfig, DropConfig, crest_init, crest_next_batch  # noqa: E402
-from crestcore.adapters.keras import CrestCallback, CrestDataset, KerasModelOps, labels_from_targets  # noqa: E402
+from crestcore.adapters.keras import (  # noqa: E402
+    CrestCallback,
+    CrestDataset,
+    KerasModelOps,
+    SubsetCallback,
+    _example_problem,
+    labels_from_targets,
+)
 from crestcore.adapters import keras as keras_adapter  # noqa: E402
 
 if IN_PROCESS:
@@ -809,3 +816,56 @@ def test_keras_demo_baselines_run_on_jax():
                          timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert out.stdout.split("\n")[:2] == ["craig 9 2 320", "prune 9 3 144"]
+
+
+def _subset_fit(method, epochs, resume_at=None, **kw):
+    """Train a small classifier with SubsetCallback; with ``resume_at`` (an epoch), save there, rebuild
+    model and callback, restore and finish. Returns the trained (indices) per step and the final weights."""
+    keras.utils.set_random_seed(5)  # the same initial weights for both runs
+    model, x, y = _example_problem()
+    args = dict(method=method, budget=0.5, epochs=epochs, m=8, seed=1, **kw)
+    sub = SubsetCallback(x, y, **args)
+    trained = []
+
+    class Log(keras.callbacks.Callback):
+        def __init__(self, cb):
+            super().__init__()
+            self.cb = cb
+
+        def on_train_batch_end(self, batch, logs=None):
+            trained.append(self.cb.last_indices.tolist())
+
+    stop = epochs if resume_at is None else resume_at
+    model.fit(sub.dataset, epochs=stop, callbacks=[sub, Log(sub)], verbose=0)
+    if resume_at is not None:
+        import pickle
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            model.save(f"{d}/m.keras")
+            blob = pickle.dumps(sub.state_dict())
+            model = keras.saving.load_model(f"{d}/m.keras")
+        sub = SubsetCallback(x, y, **args)
+        sub.load_state_dict(pickle.loads(blob))
+        model.fit(sub.dataset, epochs=epochs, initial_epoch=resume_at, callbacks=[sub, Log(sub)], verbose=0)
+    return trained, flat(model), sub
+
+
+@pytest.mark.parametrize("method", ["craig", "glister", "prune", "sgd-budget"])
+def test_subset_callback_resumes_with_the_same_batches(method):
+    a, wa, sa = _subset_fit(method, 3)
+    b, wb, sb = _subset_fit(method, 3, resume_at=1)
+    assert a == b and sa.position == sb.position == 3 * sa.steps_per_epoch
+    np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)
+    assert sa.stats["counters"] == sb.stats["counters"]
+    if method in ("craig", "glister"):
+        assert sa.stats["counters"]["forward_examples"] > 0
+
+
+def test_subset_callback_serves_only_inside_a_fit_with_it():
+    model, x, y = _example_problem()
+    sub = SubsetCallback(x, y, method="random", budget=0.5, m=8)
+    with pytest.raises(RuntimeError, match="callbacks=\\[sub\\]"):
+        model.fit(sub.dataset, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="method"):
+        SubsetCallback(x, y, method="coreset", budget=0.5, m=8)
