@@ -813,8 +813,9 @@ class CrestDataset(keras.utils.PyDataset):
     ``fit`` serves the controller's next weighted coreset batch ``(x, y, sample_weight)``, whatever the
     index (``fit(shuffle=...)`` is irrelevant). Outside ``fit`` (Keras's build fetch) it serves a fixed
     shape probe and asks the controller nothing; a third fetch in a row outside a fit with the callback
-    raises ``RuntimeError`` (the callback was left out of ``fit``). Built by :class:`CrestCallback`; one worker, no
-    multiprocessing (a worker pool would fetch batches before the steps before them have trained).
+    raises ``RuntimeError`` (the callback was left out of ``fit``). Built by :class:`CrestCallback` (and by
+    :class:`SubsetCallback`, whose baseline batches it serves the same way); one worker, no multiprocessing
+    (a worker pool would fetch batches before the steps before them have trained).
 
     Examples
     --------
@@ -828,7 +829,7 @@ class CrestDataset(keras.utils.PyDataset):
     ((8, 4), True)
     """
 
-    def __init__(self, callback: CrestCallback):
+    def __init__(self, callback: CrestCallback | SubsetCallback):
         super().__init__(workers=1, use_multiprocessing=False, max_queue_size=1)
         self._cb = callback
 
@@ -865,7 +866,53 @@ def _portable(x):
     return _common.map_nested(x, _portable_leaf)
 
 
-class CrestCallback(keras.callbacks.Callback):
+def _training_data(x, y, labels, measure_x, outputs, m: int):
+    """The callbacks' data, checked: ``(x, y, measure_x, labels)`` with x and measure_x as
+    :func:`_as_inputs` gives them, y on the host and labels (n,) int64 (from ``y`` unless given)."""
+    if outputs is not None and outputs not in ("logits", "probabilities"):
+        raise ValueError(f"outputs must be 'logits', 'probabilities' or None (detect), got {outputs!r}")
+    x, n = _as_inputs(x, "x")
+    if n == 0:
+        raise ValueError("the training data is empty: there are no examples to select from")
+    y = _host(y, "y")
+    if y.shape[0] != n:
+        raise ValueError(f"x has {n} examples but y has {y.shape[0]}")
+    if labels is None:
+        lab = labels_from_targets(y)
+    else:
+        lab = np.asarray(_host(labels, "labels"))
+        if lab.shape != (n,) or not np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool:
+            raise ValueError(f"labels must be ({n},) integer class indices, got shape {lab.shape}, dtype {lab.dtype}")
+        if lab.min() < 0:
+            raise ValueError("labels must be non-negative class indices")
+        lab = lab.astype(np.int64)
+    _common.check_training_labels(lab, m, "data")
+    if measure_x is None:
+        return x, y, x, lab
+    mx, mn = _as_inputs(measure_x, "measure_x")
+    if mn != n:
+        raise ValueError(f"measure_x has {mn} examples but x has {n}; it must hold the same examples in the same order")
+    return x, y, mx, lab
+
+
+class _TrainedSteps:
+    """What both callbacks report of the steps trained: ``position`` and ``last_indices``."""
+
+    _position: int
+    _last: tuple[np.ndarray, np.ndarray] | None
+
+    @property
+    def position(self) -> int:
+        """Steps trained so far."""
+        return self._position
+
+    @property
+    def last_indices(self):
+        """Dataset indices of the batch trained last (host int64), or None."""
+        return None if self._last is None else self._last[0].copy()
+
+
+class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
     """CREST for ``model.fit``: pass ``crest.dataset`` as ``x`` and the callback in ``callbacks``.
 
     Parameters
@@ -934,34 +981,8 @@ class CrestCallback(keras.callbacks.Callback):
         _common.check_budget(budget)
         _common.check_count(epochs, "epochs", optional=True)
         _common.check_count(seed, "seed", low=0)
-        if outputs is not None and outputs not in ("logits", "probabilities"):
-            raise ValueError(f"outputs must be 'logits', 'probabilities' or None (detect), got {outputs!r}")
-        self.x, n = _as_inputs(x, "x")
-        if n == 0:
-            raise ValueError("the training data is empty: CREST needs examples to select from")
-        self.y = _host(y, "y")
-        if self.y.shape[0] != n:
-            raise ValueError(f"x has {n} examples but y has {self.y.shape[0]}")
-        if labels is None:
-            lab = labels_from_targets(self.y)
-        else:
-            lab = np.asarray(_host(labels, "labels"))
-            if lab.shape != (n,) or not np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool:
-                raise ValueError(f"labels must be ({n},) integer class indices, got shape {lab.shape}, "
-                                 f"dtype {lab.dtype}")
-            if lab.min() < 0:
-                raise ValueError("labels must be non-negative class indices")
-            lab = lab.astype(np.int64)
-        _common.check_training_labels(lab, self.config.m, "data")
-        if measure_x is not None:
-            self.measure_x, mn = _as_inputs(measure_x, "measure_x")
-            if mn != n:
-                raise ValueError(f"measure_x has {mn} examples but x has {n}; it must hold the same examples in the "
-                                 "same order")
-        else:
-            self.measure_x = self.x
-        self.n = n
-        self.labels = lab
+        self.x, self.y, self.measure_x, self.labels = _training_data(x, y, labels, measure_x, outputs, self.config.m)
+        self.n = n = len(self.labels)
         self.budget = float(budget)
         self.epochs = None if epochs is None else int(epochs)
         self.seed = int(seed)
@@ -978,7 +999,7 @@ class CrestCallback(keras.callbacks.Callback):
         self.ops: KerasModelOps | None = None
         self.trained: list[tuple[np.ndarray, np.ndarray]] = []
         self.timings = {"controller": 0.0, "selection": 0.0, "check": 0.0, "observe": 0.0}
-        self._state = crest_init(self.config, lab, seed=self.seed, epoch_steps=self.steps_per_epoch)
+        self._state = crest_init(self.config, self.labels, seed=self.seed, epoch_steps=self.steps_per_epoch)
         self._position = 0  # steps trained
         self._queue: list[_Entry] = []
         self._last: tuple[np.ndarray, np.ndarray] | None = None
@@ -1127,16 +1148,6 @@ class CrestCallback(keras.callbacks.Callback):
 
     # -- observability --------------------------------------------------------------------------
     @property
-    def position(self) -> int:
-        """Steps trained so far."""
-        return self._position
-
-    @property
-    def last_indices(self):
-        """Dataset indices of the batch trained last (host int64), or None."""
-        return None if self._last is None else self._last[0].copy()
-
-    @property
     def last_weights(self):
         """The controller's weights of the batch trained last (float64), or None. Keras got them as they are
         (float32) under the default loss reduction, divided by the batch size under ``reduction="sum"``."""
@@ -1247,28 +1258,7 @@ class CrestCallback(keras.callbacks.Callback):
             self._sync_state()
 
 
-class _SubsetDataset(keras.utils.PyDataset):
-    """What ``fit`` iterates for :class:`SubsetCallback`: ``len`` is its ``steps_per_epoch``; during ``fit``
-    each ``__getitem__`` serves the schedule's next ``(x, y, sample_weight)``; outside it a fixed probe."""
-
-    def __init__(self, callback: SubsetCallback):
-        super().__init__(workers=1, use_multiprocessing=False, max_queue_size=1)
-        self._cb = callback
-
-    def __len__(self) -> int:
-        return self._cb.steps_per_epoch
-
-    def __getitem__(self, index):
-        return self._cb._serve()
-
-    def on_epoch_begin(self):
-        pass
-
-    def on_epoch_end(self):
-        pass
-
-
-class SubsetCallback(keras.callbacks.Callback):
+class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
     """A baseline of :mod:`crestcore.baselines` for ``model.fit``, as :class:`CrestCallback` is CREST: pass
     ``sub.dataset`` as ``x`` and the callback in ``callbacks``.
 
@@ -1309,23 +1299,9 @@ class SubsetCallback(keras.callbacks.Callback):
         epochs = _common.check_count(epochs, "epochs")
         m = _common.check_count(m, "m")
         _common.check_count(seed, "seed", low=0)
-        if outputs is not None and outputs not in ("logits", "probabilities"):
-            raise ValueError(f"outputs must be 'logits', 'probabilities' or None (detect), got {outputs!r}")
-        self.x, n = _as_inputs(x, "x")
-        if n == 0:
-            raise ValueError("the training data is empty")
-        self.y = _host(y, "y")
-        if self.y.shape[0] != n:
-            raise ValueError(f"x has {n} examples but y has {self.y.shape[0]}")
-        lab = labels_from_targets(self.y) if labels is None else np.asarray(_host(labels, "labels"))
-        if lab.shape != (n,) or not np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool or lab.min() < 0:
-            raise ValueError(f"labels must be ({n},) non-negative integer class indices")
-        _common.check_training_labels(lab.astype(np.int64), m, "data")
-        self.measure_x = self.x if measure_x is None else _as_inputs(measure_x, "measure_x")[0]
-        if _as_inputs(self.measure_x, "measure_x")[1] != n:
-            raise ValueError("measure_x must hold the same examples as x, in the same order")
+        self.x, self.y, self.measure_x, self.labels = _training_data(x, y, labels, measure_x, outputs, m)
+        n = len(self.labels)
         self.n, self.m, self.seed, self.epochs = n, m, int(seed), epochs
-        self.labels = lab.astype(np.int64)
         self.budget = 1.0 if method == "full" else float(budget)
         self.outputs_option = outputs
         self.measure_batch_size = _common.check_count(measure_batch_size, "measure_batch_size")
@@ -1338,7 +1314,7 @@ class SubsetCallback(keras.callbacks.Callback):
             full_steps_per_epoch=self.full_steps_per_epoch, epochs=epochs, reselect_every=reselect_every,
             weights=weights, embeddings=embeddings, val_fraction=val_fraction, glister_lr=glister_lr,
             prune_ratio=prune_ratio, prune_anneal=prune_anneal, fill=fill, options=options)
-        self.dataset = _SubsetDataset(self)
+        self.dataset = CrestDataset(self)
         self.ops: KerasModelOps | None = None
         self._position = 0  # steps trained
         self._queue: list[tuple[np.ndarray, np.ndarray]] = []  # served, not trained yet
@@ -1356,7 +1332,7 @@ class SubsetCallback(keras.callbacks.Callback):
     def _measures(self) -> bool:
         return self.method in ("craig", "gradmatch", "glister", "prune")
 
-    def _serve(self):
+    def _serve(self, index=None):
         if not self._fitting:  # Keras's build fetch: a fixed shape probe, no step
             self._idle_fetches += 1
             if self._idle_fetches > 2:  # iterated by a fit without this callback: refuse, never train on probes
@@ -1418,16 +1394,6 @@ class SubsetCallback(keras.callbacks.Callback):
             self.ops.unpin()
 
     # -- observability and checkpoints ----------------------------------------------------------
-    @property
-    def position(self) -> int:
-        """Steps trained so far."""
-        return self._position
-
-    @property
-    def last_indices(self):
-        """Dataset indices of the batch trained last (host int64), or None."""
-        return None if self._last is None else self._last[0].copy()
-
     @property
     def stats(self) -> dict:
         """Plain data: the method, position, selections (step, epoch, seconds, size, ...) and counters."""
