@@ -845,7 +845,8 @@ class TorchModelOps:
     def gradient_and_hutchinson(self, indices, weights, seed: int):
         """``(loss, flat gradient, z * (H z))``: :meth:`gradient` and :meth:`hutchinson` from one forward
         and the one backward the Hessian-vector product needs anyway (the controller's model fit calls
-        this when an adapter has it: one forward and one backward fewer per fitted coreset).
+        this when an adapter has it: one forward and one backward fewer per fitted coreset). A subclass
+        that redefines :meth:`gradient` or :meth:`hutchinson` gets the two calls instead.
 
         Examples
         --------
@@ -857,6 +858,11 @@ class TorchModelOps:
         >>> bool(torch.equal(grad, ops.gradient(idx, w)[1])), bool(torch.equal(probe, ops.hutchinson(idx, w, 1)))
         (True, True)
         """
+        cls = type(self)
+        if cls.gradient is not TorchModelOps.gradient or cls.hutchinson is not TorchModelOps.hutchinson:
+            # a subclass redefines one of them: its own definitions, called as the two calls
+            loss, grad = self.gradient(indices, weights)
+            return loss, grad, self.hutchinson(indices, weights, seed)
         return self._probe(indices, weights, seed, "gradient_and_hutchinson", with_gradient=True)
 
     def _probe(self, indices, weights, seed: int, what: str, with_gradient: bool):

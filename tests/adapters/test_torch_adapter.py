@@ -629,3 +629,17 @@ def test_gradient_and_hutchinson_in_one_pass_equals_the_two_calls(batch_size):
     assert l2 == pytest.approx(loss, rel=1e-12)
     assert torch.equal(g2, grad) and torch.equal(p2, probe)
     assert model.training  # the mode (and the buffers) are restored
+
+
+def test_a_subclass_redefining_the_gradient_keeps_it_in_the_fused_call():
+    class Scaled(TorchModelOps):
+        def gradient(self, indices, weights):
+            loss, g = super().gradient(indices, weights)
+            return 2 * loss, 2 * g
+
+    X, y = make_data()
+    ops = Scaled(mlp(), TensorDataset(X, y))
+    idx, w = np.arange(10), np.ones(10)
+    loss, grad, probe = ops.gradient_and_hutchinson(idx, w, seed=3)
+    plain = TorchModelOps(ops.model, TensorDataset(X, y))
+    assert torch.equal(grad, 2 * plain.gradient(idx, w)[1]) and torch.equal(probe, plain.hutchinson(idx, w, 3))
