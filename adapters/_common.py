@@ -14,23 +14,12 @@ import warnings
 import numpy as np
 
 from crestcore.controller import Batch, CrestConfig, crest_load_state_dict, crest_state_dict
-from crestcore.validation import host_indices, host_weights, stored_batch
+from crestcore.validation import check_count, host_indices, host_weights, stored_batch  # noqa: F401 (re-exported)
 
 
 # ------------------------------------------------------------------------------------------------
 # argument checks (the errors name the argument)
 # ------------------------------------------------------------------------------------------------
-def check_count(value, name: str, *, low: int = 1, optional: bool = False):
-    """``value`` must be an integer (not a bool) of at least ``low`` (1: "positive", 0: "non-negative"),
-    or None when ``optional``; else a ``ValueError`` naming ``name``. Returns it as an int (or None)."""
-    if optional and value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        kind = "positive" if low == 1 else "non-negative"
-        raise ValueError(f"{name} must be a {kind} integer{' or None' if optional else ''}, got {value!r}")
-    return int(value)
-
-
 def check_config(config) -> CrestConfig:
     """The loader's ``config``: ``CrestConfig()`` for None, else it must be a :class:`crestcore.CrestConfig`."""
     config = config if config is not None else CrestConfig()

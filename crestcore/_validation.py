@@ -68,6 +68,27 @@ def check_int(value, name: str, *, low: int = 1, high: int | None = None) -> int
     return v
 
 
+def check_count(value, name: str, *, low: int = 1, optional: bool = False):
+    """``value`` must be an integer (not a bool) of at least ``low`` (1: "positive", 0: "non-negative"),
+    or None when ``optional``; else a ``ValueError`` naming ``name``. Returns it as an int (or None).
+
+    Examples
+    --------
+    >>> check_count(3, "epochs"), check_count(None, "epochs", optional=True)
+    (3, None)
+    >>> check_count(0, "m")
+    Traceback (most recent call last):
+    ...
+    ValueError: m must be a positive integer, got 0
+    """
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        kind = "positive" if low == 1 else "non-negative"
+        raise ValueError(f"{name} must be a {kind} integer{' or None' if optional else ''}, got {value!r}")
+    return int(value)
+
+
 def check_choice(value, name: str, choices) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")

@@ -6,11 +6,13 @@ Each check returns a normalised host (NumPy) copy or raises an error naming the 
 * :func:`host_weights` -- per-example weights: ``k`` finite numbers, as float64.
 * :func:`stored_batch` -- a batch read back from a checkpoint (indices, weights, reselected).
 * :func:`check_int` -- an integer argument in a range (bools refused), named in the error.
+* :func:`check_count` -- a positive (or non-negative, or optional) integer argument, a ``ValueError``
+  naming it otherwise.
 * :class:`DivergenceError` -- what CREST raises on non-finite numbers (a ``FloatingPointError``).
 """
 
 from __future__ import annotations
 
-from ._validation import DivergenceError, check_int, host_indices, host_weights, stored_batch
+from ._validation import DivergenceError, check_count, check_int, host_indices, host_weights, stored_batch
 
-__all__ = ["DivergenceError", "check_int", "host_indices", "host_weights", "stored_batch"]
+__all__ = ["DivergenceError", "check_count", "check_int", "host_indices", "host_weights", "stored_batch"]

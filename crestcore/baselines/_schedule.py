@@ -17,6 +17,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .._compat import device_of, from_numpy, namespace, on_cpu, to_numpy
+from .._validation import check_count
 from ..features import last_layer_gradients
 from ._craig import craig
 from ._glister import glister
@@ -53,12 +54,6 @@ def _fraction(v, name: str, *, low_open=True, high=1.0, high_open=True) -> float
         raise ValueError(f"{name} must be in {'(' if low_open else '['}0, {high}{')' if high_open else ']'}, "
                          f"got {v!r}")
     return v
-
-
-def _positive_int(v, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < 1:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    return int(v)
 
 
 def _rng(seed: int, epoch: int, tag: int) -> np.random.Generator:
@@ -133,13 +128,13 @@ class SubsetSchedule:
         self.method = method
         self.labels = lab.astype(np.int64)
         self.n = int(lab.size)
-        self.m = _positive_int(m, "m")
-        self.seed = int(seed)
-        self.steps_per_epoch = _positive_int(steps_per_epoch, "steps_per_epoch")
-        self.full_steps_per_epoch = _positive_int(full_steps_per_epoch, "full_steps_per_epoch")
-        self.epochs = _positive_int(epochs, "epochs")
+        self.m = check_count(m, "m")
+        self.seed = check_count(seed, "seed", low=0)
+        self.steps_per_epoch = check_count(steps_per_epoch, "steps_per_epoch")
+        self.full_steps_per_epoch = check_count(full_steps_per_epoch, "full_steps_per_epoch")
+        self.epochs = check_count(epochs, "epochs")
         self.weights_mode = weights
-        self.reselect_every = _positive_int(reselect_every, "reselect_every")
+        self.reselect_every = check_count(reselect_every, "reselect_every")
         self.embeddings = _DEFAULT_EMBEDDINGS.get(method, False) if embeddings is None else embeddings
         self.val_fraction = _fraction(val_fraction, "val_fraction")
         self.glister_lr = _fraction(glister_lr, "glister_lr", high=math.inf)
@@ -266,7 +261,7 @@ class SubsetSchedule:
         idx = np.asarray(idx, dtype=np.int64)
         w = np.asarray(w, dtype=np.float64)
         if idx.size == 0 or not np.all(np.isfinite(w)) or w.sum() <= 0:
-            raise FloatingPointError(f"SubsetLoader({self.method!r}): the selection at epoch {e} is empty or "
+            raise FloatingPointError(f"{self.method}: the selection at epoch {e} is empty or "
                                      "has no positive weight")
         raw_sum = float(w.sum())
         if self.weights_mode == "selection":
