@@ -896,10 +896,34 @@ def _training_data(x, y, labels, measure_x, outputs, m: int):
 
 
 class _TrainedSteps:
-    """What both callbacks report of the steps trained: ``position`` and ``last_indices``."""
+    """What both callbacks share: serving a batch (the weights as the loss's reduction needs them, the
+    shape probe of Keras's build fetch) and what they report of the steps trained (``position``,
+    ``last_indices``)."""
 
+    x: object
+    y: np.ndarray
+    _scale: str
+    _idle_fetches: int
     _position: int
     _last: tuple[np.ndarray, np.ndarray] | None
+
+    def _make(self, idx: np.ndarray, w: np.ndarray):
+        """``(x, y, sample_weight)`` of the examples ``idx``: the weights as they are (float32) under the
+        default reduction, divided by the batch size under ``reduction="sum"``."""
+        w = np.asarray(w, dtype=np.float64)
+        if self._scale == "per-batch":
+            w = w / w.size
+        return _take(self.x, idx), self.y[idx], w.astype(np.float32)
+
+    def _idle_probe(self, m: int, refusal: str):
+        """Keras's build fetch (before on_train_begin; two calls when Keras fetches one batch ahead): a fixed
+        shape probe of the first ``m`` examples. More fetches outside a fit with the callback mean the dataset
+        is being trained on without it: ``RuntimeError(refusal)`` rather than probes."""
+        self._idle_fetches += 1
+        if self._idle_fetches > 2:
+            raise RuntimeError(refusal)
+        probe = np.arange(m, dtype=np.int64)
+        return _take(self.x, probe), self.y[probe], np.ones(m, dtype=np.float32)
 
     @property
     def position(self) -> int:
@@ -1007,30 +1031,13 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         self._idle_fetches = 0
         self._scale = "as-is"
         self._ops_model = None
-        self._probe = np.arange(m, dtype=np.int64)
 
     # -- serving --------------------------------------------------------------------------------
-    def _served_weights(self, w: np.ndarray) -> np.ndarray:
-        w = np.asarray(w, dtype=np.float64)
-        if self._scale == "per-batch":
-            w = w / w.size
-        return w.astype(np.float32)
-
-    def _make(self, idx: np.ndarray, w: np.ndarray):
-        return _take(self.x, idx), self.y[idx], self._served_weights(w)
-
     def _serve(self, index):
         if not self._fitting:
-            # Keras's build fetch (before on_train_begin; two calls when Keras fetches one batch ahead): a fixed
-            # shape probe. More fetches outside a fit with this callback mean the dataset is being trained on
-            # without it: refuse rather than serve probes.
-            self._idle_fetches += 1
-            if self._idle_fetches > 2:
-                raise RuntimeError(
-                    "crest.dataset serves CREST's batches only inside model.fit(crest.dataset, callbacks=[crest]): "
-                    "it was iterated without the CrestCallback (add it to fit's callbacks)"
-                )
-            return _take(self.x, self._probe), self.y[self._probe], np.ones(self._probe.size, dtype=np.float32)
+            return self._idle_probe(self.config.m, (
+                "crest.dataset serves CREST's batches only inside model.fit(crest.dataset, callbacks=[crest]): "
+                "it was iterated without the CrestCallback (add it to fit's callbacks)"))
         for e in self._queue:
             if not e.served:
                 e.served = True
@@ -1333,17 +1340,12 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
         return self.method in ("craig", "gradmatch", "glister", "prune")
 
     def _serve(self, index=None):
-        if not self._fitting:  # Keras's build fetch: a fixed shape probe, no step
-            self._idle_fetches += 1
-            if self._idle_fetches > 2:  # iterated by a fit without this callback: refuse, never train on probes
-                raise RuntimeError("sub.dataset serves the baseline's batches only inside "
-                                   "model.fit(sub.dataset, callbacks=[sub]): add the SubsetCallback to fit's callbacks")
-            probe = np.arange(min(self.m, self.n))
-            return _take(self.x, probe), self.y[probe], np.ones(probe.size, dtype=np.float32)
+        if not self._fitting:
+            return self._idle_probe(self.m, "sub.dataset serves the baseline's batches only inside "
+                                    "model.fit(sub.dataset, callbacks=[sub]): add the SubsetCallback to fit's callbacks")
         idx, w = self.schedule.next_indices(self._position + len(self._queue), self.ops)
         self._queue.append((idx, w))
-        w = np.asarray(w, dtype=np.float64) / (w.size if self._scale == "per-batch" else 1.0)
-        return _take(self.x, idx), self.y[idx], w.astype(np.float32)
+        return self._make(idx, w)
 
     # -- Keras hooks ----------------------------------------------------------------------------
     def on_train_begin(self, logs=None):
