@@ -44,7 +44,7 @@ from .train_demo import (
     methods_to_run, relative_error,
 )
 
-#: the methods the Keras comparison trains (the baselines run through the PyTorch demo only)
+#: the methods the Keras comparison trains: the PyTorch demo's (its default four unless asked)
 METHODS = ("full", "sgd-budget", "random", "craig", "gradmatch", "glister", "prune", "crest", "crest-drop")
 DEFAULT_METHODS = ("full", "random", "crest", "crest-drop")  # the PyTorch demo's default four
 
@@ -263,9 +263,9 @@ def train_keras_method(method: str, data, s: TrainSettings, *, backend: str | No
     else:  # the baselines: the PyTorch demo's schedule (crestcore.baselines.SubsetSchedule), same seeds
         from crestcore.adapters.keras import SubsetCallback
 
-        reselect = s.reselect_every if s.reselect_every is not None else max(1, math.ceil(s.epochs / 2))
         sub = SubsetCallback(x_tr, np.asarray(y_tr, dtype=np.int64), method=method, budget=s.budget, epochs=s.epochs,
-                             m=m, seed=s.seed, measure_batch_size=s.measure_batch_size, reselect_every=reselect,
+                             m=m, seed=s.seed, measure_batch_size=s.measure_batch_size,
+                             reselect_every=s.reselect_epochs(),
                              val_fraction=s.val_fraction, glister_lr=s.lr, prune_ratio=s.prune_ratio,
                              prune_anneal=s.prune_anneal)
         if sub.steps_per_epoch != spe:
@@ -288,7 +288,7 @@ def train_keras_method(method: str, data, s: TrainSettings, *, backend: str | No
         bd.update({"select": sel, "drops": obs, "train": max(0.0, rec.wall - sel - obs)})
         counts["selections"] = len(st["selections"])
         out["stats"] = st
-    if crest is not None:
+    else:
         st = crest.stats
         t = crest.timings
         bd.update({"select": t["selection"], "model_fit": 0.0, "checks": t["check"],

@@ -163,6 +163,16 @@ class TrainSettings:
     prune_anneal: float = 0.875
     extra: dict = field(default_factory=dict)
 
+    def reselect_epochs(self) -> int:
+        """``reselect_every`` as the baselines use it: the given value, else ``ceil(epochs / 2)``.
+
+        Examples
+        --------
+        >>> TrainSettings(epochs=5).reselect_epochs(), TrainSettings(epochs=5, reselect_every=1).reselect_epochs()
+        (3, 1)
+        """
+        return self.reselect_every if self.reselect_every is not None else max(1, math.ceil(self.epochs / 2))
+
 
 def crest_config(s: TrainSettings, *, dropping: bool = False, steps_per_epoch: int = 1):
     """The :class:`crestcore.CrestConfig` of a run with settings ``s``.
@@ -655,7 +665,7 @@ def train_method(method: str, data, s: TrainSettings, *, progress: bool = True, 
     full_spe = full_steps(n, m)
     spe = full_spe if method == "full" else budget_steps(s.budget, full_spe)
     total = s.epochs * spe
-    reselect = s.reselect_every if s.reselect_every is not None else max(1, math.ceil(s.epochs / 2))
+    reselect = s.reselect_epochs()
 
     torch.manual_seed(s.seed)  # the same initial weights for every method
     model = build_cnn(int(y_tr.max()) + 1).to(device)
