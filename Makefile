@@ -52,7 +52,7 @@ docs: setup
 # the wheel, shipping the Numba kernels of a first selection compiled for this machine's CPU
 # (scripts/warm_kernels.py; used only where the CPU, Python and Numba match, compiled anywhere else)
 wheel: setup
-	rm -rf dist
+	rm -rf dist build/lib build/bdist.*  # stale files of moved modules would ship otherwise
 	env -u NUMBA_CACHE_DIR $(VPY) scripts/warm_kernels.py
 	$(VPY) -m build --wheel --outdir dist .
 

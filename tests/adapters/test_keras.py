@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import textwrap
@@ -673,6 +674,28 @@ def test_misuse_is_refused_clearly():
 # ------------------------------------------------------------------------------------------------
 # the demo: `crest demo --framework keras`
 # ------------------------------------------------------------------------------------------------
+def _public_functions(path: Path) -> dict:
+    import ast
+
+    tree = ast.parse(path.read_text())
+    return {f.name: [a.arg for a in f.args.posonlyargs + f.args.args + f.args.kwonlyargs]
+            for f in tree.body if isinstance(f, ast.FunctionDef) and not f.name.startswith("_")}
+
+
+def test_backend_modules_share_one_set_of_functions():
+    """Keras 3's layout: one module per backend with the same function names and signatures, and
+    KerasModelOps reaches the backend through exactly these."""
+    pkg = Path(keras_adapter.__file__).parent
+    mods = {name: _public_functions(pkg / f"_{name}.py") for name in ("torch", "jax", "generic")}
+    assert mods["torch"] == mods["jax"] == mods["generic"], mods
+    assert set(mods["torch"]) == {"pinned", "params", "outputs", "gradient", "hutchinson"}
+    used = set(re.findall(r"self\._impl\.(\w+)\(", (pkg / "__init__.py").read_text()))
+    assert used == set(mods["torch"]), used
+    for backend in keras_adapter.SUPPORTED_BACKENDS:
+        assert keras_adapter._implementation(backend).__name__.endswith("._" + backend)
+    assert keras_adapter._implementation("tensorflow").__name__.endswith("._generic")
+
+
 def test_keras_demo_module_imports_no_framework():
     code = ("import sys, json, crestcore.apps.keras_demo\n"
             "print(json.dumps([m for m in ('keras', 'torch', 'jax') if m in sys.modules]))")

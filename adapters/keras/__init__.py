@@ -47,6 +47,9 @@ no variable assignment on jax). On jax, the weights are read from the trainer's 
 ``fit`` (Keras detaches them from the variables within an epoch), never written. The TensorFlow backend
 is refused with an error that says what it lacks (gradients/HVPs here, and ``fit`` feeds a PyDataset to
 TensorFlow through ``tf.data`` with prefetching); the other backends cannot train.
+The backend-specific operations live in one module per backend, ``_torch`` and ``_jax`` (and
+``_generic`` for the backends that only measure), with the same function names and signatures, as in
+Keras 3's own ``keras/src/backend/<name>/``; :class:`KerasModelOps` picks one from the backend's name.
 
 Only the ``crestcore.adapters`` floor (and the demo layer, lazily) imports keras; the core never does.
 """
@@ -84,7 +87,7 @@ from crestcore.controller import (
 
 from crestcore.baselines import SubsetSchedule
 
-from . import _common
+from .. import _common
 
 __all__ = ["CrestCallback", "CrestDataset", "KerasModelOps", "SubsetCallback", "SUPPORTED_BACKENDS",
            "labels_from_targets"]
@@ -106,6 +109,18 @@ def _require_supported(what: str, backend: str | None = None) -> None:
     backend = _backend() if backend is None else backend
     if backend not in SUPPORTED_BACKENDS:
         raise NotImplementedError(_unsupported(backend, what))
+
+
+def _implementation(backend: str):
+    """The module of :class:`KerasModelOps`'s operations on ``backend``: ``_torch``, ``_jax`` (the same
+    function names and signatures), or ``_generic`` (forward passes only) for the other backends."""
+    if backend == "torch":
+        from . import _torch as impl
+    elif backend == "jax":
+        from . import _jax as impl
+    else:
+        from . import _generic as impl
+    return impl
 
 
 def _unsupported(backend: str, what: str) -> str:
@@ -377,7 +392,8 @@ class KerasModelOps:
         self._last_layer = last_layer
         self._emb_model = None
         self._pinned = None
-        self._jax = None
+        self._compiled = None  # the backend's compiled functions (jax), made on first use
+        self._impl = _implementation(self.backend)
 
     # -- the trainable weights ------------------------------------------------------------------
     def _tvars(self):
@@ -385,43 +401,6 @@ class KerasModelOps:
         if not tv:
             raise ValueError("the model has no trainable weights (is it built?): nothing to train")
         return tv
-
-    def _jax_values(self):
-        """(trainable, non-trainable) value lists of a jax model: pinned at the last on_train_batch_begin,
-        else the trainer's current state during fit (Keras detaches the variables within an epoch),
-        else the variables. Read, never written."""
-        if self._pinned is not None:
-            return self._pinned
-        m = self.model
-        # Keras's private JAX-trainer state (keras/src/backend/jax/trainer.py): ``_jax_state_synced``
-        # (set by JAXTrainer.__init__, False while fit holds the weights detached from the variables) and
-        # ``_jax_state`` (a dict with the trainer's current "trainable_variables" and
-        # "non_trainable_variables"). Should a Keras release rename or reshape them, fail loudly here
-        # instead of reading variables that may hold the weights of the start of the epoch.
-        if not hasattr(m, "_jax_state_synced"):
-            raise RuntimeError(_jax_contract_error(m, "the model has no attribute '_jax_state_synced'"))
-        st = getattr(m, "_jax_state", None)
-        tv = ntv = None
-        if not m._jax_state_synced:
-            if st is not None and not (isinstance(st, dict) and "trainable_variables" in st
-                                       and "non_trainable_variables" in st):
-                raise RuntimeError(_jax_contract_error(
-                    m, f"'_jax_state' is a {type(st).__name__} with keys "
-                       f"{sorted(st) if isinstance(st, dict) else '?'}, expected a dict with 'trainable_variables' "
-                       "and 'non_trainable_variables'"))
-            if st is not None:
-                tv, ntv = st.get("trainable_variables"), st.get("non_trainable_variables")
-        if tv is None:
-            tv = [v.value for v in self._tvars()]
-        if ntv is None:
-            ntv = [v.value for v in m.non_trainable_variables]
-        if any(t is None for t in tv) or any(t is None for t in ntv):
-            raise RuntimeError(
-                "crestcore.adapters.keras: Keras's JAX trainer holds the weights detached from the model's "
-                "variables here (within an epoch), and its current state was not reachable. KerasModelOps is "
-                "meant to run from CrestCallback's hooks; elsewhere call model.jax_state_sync() first."
-            )
-        return list(tv), list(ntv)
 
     def pin(self) -> None:
         """Remember where the weights of the upcoming step are (jax; a reference, no copy). Called by
@@ -437,8 +416,7 @@ class KerasModelOps:
         >>> ops.unpin()
         """
         self._pinned = None
-        if self.backend == "jax":
-            self._pinned = self._jax_values()
+        self._pinned = self._impl.pinned(self)
 
     def unpin(self) -> None:
         """Forget the weights :meth:`pin` remembered: measurements read the model's current weights again.
@@ -470,14 +448,7 @@ class KerasModelOps:
         >>> bool(np.allclose(keras.ops.convert_to_numpy(w)[8:], 0.0))  # the bias starts at zero
         True
         """
-        if self.backend == "torch":
-            import torch
-
-            return torch.cat([v.value.detach().reshape(-1) for v in self._tvars()]).clone()
-        if self.backend == "jax":
-            tv, _ = self._jax_values()
-            return np.concatenate([np.array(t).reshape(-1) for t in tv])
-        return np.concatenate([np.array(kops.convert_to_numpy(v.value)).reshape(-1) for v in self._tvars()])
+        return self._impl.params(self)
 
     def _dtype_np(self):
         try:
@@ -549,59 +520,15 @@ class KerasModelOps:
         >>> tuple(embeddings.shape)  # the Dense layer's input: the 4 features here
         (3, 4)
         """
-        idx = host_indices(indices, self.n)
-        if self.backend == "torch":
-            return self._outputs_torch(idx, embeddings)
-        return self._outputs_host(idx, embeddings)
+        return self._impl.outputs(self, host_indices(indices, self.n), embeddings)
 
-    def _outputs_torch(self, idx, embeddings):
-        import torch
-
+    def _host_outputs(self, idx: np.ndarray, embeddings: bool, call):
+        """Host float32 logits (and embeddings) of ``idx`` by chunks; ``call(chunk)`` gives
+        ``(embeddings or None, outputs)`` of at least the chunk's rows (a backend may pad)."""
         logits, embs = [], []
-        net = self._embedding_model() if embeddings else self.model
-        with torch.no_grad():
-            for a, b in _common.chunk_spans(idx.size, self.batch_size):
-                xb = keras.tree.map_structure(kops.convert_to_tensor, _take(self.x, idx[a:b]))
-                out = net(xb, training=False)
-                if embeddings:
-                    e, out = out
-                    embs.append(e.float().reshape(b - a, -1))
-                self._check_out(out, b - a)
-                out = out.float()
-                logits.append(torch.log(torch.clamp(out, min=_TINY)) if self.from_probabilities else out)
-        if not logits:
-            raise ValueError("outputs needs at least one index")
-        z = torch.cat(logits)
-        bad = ~torch.isfinite(z)
-        if bool(bad.any()):
-            raise _common.measurement_error("outputs", int(bad.any(dim=1).sum()), z.shape[0])
-        if not embeddings:
-            return z
-        return z, torch.cat(embs)
-
-    def _outputs_host(self, idx, embeddings):
-        logits, embs = [], []
-        if self.backend == "jax":
-            fns = self._jax_fns()
-            tv, ntv = self._jax_values()
-            if embeddings:
-                emb = self._embedding_model()
-                pos = {id(v): i for i, v in enumerate(self._tvars())}
-                npos = {id(v): i for i, v in enumerate(self.model.non_trainable_variables)}
-                etv = [tv[pos[id(v)]] for v in emb.trainable_variables]
-                entv = [ntv[npos[id(v)]] for v in emb.non_trainable_variables]
         for a, b in _common.chunk_spans(idx.size, self.batch_size):
             k = b - a
-            if self.backend == "jax":
-                xb = _take(self.x, self._padded(idx[a:b]))
-                if embeddings:
-                    (e, out), _ = emb.stateless_call(etv, entv, xb, training=False)
-                else:
-                    out = fns["forward"](tv, ntv, xb)
-            else:
-                xb = _take(self.x, idx[a:b])
-                res = (self._embedding_model() if embeddings else self.model)(xb, training=False)
-                e, out = res if embeddings else (None, res)
+            e, out = call(idx[a:b])
             out = np.asarray(kops.convert_to_numpy(out))[:k]
             self._check_out(out, k)
             logits.append(self._to_logits_np(out))
@@ -626,10 +553,7 @@ class KerasModelOps:
         ((3,), dtype('float64'), True)
         """
         idx = host_indices(indices, self.n)
-        z = self.outputs(idx)
-        if self.backend == "torch":
-            z = z.detach().cpu().numpy()
-        z = np.asarray(z, dtype=np.float64)
+        z = np.asarray(kops.convert_to_numpy(self.outputs(idx)), dtype=np.float64)
         zs = z - z.max(axis=1, keepdims=True)
         y = self.labels[idx]
         return np.log(np.exp(zs).sum(axis=1)) - zs[np.arange(idx.size), y]
@@ -651,9 +575,7 @@ class KerasModelOps:
         """
         _require_supported("gradients of the weighted coreset loss", self.backend)
         idx, w = _common.weighted_examples(indices, weights, self.n, "gradient")
-        if self.backend == "torch":
-            return self._gradient_torch(idx, w)
-        return self._gradient_jax(idx, w)
+        return self._impl.gradient(self, idx, w)
 
     def hutchinson(self, indices, weights, seed: int):
         """One Hutchinson probe ``z * (H z)`` of the weighted loss's Hessian, ``z`` = :meth:`rademacher`.
@@ -669,140 +591,7 @@ class KerasModelOps:
         """
         _require_supported("Hessian-vector products (the Hutchinson probe)", self.backend)
         idx, w = _common.weighted_examples(indices, weights, self.n, "hutchinson")
-        z = self.rademacher(seed)
-        if self.backend == "torch":
-            return self._hutchinson_torch(idx, w, z)
-        return self._hutchinson_jax(idx, w, z)
-
-    # torch ------------------------------------------------------------------------------------
-    def _torch_part(self, idx, w, a, b, N):
-        import torch
-
-        xb = keras.tree.map_structure(kops.convert_to_tensor, _take(self.x, idx[a:b]))
-        out = self.model(xb, training=False)
-        self._check_out(out, b - a)
-        y = kops.convert_to_tensor(self.labels[idx[a:b]])
-        ell = _crossentropy(out, y, self.from_probabilities)
-        wt = torch.as_tensor(w[a:b], dtype=ell.dtype, device=ell.device)
-        if not bool(torch.isfinite(ell.detach()).all()):
-            raise _common.measurement_error("losses", int((~torch.isfinite(ell.detach())).sum()), b - a)
-        return (wt * ell).sum() / N
-
-    def _gradient_torch(self, idx, w):
-        import torch
-
-        from .torch import add_grad  # the same gradient accumulation as the PyTorch adapter
-
-        params = [v.value for v in self._tvars()]
-        acc = [torch.zeros_like(p) for p in params]
-        total = 0.0
-        with torch.enable_grad():
-            for a, b in _common.chunk_spans(idx.size, self.batch_size):
-                part = self._torch_part(idx, w, a, b, idx.size)
-                add_grad(part, params, acc)
-                total += float(part.detach())
-        flat = torch.cat([g.reshape(-1) for g in acc])
-        if not bool(torch.isfinite(flat).all()):
-            raise _common.measurement_error("gradients", 1, 1)
-        return total, flat
-
-    def _hutchinson_torch(self, idx, w, z_np):
-        import torch
-
-        from .torch import add_hvp  # the same double-backward HVP as the PyTorch adapter
-
-        params = [v.value for v in self._tvars()]
-        z = torch.as_tensor(z_np, device=params[0].device, dtype=params[0].dtype)
-        zs = [t.view_as(p) for t, p in zip(torch.split(z, [p.numel() for p in params]), params)]
-        acc = [torch.zeros_like(p) for p in params]
-        with torch.enable_grad():
-            for a, b in _common.chunk_spans(idx.size, self.batch_size):
-                part = self._torch_part(idx, w, a, b, idx.size)
-                add_hvp(part, params, zs, acc)
-        out = z * torch.cat([h.reshape(-1) for h in acc])
-        if not bool(torch.isfinite(out).all()):
-            raise _common.measurement_error("Hessian-vector products", 1, 1)
-        return out
-
-    # jax --------------------------------------------------------------------------------------
-    def _jax_fns(self):
-        if self._jax is not None:
-            return self._jax
-        import jax
-        import jax.numpy as jnp
-
-        model, probs = self.model, self.from_probabilities
-
-        def forward(tv, ntv, xb):
-            out, _ = model.stateless_call(tv, ntv, xb, training=False)
-            return out
-
-        def wloss(tv, ntv, xb, yb, wb, N):
-            out = forward(tv, ntv, xb)
-            ell = _crossentropy(out, yb, probs)
-            return jnp.sum(wb * ell) / N, ell
-
-        def value_grad(tv, ntv, xb, yb, wb, N):
-            (val, ell), g = jax.value_and_grad(wloss, has_aux=True)(tv, ntv, xb, yb, wb, N)
-            return val, ell, g
-
-        def hvp(tv, ntv, xb, yb, wb, N, zs):
-            def grad_of(t):
-                return jax.grad(lambda s: wloss(s, ntv, xb, yb, wb, N)[0])(t)
-
-            return jax.jvp(grad_of, (tv,), (zs,))[1]
-
-        self._jax = {"forward": jax.jit(forward), "value_grad": jax.jit(value_grad), "hvp": jax.jit(hvp)}
-        return self._jax
-
-    def _bucket(self, k: int) -> int:
-        """Padded chunk length on jax: a power of two (at least 8, at most ``batch_size``), so a run
-        compiles each jitted function for a handful of shapes, not once per subset-union size."""
-        return k if k >= self.batch_size else min(self.batch_size, max(8, 1 << (k - 1).bit_length()))
-
-    def _padded(self, sel: np.ndarray) -> np.ndarray:
-        pad = self._bucket(sel.size) - sel.size
-        return sel if pad <= 0 else np.concatenate([sel, np.repeat(sel[:1], pad)])
-
-    def _jax_args(self, idx, w, a, b):
-        sel = self._padded(idx[a:b])
-        xb = _take(self.x, sel)
-        yb = self.labels[sel].astype(np.int32)
-        wb = np.zeros(sel.size, dtype=np.float32)  # padding rows weigh 0 (they repeat a real, finite example)
-        wb[: b - a] = w[a:b]
-        return xb, yb, wb, np.float32(idx.size)
-
-    def _gradient_jax(self, idx, w):
-        fns = self._jax_fns()
-        tv, ntv = self._jax_values()
-        acc = None
-        total = 0.0
-        for a, b in _common.chunk_spans(idx.size, self.batch_size):
-            xb, yb, wb, N = self._jax_args(idx, w, a, b)
-            val, ell, g = fns["value_grad"](tv, ntv, xb, yb, wb, N)
-            ell = np.asarray(ell)[: b - a]
-            if not np.all(np.isfinite(ell)):
-                raise _common.measurement_error("losses", int((~np.isfinite(ell)).sum()), b - a)
-            flat = np.concatenate([np.asarray(t).reshape(-1) for t in g])
-            acc = flat if acc is None else acc + flat
-            total += float(val)
-        _check_finite_np(acc, "gradients")
-        return total, acc
-
-    def _hutchinson_jax(self, idx, w, z):
-        fns = self._jax_fns()
-        tv, ntv = self._jax_values()
-        sizes = [int(np.prod(t.shape)) for t in tv]
-        zs = [c.reshape(t.shape).astype(np.asarray(t).dtype) for c, t in zip(np.split(z, np.cumsum(sizes)[:-1]), tv)]
-        acc = None
-        for a, b in _common.chunk_spans(idx.size, self.batch_size):
-            xb, yb, wb, N = self._jax_args(idx, w, a, b)
-            hz = fns["hvp"](tv, ntv, xb, yb, wb, N, zs)
-            flat = np.concatenate([np.asarray(t).reshape(-1) for t in hz])
-            acc = flat if acc is None else acc + flat
-        out = z * acc
-        _check_finite_np(out, "Hessian-vector products")
-        return out
+        return self._impl.hutchinson(self, idx, w, self.rademacher(seed))
 
 
 # ------------------------------------------------------------------------------------------------

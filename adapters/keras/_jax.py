@@ -1,0 +1,166 @@
+"""The jax backend of :mod:`crestcore.adapters.keras`: the model operations of :class:`KerasModelOps`.
+
+The same function names and signatures as ``_torch`` and ``_generic``. Forward passes use
+``model.stateless_call(..., training=False)``; the gradient and the Hessian-vector product are
+``jax.value_and_grad`` and ``jax.jvp`` of ``jax.grad``, jitted once per :class:`KerasModelOps` and padded to
+a handful of chunk lengths so that a run compiles each for a few shapes only. During ``fit`` the weights
+are read from the trainer's current state (Keras detaches them from the variables within an epoch), never
+written. Results are host NumPy copies: nothing the jitted train step donates is kept.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import _common
+from . import _check_finite_np, _crossentropy, _jax_contract_error, _take
+
+
+def _weights(ops):
+    """(trainable, non-trainable) value lists: pinned at the last ``on_train_batch_begin``, else the
+    trainer's current state during fit, else the variables. Read, never written."""
+    if ops._pinned is not None:
+        return ops._pinned
+    m = ops.model
+    # Keras's private JAX-trainer state (keras/src/backend/jax/trainer.py): ``_jax_state_synced`` (set by
+    # JAXTrainer.__init__, False while fit holds the weights detached from the variables) and ``_jax_state``
+    # (a dict with the trainer's current "trainable_variables" and "non_trainable_variables"). Should a
+    # Keras release rename or reshape them, fail loudly here instead of reading variables that may hold the
+    # weights of the start of the epoch.
+    if not hasattr(m, "_jax_state_synced"):
+        raise RuntimeError(_jax_contract_error(m, "the model has no attribute '_jax_state_synced'"))
+    st = getattr(m, "_jax_state", None)
+    tv = ntv = None
+    if not m._jax_state_synced:
+        if st is not None and not (isinstance(st, dict) and "trainable_variables" in st
+                                   and "non_trainable_variables" in st):
+            raise RuntimeError(_jax_contract_error(
+                m, f"'_jax_state' is a {type(st).__name__} with keys "
+                   f"{sorted(st) if isinstance(st, dict) else '?'}, expected a dict with 'trainable_variables' "
+                   "and 'non_trainable_variables'"))
+        if st is not None:
+            tv, ntv = st.get("trainable_variables"), st.get("non_trainable_variables")
+    if tv is None:
+        tv = [v.value for v in ops._tvars()]
+    if ntv is None:
+        ntv = [v.value for v in m.non_trainable_variables]
+    if any(t is None for t in tv) or any(t is None for t in ntv):
+        raise RuntimeError(
+            "crestcore.adapters.keras: Keras's JAX trainer holds the weights detached from the model's "
+            "variables here (within an epoch), and its current state was not reachable. KerasModelOps is "
+            "meant to run from CrestCallback's hooks; elsewhere call model.jax_state_sync() first."
+        )
+    return list(tv), list(ntv)
+
+
+def pinned(ops):
+    """The weights of the upcoming step (a reference, no copy)."""
+    return _weights(ops)
+
+
+def params(ops):
+    tv, _ = _weights(ops)
+    return np.concatenate([np.array(t).reshape(-1) for t in tv])
+
+
+def _compiled(ops) -> dict:
+    if ops._compiled is not None:
+        return ops._compiled
+    model, probs = ops.model, ops.from_probabilities
+
+    def forward(tv, ntv, xb):
+        out, _ = model.stateless_call(tv, ntv, xb, training=False)
+        return out
+
+    def wloss(tv, ntv, xb, yb, wb, N):
+        ell = _crossentropy(forward(tv, ntv, xb), yb, probs)
+        return jnp.sum(wb * ell) / N, ell
+
+    def value_grad(tv, ntv, xb, yb, wb, N):
+        (val, ell), g = jax.value_and_grad(wloss, has_aux=True)(tv, ntv, xb, yb, wb, N)
+        return val, ell, g
+
+    def hvp(tv, ntv, xb, yb, wb, N, zs):
+        def grad_of(t):
+            return jax.grad(lambda s: wloss(s, ntv, xb, yb, wb, N)[0])(t)
+
+        return jax.jvp(grad_of, (tv,), (zs,))[1]
+
+    ops._compiled = {"forward": jax.jit(forward), "value_grad": jax.jit(value_grad), "hvp": jax.jit(hvp)}
+    return ops._compiled
+
+
+def _padded(ops, sel: np.ndarray) -> np.ndarray:
+    """``sel`` padded (repeating its first index) to a power of two, at least 8 and at most ``batch_size``,
+    so a run compiles each jitted function for a handful of shapes, not once per subset-union size."""
+    k = sel.size
+    target = k if k >= ops.batch_size else min(ops.batch_size, max(8, 1 << (k - 1).bit_length()))
+    return sel if target <= k else np.concatenate([sel, np.repeat(sel[:1], target - k)])
+
+
+def outputs(ops, idx: np.ndarray, embeddings: bool):
+    tv, ntv = _weights(ops)
+    if embeddings:
+        emb = ops._embedding_model()
+        pos = {id(v): i for i, v in enumerate(ops._tvars())}
+        npos = {id(v): i for i, v in enumerate(ops.model.non_trainable_variables)}
+        etv = [tv[pos[id(v)]] for v in emb.trainable_variables]
+        entv = [ntv[npos[id(v)]] for v in emb.non_trainable_variables]
+
+        def call(sel):
+            (e, out), _ = emb.stateless_call(etv, entv, _take(ops.x, _padded(ops, sel)), training=False)
+            return e, out
+    else:
+        forward = _compiled(ops)["forward"]
+
+        def call(sel):
+            return None, forward(tv, ntv, _take(ops.x, _padded(ops, sel)))
+
+    return ops._host_outputs(idx, embeddings, call)
+
+
+def _chunks(ops, idx, w):
+    """(chunk length, padded inputs, labels, weights, N) per measurement chunk; padding rows weigh 0 (they
+    repeat a real, finite example)."""
+    for a, b in _common.chunk_spans(idx.size, ops.batch_size):
+        sel = _padded(ops, idx[a:b])
+        wb = np.zeros(sel.size, dtype=np.float32)
+        wb[: b - a] = w[a:b]
+        yield b - a, _take(ops.x, sel), ops.labels[sel].astype(np.int32), wb, np.float32(idx.size)
+
+
+def _flat(parts) -> np.ndarray:
+    return np.concatenate([np.asarray(t).reshape(-1) for t in parts])
+
+
+def gradient(ops, idx: np.ndarray, w: np.ndarray):
+    value_grad = _compiled(ops)["value_grad"]
+    tv, ntv = _weights(ops)
+    acc = None
+    total = 0.0
+    for k, xb, yb, wb, N in _chunks(ops, idx, w):
+        val, ell, g = value_grad(tv, ntv, xb, yb, wb, N)
+        ell = np.asarray(ell)[:k]
+        if not np.all(np.isfinite(ell)):
+            raise _common.measurement_error("losses", int((~np.isfinite(ell)).sum()), k)
+        flat = _flat(g)
+        acc = flat if acc is None else acc + flat
+        total += float(val)
+    _check_finite_np(acc, "gradients")
+    return total, acc
+
+
+def hutchinson(ops, idx: np.ndarray, w: np.ndarray, z: np.ndarray):
+    hvp = _compiled(ops)["hvp"]
+    tv, ntv = _weights(ops)
+    sizes = [int(np.prod(t.shape)) for t in tv]
+    zs = [c.reshape(t.shape).astype(np.asarray(t).dtype) for c, t in zip(np.split(z, np.cumsum(sizes)[:-1]), tv)]
+    acc = None
+    for _, xb, yb, wb, N in _chunks(ops, idx, w):
+        flat = _flat(hvp(tv, ntv, xb, yb, wb, N, zs))
+        acc = flat if acc is None else acc + flat
+    out = z * acc
+    _check_finite_np(out, "Hessian-vector products")
+    return out
