@@ -1426,21 +1426,27 @@ def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, 
             out_gain[b, t] = g
             _add_to_cover(W[j * nw:(j + 1) * nw], cover)
             t_done = t + 1
-    # cluster sizes: each valid point to its most similar pick, the earliest on ties
+    # cluster sizes: each valid point to its most similar pick, the earliest on ties. The picks' rows
+    # are read one after the other (contiguous; a later pick takes a point only when strictly more
+    # similar), not every pick's entry per point (one cache line per read); the sums run over the points
+    # in order, as before. ``row`` and ``st`` are free once the greedy is done.
+    best = row[:nw]
+    owner = st[:nw]
+    for i in range(nw):
+        owner[i] = -1
+        best[i] = 0.0
+    for t in range(t_done):
+        off = out_idx[b, t] * nw
+        for i in range(nw):
+            v = float(W[off + i])
+            if owner[i] < 0 or v > best[i]:
+                owner[i] = t
+                best[i] = v
     obj = 0.0
     for i in range(nw):
-        if not valid[b, i]:
-            continue
-        a = -1
-        mv = 0.0
-        for t in range(t_done):
-            v = float(W[out_idx[b, t] * nw + i])
-            if a < 0 or v > mv:
-                a = t
-                mv = v
-        if a >= 0:
-            out_w[b, a] += 1.0
-            obj += mv
+        if valid[b, i] and owner[i] >= 0:
+            out_w[b, owner[i]] += 1.0
+            obj += best[i]
     return obj
 
 
