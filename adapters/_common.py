@@ -89,14 +89,6 @@ def training_loss_error(who: str, step: int, bad: int, total: int, where: str = 
     )
 
 
-def examples_spent(counters: dict) -> tuple[float, float]:
-    """(training, measurement) examples spent so far, from the controller's ``counters``: the measurement
-    passes in examples of forward+backward, ``(forward + 2 * backward) / 3`` (a backward costs about two
-    forwards)."""
-    c = counters
-    return float(c["train_examples"]), (c["forward_examples"] + 2.0 * c["backward_examples"]) / 3.0
-
-
 # ------------------------------------------------------------------------------------------------
 # checkpoints
 # ------------------------------------------------------------------------------------------------

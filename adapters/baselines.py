@@ -85,7 +85,7 @@ from crestcore.adapters.torch import (  # the torch adapter's data access, share
     dataset_labels,
 )
 
-from ._common import check_budget, check_budget_counts, check_checkpoint, check_count, examples_spent
+from ._common import check_budget, check_budget_counts, check_checkpoint, check_count
 
 __all__ = ["SubsetLoader", "METHODS", "SELECTING_METHODS"]
 
@@ -277,8 +277,8 @@ class SubsetLoader(BudgetedPasses):
     reselect_every = property(lambda self: self.schedule.reselect_every)
 
     # -- accounting and stepping (the pass logic is BudgetedPasses') ------------------------------
-    def _cost(self) -> tuple[float, float]:
-        return examples_spent(self.schedule.counters)
+    def _counters(self) -> dict:
+        return self.schedule.counters
 
     def _step(self):
         idx, w = self.schedule.next_indices(self._position, self.ops, sync=self._sync)

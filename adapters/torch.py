@@ -1107,9 +1107,8 @@ class CrestLoader(BudgetedPasses):
         self._pending: list[Batch] = []  # handed out before a checkpoint and not trained: replayed first
 
     # -- accounting and stepping ----------------------------------------------------------------
-    def _cost(self) -> tuple[float, float]:
-        """(training, measurement) cost so far, in examples of forward+backward."""
-        return _common.examples_spent(self._state.counters)
+    def _counters(self) -> dict:
+        return self._state.counters
 
     def _step(self):
         events = ()

@@ -18,7 +18,7 @@ import numpy as np
 
 from ._validation import hamilton
 
-__all__ = ["full_steps", "budget_steps", "hamilton", "BudgetedPasses"]
+__all__ = ["full_steps", "budget_steps", "hamilton", "examples_spent", "budget_report", "BudgetedPasses"]
 
 
 def full_steps(n: int, m: int) -> int:
@@ -52,13 +52,51 @@ def budget_steps(budget: float, full: int) -> int:
     return max(1, int(math.floor(float(budget) * int(full) + 0.5)))
 
 
+def examples_spent(counters: dict) -> tuple[float, float]:
+    """(training, measurement) examples spent so far, from a run's ``counters`` (the controller's, or a
+    baseline schedule's): the measurement passes in examples of forward+backward,
+    ``(forward + 2 * backward) / 3`` (a backward costs about two forwards).
+
+    >>> examples_spent({"train_examples": 1280, "forward_examples": 600, "backward_examples": 150})
+    (1280.0, 300.0)
+    """
+    c = counters
+    return float(c["train_examples"]), (c["forward_examples"] + 2.0 * c["backward_examples"]) / 3.0
+
+
+def budget_report(*, budget: float, counts: str, m: int, full_data_steps: int, planned_steps: int,
+                  steps_done: int, counters: dict, **extra) -> dict:
+    """The budget report every loader and callback puts in its ``stats["budget"]``: the run's steps
+    against the full-data run's, and all its passes (training plus measurement, in step-equivalents of
+    ``m`` examples, :func:`examples_spent`) against the same. ``extra`` items are added as they are.
+
+    >>> r = budget_report(budget=0.1, counts="steps", m=128, full_data_steps=940, planned_steps=94,
+    ...                   steps_done=94, counters={"train_examples": 94 * 128, "forward_examples": 3840,
+    ...                                            "backward_examples": 0})
+    >>> r["fraction_steps"], r["overhead_step_equivalents"], round(r["fraction_all_passes"], 4)
+    (0.1, 10.0, 0.1106)
+    """
+    train, overhead = examples_spent(counters)
+    return {
+        "budget": budget,
+        "counts": counts,
+        "full_data_steps": full_data_steps,
+        "planned_steps": planned_steps,
+        "steps_done": steps_done,
+        **extra,
+        "overhead_step_equivalents": overhead / m,
+        "fraction_steps": steps_done / full_data_steps,
+        "fraction_all_passes": (train + overhead) / m / full_data_steps,
+    }
+
+
 class BudgetedPasses:
     """The pass logic of a budgeted run, framework-free, shared by the loaders of the adapters
     (``crestcore.adapters.torch.CrestLoader`` and ``CrestBatchSampler``,
     ``crestcore.adapters.baselines.SubsetLoader``): budget sizing, epochs, ``len``, ``set_epoch``,
     the ``"passes"`` accounting and the budget report. A subclass calls :meth:`_plan_passes` in its
     ``__init__`` and implements ``_step()`` (hand out the next batch: advance ``_position``, return what
-    the pass yields) and ``_cost()`` ((training, measurement) examples so far).
+    the pass yields) and ``_counters()`` (the run's counters: its examples trained and measured).
 
     Length semantics (the ``DataLoader`` habit): ``len()`` is the steps of one epoch and each pass over
     the object yields the next epoch's share, so ``len(loader) * epochs`` is the run's planned steps and
@@ -86,9 +124,13 @@ class BudgetedPasses:
         """Hand out the next batch: advance ``_position``, return what the pass yields."""
         raise NotImplementedError
 
+    def _counters(self) -> dict:
+        """The run's counters so far (``train_examples``, ``forward_examples``, ``backward_examples``)."""
+        raise NotImplementedError
+
     def _cost(self) -> tuple[float, float]:
         """(training, measurement) examples spent so far."""
-        raise NotImplementedError
+        return examples_spent(self._counters())
 
     def _plan_passes(self, *, n: int, m: int, budget: float, epochs: int, per_epoch: bool, budget_counts: str,
                      steps_per_epoch: int | None = None) -> None:
@@ -161,20 +203,9 @@ class BudgetedPasses:
         return min(max(self._position // self.steps_per_epoch, self._epochs_done), self.epochs - 1)
 
     def _budget_report(self) -> dict:
-        m = self._pass_m
-        train, overhead = self._cost()
-        full = self.epochs * self.full_steps_per_epoch
-        return {
-            "budget": self.budget,
-            "counts": self.budget_counts,
-            "full_data_steps": full,
-            "planned_steps": self.total_steps,
-            "steps_done": self._position,
-            "epochs_done": self._epochs_done,
-            "overhead_step_equivalents": overhead / m,
-            "fraction_steps": self._position / full,
-            "fraction_all_passes": (train + overhead) / m / full,
-        }
+        return budget_report(budget=self.budget, counts=self.budget_counts, m=self._pass_m,
+                             full_data_steps=self.epochs * self.full_steps_per_epoch, planned_steps=self.total_steps,
+                             steps_done=self._position, counters=self._counters(), epochs_done=self._epochs_done)
 
     def __iter__(self) -> Iterator:
         self._token += 1
@@ -260,5 +291,5 @@ class _StepNumbers(BudgetedPasses):
         self._position += 1
         return self._position
 
-    def _cost(self) -> tuple[float, float]:
-        return self._position * self._pass_m, 0.0
+    def _counters(self) -> dict:
+        return {"train_examples": self._position * self._pass_m, "forward_examples": 0, "backward_examples": 0}

@@ -63,7 +63,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from crestcore.plan import budget_steps, full_steps
+from crestcore.plan import budget_report, budget_steps, full_steps
 from crestcore.validation import host_indices
 
 try:
@@ -684,6 +684,14 @@ def _training_data(x, y, labels, measure_x, outputs, m: int):
     return x, y, mx, lab
 
 
+def _budget(cb, counters: dict, m: int) -> dict:
+    """A callback's ``stats["budget"]``: its steps trained, over the epochs it was told (else the epochs
+    begun), against the full-data run's."""
+    epochs = cb.epochs if cb.epochs is not None else max(1, math.ceil(cb._position / cb.steps_per_epoch))
+    return budget_report(budget=cb.budget, counts="steps", m=m, full_data_steps=epochs * cb.full_steps_per_epoch,
+                         planned_steps=epochs * cb.steps_per_epoch, steps_done=cb._position, counters=counters)
+
+
 class _TrainedSteps:
     """What both callbacks share: serving a batch (the weights as the loss's reduction needs them, the
     shape probe of Keras's build fetch) and what they report of the steps trained (``position``,
@@ -955,16 +963,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         return self._state
 
     def _budget_report(self) -> dict:
-        m = self.config.m
-        _, overhead = _common.examples_spent(self._state.counters)
-        epochs = self.epochs if self.epochs is not None else max(1, math.ceil(self._position / self.steps_per_epoch))
-        full = epochs * self.full_steps_per_epoch
-        return {
-            "budget": self.budget, "counts": "steps", "full_data_steps": full,
-            "planned_steps": epochs * self.steps_per_epoch, "steps_done": self._position,
-            "overhead_step_equivalents": overhead / m, "fraction_steps": self._position / full,
-            "fraction_all_passes": (self._position * m + overhead) / m / full,
-        }
+        return _budget(self, self._state.counters, self.config.m)
 
     @property
     def stats(self) -> dict:
@@ -1190,7 +1189,8 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
         """Plain data: the method, position, selections (step, epoch, seconds, size, ...) and counters."""
         return {"method": self.method, "step": self._position, "steps_per_epoch": self.steps_per_epoch,
                 "selections": [dict(r) for r in self.schedule.log],
-                "counters": {k: int(v) for k, v in self.schedule.counters.items()}}
+                "counters": {k: int(v) for k, v in self.schedule.counters.items()},
+                "budget": _budget(self, self.schedule.counters, self.m)}
 
     def _fingerprint(self) -> dict:
         return {"method": self.method, "n": self.n, "m": self.m, "seed": self.seed,

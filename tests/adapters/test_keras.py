@@ -885,6 +885,25 @@ def test_subset_callback_resumes_with_the_same_batches(method):
         assert sa.stats["counters"]["forward_examples"] > 0
 
 
+@pytest.mark.parametrize("method", ["random", "craig"])
+def test_subset_callback_reports_its_budget_as_the_torch_loader_does(method):
+    """stats["budget"] comes from the one framework-free report (crestcore.plan.budget_report) that
+    SubsetLoader and CrestCallback use: the steps trained against the full-data run's, and every pass."""
+    from crestcore.plan import budget_report
+
+    _, _, sub = _subset_fit(method, 2)
+    rep = sub.stats["budget"]
+    full = 2 * sub.full_steps_per_epoch
+    assert rep == budget_report(budget=0.5, counts="steps", m=8, full_data_steps=full,
+                                planned_steps=2 * sub.steps_per_epoch, steps_done=sub.position,
+                                counters=sub.stats["counters"])
+    assert rep["fraction_steps"] == sub.position / full == 2 * sub.steps_per_epoch / full
+    c = sub.stats["counters"]
+    measured = (c["forward_examples"] + 2 * c["backward_examples"]) / 3
+    assert rep["fraction_all_passes"] == pytest.approx((c["train_examples"] + measured) / 8 / full)
+    assert (rep["overhead_step_equivalents"] > 0) == (method == "craig")
+
+
 def test_subset_callback_serves_only_inside_a_fit_with_it():
     model, x, y = _example_problem()
     sub = SubsetCallback(x, y, method="random", budget=0.5, m=8)
