@@ -611,8 +611,8 @@ class DistributedModelOps:
             f = (hi - lo) / idx.size
             part = torch.cat([g * f, torch.tensor([loss * f], dtype=g.dtype, device=g.device)])
         else:
-            p = self.inner.params()
-            part = torch.zeros(p.numel() + 1, dtype=p.dtype, device=p.device)
+            p = self.inner.params()  # the dtype the other ranks' shares come in (half widened to float32)
+            part = torch.zeros(p.numel() + 1, dtype=torch.promote_types(p.dtype, torch.float32), device=p.device)
         total = self.all_reduce_sum(part, f"all_reduce of the gradient over {idx.size} examples")
         return float(total[-1]), total[:-1]
 
@@ -638,8 +638,41 @@ class DistributedModelOps:
             with self._rank0_buffers():
                 part = self.inner.hutchinson(idx[lo:hi], w[lo:hi], seed) * ((hi - lo) / idx.size)
         else:
-            part = torch.zeros_like(self.inner.params())
+            p = self.inner.params()
+            part = torch.zeros(p.numel(), dtype=torch.promote_types(p.dtype, torch.float32), device=p.device)
         return self.all_reduce_sum(part, f"all_reduce of the Hutchinson probe over {idx.size} examples")
+
+    def gradient_and_hutchinson(self, indices, weights, seed: int):
+        """``(loss, gradient, z * (H z))`` of ``mean(w_i l_i)``, sharded as :meth:`gradient` and
+        :meth:`hutchinson` are (each rank its contiguous share, from one forward), in one all-reduce.
+
+        Examples
+        --------
+        >>> import torch
+        >>> group = _OneProcess()  # one gloo process, as ``torchrun --nproc-per-node 1`` runs, and 32 examples
+        >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), group.data))
+        >>> loss, grad, probe = ops.gradient_and_hutchinson([0, 5, 9], [1.0, 2.0, 0.5], seed=3)
+        >>> bool(torch.equal(grad, ops.gradient([0, 5, 9], [1.0, 2.0, 0.5])[1]))
+        True
+        >>> bool(torch.equal(probe, ops.hutchinson([0, 5, 9], [1.0, 2.0, 0.5], seed=3)))
+        True
+        >>> group.close()
+        """
+        if self.world_size == 1:
+            with self._rank0_buffers():
+                return self.inner.gradient_and_hutchinson(indices, weights, seed)
+        idx, w, lo, hi = self._share(indices, weights, "gradient_and_hutchinson")
+        D = self.inner.params().numel()
+        if hi > lo:
+            with self._rank0_buffers():
+                loss, g, probe = self.inner.gradient_and_hutchinson(idx[lo:hi], w[lo:hi], seed)
+            f = (hi - lo) / idx.size
+            part = torch.cat([g * f, probe * f, torch.tensor([loss * f], dtype=g.dtype, device=g.device)])
+        else:
+            p = self.inner.params()
+            part = torch.zeros(2 * D + 1, dtype=torch.promote_types(p.dtype, torch.float32), device=p.device)
+        total = self.all_reduce_sum(part, f"all_reduce of the gradient and Hutchinson probe over {idx.size} examples")
+        return float(total[-1]), total[:D], total[D:2 * D]
 
     # -- the coreset solve ----------------------------------------------------------------------
     def coresets(self, features, labels, *, m, r, P, rng=None, subsets=None, optimizer="lazy", **kwargs) -> Coresets:

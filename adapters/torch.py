@@ -327,7 +327,10 @@ def _rows_tree(batches: list, take=None):
         if first.ndim == 0:
             return None
         if take is None:
-            return torch.cat(batches) if all(isinstance(b, torch.Tensor) for b in batches) else None
+            # chunks padded to their own longest item (a padding collate_fn) cannot be joined: not kept
+            same = all(isinstance(b, torch.Tensor) and b.ndim == first.ndim and b.shape[1:] == first.shape[1:]
+                       and b.dtype == first.dtype for b in batches)
+            return torch.cat(batches) if same else None
         return first[take] if isinstance(take, slice) else first.index_select(0, take)
     parts = (lambda i: [b[i] for b in batches]) if take is None else (lambda i: first[i])
     if isinstance(first, tuple) or isinstance(first, list):
@@ -356,6 +359,25 @@ def _to_device(batch, device, non_blocking: bool = False, floats: torch.dtype | 
         return {k: _to_device(v, device, non_blocking, floats) for k, v in batch.items()}
     return batch
 
+
+def _unshared(batch, host):
+    """``batch`` (``host`` moved to a device) with every tensor that is still ``host``'s own memory
+    replaced by a copy."""
+    if isinstance(batch, torch.Tensor):
+        same = isinstance(host, torch.Tensor) and batch.data_ptr() == host.data_ptr() and batch.device == host.device
+        return batch.clone() if same else batch
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(_unshared(b, h) for b, h in zip(batch, host)))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_unshared(b, h) for b, h in zip(batch, host))
+    if isinstance(batch, dict):
+        return {k: _unshared(v, host[k]) for k, v in batch.items()}
+    return batch
+
+
+# the most passes kept at once (they are dropped oldest first, and when their bytes exceed cache_bytes):
+# a selection keeps its forward and, with just-in-time coresets, one pass per coreset
+_CACHE_PASSES = 256
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -428,7 +450,9 @@ class TorchModelOps:
         ``DataLoader`` with this ``collate_fn``, chunks in order); 0 (default) loads them in this process.
     cache_bytes : host memory for the collated batches of recent measurement passes (default 256 MiB; 0
         turns it off). The trust checks re-read the examples the anchor loss was measured on; kept, they
-        are not loaded again and see exactly the anchor's inputs (random transforms included).
+        are not loaded again and see exactly the anchor's inputs (random transforms included). The kept
+        passes are those since the last :meth:`new_anchor` (the controller calls it at every selection,
+        the baselines' schedule before every selection): a new selection always loads fresh inputs.
     collate_fn : as for a ``DataLoader``; default ``default_collate``.
     last_layer : for ``outputs(..., embeddings=True)``: the ``nn.Linear`` (or its name in
         ``model.named_modules()``) whose input is the penultimate embedding. Default: the last
@@ -586,7 +610,10 @@ class TorchModelOps:
                     size += _nbytes(host)
                     if size > self.cache_bytes // 2:  # too big to keep
                         keep = None
-                yield (a, b), _to_device(host, dev, floats=self._dtype())
+                batch = _to_device(host, dev, floats=self._dtype())
+                if keep is not None or cached is not None:  # kept rows: a forward that writes its input
+                    batch = _unshared(batch, host)  # in place must not change them
+                yield (a, b), batch
                 if bar is not None:
                     bar.advance(b - a)
             if keep is not None and len(keep) == len(spans):
@@ -595,6 +622,20 @@ class TorchModelOps:
             if bar is not None:
                 bar.close()
 
+    def new_anchor(self) -> None:
+        """Forget the kept measurement passes: the next passes load their examples again (fresh random
+        transforms). The controller calls this at every selection, so that the trust checks and the model
+        fit of a selection see that selection's inputs and never an earlier one's.
+
+        Examples
+        --------
+        >>> import torch
+        >>> ops = TorchModelOps(torch.nn.Linear(4, 2), _example_data())  # 16 random points of 4 features
+        >>> ops.new_anchor()  # nothing kept yet: nothing to forget
+        """
+        self._cache.clear()
+        self._cache_sizes.clear()
+
     def _remember(self, idx: np.ndarray, batches: list, size: int) -> None:
         joined = _rows_tree(batches)
         if joined is None:  # not indexable by example: not kept
@@ -602,7 +643,7 @@ class TorchModelOps:
         order = np.argsort(idx, kind="stable")
         self._cache[idx.tobytes()] = (idx[order], order, joined)
         self._cache_sizes[idx.tobytes()] = size
-        while sum(self._cache_sizes.values()) > self.cache_bytes or len(self._cache) > 16:
+        while sum(self._cache_sizes.values()) > self.cache_bytes or len(self._cache) > _CACHE_PASSES:
             old, _ = self._cache.popitem(last=False)
             self._cache_sizes.pop(old)
 

@@ -87,8 +87,10 @@ class ModelOps(Protocol):
     """What an adapter supplies (see the module docstring). Optionally it may also define
     ``coresets(features, labels, **kw)`` with :func:`crestcore.minibatch_coresets`'s signature and
     result; the controller then selects through it (the distributed adapter shards the problems so);
-    and ``gradient_and_hutchinson(indices, weights, seed)`` -> ``(loss, gradient, z * (H z))``, equal
-    to the two calls, from one forward: the model fit then uses it.
+    ``gradient_and_hutchinson(indices, weights, seed)`` -> ``(loss, gradient, z * (H z))``, equal
+    to the two calls, from one forward: the model fit then uses it; and ``new_anchor()``, called at
+    every selection before its forward: an adapter that keeps the inputs of its measurement passes (the
+    PyTorch adapter does, so that the checks see the anchor's inputs) forgets them there.
 
     Examples
     --------
@@ -581,6 +583,9 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
     """A selection. ``reason``: "first", "check" (a failed trust check), "epoch" (the fixed interval of
     ``reselect="epoch"``) or "drop" (the pool shrank)."""
     gen = np.random.default_rng([state.seed, state.n_selections])
+    fresh = getattr(ops, "new_anchor", None)
+    if fresh is not None:  # the inputs kept for the last anchor's measurements are not this one's
+        fresh()
     pool = np.flatnonzero(state.drop.active)
     if pool.size < config.m:
         raise ValueError(f"the pool has {pool.size} examples, fewer than m={config.m}")

@@ -295,6 +295,9 @@ class SubsetSchedule:
         sync()
         t0 = time.perf_counter()
         measure = self.pool if self.method != "glister" else np.concatenate([self.pool, self.val_indices])
+        fresh = getattr(ops, "new_anchor", None)
+        if fresh is not None:  # a new selection: inputs an adapter kept from the last one are not reused
+            fresh()
         out = ops.outputs(measure, embeddings=self.embeddings)
         z, emb = out if self.embeddings else (out, None)
         sync()

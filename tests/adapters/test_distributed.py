@@ -146,6 +146,9 @@ def worker_train(out: Path):
         checks[f"gradient k={k}"] = bool(abs(l1 - l0) < 1e-12 and torch.allclose(g1, g0, rtol=1e-10, atol=1e-13))
         h1, h0 = ops.hutchinson(idx, wts, 11), inner.hutchinson(idx, wts, 11)
         checks[f"hutchinson k={k}"] = bool(torch.allclose(h1, h0, rtol=1e-10, atol=1e-13))
+        # the fused fit is sharded like the two calls (not the inner, unsharded method): equal to them
+        lf, gf, hf = ops.gradient_and_hutchinson(idx, wts, 11)
+        checks[f"fused fit k={k}"] = bool(torch.equal(gf, g1) and torch.equal(hf, h1) and abs(lf - l1) < 1e-12)
         result[f"grad k={k}"] = g1.numpy().copy()  # must be bit-identical across ranks
     # measurement with rank 0's buffers (BatchNorm statistics differ per rank between DDP forwards)
     from crestcore.adapters.torch import TorchModelOps
@@ -162,6 +165,15 @@ def worker_train(out: Path):
         bn[1].running_mean.fill_(0.0)
     z0 = bops.inner.outputs(idx)
     checks["measured with rank 0's buffers"] = bool(torch.allclose(z, z0, rtol=0, atol=1e-12))
+    with torch.no_grad():
+        bn[1].running_mean.fill_(float(rank))
+    wts = np.linspace(0.5, 1.5, idx.size)
+    _, gf, hf = bops.gradient_and_hutchinson(idx, wts, 5)
+    with torch.no_grad():
+        bn[1].running_mean.fill_(0.0)
+    _, g0, h0 = bops.inner.gradient_and_hutchinson(idx, wts, 5)
+    checks["fused fit with rank 0's buffers"] = bool(torch.allclose(gf, g0, rtol=1e-10, atol=1e-13)
+                                                     and torch.allclose(hf, h0, rtol=1e-10, atol=1e-12))
     result["checks"] = checks
 
     # -- training, with a checkpoint mid-epoch ---------------------------------------------------

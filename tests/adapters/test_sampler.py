@@ -269,3 +269,136 @@ def test_a_pass_over_examples_a_recent_pass_read_takes_their_rows_without_loadin
     Noisy.reads = 0
     ops.outputs(np.array([17, 5]))  # 5 was never read: a pass of its own
     assert Noisy.reads == 2
+
+
+def _noisy_ops(**kw):
+    """TorchModelOps over a dataset whose items carry a random per-item transform (re-reading changes
+    the input), recording every batch the model is given."""
+    from crestcore.adapters.torch import TorchModelOps
+
+    class Noisy(Flip):
+        reads = 0
+
+        def __getitem__(self, i):
+            type(self).reads += 1
+            x, t = super().__getitem__(i)
+            return x + torch.randn(()), t
+
+    X, y = make_data()
+    seen = []
+    ops = TorchModelOps(mlp(), Noisy(X, y), batch_size=7,
+                        forward=lambda mdl, b: (seen.append(b[0].clone()), mdl(b[0]))[1], **kw)
+    return ops, Noisy, seen
+
+
+def test_a_new_selection_loads_fresh_inputs():
+    """The kept passes serve one selection only: after ``new_anchor`` (the controller calls it at every
+    selection) the same examples are loaded again, with new random transforms, and the controller's
+    selections each read their own examples."""
+    ops, Noisy, seen = _noisy_ops()
+    idx = np.arange(0, 60, 3)
+    ops.outputs(idx)
+    Noisy.reads = 0
+    ops.outputs(idx[:5])
+    assert Noisy.reads == 0  # within the selection: served
+    ops.new_anchor()
+    before = torch.cat(seen[:1])[:5].clone()
+    seen[:] = []
+    ops.outputs(idx[:5])
+    assert Noisy.reads == 5 and not torch.equal(torch.cat(seen), before)
+
+    # through the controller: r = the whole pool and a check that always fails, so every selection's
+    # union is the pool; each selection still loads every example again
+    from crestcore import crest_init, crest_next_batch
+
+    ops, Noisy, _ = _noisy_ops()
+    cfg = CrestConfig(m=24, r=N, P=2, tau=1e-12)
+    state = crest_init(cfg, ops.labels, seed=0)
+    reads = []
+    for _ in range(4):
+        Noisy.reads = 0
+        state, batch = crest_next_batch(state, ops, cfg)
+        with torch.no_grad():
+            for p in ops.model.parameters():
+                p.add_(0.5)  # the weights move, so the checks fail
+        reads.append((batch.reselected, Noisy.reads))
+    assert sum(r for _, r in reads) >= N * sum(s for s, _ in reads)
+    assert [s for s, _ in reads].count(True) >= 2
+
+
+def test_just_in_time_coresets_keep_the_first_subset_for_the_checks():
+    """With just-in-time coresets every step forwards its own subset; the trust check keeps reading V_1
+    from the anchor's pass however many steps the coresets last (no eviction by count)."""
+    from crestcore import crest_init, crest_next_batch
+
+    ops, Noisy, _ = _noisy_ops()
+    # the first check comes after 18 steps: by then 18 later passes were kept (the old cache kept 16)
+    cfg = CrestConfig(m=8, r=20, P=24, T1=18, tau=10.0, coresets="just-in-time")
+    state = crest_init(cfg, ops.labels, seed=0)
+    reads = []
+    for _ in range(20):
+        Noisy.reads = 0
+        state, batch = crest_next_batch(state, ops, cfg)
+        reads.append(Noisy.reads)
+    assert state.n_selections == 1
+    # after the anchor's forward (V_1), each step reads only its own new subset V_p (r = 20 examples),
+    # never V_1 again for the check
+    assert max(reads[1:]) <= cfg.r, reads
+
+
+def test_a_padding_collate_is_measured_without_keeping_its_batches():
+    """Chunks padded to their own longest item cannot be joined into one kept pass: they are measured
+    and not kept (before: a RuntimeError from torch.cat)."""
+    from torch import nn
+
+    from crestcore.adapters.torch import TorchModelOps
+
+    class Seqs(Dataset):
+        def __init__(self):
+            g = torch.Generator().manual_seed(0)
+            self.x = [torch.randint(1, 50, (3 + i % 7,), generator=g) for i in range(40)]
+            self.targets = [i % 2 for i in range(40)]
+
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, i):
+            return self.x[i], self.targets[i]
+
+    def pad(items):
+        xs, ys = zip(*items)
+        return nn.utils.rnn.pad_sequence(xs, batch_first=True), torch.tensor(ys)
+
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.e, self.fc = nn.Embedding(50, 8, padding_idx=0), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(self.e(x).mean(1))
+
+    idx = np.arange(0, 40, 3)
+    plain = TorchModelOps(Bag(), Seqs(), collate_fn=pad, batch_size=4, cache_bytes=0).outputs(idx)
+    kept = TorchModelOps(Bag(), Seqs(), collate_fn=pad, batch_size=4).outputs(idx)
+    assert torch.equal(plain, kept)
+
+
+def test_a_forward_that_changes_its_input_in_place_does_not_change_the_kept_rows():
+    from crestcore.adapters.torch import TorchModelOps
+
+    X, y = make_data()
+
+    def forward(model, batch):
+        return model(batch[0].sub_(1.0))  # e.g. a normalisation written in place
+
+    model = mlp()
+    idx = np.arange(0, 32, 2)
+    outs = []
+    for cache in (0, 256 << 20):
+        ops = TorchModelOps(model, Flip(X, y), forward=forward, cache_bytes=cache)
+        a = ops.outputs(idx)
+        b = ops.outputs(idx[:5])  # served from the kept pass when the cache is on
+        outs.append((a, b))
+    (a0, b0), (a1, b1) = outs
+    assert torch.equal(a0, a1) and torch.equal(b0, b1)  # with the cache as without it
