@@ -685,11 +685,16 @@ def _training_data(x, y, labels, measure_x, outputs, m: int):
 
 
 def _budget(cb, counters: dict, m: int) -> dict:
-    """A callback's ``stats["budget"]``: its steps trained, over the epochs it was told (else the epochs
-    begun), against the full-data run's."""
-    epochs = cb.epochs if cb.epochs is not None else max(1, math.ceil(cb._position / cb.steps_per_epoch))
+    """A callback's ``stats["budget"]``: the steps trained, over the epochs it was told or the epochs begun
+    (whichever is more), against the full-data run's. Batches served and not trained yet (Keras fetching
+    ahead, a fit that stopped) are not counted."""
+    spe = cb.steps_per_epoch
+    epochs = max(cb.epochs or 1, math.ceil(cb._position / spe))
+    c = dict(counters)
+    c["train_examples"] = c["train_examples"] - cb._untrained_examples()
     return budget_report(budget=cb.budget, counts="steps", m=m, full_data_steps=epochs * cb.full_steps_per_epoch,
-                         planned_steps=epochs * cb.steps_per_epoch, steps_done=cb._position, counters=counters)
+                         planned_steps=epochs * spe, steps_done=cb._position, counters=c,
+                         epochs_done=cb._position // spe)
 
 
 class _TrainedSteps:
@@ -842,6 +847,10 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         batch = self._next_batch()
         self._queue.append(_Entry(batch, True))
         return self._make(batch.indices, batch.weights)
+
+    def _untrained_examples(self) -> int:
+        """Examples of the batches the controller handed out (and counted) that have not trained yet."""
+        return sum(int(e.batch.indices.size) for e in self._queue)
 
     def _next_batch(self) -> Batch:
         c0 = self._state.counters
@@ -1134,6 +1143,10 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
         idx, w = self.schedule.next_indices(self._position + len(self._queue), self.ops)
         self._queue.append((idx, w))
         return self._make(idx, w)
+
+    def _untrained_examples(self) -> int:
+        """Examples of the batches served (and counted) that have not trained yet."""
+        return sum(int(idx.size) for idx, _ in self._queue)
 
     # -- Keras hooks ----------------------------------------------------------------------------
     def on_train_begin(self, logs=None):

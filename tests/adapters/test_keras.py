@@ -384,8 +384,23 @@ def test_batches_fetched_ahead_are_each_trained_once_in_order(monkeypatch):
         return b
 
     crest._next_batch = spy
-    model.fit(crest.dataset, epochs=2, callbacks=[crest], verbose=0)
+    reports = []
+
+    class Mid(keras.callbacks.Callback):  # runs after crest's hook: the step's batch is accounted
+        def on_train_batch_end(self, batch, logs=None):
+            c = crest.controller_state.counters
+            trained = sum(int(idx.size) for idx, _ in crest.trained)
+            want = (trained + (c["forward_examples"] + 2 * c["backward_examples"]) / 3) / CFG["m"]
+            reports.append((crest.position, len(crest._queue), crest.stats["budget"], want))
+
+    model.fit(crest.dataset, epochs=2, callbacks=[crest, Mid()], verbose=0)
     total = 2 * crest.steps_per_epoch
+    # the budget counts the steps trained, not the batch fetched ahead and waiting in the queue
+    assert any(queued for _, queued, _, _ in reports)
+    full = 2 * crest.full_steps_per_epoch
+    for position, _, rep, want in reports:
+        assert rep["steps_done"] == position and rep["fraction_steps"] == position / full
+        assert rep["fraction_all_passes"] == pytest.approx(want / full, rel=1e-12)
     assert crest.position == len(handed) == len(RECORD) == total
     for b, (idx, w), (xb, _, sw) in zip(handed, crest.trained, RECORD):
         np.testing.assert_array_equal(b.indices, idx)
@@ -751,7 +766,7 @@ def test_jax_backend(jax_child):
     assert res["jax_state_probed"] == [2], res["jax_state_probed"]
     assert not res["jax_state_broken"], (
         f"Keras {res['keras_version']} changed the JAX trainer's private state that "
-        f"crestcore.adapters.keras.KerasModelOps._jax_values reads: {res['jax_state_broken']}")
+        f"crestcore.adapters.keras._jax._weights reads: {res['jax_state_broken']}")
     for case, msg in res["jax_state_refusals"].items():
         assert msg is not None, f"an unrecognised JAX-trainer state ({case}) was read without an error"
         assert "model._jax_state" in msg and "KERAS_BACKEND=torch" in msg, (case, msg)
@@ -896,7 +911,7 @@ def test_subset_callback_reports_its_budget_as_the_torch_loader_does(method):
     full = 2 * sub.full_steps_per_epoch
     assert rep == budget_report(budget=0.5, counts="steps", m=8, full_data_steps=full,
                                 planned_steps=2 * sub.steps_per_epoch, steps_done=sub.position,
-                                counters=sub.stats["counters"])
+                                counters=sub.stats["counters"], epochs_done=2)
     assert rep["fraction_steps"] == sub.position / full == 2 * sub.steps_per_epoch / full
     c = sub.stats["counters"]
     measured = (c["forward_examples"] + 2 * c["backward_examples"]) / 3
