@@ -101,3 +101,59 @@ def test_bad_arguments_are_refused_by_name(kwargs, match):
         _schedule(method, y, **kwargs)
     with pytest.raises(ValueError, match="labels"):
         _schedule("random", y.astype(float))
+
+
+def test_gradmatch_tops_up_each_class_to_its_share_and_fills_the_budget():
+    """OMP stopping early in one class (identical gradients: one pick matches the class's sum) leaves that
+    class short; the top-up gives each class what it lacks of its share of k, and the budget is filled
+    (before: the fill followed the pool's class shares and left the selection short of k)."""
+    n, h = 40, 6
+    lab = np.arange(n) % 2
+    rng = np.random.default_rng(0)
+    Z, E = np.zeros((n, 2)), rng.normal(size=(n, h))
+    E[lab == 0] = 1.0
+
+    class Ops:
+        def outputs(self, idx, embeddings=False):
+            return (Z[idx], E[idx]) if embeddings else Z[idx]
+
+    s = SubsetSchedule("gradmatch", lab, m=4, seed=0, steps_per_epoch=8, full_steps_per_epoch=10, epochs=1,
+                       options={"lam": 0.0})
+    s.next_indices(0, Ops())
+    rec, idx = s.log[-1], s.selection[0]
+    assert rec["picked"] < s.subset_size == 32 and rec["size"] == 32 and np.unique(idx).size == 32
+    assert [int((lab[idx] == c).sum()) for c in (0, 1)] == [16, 16]
+
+    # classes too small for their share: what they cannot supply comes from the others
+    lab = np.array([0] + [1] * 2 + [2] * 47)
+    Z, E = rng.normal(size=(50, 3)), rng.normal(size=(50, h))
+    for spe in (9, 12):
+        s = SubsetSchedule("gradmatch", lab, m=5, seed=1, steps_per_epoch=spe, full_steps_per_epoch=10, epochs=1,
+                           options={"tol": 0.9})
+        s.next_indices(0, Ops())
+        assert s.log[-1]["size"] == s.subset_size == min(50, 5 * spe)
+
+
+def test_prune_past_its_planned_epochs_keeps_the_last_rule_and_says_so():
+    X, y = _data()
+    s = _schedule("prune", y, epochs=1)
+    for t in range(s.steps_per_epoch):
+        idx, _ = s.next_indices(t)
+        s.observe(idx, np.abs(X[idx, 0]))
+    with pytest.warns(UserWarning, match="epochs="):
+        idx, w = s.next_indices(s.steps_per_epoch)  # epoch 1 of a schedule built for one epoch
+    assert idx.size == s.m and s.log[-1]["epoch"] == 1
+
+
+@pytest.mark.parametrize("method, options, match", [
+    ("prune", {"ratio": 0.9}, "prune_ratio"),
+    ("random", {"tol": 0.1}, "takes none"),
+    ("gradmatch", {"lamda": 0.1}, "lam"),
+    ("gradmatch", {"labels": None}, "allowed"),
+    ("glister", {"val_embeddings": None}, "allowed"),
+])
+def test_options_the_method_would_not_accept_are_refused_when_built(method, options, match):
+    _, y = _data()
+    with pytest.raises(ValueError, match=match):
+        _schedule(method, y, options=options)
+    _schedule("gradmatch", y, options={"lam": 0.1, "positive": True})  # accepted

@@ -10,14 +10,16 @@ data loading and hands the indices to it (``crestcore.adapters.baselines.SubsetL
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
+import warnings
 from collections.abc import Callable
 
 import numpy as np
 
 from .._compat import device_of, from_numpy, namespace, on_cpu, to_numpy
-from .._validation import check_count
+from .._validation import check_count, hamilton
 from ..features import last_layer_gradients
 from ._craig import craig
 from ._glister import glister
@@ -72,6 +74,28 @@ def _validation_split(labels: np.ndarray, fraction: float, seed: int) -> np.ndar
         if k:
             val.append(gen.choice(members, size=k, replace=False))
     return np.sort(np.concatenate(val)).astype(np.int64) if val else np.zeros(0, np.int64)
+
+
+# what the schedule passes to the core functions itself (not accepted in options)
+_OWN_ARGUMENTS = {"craig": ("gradients", "labels", "k"), "gradmatch": ("gradients", "k", "labels"),
+                  "glister": ("train_grads", "val_logits", "val_labels", "k", "val_embeddings")}
+
+
+def _check_options(method: str, options: dict) -> None:
+    """Refuse, when the schedule is built, options its method's core function would not accept."""
+    if not options:
+        return
+    if method not in _OWN_ARGUMENTS:
+        hint = " (prune's are prune_ratio= and prune_anneal=)" if method == "prune" else ""
+        raise ValueError(f"options are keyword arguments of craig, gradmatch or glister; method {method!r} "
+                         f"takes none{hint}, got {sorted(options)}")
+    fn = {"craig": craig, "gradmatch": gradmatch, "glister": glister}[method]
+    params = inspect.signature(fn).parameters
+    own = _OWN_ARGUMENTS[method]
+    bad = sorted(k for k in options if k not in params or k in own)
+    if bad:
+        allowed = sorted(k for k in params if k not in own)
+        raise ValueError(f"options {bad} are not keyword arguments {method}() accepts here; allowed: {allowed}")
 
 
 class SubsetSchedule:
@@ -141,7 +165,9 @@ class SubsetSchedule:
         self.prune_ratio = _fraction(prune_ratio, "prune_ratio", low_open=False)
         self.prune_anneal = _fraction(prune_anneal, "prune_anneal", low_open=False, high_open=False)
         self.fill = fill
+        _check_options(method, options or {})
         self.options = {**_DEFAULT_OPTIONS.get(method, {}), **(options or {})}
+        self._warned_epochs = False
         if method == "glister":
             self.val_indices = _validation_split(self.labels, self.val_fraction, self.seed)
             if self.val_indices.size == 0:
@@ -275,6 +301,13 @@ class SubsetSchedule:
                          "solve_seconds": dt - fwd_s, "size": int(idx.size), "weight_sum": raw_sum, **info})
 
     def _select_prune(self, e: int, gen):
+        if e >= self.epochs:  # trained past the epochs it was built for (a Keras fit with more epochs)
+            if not self._warned_epochs:
+                warnings.warn(f"prune: epoch {e} is past the {self.epochs} epoch(s) the schedule was built for "
+                              "(epochs=): it keeps the last epoch's rule from here on. Pass the run's epochs as "
+                              "epochs= so that the pruning anneals over them.", stacklevel=4)
+                self._warned_epochs = True
+            e = self.epochs - 1
         seen = np.flatnonzero(self.seen)
         if seen.size:
             sel = prune_schedule(self.losses[seen], ratio=self.prune_ratio, epoch=e, epochs=self.epochs,
@@ -343,23 +376,31 @@ class SubsetSchedule:
         return self.pool[loc], w, info
 
     def _top_up(self, e: int, loc: np.ndarray, w: np.ndarray, short: int):
-        """GradMatch stopped early: ``short`` uniformly random examples more, each class in proportion to
-        its share of the shortfall (largest remainders), each weighted 1 (itself, on the sum scale)."""
+        """GradMatch stopped early: ``short`` uniformly random examples more, weighted 1 (itself, on the sum
+        scale). Each class first gets what it lacks of its share of the budget (the Hamilton split of k by
+        class sizes that GradMatch's per-class budgets use); what a class cannot supply (too few examples
+        left in it) is then drawn from the examples left in the other classes."""
         npool = self.pool.size
         lab_h = self.labels[self.pool]
         taken = np.zeros(npool, dtype=bool)
         taken[loc] = True
         fill_gen = _rng(self.seed, e, _TAG_FILL)
-        cls, counts = np.unique(lab_h, return_counts=True)
-        quota = short * counts / counts.sum()
-        base = np.floor(quota).astype(int)
-        rest = short - base.sum()
-        base[np.argsort(-(quota - base), kind="stable")[:rest]] += 1
+        cls, pos, counts = np.unique(lab_h, return_inverse=True, return_counts=True)
+        share = hamilton(loc.size + short, counts)
+        lack = np.maximum(share - np.bincount(pos[loc], minlength=cls.size), 0)
         extra = []
-        for c, q in zip(cls, base):
-            free = np.flatnonzero((lab_h == c) & ~taken)
-            if q and free.size:
-                extra.append(fill_gen.choice(free, size=min(q, free.size), replace=False))
+        for c in range(cls.size):
+            free = np.flatnonzero((pos == c) & ~taken)
+            q = int(min(lack[c], free.size))
+            if q:
+                got = fill_gen.choice(free, size=q, replace=False)
+                taken[got] = True
+                extra.append(got)
+        left = short - sum(x.size for x in extra)
+        if left > 0:  # classes short of examples: the rest from whatever is left, uniformly
+            free = np.flatnonzero(~taken)
+            if free.size:
+                extra.append(fill_gen.choice(free, size=min(left, free.size), replace=False))
         if not extra:
             return loc, w
         more = np.concatenate(extra).astype(np.int64)
