@@ -32,6 +32,7 @@ one that never stopped. Limits: one process (the distributed adapter is separate
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -97,6 +98,29 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: 
     return (weights.to(losses.dtype) * losses).mean()
 
 
+def _is_hf_dataset(data) -> bool:
+    try:
+        import datasets
+    except ImportError:
+        return False
+    return isinstance(data, datasets.Dataset)
+
+
+def _refuse_unsupported(trainer) -> None:
+    """Trainer settings CREST would otherwise ignore or break silently."""
+    a = trainer.args
+    if a.world_size > 1 or trainer.accelerator.num_processes > 1:
+        raise ValueError(f"CrestTrainer runs in one process ({a.world_size} here): every process would train "
+                         "one run's batches, and the step count would be wrong. For several processes use "
+                         "crestcore.adapters.distributed.DistributedCrestLoader in your own loop")
+    if getattr(a, "label_smoothing_factor", 0.0):
+        raise ValueError("CrestTrainer computes CREST's weighted cross-entropy itself: label_smoothing_factor "
+                         f"({a.label_smoothing_factor}) would be ignored; set it to 0")
+    if getattr(trainer, "compute_loss_func", None) is not None:
+        raise ValueError("CrestTrainer computes CREST's weighted cross-entropy itself: compute_loss_func would "
+                         "not be called; leave it None")
+
+
 class CrestTrainer(transformers.Trainer):
     """A ``transformers.Trainer`` that trains on CREST's weighted coreset batches.
 
@@ -154,6 +178,7 @@ class CrestTrainer(transformers.Trainer):
         if self.args.gradient_accumulation_steps != 1:
             raise ValueError("CrestTrainer needs gradient_accumulation_steps=1: CREST's batches are its "
                              "mini-batches (set the batch size with crest_config=CrestConfig(m=...))")
+        _refuse_unsupported(self)
         self.crest_config = config
         self.crest_budget = float(crest_budget)
         self.crest_seed = int(seed)
@@ -162,6 +187,7 @@ class CrestTrainer(transformers.Trainer):
         self.crest_callbacks = crest_callbacks
         self.crest: CrestBatchSampler | None = None
         self._crest_resume: str | None = None  # the checkpoint folder train() resumes from
+        self._crest_new_run = True  # the next training dataloader starts a new CREST run
         # compute_loss returns a mean over the batch: the Trainer must not expect a sum over tokens
         self.model_accepts_loss_kwargs = False
 
@@ -171,11 +197,15 @@ class CrestTrainer(transformers.Trainer):
         return max(1, int(math.ceil(self.args.num_train_epochs)))
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        """``Trainer.train``; resuming from a checkpoint also restores CREST's state from it."""
+        """``Trainer.train``; resuming from a checkpoint also restores CREST's state from it. Every other
+        call is a new CREST run (a fresh schedule of ``num_train_epochs``), as a plain Trainer's second
+        ``train()`` is a new pass over the data."""
+        _refuse_unsupported(self)
         path = resume_from_checkpoint
         if isinstance(path, bool):
             path = transformers.trainer_utils.get_last_checkpoint(self.args.output_dir) if path else None
         self._crest_resume = None if path is None else str(path)
+        self._crest_new_run = path is None
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
@@ -212,9 +242,14 @@ class CrestTrainer(transformers.Trainer):
     def get_train_dataloader(self):
         if self.train_dataset is None:
             raise ValueError("CrestTrainer: training requires a train_dataset.")
-        if self.crest is None or self.crest.model is not self.model or self._crest_resume is not None:
+        train_dataset = self.train_dataset
+        if _is_hf_dataset(train_dataset):  # as the Trainer does: only the columns the model's forward takes
+            train_dataset = self._remove_unused_columns(train_dataset, description="training")
+        if (self.crest is None or self.crest.model is not self.model or self._crest_resume is not None
+                or self._crest_new_run):
+            self._crest_new_run = False
             self.crest = CrestBatchSampler(
-                self.model, self.train_dataset, config=self.crest_config, budget=self.crest_budget,
+                self.model, train_dataset, config=self.crest_config, budget=self.crest_budget,
                 epochs=self._planned_epochs(), seed=self.crest_seed, labels=self.crest_labels,
                 collate_fn=self.data_collator, measure_batch_size=self.crest_measure_batch_size,
                 callbacks=self.crest_callbacks,
@@ -224,10 +259,17 @@ class CrestTrainer(transformers.Trainer):
             batch_sampler = self._restore_crest(self._crest_resume)
             self._crest_resume = None  # restored once; a later call (a new epoch loop) builds nothing new
         a = self.args
+        workers = int(a.dataloader_num_workers)
+        extra = {}
+        if workers > 0:  # the Trainer's own worker settings (seeded workers, prefetching, start method)
+            extra = {"prefetch_factor": getattr(a, "dataloader_prefetch_factor", None),
+                     "multiprocessing_context": getattr(a, "dataloader_multiprocessing_context", None),
+                     "worker_init_fn": functools.partial(transformers.trainer_utils.seed_worker, num_workers=workers,
+                                                         rank=a.process_index)}
         loader = torch.utils.data.DataLoader(
-            WeightedDataset(self.train_dataset), batch_sampler=batch_sampler, collate_fn=self.data_collator,
-            num_workers=a.dataloader_num_workers, pin_memory=a.dataloader_pin_memory,
-            persistent_workers=a.dataloader_persistent_workers and a.dataloader_num_workers > 0,
+            WeightedDataset(self.crest.dataset), batch_sampler=batch_sampler, collate_fn=self.data_collator,
+            num_workers=workers, pin_memory=a.dataloader_pin_memory,
+            persistent_workers=a.dataloader_persistent_workers and workers > 0, **extra,
         )
         return self.accelerator.prepare(loader)
 

@@ -92,6 +92,8 @@ def check_listeners(callbacks) -> list[Callable]:
 
 
 def _check_events(events) -> tuple[str, ...]:
+    if isinstance(events, str):  # one event by name, not its letters
+        events = (events,)
     bad = set(events) - set(EVENTS)
     if bad:
         raise ValueError(f"events must be among {EVENTS}, got {sorted(bad)}")

@@ -1462,6 +1462,29 @@ class CrestBatchSampler(CrestLoader):
             self._handed_epoch = self._handed_epoch[drop:]
         return [WeightedKey(i, w) for i, w in zip(batch.indices.tolist(), batch.weights.tolist())]
 
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._handed, self._handed_epoch, self._handed_from = [], [], self._position
+
+    def rewind(self, trained: int) -> None:
+        """Tell the sampler that only the first ``trained`` batches of the run were trained: the batches it
+        handed out after them (a ``DataLoader`` with worker processes fetches ahead, and a pass you broke
+        off leaves them untrained) are handed out again, first, by the next pass. The same as saving
+        ``state_dict(trained=trained)`` and loading it.
+
+        Examples
+        --------
+        >>> import torch
+        >>> sampler = CrestBatchSampler(torch.nn.Linear(4, 2), _example_data(), config=CrestConfig(m=4),
+        ...                             budget=1.0)  # 16 examples: 4 batches of 4 a pass
+        >>> it = iter(sampler)
+        >>> first, second = next(it), next(it)  # two batches fetched, only the first trained
+        >>> sampler.rewind(1)
+        >>> sampler.position, next(iter(sampler)) == second  # the untrained batch comes again, first
+        (1, True)
+        """
+        self.load_state_dict(self.state_dict(trained=trained))
+
     def dataloader(self, *, indices: bool = False, **kwargs):
         """``DataLoader(WeightedDataset(dataset, indices=indices), batch_sampler=self, **kwargs)``:
         ``num_workers``, ``pin_memory``, ``persistent_workers``, ``prefetch_factor``, ``collate_fn``, ...
@@ -1491,10 +1514,14 @@ class CrestBatchSampler(CrestLoader):
         if trained is None or trained == self._position:
             return super().state_dict()
         low = self._handed_from + 1 if self._handed_from > 0 else 0  # the last trained batch must be known
+        if not self._handed:  # nothing handed out since the start or a load: only the position itself
+            low = self._position
         if isinstance(trained, bool) or not isinstance(trained, (int, np.integer)) or not \
                 low <= trained <= self._position:
-            raise ValueError(f"trained must be an integer in [{low}, {self._position}] (batches of the run "
-                             f"trained; {self._position} are handed out), got {trained!r}")
+            span = f"[{low}, {self._position}]" if low < self._position else f"{self._position}"
+            raise ValueError(f"trained must be an integer in {span} (batches of the run trained; "
+                             f"{self._position} are handed out, the batches before {low} are not kept), "
+                             f"got {trained!r}")
         k = int(trained) - self._handed_from
         # the epoch of the first untrained batch is not done: a resumed run replays it in that epoch's pass
         return self._state_dict(int(trained), self._handed[k - 1] if k > 0 else None,

@@ -89,6 +89,54 @@ def test_crest_trainer_refuses_what_it_cannot_do(tmp_path):
                      train_dataset=Texts(), data_collator=transformers.default_data_collator)
     with pytest.raises(ValueError, match="num_train_epochs"):
         t.get_train_dataloader()
+    # settings it would otherwise ignore silently
+    with pytest.raises(ValueError, match="label_smoothing_factor"):
+        CrestTrainer(model=tiny_bert(), args=transformers.TrainingArguments(label_smoothing_factor=0.1, **base),
+                     train_dataset=Texts())
+    with pytest.raises(ValueError, match="compute_loss_func"):
+        CrestTrainer(model=tiny_bert(), args=transformers.TrainingArguments(**base), train_dataset=Texts(),
+                     compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.logits.sum())
+    # several processes: every one would train the one run's batches
+    t = CrestTrainer(model=tiny_bert(), args=transformers.TrainingArguments(**base), train_dataset=Texts())
+    t.accelerator.state.num_processes = 2
+    try:
+        with pytest.raises(ValueError, match="one process"):
+            t.train()
+    finally:
+        t.accelerator.state.num_processes = 1
+
+
+def test_a_second_train_call_is_a_new_crest_run(tmp_path):
+    """As a plain Trainer's second train() is a new pass over the data, a CrestTrainer's is a new CREST
+    run (before: the used-up sampler was reused and the second call trained nothing)."""
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), num_train_epochs=1, learning_rate=5e-3, report_to=[], use_cpu=True,
+        save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0)
+    model = tiny_bert()
+    trainer = CrestTrainer(model=model, args=args, train_dataset=Texts(),
+                           data_collator=transformers.default_data_collator,
+                           crest_config=CrestConfig(m=16, r=48), crest_budget=0.5)
+    first = trainer.train().global_step
+    sampler = trainer.crest
+    before = [p.detach().clone() for p in model.parameters()]
+    second = trainer.train().global_step
+    assert first == second == 6 and trainer.crest is not sampler and trainer.crest.position == 6
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_a_datasets_dataset_keeps_only_the_columns_the_model_takes(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    texts = Texts(n=64)
+    data = datasets.Dataset.from_dict({"input_ids": texts.ids.tolist(), "labels": texts.targets,
+                                       "note": ["x"] * 64, "idx": list(range(64))})
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), num_train_epochs=1, learning_rate=5e-3, report_to=[], use_cpu=True,
+        save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0)
+    trainer = CrestTrainer(model=tiny_bert(), args=args, train_dataset=data,
+                           data_collator=transformers.default_data_collator,
+                           crest_config=CrestConfig(m=8, r=24), crest_budget=0.5)
+    assert trainer.train().global_step == 4
+    assert "note" not in trainer.crest.dataset.column_names and "idx" not in trainer.crest.dataset.column_names
 
 
 def test_the_sampler_with_plain_accelerate():

@@ -99,6 +99,8 @@ def test_bad_listeners_and_writers_are_refused():
         WandbWriter(type("R", (), {"log": lambda self, v, step=None: None})(), events=("selections",))
     with pytest.raises(TypeError, match="add_scalar"):
         TensorBoardWriter(object())
+    sw = type("W", (), {"add_scalar": lambda self, *a, **k: None})()
+    assert TensorBoardWriter(sw, events="check").events == ("check",)  # one event by name, not its letters
 
 
 def test_progress_bars_only_for_passes_over_a_second(monkeypatch, capsys):

@@ -402,3 +402,34 @@ def test_a_forward_that_changes_its_input_in_place_does_not_change_the_kept_rows
         outs.append((a, b))
     (a0, b0), (a1, b1) = outs
     assert torch.equal(a0, a1) and torch.equal(b0, b1)  # with the cache as without it
+
+
+def test_a_pass_broken_off_with_workers_continues_after_rewind():
+    """A DataLoader with worker processes fetches batches ahead: after breaking off a pass, rewind(trained)
+    hands the fetched, untrained ones out again, and the run trains all its planned steps."""
+    X, y = make_data()
+    sampler = CrestBatchSampler(mlp(), Flip(X, y), **CFG)
+    loader = sampler.dataloader(num_workers=2)
+    trained = []
+    for epoch in range(sampler.epochs):
+        sampler.set_epoch(epoch)
+        for k, (x, _yb, _w) in enumerate(loader):
+            trained.append(x)
+            if epoch == 0 and k == 1:
+                break  # broken off: the workers had fetched more than this
+        sampler.rewind(len(trained))
+    assert len(trained) == sampler.total_steps == sampler.position
+
+
+def test_state_dict_with_trained_right_after_a_load_names_the_one_valid_value():
+    X, y = make_data()
+    a = CrestBatchSampler(mlp(), Flip(X, y), **CFG)
+    it = iter(a)
+    for _ in range(4):
+        next(it)
+    state = a.state_dict()
+    b = CrestBatchSampler(mlp(), Flip(X, y), **CFG)
+    b.load_state_dict(state)
+    b.state_dict(trained=4)  # the position itself is valid
+    with pytest.raises(ValueError, match="trained must be an integer in 4 "):
+        b.state_dict(trained=3)  # before: an IndexError
