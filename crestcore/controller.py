@@ -253,7 +253,8 @@ class CrestConfig:
     max_overhead : None (no limit) or a positive fraction: the measurement passes CREST spends
     (selection forwards, model fits, checks; counted in forward-equivalents, a backward = 2 forwards)
     never exceed this fraction of the training passes (3 forward-equivalents per trained example) by
-    more than the one check or selection that crosses it. A due check, epoch reselection or
+    more than the step that crosses it: one check, one selection, or a check and the selection its
+    failure starts. A due check, epoch reselection or
     drop-triggered reselection waits until the count allows it; meanwhile the coresets are cycled.
     Deterministic: counts, not clocks.
 
@@ -1067,12 +1068,32 @@ def crest_load_state_dict(d: dict, params_like) -> CrestState:
         return xp.astype(from_numpy(np.asarray(a), xp, device_of(params_like)), params_like.dtype)
 
     fields = {k: d[k] for k in CrestState._fields}
+    # the arrays as the controller keeps them (host NumPy, int64 / float64), whatever the dict held
+    # (lists, int32 arrays, tensors: the validator accepted them)
+    for k, dt in (("labels", np.int64), ("batch_idx", np.int64), ("batch_w", np.float64), ("check_idx", np.int64)):
+        v = d[k]
+        fields[k] = np.array(np.asarray(v) if isinstance(v, (list, tuple)) else to_numpy(v), dtype=dt)
+    for k in ("seed", "n_classes", "step", "since_check", "T1", "P", "n_selections", "cursor", "epoch_steps"):
+        fields[k] = int(d[k])
+    for k in ("need_select", "want_select", "pending"):
+        fields[k] = bool(d[k])
+    for k in ("h_norm_0", "h_norm_t"):
+        fields[k] = float(d[k])
     fields["anchor"] = None if d["anchor"] is None else vec(d["anchor"])
     if d["quad"] is not None:
         q = d["quad"]
         fields["quad"] = QuadraticState(float(q["anchor_loss"]), vec(q["g_ema"]), vec(q["h_ema"]),
                                         int(q["n_g"]), int(q["n_h"]))
-    fields["drop"] = DropState(**{k: np.asarray(v).copy() for k, v in d["drop"].items()})  # type: ignore[arg-type]
+    dr = dict(d["drop"])
+    kinds = {"losses": np.float64, "steps": np.int64, "head": np.int64, "active": np.bool_, "dropped_at": np.int64}
+    for k, dt in kinds.items():
+        v = dr[k]
+        dr[k] = np.array(np.asarray(v) if isinstance(v, (list, tuple)) else to_numpy(v), dtype=dt)
+    if dr.get("clock") is not None:
+        dr["clock"] = np.array(np.asarray(dr["clock"]), dtype=np.int64)
+    if "version" in dr:
+        dr["version"] = int(np.asarray(dr["version"]))
+    fields["drop"] = DropState(**dr)
     fields["made"] = int(d["made"])
     fields["subsets"] = np.asarray(d["subsets"], dtype=np.int64).copy()
     fields["counters"] = dict(d["counters"])

@@ -237,6 +237,27 @@ def test_state_dict_is_plain_data_and_restores_to_torch():
         crest_load_state_dict({k: v for k, v in d.items() if k != "quad"}, ops.params())
 
 
+def test_a_state_dict_of_lists_or_narrow_ints_restores_the_controllers_own_arrays():
+    """Lists and int32 arrays pass the validation (a JSON round trip gives lists): the restored state
+    holds int64 / float64 host arrays, and continues as the state it was saved from."""
+    cfg = CrestConfig(m=M)
+    ops, state = train_crest(cfg, 0, 5)
+    d = crest_state_dict(state)
+    odd = dict(d, labels=d["labels"].tolist(), batch_idx=d["batch_idx"].astype(np.int32),
+               check_idx=d["check_idx"].tolist(), batch_w=d["batch_w"].tolist(),
+               drop={k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in d["drop"].items()})
+    a, b = crest_load_state_dict(d, ops.params()), crest_load_state_dict(odd, ops.params())
+    for k in ("labels", "batch_idx", "check_idx", "batch_w"):
+        assert isinstance(getattr(b, k), np.ndarray) and getattr(b, k).dtype == getattr(a, k).dtype
+        np.testing.assert_array_equal(getattr(b, k), getattr(a, k))
+    for k in ("losses", "steps", "head", "active", "dropped_at"):
+        assert getattr(b.drop, k).dtype == getattr(a.drop, k).dtype
+    sa, ba = crest_next_batch(a, ops, cfg)
+    sb, bb = crest_next_batch(b, ops, cfg)
+    np.testing.assert_array_equal(ba.indices, bb.indices)
+    assert bb.indices.dtype == np.int64
+
+
 # ================================================================================================
 # a scripted model: the test chooses the loss trace
 # ================================================================================================
