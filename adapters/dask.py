@@ -90,6 +90,21 @@ def _stats(block, p: int, start: int, labels_p, classes):
     return counts, sums
 
 
+def _for_rows(options: dict, rows: int) -> dict:
+    """``options`` for a problem of ``rows`` points: a kNN graph of K neighbours needs K < rows, so K is
+    shrunk to ``rows - 1`` on a small block or merge set (as the single-machine path shrinks it per class),
+    and a problem of one point is solved densely."""
+    K = options.get("neighbors")
+    if K is None or K < rows:
+        return options
+    out = dict(options)
+    if rows > 1:
+        out["neighbors"] = rows - 1
+    else:
+        del out["neighbors"]
+    return out
+
+
 def _local(block, p: int, start: int, labels_p, classes, budgets, means, metric, seed: int, options):
     """Greedy per class on one block: global picks, their rows, and the class's largest distance from
     its mean within the block (for the common objective's M)."""
@@ -106,7 +121,7 @@ def _local(block, p: int, start: int, labels_p, classes, budgets, means, metric,
             out.append((np.zeros(0, dtype=np.int64), np.zeros((0, B.shape[1]), dtype=B.dtype), r))
             continue
         rng = np.random.default_rng(np.random.SeedSequence([seed, p, ci]))
-        sel = crestcore.facility_location(B[idx], kk, rng=rng, **options)
+        sel = crestcore.facility_location(B[idx], kk, rng=rng, **_for_rows(options, idx.size))
         loc = idx[np.asarray(sel.indices)]
         out.append((start + loc, B[loc].copy(), r))
     return out
@@ -151,10 +166,11 @@ class _Blocks:
 
         self.client = client
         if isinstance(X, da.Array):
-            if partitions is not None:
-                X = X.rechunk({0: int(math.ceil(n / partitions)), 1: -1})
-            else:
-                X = X.rechunk({1: -1})
+            if partitions is not None:  # the same equal blocks as for NumPy input
+                m = min(int(partitions), n)
+                X = X.rechunk({0: tuple(np.diff(np.linspace(0, n, m + 1).round().astype(np.int64)).tolist()), 1: -1})
+            else:  # the array's own row blocks, without empty ones
+                X = X.rechunk({0: tuple(c for c in X.chunks[0] if c > 0), 1: -1})
             sizes = list(X.chunks[0])
             self.X = None
             self.futures = client.compute(X.to_delayed().ravel().tolist())
@@ -322,7 +338,8 @@ def facility_location(X, k, *, labels=None, client=None, partitions=None, seed=0
             if budgets[ci] == 0:
                 merged = np.zeros(0, dtype=np.int64)
             else:
-                msel = crestcore.facility_location(rows, int(budgets[ci]), rng=rng, **options)
+                msel = crestcore.facility_location(rows, int(budgets[ci]), rng=rng,
+                                                   **_for_rows(options, rows.shape[0]))
                 merged = np.asarray(msel.indices).astype(np.int64)
             orders.append([merged] + [np.searchsorted(U, pp[0]) for pp in parts])
             unions.append(rows)

@@ -106,6 +106,26 @@ def test_labels_get_the_single_machine_budgets(client):
         assert float(np.sum(sel.weights[labels[sel.indices] == c])) == np.sum(labels == c)
 
 
+def test_neighbors_shrink_on_small_blocks_and_dask_partitions_are_equal(client):
+    """An integer ``neighbors`` works when a block's class or the merge set has K or fewer points (K is
+    shrunk there, as the single-machine path shrinks it per class); ``partitions=`` gives dask input the
+    same equal blocks as NumPy input, and empty row chunks are skipped."""
+    X = _features(5, 400, 5)
+    y = np.random.default_rng(6).integers(0, 4, 400)
+    for k, labels in ((5, None), (8, y), (40, y)):
+        sel = cdask.facility_location(X, k, labels=labels, client=client, partitions=2, neighbors=16, seed=1)
+        assert np.unique(sel.indices).size == k and float(np.sum(sel.weights)) == 400
+    X10 = _features(7, 10, 3)
+    for parts in (4, 5):
+        a = cdask.facility_location(X10, 2, client=client, partitions=parts, seed=2)
+        b = cdask.facility_location(da.from_array(X10, chunks=(3, 3)), 2, client=client, partitions=parts, seed=2)
+        np.testing.assert_array_equal(a.indices, b.indices)
+        assert f"{parts} partitions" in b.plan
+    gaps = da.from_array(X, chunks=((200, 0, 200), (5,)))
+    sel = cdask.facility_location(gaps, 10, client=client, seed=3)
+    assert "2 partitions" in sel.plan and np.unique(sel.indices).size == 10
+
+
 def test_bad_input_is_refused_clearly(client):
     X = _features(5, 200, 3)
     Xn = X.copy()
