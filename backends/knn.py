@@ -95,13 +95,25 @@ def build(X, K: int, metric: str = "euclidean", *, method: str = "auto", seed: i
         raise ValueError(f"K must be in [1, n - 1] = [1, {n - 1}], got {K}")
     if int(nprobe) < 1:
         raise ValueError(f"nprobe must be >= 1, got {nprobe}")
-    A = np.array(X, dtype=np.float32, order="C", copy=True)  # never the caller's buffer
+    # faiss works in float32: the rows are brought to a float32-safe range in float64 first (never the
+    # caller's buffer). Cosine: unit rows (a row's norm in float32 could overflow or underflow). Euclidean:
+    # centred, then divided by a power of two near the largest coordinate: the neighbours of every point
+    # are unchanged (translation, and an exact rescaling), and squared distances neither overflow nor
+    # underflow float32 whatever the data's scale.
+    A64 = np.array(X, dtype=np.float64, copy=True)
     if metric == "cosine":
-        nrm = np.sqrt((A.astype(np.float64) ** 2).sum(axis=1))
-        A /= np.where(nrm > 0, nrm, 1.0).astype(np.float32)[:, None]
+        big = np.max(np.abs(A64), axis=1, keepdims=True)
+        A64 /= np.where(big > 0, big, 1.0)  # exact enough: a rescale before the norm, no overflow in it
+        nrm = np.sqrt((A64 ** 2).sum(axis=1))
+        A64 /= np.where(nrm > 0, nrm, 1.0)[:, None]
         ftype = faiss.METRIC_INNER_PRODUCT
     else:  # squared and plain euclidean distances order neighbours alike
+        A64 -= A64.mean(axis=0)
+        top = float(np.max(np.abs(A64))) if A64.size else 0.0
+        if top > 0 and math.isfinite(top):
+            A64 *= 2.0 ** -math.frexp(top)[1]
         ftype = faiss.METRIC_L2
+    A = np.ascontiguousarray(A64, dtype=np.float32)
     if method == "auto":
         method = "exact" if n <= EXACT_MAX_N else "ivf"
     kq = min(n, K + 1)

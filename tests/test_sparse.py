@@ -263,6 +263,24 @@ def test_faiss_exact_graph_is_the_exact_graph():
         assert not np.any(got == np.arange(500)[:, None])
 
 
+def test_faiss_graph_does_not_depend_on_the_datas_scale():
+    """faiss searches in float32: data far outside float32's range (or far from the origin) is centred
+    and rescaled first, so the graph is the one of the data at a tame scale (before: overflow to inf or
+    underflow to 0 in the squared distances, and other neighbours)."""
+    pytest.importorskip("faiss")
+    from crestcore.backends import knn
+
+    X = _features(30, 300, 3)
+    for metric in METRICS:
+        base, _ = knn.build(X, 5, metric, method="exact")
+        for scale in (1e20, 1e-25):
+            got, _ = knn.build(X * scale, 5, metric, method="exact")
+            np.testing.assert_array_equal(np.sort(got, axis=1), np.sort(base, axis=1))
+    far, _ = knn.build(X + 1e6, 5, "euclidean", method="exact")
+    ref = exact_knn(np, X, 5, "euclidean")
+    assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(ref, far)]) > 0.99
+
+
 def test_faiss_ivf_graph_is_deterministic_and_accurate_on_clustered_data():
     pytest.importorskip("faiss")
     from crestcore.backends import knn
