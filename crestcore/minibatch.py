@@ -116,7 +116,26 @@ def draw_subsets(labels_host: np.ndarray | None, pool: np.ndarray, r: int, P: in
     >>> (labels[V] == 0).sum(axis=1).tolist()
     [2, 2, 2]
     """
-    pool = np.asarray(pool, dtype=np.int64)
+    rng = make_rng(rng)
+    raw = np.asarray(pool)
+    if raw.ndim != 1 or raw.size == 0 or not np.issubdtype(raw.dtype, np.integer) or raw.dtype == bool:
+        raise ValueError(f"pool must be a non-empty 1-D array of integer example indices, got shape {raw.shape}, "
+                         f"dtype {raw.dtype}")
+    pool = raw.astype(np.int64)
+    top = int(pool.max())
+    repeated = (np.bincount(pool, minlength=1).max() > 1 if pool.min() >= 0 and top < 4 * pool.size + 1024
+                else np.unique(pool).size != pool.size)  # O(n) for the usual dense index sets
+    if pool.min() < 0 or repeated:
+        raise ValueError("pool must hold distinct non-negative example indices")
+    if labels_host is not None:
+        lab = np.asarray(labels_host)
+        if lab.ndim != 1 or not np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool:
+            raise ValueError(f"labels_host must be a 1-D integer array or None, got shape {lab.shape}, dtype {lab.dtype}")
+        if pool.max() >= lab.size:
+            raise ValueError(f"pool holds index {int(pool.max())}, beyond the {lab.size} labels")
+        labels_host = lab
+    P = check_int(P, "P", low=1)
+    r = check_int(r, "r", low=1, high=pool.size)
     blocked, _ = _draw_blocked(labels_host, pool, r, P, rng)
     return np.sort(blocked, axis=1)
 

@@ -118,3 +118,21 @@ def test_reference_kernel_floyd_fallback_and_bounds():
         nb.draw_stratified(pool, cls, np.array([3]), np.array([[2, 0, 0]]))  # slot 0 draws in [0, 1]
     with pytest.raises(ValueError, match="r_c"):
         nb.draw_stratified(pool, cls, np.array([5]), np.zeros((1, 5), dtype=np.int64))
+
+
+def test_bad_arguments_are_refused_naming_them():
+    labels = np.array([0, 0, 0, 1, 1, 1, 0, 1])
+    gen = np.random.default_rng(0)
+    from crestcore import draw_subsets
+
+    assert draw_subsets(labels, np.arange(8), 4, 2, 0).shape == (2, 4)  # an int seed is a seed
+    for pool, match in ((np.array([0, 0, 1, 2]), "distinct"), (np.array([-1, 2, 3, 4]), "non-negative"),
+                        (np.array([0.0, 1.0, 2.0, 3.0]), "integer"), (np.array([0, 1, 2, 9]), "beyond")):
+        with pytest.raises(ValueError, match=match):
+            draw_subsets(labels, pool, 2, 1, gen)
+    with pytest.raises(ValueError, match="r"):
+        draw_subsets(labels, np.arange(8), 9, 1, gen)
+    with pytest.raises(ValueError, match="P"):
+        draw_subsets(labels, np.arange(8), 2, 0, gen)
+    with pytest.raises(TypeError, match="rng"):
+        draw_subsets(labels, np.arange(8), 2, 1, None)
