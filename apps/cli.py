@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Train a small CNN on Fashion-MNIST on full data, on random subsets and with CREST at a "
             "budget of the full run's steps (with learned-example dropping off and on); print a table of "
             "test accuracy, relative error and wall clock, and save figures and results.json. "
-            "By default it also trains SGD for the budget's steps, CRAIG, GradMatch, GLISTER and loss-based "
-            "pruning (--methods picks some). "
+            "By default it runs full data, a random subset re-drawn each epoch, CREST and CREST with dropping; "
+            "--methods all adds SGD for the budget's steps, CRAIG, GradMatch, GLISTER and loss-based pruning. "
             "With --selection (or any selection option), run the selection demo instead: a weighted "
             "facility-location coreset of each class against random picks."
         ),
@@ -183,6 +183,9 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
 def _cmd_selection_demo(ns: argparse.Namespace) -> int:
     from .demo import run_selection_demo
 
+    if ns.seed < 0:
+        _err(f"--seed must be a non-negative integer, got {ns.seed}")
+        return 2
     run_selection_demo(
         ns.out if ns.out is not None else "./crest-selection-demo-out",
         fraction=ns.fraction if ns.fraction is not None else 0.01,

@@ -67,9 +67,8 @@ __all__ = [
 ]
 
 METHODS = ("full", "sgd-budget", "random", "craig", "gradmatch", "glister", "prune", "crest", "crest-drop")
-# what `crest demo` runs without --methods: every method (measured 3.5 min with the default 5 epochs on an
-# idle 2-core machine, GradMatch's two selections being 2 of them; the rule was to keep the quick four,
-# QUICK_METHODS, had all of them taken more than 10 min)
+# what `crest demo` runs without --methods: the quick four (full, random, crest, crest-drop); `--methods all`
+# adds every baseline
 QUICK_METHODS = ("full", "random", "crest", "crest-drop")
 DEFAULT_METHODS = QUICK_METHODS  # `crest demo`: ~1-2 min on 2 cores; `--methods all` adds every baseline (~4-10 min)
 _BASELINES = ("full", "sgd-budget", "random", "craig", "gradmatch", "glister", "prune")

@@ -54,7 +54,8 @@ def test_info_reports_missing_dataset(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv",
     [[], ["nope"], ["demo", "--fraction", "0"], ["demo", "--fraction", "1.5"], ["demo", "--metric", "l1"],
-     ["demo", "--kernel", "rbf"], ["demo", "--optimizer", "fast"], ["demo", "--limit-per-class", "0"]],
+     ["demo", "--kernel", "rbf"], ["demo", "--optimizer", "fast"], ["demo", "--limit-per-class", "0"],
+     ["demo", "--selection", "--seed", "-1"], ["demo", "--seed", "-1"]],
 )
 def test_usage_errors_exit_2(argv, capsys):
     assert cli.main(argv) == 2
