@@ -69,6 +69,34 @@ from numba import get_num_threads as _active_threads
 
 from .contract import KERNEL_NAMES, KERNELS, METRICS, OPTIMIZERS, snap_tolerance
 
+
+def _launch_keeping_openmp_threads() -> None:
+    """Start Numba's thread pool now, and give the process's OpenMP runtime back the thread count it had.
+
+    Numba's OpenMP threading layer, when it starts (on the first parallel kernel or ``set_num_threads``),
+    sets the OpenMP runtime's thread count to ``NUMBA_NUM_THREADS``. Where the process shares that runtime
+    with another library (a torch built against the system's libgomp does), this silently changed the
+    user's ``torch.set_num_threads(1)`` to 2 at CREST's first selection: the model's later passes ran on
+    another thread count, and so rounded differently from a run whose kernels had started earlier
+    (the same configuration gave different results as the first and the second run of a process).
+    Numba's own thread count is its own (thread-local) setting and is not affected by the restore.
+    """
+    import ctypes
+
+    from numba.np.ufunc import parallel
+
+    try:
+        gomp = ctypes.CDLL("libgomp.so.1")  # the process's OpenMP runtime (the loaded one, if any)
+        before = int(gomp.omp_get_max_threads())
+    except (OSError, AttributeError):  # no GNU OpenMP here: nothing shared to protect
+        gomp = None
+    parallel._launch_threads()
+    if gomp is not None and int(gomp.omp_get_max_threads()) != before:
+        gomp.omp_set_num_threads(before)
+
+
+_launch_keeping_openmp_threads()
+
 __all__ = ["usable_for", "similarity_batched", "greedy_batched", "assign_batched", "greedy_features",
            "facility_batched", "draw_stratified", "order_scores"]
 

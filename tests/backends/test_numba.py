@@ -633,3 +633,33 @@ def test_minibatch_step_auto_equals_reference(optimizer, numba_calls):
     np.testing.assert_array_equal(a.weights, b.weights)
     np.testing.assert_allclose(a.gains, b.gains, rtol=1e-9)
     np.testing.assert_allclose(a.objective, b.objective, rtol=1e-9)
+
+
+def test_the_first_selection_leaves_torchs_thread_count_alone():
+    """Numba's OpenMP layer, when it starts, sets the process's OpenMP thread count to NUMBA_NUM_THREADS;
+    torch built on the same runtime then ran the user's model on that count instead of theirs from CREST's
+    first selection on (and the first run of a process rounded differently from the next). In a fresh
+    process: torch's count before and after a selection, and Numba's own count, are what was set."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    code = (
+        "import json, numpy as np, torch\n"
+        "torch.set_num_threads(1)\n"
+        "torch.ones(64, 64) @ torch.ones(64, 64)  # torch's OpenMP state in use, as in training\n"
+        "assert torch.get_num_threads() == 1\n"
+        "from crestcore import minibatch_coresets\n"
+        "X = np.random.default_rng(0).standard_normal((20000, 10)).astype(np.float32)\n"
+        "minibatch_coresets(X, np.arange(20000) % 10, m=128, r=512, P=5, rng=0)\n"
+        "import numba\n"
+        "print(json.dumps([torch.get_num_threads(), numba.get_num_threads(), numba.config.NUMBA_NUM_THREADS]))\n"
+    )
+    # the defaults (no thread variables set), as a user's process has them
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    torch_threads, numba_threads, numba_default = json.loads(out.stdout.strip().splitlines()[-1])
+    assert torch_threads == 1 and numba_threads == numba_default
