@@ -1085,7 +1085,8 @@ def crest_load_state_dict(d: dict, params_like) -> CrestState:
         fields["quad"] = QuadraticState(float(q["anchor_loss"]), vec(q["g_ema"]), vec(q["h_ema"]),
                                         int(q["n_g"]), int(q["n_h"]))
     dr = dict(d["drop"])
-    kinds = {"losses": np.float64, "steps": np.int64, "head": np.int64, "active": np.bool_, "dropped_at": np.int64}
+    kinds: dict[str, Any] = {"losses": np.float64, "steps": np.int64, "head": np.int64, "active": np.bool_,
+                             "dropped_at": np.int64}
     for k, dt in kinds.items():
         v = dr[k]
         dr[k] = np.array(np.asarray(v) if isinstance(v, (list, tuple)) else to_numpy(v), dtype=dt)

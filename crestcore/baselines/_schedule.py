@@ -15,6 +15,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -89,8 +90,8 @@ def _check_options(method: str, options: dict) -> None:
         hint = " (prune's are prune_ratio= and prune_anneal=)" if method == "prune" else ""
         raise ValueError(f"options are keyword arguments of craig, gradmatch or glister; method {method!r} "
                          f"takes none{hint}, got {sorted(options)}")
-    fn = {"craig": craig, "gradmatch": gradmatch, "glister": glister}[method]
-    params = inspect.signature(fn).parameters
+    fns: dict[str, Callable[..., Any]] = {"craig": craig, "gradmatch": gradmatch, "glister": glister}
+    params = inspect.signature(fns[method]).parameters
     own = _OWN_ARGUMENTS[method]
     bad = sorted(k for k in options if k not in params or k in own)
     if bad:
