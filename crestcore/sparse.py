@@ -234,6 +234,9 @@ def _similarities(xp, X, nbr: np.ndarray, metric: str, kernel: str, scale: float
     D = _edge_distances(xp, X, nbr, metric)
     if kernel == "max-minus":
         M = xp.max(D) if D.shape[1] else xp.asarray(0.0, dtype=X.dtype, device=dev)
+        # every edge of the graph at distance 0 (each point has K or more exact duplicates): M = 0 would make
+        # every similarity 0 and the greedy arbitrary; any positive M keeps "a duplicate covers its point"
+        M = xp.where(M > 0, M, xp.ones_like(M))
         S = xp.where(present, M - D, xp.zeros_like(D))
         self_s = xp.zeros((n, 1), dtype=X.dtype, device=dev) + M  # M is a 0-d array
     else:

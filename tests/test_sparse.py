@@ -356,3 +356,16 @@ def test_auto_records_the_plan_and_solves_on_it():
     assert two.path == "dense+matrix-free"
     with pytest.raises(ValueError, match="too small for any path"):
         crestcore.facility_location(X, 20, optimizer="auto", max_dense_bytes=1000)
+
+
+def test_max_minus_on_a_graph_of_exact_duplicates_still_covers_every_group():
+    """Every point with K or more exact duplicates: every edge of the graph is at distance 0, so its
+    largest distance M is 0; with M = 0 every similarity was 0 and the greedy took the lowest indices
+    (all from one group). Any positive M keeps duplicates covering each other: one pick per group."""
+    rng = np.random.default_rng(3)
+    X = np.repeat(rng.normal(size=(6, 3)) * 10, 5, axis=0)  # 6 groups of 5 identical points
+    for backend in ("auto", "reference"):
+        sel = crestcore.facility_location(X, 6, neighbors=4, backend=backend)
+        groups = np.asarray(sel.indices) // 5
+        assert sorted(groups.tolist()) == list(range(6)), (backend, sel.indices)
+        assert float(np.sum(sel.weights)) == 30
