@@ -494,6 +494,9 @@ def _labels_in(xp, lab_host, like):
 
 def _forward(state: CrestState, ops, idx: np.ndarray, config: CrestConfig):
     out = ops.outputs(idx, embeddings=True) if config.embeddings else ops.outputs(idx)
+    if config.embeddings and not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise ValueError("CrestConfig(embeddings=True) needs outputs(indices, embeddings=True) to return the "
+                         f"pair (logits, embeddings); the adapter returned {type(out).__name__}")
     logits, emb = (out if config.embeddings else (out, None))
     xp = namespace(logits, names=("outputs",))
     if logits.ndim != 2 or logits.shape[0] != idx.size:

@@ -93,8 +93,15 @@ def update_schedule(h_norm_0, h_norm_t, *, h: float = 1.0, b: float = 5.0, cap: 
         T1 = int(cap)
     else:
         x = hh * (h0 / ht)
-        # a relative 1e-9 slack: rounding in the norms (equal curvature, ratio 1 +- 1 ulp) adds no step
-        T1 = max(1, math.ceil(x - 1e-9 * max(1.0, x)))
+        if not math.isfinite(x):  # a curvature norm so small that the ratio overflows: flat, as ht == 0
+            if cap is None:
+                raise ValueError(f"h * h_norm_0 / h_norm_t overflows (h_norm_t={ht}) and no cap is given: "
+                                 "T1 would be infinite")
+            T1 = int(cap)
+        else:
+            # a relative 1e-9 slack: rounding in the norms (equal curvature, ratio 1 +- 1 ulp) adds no step,
+            # and never more than one step away from ceil(x)
+            T1 = max(1, math.ceil(x - min(1e-9 * max(1.0, x), 0.5)))
         if cap is not None:
             T1 = min(T1, int(cap))
     P = max(1, math.ceil(bb * T1))

@@ -1014,3 +1014,17 @@ def test_any_schedule_accounts_every_forward_and_resumes_exactly(jit, drop, cap,
                              observe=drop)
     np.testing.assert_array_equal(ops_a.W, ops_b.W)
     assert state_a.counters == state_b.counters and state_a.log == state_b.log
+
+
+def test_embeddings_need_the_pair_from_outputs():
+    from crestcore.controller import _SoftmaxOps
+
+    class LogitsOnly(_SoftmaxOps):
+        def outputs(self, indices, embeddings=False):
+            return super().outputs(indices)  # ignores embeddings=True
+
+    X, y = np.random.default_rng(0).normal(size=(64, 3)), np.arange(64) % 2
+    ops = LogitsOnly(X, y, 2)
+    cfg = CrestConfig(m=8, embeddings=True)
+    with pytest.raises(ValueError, match="pair"):
+        crest_next_batch(crest_init(cfg, y, seed=0), ops, cfg)

@@ -186,3 +186,15 @@ def test_equal_curvature_gives_exactly_h(norm, h):
     assert update_schedule(norm, norm, h=h, b=1.0) == (int(h), int(h))
     # a real excess of one part in a million still rounds up
     assert update_schedule(norm * (1 + 1e-6), norm, h=h, b=1.0)[0] == int(h) + 1
+
+
+def test_update_schedule_on_a_vanishing_curvature_norm():
+    """A curvature norm so small that h * h_norm_0 / h_norm_t overflows is flat (T1 = cap), as 0 is,
+    instead of a NaN from the rounding slack; and the slack never takes more than the rounding's share."""
+    from crestcore.trust import update_schedule
+
+    assert update_schedule(1.0, 5e-324, cap=10) == (10, 10)
+    with pytest.raises(ValueError, match="infinite"):
+        update_schedule(1.0, 5e-324)
+    assert update_schedule(1.0, 1e-12)[0] == 10**12  # ceil(1e12), not 1e12 - 1000
+    assert update_schedule(1.0, 1.0 - 2**-52)[0] == 1  # equal curvature up to an ulp: no extra step
