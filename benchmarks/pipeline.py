@@ -35,7 +35,7 @@ if _HERE not in sys.path:
     sys.path.append(_HERE)
 
 START, END = "<!-- pipeline-bench:start -->", "<!-- pipeline-bench:end -->"
-METHODS = ("full", "random", "crest", "crest-passes", "crest-cap", "crest-jit")
+METHODS = ("full", "random", "crest", "crest-paper", "crest-passes", "crest-cap")
 
 
 def _datasets(n: int, seed: int):
@@ -99,7 +99,9 @@ def run_one(method: str, seed: int, a) -> dict:
                             sampler=RandomSampler(train_set, replacement=False, num_samples=spe * a.m, generator=g),
                             **kw)
     else:
-        jit = dict(coresets="just-in-time", check_size=a.m) if method == "crest-jit" else {}
+        # crest-paper: the paper's schedule (all P coresets at the anchor, the check on all of V_1), the
+        # defaults before 2026-11-30
+        jit = dict(coresets="at-anchor", check_size=None) if method == "crest-paper" else {}
         cfg = CrestConfig(m=a.m, max_overhead=a.cap if method == "crest-cap" else None, **jit)
         sampler = CrestBatchSampler(model, train_set, config=cfg, budget=a.budget, epochs=a.epochs,
                                     seed=seed, measure_dataset=measure_set, measure_batch_size=256,
@@ -175,9 +177,10 @@ def table(rows: list[dict], a, command: str) -> str:
         "budget too, so all its forward and backward passes stay within 10 % of the full run's.",
         f"`crest-cap` is CREST with `CrestConfig(max_overhead={a.cap})`: its measurement passes are held to",
         f"{a.cap:g} of its training passes (checks and reselections wait until the count allows them).",
-        "`crest-jit` is CREST with `CrestConfig(coresets=\"just-in-time\", check_size=m)`: coreset p selected",
-        "at step p (a selection cut short by a failed check forwards only the subsets it used), the check on m",
-        "examples of V_1.",
+        "`crest` runs `CrestConfig(m=m)`'s defaults: coreset p selected just in time, at step p (a selection",
+        "cut short by a failed check forwards only the subsets it used), the check on 128 examples of V_1.",
+        "`crest-paper` is the paper's schedule, `CrestConfig(coresets=\"at-anchor\", check_size=None)` (the",
+        "defaults before 2026-11-30): all P coresets at the anchor, the check on all r examples of V_1.",
         "*passes / full*: training plus measurement passes in step-equivalents, over the full run's steps.",
         "",
         "| method | steps | wall s | wall / full | passes / full | test accuracy (%) |",

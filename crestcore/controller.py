@@ -238,10 +238,13 @@ class CrestConfig:
     P coresets, weights rescaled to mean 1 over it, shuffled into mini-batches of m).
     check_union : the trust check's loss L_R on the union of all P subsets (the release; its cost
     grows with P) instead of on the first random subset V_1 (r examples, an unbiased sample too).
-    check_size : None (all of V_1) or the number of examples of V_1, drawn at random at each selection,
-    the trust check measures L_R on (the anchor loss is measured on the same examples).
-    coresets : "at-anchor" (all P coresets selected at the anchor, from one forward over the union of
-    the P subsets; the paper and the release) or "just-in-time" (the P subsets are drawn at the anchor,
+    check_size : the number of examples of V_1, drawn at random at each selection, the trust check
+    measures L_R on (the anchor loss is measured on the same examples); default 128; None: all of V_1
+    (the paper's check, :meth:`paper`).
+    coresets : None (default: "just-in-time" where it applies, with ``batches="coreset"`` and no
+    ``check_union``, else "at-anchor"), "at-anchor" (all P coresets selected at the anchor, from one
+    forward over the union of the P subsets; the paper and the release) or "just-in-time" (the P
+    subsets are drawn at the anchor,
     but coreset p is selected from V_p only when step p of the selection needs it, at the parameters of
     that step, after the trust check allowed it: a selection that a failed check cuts short after k
     steps costs k forwards of r, not P; needs ``batches="coreset"`` and no ``check_union``).
@@ -289,8 +292,8 @@ class CrestConfig:
     embeddings: bool = False
     batches: str = "coreset"
     check_union: bool = False
-    check_size: int | None = None
-    coresets: str = "at-anchor"
+    check_size: int | None = 128
+    coresets: str | None = None
     weights: str = "cluster"
     reselect: str = "trust"
     max_overhead: float | None = None
@@ -317,7 +320,8 @@ class CrestConfig:
         field_choice(o, "batches", self.batches, BATCHES)
         field_choice(o, "weights", self.weights, WEIGHTS)
         field_choice(o, "reselect", self.reselect, RESELECT)
-        field_choice(o, "coresets", self.coresets, CORESETS)
+        if self.coresets is not None:  # None: the default, just in time wherever it applies (just_in_time)
+            field_choice(o, "coresets", self.coresets, CORESETS)
         for name in ("per_class", "embeddings", "check_union"):
             field_bool(o, name, getattr(self, name))
         if self.coresets == "just-in-time" and (self.batches != "coreset" or self.check_union):
@@ -326,6 +330,22 @@ class CrestConfig:
                 f"batches='coreset' (got {self.batches!r}) and check_union=False (got {self.check_union}): "
                 "both use all P coresets or subsets at the anchor; set coresets='at-anchor' with them"
             )
+
+    @property
+    def just_in_time(self) -> bool:
+        """Whether coreset p is selected when step p needs it: ``coresets="just-in-time"``, or the default
+        (None) with ``batches="coreset"`` and no ``check_union``.
+
+        Examples
+        --------
+        >>> CrestConfig(m=8).just_in_time, CrestConfig.paper(m=8).just_in_time
+        (True, False)
+        >>> CrestConfig(m=8, batches="shuffled-union").just_in_time  # the default falls back to at-anchor
+        False
+        """
+        if self.coresets is not None:
+            return self.coresets == "just-in-time"
+        return self.batches == "coreset" and not self.check_union
 
     @classmethod
     def paper(cls, **overrides) -> CrestConfig:
@@ -600,7 +620,7 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
         P = min(P, config.T2 - state.step % config.T2)
     P = max(1, P)
     subsets = draw_subsets(state.labels, pool, r, P, gen)
-    jit = config.coresets == "just-in-time"
+    jit = config.just_in_time
     # "just-in-time": the coresets the quadratic model is fitted on now, the rest when their step comes
     now = max(1, min(config.fit_batches, P)) if jit else P
     xp, union, losses, idx, valid, w = _coresets(state, ops, config, subsets[:now], gen)

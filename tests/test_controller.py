@@ -361,7 +361,9 @@ def _run_trace(cfg, levels, ops, move=None):
     lib=st.sampled_from(["numpy", "array_api_strict", "torch"]),
 )
 def test_reselects_exactly_when_rho_exceeds_tau(levels, tau, T1, h, b, scales, lib):
-    cfg = CrestConfig(m=4, r=12, P=2, T1=T1, tau=tau, h=h, b=b)
+    # the paper's schedule (all P coresets at the anchor, the check on all of V_1): its calls are traced
+    # here one by one; the just-in-time default has its own trace tests
+    cfg = CrestConfig(m=4, r=12, P=2, T1=T1, tau=tau, h=h, b=b, coresets="at-anchor", check_size=None)
     ops = FakeOps(_labels(), lib=lib, scales=scales)
     state, rec = _run_trace(cfg, levels, ops)
     r = 12
@@ -458,7 +460,7 @@ def test_check_uses_the_quadratic_model_of_the_moved_parameters():
 ])
 def test_counters_match_the_calls_made(lib, fit_batches, embeddings, batches, check_union):
     cfg = CrestConfig(m=4, r=12, P=3, T1=2, tau=0.05, fit_batches=fit_batches, embeddings=embeddings,
-                      batches=batches, check_union=check_union)
+                      batches=batches, check_union=check_union, coresets="at-anchor", check_size=None)
     ops = FakeOps(_labels(), lib=lib, emb_dim=3 if embeddings else 0)
     levels = [1.0, 1.0, 1.02, 1.5, 1.5, 0.5, 0.5, 0.52, 0.52, 2.0, 2.0, 2.0]
     state, rec = _run_trace(cfg, levels, ops)
@@ -513,9 +515,9 @@ def test_default_coreset_batches_are_m_with_mean_one_weights():
     Xtr, ytr, _, _ = digits()
     cfg = CrestConfig(m=M)
     ops, state = train_crest(cfg, 0, 3)
-    assert state.batch_idx.shape == (cfg.P, M)
-    np.testing.assert_allclose(state.batch_w.mean(axis=1), 1.0, rtol=1e-12)
-    for p in range(cfg.P):  # a coreset holds distinct examples, class-stratified
+    assert state.batch_idx.shape == (cfg.P, M) and 1 <= state.made <= cfg.P  # just in time: made as used
+    np.testing.assert_allclose(state.batch_w[:state.made].mean(axis=1), 1.0, rtol=1e-12)
+    for p in range(state.made):  # a coreset holds distinct examples, class-stratified
         assert np.unique(state.batch_idx[p]).size == M
         assert np.unique(ytr[state.batch_idx[p]]).size == 10
 
@@ -764,14 +766,14 @@ def test_weight_rules(rule):
     Xtr, ytr, _, _ = digits()
     cfg = CrestConfig(m=M, weights=rule)
     ops, state = train_crest(cfg, 0, 1)
-    real = state.batch_idx >= 0
-    for p in range(state.batch_idx.shape[0]):
+    real = state.batch_idx[:state.made] >= 0  # the coresets made so far (just in time: as used)
+    for p in range(state.made):
         w = state.batch_w[p][real[p]]
         assert w.mean() == pytest.approx(1.0, rel=1e-12)
         if rule == "uniform":
             np.testing.assert_allclose(w, 1.0)
     if rule != "uniform":
-        assert state.batch_w[real].std() > 0
+        assert state.batch_w[:state.made][real].std() > 0
     with pytest.raises(ValueError, match="weights"):
         CrestConfig(weights="sizes")
     with pytest.raises(ValueError, match="reselect"):

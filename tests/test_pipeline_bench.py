@@ -34,7 +34,7 @@ def test_table_reports_every_method_and_run():
 
 
 @pytest.mark.skipif(not fashion_mnist_available(), reason="Fashion-MNIST is not installed")
-@pytest.mark.parametrize("method", ["full", "random", "crest", "crest-cap", "crest-jit"])
+@pytest.mark.parametrize("method", ["full", "random", "crest", "crest-cap", "crest-paper"])
 def test_one_tiny_run_per_method(method):
     import torch
 

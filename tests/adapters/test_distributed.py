@@ -63,7 +63,7 @@ def make_config(jit=None):
     # embeddings on (logits and embeddings gathered together). CREST_TEST_JIT=1 (a job's ranks): coresets
     # selected just in time, the check on 30 examples
     jit = os.environ.get("CREST_TEST_JIT") == "1" if jit is None else jit
-    extra = dict(coresets="just-in-time", check_size=30) if jit else {}
+    extra = dict(coresets="just-in-time", check_size=30) if jit else dict(coresets="at-anchor", check_size=None)
     return CrestConfig(m=M, r=60, P=3, T1=2, tau=0.02, h=1.0, b=2.0, T2=8, embeddings=True,
                        drop=DropConfig(alpha=0.3, window=8, min_records=1), **extra)
 
@@ -530,10 +530,16 @@ def test_the_controller_selects_through_the_adapters_coresets():
             calls.append(kwargs["P"])
             return crestcore.minibatch_coresets(*args, **kwargs)
 
-    cfg = crestcore.CrestConfig(m=6, r=30)
+    cfg = crestcore.CrestConfig(m=6, r=30, coresets="at-anchor")  # all P coresets in one solve
     state = crestcore.crest_init(cfg, y, seed=0)
     state, batch = crestcore.crest_next_batch(state, Ops(), cfg)
     assert calls == [cfg.P] and batch.indices.shape == (6,)
+    calls.clear()  # the default, just in time: the first coreset now, each later one at its step
+    cfg = crestcore.CrestConfig(m=6, r=30)
+    state = crestcore.crest_init(cfg, y, seed=0)
+    for _ in range(3):
+        state, batch = crestcore.crest_next_batch(state, Ops(), cfg)
+    assert calls[0] == 1 and sum(calls) == state.made and batch.indices.shape == (6,)
 
 
 # ------------------------------------------------------------------------------------------------
