@@ -46,7 +46,7 @@ import numpy as np
 from ._compat import device_of, from_numpy, namespace, on_cpu, to_numpy
 from .backends import backend_module
 from ._validation import field_bool, field_choice, field_instance, field_int, field_real
-from .dropping import DropConfig, DropState, drop_init, drop_record, drop_update
+from .dropping import DropConfig, DropState, _check_live, drop_init, drop_record, drop_update
 from .features import cross_entropy, last_layer_gradients, softmax
 from .facility import OPTIMIZERS
 from .minibatch import CLASS_BUDGETS, draw_subsets, minibatch_coresets
@@ -879,6 +879,7 @@ def crest_state_dict(state: CrestState) -> dict:
         q = state.quad
         d["quad"] = {"anchor_loss": q.anchor_loss, "g_ema": np.asarray(to_numpy(q.g_ema)).copy(),
                      "h_ema": np.asarray(to_numpy(q.h_ema)).copy(), "n_g": q.n_g, "n_h": q.n_h}
+    _check_live(state.drop)  # a consumed drop state (a later record rewrote its history) has no true copy
     d["drop"] = {k: np.asarray(v).copy() for k, v in state.drop._asdict().items()}
     d["counters"] = dict(state.counters)
     d["log"] = {k: list(v) for k, v in state.log.items()}

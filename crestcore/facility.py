@@ -10,6 +10,8 @@ else from the generic array-API reference (:mod:`crestcore._reference_kernels`).
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -610,7 +612,8 @@ def score_orders(X, C, orders, *, metric: str = "euclidean", kernel: str = "max-
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if kernel == "max-minus":
-        if bound is None or isinstance(bound, bool) or not np.isfinite(bound) or bound < 0:
+        if (bound is None or isinstance(bound, bool) or not isinstance(bound, numbers.Real)
+                or not math.isfinite(float(bound)) or bound < 0):
             raise ValueError(f"bound must be a finite number >= 0 for kernel='max-minus', got {bound!r}")
         scale_v, bound_v = 1.0, float(bound)
     else:

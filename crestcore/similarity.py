@@ -24,6 +24,7 @@ unchanged), and :func:`restore` to bring gains and objectives back to the input'
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 from ._compat import namespace
@@ -191,6 +192,8 @@ def kernel_scale(scale, n_features: int) -> float:
     """
     if scale is None:
         return float(max(n_features, 1))
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a positive finite number or None, got {scale!r}")
     s = float(scale)
     if not math.isfinite(s) or s <= 0:
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")

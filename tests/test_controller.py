@@ -1030,3 +1030,16 @@ def test_embeddings_need_the_pair_from_outputs():
     cfg = CrestConfig(m=8, embeddings=True)
     with pytest.raises(ValueError, match="pair"):
         crest_next_batch(crest_init(cfg, y, seed=0), ops, cfg)
+
+
+def test_saving_a_state_whose_drop_history_was_consumed_is_refused():
+    """A later step recorded losses into the shared history in place: the older state's history is not
+    its own any more, and saving it would store the later records under the older step."""
+    cfg = CrestConfig(m=M, T2=5, drop=DropConfig(alpha=0.1, window=5, min_records=1))
+    ops, state = train_crest(cfg, 0, 3, observe=True)
+    older = state
+    state, batch = crest_next_batch(state, ops, cfg)
+    state = crest_observe(state, batch.indices, np.ones(batch.indices.size))
+    with pytest.raises(RuntimeError, match="consumed"):
+        crest_state_dict(older)
+    crest_state_dict(state)  # the live one saves

@@ -138,3 +138,15 @@ def test_bad_arguments_are_named(kwargs, args, error, match):
     call = [real[a] if isinstance(a, str) else a for a in args]
     with pytest.raises(error, match=match):
         crestcore.score_orders(*call, **kwargs)
+
+
+def test_a_bound_or_scale_that_is_not_a_number_is_refused_naming_it():
+    import crestcore
+    from crestcore.similarity import kernel_scale
+
+    X = np.random.default_rng(0).normal(size=(10, 3))
+    with pytest.raises(ValueError, match="bound"):
+        crestcore.score_orders(X, X[:3], [np.array([0, 1])], kernel="max-minus", bound="10")
+    for bad in ("1", True):
+        with pytest.raises(TypeError, match="scale"):
+            kernel_scale(bad, 3)
