@@ -351,7 +351,10 @@ def minibatch_coresets(
         sizes = np.full(P, r, dtype=np.int64)
         width = m
 
-    native = backend != "reference" and get_kernel("similarity_batched", namespace_name(xp), features) is not None
+    # asked about the batched (B, n, d) problems the solve will pass, not the (n, d) features: the kernels'
+    # rules depend on the batch's shape (the Numba kernels decline d above their direct limit)
+    native = backend != "reference" and get_kernel("similarity_batched", namespace_name(xp),
+                                                   xp.expand_dims(features, axis=0)) is not None
     _guard_memory(int(xp.finfo(features.dtype).bits) // 8, pad.shape[0], pad.shape[1], d, P,
                   per_class and labels_host is not None, max_dense_bytes, "native" if native else "reference")
     u = stochastic_draws(gen, sizes, budgets, eps) if optimizer == "stochastic" and gen is not None else None

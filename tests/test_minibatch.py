@@ -311,3 +311,18 @@ def test_every_namespace_gives_the_numpy_answer(xp, dtype, class_budget):
     np.testing.assert_array_equal(xp.to_numpy(out.weights), _np(base.weights))
     rtol = 1e-4 if dtype == np.float32 else 1e-9
     np.testing.assert_allclose(xp.to_numpy(out.objective), _np(base.objective), rtol=rtol)
+
+
+def test_the_memory_guard_sizes_features_beyond_the_kernels_direct_limit_as_the_reference():
+    """d above the Numba kernels' direct limit: the solve runs the array-API reference (about 4.5x the
+    dense matrices at its peak); the guard used the native factor (1.25x) and let a 3x larger peak through."""
+    from crestcore.backends import numba as nbk
+
+    d = nbk._DIRECT_MAX_FEATURES + 1
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(4000, d))
+    y = np.arange(4000) % 4
+    B, n = 4, 1000  # P = 1 subset of all 4000, 4 classes of 1000
+    native_estimate = int(B * n * (1.25 * n + d) * 8)
+    with pytest.raises(ValueError, match="reference path"):
+        crestcore.minibatch_coresets(X, y, m=8, r=4000, P=1, rng=0, max_dense_bytes=int(1.01 * native_estimate))
