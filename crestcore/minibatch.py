@@ -204,7 +204,8 @@ def minibatch_coresets(
         (e.g. after dropping learned examples); default all n.
     subsets : optional (P, r) integer array of pre-drawn subsets (rows of ``features``, distinct within a
         row). Then no subsets are drawn and ``rng`` is only needed by the stochastic optimizer. This is
-        how a training loop computes features for the subsets' union only and selects on them.
+        how a training loop computes features for the subsets' union only and selects on them. With
+        ``pool`` too, every member must be in the pool.
     backend : "auto" or "reference", as for :func:`crestcore.facility_location`.
     max_dense_bytes : memory guard (default None: a quarter of the memory available now where the
         features live, as for :func:`crestcore.facility_location`). All problems are solved densely in one batch; when
@@ -297,6 +298,9 @@ def minibatch_coresets(
         if any(np.unique(row).size != r for row in subsets):
             raise ValueError("subsets rows must hold distinct indices")
         subsets = subsets.astype(np.int64)
+        if pool is not None and not np.isin(subsets, pool_h).all():
+            # the per-class problems are the pool's classes: a member outside the pool has no place there
+            raise ValueError("subsets must be drawn from pool: they hold indices that pool does not")
     if per_class and labels_host is not None and blocked is not None:
         # drawn here: class c has r_c[c] members in every subset, block c of each row, sorted
         C = r_c.size

@@ -326,3 +326,19 @@ def test_the_memory_guard_sizes_features_beyond_the_kernels_direct_limit_as_the_
     native_estimate = int(B * n * (1.25 * n + d) * 8)
     with pytest.raises(ValueError, match="reference path"):
         crestcore.minibatch_coresets(X, y, m=8, r=4000, P=1, rng=0, max_dense_bytes=int(1.01 * native_estimate))
+
+
+def test_subsets_outside_the_pool_are_refused():
+    """With both pool and subsets, a member outside the pool was merged into another class's problem (or
+    an IndexError when its label sorted above every pool class)."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(30, 3))
+    y = np.arange(30) % 3
+    pool = np.flatnonzero(y != 2)
+    inside = np.array([np.sort(rng.choice(pool, 8, replace=False)) for _ in range(2)])
+    crestcore.minibatch_coresets(X, y, m=4, r=8, P=2, pool=pool, subsets=inside)
+    outside = inside.copy()
+    outside[0, 0] = 2  # class 2: not in the pool
+    outside[0] = np.sort(outside[0])
+    with pytest.raises(ValueError, match="pool"):
+        crestcore.minibatch_coresets(X, y, m=4, r=8, P=2, pool=pool, subsets=outside)
