@@ -151,6 +151,12 @@ def _single(block, k, labels, seed, options):
 # --------------------------------------------------------------------------------------------------
 
 
+def _equal_blocks(n: int, m: int) -> list[int]:
+    """Row counts of ``min(m, n)`` blocks of ``n`` rows as equal as rounding allows."""
+    m = min(m, n)
+    return np.diff(np.linspace(0, n, m + 1).round().astype(np.int64)).tolist()
+
+
 class _Blocks:
     """The row blocks on the workers, and one map over them that survives the loss of a worker.
 
@@ -167,8 +173,7 @@ class _Blocks:
         self.client = client
         if isinstance(X, da.Array):
             if partitions is not None:  # the same equal blocks as for NumPy input
-                m = min(int(partitions), n)
-                X = X.rechunk({0: tuple(np.diff(np.linspace(0, n, m + 1).round().astype(np.int64)).tolist()), 1: -1})
+                X = X.rechunk({0: tuple(_equal_blocks(n, int(partitions))), 1: -1})
             else:  # the array's own row blocks, without empty ones
                 X = X.rechunk({0: tuple(c for c in X.chunks[0] if c > 0), 1: -1})
             sizes = list(X.chunks[0])
@@ -176,8 +181,7 @@ class _Blocks:
             self.futures = client.compute(X.to_delayed().ravel().tolist())
         else:
             m = partitions if partitions is not None else max(1, len(client.scheduler_info()["workers"]))
-            m = min(m, n)
-            sizes = np.diff(np.linspace(0, n, m + 1).round().astype(np.int64)).tolist()
+            sizes = _equal_blocks(n, m)
             self.X = X
         self.bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         if self.X is not None:

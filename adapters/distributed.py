@@ -578,6 +578,13 @@ class DistributedModelOps:
         """
         return self.inner.params()
 
+    def _zero_share(self, vectors: int, scalars: int) -> torch.Tensor:
+        """A rank's all-zero contribution when it holds no example: ``vectors`` parameter-sized blocks and
+        ``scalars`` numbers, in the dtype the other ranks' shares come in (half widened to float32)."""
+        p = self.inner.params()
+        return torch.zeros(vectors * p.numel() + scalars, dtype=torch.promote_types(p.dtype, torch.float32),
+                           device=p.device)
+
     def _share(self, indices, weights, what):
         idx, w = weighted_examples(indices, weights, self.inner.n, what)
         b = shard_bounds(idx.size, self.world_size)
@@ -611,8 +618,7 @@ class DistributedModelOps:
             f = (hi - lo) / idx.size
             part = torch.cat([g * f, torch.tensor([loss * f], dtype=g.dtype, device=g.device)])
         else:
-            p = self.inner.params()  # the dtype the other ranks' shares come in (half widened to float32)
-            part = torch.zeros(p.numel() + 1, dtype=torch.promote_types(p.dtype, torch.float32), device=p.device)
+            part = self._zero_share(1, 1)
         total = self.all_reduce_sum(part, f"all_reduce of the gradient over {idx.size} examples")
         return float(total[-1]), total[:-1]
 
@@ -638,8 +644,7 @@ class DistributedModelOps:
             with self._rank0_buffers():
                 part = self.inner.hutchinson(idx[lo:hi], w[lo:hi], seed) * ((hi - lo) / idx.size)
         else:
-            p = self.inner.params()
-            part = torch.zeros(p.numel(), dtype=torch.promote_types(p.dtype, torch.float32), device=p.device)
+            part = self._zero_share(1, 0)
         return self.all_reduce_sum(part, f"all_reduce of the Hutchinson probe over {idx.size} examples")
 
     def gradient_and_hutchinson(self, indices, weights, seed: int):
@@ -669,8 +674,7 @@ class DistributedModelOps:
             f = (hi - lo) / idx.size
             part = torch.cat([g * f, probe * f, torch.tensor([loss * f], dtype=g.dtype, device=g.device)])
         else:
-            p = self.inner.params()
-            part = torch.zeros(2 * D + 1, dtype=torch.promote_types(p.dtype, torch.float32), device=p.device)
+            part = self._zero_share(2, 1)
         total = self.all_reduce_sum(part, f"all_reduce of the gradient and Hutchinson probe over {idx.size} examples")
         return float(total[-1]), total[:D], total[D:2 * D]
 

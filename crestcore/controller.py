@@ -913,8 +913,13 @@ def _bool_of(d, name):
     return bool(a)
 
 
+def _as_host(v) -> np.ndarray:
+    """A state dict's array field on the host: lists and tuples (a JSON round trip) or any library's array."""
+    return np.asarray(v) if isinstance(v, (list, tuple)) else np.asarray(to_numpy(v))
+
+
 def _host(v, name, ndim, kind):
-    a = np.asarray(to_numpy(v)) if not isinstance(v, (list, tuple)) else np.asarray(v)
+    a = _as_host(v)
     if a.ndim != ndim:
         raise _bad(f"{name} must be {ndim}-D, got shape {a.shape}")
     ok = {"i": np.issubdtype(a.dtype, np.integer) and a.dtype != bool, "b": a.dtype == bool,
@@ -1095,8 +1100,7 @@ def crest_load_state_dict(d: dict, params_like) -> CrestState:
     # the arrays as the controller keeps them (host NumPy, int64 / float64), whatever the dict held
     # (lists, int32 arrays, tensors: the validator accepted them)
     for k, dt in (("labels", np.int64), ("batch_idx", np.int64), ("batch_w", np.float64), ("check_idx", np.int64)):
-        v = d[k]
-        fields[k] = np.array(np.asarray(v) if isinstance(v, (list, tuple)) else to_numpy(v), dtype=dt)
+        fields[k] = np.array(_as_host(d[k]), dtype=dt)
     for k in ("seed", "n_classes", "step", "since_check", "T1", "P", "n_selections", "cursor", "epoch_steps"):
         fields[k] = int(d[k])
     for k in ("need_select", "want_select", "pending"):
@@ -1112,8 +1116,7 @@ def crest_load_state_dict(d: dict, params_like) -> CrestState:
     kinds: dict[str, Any] = {"losses": np.float64, "steps": np.int64, "head": np.int64, "active": np.bool_,
                              "dropped_at": np.int64}
     for k, dt in kinds.items():
-        v = dr[k]
-        dr[k] = np.array(np.asarray(v) if isinstance(v, (list, tuple)) else to_numpy(v), dtype=dt)
+        dr[k] = np.array(_as_host(dr[k]), dtype=dt)
     if dr.get("clock") is not None:
         dr["clock"] = np.array(np.asarray(dr["clock"]), dtype=np.int64)
     if "version" in dr:

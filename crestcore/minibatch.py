@@ -61,6 +61,14 @@ class Coresets:
         return int(self.indices.shape[0])
 
 
+def _has_repeats(a: np.ndarray) -> bool:
+    """Whether the 1-D int64 array ``a`` holds an index twice: O(n) through ``bincount`` for the usual dense
+    non-negative index sets, else a sort."""
+    if a.size and a.min() >= 0 and a.max() < 4 * a.size + 1024:
+        return bool(np.bincount(a).max() > 1)
+    return np.unique(a).size != a.size
+
+
 def _class_positions(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(classes, cls): the sorted distinct labels and each entry's position among them. O(n) through
     ``bincount`` for small non-negative labels (the usual case), else a sort."""
@@ -122,10 +130,7 @@ def draw_subsets(labels_host: np.ndarray | None, pool: np.ndarray, r: int, P: in
         raise ValueError(f"pool must be a non-empty 1-D array of integer example indices, got shape {raw.shape}, "
                          f"dtype {raw.dtype}")
     pool = raw.astype(np.int64)
-    top = int(pool.max())
-    repeated = (np.bincount(pool, minlength=1).max() > 1 if pool.min() >= 0 and top < 4 * pool.size + 1024
-                else np.unique(pool).size != pool.size)  # O(n) for the usual dense index sets
-    if pool.min() < 0 or repeated:
+    if pool.min() < 0 or _has_repeats(pool):
         raise ValueError("pool must hold distinct non-negative example indices")
     if labels_host is not None:
         lab = np.asarray(labels_host)
@@ -256,9 +261,9 @@ def minibatch_coresets(
             raise TypeError("pool must be a 1-D integer array of example indices")
         if pool_h.size == 0:
             raise ValueError("pool is empty")
-        if pool_h.min() < 0 or pool_h.max() >= n or np.unique(pool_h).size != pool_h.size:
-            raise ValueError(f"pool must hold distinct indices in [0, {n})")
         pool_h = pool_h.astype(np.int64)
+        if pool_h.min() < 0 or pool_h.max() >= n or _has_repeats(pool_h):
+            raise ValueError(f"pool must hold distinct indices in [0, {n})")
     P = check_int(P, "P", low=1)
     r = check_int(r, "r", low=1, high=int(pool_h.size))
     m = check_int(m, "m", low=1, high=r)

@@ -60,6 +60,9 @@ def examples_spent(counters: dict) -> tuple[float, float]:
     >>> examples_spent({"train_examples": 1280, "forward_examples": 600, "backward_examples": 150})
     (1280.0, 300.0)
     """
+    missing = [k for k in ("train_examples", "forward_examples", "backward_examples") if k not in counters]
+    if missing:
+        raise ValueError(f"counters lacks {missing} (a run's counters: trained, forward and backward examples)")
     c = counters
     return float(c["train_examples"]), (c["forward_examples"] + 2.0 * c["backward_examples"]) / 3.0
 
@@ -76,6 +79,9 @@ def budget_report(*, budget: float, counts: str, m: int, full_data_steps: int, p
     >>> r["fraction_steps"], r["overhead_step_equivalents"], round(r["fraction_all_passes"], 4)
     (0.1, 10.0, 0.1106)
     """
+    for name, v in (("m", m), ("full_data_steps", full_data_steps)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
     train, overhead = examples_spent(counters)
     return {
         "budget": budget,

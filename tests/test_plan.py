@@ -61,3 +61,15 @@ def test_hamilton_refuses_what_it_cannot_split():
     sizes = [5, 3, 2]
     assert hamilton(10, sizes).tolist() == [5, 3, 2] and sizes == [5, 3, 2]
     assert hamilton(0, []).tolist() == []
+
+
+def test_budget_report_refuses_what_it_cannot_divide_by_or_read():
+    from crestcore.plan import budget_report, examples_spent
+
+    c = {"train_examples": 10, "forward_examples": 3, "backward_examples": 0}
+    for kw, match in ((dict(m=0), "m"), (dict(full_data_steps=0), "full_data_steps")):
+        args = dict(budget=0.1, counts="steps", m=8, full_data_steps=10, planned_steps=1, steps_done=1, counters=c)
+        with pytest.raises(ValueError, match=match):
+            budget_report(**{**args, **kw})
+    with pytest.raises(ValueError, match="backward_examples"):
+        examples_spent({"train_examples": 1, "forward_examples": 0})
