@@ -1181,7 +1181,11 @@ class CrestLoader(BudgetedPasses):
             return
         from .monitor import scalars
 
-        values = scalars(self.stats)
+        st = self._state  # what scalars() reads, without stats' full lists: an event comes at every check
+        checks = st.log["checks"]
+        values = scalars({"selections": st.log["selections"], "checks": checks, "drops": st.log["drops"],
+                          "rho": [checks[-1][1]] if len(checks) else [], "T1": st.T1, "P": st.P,
+                          "pool": int(st.drop.active.sum()), "budget": self._budget_report()})
         for listener in self._listeners:
             listener(event, self._position, values)
 

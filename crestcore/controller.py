@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -445,7 +446,72 @@ class CrestState(NamedTuple):
     drop: DropState
     counters: dict
     epoch_steps: int  # steps of one budgeted epoch (the cap of P and T1); 0: unknown
-    log: dict  # plain lists: selections (steps), checks (step, rho, L_R, F), drops (step, count)
+    log: dict  # EventLogs: selections (steps), checks (step, rho, L_R, F), drops (step, count)
+
+
+class EventLog(Sequence):
+    """An append-only sequence of log records that states share: :meth:`appended` returns a log one record
+    longer in O(1) and leaves this one as it was (a state keeps seeing its own records). The controller
+    logs a record at every trust check, so copying the list instead made a long run quadratic. Reads
+    like a list (``len``, indexing, slicing to a list, iteration) and compares equal to the list of its
+    records.
+
+    Examples
+    --------
+    >>> a = EventLog()
+    >>> b = a.appended(3)
+    >>> c = b.appended(4)
+    >>> d = b.appended(5)  # b's records are shared; d takes its own copy
+    >>> list(a), b, c, d, c[-1], len(d)
+    ([], [3], [3, 4], [3, 5], 4, 2)
+    """
+
+    __slots__ = ("_items", "_n")
+
+    def __init__(self, records=()):
+        self._items = list(records)
+        self._n = len(self._items)
+
+    @classmethod
+    def _view(cls, items: list, n: int) -> EventLog:
+        log = cls.__new__(cls)
+        log._items, log._n = items, n
+        return log
+
+    def appended(self, record) -> EventLog:
+        """This log with ``record`` added at the end (this log is unchanged)."""
+        if self._n == len(self._items):  # the newest view of the shared list: extend it in place
+            self._items.append(record)
+            return EventLog._view(self._items, self._n + 1)
+        return EventLog._view(self._items[: self._n] + [record], self._n + 1)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self._items[: self._n][i]
+        if not -self._n <= i < self._n:
+            raise IndexError("log index out of range")
+        return self._items[i if i >= 0 else self._n + i]
+
+    def __iter__(self):
+        return iter(self._items[: self._n])  # a copy: records appended meanwhile are not this log's
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (EventLog, list, tuple)):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+
+def _logged(state: CrestState, key: str, record) -> dict:
+    """``state.log`` with ``record`` appended to ``key`` (O(1); ``state`` keeps its own log)."""
+    return {**state.log, key: state.log[key].appended(record)}
 
 
 def _counters():
@@ -499,7 +565,7 @@ def crest_init(config: CrestConfig, labels, *, seed: int, epoch_steps: int | Non
         batch_idx=np.zeros((0, config.m), dtype=np.int64), batch_w=np.zeros((0, config.m)), made=0,
         subsets=np.zeros((0, 0), dtype=np.int64), check_idx=np.zeros(0, dtype=np.int64), anchor=None, quad=None,
         h_norm_0=math.nan, h_norm_t=math.nan, drop=drop_init(n, config.drop), counters=_counters(),
-        epoch_steps=int(epoch_steps or 0), log={"selections": [], "checks": [], "drops": []},
+        epoch_steps=int(epoch_steps or 0), log={"selections": EventLog(), "checks": EventLog(), "drops": EventLog()},
     )
 
 
@@ -684,8 +750,7 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
     else:
         T1, P_next = update_schedule(h0, h_norm, h=config.h, b=config.b, cap=cap)
     c["selections"] += 1
-    log = {k: list(v) for k, v in state.log.items()}
-    log["selections"].append(state.step)
+    log = _logged(state, "selections", state.step)
     # last, after everything that can raise: a record consumes state.drop (see crestcore.dropping)
     drop = drop_record(state.drop, union, to_numpy(losses), state.step) if config.T2 else state.drop
     return state._replace(
@@ -736,8 +801,7 @@ def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
     c = dict(state.counters)
     c["forward_examples"] += int(state.check_idx.size)
     c["checks"] += 1
-    log = {k: list(v) for k, v in state.log.items()}
-    log["checks"].append((state.step, rho, L_R, F))
+    log = _logged(state, "checks", (state.step, rho, L_R, F))
     drop = drop_record(state.drop, state.check_idx, to_numpy(losses), state.step) if config.T2 else state.drop
     new = state._replace(since_check=0, counters=c, log=log, drop=drop)
     if should_reselect(rho, config.tau):
@@ -792,8 +856,7 @@ def crest_next_batch(state: CrestState, ops: ModelOps, config: CrestConfig):
             # the pool never shrinks below one mini-batch, whatever the configured floor
             floor = max(config.drop.floor, config.m)
             drop, gone = drop_update(state.drop, state.step, replace(config.drop, floor=floor), state.labels)
-            log = {k: list(v) for k, v in state.log.items()}
-            log["drops"].append((state.step, int(gone.size)))
+            log = _logged(state, "drops", (state.step, int(gone.size)))
             state = state._replace(drop=drop, log=log, want_select=state.want_select or bool(gone.size))
         if state.want_select and not state.need_select and _affordable(state, config):
             state = state._replace(need_select=True)  # the new pool gets new coresets
@@ -1125,5 +1188,5 @@ def crest_load_state_dict(d: dict, params_like) -> CrestState:
     fields["made"] = int(d["made"])
     fields["subsets"] = np.asarray(d["subsets"], dtype=np.int64).copy()
     fields["counters"] = dict(d["counters"])
-    fields["log"] = {k: list(v) for k, v in d["log"].items()}
+    fields["log"] = {k: EventLog(v) for k, v in d["log"].items()}
     return CrestState(**fields)

@@ -1043,3 +1043,29 @@ def test_saving_a_state_whose_drop_history_was_consumed_is_refused():
     with pytest.raises(RuntimeError, match="consumed"):
         crest_state_dict(older)
     crest_state_dict(state)  # the live one saves
+
+
+def test_the_log_grows_in_constant_time_and_every_state_keeps_its_own():
+    """Each check appends a record: the log is shared between states (no copy per check; a run checking at
+    every step was quadratic in its length), and an earlier state still sees only its own records."""
+    from crestcore.controller import _SoftmaxOps, crest_stats
+
+    rng = np.random.default_rng(0)
+    y = np.arange(200) % 2
+    X = rng.normal(size=(200, 2)) + 2.0 * y[:, None]
+    ops, config = _SoftmaxOps(X, y, C=2), CrestConfig(m=10, T1=1, tau=1e9)
+    state = crest_init(config, y, seed=0)
+    states = []
+    for _ in range(30):
+        state, batch = crest_next_batch(state, ops, config)
+        ops.W -= 0.5 * ops.gradient(batch.indices, batch.weights)[1].reshape(ops.W.shape)
+        states.append(state)
+    assert len(state.log["checks"]) == 29
+    assert all(s.log["checks"]._items is state.log["checks"]._items for s in states)  # one shared list
+    early = states[9]
+    assert len(early.log["checks"]) == 9 and early.log["checks"] == state.log["checks"][:9]
+    # a state branched off an earlier one (e.g. a run resumed from it) appends to its own copy
+    branch, _ = crest_next_batch(early, ops, config)
+    assert len(branch.log["checks"]) == 10 and len(early.log["checks"]) == 9
+    assert len(state.log["checks"]) == 29 and state.log["checks"][:9] == branch.log["checks"][:9]
+    assert crest_stats(state)["checks"][-1]["step"] == state.log["checks"][-1][0]

@@ -129,3 +129,20 @@ def test_progress_bars_only_for_passes_over_a_second(monkeypatch, capsys):
     loader.ops.progress.after = 0.0  # every pass counts as slow now
     loader.ops.outputs(idx)
     assert len(bars) == 1 and bars[0].n == 200 and bars[0].closed
+
+
+def test_events_cost_the_same_late_in_a_long_run(monkeypatch):
+    """An event comes at every trust check: the listener's scalars are built without the full ``stats``
+    lists (a run with a check at every step was quadratic in its length), and equal ``scalars(stats)``."""
+    import crestcore.adapters.torch as adapter
+
+    calls = []
+    real = adapter.crest_stats
+    monkeypatch.setattr(adapter, "crest_stats", lambda state: calls.append(1) or real(state))
+    seen = []
+    model, loader = setup(callbacks=[lambda e, s, v: seen.append((e, dict(v)))])
+    train(model, loader)
+    assert calls == [] and len(seen) > 5
+    assert seen[-1][1] == scalars(loader.stats)
+    rhos = [v["crest/rho"] for e, v in seen if e == "check"]
+    assert rhos == [c["rho"] for c in loader.stats["checks"]]
