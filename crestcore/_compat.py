@@ -126,7 +126,10 @@ def from_numpy(a: np.ndarray, xp, device=None):
         import sys
 
         torch = sys.modules["torch"]  # imported by the caller's data (xp is its namespace); the core imports no torch
-        return torch.as_tensor(_contiguous(a), device=device)
+        a = _contiguous(a)
+        if not a.flags.writeable:  # torch warns on (and would share) a read-only buffer: a copy instead
+            a = a.copy()
+        return torch.as_tensor(a, device=device)
     return xp.asarray(_contiguous(a), device=device)
 
 

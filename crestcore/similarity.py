@@ -104,11 +104,38 @@ def pow2_scale(A, e: int):
     return A
 
 
+def _cosine_rows(xp, A):
+    """Cosine's own scaling: every row of ``A`` whose ``max|a|`` lies outside ``[2^-R, 2^R]``
+    (:func:`rescale_exponent`'s safe range) times the power of two that brings it to about 1; the
+    other rows, zero rows among them, are left exactly as they are. Exact, and a cosine does not depend
+    on a row's scale: a row far smaller or larger than the rest keeps its direction instead of having
+    its squared norm underflow to 0 (a zero row's similarities) or overflow.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> A = np.array([[3 * 2.0 ** -110, 2.0 ** -108], [3.0, 4.0], [0.0, 0.0]], dtype=np.float32)
+    >>> _cosine_rows(np, A)  # row 0's squared norm would underflow in float32
+    array([[0.75, 1.  ],
+           [3.  , 4.  ],
+           [0.  , 0.  ]], dtype=float32)
+    """
+    R = _max_exponent(xp, A.dtype) // 4
+    a = xp.max(xp.abs(A), axis=-1, keepdims=True)
+    out = (a > 0) & ((a < 2.0 ** -R) | (a > 2.0 ** R))
+    if not bool(xp.any(out)):
+        return A
+    e = xp.floor(xp.log2(xp.where(out, a, xp.ones_like(a))))  # 0 where the row stays
+    half = xp.floor(e / 2)  # two factors, each representable even for subnormal rows
+    return A * xp.pow(2.0, -half) * xp.pow(2.0, half - e)
+
+
 def prepare(xp, X, *, metric: str, kernel: str | None, scale: float, Y=None, amax: float | None = None):
     """The numerics policy on a (finite, real floating) feature or similarity array.
 
     Returns ``(Xc, Yc, scale_c, back)``: the data in :func:`compute_dtype`, divided by ``2^e`` when
-    :func:`rescale_exponent` asks for it; the ``exp`` kernel's scale divided alike (so ``D / scale``,
+    :func:`rescale_exponent` asks for it (cosine distances: each row by its own power of two instead,
+    :func:`_cosine_rows`); the ``exp`` kernel's scale divided alike (so ``D / scale``,
     hence every similarity, is unchanged); and the power of two by which gains and objectives computed
     on ``Xc`` must be multiplied (:func:`restore`): ``e`` for euclidean distances and for precomputed
     similarities, ``2e`` for squared ones, 0 for cosine distances and for the ``exp`` kernel, whose
@@ -130,6 +157,10 @@ def prepare(xp, X, *, metric: str, kernel: str | None, scale: float, Y=None, ama
     cd = compute_dtype(xp, X.dtype)
     Xc = X if X.dtype == cd else xp.astype(X, cd)
     Yc = None if Y is None else (Y if Y.dtype == cd else xp.astype(Y, cd))
+    if metric == "cosine":  # each row on its own: a cosine does not depend on the rows' scales
+        Xc = _cosine_rows(xp, Xc)
+        Yc = None if Yc is None else _cosine_rows(xp, Yc)
+        return Xc, Yc, scale, 0
     e = rescale_exponent(xp, Xc, Yc, amax=amax if Y is None else None)  # amax: max|X|, if known
     if e == 0:
         return Xc, Yc, scale, 0

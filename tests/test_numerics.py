@@ -370,3 +370,36 @@ def test_matrix_free_path_follows_the_policy(lib, factor):
     assert np.array_equal(_np(base.indices), _np(s.indices))
     assert np.array_equal(_np(base.weights), _np(s.weights))
     assert np.isfinite(float(s.objective)) and float(s.objective) > 0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cosine_does_not_depend_on_a_rows_scale_on_any_path(dtype):
+    """A cosine is the same for a row and for that row times any positive factor: rows scaled far below or
+    above the rest (their squared norms underflow or overflow the dtype) must give the selection of the
+    unscaled data, on the dense, the sparse and the per-class paths of every backend. Before, the
+    reference (also torch's path) treated a row of magnitude 1e-30 in float32 as a zero row."""
+    import crestcore
+
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((48, 5)).astype(dtype)
+    y = np.arange(48) % 3
+    tiny, huge = (1e-30, 1e30) if dtype == np.float32 else (1e-200, 1e200)
+    Xs = X.copy()
+    Xs[[3, 17]] *= dtype(tiny)
+    Xs[[8, 30]] *= dtype(huge)
+    namespaces = [("auto", X, Xs), ("reference", X, Xs)]
+    torch = pytest.importorskip("torch")
+    namespaces.append(("auto", torch.from_numpy(X), torch.from_numpy(Xs)))
+    for backend, A, As in namespaces:
+        for kw in (dict(), dict(neighbors=10)):
+            a = crestcore.facility_location(A, 9, metric="cosine", backend=backend, **kw)
+            b = crestcore.facility_location(As, 9, metric="cosine", backend=backend, **kw)
+            np.testing.assert_array_equal(np.asarray(b.indices), np.asarray(a.indices))
+            np.testing.assert_array_equal(np.asarray(b.weights), np.asarray(a.weights))
+            np.testing.assert_allclose(float(b.objective), float(a.objective), rtol=1e-5)
+        lab = torch.from_numpy(y) if isinstance(A, torch.Tensor) else y
+        a = crestcore.minibatch_coresets(A, lab, m=9, r=48, P=1, rng=0, metric="cosine", backend=backend)
+        b = crestcore.minibatch_coresets(As, lab, m=9, r=48, P=1, rng=0, metric="cosine", backend=backend)
+        np.testing.assert_array_equal(np.asarray(b.indices), np.asarray(a.indices))
+    D = crestcore.pairwise_distances(Xs, metric="cosine")
+    np.testing.assert_allclose(D, crestcore.pairwise_distances(X, metric="cosine"), atol=1e-5)
