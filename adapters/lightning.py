@@ -20,7 +20,9 @@ never pre-fetches (a pre-fetched batch would be selected before the previous opt
 (``trainer.fit(..., ckpt_path=...)``) continues with the same batches, mid-epoch included.
 
 Lightning is an optional dependency (``pip install 'crestcore[lightning]'``); both the ``lightning``
-package and the older ``pytorch_lightning`` work. One process (no DDP): the distributed adapter is separate.
+package and the older ``pytorch_lightning`` work. One process (no DDP): a Trainer with several processes
+is refused at ``setup``; the distributed adapter is separate. Every ``fit`` is a new CREST run (a fit with
+``ckpt_path`` continues the checkpoint's).
 """
 
 from __future__ import annotations
@@ -165,7 +167,6 @@ class CrestCallback(pl.Callback):
         )
         self.loader: CrestLoader | None = None
         self._pending: dict | None = None
-        self._module = None
 
     # -- the train dataloader -------------------------------------------------------------------
     def dataloader(self) -> _CrestTrainLoader:
@@ -204,8 +205,16 @@ class CrestCallback(pl.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit":
             return
-        if self.loader is not None and self._module is pl_module:
-            return  # a second fit with the same module continues the same run
+        processes = int(getattr(trainer, "world_size", 1) or 1)
+        if processes > 1:
+            raise ValueError(
+                f"CrestCallback runs in one process ({processes} here: devices/num_nodes): every process would "
+                "select and train the same batches, and the step count would be wrong. For several processes "
+                "use crestcore.adapters.distributed.DistributedCrestLoader in your own loop"
+            )
+        # every fit is a new CREST run, as every Trainer.fit starts at epoch 0: a finished loader kept from
+        # an earlier fit would hand out nothing. A fit with ckpt_path restores the run's state after this
+        # (load_state_dict) and continues it.
         epochs = self.epochs
         if epochs is None:
             epochs = trainer.max_epochs
@@ -215,7 +224,6 @@ class CrestCallback(pl.Callback):
                     "Trainer(max_epochs=...) or CrestCallback(epochs=...)"
                 )
         self.loader = CrestLoader(pl_module, self.dataset, epochs=int(epochs), per_epoch=True, **self._kwargs)
-        self._module = pl_module
         if self._pending is not None:
             state, self._pending = self._pending, None
             self.loader.load_state_dict(state)

@@ -209,3 +209,30 @@ def test_a_scheduler_sized_from_estimated_stepping_batches_ends_at_its_end(tmp_p
         ref.step()
     lr = t.optimizers[0].param_groups[0]["lr"]
     assert lr == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-12) and lr < 0.1 * 0.1  # its low end
+
+
+def test_a_second_fit_is_a_new_crest_run(tmp_path):
+    """Every Trainer.fit starts at epoch 0: the callback starts a new CREST run there (before, a second
+    fit on the same module reused the finished loader and trained 0 steps, with only a warning), sized
+    from the new Trainer's max_epochs."""
+    cb = CrestCallback(data(), **CFG)
+    module = Module()
+    trainer(tmp_path, 2, cb).fit(module, train_dataloaders=cb.dataloader())
+    first = len(module.seen)
+    t2 = trainer(tmp_path, 3, cb)
+    t2.fit(module, train_dataloaders=cb.dataloader())
+    assert first == 6 and t2.global_step == 9 == len(module.seen) - first == cb.stats["step"]
+    assert cb.loader.epochs == 3
+
+
+def test_several_processes_are_refused_at_setup(tmp_path):
+    """Each process would select and train the same batches: a Trainer with world_size > 1 is refused with
+    a message naming the distributed loader (checked on the hook, without starting processes)."""
+    cb = CrestCallback(data(), **CFG)
+
+    class TwoProcesses:
+        world_size, max_epochs = 2, 3
+
+    with pytest.raises(ValueError, match="DistributedCrestLoader"):
+        cb.setup(TwoProcesses(), Module(), "fit")
+    assert cb.loader is None
