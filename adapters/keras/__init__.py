@@ -622,6 +622,30 @@ class CrestDataset(keras.utils.PyDataset):
         super().__init__(workers=1, use_multiprocessing=False, max_queue_size=1)
         self._cb = callback
 
+    # one worker, no multiprocessing, fixed here: a pool fetches batches before the steps before them have
+    # trained (CREST's would measure a stale model; a baseline's losses would reach the wrong examples)
+    @property
+    def workers(self):
+        return self._workers
+
+    @workers.setter
+    def workers(self, value):
+        if value != 1:
+            raise ValueError(f"{type(self._cb).__name__}'s dataset runs with workers=1 (got {value!r}): a worker "
+                             "pool fetches batches before the steps before them have trained")
+        self._workers = value
+
+    @property
+    def use_multiprocessing(self):
+        return self._use_multiprocessing
+
+    @use_multiprocessing.setter
+    def use_multiprocessing(self, value):
+        if value:
+            raise ValueError(f"{type(self._cb).__name__}'s dataset runs without multiprocessing (got {value!r}): "
+                             "worker processes fetch batches before the steps before them have trained")
+        self._use_multiprocessing = value
+
     def __len__(self) -> int:
         return self._cb.steps_per_epoch
 

@@ -926,3 +926,20 @@ def test_subset_callback_serves_only_inside_a_fit_with_it():
         model.fit(sub.dataset, epochs=1, verbose=0)
     with pytest.raises(ValueError, match="method"):
         SubsetCallback(x, y, method="coreset", budget=0.5, m=8)
+
+
+@pytest.mark.parametrize("which", ["crest", "subset"])
+def test_the_datasets_worker_settings_are_fixed(which):
+    """A worker pool fetches batches before the steps before them have trained: setting workers or
+    multiprocessing on the callback's dataset is refused at once (before, SubsetCallback's baseline
+    batches then went out of order and its losses reached the wrong examples, or a fit failed with a
+    message telling the user to add the callback they had added)."""
+    model, x, y = _example_problem()
+    cb = (CrestCallback(x, y, config=CrestConfig(m=8), budget=0.25) if which == "crest"
+          else SubsetCallback(x, y, method="prune", budget=0.5, m=8))
+    with pytest.raises(ValueError, match="workers=1"):
+        cb.dataset.workers = 3
+    with pytest.raises(ValueError, match="multiprocessing"):
+        cb.dataset.use_multiprocessing = True
+    cb.dataset.workers, cb.dataset.use_multiprocessing = 1, False  # the fixed settings themselves are fine
+    assert (cb.dataset.workers, cb.dataset.use_multiprocessing) == (1, False)
