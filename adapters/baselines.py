@@ -146,8 +146,9 @@ class SubsetLoader(BudgetedPasses):
         selection up with uniformly random examples of the same classes, each weighted 1 on the sum scale
         (itself); ``"cycle"`` trains on the smaller selection, cycled.
     options : extra keyword arguments for the core function (``craig``: metric, kernel, optimizer, ...;
-        ``gradmatch``: lam, tol, positive; ``glister``: eta, optimizer, epsilon). Defaults: gradmatch
-        ``lam=0.5, tol=1e-6``, glister ``optimizer="stochastic", epsilon=0.1``.
+        ``gradmatch``: lam, tol (``positive=True`` only: training weights are non-negative); ``glister``: eta,
+        optimizer, epsilon). Defaults: gradmatch ``lam=0.5, tol=1e-6``, glister ``optimizer="stochastic",
+        epsilon=0.1``.
     labels, collate_fn, measure_dataset, measure_batch_size, measure_workers, last_layer, forward, loss_fn :
         as for ``CrestLoader``.
 

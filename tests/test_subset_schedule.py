@@ -151,6 +151,8 @@ def test_prune_past_its_planned_epochs_keeps_the_last_rule_and_says_so():
     ("gradmatch", {"lamda": 0.1}, "lam"),
     ("gradmatch", {"labels": None}, "allowed"),
     ("glister", {"val_embeddings": None}, "allowed"),
+    # signed weights cannot train: they were dropped and refilled at random, silently
+    ("gradmatch", {"positive": False}, "positive=False"),
 ])
 def test_options_the_method_would_not_accept_are_refused_when_built(method, options, match):
     _, y = _data()

@@ -97,6 +97,11 @@ def _check_options(method: str, options: dict) -> None:
     if bad:
         allowed = sorted(k for k in params if k not in own)
         raise ValueError(f"options {bad} are not keyword arguments {method}() accepts here; allowed: {allowed}")
+    if method == "gradmatch" and options.get("positive", True) is not True:
+        raise ValueError(f"options: positive={options['positive']!r} is not for training batches: a schedule "
+                         "trains on non-negative weights rescaled to mean 1 (a negative weight would be dropped "
+                         "and its slot filled at random); call crestcore.baselines.gradmatch(positive=False) "
+                         "directly for signed weights")
 
 
 class SubsetSchedule:
