@@ -186,6 +186,7 @@ class CrestTrainer(transformers.Trainer):
         self.crest_measure_batch_size = int(crest_measure_batch_size)
         self.crest_callbacks = crest_callbacks
         self.crest: CrestBatchSampler | None = None
+        self._crest_saved_in: str | None = None  # the checkpoint folder CREST's state was last written to
         self._crest_resume: str | None = None  # the checkpoint folder train() resumes from
         self._crest_new_run = True  # the next training dataloader starts a new CREST run
         # compute_loss returns a mean over the batch: the Trainer must not expect a sum over tokens
@@ -212,14 +213,26 @@ class CrestTrainer(transformers.Trainer):
             self._crest_resume = None
 
     def _save_checkpoint(self, model, trial, *args, **kwargs):
+        self._crest_saved_in = None
         super()._save_checkpoint(model, trial, *args, **kwargs)
-        if self.crest is None or not self.args.should_save:
-            return
         folder = os.path.join(self._get_output_dir(trial=trial),
                               f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self._crest_saved_in != folder:  # not written before a hub push (push_to_hub off)
+            self._save_crest(folder)
+
+    def _push_from_checkpoint(self, checkpoint_folder, *args, **kwargs):
+        # the Trainer starts the hub upload of the checkpoint inside _save_checkpoint: CREST's state goes
+        # into the folder first, so that the pushed checkpoint can be resumed
+        self._save_crest(checkpoint_folder)
+        return super()._push_from_checkpoint(checkpoint_folder, *args, **kwargs)
+
+    def _save_crest(self, folder: str) -> None:
+        if self.crest is None or not self.args.should_save:
+            return
         # the Trainer has trained global_step batches of the run; the loader's workers may hold more
         torch.save(self.crest.state_dict(trained=int(self.state.global_step)),
                    os.path.join(folder, CREST_STATE_NAME))
+        self._crest_saved_in = folder
 
     def _restore_crest(self, folder: str):
         """Load CREST's state saved with the checkpoint ``folder``; the batch sampler for the resumed run."""

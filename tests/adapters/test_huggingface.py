@@ -3,6 +3,8 @@ accelerate. The model is a tiny BERT built from a config in the test (no hub dow
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -227,3 +229,18 @@ def test_resuming_from_a_checkpoint_without_crest_state_is_refused(tmp_path):
     (ckpt / "crest_state.pt").unlink()
     with pytest.raises(ValueError, match="crest_state.pt"):
         _resume_trainer(tmp_path / "b").train(resume_from_checkpoint=str(ckpt))
+
+
+def test_a_checkpoint_pushed_to_the_hub_holds_crests_state(tmp_path, monkeypatch):
+    """With push_to_hub the Trainer starts uploading the checkpoint folder inside _save_checkpoint: CREST's
+    state must be in the folder by then (before, it was written after the upload had started, so a
+    pushed checkpoint could lack it and not resume). The upload is replaced by a recorder; no hub."""
+    pushed = []
+    monkeypatch.setattr(transformers.Trainer, "_push_from_checkpoint",
+                        lambda self, folder, *a, **k: pushed.append(sorted(os.listdir(folder))))
+    t = _resume_trainer(tmp_path / "a")
+    t.args.push_to_hub, t.args.hub_strategy = True, "checkpoint"
+    t.train()
+    assert len(pushed) == 3 and all("crest_state.pt" in files for files in pushed)
+    state = torch.load(tmp_path / "a" / "checkpoint-8" / "crest_state.pt", weights_only=True)
+    assert state["position"] == 8  # written once, at the checkpoint's step
