@@ -144,17 +144,23 @@ class WandbWriter:
     """Logs every event's scalars to Weights & Biases: ``run`` is a ``wandb`` run (default
     ``wandb.run``, the active one). W&B is optional and imported only here.
 
+    The run's own step is left to your training loop: W&B drops a log whose ``step=`` is below the last
+    one, and merges logs at the same step, so CREST's events (sent when a batch is handed out, several at
+    one step) would drop or overwrite yours and each other. Each event is one row with its CREST step as
+    the metric ``crest/step``; the writer declares it the x-axis of every ``crest/*`` chart
+    (``run.define_metric``, when the run has it).
+
     Examples
     --------
-    Any object with ``log(dict, step=...)`` will do; here one that prints what W&B would receive (the
-    event is logged too, as its index in ``EVENTS``):
+    Any object with ``log(dict)`` will do; here one that prints what W&B would receive (the event is
+    logged too, as its index in ``EVENTS``):
 
     >>> class Run:
-    ...     def log(self, values, step):
-    ...         print(step, values)
+    ...     def log(self, values):
+    ...         print(values)
     >>> listener = WandbWriter(Run())
     >>> listener("epoch", 40, {"crest/fraction_steps": 0.1})
-    40 {'crest/fraction_steps': 0.1, 'crest/event': 3}
+    {'crest/fraction_steps': 0.1, 'crest/event': 3, 'crest/step': 40}
     """
 
     def __init__(self, run: Any = None, *, events=EVENTS):
@@ -167,10 +173,14 @@ class WandbWriter:
             if run is None:
                 raise RuntimeError("WandbWriter: no active W&B run; call wandb.init() first or pass run=")
         if not callable(getattr(run, "log", None)):
-            raise TypeError(f"run must have log(dict, step=...), got {type(run).__name__}")
+            raise TypeError(f"run must have log(dict), got {type(run).__name__}")
         self.run = run
         self.events = _check_events(events)
+        define = getattr(run, "define_metric", None)
+        if callable(define):  # CREST's charts against CREST's step, whatever the run's own step is
+            define("crest/step")
+            define("crest/*", step_metric="crest/step")
 
     def __call__(self, event: str, step: int, values: dict[str, float]) -> None:
         if event in self.events:
-            self.run.log({**values, "crest/event": EVENTS.index(event)}, step=step)
+            self.run.log({**values, "crest/event": EVENTS.index(event), "crest/step": int(step)})

@@ -75,19 +75,50 @@ def test_tensorboard_writer_writes_event_files(tmp_path):
     assert [e.step for e in sel] == [5, 10, 15] and sel[-1].value == len(loader.stats["selections"])
 
 
+class _WandbRun:
+    """W&B's rules for an explicit ``step=``: a log below the last step is dropped, logs at the same step
+    merge into one row (later keys overwrite); without ``step=`` every log is a new row."""
+
+    def __init__(self):
+        self.rows, self.step, self.defined = [], -1, []
+
+    def define_metric(self, name, step_metric=None):
+        self.defined.append((name, step_metric))
+
+    def log(self, values, step=None):
+        if step is None:
+            step = self.step + 1
+        if step < self.step:
+            return
+        if step == self.step and self.rows:
+            self.rows[-1].update(values)
+        else:
+            self.rows.append(dict(values))
+        self.step = step
+
+
 def test_wandb_writer_logs_to_the_run_it_is_given():
-    class Run:
-        def __init__(self):
-            self.logged = []
-
-        def log(self, values, step=None):
-            self.logged.append((step, values))
-
-    run = Run()
-    model, loader = setup(callbacks=[WandbWriter(run, events=("selection", "epoch"))])
-    train(model, loader)
-    steps = [s for s, _ in run.logged]
-    assert steps == sorted(steps) and len(run.logged) == len(loader.stats["selections"]) + 3
+    """Every event is its own row with its CREST step, plotted against ``crest/step``; the user's own logs
+    keep W&B's step. Before, events were logged with step= (handed-out batches): several events at one
+    step overwrote each other's ``crest/event``, and a loop logging its loss at step t (0-based) lost
+    every log, being one below the writer's step."""
+    run = _WandbRun()
+    model, loader = setup(callbacks=[WandbWriter(run)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    user = 0
+    for _ in range(loader.epochs):
+        for x, y, w in loader:
+            loss = weighted_step(model, opt, x, y, w)
+            loader.observe(loss)
+            run.log({"loss": float(loss.mean())}, step=run.step + 1)  # the loop's own step, as usual
+            user += 1
+    st = loader.stats
+    events = [r["crest/event"] for r in run.rows if "crest/event" in r]
+    assert len(events) == len(st["selections"]) + len(st["checks"]) + len(st["drops"]) + 3
+    assert sum(1 for r in run.rows if "loss" in r) == user  # none of the loop's logs was dropped
+    crest_steps = [r["crest/step"] for r in run.rows if "crest/step" in r]
+    assert crest_steps == sorted(crest_steps) and crest_steps[-1] == st["step"]
+    assert ("crest/*", "crest/step") in run.defined
 
 
 def test_bad_listeners_and_writers_are_refused():
@@ -96,7 +127,7 @@ def test_bad_listeners_and_writers_are_refused():
     with pytest.raises(TypeError, match="progress"):
         setup(progress="yes")
     with pytest.raises(ValueError, match="events"):
-        WandbWriter(type("R", (), {"log": lambda self, v, step=None: None})(), events=("selections",))
+        WandbWriter(type("R", (), {"log": lambda self, v: None})(), events=("selections",))
     with pytest.raises(TypeError, match="add_scalar"):
         TensorBoardWriter(object())
     sw = type("W", (), {"add_scalar": lambda self, *a, **k: None})()
