@@ -636,16 +636,25 @@ def score_orders(X, C, orders, *, metric: str = "euclidean", kernel: str = "max-
     weights = np.zeros(int(offsets[-1]))
     gains = np.zeros(int(offsets[-1]))
     used = np.unique(np.concatenate(lists)) if offsets[-1] else np.zeros(0, dtype=np.int64)
+    back = 0
     if used.size and X.shape[0]:
+        # the selection functions' numerics policy: data far from magnitude 1 is scored at magnitude 1 (a
+        # power of two, exact; cosine row by row), the bound and scale alike, and the sums scaled back
+        Xc, Cc, scale_v, back = prepare(np, np.asarray(X, dtype=np.float64), metric=metric,
+                                        kernel="exp" if kernel == "exp" else None, scale=scale_v,
+                                        Y=np.asarray(C[used], dtype=np.float64))
+        bound_v = math.ldexp(bound_v, -back)
         cols = np.searchsorted(used, np.concatenate(lists))  # the lists as columns of D (rows of C used)
         kern = get_host_kernel("order_scores") or ref.order_scores
-        R, sr = _gram_rows(C[used], metric)
+        R, sr = _gram_rows(Cc, metric)
         tile = max(1, _SCORE_TILE_ELEMENTS // used.size)
         for a in range(0, X.shape[0], tile):
-            P, sp = _gram_rows(X[a:a + tile], metric)
+            P, sp = _gram_rows(Xc[a:a + tile], metric)
             o, w, g = kern(P @ R.T, sp, sr, cols, offsets, metric, kernel, bound_v, scale_v)
             objective += o
             weights += w
             gains += g
+    objective = restore(np, objective, back, np.dtype(np.float64), "objective")
+    gains = restore(np, gains, back, np.dtype(np.float64), "gains")
     return [(float(objective[q]), weights[offsets[q]:offsets[q + 1]], gains[offsets[q]:offsets[q + 1]])
             for q in range(len(lists))]

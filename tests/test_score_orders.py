@@ -150,3 +150,26 @@ def test_a_bound_or_scale_that_is_not_a_number_is_refused_naming_it():
     for bad in ("1", True):
         with pytest.raises(TypeError, match="scale"):
             kernel_scale(bad, 3)
+
+
+@pytest.mark.parametrize("metric, kernel, power", [
+    ("euclidean", "max-minus", 1), ("sqeuclidean", "max-minus", 2), ("euclidean", "exp", 0),
+    ("cosine", "max-minus", 0),
+])
+@pytest.mark.parametrize("e", [600, -600])
+def test_scores_do_not_depend_on_the_datas_magnitude(metric, kernel, power, e):
+    """The numerics policy of the selection functions: data of magnitude 2^600 (or 2^-600) in float64
+    scores as the same data at magnitude 1, objective and gains scaled by 2^(power e) (before, the inner
+    products overflowed to inf, or underflowed to 0, and the scores were NaN or wrong)."""
+    X, C, orders = _instance(5, 40, 12, 3, 3)
+    bound = 12.0 if metric != "sqeuclidean" else 150.0
+    kw = dict(metric=metric, kernel=kernel)
+    base = crestcore.score_orders(X, C, orders, bound=bound if kernel == "max-minus" else None, **kw)
+    e = e // power if power > 1 else e  # a squared bound of 2^1200 is no float64
+    s = 2.0 ** e
+    big = crestcore.score_orders(X * s, C * s, orders, bound=bound * s ** power if kernel == "max-minus" else None,
+                                 scale=None if kernel == "max-minus" else 3 * s, **kw)
+    for (o0, w0, g0), (o1, w1, g1) in zip(base, big):
+        np.testing.assert_array_equal(w1, w0)
+        np.testing.assert_allclose(o1, o0 * 2.0 ** (power * e), rtol=1e-12)
+        np.testing.assert_allclose(g1, g0 * 2.0 ** (power * e), rtol=1e-12, atol=0)
