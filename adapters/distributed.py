@@ -716,7 +716,7 @@ class DistributedModelOps:
         lo, hi = int(b[self.rank]), int(b[self.rank + 1])
         own = np.arange(lo, hi) if hi > lo else np.array([0])  # a rank with no problem solves row 0 for shapes
         cs = _minibatch_coresets(features, labels, m=m, r=r, P=int(own.size), rng=rng, subsets=subs[own],
-                                 optimizer=optimizer, **kwargs)
+                                 rows=own, optimizer=optimizer, **kwargs)
         k = hi - lo
         counts = np.diff(b)
         indices = self.gather_rows(cs.indices[:k].to(torch.int64), counts,

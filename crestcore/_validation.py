@@ -139,6 +139,14 @@ def make_rng(rng, name: str = "rng") -> np.random.Generator:
     raise TypeError(f"{name} must be an int seed or a numpy.random.Generator, got {type(rng).__name__}")
 
 
+def _group_sizes(sizes) -> np.ndarray:
+    raw = np.asarray(sizes)
+    if raw.ndim != 1 or (raw.size and (not np.issubdtype(raw.dtype, np.integer) or raw.min() < 0)):
+        raise ValueError(f"sizes must be a 1-D array of non-negative integers, got shape {raw.shape} and "
+                         f"dtype {raw.dtype}")
+    return raw.astype(np.int64)
+
+
 def hamilton(total: int, sizes: np.ndarray) -> np.ndarray:
     """Split ``total`` over groups proportionally to ``sizes`` (largest-remainder / Hamilton method).
 
@@ -155,11 +163,7 @@ def hamilton(total: int, sizes: np.ndarray) -> np.ndarray:
     [1, 1, 1]
     """
     total = check_int(total, "total", low=0)
-    raw = np.asarray(sizes)
-    if raw.ndim != 1 or (raw.size and (not np.issubdtype(raw.dtype, np.integer) or raw.min() < 0)):
-        raise ValueError(f"sizes must be a 1-D array of non-negative integers, got shape {raw.shape} and "
-                         f"dtype {raw.dtype}")
-    sizes = raw.astype(np.int64)
+    sizes = _group_sizes(sizes)
     n = int(sizes.sum())
     if n == 0:
         return np.zeros_like(sizes)
@@ -178,6 +182,68 @@ def hamilton(total: int, sizes: np.ndarray) -> np.ndarray:
             base[donor] -= 1
             base[c] += 1
     return base
+
+
+def apportion(total: int, sizes, rng: np.random.Generator, *, at_least_one: bool = False):
+    """Split ``total`` over groups proportionally to ``sizes`` with the leftover units drawn at random:
+    ``(units, p)``. Group c gets ``floor(q_c)`` or ``ceil(q_c)`` units, ``q_c = total n_c / n``, the
+    ceiling with probability ``q_c - floor(q_c)`` exactly (systematic sampling of the fractional parts,
+    in exact integer arithmetic, over a random order of the groups), and the units add up to ``total``:
+    every group's expected share is its proportional one, where :func:`hamilton` gives the leftover units
+    to the same groups every time (on equal remainders, the lowest ones). ``p[c]`` is the probability
+    that group c gets at least one unit (1 when ``q_c >= 1``).
+
+    ``at_least_one``: when ``total`` covers the non-empty groups, each of them gets a unit for sure (taken
+    from a group with the most units, ties at random), and its ``p`` is 1.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> units, p = apportion(10, np.array([50, 30, 20]), rng)  # q = 5, 3, 2: no leftover units
+    >>> units.tolist(), p.tolist()
+    ([5, 3, 2], [1.0, 1.0, 1.0])
+    >>> draws = np.array([apportion(2, np.array([5, 5, 5, 5]), rng)[0] for _ in range(4000)])
+    >>> bool(np.all(draws.sum(axis=1) == 2))  # two units, each group's half on average
+    True
+    >>> bool(np.all(np.abs(draws.mean(axis=0) - 0.5) < 0.04))
+    True
+    """
+    total = check_int(total, "total", low=0)
+    sizes = _group_sizes(sizes)
+    rng = make_rng(rng)
+    if not isinstance(at_least_one, bool):
+        raise TypeError(f"at_least_one must be a bool, got {type(at_least_one).__name__}")
+    n = int(sizes.sum())
+    if n == 0:
+        return np.zeros_like(sizes), np.ones(sizes.size)
+    prod = int(total) * sizes  # exact: q_c = prod / n
+    units = prod // n
+    rem = prod % n
+    left = int(total) - int(units.sum())  # = sum(rem) / n
+    p = np.where(units > 0, 1.0, rem / n)
+    if left:
+        order = rng.permutation(sizes.size)
+        hi = np.cumsum(rem[order])
+        lo = hi - rem[order]
+        u = int(rng.integers(n))  # thresholds u, u + n, ..., u + (left - 1) n on the line of remainders
+
+        def below(x):  # thresholds < x
+            return np.maximum(0, (x - u + n - 1) // n)
+
+        units[order] += below(hi) - below(lo)  # rem < n: at most one threshold in each group's stretch
+    if at_least_one:
+        nonempty = sizes > 0
+        if total >= int(nonempty.sum()):
+            for c in np.flatnonzero(nonempty & (units == 0)):
+                most = int(units.max())
+                if most <= 1:
+                    break
+                donors = np.flatnonzero(units == most)
+                units[donors[int(rng.integers(donors.size))]] -= 1
+                units[c] += 1
+            p = np.where(nonempty & (units > 0), 1.0, p)
+    return units, p
 
 
 def host_indices(indices, n: int, name: str = "indices") -> np.ndarray:

@@ -13,7 +13,16 @@ from typing import Any
 import numpy as np
 
 from ._compat import device_of, from_numpy, namespace, namespace_name
-from ._validation import check_choice, check_epsilon, check_float_matrix, check_int, hamilton, labels_to_host, make_rng
+from ._validation import (
+    apportion,
+    check_choice,
+    check_epsilon,
+    check_float_matrix,
+    check_int,
+    hamilton,
+    labels_to_host,
+    make_rng,
+)
 from .backends import get_host_kernel, get_kernel
 from .facility import OPTIMIZERS, resolve_dense_bytes, solve_batched, stochastic_draws
 from .similarity import KERNELS, METRICS, kernel_scale, prepare, restore
@@ -90,7 +99,7 @@ def _draw_blocked(labels_host: np.ndarray | None, pool: np.ndarray, r: int, P: i
     else:
         _, cls = _class_positions(labels_host[pool])
     sizes = np.bincount(cls)
-    r_c = hamilton(r, sizes)
+    r_c, _ = apportion(r, sizes, rng)  # class c's expected share of every subset is its share of the pool
     blk = np.repeat(np.arange(sizes.size), r_c)
     t = np.arange(r) - np.repeat(np.cumsum(r_c) - r_c, r_c)
     high = (sizes - r_c)[blk] + t + 1  # Floyd's draw at slot t is uniform in [0, N_c - r_c + t]
@@ -103,11 +112,32 @@ def _draw_blocked(labels_host: np.ndarray | None, pool: np.ndarray, r: int, P: i
     return kern(pool, cls, r_c, draws), r_c
 
 
+def _class_budgets(m: int, counts: np.ndarray, gen: np.random.Generator | None, rows: np.ndarray):
+    """Per-subset class budgets ``(P, C)`` summing to ``m`` (each class's share of its subset, every
+    present class at least one pick when ``m`` allows) and, where some present class may go without a
+    pick (``m`` below the number of classes present), the probability ``(P, C)`` that each got one, else
+    None. ``rows``: the subsets' row numbers. With ``gen`` the leftover picks are drawn
+    (:func:`apportion`: every class's expected share is its proportional one); without it
+    :func:`hamilton`'s fixed split (the same classes every time)."""
+    if gen is None:
+        return np.stack([hamilton(m, row) for row in counts]), None
+    key = int(gen.integers(2**62))  # row p's rounding from (key, p) alone: a share of the rows rounds alike
+    split = [apportion(m, row, np.random.default_rng([key, int(p)]), at_least_one=True)
+             for row, p in zip(counts, rows)]
+    budgets = np.stack([b for b, _ in split])
+    p = np.stack([q for _, q in split])
+    chance = np.where(budgets > 0, p, 1.0)
+    return budgets, (chance if bool(np.any(chance < 1.0)) else None)
+
+
 def draw_subsets(labels_host: np.ndarray | None, pool: np.ndarray, r: int, P: int, rng: np.random.Generator):
     """P random subsets of size r from ``pool`` (host int array), class-stratified when labels are given.
 
-    Stratification: class c of the pool gets ``r_c`` slots by the Hamilton split of r proportional to its
-    share of the pool; its members are drawn uniformly without replacement (Floyd's algorithm, one
+    Stratification: class c of the pool gets ``r_c`` slots, its share ``q_c = r n_c / n`` of r rounded down
+    or up at random (up with probability ``q_c - floor(q_c)``, :func:`crestcore.plan.apportion`), the same
+    in the P subsets of one call: every class's expected share of a subset is its share of the pool (a
+    fixed rounding would give the leftover slots to the same classes at every selection); its members
+    are drawn uniformly without replacement (Floyd's algorithm, one
     uniform draw per slot from ``rng``, all P subsets in one host kernel). Each subset is sorted.
     Returns (P, r) int64. The draws are made on the host, so the same seed gives the same subsets
     whatever library the features are in.
@@ -188,6 +218,7 @@ def minibatch_coresets(
     subsets=None,
     backend: str = "auto",
     max_dense_bytes: int | None = None,
+    rows=None,
 ) -> Coresets:
     """The CREST selection step: ``P`` weighted mini-batch coresets of size ``m``.
 
@@ -203,8 +234,12 @@ def minibatch_coresets(
     rng : int seed or ``numpy.random.Generator`` (required; the only source of randomness).
     per_class : one problem per class inside each subset (the release's choice) or one per subset.
     kernel, metric, optimizer, epsilon, scale : as for :func:`crestcore.facility_location`.
-    class_budget : "proportional" (default: the Hamilton split of m over the classes of the subset, so a
-        coreset has exactly m picks) or "ceil" (the release: ``ceil(m / C)`` per class).
+    class_budget : "proportional" (default: class c's share ``m n_c / r`` of m in its subset, rounded down
+        or up at random with ``rng`` (:func:`crestcore.plan.apportion`; :func:`crestcore.plan.hamilton`'s
+        fixed split when ``rng`` is None), every class of the subset at least one pick when m allows, so a
+        coreset has exactly m picks; when m is below the number of classes present, a class gets its
+        one pick with probability its share and that pick's weight is divided by it, so every class's
+        expected weight is its count) or "ceil" (the release: ``ceil(m / C)`` per class).
     pool : optional 1-D integer array (host NumPy or features' namespace) of the active example indices
         (e.g. after dropping learned examples); default all n.
     subsets : optional (P, r) integer array of pre-drawn subsets (rows of ``features``, distinct within a
@@ -212,6 +247,10 @@ def minibatch_coresets(
         how a training loop computes features for the subsets' union only and selects on them. With
         ``pool`` too, every member must be in the pool.
     backend : "auto" or "reference", as for :func:`crestcore.facility_location`.
+    rows : optional 1-D array of P distinct non-negative integers, with ``subsets``: the rows' numbers in a
+        larger set of subsets (default ``0..P-1``). The random rounding of row p's class budgets depends
+        only on ``rng`` and p, so solving a share of the rows (one process of several) gives those rows'
+        coresets of the call that solves them all.
     max_dense_bytes : memory guard (default None: a quarter of the memory available now where the
         features live, as for :func:`crestcore.facility_location`). All problems are solved densely in one batch; when
         their padded similarity matrices with the solver's work buffers (1.25x the similarities on the
@@ -284,6 +323,16 @@ def minibatch_coresets(
     # when their magnitude could overflow or underflow; gains and objectives are scaled back at the end
     features, _, sc, back = prepare(xp, features, metric=metric, kernel=kernel, scale=sc, amax=amax)
 
+    row_ids = np.arange(P, dtype=np.int64)
+    if rows is not None:
+        if subsets is None:
+            raise ValueError("rows numbers given subsets' rows: pass subsets too")
+        row_ids = np.asarray(rows)
+        if (row_ids.shape != (P,) or not np.issubdtype(row_ids.dtype, np.integer) or row_ids.dtype == bool
+                or (P and row_ids.min() < 0) or np.unique(row_ids).size != P):
+            raise ValueError(f"rows must be a 1-D array of {P} distinct non-negative integers (one per row of "
+                             f"subsets), got {rows!r}")
+        row_ids = row_ids.astype(np.int64)
     blocked = None
     if subsets is None:
         # (P, r) host, class blocks; backend="reference" draws with the NumPy reference (same subsets)
@@ -306,15 +355,16 @@ def minibatch_coresets(
         if pool is not None and not np.isin(subsets, pool_h).all():
             # the per-class problems are the pool's classes: a member outside the pool has no place there
             raise ValueError("subsets must be drawn from pool: they hold indices that pool does not")
+    included = None  # (P, C): the probability that class c of subset p got a pick, where below 1
     if per_class and labels_host is not None and blocked is not None:
         # drawn here: class c has r_c[c] members in every subset, block c of each row, sorted
         C = r_c.size
         if class_budget == "ceil":
             per = math.ceil(m / C)
-            b_c = np.minimum(per, r_c)
+            b_c = np.tile(np.minimum(per, r_c), (P, 1))
             width = C * per
         else:
-            b_c = hamilton(m, r_c)
+            b_c, included = _class_budgets(m, np.tile(r_c, (P, 1)), gen, row_ids)
             width = m
         n_max = int(r_c.max())
         tt = np.arange(n_max)
@@ -322,7 +372,7 @@ def minibatch_coresets(
         col = np.where(valid_c, (np.cumsum(r_c) - r_c)[:, None] + tt[None, :], 0)
         pad = np.where(valid_c[None], blocked[:, col], 0).reshape(P * C, n_max)
         valid_h = np.broadcast_to(valid_c[None], (P, C, n_max)).reshape(P * C, n_max)
-        budgets = np.tile(b_c, P)
+        budgets = b_c.reshape(P * C)
         sizes = np.tile(r_c, P)
     elif per_class and labels_host is not None:
         classes = np.unique(labels_host[pool_h])
@@ -335,7 +385,7 @@ def minibatch_coresets(
             budgets = np.minimum(per, counts)
             width = C * per
         else:
-            budgets = np.stack([hamilton(m, counts[p]) for p in range(P)])
+            budgets, included = _class_budgets(m, counts, gen, row_ids)
             width = m
         n_max = int(counts.max())
         # group each subset's members by class (members stay in index order within a class)
@@ -399,6 +449,8 @@ def minibatch_coresets(
         v = xp.reshape(xp.take(xp.reshape(a, (-1,)), tk_safe, axis=0), (P, width))
         return xp.where(hole, xp.full_like(v, fill), v)
 
+    if included is not None:  # a class picked with probability p < 1 stands for its members / p
+        w = w / from_numpy(included.reshape(B, 1), xp, dev)
     indices = gather(glob, -1)
     weights = restore(xp, gather(w, 0), 0, in_dtype, "weights (cluster sizes)")
     gains = restore(xp, gather(g, 0), back, in_dtype, "gains")

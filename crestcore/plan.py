@@ -4,7 +4,9 @@
 the ``"passes"`` budget and the budget report). A run over ``n`` examples in mini-batches of ``m`` has
 ``full_steps(n, m) = ceil(n / m)`` steps per full-data epoch; a budget (a positive fraction of those)
 gives ``budget_steps(budget, full)`` steps per budgeted epoch, rounded half up and never fewer than one.
-:func:`hamilton` splits a budget over classes in proportion to their sizes.
+:func:`hamilton` splits a budget over classes in proportion to their sizes (the leftover units to the
+largest remainders, a fixed rule); :func:`apportion` rounds the same shares at random, so that every
+class's expected share is its proportional one (CREST's subsets and coresets use it).
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ._validation import hamilton
+from ._validation import apportion, hamilton
 
-__all__ = ["full_steps", "budget_steps", "hamilton", "examples_spent", "budget_report", "BudgetedPasses"]
+__all__ = ["full_steps", "budget_steps", "hamilton", "apportion", "examples_spent", "budget_report",
+           "BudgetedPasses"]
 
 
 def full_steps(n: int, m: int) -> int:

@@ -494,11 +494,13 @@ def test_release_configuration_trains():
     record = []
     ops, state = train_crest(cfg, 0, BUDGET, record=record)
     assert ops.accuracy(Xte, yte) >= 0.85
-    for k, (batch, _, _) in enumerate(record):  # every batch: about m real examples (no pick dropped)
+    selections = 0
+    for batch, _, _ in record:  # every batch: about m real examples (no pick dropped)
+        selections += batch.reselected
         assert M // 2 <= batch.indices.size <= 2 * M and np.all(batch.indices >= 0)
         assert np.all(batch.weights >= 0) and batch.weights.sum() > 0
-        if k > 0:  # (at step 0, W = 0: a class's features are all equal, and ties give one pick all)
-            assert np.all(batch.weights > 0)
+        if selections > 1:  # (the first selection is at W = 0: a class's features are all equal, and
+            assert np.all(batch.weights > 0)  # ties give one pick all; its batches are exempt)
     # the union of the coresets, weights mean 1 over all of it: every pick is in a batch
     real = state.batch_idx >= 0
     assert state.batch_w[real].mean() == pytest.approx(1.0, rel=1e-12)
@@ -864,10 +866,16 @@ def test_just_in_time_coreset_p_is_selected_from_subset_p_at_the_parameters_of_s
             assert state.made == k + 1 and calls[-1].tolist() == V[k].tolist()
             Z = Xtr[V[k]] @ W_now
             feats = cc.last_layer_gradients(Z, ytr[V[k]])
-            want = cc.minibatch_coresets(feats, ytr[V[k]], m=M, r=r, P=1, rng=np.random.default_rng(0),
-                                         subsets=np.arange(r)[None, :])
-            picked = V[k][np.asarray(want.indices[0])]
-            assert sorted(batch.indices.tolist()) == sorted(picked.tolist())
+            # per class: the greedy's first b_c picks among V_k's members of the class (b_c: the class's
+            # share of m, its leftover picks drawn at random, read off the batch)
+            lab = ytr[batch.indices]
+            assert batch.indices.size == M and set(batch.indices.tolist()) <= set(V[k].tolist())
+            for c in np.unique(ytr[V[k]]):
+                own = ytr[V[k]] == c
+                b_c = int(np.sum(lab == c))
+                assert b_c >= 1  # m = 32 >= 10 classes: each present class has a pick
+                want = cc.facility_location(feats[own], b_c, kernel=cfg.kernel, metric=cfg.metric)
+                assert sorted(batch.indices[lab == c].tolist()) == sorted(V[k][own][want.indices].tolist())
         else:  # all P made: they are cycled, nothing more is forwarded but the checks
             assert state.made == P and all(c.tolist() == V[0].tolist() for c in calls)
             np.testing.assert_array_equal(batch.indices, state.batch_idx[k % P][state.batch_idx[k % P] >= 0])

@@ -15,7 +15,6 @@ import pytest
 import crestcore
 from crestcore import minibatch
 from crestcore._reference_kernels import draw_stratified as ref_draw
-from crestcore._validation import hamilton
 
 
 def _both(monkeypatch, labels, pool, r, P, seed):
@@ -42,31 +41,57 @@ def test_numba_and_reference_draw_the_same_subsets(monkeypatch, seed):
         assert np.isin(a, pool).all()
 
 
-def test_per_class_sizes_are_the_hamilton_split():
+def test_per_class_sizes_are_the_proportional_shares_rounded_at_random():
+    """Class c gets floor or ceil of q_c = r n_c / n slots, the same in every subset of one draw, and
+    q_c on average: the leftover slots are drawn (a fixed largest-remainder split gave them to the same
+    classes every time, the lowest ones on ties, so V_p's class mix, the anchor loss and the coreset
+    weights were biased towards them)."""
     rng = np.random.default_rng(3)
     labels = rng.choice(5, size=1000, p=[0.5, 0.2, 0.15, 0.1, 0.05])
     pool = np.arange(1000)
-    sub = crestcore.draw_subsets(labels, pool, 97, 40, np.random.default_rng(0))
-    want = hamilton(97, np.bincount(labels))
-    for row in sub:
-        np.testing.assert_array_equal(np.bincount(labels[row], minlength=5), want)
+    q = 97 * np.bincount(labels) / 1000
+    seen = []
+    for seed in range(400):
+        sub = crestcore.draw_subsets(labels, pool, 97, 3, np.random.default_rng(seed))
+        got = np.bincount(labels[sub[0]], minlength=5)
+        assert got.sum() == 97 and np.all((got == np.floor(q)) | (got == np.ceil(q)))
+        for row in sub[1:]:
+            np.testing.assert_array_equal(np.bincount(labels[row], minlength=5), got)
+        seen.append(got)
+    frac = q - np.floor(q)  # P(ceil) per class; the mean's standard error is below 0.025
+    np.testing.assert_allclose(np.mean(seen, axis=0), q, atol=0.1)
+    assert np.all(np.abs(np.mean(np.array(seen) == np.ceil(q), axis=0) - frac)[frac > 0] < 0.1)
+
+
+def test_equal_classes_share_the_leftover_slots_evenly():
+    """Ten classes of 100 and r = 25: 2.5 slots each, so half the draws give a class 3. With the fixed split
+    classes 0-4 got 3 every time."""
+    labels = np.repeat(np.arange(10), 100)
+    counts = np.array([np.bincount(labels[crestcore.draw_subsets(labels, np.arange(1000), 25, 1,
+                                                                  np.random.default_rng(s))[0]], minlength=10)
+                       for s in range(600)])
+    assert set(np.unique(counts).tolist()) == {2, 3} and np.all(counts.sum(axis=1) == 25)
+    assert np.all(np.abs(counts.mean(axis=0) - 2.5) < 0.08)  # standard error 0.02
 
 
 def test_subsets_are_uniform_within_each_class():
-    """Chi-square over many seeds on a tiny instance: class 0 has 5 members and 3 slots (10 subsets),
-    class 1 has 3 members and 1 slot (3): all 30 combinations equally likely."""
+    """Chi-square over many seeds on a tiny instance: class 0 has 5 members, class 1 has 3, r = 4, so the
+    shares are 2.5 and 1.5 slots: the splits (3, 1) and (2, 2) each half the time, and within a split
+    every combination equally likely: all 30 + 30 subsets equally likely."""
     labels = np.array([0, 1, 0, 0, 1, 0, 1, 0])
     pool = np.arange(8)
-    assert hamilton(4, np.bincount(labels)).tolist() == [3, 1]
-    combos = {tuple(sorted(a + b)): i for i, (a, b) in enumerate(itertools.product(
-        itertools.combinations([0, 2, 3, 5, 7], 3), itertools.combinations([1, 4, 6], 1)))}
+    zero, one = [0, 2, 3, 5, 7], [1, 4, 6]
+    subsets = [a + b for k0 in (3, 2) for a, b in itertools.product(
+        itertools.combinations(zero, k0), itertools.combinations(one, 4 - k0))]
+    combos = {tuple(sorted(c)): i for i, c in enumerate(subsets)}
+    assert len(combos) == 60
     counts = np.zeros(len(combos))
-    for seed in range(300):  # 300 seeds x 50 subsets
-        for row in crestcore.draw_subsets(labels, pool, 4, 50, np.random.default_rng(seed)):
+    for seed in range(600):  # 600 seeds x 25 subsets
+        for row in crestcore.draw_subsets(labels, pool, 4, 25, np.random.default_rng(seed)):
             counts[combos[tuple(row.tolist())]] += 1
     expected = counts.sum() / len(combos)
     chi2 = float(((counts - expected) ** 2 / expected).sum())
-    assert chi2 < 58.3, (chi2, counts)  # df = 29: P(chi2 > 58.3) = 0.001
+    assert chi2 < 98.3, (chi2, counts)  # df = 59: P(chi2 > 98.3) = 0.001
 
 
 def test_uniform_over_the_pool_without_labels():

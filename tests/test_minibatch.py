@@ -59,12 +59,25 @@ def _class_values(labels, pool):
     return np.unique(labels[pool])
 
 
-def _expected_budgets(m, counts, class_budget):
-    """Per-class budgets of one subset by the documented rule (counts per class, ascending label)."""
+def _checked_budgets(m, counts, class_budget, got):
+    """The per-class budgets ``got`` of one subset (picks per class, ascending label) checked against the
+    documented rule; returns the probability that each class got its picks (the weights are divided by
+    it). ``ceil``: ``min(ceil(m / C), count)``. Proportional: class c's share ``q_c = m n_c / r`` rounded
+    down or up at random, every present class at least one pick when m allows (taken from a class with
+    the most), so a class goes without a pick only when m is below the number of classes present; then a
+    class with ``q_c < 1`` gets its one pick with probability ``q_c``."""
     if class_budget == "ceil":
-        per = math.ceil(m / len(counts))
-        return np.minimum(per, counts)
-    return R.hamilton(m, counts)
+        np.testing.assert_array_equal(got, np.minimum(math.ceil(m / len(counts)), counts))
+        return np.ones(len(counts))
+    assert got.sum() == m and np.all(got <= counts)
+    q = m * counts / counts.sum()
+    present = counts > 0
+    if m >= int(present.sum()):
+        assert np.all(got[present] >= 1)
+        assert np.all(got <= np.ceil(q)) and np.all(got >= np.floor(q) - 1)
+        return np.ones(len(counts))
+    assert np.all((got == np.floor(q)) | (got == np.ceil(q)))
+    return np.where((got == 1) & (q < 1), q, 1.0)
 
 
 # ================================================================================================
@@ -93,10 +106,13 @@ def test_shapes_and_subsets(inst, per_class):
     if labels is not None:
         pool_idx = np.arange(n) if pool is None else pool
         classes, pool_counts = np.unique(labels[pool_idx], return_counts=True)
-        expected = R.hamilton(r, pool_counts)  # documented stratification (draw_subsets)
+        # documented stratification (draw_subsets): class c gets floor or ceil of r n_c / n in every subset
+        q = r * pool_counts / pool_counts.sum()
+        first = np.array([np.sum(labels[subs[0]] == c) for c in classes])
+        assert first.sum() == r and np.all((first == np.floor(q)) | (first == np.ceil(q)))
         for p in range(P):
             got = np.array([np.sum(labels[subs[p]] == c) for c in classes])
-            np.testing.assert_array_equal(got, expected)
+            np.testing.assert_array_equal(got, first)
 
 
 @given(inst=instances(labelled=True), class_budget=st.sampled_from(("proportional", "ceil")))
@@ -112,8 +128,9 @@ def test_coresets_are_class_stratified_with_class_weights(inst, class_budget):
     assert idx.shape == (P, width)
     for p in range(P):
         counts = np.array([np.sum(labels[subs[p]] == c) for c in classes])
-        budgets = _expected_budgets(m, counts, class_budget)
         real = idx[p] >= 0
+        budgets = np.array([np.sum(labels[idx[p][real]] == c) for c in classes])
+        chance = _checked_budgets(m, counts, class_budget, budgets)
         assert np.all(w[p][~real] == 0) and np.all(g[p][~real] == 0)
         if class_budget == "proportional":
             assert np.all(real)
@@ -122,10 +139,10 @@ def test_coresets_are_class_stratified_with_class_weights(inst, class_budget):
         assert set(picked.tolist()) <= set(subs[p].tolist())
         # grouped by ascending label, budgets[c] picks of class c
         np.testing.assert_array_equal(labels[picked], np.repeat(classes, budgets))
-        for c, cnt in zip(classes, counts):
+        for c, cnt, pc in zip(classes, counts, chance):
             sel = real & (labels[np.where(real, idx[p], 0)] == c)
-            if sel.any():
-                assert float(np.sum(w[p][sel])) == cnt  # weights sum to the class's count in the subset
+            if sel.any():  # weights sum to the class's count in the subset, over its chance of a pick
+                assert float(np.sum(w[p][sel])) == pytest.approx(cnt / pc, rel=1e-12)
         if class_budget == "ceil":
             for c in range(C):  # class c owns slots [c * per, (c + 1) * per): picks first, then holes
                 slot = idx[p][c * per : (c + 1) * per]
@@ -215,9 +232,14 @@ def test_batched_equals_per_problem_loop(inst, per_class, class_budget, metric, 
         sub = subs[p]
         lab = labels[sub] if by_class else np.zeros(r, dtype=np.int64)
         counts = np.array([np.sum(lab == c) for c in classes])
-        budgets = _expected_budgets(m, counts, class_budget) if by_class else np.array([m])
+        real = idx[p] >= 0
+        if by_class:
+            budgets = np.array([np.sum(labels[idx[p][real]] == c) for c in classes])
+            chance = _checked_budgets(m, counts, class_budget, budgets)
+        else:
+            budgets, chance = np.array([m]), np.ones(1)
         exp_idx, exp_w, exp_g, exp_obj, margin = [], [], [], 0.0, math.inf
-        for c, kc in zip(classes, budgets):
+        for c, kc, pc in zip(classes, budgets, chance):
             members = sub[lab == c]
             if kc > 0:
                 # tie-free check on the independent reference, then the library on this one problem
@@ -226,7 +248,7 @@ def test_batched_equals_per_problem_loop(inst, per_class, class_budget, metric, 
                 one = crestcore.facility_location(X[members], int(kc), metric=metric, kernel=kernel,
                                                   optimizer=optimizer, backend=backend)
                 exp_idx.append(members[_np(one.indices)])
-                exp_w.append(_np(one.weights))
+                exp_w.append(_np(one.weights) / pc)
                 exp_g.append(_np(one.gains))
                 exp_obj += float(one.objective)
             if class_budget == "ceil" and by_class:  # holes up to the class's slot width
@@ -342,3 +364,46 @@ def test_subsets_outside_the_pool_are_refused():
     outside[0] = np.sort(outside[0])
     with pytest.raises(ValueError, match="pool"):
         crestcore.minibatch_coresets(X, y, m=4, r=8, P=2, pool=pool, subsets=outside)
+
+
+def test_with_more_classes_than_picks_every_class_is_picked_and_weighted_without_bias():
+    """200 classes of 50, m = 128 < C, r = 1000 (5 of each class in a subset): each class gets its one pick
+    with probability 128/200, and then weight 5 / 0.64, so that its expected weight is its 5 members.
+    With the fixed split classes 128-199 were never picked, at any selection."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(200), 50)
+    X = rng.normal(size=(labels.size, 4))
+    picked = np.zeros(200)
+    weight = np.zeros(200)
+    draws = 60
+    for seed in range(draws):
+        out = crestcore.minibatch_coresets(X, labels, m=128, r=1000, P=2, rng=seed)
+        idx, w = _np(out.indices), _np(out.weights)
+        for p in range(2):
+            cls = labels[idx[p]]
+            assert np.unique(cls).size == 128  # one pick for 128 classes of the subset
+            np.testing.assert_allclose(w[p], 5 / 0.64)
+            picked[cls] += 1
+            weight += np.bincount(cls, weights=w[p], minlength=200)
+    assert picked.min() > 0 and np.abs(picked / (2 * draws) - 0.64).max() < 0.25
+    assert abs(weight.sum() / (2 * draws) - 1000) < 1e-9  # the coreset stands for the whole subset
+    assert np.abs(weight / (2 * draws) - 5).mean() < 0.8  # about 5 per class on average
+
+
+def test_a_share_of_the_rows_gives_those_rows_coresets():
+    """Row p's random class budgets depend only on rng and p: one process of several solving rows 2-3 (with
+    rows=) gets exactly what the call over all four rows gives them."""
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(30), 8)
+    X = rng.normal(size=(labels.size, 3))
+    subs = np.stack([np.sort(rng.choice(labels.size, 60, replace=False)) for _ in range(4)])
+    kw = dict(m=20, r=60, subsets=subs)
+    whole = crestcore.minibatch_coresets(X, labels, P=4, rng=np.random.default_rng(7), **kw)
+    part = crestcore.minibatch_coresets(X, labels, P=2, rng=np.random.default_rng(7),
+                                        **{**kw, "subsets": subs[2:]}, rows=np.array([2, 3]))
+    np.testing.assert_array_equal(part.indices, whole.indices[2:])
+    np.testing.assert_array_equal(part.weights, whole.weights[2:])
+    with pytest.raises(ValueError, match="rows"):
+        crestcore.minibatch_coresets(X, labels, P=2, rng=0, **{**kw, "subsets": subs[2:]}, rows=[3, 3])
+    with pytest.raises(ValueError, match="subsets"):
+        crestcore.minibatch_coresets(X, labels, m=20, r=60, P=2, rng=0, rows=[0, 1])

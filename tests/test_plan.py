@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -73,3 +75,42 @@ def test_budget_report_refuses_what_it_cannot_divide_by_or_read():
             budget_report(**{**args, **kw})
     with pytest.raises(ValueError, match="backward_examples"):
         examples_spent({"train_examples": 1, "forward_examples": 0})
+
+
+@given(total=st.integers(0, 60), sizes=st.lists(st.integers(0, 40), min_size=1, max_size=12),
+       seed=st.integers(0, 2**31), at_least_one=st.booleans())
+def test_apportion_rounds_each_share_down_or_up_and_adds_up(total, sizes, seed, at_least_one):
+    from crestcore.plan import apportion
+
+    sizes = np.array(sizes)
+    n = int(sizes.sum())
+    units, p = apportion(total, sizes, np.random.default_rng(seed), at_least_one=at_least_one)
+    if n == 0:
+        assert units.sum() == 0 and np.all(p == 1)
+        return
+    q = total * sizes / n
+    assert units.sum() == total and units.dtype == np.int64
+    if total <= n:
+        assert np.all(units <= sizes)
+    nonempty = sizes > 0
+    if at_least_one and total >= int(nonempty.sum()):
+        assert np.all(units[nonempty] >= 1) and np.all(p == 1)
+        assert np.all(units <= np.ceil(q))
+    else:
+        assert np.all((units == np.floor(q)) | (units == np.ceil(q)))
+        np.testing.assert_allclose(p, np.where(q >= 1, 1.0, q), rtol=1e-12)
+
+
+def test_apportion_gives_every_group_its_share_on_average():
+    """The leftover units go to group c with probability equal to the fractional part of its share, so
+    the mean over draws is the share itself (a fixed largest-remainder rule gives them to the same groups)."""
+    from crestcore.plan import apportion
+
+    sizes = np.array([7, 7, 7, 3, 1, 0])
+    rng = np.random.default_rng(5)
+    draws = np.array([apportion(4, sizes, rng)[0] for _ in range(6000)])
+    np.testing.assert_allclose(draws.mean(axis=0), 4 * sizes / sizes.sum(), atol=0.03)  # s.e. <= 0.0065
+    with pytest.raises(ValueError, match="sizes"):
+        apportion(3, [2, -1], rng)
+    with pytest.raises(TypeError, match="rng"):
+        apportion(3, [2, 1], "seed")
