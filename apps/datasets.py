@@ -6,7 +6,7 @@ Fashion-MNIST ships as four gzipped IDX files. On Debian/Ubuntu they come with t
 The IDX format (LeCun et al.): a 4-byte big-endian magic number ``0x00 0x00 <type code> <ndim>``,
 then ``ndim`` big-endian uint32 dimensions, then the data in C order, big-endian. :func:`write_idx` writes
 such files and :func:`write_fashion_mnist_stand_in` a small random stand-in for the data set (for examples
-and tests).
+and tests; :func:`fashion_mnist_stand_in` writes one into a new temporary folder).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ __all__ = [
     "write_idx",
     "load_fashion_mnist",
     "write_fashion_mnist_stand_in",
+    "fashion_mnist_stand_in",
     "fashion_mnist_available",
 ]
 
@@ -211,6 +212,26 @@ def write_fashion_mnist_stand_in(root, n_train: int, n_test: int = 0, *, num_cla
             image_file, label_file = FASHION_MNIST_FILES[split]
             write_idx(root / image_file, rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8))
             write_idx(root / label_file, (np.arange(n) % num_classes).astype(np.uint8))
+
+
+def fashion_mnist_stand_in(n_train: int, n_test: int = 0, *, num_classes: int = 10, seed: int = 0):
+    """A new temporary folder holding :func:`write_fashion_mnist_stand_in`'s stand-in for Fashion-MNIST
+    (same arguments): a :class:`tempfile.TemporaryDirectory`, its path in ``.name``; ``.cleanup()`` removes
+    it. For examples and tests that must not depend on the real data set.
+
+    Examples
+    --------
+    >>> folder = fashion_mnist_stand_in(n_train=6, n_test=4, num_classes=3)
+    >>> images, labels = load_fashion_mnist(folder.name, split="test")
+    >>> images.shape, labels
+    ((4, 28, 28), array([0, 1, 2, 0]))
+    >>> folder.cleanup()
+    """
+    import tempfile
+
+    folder = tempfile.TemporaryDirectory()
+    write_fashion_mnist_stand_in(folder.name, n_train, n_test, num_classes=num_classes, seed=seed)
+    return folder
 
 
 def _resolve_root(root) -> Path:

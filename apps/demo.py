@@ -142,13 +142,11 @@ def format_table(results: dict) -> str:
     Examples
     --------
     The table of a selection demo run on a stand-in for Fashion-MNIST (20 random images of two classes;
-    written by :func:`~crestcore.apps.datasets.write_fashion_mnist_stand_in`):
+    written by :func:`~crestcore.apps.datasets.fashion_mnist_stand_in`):
 
-    >>> import tempfile
     >>> from pathlib import Path
-    >>> from crestcore.apps.datasets import write_fashion_mnist_stand_in
-    >>> folder = tempfile.TemporaryDirectory()
-    >>> write_fashion_mnist_stand_in(folder.name, n_train=20, num_classes=2)
+    >>> from crestcore.apps.datasets import fashion_mnist_stand_in
+    >>> folder = fashion_mnist_stand_in(n_train=20, num_classes=2)
     >>> results = run_selection_demo(Path(folder.name) / "out", fraction=0.2, root=folder.name,
     ...                              progress=False, top=2, print_fn=None)
     >>> print(format_table(results))
@@ -279,11 +277,9 @@ def run_selection_demo(
     On a stand-in for Fashion-MNIST (``root=``): 40 random 28 x 28 images of the ten classes, in the
     data set's gzipped IDX files; half of each class is selected:
 
-    >>> import tempfile
     >>> from pathlib import Path
-    >>> from crestcore.apps.datasets import write_fashion_mnist_stand_in
-    >>> folder = tempfile.TemporaryDirectory()
-    >>> write_fashion_mnist_stand_in(folder.name, n_train=40, num_classes=10)
+    >>> from crestcore.apps.datasets import fashion_mnist_stand_in
+    >>> folder = fashion_mnist_stand_in(n_train=40, num_classes=10)
     >>> results = run_selection_demo(Path(folder.name) / "out", fraction=0.5, root=folder.name,
     ...                              progress=False, top=2, print_fn=None)
     >>> [(c["name"], c["n"], c["k"]) for c in results["classes"][:2]]

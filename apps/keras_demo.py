@@ -34,14 +34,13 @@ import sys
 import time
 import warnings
 from dataclasses import asdict
-from pathlib import Path
 from collections.abc import Callable
 
 import numpy as np
 
 from .train_demo import (
     TrainSettings, crest_config, eval_steps, finish_comparison, format_table, load_arrays, make_figures,
-    methods_to_run, relative_error,
+    methods_to_run, relative_error, start_comparison,
 )
 
 #: the methods the Keras comparison trains: the PyTorch demo's (its default four unless asked)
@@ -142,10 +141,8 @@ def load_keras_data(root=None, *, n_train: int | None = None, n_test: int | None
     --------
     A folder laid out like Fashion-MNIST's (the real one is read from ``root=None``):
 
-    >>> import tempfile
-    >>> from crestcore.apps.datasets import write_fashion_mnist_stand_in
-    >>> folder = tempfile.TemporaryDirectory()
-    >>> write_fashion_mnist_stand_in(folder.name, n_train=64, n_test=32)  # 64 training, 32 test images
+    >>> from crestcore.apps.datasets import fashion_mnist_stand_in
+    >>> folder = fashion_mnist_stand_in(n_train=64, n_test=32)  # 64 training, 32 test images
     >>> x_train, y_train, x_test, y_test = load_keras_data(folder.name, n_train=48)
     >>> x_train.shape, x_train.dtype, y_train.dtype, x_test.shape
     ((48, 28, 28, 1), dtype('float32'), dtype('int64'), (32, 28, 28, 1))
@@ -389,11 +386,9 @@ def run_keras_comparison(
     --------
     On a stand-in for Fashion-MNIST (``root=``), without figures:
 
-    >>> import tempfile
     >>> from pathlib import Path
-    >>> from crestcore.apps.datasets import write_fashion_mnist_stand_in
-    >>> folder = tempfile.TemporaryDirectory()
-    >>> write_fashion_mnist_stand_in(folder.name, n_train=64, n_test=32)  # 64 training, 32 test images
+    >>> from crestcore.apps.datasets import fashion_mnist_stand_in
+    >>> folder = fashion_mnist_stand_in(n_train=64, n_test=32)  # 64 training, 32 test images
     >>> from crestcore.apps.train_demo import TrainSettings
     >>> settings = TrainSettings(epochs=1, budget=0.5, m=16, evals=1, threads=None)
     >>> results = run_keras_comparison(Path(folder.name) / "out", settings=settings, methods=["random", "crest"],
@@ -409,13 +404,10 @@ def run_keras_comparison(
     t_start = time.perf_counter()
     data = load_keras_data(root, n_train=n_train, n_test=n_test, seed=s.seed)  # FileNotFoundError if missing
     keras = import_keras(backend, s.device)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = start_comparison(out, data, f"Keras {keras.__version__} on {keras.backend.backend()}; CNN, m={s.m}, "
+                           f"{s.epochs} epochs of full data, budget {s.budget:g}, seed {s.seed}, device {s.device}",
+                           print_fn)
     n = int(data[0].shape[0])
-    if print_fn is not None:
-        print_fn(f"Fashion-MNIST: {n} train / {int(data[2].shape[0])} test images; Keras {keras.__version__} on "
-                 f"{keras.backend.backend()}; CNN, m={s.m}, {s.epochs} epochs of full data, budget {s.budget:g}, "
-                 f"seed {s.seed}, device {s.device}")
     records = {}
     for mth in methods:
         records[mth] = train_keras_method(mth, data, s, backend=backend, progress=progress, desc=f"{mth:<10}")

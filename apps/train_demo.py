@@ -374,10 +374,8 @@ def load_data(root=None, *, n_train: int | None = None, n_test: int | None = Non
     --------
     A folder laid out like Fashion-MNIST's (the real one is read from ``root=None``):
 
-    >>> import tempfile
-    >>> from crestcore.apps.datasets import write_fashion_mnist_stand_in
-    >>> folder = tempfile.TemporaryDirectory()
-    >>> write_fashion_mnist_stand_in(folder.name, n_train=64, n_test=32)  # 64 training, 32 test images
+    >>> from crestcore.apps.datasets import fashion_mnist_stand_in
+    >>> folder = fashion_mnist_stand_in(n_train=64, n_test=32)  # 64 training, 32 test images
     >>> x_train, y_train, x_test, y_test = load_data(folder.name, n_train=48)
     >>> x_train.shape, x_train.dtype, y_train.dtype, x_test.shape
     (torch.Size([48, 1, 28, 28]), torch.float32, torch.int64, torch.Size([32, 1, 28, 28]))
@@ -1062,6 +1060,29 @@ def methods_to_run(methods, known, budget: float) -> list[str]:
     return methods
 
 
+def start_comparison(out, data, what: str, print_fn: Callable[[str], None] | None = print) -> Path:
+    """The start of a comparison, once its ``data`` ``(x_train, y_train, x_test, y_test)`` is loaded: make
+    the folder ``out`` (and its parents), and with ``print_fn`` (None: nothing) print the line
+    ``Fashion-MNIST: <n> train / <n> test images; <what>``. Returns ``out`` as a Path.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import numpy as np
+    >>> data = (np.zeros((64, 28, 28)), np.zeros(64), np.zeros((32, 28, 28)), np.zeros(32))
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     out = start_comparison(Path(folder) / "out", data, "CNN, seed 0")
+    ...     out.is_dir()
+    Fashion-MNIST: 64 train / 32 test images; CNN, seed 0
+    True
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if print_fn is not None:
+        print_fn(f"Fashion-MNIST: {int(data[0].shape[0])} train / {int(data[2].shape[0])} test images; {what}")
+    return out
+
+
 def finish_comparison(results: dict, out: Path, t_start: float, *, table: str, notes=(),
                       print_fn: Callable[[str], None] | None = print, json_default=None) -> dict:
     """The end of a comparison: record the time since ``t_start`` as ``results["time_total_s"]``, write
@@ -1119,11 +1140,9 @@ def run_training_demo(
     --------
     On a stand-in for Fashion-MNIST (``root=``), without figures:
 
-    >>> import tempfile
     >>> from pathlib import Path
-    >>> from crestcore.apps.datasets import write_fashion_mnist_stand_in
-    >>> folder = tempfile.TemporaryDirectory()
-    >>> write_fashion_mnist_stand_in(folder.name, n_train=64, n_test=32)  # 64 training, 32 test images
+    >>> from crestcore.apps.datasets import fashion_mnist_stand_in
+    >>> folder = fashion_mnist_stand_in(n_train=64, n_test=32)  # 64 training, 32 test images
     >>> settings = TrainSettings(epochs=1, budget=0.5, m=16, evals=1, threads=None)
     >>> results = run_training_demo(Path(folder.name) / "out", settings=settings, methods="random,crest",
     ...                             progress=False, root=folder.name, print_fn=None, figures=False)
@@ -1141,13 +1160,10 @@ def run_training_demo(
 
     if torch.device(s.device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {s.device!r} requested but torch.cuda.is_available() is False")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = start_comparison(out, data, f"CNN, m={s.m}, {s.epochs} epochs of full data, budget {s.budget:g}, "
+                           f"seed {s.seed}, device {s.device}, "
+                           f"torch threads {torch.get_num_threads() if not s.threads else s.threads}", print_fn)
     n = int(data[0].shape[0])
-    if print_fn is not None:
-        print_fn(f"Fashion-MNIST: {n} train / {int(data[2].shape[0])} test images; CNN, m={s.m}, "
-                 f"{s.epochs} epochs of full data, budget {s.budget:g}, seed {s.seed}, device {s.device}, "
-                 f"torch threads {torch.get_num_threads() if not s.threads else s.threads}")
     records = {}
     for mth in methods:
         records[mth] = train_method(mth, data, s, progress=progress, track_forgetting=mth == "full",

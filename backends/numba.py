@@ -49,11 +49,13 @@ Implementation notes
   numba compiles a separate specialisation per literal value, which multiplies compile time.
 * Code the solvers share is written once in small jitted helpers that Numba inlines
   (``inline='always'``): :func:`_tile_row` computes every distance outside the fused kernel's own rows,
-  :func:`_masked_sims`, :func:`_first_max`, :func:`_remove_at`, :func:`_valid_indices` and
+  :func:`_cosine_distance` every cosine distance (the fused rows' too), :func:`_heap_set` every write of
+  a heap entry, :func:`_masked_sims`, :func:`_first_max`, :func:`_remove_at`, :func:`_valid_indices` and
   :func:`_add_to_cover` the rest. Two repeats stay written out, for speed (measured on the CREST step,
   100 problems of 60 points): lazy greedy's accept loop in each solver (through a shared helper, even an
-  inlined one, the dense greedy ran 15% slower) and the fused kernel's row distances (through
-  :func:`_tile_row`, 10% slower).
+  inlined one, the dense greedy ran 15% slower; measured again with an inlined accept helper: 6% to 23%
+  slower on the dense, fused and sparse (:mod:`.numba_sparse`) solvers) and the fused kernel's row distances
+  (through :func:`_tile_row`, 10% slower).
 """
 
 from __future__ import annotations
@@ -216,15 +218,31 @@ def _sqnorms(X, out):
 
 
 @njit(cache=True, nogil=True, inline='always')
+def _cosine_distance(dot, nj, ni):
+    """1 - cos of two points from their dot product and squared norms nj, ni, clipped to [0, 2]; 1 when a
+    norm is 0. The one place of this module that computes a cosine distance (_tile_row and the fused
+    kernel's rows)."""
+    c = 0.0
+    if nj > 0.0 and ni > 0.0:
+        # sqrt(|x_i|^2 |x_j|^2): for x_i = x_j (or parallel by a power of 2) dot and denominator are
+        # bit-equal, so identical points are at distance exactly 0, as the diagonal is
+        den = nj * ni
+        # a product of two tiny squared norms can underflow to 0: then the (non-zero) product
+        # of the square roots, never a division by zero
+        c = dot / (math.sqrt(den) if den > 0.0 else math.sqrt(nj) * math.sqrt(ni))
+    return min(max(1.0 - c, 0.0), 2.0)
+
+
+@njit(cache=True, nogil=True, inline='always')
 def _tile_row(xi, ni, XT, nr, metric, J0, J1, o):
     """o[q] = D(x_i, point J0 + q) for q < J1 - J0: x_i given as ``xi`` (d,) with squared norm ``ni``,
     the points as the columns of ``XT`` (d, n) with squared norms ``nr`` (cosine only). No diagonal
     handling.
 
     Every distance of this module is computed here (the fused kernel's mirrored rows repeat this
-    arithmetic inline, in the same order), so the values are bit for bit alike on every path and
-    D(i, j) == D(j, i): each is accumulated in the order k = 0..d-1, while the loops run over views from
-    index 0, which lets LLVM vectorise them over the points.
+    arithmetic inline, in the same order, and share :func:`_cosine_distance`), so the values are bit for
+    bit alike on every path and D(i, j) == D(j, i): each is accumulated in the order k = 0..d-1, while
+    the loops run over views from index 0, which lets LLVM vectorise them over the points.
     """
     m = J1 - J0
     d = xi.shape[0]
@@ -238,16 +256,7 @@ def _tile_row(xi, ni, XT, nr, metric, J0, J1, o):
                 o[q] += xr[q] * x
         nn = nr[J0:J1]
         for q in range(m):
-            nj = nn[q]
-            # sqrt(|x_i|^2 |x_j|^2): for x_i = x_j (or parallel by a power of 2) dot and denominator are
-            # bit-equal, so identical points are at distance exactly 0, as the diagonal is
-            c = 0.0
-            if nj > 0.0 and ni > 0.0:
-                den = nj * ni
-                # a product of two tiny squared norms can underflow to 0: then the (non-zero) product
-                # of the square roots, never a division by zero
-                c = o[q] / (math.sqrt(den) if den > 0.0 else math.sqrt(nj) * math.sqrt(ni))
-            o[q] = min(max(1.0 - c, 0.0), 2.0)
+            o[q] = _cosine_distance(o[q], nn[q], ni)
     else:
         for k in range(d):
             x = xi[k]
@@ -459,6 +468,13 @@ def _better(k1, i1, k2, i2):
     return k1 > k2 or (k1 == k2 and i1 < i2)
 
 
+@njit(cache=True, nogil=True, inline='always')
+def _heap_set(keys, ids, pos, k, v):
+    """Write the entry (bound k, candidate v) at heap position pos: a bound and its candidate move together."""
+    keys[pos] = k
+    ids[pos] = v
+
+
 @njit(cache=True)
 def _sift_down(keys, ids, size, pos):
     k = keys[pos]
@@ -471,13 +487,11 @@ def _sift_down(keys, ids, size, pos):
         if r < size and _better(keys[r], ids[r], keys[c], ids[c]):
             c = r
         if _better(keys[c], ids[c], k, v):
-            keys[pos] = keys[c]
-            ids[pos] = ids[c]
+            _heap_set(keys, ids, pos, keys[c], ids[c])
             pos = c
         else:
             break
-    keys[pos] = k
-    ids[pos] = v
+    _heap_set(keys, ids, pos, k, v)
 
 
 @njit(cache=True)
@@ -491,8 +505,7 @@ def _heap_pop(keys, ids, size):
     """Remove the top; returns the new size."""
     size -= 1
     if size > 0:
-        keys[0] = keys[size]
-        ids[0] = ids[size]
+        _heap_set(keys, ids, 0, keys[size], ids[size])
         _sift_down(keys, ids, size, np.int64(0))
     return size
 
@@ -504,13 +517,11 @@ def _heap_push(keys, ids, size, k, v):
     while pos > 0:
         parent = (pos - 1) // 2
         if _better(k, v, keys[parent], ids[parent]):
-            keys[pos] = keys[parent]
-            ids[pos] = ids[parent]
+            _heap_set(keys, ids, pos, keys[parent], ids[parent])
             pos = parent
         else:
             break
-    keys[pos] = k
-    ids[pos] = v
+    _heap_set(keys, ids, pos, k, v)
     return size + 1
 
 
@@ -1329,7 +1340,8 @@ def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, 
     if metric == 2:
         _sqnorms(X[b, :nw], nrm)
     # distances row by row (j >= i, vectorised over j), _tile_row's arithmetic written out (a call per
-    # row made the CREST step 10% slower); kernel values mirrored into both triangles
+    # row made the CREST step 10% slower; the cosine step is _cosine_distance, inlined); kernel values
+    # mirrored into both triangles
     M = 0.0
     npass = 2 if (kernel == 0 and not store_d) else 1
     mirror = nw <= _MIRROR_MAX_N  # small problems: the upper triangle, mirrored (in cache); large: tiles
@@ -1354,12 +1366,7 @@ def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, 
                             row[q] += XT[k, lo + q] * xi
                     ni = nrm[i]
                     for q in range(m):
-                        nj = nrm[lo + q]
-                        c = 0.0
-                        if nj > 0.0 and ni > 0.0:
-                            den = nj * ni
-                            c = row[q] / (math.sqrt(den) if den > 0.0 else math.sqrt(nj) * math.sqrt(ni))
-                        row[q] = min(max(1.0 - c, 0.0), 2.0)
+                        row[q] = _cosine_distance(row[q], nrm[lo + q], ni)
                 else:
                     for k in range(d):
                         xi = X[b, i, k]

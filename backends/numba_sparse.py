@@ -186,15 +186,13 @@ def sparse_greedy(nbr, sims, order, indptr, budget, optimizer, u=None):
     Examples
     --------
     Three points with one neighbour each (point 0's is 1, point 1's is 0, point 2's is 1), in the
-    layout of :mod:`crestcore.sparse` (column 0 of ``nbr`` is the point itself; ``order`` and ``indptr``
-    list each candidate's entries): the picks and gains of the reference, with lazy greedy and with
-    stochastic greedy's draws alike.
+    layout of :mod:`crestcore.sparse` (:func:`crestcore.backends._examples.three_points`): the picks and
+    gains of the reference, with lazy greedy and with stochastic greedy's draws alike.
 
     >>> import numpy as np
     >>> from crestcore import sparse as ref
-    >>> nbr = np.array([[0, 1], [1, 0], [2, 1]])
-    >>> sims = np.array([[1.0, 0.5], [1.0, 0.5], [1.0, 0.2]])
-    >>> order, indptr = np.array([0, 3, 1, 2, 5, 4]), np.array([0, 2, 5, 6])
+    >>> from crestcore.backends._examples import three_points
+    >>> nbr, sims, order, indptr = three_points(np)
     >>> idx, gains = sparse_greedy(nbr, sims, order, indptr, 2, "lazy")
     >>> idx.tolist(), gains.round(6).tolist()
     ([1, 2], [1.7, 0.8])
@@ -258,8 +256,8 @@ def sparse_assign(nbr, sims, picks):
 
     >>> import numpy as np
     >>> from crestcore import sparse as ref
-    >>> nbr = np.array([[0, 1], [1, 0], [2, 1]])
-    >>> sims = np.array([[1.0, 0.5], [1.0, 0.5], [1.0, 0.2]])
+    >>> from crestcore.backends._examples import three_points
+    >>> nbr, sims, _, _ = three_points(np)
     >>> weights, objective = sparse_assign(nbr, sims, np.array([1, 2]))
     >>> weights.tolist(), float(objective)
     ([2.0, 1.0], 2.5)

@@ -782,8 +782,10 @@ def _timing(row) -> str:
 
 
 def _method_table(header: str, rows: dict, names: dict, cells) -> list[str]:
-    """The lines of a markdown table with one row per method: ``header``, the separator, then per method of
-    ``rows`` (named by ``names``, else its key) ``cells(name, row)``, or an error row for a method that failed."""
+    """The lines of a markdown table with one row per method, and a blank line after it: ``header``, the
+    separator, then per method of ``rows`` (named by ``names``, else its key) its name, its timing cells
+    (:func:`_timing`) and ``cells(row)`` (the rest of the row, from the end of the timing cell on), or an
+    error row for a method that failed."""
     ncols = header.count("|") - 1
     lines = [header, "|" + "---|" * ncols]
     for meth, row in rows.items():
@@ -791,8 +793,8 @@ def _method_table(header: str, rows: dict, names: dict, cells) -> list[str]:
         if "error" in row:
             lines.append(f"| {name} | error: {row['error']} |" + " |" * (ncols - 2))
         else:
-            lines.append(cells(name, row))
-    return lines
+            lines.append(f"| {name} | {_timing(row)}{cells(row)}")
+    return lines + [""]
 
 
 def _native(row):
@@ -881,18 +883,16 @@ def render(results, args, argv) -> str:
                  "sum over the P x C problems of F(S) on the exp kernel, recomputed in float64.")
         L.append("")
 
-        def s1_row(name, row):
+        def s1_cells(row):
             subsets_rss = f"{'yes' if row.get('same_subsets') else 'NO'} | {_mb(row.get('peak_extra_mb'))} |"
             if "objective" not in row:
-                return f"| {name} | {_timing(row)} | - | - | - | {subsets_rss}"
+                return f" | - | - | - | {subsets_rss}"
             exd = f" ({_x(row['ratio_ex_draw'])})" if "ratio_ex_draw" in row else ""
-            return (f"| {name} | {_timing(row)}{exd} | "
-                    f"{row['objective']:.6f} | {row.get('obj_rel_diff', 0):.1e} / {row.get('max_problem_rel_diff', 0):.1e} | "
-                    f"{row.get('same_picks', '-')} | {subsets_rss}")
+            return (f"{exd} | {row['objective']:.6f} | {row.get('obj_rel_diff', 0):.1e} / "
+                    f"{row.get('max_problem_rel_diff', 0):.1e} | {row.get('same_picks', '-')} | {subsets_rss}")
 
         L += _method_table("| method | median time per step | ratio vs crestcore (without subset drawing) | objective | rel. diff vs crestcore (total / worst problem) | identical pick sets (ties may break differently) | same subsets | peak extra RSS |",
-                           rows, S1_NAMES, s1_row)
-        L.append("")
+                           rows, S1_NAMES, s1_cells)
         dv = [(S1_SHORT.get(m, m), r["diverging_problems"], r["max_gain_gap_at_divergence"])
               for m, r in rows.items() if "diverging_problems" in r]
         if dv:
@@ -948,14 +948,12 @@ def render(results, args, argv) -> str:
                      f"{dt} data. apricot converts the similarity to float64 whatever the input dtype.")
             L.append("")
 
-            def s2_row(name, row):
-                return (f"| {name} | {_timing(row)} | "
-                        f"{row['objective']:.2f} | {row.get('obj_rel_diff', 0):.1e} | {row.get('same_picks', '-')} | "
+            def s2_cells(row):
+                return (f" | {row['objective']:.2f} | {row.get('obj_rel_diff', 0):.1e} | {row.get('same_picks', '-')} | "
                         f"{_mb(row.get('peak_extra_mb'))} | {_t(row.get('tiny_first_s'))} |")
 
             L += _method_table("| method | median time | ratio vs crestcore | objective | rel. diff vs crestcore | common picks | peak extra RSS | first call (tiny: compile or cache load) |",
-                               rows, S2_NAMES, s2_row)
-            L.append("")
+                               rows, S2_NAMES, s2_cells)
             L.append(_loads(rows))
             al = rows.get("apricot-lazy", {})
             if "ratio" in al:

@@ -15,12 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crestcore import (
-    QuadraticConfig,
-    hutchinson_diagonal,
-    quadratic_anchor,
-    quadratic_curvature,
-    quadratic_init,
-    quadratic_predict,
+    QuadraticConfig, hutchinson_diagonal, quadratic_anchor, quadratic_curvature, quadratic_init, quadratic_predict,
     quadratic_update,
 )
 
