@@ -13,16 +13,8 @@ from typing import Any
 import numpy as np
 
 from ._compat import device_of, from_numpy, namespace, namespace_name
-from ._validation import (
-    apportion,
-    check_choice,
-    check_epsilon,
-    check_float_matrix,
-    check_int,
-    hamilton,
-    labels_to_host,
-    make_rng,
-)
+from ._validation import apportion, check_choice, check_epsilon, check_float_matrix, check_int, hamilton
+from ._validation import labels_to_host, make_rng
 from .backends import get_host_kernel, get_kernel
 from .facility import OPTIMIZERS, resolve_dense_bytes, solve_batched, stochastic_draws
 from .similarity import KERNELS, METRICS, kernel_scale, prepare, restore

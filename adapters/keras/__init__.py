@@ -618,27 +618,21 @@ class CrestDataset(keras.utils.PyDataset):
 
     # one worker, no multiprocessing, fixed here: a pool fetches batches before the steps before them have
     # trained (CREST's would measure a stale model; a baseline's losses would reach the wrong examples)
-    @property
-    def workers(self):
-        return self._workers
+    def _fixed(name: str, allowed, what: str):  # type: ignore[misc]  # a property factory, used below only
+        def get(self):
+            return getattr(self, "_" + name)
 
-    @workers.setter
-    def workers(self, value):
-        if value != 1:
-            raise ValueError(f"{type(self._cb).__name__}'s dataset runs with workers=1 (got {value!r}): a worker "
-                             "pool fetches batches before the steps before them have trained")
-        self._workers = value
+        def put(self, value):
+            if value != allowed:
+                raise ValueError(f"{type(self._cb).__name__}'s dataset runs with {what} (got {name}={value!r}): "
+                                 "a worker pool fetches batches before the steps before them have trained")
+            setattr(self, "_" + name, value)
 
-    @property
-    def use_multiprocessing(self):
-        return self._use_multiprocessing
+        return property(get, put)
 
-    @use_multiprocessing.setter
-    def use_multiprocessing(self, value):
-        if value:
-            raise ValueError(f"{type(self._cb).__name__}'s dataset runs without multiprocessing (got {value!r}): "
-                             "worker processes fetch batches before the steps before them have trained")
-        self._use_multiprocessing = value
+    workers = _fixed("workers", 1, "workers=1")
+    use_multiprocessing = _fixed("use_multiprocessing", False, "no multiprocessing")
+    del _fixed
 
     def __len__(self) -> int:
         return self._cb.steps_per_epoch
