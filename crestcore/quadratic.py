@@ -10,7 +10,8 @@ Two variants (``QuadraticConfig.variant``):
   ``E[z * (H z)]`` of diag(H); EMAs are bias-corrected and restart at every anchor, so ``g`` and ``h``
   are measured at the anchor.
 * ``"adahessian"`` (the release): ``h = sqrt(EMA_beta2 of (z * Hz)^2) + 1e-4`` (an RMS, always
-  positive), EMAs are carried across anchors and not bias-corrected.
+  positive), EMAs carried across anchors and bias-corrected by the number of samples folded in so far
+  (the release's AdaHessian divides by ``1 - beta^step`` with its step counter kept across anchors).
 
 State is a NamedTuple of arrays (in the parameters' namespace) and numbers: ``quadratic_init`` then
 ``quadratic_anchor`` / ``quadratic_update`` return new states; nothing is mutated.
@@ -253,7 +254,7 @@ def quadratic_update(state: QuadraticState, grad=None, zhz=None, config: Quadrat
 
 
 def _gradient(state: QuadraticState, config: QuadraticConfig):
-    if config.variant == "hutchinson" and state.n_g > 0:
+    if state.n_g > 0:  # both variants: the release's AdaHessian corrects its EMA's bias too
         return state.g_ema / (1.0 - config.beta1 ** state.n_g)
     return state.g_ema
 
@@ -271,11 +272,10 @@ def quadratic_curvature(state: QuadraticState, config: QuadraticConfig = Quadrat
     array([1., 4.])
     """
     xp = namespace(state.h_ema)
+    h = state.h_ema if state.n_h == 0 else state.h_ema / (1.0 - config.beta2 ** state.n_h)
     if config.variant == "hutchinson":
-        if state.n_h == 0:
-            return state.h_ema
-        return state.h_ema / (1.0 - config.beta2 ** state.n_h)
-    return xp.sqrt(state.h_ema) + config.eps
+        return h
+    return xp.sqrt(h) + config.eps  # the release: sqrt(EMA / (1 - beta2^step)) + eps
 
 
 def quadratic_predict(state: QuadraticState, delta, config: QuadraticConfig = QuadraticConfig()) -> float:

@@ -225,17 +225,20 @@ def test_gradient_only_and_curvature_only_updates_are_independent():
 
 
 def test_adahessian_curvature_is_rms_plus_eps_and_emas_persist_across_anchors():
+    """The release's AdaHessian: EMAs bias-corrected by the samples folded in so far (its step counter,
+    kept across anchors): one sample gives g itself and |z * Hz| + eps (before, 0.1 g and 0.0316 |z * Hz|:
+    the model's first-order term was a tenth of the gradient's)."""
     cfg = QuadraticConfig(variant="adahessian", beta1=0.9, beta2=0.999, eps=1e-4)
     g1, z1 = np.array([1.0, -2.0, 0.0]), np.array([-3.0, 0.5, 0.0])
     g2, z2 = np.array([0.5, 0.5, 0.5]), np.array([1.0, -1.0, 2.0])
     s = quadratic_anchor(quadratic_init(np.zeros(3)), 1.0, cfg)
     s = quadratic_update(s, g1, z1, cfg)
-    # no bias correction; curvature = sqrt(EMA(zhz^2)) + eps, always positive even for negative zhz
-    np.testing.assert_allclose(quadratic_curvature(s, cfg), np.sqrt(0.001 * z1**2) + 1e-4, rtol=1e-14)
+    # curvature = sqrt(EMA(zhz^2) / (1 - beta2^n)) + eps, always positive even for negative zhz
+    np.testing.assert_allclose(quadratic_curvature(s, cfg), np.abs(z1) + 1e-4, rtol=1e-12)
     assert np.all(quadratic_curvature(s, cfg) > 0)
     d = np.array([1.0, 1.0, 1.0])
-    expected = 1.0 + (0.1 * g1) @ d + 0.5 * (np.sqrt(0.001 * z1**2) + 1e-4) @ (d * d)
-    assert quadratic_predict(s, d, cfg) == pytest.approx(expected, rel=1e-14)
+    expected = 1.0 + g1 @ d + 0.5 * (np.abs(z1) + 1e-4) @ (d * d)
+    assert quadratic_predict(s, d, cfg) == pytest.approx(expected, rel=1e-12)
     # a new anchor keeps the EMAs (the release never resets them); only the anchor loss changes
     s2 = quadratic_anchor(s, 7.0, cfg)
     assert s2.anchor_loss == 7.0
@@ -244,8 +247,12 @@ def test_adahessian_curvature_is_rms_plus_eps_and_emas_persist_across_anchors():
     assert (s2.n_g, s2.n_h) == (s.n_g, s.n_h)
     s3 = quadratic_update(s2, g2, z2, cfg)
     np.testing.assert_allclose(s3.g_ema, 0.9 * 0.1 * g1 + 0.1 * g2, rtol=1e-14)
+    bc2 = 1 - 0.999**2
     np.testing.assert_allclose(quadratic_curvature(s3, cfg),
-                               np.sqrt(0.999 * 0.001 * z1**2 + 0.001 * z2**2) + 1e-4, rtol=1e-14)
+                               np.sqrt((0.999 * 0.001 * z1**2 + 0.001 * z2**2) / bc2) + 1e-4, rtol=1e-12)
+    expected3 = 7.0 + (0.9 * 0.1 * g1 + 0.1 * g2) / (1 - 0.9**2) @ d
+    assert quadratic_predict(s3, d, cfg) == pytest.approx(
+        expected3 + 0.5 * quadratic_curvature(s3, cfg) @ (d * d), rel=1e-12)
 
 
 def test_hutchinson_variant_restarts_emas_at_each_anchor():
