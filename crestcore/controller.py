@@ -27,7 +27,9 @@ with the per-example training losses (feeds the drop policy). Inside ``crest_nex
    than coresets pass before a reselection.
 4. Every T1 steps: ``rho = |L_R(w) - F(w - w_a)| / L_R(w)``, L_R on the same random examples the
    anchor loss was measured on (V_1, or the union of the subsets with ``check_union``); if
-   ``rho > tau``: reselect, ``T1 <- ceil(h ||H_0|| / ||H_t||)``, ``P <- min(b T1, P_cap)``.
+   ``rho > tau``: reselect; the new anchor's curvature sets ``T1 <- ceil(h ||H_0|| / ||H_t||)`` at
+   once and ``P <- min(b T1, P_cap)`` for the selection after it (as the release does: a selection
+   draws the P set by the one before).
 5. Every T2 steps (when dropping is on): examples whose recent losses all stayed below alpha leave
    the pool (see :mod:`crestcore.dropping`).
 

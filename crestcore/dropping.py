@@ -27,8 +27,9 @@ its input and output share the history, and the first of them recorded into cons
 
 The release's rule (``faithful``): slots indexed by epoch, decision every 20 epochs, keep examples
 with any slot above alpha or never seen, only while more than 40,000 remain; this module's window and
-floor parameters express it (window = 5 epochs of steps less one, the window being closed;
-floor = 40,000).
+floor parameters express that much (window = 5 epochs of steps less one, the window being closed;
+floor = 40,000). The release also keeps a whole class whenever ``ceil(0.01 n / C)`` or fewer of its
+examples would remain, which ``min_per_class`` (a fixed number) does not express.
 """
 
 from __future__ import annotations

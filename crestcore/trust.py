@@ -1,8 +1,9 @@
 """The trust check: how far the quadratic model can be trusted, and the schedule it drives.
 
 ``rho_t = |L_R(w_t) - F(delta_t)| / L_R(w_t)`` with ``L_R`` the loss on the random subsets. When
-``rho_t > tau`` the coresets are reselected, the check interval becomes
-``T1 = ceil(h * ||H_0|| / ||H_t||)`` and the number of coresets per selection ``P = min(b * T1, cap)``.
+``rho_t > tau`` the coresets are reselected; the new anchor's curvature makes the check interval
+``T1 = ceil(h * ||H_0|| / ||H_t||)`` and the number of coresets of the next selection
+``P = min(b * T1, cap)`` (the controller draws a selection's coresets before its curvature is measured).
 """
 
 from __future__ import annotations
