@@ -40,7 +40,7 @@ import numpy as np
 
 from .train_demo import (
     TrainSettings, crest_config, eval_steps, finish_comparison, format_table, load_arrays, make_figures,
-    methods_to_run, relative_error, start_comparison,
+    methods_to_run, relative_error, selects, start_comparison,
 )
 
 #: the methods the Keras comparison trains: the PyTorch demo's (its default four unless asked)
@@ -349,15 +349,15 @@ def _summarize(records: dict) -> list[dict]:
     full = records.get("full")
     rows = []
     for name, r in records.items():
-        crest = name.startswith("crest")
+        measured = selects(name)  # CREST and the baselines alike: their selections are overhead (as in the torch demo)
         bd = r["breakdown"]
         overhead = sum(bd.get(k, 0.0) for k in ("select", "checks", "controller_other", "drops"))
         rows.append({
             "method": name, "steps": r["steps"], "acc": r["acc"],
             "rel_error": relative_error(full["acc"], r["acc"]) if full and full["acc"] > 0 else float("nan"),
             "wall": r["wall"], "speedup": (full["wall"] / r["wall"]) if full and r["wall"] > 0 else float("nan"),
-            "updates": r["counts"]["selections"] if crest else None,
-            "overhead_pct": 100.0 * overhead / bd["train"] if crest and bd["train"] > 0 else None,
+            "updates": r["counts"]["selections"] if measured else None,
+            "overhead_pct": 100.0 * overhead / bd["train"] if measured and bd["train"] > 0 else None,
         })
     return rows
 

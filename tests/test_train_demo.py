@@ -407,3 +407,23 @@ def test_the_keras_demo_offers_every_method_of_the_pytorch_demo():
 
     assert keras_demo.METHODS == METHODS
     assert keras_demo.DEFAULT_METHODS == DEFAULT_METHODS  # the same quick default
+
+
+def test_the_keras_demo_table_shows_the_baselines_overhead_too():
+    """Its selections cost a baseline wall clock as CREST's cost CREST: the Keras table reports their
+    updates and overhead like the PyTorch demo's (it showed them for CREST only)."""
+    pytest.importorskip("keras")
+    from crestcore.apps.keras_demo import _summarize
+
+    def rec(steps, wall, bd, selections):
+        return {"steps": steps, "acc": 0.8, "wall": wall, "breakdown": bd, "counts": {"selections": selections}}
+
+    rows = {r["method"]: r for r in _summarize({
+        "full": rec(100, 10.0, {"train": 10.0, "data": 0.0}, 0),
+        "craig": rec(10, 3.0, {"train": 1.0, "data": 0.0, "select": 2.0, "drops": 0.0}, 2),
+        "crest": rec(10, 2.0, {"train": 1.0, "data": 0.0, "select": 0.5, "checks": 0.3, "controller_other": 0.2,
+                               "drops": 0.0}, 3),
+    })}
+    assert rows["craig"]["overhead_pct"] == pytest.approx(200.0) and rows["craig"]["updates"] == 2
+    assert rows["crest"]["overhead_pct"] == pytest.approx(100.0) and rows["crest"]["updates"] == 3
+    assert rows["full"]["overhead_pct"] is None and rows["full"]["updates"] is None
