@@ -12,7 +12,7 @@ The controller owns no model. An adapter gives it exactly these operations (:cla
 
 Indices handed to the adapter are host NumPy int64 arrays; vectors stay in the adapter's namespace.
 
-The loop, per training step: ``state, batch = crest_next_batch(state, ops)``; train one step on
+The loop, per training step: ``state, batch = crest_next_batch(state, ops, config)``; train one step on
 ``batch.indices`` with ``batch.weights``; optionally ``state = crest_observe(state, idx, losses)``
 with the per-example training losses (feeds the drop policy). Inside ``crest_next_batch``:
 
