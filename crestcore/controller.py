@@ -410,7 +410,9 @@ class Batch(NamedTuple):
 class CrestState(NamedTuple):
     """The whole controller state as plain data: labels and seed, the step and schedule (``T1``, ``P``),
     the coresets of the current selection, the anchor and the quadratic model, the drop policy's loss
-    history, the cost ``counters`` and a ``log`` of selections, checks and drops. Made by
+    history, the cost ``counters`` and a ``log`` of selections, checks and drops (each an
+    :class:`EventLog`, a sequence that reads like a list; ``list(...)`` of it, or :func:`crest_stats`, is
+    plain data for JSON). Made by
     :func:`crest_init`; every controller function returns a new one. Saved and restored with
     :func:`crest_state_dict` / :func:`crest_load_state_dict`.
 

@@ -94,7 +94,7 @@ def test_apportion_rounds_each_share_down_or_up_and_adds_up(total, sizes, seed, 
         assert np.all(units <= sizes)
     nonempty = sizes > 0
     if at_least_one and total >= int(nonempty.sum()):
-        assert np.all(units[nonempty] >= 1) and np.all(p == 1)
+        assert np.all(units[nonempty] >= 1) and np.all(p[nonempty] == 1)
         assert np.all(units <= np.ceil(q))
     else:
         assert np.all((units == np.floor(q)) | (units == np.ceil(q)))

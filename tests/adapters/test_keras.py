@@ -162,8 +162,8 @@ _JAX_SCRIPT = textwrap.dedent(r"""
     res["total"] = total
     res["same_batches"] = all(np.array_equal(a.indices, i) and np.array_equal(a.weights, w)
                               for a, (i, w) in zip(seq, crest.trained)) and len(seq) == len(crest.trained)
-    res["selections"] = crest.controller_state.log["selections"]
-    res["selections_ref"] = state.log["selections"]
+    res["selections"] = list(crest.controller_state.log["selections"])  # an EventLog: list() for plain data
+    res["selections_ref"] = list(state.log["selections"])
     res["max_param_diff"] = float(np.max(np.abs(T.flat(model) - T.flat(ref))))
 
     # 2. one batch ahead (Keras's JAX trainer on an accelerator): every served batch trained once, in order
