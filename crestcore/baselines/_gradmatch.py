@@ -85,7 +85,7 @@ class _GramInverse:
         """``inv(Q[order, order]) @ v``."""
         s, sb, t = self.order.size, self.B.shape[0], self.dx.size
         y = np.zeros(s)
-        y[:sb] = self.B @ v[:sb]
+        np.matmul(self.B, v[:sb], out=y[:sb])
         if t:
             X = self.X[:s, :t]
             y += X @ (self.dx * (v @ X))
@@ -272,11 +272,10 @@ def _gram_nnls(Q: np.ndarray, h: np.ndarray, w0: np.ndarray | None = None, *, po
         return np.zeros(0)
     if cache is None:
         cache = _GramInverse()
-    everything = np.arange(s)
     if qmax is None:
         qmax = float(np.max(np.abs(Q)))
     if not positive:
-        return cache.solve(Q, h, everything, qmax)
+        return cache.solve(Q, h, np.arange(s), qmax)
     w = np.zeros(s) if w0 is None else np.maximum(np.asarray(w0, dtype=np.float64), 0.0)
     passive = w > 0
     scale = max(float(np.abs(h).max()), qmax * max(1.0, float(w.sum())), 1e-300)
