@@ -315,8 +315,9 @@ def _gram_nnls(Q: np.ndarray, h: np.ndarray, w0: np.ndarray | None = None, *, po
     if z1 is not None:
         w = np.zeros(s)  # the first inner's result
         w[:-1] = z1
-        off = [s - 1]  # the only index off the passive set
-        d = h[off] - Q[off] @ w
+        # h[off] - Q[off] @ w for off = [s - 1], the only index off the passive set: the same (1, s) by
+        # (s,) product on a view of the row instead of a copy
+        d = h[s - 1 : s] - Q[s - 1 : s] @ w
         if not d[0] > tol:
             return w
         z = cache.grow_last(Q, h, qmax)
