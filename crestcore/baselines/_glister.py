@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from .._compat import device_of, from_numpy, namespace, to_numpy
+from .._compat import device_of, from_numpy, is_numpy_namespace, namespace, to_numpy
 from .._validation import DivergenceError, check_choice, check_epsilon, check_float_matrix, check_int, check_labels
 from ..similarity import compute_dtype
 from ..facility import Selection
@@ -46,6 +46,47 @@ def _val_grad_T(xp, ZT, onehotT, E):
     if E is None:
         return xp.sum(R, axis=1)
     return xp.reshape(xp.matmul(R, E), (-1,))
+
+
+class _HostValGrad:
+    """:func:`_val_grad_T` for NumPy input, in preallocated buffers: the same operations on the same
+    values (so the same results, bit for bit), without a fresh (C, n_v) temporary per operation.
+
+    ``logits(G_S)`` writes the validation logits at ``theta_S`` into the scratch buffer, ``grad()`` turns
+    them into the validation gradient (overwriting the buffer, and the gradient of the previous call).
+    """
+
+    def __init__(self, Z0T, onehotT, E, ET, eta: float):
+        C, n_v = Z0T.shape
+        dt = Z0T.dtype
+        self.Z0T, self.E, self.ET, self.eta = Z0T, E, ET, eta
+        self.onehotT = np.ascontiguousarray(onehotT)  # a contiguous copy of the transposed view
+        self.buf = np.empty((C, n_v), dtype=dt)
+        self.col = np.empty((1, n_v), dtype=dt)  # per validation example: the max, then the sum
+        self.M = None if E is None else np.empty((C, E.shape[1]), dtype=dt)
+        self.out = None if E is None else np.empty((C, E.shape[1]), dtype=dt)
+
+    def logits(self, G_S) -> None:
+        """``Z0T - eta * G_S[:, None]`` (bias on the logits) or ``Z0T - (eta * G_S as (C, h)) @ ET``."""
+        M = self.M
+        if M is None:
+            np.subtract(self.Z0T, self.eta * G_S[:, None], out=self.buf)
+        else:
+            np.multiply(self.eta, G_S.reshape(M.shape), out=M)  # eta on the small factor
+            np.subtract(self.Z0T, np.matmul(M, self.ET), out=self.buf)
+
+    def grad(self, ZT=None):
+        """The validation gradient from the logits in the buffer (or from ``ZT``, left untouched)."""
+        buf, col = self.buf, self.col
+        np.max(buf if ZT is None else ZT, axis=0, keepdims=True, out=col)
+        np.subtract(buf if ZT is None else ZT, col, out=buf)
+        np.exp(buf, out=buf)
+        np.sum(buf, axis=0, keepdims=True, out=col)
+        np.divide(buf, col, out=buf)
+        np.subtract(buf, self.onehotT, out=buf)
+        if self.E is None:
+            return np.sum(buf, axis=1)
+        return np.matmul(buf, self.E, out=self.out).reshape(-1)
 
 
 def _kth_remaining(removed_sorted: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -187,13 +228,32 @@ def glister(
     # E^T as its own contiguous array: NumPy's BLAS call on a transposed view ran 2x slower here
     ET = None if E is None else xp.zeros((E.shape[1], n_v), dtype=dt, device=dev) + xp.matrix_transpose(E)
     _, loss0 = _val_state(xp, val_logits, onehot, E, G_S, eta, C)
-    gval = _val_grad_T(xp, Z0T, onehotT, E)
+    host = is_numpy_namespace(xp)
+    if host:
+        vg = _HostValGrad(Z0T, onehotT, E, ET, eta)
+        gval = vg.grad(Z0T)
+        removed = np.zeros(min(k, n), dtype=np.int64)  # the picks, ascending, in removed[:t]
+        steps = np.arange(min(k, n), dtype=np.int64)
+    else:
+        gval = _val_grad_T(xp, Z0T, onehotT, E)
     for t in range(k):
         if gen is None:
             g = eta * xp.matmul(train_grads, gval)
             j = int(to_numpy(xp.argmax(xp.where(avail, g, neg_inf))))
             gj = float(to_numpy(g[j]))
             avail[j] = False
+        elif host:  # the same as below, without the wrappers and with removed kept in place
+            pos = gen.choice(n - t, size=min(s, n - t), replace=False)
+            done = removed[:t]
+            below = done - steps[:t]  # _kth_remaining(done, pos)
+            cand = pos.astype(np.int64, copy=False) + below.searchsorted(pos, side="right")
+            cand.sort()
+            g = eta * np.matmul(train_grads.take(cand, axis=0), gval)
+            loc = int(g.argmax())
+            j, gj = int(cand[loc]), float(g[loc])
+            at = int(done.searchsorted(j))
+            removed[at + 1 : t + 1] = removed[at:t]  # NumPy copies overlapping slices safely
+            removed[at] = j
         else:
             # the same draw as gen.choice(np.flatnonzero(remaining), ...): positions among the remaining
             pos = gen.choice(n - t, size=min(s, n - t), replace=False)
@@ -204,6 +264,12 @@ def glister(
             removed = np.insert(removed, int(np.searchsorted(removed, j)), j)
         picks.append(j)
         gains.append(gj)
+        if host:
+            G_S += train_grads[j, ...]  # G_S is this function's own array
+            if t + 1 < k:
+                vg.logits(G_S)
+                gval = vg.grad()
+            continue
         G_S = G_S + train_grads[j, ...]
         if t + 1 < k:
             if E is None:

@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 
-from .._compat import device_of, from_numpy, namespace, to_numpy
+from .._compat import device_of, from_numpy, is_numpy_namespace, namespace, to_numpy
 from ..similarity import prepare
 from .._validation import check_float_matrix, check_int, hamilton, labels_to_host
 from ..facility import Selection
@@ -63,6 +63,7 @@ class _GramInverse:
 
     def __init__(self):
         self.order = np.zeros(0, dtype=np.int64)  # indices of Q, in the order they joined
+        self.ascending = True  # whether ``order`` is ascending (kept up to date by every change)
         # inv(Q[order, order]) = B (padded with zeros to the current size) + X diag(dx) X^T
         self.B = np.zeros((0, 0))
         self.X = np.zeros((0, self.FOLD))  # columns [u; -1] of the adds since the last fold, zero-padded
@@ -84,7 +85,7 @@ class _GramInverse:
         """``inv(Q[order, order]) @ v``."""
         s, sb, t = self.order.size, self.B.shape[0], self.dx.size
         y = np.zeros(s)
-        y[:sb] = self.B @ v[:sb]
+        np.matmul(self.B, v[:sb], out=y[:sb])
         if t:
             X = self.X[:s, :t]
             y += X @ (self.dx * (v @ X))
@@ -106,6 +107,7 @@ class _GramInverse:
         self.z = None
         if not self.ok:
             self.order = np.delete(self.order, p)
+            self._recheck_order()
             return
         self._fold()
         c = self.B[p, p]
@@ -118,6 +120,13 @@ class _GramInverse:
             self.ok = False
         self.B = B
         self.order = self.order[rest]
+        self._recheck_order()
+
+    def _recheck_order(self) -> None:
+        # a drop keeps an ascending order ascending, and may make another one so
+        if not self.ascending:
+            o = self.order
+            self.ascending = bool(np.all(o[1:] > o[:-1]))
 
     def _add(self, Q: np.ndarray, a: int, floor: float):
         o = self.order
@@ -129,12 +138,14 @@ class _GramInverse:
             if not delta > floor:  # (numerically) not positive definite: leave it to _solve
                 self.ok = False
         if not self.ok:  # nothing to update: the next solve rebuilds
-            self.order = np.append(o, a)
+            self.ascending = self.ascending and (s == 0 or a > o[-1])
+            self.order = np.concatenate((o, (a,)))
             return None, None, None
         # the bordered inverse is pad(inv) + x x^T / delta with x = [u; -1]
         if self.dx.size == self.FOLD:
             self._fold()
-        self.order = np.append(o, a)
+        self.ascending = self.ascending and (s == 0 or a > o[-1])
+        self.order = np.concatenate((o, (a,)))
         if self.X.shape[0] < s + 1:
             X = np.zeros((max(2 * (s + 1), 16), self.FOLD))
             X[: self.X.shape[0]] = self.X
@@ -142,11 +153,12 @@ class _GramInverse:
         t = self.dx.size
         self.X[:s, t] = u
         self.X[s, t] = -1.0
-        self.dx = np.append(self.dx, 1.0 / delta)
+        self.dx = np.concatenate((self.dx, (1.0 / delta,)))
         return q, u, delta
 
     def _rebuild(self, Q: np.ndarray, idx: np.ndarray) -> None:
         self.order = idx.copy()
+        self.ascending = bool(np.all(idx[1:] > idx[:-1]))
         self.ok = False
         self.B, self.dx, self.X = np.zeros((idx.size, idx.size)), np.zeros(0), np.zeros((max(idx.size, 16), self.FOLD))
         if idx.size:
@@ -161,9 +173,27 @@ class _GramInverse:
                 self.ok = True
 
     def _accept(self, Qs, hs, z, qmax) -> bool:
+        zmax = float(np.abs(z).max())  # NaN or inf exactly when some entry of z is not finite
+        if not math.isfinite(zmax):
+            return False
         res = hs - Qs @ z
-        bound = self.RTOL * (hs.size * qmax * float(np.max(np.abs(z))) + float(np.max(np.abs(hs))))
-        return bool(np.all(np.isfinite(z))) and float(np.max(np.abs(res))) <= bound
+        bound = self.RTOL * (hs.size * qmax * zmax + float(np.abs(hs).max()))
+        return float(np.abs(res).max()) <= bound
+
+    def prefix_solution(self, m: int, h: np.ndarray) -> np.ndarray | None:
+        """The remembered solution when the set is ``0..m-1`` in that order and it solved ``h[:m]``
+        (what :meth:`solve` returns for ``idx = arange(m)`` without touching the inverse), else None."""
+        o = self.order
+        if self.ok and self.z is not None and self.ascending and o.size == m and m and o[-1] == m - 1 \
+                and self.hz.shape == (m,) and bool((h[:m] == self.hz).all()):  # np.array_equal(h[o], hz)
+            return self.z
+        return None
+
+    def grow_last(self, Q: np.ndarray, h: np.ndarray, qmax: float) -> np.ndarray:
+        """``solve(Q, h, arange(s), qmax)`` for an (s, s) Q when :meth:`prefix_solution` ``(s - 1, h)``
+        returned the solution on ``0..s-2``: index ``s - 1`` joins. The same operations as
+        :meth:`solve`, without its bookkeeping of which indices come and go."""
+        return self._finish(Q, h, None, qmax, (h.shape[0] - 1,), self.z)
 
     def solve(self, Q: np.ndarray, h: np.ndarray, idx: np.ndarray, qmax: float) -> np.ndarray:
         """``Q[idx, idx] z = h[idx]`` (idx ascending, non-empty); z in the order of idx.
@@ -182,20 +212,27 @@ class _GramInverse:
         z_prev = None
         if self.z is not None and self.ok and np.array_equal(h[o], self.hz):
             z_prev = self.z  # the solution on the current set: grow it, or return it
-        if new.size:
-            floor = 1e-14 * float(np.max(np.diag(Q)[idx]))  # a pivot below 1e-7 x the largest: singular
+        return self._finish(Q, h, idx, qmax, new, z_prev)
+
+    def _finish(self, Q, h, idx, qmax, new, z_prev) -> np.ndarray:
+        """:meth:`solve` once the indices to drop have left: add ``new`` (ascending) to the set, grow
+        ``z_prev`` (the solution on the set before, or None) or solve afresh, check, fall back.
+        ``idx`` None stands for all of Q's indices."""
+        if len(new):
+            diag = Q.diagonal() if idx is None else Q.diagonal()[idx]
+            floor = 1e-14 * float(diag.max())  # a pivot below 1e-7 x the largest: singular
             for a in new:
                 q, u, delta = self._add(Q, int(a), floor)
                 if z_prev is not None and self.ok:
                     gamma = (h[a] - q @ z_prev) / delta
-                    z_prev = np.append(z_prev - gamma * u, gamma)
+                    z_prev = np.concatenate((z_prev - gamma * u, (gamma,)))
                 else:
                     z_prev = None
             fresh = True
         else:
             fresh = False
         o = self.order
-        natural = bool(np.all(o[1:] > o[:-1]))  # the factor order is idx's
+        natural = self.ascending  # the factor order is idx's
         hs = h[o]
         if self.ok:
             if z_prev is not None and not fresh:
@@ -211,6 +248,8 @@ class _GramInverse:
                 self.z, self.hz = z, hs
                 return z if natural else z[np.argsort(o)]
         # the slow, exact path of old: factor (or least squares) from scratch, and start the inverse anew
+        if idx is None:
+            idx = np.arange(Q.shape[0])
         z = _solve(Q[np.ix_(idx, idx)], h[idx])
         self._rebuild(Q, idx)
         self.z, self.hz = (z, h[idx]) if self.ok else (None, None)
@@ -233,23 +272,24 @@ def _gram_nnls(Q: np.ndarray, h: np.ndarray, w0: np.ndarray | None = None, *, po
         return np.zeros(0)
     if cache is None:
         cache = _GramInverse()
-    everything = np.arange(s)
     if qmax is None:
         qmax = float(np.max(np.abs(Q)))
     if not positive:
-        return cache.solve(Q, h, everything, qmax)
+        return cache.solve(Q, h, np.arange(s), qmax)
     w = np.zeros(s) if w0 is None else np.maximum(np.asarray(w0, dtype=np.float64), 0.0)
     passive = w > 0
-    scale = max(float(np.max(np.abs(h))), qmax * max(1.0, float(np.sum(w))), 1e-300)
+    scale = max(float(np.abs(h).max()), qmax * max(1.0, float(w.sum())), 1e-300)
     tol = 1e-12 * scale
 
-    def inner(w, passive):
-        # solve on the passive set; walk back to feasibility while some coordinate would go <= 0
+    def inner(w, passive, z=None):
+        # solve on the passive set; walk back to feasibility while some coordinate would go <= 0.
+        # ``z``: the first solve's result when the caller has it already
         for _ in range(s + 1):
             idx = np.flatnonzero(passive)
-            z = np.zeros(s)
-            if idx.size:
-                z[idx] = cache.solve(Q, h, idx, qmax)
+            if z is None:
+                z = np.zeros(s)
+                if idx.size:
+                    z[idx] = cache.solve(Q, h, idx, qmax)
             if idx.size == 0 or np.all(z[idx] > 0):
                 return z, passive
             neg = idx[z[idx] <= 0]
@@ -259,11 +299,36 @@ def _gram_nnls(Q: np.ndarray, h: np.ndarray, w0: np.ndarray | None = None, *, po
             passive = passive & (w > 0)
             passive[neg[step <= alpha]] = False  # the blocking coordinates leave exactly
             w = np.where(passive, w, 0.0)
+            z = None
         return w, passive
 
-    if passive.any():
+    rounds = 3 * s + 10
+    # OMP's step: the previous support (all positive) plus a new atom at 0, with the solution on the
+    # previous support in the cache. The general path below would take the cached solution, find the
+    # new atom the only candidate and grow the inverse by it; this does the same operations on the
+    # same values, without the index bookkeeping (most of a step's cost on a large support)
+    z1 = None
+    if s > 1 and not passive[-1] and np.count_nonzero(passive) == s - 1:
+        z1 = cache.prefix_solution(s - 1, h)
+        if z1 is not None and not (z1 > 0).all():
+            z1 = None
+    if z1 is not None:
+        w = np.zeros(s)  # the first inner's result
+        w[:-1] = z1
+        # h[off] - Q[off] @ w for off = [s - 1], the only index off the passive set: the same (1, s) by
+        # (s,) product on a view of the row instead of a copy
+        d = h[s - 1 : s] - Q[s - 1 : s] @ w
+        if not d[0] > tol:
+            return w
+        z = cache.grow_last(Q, h, qmax)
+        if (z > 0).all():
+            return z
+        passive = np.ones(s, dtype=bool)
+        w, passive = inner(w, passive, z)
+        rounds -= 1
+    elif passive.any():
         w, passive = inner(w, passive)
-    for _ in range(3 * s + 10):
+    for _ in range(rounds):
         off = np.flatnonzero(~passive)
         if off.size == 0:
             break
@@ -346,6 +411,8 @@ def _omp(xp, A, b, k: int, lam: float, tol: float, positive: bool):
     """
     n, d = A.shape
     dev = device_of(A)
+    host = is_numpy_namespace(xp)  # NumPy: call NumPy itself (the same operations without the wrappers)
+    matmul = np.matmul if host else xp.matmul
     bnorm2 = float(to_numpy(xp.sum(b * b)))
     J = bnorm2
     # buffers for the support (it never exceeds min(k, n)); they start small and double when full, so
@@ -363,19 +430,29 @@ def _omp(xp, A, b, k: int, lam: float, tol: float, positive: bool):
     r = b
     rnorm2 = bnorm2
     avail = xp.ones((n,), dtype=xp.bool, device=dev)
+    taken = np.zeros(n, dtype=bool)  # host: ~avail
     neg_inf = xp.asarray(-math.inf, dtype=A.dtype, device=dev)
     tried = 0
     while s < k and tried < n:
         if bnorm2 == 0.0 or math.sqrt(max(rnorm2, 0.0)) <= tol * math.sqrt(bnorm2):
             break
-        c = xp.matmul(A, r)
-        score = c if positive else xp.abs(c)
-        score = xp.where(avail, score, neg_inf)
-        j = int(to_numpy(xp.argmax(score)))
-        if not float(to_numpy(score[j])) > 0.0:
+        c = matmul(A, r)
+        if host:  # c is a fresh array: mask it in place
+            score = c if positive else np.abs(c, out=c)
+            np.putmask(score, taken, -math.inf)
+            j = int(score.argmax())
+            sj = float(score[j])
+        else:
+            score = c if positive else xp.abs(c)
+            score = xp.where(avail, score, neg_inf)
+            j = int(to_numpy(xp.argmax(score)))
+            sj = float(to_numpy(score[j]))
+        if not sj > 0.0:
             break  # no remaining atom can lower the error with a positive weight
         tried += 1
-        avail[j] = False
+        taken[j] = True
+        if not host:
+            avail[j] = False
         a_j = A[j, ...]
         if s == cap:
             cap = min(2 * cap, k, n)
@@ -384,18 +461,24 @@ def _omp(xp, A, b, k: int, lam: float, tol: float, positive: bool):
             Q, h, support, gains = Q2, np.resize(h, cap), np.resize(support, cap), np.resize(gains, cap)
             rows = xp.concat([rows, xp.zeros((cap - s, d), dtype=A.dtype, device=dev)], axis=0)
         if s:
-            col = np.asarray(to_numpy(xp.matmul(rows[:s, ...], a_j)), dtype=np.float64)
+            col = np.asarray(to_numpy(matmul(rows[:s, ...], a_j)), dtype=np.float64)
             Q[:s, s] = col
             Q[s, :s] = col
-            qmax = max(qmax, float(np.max(np.abs(col))))
-        Q[s, s] = float(to_numpy(xp.sum(a_j * a_j))) + lam
+            qmax = max(qmax, float(np.abs(col).max()))
+        if host:  # ndarray.sum is np.sum without its wrapper
+            Q[s, s] = float((a_j * a_j).sum()) + lam
+            h[s] = float((a_j * b).sum())
+        else:
+            Q[s, s] = float(to_numpy(xp.sum(a_j * a_j))) + lam
+            h[s] = float(to_numpy(xp.sum(a_j * b)))
         qmax = max(qmax, abs(Q[s, s]))
-        h[s] = float(to_numpy(xp.sum(a_j * b)))
         rows[s, ...] = a_j
         support[s] = j
         gains[s] = 0.0
         s += 1
-        w = _gram_nnls(Q[:s, :s], h[:s], np.append(w, 0.0), positive=positive, cache=cache, qmax=qmax)
+        w0 = np.zeros(s)  # the warm start: the previous weights and the new atom at 0
+        w0[:-1] = w
+        w = _gram_nnls(Q[:s, :s], h[:s], w0, positive=positive, cache=cache, qmax=qmax)
         # a pick whose refit weight is 0 retires for good: it leaves the support and is never picked
         # again, so the support grows by at most one per step and ends with k weighted examples
         live = w > 0 if positive else w != 0
@@ -410,11 +493,13 @@ def _omp(xp, A, b, k: int, lam: float, tol: float, positive: bool):
             cache.remap(keep)
             qmax = float(np.max(np.abs(Q[:m, :m]))) if m else 0.0
             s = m
-        if s:
-            r = b - xp.matmul(xp.astype(from_numpy(w, xp, dev), A.dtype), rows[:s, ...])
-        else:
+        if not s:
             r = b
-        rnorm2 = float(to_numpy(xp.sum(r * r)))
+        elif host:
+            r = b - w.astype(A.dtype) @ rows[:s, ...]
+        else:
+            r = b - xp.matmul(xp.astype(from_numpy(w, xp, dev), A.dtype), rows[:s, ...])
+        rnorm2 = float((r * r).sum()) if host else float(to_numpy(xp.sum(r * r)))
         J_new = rnorm2 + lam * float(w @ w)
         if live[-1]:
             gains[s - 1] = J - J_new
