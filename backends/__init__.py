@@ -124,9 +124,13 @@ def get_kernel(name: str, namespace_name: str, *arrays: Any) -> Callable | None:
     return getattr(m, name)
 
 
-def get_host_kernel(name: str) -> Callable | None:
+def get_host_kernel(name: str, start: bool = True) -> Callable | None:
     """The Numba host kernel ``name`` (host NumPy arrays, whatever library the features are in), or
     ``None`` when Numba cannot import (the caller runs the NumPy reference, which gives the same result).
+
+    With ``start=False`` the kernel is returned only when the Numba backend is loaded already: a caller
+    whose reference is cheap for its inputs need not start Numba (0.5-0.9 s once per process, its import
+    and its first dispatch) when nothing else in the process uses it, e.g. a torch training loop.
 
     Examples
     --------
@@ -139,6 +143,8 @@ def get_host_kernel(name: str) -> Callable | None:
     """
     if name not in HOST_KERNEL_NAMES:
         raise ValueError(f"unknown host kernel {name!r}; known: {HOST_KERNEL_NAMES}")
+    if not start and _MODULES["numpy"] not in _loaded:
+        return None
     m = backend_module("numpy")
     return None if m is None else getattr(m, name)
 

@@ -46,8 +46,7 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
-from ._compat import device_of, from_numpy, namespace, on_cpu, to_numpy
-from .backends import backend_module
+from ._compat import device_of, from_numpy, namespace, to_numpy
 from ._validation import field_bool, field_choice, field_instance, field_int, field_real
 from .dropping import DropConfig, DropState, _check_live, drop_init, drop_record, drop_update
 from .features import cross_entropy, last_layer_gradients, softmax
@@ -647,15 +646,12 @@ def _coresets(state: CrestState, ops, config: CrestConfig, subsets: np.ndarray, 
     pos = np.searchsorted(union, subsets)
     xp, logits, emb, y, losses = _forward(state, ops, union, config)
     feats = last_layer_gradients(logits, y, embeddings=emb)
-    solve, fy = getattr(ops, "coresets", None), (feats, y)  # an adapter may shard the solve
-    if solve is None:
-        solve = minibatch_coresets
-        if not isinstance(feats, np.ndarray) and on_cpu(feats) and backend_module("numpy") is not None:
-            # CPU tensors: the Numba kernels solve these many small problems ~5x faster than torch's
-            # per-op CPU loop (48 vs 9 ms for P = 5, r = 384, C = 10, m = 128); same picks (ties: lowest index)
-            fy = (to_numpy(feats), to_numpy(y))
+    # an adapter may shard the solve; otherwise the features' own library solves it (CPU tensors on the
+    # torch kernels: a few ms slower per call than Numba at these shapes, but no Numba start-up, 0.5-0.9 s
+    # once per process, which a short CPU run paid at its first selection)
+    solve = getattr(ops, "coresets", None) or minibatch_coresets
     cs = solve(
-        *fy, m=config.m, r=subsets.shape[1], P=subsets.shape[0], rng=gen, subsets=pos,
+        feats, y, m=config.m, r=subsets.shape[1], P=subsets.shape[0], rng=gen, subsets=pos,
         per_class=config.per_class, kernel=config.kernel, metric=config.metric, optimizer=config.optimizer,
         class_budget=config.class_budget,
     )

@@ -82,6 +82,9 @@ def _class_positions(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return classes, cls.reshape(-1).astype(np.int64)
 
 
+_NATIVE_DRAW_CELLS = 1 << 22  # P x pool above which the host draw starts Numba (the reference's marks: 4 MB)
+
+
 def _draw_blocked(labels_host: np.ndarray | None, pool: np.ndarray, r: int, P: int,
                   rng: np.random.Generator, native: bool = True):
     """P class-blocked subsets: ``(blocked (P, r), r_c (C,))``, block c of every row holding the
@@ -96,7 +99,9 @@ def _draw_blocked(labels_host: np.ndarray | None, pool: np.ndarray, r: int, P: i
     t = np.arange(r) - np.repeat(np.cumsum(r_c) - r_c, r_c)
     high = (sizes - r_c)[blk] + t + 1  # Floyd's draw at slot t is uniform in [0, N_c - r_c + t]
     draws = np.minimum(np.floor(rng.random((P, r)) * high).astype(np.int64), high - 1)
-    kern = get_host_kernel("draw_stratified") if native else None  # both give the same subsets
+    # both give the same subsets; the reference is vectorised (a (P, pool) mark array): for small draws it
+    # takes a few ms, and Numba is started for it only when the draw is large
+    kern = get_host_kernel("draw_stratified", start=P * pool.size > _NATIVE_DRAW_CELLS) if native else None
     if kern is None:
         from ._reference_kernels import draw_stratified
 

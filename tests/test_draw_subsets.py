@@ -18,9 +18,11 @@ from crestcore._reference_kernels import draw_stratified as ref_draw
 
 
 def _both(monkeypatch, labels, pool, r, P, seed):
-    a = crestcore.draw_subsets(labels, pool, r, P, np.random.default_rng(seed))
     with monkeypatch.context() as mp:
-        mp.setattr(minibatch, "get_host_kernel", lambda name: None)  # no Numba: the NumPy reference
+        mp.setattr(minibatch, "_NATIVE_DRAW_CELLS", 0)  # every draw is "large": the Numba kernel
+        a = crestcore.draw_subsets(labels, pool, r, P, np.random.default_rng(seed))
+    with monkeypatch.context() as mp:
+        mp.setattr(minibatch, "get_host_kernel", lambda name, start=True: None)  # no Numba: the NumPy reference
         b = crestcore.draw_subsets(labels, pool, r, P, np.random.default_rng(seed))
     return a, b
 
@@ -161,3 +163,22 @@ def test_bad_arguments_are_refused_naming_them():
         draw_subsets(labels, np.arange(8), 2, 0, gen)
     with pytest.raises(TypeError, match="rng"):
         draw_subsets(labels, np.arange(8), 2, 1, None)
+
+
+def test_a_small_draw_does_not_start_numba_and_a_large_one_does():
+    """The reference draws small subsets in a few ms, the same subsets as the Numba kernel (above): a
+    process that does not use Numba otherwise (a torch training loop) is not made to start it, 0.5-0.9 s.
+    A draw whose (P, pool) mark array would be large starts it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np, crestcore\n"
+        "lab = np.arange(20000) % 10\n"
+        "crestcore.draw_subsets(lab, np.arange(20000), 512, 10, np.random.default_rng(0))\n"
+        "print('numba' in sys.modules)\n"
+        "crestcore.draw_subsets(lab, np.arange(20000), 512, 300, np.random.default_rng(0))\n"
+        "print('numba' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.split() == ["False", "True"], out.stdout + out.stderr

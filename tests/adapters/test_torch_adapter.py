@@ -643,3 +643,28 @@ def test_a_subclass_redefining_the_gradient_keeps_it_in_the_fused_call():
     loss, grad, probe = ops.gradient_and_hutchinson(idx, w, seed=3)
     plain = TorchModelOps(ops.model, TensorDataset(X, y))
     assert torch.equal(grad, 2 * plain.gradient(idx, w)[1]) and torch.equal(probe, plain.hutchinson(idx, w, 3))
+
+
+def test_a_cpu_training_loop_never_starts_numba():
+    """CPU tensors are solved on the torch kernels and the subsets drawn by the NumPy reference: a torch
+    training loop does not pay Numba's start-up (0.5-0.9 s once per process, a tenth of a short run)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, numpy as np\n"
+        "from torch.utils.data import TensorDataset\n"
+        "from crestcore import CrestConfig\n"
+        "from crestcore.adapters.torch import CrestLoader\n"
+        "torch.manual_seed(0)\n"
+        "x = torch.randn(600, 5); y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))\n"
+        "opt = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+        "loader = CrestLoader(model, TensorDataset(x, y), config=CrestConfig(m=20), budget=0.5, epochs=2, seed=0)\n"
+        "for xb, yb, w in loader:\n"
+        "    loss = (w * torch.nn.functional.cross_entropy(model(xb), yb, reduction='none')).mean()\n"
+        "    opt.zero_grad(); loss.backward(); opt.step()\n"
+        "print(loader.stats['counters']['selections'] > 0, 'numba' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.split() == ["True", "False"], out.stdout + out.stderr
