@@ -52,6 +52,14 @@ def load_benchmark(filename: str, module_name: str) -> ModuleType:
     return module
 
 
+def fresh_python(code: str, timeout: float = 300) -> list[str]:
+    """Run ``code`` in a fresh interpreter (nothing this test process imported is loaded there) and
+    return its stdout split into words; a failing child fails the test with its stderr."""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout.split()
+
+
 def assert_import_stays_light(modules: tuple[str, ...], heavy: tuple[str, ...]) -> None:
     """Importing ``modules`` in a fresh interpreter loads none of the ``heavy`` ones."""
     code = (

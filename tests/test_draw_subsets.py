@@ -15,6 +15,7 @@ import pytest
 import crestcore
 from crestcore import minibatch
 from crestcore._reference_kernels import draw_stratified as ref_draw
+from _helpers import fresh_python
 
 
 def _both(monkeypatch, labels, pool, r, P, seed):
@@ -169,9 +170,6 @@ def test_a_small_draw_does_not_start_numba_and_a_large_one_does():
     """The reference draws small subsets in a few ms, the same subsets as the Numba kernel (above): a
     process that does not use Numba otherwise (a torch training loop) is not made to start it, 0.5-0.9 s.
     A draw whose (P, pool) mark array would be large starts it."""
-    import subprocess
-    import sys
-
     code = (
         "import sys, numpy as np, crestcore\n"
         "lab = np.arange(20000) % 10\n"
@@ -180,5 +178,4 @@ def test_a_small_draw_does_not_start_numba_and_a_large_one_does():
         "crestcore.draw_subsets(lab, np.arange(20000), 512, 300, np.random.default_rng(0))\n"
         "print('numba' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
-    assert out.stdout.split() == ["False", "True"], out.stdout + out.stderr
+    assert fresh_python(code) == ["False", "True"]

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 F = torch.nn.functional
 
-from _helpers import torch_blobs, torch_mlp, weighted_step  # noqa: E402
+from _helpers import fresh_python, torch_blobs, torch_mlp, weighted_step  # noqa: E402
 from torch.utils.data import Dataset, TensorDataset  # noqa: E402
 
 from crestcore import CrestConfig, crest_init, crest_next_batch  # noqa: E402
@@ -648,9 +648,6 @@ def test_a_subclass_redefining_the_gradient_keeps_it_in_the_fused_call():
 def test_a_cpu_training_loop_never_starts_numba():
     """CPU tensors are solved on the torch kernels and the subsets drawn by the NumPy reference: a torch
     training loop does not pay Numba's start-up (0.5-0.9 s once per process, a tenth of a short run)."""
-    import subprocess
-    import sys
-
     code = (
         "import sys, torch, numpy as np\n"
         "from torch.utils.data import TensorDataset\n"
@@ -666,5 +663,4 @@ def test_a_cpu_training_loop_never_starts_numba():
         "    opt.zero_grad(); loss.backward(); opt.step()\n"
         "print(loader.stats['counters']['selections'] > 0, 'numba' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
-    assert out.stdout.split() == ["True", "False"], out.stdout + out.stderr
+    assert fresh_python(code) == ["True", "False"]
