@@ -110,6 +110,19 @@ def gram_nnls_reference(Q: np.ndarray, h: np.ndarray, w0: np.ndarray | None = No
     return w
 
 
+def _check_target_ref(xp, target, matrix, name: str) -> None:
+    """``target`` must be a finite 1-D vector with one entry per column of ``matrix`` (the argument
+    ``name``, already checked) and its dtype; the errors name both (the checks both functions below ran
+    inline, in this order and with these messages)."""
+    if target.ndim != 1 or target.shape[0] != matrix.shape[1]:
+        raise ValueError(f"target must be 1-D of length {matrix.shape[1]} ({name}' columns), got shape "
+                         f"{tuple(target.shape)}")
+    if target.dtype != matrix.dtype:
+        raise TypeError(f"target dtype {target.dtype} differs from {name} dtype {matrix.dtype}")
+    if not bool(xp.all(xp.isfinite(target))):
+        raise ValueError("target contains NaN or infinite values")
+
+
 def nonneg_ridge_reference(atoms, target, *, lam: float = 0.0, positive: bool = True):
     """Weights ``w`` minimising ``||target - sum_j w_j atoms[j]||^2 + lam ||w||^2`` subject to ``w >= 0``.
 
@@ -125,13 +138,7 @@ def nonneg_ridge_reference(atoms, target, *, lam: float = 0.0, positive: bool = 
     """
     xp = namespace(atoms, target, names=("atoms", "target"))
     check_float_matrix(xp, atoms, "atoms")
-    if target.ndim != 1 or target.shape[0] != atoms.shape[1]:
-        raise ValueError(f"target must be 1-D of length {atoms.shape[1]} (atoms' columns), got shape "
-                         f"{tuple(target.shape)}")
-    if target.dtype != atoms.dtype:
-        raise TypeError(f"target dtype {target.dtype} differs from atoms dtype {atoms.dtype}")
-    if not bool(xp.all(xp.isfinite(target))):
-        raise ValueError("target contains NaN or infinite values")
+    _check_target_ref(xp, target, atoms, "atoms")
     lam = check_real(lam, "lam", low=0.0)
     positive = check_bool(positive, "positive")
     A = np.asarray(to_numpy(atoms), dtype=np.float64)
@@ -283,13 +290,7 @@ def gradmatch_reference(
     if target is not None:
         if labels is not None:
             raise ValueError("target cannot be combined with labels (each class matches its own gradient sum)")
-        if target.ndim != 1 or target.shape[0] != gradients.shape[1]:
-            raise ValueError(f"target must be 1-D of length {gradients.shape[1]} (gradients' columns), "
-                             f"got shape {tuple(target.shape)}")
-        if target.dtype != gradients.dtype:
-            raise TypeError(f"target dtype {target.dtype} differs from gradients dtype {gradients.dtype}")
-        if not bool(xp.all(xp.isfinite(target))):
-            raise ValueError("target contains NaN or infinite values")
+        _check_target_ref(xp, target, gradients, "gradients")
     lam = check_real(lam, "lam", low=0.0)
     tol = check_real(tol, "tol", low=0.0)
     positive = check_bool(positive, "positive")
