@@ -33,6 +33,7 @@ import time
 import numpy as np
 
 import crestcore
+from crestcore._compat import to_numpy
 from crestcore._validation import hamilton
 from crestcore.facility import solve_batched
 from crestcore.minibatch import draw_subsets
@@ -161,17 +162,6 @@ def time_cupy(fn, repeats):
 # --------------------------------------------------------------------------------------------------
 
 
-def to_host(x):
-    if isinstance(x, np.ndarray):
-        return x
-    mod = type(x).__module__
-    if mod.startswith("torch"):
-        return x.detach().cpu().numpy()
-    if mod.startswith("cupy"):
-        return x.get()
-    return np.asarray(x)
-
-
 def run_backend(name, a, X, y, batch, xp, asarray, timer):
     """Time the step and the kernels for one backend; returns two result rows."""
     Xd, yd = asarray(X), asarray(y)
@@ -190,9 +180,9 @@ def run_backend(name, a, X, y, batch, xp, asarray, timer):
 
     res, warm, times = timer(step, a.repeats)
     kres, kwarm, ktimes = timer(kernels, a.repeats)
-    idx = to_host(res.indices)
-    obj = float(to_host(res.objective).astype(np.float64).sum())
-    kobj = float(to_host(kres[3]).astype(np.float64).sum())
+    idx = to_numpy(res.indices)
+    obj = float(to_numpy(res.objective).astype(np.float64).sum())
+    kobj = float(to_numpy(kres[3]).astype(np.float64).sum())
     return [
         dict(backend=name, what="step", warm=warm, times=times, objective=obj, indices=idx),
         dict(backend=name, what="kernels", warm=kwarm, times=ktimes, objective=kobj, indices=None),
