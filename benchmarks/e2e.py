@@ -359,6 +359,20 @@ def publish(text: str, *, out=None, json_path=None, payload=None, start: str = S
         write_block(out, text, start, end)
 
 
+def md_row(*cells) -> str:
+    """One markdown table row of ``cells`` (each written with ``str``): ``| a | b | c |``."""
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def parse_with_outputs(ap: argparse.ArgumentParser, argv, block: str, json_help: str) -> argparse.Namespace:
+    """``ap.parse_args(argv)`` after adding the two options of a benchmark that publishes a table:
+    ``--out`` (the markdown file whose ``block`` markers get the table, see :func:`publish`) and ``--json``
+    (``json_help``)."""
+    ap.add_argument("--out", help=f"write the table between the {block} markers of this markdown file")
+    ap.add_argument("--json", help=json_help)
+    return ap.parse_args(argv)
+
+
 # A benchmark that measures in fresh processes (benchmarks/memory.py, benchmarks/pipeline.py) starts itself
 # again as ``script --child ARGS``; the child prints its result as one JSON line, the last of its output.
 CHILD_FLAG = "--child"

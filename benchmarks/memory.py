@@ -107,22 +107,22 @@ def table(rows: list[dict], command: str) -> str:
         "| P | r | d | per class | backend | peak MiB | dense MiB | ratio to NumPy | same picks as NumPy |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    from e2e import md_row
+
     for x in rows:
         dense = "-" if x["dense_mib"] is None else f"{x['dense_mib']:.0f}"
-        lines.append(f"| {x['P']} | {x['r']} | {x['d']} | {'yes' if x['per_class'] else 'no'} | {x['backend']} | "
-                     f"{x['peak_mib']:.0f} | {dense} | {x['ratio']:.2f} | {'yes' if x['same_picks'] else 'no'} |")
+        lines.append(md_row(x["P"], x["r"], x["d"], "yes" if x["per_class"] else "no", x["backend"],
+                            f"{x['peak_mib']:.0f}", dense, f"{x['ratio']:.2f}", "yes" if x["same_picks"] else "no"))
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    from e2e import answer_child, publish
+    from e2e import answer_child, parse_with_outputs, publish
 
     if answer_child(argv, _child):
         return 0
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", help="write the table between the memory-bench markers of this markdown file")
-    ap.add_argument("--json", help="write the raw rows here")
-    ns = ap.parse_args(argv)
+    ns = parse_with_outputs(argparse.ArgumentParser(description=__doc__.splitlines()[0]), argv, "memory-bench",
+                            "write the raw rows here")
     rows = run()
     command = "python benchmarks/memory.py" + (f" --out {shlex.quote(ns.out)}" if ns.out else "")
     publish(table(rows, command), out=ns.out, json_path=ns.json, payload=rows, start=START, end=END)

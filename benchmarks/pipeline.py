@@ -153,6 +153,8 @@ def run(a) -> list[dict]:
 
 
 def table(rows: list[dict], a, command: str) -> str:
+    from e2e import md_row
+
     by = {m: [r for r in rows if r["method"] == m] for m in METHODS}
     full_wall = statistics.mean(r["wall_s"] for r in by["full"])
 
@@ -191,20 +193,19 @@ def table(rows: list[dict], a, command: str) -> str:
     for m in METHODS:
         rs = by[m]
         walls = [r["wall_s"] for r in rs]
-        lines.append(f"| {m} | {ms([r['steps'] for r in rs])} | {ms(walls)} | {statistics.mean(walls) / full_wall:.2f} | "
-                     f"{statistics.mean(r['fraction_all_passes'] for r in rs):.2f} | "
-                     f"{ms([100 * r['test_acc'] for r in rs])} |")
+        lines.append(md_row(m, ms([r["steps"] for r in rs]), ms(walls), f"{statistics.mean(walls) / full_wall:.2f}",
+                            f"{statistics.mean(r['fraction_all_passes'] for r in rs):.2f}",
+                            ms([100 * r["test_acc"] for r in rs])))
     lines += ["", "Every run:", "", "| method | seed | steps | wall s | test acc (%) | CREST selections / checks |",
               "|---|---|---|---|---|---|"]
     for r in rows:
         extra = f"{r['selections']} / {r['checks']}" if "selections" in r else "-"
-        lines.append(f"| {r['method']} | {r['seed']} | {r['steps']} | {r['wall_s']:.2f} | {100 * r['test_acc']:.2f} | "
-                     f"{extra} |")
+        lines.append(md_row(r["method"], r["seed"], r["steps"], f"{r['wall_s']:.2f}", f"{100 * r['test_acc']:.2f}", extra))
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    from e2e import answer_child, publish
+    from e2e import answer_child, parse_with_outputs, publish
 
     if answer_child(argv, _child):
         return 0
@@ -218,9 +219,7 @@ def main(argv=None) -> int:
     ap.add_argument("--measure-workers", type=int, default=2)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--cap", type=float, default=0.5, help="max_overhead of the crest-cap row")
-    ap.add_argument("--out", help="write the table between the pipeline-bench markers of this markdown file")
-    ap.add_argument("--json", help="write every run here")
-    a = ap.parse_args(argv)
+    a = parse_with_outputs(ap, argv, "pipeline-bench", "write every run here")
     from crestcore.apps.datasets import fashion_mnist_available
 
     if not fashion_mnist_available():
