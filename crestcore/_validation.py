@@ -47,6 +47,18 @@ def check_float_matrix(xp, X, name: str, *, square: bool = False) -> float:
     return max(hi, -lo)
 
 
+def check_float_rows(xp, A, name: str, layout: str) -> None:
+    """A must be a 2-D real floating array with at least one row, every entry finite (``layout`` words the
+    expected array in the shape error, e.g. ``"(k, D) array"``). Unlike :func:`check_float_matrix` it
+    computes no ``max|A|`` and allows zero columns."""
+    if A.ndim != 2 or A.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty {layout}, got shape {tuple(A.shape)}")
+    if not xp.isdtype(A.dtype, "real floating"):
+        raise TypeError(f"{name} must have a real floating dtype, got {A.dtype}")
+    if not bool(xp.all(xp.isfinite(A))):
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
 def check_int(value, name: str, *, low: int = 1, high: int | None = None) -> int:
     """``value`` as an int in ``[low, high]`` (bools refused); the errors name the argument ``name``.
 

@@ -19,7 +19,8 @@ import numpy as np
 
 from . import _reference_kernels as ref
 from ._compat import device_of, from_numpy, namespace, namespace_name
-from ._validation import check_choice, check_epsilon, check_float_matrix, check_int, hamilton, labels_to_host, make_rng
+from ._validation import (check_choice, check_epsilon, check_float_matrix, check_float_rows, check_int, hamilton,
+                          labels_to_host, make_rng)
 from .backends import get_host_kernel, sample_sizes
 from .similarity import KERNELS, METRICS, kernel_scale, prepare, restore
 
@@ -467,12 +468,7 @@ def facility_location(
 
 def _check_dense_and_selected(S, selected):
     xp = namespace(S, selected, names=("S", "selected"))
-    if S.ndim != 2 or S.shape[0] == 0:
-        raise ValueError(f"S must be a non-empty 2-D similarity matrix, got shape {tuple(S.shape)}")
-    if not xp.isdtype(S.dtype, "real floating"):
-        raise TypeError(f"S must have a real floating dtype, got {S.dtype}")
-    if not bool(xp.all(xp.isfinite(S))):
-        raise ValueError("S contains NaN or infinite values")
+    check_float_rows(xp, S, "S", "2-D similarity matrix")
     if selected.ndim != 1:
         raise ValueError(f"selected must be 1-D, got shape {tuple(selected.shape)}")
     if not xp.isdtype(selected.dtype, "integral"):

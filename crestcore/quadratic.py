@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 from collections.abc import Callable
 
 from ._compat import namespace
-from ._validation import DivergenceError, field_choice, field_real
+from ._validation import DivergenceError, check_float_rows, field_choice, field_real
 
 __all__ = [
     "QuadraticConfig",
@@ -138,12 +138,7 @@ def hutchinson_diagonal(hvp: Callable[[Any], Any], probes):
     if not callable(hvp):
         raise TypeError("hvp must be callable: v -> H v")
     xp = namespace(probes, names=("probes",))
-    if probes.ndim != 2 or probes.shape[0] == 0:
-        raise ValueError(f"probes must be a non-empty (k, D) array, got shape {tuple(probes.shape)}")
-    if not xp.isdtype(probes.dtype, "real floating"):
-        raise TypeError(f"probes must be real floating, got {probes.dtype}")
-    if not bool(xp.all(xp.isfinite(probes))):
-        raise ValueError("probes contains NaN or infinite values")
+    check_float_rows(xp, probes, "probes", "(k, D) array")
     acc = None
     for i in range(probes.shape[0]):
         z = probes[i]
