@@ -143,6 +143,8 @@ def get_host_kernel(name: str, start: bool = True) -> Callable | None:
     """
     if name not in HOST_KERNEL_NAMES:
         raise ValueError(f"unknown host kernel {name!r}; known: {HOST_KERNEL_NAMES}")
+    if not isinstance(start, bool):
+        raise TypeError(f"start must be True or False, got {start!r}")
     if not start and _MODULES["numpy"] not in _loaded:
         return None
     m = backend_module("numpy")

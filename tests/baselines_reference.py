@@ -29,6 +29,7 @@ from crestcore._validation import (
     labels_to_host,
 )
 from crestcore.baselines._common import check_bool, check_real, epoch_rng, host_selection
+from crestcore.baselines._gradmatch import _check_target  # the input checks are the library's; the maths is frozen
 from crestcore.facility import Selection, facility_location
 from crestcore.similarity import compute_dtype, prepare
 
@@ -110,19 +111,6 @@ def gram_nnls_reference(Q: np.ndarray, h: np.ndarray, w0: np.ndarray | None = No
     return w
 
 
-def _check_target_ref(xp, target, matrix, name: str) -> None:
-    """``target`` must be a finite 1-D vector with one entry per column of ``matrix`` (the argument
-    ``name``, already checked) and its dtype; the errors name both (the checks both functions below ran
-    inline, in this order and with these messages)."""
-    if target.ndim != 1 or target.shape[0] != matrix.shape[1]:
-        raise ValueError(f"target must be 1-D of length {matrix.shape[1]} ({name}' columns), got shape "
-                         f"{tuple(target.shape)}")
-    if target.dtype != matrix.dtype:
-        raise TypeError(f"target dtype {target.dtype} differs from {name} dtype {matrix.dtype}")
-    if not bool(xp.all(xp.isfinite(target))):
-        raise ValueError("target contains NaN or infinite values")
-
-
 def nonneg_ridge_reference(atoms, target, *, lam: float = 0.0, positive: bool = True):
     """Weights ``w`` minimising ``||target - sum_j w_j atoms[j]||^2 + lam ||w||^2`` subject to ``w >= 0``.
 
@@ -138,7 +126,7 @@ def nonneg_ridge_reference(atoms, target, *, lam: float = 0.0, positive: bool = 
     """
     xp = namespace(atoms, target, names=("atoms", "target"))
     check_float_matrix(xp, atoms, "atoms")
-    _check_target_ref(xp, target, atoms, "atoms")
+    _check_target(xp, target, atoms, "atoms")
     lam = check_real(lam, "lam", low=0.0)
     positive = check_bool(positive, "positive")
     A = np.asarray(to_numpy(atoms), dtype=np.float64)
@@ -290,7 +278,7 @@ def gradmatch_reference(
     if target is not None:
         if labels is not None:
             raise ValueError("target cannot be combined with labels (each class matches its own gradient sum)")
-        _check_target_ref(xp, target, gradients, "gradients")
+        _check_target(xp, target, gradients, "gradients")
     lam = check_real(lam, "lam", low=0.0)
     tol = check_real(tol, "tol", low=0.0)
     positive = check_bool(positive, "positive")

@@ -89,13 +89,14 @@ class _HostValGrad:
         return np.matmul(buf, self.E, out=self.out).reshape(-1)
 
 
-def _kth_remaining(removed_sorted: np.ndarray, pos: np.ndarray) -> np.ndarray:
+def _kth_remaining(removed_sorted: np.ndarray, pos: np.ndarray, ranks: np.ndarray | None = None) -> np.ndarray:
     """The ``pos``-th (0-based) indices not in ``removed_sorted`` (ascending distinct ints), vectorised.
 
     The m-th removed index has ``removed[m] - m`` kept indices below it, so the answer to position p is
-    ``p`` plus the number of removed indices with ``removed[m] - m <= p``.
+    ``p`` plus the number of removed indices with ``removed[m] - m <= p``. ``ranks``: ``0..size-1``
+    when the caller keeps it (a loop over picks need not make it afresh).
     """
-    below = removed_sorted - np.arange(removed_sorted.size)
+    below = removed_sorted - (np.arange(removed_sorted.size) if ranks is None else ranks)
     return pos + np.searchsorted(below, pos, side="right")
 
 
@@ -245,8 +246,7 @@ def glister(
         elif host:  # the same as below, without the wrappers and with removed kept in place
             pos = gen.choice(n - t, size=min(s, n - t), replace=False)
             done = removed[:t]
-            below = done - steps[:t]  # _kth_remaining(done, pos)
-            cand = pos.astype(np.int64, copy=False) + below.searchsorted(pos, side="right")
+            cand = _kth_remaining(done, pos.astype(np.int64, copy=False), steps[:t])
             cand.sort()
             g = eta * np.matmul(train_grads.take(cand, axis=0), gval)
             loc = int(g.argmax())
