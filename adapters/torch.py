@@ -799,7 +799,7 @@ class TorchModelOps:
         >>> p.shape, p.dtype  # 4 * 2 weights and 2 biases
         (torch.Size([10]), torch.float32)
         """
-        return _wide(torch.cat([p.detach().reshape(-1) for p in self._trainable()]).clone())
+        return _wide(torch.cat([p.detach().reshape(-1) for p in self._trainable()]))  # cat: a fresh copy
 
     def _weighted_losses(self, batch, idx, w, a, b, N):
         z = self._logits(batch, b - a)

@@ -54,8 +54,11 @@ from .contract import KERNEL_NAMES, KERNELS, METRICS, OPTIMIZERS, snap_tolerance
 _MAX_TEMP_ELEMENTS = 1 << 25
 # A work buffer beside a dense (B, n, n) similarity array holds at most this fraction of it (but at
 # least _MIN_TEMP_ELEMENTS), so the peak memory of a batched solve stays close to the similarities' own.
+# The floor, 2**21 elements (8 MiB in float32), lets the many tiny problems of a CREST step (P x C of a
+# few dozen points) take their gains in one chunk: at P = 10 a 1/8 buffer cut each pick into about ten
+# chunks of three operations, and the operations' count, not their size, set the time.
 _TEMP_FRACTION = 8
-_MIN_TEMP_ELEMENTS = 1 << 16
+_MIN_TEMP_ELEMENTS = 1 << 21
 
 
 class Ops:
@@ -322,7 +325,14 @@ def greedy_batched(ops: Ops, S, valid, budgets, optimizer: str, u=None):
 
 
 def greedy_loop(ops: Ops, S, valid, budgets, K: int, optimizer: str, u=None):
-    """The greedy loop for a known ``K`` (host int): fixed-shape device work only, no host sync."""
+    """The greedy loop for a known ``K`` (host int): fixed-shape device work only, no host sync.
+
+    Every problem runs all ``K`` picks; picks at or past a problem's budget are masked to -1 (gain 0)
+    afterwards. Greedy pick ``t`` depends only on picks ``0..t-1``, so the picks within the budgets are
+    the ones a per-problem loop makes, and each pick costs about ten tensor operations (the CREST step
+    solves tiny problems, where the operations' count, not their size, sets the time). Candidates
+    that are padding or already picked carry a ``-inf`` penalty added to their gains (``gain + 0`` is
+    the gain exactly, so the argmax, first maximum on ties, is the masked one's)."""
     xp = ops.xp
     B, n, _ = S.shape
     dev, dt = ops.device(S), S.dtype
@@ -331,27 +341,25 @@ def greedy_loop(ops: Ops, S, valid, budgets, K: int, optimizer: str, u=None):
     budgets = ops.astype(budgets, device=dev)
     valid = ops.astype(valid, ops.bool_, dev)
     cover = ops.zeros((B, n), dt, dev)
-    remaining = ops.copy(valid)
     neg_inf = ops.full((), -math.inf, dt, dev)
-    minus_one = ops.full((), -1, ops.int64, dev)
-    zero = ops.zeros((), dt, dev)
+    penalty = xp.where(valid, ops.zeros((), dt, dev), neg_inf)  # -inf: not a candidate
     chunk = _gain_chunk(B, n)
     buf = ops.empty((B, n, min(chunk, n)), dt, dev)
     idx_cols, gain_cols = [], []
     for t in range(K):
         gains = _dense_gains(ops, S, cover, buf, chunk)
-        cand = remaining
         if optimizer == "stochastic":
-            cand = _stochastic_mask(ops, remaining, u[:, t, :])
-        j = xp.argmax(xp.where(cand, gains, neg_inf), axis=1)[:, None]  # first maximum: lowest index
-        active = budgets > t
-        g = ops.take_along_rows(gains, j)[:, 0]
-        col = ops.take_columns(S, j)[:, :, 0]  # S[b, :, j_b]
-        cover = xp.where(active[:, None], xp.maximum(cover, col), cover)
-        ops.put_along_rows_(remaining, j, ops.take_along_rows(remaining, j) & ~active[:, None])
-        idx_cols.append(xp.where(active, j[:, 0], minus_one))
-        gain_cols.append(xp.where(active, g, zero))
-    return xp.stack(idx_cols, axis=1), xp.stack(gain_cols, axis=1)
+            cand = _stochastic_mask(ops, penalty == 0, u[:, t, :])
+            j = xp.argmax(xp.where(cand, gains, neg_inf), axis=1)[:, None]
+        else:
+            j = xp.argmax(gains + penalty, axis=1)[:, None]  # first maximum: lowest index
+        gain_cols.append(ops.take_along_rows(gains, j)[:, 0])
+        idx_cols.append(j[:, 0])
+        cover = xp.maximum(cover, ops.take_columns(S, j)[:, :, 0])  # S[b, :, j_b]
+        ops.put_along_rows_(penalty, j, -math.inf)
+    active = ops.arange(0, K, dev)[None, :] < budgets[:, None]
+    picks = xp.where(active, xp.stack(idx_cols, axis=1), ops.full((), -1, ops.int64, dev))
+    return picks, xp.where(active, xp.stack(gain_cols, axis=1), ops.zeros((), dt, dev))
 
 
 def assign_batched(ops: Ops, S, valid, indices):

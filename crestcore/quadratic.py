@@ -95,14 +95,14 @@ class QuadraticState(NamedTuple):
     n_h: int
 
 
-def _check_vec(xp, v, name, dim=None, *, diverged: bool = False):
+def _check_vec(xp, v, name, dim=None, *, diverged: bool = False, finite: bool = True):
     if v.ndim != 1:
         raise ValueError(f"{name} must be a 1-D (flat) vector, got shape {tuple(v.shape)}")
     if dim is not None and v.shape[0] != dim:
         raise ValueError(f"{name} has length {v.shape[0]}, expected {dim}")
     if not xp.isdtype(v.dtype, "real floating"):
         raise TypeError(f"{name} must be real floating, got {v.dtype}")
-    if not bool(xp.all(xp.isfinite(v))):
+    if finite and not bool(xp.all(xp.isfinite(v))):
         if diverged:
             raise DivergenceError(
                 f"{name} contains NaN or infinite values: the model's gradient or curvature is not finite, "
@@ -288,7 +288,7 @@ def quadratic_predict(state: QuadraticState, delta, config: QuadraticConfig = Qu
     0.625
     """
     xp = namespace(state.g_ema, delta, names=("state", "delta"))
-    _check_vec(xp, delta, "delta", state.g_ema.shape[0])
+    _check_vec(xp, delta, "delta", state.g_ema.shape[0], finite=False)
     if not math.isfinite(state.anchor_loss):
         raise ValueError("the model has no anchor yet: call quadratic_anchor first")
     g = _gradient(state, config)
@@ -298,6 +298,9 @@ def quadratic_predict(state: QuadraticState, delta, config: QuadraticConfig = Qu
         val = xp.sum(g * delta) + 0.5 * xp.sum(h * delta * delta)
     out = state.anchor_loss + float(val)
     if not math.isfinite(out):
+        # a NaN or infinite entry of delta always makes the sums non-finite (0 * inf is NaN), so delta's
+        # own check runs only here: the trust check calls this at every step, on every parameter
+        _check_vec(xp, delta, "delta")
         raise DivergenceError(
             f"the quadratic model's prediction is not finite ({out}): the step from the anchor or the "
             "curvature is exploding, training has diverged"

@@ -316,6 +316,21 @@ def test_bad_predict_inputs():
         quadratic_predict(unanchored, np.zeros(3))
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_non_finite_delta_named_where_the_model_is_zero(bad, lib):
+    # delta's finiteness is checked only once the prediction comes out non-finite: that must hold even
+    # where the gradient and the curvature are exactly 0 (0 * inf is NaN, not 0)
+    s = quadratic_update(quadratic_anchor(quadratic_init(np.zeros(3)), 1.0),
+                         grad=np.array([1.0, 0.0, 2.0]), zhz=np.array([1.0, 0.0, 0.5]))
+    delta = np.array([0.1, bad, 0.2])
+    if lib == "torch":
+        s = s._replace(g_ema=torch.from_numpy(s.g_ema), h_ema=torch.from_numpy(s.h_ema))
+        delta = torch.from_numpy(delta)
+    with pytest.raises(ValueError, match="delta contains NaN or infinite"):
+        quadratic_predict(s, delta)
+
+
 def test_bad_anchor_and_init():
     with pytest.raises(ValueError, match="loss"):
         quadratic_anchor(quadratic_init(np.zeros(2)), float("nan"))
