@@ -259,17 +259,20 @@ def similarity_batched(ops: Ops, X, valid, metric: str, kernel: str, scale: floa
     sq = None if metric == "cosine" else _sqnorms(xp, X)
     D = distances(ops, Xn, Xn, sq, sq, metric)
     ops.zero_diagonal_(D)
-    not_row = ~valid[:, :, None]
-    not_col = ~valid[:, None, :]
-    ops.fill_where_(D, not_row, 0.0)
-    ops.fill_where_(D, not_col, 0.0)
+    # padded rows and columns to exactly 0 by multiplying with 0/1 masks (broadcast, in place): D and S
+    # are finite and >= 0 here (snapped distances; M - D with M the maximum; exp), so x * 1 is x and
+    # x * 0 is +0, the values a masked fill writes, at a fraction of a broadcast masked fill's time
+    keep = ops.astype(valid, D.dtype)
+    keep_row, keep_col = keep[:, :, None], keep[:, None, :]
+    D *= keep_row
+    D *= keep_col
     M = None
     if kernel == "max-minus":  # each problem's largest distance
         B, n = D.shape[0], D.shape[1]
         M = xp.amax(D, axis=(1, 2))[:, None, None] if B * n else ops.zeros((B, 1, 1), D.dtype, ops.device(D))
     S = _to_similarities(xp, D, kernel, M, scale)
-    ops.fill_where_(S, not_row, 0.0)
-    ops.fill_where_(S, not_col, 0.0)
+    S *= keep_row
+    S *= keep_col
     return S
 
 
