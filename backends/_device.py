@@ -21,9 +21,10 @@ Design choices
   few hundred per class, ``B = P x C`` problems) this dense batched computation is a handful of
   memory-bound kernels per step, cheaper than the data-dependent control flow of a lazy queue, and it
   makes the two optimizers return the same picks trivially. ``"lazy"`` is accepted and runs this.
-* **Memory.** One work buffer ``(B, n, c)`` is reused across steps; ``c = n`` unless ``B * n * n``
-  exceeds ``_MAX_TEMP_ELEMENTS``, in which case the gain computation is chunked over candidates (a
-  static Python loop, still no sync). ``similarity_batched`` builds the ``(B, n, n)`` result in place
+* **Memory.** One work buffer ``(B, n, c)`` is reused across steps; ``c = n`` unless that exceeds
+  an eighth of the similarities (``_TEMP_FRACTION``) and ``_MIN_TEMP_ELEMENTS`` (2^21), or
+  ``_MAX_TEMP_ELEMENTS``, in which case the gain computation is chunked over candidates (a static
+  Python loop, still no sync). ``similarity_batched`` builds the ``(B, n, n)`` result in place
   (one matmul output plus small work buffers), never a ``(B, n, n)`` boolean mask.
 * **Stochastic greedy** samples exactly as the reference: positions ``floor(u * R)`` (computed in
   ``u``'s dtype, as the reference does) into the remaining candidates ordered by index. The candidate
