@@ -628,6 +628,20 @@ def test_pruning_only_touches_below_mean_examples(seed, n, ratio):
     assert float(sel.objective) == pytest.approx(losses.mean())
 
 
+@pytest.mark.parametrize("n", [3, 7, 10, 33])
+@pytest.mark.parametrize("value", [0.1, 1.0 / 3.0, 2.7])
+@pytest.mark.parametrize("lib", ["numpy32", "numpy64", "torch64"])
+def test_pruning_equal_losses_prunes_nothing(n, value, lib):
+    torch = pytest.importorskip("torch")
+    # the rounded mean of equal losses can be an ulp above them (3 x 0.1: 0.10000000000000002); none of
+    # them is below the mean, so none may be pruned
+    losses = {"numpy32": lambda: np.full(n, value, dtype=np.float32), "numpy64": lambda: np.full(n, value),
+              "torch64": lambda: torch.full((n,), value, dtype=torch.float64)}[lib]()
+    sel = prune_schedule(losses, ratio=0.5, epoch=0, epochs=8, rng=0)
+    np.testing.assert_array_equal(to_numpy(sel.indices), np.arange(n))
+    np.testing.assert_array_equal(to_numpy(sel.weights), 1.0)
+
+
 def test_pruning_keeps_the_expected_gradient_unbiased():
     """E[sum_kept w_i g_i] = sum_i g_i: mean over T epochs within 5 standard errors (fixed seed)."""
     rng = np.random.default_rng(21)

@@ -86,7 +86,12 @@ def prune_schedule(losses, *, ratio: float = 0.5, epoch, epochs, anneal: float =
     # unchanged by that exact scaling, and the mean (at most the largest loss) always fits back
     lc, _, _, e = prepare(xp, losses, metric="euclidean", kernel=None, scale=1.0)
     mean_c = xp.mean(lc)
-    low = np.asarray(to_numpy(lc < mean_c), dtype=bool)
+    # "below the mean" is decided on the losses minus the largest one: equal losses are then all exactly
+    # 0 (their mean too), where the rounded mean of the losses themselves can land an ulp above them and
+    # make every one of them "below the mean"
+    top = xp.max(lc)
+    centred = lc - top
+    low = np.asarray(to_numpy(centred < xp.mean(centred)), dtype=bool)
     mean = restore(xp, mean_c, e, losses.dtype, "mean loss")
     weights = np.ones(n)
     keep = np.ones(n, dtype=bool)
