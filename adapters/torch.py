@@ -318,10 +318,12 @@ def _nbytes(batch) -> int:
     return 64
 
 
-def _rows_tree(batches: list, take=None):
+def _rows_tree(batches: list, take=None, counts=None):
     """Collated batches joined along their first dimension (``take`` None), or the rows ``take`` (a
     slice or an int64 index tensor) of one joined batch; tensors nested in tuples, lists, NamedTuples and
-    dicts. None when a leaf is not a tensor with a row per example (it cannot be indexed by example)."""
+    dicts. None when a leaf is not a tensor with a row per example (it cannot be indexed by example): with
+    ``counts`` (the examples of each batch), a leaf whose first dimension is not its batch's example count
+    (a sequence-first layout, a shared tensor) is not one."""
     first = batches[0] if take is None else batches
     if isinstance(first, torch.Tensor):
         if first.ndim == 0:
@@ -330,16 +332,18 @@ def _rows_tree(batches: list, take=None):
             # chunks padded to their own longest item (a padding collate_fn) cannot be joined: not kept
             same = all(isinstance(b, torch.Tensor) and b.ndim == first.ndim and b.shape[1:] == first.shape[1:]
                        and b.dtype == first.dtype for b in batches)
+            if counts is not None:
+                same = same and all(b.shape[0] == c for b, c in zip(batches, counts))
             return torch.cat(batches) if same else None
         return first[take] if isinstance(take, slice) else first.index_select(0, take)
     parts = (lambda i: [b[i] for b in batches]) if take is None else (lambda i: first[i])
     if isinstance(first, tuple) or isinstance(first, list):
-        out = [_rows_tree(parts(i), take) for i in range(len(first))]
+        out = [_rows_tree(parts(i), take, counts) for i in range(len(first))]
         if any(o is None for o in out):
             return None
         return type(first)(*out) if hasattr(first, "_fields") else type(first)(out)
     if isinstance(first, dict):
-        got = {k: _rows_tree(parts(k), take) for k in first}
+        got = {k: _rows_tree(parts(k), take, counts) for k in first}
         return None if any(v is None for v in got.values()) else got
     return None
 
@@ -380,6 +384,14 @@ def _unshared(batch, host):
 _CACHE_PASSES = 256
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def _no_autocast(device_type: str):
+    """A region with autocast off on ``device_type`` (nothing to turn off where autocast does not exist)."""
+    try:
+        return torch.autocast(device_type, enabled=False)
+    except (RuntimeError, ValueError):  # a device type without autocast
+        return contextlib.nullcontext()
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -563,7 +575,9 @@ class TorchModelOps:
         return torch.device("cpu")
 
     def _dtype(self) -> torch.dtype:
-        for p in self._trainable():
+        """The dtype the measurement passes give floating-point inputs: the model's first floating-point
+        parameter's, trainable or not (a frozen bfloat16 backbone under a float32 head takes bfloat16)."""
+        for p in self.model.parameters():
             if p.is_floating_point():
                 return p.dtype
         return torch.get_default_dtype()
@@ -575,7 +589,10 @@ class TorchModelOps:
         saved = [(b, b.detach().clone()) for b in self.model.buffers()]
         self.model.eval()
         try:
-            yield
+            # outside autocast (a loop may call the loader inside an autocast region): the model is
+            # measured in its own dtype, as documented
+            with _no_autocast(self.device.type):
+                yield
         finally:
             with torch.no_grad():
                 for b, s in saved:
@@ -637,7 +654,8 @@ class TorchModelOps:
         self._cache_sizes.clear()
 
     def _remember(self, idx: np.ndarray, batches: list, size: int) -> None:
-        joined = _rows_tree(batches)
+        counts = [b - a for a, b in _common.chunk_spans(idx.size, self.batch_size)]  # the chunks _batches read
+        joined = _rows_tree(batches, counts=counts)
         if joined is None:  # not indexable by example: not kept
             return
         order = np.argsort(idx, kind="stable")
@@ -674,9 +692,11 @@ class TorchModelOps:
         if self._pool is None:
             from torch.utils.data import DataLoader
 
+            # its own generator: the workers' base seed is drawn from it, never from torch's global RNG
+            # (the user's), which a DataLoader without one advances
             self._pool = DataLoader(self.dataset, batch_sampler=_IndexLists(), num_workers=self.num_workers,
                                     collate_fn=self._collate if self._collate is not None else default_collate,
-                                    persistent_workers=True)
+                                    persistent_workers=True, generator=torch.Generator().manual_seed(0))
         return self._pool
 
     def _logits(self, batch, k: int):
@@ -985,10 +1005,12 @@ def check_loader_arguments(*, config=None, budget=0.1, epochs=1, seed=0, budget_
 def _weighted_batch(loader, indices: np.ndarray, weights: np.ndarray):
     """What a loader (:class:`CrestLoader`, ``SubsetLoader``) yields for one batch: the examples ``indices``
     collated and moved to its ``device`` (default the model's), with their ``weights`` appended as a
-    tensor in the dtype of the trainable parameters."""
+    tensor in the model's floating dtype (float32 for a float16 or bfloat16 model: weights are not rounded
+    to half precision)."""
     dev = loader._device if loader._device is not None else loader.ops.device
     data = _to_device(loader._fetch(indices), dev)
-    w = torch.as_tensor(weights, dtype=loader.ops._dtype()).to(dev)
+    dt = loader.ops._dtype()
+    w = torch.as_tensor(weights, dtype=torch.float32 if dt in _HALF else dt).to(dev)  # never rounded to 8 bits
     if isinstance(data, (tuple, list)):
         return (*data, w)
     return data, w
@@ -1206,7 +1228,8 @@ class CrestLoader(BudgetedPasses):
         if anchor is None:
             return
         first = self.ops._trainable()[0]
-        if anchor.device != first.device or anchor.dtype != first.dtype:
+        # params() (and so the anchor) is float32 for a half-precision model: compare with that dtype
+        if anchor.device != first.device or anchor.dtype != _wide(first.detach()[:0]).dtype:
             self._state = _common.rehomed(self._state, self.ops.params())
 
     # -- feedback and observability -------------------------------------------------------------

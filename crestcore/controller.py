@@ -784,9 +784,14 @@ def _select_next(state: CrestState, ops, config: CrestConfig) -> CrestState:
 
 
 def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
+    w = ops.params()
+    if state.anchor is not None and w.shape != state.anchor.shape:
+        # the trainable parameters changed since the anchor (a layer unfrozen or frozen mid-run): the
+        # quadratic model belongs to the old ones, so no check is possible; a new selection starts a new
+        # model on the new parameters, its curvature the new reference for the schedule (as at the first)
+        return state._replace(need_select=True, quad=None, anchor=None, h_norm_0=math.nan)
     xp, logits, emb, y, losses = _forward(state, ops, state.check_idx, config)
     L_R = float(to_numpy(xp.mean(losses)))
-    w = ops.params()
     namespace(w, state.anchor, names=("params()", "anchor"))  # same library and device
     assert state.quad is not None, "a trust check runs only after a selection set the quadratic model"
     F = quadratic_predict(state.quad, w - state.anchor, config.quadratic)

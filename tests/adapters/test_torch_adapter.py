@@ -664,3 +664,119 @@ def test_a_cpu_training_loop_never_starts_numba():
         "print(loader.stats['counters']['selections'] > 0, 'numba' in sys.modules)\n"
     )
     assert fresh_python(code) == ["True", "False"]
+
+
+def test_unfreezing_mid_run_starts_a_new_anchor():
+    """Gradual unfreezing: the trainable parameters grow between checks. The quadratic model belongs to the
+    old ones, so the next step reselects (a new anchor over all of them) instead of failing on the shapes."""
+    import torch.nn.functional as F
+    from torch.utils.data import TensorDataset
+
+    from crestcore.adapters.torch import CrestLoader
+
+    X = torch.randn(400, 6, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(400) % 4
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    model[0].requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    loader = CrestLoader(model, TensorDataset(X, y), config=CrestConfig(m=16), budget=0.5, epochs=2)
+    sizes = []
+    for epoch in range(2):
+        if epoch == 1:
+            model[0].requires_grad_(True)
+            first_step = loader.stats["step"]
+        for x, yy, w in loader:
+            loss = (w * F.cross_entropy(model(x), yy, reduction="none")).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sizes.append(int(loader.controller_state.anchor.shape[0]))
+    assert sizes[0] == 4 * 16 + 4 and sizes[-1] == 6 * 16 + 16 + 4 * 16 + 4
+    assert first_step in loader.stats["selections"]  # reselected at the first step after unfreezing
+
+
+def test_sequence_first_batches_are_measured_not_kept():
+    """A collate_fn that puts the sequence first ((L, B) token ids, nn.LSTM's default layout): the cache
+    must not index the sequence dimension as examples. Cached and uncached runs train identically."""
+    import torch.nn.functional as F
+    from torch.utils.data import Dataset
+
+    n, L = 300, 40
+    toks = torch.randint(1, 50, (n, L), generator=torch.Generator().manual_seed(0))
+    labels = toks[:, 0] % 3
+
+    class Seqs(Dataset):
+        targets = labels
+
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            return toks[i], labels[i]
+
+    def seq_first(items):
+        return torch.stack([t for t, _ in items], 1), torch.stack([y for _, y in items])
+
+    class LSTMC(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lstm, self.fc = torch.nn.Embedding(50, 8), torch.nn.LSTM(8, 8), torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            h, _ = self.lstm(self.emb(x))
+            return self.fc(h[-1])
+
+    finals = []
+    for cache in (0, 256 << 20):
+        torch.manual_seed(0)
+        model = LSTMC()
+        opt = torch.optim.SGD(model.parameters(), 0.1)
+        loader = CrestLoader(model, Seqs(), config=CrestConfig(m=16), budget=0.3, epochs=1, collate_fn=seq_first,
+                             seed=0, measure_cache_bytes=cache)
+        for x, y, w in loader:
+            loss = (w * F.cross_entropy(model(x), y, reduction="none")).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        finals.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert torch.equal(finals[0], finals[1])
+
+
+def test_measurement_is_outside_autocast_and_takes_a_frozen_backbones_dtype():
+    """Two precision set-ups: a loop that iterates the loader inside ``torch.autocast`` (the measurement
+    runs in the model's own float32, as without autocast), and a frozen bfloat16 backbone under a float32
+    head (the inputs are cast to the backbone's dtype, not the head's)."""
+    X = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(64) % 3
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    ops = TorchModelOps(model, TensorDataset(X, y))
+    plain = ops.outputs(np.arange(64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = ops.outputs(np.arange(64))
+    assert inside.dtype == torch.float32 and torch.equal(inside, plain)
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU()).bfloat16().requires_grad_(False)
+            self.head = torch.nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(self.backbone(x).float())
+
+    probe = Probe()
+    ops = TorchModelOps(probe, TensorDataset(X, y))
+    expected = probe(X[:5].bfloat16())
+    np.testing.assert_array_equal(ops.outputs(np.arange(5)).detach().numpy(), expected.detach().numpy())
+
+
+def test_measurement_workers_leave_the_global_rng_alone():
+    """The measurement passes' worker pool seeds its workers from its own generator, not torch's global RNG."""
+    X = torch.randn(96, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(96) % 2
+    ops = TorchModelOps(torch.nn.Linear(4, 2), TensorDataset(X, y), num_workers=1, collate_fn=torch.utils.data.default_collate)
+    before = torch.get_rng_state()
+    ops.outputs(np.arange(0, 96, 3))
+    ops.outputs(np.arange(1, 96, 3))
+    assert torch.equal(torch.get_rng_state(), before)
