@@ -217,11 +217,16 @@ def _sqnorms(X, out):
         out[i] = s
 
 
+# the contract's zero-distance snap for cosine distances (absolute), at this module's float64 arithmetic
+_COSINE_SNAP = snap_tolerance(np.finfo(np.float64).eps)
+
+
 @njit(cache=True, nogil=True, inline='always')
 def _cosine_distance(dot, nj, ni):
-    """1 - cos of two points from their dot product and squared norms nj, ni, clipped to [0, 2]; 1 when a
-    norm is 0. The one place of this module that computes a cosine distance (_tile_row and the fused
-    kernel's rows)."""
+    """1 - cos of two points from their dot product and squared norms nj, ni, clipped to [0, 2] and
+    snapped to exactly 0 within the contract's tolerance (parallel points: the rounding of the division
+    leaves a few ulps, the reference and the device kernels snap them too); 1 when a norm is 0. The one
+    place of this module that computes a cosine distance (_tile_row and the fused kernel's rows)."""
     c = 0.0
     if nj > 0.0 and ni > 0.0:
         # sqrt(|x_i|^2 |x_j|^2): for x_i = x_j (or parallel by a power of 2) dot and denominator are
@@ -230,7 +235,8 @@ def _cosine_distance(dot, nj, ni):
         # a product of two tiny squared norms can underflow to 0: then the (non-zero) product
         # of the square roots, never a division by zero
         c = dot / (math.sqrt(den) if den > 0.0 else math.sqrt(nj) * math.sqrt(ni))
-    return min(max(1.0 - c, 0.0), 2.0)
+    D = min(max(1.0 - c, 0.0), 2.0)
+    return 0.0 if D <= _COSINE_SNAP else D
 
 
 @njit(cache=True, nogil=True, inline='always')

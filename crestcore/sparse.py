@@ -43,6 +43,7 @@ import numbers
 import numpy as np
 
 from ._compat import device_of, from_numpy, namespace, namespace_name, to_numpy
+from .backends import snap_tolerance  # the kernel contract (crestcore.backends.contract)
 from .similarity import pairwise_distances
 
 __all__ = [
@@ -215,6 +216,8 @@ def _edge_distances(xp, X, nbr: np.ndarray, metric: str):
             ok = den > 0
             cos = xp.where(ok, dot / xp.where(ok, den, xp.ones_like(den)), xp.zeros_like(dot))
             D = xp.clip(1.0 - cos, 0.0, 2.0)
+            # the contract's snap (absolute for cosine), as the dense paths: parallel rows at exactly 0
+            D = xp.where(D <= snap_tolerance(xp.finfo(X.dtype).eps), xp.zeros_like(D), D)
         else:
             diff = Xn - Xi
             D = xp.sum(diff * diff, axis=2)

@@ -597,3 +597,23 @@ def test_default_max_dense_bytes_follows_available_memory_and_the_path_is_report
     two = crestcore.facility_location(small, 10, labels=(np.arange(600) < 500).astype(np.int64),
                                       max_dense_bytes=300 * 300 * 8)
     assert two.path == "dense+matrix-free"
+
+
+@pytest.mark.parametrize("neighbors", [None, 3])
+def test_parallel_rows_are_at_cosine_distance_zero_on_every_backend(neighbors):
+    """Parallel rows (every row of a 2-class logit gradient is a multiple of [1, -1]) are at cosine
+    distance exactly 0 on every path, so Numba, torch and the reference pick and weigh alike."""
+    torch = pytest.importorskip("torch")
+    X = np.array([[0.1], [-1.0], [-2.0], [0.7]])
+    kw = dict(metric="cosine", neighbors=neighbors)
+    host = crestcore.facility_location(X, 3, **kw)
+    ref = crestcore.facility_location(X, 3, backend="reference", **kw)
+    dev = crestcore.facility_location(torch.from_numpy(X), 3, **kw)
+    for other in (ref, dev):
+        np.testing.assert_array_equal(_np(other.indices), _np(host.indices))
+        np.testing.assert_array_equal(_np(other.weights), _np(host.weights))
+    np.testing.assert_array_equal(_np(host.weights), [2, 2, 0])
+    G = np.outer(np.random.default_rng(0).normal(size=40), [1.0, -1.0])
+    a = crestcore.facility_location(G, 4, metric="cosine")
+    b = crestcore.facility_location(G, 4, metric="cosine", backend="reference")
+    np.testing.assert_array_equal(_np(a.weights), _np(b.weights))
