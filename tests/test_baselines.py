@@ -729,3 +729,24 @@ def test_pruning_bad_inputs_and_inputs_untouched():
     for args, kw, exc, match in cases:
         with pytest.raises(exc, match=match):
             prune_schedule(*args, **kw)
+
+
+def test_gradmatch_and_glister_on_immutable_arrays():
+    """JAX arrays cannot be written in place: the selections build their bookkeeping anew there and give
+    the NumPy answers."""
+    jnp = pytest.importorskip("jax.numpy")
+    rng = np.random.default_rng(4)
+    G, y = rng.normal(size=(30, 4)) + 0.3, _labels(rng, 30, 2)
+    for kw in (dict(labels=y), dict()):
+        a = gradmatch(jnp.asarray(G, dtype=jnp.float32), 5, lam=0.1, **{k: jnp.asarray(v) for k, v in kw.items()})
+        b = gradmatch(G.astype(np.float32), 5, lam=0.1, **kw)
+        np.testing.assert_array_equal(np.asarray(a.indices), to_numpy(b.indices))
+    z, e, yv = rng.normal(size=(12, 3)), np.abs(rng.normal(size=(12, 2))), np.arange(12) % 3
+    Gw = rng.normal(size=(30, 6))
+    args = [Gw, z, yv, 5]
+    a = glister(*[jnp.asarray(v, dtype=jnp.float32) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else
+                  (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for v in args],
+                val_embeddings=jnp.asarray(e, dtype=jnp.float32), eta=0.1)
+    b = glister(*[v.astype(np.float32) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v for v in args],
+                val_embeddings=e.astype(np.float32), eta=0.1)
+    np.testing.assert_array_equal(np.asarray(a.indices), to_numpy(b.indices))

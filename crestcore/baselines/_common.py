@@ -12,6 +12,19 @@ from .._validation import make_rng
 from ..facility import Selection
 
 
+def set_row(xp, a, i: int, value):
+    """``a`` with ``a[i] = value`` (a row, or an element of a vector): written in place where the
+    library allows it, else built anew (JAX arrays are immutable; the array API has no functional update,
+    so the row is chosen with ``where``, O(size) instead of O(row))."""
+    try:
+        a[i, ...] = value
+        return a
+    except TypeError:
+        hit = xp.arange(a.shape[0], device=a.device) == i
+        hit = xp.reshape(hit, (a.shape[0],) + (1,) * (a.ndim - 1))
+        return xp.where(hit, xp.asarray(value, dtype=a.dtype, device=a.device), a)
+
+
 def check_real(value, name: str, *, low: float | None = None, high: float | None = None,
                low_open: bool = False, high_open: bool = False) -> float:
     """A finite real number in the stated interval; errors name the argument."""

@@ -10,7 +10,7 @@ from .._compat import device_of, from_numpy, is_numpy_namespace, namespace, to_n
 from .._validation import DivergenceError, check_choice, check_epsilon, check_float_matrix, check_int, check_labels
 from ..similarity import compute_dtype
 from ..facility import Selection
-from ._common import check_real, epoch_rng, host_selection
+from ._common import check_real, epoch_rng, host_selection, set_row
 
 OPTIMIZERS = ("naive", "stochastic")
 
@@ -242,7 +242,7 @@ def glister(
             g = eta * xp.matmul(train_grads, gval)
             j = int(to_numpy(xp.argmax(xp.where(avail, g, neg_inf))))
             gj = float(to_numpy(g[j]))
-            avail[j] = False
+            avail = set_row(xp, avail, j, False)
         elif host:  # the same as below, without the wrappers and with removed kept in place
             pos = gen.choice(n - t, size=min(s, n - t), replace=False)
             done = removed[:t]

@@ -11,7 +11,7 @@ from .._compat import device_of, from_numpy, is_numpy_namespace, namespace, to_n
 from ..similarity import prepare
 from .._validation import check_float_matrix, check_int, hamilton, labels_to_host
 from ..facility import Selection
-from ._common import check_bool, check_real, host_selection
+from ._common import check_bool, check_real, host_selection, set_row
 
 
 # ------------------------------------------------------------------------------------------------
@@ -452,7 +452,7 @@ def _omp(xp, A, b, k: int, lam: float, tol: float, positive: bool):
         tried += 1
         taken[j] = True
         if not host:
-            avail[j] = False
+            avail = set_row(xp, avail, j, False)
         a_j = A[j, ...]
         if s == cap:
             cap = min(2 * cap, k, n)
@@ -472,7 +472,7 @@ def _omp(xp, A, b, k: int, lam: float, tol: float, positive: bool):
             Q[s, s] = float(to_numpy(xp.sum(a_j * a_j))) + lam
             h[s] = float(to_numpy(xp.sum(a_j * b)))
         qmax = max(qmax, abs(Q[s, s]))
-        rows[s, ...] = a_j
+        rows = set_row(xp, rows, s, a_j)
         support[s] = j
         gains[s] = 0.0
         s += 1
