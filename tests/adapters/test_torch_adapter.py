@@ -775,7 +775,8 @@ def test_measurement_workers_leave_the_global_rng_alone():
     """The measurement passes' worker pool seeds its workers from its own generator, not torch's global RNG."""
     X = torch.randn(96, 4, generator=torch.Generator().manual_seed(0))
     y = torch.arange(96) % 2
-    ops = TorchModelOps(torch.nn.Linear(4, 2), TensorDataset(X, y), num_workers=1, collate_fn=torch.utils.data.default_collate)
+    ops = TorchModelOps(torch.nn.Linear(4, 2), TensorDataset(X, y), num_workers=1,
+                        collate_fn=torch.utils.data.default_collate)
     before = torch.get_rng_state()
     ops.outputs(np.arange(0, 96, 3))
     ops.outputs(np.arange(1, 96, 3))
