@@ -40,8 +40,8 @@ def check_float_matrix(xp, X, name: str, *, square: bool = False) -> float:
         raise ValueError(f"{name} must be a square (n, n) similarity matrix, got shape {tuple(X.shape)}")
     if not xp.isdtype(X.dtype, "real floating"):
         raise TypeError(f"{name} must have a real floating dtype (float16, bfloat16, float32 or float64), got {X.dtype}")
-    hi = float(xp.max(X))
-    lo = float(xp.min(X))
+    hi = float(to_numpy(xp.max(X)))  # to_numpy: detached (a tensor that requires grad warns on float())
+    lo = float(to_numpy(xp.min(X)))
     if not (math.isfinite(hi) and math.isfinite(lo)):
         raise ValueError(f"{name} contains NaN or infinite values")
     return max(hi, -lo)
@@ -145,6 +145,8 @@ def make_rng(rng, name: str = "rng") -> np.random.Generator:
     if isinstance(rng, bool) or rng is None:
         raise TypeError(f"{name} must be an int seed or a numpy.random.Generator, got {rng!r}")
     if isinstance(rng, numbers.Integral):
+        if int(rng) < 0:
+            raise ValueError(f"{name} seed must be non-negative, got {int(rng)}")
         return np.random.default_rng(int(rng))
     if isinstance(rng, np.random.SeedSequence):
         return np.random.default_rng(rng)

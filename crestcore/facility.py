@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import _reference_kernels as ref
-from ._compat import device_of, from_numpy, namespace, namespace_name
+from ._compat import device_of, from_numpy, namespace, namespace_name, to_numpy
 from ._validation import (check_choice, check_epsilon, check_float_matrix, check_float_rows, check_int, hamilton,
                           labels_to_host, make_rng)
 from .backends import get_host_kernel, sample_sizes
@@ -469,6 +469,10 @@ def facility_location(
 def _check_dense_and_selected(S, selected):
     xp = namespace(S, selected, names=("S", "selected"))
     check_float_rows(xp, S, "S", "2-D similarity matrix")
+    if S.shape[0] and S.shape[1] and float(to_numpy(xp.min(S))) < 0:
+        # F(empty) = 0 and the gains' cover of 0 assume s >= 0 (facility_location refuses negative
+        # similarities too): with negative entries the objective and the gains would contradict each other
+        raise ValueError("S must be non-negative: facility location's objective and gains assume similarities >= 0")
     if selected.ndim != 1:
         raise ValueError(f"selected must be 1-D, got shape {tuple(selected.shape)}")
     if not xp.isdtype(selected.dtype, "integral"):
@@ -479,7 +483,7 @@ def _check_dense_and_selected(S, selected):
 
 
 def facility_objective(S, selected):
-    """``F(selected) = sum_i max_{j in selected} S[i, j]`` for a dense similarity matrix S (n, n).
+    """``F(selected) = sum_i max_{j in selected} S[i, j]`` for a dense non-negative similarity matrix S (n, n).
 
     ``selected`` is a 1-D integer array of candidate indices (may be empty: F = 0).
 
@@ -500,7 +504,7 @@ def facility_objective(S, selected):
 
 
 def marginal_gains(S, selected):
-    """Gains ``F(selected + j) - F(selected)`` of every candidate j (n,), for a dense S (n, n).
+    """Gains ``F(selected + j) - F(selected)`` of every candidate j (n,), for a dense non-negative S (n, n).
 
     Examples
     --------

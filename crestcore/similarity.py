@@ -27,7 +27,7 @@ import math
 import numbers
 import warnings
 
-from ._compat import namespace
+from ._compat import namespace, to_numpy
 from .backends import KERNELS, METRICS, snap_tolerance  # the kernel contract (crestcore.backends.contract)
 
 __all__ = [
@@ -77,7 +77,7 @@ def rescale_exponent(xp, *arrays, amax: float | None = None) -> int:
     """
     present = [a for a in arrays if a is not None]
     if amax is None:  # else the caller measured max|A| already (check_float_matrix returns it)
-        amax = max(float(xp.max(xp.abs(a))) for a in present)
+        amax = max(float(to_numpy(xp.max(xp.abs(a)))) for a in present)  # detached
     if amax == 0.0:
         return 0
     _, e = math.frexp(amax)

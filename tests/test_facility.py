@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import math
 
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
@@ -617,3 +619,24 @@ def test_parallel_rows_are_at_cosine_distance_zero_on_every_backend(neighbors):
     a = crestcore.facility_location(G, 4, metric="cosine")
     b = crestcore.facility_location(G, 4, metric="cosine", backend="reference")
     np.testing.assert_array_equal(_np(a.weights), _np(b.weights))
+
+
+def test_negative_seed_is_named_and_grad_tensors_do_not_warn():
+    X = np.random.default_rng(0).normal(size=(10, 2))
+    with pytest.raises(ValueError, match="rng seed must be non-negative"):
+        crestcore.facility_location(X, 3, optimizer="stochastic", rng=-1)
+    with pytest.raises(ValueError, match="rng seed must be non-negative"):
+        crestcore.minibatch_coresets(X, None, m=2, r=5, P=2, rng=-1)
+    torch = pytest.importorskip("torch")
+    Xt = torch.from_numpy(X).requires_grad_(True)  # e.g. gradients straight from a model
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sel = crestcore.facility_location(Xt, 3)
+    assert not sel.weights.requires_grad
+
+
+def test_objective_and_gains_refuse_negative_similarities():
+    S = -np.array([[1.0, 0.5], [0.5, 1.0]])
+    for f in (crestcore.facility_objective, crestcore.marginal_gains):
+        with pytest.raises(ValueError, match="non-negative"):
+            f(S, np.array([0]))
