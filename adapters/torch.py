@@ -83,7 +83,10 @@ def _as_labels(lab, n: int, what: str) -> np.ndarray:
             raise TypeError(f"{what} must hold integer class indices, got dtype {lab.dtype}")
         lab = lab.detach().cpu().numpy()
     elif isinstance(lab, (list, tuple)):
-        lab = np.asarray([_label_value(v, i) for i, v in enumerate(lab)], dtype=np.int64)
+        try:
+            lab = np.asarray([_label_value(v, i) for i, v in enumerate(lab)], dtype=np.int64)
+        except (TypeError, ValueError) as exc:  # e.g. a `labels` attribute holding class names
+            raise type(exc)(f"{what}: {exc} (pass labels=, one class index per example, to override)") from None
     lab = np.asarray(lab)
     if lab.ndim != 1 or lab.shape[0] != n:
         raise ValueError(f"{what} must be 1-D with one class index per example ({n}), got shape {lab.shape}")
@@ -92,6 +95,17 @@ def _as_labels(lab, n: int, what: str) -> np.ndarray:
     if n and lab.min() < 0:
         raise ValueError(f"{what} must be non-negative class indices, got minimum {lab.min()}")
     return lab.astype(np.int64, copy=True)
+
+
+def _labels_without_items(dataset) -> bool:
+    """Whether :func:`dataset_labels` finds ``dataset``'s labels without loading its examples."""
+    if isinstance(dataset, TensorDataset):
+        return True
+    if isinstance(dataset, Subset):
+        return _labels_without_items(dataset.dataset)
+    if isinstance(dataset, ConcatDataset):
+        return all(_labels_without_items(d) for d in dataset.datasets)
+    return any(getattr(dataset, a, None) is not None and not callable(getattr(dataset, a)) for a in ("targets", "labels"))
 
 
 def dataset_labels(dataset) -> np.ndarray:
@@ -117,9 +131,10 @@ def dataset_labels(dataset) -> np.ndarray:
         if len(dataset.tensors) < 2:
             raise ValueError("a TensorDataset needs (inputs, labels) tensors to give labels; pass labels=")
         return _as_labels(dataset.tensors[1], n, "the TensorDataset's second tensor")
-    if isinstance(dataset, Subset):
+    if isinstance(dataset, Subset) and _labels_without_items(dataset.dataset):
         base = dataset_labels(dataset.dataset)
         return _as_labels(base[np.asarray(dataset.indices, dtype=np.int64)], n, "the Subset's labels")
+    # (a Subset of a dataset whose labels need its items: read the Subset's own items below, not the base's)
     if isinstance(dataset, ConcatDataset):
         parts = [dataset_labels(d) for d in dataset.datasets]
         return _as_labels(np.concatenate(parts) if parts else np.zeros(0, np.int64), n, "labels")
@@ -129,8 +144,10 @@ def dataset_labels(dataset) -> np.ndarray:
             return _as_labels(v if not isinstance(v, (list, tuple)) else list(v), n, f"dataset.{attr}")
     warnings.warn(
         f"crestcore: reading all {n} examples of the {type(dataset).__name__} once to find their labels (it has no "
-        "`targets` or `labels` attribute): pass labels= (one class index per example) or give the dataset a "
-        "`targets` attribute to skip this pass. The global random states are restored afterwards.",
+        f"`targets` or `labels` attribute), taking each item's second field (item[1]) or, for dict items, the first "
+        f"of the keys {_LABEL_KEYS}: pass labels= (one class index per example) if that is not the class label, or "
+        "to skip this pass (or give the dataset a `targets` attribute). The global random states are restored "
+        "afterwards.",
         stacklevel=3,
     )
     out = np.empty(n, dtype=np.int64)
@@ -769,7 +786,9 @@ class TorchModelOps:
         layers = [self._last_layer] if self._last_layer is not None else [
             m for m in self.model.modules() if isinstance(m, nn.Linear)]
         if not layers:
-            raise ValueError("embeddings need an nn.Linear last layer; the model has none (pass last_layer=)")
+            raise ValueError("embeddings need an nn.Linear last layer and the model has none: pass last_layer= (an "
+                             "nn.Linear of the model that maps to the logits), or use CrestConfig(embeddings=False) "
+                             "(features from the logits alone)")
         handles = [m.register_forward_hook(hook) for m in layers]
         try:
             z = self._logits(batch, k)

@@ -781,3 +781,31 @@ def test_measurement_workers_leave_the_global_rng_alone():
     ops.outputs(np.arange(0, 96, 3))
     ops.outputs(np.arange(1, 96, 3))
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_labels_of_a_subset_read_only_its_items_and_name_their_source():
+    """A Subset of a dataset without `targets` reads its own items, not every item of its base; a
+    `labels` attribute of class names is refused naming the attribute and the override."""
+    from torch.utils.data import Subset
+
+    class Counted(Dataset):
+        def __init__(self):
+            self.reads = 0
+
+        def __len__(self):
+            return 1000
+
+        def __getitem__(self, i):
+            self.reads += 1
+            return torch.zeros(2), i % 3
+
+    base = Counted()
+    with pytest.warns(UserWarning, match=r"item\[1\]"):
+        lab = dataset_labels(Subset(base, list(range(10, 40))))
+    assert base.reads == 30 and lab.tolist() == [i % 3 for i in range(10, 40)]
+
+    class Named(Counted):
+        labels = ["cat", "dog", "bird"]
+
+    with pytest.raises(TypeError, match=r"dataset\.labels: .*pass labels="):
+        dataset_labels(Named())
