@@ -348,11 +348,23 @@ def sparse_greedy(nbr, sims, order, indptr, budget, optimizer, u=None):
     n, K1 = nbr.shape
     dev = device_of(sims)
     rows = order // K1
-    # in float64, as the Numba kernel: a gain is a difference of two prefix sums over the whole graph,
-    # which in float32 loses about log10(n K) digits (1e-3 relative at n = 20,000, K = 10)
+    # in float64, as the Numba kernel, which sums each candidate's terms in entry order
     wide = xp.float64
     vals = xp.astype(xp.take(xp.reshape(sims, (-1,)), order, axis=0), wide)
     lo, hi = indptr[:-1], indptr[1:]
+    ptr = np.asarray(to_numpy(indptr), dtype=np.int64)  # host copy (indptr may be in the caller's library)
+    deg = ptr[1:] - ptr[:-1]
+    W = int(deg.max()) if deg.size else 0
+    padded = n * W <= max(4 * n * K1, 1 << 20)
+    if padded:
+        # the candidates' terms laid out (n, W) in entry order, padding 0: a running sum along each row
+        # adds them in the Numba kernel's order (exact ties stay exact); unless a hub's degree would
+        # make the layout too large, then the difference of two prefix sums over the whole graph
+        # (exact ties can then come out an ulp apart)
+        slot = np.arange(W, dtype=np.int64)[None, :]
+        inside = slot < deg[:, None]
+        at = from_numpy(np.where(inside, ptr[:-1, None] + slot, 0).reshape(-1), xp, dev)
+        keep = from_numpy(inside, xp, dev)
     selected = np.zeros(n, dtype=bool)
     picks, pick_gains = [], []
     cover = xp.zeros((n,), dtype=wide, device=dev)
@@ -361,8 +373,14 @@ def sparse_greedy(nbr, sims, order, indptr, budget, optimizer, u=None):
         if cands.size == 0:
             break
         c = xp.maximum(vals - xp.take(cover, rows, axis=0), xp.zeros_like(vals))
-        cs = xp.cumulative_sum(c, include_initial=True)
-        g = to_numpy(xp.take(cs, hi, axis=0) - xp.take(cs, lo, axis=0)).astype(np.float64)
+        if padded and W:
+            terms = xp.where(keep, xp.reshape(xp.take(c, at, axis=0), (n, W)), xp.zeros((), dtype=wide, device=dev))
+            g = to_numpy(xp.cumulative_sum(terms, axis=1)[:, -1]).astype(np.float64)
+        elif padded:
+            g = np.zeros(n)
+        else:
+            cs = xp.cumulative_sum(c, include_initial=True)
+            g = to_numpy(xp.take(cs, hi, axis=0) - xp.take(cs, lo, axis=0)).astype(np.float64)
         if optimizer == "stochastic":
             pos = np.floor(to_numpy(u[t, :]) * cands.size)  # in u's dtype, as the dense path
             cands = np.unique(cands[np.minimum(pos.astype(np.int64), cands.size - 1)])

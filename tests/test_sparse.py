@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 import crestcore
 import reference as R
 from crestcore import planner
+from crestcore._compat import to_numpy
 from crestcore.sparse import check_neighbors, exact_knn
 
 METRICS = ("euclidean", "sqeuclidean", "cosine")
@@ -387,3 +388,21 @@ def test_float32_gains_of_a_large_graph_are_accurate_on_the_reference_path(backe
     gi, gg = np.asarray(got.indices), np.asarray(got.gains, dtype=np.float64)
     np.testing.assert_array_equal(gi, exact.indices)
     np.testing.assert_allclose(gg, np.asarray(exact.gains, dtype=np.float64), rtol=2e-7)
+
+
+def test_exact_ties_break_alike_on_every_backend():
+    """Two candidates with equal gains in exact arithmetic (a mutual-nearest pair): the reference (every
+    non-NumPy input) sums each candidate's terms in entry order, as the Numba kernel does, so the tie stays
+    a tie and breaks to the lower index on both."""
+    torch = pytest.importorskip("torch")
+    X = np.array([[-0.29], [-0.78], [-0.26], [0.01], [-0.28], [1.29]])
+    host = crestcore.facility_location(X, 2, neighbors=1)
+    ref = crestcore.facility_location(X, 2, neighbors=1, backend="reference")
+    dev = crestcore.facility_location(torch.from_numpy(X), 2, neighbors=1)
+    for other in (ref, dev):
+        np.testing.assert_array_equal(np.asarray(to_numpy(other.indices)), np.asarray(host.indices))
+        np.testing.assert_array_equal(np.asarray(to_numpy(other.weights)), np.asarray(host.weights))
+    X = np.random.default_rng(0).normal(size=(24, 3))
+    a = crestcore.facility_location(X, 13, neighbors=12)
+    b = crestcore.facility_location(torch.from_numpy(X), 13, neighbors=12)
+    np.testing.assert_array_equal(np.asarray(to_numpy(b.indices)), np.asarray(a.indices))
