@@ -840,6 +840,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         self._state = crest_init(self.config, self.labels, seed=self.seed, epoch_steps=self.steps_per_epoch)
         self._position = 0  # steps trained
         self._queue: list[_Entry] = []
+        self._loaded_unchecked = False  # a state loaded before ops measured the model: _sync_state checks it
         self._last: tuple[np.ndarray, np.ndarray] | None = None
         self._fitting = False
         self._idle_fetches = 0
@@ -966,10 +967,16 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         if anchor is None:
             return
         p = self.ops.params()
+        resized = anchor.shape[0] != p.shape[0]
+        if resized and not self._loaded_unchecked:
+            # the trainable weights changed within this run (layers frozen or unfrozen between fits): the
+            # controller starts a new anchor over the new set at its next step
+            return
         if type(anchor) is not type(p) or getattr(anchor, "dtype", None) != p.dtype or (
                 hasattr(p, "device") and getattr(anchor, "device", None) != p.device) or (
-                anchor.shape[0] != p.shape[0]):  # a foreign state: crest_load_state_dict says so
+                resized):  # a loaded state of another model: crest_load_state_dict says so
             self._state = _common.rehomed(self._state, p)
+        self._loaded_unchecked = False
 
     # -- observability --------------------------------------------------------------------------
     @property
@@ -1070,6 +1077,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         if self.epochs is None and epochs is not None:
             self.epochs = int(epochs)
         self._queue = [_Entry(b, False) for b in batches]
+        self._loaded_unchecked = self.ops is None  # checked against the model at the next fit's start
         if self.ops is not None:
             self._sync_state()
 

@@ -943,3 +943,19 @@ def test_the_datasets_worker_settings_are_fixed(which):
         cb.dataset.use_multiprocessing = True
     cb.dataset.workers, cb.dataset.use_multiprocessing = 1, False  # the fixed settings themselves are fine
     assert (cb.dataset.workers, cb.dataset.use_multiprocessing) == (1, False)
+
+
+def test_unfreezing_between_fits_starts_a_new_anchor():
+    """Layers frozen for a first fit, unfrozen for the next (the callback kept): the controller starts a
+    new anchor over the new trainable weights instead of refusing its own state as a foreign model's."""
+    X, y = digits()
+    model = mlp(0)
+    model.layers[0].trainable = False
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    crest = fit(model, X, y, epochs=1)
+    head = 16 * 10 + 10
+    assert int(crest.controller_state.anchor.shape[0]) == head
+    model.layers[0].trainable = True
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
+    assert int(crest.controller_state.anchor.shape[0]) == 64 * 16 + 16 + head
