@@ -53,9 +53,44 @@ def make_data():
     return torch_blobs(N, D_IN, C, noise=0.5, dtype=torch.float64)
 
 
+class RowLinear(nn.Linear):
+    """``nn.Linear`` whose output rows do not depend on the batch they are computed in: a broadcast
+    product and a sum over the input features, where a BLAS matrix product (``nn.Linear``) may round a
+    row differently for another number of rows (on some CPUs it does: a row of a 15-example batch and
+    the same row in the rank's 8-example share differed in the last bit). The exact comparisons of a
+    two-rank job with one process need the ranks' shares to compute what the whole batch computes."""
+
+    def forward(self, x):
+        return (x[..., :, None] * self.weight.t()).sum(-2) + self.bias
+
+
 def make_model():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(D_IN, 24), nn.Tanh(), nn.Linear(24, C)).double()
+    return nn.Sequential(RowLinear(D_IN, 24), nn.Tanh(), RowLinear(24, C)).double()
+
+
+def ddp_step(model, opt, x, y, w, indices, world: int = 2):
+    """One step of the user's loop with DDP's arithmetic in one process: each rank's share of the batch
+    (``batch_share``: rows ``r::world``, rescaled weights) gives the gradient of its weighted mean loss,
+    DDP averages them (each divided by the world size, then summed), the optimizer steps. The same
+    values, bit for bit, as a ``world``-rank job whose ranks hold these shares; returns the per-example
+    losses in the batch's order (what ``observe`` gathers)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    losses = torch.empty(len(y), dtype=x.dtype)
+    for r in range(world):
+        rows = torch.arange(r, len(y), world)
+        lw = torch.as_tensor(D.batch_share(indices, w.detach().numpy(), r, world)[1], dtype=w.dtype)
+        ell = F.cross_entropy(model(x[rows]), y[rows], reduction="none")
+        grads = torch.autograd.grad((lw * ell).mean(), params)
+        for t, g in zip(total, grads):
+            t += g / world
+        losses[rows] = ell.detach()
+    opt.zero_grad()
+    for p, t in zip(params, total):
+        p.grad = t
+    opt.step()
+    return losses
 
 
 def make_config(jit=None):
@@ -77,12 +112,16 @@ def full_loss(model, X, y) -> float:
         return float(F.cross_entropy(model(X), y))
 
 
-def train(loader, model, opt, records, *, stop_at=None):
-    """The user's loop (set_epoch, the weighted loss line, observe). Returns at ``stop_at`` steps."""
+def train(loader, model, opt, records, *, stop_at=None, world=None):
+    """The user's loop (set_epoch, the weighted loss line, observe). Returns at ``stop_at`` steps. With
+    ``world``, a one-process loader's steps take DDP's arithmetic over that many ranks (:func:`ddp_step`)."""
     for epoch in range(loader.epoch, loader.epochs):
         loader.set_epoch(epoch)
         for x, y, w in loader:
-            loader.observe(weighted_step(model, opt, x, y, w))
+            if world is None:
+                loader.observe(weighted_step(model, opt, x, y, w))
+            else:
+                loader.observe(ddp_step(model, opt, x, y, w, loader.last_indices, world))
             st = loader.controller_state
             rec = {"pos": loader.position, "idx": loader.last_indices, "w": loader.last_weights,
                    "selections": st.counters["selections"], "checks": st.counters["checks"],
@@ -386,7 +425,9 @@ def job_jit(tmp_path_factory):
 
 
 def _single_run(jit: bool) -> dict:
-    """The training job's run in one process with the single-process CrestLoader."""
+    """The training job's run in one process with the single-process CrestLoader, each training step in
+    the two-rank job's arithmetic (:func:`ddp_step`): the job's ranks and this run then train on the same
+    parameters, and every difference left is CREST's (sharded forwards, gradients and solves)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -395,7 +436,7 @@ def _single_run(jit: bool) -> dict:
         loader = CrestLoader(model, TensorDataset(X, y), config=make_config(jit=jit), budget=BUDGET,
                              epochs=EPOCHS, seed=SEED)
         records: list = []
-        train(loader, model, make_opt(model), records)
+        train(loader, model, make_opt(model), records, world=2)
         params = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
         return {"records": records, "stats": loader.stats, "params": params}
     finally:
