@@ -9,6 +9,7 @@ that differ between them (the owner's class name, "dataset" or "data") as argume
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 import numpy as np
@@ -29,8 +30,9 @@ def check_config(config) -> CrestConfig:
 
 
 def check_budget(budget) -> None:
-    """``budget`` must be a positive finite fraction (an int or a float, not a bool) of the full-data steps."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (
+    """``budget`` must be a positive finite fraction (a real number, NumPy scalars included, not a bool) of the
+    full-data steps."""
+    if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, numbers.Real) or not (
             math.isfinite(budget) and budget > 0):
         raise ValueError(f"budget must be a positive finite fraction of the full-data steps, got {budget!r}")
 

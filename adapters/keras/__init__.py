@@ -250,7 +250,11 @@ def loss_facts(model) -> dict:
         if fl is None:
             fl = (getattr(loss, "_fn_kwargs", None) or {}).get("from_logits")
         ce = isinstance(loss, (keras.losses.SparseCategoricalCrossentropy, keras.losses.CategoricalCrossentropy))
-        return {"reduction": loss.reduction, "from_logits": None if fl is None else bool(fl), "crossentropy": ce}
+        smooth = getattr(loss, "label_smoothing", None)
+        if smooth is None:
+            smooth = (getattr(loss, "_fn_kwargs", None) or {}).get("label_smoothing", 0.0)
+        return {"reduction": loss.reduction, "from_logits": None if fl is None else bool(fl), "crossentropy": ce,
+                "label_smoothing": float(smooth or 0.0)}
     if callable(loss):
         ce = loss in (keras.losses.sparse_categorical_crossentropy, keras.losses.categorical_crossentropy)
         return {"reduction": "sum_over_batch_size", "from_logits": False if ce else None, "crossentropy": ce}
@@ -474,6 +478,10 @@ class KerasModelOps:
         shape = tuple(out.shape)
         if len(shape) != 2 or shape[0] != k:
             raise ValueError(f"the model must return (batch, classes) outputs; got shape {shape} for {k} examples")
+        if shape[1] < 2:
+            raise ValueError(f"the model returns {shape[1]} output column(s): CREST needs one column per class "
+                             "(at least 2). For a binary classifier, end with Dense(2) and a (sparse) categorical "
+                             "cross-entropy instead of one sigmoid unit")
 
     def _to_logits_np(self, out: np.ndarray) -> np.ndarray:
         out = out.astype(np.float32, copy=False)
@@ -640,9 +648,11 @@ class CrestDataset(keras.utils.PyDataset):
     def __getitem__(self, index):
         return self._cb._serve(index)
 
-    # fit calls these once extra around its build fetch; CREST's bookkeeping lives in the callback
+    # fit calls these once extra around its build fetch; CREST's bookkeeping lives in the callback. Every fit
+    # calls on_epoch_begin before its build fetch: batches a user looked at before (crest.dataset[0] in a
+    # notebook) are then not counted as fetches of a fit without the callback
     def on_epoch_begin(self):
-        pass
+        self._cb._idle_fetches = 0
 
     def on_epoch_end(self):
         pass
@@ -675,6 +685,10 @@ def _training_data(x, y, labels, measure_x, outputs, m: int):
     x, n = _as_inputs(x, "x")
     if n == 0:
         raise ValueError("the training data is empty: there are no examples to select from")
+    if isinstance(y, dict) or (isinstance(y, (list, tuple)) and 0 < len(y) != n and all(
+            getattr(v, "ndim", 0) >= 1 and v.shape[0] == n for v in y)):  # one array per output
+        raise ValueError(f"y must be one array of targets (one classifier output); got a {type(y).__name__} of "
+                         f"{len(y)} target arrays: CREST selects for a model with one classification output")
     y = _host(y, "y")
     if y.shape[0] != n:
         raise ValueError(f"x has {n} examples but y has {y.shape[0]}")
@@ -825,7 +839,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         self.epochs = None if epochs is None else int(epochs)
         self.seed = int(seed)
         self.outputs_option = outputs
-        self.measure_batch_size = int(measure_batch_size)
+        self.measure_batch_size = _common.check_count(measure_batch_size, "measure_batch_size")
         self.last_layer = last_layer
         self.observe_losses = (self.config.T2 is not None) if observe_losses is None else bool(observe_losses)
         self.record = bool(record)
@@ -895,9 +909,16 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
                              "fetches batches before the steps before them have trained")
         facts = loss_facts(model)
         self._scale = _weight_scale(facts["reduction"])
-        if facts["crossentropy"] is False and facts["from_logits"] is None:
-            warnings.warn("the model's loss is not a Keras cross-entropy: CREST's features and trust check assume "
-                          "cross-entropy (pass outputs= to say what the last layer gives)", stacklevel=2)
+        if facts["crossentropy"] is False:
+            # a focal or binary cross-entropy also has from_logits, but CREST would still select and check on
+            # plain cross-entropy while the model trains on another loss
+            warnings.warn("the model's loss is not a Keras categorical or sparse categorical cross-entropy: CREST's "
+                          "features and trust check assume that cross-entropy, so they measure a different loss from "
+                          "the one trained (pass outputs= to say what the last layer gives)", stacklevel=2)
+        elif facts.get("label_smoothing", 0.0) > 0:
+            warnings.warn(f"the model's loss smooths its labels (label_smoothing={facts['label_smoothing']:g}): CREST's "
+                          "features and trust check use the unsmoothed cross-entropy, so they measure a different "
+                          "loss from the one trained", stacklevel=2)
         kind = resolve_outputs(model, self.outputs_option)
         if self.ops is None or self._ops_model is not model or self.ops.from_probabilities != (kind == "probabilities"):
             self.ops = KerasModelOps(model, self.measure_x, self.labels, outputs=kind,

@@ -65,13 +65,19 @@ def params(ops):
     return np.concatenate([np.array(t).reshape(-1) for t in tv])
 
 
+def _eval_kwargs(model) -> dict:
+    """``training=False`` for a model whose ``call`` takes it (as Keras's own JAX trainer passes it): a
+    subclassed model with ``call(self, x)`` only gets nothing."""
+    return {"training": False} if getattr(model, "_call_has_training_arg", True) else {}
+
+
 def _compiled(ops) -> dict:
     if ops._compiled is not None:
         return ops._compiled
     model, probs = ops.model, ops.from_probabilities
 
     def forward(tv, ntv, xb):
-        out, _ = model.stateless_call(tv, ntv, xb, training=False)
+        out, _ = model.stateless_call(tv, ntv, xb, **_eval_kwargs(model))
         return out
 
     def wloss(tv, ntv, xb, yb, wb, N):
@@ -110,7 +116,7 @@ def outputs(ops, idx: np.ndarray, embeddings: bool):
         entv = [ntv[npos[id(v)]] for v in emb.non_trainable_variables]
 
         def call(sel):
-            (e, out), _ = emb.stateless_call(etv, entv, _take(ops.x, _padded(ops, sel)), training=False)
+            (e, out), _ = emb.stateless_call(etv, entv, _take(ops.x, _padded(ops, sel)), **_eval_kwargs(emb))
             return e, out
     else:
         forward = _compiled(ops)["forward"]

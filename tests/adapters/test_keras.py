@@ -248,6 +248,21 @@ _JAX_SCRIPT = textwrap.dedent(r"""
         if case == "reshaped":
             object.__delattr__(m5, "_jax_state_synced")
     res["jax_state_refusals"] = refusals
+
+    # 4. a subclassed model whose call() takes no training argument (Keras's trainer passes none then)
+    class NoTraining(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.hidden, self.out = keras.layers.Dense(16, activation="relu"), keras.layers.Dense(10)
+
+        def call(self, x):
+            return self.out(self.hidden(x))
+
+    m6 = NoTraining()
+    m6.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    c6 = CrestCallback(X, y, config=CrestConfig(m=32), budget=0.2, seed=0)
+    m6.fit(c6.dataset, epochs=1, callbacks=[c6], verbose=0)
+    res["no_training_arg"] = [c6.position, c6.steps_per_epoch]
     print("JSON" + json.dumps(res))
 """)
 
@@ -767,6 +782,7 @@ def test_jax_backend(jax_child):
     assert not res["jax_state_broken"], (
         f"Keras {res['keras_version']} changed the JAX trainer's private state that "
         f"crestcore.adapters.keras._jax._weights reads: {res['jax_state_broken']}")
+    assert res["no_training_arg"][0] == res["no_training_arg"][1] > 0, res["no_training_arg"]
     for case, msg in res["jax_state_refusals"].items():
         assert msg is not None, f"an unrecognised JAX-trainer state ({case}) was read without an error"
         assert "model._jax_state" in msg and "KERAS_BACKEND=torch" in msg, (case, msg)
@@ -959,3 +975,76 @@ def test_unfreezing_between_fits_starts_a_new_anchor():
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
     assert int(crest.controller_state.anchor.shape[0]) == 64 * 16 + 16 + head
+
+
+# ------------------------------------------------------------------------------------------------
+# what a probe found (2026-12-01): each case as a user meets it
+# ------------------------------------------------------------------------------------------------
+def _small(n=240, seed=0):
+    g = np.random.default_rng(seed)
+    y = np.arange(n) % 3
+    return (g.normal(size=(n, 8)) + y[:, None]).astype("float32"), y
+
+
+def _dense3(loss=None, units=3, activation=None):
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(units, activation=activation)])
+    model.compile(optimizer="sgd", loss=loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def test_batches_looked_at_before_fit_do_not_count_as_a_fit_without_the_callback():
+    x, y = _small()
+    crest = CrestCallback(x, y, config=CrestConfig(m=16), budget=0.25, seed=0)
+    for _ in range(2):  # a notebook cell run twice
+        assert crest.dataset[0][0].shape == (16, 8)
+    _dense3().fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
+    assert crest.position == crest.steps_per_epoch
+    # a fit without the callback is still refused
+    with pytest.raises(RuntimeError):
+        _dense3().fit(crest.dataset, epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize("loss", [keras.losses.CategoricalFocalCrossentropy(from_logits=True),
+                                  keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1)])
+def test_a_loss_crest_does_not_measure_is_warned_about(loss):
+    x, y = _small()
+    yy = np.eye(3, dtype="float32")[y]
+    crest = CrestCallback(x, yy, config=CrestConfig(m=16), budget=0.25, seed=0)
+    with pytest.warns(UserWarning, match="measure a different loss"):
+        _dense3(loss).fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
+
+
+def test_one_output_column_is_refused_with_the_fix():
+    x, y = _small()
+    y2 = (y > 0).astype("float32")
+    crest = CrestCallback(x, y2, config=CrestConfig(m=16), budget=0.25, seed=0, outputs="probabilities")
+    model = _dense3(keras.losses.BinaryCrossentropy(), units=1, activation="sigmoid")
+    with pytest.raises(ValueError, match="one column per class"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
+
+
+def test_several_outputs_targets_are_refused_naming_y():
+    x, y = _small()
+    for targets in ({"a": y, "b": y}, [y, y]):
+        with pytest.raises(ValueError, match="y must be one array of targets"):
+            CrestCallback(x, targets, config=CrestConfig(m=16), budget=0.25)
+    # a list of one-hot rows is one array of targets
+    rows = list(np.eye(3, dtype="float32")[y])
+    assert CrestCallback(x, rows, config=CrestConfig(m=16), budget=0.25).n == y.size
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_measure_batch_size_is_checked_at_construction(bad):
+    x, y = _small()
+    with pytest.raises((ValueError, TypeError), match="measure_batch_size"):
+        CrestCallback(x, y, config=CrestConfig(m=16), budget=0.25, measure_batch_size=bad)
+
+
+def test_numpy_scalar_budgets_are_accepted():
+    x, y = _small()
+    for b in (np.float32(0.25), np.float64(0.25)):
+        assert CrestCallback(x, y, config=CrestConfig(m=16), budget=b).steps_per_epoch == \
+            CrestCallback(x, y, config=CrestConfig(m=16), budget=0.25).steps_per_epoch
+    with pytest.raises(ValueError, match="budget"):
+        CrestCallback(x, y, config=CrestConfig(m=16), budget=np.bool_(True))
