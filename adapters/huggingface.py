@@ -286,6 +286,16 @@ class CrestTrainer(transformers.Trainer):
         )
         return self.accelerator.prepare(loader)
 
+    def num_examples(self, dataloader) -> int:
+        """The examples of one epoch of the training loader: CREST's batches times ``m`` (the Trainer's own
+        count, the data set's length, would make its "Num examples" and ``train_samples_per_second``
+        report the whole data set as trained, ``1 / budget`` times too many); other loaders as the Trainer
+        counts them."""
+        ds = getattr(dataloader, "dataset", None)
+        if self.crest is not None and isinstance(ds, WeightedDataset) and ds.dataset is self.crest.dataset:
+            return len(self.crest) * self.crest_config.m
+        return super().num_examples(dataloader)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "crest_weight" not in inputs:  # evaluation batches: the Trainer's own loss
             return super().compute_loss(model, inputs, return_outputs=return_outputs,

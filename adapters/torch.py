@@ -23,6 +23,7 @@ Only the ``crestcore.adapters`` floor imports torch; ``crestcore`` itself never 
 from __future__ import annotations
 
 import collections
+import collections.abc
 import contextlib
 import time
 import warnings
@@ -319,7 +320,15 @@ class _Fetcher:
         keys = [int(i) for i in idx]
         getitems = getattr(self.dataset, "__getitems__", None)
         items = getitems(keys) if callable(getitems) else [self.dataset[i] for i in keys]
-        return self.collate(items)
+        return _plain(self.collate(items))
+
+
+def _plain(batch):
+    """A collated batch that is a mapping but not a ``dict`` (a Hugging Face ``BatchEncoding``, a
+    ``UserDict``) as a plain ``dict`` of the same entries; anything else as it is."""
+    if isinstance(batch, collections.abc.Mapping) and not isinstance(batch, dict):
+        return dict(batch)
+    return batch
 
 
 def _nbytes(batch) -> int:
@@ -703,7 +712,8 @@ class TorchModelOps:
             return
         pool = self._worker_pool()
         pool.batch_sampler.items = [idx[a:b].tolist() for a, b in spans]
-        yield from pool
+        for batch in pool:
+            yield _plain(batch)
 
     def _worker_pool(self):
         if self._pool is None:
@@ -1476,7 +1486,8 @@ class CrestBatchSampler(CrestLoader):
     Prefetching. A ``DataLoader`` with ``num_workers=w`` asks for ``w * prefetch_factor`` batches before
     the first is trained and stays that many ahead, so CREST decides a batch that many optimizer steps
     before it is trained: its selections and trust checks measure the model as it was then (with
-    ``num_workers=0`` there is no lag). The run stays deterministic for a fixed ``num_workers`` and
+    ``num_workers=0`` and a plain ``DataLoader`` there is no lag; a loader prepared by ``accelerate``
+    fetches one batch ahead even then). The run stays deterministic for a fixed ``num_workers`` and
     ``prefetch_factor``. Checkpoints: :meth:`state_dict` takes ``trained``, the number of batches of the
     run you have trained (e.g. your global step); batches handed out beyond it are stored and handed out
     first after :meth:`load_state_dict`, so a resumed run trains the same batches. Without ``trained``
@@ -1545,7 +1556,8 @@ class CrestBatchSampler(CrestLoader):
     def observe(self, losses, indices=None) -> None:
         """The per-example training losses of one trained batch, for the drop policy and the NaN check.
         ``indices``: that batch's dataset indices (needed when a ``DataLoader`` prefetches; default the
-        batch handed out last, right only with ``num_workers=0``)."""
+        batch handed out last, right only with ``num_workers=0`` and a loader that fetches nothing ahead:
+        not under ``accelerate``)."""
         if indices is None:
             return super().observe(losses)
         idx = np.asarray(indices.detach().cpu().numpy() if isinstance(indices, torch.Tensor) else indices)

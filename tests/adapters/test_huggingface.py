@@ -244,3 +244,33 @@ def test_a_checkpoint_pushed_to_the_hub_holds_crests_state(tmp_path, monkeypatch
     assert len(pushed) == 3 and all("crest_state.pt" in files for files in pushed)
     state = torch.load(tmp_path / "a" / "checkpoint-8" / "crest_state.pt", weights_only=True)
     assert state["position"] == 8  # written once, at the checkpoint's step
+
+
+def _short_trainer(tmp_path, **kw):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=16, learning_rate=5e-3,
+        report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0)
+    kw.setdefault("data_collator", transformers.default_data_collator)
+    return CrestTrainer(model=tiny_bert(), args=args, train_dataset=Texts(), crest_config=CrestConfig(m=16, r=48),
+                        crest_budget=0.25, **kw)
+
+
+def test_a_collator_returning_a_batch_encoding_trains(tmp_path):
+    """DataCollatorWithPadding returns a BatchEncoding (a UserDict, not a dict): the measurement passes
+    read it as the dict of the model's inputs it is."""
+    def collate(features):
+        return transformers.BatchEncoding(transformers.default_data_collator(features))
+
+    trainer = _short_trainer(tmp_path, data_collator=collate)
+    out = trainer.train()
+    assert out.global_step == trainer.crest.total_steps == trainer.crest.position > 0
+    assert trainer.crest.stats["counters"]["selections"] >= 1
+
+
+def test_the_trainers_throughput_counts_the_examples_crest_trained(tmp_path):
+    trainer = _short_trainer(tmp_path)
+    out = trainer.train()
+    crest = trainer.crest
+    assert trainer.num_examples(trainer.get_train_dataloader()) == crest.steps_per_epoch * 16
+    reported = out.metrics["train_samples_per_second"] * out.metrics["train_runtime"]
+    assert reported == pytest.approx(crest.total_steps * 16, rel=0.01)  # not the data set's 192 x 2 epochs
