@@ -279,8 +279,11 @@ class CrestTrainer(transformers.Trainer):
                      "multiprocessing_context": getattr(a, "dataloader_multiprocessing_context", None),
                      "worker_init_fn": functools.partial(transformers.trainer_utils.seed_worker, num_workers=workers,
                                                          rank=a.process_index)}
+        # with the drop policy on, each item carries its index: the losses of a trained batch are recorded
+        # for its own examples (the prepared loader runs a batch ahead, so "the batch handed out last" is not)
         loader = torch.utils.data.DataLoader(
-            WeightedDataset(self.crest.dataset), batch_sampler=batch_sampler, collate_fn=self.data_collator,
+            WeightedDataset(self.crest.dataset, indices=self.crest_config.T2 is not None),
+            batch_sampler=batch_sampler, collate_fn=self.data_collator,
             num_workers=workers, pin_memory=a.dataloader_pin_memory,
             persistent_workers=a.dataloader_persistent_workers and workers > 0, **extra,
         )
@@ -302,7 +305,7 @@ class CrestTrainer(transformers.Trainer):
                                         num_items_in_batch=num_items_in_batch)
         inputs = dict(inputs)
         weights = inputs.pop("crest_weight")
-        inputs.pop("crest_index", None)
+        index = inputs.pop("crest_index", None)
         key = next((k for k in _LABEL_KEYS if k in inputs), None)
         if key is None:
             raise ValueError(f"CrestTrainer: the batch has none of the label keys {_LABEL_KEYS}")
@@ -310,4 +313,7 @@ class CrestTrainer(transformers.Trainer):
         outputs = model(**inputs)
         logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
         loss = weighted_cross_entropy(logits, labels, weights)
+        if index is not None and self.crest is not None and model.training:
+            # the drop policy (CrestConfig(T2=...)) learns from the training losses of the trained examples
+            self.crest.observe(F.cross_entropy(logits.detach().float(), labels, reduction="none"), indices=index)
         return (loss, outputs) if return_outputs else loss

@@ -274,3 +274,37 @@ def test_the_trainers_throughput_counts_the_examples_crest_trained(tmp_path):
     assert trainer.num_examples(trainer.get_train_dataloader()) == crest.steps_per_epoch * 16
     reported = out.metrics["train_samples_per_second"] * out.metrics["train_runtime"]
     assert reported == pytest.approx(crest.total_steps * 16, rel=0.01)  # not the data set's 192 x 2 epochs
+
+
+def test_the_drop_policy_gets_each_trained_batchs_losses(tmp_path, monkeypatch):
+    """With CrestConfig(T2=...) the trainer observes the per-example training losses of every trained
+    batch, for that batch's own examples (the prepared loader runs a batch ahead)."""
+    from crestcore import DropConfig
+
+    seen = []
+    original = CrestBatchSampler.observe
+
+    def spy(self, losses, indices=None):
+        seen.append((np.asarray(indices).copy(), losses.detach().clone()))
+        return original(self, losses, indices=indices)
+
+    monkeypatch.setattr(CrestBatchSampler, "observe", spy)
+    trained = []
+
+    class Recording(CrestTrainer):
+        def compute_loss(self, model, inputs, **kw):
+            if "crest_index" in inputs:
+                trained.append(np.asarray(inputs["crest_index"]).copy())
+            return super().compute_loss(model, inputs, **kw)
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=16, learning_rate=5e-3,
+        report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0)
+    trainer = Recording(model=tiny_bert(), args=args, train_dataset=Texts(),
+                        data_collator=transformers.default_data_collator, crest_budget=0.25,
+                        crest_config=CrestConfig(m=16, r=48, T2=2, drop=DropConfig(alpha=0.2, window=2)))
+    out = trainer.train()
+    assert len(seen) == len(trained) == out.global_step > 0
+    for (idx, losses), batch in zip(seen, trained):
+        assert np.array_equal(idx, batch) and losses.shape == (16,) and bool(torch.isfinite(losses).all())
+    assert trainer.crest.stats["drops"], "the drop policy made its decisions"
