@@ -623,6 +623,7 @@ class CrestDataset(keras.utils.PyDataset):
     def __init__(self, callback: CrestCallback | SubsetCallback):
         super().__init__(workers=1, use_multiprocessing=False, max_queue_size=1)
         self._cb = callback
+        self.in_epoch = False  # between Keras's on_epoch_begin and on_epoch_end: fit's fetches are in there
 
     # one worker, no multiprocessing, fixed here: a pool fetches batches before the steps before them have
     # trained (CREST's would measure a stale model; a baseline's losses would reach the wrong examples)
@@ -648,14 +649,14 @@ class CrestDataset(keras.utils.PyDataset):
     def __getitem__(self, index):
         return self._cb._serve(index)
 
-    # fit calls these once extra around its build fetch; CREST's bookkeeping lives in the callback. Every fit
-    # calls on_epoch_begin before its build fetch: batches a user looked at before (crest.dataset[0] in a
-    # notebook) are then not counted as fetches of a fit without the callback
+    # fit calls these once extra around its build fetch; CREST's bookkeeping lives in the callback. Keras
+    # fetches only between the two (its build fetch included), so a batch looked at outside them
+    # (crest.dataset[0] in a notebook) is the user's and never counts as a fetch of a fit without the callback
     def on_epoch_begin(self):
-        self._cb._idle_fetches = 0
+        self.in_epoch = True
 
     def on_epoch_end(self):
-        pass
+        self.in_epoch = False
 
 
 @dataclass
@@ -747,9 +748,10 @@ class _TrainedSteps:
         """Keras's build fetch (before on_train_begin; two calls when Keras fetches one batch ahead): a fixed
         shape probe of the first ``m`` examples. More fetches outside a fit with the callback mean the dataset
         is being trained on without it: ``RuntimeError(refusal)`` rather than probes."""
-        self._idle_fetches += 1
-        if self._idle_fetches > 2:
-            raise RuntimeError(refusal)
+        if self.dataset.in_epoch:  # fetched by a fit (a look outside one is the user's: never refused)
+            self._idle_fetches += 1
+            if self._idle_fetches > 2:
+                raise RuntimeError(refusal)
         probe = np.arange(m, dtype=np.int64)
         return _take(self.x, probe), self.y[probe], np.ones(m, dtype=np.float32)
 

@@ -354,12 +354,15 @@ def test_build_fetch_is_a_probe_that_consumes_nothing():
     X, y = digits()
     crest = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=0)
     assert isinstance(crest.dataset, CrestDataset)
-    xb, yb, wb = crest.dataset[3]  # outside fit: what Keras's build fetch gets
+    for _ in range(4):  # a user's looks outside any fit: probes, never refused
+        xb, yb, wb = crest.dataset[3]
     np.testing.assert_array_equal(xb, X[:32])
     np.testing.assert_array_equal(wb, np.ones(32, np.float32))
-    crest.dataset.on_epoch_begin()
+    crest.dataset.on_epoch_begin()  # Keras's build fetch comes between these two calls
+    crest.dataset[3]
     crest.dataset.on_epoch_end()
     assert crest.controller_state.counters["train_steps"] == 0 and crest.position == 0
+    crest.dataset.on_epoch_begin()  # a fit without the callback: its fetches are refused after two
     crest.dataset[0]  # a second probe: Keras fetching one batch ahead fetches twice to build
     with pytest.raises(RuntimeError, match="without the CrestCallback"):
         crest.dataset[0]
@@ -995,7 +998,7 @@ def _dense3(loss=None, units=3, activation=None):
 def test_batches_looked_at_before_fit_do_not_count_as_a_fit_without_the_callback():
     x, y = _small()
     crest = CrestCallback(x, y, config=CrestConfig(m=16), budget=0.25, seed=0)
-    for _ in range(2):  # a notebook cell run twice
+    for _ in range(3):  # a notebook cell run a few times
         assert crest.dataset[0][0].shape == (16, 8)
     _dense3().fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
     assert crest.position == crest.steps_per_epoch
