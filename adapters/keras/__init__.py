@@ -745,9 +745,11 @@ class _TrainedSteps:
         return _take(self.x, idx), self.y[idx], w.astype(np.float32)
 
     def _idle_probe(self, m: int, refusal: str):
-        """Keras's build fetch (before on_train_begin; two calls when Keras fetches one batch ahead): a fixed
-        shape probe of the first ``m`` examples. More fetches outside a fit with the callback mean the dataset
-        is being trained on without it: ``RuntimeError(refusal)`` rather than probes."""
+        """Keras's build fetch (before on_train_begin; two calls when Keras fetches one batch ahead), or a
+        user's look outside any fit: a fixed shape probe of the first ``m`` examples. More than two fetches
+        inside Keras's epochs (between the dataset's ``on_epoch_begin`` and ``on_epoch_end``) without the
+        callback's fit mean the dataset is being trained on without it: ``RuntimeError(refusal)`` rather
+        than probes."""
         if self.dataset.in_epoch:  # fetched by a fit (a look outside one is the user's: never refused)
             self._idle_fetches += 1
             if self._idle_fetches > 2:
