@@ -1033,13 +1033,16 @@ def check_loader_arguments(*, config=None, budget=0.1, epochs=1, seed=0, budget_
 
 def _weighted_batch(loader, indices: np.ndarray, weights: np.ndarray):
     """What a loader (:class:`CrestLoader`, ``SubsetLoader``) yields for one batch: the examples ``indices``
-    collated and moved to its ``device`` (default the model's), with their ``weights`` appended as a
-    tensor in the model's floating dtype (float32 for a float16 or bfloat16 model: weights are not rounded
-    to half precision)."""
+    collated and moved to its ``device`` (default the model's), with their ``weights`` as a tensor in the
+    model's floating dtype (float32 for a float16 or bfloat16 model: weights are not rounded to half
+    precision), added as :class:`WeightedDataset` adds them: appended to a tuple or list batch
+    (``(x, y, w)``), as the key ``"crest_weight"`` of a dict batch, else paired (``(x, w)``)."""
     dev = loader._device if loader._device is not None else loader.ops.device
     data = _to_device(loader._fetch(indices), dev)
     dt = loader.ops._dtype()
     w = torch.as_tensor(weights, dtype=torch.float32 if dt in _HALF else dt).to(dev)  # never rounded to 8 bits
+    if isinstance(data, dict):
+        return {**data, "crest_weight": w}
     if isinstance(data, (tuple, list)):
         return (*data, w)
     return data, w
@@ -1066,7 +1069,8 @@ def _observed_losses(losses, k: int, step: int, who: str) -> np.ndarray:
 # the loader
 # ------------------------------------------------------------------------------------------------
 class CrestLoader(BudgetedPasses):
-    """An iterable of weighted coreset mini-batches ``(x, y, weights)`` for a training loop.
+    """An iterable of weighted coreset mini-batches ``(x, y, weights)`` for a training loop (a dataset of
+    dict items yields dict batches with the weights under ``"crest_weight"``, as :class:`WeightedDataset`).
 
     Parameters
     ----------

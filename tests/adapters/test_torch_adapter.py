@@ -233,6 +233,53 @@ def test_yielded_batches_are_the_controllers():
     assert loader.stats["counters"]["selections"] >= 2  # tau=0.02 forces reselections: the checks ran
 
 
+class _DictSet(Dataset):
+    """The tuple set's examples as dict items (Hugging Face style: keyword inputs and a "labels" key)."""
+
+    def __init__(self, X, y):
+        self.X, self.y = X, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"inputs": self.X[i], "labels": self.y[i]}
+
+
+class _KeywordMLP(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, inputs):
+        return self.net(inputs)
+
+
+def test_dict_items_yield_dict_batches_with_the_weights_under_crest_weight():
+    """A dict item's batch carries its weights as WeightedDataset's items do (the key "crest_weight"),
+    and the run is the tuple set's, batch for batch."""
+    X, y = make_data()
+    cfg = CrestConfig(m=24, r=60, tau=0.05)
+    model_t, model_d = mlp(), _KeywordMLP(mlp())
+    tup = CrestLoader(model_t, TensorDataset(X, y), config=cfg, budget=0.5, epochs=2, seed=5)
+    dic = CrestLoader(model_d, _DictSet(X, y), config=cfg, budget=0.5, epochs=2, seed=5, labels=y.numpy())
+    opt_t = torch.optim.SGD(model_t.parameters(), lr=0.2)
+    opt_d = torch.optim.SGD(model_d.parameters(), lr=0.2)
+    steps = 0
+    for (x, yb, w), batch in zip(tup.iter_run(), dic.iter_run()):
+        assert isinstance(batch, dict) and set(batch) == {"inputs", "labels", "crest_weight"}
+        np.testing.assert_array_equal(tup.last_indices, dic.last_indices)
+        assert torch.equal(batch["inputs"], x) and torch.equal(batch["labels"], yb)
+        assert torch.equal(batch["crest_weight"], w) and w.dtype == torch.float32
+        weighted_step(model_t, opt_t, x, yb, w)
+        w_d = batch.pop("crest_weight")
+        labels = batch.pop("labels")
+        weighted_step(model_d, opt_d, batch["inputs"], labels, w_d)
+        steps += 1
+    assert steps == tup.total_steps == dic.total_steps
+    assert torch.equal(flat(model_t), flat(model_d.net))
+
+
 def _run(seed=0, steps=None, **kw):
     X, y = make_data()
     model = mlp()
