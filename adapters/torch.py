@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import collections.abc
 import contextlib
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -1510,6 +1511,23 @@ class CrestBatchSampler(CrestLoader):
         self._handed: list[Batch] = []  # the batches handed out last (at most an epoch and 64 more), in order
         self._handed_epoch: list[int] = []  # the epoch of the pass that handed out each
         self._handed_from = 0  # the run position of _handed[0]
+
+    def __iter__(self):
+        # The usual first mistake, DataLoader(train_set, batch_sampler=sampler) without WeightedDataset, ends
+        # in the dataset's own indexing error about a float32 (the key's weight). The DataLoader's iterator
+        # calls iter() on its batch sampler from its own method, so that frame names the dataset: when it is
+        # the training set itself, say what to do. Anything unexpected in the frame skips the check.
+        try:
+            ds = getattr(sys._getframe(1).f_locals.get("self"), "_dataset", None)
+        except (AttributeError, ValueError):  # pragma: no cover - interpreters without frame locals
+            ds = None
+        if ds is not None and ds is self.dataset:
+            raise TypeError(
+                "this DataLoader reads the training set itself, but CrestBatchSampler yields (index, weight) keys: "
+                "wrap it, DataLoader(WeightedDataset(train_set), batch_sampler=sampler, ...), or use "
+                "sampler.dataloader(...)"
+            )
+        return super().__iter__()
 
     def _make_batch(self, batch: Batch):
         if not self._handed or self._handed_from + len(self._handed) != self._position - 1:

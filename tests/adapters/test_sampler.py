@@ -76,6 +76,22 @@ def test_keys_and_weighted_dataset():
         WeightedDataset(iter([1, 2]))
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_dataloader_over_the_unwrapped_training_set_is_told_to_wrap_it(workers):
+    """DataLoader(train_set, batch_sampler=sampler), WeightedDataset forgotten: a message that says what to
+    do, not the dataset's indexing error about a float32; the wrapped set and another dataset still run."""
+    X, y = make_data()
+    train = Flip(X, y)
+    sampler = CrestBatchSampler(mlp(), train, **CFG)
+    with pytest.raises(TypeError, match=r"WeightedDataset\(train_set\).*sampler\.dataloader"):
+        next(iter(DataLoader(train, batch_sampler=sampler, num_workers=workers)))
+    x, yb, w = next(iter(DataLoader(WeightedDataset(train), batch_sampler=sampler, num_workers=workers)))
+    assert x.shape == (24, D_IN) and w.dtype == torch.float32
+    # a dataset of the user's own that reads the keys is not the training set: no refusal
+    other = WeightedDataset(Flip(X, y))
+    assert len(next(iter(DataLoader(other, batch_sampler=sampler, num_workers=workers)))) == 3
+
+
 def test_without_workers_it_is_the_crest_loader():
     """num_workers=0: the DataLoader asks for a batch only when the loop wants one, so the sampler's run is
     CrestLoader's run, batch for batch and bit for bit."""
