@@ -107,7 +107,26 @@ def _labels_without_items(dataset) -> bool:
         return _labels_without_items(dataset.dataset)
     if isinstance(dataset, ConcatDataset):
         return all(_labels_without_items(d) for d in dataset.datasets)
-    return any(getattr(dataset, a, None) is not None and not callable(getattr(dataset, a)) for a in ("targets", "labels"))
+    return _label_attribute(dataset) is not None
+
+
+def _joint_transform(dataset) -> bool:
+    """Whether ``dataset`` has a torchvision-style joint ``transforms(input, target)`` of the user's own
+    (torchvision's ``StandardTransform``, which only wraps ``transform`` and ``target_transform``, is not one):
+    it may change the targets, so a ``targets`` attribute is not what the items carry."""
+    t = getattr(dataset, "transforms", None)
+    return t is not None and callable(t) and type(t).__name__ != "StandardTransform"
+
+
+def _label_attribute(dataset) -> str | None:
+    """The name of the attribute (``targets`` or ``labels``) holding the items' labels, if any."""
+    if _joint_transform(dataset):
+        return None
+    for attr in ("targets", "labels"):
+        v = getattr(dataset, attr, None)
+        if v is not None and not callable(v):
+            return attr
+    return None
 
 
 def dataset_labels(dataset) -> np.ndarray:
@@ -115,7 +134,8 @@ def dataset_labels(dataset) -> np.ndarray:
 
     Read without touching the examples where possible: ``TensorDataset`` (its second tensor),
     ``Subset`` and ``ConcatDataset`` (recursively), or a ``targets`` / ``labels`` attribute (torchvision
-    datasets). Otherwise every example is loaded once and its second field taken (``dataset[i][1]``);
+    datasets; mapped through the dataset's ``target_transform`` when it has one, as its items are; a
+    dataset with a joint ``transforms`` of its own has its items read). Otherwise every example is loaded once and its second field taken (``dataset[i][1]``);
     pass ``labels=`` to :class:`CrestLoader` to avoid that pass.
 
     Examples
@@ -140,13 +160,25 @@ def dataset_labels(dataset) -> np.ndarray:
     if isinstance(dataset, ConcatDataset):
         parts = [dataset_labels(d) for d in dataset.datasets]
         return _as_labels(np.concatenate(parts) if parts else np.zeros(0, np.int64), n, "labels")
-    for attr in ("targets", "labels"):
-        v = getattr(dataset, attr, None)
-        if v is not None and not callable(v):
+    attr = _label_attribute(dataset)
+    if attr is not None:
+        v = getattr(dataset, attr)
+        tt = getattr(dataset, "target_transform", None)
+        if tt is None:
             return _as_labels(v if not isinstance(v, (list, tuple)) else list(v), n, f"dataset.{attr}")
+        # torchvision applies target_transform to each raw target in __getitem__: so do the labels
+        raw = v.tolist() if isinstance(v, (torch.Tensor, np.ndarray)) else list(v)
+        with _random_states_kept():
+            try:
+                mapped = [tt(t) for t in raw]
+            except Exception as exc:
+                raise ValueError(f"dataset.target_transform failed on dataset.{attr} ({type(exc).__name__}: {exc}); "
+                                 "pass labels= (the class index of each example as the items carry it)") from exc
+        return _as_labels(mapped, n, f"dataset.target_transform(dataset.{attr})")
+    why = ("its joint `transforms` may change the targets" if _joint_transform(dataset)
+           else "it has no `targets` or `labels` attribute")
     warnings.warn(
-        f"crestcore: reading all {n} examples of the {type(dataset).__name__} once to find their labels (it has no "
-        f"`targets` or `labels` attribute), taking each item's second field (item[1]) or, for dict items, the first "
+        f"crestcore: reading all {n} examples of the {type(dataset).__name__} once to find their labels ({why}), taking each item's second field (item[1]) or, for dict items, the first "
         f"of the keys {_LABEL_KEYS}: pass labels= (one class index per example) if that is not the class label, or "
         "to skip this pass (or give the dataset a `targets` attribute). The global random states are restored "
         "afterwards.",

@@ -856,3 +856,51 @@ def test_labels_of_a_subset_read_only_its_items_and_name_their_source():
 
     with pytest.raises(TypeError, match=r"dataset\.labels: .*pass labels="):
         dataset_labels(Named())
+
+
+class _VisionLike(Dataset):
+    """torchvision's layout: raw `targets`, a `target_transform` applied by __getitem__, optionally a
+    joint `transforms(input, target)` of the user's own."""
+
+    def __init__(self, n=30, target_transform=None, transforms=None):
+        self.data = torch.arange(n, dtype=torch.float32)[:, None]
+        self.targets = torch.arange(n) % 3  # MNIST keeps a tensor, CIFAR a list: both are read
+        self.target_transform, self.transforms = target_transform, transforms
+        self.reads = 0
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        x, t = self.data[i], int(self.targets[i])
+        if self.transforms is not None:
+            return self.transforms(x, t)
+        return x, (t if self.target_transform is None else self.target_transform(t))
+
+
+def test_labels_follow_a_torchvision_target_transform_and_a_joint_transform_reads_the_items():
+    """CREST's labels are the ones the items carry: ``targets`` mapped through ``target_transform``
+    (three classes fine-tuned onto a pretrained head's indices 1, 5, 33), without reading the items;
+    a joint ``transforms`` may change the targets, so the items are read (with the usual warning)."""
+    head = [1, 5, 33]
+    ds = _VisionLike(target_transform=lambda t: head[t])
+    lab = dataset_labels(ds)
+    assert lab.tolist() == [ds[i][1] for i in range(len(ds))] and set(lab.tolist()) == {1, 5, 33}
+    from torch.utils.data import Subset
+
+    sub = Subset(ds, [4, 2, 9])
+    ds.reads = 0
+    assert dataset_labels(sub).tolist() == [5, 33, 1] and ds.reads == 0
+    loader = CrestLoader(nn.Linear(1, 40), ds, config=CrestConfig(m=6), budget=0.5, epochs=1, seed=0)
+    assert loader.labels.tolist() == lab.tolist()
+
+    joint = _VisionLike(transforms=lambda x, t: (x, 2 - t))
+    with pytest.warns(UserWarning, match="joint `transforms`"):
+        assert dataset_labels(joint).tolist() == [2 - i % 3 for i in range(30)]
+
+    def broken(t):
+        raise KeyError(t)
+
+    with pytest.raises(ValueError, match=r"target_transform failed .*pass labels="):
+        dataset_labels(_VisionLike(target_transform=broken))
