@@ -1295,7 +1295,7 @@ class CrestLoader(BudgetedPasses):
             return
         first = self.ops._trainable()[0]
         # params() (and so the anchor) is float32 for a half-precision model: compare with that dtype
-        if anchor.device != first.device or anchor.dtype != _wide(first.detach()[:0]).dtype:
+        if anchor.device != first.device or anchor.dtype != (torch.float32 if first.dtype in _HALF else first.dtype):
             self._state = _common.rehomed(self._state, self.ops.params())
 
     # -- feedback and observability -------------------------------------------------------------

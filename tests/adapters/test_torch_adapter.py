@@ -904,3 +904,26 @@ def test_labels_follow_a_torchvision_target_transform_and_a_joint_transform_read
 
     with pytest.raises(ValueError, match=r"target_transform failed .*pass labels="):
         dataset_labels(_VisionLike(target_transform=broken))
+
+
+def test_a_scalar_parameter_first_a_learned_temperature_trains():
+    """A 0-dim trainable parameter listed first (CLIP's logit_scale, a cosine classifier's scale) is a
+    parameter like any other: the loader runs its whole budget, with embedding features too."""
+
+    class Tempered(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.t = nn.Parameter(torch.tensor(2.0))  # the root's own parameter: first in parameters()
+            self.net = mlp()
+
+        def forward(self, x):
+            return self.net(x) / self.t
+
+    X, y = make_data()
+    for embeddings in (False, True):
+        model = Tempered()
+        assert next(model.parameters()).ndim == 0
+        loader = CrestLoader(model, TensorDataset(X, y), config=CrestConfig(m=24, r=60, tau=0.02, embeddings=embeddings),
+                             budget=0.5, epochs=2, seed=0)
+        seen, _ = train(loader, model)
+        assert len(seen) == loader.total_steps and loader.stats["counters"]["selections"] >= 2
