@@ -407,6 +407,17 @@ def _rows_tree(batches: list, take=None, counts=None):
     return None
 
 
+def _tensor_leaves(batch) -> list:
+    """The tensors of a collated batch (nested in tuples, lists, NamedTuples, dicts), in order."""
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    if isinstance(batch, dict):
+        batch = list(batch.values())
+    if isinstance(batch, (tuple, list)):
+        return [t for b in batch for t in _tensor_leaves(b)]
+    return []
+
+
 def _to_device(batch, device, non_blocking: bool = False, floats: torch.dtype | None = None):
     """``batch`` (tensors nested in tuples, lists, NamedTuples, dicts) moved to ``device``; with ``floats``,
     its floating-point tensors are also cast to that dtype (integer tensors, e.g. labels, are not)."""
@@ -597,6 +608,7 @@ class TorchModelOps:
         # a TensorDataset is sliced in place: nothing to save by keeping its batches
         self._cacheable = self.cache_bytes > 0 and not self._fetch._tensors
         self._cache: collections.OrderedDict = collections.OrderedDict()
+        self._layout_ok: bool | None = None  # whether the collate puts examples first (decided at the first keep)
         self._cache_sizes: dict = {}
         self.progress = None  # a _Progress: a bar for measurement passes that run longer than a second
         self._pool = None  # the persistent DataLoader of the measurement passes (num_workers > 0), made lazily
@@ -712,7 +724,24 @@ class TorchModelOps:
         self._cache.clear()
         self._cache_sizes.clear()
 
+    def _examples_first(self, idx: np.ndarray) -> bool:
+        """Whether the collate puts the examples first in every tensor it returns, decided once: a batch of
+        one example and one of two must have leaves of first dimension 1 and 2. A sequence-first layout
+        ``(T, B, ...)``, or a tensor shared by the batch, cannot be told by shape from example-first rows when
+        its first size happens to equal a pass's example count (three extra loads, once)."""
+        if self._layout_ok is None:
+            two = np.array([idx[0], idx[min(1, idx.size - 1)]], dtype=np.int64)
+            with _random_states_kept():  # random transforms in __getitem__ must not advance the user's RNGs
+                one, both = self._fetch(two[:1]), self._fetch(two)
+            first = [t.shape[0] if t.ndim else None for t in _tensor_leaves(one)]
+            second = [t.shape[0] if t.ndim else None for t in _tensor_leaves(both)]
+            self._layout_ok = bool(first) and all(a == 1 for a in first) and all(b == 2 for b in second)
+        return self._layout_ok
+
     def _remember(self, idx: np.ndarray, batches: list, size: int) -> None:
+        if not self._examples_first(idx):  # a fixed property of the collate: stop keeping passes
+            self._cacheable = False
+            return
         counts = [b - a for a, b in _common.chunk_spans(idx.size, self.batch_size)]  # the chunks _batches read
         joined = _rows_tree(batches, counts=counts)
         if joined is None:  # not indexable by example: not kept

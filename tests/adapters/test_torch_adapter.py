@@ -743,13 +743,15 @@ def test_unfreezing_mid_run_starts_a_new_anchor():
     assert first_step in loader.stats["selections"]  # reselected at the first step after unfreezing
 
 
-def test_sequence_first_batches_are_measured_not_kept():
+@pytest.mark.parametrize("L", [40, 64])
+def test_sequence_first_batches_are_measured_not_kept(L):
     """A collate_fn that puts the sequence first ((L, B) token ids, nn.LSTM's default layout): the cache
-    must not index the sequence dimension as examples. Cached and uncached runs train identically."""
+    must not index the sequence dimension as examples, also when L equals a pass's example count (64,
+    the default r here). Cached and uncached runs train identically."""
     import torch.nn.functional as F
     from torch.utils.data import Dataset
 
-    n, L = 300, 40
+    n = 300
     toks = torch.randint(1, 50, (n, L), generator=torch.Generator().manual_seed(0))
     labels = toks[:, 0] % 3
 
@@ -787,6 +789,7 @@ def test_sequence_first_batches_are_measured_not_kept():
             loss.backward()
             opt.step()
         finals.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+        assert loader.ops._cache_sizes == {} and loader.ops._layout_ok is (False if cache else None)
     assert torch.equal(finals[0], finals[1])
 
 
