@@ -789,7 +789,16 @@ class TorchModelOps:
         return self._pool
 
     def _logits(self, batch, k: int):
-        out = self._forward(self.model, batch)
+        try:
+            out = self._forward(self.model, batch)
+        except RuntimeError as exc:  # name CREST's cast when the model fails on a dtype
+            if "dtype" not in str(exc) and "scalar type" not in str(exc):
+                raise
+            raise RuntimeError(
+                f"{exc} [crestcore: the measurement passes give the model's floating-point inputs the dtype of its "
+                f"first floating-point parameter, {self._dtype()}; for a model whose input layer takes another "
+                "dtype, pass forward= that casts them]"
+            ) from exc
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != k:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(
@@ -798,6 +807,13 @@ class TorchModelOps:
             )
         if not out.is_floating_point():
             raise TypeError(f"the model returned {out.dtype} outputs; logits must be floating point")
+        if out.shape[1] == 1:
+            raise ValueError(
+                "the model returns one logit per example (a sigmoid / BCEWithLogits classifier): CREST measures "
+                "the softmax cross-entropy over C >= 2 logits; give it two, e.g. "
+                "forward=lambda model, batch: torch.cat([torch.zeros_like(z := model(batch[0])), z], 1), whose "
+                "cross-entropy is the binary cross-entropy of z"
+            )
         return _wide(out)
 
     def _labels_on(self, idx: np.ndarray, device) -> torch.Tensor:
@@ -1153,7 +1169,8 @@ class CrestLoader(BudgetedPasses):
     collate_fn : as for a ``DataLoader``.
     measure_dataset : the same examples, in the same order, for the measurement passes, e.g. without
         random augmentation; default ``dataset``.
-    measure_batch_size : examples per forward in measurement passes (memory only).
+    measure_batch_size : examples per forward in measurement passes (memory only, unless a layer uses the
+        batch's own statistics in eval mode, as ``BatchNorm(track_running_stats=False)`` does).
     measure_workers : worker processes that load the measurement passes' examples (a persistent
         ``DataLoader`` over ``measure_dataset``: decoding and transforms in parallel); 0 loads them in
         this process.

@@ -930,3 +930,52 @@ def test_a_scalar_parameter_first_a_learned_temperature_trains():
                              budget=0.5, epochs=2, seed=0)
         seen, _ = train(loader, model)
         assert len(seen) == loader.total_steps and loader.stats["counters"]["selections"] >= 2
+
+
+def test_a_single_logit_classifier_is_told_how_to_give_two():
+    """A sigmoid classifier (one logit, BCEWithLogits) is refused naming what CREST measures and the
+    forward= that makes it two logits; with it, the run measures the binary cross-entropy of the logit."""
+    X, y = make_data(classes=2)
+    model = nn.Linear(D_IN, 1)
+    loader = CrestLoader(model, TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.5, epochs=1, seed=0)
+    with pytest.raises(ValueError, match=r"one logit per example.*forward=lambda model, batch: torch\.cat"):
+        next(iter(loader))
+
+    def two(model, batch):
+        z = model(batch[0])
+        return torch.cat([torch.zeros_like(z), z], 1)
+
+    loader = CrestLoader(model, TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.5, epochs=1, seed=0,
+                         forward=two)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    steps = 0
+    for x, yb, w in loader:
+        loss = (w * F.binary_cross_entropy_with_logits(model(x)[:, 0], yb.float(), reduction="none")).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        steps += 1
+    assert steps == loader.total_steps
+    idx = np.arange(12)
+    z = model(X[:12]).detach()[:, 0]
+    bce = F.binary_cross_entropy_with_logits(z, y[:12].float(), reduction="none")
+    assert torch.allclose(torch.as_tensor(loader.ops.losses(idx)).float(), bce, atol=1e-6)
+
+
+def test_a_model_failing_on_crests_input_dtype_is_told_about_the_cast():
+    """Inputs are cast to the first floating-point parameter's dtype (documented); a model whose first
+    parameter is float64 and body float32 fails inside its forward, and the error says why."""
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones((), dtype=torch.float64))
+            self.net = mlp()
+
+        def forward(self, x):
+            return self.net(x) * self.scale.float()
+
+    X, y = make_data()
+    loader = CrestLoader(Mixed(), TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.5, epochs=1, seed=0)
+    with pytest.raises(RuntimeError, match=r"dtype of its first floating-point parameter, torch\.float64.*forward="):
+        next(iter(loader))
