@@ -135,8 +135,9 @@ def dataset_labels(dataset) -> np.ndarray:
     Read without touching the examples where possible: ``TensorDataset`` (its second tensor),
     ``Subset`` and ``ConcatDataset`` (recursively), or a ``targets`` / ``labels`` attribute (torchvision
     datasets; mapped through the dataset's ``target_transform`` when it has one, as its items are; a
-    dataset with a joint ``transforms`` of its own has its items read). Otherwise every example is loaded once and its second field taken (``dataset[i][1]``);
-    pass ``labels=`` to :class:`CrestLoader` to avoid that pass.
+    dataset with a joint ``transforms`` of its own has its items read). Otherwise every example is loaded
+    once and its second field taken (``dataset[i][1]``); pass ``labels=`` to :class:`CrestLoader` to avoid
+    that pass.
 
     Examples
     --------
@@ -178,7 +179,8 @@ def dataset_labels(dataset) -> np.ndarray:
     why = ("its joint `transforms` may change the targets" if _joint_transform(dataset)
            else "it has no `targets` or `labels` attribute")
     warnings.warn(
-        f"crestcore: reading all {n} examples of the {type(dataset).__name__} once to find their labels ({why}), taking each item's second field (item[1]) or, for dict items, the first "
+        f"crestcore: reading all {n} examples of the {type(dataset).__name__} once to find their labels ({why}), "
+        "taking each item's second field (item[1]) or, for dict items, the first "
         f"of the keys {_LABEL_KEYS}: pass labels= (one class index per example) if that is not the class label, or "
         "to skip this pass (or give the dataset a `targets` attribute). The global random states are restored "
         "afterwards.",

@@ -249,6 +249,20 @@ def _to_similarities(xp, D, kernel: str, M, scale: float):
     return xp.exp(D, out=D)
 
 
+def _mirror_upper_(ops: Ops, D, tile: int = 256) -> None:
+    """``D`` (B, n, n) made exactly symmetric in place, as the reference makes it: every entry below the
+    diagonal takes its mirror above it (the matmul may round ``G[i, j]`` and ``G[j, i]`` differently)."""
+    xp = ops.xp
+    n = D.shape[-1]
+    for r0 in range(0, n, tile):
+        r1 = min(n, r0 + tile)
+        if r0:
+            D[:, r0:r1, :r0] = xp.swapaxes(D[:, :r0, r0:r1], 1, 2)  # the block row's left part (disjoint)
+        blk = D[:, r0:r1, r0:r1]
+        ar = ops.arange(0, r1 - r0, ops.device(D))
+        blk[...] = xp.where(ar[:, None] < ar[None, :], blk, xp.swapaxes(blk, 1, 2))
+
+
 def similarity_batched(ops: Ops, X, valid, metric: str, kernel: str, scale: float):
     """Dense similarities (B, n, n) of B padded problems, 0 on padded rows and columns; see the
     reference for the contract."""
@@ -259,6 +273,7 @@ def similarity_batched(ops: Ops, X, valid, metric: str, kernel: str, scale: floa
     Xn = _normalized(xp, X) if metric == "cosine" else X
     sq = None if metric == "cosine" else _sqnorms(xp, X)
     D = distances(ops, Xn, Xn, sq, sq, metric)
+    _mirror_upper_(ops, D)
     ops.zero_diagonal_(D)
     # padded rows and columns to exactly 0 by multiplying with 0/1 masks (broadcast, in place): D and S
     # are finite and >= 0 here (snapped distances; M - D with M the maximum; exp), so x * 1 is x and
@@ -287,18 +302,26 @@ def _gain_chunk(B: int, n: int) -> int:
     return max(1, min(n, _temp_cap(B * n * n) // max(1, B * n)))
 
 
-def _dense_gains(ops: Ops, S, cover, buf, chunk: int):
-    """gains[b, j] = sum_i max(S[b, i, j] - cover[b, i], 0), chunked over candidates j."""
+def _dense_gains(ops: Ops, S, cover, buf, chunk: int, symmetric: bool):
+    """gains[b, j] = sum_i max(S[b, i, j] - cover[b, i], 0), chunked over candidates j.
+
+    Each candidate's terms are a contiguous row of ``buf`` (B, chunk, n), summed along it: a reduction
+    along the contiguous axis adds every row in the same order, so candidates with the same similarity
+    column (duplicate points) get bit-identical gains and tie to the lowest index, as the reference's
+    do. (Summed over axis 1 of a (B, n, chunk) block, torch rounds the columns past its vector-width
+    blocks in another order, and a duplicate could win by an ulp.) ``symmetric`` S (every S this module
+    builds): the candidates' columns are its rows, read contiguously; otherwise they are transposed
+    into ``buf``, chunk by chunk (slower: strided reads)."""
     xp = ops.xp
     n = S.shape[2]
-    c_cover = cover[:, :, None]
+    c_cover = cover[:, None, :]
     parts = []
     for c0 in range(0, n, chunk):
         c1 = min(n, c0 + chunk)
-        blk = buf[:, :, : c1 - c0]
-        xp.subtract(S[:, :, c0:c1], c_cover, out=blk)
+        blk = buf[:, : c1 - c0, :]
+        xp.subtract(S[:, c0:c1, :] if symmetric else xp.swapaxes(S[:, :, c0:c1], 1, 2), c_cover, out=blk)
         ops.clamp_min_(blk, 0.0)
-        parts.append(xp.sum(blk, axis=1))
+        parts.append(xp.sum(blk, axis=2))
     return parts[0] if len(parts) == 1 else ops.concat(parts, axis=1)
 
 
@@ -315,20 +338,23 @@ def _stochastic_mask(ops: Ops, remaining, u_t):
     return hit[:, :n] & remaining
 
 
-def greedy_batched(ops: Ops, S, valid, budgets, optimizer: str, u=None):
+def greedy_batched(ops: Ops, S, valid, budgets, optimizer: str, u=None, symmetric: bool | None = None):
     """Facility-location greedy on B dense problems at once -> (indices (B, K) int64, gains (B, K)).
 
-    ``K = max(budgets)`` is read once (the one host sync), then :func:`greedy_loop` runs.
+    ``K = max(budgets)`` is read once (the one host sync), then :func:`greedy_loop` runs. ``symmetric``:
+    whether S is exactly symmetric (None: checked here, with the same host read).
     """
     check_choice(optimizer, "optimizer", OPTIMIZERS)
     if optimizer == "stochastic" and u is None:
         raise ValueError("optimizer='stochastic' needs the uniform draws u (B, K, s)")
     B = S.shape[0]
     K = int(budgets.max()) if B and math.prod(budgets.shape) else 0
-    return greedy_loop(ops, S, valid, budgets, K, optimizer, u)
+    if symmetric is None:
+        symmetric = bool(ops.xp.all(S == ops.xp.swapaxes(S, 1, 2))) if K > 0 else True
+    return greedy_loop(ops, S, valid, budgets, K, optimizer, u, symmetric=symmetric)
 
 
-def greedy_loop(ops: Ops, S, valid, budgets, K: int, optimizer: str, u=None):
+def greedy_loop(ops: Ops, S, valid, budgets, K: int, optimizer: str, u=None, *, symmetric: bool = False):
     """The greedy loop for a known ``K`` (host int): fixed-shape device work only, no host sync.
 
     Every problem runs all ``K`` picks; picks at or past a problem's budget are masked to -1 (gain 0)
@@ -348,10 +374,10 @@ def greedy_loop(ops: Ops, S, valid, budgets, K: int, optimizer: str, u=None):
     neg_inf = ops.full((), -math.inf, dt, dev)
     penalty = xp.where(valid, ops.zeros((), dt, dev), neg_inf)  # -inf: not a candidate
     chunk = _gain_chunk(B, n)
-    buf = ops.empty((B, n, min(chunk, n)), dt, dev)
+    buf = ops.empty((B, min(chunk, n), n), dt, dev)
     idx_cols, gain_cols = [], []
     for t in range(K):
-        gains = _dense_gains(ops, S, cover, buf, chunk)
+        gains = _dense_gains(ops, S, cover, buf, chunk, symmetric)
         if optimizer == "stochastic":
             cand = _stochastic_mask(ops, penalty == 0, u[:, t, :])
             j = xp.argmax(xp.where(cand, gains, neg_inf), axis=1)[:, None]
@@ -428,9 +454,24 @@ class Features:
         D[ri, ci] = xp.where(inside, ops.zeros((), self.dt, self.dev), D[ri, ci])
         return D
 
-    def sims(self, r0: int, r1: int, cols):
-        """Similarities (r1 - r0, len(cols)) of the rows r0..r1 to the points ``cols``."""
-        return _to_similarities(self.xp, self.distances(r0, r1, cols), self.kernel, self.M, self.scale)
+    def candidate_distances(self, cols, r0: int, r1: int):
+        """D (len(cols), r1 - r0): the candidates ``cols`` against the rows r0..r1, candidate-major, with
+        exact zeros where the candidate is the row's point."""
+        ops, xp = self.ops, self.xp
+        Xc = ops.take(self.X, cols)
+        sqc = None if self.sq is None else ops.take(self.sq, cols)
+        sqr = None if self.sq is None else self.sq[r0:r1]
+        D = distances(ops, Xc, self.X[r0:r1], sqc, sqr, self.metric)
+        ri = cols - r0  # candidate c's own point is column cols[c] - r0, when that is in range
+        inside = (ri >= 0) & (ri < r1 - r0)
+        ri = xp.clip(ri, 0, max(r1 - r0 - 1, 0))
+        ci = ops.arange(0, cols.shape[0], self.dev)
+        D[ci, ri] = xp.where(inside, ops.zeros((), self.dt, self.dev), D[ci, ri])
+        return D
+
+    def candidate_sims(self, cols, r0: int, r1: int):
+        """Similarities (len(cols), r1 - r0) of the candidates ``cols`` to the rows r0..r1."""
+        return _to_similarities(self.xp, self.candidate_distances(cols, r0, r1), self.kernel, self.M, self.scale)
 
     def _max_distance(self):
         M = self.ops.zeros((), self.dt, self.dev)
@@ -456,20 +497,22 @@ class Features:
             g = ops.zeros((cc.shape[0],), self.dt, self.dev)
             for r0 in range(0, self.n, step):
                 r1 = min(self.n, r0 + step)
+                # candidate-major blocks (one contiguous row per candidate, summed along it): the same
+                # order for every candidate, so duplicate points get bit-identical gains (_dense_gains)
                 if self.kernel == "max-minus":  # max(M - D - c, 0) as max((M - c) - D, 0): one pass
-                    Sb = self.distances(r0, r1, cc)
-                    xp.subtract(Mc[r0:r1, None], Sb, out=Sb)
+                    Sb = self.candidate_distances(cc, r0, r1)
+                    xp.subtract(Mc[None, r0:r1], Sb, out=Sb)
                 else:
-                    Sb = self.sims(r0, r1, cc)
-                    Sb -= cover[r0:r1, None]
-                g += xp.sum(ops.clamp_min_(Sb, 0.0), axis=0)
+                    Sb = self.candidate_sims(cc, r0, r1)
+                    Sb -= cover[None, r0:r1]
+                g += xp.sum(ops.clamp_min_(Sb, 0.0), axis=1)
             out.append(g)
         return out[0] if len(out) == 1 else ops.concat(out, axis=0)
 
     def column(self, j):
-        """S[:, j] (n,) for a device index array j of shape (1,)."""
+        """S[:, j] (n,) for a device index array j of shape (1,), as the gains see it."""
         step = self.row_chunk(1)
-        parts = [self.sims(r0, min(self.n, r0 + step), j)[:, 0] for r0 in range(0, self.n, step)]
+        parts = [self.candidate_sims(j, r0, min(self.n, r0 + step))[0, :] for r0 in range(0, self.n, step)]
         return parts[0] if len(parts) == 1 else self.ops.concat(parts, axis=0)
 
 
@@ -565,7 +608,8 @@ def greedy_features(ops: Ops, X, k, metric: str, kernel: str, scale: float, opti
     objective = ops.zeros((), ops.float64, dev)
     step = F.row_chunk(k)
     for r0 in range(0, n, step):
-        Sp = F.sims(r0, min(n, r0 + step), idx)  # self-similarity is exactly M (max-minus) or 1 (exp)
-        counts += ops.count_rows(xp.argmax(Sp, axis=1)[None, :], k, dt)[0]
-        objective += xp.sum(ops.astype(xp.amax(Sp, axis=1), ops.float64))
+        # (k, rows), the values the gains saw; self-similarity is exactly M (max-minus) or 1 (exp)
+        Sp = F.candidate_sims(idx, r0, min(n, r0 + step))
+        counts += ops.count_rows(xp.argmax(Sp, axis=0)[None, :], k, dt)[0]
+        objective += xp.sum(ops.astype(xp.amax(Sp, axis=0), ops.float64))
     return idx, gains, counts, ops.astype(objective, dt)

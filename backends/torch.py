@@ -276,6 +276,7 @@ def facility_batched(X, valid, budgets, metric, kernel, scale, optimizer, u=None
     True
     """
     S = similarity_batched(X, valid, metric, kernel, scale)
-    idx, gains = greedy_batched(S, valid, budgets, optimizer, u)
+    # S is exactly symmetric by construction: the greedy reads candidates as rows, no check
+    idx, gains = _device.greedy_batched(_OPS, S.detach(), valid, budgets, optimizer, u, symmetric=True)
     weights, objective = assign_batched(S, valid, idx)
     return idx, gains, weights, objective

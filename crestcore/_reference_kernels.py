@@ -80,7 +80,8 @@ def greedy_batched(S, valid, budgets, optimizer, u=None):
     idx_cols, gain_cols = [], []
     zero = xp.zeros_like(S)
     for t in range(K):
-        gains = xp.sum(xp.maximum(S - cover[:, :, None], zero), axis=1)  # (B, n)
+        # (B, n): each candidate's terms as a row (S^T, made row-major), summed along it
+        gains = xp.sum(_candidate_rows(xp, xp.maximum(xp.matrix_transpose(S) - cover[:, None, :], zero)), axis=2)
         cand = valid & ~selected
         if optimizer == "stochastic":
             cand = _stochastic_mask(xp, cand, u[:, t, :])
@@ -149,19 +150,28 @@ def _max_distance(xp, X, metric, tile):
     return M
 
 
-def _column_sims(xp, X, cols, metric, kernel, scale, M, tile):
-    """(n, len(cols)) similarities of every point to the candidates ``cols`` (host int array)."""
+def _candidate_sims(xp, X, cols, metric, kernel, scale, M, tile):
+    """(len(cols), n) similarities of the candidates ``cols`` (host int array) to every point: candidate
+    major, one row per candidate (the layout the gains are summed in, see :func:`_candidate_rows`)."""
     dev = device_of(X)
     C = xp.take(X, from_numpy(np.asarray(cols, dtype=np.int64), xp, dev), axis=0)
     out = []
     n = X.shape[0]
     for a in range(0, n, tile):
         Xi = X[a : min(n, a + tile), :]
-        D = pairwise_distances(Xi, C, metric=metric)
-        rows = xp.arange(Xi.shape[0], device=dev)[:, None] + a
-        D = xp.where(rows == from_numpy(np.asarray(cols, dtype=np.int64), xp, dev)[None, :], xp.zeros_like(D), D)
+        D = pairwise_distances(C, Xi, metric=metric)
+        rows = xp.arange(Xi.shape[0], device=dev)[None, :] + a
+        D = xp.where(rows == from_numpy(np.asarray(cols, dtype=np.int64), xp, dev)[:, None], xp.zeros_like(D), D)
         out.append(M - D if kernel == "max-minus" else xp.exp(-D / scale))
-    return xp.concat(out, axis=0)
+    return xp.concat(out, axis=1)
+
+
+def _candidate_rows(xp, T):
+    """``T`` (..., candidates, points) laid out row-major, so that a sum over the last axis adds every
+    candidate's terms in the same order (a library that follows its inputs' strides could keep a
+    transposed layout and round the columns past its vector width in another order): candidates with
+    the same similarities, duplicate points, get bit-identical gains and tie to the lowest index."""
+    return xp.reshape(xp.reshape(T, (-1,)), T.shape)
 
 
 def greedy_features(X, k, metric, kernel, scale, optimizer, u=None, tile=2048):
@@ -183,8 +193,8 @@ def greedy_features(X, k, metric, kernel, scale, optimizer, u=None, tile=2048):
         """Exact gains of the candidates ``cols`` (host ints), ``tile`` columns at a time."""
         out = np.empty(cols.size, dtype=np.float64)
         for a in range(0, cols.size, tile):
-            Sc = _column_sims(xp, X, cols[a : a + tile], metric, kernel, scale, M, tile)
-            g = xp.sum(xp.maximum(Sc - cover[:, None], xp.zeros_like(Sc)), axis=0)
+            T = _candidate_sims(xp, X, cols[a : a + tile], metric, kernel, scale, M, tile) - cover[None, :]
+            g = xp.sum(_candidate_rows(xp, xp.maximum(T, xp.zeros_like(T))), axis=1)
             out[a : a + tile] = to_numpy(g).astype(np.float64)
         return out
 
@@ -219,7 +229,7 @@ def greedy_features(X, k, metric, kernel, scale, optimizer, u=None, tile=2048):
         pick_gains.append(gain)
         selected[j] = True
         ub[j] = -np.inf
-        col = _column_sims(xp, X, np.array([j]), metric, kernel, scale, M, tile)[:, 0]
+        col = _candidate_sims(xp, X, np.array([j]), metric, kernel, scale, M, tile)[0, :]
         cover = xp.maximum(cover, col)
     idx = np.asarray(picks, dtype=np.int64)
     # weights: assignment to the most similar pick, tile by tile (earliest pick on ties)

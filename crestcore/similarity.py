@@ -238,7 +238,8 @@ def _sqnorms(xp, X):
 def pairwise_distances(X, Y=None, *, metric: str = "euclidean"):
     """Distances between the rows of ``X`` (..., n, d) and ``Y`` (..., m, d): shape (..., n, m).
 
-    Leading batch dimensions broadcast. With ``Y`` omitted the diagonal is exactly zero.
+    Leading batch dimensions broadcast. With ``Y`` omitted the result is exactly symmetric (each entry
+    below the diagonal is its mirror above it) and the diagonal is exactly zero.
 
     Examples
     --------
@@ -319,9 +320,13 @@ def _distances(xp, X, Y, metric: str, same: bool):
         G = xp.matmul(X, xp.matrix_transpose(Y))
         D = _gram_distances(xp, G, _sqnorms(xp, X), _sqnorms(xp, Y), metric, tol)
     if same:
+        # exactly symmetric: the matmul may round G[i, j] and G[j, i] differently, so every entry below
+        # the diagonal takes its mirror above it (a point's similarity column is then its row, and the
+        # fast kernels may read candidates as rows); the diagonal is exactly 0
         n = X.shape[-2]
-        eye = xp.eye(n, dtype=xp.bool, device=_dev(X))
-        D = xp.where(eye, xp.zeros_like(D), D)
+        ar = xp.arange(n, device=_dev(X))
+        D = xp.where(ar[:, None] < ar[None, :], D, xp.matrix_transpose(D))
+        D = xp.where(ar[:, None] == ar[None, :], xp.zeros_like(D), D)
     return D
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from _greedy_replay import KERNELS, METRICS, OPTIMIZERS, features_problem, features_strategies, host, padded_batch
 from _greedy_replay import assert_features_matches, assert_greedy_matches
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import crestcore
@@ -504,3 +504,37 @@ def test_features_requiring_grad_are_accepted():
     assert torch.equal(a.indices, b.indices)
     c = crestcore.minibatch_coresets(X, y, m=8, r=60, P=2, rng=0)
     assert c.indices.shape == (2, 8)
+
+
+@FEW
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(33, 80), levels=st.integers(2, 4),
+       metric=st.sampled_from(["euclidean", "sqeuclidean"]), kernel=st.sampled_from(KERNELS),
+       path=st.sampled_from(["dense", "matrix-free", "per-class"]))
+@example(seed=0, n=39, levels=2, metric="euclidean", kernel="max-minus", path="dense")
+@example(seed=0, n=39, levels=2, metric="euclidean", kernel="max-minus", path="matrix-free")
+@example(seed=0, n=39, levels=2, metric="euclidean", kernel="max-minus", path="per-class")
+def test_duplicate_points_tie_to_the_lowest_index_on_every_backend(seed, n, levels, metric, kernel, path):
+    """Integer-lattice points (many duplicates; the Gram products are exact integers, so a duplicate's
+    similarity column is bit for bit its twin's on every backend): their gains are bit-identical and
+    the lower index is picked, NumPy (Numba) and torch alike and as the reference does. (torch's sum over
+    a column block used to round the columns past its vector width in another order, so a later twin
+    won by an ulp: candidates past index 32, which n >= 33 makes appear.)"""
+    rng = np.random.default_rng(seed)
+    X = rng.integers(0, levels, (n, 2)).astype(np.float64)
+    labels = rng.integers(0, 2, n) if path == "per-class" else None
+    kw = dict(metric=metric, kernel=kernel, max_dense_bytes=100 if path == "matrix-free" else None)
+    kw = {k: v for k, v in kw.items() if v is not None}
+    kn = dict(kw, labels=labels) if labels is not None else kw
+    kt = dict(kw, labels=torch.from_numpy(labels)) if labels is not None else kw
+    k = 6
+    Xt = torch.from_numpy(X)
+    results = [crestcore.facility_location(X, k, **kn), crestcore.facility_location(X, k, backend="reference", **kn),
+               crestcore.facility_location(Xt, k, **kt), crestcore.facility_location(Xt, k, backend="reference", **kt)]
+    for sel in results:
+        picks = host(sel.indices).tolist()
+        for p in picks:  # each pick is the lowest-index copy of its point that was not picked before it
+            twins = np.flatnonzero((X == X[p]).all(axis=1) & ((labels == labels[p]) if labels is not None else True))
+            earlier = [q for q in twins if q < p]
+            assert all(q in picks[: picks.index(p)] for q in earlier), (p, twins.tolist(), picks)
+    # torch and the reference on torch run the same operations: the same picks
+    assert torch.equal(results[2].indices, results[3].indices)
