@@ -31,6 +31,7 @@ from .quadratic import (  # noqa: E402
     hutchinson_diagonal,
     quadratic_anchor,
     quadratic_curvature,
+    curvature_norm,
     quadratic_init,
     quadratic_predict,
     quadratic_update,
@@ -53,7 +54,7 @@ from .controller import (  # noqa: E402
 __all__ += [
     "cross_entropy", "last_layer_gradients", "softmax",
     "QuadraticConfig", "QuadraticState", "hutchinson_diagonal", "quadratic_anchor",
-    "quadratic_curvature", "quadratic_init", "quadratic_predict", "quadratic_update",
+    "quadratic_curvature", "curvature_norm", "quadratic_init", "quadratic_predict", "quadratic_update",
     "relative_error", "should_reselect", "update_schedule",
     "DropConfig", "DropState", "drop_copy", "drop_init", "drop_record", "drop_update",
     "Batch", "CrestConfig", "CrestState", "ModelOps", "crest_init", "crest_load_state_dict",

@@ -56,7 +56,7 @@ from .quadratic import (
     QuadraticConfig,
     QuadraticState,
     quadratic_anchor,
-    quadratic_curvature,
+    curvature_norm,
     quadratic_init,
     quadratic_predict,
     quadratic_update,
@@ -735,8 +735,7 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
             c["forward_examples"] += 2 * bi.size
             c["backward_examples"] += 3 * bi.size
         quad = quadratic_update(quad, g, zhz, config.quadratic)
-    hx = namespace(anchor)
-    h_norm = float(to_numpy(hx.sqrt(hx.sum(quadratic_curvature(quad, config.quadratic) ** 2))))
+    h_norm = curvature_norm(quad, config.quadratic)
     # The schedule (Algorithm 1: T1 <- h ||H_0|| / ||H_t||, P <- b T1) is set from the curvature measured
     # at the new anchor, as the release does; the first selection measures ||H_0|| and keeps T1 and P.
     first = math.isnan(state.h_norm_0)

@@ -348,3 +348,23 @@ def test_bad_anchor_and_init():
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         QuadraticConfig(**kwargs)
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_half_precision_sums_are_accumulated_in_float32(lib, half):
+    """100,000 parameters of curvature 1: the norm (316.2) and the prediction (-99,999) are ordinary
+    values, though their sums pass float16's largest value (65,504); they used to raise DivergenceError."""
+    from crestcore import curvature_norm
+
+    if lib == "numpy":
+        if half == "bfloat16":
+            pytest.skip("NumPy has no bfloat16")
+        arr = lambda v: np.full(100_000, v, dtype=np.float16)  # noqa: E731
+    else:
+        arr = lambda v: torch.full((100_000,), v, dtype=getattr(torch, half))  # noqa: E731
+    state = quadratic_update(quadratic_init(arr(0.0)), zhz=arr(1.0))
+    assert curvature_norm(state) == pytest.approx(math.sqrt(100_000), rel=1e-6)
+    state = quadratic_update(quadratic_anchor(state, 1.0), grad=arr(1.0))
+    assert quadratic_predict(state, arr(-1.0)) == pytest.approx(1.0 - 100_000, rel=1e-6)
+    assert state.g_ema.dtype == arr(0.0).dtype  # the state keeps the parameters' dtype
