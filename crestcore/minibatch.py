@@ -33,8 +33,11 @@ class Coresets:
         could not fill (fewer examples of it in the subset than its budget) hold -1 with weight 0.
         Within a coreset, picks are grouped by class (ascending label), each class in greedy order.
     weights : (P, m') floating. Cluster sizes within the subset (and the class when per_class): the
-        weights of coreset p sum to r, and per class to that class's count in subset p (a class given
-        no pick, possible only when m < #classes in the subset, represents nobody).
+        weights of coreset p sum to r, and per class to that class's count in subset p, when m is at
+        least the number of classes in the subset. Below it (``class_budget="proportional"``) a class gets
+        its one pick with probability ``m n_c / r`` and that pick's weight is its count divided by that
+        probability, so the weights sum to r in expectation only, and a class given no pick represents
+        nobody.
     gains : (P, m') floating marginal gains.
     objective : (P,) floating facility-location value of each coreset on its subset.
     subsets : (P, r) int64, the random subsets V_p (sorted), indices into the dataset.

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 __all__ = ["relative_error", "should_reselect", "update_schedule"]
 
@@ -86,7 +87,8 @@ def update_schedule(h_norm_0, h_norm_t, *, h: float = 1.0, b: float = 5.0, cap: 
         raise ValueError(f"curvature norms must be >= 0, got h_norm_0={h0}, h_norm_t={ht}")
     if hh <= 0 or bb <= 0:
         raise ValueError(f"h and b must be > 0, got h={hh}, b={bb}")
-    if cap is not None and (isinstance(cap, bool) or int(cap) != cap or cap < 1):
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, numbers.Real) or not math.isfinite(cap)
+                            or int(cap) != cap or cap < 1):
         raise ValueError(f"cap must be a positive integer, got {cap!r}")
     if ht == 0:
         if cap is None:
@@ -105,7 +107,12 @@ def update_schedule(h_norm_0, h_norm_t, *, h: float = 1.0, b: float = 5.0, cap: 
             T1 = max(1, math.ceil(x - min(1e-9 * max(1.0, x), 0.5)))
         if cap is not None:
             T1 = min(T1, int(cap))
-    P = max(1, math.ceil(bb * T1))
+    if not math.isfinite(bb * T1):
+        if cap is None:
+            raise ValueError(f"b * T1 overflows (b={bb}, T1={T1}) and no cap is given: P would be infinite")
+        P = int(cap)
+    else:
+        P = max(1, math.ceil(bb * T1))
     if cap is not None:
         P = min(P, int(cap))
     return T1, P

@@ -198,3 +198,18 @@ def test_update_schedule_on_a_vanishing_curvature_norm():
         update_schedule(1.0, 5e-324)
     assert update_schedule(1.0, 1e-12)[0] == 10**12  # ceil(1e12), not 1e12 - 1000
     assert update_schedule(1.0, 1.0 - 2**-52)[0] == 1  # equal curvature up to an ulp: no extra step
+
+
+def test_update_schedule_names_an_infinite_cap_or_an_overflowing_b():
+    """cap=inf or nan, and b so large that b * T1 overflows, raise ValueErrors naming the argument (they
+    raised bare OverflowError / ValueError from int() and math.ceil); with a cap, P is the cap."""
+    import math
+
+    from crestcore import update_schedule
+
+    for cap in (math.inf, math.nan, "3", 2.5):
+        with pytest.raises(ValueError, match="cap must be a positive integer"):
+            update_schedule(1.0, 0.5, cap=cap)
+    with pytest.raises(ValueError, match=r"b \* T1 overflows \(b=1e\+308"):
+        update_schedule(1.0, 0.5, b=1e308)
+    assert update_schedule(1.0, 0.5, b=1e308, cap=40) == (2, 40)
