@@ -28,6 +28,16 @@ class DivergenceError(FloatingPointError, ValueError):
     """
 
 
+def isdtype(xp, dtype, kind: str) -> bool:
+    """``xp.isdtype(dtype, kind)``, False for a dtype the library does not know as one of its own (NumPy
+    raises ``TypeError`` for an extension dtype such as ml_dtypes' bfloat16): the callers then refuse it
+    with their own message, which names the argument."""
+    try:
+        return bool(xp.isdtype(dtype, kind))
+    except TypeError:
+        return False
+
+
 def check_float_matrix(xp, X, name: str, *, square: bool = False) -> float:
     """X must be a finite, non-empty, 2-D real floating array. Returns ``max|X|`` (the numerics policy's
     rescaling needs it): one max and one min over X, no temporaries (NaN propagates through both)."""
@@ -38,7 +48,7 @@ def check_float_matrix(xp, X, name: str, *, square: bool = False) -> float:
         raise ValueError(f"{name} is empty (shape {tuple(X.shape)})")
     if square and n != d:
         raise ValueError(f"{name} must be a square (n, n) similarity matrix, got shape {tuple(X.shape)}")
-    if not xp.isdtype(X.dtype, "real floating"):
+    if not isdtype(xp, X.dtype, "real floating"):
         raise TypeError(f"{name} must have a real floating dtype (float16, bfloat16, float32 or float64), got {X.dtype}")
     hi = float(to_numpy(xp.max(X)))  # to_numpy: detached (a tensor that requires grad warns on float())
     lo = float(to_numpy(xp.min(X)))
@@ -53,7 +63,7 @@ def check_float_rows(xp, A, name: str, layout: str) -> None:
     computes no ``max|A|`` and allows zero columns."""
     if A.ndim != 2 or A.shape[0] == 0:
         raise ValueError(f"{name} must be a non-empty {layout}, got shape {tuple(A.shape)}")
-    if not xp.isdtype(A.dtype, "real floating"):
+    if not isdtype(xp, A.dtype, "real floating"):
         raise TypeError(f"{name} must have a real floating dtype, got {A.dtype}")
     if not bool(xp.all(xp.isfinite(A))):
         raise ValueError(f"{name} contains NaN or infinite values")
@@ -126,7 +136,7 @@ def check_labels(xp, labels, n: int, name: str = "labels", *, of: str | None = N
     if labels.shape[0] != n:
         counted = f"there are {n} examples" if of is None else f"{of} has {n} rows"
         raise ValueError(f"{name} has length {labels.shape[0]} but {counted}")
-    if not xp.isdtype(labels.dtype, "integral"):
+    if not isdtype(xp, labels.dtype, "integral"):
         raise TypeError(f"{name} must have an integer dtype, got {labels.dtype}")
     if classes is not None and n and (bool(xp.any(labels < 0)) or bool(xp.any(labels >= classes))):
         raise ValueError(f"{name} must lie in [0, {classes}) for {classes} classes ({of} has {classes} columns)")

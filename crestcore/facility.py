@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _reference_kernels as ref
 from ._compat import device_of, from_numpy, namespace, namespace_name, to_numpy
-from ._validation import (check_choice, check_epsilon, check_float_matrix, check_float_rows, check_int, hamilton,
+from ._validation import (check_choice, isdtype, check_epsilon, check_float_matrix, check_float_rows, check_int, hamilton,
                           labels_to_host, make_rng)
 from .backends import get_host_kernel, sample_sizes
 from .similarity import KERNELS, METRICS, kernel_scale, prepare, restore
@@ -475,7 +475,7 @@ def _check_dense_and_selected(S, selected):
         raise ValueError("S must be non-negative: facility location's objective and gains assume similarities >= 0")
     if selected.ndim != 1:
         raise ValueError(f"selected must be 1-D, got shape {tuple(selected.shape)}")
-    if not xp.isdtype(selected.dtype, "integral"):
+    if not isdtype(xp, selected.dtype, "integral"):
         raise TypeError(f"selected must hold integer indices, got dtype {selected.dtype}")
     if selected.shape[0] and (bool(xp.any(selected < 0)) or bool(xp.any(selected >= S.shape[1]))):
         raise ValueError(f"selected must hold column indices in [0, {S.shape[1]})")

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 from ._compat import namespace
 from .similarity import compute_dtype
-from ._validation import DivergenceError, check_float_rows, field_choice, field_real
+from ._validation import DivergenceError, check_float_rows, field_choice, field_real, isdtype
 
 __all__ = [
     "QuadraticConfig",
@@ -102,7 +102,7 @@ def _check_vec(xp, v, name, dim=None, *, diverged: bool = False, finite: bool = 
         raise ValueError(f"{name} must be a 1-D (flat) vector, got shape {tuple(v.shape)}")
     if dim is not None and v.shape[0] != dim:
         raise ValueError(f"{name} has length {v.shape[0]}, expected {dim}")
-    if not xp.isdtype(v.dtype, "real floating"):
+    if not isdtype(xp, v.dtype, "real floating"):
         raise TypeError(f"{name} must be real floating, got {v.dtype}")
     if finite and not bool(xp.all(xp.isfinite(v))):
         if diverged:
@@ -240,7 +240,7 @@ def quadratic_update(state: QuadraticState, grad=None, zhz=None, config: Quadrat
     if zhz is not None:
         if not math.isfinite(curvature_norm(new, config)):
             raise DivergenceError(
-                f"the curvature estimate (or its norm) overflows {h.dtype}: the Hessian is exploding, "
+                f"the curvature estimate (or its norm) overflows {new.h_ema.dtype}: the Hessian is exploding, "
                 "training has diverged (lower the learning rate, add gradient clipping)"
             )
     return new

@@ -28,6 +28,7 @@ import numbers
 import warnings
 
 from ._compat import namespace, to_numpy
+from ._validation import isdtype
 from .backends import KERNELS, METRICS, snap_tolerance  # the kernel contract (crestcore.backends.contract)
 
 __all__ = [
@@ -265,7 +266,7 @@ def pairwise_distances(X, Y=None, *, metric: str = "euclidean"):
             continue
         if A.ndim < 2:
             raise ValueError(f"{name} must be at least 2-D (..., n, d), got shape {tuple(A.shape)}")
-        if not xp.isdtype(A.dtype, "real floating"):
+        if not isdtype(xp, A.dtype, "real floating"):
             raise TypeError(f"{name} must have a real floating dtype, got {A.dtype}")
     same = Y is None
     if not same and X.shape[-1] != Y.shape[-1]:

@@ -531,3 +531,16 @@ ADAPTER_CASES = _ops_cases()
 def test_adapter_bad_arguments(fn, exc, match):
     with pytest.raises(exc, match=match):
         fn()
+
+
+def test_a_numpy_extension_dtype_is_refused_naming_the_argument():
+    """ml_dtypes' bfloat16 in a NumPy array (NumPy's isdtype raises TypeError for it): the library's own
+    message, naming the argument, on the selection, the baselines and the quadratic model alike."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    Xb = X.astype(ml_dtypes.bfloat16)
+    with pytest.raises(TypeError, match="X must have a real floating dtype"):
+        crestcore.facility_location(Xb, 3)
+    with pytest.raises(TypeError, match="real floating dtype"):
+        craig(Xb, Y, 3)
+    with pytest.raises(TypeError, match="real floating"):
+        crestcore.quadratic_init(np.zeros(3).astype(ml_dtypes.bfloat16))

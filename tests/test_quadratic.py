@@ -368,3 +368,13 @@ def test_half_precision_sums_are_accumulated_in_float32(lib, half):
     state = quadratic_update(quadratic_anchor(state, 1.0), grad=arr(1.0))
     assert quadratic_predict(state, arr(-1.0)) == pytest.approx(1.0 - 100_000, rel=1e-6)
     assert state.g_ema.dtype == arr(0.0).dtype  # the state keeps the parameters' dtype
+
+
+def test_an_exploding_curvature_is_reported_as_divergence():
+    """Finite curvature samples whose norm overflows (1e30 in float32, squared past its range, even when
+    accumulated in float32) are divergence, named as such, with the dtype."""
+    from crestcore._validation import DivergenceError
+
+    state = quadratic_init(np.zeros(4, dtype=np.float32))
+    with pytest.raises(DivergenceError, match=r"curvature estimate .* overflows float32"):
+        quadratic_update(state, zhz=np.full(4, 1e30, dtype=np.float32))

@@ -8,7 +8,7 @@ import numbers
 import numpy as np
 
 from .._compat import from_numpy, namespace
-from .._validation import make_rng
+from .._validation import isdtype, make_rng
 from ..facility import Selection
 
 
@@ -56,7 +56,7 @@ def check_vector(xp, x, name: str, *, floating: bool = True):
     if x.shape[0] == 0:
         raise ValueError(f"{name} is empty")
     if floating:
-        if not xp.isdtype(x.dtype, "real floating"):
+        if not isdtype(xp, x.dtype, "real floating"):
             raise TypeError(f"{name} must have a real floating dtype (float32 or float64), got {x.dtype}")
         if not bool(xp.all(xp.isfinite(x))):
             raise ValueError(f"{name} contains NaN or infinite values")

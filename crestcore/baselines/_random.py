@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._compat import device_of
-from .._validation import check_int
+from .._validation import check_int, isdtype
 from ._common import epoch_rng, host_selection, resolve_xp
 
 
@@ -56,7 +56,7 @@ def random_subset(n, k, *, rng, epoch=None, xp=None, device=None, dtype=None):
     dev = device_of(probe)
     if dtype is None:
         dtype = ns.asarray(0.0, device=dev).dtype
-    elif not ns.isdtype(dtype, "real floating"):
+    elif not isdtype(ns, dtype, "real floating"):
         raise TypeError(f"dtype must be a real floating dtype, got {dtype}")
     idx = np.sort(gen.choice(n, size=k, replace=False)).astype(np.int64)
     return host_selection(ns, dev, dtype, idx, np.full(k, n / k), np.zeros(k), 0.0)
