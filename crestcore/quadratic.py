@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 from collections.abc import Callable
 
-from ._compat import namespace
+from ._compat import namespace, to_numpy
 from .similarity import compute_dtype
 from ._validation import DivergenceError, check_float_rows, field_choice, field_real, isdtype
 
@@ -113,6 +113,14 @@ def _check_vec(xp, v, name, dim=None, *, diverged: bool = False, finite: bool = 
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
+def _check_same_dtype(v, like, name: str) -> None:
+    """The model's vectors keep the dtype of the parameters ``quadratic_init`` was given: a sample of
+    another dtype would silently promote them (float32 + float64 is float64)."""
+    if v.dtype != like.dtype:
+        raise TypeError(f"{name} has dtype {v.dtype} but the model's vectors are {like.dtype} (the dtype of the "
+                        f"params quadratic_init was given): pass {name} in that dtype")
+
+
 def hutchinson_diagonal(hvp: Callable[[Any], Any], probes):
     """Hutchinson's estimate of diag(H): the mean over probes z of ``z * hvp(z)``.
 
@@ -195,7 +203,7 @@ def quadratic_anchor(state: QuadraticState, loss: float, config: QuadraticConfig
     >>> kept.n_g, kept.g_ema
     (1, array([ 0.1, -0.1]))
     """
-    loss = float(loss)
+    loss = float(to_numpy(loss)) if hasattr(loss, "shape") else float(loss)  # a tensor: detached, no warning
     if not math.isfinite(loss):
         raise DivergenceError(f"loss must be finite, got {loss}: the anchor loss is not finite, training has "
                               "diverged (exploding logits?)")
@@ -225,10 +233,12 @@ def quadratic_update(state: QuadraticState, grad=None, zhz=None, config: Quadrat
         warnings.simplefilter("ignore", RuntimeWarning)
         if grad is not None:
             _check_vec(xp, grad, "grad", D, diverged=True)
+            _check_same_dtype(grad, g_ema, "grad")
             g_ema = config.beta1 * g_ema + (1.0 - config.beta1) * grad
             n_g += 1
         if zhz is not None:
             _check_vec(xp, zhz, "zhz", D, diverged=True)
+            _check_same_dtype(zhz, h_ema, "zhz")
             sample = zhz if config.variant == "hutchinson" else zhz * zhz
             h_ema = config.beta2 * h_ema + (1.0 - config.beta2) * sample
             n_h += 1

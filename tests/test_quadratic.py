@@ -378,3 +378,18 @@ def test_an_exploding_curvature_is_reported_as_divergence():
     state = quadratic_init(np.zeros(4, dtype=np.float32))
     with pytest.raises(DivergenceError, match=r"curvature estimate .* overflows float32"):
         quadratic_update(state, zhz=np.full(4, 1e30, dtype=np.float32))
+
+
+def test_samples_of_another_dtype_are_refused_and_a_tensor_loss_is_read_without_warning():
+    """A float64 gradient for a float32 model would promote the model's vectors silently: refused,
+    naming the argument. A loss tensor that requires grad is read detached (no torch warning)."""
+    import warnings
+
+    state = quadratic_init(np.zeros(3, dtype=np.float32))
+    for kw in (dict(grad=np.zeros(3)), dict(zhz=np.ones(3))):
+        with pytest.raises(TypeError, match=f"{next(iter(kw))} has dtype float64 but the model's vectors are float32"):
+            quadratic_update(state, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state = quadratic_anchor(state, torch.tensor(2.0, requires_grad=True) * 1.5)
+    assert state.anchor_loss == 3.0
