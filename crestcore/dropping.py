@@ -230,8 +230,11 @@ def drop_record(state: DropState, indices, losses, step: int) -> DropState:
     idx = np.asarray(to_numpy(indices))
     if not np.issubdtype(idx.dtype, np.integer):
         raise TypeError(f"indices must hold integers, got dtype {idx.dtype}")
+    vals = np.asarray(to_numpy(losses), dtype=np.float64)
+    if vals.ndim > 1 and np.squeeze(vals).shape != np.squeeze(idx).shape:  # a (k, 1) column is k losses
+        raise ValueError(f"losses must hold one loss per index: shape {vals.shape} for indices of shape {idx.shape}")
     idx = idx.astype(np.int64, copy=False).ravel()
-    vals = np.asarray(to_numpy(losses), dtype=np.float64).ravel()
+    vals = vals.ravel()
     n = state.active.size
     if idx.size != vals.size:
         raise ValueError(f"indices ({idx.size}) and losses ({vals.size}) differ in length")

@@ -534,3 +534,15 @@ def test_drop_record_bad_inputs(idx, losses, step, exc, match):
 def test_drop_update_bad_inputs(step, labels, exc, match):
     with pytest.raises(exc, match=match):
         drop_update(drop_init(3), step, DropConfig(), labels)
+
+
+def test_drop_record_refuses_losses_shaped_unlike_the_indices():
+    """A (2, 2) block of losses for 4 indices is refused (it used to be flattened silently); a (k, 1)
+    column is k losses."""
+    from crestcore import DropConfig, drop_init, drop_record
+
+    state = drop_init(10, DropConfig())
+    with pytest.raises(ValueError, match=r"one loss per index: shape \(2, 2\)"):
+        drop_record(state, np.arange(4), np.ones((2, 2)), 0)
+    state = drop_record(state, np.arange(4), np.full((4, 1), 0.5), 0)
+    assert state.losses[:4, 0].tolist() == [0.5] * 4
