@@ -1,8 +1,10 @@
 """Watching a CREST run outside Lightning: a small listener protocol, TensorBoard and W&B writers.
 
 A listener is any callable ``listener(event, step, scalars)``: ``event`` is ``"selection"`` (coresets were
-selected), ``"check"`` (a trust check ran), ``"drop"`` (a drop decision removed learned examples) or
-``"epoch"`` (an epoch's share was handed out); ``step`` is the run's step (batches handed out);
+selected), ``"check"`` (a trust check ran), ``"drop"`` (a drop decision was made; it may have removed
+no example) or ``"epoch"`` (an epoch's share was handed out); ``step`` is the run's step counted in batches
+handed out, the event's own batch included (one more than the 0-based step ``stats`` records for it);
+several events of one batch are several calls, each with all the scalars;
 ``scalars`` is :func:`scalars` of the loader's ``stats`` (plain floats named ``crest/...``). Pass
 listeners to :class:`crestcore.adapters.torch.CrestLoader` or ``CrestBatchSampler`` as
 ``callbacks=[...]``::

@@ -877,8 +877,9 @@ class TorchModelOps:
             m for m in self.model.modules() if isinstance(m, nn.Linear)]
         if not layers:
             raise ValueError("embeddings need an nn.Linear last layer and the model has none: pass last_layer= (an "
-                             "nn.Linear of the model that maps to the logits), or use CrestConfig(embeddings=False) "
-                             "(features from the logits alone)")
+                             "nn.Linear of the model that maps to the logits), or use features from the logits alone: "
+                             "CrestConfig(embeddings=False) for CREST, SubsetLoader(..., embeddings=False) for the "
+                             "baselines")
         handles = [m.register_forward_hook(hook) for m in layers]
         try:
             z = self._logits(batch, k)

@@ -249,7 +249,7 @@ def _to_similarities(xp, D, kernel: str, M, scale: float):
     return xp.exp(D, out=D)
 
 
-def _mirror_upper_(ops: Ops, D, tile: int = 256) -> None:
+def _mirror_upper_(ops: Ops, D, tile: int = 32) -> None:
     """``D`` (B, n, n) made exactly symmetric in place, as the reference makes it: every entry below the
     diagonal takes its mirror above it (the matmul may round ``G[i, j]`` and ``G[j, i]`` differently)."""
     xp = ops.xp

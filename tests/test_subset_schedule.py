@@ -159,3 +159,19 @@ def test_options_the_method_would_not_accept_are_refused_when_built(method, opti
     with pytest.raises(ValueError, match=match):
         _schedule(method, y, options=options)
     _schedule("gradmatch", y, options={"lam": 0.1, "positive": True})  # accepted
+
+
+def test_glister_warns_when_small_classes_hold_out_more_than_val_fraction():
+    """60 classes of 2 examples: one of each is held out (half the set, against val_fraction 0.1), and a
+    warning says so; 3 classes of 40 hold out 10 % and do not warn."""
+    import warnings
+
+    from crestcore.baselines._schedule import SubsetSchedule
+
+    kw = dict(m=8, seed=0, steps_per_epoch=2, full_steps_per_epoch=15, epochs=2)
+    with pytest.warns(UserWarning, match=r"holds out 60 of 120 examples \(50%, val_fraction=0.1\)"):
+        SubsetSchedule("glister", np.repeat(np.arange(60), 2), **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = SubsetSchedule("glister", np.repeat(np.arange(3), 40), **kw)
+    assert s.val_indices.size == 12

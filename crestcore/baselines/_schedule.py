@@ -178,6 +178,15 @@ class SubsetSchedule:
             self.val_indices = _validation_split(self.labels, self.val_fraction, self.seed)
             if self.val_indices.size == 0:
                 raise ValueError("glister needs a validation split: the dataset is too small to hold one out")
+            held = self.val_indices.size / self.n
+            if held > 1.5 * self.val_fraction:  # one example of every class is held out, however small
+                warnings.warn(
+                    f"crestcore: glister holds out {self.val_indices.size} of {self.n} examples ({held:.0%}, "
+                    f"val_fraction={self.val_fraction}): at least one example of every class with two or more "
+                    "is held out, and these are never trained on; with many small classes, pass a smaller "
+                    "val_fraction or use another method",
+                    stacklevel=3,
+                )
             keep = np.ones(self.n, dtype=bool)
             keep[self.val_indices] = False
             self.pool = np.flatnonzero(keep).astype(np.int64)
