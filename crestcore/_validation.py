@@ -208,6 +208,36 @@ def hamilton(total: int, sizes: np.ndarray) -> np.ndarray:
     return base
 
 
+def check_class_budgets(budgets, sizes, total: int, name: str = "class_budgets") -> np.ndarray:
+    """A caller's per-class split of ``total`` picks: a 1-D integer sequence with one entry per class
+    present (ascending label order), each in ``[0, class size]``, adding up to ``total``; host int64.
+
+    >>> check_class_budgets([2, 0, 1], np.array([5, 1, 4]), 3).tolist()
+    [2, 0, 1]
+    >>> check_class_budgets([2, 2], np.array([5, 1]), 4)
+    Traceback (most recent call last):
+    ...
+    ValueError: class_budgets[1] is 2, more than its class's 1 examples
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    b = np.asarray(budgets)
+    if b.ndim != 1 or b.shape[0] != sizes.size:
+        raise ValueError(f"{name} must hold one count per class present ({sizes.size}, ascending labels), "
+                         f"got shape {b.shape}")
+    if b.dtype == bool or not np.issubdtype(b.dtype, np.integer):
+        raise TypeError(f"{name} must hold integers, got dtype {b.dtype}")
+    b = b.astype(np.int64)
+    if b.size and b.min() < 0:
+        raise ValueError(f"{name} must be >= 0, got {b.tolist()}")
+    over = np.flatnonzero(b > sizes)
+    if over.size:
+        c = int(over[0])
+        raise ValueError(f"{name}[{c}] is {int(b[c])}, more than its class's {int(sizes[c])} examples")
+    if int(b.sum()) != int(total):
+        raise ValueError(f"{name} add up to {int(b.sum())}, but k is {int(total)}")
+    return b
+
+
 def apportion(total: int, sizes, rng: np.random.Generator, *, at_least_one: bool = False):
     """Split ``total`` over groups proportionally to ``sizes`` with the leftover units drawn at random:
     ``(units, p)``. Group c gets ``floor(q_c)`` or ``ceil(q_c)`` units, ``q_c = total n_c / n``, the

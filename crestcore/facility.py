@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _reference_kernels as ref
 from ._compat import device_of, from_numpy, namespace, namespace_name, to_numpy
-from ._validation import (check_choice, isdtype, check_epsilon, check_float_matrix, check_float_rows, check_int, hamilton,
+from ._validation import (check_choice, check_class_budgets, isdtype, check_epsilon, check_float_matrix, check_float_rows, check_int, hamilton,
                           labels_to_host, make_rng)
 from .backends import get_host_kernel, sample_sizes
 from .similarity import KERNELS, METRICS, kernel_scale, prepare, restore
@@ -222,6 +222,7 @@ def facility_location(
     max_dense_bytes: int | None = None,
     backend: str = "auto",
     neighbors=None,
+    class_budgets=None,
 ) -> Selection:
     """Select ``k`` representative rows of ``X`` by facility-location greedy, with cluster-size weights.
 
@@ -263,6 +264,10 @@ def facility_location(
         search; distances on the graph's pairs are recomputed exactly. ``1 <= K < n`` (a class with
         fewer than K + 1 points gets its complete graph). Weights count the points that have a pick
         among their neighbours.
+    class_budgets : with ``labels``, the picks of each class present (ascending label order), adding up
+        to ``k``, instead of the Hamilton split: e.g. a split whose leftover picks are drawn at random
+        (:func:`crestcore.plan.apportion`), so that repeated selections with ``k`` below the number of
+        classes do not always leave out the same classes.
 
     Returns
     -------
@@ -336,7 +341,12 @@ def facility_location(
 
     problems = _problems_from_labels(labels_host, n)
     sizes = np.array([p.size for p in problems], dtype=np.int64)
-    budgets = hamilton(k, sizes)
+    if class_budgets is None:
+        budgets = hamilton(k, sizes)
+    elif labels_host is None:
+        raise ValueError("class_budgets needs labels (one count per class)")
+    else:
+        budgets = check_class_budgets(class_budgets, sizes, k)
     dev = device_of(X)
     itemsize = int(xp.finfo(X.dtype).bits) // 8  # no device round trip
     force_ref = backend == "reference"

@@ -20,6 +20,7 @@ def craig(
     scale: float | None = None,
     max_dense_bytes: int | None = None,
     backend: str = "auto",
+    class_budgets=None,
 ) -> Selection:
     """CRAIG's coreset of the whole training set: per-class facility location, cluster-size weights.
 
@@ -42,7 +43,7 @@ def craig(
     labels : (n,) integer array in the same namespace (one problem per class), or None (one problem).
     k : budget, ``1 <= k <= n``. With ``k >= #classes`` every class gets a pick and the weights of
         class c sum to its size (all weights sum to n).
-    metric, kernel, optimizer, epsilon, rng, scale, max_dense_bytes, backend : as for
+    metric, kernel, optimizer, epsilon, rng, scale, max_dense_bytes, backend, class_budgets : as for
         :func:`crestcore.facility_location` (CRAIG's choices are the defaults: euclidean distances and the
         ``max-minus`` kernel; ``rng`` is needed by ``optimizer="stochastic"`` only).
 
@@ -80,4 +81,5 @@ def craig(
     return facility_location(
         gradients, k, labels=labels, metric=metric, kernel=kernel, optimizer=optimizer,
         epsilon=epsilon, rng=rng, scale=scale, max_dense_bytes=max_dense_bytes, backend=backend,
+        class_budgets=class_budgets,
     )

@@ -9,7 +9,7 @@ import numpy as np
 
 from .._compat import device_of, from_numpy, is_numpy_namespace, namespace, to_numpy
 from ..similarity import prepare
-from .._validation import check_float_matrix, check_int, hamilton, labels_to_host
+from .._validation import check_class_budgets, check_float_matrix, check_int, hamilton, labels_to_host
 from ..facility import Selection
 from ._common import check_bool, check_real, host_selection, set_row
 
@@ -517,6 +517,7 @@ def gradmatch(
     per_batch=None,
     positive: bool = True,
     target=None,
+    class_budgets=None,
 ) -> Selection:
     """GradMatch: a weighted subset whose weighted gradient sum matches the full gradient sum.
 
@@ -544,6 +545,8 @@ def gradmatch(
     labels : optional (n,) integer array: one problem per class, class c getting the Hamilton share of
         k proportional to its size (as in :func:`crestcore.facility_location`), matching that class's
         gradient sum. Cannot be combined with ``per_batch``.
+    class_budgets : with ``labels``, the picks of each class present (ascending label order), adding up
+        to ``k``, instead of the Hamilton split (as for :func:`crestcore.facility_location`).
     lam : L2 regularisation (>= 0, default 0.5). It shrinks the weights: for a fixed support ``||w||``
         is non-increasing in lam, and for orthogonal gradients ``w_j = (g_j . b)_+ / (||g_j||^2 + lam)``.
         It is on the scale of ``||g||^2``.
@@ -604,6 +607,8 @@ def gradmatch(
     lam = check_real(lam, "lam", low=0.0)
     tol = check_real(tol, "tol", low=0.0)
     positive = check_bool(positive, "positive")
+    if class_budgets is not None and labels is None:
+        raise ValueError("class_budgets needs labels (one count per class)")
     if labels is not None and per_batch is not None:
         raise ValueError("labels and per_batch cannot be combined (the per-batch variant matches the "
                          "whole gradient sum with batches)")
@@ -656,7 +661,11 @@ def gradmatch(
     else:
         lab_h = labels_to_host(xp, labels, n)
         problems = [np.flatnonzero(lab_h == c).astype(np.int64) for c in np.unique(lab_h)]
-    budgets = hamilton(k, np.array([p.size for p in problems]))
+    sizes = np.array([p.size for p in problems])
+    if class_budgets is None:
+        budgets = hamilton(k, sizes)
+    else:
+        budgets = check_class_budgets(class_budgets, sizes, k)
     out_i, out_w, out_g, total = [], [], [], 0.0
     for rows, kc in zip(problems, budgets):
         if kc == 0:

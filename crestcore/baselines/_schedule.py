@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .._compat import device_of, from_numpy, namespace, on_cpu, to_numpy
-from .._validation import check_count, hamilton
+from .._validation import apportion, check_count
 from ..features import last_layer_gradients
 from ._craig import craig
 from ._glister import glister
@@ -34,7 +34,7 @@ METHODS = ("full", "sgd-budget", "random", "craig", "gradmatch", "glister", "pru
 SELECTING_METHODS = ("craig", "gradmatch", "glister")  # measure the model and reselect every R epochs
 
 # tags that separate the random streams of one seed: default_rng([seed, epoch, tag])
-_TAG_ORDER, _TAG_SELECT, _TAG_VAL, _TAG_FILL = 101, 102, 103, 104
+_TAG_ORDER, _TAG_SELECT, _TAG_VAL, _TAG_FILL, _TAG_SPLIT = 101, 102, 103, 104, 105
 
 # per-method defaults of the options forwarded to the core functions (overridable with options=)
 _DEFAULT_OPTIONS: dict[str, dict] = {
@@ -366,6 +366,14 @@ class SubsetSchedule:
         G = last_layer_gradients(zp, lp, embeddings=ep)
         opts = dict(self.options)
         info: dict = {}
+        if self.method in ("craig", "gradmatch"):
+            # the per-class split with its leftover picks drawn at random at every selection (each class's
+            # expected share is proportional): a fixed Hamilton split gives the leftovers to the same
+            # classes every time, so with k below the number of classes the same classes were never picked
+            if opts.get("class_budgets") is None:
+                sizes = np.bincount(np.unique(self.labels[self.pool], return_inverse=True)[1])
+                opts["class_budgets"] = apportion(k, sizes, _rng(self.seed, e, _TAG_SPLIT), at_least_one=True)[0]
+            self._split = np.asarray(opts["class_budgets"], dtype=np.int64)
         if self.method == "craig":
             if opts.get("optimizer") == "stochastic" and "rng" not in opts:
                 opts["rng"] = gen
@@ -392,7 +400,7 @@ class SubsetSchedule:
 
     def _top_up(self, e: int, loc: np.ndarray, w: np.ndarray, short: int):
         """GradMatch stopped early: ``short`` uniformly random examples more, weighted 1 (itself, on the sum
-        scale). Each class first gets what it lacks of its share of the budget (the Hamilton split of k by
+        scale). Each class first gets what it lacks of its share of the budget (the selection's split of k by
         class sizes that GradMatch's per-class budgets use); what a class cannot supply (too few examples
         left in it) is then drawn from the examples left in the other classes."""
         npool = self.pool.size
@@ -401,7 +409,7 @@ class SubsetSchedule:
         taken[loc] = True
         fill_gen = _rng(self.seed, e, _TAG_FILL)
         cls, pos, counts = np.unique(lab_h, return_inverse=True, return_counts=True)
-        share = hamilton(loc.size + short, counts)
+        share = self._split  # the selection's own per-class split of k = loc.size + short
         lack = np.maximum(share - np.bincount(pos[loc], minlength=cls.size), 0)
         extra = []
         for c in range(cls.size):

@@ -323,3 +323,47 @@ def test_errors():
         ld.observe(torch.zeros(M + 1))
     with pytest.raises(FloatingPointError):
         ld.observe(torch.full((M,), float("nan")))
+
+
+@pytest.mark.parametrize("method", ["craig", "gradmatch"])
+def test_a_selection_smaller_than_the_class_count_does_not_starve_the_same_classes(method):
+    """100 balanced classes, selections of 96: each selection leaves 4 classes out, drawn afresh (a fixed
+    Hamilton split left out classes 96-99 at every selection, so they were never trained on)."""
+    C = 100
+    y = torch.arange(500) % C
+    ds = TensorDataset(torch.randn(500, 16, generator=torch.Generator().manual_seed(0)), y)
+    loader = SubsetLoader(torch.nn.Linear(16, C), ds, method=method, budget=0.2, epochs=6, m=16, seed=0)
+    absent, seen = [], set()
+    for x, yb, w in loader.iter_run():
+        seen |= set(yb.tolist())
+        if len(loader.stats["selections"]) > len(absent):
+            absent.append(frozenset(range(C)) - set(y[loader.selection[0]].tolist()))
+    assert loader.subset_size == 96 and len(absent) == 6 and all(len(a) == 4 for a in absent)
+    assert len(set(absent)) > 1  # not the same classes every time
+    assert seen == set(range(C))
+
+
+def test_class_budgets_override_the_hamilton_split():
+    """The core functions take a caller's per-class split (validated by name); the Hamilton split passed
+    explicitly gives the default call's result."""
+    from crestcore import facility_location
+    from crestcore._validation import hamilton
+    from crestcore.baselines import craig, gradmatch
+
+    rng = np.random.default_rng(0)
+    G, lab = rng.normal(size=(60, 5)), np.repeat(np.arange(3), 20)
+    default = craig(G, lab, 7)
+    same = craig(G, lab, 7, class_budgets=hamilton(7, np.array([20, 20, 20])))
+    assert np.array_equal(default.indices, same.indices) and np.array_equal(default.weights, same.weights)
+    sel = craig(G, lab, 7, class_budgets=[0, 5, 2])
+    assert np.bincount(lab[sel.indices], minlength=3).tolist() == [0, 5, 2]
+    gm = gradmatch(G, 7, labels=lab, class_budgets=[4, 0, 3])
+    assert set(np.bincount(lab[gm.indices], minlength=3)[[1]].tolist()) == {0}
+    for bad, match in (([1, 2], "one count per class"), ([3, 3, 3], "add up to 9, but k is 7"),
+                       ([-1, 4, 4], ">= 0"), ([7, 0, 0.0], "integers")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            facility_location(G, 7, labels=lab, class_budgets=bad)
+    with pytest.raises(ValueError, match="class_budgets needs labels"):
+        facility_location(G, 7, class_budgets=[7])
+    with pytest.raises(ValueError, match="class_budgets needs labels"):
+        gradmatch(G, 7, class_budgets=[7])
