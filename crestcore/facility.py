@@ -19,8 +19,8 @@ import numpy as np
 
 from . import _reference_kernels as ref
 from ._compat import device_of, from_numpy, namespace, namespace_name, to_numpy
-from ._validation import (check_choice, check_class_budgets, isdtype, check_epsilon, check_float_matrix, check_float_rows, check_int, hamilton,
-                          labels_to_host, make_rng)
+from ._validation import (check_choice, check_class_budgets, check_epsilon, check_float_matrix, check_float_rows,
+                          check_int, hamilton, isdtype, labels_to_host, make_rng)
 from .backends import get_host_kernel, sample_sizes
 from .similarity import KERNELS, METRICS, kernel_scale, prepare, restore
 

@@ -334,7 +334,7 @@ def test_a_selection_smaller_than_the_class_count_does_not_starve_the_same_class
     ds = TensorDataset(torch.randn(500, 16, generator=torch.Generator().manual_seed(0)), y)
     loader = SubsetLoader(torch.nn.Linear(16, C), ds, method=method, budget=0.2, epochs=6, m=16, seed=0)
     absent, seen = [], set()
-    for x, yb, w in loader.iter_run():
+    for _x, yb, _w in loader.iter_run():
         seen |= set(yb.tolist())
         if len(loader.stats["selections"]) > len(absent):
             absent.append(frozenset(range(C)) - set(y[loader.selection[0]].tolist()))
