@@ -804,6 +804,10 @@ class DistributedCrestLoader(CrestLoader):
         self.rank = self.ops.rank
         self.world_size = self.ops.world_size
         self.verify = bool(verify)
+        # verify and broadcast_buffers decide which collectives a rank issues: ranks that differ in them
+        # would wait in mismatched collectives until the process group's timeout, so they are agreed first
+        # (with the same collectives on every rank, whatever the flags)
+        self.ops.agree(_digest(self.verify, bool(broadcast_buffers)), "verify and broadcast_buffers")
         if self.config.m < self.world_size:
             raise ValueError(
                 f"CrestConfig(m={self.config.m}) is smaller than the world size {self.world_size}: every rank "

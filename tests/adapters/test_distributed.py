@@ -267,6 +267,25 @@ def worker_fail(out: Path):
     (out / f"rank{rank}.done").write_text("finished")  # must never happen
 
 
+def worker_flags(out: Path):
+    """Rank 1 builds its loader with verify=False: the ranks would issue different collectives, so the
+    flags are agreed at construction and every rank raises CollectiveError there (they used to wait in
+    mismatched collectives until the process group's timeout)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist = _init_group()
+    rank = dist.get_rank()
+    X, y = make_data()
+    ddp = DDP(make_model())
+    try:
+        D.DistributedCrestLoader(ddp, TensorDataset(X, y), config=make_config(), budget=BUDGET, epochs=EPOCHS,
+                                 seed=SEED, verify=rank == 0)
+    except D.CollectiveError as exc:
+        (out / f"rank{rank}.refused").write_text(str(exc))
+        return
+    (out / f"rank{rank}.done").write_text("built")  # must never happen
+
+
 def worker_stall(out: Path):
     """Rank 1 stays alive but stops iterating after step 3 (stuck); rank 0's next collective must time
     out with the adapter's error naming the rank, the step and the collective."""
@@ -327,12 +346,12 @@ def worker_numba(out: Path):
 
 def _worker_main(argv):
     p = argparse.ArgumentParser()
-    p.add_argument("--worker", required=True, choices=("train", "fail", "stall", "numba"))
+    p.add_argument("--worker", required=True, choices=("train", "fail", "stall", "numba", "flags"))
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     {"train": worker_train, "fail": worker_fail, "stall": worker_stall,
-     "numba": worker_numba}[a.worker](Path(a.out))
+     "numba": worker_numba, "flags": worker_flags}[a.worker](Path(a.out))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -715,6 +734,17 @@ def test_a_failing_rank_fails_the_job_instead_of_hanging(tmp_path):
     assert elapsed < PG_TIMEOUT_S + 60
     # rank 0 stops in a collective: ours (which names the rank and step) or DDP's gradient all-reduce
     assert ("CREST distributed: rank 0 of 2" in e0) or ("gloo" in e0.lower()) or ("timed out" in e0.lower()), e0[-3000:]
+
+
+def test_ranks_with_different_verify_flags_are_refused_at_construction(tmp_path):
+    t0 = time.monotonic()
+    results = launch("flags", tmp_path, timeout=PG_TIMEOUT_S + 60)
+    assert_all_ranks_ok(results)
+    assert time.monotonic() - t0 < PG_TIMEOUT_S
+    assert not list(tmp_path.glob("*.done"))
+    for rank in range(2):
+        msg = (tmp_path / f"rank{rank}.refused").read_text()
+        assert "disagree on verify and broadcast_buffers" in msg, msg
 
 
 def test_a_stuck_rank_times_out_with_a_clear_error(tmp_path):
