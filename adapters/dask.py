@@ -304,6 +304,8 @@ def facility_location(X, k, *, labels=None, client=None, partitions=None, seed=0
         workers = max(1, min(partitions or os.cpu_count() or 1, os.cpu_count() or 1))
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
         client = Client(cluster)
+    elif getattr(client, "status", None) in ("closing", "closed"):
+        raise ValueError("client is closed: pass an open dask.distributed.Client (or client=None for a local cluster)")
     try:
         blocks = _Blocks(client, X, partitions, n)
         bounds, m = blocks.bounds, len(blocks)

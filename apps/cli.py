@@ -11,6 +11,7 @@ file, bad value) without a traceback; 130 interrupted; ``crest bench`` passes on
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -170,6 +171,9 @@ def _err(msg: str) -> None:
 
 def _cmd_demo(ns: argparse.Namespace) -> int:
     selection = ns.selection or any(getattr(ns, k) is not None for k in _SELECTION_OPTS)
+    if ns.out is not None and os.path.exists(ns.out) and not os.path.isdir(ns.out):
+        _err(f"--out {ns.out} is a file; the demo writes its figures and results.json into a folder")
+        return 2
     if selection:
         wrong = [k for k in _TRAINING_OPTS if getattr(ns, k) is not None]
         if wrong:
@@ -381,7 +385,7 @@ def main(argv=None) -> int:
     commands = {"demo": _cmd_demo, "info": _cmd_info, "bench": _cmd_bench}
     try:
         return commands[ns.command](ns)
-    except FileNotFoundError as exc:
+    except OSError as exc:  # a missing data folder, an --out that is a file, no permission to write
         _err(str(exc))
         return 1
     except ValueError as exc:  # bad values reaching the library, malformed data files

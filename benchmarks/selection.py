@@ -1055,7 +1055,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", default="S1,S2", help="comma list of S1,S2,S3 (default S1,S2; S3 takes minutes)")
-    ap.add_argument("--out", default="docs/benchmarks.md", help="markdown file to write (section between markers)")
+    ap.add_argument("--out", default=None,
+                    help="markdown file whose selection-bench block is rewritten (default: none; `make bench` "
+                         "passes docs/benchmarks.md)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs after the warm-up (default 5; 2 with --quick)")
     ap.add_argument("--quick", action="store_true", help="small sizes: smoke test")
     ap.add_argument("--threads", type=int, default=THREADS, help="BLAS/OpenMP/Numba threads (default 2)")
@@ -1116,6 +1118,8 @@ def main(argv=None):
             out = Path.cwd() / out
         write_doc(out, section)
         print(f"wrote {out}", file=sys.stderr)
+    else:
+        print(section)
     if args.json:
         slim = json.loads(json.dumps(results, default=str))
         tables = [slim.get("S1", {}).get("rows", {}), slim.get("S3", {}).get("rows", {})]

@@ -79,14 +79,14 @@ def check_int(value, name: str, *, low: int = 1, high: int | None = None) -> int
     >>> check_int(0, "k")
     Traceback (most recent call last):
     ...
-    ValueError: k must be in >= 1, got 0
+    ValueError: k must be >= 1, got 0
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
     v = int(value)
     if v < low or (high is not None and v > high):
-        rng = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be in {rng}, got {v}")
+        rng = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be {rng}, got {v}")
     return v
 
 

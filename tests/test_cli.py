@@ -193,3 +193,15 @@ def test_demo_single_pick_beats_every_random_pick(tmp_path):
         assert c["k"] == 1
         assert c["objective_coreset"] >= c["objective_random"] * (1 - 1e-6)
     assert os.path.isfile(res["paths"]["selected"]) and os.path.isfile(res["paths"]["random"])
+
+
+def test_demo_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    """--out naming an existing file: a one-line usage error before any work, exit 2 (a FileExistsError
+    traceback after the demo had run, before)."""
+    from crestcore.apps import cli
+
+    target = tmp_path / "taken"
+    target.write_text("")
+    code = cli.main(["demo", "--selection", "--out", str(target), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is a file" in err and len(err.strip().splitlines()) == 1, err

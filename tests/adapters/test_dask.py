@@ -189,3 +189,11 @@ def test_tasks_rerun_after_a_worker_dies_give_the_same_result(tmp_path):
     np.testing.assert_array_equal(got.weights, ref.weights)
     np.testing.assert_array_equal(got.gains, ref.gains)
     assert float(got.objective) == float(ref.objective)
+
+
+def test_a_closed_client_is_refused_naming_it():
+    """A client closed before the call: a ValueError that says so (dask's 'IOLoop is closed' before)."""
+    with distributed.Client(processes=False, dashboard_address=":0") as c:
+        pass
+    with pytest.raises(ValueError, match="client is closed"):
+        cdask.facility_location(_features(1, 100, 3), 5, client=c, seed=0)
