@@ -439,21 +439,6 @@ class Features:
         """Rows of a block of ``ncols`` columns within the block budget."""
         return max(1, min(self.n, self.budget // max(1, ncols)))
 
-    def distances(self, r0: int, r1: int, cols):
-        """D (r1 - r0, len(cols)) with exact zeros where the global row index equals the column."""
-        ops, xp = self.ops, self.xp
-        Xc = ops.take(self.X, cols)
-        sqc = None if self.sq is None else ops.take(self.sq, cols)
-        sqr = None if self.sq is None else self.sq[r0:r1]
-        D = distances(ops, self.X[r0:r1], Xc, sqr, sqc, self.metric)
-        # the global diagonal: column c holds point cols[c], on row cols[c] - r0 when that is in range
-        ri = cols - r0
-        inside = (ri >= 0) & (ri < r1 - r0)
-        ri = xp.clip(ri, 0, max(r1 - r0 - 1, 0))
-        ci = ops.arange(0, cols.shape[0], self.dev)
-        D[ri, ci] = xp.where(inside, ops.zeros((), self.dt, self.dev), D[ri, ci])
-        return D
-
     def candidate_distances(self, cols, r0: int, r1: int):
         """D (len(cols), r1 - r0): the candidates ``cols`` against the rows r0..r1, candidate-major, with
         exact zeros where the candidate is the row's point."""
@@ -481,7 +466,8 @@ class Features:
             r1 = min(self.n, r0 + rstep)
             for c0 in range(0, self.n, cstep):
                 c1 = min(self.n, c0 + cstep)
-                M = self.xp.maximum(M, self.xp.amax(self.distances(r0, r1, self.ar[c0:c1])))
+                # every pair once per orientation, in the layout the gains use
+                M = self.xp.maximum(M, self.xp.amax(self.candidate_distances(self.ar[c0:c1], r0, r1)))
         return M
 
     def gains(self, cols, cover):
