@@ -148,7 +148,8 @@ class SubsetLoader(BudgetedPasses):
     options : extra keyword arguments for the core function (``craig``: metric, kernel, optimizer, ...;
         ``gradmatch``: lam, tol (``positive=True`` only: training weights are non-negative); ``glister``: eta,
         optimizer, epsilon). Defaults: gradmatch ``lam=0.5, tol=1e-6``, glister ``optimizer="stochastic",
-        epsilon=0.1``.
+        epsilon=0.1``. ``rng``, if given, is an int seed (a Generator's state would not be checkpointed);
+        by default the stochastic draws come from the loader's ``seed``.
     labels, collate_fn, measure_dataset, measure_batch_size, measure_workers, last_layer, forward, loss_fn :
         as for ``CrestLoader``.
 

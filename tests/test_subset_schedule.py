@@ -93,6 +93,7 @@ def test_a_selecting_method_without_ops_says_what_it_needs():
     (dict(m=0), "m must"),
     (dict(val_fraction=1.0), "val_fraction"),
     (dict(prune_anneal=1.5), "prune_anneal"),
+    (dict(options={"optimizer": "stochastic", "rng": np.random.default_rng(0)}), "rng must be an int seed"),
 ])
 def test_bad_arguments_are_refused_by_name(kwargs, match):
     _, y = _data()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import time
 import warnings
 from collections.abc import Callable
@@ -97,6 +98,10 @@ def _check_options(method: str, options: dict) -> None:
     if bad:
         allowed = sorted(k for k in params if k not in own)
         raise ValueError(f"options {bad} are not keyword arguments {method}() accepts here; allowed: {allowed}")
+    if "rng" in options and not (isinstance(options["rng"], numbers.Integral) and not isinstance(options["rng"], bool)):
+        raise ValueError(f"options: rng must be an int seed, got {type(options['rng']).__name__}: a Generator's "
+                         "state is not in the loader's checkpoints (a resumed run would draw differently) and "
+                         "every selection would share it; leave rng out to draw from the loader's seed")
     if method == "gradmatch" and options.get("positive", True) is not True:
         raise ValueError(f"options: positive={options['positive']!r} is not for training batches: a schedule "
                          "trains on non-negative weights rescaled to mean 1 (a negative weight would be dropped "
