@@ -1599,10 +1599,13 @@ class CrestBatchSampler(CrestLoader):
         # calls iter() on its batch sampler from its own method, so that frame names the dataset: when it is
         # the training set itself, say what to do. Anything unexpected in the frame skips the check.
         try:
-            ds = getattr(sys._getframe(1).f_locals.get("self"), "_dataset", None)
+            it = sys._getframe(1).f_locals.get("self")
+            ds = getattr(it, "_dataset", None)
         except (AttributeError, ValueError):  # pragma: no cover - interpreters without frame locals
-            ds = None
+            it = ds = None
         if ds is not None and ds is self.dataset:
+            if not hasattr(it, "_shutdown"):  # refused in the iterator's __init__, before any worker started:
+                it._shutdown = True  # its __del__ then has nothing to shut down (no AttributeError there)
             raise TypeError(
                 "this DataLoader reads the training set itself, but CrestBatchSampler yields (index, weight) keys: "
                 "wrap it, DataLoader(WeightedDataset(train_set), batch_sampler=sampler, ...), or use "
