@@ -76,6 +76,7 @@ def test_keys_and_weighted_dataset():
         WeightedDataset(iter([1, 2]))
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # the refused iterator's __del__
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_dataloader_over_the_unwrapped_training_set_is_told_to_wrap_it(workers):
     """DataLoader(train_set, batch_sampler=sampler), WeightedDataset forgotten: a message that says what to
