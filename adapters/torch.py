@@ -111,9 +111,12 @@ def _labels_without_items(dataset) -> bool:
 
 
 def _joint_transform(dataset) -> bool:
-    """Whether ``dataset`` has a torchvision-style joint ``transforms(input, target)`` of the user's own
-    (torchvision's ``StandardTransform``, which only wraps ``transform`` and ``target_transform``, is not one):
-    it may change the targets, so a ``targets`` attribute is not what the items carry."""
+    """Whether ``dataset`` is a torchvision ``VisionDataset`` given a joint ``transforms(input, target)`` of
+    the user's own (its ``StandardTransform``, which only wraps ``transform`` and ``target_transform``, is
+    not one): that may change the targets, so its ``targets`` attribute is not what the items carry. (A
+    dataset of another kind that calls its image transforms ``transforms`` is not affected.)"""
+    if not any(c.__name__ == "VisionDataset" for c in type(dataset).__mro__):
+        return False
     t = getattr(dataset, "transforms", None)
     return t is not None and callable(t) and type(t).__name__ != "StandardTransform"
 
@@ -135,7 +138,7 @@ def dataset_labels(dataset) -> np.ndarray:
     Read without touching the examples where possible: ``TensorDataset`` (its second tensor),
     ``Subset`` and ``ConcatDataset`` (recursively), or a ``targets`` / ``labels`` attribute (torchvision
     datasets; mapped through the dataset's ``target_transform`` when it has one, as its items are; a
-    dataset with a joint ``transforms`` of its own has its items read). Otherwise every example is loaded
+    torchvision dataset given a joint ``transforms`` has its items read). Otherwise every example is loaded
     once and its second field taken (``dataset[i][1]``); pass ``labels=`` to :class:`CrestLoader` to avoid
     that pass.
 

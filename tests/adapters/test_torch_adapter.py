@@ -861,7 +861,11 @@ def test_labels_of_a_subset_read_only_its_items_and_name_their_source():
         dataset_labels(Named())
 
 
-class _VisionLike(Dataset):
+class VisionDataset(Dataset):
+    """Named as torchvision's base class (the joint-transform rule applies to torchvision datasets only)."""
+
+
+class _VisionLike(VisionDataset):
     """torchvision's layout: raw `targets`, a `target_transform` applied by __getitem__, optionally a
     joint `transforms(input, target)` of the user's own."""
 
@@ -901,6 +905,18 @@ def test_labels_follow_a_torchvision_target_transform_and_a_joint_transform_read
     joint = _VisionLike(transforms=lambda x, t: (x, 2 - t))
     with pytest.warns(UserWarning, match="joint `transforms`"):
         assert dataset_labels(joint).tolist() == [2 - i % 3 for i in range(30)]
+
+    class Custom(Dataset):  # not a torchvision dataset: `transforms` is its image transform, targets are read
+        targets = torch.arange(30) % 3
+        transforms = staticmethod(lambda x: -x)
+
+        def __len__(self):
+            return 30
+
+        def __getitem__(self, i):
+            raise AssertionError("the labels come from `targets`")
+
+    assert dataset_labels(Custom()).tolist() == [i % 3 for i in range(30)]
 
     def broken(t):
         raise KeyError(t)
