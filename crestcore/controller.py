@@ -941,6 +941,8 @@ def crest_state_dict(state: CrestState) -> dict:
     array([0, 1, 0, 1])
     """
     d = {k: getattr(state, k) for k in CrestState._fields}
+    for k in ("labels", "batch_idx", "batch_w", "check_idx", "subsets"):  # copies: the dict is the caller's
+        d[k] = np.array(d[k], copy=True)
     d["anchor"] = None if state.anchor is None else np.asarray(to_numpy(state.anchor)).copy()
     if state.quad is not None:
         q = state.quad
@@ -980,17 +982,24 @@ def _bool_of(d, name):
     return bool(a)
 
 
-def _as_host(v) -> np.ndarray:
-    """A state dict's array field on the host: lists and tuples (a JSON round trip) or any library's array."""
-    return np.asarray(v) if isinstance(v, (list, tuple)) else np.asarray(to_numpy(v))
+def _as_host(v, ndim: int | None = None) -> np.ndarray:
+    """A state dict's array field on the host: lists and tuples (a JSON round trip) or any library's array.
+    An empty list is an empty array of ``ndim`` dimensions (JSON writes an empty (0, m) array as ``[]``)."""
+    if isinstance(v, (list, tuple)):
+        a = np.asarray(v)
+        if a.size == 0 and ndim is not None and a.ndim != ndim:
+            a = a.reshape((0,) * ndim)
+        return a
+    return np.asarray(to_numpy(v))
 
 
 def _host(v, name, ndim, kind):
-    a = _as_host(v)
+    a = _as_host(v, ndim)
     if a.ndim != ndim:
         raise _bad(f"{name} must be {ndim}-D, got shape {a.shape}")
-    ok = {"i": np.issubdtype(a.dtype, np.integer) and a.dtype != bool, "b": a.dtype == bool,
-          "f": np.issubdtype(a.dtype, np.floating) or (a.size == 0 and np.issubdtype(a.dtype, np.number))}[kind]
+    empty_number = a.size == 0 and np.issubdtype(a.dtype, np.number)  # JSON's [] reads back as float64
+    ok = {"i": (np.issubdtype(a.dtype, np.integer) and a.dtype != bool) or empty_number, "b": a.dtype == bool,
+          "f": np.issubdtype(a.dtype, np.floating) or empty_number}[kind]
     if not ok:
         raise _bad(f"{name} has dtype {a.dtype}, expected {dict(i='integer', b='bool', f='floating')[kind]}")
     return a
@@ -1166,8 +1175,9 @@ def crest_load_state_dict(d: dict, params_like) -> CrestState:
     fields = {k: d[k] for k in CrestState._fields}
     # the arrays as the controller keeps them (host NumPy, int64 / float64), whatever the dict held
     # (lists, int32 arrays, tensors: the validator accepted them)
-    for k, dt in (("labels", np.int64), ("batch_idx", np.int64), ("batch_w", np.float64), ("check_idx", np.int64)):
-        fields[k] = np.array(_as_host(d[k]), dtype=dt)
+    for k, dt, nd in (("labels", np.int64, 1), ("batch_idx", np.int64, 2), ("batch_w", np.float64, 2),
+                      ("check_idx", np.int64, 1)):
+        fields[k] = np.array(_as_host(d[k], nd), dtype=dt)
     for k in ("seed", "n_classes", "step", "since_check", "T1", "P", "n_selections", "cursor", "epoch_steps"):
         fields[k] = int(d[k])
     for k in ("need_select", "want_select", "pending"):
@@ -1190,7 +1200,7 @@ def crest_load_state_dict(d: dict, params_like) -> CrestState:
         dr["version"] = int(np.asarray(dr["version"]))
     fields["drop"] = DropState(**dr)
     fields["made"] = int(d["made"])
-    fields["subsets"] = np.asarray(d["subsets"], dtype=np.int64).copy()
+    fields["subsets"] = np.array(_as_host(d["subsets"], 2), dtype=np.int64)
     fields["counters"] = dict(d["counters"])
     fields["log"] = {k: EventLog(v) for k, v in d["log"].items()}
     return CrestState(**fields)

@@ -1077,3 +1077,42 @@ def test_the_log_grows_in_constant_time_and_every_state_keeps_its_own():
     assert len(branch.log["checks"]) == 10 and len(early.log["checks"]) == 9
     assert len(state.log["checks"]) == 29 and state.log["checks"][:9] == branch.log["checks"][:9]
     assert crest_stats(state)["checks"][-1]["step"] == state.log["checks"][-1][0]
+
+
+@pytest.mark.parametrize("config", [CrestConfig(m=10, tau=0.05), CrestConfig.paper(m=10, tau=0.05)],
+                         ids=["default", "paper"])
+def test_a_json_round_trip_resumes_exactly_and_the_dict_is_the_callers(config):
+    """JSON writes an empty (0, m) array as [] (a fresh state's batches; the paper schedule's subsets):
+    the loader reads it back, at any step, and the resumed run is the uninterrupted one. The dict holds
+    copies: changing it does not change the running state."""
+    import json
+
+    from crestcore.controller import _SoftmaxOps
+
+    def to_json(d):
+        return json.loads(json.dumps(d, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else o.item()))
+
+    rng = np.random.default_rng(0)
+    y = np.arange(200) % 2
+    X = rng.normal(size=(200, 2)) + 2.0 * y[:, None]
+
+    def run(steps, state=None, ops=None):
+        ops = ops or _SoftmaxOps(X, y, C=2)
+        state = state if state is not None else crest_init(config, y, seed=0)
+        out = []
+        for _ in range(steps):
+            state, batch = crest_next_batch(state, ops, config)
+            ops.W -= 0.5 * ops.gradient(batch.indices, batch.weights)[1].reshape(ops.W.shape)
+            out.append((batch.indices.tolist(), batch.weights.tolist()))
+        return state, ops, out
+
+    _, _, whole = run(12)
+    for cut in (0, 1, 5):
+        state, ops, first = run(cut)
+        d = crest_state_dict(state)
+        for arr in (d["batch_w"], d["labels"], d["check_idx"]):
+            arr[...] = 0  # the caller's copy
+        d = to_json(crest_state_dict(state))
+        resumed = crest_load_state_dict(d, ops.params())
+        _, _, rest = run(12 - cut, resumed, ops)
+        assert first + rest == whole
