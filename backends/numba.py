@@ -1169,7 +1169,10 @@ _GAIN_BLOCK = 16
 @njit(cache=True, nogil=True)
 def _fused_gain(W, off, nw, mq, cover):
     """Gain of the candidate whose (candidate-major) column starts at W[off]: sum_i max(W - cover, 0),
-    float64, partial sums assigned as the padded kernels assign them (p_{i mod 4} below mq, p0 after)."""
+    float64, partial sums assigned as the padded kernels assign them (p_{i mod 4} below mq, p0 after).
+
+    Returns the gain and an upper bound on the column's live entries (those not ``<= cover``, the
+    nonzero terms): the entries of the blocks that held one, plus the unblocked tail."""
     m4 = nw if nw < mq else mq
     m4 -= m4 % 4
     p0 = 0.0
@@ -1182,12 +1185,14 @@ def _fused_gain(W, off, nw, mq, cover):
     # of them once the greedy is under way) is skipped. Adding +0.0 leaves a partial sum (>= +0) as it
     # is, so the four sums are bit for bit the full loop's; only the serial chain of additions shrinks.
     mb = m4 - m4 % _GAIN_BLOCK
+    nlive = nw - mb
     for i0 in range(0, mb, _GAIN_BLOCK):
         hit = False
         for q in range(i0, i0 + _GAIN_BLOCK):
             if not w[q] <= c[q]:  # a positive term (or a NaN, kept as the full loop would)
                 hit = True
         if hit:
+            nlive += _GAIN_BLOCK
             for i in range(i0, i0 + _GAIN_BLOCK, 4):
                 p0 += max(w[i] - c[i], 0.0)
                 p1 += max(w[i + 1] - c[i + 1], 0.0)
@@ -1212,7 +1217,87 @@ def _fused_gain(W, off, nw, mq, cover):
                 p2 += v
             else:
                 p3 += v
-    return (p0 + p1) + (p2 + p3)
+    return (p0 + p1) + (p2 + p3), nlive
+
+
+# A column is kept in compacted form (its live entries only) from the first evaluation after the first
+# pick that finds at most half of it live. Indices are stored as floats (exact below 2**24).
+_COMPACT_MAX_N = 1 << 24
+
+
+@njit(cache=True, nogil=True)
+def _live_gain(W, off, h, L, mq, cover):
+    """Gain of a compacted column: L live entries, values ``W[off:off + L]`` and their point indices
+    (as floats) ``W[off + h:off + h + L]``, ascending. The entries are summed in the partial sums
+    :func:`_fused_gain` assigns them to, in the same order: the dropped entries were all exactly +0.0
+    terms there, so the gain is bit for bit the full column's. Entries that are now covered
+    (``w <= cover``: 0 from here on, the cover only grows) are dropped in the same pass; returns the
+    gain and the new count."""
+    p0 = 0.0
+    p1 = 0.0
+    p2 = 0.0
+    p3 = 0.0
+    L2 = 0
+    for q in range(L):
+        w = W[off + q]
+        fi = W[off + h + q]
+        i = int(fi)
+        c = cover[i]
+        v = max(w - c, 0.0)
+        # branch-free (the residues are random): the other three sums get +0.0, which changes nothing
+        r = 0 if i >= mq else i & 3
+        p0 += v if r == 0 else 0.0
+        p1 += v if r == 1 else 0.0
+        p2 += v if r == 2 else 0.0
+        p3 += v if r == 3 else 0.0
+        W[off + L2] = w
+        W[off + h + L2] = fi
+        L2 += 0 if w <= c else 1
+    return (p0 + p1) + (p2 + p3), L2
+
+
+@njit(cache=True, nogil=True)
+def _column_gain(W, j, nw, mq, cover, live, sv, si, compact):
+    """Gain of candidate j (its column of W, dense or compacted: ``live[j]`` entries, -1 when dense).
+    With ``compact`` (any pick made), a dense column whose live entries fit in half of it is compacted
+    after its gain is taken; a compacted one sheds its newly covered entries."""
+    off = j * nw
+    h = nw // 2
+    L = live[j]
+    if L >= 0:
+        g, L2 = _live_gain(W, off, h, L, mq, cover)
+        live[j] = L2
+        return g
+    g, bound = _fused_gain(W, off, nw, mq, cover)
+    if compact and bound <= h and nw < _COMPACT_MAX_N:
+        L = 0
+        for i in range(nw):  # the column is in cache from the gain just taken
+            w = W[off + i]
+            if not w <= cover[i]:
+                sv[L] = w
+                si[L] = i
+                L += 1
+        for q in range(L):
+            W[off + q] = sv[q]
+            W[off + h + q] = si[q]
+        live[j] = L
+    return g
+
+
+@njit(cache=True, nogil=True)
+def _column_to_cover(W, j, nw, cover, live):
+    """:func:`_add_to_cover` for column j, dense or compacted (its dropped entries were covered already)."""
+    off = j * nw
+    L = live[j]
+    if L < 0:
+        _add_to_cover(W[off:off + nw], cover)
+        return
+    h = nw // 2
+    for q in range(L):
+        i = int(W[off + h + q])
+        w = W[off + q]
+        if w > cover[i]:
+            cover[i] = w
 
 
 # Tile edge of _fill_tiled: rows of 256 vectorise well and a 256 x 256 float64 tile stays in L2 (measured
@@ -1319,9 +1404,11 @@ def _fill_tiled(X, valid, b, nw, metric, kernel, scale, M, XT, nrm, W):
 def _fused_buffers(n, d):
     """One thread's work buffers for :func:`_fused_problem`, problems of up to n points of d features:
     the features transposed, squared norms, a row of distances, the cover, gains (lazy: the heap's
-    bounds), stamps and candidate indices."""
+    bounds), stamps, candidate indices, the columns' live counts and a column's scratch (values,
+    indices)."""
     return (np.empty(d * n), np.empty(n), np.empty(n), np.empty(n), np.empty(n),
-            np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64))
+            np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64),
+            np.empty(n), np.empty(n))
 
 
 @njit(cache=True, nogil=True)
@@ -1330,7 +1417,7 @@ def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, 
     """Problem b: similarities into W (flat, nw x nw, candidate-major = row-major: symmetric), greedy,
     cluster sizes, with the work buffers ``bufs`` of :func:`_fused_buffers`. Returns the objective
     (float64)."""
-    xt, nrm, row, cover, gs, st, js = bufs
+    xt, nrm, row, cover, gs, st, js, live, sv, si = bufs
     n = X.shape[1]
     d = X.shape[2]
     nw = 0
@@ -1412,13 +1499,16 @@ def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, 
                 if valid[b, i] and valid[b, j]:
                     W[i * nw + j] = M - W[i * nw + j]
     # greedy over the valid candidates js[:nc] (ascending; lazy: the heap's ids, bounds in gs)
+    # Columns are compacted once most of their entries are covered (_column_gain): their gains stay bit
+    # for bit the dense ones, and a re-evaluation reads only the live entries.
     for j in range(nw):
         cover[j] = 0.0
+        live[j] = -1
     nc = _valid_indices(valid[b, :nw], js)
     t_done = 0
     if opt == 1:  # lazy: a max-heap of stale bounds (bound desc, index asc); accept a fresh best
         for q in range(nc):
-            gs[q] = _fused_gain(W, js[q] * nw, nw, mq, cover)
+            gs[q] = _column_gain(W, js[q], nw, mq, cover, live, sv, si, False)
             st[js[q]] = 0
         _heapify(gs, js, nc)
         for t in range(budget):
@@ -1430,7 +1520,7 @@ def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, 
                     g = gs[0]
                     nc = _heap_pop(gs, js, nc)
                     break
-                g = _fused_gain(W, j * nw, nw, mq, cover)
+                g = _column_gain(W, j, nw, mq, cover, live, sv, si, t > 0)
                 r = _runner_up(gs, js, nc)
                 if r < 0 or _better(g, j, gs[r], js[r]):
                     nc = _heap_pop(gs, js, nc)
@@ -1440,7 +1530,7 @@ def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, 
                 _sift_down(gs, js, nc, np.int64(0))
             out_idx[b, t] = j
             out_gain[b, t] = g
-            _add_to_cover(W[j * nw:(j + 1) * nw], cover)
+            _column_to_cover(W, j, nw, cover, live)
             t_done = t + 1
     else:
         for t in range(budget):
@@ -1448,7 +1538,7 @@ def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, 
                 break
             if opt == 0:  # naive: every remaining candidate's gain at every step
                 for q in range(nc):
-                    gs[q] = _fused_gain(W, js[q] * nw, nw, mq, cover)
+                    gs[q] = _column_gain(W, js[q], nw, mq, cover, live, sv, si, t > 0)
                 p = _first_max(gs, nc)
                 g = gs[p]
             else:  # stochastic: the remaining candidates (ascending) at the drawn positions
@@ -1458,26 +1548,39 @@ def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, 
                     pq = _sample_position(u[b, t, q], nc, u32)
                     if p >= 0 and js[pq] == js[p]:
                         continue
-                    gq = _fused_gain(W, js[pq] * nw, nw, mq, cover)
+                    gq = _column_gain(W, js[pq], nw, mq, cover, live, sv, si, t > 0)
                     if p < 0 or _better(gq, js[pq], g, js[p]):
                         p, g = pq, gq
             j = js[p]
             nc = _remove_at(js, p, nc)
             out_idx[b, t] = j
             out_gain[b, t] = g
-            _add_to_cover(W[j * nw:(j + 1) * nw], cover)
+            _column_to_cover(W, j, nw, cover, live)
             t_done = t + 1
     # cluster sizes: each valid point to its most similar pick, the earliest on ties. The picks' rows
     # are read one after the other (contiguous; a later pick takes a point only when strictly more
     # similar), not every pick's entry per point (one cache line per read); the sums run over the points
-    # in order, as before. ``row`` and ``st`` are free once the greedy is done.
+    # in order, as before. ``row`` and ``st`` are free once the greedy is done. A compacted pick's
+    # dropped entries cannot take a point: each was <= the cover of an earlier pick (compaction starts
+    # after the first pick, whose column is dense), so a strictly larger value it is not.
     best = row[:nw]
     owner = st[:nw]
+    h = nw // 2
     for i in range(nw):
         owner[i] = -1
         best[i] = 0.0
     for t in range(t_done):
-        off = out_idx[b, t] * nw
+        j = out_idx[b, t]
+        off = j * nw
+        L = live[j]
+        if L >= 0:
+            for q in range(L):
+                i = int(W[off + h + q])
+                v = float(W[off + q])
+                if owner[i] < 0 or v > best[i]:
+                    owner[i] = t
+                    best[i] = v
+            continue
         for i in range(nw):
             v = float(W[off + i])
             if owner[i] < 0 or v > best[i]:

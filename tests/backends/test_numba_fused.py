@@ -123,3 +123,23 @@ def test_fused_dispatch_and_argument_errors():
     Xc = X.copy()
     nbk.facility_batched(Xc, v, b, "euclidean", "max-minus", 1.0, "lazy")
     np.testing.assert_array_equal(Xc, X)  # inputs untouched
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_fused_compacted_columns(optimizer, dtype):
+    """Problems large enough for the greedy to compact its columns (a column re-evaluated after the first
+    pick with at most half of it live keeps only its live entries): gains, picks, weights and objectives
+    stay bit for bit the three kernels', with duplicated points (exact ties) and padding anywhere."""
+    rng = np.random.default_rng(17)
+    centres = rng.standard_normal((12, 4)) * 4.0
+    X = (centres[rng.integers(0, 12, size=(2, 900))] + rng.standard_normal((2, 900, 4))).astype(dtype)
+    X[0, 10:20] = X[0, 0]
+    valid = np.ones((2, 900), dtype=bool)
+    valid[1, rng.choice(900, size=150, replace=False)] = False
+    budgets = np.array([180, 90])
+    u = stochastic_draws(rng, valid.sum(axis=1), budgets, 0.2).astype(dtype)
+    uu = u if optimizer == "stochastic" else None
+    for metric, kernel in (("euclidean", "max-minus"), ("sqeuclidean", "exp"), ("cosine", "max-minus")):
+        got = nbk.facility_batched(X, valid, budgets, metric, kernel, 2.5, optimizer, uu)
+        assert_bitwise(got, composed(X, valid, budgets, metric, kernel, optimizer, uu))

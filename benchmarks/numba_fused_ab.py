@@ -1,0 +1,110 @@
+"""The Numba fused dense kernel (``facility_batched``) of two commits side by side in one process.
+
+``backends/numba.py`` of ``--old`` (a git revision of this checkout) is loaded next to the working tree's
+(its kernels compiled without Numba's on-disk cache) and both run alternately on the same inputs:
+
+- ``craig``: B1's CRAIG call, ``crestcore.baselines.craig(G, labels, k)`` on the synthetic logit gradients
+  of ``benchmarks/baselines.py`` (n = 60,000, 10 classes, float32, k = 6,016), with the module's
+  ``facility_batched`` swapped between the two versions;
+- ``class``: the kernel on one class of that call (about 6,000 points, k = 600);
+- ``S2-float64`` / ``S2-float32``: S2's dense problem (5,000 standard normal points, d = 10, k = 500,
+  euclidean, max-minus, lazy).
+
+The table gives medians, their ratio and whether every output (indices, gains, weights, objectives) is
+identical. Thread count: ``--threads`` (Numba, OpenMP and BLAS). Used for the 2026-12-01 change (compacted
+columns in the lazy greedy): ``python benchmarks/numba_fused_ab.py --old 5f1ad3e``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_old(rev: str):
+    """``backends/numba.py`` at ``rev`` as the module ``crestcore.backends._numba_old`` (no disk cache)."""
+    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:backends/numba.py"], check=True,
+                         capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "_numba_old.py"
+    path.write_text(src.replace("cache=True", "cache=False"))
+    spec = importlib.util.spec_from_file_location("crestcore.backends._numba_old", path)
+    mod = importlib.util.module_from_spec(spec)
+    mod.__package__ = "crestcore.backends"
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--old", required=True, help="git revision whose backends/numba.py is the baseline")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args(argv)
+    for var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(a.threads)
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from baselines import budget, synthetic_features
+
+    from crestcore import last_layer_gradients
+    from crestcore.backends import numba as new
+    from crestcore.baselines import craig
+
+    old = load_old(a.old)
+    current = new.facility_batched
+    z, _, y = synthetic_features(60000, 0)
+    G = last_layer_gradients(z, y)
+    k = budget(y.size)
+
+    def run_craig(fb):
+        new.facility_batched = fb
+        try:
+            s = craig(G, y, k)
+        finally:
+            new.facility_batched = current
+        return (np.asarray(s.indices), np.asarray(s.weights), np.asarray(s.gains))
+
+    rng = np.random.default_rng(0)
+    S2 = rng.standard_normal((1, 5000, 10))
+    cls = G[y == 0][None]
+    cases = {"craig": (None, None)}
+    cases["class"] = (cls, 600)
+    cases["S2-float64"] = (S2, 500)
+    cases["S2-float32"] = (S2.astype(np.float32), 500)
+    print(f"threads {a.threads}, old = {a.old}, repeats {a.repeats} (alternating)")
+    print("| case | old ms | new ms | speedup | identical |")
+    print("|---|---|---|---|---|")
+    for name, (X, kk) in cases.items():
+        if X is None:
+            def call(fb):
+                return run_craig(fb)
+        else:
+            valid = np.ones(X.shape[:2], dtype=bool)
+            b = np.array([kk])
+
+            def call(fb, X=X, valid=valid, b=b):
+                return fb(X, valid, b, "euclidean", "max-minus", 1.0, "lazy")
+        ro, rn = call(old.facility_batched), call(current)  # also compiles both
+        same = all(np.array_equal(p, q) for p, q in zip(ro, rn))
+        to, tn = [], []
+        for _ in range(a.repeats):
+            for fb, acc in ((old.facility_batched, to), (current, tn)):
+                t = time.perf_counter()
+                call(fb)
+                acc.append(time.perf_counter() - t)
+        mo, mn = 1e3 * float(np.median(to)), 1e3 * float(np.median(tn))
+        print(f"| {name} | {mo:.1f} | {mn:.1f} | {mo / mn:.2f}x | {'yes' if same else 'NO'} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
