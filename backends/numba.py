@@ -37,9 +37,11 @@ Implementation notes
   of the three separate kernels. Above ``_MIRROR_MAX_N`` every distance is computed once: ``max-minus``
   takes its M from a pruned pass (``_max_valid_distance``: points by decreasing distance to their mean,
   stopped by the triangle inequality; a few rows on typical data) whose values are bit for bit the
-  fill's. The fused gain skips blocks of ``_GAIN_BLOCK`` terms that are all exactly 0 (covered points);
-  adding +0.0 changes no partial sum, so this is exact, and it shortens the serial chain of additions
-  that bounds a gain's cost. The matrix the fused kernel builds is symmetric by construction: no
+  fill's. A candidate's column is compacted to its live entries (those not yet covered: the nonzero
+  terms of its gain) at its first evaluation after the first pick that finds at most half of it live,
+  and sheds newly covered entries at every later one (``_column_gain``); the terms dropped are exact
+  +0.0, which change no partial sum, so this is exact, and it shortens the serial chains of additions
+  that bound a gain's cost. The matrix the fused kernel builds is symmetric by construction: no
   symmetry check there (``greedy_batched`` keeps it for matrices it is given).
   It is serial (one compile unit, the cold-start cost of every dense call) unless a batch has at least
   ``_FUSED_PARALLEL_MIN_WORK`` of work; then whole problems go to the threads (``_fused_parallel``,
@@ -1169,10 +1171,7 @@ _GAIN_BLOCK = 16
 @njit(cache=True, nogil=True)
 def _fused_gain(W, off, nw, mq, cover):
     """Gain of the candidate whose (candidate-major) column starts at W[off]: sum_i max(W - cover, 0),
-    float64, partial sums assigned as the padded kernels assign them (p_{i mod 4} below mq, p0 after).
-
-    Returns the gain and an upper bound on the column's live entries (those not ``<= cover``, the
-    nonzero terms): the entries of the blocks that held one, plus the unblocked tail."""
+    float64, partial sums assigned as the padded kernels assign them (p_{i mod 4} below mq, p0 after)."""
     m4 = nw if nw < mq else mq
     m4 -= m4 % 4
     p0 = 0.0
@@ -1185,14 +1184,12 @@ def _fused_gain(W, off, nw, mq, cover):
     # of them once the greedy is under way) is skipped. Adding +0.0 leaves a partial sum (>= +0) as it
     # is, so the four sums are bit for bit the full loop's; only the serial chain of additions shrinks.
     mb = m4 - m4 % _GAIN_BLOCK
-    nlive = nw - mb
     for i0 in range(0, mb, _GAIN_BLOCK):
         hit = False
         for q in range(i0, i0 + _GAIN_BLOCK):
             if not w[q] <= c[q]:  # a positive term (or a NaN, kept as the full loop would)
                 hit = True
         if hit:
-            nlive += _GAIN_BLOCK
             for i in range(i0, i0 + _GAIN_BLOCK, 4):
                 p0 += max(w[i] - c[i], 0.0)
                 p1 += max(w[i + 1] - c[i + 1], 0.0)
@@ -1217,87 +1214,208 @@ def _fused_gain(W, off, nw, mq, cover):
                 p2 += v
             else:
                 p3 += v
-    return (p0 + p1) + (p2 + p3), nlive
+    return (p0 + p1) + (p2 + p3)
 
 
-# A column is kept in compacted form (its live entries only) from the first evaluation after the first
-# pick that finds at most half of it live. Indices are stored as floats (exact below 2**24).
+# A column is kept in compacted form (its live entries only) from its first evaluation after the first
+# pick that finds at most half of it live: four segments, one per partial sum of _fused_gain (the points
+# i < mq with i mod 4 = r; segment 0 also takes the points from mq on), each ascending, values in the
+# column's first half and the points' indices, as floats (exact below 2**24), at the same places in its
+# second half. ``seg[j, r]`` is segment r's start, ``seg[j, 4 + r]`` its length.
 _COMPACT_MAX_N = 1 << 24
+# problems below this many points are not compacted: in cache and solved in a few picks, they gained
+# nothing and paid the calls (the CREST step's 100 problems of about 60 points: 3.5 -> 4.3 ms)
+_COMPACT_MIN_N = 512
+
+
+@njit(cache=True, nogil=True, inline='always')
+def _live_term(W, a, h, dst, cover, p, k):
+    """Entry ``W[a]`` (index at ``W[a + h]``) of a segment: its term added to ``p``; the entry kept at
+    ``W[dst + k]`` (moved forward, k <= its position) unless it is covered now. Returns (p, k)."""
+    w = W[a]
+    fi = W[a + h]
+    c = cover[int(fi)]
+    W[dst + k] = w
+    W[dst + h + k] = fi
+    return p + max(w - c, 0.0), k + (0 if w <= c else 1)
 
 
 @njit(cache=True, nogil=True)
-def _live_gain(W, off, h, L, mq, cover):
-    """Gain of a compacted column: L live entries, values ``W[off:off + L]`` and their point indices
-    (as floats) ``W[off + h:off + h + L]``, ascending. The entries are summed in the partial sums
-    :func:`_fused_gain` assigns them to, in the same order: the dropped entries were all exactly +0.0
-    terms there, so the gain is bit for bit the full column's. Entries that are now covered
-    (``w <= cover``: 0 from here on, the cover only grows) are dropped in the same pass; returns the
-    gain and the new count."""
+def _live_gain(W, off, h, sj, cover):
+    """Gain of a compacted column (segments ``sj`` = ``seg[j]``), bit for bit the dense column's: each
+    partial sum gets the same nonzero terms in the same order (the dropped entries were exact +0.0
+    terms, and adding +0.0 to a sum >= +0 changes nothing). The four segments are summed interleaved
+    (four independent chains, as the dense loop), and entries covered now (0 from here on: the cover
+    only grows) are dropped in the same pass."""
+    b0 = off + sj[0]
+    b1 = off + sj[1]
+    b2 = off + sj[2]
+    b3 = off + sj[3]
+    n0 = sj[4]
+    n1 = sj[5]
+    n2 = sj[6]
+    n3 = sj[7]
+    m = min(min(n0, n1), min(n2, n3))
     p0 = 0.0
     p1 = 0.0
     p2 = 0.0
     p3 = 0.0
-    L2 = 0
-    for q in range(L):
-        w = W[off + q]
-        fi = W[off + h + q]
-        i = int(fi)
-        c = cover[i]
-        v = max(w - c, 0.0)
-        # branch-free (the residues are random): the other three sums get +0.0, which changes nothing
-        r = 0 if i >= mq else i & 3
-        p0 += v if r == 0 else 0.0
-        p1 += v if r == 1 else 0.0
-        p2 += v if r == 2 else 0.0
-        p3 += v if r == 3 else 0.0
-        W[off + L2] = w
-        W[off + h + L2] = fi
-        L2 += 0 if w <= c else 1
-    return (p0 + p1) + (p2 + p3), L2
+    k0 = 0
+    k1 = 0
+    k2 = 0
+    k3 = 0
+    for q in range(m):
+        p0, k0 = _live_term(W, b0 + q, h, b0, cover, p0, k0)
+        p1, k1 = _live_term(W, b1 + q, h, b1, cover, p1, k1)
+        p2, k2 = _live_term(W, b2 + q, h, b2, cover, p2, k2)
+        p3, k3 = _live_term(W, b3 + q, h, b3, cover, p3, k3)
+    for q in range(m, n0):
+        p0, k0 = _live_term(W, b0 + q, h, b0, cover, p0, k0)
+    for q in range(m, n1):
+        p1, k1 = _live_term(W, b1 + q, h, b1, cover, p1, k1)
+    for q in range(m, n2):
+        p2, k2 = _live_term(W, b2 + q, h, b2, cover, p2, k2)
+    for q in range(m, n3):
+        p3, k3 = _live_term(W, b3 + q, h, b3, cover, p3, k3)
+    sj[4] = k0
+    sj[5] = k1
+    sj[6] = k2
+    sj[7] = k3
+    return (p0 + p1) + (p2 + p3)
+
+
+@njit(cache=True, nogil=True, inline='always')
+def _scratch_cap(nw):
+    """Room per segment in the scratch of :func:`_collecting_gain`: a quarter of the points, plus the
+    at most 3 points from mq on (segment 0)."""
+    return (nw + 3) // 4 + 4
 
 
 @njit(cache=True, nogil=True)
-def _column_gain(W, j, nw, mq, cover, live, sv, si, compact):
-    """Gain of candidate j (its column of W, dense or compacted: ``live[j]`` entries, -1 when dense).
-    With ``compact`` (any pick made), a dense column whose live entries fit in half of it is compacted
-    after its gain is taken; a compacted one sheds its newly covered entries."""
+def _collecting_gain(W, off, nw, mq, cover, sv, si):
+    """:func:`_fused_gain` (the same sums, bit for bit), also writing the live entries of each partial
+    sum's points to its segment of the scratch (segment r at ``r * _scratch_cap(nw)``), branch-free:
+    every entry is written, a segment's count advances past the live ones. The stores run beside the
+    chains of additions that bound the loop. Returns the gain and the number of live entries."""
+    m4 = nw if nw < mq else mq
+    m4 -= m4 % 4
+    cap = _scratch_cap(nw)
+    p0 = 0.0
+    p1 = 0.0
+    p2 = 0.0
+    p3 = 0.0
+    k0 = 0
+    k1 = cap
+    k2 = 2 * cap
+    k3 = 3 * cap
+    for i in range(0, m4, 4):
+        w0 = W[off + i]
+        w1 = W[off + i + 1]
+        w2 = W[off + i + 2]
+        w3 = W[off + i + 3]
+        c0 = cover[i]
+        c1 = cover[i + 1]
+        c2 = cover[i + 2]
+        c3 = cover[i + 3]
+        p0 += max(w0 - c0, 0.0)
+        p1 += max(w1 - c1, 0.0)
+        p2 += max(w2 - c2, 0.0)
+        p3 += max(w3 - c3, 0.0)
+        sv[k0] = w0
+        si[k0] = i
+        k0 += 0 if w0 <= c0 else 1
+        sv[k1] = w1
+        si[k1] = i + 1
+        k1 += 0 if w1 <= c1 else 1
+        sv[k2] = w2
+        si[k2] = i + 2
+        k2 += 0 if w2 <= c2 else 1
+        sv[k3] = w3
+        si[k3] = i + 3
+        k3 += 0 if w3 <= c3 else 1
+    for i in range(m4, nw):
+        w0 = W[off + i]
+        c0 = cover[i]
+        v = max(w0 - c0, 0.0)
+        live = 0 if w0 <= c0 else 1
+        r = 0 if i >= mq else i % 4
+        if r == 0:
+            p0 += v
+            sv[k0] = w0
+            si[k0] = i
+            k0 += live
+        elif r == 1:
+            p1 += v
+            sv[k1] = w0
+            si[k1] = i
+            k1 += live
+        elif r == 2:
+            p2 += v
+            sv[k2] = w0
+            si[k2] = i
+            k2 += live
+        else:
+            p3 += v
+            sv[k3] = w0
+            si[k3] = i
+            k3 += live
+    # the segments' lengths, kept where _compact reads them
+    si[4 * cap] = k0
+    si[4 * cap + 1] = k1 - cap
+    si[4 * cap + 2] = k2 - 2 * cap
+    si[4 * cap + 3] = k3 - 3 * cap
+    return (p0 + p1) + (p2 + p3), k0 + (k1 - cap) + (k2 - 2 * cap) + (k3 - 3 * cap)
+
+
+@njit(cache=True, nogil=True)
+def _compact(W, off, nw, h, sj, sv, si):
+    """Rewrite column ``W[off:off + nw]`` as the live entries :func:`_collecting_gain` just wrote to the
+    scratch, in four segments (see above)."""
+    cap = _scratch_cap(nw)
+    L = 0
+    for r in range(4):
+        cnt = int(si[4 * cap + r])
+        sj[r] = L
+        sj[4 + r] = cnt
+        for q in range(cnt):
+            W[off + L + q] = sv[r * cap + q]
+            W[off + h + L + q] = si[r * cap + q]
+        L += cnt
+
+
+@njit(cache=True, nogil=True)
+def _column_gain(W, j, nw, mq, cover, live, seg, sv, si, compact):
+    """Gain of candidate j (its column of W, dense, or compacted when ``live[j]``). With ``compact``
+    (a pick made), a dense column with at most half of it live is compacted after its gain is taken;
+    a compacted one sheds its newly covered entries."""
     off = j * nw
     h = nw // 2
-    L = live[j]
-    if L >= 0:
-        g, L2 = _live_gain(W, off, h, L, mq, cover)
-        live[j] = L2
-        return g
-    g, bound = _fused_gain(W, off, nw, mq, cover)
-    if compact and bound <= h and nw < _COMPACT_MAX_N:
-        L = 0
-        for i in range(nw):  # the column is in cache from the gain just taken
-            w = W[off + i]
-            if not w <= cover[i]:
-                sv[L] = w
-                si[L] = i
-                L += 1
-        for q in range(L):
-            W[off + q] = sv[q]
-            W[off + h + q] = si[q]
-        live[j] = L
+    if live[j]:
+        return _live_gain(W, off, h, seg[j], cover)
+    if not compact:
+        return _fused_gain(W, off, nw, mq, cover)
+    g, L = _collecting_gain(W, off, nw, mq, cover, sv, si)
+    if L <= h:
+        _compact(W, off, nw, h, seg[j], sv, si)
+        live[j] = True
     return g
 
 
 @njit(cache=True, nogil=True)
-def _column_to_cover(W, j, nw, cover, live):
+def _column_to_cover(W, j, nw, cover, live, seg):
     """:func:`_add_to_cover` for column j, dense or compacted (its dropped entries were covered already)."""
     off = j * nw
-    L = live[j]
-    if L < 0:
+    if not live[j]:
         _add_to_cover(W[off:off + nw], cover)
         return
     h = nw // 2
-    for q in range(L):
-        i = int(W[off + h + q])
-        w = W[off + q]
-        if w > cover[i]:
-            cover[i] = w
+    for r in range(4):
+        a = off + seg[j, r]
+        for q in range(seg[j, 4 + r]):
+            i = int(W[a + h + q])
+            w = W[a + q]
+            if w > cover[i]:
+                cover[i] = w
 
 
 # Tile edge of _fill_tiled: rows of 256 vectorise well and a 256 x 256 float64 tile stays in L2 (measured
@@ -1404,11 +1522,11 @@ def _fill_tiled(X, valid, b, nw, metric, kernel, scale, M, XT, nrm, W):
 def _fused_buffers(n, d):
     """One thread's work buffers for :func:`_fused_problem`, problems of up to n points of d features:
     the features transposed, squared norms, a row of distances, the cover, gains (lazy: the heap's
-    bounds), stamps, candidate indices, the columns' live counts and a column's scratch (values,
-    indices)."""
+    bounds), stamps, candidate indices, which columns are compacted, their segments, and a column's
+    scratch (values, indices)."""
     return (np.empty(d * n), np.empty(n), np.empty(n), np.empty(n), np.empty(n),
-            np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64),
-            np.empty(n), np.empty(n))
+            np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64), np.empty(n, dtype=np.bool_),
+            np.empty((n, 8), dtype=np.int64), np.empty(n + 32), np.empty(n + 32))
 
 
 @njit(cache=True, nogil=True)
@@ -1417,7 +1535,7 @@ def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, 
     """Problem b: similarities into W (flat, nw x nw, candidate-major = row-major: symmetric), greedy,
     cluster sizes, with the work buffers ``bufs`` of :func:`_fused_buffers`. Returns the objective
     (float64)."""
-    xt, nrm, row, cover, gs, st, js, live, sv, si = bufs
+    xt, nrm, row, cover, gs, st, js, live, seg, sv, si = bufs
     n = X.shape[1]
     d = X.shape[2]
     nw = 0
@@ -1499,16 +1617,18 @@ def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, 
                 if valid[b, i] and valid[b, j]:
                     W[i * nw + j] = M - W[i * nw + j]
     # greedy over the valid candidates js[:nc] (ascending; lazy: the heap's ids, bounds in gs)
-    # Columns are compacted once most of their entries are covered (_column_gain): their gains stay bit
-    # for bit the dense ones, and a re-evaluation reads only the live entries.
+    # Columns of problems of _COMPACT_MIN_N points or more are compacted once most of their entries are
+    # covered (_column_gain): their gains stay bit for bit the dense ones, and a re-evaluation reads only
+    # the live entries. Smaller problems (in cache, few picks) call the block-skipping gain directly.
+    cmp = _COMPACT_MIN_N <= nw < _COMPACT_MAX_N
     for j in range(nw):
         cover[j] = 0.0
-        live[j] = -1
+        live[j] = False
     nc = _valid_indices(valid[b, :nw], js)
     t_done = 0
     if opt == 1:  # lazy: a max-heap of stale bounds (bound desc, index asc); accept a fresh best
         for q in range(nc):
-            gs[q] = _column_gain(W, js[q], nw, mq, cover, live, sv, si, False)
+            gs[q] = _fused_gain(W, js[q] * nw, nw, mq, cover)
             st[js[q]] = 0
         _heapify(gs, js, nc)
         for t in range(budget):
@@ -1520,7 +1640,10 @@ def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, 
                     g = gs[0]
                     nc = _heap_pop(gs, js, nc)
                     break
-                g = _column_gain(W, j, nw, mq, cover, live, sv, si, t > 0)
+                if cmp:
+                    g = _column_gain(W, j, nw, mq, cover, live, seg, sv, si, t > 0)
+                else:
+                    g = _fused_gain(W, j * nw, nw, mq, cover)
                 r = _runner_up(gs, js, nc)
                 if r < 0 or _better(g, j, gs[r], js[r]):
                     nc = _heap_pop(gs, js, nc)
@@ -1530,7 +1653,7 @@ def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, 
                 _sift_down(gs, js, nc, np.int64(0))
             out_idx[b, t] = j
             out_gain[b, t] = g
-            _column_to_cover(W, j, nw, cover, live)
+            _column_to_cover(W, j, nw, cover, live, seg)
             t_done = t + 1
     else:
         for t in range(budget):
@@ -1538,7 +1661,10 @@ def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, 
                 break
             if opt == 0:  # naive: every remaining candidate's gain at every step
                 for q in range(nc):
-                    gs[q] = _column_gain(W, js[q], nw, mq, cover, live, sv, si, t > 0)
+                    if cmp:
+                        gs[q] = _column_gain(W, js[q], nw, mq, cover, live, seg, sv, si, t > 0)
+                    else:
+                        gs[q] = _fused_gain(W, js[q] * nw, nw, mq, cover)
                 p = _first_max(gs, nc)
                 g = gs[p]
             else:  # stochastic: the remaining candidates (ascending) at the drawn positions
@@ -1548,14 +1674,17 @@ def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, 
                     pq = _sample_position(u[b, t, q], nc, u32)
                     if p >= 0 and js[pq] == js[p]:
                         continue
-                    gq = _column_gain(W, js[pq], nw, mq, cover, live, sv, si, t > 0)
+                    if cmp:
+                        gq = _column_gain(W, js[pq], nw, mq, cover, live, seg, sv, si, t > 0)
+                    else:
+                        gq = _fused_gain(W, js[pq] * nw, nw, mq, cover)
                     if p < 0 or _better(gq, js[pq], g, js[p]):
                         p, g = pq, gq
             j = js[p]
             nc = _remove_at(js, p, nc)
             out_idx[b, t] = j
             out_gain[b, t] = g
-            _column_to_cover(W, j, nw, cover, live)
+            _column_to_cover(W, j, nw, cover, live, seg)
             t_done = t + 1
     # cluster sizes: each valid point to its most similar pick, the earliest on ties. The picks' rows
     # are read one after the other (contiguous; a later pick takes a point only when strictly more
@@ -1572,14 +1701,15 @@ def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, 
     for t in range(t_done):
         j = out_idx[b, t]
         off = j * nw
-        L = live[j]
-        if L >= 0:
-            for q in range(L):
-                i = int(W[off + h + q])
-                v = float(W[off + q])
-                if owner[i] < 0 or v > best[i]:
-                    owner[i] = t
-                    best[i] = v
+        if live[j]:
+            for r in range(4):
+                a = off + seg[j, r]
+                for q in range(seg[j, 4 + r]):
+                    i = int(W[a + h + q])
+                    v = float(W[a + q])
+                    if owner[i] < 0 or v > best[i]:
+                        owner[i] = t
+                        best[i] = v
             continue
         for i in range(nw):
             v = float(W[off + i])

@@ -1105,8 +1105,10 @@ def main(argv=None):
         for key in ("S1", "S2", "S3"):
             if key not in results and key in old:
                 results[key] = old[key]
-                results.setdefault("reused", {})[key] = {"date": old.get("date"), "command": old.get("command"),
-                                                         "machine": old.get("machine", {})}
+                # a suite the old file itself reused keeps the run that measured it
+                first = old.get("reused", {}).get(key) or {"date": old.get("date"), "command": old.get("command"),
+                                                           "machine": old.get("machine", {})}
+                results.setdefault("reused", {})[key] = first
     try:
         results["machine"]["loadavg_end"] = os.getloadavg()
     except OSError:
