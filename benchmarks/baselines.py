@@ -204,8 +204,10 @@ def run_features(ns, z, e, y) -> list:
 
     probs = problems(z, e, y, ns.seed)
     impls = _implementations()
-    # warm-up on a small slice (Numba kernels load or compile, BLAS initialises): not timed
-    zw, ew, yw = z[:600], e[:600], y[:600]
+    # warm-up on a slice (Numba kernels load or compile, BLAS initialises): not timed. A tenth of the
+    # data, so that CRAIG's batched call takes the same kernel path as the timed one (with several
+    # threads, classes of 600 points or more go to the parallel variant, which compiles separately)
+    zw, ew, yw = z[: max(600, y.size // 10)], e[: max(600, y.size // 10)], y[: max(600, y.size // 10)]
     for meth, (args, kw) in problems(zw, ew, yw, ns.seed).items():
         if meth in ns.methods:
             for f in impls[meth][:1] if ns.no_old else impls[meth]:
