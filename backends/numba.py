@@ -1486,9 +1486,15 @@ def _max_valid_distance(X, valid, b, nw, metric, nrm):
 
 
 @njit(cache=True, nogil=True)
-def _fill_tiled(X, valid, b, nw, metric, kernel, scale, M, XT, nrm, W):
+def _fill_tiled(X, valid, b, nw, metric, kernel, scale, M, XT, nrm, W, mq, G4):
     """W[i * nw + j] = s(i, j) over the first nw points (0 on invalid rows and columns), by square
-    tiles of the upper triangle, each written to both triangles: every distance computed once."""
+    tiles of the upper triangle, each written to both triangles: every distance computed once.
+
+    Also the gains at the empty cover, as partial sums: ``G4[r, j]`` (zeroed by the caller) gets the
+    terms ``max(W[j, a] - 0.0, 0.0)`` of the points a whose partial sum is r (a mod 4 below mq, 0 from
+    mq on), added in ascending a as the entries are written (entry (a, j) equals (j, a)), so that
+    ``(G4[0, j] + G4[1, j]) + (G4[2, j] + G4[3, j])`` is bit for bit :func:`_fused_gain` of column j at
+    the empty cover, without a pass over the matrix."""
     T = _FILL_TILE
     tile = np.empty((T, T))
     for I0 in range(0, nw, T):
@@ -1508,25 +1514,30 @@ def _fill_tiled(X, valid, b, nw, metric, kernel, scale, M, XT, nrm, W):
                     for q in range(m):
                         tr[q] = 0.0
                 wr = W[i * nw + J0:i * nw + J1]
+                g = G4[0 if i >= mq else i & 3, J0:J1]
                 for q in range(m):
                     wr[q] = tr[q]
+                    g[q] += max(wr[q] - 0.0, 0.0)
             if J0 != I0:
                 h = I1 - I0
                 for q in range(m):
-                    wc = W[(J0 + q) * nw + I0:(J0 + q) * nw + I1]
+                    a = J0 + q
+                    wc = W[a * nw + I0:a * nw + I1]
+                    g = G4[0 if a >= mq else a & 3, I0:I1]
                     for p in range(h):
                         wc[p] = tile[p, q]
+                        g[p] += max(wc[p] - 0.0, 0.0)
 
 
 @njit(cache=True, nogil=True)
 def _fused_buffers(n, d):
     """One thread's work buffers for :func:`_fused_problem`, problems of up to n points of d features:
     the features transposed, squared norms, a row of distances, the cover, gains (lazy: the heap's
-    bounds), stamps, candidate indices, which columns are compacted, their segments, and a column's
-    scratch (values, indices)."""
+    bounds), stamps, candidate indices, which columns are compacted, their segments, a column's
+    scratch (values, indices), and the first gains' partial sums of a tiled fill."""
     return (np.empty(d * n), np.empty(n), np.empty(n), np.empty(n), np.empty(n),
             np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64), np.empty(n, dtype=np.bool_),
-            np.empty((n, 8), dtype=np.int64), np.empty(n + 32), np.empty(n + 32))
+            np.empty((n, 8), dtype=np.int64), np.empty(n + 32), np.empty(n + 32), np.empty((4, n)))
 
 
 @njit(cache=True, nogil=True)
@@ -1535,7 +1546,7 @@ def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, 
     """Problem b: similarities into W (flat, nw x nw, candidate-major = row-major: symmetric), greedy,
     cluster sizes, with the work buffers ``bufs`` of :func:`_fused_buffers`. Returns the objective
     (float64)."""
-    xt, nrm, row, cover, gs, st, js, live, seg, sv, si = bufs
+    xt, nrm, row, cover, gs, st, js, live, seg, sv, si, G4 = bufs
     n = X.shape[1]
     d = X.shape[2]
     nw = 0
@@ -1560,7 +1571,10 @@ def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, 
         npass = 0
         if kernel == 0:
             M = _max_valid_distance(X, valid, b, nw, metric, nrm)
-        _fill_tiled(X, valid, b, nw, metric, kernel, scale, M, XT, nrm, W)
+        for r in range(4):
+            for j in range(nw):
+                G4[r, j] = 0.0
+        _fill_tiled(X, valid, b, nw, metric, kernel, scale, M, XT, nrm, W, mq, G4)
     for ps in range(npass):
         last = ps == npass - 1
         for i in range(nw):
@@ -1628,8 +1642,12 @@ def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, 
     t_done = 0
     if opt == 1:  # lazy: a max-heap of stale bounds (bound desc, index asc); accept a fresh best
         for q in range(nc):
-            gs[q] = _fused_gain(W, js[q] * nw, nw, mq, cover)
-            st[js[q]] = 0
+            j = js[q]
+            if mirror:
+                gs[q] = _fused_gain(W, j * nw, nw, mq, cover)
+            else:  # summed during the fill
+                gs[q] = (G4[0, j] + G4[1, j]) + (G4[2, j] + G4[3, j])
+            st[j] = 0
         _heapify(gs, js, nc)
         for t in range(budget):
             if nc == 0:
