@@ -41,8 +41,10 @@ Implementation notes
   terms of its gain) at its first evaluation after the first pick that finds at most half of it live,
   and sheds newly covered entries at every later one (``_column_gain``); the terms dropped are exact
   +0.0, which change no partial sum, so this is exact, and it shortens the serial chains of additions
-  that bound a gain's cost. The matrix the fused kernel builds is symmetric by construction: no
-  symmetry check there (``greedy_batched`` keeps it for matrices it is given).
+  that bound a gain's cost. A tiled fill also sums the first gains (empty cover) as it writes the
+  entries, in the same partial sums and order, so the greedy starts without a pass over the matrix.
+  The matrix the fused kernel builds is symmetric by construction: no symmetry check there
+  (``greedy_batched`` keeps it for matrices it is given).
   It is serial (one compile unit, the cold-start cost of every dense call) unless a batch has at least
   ``_FUSED_PARALLEL_MIN_WORK`` of work; then whole problems go to the threads (``_fused_parallel``,
   compiled only when first needed). On this project's shared 2-core machine two threads made the CREST
@@ -1658,7 +1660,7 @@ def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, 
                     g = gs[0]
                     nc = _heap_pop(gs, js, nc)
                     break
-                if cmp:
+                if cmp:  # (written out at each call site: an inlined helper cost the CREST step 9 %)
                     g = _column_gain(W, j, nw, mq, cover, live, seg, sv, si, t > 0)
                 else:
                     g = _fused_gain(W, j * nw, nw, mq, cover)
