@@ -47,8 +47,9 @@ Implementation notes
   (``greedy_batched`` keeps it for matrices it is given).
   It is serial (one compile unit, the cold-start cost of every dense call) unless a batch has at least
   ``_FUSED_PARALLEL_MIN_WORK`` of work; then whole problems go to the threads (``_fused_parallel``,
-  compiled only when first needed). On this project's shared 2-core machine two threads made the CREST
-  step slower, not faster, hence the high threshold.
+  compiled only when first needed). Measured on this project's 2-core machine (AMD EPYC, 2026-12-01):
+  two threads solved batches of 10-100 problems of 30-60 points (the CREST step's shapes) 1.2-1.95x
+  faster than one from about 2.5e5 of work on, 1.1x below it.
 * Flags reach the jitted solvers as runtime arguments, never as literal constants at a call site:
   numba compiles a separate specialisation per literal value, which multiplies compile time.
 * Code the solvers share is written once in small jitted helpers that Numba inlines
@@ -1165,7 +1166,7 @@ def greedy_features(X, k, metric, kernel, scale, optimizer, u=None, tile=2048):
 _MIRROR_MAX_N = 512
 # The fused kernel runs one thread per problem (problems split over threads, never one problem over
 # several) once the batch has this much work (B * n * n * (d + 4)); below it one thread is faster.
-_FUSED_PARALLEL_MIN_WORK = 50_000_000
+_FUSED_PARALLEL_MIN_WORK = 250_000
 # Block of gain terms tested at once for "all exactly 0" in _fused_gain (a multiple of 4).
 _GAIN_BLOCK = 16
 
@@ -1542,6 +1543,51 @@ def _fused_buffers(n, d):
             np.empty((n, 8), dtype=np.int64), np.empty(n + 32), np.empty(n + 32), np.empty((4, n)))
 
 
+# Problems of at most this many points with the lazy or naive optimizer are solved by
+# :func:`_dense_greedy` (every gain at every pick, vectorised across candidates) instead of a heap.
+_DENSE_GREEDY_MAX_N = 128
+
+
+@njit(cache=True, nogil=True)
+def _dense_greedy(W, nw, mq, budget, cover, js, nc, G4, b, out_idx, out_gain):
+    """Greedy on a small problem (W flat, nw x nw, symmetric), every remaining candidate's gain at every
+    pick: the rows of W are walked once per pick and each row's terms ``max(W[i, j] - cover[i], 0)`` are
+    added to the four partial sums of all candidates j at once (contiguous, vectorised), point i to sum
+    ``i mod 4`` below mq and to sum 0 from mq on, in ascending i: each gain is bit for bit
+    :func:`_fused_gain`'s (W is symmetric, so row i is column i). The first largest gain among the
+    candidates ``js[:nc]`` (ascending) is picked: the lowest index keeps ties, as the lazy heap and the
+    naive scan do. Returns the number of picks."""
+    t_done = 0
+    for t in range(budget):
+        if nc == 0:
+            break
+        for r in range(4):
+            for j in range(nw):
+                G4[r, j] = 0.0
+        for i in range(nw):
+            c = cover[i]
+            a = G4[(i & 3) if i < mq else 0]
+            off = i * nw
+            for j in range(nw):
+                a[j] += max(W[off + j] - c, 0.0)
+        p = 0
+        j = js[0]
+        g = (G4[0, j] + G4[1, j]) + (G4[2, j] + G4[3, j])
+        for q in range(1, nc):
+            j = js[q]
+            gq = (G4[0, j] + G4[1, j]) + (G4[2, j] + G4[3, j])
+            if gq > g:
+                p = q
+                g = gq
+        j = js[p]
+        nc = _remove_at(js, p, nc)
+        out_idx[b, t] = j
+        out_gain[b, t] = g
+        _add_to_cover(W[j * nw:j * nw + nw], cover)
+        t_done = t + 1
+    return t_done
+
+
 @njit(cache=True, nogil=True)
 def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, store_d, W, bufs,
                    out_idx, out_gain, out_w):
@@ -1642,7 +1688,9 @@ def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, 
         live[j] = False
     nc = _valid_indices(valid[b, :nw], js)
     t_done = 0
-    if opt == 1:  # lazy: a max-heap of stale bounds (bound desc, index asc); accept a fresh best
+    if opt != 2 and mirror and nw <= _DENSE_GREEDY_MAX_N:
+        t_done = _dense_greedy(W, nw, mq, budget, cover, js, nc, G4, b, out_idx, out_gain)
+    elif opt == 1:  # lazy: a max-heap of stale bounds (bound desc, index asc); accept a fresh best
         for q in range(nc):
             j = js[q]
             if mirror:
@@ -1837,14 +1885,21 @@ def _draw_stratified(pool, cls, r_c, draws, out):
     """Group ``pool`` by class (stable counting sort on ``cls``), then for every subset p and class c
     Floyd's algorithm over the class's members with the pre-drawn ``draws[p, off_c + t]`` uniform in
     ``[0, N_c - r_c + t]``; each class block of ``out[p]`` (classes in order, block c has ``r_c[c]``
-    entries) is written sorted."""
+    entries) is written sorted. The arguments are checked on the way, before any is used as an index:
+    returns 0, or 1 (a ``cls`` outside ``[0, C)``), 2 (an ``r_c`` outside ``[0, N_c]``), 3 (a draw
+    outside its range)."""
     N = pool.shape[0]
     C = r_c.shape[0]
     P = draws.shape[0]
     start = np.zeros(C + 1, dtype=np.int64)
     for i in range(N):
-        start[cls[i] + 1] += 1
+        c = cls[i]
+        if c < 0 or c >= C:
+            return 1
+        start[c + 1] += 1
     for c in range(C):
+        if r_c[c] < 0 or r_c[c] > start[c + 1]:
+            return 2
         start[c + 1] += start[c]
     fill = start[:C].copy()
     members = np.empty(N, dtype=np.int64)
@@ -1863,6 +1918,8 @@ def _draw_stratified(pool, cls, r_c, draws, out):
             stamp += 1
             for t in range(k):
                 x = draws[p, off + t]
+                if x < 0 or x > Nc - k + t:
+                    return 3
                 if mark[s0 + x] == stamp:
                     x = Nc - k + t
                 mark[s0 + x] = stamp
@@ -1873,6 +1930,7 @@ def _draw_stratified(pool, cls, r_c, draws, out):
                     q -= 1
                 out[p, q] = v
             off += k
+    return 0
 
 
 def draw_stratified(pool, cls, r_c, draws):
@@ -1905,20 +1963,19 @@ def draw_stratified(pool, cls, r_c, draws):
     if pool.ndim != 1 or cls.shape != pool.shape:
         raise ValueError(f"pool and cls must be 1-D of one length, got {pool.shape} and {cls.shape}")
     C = r_c.shape[0]
-    if cls.size and (cls.min() < 0 or cls.max() >= C):
-        raise ValueError(f"cls must hold class positions in [0, {C})")
-    sizes = np.bincount(cls, minlength=C)
-    if r_c.ndim != 1 or (r_c < 0).any() or (r_c > sizes).any():
+    if r_c.ndim != 1:
         raise ValueError("r_c must be 1-D with 0 <= r_c[c] <= the size of class c")
     r = int(r_c.sum())
     if draws.ndim != 2 or draws.shape[1] != r:
         raise ValueError(f"draws must be (P, {r}), got {draws.shape}")
-    t = np.arange(r) - np.repeat(np.cumsum(r_c) - r_c, r_c)  # slot t within its class block
-    high = np.repeat(sizes - r_c, r_c) + t
-    if draws.size and ((draws < 0).any() or (draws > high).any()):
-        raise ValueError("draws[p, off_c + t] must lie in [0, N_c - r_c + t]")
     out = np.empty(draws.shape, dtype=np.int64)
-    _draw_stratified(pool, cls, r_c, draws, out)
+    err = _draw_stratified(pool, cls, r_c, draws, out)  # checks the values in its own passes
+    if err == 1:
+        raise ValueError(f"cls must hold class positions in [0, {C})")
+    if err == 2:
+        raise ValueError("r_c must be 1-D with 0 <= r_c[c] <= the size of class c")
+    if err == 3:
+        raise ValueError("draws[p, off_c + t] must lie in [0, N_c - r_c + t]")
     return out
 
 

@@ -49,6 +49,8 @@ def main(argv=None) -> int:
     ap.add_argument("--old", required=True, help="git revision whose backends/numba.py is the baseline")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cases", default="craig,class,S2-float64,S2-float32,S1-shape,S1-naive,small-128",
+                    help="comma-separated subset of the cases")
     a = ap.parse_args(argv)
     for var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(a.threads)
@@ -83,6 +85,13 @@ def main(argv=None) -> int:
     cases["S2-float64"] = (S2, 500)
     cases["S2-float32"] = (S2.astype(np.float32), 500)
     cases["S1-shape"] = (rng.standard_normal((100, 66, 10)), 13)
+    cases["S1-naive"] = cases["S1-shape"]
+    cases["small-128"] = (rng.standard_normal((20, 128, 10)), 26)
+    wanted = a.cases.split(",")
+    unknown = sorted(set(wanted) - set(cases))
+    if unknown:
+        ap.error(f"unknown cases {unknown}; choose from {sorted(cases)}")
+    cases = {name: case for name, case in cases.items() if name in wanted}
     print(f"threads {a.threads}, old = {a.old}, repeats {a.repeats} (alternating)")
     print("| case | old ms | new ms | speedup | identical |")
     print("|---|---|---|---|---|")
@@ -93,10 +102,11 @@ def main(argv=None) -> int:
         else:
             valid = np.ones(X.shape[:2], dtype=bool)
             b = np.full(X.shape[0], kk)
-            kernel = "exp" if name == "S1-shape" else "max-minus"
+            kernel = "exp" if name.startswith("S1") else "max-minus"
+            opt = "naive" if name == "S1-naive" else "lazy"
 
-            def call(fb, X=X, valid=valid, b=b, kernel=kernel):
-                return fb(X, valid, b, "euclidean", kernel, 1.0, "lazy")
+            def call(fb, X=X, valid=valid, b=b, kernel=kernel, opt=opt):
+                return fb(X, valid, b, "euclidean", kernel, 1.0, opt)
         ro, rn = call(old.facility_batched), call(current)  # also compiles both
         same = all(np.array_equal(p, q) for p, q in zip(ro, rn))
         to, tn = [], []

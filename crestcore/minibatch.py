@@ -73,30 +73,34 @@ def _has_repeats(a: np.ndarray) -> bool:
     return np.unique(a).size != a.size
 
 
-def _class_positions(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(classes, cls): the sorted distinct labels and each entry's position among them. O(n) through
-    ``bincount`` for small non-negative labels (the usual case), else a sort."""
+def _class_positions(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(classes, cls, sizes): the sorted distinct labels, each entry's position among them and each
+    class's count. O(n) through ``bincount`` for small non-negative labels (the usual case; labels that
+    are already ``0..C-1``, every one present, are their own positions: no second pass), else a sort."""
     if labels.size and labels.min() >= 0 and labels.max() < 4 * labels.size + 1024:
         counts = np.bincount(labels)
         present = counts > 0
+        if present.all():
+            return np.arange(counts.size), labels.astype(np.int64, copy=False), counts
         lut = np.cumsum(present) - 1
-        return np.flatnonzero(present), lut[labels]
-    classes, cls = np.unique(labels, return_inverse=True)
-    return classes, cls.reshape(-1).astype(np.int64)
+        return np.flatnonzero(present), lut[labels], counts[present]
+    classes, cls, sizes = np.unique(labels, return_inverse=True, return_counts=True)
+    return classes, cls.reshape(-1).astype(np.int64), sizes
 
 
 _NATIVE_DRAW_CELLS = 1 << 22  # P x pool above which the host draw starts Numba (the reference's marks: 4 MB)
 
 
 def _draw_blocked(labels_host: np.ndarray | None, pool: np.ndarray, r: int, P: int,
-                  rng: np.random.Generator, native: bool = True):
+                  rng: np.random.Generator, native: bool = True, whole: bool = False):
     """P class-blocked subsets: ``(blocked (P, r), r_c (C,))``, block c of every row holding the
-    ``r_c[c]`` members of the pool's c-th class (ascending label) drawn for that subset, sorted."""
+    ``r_c[c]`` members of the pool's c-th class (ascending label) drawn for that subset, sorted.
+    ``whole``: the pool is ``0..n-1`` of the n labels (no gather of the pool's labels)."""
     if labels_host is None:
         cls = np.zeros(pool.size, dtype=np.int64)
+        sizes = np.array([pool.size], dtype=np.int64)
     else:
-        _, cls = _class_positions(labels_host[pool])
-    sizes = np.bincount(cls)
+        _, cls, sizes = _class_positions(labels_host if whole else labels_host[pool])
     r_c, _ = apportion(r, sizes, rng)  # class c's expected share of every subset is its share of the pool
     blk = np.repeat(np.arange(sizes.size), r_c)
     t = np.arange(r) - np.repeat(np.cumsum(r_c) - r_c, r_c)
@@ -337,7 +341,8 @@ def minibatch_coresets(
     if subsets is None:
         # (P, r) host, class blocks; backend="reference" draws with the NumPy reference (same subsets)
         assert gen is not None  # made whenever subsets are drawn
-        blocked, r_c = _draw_blocked(labels_host, pool_h, r, P, gen, native=backend != "reference")
+        blocked, r_c = _draw_blocked(labels_host, pool_h, r, P, gen, native=backend != "reference",
+                                      whole=pool is None)
         subsets = np.sort(blocked, axis=1)
     else:
         from ._compat import to_numpy

@@ -146,6 +146,13 @@ def test_reference_kernel_floyd_fallback_and_bounds():
         nb.draw_stratified(pool, cls, np.array([3]), np.array([[2, 0, 0]]))  # slot 0 draws in [0, 1]
     with pytest.raises(ValueError, match="r_c"):
         nb.draw_stratified(pool, cls, np.array([5]), np.zeros((1, 5), dtype=np.int64))
+    with pytest.raises(ValueError, match="r_c"):
+        nb.draw_stratified(pool, cls, np.array([-1, 1]), np.zeros((1, 0), dtype=np.int64))
+    for bad in (-1, 1):  # a class position outside [0, C) is refused before it is used as an index
+        with pytest.raises(ValueError, match="cls"):
+            nb.draw_stratified(pool, np.array([0, 0, bad, 0]), np.array([1]), np.zeros((1, 1), dtype=np.int64))
+    with pytest.raises(ValueError, match="draws"):
+        nb.draw_stratified(pool, cls, np.array([2]), np.array([[0, -1]]))
 
 
 def test_bad_arguments_are_refused_naming_them():
