@@ -36,12 +36,29 @@ def test_numba_and_reference_draw_the_same_subsets(monkeypatch, seed):
     pool = rng.permutation(n)[: int(rng.integers(10, n + 1))]  # unsorted pool
     r = int(rng.integers(1, pool.size + 1))
     P = int(rng.integers(1, 9))
-    for lab in (labels, None):
-        a, b = _both(monkeypatch, lab, pool, r, P, seed)
-        np.testing.assert_array_equal(a, b)
-        assert a.shape == (P, r) and a.dtype == np.int64
-        assert (np.diff(a, axis=1) > 0).all(), "rows sorted, entries distinct"
-        assert np.isin(a, pool).all()
+    # an unsorted pool (the kernel sorts each class block by insertion) and an ascending one (positions
+    # through a bitmap, read out in order)
+    for pl in (pool, np.sort(pool)):
+        for lab in (labels, None):
+            a, b = _both(monkeypatch, lab, pl, r, P, seed)
+            np.testing.assert_array_equal(a, b)
+            assert a.shape == (P, r) and a.dtype == np.int64
+            assert (np.diff(a, axis=1) > 0).all(), "rows sorted, entries distinct"
+            assert np.isin(a, pl).all()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_large_classes_same_subsets_either_pool_order(monkeypatch, seed):
+    """Classes of hundreds to thousands of members (bitmaps of many words), most of a class drawn."""
+    rng = np.random.default_rng(100 + seed)
+    n = 5000
+    labels = rng.integers(0, 3, size=n)
+    pool = rng.permutation(n)[:4000]
+    for pl in (pool, np.sort(pool)):
+        for r in (3, 700, 3900):
+            a, b = _both(monkeypatch, labels, pl, r, 3, seed)
+            np.testing.assert_array_equal(a, b)
+            assert (np.diff(a, axis=1) > 0).all()
 
 
 def test_per_class_sizes_are_the_proportional_shares_rounded_at_random():
