@@ -1629,7 +1629,9 @@ def _dense_greedy(W, nw, mq, budget, cover, js, nc, G4, b, out_idx, out_gain):
     pick: the rows of W are walked once per pick and each row's terms ``max(W[i, j] - cover[i], 0)`` are
     added to the four partial sums of all candidates j at once (contiguous, vectorised), point i to sum
     ``i mod 4`` below mq and to sum 0 from mq on, in ascending i: each gain is bit for bit
-    :func:`_fused_gain`'s (W is symmetric, so row i is column i). The first largest gain among the
+    :func:`_fused_gain`'s (W is symmetric, so row i is column i). A row whose point is covered up to its
+    own similarity ``W[i, i]`` (the row's largest: distances are >= 0 and the diagonal's exactly 0; a
+    picked point, an invalid one) holds only zero terms and is skipped (adding +0 changes no sum). The first largest gain among the
     candidates ``js[:nc]`` (ascending) is picked: the lowest index keeps ties, as the lazy heap and the
     naive scan do. Returns the number of picks."""
     t_done = 0
@@ -1641,8 +1643,10 @@ def _dense_greedy(W, nw, mq, budget, cover, js, nc, G4, b, out_idx, out_gain):
                 G4[r, j] = 0.0
         for i in range(nw):
             c = cover[i]
-            a = G4[(i & 3) if i < mq else 0]
             off = i * nw
+            if c >= W[off + i]:  # covered by its own similarity, the row's largest: every term is +0
+                continue
+            a = G4[(i & 3) if i < mq else 0]
             for j in range(nw):
                 a[j] += max(W[off + j] - c, 0.0)
         p = 0

@@ -398,7 +398,14 @@ def _build(spec):
 
             return (lambda: run(1)), run, payload
         if method == "draw-subsets":
+            import contextlib
+
             from crestcore import draw_subsets
+
+            # as inside the crestcore step, where the solve has started Numba: its host kernel draws (a
+            # process without Numba draws with the NumPy reference, the same subsets, for small draws)
+            with contextlib.suppress(ImportError):
+                import crestcore.backends.numba  # noqa: F401
 
             pool = np.arange(F.shape[0], dtype=np.int64)
 
@@ -808,7 +815,7 @@ S1_NAMES = {
     "crestcore": "crestcore `minibatch_coresets` (numba path, one batched call)",
     "crestcore-1thread": "crestcore `minibatch_coresets`, numba path with 1 thread (info: contention check)",
     "crestcore-reference": "crestcore `minibatch_coresets`, `backend=\"reference\"` (info)",
-    "draw-subsets": "`crestcore.draw_subsets` alone (info: part of every row above)",
+    "draw-subsets": "`crestcore.draw_subsets` alone, Numba started as in the step (info: part of every row above)",
     "release": "CREST release path: submodlib LazyGreedy per class per subset (kernel built by submodlib from the data) + Python weights loop",
     "release-precomputed": "release path with the exp kernel precomputed in NumPy (`sijs=`), else the same",
     "apricot": "apricot `FacilityLocationSelection(metric='precomputed', optimizer='lazy')` per problem, same exp kernel",

@@ -12,7 +12,8 @@ docs/benchmarks.md). Anywhere else Numba finds no matching entry and compiles as
 is never used for another CPU or another version.
 
 What is compiled: the README's first example as written there (its first ``python`` block: dense
-facility location, per class, and the CREST step), and the same on float32 input. The old cache files
+facility location, per class, and the CREST step), and the same on float32 input, the fused dense
+kernel's serial and parallel variants both (which one a call takes depends on its size and the threads). The old cache files
 in ``backends/__pycache__`` are removed first, so that the wheel holds no entries of earlier sources.
 ``NUMBA_CACHE_DIR`` is ignored here (with it set Numba would write elsewhere).
 """
@@ -60,6 +61,16 @@ def main() -> None:
     crestcore.facility_location(X, 60)
     crestcore.facility_location(X, 60, labels=y)
     crestcore.minibatch_coresets(X, y, m=16, r=100, P=4, rng=0)
+    # the fused dense kernel has a serial and a parallel variant (whole problems over the threads, from
+    # _FUSED_PARALLEL_MIN_WORK of work): compile both, whatever the thread count here picks for a shape
+    work = nb._FUSED_PARALLEL_MIN_WORK
+    try:
+        for threshold in (0, 1 << 62):
+            nb._FUSED_PARALLEL_MIN_WORK = threshold
+            for dt in (np.float32, np.float64):
+                crestcore.minibatch_coresets(X.astype(dt), y, m=16, r=100, P=4, rng=0)
+    finally:
+        nb._FUSED_PARALLEL_MIN_WORK = work
     files = sorted(CACHE.glob("*.nb*"))
     size = sum(f.stat().st_size for f in files)
     print(f"removed {removed} old cache files; wrote {len(files)} ({size / 1e6:.1f} MB) into {CACHE}")
