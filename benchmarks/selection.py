@@ -398,14 +398,12 @@ def _build(spec):
 
             return (lambda: run(1)), run, payload
         if method == "draw-subsets":
-            import contextlib
-
             from crestcore import draw_subsets
+            from crestcore.backends import get_host_kernel
 
             # as inside the crestcore step, where the solve has started Numba: its host kernel draws (a
             # process without Numba draws with the NumPy reference, the same subsets, for small draws)
-            with contextlib.suppress(ImportError):
-                import crestcore.backends.numba  # noqa: F401
+            get_host_kernel("draw_stratified")
 
             pool = np.arange(F.shape[0], dtype=np.int64)
 

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import crestcore
@@ -407,3 +407,23 @@ def test_a_share_of_the_rows_gives_those_rows_coresets():
         crestcore.minibatch_coresets(X, labels, P=2, rng=0, **{**kw, "subsets": subs[2:]}, rows=[3, 3])
     with pytest.raises(ValueError, match="subsets"):
         crestcore.minibatch_coresets(X, labels, m=20, r=60, P=2, rng=0, rows=[0, 1])
+
+
+@settings(max_examples=300, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), P=st.integers(1, 7), C=st.integers(1, 12), total=st.integers(0, 200),
+       high=st.sampled_from([1, 3, 80, 1000]), sparse=st.booleans())
+def test_apportion_rows_is_apportion_per_row(seed, P, C, total, high, sparse):
+    """The class budgets' batched rounding equals crestcore.plan.apportion(at_least_one=True) row by row,
+    each row on its own generator: the same units, probabilities and draws (empty rows, groups below one
+    unit, the at-least-one fix included)."""
+    from crestcore.minibatch import _apportion_rows
+    from crestcore.plan import apportion
+
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(0, high + 1, (P, C)) * (rng.random((P, C)) < (0.5 if sparse else 1.0))
+    key = int(rng.integers(2**62))
+    units, p = _apportion_rows(total, counts, [np.random.default_rng([key, q]) for q in range(P)])
+    for q in range(P):
+        u1, p1 = apportion(total, counts[q], np.random.default_rng([key, q]), at_least_one=True)
+        np.testing.assert_array_equal(units[q], u1)
+        np.testing.assert_array_equal(p[q], p1)
