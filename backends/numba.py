@@ -1631,9 +1631,9 @@ def _dense_greedy(W, nw, mq, budget, cover, js, nc, G4, b, out_idx, out_gain):
     ``i mod 4`` below mq and to sum 0 from mq on, in ascending i: each gain is bit for bit
     :func:`_fused_gain`'s (W is symmetric, so row i is column i). A row whose point is covered up to its
     own similarity ``W[i, i]`` (the row's largest: distances are >= 0 and the diagonal's exactly 0; a
-    picked point, an invalid one) holds only zero terms and is skipped (adding +0 changes no sum). The first largest gain among the
-    candidates ``js[:nc]`` (ascending) is picked: the lowest index keeps ties, as the lazy heap and the
-    naive scan do. Returns the number of picks."""
+    picked point, an invalid one) holds only zero terms and is skipped (adding +0 changes no sum). The
+    first largest gain among the candidates ``js[:nc]`` (ascending) is picked: the lowest index keeps
+    ties, as the lazy heap and the naive scan do. Returns the number of picks."""
     t_done = 0
     for t in range(budget):
         if nc == 0:
