@@ -2007,37 +2007,15 @@ def _draw_stratified(pool, cls, r_c, draws, out):
         fill[c] += 1
         if i and pool[i] <= pool[i - 1]:
             ascending = False
-    if ascending:  # members of a class ascend with their position: a bitmap of positions gives them sorted
-        big = 0
-        for c in range(C):
-            big = max(big, start[c + 1] - start[c])
-        words = np.zeros((big + 63) // 64, dtype=np.uint64)
-        one = np.uint64(1)
-        for p in range(P):
-            off = 0
-            for c in range(C):
-                k = r_c[c]
-                Nc = start[c + 1] - start[c]
-                s0 = start[c]
-                for t in range(k):
-                    x = draws[p, off + t]
-                    if x < 0 or x > Nc - k + t:
-                        return 3
-                    if words[x >> 6] & (one << np.uint64(x & 63)):
-                        x = Nc - k + t
-                    words[x >> 6] |= one << np.uint64(x & 63)
-                q = off
-                for w in range((Nc + 63) >> 6):  # the taken positions in ascending order, clearing
-                    v = words[w]
-                    if v:
-                        words[w] = 0
-                        while v:
-                            out[p, q] = members[s0 + (w << 6) + np.int64(_trailing_zeros(v))]
-                            q += 1
-                            v &= v - one
-                off += k
-        return 0
-    mark = np.zeros(N, dtype=np.int64)  # position -> last (subset, class) stamp that took it
+    # Floyd's "taken" marks: an ascending pool (members of a class ascend with their position) marks
+    # positions in a bitmap and reads them out in order, which sorts the block; any other pool stamps a
+    # mark per position and sorts the block by insertion
+    big = 0
+    for c in range(C):
+        big = max(big, start[c + 1] - start[c])
+    words = np.zeros((big + 63) // 64 if ascending else 0, dtype=np.uint64)
+    mark = np.zeros(0 if ascending else N, dtype=np.int64)  # position -> last (subset, class) stamp
+    one = np.uint64(1)
     stamp = 0
     for p in range(P):
         off = 0
@@ -2050,6 +2028,11 @@ def _draw_stratified(pool, cls, r_c, draws, out):
                 x = draws[p, off + t]
                 if x < 0 or x > Nc - k + t:
                     return 3
+                if ascending:
+                    if words[x >> 6] & (one << np.uint64(x & 63)):
+                        x = Nc - k + t
+                    words[x >> 6] |= one << np.uint64(x & 63)
+                    continue
                 if mark[s0 + x] == stamp:
                     x = Nc - k + t
                 mark[s0 + x] = stamp
@@ -2059,6 +2042,16 @@ def _draw_stratified(pool, cls, r_c, draws, out):
                     out[p, q] = out[p, q - 1]
                     q -= 1
                 out[p, q] = v
+            if ascending:
+                q = off
+                for w in range((Nc + 63) >> 6):  # the taken positions in ascending order, clearing
+                    bits = words[w]
+                    if bits:
+                        words[w] = 0
+                        while bits:
+                            out[p, q] = members[s0 + (w << 6) + np.int64(_trailing_zeros(bits))]
+                            q += 1
+                            bits &= bits - one
             off += k
     return 0
 
