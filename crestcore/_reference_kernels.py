@@ -281,7 +281,10 @@ def draw_stratified(pool, cls, r_c, draws):
     draws = np.asarray(draws, dtype=np.int64)
     C = r_c.size
     P, r = draws.shape
-    members = pool[np.argsort(cls, kind="stable")]
+    # a stable sort of the class positions as the narrowest unsigned type that holds them: NumPy sorts
+    # 8- and 16-bit integers by radix (linear), int64 by merging (about 5x slower at 60,000); same order
+    key = cls.astype(np.uint8) if C <= 256 else (cls.astype(np.uint16) if C <= 65536 else cls)
+    members = pool[np.argsort(key, kind="stable")]
     sizes = np.bincount(cls, minlength=C)
     start = np.cumsum(sizes) - sizes
     off = np.cumsum(r_c) - r_c

@@ -47,6 +47,20 @@ def test_numba_and_reference_draw_the_same_subsets(monkeypatch, seed):
             assert np.isin(a, pl).all()
 
 
+@pytest.mark.parametrize("n_classes", [300, 150_000])
+def test_many_classes_same_subsets(monkeypatch, n_classes):
+    """More than 256 (the reference sorts 16-bit class positions) and more than 65,536 classes present
+    (int64 positions)."""
+    rng = np.random.default_rng(n_classes)
+    n = 200_000
+    labels = rng.integers(0, n_classes, size=n) * 3 + 1  # sparse label values
+    pool = np.sort(rng.permutation(n)[:190_000])
+    present = np.unique(labels[pool]).size
+    assert present > (256 if n_classes == 300 else 65_536)
+    a, b = _both(monkeypatch, labels, pool, 500, 2, 7)
+    np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_large_classes_same_subsets_either_pool_order(monkeypatch, seed):
     """Classes of hundreds to thousands of members (bitmaps of many words), most of a class drawn."""
