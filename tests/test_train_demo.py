@@ -321,6 +321,17 @@ def test_bench_e2e_all_methods_markdown(tmp_path):
         assert f"| {name} |" in text, name
     assert "paper rel. error % (CIFAR-10, ResNet-20)" in text and "| 21.3 +- 8.0 |" in text
     assert "Selection time per method" in text
+    # E2's selection rows count the selections and the coresets made just in time: a run with 3 of one
+    # and 7 of the other and 1 s of solves shows 10 calls of 100 ms
+    raw = json.loads((tmp_path / "raw.json").read_text())
+    run = raw["runs"][0]["crest"]
+    run["counts"].update(selections=3, coresets_made=7)
+    run["breakdown"]["select_solve"] = 1.0
+    (tmp_path / "edited.json").write_text(json.dumps(raw))
+    assert e2e.main(["--from-json", str(tmp_path / "edited.json"), "--out", str(tmp_path / "edited.md")]) == 0
+    line = next(x for x in (tmp_path / "edited.md").read_text().splitlines()
+                if x.startswith("| selection: features + facility location |"))
+    assert [c.strip() for c in line.split("|")[4:6]] == ["10.0", "100.0"]
     # re-rendering from the JSON gives the same block
     rc = e2e.main(["--from-json", str(tmp_path / "raw.json"), "--out", str(tmp_path / "again.md")])
     assert rc == 0 and "| gradmatch |" in (tmp_path / "again.md").read_text()
