@@ -147,6 +147,19 @@ def _init_group(timeout=None):
     return dist
 
 
+def _teardown(dist) -> None:
+    """End a rank in the order that leaves no process-group work to the interpreter's exit: every rank
+    past its last collective (a barrier), what the caller released of the objects that hold the group
+    (DDP wrappers, loaders, ops: ``del`` them first) collected while the interpreter is alive, then
+    ``destroy_process_group``. Ranks that only destroyed the group aborted now and then at exit
+    ("terminate called without an active exception", 1 job in 12 here) after finishing their work."""
+    import gc
+
+    dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+
+
 def worker_train(out: Path):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -245,7 +258,8 @@ def worker_train(out: Path):
     result["params_resumed"] = torch.cat([p.detach().reshape(-1) for p in model2.parameters()]).numpy()
     with open(out / f"rank{rank}.pkl", "wb") as f:
         pickle.dump(result, f)
-    dist.destroy_process_group()
+    del ddp, ddp2, loader, loader2, ops, inner, bops, opt, opt2, model, model2
+    _teardown(dist)
 
 
 def worker_fail(out: Path):
@@ -341,7 +355,7 @@ def worker_numba(out: Path):
     with open(out / f"rank{rank}.pkl", "wb") as f:
         pickle.dump(result, f)
     del ops, cs
-    dist.destroy_process_group()
+    _teardown(dist)
 
 
 def _worker_main(argv):
