@@ -296,6 +296,8 @@ def worker_flags(out: Path):
                                  seed=SEED, verify=rank == 0)
     except D.CollectiveError as exc:
         (out / f"rank{rank}.refused").write_text(str(exc))
+        del ddp  # both ranks were refused in step (the flags are agreed in one collective): end cleanly
+        _teardown(dist)
         return
     (out / f"rank{rank}.done").write_text("built")  # must never happen
 
