@@ -1668,7 +1668,7 @@ def _dense_greedy(W, nw, mq, budget, cover, js, nc, G4, b, out_idx, out_gain):
 
 
 @njit(cache=True, nogil=True)
-def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, store_d, W, bufs,
+def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, W, bufs,
                    out_idx, out_gain, out_w):
     """Problem b: similarities into W (flat, nw x nw, candidate-major = row-major: symmetric), greedy,
     cluster sizes, with the work buffers ``bufs`` of :func:`_fused_buffers`. Returns the objective
@@ -1688,27 +1688,25 @@ def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, 
             XT[k, i] = X[b, i, k]
     if metric == 2:
         _sqnorms(X[b, :nw], nrm)
-    # distances row by row (j >= i, vectorised over j), _tile_row's arithmetic written out (a call per
-    # row made the CREST step 10% slower; the cosine step is _cosine_distance, inlined); kernel values
-    # mirrored into both triangles
     M = 0.0
-    npass = 2 if (kernel == 0 and not store_d) else 1
-    mirror = nw <= _MIRROR_MAX_N  # small problems: the upper triangle, mirrored (in cache); large: tiles
+    mirror = nw <= _MIRROR_MAX_N
     if not mirror:  # large: M from the pruned triangle, then every distance once, in tiles
-        npass = 0
         if kernel == 0:
             M = _max_valid_distance(X, valid, b, nw, metric, nrm)
         for r in range(4):
             for j in range(nw):
                 G4[r, j] = 0.0
         _fill_tiled(X, valid, b, nw, metric, kernel, scale, M, XT, nrm, W, mq, G4)
-    tri = 0
-    for ps in range(npass):
-        last = ps == npass - 1
+    else:
+        # small problems (in cache): the upper triangle's distances row by row (j >= i, vectorised over j;
+        # _tile_row's arithmetic written out: a call per row made the CREST step 10% slower), packed
+        # row after row, the largest valid one (max-minus's M) taken on the way; then the kernel over
+        # the whole packed triangle in one loop (rows of about 60 points, the CREST step's, ran most of a
+        # vectorised loop per row in its scalar tail), written and mirrored into both triangles
+        tri = 0
         for i in range(nw):
             vi = valid[b, i]
-            lo = i if mirror else 0
-            m = nw - lo
+            m = nw - i
             for q in range(m):
                 row[q] = 0.0
             if vi:
@@ -1716,51 +1714,33 @@ def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, 
                     for k in range(d):
                         xi = X[b, i, k]
                         for q in range(m):
-                            row[q] += XT[k, lo + q] * xi
+                            row[q] += XT[k, i + q] * xi
                     ni = nrm[i]
                     for q in range(m):
-                        row[q] = _cosine_distance(row[q], nrm[lo + q], ni)
+                        row[q] = _cosine_distance(row[q], nrm[i + q], ni)
                 else:
                     for k in range(d):
                         xi = X[b, i, k]
                         for q in range(m):
-                            df = XT[k, lo + q] - xi
+                            df = XT[k, i + q] - xi
                             row[q] += df * df
                     if metric == 0:
                         for q in range(m):
                             row[q] = math.sqrt(row[q])
-                row[i - lo] = 0.0
-            if kernel == 0 and not last:  # max-minus, measuring pass: the largest valid distance
-                if vi:
+                row[0] = 0.0
+                if kernel == 0:
                     for q in range(m):
-                        if valid[b, lo + q] and row[q] > M:
+                        if valid[b, i + q] and row[q] > M:
                             M = row[q]
-                continue
-            if kernel == 1:  # exp: the row's distances join the packed triangle, done below
-                for q in range(m):
-                    pk[tri + q] = row[q]
-                tri += m
-                continue
-            else:
-                for q in range(m):
-                    v = 0.0
-                    if vi and valid[b, lo + q]:
-                        v = row[q]
-                        if not store_d:
-                            v = M - v
-                    W[i * nw + lo + q] = v
-            if mirror:
-                for q in range(1, m):
-                    W[(i + q) * nw + i] = W[i * nw + i + q]
-            if kernel == 0 and store_d and vi:
-                for q in range(m):
-                    if valid[b, lo + q] and row[q] > M:
-                        M = row[q]
-    if kernel == 1 and mirror:
-        # exp over the whole packed triangle in one loop: the rows are short (the CREST step's problems
-        # have about 60 points), and a vectorised loop over one row runs most of it in its scalar tail
-        for q in range(tri):
-            pk[q] = _exp(-pk[q] / scale)
+            for q in range(m):
+                pk[tri + q] = row[q]
+            tri += m
+        if kernel == 1:
+            for q in range(tri):
+                pk[q] = _exp(-pk[q] / scale)
+        else:
+            for q in range(tri):
+                pk[q] = M - pk[q]
         tri = 0
         for i in range(nw):
             vi = valid[b, i]
@@ -1770,11 +1750,6 @@ def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, 
             for q in range(1, m):
                 W[(i + q) * nw + i] = W[i * nw + i + q]
             tri += m
-    if kernel == 0 and store_d and mirror:
-        for i in range(nw):
-            for j in range(nw):
-                if valid[b, i] and valid[b, j]:
-                    W[i * nw + j] = M - W[i * nw + j]
     # greedy over the valid candidates js[:nc] (ascending; lazy: the heap's ids, bounds in gs)
     # Columns of problems of _COMPACT_MIN_N points or more are compacted once most of their entries are
     # covered (_column_gain): their gains stay bit for bit the dense ones, and a re-evaluation reads only
@@ -1890,18 +1865,18 @@ def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, 
 
 
 @njit(cache=True, nogil=True)
-def _fused_serial(X, valid, budgets, metric, kernel, scale, opt, u, u32, store_d, W,
+def _fused_serial(X, valid, budgets, metric, kernel, scale, opt, u, u32, W,
                   out_idx, out_gain, out_w, out_obj):
     B, n, d = X.shape
     mq = n - n % 4
     bufs = _fused_buffers(n, d)
     for b in range(B):
-        out_obj[b] = _fused_problem(X, valid, b, mq, budgets[b], metric, kernel, scale, opt, u, u32, store_d,
+        out_obj[b] = _fused_problem(X, valid, b, mq, budgets[b], metric, kernel, scale, opt, u, u32,
                                     W, bufs, out_idx, out_gain, out_w)
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _fused_parallel(X, valid, budgets, metric, kernel, scale, opt, u, u32, store_d, W0, nch,
+def _fused_parallel(X, valid, budgets, metric, kernel, scale, opt, u, u32, W0, nch,
                     out_idx, out_gain, out_w, out_obj):
     """As :func:`_fused_serial`, the problems dealt round-robin to ``nch`` threads, each with its own
     work buffers (``W0`` is one thread's similarity buffer; the others are allocated here)."""
@@ -1912,7 +1887,7 @@ def _fused_parallel(X, valid, budgets, metric, kernel, scale, opt, u, u32, store
         bufs = _fused_buffers(n, d)
         for b in range(c, B, nch):
             out_obj[b] = _fused_problem(X, valid, b, mq, budgets[b], metric, kernel, scale, opt, u, u32,
-                                        store_d, W, bufs, out_idx, out_gain, out_w)
+                                        W, bufs, out_idx, out_gain, out_w)
 
 
 def facility_batched(X, valid, budgets, metric, kernel, scale, optimizer, u=None):
@@ -1958,15 +1933,14 @@ def facility_batched(X, valid, budgets, metric, kernel, scale, optimizer, u=None
         uu, u32 = _prepare_u(u, (B, K), opt)
         X64 = _arr(X, dtype=np.float64)
         sc = float(scale) if kk == 1 else 1.0
-        store_d = X.dtype == np.float64  # max-minus keeps the distances in the buffer (else 2 passes)
         W = np.empty(n * n, dtype=X.dtype)
         threads = get_num_threads()
         nch = min(threads, B)
         if nch > 1 and B * n * n * (d + 4) >= _FUSED_PARALLEL_MIN_WORK:
-            _fused_parallel(X64, valid, budgets, m, kk, sc, opt, uu, u32, store_d, W, nch,
+            _fused_parallel(X64, valid, budgets, m, kk, sc, opt, uu, u32, W, nch,
                             out_idx, out_gain, out_w, out_obj)
         else:
-            _fused_serial(X64, valid, budgets, m, kk, sc, opt, uu, u32, store_d, W,
+            _fused_serial(X64, valid, budgets, m, kk, sc, opt, uu, u32, W,
                           out_idx, out_gain, out_w, out_obj)
     dt = X.dtype
     return out_idx, out_gain.astype(dt), out_w.astype(dt), out_obj.astype(dt)
