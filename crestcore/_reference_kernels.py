@@ -281,6 +281,9 @@ def draw_stratified(pool, cls, r_c, draws):
     draws = np.asarray(draws, dtype=np.int64)
     C = r_c.size
     P, r = draws.shape
+    # refused as the Numba kernel refuses it (the 8- or 16-bit sort keys below would wrap such values)
+    if cls.size and (int(cls.min()) < 0 or int(cls.max()) >= C):
+        raise ValueError(f"cls must hold class positions in [0, {C})")
     # a stable sort of the class positions as the narrowest unsigned type that holds them: NumPy sorts
     # 8- and 16-bit integers by radix (linear), int64 by merging (about 5x slower at 60,000); same order
     key = cls.astype(np.uint8) if C <= 256 else (cls.astype(np.uint16) if C <= 65536 else cls)

@@ -179,9 +179,10 @@ def test_reference_kernel_floyd_fallback_and_bounds():
         nb.draw_stratified(pool, cls, np.array([5]), np.zeros((1, 5), dtype=np.int64))
     with pytest.raises(ValueError, match="r_c"):
         nb.draw_stratified(pool, cls, np.array([-1, 1]), np.zeros((1, 0), dtype=np.int64))
-    for bad in (-1, 1):  # a class position outside [0, C) is refused before it is used as an index
-        with pytest.raises(ValueError, match="cls"):
-            nb.draw_stratified(pool, np.array([0, 0, bad, 0]), np.array([1]), np.zeros((1, 1), dtype=np.int64))
+    for bad in (-1, 1, 256):  # a class position outside [0, C) is refused before it is used as an index
+        for kern in (nb.draw_stratified, ref_draw):
+            with pytest.raises(ValueError, match="cls"):
+                kern(pool, np.array([0, 0, bad, 0]), np.array([1]), np.zeros((1, 1), dtype=np.int64))
     with pytest.raises(ValueError, match="draws"):
         nb.draw_stratified(pool, cls, np.array([2]), np.array([[0, -1]]))
 
