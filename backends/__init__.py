@@ -8,8 +8,9 @@ The contract (``crestcore.backends.contract``: kernel names and parameters, the 
 the zero-distance snap, the stochastic sampling rule, the capability table) is re-exported here.
 Kernels (see ``crestcore._reference_kernels`` for the exact behaviour every implementation meets):
 ``similarity_batched``, ``greedy_batched``, ``assign_batched``, ``greedy_features``, ``facility_batched``
-(the first three in one call). Host kernels (``HOST_KERNEL_NAMES``: ``draw_stratified``) take host NumPy
-arrays whatever the features' library and exist in the Numba module only: :func:`get_host_kernel`.
+(the first three in one call). Host kernels (``HOST_KERNEL_NAMES``: ``draw_stratified``,
+``order_scores``, ``finite_abs_max``, ``class_counts``) take host NumPy arrays whatever the features'
+library and exist in the Numba module only: :func:`get_host_kernel`.
 
 :func:`get_kernel` is the dispatch rule: a native kernel is returned only when the namespace matches,
 the optional dependency imports, and the module's cheap ``usable_for`` check passes; otherwise ``None``

@@ -48,7 +48,7 @@ KERNEL_NAMES = ("similarity_batched", "greedy_batched", "assign_batched", "greed
 # the sparse neighbour-graph kernels (crestcore.sparse holds their reference); NumPy only for now
 SPARSE_KERNEL_NAMES = ("sparse_greedy", "sparse_assign")
 # host kernels: host NumPy arrays whatever library the features are in (Numba only; NumPy reference)
-HOST_KERNEL_NAMES = ("draw_stratified", "order_scores")
+HOST_KERNEL_NAMES = ("draw_stratified", "order_scores", "finite_abs_max", "class_counts")
 
 # parameter names, in order, of every kernel (the reference in crestcore/_reference_kernels.py and
 # crestcore/sparse.py defines the behaviour)
@@ -62,6 +62,8 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
     "sparse_assign": ("nbr", "sims", "picks"),
     "draw_stratified": ("pool", "cls", "r_c", "draws"),
     "order_scores": ("G", "sx", "sy", "cols", "offsets", "metric", "kernel", "bound", "scale"),
+    "finite_abs_max": ("X",),
+    "class_counts": ("labels", "limit"),
 }
 
 METRICS = ("euclidean", "sqeuclidean", "cosine")

@@ -178,7 +178,7 @@ def _exp(x):
 
 
 __all__ = ["usable_for", "similarity_batched", "greedy_batched", "assign_batched", "greedy_features",
-           "facility_batched", "draw_stratified", "order_scores"]
+           "facility_batched", "draw_stratified", "order_scores", "finite_abs_max", "class_counts"]
 
 # the options as the compiled code's integer codes, in the contract's order
 _METRIC_CODE = {m: i for i, m in enumerate(METRICS)}  # euclidean 0, sqeuclidean 1, cosine 2
@@ -2074,6 +2074,85 @@ def draw_stratified(pool, cls, r_c, draws):
     if err == 3:
         raise ValueError("draws[p, off_c + t] must lie in [0, N_c - r_c + t]")
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# host kernels: the features' check and the labels' class counts, one pass each
+# --------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def _abs_max_bits(a, mask):
+    """The largest ``a[i] & mask`` (unsigned): with ``mask`` clearing the sign bit, the bits of the largest
+    ``|x|`` of the floats ``a`` holds (the order of non-negative floats is their bits' order; infinities and
+    NaNs have the largest bits). Integer maxima, so the loop vectorises (no NaN rules to keep)."""
+    best = mask ^ mask
+    for i in range(a.size):
+        best = max(best, a[i] & mask)
+    return best
+
+
+_ABS_BITS = {np.dtype(np.float64): (np.uint64, 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000),
+             np.dtype(np.float32): (np.uint32, 0x7FFF_FFFF, 0x7F80_0000)}
+
+
+def finite_abs_max(X):
+    """``max |x|`` over every entry of the float32 or float64 array ``X``, as a Python float; ``inf`` when
+    an entry is NaN or infinite (and 0.0 for an empty array). One pass over ``X``'s bits.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> finite_abs_max(np.array([[1.5, -3.0], [2.0, 0.0]]))
+    3.0
+    >>> finite_abs_max(np.array([1.0, np.nan], dtype=np.float32))
+    inf
+    """
+    X = np.asarray(X)
+    if X.dtype not in _ABS_BITS:
+        raise TypeError(f"X must be float32 or float64, got {X.dtype}")
+    uint, mask, inf_bits = _ABS_BITS[X.dtype]
+    bits = int(_abs_max_bits(np.ascontiguousarray(X).reshape(-1).view(uint), uint(mask)))
+    if bits >= inf_bits:
+        return math.inf
+    return float(np.array(bits, dtype=uint).view(X.dtype))
+
+
+@njit(cache=True, nogil=True)
+def _class_counts(labels, limit):
+    lo = labels[0]
+    hi = labels[0]
+    for i in range(labels.size):  # vectorised min and max
+        v = labels[i]
+        lo = min(lo, v)
+        hi = max(hi, v)
+    if lo < 0 or hi >= limit:
+        return np.zeros(0, dtype=np.int64)
+    counts = np.zeros(hi + 1, dtype=np.int64)
+    for i in range(labels.size):
+        counts[labels[i]] += 1
+    return counts
+
+
+def class_counts(labels, limit):
+    """``np.bincount(labels)`` (int64, ``max(labels) + 1`` entries) when every label of the 1-D integer
+    array lies in ``[0, limit)``, else an empty int64 array (the caller then sorts). A pass for the range and
+    one for the counts (``np.bincount`` makes three, about 2.7x the time at 60,000 labels).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> class_counts(np.array([2, 0, 2, 3]), 10).tolist()
+    [1, 0, 2, 1]
+    >>> class_counts(np.array([2, -1]), 10).tolist(), class_counts(np.array([12]), 10).tolist()
+    ([], [])
+    """
+    labels = _arr(labels, dtype=np.int64)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
+    if labels.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    return _class_counts(labels, int(limit))
 
 
 @njit(cache=True, nogil=True)

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import array_api_compat
+import array_api_compat.numpy  # the namespace of plain NumPy arrays (namespace's fast path)
 from array_api_compat import array_namespace, device as _device, is_array_api_obj
 
 __all__ = [
@@ -29,6 +30,8 @@ def namespace(*arrays: Any, names: tuple[str, ...] | None = None):
     Raises ``TypeError`` naming the arguments when they come from different libraries (or are not
     arrays), and ``ValueError`` when they live on different devices.
     """
+    if any(a is not None for a in arrays) and all(a is None or type(a) is np.ndarray for a in arrays):
+        return array_api_compat.numpy  # plain host NumPy arrays (what array_namespace returns for them)
     present = [(i, a) for i, a in enumerate(arrays) if a is not None]
     labels = names or tuple(f"argument {i}" for i in range(len(arrays)))
     for i, a in present:

@@ -340,3 +340,29 @@ def order_scores(G, sx, sy, cols, offsets, metric, kernel, bound, scale):
         weights[a:b] = np.bincount(np.argmax(S, axis=1), minlength=b - a)
         gains[a:b] = np.diff(run, axis=1, prepend=0.0).sum(axis=0)
     return objectives, weights, gains
+
+
+def finite_abs_max(X):
+    """``max |x|`` over every entry of the float32 or float64 array ``X``, as a Python float; ``inf`` when
+    an entry is NaN or infinite (and 0.0 for an empty array): one max and one min, NaN propagating through
+    both (the Numba host kernel of the same name makes one pass over the bits)."""
+    X = np.asarray(X)
+    if X.dtype not in (np.float32, np.float64):
+        raise TypeError(f"X must be float32 or float64, got {X.dtype}")
+    if X.size == 0:
+        return 0.0
+    hi, lo = float(X.max()), float(X.min())
+    if not (math.isfinite(hi) and math.isfinite(lo)):
+        return math.inf
+    return max(hi, -lo)
+
+
+def class_counts(labels, limit):
+    """``np.bincount(labels)`` (int64) when every label of the 1-D integer array lies in ``[0, limit)``,
+    else an empty int64 array (the caller then sorts)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
+    if labels.size == 0 or int(labels.min()) < 0 or int(labels.max()) >= limit:
+        return np.zeros(0, dtype=np.int64)
+    return np.bincount(labels)

@@ -38,6 +38,9 @@ def isdtype(xp, dtype, kind: str) -> bool:
         return False
 
 
+_HOST_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
 def check_float_matrix(xp, X, name: str, *, square: bool = False) -> float:
     """X must be a finite, non-empty, 2-D real floating array. Returns ``max|X|`` (the numerics policy's
     rescaling needs it): one max and one min over X, no temporaries (NaN propagates through both)."""
@@ -50,6 +53,17 @@ def check_float_matrix(xp, X, name: str, *, square: bool = False) -> float:
         raise ValueError(f"{name} must be a square (n, n) similarity matrix, got shape {tuple(X.shape)}")
     if not isdtype(xp, X.dtype, "real floating"):
         raise TypeError(f"{name} must have a real floating dtype (float16, bfloat16, float32 or float64), got {X.dtype}")
+    if type(X) is np.ndarray and X.dtype in _HOST_FLOATS:
+        # a host array, where the Numba backend is loaded already: one pass over the bits (a max and a min
+        # are two); the NumPy reference otherwise, whose result is the same
+        from crestcore.backends import get_host_kernel
+
+        kern = get_host_kernel("finite_abs_max", start=False)
+        if kern is not None:
+            amax = kern(X)
+            if not math.isfinite(amax):
+                raise ValueError(f"{name} contains NaN or infinite values")
+            return amax
     hi = float(to_numpy(xp.max(X)))  # to_numpy: detached (a tensor that requires grad warns on float())
     lo = float(to_numpy(xp.min(X)))
     if not (math.isfinite(hi) and math.isfinite(lo)):

@@ -84,6 +84,7 @@ class Selection:
 # max_dense_bytes=None: this fraction of the memory available now where the data lives (host RAM, or the
 # GPU's free memory), at least 64 MiB; 1 GiB where the available memory cannot be told
 DENSE_MEMORY_FRACTION = 0.25
+DENSE_FLOOR_BYTES = 1 << 26
 _FALLBACK_DENSE_BYTES = 1 << 30
 
 
@@ -96,7 +97,7 @@ def resolve_dense_bytes(max_dense_bytes, xp, X, name: str = "max_dense_bytes") -
     avail = available_bytes(namespace_name(xp), X)
     if not avail:
         return _FALLBACK_DENSE_BYTES
-    return max(1 << 26, int(avail * DENSE_MEMORY_FRACTION))
+    return max(DENSE_FLOOR_BYTES, int(avail * DENSE_MEMORY_FRACTION))
 
 
 def _kernel(name: str, xp, *arrays, force_reference: bool):

@@ -16,7 +16,7 @@ from ._compat import device_of, from_numpy, namespace, namespace_name
 from ._validation import apportion, check_choice, check_epsilon, check_float_matrix, check_int, hamilton
 from ._validation import labels_to_host, make_rng
 from .backends import get_host_kernel, get_kernel
-from .facility import OPTIMIZERS, resolve_dense_bytes, solve_batched, stochastic_draws
+from .facility import DENSE_FLOOR_BYTES, OPTIMIZERS, resolve_dense_bytes, solve_batched, stochastic_draws
 from .similarity import KERNELS, METRICS, kernel_scale, prepare, restore
 
 CLASS_BUDGETS = ("proportional", "ceil")
@@ -75,10 +75,14 @@ def _has_repeats(a: np.ndarray) -> bool:
 
 def _class_positions(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(classes, cls, sizes): the sorted distinct labels, each entry's position among them and each
-    class's count. O(n) through ``bincount`` for small non-negative labels (the usual case; labels that
-    are already ``0..C-1``, every one present, are their own positions: no second pass), else a sort."""
-    if labels.size and labels.min() >= 0 and labels.max() < 4 * labels.size + 1024:
-        counts = np.bincount(labels)
+    class's count. O(n) through the ``class_counts`` host kernel for small non-negative labels (the usual
+    case; labels that are already ``0..C-1``, every one present, are their own positions: no second pass),
+    else a sort."""
+    count = get_host_kernel("class_counts", start=False)  # one pass fewer than bincount, where Numba runs
+    if count is None:
+        from ._reference_kernels import class_counts as count
+    counts = count(labels, 4 * labels.size + 1024)
+    if counts.size:
         present = counts > 0
         if present.all():
             return np.arange(counts.size), labels.astype(np.int64, copy=False), counts
@@ -244,10 +248,15 @@ def draw_subsets(labels_host: np.ndarray | None, pool: np.ndarray, r: int, P: in
 _PEAK_FACTOR = {"native": 1.25, "reference": 4.5}
 
 
-def _guard_memory(dtype_bytes: int, B: int, n_max: int, d: int, P: int, per_class: bool, limit: int,
-                  path: str) -> None:
-    """Refuse, before allocating, a batched dense solve above ``limit`` bytes (see ``max_dense_bytes``)."""
+def _guard_memory(dtype_bytes: int, B: int, n_max: int, d: int, P: int, per_class: bool, limit: int | None,
+                  path: str, xp, features) -> None:
+    """Refuse, before allocating, a batched dense solve above ``limit`` bytes (see ``max_dense_bytes``;
+    None: the default, read from the available memory only for a solve above its 64 MiB floor)."""
     need = math.ceil(B * n_max * (_PEAK_FACTOR[path] * n_max + d) * dtype_bytes)
+    if limit is None:
+        if need <= DENSE_FLOOR_BYTES:  # the default is never below the floor
+            return
+        limit = resolve_dense_bytes(None, xp, features)
     if need <= limit:
         return
     per_coreset = need / P
@@ -373,7 +382,8 @@ def minibatch_coresets(
     optimizer = check_choice(optimizer, "optimizer", OPTIMIZERS)
     class_budget = check_choice(class_budget, "class_budget", CLASS_BUDGETS)
     backend = check_choice(backend, "backend", ("auto", "reference"))
-    max_dense_bytes = resolve_dense_bytes(max_dense_bytes, xp, features)
+    if max_dense_bytes is not None:
+        max_dense_bytes = resolve_dense_bytes(max_dense_bytes, xp, features)
     eps = check_epsilon(epsilon)
     if not isinstance(per_class, bool):
         raise TypeError(f"per_class must be a bool, got {type(per_class).__name__}")
@@ -480,7 +490,8 @@ def minibatch_coresets(
     native = backend != "reference" and get_kernel("similarity_batched", namespace_name(xp),
                                                    xp.expand_dims(features, axis=0)) is not None
     _guard_memory(int(xp.finfo(features.dtype).bits) // 8, pad.shape[0], pad.shape[1], d, P,
-                  per_class and labels_host is not None, max_dense_bytes, "native" if native else "reference")
+                  per_class and labels_host is not None, max_dense_bytes, "native" if native else "reference", xp,
+                  features)
     u = stochastic_draws(gen, sizes, budgets, eps) if optimizer == "stochastic" and gen is not None else None
     flat = from_numpy(pad.reshape(-1), xp, dev)
     Xb = xp.reshape(xp.take(features, flat, axis=0), (pad.shape[0], pad.shape[1], d))

@@ -199,14 +199,15 @@ def restore(xp, A, back: int, dtype, what: str):
         ...
     ValueError: the gains of this computation overflows float32 ...
     """
-    changed = back != 0 or A.dtype != dtype
+    if back == 0 and A.dtype == dtype:
+        return A
     with warnings.catch_warnings():  # NumPy warns on overflow; it is reported as an error just below
         warnings.simplefilter("ignore", RuntimeWarning)
         if back != 0:
             A = pow2_scale(A, back)
         if A.dtype != dtype:
             A = xp.astype(A, dtype)
-    if changed and not bool(xp.all(xp.isfinite(A))):
+    if not bool(xp.all(xp.isfinite(A))):
         raise ValueError(
             f"the {what} of this computation overflows {dtype} (the picks are fine, the values are out of "
             f"{dtype}'s range): pass the data in a wider dtype, or divide it by a power of two"
