@@ -1732,8 +1732,9 @@ def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, 
                     for q in range(m):
                         if valid[b, i + q] and row[q] > M:
                             M = row[q]
+            dst = pk[tri:tri + m]  # a view: indices LLVM knows are >= 0 (pk[tri + q] compiled to scatters)
             for q in range(m):
-                pk[tri + q] = row[q]
+                dst[q] = row[q]
             tri += m
         if kernel == 1:
             for q in range(tri):
@@ -1741,15 +1742,25 @@ def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, 
         else:
             for q in range(tri):
                 pk[q] = M - pk[q]
+        # written through views (row slices): with flat indices such as W[i * nw + i + q], whose sign LLVM
+        # cannot tell, Numba's negative-index wraparound made these loops gathers and scatters (1.34x
+        # the fill of a 60-point problem with views)
         tri = 0
         for i in range(nw):
             vi = valid[b, i]
             m = nw - i
+            src = pk[tri:tri + m]
+            vr = valid[b, i:nw]
+            Wi = W[i * nw + i:i * nw + nw]
             for q in range(m):
-                W[i * nw + i + q] = pk[tri + q] if (vi and valid[b, i + q]) else 0.0
-            for q in range(1, m):
-                W[(i + q) * nw + i] = W[i * nw + i + q]
+                Wi[q] = src[q] if (vi and vr[q]) else 0.0
             tri += m
+        # the lower triangle row by row, each entry read from its mirror above the diagonal (the stores
+        # contiguous)
+        for i in range(1, nw):
+            Wi = W[i * nw:i * nw + i]
+            for q in range(i):
+                Wi[q] = W[q * nw + i]
     # greedy over the valid candidates js[:nc] (ascending; lazy: the heap's ids, bounds in gs)
     # Columns of problems of _COMPACT_MIN_N points or more are compacted once most of their entries are
     # covered (_column_gain): their gains stay bit for bit the dense ones, and a re-evaluation reads only
@@ -1851,8 +1862,9 @@ def _fused_problem(X, valid, b, mq, budget, metric, kernel, scale, opt, u, u32, 
                         owner[i] = t
                         best[i] = v
             continue
+        Wj = W[off:off + nw]
         for i in range(nw):
-            v = float(W[off + i])
+            v = float(Wj[i])
             if owner[i] < 0 or v > best[i]:
                 owner[i] = t
                 best[i] = v
