@@ -2110,7 +2110,8 @@ _ABS_BITS = {np.dtype(np.float64): (np.uint64, 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_000
 
 def finite_abs_max(X):
     """``max |x|`` over every entry of the float32 or float64 array ``X``, as a Python float; ``inf`` when
-    an entry is NaN or infinite (and 0.0 for an empty array). One pass over ``X``'s bits.
+    an entry is NaN or infinite (and 0.0 for an empty array). One pass over ``X``'s bits (a strided
+    array that is neither C- nor Fortran-ordered is copied first).
 
     Examples
     --------
@@ -2124,7 +2125,8 @@ def finite_abs_max(X):
     if X.dtype not in _ABS_BITS:
         raise TypeError(f"X must be float32 or float64, got {X.dtype}")
     uint, mask, inf_bits = _ABS_BITS[X.dtype]
-    bits = int(_abs_max_bits(np.ascontiguousarray(X).reshape(-1).view(uint), uint(mask)))
+    flat = X.ravel(order="K")  # a view of a C- or Fortran-ordered array; other layouts are copied
+    bits = int(_abs_max_bits(flat.view(uint), uint(mask)))
     if bits >= inf_bits:
         return math.inf
     return float(np.array(bits, dtype=uint).view(X.dtype))
