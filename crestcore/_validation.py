@@ -43,7 +43,9 @@ _HOST_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 def check_float_matrix(xp, X, name: str, *, square: bool = False) -> float:
     """X must be a finite, non-empty, 2-D real floating array. Returns ``max|X|`` (the numerics policy's
-    rescaling needs it): one max and one min over X, no temporaries (NaN propagates through both)."""
+    rescaling needs it): one max and one min over X, no temporaries (NaN propagates through both), or for
+    a host float32/float64 array in one block, where Numba is loaded already, the ``finite_abs_max`` host
+    kernel's one pass over the bits (the same value)."""
     if X.ndim != 2:
         raise ValueError(f"{name} must be 2-D (n, d), got {X.ndim}-D with shape {tuple(X.shape)}")
     n, d = X.shape

@@ -78,9 +78,10 @@ def _class_positions(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     class's count. O(n) through the ``class_counts`` host kernel for small non-negative labels (the usual
     case; labels that are already ``0..C-1``, every one present, are their own positions: no second pass),
     else a sort."""
-    count = get_host_kernel("class_counts", start=False)  # one pass fewer than bincount, where Numba runs
-    if count is None:
-        from ._reference_kernels import class_counts as count
+    from ._reference_kernels import class_counts
+
+    # one pass fewer than bincount where Numba runs already; the NumPy reference otherwise
+    count = get_host_kernel("class_counts", start=False) or class_counts
     counts = count(labels, 4 * labels.size + 1024)
     if counts.size:
         present = counts > 0
