@@ -1153,15 +1153,20 @@ def _feature_assign(X, XT, nrm, metric, kernel, scale, M, picks, nthr, asg, best
         lo = c * n // nch
         hi = (c + 1) * n // nch
         buf = np.empty(n)
-        for i in range(lo, hi):
-            asg[i] = -1
-            best[i] = 0.0
+        # through views of the chunk: indices from lo, whose sign LLVM cannot tell, made the update loop
+        # scatters under Numba's index wraparound (5.5x slower in a session script)
+        a = asg[lo:hi]
+        bb = best[lo:hi]
+        bf = buf[lo:hi]
+        for i in range(hi - lo):
+            a[i] = -1
+            bb[i] = 0.0
         for t in range(k):
             _sim_to(X, XT, nrm, picks[t], metric, kernel, scale, M, lo, hi, buf)
-            for i in range(lo, hi):
-                if asg[i] < 0 or buf[i] > best[i]:
-                    asg[i] = t
-                    best[i] = buf[i]
+            for i in range(hi - lo):
+                if a[i] < 0 or bf[i] > bb[i]:
+                    a[i] = t
+                    bb[i] = bf[i]
 
 
 def greedy_features(X, k, metric, kernel, scale, optimizer, u=None, tile=2048):
