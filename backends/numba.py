@@ -2166,12 +2166,12 @@ def class_counts(labels, limit):
     >>> class_counts(np.array([2, -1]), 10).tolist(), class_counts(np.array([12]), 10).tolist()
     ([], [])
     """
-    labels = _arr(labels, dtype=np.int64)
-    if labels.ndim != 1:
-        raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
-    if labels.size == 0:
+    raw = np.asarray(labels)
+    if raw.ndim != 1 or not np.issubdtype(raw.dtype, np.integer):
+        raise ValueError(f"labels must be a 1-D integer array, got shape {raw.shape}, dtype {raw.dtype}")
+    if raw.size == 0:
         return np.zeros(0, dtype=np.int64)
-    return _class_counts(labels, int(limit))
+    return _class_counts(_arr(raw, dtype=np.int64), int(limit))
 
 
 @njit(cache=True, nogil=True)

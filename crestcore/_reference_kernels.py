@@ -360,9 +360,10 @@ def finite_abs_max(X):
 def class_counts(labels, limit):
     """``np.bincount(labels)`` (int64) when every label of the 1-D integer array lies in ``[0, limit)``,
     else an empty int64 array (the caller then sorts)."""
-    labels = np.asarray(labels, dtype=np.int64)
-    if labels.ndim != 1:
-        raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
+    raw = np.asarray(labels)
+    if raw.ndim != 1 or not np.issubdtype(raw.dtype, np.integer):
+        raise ValueError(f"labels must be a 1-D integer array, got shape {raw.shape}, dtype {raw.dtype}")
+    labels = raw.astype(np.int64, copy=False)
     if labels.size == 0 or int(labels.min()) < 0 or int(labels.max()) >= limit:
         return np.zeros(0, dtype=np.int64)
     return np.bincount(labels)

@@ -71,12 +71,14 @@ def test_class_counts_is_the_references(labels, limit):
         assert got.size == 0
 
 
-def test_class_counts_takes_other_integer_dtypes_and_refuses_other_shapes():
+def test_class_counts_takes_other_integer_dtypes_and_refuses_other_shapes_and_floats():
     y = np.array([3, 0, 3, 1], dtype=np.int32)
     for kern in (nb.class_counts, ref.class_counts):
         np.testing.assert_array_equal(kern(y, 10), [1, 1, 0, 2])
         with pytest.raises(ValueError, match="1-D"):
             kern(np.zeros((2, 2), dtype=np.int64), 10)
+        with pytest.raises(ValueError, match="integer"):  # not truncated to class labels
+            kern(np.array([0.5, 1.7]), 10)
 
 
 def test_the_core_checks_alike_with_and_without_the_kernels(monkeypatch):
