@@ -23,15 +23,17 @@ ROOT = Path(__file__).resolve().parent.parent
 SHAPES = [(100, 60, 13, 31), (10, 52, 13, 31), (50, 60, 13, 21), (1, 1000, 100, 5), (1, 3000, 50, 3)]
 
 
-def load_old(rev: str):
-    """``backends/_device.py`` at ``rev`` as the module ``crestcore.backends._device_old``."""
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:backends/_device.py"], check=True,
+def load_old(rev: str, path: str = "backends/_device.py", package: str = "crestcore.backends"):
+    """The module at ``path`` of this checkout at git revision ``rev``, loaded as ``<package>.<name>_old``
+    (its relative imports resolve in ``package``)."""
+    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], check=True,
                          capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "_device_old.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location("crestcore.backends._device_old", path)
+    name = Path(path).stem + "_old"
+    file = Path(tempfile.mkdtemp()) / f"{name}.py"
+    file.write_text(src)
+    spec = importlib.util.spec_from_file_location(f"{package}.{name}", file)
     mod = importlib.util.module_from_spec(spec)
-    mod.__package__ = "crestcore.backends"
+    mod.__package__ = package
     spec.loader.exec_module(mod)
     return mod
 

@@ -274,6 +274,12 @@ def draw_stratified(pool, cls, r_c, draws):
     ``x = draws[p, off_c + t]`` (uniform in ``[0, j]``), or ``j`` when x is taken already. Every
     ``r_c``-subset of the class is equally likely. Block c of row p (columns ``off_c .. off_c + r_c``)
     holds the picks sorted.
+
+    Vectorised without a loop over the slots: slot t takes ``j`` exactly when its draw repeats an
+    earlier slot's draw in the block, or equals the ``j`` of an earlier slot ``t' = x - (N_c - r_c)``
+    that took its own ``j`` (a position is taken either as some slot's draw or as some slot's ``j``).
+    The first is found by one sort per row; the second is a chain through earlier slots, resolved by
+    repeating one gather until nothing changes (as many rounds as the longest chain, usually one).
     """
     pool = np.asarray(pool, dtype=np.int64)
     cls = np.asarray(cls, dtype=np.int64)
@@ -289,25 +295,51 @@ def draw_stratified(pool, cls, r_c, draws):
     key = cls.astype(np.uint8) if C <= 256 else (cls.astype(np.uint16) if C <= 65536 else cls)
     members = pool[np.argsort(key, kind="stable")]
     sizes = np.bincount(cls, minlength=C)
+    if r_c.ndim != 1 or (r_c.size and (bool((r_c < 0).any()) or bool((r_c > sizes).any()))):
+        raise ValueError("r_c must be 1-D with 0 <= r_c[c] <= the size of class c")
     start = np.cumsum(sizes) - sizes
     off = np.cumsum(r_c) - r_c
     blk = np.repeat(np.arange(C), r_c)  # class block of every column
-    t = np.arange(r) - off[blk]
-    fallback = start[blk] + sizes[blk] - r_c[blk] + t  # Floyd's j, as a position in ``members``
-    mark = np.zeros((P, members.size), dtype=bool)
-    pos = np.empty((P, r), dtype=np.int64)
-    rows = np.arange(P)[:, None]
-    for tt in range(int(r_c.max()) if C else 0):  # slot tt of every class at once (classes are disjoint)
-        cols = off[r_c > tt] + tt
-        x = start[blk[cols]][None, :] + draws[:, cols]
-        x = np.where(mark[rows, x], fallback[cols][None, :], x)
-        mark[rows, x] = True
-        pos[:, cols] = x
-    vals = members[pos]
+    t = np.arange(r) - off[blk]  # slot within the block
+    base = (sizes - r_c)[blk]
+    j = base + t  # Floyd's j, a position within the class
+    if draws.size and (bool((draws < 0).any()) or bool((draws > j).any())):
+        raise ValueError("draws must hold draws[p, off_c + t] in [0, N_c - r_c + t]")
+    if draws.size == 0:
+        return np.zeros((P, r), dtype=np.int64)
+    taken = _repeated_draws(draws, off[blk], int(sizes.max()) + 1)  # (P * r,) flat
+    q = draws - base[None, :]  # the earlier slot whose j the draw is, where 0 <= q < t
+    chain = np.flatnonzero(((q >= 0) & (q < t[None, :])).ravel())
+    ref = ((np.arange(P, dtype=np.int64) * r)[:, None] + off[blk][None, :] + q).ravel()[chain]
+    while chain.size:
+        up = taken[ref] & ~taken[chain]
+        if not up.any():
+            break
+        taken[chain[up]] = True
+    vals = members[np.where(taken.reshape(P, r), j[None, :], draws) + start[blk][None, :]]
     big = int(pool.max()) + 1 if pool.size else 1
     key = blk[None, :] * big + vals  # sort within blocks: the block order is kept by the key
     key.sort(axis=1)
     return key - blk[None, :] * big
+
+
+def _repeated_draws(draws, block_start, span):
+    """Flat (P * r,) flags: the draw repeats one made at an earlier column of its row's block
+    (``block_start`` (r,): the first column of each column's block; the draws lie in ``[0, span)``)."""
+    P, r = draws.shape
+    taken = np.zeros(P * r, dtype=bool)
+    cols = np.arange(r, dtype=np.int64)
+    if r * r * span < 2**62:  # keys unique per cell: (block, draw) major, the column minor
+        keys = ((block_start * span)[None, :] + draws) * r + cols[None, :]
+        keys.sort(axis=1)
+        rows, at = np.nonzero(keys[:, 1:] // r == keys[:, :-1] // r)
+        taken[rows * r + keys[rows, at + 1] % r] = True
+        return taken
+    for p in range(P):  # keys that would overflow: the same by a lexicographic sort per row
+        o = np.lexsort((cols, draws[p], block_start))
+        same = (draws[p][o[1:]] == draws[p][o[:-1]]) & (block_start[o[1:]] == block_start[o[:-1]])
+        taken[p * r + o[1:][same]] = True
+    return taken
 
 
 def order_scores(G, sx, sy, cols, offsets, metric, kernel, bound, scale):

@@ -103,7 +103,7 @@ def _positions_in(classes: np.ndarray, values: np.ndarray) -> np.ndarray:
     return np.searchsorted(classes, values)
 
 
-_NATIVE_DRAW_CELLS = 1 << 22  # P x pool above which the host draw starts Numba (the reference's marks: 4 MB)
+_NATIVE_DRAW_CELLS = 1 << 21  # P x r above which the host draw starts Numba (the reference takes about 40 ms there)
 
 
 def _draw_blocked(labels_host: np.ndarray | None, pool: np.ndarray, r: int, P: int,
@@ -121,9 +121,9 @@ def _draw_blocked(labels_host: np.ndarray | None, pool: np.ndarray, r: int, P: i
     t = np.arange(r) - np.repeat(np.cumsum(r_c) - r_c, r_c)
     high = (sizes - r_c)[blk] + t + 1  # Floyd's draw at slot t is uniform in [0, N_c - r_c + t]
     draws = np.minimum(np.floor(rng.random((P, r)) * high).astype(np.int64), high - 1)
-    # both give the same subsets; the reference is vectorised (a (P, pool) mark array): for small draws it
-    # takes a few ms, and Numba is started for it only when the draw is large
-    kern = get_host_kernel("draw_stratified", start=P * pool.size > _NATIVE_DRAW_CELLS) if native else None
+    # both give the same subsets; the reference is vectorised (two sorts per row, O(P r log r)) and within
+    # 2-6x of the kernel, so Numba (a start of 0.5-0.9 s) is started for the draw only when it is large
+    kern = get_host_kernel("draw_stratified", start=P * r > _NATIVE_DRAW_CELLS) if native else None
     if kern is None:
         from ._reference_kernels import draw_stratified
 

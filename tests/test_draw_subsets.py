@@ -75,6 +75,52 @@ def test_large_classes_same_subsets_either_pool_order(monkeypatch, seed):
             assert (np.diff(a, axis=1) > 0).all()
 
 
+def _floyd_slot_by_slot(pool, cls, r_c, draws):
+    """Floyd's algorithm as written: one slot at a time, a set of taken positions per (row, class)."""
+    members = [pool[cls == c] for c in range(r_c.size)]
+    out = np.zeros(draws.shape, dtype=np.int64)
+    for p in range(draws.shape[0]):
+        off = 0
+        for c, k in enumerate(r_c):
+            taken: set[int] = set()
+            for t in range(k):
+                x = int(draws[p, off + t])
+                taken.add(members[c].size - k + t if x in taken else x)
+            out[p, off:off + k] = np.sort(members[c][sorted(taken)])
+            off += k
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_reference_draw_is_floyd_slot_by_slot_even_when_draws_collide(seed):
+    """The reference finds Floyd's collisions without a loop over the slots (repeats by a sort, chains
+    through earlier slots' fallbacks by repeated gathers); draws skewed to the top or the bottom of their
+    ranges make long chains of collisions. Checked against the slot-by-slot algorithm, and the sort's
+    lexicographic fallback (for keys that would overflow int64) against its fast path."""
+    from crestcore._reference_kernels import _repeated_draws
+
+    rng = np.random.default_rng(seed)
+    for _ in range(300):
+        C = int(rng.integers(1, 6))
+        sizes = rng.integers(0, 12, C)
+        if sizes.sum() == 0:
+            continue
+        cls = rng.permutation(np.repeat(np.arange(C), sizes))
+        pool = rng.permutation(3 * cls.size)[: cls.size]
+        r_c = np.array([rng.integers(0, s + 1) for s in sizes])
+        P = int(rng.integers(1, 5))
+        blk = np.repeat(np.arange(C), r_c)
+        t = np.arange(r_c.sum()) - np.repeat(np.cumsum(r_c) - r_c, r_c)
+        high = (sizes - r_c)[blk] + t + 1
+        u = rng.random((P, high.size)) ** rng.choice([0.2, 1.0, 5.0])
+        draws = np.minimum(u * high, high - 1).astype(np.int64)
+        np.testing.assert_array_equal(ref_draw(pool, cls, r_c, draws), _floyd_slot_by_slot(pool, cls, r_c, draws))
+        start = np.repeat(np.cumsum(r_c) - r_c, r_c)
+        span = int(sizes.max()) + 1
+        np.testing.assert_array_equal(_repeated_draws(draws, start, span),
+                                      _repeated_draws(draws, start, 2**62 // max(1, high.size) ** 2 + 1))
+
+
 def test_per_class_sizes_are_the_proportional_shares_rounded_at_random():
     """Class c gets floor or ceil of q_c = r n_c / n slots, the same in every subset of one draw, and
     q_c on average: the leftover slots are drawn (a fixed largest-remainder split gave them to the same
@@ -208,7 +254,7 @@ def test_bad_arguments_are_refused_naming_them():
 def test_a_small_draw_does_not_start_numba_and_a_large_one_does():
     """The reference draws small subsets in a few ms, the same subsets as the Numba kernel (above): a
     process that does not use Numba otherwise (a torch training loop) is not made to start it, 0.5-0.9 s.
-    A draw whose (P, pool) mark array would be large starts it."""
+    A draw of more than 2^21 slots in all (P x r) starts it."""
     code = (
         "import sys, numpy as np, crestcore\n"
         "lab = np.arange(20000) % 10\n"
@@ -216,5 +262,7 @@ def test_a_small_draw_does_not_start_numba_and_a_large_one_does():
         "print('numba' in sys.modules)\n"
         "crestcore.draw_subsets(lab, np.arange(20000), 512, 300, np.random.default_rng(0))\n"
         "print('numba' in sys.modules)\n"
+        "crestcore.draw_subsets(lab, np.arange(20000), 512, 4097, np.random.default_rng(0))\n"
+        "print('numba' in sys.modules)\n"
     )
-    assert fresh_python(code) == ["False", "True"]
+    assert fresh_python(code) == ["False", "False", "True"]
