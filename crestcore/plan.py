@@ -272,11 +272,18 @@ class BudgetedPasses:
 
     def _pass_state(self, position: int | None = None, epochs_done: int | None = None) -> dict:
         return {"position": self._position if position is None else position, "per_epoch": self.per_epoch,
+                "budget_counts": self.budget_counts,
                 "epochs_done": self._epochs_done if epochs_done is None else epochs_done}
 
     def _load_pass_state(self, state: dict, position: int) -> None:
+        # the pass plan is the loader's own (its arguments): a checkpoint of another plan is refused, not
+        # adopted (adopting per_epoch silently changed len() and how much a pass yields)
+        for name in ("per_epoch", "budget_counts"):
+            if name in state and state[name] != getattr(self, name):
+                raise ValueError(
+                    f"{type(self).__name__} state dict: saved with {name}={state[name]!r}, but this loader "
+                    f"has {name}={getattr(self, name)!r}; build the loader with the saved run's {name}")
         self._position = int(position)
-        self.per_epoch = bool(state.get("per_epoch", self.per_epoch))
         done = state.get("epochs_done", self._position // self.steps_per_epoch)
         if isinstance(done, bool) or not isinstance(done, (int, np.integer)) or not 0 <= done <= self.epochs:
             raise ValueError(f"{type(self).__name__} state dict: epochs_done must be an integer in "

@@ -455,6 +455,29 @@ def test_a_per_step_scheduler_sized_from_len_ends_at_its_schedules_end(kind, bud
         assert 0 < steps <= total and loader.stats["budget"]["epochs_done"] == 3
 
 
+@pytest.mark.parametrize("saved, resumed", [
+    (dict(), dict(per_epoch=False)), (dict(per_epoch=False), dict()),
+    (dict(), dict(budget_counts="passes")), (dict(budget_counts="passes"), dict()),
+])
+def test_a_checkpoint_of_another_pass_plan_is_refused_not_adopted(saved, resumed):
+    """``per_epoch`` and ``budget_counts`` are the loader's own arguments: a checkpoint saved under the
+    other value is refused naming both (adopting the saved ``per_epoch`` had silently changed ``len``
+    and how many steps a pass yields)."""
+    X, y = make_data()
+    data = TensorDataset(X, y)
+    a = CrestLoader(mlp(), data, config=CrestConfig(m=24, r=60), budget=0.5, epochs=2, seed=0, **saved)
+    next(iter(a))
+    state = a.state_dict()
+    b = CrestLoader(mlp(), data, config=CrestConfig(m=24, r=60), budget=0.5, epochs=2, seed=0, **resumed)
+    before = (b.per_epoch, b.budget_counts, len(b))
+    name = next(iter(saved or resumed))
+    with pytest.raises(ValueError, match=f"saved with {name}=.*this loader has {name}="):
+        b.load_state_dict(state)
+    assert (b.per_epoch, b.budget_counts, len(b)) == before
+    same = CrestLoader(mlp(), data, config=CrestConfig(m=24, r=60), budget=0.5, epochs=2, seed=0, **saved)
+    same.load_state_dict(state)  # the same plan restores
+
+
 def test_nan_raises_a_clear_error():
     X, y = make_data()
     model = mlp()
