@@ -115,7 +115,8 @@ def _local(block, p: int, start: int, labels_p, classes, budgets, means, metric,
         r = 0.0
         if idx.size:
             diff = B[idx].astype(np.float64) - means[ci]
-            r = float(np.sqrt((diff * diff).sum(axis=1).max()))
+            top = float(np.abs(diff).max())  # norms of diff / top: no overflow or underflow at any scale
+            r = top * float(np.sqrt(((diff / top) ** 2).sum(axis=1).max())) if 0.0 < top < np.inf else top
         kk = int(min(budgets[ci], idx.size))
         if kk == 0:
             out.append((np.zeros(0, dtype=np.int64), np.zeros((0, B.shape[1]), dtype=B.dtype), r))

@@ -64,6 +64,20 @@ def test_greedi_on_numpy_and_dask_input_agree_and_are_deterministic(client):
     assert float(np.sum(a.gains)) == pytest.approx(float(a.objective), rel=1e-9)
 
 
+def test_greedi_at_extreme_magnitudes_picks_as_at_unit_scale(client):
+    """The numerics policy holds for GreeDi too: data times a power of two (about 1e162 and 1e-169)
+    gives the same picks and weights and the objective times the same factor (the common objective's
+    bound M had overflowed to inf, refused as an argument the caller never passed, or underflowed to 0,
+    putting every weight on the first pick)."""
+    X = _features(22, 60, 3)
+    ref = cdask.facility_location(X, 6, client=client, partitions=3, seed=0)
+    for c in (2.0**540, 2.0**-560):
+        got = cdask.facility_location(X * c, 6, client=client, partitions=3, seed=0)
+        np.testing.assert_array_equal(got.indices, ref.indices)
+        np.testing.assert_array_equal(got.weights, ref.weights)
+        assert float(got.objective) == pytest.approx(float(ref.objective) * c, rel=1e-12)
+
+
 def test_greedi_is_no_worse_than_its_candidates_and_close_to_centralized(client):
     X = _features(2, 600, 4)
     k = 30
