@@ -750,3 +750,19 @@ def test_gradmatch_and_glister_on_immutable_arrays():
     b = glister(*[v.astype(np.float32) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v for v in args],
                 val_embeddings=e.astype(np.float32), eta=0.1)
     np.testing.assert_array_equal(np.asarray(a.indices), to_numpy(b.indices))
+
+
+def test_baseline_values_that_do_not_fit_the_dtype_are_refused_not_inf():
+    """The numerics policy for the baselines: a weight of 100,000 (one pick standing for every
+    example) does not fit float16, so it is refused with a ValueError naming the weights, never returned
+    as inf; the same selection in float32 is returned."""
+    from crestcore.baselines import prune_schedule, random_subset
+
+    with pytest.raises(ValueError, match="weights.*overflows"):
+        random_subset(100_000, 1, rng=0, dtype=np.float16)
+    assert float(random_subset(100_000, 1, rng=0, dtype=np.float32).weights[0]) == 100_000
+    losses = np.concatenate([np.zeros(70_000), np.ones(10)]).astype(np.float16)
+    with pytest.raises(ValueError, match="weights.*overflows"):
+        prune_schedule(losses, ratio=0.99999, epoch=0, epochs=10, rng=0)
+    kept = prune_schedule(losses.astype(np.float32), ratio=0.99999, epoch=0, epochs=10, rng=0)
+    assert np.isfinite(kept.weights).all()

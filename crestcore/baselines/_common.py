@@ -10,6 +10,7 @@ import numpy as np
 from .._compat import from_numpy, namespace
 from .._validation import isdtype, make_rng
 from ..facility import Selection
+from ..similarity import restore
 
 
 def set_row(xp, a, i: int, value):
@@ -94,12 +95,16 @@ def resolve_xp(xp, device):
 
 def host_selection(xp, like_dev, dtype, indices: np.ndarray, weights: np.ndarray, gains: np.ndarray,
                    objective: float) -> Selection:
-    """A Selection built from host arrays, moved to ``xp`` on ``like_dev`` with floating ``dtype``."""
+    """A Selection built from host arrays, moved to ``xp`` on ``like_dev`` with floating ``dtype``; a
+    value that does not fit ``dtype`` (weights of 70,000 in float16) is refused with a ``ValueError`` by
+    the numerics policy (:func:`crestcore.similarity.restore`), never returned as ``inf``."""
     idx = xp.astype(from_numpy(np.asarray(indices, dtype=np.int64), xp, like_dev), xp.int64)
-    w = xp.astype(from_numpy(np.asarray(weights, dtype=np.float64), xp, like_dev), dtype)
-    g = xp.astype(from_numpy(np.asarray(gains, dtype=np.float64), xp, like_dev), dtype)
-    obj = xp.astype(from_numpy(np.asarray(objective, dtype=np.float64), xp, like_dev), dtype)
-    return Selection(indices=idx, weights=w, gains=g, objective=obj)
+
+    def moved(a, what):
+        return restore(xp, from_numpy(np.asarray(a, dtype=np.float64), xp, like_dev), 0, dtype, what)
+
+    return Selection(indices=idx, weights=moved(weights, "weights"), gains=moved(gains, "gains"),
+                     objective=moved(objective, "objective"))
 
 
 def reselect_due(epoch, every, *, start: int = 0) -> bool:

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 
 from .._compat import device_of, from_numpy, is_numpy_namespace, namespace, to_numpy
-from ..similarity import prepare
+from ..similarity import prepare, restore
 from .._validation import check_class_budgets, check_float_matrix, check_int, hamilton, labels_to_host
 from ..facility import Selection
 from ._common import check_bool, check_real, host_selection, set_row
@@ -391,7 +391,7 @@ def nonneg_ridge(atoms, target, *, lam: float = 0.0, positive: bool = True):
     b = np.asarray(to_numpy(target), dtype=np.float64)
     Q = A @ A.T + lam * np.eye(A.shape[0])
     w = _gram_nnls(Q, A @ b, positive=positive)
-    return xp.astype(from_numpy(w, xp, device_of(atoms)), atoms.dtype)
+    return restore(xp, from_numpy(w, xp, device_of(atoms)), 0, atoms.dtype, "weights")
 
 
 # ------------------------------------------------------------------------------------------------

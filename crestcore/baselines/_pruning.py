@@ -108,7 +108,7 @@ def prune_schedule(losses, *, ratio: float = 0.5, epoch, epochs, anneal: float =
     idx_d = from_numpy(idx, xp, dev)
     return Selection(
         indices=xp.astype(idx_d, xp.int64),
-        weights=xp.astype(from_numpy(weights[idx], xp, dev), losses.dtype),
+        weights=restore(xp, from_numpy(weights[idx], xp, dev), 0, losses.dtype, "weights"),
         gains=xp.take(losses, idx_d, axis=0),
         objective=xp.asarray(mean),
     )
