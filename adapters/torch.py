@@ -278,7 +278,18 @@ def add_hvp(loss, params, vectors, acc, grad_acc=None) -> None:
             dot = term if dot is None else dot + term
     if dot is None:  # H = 0
         return
-    for s, h in zip(acc, torch.autograd.grad(dot, params, allow_unused=True)):
+    try:
+        hv = torch.autograd.grad(dot, params, allow_unused=True)
+    except (NotImplementedError, RuntimeError) as e:
+        if "derivative for" not in str(e) or "not implemented" not in str(e):
+            raise
+        raise NotImplementedError(
+            "CREST's curvature estimate (the quadratic model's Hutchinson probe, a Hessian-vector product "
+            "by double backward) needs second derivatives of the loss, and an operation of this model has "
+            f"none ({e}). Replace that operation by one that has them: nn.EmbeddingBag(mode='mean') by "
+            "nn.Embedding followed by a mean over the bag, a fused attention kernel by the math one"
+        ) from e
+    for s, h in zip(acc, hv):
         if h is not None:
             s.add_(h.detach())
 

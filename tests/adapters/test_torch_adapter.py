@@ -1018,3 +1018,26 @@ def test_a_model_failing_on_crests_input_dtype_is_told_about_the_cast():
     loader = CrestLoader(Mixed(), TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.5, epochs=1, seed=0)
     with pytest.raises(RuntimeError, match=r"dtype of its first floating-point parameter, torch\.float64.*forward="):
         next(iter(loader))
+
+
+def test_a_model_without_second_derivatives_is_named_as_such():
+    """nn.EmbeddingBag (PyTorch's text-classification tutorial model) has no double backward: the first
+    selection's curvature probe fails with an error that says what CREST needs and what to use instead,
+    not torch's bare message; the same model with nn.Embedding and a mean trains."""
+
+    class Bag(torch.nn.Module):
+        def __init__(self, bag: bool):
+            super().__init__()
+            self.bag = bag
+            self.emb = torch.nn.EmbeddingBag(50, 8, mode="mean") if bag else torch.nn.Embedding(50, 8)
+            self.fc = torch.nn.Linear(8, 3)
+
+        def forward(self, tokens):
+            return self.fc(self.emb(tokens) if self.bag else self.emb(tokens).mean(1))
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randint(0, 50, (120, 6), generator=g), torch.arange(120) % 3)
+    with pytest.raises(NotImplementedError, match="second derivatives.*EmbeddingBag.*nn.Embedding"):
+        next(iter(CrestLoader(Bag(True), data, config=CrestConfig(m=16), budget=0.5, seed=0)))
+    x, y, w = next(iter(CrestLoader(Bag(False), data, config=CrestConfig(m=16), budget=0.5, seed=0)))
+    assert x.shape == (16, 6) and torch.isfinite(w).all()
