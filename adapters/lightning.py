@@ -41,6 +41,8 @@ except ImportError:  # pragma: no cover - depends on what is installed
             "crestcore.adapters.lightning needs Lightning: pip install 'crestcore[lightning]'"
         ) from exc
 
+import torch
+
 from crestcore.controller import CrestConfig
 
 from ._common import check_count
@@ -211,6 +213,20 @@ class CrestCallback(pl.Callback):
                 f"CrestCallback runs in one process ({processes} here: devices/num_nodes): every process would "
                 "select and train the same batches, and the step count would be wrong. For several processes "
                 "use crestcore.adapters.distributed.DistributedCrestLoader in your own loop"
+            )
+        accumulate = getattr(trainer, "accumulate_grad_batches", 1)
+        if accumulate != 1:
+            raise ValueError(
+                f"CrestCallback needs Trainer(accumulate_grad_batches=1), got {accumulate!r}: CREST's batches are "
+                "the optimizer's mini-batches (its budget counts them as steps and its trust check expects the "
+                "parameters to move at each); for a larger effective batch raise CrestConfig(m=...)"
+            )
+        if self._kwargs["forward"] is None and type(pl_module).forward in (pl.LightningModule.forward,
+                                                                           torch.nn.Module.forward):
+            raise ValueError(
+                f"CrestCallback measures the model by calling it, and {type(pl_module).__name__} has no "
+                "forward(): define forward, or pass CrestCallback(forward=lambda module, batch: "
+                "module.net(batch[0])) with the call your training_step makes"
             )
         # every fit is a new CREST run, as every Trainer.fit starts at epoch 0: a finished loader kept from
         # an earlier fit would hand out nothing. A fit with ckpt_path restores the run's state after this

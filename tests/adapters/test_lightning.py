@@ -236,3 +236,26 @@ def test_several_processes_are_refused_at_setup(tmp_path):
     with pytest.raises(ValueError, match="DistributedCrestLoader"):
         cb.setup(TwoProcesses(), Module(), "fit")
     assert cb.loader is None
+
+
+def test_gradient_accumulation_and_a_module_without_forward_are_refused_at_setup(tmp_path):
+    """Trainer(accumulate_grad_batches=2) would take half the optimizer steps CREST plans and reports (the
+    Hugging Face adapter refuses it too); a LightningModule without forward() (legal in Lightning) cannot
+    be measured by calling it, and the error names ``forward=``, with which it fits."""
+
+    class NoForward(Module):
+        forward = pl.LightningModule.forward
+
+        def training_step(self, batch, batch_idx):
+            x, y, w = batch
+            return (w * F.cross_entropy(self.net(x), y, reduction="none")).mean()
+
+    cb = CrestCallback(data(), **CFG)
+    with pytest.raises(ValueError, match=r"accumulate_grad_batches=1\), got 2"):
+        trainer(tmp_path, 3, cb, accumulate_grad_batches=2).fit(Module(), train_dataloaders=cb.dataloader())
+    with pytest.raises(ValueError, match="NoForward has no forward.*forward="):
+        trainer(tmp_path, 3, cb).fit(NoForward(), train_dataloaders=cb.dataloader())
+    cb = CrestCallback(data(), forward=lambda module, batch: module.net(batch[0]), **CFG)
+    t = trainer(tmp_path, 1, cb)
+    t.fit(NoForward(), train_dataloaders=cb.dataloader())
+    assert t.global_step == cb.stats["step"] > 0
