@@ -40,6 +40,14 @@ def namespace(*arrays: Any, names: tuple[str, ...] | None = None):
                 f"{labels[i]} must be an array (NumPy, torch, CuPy, array-api-strict, ...), "
                 f"got {type(a).__name__}"
             )
+        if isinstance(a, np.ma.MaskedArray):  # its operations ignore masked entries, the kernels would not
+            raise TypeError(
+                f"{labels[i]} is a numpy.ma.MaskedArray, whose masks no computation here honours: pass the "
+                f"rows you mean, e.g. {labels[i]}.data[~numpy.ma.getmaskarray({labels[i]}).any(axis=1)]"
+            )
+        layout = getattr(a, "layout", None)  # torch's sparse layouts (no torch import in the core)
+        if layout is not None and str(layout) != "torch.strided":
+            raise TypeError(f"{labels[i]} is a {layout} tensor: pass a dense one ({labels[i]}.to_dense())")
     try:
         xp = array_namespace(*[a for _, a in present])
     except TypeError as exc:

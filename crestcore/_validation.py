@@ -160,9 +160,16 @@ def check_labels(xp, labels, n: int, name: str = "labels", *, of: str | None = N
 
 
 def labels_to_host(xp, labels, n: int, name: str = "labels") -> np.ndarray:
-    """Integer labels (n,) -> host int64 array (one transfer)."""
+    """Integer labels (n,) -> host int64 array (one transfer); unsigned labels above int64's range are
+    refused (they would wrap to negative values and reorder the classes)."""
     check_labels(xp, labels, n, name)
-    return np.asarray(to_numpy(labels), dtype=np.int64)
+    host = np.asarray(to_numpy(labels))
+    if host.dtype == np.uint64 and host.size and int(host.max()) > np.iinfo(np.int64).max:
+        raise ValueError(
+            f"{name} holds values above 2^63 - 1 (uint64), which int64 class positions cannot hold in order: "
+            f"pass class numbers instead, e.g. numpy.unique({name}, return_inverse=True)[1]"
+        )
+    return host.astype(np.int64, copy=False)
 
 
 def make_rng(rng, name: str = "rng") -> np.random.Generator:

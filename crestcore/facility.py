@@ -332,7 +332,7 @@ def facility_location(
         optimizer = "lazy"
     max_dense_bytes = resolve_dense_bytes(max_dense_bytes, xp, X)
     eps = check_epsilon(epsilon)
-    gen = make_rng(rng) if optimizer == "stochastic" else None
+    gen = make_rng(rng) if optimizer == "stochastic" or rng is not None else None  # a bad rng is refused anyway
     sc = kernel_scale(scale, X.shape[1]) if not precomputed else 1.0
     labels_host = labels_to_host(xp, labels, n) if labels is not None else None
     in_dtype = X.dtype

@@ -544,3 +544,22 @@ def test_a_numpy_extension_dtype_is_refused_naming_the_argument():
         craig(Xb, Y, 3)
     with pytest.raises(TypeError, match="real floating"):
         crestcore.quadratic_init(np.zeros(3).astype(ml_dtypes.bfloat16))
+
+
+def test_masked_and_sparse_arrays_and_a_bad_rng_are_refused_naming_the_argument():
+    """A numpy.ma.MaskedArray (whose masks the kernels would not honour: NumPy's broadcasting error came
+    out of the middle of a computation) and a sparse torch tensor are refused naming the argument; an
+    rng that is neither a seed nor a Generator is refused even where the optimizer does not draw."""
+    import crestcore
+
+    X = np.random.default_rng(0).normal(size=(10, 3))
+    with pytest.raises(TypeError, match="X is a numpy.ma.MaskedArray"):
+        crestcore.facility_location(np.ma.masked_array(X, mask=np.zeros_like(X, dtype=bool)), 2)
+    with pytest.raises(TypeError, match="features is a numpy.ma.MaskedArray"):
+        crestcore.minibatch_coresets(np.ma.masked_array(X), np.arange(10) % 2, m=2, r=4, P=1, rng=0)
+    with pytest.raises(TypeError, match="rng must be"):
+        crestcore.facility_location(X, 2, rng="abc")
+    assert crestcore.facility_location(X, 2, rng=3).indices.tolist() == crestcore.facility_location(X, 2).indices.tolist()
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="X is a torch.sparse_coo tensor.*to_dense"):
+        crestcore.facility_location(torch.from_numpy(X).to_sparse(), 2)

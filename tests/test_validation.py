@@ -371,3 +371,19 @@ def test_kernel_none_means_the_default():
     assert float(a.objective) == float(b.objective)
     with pytest.raises(ValueError, match="kernel"):
         crestcore.facility_location(S0, 2, metric="precomputed", kernel="max-minus")
+
+
+def test_uint64_labels_beyond_int64_are_refused_not_reordered():
+    """Class positions are int64: a uint64 label above 2^63 - 1 would wrap negative and put its class
+    before the others (the per-class picks come in ascending label order); it is refused naming the
+    labels. uint64 labels within range are fine."""
+    import crestcore
+
+    X = np.array([[0.0], [1.0], [10.0], [11.0]])
+    big = np.array([1, 1, 2**63 + 1, 2**63 + 1], dtype=np.uint64)
+    with pytest.raises(ValueError, match="labels holds values above 2\\^63"):
+        crestcore.facility_location(X, 2, labels=big)
+    with pytest.raises(ValueError, match="labels holds values above 2\\^63"):
+        crestcore.minibatch_coresets(X, big, m=2, r=4, P=1, rng=0)
+    ok = crestcore.facility_location(X, 2, labels=np.array([1, 1, 2**62, 2**62], dtype=np.uint64))
+    assert ok.indices.tolist() == [0, 2]

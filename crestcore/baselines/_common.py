@@ -58,7 +58,7 @@ def check_vector(xp, x, name: str, *, floating: bool = True):
         raise ValueError(f"{name} is empty")
     if floating:
         if not isdtype(xp, x.dtype, "real floating"):
-            raise TypeError(f"{name} must have a real floating dtype (float32 or float64), got {x.dtype}")
+            raise TypeError(f"{name} must have a real floating dtype (float16, bfloat16, float32, float64), got {x.dtype}")
         if not bool(xp.all(xp.isfinite(x))):
             raise ValueError(f"{name} contains NaN or infinite values")
 
