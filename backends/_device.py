@@ -476,10 +476,15 @@ class Features:
         out = []
         ncols = cols.shape[0]
         Mc = self.M - cover if self.kernel == "max-minus" else None
-        cstep = max(1, min(ncols, self.budget // min(self.tile, self.n))) if ncols else 1
+        # whole rows per candidate whenever one fits the block budget (else fixed chunks of it): the same
+        # chunks whatever the number of candidates asked for, so a candidate's gain is summed in the same
+        # order in a full pass and in a lazy re-evaluation of a few (with row chunks sized from the number
+        # of candidates, a duplicate re-evaluated alone came out 2 ulps above its lower-index twin's bound
+        # from the full pass, and won)
+        step = max(1, min(self.n, self.budget))
+        cstep = max(1, min(ncols, self.budget // step)) if ncols else 1
         for c0 in range(0, ncols, cstep):
             cc = cols[c0 : c0 + cstep]
-            step = self.row_chunk(cc.shape[0])
             g = ops.zeros((cc.shape[0],), self.dt, self.dev)
             for r0 in range(0, self.n, step):
                 r1 = min(self.n, r0 + step)
