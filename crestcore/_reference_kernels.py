@@ -30,7 +30,8 @@ Conventions shared by every implementation
   remaining ones at positions ``min(floor(u[b, t, q] * R), R - 1)`` (``R`` = number remaining,
   ordered by index; the product is computed in u's dtype, where it can round up to R),
   ``q = 0..s-1``; the best of those is picked. ``u`` holds uniform draws made by the caller's RNG, so
-  every backend sees the same sample.
+  every backend sees the same sample (``crestcore.facility.stochastic_draws``: for a step whose sample
+  reaches the candidates remaining, draws that map to every one of them).
 * ``budgets[b]`` picks are made in problem ``b``; ``indices`` is (B, K) with ``K = max(budgets)``,
   padded with -1 (gain 0) after ``budgets[b]`` picks.
 * Weights: every valid point is assigned to the pick it is most similar to (ties: the earliest pick in

@@ -110,11 +110,24 @@ def _kernel(name: str, xp, *arrays, force_reference: bool):
     return getattr(ref, name)
 
 
+_EXACT_STEP_LIMIT = 1 << 22  # remaining candidates up to which an exact step's draws map exactly in float32
+
+
 def stochastic_draws(rng: np.random.Generator, sizes, budgets, epsilon: float) -> np.ndarray:
     """Uniform draws (B, K, s) for stochastic greedy; ``s = ceil(n_b / k_b * ln(1 / epsilon))``.
 
-    Problems needing fewer than ``s_max`` samples repeat their first draw in the spare columns
-    (duplicates change nothing). Drawn on the host so every backend sees the same sample.
+    Each draw ``u`` is mapped by every backend to the ``floor(u R)``-th of the ``R`` candidates remaining
+    (a sample with replacement: its chance of missing a set of ``a`` candidates, ``(1 - a/R)^s``, is the
+    bound the approximation guarantee uses). A step whose sample is at least as large as the candidates
+    remaining (``R = n_b - t``: every step takes one) looks at every one of them, an exact greedy step:
+    its draws are replaced by ``(q + 1/2) / R``, which map to the positions ``q = 0 .. R - 1`` (the rest
+    repeat the last). So a tiny ``epsilon`` gives the greedy picks. Problems needing fewer than ``s_max``
+    samples repeat their first draw in the spare columns (duplicates change nothing). Drawn on the host
+    so every backend sees the same sample.
+
+    >>> u = stochastic_draws(np.random.default_rng(0), [4], [2], 1e-6)  # s = 4 >= R: both steps exact
+    >>> np.minimum(np.floor(u * np.array([4, 3])[None, :, None]), np.array([3, 2])[None, :, None]).tolist()
+    [[[0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 2.0]]]
     """
     sizes = np.asarray(sizes, dtype=np.int64)
     budgets = np.asarray(budgets, dtype=np.int64)
@@ -124,7 +137,14 @@ def stochastic_draws(rng: np.random.Generator, sizes, budgets, epsilon: float) -
     s = int(s_b.max()) if B else 1
     u = rng.random((B, K, s))
     spare = np.arange(s)[None, None, :] >= s_b[:, None, None]
-    return np.where(spare, u[:, :, :1], u)
+    u = np.where(spare, u[:, :, :1], u)
+    R = sizes[:, None] - np.arange(K)[None, :]  # (B, K): the candidates remaining at each step
+    b, t = np.nonzero((s_b[:, None] >= R) & (R >= 1) & (R <= _EXACT_STEP_LIMIT))
+    if b.size:
+        Rbt = R[b, t][:, None].astype(np.float64)
+        q = np.minimum(np.arange(s)[None, :], Rbt - 1)
+        u[b, t, :] = (q + 0.5) / Rbt
+    return u
 
 
 def solve_batched(
@@ -242,7 +262,8 @@ def facility_location(
         features) or "exp" (``exp(-D / scale)``, the CREST release). None picks the default; it must be
         None with ``metric="precomputed"``.
     optimizer : "lazy" (default; the same picks as "naive", much faster), "naive", or "stochastic"
-        (stochastic greedy: each step looks at ``ceil(n/k ln(1/epsilon))`` random remaining candidates;
+        (stochastic greedy: each step looks at ``ceil(n/k ln(1/epsilon))`` random remaining candidates,
+        all of them once no more remain, so a tiny ``epsilon`` gives the greedy picks;
         ``(1 - 1/e - epsilon)``-approximate in expectation; needs ``rng``), or "auto": lazy greedy on the
         path :func:`crestcore.planner.plan_problem` picks per problem from n, d, k and
         ``max_dense_bytes`` (dense, matrix-free or sparse), never needing more than ``max_dense_bytes``;

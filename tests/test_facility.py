@@ -266,6 +266,53 @@ def test_stochastic_returns_k_distinct_valid_indices(seed, n, epsilon, n_classes
         assert float(sel.objective) == pytest.approx(R.objective(R.similarity(X), idx), rel=1e-9, abs=1e-9)
 
 
+@pytest.mark.parametrize("case", ["plain", "labels", "matrix-free", "sparse"])
+def test_stochastic_greedy_with_a_tiny_epsilon_is_greedy_on_every_backend(case):
+    """A step whose sample is at least the candidates remaining looks at every one of them (draws mapped
+    to the positions 0 .. R-1): with epsilon = 1e-12 every step is such a step, so the picks are naive
+    greedy's, on NumPy (Numba), torch and the reference alike. (The sample was drawn with replacement,
+    capped at n, so about 1/e of the candidates went unseen at every step: 24 of 40 seeds picked
+    otherwise than greedy at n = 50, k = 2.)"""
+    X = _features(11, 50, 3)
+    kw = dict(labels=_labels(11, 50, 3)) if case == "labels" else {}
+    if case == "matrix-free":
+        kw["max_dense_bytes"] = 1000
+    if case == "sparse":
+        kw["neighbors"] = 49
+    inputs = [("numpy", X, kw), ("reference", X, dict(kw, backend="reference"))]
+    torch = pytest.importorskip("torch") if case != "sparse" else None
+    if torch is not None:
+        tkw = dict(kw, labels=torch.from_numpy(kw["labels"])) if "labels" in kw else kw
+        inputs.append(("torch", torch.from_numpy(X), tkw))
+    for k in (1, 2, 7):
+        for name, data, kk in inputs:
+            greedy = _np(crestcore.facility_location(data, k, optimizer="naive", **kk).indices)
+            for seed in range(5):
+                sel = crestcore.facility_location(data, k, optimizer="stochastic", epsilon=1e-12, rng=seed, **kk)
+                np.testing.assert_array_equal(_np(sel.indices), greedy, err_msg=f"{name} k={k} seed={seed}")
+
+
+def test_stochastic_draws_map_an_exact_steps_draws_to_every_remaining_candidate():
+    """Per step, ``floor(u R)`` (in float64 and in float32, as the kernels compute it) covers all R
+    remaining positions exactly when the sample size reaches R, and only the drawn ones before."""
+    from crestcore.backends import sample_sizes
+    from crestcore.facility import stochastic_draws
+
+    sizes, budgets, eps = np.array([50, 9, 3]), np.array([45, 4, 3]), 0.01
+    u = stochastic_draws(np.random.default_rng(0), sizes, budgets, eps)
+    s_b = sample_sizes(sizes, budgets, eps)
+    for b in range(3):
+        for t in range(int(budgets[b])):
+            R = int(sizes[b]) - t
+            for dt in (np.float64, np.float32):
+                pos = np.minimum(np.floor(u[b, t].astype(dt) * dt(R)), R - 1).astype(np.int64)
+                if s_b[b] >= R:
+                    assert set(pos.tolist()) == set(range(R)), (b, t, dt)
+                else:
+                    assert len(set(pos[: s_b[b]].tolist())) <= s_b[b] < R
+    assert s_b[0] < 50 and s_b[0] >= 50 - 44  # problem 0: sampled steps first, exact steps at the end
+
+
 def test_stochastic_is_reproducible_from_the_seed():
     X = _features(2, 50, 3)
     a = crestcore.facility_location(X, 6, optimizer="stochastic", rng=123)
