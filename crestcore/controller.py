@@ -28,7 +28,7 @@ with the per-example training losses (feeds the drop policy). Inside ``crest_nex
 4. Every T1 steps: ``rho = |L_R(w) - F(w - w_a)| / L_R(w)``, L_R on the same random examples the
    anchor loss was measured on (V_1, or the union of the subsets with ``check_union``); if
    ``rho > tau``: reselect; the new anchor's curvature sets ``T1 <- ceil(h ||H_0|| / ||H_t||)`` at
-   once and ``P <- min(b T1, P_cap)`` for the selection after it (as the release does: a selection
+   once and ``P <- min(ceil(b T1), P_cap)`` for the selection after it (as the release does: a selection
    draws the P set by the one before).
 5. Every T2 steps (when dropping is on): examples whose recent losses all stayed below alpha leave
    the pool (see :mod:`crestcore.dropping`).
@@ -47,7 +47,7 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 
 from ._compat import device_of, from_numpy, namespace, to_numpy
-from ._validation import field_bool, field_choice, field_instance, field_int, field_real
+from ._validation import DivergenceError, field_bool, field_choice, field_instance, field_int, field_real
 from .dropping import DropConfig, DropState, _check_live, drop_init, drop_record, drop_update
 from .features import cross_entropy, last_layer_gradients, softmax
 from .facility import OPTIMIZERS
@@ -253,8 +253,8 @@ class CrestConfig:
     weights : "cluster" (cluster sizes, the paper), "uniform" (every pick weight 1) or "tempered"
     (square roots of the cluster sizes); always rescaled to mean 1 over a batch (over the union with
     "shuffled-union"). No pick is ever dropped: batches of unequal length stay unequal.
-    reselect : "trust" (the rho_t check every T1 steps decides) or "epoch" (no checks: P = one
-    budgeted epoch of coresets, reselected every budgeted epoch; an ablation of the trust check).
+    reselect : "trust" (the rho_t check every T1 steps decides) or "epoch" (no checks and no model fit:
+    P = one budgeted epoch of coresets, reselected every budgeted epoch; an ablation of the trust check).
     max_overhead : None (no limit) or a positive fraction: the measurement passes CREST spends
     (selection forwards, model fits, checks; counted in forward-equivalents, a backward = 2 forwards)
     never exceed this fraction of the training passes (3 forward-equivalents per trained example) by
@@ -412,7 +412,10 @@ class CrestState(NamedTuple):
     history, the cost ``counters`` and a ``log`` of selections, checks and drops (each an
     :class:`EventLog`, a sequence that reads like a list; ``list(...)`` of it, or :func:`crest_stats`, is
     plain data for JSON). Made by
-    :func:`crest_init`; every controller function returns a new one. Saved and restored with
+    :func:`crest_init`; every controller function returns a new one. With dropping on (``T2``) the loss
+    history is written in place, so a state passed to :func:`crest_next_batch` or :func:`crest_observe`
+    is consumed by the call (using it again raises ``RuntimeError``): keep the returned state, and take
+    a snapshot with :func:`crest_state_dict` before the call when one is needed. Saved and restored with
     :func:`crest_state_dict` / :func:`crest_load_state_dict`.
 
     Examples
@@ -591,7 +594,9 @@ def _forward(state: CrestState, ops, idx: np.ndarray, config: CrestConfig):
     if logits.ndim != 2 or logits.shape[0] != idx.size:
         raise ValueError(f"outputs returned shape {tuple(logits.shape)} for {idx.size} indices")
     if not bool(xp.all(xp.isfinite(logits))):
-        raise ValueError("outputs returned NaN or infinite logits (the model diverged?)")
+        raise DivergenceError(
+            f"CREST: the model's outputs are NaN or infinite at step {state.step}: training has diverged. "
+            "Lower the learning rate or clip the gradients.")
     y = _labels_in(xp, state.labels[idx], logits)
     losses = cross_entropy(logits, y)
     if not bool(xp.all(xp.isfinite(losses))):  # finite logits too large for their dtype's log-sum-exp
@@ -682,8 +687,6 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
     cap = _cap(state, config)
     r = _subset_size(config, pool.size, state.n_classes)
     P = cap if config.reselect == "epoch" else min(state.P, cap)
-    if config.T2 is not None:  # never select coresets the next drop decision discards unused
-        P = min(P, config.T2 - state.step % config.T2)
     P = max(1, P)
     subsets = draw_subsets(state.labels, pool, r, P, gen)
     jit = config.just_in_time
@@ -722,7 +725,8 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
     c = dict(state.counters)
     c["forward_examples"] += int(union.size)
     fused = getattr(ops, "gradient_and_hutchinson", None)
-    for p in range(min(config.fit_batches, made)):
+    # reselect="epoch" never checks, so the model (and its schedule, fixed at the cap) is not fitted
+    for p in range(min(config.fit_batches, made) if config.reselect != "epoch" else 0):
         bi, bw = rows_i[p], rows_w[p]
         seed = int(gen.integers(2**31 - 1))
         if fused is not None:  # one forward; the probe's first backward gives the gradient
@@ -1109,8 +1113,8 @@ def _validate_state_dict(d: dict, D: int) -> None:
     H = L.shape[1]
     if H < 1 or (head.size and head.min() < 0):
         raise _bad("drop.head (records written per example) must be >= 0, and drop.losses must have a column")
-    if np.any(np.isinf(L)) or np.any(L[~np.isnan(L)] < 0):
-        raise _bad("drop.losses must hold non-negative finite losses (NaN: empty slot)")
+    if np.any(np.isinf(L)):  # any finite loss, as drop_record takes (a signed or rounded-negative loss too)
+        raise _bad("drop.losses must hold finite losses (NaN: empty slot)")
     if np.any((S < 0) != np.isnan(L)) or (S.size and S.min() < -1) or (S.size and S.max() > step):
         raise _bad(f"drop.steps must be -1 exactly on empty slots and in [0, step={step}] elsewhere")
     if np.any(active != (dropped < 0)) or (dropped.size and dropped.max() > step):
@@ -1202,5 +1206,6 @@ def crest_load_state_dict(d: dict, params_like) -> CrestState:
     fields["made"] = int(d["made"])
     fields["subsets"] = np.array(_as_host(d["subsets"], 2), dtype=np.int64)
     fields["counters"] = dict(d["counters"])
-    fields["log"] = {k: EventLog(v) for k, v in d["log"].items()}
+    # records as the run writes them (checks and drops are tuples; JSON gives them back as lists)
+    fields["log"] = {k: EventLog(tuple(r) if isinstance(r, list) else r for r in v) for k, v in d["log"].items()}
     return CrestState(**fields)

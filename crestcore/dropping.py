@@ -40,7 +40,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._compat import to_numpy
-from ._validation import field_int, field_real
+from ._validation import DivergenceError, field_int, field_real
 
 __all__ = ["DropConfig", "DropState", "drop_init", "drop_record", "drop_update", "drop_copy"]
 
@@ -137,7 +137,9 @@ def drop_init(n: int, config: DropConfig = DropConfig()) -> DropState:
 _CONSUMED = (
     "this DropState was consumed: a later drop_record wrote its loss history in place (the buffers "
     "are shared). Use the state drop_record returned; to keep a snapshot, take drop_copy(state) "
-    "before recording"
+    "before recording. (From the controller, with dropping on (CrestConfig.T2): a CrestState passed to "
+    "crest_next_batch or crest_observe is consumed by it; use the returned state, and keep a snapshot "
+    "with crest_state_dict(state) before the call)"
 )
 
 
@@ -240,8 +242,8 @@ def drop_record(state: DropState, indices, losses, step: int) -> DropState:
         raise ValueError(f"indices ({idx.size}) and losses ({vals.size}) differ in length")
     if idx.size and (idx.min() < 0 or idx.max() >= n):
         raise ValueError(f"indices must lie in [0, {n})")
-    if not np.all(np.isfinite(vals)):
-        raise ValueError("losses contain NaN or infinite values")
+    if not np.all(np.isfinite(vals)):  # both a FloatingPointError (divergence) and a ValueError
+        raise DivergenceError("losses contain NaN or infinite values: training has diverged")
     step = _check_step(step)
     # keep the last occurrence of repeated indices
     _, last = np.unique(idx[::-1], return_index=True)

@@ -46,13 +46,18 @@ def budget_steps(budget: float, full: int) -> int:
     47
     >>> budget_steps(0.001, 10)
     1
+    >>> budget_steps(0.009, 1500)  # 13.5 rounds up, though 0.009 * 1500 is 13.499999999999998 in binary
+    14
     """
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not (
             math.isfinite(float(budget)) and float(budget) > 0):
         raise ValueError(f"budget must be a positive finite fraction of the full-data steps, got {budget!r}")
     if isinstance(full, bool) or not isinstance(full, numbers.Integral) or full < 1:
         raise ValueError(f"full must be a positive integer (steps of a full-data epoch), got {full!r}")
-    return max(1, int(math.floor(float(budget) * int(full) + 0.5)))
+    x = float(budget) * int(full)
+    # half up as the decimal budget means it: 0.009 * 1500 is 13.499999999999998 in binary floating point
+    # (0.009 is stored a little low), so a relative 1e-9 of slack lets it round up to 14
+    return max(1, int(math.floor(x + 0.5 + 1e-9 * max(1.0, x))))
 
 
 def examples_spent(counters: dict) -> tuple[float, float]:

@@ -3,7 +3,7 @@
 ``rho_t = |L_R(w_t) - F(delta_t)| / L_R(w_t)`` with ``L_R`` the loss on the random subsets. When
 ``rho_t > tau`` the coresets are reselected; the new anchor's curvature makes the check interval
 ``T1 = ceil(h * ||H_0|| / ||H_t||)`` and the number of coresets of the next selection
-``P = min(b * T1, cap)`` (the controller draws a selection's coresets before its curvature is measured).
+``P = min(max(1, ceil(b * T1)), cap)`` (the controller draws a selection's coresets before its curvature is measured).
 """
 
 from __future__ import annotations
@@ -112,7 +112,8 @@ def update_schedule(h_norm_0, h_norm_t, *, h: float = 1.0, b: float = 5.0, cap: 
             raise ValueError(f"b * T1 overflows (b={bb}, T1={T1}) and no cap is given: P would be infinite")
         P = int(cap)
     else:
-        P = max(1, math.ceil(bb * T1))
+        y = bb * T1  # the same slack as T1's: b = 0.14, T1 = 50 gives 7.000000000000001, P = 7
+        P = max(1, math.ceil(y - min(1e-9 * max(1.0, y), 0.5)))
     if cap is not None:
         P = min(P, int(cap))
     return T1, P

@@ -716,14 +716,43 @@ def test_drop_triggered_reselection_keeps_the_trust_check_running():
         assert step % 4 == 0
 
 
-def test_selection_before_a_drop_decision_is_limited_to_the_steps_left():
+@pytest.mark.parametrize("coresets", ["just-in-time", "at-anchor"])
+def test_dropping_that_drops_nothing_leaves_the_batches_as_they_are(coresets):
+    """Drop decisions (T2) that drop nothing change no batch: the run trains on the batches of the same
+    run without dropping. (A selection used to draw only the steps left before the next decision of
+    coresets; when that decision dropped nothing, the cut-down set was cycled until the next failed
+    check: T2 = 1 trained 64 steps on one coreset.) A decision that does drop starts a new selection."""
     drop = DropConfig(alpha=1e-9, window=4, min_records=1)  # nothing is ever learned
-    cfg = CrestConfig(m=4, r=12, P=10, T1=3, tau=0.01, T2=4, drop=drop)
-    state, out = _select_only(cfg, [1.0, 1.0, 1.0, 2.0], scales=(1.0,), n=400)
-    # first selection at step 0: 4 steps to the decision; the reselection at step 3: 1 step left
-    assert out[0][0].batch_idx.shape[0] == 4
-    assert state.log["selections"] == [0, 3]
-    assert state.batch_idx.shape[0] == 1
+    runs = []
+    for T2 in (None, 1, 4, 7):
+        cfg = CrestConfig(m=4, r=12, P=10, T1=3, tau=0.01, T2=T2, drop=drop, coresets=coresets)
+        ops = FakeOps(_labels(400))
+        state = crest_init(cfg, ops.labels, seed=5)
+        batches = []
+        for t in range(40):
+            ops.level = 1.0 + 0.1 * (t % 5)  # the model's loss moves: checks fail now and then
+            state, batch = crest_next_batch(state, ops, cfg)
+            state = crest_observe(state, batch.indices, np.full(batch.indices.size, ops.level))
+            batches.append(batch.indices)
+        assert state.drop.active.all()
+        runs.append((state.log["selections"], batches))
+    for sel, batches in runs[1:]:
+        assert list(sel) == list(runs[0][0])
+        for a, b in zip(batches, runs[0][1]):
+            np.testing.assert_array_equal(a, b)
+    assert np.unique(np.concatenate(runs[0][1])).size > 40  # many coresets, not one cycled
+
+
+def test_a_drop_decision_that_drops_starts_a_new_selection():
+    drop = DropConfig(alpha=10.0, window=1, min_records=1)  # every recorded example is learned
+    cfg = CrestConfig(m=4, r=12, P=10, T1=50, tau=10.0, T2=3, drop=drop)
+    ops = FakeOps(_labels(400))
+    state = crest_init(cfg, ops.labels, seed=5)
+    for _ in range(7):
+        state, batch = crest_next_batch(state, ops, cfg)
+        state = crest_observe(state, batch.indices, np.full(batch.indices.size, 0.5))
+    assert [d[0] for d in state.log["drops"] if d[1] > 0][:2] == [3, 6]
+    assert list(state.log["selections"])[:3] == [0, 3, 6]
 
 
 def _rare_class_labels():
@@ -1116,3 +1145,57 @@ def test_a_json_round_trip_resumes_exactly_and_the_dict_is_the_callers(config):
         resumed = crest_load_state_dict(d, ops.params())
         _, _, rest = run(12 - cut, resumed, ops)
         assert first + rest == whole
+
+
+def test_core_review_fixes_divergence_negative_losses_epoch_fits_and_rounding():
+    """Findings of a review of the framework-free core, each pinned:
+    NaN logits are a divergence (FloatingPointError, as the docs say; was a plain ValueError), and so are
+    NaN losses given to crest_observe; a finite negative loss (a signed or rounded-negative loss) that
+    crest_observe records survives crest_state_dict -> crest_load_state_dict (loading called it
+    corrupt); reselect="epoch" fits no quadratic model (nothing checks it; its cost was counted); P =
+    ceil(b T1) with the same rounding slack as T1 (b = 0.14, T1 = 50: 7, not 8)."""
+    from crestcore.validation import DivergenceError
+
+    y = _labels(120)
+    ops = FakeOps(y)
+    cfg = CrestConfig(m=4, r=12, T2=5)
+    state, _ = crest_next_batch(crest_init(cfg, y, seed=0), ops, cfg)
+    with pytest.raises(FloatingPointError, match="diverged"):
+        crest_observe(state, np.array([0, 1]), np.array([0.1, np.nan]))
+    state = crest_observe(state, np.array([0, 1]), np.array([-1e-9, 0.3]))
+    back = crest_load_state_dict(crest_state_dict(state), ops.params())
+    assert back.drop.losses[0, ~np.isnan(back.drop.losses[0])].tolist() == [-1e-9]
+
+    class NaNOps(FakeOps):
+        def outputs(self, idx, embeddings=False):
+            Z = super().outputs(idx, embeddings)
+            return Z * np.nan
+
+    with pytest.raises(DivergenceError, match="NaN or infinite at step 0.*diverged"):
+        crest_next_batch(crest_init(cfg, y, seed=0), NaNOps(y), cfg)
+
+    epoch_cfg = CrestConfig(m=4, r=12, reselect="epoch")
+    ops = FakeOps(y)
+    state = crest_init(epoch_cfg, y, seed=0, epoch_steps=5)
+    for _ in range(16):
+        state, _ = crest_next_batch(state, ops, epoch_cfg)
+    assert state.counters["selections"] == 4 and state.counters["checks"] == 0
+    assert ops.n["gradient"] == ops.n["hutchinson"] == 0 and state.counters["backward_examples"] == 0
+
+    assert update_schedule(50.0, 1.0, h=1.0, b=0.14) == (50, 7)
+    assert update_schedule(1.0, 1.0, h=1.0, b=2.5) == (1, 3)  # a true fraction still rounds up
+
+
+def test_the_event_log_survives_json_as_it_was():
+    import json
+
+    y = _labels(120)
+    ops, cfg = FakeOps(y), CrestConfig(m=4, r=12, tau=0.01, T2=3)
+    state = crest_init(cfg, y, seed=0)
+    for t in range(9):
+        ops.level = 1.0 + 0.2 * (t % 3)
+        state, batch = crest_next_batch(state, ops, cfg)
+    assert len(state.log["checks"]) > 0 and len(state.log["drops"]) > 0
+    text = json.dumps(crest_state_dict(state), default=lambda o: o.tolist() if isinstance(o, np.ndarray) else o.item())
+    back = crest_load_state_dict(json.loads(text), ops.params())
+    assert back.log == state.log

@@ -176,3 +176,13 @@ def test_glister_warns_when_small_classes_hold_out_more_than_val_fraction():
         warnings.simplefilter("error")
         s = SubsetSchedule("glister", np.repeat(np.arange(3), 40), **kw)
     assert s.val_indices.size == 12
+
+
+def test_full_data_methods_refuse_a_full_epoch_that_is_not_ceil_n_over_m():
+    """full and sgd-budget cut their passes over all n examples into full_steps_per_epoch batches of m:
+    another count handed out empty batches (counted as steps) or skipped examples."""
+    _, y = _data(n=10)
+    for method in ("full", "sgd-budget"):
+        with pytest.raises(ValueError, match=r"full_steps_per_epoch must be ceil\(n / m\) = 3"):
+            SubsetSchedule(method, y, m=4, seed=0, steps_per_epoch=3, full_steps_per_epoch=4, epochs=1)
+        SubsetSchedule(method, y, m=4, seed=0, steps_per_epoch=3, full_steps_per_epoch=3, epochs=1)

@@ -167,6 +167,10 @@ class SubsetSchedule:
         self.seed = check_count(seed, "seed", low=0)
         self.steps_per_epoch = check_count(steps_per_epoch, "steps_per_epoch")
         self.full_steps_per_epoch = check_count(full_steps_per_epoch, "full_steps_per_epoch")
+        if method in ("full", "sgd-budget") and self.full_steps_per_epoch != -(-self.n // self.m):
+            # their passes over all n examples are cut into full_steps_per_epoch batches of m
+            raise ValueError(f"full_steps_per_epoch must be ceil(n / m) = {-(-self.n // self.m)} for n={self.n} "
+                             f"labels and m={self.m}, got {self.full_steps_per_epoch}")
         self.epochs = check_count(epochs, "epochs")
         self.weights_mode = weights
         self.reselect_every = check_count(reselect_every, "reselect_every")
