@@ -186,3 +186,26 @@ def test_full_data_methods_refuse_a_full_epoch_that_is_not_ceil_n_over_m():
         with pytest.raises(ValueError, match=r"full_steps_per_epoch must be ceil\(n / m\) = 3"):
             SubsetSchedule(method, y, m=4, seed=0, steps_per_epoch=3, full_steps_per_epoch=4, epochs=1)
         SubsetSchedule(method, y, m=4, seed=0, steps_per_epoch=3, full_steps_per_epoch=3, epochs=1)
+
+
+def test_prune_without_observed_losses_warns_once():
+    """prune reads the training losses observe() records: a run that never records one would be random
+    sampling under prune's name, so the first selection after an epoch says so (once)."""
+    _, y = _data(n=40)
+    s = SubsetSchedule("prune", y, m=4, seed=0, steps_per_epoch=5, full_steps_per_epoch=10, epochs=4)
+    for t in range(5):
+        s.next_indices(t)
+    with pytest.warns(UserWarning, match="no training losses were observed"):
+        s.next_indices(5)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for t in range(6, 20):
+            s.next_indices(t)
+    observed = SubsetSchedule("prune", y, m=4, seed=0, steps_per_epoch=5, full_steps_per_epoch=10, epochs=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for t in range(10):
+            idx, _ = observed.next_indices(t)
+            observed.observe(idx, np.linspace(0.0, 1.0, idx.size))

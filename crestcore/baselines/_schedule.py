@@ -183,6 +183,7 @@ class SubsetSchedule:
         _check_options(method, options or {})
         self.options = {**_DEFAULT_OPTIONS.get(method, {}), **(options or {})}
         self._warned_epochs = False
+        self._warned_unobserved = False
         if method == "glister":
             self.val_indices = _validation_split(self.labels, self.val_fraction, self.seed)
             if self.val_indices.size == 0:
@@ -333,6 +334,12 @@ class SubsetSchedule:
                 self._warned_epochs = True
             e = self.epochs - 1
         seen = np.flatnonzero(self.seen)
+        if e > 0 and not seen.size and not self._warned_unobserved:
+            # an epoch has been trained and not one loss was recorded: prune would be random sampling
+            warnings.warn("prune: no training losses were observed during the epochs so far, so nothing can "
+                          "be pruned (every example counts as unseen). Pass each step's per-example losses "
+                          "to the loader's observe(losses) (the schedule's observe(indices, losses)).", stacklevel=4)
+            self._warned_unobserved = True
         if seen.size:
             sel = prune_schedule(self.losses[seen], ratio=self.prune_ratio, epoch=e, epochs=self.epochs,
                                  anneal=self.prune_anneal, rng=gen)
