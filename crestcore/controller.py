@@ -786,8 +786,27 @@ def _select_next(state: CrestState, ops, config: CrestConfig) -> CrestState:
     return state._replace(batch_idx=bi, batch_w=bw, made=p + 1, counters=c, drop=drop)
 
 
+def _shared(a, b) -> bool:
+    """Whether two parameter vectors share memory (NumPy: by their bounds; torch and CuPy: the same data
+    pointer), without importing their libraries."""
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return bool(np.may_share_memory(a, b))
+    pa, pb = getattr(a, "data_ptr", None), getattr(b, "data_ptr", None)  # torch
+    if callable(pa) and callable(pb):
+        return bool(a.numel()) and pa() == pb()
+    da, db = getattr(a, "data", None), getattr(b, "data", None)  # CuPy: a memory pointer with .ptr
+    if hasattr(da, "ptr") and hasattr(db, "ptr"):
+        return bool(a.size) and da.ptr == db.ptr
+    return a is b
+
+
 def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
     w = ops.params()
+    if state.anchor is not None and _shared(w, state.anchor):
+        raise ValueError(
+            "ops.params() returned memory shared with the anchor it returned at the selection (a view of the "
+            "live parameters?): params() must return a copy, or the quadratic model always predicts the "
+            "anchor's loss and every trust check is wrong")
     if state.anchor is not None and w.shape != state.anchor.shape:
         # the trainable parameters changed since the anchor (a layer unfrozen or frozen mid-run): the
         # quadratic model belongs to the old ones, so no check is possible; a new selection starts a new

@@ -1199,3 +1199,24 @@ def test_the_event_log_survives_json_as_it_was():
     text = json.dumps(crest_state_dict(state), default=lambda o: o.tolist() if isinstance(o, np.ndarray) else o.item())
     back = crest_load_state_dict(json.loads(text), ops.params())
     assert back.log == state.log
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_params_returning_a_view_is_refused_at_the_first_check(lib):
+    """ModelOps.params() must return a copy: a view of the live parameters makes the anchor move with
+    training, so the quadratic model always predicts the anchor's loss and every rho is wrong, silently.
+    The first check notices the shared memory."""
+    y = _labels(120)
+
+    class ViewOps(FakeOps):
+        def __init__(self, labels):
+            super().__init__(labels, lib=lib)
+            self.live = self.w if lib == "numpy" else torch.from_numpy(self.w)  # shares self.w's memory
+
+        def params(self):
+            return self.live[:]  # a view, not a copy
+
+    ops, cfg = ViewOps(y), CrestConfig(m=4, r=12)
+    state, _ = crest_next_batch(crest_init(cfg, y, seed=0), ops, cfg)
+    with pytest.raises(ValueError, match="params\\(\\) must return a copy"):
+        crest_next_batch(state, ops, cfg)
