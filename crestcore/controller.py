@@ -794,9 +794,10 @@ def _shared(a, b) -> bool:
     pa, pb = getattr(a, "data_ptr", None), getattr(b, "data_ptr", None)  # torch
     if callable(pa) and callable(pb):
         return bool(a.numel()) and pa() == pb()
-    da, db = getattr(a, "data", None), getattr(b, "data", None)  # CuPy: a memory pointer with .ptr
-    if hasattr(da, "ptr") and hasattr(db, "ptr"):
-        return bool(a.size) and da.ptr == db.ptr
+    qa = getattr(getattr(a, "data", None), "ptr", None)  # CuPy: a memory pointer with .ptr
+    qb = getattr(getattr(b, "data", None), "ptr", None)
+    if qa is not None and qb is not None:
+        return bool(a.size) and qa == qb
     return a is b
 
 
