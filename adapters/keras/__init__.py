@@ -253,8 +253,11 @@ def loss_facts(model) -> dict:
         smooth = getattr(loss, "label_smoothing", None)
         if smooth is None:
             smooth = (getattr(loss, "_fn_kwargs", None) or {}).get("label_smoothing", 0.0)
+        ignore = getattr(loss, "ignore_class", None)
+        if ignore is None:
+            ignore = (getattr(loss, "_fn_kwargs", None) or {}).get("ignore_class")
         return {"reduction": loss.reduction, "from_logits": None if fl is None else bool(fl), "crossentropy": ce,
-                "label_smoothing": float(smooth or 0.0)}
+                "label_smoothing": float(smooth or 0.0), "ignore_class": ignore}
     if callable(loss):
         ce = loss in (keras.losses.sparse_categorical_crossentropy, keras.losses.categorical_crossentropy)
         return {"reduction": "sum_over_batch_size", "from_logits": False if ce else None, "crossentropy": ce}
@@ -291,9 +294,30 @@ def _last_is_softmax(model) -> bool:
     return act is keras.activations.softmax or getattr(act, "__name__", "") == "softmax"
 
 
-def resolve_outputs(model, outputs: str | None) -> str:
+def _check_fit_steps(callback, who: str) -> None:
+    """fit(steps_per_epoch=k) other than len(callback.dataset) puts Keras's epochs out of step with the
+    callback's (it runs out of data, and the budget report counts other epochs): refused."""
+    steps = (callback.params or {}).get("steps")
+    if steps is not None and int(steps) != len(callback.dataset):
+        raise ValueError(f"fit runs {steps} steps an epoch, but {who} serves {len(callback.dataset)} (len of its "
+                         f"dataset): pass the callback's dataset as fit's x (model.fit(crest.dataset, ...)) and leave "
+                         "steps_per_epoch out (the budget sets the steps)")
+
+
+def _columns_error(cols: int) -> ValueError:
+    return ValueError(f"the model returns {cols} output column(s): CREST needs one column per class "
+                      "(at least 2). For a binary classifier, end with Dense(2) and a (sparse) categorical "
+                      "cross-entropy instead of one sigmoid unit")
+
+
+def resolve_outputs(model, outputs: str | None, who: str = "CrestCallback") -> str:
     """'logits' or 'probabilities': the option when given, else the compiled loss's ``from_logits``,
-    else a softmax last layer means probabilities; otherwise a ``ValueError`` asks for the option."""
+    else a softmax last layer means probabilities; otherwise a ``ValueError`` asks ``who`` (the callback)
+    for the option. A model with one output column (a sigmoid binary classifier) is refused first, since
+    no option makes it usable."""
+    shape = getattr((getattr(model, "outputs", None) or [None])[0], "shape", None)
+    if shape is not None and len(shape) == 2 and shape[-1] is not None and int(shape[-1]) < 2:
+        raise _columns_error(int(shape[-1]))
     if outputs is not None:
         if outputs not in ("logits", "probabilities"):
             raise ValueError(f"outputs must be 'logits', 'probabilities' or None (detect), got {outputs!r}")
@@ -315,8 +339,8 @@ def resolve_outputs(model, outputs: str | None) -> str:
         return "probabilities"
     raise ValueError(
         "cannot tell whether the model's last layer gives logits or probabilities (the loss is not a Keras "
-        "cross-entropy with from_logits, and the last layer is no softmax): pass "
-        "CrestCallback(..., outputs='logits') or outputs='probabilities'"
+        f"cross-entropy with from_logits, and the last layer is no softmax): pass "
+        f"{who}(..., outputs='logits') or outputs='probabilities'"
     )
 
 
@@ -347,7 +371,9 @@ class KerasModelOps:
     ----------
     model : a built ``keras.Model`` whose output is (batch, C) logits or probabilities.
     x : the inputs, an array (n, ...) or a dict / list of arrays (multi-input models), anything NumPy
-        reads (torch and jax arrays and TensorFlow tensors included; they are copied to the host once).
+        reads (torch and jax arrays and TensorFlow tensors included). NumPy arrays and CPU torch tensors
+        are read in place, not copied: changing them during fit changes what CREST serves; device arrays
+        are copied to the host once.
     labels : (n,) integer class indices.
     outputs : "logits" or "probabilities" (the model's last layer). Probabilities ``p`` are handed to
         the controller as ``log p`` (``softmax(log p) = p``; the cross-entropy is ``-log p_y``).
@@ -449,10 +475,11 @@ class KerasModelOps:
         return self._impl.params(self)
 
     def _dtype_np(self):
-        try:
-            return np.dtype(keras.backend.standardize_dtype(self._tvars()[0].dtype))
-        except TypeError:  # e.g. bfloat16 weights: probes in float32
-            return np.dtype(np.float32)
+        """The probes' NumPy dtype: the dtype of the weights' values as :meth:`params` gives them (jax keeps
+        float32 values for a float64 variable without JAX_ENABLE_X64), float32 for bfloat16 and other
+        dtypes NumPy does not have natively (ml_dtypes' bfloat16 would not convert to a torch tensor)."""
+        name = keras.backend.standardize_dtype(self.params().dtype)
+        return np.dtype(name) if name in ("float16", "float32", "float64") else np.dtype(np.float32)
 
     def rademacher(self, seed: int) -> np.ndarray:
         """The probe ``z`` (D,) of :meth:`hutchinson`: +-1 from ``numpy.random.default_rng(seed)``.
@@ -479,9 +506,7 @@ class KerasModelOps:
         if len(shape) != 2 or shape[0] != k:
             raise ValueError(f"the model must return (batch, classes) outputs; got shape {shape} for {k} examples")
         if shape[1] < 2:
-            raise ValueError(f"the model returns {shape[1]} output column(s): CREST needs one column per class "
-                             "(at least 2). For a binary classifier, end with Dense(2) and a (sparse) categorical "
-                             "cross-entropy instead of one sigmoid unit")
+            raise _columns_error(shape[1])
 
     def _to_logits_np(self, out: np.ndarray) -> np.ndarray:
         out = out.astype(np.float32, copy=False)
@@ -870,7 +895,8 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         if not self._fitting:
             return self._idle_probe(self.config.m, (
                 "crest.dataset serves CREST's batches only inside model.fit(crest.dataset, callbacks=[crest]): "
-                "it was iterated without the CrestCallback (add it to fit's callbacks)"))
+                "it was iterated without the CrestCallback (add it to fit's callbacks; model.evaluate and "
+                "model.predict cannot read it: evaluate on your own arrays, e.g. model.evaluate(x, y))"))
         for e in self._queue:
             if not e.served:
                 e.served = True
@@ -923,6 +949,10 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
             warnings.warn(f"the model's loss smooths its labels (label_smoothing={facts['label_smoothing']:g}): CREST's "
                           "features and trust check use the unsmoothed cross-entropy, so they measure a different "
                           "loss from the one trained", stacklevel=2)
+        elif facts.get("ignore_class") is not None:
+            warnings.warn(f"the model's loss ignores class {facts['ignore_class']} (ignore_class=): CREST's features "
+                          "and trust check count that class's examples, so they measure a different loss from the "
+                          "one trained; leave those examples out of the data given to CREST", stacklevel=2)
         kind = resolve_outputs(model, self.outputs_option)
         if self.ops is None or self._ops_model is not model or self.ops.from_probabilities != (kind == "probabilities"):
             self.ops = KerasModelOps(model, self.measure_x, self.labels, outputs=kind,
@@ -931,6 +961,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         self._sync_state()
         for e in self._queue:  # nothing is in flight when fit starts (e.g. after a fit that raised)
             e.served = False
+        _check_fit_steps(self, "CrestCallback")
         planned = (self.params or {}).get("epochs")
         if self.epochs is None and planned:
             self.epochs = int(planned)
@@ -1184,7 +1215,8 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
     def _serve(self, index=None):
         if not self._fitting:
             return self._idle_probe(self.m, "sub.dataset serves the baseline's batches only inside "
-                                    "model.fit(sub.dataset, callbacks=[sub]): add the SubsetCallback to fit's callbacks")
+                                    "model.fit(sub.dataset, callbacks=[sub]): add the SubsetCallback to fit's callbacks "
+                                    "(model.evaluate and model.predict cannot read it: evaluate on your own arrays)")
         idx, w = self.schedule.next_indices(self._position + len(self._queue), self.ops)
         self._queue.append((idx, w))
         return self._make(idx, w)
@@ -1199,9 +1231,10 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
         spe = getattr(model, "steps_per_execution", 1)
         if spe not in (None, 1):
             raise ValueError(f"SubsetCallback needs model.compile(steps_per_execution=1), got {spe}")
+        _check_fit_steps(self, "SubsetCallback")
         self._scale = _weight_scale(loss_facts(model)["reduction"])
         if self._measures:
-            kind = resolve_outputs(model, self.outputs_option)
+            kind = resolve_outputs(model, self.outputs_option, "SubsetCallback")
             if self.ops is None or self.ops.model is not model or self.ops.from_probabilities != (kind == "probabilities"):
                 self.ops = KerasModelOps(model, self.measure_x, self.labels, outputs=kind,
                                          batch_size=self.measure_batch_size, last_layer=self.last_layer)

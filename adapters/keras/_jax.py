@@ -62,7 +62,7 @@ def pinned(ops):
 
 def params(ops):
     tv, _ = _weights(ops)
-    return np.concatenate([np.array(t).reshape(-1) for t in tv])
+    return _flat(tv)
 
 
 def _eval_kwargs(model) -> dict:
@@ -138,7 +138,10 @@ def _chunks(ops, idx, w):
 
 
 def _flat(parts) -> np.ndarray:
-    return np.concatenate([np.asarray(t).reshape(-1) for t in parts])
+    """One host vector (a copy) of jax arrays; bfloat16 (ml_dtypes, not a NumPy floating dtype the core
+    accepts) in float32, where the gradients' sums over chunks are then accumulated too."""
+    flat = np.concatenate([np.asarray(t).reshape(-1) for t in parts])
+    return flat if flat.dtype.kind == "f" else flat.astype(np.float32)
 
 
 def gradient(ops, idx: np.ndarray, w: np.ndarray):
