@@ -766,3 +766,36 @@ def test_baseline_values_that_do_not_fit_the_dtype_are_refused_not_inf():
         prune_schedule(losses, ratio=0.99999, epoch=0, epochs=10, rng=0)
     kept = prune_schedule(losses.astype(np.float32), ratio=0.99999, epoch=0, epochs=10, rng=0)
     assert np.isfinite(kept.weights).all()
+
+
+def test_prune_never_prunes_a_loss_at_or_above_the_exact_mean_and_anneals_exactly():
+    """Against the exact mean (fractions): no loss at or above it is pruned, and every loss clearly below
+    it counts as well learned (quantised losses make ties with the mean common: [0.4, 0.4, 0.2, 0.2, 0.8,
+    0.4] has mean exactly 0.4, and 1.1 of [1.1, 1.8, 0.4] is 3.7e-17 above it; both were pruned when the
+    rule compared losses minus the largest one). Annealing is half-open in exact arithmetic: 0.28 * 25
+    is 7.000000000000001 in binary, and epoch 7 trains on everything."""
+    from fractions import Fraction
+
+    from crestcore.baselines import prune_schedule
+
+    rng = np.random.default_rng(0)
+    cases = [np.array([0.4, 0.4, 0.2, 0.2, 0.8, 0.4]), np.array([1.1, 1.8, 0.4])]
+    cases += [np.round(rng.random(int(rng.integers(2, 12))) * 2, 1) for _ in range(400)]
+    for L in cases:
+        exact = sum(Fraction(float(v)) for v in L) / L.size
+        sel = prune_schedule(L, ratio=0.99, epoch=0, epochs=4, rng=1)
+        kept = set(np.asarray(sel.indices).tolist())
+        for i, v in enumerate(L):
+            if Fraction(float(v)) >= exact:
+                assert i in kept, (L.tolist(), i)
+        below = [i for i, v in enumerate(L) if Fraction(float(v)) < exact * (1 - Fraction(1, 2**48))]
+        w = np.asarray(sel.weights)
+        n_low = len(below)
+        if n_low:
+            assert sum(1 for i in below if i in kept) == max(1, math.ceil(0.01 * n_low - 1e-9))
+            assert float(w.sum()) == pytest.approx(L.size)
+    for anneal, epochs, first_off in ((0.28, 25, 7), (0.14, 50, 7), (0.55, 100, 55), (0.875, 8, 7), (0.3, 5, 2)):
+        L = np.array([0.1, 0.2, 1.0, 2.0])
+        on = prune_schedule(L, ratio=0.5, epoch=first_off - 1, epochs=epochs, anneal=anneal, rng=0)
+        off = prune_schedule(L, ratio=0.5, epoch=first_off, epochs=epochs, anneal=anneal, rng=0)
+        assert np.asarray(on.indices).size == 3 and np.asarray(off.indices).size == 4, (anneal, epochs)

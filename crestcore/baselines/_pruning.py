@@ -16,7 +16,9 @@ from ._common import check_real, check_vector, epoch_rng
 def prune_schedule(losses, *, ratio: float = 0.5, epoch, epochs, anneal: float = 0.875, rng) -> Selection:
     """This epoch's kept examples and weights: prune part of the well-learned ones, rescale the rest.
 
-    An example is *well learned* when its latest loss is strictly below the mean loss. While pruning is
+    An example is *well learned* when its latest loss is strictly below the mean loss (by more than two
+    units in the last place of the mean, which is computed from a correctly rounded sum, so that no loss
+    at or above the exact mean counts). While pruning is
     on, ``n_keep = ceil((1 - ratio) * n_low)`` of the ``n_low`` well-learned examples are kept, drawn
     uniformly without replacement, and each kept one is weighted ``n_low / n_keep`` (= ``1 / (1 -
     ratio)`` when ``(1 - ratio) n_low`` is an integer; the exact inverse of its inclusion probability
@@ -86,16 +88,19 @@ def prune_schedule(losses, *, ratio: float = 0.5, epoch, epochs, anneal: float =
     # unchanged by that exact scaling, and the mean (at most the largest loss) always fits back
     lc, _, _, e = prepare(xp, losses, metric="euclidean", kernel=None, scale=1.0)
     mean_c = xp.mean(lc)
-    # "below the mean" is decided on the losses minus the largest one: equal losses are then all exactly
-    # 0 (their mean too), where the rounded mean of the losses themselves can land an ulp above them and
-    # make every one of them "below the mean"
-    top = xp.max(lc)
-    centred = lc - top
-    low = np.asarray(to_numpy(centred < xp.mean(centred)), dtype=bool)
+    # "below the mean" on the host in float64 (exact for every input dtype): the mean from the correctly
+    # rounded sum (math.fsum) is within about an ulp of the exact one, and a loss counts as below it only
+    # by more than two ulps of it, so no loss at or above the exact mean is ever pruned, equal losses
+    # included. (Losses minus the largest one, as before, round when a loss is below half the largest:
+    # 1.1 of [1.1, 1.8, 0.4], above the exact mean, was pruned.)
+    host = np.asarray(to_numpy(lc), dtype=np.float64)
+    mean_h = math.fsum(host.tolist()) / n
+    low = host < mean_h - 2.0 * float(np.spacing(abs(mean_h)))
     mean = restore(xp, mean_c, e, losses.dtype, "mean loss")
     weights = np.ones(n)
     keep = np.ones(n, dtype=bool)
-    active = epoch < anneal * epochs
+    # half-open in exact arithmetic: 0.55 * 100 is 55.00000000000001 in binary, and epoch 55 is already off
+    active = epoch < anneal * epochs - 1e-9 * max(1.0, anneal * epochs)
     low_idx = np.flatnonzero(low)
     if active and ratio > 0.0 and low_idx.size:
         n_low = low_idx.size
