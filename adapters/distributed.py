@@ -330,7 +330,8 @@ class DistributedModelOps:
         models (the results are still identical on every rank, being gathered or reduced).
 
     Attributes other than the ModelOps methods (``device``, ``labels``, ``model``, ``rademacher``, ...)
-    are the wrapped ops'. ``sharded_solves`` counts the coreset solves that were sharded.
+    are the wrapped ops'. ``sharded_solves`` counts the coreset solves that were sharded (those of at
+    least two problem rows).
 
     Examples
     --------
@@ -685,8 +686,9 @@ class DistributedModelOps:
         Rank ``q`` solves its contiguous share of the pre-drawn ``subsets`` rows (each row's ``C``
         per-class problems included); indices (int64), weights, gains and objectives are all-gathered, so
         every rank returns the same :class:`crestcore.Coresets`. Falls back to the unsharded call (on
-        every rank; the same result) with one process, without ``subsets``, for non-torch features, or
-        with the stochastic optimizer (its random draws are taken for all problems at once).
+        every rank; the same result) with one process, for a single problem row (P = 1), without
+        ``subsets``, for non-torch features, or with the stochastic optimizer (its random draws are taken
+        for all problems at once).
 
         Examples
         --------
@@ -706,7 +708,10 @@ class DistributedModelOps:
         >>> group.close()
         """
         W = self.world_size
-        if W == 1 or subsets is None or optimizer == "stochastic" or not isinstance(features, torch.Tensor):
+        # one problem row (a just-in-time coreset, the default schedule's usual call) has nothing to share:
+        # every rank solves it, as the unsharded call does, and it is not counted as sharded
+        if (W == 1 or P < 2 or subsets is None or optimizer == "stochastic"
+                or not isinstance(features, torch.Tensor)):
             return _minibatch_coresets(features, labels, m=m, r=r, P=P, rng=rng, subsets=subsets,
                                        optimizer=optimizer, **kwargs)
         subs = np.asarray(subsets.detach().cpu().numpy() if isinstance(subsets, torch.Tensor) else subsets)

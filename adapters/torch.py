@@ -88,7 +88,8 @@ def _as_labels(lab, n: int, what: str) -> np.ndarray:
         try:
             lab = np.asarray([_label_value(v, i) for i, v in enumerate(lab)], dtype=np.int64)
         except (TypeError, ValueError) as exc:  # e.g. a `labels` attribute holding class names
-            raise type(exc)(f"{what}: {exc} (pass labels=, one class index per example, to override)") from None
+            raise type(exc)(f"{what}: {exc} (pass labels=, one class index per example, to override; "
+                            "crest_labels= on CrestTrainer)") from None
     lab = np.asarray(lab)
     if lab.ndim != 1 or lab.shape[0] != n:
         raise ValueError(f"{what} must be 1-D with one class index per example ({n}), got shape {lab.shape}")
@@ -155,7 +156,8 @@ def dataset_labels(dataset) -> np.ndarray:
     n = _length(dataset)
     if isinstance(dataset, TensorDataset):
         if len(dataset.tensors) < 2:
-            raise ValueError("a TensorDataset needs (inputs, labels) tensors to give labels; pass labels=")
+            raise ValueError("a TensorDataset needs (inputs, labels) tensors to give labels; pass labels= "
+                             "(crest_labels= on CrestTrainer)")
         return _as_labels(dataset.tensors[1], n, "the TensorDataset's second tensor")
     if isinstance(dataset, Subset) and _labels_without_items(dataset.dataset):
         base = dataset_labels(dataset.dataset)
@@ -177,14 +179,16 @@ def dataset_labels(dataset) -> np.ndarray:
                 mapped = [tt(t) for t in raw]
             except Exception as exc:
                 raise ValueError(f"dataset.target_transform failed on dataset.{attr} ({type(exc).__name__}: {exc}); "
-                                 "pass labels= (the class index of each example as the items carry it)") from exc
+                                 "pass labels= (the class index of each example as the items carry it; "
+                                 "crest_labels= on CrestTrainer)") from exc
         return _as_labels(mapped, n, f"dataset.target_transform(dataset.{attr})")
     why = ("its joint `transforms` may change the targets" if _joint_transform(dataset)
            else "it has no `targets` or `labels` attribute")
     warnings.warn(
         f"crestcore: reading all {n} examples of the {type(dataset).__name__} once to find their labels ({why}), "
         "taking each item's second field (item[1]) or, for dict items, the first "
-        f"of the keys {_LABEL_KEYS}: pass labels= (one class index per example) if that is not the class label, or "
+        f"of the keys {_LABEL_KEYS}: pass labels= (one class index per example; crest_labels= on CrestTrainer) "
+        "if that is not the class label, or "
         "to skip this pass (or give the dataset a `targets` attribute). The global random states are restored "
         "afterwards.",
         stacklevel=3,
@@ -197,13 +201,15 @@ def dataset_labels(dataset) -> np.ndarray:
                 key = next((k for k in _LABEL_KEYS if k in item), None)
                 if key is None:
                     raise TypeError(f"cannot find the labels of this dataset: its dict items have none of the keys "
-                                    f"{_LABEL_KEYS}; pass labels= (one class index per example)")
+                                    f"{_LABEL_KEYS}; pass labels= (one class index per example; crest_labels= "
+                                    "on CrestTrainer)")
                 out[i] = _label_value(item[key], i)
                 continue
             if not isinstance(item, (tuple, list)) or len(item) < 2:
                 raise TypeError(
                     "cannot find the labels of this dataset: its items are not (input, label, ...) tuples "
-                    "and it has no `targets` attribute; pass labels= (one class index per example)"
+                    "and it has no `targets` attribute; pass labels= (one class index per example; "
+                    "crest_labels= on CrestTrainer)"
                 )
             out[i] = _label_value(item[1], i)
     return _as_labels(out, n, "the dataset's labels")
