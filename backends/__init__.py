@@ -33,6 +33,7 @@ from .contract import (
     SIGNATURES,
     SPARSE_KERNEL_NAMES,
     backend_for_namespace,
+    exact_shift,
     sample_sizes,
     snap_tolerance,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "backend_for_namespace",
     "sample_sizes",
     "snap_tolerance",
+    "exact_shift",
     "KERNEL_NAMES",
     "SPARSE_KERNEL_NAMES",
     "HOST_KERNEL_NAMES",

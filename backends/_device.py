@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .contract import KERNEL_NAMES, KERNELS, METRICS, OPTIMIZERS, snap_tolerance
+from .contract import KERNEL_NAMES, KERNELS, METRICS, OPTIMIZERS, exact_shift, snap_tolerance
 
 # Upper bound on the elements of one work buffer (gain chunks, similarity tiles): 2**25 elements is
 # 128 MiB in float32 / 256 MiB in float64.
@@ -270,8 +270,10 @@ def similarity_batched(ops: Ops, X, valid, metric: str, kernel: str, scale: floa
     check_choice(kernel, "kernel", KERNELS)
     xp = ops.xp
     valid = ops.astype(valid, ops.bool_)
-    Xn = _normalized(xp, X) if metric == "cosine" else X
-    sq = None if metric == "cosine" else _sqnorms(xp, X)
+    # each problem translated next to the origin, exactly (the contract's exact_shift): the Gram form
+    # keeps the distances of a cloud far from the origin
+    Xn = _normalized(xp, X) if metric == "cosine" else X - exact_shift(xp, X, valid)
+    sq = None if metric == "cosine" else _sqnorms(xp, Xn)
     D = distances(ops, Xn, Xn, sq, sq, metric)
     _mirror_upper_(ops, D)
     ops.zero_diagonal_(D)
@@ -430,8 +432,8 @@ class Features:
         # elements of one similarity block: what ``tile`` full rows would take, capped
         self.budget = max(1, min(_MAX_TEMP_ELEMENTS, self.tile * max(self.n, 1)))
         self.dev, self.dt = ops.device(X), X.dtype
-        self.X = _normalized(self.xp, X) if metric == "cosine" else X
-        self.sq = None if metric == "cosine" else _sqnorms(self.xp, X)
+        self.X = _normalized(self.xp, X) if metric == "cosine" else X - exact_shift(self.xp, X)
+        self.sq = None if metric == "cosine" else _sqnorms(self.xp, self.X)
         self.ar = ops.arange(0, self.n, self.dev)
         self.M = self._max_distance() if kernel == "max-minus" else None
 

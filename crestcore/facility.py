@@ -21,7 +21,7 @@ from . import _reference_kernels as ref
 from ._compat import device_of, from_numpy, namespace, namespace_name, to_numpy
 from ._validation import (check_choice, check_class_budgets, check_epsilon, check_float_matrix, check_float_rows,
                           check_int, hamilton, isdtype, labels_to_host, make_rng)
-from .backends import get_host_kernel, sample_sizes
+from .backends import exact_shift, get_host_kernel, sample_sizes
 from .similarity import KERNELS, METRICS, kernel_scale, prepare, restore
 
 _log = logging.getLogger("crestcore")
@@ -668,6 +668,9 @@ def score_orders(X, C, orders, *, metric: str = "euclidean", kernel: str = "max-
                                         kernel="exp" if kernel == "exp" else None, scale=scale_v,
                                         Y=np.asarray(C[used], dtype=np.float64))
         bound_v = math.ldexp(bound_v, -back)
+        if metric != "cosine":  # next to the origin, exactly, for the Gram form (as pairwise_distances)
+            sh = exact_shift(np, np.concatenate([Xc, Cc]))
+            Xc, Cc = Xc - sh, Cc - sh
         cols = np.searchsorted(used, np.concatenate(lists))  # the lists as columns of D (rows of C used)
         kern = get_host_kernel("order_scores") or ref.order_scores
         R, sr = _gram_rows(Cc, metric)

@@ -29,7 +29,7 @@ import warnings
 
 from ._compat import namespace, to_numpy
 from ._validation import isdtype
-from .backends import KERNELS, METRICS, snap_tolerance  # the kernel contract (crestcore.backends.contract)
+from .backends import KERNELS, METRICS, exact_shift, snap_tolerance  # the kernel contract (crestcore.backends.contract)
 
 __all__ = [
     "METRICS",
@@ -307,7 +307,7 @@ def _gram_distances(xp, G, sx, sy, metric: str, tol: float):
     return xp.sqrt(D) if metric == "euclidean" else D
 
 
-def _distances(xp, X, Y, metric: str, same: bool):
+def _distances(xp, X, Y, metric: str, same: bool, valid=None):
     # The Gram-matrix forms below lose up to a few ulps of (|x|^2 + |y|^2) to cancellation; values
     # within that rounding error of 0 are set to exactly 0, so identical points are at distance 0.
     tol = snap_tolerance(xp.finfo(X.dtype).eps)  # the kernel contract's zero-distance snap
@@ -319,6 +319,11 @@ def _distances(xp, X, Y, metric: str, same: bool):
         cos = xp.matmul(X / nx[..., None], xp.matrix_transpose(Y / ny[..., None]))
         D = _gram_distances(xp, cos, None, None, metric, tol)
     else:
+        # both translated by Y's exact shift (the contract's exact_shift) next to the origin: the Gram form
+        # keeps the distances of points far from the origin relative to their spread
+        sh = exact_shift(xp, Y, valid)  # valid: Y's real rows (padded problems), as the fast kernels take it
+        X = X - sh
+        Y = X if same else Y - sh
         G = xp.matmul(X, xp.matrix_transpose(Y))
         D = _gram_distances(xp, G, _sqnorms(xp, X), _sqnorms(xp, Y), metric, tol)
     if same:
@@ -373,7 +378,7 @@ def similarity_batched(X, valid, metric: str, kernel: str, scale: float):
     xp = namespace(X, valid, names=("X", "valid"))
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    D = _distances(xp, X, X, metric, True)  # X is already in the compute dtype and range (prepare)
+    D = _distances(xp, X, X, metric, True, valid)  # X is already in the compute dtype and range (prepare)
     pair = valid[:, :, None] & valid[:, None, :]
     zero = xp.zeros_like(D)
     if kernel == "max-minus":

@@ -403,3 +403,36 @@ def test_cosine_does_not_depend_on_a_rows_scale_on_any_path(dtype):
         np.testing.assert_array_equal(np.asarray(b.indices), np.asarray(a.indices))
     D = crestcore.pairwise_distances(Xs, metric="cosine")
     np.testing.assert_allclose(D, crestcore.pairwise_distances(X, metric="cosine"), atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["torch-dense", "torch-matrix-free", "reference", "torch-knn", "reference-knn",
+                                  "score-orders", "torch-minibatch"])
+def test_a_cloud_far_from_the_origin_selects_as_the_same_cloud_at_the_origin(case):
+    """Euclidean selection is translation invariant; the Gram-form paths (torch, CuPy, the reference, the
+    exact kNN search, score_orders) translate every problem next to the origin first, exactly (the
+    contract's exact_shift), so a float32 cloud 100 +- 0.01 selects as the same cloud at the origin.
+    (Computed in place, |a|^2 + |b|^2 - 2 a.b cancelled every distance in the cloud down to the
+    zero-distance snap: the picks were the lowest indices, one pick weighed 755 of 2000.)"""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    far = (100.0 + 0.01 * rng.normal(size=(400, 6))).astype(np.float32)
+    base = far - np.float32(100.0)  # exact (Sterbenz): one and the same cloud, at the origin
+    assert ((base + np.float32(100.0)) == far).all()
+
+    def run(X):
+        if case == "score-orders":
+            return crestcore.score_orders(X, X, [[5, 17, 230, 99]], bound=1.0)[0][1]
+        if case == "torch-minibatch":
+            c = crestcore.minibatch_coresets(torch.from_numpy(X), torch.from_numpy(np.arange(400) % 2), m=8,
+                                             r=100, P=2, rng=0)
+            return np.concatenate([c.indices.numpy().ravel(), c.weights.numpy().ravel()])
+        kw = {"torch-matrix-free": dict(max_dense_bytes=1000), "reference": dict(backend="reference"),
+              "torch-knn": dict(neighbors=8), "reference-knn": dict(neighbors=8, backend="reference")}.get(case, {})
+        data = X if case.startswith("reference") else torch.from_numpy(X)
+        sel = crestcore.facility_location(data, 12, **kw)
+        return np.concatenate([np.asarray(sel.indices, dtype=np.float64), np.asarray(sel.weights, dtype=np.float64)])
+
+    near, away = run(base), run(far)
+    np.testing.assert_array_equal(away, near)
+    if case != "score-orders" and case != "torch-minibatch":
+        assert np.asarray(away[12:]).max() < 150, "no pick stands for most of the cloud"
