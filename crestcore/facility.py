@@ -386,8 +386,12 @@ def facility_location(
 
         k_nb = neighbors if isinstance(neighbors, int) else (None if neighbors is None else int(neighbors.shape[1]))
         if auto:
-            plans = [plan_problem(int(sizes[p]), X.shape[1], int(budgets[p]), itemsize, max_dense_bytes,
-                                  neighbors=k_nb, precomputed=precomputed) for p in range(n_prob)]
+            # the largest class first: when a class does not fit, the bound the error suggests is the
+            # largest class's, which fits every class (not the first class's, which a later one exceeds)
+            by_size = {p: plan_problem(int(sizes[p]), X.shape[1], int(budgets[p]), itemsize, max_dense_bytes,
+                                       neighbors=k_nb, precomputed=precomputed)
+                       for p in sorted(range(n_prob), key=lambda q: (-int(sizes[q]), q))}
+            plans = [by_size[p] for p in range(n_prob)]
             kinds = [pl.path for pl in plans]
         else:
             kinds = ["sparse"] * n_prob

@@ -687,3 +687,19 @@ def test_objective_and_gains_refuse_negative_similarities():
     for f in (crestcore.facility_objective, crestcore.marginal_gains):
         with pytest.raises(ValueError, match="non-negative"):
             f(S, np.array([0]))
+
+
+def test_the_bound_suggested_for_classes_fits_every_class():
+    """With labels, "auto" plans the largest class first, so when a class does not fit, the bound the
+    error suggests is one that fits every class (it was the first class's: 64000 for n = 500, and the
+    rerun failed on the class of 2500)."""
+    import re
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(3000, 4))
+    labels = np.repeat([0, 1], [500, 2500])
+    with pytest.raises(ValueError, match="n=2500") as err:
+        crestcore.facility_location(X, 20, labels=labels, optimizer="auto", max_dense_bytes=1000)
+    bound = int(re.search(r"max_dense_bytes >= (\d+)", str(err.value)).group(1))
+    sel = crestcore.facility_location(X, 20, labels=labels, optimizer="auto", max_dense_bytes=bound)
+    assert np.asarray(sel.indices).size == 20
