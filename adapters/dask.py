@@ -279,6 +279,8 @@ def facility_location(X, k, *, labels=None, client=None, partitions=None, seed=0
         raise TypeError(f"X must have a real floating dtype, got {X.dtype}")
     n, d = (int(s) for s in X.shape)
     k = check_int(k, "k", low=1, high=n)
+    if options.get("neighbors") is not None:  # as the single-machine call refuses it, whatever the blocks
+        check_int(options["neighbors"], "neighbors", low=1, high=n - 1)
     seed = check_int(seed, "seed", low=0)
     if partitions is not None:
         partitions = check_int(partitions, "partitions", low=1, high=n)

@@ -266,8 +266,9 @@ def facility_location(
         all of them once no more remain, so a tiny ``epsilon`` gives the greedy picks;
         ``(1 - 1/e - epsilon)``-approximate in expectation; needs ``rng``), or "auto": lazy greedy on the
         path :func:`crestcore.planner.plan_problem` picks per problem from n, d, k and
-        ``max_dense_bytes`` (dense, matrix-free or sparse), never needing more than ``max_dense_bytes``;
-        a ``ValueError`` names what would fit when nothing does.
+        ``max_dense_bytes`` (dense, matrix-free or sparse), its size-dependent arrays within
+        ``max_dense_bytes`` (fixed work buffers of tens to a couple of hundred MB come on top; see
+        docs/selection.md); a ``ValueError`` names what would fit when nothing does.
     epsilon : stochastic greedy's accuracy parameter in (0, 1).
     rng : int seed or ``numpy.random.Generator``; only used (and then required) by "stochastic".
     scale : the "exp" kernel's length scale; default the number of features.

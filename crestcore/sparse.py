@@ -119,6 +119,8 @@ def check_neighbors(neighbors, n: int):
         raise ValueError(f"neighbors as an index graph must have shape (n, K) = ({n}, >= 1), got {nbr.shape}")
     if nbr.dtype.kind not in "iu":
         raise TypeError(f"neighbors as an index graph must hold integers, got dtype {nbr.dtype}")
+    if nbr.dtype.kind == "u" and nbr.size and int(nbr.max()) >= n:  # before the cast: 2^64 - 1 would wrap to -1
+        raise ValueError(f"neighbors must hold indices in [0, {n}) or -1 for 'no neighbour'")
     nbr = nbr.astype(np.int64)
     if nbr.shape[1] >= n:
         raise ValueError(f"neighbors has {nbr.shape[1]} columns; at most n - 1 = {n - 1} neighbours per point")

@@ -406,3 +406,14 @@ def test_exact_ties_break_alike_on_every_backend():
     a = crestcore.facility_location(X, 13, neighbors=12)
     b = crestcore.facility_location(torch.from_numpy(X), 13, neighbors=12)
     np.testing.assert_array_equal(np.asarray(to_numpy(b.indices)), np.asarray(a.indices))
+
+
+def test_an_unsigned_graph_entry_beyond_n_is_refused_not_wrapped():
+    """uint64 2^64 - 1 wrapped to -1 ('no neighbour') in the int64 cast and was accepted."""
+    X = np.random.default_rng(0).normal(size=(6, 2))
+    g = np.array([[1], [0], [3], [2], [5], [2**64 - 1]], dtype=np.uint64)
+    with pytest.raises(ValueError, match=r"indices in \[0, 6\)"):
+        crestcore.facility_location(X, 2, neighbors=g)
+    ok = g.copy()
+    ok[5, 0] = 4
+    assert np.asarray(crestcore.facility_location(X, 2, neighbors=ok).indices).size == 2

@@ -211,3 +211,12 @@ def test_a_closed_client_is_refused_naming_it():
         pass
     with pytest.raises(ValueError, match="client is closed"):
         cdask.facility_location(_features(1, 100, 3), 5, client=c, seed=0)
+
+
+def test_neighbors_of_n_or_more_are_refused_whatever_the_partitions(client):
+    """The single-machine call refuses neighbors >= n; GreeDi did too with one partition but shrank it
+    per block with several."""
+    X = _features(5, 300, 3)
+    for parts in (1, 3):
+        with pytest.raises(ValueError, match=r"neighbors must be in \[1, 299\]"):
+            cdask.facility_location(X, 5, client=client, partitions=parts, neighbors=300)
