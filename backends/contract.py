@@ -84,19 +84,23 @@ def snap_tolerance(eps: float) -> float:
 
 
 def exact_shift(xp, X, valid=None):
-    """The translation the Gram-form distances take first: per problem (the leading axes of ``X`` (...,
-    n, d); ``valid`` (..., n) marks its rows, default all), each coordinate's mean rounded to a multiple
-    of the largest power of two not above the coordinate's spread (its largest distance from the mean),
-    shape (..., 1, d). ``X - shift`` is then exact (no rounding: integer data stays integer, so duplicate
-    points stay bit-identical) and near the origin, where ``|a|^2 + |b|^2 - 2 a.b`` keeps the distances:
-    computed away from it, that form cancels the distances of a cloud far from the origin relative to its
-    spread down to the zero-distance snap (100 +- 0.01 in float32: every distance 0). Euclidean distances
-    do not change under a translation; cosine ones do, so it is for ``"euclidean"`` and ``"sqeuclidean"``.
+    """The translation the Gram-form distances take first, shape (..., 1, d): per problem (the leading
+    axes of ``X`` (..., n, d); ``valid`` (..., n) marks its rows, default all), a coordinate whose values
+    all lie far from 0 (``|mean| >= 4 spread``, the spread its largest distance from the mean) is shifted
+    by its mean rounded to a multiple of the largest power of two not above the spread; every other
+    coordinate by 0. Where it shifts, every value and the shift are within a factor 2 of each other, so
+    ``X - shift`` is exact (Sterbenz's lemma; integer data stays integer, duplicates stay bit-identical)
+    and every point's coordinate gets smaller: ``|a|^2 + |b|^2 - 2 a.b`` then keeps the distances of a
+    cloud far from the origin (100 +- 0.01 in float32: computed in place, every distance in it cancelled
+    to the zero-distance snap), and no point near the origin is moved away from it (a mean shift of data
+    with a tight mass at the origin, such as CREST's last-layer gradients of well-learned examples, made
+    that mass's distances cancel instead). Euclidean distances do not change under a translation; cosine
+    ones do, so it is for ``"euclidean"`` and ``"sqeuclidean"``.
 
     >>> import numpy as np
-    >>> X = np.array([[1000.5, 2.0], [1003.25, 2.0], [999.0, 2.0]])
+    >>> X = np.array([[1000.5, 2.0, 0.1], [1003.25, 2.0, -0.3], [999.0, 2.0, 0.2]])
     >>> exact_shift(np, X).tolist(), (X - exact_shift(np, X)).tolist()
-    ([[1000.0, 2.0]], [[0.5, 0.0], [3.25, 0.0], [-1.0, 0.0]])
+    ([[1000.0, 2.0, 0.0]], [[0.5, 0.0, 0.1], [3.25, 0.0, -0.3], [-1.0, 0.0, 0.2]])
     """
     if X.shape[-2] == 0:
         return xp.zeros_like(X[..., :1, :])
@@ -111,7 +115,8 @@ def exact_shift(xp, X, valid=None):
         spread = amax(xp.abs(X - mean) * w, axis=-2, keepdims=True)
     positive = spread > 0
     unit = 2.0 ** xp.floor(xp.log2(xp.where(positive, spread, xp.ones_like(spread))))
-    return xp.round(mean / unit) * unit
+    shift = xp.round(mean / unit) * unit
+    return xp.where(xp.abs(mean) >= 4.0 * spread, shift, xp.zeros_like(shift))
 
 
 def sample_sizes(sizes, budgets, epsilon: float) -> np.ndarray:

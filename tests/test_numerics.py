@@ -436,3 +436,35 @@ def test_a_cloud_far_from_the_origin_selects_as_the_same_cloud_at_the_origin(cas
     np.testing.assert_array_equal(away, near)
     if case != "score-orders" and case != "torch-minibatch":
         assert np.asarray(away[12:]).max() < 150, "no pick stands for most of the cloud"
+
+
+def test_the_shift_is_exact_and_leaves_a_mass_at_the_origin_where_it_is():
+    """exact_shift moves only coordinates whose values all lie far from 0 (|mean| >= 4 spread), by a
+    value within a factor 2 of each of them, so X - shift is exact (checked with fractions over scales,
+    offsets and dtypes); CREST's own features, last-layer gradients with a tight mass of well-learned
+    examples at 0, are then left in place and torch picks what NumPy (direct differences) picks (a plain
+    mean shift had moved that mass to about 0.5, and 6-10 of 60 torch picks differed)."""
+    from fractions import Fraction
+
+    from crestcore.backends import exact_shift
+
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.float64):
+        for offset, spread in ((0.0, 1.0), (0.5, 0.5), (100.0, 0.01), (1e6, 1.0), (-3e5, 1e-3), (1.0, 1e-6)):
+            X = (offset + spread * rng.normal(size=(50, 3))).astype(dtype)
+            X[:, 2] = X[0, 2]  # a constant coordinate
+            s = exact_shift(np, X)
+            D = X - s
+            for i, j in ((0, 0), (7, 1), (49, 2), (13, 0)):
+                assert Fraction(float(D[i, j])) == Fraction(float(X[i, j])) - Fraction(float(s[0, j]))
+    n, C = 1500, 10
+    y = rng.integers(0, C, n)
+    logits = rng.normal(size=(n, C))
+    logits[np.arange(n), y] += np.where(rng.uniform(size=n) < 0.5, 12.0, 0.0)  # half of them learned
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    G = (p / p.sum(1, keepdims=True) - np.eye(C)[y]).astype(np.float32)
+    assert np.abs(exact_shift(np, G)).max() == 0  # every coordinate has values near 0: nothing moves
+    a = crestcore.facility_location(G, 60, labels=y)
+    t = crestcore.facility_location(torch.from_numpy(G), 60, labels=torch.from_numpy(y))
+    assert np.setdiff1d(np.asarray(a.indices), t.indices.numpy()).size <= 1
