@@ -1351,8 +1351,12 @@ class CrestLoader(BudgetedPasses):
 
     def _advance(self):
         """One controller step: ``(state, batch)``. The hook subclasses wrap (e.g. the distributed
-        loader runs it with sharded selection and checks that every rank took the same step)."""
-        return crest_next_batch(self._state, self.ops, self.config)
+        loader runs it with sharded selection and checks that every rank took the same step). Autocast is
+        off for all of it, the selection's kernels included, not only the model passes: a loop that
+        iterates the loader inside ``torch.autocast`` gets the batches and weights of one that does not
+        (the similarities had come out in bfloat16 there, and 14 of 17 batches differed)."""
+        with _no_autocast(self.ops.device.type):
+            return crest_next_batch(self._state, self.ops, self.config)
 
     def _make_batch(self, batch: Batch):
         return _weighted_batch(self, batch.indices, batch.weights)
@@ -1404,9 +1408,10 @@ class CrestLoader(BudgetedPasses):
             raise RuntimeError("observe() needs a batch: call it after training on a yielded batch")
         self._observe(self._batch.indices, losses)
 
-    def _observe(self, indices: np.ndarray, losses) -> None:
-        """Check and record the training losses of the examples ``indices`` (host int64)."""
-        vals = _observed_losses(losses, indices.size, self._position - 1, "CREST")
+    def _observe(self, indices: np.ndarray, losses, step: int | None = None) -> None:
+        """Check and record the training losses of the examples ``indices`` (host int64); ``step`` (for
+        the error message) defaults to the batch handed out last."""
+        vals = _observed_losses(losses, indices.size, self._position - 1 if step is None else step, "CREST")
         if self.config.T2 is not None:  # the loss history only feeds drop decisions
             self._state = crest_observe(self._state, indices, vals)
 
@@ -1612,6 +1617,7 @@ class CrestBatchSampler(CrestLoader):
         self._handed: list[Batch] = []  # the batches handed out last (at most an epoch and 64 more), in order
         self._handed_epoch: list[int] = []  # the epoch of the pass that handed out each
         self._handed_from = 0  # the run position of _handed[0]
+        self._observed_step = -1  # the step of the batch observe(indices=) got last (for its error message)
 
     def __iter__(self):
         # The usual first mistake, DataLoader(train_set, batch_sampler=sampler) without WeightedDataset, ends
@@ -1648,6 +1654,7 @@ class CrestBatchSampler(CrestLoader):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self._handed, self._handed_epoch, self._handed_from = [], [], self._position
+        self._observed_step = self._position - 1
 
     def rewind(self, trained: int) -> None:
         """Tell the sampler that only the first ``trained`` batches of the run were trained: the batches it
@@ -1690,7 +1697,15 @@ class CrestBatchSampler(CrestLoader):
         if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer) or (
                 idx.size and (idx.min() < 0 or idx.max() >= self.n)):
             raise ValueError(f"indices must be a 1-D integer array of dataset indices in [0, {self.n})")
-        self._observe(idx.astype(np.int64), losses)
+        idx = idx.astype(np.int64)
+        # the step of the batch these indices came in (under prefetching not the one handed out last): the
+        # first one handed out after the batch observed before (batches are trained in the order handed
+        # out, and a coreset cycled through may come again later)
+        step = next((self._handed_from + i for i in range(len(self._handed))
+                     if self._handed_from + i > self._observed_step and np.array_equal(self._handed[i].indices, idx)), None)
+        if step is not None:
+            self._observed_step = step
+        self._observe(idx, losses, step)
 
     def state_dict(self, trained: int | None = None) -> dict:
         """:meth:`CrestLoader.state_dict` with the batches handed out after the first ``trained`` of the

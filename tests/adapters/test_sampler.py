@@ -450,3 +450,20 @@ def test_state_dict_with_trained_right_after_a_load_names_the_one_valid_value():
     b.state_dict(trained=4)  # the position itself is valid
     with pytest.raises(ValueError, match="trained must be an integer in 4 "):
         b.state_dict(trained=3)  # before: an IndexError
+
+
+def test_a_nan_loss_observed_with_indices_names_the_step_of_its_batch():
+    """Under prefetching the batch handed out last is not the one just trained: the NaN error of
+    observe(losses, indices=i) names the step of the batch those indices came in (it named the last
+    handed out, 12 for a batch trained at step 4 in a review)."""
+    X = torch.randn(400, 6, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(400) % 4
+    s = CrestBatchSampler(torch_mlp(6, 4), TensorDataset(X, y), config=CrestConfig(m=16), budget=0.5, epochs=1,
+                          seed=0)
+    it = iter(s)
+    handed = [next(it) for _ in range(5)]  # fetched ahead, as a DataLoader's workers do
+    first = np.array([k[0] for k in handed[0]])
+    s.observe(torch.ones(16), indices=first)
+    second = np.array([k[0] for k in handed[1]])
+    with pytest.raises(FloatingPointError, match="at step 1 "):
+        s.observe(torch.full((16,), float("nan")), indices=second)

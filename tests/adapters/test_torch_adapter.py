@@ -844,6 +844,24 @@ def test_measurement_is_outside_autocast_and_takes_a_frozen_backbones_dtype():
     np.testing.assert_array_equal(ops.outputs(np.arange(5)).detach().numpy(), expected.detach().numpy())
 
 
+def test_a_loop_inside_autocast_gets_the_batches_of_one_outside_it():
+    """Autocast is off for the whole controller step, the selection's similarity and greedy kernels
+    included: under torch.autocast("cpu", bfloat16) the similarities had come out in bfloat16 and most
+    batches differed (14 of 17 in a review)."""
+    X = torch.randn(600, 12, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(600) % 4
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    runs = []
+    for inside in (False, True):
+        loader = CrestLoader(model, TensorDataset(X, y), config=CrestConfig(m=32), budget=0.5, epochs=2, seed=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=inside):
+            runs.append([(loader.last_indices.copy(), w.clone()) for _x, _y, w in loader.iter_run()])
+    assert len(runs[0]) == len(runs[1]) > 5
+    for (ia, wa), (ib, wb) in zip(*runs):
+        np.testing.assert_array_equal(ia, ib)
+        assert torch.equal(wa, wb)
+
+
 def test_measurement_workers_leave_the_global_rng_alone():
     """The measurement passes' worker pool seeds its workers from its own generator, not torch's global RNG."""
     X = torch.randn(96, 4, generator=torch.Generator().manual_seed(0))
