@@ -101,9 +101,11 @@ def check_neighbors(neighbors, n: int):
         if K < 1:
             raise ValueError(f"neighbors must be >= 1, got {K}")
         if K >= n:
+            whole = (f"neighbors={n - 1} is the complete graph, i.e. the dense problem" if n > 1
+                     else "a single point has none: leave neighbors out")
             raise ValueError(
                 f"neighbors={K} must be smaller than the number of points n={n} (each point has at most n - 1 "
-                f"neighbours; neighbors={n - 1} is the complete graph, i.e. the dense problem)"
+                f"neighbours; {whole})"
             )
         return K
     if isinstance(neighbors, numbers.Number):
