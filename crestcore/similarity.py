@@ -307,7 +307,7 @@ def _gram_distances(xp, G, sx, sy, metric: str, tol: float):
     return xp.sqrt(D) if metric == "euclidean" else D
 
 
-def _distances(xp, X, Y, metric: str, same: bool, valid=None):
+def _distances(xp, X, Y, metric: str, same: bool, valid=None, shift: bool = True):
     # The Gram-matrix forms below lose up to a few ulps of (|x|^2 + |y|^2) to cancellation; values
     # within that rounding error of 0 are set to exactly 0, so identical points are at distance 0.
     tol = snap_tolerance(xp.finfo(X.dtype).eps)  # the kernel contract's zero-distance snap
@@ -321,9 +321,10 @@ def _distances(xp, X, Y, metric: str, same: bool, valid=None):
     else:
         # both translated by Y's exact shift (the contract's exact_shift) next to the origin: the Gram form
         # keeps the distances of points far from the origin relative to their spread
-        sh = exact_shift(xp, Y, valid)  # valid: Y's real rows (padded problems), as the fast kernels take it
-        X = X - sh
-        Y = X if same else Y - sh
+        if shift:  # (a caller that tiles one data set shifts it once, beforehand: shift=False)
+            sh = exact_shift(xp, Y, valid)  # valid: Y's real rows (padded problems), as the fast kernels take it
+            X = X - sh
+            Y = X if same else Y - sh
         G = xp.matmul(X, xp.matrix_transpose(Y))
         D = _gram_distances(xp, G, _sqnorms(xp, X), _sqnorms(xp, Y), metric, tol)
     if same:

@@ -43,8 +43,8 @@ import numbers
 import numpy as np
 
 from ._compat import device_of, from_numpy, namespace, namespace_name, to_numpy
-from .backends import snap_tolerance  # the kernel contract (crestcore.backends.contract)
-from .similarity import pairwise_distances
+from .backends import exact_shift, snap_tolerance  # the kernel contract (crestcore.backends.contract)
+from .similarity import _distances, prepare
 
 __all__ = [
     "SPARSE_KERNEL_NAMES",
@@ -166,9 +166,15 @@ def exact_knn(xp, X, K: int, metric: str) -> np.ndarray:
     tile = max(1, min(n, _TILE_ELEMENTS // max(n, 1)))
     out = np.empty((n, K), dtype=np.int64)
     cols = xp.arange(n, device=dev)[None, :]
+    # the numerics policy's preparation and the Gram form's exact shift once for the whole data set, not
+    # per tile (each an O(n d) pass: per tile they cost as much as the tiles' products); the distances are
+    # only ranked, so a power-of-two rescaling changes nothing
+    X, _, _, _ = prepare(xp, X, metric=metric, kernel=None, scale=1.0)
+    if metric != "cosine":
+        X = X - exact_shift(xp, X)
     for a in range(0, n, tile):
         b = min(n, a + tile)
-        D = pairwise_distances(X[a:b, :], X, metric=metric)
+        D = _distances(xp, X[a:b, :], X, metric, False, shift=False)
         rows = xp.arange(a, b, device=dev)[:, None]
         D = xp.where(rows == cols, xp.full_like(D, math.inf), D)
         out[a:b] = to_numpy(xp.argsort(D, axis=1, stable=True)[:, :K])
