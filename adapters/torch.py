@@ -1701,8 +1701,9 @@ class CrestBatchSampler(CrestLoader):
         # the step of the batch these indices came in (under prefetching not the one handed out last): the
         # first one handed out after the batch observed before (batches are trained in the order handed
         # out, and a coreset cycled through may come again later)
-        step = next((self._handed_from + i for i in range(len(self._handed))
-                     if self._handed_from + i > self._observed_step and np.array_equal(self._handed[i].indices, idx)), None)
+        first = max(0, self._observed_step + 1 - self._handed_from)  # the scan starts after it: O(1) in order
+        step = next((self._handed_from + i for i in range(first, len(self._handed))
+                     if np.array_equal(self._handed[i].indices, idx)), None)
         if step is not None:
             self._observed_step = step
         self._observe(idx, losses, step)
