@@ -6,9 +6,12 @@ m = 128), without the model: subsets, their union, logit gradients of torch CPU 
     flock /tmp/crest-bench.lock .venv/bin/python benchmarks/e2_select_path.py [--threads 1] [--repeats 30] [--route both]
 
 ``--route torch`` solves the torch features on the torch kernels (the controller's route for CPU torch
-tensors since 2026-11-30), ``--route numpy`` converts them to NumPy first (the Numba kernels, the route
-before), ``both`` (default) times the two alternately in one process. Prints the median milliseconds of
-each part (after one warm-up call per route that loads the kernels).
+tensors since 2026-11-30) and draws the subsets with the NumPy reference (such a loop does not start
+Numba), ``--route numpy`` converts them to NumPy first (the Numba kernels, which then also draw), ``both``
+(default) times the two alternately in one process, ``all`` also S1's call at the same shapes
+(``benchmarks/selection.py``'s crestcore row: ``minibatch_coresets`` on float64 features of all n
+examples, drawing inside, ``class_budget="ceil"``), so the ratios to S1 come from one run. Prints the
+median milliseconds of each part (after one warm-up call per route that loads the kernels).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--P", type=int, default=5)
     ap.add_argument("--r", type=int, default=384)
-    ap.add_argument("--route", choices=("torch", "numpy", "both"), default="both")
+    ap.add_argument("--route", choices=("torch", "numpy", "both", "all"), default="both")
     args = ap.parse_args(argv)
     for v in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[v] = str(args.threads)
@@ -33,8 +36,18 @@ def main(argv=None) -> None:
     import torch
 
     import crestcore
+    import crestcore.minibatch as mb
     from crestcore._compat import to_numpy
+    from crestcore.controller import _union_positions
     from crestcore.features import last_layer_gradients
+
+    host_kernel = mb.get_host_kernel
+    route_now = {"name": ""}
+
+    def get_host_kernel(name, start=True):  # a CPU torch loop has not started Numba: reference draws
+        return None if route_now["name"] == "torch" and name == "draw_stratified" else host_kernel(name, start)
+
+    mb.get_host_kernel = get_host_kernel
 
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
@@ -42,12 +55,24 @@ def main(argv=None) -> None:
     labels = rng.integers(0, C, n)
     pool = np.arange(n)
 
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from selection import s1_data
+
+    F1, labels1 = s1_data(n, C, 0)
+
     def step(seed, route):
+        route_now["name"] = route
+        if route == "s1":
+            t0 = time.perf_counter()
+            crestcore.minibatch_coresets(F1, labels1, m=m, r=args.r, P=args.P, rng=seed, per_class=True,
+                                         kernel="exp", metric="euclidean", optimizer="lazy",
+                                         class_budget="ceil", scale=float(C))
+            t3 = time.perf_counter()
+            return [np.nan, np.nan, np.nan, 1e3 * (t3 - t0)]
         gen = np.random.default_rng(seed)
         t0 = time.perf_counter()
         subsets = crestcore.draw_subsets(labels, pool, args.r, args.P, gen)
-        union = np.unique(subsets)
-        pos = np.searchsorted(union, subsets)
+        union, pos = _union_positions(subsets)
         logits = torch.randn(union.size, C, generator=torch.Generator().manual_seed(seed))
         y = torch.from_numpy(labels[union])
         t1 = time.perf_counter()
@@ -59,18 +84,22 @@ def main(argv=None) -> None:
         t3 = time.perf_counter()
         return [1e3 * (t1 - t0), 1e3 * (t2 - t1), 1e3 * (t3 - t2), 1e3 * (t3 - t0)]
 
-    routes = ("torch", "numpy") if args.route == "both" else (args.route,)
+    routes = {"both": ("torch", "numpy"), "all": ("torch", "numpy", "s1")}.get(args.route, (args.route,))
     times: dict[str, list] = {r: [] for r in routes}
     for r in routes:
         step(0, r)
     for s in range(1, args.repeats + 1):
         for r in routes:  # alternating: load drifts hit both routes alike
             times[r].append(step(s, r))
+    s1 = np.median(times["s1"], axis=0)[3] if "s1" in times else None
     for r in routes:
         med = np.median(times[r], axis=0)
+        if r == "s1":
+            print(f"P={args.P} r={args.r} threads={args.threads} S1's call: total {med[3]:.2f} ms")
+            continue
         print(f"P={args.P} r={args.r} threads={args.threads} route={r}: subsets + union {med[0]:.2f} ms, features"
               f"{' + to_numpy' if r == 'numpy' else ''} {med[1]:.2f} ms, minibatch_coresets(subsets=) {med[2]:.2f} ms, "
-              f"total {med[3]:.2f} ms")
+              f"total {med[3]:.2f} ms" + (f" ({med[3] / s1:.2f}x S1)" if s1 else ""))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ from ._compat import device_of, from_numpy, namespace, namespace_name
 from ._validation import apportion, check_choice, check_epsilon, check_float_matrix, check_int, hamilton
 from ._validation import labels_to_host, make_rng
 from .backends import get_host_kernel, get_kernel
-from .facility import DENSE_FLOOR_BYTES, OPTIMIZERS, resolve_dense_bytes, solve_batched, stochastic_draws
+from .facility import BACKENDS, DENSE_FLOOR_BYTES, OPTIMIZERS, numba_route, resolve_dense_bytes, solve_batched
+from .facility import stochastic_draws
 from .similarity import KERNELS, METRICS, kernel_scale, prepare, restore
 
 CLASS_BUDGETS = ("proportional", "ceil")
@@ -318,7 +319,7 @@ def minibatch_coresets(
         row). Then no subsets are drawn and ``rng`` is only needed by the stochastic optimizer. This is
         how a training loop computes features for the subsets' union only and selects on them. With
         ``pool`` too, every member must be in the pool.
-    backend : "auto" or "reference", as for :func:`crestcore.facility_location`.
+    backend : "auto", "reference" or "numba", as for :func:`crestcore.facility_location`.
     rows : optional 1-D array of P distinct non-negative integers, with ``subsets``: the rows' numbers in a
         larger set of subsets (default ``0..P-1``). The random rounding of row p's class budgets depends
         only on ``rng`` and p, so solving a share of the rows (one process of several) gives those rows'
@@ -359,6 +360,16 @@ def minibatch_coresets(
     True
     """
     xp = namespace(features, labels, names=("features", "labels"))
+    backend = check_choice(backend, "backend", BACKENDS)
+    if backend == "numba":
+        def solve(features, labels, pool, subsets, rows):
+            return minibatch_coresets(features, labels, m=m, r=r, P=P, rng=rng, per_class=per_class, kernel=kernel,
+                                      metric=metric, optimizer=optimizer, epsilon=epsilon,
+                                      class_budget=class_budget, scale=scale, pool=pool, subsets=subsets,
+                                      backend="auto", max_dense_bytes=max_dense_bytes, rows=rows)
+
+        return numba_route(xp, features, solve, {"features": features, "labels": labels, "pool": pool,
+                                                 "subsets": subsets, "rows": rows})
     amax = check_float_matrix(xp, features, "features")
     n, d = features.shape
     labels_host = labels_to_host(xp, labels, n) if labels is not None else None
@@ -382,7 +393,6 @@ def minibatch_coresets(
     metric = check_choice(metric, "metric", METRICS)
     optimizer = check_choice(optimizer, "optimizer", OPTIMIZERS)
     class_budget = check_choice(class_budget, "class_budget", CLASS_BUDGETS)
-    backend = check_choice(backend, "backend", ("auto", "reference"))
     if max_dense_bytes is not None:
         max_dense_bytes = resolve_dense_bytes(max_dense_bytes, xp, features)
     eps = check_epsilon(epsilon)

@@ -1220,3 +1220,45 @@ def test_params_returning_a_view_is_refused_at_the_first_check(lib):
     state, _ = crest_next_batch(crest_init(cfg, y, seed=0), ops, cfg)
     with pytest.raises(ValueError, match="params\\(\\) must return a copy"):
         crest_next_batch(state, ops, cfg)
+
+
+@given(st.integers(1, 6), st.integers(1, 40), st.integers(1, 60), st.integers(0, 2**32 - 1))
+@settings(max_examples=60, deadline=None)
+def test_union_positions_is_unique_and_searchsorted(P, r, n, seed):
+    """The controller's union of the subsets and the positions in it: what np.unique + searchsorted give,
+    for subsets with repeats across and within rows."""
+    from crestcore.controller import _union_positions
+
+    subsets = np.random.default_rng(seed).integers(0, n, size=(P, r))
+    union, pos = _union_positions(subsets)
+    np.testing.assert_array_equal(union, np.unique(subsets))
+    np.testing.assert_array_equal(pos, np.searchsorted(np.unique(subsets), subsets))
+    assert pos.dtype == np.int64 and pos.shape == subsets.shape
+    np.testing.assert_array_equal(union[pos], subsets)
+
+
+def test_backend_numba_solves_cpu_torch_features_on_the_numba_kernels(monkeypatch):
+    """CrestConfig(backend="numba"): a training loop whose outputs are CPU torch tensors selects on the
+    Numba kernels (the same batches as its default route, the torch kernels, here); "auto" does not."""
+    from crestcore.backends import numba as nb
+
+    class TorchOutputs(SoftmaxOps):
+        def outputs(self, idx, embeddings=False):
+            return torch.from_numpy(np.asarray(super().outputs(idx)))
+
+    calls = []
+    real = nb.facility_batched
+    monkeypatch.setattr(nb, "facility_batched", lambda *a, **k: calls.append(1) or real(*a, **k))
+    runs = {}
+    for backend in ("auto", "numba"):
+        cfg = CrestConfig(m=M, backend=backend)
+        Xtr, ytr, _, _ = digits()
+        record: list = []
+        train_crest(cfg, 0, 12, ops=TorchOutputs(Xtr, ytr), record=record)
+        runs[backend] = [(b.indices.copy(), b.weights.copy()) for b, *_ in record]
+        assert bool(calls) == (backend == "numba")
+    for (ia, wa), (ib, wb) in zip(runs["auto"], runs["numba"]):
+        np.testing.assert_array_equal(ia, ib)
+        np.testing.assert_allclose(wa, wb, rtol=1e-6)
+    with pytest.raises(ValueError, match="CrestConfig.backend"):
+        CrestConfig(backend="cuda")

@@ -427,3 +427,54 @@ def test_apportion_rows_is_apportion_per_row(seed, P, C, total, high, sparse):
         u1, p1 = apportion(total, counts[q], np.random.default_rng([key, q]), at_least_one=True)
         np.testing.assert_array_equal(units[q], u1)
         np.testing.assert_array_equal(p[q], p1)
+
+
+@pytest.mark.parametrize("class_budget", ["proportional", "ceil"])
+def test_backend_numba_solves_host_input_on_the_numba_kernels(xp, class_budget, monkeypatch):
+    """backend="numba": any host library's features are solved on the Numba kernels (the NumPy answer, in
+    the input's namespace, device and dtype); device input is refused, not copied silently."""
+    from crestcore.backends import numba as nb
+
+    labels = np.repeat([0, 1, 2], [30, 4, 26])
+    X = _features(11, 60, 4).astype(np.float32)
+    base = crestcore.minibatch_coresets(X, labels, m=9, r=30, P=3, rng=5, class_budget=class_budget)
+    Xx, lx = xp.asarray(X, dtype=np.float32), xp.asarray(labels)
+    calls = []
+    real = nb.facility_batched
+    monkeypatch.setattr(nb, "facility_batched", lambda *a, **k: calls.append(1) or real(*a, **k))
+    if "cuda" in xp.name or xp.name == "cupy":
+        with pytest.raises(ValueError, match="backend='numba' runs the Numba kernels on the host"):
+            crestcore.minibatch_coresets(Xx, lx, m=9, r=30, P=3, rng=5, class_budget=class_budget,
+                                         backend="numba")
+        return
+    out = crestcore.minibatch_coresets(Xx, lx, m=9, r=30, P=3, rng=5, class_budget=class_budget,
+                                       backend="numba")
+    assert calls, "the Numba kernel was not called"
+    xp.assert_native(out.indices, Xx, np.int64, ndim=2)
+    xp.assert_native(out.subsets, Xx, np.int64, ndim=2)
+    xp.assert_native(out.weights, Xx, np.float32, ndim=2)
+    xp.assert_native(out.objective, Xx, np.float32, ndim=1)
+    for f in ("indices", "subsets", "weights", "gains", "objective"):
+        np.testing.assert_array_equal(xp.to_numpy(getattr(out, f)), _np(getattr(base, f)))
+
+
+def test_backend_numba_keeps_low_precision_dtypes_and_refuses_device_tensors():
+    torch = pytest.importorskip("torch")
+    X = torch.from_numpy(_features(12, 80, 3).astype(np.float32))
+    y = torch.from_numpy(np.repeat([0, 1], 40))
+    for dt in (torch.bfloat16, torch.float16):
+        auto = crestcore.minibatch_coresets(X.to(dt), y, m=8, r=40, P=2, rng=3)
+        host = crestcore.minibatch_coresets(X.to(dt), y, m=8, r=40, P=2, rng=3, backend="numba")
+        assert host.weights.dtype == auto.weights.dtype == dt and host.objective.dtype == dt
+        assert torch.equal(host.indices, auto.indices) and torch.equal(host.weights, auto.weights)
+        sel = crestcore.facility_location(X.to(dt), 6, labels=y, backend="numba")
+        ref = crestcore.facility_location(X.to(dt), 6, labels=y)
+        assert torch.equal(sel.indices, ref.indices) and torch.equal(sel.weights, ref.weights)
+        assert isinstance(sel.objective, torch.Tensor) and sel.objective.dtype == dt
+    with pytest.raises(ValueError, match="the features are on meta"):
+        crestcore.minibatch_coresets(X.to("meta"), y.to("meta"), m=8, r=40, P=2, rng=3, backend="numba")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        crestcore.facility_location(X, 6, backend="numbaa")
+    # a neighbour graph given as an array travels to the host with the features; a count K stays a count
+    g = crestcore.facility_location(X, 6, neighbors=5, backend="numba")
+    assert g.path == "sparse" and torch.equal(g.indices, crestcore.facility_location(X, 6, neighbors=5).indices)

@@ -69,7 +69,7 @@ FL_BAD = [
     ("kernel", lambda: dict(X=X0, k=2, kernel="rbf"), ValueError, "kernel"),
     ("kernel unknown", lambda: dict(X=X0, k=2, kernel="gauss"), ValueError, "kernel"),
     ("optimizer", lambda: dict(X=X0, k=2, optimizer="greedy"), ValueError, "optimizer"),
-    ("backend", lambda: dict(X=X0, k=2, backend="numba"), ValueError, "backend"),
+    ("backend", lambda: dict(X=X0, k=2, backend="gpu"), ValueError, "backend"),
     # precomputed
     ("kernel with precomputed", lambda: dict(X=S0, k=2, metric="precomputed", kernel="exp"), ValueError, "kernel"),
     ("negative precomputed", lambda: dict(X=_with(S0, 2, 5, -0.5), k=2, metric="precomputed", kernel=None),
