@@ -12,7 +12,7 @@ Two public classes (plus a helper):
   ``stats``. See ``docs/pytorch.md`` for the quickstart and the budget accounting.
 
 Measurement passes (selection, checks, the gradient/curvature fit) run with every module in eval
-mode: BatchNorm uses and never updates its running statistics, dropout is off. The modes of all
+mode: BatchNorm uses (the anchor's) running statistics and never updates them, dropout is off. The modes of all
 modules, and every buffer, are restored exactly afterwards. Gradients are taken with
 ``torch.autograd.grad``, so no ``.grad`` attribute (the optimizer's input) is ever touched. The
 quadratic model is therefore fitted to the eval-mode loss, the same loss the trust check measures.
@@ -131,6 +131,18 @@ def _label_attribute(dataset) -> str | None:
         if v is not None and not callable(v):
             return attr
     return None
+
+
+def _inner_ops(ops):
+    """The TorchModelOps under a wrapper (the distributed adapter's ``inner``), else ``ops``."""
+    while "inner" in vars(ops):
+        ops = vars(ops)["inner"]
+    return ops
+
+
+def _label_origin(dataset) -> str:
+    attr = _label_attribute(dataset)
+    return f"dataset.{attr}" if attr is not None else "the dataset's label attributes"
 
 
 def dataset_labels(dataset) -> np.ndarray:
@@ -545,9 +557,11 @@ class TorchModelOps:
     dataset : any ``torch.utils.data.Dataset`` with ``__len__``; examples are loaded by index through
         ``__getitem__`` (its transforms included) or ``__getitems__`` and collated by ``collate_fn``.
     labels : (n,) integer labels; default :func:`dataset_labels`. The losses use these labels.
-    loss_fn : ``loss_fn(logits, labels) -> (k,)`` per-example losses for ``gradient``, ``hutchinson``
-        and ``losses``; default cross-entropy. The controller's features and trust check assume
-        cross-entropy, so change this only for a loss with the same gradient in the logits.
+    loss_fn : ``loss_fn(logits, labels) -> (k,)`` per-example losses (``reduction="none"``) for
+        ``gradient``, ``hutchinson``, ``losses`` and the controller's anchor, trust-check and drop losses
+        (:meth:`example_losses`): a class-weighted or label-smoothed cross-entropy, say, the one the
+        training step minimises. Default cross-entropy. The selection's features stay the cross-entropy's
+        logit gradients (the paper's last-layer gradients).
     device : where the measurement runs; default the device of the model's parameters at each call.
     batch_size : examples per forward in measurement passes (memory bound, not a result).
     num_workers : worker processes that load the examples of the measurement passes (a persistent
@@ -621,6 +635,8 @@ class TorchModelOps:
         if self.n == 0:
             raise ValueError("the dataset is empty: CREST needs examples to select from")
         self.labels = dataset_labels(dataset) if labels is None else _as_labels(labels, self.n, "labels")
+        # labels found by dataset_labels: compared once with the labels the items carry (below, _probe_labels)
+        self._check_labels = labels is None and not isinstance(dataset, TensorDataset)
         self.loss_fn = loss_fn if loss_fn is not None else _cross_entropy
         self._device = None if device is None else torch.device(device)
         self.batch_size = int(batch_size)
@@ -630,6 +646,7 @@ class TorchModelOps:
         # a TensorDataset is sliced in place: nothing to save by keeping its batches
         self._cacheable = self.cache_bytes > 0 and not self._fetch._tensors
         self._cache: collections.OrderedDict = collections.OrderedDict()
+        self._anchor_buffers: dict | None = None  # the buffers at the last new_anchor(), for its measurements
         self._layout_ok: bool | None = None  # whether the collate puts examples first (decided at the first keep)
         self._cache_sizes: dict = {}
         self.progress = None  # a _Progress: a bar for measurement passes that run longer than a second
@@ -681,6 +698,12 @@ class TorchModelOps:
         modes = [(m, m.training) for m in self.model.modules()]
         saved = [(b, b.detach().clone()) for b in self.model.buffers()]
         self.model.eval()
+        if self._anchor_buffers:  # the anchor's running statistics: the measured loss moves with the weights only
+            with torch.no_grad():
+                for name, b in self.model.named_buffers():
+                    a = self._anchor_buffers.get(name)
+                    if a is not None and a.shape == b.shape and a.dtype == b.dtype:
+                        b.copy_(a)
         try:
             # outside autocast (a loop may call the loader inside an autocast region): the model is
             # measured in its own dtype, as documented
@@ -715,6 +738,8 @@ class TorchModelOps:
         size = 0
         try:
             for (a, b), host in zip(spans, source):
+                if self._check_labels:
+                    self._probe_labels(host, idx[a:b])
                 if keep is not None:
                     keep.append(host)
                     size += _nbytes(host)
@@ -732,10 +757,33 @@ class TorchModelOps:
             if bar is not None:
                 bar.close()
 
+    def _probe_labels(self, host, idx: np.ndarray) -> None:
+        """Once: the labels found without the items (a ``targets`` attribute, say) against the labels the
+        first measurement batch's items carry (``item[1]`` collated), when it has them; a warning when they
+        differ (a ``__getitem__`` that maps its targets), since CREST would select, check and drop by the
+        wrong classes."""
+        self._check_labels = False
+        got = host[1] if isinstance(host, (tuple, list)) and len(host) > 1 else None
+        if isinstance(host, dict):
+            got = next((host[k] for k in _LABEL_KEYS if k in host), None)
+        if (not isinstance(got, torch.Tensor) or got.shape != (idx.size,) or got.dtype.is_floating_point
+                or got.dtype.is_complex or got.dtype == torch.bool):
+            return
+        bad = int((got.cpu().numpy().astype(np.int64) != self.labels[idx]).sum())
+        if bad:
+            warnings.warn(
+                f"crestcore: the labels CREST uses (found without reading the items: {_label_origin(self.dataset)}) "
+                f"differ from the labels the dataset's items carry for {bad} of the {idx.size} examples of the "
+                "first measurement pass: if __getitem__ maps its targets, pass labels= with the labels the "
+                "items carry (crest_labels= on CrestTrainer); otherwise CREST selects, checks and drops by the "
+                "wrong classes.", stacklevel=4)
+
     def new_anchor(self) -> None:
         """Forget the kept measurement passes: the next passes load their examples again (fresh random
         transforms). The controller calls this at every selection, so that the trust checks and the model
-        fit of a selection see that selection's inputs and never an earlier one's.
+        fit of a selection see that selection's inputs and never an earlier one's. It also keeps the
+        floating buffers as they are now (BatchNorm's running statistics): the measurements until the next
+        anchor run with them, not with the statistics the training steps have moved since.
 
         Examples
         --------
@@ -745,6 +793,11 @@ class TorchModelOps:
         """
         self._cache.clear()
         self._cache_sizes.clear()
+        # the buffers now (BatchNorm's running statistics) are the anchor's: every measurement until the
+        # next anchor runs with them, so the training steps' updates of the statistics between the anchor
+        # and a check do not count as the quadratic model's error (the model sees the parameters only)
+        self._anchor_buffers = {name: b.detach().clone() for name, b in self.model.named_buffers()
+                                if b.is_floating_point()}
 
     def _examples_first(self, idx: np.ndarray) -> bool:
         """Whether the collate puts the examples first in every tensor it returns, decided once: a batch of
@@ -937,6 +990,29 @@ class TorchModelOps:
         z = self.outputs(idx)
         with torch.no_grad():
             return self.loss_fn(z, self._labels_on(idx, z.device))
+
+    def example_losses(self, logits, labels):
+        """The user's ``loss_fn`` on logits the controller measured, per example, or ``None`` without one
+        (the controller then uses its own cross-entropy, the same loss).
+
+        Examples
+        --------
+        >>> import numpy as np, torch
+        >>> smooth = lambda z, y: torch.nn.functional.cross_entropy(z, y, reduction="none", label_smoothing=0.5)
+        >>> ops = TorchModelOps(_zero_classifier(), _example_data(), loss_fn=smooth)
+        >>> z = torch.tensor([[2.0, 0.0]])
+        >>> plain = TorchModelOps(_zero_classifier(), _example_data())
+        >>> ops.example_losses(z, torch.tensor([0])), plain.example_losses(z, torch.tensor([0]))
+        (tensor([0.6269]), None)
+        """
+        if self.loss_fn is _cross_entropy:
+            return None
+        with torch.no_grad():
+            ell = self.loss_fn(logits, labels)
+        if not isinstance(ell, torch.Tensor) or ell.shape != (logits.shape[0],):
+            raise ValueError(f"loss_fn must return per-example losses of shape ({logits.shape[0]},) "
+                             f"(reduction='none'), got {getattr(ell, 'shape', type(ell).__name__)}")
+        return ell.to(logits.dtype) if ell.dtype != logits.dtype else ell
 
     def params(self):
         """A copy of the flat vector of the trainable parameters (D,); float32 for a half-precision model.
@@ -1465,6 +1541,8 @@ class CrestLoader(BudgetedPasses):
             "batch": None if batch is None else _to_portable(_common.batch_record(batch)),
             "pending": [_to_portable(_common.batch_record(b)) for b in pending],
             "crest": _to_portable(crest_state_dict(self._state)),
+            # the anchor's buffers, which the measurements until the next selection run with
+            "anchor_buffers": dict(_inner_ops(self.ops)._anchor_buffers or {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -1514,10 +1592,19 @@ class CrestLoader(BudgetedPasses):
         batch = None
         if b is not None:
             batch = Batch(*stored_batch(_from_portable(b), self.n, "CrestLoader state dict"))
+        anchor = state.get("anchor_buffers")  # absent from checkpoints before 2026-12-01: the live buffers
+        if anchor is not None:
+            live = dict(self.ops.model.named_buffers())
+            if not isinstance(anchor, dict) or any(
+                    not isinstance(t, torch.Tensor) or k not in live or t.shape != live[k].shape
+                    for k, t in anchor.items()):
+                raise ValueError(f"{where}: anchor_buffers must map the model's buffer names to tensors of their "
+                                 "shapes (a checkpoint of another model?)")
         self._state = crest
         self._load_pass_state(state, pos)
         self._batch = batch
         self._pending = pending
+        _inner_ops(self.ops)._anchor_buffers = {k: t.detach().clone() for k, t in anchor.items()} if anchor else None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -92,7 +92,11 @@ class ModelOps(Protocol):
     ``gradient_and_hutchinson(indices, weights, seed)`` -> ``(loss, gradient, z * (H z))``, equal
     to the two calls, from one forward: the model fit then uses it; and ``new_anchor()``, called at
     every selection before its forward: an adapter that keeps the inputs of its measurement passes (the
-    PyTorch adapter does, so that the checks see the anchor's inputs) forgets them there.
+    PyTorch adapter does, so that the checks see the anchor's inputs) forgets them there; and
+    ``example_losses(logits, labels)`` -> the per-example training loss of those logits ``(k,)`` in
+    their library, or ``None`` for cross-entropy: the anchor loss, the trust checks and the drop records
+    then measure the loss the model is trained on (a class-weighted or label-smoothed cross-entropy);
+    the selection's features stay the cross-entropy's logit gradients.
 
     Examples
     --------
@@ -224,13 +228,14 @@ class _SoftmaxOps:
 class CrestConfig:
     """Options of CREST. Defaults are the intended algorithm; :meth:`release` gives the release's.
 
-    m : mini-batch (coreset) size. r : random subset size (default ``max(C ceil(0.01 n / C), 4 m)``,
-    at most the pool). P : coresets per selection at the start (release 5). T1 : steps between checks
-    at the start (release 1). tau : trust threshold (release 0.1). h, b : multipliers of the T1 and P
-    updates (release 1 and 5); every selection after the first sets ``T1 = ceil(h ||H_0|| / ||H_t||)``
-    from the curvature at its new anchor and ``P = ceil(b T1)`` for the next one. P_cap : most coresets
-    per selection and longest check interval (default: one budgeted epoch of steps, the ``epoch_steps``
-    the loaders give :func:`crest_init`, as the release caps; bare, ``ceil(pool / m)``).
+    m : mini-batch (coreset) size. r : random subset size (default ``max(C ceil(0.01 n / C), 4 m)``, C the
+    number of classes the labels hold, at most the pool). P : coresets per selection at the start (release
+    5). T1 : steps between checks at the start (release 1). tau : trust threshold (release 0.1). h, b :
+    multipliers of the T1 and P updates (release 1 and 5); every selection after the first sets
+    ``T1 = ceil(h ||H_0|| / ||H_t||)`` from the curvature at its new anchor and ``P = ceil(b T1)`` for the
+    next one. P_cap : most coresets per selection and longest check interval (default: one budgeted epoch
+    of steps, the ``epoch_steps`` the loaders give :func:`crest_init`, as the release caps; bare,
+    ``ceil(pool / m)``).
     fit_batches : coresets used to fit g and diag(H) at each anchor.
     T2 : steps between drop decisions; None (default) turns dropping off. drop : the drop rule.
     quadratic : the loss model. kernel, metric, optimizer, per_class, class_budget : selection options
@@ -581,9 +586,14 @@ def crest_init(config: CrestConfig, labels, *, seed: int, epoch_steps: int | Non
     )
 
 
-def _subset_size(config: CrestConfig, pool: int, C: int) -> int:
-    r = config.r if config.r is not None else max(C * math.ceil(0.01 * pool / C), 4 * config.m)
-    return int(min(r, pool))
+def _subset_size(config: CrestConfig, pool: int, labels: np.ndarray) -> int:
+    """``config.r``, else ``max(C ceil(0.01 pool / C), 4 m)`` with C the number of classes the labels hold
+    (not the largest label + 1: ids such as {3, 7, 100} or 10 classes of a 1000-way label space would
+    otherwise round r up to a multiple of the id range); at most the pool."""
+    if config.r is not None:
+        return int(min(config.r, pool))
+    C = int(np.count_nonzero(np.bincount(labels)))
+    return int(min(max(C * math.ceil(0.01 * pool / C), 4 * config.m), pool))
 
 
 def _labels_in(xp, lab_host, like):
@@ -603,8 +613,20 @@ def _forward(state: CrestState, ops, idx: np.ndarray, config: CrestConfig):
         raise DivergenceError(
             f"CREST: the model's outputs are NaN or infinite at step {state.step}: training has diverged. "
             "Lower the learning rate or clip the gradients.")
+    top = int(state.labels[idx].max()) if idx.size else -1
+    if top >= logits.shape[1]:
+        raise ValueError(
+            f"the labels hold class {top} but the model gives {logits.shape[1]} outputs: CREST's labels (labels= "
+            "to the loader, else read from the dataset, e.g. its `targets`) must be the class indices "
+            f"0..{logits.shape[1] - 1} the model is trained on; pass labels= with those")
     y = _labels_in(xp, state.labels[idx], logits)
-    losses = cross_entropy(logits, y)
+    own = getattr(ops, "example_losses", None)
+    losses = own(logits, y) if own is not None else None
+    if losses is None:
+        losses = cross_entropy(logits, y)
+    elif tuple(losses.shape) != (idx.size,) or namespace(losses, names=("example_losses",)) is not xp:
+        raise ValueError(f"example_losses must return ({idx.size},) per-example losses in the logits' library, "
+                         f"got {type(losses).__name__} of shape {tuple(getattr(losses, 'shape', ()))}")
     if not bool(xp.all(xp.isfinite(losses))):  # finite logits too large for their dtype's log-sum-exp
         raise FloatingPointError(
             f"CREST: the model's loss is not finite at step {state.step} (its logits are finite but "
@@ -704,7 +726,7 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
     if pool.size < config.m:
         raise ValueError(f"the pool has {pool.size} examples, fewer than m={config.m}")
     cap = _cap(state, config)
-    r = _subset_size(config, pool.size, state.n_classes)
+    r = _subset_size(config, pool.size, state.labels)
     P = cap if config.reselect == "epoch" else min(state.P, cap)
     P = max(1, P)
     subsets = draw_subsets(state.labels, pool, r, P, gen)

@@ -1262,3 +1262,24 @@ def test_backend_numba_solves_cpu_torch_features_on_the_numba_kernels(monkeypatc
         np.testing.assert_allclose(wa, wb, rtol=1e-6)
     with pytest.raises(ValueError, match="CrestConfig.backend"):
         CrestConfig(backend="cuda")
+
+
+def test_the_default_subset_size_counts_the_classes_present_not_the_label_range():
+    """Ten classes whose ids lie in a 1000-way label space: r is what ids 0..9 give (it was rounded up to a
+    multiple of 1000, half the data set per selection)."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, 2000)
+    X = rng.normal(size=(2000, 4)) + y[:, None]
+    cfg = CrestConfig(m=32)
+    rs = {}
+    for name, lab in (("dense", y), ("sparse", y * 100 + 7)):
+        ops = _SoftmaxOps_for(X, lab)
+        state, _ = crest_next_batch(crest_init(cfg, lab, seed=0), ops, cfg)
+        rs[name] = state.subsets.shape[1]
+    assert rs["dense"] == rs["sparse"] == 128  # max(10 ceil(20 / 10), 4 m)
+
+
+def _SoftmaxOps_for(X, lab):
+    from crestcore.controller import _SoftmaxOps
+
+    return _SoftmaxOps(X, lab, int(lab.max()) + 1)

@@ -1059,3 +1059,86 @@ def test_a_model_without_second_derivatives_is_named_as_such():
         next(iter(CrestLoader(Bag(True), data, config=CrestConfig(m=16), budget=0.5, seed=0)))
     x, y, w = next(iter(CrestLoader(Bag(False), data, config=CrestConfig(m=16), budget=0.5, seed=0)))
     assert x.shape == (16, 6) and torch.isfinite(w).all()
+
+
+def test_the_anchor_and_the_checks_measure_the_users_loss_fn():
+    """With a class-weighted loss_fn the quadratic model is fitted on it, so the anchor loss and the trust
+    checks measure it too (they measured plain cross-entropy, and the first check compared a weighted
+    model's prediction with an unweighted loss)."""
+    x, y = make_data()
+    data = TensorDataset(x, y)
+    cw = torch.tensor([1.0, 5.0, 0.2])
+
+    def weighted(z, y):
+        return F.cross_entropy(z, y, weight=cw, reduction="none")
+
+    model = mlp(1)
+    ops = TorchModelOps(model, data, loss_fn=weighted)
+    cfg = CrestConfig(m=16)
+    state, _ = crest_next_batch(crest_init(cfg, ops.labels, seed=0), ops, cfg)
+    with torch.no_grad():
+        z = model.eval()(x[torch.as_tensor(state.check_idx)])
+    want = weighted(z, y[torch.as_tensor(state.check_idx)]).mean().item()
+    plain = F.cross_entropy(z, y[torch.as_tensor(state.check_idx)]).item()
+    assert abs(plain - want) > 1e-3  # the two losses differ here, so the assertion below can fail
+    assert state.quad.anchor_loss == pytest.approx(want, rel=1e-5)
+    state, _ = crest_next_batch(state, ops, cfg)  # a check at unchanged parameters: measured == anchor
+    assert state.log["checks"][-1][2] == pytest.approx(want, rel=1e-5)  # (step, rho, L_R, prediction)
+    with pytest.raises(ValueError, match="per-example losses"):
+        TorchModelOps(model, data, loss_fn=lambda z, y: F.cross_entropy(z, y)).example_losses(z, y[:z.shape[0]])
+
+
+class _Remapped(Dataset):
+    """``targets`` holds raw ids; ``__getitem__`` maps them (``remap``) as a custom dataset may."""
+
+    def __init__(self, x, raw, remap):
+        self.x, self.targets, self.remap = x, raw, remap
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.remap[int(self.targets[i])])
+
+
+def test_labels_from_targets_that_the_items_map_are_flagged_once():
+    x, y = make_data()
+    cfg = CrestConfig(m=16)
+    perm = {0: 2, 1: 0, 2: 1}
+    for remap, warns in ((perm, True), ({0: 0, 1: 1, 2: 2}, False)):
+        data = _Remapped(x, y.tolist(), remap)
+        ops = TorchModelOps(mlp(), data)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            state, _ = crest_next_batch(crest_init(cfg, ops.labels, seed=0), ops, cfg)
+            crest_next_batch(state, ops, cfg)
+        msgs = [str(w.message) for w in seen if "differ from the labels the dataset's items carry" in str(w.message)]
+        assert len(msgs) == (1 if warns else 0), msgs
+        if warns:
+            assert "dataset.targets" in msgs[0] and "labels=" in msgs[0]
+    # raw ids beyond the model's outputs: the error says where the labels came from and what to pass
+    data = _Remapped(x, (y + 10).tolist(), {10: 0, 11: 1, 12: 2})
+    ops = TorchModelOps(mlp(), data)
+    with pytest.raises(ValueError, match="the labels hold class 12 but the model gives 3 outputs.*targets.*labels="):
+        crest_next_batch(crest_init(cfg, ops.labels, seed=0), ops, cfg)
+
+
+def test_batchnorm_statistics_moved_by_training_are_not_the_quadratic_models_error():
+    """Learning rate 0: the parameters never change, only BatchNorm's running statistics (the training
+    forwards update them). The checks measure with the anchor's statistics, so every check sees the anchor
+    loss again and nothing is reselected (with the live statistics rho reached 0.36 and the run reselected)."""
+    x, y = make_data(480)
+    data = TensorDataset(x * 3 + 5, y)  # far from BatchNorm's initial statistics (mean 0, variance 1)
+    model = mlp(0)
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules())
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    loader = CrestLoader(model, data, config=CrestConfig(m=16), budget=0.5, epochs=2, seed=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(2):
+        for xb, yb, w in loader:
+            weighted_step(model, opt, xb, yb, w)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d))
+    assert int(bn.num_batches_tracked) == loader.stats["step"] > 10  # the statistics did move
+    assert len(loader.stats["checks"]) > 10 and len(loader.stats["selections"]) == 1
+    assert max(abs(r) for r in loader.stats["rho"]) < 1e-5
