@@ -567,8 +567,10 @@ def crest_init(config: CrestConfig, labels, *, seed: int, epoch_steps: int | Non
         raise ValueError(f"labels must be a non-empty 1-D array, got shape {lab.shape}")
     if not np.issubdtype(lab.dtype, np.integer):
         raise TypeError(f"labels must have an integer dtype, got {lab.dtype}")
-    if lab.min() < 0:
+    if int(lab.min()) < 0:
         raise ValueError("labels must be non-negative class indices")
+    if int(lab.max()) > np.iinfo(np.int64).max:  # uint64 beyond int64: would wrap to negative classes
+        raise ValueError(f"labels must be class indices, got {int(lab.max())}")
     lab = lab.astype(np.int64)
     C = int(lab.max()) + 1
     if np.unique(lab).size < 2:

@@ -329,7 +329,9 @@ def facility_location(
     -------
     Selection, with arrays in X's namespace, on X's device, in X's dtype (indices int64). Ties break to
     the lowest index. All-identical points are a valid input: every gain after the first is 0, the picks
-    are the lowest indices and the first pick of each problem carries all the weight.
+    are the lowest indices and the first pick of each problem carries all the weight (except all-zero rows
+    under ``metric="cosine"``: a zero row has no direction, so its cosine distance is 1 to every point,
+    another zero row included).
 
     Examples
     --------
@@ -541,7 +543,7 @@ def facility_location(
         indices=indices,
         weights=restore(xp, weights, 0, in_dtype, "weights (cluster sizes)"),
         gains=restore(xp, gains, back, in_dtype, "gains"),
-        objective=restore(xp, objective, back, in_dtype, "objective"),
+        objective=xp.asarray(restore(xp, objective, back, in_dtype, "objective")),  # NumPy: 0-d, not a scalar
         path=path,
         plan=plan_text,
     )
@@ -581,7 +583,7 @@ def facility_objective(S, selected):
     dtype = S.dtype
     S, _, _, back = prepare(xp, S, metric="precomputed", kernel=None, scale=1.0)  # numerics policy
     cols = xp.take(S, selected, axis=1)
-    return restore(xp, xp.sum(xp.max(cols, axis=1)), back, dtype, "objective")
+    return xp.asarray(restore(xp, xp.sum(xp.max(cols, axis=1)), back, dtype, "objective"))  # NumPy: 0-d, not a scalar
 
 
 def marginal_gains(S, selected):

@@ -24,9 +24,23 @@ def softmax(logits):
            [0.25, 0.75]])
     """
     xp = namespace(logits, names=("logits",))
+    check_float_matrix(xp, logits, "logits")
+    return _softmax(xp, logits)
+
+
+def _softmax(xp, logits):
     z = logits - xp.max(logits, axis=-1, keepdims=True)
     e = xp.exp(z)
     return e / xp.sum(e, axis=-1, keepdims=True)
+
+
+def _check_probabilities(xp, p) -> None:
+    """Rows non-negative and summing to 1, within ``max(1e-3, C eps)`` of the dtype (a bfloat16 softmax's
+    rows sum to 1 only within a few of its ulps)."""
+    tol = max(1e-3, p.shape[1] * float(xp.finfo(p.dtype).eps))
+    if bool(xp.any(p < 0)) or bool(xp.any(xp.abs(xp.sum(p, axis=1) - 1.0) > tol)):
+        raise ValueError(f"logits must hold probabilities (non-negative rows summing to 1 within {tol:.3g}) "
+                         "when from_probabilities=True")
 
 
 def _onehot(xp, labels, C: int, dtype):
@@ -51,8 +65,11 @@ def cross_entropy(logits, labels, *, from_probabilities: bool = False):
     check_float_matrix(xp, logits, "logits")
     n, C = logits.shape
     check_labels(xp, labels, n, of="logits", classes=C)
+    if not isinstance(from_probabilities, bool):
+        raise TypeError(f"from_probabilities must be a bool, got {type(from_probabilities).__name__}")
     oh = _onehot(xp, labels, C, logits.dtype)
     if from_probabilities:
+        _check_probabilities(xp, logits)
         p = xp.sum(logits * oh, axis=1)
         tiny = xp.finfo(logits.dtype).smallest_normal
         return -xp.log(xp.maximum(p, xp.full_like(p, tiny)))
@@ -99,13 +116,13 @@ def last_layer_gradients(logits, labels, *, embeddings=None, from_probabilities:
     check_float_matrix(xp, logits, "logits")
     n, C = logits.shape
     check_labels(xp, labels, n, of="logits", classes=C)
+    if not isinstance(from_probabilities, bool):
+        raise TypeError(f"from_probabilities must be a bool, got {type(from_probabilities).__name__}")
     if from_probabilities:
-        if bool(xp.any(logits < 0)) or bool(xp.any(xp.abs(xp.sum(logits, axis=1) - 1.0) > 1e-3)):
-            raise ValueError("logits must hold probabilities (non-negative rows summing to 1) "
-                             "when from_probabilities=True")
+        _check_probabilities(xp, logits)
         p = logits
     else:
-        p = softmax(logits)
+        p = _softmax(xp, logits)
     g = p - _onehot(xp, labels, C, logits.dtype)
     if embeddings is None:
         return g

@@ -151,7 +151,7 @@ def hutchinson_diagonal(hvp: Callable[[Any], Any], probes):
     check_float_rows(xp, probes, "probes", "(k, D) array")
     acc = None
     for i in range(probes.shape[0]):
-        z = probes[i]
+        z = probes[i, ...]
         hz = hvp(z)
         if tuple(hz.shape) != tuple(z.shape):
             raise ValueError(f"hvp returned shape {tuple(hz.shape)} for a probe of shape {tuple(z.shape)}")

@@ -269,6 +269,8 @@ def pairwise_distances(X, Y=None, *, metric: str = "euclidean"):
             raise ValueError(f"{name} must be at least 2-D (..., n, d), got shape {tuple(A.shape)}")
         if not isdtype(xp, A.dtype, "real floating"):
             raise TypeError(f"{name} must have a real floating dtype, got {A.dtype}")
+        if 0 in tuple(A.shape):
+            raise ValueError(f"{name} is empty (shape {tuple(A.shape)})")
     same = Y is None
     if not same and X.shape[-1] != Y.shape[-1]:
         raise ValueError(f"X has {X.shape[-1]} features but Y has {Y.shape[-1]}")

@@ -1283,3 +1283,9 @@ def _SoftmaxOps_for(X, lab):
     from crestcore.controller import _SoftmaxOps
 
     return _SoftmaxOps(X, lab, int(lab.max()) + 1)
+
+
+def test_uint64_labels_beyond_int64_are_refused_not_wrapped():
+    y = np.array([0, 1, 2**63 + 5, 1], dtype=np.uint64)
+    with pytest.raises(ValueError, match="class indices"):
+        crest_init(CrestConfig(m=2), y, seed=0)

@@ -703,3 +703,21 @@ def test_the_bound_suggested_for_classes_fits_every_class():
     bound = int(re.search(r"max_dense_bytes >= (\d+)", str(err.value)).group(1))
     sel = crestcore.facility_location(X, 20, labels=labels, optimizer="auto", max_dense_bytes=bound)
     assert np.asarray(sel.indices).size == 20
+
+
+def test_numpy_objectives_are_0d_arrays_as_documented():
+    X = np.random.default_rng(0).normal(size=(8, 2))
+    assert type(crestcore.facility_location(X, 2).objective) is np.ndarray
+    assert crestcore.facility_location(X, 2).objective.shape == ()
+    S = np.eye(3)
+    for picks in ([0], []):
+        out = crestcore.facility_objective(S, np.array(picks, dtype=np.int64))
+        assert type(out) is np.ndarray and out.shape == ()
+
+
+def test_pairwise_distances_refuses_empty_input_by_name():
+    for shape in ((0, 3), (3, 0)):
+        with pytest.raises(ValueError, match="X is empty"):
+            crestcore.pairwise_distances(np.zeros(shape))
+    with pytest.raises(ValueError, match="Y is empty"):
+        crestcore.pairwise_distances(np.ones((2, 3)), np.zeros((0, 3)))

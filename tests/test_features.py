@@ -256,3 +256,28 @@ def test_non_contiguous_input():
     lab = labels % 4
     np.testing.assert_allclose(last_layer_gradients(view, lab),
                                last_layer_gradients(np.ascontiguousarray(view), lab), rtol=1e-15)
+
+
+def test_softmax_validates_its_input():
+    for bad, exc in (([[np.nan, 1.0]], ValueError), ([[1, 2]], TypeError), ([[True, False]], TypeError),
+                     (3.0, ValueError), (np.zeros((0, 3)), ValueError)):
+        with pytest.raises(exc, match="logits"):
+            softmax(np.asarray(bad))
+
+
+def test_probabilities_are_checked_by_cross_entropy_too_with_a_dtype_tolerance():
+    """cross_entropy(from_probabilities=True) accepted rows that are no probabilities (and returned -0.69 for
+    a row summing to 2); last_layer_gradients refused bfloat16 softmax rows, whose sums miss 1 by a few ulps."""
+    y = np.array([0, 1])
+    for bad in ([[2.0, 0.0], [0.5, 0.5]], [[1.5, -0.5], [0.5, 0.5]]):
+        with pytest.raises(ValueError, match="probabilities"):
+            cross_entropy(np.array(bad), y, from_probabilities=True)
+    with pytest.raises(TypeError, match="from_probabilities"):
+        cross_entropy(np.array([[0.5, 0.5]]), np.array([0]), from_probabilities=1)
+    z = torch.randn(64, 10, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16) * 4
+    p = softmax(z)
+    assert float((p.float().sum(1) - 1).abs().max()) > 1e-3  # the case the fixed tolerance refused
+    yt = torch.arange(64) % 10
+    g = last_layer_gradients(p, yt, from_probabilities=True)
+    assert g.dtype == torch.bfloat16
+    assert torch.isfinite(cross_entropy(p, yt, from_probabilities=True)).all()

@@ -393,3 +393,16 @@ def test_samples_of_another_dtype_are_refused_and_a_tensor_loss_is_read_without_
         warnings.simplefilter("error")
         state = quadratic_anchor(state, torch.tensor(2.0, requires_grad=True) * 1.5)
     assert state.anchor_loss == 3.0
+
+
+def test_hutchinson_diagonal_takes_array_api_strict_probes():
+    import array_api_strict as xs
+
+    from crestcore import hutchinson_diagonal
+
+    H = np.diag([2.0, 3.0, 4.0, 5.0])
+    probes = np.array([[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]], dtype=float)
+    Hs = xs.asarray(H)
+    out = hutchinson_diagonal(lambda v: xs.matmul(Hs, v), xs.asarray(probes))
+    assert isinstance(out, type(Hs))
+    np.testing.assert_allclose(np.asarray(out), [2.0, 3.0, 4.0, 5.0])

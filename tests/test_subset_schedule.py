@@ -209,3 +209,46 @@ def test_prune_without_observed_losses_warns_once():
         for t in range(10):
             idx, _ = observed.next_indices(t)
             observed.observe(idx, np.linspace(0.0, 1.0, idx.size))
+
+
+@pytest.mark.parametrize("method", ["craig", "gradmatch", "glister"])
+def test_array_api_strict_outputs_select_as_numpy_outputs(method):
+    """The schedule sliced the outputs with one index on a 2-D array (z[:npool]), which the array API
+    does not allow: array-api-strict outputs failed; NumPy's answer is expected."""
+    import array_api_strict as xs
+
+    rs = np.random.default_rng(0)
+    n, d, C = 40, 4, 3
+    y = rs.integers(0, C, n)
+    X = rs.normal(size=(n, d)) + y[:, None]
+    W = rs.normal(size=(d, C))
+
+    class Ops:
+        def __init__(self, lib):
+            self.lib = lib
+
+        def outputs(self, idx, embeddings=False):
+            z = X[idx] @ W
+            if self.lib == "strict":
+                return (xs.asarray(z), xs.asarray(X[idx])) if embeddings else xs.asarray(z)
+            return (z, X[idx]) if embeddings else z
+
+    picks = {}
+    for lib in ("numpy", "strict"):
+        s = SubsetSchedule(method, y, m=4, seed=0, steps_per_epoch=2, full_steps_per_epoch=10, epochs=1)
+        idx, w = s.next_indices(0, Ops(lib))
+        picks[lib] = (np.asarray(idx).tolist(), np.round(np.asarray(w, dtype=float), 9).tolist())
+    assert picks["numpy"] == picks["strict"]
+
+
+def test_outputs_without_the_embeddings_pair_are_refused_clearly():
+    y = np.arange(40) % 2
+
+    class LogitsOnly:
+        def outputs(self, idx, embeddings=False):
+            return np.zeros((len(idx), 2))
+
+    s = SubsetSchedule("craig", y, m=4, seed=0, steps_per_epoch=2, full_steps_per_epoch=10, epochs=1,
+                       embeddings=True)
+    with pytest.raises(ValueError, match="pair"):
+        s.next_indices(0, LogitsOnly())

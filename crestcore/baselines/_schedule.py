@@ -363,6 +363,9 @@ class SubsetSchedule:
         if fresh is not None:  # a new selection: inputs an adapter kept from the last one are not reused
             fresh()
         out = ops.outputs(measure, embeddings=self.embeddings)
+        if self.embeddings and not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise ValueError(f"embeddings=True needs outputs(indices, embeddings=True) to return the pair (logits, "
+                             f"embeddings); the adapter returned {type(out).__name__}")
         z, emb = out if self.embeddings else (out, None)
         sync()
         fwd = time.perf_counter() - t0
@@ -377,8 +380,8 @@ class SubsetSchedule:
     def _select_gradients(self, e, k, gen, feats):
         z, emb, lab = feats
         npool = self.pool.size
-        zp, lp = z[:npool], lab[:npool]
-        ep = None if emb is None else emb[:npool]
+        zp, lp = z[:npool, ...], lab[:npool]
+        ep = None if emb is None else emb[:npool, ...]
         G = last_layer_gradients(zp, lp, embeddings=ep)
         opts = dict(self.options)
         info: dict = {}
@@ -397,8 +400,8 @@ class SubsetSchedule:
         elif self.method == "gradmatch":
             sel = gradmatch(G, k, labels=lp, **opts)
         else:  # glister
-            zv, lv = z[npool:], lab[npool:]
-            ev = None if emb is None else emb[npool:]
+            zv, lv = z[npool:, ...], lab[npool:]
+            ev = None if emb is None else emb[npool:, ...]
             opts.setdefault("eta", self.glister_lr)
             if opts.get("optimizer") == "stochastic" and "rng" not in opts:
                 opts["rng"] = gen
