@@ -362,7 +362,7 @@ class SubsetLoader(BudgetedPasses):
     # -- checkpoints ----------------------------------------------------------------------------
     def _fingerprint(self) -> dict:
         return {"method": self.method, "n": self.n, "m": self.m, "seed": self.seed,
-                "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs}
+                "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs, "budget": self.budget}
 
     def _settings(self) -> str:
         return self.schedule.settings()

@@ -513,7 +513,16 @@ def _default_forward(model: nn.Module, batch):
     if isinstance(batch, torch.Tensor):
         return model(batch)
     if isinstance(batch, dict):  # Hugging Face style: keyword inputs; the output's .logits (or its first field)
-        out = model(**{k: v for k, v in batch.items() if k not in _LABEL_KEYS and not k.startswith("crest_")})
+        inputs = {k: v for k, v in batch.items() if k not in _LABEL_KEYS and not k.startswith("crest_")}
+        try:
+            out = model(**inputs)
+        except TypeError as exc:
+            if "argument" not in str(exc):
+                raise
+            raise TypeError(
+                f"the batch is a dict, so the model was called with keywords {sorted(inputs)} and refused them "
+                f"({exc}); pass forward=lambda model, batch: model(batch['...']) returning the logits"
+            ) from exc
         logits = getattr(out, "logits", None)
         if logits is None and isinstance(out, (tuple, list)):
             logits = out[0]
@@ -1442,9 +1451,14 @@ class CrestLoader(BudgetedPasses):
         anchor = self._state.anchor
         if anchor is None:
             return
-        first = self.ops._trainable()[0]
-        # params() (and so the anchor) is float32 for a half-precision model: compare with that dtype
-        if anchor.device != first.device or anchor.dtype != (torch.float32 if first.dtype in _HALF else first.dtype):
+        trainable = self.ops._trainable()
+        first = trainable[0]
+        # params() (and so the anchor) concatenates the trainable parameters (their promoted dtype: float64
+        # for a float32 body with a float64 head), float32 for a half-precision model: compare with that
+        dt = first.dtype
+        for p in trainable[1:]:
+            dt = torch.promote_types(dt, p.dtype)
+        if anchor.device != first.device or anchor.dtype != (torch.float32 if dt in _HALF else dt):
             self._state = _common.rehomed(self._state, self.ops.params())
 
     # -- feedback and observability -------------------------------------------------------------
@@ -1505,7 +1519,8 @@ class CrestLoader(BudgetedPasses):
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _fingerprint(self) -> dict:
-        return {"n": self.n, "m": self.config.m, "seed": self.seed, "steps_per_epoch": self.steps_per_epoch}
+        return {"n": self.n, "m": self.config.m, "seed": self.seed, "steps_per_epoch": self.steps_per_epoch,
+                "budget": self.budget}
 
     def state_dict(self) -> dict:
         """Everything needed to continue with the same batches: the controller state and the position.

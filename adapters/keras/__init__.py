@@ -1057,7 +1057,8 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _fingerprint(self) -> dict:
-        return {"n": self.n, "m": self.config.m, "seed": self.seed, "steps_per_epoch": self.steps_per_epoch}
+        return {"n": self.n, "m": self.config.m, "seed": self.seed, "steps_per_epoch": self.steps_per_epoch,
+                "budget": self.budget}
 
     def state_dict(self) -> dict:
         """The controller state, the position and the batches handed out and not yet trained: NumPy arrays,
@@ -1285,7 +1286,7 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
 
     def _fingerprint(self) -> dict:
         return {"method": self.method, "n": self.n, "m": self.m, "seed": self.seed,
-                "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs}
+                "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs, "budget": self.budget}
 
     def state_dict(self) -> dict:
         """The schedule's state, the position and the batches served and not trained yet: NumPy arrays,

@@ -1142,3 +1142,62 @@ def test_batchnorm_statistics_moved_by_training_are_not_the_quadratic_models_err
     assert int(bn.num_batches_tracked) == loader.stats["step"] > 10  # the statistics did move
     assert len(loader.stats["checks"]) > 10 and len(loader.stats["selections"]) == 1
     assert max(abs(r) for r in loader.stats["rho"]) < 1e-5
+
+
+def test_a_checkpoint_of_another_budget_with_the_same_steps_is_refused():
+    x, y = make_data()
+    data = TensorDataset(x, y)
+    a = CrestLoader(mlp(), data, config=CrestConfig(m=16), budget=0.5, epochs=2, seed=0)
+    b = CrestLoader(mlp(), data, config=CrestConfig(m=16), budget=0.52, epochs=2, seed=0)
+    assert a.steps_per_epoch == b.steps_per_epoch  # the fingerprint's other fields cannot tell them apart
+    next(iter(a))
+    with pytest.raises(ValueError, match="budget=0.5"):
+        b.load_state_dict(a.state_dict())
+
+
+def test_a_mixed_precision_model_keeps_its_controller_state_where_it_is(monkeypatch):
+    """A float32 body with a float64 head: params() is float64 (the promoted dtype), and the loader no longer
+    moved the controller's state through a state dict at every step (it compared with the first parameter's
+    dtype)."""
+    from crestcore.adapters import _common
+
+    x, y = make_data()
+    model = torch.nn.Sequential(torch.nn.Linear(D_IN, 8), torch.nn.ReLU(), torch.nn.Linear(8, C))
+    model[2].double()
+
+    class Fwd(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, t):
+            return self.m[2](self.m[1](self.m[0](t)).double())
+
+    net = Fwd(model)
+    moves = []
+    real = _common.rehomed
+    monkeypatch.setattr(_common, "rehomed", lambda *a: moves.append(1) or real(*a))
+    loader = CrestLoader(net, TensorDataset(x, y), config=CrestConfig(m=16), budget=0.5, epochs=1, seed=0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    for xb, yb, w in loader:
+        loss = (w * F.cross_entropy(net(xb), yb, reduction="none")).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loader.stats["step"] > 3 and moves == []
+
+
+def test_dict_items_for_a_model_without_keywords_name_forward():
+    class DictData(Dataset):
+        def __init__(self):
+            self.x, self.y = make_data()
+
+        def __len__(self):
+            return len(self.y)
+
+        def __getitem__(self, i):
+            return {"x": self.x[i], "label": self.y[i]}
+
+    ops = TorchModelOps(mlp(), DictData())
+    with pytest.raises(TypeError, match="forward=lambda model, batch"):
+        ops.outputs(np.arange(4))
