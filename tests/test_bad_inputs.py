@@ -188,10 +188,13 @@ def test_config_type_errors_are_value_errors_too():
 
 
 def test_valid_configs_still_build():
-    CrestConfig(m=4, r=4)
-    CrestConfig.paper()
-    CrestConfig.release()
-    CrestConfig(per_class=np.bool_(False), max_overhead=0.5, T2=10, drop=DropConfig(alpha=0.5))
+    """Valid values are kept as given (a field silently dropped or replaced by its default would pass a
+    bare construction)."""
+    c = CrestConfig(m=4, r=4)
+    assert (c.m, c.r) == (4, 4)
+    assert CrestConfig.paper().check_size is None and CrestConfig.release().batches == "shuffled-union"
+    c = CrestConfig(per_class=np.bool_(False), max_overhead=0.5, T2=10, drop=DropConfig(alpha=0.5))
+    assert not c.per_class and c.max_overhead == 0.5 and c.T2 == 10 and c.drop.alpha == 0.5
 
 
 def test_memory_guard_names_what_fits():

@@ -1289,3 +1289,50 @@ def test_uint64_labels_beyond_int64_are_refused_not_wrapped():
     y = np.array([0, 1, 2**63 + 5, 1], dtype=np.uint64)
     with pytest.raises(ValueError, match="class indices"):
         crest_init(CrestConfig(m=2), y, seed=0)
+
+
+def test_first_selection_caps_the_configured_T1():
+    # C6: the configured T1 (10) is above the cap (epoch_steps = 4): the first selection keeps T1 but capped
+    cfg = CrestConfig(m=4, r=12, P=2, T1=10)
+    state, _ = _select_only(cfg, [1.0], scales=(1.0,), epoch_steps=4)
+    assert state.T1 == 4
+    cfg = CrestConfig(m=4, r=12, P=2, T1=10, P_cap=3)
+    state, _ = _select_only(cfg, [1.0], scales=(1.0,))
+    assert state.T1 == 3
+
+
+def test_tempered_weights_are_the_square_roots_of_the_cluster_sizes():
+    # C5: weights="tempered" must be sqrt(cluster size), normalised to mean 1 per coreset
+    _, cl = train_crest(CrestConfig(m=32, weights="cluster"), 0, 1)
+    _, te = train_crest(CrestConfig(m=32, weights="tempered"), 0, 1)
+    np.testing.assert_array_equal(cl.batch_idx[:cl.made], te.batch_idx[:te.made])  # same picks: same selection
+    checked = False
+    for p in range(cl.made):
+        keep = cl.batch_idx[p] >= 0
+        root = np.sqrt(cl.batch_w[p][keep])  # cluster weights are sizes scaled to mean 1; sqrt is scale-free
+        np.testing.assert_allclose(te.batch_w[p][keep], root / root.mean(), rtol=1e-10)
+        checked |= bool(np.ptp(cl.batch_w[p][keep]) > 0)
+    assert checked  # some coreset has unequal cluster sizes, so sqrt makes a difference
+
+
+def test_anchor_loss_is_the_mean_loss_on_the_check_examples():
+    # C11: the anchor loss L_a of the quadratic model must be measured on the trust check's examples
+    # (check_idx: check_size of V_1), not on all the examples the selection forwarded (with the defaults
+    # the two coincide when r <= check_size = 128 and one coreset is fitted at the anchor)
+    Xtr, ytr, _, _ = digits()
+    ops = SoftmaxOps(Xtr, ytr)
+    ops.W = np.random.default_rng(0).normal(size=ops.W.shape)  # per-example losses differ
+    cfg = CrestConfig(m=32, check_size=16)  # fewer than the subset's r: the check set is a strict sample
+    state = crest_init(cfg, ytr, seed=0)
+    state, _ = crest_next_batch(state, ops, cfg)  # the first selection, no training step: W is the anchor
+    assert state.check_idx.size == 16
+    per = cc.cross_entropy(Xtr[state.check_idx] @ ops.W, ytr[state.check_idx])
+    assert state.quad.anchor_loss == pytest.approx(float(np.mean(per)), rel=1e-12)
+
+
+def test_virtual_epoch_cap_rounds_up():
+    # C13: without epoch_steps or P_cap the cap is one virtual epoch of the pool, ceil(n / m):
+    # n = 122, m = 4 -> 31 (120 / 4 = 30 in the existing test hides floor vs ceil)
+    cfg = CrestConfig(m=4, r=12, P=2, T1=1, tau=0.01, h=8.0, b=1.5)
+    state, _ = _select_only(cfg, [1.0, 2.0], scales=(4.0, 1.0), n=122)
+    assert (state.T1, state.P) == (31, 31)

@@ -721,3 +721,24 @@ def test_pairwise_distances_refuses_empty_input_by_name():
             crestcore.pairwise_distances(np.zeros(shape))
     with pytest.raises(ValueError, match="Y is empty"):
         crestcore.pairwise_distances(np.ones((2, 3)), np.zeros((0, 3)))
+
+
+def _grid_with_duplicates(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(20, 80))
+    base = rng.integers(0, 3, size=(n // 2, 2)).astype(float)  # 9 distinct points: many equal gains
+    X = np.concatenate([base, base])[rng.permutation(2 * (n // 2))]
+    return X, int(rng.integers(2, 8))
+
+
+def test_matrix_free_lazy_breaks_ties_as_naive_greedy():
+    # R4: the reference greedy_features lazy stop rule "(exact == bound and c < o)": some of these seeds
+    # hit a stale lower-index bound equal to the best exact gain
+    for seed in range(130):
+        X, k = _grid_with_duplicates(seed)
+        naive = crestcore.facility_location(X, k, backend="reference", optimizer="naive", metric="sqeuclidean")
+        for backend in ("reference", "auto"):
+            lazy = crestcore.facility_location(X, k, backend=backend, max_dense_bytes=64, metric="sqeuclidean")
+            assert lazy.path == "matrix-free"
+            np.testing.assert_array_equal(lazy.indices, naive.indices, err_msg=f"seed {seed} {backend}")
+            np.testing.assert_array_equal(lazy.weights, naive.weights, err_msg=f"seed {seed} {backend}")

@@ -1201,3 +1201,19 @@ def test_dict_items_for_a_model_without_keywords_name_forward():
     ops = TorchModelOps(mlp(), DictData())
     with pytest.raises(TypeError, match="forward=lambda model, batch"):
         ops.outputs(np.arange(4))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_model_batches_carry_the_controllers_weights_in_float32(dtype):
+    X, y = make_data()
+    model = mlp(0).to(dtype)
+    loader = CrestLoader(model, TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.5, epochs=1, seed=0)
+    unequal = False
+    for k, (_x, _y, w) in enumerate(loader.iter_run()):
+        assert w.dtype == torch.float32
+        want = loader.last_weights.astype(np.float32)  # mean-1 cluster weights such as 1.0434783
+        np.testing.assert_array_equal(w.numpy(), want)
+        unequal |= bool(np.ptp(want) > 0)
+        if k == 2:
+            break
+    assert unequal
