@@ -628,6 +628,8 @@ def test_default_max_dense_bytes_follows_available_memory_and_the_path_is_report
     X = np.random.default_rng(0).normal(size=(3000, 4))  # a dense 3000 x 3000 float64 similarity: 72 MB
     avail = B.host_available_bytes()
     assert avail is None or avail > 0
+    # the memory available moves between two reads on a shared machine: the default follows a fixed reading
+    monkeypatch.setattr(B, "host_available_bytes", lambda: avail)
     assert resolve_dense_bytes(None, np, X) == (max(1 << 26, int(avail * 0.25)) if avail else 1 << 30)
     assert resolve_dense_bytes(123, np, X) == 123
     if avail is not None and avail * 0.25 > 3000 * 3000 * 8:
