@@ -142,12 +142,26 @@ def _class_budgets(m: int, counts: np.ndarray, gen: np.random.Generator | None, 
     if gen is None:
         return np.stack([hamilton(m, row) for row in counts]), None
     key = int(gen.integers(2**62))  # row p's rounding from (key, p) alone: a share of the rows rounds alike
-    budgets, p = _apportion_rows(m, counts, [np.random.default_rng([key, int(q)]) for q in rows])
+    budgets, p = _apportion_rows(m, counts, _RowGenerators(key, rows))
     chance = np.where(budgets > 0, p, 1.0)
     return budgets, (chance if bool(np.any(chance < 1.0)) else None)
 
 
-def _apportion_rows(total: int, counts: np.ndarray, gens: list) -> tuple[np.ndarray, np.ndarray]:
+class _RowGenerators:
+    """Row q's generator ``default_rng([key, rows[q]])``, made when first asked for (most rows of a CREST
+    step draw, but making all P up front cost about 10 us a row whether or not they did)."""
+
+    def __init__(self, key: int, rows: np.ndarray):
+        self.key, self.rows, self.made = key, rows, {}
+
+    def __getitem__(self, q) -> np.random.Generator:
+        g = self.made.get(int(q))
+        if g is None:
+            g = self.made[int(q)] = np.random.default_rng([self.key, int(self.rows[q])])
+        return g
+
+
+def _apportion_rows(total: int, counts: np.ndarray, gens) -> tuple[np.ndarray, np.ndarray]:
     """:func:`crestcore.plan.apportion` ``(total, counts[p], gens[p], at_least_one=True)`` for every row p
     of ``counts`` (P, C) at once: the same units and probabilities, the same draws from each row's own
     generator in the same order (the order of the groups and the threshold, then, in the rare rows where

@@ -1336,3 +1336,14 @@ def test_virtual_epoch_cap_rounds_up():
     cfg = CrestConfig(m=4, r=12, P=2, T1=1, tau=0.01, h=8.0, b=1.5)
     state, _ = _select_only(cfg, [1.0, 2.0], scales=(4.0, 1.0), n=122)
     assert (state.T1, state.P) == (31, 31)
+
+
+def test_the_controllers_subsets_are_draw_subsets_of_its_generator():
+    """The controller draws without draw_subsets' checks (and without gathering the labels when nothing is
+    dropped): the subsets are draw_subsets' for the selection's generator."""
+    Xtr, ytr, _, _ = digits()
+    cfg = CrestConfig(m=32, P=4)
+    state, _ = crest_next_batch(crest_init(cfg, ytr, seed=3), SoftmaxOps(Xtr, ytr), cfg)
+    want = cc.draw_subsets(ytr, np.arange(ytr.size), state.subsets.shape[1], state.subsets.shape[0],
+                           np.random.default_rng([3, 0]))
+    np.testing.assert_array_equal(state.subsets, want)
