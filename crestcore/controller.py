@@ -269,8 +269,8 @@ class CrestConfig:
     Deterministic: counts, not clocks.
     backend : the selection's kernels, as :func:`crestcore.minibatch_coresets`'s ``backend``: "auto"
     (the features' own library: CPU torch tensors on the torch kernels, which start no Numba), "numba"
-    (host features on the Numba kernels; a long CPU run of a small model, with hundreds of selections,
-    repays Numba's one-off start of 0.5-0.9 s by 2-7 ms a selection) or "reference".
+    (host features on the Numba kernels; a long CPU run of a small model, with many hundreds of
+    selections, repays Numba's one-off start of 0.5-0.9 s by 1-3 ms a selection) or "reference".
 
     Examples
     --------
