@@ -119,8 +119,10 @@ def drop_init(n: int, config: DropConfig = DropConfig()) -> DropState:
     >>> int(state.active.sum()), state.dropped_at
     (5, array([-1, -1, -1, -1, -1]))
     """
-    if isinstance(n, bool) or int(n) != n or n < 1:
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
+    if not isinstance(config, DropConfig):
+        raise TypeError(f"config must be a DropConfig, got {type(config).__name__}")
     n = int(n)
     H = config.history
     return DropState(
@@ -301,14 +303,16 @@ def drop_update(state: DropState, step: int, config: DropConfig = DropConfig(), 
     _check_live(state)
     n = state.active.size
     step = _check_step(step)
+    if not isinstance(config, DropConfig):
+        raise TypeError(f"config must be a DropConfig, got {type(config).__name__}")
     lab = None
     if labels is not None:
         lab = np.asarray(to_numpy(labels))
         if not np.issubdtype(lab.dtype, np.integer):
             raise TypeError(f"labels must hold integers, got dtype {lab.dtype}")
-        lab = lab.astype(np.int64).ravel()
-        if lab.size != n:
-            raise ValueError(f"labels has length {lab.size}, expected {n}")
+        if lab.shape != (n,):
+            raise ValueError(f"labels must have shape ({n},), one per example, got {lab.shape}")
+        lab = lab.astype(np.int64)
     # the closed window [step - window, step]; empty slots hold step -1
     in_win = (state.steps >= max(step - config.window, 0)) & (state.steps <= step)
     cnt = in_win.sum(axis=1)

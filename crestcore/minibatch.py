@@ -152,7 +152,8 @@ class _RowGenerators:
     step draw, but making all P up front cost about 10 us a row whether or not they did)."""
 
     def __init__(self, key: int, rows: np.ndarray):
-        self.key, self.rows, self.made = key, rows, {}
+        self.key, self.rows = key, rows
+        self.made: dict[int, np.random.Generator] = {}
 
     def __getitem__(self, q) -> np.random.Generator:
         g = self.made.get(int(q))

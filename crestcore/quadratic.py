@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 from collections.abc import Callable
 
+import numpy as np
+
 from ._compat import namespace, to_numpy
 from .similarity import compute_dtype
 from ._validation import DivergenceError, check_float_rows, field_choice, field_real, isdtype
@@ -151,8 +153,15 @@ def hutchinson_diagonal(hvp: Callable[[Any], Any], probes):
     check_float_rows(xp, probes, "probes", "(k, D) array")
     acc = None
     for i in range(probes.shape[0]):
-        z = probes[i, ...]
+        z = xp.asarray(probes[i, ...], copy=True)  # a copy: an hvp that writes its input leaves probes alone
         hz = hvp(z)
+        try:
+            same_library = namespace(hz, names=("hvp's result",)) is xp
+        except TypeError:
+            same_library = False
+        if not same_library:
+            raise TypeError(f"hvp must return an array of the probes' library ({type(probes).__name__}), got "
+                            f"{type(hz).__name__}")
         if tuple(hz.shape) != tuple(z.shape):
             raise ValueError(f"hvp returned shape {tuple(hz.shape)} for a probe of shape {tuple(z.shape)}")
         if not bool(xp.all(xp.isfinite(hz))):
@@ -203,7 +212,13 @@ def quadratic_anchor(state: QuadraticState, loss: float, config: QuadraticConfig
     >>> kept.n_g, kept.g_ema
     (1, array([ 0.1, -0.1]))
     """
-    loss = float(to_numpy(loss)) if hasattr(loss, "shape") else float(loss)  # a tensor: detached, no warning
+    if loss is None or isinstance(loss, (str, bytes, bool, np.bool_)) or (hasattr(loss, "shape") and
+                                                                       tuple(loss.shape) not in ((), (1,))):
+        raise TypeError(f"loss must be a real number (the anchor loss), got {type(loss).__name__}"
+                        + (f" of shape {tuple(loss.shape)}" if hasattr(loss, "shape") else ""))
+    if not isinstance(config, QuadraticConfig):
+        raise TypeError(f"config must be a QuadraticConfig, got {type(config).__name__}")
+    loss = float(to_numpy(loss).reshape(())) if hasattr(loss, "shape") else float(loss)  # a tensor: detached
     if not math.isfinite(loss):
         raise DivergenceError(f"loss must be finite, got {loss}: the anchor loss is not finite, training has "
                               "diverged (exploding logits?)")
@@ -226,6 +241,8 @@ def quadratic_update(state: QuadraticState, grad=None, zhz=None, config: Quadrat
     >>> np.round(state.g_ema, 6), np.round(state.h_ema, 6)
     (array([0.2, 0. ]), array([0.001, 0.004]))
     """
+    if not isinstance(config, QuadraticConfig):
+        raise TypeError(f"config must be a QuadraticConfig, got {type(config).__name__}")
     xp = namespace(state.g_ema, grad, zhz, names=("state", "grad", "zhz"))
     D = state.g_ema.shape[0]
     g_ema, h_ema, n_g, n_h = state.g_ema, state.h_ema, state.n_g, state.n_h

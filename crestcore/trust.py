@@ -9,12 +9,16 @@
 from __future__ import annotations
 
 import math
+
+import numpy as np
 import numbers
 
 __all__ = ["relative_error", "should_reselect", "update_schedule"]
 
 
 def _finite(x, name):
+    if isinstance(x, (str, bytes, bool, np.bool_)):  # float("2.0") and float(True) would pass
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
     try:
         v = float(x)
     except (TypeError, ValueError) as exc:

@@ -566,3 +566,41 @@ def test_masked_and_sparse_arrays_and_a_bad_rng_are_refused_naming_the_argument(
     torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match="X is a torch.sparse_coo tensor.*to_dense"):
         crestcore.facility_location(torch.from_numpy(X).to_sparse(), 2)
+
+
+def test_small_functions_refuse_what_they_silently_took():
+    """Values the trust, quadratic, drop and baseline functions accepted and misread (a string parsed as a
+    number, a bool as 1.0, a dict as a config, labels of the wrong shape), refused by name."""
+    from crestcore import (DropConfig, drop_init, drop_record, drop_update, hutchinson_diagonal, quadratic_anchor,
+                           quadratic_init, quadratic_update, relative_error, should_reselect)
+    from crestcore.baselines import random_subset
+
+    for call, exc, word in (
+        (lambda: relative_error("2.0", "1.5"), TypeError, "loss_random"),
+        (lambda: relative_error(True, False), TypeError, "loss_random"),
+        (lambda: should_reselect(True, 0.5), TypeError, "rho"),
+        (lambda: quadratic_anchor(quadratic_init(np.zeros(2)), None), TypeError, "loss"),
+        (lambda: quadratic_anchor(quadratic_init(np.zeros(2)), True), TypeError, "loss"),
+        (lambda: quadratic_anchor(quadratic_init(np.zeros(2)), np.array([1.0, 2.0])), TypeError, "loss"),
+        (lambda: quadratic_update(quadratic_init(np.zeros(2)), np.ones(2), config={"beta1": 0.5}), TypeError,
+         "config"),
+        (lambda: drop_init(2.0), ValueError, "n"),
+        (lambda: drop_update(drop_init(4), 1, DropConfig(), labels=np.zeros((2, 2), dtype=int)), ValueError,
+         "labels"),
+        (lambda: drop_update(drop_init(4), 1, {"alpha": 1}), TypeError, "config"),
+        (lambda: random_subset(10, 2, rng=0, dtype="float32"), TypeError, "dtype"),
+        (lambda: hutchinson_diagonal(lambda v: [1.0, 2.0], np.eye(2)), TypeError, "hvp"),
+    ):
+        with pytest.raises(exc, match=word):
+            call()
+    assert float(quadratic_anchor(quadratic_init(np.zeros(2)), np.array([1.5])).anchor_loss) == 1.5
+    probes = np.eye(2)
+
+    def writes(v):
+        v *= 2.0  # an hvp that writes its input
+        return v
+
+    hutchinson_diagonal(writes, probes)
+    np.testing.assert_array_equal(probes, np.eye(2))  # the caller's probes are not written
+    state = drop_record(drop_init(3), np.array([0]), np.array([-0.5]), step=1)  # a negative loss is a loss
+    assert state.losses[0, 0] == -0.5

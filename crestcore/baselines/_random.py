@@ -56,7 +56,13 @@ def random_subset(n, k, *, rng, epoch=None, xp=None, device=None, dtype=None):
     dev = device_of(probe)
     if dtype is None:
         dtype = ns.asarray(0.0, device=dev).dtype
-    elif not isdtype(ns, dtype, "real floating"):
-        raise TypeError(f"dtype must be a real floating dtype, got {dtype}")
+    else:
+        try:
+            floating = isdtype(ns, dtype, "real floating")
+        except (TypeError, AttributeError, ValueError):  # a string such as "float32" is no dtype object
+            floating = False
+        if not floating:
+            raise TypeError(f"dtype must be a real floating dtype of the array library (e.g. xp.float32), "
+                            f"got {dtype!r}")
     idx = np.sort(gen.choice(n, size=k, replace=False)).astype(np.int64)
     return host_selection(ns, dev, dtype, idx, np.full(k, n / k), np.zeros(k), 0.0)
