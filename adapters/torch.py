@@ -321,6 +321,15 @@ def _double_backward_attention():
     return sdpa_kernel([SDPBackend.MATH])
 
 
+def _rnn_without_cudnn(model: nn.Module):
+    """cuDNN off for a model with recurrent layers (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``): on CUDA their cuDNN
+    kernels refuse a backward in eval mode and have no double backward, which the measurements need
+    (nothing changes on the CPU, where cuDNN is not used)."""
+    if any(isinstance(m, nn.RNNBase) for m in model.modules()):
+        return torch.backends.cudnn.flags(enabled=False)
+    return contextlib.nullcontext()
+
+
 class _Progress:
     """Progress bars (tqdm) for measurement passes, shown only once a pass has run ``after`` seconds, so
     short passes print nothing; without tqdm, one warning and no bars."""
@@ -715,8 +724,9 @@ class TorchModelOps:
                         b.copy_(a)
         try:
             # outside autocast (a loop may call the loader inside an autocast region): the model is
-            # measured in its own dtype, as documented
-            with _no_autocast(self.device.type):
+            # measured in its own dtype, as documented; recurrent layers off cuDNN, whose RNN kernels have
+            # no backward in eval mode and no double backward (the native ones have both)
+            with _no_autocast(self.device.type), _rnn_without_cudnn(self.model):
                 yield
         finally:
             with torch.no_grad():

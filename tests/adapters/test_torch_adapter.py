@@ -1217,3 +1217,46 @@ def test_half_model_batches_carry_the_controllers_weights_in_float32(dtype):
         if k == 2:
             break
     assert unequal
+
+
+class _LSTMClassifier(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = torch.nn.LSTM(D_IN, 8, batch_first=True)
+        self.head = torch.nn.Linear(8, C)
+
+    def forward(self, x):  # (batch, D_IN) as a sequence of length 2
+        out, _ = self.rnn(torch.stack([x, x.flip(-1)], dim=1))
+        return self.head(out[:, -1])
+
+
+def test_recurrent_models_are_measured_off_cudnn():
+    """cuDNN's RNN kernels refuse a backward in eval mode and have no double backward: the measurements of
+    a model with recurrent layers run with cuDNN off (a no-op on the CPU); the user's setting comes back."""
+    seen = []
+
+    class Spy(_LSTMClassifier):
+        def forward(self, x):
+            seen.append(torch.backends.cudnn.enabled)
+            return super().forward(x)
+
+    x, y = make_data()
+    ops = TorchModelOps(Spy(), TensorDataset(x, y))
+    before = torch.backends.cudnn.enabled
+    ops.outputs(np.arange(8))
+    ops.gradient_and_hutchinson(np.arange(8), np.ones(8), 0)
+    assert seen and not any(seen) and torch.backends.cudnn.enabled == before
+    seen.clear()
+    TorchModelOps(mlp(), TensorDataset(x, y)).outputs(np.arange(8))  # no recurrent layer: left alone
+
+
+@pytest.mark.gpu
+def test_cuda_recurrent_model_trains_with_crest():
+    if not torch.cuda.is_available():
+        pytest.skip("torch.cuda.is_available() is False")
+    x, y = make_data()
+    model = _LSTMClassifier().cuda()
+    loader = CrestLoader(model, TensorDataset(x, y), config=CrestConfig(m=24, r=60), budget=0.5, epochs=1, seed=0)
+    seen, _ = train(loader, model)
+    assert len(seen) == len(loader) and loader.stats["checks"]
