@@ -239,6 +239,16 @@ class CrestCallback(pl.Callback):
                     "CrestCallback needs the number of epochs the budget is a fraction of: set "
                     "Trainer(max_epochs=...) or CrestCallback(epochs=...)"
                 )
+        most = trainer.max_epochs
+        if self.epochs is not None and most is not None and most >= 1 and int(most) != int(epochs):
+            warnings.warn(
+                f"CrestCallback(epochs={epochs}) but Trainer(max_epochs={most}): CREST plans its budget over "
+                f"{epochs} epochs, so "
+                + (f"the last {most - epochs} epochs yield no batches, and a per-step scheduler sized from "
+                   f"trainer.estimated_stepping_batches (which counts {most} epochs) stops at about "
+                   f"{epochs / most:.0%} of its schedule" if most > epochs else
+                   f"the fit ends after {most} epochs with {epochs - most} epochs of the budget untrained")
+                + "; leave epochs=None to take max_epochs", stacklevel=2)
         self.loader = CrestLoader(pl_module, self.dataset, epochs=int(epochs), per_epoch=True, **self._kwargs)
         if self._pending is not None:
             state, self._pending = self._pending, None

@@ -70,7 +70,16 @@ try:
     import keras
     from keras import ops as kops
 except ImportError as exc:  # pragma: no cover - depends on what is installed
-    raise ImportError("crestcore.adapters.keras needs Keras 3: pip install 'crestcore[keras]'") from exc
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("keras") is None:
+        raise ImportError("crestcore.adapters.keras needs Keras 3: pip install 'crestcore[keras]'") from exc
+    raise ImportError(  # Keras is there; its backend is not (KERAS_BACKEND unset means tensorflow)
+        f"crestcore.adapters.keras: Keras is installed but its backend "
+        f"({os.environ.get('KERAS_BACKEND') or 'tensorflow, the default'}) failed to import ({exc}). CREST "
+        "runs on Keras's torch and jax backends: set KERAS_BACKEND=torch (or jax) before importing keras, "
+        "with that library installed") from exc
 
 if not str(getattr(keras, "__version__", "0")).startswith("3"):  # pragma: no cover
     raise ImportError(f"crestcore.adapters.keras needs Keras 3, found keras {keras.__version__}")
@@ -89,7 +98,19 @@ __all__ = ["CrestCallback", "CrestDataset", "KerasModelOps", "SubsetCallback", "
 SUPPORTED_BACKENDS = ("torch", "jax")
 _FORMAT = "crestcore.adapters.keras.CrestCallback/1"
 _SUBSET_FORMAT = "crestcore.adapters.keras.SubsetCallback/1"
-_TINY = 1e-30  # floor of probabilities before the log (float32 keeps it: smallest normal ~1.2e-38)
+def _clip_eps() -> float:
+    """Keras's fuzz factor: its probability cross-entropies normalise each row to sum 1 and clip it to
+    ``[epsilon, 1 - epsilon]`` before the log, so CREST does the same (the loss it measures is the one
+    trained: a confidently wrong example's loss is -log(1e-7) = 16.1 there, not -log(p))."""
+    return float(keras.config.epsilon())
+
+
+def _log_probabilities(out):
+    """``log`` of the rows of probabilities ``out`` as Keras's cross-entropy takes them (keras.ops: torch
+    tensors with their graph, jax inside jit)."""
+    eps = _clip_eps()
+    p = out / kops.sum(out, axis=1, keepdims=True)
+    return kops.log(kops.clip(p, eps, 1.0 - eps))
 _CE_NAMES = ("sparse_categorical_crossentropy", "categorical_crossentropy")
 
 
@@ -348,8 +369,7 @@ def _crossentropy(out, y, from_probabilities: bool):
     """Per-example cross-entropy with keras.ops (works on torch tensors with their graph, and inside jax.jit)."""
     out = kops.cast(out, "float32")
     if from_probabilities:
-        p = kops.take_along_axis(out, y[:, None], axis=1)[:, 0]
-        return -kops.log(kops.maximum(p, _TINY))
+        return -kops.take_along_axis(_log_probabilities(out), y[:, None], axis=1)[:, 0]
     z = out - kops.max(out, axis=1, keepdims=True)
     return kops.logsumexp(z, axis=1) - kops.take_along_axis(z, y[:, None], axis=1)[:, 0]
 
@@ -511,7 +531,10 @@ class KerasModelOps:
     def _to_logits_np(self, out: np.ndarray) -> np.ndarray:
         out = out.astype(np.float32, copy=False)
         if self.from_probabilities:
-            return np.log(np.maximum(out, _TINY))
+            eps = np.float32(_clip_eps())
+            with np.errstate(divide="ignore", invalid="ignore"):
+                p = out / out.sum(axis=1, keepdims=True)
+            return np.log(np.clip(p, eps, 1 - eps))
         return out
 
     def _embedding_model(self):
@@ -771,7 +794,7 @@ class _TrainedSteps:
 
     def _idle_probe(self, m: int, refusal: str):
         """Keras's build fetch (before on_train_begin; two calls when Keras fetches one batch ahead), or a
-        user's look outside any fit: a fixed shape probe of the first ``m`` examples. More than two fetches
+        user's look outside any fit: a fixed shape probe of the first ``m`` examples, weight 0. More than two fetches
         inside Keras's epochs (between the dataset's ``on_epoch_begin`` and ``on_epoch_end``) without the
         callback's fit mean the dataset is being trained on without it: ``RuntimeError(refusal)`` rather
         than probes."""
@@ -780,7 +803,9 @@ class _TrainedSteps:
             if self._idle_fetches > 2:
                 raise RuntimeError(refusal)
         probe = np.arange(m, dtype=np.int64)
-        return _take(self.x, probe), self.y[probe], np.ones(m, dtype=np.float32)
+        # weight 0: a probe that a fit without the callback trains on (before the refusal above) moves no
+        # weight through its loss (its shapes are all Keras's build needs)
+        return _take(self.x, probe), self.y[probe], np.zeros(m, dtype=np.float32)
 
     @property
     def position(self) -> int:

@@ -17,7 +17,7 @@ from keras import tree
 
 from .. import _common
 from ..torch import add_grad, add_hvp  # the same accumulation as the PyTorch adapter
-from . import _TINY, _crossentropy, _take
+from . import _crossentropy, _log_probabilities, _take
 
 
 def pinned(ops):
@@ -45,7 +45,7 @@ def outputs(ops, idx: np.ndarray, embeddings: bool):
                 embs.append(e.float().reshape(b - a, -1))
             ops._check_out(out, b - a)
             out = out.float()
-            logits.append(torch.log(torch.clamp(out, min=_TINY)) if ops.from_probabilities else out)
+            logits.append(_log_probabilities(out) if ops.from_probabilities else out)
     if not logits:
         raise ValueError("outputs needs at least one index")
     z = torch.cat(logits)

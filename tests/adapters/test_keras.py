@@ -369,7 +369,7 @@ def test_build_fetch_is_a_probe_that_consumes_nothing():
     for _ in range(4):  # a user's looks outside any fit: probes, never refused
         xb, yb, wb = crest.dataset[3]
     np.testing.assert_array_equal(xb, X[:32])
-    np.testing.assert_array_equal(wb, np.ones(32, np.float32))
+    np.testing.assert_array_equal(wb, np.zeros(32, np.float32))  # weight 0: training on a probe moves nothing
     crest.dataset.on_epoch_begin()  # Keras's build fetch comes between these two calls
     crest.dataset[3]
     crest.dataset.on_epoch_end()
@@ -1099,3 +1099,21 @@ def test_unusual_models_and_losses_get_served_or_named_clearly():
     crest = CrestCallback(X, y, config=CrestConfig(m=32), budget=0.2, seed=0)
     with pytest.warns(UserWarning, match="ignores class 0"):
         ignoring.fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
+
+
+def test_probability_outputs_measure_keras_clipped_cross_entropy():
+    """A softmax model compiled with a probability loss: Keras clips the probabilities to [epsilon,
+    1 - epsilon] before the log, so CREST's losses (and features) do the same; a confidently wrong example
+    measured -log(1e-30) = 69 against the 16.1 Keras trains on."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 6)).astype("float32")
+    y = rng.integers(0, 3, 300)
+    inp = keras.Input((6,))
+    model = keras.Model(inp, keras.layers.Dense(3, activation="softmax")(inp))
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    model.layers[-1].kernel.assign(rng.normal(size=(6, 3)).astype("float32") * 12)  # saturated
+    ops = KerasModelOps(model, x, y, outputs="probabilities")
+    ours = np.asarray(ops.losses(np.arange(300)), dtype=np.float64)
+    theirs = keras.ops.convert_to_numpy(keras.losses.sparse_categorical_crossentropy(y, model(x, training=False)))
+    assert ours.max() > 15  # saturated examples are there
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
