@@ -583,7 +583,8 @@ def crest_init(config: CrestConfig, labels, *, seed: int, epoch_steps: int | Non
         need_select=True, want_select=False, pending=False, n_selections=0, cursor=0,
         batch_idx=np.zeros((0, config.m), dtype=np.int64), batch_w=np.zeros((0, config.m)), made=0,
         subsets=np.zeros((0, 0), dtype=np.int64), check_idx=np.zeros(0, dtype=np.int64), anchor=None, quad=None,
-        h_norm_0=math.nan, h_norm_t=math.nan, drop=drop_init(n, config.drop), counters=_counters(),
+        h_norm_0=math.nan, h_norm_t=math.nan, counters=_counters(),
+        drop=drop_init(n, config.drop, history=None if config.T2 else 0),  # no loss history without dropping
         epoch_steps=int(epoch_steps or 0), log={"selections": EventLog(), "checks": EventLog(), "drops": EventLog()},
     )
 
@@ -921,6 +922,11 @@ def crest_next_batch(state: CrestState, ops: ModelOps, config: CrestConfig):
     (30, True, True)
     """
     reason = "first" if state.n_selections == 0 else "check"
+    if config.T2 is not None and state.drop.losses.shape[1] == 0:
+        # dropping turned on for a state made without it (no loss history kept): an empty history now
+        fresh = drop_init(state.labels.size, config.drop)
+        state = state._replace(drop=fresh._replace(active=state.drop.active.copy(),
+                                                   dropped_at=state.drop.dropped_at.copy()))
     if state.pending:
         state = state._replace(step=state.step + 1, since_check=state.since_check + 1, pending=False)
         # the trust check runs every T1 steps (when max_overhead allows) whatever else happens at this step
@@ -1181,9 +1187,8 @@ def _validate_state_dict(d: dict, D: int) -> None:
     if dropped.size != n or head.size != n or L.shape[0] != n or S.shape != L.shape:
         raise _bad(f"drop arrays must have {n} rows like labels: dropped_at {dropped.shape}, head "
                    f"{head.shape}, losses {L.shape}, steps {S.shape}")
-    H = L.shape[1]
-    if H < 1 or (head.size and head.min() < 0):
-        raise _bad("drop.head (records written per example) must be >= 0, and drop.losses must have a column")
+    if head.size and head.min() < 0:  # (n, 0) histories: a state without dropping keeps no losses
+        raise _bad("drop.head (records written per example) must be >= 0")
     if np.any(np.isinf(L)):  # any finite loss, as drop_record takes (a signed or rounded-negative loss too)
         raise _bad("drop.losses must hold finite losses (NaN: empty slot)")
     if np.any((S < 0) != np.isnan(L)) or (S.size and S.min() < -1) or (S.size and S.max() > step):

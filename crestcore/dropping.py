@@ -110,8 +110,11 @@ class DropState(NamedTuple):
     version: int = 0  # clock[0] when this state was made: live while equal
 
 
-def drop_init(n: int, config: DropConfig = DropConfig()) -> DropState:
-    """An empty loss history for ``n`` examples (``config.history`` slots each), all in the pool.
+def drop_init(n: int, config: DropConfig = DropConfig(), *, history: int | None = None) -> DropState:
+    """An empty loss history for ``n`` examples (``config.history`` slots each, or ``history``), all in
+    the pool. ``history=0`` keeps no losses (the controller's state when dropping is off: at n = 10^7 the
+    default 8 slots took 1.3 GB, in memory and in every checkpoint); records into it are checked and kept
+    nowhere.
 
     Examples
     --------
@@ -124,7 +127,9 @@ def drop_init(n: int, config: DropConfig = DropConfig()) -> DropState:
     if not isinstance(config, DropConfig):
         raise TypeError(f"config must be a DropConfig, got {type(config).__name__}")
     n = int(n)
-    H = config.history
+    H = config.history if history is None else history
+    if isinstance(H, bool) or not isinstance(H, (int, np.integer)) or H < 0:
+        raise ValueError(f"history must be a non-negative integer, got {history!r}")
     return DropState(
         losses=np.full((n, H), np.nan),
         steps=np.full((n, H), -1, dtype=np.int64),
@@ -252,6 +257,8 @@ def drop_record(state: DropState, indices, losses, step: int) -> DropState:
     keep = idx.size - 1 - last
     idx, vals = idx[keep], vals[keep]
     H = state.losses.shape[1]
+    if H == 0:  # no history kept (dropping off): the losses were checked, there is nowhere to write them
+        return state
     if owned:
         L, S, head, clock = state.losses, state.steps, state.head, state.clock
     else:  # copy on write, once: the copy owns its buffers, ``state`` stays as it was

@@ -663,8 +663,8 @@ class CrestDataset(keras.utils.PyDataset):
     >>> crest = CrestCallback(x, y, config=CrestConfig(m=8), budget=0.25)
     >>> len(crest.dataset)  # 8 full-data steps per epoch, a quarter of them
     2
-    >>> xb, yb, wb = crest.dataset[0]  # outside fit: a shape probe, the first m examples
-    >>> xb.shape, wb.tolist() == [1.0] * 8
+    >>> xb, yb, wb = crest.dataset[0]  # outside fit: a shape probe, the first m examples, weight 0
+    >>> xb.shape, wb.tolist() == [0.0] * 8
     ((8, 4), True)
     """
 
