@@ -707,11 +707,21 @@ def _coresets(state: CrestState, ops, config: CrestConfig, subsets: np.ndarray, 
     # torch kernels: a few ms slower per call than Numba at these shapes, but no Numba start-up, 0.5-0.9 s
     # once per process, which a short CPU run paid at its first selection)
     solve = getattr(ops, "coresets", None) or minibatch_coresets
-    cs = solve(
-        feats, y, m=config.m, r=subsets.shape[1], P=subsets.shape[0], rng=gen, subsets=pos,
-        per_class=config.per_class, kernel=config.kernel, metric=config.metric, optimizer=config.optimizer,
-        class_budget=config.class_budget, backend=config.backend,
-    )
+    try:
+        cs = solve(
+            feats, y, m=config.m, r=subsets.shape[1], P=subsets.shape[0], rng=gen, subsets=pos,
+            per_class=config.per_class, kernel=config.kernel, metric=config.metric, optimizer=config.optimizer,
+            class_budget=config.class_budget, backend=config.backend,
+        )
+    except ValueError as exc:
+        if "max_dense_bytes" not in str(exc):
+            raise
+        # the memory guard's advice names minibatch_coresets' arguments: say what a CREST user sets
+        raise ValueError(
+            f"CREST's selection from {subsets.shape[0]} random subset(s) of r = {subsets.shape[1]} examples does "
+            f"not fit in memory ({exc}). Set a smaller CrestConfig(r=...) (each class's dense problem grows as "
+            f"(r / C)^2; the default r is 1 % of the pool, at least 4 m) or, at the anchor, a smaller P"
+        ) from exc
     loc = np.asarray(to_numpy(cs.indices))
     valid = loc >= 0
     w = _transform_weights(np.asarray(to_numpy(cs.weights), dtype=np.float64), valid, config.weights)

@@ -1370,3 +1370,16 @@ def test_without_dropping_no_loss_history_is_kept_and_turning_it_on_starts_one()
         back, batch = crest_next_batch(back, ops, cfg)
         back = crest_observe(back, batch.indices, np.full(batch.indices.size, 0.01))
     assert back.drop.losses.shape == (400, cfg.drop.history) and not back.drop.active.all()
+
+
+def test_a_selection_too_large_for_memory_names_crest_config_r(monkeypatch):
+    """The memory guard's advice named minibatch_coresets' arguments (max_dense_bytes, P), which a CREST
+    user does not set; the controller says to set CrestConfig(r=...)."""
+    import crestcore.backends as B
+
+    monkeypatch.setattr(B, "host_available_bytes", lambda: 1)  # the default limit: its 64 MiB floor
+    y = np.arange(20_000) % 2
+    X = np.random.default_rng(0).normal(size=(20_000, 3))
+    cfg = CrestConfig(m=8, r=12_000)  # two classes of 6,000: 2 x 6000^2 x 8 bytes is over the floor
+    with pytest.raises(ValueError, match=r"CrestConfig\(r=\.\.\.\)"):
+        crest_next_batch(crest_init(cfg, y, seed=0), _SoftmaxOps_for(X, y), cfg)
