@@ -32,6 +32,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from crestcore.dropping import pool_size
 from crestcore.plan import BudgetedPasses
 from crestcore.validation import host_indices, stored_batch
 try:
@@ -1437,7 +1438,7 @@ class CrestLoader(BudgetedPasses):
         checks = st.log["checks"]
         values = scalars({"selections": st.log["selections"], "checks": checks, "drops": st.log["drops"],
                           "rho": [checks[-1][1]] if len(checks) else [], "T1": st.T1, "P": st.P,
-                          "pool": int(st.drop.active.sum()), "budget": self._budget_report()})
+                          "pool": pool_size(st.drop), "budget": self._budget_report()})
         for listener in self._listeners:
             listener(event, self._position, values)
 

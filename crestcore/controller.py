@@ -48,7 +48,7 @@ import numpy as np
 
 from ._compat import device_of, from_numpy, namespace, to_numpy
 from ._validation import DivergenceError, field_bool, field_choice, field_instance, field_int, field_real
-from .dropping import DropConfig, DropState, _check_live, drop_init, drop_record, drop_update
+from .dropping import DropConfig, DropState, _check_live, drop_init, drop_record, drop_update, pool_size
 from .features import cross_entropy, last_layer_gradients, softmax
 from .facility import BACKENDS, OPTIMIZERS
 from .minibatch import CLASS_BUDGETS, _draw_blocked, minibatch_coresets
@@ -645,7 +645,7 @@ def _cap(state: CrestState, config: CrestConfig) -> int:
         return int(config.P_cap)
     if state.epoch_steps:
         return int(state.epoch_steps)
-    return max(1, math.ceil(int(state.drop.active.sum()) / config.m))
+    return max(1, math.ceil(pool_size(state.drop) / config.m))
 
 
 def _transform_weights(w: np.ndarray, valid: np.ndarray, rule: str) -> np.ndarray:
@@ -1012,7 +1012,7 @@ def crest_stats(state: CrestState) -> dict:
         "drops": [(int(t), int(k)) for t, k in state.log["drops"]],
         "T1": int(state.T1),
         "P": int(state.P),
-        "pool": int(state.drop.active.sum()),
+        "pool": pool_size(state.drop),
         "counters": {k: int(v) for k, v in state.counters.items()},
     }
 

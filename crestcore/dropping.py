@@ -35,6 +35,7 @@ examples would remain, which ``min_per_class`` (a fixed number) does not express
 from __future__ import annotations
 
 from dataclasses import dataclass
+import weakref
 from typing import NamedTuple
 
 import numpy as np
@@ -42,7 +43,7 @@ import numpy as np
 from ._compat import to_numpy
 from ._validation import DivergenceError, field_int, field_real
 
-__all__ = ["DropConfig", "DropState", "drop_init", "drop_record", "drop_update", "drop_copy"]
+__all__ = ["DropConfig", "DropState", "drop_init", "drop_record", "drop_update", "drop_copy", "pool_size"]
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,28 @@ def drop_init(n: int, config: DropConfig = DropConfig(), *, history: int | None 
         clock=np.zeros(1, dtype=np.int64),
         version=0,
     )
+
+
+_last_pool: tuple = (None, 0)  # (weak reference to an ``active`` array, its count): see pool_size
+
+
+def pool_size(state: DropState) -> int:
+    """The number of active examples, ``int(state.active.sum())``, counted once per ``active`` array: records
+    keep the array, only a drop decision makes a new one (and none is written in place), so the count of
+    the last array asked about is reused (an O(n) pass at every step otherwise: 4 ms at n = 10^7).
+
+    Examples
+    --------
+    >>> pool_size(drop_init(5))
+    5
+    """
+    global _last_pool
+    ref, count = _last_pool
+    if ref is not None and ref() is state.active:
+        return count
+    count = int(np.count_nonzero(state.active))
+    _last_pool = (weakref.ref(state.active), count)
+    return count
 
 
 _CONSUMED = (

@@ -546,3 +546,16 @@ def test_drop_record_refuses_losses_shaped_unlike_the_indices():
         drop_record(state, np.arange(4), np.ones((2, 2)), 0)
     state = drop_record(state, np.arange(4), np.full((4, 1), 0.5), 0)
     assert state.losses[:4, 0].tolist() == [0.5] * 4
+
+
+def test_pool_size_counts_each_active_array_once_and_follows_drops():
+    from crestcore.dropping import drop_copy, pool_size
+
+    config = DropConfig(alpha=0.1, window=10, min_records=1)
+    state = drop_init(6, config)
+    assert pool_size(state) == 6
+    state = drop_record(state, np.arange(6), np.array([0.01, 0.02, 0.5, 0.5, 0.5, 0.5]), step=1)
+    assert pool_size(state) == 6  # a record keeps the active array
+    new, dropped = drop_update(state, step=1, config=config)
+    assert dropped.tolist() == [0, 1] and pool_size(new) == 4 and pool_size(state) == 6
+    assert pool_size(drop_copy(new)) == int(new.active.sum()) == 4
