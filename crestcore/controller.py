@@ -40,6 +40,7 @@ The loss is cross-entropy (the features are its closed-form last-layer gradient)
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field, replace
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
@@ -589,13 +590,27 @@ def crest_init(config: CrestConfig, labels, *, seed: int, epoch_steps: int | Non
     )
 
 
+_last_labels: tuple = (None, 0)  # (weak reference to a labels array, its number of classes)
+
+
+def _classes_present(labels: np.ndarray) -> int:
+    """The number of distinct labels, counted once per labels array (a state's labels never change)."""
+    global _last_labels
+    ref, count = _last_labels
+    if ref is not None and ref() is labels:
+        return count
+    count = int(np.count_nonzero(np.bincount(labels)))
+    _last_labels = (weakref.ref(labels), count)
+    return count
+
+
 def _subset_size(config: CrestConfig, pool: int, labels: np.ndarray) -> int:
     """``config.r``, else ``max(C ceil(0.01 pool / C), 4 m)`` with C the number of classes the labels hold
     (not the largest label + 1: ids such as {3, 7, 100} or 10 classes of a 1000-way label space would
     otherwise round r up to a multiple of the id range); at most the pool."""
     if config.r is not None:
         return int(min(config.r, pool))
-    C = int(np.count_nonzero(np.bincount(labels)))
+    C = _classes_present(labels)
     return int(min(max(C * math.ceil(0.01 * pool / C), 4 * config.m), pool))
 
 
