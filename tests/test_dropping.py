@@ -559,3 +559,40 @@ def test_pool_size_counts_each_active_array_once_and_follows_drops():
     new, dropped = drop_update(state, step=1, config=config)
     assert dropped.tolist() == [0, 1] and pool_size(new) == 4 and pool_size(state) == 6
     assert pool_size(drop_copy(new)) == int(new.active.sum()) == 4
+
+
+def _drop_update_loop(state, step, config, labels):
+    """The per-candidate loop drop_update ran before it was vectorised (the reference for the test below)."""
+    in_win = (state.steps >= max(step - config.window, 0)) & (state.steps <= step)
+    cnt = in_win.sum(axis=1)
+    below = np.where(in_win, state.losses < config.alpha, True).all(axis=1)
+    cand = np.flatnonzero(state.active & (cnt >= config.min_records) & below)
+    worst = np.where(in_win, state.losses, -np.inf).max(axis=1)
+    cand = cand[np.lexsort((cand, worst[cand]))]
+    budget = int(state.active.sum()) - config.floor
+    if cand.size == 0 or budget <= 0:
+        return np.zeros(0, dtype=np.int64)
+    left = {c: int(v) for c, v in zip(*np.unique(labels[state.active], return_counts=True))}
+    chosen = []
+    for i in cand:
+        if len(chosen) >= budget:
+            break
+        if left[int(labels[i])] > config.min_per_class:
+            left[int(labels[i])] -= 1
+            chosen.append(int(i))
+    return np.asarray(sorted(chosen), dtype=np.int64)
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 5), st.integers(0, 40), st.integers(1, 4), st.booleans())
+@settings(max_examples=60, deadline=None)
+def test_per_class_limits_are_the_candidate_loops(seed, n_classes, floor, min_per_class, big_ids):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 80))
+    labels = rng.integers(0, n_classes, n) * (10**12 if big_ids else 1)
+    config = DropConfig(alpha=0.3, window=10, min_records=1, floor=max(1, floor), min_per_class=min_per_class)
+    state = drop_init(n, config)
+    state = drop_record(state, np.arange(n), rng.random(n) * 0.6, step=1)
+    state = state._replace(active=rng.random(n) < 0.9) if rng.random() < 0.5 else state
+    state = state._replace(dropped_at=np.where(state.active, -1, 0))
+    _, got = drop_update(state, 1, config, labels)
+    np.testing.assert_array_equal(got, _drop_update_loop(state, 1, config, labels))
