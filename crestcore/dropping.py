@@ -351,8 +351,8 @@ def drop_update(state: DropState, step: int, config: DropConfig = DropConfig(), 
     cand = np.flatnonzero(learned)
     if cand.size == 0:
         return state, cand
-    worst = np.where(in_win, state.losses, -np.inf).max(axis=1)
-    cand = cand[np.lexsort((cand, worst[cand]))]  # smallest max loss first, lowest index on ties
+    worst = np.where(in_win[cand], state.losses[cand], -np.inf).max(axis=1)  # the candidates' rows only
+    cand = cand[np.lexsort((cand, worst))]  # smallest max loss first, lowest index on ties
     budget = pool_size(state) - config.floor
     if budget <= 0:
         return state, cand[:0]
