@@ -438,6 +438,7 @@ class KerasModelOps:
         self._pinned = None
         self._compiled = None  # the backend's compiled functions (jax), made on first use
         self._impl = _implementation(self.backend)
+        self._anchor: dict | None = None  # index in non_trainable_variables -> its value at the last new_anchor
 
     # -- the trainable weights ------------------------------------------------------------------
     def _tvars(self):
@@ -554,6 +555,27 @@ class KerasModelOps:
         self._emb_model = keras.Model(inputs, [layer.input, m.outputs[0]])
         return self._emb_model
 
+    def new_anchor(self) -> None:
+        """Keep the floating non-trainable values as they are now (BatchNorm's moving statistics): the
+        measurements until the next anchor run with them, so the statistics the training steps move between
+        the anchor and a check do not count as the quadratic model's error. The controller calls this at
+        every selection.
+
+        Examples
+        --------
+        >>> model, x, y = _example_problem()  # a linear classifier: no non-trainable weights to keep
+        >>> ops = KerasModelOps(model, x, y)
+        >>> ops.new_anchor()
+        >>> ops._anchor
+        {}
+        """
+        kept = {}
+        for i, v in enumerate(self._impl.live_non_trainable(self)):
+            a = np.array(kops.convert_to_numpy(v))
+            if np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16":
+                kept[i] = a
+        self._anchor = kept
+
     # -- ModelOps: outputs ----------------------------------------------------------------------
     def outputs(self, indices, embeddings: bool = False):
         """Inference-mode logits (k, C) for ``indices`` (float32; ``log p`` for probability outputs);
@@ -570,7 +592,8 @@ class KerasModelOps:
         >>> tuple(embeddings.shape)  # the Dense layer's input: the 4 features here
         (3, 4)
         """
-        return self._impl.outputs(self, host_indices(indices, self.n), embeddings)
+        with self._impl.measuring(self):
+            return self._impl.outputs(self, host_indices(indices, self.n), embeddings)
 
     def _host_outputs(self, idx: np.ndarray, embeddings: bool, call):
         """Host float32 logits (and embeddings) of ``idx`` by chunks; ``call(chunk)`` gives
@@ -625,7 +648,8 @@ class KerasModelOps:
         """
         _require_supported("gradients of the weighted coreset loss", self.backend)
         idx, w = _common.weighted_examples(indices, weights, self.n, "gradient")
-        return self._impl.gradient(self, idx, w)
+        with self._impl.measuring(self):
+            return self._impl.gradient(self, idx, w)
 
     def hutchinson(self, indices, weights, seed: int):
         """One Hutchinson probe ``z * (H z)`` of the weighted loss's Hessian, ``z`` = :meth:`rademacher`.
@@ -641,7 +665,8 @@ class KerasModelOps:
         """
         _require_supported("Hessian-vector products (the Hutchinson probe)", self.backend)
         idx, w = _common.weighted_examples(indices, weights, self.n, "hutchinson")
-        return self._impl.hutchinson(self, idx, w, self.rademacher(seed))
+        with self._impl.measuring(self):
+            return self._impl.hutchinson(self, idx, w, self.rademacher(seed))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -982,6 +1007,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         if self.ops is None or self._ops_model is not model or self.ops.from_probabilities != (kind == "probabilities"):
             self.ops = KerasModelOps(model, self.measure_x, self.labels, outputs=kind,
                                      batch_size=self.measure_batch_size, last_layer=self.last_layer)
+            self.ops._anchor = getattr(self, "_anchor_stats", None)  # a loaded checkpoint's anchor statistics
             self._ops_model = model
         self._sync_state()
         for e in self._queue:  # nothing is in flight when fit starts (e.g. after a fit that raised)
@@ -1109,6 +1135,9 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
             "position": self._position,
             "queue": [_common.batch_record(e.batch) for e in self._queue],
             "crest": _portable(crest_state_dict(self._state)),
+            # the anchor's moving statistics, which the measurements until the next selection use
+            "anchor_stats": None if self.ops is None or self.ops._anchor is None
+            else {str(i): a.copy() for i, a in self.ops._anchor.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -1159,6 +1188,13 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         if self.epochs is None and epochs is not None:
             self.epochs = int(epochs)
         self._queue = [_Entry(b, False) for b in batches]
+        kept = state.get("anchor_stats")  # absent from checkpoints before 2026-12-01: the live statistics
+        if kept is not None and not (isinstance(kept, dict) and all(
+                isinstance(k, str) and k.isdigit() and isinstance(v, np.ndarray) for k, v in kept.items())):
+            raise ValueError(f"{where}: anchor_stats must map variable positions to arrays")
+        self._anchor_stats = None if kept is None else {int(k): np.array(v) for k, v in kept.items()}
+        if self.ops is not None:
+            self.ops._anchor = self._anchor_stats
         self._loaded_unchecked = self.ops is None  # checked against the model at the next fit's start
         if self.ops is not None:
             self._sync_state()

@@ -10,6 +10,8 @@ written. Results are host NumPy copies: nothing the jitted train step donates is
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +21,27 @@ from . import _check_finite_np, _crossentropy, _jax_contract_error, _take
 
 
 def _weights(ops):
+    """The weights a measurement uses: :func:`_live`'s, with the anchor's floating non-trainable values
+    (BatchNorm's moving statistics, kept by ``KerasModelOps.new_anchor``) in place of the current ones."""
+    tv, ntv = _live(ops)
+    if ops._anchor:
+        for i, a in ops._anchor.items():
+            if i < len(ntv) and tuple(ntv[i].shape) == a.shape:
+                ntv[i] = jnp.asarray(a, dtype=ntv[i].dtype)
+    return tv, ntv
+
+
+def live_non_trainable(ops):
+    """The current non-trainable values (the trainer's state during fit), not the anchor's."""
+    return _live(ops)[1]
+
+
+def measuring(ops):
+    """Nothing to set: :func:`_weights` hands the anchor's statistics to the stateless calls."""
+    return contextlib.nullcontext()
+
+
+def _live(ops):
     """(trainable, non-trainable) value lists: pinned at the last ``on_train_batch_begin``, else the
     trainer's current state during fit, else the variables. Read, never written."""
     if ops._pinned is not None:
@@ -57,7 +80,7 @@ def _weights(ops):
 
 def pinned(ops):
     """The weights of the upcoming step (a reference, no copy)."""
-    return _weights(ops)
+    return _live(ops)
 
 
 def params(ops):

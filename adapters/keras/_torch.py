@@ -10,6 +10,7 @@ tensors on Keras's device.
 
 from __future__ import annotations
 
+import contextlib
 import numpy as np
 import torch
 from keras import ops as kops
@@ -92,3 +93,28 @@ def hutchinson(ops, idx: np.ndarray, w: np.ndarray, z: np.ndarray):
     if not bool(torch.isfinite(out).all()):
         raise _common.measurement_error("Hessian-vector products", 1, 1)
     return out
+
+
+def live_non_trainable(ops):
+    """The current non-trainable values (the variables are the weights), not the anchor's."""
+    return [v.value for v in ops.model.non_trainable_variables]
+
+
+@contextlib.contextmanager
+def measuring(ops):
+    """The anchor's floating non-trainable values (BatchNorm's moving statistics, kept by
+    ``KerasModelOps.new_anchor``) in the variables for a measurement, the current ones back afterwards."""
+    if not ops._anchor:
+        yield
+        return
+    variables = ops.model.non_trainable_variables
+    saved = {}
+    for i, a in ops._anchor.items():
+        if i < len(variables) and tuple(variables[i].shape) == a.shape:
+            saved[i] = np.array(kops.convert_to_numpy(variables[i].value))
+            variables[i].assign(a.astype(saved[i].dtype, copy=False))
+    try:
+        yield
+    finally:
+        for i, v in saved.items():
+            variables[i].assign(v)

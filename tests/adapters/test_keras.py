@@ -135,6 +135,27 @@ def drive_by_hand(model, X, y, steps, seed=3, config=None, epoch_steps=None):
     return state, seq
 
 
+def batchnorm_lr0_run():
+    """A BatchNormalization model trained at learning rate 0 through CrestCallback, inputs far from the
+    moving statistics' start: (selections, max |rho|, checks, how far the moving mean moved). Only the
+    statistics change, so with the anchor's statistics in every measurement no check fails."""
+    rng = np.random.default_rng(0)
+    X = (rng.normal(size=(480, 8)) * 3 + 5).astype("float32")
+    y = (X[:, :4].sum(1) > X[:, 4:].sum(1)).astype(np.int64) + 2 * (X[:, 0] > 5)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16), keras.layers.BatchNormalization(),
+                              keras.layers.ReLU(), keras.layers.Dense(4)])
+    model.compile(optimizer=keras.optimizers.SGD(0.0),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    bn = model.layers[1]
+    before = np.array(keras.ops.convert_to_numpy(bn.moving_mean))
+    crest = CrestCallback(X, y, config=CrestConfig(m=16), budget=0.5, seed=0)
+    model.fit(crest.dataset, epochs=2, callbacks=[crest], verbose=0)
+    moved = float(np.abs(np.array(keras.ops.convert_to_numpy(bn.moving_mean)) - before).max())
+    stats = crest.stats
+    return len(stats["selections"]), max(abs(r) for r in stats["rho"]), len(stats["checks"]), moved
+
+
 # ------------------------------------------------------------------------------------------------
 # the jax backend, in a subprocess started at the first test (it overlaps with the torch tests)
 # ------------------------------------------------------------------------------------------------
@@ -275,6 +296,9 @@ _JAX_SCRIPT = textwrap.dedent(r"""
         res[f"dtype_{policy}_{floatx}"] = [c7.position, c7.steps_per_epoch]
     keras.config.set_dtype_policy("float32")
     keras.config.set_floatx("float32")
+
+    # 6. BatchNormalization at learning rate 0: the measurements use the anchor's moving statistics
+    res["batchnorm_lr0"] = list(T.batchnorm_lr0_run())
     print("JSON" + json.dumps(res))
 """)
 
@@ -738,7 +762,8 @@ def test_backend_modules_share_one_set_of_functions():
     pkg = Path(keras_adapter.__file__).parent
     mods = {name: _public_functions(pkg / f"_{name}.py") for name in ("torch", "jax", "generic")}
     assert mods["torch"] == mods["jax"] == mods["generic"], mods
-    assert set(mods["torch"]) == {"pinned", "params", "outputs", "gradient", "hutchinson"}
+    assert set(mods["torch"]) == {"pinned", "params", "outputs", "gradient", "hutchinson", "live_non_trainable",
+                                  "measuring"}
     used = set(re.findall(r"self\._impl\.(\w+)\(", (pkg / "__init__.py").read_text()))
     assert used == set(mods["torch"]), used
     for backend in keras_adapter.SUPPORTED_BACKENDS:
@@ -805,6 +830,8 @@ def test_jax_backend(jax_child):
     assert res["no_training_arg"][0] == res["no_training_arg"][1] > 0, res["no_training_arg"]
     for case in ("dtype_bfloat16_float32", "dtype_float32_float64"):
         assert res[case][0] == res[case][1] > 0, (case, res[case])
+    selections, rho, checks, moved = res["batchnorm_lr0"]
+    assert selections == 1 and rho < 1e-5 and checks > 10 and moved > 0.1, res["batchnorm_lr0"]
     for case, msg in res["jax_state_refusals"].items():
         assert msg is not None, f"an unrecognised JAX-trainer state ({case}) was read without an error"
         assert "model._jax_state" in msg and "KERAS_BACKEND=torch" in msg, (case, msg)
@@ -1117,3 +1144,33 @@ def test_probability_outputs_measure_keras_clipped_cross_entropy():
     theirs = keras.ops.convert_to_numpy(keras.losses.sparse_categorical_crossentropy(y, model(x, training=False)))
     assert ours.max() > 15  # saturated examples are there
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_statistics_moved_by_training_are_not_the_quadratic_models_error():
+    """Learning rate 0: only BatchNormalization's moving statistics change. Measured with the anchor's
+    statistics, every check sees the anchor loss again and nothing is reselected (with the live ones the
+    statistics' drift counted as the quadratic model's error). The jax backend runs the same in
+    test_jax_backend."""
+    selections, rho, checks, moved = batchnorm_lr0_run()
+    assert moved > 0.1  # the statistics did move
+    assert checks > 10 and selections == 1 and rho < 1e-5, (selections, rho, checks)
+
+
+def test_the_anchor_statistics_survive_a_checkpoint():
+    X, y = digits()
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(16), keras.layers.BatchNormalization(),
+                              keras.layers.Dense(10)])
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    crest = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=0)
+    model.fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
+    saved = pickle.loads(pickle.dumps(crest.state_dict()))
+    assert saved["anchor_stats"] and all(isinstance(v, np.ndarray) for v in saved["anchor_stats"].values())
+    again = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=0)
+    again.load_state_dict(saved)
+    again.set_model(model)
+    again.on_train_begin()  # the ops made at fit's start take the checkpoint's statistics
+    assert set(again.ops._anchor) == {int(k) for k in saved["anchor_stats"]}
+    for k, v in saved["anchor_stats"].items():
+        np.testing.assert_array_equal(again.ops._anchor[int(k)], v)
+    again.on_train_end()
