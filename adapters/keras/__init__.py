@@ -56,6 +56,7 @@ Only the ``crestcore.adapters`` floor (and the demo layer, lazily) imports keras
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -363,6 +364,33 @@ def resolve_outputs(model, outputs: str | None, who: str = "CrestCallback") -> s
         f"cross-entropy with from_logits, and the last layer is no softmax): pass "
         f"{who}(..., outputs='logits') or outputs='probabilities'"
     )
+
+
+def _variable_values(ops):
+    """The current non-trainable values where the variables are the weights (torch and the generic
+    backends), not the anchor's."""
+    return [v.value for v in ops.model.non_trainable_variables]
+
+
+@contextlib.contextmanager
+def _assigned_anchor(ops):
+    """The anchor's floating non-trainable values (BatchNorm's moving statistics, kept by
+    ``KerasModelOps.new_anchor``) in the variables for a measurement, the current ones back afterwards
+    (torch and the generic backends; jax hands them to its stateless calls instead)."""
+    if not ops._anchor:
+        yield
+        return
+    variables = ops.model.non_trainable_variables
+    saved = {}
+    for i, a in ops._anchor.items():
+        if i < len(variables) and tuple(variables[i].shape) == a.shape:
+            saved[i] = np.array(kops.convert_to_numpy(variables[i].value))
+            variables[i].assign(a.astype(saved[i].dtype, copy=False))
+    try:
+        yield
+    finally:
+        for i, v in saved.items():
+            variables[i].assign(v)
 
 
 def _crossentropy(out, y, from_probabilities: bool):

@@ -10,7 +10,6 @@ tensors on Keras's device.
 
 from __future__ import annotations
 
-import contextlib
 import numpy as np
 import torch
 from keras import ops as kops
@@ -18,7 +17,7 @@ from keras import tree
 
 from .. import _common
 from ..torch import add_grad, add_hvp  # the same accumulation as the PyTorch adapter
-from . import _crossentropy, _log_probabilities, _take
+from . import _assigned_anchor, _crossentropy, _log_probabilities, _take, _variable_values
 
 
 def pinned(ops):
@@ -97,24 +96,9 @@ def hutchinson(ops, idx: np.ndarray, w: np.ndarray, z: np.ndarray):
 
 def live_non_trainable(ops):
     """The current non-trainable values (the variables are the weights), not the anchor's."""
-    return [v.value for v in ops.model.non_trainable_variables]
+    return _variable_values(ops)
 
 
-@contextlib.contextmanager
 def measuring(ops):
-    """The anchor's floating non-trainable values (BatchNorm's moving statistics, kept by
-    ``KerasModelOps.new_anchor``) in the variables for a measurement, the current ones back afterwards."""
-    if not ops._anchor:
-        yield
-        return
-    variables = ops.model.non_trainable_variables
-    saved = {}
-    for i, a in ops._anchor.items():
-        if i < len(variables) and tuple(variables[i].shape) == a.shape:
-            saved[i] = np.array(kops.convert_to_numpy(variables[i].value))
-            variables[i].assign(a.astype(saved[i].dtype, copy=False))
-    try:
-        yield
-    finally:
-        for i, v in saved.items():
-            variables[i].assign(v)
+    """The anchor's moving statistics in the variables for a measurement (``_assigned_anchor``)."""
+    return _assigned_anchor(ops)
