@@ -263,7 +263,7 @@ class SubsetLoader(BudgetedPasses):
         self.ops = TorchModelOps(
             model, measure_dataset if measure_dataset is not None else dataset, labels=lab, loss_fn=loss_fn,
             device=device, batch_size=measure_batch_size, collate_fn=collate_fn, last_layer=last_layer,
-            forward=forward, num_workers=measure_workers,
+            forward=forward, num_workers=measure_workers, check_labels=labels is None,
         )
         self._fetch = _Fetcher(dataset, collate_fn)
         self._last: tuple[np.ndarray, np.ndarray] | None = None

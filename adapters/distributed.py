@@ -506,6 +506,26 @@ class DistributedModelOps:
                 for b, s in zip(bufs, saved):
                     b.copy_(s)
 
+    def new_anchor(self) -> None:
+        """The inner ops' :meth:`~crestcore.adapters.torch.TorchModelOps.new_anchor` with rank 0's buffers
+        in place (a collective): every rank keeps rank 0's BatchNorm statistics for the anchor, the ones
+        the measurements broadcast (each rank kept its own, and the ranks' shares of a pass were then
+        measured with different statistics).
+
+        Examples
+        --------
+        >>> import torch
+        >>> group = _OneProcess()  # one gloo process, as ``torchrun --nproc-per-node 1`` runs, and 32 examples
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
+        >>> ops = DistributedModelOps(TorchModelOps(net, group.data))
+        >>> ops.new_anchor()
+        >>> sorted(ops.inner._anchor_buffers)
+        ['1.running_mean', '1.running_var']
+        >>> group.close()
+        """
+        with self._rank0_buffers():
+            self.inner.new_anchor()
+
     # -- ModelOps -------------------------------------------------------------------------------
     def outputs(self, indices, embeddings: bool = False):
         """Eval-mode logits (and embeddings) for ``indices``, each rank computing its contiguous share;

@@ -591,6 +591,9 @@ class TorchModelOps:
         passes are those since the last :meth:`new_anchor` (the controller calls it at every selection,
         the baselines' schedule before every selection): a new selection always loads fresh inputs.
     collate_fn : as for a ``DataLoader``; default ``default_collate``.
+    check_labels : compare the labels once with those the first measurement batch's items carry
+        (``item[1]``, or a dict item's label key) and warn when they differ; default: when ``labels`` is
+        None (found from the dataset, e.g. its ``targets``). The loaders pass it for labels they found.
     last_layer : for ``outputs(..., embeddings=True)``: the ``nn.Linear`` (or its name in
         ``model.named_modules()``) whose input is the penultimate embedding. Default: the last
         ``nn.Linear`` executed in the forward; it must map to the C logits.
@@ -642,6 +645,7 @@ class TorchModelOps:
         forward: Callable | None = None,
         num_workers: int = 0,
         cache_bytes: int = 256 << 20,
+        check_labels: bool | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -655,7 +659,8 @@ class TorchModelOps:
             raise ValueError("the dataset is empty: CREST needs examples to select from")
         self.labels = dataset_labels(dataset) if labels is None else _as_labels(labels, self.n, "labels")
         # labels found by dataset_labels: compared once with the labels the items carry (below, _probe_labels)
-        self._check_labels = labels is None and not isinstance(dataset, TensorDataset)
+        self._check_labels = (labels is None if check_labels is None else bool(check_labels)) and not \
+            isinstance(dataset, TensorDataset)
         self.loss_fn = loss_fn if loss_fn is not None else _cross_entropy
         self._device = None if device is None else torch.device(device)
         self.batch_size = int(batch_size)
@@ -794,9 +799,10 @@ class TorchModelOps:
             warnings.warn(
                 f"crestcore: the labels CREST uses (found without reading the items: {_label_origin(self.dataset)}) "
                 f"differ from the labels the dataset's items carry for {bad} of the {idx.size} examples of the "
-                "first measurement pass: if __getitem__ maps its targets, pass labels= with the labels the "
-                "items carry (crest_labels= on CrestTrainer); otherwise CREST selects, checks and drops by the "
-                "wrong classes.", stacklevel=4)
+                "first measurement pass (read as item[1], or a dict item's label key): if __getitem__ maps its "
+                "targets, pass labels= with the labels the items carry (crest_labels= on CrestTrainer), since "
+                "CREST would select, check and drop by the wrong classes; if item[1] is not the label, pass "
+                "labels= to confirm them.", stacklevel=4)
 
     def new_anchor(self) -> None:
         """Forget the kept measurement passes: the next passes load their examples again (fresh random
@@ -1390,6 +1396,7 @@ class CrestLoader(BudgetedPasses):
             model, measure_dataset if measure_dataset is not None else dataset, labels=lab, loss_fn=loss_fn,
             device=device, batch_size=measure_batch_size, collate_fn=collate_fn, last_layer=last_layer,
             forward=forward, num_workers=measure_workers, cache_bytes=measure_cache_bytes,
+            check_labels=labels is None,
         )
         if progress:
             self.ops.progress = _Progress()

@@ -950,7 +950,7 @@ def crest_next_batch(state: CrestState, ops: ModelOps, config: CrestConfig):
     if config.T2 is not None and state.drop.losses.shape[1] == 0:
         # dropping turned on for a state made without it (no loss history kept): an empty history now
         fresh = drop_init(state.labels.size, config.drop)
-        state = state._replace(drop=fresh._replace(active=state.drop.active.copy(),
+        state = state._replace(drop=fresh._replace(active=state.drop.active,  # read-only, shared
                                                    dropped_at=state.drop.dropped_at.copy()))
     if state.pending:
         state = state._replace(step=state.step + 1, since_check=state.since_check + 1, pending=False)
@@ -1303,6 +1303,7 @@ def crest_load_state_dict(d: dict, params_like) -> CrestState:
         dr["clock"] = np.array(np.asarray(dr["clock"]), dtype=np.int64)
     if "version" in dr:
         dr["version"] = int(np.asarray(dr["version"]))
+    dr["active"].flags.writeable = False  # as the drop module makes its pool masks (see pool_size)
     fields["drop"] = DropState(**dr)
     fields["made"] = int(d["made"])
     fields["subsets"] = np.array(_as_host(d["subsets"], 2), dtype=np.int64)

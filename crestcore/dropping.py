@@ -135,7 +135,7 @@ def drop_init(n: int, config: DropConfig = DropConfig(), *, history: int | None 
         losses=np.full((n, H), np.nan),
         steps=np.full((n, H), -1, dtype=np.int64),
         head=np.zeros(n, dtype=np.int64),
-        active=np.ones(n, dtype=bool),
+        active=_frozen(np.ones(n, dtype=bool)),
         dropped_at=np.full(n, -1, dtype=np.int64),
         clock=np.zeros(1, dtype=np.int64),
         version=0,
@@ -146,9 +146,10 @@ _last_pool: tuple = (None, 0)  # (weak reference to an ``active`` array, its cou
 
 
 def pool_size(state: DropState) -> int:
-    """The number of active examples, ``int(state.active.sum())``, counted once per ``active`` array: records
-    keep the array, only a drop decision makes a new one (and none is written in place), so the count of
-    the last array asked about is reused (an O(n) pass at every step otherwise: 4 ms at n = 10^7).
+    """The number of active examples, ``int(state.active.sum())``, counted once per read-only ``active``
+    array (the ones this module makes; records keep the array, only a drop decision makes a new one), so
+    the count of the last array asked about is reused (an O(n) pass at every step otherwise: 4 ms at
+    n = 10^7); a writeable mask is counted every time.
 
     Examples
     --------
@@ -156,12 +157,21 @@ def pool_size(state: DropState) -> int:
     5
     """
     global _last_pool
+    a = state.active
+    if a.flags.writeable:  # an array someone may write in place: counted every time
+        return int(np.count_nonzero(a))
     ref, count = _last_pool
-    if ref is not None and ref() is state.active:
+    if ref is not None and ref() is a:
         return count
-    count = int(np.count_nonzero(state.active))
-    _last_pool = (weakref.ref(state.active), count)
+    count = int(np.count_nonzero(a))
+    _last_pool = (weakref.ref(a), count)
     return count
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    """``a`` made read-only (the pool masks this module makes: :func:`pool_size` may then keep its count)."""
+    a.flags.writeable = False
+    return a
 
 
 _CONSUMED = (
@@ -213,7 +223,7 @@ def drop_copy(state: DropState) -> DropState:
         losses=np.array(state.losses, dtype=np.float64),
         steps=np.array(state.steps, dtype=np.int64),
         head=np.array(state.head, dtype=np.int64),
-        active=np.array(state.active, dtype=bool),
+        active=_frozen(np.array(state.active, dtype=bool)),
         dropped_at=np.array(state.dropped_at, dtype=np.int64),
         clock=np.zeros(1, dtype=np.int64),
         version=0,
@@ -380,4 +390,4 @@ def drop_update(state: DropState, step: int, config: DropConfig = DropConfig(), 
     active[picked] = False
     dropped_at = state.dropped_at.copy()
     dropped_at[picked] = int(step)
-    return state._replace(active=active, dropped_at=dropped_at), picked
+    return state._replace(active=_frozen(active), dropped_at=dropped_at), picked

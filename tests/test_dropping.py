@@ -596,3 +596,18 @@ def test_per_class_limits_are_the_candidate_loops(seed, n_classes, floor, min_pe
     state = state._replace(dropped_at=np.where(state.active, -1, 0))
     _, got = drop_update(state, 1, config, labels)
     np.testing.assert_array_equal(got, _drop_update_loop(state, 1, config, labels))
+
+
+def test_pool_size_is_never_stale():
+    """A writeable mask (a user's, written in place) is counted every time; the masks the module makes are
+    read-only, so their cached count cannot go stale."""
+    from crestcore.dropping import pool_size
+
+    state = drop_init(10)
+    assert pool_size(state) == 10
+    with pytest.raises(ValueError):
+        state.active[:4] = False  # read-only
+    mine = state._replace(active=np.ones(10, dtype=bool))
+    assert pool_size(mine) == 10
+    mine.active[:4] = False
+    assert pool_size(mine) == 6

@@ -1154,6 +1154,8 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         >>> state["position"], state["budget"]
         (2, 0.25)
         """
+        # the ops' anchor statistics, else those of a checkpoint loaded before the ops were made (at fit)
+        kept = self.ops._anchor if self.ops is not None else getattr(self, "_anchor_stats", None)
         return {
             "format": _FORMAT,
             **self._fingerprint(),
@@ -1164,8 +1166,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
             "queue": [_common.batch_record(e.batch) for e in self._queue],
             "crest": _portable(crest_state_dict(self._state)),
             # the anchor's moving statistics, which the measurements until the next selection use
-            "anchor_stats": None if self.ops is None or self.ops._anchor is None
-            else {str(i): a.copy() for i, a in self.ops._anchor.items()},
+            "anchor_stats": None if kept is None else {str(i): a.copy() for i, a in kept.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:

@@ -226,6 +226,21 @@ def worker_train(out: Path):
     _, g0, h0 = bops.inner.gradient_and_hutchinson(idx, wts, 5)
     checks["fused fit with rank 0's buffers"] = bool(torch.allclose(gf, g0, rtol=1e-10, atol=1e-13)
                                                      and torch.allclose(hf, h0, rtol=1e-10, atol=1e-12))
+    # the anchor keeps rank 0's statistics on every rank (each rank kept its own: the ranks' shares of a
+    # pass were measured with different statistics), and the live ones are left as they were
+    with torch.no_grad():
+        bn[1].running_mean.fill_(float(rank))
+    bops.new_anchor()
+    kept = bops.inner._anchor_buffers["1.running_mean"]
+    checks["anchor keeps rank 0's statistics"] = bool((kept == 0).all() and (bn[1].running_mean == rank).all())
+    with torch.no_grad():
+        bn[1].running_mean.fill_(float(rank) + 5.0)  # training moves them on, differently per rank
+    za = bops.outputs(idx)
+    with torch.no_grad():
+        bn[1].running_mean.fill_(0.0)
+    bops.inner._anchor_buffers = None
+    checks["measured with the anchor's statistics"] = bool(torch.allclose(za, bops.inner.outputs(idx), rtol=0,
+                                                                          atol=1e-12))
     result["checks"] = checks
 
     # -- training, with a checkpoint mid-epoch ---------------------------------------------------

@@ -1168,6 +1168,9 @@ def test_the_anchor_statistics_survive_a_checkpoint():
     assert saved["anchor_stats"] and all(isinstance(v, np.ndarray) for v in saved["anchor_stats"].values())
     again = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=0)
     again.load_state_dict(saved)
+    resaved = again.state_dict()  # saved again before any fit made the ops: the statistics are kept
+    assert {k: v.tolist() for k, v in resaved["anchor_stats"].items()} == \
+        {k: v.tolist() for k, v in saved["anchor_stats"].items()}
     again.set_model(model)
     again.on_train_begin()  # the ops made at fit's start take the checkpoint's statistics
     assert set(again.ops._anchor) == {int(k) for k in saved["anchor_stats"]}

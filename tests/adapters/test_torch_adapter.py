@@ -1116,6 +1116,14 @@ def test_labels_from_targets_that_the_items_map_are_flagged_once():
         assert len(msgs) == (1 if warns else 0), msgs
         if warns:
             assert "dataset.targets" in msgs[0] and "labels=" in msgs[0]
+    # through the loader (which finds the labels itself and hands them to its ops), and not with labels=
+    for given, warns in ((None, True), (np.array([perm[v] for v in y.tolist()]), False)):
+        loader = CrestLoader(mlp(), _Remapped(x, y.tolist(), perm), config=cfg, budget=0.5, labels=given)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            next(iter(loader))
+        flagged = [w for w in seen if "differ from the labels the dataset's items carry" in str(w.message)]
+        assert len(flagged) == (1 if warns else 0)
     # raw ids beyond the model's outputs: the error says where the labels came from and what to pass
     data = _Remapped(x, (y + 10).tolist(), {10: 0, 11: 1, 12: 2})
     ops = TorchModelOps(mlp(), data)
