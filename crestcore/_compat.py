@@ -106,6 +106,15 @@ class _LazyTorchDtypes:
 _NO_NUMPY_EQUIVALENT = _LazyTorchDtypes()
 
 
+def detached(x: Any) -> Any:
+    """``x`` without its autograd graph where it has one (a torch tensor that requires grad; duck-typed, no
+    torch import): selections are not differentiable, and their outputs should carry no graph (the generic
+    reference path's did, and torch warned on its asarray calls)."""
+    if getattr(x, "requires_grad", False) and callable(getattr(x, "detach", None)):
+        return x.detach()
+    return x
+
+
 def to_numpy(x: Any) -> np.ndarray:
     """Copy an array of any supported library to host NumPy (one transfer). bfloat16 tensors, which
     NumPy cannot represent, come back as float32 (exactly: every bfloat16 is a float32)."""

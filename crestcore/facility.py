@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import _reference_kernels as ref
-from ._compat import device_of, from_numpy, is_numpy_namespace, namespace, namespace_name, to_numpy
+from ._compat import detached, device_of, from_numpy, is_numpy_namespace, namespace, namespace_name, to_numpy
 from ._validation import (check_choice, check_class_budgets, check_epsilon, check_float_matrix, check_float_rows,
                           check_int, hamilton, isdtype, labels_to_host, make_rng)
 from .backends import exact_shift, get_host_kernel, sample_sizes
@@ -362,6 +362,7 @@ def facility_location(
     >>> sel.indices.tolist(), sel.weights.tolist(), float(sel.objective)
     ([1, 2], [2.0, 1.0], 2.5)
     """
+    X = detached(X)
     xp = namespace(X, labels, names=("X", "labels"))
     backend = check_choice(backend, "backend", BACKENDS)
     if backend == "numba":

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ._compat import device_of, from_numpy, namespace, namespace_name
+from ._compat import detached, device_of, from_numpy, namespace, namespace_name
 from ._validation import apportion, check_choice, check_epsilon, check_float_matrix, check_int, hamilton
 from ._validation import labels_to_host, make_rng
 from .backends import get_host_kernel, get_kernel
@@ -374,6 +374,7 @@ def minibatch_coresets(
     >>> np.array_equal(ref.indices, c.indices) and np.array_equal(ref.subsets, c.subsets)
     True
     """
+    features = detached(features)
     xp = namespace(features, labels, names=("features", "labels"))
     backend = check_choice(backend, "backend", BACKENDS)
     if backend == "numba":

@@ -27,7 +27,7 @@ import math
 import numbers
 import warnings
 
-from ._compat import namespace, to_numpy
+from ._compat import detached, namespace, to_numpy
 from ._validation import isdtype
 from .backends import KERNELS, METRICS, exact_shift, snap_tolerance  # the kernel contract (crestcore.backends.contract)
 
@@ -259,6 +259,7 @@ def pairwise_distances(X, Y=None, *, metric: str = "euclidean"):
     array([[0. , 0.2],
            [0.2, 0. ]])
     """
+    X, Y = detached(X), detached(Y)
     xp = namespace(X, Y, names=("X", "Y"))
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")

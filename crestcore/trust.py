@@ -9,9 +9,11 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
-import numbers
+
+from ._compat import detached
 
 __all__ = ["relative_error", "should_reselect", "update_schedule"]
 
@@ -20,7 +22,7 @@ def _finite(x, name):
     if isinstance(x, (str, bytes, bool, np.bool_)):  # float("2.0") and float(True) would pass
         raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
     try:
-        v = float(x)
+        v = float(detached(x))
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{name} must be a real number, got {type(x).__name__}") from exc
     if not math.isfinite(v):

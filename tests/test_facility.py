@@ -744,3 +744,22 @@ def test_matrix_free_lazy_breaks_ties_as_naive_greedy():
             assert lazy.path == "matrix-free"
             np.testing.assert_array_equal(lazy.indices, naive.indices, err_msg=f"seed {seed} {backend}")
             np.testing.assert_array_equal(lazy.weights, naive.weights, err_msg=f"seed {seed} {backend}")
+
+
+def test_tensors_that_require_grad_give_outputs_without_a_graph_and_no_warning():
+    """Selections are not differentiable: the generic reference path's outputs carried the input's autograd
+    graph, and torch warned in its asarray calls; trust functions warned converting such a scalar."""
+    import warnings
+
+    torch = pytest.importorskip("torch")
+    X = torch.tensor(np.random.default_rng(0).normal(size=(8, 2)), requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for backend in ("auto", "reference"):
+            sel = crestcore.facility_location(X, 2, backend=backend)
+            assert not (sel.gains.requires_grad or sel.objective.requires_grad or sel.weights.requires_grad)
+        cs = crestcore.minibatch_coresets(X, None, m=2, r=4, P=2, rng=0, backend="reference")
+        assert not cs.weights.requires_grad
+        assert not crestcore.pairwise_distances(X).requires_grad
+        assert crestcore.relative_error(torch.tensor(2.0, requires_grad=True), 1.5) == pytest.approx(0.25)
+    assert X.requires_grad and X.grad is None  # the caller's tensor is untouched

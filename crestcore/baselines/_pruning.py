@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from .._compat import device_of, from_numpy, namespace, to_numpy
+from .._compat import detached, device_of, from_numpy, namespace, to_numpy
 from .._validation import check_int
 from ..facility import Selection
 from ..similarity import prepare, restore
@@ -73,6 +73,7 @@ def prune_schedule(losses, *, ratio: float = 0.5, epoch, epochs, anneal: float =
     >>> last.indices, last.weights
     (array([0, 1, 2, 3, 4, 5]), array([1., 1., 1., 1., 1., 1.]))
     """
+    losses = detached(losses)
     xp = namespace(losses, names=("losses",))
     check_vector(xp, losses, "losses")
     n = losses.shape[0]
