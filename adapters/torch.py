@@ -594,6 +594,7 @@ class TorchModelOps:
     check_labels : compare the labels once with those the first measurement batch's items carry
         (``item[1]``, or a dict item's label key) and warn when they differ; default: when ``labels`` is
         None (found from the dataset, e.g. its ``targets``). The loaders pass it for labels they found.
+        A ``TensorDataset`` is never checked (its second tensor is where its labels come from).
     last_layer : for ``outputs(..., embeddings=True)``: the ``nn.Linear`` (or its name in
         ``model.named_modules()``) whose input is the penultimate embedding. Default: the last
         ``nn.Linear`` executed in the forward; it must map to the C logits.
@@ -661,6 +662,8 @@ class TorchModelOps:
         # labels found by dataset_labels: compared once with the labels the items carry (below, _probe_labels)
         self._check_labels = (labels is None if check_labels is None else bool(check_labels)) and not \
             isinstance(dataset, TensorDataset)
+        self._labels_origin = ("found without reading the items: " + _label_origin(dataset)) if labels is None \
+            else "as given"
         self.loss_fn = loss_fn if loss_fn is not None else _cross_entropy
         self._device = None if device is None else torch.device(device)
         self.batch_size = int(batch_size)
@@ -797,7 +800,7 @@ class TorchModelOps:
         bad = int((got.cpu().numpy().astype(np.int64) != self.labels[idx]).sum())
         if bad:
             warnings.warn(
-                f"crestcore: the labels CREST uses (found without reading the items: {_label_origin(self.dataset)}) "
+                f"crestcore: the labels CREST uses ({self._labels_origin}) "
                 f"differ from the labels the dataset's items carry for {bad} of the {idx.size} examples of the "
                 "first measurement pass (read as item[1], or a dict item's label key): if __getitem__ maps its "
                 "targets, pass labels= with the labels the items carry (crest_labels= on CrestTrainer), since "

@@ -151,6 +151,8 @@ def main(argv=None) -> int:
             for v in variants}
     chosen = choose(results, list(specs), cost, a.tolerance)
     title = "`max_overhead`" if not a.variant else "defaults that save measurement passes"
+    if a.marker != p.get_default("marker"):  # several studies on one page: headings (anchors) of their own
+        title += f" ({a.marker})"
     flags = "".join(f" --variant {shlex.quote(v)}" for v in a.variant) + (
         f" --caps {shlex.quote(a.caps)}" if a.caps != p.get_default("caps") else "") + (
         f" --marker {a.marker}" if a.marker != p.get_default("marker") else "")
