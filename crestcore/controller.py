@@ -242,8 +242,10 @@ class CrestConfig:
     quadratic : the loss model. kernel, metric, optimizer, per_class, class_budget : selection options
     (see :func:`crestcore.minibatch_coresets`). embeddings : select on last-linear-layer weight
     gradients (needs ``outputs(..., embeddings=True)``) instead of logit gradients.
-    batches : "coreset" (coreset p is mini-batch p) or "shuffled-union" (the release: the union of the
-    P coresets, weights rescaled to mean 1 over it, shuffled into mini-batches of m).
+    batches : "coreset" (coreset p is mini-batch p) or "shuffled-union" (the release: the P coresets
+    concatenated, weights rescaled to mean 1 over them, shuffled into mini-batches of m; the P random
+    subsets overlap, so an example two coresets picked appears twice, possibly in one mini-batch, as in
+    the release).
     check_union : the trust check's loss L_R on the union of all P subsets (the release; its cost
     grows with P) instead of on the first random subset V_1 (r examples, an unbiased sample too).
     check_size : the number of examples of V_1, drawn at random at each selection, the trust check
@@ -267,7 +269,10 @@ class CrestConfig:
     more than the step that crosses it: one check, one selection, or a check and the selection its
     failure starts. A due check, epoch reselection or
     drop-triggered reselection waits until the count allows it; meanwhile the coresets are cycled.
-    Deterministic: counts, not clocks.
+    Deterministic: counts, not clocks. With just-in-time coresets (the default) each later coreset's
+    forward must fit under the cap too, so a cap too tight for it keeps cycling the coresets made so far
+    (at the extreme the first one, for a whole short run); with a tight cap prefer
+    ``coresets="at-anchor"``, whose selection makes all P at once.
     backend : the selection's kernels, as :func:`crestcore.minibatch_coresets`'s ``backend``: "auto"
     (the features' own library: CPU torch tensors on the torch kernels, which start no Numba), "numba"
     (host features on the Numba kernels; a long CPU run of a small model, with many hundreds of

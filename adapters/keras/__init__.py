@@ -366,6 +366,19 @@ def resolve_outputs(model, outputs: str | None, who: str = "CrestCallback") -> s
     )
 
 
+def _host_value(x) -> np.ndarray:
+    """A host NumPy copy of a variable's value: a torch tensor by ``detach().cpu()`` (NumPy's ``np.array`` on
+    a torch Parameter, which Keras's ``convert_to_numpy`` falls back to, warns on every call), bfloat16 as
+    float32; anything else through ``keras.ops.convert_to_numpy``."""
+    if callable(getattr(x, "detach", None)):
+        t = x.detach().cpu()
+        try:
+            return t.numpy().copy()
+        except TypeError:  # bfloat16: no NumPy dtype
+            return t.float().numpy()
+    return np.array(kops.convert_to_numpy(x))
+
+
 def _variable_values(ops):
     """The current non-trainable values where the variables are the weights (torch and the generic
     backends), not the anchor's."""
@@ -384,7 +397,7 @@ def _assigned_anchor(ops):
     saved = {}
     for i, a in ops._anchor.items():
         if i < len(variables) and tuple(variables[i].shape) == a.shape:
-            saved[i] = np.array(kops.convert_to_numpy(variables[i].value))
+            saved[i] = _host_value(variables[i].value)
             variables[i].assign(a.astype(saved[i].dtype, copy=False))
     try:
         yield
@@ -599,7 +612,7 @@ class KerasModelOps:
         """
         kept = {}
         for i, v in enumerate(self._impl.live_non_trainable(self)):
-            a = np.array(kops.convert_to_numpy(v))
+            a = _host_value(v)
             if np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16":
                 kept[i] = a
         self._anchor = kept
