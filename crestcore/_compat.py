@@ -6,6 +6,7 @@ boundary. Helpers for the few host round trips the core needs (labels, random dr
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import numpy as np
@@ -104,6 +105,24 @@ class _LazyTorchDtypes:
 
 
 _NO_NUMPY_EQUIVALENT = _LazyTorchDtypes()
+
+
+_ONCE: dict[str, tuple] = {}  # key -> (weak reference to the last read-only array asked about, its value)
+
+
+def once_per_array(key: str, a: np.ndarray, fn) -> Any:
+    """``fn(a)``, computed once per read-only array ``a`` (per ``key``, for the last such array asked
+    about, held weakly): a value of an array nobody can write in place cannot go stale. A writeable array
+    is computed every time. For O(n) summaries asked at every step of arrays that change only by being
+    replaced (the pool mask, the labels)."""
+    if a.flags.writeable:
+        return fn(a)
+    ref, value = _ONCE.get(key, (None, None))
+    if ref is not None and ref() is a:
+        return value
+    value = fn(a)
+    _ONCE[key] = (weakref.ref(a), value)
+    return value
 
 
 def detached(x: Any) -> Any:

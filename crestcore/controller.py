@@ -40,19 +40,18 @@ The loss is cross-entropy (the features are its closed-form last-layer gradient)
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass, field, replace
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
-from ._compat import device_of, from_numpy, namespace, to_numpy
+from ._compat import device_of, from_numpy, namespace, once_per_array, to_numpy
 from ._validation import DivergenceError, field_bool, field_choice, field_instance, field_int, field_real
 from .dropping import DropConfig, DropState, _check_live, drop_init, drop_record, drop_update, pool_size
 from .features import cross_entropy, last_layer_gradients, softmax
 from .facility import BACKENDS, OPTIMIZERS
-from .minibatch import CLASS_BUDGETS, _draw_blocked, minibatch_coresets
+from .minibatch import CLASS_BUDGETS, DenseMemoryError, _draw_blocked, minibatch_coresets
 from .quadratic import (
     QuadraticConfig,
     QuadraticState,
@@ -577,7 +576,8 @@ def crest_init(config: CrestConfig, labels, *, seed: int, epoch_steps: int | Non
         raise ValueError("labels must be non-negative class indices")
     if int(lab.max()) > np.iinfo(np.int64).max:  # uint64 beyond int64: would wrap to negative classes
         raise ValueError(f"labels must be class indices, got {int(lab.max())}")
-    lab = lab.astype(np.int64)
+    lab = lab.astype(np.int64)  # a copy, read-only: a state's labels never change (once_per_array)
+    lab.flags.writeable = False
     C = int(lab.max()) + 1
     if np.unique(lab).size < 2:
         raise ValueError("labels hold a single class: a classifier needs at least two")
@@ -595,27 +595,13 @@ def crest_init(config: CrestConfig, labels, *, seed: int, epoch_steps: int | Non
     )
 
 
-_last_labels: tuple = (None, 0)  # (weak reference to a labels array, its number of classes)
-
-
-def _classes_present(labels: np.ndarray) -> int:
-    """The number of distinct labels, counted once per labels array (a state's labels never change)."""
-    global _last_labels
-    ref, count = _last_labels
-    if ref is not None and ref() is labels:
-        return count
-    count = int(np.count_nonzero(np.bincount(labels)))
-    _last_labels = (weakref.ref(labels), count)
-    return count
-
-
 def _subset_size(config: CrestConfig, pool: int, labels: np.ndarray) -> int:
     """``config.r``, else ``max(C ceil(0.01 pool / C), 4 m)`` with C the number of classes the labels hold
     (not the largest label + 1: ids such as {3, 7, 100} or 10 classes of a 1000-way label space would
     otherwise round r up to a multiple of the id range); at most the pool."""
     if config.r is not None:
         return int(min(config.r, pool))
-    C = _classes_present(labels)
+    C = once_per_array("classes", labels, lambda a: int(np.count_nonzero(np.bincount(a))))  # read-only labels
     return int(min(max(C * math.ceil(0.01 * pool / C), 4 * config.m), pool))
 
 
@@ -636,13 +622,14 @@ def _forward(state: CrestState, ops, idx: np.ndarray, config: CrestConfig):
         raise DivergenceError(
             f"CREST: the model's outputs are NaN or infinite at step {state.step}: training has diverged. "
             "Lower the learning rate or clip the gradients.")
-    top = int(state.labels[idx].max()) if idx.size else -1
+    lab = state.labels[idx]
+    top = int(lab.max()) if idx.size else -1
     if top >= logits.shape[1]:
         raise ValueError(
             f"the labels hold class {top} but the model gives {logits.shape[1]} outputs: CREST's labels (labels= "
             "to the loader, else read from the dataset, e.g. its `targets`) must be the class indices "
             f"0..{logits.shape[1] - 1} the model is trained on; pass labels= with those")
-    y = _labels_in(xp, state.labels[idx], logits)
+    y = _labels_in(xp, lab, logits)
     own = getattr(ops, "example_losses", None)
     losses = own(logits, y) if own is not None else None
     if losses is None:
@@ -733,9 +720,7 @@ def _coresets(state: CrestState, ops, config: CrestConfig, subsets: np.ndarray, 
             per_class=config.per_class, kernel=config.kernel, metric=config.metric, optimizer=config.optimizer,
             class_budget=config.class_budget, backend=config.backend,
         )
-    except ValueError as exc:
-        if "max_dense_bytes" not in str(exc):
-            raise
+    except DenseMemoryError as exc:
         # the memory guard's advice names minibatch_coresets' arguments: say what a CREST user sets
         raise ValueError(
             f"CREST's selection from {subsets.shape[0]} random subset(s) of r = {subsets.shape[1]} examples does "
@@ -1288,6 +1273,7 @@ def crest_load_state_dict(d: dict, params_like) -> CrestState:
     for k, dt, nd in (("labels", np.int64, 1), ("batch_idx", np.int64, 2), ("batch_w", np.float64, 2),
                       ("check_idx", np.int64, 1)):
         fields[k] = np.array(_as_host(d[k], nd), dtype=dt)
+    fields["labels"].flags.writeable = False  # as crest_init keeps them
     for k in ("seed", "n_classes", "step", "since_check", "T1", "P", "n_selections", "cursor", "epoch_steps"):
         fields[k] = int(d[k])
     for k in ("need_select", "want_select", "pending"):

@@ -35,12 +35,11 @@ examples would remain, which ``min_per_class`` (a fixed number) does not express
 from __future__ import annotations
 
 from dataclasses import dataclass
-import weakref
 from typing import NamedTuple
 
 import numpy as np
 
-from ._compat import to_numpy
+from ._compat import once_per_array, to_numpy
 from ._validation import DivergenceError, field_int, field_real
 
 __all__ = ["DropConfig", "DropState", "drop_init", "drop_record", "drop_update", "drop_copy", "pool_size"]
@@ -142,9 +141,6 @@ def drop_init(n: int, config: DropConfig = DropConfig(), *, history: int | None 
     )
 
 
-_last_pool: tuple = (None, 0)  # (weak reference to an ``active`` array, its count): see pool_size
-
-
 def pool_size(state: DropState) -> int:
     """The number of active examples, ``int(state.active.sum())``, counted once per read-only ``active``
     array (the ones this module makes; records keep the array, only a drop decision makes a new one), so
@@ -156,16 +152,7 @@ def pool_size(state: DropState) -> int:
     >>> pool_size(drop_init(5))
     5
     """
-    global _last_pool
-    a = state.active
-    if a.flags.writeable:  # an array someone may write in place: counted every time
-        return int(np.count_nonzero(a))
-    ref, count = _last_pool
-    if ref is not None and ref() is a:
-        return count
-    count = int(np.count_nonzero(a))
-    _last_pool = (weakref.ref(a), count)
-    return count
+    return once_per_array("pool", state.active, lambda a: int(np.count_nonzero(a)))
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:

@@ -49,7 +49,7 @@ def numba_route(xp, X, solve, host_args: dict):
     dev = device_of(X)
     if "cpu" not in str(dev).lower():  # NumPy, CPU torch, jax on cpu:0, array-api-strict's CPU_DEVICE
         raise ValueError(f"backend='numba' runs the Numba kernels on the host, but the features are on "
-                         f"{device_of(X)}: pass host arrays, or backend='auto' to solve where they are")
+                         f"{dev}: pass host arrays, or backend='auto' to solve where they are")
     from .backends import backend_module
 
     if backend_module("numpy") is None:

@@ -265,6 +265,12 @@ def draw_subsets(labels_host: np.ndarray | None, pool: np.ndarray, r: int, P: in
 _PEAK_FACTOR = {"native": 1.25, "reference": 4.5}
 
 
+class DenseMemoryError(ValueError):
+    """:func:`minibatch_coresets` refused a batched dense solve above ``max_dense_bytes`` (a ``ValueError``
+    whose message names what would fit; its own type lets a caller with other knobs, the CREST controller,
+    name those instead)."""
+
+
 def _guard_memory(dtype_bytes: int, B: int, n_max: int, d: int, P: int, per_class: bool, limit: int | None,
                   path: str, xp, features) -> None:
     """Refuse, before allocating, a batched dense solve above ``limit`` bytes (see ``max_dense_bytes``;
@@ -279,7 +285,7 @@ def _guard_memory(dtype_bytes: int, B: int, n_max: int, d: int, P: int, per_clas
     per_coreset = need / P
     fit = int(limit // per_coreset)
     hint = f"P <= {fit}" if fit >= 1 else "no P fits"
-    raise ValueError(
+    raise DenseMemoryError(
         f"minibatch_coresets would need {need / 2**30:.2f} GiB ({B} dense {n_max} x {n_max} similarity "
         f"problems on the {path} path, with its work buffers, plus features) but max_dense_bytes={limit}: "
         f"pass max_dense_bytes >= {need}, a smaller P ({hint}), or solve the P coresets in several calls"

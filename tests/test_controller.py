@@ -1383,3 +1383,14 @@ def test_a_selection_too_large_for_memory_names_crest_config_r(monkeypatch):
     cfg = CrestConfig(m=8, r=12_000)  # two classes of 6,000: 2 x 6000^2 x 8 bytes is over the floor
     with pytest.raises(ValueError, match=r"CrestConfig\(r=\.\.\.\)"):
         crest_next_batch(crest_init(cfg, y, seed=0), _SoftmaxOps_for(X, y), cfg)
+
+
+def test_a_states_labels_are_read_only_so_their_class_count_cannot_go_stale():
+    y = np.arange(40) % 4
+    state = crest_init(CrestConfig(m=4), y, seed=0)
+    back = crest_load_state_dict(crest_state_dict(state), np.zeros(2))
+    for s in (state, back):
+        assert not s.labels.flags.writeable
+        with pytest.raises(ValueError):
+            s.labels[0] = 3
+    assert y.flags.writeable  # the caller's array is left as it was

@@ -25,6 +25,7 @@ def _weights(ops):
     (BatchNorm's moving statistics, kept by ``KerasModelOps.new_anchor``) in place of the current ones."""
     tv, ntv = _live(ops)
     if ops._anchor:
+        ntv = list(ntv)  # _live may hand back the pinned lists themselves: never written
         for i, a in ops._anchor.items():
             if i < len(ntv) and tuple(ntv[i].shape) == a.shape:
                 ntv[i] = jnp.asarray(a, dtype=ntv[i].dtype)
@@ -84,7 +85,7 @@ def pinned(ops):
 
 
 def params(ops):
-    tv, _ = _weights(ops)
+    tv, _ = _live(ops)
     return _flat(tv)
 
 
