@@ -93,7 +93,11 @@ def _as_labels(lab, n: int, what: str) -> np.ndarray:
                             "crest_labels= on CrestTrainer)") from None
     lab = np.asarray(lab)
     if lab.ndim != 1 or lab.shape[0] != n:
-        raise ValueError(f"{what} must be 1-D with one class index per example ({n}), got shape {lab.shape}")
+        hint = (": CREST selects whole examples, each by one class label; per-token or multi-label targets are "
+                "not supported (pass labels=, one class index per example, if the examples have one)"
+                if lab.ndim > 1 else "")
+        raise ValueError(f"{what} must be 1-D with one class index per example ({n}), got shape {lab.shape}"
+                         + hint)
     if lab.dtype == bool or not np.issubdtype(lab.dtype, np.integer):
         raise TypeError(f"{what} must hold integer class indices, got dtype {lab.dtype}")
     if n and lab.min() < 0:
@@ -109,7 +113,7 @@ def _labels_without_items(dataset) -> bool:
         return _labels_without_items(dataset.dataset)
     if isinstance(dataset, ConcatDataset):
         return all(_labels_without_items(d) for d in dataset.datasets)
-    return _label_attribute(dataset) is not None
+    return _label_attribute(dataset) is not None or _label_column(dataset) is not None
 
 
 def _joint_transform(dataset) -> bool:
@@ -121,6 +125,17 @@ def _joint_transform(dataset) -> bool:
         return False
     t = getattr(dataset, "transforms", None)
     return t is not None and callable(t) and type(t).__name__ != "StandardTransform"
+
+
+def _label_column(dataset) -> str | None:
+    """For a Hugging Face ``datasets.Dataset`` whose items are its rows as stored (no ``set_transform`` /
+    ``with_transform``), the name of its label column (the first of ``_LABEL_KEYS`` it has), else None."""
+    if type(dataset).__module__.split(".")[0] != "datasets" or not hasattr(dataset, "column_names"):
+        return None
+    fmt = getattr(dataset, "format", None)
+    if not isinstance(fmt, dict) or fmt.get("type") == "custom":  # a transform may change the labels
+        return None
+    return next((k for k in _LABEL_KEYS if k in dataset.column_names), None)
 
 
 def _label_attribute(dataset) -> str | None:
@@ -152,9 +167,10 @@ def dataset_labels(dataset) -> np.ndarray:
     Read without touching the examples where possible: ``TensorDataset`` (its second tensor),
     ``Subset`` and ``ConcatDataset`` (recursively), or a ``targets`` / ``labels`` attribute (torchvision
     datasets; mapped through the dataset's ``target_transform`` when it has one, as its items are; a
-    torchvision dataset given a joint ``transforms`` has its items read). Otherwise every example is loaded
-    once and its second field taken (``dataset[i][1]``); pass ``labels=`` to :class:`CrestLoader` to avoid
-    that pass.
+    torchvision dataset given a joint ``transforms`` has its items read), or the label column (``labels``,
+    ``label`` or ``label_ids``) of a Hugging Face ``datasets.Dataset`` without a ``set_transform``.
+    Otherwise every example is loaded once and its second field taken (``dataset[i][1]``); pass ``labels=``
+    to :class:`CrestLoader` to avoid that pass.
 
     Examples
     --------
@@ -179,6 +195,9 @@ def dataset_labels(dataset) -> np.ndarray:
     if isinstance(dataset, ConcatDataset):
         parts = [dataset_labels(d) for d in dataset.datasets]
         return _as_labels(np.concatenate(parts) if parts else np.zeros(0, np.int64), n, "labels")
+    col = _label_column(dataset)
+    if col is not None:  # a datasets.Dataset: its label column, read from its Arrow table without decoding rows
+        return _as_labels(dataset.with_format("numpy")[col], n, f"the dataset's {col!r} column")
     attr = _label_attribute(dataset)
     if attr is not None:
         v = getattr(dataset, attr)

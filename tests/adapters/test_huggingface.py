@@ -141,6 +141,30 @@ def test_a_datasets_dataset_keeps_only_the_columns_the_model_takes(tmp_path):
     assert "note" not in trainer.crest.dataset.column_names and "idx" not in trainer.crest.dataset.column_names
 
 
+def test_a_datasets_datasets_labels_come_from_its_label_column_without_reading_rows(recwarn):
+    datasets = pytest.importorskip("datasets")
+    from crestcore.adapters.torch import dataset_labels
+
+    y = [2, 0, 1, 1, 0, 2, 2]
+    data = datasets.Dataset.from_dict({"input_ids": [[1, 2]] * 7, "label": y})
+    assert dataset_labels(data).tolist() == y
+    # the rows' order after shuffle/select, a Subset, a ClassLabel column and a torch format are all kept
+    shuffled = data.shuffle(seed=3)
+    assert dataset_labels(shuffled).tolist() == list(shuffled["label"]) != y
+    assert dataset_labels(data.select([6, 1, 3])).tolist() == [2, 0, 1]
+    assert dataset_labels(torch.utils.data.Subset(data, [5, 1])).tolist() == [2, 0]
+    named = data.cast_column("label", datasets.ClassLabel(names=["a", "b", "c"]))
+    assert dataset_labels(named).tolist() == dataset_labels(data.with_format("torch")).tolist() == y
+    assert not [w for w in recwarn if "reading all" in str(w.message)]  # no pass over the rows
+    # a transform may change what the items carry: the items are read (with the usual warning)
+    moved = data.with_transform(lambda b: {"input_ids": b["input_ids"], "label": [v + 1 for v in b["label"]]})
+    with pytest.warns(UserWarning, match="reading all 7 examples"):
+        assert dataset_labels(moved).tolist() == [v + 1 for v in y]
+    tokens = datasets.Dataset.from_dict({"input_ids": [[1, 2]] * 3, "labels": [[0, 1], [1, -100], [2, 2]]})
+    with pytest.raises(ValueError, match="per-token or multi-label targets are not supported"):
+        dataset_labels(tokens)
+
+
 def test_the_sampler_with_plain_accelerate():
     acc = accelerate.Accelerator(cpu=True)
     model = tiny_bert()
