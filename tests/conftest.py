@@ -29,9 +29,13 @@ if _TESTS not in sys.path:
 from _helpers import to_numpy  # noqa: E402  (plain helpers live in tests/_helpers.py)
 
 # ------------------------------------------------------------------------------------------------
-# hypothesis: no deadline (a JIT compiles on the first call), small example counts (2-core budget)
+# hypothesis: no deadline (a JIT compiles on the first call), small example counts (2-core budget). The
+# property tests against the reference discard draws whose reference decisions are near ties (assume):
+# on some random seeds most early draws are, which is not a failure (hypothesis still raises Unsatisfiable
+# when no draw is left), so the filter_too_much health check is off
 # ------------------------------------------------------------------------------------------------
-_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+               print_blob=True)
 settings.register_profile("default", max_examples=25, **_common)
 settings.register_profile("ci", max_examples=15, derandomize=True, **_common)
 settings.register_profile("thorough", max_examples=300, **_common)
