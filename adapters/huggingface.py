@@ -208,9 +208,15 @@ class CrestTrainer(transformers.Trainer):
         self._crest_resume = None if path is None else str(path)
         self._crest_new_run = path is None
         try:
-            return super().train(resume_from_checkpoint, *args, **kwargs)
+            out = super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             self._crest_resume = None
+        crest = self.crest
+        if crest is not None and crest.position > self.state.global_step:
+            # the loader fetched batches beyond the last trained one (it runs ahead; a fractional
+            # num_train_epochs stops within an epoch): they were not trained, so stats do not count them
+            crest.rewind(int(self.state.global_step))
+        return out
 
     def _save_checkpoint(self, model, trial, *args, **kwargs):
         self._crest_saved_in = None

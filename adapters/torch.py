@@ -1431,7 +1431,15 @@ class CrestLoader(BudgetedPasses):
 
     # -- accounting and stepping ----------------------------------------------------------------
     def _counters(self) -> dict:
-        return self._state.counters
+        c = self._state.counters
+        if not self._pending:
+            return c
+        # batches the controller handed out but not trained (after rewind or a load): not counted as trained
+        # until they are handed out again (their measurement work was done and stays counted)
+        c = dict(c)
+        c["train_steps"] -= len(self._pending)
+        c["train_examples"] -= sum(int(b.indices.size) for b in self._pending)
+        return c
 
     def _step(self):
         events = ()
@@ -1550,6 +1558,7 @@ class CrestLoader(BudgetedPasses):
         """Plain data: counters, selection steps, trust checks (step, rho, L_R, F), drops, schedule, budget."""
         return {"step": self._position, "epoch": self.epoch, "total_steps": self.total_steps,
                 "steps_per_epoch": self.steps_per_epoch, **crest_stats(self._state),
+                "counters": {k: int(v) for k, v in self._counters().items()},
                 "budget": self._budget_report()}
 
     @property

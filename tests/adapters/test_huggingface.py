@@ -141,6 +141,21 @@ def test_a_datasets_dataset_keeps_only_the_columns_the_model_takes(tmp_path):
     assert "note" not in trainer.crest.dataset.column_names and "idx" not in trainer.crest.dataset.column_names
 
 
+def test_a_fractional_epoch_count_reports_only_the_batches_the_trainer_trained(tmp_path):
+    """num_train_epochs=1.5 stops within the second epoch while the loader has fetched a batch ahead: that
+    batch is not in CREST's report of the run."""
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), num_train_epochs=1.5, learning_rate=5e-3, report_to=[], use_cpu=True,
+        save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0)
+    trainer = CrestTrainer(model=tiny_bert(), args=args, train_dataset=Texts(n=128),
+                           data_collator=transformers.default_data_collator,
+                           crest_config=CrestConfig(m=16), crest_budget=0.25)
+    steps = trainer.train().global_step
+    st = trainer.crest.stats
+    assert steps == 3 and st["budget"]["steps_done"] == st["counters"]["train_steps"] == steps
+    assert st["counters"]["train_examples"] == 16 * steps and st["budget"]["epochs_done"] == 1
+
+
 def test_a_datasets_datasets_labels_come_from_its_label_column_without_reading_rows(recwarn):
     datasets = pytest.importorskip("datasets")
     from crestcore.adapters.torch import dataset_labels

@@ -438,6 +438,27 @@ def test_a_pass_broken_off_with_workers_continues_after_rewind():
     assert len(trained) == sampler.total_steps == sampler.position
 
 
+def test_after_rewind_the_stats_count_only_the_trained_batches():
+    """Batches handed out beyond the trained ones are not counted as trained (steps, examples, the budget's
+    fractions) until they are handed out again; the measurement work spent on them stays counted."""
+    X, y = make_data()
+    sampler = CrestBatchSampler(mlp(), Flip(X, y), **CFG)
+    it = iter(sampler)
+    sizes = [len(next(it)) for _ in range(3)]
+    before = sampler.stats
+    sampler.rewind(1)
+    after = sampler.stats
+    assert after["counters"]["train_steps"] == after["budget"]["steps_done"] == 1
+    assert after["counters"]["train_examples"] == sizes[0]
+    assert after["counters"]["forward_examples"] == before["counters"]["forward_examples"]
+    assert after["budget"]["fraction_all_passes"] < before["budget"]["fraction_all_passes"]
+    for _ in sampler:  # the rest of the epoch, the two rewound batches first
+        pass
+    done = sampler.stats
+    assert done["counters"]["train_steps"] == done["budget"]["steps_done"] == sampler.position
+    assert set(sizes) == {sizes[0]} and done["counters"]["train_examples"] == sizes[0] * sampler.position
+
+
 def test_state_dict_with_trained_right_after_a_load_names_the_one_valid_value():
     X, y = make_data()
     a = CrestBatchSampler(mlp(), Flip(X, y), **CFG)
