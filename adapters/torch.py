@@ -616,7 +616,9 @@ class TorchModelOps:
         A ``TensorDataset`` is never checked (its second tensor is where its labels come from).
     last_layer : for ``outputs(..., embeddings=True)``: the ``nn.Linear`` (or its name in
         ``model.named_modules()``) whose input is the penultimate embedding. Default: the last
-        ``nn.Linear`` executed in the forward; it must map to the C logits.
+        ``nn.Linear`` call of the forward whose output is the logits the model returns (so an auxiliary
+        head running after the classifier is not taken); when none is, the last ``nn.Linear`` executed if it
+        is the only one mapping to the C logits (logits scaled after it); otherwise an error.
     forward : ``forward(model, batch) -> logits`` with ``batch`` the collated examples on the device;
         default ``model(batch[0])``.
 
@@ -989,10 +991,10 @@ class TorchModelOps:
         return z, e
 
     def _logits_and_embedding(self, batch, k: int):
-        seen: list[tuple[nn.Module, torch.Tensor]] = []
+        seen: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
 
         def hook(module, inputs, output):
-            seen.append((module, inputs[0]))
+            seen.append((module, inputs[0], output))
 
         layers = [self._last_layer] if self._last_layer is not None else [
             m for m in self.model.modules() if isinstance(m, nn.Linear)]
@@ -1009,17 +1011,36 @@ class TorchModelOps:
                 h.remove()
         if not seen:
             raise ValueError("the last linear layer was not called in the forward (pass last_layer=)")
-        layer, e = seen[-1]
-        if self._last_layer is None and layer.out_features != z.shape[1]:
-            raise ValueError(
-                f"the last nn.Linear executed maps to {layer.out_features} features but the model returns "
-                f"{z.shape[1]} logits; pass last_layer= (the classifier layer)"
-            )
+        if self._last_layer is not None:
+            _, e, _ = seen[-1]
+        else:
+            e = self._classifier_input(seen, z)
         if e.ndim != 2 or e.shape[0] != k:
             raise ValueError(
                 f"the last linear layer's input has shape {tuple(e.shape)}; embeddings must be (batch, h)"
             )
         return z, e.detach()
+
+    @staticmethod
+    def _classifier_input(seen, z: torch.Tensor) -> torch.Tensor:
+        """The input of the classifier among the ``nn.Linear`` calls ``seen`` in a forward that returned the
+        logits ``z``: the last call whose output is the logits as returned; else the last call, when it is
+        the only one mapping to as many features as ``z`` has (logits post-processed after it, e.g. scaled);
+        else an error asking for ``last_layer=`` (an auxiliary head, or a hidden layer of width C, would
+        otherwise pass silently)."""
+        C = z.shape[1]
+        fits = [(m, e, out) for m, e, out in seen if m.out_features == C]
+        exact = [e for _, e, out in fits if out.shape == z.shape and torch.equal(out.detach().to(z.dtype), z)]
+        if exact:
+            return exact[-1]
+        if len(fits) == 1 and fits[0][0] is seen[-1][0] and fits[0][1] is seen[-1][1]:
+            return fits[0][1]
+        if not fits or len(fits) == 1:
+            raise ValueError(f"the last nn.Linear executed maps to {seen[-1][0].out_features} features but the model "
+                             f"returns {C} logits; pass last_layer= (the classifier layer)")
+        raise ValueError(f"{len(fits)} nn.Linear calls in the forward map to {C} features and none returns the "
+                         "logits as the model returns them (an auxiliary head, or a hidden layer of that width): pass "
+                         "last_layer= (the classifier layer)")
 
     def losses(self, indices):
         """Eval-mode per-example losses (k,) at the current parameters (no graph).

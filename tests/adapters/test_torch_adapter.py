@@ -103,6 +103,34 @@ def test_embeddings_are_the_last_linear_layers_input():
     with pytest.raises(ValueError, match="last_layer"):
         TorchModelOps(Scaled(), TensorDataset(X, y)).outputs(idx, embeddings=True)
 
+    class TwoHeads(nn.Module):  # an auxiliary head of C outputs runs after the classifier
+        def __init__(self, temperature=1.0):
+            super().__init__()
+            self.body, self.aux_body, self.aux = mlp(), nn.Linear(X.shape[1], 5), nn.Linear(5, C)
+            self.temperature = temperature
+
+        def forward(self, x):
+            z = self.body(x) / self.temperature
+            return z, self.aux(torch.relu(self.aux_body(x)))
+
+    two = TwoHeads().eval()
+    first = (lambda m, b: m(b[0])[0])
+    z, e = TorchModelOps(two, TensorDataset(X, y), forward=first).outputs(idx, embeddings=True)
+    with torch.no_grad():
+        torch.testing.assert_close(e, two.body[:-1](X[idx]))  # the classifier's input, not the aux head's
+    # logits scaled after the classifier and a second C-output layer: which one is the classifier is unknown
+    with pytest.raises(ValueError, match="2 nn.Linear calls .* none returns the logits"):
+        TorchModelOps(TwoHeads(2.0), TensorDataset(X, y), forward=first).outputs(idx, embeddings=True)
+    scaled = TwoHeads(2.0).eval()
+    named = TorchModelOps(scaled, TensorDataset(X, y), forward=first, last_layer=scaled.body[-1])
+    with torch.no_grad():
+        torch.testing.assert_close(named.outputs(idx, embeddings=True)[1], scaled.body[:-1](X[idx]))
+    # logits scaled after the only C-output layer, the last executed: that layer is the classifier
+    alone = nn.Sequential(mlp(), nn.Identity()).eval()
+    only = TorchModelOps(alone, TensorDataset(X, y), forward=lambda m, b: m(b[0]) / 3.0)
+    with torch.no_grad():
+        torch.testing.assert_close(only.outputs(idx, embeddings=True)[1], alone[0][:-1](X[idx]))
+
 
 def _double_model():
     torch.manual_seed(1)
