@@ -86,37 +86,36 @@ def snap_tolerance(eps: float) -> float:
 def exact_shift(xp, X, valid=None):
     """The translation the Gram-form distances take first, shape (..., 1, d): per problem (the leading
     axes of ``X`` (..., n, d); ``valid`` (..., n) marks its rows, default all), a coordinate whose values
-    all lie far from 0 (``|mean| >= 4 spread``, the spread its largest distance from the mean) is shifted
-    by its mean rounded to a multiple of the largest power of two not above the spread; every other
-    coordinate by 0. Where it shifts, every value and the shift are within a factor 2 of each other, so
-    ``X - shift`` is exact (Sterbenz's lemma; integer data stays integer, duplicates stay bit-identical)
-    and every point's coordinate gets smaller: ``|a|^2 + |b|^2 - 2 a.b`` then keeps the distances of a
-    cloud far from the origin (100 +- 0.01 in float32: computed in place, every distance in it cancelled
-    to the zero-distance snap), and no point near the origin is moved away from it (a mean shift of data
-    with a tight mass at the origin, such as CREST's last-layer gradients of well-learned examples, made
-    that mass's distances cancel instead). Euclidean distances do not change under a translation; cosine
-    ones do, so it is for ``"euclidean"`` and ``"sqeuclidean"``.
+    all lie far from 0 (``|max| >= 4 (max - min)``) is shifted by its largest value, one of the data's own
+    numbers; every other coordinate by 0. Where it shifts, every value lies within a factor 2 of that value,
+    so ``X - shift`` is exact (Sterbenz's lemma; integer data stays integer, duplicates stay bit-identical,
+    a constant coordinate becomes exactly 0) and every point's coordinate gets smaller: ``|a|^2 + |b|^2 -
+    2 a.b`` then keeps the distances of a cloud far from the origin (100 +- 0.01 in float32: computed in
+    place, every distance in it cancelled to the zero-distance snap), and no point near the origin is moved
+    away from it (a mean shift of data with a tight mass at the origin, such as CREST's last-layer gradients
+    of well-learned examples, made that mass's distances cancel instead). Euclidean distances do not change
+    under a translation; cosine ones do, so it is for ``"euclidean"`` and ``"sqeuclidean"``.
 
     >>> import numpy as np
     >>> X = np.array([[1000.5, 2.0, 0.1], [1003.25, 2.0, -0.3], [999.0, 2.0, 0.2]])
     >>> exact_shift(np, X).tolist(), (X - exact_shift(np, X)).tolist()
-    ([[1000.0, 2.0, 0.0]], [[0.5, 0.0, 0.1], [3.25, 0.0, -0.3], [-1.0, 0.0, 0.2]])
+    ([[1003.25, 2.0, 0.0]], [[-2.75, 0.0, 0.1], [0.0, 0.0, -0.3], [-4.25, 0.0, 0.2]])
     """
     if X.shape[-2] == 0:
         return xp.zeros_like(X[..., :1, :])
     amax = getattr(xp, "amax", None) or xp.max  # torch.max with an axis returns (values, indices)
+    amin = getattr(xp, "amin", None) or xp.min
     if valid is None:
-        mean = xp.mean(X, axis=-2, keepdims=True)
-        spread = amax(xp.abs(X - mean), axis=-2, keepdims=True)
+        hi = amax(X, axis=-2, keepdims=True)
+        lo = amin(X, axis=-2, keepdims=True)
     else:
-        w = xp.where(valid[..., None], xp.ones_like(X[..., :1]), xp.zeros_like(X[..., :1]))  # (..., n, 1)
-        count = xp.sum(w, axis=-2, keepdims=True)
-        mean = xp.sum(X * w, axis=-2, keepdims=True) / xp.where(count > 0, count, xp.ones_like(count))
-        spread = amax(xp.abs(X - mean) * w, axis=-2, keepdims=True)
-    positive = spread > 0
-    unit = 2.0 ** xp.floor(xp.log2(xp.where(positive, spread, xp.ones_like(spread))))
-    shift = xp.round(mean / unit) * unit
-    return xp.where(xp.abs(mean) >= 4.0 * spread, shift, xp.zeros_like(shift))
+        v = valid[..., None]
+        hi = amax(xp.where(v, X, xp.full_like(X, -math.inf)), axis=-2, keepdims=True)
+        lo = amin(xp.where(v, X, xp.full_like(X, math.inf)), axis=-2, keepdims=True)
+        some = xp.isfinite(hi) & xp.isfinite(lo)  # a problem without valid rows is not shifted
+        hi = xp.where(some, hi, xp.zeros_like(hi))
+        lo = xp.where(some, lo, xp.zeros_like(lo))
+    return xp.where(xp.abs(hi) >= 4.0 * (hi - lo), hi, xp.zeros_like(hi))
 
 
 def sample_sizes(sizes, budgets, epsilon: float) -> np.ndarray:

@@ -27,7 +27,7 @@ import math
 
 import numpy as np
 
-from .contract import METRICS
+from .contract import METRICS, exact_shift
 
 __all__ = ["available", "build", "METHODS", "EXACT_MAX_N"]
 
@@ -108,6 +108,9 @@ def build(X, K: int, metric: str = "euclidean", *, method: str = "auto", seed: i
         A64 /= np.where(nrm > 0, nrm, 1.0)[:, None]
         ftype = faiss.METRIC_INNER_PRODUCT
     else:  # squared and plain euclidean distances order neighbours alike
+        # first the contract's exact shift (a constant coordinate becomes exactly 0: its mean alone could
+        # leave an ulp of a large value, which swamped every other coordinate), then the mean
+        A64 -= exact_shift(np, A64)
         A64 -= A64.mean(axis=0)
         top = float(np.max(np.abs(A64))) if A64.size else 0.0
         if top > 0 and math.isfinite(top):

@@ -438,8 +438,39 @@ def test_a_cloud_far_from_the_origin_selects_as_the_same_cloud_at_the_origin(cas
         assert np.asarray(away[12:]).max() < 150, "no pick stands for most of the cloud"
 
 
+@pytest.mark.parametrize("case", ["torch", "torch-matrix-free", "reference", "torch-knn", "numpy-knn",
+                                  "torch-minibatch", "pairwise"])
+@pytest.mark.parametrize("constant", [1e100, 0.75])
+def test_a_constant_coordinate_changes_no_distance(case, constant):
+    """A coordinate equal on every row adds nothing to any distance; on the Gram-form paths it must become
+    exactly 0 before the products. (Shifted by its rounded mean it kept 0.25 (0.75), or an ulp of 1e100
+    when the mean rounded: every real distance cancelled, picks [0..5] weighed [40, 0, 0, 0, 0, 0].)"""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    small = 1.0 if constant > 1 else 1e-9
+    base = small * rng.normal(size=(40, 3))
+    X = np.concatenate([base, np.full((40, 1), constant)], axis=1)
+
+    def run(A):
+        if case == "pairwise":
+            return crestcore.pairwise_distances(torch.from_numpy(A)).numpy()
+        if case == "torch-minibatch":
+            c = crestcore.minibatch_coresets(torch.from_numpy(A), torch.from_numpy(np.arange(40) % 2), m=6,
+                                             r=20, P=2, rng=0)
+            return np.concatenate([c.indices.numpy().ravel(), c.weights.numpy().ravel()])
+        kw = {"torch-matrix-free": dict(max_dense_bytes=1000), "reference": dict(backend="reference"),
+              "torch-knn": dict(neighbors=8), "numpy-knn": dict(neighbors=8)}.get(case, {})
+        sel = crestcore.facility_location(A if case in ("reference", "numpy-knn") else torch.from_numpy(A), 6, **kw)
+        return np.concatenate([np.asarray(sel.indices, dtype=np.float64), np.asarray(sel.weights, dtype=np.float64)])
+
+    if case == "pairwise":
+        np.testing.assert_allclose(run(X), run(base), rtol=1e-6, atol=1e-6 * small)
+    else:
+        np.testing.assert_array_equal(run(X), run(base))
+
+
 def test_the_shift_is_exact_and_leaves_a_mass_at_the_origin_where_it_is():
-    """exact_shift moves only coordinates whose values all lie far from 0 (|mean| >= 4 spread), by a
+    """exact_shift moves only coordinates whose values all lie far from 0 (|max| >= 4 (max - min)), by a
     value within a factor 2 of each of them, so X - shift is exact (checked with fractions over scales,
     offsets and dtypes); CREST's own features, last-layer gradients with a tight mass of well-learned
     examples at 0, are then left in place and torch picks what NumPy (direct differences) picks (a plain
@@ -458,6 +489,8 @@ def test_the_shift_is_exact_and_leaves_a_mass_at_the_origin_where_it_is():
             D = X - s
             for i, j in ((0, 0), (7, 1), (49, 2), (13, 0)):
                 assert Fraction(float(D[i, j])) == Fraction(float(X[i, j])) - Fraction(float(s[0, j]))
+            if X[0, 2] != 0 and offset != 0:  # a constant coordinate far from 0 becomes exactly 0
+                assert (D[:, 2] == 0).all()
     n, C = 1500, 10
     y = rng.integers(0, C, n)
     logits = rng.normal(size=(n, C))
