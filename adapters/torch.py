@@ -1451,6 +1451,9 @@ class CrestLoader(BudgetedPasses):
         self._pending: list[Batch] = []  # handed out before a checkpoint and not trained: replayed first
 
     # -- accounting and stepping ----------------------------------------------------------------
+    def _replaying(self) -> bool:
+        return bool(self._pending)
+
     def _counters(self) -> dict:
         c = self._state.counters
         if not self._pending:

@@ -256,7 +256,7 @@ class BudgetedPasses:
         done = self.epochs if e is None else e + 1
         self._pass_e = e
         while self._token == token and self._position < end:
-            if self.budget_counts == "passes":
+            if self.budget_counts == "passes" and not self._replaying():
                 train, overhead = self._cost()
                 if (train + overhead) / self._pass_m + 1 > end + 1e-9:
                     break
@@ -266,6 +266,11 @@ class BudgetedPasses:
             yield item
         if self._token == token:  # ran to its end (not broken off by the consumer, nor replaced)
             self._finish_epochs(done)
+
+    def _replaying(self) -> bool:
+        """Whether the next step hands out a batch decided before a checkpoint or a rewind (the run that
+        decided it had its budget checked then; its measurement work is already counted): no cap check."""
+        return False
 
     def _finish_epochs(self, done: int) -> None:
         if done > self._epochs_done:

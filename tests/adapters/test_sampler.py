@@ -459,6 +459,31 @@ def test_after_rewind_the_stats_count_only_the_trained_batches():
     assert set(sizes) == {sizes[0]} and done["counters"]["train_examples"] == sizes[0] * sampler.position
 
 
+def test_rewound_batches_come_again_when_the_budget_counts_measurement_passes():
+    """budget_counts="passes": a rewound batch was decided, its budget checked, before the rewind; its
+    replay must not be checked again (the counters already hold its measurement work). The four batches
+    a loader fetched beyond the trained ones at the end of epoch 0 came in epoch 1 instead (0 in epoch 0),
+    and the run trained one batch too many."""
+    X, y = make_data()
+    kw = dict(CFG, budget_counts="passes", budget=1.0, config=CrestConfig(m=8, r=60, tau=0.05))
+    whole = CrestBatchSampler(mlp(), Flip(X, y), **kw)  # the model stays as it is: no training here
+    epochs = []
+    for e in range(whole.epochs):
+        whole.set_epoch(e)
+        epochs.append([b for b in whole])
+    assert len(epochs[0]) > 4
+    cut = CrestBatchSampler(mlp(), Flip(X, y), **kw)
+    cut.set_epoch(0)
+    first = [b for b in cut]  # all of epoch 0 handed out; the last 4 of them not trained
+    cut.rewind(len(first) - 4)
+    cut.set_epoch(0)
+    assert [b for b in cut] == first[-4:] == epochs[0][-4:]
+    for e in range(1, cut.epochs):
+        cut.set_epoch(e)
+        assert [b for b in cut] == epochs[e]
+    assert cut.position == whole.position
+
+
 def test_state_dict_with_trained_right_after_a_load_names_the_one_valid_value():
     X, y = make_data()
     a = CrestBatchSampler(mlp(), Flip(X, y), **CFG)
