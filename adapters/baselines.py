@@ -367,6 +367,11 @@ class SubsetLoader(BudgetedPasses):
     def _settings(self) -> str:
         return self.schedule.settings()
 
+    def _labels_digest(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes()).hexdigest()
+
     def state_dict(self) -> dict:
         """Everything needed to continue with the same batches: position, the current selection and epoch
         layout, prune's loss record, counters and the selection log. Tensors, numbers and strings only
@@ -397,6 +402,7 @@ class SubsetLoader(BudgetedPasses):
             "budget": self.budget,
             "budget_counts": self.budget_counts,
             "settings": self._settings(),
+            "labels_sha256": self._labels_digest(),
             **self._pass_state(),
             "last": None if self._last is None else {"indices": _portable(self._last[0]),
                                                      "weights": _portable(self._last[1])},
@@ -429,6 +435,10 @@ class SubsetLoader(BudgetedPasses):
         check_checkpoint(state, fmt=_FORMAT, owner="SubsetLoader", kind="loader", fingerprint=self._fingerprint(),
                          same="method, dataset, m, seed, budget and epochs",
                          options=("settings", self._settings(), "the loader's options differ from the saved ones"))
+        saved = state.get("labels_sha256")  # (checkpoints before 2026-12-01 have none)
+        if saved is not None and saved != self._labels_digest():
+            raise ValueError("the state dict was saved for a dataset with different labels: its selection and "
+                             "records belong to those; resume with the same dataset")
         pos = state.get("position")
         if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or not 0 <= int(pos) <= self.total_steps:
             raise ValueError(f"SubsetLoader state dict: position must be an integer in [0, {self.total_steps}], "

@@ -146,6 +146,12 @@ def test_load_state_dict_checks_the_fingerprint():
         loader("random").load_state_dict({"position": 3})
     with pytest.warns(UserWarning, match="options differ"):
         loader("random", weights="batch").load_state_dict(sd)
+    X, y = make_data()
+    relabelled = y.clone()
+    relabelled[:10] = (relabelled[:10] + 1) % int(y.max() + 1)  # the same size, other labels
+    with pytest.raises(ValueError, match="different labels"):
+        loader("random", data=(X, relabelled)).load_state_dict(sd)
+    loader("random", data=(X.clone(), y.clone())).load_state_dict(sd)  # equal labels in new tensors: accepted
 
 
 # ------------------------------------------------------------------------------------------------
