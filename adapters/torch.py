@@ -700,6 +700,7 @@ class TorchModelOps:
         self.progress = None  # a _Progress: a bar for measurement passes that run longer than a second
         self._pool = None  # the persistent DataLoader of the measurement passes (num_workers > 0), made lazily
         self._collate = collate_fn
+        self._outputs_looked_at = False  # the first measured outputs are checked for probabilities once
         self._forward = forward if forward is not None else _default_forward
         self._last_layer = self._resolve_layer(last_layer) if last_layer is not None else None
         if self._last_layer is not None and not isinstance(self._last_layer, nn.Linear):
@@ -939,7 +940,30 @@ class TorchModelOps:
                 "forward=lambda model, batch: torch.cat([torch.zeros_like(z := model(batch[0])), z], 1), whose "
                 "cross-entropy is the binary cross-entropy of z"
             )
+        if not getattr(self, "_outputs_looked_at", False):
+            self._outputs_looked_at = True
+            self._warn_if_probabilities(out)
         return _wide(out)
+
+    @staticmethod
+    def _warn_if_probabilities(out: torch.Tensor) -> None:
+        """Warn when the first measured outputs look like probabilities (every row non-negative and summing
+        to 1) rather than logits: the softmax of probabilities is not the model's prediction, so the losses,
+        checks and selection features would all be wrong. Log-probabilities are fine (their softmax is p)."""
+        with torch.no_grad():
+            z = out.detach().double()
+            if z.shape[0] < 2 or bool((z < 0).any()):
+                return
+            if not bool(((z.sum(dim=1) - 1.0).abs() <= 1e-3).all()):
+                return
+        warnings.warn(
+            "crestcore: the model's outputs look like probabilities (every row of the first measured batch is "
+            "non-negative and sums to 1), but CREST measures the softmax cross-entropy of logits: its losses, "
+            "trust checks and selection features would be those of softmax(p). Return logits (drop the final "
+            "softmax), or give CREST log-probabilities, e.g. forward=lambda model, batch: "
+            "model(batch[0]).clamp_min(1e-30).log() (their softmax is p, their cross-entropy -log p_y)",
+            stacklevel=4,
+        )
 
     def _labels_on(self, idx: np.ndarray, device) -> torch.Tensor:
         return torch.from_numpy(self.labels[idx]).to(device)
