@@ -79,6 +79,7 @@ from crestcore.adapters.torch import (  # the torch adapter's data access, share
     TorchModelOps,
     _as_labels,
     _Fetcher,
+    _found_origin,
     _length,
     _observed_losses,
     _weighted_batch,
@@ -265,6 +266,8 @@ class SubsetLoader(BudgetedPasses):
             device=device, batch_size=measure_batch_size, collate_fn=collate_fn, last_layer=last_layer,
             forward=forward, num_workers=measure_workers, check_labels=labels is None,
         )
+        if labels is None:  # found here from the training set (the labels check's warning names where)
+            self.ops._labels_origin = _found_origin(dataset)
         self._fetch = _Fetcher(dataset, collate_fn)
         self._last: tuple[np.ndarray, np.ndarray] | None = None
 

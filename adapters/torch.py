@@ -158,7 +158,14 @@ def _inner_ops(ops):
 
 def _label_origin(dataset) -> str:
     attr = _label_attribute(dataset)
+    if attr is None and _label_column(dataset) is not None:
+        return f"the dataset's {_label_column(dataset)!r} column"
     return f"dataset.{attr}" if attr is not None else "the dataset's label attributes"
+
+
+def _found_origin(dataset) -> str:
+    """Where :func:`dataset_labels` found ``dataset``'s labels, for the labels check's warning."""
+    return "found without reading the items: " + _label_origin(dataset)
 
 
 def dataset_labels(dataset) -> np.ndarray:
@@ -683,8 +690,7 @@ class TorchModelOps:
         # labels found by dataset_labels: compared once with the labels the items carry (below, _probe_labels)
         self._check_labels = (labels is None if check_labels is None else bool(check_labels)) and not \
             isinstance(dataset, TensorDataset)
-        self._labels_origin = ("found without reading the items: " + _label_origin(dataset)) if labels is None \
-            else "as given"
+        self._labels_origin = _found_origin(dataset) if labels is None else "as given"
         self.loss_fn = loss_fn if loss_fn is not None else _cross_entropy
         self._device = None if device is None else torch.device(device)
         self.batch_size = int(batch_size)
@@ -1465,6 +1471,8 @@ class CrestLoader(BudgetedPasses):
             forward=forward, num_workers=measure_workers, cache_bytes=measure_cache_bytes,
             check_labels=labels is None,
         )
+        if labels is None:  # the labels the ops got were found here, from the training set: say so if checked
+            self.ops._labels_origin = _found_origin(dataset)
         if progress:
             self.ops.progress = _Progress()
         self._fetch = _Fetcher(dataset, collate_fn)

@@ -1170,8 +1170,10 @@ def test_labels_from_targets_that_the_items_map_are_flagged_once():
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             next(iter(loader))
-        flagged = [w for w in seen if "differ from the labels the dataset's items carry" in str(w.message)]
+        flagged = [str(w.message) for w in seen if "differ from the labels the dataset's items carry" in str(w.message)]
         assert len(flagged) == (1 if warns else 0)
+        if warns:  # the loader found them in the dataset's targets: not "as given" (no labels= was passed)
+            assert "dataset.targets" in flagged[0] and "as given" not in flagged[0]
     # raw ids beyond the model's outputs: the error says where the labels came from and what to pass
     data = _Remapped(x, (y + 10).tolist(), {10: 0, 11: 1, 12: 2})
     ops = TorchModelOps(mlp(), data)
