@@ -66,15 +66,25 @@ _FORMAT = "crestcore.adapters.torch.CrestLoader/1"
 # ------------------------------------------------------------------------------------------------
 # data access
 # ------------------------------------------------------------------------------------------------
+_ONE_LABEL = ("CREST selects whole examples, each by one class label; per-token or multi-label targets are not "
+              "supported (pass labels=, one class index per example, if the examples have one; crest_labels= on "
+              "CrestTrainer)")
+
+
 def _label_value(v, i: int) -> int:
     if isinstance(v, torch.Tensor):
         if v.numel() != 1:
-            raise ValueError(f"example {i}'s label has shape {tuple(v.shape)}; expected one class index")
+            raise ValueError(f"example {i}'s label has shape {tuple(v.shape)}; expected one class index: {_ONE_LABEL}")
         v = v.reshape(()).item()
     elif isinstance(v, np.ndarray):
         if v.size != 1:
-            raise ValueError(f"example {i}'s label has shape {v.shape}; expected one class index")
+            raise ValueError(f"example {i}'s label has shape {v.shape}; expected one class index: {_ONE_LABEL}")
         v = v.reshape(()).item()
+    elif isinstance(v, (list, tuple)):
+        if len(v) == 1:  # [c], as a size-1 tensor is
+            return _label_value(v[0], i)
+        raise ValueError(f"example {i}'s label is a {type(v).__name__} of {len(v)}; expected one class index: "
+                         f"{_ONE_LABEL}")
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
         raise TypeError(f"example {i}'s label is {v!r} ({type(v).__name__}); expected an integer class index")
     return int(v)
@@ -92,11 +102,12 @@ def _as_labels(lab, n: int, what: str) -> np.ndarray:
             raise type(exc)(f"{what}: {exc} (pass labels=, one class index per example, to override; "
                             "crest_labels= on CrestTrainer)") from None
     lab = np.asarray(lab)
+    if lab.ndim == 2 and lab.shape == (n, 1):  # a column of class indices
+        lab = lab[:, 0]
     if lab.ndim != 1 or lab.shape[0] != n:
-        hint = (": CREST selects whole examples, each by one class label; per-token or multi-label targets are "
-                "not supported (pass labels=, one class index per example, if the examples have one)"
-                if lab.ndim > 1 else "")
-        raise ValueError(f"{what} must be 1-D with one class index per example ({n}), got shape {lab.shape}"
+        hint = (_ONE_LABEL if lab.ndim > 1 else
+                "pass labels=, one class index per example (crest_labels= on CrestTrainer)")
+        raise ValueError(f"{what} must be 1-D with one class index per example ({n}), got shape {lab.shape}: "
                          + hint)
     if lab.dtype == bool or not np.issubdtype(lab.dtype, np.integer):
         raise TypeError(f"{what} must hold integer class indices, got dtype {lab.dtype}")
@@ -543,11 +554,18 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 _LABEL_KEYS = ("labels", "label", "label_ids")
 
 
+def _named_logits(out):
+    """A model output's logits where it names them: a plain dict's ``"logits"`` entry; else ``out``."""
+    if isinstance(out, dict) and isinstance(out.get("logits"), torch.Tensor):
+        return out["logits"]
+    return out
+
+
 def _default_forward(model: nn.Module, batch):
     if isinstance(batch, (tuple, list)):
-        return model(batch[0])
+        return _named_logits(model(batch[0]))
     if isinstance(batch, torch.Tensor):
-        return model(batch)
+        return _named_logits(model(batch))
     if isinstance(batch, dict):  # Hugging Face style: keyword inputs; the output's .logits (or its first field)
         inputs = {k: v for k, v in batch.items() if k not in _LABEL_KEYS and not k.startswith("crest_")}
         try:
@@ -562,7 +580,7 @@ def _default_forward(model: nn.Module, batch):
         logits = getattr(out, "logits", None)
         if logits is None and isinstance(out, (tuple, list)):
             logits = out[0]
-        return out if logits is None else logits
+        return _named_logits(out) if logits is None else logits
     raise TypeError(
         f"cannot tell the model's input in a batch of type {type(batch).__name__}; pass "
         "forward=lambda model, batch: model(...) returning the logits"

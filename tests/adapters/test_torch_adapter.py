@@ -132,6 +132,53 @@ def test_embeddings_are_the_last_linear_layers_input():
         torch.testing.assert_close(only.outputs(idx, embeddings=True)[1], alone[0][:-1](X[idx]))
 
 
+def test_label_layouts_of_one_class_per_example_are_read_and_others_refused_saying_why():
+    from crestcore.adapters.torch import dataset_labels
+
+    X, y = make_data()
+
+    class Items(Dataset):
+        def __init__(self, label_of, attr=None):
+            self.label_of = label_of
+            if attr is not None:
+                self.labels = attr
+
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            return {"x": X[i], "labels": self.label_of(i)}
+
+    column = y[:12].reshape(12, 1).numpy()
+    assert dataset_labels(Items(lambda i: 0, attr=column)).tolist() == y[:12].tolist()  # (n, 1): accepted
+    with pytest.warns(UserWarning, match="reading all 12"):
+        assert dataset_labels(Items(lambda i: [int(y[i])])).tolist() == y[:12].tolist()  # [c] like a 1-tensor
+    with pytest.warns(UserWarning, match="reading all 12"), \
+            pytest.raises(ValueError, match="per-token or multi-label targets are not supported"):
+        dataset_labels(Items(lambda i: torch.tensor([0, 1, -100])))  # token labels
+    with pytest.raises(ValueError, match="per-token or multi-label"):
+        dataset_labels(Items(lambda i: 0, attr=np.eye(3)[np.arange(12) % 3]))  # one-hot rows
+    with pytest.raises(ValueError, match=r"got shape \(\): pass labels="):
+        dataset_labels(Items(lambda i: 0, attr={"cat": 0, "dog": 1}))  # class names, not labels
+
+
+def test_a_model_returning_a_dict_of_logits_is_measured_on_them():
+    X, y = make_data()
+    body = mlp().eval()
+
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = body
+
+        def forward(self, x):
+            return {"logits": self.body(x), "features": x}
+
+    z = TorchModelOps(Named(), TensorDataset(X, y)).outputs(np.arange(10))
+    with torch.no_grad():
+        torch.testing.assert_close(z, body(X[:10]))
+
+
 def test_a_model_returning_probabilities_is_warned_about_once():
     """softmax(p) is not the prediction of a model that returns p: the losses, checks and features would be
     those of softmax(p) (measured loss 0.97 against 1.56 trained, review). Log-probabilities are logits."""
