@@ -626,7 +626,8 @@ class TorchModelOps:
         training step minimises. Default cross-entropy. The selection's features stay the cross-entropy's
         logit gradients (the paper's last-layer gradients).
     device : where the measurement runs; default the device of the model's parameters at each call.
-    batch_size : examples per forward in measurement passes (memory bound, not a result).
+    batch_size : examples per forward in measurement passes (memory and speed; results equal up to
+        floating-point rounding, which another chunking may change in the last bits).
     num_workers : worker processes that load the examples of the measurement passes (a persistent
         ``DataLoader`` with this ``collate_fn``, chunks in order); 0 (default) loads them in this process.
     cache_bytes : host memory for the collated batches of recent measurement passes (default 256 MiB; 0
@@ -1385,8 +1386,9 @@ class CrestLoader(BudgetedPasses):
     collate_fn : as for a ``DataLoader``.
     measure_dataset : the same examples, in the same order, for the measurement passes, e.g. without
         random augmentation; default ``dataset``.
-    measure_batch_size : examples per forward in measurement passes (memory only, unless a layer uses the
-        batch's own statistics in eval mode, as ``BatchNorm(track_running_stats=False)`` does).
+    measure_batch_size : examples per forward in measurement passes (memory and speed, up to floating-point
+        rounding, unless a layer uses the batch's own statistics in eval mode, as
+        ``BatchNorm(track_running_stats=False)`` does).
     measure_workers : worker processes that load the measurement passes' examples (a persistent
         ``DataLoader`` over ``measure_dataset``: decoding and transforms in parallel); 0 loads them in
         this process.
