@@ -45,7 +45,7 @@ import crestcore
 from crestcore.plan import hamilton
 from crestcore.validation import check_int
 from crestcore.facility import Selection
-from crestcore.similarity import KERNELS, METRICS, kernel_scale
+from crestcore.similarity import KERNELS, METRICS, kernel_scale, restore
 
 __all__ = ["facility_location"]
 
@@ -372,14 +372,14 @@ def facility_location(X, k, *, labels=None, client=None, partitions=None, seed=0
         w_out.append(sum(shares[p][ci][best][1] for p in range(m)))
         g_out.append(sum(shares[p][ci][best][2] for p in range(m)))
         total += objs[best]
-    dtype = X.dtype if X.dtype in (np.float32, np.float64) else np.float32
     plan = (f"greedi: {m} partitions; winner per class: " + ", ".join(won) if len(classes) > 1
             else f"greedi: {m} partitions; winner: {won[0]}")
+    # in X's dtype, as the one-partition path returns them (a value beyond float16's range is an error)
     return Selection(
         indices=np.concatenate(idx_out).astype(np.int64),
-        weights=np.concatenate(w_out).astype(dtype),
-        gains=np.concatenate(g_out).astype(dtype),
-        objective=np.asarray(total, dtype=dtype),
+        weights=restore(np, np.concatenate(w_out).astype(np.float64), 0, X.dtype, "weights (cluster sizes)"),
+        gains=restore(np, np.concatenate(g_out).astype(np.float64), 0, X.dtype, "gains"),
+        objective=restore(np, np.asarray(total, dtype=np.float64), 0, X.dtype, "objective"),
         path="greedi",
         plan=plan,
     )

@@ -46,6 +46,14 @@ def test_one_partition_is_the_single_machine_result(client):
         assert float(got.objective) == float(single.objective)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_results_come_in_the_inputs_dtype_whatever_the_partitions(client, dtype):
+    X = _features(1, 60, 3).astype(dtype)
+    for parts in (1, 3):
+        got = cdask.facility_location(X, 6, client=client, partitions=parts, seed=0)
+        assert got.weights.dtype == got.gains.dtype == got.objective.dtype == dtype, parts
+
+
 def test_greedi_on_numpy_and_dask_input_agree_and_are_deterministic(client):
     X = _features(1, 400, 3)
     a = cdask.facility_location(X, 15, client=client, partitions=2, seed=3, optimizer="stochastic")
