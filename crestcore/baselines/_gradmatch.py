@@ -535,7 +535,9 @@ def gradmatch(
     refit weight drops to 0 leaves the support for good (the support grows by at most one per step),
     so the budget is filled with examples that carry weight. It stops when ``k_c`` examples are in the
     support, when ``||r|| <= tol * ||b||``, or when no remaining example correlates positively with the
-    residual.
+    residual (beyond ``1e-12 * max|Q| * sum(w)``, the rounding level of the support's Gram products: a
+    pick below it gets weight 0 in the refit and retires, so gradients whose coordinates differ in scale
+    by 1e3 or more can end a little above ``tol`` with fewer than ``k_c`` picks).
 
     Parameters
     ----------
