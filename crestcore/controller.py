@@ -155,7 +155,9 @@ class ModelOps(Protocol):
 
     def gradient(self, indices: np.ndarray, weights: np.ndarray) -> tuple[float, Any]:
         """``(loss, flat gradient)`` of the weighted mean loss ``mean_i(w_i * l_i)`` over the examples
-        ``indices`` at the current parameters; the gradient is shaped like :meth:`params`.
+        ``indices`` at the current parameters; the gradient is shaped like :meth:`params` and in its dtype
+        (``weights`` arrive as a float64 host array: cast them to the model's dtype first in a float32
+        model, or the product comes out float64 and is refused).
 
         Examples
         --------
@@ -369,6 +371,8 @@ class CrestConfig:
     def paper(cls, **overrides) -> CrestConfig:
         """Algorithm 1 as the paper states it, with its hyperparameters (P = 5, T1 = 1, tau = 0.1, h = 1,
         b = 5, cluster-size weights, the trust check, no overhead cap) and none of the release's bugs.
+        Dropping learned examples (Algorithm 1's T2 and alpha) stays off, as in the defaults: pass
+        ``T2=...`` (and ``alpha``) to turn it on.
 
         Examples
         --------
@@ -637,8 +641,13 @@ def _forward(state: CrestState, ops, idx: np.ndarray, config: CrestConfig):
     elif tuple(losses.shape) != (idx.size,) or namespace(losses, names=("example_losses",)) is not xp:
         raise ValueError(f"example_losses must return ({idx.size},) per-example losses in the logits' library, "
                          f"got {type(losses).__name__} of shape {tuple(getattr(losses, 'shape', ()))}")
-    if not bool(xp.all(xp.isfinite(losses))):  # finite logits too large for their dtype's log-sum-exp
-        raise FloatingPointError(
+    if not bool(xp.all(xp.isfinite(losses))):
+        if own is not None:  # the adapter's (the user's) loss: it may fail on finite logits by itself
+            raise FloatingPointError(
+                f"CREST: the per-example losses of the adapter's example_losses (the loss_fn you gave) are NaN "
+                f"or infinite at step {state.step}, on finite logits: check that loss function on these "
+                "logits and labels; if training has diverged, lower the learning rate or clip the gradients.")
+        raise FloatingPointError(  # finite logits too large for their dtype's log-sum-exp
             f"CREST: the model's loss is not finite at step {state.step} (its logits are finite but "
             "exploding): training has diverged. Lower the learning rate or clip the gradients."
         )
@@ -787,6 +796,7 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
 
     # quadratic model at the anchor
     anchor = ops.params()
+    _finite_params(anchor, state.step, "selection (the new anchor)")
     quad = state.quad if state.quad is not None else quadratic_init(anchor)
     quad = quadratic_anchor(quad, anchor_loss, config.quadratic)
     c = dict(state.counters)
@@ -868,6 +878,16 @@ def _shared(a, b) -> bool:
     return a is b
 
 
+def _finite_params(w, step: int, where: str) -> None:
+    """A ``DivergenceError`` naming ``ops.params()`` when the parameter vector ``w`` is not finite."""
+    xp = namespace(w, names=("params()",))
+    if not bool(xp.all(xp.isfinite(w))):
+        raise DivergenceError(
+            f"CREST: ops.params() holds NaN or infinite values at step {step} ({where}): training has diverged "
+            "(or a parameter the measured examples do not reach went non-finite). Lower the learning rate or "
+            "clip the gradients.")
+
+
 def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
     w = ops.params()
     if state.anchor is not None and _shared(w, state.anchor):
@@ -884,15 +904,20 @@ def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
     L_R = float(to_numpy(xp.mean(losses)))
     namespace(w, state.anchor, names=("params()", "anchor"))  # same library and device
     assert state.quad is not None, "a trust check runs only after a selection set the quadratic model"
-    F = quadratic_predict(state.quad, w - state.anchor, config.quadratic)
+    try:
+        F = quadratic_predict(state.quad, w - state.anchor, config.quadratic)
+    except ValueError:
+        _finite_params(w, state.step, "trust check")  # a non-finite parameter: say so, not "delta"
+        raise
     if not (math.isfinite(L_R) and math.isfinite(F)):  # huge finite losses whose mean overflows
         raise FloatingPointError(
             f"CREST: the trust check's loss is not finite at step {state.step} (L_R = {L_R}, model F = {F}): "
             "training has diverged. Lower the learning rate or clip the gradients."
         )
-    # A float32 cross-entropy underflows to exactly 0 on confidently right examples; rho's
-    # denominator is floored so a fully learned sample gives rho = |F| / floor, not an error.
-    rho = relative_error(max(L_R, _LOSS_FLOOR), F)
+    # A float32 cross-entropy underflows to exactly 0 on confidently right examples; rho's denominator
+    # (only it: L_R - F is the model's error as measured) is floored so a fully learned sample gives
+    # rho = |F| / floor, not an error; |L_R| there for a user loss that may go negative
+    rho = relative_error(L_R, F, floor=_LOSS_FLOOR)
     c = dict(state.counters)
     c["forward_examples"] += int(state.check_idx.size)
     c["checks"] += 1

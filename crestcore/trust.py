@@ -30,8 +30,10 @@ def _finite(x, name):
     return v
 
 
-def relative_error(loss_random, predicted) -> float:
-    """``rho = |L_R - F| / L_R``. ``loss_random`` must be positive and finite.
+def relative_error(loss_random, predicted, *, floor: float | None = None) -> float:
+    """``rho = |L_R - F| / L_R``. ``loss_random`` must be positive and finite, unless ``floor`` is given:
+    then the denominator is ``max(|L_R|, floor)`` (a fully learned sample whose float32 losses underflow to
+    0, or a user loss that may go negative, is measured against the floor, not refused).
 
     Examples
     --------
@@ -39,9 +41,19 @@ def relative_error(loss_random, predicted) -> float:
 
     >>> relative_error(2.0, 1.5)
     0.25
+
+    A sample learned to a loss of exactly 0, predicted exactly, is trusted (the controller's floor 1e-12):
+
+    >>> relative_error(0.0, 0.0, floor=1e-12)
+    0.0
     """
     L = _finite(loss_random, "loss_random")
     F = _finite(predicted, "predicted")
+    if floor is not None:
+        fl = _finite(floor, "floor")
+        if fl <= 0:
+            raise ValueError(f"floor must be > 0, got {fl}")
+        return abs(L - F) / max(abs(L), fl)
     if L <= 0:
         raise ValueError(f"loss_random must be > 0 (rho divides by it), got {L}")
     return abs(L - F) / L

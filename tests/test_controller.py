@@ -1394,3 +1394,88 @@ def test_a_states_labels_are_read_only_so_their_class_count_cannot_go_stale():
         with pytest.raises(ValueError):
             s.labels[0] = 3
     assert y.flags.writeable  # the caller's array is left as it was
+
+
+# ------------------------------------------------------------------------------------------------
+# rho at a loss of 0, a loss that may be negative, and non-finite parameters (review)
+# ------------------------------------------------------------------------------------------------
+def _frozen_run(ops, steps=12, **cfg):
+    """Steps with a model that never changes: the quadratic model predicts every check exactly."""
+    config = CrestConfig(m=10, T1=1, tau=0.1, **cfg)
+    state = crest_init(config, ops.y, seed=0)
+    for _ in range(steps):
+        state, _ = crest_next_batch(state, ops, config)
+    return state
+
+
+def test_a_learned_sample_whose_losses_are_zero_is_trusted_when_predicted_exactly():
+    """float32 cross-entropy is exactly 0 on confidently right examples: rho's floor is for its
+    denominator only, so L_R = F = 0 gives rho = 0 (it gave 1, and a reselection at every check)."""
+    from crestcore.controller import _SoftmaxOps, crest_stats
+
+    class Learned(_SoftmaxOps):
+        def outputs(self, indices, embeddings=False):
+            z = np.full((indices.size, 2), -200.0, dtype=np.float32)
+            z[np.arange(indices.size), self.y[indices]] = 200.0  # log-sum-exp - z_y = 0 in float32
+            return z
+
+    y = np.arange(200) % 2
+    ops = Learned(np.random.default_rng(0).normal(size=(200, 2)), y, C=2)
+    state = _frozen_run(ops)
+    st = crest_stats(state)
+    assert st["selections"] == [0] and len(st["checks"]) >= 10
+    assert all(c["loss_random"] == c["predicted"] == c["rho"] == 0.0 for c in st["checks"])
+
+
+def test_a_loss_that_goes_negative_is_checked_against_its_magnitude():
+    from crestcore.controller import _SoftmaxOps, crest_stats
+
+    class Shifted(_SoftmaxOps):
+        def example_losses(self, logits, labels):
+            return cc.cross_entropy(logits, labels) - 2.0  # a user loss below 0 (log 2 - 2 at W = 0)
+
+    y = np.arange(200) % 2
+    ops = Shifted(np.random.default_rng(0).normal(size=(200, 2)), y, C=2)
+    st = crest_stats(_frozen_run(ops))
+    assert st["selections"] == [0]  # it was 1e11 and a reselection at every check
+    assert all(c["rho"] == 0.0 and c["loss_random"] < 0 for c in st["checks"])
+
+
+def test_non_finite_losses_of_the_adapters_own_loss_name_it():
+    from crestcore.controller import _SoftmaxOps
+
+    class Broken(_SoftmaxOps):
+        def example_losses(self, logits, labels):
+            with np.errstate(invalid="ignore"):
+                return np.log(cc.cross_entropy(logits, labels) - 1.0)  # NaN on finite logits
+
+    y = np.arange(200) % 2
+    with pytest.raises(FloatingPointError, match="example_losses .* on finite logits"):
+        _frozen_run(Broken(np.random.default_rng(0).normal(size=(200, 2)), y, C=2), steps=1)
+
+
+@pytest.mark.parametrize("when", ["first anchor", "later anchor", "at a check"])
+def test_non_finite_parameters_are_a_divergence_naming_params(when):
+    from crestcore.controller import _SoftmaxOps
+    from crestcore.validation import DivergenceError
+
+    class Poisoned(_SoftmaxOps):
+        calls = 0
+
+        def params(self):
+            self.calls += 1
+            self.W = self.W + 0.05  # the model moves: checks fail at a tiny tau, selections follow
+            w = super().params()
+            bad = {"first anchor": self.calls == 1, "later anchor": self.calls >= 3,
+                   "at a check": self.calls == 2}[when]
+            if bad:
+                w[0] = np.nan  # a parameter the measured examples' outputs do not show
+            return w
+
+    y = np.arange(200) % 2
+    ops = Poisoned(np.random.default_rng(0).normal(size=(200, 2)), y, C=2)
+    config = CrestConfig(m=10, T1=1, tau=1e-9 if when == "later anchor" else 0.1)  # tiny tau: reselect at once
+    state = crest_init(config, y, seed=0)
+    with pytest.raises(DivergenceError, match=r"ops.params\(\) holds NaN"):
+        for _ in range(6):
+            state, _ = crest_next_batch(state, ops, config)
