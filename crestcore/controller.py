@@ -631,8 +631,9 @@ def _forward(state: CrestState, ops, idx: np.ndarray, config: CrestConfig):
     if top >= logits.shape[1]:
         raise ValueError(
             f"the labels hold class {top} but the model gives {logits.shape[1]} outputs: CREST's labels (labels= "
-            "to the loader, else read from the dataset, e.g. its `targets`) must be the class indices "
-            f"0..{logits.shape[1] - 1} the model is trained on; pass labels= with those")
+            "if you gave them, else what the adapter found: a torch dataset's `targets`, the `y` given to Keras's "
+            f"callback) must be the class indices 0..{logits.shape[1] - 1} the model is trained on; pass labels= "
+            "with those")
     y = _labels_in(xp, lab, logits)
     own = getattr(ops, "example_losses", None)
     losses = own(logits, y) if own is not None else None

@@ -21,10 +21,11 @@ How the batches stay right whatever Keras does
 * **The extra fetch before the first epoch does not consume a step.** ``fit`` fetches one batch to
   build the model and calls the dataset's ``on_epoch_begin`` / ``on_epoch_end`` once extra around it,
   before any callback's ``on_train_begin``. Outside ``on_train_begin`` ... ``on_train_end`` the
-  dataset serves a fixed shape probe (the first ``m`` examples, weights 1) and never asks the
-  controller; the dataset's own epoch hooks are not used. A third such fetch in a row (the build fetch
-  is one call, two when Keras fetches ahead) means the dataset is being trained on without its
-  callback, and raises ``RuntimeError``.
+  dataset serves a fixed shape probe (the first ``m`` examples, weight 0) and never asks the
+  controller; the dataset's own epoch hooks are not used. A third such fetch in a row by a ``fit`` (the
+  build fetch is one call, two when Keras fetches ahead) means the dataset is being trained on without
+  its callback, and raises ``RuntimeError``; so does a fetch by ``evaluate`` or ``predict`` (fit's
+  validation pass included). Which Keras loop fetches is read from the call stack.
 * **A step is accounted when Keras reports it trained** (``on_train_batch_end``): the served batch is
   popped then. Should Keras fetch ahead (JAX on an accelerator fetches one batch ahead), the queue
   holds the batches served and not yet trained and every one is still trained exactly once, in order;
@@ -58,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -305,11 +307,17 @@ def _weight_scale(reduction) -> str:
     raise ValueError(f"unknown loss reduction {reduction!r}")
 
 
-def _last_is_softmax(model) -> bool:
+def _last_is_softmax(model) -> bool | None:
+    """Whether the model's last layer is a softmax: True or False for a Sequential or functional model
+    (their ``layers`` are in call order; a nested model's own last layer is looked at), None when it cannot
+    be told: a subclassed model lists its layers in the order they were assigned, not called."""
+    ordered = isinstance(model, keras.Sequential) or any(c.__name__ == "Functional" for c in type(model).__mro__)
     layers = getattr(model, "layers", None) or []
-    if not layers:
-        return False
+    if not ordered or not layers:
+        return None
     last = layers[-1]
+    if isinstance(last, keras.Model):
+        return _last_is_softmax(last)
     if isinstance(last, keras.layers.Softmax):
         return True
     act = getattr(last, "activation", None)
@@ -347,21 +355,24 @@ def resolve_outputs(model, outputs: str | None, who: str = "CrestCallback") -> s
     fl = loss_facts(model)["from_logits"]
     if fl is not None:
         kind = "logits" if fl else "probabilities"
-        soft = _last_is_softmax(model)
+        soft = _last_is_softmax(model)  # None: not known (a subclassed model), so no warning either way
         if fl and soft:
             warnings.warn("the model's last layer is a softmax but its loss has from_logits=True; CREST takes the "
                           "outputs as logits (as the loss does). Pass outputs= to override.", stacklevel=3)
-        elif not fl and not soft and getattr(model, "layers", None):
+        elif not fl and soft is False:
             warnings.warn("the model's loss takes probabilities (from_logits=False, the default of Keras's "
                           "cross-entropies and their string names) but its last layer is no softmax; CREST takes "
                           "the outputs as probabilities, as the loss does. If they are logits, compile with "
                           "from_logits=True (or pass outputs='logits').", stacklevel=3)
         return kind
-    if _last_is_softmax(model):
+    soft = _last_is_softmax(model)
+    if soft:
         return "probabilities"
+    last = ("the last layer is no softmax" if soft is False else
+            "a subclassed model's last layer cannot be read from model.layers, whose order is the assignment's")
     raise ValueError(
         "cannot tell whether the model's last layer gives logits or probabilities (the loss is not a Keras "
-        f"cross-entropy with from_logits, and the last layer is no softmax): pass "
+        f"cross-entropy with from_logits, and {last}): pass "
         f"{who}(..., outputs='logits') or outputs='probabilities'"
     )
 
@@ -562,8 +573,12 @@ class KerasModelOps:
     # -- helpers --------------------------------------------------------------------------------
     def _check_out(self, out, k: int):
         if not hasattr(out, "shape"):
-            raise ValueError(f"the model must return one (batch, classes) output; got {type(out).__name__} "
-                             "(CREST needs a classifier with one output)")
+            inner = (f" with {len(out)} entr{'y' if len(out) == 1 else 'ies'} ({', '.join(map(repr, out))})"
+                     if isinstance(out, dict) else f" of {len(out)}" if isinstance(out, (list, tuple)) else "")
+            raise ValueError(f"the model must return one (batch, classes) output tensor; got a {type(out).__name__}"
+                             f"{inner} (CREST needs a classifier with one output: build the model with the logits "
+                             "or probabilities themselves as its output, e.g. keras.Model(inputs, logits), not in "
+                             "a dict or list)")
         shape = tuple(out.shape)
         if len(shape) != 2 or shape[0] != k:
             raise ValueError(f"the model must return (batch, classes) outputs; got shape {shape} for {k} examples")
@@ -858,13 +873,35 @@ class _TrainedSteps:
             w = w / w.size
         return _take(self.x, idx), self.y[idx], w.astype(np.float32)
 
-    def _idle_probe(self, m: int, refusal: str):
+    def _training_fetch(self) -> tuple[bool, str | None]:
+        """``(serve, loop)``: whether this fetch is one of the training fetches of the callback's own running
+        ``fit`` (the callback is in that fit, and the innermost Keras loop on this thread's stack is the
+        ``fit`` of its model), and the name of that innermost loop (``"fit"``, ``"evaluate"``,
+        ``"predict"`` or None: a user's look). The stack, not a flag alone, says it: a ``fit`` that raised
+        never calls ``on_train_end``, and fit's validation pass (``validation_data=crest.dataset``) runs
+        inside it."""
+        f = sys._getframe(2)
+        loop = owner = None
+        while f is not None:
+            if f.f_code.co_name in ("fit", "evaluate", "predict"):
+                obj = f.f_locals.get("self")
+                if isinstance(obj, keras.Model):
+                    loop, owner = f.f_code.co_name, obj
+                    break
+            f = f.f_back
+        return bool(self._fitting and loop == "fit" and owner is getattr(self, "_fit_model", None)), loop
+
+    def _idle_probe(self, m: int, refusal: str, loop: str | None):
         """Keras's build fetch (before on_train_begin; two calls when Keras fetches one batch ahead), or a
-        user's look outside any fit: a fixed shape probe of the first ``m`` examples, weight 0. More than two fetches
-        inside Keras's epochs (between the dataset's ``on_epoch_begin`` and ``on_epoch_end``) without the
-        callback's fit mean the dataset is being trained on without it: ``RuntimeError(refusal)`` rather
-        than probes."""
-        if self.dataset.in_epoch:  # fetched by a fit (a look outside one is the user's: never refused)
+        user's look outside any Keras loop: a fixed shape probe of the first ``m`` examples, weight 0. More
+        than two fetches inside Keras's epochs (between the dataset's ``on_epoch_begin`` and
+        ``on_epoch_end``) by a ``fit`` without the callback mean the dataset is being trained on without it,
+        and any fetch by ``evaluate`` or ``predict`` (also fit's validation pass) would score probes:
+        ``RuntimeError`` rather than probes."""
+        if loop in ("evaluate", "predict"):
+            raise RuntimeError(f"model.{loop} read this dataset (validation_data= it, or evaluate/predict on it): "
+                               + refusal)
+        if loop == "fit" and self.dataset.in_epoch:  # fetched by a fit without the callback (a look is the user's)
             self._idle_fetches += 1
             if self._idle_fetches > 2:
                 raise RuntimeError(refusal)
@@ -983,11 +1020,13 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
 
     # -- serving --------------------------------------------------------------------------------
     def _serve(self, index):
-        if not self._fitting:
+        serve, loop = self._training_fetch()
+        if not serve:
             return self._idle_probe(self.config.m, (
-                "crest.dataset serves CREST's batches only inside model.fit(crest.dataset, callbacks=[crest]): "
-                "it was iterated without the CrestCallback (add it to fit's callbacks; model.evaluate and "
-                "model.predict cannot read it: evaluate on your own arrays, e.g. model.evaluate(x, y))"))
+                "crest.dataset serves CREST's batches only to the training steps of model.fit(crest.dataset, "
+                "callbacks=[crest]) (without the CrestCallback, add it to fit's callbacks; model.evaluate, "
+                "model.predict and fit's validation cannot read it: use your own arrays, e.g. "
+                "model.evaluate(x, y), validation_data=(x_val, y_val))"), loop)
         for e in self._queue:
             if not e.served:
                 e.served = True
@@ -1058,6 +1097,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         if self.epochs is None and planned:
             self.epochs = int(planned)
         self._fitting = True
+        self._fit_model = model  # (self.model inside a JAX step would sync the trainer's detached state)
         self._idle_fetches = 0
 
     def on_train_batch_begin(self, batch, logs=None):
@@ -1317,10 +1357,12 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
         return self.method in ("craig", "gradmatch", "glister", "prune")
 
     def _serve(self, index=None):
-        if not self._fitting:
-            return self._idle_probe(self.m, "sub.dataset serves the baseline's batches only inside "
-                                    "model.fit(sub.dataset, callbacks=[sub]): add the SubsetCallback to fit's callbacks "
-                                    "(model.evaluate and model.predict cannot read it: evaluate on your own arrays)")
+        serve, loop = self._training_fetch()
+        if not serve:
+            return self._idle_probe(self.m, "sub.dataset serves the baseline's batches only to the training steps of "
+                                    "model.fit(sub.dataset, callbacks=[sub]) (without the SubsetCallback, add it to "
+                                    "fit's callbacks; model.evaluate, model.predict and fit's validation cannot read "
+                                    "it: use your own arrays)", loop)
         idx, w = self.schedule.next_indices(self._position + len(self._queue), self.ops)
         self._queue.append((idx, w))
         return self._make(idx, w)
@@ -1347,6 +1389,7 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
             self.schedule.counters["train_examples"] -= int(idx.size)
         self._queue.clear()
         self._fitting = True
+        self._fit_model = model  # (self.model inside a JAX step would sync the trainer's detached state)
         self._idle_fetches = 0
 
     def on_train_batch_begin(self, batch, logs=None):

@@ -398,10 +398,42 @@ def test_build_fetch_is_a_probe_that_consumes_nothing():
     crest.dataset[3]
     crest.dataset.on_epoch_end()
     assert crest.controller_state.counters["train_steps"] == 0 and crest.position == 0
-    crest.dataset.on_epoch_begin()  # a fit without the callback: its fetches are refused after two
-    crest.dataset[0]  # a second probe: Keras fetching one batch ahead fetches twice to build
-    with pytest.raises(RuntimeError, match="without the CrestCallback"):
-        crest.dataset[0]
+    crest.dataset.on_epoch_begin()  # looks inside an epoch that no Keras loop runs (a fit that raised left
+    for _ in range(4):  # its epoch open): the user's, probes
+        assert not crest.dataset[0][2].any()
+    crest.dataset.on_epoch_end()
+    model = mlp(0)  # a fit without the callback: its fetches are refused after two (Keras fetching one
+    with pytest.raises(RuntimeError, match="without the CrestCallback"):  # batch ahead fetches twice to build)
+        model.fit(crest.dataset, epochs=1, verbose=0)
+    for loop in (model.evaluate, model.predict):  # evaluate and predict: refused at once
+        with pytest.raises(RuntimeError, match=f"model.{loop.__name__} read this dataset"):
+            loop(crest.dataset, verbose=0)
+    assert crest.controller_state.counters["train_steps"] == 0 and crest.position == 0
+
+
+def test_fits_validation_pass_and_a_look_after_a_fit_that_raised_take_no_batch():
+    """fit(..., validation_data=crest.dataset) is refused (its validation pass took the controller's next
+    batches, and on_train_batch_end then recorded the wrong ones as trained: 5 of 15 right); after a fit
+    that raised (no on_train_end), a look at crest.dataset is a probe, not the next batch."""
+    X, y = digits()
+    crest = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=0)
+    model = mlp(0)
+    with pytest.raises(RuntimeError, match="model.evaluate read this dataset"):
+        model.fit(crest.dataset, epochs=2, callbacks=[crest], validation_data=crest.dataset, verbose=0)
+    assert crest.controller_state.counters["train_steps"] == crest.position == crest.steps_per_epoch
+
+    class Boom(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 1:
+                raise KeyboardInterrupt  # Ctrl-C in a notebook: Keras calls no on_train_end
+
+    crest = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(crest.dataset, epochs=1, callbacks=[crest, Boom()], verbose=0)
+    handed = crest.controller_state.counters["train_steps"]
+    for _ in range(3):
+        assert not crest.dataset[0][2].any()  # weight 0: a probe
+    assert crest.controller_state.counters["train_steps"] == handed
 
 
 def test_batches_fetched_ahead_are_each_trained_once_in_order(monkeypatch):
@@ -1177,3 +1209,45 @@ def test_the_anchor_statistics_survive_a_checkpoint():
     for k, v in saved["anchor_stats"].items():
         np.testing.assert_array_equal(again.ops._anchor[int(k)], v)
     again.on_train_end()
+
+
+def test_a_subclassed_models_last_layer_is_not_guessed_from_its_layer_list():
+    """model.layers of a subclassed model is in assignment order: a softmax head created before a hidden
+    layer read as 'no softmax', and the warning told a correct probability model to compile with
+    from_logits=True (review). Now no guess: the loss decides, and without a Keras cross-entropy the
+    callback asks for outputs=."""
+    from crestcore.adapters.keras import resolve_outputs
+
+    class HeadFirst(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.head = keras.layers.Dense(3, activation="softmax")
+            self.hidden = keras.layers.Dense(8)
+
+        def call(self, x):
+            return self.head(self.hidden(x))
+
+    model = HeadFirst()
+    model(np.zeros((2, 4), np.float32))
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_outputs(model, None) == "probabilities"
+    model.compile(optimizer="sgd", loss=lambda y, p: keras.ops.mean(p))
+    with pytest.raises(ValueError, match="subclassed model's last layer cannot be read"):
+        resolve_outputs(model, None)
+    seq = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    seq.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    with pytest.warns(UserWarning, match="last layer is no softmax"):  # a Sequential's order is known
+        resolve_outputs(seq, None)
+
+
+def test_a_model_whose_one_output_is_in_a_dict_is_told_how_to_build_it():
+    inp = keras.Input((4,))
+    model = keras.Model(inp, {"main": keras.layers.Dense(3)(inp)})
+    model.compile(optimizer="sgd", loss={"main": keras.losses.SparseCategoricalCrossentropy(from_logits=True)})
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(64, 4)).astype("float32"), np.arange(64) % 3
+    crest = CrestCallback(X, y, config=CrestConfig(m=8), budget=0.5, seed=0)
+    with pytest.raises(ValueError, match=r"got a dict with 1 entry \('main'\).*keras.Model\(inputs, logits\)"):
+        model.fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
