@@ -821,7 +821,9 @@ def _training_data(x, y, labels, measure_x, outputs, m: int):
                          f"{len(y)} target arrays: CREST selects for a model with one classification output")
     y = _host(y, "y")
     if y.shape[0] != n:
-        raise ValueError(f"x has {n} examples but y has {y.shape[0]}")
+        rows = (f" (x is a {type(x).__name__} of {len(x)} arrays, read as {len(x)} model inputs as Keras reads it: "
+                "for one input, pass np.stack(x))" if isinstance(x, (list, tuple)) and len(x) == y.shape[0] else "")
+        raise ValueError(f"x has {n} examples but y has {y.shape[0]}{rows}")
     if labels is None:
         lab = labels_from_targets(y)
     else:

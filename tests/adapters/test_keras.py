@@ -1251,3 +1251,9 @@ def test_a_model_whose_one_output_is_in_a_dict_is_told_how_to_build_it():
     crest = CrestCallback(X, y, config=CrestConfig(m=8), budget=0.5, seed=0)
     with pytest.raises(ValueError, match=r"got a dict with 1 entry \('main'\).*keras.Model\(inputs, logits\)"):
         model.fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
+
+
+def test_a_list_of_rows_as_x_is_told_to_stack_them():
+    x, y = np.zeros((20, 3), np.float32), np.arange(20) % 2
+    with pytest.raises(ValueError, match=r"x is a list of 20 arrays, read as 20 model inputs.*np.stack\(x\)"):
+        CrestCallback([r for r in x], y)
