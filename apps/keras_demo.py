@@ -40,7 +40,7 @@ import numpy as np
 
 from .train_demo import (
     TrainSettings, crest_config, eval_steps, finish_comparison, format_table, load_arrays, make_figures,
-    methods_to_run, relative_error, selects, start_comparison,
+    methods_to_run, relative_error, selects, start_comparison, warm_selection_kernels,
 )
 
 #: the methods the Keras comparison trains: the PyTorch demo's (its default four unless asked)
@@ -408,6 +408,7 @@ def run_keras_comparison(
                            f"{s.epochs} epochs of full data, budget {s.budget:g}, seed {s.seed}, device {s.device}",
                            print_fn)
     n = int(data[0].shape[0])
+    warm_selection_kernels(methods, print_fn)
     records = {}
     for mth in methods:
         records[mth] = train_keras_method(mth, data, s, backend=backend, progress=progress, desc=f"{mth:<10}")
