@@ -69,7 +69,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-import torch
+
+try:
+    import torch
+except ImportError as exc:  # pragma: no cover - depends on what is installed
+    raise ImportError("crestcore.adapters.baselines needs PyTorch: pip install 'crestcore[torch]'") from exc
 from torch import nn
 from torch.utils.data import TensorDataset
 

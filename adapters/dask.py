@@ -264,7 +264,12 @@ def facility_location(X, k, *, labels=None, client=None, partitions=None, seed=0
     >>> one.indices.tolist() == crestcore.facility_location(X, 2).indices.tolist()
     True
     """
-    import dask.array as da
+    try:
+        import dask.array as da
+        import distributed  # noqa: F401  (the client, the scheduler)
+    except ImportError as exc:
+        raise ImportError(f"crestcore.adapters.dask needs dask.distributed ({exc}): pip install "
+                          "'crestcore[dask]'") from exc
 
     options = _check_options(dict(options))
     is_dask = isinstance(X, da.Array)

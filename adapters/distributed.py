@@ -50,7 +50,11 @@ from pathlib import Path
 from collections.abc import Callable
 
 import numpy as np
-import torch
+
+try:
+    import torch
+except ImportError as exc:  # pragma: no cover - depends on what is installed
+    raise ImportError("crestcore.adapters.distributed needs PyTorch: pip install 'crestcore[torch]'") from exc
 import torch.distributed as dist
 from torch import nn
 

@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a benchmark from the source checkout (e.g. `crest bench selection`, `crest bench e2e`)",
         description="Run benchmarks/NAME.py from the source checkout, passing the remaining arguments on.",
     )
-    bench.add_argument("name", help="benchmark name, e.g. 'selection' for benchmarks/selection.py")
+    bench.add_argument("name", nargs="?", help="benchmark name, e.g. 'selection' for benchmarks/selection.py")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     return parser
 
@@ -238,7 +238,9 @@ def _cmd_training_demo(ns: argparse.Namespace) -> int:
                 n_train=ns.limit_train, n_test=ns.limit_test,
             )
         except ImportError as exc:
-            _err(f"{exc}; the Keras demo needs Keras 3: pip install 'crestcore[keras,torch,demo]'")
+            extra = "keras-jax,demo" if backend == "jax" else "keras,torch,demo"
+            _err(f"{exc}; the Keras demo on its {backend} backend needs Keras 3 and {backend}: pip install "
+                 f"'crestcore[{extra}]'")
             return 1
         return 0
     try:
@@ -335,11 +337,12 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
 
     bdir = _source_benchmarks()
     script = bdir / f"{ns.name}.py"
-    if not script.is_file():
+    if ns.name is None or not script.is_file():
         if bdir.is_dir():
             names = sorted(p.stem for p in bdir.glob("*.py") if not p.name.startswith("_"))
             known = f"available here: {', '.join(names)}" if names else "none written yet"
-            _err(f"no benchmark {ns.name!r}: {script} does not exist ({known}); "
+            _err((f"no benchmark {ns.name!r}: {script} does not exist" if ns.name is not None else
+                  "name a benchmark: crest bench NAME [ARGS...]") + f" ({known}); "
                  "benchmarks run from a source checkout with `make bench`")
         else:
             _err(_no_checkout_message(bdir))

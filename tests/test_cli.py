@@ -94,6 +94,12 @@ def test_bench_without_benchmarks(tmp_path, monkeypatch, capsys):
     assert "benchmarks: not installed" in capsys.readouterr().out
 
 
+def test_bench_without_a_name_lists_the_benchmarks(capsys):
+    assert cli.main(["bench"]) == 1  # argparse called the optional arguments required before
+    err = capsys.readouterr().err
+    assert "name a benchmark: crest bench NAME" in err and "selection" in err
+
+
 def test_bench_finds_the_checkouts_benchmarks():
     """From the source checkout (apps/ next to benchmarks/) the lookup finds the real folder."""
     root = Path(__file__).resolve().parent.parent
