@@ -30,7 +30,7 @@ partitioning only, not on which worker ran what or on retries. ``partitions=1`` 
 :func:`crestcore.facility_location` itself on one worker (``rng=seed``): exactly the single-machine result.
 
 GreeDi's guarantee for ``m`` partitions is ``(1 - 1/e)^2 / min(m, k)`` of the optimum in the worst case;
-in practice it is close to centralized greedy (docs/benchmarks.md, S3).
+in practice it is close to centralized greedy (docs/benchmarks.md, S4).
 """
 
 from __future__ import annotations

@@ -47,6 +47,16 @@ def available() -> bool:
     return importlib.util.find_spec("faiss") is not None
 
 
+def _ties_by_index(D: np.ndarray, I: np.ndarray, similarity: bool) -> np.ndarray:
+    """Each row of a search result ``(D, I)`` reordered nearest first and, among equal distances (or
+    similarities), lowest index first, as the core's exact search orders them (faiss leaves ties in an
+    order of its own: for all-identical points under cosine, highest index first)."""
+    key = -D if similarity else D
+    o = np.argsort(I, axis=1, kind="stable")
+    o = np.take_along_axis(o, np.argsort(np.take_along_axis(key, o, axis=1), axis=1, kind="stable"), axis=1)
+    return np.take_along_axis(I, o, axis=1)
+
+
 def _drop_self(I: np.ndarray, K: int) -> np.ndarray:
     """From a (n, K + 1) result, each row's K neighbours other than the row itself (in order)."""
     n = I.shape[0]
@@ -123,7 +133,7 @@ def build(X, K: int, metric: str = "euclidean", *, method: str = "auto", seed: i
     if method == "exact":
         flat = faiss.IndexFlat(d, ftype)
         flat.add(A)
-        _, I = flat.search(A, kq)
+        D, I = flat.search(A, kq)
     else:
         nlist = max(1, min(n // 39, int(round(math.sqrt(n)))))
         quant = faiss.IndexFlat(d, ftype)
@@ -135,5 +145,6 @@ def build(X, K: int, metric: str = "euclidean", *, method: str = "auto", seed: i
         index.train(train)
         index.add(A)
         index.nprobe = min(nlist, int(nprobe))
-        _, I = index.search(A, kq)
-    return _drop_self(I.astype(np.int64), K), f"faiss-{method}"
+        D, I = index.search(A, kq)
+    I = _ties_by_index(D, I.astype(np.int64), ftype == faiss.METRIC_INNER_PRODUCT)
+    return _drop_self(I, K), f"faiss-{method}"

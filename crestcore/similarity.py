@@ -63,7 +63,7 @@ def _max_exponent(xp, dtype) -> int:
 
 
 def rescale_exponent(xp, *arrays, amax: float | None = None) -> int:
-    """0 when ``max|A|`` over the (finite) ``arrays`` lies in ``[2^-R, 2^R]`` (``R`` a quarter of the
+    """0 when ``max|A|`` over the (finite) ``arrays`` lies in ``[2^-(R+1), 2^R)`` (``R`` a quarter of the
     dtype's exponent range: 32 for float32, 256 for float64), so squares and Gram sums of the data can
     neither overflow nor underflow; otherwise the ``e`` with ``max|A| = f 2^e``, ``f`` in [0.5, 1).
     Dividing by ``2^e`` (:func:`pow2_scale`) then brings the data into [0.5, 1) exactly.

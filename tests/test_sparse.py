@@ -417,3 +417,18 @@ def test_an_unsigned_graph_entry_beyond_n_is_refused_not_wrapped():
     ok = g.copy()
     ok[5, 0] = 4
     assert np.asarray(crestcore.facility_location(X, 2, neighbors=ok).indices).size == 2
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_the_faiss_graph_orders_tied_neighbours_by_index_like_the_exact_search(metric):
+    """All-identical points: every distance ties; faiss returned them highest index first under cosine, so
+    the picks were [1, 0, 2, 3] against the documented lowest index first (review)."""
+    pytest.importorskip("faiss")
+    from crestcore.backends import knn
+    from crestcore.sparse import exact_knn
+
+    X = np.ones((10, 3))
+    nbr, how = knn.build(X, 3, metric)
+    np.testing.assert_array_equal(nbr, exact_knn(np, X, 3, metric))
+    sel = crestcore.facility_location(X, 4, metric=metric, neighbors=3)
+    assert "faiss" in sel.plan and np.asarray(sel.indices).tolist() == [0, 1, 2, 3]
