@@ -52,6 +52,17 @@ from .torch import CrestLoader, check_loader_arguments, check_map_style
 __all__ = ["CrestCallback"]
 
 
+def _check_accumulation(trainer) -> None:
+    accumulate = getattr(trainer, "accumulate_grad_batches", 1)
+    if accumulate != 1:
+        raise ValueError(
+            f"CrestCallback needs Trainer(accumulate_grad_batches=1), got {accumulate!r} (also when a "
+            "GradientAccumulationScheduler sets it): CREST's batches are the optimizer's mini-batches (its budget "
+            "counts them as steps and its trust check expects the parameters to move at each); for a larger "
+            "effective batch raise CrestConfig(m=...)"
+        )
+
+
 class _CrestTrainLoader:
     """What ``trainer.fit`` iterates: a thin view of the callback's loader (built at ``setup``).
 
@@ -214,13 +225,13 @@ class CrestCallback(pl.Callback):
                 "select and train the same batches, and the step count would be wrong. For several processes "
                 "use crestcore.adapters.distributed.DistributedCrestLoader in your own loop"
             )
-        accumulate = getattr(trainer, "accumulate_grad_batches", 1)
-        if accumulate != 1:
-            raise ValueError(
-                f"CrestCallback needs Trainer(accumulate_grad_batches=1), got {accumulate!r}: CREST's batches are "
-                "the optimizer's mini-batches (its budget counts them as steps and its trust check expects the "
-                "parameters to move at each); for a larger effective batch raise CrestConfig(m=...)"
-            )
+        _check_accumulation(trainer)
+        limit = getattr(trainer, "limit_train_batches", 1.0)
+        if limit not in (None, 1.0):
+            warnings.warn(
+                f"Trainer(limit_train_batches={limit!r}) cuts each epoch short of CREST's share (the budget sets "
+                "the steps per epoch): CREST's epochs then drift from Lightning's and none counts as finished; "
+                "leave it at 1.0 and set the budget instead", stacklevel=2)
         if self._kwargs["forward"] is None and type(pl_module).forward in (pl.LightningModule.forward,
                                                                            torch.nn.Module.forward):
             raise ValueError(
@@ -228,9 +239,11 @@ class CrestCallback(pl.Callback):
                 "forward(): define forward, or pass CrestCallback(forward=lambda module, batch: "
                 "module.net(batch[0])) with the call your training_step makes"
             )
-        # every fit is a new CREST run, as every Trainer.fit starts at epoch 0: a finished loader kept from
-        # an earlier fit would hand out nothing. A fit with ckpt_path restores the run's state after this
-        # (load_state_dict) and continues it.
+        # every fit is a new CREST run over the epochs it trains: a finished loader kept from an earlier fit
+        # would hand out nothing. A Trainer fitted before starts at its current epoch (a continued fit trains
+        # only the epochs up to max_epochs); a fit with ckpt_path restores the run's state after this
+        # (load_state_dict, with the epoch its run started at) and continues it.
+        epoch0 = int(getattr(trainer, "current_epoch", 0) or 0)
         epochs = self.epochs
         if epochs is None:
             epochs = trainer.max_epochs
@@ -239,6 +252,9 @@ class CrestCallback(pl.Callback):
                     "CrestCallback needs the number of epochs the budget is a fraction of: set "
                     "Trainer(max_epochs=...) or CrestCallback(epochs=...)"
                 )
+            epochs -= epoch0
+            if epochs < 1:  # the Trainer has trained its max_epochs: this fit trains nothing, keep the record
+                return
         most = trainer.max_epochs
         if self.epochs is not None and most is not None and most >= 1 and int(most) != int(epochs):
             warnings.warn(
@@ -250,34 +266,64 @@ class CrestCallback(pl.Callback):
                    f"the fit ends after {most} epochs with {epochs - most} epochs of the budget untrained")
                 + "; leave epochs=None to take max_epochs", stacklevel=2)
         self.loader = CrestLoader(pl_module, self.dataset, epochs=int(epochs), per_epoch=True, **self._kwargs)
+        self._epoch0 = epoch0
         if self._pending is not None:
             state, self._pending = self._pending, None
+            self._epoch0 = int(state.pop("lightning_epoch0", 0))
             self.loader.load_state_dict(state)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._last_position = self._require_loader().position
+        self._warned_used = False
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         loader = self._require_loader()
-        if trainer.current_epoch < loader.epochs:
-            loader.set_epoch(trainer.current_epoch)
+        e = trainer.current_epoch - getattr(self, "_epoch0", 0)
+        if 0 <= e < loader.epochs:
+            loader.set_epoch(e)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        _check_accumulation(trainer)  # a GradientAccumulationScheduler sets it at each epoch's start
+        loader = self._require_loader()
+        if loader.position == getattr(self, "_last_position", -1):
+            raise RuntimeError(
+                "CrestCallback: this batch did not come from CREST's loader (its position did not move): the "
+                "Trainer trains on another dataloader (a LightningDataModule's or the module's own "
+                "train_dataloader?). Pass train_dataloaders=crest.dataloader() to fit, or return "
+                "crest.dataloader() from train_dataloader()")
+        self._last_position = loader.position
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if isinstance(outputs, dict) and self.losses_key in outputs and self.loader is not None:
             self.loader.observe(outputs[self.losses_key])
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if not self.log_stats or self.loader is None:
+        if self.loader is None:
             return
-        pl_module.log_dict(scalars(self.loader.stats), on_step=False, on_epoch=True)
+        loader = self.loader
+        unbounded = trainer.max_epochs is None or trainer.max_epochs < 0
+        if unbounded and loader.position >= loader.total_steps and not trainer.should_stop:
+            # every later epoch would be empty: with max_steps and no max_epochs the fit would never end
+            warnings.warn(f"CrestCallback: all {loader.total_steps} planned steps ({loader.epochs} epochs) are "
+                          f"trained at global step {trainer.global_step}; stopping the fit (max_steps="
+                          f"{trainer.max_steps} cannot be reached)", stacklevel=2)
+            trainer.should_stop = True
+        if not self.log_stats:
+            return
+        pl_module.log_dict(scalars(loader.stats), on_step=False, on_epoch=True)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         if self.loader is not None:
-            return self.loader.state_dict()
+            return {**self.loader.state_dict(), "lightning_epoch0": int(getattr(self, "_epoch0", 0))}
         return dict(self._pending) if self._pending is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
         if self.loader is not None:
-            self.loader.load_state_dict(state_dict)
+            state = dict(state_dict)
+            self._epoch0 = int(state.pop("lightning_epoch0", 0))
+            self.loader.load_state_dict(state)
         else:
             self._pending = dict(state_dict)

@@ -141,6 +141,19 @@ class TensorBoardWriter:
         for tag, v in values.items():
             self.writer.add_scalar(tag, v, step)
 
+    def flush(self) -> None:
+        """Write the pending events to disk (the writer's ``flush``, where it has one)."""
+        f = getattr(self.writer, "flush", None)
+        if callable(f):
+            f()
+
+    def close(self) -> None:
+        """Flush and close the writer (one log directory per run: a second run through the same writer
+        would draw its ``crest/*`` curves on the first one's charts)."""
+        f = getattr(self.writer, "close", None)
+        if callable(f):
+            f()
+
 
 class WandbWriter:
     """Logs every event's scalars to Weights & Biases: ``run`` is a ``wandb`` run (default

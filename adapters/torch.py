@@ -1553,7 +1553,12 @@ class CrestLoader(BudgetedPasses):
                           "rho": [checks[-1][1]] if len(checks) else [], "T1": st.T1, "P": st.P,
                           "pool": pool_size(st.drop), "budget": self._budget_report()})
         for listener in self._listeners:
-            listener(event, self._position, values)
+            try:
+                listener(event, self._position, values)
+            except Exception as exc:  # a logger's failure must not cost the run its batch or other listeners
+                warnings.warn(f"crestcore: the listener {listener!r} raised {type(exc).__name__}: {exc} at the "
+                              f"{event!r} event of step {self._position}; the run and the other listeners go on",
+                              RuntimeWarning, stacklevel=2)
 
     def _on_epoch_done(self) -> None:
         self._emit("epoch")
@@ -1714,8 +1719,12 @@ class CrestLoader(BudgetedPasses):
         crest = _common.restore_controller(_from_portable(state["crest"]), self.labels, self.ops.params())
         pos = state.get("position")
         if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or not 0 <= int(pos) <= self.total_steps:
+            saved = state.get("epochs")
+            more = (f": the state was saved by a run planned for {saved} epochs, this loader plans {self.epochs} "
+                    f"(epochs=, or Trainer(max_epochs=) with Lightning; it may grow, not shrink)"
+                    if isinstance(saved, (int, np.integer)) and saved != self.epochs else "")
             raise ValueError(f"CrestLoader state dict: position must be an integer in [0, {self.total_steps}] "
-                             f"(the planned steps), got {pos!r}")
+                             f"(the planned steps), got {pos!r}{more}")
         pos = int(pos)
         where = f"{type(self).__name__} state dict"
         pending = _common.stored_batches(state.get("pending", []), self.n, where, "pending", convert=_from_portable)

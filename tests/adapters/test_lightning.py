@@ -259,3 +259,52 @@ def test_gradient_accumulation_and_a_module_without_forward_are_refused_at_setup
     t = trainer(tmp_path, 1, cb)
     t.fit(NoForward(), train_dataloaders=cb.dataloader())
     assert t.global_step == cb.stats["step"] > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# settings that slipped past setup (review)
+# ------------------------------------------------------------------------------------------------
+def test_an_accumulation_scheduler_and_another_dataloader_are_refused(tmp_path):
+    """A GradientAccumulationScheduler sets accumulate_grad_batches at each epoch's start, after setup's
+    check (9 CREST batches, 3 optimizer steps); a fit training on another dataloader trained the full data
+    while CREST reported step 0."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    cb = CrestCallback(data(), **CFG)
+    t = pl.Trainer(max_epochs=3, callbacks=[cb, GradientAccumulationScheduler({0: 3})], logger=False,
+                   enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                   default_root_dir=tmp_path, accelerator="cpu")
+    with pytest.raises(ValueError, match=r"accumulate_grad_batches=1\), got 3.*GradientAccumulationScheduler"):
+        t.fit(Module(), train_dataloaders=cb.dataloader())
+    cb = CrestCallback(data(), **CFG)
+    own = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data().tensors, torch.ones(N)), batch_size=24)
+    with pytest.raises(RuntimeError, match="did not come from CREST's loader"):
+        trainer(tmp_path, 3, cb).fit(Module(), train_dataloaders=own)
+
+
+def test_max_steps_beyond_the_plan_stops_instead_of_looping(tmp_path):
+    cb = CrestCallback(data(), epochs=2, **CFG)
+    t = pl.Trainer(max_steps=10, max_epochs=-1, callbacks=[cb], logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                   accelerator="cpu")
+    with pytest.warns(UserWarning, match="all 6 planned steps .* stopping the fit"):
+        t.fit(Module(), train_dataloaders=cb.dataloader())
+    assert t.global_step == 6 == cb.stats["step"] and t.current_epoch <= 3
+
+
+def test_continuing_a_fitted_trainer_plans_only_the_epochs_it_trains(tmp_path):
+    """Raising max_epochs from 3 to 5 and fitting again trains epochs 3 and 4: a new run of 2 epochs (it
+    was planned for 5 and took the shares of epochs 3 and 4: 6 of 15 steps, fraction 0.12 of a 0.3
+    budget); fitting a finished Trainer again trains nothing and keeps the record."""
+    cb = CrestCallback(data(), **CFG)
+    module = Module()
+    t = trainer(tmp_path, 3, cb)
+    t.fit(module, train_dataloaders=cb.dataloader())
+    first = cb.stats
+    t.fit(module, train_dataloaders=cb.dataloader())  # max_epochs reached: Lightning trains nothing
+    assert t.global_step == 9 and cb.stats["step"] == first["step"] == 9
+    assert cb.stats["selections"] == first["selections"]
+    t.fit_loop.max_epochs = 5
+    t.fit(module, train_dataloaders=cb.dataloader())
+    assert t.global_step == 15 and cb.loader.epochs == 2 and cb.stats["step"] == cb.loader.total_steps == 6
+    assert cb.stats["budget"]["fraction_steps"] == pytest.approx(0.3, abs=0.05)

@@ -177,3 +177,40 @@ def test_events_cost_the_same_late_in_a_long_run(monkeypatch):
     assert seen[-1][1] == scalars(loader.stats)
     rhos = [v["crest/rho"] for e, v in seen if e == "check"]
     assert rhos == [c["rho"] for c in loader.stats["checks"]]
+
+
+def test_a_listener_that_raises_costs_no_batch_and_no_other_listener_its_event():
+    class Broken:
+        def __call__(self, event, step, values):
+            raise OSError("disk full")
+
+    rec = Recorder()
+    model, loader = setup(callbacks=[Broken(), rec])
+    with pytest.warns(RuntimeWarning, match="listener .* raised OSError: disk full"):
+        train(model, loader)
+    st = loader.stats
+    assert st["step"] == st["counters"]["train_steps"] == loader.total_steps
+    assert [e for e, _, _ in rec.calls].count("selection") == len(st["selections"])
+
+
+def test_the_tensorboard_writer_flushes_and_closes_its_writer():
+    class Writer:
+        def __init__(self):
+            self.calls = []
+
+        def add_scalar(self, tag, value, step):
+            self.calls.append("add")
+
+        def flush(self):
+            self.calls.append("flush")
+
+        def close(self):
+            self.calls.append("close")
+
+    w = Writer()
+    tb = TensorBoardWriter(w)
+    tb("check", 3, {"crest/rho": 0.1})
+    tb.flush()
+    tb.close()
+    assert w.calls == ["add", "flush", "close"]
+    TensorBoardWriter(type("AddOnly", (), {"add_scalar": lambda self, *a: None})()).close()  # nothing to close
