@@ -265,12 +265,12 @@ class CrestCallback(pl.Callback):
                    f"{epochs / most:.0%} of its schedule" if most > epochs else
                    f"the fit ends after {most} epochs with {epochs - most} epochs of the budget untrained")
                 + "; leave epochs=None to take max_epochs", stacklevel=2)
+        self._module, self._max_epochs = pl_module, trainer.max_epochs
         self.loader = CrestLoader(pl_module, self.dataset, epochs=int(epochs), per_epoch=True, **self._kwargs)
         self._epoch0 = epoch0
         if self._pending is not None:
             state, self._pending = self._pending, None
-            self._epoch0 = int(state.pop("lightning_epoch0", 0))
-            self.loader.load_state_dict(state)
+            self._load(state)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._last_position = self._require_loader().position
@@ -322,8 +322,20 @@ class CrestCallback(pl.Callback):
         if not state_dict:
             return
         if self.loader is not None:
-            state = dict(state_dict)
-            self._epoch0 = int(state.pop("lightning_epoch0", 0))
-            self.loader.load_state_dict(state)
+            self._load(dict(state_dict))
         else:
             self._pending = dict(state_dict)
+
+    def _load(self, state: dict) -> None:
+        """Restore a checkpoint into the loader built at setup. A run that started at a later epoch (a
+        continued fit, ``lightning_epoch0``) plans the epochs from there to max_epochs: the loader is
+        rebuilt for them first (one planned from epoch 0 would have grown the run's budget)."""
+        epoch0 = int(state.pop("lightning_epoch0", 0))
+        if epoch0 != getattr(self, "_epoch0", 0) and self.epochs is None and getattr(self, "_max_epochs", None):
+            epochs = int(self._max_epochs) - epoch0
+            if epochs < 1:
+                raise ValueError(f"CrestCallback: the checkpoint's CREST run started at epoch {epoch0}, at or "
+                                 f"beyond Trainer(max_epochs={self._max_epochs}): raise max_epochs")
+            self.loader = CrestLoader(self._module, self.dataset, epochs=epochs, per_epoch=True, **self._kwargs)
+        self._epoch0 = epoch0
+        self.loader.load_state_dict(state)

@@ -142,14 +142,37 @@ class TensorBoardWriter:
             self.writer.add_scalar(tag, v, step)
 
     def flush(self) -> None:
-        """Write the pending events to disk (the writer's ``flush``, where it has one)."""
+        """Write the pending events to disk (the writer's ``flush``, where it has one).
+
+        Examples
+        --------
+        >>> class Writer:
+        ...     def add_scalar(self, tag, value, step):
+        ...         pass
+        ...     def flush(self):
+        ...         print("flushed")
+        >>> TensorBoardWriter(Writer()).flush()
+        flushed
+        """
         f = getattr(self.writer, "flush", None)
         if callable(f):
             f()
 
     def close(self) -> None:
         """Flush and close the writer (one log directory per run: a second run through the same writer
-        would draw its ``crest/*`` curves on the first one's charts)."""
+        would draw its ``crest/*`` curves on the first one's charts). A writer without ``close`` is left
+        as it is.
+
+        Examples
+        --------
+        >>> class Writer:
+        ...     def add_scalar(self, tag, value, step):
+        ...         pass
+        ...     def close(self):
+        ...         print("closed")
+        >>> TensorBoardWriter(Writer()).close()
+        closed
+        """
         f = getattr(self.writer, "close", None)
         if callable(f):
             f()

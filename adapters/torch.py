@@ -101,7 +101,12 @@ def _as_labels(lab, n: int, what: str) -> np.ndarray:
         except (TypeError, ValueError) as exc:  # e.g. a `labels` attribute holding class names
             raise type(exc)(f"{what}: {exc} (pass labels=, one class index per example, to override; "
                             "crest_labels= on CrestTrainer)") from None
-    lab = np.asarray(lab)
+    try:
+        lab = np.asarray(lab)
+    except ValueError as exc:  # ragged rows: per-token labels of different lengths
+        raise ValueError(f"{what} does not hold one class index per example ({exc}): {_ONE_LABEL}") from None
+    if lab.dtype == object and lab.ndim == 1 and any(isinstance(v, (list, tuple, np.ndarray)) for v in lab[:64]):
+        raise ValueError(f"{what} holds sequences, not one class index per example: {_ONE_LABEL}")
     if lab.ndim == 2 and lab.shape == (n, 1):  # a column of class indices
         lab = lab[:, 0]
     if lab.ndim != 1 or lab.shape[0] != n:
@@ -146,7 +151,8 @@ def _label_column(dataset) -> str | None:
     fmt = getattr(dataset, "format", None)
     if not isinstance(fmt, dict) or fmt.get("type") == "custom":  # a transform may change the labels
         return None
-    return next((k for k in _LABEL_KEYS if k in dataset.column_names), None)
+    shown = fmt.get("columns")  # a format showing some columns only: the items carry those
+    return next((k for k in _LABEL_KEYS if k in dataset.column_names and (shown is None or k in shown)), None)
 
 
 def _label_attribute(dataset) -> str | None:
@@ -552,6 +558,26 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 
 
 _LABEL_KEYS = ("labels", "label", "label_ids")
+
+
+def _explains(out: torch.Tensor, z: torch.Tensor) -> bool:
+    """Whether the logits ``z`` are the layer output ``out`` changed by an offset per row (as log-softmax
+    does) or by a scale and an offset per column (a temperature, a learned bias), to the rounding of the
+    output's dtype, on a batch of at least three rows."""
+    if out.shape != z.shape or out.shape[0] < 3:
+        return False
+    tol = 1e-2 if out.dtype in (torch.float16, torch.bfloat16) else 1e-5
+    with torch.no_grad():
+        o, zz = out.detach().double(), z.detach().double()
+        scale = float(zz.abs().max().clamp_min(1e-30))
+        d = zz - o
+        if float((d - d.mean(dim=1, keepdim=True)).abs().max()) <= tol * scale:
+            return True
+        oc, zc = o - o.mean(dim=0), zz - zz.mean(dim=0)
+        if bool((oc.abs().amax(dim=0) == 0).any()):  # a constant output column explains nothing
+            return False
+        a = (oc * zc).sum(dim=0) / (oc * oc).sum(dim=0)
+        return bool((a != 0).all()) and float((zc - a * oc).abs().max()) <= tol * scale
 
 
 def _named_logits(out):
@@ -965,21 +991,20 @@ class TorchModelOps:
                 "forward=lambda model, batch: torch.cat([torch.zeros_like(z := model(batch[0])), z], 1), whose "
                 "cross-entropy is the binary cross-entropy of z"
             )
-        if not getattr(self, "_outputs_looked_at", False):
-            self._outputs_looked_at = True
-            self._warn_if_probabilities(out)
         return _wide(out)
 
     @staticmethod
-    def _warn_if_probabilities(out: torch.Tensor) -> None:
+    def _warn_if_probabilities(out: torch.Tensor, dtype) -> None:
         """Warn when the first measured outputs look like probabilities (every row non-negative and summing
-        to 1) rather than logits: the softmax of probabilities is not the model's prediction, so the losses,
-        checks and selection features would all be wrong. Log-probabilities are fine (their softmax is p)."""
+        to 1, to the rounding of the model's dtype) rather than logits: the softmax of probabilities is not
+        the model's prediction, so the losses, checks and selection features would all be wrong.
+        Log-probabilities are fine (their softmax is p)."""
+        tol = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-3  # the model's dtype rounds the sums
         with torch.no_grad():
             z = out.detach().double()
-            if z.shape[0] < 2 or bool((z < 0).any()):
+            if bool((z < 0).any()):
                 return
-            if not bool(((z.sum(dim=1) - 1.0).abs() <= 1e-3).all()):
+            if not bool(((z.sum(dim=1) - 1.0).abs() <= tol).all()):
                 return
         warnings.warn(
             "crestcore: the model's outputs look like probabilities (every row of the first measured batch is "
@@ -1033,6 +1058,9 @@ class TorchModelOps:
                 embs.append(e)
         z = torch.cat(logits) if logits else torch.zeros(0, 0, device=dev)
         self._check_finite(z, "outputs")
+        if not getattr(self, "_outputs_looked_at", False) and z.shape[0] >= 2:
+            self._outputs_looked_at = True  # the first measured outputs of at least two rows, once
+            self._warn_if_probabilities(z, self._dtype())
         if not embeddings:
             return z
         e = torch.cat(embs).to(z.dtype)
@@ -1045,8 +1073,10 @@ class TorchModelOps:
         def hook(module, inputs, output):
             seen.append((module, inputs[0], output))
 
-        layers = [self._last_layer] if self._last_layer is not None else [
-            m for m in self.model.modules() if isinstance(m, nn.Linear)]
+        # the classifier is found once, at the first measurement (before training can move whatever changes
+        # the logits after it), and measured there from then on
+        chosen = self._last_layer if self._last_layer is not None else getattr(self, "_found_layer", None)
+        layers = [chosen] if chosen is not None else [m for m in self.model.modules() if isinstance(m, nn.Linear)]
         if not layers:
             raise ValueError("embeddings need an nn.Linear last layer and the model has none: pass last_layer= (an "
                              "nn.Linear of the model that maps to the logits), or use features from the logits alone: "
@@ -1060,10 +1090,10 @@ class TorchModelOps:
                 h.remove()
         if not seen:
             raise ValueError("the last linear layer was not called in the forward (pass last_layer=)")
-        if self._last_layer is not None:
+        if self._last_layer is not None or getattr(self, "_found_layer", None) is not None:
             _, e, _ = seen[-1]
         else:
-            e = self._classifier_input(seen, z)
+            e, self._found_layer = self._classifier_input(seen, z)
         if e.ndim != 2 or e.shape[0] != k:
             raise ValueError(
                 f"the last linear layer's input has shape {tuple(e.shape)}; embeddings must be (batch, h)"
@@ -1071,19 +1101,25 @@ class TorchModelOps:
         return z, e.detach()
 
     @staticmethod
-    def _classifier_input(seen, z: torch.Tensor) -> torch.Tensor:
-        """The input of the classifier among the ``nn.Linear`` calls ``seen`` in a forward that returned the
-        logits ``z``: the last call whose output is the logits as returned; else the last call, when it is
-        the only one mapping to as many features as ``z`` has (logits post-processed after it, e.g. scaled);
-        else an error asking for ``last_layer=`` (an auxiliary head, or a hidden layer of width C, would
-        otherwise pass silently)."""
+    def _classifier_input(seen, z: torch.Tensor) -> tuple[torch.Tensor, nn.Module]:
+        """The input of the classifier (and the classifier) among the ``nn.Linear`` calls ``seen`` in a
+        forward that returned the logits ``z``: the last call whose output is the logits as returned; else
+        the one call whose output explains them up to a row offset or a column scale and offset
+        (:func:`_explains`); else the last call, when it is the only one mapping to as many features as
+        ``z`` has; else an error asking for ``last_layer=`` (an auxiliary head, or a hidden layer of width
+        C, would otherwise pass silently)."""
         C = z.shape[1]
         fits = [(m, e, out) for m, e, out in seen if m.out_features == C]
-        exact = [e for _, e, out in fits if out.shape == z.shape and torch.equal(out.detach().to(z.dtype), z)]
+        exact = [(e, m) for m, e, out in fits if out.shape == z.shape and torch.equal(out.detach().to(z.dtype), z)]
         if exact:
             return exact[-1]
+        # logits changed after the classifier by an offset per row (log-softmax) or a scale and offset per
+        # column (a temperature, a learned bias): the one call whose output explains the logits so
+        explained = [(e, m) for m, e, out in fits if _explains(out, z)]
+        if len(explained) == 1:
+            return explained[0]
         if len(fits) == 1 and fits[0][0] is seen[-1][0] and fits[0][1] is seen[-1][1]:
-            return fits[0][1]
+            return fits[0][1], fits[0][0]
         if not fits or len(fits) == 1:
             raise ValueError(f"the last nn.Linear executed maps to {seen[-1][0].out_features} features but the model "
                              f"returns {C} logits; pass last_layer= (the classifier layer)")

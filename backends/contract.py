@@ -86,36 +86,46 @@ def snap_tolerance(eps: float) -> float:
 def exact_shift(xp, X, valid=None):
     """The translation the Gram-form distances take first, shape (..., 1, d): per problem (the leading
     axes of ``X`` (..., n, d); ``valid`` (..., n) marks its rows, default all), a coordinate whose values
-    all lie far from 0 (``|max| >= 4 (max - min)``) is shifted by its largest value, one of the data's own
-    numbers; every other coordinate by 0. Where it shifts, every value lies within a factor 2 of that value,
-    so ``X - shift`` is exact (Sterbenz's lemma; integer data stays integer, duplicates stay bit-identical,
-    a constant coordinate becomes exactly 0) and every point's coordinate gets smaller: ``|a|^2 + |b|^2 -
-    2 a.b`` then keeps the distances of a cloud far from the origin (100 +- 0.01 in float32: computed in
-    place, every distance in it cancelled to the zero-distance snap), and no point near the origin is moved
-    away from it (a mean shift of data with a tight mass at the origin, such as CREST's last-layer gradients
-    of well-learned examples, made that mass's distances cancel instead). Euclidean distances do not change
+    all lie far from 0 (``|s| >= 4 (max - min)``) is shifted by ``s``, the value of the data nearest to
+    the coordinate's mean (one of the data's own numbers); every other coordinate by 0. Where it shifts,
+    every value lies within a factor 2 of ``s``, so ``X - shift`` is exact (Sterbenz's lemma; integer data
+    stays integer, duplicates stay bit-identical, a constant coordinate becomes exactly 0) and every
+    point's coordinate gets smaller: ``|a|^2 + |b|^2 - 2 a.b`` then keeps the distances of a cloud far
+    from the origin (100 +- 0.01 in float32: computed in place, every distance in it cancelled to the
+    zero-distance snap), an outlier does not drag the cloud's shift away from it (as the largest value
+    would: a cloud at 1000 +- 1e-3 with one point at 1010), and no point near the origin is moved away
+    from it (a mean shift of data with a tight mass at the origin, such as CREST's last-layer gradients of
+    well-learned examples, made that mass's distances cancel instead). Euclidean distances do not change
     under a translation; cosine ones do, so it is for ``"euclidean"`` and ``"sqeuclidean"``.
 
     >>> import numpy as np
     >>> X = np.array([[1000.5, 2.0, 0.1], [1003.25, 2.0, -0.3], [999.0, 2.0, 0.2]])
     >>> exact_shift(np, X).tolist(), (X - exact_shift(np, X)).tolist()
-    ([[1003.25, 2.0, 0.0]], [[-2.75, 0.0, 0.1], [0.0, 0.0, -0.3], [-4.25, 0.0, 0.2]])
+    ([[1000.5, 2.0, 0.0]], [[0.0, 0.0, 0.1], [2.75, 0.0, -0.3], [-1.5, 0.0, 0.2]])
     """
     if X.shape[-2] == 0:
         return xp.zeros_like(X[..., :1, :])
     amax = getattr(xp, "amax", None) or xp.max  # torch.max with an axis returns (values, indices)
     amin = getattr(xp, "amin", None) or xp.min
+    inf, ninf = xp.full_like(X, math.inf), xp.full_like(X, -math.inf)
     if valid is None:
-        hi = amax(X, axis=-2, keepdims=True)
-        lo = amin(X, axis=-2, keepdims=True)
+        v = xp.ones_like(X, dtype=xp.bool)
+        mean = xp.mean(X, axis=-2, keepdims=True)
     else:
-        v = valid[..., None]
-        hi = amax(xp.where(v, X, xp.full_like(X, -math.inf)), axis=-2, keepdims=True)
-        lo = amin(xp.where(v, X, xp.full_like(X, math.inf)), axis=-2, keepdims=True)
-        some = xp.isfinite(hi) & xp.isfinite(lo)  # a problem without valid rows is not shifted
-        hi = xp.where(some, hi, xp.zeros_like(hi))
-        lo = xp.where(some, lo, xp.zeros_like(lo))
-    return xp.where(xp.abs(hi) >= 4.0 * (hi - lo), hi, xp.zeros_like(hi))
+        v = xp.broadcast_to(valid[..., None], X.shape)
+        w = xp.where(v, xp.ones_like(X), xp.zeros_like(X))
+        count = xp.sum(w, axis=-2, keepdims=True)
+        mean = xp.sum(X * w, axis=-2, keepdims=True) / xp.where(count > 0, count, xp.ones_like(count))
+    hi = amax(xp.where(v, X, ninf), axis=-2, keepdims=True)
+    lo = amin(xp.where(v, X, inf), axis=-2, keepdims=True)
+    above = amin(xp.where(v & (X >= mean), X, inf), axis=-2, keepdims=True)  # data values either side
+    below = amax(xp.where(v & (X <= mean), X, ninf), axis=-2, keepdims=True)  # of the mean, nearest it
+    use_above = xp.isfinite(above) & (~xp.isfinite(below) | (above - mean <= mean - below))
+    s = xp.where(use_above, above, below)
+    ok = xp.isfinite(s) & xp.isfinite(hi) & xp.isfinite(lo)  # (a problem without valid rows: no shift)
+    s = xp.where(ok, s, xp.zeros_like(s))
+    far = ok & (xp.abs(s) >= 4.0 * xp.where(ok, hi - lo, xp.zeros_like(hi)))
+    return xp.where(far, s, xp.zeros_like(s))
 
 
 def sample_sizes(sizes, budgets, epsilon: float) -> np.ndarray:

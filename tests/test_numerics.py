@@ -470,7 +470,7 @@ def test_a_constant_coordinate_changes_no_distance(case, constant):
 
 
 def test_the_shift_is_exact_and_leaves_a_mass_at_the_origin_where_it_is():
-    """exact_shift moves only coordinates whose values all lie far from 0 (|max| >= 4 (max - min)), by a
+    """exact_shift moves only coordinates whose values all lie far from 0 (|s| >= 4 (max - min)), by a
     value within a factor 2 of each of them, so X - shift is exact (checked with fractions over scales,
     offsets and dtypes); CREST's own features, last-layer gradients with a tight mass of well-learned
     examples at 0, are then left in place and torch picks what NumPy (direct differences) picks (a plain
@@ -501,3 +501,24 @@ def test_the_shift_is_exact_and_leaves_a_mass_at_the_origin_where_it_is():
     a = crestcore.facility_location(G, 60, labels=y)
     t = crestcore.facility_location(torch.from_numpy(G), 60, labels=torch.from_numpy(y))
     assert np.setdiff1d(np.asarray(a.indices), t.indices.numpy()).size <= 1
+
+
+@pytest.mark.parametrize("case", ["torch", "torch-matrix-free", "reference"])
+@pytest.mark.parametrize("side", [1.0, -1.0])
+def test_a_cloud_far_from_the_origin_with_an_outlier_selects_as_at_the_origin(case, side):
+    """The shift is the data value nearest the mean: the largest value (an outlier above the cloud) left
+    the float32 cloud 1000 +- 1e-3 a spread from the origin, where its distances cancelled (0 of 25
+    random cases right, review)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    far = (1000.0 + 1e-3 * rng.normal(size=(200, 2))).astype(np.float32)
+    far[-1] = 1000.0 + side * 10.0  # one outlier
+    base = far - np.float32(1000.0)  # exact (Sterbenz): one and the same cloud, at the origin
+    assert np.array_equal(base + np.float32(1000.0), far)
+
+    def run(X):
+        kw = {"torch-matrix-free": dict(max_dense_bytes=1000), "reference": dict(backend="reference")}.get(case, {})
+        sel = crestcore.facility_location(X if case == "reference" else torch.from_numpy(X), 8, **kw)
+        return np.asarray(sel.indices).tolist(), np.asarray(sel.weights).tolist()
+
+    assert run(far) == run(base)

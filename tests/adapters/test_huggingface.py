@@ -178,6 +178,12 @@ def test_a_datasets_datasets_labels_come_from_its_label_column_without_reading_r
     tokens = datasets.Dataset.from_dict({"input_ids": [[1, 2]] * 3, "labels": [[0, 1], [1, -100], [2, 2]]})
     with pytest.raises(ValueError, match="per-token or multi-label targets are not supported"):
         dataset_labels(tokens)
+    ragged = datasets.Dataset.from_dict({"input_ids": [[1, 2]] * 3, "labels": [[0], [1, -100], [2, 2, 1]]})
+    with pytest.raises(ValueError, match="not hold one class index per example.*per-token"):
+        dataset_labels(ragged)
+    hidden = data.with_format("torch", columns=["input_ids"])  # the items do not carry the label column
+    with pytest.warns(UserWarning, match="reading all 7"), pytest.raises(TypeError, match="none of the keys"):
+        dataset_labels(hidden)
 
 
 def test_the_sampler_with_plain_accelerate():

@@ -308,3 +308,23 @@ def test_continuing_a_fitted_trainer_plans_only_the_epochs_it_trains(tmp_path):
     t.fit(module, train_dataloaders=cb.dataloader())
     assert t.global_step == 15 and cb.loader.epochs == 2 and cb.stats["step"] == cb.loader.total_steps == 6
     assert cb.stats["budget"]["fraction_steps"] == pytest.approx(0.3, abs=0.05)
+
+
+def test_a_checkpoint_of_a_continued_fit_resumes_the_same_plan(tmp_path):
+    """A run that started at epoch 3 (a continued fit) keeps its 2-epoch plan when resumed in a fresh
+    Trainer(max_epochs=5) from its checkpoint (the loader was planned from epoch 0: 5 epochs, a budget
+    report of half the fraction)."""
+    cb = CrestCallback(data(), **CFG)
+    module = Module()
+    t = trainer(tmp_path, 3, cb)
+    t.fit(module, train_dataloaders=cb.dataloader())
+    t.fit_loop.max_epochs = 5
+    t.fit(module, train_dataloaders=cb.dataloader())
+    state = cb.state_dict()
+    assert state["lightning_epoch0"] == 3 and cb.loader.epochs == 2
+    fresh = CrestCallback(data(), **CFG)
+    fresh.load_state_dict(state)  # before setup, as Lightning may call it: kept until setup
+    fresh.setup(type("T", (), {"world_size": 1, "max_epochs": 5, "current_epoch": 0, "accumulate_grad_batches": 1,
+                               "limit_train_batches": 1.0})(), module, "fit")
+    assert fresh.loader.epochs == 2 and fresh.loader.position == cb.loader.position
+    assert fresh.stats["budget"]["fraction_steps"] == pytest.approx(cb.stats["budget"]["fraction_steps"])

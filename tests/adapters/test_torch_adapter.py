@@ -118,13 +118,37 @@ def test_embeddings_are_the_last_linear_layers_input():
     z, e = TorchModelOps(two, TensorDataset(X, y), forward=first).outputs(idx, embeddings=True)
     with torch.no_grad():
         torch.testing.assert_close(e, two.body[:-1](X[idx]))  # the classifier's input, not the aux head's
-    # logits scaled after the classifier and a second C-output layer: which one is the classifier is unknown
-    with pytest.raises(ValueError, match="2 nn.Linear calls .* none returns the logits"):
-        TorchModelOps(TwoHeads(2.0), TensorDataset(X, y), forward=first).outputs(idx, embeddings=True)
+    # logits scaled after the classifier (a temperature) and a second C-output layer: the classifier's
+    # output explains the logits up to a scale per column, the aux head's does not
     scaled = TwoHeads(2.0).eval()
+    got = TorchModelOps(scaled, TensorDataset(X, y), forward=first).outputs(idx, embeddings=True)[1]
+    with torch.no_grad():
+        torch.testing.assert_close(got, scaled.body[:-1](X[idx]))
+    # a nonlinear change after the classifier and a second C-output layer: which one is it is unknown
+    bent = (lambda m, b: torch.sin(m(b[0])[0]))
+    with pytest.raises(ValueError, match="2 nn.Linear calls .* none returns the logits"):
+        TorchModelOps(TwoHeads().eval(), TensorDataset(X, y), forward=bent).outputs(idx, embeddings=True)
     named = TorchModelOps(scaled, TensorDataset(X, y), forward=first, last_layer=scaled.body[-1])
     with torch.no_grad():
         torch.testing.assert_close(named.outputs(idx, embeddings=True)[1], scaled.body[:-1](X[idx]))
+    # the classifier is found at the first measurement and kept: a learned offset after it that training
+    # moves later (exact at 0, then only explained) changes nothing
+    class Offset(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.hidden_c = mlp(), nn.Linear(X.shape[1], C)  # a hidden layer as wide as the logits
+            self.offset = nn.Parameter(torch.zeros(C))
+
+        def forward(self, x):
+            return self.body(x + 0 * self.hidden_c(x).sum()) + self.offset
+
+    off = Offset().eval()
+    ops = TorchModelOps(off, TensorDataset(X, y))
+    first_e = ops.outputs(idx, embeddings=True)[1]
+    with torch.no_grad():
+        off.offset.add_(0.5)
+        torch.testing.assert_close(ops.outputs(idx, embeddings=True)[1], first_e)
+        torch.testing.assert_close(first_e, off.body[:-1](X[idx]))
     # logits scaled after the only C-output layer, the last executed: that layer is the classifier
     alone = nn.Sequential(mlp(), nn.Identity()).eval()
     only = TorchModelOps(alone, TensorDataset(X, y), forward=lambda m, b: m(b[0]) / 3.0)
@@ -188,6 +212,10 @@ def test_a_model_returning_probabilities_is_warned_about_once():
     ops = TorchModelOps(probs, data)
     with pytest.warns(UserWarning, match="look like probabilities"):
         ops.outputs(np.arange(8))
+    with pytest.warns(UserWarning, match="look like probabilities"):  # chunks of one row: the first of two
+        TorchModelOps(probs, data, batch_size=1).outputs(np.arange(3))
+    with pytest.warns(UserWarning, match="look like probabilities"):  # bfloat16 rows sum to 1 within 2e-3
+        TorchModelOps(copy.deepcopy(probs).to(torch.bfloat16), data).outputs(np.arange(16))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ops.outputs(np.arange(8, 16))  # once per ops
