@@ -65,7 +65,7 @@ from crestcore.minibatch import minibatch_coresets as _minibatch_coresets
 from crestcore.validation import host_indices
 
 from ._common import training_loss_error, weighted_examples
-from .torch import CrestLoader, TorchModelOps, _example_data
+from .torch import CrestLoader, TorchModelOps, _example_data, _inner_ops
 
 __all__ = [
     "DistributedModelOps",
@@ -847,6 +847,25 @@ class DistributedCrestLoader(CrestLoader):
                     self.budget_counts, self.total_steps),
             "the loader's arguments (dataset size and labels, config, seed, budget, epochs)",
         )
+        # the loss every rank measures with: ranks whose loss_fn differ decide checks differently and would
+        # wait in mismatched collectives until the process group's timeout; its values on a fixed probe agree
+        self.ops.agree(_digest(self._loss_probe()), "loss_fn (its values on a fixed probe of logits and labels)")
+
+    def _loss_probe(self):
+        """The measurement loss on fixed logits and labels (C classes, on the model's device), rounded to
+        float32: a fingerprint of ``loss_fn`` that does not depend on the process. A loss that fails on the
+        probe gives the name of its type instead."""
+        inner = _inner_ops(self.ops)
+        C = max(2, int(self.labels.max()) + 1 if self.labels.size else 2)
+        k = max(4, C)
+        dev = next((p.device for p in inner.model.parameters()), torch.device("cpu"))
+        z = torch.linspace(-3.0, 3.0, k * C, device=dev).reshape(k, C).sin() * 2.0
+        y = torch.arange(k, device=dev) % C
+        try:
+            with torch.no_grad():
+                return inner.loss_fn(z, y).detach().to(torch.float32).cpu().numpy()
+        except Exception:  # a loss_fn that needs something else (other shapes, dtypes): not probed
+            return type(inner.loss_fn).__qualname__
 
     # -- the controller step, sharded and verified ----------------------------------------------
     def _advance(self):
@@ -959,6 +978,7 @@ class DistributedCrestLoader(CrestLoader):
         """
         d = super().state_dict()
         d["world_size"] = self.world_size
+        d["sharded_solves"] = int(self.ops.sharded_solves)  # stats count the whole run, as the others do
         return d
 
     def load_state_dict(self, state: dict) -> None:
@@ -982,6 +1002,8 @@ class DistributedCrestLoader(CrestLoader):
         >>> group.close()
         """
         super().load_state_dict(state)
+        solves = state.get("sharded_solves", 0)
+        self.ops.sharded_solves = int(solves) if isinstance(solves, (int, np.integer)) and solves >= 0 else 0
         self.ops.agree(
             _digest(self._position, self._state.step, self._state.cursor, self._state.n_selections,
                     self._state.batch_idx, self._state.batch_w, self._state.drop.active),

@@ -317,6 +317,29 @@ def worker_flags(out: Path):
     (out / f"rank{rank}.done").write_text("built")  # must never happen
 
 
+def worker_lossfn(out: Path):
+    """Rank 1 measures with a class-weighted loss: the ranks would decide trust checks differently and wait
+    in different collectives until the timeout; the loss is agreed at construction (on a fixed probe)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist = _init_group()
+    rank = dist.get_rank()
+    X, y = make_data()
+    ddp = DDP(make_model())
+    weights = torch.ones(int(y.max()) + 1)
+    weights[0] = 1.0 if rank == 0 else 3.0
+    loss = (lambda z, t: torch.nn.functional.cross_entropy(z, t, weight=weights, reduction="none"))
+    try:
+        D.DistributedCrestLoader(ddp, TensorDataset(X, y), config=make_config(), budget=BUDGET, epochs=EPOCHS,
+                                 seed=SEED, loss_fn=loss)
+    except D.CollectiveError as exc:
+        (out / f"rank{rank}.refused").write_text(str(exc))
+        del ddp
+        _teardown(dist)
+        return
+    (out / f"rank{rank}.done").write_text("built")  # must never happen
+
+
 def worker_stall(out: Path):
     """Rank 1 stays alive but stops iterating after step 3 (stuck); rank 0's next collective must time
     out with the adapter's error naming the rank, the step and the collective."""
@@ -377,12 +400,12 @@ def worker_numba(out: Path):
 
 def _worker_main(argv):
     p = argparse.ArgumentParser()
-    p.add_argument("--worker", required=True, choices=("train", "fail", "stall", "numba", "flags"))
+    p.add_argument("--worker", required=True, choices=("train", "fail", "stall", "numba", "flags", "lossfn"))
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     {"train": worker_train, "fail": worker_fail, "stall": worker_stall,
-     "numba": worker_numba, "flags": worker_flags}[a.worker](Path(a.out))
+     "numba": worker_numba, "flags": worker_flags, "lossfn": worker_lossfn}[a.worker](Path(a.out))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -783,6 +806,17 @@ def test_ranks_with_different_verify_flags_are_refused_at_construction(tmp_path)
     for rank in range(2):
         msg = (tmp_path / f"rank{rank}.refused").read_text()
         assert "disagree on verify and broadcast_buffers" in msg, msg
+
+
+def test_ranks_with_different_loss_functions_are_refused_at_construction(tmp_path):
+    t0 = time.monotonic()
+    results = launch("lossfn", tmp_path, timeout=PG_TIMEOUT_S + 60)
+    assert_all_ranks_ok(results)
+    assert time.monotonic() - t0 < PG_TIMEOUT_S
+    assert not list(tmp_path.glob("*.done"))
+    for rank in range(2):
+        msg = (tmp_path / f"rank{rank}.refused").read_text()
+        assert "disagree on loss_fn" in msg, msg
 
 
 def test_a_stuck_rank_times_out_with_a_clear_error(tmp_path):
