@@ -859,13 +859,16 @@ class DistributedCrestLoader(CrestLoader):
         C = max(2, int(self.labels.max()) + 1 if self.labels.size else 2)
         k = max(4, C)
         dev = next((p.device for p in inner.model.parameters()), torch.device("cpu"))
-        z = torch.linspace(-3.0, 3.0, k * C, device=dev).reshape(k, C).sin() * 2.0
+        # logits as the measurements give them: the model's floating dtype, widened to float32 at least
+        dtype = inner._dtype()
+        dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        z = (torch.linspace(-3.0, 3.0, k * C, dtype=torch.float64).reshape(k, C).sin() * 2.0).to(dev, dtype)
         y = torch.arange(k, device=dev) % C
         try:
             with torch.no_grad():
                 return inner.loss_fn(z, y).detach().to(torch.float32).cpu().numpy()
-        except Exception:  # a loss_fn that needs something else (other shapes, dtypes): not probed
-            return type(inner.loss_fn).__qualname__
+        except Exception as exc:  # a loss_fn that needs something else (other shapes): its failure, compared
+            return f"{type(inner.loss_fn).__qualname__}: {type(exc).__name__}: {exc}"
 
     # -- the controller step, sharded and verified ----------------------------------------------
     def _advance(self):

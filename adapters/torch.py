@@ -1073,10 +1073,8 @@ class TorchModelOps:
         def hook(module, inputs, output):
             seen.append((module, inputs[0], output))
 
-        # the classifier is found once, at the first measurement (before training can move whatever changes
-        # the logits after it), and measured there from then on
-        chosen = self._last_layer if self._last_layer is not None else getattr(self, "_found_layer", None)
-        layers = [chosen] if chosen is not None else [m for m in self.model.modules() if isinstance(m, nn.Linear)]
+        layers = [self._last_layer] if self._last_layer is not None else [
+            m for m in self.model.modules() if isinstance(m, nn.Linear)]
         if not layers:
             raise ValueError("embeddings need an nn.Linear last layer and the model has none: pass last_layer= (an "
                              "nn.Linear of the model that maps to the logits), or use features from the logits alone: "
@@ -1090,18 +1088,35 @@ class TorchModelOps:
                 h.remove()
         if not seen:
             raise ValueError("the last linear layer was not called in the forward (pass last_layer=)")
-        if self._last_layer is not None or getattr(self, "_found_layer", None) is not None:
+        if self._last_layer is not None:
             _, e, _ = seen[-1]
         else:
-            e, self._found_layer = self._classifier_input(seen, z)
+            e = self._found_input(seen, z, k)
         if e.ndim != 2 or e.shape[0] != k:
             raise ValueError(
                 f"the last linear layer's input has shape {tuple(e.shape)}; embeddings must be (batch, h)"
             )
         return z, e.detach()
 
+    def _found_input(self, seen, z: torch.Tensor, k: int) -> torch.Tensor:
+        """The classifier's input. The classifier (a module and which of its calls in a forward) is found
+        at the first measurement and checked at every later one: kept while its output still gives the
+        logits (equal, or explained up to a row offset or a column scale and offset: a learned offset after
+        it moves in training), found again otherwise (a layer that matched at initialisation only, such as
+        the wide part of a wide-and-deep model whose deep head starts at zero), which may raise then."""
+        found = getattr(self, "_found_layer", None)
+        if found is not None:
+            calls = [(e, out) for m, e, out in seen if m is found[0]]
+            if len(calls) > found[1]:
+                e, out = calls[found[1]]
+                if (out.shape == z.shape and torch.equal(out.detach().to(z.dtype), z)) or k < 3 or _explains(out, z):
+                    return e
+        e, module, ordinal = self._classifier_input(seen, z)
+        self._found_layer = (module, ordinal)
+        return e
+
     @staticmethod
-    def _classifier_input(seen, z: torch.Tensor) -> tuple[torch.Tensor, nn.Module]:
+    def _classifier_input(seen, z: torch.Tensor) -> tuple[torch.Tensor, nn.Module, int]:
         """The input of the classifier (and the classifier) among the ``nn.Linear`` calls ``seen`` in a
         forward that returned the logits ``z``: the last call whose output is the logits as returned; else
         the one call whose output explains them up to a row offset or a column scale and offset
@@ -1109,17 +1124,22 @@ class TorchModelOps:
         ``z`` has; else an error asking for ``last_layer=`` (an auxiliary head, or a hidden layer of width
         C, would otherwise pass silently)."""
         C = z.shape[1]
-        fits = [(m, e, out) for m, e, out in seen if m.out_features == C]
-        exact = [(e, m) for m, e, out in fits if out.shape == z.shape and torch.equal(out.detach().to(z.dtype), z)]
+        # (module, its input, its output, which of that module's calls it is)
+        calls = [(m, e, out, sum(1 for m2, _, _ in seen[:i] if m2 is m)) for i, (m, e, out) in enumerate(seen)]
+        fits = [c for c in calls if c[0].out_features == C]
+        exact = [c for c in fits if c[2].shape == z.shape and torch.equal(c[2].detach().to(z.dtype), z)]
         if exact:
-            return exact[-1]
+            m, e, _, n = exact[-1]
+            return e, m, n
         # logits changed after the classifier by an offset per row (log-softmax) or a scale and offset per
         # column (a temperature, a learned bias): the one call whose output explains the logits so
-        explained = [(e, m) for m, e, out in fits if _explains(out, z)]
+        explained = [c for c in fits if _explains(c[2], z)]
         if len(explained) == 1:
-            return explained[0]
+            m, e, _, n = explained[0]
+            return e, m, n
         if len(fits) == 1 and fits[0][0] is seen[-1][0] and fits[0][1] is seen[-1][1]:
-            return fits[0][1], fits[0][0]
+            m, e, _, n = fits[0]
+            return e, m, n
         if not fits or len(fits) == 1:
             raise ValueError(f"the last nn.Linear executed maps to {seen[-1][0].out_features} features but the model "
                              f"returns {C} logits; pass last_layer= (the classifier layer)")

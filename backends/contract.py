@@ -83,6 +83,13 @@ def snap_tolerance(eps: float) -> float:
     return SNAP_ULPS * float(eps)
 
 
+def _is_floating(xp, X) -> bool:
+    isdtype = getattr(xp, "isdtype", None)
+    if callable(isdtype):
+        return bool(isdtype(X.dtype, "real floating"))
+    return bool(getattr(X.dtype, "is_floating_point", False)) or getattr(X.dtype, "kind", "") == "f"
+
+
 def exact_shift(xp, X, valid=None):
     """The translation the Gram-form distances take first, shape (..., 1, d): per problem (the leading
     axes of ``X`` (..., n, d); ``valid`` (..., n) marks its rows, default all), a coordinate whose values
@@ -105,6 +112,8 @@ def exact_shift(xp, X, valid=None):
     """
     if X.shape[-2] == 0:
         return xp.zeros_like(X[..., :1, :])
+    if not _is_floating(xp, X):  # integers: found in float64 (the shift is a data value, so it is an integer)
+        return xp.astype(exact_shift(xp, xp.astype(X, xp.float64), valid), X.dtype)
     amax = getattr(xp, "amax", None) or xp.max  # torch.max with an axis returns (values, indices)
     amin = getattr(xp, "amin", None) or xp.min
     inf, ninf = xp.full_like(X, math.inf), xp.full_like(X, -math.inf)

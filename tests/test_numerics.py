@@ -469,6 +469,19 @@ def test_a_constant_coordinate_changes_no_distance(case, constant):
         np.testing.assert_array_equal(run(X), run(base))
 
 
+def test_the_shift_of_integer_arrays_is_an_integer_data_value():
+    from crestcore.backends import exact_shift
+
+    torch = pytest.importorskip("torch")
+    X = np.array([[1000, 5], [1003, 5], [999, 7]], dtype=np.int64)
+    assert exact_shift(np, X).tolist() == [[1000, 0]]
+    assert exact_shift(np, X, np.array([True, True, False])).tolist() == [[1003, 5]]  # a mask: no INT64_MIN
+    from array_api_compat import array_namespace
+
+    t = torch.from_numpy(X)
+    assert exact_shift(array_namespace(t), t).tolist() == [[1000, 0]]
+
+
 def test_the_shift_is_exact_and_leaves_a_mass_at_the_origin_where_it_is():
     """exact_shift moves only coordinates whose values all lie far from 0 (|s| >= 4 (max - min)), by a
     value within a factor 2 of each of them, so X - shift is exact (checked with fractions over scales,

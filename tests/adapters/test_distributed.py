@@ -326,7 +326,7 @@ def worker_lossfn(out: Path):
     rank = dist.get_rank()
     X, y = make_data()
     ddp = DDP(make_model())
-    weights = torch.ones(int(y.max()) + 1)
+    weights = torch.ones(int(y.max()) + 1, dtype=torch.float64)  # the model is float64
     weights[0] = 1.0 if rank == 0 else 3.0
     loss = (lambda z, t: torch.nn.functional.cross_entropy(z, t, weight=weights, reduction="none"))
     try:

@@ -149,6 +149,41 @@ def test_embeddings_are_the_last_linear_layers_input():
         off.offset.add_(0.5)
         torch.testing.assert_close(ops.outputs(idx, embeddings=True)[1], first_e)
         torch.testing.assert_close(first_e, off.body[:-1](X[idx]))
+    # the classifier called twice in a forward (the second time on a branch that is not returned): the call
+    # that gives the logits is the one kept, at every later measurement too
+    class SharedHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.side = mlp(), nn.Linear(X.shape[1], 16)
+
+        def forward(self, x):
+            z = self.body(x)
+            _ = self.body[-1](torch.relu(self.side(x)))  # the head again, on a side branch
+            return z
+
+    shared = SharedHead().eval()
+    ops = TorchModelOps(shared, TensorDataset(X, y), batch_size=7)  # several batches: found, then checked
+    with torch.no_grad():
+        torch.testing.assert_close(ops.outputs(idx, embeddings=True)[1], shared.body[:-1](X[idx]))
+    # a layer that matched at initialisation only (a deep head starting at zero beside a wide one): found
+    # again once the model moved, and then ambiguous, so an error instead of the wide layer's input
+    class WideDeep(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wide, self.deep = nn.Linear(X.shape[1], C), mlp()
+            nn.init.zeros_(self.deep[-1].weight)
+            nn.init.zeros_(self.deep[-1].bias)
+
+        def forward(self, x):
+            return self.wide(x) + self.deep(x)
+
+    wd = WideDeep().eval()
+    ops = TorchModelOps(wd, TensorDataset(X, y))
+    ops.outputs(idx, embeddings=True)  # at init the wide layer's output is the logits
+    with torch.no_grad():
+        wd.deep[-1].weight.normal_()
+    with pytest.raises(ValueError, match="last_layer="):
+        ops.outputs(idx, embeddings=True)
     # logits scaled after the only C-output layer, the last executed: that layer is the classifier
     alone = nn.Sequential(mlp(), nn.Identity()).eval()
     only = TorchModelOps(alone, TensorDataset(X, y), forward=lambda m, b: m(b[0]) / 3.0)
