@@ -83,6 +83,11 @@ def snap_tolerance(eps: float) -> float:
     return SNAP_ULPS * float(eps)
 
 
+def _astype(xp, X, dtype):
+    f = getattr(xp, "astype", None)  # (a raw torch namespace has none: the tensor's own .to)
+    return f(X, dtype) if f is not None else X.to(dtype)
+
+
 def _is_floating(xp, X) -> bool:
     isdtype = getattr(xp, "isdtype", None)
     if callable(isdtype):
@@ -113,28 +118,31 @@ def exact_shift(xp, X, valid=None):
     if X.shape[-2] == 0:
         return xp.zeros_like(X[..., :1, :])
     if not _is_floating(xp, X):  # integers: found in float64 (the shift is a data value, so it is an integer)
-        return xp.astype(exact_shift(xp, xp.astype(X, xp.float64), valid), X.dtype)
+        return _astype(xp, exact_shift(xp, _astype(xp, X, xp.float64), valid), X.dtype)
     amax = getattr(xp, "amax", None) or xp.max  # torch.max with an axis returns (values, indices)
     amin = getattr(xp, "amin", None) or xp.min
-    inf, ninf = xp.full_like(X, math.inf), xp.full_like(X, -math.inf)
+    # half-precision data is compared in float32 (its sums and ranges overflow float16), the shift is X's own
+    Xw = _astype(xp, X, xp.float32) if xp.finfo(X.dtype).bits < 32 else X
+    inf, ninf = xp.full_like(Xw, math.inf), xp.full_like(Xw, -math.inf)
     if valid is None:
-        v = xp.ones_like(X, dtype=xp.bool)
-        mean = xp.mean(X, axis=-2, keepdims=True)
+        v = xp.ones_like(Xw, dtype=xp.bool)
+        mean = xp.mean(Xw, axis=-2, keepdims=True)
     else:
-        v = xp.broadcast_to(valid[..., None], X.shape)
-        w = xp.where(v, xp.ones_like(X), xp.zeros_like(X))
+        v = xp.broadcast_to(valid[..., None], Xw.shape)
+        w = xp.where(v, xp.ones_like(Xw), xp.zeros_like(Xw))
         count = xp.sum(w, axis=-2, keepdims=True)
-        mean = xp.sum(X * w, axis=-2, keepdims=True) / xp.where(count > 0, count, xp.ones_like(count))
-    hi = amax(xp.where(v, X, ninf), axis=-2, keepdims=True)
-    lo = amin(xp.where(v, X, inf), axis=-2, keepdims=True)
-    above = amin(xp.where(v & (X >= mean), X, inf), axis=-2, keepdims=True)  # data values either side
-    below = amax(xp.where(v & (X <= mean), X, ninf), axis=-2, keepdims=True)  # of the mean, nearest it
+        mean = xp.sum(Xw * w, axis=-2, keepdims=True) / xp.where(count > 0, count, xp.ones_like(count))
+    hi = amax(xp.where(v, Xw, ninf), axis=-2, keepdims=True)
+    lo = amin(xp.where(v, Xw, inf), axis=-2, keepdims=True)
+    above = amin(xp.where(v & (Xw >= mean), Xw, inf), axis=-2, keepdims=True)  # data values either side
+    below = amax(xp.where(v & (Xw <= mean), Xw, ninf), axis=-2, keepdims=True)  # of the mean, nearest it
     use_above = xp.isfinite(above) & (~xp.isfinite(below) | (above - mean <= mean - below))
     s = xp.where(use_above, above, below)
     ok = xp.isfinite(s) & xp.isfinite(hi) & xp.isfinite(lo)  # (a problem without valid rows: no shift)
     s = xp.where(ok, s, xp.zeros_like(s))
     far = ok & (xp.abs(s) >= 4.0 * xp.where(ok, hi - lo, xp.zeros_like(hi)))
-    return xp.where(far, s, xp.zeros_like(s))
+    out = xp.where(far, s, xp.zeros_like(s))
+    return out if out.dtype == X.dtype else _astype(xp, out, X.dtype)  # a data value of X: exact in its dtype
 
 
 def sample_sizes(sizes, budgets, epsilon: float) -> np.ndarray:

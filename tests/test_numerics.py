@@ -8,6 +8,7 @@ Data for the invariance properties are small integers, exactly representable in 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -480,6 +481,12 @@ def test_the_shift_of_integer_arrays_is_an_integer_data_value():
 
     t = torch.from_numpy(X)
     assert exact_shift(array_namespace(t), t).tolist() == [[1000, 0]]
+    # half precision: compared in float32 (float16 sums overflow near 6e4: warnings), shifted by its own value
+    H = (60000 + np.arange(80).reshape(40, 2)).astype(np.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = exact_shift(np, H, np.ones(40, dtype=bool))
+    assert s.dtype == np.float16 and np.isin(s[0], H).all()
 
 
 def test_the_shift_is_exact_and_leaves_a_mass_at_the_origin_where_it_is():
