@@ -94,7 +94,11 @@ def test_bench_without_benchmarks(tmp_path, monkeypatch, capsys):
     assert "benchmarks: not installed" in capsys.readouterr().out
 
 
-def test_bench_without_a_name_lists_the_benchmarks(capsys):
+def test_bench_without_a_name_lists_the_benchmarks(tmp_path, monkeypatch, capsys):
+    bdir = tmp_path / "benchmarks"  # a checkout's folder (an installed wheel has none: see the test above)
+    bdir.mkdir()
+    (bdir / "selection.py").write_text("")
+    monkeypatch.setattr(cli, "_source_benchmarks", lambda: bdir)
     assert cli.main(["bench"]) == 1  # argparse called the optional arguments required before
     err = capsys.readouterr().err
     assert "name a benchmark: crest bench NAME" in err and "selection" in err
