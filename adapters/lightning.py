@@ -274,7 +274,6 @@ class CrestCallback(pl.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._last_position = self._require_loader().position
-        self._warned_used = False
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         loader = self._require_loader()
