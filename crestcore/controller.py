@@ -372,7 +372,7 @@ class CrestConfig:
         """Algorithm 1 as the paper states it, with its hyperparameters (P = 5, T1 = 1, tau = 0.1, h = 1,
         b = 5, cluster-size weights, the trust check, no overhead cap) and none of the release's bugs.
         Dropping learned examples (Algorithm 1's T2 and alpha) stays off, as in the defaults: pass
-        ``T2=...`` (and ``alpha``) to turn it on.
+        ``T2=...`` (and ``drop=DropConfig(alpha=...)``) to turn it on.
 
         Examples
         --------
