@@ -852,9 +852,9 @@ class DistributedCrestLoader(CrestLoader):
         self.ops.agree(_digest(self._loss_probe()), "loss_fn (its values on a fixed probe of logits and labels)")
 
     def _loss_probe(self):
-        """The measurement loss on fixed logits and labels (C classes, on the model's device), rounded to
-        float32: a fingerprint of ``loss_fn`` that does not depend on the process. A loss that fails on the
-        probe gives the name of its type instead."""
+        """The measurement loss on fixed logits and labels (C classes, on the model's device, in the model's
+        dtype, at least float32), rounded to float32: a fingerprint of ``loss_fn`` that does not depend on
+        the process. A loss that fails on the probe gives its type's name and its failure instead."""
         inner = _inner_ops(self.ops)
         C = max(2, int(self.labels.max()) + 1 if self.labels.size else 2)
         k = max(4, C)

@@ -180,6 +180,10 @@ class CrestCallback(pl.Callback):
         )
         self.loader: CrestLoader | None = None
         self._pending: dict | None = None
+        self._epoch0 = 0  # the Trainer epoch this callback's CREST run started at (a continued fit: later)
+        self._last_position = -1  # the loader's position at the last batch start (is the batch CREST's?)
+        self._module = None  # the LightningModule and max_epochs of the fit set up last (for _load)
+        self._max_epochs: int | None = None
 
     # -- the train dataloader -------------------------------------------------------------------
     def dataloader(self) -> _CrestTrainLoader:
@@ -277,14 +281,14 @@ class CrestCallback(pl.Callback):
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         loader = self._require_loader()
-        e = trainer.current_epoch - getattr(self, "_epoch0", 0)
+        e = trainer.current_epoch - self._epoch0
         if 0 <= e < loader.epochs:
             loader.set_epoch(e)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         _check_accumulation(trainer)  # a GradientAccumulationScheduler sets it at each epoch's start
         loader = self._require_loader()
-        if loader.position == getattr(self, "_last_position", -1):
+        if loader.position == self._last_position:
             raise RuntimeError(
                 "CrestCallback: this batch did not come from CREST's loader (its position did not move): the "
                 "Trainer trains on another dataloader (a LightningDataModule's or the module's own "
@@ -314,7 +318,7 @@ class CrestCallback(pl.Callback):
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         if self.loader is not None:
-            return {**self.loader.state_dict(), "lightning_epoch0": int(getattr(self, "_epoch0", 0))}
+            return {**self.loader.state_dict(), "lightning_epoch0": int(self._epoch0)}
         return dict(self._pending) if self._pending is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -330,7 +334,7 @@ class CrestCallback(pl.Callback):
         continued fit, ``lightning_epoch0``) plans the epochs from there to max_epochs: the loader is
         rebuilt for them first (one planned from epoch 0 would have grown the run's budget)."""
         epoch0 = int(state.pop("lightning_epoch0", 0))
-        if epoch0 != getattr(self, "_epoch0", 0) and self.epochs is None and getattr(self, "_max_epochs", None):
+        if epoch0 != self._epoch0 and self.epochs is None and self._max_epochs:
             epochs = int(self._max_epochs) - epoch0
             if epochs < 1:
                 raise ValueError(f"CrestCallback: the checkpoint's CREST run started at epoch {epoch0}, at or "

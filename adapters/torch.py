@@ -175,8 +175,9 @@ def _inner_ops(ops):
 
 def _label_origin(dataset) -> str:
     attr = _label_attribute(dataset)
-    if attr is None and _label_column(dataset) is not None:
-        return f"the dataset's {_label_column(dataset)!r} column"
+    col = None if attr is not None else _label_column(dataset)
+    if col is not None:
+        return f"the dataset's {col!r} column"
     return f"dataset.{attr}" if attr is not None else "the dataset's label attributes"
 
 
@@ -580,6 +581,12 @@ def _explains(out: torch.Tensor, z: torch.Tensor) -> bool:
         return bool((a != 0).all()) and float((zc - a * oc).abs().max()) <= tol * scale
 
 
+def _gives_logits(out: torch.Tensor, z: torch.Tensor) -> bool:
+    """Whether a layer output ``out`` is the logits ``z`` as the model returns them, or explains them
+    (:func:`_explains`)."""
+    return (out.shape == z.shape and torch.equal(out.detach().to(z.dtype), z)) or _explains(out, z)
+
+
 def _named_logits(out):
     """A model output's logits where it names them: a plain dict's ``"logits"`` entry; else ``out``."""
     if isinstance(out, dict) and isinstance(out.get("logits"), torch.Tensor):
@@ -667,10 +674,12 @@ class TorchModelOps:
         None (found from the dataset, e.g. its ``targets``). The loaders pass it for labels they found.
         A ``TensorDataset`` is never checked (its second tensor is where its labels come from).
     last_layer : for ``outputs(..., embeddings=True)``: the ``nn.Linear`` (or its name in
-        ``model.named_modules()``) whose input is the penultimate embedding. Default: the last
-        ``nn.Linear`` call of the forward whose output is the logits the model returns (so an auxiliary
-        head running after the classifier is not taken); when none is, the last ``nn.Linear`` executed if it
-        is the only one mapping to the C logits (logits scaled after it); otherwise an error.
+        ``model.named_modules()``) whose input is the penultimate embedding. Default: found at the first
+        measurement and checked at every later one: the ``nn.Linear`` call of the forward whose output is
+        the logits the model returns (so an auxiliary head running after the classifier is not taken), else
+        the one whose output gives them up to a per-row offset (log-softmax) or a per-column scale and
+        offset (a temperature, a learned bias), else the last ``nn.Linear`` executed if it is the only one
+        mapping to the C logits; otherwise an error.
     forward : ``forward(model, batch) -> logits`` with ``batch`` the collated examples on the device;
         default ``model(batch[0])``.
 
@@ -752,6 +761,7 @@ class TorchModelOps:
         self._pool = None  # the persistent DataLoader of the measurement passes (num_workers > 0), made lazily
         self._collate = collate_fn
         self._outputs_looked_at = False  # the first measured outputs are checked for probabilities once
+        self._found_layer = None  # (module, which of its calls) the classifier found for embeddings
         self._forward = forward if forward is not None else _default_forward
         self._last_layer = self._resolve_layer(last_layer) if last_layer is not None else None
         if self._last_layer is not None and not isinstance(self._last_layer, nn.Linear):
@@ -1058,7 +1068,7 @@ class TorchModelOps:
                 embs.append(e)
         z = torch.cat(logits) if logits else torch.zeros(0, 0, device=dev)
         self._check_finite(z, "outputs")
-        if not getattr(self, "_outputs_looked_at", False) and z.shape[0] >= 2:
+        if not self._outputs_looked_at and z.shape[0] >= 2:
             self._outputs_looked_at = True  # the first measured outputs of at least two rows, once
             self._warn_if_probabilities(z, self._dtype())
         if not embeddings:
@@ -1104,12 +1114,12 @@ class TorchModelOps:
         logits (equal, or explained up to a row offset or a column scale and offset: a learned offset after
         it moves in training), found again otherwise (a layer that matched at initialisation only, such as
         the wide part of a wide-and-deep model whose deep head starts at zero), which may raise then."""
-        found = getattr(self, "_found_layer", None)
-        if found is not None:
-            calls = [(e, out) for m, e, out in seen if m is found[0]]
-            if len(calls) > found[1]:
-                e, out = calls[found[1]]
-                if (out.shape == z.shape and torch.equal(out.detach().to(z.dtype), z)) or k < 3 or _explains(out, z):
+        if self._found_layer is not None:
+            module, ordinal = self._found_layer
+            calls = [(e, out) for m, e, out in seen if m is module]
+            if len(calls) > ordinal:
+                e, out = calls[ordinal]
+                if k < 3 or _gives_logits(out, z):  # (fewer than three rows cannot tell)
                     return e
         e, module, ordinal = self._classifier_input(seen, z)
         self._found_layer = (module, ordinal)
@@ -1128,7 +1138,7 @@ class TorchModelOps:
         calls = [(m, e, out, sum(1 for m2, _, _ in seen[:i] if m2 is m)) for i, (m, e, out) in enumerate(seen)]
         fits = [c for c in calls if c[0].out_features == C]
         exact = [c for c in fits if c[2].shape == z.shape and torch.equal(c[2].detach().to(z.dtype), z)]
-        if exact:
+        if exact:  # (equal beats explained: an exact match among several explained calls is the classifier)
             m, e, _, n = exact[-1]
             return e, m, n
         # logits changed after the classifier by an offset per row (log-softmax) or a scale and offset per

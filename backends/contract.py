@@ -138,7 +138,7 @@ def exact_shift(xp, X, valid=None):
     below = amax(xp.where(v & (Xw <= mean), Xw, ninf), axis=-2, keepdims=True)  # of the mean, nearest it
     use_above = xp.isfinite(above) & (~xp.isfinite(below) | (above - mean <= mean - below))
     s = xp.where(use_above, above, below)
-    ok = xp.isfinite(s) & xp.isfinite(hi) & xp.isfinite(lo)  # (a problem without valid rows: no shift)
+    ok = xp.isfinite(s)  # a data value exists: hi and lo are finite too (a problem without valid rows: no shift)
     s = xp.where(ok, s, xp.zeros_like(s))
     far = ok & (xp.abs(s) >= 4.0 * xp.where(ok, hi - lo, xp.zeros_like(hi)))
     out = xp.where(far, s, xp.zeros_like(s))
