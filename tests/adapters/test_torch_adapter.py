@@ -23,6 +23,11 @@ from crestcore.adapters.torch import CrestLoader, TorchModelOps, dataset_labels 
 N, D_IN, C = 240, 6, 3
 
 
+def needs_cuda(test):
+    """Mark a CUDA test: ``gpu`` (``make test-gpu`` selects it), skipped where torch has no CUDA device."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(),
+                                              reason="torch.cuda.is_available() is False")(test))
+
 
 def make_data(n=N, seed=0, classes=C):
     return torch_blobs(n, D_IN, classes, seed=seed)
@@ -703,10 +708,8 @@ def test_load_state_dict_refuses_another_run():
         b.load_state_dict({"position": 3})
 
 
-@pytest.mark.gpu
+@needs_cuda
 def test_cuda_loader_runs_and_keeps_batchnorm_stats():
-    if not torch.cuda.is_available():
-        pytest.skip("torch.cuda.is_available() is False")
     X, y = make_data()
     model = mlp().cuda()
     loader = CrestLoader(model, TensorDataset(X, y), config=CrestConfig(m=24, r=60, tau=0.02), budget=0.5,
@@ -1419,10 +1422,8 @@ def test_recurrent_models_are_measured_off_cudnn():
     TorchModelOps(mlp(), TensorDataset(x, y)).outputs(np.arange(8))  # no recurrent layer: left alone
 
 
-@pytest.mark.gpu
+@needs_cuda
 def test_cuda_recurrent_model_trains_with_crest():
-    if not torch.cuda.is_available():
-        pytest.skip("torch.cuda.is_available() is False")
     x, y = make_data()
     model = _LSTMClassifier().cuda()
     loader = CrestLoader(model, TensorDataset(x, y), config=CrestConfig(m=24, r=60), budget=0.5, epochs=1, seed=0)
