@@ -106,6 +106,21 @@ def _is_hf_dataset(data) -> bool:
     return isinstance(data, datasets.Dataset)
 
 
+class _ForwardColumns:
+    """A data collator that first drops the keys of dict items that the model's ``forward`` does not take
+    (keeping the label keys and CREST's ``crest_weight`` / ``crest_index``), as the Trainer's own
+    ``RemoveColumnsCollator`` does for a dataset that is not a ``datasets.Dataset``; other items pass as
+    they are. A class (not a closure), so that ``DataLoader`` workers started with ``spawn`` can pickle it."""
+
+    def __init__(self, collate, columns):
+        self.collate = collate
+        self.columns = frozenset(columns) | {"crest_weight", "crest_index"}
+
+    def __call__(self, features):
+        return self.collate([{k: v for k, v in f.items() if k in self.columns} if isinstance(f, dict) else f
+                             for f in features])
+
+
 def _refuse_unsupported(trainer) -> None:
     """Trainer settings CREST would otherwise ignore or break silently."""
     a = trainer.args
@@ -262,15 +277,22 @@ class CrestTrainer(transformers.Trainer):
         if self.train_dataset is None:
             raise ValueError("CrestTrainer: training requires a train_dataset.")
         train_dataset = self.train_dataset
-        if _is_hf_dataset(train_dataset):  # as the Trainer does: only the columns the model's forward takes
+        collate = self.data_collator
+        # as the Trainer does (remove_unused_columns): only the columns the model's forward takes, from a
+        # datasets.Dataset by dropping its columns, from any other dataset in the collator (training batches
+        # and measurement passes alike)
+        if _is_hf_dataset(train_dataset):
             train_dataset = self._remove_unused_columns(train_dataset, description="training")
+        elif self.args.remove_unused_columns:
+            self._set_signature_columns_if_needed()
+            collate = _ForwardColumns(self.data_collator, self._signature_columns)
         if (self.crest is None or self.crest.model is not self.model or self._crest_resume is not None
                 or self._crest_new_run):
             self._crest_new_run = False
             self.crest = CrestBatchSampler(
                 self.model, train_dataset, config=self.crest_config, budget=self.crest_budget,
                 epochs=self._planned_epochs(), seed=self.crest_seed, labels=self.crest_labels,
-                collate_fn=self.data_collator, measure_batch_size=self.crest_measure_batch_size,
+                collate_fn=collate, measure_batch_size=self.crest_measure_batch_size,
                 callbacks=self.crest_callbacks,
             )
         batch_sampler = self.crest
@@ -289,7 +311,7 @@ class CrestTrainer(transformers.Trainer):
         # for its own examples (the prepared loader runs a batch ahead, so "the batch handed out last" is not)
         loader = torch.utils.data.DataLoader(
             WeightedDataset(self.crest.dataset, indices=self.crest_config.T2 is not None),
-            batch_sampler=batch_sampler, collate_fn=self.data_collator,
+            batch_sampler=batch_sampler, collate_fn=collate,
             num_workers=workers, pin_memory=a.dataloader_pin_memory,
             persistent_workers=a.dataloader_persistent_workers and workers > 0, **extra,
         )

@@ -141,6 +141,42 @@ def test_a_datasets_dataset_keeps_only_the_columns_the_model_takes(tmp_path):
     assert "note" not in trainer.crest.dataset.column_names and "idx" not in trainer.crest.dataset.column_names
 
 
+class _WithExtraKeys(Texts):
+    """Texts whose items also carry keys the model's forward does not take (an id, a note)."""
+
+    def __getitem__(self, i):
+        return {**super().__getitem__(i), "example_id": i, "note": torch.zeros(2)}
+
+
+class _StrictBert(torch.nn.Module):
+    """The tiny BERT behind a forward that takes only its own arguments (no **kwargs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bert = tiny_bert()
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+@pytest.mark.parametrize("remove", [True, False])
+def test_item_keys_the_model_does_not_take_are_dropped_as_the_trainer_drops_them(tmp_path, remove):
+    # a plain Trainer drops them for any dataset (remove_unused_columns, in the collator): so does CrestTrainer,
+    # in its training batches and its measurement passes; with remove_unused_columns=False neither does
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), num_train_epochs=1, learning_rate=5e-3, report_to=[], use_cpu=True,
+        save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0, remove_unused_columns=remove)
+    trainer = CrestTrainer(model=_StrictBert(), args=args, train_dataset=_WithExtraKeys(n=64),
+                           data_collator=transformers.default_data_collator,
+                           crest_config=CrestConfig(m=8, r=24), crest_budget=0.5)
+    if not remove:
+        with pytest.raises(TypeError, match="example_id"):
+            trainer.train()
+        return
+    assert trainer.train().global_step == 4
+    assert trainer.crest.stats["selections"]
+
+
 def test_a_fractional_epoch_count_reports_only_the_batches_the_trainer_trained(tmp_path):
     """num_train_epochs=1.5 stops within the second epoch while the loader has fetched a batch ahead: that
     batch is not in CREST's report of the run."""
