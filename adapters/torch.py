@@ -43,7 +43,7 @@ except ImportError as exc:  # pragma: no cover - depends on what is installed
     ) from exc
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import ConcatDataset, Subset, TensorDataset
+from torch.utils.data import BatchSampler, ConcatDataset, Subset, TensorDataset
 from torch.utils.data import default_collate
 
 from crestcore.controller import (
@@ -1916,29 +1916,52 @@ class CrestBatchSampler(CrestLoader):
             raise TypeError("CrestBatchSampler has no device: the DataLoader yields host batches; move them "
                             "in your step (pin_memory=True speeds that up)")
         super().__init__(model, dataset, **kwargs)
-        self._handed: list[Batch] = []  # the batches handed out last (at most an epoch and 64 more), in order
+        self._handed: list[Batch] = []  # the batches handed out last (at least an epoch and a prefetch window), in order
         self._handed_epoch: list[int] = []  # the epoch of the pass that handed out each
         self._handed_from = 0  # the run position of _handed[0]
         self._observed_step = -1  # the step of the batch observe(indices=) got last (for its error message)
+        self._ahead = 64  # batches a DataLoader may fetch ahead (its workers x prefetch_factor, at least 64)
 
     def __iter__(self):
         # The usual first mistake, DataLoader(train_set, batch_sampler=sampler) without WeightedDataset, ends
         # in the dataset's own indexing error about a float32 (the key's weight). The DataLoader's iterator
         # calls iter() on its batch sampler from its own method, so that frame names the dataset: when it is
         # the training set itself, say what to do. Anything unexpected in the frame skips the check.
+        # The same frame tells two more mistakes: the sampler given as sampler= (a BatchSampler over it calls
+        # iter()), and a DataLoader that delivers batches out of order (in_order=False).
         try:
-            it = sys._getframe(1).f_locals.get("self")
+            frame = sys._getframe(1).f_locals
+            it, loader = frame.get("self"), frame.get("loader")  # the iterator's __init__ / _reset(loader)
             ds = getattr(it, "_dataset", None)
         except (AttributeError, ValueError):  # pragma: no cover - interpreters without frame locals
-            it = ds = None
-        if ds is not None and ds is self.dataset:
+            it = ds = loader = None
+        if isinstance(it, BatchSampler) and getattr(it, "sampler", None) is self:
+            raise TypeError("CrestBatchSampler yields whole batches: pass it as DataLoader(..., batch_sampler=sampler) "
+                            "(not sampler=, and without batch_size), or use sampler.dataloader(...)")
+        problem = None
+        if ds is not None and (ds is self.dataset or (type(ds) is type(self.dataset)
+                                                     and not isinstance(ds, WeightedDataset))):
+            problem = (f"this DataLoader reads the training set itself (a {type(ds).__name__}), but "
+                       "CrestBatchSampler yields (index, weight) "
+                       "keys: wrap it, DataLoader(WeightedDataset(train_set), batch_sampler=sampler, ...), or use "
+                       "sampler.dataloader(...)")
+        elif ds is not None and type(ds).__module__.startswith("torch.utils.data"):
+            problem = (f"this DataLoader reads a {type(ds).__name__}, but CrestBatchSampler yields (index, weight) "
+                       "keys of the training set it was built with: DataLoader(WeightedDataset(train_set), "
+                       "batch_sampler=sampler, ...), or sampler.dataloader(...) (to train on a part of a data set, "
+                       "build the sampler on that part)")
+        elif ds is not None and getattr(loader, "in_order", True) is False and getattr(loader, "num_workers", 0) > 0:
+            problem = ("this DataLoader has in_order=False: its workers deliver batches as they finish, but the "
+                       "sampler's checkpoints (state_dict(trained=)), rewind() and observe(indices=) count the "
+                       "batches trained in the order it handed them out, and CREST's decisions would depend on "
+                       "the workers' timing; leave in_order=True")
+        if problem is not None:
             if not hasattr(it, "_shutdown"):  # refused in the iterator's __init__, before any worker started:
                 it._shutdown = True  # its __del__ then has nothing to shut down (no AttributeError there)
-            raise TypeError(
-                "this DataLoader reads the training set itself, but CrestBatchSampler yields (index, weight) keys: "
-                "wrap it, DataLoader(WeightedDataset(train_set), batch_sampler=sampler, ...), or use "
-                "sampler.dataloader(...)"
-            )
+            raise TypeError(problem)
+        if ds is not None:  # the untrained batches a checkpoint may need are at most those fetched ahead
+            ahead = int(getattr(loader, "num_workers", 0) or 0) * int(getattr(loader, "prefetch_factor", 0) or 0)
+            self._ahead = max(self._ahead, ahead)
         return super().__iter__()
 
     def _make_batch(self, batch: Batch):
@@ -1947,8 +1970,11 @@ class CrestBatchSampler(CrestLoader):
         self._handed.append(batch)
         e = self._pass_e
         self._handed_epoch.append(e if e is not None else (self._position - 1) // self.steps_per_epoch)
-        if len(self._handed) > self.steps_per_epoch + 64:  # bounded: older batches are trained for sure
-            drop = len(self._handed) - self.steps_per_epoch
+        # bounded: an epoch's batches and a prefetch window are kept (state_dict(trained=) anywhere in the
+        # epoch; with per_epoch=False one pass is the whole run, and the window may exceed an epoch's share)
+        keep = self.steps_per_epoch + self._ahead
+        if len(self._handed) > 2 * keep:  # trimmed in blocks: amortised O(1) a batch
+            drop = len(self._handed) - keep
             self._handed, self._handed_from = self._handed[drop:], self._handed_from + drop
             self._handed_epoch = self._handed_epoch[drop:]
         return [WeightedKey(i, w) for i, w in zip(batch.indices.tolist(), batch.weights.tolist())]

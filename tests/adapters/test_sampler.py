@@ -93,6 +93,47 @@ def test_a_dataloader_over_the_unwrapped_training_set_is_told_to_wrap_it(workers
     assert len(next(iter(DataLoader(other, batch_sampler=sampler, num_workers=workers)))) == 3
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # the refused iterator's __del__
+@pytest.mark.parametrize("workers", [0, 2])
+def test_other_ways_of_handing_the_sampler_to_a_dataloader_wrongly_are_told_what_to_do(workers):
+    """The sampler as sampler= (a BatchSampler over it), a torch wrapper of the training set (Subset), another
+    instance of the training set's class, and in_order=False with workers: each refused with what to do."""
+    X, y = make_data()
+    train = Flip(X, y)
+    sampler = CrestBatchSampler(mlp(), train, **CFG)
+    with pytest.raises(TypeError, match="batch_sampler=sampler"):
+        next(iter(DataLoader(WeightedDataset(train), sampler=sampler, batch_size=24, num_workers=workers)))
+    with pytest.raises(TypeError, match=r"reads a Subset.*WeightedDataset\(train_set\)"):
+        next(iter(DataLoader(torch.utils.data.Subset(train, range(N)), batch_sampler=sampler, num_workers=workers)))
+    with pytest.raises(TypeError, match=r"training set itself \(a Flip\)"):
+        next(iter(DataLoader(Flip(X, y), batch_sampler=sampler, num_workers=workers)))
+    if workers:
+        with pytest.raises(TypeError, match="in_order=False"):
+            next(iter(sampler.dataloader(num_workers=workers, in_order=False)))
+    assert sampler.position == 0  # nothing was handed out
+    assert len(list(sampler.dataloader(num_workers=workers))) == len(sampler)
+
+
+def test_checkpoints_anywhere_in_one_pass_over_the_whole_run_with_a_window_larger_than_an_epoch():
+    """per_epoch=False: one pass is the run, and a DataLoader's prefetch window (2 workers x 4) exceeds an
+    epoch's share (2 batches): state_dict(trained=step) works at every step of a long run, and rewind after a
+    break."""
+    X, y = make_data()
+    cfg = dict(CFG, budget=0.2, epochs=80)  # 10 full-data steps an epoch, 2 of them; 160 in one pass
+    sampler = CrestBatchSampler(mlp(), Flip(X, y), per_epoch=False, **cfg)
+    assert sampler.steps_per_epoch == 2 and len(sampler) == 160
+    steps = 0
+    for steps, _batch in enumerate(sampler.dataloader(num_workers=2, prefetch_factor=4), 1):
+        assert sampler.state_dict(trained=steps)["position"] == steps
+    assert steps == 160
+    again = CrestBatchSampler(mlp(), Flip(X, y), per_epoch=False, **cfg)
+    for steps, _batch in enumerate(again.dataloader(num_workers=2, prefetch_factor=4), 1):
+        if steps == 137:
+            break
+    again.rewind(137)
+    assert again.position == 137 and len(list(again.dataloader(num_workers=0))) == 23
+
+
 def test_without_workers_it_is_the_crest_loader():
     """num_workers=0: the DataLoader asks for a batch only when the loop wants one, so the sampler's run is
     CrestLoader's run, batch for batch and bit for bit."""
