@@ -671,8 +671,9 @@ class TorchModelOps:
     collate_fn : as for a ``DataLoader``; default ``default_collate``.
     check_labels : compare the labels once with those the first measurement batch's items carry
         (``item[1]``, or a dict item's label key) and warn when they differ; default: when ``labels`` is
-        None (found from the dataset, e.g. its ``targets``). The loaders pass it for labels they found.
-        A ``TensorDataset`` is never checked (its second tensor is where its labels come from).
+        None (found from the dataset, e.g. its ``targets``) and the dataset is not a ``TensorDataset`` (its
+        second tensor is where its labels come from). The loaders pass it for labels they found, and for a
+        ``measure_dataset`` (its items against the training set's labels: the same examples, in order).
     last_layer : for ``outputs(..., embeddings=True)``: the ``nn.Linear`` (or its name in
         ``model.named_modules()``) whose input is the penultimate embedding. Default: found at the first
         measurement and checked at every later one: the ``nn.Linear`` call of the forward whose output is
@@ -742,8 +743,9 @@ class TorchModelOps:
             raise ValueError("the dataset is empty: CREST needs examples to select from")
         self.labels = dataset_labels(dataset) if labels is None else _as_labels(labels, self.n, "labels")
         # labels found by dataset_labels: compared once with the labels the items carry (below, _probe_labels)
-        self._check_labels = (labels is None if check_labels is None else bool(check_labels)) and not \
-            isinstance(dataset, TensorDataset)
+        self._check_labels = ((labels is None and not isinstance(dataset, TensorDataset)) if check_labels is None
+                              else bool(check_labels))
+        self._measure_set = False  # dataset is a loader's measure_dataset, checked against the training labels
         self._labels_origin = _found_origin(dataset) if labels is None else "as given"
         self.loss_fn = loss_fn if loss_fn is not None else _cross_entropy
         self._device = None if device is None else torch.device(device)
@@ -881,7 +883,14 @@ class TorchModelOps:
                 or got.dtype.is_complex or got.dtype == torch.bool):
             return
         bad = int((got.cpu().numpy().astype(np.int64) != self.labels[idx]).sum())
-        if bad:
+        if bad and self._measure_set:
+            warnings.warn(
+                f"crestcore: the items of measure_dataset carry labels that differ from the training set's "
+                f"({self._labels_origin}) for {bad} of the {idx.size} examples of the first measurement pass (read "
+                "as item[1], or a dict item's label key): measure_dataset must hold the same examples as the "
+                "training set, in the same order (each selection, check and fit would measure other examples "
+                "than CREST picks); if item[1] is not the label in measure_dataset, ignore this.", stacklevel=4)
+        elif bad:
             warnings.warn(
                 f"crestcore: the labels CREST uses ({self._labels_origin}) "
                 f"differ from the labels the dataset's items carry for {bad} of the {idx.size} examples of the "
@@ -1555,10 +1564,13 @@ class CrestLoader(BudgetedPasses):
             model, measure_dataset if measure_dataset is not None else dataset, labels=lab, loss_fn=loss_fn,
             device=device, batch_size=measure_batch_size, collate_fn=collate_fn, last_layer=last_layer,
             forward=forward, num_workers=measure_workers, cache_bytes=measure_cache_bytes,
-            check_labels=labels is None,
+            check_labels=labels is None or measure_dataset is not None,
         )
         if labels is None:  # the labels the ops got were found here, from the training set: say so if checked
             self.ops._labels_origin = _found_origin(dataset)
+        # a measure_dataset is checked against the training labels even when labels= gives them: the same
+        # examples in the same order is a promise only its items can confirm
+        self.ops._measure_set = measure_dataset is not None
         if progress:
             self.ops.progress = _Progress()
         self._fetch = _Fetcher(dataset, collate_fn)

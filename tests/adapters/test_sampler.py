@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -132,6 +133,49 @@ def test_checkpoints_anywhere_in_one_pass_over_the_whole_run_with_a_window_large
             break
     again.rewind(137)
     assert again.position == 137 and len(list(again.dataloader(num_workers=0))) == 23
+
+
+class _Counted(Flip):
+    """Flip that counts the items read (in this process)."""
+
+    def __init__(self, X, y):
+        super().__init__(X, y)
+        self.reads = 0
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return super().__getitem__(i)
+
+
+@pytest.mark.filterwarnings("error")
+def test_the_measurement_passes_read_measure_dataset_and_the_training_batches_the_training_set():
+    X, y = make_data()
+    train, measure = _Counted(X, y), _Counted(X, y)
+    loader = CrestLoader(mlp(), train, measure_dataset=measure, **CFG)
+    steps = sum(1 for _ in loader.iter_run())
+    assert steps == loader.total_steps
+    assert train.reads == steps * 24  # the batches, nothing else
+    # every measurement pass read measure_dataset (kept passes are re-read from memory, so at least the
+    # selections' forwards, of r = 60 examples each)
+    assert measure.reads >= 60 * loader.stats["counters"]["selections"] > 0
+
+
+@pytest.mark.parametrize("kind", ["tensors", "custom", "custom-with-labels"])
+def test_a_measure_dataset_in_another_order_than_the_training_set_is_flagged(kind):
+    """measure_dataset must hold the training set's examples in its order: a permuted one is flagged from
+    its items' labels, also when it is a TensorDataset and when labels= gives the training labels."""
+    X, y = make_data()
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(3))
+    measure = TensorDataset(X[perm], y[perm]) if kind == "tensors" else Flip(X[perm], y[perm])
+    labels = y.numpy() if kind == "custom-with-labels" else None
+    loader = CrestLoader(mlp(), Flip(X, y), measure_dataset=measure, labels=labels, **CFG)
+    with pytest.warns(UserWarning, match="measure_dataset must hold the same examples as the training set"):
+        next(iter(loader))
+    same = TensorDataset(X, y) if kind == "tensors" else Flip(X, y)
+    loader = CrestLoader(mlp(), Flip(X, y), measure_dataset=same, labels=labels, **CFG)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        next(iter(loader))
 
 
 def test_without_workers_it_is_the_crest_loader():
