@@ -1090,7 +1090,7 @@ def test_the_log_grows_in_constant_time_and_every_state_keeps_its_own():
     rng = np.random.default_rng(0)
     y = np.arange(200) % 2
     X = rng.normal(size=(200, 2)) + 2.0 * y[:, None]
-    ops, config = _SoftmaxOps(X, y, C=2), CrestConfig(m=10, T1=1, tau=1e9)
+    ops, config = _SoftmaxOps(X, y, C=2), CrestConfig(m=10, T1=1, tau=1e9, max_age=None)
     state = crest_init(config, y, seed=0)
     states = []
     for _ in range(30):
@@ -1479,3 +1479,38 @@ def test_non_finite_parameters_are_a_divergence_naming_params(when):
     with pytest.raises(DivergenceError, match=r"ops.params\(\) holds NaN"):
         for _ in range(6):
             state, _ = crest_next_batch(state, ops, config)
+
+
+@pytest.mark.parametrize("max_age", ["epoch", 7, None])
+def test_a_selection_is_trained_on_at_most_max_age_steps_even_when_every_check_passes(max_age):
+    """A trust check that always passes (a huge tau: a small learning rate's quadratic model stays right)
+    used to cycle the first selection's coresets for the whole run. max_age bounds the steps on one
+    selection: one budgeted epoch (the default), a number of steps, or None (the paper's rule: only the
+    check reselects)."""
+    from crestcore.controller import _SoftmaxOps
+
+    rng = np.random.default_rng(0)
+    y = np.arange(400) % 2
+    X = rng.normal(size=(400, 2)) + 2.0 * y[:, None]
+    ops, config = _SoftmaxOps(X, y, C=2), CrestConfig(m=10, tau=1e9, max_age=max_age)
+    state = crest_init(config, y, seed=0, epoch_steps=4)
+    seen = set()
+    for _ in range(40):
+        state, batch = crest_next_batch(state, ops, config)
+        ops.W -= 0.01 * ops.gradient(batch.indices, batch.weights)[1].reshape(ops.W.shape)
+        seen.add(tuple(batch.indices))
+    steps = list(state.log["selections"])
+    every = {"epoch": 4, 7: 7, None: None}[max_age]
+    if every is None:
+        assert steps == [0] and len(seen) <= 4  # P = min(5, the cap of 4) coresets, cycled for 40 steps
+    else:
+        assert steps == list(range(0, 40, every))
+        assert len(seen) > 4 * len(steps) // 2  # fresh coresets at each selection
+
+
+def test_max_age_is_checked_and_the_papers_and_releases_rule_is_the_check_alone():
+    assert CrestConfig.paper().max_age is None and CrestConfig.release().max_age is None
+    assert CrestConfig().max_age == "epoch" and CrestConfig(max_age=3).max_age == 3
+    for bad, err in (("week", ValueError), (0, ValueError), (True, TypeError), (2.5, TypeError)):
+        with pytest.raises(err, match="max_age"):
+            CrestConfig(max_age=bad)

@@ -566,7 +566,10 @@ def test_passes_accounting_gives_every_epoch_its_share():
     assert sum(counts) == passes.position < passes.total_steps  # the measurement passes took steps' place
     assert sum(counts[1:]) > 0 and counts[-1] > 0, counts
     b = passes.stats["budget"]
-    assert b["fraction_all_passes"] * 40 <= 20 + 1e-9  # within the budget: 0.5 of 4 epochs of 10 steps
+    # within the budget, 0.5 of 4 epochs of 10 steps, but for the last step's own measurement (documented:
+    # a selection may overshoot by its cost, here a forward over r = 60 and a fit of 24 examples, 2.5
+    # step-equivalents, and a just-in-time coreset's forward over 60, 0.83)
+    assert b["fraction_all_passes"] * 40 <= 20 + 2.5 + 0.84
     assert b["fraction_all_passes"] * 40 + 1 > 20  # and it stopped because one more step would go over
     with pytest.warns(UserWarning, match="planned steps are used"):
         assert list(passes) == []
@@ -1303,7 +1306,8 @@ def test_batchnorm_statistics_moved_by_training_are_not_the_quadratic_models_err
     model = mlp(0)
     assert any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules())
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    loader = CrestLoader(model, data, config=CrestConfig(m=16), budget=0.5, epochs=2, seed=0)
+    # max_age=None: only a failed check reselects, so one selection shows that every check passed
+    loader = CrestLoader(model, data, config=CrestConfig(m=16, max_age=None), budget=0.5, epochs=2, seed=0)
     before = [p.detach().clone() for p in model.parameters()]
     for _ in range(2):
         for xb, yb, w in loader:
