@@ -678,7 +678,9 @@ def _cap(state: CrestState, config: CrestConfig) -> int:
 
 def _max_age(state: CrestState, config: CrestConfig) -> int:
     """The most steps on one selection's coresets (``max_age``; "epoch": the cap of P)."""
-    return _cap(state, config) if config.max_age == "epoch" else int(config.max_age)
+    age = config.max_age
+    assert age is not None, "max_age=None sets no bound"
+    return _cap(state, config) if isinstance(age, str) else int(age)
 
 
 def _transform_weights(w: np.ndarray, valid: np.ndarray, rule: str) -> np.ndarray:
