@@ -10,12 +10,29 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
 import warnings
 
 import numpy as np
 
+import crestcore
+import crestcore.backends
 from crestcore.controller import Batch, CrestConfig, crest_load_state_dict, crest_state_dict
 from crestcore.validation import check_count, host_indices, host_weights, stored_batch  # noqa: F401 (re-exported)
+
+# the folders of the library's code (one in a wheel; crestcore/, adapters/ and backends/ in a checkout)
+_OURS = tuple(os.path.dirname(os.path.abspath(f)) + os.sep
+              for f in (crestcore.__file__, __file__, crestcore.backends.__file__))
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn`` called by the caller of this function that names the first
+    frame outside the library: the user's line, however deep the library's own calls go."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_OURS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 # ------------------------------------------------------------------------------------------------
@@ -35,6 +52,9 @@ def check_budget(budget) -> None:
     if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, numbers.Real) or not (
             math.isfinite(budget) and budget > 0):
         raise ValueError(f"budget must be a positive finite fraction of the full-data steps, got {budget!r}")
+    if budget > 1:  # allowed (more steps than full data), but far more often a percentage by mistake
+        warnings.warn(f"crestcore: budget={budget!r} trains {budget!r} times the full-data steps; the budget is a "
+                      f"fraction (budget=0.1 for 10 %)", stacklevel=user_stacklevel())
 
 
 def check_budget_counts(budget_counts) -> None:

@@ -1433,3 +1433,15 @@ def test_cuda_recurrent_model_trains_with_crest():
     loader = CrestLoader(model, TensorDataset(x, y), config=CrestConfig(m=24, r=60), budget=0.5, epochs=1, seed=0)
     seen, _ = train(loader, model)
     assert len(seen) == len(loader) and loader.stats["checks"]
+
+
+def test_a_budget_above_one_is_warned_about_at_the_users_line():
+    """budget=10 is accepted (ten times the full-data steps) but is far more often 10 % by mistake: a
+    warning that points at the line that built the loader, not into the library."""
+    X, y = make_data()
+    with pytest.warns(UserWarning, match=r"budget=10 trains 10 times the full-data steps.*budget=0.1") as rec:
+        CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=10)
+    assert rec[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=1.0)
