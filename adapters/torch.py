@@ -1933,6 +1933,8 @@ class CrestBatchSampler(CrestLoader):
         self._handed_from = 0  # the run position of _handed[0]
         self._observed_step = -1  # the step of the batch observe(indices=) got last (for its error message)
         self._ahead = 64  # batches a DataLoader may fetch ahead (its workers x prefetch_factor, at least 64)
+        self._loader_ahead = 0  # the batches the DataLoader that called iter() last fetches ahead
+        self._pass_ahead = 0  # ... and that of the DataLoader the running pass hands its batches to
 
     def __iter__(self):
         # The usual first mistake, DataLoader(train_set, batch_sampler=sampler) without WeightedDataset, ends
@@ -1971,10 +1973,24 @@ class CrestBatchSampler(CrestLoader):
             if not hasattr(it, "_shutdown"):  # refused in the iterator's __init__, before any worker started:
                 it._shutdown = True  # its __del__ then has nothing to shut down (no AttributeError there)
             raise TypeError(problem)
+        self._loader_ahead = 0
         if ds is not None:  # the untrained batches a checkpoint may need are at most those fetched ahead
             ahead = int(getattr(loader, "num_workers", 0) or 0) * int(getattr(loader, "prefetch_factor", 0) or 0)
             self._ahead = max(self._ahead, ahead)
+            self._loader_ahead = ahead
         return super().__iter__()
+
+    def _broken_pass(self, handed: int) -> None:
+        if self._pass_ahead:  # its DataLoader fetched ahead: batches handed out may never have been trained
+            warnings.warn(
+                f"CrestBatchSampler: the last pass was left before its end after handing out {handed} batches "
+                f"to a DataLoader whose workers fetch up to {self._pass_ahead} batches ahead; they all count as "
+                "trained, and this pass continues after them. If the loop was broken off (or a batch taken with "
+                "next(iter(loader))), call sampler.rewind(batches_trained) before the next pass: the fetched, "
+                "untrained batches are then handed out again, first.", stacklevel=4)
+
+    def _pass_started(self) -> None:
+        self._pass_ahead = self._loader_ahead
 
     def _make_batch(self, batch: Batch):
         if not self._handed or self._handed_from + len(self._handed) != self._position - 1:

@@ -162,6 +162,7 @@ class BudgetedPasses:
         self._epoch_hint: int | None = None
         self._token = 0
         self._warned_done = False
+        self._open_handed = 0  # batches the running (or last, if broken off) pass handed out; 0 once it ended
 
     def __len__(self) -> int:
         return self.steps_per_epoch if self.per_epoch else self.total_steps
@@ -243,6 +244,7 @@ class BudgetedPasses:
             yield from self
 
     def _pass(self, token: int):
+        hinted = self._epoch_hint is not None
         e = self._pass_epoch()
         end = self.total_steps if e is None else min(self.total_steps, (e + 1) * self.steps_per_epoch)
         finished = self._position >= self.total_steps or self._epochs_done >= self.epochs
@@ -253,6 +255,12 @@ class BudgetedPasses:
                 f"nothing (build it with a larger epochs= to train longer).",
                 stacklevel=3,
             )
+        elif hinted and e is not None:
+            self._check_hint(e, end)
+        if self._open_handed:  # the last pass was left before its end
+            self._broken_pass(self._open_handed)
+        self._open_handed = 0
+        self._pass_started()
         done = self.epochs if e is None else e + 1
         self._pass_e = e
         while self._token == token and self._position < end:
@@ -261,11 +269,40 @@ class BudgetedPasses:
                 if (train + overhead) / self._pass_m + 1 > end + 1e-9:
                     break
             item = self._step()
+            self._open_handed += 1
             if self._position >= end:  # the share's last batch: the epoch is done even if the consumer stops here
                 self._finish_epochs(done)
             yield item
         if self._token == token:  # ran to its end (not broken off by the consumer, nor replaced)
             self._finish_epochs(done)
+            self._open_handed = 0
+
+    def _check_hint(self, e: int, end: int) -> None:
+        """Warn when the epoch ``set_epoch`` named makes this pass yield nothing (its share is handed out
+        already) or whole epochs' shares more (it lies beyond an epoch not started: 1-based epochs, a
+        skipped epoch, a resumed loop without the loader's state). Completing an epoch broken off, with
+        the next one, is the documented behaviour and is not warned about."""
+        now = max(self._position // self.steps_per_epoch, self._epochs_done)
+        name = type(self).__name__
+        if self._position >= end:
+            warnings.warn(
+                f"{name}: set_epoch({e}) named an epoch whose share is handed out already ({self._position} "
+                f"batches of the run are), so this pass yields nothing. set_epoch takes the 0-based epoch about "
+                f"to be trained; with a DataLoader that has worker processes, call it before iter(loader), which "
+                f"starts the sampler's pass at once to fetch ahead.", stacklevel=4)
+        elif e > now and self._position <= now * self.steps_per_epoch:  # epoch `now` not started: skipped
+            warnings.warn(
+                f"{name}: set_epoch({e}) is ahead of the run, whose epoch {now} has not started ({self._position} "
+                f"batches handed out): this pass yields the shares of epochs {now}-{e}, {end - self._position} "
+                f"batches instead of {self.steps_per_epoch}. Epochs count from 0; to continue a saved run, load its "
+                f"state_dict.", stacklevel=4)
+
+    def _broken_pass(self, handed: int) -> None:
+        """Called when a pass starts after the previous one was left before its end, having handed out
+        ``handed`` batches (subclasses that can tell whether batches were lost say so)."""
+
+    def _pass_started(self) -> None:
+        """Called when a pass starts handing out batches."""
 
     def _replaying(self) -> bool:
         """Whether the next step hands out a batch decided before a checkpoint or a rewind (the run that
@@ -302,6 +339,7 @@ class BudgetedPasses:
         self._epoch_hint = None
         self._token += 1  # passes started before the load stop
         self._warned_done = False
+        self._open_handed = 0  # what a broken-off pass handed out is accounted for by the load (rewind)
 
 
 class _StepNumbers(BudgetedPasses):

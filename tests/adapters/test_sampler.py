@@ -523,6 +523,51 @@ def test_a_pass_broken_off_with_workers_continues_after_rewind():
     assert len(trained) == sampler.total_steps == sampler.position
 
 
+def test_a_pass_left_with_batches_fetched_ahead_is_told_about_unless_rewound():
+    """Peeking (next(iter(loader))) or breaking off with workers uses up the batches they fetched: the next
+    pass says so and names rewind; after a rewind, or with a DataLoader that fetches nothing ahead, it is
+    silent."""
+    X, y = make_data()
+    sampler = CrestBatchSampler(mlp(), Flip(X, y), **CFG)
+    loader = sampler.dataloader(num_workers=2)
+    next(iter(loader))  # a peek
+    with pytest.warns(UserWarning, match=r"left before its end after handing out \d+ batches.*rewind"):
+        list(loader)
+    quiet = CrestBatchSampler(mlp(), Flip(X, y), **CFG)
+    loader = quiet.dataloader(num_workers=2)
+    for k, _ in enumerate(loader):
+        if k == 1:
+            break
+    quiet.rewind(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(list(loader)) == len(quiet) - 2  # the epoch's rest, the fetched batches again first
+        plain = CrestBatchSampler(mlp(), Flip(X, y), **CFG).dataloader(num_workers=0)
+        next(iter(plain))
+        list(plain)
+
+
+def test_set_epoch_that_empties_a_pass_or_skips_an_epoch_is_told_about():
+    X, y = make_data()
+    sampler = CrestBatchSampler(mlp(), Flip(X, y), **CFG)
+    loader = sampler.dataloader(num_workers=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sampler.set_epoch(0)
+        assert len(list(loader)) == len(sampler)
+    # set_epoch after iter(): a DataLoader with workers starts the pass at iter(), so the epoch is late
+    it = iter(loader)
+    sampler.set_epoch(1)
+    assert len(list(it)) == len(sampler)  # epoch 1, by default
+    with pytest.warns(UserWarning, match=r"set_epoch\(1\) named an epoch whose share is handed out already"):
+        assert list(loader) == []
+    # 1-based epochs: set_epoch(1) on a fresh run merges epochs 0 and 1
+    fresh = CrestBatchSampler(mlp(), Flip(X, y), **CFG)
+    fresh.set_epoch(1)
+    with pytest.warns(UserWarning, match=r"set_epoch\(1\) is ahead of the run, whose epoch 0 has not started"):
+        assert len(list(fresh)) == 2 * len(fresh)
+
+
 def test_after_rewind_the_stats_count_only_the_trained_batches():
     """Batches handed out beyond the trained ones are not counted as trained (steps, examples, the budget's
     fractions) until they are handed out again; the measurement work spent on them stays counted."""
