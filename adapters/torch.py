@@ -431,7 +431,7 @@ class _Fetcher:
 
     def __init__(self, dataset, collate_fn=None):
         self.dataset = dataset
-        self.collate = collate_fn if collate_fn is not None else default_collate
+        self.collate = collate_fn if collate_fn is not None else _DefaultCollate()
         self._tensors = type(dataset) is TensorDataset and collate_fn is None
 
     def __call__(self, idx: np.ndarray):
@@ -442,6 +442,22 @@ class _Fetcher:
         getitems = getattr(self.dataset, "__getitems__", None)
         items = getitems(keys) if callable(getitems) else [self.dataset[i] for i in keys]
         return _plain(self.collate(items))
+
+
+class _DefaultCollate:
+    """``default_collate`` for the measurement passes of a loader given no ``collate_fn``: its errors
+    (items of unequal sizes, say) get a note that the passes collate with it, and that a ``DataLoader``'s
+    own ``collate_fn`` (padding) must be given to the loader too. Picklable (measurement workers)."""
+
+    def __call__(self, items):
+        try:
+            return default_collate(items)
+        except Exception as exc:
+            exc.add_note(
+                "[crestcore: CREST's measurement passes collate the dataset's items with default_collate, since "
+                "the CrestLoader / CrestBatchSampler was given no collate_fn: if your DataLoader collates its own "
+                "way (padding, say), give the same collate_fn= to the CREST loader too]")
+            raise
 
 
 def _plain(batch):
@@ -980,7 +996,7 @@ class TorchModelOps:
             # its own generator: the workers' base seed is drawn from it, never from torch's global RNG
             # (the user's), which a DataLoader without one advances
             self._pool = DataLoader(self.dataset, batch_sampler=_IndexLists(), num_workers=self.num_workers,
-                                    collate_fn=self._collate if self._collate is not None else default_collate,
+                                    collate_fn=self._collate if self._collate is not None else _DefaultCollate(),
                                     persistent_workers=True, generator=torch.Generator().manual_seed(0))
         return self._pool
 

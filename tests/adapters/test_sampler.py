@@ -643,3 +643,37 @@ def test_a_nan_loss_observed_with_indices_names_the_step_of_its_batch():
     second = np.array([k[0] for k in handed[1]])
     with pytest.raises(FloatingPointError, match="at step 1 "):
         s.observe(torch.full((16,), float("nan")), indices=second)
+
+
+class _Ragged(Dataset):
+    """Items of unequal length (a padding collate_fn's job)."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.x = [torch.randn(3 + i % 3, generator=g) for i in range(N)]
+        self.targets = torch.arange(N) % C
+
+    def __len__(self):
+        return N
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.targets[i])
+
+
+class _MeanOfSequence(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(1, C)
+
+    def forward(self, x):
+        return self.linear(x.mean(1, keepdim=True))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_items_default_collate_cannot_stack_name_the_collate_fn_the_sampler_needs(workers):
+    sampler = CrestBatchSampler(_MeanOfSequence(), _Ragged(), config=CrestConfig(m=24, r=60), budget=0.5,
+                                measure_workers=workers)
+    with pytest.raises(RuntimeError, match="stack expects") as info:
+        next(iter(sampler))
+    assert "give the same collate_fn= to the CREST loader too" in str(info.value) + "".join(
+        getattr(info.value, "__notes__", []))
