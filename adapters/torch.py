@@ -2003,7 +2003,7 @@ class CrestBatchSampler(CrestLoader):
                 f"to a DataLoader whose workers fetch up to {self._pass_ahead} batches ahead; they all count as "
                 "trained, and this pass continues after them. If the loop was broken off (or a batch taken with "
                 "next(iter(loader))), call sampler.rewind(batches_trained) before the next pass: the fetched, "
-                "untrained batches are then handed out again, first.", stacklevel=4)
+                "untrained batches are then handed out again, first.", stacklevel=3)
 
     def _pass_started(self) -> None:
         self._pass_ahead = self._loader_ahead

@@ -163,6 +163,7 @@ class BudgetedPasses:
         self._token = 0
         self._warned_done = False
         self._open_handed = 0  # batches the running (or last, if broken off) pass handed out; 0 once it ended
+        self._warned_hint = False  # a set_epoch naming an epoch handed out already was ignored, and said so
 
     def __len__(self) -> int:
         return self.steps_per_epoch if self.per_epoch else self.total_steps
@@ -180,7 +181,8 @@ class BudgetedPasses:
     def set_epoch(self, epoch: int) -> None:
         """Declare that the next pass is epoch ``epoch`` (0-based): it yields from the current position to
         the end of that epoch's share (so a pass that broke off early is completed, never skipped).
-        Optional: without it each pass yields the next epoch's share.
+        Optional: without it each pass yields the next epoch's share. An epoch whose share is handed out
+        already is ignored, with a warning (the pass yields the run's next epoch).
 
         Examples
         --------
@@ -246,7 +248,6 @@ class BudgetedPasses:
     def _pass(self, token: int):
         hinted = self._epoch_hint is not None
         e = self._pass_epoch()
-        end = self.total_steps if e is None else min(self.total_steps, (e + 1) * self.steps_per_epoch)
         finished = self._position >= self.total_steps or self._epochs_done >= self.epochs
         if finished and not self._warned_done:
             self._warned_done = True
@@ -255,8 +256,9 @@ class BudgetedPasses:
                 f"nothing (build it with a larger epochs= to train longer).",
                 stacklevel=3,
             )
-        elif hinted and e is not None:
-            self._check_hint(e, end)
+        elif hinted and e is not None and not finished:
+            e = self._check_hint(e)
+        end = self.total_steps if e is None else min(self.total_steps, (e + 1) * self.steps_per_epoch)
         if self._open_handed:  # the last pass was left before its end
             self._broken_pass(self._open_handed)
         self._open_handed = 0
@@ -277,25 +279,34 @@ class BudgetedPasses:
             self._finish_epochs(done)
             self._open_handed = 0
 
-    def _check_hint(self, e: int, end: int) -> None:
-        """Warn when the epoch ``set_epoch`` named makes this pass yield nothing (its share is handed out
-        already) or whole epochs' shares more (it lies beyond an epoch not started: 1-based epochs, a
-        skipped epoch, a resumed loop without the loader's state). Completing an epoch broken off, with
-        the next one, is the documented behaviour and is not warned about."""
+    def _check_hint(self, e: int) -> int:
+        """The epoch of a pass ``set_epoch(e)`` named. An epoch whose share is handed out already is ignored
+        (warned about once): the pass yields the run's next epoch, so that an epoch counter of someone
+        else's (accelerate's prepared loader calls ``set_epoch`` with its own count, 0 in a resumed
+        process) or a ``set_epoch`` made after ``iter()`` started the pass cannot empty every later pass.
+        An epoch beyond one not started is warned about (1-based epochs, a skipped epoch, a resumed loop
+        without the loader's state: the pass yields several epochs' shares). Completing an epoch broken
+        off, with the next one, is the documented behaviour and is not warned about."""
         now = max(self._position // self.steps_per_epoch, self._epochs_done)
         name = type(self).__name__
-        if self._position >= end:
-            warnings.warn(
-                f"{name}: set_epoch({e}) named an epoch whose share is handed out already ({self._position} "
-                f"batches of the run are), so this pass yields nothing. set_epoch takes the 0-based epoch about "
-                f"to be trained; with a DataLoader that has worker processes, call it before iter(loader), which "
-                f"starts the sampler's pass at once to fetch ahead.", stacklevel=4)
-        elif e > now and self._position <= now * self.steps_per_epoch:  # epoch `now` not started: skipped
+        if self._position >= min(self.total_steps, (e + 1) * self.steps_per_epoch):
+            if not self._warned_hint:
+                self._warned_hint = True
+                warnings.warn(
+                    f"{name}: set_epoch({e}) named an epoch whose share is handed out already ({self._position} "
+                    f"batches of the run are): ignored, this pass yields epoch {now}, the run's next. set_epoch "
+                    f"takes the 0-based epoch about to be trained; with a DataLoader that has worker processes, "
+                    f"call it before iter(loader), which starts the sampler's pass at once (a loader prepared by "
+                    f"accelerate calls it with its own count: call the prepared loader's set_epoch).", stacklevel=3)
+            return min(now, self.epochs - 1)
+        if e > now and self._position <= now * self.steps_per_epoch:  # epoch `now` not started: skipped
             warnings.warn(
                 f"{name}: set_epoch({e}) is ahead of the run, whose epoch {now} has not started ({self._position} "
-                f"batches handed out): this pass yields the shares of epochs {now}-{e}, {end - self._position} "
-                f"batches instead of {self.steps_per_epoch}. Epochs count from 0; to continue a saved run, load its "
-                f"state_dict.", stacklevel=4)
+                f"batches handed out): this pass yields the shares of epochs {now}-{e}, "
+                f"{min(self.total_steps, (e + 1) * self.steps_per_epoch) - self._position} batches instead of "
+                f"{self.steps_per_epoch}. Epochs count from 0; to continue a saved run, load its state_dict.",
+                stacklevel=3)
+        return e
 
     def _broken_pass(self, handed: int) -> None:
         """Called when a pass starts after the previous one was left before its end, having handed out

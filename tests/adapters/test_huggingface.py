@@ -246,6 +246,25 @@ def test_the_sampler_with_plain_accelerate():
     assert sampler.stats["counters"]["selections"] >= 1
 
 
+def test_a_sampler_resumed_under_accelerate_trains_the_rest_of_the_run():
+    """accelerate's prepared loader calls set_epoch with its own count at every iteration (0 in a resumed
+    process): an epoch handed out already is ignored (said once), so the resumed run trains its remaining
+    batches instead of none."""
+    acc = accelerate.Accelerator(cpu=True)
+    kw = dict(config=CrestConfig(m=16, r=48), budget=0.5, epochs=3, seed=0,
+              collate_fn=transformers.default_data_collator, measure_batch_size=64)
+    first = CrestBatchSampler(tiny_bert(), Texts(), **kw)
+    for _batch in acc.prepare(first.dataloader(collate_fn=transformers.default_data_collator)):
+        pass  # epoch 0
+    state = first.state_dict()
+    resumed = CrestBatchSampler(tiny_bert(), Texts(), **kw)
+    resumed.load_state_dict(state)
+    loader = acc.prepare(resumed.dataloader(collate_fn=transformers.default_data_collator))
+    with pytest.warns(UserWarning, match=r"set_epoch\(0\) named an epoch whose share is handed out already"):
+        got = sum(1 for epoch in range(resumed.epoch, resumed.epochs) for _batch in loader)
+    assert got == resumed.total_steps - state["position"] > 0 and resumed.position == resumed.total_steps
+
+
 def _resume_args(out, **kw):
     return transformers.TrainingArguments(
         output_dir=str(out), num_train_epochs=2, per_device_train_batch_size=16, learning_rate=5e-3,

@@ -556,11 +556,17 @@ def test_set_epoch_that_empties_a_pass_or_skips_an_epoch_is_told_about():
         sampler.set_epoch(0)
         assert len(list(loader)) == len(sampler)
     # set_epoch after iter(): a DataLoader with workers starts the pass at iter(), so the epoch is late
+    # (ignored, said once: the pass yields the run's next epoch, as an accelerate-prepared loader's own
+    # epoch count, 0 in a resumed process, must not empty every later pass)
     it = iter(loader)
     sampler.set_epoch(1)
     assert len(list(it)) == len(sampler)  # epoch 1, by default
     with pytest.warns(UserWarning, match=r"set_epoch\(1\) named an epoch whose share is handed out already"):
+        assert len(list(loader)) == len(sampler) and sampler.epoch == 3  # epoch 2, not nothing
+    with pytest.warns(UserWarning, match="all planned steps are used") as rec:
+        sampler.set_epoch(0)
         assert list(loader) == []
+    assert len(rec) == 1  # the run is over: nothing else to say
     # 1-based epochs: set_epoch(1) on a fresh run merges epochs 0 and 1
     fresh = CrestBatchSampler(mlp(), Flip(X, y), **CFG)
     fresh.set_epoch(1)
