@@ -453,10 +453,11 @@ class _DefaultCollate:
         try:
             return default_collate(items)
         except Exception as exc:
-            exc.add_note(
-                "[crestcore: CREST's measurement passes collate the dataset's items with default_collate, since "
-                "the CrestLoader / CrestBatchSampler was given no collate_fn: if your DataLoader collates its own "
-                "way (padding, say), give the same collate_fn= to the CREST loader too]")
+            if hasattr(exc, "add_note"):  # Python >= 3.11; before, the error as it is
+                exc.add_note(
+                    "[crestcore: CREST's measurement passes collate the dataset's items with default_collate, "
+                    "since the CrestLoader / CrestBatchSampler was given no collate_fn: if your DataLoader collates "
+                    "its own way (padding, say), give the same collate_fn= to the CREST loader too]")
             raise
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 import warnings
 
 import numpy as np
@@ -679,7 +680,8 @@ class _MeanOfSequence(torch.nn.Module):
 def test_items_default_collate_cannot_stack_name_the_collate_fn_the_sampler_needs(workers):
     sampler = CrestBatchSampler(_MeanOfSequence(), _Ragged(), config=CrestConfig(m=24, r=60), budget=0.5,
                                 measure_workers=workers)
-    with pytest.raises(RuntimeError, match="stack expects") as info:
+    with pytest.raises(RuntimeError, match="stack expects") as info:  # torch's own error, as it is
         next(iter(sampler))
-    assert "give the same collate_fn= to the CREST loader too" in str(info.value) + "".join(
-        getattr(info.value, "__notes__", []))
+    if sys.version_info >= (3, 11):  # exception notes (the error is left as it is before)
+        assert "give the same collate_fn= to the CREST loader too" in str(info.value) + "".join(
+            getattr(info.value, "__notes__", []))
