@@ -1970,8 +1970,7 @@ class CrestBatchSampler(CrestLoader):
             raise TypeError("CrestBatchSampler yields whole batches: pass it as DataLoader(..., batch_sampler=sampler) "
                             "(not sampler=, and without batch_size), or use sampler.dataloader(...)")
         problem = None
-        if ds is not None and (ds is self.dataset or (type(ds) is type(self.dataset)
-                                                     and not isinstance(ds, WeightedDataset))):
+        if ds is not None and ds is self.dataset:
             problem = (f"this DataLoader reads the training set itself (a {type(ds).__name__}), but "
                        "CrestBatchSampler yields (index, weight) "
                        "keys: wrap it, DataLoader(WeightedDataset(train_set), batch_sampler=sampler, ...), or use "

@@ -95,11 +95,22 @@ def test_a_dataloader_over_the_unwrapped_training_set_is_told_to_wrap_it(workers
     assert len(next(iter(DataLoader(other, batch_sampler=sampler, num_workers=workers)))) == 3
 
 
+class _KeyReading(Flip):
+    """A user's dataset that reads CrestBatchSampler's (index, weight) keys itself."""
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            i, w = key
+            return (*super().__getitem__(i), w)
+        return super().__getitem__(key)
+
+
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # the refused iterator's __del__
 @pytest.mark.parametrize("workers", [0, 2])
 def test_other_ways_of_handing_the_sampler_to_a_dataloader_wrongly_are_told_what_to_do(workers):
-    """The sampler as sampler= (a BatchSampler over it), a torch wrapper of the training set (Subset), another
-    instance of the training set's class, and in_order=False with workers: each refused with what to do."""
+    """The sampler as sampler= (a BatchSampler over it), a torch wrapper of the training set (Subset) and
+    in_order=False with workers: each refused with what to do. A dataset class of the user's own that reads
+    the keys itself is theirs to use (another instance of the training set's class included)."""
     X, y = make_data()
     train = Flip(X, y)
     sampler = CrestBatchSampler(mlp(), train, **CFG)
@@ -108,7 +119,10 @@ def test_other_ways_of_handing_the_sampler_to_a_dataloader_wrongly_are_told_what
     with pytest.raises(TypeError, match=r"reads a Subset.*WeightedDataset\(train_set\)"):
         next(iter(DataLoader(torch.utils.data.Subset(train, range(N)), batch_sampler=sampler, num_workers=workers)))
     with pytest.raises(TypeError, match=r"training set itself \(a Flip\)"):
-        next(iter(DataLoader(Flip(X, y), batch_sampler=sampler, num_workers=workers)))
+        next(iter(DataLoader(train, batch_sampler=sampler, num_workers=workers)))
+    keyed = _KeyReading(X, y)
+    own = CrestBatchSampler(mlp(), _KeyReading(X, y), **CFG)
+    assert len(next(iter(DataLoader(keyed, batch_sampler=own, num_workers=workers)))) == 3
     if workers:
         with pytest.raises(TypeError, match="in_order=False"):
             next(iter(sampler.dataloader(num_workers=workers, in_order=False)))
