@@ -265,11 +265,13 @@ class CrestConfig:
     reselect : "trust" (the rho_t check every T1 steps decides) or "epoch" (no checks and no model fit:
     P = one budgeted epoch of coresets, reselected every budgeted epoch; an ablation of the trust check).
     max_age : the most training steps one selection's coresets are trained on before a new selection,
-        even when every trust check passes: "epoch" (default) one budgeted epoch of steps (the cap of P,
-        see ``P_cap``), a positive integer, or None (only the trust check and drops reselect: the paper's
+        even when every trust check passes: "epoch" (default) one budgeted epoch of steps (the
+        ``epoch_steps`` the loaders give :func:`crest_init`; bare, ``ceil(pool / m)``; ``P_cap`` does not
+        change it), a positive integer, or None (only the trust check and drops reselect: the paper's
         rule, :meth:`paper` and :meth:`release`). Without it a small learning rate, whose quadratic model
         stays trustworthy, kept cycling the first selection's P coresets for a whole run (5 batches, 4 %
-        of the data, in a 220-step run).
+        of the data, in a 220-step run). Like every reselection it waits for ``max_overhead`` to allow
+        it: a cap too tight for any reselection keeps cycling the coresets made.
     max_overhead : None (no limit) or a positive fraction: the measurement passes CREST spends
     (selection forwards, model fits, checks; counted in forward-equivalents, a backward = 2 forwards)
     never exceed this fraction of the training passes (3 forward-equivalents per trained example) by
@@ -677,10 +679,13 @@ def _cap(state: CrestState, config: CrestConfig) -> int:
 
 
 def _max_age(state: CrestState, config: CrestConfig) -> int:
-    """The most steps on one selection's coresets (``max_age``; "epoch": the cap of P)."""
+    """The most steps on one selection's coresets (``max_age``; "epoch": one budgeted epoch of steps, the
+    ``epoch_steps`` the loaders give, else one virtual epoch of the pool; not ``P_cap``)."""
     age = config.max_age
     assert age is not None, "max_age=None sets no bound"
-    return _cap(state, config) if isinstance(age, str) else int(age)
+    if not isinstance(age, str):
+        return int(age)
+    return int(state.epoch_steps) if state.epoch_steps else max(1, math.ceil(pool_size(state.drop) / config.m))
 
 
 def _transform_weights(w: np.ndarray, valid: np.ndarray, rule: str) -> np.ndarray:

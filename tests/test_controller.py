@@ -1508,6 +1508,22 @@ def test_a_selection_is_trained_on_at_most_max_age_steps_even_when_every_check_p
         assert len(seen) > 4 * len(steps) // 2  # fresh coresets at each selection
 
 
+def test_max_age_epoch_is_the_budgeted_epoch_whatever_p_cap_says():
+    """P_cap bounds the coresets per selection and the check interval, not a selection's age: with P_cap=2
+    the default bound still reselects once a budgeted epoch (it reselected every 2 steps)."""
+    from crestcore.controller import _SoftmaxOps
+
+    rng = np.random.default_rng(0)
+    y = np.arange(400) % 2
+    X = rng.normal(size=(400, 2)) + 2.0 * y[:, None]
+    ops, config = _SoftmaxOps(X, y, C=2), CrestConfig(m=10, tau=1e9, P_cap=2)
+    state = crest_init(config, y, seed=0, epoch_steps=8)
+    for _ in range(32):
+        state, batch = crest_next_batch(state, ops, config)
+        ops.W -= 0.01 * ops.gradient(batch.indices, batch.weights)[1].reshape(ops.W.shape)
+    assert list(state.log["selections"]) == [0, 8, 16, 24]
+
+
 def test_max_age_is_checked_and_the_papers_and_releases_rule_is_the_check_alone():
     assert CrestConfig.paper().max_age is None and CrestConfig.release().max_age is None
     assert CrestConfig().max_age == "epoch" and CrestConfig(max_age=3).max_age == 3
