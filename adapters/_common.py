@@ -152,8 +152,41 @@ def check_checkpoint(state, *, fmt: str, owner: str, kind: str, fingerprint: dic
             raise ValueError(f"the state dict was saved with {k}={state.get(k)!r}, this {kind} has {k}={v!r}; "
                              f"resume with the same {same}")
     key, value, what = options
-    if state.get(key) != value:
-        warnings.warn(f"{owner}.load_state_dict: {what}", stacklevel=3)
+    saved = state.get(key)
+    if saved != value:
+        diff = _repr_difference(saved, value)
+        warnings.warn(f"{owner}.load_state_dict: {what}" + (f" ({diff}; the run continues with this one's)"
+                                                            if diff else ""), stacklevel=3)
+
+
+def _repr_fields(text) -> dict | None:
+    """``Name(a=1, b=Other(c=2))`` -> ``{"a": "1", "b": "Other(c=2)"}`` (top-level fields of a dataclass
+    repr), or None for anything else."""
+    if not isinstance(text, str) or "(" not in text or not text.endswith(")"):
+        return None
+    body, fields, depth, start = text[text.index("(") + 1:-1], {}, 0, 0
+    for i, ch in enumerate(body + ","):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            name, sep, val = body[start:i].strip().partition("=")
+            if sep:
+                fields[name.strip()] = val.strip()
+            start = i + 1
+    return fields
+
+
+def _repr_difference(saved, now) -> str:
+    """The fields two config reprs differ in, as ``name: saved -> now`` (a field the saved one lacks, added
+    since, as ``name: (not saved) -> now``); "" when they cannot be compared."""
+    a, b = _repr_fields(saved), _repr_fields(now)
+    if a is None or b is None:
+        return ""
+    parts = [f"{k}: {a.get(k, '(not saved)')} -> {b.get(k, '(gone)')}" for k in list(b) + [k for k in a if k not in b]
+             if a.get(k) != b.get(k)]
+    return "; ".join(parts)
 
 
 def restore_controller(saved: dict, labels: np.ndarray, like, data: str = "a dataset"):

@@ -1446,3 +1446,16 @@ def test_a_budget_above_one_is_warned_about_at_the_users_line():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=1.0)
+
+
+def test_a_checkpoint_of_another_config_names_the_fields_that_differ():
+    """A checkpoint saved with another CrestConfig (or before a field existed, such as max_age) resumes with
+    this loader's config, and the warning names each field that differs."""
+    X, y = make_data()
+    a = CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=24, r=60, tau=0.2), budget=0.5, seed=0)
+    next(iter(a))
+    state = a.state_dict()
+    state["config"] = state["config"].replace(", max_age='epoch'", "")  # as saved before max_age existed
+    b = CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.5, seed=0)
+    with pytest.warns(UserWarning, match=r"tau: 0.2 -> 0.1; max_age: \(not saved\) -> 'epoch'"):
+        b.load_state_dict(state)
