@@ -8,6 +8,7 @@ that differ between them (the owner's class name, "dataset" or "data") as argume
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -55,6 +56,15 @@ def check_budget(budget) -> None:
     if budget > 1:  # allowed (more steps than full data), but far more often a percentage by mistake
         warnings.warn(f"crestcore: budget={budget!r} trains {budget!r} times the full-data steps; the budget is a "
                       f"fraction (budget=0.1 for 10 %)", stacklevel=user_stacklevel())
+
+
+@contextlib.contextmanager
+def budget_said():
+    """For an adapter that checked ``budget`` at its own construction (the warning at the user's line) and
+    builds its loader later, inside a framework's call: the loader does not say it again."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"crestcore: budget=.* times the full-data steps")
+        yield
 
 
 def check_budget_counts(budget_counts) -> None:

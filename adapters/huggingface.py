@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from crestcore.controller import CrestConfig
 
+from . import _common
 from .torch import _LABEL_KEYS, CrestBatchSampler, WeightedDataset, WeightedKey, check_loader_arguments
 
 __all__ = ["CrestTrainer", "weighted_cross_entropy", "CREST_STATE_NAME"]
@@ -289,12 +290,13 @@ class CrestTrainer(transformers.Trainer):
         if (self.crest is None or self.crest.model is not self.model or self._crest_resume is not None
                 or self._crest_new_run):
             self._crest_new_run = False
-            self.crest = CrestBatchSampler(
-                self.model, train_dataset, config=self.crest_config, budget=self.crest_budget,
-                epochs=self._planned_epochs(), seed=self.crest_seed, labels=self.crest_labels,
-                collate_fn=collate, measure_batch_size=self.crest_measure_batch_size,
-                callbacks=self.crest_callbacks,
-            )
+            with _common.budget_said():  # said at construction
+                self.crest = CrestBatchSampler(
+                    self.model, train_dataset, config=self.crest_config, budget=self.crest_budget,
+                    epochs=self._planned_epochs(), seed=self.crest_seed, labels=self.crest_labels,
+                    collate_fn=collate, measure_batch_size=self.crest_measure_batch_size,
+                    callbacks=self.crest_callbacks,
+                )
         batch_sampler = self.crest
         if self._crest_resume is not None:
             batch_sampler = self._restore_crest(self._crest_resume)

@@ -45,6 +45,7 @@ import torch
 
 from crestcore.controller import CrestConfig
 
+from . import _common
 from ._common import check_count
 from .monitor import scalars
 from .torch import CrestLoader, check_loader_arguments, check_map_style
@@ -270,7 +271,8 @@ class CrestCallback(pl.Callback):
                    f"the fit ends after {most} epochs with {epochs - most} epochs of the budget untrained")
                 + "; leave epochs=None to take max_epochs", stacklevel=2)
         self._module, self._max_epochs = pl_module, trainer.max_epochs
-        self.loader = CrestLoader(pl_module, self.dataset, epochs=int(epochs), per_epoch=True, **self._kwargs)
+        with _common.budget_said():  # said at construction
+            self.loader = CrestLoader(pl_module, self.dataset, epochs=int(epochs), per_epoch=True, **self._kwargs)
         self._epoch0 = epoch0
         if self._pending is not None:
             state, self._pending = self._pending, None
@@ -339,6 +341,7 @@ class CrestCallback(pl.Callback):
             if epochs < 1:
                 raise ValueError(f"CrestCallback: the checkpoint's CREST run started at epoch {epoch0}, at or "
                                  f"beyond Trainer(max_epochs={self._max_epochs}): raise max_epochs")
-            self.loader = CrestLoader(self._module, self.dataset, epochs=epochs, per_epoch=True, **self._kwargs)
+            with _common.budget_said():  # said at construction
+                self.loader = CrestLoader(self._module, self.dataset, epochs=epochs, per_epoch=True, **self._kwargs)
         self._epoch0 = epoch0
         self.loader.load_state_dict(state)
