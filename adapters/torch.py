@@ -906,7 +906,8 @@ class TorchModelOps:
                 f"({self._labels_origin}) for {bad} of the {idx.size} examples of the first measurement pass (read "
                 "as item[1], or a dict item's label key): measure_dataset must hold the same examples as the "
                 "training set, in the same order (each selection, check and fit would measure other examples "
-                "than CREST picks); if item[1] is not the label in measure_dataset, ignore this.", stacklevel=4)
+                "than CREST picks). If it does and its items' labels are mapped (a target_transform), pass "
+                "labels= with the labels the items carry; if item[1] is not the label, ignore this.", stacklevel=4)
         elif bad:
             warnings.warn(
                 f"crestcore: the labels CREST uses ({self._labels_origin}) "
