@@ -171,7 +171,7 @@ def hutchinson_diagonal(hvp: Callable[[Any], Any], probes):
             )
         with warnings.catch_warnings():  # an overflow is reported as divergence below
             warnings.simplefilter("ignore", RuntimeWarning)
-            term = z * hz
+            term = probes[i, ...] * hz  # the probe itself: the hvp may have written its copy
             acc = term if acc is None else acc + term
     out = acc / probes.shape[0]
     if not bool(xp.all(xp.isfinite(out))):

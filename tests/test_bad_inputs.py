@@ -600,7 +600,9 @@ def test_small_functions_refuse_what_they_silently_took():
         v *= 2.0  # an hvp that writes its input
         return v
 
-    hutchinson_diagonal(writes, probes)
-    np.testing.assert_array_equal(probes, np.eye(2))  # the caller's probes are not written
+    # H = 2 I on the probes e_1, e_2: mean of z * (H z) = [1, 1] however the hvp treats its input (it was
+    # [2, 2], with z overwritten by H z), and the caller's probes are not written
+    np.testing.assert_array_equal(hutchinson_diagonal(writes, probes), [1.0, 1.0])
+    np.testing.assert_array_equal(probes, np.eye(2))
     state = drop_record(drop_init(3), np.array([0]), np.array([-0.5]), step=1)  # a negative loss is a loss
     assert state.losses[0, 0] == -0.5
