@@ -284,7 +284,8 @@ def test_an_accumulation_scheduler_and_another_dataloader_are_refused(tmp_path):
 
 def test_max_steps_beyond_the_plan_stops_instead_of_looping(tmp_path):
     cb = CrestCallback(data(), epochs=2, **CFG)
-    t = pl.Trainer(max_steps=10, max_epochs=-1, callbacks=[cb], logger=False, enable_progress_bar=False,
+    # max_epochs finite (not -1): without the stop the fit would loop over empty epochs; here it fails below
+    t = pl.Trainer(max_steps=10, max_epochs=50, callbacks=[cb], logger=False, enable_progress_bar=False,
                    enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
                    accelerator="cpu")
     with pytest.warns(UserWarning, match="all 6 planned steps .* stopping the fit"):
