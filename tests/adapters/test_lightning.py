@@ -284,10 +284,10 @@ def test_an_accumulation_scheduler_and_another_dataloader_are_refused(tmp_path):
 
 def test_max_steps_beyond_the_plan_stops_instead_of_looping(tmp_path):
     cb = CrestCallback(data(), epochs=2, **CFG)
-    # max_epochs finite (not -1): without the stop the fit would loop over empty epochs; here it fails below
-    t = pl.Trainer(max_steps=10, max_epochs=50, callbacks=[cb], logger=False, enable_progress_bar=False,
-                   enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
-                   accelerator="cpu")
+    # max_time: without the stop the fit would loop over empty epochs forever; bounded, it fails below
+    t = pl.Trainer(max_steps=10, max_epochs=-1, max_time={"seconds": 120}, callbacks=[cb], logger=False,
+                   enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                   default_root_dir=tmp_path, accelerator="cpu")
     with pytest.warns(UserWarning, match="all 6 planned steps .* stopping the fit"):
         t.fit(Module(), train_dataloaders=cb.dataloader())
     assert t.global_step == 6 == cb.stats["step"] and t.current_epoch <= 3
