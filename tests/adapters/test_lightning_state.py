@@ -1,0 +1,58 @@
+"""CrestCallback: the limit_train_batches warning and the start epoch of a restored continued fit."""
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pl = pytest.importorskip("lightning.pytorch")
+
+from _helpers import torch_mlp  # noqa: E402
+from torch.utils.data import TensorDataset  # noqa: E402
+
+from crestcore import CrestConfig  # noqa: E402
+from crestcore.adapters.lightning import CrestCallback  # noqa: E402
+
+N, D_IN, C = 240, 6, 3
+CFG = dict(config=CrestConfig(m=24, r=60, tau=0.05), budget=0.3, seed=2)
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(N, D_IN, generator=g)
+    return TensorDataset(X, (X @ torch.randn(D_IN, C, generator=g)).argmax(1))
+
+
+class Module(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = torch_mlp(D_IN, C, seed=0)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def fake_trainer(current_epoch=0, max_epochs=5, limit=1.0):
+    return type("T", (), {"world_size": 1, "max_epochs": max_epochs, "current_epoch": current_epoch,
+                          "accumulate_grad_batches": 1, "limit_train_batches": limit})()
+
+
+def test_limit_train_batches_is_warned_about():
+    cb = CrestCallback(data(), **CFG)
+    with pytest.warns(UserWarning, match="limit_train_batches"):
+        cb.setup(fake_trainer(limit=0.5), Module(), "fit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CrestCallback(data(), **CFG).setup(fake_trainer(limit=1.0), Module(), "fit")
+
+
+def test_a_restored_continued_run_keeps_its_start_epoch_in_the_next_checkpoint():
+    module = Module()
+    cb = CrestCallback(data(), **CFG)
+    cb.setup(fake_trainer(current_epoch=3), module, "fit")  # a continued fit: epochs 3 and 4
+    state = cb.state_dict()
+    assert state["lightning_epoch0"] == 3 and cb.loader.epochs == 2
+    fresh = CrestCallback(data(), **CFG)
+    fresh.load_state_dict(state)
+    fresh.setup(fake_trainer(current_epoch=0), module, "fit")  # a fresh Trainer resuming from ckpt_path
+    assert fresh.loader.epochs == 2
+    assert fresh.state_dict()["lightning_epoch0"] == 3  # the next checkpoint still says where the run started

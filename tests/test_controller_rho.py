@@ -1,0 +1,100 @@
+"""The trust check's rho = |L_R - F| / max(|L_R|, 1e-12) where L_R != F (tiny and negative losses), the
+max_overhead gate before every measurement and fit_batches with just-in-time coresets."""
+import numpy as np
+
+from crestcore import CrestConfig, crest_init, crest_next_batch
+from crestcore.controller import _SoftmaxOps, crest_stats
+
+
+class _Moving(_SoftmaxOps):
+    """Outputs with a margin (per-example loss ~ exp(-margin)) while the parameters move at every call:
+    F (the quadratic model) differs from L_R, and |L_R| is tiny (or negative, with ``shift``)."""
+
+    margin, shift = 20.0, 0.0
+
+    def outputs(self, indices, embeddings=False):
+        z = np.zeros((indices.size, 2))
+        z[np.arange(indices.size), self.y[indices]] = self.margin
+        return z
+
+    def example_losses(self, logits, labels):
+        import crestcore as cc
+        return cc.cross_entropy(logits, labels) - self.shift
+
+    def params(self):
+        self.W = self.W + 0.01
+        return super().params()
+
+
+def _checks(ops, steps=8):
+    config = CrestConfig(m=10, T1=1, tau=1e9)  # never reselect: every check is recorded
+    state = crest_init(config, ops.y, seed=0)
+    for _ in range(steps):
+        state, _ = crest_next_batch(state, ops, config)
+    return crest_stats(state)["checks"]
+
+
+def _rho(c):
+    return abs(c["loss_random"] - c["predicted"]) / max(abs(c["loss_random"]), 1e-12)
+
+
+def test_rho_is_measured_against_the_loss_floored_at_1e_12():
+    y = np.arange(200) % 2
+    ops = _Moving(np.random.default_rng(0).normal(size=(200, 2)), y, C=2)
+    checks = _checks(ops)
+    assert len(checks) >= 5
+    assert all(0 < c["loss_random"] < 1e-6 for c in checks)  # below a floor of 1e-6, above one of 1e-12
+    assert all(c["predicted"] != c["loss_random"] for c in checks)
+    for c in checks:
+        assert np.isclose(c["rho"], _rho(c), rtol=1e-12, atol=0), c
+
+
+def test_rho_of_a_negative_loss_is_measured_against_its_magnitude():
+    y = np.arange(200) % 2
+    ops = _Moving(np.random.default_rng(0).normal(size=(200, 2)), y, C=2)
+    ops.margin, ops.shift = 0.0, 2.0  # losses log 2 - 2 < 0
+    checks = _checks(ops)
+    assert all(c["loss_random"] < 0 and c["predicted"] != c["loss_random"] for c in checks)
+    for c in checks:
+        assert np.isclose(c["rho"], _rho(c), rtol=1e-12, atol=0), c
+        assert c["rho"] < 10  # against |L_R| ~ 1.3, never against the floor 1e-12
+
+
+def test_max_overhead_gates_every_measurement_on_the_passes_spent_before_it():
+    """CrestConfig.max_overhead: a check or (re)selection starts only while the measurement passes spent so
+    far (forward + 2 x backward) are within max_overhead x 3 x the trained examples. The existing test
+    allows a whole selection of slack, so the backward weight is not pinned."""
+    rng = np.random.default_rng(0)
+    y = np.arange(400) % 2
+    ops = _SoftmaxOps(rng.normal(size=(400, 2)) + 2.0 * y[:, None], y, C=2)
+    frac = 0.3
+    config = CrestConfig(m=10, T1=1, tau=1e-6, max_overhead=frac)  # every check fails: always wants more
+    state = crest_init(config, y, seed=0)
+    state, batch = crest_next_batch(state, ops, config)  # the first selection is never gated
+    gated = 0
+    for _ in range(200):
+        ops.W -= 0.5 * ops.gradient(batch.indices, batch.weights)[1].reshape(ops.W.shape)
+        before = dict(state.counters)
+        state, batch = crest_next_batch(state, ops, config)
+        c = state.counters
+        if (c["forward_examples"], c["backward_examples"]) != (before["forward_examples"],
+                                                               before["backward_examples"]):
+            gated += 1
+            spent = before["forward_examples"] + 2 * before["backward_examples"]
+            assert spent <= frac * 3 * before["train_examples"], (before, c)
+    assert gated >= 5 and state.counters["selections"] >= 2
+
+
+def test_fit_batches_coresets_are_selected_and_fitted_at_the_anchor_with_just_in_time_coresets():
+    """CrestConfig.fit_batches: the quadratic model is fitted on that many coresets at each anchor; with
+    just-in-time coresets (the default) those are selected at the anchor, the rest later."""
+    rng = np.random.default_rng(0)
+    y = np.arange(400) % 2
+    ops = _SoftmaxOps(rng.normal(size=(400, 2)) + 2.0 * y[:, None], y, C=2)
+    config = CrestConfig(m=10, P=4, fit_batches=2)
+    assert config.just_in_time
+    state = crest_init(config, y, seed=0)
+    state, batch = crest_next_batch(state, ops, config)
+    assert state.made == 2  # two coresets at the anchor, the other two when their steps come
+    fitted = int((state.batch_idx[:2] >= 0).sum())
+    assert state.counters["backward_examples"] == 3 * fitted  # gradient + Hutchinson on both
