@@ -289,7 +289,8 @@ class BudgetedPasses:
         off, with the next one, is the documented behaviour and is not warned about."""
         now = max(self._position // self.steps_per_epoch, self._epochs_done)
         name = type(self).__name__
-        if self._position >= min(self.total_steps, (e + 1) * self.steps_per_epoch):
+        # handed out: its share's end reached, or the epoch finished early ("passes": at the cost cap)
+        if self._position >= min(self.total_steps, (e + 1) * self.steps_per_epoch) or e < self._epochs_done:
             if not self._warned_hint:
                 self._warned_hint = True
                 warnings.warn(
@@ -351,6 +352,7 @@ class BudgetedPasses:
         self._token += 1  # passes started before the load stop
         self._warned_done = False
         self._open_handed = 0  # what a broken-off pass handed out is accounted for by the load (rewind)
+        self._warned_hint = False
 
 
 class _StepNumbers(BudgetedPasses):

@@ -73,3 +73,24 @@ def test_rewound_batches_are_replayed_at_the_passes_cap():
         again = list(s)
         assert again == first[trained:], (trained, len(again), len(first))
         assert s.position == len(first)
+
+
+def test_set_epoch_of_an_epoch_the_passes_cap_finished_early_is_ignored_and_said_once_per_load():
+    """budget_counts="passes": an epoch ends at the cost cap before its share's end. A set_epoch naming it
+    (accelerate's own count in a resumed process) is ignored, as for an epoch handed out in full: the pass
+    yields the next epoch instead of nothing (every later pass was empty under accelerate). The warning is
+    said once, and again after a load."""
+    ref = _sampler()
+    per_epoch = [len(list(ref)) for _ in range(ref.epochs)]
+    s = _sampler()
+    first = list(s)
+    assert s.position < s.steps_per_epoch and s.stats["budget"]["epochs_done"] == 1  # finished early
+    saved = s.state_dict()
+    with pytest.warns(UserWarning, match=r"set_epoch\(0\) named an epoch whose share is handed out already"):
+        s.set_epoch(0)
+        second = list(s)
+    assert [len(first), len(second)] == per_epoch and s.epoch == 2
+    s.load_state_dict(saved)  # back after epoch 0: the same stale set_epoch is said again
+    with pytest.warns(UserWarning, match=r"set_epoch\(0\) named an epoch"):
+        s.set_epoch(0)
+        assert len(list(s)) == per_epoch[1]
