@@ -1,6 +1,7 @@
 """The trust check's rho = |L_R - F| / max(|L_R|, 1e-12) where L_R != F (tiny and negative losses), the
 max_overhead gate before every measurement and fit_batches with just-in-time coresets."""
 import numpy as np
+import pytest
 
 from crestcore import CrestConfig, crest_init, crest_next_batch
 from crestcore.controller import _SoftmaxOps, crest_stats
@@ -38,12 +39,17 @@ def _rho(c):
     return abs(c["loss_random"] - c["predicted"]) / max(abs(c["loss_random"]), 1e-12)
 
 
-def test_rho_is_measured_against_the_loss_floored_at_1e_12():
+@pytest.mark.parametrize("margin", [20.0, 30.0])
+def test_rho_is_measured_against_the_loss_floored_at_1e_12(margin):
+    """margin 20: losses between 1e-12 and 1e-6 (a floor of 1e-6 would divide rho by up to 1e6); margin 30:
+    losses below 1e-12, where the floor itself is the denominator (a floor of 0 would not be)."""
     y = np.arange(200) % 2
     ops = _Moving(np.random.default_rng(0).normal(size=(200, 2)), y, C=2)
+    ops.margin = margin
     checks = _checks(ops)
     assert len(checks) >= 5
-    assert all(0 < c["loss_random"] < 1e-6 for c in checks)  # below a floor of 1e-6, above one of 1e-12
+    low, high = (1e-12, 1e-6) if margin == 20.0 else (0.0, 1e-12)
+    assert all(low < c["loss_random"] < high for c in checks)
     assert all(c["predicted"] != c["loss_random"] for c in checks)
     for c in checks:
         assert np.isclose(c["rho"], _rho(c), rtol=1e-12, atol=0), c
