@@ -3,9 +3,11 @@ two costs CREST accuracy. The data, split, optimizer and schedule of ``benchmark
 10-class set, validation split only); the model an MLP 40-256-256-128-10 with, after each hidden linear
 layer, nothing (``plain``), ``BatchNorm1d`` (``bn``), ``Dropout(0.2)`` after the ReLU (``drop``) or both
 (``bn+drop``); lr 0.3 (CREST's and Random's best on the plain MLP in the age study), budget 0.1, m = 128,
-20 epochs, CREST's defaults. Differences CREST - Random paired by seed.
+20 epochs, CREST's defaults (``--weights uniform``: CREST's picks weighted 1 instead of by cluster size).
+Differences CREST - Random paired by seed.
 
     .venv/bin/python benchmarks/layers_study.py --json benchmarks/results/layers-study.json
+    .venv/bin/python benchmarks/layers_study.py --weights uniform --json benchmarks/results/layers-study-uniform.json
 """
 
 from __future__ import annotations
@@ -65,8 +67,8 @@ def run_one(kind: str, method: str, seed: int, a) -> float:
                  for b in np.array_split(g.choice(len(Y), spe * a.m, replace=False), spe)]
         batches = ((X[i], Y[i], torch.ones(len(i))) for i in parts)
     else:
-        loader = CrestLoader(net, TensorDataset(X, Y), config=CrestConfig(m=a.m), budget=a.budget, epochs=a.epochs,
-                             seed=seed)
+        loader = CrestLoader(net, TensorDataset(X, Y), config=CrestConfig(m=a.m, weights=a.weights), budget=a.budget,
+                             epochs=a.epochs, seed=seed)
         batches = loader.iter_run()
     net.train()
     for x, yb, w in batches:
@@ -88,6 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--m", type=int, default=128)
     p.add_argument("--budget", type=float, default=0.1)
     p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--weights", default="cluster", help="CREST's CrestConfig(weights=...) (default %(default)s)")
     p.add_argument("--json", required=True)
     a = p.parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(",")]
