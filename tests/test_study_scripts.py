@@ -1,0 +1,40 @@
+"""benchmarks/age_study.py and benchmarks/layers_study.py: one short run of each variant and model, and the
+age study's table (the studies' figures are in docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+from _helpers import load_benchmark  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # layers_study imports age_study
+age_study = load_benchmark("age_study.py", "age_study_under_test")
+layers_study = load_benchmark("layers_study.py", "layers_study_under_test")
+
+
+def test_age_study_runs_each_variant_and_tabulates_them():
+    a = argparse.Namespace(m=128, budget=0.1, epochs=1, threads=1, lrs=[0.03], seeds=[7])
+    rows = [age_study.run_one(v, 0.03, 7, a) for v in age_study.VARIANTS]
+    assert all(r["steps"] == 13 for r in rows)  # 0.1 of the 125 full-data steps of the training part
+    crest, paper, random = rows
+    assert crest["selections"] >= 1 and paper["selections"] >= 1 and "selections" not in random
+    assert 0 < crest["distinct_examples"] <= 13 * 128 and random["distinct_examples"] == 13 * 128
+    table = age_study.table(rows, a, "python benchmarks/age_study.py")
+    assert table.startswith(age_study.START) and table.endswith(age_study.END)
+    assert table.count("| 0.03 |") == 3
+
+
+@pytest.mark.parametrize("kind", layers_study.KINDS)
+def test_layers_study_models_train_and_score_on_the_validation_split(kind):
+    a = argparse.Namespace(lr=0.3, m=128, budget=0.1, epochs=1, weights="cluster")
+    net = layers_study._model(kind, 0)
+    names = {type(m).__name__ for m in net.modules()}
+    assert ("BatchNorm1d" in names) == ("bn" in kind) and ("Dropout" in names) == ("drop" in kind)
+    acc = layers_study.run_one(kind, "crest" if kind == "bn+drop" else "random", 0, a)
+    assert 0.0 <= acc <= 100.0
