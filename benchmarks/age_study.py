@@ -45,10 +45,21 @@ def _data():
     return X[train], y[train].astype(np.int64), X[val], y[val].astype(np.int64)
 
 
+def weighted_step(model, opt, sched, x, y, w) -> None:
+    """One step of the user's loop: the ``w``-weighted mean cross-entropy, backward, the optimizer's and
+    the per-step schedule's steps."""
+    import torch.nn.functional as F
+
+    loss = (w * F.cross_entropy(model(x), y, reduction="none")).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()
+
+
 def run_one(variant: str, lr: float, seed: int, a) -> dict:
     import numpy as np
     import torch
-    import torch.nn.functional as F
     from torch.utils.data import TensorDataset
 
     from crestcore import CrestConfig
@@ -88,11 +99,7 @@ def run_one(variant: str, lr: float, seed: int, a) -> dict:
             else:
                 x, yb, w = item
                 seen.update(loader.last_indices.tolist())
-            loss = (w * F.cross_entropy(model(x), yb, reduction="none")).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+            weighted_step(model, opt, sched, x, yb, w)
             steps += 1
     wall = time.perf_counter() - t0
     with torch.no_grad():

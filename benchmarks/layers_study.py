@@ -43,10 +43,9 @@ def _model(kind: str, seed: int):
 def run_one(kind: str, method: str, seed: int, a) -> float:
     """Validation accuracy (%) of one run."""
     import torch
-    import torch.nn.functional as F
     from torch.utils.data import TensorDataset
 
-    from age_study import _data
+    from age_study import _data, weighted_step
     from crestcore import CrestConfig
     from crestcore.adapters.torch import CrestLoader
     from crestcore.plan import budget_steps, full_steps
@@ -72,11 +71,7 @@ def run_one(kind: str, method: str, seed: int, a) -> float:
         batches = loader.iter_run()
     net.train()
     for x, yb, w in batches:
-        loss = (w * F.cross_entropy(net(x), yb, reduction="none")).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
+        weighted_step(net, opt, sched, x, yb, w)
     net.eval()
     with torch.no_grad():
         return 100 * float((net(torch.from_numpy(xva)).argmax(1) == torch.from_numpy(yva)).float().mean())
