@@ -4,7 +4,6 @@ age study's table (the studies' figures are in docs/benchmarks.md)."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,9 +12,15 @@ pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 from _helpers import load_benchmark  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # layers_study imports age_study
 age_study = load_benchmark("age_study.py", "age_study_under_test")
 layers_study = load_benchmark("layers_study.py", "layers_study_under_test")
+
+
+@pytest.fixture
+def benchmarks_importable(monkeypatch):
+    """layers_study imports age_study as its neighbour: benchmarks/ on sys.path for the test only (kept
+    there, its distributed.py would shadow dask's distributed package in later worker processes)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 def test_age_study_runs_each_variant_and_tabulates_them():
@@ -31,7 +36,7 @@ def test_age_study_runs_each_variant_and_tabulates_them():
 
 
 @pytest.mark.parametrize("kind", layers_study.KINDS)
-def test_layers_study_models_train_and_score_on_the_validation_split(kind):
+def test_layers_study_models_train_and_score_on_the_validation_split(kind, benchmarks_importable):
     a = argparse.Namespace(lr=0.3, m=128, budget=0.1, epochs=1, weights="cluster")
     net = layers_study._model(kind, 0)
     names = {type(m).__name__ for m in net.modules()}
