@@ -306,15 +306,26 @@ def worker_flags(out: Path):
     rank = dist.get_rank()
     X, y = make_data()
     ddp = DDP(make_model())
-    try:
-        D.DistributedCrestLoader(ddp, TensorDataset(X, y), config=make_config(), budget=BUDGET, epochs=EPOCHS,
-                                 seed=SEED, verify=rank == 0)
-    except D.CollectiveError as exc:
-        (out / f"rank{rank}.refused").write_text(str(exc))
+    if _refused(out, rank, lambda: D.DistributedCrestLoader(ddp, TensorDataset(X, y), config=make_config(),
+                                                            budget=BUDGET, epochs=EPOCHS, seed=SEED,
+                                                            verify=rank == 0)):
         del ddp  # both ranks were refused in step (the flags are agreed in one collective): end cleanly
         _teardown(dist)
         return
     (out / f"rank{rank}.done").write_text("built")  # must never happen
+
+
+def _refused(out: Path, rank: int, build) -> bool:
+    """Whether ``build()`` raised CollectiveError (its message written to ``rank<r>.refused``). The error is
+    gone when this returns: its traceback holds the refused constructor's frame, and with it the DDP
+    model, which must be collected before the process group is destroyed (kept until the interpreter's
+    exit, it aborted the rank now and then: "terminate called without an active exception")."""
+    try:
+        build()
+    except D.CollectiveError as exc:
+        (out / f"rank{rank}.refused").write_text(str(exc))
+        return True
+    return False
 
 
 def worker_lossfn(out: Path):
@@ -329,11 +340,8 @@ def worker_lossfn(out: Path):
     weights = torch.ones(int(y.max()) + 1, dtype=torch.float64)  # the model is float64
     weights[0] = 1.0 if rank == 0 else 3.0
     loss = (lambda z, t: torch.nn.functional.cross_entropy(z, t, weight=weights, reduction="none"))
-    try:
-        D.DistributedCrestLoader(ddp, TensorDataset(X, y), config=make_config(), budget=BUDGET, epochs=EPOCHS,
-                                 seed=SEED, loss_fn=loss)
-    except D.CollectiveError as exc:
-        (out / f"rank{rank}.refused").write_text(str(exc))
+    if _refused(out, rank, lambda: D.DistributedCrestLoader(ddp, TensorDataset(X, y), config=make_config(),
+                                                            budget=BUDGET, epochs=EPOCHS, seed=SEED, loss_fn=loss)):
         del ddp
         _teardown(dist)
         return
