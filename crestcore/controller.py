@@ -668,24 +668,25 @@ def _forward(state: CrestState, ops, idx: np.ndarray, config: CrestConfig):
     return xp, logits, emb, y, losses
 
 
-def _cap(state: CrestState, config: CrestConfig) -> int:
-    """Most coresets per selection and longest check interval: ``P_cap``, else one budgeted epoch of
-    steps (``epoch_steps``, as the release caps), else one virtual epoch of the pool."""
-    if config.P_cap is not None:
-        return int(config.P_cap)
+def _epoch(state: CrestState, config: CrestConfig) -> int:
+    """One budgeted epoch of steps (the ``epoch_steps`` the loaders give), else one virtual epoch of the
+    pool."""
     if state.epoch_steps:
         return int(state.epoch_steps)
     return max(1, math.ceil(pool_size(state.drop) / config.m))
 
 
+def _cap(state: CrestState, config: CrestConfig) -> int:
+    """Most coresets per selection and longest check interval: ``P_cap``, else one epoch (:func:`_epoch`,
+    as the release caps)."""
+    return int(config.P_cap) if config.P_cap is not None else _epoch(state, config)
+
+
 def _max_age(state: CrestState, config: CrestConfig) -> int:
-    """The most steps on one selection's coresets (``max_age``; "epoch": one budgeted epoch of steps, the
-    ``epoch_steps`` the loaders give, else one virtual epoch of the pool; not ``P_cap``)."""
+    """The most steps on one selection's coresets (``max_age``; "epoch": :func:`_epoch`, not ``P_cap``)."""
     age = config.max_age
     assert age is not None, "max_age=None sets no bound"
-    if not isinstance(age, str):
-        return int(age)
-    return int(state.epoch_steps) if state.epoch_steps else max(1, math.ceil(pool_size(state.drop) / config.m))
+    return _epoch(state, config) if isinstance(age, str) else int(age)
 
 
 def _transform_weights(w: np.ndarray, valid: np.ndarray, rule: str) -> np.ndarray:

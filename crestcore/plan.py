@@ -258,7 +258,7 @@ class BudgetedPasses:
             )
         elif hinted and e is not None and not finished:
             e = self._check_hint(e)
-        end = self.total_steps if e is None else min(self.total_steps, (e + 1) * self.steps_per_epoch)
+        end = self.total_steps if e is None else self._share_end(e)
         if self._open_handed:  # the last pass was left before its end
             self._broken_pass(self._open_handed)
         self._open_handed = 0
@@ -279,6 +279,10 @@ class BudgetedPasses:
             self._finish_epochs(done)
             self._open_handed = 0
 
+    def _share_end(self, e: int) -> int:
+        """The run position at the end of epoch ``e``'s share."""
+        return min(self.total_steps, (e + 1) * self.steps_per_epoch)
+
     def _check_hint(self, e: int) -> int:
         """The epoch of a pass ``set_epoch(e)`` named. An epoch whose share is handed out already is ignored
         (warned about once): the pass yields the run's next epoch, so that an epoch counter of someone
@@ -290,7 +294,7 @@ class BudgetedPasses:
         now = max(self._position // self.steps_per_epoch, self._epochs_done)
         name = type(self).__name__
         # handed out: its share's end reached, or the epoch finished early ("passes": at the cost cap)
-        if self._position >= min(self.total_steps, (e + 1) * self.steps_per_epoch) or e < self._epochs_done:
+        if self._position >= self._share_end(e) or e < self._epochs_done:
             if not self._warned_hint:
                 self._warned_hint = True
                 warnings.warn(
@@ -304,7 +308,7 @@ class BudgetedPasses:
             warnings.warn(
                 f"{name}: set_epoch({e}) is ahead of the run, whose epoch {now} has not started ({self._position} "
                 f"batches handed out): this pass yields the shares of epochs {now}-{e}, "
-                f"{min(self.total_steps, (e + 1) * self.steps_per_epoch) - self._position} batches instead of "
+                f"{self._share_end(e) - self._position} batches instead of "
                 f"{self.steps_per_epoch}. Epochs count from 0; to continue a saved run, load its state_dict.",
                 stacklevel=3)
         return e
