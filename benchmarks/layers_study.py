@@ -2,7 +2,8 @@
 two costs CREST accuracy. The data, split, optimizer and schedule of ``benchmarks/age_study.py`` (synthetic
 10-class set, validation split only); the model an MLP 40-256-256-128-10 with, after each hidden linear
 layer, nothing (``plain``), ``BatchNorm1d`` (``bn``), ``Dropout(0.2)`` after the ReLU (``drop``) or both
-(``bn+drop``); lr 0.3 (CREST's and Random's best on the plain MLP in the age study), budget 0.1, m = 128,
+(``bn+drop``); one lr, 0.3, for every model and method (CREST's and Random's best on the age study's
+MLP; not chosen per model and method, so the differences are indicative), budget 0.1, m = 128,
 20 epochs, CREST's defaults (``--weights uniform``: CREST's picks weighted 1 instead of by cluster size).
 Differences CREST - Random paired by seed.
 
