@@ -5,10 +5,12 @@ layer, nothing (``plain``), ``BatchNorm1d`` (``bn``), ``Dropout(0.2)`` after the
 (``bn+drop``); one lr, 0.3, for every model and method (CREST's and Random's best on the age study's
 MLP; not chosen per model and method, so the differences are indicative), budget 0.1, m = 128,
 20 epochs, CREST's defaults (``--weights uniform``: CREST's picks weighted 1 instead of by cluster size).
-Differences CREST - Random paired by seed.
+Differences CREST - Random paired by seed; with several ``--weights`` rules (comma-separated) each rule
+is a method ``crest-<rule>``, and every rule after the first is also compared with the first.
 
     .venv/bin/python benchmarks/layers_study.py --json benchmarks/results/layers-study.json
     .venv/bin/python benchmarks/layers_study.py --weights uniform --json benchmarks/results/layers-study-uniform.json
+    .venv/bin/python benchmarks/layers_study.py --weights cluster,tempered --lr 0.1 --json FILE
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ def _model(kind: str, seed: int):
     return torch.nn.Sequential(*layers)
 
 
-def run_one(kind: str, method: str, seed: int, a) -> float:
-    """Validation accuracy (%) of one run."""
+def run_one(kind: str, method: str, seed: int, a, weights: str = "cluster") -> float:
+    """Validation accuracy (%) of one run (``weights``: CREST's ``CrestConfig(weights=...)``)."""
     import torch
     from torch.utils.data import TensorDataset
 
@@ -67,7 +69,7 @@ def run_one(kind: str, method: str, seed: int, a) -> float:
                  for b in np.array_split(g.choice(len(Y), spe * a.m, replace=False), spe)]
         batches = ((X[i], Y[i], torch.ones(len(i))) for i in parts)
     else:
-        loader = CrestLoader(net, TensorDataset(X, Y), config=CrestConfig(m=a.m, weights=a.weights), budget=a.budget,
+        loader = CrestLoader(net, TensorDataset(X, Y), config=CrestConfig(m=a.m, weights=weights), budget=a.budget,
                              epochs=a.epochs, seed=seed)
         batches = loader.iter_run()
     net.train()
@@ -78,6 +80,36 @@ def run_one(kind: str, method: str, seed: int, a) -> float:
         return 100 * float((net(torch.from_numpy(xva)).argmax(1) == torch.from_numpy(yva)).float().mean())
 
 
+def _accs(rows: list, kind: str, method: str) -> list:
+    return [r["val_acc"] for r in sorted(rows, key=lambda r: r["seed"]) if r["model"] == kind and r["method"] == method]
+
+
+def _diff(a: list, b: list) -> str:
+    d = np.subtract(a, b)
+    se = d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else math.nan
+    return f"{d.mean():+.2f} +- {se:.2f}"
+
+
+def table(rows: list, methods: list) -> str:
+    """Markdown: per model, each CREST method's accuracies and its paired difference to Random; every
+    method after the first is also compared with the first."""
+    head = "| model | method | val acc (%) per seed | mean | - Random (paired) |"
+    if len(methods) > 1:
+        head += f" - {methods[0]} (paired) |"
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for kind in KINDS:
+        base = _accs(rows, kind, "random")
+        out.append(f"| {kind} | random | {', '.join(f'{v:.2f}' for v in base)} | {np.mean(base):.2f} | - |"
+                   + (" - |" if len(methods) > 1 else ""))
+        for k, meth in enumerate(methods):
+            c = _accs(rows, kind, meth)
+            line = f"| {kind} | {meth} | {', '.join(f'{v:.2f}' for v in c)} | {np.mean(c):.2f} | {_diff(c, base)} |"
+            if len(methods) > 1:
+                line += " - |" if k == 0 else f" {_diff(c, _accs(rows, kind, methods[0]))} |"
+            out.append(line)
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -86,24 +118,27 @@ def main(argv=None) -> int:
     p.add_argument("--m", type=int, default=128)
     p.add_argument("--budget", type=float, default=0.1)
     p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--weights", default="cluster", help="CREST's CrestConfig(weights=...) (default %(default)s)")
+    p.add_argument("--weights", default="cluster",
+                   help="CREST's CrestConfig(weights=...), comma-separated for several (default %(default)s)")
     p.add_argument("--json", required=True)
     a = p.parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(",")]
+    rules = [w.strip() for w in a.weights.split(",") if w.strip()]
+    if not rules or len(set(rules)) != len(rules):
+        p.error(f"--weights needs distinct rules, got {a.weights!r}")
+    names = {w: "crest" if len(rules) == 1 else f"crest-{w}" for w in rules}
     rows = []
     for kind in KINDS:
         for seed in seeds:
-            for method in ("random", "crest"):
-                rows.append({"model": kind, "method": method, "seed": seed, "val_acc": run_one(kind, method, seed, a)})
+            rows.append({"model": kind, "method": "random", "seed": seed, "val_acc": run_one(kind, "random", seed, a)})
+            print(json.dumps(rows[-1]), flush=True)
+            for w in rules:
+                acc = run_one(kind, "crest", seed, a, weights=w)
+                rows.append({"model": kind, "method": names[w], "seed": seed, "val_acc": acc})
                 print(json.dumps(rows[-1]), flush=True)
     Path(a.json).write_text(json.dumps({"args": vars(a), "rows": rows}, indent=1))
-    print("| model | CREST val acc (%) per seed | Random | CREST - Random (paired) |\n|---|---|---|---|")
-    for kind in KINDS:
-        c = [r["val_acc"] for r in rows if r["model"] == kind and r["method"] == "crest"]
-        r_ = [r["val_acc"] for r in rows if r["model"] == kind and r["method"] == "random"]
-        d = np.subtract(c, r_)
-        print(f"| {kind} | {', '.join(f'{v:.2f}' for v in c)} | {', '.join(f'{v:.2f}' for v in r_)} | "
-              f"{d.mean():+.2f} +- {d.std(ddof=1) / math.sqrt(len(d)):.2f} |")
+    print(f"lr {a.lr:g}, seeds {a.seeds}")
+    print(table(rows, [names[w] for w in rules]))
     return 0
 
 

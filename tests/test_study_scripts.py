@@ -43,3 +43,16 @@ def test_layers_study_models_train_and_score_on_the_validation_split(kind, bench
     assert ("BatchNorm1d" in names) == ("bn" in kind) and ("Dropout" in names) == ("drop" in kind)
     acc = layers_study.run_one(kind, "crest" if kind == "bn+drop" else "random", 0, a)
     assert 0.0 <= acc <= 100.0
+
+
+def test_layers_study_table_pairs_each_rule_with_random_and_with_the_first_rule():
+    rows = [{"model": k, "method": m, "seed": s, "val_acc": v}
+            for k in layers_study.KINDS
+            for m, base in (("random", 70.0), ("crest-cluster", 71.0), ("crest-tempered", 72.0))
+            for s, v in ((2, base + 1.0), (1, base))]  # seeds out of order: pairing is by seed
+    lines = layers_study.table(rows, ["crest-cluster", "crest-tempered"]).splitlines()
+    assert len(lines) == 2 + 3 * len(layers_study.KINDS)
+    tempered = [ln for ln in lines if "| crest-tempered |" in ln]
+    assert len(tempered) == len(layers_study.KINDS)
+    assert all(ln.endswith("| +2.00 +- 0.00 | +1.00 +- 0.00 |") for ln in tempered)
+    assert all("72.00, 73.00" in ln for ln in tempered)
