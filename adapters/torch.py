@@ -578,6 +578,26 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 _LABEL_KEYS = ("labels", "label", "label_ids")
 
 
+def _permuted(column: np.ndarray, labels: np.ndarray) -> bool:
+    """Whether ``column`` holds ``labels`` in another order: the same values as often, but not each row's
+    value mapped from its label by one function (a ``__getitem__`` that maps its classes, say from raw
+    ids, keeps the rows in order and gives a function of the labels; a collate that sorts the rows does
+    not)."""
+    if column.shape != labels.shape or not np.array_equal(np.sort(column), np.sort(labels)):
+        return False
+    pairs = np.unique(np.stack([labels, column]), axis=1).shape[1]
+    return pairs != np.unique(labels).size
+
+
+def _label_columns(host, k: int) -> list:
+    """The integer columns of ``k`` rows a collated batch could hold its labels in (the fields of a tuple
+    or list, the values of a dict; 1-D integer tensors), as int64 host arrays."""
+    fields = host.values() if isinstance(host, dict) else host if isinstance(host, (tuple, list)) else ()
+    return [f.detach().cpu().numpy().astype(np.int64) for f in fields
+            if isinstance(f, torch.Tensor) and f.shape == (k,) and not f.dtype.is_floating_point
+            and not f.dtype.is_complex and f.dtype != torch.bool]
+
+
 def _explains(out: torch.Tensor, z: torch.Tensor) -> bool:
     """Whether the logits ``z`` are the layer output ``out`` changed by an offset per row (as log-softmax
     does) or by a scale and an offset per column (a temperature, a learned bias), to the rounding of the
@@ -763,6 +783,7 @@ class TorchModelOps:
         self._check_labels = ((labels is None and not isinstance(dataset, TensorDataset)) if check_labels is None
                               else bool(check_labels))
         self._measure_set = False  # dataset is a loader's measure_dataset, checked against the training labels
+        self._check_order = True  # the first measurement batch: does the collate keep the items' order?
         self._labels_origin = _found_origin(dataset) if labels is None else "as given"
         self.loss_fn = loss_fn if loss_fn is not None else _cross_entropy
         self._device = None if device is None else torch.device(device)
@@ -868,7 +889,7 @@ class TorchModelOps:
         size = 0
         try:
             for (a, b), host in zip(spans, source):
-                if self._check_labels:
+                if self._check_labels or self._check_order:
                     self._probe_labels(host, idx[a:b])
                 if keep is not None:
                     keep.append(host)
@@ -888,11 +909,32 @@ class TorchModelOps:
                 bar.close()
 
     def _probe_labels(self, host, idx: np.ndarray) -> None:
-        """Once: the labels found without the items (a ``targets`` attribute, say) against the labels the
-        first measurement batch's items carry (``item[1]`` collated), when it has them; a warning when they
-        differ (a ``__getitem__`` that maps its targets), since CREST would select, check and drop by the
-        wrong classes."""
+        """Once, on the first measurement batch. (1) The collate keeps the items' order: CREST pairs row k
+        of a collated batch with the batch's k-th example (its label, its weight), so a collate that
+        reorders the rows (sorting by length for ``pack_padded_sequence``) would pair every measurement
+        and weight with another example: an error when no integer column of the batch holds the
+        examples' labels in order but one holds them permuted (and not mapped, :func:`_permuted`). (2) When the labels were found without
+        the items (a ``targets`` attribute, say): they are compared with the labels the items carry
+        (``item[1]`` collated, or a dict item's label key; any integer column equal to them will do), a
+        warning when they differ (a ``__getitem__`` that maps its targets), since CREST would select,
+        check and drop by the wrong classes."""
+        want = self.labels[idx]
+        columns = _label_columns(host, idx.size)
+        in_order = any(np.array_equal(c, want) for c in columns)
+        if self._check_order:
+            self._check_order = False
+            if not in_order and any(_permuted(c, want) for c in columns):
+                raise ValueError(
+                    "the collate_fn returns a batch's rows in another order than the items it is given (a column "
+                    "of the collated batch holds the batch's labels, permuted): CREST pairs row k of a batch with "
+                    "its k-th example (its label, its weight), so every measurement and weight would belong to "
+                    "another example. Keep the items' order in collate_fn (sort inside the model's forward, or "
+                    "use pack_padded_sequence(..., enforce_sorted=False))")
+        if not self._check_labels:
+            return
         self._check_labels = False
+        if in_order:
+            return
         got = host[1] if isinstance(host, (tuple, list)) and len(host) > 1 else None
         if isinstance(host, dict):
             got = next((host[k] for k in _LABEL_KEYS if k in host), None)

@@ -1459,3 +1459,77 @@ def test_a_checkpoint_of_another_config_names_the_fields_that_differ():
     b = CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.5, seed=0)
     with pytest.warns(UserWarning, match=r"tau: 0.2 -> 0.1; max_age: \(not saved\) -> 'epoch'"):
         b.load_state_dict(state)
+
+
+class _Sequences(Dataset):
+    """Variable-length integer sequences ``(seq, label)`` with ``targets``, for collates that pad."""
+
+    def __init__(self, n=96, seed=0):
+        g = np.random.default_rng(seed)
+        self.seqs = [torch.as_tensor(g.integers(1, 20, int(g.integers(2, 12)))) for _ in range(n)]
+        self.targets = [int(s[0]) % 3 for s in self.seqs]
+
+    def __len__(self):
+        return len(self.seqs)
+
+    def __getitem__(self, i):
+        return self.seqs[i], self.targets[i]
+
+
+class _SeqNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.e, self.o = torch.nn.Embedding(20, 8, padding_idx=0), torch.nn.Linear(8, 3)
+
+    def forward(self, x, lengths):
+        return self.o(self.e(x).sum(1) / lengths[:, None])
+
+
+def _padded(items, sort=False):
+    """``(padded, lengths, labels)``, sorted longest first when ``sort`` (the pack_padded_sequence idiom)."""
+    if sort:
+        items = sorted(items, key=lambda it: -len(it[0]))
+    xs = [it[0] for it in items]
+    return (torch.nn.utils.rnn.pad_sequence(xs, batch_first=True), torch.tensor([len(x) for x in xs]),
+            torch.tensor([it[1] for it in items]))
+
+
+@pytest.mark.parametrize("labels_given", [False, True])
+def test_a_collate_that_reorders_the_rows_is_refused_before_any_measurement_is_used(labels_given):
+    """CREST pairs row k of a collated batch with the batch's k-th example (label, weight): a collate that
+    sorts the rows would pair every measurement and weight with another example, silently."""
+    data = _Sequences()
+    labels = np.array(data.targets) if labels_given else None
+
+    def forward(model, batch):
+        return model(batch[0], batch[1])
+
+    sorting = lambda items: _padded(items, sort=True)  # noqa: E731
+    loader = CrestLoader(_SeqNet(), data, config=CrestConfig(m=16), budget=0.5, collate_fn=sorting, labels=labels,
+                         forward=forward)
+    with pytest.raises(ValueError, match="collate_fn returns a batch's rows in another order.*enforce_sorted=False"):
+        next(iter(loader))
+    ops = TorchModelOps(_SeqNet(), data, collate_fn=sorting, labels=labels, forward=forward)
+    with pytest.raises(ValueError, match="another order"):
+        ops.losses(np.arange(40))
+    # the same collate keeping the items' order: measured, and each row's loss is its own example's
+    ops = TorchModelOps(_SeqNet(), data, collate_fn=_padded, labels=labels, forward=forward)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no label warning: the labels are the batch's third column
+        got = ops.losses(np.arange(40))
+    with torch.no_grad():
+        want = [F.cross_entropy(ops.model(s[None], torch.tensor([len(s)])), torch.tensor([t])).item()
+                for s, t in (data[i] for i in range(40))]
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_order_check_tells_a_reordering_from_a_mapping_of_the_classes():
+    from crestcore.adapters.torch import _permuted
+
+    labels = np.array([0, 0, 1, 1, 2, 2])  # balanced: a mapping of the classes keeps the counts too
+    assert not _permuted(labels, labels)
+    assert not _permuted(np.array([2, 2, 0, 0, 1, 1]), labels)  # each class mapped to one other: __getitem__
+    assert _permuted(np.array([1, 0, 0, 1, 2, 2]), labels)  # rows moved
+    assert not _permuted(np.array([1, 1, 1, 0, 2, 2]), labels)  # other counts: neither
+    assert not _permuted(np.array([0, 1]), labels)
