@@ -802,6 +802,7 @@ class TorchModelOps:
         self._collate = collate_fn
         self._outputs_looked_at = False  # the first measured outputs are checked for probabilities once
         self._found_layer = None  # (module, which of its calls) the classifier found for embeddings
+        self._shape_only_warned = False  # a classifier found by its shape only was named once
         self._forward = forward if forward is not None else _default_forward
         self._last_layer = self._resolve_layer(last_layer) if last_layer is not None else None
         if self._last_layer is not None and not isinstance(self._last_layer, nn.Linear):
@@ -1192,6 +1193,17 @@ class TorchModelOps:
                     return e
         e, module, ordinal = self._classifier_input(seen, z)
         self._found_layer = (module, ordinal)
+        out = [o for m, _, o in seen if m is module][ordinal]
+        if k >= 3 and not _gives_logits(out, z) and not self._shape_only_warned:
+            self._shape_only_warned = True  # the fallback by shape: say which layer, once
+            name = next((n for n, m in self.model.named_modules() if m is module), type(module).__name__)
+            warnings.warn(
+                f"crestcore: embeddings=True selects on the input of the layer {name!r}, taken as the classifier "
+                f"only because it is the last nn.Linear executed and the only one with {z.shape[1]} outputs: its "
+                "output does not give the logits the model returns. If it is the classifier (its logits changed "
+                "after it by more than an offset or a scale), pass last_layer= to confirm it; if the logits come "
+                "from no nn.Linear (a cosine or tied-embedding head), use embeddings=False (logit gradients).",
+                stacklevel=_common.user_stacklevel())
         return e
 
     @staticmethod
@@ -1221,7 +1233,8 @@ class TorchModelOps:
             return e, m, n
         if not fits or len(fits) == 1:
             raise ValueError(f"the last nn.Linear executed maps to {seen[-1][0].out_features} features but the model "
-                             f"returns {C} logits; pass last_layer= (the classifier layer)")
+                             f"returns {C} logits; pass last_layer= (the classifier, an nn.Linear), or, when no "
+                             "nn.Linear computes the logits (a tied-embedding or cosine head), use embeddings=False")
         raise ValueError(f"{len(fits)} nn.Linear calls in the forward map to {C} features and none returns the "
                          "logits as the model returns them (an auxiliary head, or a hidden layer of that width): pass "
                          "last_layer= (the classifier layer)")

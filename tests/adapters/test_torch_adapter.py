@@ -1533,3 +1533,43 @@ def test_the_order_check_tells_a_reordering_from_a_mapping_of_the_classes():
     assert _permuted(np.array([1, 0, 0, 1, 2, 2]), labels)  # rows moved
     assert not _permuted(np.array([1, 1, 1, 0, 2, 2]), labels)  # other counts: neither
     assert not _permuted(np.array([0, 1]), labels)
+
+
+def test_a_classifier_found_by_its_shape_only_is_named_in_a_warning_and_a_tied_head_told_its_way_out():
+    """embeddings=True: a layer taken as the classifier only because it is the last nn.Linear with C outputs,
+    whose output does not give the logits (a hidden layer before a cosine head), is named once; a head
+    that no nn.Linear computes gets an error that names a way out it can take."""
+    X, y = make_data()
+    idx = np.arange(24)
+    nn = torch.nn
+
+    class Cosine(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.body, self.proj = nn.Linear(X.shape[1], 16), nn.Linear(16, C)  # proj: hidden, C wide
+            self.W = nn.Parameter(torch.randn(C, C))
+
+        def forward(self, x):
+            h = torch.relu(self.proj(torch.relu(self.body(x))))
+            return 10 * F.normalize(h, dim=1) @ F.normalize(self.W, dim=1).T
+
+    ops = TorchModelOps(Cosine().eval(), TensorDataset(X, y))
+    with pytest.warns(UserWarning, match=r"input of the layer 'proj'.*only because.*last_layer=.*embeddings=False"):
+        ops.outputs(idx, embeddings=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per ops
+        ops.outputs(idx, embeddings=True)
+        confirmed = TorchModelOps(ops.model, TensorDataset(X, y), last_layer="proj")
+        confirmed.outputs(idx, embeddings=True)
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.hidden = nn.Embedding(C + 5, 8), nn.Linear(X.shape[1], 8)
+
+        def forward(self, x):
+            return F.linear(torch.tanh(self.hidden(x)), self.emb.weight[:C])
+
+    with pytest.raises(ValueError, match="maps to 8 features but the model returns 3 logits.*embeddings=False"):
+        TorchModelOps(Tied().eval(), TensorDataset(X, y)).outputs(idx, embeddings=True)
