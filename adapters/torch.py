@@ -914,11 +914,11 @@ class TorchModelOps:
         of a collated batch with the batch's k-th example (its label, its weight), so a collate that
         reorders the rows (sorting by length for ``pack_padded_sequence``) would pair every measurement
         and weight with another example: an error when no integer column of the batch holds the
-        examples' labels in order but one holds them permuted (and not mapped, :func:`_permuted`). (2) When the labels were found without
-        the items (a ``targets`` attribute, say): they are compared with the labels the items carry
-        (``item[1]`` collated, or a dict item's label key; any integer column equal to them will do), a
-        warning when they differ (a ``__getitem__`` that maps its targets), since CREST would select,
-        check and drop by the wrong classes."""
+        examples' labels in order but one holds them permuted (and not mapped, :func:`_permuted`).
+        (2) When the labels were found without the items (a ``targets`` attribute, say): they are
+        compared with the labels the items carry (``item[1]`` collated, or a dict item's label key; any
+        integer column equal to them will do), a warning when they differ (a ``__getitem__`` that maps
+        its targets), since CREST would select, check and drop by the wrong classes."""
         want = self.labels[idx]
         columns = _label_columns(host, idx.size)
         in_order = any(np.array_equal(c, want) for c in columns)

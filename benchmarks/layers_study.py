@@ -6,7 +6,9 @@ layer, nothing (``plain``), ``BatchNorm1d`` (``bn``), ``Dropout(0.2)`` after the
 MLP; not chosen per model and method, so the differences are indicative), budget 0.1, m = 128,
 20 epochs, CREST's defaults (``--weights uniform``: CREST's picks weighted 1 instead of by cluster size).
 Differences CREST - Random paired by seed; with several ``--weights`` rules (comma-separated) each rule
-is a method ``crest-<rule>``, and every rule after the first is also compared with the first.
+is a method ``crest-<rule>``, and every rule after the first is also compared with the first. Each CREST
+run's records hold its batches' effective number of examples, ``(sum w)^2 / sum w^2`` (mean and
+least over the run).
 
     .venv/bin/python benchmarks/layers_study.py --json benchmarks/results/layers-study.json
     .venv/bin/python benchmarks/layers_study.py --weights uniform --json benchmarks/results/layers-study-uniform.json
@@ -43,8 +45,9 @@ def _model(kind: str, seed: int):
     return torch.nn.Sequential(*layers)
 
 
-def run_one(kind: str, method: str, seed: int, a, weights: str = "cluster") -> float:
-    """Validation accuracy (%) of one run (``weights``: CREST's ``CrestConfig(weights=...)``)."""
+def run_one(kind: str, method: str, seed: int, a, weights: str = "cluster", ess: list | None = None) -> float:
+    """Validation accuracy (%) of one run (``weights``: CREST's ``CrestConfig(weights=...)``); with a list
+    ``ess``, each batch's effective number of examples ``(sum w)^2 / sum w^2`` is appended to it."""
     import torch
     from torch.utils.data import TensorDataset
 
@@ -74,6 +77,8 @@ def run_one(kind: str, method: str, seed: int, a, weights: str = "cluster") -> f
         batches = loader.iter_run()
     net.train()
     for x, yb, w in batches:
+        if ess is not None:
+            ess.append(float(w.double().sum() ** 2 / (w.double() ** 2).sum()))
         weighted_step(net, opt, sched, x, yb, w)
     net.eval()
     with torch.no_grad():
@@ -133,12 +138,18 @@ def main(argv=None) -> int:
             rows.append({"model": kind, "method": "random", "seed": seed, "val_acc": run_one(kind, "random", seed, a)})
             print(json.dumps(rows[-1]), flush=True)
             for w in rules:
-                acc = run_one(kind, "crest", seed, a, weights=w)
-                rows.append({"model": kind, "method": names[w], "seed": seed, "val_acc": acc})
+                ess: list = []
+                acc = run_one(kind, "crest", seed, a, weights=w, ess=ess)
+                rows.append({"model": kind, "method": names[w], "seed": seed, "val_acc": acc,
+                             "batch_ess_mean": float(np.mean(ess)), "batch_ess_min": float(np.min(ess))})
                 print(json.dumps(rows[-1]), flush=True)
     Path(a.json).write_text(json.dumps({"args": vars(a), "rows": rows}, indent=1))
     print(f"lr {a.lr:g}, seeds {a.seeds}")
     print(table(rows, [names[w] for w in rules]))
+    for w in rules:  # the effective number of examples of CREST's batches, over every model and seed
+        e = [r["batch_ess_mean"] for r in rows if r["method"] == names[w]]
+        print(f"{names[w]}: effective examples per batch (sum w)^2 / sum w^2, mean over runs {np.mean(e):.1f} "
+              f"(runs {min(e):.1f}-{max(e):.1f}) of m = {a.m}")
     return 0
 
 

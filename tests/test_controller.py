@@ -1313,6 +1313,12 @@ def test_tempered_weights_are_the_square_roots_of_the_cluster_sizes():
         np.testing.assert_allclose(te.batch_w[p][keep], root / root.mean(), rtol=1e-10)
         checked |= bool(np.ptp(cl.batch_w[p][keep]) > 0)
     assert checked  # some coreset has unequal cluster sizes, so sqrt makes a difference
+    # the defaults since 2026-12-02 (chosen on validation splits, docs/benchmarks.md); the paper's and the
+    # release's presets keep the paper's cluster sizes
+    assert CrestConfig().weights == "tempered"
+    assert CrestConfig.paper().weights == "cluster" and CrestConfig.release().weights == "cluster"
+    _, default = train_crest(CrestConfig(m=32), 0, 1)
+    np.testing.assert_array_equal(default.batch_w[:default.made], te.batch_w[:te.made])
 
 
 def test_anchor_loss_is_the_mean_loss_on_the_check_examples():

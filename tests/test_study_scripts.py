@@ -56,3 +56,13 @@ def test_layers_study_table_pairs_each_rule_with_random_and_with_the_first_rule(
     assert len(tempered) == len(layers_study.KINDS)
     assert all(ln.endswith("| +2.00 +- 0.00 | +1.00 +- 0.00 |") for ln in tempered)
     assert all("72.00, 73.00" in ln for ln in tempered)
+
+
+def test_layers_study_records_the_effective_examples_of_crest_batches(benchmarks_importable):
+    a = argparse.Namespace(lr=0.3, m=128, budget=0.1, epochs=1, weights="cluster")
+    ess: list = []
+    layers_study.run_one("plain", "crest", 0, a, weights="uniform", ess=ess)
+    assert ess and all(e == pytest.approx(128.0) for e in ess)  # uniform weights: every pick counts once
+    cluster: list = []
+    layers_study.run_one("plain", "crest", 0, a, weights="cluster", ess=cluster)
+    assert len(cluster) == len(ess) and all(1.0 <= e < 128.0 for e in cluster)
