@@ -578,30 +578,28 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 _LABEL_KEYS = ("labels", "label", "label_ids")
 
 
-def _permuted(column: np.ndarray, labels: np.ndarray) -> bool:
-    """Whether ``column`` holds ``labels`` in another order: the same values as often, but not each row's
-    value mapped from its label by one function (a ``__getitem__`` that maps its classes, say from raw
-    ids, keeps the rows in order and gives a function of the labels; a collate that sorts the rows does
-    not)."""
-    if column.shape != labels.shape or not np.array_equal(np.sort(column), np.sort(labels)):
-        return False
-    pairs = np.unique(np.stack([labels, column]), axis=1).shape[1]
-    return pairs != np.unique(labels).size
-
-
 def _label_columns(host, k: int) -> list:
-    """The integer columns of ``k`` rows a collated batch could hold its labels in (the fields of a tuple
-    or list, the values of a dict; 1-D integer tensors), as int64 host arrays."""
+    """The columns of ``k`` rows a collated batch could hold its labels in (the fields of a tuple or list,
+    the values of a dict: tensors of shape (k,) or (k, 1), integer or float with whole values), as int64
+    host arrays."""
     fields = host.values() if isinstance(host, dict) else host if isinstance(host, (tuple, list)) else ()
-    return [f.detach().cpu().numpy().astype(np.int64) for f in fields
-            if isinstance(f, torch.Tensor) and f.shape == (k,) and not f.dtype.is_floating_point
-            and not f.dtype.is_complex and f.dtype != torch.bool]
+    out = []
+    for f in fields:
+        if (not isinstance(f, torch.Tensor) or f.shape not in ((k,), (k, 1)) or f.dtype.is_complex
+                or f.dtype == torch.bool):
+            continue
+        v = f.detach().reshape(k).cpu()
+        if v.dtype.is_floating_point and not (bool(torch.isfinite(v).all()) and torch.equal(v, v.round())):
+            continue
+        out.append(v.double().numpy().astype(np.int64) if v.dtype.is_floating_point else v.numpy().astype(np.int64))
+    return out
 
 
 def _explains(out: torch.Tensor, z: torch.Tensor) -> bool:
     """Whether the logits ``z`` are the layer output ``out`` changed by an offset per row (as log-softmax
-    does) or by a scale and an offset per column (a temperature, a learned bias), to the rounding of the
-    output's dtype, on a batch of at least three rows."""
+    does), by a scale and an offset per column (a temperature, a learned bias), or by both (log-softmax
+    after a temperature or a bias), to the rounding of the output's dtype, on a batch of at least three
+    rows."""
     if out.shape != z.shape or out.shape[0] < 3:
         return False
     tol = 1e-2 if out.dtype in (torch.float16, torch.bfloat16) else 1e-5
@@ -611,11 +609,14 @@ def _explains(out: torch.Tensor, z: torch.Tensor) -> bool:
         d = zz - o
         if float((d - d.mean(dim=1, keepdim=True)).abs().max()) <= tol * scale:
             return True
-        oc, zc = o - o.mean(dim=0), zz - zz.mean(dim=0)
-        if bool((oc.abs().amax(dim=0) == 0).any()):  # a constant output column explains nothing
-            return False
-        a = (oc * zc).sum(dim=0) / (oc * oc).sum(dim=0)
-        return bool((a != 0).all()) and float((zc - a * oc).abs().max()) <= tol * scale
+        for oo, z2 in ((o, zz), (o - o.mean(dim=1, keepdim=True), zz - zz.mean(dim=1, keepdim=True))):
+            oc, zc = oo - oo.mean(dim=0), z2 - z2.mean(dim=0)
+            if bool((oc.abs().amax(dim=0) == 0).any()):  # a constant output column explains nothing
+                continue
+            a = (oc * zc).sum(dim=0) / (oc * oc).sum(dim=0)
+            if bool((a != 0).all()) and float((zc - a * oc).abs().max()) <= tol * scale:
+                return True
+        return False
 
 
 def _gives_logits(out: torch.Tensor, z: torch.Tensor) -> bool:
@@ -783,7 +784,8 @@ class TorchModelOps:
         self._check_labels = ((labels is None and not isinstance(dataset, TensorDataset)) if check_labels is None
                               else bool(check_labels))
         self._measure_set = False  # dataset is a loader's measure_dataset, checked against the training labels
-        self._check_order = True  # the first measurement batch: does the collate keep the items' order?
+        # does the user's collate keep the items' order? checked at the first measurement passes (_check_collate)
+        self._order_tries = 0 if collate_fn is not None else None
         self._labels_origin = _found_origin(dataset) if labels is None else "as given"
         self.loss_fn = loss_fn if loss_fn is not None else _cross_entropy
         self._device = None if device is None else torch.device(device)
@@ -879,6 +881,8 @@ class TorchModelOps:
         (the trust check's examples, the coresets the quadratic model is fitted on: all inside the
         selection's forward) takes their rows instead of loading them again, so every measurement of a
         selection sees the very inputs the anchor saw, random transforms included."""
+        if self._order_tries is not None:
+            self._check_collate(idx, dev)
         spans = list(_common.chunk_spans(idx.size, self.batch_size))
         cached = self._cached(idx, spans) if self._cacheable and spans else None
         if cached is not None:
@@ -890,7 +894,7 @@ class TorchModelOps:
         size = 0
         try:
             for (a, b), host in zip(spans, source):
-                if self._check_labels or self._check_order:
+                if self._check_labels:
                     self._probe_labels(host, idx[a:b])
                 if keep is not None:
                     keep.append(host)
@@ -909,32 +913,54 @@ class TorchModelOps:
             if bar is not None:
                 bar.close()
 
-    def _probe_labels(self, host, idx: np.ndarray) -> None:
-        """Once, on the first measurement batch. (1) The collate keeps the items' order: CREST pairs row k
-        of a collated batch with the batch's k-th example (its label, its weight), so a collate that
-        reorders the rows (sorting by length for ``pack_padded_sequence``) would pair every measurement
-        and weight with another example: an error when no integer column of the batch holds the
-        examples' labels in order but one holds them permuted (and not mapped, :func:`_permuted`).
-        (2) When the labels were found without the items (a ``targets`` attribute, say): they are
-        compared with the labels the items carry (``item[1]`` collated, or a dict item's label key; any
-        integer column equal to them will do), a warning when they differ (a ``__getitem__`` that maps
-        its targets), since CREST would select, check and drop by the wrong classes."""
-        want = self.labels[idx]
-        columns = _label_columns(host, idx.size)
-        in_order = any(np.array_equal(c, want) for c in columns)
-        if self._check_order:
-            self._check_order = False
-            if not in_order and any(_permuted(c, want) for c in columns):
-                raise ValueError(
-                    "the collate_fn returns a batch's rows in another order than the items it is given (a column "
-                    "of the collated batch holds the batch's labels, permuted): CREST pairs row k of a batch with "
-                    "its k-th example (its label, its weight), so every measurement and weight would belong to "
-                    "another example. Keep the items' order in collate_fn (sort inside the model's forward, or "
-                    "use pack_padded_sequence(..., enforce_sorted=False))")
-        if not self._check_labels:
+    def _check_collate(self, idx: np.ndarray, dev) -> None:
+        """Whether the user's ``collate_fn`` keeps the items' order: CREST pairs row k of a collated batch
+        with the batch's k-th example (its label in every measurement, its weight in ``CrestLoader``'s
+        batches), so a collate that reorders the rows (sorting by length for ``pack_padded_sequence``)
+        would pair every measurement and weight with another example. Up to 16 examples of the pass are
+        loaded here, collated in their order and reversed, and measured: the reversed batch's outputs must
+        be the first's reversed. Decided once (an error when they are not); not decidable while the
+        outputs read the same both ways (a model that gives every example the same logits, as at a zero
+        initialisation), and then tried again at the next passes (at most 8 times); skipped for good when
+        the collate or the model is not deterministic (the same items collated twice measure differently)."""
+        if idx.size < 2:
             return
+        self._order_tries += 1
+        if self._order_tries > 8:
+            self._order_tries = None
+            return
+        keys = [int(i) for i in idx[:16]]
+        getitems = getattr(self.dataset, "__getitems__", None)
+        items = list(getitems(keys)) if callable(getitems) else [self.dataset[i] for i in keys]
+        with torch.no_grad():
+            z = [self._logits(_to_device(_plain(self._fetch.collate(list(order))), dev, floats=self._dtype()),
+                              len(keys)).double() for order in (items, items, items[::-1])]
+        tol = (1e-2 if self._dtype() in _HALF else 1e-5) * float(z[0].abs().max().clamp_min(1e-30))
+
+        def same(a, b):
+            return float((a - b).abs().max()) <= tol
+
+        if not same(z[0], z[1]):  # not deterministic: this check cannot tell
+            self._order_tries = None
+        elif same(z[2], z[0].flip(0)):
+            if not same(z[0], z[0].flip(0)):  # the order shows in the outputs: kept
+                self._order_tries = None
+        else:
+            raise ValueError(
+                "the collate_fn does not keep the items' order: the same examples collated in reverse order "
+                "give outputs that are not the first batch's reversed (a collate that sorts the rows, say by "
+                "length for pack_padded_sequence). CREST pairs row k of a collated batch with its k-th example "
+                "(its label, its weight), so every measurement and weight would belong to another example. Keep "
+                "the items' order (sort inside the model's forward, or pack with enforce_sorted=False), or "
+                "undo the sort in forward=")
+
+    def _probe_labels(self, host, idx: np.ndarray) -> None:
+        """Once: the labels found without the items (a ``targets`` attribute, say) against the labels the
+        first measurement batch's items carry (``item[1]`` collated, or a dict item's label key; any column
+        of the collated batch equal to them will do), a warning when they differ (a ``__getitem__`` that
+        maps its targets), since CREST would select, check and drop by the wrong classes."""
         self._check_labels = False
-        if in_order:
+        if any(np.array_equal(c, self.labels[idx]) for c in _label_columns(host, idx.size)):
             return
         got = host[1] if isinstance(host, (tuple, list)) and len(host) > 1 else None
         if isinstance(host, dict):
@@ -1194,7 +1220,9 @@ class TorchModelOps:
         e, module, ordinal = self._classifier_input(seen, z)
         self._found_layer = (module, ordinal)
         out = [o for m, _, o in seen if m is module][ordinal]
-        if k >= 3 and not _gives_logits(out, z) and not self._shape_only_warned:
+        # (an output column that is constant over the batch, as a zero-initialised head gives, cannot say)
+        constant = bool((out.detach().amax(dim=0) == out.detach().amin(dim=0)).any()) if out.ndim == 2 else True
+        if k >= 3 and not constant and not _gives_logits(out, z) and not self._shape_only_warned:
             self._shape_only_warned = True  # the fallback by shape: say which layer, once
             name = next((n for n, m in self.model.named_modules() if m is module), type(module).__name__)
             warnings.warn(

@@ -1508,11 +1508,12 @@ def test_a_collate_that_reorders_the_rows_is_refused_before_any_measurement_is_u
     sorting = lambda items: _padded(items, sort=True)  # noqa: E731
     loader = CrestLoader(_SeqNet(), data, config=CrestConfig(m=16), budget=0.5, collate_fn=sorting, labels=labels,
                          forward=forward)
-    with pytest.raises(ValueError, match="collate_fn returns a batch's rows in another order.*enforce_sorted=False"):
+    with pytest.raises(ValueError, match="collate_fn does not keep the items' order.*enforce_sorted=False"):
         next(iter(loader))
     ops = TorchModelOps(_SeqNet(), data, collate_fn=sorting, labels=labels, forward=forward)
-    with pytest.raises(ValueError, match="another order"):
-        ops.losses(np.arange(40))
+    for _ in range(2):  # refused again when tried again: the check is not spent by raising
+        with pytest.raises(ValueError, match="does not keep the items' order"):
+            ops.losses(np.arange(40))
     # the same collate keeping the items' order: measured, and each row's loss is its own example's
     ops = TorchModelOps(_SeqNet(), data, collate_fn=_padded, labels=labels, forward=forward)
     with warnings.catch_warnings():
@@ -1524,15 +1525,59 @@ def test_a_collate_that_reorders_the_rows_is_refused_before_any_measurement_is_u
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
 
 
-def test_the_order_check_tells_a_reordering_from_a_mapping_of_the_classes():
-    from crestcore.adapters.torch import _permuted
+def test_the_order_check_reads_outputs_not_labels_and_waits_until_it_can_tell():
+    data = _Sequences()
+    one_class = np.flatnonzero(np.array(data.targets) == 0)  # a first batch of one class: labels cannot tell
+    sorting = lambda items: _padded(items, sort=True)  # noqa: E731
+    ops = TorchModelOps(_SeqNet(), data, collate_fn=sorting, forward=lambda m, b: m(b[0], b[1]))
+    with pytest.raises(ValueError, match="does not keep the items' order"):
+        ops.losses(one_class[:20])
 
-    labels = np.array([0, 0, 1, 1, 2, 2])  # balanced: a mapping of the classes keeps the counts too
-    assert not _permuted(labels, labels)
-    assert not _permuted(np.array([2, 2, 0, 0, 1, 1]), labels)  # each class mapped to one other: __getitem__
-    assert _permuted(np.array([1, 0, 0, 1, 2, 2]), labels)  # rows moved
-    assert not _permuted(np.array([1, 1, 1, 0, 2, 2]), labels)  # other counts: neither
-    assert not _permuted(np.array([0, 1]), labels)
+    # a collate that sorts and returns the order, with a forward that undoes the sort: measured right
+    def sorting_with_order(items):
+        order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
+        return (*_padded([items[i] for i in order]), torch.tensor(order))
+
+    def unsorting(model, batch):
+        z = model(batch[0], batch[1])
+        return torch.empty_like(z).index_copy_(0, batch[3], z)
+
+    ops = TorchModelOps(_SeqNet(), data, collate_fn=sorting_with_order, forward=unsorting, labels=np.array(data.targets))
+    with torch.no_grad():
+        want = [F.cross_entropy(ops.model(s[None], torch.tensor([len(s)])), torch.tensor([t])).item()
+                for s, t in (data[i] for i in range(20))]
+    np.testing.assert_allclose(ops.losses(np.arange(20)).numpy(), want, rtol=1e-5, atol=1e-6)
+
+    # every example measured alike (a zero head): not decidable, so not decided; once the model tells the
+    # examples apart, a sorting collate is caught
+    net = _SeqNet()
+    with torch.no_grad():
+        net.o.weight.zero_()
+    ops = TorchModelOps(net, data, collate_fn=sorting, forward=lambda m, b: m(b[0], b[1]))
+    ops.losses(np.arange(20))
+    with torch.no_grad():
+        net.o.weight.normal_()
+    with pytest.raises(ValueError, match="does not keep the items' order"):
+        ops.losses(np.arange(20))
+
+    # a collate that is not deterministic (noise added to each batch): the check cannot tell and stays quiet
+    def noisy(items):
+        x, lengths, y = _padded(items)
+        return x, lengths + torch.rand(len(items)), y
+
+    ops = TorchModelOps(_SeqNet(), data, collate_fn=noisy, forward=lambda m, b: m(b[0], b[1]))
+    ops.losses(np.arange(20))
+    assert ops._order_tries is None
+
+    # labels in a float (k, 1) column of an order-keeping collate: the labels the items carry, no warning
+    def float_labels(items):
+        x, lengths, y = _padded(items)
+        return x, lengths, y.double()[:, None]
+
+    ops = TorchModelOps(_SeqNet(), data, collate_fn=float_labels, forward=lambda m, b: m(b[0], b[1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.losses(np.arange(20))
 
 
 def test_a_classifier_found_by_its_shape_only_is_named_in_a_warning_and_a_tied_head_told_its_way_out():
@@ -1573,3 +1618,32 @@ def test_a_classifier_found_by_its_shape_only_is_named_in_a_warning_and_a_tied_h
 
     with pytest.raises(ValueError, match="maps to 8 features but the model returns 3 logits.*embeddings=False"):
         TorchModelOps(Tied().eval(), TensorDataset(X, y)).outputs(idx, embeddings=True)
+
+    # log-softmax after a temperature or a bias (a row offset and a column change together) is the
+    # classifier's output explained, also with an auxiliary C-output layer after it; no warning
+    class Calibrated(nn.Module):
+        def __init__(self, aux):
+            super().__init__()
+            torch.manual_seed(1)
+            self.body, self.fc, self.aux = nn.Linear(X.shape[1], 16), nn.Linear(16, C), nn.Linear(C, C) if aux else None
+            self.b = nn.Parameter(torch.randn(C))
+
+        def forward(self, x):
+            z = F.log_softmax(self.fc(torch.relu(self.body(x))) / 2.0 + self.b, dim=1)
+            return z + 0 * self.aux(z).sum() if self.aux is not None else z
+
+    for aux in (False, True):
+        net = Calibrated(aux).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            e = TorchModelOps(net, TensorDataset(X, y)).outputs(idx, embeddings=True)[1]
+        with torch.no_grad():
+            torch.testing.assert_close(e, torch.relu(net.body(X[idx])))
+    # a zero-initialised classifier gives every example the same output: the shape-only pick is not
+    # warned about while nothing can be told (a later measurement checks it again)
+    net = Cosine().eval()
+    with torch.no_grad():
+        net.proj.weight.zero_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TorchModelOps(net, TensorDataset(X, y)).outputs(idx, embeddings=True)
