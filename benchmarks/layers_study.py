@@ -4,7 +4,9 @@ two costs CREST accuracy. The data, split, optimizer and schedule of ``benchmark
 layer, nothing (``plain``), ``BatchNorm1d`` (``bn``), ``Dropout(0.2)`` after the ReLU (``drop``) or both
 (``bn+drop``); one lr, 0.3, for every model and method (CREST's and Random's best on the age study's
 MLP; not chosen per model and method, so the differences are indicative), budget 0.1, m = 128,
-20 epochs, CREST's defaults (``--weights uniform``: CREST's picks weighted 1 instead of by cluster size).
+20 epochs, CREST's defaults except its weights: ``--weights`` (default ``cluster``, the cluster sizes, as
+the first runs of 2026-12-02 used; ``uniform``: every pick weighted 1; ``tempered``: square roots, the
+library's default since the weights study).
 Differences CREST - Random paired by seed; with several ``--weights`` rules (comma-separated) each rule
 is a method ``crest-<rule>``, and every rule after the first is also compared with the first. Each CREST
 run's records hold its batches' effective number of examples, ``(sum w)^2 / sum w^2`` (mean and
