@@ -66,3 +66,22 @@ def test_layers_study_records_the_effective_examples_of_crest_batches(benchmarks
     cluster: list = []
     layers_study.run_one("plain", "crest", 0, a, weights="cluster", ess=cluster)
     assert len(cluster) == len(ess) and all(1.0 <= e < 128.0 for e in cluster)
+
+
+unseen_study = load_benchmark("unseen_study.py", "unseen_study_under_test")
+
+
+def test_unseen_study_runs_each_method_at_equal_steps_and_tabulates_paired_differences(tmp_path):
+    rows = [unseen_study.run_one(dict(pair=1, method=m, lr=0.3, seed=s, phase="final", epochs=1))
+            for m in unseen_study.METHODS for s in (200, 201)]
+    assert {r["steps"] for r in rows} == {1}  # 0.1 of the 9 full-data steps of digits' training part, 1 epoch
+    assert all(0 <= r["test_acc"] <= 100 and 0 <= r["val_acc"] <= 100 for r in rows)
+    assert all("selections" in r for r in rows if r["method"] != "random")
+    lines = unseen_study.table(rows, [1], "final", ("test_acc",)).splitlines()
+    assert len(lines) == 3 and lines[2].startswith("| 1 digits, MLP | test_acc | 0.3 / 0.3 / 0.3 |")
+    assert lines[2].count("(win)") + lines[2].count("(level)") + lines[2].count("(loss)") == 2
+    # the learning rate is chosen on the selection phase's validation accuracy, never on the test set
+    sel = [dict(pair=1, method="crest", lr=lr, seed=s, phase="select", val_acc=acc)
+           for lr, acc in ((0.1, 80.0), (0.3, 90.0)) for s in (100, 101)]
+    sel.append(dict(pair=1, method="crest", lr=0.1, seed=200, phase="final", val_acc=99.0, test_acc=99.0))
+    assert unseen_study.chosen(sel, 1, "crest") == (0.3, {0.1: 80.0, 0.3: 90.0})
