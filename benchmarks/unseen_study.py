@@ -133,6 +133,21 @@ def model(pair: int, seed: int):
     return nn.Sequential(nn.Linear(50, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 30))
 
 
+def _neighbour(name: str):
+    """A script next to this one, loaded from its file (``benchmarks/`` stays off ``sys.path``: its
+    ``distributed.py`` would shadow dask's package)."""
+    if name not in _NEIGHBOURS:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(f"crest_bench_{name}", Path(__file__).with_name(f"{name}.py"))
+        _NEIGHBOURS[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_NEIGHBOURS[name])
+    return _NEIGHBOURS[name]
+
+
+_NEIGHBOURS: dict = {}
+
+
 def _scores(net, X, Y, C):
     import torch
 
@@ -147,7 +162,6 @@ def run_one(job: dict) -> dict:
     """One run: ``job`` = ``{"pair", "method", "lr", "seed", "phase", "epochs"}``; validation accuracy and
     balanced accuracy, and for ``phase == "final"`` the test set's."""
     import torch
-    import torch.nn.functional as F
     from torch.utils.data import TensorDataset
 
     from crestcore import CrestConfig
@@ -181,12 +195,7 @@ def run_one(job: dict) -> dict:
     for x, yb, w in batches:
         wd = w.double()
         ess.append(float(wd.sum() ** 2 / (wd ** 2).sum()))
-        loss = (w * F.cross_entropy(net(x), yb, reduction="none")).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        net.train()
+        _neighbour("age_study").weighted_step(net, opt, sched, x, yb, w)
         steps += 1
     wall = time.perf_counter() - t0
     if steps != total:
