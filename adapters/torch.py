@@ -931,8 +931,9 @@ class TorchModelOps:
             return
         keys = [int(i) for i in idx[:16]]
         getitems = getattr(self.dataset, "__getitems__", None)
-        items = list(getitems(keys)) if callable(getitems) else [self.dataset[i] for i in keys]
-        with torch.no_grad():
+        # extra loads: random transforms in __getitem__ (or a random collate) must not advance the user's RNGs
+        with _random_states_kept(), torch.no_grad():
+            items = list(getitems(keys)) if callable(getitems) else [self.dataset[i] for i in keys]
             z = [self._logits(_to_device(_plain(self._fetch.collate(list(order))), dev, floats=self._dtype()),
                               len(keys)).double() for order in (items, items, items[::-1])]
         tol = (1e-2 if self._dtype() in _HALF else 1e-5) * float(z[0].abs().max().clamp_min(1e-30))

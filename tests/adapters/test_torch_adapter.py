@@ -1647,3 +1647,24 @@ def test_a_classifier_found_by_its_shape_only_is_named_in_a_warning_and_a_tied_h
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         TorchModelOps(net, TensorDataset(X, y)).outputs(idx, embeddings=True)
+
+
+def test_the_order_check_leaves_the_users_random_states_as_they_were():
+    import random
+
+    class Noisy(_Sequences):
+        def __getitem__(self, i):  # a random transform drawing from the global generators
+            s, t = super().__getitem__(i)
+            _ = random.random(), np.random.rand(), torch.rand(1)
+            return s, t
+
+    data = Noisy()
+    ops = TorchModelOps(_SeqNet(), data, collate_fn=_padded, forward=lambda m, b: m(b[0], b[1]),
+                        labels=np.array(data.targets), batch_size=64)
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    with torch.random.fork_rng():
+        ops._check_collate(np.arange(20), torch.device("cpu"))
+        after = random.random(), float(np.random.rand()), float(torch.rand(1))
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    assert after == (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    assert ops._order_tries is None  # decided: the collate keeps the order
