@@ -785,7 +785,7 @@ class TorchModelOps:
                               else bool(check_labels))
         self._measure_set = False  # dataset is a loader's measure_dataset, checked against the training labels
         # does the user's collate keep the items' order? checked at the first measurement passes (_check_collate)
-        self._order_tries = 0 if collate_fn is not None else None
+        self._order_tries = (0, 0) if collate_fn is not None else None  # (passes tried, passes that kept it)
         self._labels_origin = _found_origin(dataset) if labels is None else "as given"
         self.loss_fn = loss_fn if loss_fn is not None else _cross_entropy
         self._device = None if device is None else torch.device(device)
@@ -917,43 +917,60 @@ class TorchModelOps:
         """Whether the user's ``collate_fn`` keeps the items' order: CREST pairs row k of a collated batch
         with the batch's k-th example (its label in every measurement, its weight in ``CrestLoader``'s
         batches), so a collate that reorders the rows (sorting by length for ``pack_padded_sequence``)
-        would pair every measurement and weight with another example. Up to 16 examples of the pass are
-        loaded here, collated in their order and reversed, and measured: the reversed batch's outputs must
-        be the first's reversed. Decided once (an error when they are not); not decidable while the
-        outputs read the same both ways (a model that gives every example the same logits, as at a zero
-        initialisation), and then tried again at the next passes (at most 8 times); skipped for good when
-        the collate or the model is not deterministic (the same items collated twice measure differently)."""
-        if idx.size < 2:
+        would pair every measurement and weight with another example.
+
+        At most ``min(16, batch_size)`` examples spread over the pass are loaded here once, collated in
+        their order (twice) and in a shuffled order, and measured: the shuffled batch's outputs must be
+        the first's shuffled alike. A pass decides when the outputs tell the examples apart; the check
+        ends after three passes that kept the order (other examples each time: a sort that happens to
+        leave one sample in place, as ties do, is caught by another), with an error at the first that
+        did not. Passes whose outputs cannot tell (every example measured alike, as with a zero head) do
+        not count, up to 12 passes in all. Skipped for good when the same batch measures differently twice
+        (a random collate or model), when ``__getitems__`` does not return a list of the examples, or when
+        the check's own load or forward fails (the pass then runs, and fails, as without it)."""
+        k = min(16, self.batch_size, idx.size)
+        if k < 2:
             return
-        self._order_tries += 1
-        if self._order_tries > 8:
+        tries, kept = self._order_tries
+        if tries >= 12:
             self._order_tries = None
             return
-        keys = [int(i) for i in idx[:16]]
-        getitems = getattr(self.dataset, "__getitems__", None)
-        # extra loads: random transforms in __getitem__ (or a random collate) must not advance the user's RNGs
-        with _random_states_kept(), torch.no_grad():
-            items = list(getitems(keys)) if callable(getitems) else [self.dataset[i] for i in keys]
-            z = [self._logits(_to_device(_plain(self._fetch.collate(list(order))), dev, floats=self._dtype()),
-                              len(keys)).double() for order in (items, items, items[::-1])]
+        self._order_tries = (tries + 1, kept)
+        keys = [int(i) for i in idx[np.unique(np.linspace(0, idx.size - 1, k).round().astype(np.int64))]]
+        perm = np.random.default_rng(tries).permutation(len(keys))
+        if np.array_equal(perm, np.arange(len(keys))):
+            perm = np.roll(perm, 1)
+        try:
+            # extra loads: random transforms in __getitem__ (or a random collate) must not advance the user's RNGs
+            with _random_states_kept(), torch.no_grad():
+                getitems = getattr(self.dataset, "__getitems__", None)
+                items = getitems(keys) if callable(getitems) else [self.dataset[i] for i in keys]
+                if not isinstance(items, (list, tuple)) or len(items) != len(keys):
+                    self._order_tries = None  # not a list of the examples: nothing to reorder here
+                    return
+                z = [self._logits(_to_device(_plain(self._fetch.collate(list(order))), dev, floats=self._dtype()),
+                                  len(keys)).double() for order in (items, items, [items[i] for i in perm])]
+        except Exception:  # the check's own load or forward: the pass runs (and fails) as it would without it
+            self._order_tries = None
+            return
         tol = (1e-2 if self._dtype() in _HALF else 1e-5) * float(z[0].abs().max().clamp_min(1e-30))
+        order = torch.as_tensor(perm, device=z[0].device)
 
         def same(a, b):
             return float((a - b).abs().max()) <= tol
 
         if not same(z[0], z[1]):  # not deterministic: this check cannot tell
             self._order_tries = None
-        elif same(z[2], z[0].flip(0)):
-            if not same(z[0], z[0].flip(0)):  # the order shows in the outputs: kept
-                self._order_tries = None
-        else:
+        elif not same(z[2], z[0][order]):
             raise ValueError(
-                "the collate_fn does not keep the items' order: the same examples collated in reverse order "
-                "give outputs that are not the first batch's reversed (a collate that sorts the rows, say by "
-                "length for pack_padded_sequence). CREST pairs row k of a collated batch with its k-th example "
-                "(its label, its weight), so every measurement and weight would belong to another example. Keep "
-                "the items' order (sort inside the model's forward, or pack with enforce_sorted=False), or "
-                "undo the sort in forward=")
+                "the collate_fn does not keep the items' order: the same examples collated in another order "
+                "give outputs that are not the first batch's in that order (a collate that sorts the rows, say "
+                "by length for pack_padded_sequence). CREST pairs row k of a collated batch with its k-th "
+                "example (its label, its weight), so every measurement and weight would belong to another "
+                "example. Keep the items' order (sort inside the model's forward, or pack with "
+                "enforce_sorted=False), or undo the sort in forward=")
+        elif not same(z[0], z[0][order]):  # the order shows in the outputs: this pass kept it
+            self._order_tries = None if kept + 1 >= 3 else (tries + 1, kept + 1)
 
     def _probe_labels(self, host, idx: np.ndarray) -> None:
         """Once: the labels found without the items (a ``targets`` attribute, say) against the labels the

@@ -1667,4 +1667,55 @@ def test_the_order_check_leaves_the_users_random_states_as_they_were():
         after = random.random(), float(np.random.rand()), float(torch.rand(1))
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
     assert after == (random.random(), float(np.random.rand()), float(torch.rand(1)))
-    assert ops._order_tries is None  # decided: the collate keeps the order
+    assert ops._order_tries == (1, 1)  # one pass tried, and it kept the order
+    for first in (20, 40):  # three passes that kept it (other examples each time) end the check
+        ops._check_collate(np.arange(first, first + 20), torch.device("cpu"))
+    assert ops._order_tries is None
+
+
+def test_the_order_check_catches_reversing_and_tie_hiding_sorts_and_stays_out_of_the_way_otherwise():
+    data = _Sequences()
+    fwd = lambda m, b: m(b[0], b[1])  # noqa: E731
+    reversing = lambda items: _padded(items[::-1])  # noqa: E731
+    with pytest.raises(ValueError, match="does not keep the items' order"):
+        TorchModelOps(_SeqNet(), data, collate_fn=reversing, forward=fwd).losses(np.arange(40))
+    # the first examples of the pass tie on the sort key (a stable sort keeps them in place): the spread
+    # sample and the later passes see other lengths
+    lengths = np.array([len(s) for s in data.seqs])
+    tied = np.flatnonzero(lengths == np.bincount(lengths).argmax())
+    order = np.concatenate([tied, np.setdiff1d(np.arange(len(data)), tied)])
+    sorting = lambda items: _padded(items, sort=True)  # noqa: E731
+    with pytest.raises(ValueError, match="does not keep the items' order"):
+        ops = TorchModelOps(_SeqNet(), data, collate_fn=sorting, forward=fwd, labels=np.array(data.targets))
+        for first in (0, 16, 32, 48):
+            ops.losses(order[first:first + 16])
+
+    # a dataset whose __getitems__ returns the collated batch (an identity collate_fn), and a small
+    # measure_batch_size: no check it cannot run, and no batch larger than asked for
+    class Batched(Dataset):
+        def __init__(self):
+            self.x, self.y = make_data()
+
+        def __len__(self):
+            return len(self.y)
+
+        def __getitem__(self, i):
+            return self.x[i], self.y[i]
+
+        def __getitems__(self, keys):
+            return self.x[keys], self.y[keys]
+
+    seen = []
+
+    class Sized(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp()
+
+        def forward(self, x):
+            seen.append(len(x))
+            return self.net(x)
+
+    ops = TorchModelOps(Sized(), Batched(), collate_fn=lambda batch: batch, batch_size=4)
+    assert ops.losses(np.arange(20)).shape == (20,)
+    assert max(seen) == 4 and ops._order_tries is None
