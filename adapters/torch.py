@@ -962,6 +962,7 @@ class TorchModelOps:
         if not same(z[0], z[1]):  # not deterministic: this check cannot tell
             self._order_tries = None
         elif not same(z[2], z[0][order]):
+            self._order_tries = (tries, kept)  # refused again if tried again: raising does not spend the check
             raise ValueError(
                 "the collate_fn does not keep the items' order: the same examples collated in another order "
                 "give outputs that are not the first batch's in that order (a collate that sorts the rows, say "
