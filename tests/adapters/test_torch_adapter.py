@@ -1692,18 +1692,12 @@ def test_the_order_check_catches_reversing_and_tie_hiding_sorts_and_stays_out_of
 
     # a dataset whose __getitems__ returns the collated batch (an identity collate_fn), and a small
     # measure_batch_size: no check it cannot run, and no batch larger than asked for
-    class Batched(Dataset):
+    class Batched(TensorDataset):
         def __init__(self):
-            self.x, self.y = make_data()
-
-        def __len__(self):
-            return len(self.y)
-
-        def __getitem__(self, i):
-            return self.x[i], self.y[i]
+            super().__init__(*make_data())
 
         def __getitems__(self, keys):
-            return self.x[keys], self.y[keys]
+            return tuple(t[keys] for t in self.tensors)
 
     seen = []
 
