@@ -591,7 +591,7 @@ def _label_columns(host, k: int) -> list:
         v = f.detach().reshape(k).cpu()
         if v.dtype.is_floating_point and not (bool(torch.isfinite(v).all()) and torch.equal(v, v.round())):
             continue
-        out.append(v.double().numpy().astype(np.int64) if v.dtype.is_floating_point else v.numpy().astype(np.int64))
+        out.append(v.to(torch.int64).numpy())
     return out
 
 
