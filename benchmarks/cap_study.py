@@ -155,12 +155,14 @@ def main(argv=None) -> int:
         title += f" ({a.marker})"
     flags = "".join(f" --variant {shlex.quote(v)}" for v in a.variant) + (
         f" --caps {shlex.quote(a.caps)}" if a.caps != p.get_default("caps") else "") + (
-        f" --marker {a.marker}" if a.marker != p.get_default("marker") else "")
+        f" --marker {a.marker}" if a.marker != p.get_default("marker") else "") + (
+        f" --limit-train {a.limit_train}" if a.limit_train else "") + (
+        f" --seeds {a.seeds}" if a.seeds != p.get_default("seeds") else "")
     lines = [start, f"### Choosing {title} on the validation split", "",
              f"Command: `python benchmarks/cap_study.py{flags} --json {a.json}"
              f"{' --out ' + a.out if a.out else ''}`. Budget 0.1, m = 128, CREST's learning rate from the "
              f"time-to-accuracy sweep ({', '.join(f'{d}: {lrs[d]:g}' for d in datasets)}), trained on the "
-             f"90 % training part and scored on the 10 % validation split (the test set is not read), "
+             f"{'90 % training part of ' + str(a.limit_train) + ' training images' if a.limit_train else '90 % training part'} and scored on the 10 % validation split (the test set is not read), "
              f"seeds {', '.join(map(str, seeds))}, {a.threads} torch thread(s). Rule, fixed before the runs: "
              f"among the variants whose mean validation accuracy is within {a.tolerance:g} points of the "
              "defaults' and within one standard error of the paired per-seed differences, on every data "

@@ -20,11 +20,16 @@ warm-up over 5 % of the steps then cosine to 0. Protocol (``--phase protocol``):
 rate chosen from {0.03, 0.1, 0.3} by mean validation accuracy over seeds 100-102 (a choice at the grid's
 edge extends it once, to 0.01 or 1.0), then 5 new seeds (200-204) at the chosen rate, the test set read
 once per final run. ``--phase supplement``: 40 epochs at the 10-epoch choices, seeds 300-304, the
-validation split only. Records are appended to ``--json`` (JSON lines; a run already there is not run
+validation split only. ``--phase variant --variant KEY=VALUE,...``: CREST's defaults and CREST with those
+``CrestConfig`` overrides (method ``crest+KEY=VALUE,...``), each pair at the learning rate CREST's defaults
+chose, 10 epochs, seeds 400-404, the validation split only; a variant passes a pair when its mean validation
+accuracy is no more than 0.3 points below the defaults' and not worse by more than one standard error of
+the paired differences. Records are appended to ``--json`` (JSON lines; a run already there is not run
 again) and the tables printed from them.
 
     python benchmarks/unseen_study.py --json benchmarks/results/unseen-study-2026-12-02.jsonl --workers 2
     python benchmarks/unseen_study.py --phase supplement --json benchmarks/results/unseen-study-2026-12-02.jsonl
+    python benchmarks/unseen_study.py --phase variant --variant r=256 --json benchmarks/results/unseen-study-2026-12-02.jsonl
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ METHODS = ("random", "crest", "crest-cluster")
 GRID = (0.03, 0.1, 0.3)
 EXTEND = {0.03: 0.01, 0.3: 1.0}
 SELECT_SEEDS, FINAL_SEEDS, SUPP_SEEDS = (100, 101, 102), (200, 201, 202, 203, 204), (300, 301, 302, 303, 304)
+VARIANT_SEEDS, TOLERANCE = (400, 401, 402, 403, 404), 0.3
 PAIRS = {1: "digits, MLP", 2: "Fashion-MNIST 20k, CNN with BatchNorm + Dropout", 3: "Fashion-MNIST 20k, 20 % noisy labels, MLP",
          4: "synthetic 30 classes, long tail, MLP", 5: "Fashion-MNIST long tail, MLP"}
 
@@ -187,7 +193,9 @@ def run_one(job: dict) -> dict:
                  for b in np.array_split(g.choice(len(Y), spe * M, replace=False), spe)]
         batches = ((X[i], Y[i], torch.ones(len(i))) for i in parts)
     else:
-        cfg = CrestConfig(m=M) if method == "crest" else CrestConfig(m=M, weights="cluster")
+        over = ({"weights": "cluster"} if method == "crest-cluster" else
+                _neighbour("cap_study").parse_overrides(method.partition("+")[2]))
+        cfg = CrestConfig(m=M, **over)
         loader = CrestLoader(net, TensorDataset(X, Y), config=cfg, budget=BUDGET, epochs=epochs, seed=seed)
         batches = loader.iter_run()
     steps, ess = 0, []
@@ -289,16 +297,47 @@ def table(rows: list, pairs, phase: str, keys: tuple) -> str:
     return "\n".join(out)
 
 
+def variant_table(rows: list, pairs, method: str) -> tuple[str, bool]:
+    """Markdown for ``--phase variant``: per pair the defaults' and the variant's validation accuracy, their
+    paired difference and whether the variant passes (no more than ``TOLERANCE`` points below the defaults'
+    mean and not worse by more than one standard error); and whether it passes every pair."""
+    out = [f"| pair | lr | crest (defaults) | {method} | difference (points) | passes | wall s (defaults / variant) |",
+           "|" + "---|" * 7]
+    every = True
+    for p in pairs:
+        by = {m: {r["seed"]: r for r in rows if r["phase"] == "variant" and r["pair"] == p and r["method"] == m}
+              for m in ("crest", method)}
+        seeds = sorted(set(by["crest"]) & set(by[method]))
+        if not seeds:
+            every = False
+            continue
+        a = [by["crest"][s]["val_acc"] for s in seeds]
+        b = [by[method][s]["val_acc"] for s in seeds]
+        mean, se = _mse(np.subtract(b, a))
+        ok = mean >= -TOLERANCE and mean >= -(0.0 if math.isnan(se) else se)
+        every = every and ok
+        walls = " / ".join(f"{np.mean([by[m][s]['wall_s'] for s in seeds]):.2f}" for m in ("crest", method))
+        out.append(f"| {p} {PAIRS[p]} | {by['crest'][seeds[0]]['lr']:g} | "
+                   "{:.2f} +- {:.2f} | {:.2f} +- {:.2f} | ".format(*_mse(a), *_mse(b))
+                   + f"{mean:+.2f} +- {se:.2f} | {'yes' if ok else 'no'} | {walls} |")
+    return "\n".join(out), every
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", required=True, help="JSON-lines records (appended; runs already there are not run again)")
     p.add_argument("--pairs", default="1,2,3,4,5")
-    p.add_argument("--phase", choices=("protocol", "supplement"), default="protocol")
+    p.add_argument("--phase", choices=("protocol", "supplement", "variant"), default="protocol")
+    p.add_argument("--variant", help="--phase variant: CrestConfig overrides, key=value,key=value")
     p.add_argument("--workers", type=int, default=1, help="runs at once, one torch thread each (default 1)")
     a = p.parse_args(argv)
     pairs = [int(x) for x in a.pairs.split(",")]
     if any(x not in PAIRS for x in pairs):
         p.error(f"--pairs takes numbers among {tuple(PAIRS)}, got {a.pairs!r}")
+    if (a.phase == "variant") != bool(a.variant):
+        p.error("--variant goes with --phase variant, and --phase variant needs it")
+    if a.variant:
+        _neighbour("cap_study").parse_overrides(a.variant)  # a malformed spec fails before any run
     path = Path(a.json)
     rows = _select(pairs, path, a.workers)
     lr = {(q, m): chosen(rows, q, m)[0] for q in pairs for m in METHODS}
@@ -307,6 +346,14 @@ def main(argv=None) -> int:
                 for q in pairs for m in METHODS for s in FINAL_SEEDS]
         rows = _run_all(jobs, path, a.workers)
         print(table(rows, pairs, "final", ("test_acc", "test_bal", "test_acc_lt")))
+    elif a.phase == "variant":
+        method = f"crest+{a.variant}"
+        jobs = [dict(pair=q, method=m, lr=lr[q, "crest"], seed=s, phase="variant", epochs=10)
+                for q in pairs for m in ("crest", method) for s in VARIANT_SEEDS]
+        rows = _run_all(jobs, path, a.workers)
+        text, every = variant_table(rows, pairs, method)
+        print(text)
+        print(f"\n{method} passes every pair: {'yes' if every else 'no'}")
     else:
         jobs = [dict(pair=q, method=m, lr=lr[q, m], seed=s, phase="supp", epochs=40)
                 for q in pairs for m in METHODS for s in SUPP_SEEDS]
