@@ -85,3 +85,26 @@ def test_unseen_study_runs_each_method_at_equal_steps_and_tabulates_paired_diffe
            for lr, acc in ((0.1, 80.0), (0.3, 90.0)) for s in (100, 101)]
     sel.append(dict(pair=1, method="crest", lr=0.1, seed=200, phase="final", val_acc=99.0, test_acc=99.0))
     assert unseen_study.chosen(sel, 1, "crest") == (0.3, {0.1: 80.0, 0.3: 90.0})
+
+
+def test_unseen_study_variant_phase_runs_the_overrides_and_applies_the_rule():
+    # a variant run takes its CrestConfig overrides from the method name
+    run = unseen_study.run_one(dict(pair=1, method="crest+r=256", lr=0.3, seed=400, phase="variant", epochs=1))
+    assert run["steps"] == 1 and "selections" in run and "test_acc" not in run  # validation only
+
+    def rows(diffs):
+        out = []
+        for s, dv in zip(unseen_study.VARIANT_SEEDS, diffs):
+            out.append(dict(pair=1, method="crest", lr=0.3, seed=s, phase="variant", val_acc=90.0, wall_s=1.0))
+            out.append(dict(pair=1, method="crest+r=256", lr=0.3, seed=s, phase="variant", val_acc=90.0 + dv,
+                            wall_s=0.5))
+        return out
+
+    text, ok = unseen_study.variant_table(rows([0.1, -0.1, 0.0, 0.2, -0.2]), [1], "crest+r=256")
+    assert ok and text.splitlines()[2].endswith("| yes | 1.00 / 0.50 |")
+    # 0.4 points below the defaults on average, every seed behind: fails both conditions
+    assert not unseen_study.variant_table(rows([-0.4] * 5), [1], "crest+r=256")[1]
+    # 0.2 points below (within 0.3) but by more than one standard error: fails
+    assert not unseen_study.variant_table(rows([-0.2, -0.25, -0.15, -0.2, -0.2]), [1], "crest+r=256")[1]
+    # a pair without runs cannot pass
+    assert not unseen_study.variant_table(rows([0.0] * 5), [1, 2], "crest+r=256")[1]
