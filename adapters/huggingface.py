@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from crestcore.controller import CrestConfig
 
 from . import _common
-from .torch import _LABEL_KEYS, CrestBatchSampler, WeightedDataset, WeightedKey, check_loader_arguments
+from .monitor import check_listeners
+from .torch import _LABEL_KEYS, CrestBatchSampler, WeightedDataset, WeightedKey, check_loader_arguments, output_logits
 
 __all__ = ["CrestTrainer", "weighted_cross_entropy", "CREST_STATE_NAME"]
 
@@ -149,6 +150,10 @@ class CrestTrainer(transformers.Trainer):
     crest_labels : (n,) class indices; default read from the items' label key.
     crest_measure_batch_size : examples per measurement forward (default 64).
     crest_callbacks : listeners ``(event, step, scalars)`` (:mod:`crestcore.adapters.monitor`).
+    crest_forward : ``forward(model, batch) -> logits`` (batch: the collated dict, labels included), for a
+        model whose output is not ``.logits``, a ``"logits"`` entry or logits first in a tuple; used for the
+        measurement passes and for the training loss alike. Default: the model called with the batch's
+        inputs (labels left out), its logits found as just said.
 
     ``trainer.crest`` is the :class:`~crestcore.adapters.torch.CrestBatchSampler` once training started
     (``trainer.crest.stats``).
@@ -184,13 +189,23 @@ class CrestTrainer(transformers.Trainer):
 
     def __init__(self, *args, crest_config: CrestConfig | None = None, crest_budget: float = 0.1,
                  crest_seed: int | None = None, crest_labels=None, crest_measure_batch_size: int = 64,
-                 crest_callbacks=None, **kwargs):
+                 crest_callbacks=None, crest_forward=None, **kwargs):
         super().__init__(*args, **kwargs)
-        m = crest_config.m if crest_config is not None else int(self.args.per_device_train_batch_size)
-        config = crest_config if crest_config is not None else CrestConfig(m=m)
+        if crest_config is not None and not isinstance(crest_config, CrestConfig):
+            raise TypeError(f"crest_config must be a crestcore.CrestConfig or None, got {type(crest_config).__name__}")
+        config = crest_config if crest_config is not None else CrestConfig(m=int(self.args.per_device_train_batch_size))
         seed = int(self.args.seed) if crest_seed is None else crest_seed
-        check_loader_arguments(config=config, budget=crest_budget, seed=seed,
-                               measure_batch_size=crest_measure_batch_size, check_model=False)
+        try:  # the loader's checks; their errors name this class's crest_* keyword
+            check_loader_arguments(config=config, budget=crest_budget, seed=seed, forward=crest_forward,
+                                   measure_batch_size=crest_measure_batch_size, check_model=False)
+            check_listeners(crest_callbacks)
+        except (TypeError, ValueError) as exc:
+            msg = str(exc)
+            for name in ("measure_batch_size", "budget", "seed", "forward", "callbacks"):
+                if msg.startswith(name + " "):
+                    msg = "crest_" + msg
+                    break
+            raise type(exc)(msg) from None
         if self.args.gradient_accumulation_steps != 1:
             raise ValueError("CrestTrainer needs gradient_accumulation_steps=1: CREST's batches are its "
                              "mini-batches (set the batch size with crest_config=CrestConfig(m=...))")
@@ -201,6 +216,7 @@ class CrestTrainer(transformers.Trainer):
         self.crest_labels = crest_labels
         self.crest_measure_batch_size = int(crest_measure_batch_size)
         self.crest_callbacks = crest_callbacks
+        self.crest_forward = crest_forward
         self.crest: CrestBatchSampler | None = None
         self._crest_saved_in: str | None = None  # the checkpoint folder CREST's state was last written to
         self._crest_resume: str | None = None  # the checkpoint folder train() resumes from
@@ -295,7 +311,7 @@ class CrestTrainer(transformers.Trainer):
                     self.model, train_dataset, config=self.crest_config, budget=self.crest_budget,
                     epochs=self._planned_epochs(), seed=self.crest_seed, labels=self.crest_labels,
                     collate_fn=collate, measure_batch_size=self.crest_measure_batch_size,
-                    callbacks=self.crest_callbacks,
+                    callbacks=self.crest_callbacks, forward=self.crest_forward,
                 )
         batch_sampler = self.crest
         if self._crest_resume is not None:
@@ -339,9 +355,19 @@ class CrestTrainer(transformers.Trainer):
         key = next((k for k in _LABEL_KEYS if k in inputs), None)
         if key is None:
             raise ValueError(f"CrestTrainer: the batch has none of the label keys {_LABEL_KEYS}")
-        labels = inputs.pop(key)
-        outputs = model(**inputs)
-        logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
+        if self.crest_forward is not None:  # the measurement passes' forward, on the same batch
+            outputs = logits = self.crest_forward(model, inputs)
+            labels = inputs[key]
+        else:
+            labels = inputs.pop(key)
+            outputs = model(**inputs)
+            logits = output_logits(outputs)
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(
+                f"CrestTrainer: the model's output gives no (batch, classes) logits (got {got}): return an output "
+                "with .logits, a dict with a 'logits' entry or logits first in a tuple, or pass "
+                "crest_forward=lambda model, batch: ... returning them")
         loss = weighted_cross_entropy(logits, labels, weights)
         if index is not None and self.crest is not None and model.training:
             # the drop policy (CrestConfig(T2=...)) learns from the training losses of the trained examples

@@ -64,6 +64,27 @@ def _check_accumulation(trainer) -> None:
         )
 
 
+def _check_step_limits(trainer, planned: int, loader) -> None:
+    """A fit without ``max_epochs`` ends at CREST's last planned step (global step ``planned``): refuse a
+    ``min_steps`` beyond it (Lightning would then loop over empty epochs forever, ``max_time`` included) and
+    warn, before training, that a ``max_steps`` beyond it stops a schedule sized from it early."""
+    low = getattr(trainer, "min_steps", None)
+    if low is not None and low > planned:
+        raise ValueError(
+            f"Trainer(min_steps={low}) cannot be reached: CREST plans {loader.total_steps} steps ({loader.epochs} "
+            f"epochs at {loader.steps_per_epoch} a budgeted epoch), so the fit would stop at global step {planned} "
+            "and Lightning, held by min_steps, would loop over empty epochs without end. Lower min_steps, or raise "
+            "the budget or CrestCallback(epochs=...)")
+    high = getattr(trainer, "max_steps", -1)
+    if high is not None and high > planned:
+        warnings.warn(
+            f"Trainer(max_steps={high}) without max_epochs, but CREST plans {loader.total_steps} steps "
+            f"({loader.epochs} epochs): the fit stops at global step {planned}, and a per-step scheduler sized "
+            f"from trainer.estimated_stepping_batches ({high}) stops at about {planned / high:.0%} of its "
+            "schedule. Size it from crest.loader.total_steps, or set max_epochs (and leave max_steps unset)",
+            stacklevel=3)
+
+
 class _CrestTrainLoader:
     """What ``trainer.fit`` iterates: a thin view of the callback's loader (built at ``setup``).
 
@@ -272,7 +293,10 @@ class CrestCallback(pl.Callback):
                 + "; leave epochs=None to take max_epochs", stacklevel=2)
         self._module, self._max_epochs = pl_module, trainer.max_epochs
         with _common.budget_said():  # said at construction
-            self.loader = CrestLoader(pl_module, self.dataset, epochs=int(epochs), per_epoch=True, **self._kwargs)
+            loader = CrestLoader(pl_module, self.dataset, epochs=int(epochs), per_epoch=True, **self._kwargs)
+        if most is None or most < 0:  # no max_epochs: the fit ends when CREST's planned steps are trained
+            _check_step_limits(trainer, int(getattr(trainer, "global_step", 0) or 0) + loader.total_steps, loader)
+        self.loader = loader
         self._epoch0 = epoch0
         if self._pending is not None:
             state, self._pending = self._pending, None

@@ -404,6 +404,8 @@ class _ProgressPass:
                 return
             self.bar = tqdm(total=self.total, initial=self.done, desc="CREST measurement pass", unit="ex",
                             leave=False)
+            if isinstance(getattr(self.bar, "start_t", None), float):  # its clock from the pass's start, not
+                self.bar.start_t -= time.perf_counter() - self.t0  # from the bar's (shown after `after` s)
         elif self.bar is not None:
             self.bar.update(int(k))
 
@@ -632,6 +634,15 @@ def _named_logits(out):
     return out
 
 
+def output_logits(out):
+    """The logits of a model called with keyword inputs (the Hugging Face convention): the output's
+    ``.logits``, a dict's ``"logits"`` entry, else a tuple's first element; anything else as it is."""
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, (tuple, list)):
+        logits = out[0]
+    return _named_logits(out) if logits is None else logits
+
+
 def _default_forward(model: nn.Module, batch):
     if isinstance(batch, (tuple, list)):
         return _named_logits(model(batch[0]))
@@ -648,10 +659,7 @@ def _default_forward(model: nn.Module, batch):
                 f"the batch is a dict, so the model was called with keywords {sorted(inputs)} and refused them "
                 f"({exc}); pass forward=lambda model, batch: model(batch['...']) returning the logits"
             ) from exc
-        logits = getattr(out, "logits", None)
-        if logits is None and isinstance(out, (tuple, list)):
-            logits = out[0]
-        return _named_logits(out) if logits is None else logits
+        return output_logits(out)
     raise TypeError(
         f"cannot tell the model's input in a batch of type {type(batch).__name__}; pass "
         "forward=lambda model, batch: model(...) returning the logits"
@@ -1105,7 +1113,7 @@ class TorchModelOps:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(
                 f"the model must return (batch, classes) logits; got {got} for {k} examples "
-                "(pass forward= to extract the logits)"
+                "(pass forward= to extract the logits; crest_forward= on CrestTrainer)"
             )
         if not out.is_floating_point():
             raise TypeError(f"the model returned {out.dtype} outputs; logits must be floating point")

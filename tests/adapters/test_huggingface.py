@@ -408,3 +408,76 @@ def test_the_drop_policy_gets_each_trained_batchs_losses(tmp_path, monkeypatch):
     for (idx, losses), batch in zip(seen, trained):
         assert np.array_equal(idx, batch) and losses.shape == (16,) and bool(torch.isfinite(losses).all())
     assert trainer.crest.stats["drops"], "the drop policy made its decisions"
+
+
+class _DictOut(torch.nn.Module):
+    """The tiny BERT returning a plain dict ``{"logits": ...}``."""
+
+    def __init__(self):
+        super().__init__()
+        self.bert = tiny_bert()
+
+    def forward(self, input_ids, attention_mask=None):
+        return {"logits": self.bert(input_ids=input_ids, attention_mask=attention_mask).logits}
+
+
+class _LossFirst(_DictOut):
+    """A custom model returning ``(loss, logits)`` whether or not labels are given."""
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = super().forward(input_ids, attention_mask)["logits"]
+        return logits.sum() * 0.0, logits
+
+
+def _custom_trainer(tmp_path, model, **kw):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), num_train_epochs=1, learning_rate=5e-3, report_to=[], use_cpu=True,
+        save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0, label_names=["labels"])
+    return CrestTrainer(model=model, args=args, train_dataset=Texts(n=64),
+                        data_collator=transformers.default_data_collator,
+                        **{"crest_config": CrestConfig(m=8, r=24), "crest_budget": 0.5, **kw})
+
+
+def test_a_model_returning_a_dict_of_logits_trains(tmp_path):
+    # the measurement passes read a dict's "logits"; the training loss did too late (KeyError: 0)
+    trainer = _custom_trainer(tmp_path, _DictOut())
+    assert trainer.train().global_step == trainer.crest.total_steps == 4
+
+
+def test_crest_forward_gives_the_logits_of_a_custom_output_to_measurements_and_loss(tmp_path):
+    with pytest.raises(ValueError, match="crest_forward="):  # the hint names the keyword CrestTrainer takes
+        _custom_trainer(tmp_path, _LossFirst()).train()
+    calls = []
+
+    def forward(model, batch):
+        calls.append(sorted(batch))
+        return model(batch["input_ids"], batch["attention_mask"])[1]
+
+    trainer = _custom_trainer(tmp_path, _LossFirst(), crest_forward=forward)
+    assert trainer.train().global_step == 4 and trainer.crest.stats["selections"]
+    # measurement passes and training steps alike, each given the batch with its labels
+    assert calls and all(keys == ["attention_mask", "input_ids", "labels"] for keys in calls)
+    inputs = {"input_ids": trainer.train_dataset.ids[:4], "attention_mask": torch.ones(4, SEQ, dtype=torch.int64),
+              "labels": torch.tensor(trainer.train_dataset.targets[:4]),
+              "crest_weight": torch.tensor([0.5, 1.0, 1.5, 1.0])}
+    trainer.model.eval()  # no dropout: the two forwards below agree
+    loss = trainer.compute_loss(trainer.model, inputs)
+    logits = trainer.model(inputs["input_ids"], inputs["attention_mask"])[1]
+    assert torch.allclose(loss, weighted_cross_entropy(logits, inputs["labels"], inputs["crest_weight"]))
+    # an output without logits is named as such at the loss, not a KeyError
+    trainer.crest_forward = None
+    with pytest.raises(ValueError, match="no \\(batch, classes\\) logits"):
+        trainer.compute_loss(trainer.model, inputs)
+
+
+@pytest.mark.parametrize("kwargs, error, name", [
+    (dict(crest_config={"m": 16}), TypeError, "crest_config"),
+    (dict(crest_budget=0), ValueError, "crest_budget"),
+    (dict(crest_seed=-1), ValueError, "crest_seed"),
+    (dict(crest_measure_batch_size=0), ValueError, "crest_measure_batch_size"),
+    (dict(crest_callbacks=[1]), TypeError, "crest_callbacks"),
+    (dict(crest_forward=3), TypeError, "crest_forward"),
+])
+def test_bad_crest_arguments_are_named_as_the_user_typed_them(tmp_path, kwargs, error, name):
+    with pytest.raises(error, match=f"^{name} "):
+        _custom_trainer(tmp_path, tiny_bert(), **kwargs)

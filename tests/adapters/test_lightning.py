@@ -329,3 +329,34 @@ def test_a_checkpoint_of_a_continued_fit_resumes_the_same_plan(tmp_path):
                                "limit_train_batches": 1.0})(), module, "fit")
     assert fresh.loader.epochs == 2 and fresh.loader.position == cb.loader.position
     assert fresh.stats["budget"]["fraction_steps"] == pytest.approx(cb.stats["budget"]["fraction_steps"])
+
+
+def test_min_steps_beyond_the_plan_is_refused_instead_of_looping_forever(tmp_path):
+    # Lightning holds a fit that should stop until min_steps; empty epochs add no step, and max_time stops
+    # through the same flag: the fit looped without end
+    cb = CrestCallback(data(), epochs=2, **CFG)
+    t = pl.Trainer(max_steps=10, min_steps=10, max_epochs=-1, max_time={"seconds": 60}, callbacks=[cb],
+                   logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                   default_root_dir=tmp_path, accelerator="cpu")
+    with pytest.raises(ValueError, match="min_steps=10.* plans 6 steps"):
+        t.fit(Module(), train_dataloaders=cb.dataloader())
+    assert t.global_step == 0  # refused at setup, before any step
+
+
+def test_max_steps_beyond_the_plan_warns_about_the_schedule_before_training(tmp_path):
+    cb = CrestCallback(data(), epochs=2, **CFG)
+    seen = []
+
+    class Early(pl.Callback):
+        def on_train_batch_start(self, trainer, *a):
+            seen.append(len(caught))
+
+    t = pl.Trainer(max_steps=10, max_epochs=-1, callbacks=[cb, Early()], logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                   accelerator="cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.fit(Module(), train_dataloaders=cb.dataloader())
+    early = [str(w.message) for w in caught[:seen[0]]]  # said before the first step
+    assert any("max_steps=10" in m and "estimated_stepping_batches (10)" in m and "60%" in m for m in early)
+    assert t.global_step == 6

@@ -214,3 +214,28 @@ def test_the_tensorboard_writer_flushes_and_closes_its_writer():
     tb.close()
     assert w.calls == ["add", "flush", "close"]
     TensorBoardWriter(type("AddOnly", (), {"add_scalar": lambda self, *a: None})()).close()  # nothing to close
+
+
+def test_a_progress_bar_counts_the_time_before_it_was_shown(monkeypatch):
+    """The bar appears once a pass has run ``after`` seconds; its elapsed time is the pass's, not the bar's
+    (it showed 00:00 for a pass of 1.6 s)."""
+    import time
+
+    import tqdm.auto
+
+    closed = []
+
+    class Recorded(tqdm.auto.tqdm):
+        def close(self):
+            closed.append(self.format_dict["elapsed"])
+            super().close()
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorded)
+    model, loader = setup(progress=True)
+    loader.ops.batch_size = 16
+    loader.ops.progress.after = 0.2
+    model.register_forward_hook(lambda *a: time.sleep(0.05))  # 13 forwards of 16: about 0.65 s
+    t0 = time.perf_counter()
+    loader.ops.outputs(np.arange(200))
+    took = time.perf_counter() - t0
+    assert closed and took - 0.1 <= closed[0] <= took + 0.05  # (tqdm closes twice: once from __del__)
