@@ -827,7 +827,11 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
     # quadratic model at the anchor
     anchor = ops.params()
     _finite_params(anchor, state.step, "selection (the new anchor)")
-    quad = state.quad if state.quad is not None else quadratic_init(anchor)
+    # the trainable parameters changed since the last anchor (a layer unfrozen or frozen between fits, with
+    # a selection, not a check, the first step after it): a new model on the new parameters, its curvature
+    # the schedule's new reference, as _check starts one
+    resized = state.anchor is not None and anchor.shape != state.anchor.shape
+    quad = state.quad if state.quad is not None and not resized else quadratic_init(anchor)
     quad = quadratic_anchor(quad, anchor_loss, config.quadratic)
     c = dict(state.counters)
     c["forward_examples"] += int(union.size)
@@ -849,7 +853,7 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
     h_norm = curvature_norm(quad, config.quadratic)
     # The schedule (Algorithm 1: T1 <- h ||H_0|| / ||H_t||, P <- b T1) is set from the curvature measured
     # at the new anchor, as the release does; the first selection measures ||H_0|| and keeps T1 and P.
-    first = math.isnan(state.h_norm_0)
+    first = math.isnan(state.h_norm_0) or resized
     h0 = h_norm if first else state.h_norm_0
     if config.reselect == "epoch":
         T1, P_next = cap, cap

@@ -1536,3 +1536,46 @@ def test_max_age_is_checked_and_the_papers_and_releases_rule_is_the_check_alone(
     for bad, err in (("week", ValueError), (0, ValueError), (True, TypeError), (2.5, TypeError)):
         with pytest.raises(err, match="max_age"):
             CrestConfig(max_age=bad)
+
+
+class UnfreezingOps(SoftmaxOps):
+    """SoftmaxOps with a bias that is frozen until ``unfreeze()``: then params(), gradients and probes
+    grow by C entries, as a model's trainable parameters do when a layer is unfrozen between fits."""
+
+    def __init__(self, X, y, C=10):
+        super().__init__(X, y, C)
+        self.b, self.trainable_bias = np.zeros(C), False
+
+    def _extend(self, v, tail):
+        return np.concatenate([v, tail]) if self.trainable_bias else v
+
+    def params(self):
+        return self._extend(super().params(), self.b.copy())
+
+    def gradient(self, idx, w):
+        loss, g = super().gradient(idx, w)
+        return loss, self._extend(g, np.zeros(self.C))
+
+    def hutchinson(self, idx, w, seed):
+        return self._extend(super().hutchinson(idx, w, seed), np.zeros(self.C))
+
+
+def test_a_selection_right_after_the_parameters_grew_starts_a_new_model():
+    """A layer unfrozen between two fits, and the first step after it an age reselection (no check due):
+    the selection fitted the old quadratic model with a gradient of the new size ("grad has length ...")."""
+    Xtr, ytr, _, _ = digits()
+    cfg = CrestConfig(m=M, T1=100, h=1000.0, max_age=3)  # checks far apart, a reselection every 3 steps
+    ops = UnfreezingOps(Xtr, ytr)
+    state = crest_init(cfg, ytr, seed=0)
+    for _ in range(5):
+        state, batch = crest_next_batch(state, ops, cfg)
+    assert state.log["selections"] == [0, 3] and not state.log["checks"]
+    ops.trainable_bias = True
+    for _ in range(2):
+        state, batch = crest_next_batch(state, ops, cfg)
+    assert state.log["selections"] == [0, 3, 6] and not state.log["checks"]  # a selection came first
+    assert state.anchor.shape == state.quad.g_ema.shape == (ops.W.size + ops.C,)
+    assert state.h_norm_0 == state.h_norm_t  # the new parameters' curvature is the schedule's reference
+    for _ in range(9):  # and training goes on, on the grown parameters
+        state, batch = crest_next_batch(state, ops, cfg)
+    assert state.log["selections"][-1] == 15 and state.quad.g_ema.shape == (ops.W.size + ops.C,)

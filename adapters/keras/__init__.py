@@ -179,6 +179,14 @@ def _host(a, what: str) -> np.ndarray:
 
 def _as_inputs(x, what: str = "x"):
     """``x`` as NumPy: one array (n, ...), or a dict / list / tuple of arrays with the same n."""
+    import inspect
+
+    if (isinstance(x, keras.utils.PyDataset) or inspect.isgenerator(x) or type(x).__name__ in ("Dataset", "DataLoader")
+            or (hasattr(x, "__next__") and not hasattr(x, "shape"))):
+        raise TypeError(
+            f"{what} is a {type(x).__name__}: CREST reads any example at any time (its random subsets, its "
+            "measurement passes), so it needs the training data as in-memory arrays (NumPy, or a dict / list of "
+            f"them): materialise it first, e.g. np.concatenate over its batches")
     if isinstance(x, dict):
         out = {k: _host(v, f"{what}[{k!r}]") for k, v in x.items()}
     elif isinstance(x, (list, tuple)) and x and not np.isscalar(x[0]) and hasattr(x[0], "shape"):
@@ -396,6 +404,19 @@ def _variable_values(ops):
     return [v.value for v in ops.model.non_trainable_variables]
 
 
+def _anchor_items(ops) -> list:
+    """``(position now, kept value)`` of the anchor's non-trainable values (``KerasModelOps.new_anchor``):
+    matched by variable path where the anchor recorded the paths, so that a layer frozen or unfrozen since
+    (which moves the positions in ``non_trainable_variables``) does not put one variable's value into
+    another of the same shape; by position for an anchor restored from a checkpoint (the same model)."""
+    kept = ops._anchor or {}
+    paths = ops._anchor_paths
+    if not paths:
+        return list(kept.items())
+    now = {v.path: j for j, v in enumerate(ops.model.non_trainable_variables)}
+    return [(now[paths[i]], a) for i, a in kept.items() if i < len(paths) and paths[i] in now]
+
+
 @contextlib.contextmanager
 def _assigned_anchor(ops):
     """The anchor's floating non-trainable values (BatchNorm's moving statistics, kept by
@@ -406,7 +427,7 @@ def _assigned_anchor(ops):
         return
     variables = ops.model.non_trainable_variables
     saved = {}
-    for i, a in ops._anchor.items():
+    for i, a in _anchor_items(ops):
         if i < len(variables) and tuple(variables[i].shape) == a.shape:
             saved[i] = _host_value(variables[i].value)
             variables[i].assign(a.astype(saved[i].dtype, copy=False))
@@ -491,6 +512,7 @@ class KerasModelOps:
         self._compiled = None  # the backend's compiled functions (jax), made on first use
         self._impl = _implementation(self.backend)
         self._anchor: dict | None = None  # index in non_trainable_variables -> its value at the last new_anchor
+        self._anchor_paths: tuple | None = None  # the variables' paths then (None: match by position)
 
     # -- the trainable weights ------------------------------------------------------------------
     def _tvars(self):
@@ -631,6 +653,8 @@ class KerasModelOps:
             if np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16":
                 kept[i] = a
         self._anchor = kept
+        paths = tuple(v.path for v in self.model.non_trainable_variables)
+        self._anchor_paths = paths if len(set(paths)) == len(paths) else None
 
     # -- ModelOps: outputs ----------------------------------------------------------------------
     def outputs(self, indices, embeddings: bool = False):
@@ -1091,6 +1115,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
                                      batch_size=self.measure_batch_size, last_layer=self.last_layer)
             self.ops._anchor = getattr(self, "_anchor_stats", None)  # a loaded checkpoint's anchor statistics
             self._ops_model = model
+        self.ops.unpin()  # a fit interrupted within a step (Ctrl-C, a callback that raised) left its weights pinned
         self._sync_state()
         for e in self._queue:  # nothing is in flight when fit starts (e.g. after a fit that raised)
             e.served = False
@@ -1278,7 +1303,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
             raise ValueError(f"{where}: anchor_stats must map variable positions to arrays")
         self._anchor_stats = None if kept is None else {int(k): np.array(v) for k, v in kept.items()}
         if self.ops is not None:
-            self.ops._anchor = self._anchor_stats
+            self.ops._anchor, self.ops._anchor_paths = self._anchor_stats, None
         self._loaded_unchecked = self.ops is None  # checked against the model at the next fit's start
         if self.ops is not None:
             self._sync_state()
@@ -1386,6 +1411,7 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
             if self.ops is None or self.ops.model is not model or self.ops.from_probabilities != (kind == "probabilities"):
                 self.ops = KerasModelOps(model, self.measure_x, self.labels, outputs=kind,
                                          batch_size=self.measure_batch_size, last_layer=self.last_layer)
+            self.ops.unpin()  # a fit interrupted within a step left its weights pinned
         for idx, _ in self._queue:  # served and never trained (a fit that stopped): served again, counted once
             self.schedule.counters["train_steps"] -= 1
             self.schedule.counters["train_examples"] -= int(idx.size)

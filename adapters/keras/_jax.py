@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _common
-from . import _check_finite_np, _crossentropy, _jax_contract_error, _take
+from . import _check_finite_np, _crossentropy, _jax_contract_error, _take, _anchor_items
 
 
 def _weights(ops):
@@ -26,7 +26,7 @@ def _weights(ops):
     tv, ntv = _live(ops)
     if ops._anchor:
         ntv = list(ntv)  # _live may hand back the pinned lists themselves: never written
-        for i, a in ops._anchor.items():
+        for i, a in _anchor_items(ops):
             if i < len(ntv) and tuple(ntv[i].shape) == a.shape:
                 ntv[i] = jnp.asarray(a, dtype=ntv[i].dtype)
     return tv, ntv

@@ -300,6 +300,25 @@ _JAX_SCRIPT = textwrap.dedent(r"""
 
     # 6. BatchNormalization at learning rate 0: the measurements use the anchor's moving statistics
     res["batchnorm_lr0"] = list(T.batchnorm_lr0_run())
+
+    # 7. a fit interrupted within a step (a callback before CREST's raising at the step's end, as Ctrl-C
+    #    does) left that step's weights pinned: the next fit read them after Keras had deleted them
+    class Stop(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 2:
+                raise KeyboardInterrupt
+
+    m8 = T.mlp(0)
+    c8 = CrestCallback(X, y, config=CrestConfig(m=32), budget=0.2, seed=0)
+    try:
+        m8.fit(c8.dataset, epochs=2, callbacks=[Stop(), c8], verbose=0)
+    except KeyboardInterrupt:
+        pass
+    try:
+        m8.fit(c8.dataset, epochs=1, callbacks=[c8], verbose=0)
+        res["interrupted_refit"] = "ok"
+    except Exception as exc:
+        res["interrupted_refit"] = f"{type(exc).__name__}: {exc}"
     print("JSON" + json.dumps(res))
 """)
 
@@ -865,6 +884,7 @@ def test_jax_backend(jax_child):
         assert res[case][0] == res[case][1] > 0, (case, res[case])
     selections, rho, checks, moved = res["batchnorm_lr0"]
     assert selections == 1 and rho < 1e-5 and checks > 10 and moved > 0.1, res["batchnorm_lr0"]
+    assert res["interrupted_refit"] == "ok"
     for case, msg in res["jax_state_refusals"].items():
         assert msg is not None, f"an unrecognised JAX-trainer state ({case}) was read without an error"
         assert "model._jax_state" in msg and "KERAS_BACKEND=torch" in msg, (case, msg)
@@ -1258,3 +1278,66 @@ def test_a_list_of_rows_as_x_is_told_to_stack_them():
     x, y = np.zeros((20, 3), np.float32), np.arange(20) % 2
     with pytest.raises(ValueError, match=r"x is a list of 20 arrays, read as 20 model inputs.*np.stack\(x\)"):
         CrestCallback([r for r in x], y)
+
+
+def test_unfreezing_when_the_next_step_is_an_age_reselection():
+    """The defaults, three epochs frozen: the next fit's first step is a reselection (max_age="epoch"), not
+    a trust check, and it fitted the old quadratic model with a gradient of the new size."""
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X, y = (X[:1500] / 16.0).astype("float32"), y[:1500]
+    model = mlp(0)
+    model.layers[0].trainable = False
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss=loss)
+    crest = CrestCallback(X, y, config=CrestConfig(m=32), budget=0.1, seed=0)
+    model.fit(crest.dataset, epochs=3, callbacks=[crest], verbose=0)
+    step = crest.stats["step"]
+    model.layers[0].trainable = True
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss=loss)
+    model.fit(crest.dataset, epochs=4, initial_epoch=3, callbacks=[crest], verbose=0)
+    assert step in crest.stats["selections"] and not any(c["step"] == step for c in crest.stats["checks"])
+    assert int(crest.controller_state.anchor.shape[0]) == sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+
+
+def test_anchor_statistics_follow_their_variables_when_a_layer_is_unfrozen():
+    """The anchor's BatchNorm statistics were kept by position in non_trainable_variables: unfreezing the
+    layer before BatchNorm moved the positions, and a measurement ran BatchNorm with that layer's bias (a
+    vector of the same shape) as its moving variance."""
+    from crestcore.adapters.keras import KerasModelOps, _assigned_anchor
+
+    x, y = _small()
+    base = keras.layers.Dense(8, bias_initializer=keras.initializers.Constant(-5.0))
+    bn = keras.layers.BatchNormalization()
+    model = keras.Sequential([keras.Input((8,)), base, bn, keras.layers.Dense(3)])
+    base.trainable = False
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    ops = KerasModelOps(model, x, y)
+    ops.new_anchor()  # kept: the frozen kernel and bias, BatchNorm's mean and variance (1.0)
+    base.trainable = True
+    assert [v.path for v in model.non_trainable_variables] == [bn.moving_mean.path, bn.moving_variance.path]
+    with _assigned_anchor(ops):
+        variance = np.array(keras.ops.convert_to_numpy(bn.moving_variance))
+    np.testing.assert_array_equal(variance, np.ones(8))  # not the bias, -5
+    assert np.isfinite(ops.losses(np.arange(16))).all()
+    # an anchor restored from a checkpoint (no paths) is matched by position, as saved
+    ops._anchor_paths = None
+    from crestcore.adapters.keras import _anchor_items
+
+    assert [i for i, _ in _anchor_items(ops)] == [0, 1, 2, 3]
+
+
+def test_data_that_is_not_in_memory_is_refused_by_name():
+    x, y = _small()
+
+    class Batches(keras.utils.PyDataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return x[i * 8:(i + 1) * 8], y[i * 8:(i + 1) * 8]
+
+    for data in ((b for b in [x]), Batches()):
+        with pytest.raises(TypeError, match="in-memory arrays"):
+            CrestCallback(data, y, config=CrestConfig(m=16), budget=0.25)
