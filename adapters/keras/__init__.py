@@ -296,8 +296,11 @@ def loss_facts(model) -> dict:
     raise TypeError(f"cannot read the compiled loss {loss!r}")
 
 
-def _weight_scale(reduction) -> str:
-    """How served weights relate to the controller's: 'as-is' or 'per-batch' (divided by batch size)."""
+def _weight_scale(reduction, who: str = "CREST's coreset loss", unweighted: bool = False) -> str:
+    """How served weights relate to the controller's: 'as-is' or 'per-batch' (divided by batch size).
+    ``unweighted``: every served weight is 1, so a mean over the sample weights is the plain mean."""
+    if reduction == "mean_with_sample_weight" and unweighted:
+        return "as-is"
     if reduction in ("sum_over_batch_size", "mean"):
         return "as-is"
     if reduction in (None, "none"):
@@ -308,11 +311,30 @@ def _weight_scale(reduction) -> str:
     if reduction == "mean_with_sample_weight":
         raise ValueError(
             "the model's loss uses reduction='mean_with_sample_weight', which divides by the sum of the "
-            "sample weights: CREST's coreset loss is mean(w_i * l_i) = sum(w_i * l_i) / batch size, and no "
+            f"sample weights: {who} is mean(w_i * l_i) = sum(w_i * l_i) / batch size, and no "
             "rescaling of the weights can undo a division by their sum. Compile with the default reduction "
             "('sum_over_batch_size')."
         )
     raise ValueError(f"unknown loss reduction {reduction!r}")
+
+
+def _warn_other_loss(facts: dict, what: str) -> None:
+    """Warn when the compiled loss is not the plain cross-entropy that ``what`` (the measurements of a
+    selection) assume: another loss, smoothed labels, an ignored class."""
+    if facts["crossentropy"] is False:
+        # a focal or binary cross-entropy also has from_logits, but the selection would still measure plain
+        # cross-entropy while the model trains on another loss
+        warnings.warn(f"the model's loss is not a Keras categorical or sparse categorical cross-entropy: {what} "
+                      "assume that cross-entropy, so they measure a different loss from the one trained (pass "
+                      "outputs= to say what the last layer gives)", stacklevel=3)
+    elif facts.get("label_smoothing", 0.0) > 0:
+        warnings.warn(f"the model's loss smooths its labels (label_smoothing={facts['label_smoothing']:g}): {what} "
+                      "use the unsmoothed cross-entropy, so they measure a different loss from the one trained",
+                      stacklevel=3)
+    elif facts.get("ignore_class") is not None:
+        warnings.warn(f"the model's loss ignores class {facts['ignore_class']} (ignore_class=): {what} count that "
+                      "class's examples, so they measure a different loss from the one trained; leave those "
+                      "examples out of the data given to them", stacklevel=3)
 
 
 def _last_is_softmax(model) -> bool | None:
@@ -1095,20 +1117,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
                              "fetches batches before the steps before them have trained")
         facts = loss_facts(model)
         self._scale = _weight_scale(facts["reduction"])
-        if facts["crossentropy"] is False:
-            # a focal or binary cross-entropy also has from_logits, but CREST would still select and check on
-            # plain cross-entropy while the model trains on another loss
-            warnings.warn("the model's loss is not a Keras categorical or sparse categorical cross-entropy: CREST's "
-                          "features and trust check assume that cross-entropy, so they measure a different loss from "
-                          "the one trained (pass outputs= to say what the last layer gives)", stacklevel=2)
-        elif facts.get("label_smoothing", 0.0) > 0:
-            warnings.warn(f"the model's loss smooths its labels (label_smoothing={facts['label_smoothing']:g}): CREST's "
-                          "features and trust check use the unsmoothed cross-entropy, so they measure a different "
-                          "loss from the one trained", stacklevel=2)
-        elif facts.get("ignore_class") is not None:
-            warnings.warn(f"the model's loss ignores class {facts['ignore_class']} (ignore_class=): CREST's features "
-                          "and trust check count that class's examples, so they measure a different loss from the "
-                          "one trained; leave those examples out of the data given to CREST", stacklevel=2)
+        _warn_other_loss(facts, "CREST's features and trust check")
         kind = resolve_outputs(model, self.outputs_option)
         if self.ops is None or self._ops_model is not model or self.ops.from_probabilities != (kind == "probabilities"):
             self.ops = KerasModelOps(model, self.measure_x, self.labels, outputs=kind,
@@ -1405,8 +1414,16 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
         if spe not in (None, 1):
             raise ValueError(f"SubsetCallback needs model.compile(steps_per_execution=1), got {spe}")
         _check_fit_steps(self, "SubsetCallback")
-        self._scale = _weight_scale(loss_facts(model)["reduction"])
+        facts = loss_facts(model)
+        self._scale = _weight_scale(facts["reduction"], f"the {self.method} baseline's weighted loss",
+                                    unweighted=self.method in ("full", "sgd-budget", "random"))
+        planned = (self.params or {}).get("epochs")
+        if planned and int(planned) > self.epochs:
+            warnings.warn(f"SubsetCallback(epochs={self.epochs}) but fit(epochs={planned}): the baseline's schedule "
+                          f"(its budget, prune's annealing) covers {self.epochs} epochs; build it with "
+                          f"epochs={planned}", stacklevel=2)
         if self._measures:
+            _warn_other_loss(facts, f"the {self.method} selection's measurements")
             kind = resolve_outputs(model, self.outputs_option, "SubsetCallback")
             if self.ops is None or self.ops.model is not model or self.ops.from_probabilities != (kind == "probabilities"):
                 self.ops = KerasModelOps(model, self.measure_x, self.labels, outputs=kind,

@@ -1341,3 +1341,35 @@ def test_data_that_is_not_in_memory_is_refused_by_name():
     for data in ((b for b in [x]), Batches()):
         with pytest.raises(TypeError, match="in-memory arrays"):
             CrestCallback(data, y, config=CrestConfig(m=16), budget=0.25)
+
+
+@pytest.mark.parametrize("loss", [keras.losses.CategoricalFocalCrossentropy(from_logits=True),
+                                  keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1)])
+def test_a_baseline_that_measures_warns_about_a_loss_it_does_not_measure(loss):
+    x, y = _small()
+    yy = np.eye(3, dtype="float32")[y]
+    sub = SubsetCallback(x, yy, method="craig", budget=0.25, m=16, seed=0)
+    with pytest.warns(UserWarning, match="craig selection's measurements .* measure a different loss"):
+        _dense3(loss).fit(sub.dataset, epochs=1, callbacks=[sub], verbose=0)
+    with warnings.catch_warnings():  # a baseline that measures nothing has nothing to warn about
+        warnings.simplefilter("error", UserWarning)
+        sub = SubsetCallback(x, yy, method="random", budget=0.25, m=16, seed=0)
+        _dense3(loss).fit(sub.dataset, epochs=1, callbacks=[sub], verbose=0)
+
+
+def test_a_mean_over_the_sample_weights_is_exact_for_unweighted_baselines_only():
+    x, y = _small()
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight")
+    sub = SubsetCallback(x, y, method="random", budget=0.25, m=16, seed=0)
+    _dense3(loss).fit(sub.dataset, epochs=1, callbacks=[sub], verbose=0)  # every weight is 1: the plain mean
+    assert sub.position == sub.steps_per_epoch
+    sub = SubsetCallback(x, y, method="craig", budget=0.25, m=16, seed=0)
+    with pytest.raises(ValueError, match="the craig baseline's weighted loss"):
+        _dense3(loss).fit(sub.dataset, epochs=1, callbacks=[sub], verbose=0)
+
+
+def test_a_fit_longer_than_the_baselines_schedule_is_warned_about():
+    x, y = _small()
+    sub = SubsetCallback(x, y, method="random", budget=0.25, m=16, seed=0)  # epochs=1
+    with pytest.warns(UserWarning, match="SubsetCallback\\(epochs=1\\) but fit\\(epochs=2\\)"):
+        _dense3().fit(sub.dataset, epochs=2, callbacks=[sub], verbose=0)
