@@ -1065,6 +1065,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         self._idle_fetches = 0
         self._scale = "as-is"
         self._ops_model = None
+        self._loaded = False  # load_state_dict since the last fit began: a new model object is expected
 
     # -- serving --------------------------------------------------------------------------------
     def _serve(self, index):
@@ -1119,6 +1120,12 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         self._scale = _weight_scale(facts["reduction"])
         _warn_other_loss(facts, "CREST's features and trust check")
         kind = resolve_outputs(model, self.outputs_option)
+        if self._ops_model is not None and self._ops_model is not model and self._position and not self._loaded:
+            warnings.warn(
+                f"CrestCallback: this callback trained {self._position} steps of its run on another model object; "
+                "it continues that run (its step count, budget report and quadratic model) on this one. For a new "
+                "run build a new CrestCallback; to resume a saved run, load_state_dict() first", stacklevel=2)
+        self._loaded = False
         if self.ops is None or self._ops_model is not model or self.ops.from_probabilities != (kind == "probabilities"):
             self.ops = KerasModelOps(model, self.measure_x, self.labels, outputs=kind,
                                      batch_size=self.measure_batch_size, last_layer=self.last_layer)
@@ -1314,6 +1321,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         if self.ops is not None:
             self.ops._anchor, self.ops._anchor_paths = self._anchor_stats, None
         self._loaded_unchecked = self.ops is None  # checked against the model at the next fit's start
+        self._loaded = True
         if self.ops is not None:
             self._sync_state()
 

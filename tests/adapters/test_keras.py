@@ -1373,3 +1373,20 @@ def test_a_fit_longer_than_the_baselines_schedule_is_warned_about():
     sub = SubsetCallback(x, y, method="random", budget=0.25, m=16, seed=0)  # epochs=1
     with pytest.warns(UserWarning, match="SubsetCallback\\(epochs=1\\) but fit\\(epochs=2\\)"):
         _dense3().fit(sub.dataset, epochs=2, callbacks=[sub], verbose=0)
+
+
+def test_a_callback_reused_on_a_new_model_says_it_continues_its_run():
+    x, y = _small()
+    crest = CrestCallback(x, y, config=CrestConfig(m=16), budget=0.25, seed=0)
+    model = _dense3()
+    model.fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
+    with warnings.catch_warnings():  # the same model again: a continued fit, nothing to say
+        warnings.simplefilter("error", UserWarning)
+        model.fit(crest.dataset, epochs=2, initial_epoch=1, callbacks=[crest], verbose=0)
+    with pytest.warns(UserWarning, match="trained 8 steps of its run on another model object"):
+        _dense3().fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)  # a notebook's rebuilt model
+    state = crest.state_dict()
+    with warnings.catch_warnings():  # a saved run loaded for the new model: expected, nothing to say
+        warnings.simplefilter("error", UserWarning)
+        crest.load_state_dict(state)
+        _dense3().fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
