@@ -65,7 +65,8 @@ def _check_accumulation(trainer) -> None:
 
 
 def _check_step_limits(trainer, planned: int, loader) -> None:
-    """A fit without ``max_epochs`` ends at CREST's last planned step (global step ``planned``): refuse a
+    """A fit without ``max_epochs`` ends at CREST's last planned step (global step ``planned``; checked at
+    the fit's start, after a checkpoint's restore): refuse a
     ``min_steps`` beyond it (Lightning would then loop over empty epochs forever, ``max_time`` included) and
     warn, before training, that a ``max_steps`` beyond it stops a schedule sized from it early."""
     low = getattr(trainer, "min_steps", None)
@@ -293,17 +294,20 @@ class CrestCallback(pl.Callback):
                 + "; leave epochs=None to take max_epochs", stacklevel=2)
         self._module, self._max_epochs = pl_module, trainer.max_epochs
         with _common.budget_said():  # said at construction
-            loader = CrestLoader(pl_module, self.dataset, epochs=int(epochs), per_epoch=True, **self._kwargs)
-        if most is None or most < 0:  # no max_epochs: the fit ends when CREST's planned steps are trained
-            _check_step_limits(trainer, int(getattr(trainer, "global_step", 0) or 0) + loader.total_steps, loader)
-        self.loader = loader
+            self.loader = CrestLoader(pl_module, self.dataset, epochs=int(epochs), per_epoch=True, **self._kwargs)
         self._epoch0 = epoch0
         if self._pending is not None:
             state, self._pending = self._pending, None
             self._load(state)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._last_position = self._require_loader().position
+        loader = self._require_loader()
+        self._last_position = loader.position
+        most = trainer.max_epochs
+        if most is None or most < 0:  # no max_epochs: the fit ends when CREST's planned steps are trained
+            # here, not at setup: a fit with ckpt_path has restored the global step and CREST's position now
+            end = int(trainer.global_step) + loader.total_steps - loader.position
+            _check_step_limits(trainer, end, loader)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         loader = self._require_loader()
@@ -333,13 +337,18 @@ class CrestCallback(pl.Callback):
         unbounded = trainer.max_epochs is None or trainer.max_epochs < 0
         if unbounded and loader.position >= loader.total_steps and not trainer.should_stop:
             # every later epoch would be empty: with max_steps and no max_epochs the fit would never end
+            high = trainer.max_steps
+            if high is not None and 0 <= high <= trainer.global_step:  # max_steps is reached: it stops anyway
+                return self._log_epoch(pl_module, loader)
             warnings.warn(f"CrestCallback: all {loader.total_steps} planned steps ({loader.epochs} epochs) are "
                           f"trained at global step {trainer.global_step}; stopping the fit (max_steps="
                           f"{trainer.max_steps} cannot be reached)", stacklevel=2)
             trainer.should_stop = True
-        if not self.log_stats:
-            return
-        pl_module.log_dict(scalars(loader.stats), on_step=False, on_epoch=True)
+        self._log_epoch(pl_module, loader)
+
+    def _log_epoch(self, pl_module, loader) -> None:
+        if self.log_stats:
+            pl_module.log_dict(scalars(loader.stats), on_step=False, on_epoch=True)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -360,3 +360,30 @@ def test_max_steps_beyond_the_plan_warns_about_the_schedule_before_training(tmp_
     early = [str(w.message) for w in caught[:seen[0]]]  # said before the first step
     assert any("max_steps=10" in m and "estimated_stepping_batches (10)" in m and "60%" in m for m in early)
     assert t.global_step == 6
+
+
+def test_the_step_limits_are_checked_after_a_checkpoint_restores_the_global_step(tmp_path):
+    """A checkpoint of a continued fit (global steps 6..12) resumed with min_steps=10 reaches step 12: the
+    check must read the restored global step and CREST position, not setup's 0 (it refused the fit)."""
+    import glob
+
+    cb = CrestCallback(data(), epochs=2, **CFG)
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=1, save_top_k=-1)
+    t = pl.Trainer(max_epochs=-1, max_steps=30, callbacks=[cb, saver], logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu")
+    module = Module()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        t.fit(module, train_dataloaders=cb.dataloader())
+        t.fit(module, train_dataloaders=cb.dataloader())  # a continued fit: global steps 6..12
+    assert t.global_step == 12
+    path = next(p for p in glob.glob(str(tmp_path / "ck" / "*.ckpt")) if "step=8" in p)
+    cb2 = CrestCallback(data(), epochs=2, **CFG)
+    t2 = pl.Trainer(max_epochs=-1, max_steps=12, min_steps=10, callbacks=[cb2], logger=False,
+                    enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                    default_root_dir=tmp_path, accelerator="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # max_steps=12 is the run's real end: nothing to warn
+        warnings.filterwarnings("ignore", ".*does not have many workers.*|.*callbacks used to create.*|.*LeafSpec.*")
+        t2.fit(Module(), train_dataloaders=cb2.dataloader(), ckpt_path=path)
+    assert t2.global_step == 12
