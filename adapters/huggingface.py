@@ -354,10 +354,13 @@ class CrestTrainer(transformers.Trainer):
         index = inputs.pop("crest_index", None)
         key = next((k for k in _LABEL_KEYS if k in inputs), None)
         if key is None:
-            raise ValueError(f"CrestTrainer: the batch has none of the label keys {_LABEL_KEYS}")
-        if self.crest_forward is not None:  # the measurement passes' forward, on the same batch
-            outputs = logits = self.crest_forward(model, inputs)
-            labels = inputs[key]
+            raise ValueError(
+                f"CrestTrainer: the batch has none of the label keys {_LABEL_KEYS}. A model whose forward takes no "
+                "labels argument needs TrainingArguments(label_names=['labels']) (else the Trainer's "
+                "remove_unused_columns drops them), or remove_unused_columns=False")
+        if self.crest_forward is not None:  # the measurement passes' forward, on the same batch (a copy: it
+            labels = inputs[key]  # may pop the labels)
+            outputs = logits = self.crest_forward(model, dict(inputs))
         else:
             labels = inputs.pop(key)
             outputs = model(**inputs)

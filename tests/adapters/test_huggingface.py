@@ -451,6 +451,7 @@ def test_crest_forward_gives_the_logits_of_a_custom_output_to_measurements_and_l
 
     def forward(model, batch):
         calls.append(sorted(batch))
+        batch.pop("labels")  # a forward may take its batch apart: the loss still has the labels
         return model(batch["input_ids"], batch["attention_mask"])[1]
 
     trainer = _custom_trainer(tmp_path, _LossFirst(), crest_forward=forward)
@@ -481,3 +482,14 @@ def test_crest_forward_gives_the_logits_of_a_custom_output_to_measurements_and_l
 def test_bad_crest_arguments_are_named_as_the_user_typed_them(tmp_path, kwargs, error, name):
     with pytest.raises(error, match=f"^{name} "):
         _custom_trainer(tmp_path, tiny_bert(), **kwargs)
+
+
+def test_labels_dropped_by_remove_unused_columns_are_explained(tmp_path):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), num_train_epochs=1, learning_rate=5e-3, report_to=[], use_cpu=True,
+        save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0)  # no label_names
+    trainer = CrestTrainer(model=_DictOut(), args=args, train_dataset=Texts(n=64),
+                           data_collator=transformers.default_data_collator,
+                           crest_config=CrestConfig(m=8, r=24), crest_budget=0.5)
+    with pytest.raises(ValueError, match="label_names"):
+        trainer.train()
