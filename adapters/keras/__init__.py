@@ -179,10 +179,9 @@ def _host(a, what: str) -> np.ndarray:
 
 def _as_inputs(x, what: str = "x"):
     """``x`` as NumPy: one array (n, ...), or a dict / list / tuple of arrays with the same n."""
-    import inspect
-
-    if (isinstance(x, keras.utils.PyDataset) or inspect.isgenerator(x) or type(x).__name__ in ("Dataset", "DataLoader")
-            or (hasattr(x, "__next__") and not hasattr(x, "shape"))):
+    # an array-like (NumPy, a tensor, a memmap, an h5py dataset) has a shape; a stream of batches (a generator,
+    # a PyDataset, a tf.data or torch Dataset or DataLoader) has none, and NumPy would read it as one object
+    if not isinstance(x, (dict, list, tuple)) and not hasattr(x, "shape") and not hasattr(x, "__array__"):
         raise TypeError(
             f"{what} is a {type(x).__name__}: CREST reads any example at any time (its random subsets, its "
             "measurement passes), so it needs the training data as in-memory arrays (NumPy, or a dict / list of "
@@ -428,15 +427,16 @@ def _variable_values(ops):
 
 def _anchor_items(ops) -> list:
     """``(position now, kept value)`` of the anchor's non-trainable values (``KerasModelOps.new_anchor``):
-    matched by variable path where the anchor recorded the paths, so that a layer frozen or unfrozen since
-    (which moves the positions in ``non_trainable_variables``) does not put one variable's value into
-    another of the same shape; by position for an anchor restored from a checkpoint (the same model)."""
+    matched to the very variables the anchor read, so that a layer frozen or unfrozen since (which moves
+    the positions in ``non_trainable_variables``) does not put one variable's value into another of the
+    same shape (variable paths can repeat: two layers given one name); by position for an anchor restored
+    from a checkpoint (the same model, rebuilt)."""
     kept = ops._anchor or {}
-    paths = ops._anchor_paths
-    if not paths:
+    held = ops._anchor_vars
+    if held is None:
         return list(kept.items())
-    now = {v.path: j for j, v in enumerate(ops.model.non_trainable_variables)}
-    return [(now[paths[i]], a) for i, a in kept.items() if i < len(paths) and paths[i] in now]
+    now = {id(v): j for j, v in enumerate(ops.model.non_trainable_variables)}
+    return [(now[id(held[i])], a) for i, a in kept.items() if i < len(held) and id(held[i]) in now]
 
 
 @contextlib.contextmanager
@@ -534,7 +534,7 @@ class KerasModelOps:
         self._compiled = None  # the backend's compiled functions (jax), made on first use
         self._impl = _implementation(self.backend)
         self._anchor: dict | None = None  # index in non_trainable_variables -> its value at the last new_anchor
-        self._anchor_paths: tuple | None = None  # the variables' paths then (None: match by position)
+        self._anchor_vars: tuple | None = None  # those variables (held: their ids stay theirs; None: by position)
 
     # -- the trainable weights ------------------------------------------------------------------
     def _tvars(self):
@@ -675,8 +675,7 @@ class KerasModelOps:
             if np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16":
                 kept[i] = a
         self._anchor = kept
-        paths = tuple(v.path for v in self.model.non_trainable_variables)
-        self._anchor_paths = paths if len(set(paths)) == len(paths) else None
+        self._anchor_vars = tuple(self.model.non_trainable_variables)
 
     # -- ModelOps: outputs ----------------------------------------------------------------------
     def outputs(self, indices, embeddings: bool = False):
@@ -1319,7 +1318,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
             raise ValueError(f"{where}: anchor_stats must map variable positions to arrays")
         self._anchor_stats = None if kept is None else {int(k): np.array(v) for k, v in kept.items()}
         if self.ops is not None:
-            self.ops._anchor, self.ops._anchor_paths = self._anchor_stats, None
+            self.ops._anchor, self.ops._anchor_vars = self._anchor_stats, None
         self._loaded_unchecked = self.ops is None  # checked against the model at the next fit's start
         self._loaded = True
         if self.ops is not None:

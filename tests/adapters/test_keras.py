@@ -1322,7 +1322,7 @@ def test_anchor_statistics_follow_their_variables_when_a_layer_is_unfrozen():
     np.testing.assert_array_equal(variance, np.ones(8))  # not the bias, -5
     assert np.isfinite(ops.losses(np.arange(16))).all()
     # an anchor restored from a checkpoint (no paths) is matched by position, as saved
-    ops._anchor_paths = None
+    ops._anchor_vars = None
     from crestcore.adapters.keras import _anchor_items
 
     assert [i for i, _ in _anchor_items(ops)] == [0, 1, 2, 3]
@@ -1390,3 +1390,65 @@ def test_a_callback_reused_on_a_new_model_says_it_continues_its_run():
         warnings.simplefilter("error", UserWarning)
         crest.load_state_dict(state)
         _dense3().fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
+
+
+def test_array_likes_with_a_shape_are_read_and_streams_of_batches_are_refused():
+    import torch
+
+    from crestcore.adapters.keras import _as_inputs
+
+    x, y = _small()
+
+    class Dataset:  # h5py.Dataset's name and its array face: a shape, indexing, np.asarray reads it
+        shape, dtype = x.shape, x.dtype
+
+        def __array__(self, dtype=None, copy=None):
+            return x
+
+        def __getitem__(self, i):
+            return x[i]
+
+        def __len__(self):
+            return len(x)
+
+    assert _as_inputs(Dataset())[1] == len(x)
+    assert _as_inputs(x.tolist())[1] == len(x)  # nested lists: read by NumPy as before
+
+    class Slices:  # tf.data-like: iterable batches, no shape
+        def __iter__(self):
+            return iter([x[:8]])
+
+    for data in (Slices(), torch.utils.data.TensorDataset(torch.from_numpy(x)), iter([x])):
+        with pytest.raises(TypeError, match="in-memory arrays"):
+            _as_inputs(data)
+
+
+def test_anchor_statistics_follow_their_variables_even_when_paths_repeat():
+    """Two BatchNorm layers given one name in a subclassed model: their variables share paths, so a match
+    by path could not tell them apart; the anchor holds the variables themselves."""
+    from crestcore.adapters.keras import KerasModelOps, _assigned_anchor
+
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.base = keras.layers.Dense(8, bias_initializer=keras.initializers.Constant(-5.0))
+            self.bn1 = keras.layers.BatchNormalization(name="bn")
+            self.bn2 = keras.layers.BatchNormalization(name="bn")
+            self.head = keras.layers.Dense(3)
+
+        def call(self, x, training=False):
+            return self.head(self.bn2(self.bn1(self.base(x), training=training), training=training))
+
+    x, y = _small()
+    model = Net()
+    model(x[:2])
+    model.base.trainable = False
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    assert len({v.path for v in model.non_trainable_variables}) < len(model.non_trainable_variables)  # repeats
+    ops = KerasModelOps(model, x, y)
+    ops.new_anchor()
+    model.base.trainable = True
+    with _assigned_anchor(ops):
+        variance = np.array(keras.ops.convert_to_numpy(model.bn1.moving_variance))
+    np.testing.assert_array_equal(variance, np.ones(8))  # not the base's bias, -5
+    assert np.isfinite(ops.losses(np.arange(16))).all()
