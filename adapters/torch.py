@@ -51,6 +51,7 @@ from crestcore.controller import (
     CrestConfig,
     crest_init,
     crest_next_batch,
+    crest_parameters_changed,
     crest_observe,
     crest_state_dict,
     crest_stats,
@@ -1707,6 +1708,7 @@ class CrestLoader(BudgetedPasses):
         self._state = crest_init(self.config, lab, seed=self.seed, epoch_steps=self.steps_per_epoch)
         self._batch: Batch | None = None
         self._pending: list[Batch] = []  # handed out before a checkpoint and not trained: replayed first
+        self._trainable_ids: tuple | None = None  # the parameters the last step trained (their identities)
 
     # -- accounting and stepping ----------------------------------------------------------------
     def _replaying(self) -> bool:
@@ -1729,6 +1731,12 @@ class CrestLoader(BudgetedPasses):
             batch = self._pending.pop(0)
         else:
             self._sync_device()
+            ids = tuple(id(p) for p in self.ops._trainable())
+            if self._trainable_ids is not None and ids != self._trainable_ids:
+                # a layer frozen, unfrozen or swapped since the last step (even for one of the same size): a
+                # new selection and quadratic model over the new set now, not at the next check
+                self._state = crest_parameters_changed(self._state)
+            self._trainable_ids = ids
             before = self._event_counts(self._state)
             try:
                 state, batch = self._advance()
@@ -1956,6 +1964,7 @@ class CrestLoader(BudgetedPasses):
                 raise ValueError(f"{where}: anchor_buffers must map the model's buffer names to tensors of their "
                                  "shapes (a checkpoint of another model?)")
         self._state = crest
+        self._trainable_ids = None  # the loaded anchor is the model's as it is now: not a change of set
         self._load_pass_state(state, pos)
         self._batch = batch
         self._pending = pending

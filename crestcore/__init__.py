@@ -47,6 +47,7 @@ from .controller import (  # noqa: E402
     crest_load_state_dict,
     crest_next_batch,
     crest_observe,
+    crest_parameters_changed,
     crest_state_dict,
     crest_stats,
 )
@@ -58,5 +59,5 @@ __all__ += [
     "relative_error", "should_reselect", "update_schedule",
     "DropConfig", "DropState", "drop_copy", "drop_init", "drop_record", "drop_update",
     "Batch", "CrestConfig", "CrestState", "ModelOps", "crest_init", "crest_load_state_dict",
-    "crest_next_batch", "crest_observe", "crest_state_dict", "crest_stats",
+    "crest_next_batch", "crest_observe", "crest_parameters_changed", "crest_state_dict", "crest_stats",
 ]

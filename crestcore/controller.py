@@ -73,6 +73,7 @@ __all__ = [
     "crest_init",
     "crest_next_batch",
     "crest_observe",
+    "crest_parameters_changed",
     "crest_stats",
     "crest_state_dict",
     "crest_load_state_dict",
@@ -933,7 +934,7 @@ def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
         # the trainable parameters changed since the anchor (a layer unfrozen or frozen mid-run): the
         # quadratic model belongs to the old ones, so no check is possible; a new selection starts a new
         # model on the new parameters, its curvature the new reference for the schedule (as at the first)
-        return state._replace(need_select=True, quad=None, anchor=None, h_norm_0=math.nan)
+        return crest_parameters_changed(state)
     xp, logits, emb, y, losses = _forward(state, ops, state.check_idx, config)
     L_R = float(to_numpy(xp.mean(losses)))
     namespace(w, state.anchor, names=("params()", "anchor"))  # same library and device
@@ -1040,6 +1041,29 @@ def crest_next_batch(state: CrestState, ops: ModelOps, config: CrestConfig):
     c["train_steps"] += 1
     c["train_examples"] += int(batch.indices.size)
     return state._replace(cursor=state.cursor + 1, pending=True, counters=c), batch
+
+
+def crest_parameters_changed(state: CrestState) -> CrestState:
+    """The state for a model whose trainable parameters changed (a layer frozen, unfrozen or swapped for
+    another, even of the same size): the quadratic model and its anchor belong to the old ones, so the next
+    :func:`crest_next_batch` starts a new selection and a new model over the new set, whose curvature is the
+    schedule's new reference (as at the first selection). The adapters call it when the set they train
+    changes; before any selection it changes nothing.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> y = np.arange(200) % 2
+    >>> X = np.random.default_rng(0).normal(size=(200, 2)) + 2.0 * y[:, None]
+    >>> ops, config = _SoftmaxOps(X, y, C=2), CrestConfig(m=10)
+    >>> state, _ = crest_next_batch(crest_init(config, y, seed=0), ops, config)
+    >>> state = crest_parameters_changed(state)
+    >>> state.need_select, state.anchor is None, state.quad is None
+    (True, True, True)
+    """
+    if state.anchor is None and state.quad is None:
+        return state
+    return state._replace(need_select=True, quad=None, anchor=None, h_norm_0=math.nan)
 
 
 def crest_observe(state: CrestState, indices, losses) -> CrestState:
@@ -1229,7 +1253,8 @@ def _validate_state_dict(d: dict, D: int) -> None:
         a = _host(d["anchor"], "anchor", 1, "f")
         if a.size != D:
             raise _bad(f"anchor has {a.size} parameters but the model has {D}: the state was saved for "
-                       "another model (architecture)")
+                       "another model (architecture), or before layers were frozen or unfrozen (load it first, "
+                       "then change which parameters train)")
         if not np.all(np.isfinite(a)):
             raise _bad("anchor contains NaN or infinite values")
     q = d["quad"]
@@ -1240,7 +1265,8 @@ def _validate_state_dict(d: dict, D: int) -> None:
             v = _host(q[name], f"quad.{name}", 1, "f")
             if v.size != D:
                 raise _bad(f"quad.{name} has {v.size} entries but the model has {D} parameters: the state "
-                           "was saved for another model (architecture)")
+                           "was saved for another model (architecture), or before layers were frozen or unfrozen "
+                           "(load it first, then change which parameters train)")
             if not np.all(np.isfinite(v)):
                 raise _bad(f"quad.{name} contains NaN or infinite values")
         _int_of(q, "n_g")

@@ -88,7 +88,8 @@ if not str(getattr(keras, "__version__", "0")).startswith("3"):  # pragma: no co
     raise ImportError(f"crestcore.adapters.keras needs Keras 3, found keras {keras.__version__}")
 
 from crestcore.controller import (
-    Batch, CrestConfig, crest_init, crest_next_batch, crest_observe, crest_state_dict, crest_stats,
+    Batch, CrestConfig, crest_init, crest_next_batch, crest_observe, crest_parameters_changed, crest_state_dict,
+    crest_stats,
 )
 
 from crestcore.baselines import SubsetSchedule
@@ -1065,6 +1066,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         self._scale = "as-is"
         self._ops_model = None
         self._loaded = False  # load_state_dict since the last fit began: a new model object is expected
+        self._trainable_ids: tuple | None = None  # the variables the last fit trained (their identities)
 
     # -- serving --------------------------------------------------------------------------------
     def _serve(self, index):
@@ -1124,6 +1126,12 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
                 f"CrestCallback: this callback trained {self._position} steps of its run on another model object; "
                 "it continues that run (its step count, budget report and quadratic model) on this one. For a new "
                 "run build a new CrestCallback; to resume a saved run, load_state_dict() first", stacklevel=2)
+        ids = tuple(id(v) for v in model.trainable_variables)
+        if self._trainable_ids is not None and ids != self._trainable_ids and not self._loaded:
+            # layers frozen, unfrozen or swapped between fits (even for ones of the same size): a new
+            # selection and quadratic model over the new set at the first step
+            self._state = crest_parameters_changed(self._state)
+        self._trainable_ids = ids
         self._loaded = False
         if self.ops is None or self._ops_model is not model or self.ops.from_probabilities != (kind == "probabilities"):
             self.ops = KerasModelOps(model, self.measure_x, self.labels, outputs=kind,

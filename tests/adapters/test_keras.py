@@ -1452,3 +1452,24 @@ def test_anchor_statistics_follow_their_variables_even_when_paths_repeat():
         variance = np.array(keras.ops.convert_to_numpy(model.bn1.moving_variance))
     np.testing.assert_array_equal(variance, np.ones(8))  # not the base's bias, -5
     assert np.isfinite(ops.losses(np.arange(16))).all()
+
+
+def test_swapping_which_layer_trains_between_fits_reselects_at_the_first_step():
+    """Two same-size layers, one trained per fit: no change of size for the controller to see; the callback
+    tells it that the set changed, so the next fit starts with a selection over the new set."""
+    x, y = _small()
+    inp = keras.Input((8,))
+    a, b = keras.layers.Dense(8, name="a"), keras.layers.Dense(8, name="b")
+    out = keras.layers.Dense(3, name="head")(keras.layers.Add()([a(inp), b(inp)]))
+    model = keras.Model(inp, out)
+    b.trainable = False
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer="sgd", loss=loss)
+    # checks that always pass and no age limit: nothing but the change itself starts a selection
+    crest = CrestCallback(x, y, config=CrestConfig(m=16, tau=1e9, max_age=None), budget=0.25, seed=0)
+    model.fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
+    step = crest.stats["step"]
+    a.trainable, b.trainable = False, True
+    model.compile(optimizer="sgd", loss=loss)
+    model.fit(crest.dataset, epochs=2, initial_epoch=1, callbacks=[crest], verbose=0)
+    assert step in crest.stats["selections"]

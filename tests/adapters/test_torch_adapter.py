@@ -1713,3 +1713,54 @@ def test_the_order_check_catches_reversing_and_tie_hiding_sorts_and_stays_out_of
     ops = TorchModelOps(Sized(), Batched(), collate_fn=lambda batch: batch, batch_size=4)
     assert ops.losses(np.arange(20)).shape == (20,)
     assert max(seen) == 4 and ops._order_tries is None
+
+
+@pytest.mark.parametrize("change", ["swap", "grow"])
+def test_a_change_of_the_trainable_set_reselects_at_the_next_step(change):
+    """Swapping which of two same-size heads trains (no change of size, nothing the controller can see) or
+    unfreezing a layer when no check is due: the next step starts a new selection and quadratic model
+    over the new set (the swap went unnoticed, and every later check compared the new head's step with
+    the old head's anchor)."""
+    import torch.nn.functional as F
+    from torch.utils.data import TensorDataset
+
+    from crestcore.adapters.torch import CrestLoader
+
+    X = torch.randn(400, 6, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(400) % 4
+    torch.manual_seed(0)
+
+    class TwoHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.a, self.b = torch.nn.Linear(6, 16), torch.nn.Linear(16, 4), torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.body(x))
+            return self.a(h) + self.b(h)
+
+    model = TwoHeads()
+    model.b.requires_grad_(False)
+    if change == "grow":
+        model.body.requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), 0.05)
+    cfg = CrestConfig(m=16, tau=1e9, max_age=None)  # checks that always pass, no age limit
+    loader = CrestLoader(model, TensorDataset(X, y), config=cfg, budget=0.5, epochs=2)
+    for epoch in range(2):
+        if epoch == 1:
+            if change == "swap":
+                model.a.requires_grad_(False)
+                model.b.requires_grad_(True)
+            else:
+                model.body.requires_grad_(True)
+            first_step = loader.stats["step"]
+            now = loader.ops.params()  # the new set's values before the first step after the change
+        for x, yy, w in loader:
+            if epoch == 1 and loader.stats["step"] == first_step + 1:
+                anchor = loader.controller_state.anchor.clone()
+            loss = (w * F.cross_entropy(model(x), yy, reduction="none")).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert first_step in loader.stats["selections"]
+    torch.testing.assert_close(anchor, now, rtol=0, atol=0)  # the new anchor: the new set, as it was then
