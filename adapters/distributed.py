@@ -194,7 +194,8 @@ def numba_cache_slot(base=None) -> Path | None:
     ``$NUMBA_CACHE_DIR/crestcore-slots`` when ``NUMBA_CACHE_DIR`` is set, else ``~/.cache/crestcore/numba``
     (``$XDG_CACHE_HOME`` honoured); an unwritable base falls back to the temporary directory.
 
-    The Numba kernels (``crestcore.backends.numba``) are pointed at the slot, at once when they are
+    The Numba kernels (``crestcore.backends.numba`` and ``crestcore.backends.numba_sparse``) are pointed at
+    the slot, at once when they are
     imported already (their in-memory specialisations stay), else by a one-shot import hook when they are
     imported (claiming a slot does not import Numba, which takes seconds and would skew the ranks). Returns the slot, or
     ``None`` when Numba is not installed (nothing to protect). Numba's global configuration and
@@ -234,15 +235,20 @@ def numba_cache_slot(base=None) -> Path | None:
             "NUMBA_CACHE_DIR to a writable directory (each rank gets a slot below it)."
         )
     _SLOT.update(path=slot, lock=lock)
-    kernels = sys.modules.get(_KERNELS)
-    if kernels is not None:
-        _repoint(kernels, slot)
-    else:  # not imported yet (importing Numba takes seconds): re-point the kernels when they are imported
-        sys.meta_path.insert(0, _RepointOnImport(slot))
+    waiting = []
+    for name in _KERNELS:
+        kernels = sys.modules.get(name)
+        if kernels is not None:
+            _repoint(kernels, slot)
+        else:
+            waiting.append(name)
+    if waiting:  # not imported yet (importing Numba takes seconds): re-point the kernels when they are imported
+        sys.meta_path.insert(0, _RepointOnImport(slot, waiting))
     return slot
 
 
-_KERNELS = "crestcore.backends.numba"
+# every module of crestcore's with cached jitted kernels (tests/adapters/test_distributed.py checks the list)
+_KERNELS = ("crestcore.backends.numba", "crestcore.backends.numba_sparse")
 
 
 def _repoint(kernels, slot: Path) -> None:
@@ -261,18 +267,21 @@ def _repoint(kernels, slot: Path) -> None:
 
 
 class _RepointOnImport:
-    """A one-shot import hook: once ``crestcore.backends.numba`` has executed, re-point its caches."""
+    """An import hook: once each of the kernel modules ``names`` has executed, re-point its caches; it
+    removes itself when the last one has."""
 
-    def __init__(self, slot: Path):
-        self.slot = slot
+    def __init__(self, slot: Path, names):
+        self.slot, self.names = slot, set(names)
 
     def find_spec(self, name, path=None, target=None):
-        if name != _KERNELS:
+        if name not in self.names:
             return None
         import importlib.machinery
 
-        with contextlib.suppress(ValueError):
-            sys.meta_path.remove(self)
+        self.names.discard(name)
+        if not self.names:
+            with contextlib.suppress(ValueError):
+                sys.meta_path.remove(self)
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec

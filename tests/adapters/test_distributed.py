@@ -855,3 +855,41 @@ def test_just_in_time_coresets_under_ddp_are_the_single_process_ones(job_jit):
 if __name__ == "__main__":
     _worker_main(sys.argv[1:])
 
+
+
+_SLOT_CHECK = r"""
+import os, sys
+os.environ["NUMBA_CACHE_DIR"] = sys.argv[1]
+if sys.argv[2] == "imported-first":
+    import crestcore.backends.numba, crestcore.backends.numba_sparse  # noqa: F401
+from crestcore.adapters import distributed as D
+slot = str(D.numba_cache_slot())
+import importlib
+outside = []
+for name in D._KERNELS:
+    mod = importlib.import_module(name)
+    for obj in vars(mod).values():
+        cache = getattr(obj, "_cache", None)
+        if cache is not None and type(cache).__name__ != "NullCache" and not str(cache._cache_path).startswith(slot):
+            outside.append(f"{name}.{getattr(obj, '__name__', '?')}")
+print("OUTSIDE", outside)
+"""
+
+
+@pytest.mark.parametrize("order", ["imported-first", "slot-first"])
+def test_every_cached_kernel_module_compiles_into_the_ranks_slot(tmp_path, order):
+    """The sparse kernels (crestcore.backends.numba_sparse: neighbors=, optimizer="auto") compiled into the
+    shared cache while the dense ones went to the rank's slot: every module with cached kernels is
+    re-pointed, whether imported before the slot is claimed or after."""
+    pytest.importorskip("numba")
+    # the installed crestcore (cwd elsewhere: the source tree must not shadow a wheel under test)
+    out = subprocess.run([sys.executable, "-c", _SLOT_CHECK, str(tmp_path / "cache"), order], capture_output=True,
+                         text=True, timeout=300, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "OUTSIDE []" in out.stdout, out.stdout
+    # and the list is complete: every backend module that caches kernels is in it
+    import crestcore.backends
+
+    folder = Path(crestcore.backends.__file__).parent
+    cached = {f"crestcore.backends.{p.stem}" for p in folder.glob("*.py") if "cache=True" in p.read_text()}
+    assert cached <= set(D._KERNELS), sorted(cached - set(D._KERNELS))
