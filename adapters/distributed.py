@@ -196,8 +196,9 @@ def numba_cache_slot(base=None) -> Path | None:
 
     The Numba kernels (``crestcore.backends.numba`` and ``crestcore.backends.numba_sparse``) are pointed at
     the slot, at once when they are
-    imported already (their in-memory specialisations stay), else by a one-shot import hook when they are
-    imported (claiming a slot does not import Numba, which takes seconds and would skew the ranks). Returns the slot, or
+    imported already (their in-memory specialisations stay), else by an import hook when they are
+    imported (claiming a slot does not import Numba, which takes seconds and would skew the ranks; a kernel
+    module reloaded later with ``importlib.reload`` is not re-pointed again). Returns the slot, or
     ``None`` when Numba is not installed (nothing to protect). Numba's global configuration and
     ``os.environ`` are left as they were, so other Numba code and subprocesses are not redirected.
 

@@ -340,9 +340,10 @@ class CrestCallback(pl.Callback):
             high = trainer.max_steps
             if high is not None and 0 <= high <= trainer.global_step:  # max_steps is reached: it stops anyway
                 return self._log_epoch(pl_module, loader)
+            why = (f"max_steps={high} cannot be reached" if high is not None and high >= 0 else
+                   "no max_epochs: every later epoch would be empty")
             warnings.warn(f"CrestCallback: all {loader.total_steps} planned steps ({loader.epochs} epochs) are "
-                          f"trained at global step {trainer.global_step}; stopping the fit (max_steps="
-                          f"{trainer.max_steps} cannot be reached)", stacklevel=2)
+                          f"trained at global step {trainer.global_step}; stopping the fit ({why})", stacklevel=2)
             trainer.should_stop = True
         self._log_epoch(pl_module, loader)
 

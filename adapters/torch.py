@@ -1964,7 +1964,8 @@ class CrestLoader(BudgetedPasses):
                 raise ValueError(f"{where}: anchor_buffers must map the model's buffer names to tensors of their "
                                  "shapes (a checkpoint of another model?)")
         self._state = crest
-        self._trainable_ids = None  # the loaded anchor is the model's as it is now: not a change of set
+        # the loaded anchor is over the trainable set as it is now: a change after the load counts
+        self._trainable_ids = tuple(id(p) for p in self.ops._trainable())
         self._load_pass_state(state, pos)
         self._batch = batch
         self._pending = pending

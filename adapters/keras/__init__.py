@@ -178,21 +178,31 @@ def _host(a, what: str) -> np.ndarray:
         raise TypeError(f"{what} must be an array NumPy can read, got {type(a).__name__}") from exc
 
 
+def _in_memory(v, what: str) -> np.ndarray:
+    """``v`` as a host array of numbers, or a TypeError saying CREST needs in-memory arrays. An array-like
+    (NumPy, a tensor, a memmap, an h5py dataset, nested lists of numbers) reads as one; a stream of batches
+    (a generator, a PyDataset, a tf.data or torch Dataset or DataLoader) has no shape, and a table of rows
+    (a Hugging Face dataset) or a sparse matrix reads as Python objects."""
+    a = None
+    if hasattr(v, "shape") or hasattr(v, "__array__") or isinstance(v, (list, tuple)):
+        a = _host(v, what)
+    if a is None or a.dtype == object or a.ndim == 0:
+        raise TypeError(
+            f"{what} is a {type(v).__name__}: CREST reads any example at any time (its random subsets, its "
+            "measurement passes), so it needs the training data as in-memory arrays of numbers (NumPy, or a dict "
+            "/ list of them): materialise it first, e.g. np.concatenate over its batches, or np.asarray of a "
+            "dataset's numeric columns")
+    return a
+
+
 def _as_inputs(x, what: str = "x"):
     """``x`` as NumPy: one array (n, ...), or a dict / list / tuple of arrays with the same n."""
-    # an array-like (NumPy, a tensor, a memmap, an h5py dataset) has a shape; a stream of batches (a generator,
-    # a PyDataset, a tf.data or torch Dataset or DataLoader) has none, and NumPy would read it as one object
-    if not isinstance(x, (dict, list, tuple)) and not hasattr(x, "shape") and not hasattr(x, "__array__"):
-        raise TypeError(
-            f"{what} is a {type(x).__name__}: CREST reads any example at any time (its random subsets, its "
-            "measurement passes), so it needs the training data as in-memory arrays (NumPy, or a dict / list of "
-            f"them): materialise it first, e.g. np.concatenate over its batches")
     if isinstance(x, dict):
-        out = {k: _host(v, f"{what}[{k!r}]") for k, v in x.items()}
+        out = {k: _in_memory(v, f"{what}[{k!r}]") for k, v in x.items()}
     elif isinstance(x, (list, tuple)) and x and not np.isscalar(x[0]) and hasattr(x[0], "shape"):
-        out = type(x)(_host(v, f"{what}[{i}]") for i, v in enumerate(x))
+        out = type(x)(_in_memory(v, f"{what}[{i}]") for i, v in enumerate(x))
     else:
-        out = _host(x, what)
+        out = _in_memory(x, what)
     leaves = list(out.values()) if isinstance(out, dict) else list(out) if isinstance(out, (list, tuple)) else [out]
     if not leaves:
         raise ValueError(f"{what} is empty")
@@ -1124,10 +1134,12 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         if self._ops_model is not None and self._ops_model is not model and self._position and not self._loaded:
             warnings.warn(
                 f"CrestCallback: this callback trained {self._position} steps of its run on another model object; "
-                "it continues that run (its step count, budget report and quadratic model) on this one. For a new "
-                "run build a new CrestCallback; to resume a saved run, load_state_dict() first", stacklevel=2)
+                "it continues that run (its step count and budget report) on this one, with a new selection and "
+                "quadratic model. For a new run build a new CrestCallback; to resume a saved run, "
+                "load_state_dict() first", stacklevel=2)
         ids = tuple(id(v) for v in model.trainable_variables)
-        if self._trainable_ids is not None and ids != self._trainable_ids and not self._loaded:
+        if self._trainable_ids is not None and ids != self._trainable_ids and not (
+                self._loaded and self._ops_model is not model):  # (a loaded run's new model: its own set)
             # layers frozen, unfrozen or swapped between fits (even for ones of the same size): a new
             # selection and quadratic model over the new set at the first step
             self._state = crest_parameters_changed(self._state)
@@ -1329,6 +1341,9 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
             self.ops._anchor, self.ops._anchor_vars = self._anchor_stats, None
         self._loaded_unchecked = self.ops is None  # checked against the model at the next fit's start
         self._loaded = True
+        # the loaded anchor is over the model's trainable set as it is now: a change after the load counts
+        known = self._ops_model
+        self._trainable_ids = None if known is None else tuple(id(v) for v in known.trainable_variables)
         if self.ops is not None:
             self._sync_state()
 

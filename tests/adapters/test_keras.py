@@ -1418,7 +1418,24 @@ def test_array_likes_with_a_shape_are_read_and_streams_of_batches_are_refused():
         def __iter__(self):
             return iter([x[:8]])
 
-    for data in (Slices(), torch.utils.data.TensorDataset(torch.from_numpy(x)), iter([x])):
+    class Rows:  # a Hugging Face datasets.Dataset: a shape, but rows of dicts
+        shape = (len(x), 1)
+
+        def __array__(self, dtype=None, copy=None):
+            out = np.empty(len(x), dtype=object)
+            out[:] = [{"x": r} for r in x]
+            return out
+
+    class Sparse:  # a scipy sparse matrix: a shape, but np.asarray gives a 0-d object array
+        shape = x.shape
+
+        def __array__(self, dtype=None, copy=None):
+            out = np.empty((), dtype=object)
+            out[()] = "a sparse matrix"
+            return out
+
+    tensors = torch.utils.data.TensorDataset(torch.from_numpy(x))
+    for data in (Slices(), tensors, iter([x]), Rows(), Sparse(), {"a": tensors}):
         with pytest.raises(TypeError, match="in-memory arrays"):
             _as_inputs(data)
 
@@ -1472,4 +1489,11 @@ def test_swapping_which_layer_trains_between_fits_reselects_at_the_first_step():
     a.trainable, b.trainable = False, True
     model.compile(optimizer="sgd", loss=loss)
     model.fit(crest.dataset, epochs=2, initial_epoch=1, callbacks=[crest], verbose=0)
+    assert step in crest.stats["selections"]
+    # the docs' order for a checkpoint: load it, then change which layers train (the same model object)
+    saved, step = crest.state_dict(), crest.stats["step"]
+    crest.load_state_dict(saved)
+    a.trainable, b.trainable = True, False
+    model.compile(optimizer="sgd", loss=loss)
+    model.fit(crest.dataset, epochs=3, initial_epoch=2, callbacks=[crest], verbose=0)
     assert step in crest.stats["selections"]

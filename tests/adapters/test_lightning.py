@@ -387,3 +387,12 @@ def test_the_step_limits_are_checked_after_a_checkpoint_restores_the_global_step
         warnings.filterwarnings("ignore", ".*does not have many workers.*|.*callbacks used to create.*|.*LeafSpec.*")
         t2.fit(Module(), train_dataloaders=cb2.dataloader(), ckpt_path=path)
     assert t2.global_step == 12
+
+
+def test_the_stop_without_max_steps_says_why(tmp_path):
+    cb = CrestCallback(data(), epochs=2, **CFG)
+    t = pl.Trainer(max_epochs=-1, callbacks=[cb], logger=False, enable_progress_bar=False, enable_model_summary=False,
+                   enable_checkpointing=False, default_root_dir=tmp_path, accelerator="cpu")
+    with pytest.warns(UserWarning, match="stopping the fit \\(no max_epochs: every later epoch would be empty\\)"):
+        t.fit(Module(), train_dataloaders=cb.dataloader())
+    assert t.global_step == 6

@@ -1715,12 +1715,13 @@ def test_the_order_check_catches_reversing_and_tie_hiding_sorts_and_stays_out_of
     assert max(seen) == 4 and ops._order_tries is None
 
 
-@pytest.mark.parametrize("change", ["swap", "grow"])
+@pytest.mark.parametrize("change", ["swap", "grow", "load-then-swap"])
 def test_a_change_of_the_trainable_set_reselects_at_the_next_step(change):
-    """Swapping which of two same-size heads trains (no change of size, nothing the controller can see) or
-    unfreezing a layer when no check is due: the next step starts a new selection and quadratic model
-    over the new set (the swap went unnoticed, and every later check compared the new head's step with
-    the old head's anchor)."""
+    """Swapping which of two same-size heads trains (no change of size: nothing the controller can see), or
+    unfreezing a layer, in the middle of an epoch with no check due; also a swap right after loading a
+    checkpoint (the order the docs give). The next step starts a new selection and quadratic model over
+    the new set (the swap went unnoticed, and every later check compared the new head's step with the old
+    head's anchor; a growth waited for the next check)."""
     import torch.nn.functional as F
     from torch.utils.data import TensorDataset
 
@@ -1744,23 +1745,27 @@ def test_a_change_of_the_trainable_set_reselects_at_the_next_step(change):
     if change == "grow":
         model.body.requires_grad_(False)
     opt = torch.optim.SGD(model.parameters(), 0.05)
-    cfg = CrestConfig(m=16, tau=1e9, max_age=None)  # checks that always pass, no age limit
-    loader = CrestLoader(model, TensorDataset(X, y), config=cfg, budget=0.5, epochs=2)
-    for epoch in range(2):
-        if epoch == 1:
-            if change == "swap":
+    # a check every budgeted epoch (13 steps) at most, that always passes, and no age limit: nothing in the
+    # controller starts a selection between the change (step 5) and the next epoch
+    cfg = CrestConfig(m=16, T1=100, h=100.0, tau=1e9, max_age=None)
+    loader = CrestLoader(model, TensorDataset(X, y), config=cfg, budget=0.5, epochs=1)
+    first_step = 5
+    for x, yy, w in loader.iter_run():
+        step = loader.stats["step"]  # batches handed out: this one is step - 1
+        if step == first_step + 1:
+            anchor = loader.controller_state.anchor.clone()
+        loss = (w * F.cross_entropy(model(x), yy, reduction="none")).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step == first_step:  # after step 4 trained: change the set before step 5
+            if change == "load-then-swap":
+                loader.load_state_dict(loader.state_dict())
+            if change == "grow":
+                model.body.requires_grad_(True)
+            else:
                 model.a.requires_grad_(False)
                 model.b.requires_grad_(True)
-            else:
-                model.body.requires_grad_(True)
-            first_step = loader.stats["step"]
             now = loader.ops.params()  # the new set's values before the first step after the change
-        for x, yy, w in loader:
-            if epoch == 1 and loader.stats["step"] == first_step + 1:
-                anchor = loader.controller_state.anchor.clone()
-            loss = (w * F.cross_entropy(model(x), yy, reduction="none")).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
     assert first_step in loader.stats["selections"]
     torch.testing.assert_close(anchor, now, rtol=0, atol=0)  # the new anchor: the new set, as it was then
