@@ -66,9 +66,9 @@ def _check_accumulation(trainer) -> None:
 
 def _check_step_limits(trainer, planned: int, loader) -> None:
     """A fit without ``max_epochs`` ends at CREST's last planned step (global step ``planned``; checked at
-    the fit's start, after a checkpoint's restore): refuse a
-    ``min_steps`` beyond it (Lightning would then loop over empty epochs forever, ``max_time`` included) and
-    warn, before training, that a ``max_steps`` beyond it stops a schedule sized from it early."""
+    the fit's start, after a checkpoint's restore): refuse a ``min_steps`` beyond it (Lightning would then
+    loop over empty epochs forever, ``max_time`` included) and warn, before training, that a ``max_steps``
+    beyond it stops a schedule sized from it early."""
     low = getattr(trainer, "min_steps", None)
     if low is not None and low > planned:
         raise ValueError(

@@ -1061,6 +1061,8 @@ def crest_parameters_changed(state: CrestState) -> CrestState:
     >>> state.need_select, state.anchor is None, state.quad is None
     (True, True, True)
     """
+    if not isinstance(state, CrestState):
+        raise TypeError(f"state must be a CrestState (from crest_init), got {type(state).__name__}")
     if state.anchor is None and state.quad is None:
         return state
     return state._replace(need_select=True, quad=None, anchor=None, h_norm_0=math.nan)

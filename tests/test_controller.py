@@ -1579,3 +1579,10 @@ def test_a_selection_right_after_the_parameters_grew_starts_a_new_model():
     for _ in range(9):  # and training goes on, on the grown parameters
         state, batch = crest_next_batch(state, ops, cfg)
     assert state.log["selections"][-1] == 15 and state.quad.g_ema.shape == (ops.W.size + ops.C,)
+
+
+def test_parameters_changed_validates_its_argument_and_leaves_a_fresh_state_alone():
+    state = crest_init(CrestConfig(m=4), np.arange(20) % 2, seed=0)
+    assert cc.crest_parameters_changed(state) is state  # nothing selected yet: nothing to reset
+    with pytest.raises(TypeError, match="state must be a CrestState"):
+        cc.crest_parameters_changed({"anchor": None})
