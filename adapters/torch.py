@@ -1730,8 +1730,9 @@ class CrestLoader(BudgetedPasses):
         if self._pending:  # batches the controller handed out before a checkpoint, not trained then
             batch = self._pending.pop(0)
         else:
-            self._sync_device()
-            ids = tuple(id(p) for p in self.ops._trainable())
+            trainable = self.ops._trainable()  # one walk over the parameters a step
+            self._sync_device(trainable)
+            ids = tuple(id(p) for p in trainable)
             if self._trainable_ids is not None and ids != self._trainable_ids:
                 # a layer frozen, unfrozen or swapped since the last step (even for one of the same size): a
                 # new selection and quadratic model over the new set now, not at the next check
@@ -1789,12 +1790,12 @@ class CrestLoader(BudgetedPasses):
     def _make_batch(self, batch: Batch):
         return _weighted_batch(self, batch.indices, batch.weights)
 
-    def _sync_device(self):
-        """Move the controller's vectors to the model's device if the model moved (e.g. after a resume)."""
+    def _sync_device(self, trainable: list) -> None:
+        """Move the controller's vectors to the model's device if the model moved (e.g. after a resume);
+        ``trainable``: the parameters that train now (``ops._trainable()``)."""
         anchor = self._state.anchor
-        if anchor is None:
+        if anchor is None or not trainable:
             return
-        trainable = self.ops._trainable()
         first = trainable[0]
         # params() (and so the anchor) concatenates the trainable parameters (their promoted dtype: float64
         # for a float32 body with a float64 head), float32 for a half-precision model: compare with that
