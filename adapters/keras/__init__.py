@@ -968,25 +968,6 @@ class _TrainedSteps:
         # weight through its loss (its shapes are all Keras's build needs)
         return _take(self.x, probe), self.y[probe], np.zeros(m, dtype=np.float32)
 
-    _step_began: int | None = None  # the optimizer's step count when the running step began (torch backend)
-
-    @staticmethod
-    def _optimizer_steps(model) -> int | None:
-        """``model.optimizer.iterations`` where it is live during ``fit`` (the torch backend; jax holds the
-        trainer's state apart from the variables within an epoch), else None."""
-        it = getattr(getattr(model, "optimizer", None), "iterations", None)
-        if it is None or _backend() != "torch":
-            return None
-        return int(_host_value(it))
-
-    def _step_trained_unseen(self, model) -> bool:
-        """Whether the step running when the last fit stopped had trained: its ``on_train_batch_end``
-        never came (a callback before this one raised there, or Ctrl-C after the update), but the optimizer
-        counted it. Served again, that batch would train twice."""
-        began, self._step_began = self._step_began, None
-        now = None if began is None or model is not getattr(self, "_fit_model", None) else self._optimizer_steps(model)
-        return now is not None and now > began
-
     @property
     def position(self) -> int:
         """Steps trained so far."""
@@ -1171,8 +1152,6 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
             self._ops_model = model
         self.ops.unpin()  # a fit interrupted within a step (Ctrl-C, a callback that raised) left its weights pinned
         self._sync_state()
-        if self._step_trained_unseen(model) and any(e.served for e in self._queue):
-            self._account_trained()  # the interrupted fit's last step trained: not served (and trained) again
         for e in self._queue:  # nothing is in flight when fit starts (e.g. after a fit that raised)
             e.served = False
         _check_fit_steps(self, "CrestCallback")
@@ -1186,16 +1165,10 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
     def on_train_batch_begin(self, batch, logs=None):
         if self.ops is not None:
             self.ops.pin()
-        self._step_began = self._optimizer_steps(self._fit_model)
 
     def on_train_batch_end(self, batch, logs=None):
         if self.ops is not None:
             self.ops.unpin()
-        self._step_began = None
-        self._account_trained()
-
-    def _account_trained(self) -> None:
-        """The served batch's step has trained: count it, record it, observe its losses."""
         entry = next((e for e in self._queue if e.served), None)
         if entry is None:
             raise RuntimeError(
@@ -1486,8 +1459,6 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
                 self.ops = KerasModelOps(model, self.measure_x, self.labels, outputs=kind,
                                          batch_size=self.measure_batch_size, last_layer=self.last_layer)
             self.ops.unpin()  # a fit interrupted within a step left its weights pinned
-        if self._step_trained_unseen(model) and self._queue:
-            self._account_trained()  # the interrupted fit's last step trained: not served (and trained) again
         for idx, _ in self._queue:  # served and never trained (a fit that stopped): served again, counted once
             self.schedule.counters["train_steps"] -= 1
             self.schedule.counters["train_examples"] -= int(idx.size)
@@ -1499,16 +1470,10 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
     def on_train_batch_begin(self, batch, logs=None):
         if self.ops is not None:
             self.ops.pin()  # jax: the weights of this step, held apart from the variables within an epoch
-        self._step_began = self._optimizer_steps(self._fit_model)
 
     def on_train_batch_end(self, batch, logs=None):
         if self.ops is not None:
             self.ops.unpin()
-        self._step_began = None
-        self._account_trained()
-
-    def _account_trained(self) -> None:
-        """The oldest served batch's step has trained: count it (prune: observe its losses)."""
         if not self._queue:
             raise RuntimeError("Keras trained a step on a batch SubsetCallback did not serve: pass sub.dataset as "
                                "fit's x (model.fit(sub.dataset, callbacks=[sub], ...))")

@@ -1497,28 +1497,3 @@ def test_swapping_which_layer_trains_between_fits_reselects_at_the_first_step():
     model.compile(optimizer="sgd", loss=loss)
     model.fit(crest.dataset, epochs=3, initial_epoch=2, callbacks=[crest], verbose=0)
     assert step in crest.stats["selections"]
-
-
-@pytest.mark.parametrize("which", ["crest", "subset"])
-def test_a_step_that_trained_before_a_fit_was_interrupted_is_not_trained_again(which):
-    """A callback before CREST's raising at a step's end (as Ctrl-C after the update does): the step had
-    trained, but its batch was served (and trained) again in the next fit, and the position undercounted."""
-
-    class Stop(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            if batch == 2:
-                raise KeyboardInterrupt
-
-    x, y = _small()
-    model = _dense3()
-    cb = (CrestCallback(x, y, config=CrestConfig(m=16), budget=0.5, seed=0, record=True) if which == "crest"
-          else SubsetCallback(x, y, method="random", budget=0.5, m=16, seed=0, epochs=2))
-    with pytest.raises(KeyboardInterrupt):
-        model.fit(cb.dataset, epochs=2, callbacks=[Stop(), cb], verbose=0)
-    # three steps trained; the third one's end never reached the callback (counted when the next fit starts)
-    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 3 and cb.position == 2
-    model.fit(cb.dataset, epochs=2, callbacks=[cb], verbose=0)
-    assert cb.position == int(keras.ops.convert_to_numpy(model.optimizer.iterations))
-    if which == "crest":
-        trained = [tuple(i) for i, _ in cb.trained]
-        assert all(a != b for a, b in zip(trained, trained[1:]))  # no batch twice in a row
