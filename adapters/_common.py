@@ -47,12 +47,12 @@ def check_config(config) -> CrestConfig:
     return config
 
 
-def check_budget(budget) -> None:
+def check_budget(budget, name: str = "budget") -> None:
     """``budget`` must be a positive finite fraction (a real number, NumPy scalars included, not a bool) of the
-    full-data steps."""
+    full-data steps; the error names ``name``."""
     if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, numbers.Real) or not (
             math.isfinite(budget) and budget > 0):
-        raise ValueError(f"budget must be a positive finite fraction of the full-data steps, got {budget!r}")
+        raise ValueError(f"{name} must be a positive finite fraction of the full-data steps, got {budget!r}")
     if budget > 1:  # allowed (more steps than full data), but far more often a percentage by mistake
         warnings.warn(f"crestcore: budget={budget!r} trains {budget!r} times the full-data steps; the budget is a "
                       f"fraction (budget=0.1 for 10 %)", stacklevel=user_stacklevel())

@@ -195,17 +195,10 @@ class CrestTrainer(transformers.Trainer):
             raise TypeError(f"crest_config must be a crestcore.CrestConfig or None, got {type(crest_config).__name__}")
         config = crest_config if crest_config is not None else CrestConfig(m=int(self.args.per_device_train_batch_size))
         seed = int(self.args.seed) if crest_seed is None else crest_seed
-        try:  # the loader's checks; their errors name this class's crest_* keyword
-            check_loader_arguments(config=config, budget=crest_budget, seed=seed, forward=crest_forward,
-                                   measure_batch_size=crest_measure_batch_size, check_model=False)
-            check_listeners(crest_callbacks)
-        except (TypeError, ValueError) as exc:
-            msg = str(exc)
-            for name in ("measure_batch_size", "budget", "seed", "forward", "callbacks"):
-                if msg.startswith(name + " "):
-                    msg = "crest_" + msg
-                    break
-            raise type(exc)(msg) from None
+        # the loader's checks, their errors naming the crest_* keywords this class takes
+        check_loader_arguments(config=config, budget=crest_budget, seed=seed, forward=crest_forward,
+                               measure_batch_size=crest_measure_batch_size, check_model=False, prefix="crest_")
+        check_listeners(crest_callbacks, "crest_callbacks")
         if self.args.gradient_accumulation_steps != 1:
             raise ValueError("CrestTrainer needs gradient_accumulation_steps=1: CREST's batches are its "
                              "mini-batches (set the batch size with crest_config=CrestConfig(m=...))")

@@ -64,8 +64,8 @@ def scalars(stats: dict) -> dict[str, float]:
     return out
 
 
-def check_listeners(callbacks) -> list[Callable]:
-    """``callbacks`` as a list of callables (None: empty); a clear error naming ``callbacks`` otherwise.
+def check_listeners(callbacks, name: str = "callbacks") -> list[Callable]:
+    """``callbacks`` as a list of callables (None: empty); a clear error naming ``name`` otherwise.
 
     Examples
     --------
@@ -85,11 +85,11 @@ def check_listeners(callbacks) -> list[Callable]:
     try:
         out = list(callbacks)
     except TypeError as exc:
-        raise TypeError(f"callbacks must be a list of callables listener(event, step, scalars), got "
+        raise TypeError(f"{name} must be a list of callables listener(event, step, scalars), got "
                         f"{type(callbacks).__name__}") from exc
     for c in out:
         if not callable(c):
-            raise TypeError(f"callbacks must hold callables listener(event, step, scalars), got {type(c).__name__}")
+            raise TypeError(f"{name} must hold callables listener(event, step, scalars), got {type(c).__name__}")
     return out
 
 

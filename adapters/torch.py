@@ -1504,24 +1504,26 @@ def _from_portable(x):
 
 def check_loader_arguments(*, config=None, budget=0.1, epochs=1, seed=0, budget_counts="steps", model=None,
                            per_epoch=True, measure_batch_size=512, collate_fn=None, forward=None, loss_fn=None,
-                           device=None, measure_workers=0, check_model: bool = True) -> CrestConfig:
+                           device=None, measure_workers=0, check_model: bool = True,
+                           prefix: str = "") -> CrestConfig:
     """The argument checks of :class:`CrestLoader`'s ``__init__`` (errors name the argument), as a function
     other adapters can call eagerly in their own ``__init__`` (``check_model=False`` when the model is
-    not known yet, e.g. a Lightning callback). Returns the config (``CrestConfig()`` for None)."""
+    not known yet, e.g. a Lightning callback; ``prefix``: the adapter's own prefix of the names its user
+    types, e.g. ``"crest_"``). Returns the config (``CrestConfig()`` for None)."""
     config = _common.check_config(config)
-    _common.check_budget(budget)
-    _common.check_count(epochs, "epochs")
-    _common.check_count(seed, "seed", low=0)
+    _common.check_budget(budget, prefix + "budget")
+    _common.check_count(epochs, prefix + "epochs")
+    _common.check_count(seed, prefix + "seed", low=0)
     _common.check_budget_counts(budget_counts)
     if check_model and not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(per_epoch, (bool, np.bool_)):
         raise TypeError(f"per_epoch must be a bool, got {type(per_epoch).__name__} {per_epoch!r}")
-    _common.check_count(measure_batch_size, "measure_batch_size")
-    _common.check_count(measure_workers, "measure_workers", low=0)
+    _common.check_count(measure_batch_size, prefix + "measure_batch_size")
+    _common.check_count(measure_workers, prefix + "measure_workers", low=0)
     for name, fn in (("collate_fn", collate_fn), ("forward", forward), ("loss_fn", loss_fn)):
         if fn is not None and not callable(fn):
-            raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
+            raise TypeError(f"{prefix}{name} must be callable or None, got {type(fn).__name__}")
     if device is not None:
         try:
             torch.device(device)
