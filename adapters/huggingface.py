@@ -49,7 +49,7 @@ from crestcore.controller import CrestConfig
 
 from . import _common
 from .monitor import check_listeners
-from .torch import _LABEL_KEYS, CrestBatchSampler, WeightedDataset, WeightedKey, check_loader_arguments, output_logits
+from .torch import _LABEL_KEYS, CrestBatchSampler, WeightedDataset, WeightedKey, check_loader_arguments, _output_logits
 
 __all__ = ["CrestTrainer", "weighted_cross_entropy", "CREST_STATE_NAME"]
 
@@ -357,7 +357,7 @@ class CrestTrainer(transformers.Trainer):
         else:
             labels = inputs.pop(key)
             outputs = model(**inputs)
-            logits = output_logits(outputs)
+            logits = _output_logits(outputs)
         if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
             got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise ValueError(

@@ -635,7 +635,7 @@ def _named_logits(out):
     return out
 
 
-def output_logits(out):
+def _output_logits(out):
     """The logits of a model called with keyword inputs (the Hugging Face convention): the output's
     ``.logits``, a dict's ``"logits"`` entry, else a tuple's first element; anything else as it is."""
     logits = getattr(out, "logits", None)
@@ -660,7 +660,7 @@ def _default_forward(model: nn.Module, batch):
                 f"the batch is a dict, so the model was called with keywords {sorted(inputs)} and refused them "
                 f"({exc}); pass forward=lambda model, batch: model(batch['...']) returning the logits"
             ) from exc
-        return output_logits(out)
+        return _output_logits(out)
     raise TypeError(
         f"cannot tell the model's input in a batch of type {type(batch).__name__}; pass "
         "forward=lambda model, batch: model(...) returning the logits"
