@@ -85,6 +85,7 @@ WEIGHTS = ("cluster", "uniform", "tempered")
 RESELECT = ("trust", "epoch")
 BATCHES = ("coreset", "shuffled-union")
 CORESETS = ("at-anchor", "just-in-time")
+CHECKS = ("every", "reuse")
 
 
 class ModelOps(Protocol):
@@ -268,6 +269,12 @@ class CrestConfig:
     ahead of the cluster sizes on clean labels and on MLPs with BatchNorm and Dropout, level on 40 %
     label noise, where uniform weights collapse; in an independent check on other data they trailed the
     cluster sizes on 20 % noisy labels in longer runs; docs/benchmarks.md.)
+    checks : which steps the trust check may run at, every T1 steps among them: "every" (every step, the
+        paper's rule) or "reuse" (only a step that trains on a coreset selected at earlier parameters: with
+        just-in-time coresets a step whose coreset is selected at that step, from its own random subset, has
+        nothing stale for the check to guard, and a failed check there would only refit the model at a new
+        anchor; the steps that cycle the coresets made are checked as before). With at-anchor coresets
+        every step reuses the anchor's coresets, so both rules are the same there.
     reselect : "trust" (the rho_t check every T1 steps decides) or "epoch" (no checks and no model fit:
     P = one budgeted epoch of coresets, reselected every budgeted epoch; an ablation of the trust check).
     max_age : the most training steps one selection's coresets are trained on before a new selection,
@@ -328,6 +335,7 @@ class CrestConfig:
     coresets: str | None = None
     weights: str = "tempered"
     reselect: str = "trust"
+    checks: str = "every"
     max_age: int | str | None = "epoch"
     max_overhead: float | None = None
     backend: str = "auto"
@@ -354,6 +362,7 @@ class CrestConfig:
         field_choice(o, "batches", self.batches, BATCHES)
         field_choice(o, "weights", self.weights, WEIGHTS)
         field_choice(o, "reselect", self.reselect, RESELECT)
+        field_choice(o, "checks", self.checks, CHECKS)
         if isinstance(self.max_age, str) and self.max_age != "epoch":
             raise ValueError(f"CrestConfig.max_age must be 'epoch', a positive integer or None, got {self.max_age!r}")
         if self.max_age != "epoch":
@@ -399,7 +408,7 @@ class CrestConfig:
         >>> config.m, config.P, config.T1, config.tau, config.weights
         (32, 5, 1, 0.1, 'cluster')
         """
-        base: dict[str, Any] = dict(P=5, T1=1, tau=0.1, h=1.0, b=5.0, weights="cluster", reselect="trust",
+        base: dict[str, Any] = dict(P=5, T1=1, tau=0.1, h=1.0, b=5.0, weights="cluster", reselect="trust", checks="every",
                                     max_age=None, max_overhead=None, kernel="max-minus", batches="coreset",
                                     quadratic=QuadraticConfig(), coresets="at-anchor", check_size=None)
         base.update(overrides)
@@ -418,7 +427,7 @@ class CrestConfig:
         base: dict[str, Any] = dict(
             kernel="exp", class_budget="ceil", batches="shuffled-union",
             quadratic=QuadraticConfig(variant="adahessian"), check_union=True, coresets="at-anchor",
-            check_size=None, max_age=None, weights="cluster",
+            check_size=None, max_age=None, weights="cluster", checks="every",
         )
         base.update(overrides)
         return cls(**base)
@@ -973,6 +982,13 @@ def _affordable(state: CrestState, config: CrestConfig) -> bool:
     return spent <= config.max_overhead * 3 * c["train_examples"]
 
 
+def _makes_coreset(state: CrestState, config: CrestConfig) -> bool:
+    """Whether the next batch is a just-in-time coreset selected now, at the current parameters, rather
+    than one of the coresets made so far, cycled."""
+    return (state.made < state.batch_idx.shape[0] and state.cursor >= state.made and not state.want_select
+            and _affordable(state, config))
+
+
 def crest_next_batch(state: CrestState, ops: ModelOps, config: CrestConfig):
     """Account for the step just trained (if any), run due checks/drops/selection, return the next batch.
 
@@ -1004,12 +1020,13 @@ def crest_next_batch(state: CrestState, ops: ModelOps, config: CrestConfig):
                                                    dropped_at=state.drop.dropped_at.copy()))
     if state.pending:
         state = state._replace(step=state.step + 1, since_check=state.since_check + 1, pending=False)
-        # the trust check runs every T1 steps (when max_overhead allows) whatever else happens at this step
+        # the trust check runs every T1 steps (when max_overhead allows) whatever else happens at this step;
+        # with checks="reuse" a step that trains on a coreset selected now waits (since_check keeps counting)
         if not state.need_select and state.since_check >= state.T1 and _affordable(state, config):
             if config.reselect == "epoch":
                 state = state._replace(need_select=True)
                 reason = "epoch"
-            else:
+            elif config.checks == "every" or not _makes_coreset(state, config):
                 state = _check(state, ops, config)
                 reason = "check"
         if config.T2 is not None and state.step % config.T2 == 0:
@@ -1029,8 +1046,7 @@ def crest_next_batch(state: CrestState, ops: ModelOps, config: CrestConfig):
     if state.need_select:
         state = _select(state, ops, config, reason)
         reselected = True
-    if (state.made < state.batch_idx.shape[0] and state.cursor >= state.made and not state.want_select
-            and _affordable(state, config)):
+    if _makes_coreset(state, config):
         state = _select_next(state, ops, config)  # coresets="just-in-time": this step's coreset, now
         row = state.made - 1
     else:  # the next coreset, cycling through those selected when more steps pass than there are

@@ -915,6 +915,64 @@ def test_just_in_time_coreset_p_is_selected_from_subset_p_at_the_parameters_of_s
     assert state.counters["selections"] == 1
 
 
+def test_checks_reuse_checks_only_the_steps_that_cycle_a_coreset():
+    """checks="reuse" with just-in-time coresets: a step that selects its own coreset is not checked (no
+    forward of the check set), the steps that cycle the coresets made are, every T1 from there; the
+    coresets are the same as with checks="every" while no check fails."""
+    Xtr, ytr, _, _ = digits()
+    P = 4
+    logs = {}
+    for rule in ("every", "reuse"):
+        cfg = CrestConfig(m=M, P=P, T1=1, tau=1e9, check_size=40, checks=rule)  # no check ever fails
+        ops = SoftmaxOps(Xtr, ytr)
+        state = crest_init(cfg, ytr, seed=3)
+        batches = []
+        for k in range(P + 3):
+            n_calls = len(ops.calls["outputs"])
+            state, batch = crest_next_batch(state, ops, cfg)
+            calls = ops.calls["outputs"][n_calls:]
+            batches.append(batch.indices.tolist())
+            checked = any(c.tolist() == state.check_idx.tolist() for c in calls)
+            if rule == "reuse":
+                assert checked == (k >= P), k  # steps 1..P-1 each made a coreset; from step P they are cycled
+            else:
+                assert checked == (k >= 1), k
+            _, g = ops.loss_grad(batch.indices, batch.weights)
+            ops.W -= LR * g.reshape(ops.W.shape)
+        logs[rule] = (batches, [c[0] for c in state.log["checks"]], state.counters)
+    assert logs["every"][0] == logs["reuse"][0]  # the same batches
+    assert logs["reuse"][1] == list(range(P, P + 3)) and logs["every"][1] == list(range(1, P + 3))
+    assert logs["every"][2]["forward_examples"] - logs["reuse"][2]["forward_examples"] == (P - 1) * 40
+
+
+def test_checks_reuse_reselects_once_the_coresets_made_are_used_up_when_every_check_fails():
+    """Every check fails: with checks="every" each step is a new selection (and a model fit); with
+    "reuse" the steps that make their own coreset are not checked, so a selection lasts its P steps."""
+    levels = [1.0, 1.5, 0.6, 2.0, 0.8, 1.9, 0.5, 1.7, 0.9, 2.2]
+    P = 3
+    out = {}
+    for rule in ("every", "reuse"):
+        cfg = CrestConfig(m=4, r=12, P=P, T1=1, b=P, tau=0.01, checks=rule)  # b = P: P stays 3
+        state, rec = _run_trace(cfg, levels, FakeOps(_labels()))
+        out[rule] = [k for k, (_, _, batch, _) in enumerate(rec) if batch.reselected]
+        assert state.counters["selections"] == len(out[rule])
+    assert out["every"] == list(range(len(levels)))
+    assert out["reuse"] == list(range(0, len(levels), P))
+
+
+def test_checks_reuse_is_checks_every_with_at_anchor_coresets():
+    """At-anchor coresets: every step trains on a coreset selected at the anchor, so both rules check
+    alike (the same run, bit for bit)."""
+    runs = []
+    for rule in ("every", "reuse"):
+        cfg = CrestConfig(m=M, P=4, tau=0.02, coresets="at-anchor", checks=rule)
+        ops, state = train_crest(cfg, 2, 30)
+        runs.append((ops.W, state.log, state.counters))
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1] and runs[0][2] == runs[1][2]
+    assert runs[0][2]["checks"] > 0 and runs[0][2]["selections"] > 1
+
+
 @pytest.mark.parametrize("lib", ["numpy", "torch"])
 def test_a_selection_cut_short_forwards_only_the_subsets_it_used(lib):
     """Every check fails: at-anchor forwards P subsets per selection, just-in-time one; the counters
@@ -959,6 +1017,8 @@ def test_check_size_measures_the_check_on_a_random_part_of_v1():
     (dict(coresets="just-in-time", batches="shuffled-union"), "batches='coreset'"),
     (dict(coresets="just-in-time", check_union=True), "check_union"),
     (dict(check_size=0), "check_size"),
+    (dict(checks="sometimes"), "checks"),
+    (dict(checks=None), "checks"),
 ])
 def test_bad_just_in_time_configs(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -1025,15 +1085,15 @@ def test_an_adapters_fused_gradient_and_probe_is_used_and_counted_once():
 @given(
     jit=st.booleans(), drop=st.booleans(), cap=st.sampled_from([None, 0.5, 2.0]),
     tau=st.sampled_from([0.005, 0.05, 1.0]), P=st.integers(1, 6), check_size=st.sampled_from([None, 20]),
-    cut=st.integers(1, 39),
+    cut=st.integers(1, 39), checks=st.sampled_from(["every", "reuse"]),
 )
-def test_any_schedule_accounts_every_forward_and_resumes_exactly(jit, drop, cap, tau, P, check_size, cut):
+def test_any_schedule_accounts_every_forward_and_resumes_exactly(jit, drop, cap, tau, P, check_size, cut, checks):
     """Whatever the options (just-in-time or at-anchor coresets, dropping, a cost cap, the check's size):
     the counters hold every example the ops were asked to forward, without a cap every batch comes from
     the pool of its step, and a state saved at any step continues exactly as the run that never stopped."""
     Xtr, ytr, _, _ = digits()
     extra = dict(T2=10, drop=DropConfig(alpha=0.3, window=10, min_records=1, floor=300)) if drop else {}
-    cfg = CrestConfig(m=M, P=P, T1=1, tau=tau, max_overhead=cap, check_size=check_size,
+    cfg = CrestConfig(m=M, P=P, T1=1, tau=tau, max_overhead=cap, check_size=check_size, checks=checks,
                       coresets="just-in-time" if jit else "at-anchor", **extra)
     record: list = []
     ops, state = train_crest(cfg, 7, cut, observe=drop, record=record)
