@@ -35,7 +35,7 @@ if _HERE not in sys.path:
     sys.path.append(_HERE)
 
 START, END = "<!-- pipeline-bench:start -->", "<!-- pipeline-bench:end -->"
-METHODS = ("full", "random", "crest", "crest-inproc", "crest-paper", "crest-passes", "crest-cap")
+METHODS = ("full", "random", "crest", "crest-inproc", "crest-reuse", "crest-paper", "crest-passes", "crest-cap")
 
 
 def _datasets(n: int, seed: int):
@@ -102,10 +102,12 @@ def run_one(method: str, seed: int, a) -> dict:
         # crest-paper: the paper's schedule (all P coresets at the anchor, the check on all of V_1), the
         # defaults before 2026-11-30
         jit = dict(coresets="at-anchor", check_size=None) if method == "crest-paper" else {}
+        if method == "crest-reuse":  # the opt-in cheaper checks (docs/benchmarks.md, checks-study)
+            jit = dict(checks="reuse")
         cfg = CrestConfig(m=a.m, max_overhead=a.cap if method == "crest-cap" else None, **jit)
         sampler = CrestBatchSampler(model, train_set, config=cfg, budget=a.budget, epochs=a.epochs,
                                     seed=seed, measure_dataset=measure_set, measure_batch_size=256,
-                                    measure_workers=0 if method == "crest-inproc" else a.measure_workers,
+                                    measure_workers=0 if method in ("crest-inproc", "crest-reuse") else a.measure_workers,
                                     budget_counts="passes" if method == "crest-passes" else "steps")
         loader = sampler.dataloader(**kw)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=len(loader) * a.epochs)
@@ -183,6 +185,8 @@ def table(rows: list[dict], a, command: str) -> str:
         "cut short by a failed check forwards only the subsets it used), the check on 128 examples of V_1.",
         "`crest-inproc` is `crest` with the measurement passes loaded in the training process",
         "(`measure_workers=0`, the sampler's default) instead of worker processes.",
+        "`crest-reuse` is `crest-inproc` with `CrestConfig(checks=\"reuse\")` (opt-in: it failed one of the",
+        "two gates of its validation study): only the steps that cycle a coreset are checked.",
         "`crest-paper` is the paper's schedule, `CrestConfig(coresets=\"at-anchor\", check_size=None)` (the",
         "defaults before 2026-11-30): all P coresets at the anchor, the check on all r examples of V_1.",
         "*passes / full*: training plus measurement passes in step-equivalents, over the full run's steps.",
