@@ -153,20 +153,24 @@ def check_checkpoint(state, *, fmt: str, owner: str, kind: str, fingerprint: dic
                      options: tuple[str, object, str]) -> None:
     """Check the header of a state dict ``owner.load_state_dict`` got: its ``format`` must be ``fmt`` and
     every ``fingerprint`` value the one it was saved with (else a ``ValueError`` asking to resume with the
-    same ``same``; ``kind`` is "loader" or "callback"). ``options`` is ``(key, value, what)``: a saved
-    ``state[key]`` other than ``value`` only warns ``what`` (the run continues with the new options)."""
+    same ``same``; ``kind`` is "loader" or "callback"). ``options`` is ``(key, value, what)`` or ``(key,
+    value, what, as_before)``: a saved ``state[key]`` other than ``value`` only warns ``what`` (the run
+    continues with the new options), naming the fields that differ when both are dataclass reprs;
+    ``as_before`` maps fields added since to the repr that behaves as a run saved without them did (no
+    warning when those are the only differences)."""
     if not isinstance(state, dict) or state.get("format") != fmt:
         raise ValueError(f"not a {owner} state dict (missing or unknown 'format')")
     for k, v in fingerprint.items():
         if state.get(k) != v:
             raise ValueError(f"the state dict was saved with {k}={state.get(k)!r}, this {kind} has {k}={v!r}; "
                              f"resume with the same {same}")
-    key, value, what = options
+    key, value, what, *rest = options
     saved = state.get(key)
     if saved != value:
-        diff = _repr_difference(saved, value)
-        warnings.warn(f"{owner}.load_state_dict: {what}" + (f" ({diff}; the run continues with this one's)"
-                                                            if diff else ""), stacklevel=3)
+        diff = _repr_difference(saved, value, rest[0] if rest else {})
+        if diff != "":  # "": only fields added since, at the value the saved run behaved as
+            warnings.warn(f"{owner}.load_state_dict: {what}" + (f" ({diff}; the run continues with this one's)"
+                                                                if diff else ""), stacklevel=3)
 
 
 def _repr_fields(text) -> dict | None:
@@ -188,12 +192,15 @@ def _repr_fields(text) -> dict | None:
     return fields
 
 
-def _repr_difference(saved, now) -> str:
+def _repr_difference(saved, now, as_before: dict | None = None) -> str | None:
     """The fields two config reprs differ in, as ``name: saved -> now`` (a field the saved one lacks, added
-    since, as ``name: (not saved) -> now``); "" when they cannot be compared."""
+    since, as ``name: (not saved) -> now``, unless ``now`` holds it at its ``as_before`` repr: the value a
+    run saved before the field existed behaved as); "" when no field differs, None when they cannot be
+    compared."""
     a, b = _repr_fields(saved), _repr_fields(now)
     if a is None or b is None:
-        return ""
+        return None
+    a = {**{k: v for k, v in (as_before or {}).items() if k not in a}, **a}
     parts = [f"{k}: {a.get(k, '(not saved)')} -> {b.get(k, '(gone)')}" for k in list(b) + [k for k in a if k not in b]
              if a.get(k) != b.get(k)]
     return "; ".join(parts)

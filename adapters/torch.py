@@ -47,6 +47,7 @@ from torch.utils.data import BatchSampler, ConcatDataset, Subset, TensorDataset
 from torch.utils.data import default_collate
 
 from crestcore.controller import (
+    CONFIG_AS_BEFORE,
     Batch,
     CrestConfig,
     crest_init,
@@ -1932,7 +1933,7 @@ class CrestLoader(BudgetedPasses):
         _common.check_checkpoint(
             state, fmt=_FORMAT, owner="CrestLoader", kind="loader", fingerprint=self._fingerprint(),
             same="dataset, config.m, seed and budget",
-            options=("config", repr(self.config), "the CrestConfig differs from the saved one"))
+            options=("config", repr(self.config), "the CrestConfig differs from the saved one", CONFIG_AS_BEFORE))
         crest = _common.restore_controller(_from_portable(state["crest"]), self.labels, self.ops.params())
         pos = state.get("position")
         if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or not 0 <= int(pos) <= self.total_steps:

@@ -945,6 +945,52 @@ def test_checks_reuse_checks_only_the_steps_that_cycle_a_coreset():
     assert logs["every"][2]["forward_examples"] - logs["reuse"][2]["forward_examples"] == (P - 1) * 40
 
 
+def test_checks_reuse_counts_the_skipped_steps_towards_t1():
+    """T1 = 3: "every" checks at steps 3, 6, 9; "reuse" skips step 3 (it selects its own coreset), so the
+    due check runs at step 4, the first that cycles a coreset, and every 3 steps from there."""
+    Xtr, ytr, _, _ = digits()
+    checked = {}
+    for rule in ("every", "reuse"):
+        cfg = CrestConfig(m=M, P=4, T1=3, b=4, tau=1e9, check_size=40, checks=rule)  # P stays 4, no failure
+        ops, state = train_crest(cfg, 3, 12)
+        checked[rule] = [c[0] for c in state.log["checks"]]
+    assert checked["every"] == [3, 6, 9]
+    assert checked["reuse"] == [4, 7, 10]
+
+
+@settings(deadline=None, max_examples=15)
+@given(P=st.integers(2, 7), T1=st.integers(1, 3), tau=st.sampled_from([0.005, 0.05, 1.0]),
+       cap=st.sampled_from([None, 0.3, 1.0]), max_age=st.sampled_from([None, "epoch", 5]),
+       fit_batches=st.integers(1, 2), drop=st.booleans(), seed=st.integers(0, 50))
+def test_checks_reuse_skips_exactly_the_steps_that_select_their_own_coreset(P, T1, tau, cap, max_age,
+                                                                            fit_batches, drop, seed):
+    """Whatever the schedule: no step whose batch is a just-in-time coreset selected at that step is
+    checked, and no step that trains on a coreset selected earlier skips a check that was due and
+    affordable (the fitted coresets of fit_batches > 1, a cap that defers the next coreset's forward)."""
+    from crestcore.controller import _affordable
+
+    Xtr, ytr, _, _ = digits()
+    extra = dict(T2=4, drop=DropConfig(alpha=0.3, window=4, min_records=1, floor=300)) if drop else {}
+    cfg = CrestConfig(m=M, P=P, T1=T1, tau=tau, max_overhead=cap, check_size=20, max_age=max_age,
+                      fit_batches=fit_batches, checks="reuse", **extra)
+    ops = SoftmaxOps(Xtr, ytr)
+    state = crest_init(cfg, ytr, seed=seed, epoch_steps=12)
+    for k in range(40):
+        before = state
+        state, batch = crest_next_batch(state, ops, cfg)
+        if k and not batch.reselected:
+            checked = state.counters["checks"] > before.counters["checks"]
+            fresh = state.made > before.made  # selected now, from its own subset
+            due = not before.need_select and before.since_check + 1 >= before.T1 and _affordable(before, cfg)
+            assert not (checked and fresh), k
+            assert checked or fresh or not due, k
+        _, g = ops.loss_grad(batch.indices, batch.weights)
+        if drop:
+            state = crest_observe(state, batch.indices, cc.cross_entropy(ops.X[batch.indices] @ ops.W,
+                                                                           ops.y[batch.indices]))
+        ops.W -= LR * g.reshape(ops.W.shape)
+
+
 def test_checks_reuse_reselects_once_the_coresets_made_are_used_up_when_every_check_fails():
     """Every check fails: with checks="every" each step is a new selection (and a model fit); with
     "reuse" the steps that make their own coreset are not checked, so a selection lasts its P steps."""
@@ -960,17 +1006,20 @@ def test_checks_reuse_reselects_once_the_coresets_made_are_used_up_when_every_ch
     assert out["reuse"] == list(range(0, len(levels), P))
 
 
-def test_checks_reuse_is_checks_every_with_at_anchor_coresets():
+@pytest.mark.parametrize("kwargs", [dict(coresets="at-anchor"), dict(reselect="epoch", P_cap=4)],
+                         ids=["at-anchor", "reselect-epoch"])
+def test_checks_reuse_is_checks_every_with_at_anchor_coresets_or_epoch_reselection(kwargs):
     """At-anchor coresets: every step trains on a coreset selected at the anchor, so both rules check
-    alike (the same run, bit for bit)."""
+    alike; reselect="epoch" never checks. The same run, bit for bit."""
     runs = []
     for rule in ("every", "reuse"):
-        cfg = CrestConfig(m=M, P=4, tau=0.02, coresets="at-anchor", checks=rule)
+        cfg = CrestConfig(m=M, P=4, tau=0.02, checks=rule, **kwargs)
         ops, state = train_crest(cfg, 2, 30)
         runs.append((ops.W, state.log, state.counters))
     np.testing.assert_array_equal(runs[0][0], runs[1][0])
     assert runs[0][1] == runs[1][1] and runs[0][2] == runs[1][2]
-    assert runs[0][2]["checks"] > 0 and runs[0][2]["selections"] > 1
+    assert runs[0][2]["selections"] > 1
+    assert (runs[0][2]["checks"] > 0) == (kwargs.get("reselect") != "epoch")
 
 
 @pytest.mark.parametrize("lib", ["numpy", "torch"])

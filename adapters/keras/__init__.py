@@ -88,7 +88,7 @@ if not str(getattr(keras, "__version__", "0")).startswith("3"):  # pragma: no co
     raise ImportError(f"crestcore.adapters.keras needs Keras 3, found keras {keras.__version__}")
 
 from crestcore.controller import (
-    Batch, CrestConfig, crest_init, crest_next_batch, crest_observe, crest_parameters_changed, crest_state_dict,
+    CONFIG_AS_BEFORE, Batch, CrestConfig, crest_init, crest_next_batch, crest_observe, crest_parameters_changed, crest_state_dict,
     crest_stats,
 )
 
@@ -1304,7 +1304,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         _common.check_checkpoint(
             state, fmt=_FORMAT, owner="CrestCallback", kind="callback", fingerprint=self._fingerprint(),
             same="data, config.m, seed and budget",
-            options=("config", repr(self.config), "the CrestConfig differs from the saved one"))
+            options=("config", repr(self.config), "the CrestConfig differs from the saved one", CONFIG_AS_BEFORE))
         d = state["crest"]
         anchor = None if d.get("anchor") is None else np.asarray(d["anchor"])
         # the flat parameter vector's length is what crest_load_state_dict checks the anchor against: the

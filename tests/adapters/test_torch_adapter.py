@@ -1461,6 +1461,28 @@ def test_a_checkpoint_of_another_config_names_the_fields_that_differ():
         b.load_state_dict(state)
 
 
+def test_a_checkpoint_saved_before_a_field_that_keeps_its_behaviour_loads_without_a_warning():
+    """CrestConfig.checks came after checkpoints were first saved, and "every" is what every run did
+    before it: a checkpoint without the field resumes under "every" silently, under "reuse" with a
+    warning that names it; any other difference is still named."""
+    X, y = make_data()
+    a = CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.5, seed=0)
+    next(iter(a))
+    state = a.state_dict()
+    assert ", checks='every'" in state["config"]
+    state["config"] = state["config"].replace(", checks='every'", "")  # as saved before checks existed
+    b = CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.5, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        b.load_state_dict(state)
+    c = CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=24, r=60, checks="reuse"), budget=0.5, seed=0)
+    with pytest.warns(UserWarning, match=r"checks: 'every' -> 'reuse'"):
+        c.load_state_dict(state)
+    d = CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=24, r=60, tau=0.2), budget=0.5, seed=0)
+    with pytest.warns(UserWarning, match=r"\(tau: 0.1 -> 0.2; the run continues"):
+        d.load_state_dict(state)
+
+
 class _Sequences(Dataset):
     """Variable-length integer sequences ``(seq, label)`` with ``targets``, for collates that pad."""
 
