@@ -88,8 +88,8 @@ if not str(getattr(keras, "__version__", "0")).startswith("3"):  # pragma: no co
     raise ImportError(f"crestcore.adapters.keras needs Keras 3, found keras {keras.__version__}")
 
 from crestcore.controller import (
-    CONFIG_AS_BEFORE, Batch, CrestConfig, crest_init, crest_next_batch, crest_observe, crest_parameters_changed, crest_state_dict,
-    crest_stats,
+    CONFIG_AS_BEFORE, Batch, CrestConfig, crest_init, crest_next_batch, crest_observe, crest_parameters_changed,
+    crest_state_dict, crest_stats,
 )
 
 from crestcore.baselines import SubsetSchedule
