@@ -1022,6 +1022,58 @@ def test_checks_reuse_is_checks_every_with_at_anchor_coresets_or_epoch_reselecti
     assert (runs[0][2]["checks"] > 0) == (kwargs.get("reselect") != "epoch")
 
 
+def test_probe_size_measures_the_hessian_vector_product_on_a_seeded_sample_of_the_coreset():
+    """probe_size=k: the gradient on the whole fitted coreset, the probe on k of its examples (drawn from
+    the selection's seed, their weights kept); counted as such; None, or k >= the coreset, is the
+    unsampled fit, bit for bit."""
+
+    class Logged(SoftmaxOps):
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.fits = []
+
+        def gradient(self, idx, w):
+            self.fits.append(("gradient", np.asarray(idx).copy(), np.asarray(w).copy()))
+            return self.loss_grad(idx, w)
+
+        def hutchinson(self, idx, w, seed):
+            self.fits.append(("hutchinson", np.asarray(idx).copy(), np.asarray(w).copy()))
+            z = np.random.default_rng(seed).choice([-1.0, 1.0], size=self.W.size)
+            return z * self.hvp(idx, w, z)
+
+    Xtr, ytr, _, _ = digits()
+    runs = {}
+    for k in (None, 8, M, 10 * M):
+        cfg = CrestConfig(m=M, tau=0.02, probe_size=k)
+        ops = Logged(Xtr, ytr)
+        ops, state = train_crest(cfg, 4, 25, ops=ops)
+        runs[k] = (ops, state)
+        grads = [f for f in ops.fits if f[0] == "gradient"]
+        probes = [f for f in ops.fits if f[0] == "hutchinson"]
+        assert len(grads) == len(probes) == state.counters["selections"] > 1
+        for (_, gi, gw), (_, hi, hw) in zip(grads, probes):
+            assert gi.size == M
+            if k == 8:
+                pos = {int(i): j for j, i in enumerate(gi)}
+                at = [pos[int(i)] for i in hi]  # a KeyError if a probed example is not the coreset's
+                assert len(set(at)) == 8 and at == sorted(at)  # 8 distinct examples, in the coreset's order
+                np.testing.assert_array_equal(hw, gw[at])
+            else:
+                np.testing.assert_array_equal(hi, gi)
+                np.testing.assert_array_equal(hw, gw)
+    base = runs[None][1].counters
+    for k in (M, 10 * M):  # no sample: the same run
+        np.testing.assert_array_equal(runs[k][0].W, runs[None][0].W)
+        assert runs[k][1].counters == base and runs[k][1].log == runs[None][1].log
+    c8 = runs[8][1].counters
+    fits = c8["selections"]
+    outputs = sum(int(i.size) for i in runs[8][0].calls["outputs"])
+    assert c8["forward_examples"] - outputs == fits * (M + 8)
+    assert c8["backward_examples"] == fits * (M + 2 * 8)
+    again = train_crest(CrestConfig(m=M, tau=0.02, probe_size=8), 4, 25, ops=Logged(Xtr, ytr))
+    np.testing.assert_array_equal(again[0].W, runs[8][0].W)  # seeded: the same run again
+
+
 @pytest.mark.parametrize("lib", ["numpy", "torch"])
 def test_a_selection_cut_short_forwards_only_the_subsets_it_used(lib):
     """Every check fails: at-anchor forwards P subsets per selection, just-in-time one; the counters
@@ -1067,6 +1119,8 @@ def test_check_size_measures_the_check_on_a_random_part_of_v1():
     (dict(coresets="just-in-time", check_union=True), "check_union"),
     (dict(check_size=0), "check_size"),
     (dict(checks="sometimes"), "checks"),
+    (dict(probe_size=0), "probe_size"),
+    (dict(probe_size=2.5), "probe_size"),
     (dict(checks=None), "checks"),
 ])
 def test_bad_just_in_time_configs(kwargs, match):

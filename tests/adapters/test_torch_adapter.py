@@ -1461,6 +1461,32 @@ def test_a_checkpoint_of_another_config_names_the_fields_that_differ():
         b.load_state_dict(state)
 
 
+def test_probe_size_fits_the_curvature_on_a_sample_through_the_torch_ops():
+    """CrestConfig(probe_size=k) through CrestLoader: TorchModelOps' gradient on the coreset and its
+    Hutchinson probe on k examples (not the fused call), counted as such."""
+    X, y = make_data()
+    calls = []
+
+    class Ops(TorchModelOps):
+        def gradient(self, indices, weights):
+            calls.append(("gradient", len(indices)))
+            return super().gradient(indices, weights)
+
+        def hutchinson(self, indices, weights, seed):
+            calls.append(("hutchinson", len(indices)))
+            return super().hutchinson(indices, weights, seed)
+
+    model = mlp()
+    loader = CrestLoader(model, TensorDataset(X, y), config=CrestConfig(m=24, r=60, tau=0.01, probe_size=6),
+                         budget=0.5, seed=0)
+    loader.ops.__class__ = Ops
+    train(loader, model)
+    c = loader._state.counters
+    assert c["selections"] >= 2
+    assert calls == [("gradient", 24), ("hutchinson", 6)] * c["selections"]
+    assert c["backward_examples"] == c["selections"] * (24 + 2 * 6)
+
+
 def test_a_checkpoint_saved_before_a_field_that_keeps_its_behaviour_loads_without_a_warning():
     """CrestConfig.checks came after checkpoints were first saved, and "every" is what every run did
     before it: a checkpoint without the field resumes under "every" silently, under "reuse" with a
