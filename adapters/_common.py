@@ -168,9 +168,10 @@ def check_checkpoint(state, *, fmt: str, owner: str, kind: str, fingerprint: dic
     saved = state.get(key)
     if saved != value:
         diff = _repr_difference(saved, value, rest[0] if rest else {})
-        if diff != "":  # "": only fields added since, at the value the saved run behaved as
-            warnings.warn(f"{owner}.load_state_dict: {what}" + (f" ({diff}; the run continues with this one's)"
-                                                                if diff else ""), stacklevel=3)
+        if diff == "" and _repr_difference(saved, value):  # only fields added since, as the saved run behaved
+            return
+        warnings.warn(f"{owner}.load_state_dict: {what}" + (f" ({diff}; the run continues with this one's)"
+                                                            if diff else ""), stacklevel=3)
 
 
 def _repr_fields(text) -> dict | None:
