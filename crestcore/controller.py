@@ -605,6 +605,8 @@ def crest_init(config: CrestConfig, labels, *, seed: int, epoch_steps: int | Non
         ...
     ValueError: labels hold a single class: a classifier needs at least two
     """
+    if not isinstance(config, CrestConfig):
+        raise TypeError(f"crest_init: config must be a CrestConfig, got {type(config).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if epoch_steps is not None and (
@@ -863,22 +865,33 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
         bi, bw = rows_i[p], rows_w[p]
         seed = int(gen.integers(2**31 - 1))
         k = config.probe_size
+        names = ("gradient", "hutchinson")
         if k is not None and k < bi.size:  # the gradient on the coreset, the probe on k of its examples
-            _, g = ops.gradient(bi, bw)
+            _, g = _returned(_method(ops, "gradient")(bi, bw), "gradient", 2, _GRADIENT)
             part = np.sort(np.random.default_rng([seed, 1]).choice(bi.size, size=k, replace=False))
-            zhz = ops.hutchinson(bi[part], bw[part], seed)  # mean(w l) over a uniform sample: unbiased
+            # mean(w l) over a uniform sample estimates the coreset's without bias
+            (zhz,) = _returned((None, _method(ops, "hutchinson")(bi[part], bw[part], seed)), "hutchinson", 2, _PROBE)[1:]
             c["forward_examples"] += bi.size + k
             c["backward_examples"] += bi.size + 2 * k
         elif fused is not None:  # one forward; the probe's first backward gives the gradient
-            _, g, zhz = fused(bi, bw, seed)
+            _, g, zhz = _returned(fused(bi, bw, seed), "gradient_and_hutchinson", 3,
+                                "(loss, flat gradient, probe z * (H z)), vectors like params()")
+            names = ("gradient_and_hutchinson",) * 2
             c["forward_examples"] += bi.size
             c["backward_examples"] += 2 * bi.size
         else:  # gradient: one forward + one backward; Hessian-vector product: its own forward and a double backward
-            _, g = ops.gradient(bi, bw)
-            zhz = ops.hutchinson(bi, bw, seed)
+            _, g = _returned(_method(ops, "gradient")(bi, bw), "gradient", 2, _GRADIENT)
+            (zhz,) = _returned((None, _method(ops, "hutchinson")(bi, bw, seed)), "hutchinson", 2, _PROBE)[1:]
             c["forward_examples"] += 2 * bi.size
             c["backward_examples"] += 3 * bi.size
-        quad = quadratic_update(quad, g, zhz, config.quadratic)
+        try:
+            quad = quadratic_update(quad, g, zhz, config.quadratic)
+        except DivergenceError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"CREST's model fit: the gradient ('grad') is ops.{names[0]}'s, the probe ('zhz') "
+                          f"ops.{names[1]}'s; both must be flat vectors like ops.params() (its length and "
+                          f"dtype: cast float64 weights to the parameters' dtype): {e}") from e
     h_norm = curvature_norm(quad, config.quadratic)
     # The schedule (Algorithm 1: T1 <- h ||H_0|| / ||H_t||, P <- b T1) is set from the curvature measured
     # at the new anchor, as the release does; the first selection measures ||H_0|| and keeps T1 and P.
@@ -1001,6 +1014,53 @@ def _affordable(state: CrestState, config: CrestConfig) -> bool:
     return spent <= config.max_overhead * 3 * c["train_examples"]
 
 
+def _arguments(where: str, state, config=None, ops=None) -> None:
+    """TypeErrors that name what a controller function got in place of its state, config or ops."""
+    if not isinstance(state, CrestState):
+        raise TypeError(f"{where}: state must be the CrestState crest_init (or the previous call) returned, got "
+                        f"{type(state).__name__}" + (" (the arguments are (state, ops, config))"
+                                                     if isinstance(state, CrestConfig) else ""))
+    if config is not None and not isinstance(config, CrestConfig):
+        raise TypeError(f"{where}: config must be a CrestConfig, got {type(config).__name__}"
+                        + (" (the arguments are (state, ops, config))" if where == "crest_next_batch" else ""))
+    if ops is not None:
+        missing = [name for name in ("outputs", "params") if not callable(getattr(ops, name, None))]
+        if missing:
+            raise TypeError(f"{where}: ops ({type(ops).__name__}) has no {' or '.join(m + '()' for m in missing)}: it "
+                            "must implement ModelOps (outputs, params, gradient, hutchinson)")
+    if state.drop.clock is not None:
+        try:
+            _check_live(state.drop)
+        except RuntimeError:
+            raise RuntimeError(
+                f"{where}: this CrestState was already passed to crest_next_batch or crest_observe, which "
+                "consumed it (with dropping on, the loss history is updated in place): use the state the call "
+                "returned, and keep a snapshot with crest_state_dict(state) before the call") from None
+
+
+def _method(ops, name: str):
+    """``ops.<name>``, or a TypeError naming the ModelOps method the model fit needs."""
+    f = getattr(ops, name, None)
+    if not callable(f):
+        raise TypeError(f"ops ({type(ops).__name__}) has no {name}(): CREST's model fit at each selection needs "
+                        "ModelOps.gradient and ModelOps.hutchinson (or gradient_and_hutchinson)")
+    return f
+
+
+def _returned(result, name: str, n: int, what: str) -> tuple:
+    """``result`` of ``ops.<name>`` as an n-tuple whose vectors are not None, or a TypeError naming it."""
+    if not isinstance(result, (tuple, list)) or len(result) != n:
+        size = f" of {len(result)}" if isinstance(result, (tuple, list)) else ""
+        raise TypeError(f"ops.{name} must return {what}, got a {type(result).__name__}{size}")
+    if any(v is None for v in result[1:]):
+        raise TypeError(f"ops.{name} returned None where it must return {what}")
+    return tuple(result)
+
+
+_GRADIENT = "(loss, flat gradient like params())"
+_PROBE = "the probe z * (H z), a flat vector like params()"
+
+
 def _makes_coreset(state: CrestState, config: CrestConfig) -> bool:
     """Whether the next batch is a just-in-time coreset selected now, at the current parameters, rather
     than one of the coresets made so far, cycled."""
@@ -1031,6 +1091,12 @@ def crest_next_batch(state: CrestState, ops: ModelOps, config: CrestConfig):
     >>> state.counters["train_steps"], state.counters["checks"] > 0, state.n_selections >= 1
     (30, True, True)
     """
+    _arguments("crest_next_batch", state, config, ops)
+    if state.n_selections == 0 and state.step == 0 and not state.pending:
+        if (state.T1, state.P) != (config.T1, config.P):  # the schedule a state starts from is its config's
+            raise ValueError(
+                f"crest_next_batch: the config's T1={config.T1}, P={config.P} are not those crest_init started "
+                f"the state with (T1={state.T1}, P={state.P}): pass the same CrestConfig to both")
     reason = "first" if state.n_selections == 0 else "check"
     if config.T2 is not None and state.drop.losses.shape[1] == 0:
         # dropping turned on for a state made without it (no loss history kept): an empty history now
@@ -1115,6 +1181,7 @@ def crest_observe(state: CrestState, indices, losses) -> CrestState:
     >>> state.drop.losses[:, 0]
     array([ nan, 0.02,  nan, 0.7 ])
     """
+    _arguments("crest_observe", state)
     return state._replace(drop=drop_record(state.drop, indices, losses, state.step))
 
 
@@ -1132,6 +1199,7 @@ def crest_stats(state: CrestState) -> dict:
     >>> s["selections"], s["checks"], s["T1"], s["pool"], s["counters"]["train_steps"]
     ([], [], 1, 40, 0)
     """
+    _arguments("crest_stats", state)
     checks = [{"step": int(t), "rho": float(r), "loss_random": float(lr), "predicted": float(f)}
               for t, r, lr, f in state.log["checks"]]
     return {
@@ -1160,6 +1228,7 @@ def crest_state_dict(state: CrestState) -> dict:
     >>> pickle.loads(pickle.dumps(d))["labels"]  # plain data: any checkpoint format stores it
     array([0, 1, 0, 1])
     """
+    _arguments("crest_state_dict", state)
     d = {k: getattr(state, k) for k in CrestState._fields}
     for k in ("labels", "batch_idx", "batch_w", "check_idx", "subsets"):  # copies: the dict is the caller's
         d[k] = np.array(d[k], copy=True)

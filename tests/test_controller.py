@@ -1113,6 +1113,82 @@ def test_check_size_measures_the_check_on_a_random_part_of_v1():
     assert CrestConfig(m=M, check_size=10_000).check_size == 10_000  # larger than V_1: all of V_1
 
 
+def _ops_returning(**over):
+    """SoftmaxOps on digits whose ModelOps methods are replaced by ``over`` (name -> function of self)."""
+    Xtr, ytr, _, _ = digits()
+    cls = type("Broken", (SoftmaxOps,), {k: (lambda f: lambda self, *a: f(self, *a))(f) for k, f in over.items()})
+    return cls(Xtr, ytr), ytr
+
+
+@pytest.mark.parametrize("over, err, match", [
+    (dict(hutchinson=lambda self, i, w, s: None), TypeError, r"ops\.hutchinson returned None"),
+    (dict(gradient=lambda self, i, w: (1.0, None)), TypeError, r"ops\.gradient returned None"),
+    (dict(gradient=lambda self, i, w: self.loss_grad(i, w)[1]), TypeError, r"ops\.gradient must return \(loss, flat"),
+    (dict(gradient_and_hutchinson=lambda self, i, w, s: (1.0, None, None)), TypeError,
+     r"ops\.gradient_and_hutchinson returned None"),
+    (dict(gradient_and_hutchinson=lambda self, i, w, s: self.loss_grad(i, w)), TypeError,
+     r"ops\.gradient_and_hutchinson must return"),
+    (dict(gradient=lambda self, i, w: (1.0, self.loss_grad(i, w)[1][:-1])), ValueError,
+     r"ops\.gradient's.*grad has length"),
+    (dict(gradient=lambda self, i, w: (1.0, self.loss_grad(i, w)[1].astype(np.float32))), TypeError,
+     r"ops\.gradient's.*cast float64 weights"),
+])
+def test_a_model_fit_that_gets_the_wrong_thing_from_the_ops_names_the_method(over, err, match):
+    """What a ModelOps method returns is checked where the controller reads it: None (which the quadratic
+    model would take as "no sample" and run on with no curvature), a wrong arity, a wrong length or dtype,
+    each an error naming the method."""
+    ops, ytr = _ops_returning(**over)
+    cfg = CrestConfig(m=M)
+    with pytest.raises(err, match=match):
+        crest_next_batch(crest_init(cfg, ytr, seed=0), ops, cfg)
+
+
+def test_controller_functions_name_a_wrong_argument():
+    Xtr, ytr, _, _ = digits()
+    ops, cfg = SoftmaxOps(Xtr, ytr), CrestConfig(m=M)
+    state = crest_init(cfg, ytr, seed=0)
+    with pytest.raises(TypeError, match=r"config must be a CrestConfig.*\(state, ops, config\)"):
+        crest_next_batch(state, cfg, ops)
+    with pytest.raises(TypeError, match=r"state must be the CrestState.*\(state, ops, config\)"):
+        crest_next_batch(cfg, ops, state)
+    with pytest.raises(TypeError, match=r"crest_init: config must be a CrestConfig, got dict"):
+        crest_init({"m": M}, ytr, seed=0)
+    with pytest.raises(TypeError, match=r"crest_stats: state must be"):
+        cc.crest_stats({})
+    with pytest.raises(TypeError, match=r"crest_state_dict: state must be"):
+        crest_state_dict(None)
+    with pytest.raises(TypeError, match=r"crest_observe: state must be"):
+        crest_observe(None, np.array([0]), np.array([0.1]))
+
+    class NoParams:
+        def outputs(self, idx, embeddings=False):
+            return np.zeros((len(idx), 10))
+
+    with pytest.raises(TypeError, match=r"has no params\(\)"):
+        crest_next_batch(state, NoParams(), cfg)
+
+    class NoFit(SoftmaxOps):
+        gradient = None
+
+    with pytest.raises(TypeError, match=r"has no gradient\(\)"):
+        crest_next_batch(state, NoFit(Xtr, ytr), cfg)
+    # the config a loop passes must be the one crest_init started the state with
+    with pytest.raises(ValueError, match=r"T1=4, P=2 are not those crest_init started the state with \(T1=1, P=5\)"):
+        crest_next_batch(state, ops, CrestConfig(m=M, T1=4, P=2))
+
+
+def test_a_consumed_state_says_what_to_keep_instead():
+    Xtr, ytr, _, _ = digits()
+    cfg = CrestConfig(m=M, T2=5)
+    ops = SoftmaxOps(Xtr, ytr)
+    state = crest_init(cfg, ytr, seed=0)
+    new = crest_observe(state, np.arange(4), np.full(4, 0.5))
+    crest_observe(new, np.arange(4), np.full(4, 0.4))  # consumes new
+    for call in (lambda: crest_next_batch(new, ops, cfg), lambda: crest_observe(new, np.arange(2), np.ones(2))):
+        with pytest.raises(RuntimeError, match=r"already passed to crest_next_batch or crest_observe.*crest_state_dict"):
+            call()
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(coresets="lazy"), "coresets"),
     (dict(coresets="just-in-time", batches="shuffled-union"), "batches='coreset'"),
