@@ -1116,7 +1116,7 @@ def test_check_size_measures_the_check_on_a_random_part_of_v1():
 def _ops_returning(**over):
     """SoftmaxOps on digits whose ModelOps methods are replaced by ``over`` (name -> function of self)."""
     Xtr, ytr, _, _ = digits()
-    cls = type("Broken", (SoftmaxOps,), {k: (lambda f: lambda self, *a: f(self, *a))(f) for k, f in over.items()})
+    cls = type("Broken", (SoftmaxOps,), dict(over))  # functions become methods: self is their first argument
     return cls(Xtr, ytr), ytr
 
 
