@@ -41,6 +41,7 @@ The loss is cross-entropy (the features are its closed-form last-layer gradient)
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field, replace
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
@@ -287,7 +288,8 @@ class CrestConfig:
         are the same. Opt-in: cheaper (fewer checks and selections), level with "every" on Fashion-MNIST's
         validation split, but 0.13 +- 0.11 points behind on one of five unseen pairs (docs/benchmarks.md).
     reselect : "trust" (the rho_t check every T1 steps decides) or "epoch" (no checks and no model fit:
-    P = one budgeted epoch of coresets, reselected every budgeted epoch; an ablation of the trust check).
+    P = one budgeted epoch of coresets, reselected every budgeted epoch, or P_cap of them every P_cap steps when
+    P_cap is set; an ablation of the trust check).
     max_age : the most training steps one selection's coresets are trained on before a new selection,
         even when every trust check passes: "epoch" (default) one budgeted epoch of steps (the
         ``epoch_steps`` the loaders give :func:`crest_init`; bare, ``ceil(pool / m)``; ``P_cap`` does not
@@ -305,7 +307,9 @@ class CrestConfig:
     Deterministic: counts, not clocks. With just-in-time coresets (the default) each later coreset's
     forward must fit under the cap too, so a cap too tight for it keeps cycling the coresets made so far
     (at the extreme the first one, for a whole short run); with a tight cap prefer
-    ``coresets="at-anchor"``, whose selection makes all P at once.
+    ``coresets="at-anchor"``, whose selection makes all P at once (its one forward over the union of the P
+    subsets can cross a tight cap by that much: 0.107 of the training passes at ``max_overhead=0.05`` in a
+    400-step run).
     backend : the selection's kernels, as :func:`crestcore.minibatch_coresets`'s ``backend``: "auto"
     (the features' own library: CPU torch tensors on the torch kernels, which start no Numba), "numba"
     (host features on the Numba kernels; a long CPU run of a small model, with many hundreds of
@@ -384,6 +388,9 @@ class CrestConfig:
             field_choice(o, "coresets", self.coresets, CORESETS)
         for name in ("per_class", "embeddings", "check_union"):
             field_bool(o, name, getattr(self, name))
+        if self.T2 is None and self.drop != DropConfig():
+            warnings.warn(f"CrestConfig: drop={self.drop!r} is set but T2 is None, so nothing is ever dropped: "
+                          "set T2 (the steps between drop decisions) to turn dropping on", stacklevel=3)
         if self.coresets == "just-in-time" and (self.batches != "coreset" or self.check_union):
             raise ValueError(
                 f"CrestConfig.coresets='just-in-time' selects coreset p when step p needs it, so it needs "

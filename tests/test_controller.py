@@ -17,6 +17,7 @@ import copy
 import functools
 import math
 import pickle
+import warnings
 
 import array_api_strict as xs
 import numpy as np
@@ -1175,6 +1176,16 @@ def test_controller_functions_name_a_wrong_argument():
     # the config a loop passes must be the one crest_init started the state with
     with pytest.raises(ValueError, match=r"T1=4, P=2 are not those crest_init started the state with \(T1=1, P=5\)"):
         crest_next_batch(state, ops, CrestConfig(m=M, T1=4, P=2))
+
+
+def test_a_drop_rule_without_t2_warns_that_nothing_is_dropped():
+    with pytest.warns(UserWarning, match=r"T2 is None, so nothing is ever dropped") as rec:
+        CrestConfig(m=M, drop=DropConfig(alpha=0.3))
+    assert rec[0].filename == __file__  # points at the line that built the config
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CrestConfig(m=M)
+        CrestConfig(m=M, T2=5, drop=DropConfig(alpha=0.3))
 
 
 def test_a_consumed_state_says_what_to_keep_instead():
