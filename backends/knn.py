@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import numbers
 
 import numpy as np
 
@@ -94,17 +95,27 @@ def build(X, K: int, metric: str = "euclidean", *, method: str = "auto", seed: i
     import faiss
 
     if not isinstance(X, np.ndarray) or X.ndim != 2:
-        raise TypeError(f"X must be a 2-D NumPy array, got {type(X).__name__}")
+        raise TypeError(f"X must be a 2-D NumPy array, got {type(X).__name__}"
+                        + (f" of shape {X.shape}" if isinstance(X, np.ndarray) else ""))
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     n, d = X.shape
+    for name, value, low in (("K", K, 1), ("nprobe", nprobe, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+        if int(value) < low:
+            raise ValueError(f"{name} must be >= {low}, got {int(value)}")
     K = int(K)
     if not 1 <= K < n:
         raise ValueError(f"K must be in [1, n - 1] = [1, {n - 1}], got {K}")
-    if int(nprobe) < 1:
-        raise ValueError(f"nprobe must be >= 1, got {nprobe}")
+    if not np.issubdtype(X.dtype, np.floating):
+        raise TypeError(f"X must have a real floating dtype, got {X.dtype}")
+    if d == 0:
+        raise ValueError(f"X is empty (shape {X.shape})")
+    if not np.isfinite(X).all():  # a NaN row would leave every point without neighbours (faiss ranks NaN last)
+        raise ValueError("X contains NaN or infinite values")
     # faiss works in float32: the rows are brought to a float32-safe range in float64 first (never the
     # caller's buffer). Cosine: unit rows (a row's norm in float32 could overflow or underflow). Euclidean:
     # centred, then divided by a power of two near the largest coordinate: the neighbours of every point

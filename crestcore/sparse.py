@@ -44,7 +44,8 @@ import numpy as np
 
 from ._compat import device_of, from_numpy, namespace, namespace_name, to_numpy
 from .backends import exact_shift, snap_tolerance  # the kernel contract (crestcore.backends.contract)
-from .similarity import _distances, prepare
+from ._validation import check_choice, check_float_matrix, check_int
+from .similarity import METRICS, _distances, prepare
 
 __all__ = [
     "SPARSE_KERNEL_NAMES",
@@ -161,7 +162,10 @@ def exact_knn(xp, X, K: int, metric: str) -> np.ndarray:
     >>> exact_knn(np, X, 2, "euclidean").tolist()
     [[1, 2], [0, 2], [0, 1], [4, 5], [3, 5], [3, 4]]
     """
+    check_float_matrix(xp, X, "X")
+    check_choice(metric, "metric", METRICS)
     n = X.shape[0]
+    K = check_int(K, "K", high=n - 1)
     dev = device_of(X)
     tile = max(1, min(n, _TILE_ELEMENTS // max(n, 1)))
     out = np.empty((n, K), dtype=np.int64)

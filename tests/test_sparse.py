@@ -249,6 +249,37 @@ def test_bad_neighbour_graphs_are_refused(graph, match):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("call, err, match", [
+    (lambda X, bad: ("build", (bad, 5), {}), ValueError, "NaN or infinite"),
+    (lambda X, bad: ("build", (X, 2.9), {}), TypeError, "K must be an integer"),
+    (lambda X, bad: ("build", (X, True), {}), TypeError, "K must be an integer"),
+    (lambda X, bad: ("build", (X, 2), dict(method="ivf", seed=-1)), ValueError, "seed must be >= 0"),
+    (lambda X, bad: ("build", (X, 2), dict(nprobe=2.5)), TypeError, "nprobe must be an integer"),
+    (lambda X, bad: ("build", (X.astype(np.int64), 2), {}), TypeError, "real floating"),
+    (lambda X, bad: ("build", (X[:, :0], 2), {}), ValueError, "empty"),
+    (lambda X, bad: ("exact_knn", (X.astype(np.int64), 2), {}), TypeError, "X must have a real floating"),
+    (lambda X, bad: ("exact_knn", (bad, 2), {}), ValueError, "NaN or infinite"),
+    (lambda X, bad: ("exact_knn", (X, 2.5), {}), TypeError, "K must be an integer"),
+])
+def test_the_graph_builders_check_their_arguments(call, err, match):
+    """A NaN row once gave a graph of -1 for every point (faiss ranks NaN distances last), which as
+    neighbors= made the selection the lowest indices with weight 1: refused now, as every entry point does."""
+    X = np.random.default_rng(0).normal(size=(40, 4))
+    bad = X.copy()
+    bad[7, 1] = np.nan
+    name, args, kw = call(X, bad)
+    if name == "build":
+        pytest.importorskip("faiss")
+        from crestcore.backends import knn
+
+        fn = knn.build
+    else:
+        def fn(X, K):
+            return exact_knn(np, X, K, "euclidean")
+    with pytest.raises(err, match=match):
+        fn(*args, **kw)
+
+
 def test_faiss_exact_graph_is_the_exact_graph():
     pytest.importorskip("faiss")
     from crestcore.backends import knn
