@@ -41,6 +41,12 @@ __all__ = [
 ]
 
 
+def _numba_host(a: np.ndarray) -> np.ndarray:
+    """A host array as the Numba kernels take it: a bfloat16 NumPy view (jax's, through ml_dtypes, which
+    NumPy's own dtype checks do not know) in float32, as torch's bfloat16 reaches the host already."""
+    return a.astype(np.float32) if a.dtype.name == "bfloat16" else a
+
+
 def numba_route(xp, X, solve, host_args: dict):
     """``backend="numba"``: solve host features on the Numba kernels whatever their library (CPU torch
     tensors share their memory with the NumPy view, no copy) and return the result's arrays in ``X``'s
@@ -55,7 +61,7 @@ def numba_route(xp, X, solve, host_args: dict):
     if backend_module("numpy") is None:
         raise ImportError("backend='numba' needs numba, which cannot import here: `pip install numba` (a "
                           "dependency of crestcore), or use backend='auto'")
-    out = solve(**{k: (None if v is None else to_numpy(v)) for k, v in host_args.items()})
+    out = solve(**{k: (None if v is None else _numba_host(to_numpy(v))) for k, v in host_args.items()})
     if is_numpy_namespace(xp):
         return out
     moved = {}

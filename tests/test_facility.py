@@ -763,3 +763,21 @@ def test_tensors_that_require_grad_give_outputs_without_a_graph_and_no_warning()
         assert not crestcore.pairwise_distances(X).requires_grad
         assert crestcore.relative_error(torch.tensor(2.0, requires_grad=True), 1.5) == pytest.approx(0.25)
     assert X.requires_grad and X.grad is None  # the caller's tensor is untouched
+
+
+def test_bfloat16_host_features_of_jax_take_the_numba_route_and_numpy_bfloat16_is_named():
+    """jax's bfloat16 reaches the host as an ml_dtypes array, which NumPy's dtype checks do not count as
+    floating: backend="numba" solves it in float32 (as a torch bfloat16 tensor), with the picks of the
+    generic path; a NumPy bfloat16 array itself gets an error that says what it is."""
+    jnp = pytest.importorskip("jax.numpy")
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    X = np.random.default_rng(0).normal(size=(40, 3))
+    Xb = jnp.asarray(X, dtype=jnp.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # jax's int64 -> int32 notes
+        a = crestcore.facility_location(Xb, 5, backend="numba")
+        b = crestcore.facility_location(Xb, 5)
+    assert np.asarray(a.indices).tolist() == np.asarray(b.indices).tolist()
+    assert a.weights.dtype == jnp.bfloat16
+    with pytest.raises(TypeError, match="NumPy bfloat16 array"):
+        crestcore.facility_location(X.astype(ml_dtypes.bfloat16), 5)
