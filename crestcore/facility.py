@@ -84,7 +84,8 @@ class Selection:
         picks in greedy order.
     weights : (k,) floating. Cluster sizes: how many points have this pick as their most similar pick
         (in its own class when labels were given). They sum to n, except that a class given no pick
-        (only possible when k < #classes) represents nobody.
+        (only possible when k < #classes) represents nobody, and on the sparse path (``neighbors=``) a
+        point with no pick among its neighbours counts for none: there they sum to the points covered.
     gains : (k,) floating. The marginal gain of each pick when it was made (non-increasing per problem
         for "naive" and "lazy"; stochastic greedy's sampled gains need not be monotone).
     objective : 0-d floating array. ``F(S)`` summed over the problems.
@@ -307,7 +308,8 @@ def facility_location(
         docs/selection.md); a ``ValueError`` names what would fit when nothing does.
     epsilon : stochastic greedy's accuracy parameter in (0, 1).
     rng : int seed or ``numpy.random.Generator``; only used (and then required) by "stochastic".
-    scale : the "exp" kernel's length scale; default the number of features.
+    scale : the "exp" kernel's length scale; default the number of features (the other kernels have no
+        scale and ignore it).
     max_dense_bytes : problems whose dense similarity matrix would exceed this many bytes are solved by
         the matrix-free tiled path, which never forms the n x n matrix (several times slower). Default
         None: a quarter of the memory available now where X lives (the host's ``MemAvailable``, or the

@@ -286,11 +286,19 @@ def _guard_memory(dtype_bytes: int, B: int, n_max: int, d: int, P: int, per_clas
     fit = int(limit // per_coreset)
     hint = f"P <= {fit}" if fit >= 1 else "no P fits"
     raise DenseMemoryError(
-        f"minibatch_coresets would need {need / 2**30:.2f} GiB ({B} dense {n_max} x {n_max} similarity "
+        f"minibatch_coresets would need {_size(need)} ({B} dense {n_max} x {n_max} similarity "
         f"problems on the {path} path, with its work buffers, plus features) but max_dense_bytes={limit}: "
         f"pass max_dense_bytes >= {need}, a smaller P ({hint}), or solve the P coresets in several calls"
         + ("" if per_class else ", or per_class=True with labels (one smaller problem per class)")
     )
+
+
+def _size(nbytes: int) -> str:
+    """``nbytes`` in the unit that shows it: GiB, MiB or KiB (a need of 3 MiB is not "0.00 GiB")."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes / 2**10:.2f} KiB"
 
 
 def minibatch_coresets(
@@ -339,7 +347,11 @@ def minibatch_coresets(
     subsets : optional (P, r) integer array of pre-drawn subsets (rows of ``features``, distinct within a
         row). Then no subsets are drawn and ``rng`` is only needed by the stochastic optimizer. This is
         how a training loop computes features for the subsets' union only and selects on them. With
-        ``pool`` too, every member must be in the pool.
+        ``pool`` too, every member must be in the pool. Passing a call's own ``subsets`` back with the same
+        ``rng`` does not reproduce its coresets exactly: the classes' shares of m are rounded at random
+        from the generator after the draw of the subsets (so a call that draws them and one that is
+        given them round from different points of the stream; ``class_budget="ceil"`` does not round at
+        random).
     backend : "auto", "reference" or "numba", as for :func:`crestcore.facility_location`.
     rows : optional 1-D array of P distinct non-negative integers, with ``subsets``: the rows' numbers in a
         larger set of subsets (default ``0..P-1``). The random rounding of row p's class budgets depends
@@ -418,6 +430,8 @@ def minibatch_coresets(
     if max_dense_bytes is not None:
         max_dense_bytes = resolve_dense_bytes(max_dense_bytes, xp, features)
     eps = check_epsilon(epsilon)
+    if isinstance(per_class, np.bool_):  # NumPy's bool (its type is also called "bool")
+        per_class = bool(per_class)
     if not isinstance(per_class, bool):
         raise TypeError(f"per_class must be a bool, got {type(per_class).__name__}")
     gen = make_rng(rng) if (subsets is None or optimizer == "stochastic" or rng is not None) else None

@@ -478,3 +478,17 @@ def test_backend_numba_keeps_low_precision_dtypes_and_refuses_device_tensors():
     # a neighbour graph given as an array travels to the host with the features; a count K stays a count
     g = crestcore.facility_location(X, 6, neighbors=5, backend="numba")
     assert g.path == "sparse" and torch.equal(g.indices, crestcore.facility_location(X, 6, neighbors=5).indices)
+
+
+def test_numpy_bool_per_class_and_a_small_memory_need_in_its_unit():
+    """per_class=np.True_ is a bool (its error once read "must be a bool, got bool"); a refused dense
+    problem states its need in the unit that shows it, not as "0.00 GiB"."""
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(300, 5)), np.arange(300) % 3
+    a = crestcore.minibatch_coresets(X, y, m=12, r=60, P=2, rng=0, per_class=np.True_)
+    b = crestcore.minibatch_coresets(X, y, m=12, r=60, P=2, rng=0, per_class=True)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    from crestcore.minibatch import DenseMemoryError
+
+    with pytest.raises(DenseMemoryError, match=r"would need \d+\.\d\d KiB"):
+        crestcore.minibatch_coresets(X, y, m=12, r=60, P=2, rng=0, max_dense_bytes=1000, per_class=False)
