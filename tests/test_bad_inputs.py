@@ -541,7 +541,7 @@ def test_a_numpy_extension_dtype_is_refused_naming_the_argument():
     message, naming the argument, on the selection, the baselines and the quadratic model alike."""
     ml_dtypes = pytest.importorskip("ml_dtypes")
     Xb = X.astype(ml_dtypes.bfloat16)
-    with pytest.raises(TypeError, match="X must have a real floating dtype"):
+    with pytest.raises(TypeError, match="X is a NumPy bfloat16 array"):
         crestcore.facility_location(Xb, 3)
     with pytest.raises(TypeError, match="real floating dtype"):
         craig(Xb, Y, 3)
