@@ -56,7 +56,8 @@ def check_float_matrix(xp, X, name: str, *, square: bool = False) -> float:
     if not isdtype(xp, X.dtype, "real floating"):
         if getattr(X.dtype, "name", "") == "bfloat16":  # NumPy's bfloat16 from ml_dtypes: not a NumPy float
             raise TypeError(f"{name} is a NumPy bfloat16 array (ml_dtypes), which NumPy's array API does not "
-                            "count as floating: cast it to float32, or pass a torch or jax bfloat16 array")
+                            "count as floating: cast it to float32 (backend='numba', where a function has it, does "
+                            "that itself), or pass a torch or jax bfloat16 array")
         raise TypeError(f"{name} must have a real floating dtype (float16, bfloat16, float32 or float64), got {X.dtype}")
     if type(X) is np.ndarray and X.dtype in _HOST_FLOATS and (X.flags.c_contiguous or X.flags.f_contiguous):
         # a host array in one block, where the Numba backend is loaded already: one pass over the bits (a

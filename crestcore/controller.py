@@ -391,9 +391,10 @@ class CrestConfig:
             field_choice(o, "coresets", self.coresets, CORESETS)
         for name in ("per_class", "embeddings", "check_union"):
             field_bool(o, name, getattr(self, name))
-        if self.T2 is None and self.drop != DropConfig():
+        if self.T2 is None and _fields(self.drop) != _fields(DropConfig()):
             warnings.warn(f"CrestConfig: drop={self.drop!r} is set but T2 is None, so nothing is ever dropped: "
-                          "set T2 (the steps between drop decisions) to turn dropping on", stacklevel=3)
+                          "set T2 (the steps between drop decisions) to turn dropping on",
+                          stacklevel=_caller_level())
         if self.coresets == "just-in-time" and (self.batches != "coreset" or self.check_union):
             raise ValueError(
                 f"CrestConfig.coresets='just-in-time' selects coreset p when step p needs it, so it needs "
@@ -1024,7 +1025,26 @@ def _affordable(state: CrestState, config: CrestConfig) -> bool:
     return spent <= config.max_overhead * 3 * c["train_examples"]
 
 
-def _arguments(where: str, state, config=None, ops=None) -> None:
+def _fields(obj) -> dict:
+    """A dataclass's field values by name (a subclass at the defaults compares equal to its base)."""
+    import dataclasses
+
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside this module and ``dataclasses`` (a config built by
+    ``CrestConfig.paper(...)`` or ``dataclasses.replace`` is blamed on the line that called them)."""
+    import sys
+
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename in (__file__, "<string>")  # a dataclass's __init__
+                                 or frame.f_code.co_filename.endswith("dataclasses.py")):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _arguments(where: str, state, config=None, ops=None, *, live: bool = True) -> None:
     """TypeErrors that name what a controller function got in place of its state, config or ops."""
     if not isinstance(state, CrestState):
         raise TypeError(f"{where}: state must be the CrestState crest_init (or the previous call) returned, got "
@@ -1038,7 +1058,7 @@ def _arguments(where: str, state, config=None, ops=None) -> None:
         if missing:
             raise TypeError(f"{where}: ops ({type(ops).__name__}) has no {' or '.join(m + '()' for m in missing)}: it "
                             "must implement ModelOps (outputs, params, gradient, hutchinson)")
-    if state.drop.clock is not None:
+    if live and state.drop.clock is not None:  # live=False: the caller reads nothing written in place
         try:
             _check_live(state.drop)
         except RuntimeError:
@@ -1103,10 +1123,9 @@ def crest_next_batch(state: CrestState, ops: ModelOps, config: CrestConfig):
     """
     _arguments("crest_next_batch", state, config, ops)
     if state.n_selections == 0 and state.step == 0 and not state.pending:
-        if (state.T1, state.P) != (config.T1, config.P):  # the schedule a state starts from is its config's
-            raise ValueError(
-                f"crest_next_batch: the config's T1={config.T1}, P={config.P} are not those crest_init started "
-                f"the state with (T1={state.T1}, P={state.P}): pass the same CrestConfig to both")
+        # the schedule starts from this config's T1 and P (not those crest_init, or a checkpoint saved
+        # before the first step, was given): the config passed here is the one that runs
+        state = state._replace(T1=config.T1, P=config.P)
     reason = "first" if state.n_selections == 0 else "check"
     if config.T2 is not None and state.drop.losses.shape[1] == 0:
         # dropping turned on for a state made without it (no loss history kept): an empty history now
@@ -1209,7 +1228,7 @@ def crest_stats(state: CrestState) -> dict:
     >>> s["selections"], s["checks"], s["T1"], s["pool"], s["counters"]["train_steps"]
     ([], [], 1, 40, 0)
     """
-    _arguments("crest_stats", state)
+    _arguments("crest_stats", state, live=False)  # the log, counters and pool: never written in place
     checks = [{"step": int(t), "rho": float(r), "loss_random": float(lr), "predicted": float(f)}
               for t, r, lr, f in state.log["checks"]]
     return {

@@ -296,7 +296,7 @@ def _guard_memory(dtype_bytes: int, B: int, n_max: int, d: int, P: int, per_clas
 def _size(nbytes: int) -> str:
     """``nbytes`` in the unit that shows it: GiB, MiB or KiB (a need of 3 MiB is not "0.00 GiB")."""
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
-        if nbytes >= scale:
+        if round(nbytes / scale, 2) >= 1.0:  # just under a GiB reads 1.00 GiB, not 1024.00 MiB
             return f"{nbytes / scale:.2f} {unit}"
     return f"{nbytes / 2**10:.2f} KiB"
 

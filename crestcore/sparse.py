@@ -129,6 +129,9 @@ def check_neighbors(neighbors, n: int):
         raise ValueError(f"neighbors has {nbr.shape[1]} columns; at most n - 1 = {n - 1} neighbours per point")
     if nbr.size and (nbr.min() < -1 or nbr.max() >= n):
         raise ValueError(f"neighbors must hold indices in [0, {n}) or -1 for 'no neighbour'")
+    if nbr.size and bool(np.all(nbr == -1)):  # every point alone: the picks would be the lowest indices
+        raise ValueError("neighbors holds no edge at all (every entry is -1): a graph search that found no "
+                         "neighbours (data with NaN rows, say) would make the selection the first k points")
     rows = np.arange(n, dtype=np.int64)[:, None]
     if np.any(nbr == rows):
         i = int(np.flatnonzero(np.any(nbr == rows, axis=1))[0])

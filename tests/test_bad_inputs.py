@@ -543,7 +543,7 @@ def test_a_numpy_extension_dtype_is_refused_naming_the_argument():
     Xb = X.astype(ml_dtypes.bfloat16)
     with pytest.raises(TypeError, match="X is a NumPy bfloat16 array"):
         crestcore.facility_location(Xb, 3)
-    with pytest.raises(TypeError, match="real floating dtype"):
+    with pytest.raises(TypeError, match="gradients is a NumPy bfloat16 array"):
         craig(Xb, Y, 3)
     with pytest.raises(TypeError, match="real floating"):
         crestcore.quadratic_init(np.zeros(3).astype(ml_dtypes.bfloat16))

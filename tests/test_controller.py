@@ -1173,19 +1173,78 @@ def test_controller_functions_name_a_wrong_argument():
 
     with pytest.raises(TypeError, match=r"has no gradient\(\)"):
         crest_next_batch(state, NoFit(Xtr, ytr), cfg)
-    # the config a loop passes must be the one crest_init started the state with
-    with pytest.raises(ValueError, match=r"T1=4, P=2 are not those crest_init started the state with \(T1=1, P=5\)"):
-        crest_next_batch(state, ops, CrestConfig(m=M, T1=4, P=2))
+    # the config a loop passes is the one that runs, from the first call (crest_init's T1 and P were once
+    # kept silently); a state that has started keeps its own schedule
+    other = CrestConfig(m=M, T1=4, P=2)
+    started, _ = crest_next_batch(state, ops, other)
+    assert started.batch_idx.shape[0] == 2 and started.T1 == 4
+    again, _ = crest_next_batch(started, ops, cfg)
+    assert again.T1 == 4 and again.step == 1
 
 
 def test_a_drop_rule_without_t2_warns_that_nothing_is_dropped():
     with pytest.warns(UserWarning, match=r"T2 is None, so nothing is ever dropped") as rec:
         CrestConfig(m=M, drop=DropConfig(alpha=0.3))
     assert rec[0].filename == __file__  # points at the line that built the config
+    import dataclasses
+
+    with pytest.warns(UserWarning, match="T2 is None") as rec:
+        CrestConfig.paper(m=M, drop=DropConfig(alpha=0.3))
+    assert rec[0].filename == __file__
+    with pytest.warns(UserWarning, match="T2 is None") as rec:
+        dataclasses.replace(CrestConfig(m=M, T2=5, drop=DropConfig(alpha=0.3)), T2=None)
+    assert rec[0].filename == __file__
+
+    class MyDrop(DropConfig):
+        pass
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         CrestConfig(m=M)
         CrestConfig(m=M, T2=5, drop=DropConfig(alpha=0.3))
+        CrestConfig(m=M, drop=MyDrop())  # a subclass at the defaults drops nothing either way
+
+
+def test_the_stats_of_a_consumed_state_are_still_read():
+    """crest_stats reads the log, counters, schedule and pool, which a later record never writes in place:
+    a logger holding the previous state keeps working (the consumed-state check is for the loss history)."""
+    Xtr, ytr, _, _ = digits()
+    cfg = CrestConfig(m=M, T2=5)
+    state = crest_init(cfg, ytr, seed=0)
+    old = crest_observe(state, np.arange(4), np.full(4, 0.5))
+    crest_observe(old, np.arange(4), np.full(4, 0.4))  # consumes old
+    assert cc.crest_stats(old)["pool"] == ytr.size
+    with pytest.raises(RuntimeError, match="already passed"):
+        crest_state_dict(old)  # its loss history is not its own any more
+
+
+def test_the_probe_sample_is_drawn_at_random_from_the_whole_coreset():
+    """probe_size=k: over the selections of a run the probed positions of the coreset vary and reach its
+    whole length (not its first k, which would bias the curvature towards the greedy's first picks)."""
+
+    class Logged(SoftmaxOps):
+        positions: list = []
+
+        def gradient_and_hutchinson(self, idx, w, seed):  # not used with a sample: the two calls are
+            raise AssertionError("the fused call with probe_size < m")
+
+        def gradient(self, idx, w):
+            self.last = np.asarray(idx).copy()
+            return self.loss_grad(idx, w)
+
+        def hutchinson(self, idx, w, seed):
+            pos = {int(i): j for j, i in enumerate(self.last)}
+            self.positions.append([pos[int(i)] for i in idx])
+            z = np.random.default_rng(seed).choice([-1.0, 1.0], size=self.W.size)
+            return z * self.hvp(idx, w, z)
+
+    Xtr, ytr, _, _ = digits()
+    ops = Logged(Xtr, ytr)
+    ops.positions = []
+    _, state = train_crest(CrestConfig(m=M, tau=0.005, probe_size=8), 1, 40, ops=ops)
+    assert len(ops.positions) == state.counters["selections"] >= 5
+    assert len({tuple(p) for p in ops.positions}) == len(ops.positions)  # another sample each time
+    reached = set().union(*map(set, ops.positions))
+    assert max(reached) >= M - 4 and len(reached) > 3 * 8  # spread over the coreset, not its head
 
 
 def test_a_consumed_state_says_what_to_keep_instead():

@@ -463,3 +463,15 @@ def test_the_faiss_graph_orders_tied_neighbours_by_index_like_the_exact_search(m
     np.testing.assert_array_equal(nbr, exact_knn(np, X, 3, metric))
     sel = crestcore.facility_location(X, 4, metric=metric, neighbors=3)
     assert "faiss" in sel.plan and np.asarray(sel.indices).tolist() == [0, 1, 2, 3]
+
+
+def test_a_graph_without_a_single_edge_is_refused():
+    """An all -1 graph (what a search over data with a NaN row once returned) made the selection the first
+    k points with weight 1 each; a graph with some -1 entries (fewer neighbours found) is still fine."""
+    X = np.random.default_rng(0).normal(size=(30, 3))
+    empty = np.full((30, 4), -1, dtype=np.int64)
+    with pytest.raises(ValueError, match="no edge at all"):
+        crestcore.facility_location(X, 5, neighbors=empty)
+    some = exact_knn(np, X, 4, "euclidean")
+    some[:, 2:] = -1
+    assert crestcore.facility_location(X, 5, neighbors=some).indices.shape == (5,)

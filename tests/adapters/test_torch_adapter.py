@@ -1487,6 +1487,19 @@ def test_probe_size_fits_the_curvature_on_a_sample_through_the_torch_ops():
     assert c["backward_examples"] == c["selections"] * (24 + 2 * 6)
 
 
+def test_a_checkpoint_taken_before_the_first_step_resumes_under_another_schedule():
+    """A checkpoint saved before any step, loaded into a loader whose config has another T1 and P, runs
+    with this loader's config, as the warning says (the first step once refused it)."""
+    X, y = make_data()
+    a = CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.5, seed=0)
+    state = a.state_dict()
+    b = CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=24, r=60, T1=3, P=2), budget=0.5, seed=0)
+    with pytest.warns(UserWarning, match="P: 5 -> 2; T1: 1 -> 3"):
+        b.load_state_dict(state)
+    next(iter(b))
+    assert b._state.n_selections == 1 and b._state.batch_idx.shape[0] == 2  # this config's P
+
+
 def test_a_checkpoint_saved_before_a_field_that_keeps_its_behaviour_loads_without_a_warning():
     """CrestConfig.checks came after checkpoints were first saved, and "every" is what every run did
     before it: a checkpoint without the field resumes under "every" silently, under "reuse" with a
@@ -1495,8 +1508,9 @@ def test_a_checkpoint_saved_before_a_field_that_keeps_its_behaviour_loads_withou
     a = CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.5, seed=0)
     next(iter(a))
     state = a.state_dict()
-    assert ", checks='every'" in state["config"]
-    state["config"] = state["config"].replace(", checks='every'", "")  # as saved before checks existed
+    assert ", checks='every'" in state["config"] and ", probe_size=None" in state["config"]
+    # as saved before checks and probe_size existed
+    state["config"] = state["config"].replace(", checks='every'", "").replace(", probe_size=None", "")
     b = CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.5, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
