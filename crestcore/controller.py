@@ -41,8 +41,10 @@ The loss is cross-entropy (the features are its closed-form last-layer gradient)
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from dataclasses import dataclass, field, replace
+from dataclasses import fields as dataclass_fields
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -881,7 +883,7 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
             _, g = _returned(_method(ops, "gradient")(bi, bw), "gradient", 2, _GRADIENT)
             part = np.sort(np.random.default_rng([seed, 1]).choice(bi.size, size=k, replace=False))
             # mean(w l) over a uniform sample estimates the coreset's without bias
-            (zhz,) = _returned((None, _method(ops, "hutchinson")(bi[part], bw[part], seed)), "hutchinson", 2, _PROBE)[1:]
+            zhz = _present(_method(ops, "hutchinson")(bi[part], bw[part], seed), "hutchinson", _PROBE)
             c["forward_examples"] += bi.size + k
             c["backward_examples"] += bi.size + 2 * k
         elif fused is not None:  # one forward; the probe's first backward gives the gradient
@@ -892,7 +894,7 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
             c["backward_examples"] += 2 * bi.size
         else:  # gradient: one forward + one backward; Hessian-vector product: its own forward and a double backward
             _, g = _returned(_method(ops, "gradient")(bi, bw), "gradient", 2, _GRADIENT)
-            (zhz,) = _returned((None, _method(ops, "hutchinson")(bi, bw, seed)), "hutchinson", 2, _PROBE)[1:]
+            zhz = _present(_method(ops, "hutchinson")(bi, bw, seed), "hutchinson", _PROBE)
             c["forward_examples"] += 2 * bi.size
             c["backward_examples"] += 3 * bi.size
         try:
@@ -1027,16 +1029,12 @@ def _affordable(state: CrestState, config: CrestConfig) -> bool:
 
 def _fields(obj) -> dict:
     """A dataclass's field values by name (a subclass at the defaults compares equal to its base)."""
-    import dataclasses
-
-    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    return {f.name: getattr(obj, f.name) for f in dataclass_fields(obj)}
 
 
 def _caller_level() -> int:
     """The ``stacklevel`` of the first frame outside this module and ``dataclasses`` (a config built by
     ``CrestConfig.paper(...)`` or ``dataclasses.replace`` is blamed on the line that called them)."""
-    import sys
-
     frame, level = sys._getframe(1), 1
     while frame is not None and (frame.f_code.co_filename in (__file__, "<string>")  # a dataclass's __init__
                                  or frame.f_code.co_filename.endswith("dataclasses.py")):
@@ -1082,9 +1080,17 @@ def _returned(result, name: str, n: int, what: str) -> tuple:
     if not isinstance(result, (tuple, list)) or len(result) != n:
         size = f" of {len(result)}" if isinstance(result, (tuple, list)) else ""
         raise TypeError(f"ops.{name} must return {what}, got a {type(result).__name__}{size}")
-    if any(v is None for v in result[1:]):
-        raise TypeError(f"ops.{name} returned None where it must return {what}")
+    for v in result[1:]:
+        _present(v, name, what)
     return tuple(result)
+
+
+def _present(v, name: str, what: str):
+    """``v`` from ``ops.<name>``; None (which the quadratic model would read as "no sample" and run on
+    without it) is a TypeError naming the method."""
+    if v is None:
+        raise TypeError(f"ops.{name} returned None where it must return {what}")
+    return v
 
 
 _GRADIENT = "(loss, flat gradient like params())"
