@@ -46,6 +46,7 @@ import warnings
 from dataclasses import dataclass, field, replace
 from dataclasses import fields as dataclass_fields
 from collections.abc import Sequence
+from types import FrameType
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -1035,7 +1036,8 @@ def _fields(obj) -> dict:
 def _caller_level() -> int:
     """The ``stacklevel`` of the first frame outside this module and ``dataclasses`` (a config built by
     ``CrestConfig.paper(...)`` or ``dataclasses.replace`` is blamed on the line that called them)."""
-    frame, level = sys._getframe(1), 1
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None and (frame.f_code.co_filename in (__file__, "<string>")  # a dataclass's __init__
                                  or frame.f_code.co_filename.endswith("dataclasses.py")):
         frame, level = frame.f_back, level + 1
