@@ -252,11 +252,11 @@ class CrestConfig:
     fit_batches : coresets used to fit g and diag(H) at each anchor.
     probe_size : None (default: the whole coreset) or the number of a fitted coreset's examples, drawn at
         random from it (its weights kept), that the Hutchinson probe's Hessian-vector product is measured
-        on; the gradient is always the whole coreset's. The double backward costs about 3.6 gradients on
-        a small CNN on a CPU, and the curvature term is a small part of the model's prediction. Opt-in:
-        32 was level on Fashion-MNIST's validation split for 10 % less wall clock with a CNN, but 0.07 +-
-        0.06 points behind on one of five unseen pairs, and slower on MLPs (two calls where one fused;
-        docs/benchmarks.md).
+        on; the gradient is always the whole coreset's. The probe's double backward costs about 2.6
+        gradients on a small CNN on a CPU (the whole fit 3.6), and the curvature term is a small part of the
+        model's prediction. Opt-in: 32 was level on Fashion-MNIST's validation split for 10 % less wall
+        clock with a CNN, but 0.07 +- 0.06 points behind on one of five unseen pairs, and slower on MLPs
+        (it takes two calls where the default makes one fused call; docs/benchmarks.md).
     T2 : steps between drop decisions; None (default) turns dropping off. drop : the drop rule.
     quadratic : the loss model. kernel, metric, optimizer, per_class, class_budget : selection options
     (see :func:`crestcore.minibatch_coresets`). embeddings : select on last-linear-layer weight
@@ -314,8 +314,7 @@ class CrestConfig:
     forward must fit under the cap too, so a cap too tight for it keeps cycling the coresets made so far
     (at the extreme the first one, for a whole short run); with a tight cap prefer
     ``coresets="at-anchor"``, whose selection makes all P at once (its one forward over the union of the P
-    subsets can cross a tight cap by that much: 0.107 of the training passes at ``max_overhead=0.05`` in a
-    400-step run).
+    subsets can cross a tight cap by that much: at a very tight cap by more than the cap itself).
     backend : the selection's kernels, as :func:`crestcore.minibatch_coresets`'s ``backend``: "auto"
     (the features' own library: CPU torch tensors on the torch kernels, which start no Numba), "numba"
     (host features on the Numba kernels; a long CPU run of a small model, with many hundreds of
