@@ -1035,11 +1035,13 @@ def _fields(obj) -> dict:
 def _caller_level() -> int:
     """The ``stacklevel`` of the first frame outside this module and ``dataclasses`` (a config built by
     ``CrestConfig.paper(...)`` or ``dataclasses.replace`` is blamed on the line that called them)."""
+    import dataclasses
+
     frame: FrameType | None = sys._getframe(1)
     level = 1
-    while frame is not None and (frame.f_code.co_filename in (__file__, "<string>")  # a dataclass's __init__
-                                 or frame.f_code.co_filename.endswith("dataclasses.py")):
-        frame, level = frame.f_back, level + 1
+    while frame is not None and (frame.f_code.co_filename in (__file__, dataclasses.__file__)
+                                 or (frame.f_code.co_filename == "<string>" and frame.f_code.co_name == "__init__")):
+        frame, level = frame.f_back, level + 1  # ("<string>", "__init__"): the __init__ a dataclass generates
     return level
 
 

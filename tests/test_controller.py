@@ -1183,26 +1183,29 @@ def test_controller_functions_name_a_wrong_argument():
 
 
 def test_a_tight_cap_is_crossed_by_at_most_the_step_that_crosses_it():
-    """max_overhead=0.05: the measurement passes end above the cap with at-anchor coresets (one selection
-    forwards the union of its P subsets at once), by no more than the costliest single step; the
-    just-in-time default stays within one coreset's forward of it."""
+    """max_overhead=0.05: after the first selection, a step spends on measurement only when the passes
+    spent so far are within the cap (so each crossing is one step's worth); with at-anchor coresets, whose
+    selection forwards the union of its P subsets at once, the run ends above the cap."""
     Xtr, ytr, _, _ = digits()
     for mode in ("at-anchor", "just-in-time"):
         cfg = CrestConfig(m=M, max_overhead=0.05, coresets=mode)
         ops = SoftmaxOps(Xtr, ytr)
         state = crest_init(cfg, ytr, seed=1)
-        worst_step, spent_before = 0, 0
-        for _ in range(150):
+        spending_steps = 0
+        for k in range(400):
+            before = state.counters
+            spent_before = before["forward_examples"] + 2 * before["backward_examples"]
             state, batch = crest_next_batch(state, ops, cfg)
             c = state.counters
             spent = c["forward_examples"] + 2 * c["backward_examples"]
-            worst_step, spent_before = max(worst_step, spent - spent_before), spent
+            if k and spent > spent_before:  # this step measured: it was allowed when it started
+                assert spent_before <= 0.05 * 3 * before["train_examples"], (mode, k)
+                spending_steps += 1
             _, g = ops.loss_grad(batch.indices, batch.weights)
             ops.W -= LR * g.reshape(ops.W.shape)
-        allowed = 0.05 * 3 * c["train_examples"]
-        assert spent <= allowed + worst_step
+        assert spending_steps >= 2, mode
         if mode == "at-anchor":
-            assert spent > allowed  # crossed: the documented overshoot
+            assert spent > 0.05 * 3 * c["train_examples"]  # crossed: the documented overshoot
 
 
 def test_a_drop_rule_without_t2_warns_that_nothing_is_dropped():
