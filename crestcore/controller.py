@@ -40,11 +40,11 @@ The loss is cross-entropy (the features are its closed-form last-layer gradient)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import warnings
 from dataclasses import dataclass, field, replace
-from dataclasses import fields as dataclass_fields
 from collections.abc import Sequence
 from types import FrameType
 from typing import Any, NamedTuple, Protocol
@@ -1029,14 +1029,12 @@ def _affordable(state: CrestState, config: CrestConfig) -> bool:
 
 def _fields(obj) -> dict:
     """A dataclass's field values by name (a subclass at the defaults compares equal to its base)."""
-    return {f.name: getattr(obj, f.name) for f in dataclass_fields(obj)}
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
 
 
 def _caller_level() -> int:
     """The ``stacklevel`` of the first frame outside this module and ``dataclasses`` (a config built by
     ``CrestConfig.paper(...)`` or ``dataclasses.replace`` is blamed on the line that called them)."""
-    import dataclasses
-
     frame: FrameType | None = sys._getframe(1)
     level = 1
     while frame is not None and (frame.f_code.co_filename in (__file__, dataclasses.__file__)
