@@ -366,12 +366,49 @@ def _last_is_softmax(model) -> bool | None:
 
 def _check_fit_steps(callback, who: str) -> None:
     """fit(steps_per_epoch=k) other than len(callback.dataset) puts Keras's epochs out of step with the
-    callback's (it runs out of data, and the budget report counts other epochs): refused."""
+    callback's (it runs out of data, and the budget report counts other epochs): refused, except for ``k`` =
+    the steps left of an epoch that an earlier fit stopped inside (a checkpoint taken mid-epoch, a fit
+    that stopped): a fit of one epoch that finishes it (a second epoch of such a fit is refused when it
+    begins). A fit of whole epochs that starts inside one is warned about: its epochs and the run's stay
+    that many steps apart, so a fit to the planned last epoch trains more or fewer steps than planned."""
+    spe = len(callback.dataset)
+    done = callback._position % spe
     steps = (callback.params or {}).get("steps")
-    if steps is not None and int(steps) != len(callback.dataset):
+    callback._finishing = False
+    callback._fit_epochs = 0
+    x = "crest" if who == "CrestCallback" else "sub"
+    if steps is not None and int(steps) != spe:
+        if done and int(steps) == spe - done:
+            callback._finishing = True
+            return
         raise ValueError(f"fit runs {steps} steps an epoch, but {who} serves {len(callback.dataset)} (len of its "
                          f"dataset): pass the callback's dataset as fit's x (model.fit(crest.dataset, ...)) and leave "
-                         "steps_per_epoch out (the budget sets the steps)")
+                         "steps_per_epoch out (the budget sets the steps)"
+                         + (f"; only the epoch an earlier fit stopped inside, after {done} of its {spe} steps, is "
+                            f"finished by a fit of one epoch with steps_per_epoch={spe - done}: model.fit({x}.dataset, "
+                            f"initial_epoch=e, epochs=e + 1, steps_per_epoch={spe - done}, ...)"
+                            if done else ""))
+    if done:
+        k = callback._position // spe
+        warnings.warn(
+            f"{who} has trained {callback._position} steps, {done} into an epoch of {spe} (a checkpoint taken "
+            f"inside an epoch, or a fit that stopped there), and this fit runs whole epochs of {spe} steps: its "
+            f"epochs stay {done} steps apart from the run's, so a fit to the planned last epoch trains {done} steps "
+            f"more than planned (from initial_epoch={k}) or {spe - done} fewer (from initial_epoch={k + 1}). "
+            f"Finish the interrupted epoch first, model.fit({x}.dataset, initial_epoch={k}, epochs={k + 1}, "
+            f"steps_per_epoch={spe - done}, ...), then continue with initial_epoch={k + 1}",
+            stacklevel=_common.user_stacklevel())
+
+
+def _fit_epoch_begins(callback, who: str) -> None:
+    """A fit that finishes an interrupted epoch (``steps_per_epoch`` = its steps left) runs one epoch: its
+    second is refused when it begins."""
+    callback._fit_epochs += 1
+    if callback._finishing and callback._fit_epochs > 1:
+        steps = (callback.params or {}).get("steps")
+        raise ValueError(f"fit(steps_per_epoch={steps}) finished the epoch an earlier fit had stopped inside; "
+                         f"{who} serves whole epochs of {len(callback.dataset)} steps after it: run that fit for "
+                         "one epoch (epochs=initial_epoch + 1) and the next fits without steps_per_epoch")
 
 
 def _columns_error(cols: int) -> ValueError:
@@ -922,6 +959,8 @@ class _TrainedSteps:
     _idle_fetches: int
     _position: int
     _last: tuple[np.ndarray, np.ndarray] | None
+    _finishing = False  # this fit finishes an epoch an earlier one stopped inside (_check_fit_steps)
+    _fit_epochs = 0  # epochs begun in this fit
 
     def _make(self, idx: np.ndarray, w: np.ndarray):
         """``(x, y, sample_weight)`` of the examples ``idx``: the weights as they are (float32) under the
@@ -1191,6 +1230,9 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
             c["forward_examples"] += int(b.indices.size)
             self._state = st._replace(counters=c)
             self.timings["observe"] += time.perf_counter() - t0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        _fit_epoch_begins(self, "CrestCallback")
 
     def on_epoch_end(self, epoch, logs=None):
         if not self.log_stats or logs is None:
@@ -1466,6 +1508,9 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
         self._fitting = True
         self._fit_model = model  # (self.model inside a JAX step would sync the trainer's detached state)
         self._idle_fetches = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        _fit_epoch_begins(self, "SubsetCallback")
 
     def on_train_batch_begin(self, batch, logs=None):
         if self.ops is not None:

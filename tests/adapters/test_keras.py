@@ -716,6 +716,72 @@ def test_resume_continues_with_the_same_batches(tmp_path):
         other.load_state_dict(pickle.loads(blob))
 
 
+class _StopAfter(keras.callbacks.Callback):
+    """Saves the model and ``crest.state_dict()`` after the ``at``-th step of its fit, then stops the fit: a
+    checkpoint taken inside an epoch (listed after the CREST callback, so the step is accounted)."""
+
+    def __init__(self, crest, at, path):
+        super().__init__()
+        self.crest, self.at, self.path, self.k, self.blob = crest, at, path, 0, None
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.k += 1
+        if self.k == self.at:
+            self.model.save(self.path)
+            self.blob = pickle.dumps(self.crest.state_dict())
+            self.model.stop_training = True
+
+
+def test_resume_inside_an_epoch_finishes_it_with_steps_per_epoch(tmp_path):
+    """A checkpoint taken inside an epoch: fit(initial_epoch=e, epochs=e + 1, steps_per_epoch=the steps left)
+    finishes that epoch, then whole epochs continue, and the run is the uninterrupted one's (same batches,
+    same parameters, the planned steps). The documented whole-epoch resume from there is warned about (it
+    trains past the plan), and a finishing fit of two epochs is refused when its second begins."""
+    X, y = digits()
+    straight = mlp(0, momentum=0.9)
+    a = fit(straight, X, y, epochs=3)
+    spe = a.steps_per_epoch
+    assert spe == 4
+
+    first = mlp(0, momentum=0.9)
+    b = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=3, record=True)
+    stop = _StopAfter(b, spe + 2, tmp_path / "model.keras")
+    first.fit(b.dataset, epochs=3, callbacks=[b, stop], verbose=0)
+    assert b.position == spe + 2
+
+    def resumed():
+        c = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=3, record=True)
+        c.load_state_dict(pickle.loads(stop.blob))
+        return keras.saving.load_model(tmp_path / "model.keras"), c
+
+    model, c = resumed()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the finishing fit and the whole epochs after it warn about nothing
+        model.fit(c.dataset, initial_epoch=1, epochs=2, steps_per_epoch=spe - 2, callbacks=[c], verbose=0)
+        assert c.position == 2 * spe
+        model.fit(c.dataset, initial_epoch=2, epochs=3, callbacks=[c], verbose=0)
+    assert c.position == 3 * spe == a.position
+    assert c.stats["budget"]["planned_steps"] == 3 * spe
+    for (i1, w1), (i2, w2) in zip(a.trained[spe + 2:], c.trained):
+        np.testing.assert_array_equal(i1, i2)
+        np.testing.assert_array_equal(w1, w2)
+    np.testing.assert_allclose(flat(model), flat(straight), rtol=1e-5, atol=1e-6)
+
+    model, c = resumed()  # the whole-epoch recipe from inside an epoch: warned, with the numbers to fix it
+    with pytest.warns(UserWarning, match=r"6 steps, 2 into an epoch of 4.*2 steps more than planned "
+                                         r"\(from initial_epoch=1\).*initial_epoch=1, epochs=2, steps_per_epoch=2"):
+        model.fit(c.dataset, initial_epoch=1, epochs=3, callbacks=[c], verbose=0)
+    assert c.position == 3 * spe + 2  # what the warning said: 2 past the plan
+
+    model, c = resumed()
+    with pytest.raises(ValueError, match="for one epoch"):  # a finishing fit runs one epoch
+        model.fit(c.dataset, initial_epoch=1, epochs=3, steps_per_epoch=spe - 2, callbacks=[c], verbose=0)
+    assert c.position == 2 * spe  # the interrupted epoch was finished before the refusal
+    model, c = resumed()
+    with pytest.raises(ValueError, match="steps_per_epoch=2"):  # other short epochs: refused, naming the fix
+        model.fit(c.dataset, initial_epoch=1, epochs=2, steps_per_epoch=1, callbacks=[c], verbose=0)
+
+
 def _corrupt(state, what):
     s = copy.deepcopy(state)
     if what == "negative position":
