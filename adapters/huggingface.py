@@ -49,7 +49,15 @@ from crestcore.controller import CrestConfig
 
 from . import _common
 from .monitor import check_listeners
-from .torch import _LABEL_KEYS, CrestBatchSampler, WeightedDataset, WeightedKey, check_loader_arguments, _output_logits
+from .torch import (
+    _LABEL_KEYS,
+    CrestBatchSampler,
+    WeightedDataset,
+    WeightedKey,
+    _output_logits,
+    check_loader_arguments,
+    check_map_style,
+)
 
 __all__ = ["CrestTrainer", "weighted_cross_entropy", "CREST_STATE_NAME"]
 
@@ -190,6 +198,10 @@ class CrestTrainer(transformers.Trainer):
     def __init__(self, *args, crest_config: CrestConfig | None = None, crest_budget: float = 0.1,
                  crest_seed: int | None = None, crest_labels=None, crest_measure_batch_size: int = 64,
                  crest_callbacks=None, crest_forward=None, **kwargs):
+        # before the Trainer's own checks: an IterableDataset there asks for max_steps, which CREST refuses
+        train_dataset = kwargs["train_dataset"] if "train_dataset" in kwargs else (args[3] if len(args) > 3 else None)
+        if train_dataset is not None:
+            check_map_style(train_dataset, "train_dataset")
         super().__init__(*args, **kwargs)
         if crest_config is not None and not isinstance(crest_config, CrestConfig):
             raise TypeError(f"crest_config must be a crestcore.CrestConfig or None, got {type(crest_config).__name__}")
@@ -203,6 +215,7 @@ class CrestTrainer(transformers.Trainer):
             raise ValueError("CrestTrainer needs gradient_accumulation_steps=1: CREST's batches are its "
                              "mini-batches (set the batch size with crest_config=CrestConfig(m=...))")
         _refuse_unsupported(self)
+        self._planned_epochs()  # max_steps refused here, not only when train() starts
         self.crest_config = config
         self.crest_budget = float(crest_budget)
         self.crest_seed = int(seed)

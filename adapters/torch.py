@@ -301,9 +301,14 @@ def uncompiled(model: nn.Module) -> nn.Module:
 
 
 def check_map_style(dataset, name: str = "dataset") -> None:
-    """``dataset`` must be a map-style dataset (``__getitem__`` and ``__len__``); a ``TypeError`` naming it."""
-    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-        raise TypeError(f"{name} must be a map-style Dataset (__getitem__ and __len__), got {type(dataset).__name__}")
+    """``dataset`` must be a map-style dataset (``__getitem__`` and ``__len__``, not an ``IterableDataset``,
+    whose ``__getitem__`` is torch's ``NotImplementedError``): a ``TypeError`` naming it. CREST reads
+    examples by index (random subsets, coresets), which a stream cannot serve."""
+    if (not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__")
+            or isinstance(dataset, torch.utils.data.IterableDataset)):
+        raise TypeError(f"{name} must be a map-style Dataset (__getitem__ and __len__), got {type(dataset).__name__}: "
+                        "CREST reads examples by index (its random subsets and coresets), which a stream "
+                        "(IterableDataset) cannot serve")
 
 
 def _length(dataset) -> int:

@@ -87,10 +87,26 @@ def test_crest_trainer_refuses_what_it_cannot_do(tmp_path):
     with pytest.raises(ValueError, match="budget"):
         CrestTrainer(model=tiny_bert(), args=transformers.TrainingArguments(**base), train_dataset=Texts(),
                      crest_budget=0)
-    t = CrestTrainer(model=tiny_bert(), args=transformers.TrainingArguments(max_steps=5, **base),
+    with pytest.raises(ValueError, match="num_train_epochs"):  # at construction, as the other settings
+        CrestTrainer(model=tiny_bert(), args=transformers.TrainingArguments(max_steps=5, **base),
                      train_dataset=Texts(), data_collator=transformers.default_data_collator)
+    t = CrestTrainer(model=tiny_bert(), args=transformers.TrainingArguments(**base),
+                     train_dataset=Texts(), data_collator=transformers.default_data_collator)
+    t.args.max_steps = 5  # set afterwards: refused when training starts
     with pytest.raises(ValueError, match="num_train_epochs"):
         t.get_train_dataloader()
+
+    class Stream(torch.utils.data.IterableDataset):  # a stream: CREST reads by index
+        def __iter__(self):
+            return iter(Texts()[i] for i in range(len(Texts())))
+
+    for extra in ({}, {"max_steps": 4}):  # the Trainer asks a stream for max_steps, which CREST refuses: neither
+        with pytest.raises(TypeError, match="train_dataset must be a map-style.*IterableDataset"):
+            CrestTrainer(model=tiny_bert(), args=transformers.TrainingArguments(**base, **extra),
+                         train_dataset=Stream(), data_collator=transformers.default_data_collator)
+        with pytest.raises(TypeError, match="train_dataset must be a map-style"):  # positionally too
+            CrestTrainer(tiny_bert(), transformers.TrainingArguments(**base, **extra),
+                         transformers.default_data_collator, Stream())
     # settings it would otherwise ignore silently
     with pytest.raises(ValueError, match="label_smoothing_factor"):
         CrestTrainer(model=tiny_bert(), args=transformers.TrainingArguments(label_smoothing_factor=0.1, **base),
