@@ -1355,6 +1355,38 @@ class TorchModelOps:
         """
         return _wide(torch.cat([p.detach().reshape(-1) for p in self._trainable()]))  # cat: a fresh copy
 
+    def state_token(self):
+        """What the measurements depend on besides :meth:`params` and the selection, as a value that compares
+        equal exactly when none of it changed (the controller then answers a trust check at unchanged
+        parameters with the last check's measurement): each frozen parameter by identity and in-place
+        version counter (a write through ``.data``, such as ``p.data.copy_(...)``, bypasses the counter).
+        The floating buffers (BatchNorm's running statistics) are the anchor's in every measurement (kept
+        at :meth:`new_anchor`, at each selection), so the training steps' updates of them do not count;
+        the other buffers (counters such as ``num_batches_tracked``) do not change an eval-mode forward.
+        None (every check measures) while the measurements run with the live floating buffers (before a
+        first anchor; a checkpoint saved before the anchor's buffers were kept).
+
+        Examples
+        --------
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
+        >>> model[0].requires_grad_(False)  # a frozen first layer
+        Linear(...)
+        >>> ops = TorchModelOps(model, _example_data())  # 16 random points of 4 features
+        >>> ops.new_anchor()
+        >>> token = ops.state_token()
+        >>> token == ops.state_token()
+        True
+        >>> with torch.no_grad():
+        ...     model[0].weight.add_(1.0)  # the frozen weights written
+        Parameter containing:...
+        >>> token == ops.state_token()
+        False
+        """
+        if self._anchor_buffers is None and any(b.is_floating_point() for b in self.model.buffers()):
+            return None  # measured with the live statistics (a checkpoint from before the anchor's were kept)
+        return tuple((id(p), p.data_ptr(), p._version) for p in self.model.parameters() if not p.requires_grad)
+
     def _weighted_losses(self, batch, idx, w, a, b, N):
         z = self._logits(batch, b - a)
         ell = self.loss_fn(z, self._labels_on(idx[a:b], z.device))

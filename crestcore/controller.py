@@ -41,7 +41,9 @@ The loss is cross-entropy (the features are its closed-form last-layer gradient)
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+import secrets
 import sys
 import warnings
 from dataclasses import dataclass, field, replace
@@ -107,7 +109,13 @@ class ModelOps(Protocol):
     ``example_losses(logits, labels)`` -> the per-example training loss of those logits ``(k,)`` in
     their library, or ``None`` for cross-entropy: the anchor loss, the trust checks and the drop records
     then measure the loss the model is trained on (a class-weighted or label-smoothed cross-entropy);
-    the selection's features stay the cross-entropy's logit gradients.
+    the selection's features stay the cross-entropy's logit gradients; and ``state_token()`` -> a value
+    that compares equal (``==``) between two calls exactly when nothing besides ``params()`` that the
+    outputs depend on has changed in between (BatchNorm's running statistics, frozen weights), or None
+    when it cannot tell: a trust
+    check whose parameters, token, anchor and check set are the last check's then takes that check's
+    measurement instead of a forward (a ``DataLoader`` with workers asks for several batches in a row at
+    an epoch's start, before the first of them trains). Without it every check measures.
 
     Examples
     --------
@@ -526,6 +534,9 @@ class CrestState(NamedTuple):
     counters: dict
     epoch_steps: int  # steps of one budgeted epoch (the cap of P and T1); 0: unknown
     log: dict  # EventLogs: selections (steps), checks (step, rho, L_R, F), drops (step, count)
+    # the last trust check, to answer the next one without a forward when nothing it depends on changed
+    # (see _check); crest_state_dict saves a key to it that only this process can read
+    last_check: Any = None
 
 
 class EventLog(Sequence):
@@ -977,6 +988,72 @@ def _finite_params(w, step: int, where: str) -> None:
             "clip the gradients.")
 
 
+class _LastCheck(NamedTuple):
+    """A trust check's inputs and results: the parameters it measured (``params()``'s copy), the ops'
+    ``state_token()``, the selection it checked (``n_selections``: the anchor, quadratic model and check
+    set change only at a selection), the config (compared by value) and ops (by identity), and ``L_R``,
+    ``F`` and the check set's per-example losses (host; only with dropping on)."""
+
+    params: Any
+    token: Any
+    selection: int
+    config: Any
+    ops: Any
+    L_R: float
+    F: float
+    losses: np.ndarray | None
+
+
+# The last checks of states saved by crest_state_dict in this process, by the key the dict holds: a dict
+# loaded in the process that saved it (a loader's rewind, an in-process checkpoint) keeps its state's last
+# check, so its next check at unchanged parameters measures no more than the run that was not saved; a
+# dict loaded elsewhere finds no entry here and measures. A few entries (each holds a parameter copy).
+_SAVED_CHECKS: dict[str, _LastCheck] = {}
+_SAVED_CHECKS_KEPT = 8
+_PROCESS_KEY = secrets.token_hex(8)
+_saved_count = itertools.count()
+
+
+def _remember_check(last: _LastCheck | None) -> str | None:
+    if last is None:
+        return None
+    key = f"{_PROCESS_KEY}:{next(_saved_count)}"
+    _SAVED_CHECKS[key] = last
+    while len(_SAVED_CHECKS) > _SAVED_CHECKS_KEPT:
+        del _SAVED_CHECKS[next(iter(_SAVED_CHECKS))]  # the oldest (dicts keep insertion order)
+    return key
+
+
+def _state_token(ops):
+    """``ops.state_token()``, or None when the ops has none (then no check reuses the last one's)."""
+    get = getattr(ops, "state_token", None)
+    return get() if callable(get) else None
+
+
+def _same_as_last(state: CrestState, w, token, ops, config: CrestConfig) -> _LastCheck | None:
+    """The last check when this one would measure exactly what it measured: the same parameters (equal
+    values), state token (the ops says nothing else the outputs depend on changed), anchor, quadratic
+    model, check set, ops and config, so the same ``L_R`` and ``F``. A ``DataLoader`` with workers asks
+    for several batches in a row at an epoch's start before the first of them trains
+    (``num_workers * prefetch_factor`` and one more), and each of those steps is checked at the
+    parameters the one before was."""
+    last = state.last_check
+    if (last is None or token is None or state.anchor is None or state.quad is None
+            or last.selection != state.n_selections or last.ops is not ops or last.config != config):
+        return None
+    if _shared(w, last.params):
+        raise ValueError(
+            "ops.params() returned memory shared with what it returned at the last trust check (a view of the "
+            "live parameters?): params() must return a copy")
+    prev = last.params
+    if type(w) is not type(prev) or tuple(w.shape) != tuple(prev.shape) or device_of(w) != device_of(prev):
+        return None
+    if not bool(last.token == token):
+        return None
+    xp = namespace(w, names=("params()",))
+    return last if bool(xp.all(w == prev)) else None
+
+
 def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
     w = ops.params()
     if state.anchor is not None and _shared(w, state.anchor):
@@ -989,30 +1066,37 @@ def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
         # quadratic model belongs to the old ones, so no check is possible; a new selection starts a new
         # model on the new parameters, its curvature the new reference for the schedule (as at the first)
         return crest_parameters_changed(state)
-    xp, logits, emb, y, losses = _forward(state, ops, state.check_idx, config)
-    L_R = float(to_numpy(xp.mean(losses)))
-    namespace(w, state.anchor, names=("params()", "anchor"))  # same library and device
-    assert state.quad is not None, "a trust check runs only after a selection set the quadratic model"
-    try:
-        F = quadratic_predict(state.quad, w - state.anchor, config.quadratic)
-    except ValueError:
-        _finite_params(w, state.step, "trust check")  # a non-finite parameter: say so, not "delta"
-        raise
-    if not (math.isfinite(L_R) and math.isfinite(F)):  # huge finite losses whose mean overflows
-        raise FloatingPointError(
-            f"CREST: the trust check's loss is not finite at step {state.step} (L_R = {L_R}, model F = {F}): "
-            "training has diverged. Lower the learning rate or clip the gradients."
-        )
+    token = _state_token(ops)
+    same = _same_as_last(state, w, token, ops, config)
+    if same is not None:  # nothing changed since the last check: its L_R and F, without a forward
+        L_R, F, losses_h, spent = same.L_R, same.F, same.losses, 0
+    else:
+        xp, logits, emb, y, losses = _forward(state, ops, state.check_idx, config)
+        L_R = float(to_numpy(xp.mean(losses)))
+        namespace(w, state.anchor, names=("params()", "anchor"))  # same library and device
+        assert state.quad is not None, "a trust check runs only after a selection set the quadratic model"
+        try:
+            F = quadratic_predict(state.quad, w - state.anchor, config.quadratic)
+        except ValueError:
+            _finite_params(w, state.step, "trust check")  # a non-finite parameter: say so, not "delta"
+            raise
+        if not (math.isfinite(L_R) and math.isfinite(F)):  # huge finite losses whose mean overflows
+            raise FloatingPointError(
+                f"CREST: the trust check's loss is not finite at step {state.step} (L_R = {L_R}, model F = {F}): "
+                "training has diverged. Lower the learning rate or clip the gradients."
+            )
+        losses_h, spent = (to_numpy(losses) if config.T2 else None), int(state.check_idx.size)
     # A float32 cross-entropy underflows to exactly 0 on confidently right examples; rho's denominator
     # (only it: L_R - F is the model's error as measured) is floored so a fully learned sample gives
     # rho = |F| / floor, not an error; |L_R| there for a user loss that may go negative
     rho = relative_error(L_R, F, floor=_LOSS_FLOOR)
     c = dict(state.counters)
-    c["forward_examples"] += int(state.check_idx.size)
+    c["forward_examples"] += spent
     c["checks"] += 1
     log = _logged(state, "checks", (state.step, rho, L_R, F))
-    drop = drop_record(state.drop, state.check_idx, to_numpy(losses), state.step) if config.T2 else state.drop
-    new = state._replace(since_check=0, counters=c, log=log, drop=drop)
+    drop = drop_record(state.drop, state.check_idx, losses_h, state.step) if config.T2 else state.drop
+    last = None if token is None else _LastCheck(w, token, state.n_selections, config, ops, L_R, F, losses_h)
+    new = state._replace(since_check=0, counters=c, log=log, drop=drop, last_check=last)
     if should_reselect(rho, config.tau):
         new = new._replace(need_select=True)  # the new anchor's curvature sets T1 and P (in _select)
     return new
@@ -1266,6 +1350,7 @@ def crest_state_dict(state: CrestState) -> dict:
     """
     _arguments("crest_state_dict", state)
     d = {k: getattr(state, k) for k in CrestState._fields}
+    d["last_check"] = _remember_check(state.last_check)  # a key into this process's memory, or None
     for k in ("labels", "batch_idx", "batch_w", "check_idx", "subsets"):  # copies: the dict is the caller's
         d[k] = np.array(d[k], copy=True)
     d["anchor"] = None if state.anchor is None else np.asarray(to_numpy(state.anchor)).copy()
@@ -1487,7 +1572,8 @@ def crest_load_state_dict(d: dict, params_like) -> CrestState:
     if "made" not in d and "batch_idx" in d:  # before format 3 every stored row was selected
         d = {"made": int(np.asarray(d["batch_idx"]).shape[0]) if np.ndim(d["batch_idx"]) == 2 else 0,
              "subsets": np.zeros((0, 0), dtype=np.int64), **d}
-    missing = set(CrestState._fields) - set(d)
+    saved = [k for k in CrestState._fields if k != "last_check"]  # (optional: a key into this process's memory)
+    missing = set(saved) - set(d)
     if missing:
         raise ValueError(f"state dict is missing {sorted(missing)}")
     xp = namespace(params_like, names=("params_like",))
@@ -1498,7 +1584,9 @@ def crest_load_state_dict(d: dict, params_like) -> CrestState:
     def vec(a):
         return xp.astype(from_numpy(np.asarray(a), xp, device_of(params_like)), params_like.dtype)
 
-    fields = {k: d[k] for k in CrestState._fields}
+    fields = {k: d[k] for k in saved}
+    key = d.get("last_check")  # kept only by a dict saved in this process (see _SAVED_CHECKS)
+    fields["last_check"] = _SAVED_CHECKS.get(key) if isinstance(key, str) else None
     # the arrays as the controller keeps them (host NumPy, int64 / float64), whatever the dict held
     # (lists, int32 arrays, tensors: the validator accepted them)
     for k, dt, nd in (("labels", np.int64, 1), ("batch_idx", np.int64, 2), ("batch_w", np.float64, 2),

@@ -14,6 +14,7 @@ Self-contained: no conftest fixtures.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
 import pickle
@@ -223,6 +224,138 @@ def test_save_restore_mid_run_is_exact(cfg):
     assert state_a.counters == state_b.counters
     assert state_a.log == state_b.log
     assert (state_a.T1, state_a.P, state_a.step) == (state_b.T1, state_b.P, state_b.step)
+
+
+class _TokenOps(SoftmaxOps):
+    """SoftmaxOps saying that its outputs depend on nothing besides its parameters (``state_token``)."""
+
+    def state_token(self):
+        return ()
+
+
+def _prefetching_run(cfg, steps, monkeypatch, reuse: bool):
+    """Softmax regression trained by a loop that asks for 4 batches ahead every 10 steps (as a DataLoader
+    with workers does at an epoch's start), so those checks see the parameters the one before saw. Returns
+    the ops, the state, the batches trained and how many checks took the last one's measurement (with
+    ``reuse=False`` the controller's reuse is switched off: every check measures)."""
+    import crestcore.controller as ctl
+
+    hits = []
+    same = ctl._same_as_last
+    monkeypatch.setattr(ctl, "_same_as_last", (lambda *a: hits.append(same(*a)) or hits[-1]) if reuse
+                        else (lambda *a: None))
+    Xtr, ytr, _, _ = digits()
+    ops = _TokenOps(Xtr, ytr)
+    state = crest_init(cfg, ytr, seed=5)
+    queue, batches = [], []
+    for t in range(steps):
+        while len(queue) < (4 if t % 10 == 0 else 1):
+            state, b = crest_next_batch(state, ops, cfg)
+            queue.append(b)
+        b = queue.pop(0)
+        batches.append(b)
+        _, g = ops.loss_grad(b.indices, b.weights)
+        if cfg.T2:
+            state = crest_observe(state, b.indices, cc.cross_entropy(ops.X[b.indices] @ ops.W, ops.y[b.indices]))
+        ops.W -= LR * g.reshape(ops.W.shape)
+    return ops, state, batches, sum(h is not None for h in hits)
+
+
+@pytest.mark.parametrize("cfg", [
+    CrestConfig(m=M, tau=0.02),
+    CrestConfig(m=M, tau=0.02, T2=15, drop=DropConfig(alpha=0.3, window=15, min_records=1, floor=200)),
+    CrestConfig.paper(m=M, tau=0.02),
+], ids=["default", "dropping", "paper"])
+def test_a_check_at_the_parameters_of_the_last_one_reuses_its_measurement(cfg, monkeypatch):
+    """A trust check whose parameters, anchor, quadratic model and check set are those of the check before
+    measures nothing: it takes that check's L_R and F (and, for dropping, its losses), so the run is the
+    one that measures every check (same batches, log, schedule and model), with fewer forwards."""
+    with monkeypatch.context() as mp:
+        ops_a, state_a, batches_a, reused = _prefetching_run(cfg, 60, mp, reuse=True)
+    with monkeypatch.context() as mp:
+        ops_b, state_b, batches_b, none = _prefetching_run(cfg, 60, mp, reuse=False)
+    assert reused >= 5 and none == 0
+    for a, b in zip(batches_a, batches_b, strict=True):
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_array_equal(a.weights, b.weights)
+    np.testing.assert_array_equal(ops_a.W, ops_b.W)
+    assert state_a.log == state_b.log and (state_a.T1, state_a.P, state_a.step) == (state_b.T1, state_b.P, state_b.step)
+    np.testing.assert_array_equal(state_a.drop.active, state_b.drop.active)
+    spared = state_b.counters["forward_examples"] - state_a.counters["forward_examples"]
+    assert spared == reused * state_a.check_idx.size > 0  # every reused check spared its forward, nothing else
+    assert {k: v for k, v in state_a.counters.items() if k != "forward_examples"} == \
+        {k: v for k, v in state_b.counters.items() if k != "forward_examples"}
+    assert len(ops_b.calls["outputs"]) - len(ops_a.calls["outputs"]) == reused  # one forward each
+    # a state dict holds a key to the last check that only this process can read: loaded here (a rewind, an
+    # in-process checkpoint) the next check at unchanged parameters measures nothing; loaded in another
+    # process (here: the key unknown), it measures, and the decisions are the same
+    passing = dataclasses.replace(cfg, tau=1e9)  # a check that passes: no selection after it
+    state_c = state_a
+    for _ in range(4):  # checks until one is the last thing its step did (no drop or selection after it)
+        state_c, _ = crest_next_batch(state_c._replace(since_check=state_c.T1), ops_a, passing)
+        if state_c.last_check is not None and state_c.last_check.selection == state_c.n_selections:
+            break
+    d = pickle.loads(pickle.dumps(crest_state_dict(state_c)))
+    assert isinstance(d["last_check"], str)
+    mine = crest_load_state_dict(d, ops_a.params())
+    assert mine.last_check is state_c.last_check is not None
+    foreign = crest_load_state_dict({**d, "last_check": "another process:0"}, ops_a.params())
+    assert foreign.last_check is None
+    results = []
+    for start in (mine, foreign, state_c):
+        n0 = len(ops_a.calls["outputs"])
+        after, b = crest_next_batch(start._replace(since_check=start.T1), ops_a, passing)  # a check is due
+        results.append((len(ops_a.calls["outputs"]) - n0, after.log["checks"][-1][1:], b.indices.tolist()))
+    assert results[0][0] == results[2][0] and results[1][0] >= results[0][0] + 1
+    assert results[0][1:] == results[1][1:] == results[2][1:]
+
+
+def test_a_check_after_anything_changed_measures_again():
+    """Changed parameters (by one ulp) or state token, another config or ops, a new anchor, or ops without
+    ``state_token`` (nothing says what else its outputs depend on): the check measures."""
+    cfg = CrestConfig(m=M, tau=1e9, coresets="at-anchor", max_age=None)  # one selection, then checks only
+    Xtr, ytr, _, _ = digits()
+    ops = _TokenOps(Xtr, ytr)
+    state = crest_init(cfg, ytr, seed=2)
+    state, _ = crest_next_batch(state, ops, cfg)  # the selection
+    ops.W[0, 0] += 0.5
+    calls = lambda: len(ops.calls["outputs"])  # noqa: E731
+
+    def step(st, o=ops, c=cfg):
+        n0, k0 = len(o.calls["outputs"]), st.counters["checks"]
+        st, _ = crest_next_batch(st, o, c)
+        assert st.counters["checks"] == k0 + 1
+        return st, len(o.calls["outputs"]) - n0
+
+    state, measured = step(state)
+    assert measured == 1
+    state, measured = step(state)  # nothing changed
+    assert measured == 0
+    ops.W[3, 4] = np.nextafter(ops.W[3, 4], np.inf)  # one ulp
+    state, measured = step(state)
+    assert measured == 1
+    ops.state_token = lambda: ("running statistics moved",)  # the parameters as they were, other state not
+    state, measured = step(state)
+    assert measured == 1
+    state, measured = step(state)
+    assert measured == 0
+    state, measured = step(state, c=CrestConfig(m=M, tau=1e8, coresets="at-anchor", max_age=None))  # another config
+    assert measured == 1
+    other = SoftmaxOps(Xtr, ytr)  # without state_token
+    other.W = ops.W.copy()
+    later = CrestConfig(m=M, tau=1e8, coresets="at-anchor", max_age=None)
+    state, measured = step(state, o=other, c=later)  # other ops, the same parameters
+    assert measured == 1 and calls() >= 4
+    state, measured = step(state, o=other, c=later)
+    assert measured == 1 and state.last_check is None  # SoftmaxOps has no state_token: every check measures
+    cfg = CrestConfig(m=M, tau=1e8, coresets="at-anchor", max_age=None)
+    state, measured = step(state, o=ops, c=cfg)
+    state, measured = step(state, o=ops, c=cfg)
+    assert measured == 0
+    state = state._replace(need_select=True)  # a new anchor (and check set) at these parameters
+    state, _ = crest_next_batch(state, ops, cfg)
+    state, measured = step(state, o=ops, c=cfg)
+    assert measured == 1
 
 
 def test_state_dict_is_plain_data_and_restores_to_torch():

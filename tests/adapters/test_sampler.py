@@ -699,3 +699,44 @@ def test_items_default_collate_cannot_stack_name_the_collate_fn_the_sampler_need
     if sys.version_info >= (3, 11):  # exception notes (the error is left as it is before)
         assert "give the same collate_fn= to the CREST loader too" in str(info.value) + "".join(
             getattr(info.value, "__notes__", []))
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["all-trainable", "frozen-first-layer"])
+def test_checks_at_unchanged_parameters_take_the_last_measurement(monkeypatch, frozen):
+    """A DataLoader with workers asks for several batches at an epoch's start before the first trains, so
+    their trust checks see the parameters the check before saw: those take its measurement instead of a
+    forward (TorchModelOps.state_token says nothing else changed). The run is the one that measures every
+    check: the same batches and weights, checks and selections, the same model, fewer forwards."""
+    from crestcore.adapters.torch import TorchModelOps
+
+    X, y = make_data()
+
+    def run(reuse):
+        with monkeypatch.context() as mp:
+            if not reuse:
+                mp.setattr(TorchModelOps, "state_token", lambda self: None)
+            model = mlp()
+            if frozen:
+                model[0].requires_grad_(False)
+            sampler = CrestBatchSampler(model, Flip(X, y), **dict(CFG, budget=1.0))
+            loader = sampler.dataloader(num_workers=2, persistent_workers=True)
+            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+            seen = []
+            for e in range(sampler.epochs):
+                sampler.set_epoch(e)
+                for x, yb, w in loader:
+                    step(model, opt, x, yb, w)
+                    seen.append((x.clone(), w.clone()))
+            st = sampler.stats
+            return seen, model, st
+
+    seen_a, model_a, st_a = run(True)
+    seen_b, model_b, st_b = run(False)
+    assert len(seen_a) == len(seen_b) > 20
+    for (xa, wa), (xb, wb) in zip(seen_a, seen_b):
+        assert torch.equal(xa, xb) and torch.equal(wa, wb)
+    for pa, pb in zip(model_a.state_dict().values(), model_b.state_dict().values()):
+        assert torch.equal(pa, pb)
+    assert st_a["checks"] == st_b["checks"] and st_a["selections"] == st_b["selections"]
+    spared = st_b["counters"]["forward_examples"] - st_a["counters"]["forward_examples"]
+    assert spared > 0 and spared % 60 == 0  # whole checks (128 examples, capped at the subset size r = 60)
