@@ -119,6 +119,8 @@ class TensorBoardWriter:
     12 crest/rho 0.03
     12 crest/T1 2.0
     >>> listener("selection", 12, {"crest/selections": 3.0})  # not among events: nothing written
+    >>> listener("check", 12, {"crest/rho": 0.03, "crest/T1": 3.0})  # a second event at step 12: what changed
+    12 crest/T1 3.0
 
     Pass it to a loader as ``CrestLoader(..., callbacks=[listener])``.
     """
@@ -134,11 +136,15 @@ class TensorBoardWriter:
             raise TypeError(f"writer must have add_scalar(tag, value, step), got {type(writer).__name__}")
         self.writer = writer
         self.events = _check_events(events)
+        self._written: dict[str, tuple[int, float]] = {}  # tag -> (step, value) written last
 
     def __call__(self, event: str, step: int, values: dict[str, float]) -> None:
         if event not in self.events:
             return
         for tag, v in values.items():
+            if self._written.get(tag) == (step, v):  # several events at one step: one point, not duplicates
+                continue
+            self._written[tag] = (step, v)
             self.writer.add_scalar(tag, v, step)
 
     def flush(self) -> None:

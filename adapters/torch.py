@@ -68,6 +68,9 @@ _FORMAT = "crestcore.adapters.torch.CrestLoader/1"
 # ------------------------------------------------------------------------------------------------
 # data access
 # ------------------------------------------------------------------------------------------------
+_CLASSIFICATION = ("CREST is for single-label classification (regression targets, float or soft labels are not "
+                   "supported; pass labels=, one class index per example, when the items carry another target; "
+                   "crest_labels= on CrestTrainer)")
 _ONE_LABEL = ("CREST selects whole examples, each by one class label; per-token or multi-label targets are not "
               "supported (pass labels=, one class index per example, if the examples have one; crest_labels= on "
               "CrestTrainer)")
@@ -95,7 +98,8 @@ def _label_value(v, i: int) -> int:
 def _as_labels(lab, n: int, what: str) -> np.ndarray:
     if isinstance(lab, torch.Tensor):
         if lab.is_floating_point() or lab.is_complex() or lab.dtype == torch.bool:
-            raise TypeError(f"{what} must hold integer class indices, got dtype {lab.dtype}")
+            shape = "" if lab.ndim <= 1 else f" of shape {tuple(lab.shape)} (multi-label or soft targets?)"
+            raise TypeError(f"{what} must hold integer class indices, got dtype {lab.dtype}{shape}: {_CLASSIFICATION}")
         lab = lab.detach().cpu().numpy()
     elif isinstance(lab, (list, tuple)):
         try:
@@ -117,7 +121,7 @@ def _as_labels(lab, n: int, what: str) -> np.ndarray:
         raise ValueError(f"{what} must be 1-D with one class index per example ({n}), got shape {lab.shape}: "
                          + hint)
     if lab.dtype == bool or not np.issubdtype(lab.dtype, np.integer):
-        raise TypeError(f"{what} must hold integer class indices, got dtype {lab.dtype}")
+        raise TypeError(f"{what} must hold integer class indices, got dtype {lab.dtype}: {_CLASSIFICATION}")
     if n and lab.min() < 0:
         raise ValueError(f"{what} must be non-negative class indices, got minimum {lab.min()}")
     return lab.astype(np.int64, copy=True)
@@ -250,7 +254,7 @@ def dataset_labels(dataset) -> np.ndarray:
         "if that is not the class label, or "
         "to skip this pass (or give the dataset a `targets` attribute). The global random states are restored "
         "afterwards.",
-        stacklevel=3,
+        stacklevel=_common.user_stacklevel(),
     )
     out = np.empty(n, dtype=np.int64)
     with _random_states_kept():  # random transforms in __getitem__ must not advance the user's RNGs
@@ -652,7 +656,17 @@ def _output_logits(out):
 
 def _default_forward(model: nn.Module, batch):
     if isinstance(batch, (tuple, list)):
-        return _named_logits(model(batch[0]))
+        try:
+            out = model(batch[0])
+        except TypeError as exc:
+            if "argument" not in str(exc):
+                raise
+            raise TypeError(
+                f"the model was called with the batch's first field, as (inputs, labels, ...) batches are, and "
+                f"refused it ({exc}); for a model of several inputs pass "
+                "forward=lambda model, batch: model(*batch[0]) (or however the batch holds them) returning the logits"
+            ) from exc
+        return _named_logits(out)
     if isinstance(batch, torch.Tensor):
         return _named_logits(model(batch))
     if isinstance(batch, dict):  # Hugging Face style: keyword inputs; the output's .logits (or its first field)
@@ -812,6 +826,7 @@ class TorchModelOps:
         self._cacheable = self.cache_bytes > 0 and not self._fetch._tensors
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._anchor_buffers: dict | None = None  # the buffers at the last new_anchor(), for its measurements
+        self._warned_repeat = False  # last_layer called more than once in a forward: said once
         self._layout_ok: bool | None = None  # whether the collate puts examples first (decided at the first keep)
         self._cache_sizes: dict = {}
         self.progress = None  # a _Progress: a bar for measurement passes that run longer than a second
@@ -1126,8 +1141,9 @@ class TorchModelOps:
             raise TypeError(f"the model returned {out.dtype} outputs; logits must be floating point")
         if out.shape[1] == 1:
             raise ValueError(
-                "the model returns one logit per example (a sigmoid / BCEWithLogits classifier): CREST measures "
-                "the softmax cross-entropy over C >= 2 logits; give it two, e.g. "
+                "the model returns one output per example: CREST is for classification and measures the softmax "
+                "cross-entropy over C >= 2 logits (a regression model is not supported). For a sigmoid / "
+                "BCEWithLogits classifier give it two, e.g. "
                 "forward=lambda model, batch: torch.cat([torch.zeros_like(z := model(batch[0])), z], 1), whose "
                 "cross-entropy is the binary cross-entropy of z"
             )
@@ -1230,6 +1246,13 @@ class TorchModelOps:
             raise ValueError("the last linear layer was not called in the forward (pass last_layer=)")
         if self._last_layer is not None:
             _, e, _ = seen[-1]
+            if len(seen) > 1 and not self._warned_repeat:
+                self._warned_repeat = True
+                warnings.warn(
+                    f"last_layer ran {len(seen)} times in one forward (a head shared by several views or "
+                    "branches?): CREST's embeddings are the input of its last call only, which is part of what "
+                    "produced the logits; pass forward= returning logits from one call, or use "
+                    "CrestConfig(embeddings=False)", stacklevel=_common.user_stacklevel())
         else:
             e = self._found_input(seen, z, k)
         if e.ndim != 2 or e.shape[0] != k:
@@ -1704,6 +1727,7 @@ class CrestLoader(BudgetedPasses):
         from .monitor import check_listeners
 
         self._listeners = check_listeners(callbacks)
+        self.listener_failures: dict[int, int] = {}  # failures per listener (by its position in callbacks)
         if not isinstance(progress, bool):
             raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
         self.config = check_loader_arguments(
@@ -1807,12 +1831,17 @@ class CrestLoader(BudgetedPasses):
         values = scalars({"selections": st.log["selections"], "checks": checks, "drops": st.log["drops"],
                           "rho": [checks[-1][1]] if len(checks) else [], "T1": st.T1, "P": st.P,
                           "pool": pool_size(st.drop), "budget": self._budget_report()})
-        for listener in self._listeners:
+        for k, listener in enumerate(self._listeners):
             try:
                 listener(event, self._position, values)
             except Exception as exc:  # a logger's failure must not cost the run its batch or other listeners
+                failed = self.listener_failures.get(k, 0)
+                self.listener_failures[k] = failed + 1
+                if failed:  # warned once: a listener that fails at every event would warn at every check
+                    continue
                 warnings.warn(f"crestcore: the listener {listener!r} raised {type(exc).__name__}: {exc} at the "
-                              f"{event!r} event of step {self._position}; the run and the other listeners go on",
+                              f"{event!r} event of step {self._position}; the run and the other listeners go on (its "
+                              "later failures are counted in listener_failures, not warned about again)",
                               RuntimeWarning, stacklevel=2)
 
     def _on_epoch_done(self) -> None:
@@ -2088,10 +2117,11 @@ class CrestBatchSampler(CrestLoader):
     ``measure_batch_size``, ``measure_workers``) in the training process.
 
     Prefetching. A ``DataLoader`` with ``num_workers=w`` asks for ``w * prefetch_factor`` batches before
-    the first is trained and stays that many ahead, so CREST decides a batch that many optimizer steps
-    before it is trained: its selections and trust checks measure the model as it was then (with
-    ``num_workers=0`` and a plain ``DataLoader`` there is no lag; a loader prepared by ``accelerate``
-    fetches one batch ahead even then). The run stays deterministic for a fixed ``num_workers`` and
+    it returns the first and one more as it returns it, and stays ``w * prefetch_factor`` ahead, so CREST
+    decides a batch that many optimizer steps before it is trained: its selections and trust checks
+    measure the model as it was then (with ``num_workers=0`` and a plain ``DataLoader`` there is no lag;
+    a loader prepared by ``accelerate`` fetches one batch ahead even then; the checks of the batches
+    handed out in a row at an epoch's start take the measurement of the check before them). The run stays deterministic for a fixed ``num_workers`` and
     ``prefetch_factor``. Checkpoints: :meth:`state_dict` takes ``trained``, the number of batches of the
     run you have trained (e.g. your global step); batches handed out beyond it are stored and handed out
     first after :meth:`load_state_dict`, so a resumed run trains the same batches. Without ``trained``

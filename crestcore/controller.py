@@ -1237,7 +1237,14 @@ def crest_next_batch(state: CrestState, ops: ModelOps, config: CrestConfig):
         if config.T2 is not None and state.step % config.T2 == 0:
             # the pool never shrinks below one mini-batch, whatever the configured floor
             floor = max(config.drop.floor, config.m)
+            before = pool_size(state.drop)
             drop, gone = drop_update(state.drop, state.step, replace(config.drop, floor=floor), state.labels)
+            if gone.size and pool_size(drop) <= config.m < before:
+                warnings.warn(
+                    f"CREST's drop policy has shrunk the pool to {pool_size(drop)} examples at step {state.step}, "
+                    f"one mini-batch (m = {config.m}): every selection from now on picks the same examples, so "
+                    "the rest of the run trains on one batch. Keep more with DropConfig(floor=...) or a smaller "
+                    "alpha (the examples whose losses stayed below it leave)", stacklevel=_caller_level())
             log = _logged(state, "drops", (state.step, int(gone.size)))
             state = state._replace(drop=drop, log=log, want_select=state.want_select or bool(gone.size))
         if state.want_select and not state.need_select and _affordable(state, config):

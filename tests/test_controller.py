@@ -686,8 +686,11 @@ def test_dropping_never_shrinks_the_pool_below_a_selection():
     # everything is "learned" (alpha huge): the pool must still hold enough examples for a coreset of m
     Xtr, ytr, Xte, yte = digits()
     cfg = CrestConfig(m=M, T2=5, drop=DropConfig(alpha=1e6, window=5, min_records=1))
-    ops, state = train_crest(cfg, 0, 40, observe=True)
+    with pytest.warns(UserWarning, match=f"shrunk the pool to {M} examples.*one mini-batch") as caught:
+        ops, state = train_crest(cfg, 0, 40, observe=True)
     assert state.drop.active.sum() >= M
+    said = [w for w in caught if "shrunk the pool" in str(w.message)]
+    assert len(said) == 1 and said[0].filename == __file__  # once, when the pool reached one batch
 
 
 # ------------------------------------------------------------------------------------------------

@@ -335,8 +335,10 @@ def _warn_other_loss(facts: dict, what: str) -> None:
         # a focal or binary cross-entropy also has from_logits, but the selection would still measure plain
         # cross-entropy while the model trains on another loss
         warnings.warn(f"the model's loss is not a Keras categorical or sparse categorical cross-entropy: {what} "
-                      "assume that cross-entropy, so they measure a different loss from the one trained (pass "
-                      "outputs= to say what the last layer gives)", stacklevel=3)
+                      "assume that cross-entropy of the last layer's outputs (outputs= says whether they are logits "
+                      "or probabilities), so they measure a different loss from the one trained; fine for a "
+                      "cross-entropy of your own (a Loss subclass), else expect the selection to serve the "
+                      "cross-entropy, not your loss", stacklevel=3)
     elif facts.get("label_smoothing", 0.0) > 0:
         warnings.warn(f"the model's loss smooths its labels (label_smoothing={facts['label_smoothing']:g}): {what} "
                       "use the unsmoothed cross-entropy, so they measure a different loss from the one trained",
@@ -1168,8 +1170,8 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
                              "fetches batches before the steps before them have trained")
         facts = loss_facts(model)
         self._scale = _weight_scale(facts["reduction"])
+        kind = resolve_outputs(model, self.outputs_option)  # (its refusals first: then no warning before them)
         _warn_other_loss(facts, "CREST's features and trust check")
-        kind = resolve_outputs(model, self.outputs_option)
         if self._ops_model is not None and self._ops_model is not model and self._position and not self._loaded:
             warnings.warn(
                 f"CrestCallback: this callback trained {self._position} steps of its run on another model object; "
@@ -1495,8 +1497,8 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
                           f"(its budget, prune's annealing) covers {self.epochs} epochs; build it with "
                           f"epochs={planned}", stacklevel=2)
         if self._measures:
-            _warn_other_loss(facts, f"the {self.method} selection's measurements")
             kind = resolve_outputs(model, self.outputs_option, "SubsetCallback")
+            _warn_other_loss(facts, f"the {self.method} selection's measurements")
             if self.ops is None or self.ops.model is not model or self.ops.from_probabilities != (kind == "probabilities"):
                 self.ops = KerasModelOps(model, self.measure_x, self.labels, outputs=kind,
                                          batch_size=self.measure_batch_size, last_layer=self.last_layer)

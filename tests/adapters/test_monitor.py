@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -73,6 +75,27 @@ def test_tensorboard_writer_writes_event_files(tmp_path):
     assert "crest/fraction_all_passes" in acc.Tags()["scalars"]
     sel = acc.Scalars("crest/selections")
     assert [e.step for e in sel] == [5, 10, 15] and sel[-1].value == len(loader.stats["selections"])
+
+
+def test_tensorboard_writer_writes_one_point_a_step_for_several_events(tmp_path):
+    """A check, a selection and an epoch's end at one step: each scalar once at that step (the same value
+    written again made duplicate points), a value that changed between them written again."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    sw = SummaryWriter(log_dir=str(tmp_path))
+    model, loader = setup(callbacks=[TensorBoardWriter(sw)])
+    train(model, loader)
+    sw.close()
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    for tag in acc.Tags()["scalars"]:
+        points = [(e.step, e.value) for e in acc.Scalars(tag)]
+        assert len(points) == len(set(points)), tag
+    sel = acc.Scalars("crest/selections")
+    assert sel[-1].value == len(loader.stats["selections"])
+    assert len({e.step for e in sel}) == len(sel)  # the selections' count changes at most once a step
 
 
 class _WandbRun:
@@ -186,11 +209,15 @@ def test_a_listener_that_raises_costs_no_batch_and_no_other_listener_its_event()
 
     rec = Recorder()
     model, loader = setup(callbacks=[Broken(), rec])
-    with pytest.warns(RuntimeWarning, match="listener .* raised OSError: disk full"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         train(model, loader)
+    said = [w for w in caught if issubclass(w.category, RuntimeWarning) and "listener" in str(w.message)]
+    assert len(said) == 1 and "raised OSError: disk full" in str(said[0].message)  # once, not at every event
     st = loader.stats
     assert st["step"] == st["counters"]["train_steps"] == loader.total_steps
     assert [e for e, _, _ in rec.calls].count("selection") == len(st["selections"])
+    assert loader.listener_failures == {0: len(rec.calls)} and len(rec.calls) > 5  # every event counted
 
 
 def test_the_tensorboard_writer_flushes_and_closes_its_writer():

@@ -1160,8 +1160,14 @@ def test_a_single_logit_classifier_is_told_how_to_give_two():
     X, y = make_data(classes=2)
     model = nn.Linear(D_IN, 1)
     loader = CrestLoader(model, TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.5, epochs=1, seed=0)
-    with pytest.raises(ValueError, match=r"one logit per example.*forward=lambda model, batch: torch\.cat"):
+    with pytest.raises(ValueError, match=r"one output per example.*regression.*sigmoid.*"
+                                         r"forward=lambda model, batch: torch\.cat"):
         next(iter(loader))
+    # regression and multi-label targets: told that CREST is for single-label classification
+    for targets in (torch.randn(len(y)), torch.rand(len(y), 3)):
+        with pytest.raises(TypeError, match="single-label classification"):
+            CrestLoader(nn.Linear(D_IN, 3), TensorDataset(X, y), labels=targets, config=CrestConfig(m=24, r=60),
+                        budget=0.5, epochs=1, seed=0)
 
     def two(model, batch):
         z = model(batch[0])
@@ -1831,3 +1837,80 @@ def test_a_change_of_the_trainable_set_reselects_at_the_next_step(change):
             now = loader.ops.params()  # the new set's values before the first step after the change
     assert first_step in loader.stats["selections"]
     torch.testing.assert_close(anchor, now, rtol=0, atol=0)  # the new anchor: the new set, as it was then
+
+
+def test_a_last_layer_called_twice_in_a_forward_is_said_once():
+    """A classifier head applied to two views (logits averaged): with last_layer= given, the embeddings are
+    its last call's input, part of what made the logits; a warning says so once, at the user's line."""
+    X, y = make_data()
+
+    class SharedHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.fc = nn.Linear(D_IN, 8), nn.Linear(D_IN, 8), nn.Linear(8, C)
+
+        def forward(self, x):
+            return (self.fc(torch.relu(self.a(x))) + self.fc(torch.relu(self.b(x)))) / 2
+
+    model = SharedHead()
+    loader = CrestLoader(model, TensorDataset(X, y), config=CrestConfig(m=24, r=60, embeddings=True),
+                         last_layer=model.fc, budget=0.5, epochs=1, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in loader:
+            pass
+    said = [w for w in caught if "ran 2 times in one forward" in str(w.message)]
+    assert len(said) == 1 and said[0].filename == __file__
+
+
+def test_the_label_reading_warning_points_at_the_users_line():
+    """dataset_labels' full pass is warned about at the line that built the loader or sampler, not inside
+    the library (its stacklevel was fixed at 3: right for CrestLoader, one frame short for the sampler)."""
+    from crestcore.adapters.torch import CrestBatchSampler
+
+    X, y = make_data()
+
+    class NoTargets(Dataset):
+        def __len__(self):
+            return len(y)
+
+        def __getitem__(self, i):
+            return X[i], y[i]
+
+    for make in (CrestLoader, CrestBatchSampler):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make(torch_mlp(D_IN, C), NoTargets(), config=CrestConfig(m=24, r=60), budget=0.5, epochs=1, seed=0)
+        said = [w for w in caught if "to find their labels" in str(w.message)]
+        assert len(said) == 1 and said[0].filename == __file__, (make.__name__, said[0].filename)
+
+
+def test_a_model_of_two_inputs_without_forward_is_told_to_pass_forward():
+    """Items ((x1, x2), y) and forward(x1, x2): the model called with the batch's first field refuses it;
+    the error names forward= (the dict branch did, the tuple branch gave torch's bare TypeError)."""
+    X, y = make_data()
+
+    class TwoIn(Dataset):
+        targets = y
+
+        def __len__(self):
+            return len(y)
+
+        def __getitem__(self, i):
+            return (X[i, :3], X[i, 3:]), y[i]
+
+    class M2(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.fc = nn.Linear(3, 8), nn.Linear(D_IN - 3, 8), nn.Linear(16, C)
+
+        def forward(self, x1, x2):
+            return self.fc(torch.cat([self.a(x1), self.b(x2)], 1).relu())
+
+    loader = CrestLoader(M2(), TwoIn(), config=CrestConfig(m=24, r=60), budget=0.5, epochs=1, seed=0)
+    with pytest.raises(TypeError, match=r"missing 1 required positional argument.*forward=lambda model, batch: "
+                                        r"model\(\*batch\[0\]\)"):
+        next(iter(loader))
+    loader = CrestLoader(M2(), TwoIn(), config=CrestConfig(m=24, r=60), budget=0.5, epochs=1, seed=0,
+                         forward=lambda model, batch: model(*batch[0]))
+    assert sum(1 for _ in loader) == loader.total_steps
