@@ -2121,11 +2121,12 @@ class CrestBatchSampler(CrestLoader):
     decides a batch that many optimizer steps before it is trained: its selections and trust checks
     measure the model as it was then (with ``num_workers=0`` and a plain ``DataLoader`` there is no lag;
     a loader prepared by ``accelerate`` fetches one batch ahead even then; the checks of the batches
-    handed out in a row at an epoch's start take the measurement of the check before them). The run stays deterministic for a fixed ``num_workers`` and
-    ``prefetch_factor``. Checkpoints: :meth:`state_dict` takes ``trained``, the number of batches of the
-    run you have trained (e.g. your global step); batches handed out beyond it are stored and handed out
-    first after :meth:`load_state_dict`, so a resumed run trains the same batches. Without ``trained``
-    every handed-out batch counts as trained, which is exact at an epoch's end.
+    handed out in a row at an epoch's start take the measurement of the check before them). The run
+    stays deterministic for a fixed ``num_workers`` and ``prefetch_factor``. Checkpoints: :meth:`state_dict`
+    takes ``trained``, the number of batches of the run you have trained (e.g. your global step); batches
+    handed out beyond it are stored and handed out first after :meth:`load_state_dict`, so a resumed run
+    trains the same batches. Without ``trained`` every handed-out batch counts as trained, which is exact
+    at an epoch's end.
     ``observe(losses, indices=...)`` feeds the drop policy with the indices of the batch the losses
     belong to (``WeightedDataset(dataset, indices=True)`` appends them to each item: ``x, y, w, i``).
     """
