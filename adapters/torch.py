@@ -2238,7 +2238,9 @@ class CrestBatchSampler(CrestLoader):
         >>> sampler.position, next(iter(sampler)) == second  # the untrained batch comes again, first
         (1, True)
         """
+        last = self._state.last_check  # the controller's state is the same after the rewind: its last check too
         self.load_state_dict(self.state_dict(trained=trained))
+        self._state = self._state._replace(last_check=last)
 
     def dataloader(self, *, indices: bool = False, **kwargs):
         """``DataLoader(WeightedDataset(dataset, indices=indices), batch_sampler=self, **kwargs)``:

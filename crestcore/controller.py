@@ -41,9 +41,7 @@ The loss is cross-entropy (the features are its closed-form last-layer gradient)
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
-import secrets
 import sys
 import warnings
 from dataclasses import dataclass, field, replace
@@ -535,7 +533,8 @@ class CrestState(NamedTuple):
     epoch_steps: int  # steps of one budgeted epoch (the cap of P and T1); 0: unknown
     log: dict  # EventLogs: selections (steps), checks (step, rho, L_R, F), drops (step, count)
     # the last trust check, to answer the next one without a forward when nothing it depends on changed
-    # (see _check); crest_state_dict saves a key to it that only this process can read
+    # (see _check); held in memory only: crest_state_dict leaves it out, so a loaded state's first check
+    # measures (in a run that trains, the parameters have moved since the last check anyway)
     last_check: Any = None
 
 
@@ -1004,26 +1003,6 @@ class _LastCheck(NamedTuple):
     losses: np.ndarray | None
 
 
-# The last checks of states saved by crest_state_dict in this process, by the key the dict holds: a dict
-# loaded in the process that saved it (a loader's rewind, an in-process checkpoint) keeps its state's last
-# check, so its next check at unchanged parameters measures no more than the run that was not saved; a
-# dict loaded elsewhere finds no entry here and measures. A few entries (each holds a parameter copy).
-_SAVED_CHECKS: dict[str, _LastCheck] = {}
-_SAVED_CHECKS_KEPT = 8
-_PROCESS_KEY = secrets.token_hex(8)
-_saved_count = itertools.count()
-
-
-def _remember_check(last: _LastCheck | None) -> str | None:
-    if last is None:
-        return None
-    key = f"{_PROCESS_KEY}:{next(_saved_count)}"
-    _SAVED_CHECKS[key] = last
-    while len(_SAVED_CHECKS) > _SAVED_CHECKS_KEPT:
-        del _SAVED_CHECKS[next(iter(_SAVED_CHECKS))]  # the oldest (dicts keep insertion order)
-    return key
-
-
 def _state_token(ops):
     """``ops.state_token()``, or None when the ops has none (then no check reuses the last one's)."""
     get = getattr(ops, "state_token", None)
@@ -1356,8 +1335,7 @@ def crest_state_dict(state: CrestState) -> dict:
     array([0, 1, 0, 1])
     """
     _arguments("crest_state_dict", state)
-    d = {k: getattr(state, k) for k in CrestState._fields}
-    d["last_check"] = _remember_check(state.last_check)  # a key into this process's memory, or None
+    d = {k: getattr(state, k) for k in CrestState._fields if k != "last_check"}  # (held in memory only)
     for k in ("labels", "batch_idx", "batch_w", "check_idx", "subsets"):  # copies: the dict is the caller's
         d[k] = np.array(d[k], copy=True)
     d["anchor"] = None if state.anchor is None else np.asarray(to_numpy(state.anchor)).copy()
@@ -1579,7 +1557,7 @@ def crest_load_state_dict(d: dict, params_like) -> CrestState:
     if "made" not in d and "batch_idx" in d:  # before format 3 every stored row was selected
         d = {"made": int(np.asarray(d["batch_idx"]).shape[0]) if np.ndim(d["batch_idx"]) == 2 else 0,
              "subsets": np.zeros((0, 0), dtype=np.int64), **d}
-    saved = [k for k in CrestState._fields if k != "last_check"]  # (optional: a key into this process's memory)
+    saved = [k for k in CrestState._fields if k != "last_check"]  # (held in memory only: a load measures)
     missing = set(saved) - set(d)
     if missing:
         raise ValueError(f"state dict is missing {sorted(missing)}")
@@ -1592,8 +1570,6 @@ def crest_load_state_dict(d: dict, params_like) -> CrestState:
         return xp.astype(from_numpy(np.asarray(a), xp, device_of(params_like)), params_like.dtype)
 
     fields = {k: d[k] for k in saved}
-    key = d.get("last_check")  # kept only by a dict saved in this process (see _SAVED_CHECKS)
-    fields["last_check"] = _SAVED_CHECKS.get(key) if isinstance(key, str) else None
     # the arrays as the controller keeps them (host NumPy, int64 / float64), whatever the dict held
     # (lists, int32 arrays, tensors: the validator accepted them)
     for k, dt, nd in (("labels", np.int64, 1), ("batch_idx", np.int64, 2), ("batch_w", np.float64, 2),
