@@ -49,15 +49,8 @@ from crestcore.controller import CrestConfig
 
 from . import _common
 from .monitor import check_listeners
-from .torch import (
-    _LABEL_KEYS,
-    CrestBatchSampler,
-    WeightedDataset,
-    WeightedKey,
-    _output_logits,
-    check_loader_arguments,
-    check_map_style,
-)
+from .torch import _LABEL_KEYS, CrestBatchSampler, WeightedDataset, WeightedKey, _output_logits
+from .torch import check_loader_arguments, check_map_style
 
 __all__ = ["CrestTrainer", "weighted_cross_entropy", "CREST_STATE_NAME"]
 
