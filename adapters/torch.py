@@ -1841,7 +1841,7 @@ class CrestLoader(BudgetedPasses):
                     continue
                 warnings.warn(f"crestcore: the listener {listener!r} raised {type(exc).__name__}: {exc} at the "
                               f"{event!r} event of step {self._position}; the run and the other listeners go on (its "
-                              "later failures are counted in listener_failures, not warned about again)",
+                              "failures, this one included, are counted in listener_failures; no further warning)",
                               RuntimeWarning, stacklevel=2)
 
     def _on_epoch_done(self) -> None:

@@ -83,7 +83,7 @@ IMPLIED = {
     "lightning.pytorch": "lightning",
 }
 IMPLIED_NAMES = {"WandbWriter": "wandb", "TensorBoardWriter": "tensorboard"}
-TIMEOUT = 300  # seconds a block may take (a cold Numba cache costs about 35 s; the blocks take a few)
+TIMEOUT = 300  # seconds a block may take (a cold Numba cache: about 35 s alone, 65 s beside another compile)
 SLOW_TIMEOUT = 1800
 DIRECTIVE = re.compile(r"^<!--\s*docs-test:\s*(.*?)\s*-->\s*$")
 FENCE = re.compile(r"^(`{3,}|~{3,})\s*([\w+-]*)")
@@ -123,7 +123,6 @@ del _docs_test_torch_data
 
 _TORCH_LOOP = _TORCH_DATA + '''
 # pytorch.md's quickstart, one epoch into its run: its imports, its loader, the epoch, a checkpoint path
-import torch
 import torch.nn.functional as F
 from crestcore import CrestConfig
 from crestcore.adapters.torch import CrestLoader
