@@ -736,6 +736,8 @@ class TorchModelOps:
         passes are those since the last :meth:`new_anchor` (the controller calls it at every selection,
         the baselines' schedule before every selection): a new selection always loads fresh inputs.
     collate_fn : as for a ``DataLoader``; default ``default_collate``.
+    reuse_checks : let a trust check at unchanged parameters take the last check's measurement (default
+        True; see :meth:`state_token`); False: every check measures.
     check_labels : compare the labels once with those the first measurement batch's items carry
         (``item[1]``, or a dict item's label key) and warn when they differ; default: when ``labels`` is
         None (found from the dataset, e.g. its ``targets``) and the dataset is not a ``TensorDataset`` (its
@@ -797,6 +799,7 @@ class TorchModelOps:
         num_workers: int = 0,
         cache_bytes: int = 256 << 20,
         check_labels: bool | None = None,
+        reuse_checks: bool = True,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -822,6 +825,9 @@ class TorchModelOps:
         self._fetch = _Fetcher(dataset, collate_fn)
         self.num_workers = int(num_workers)
         self.cache_bytes = _common.check_count(cache_bytes, "cache_bytes", low=0)
+        if not isinstance(reuse_checks, bool):
+            raise TypeError(f"reuse_checks must be a bool, got {type(reuse_checks).__name__}")
+        self.reuse_checks = reuse_checks
         # a TensorDataset is sliced in place: nothing to save by keeping its batches
         self._cacheable = self.cache_bytes > 0 and not self._fetch._tensors
         self._cache: collections.OrderedDict = collections.OrderedDict()
@@ -1378,37 +1384,75 @@ class TorchModelOps:
         """
         return _wide(torch.cat([p.detach().reshape(-1) for p in self._trainable()]))  # cat: a fresh copy
 
-    def state_token(self):
-        """What the measurements depend on besides :meth:`params` and the selection, as a value that compares
-        equal exactly when none of it changed (the controller then answers a trust check at unchanged
-        parameters with the last check's measurement): each frozen parameter by identity and in-place
-        version counter (a write through ``.data``, such as ``p.data.copy_(...)``, bypasses the counter).
-        The floating buffers (BatchNorm's running statistics) are the anchor's in every measurement (kept
-        at :meth:`new_anchor`, at each selection), so the training steps' updates of them do not count;
-        the other buffers (counters such as ``num_batches_tracked``) do not change an eval-mode forward.
-        None (every check measures) while the measurements run with the live floating buffers (before a
-        first anchor; a checkpoint saved before the anchor's buffers were kept).
+    def state_token(self, indices):
+        """What a measurement of ``indices`` depends on besides :meth:`params` and the selection, as a value
+        that compares equal when none of it changed (the controller then answers a trust check at unchanged
+        parameters with the last check's measurement), or None when this cannot be told:
+
+        * the inputs: a ``TensorDataset``'s rows (read directly, always the same), or the kept pass that
+          would serve ``indices`` (the very rows the last measurement of them saw); None when no kept pass
+          holds them all, since loading them again may draw other random transforms (``cache_bytes=0``, a
+          pass too big to keep, a collate whose batches cannot be kept);
+        * each frozen parameter by identity and in-place version counter (a write through ``.data``, such
+          as ``p.data.copy_(...)``, bypasses the counter), and every non-floating buffer by value;
+        * the floating buffers (BatchNorm's running statistics) are the anchor's in every measurement
+          (kept at :meth:`new_anchor`, at each selection), so the training steps' updates of them do not
+          count; None while the measurements run with the live ones (before a first anchor).
+
+        It cannot see Python attributes the forward reads, or state inside ``forward=`` or ``loss_fn``
+        closures: a model whose outputs change through those between two steps that leave the parameters
+        as they were should be given ``reuse_checks=False``.
 
         Examples
         --------
-        >>> import torch
+        >>> import numpy as np, torch
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
         >>> model[0].requires_grad_(False)  # a frozen first layer
         Linear(...)
-        >>> ops = TorchModelOps(model, _example_data())  # 16 random points of 4 features
+        >>> class Items(torch.utils.data.Dataset):  # items read one at a time, as a transform would
+        ...     def __init__(self, data): self.data, self.targets = data, data.tensors[1]
+        ...     def __len__(self): return len(self.data)
+        ...     def __getitem__(self, i): return self.data[i]
+        >>> ops = TorchModelOps(model, Items(_example_data()))  # 16 random points of 4 features
         >>> ops.new_anchor()
-        >>> token = ops.state_token()
-        >>> token == ops.state_token()
+        >>> idx = np.arange(8)
+        >>> ops.state_token(idx) is None  # not measured yet: loading them may draw other inputs
+        True
+        >>> _ = ops.outputs(idx)  # a measurement keeps its rows
+        >>> token = ops.state_token(idx)
+        >>> token is not None and token == ops.state_token(idx)
         True
         >>> with torch.no_grad():
         ...     model[0].weight.add_(1.0)  # the frozen weights written
         Parameter containing:...
-        >>> token == ops.state_token()
+        >>> token == ops.state_token(idx)
         False
         """
+        if not self.reuse_checks:
+            return None
         if self._anchor_buffers is None and any(b.is_floating_point() for b in self.model.buffers()):
             return None  # measured with the live statistics (a checkpoint from before the anchor's were kept)
-        return tuple((id(p), p.data_ptr(), p._version) for p in self.model.parameters() if not p.requires_grad)
+        if self._fetch._tensors:  # a TensorDataset's rows, read directly: the same inputs every time
+            source = ("tensors",)
+        else:
+            source = self._kept_pass(np.asarray(indices, dtype=np.int64)) if self._cacheable else None
+        if source is None:
+            return None
+        ints = [b.detach().reshape(-1).to(torch.int64) for b in self.model.buffers() if not b.is_floating_point()]
+        values = torch.cat(ints).cpu().numpy().tobytes() if ints else b""  # one host read for all of them
+        return (source, values,
+                tuple((id(p), p.data_ptr(), p._version) for p in self.model.parameters() if not p.requires_grad))
+
+    def _kept_pass(self, idx: np.ndarray):
+        """The identity of the kept pass :meth:`_cached` would serve ``idx`` from (the most recent that read
+        them all), or None: a look that does not reorder the cache."""
+        for key in reversed(self._cache):
+            entry = self._cache[key]
+            keys = entry[0]
+            at = np.minimum(np.searchsorted(keys, idx), keys.size - 1)
+            if np.array_equal(keys[at], idx):
+                return id(entry), key
+        return None
 
     def _weighted_losses(self, batch, idx, w, a, b, N):
         z = self._logits(batch, b - a)
@@ -1661,6 +1705,8 @@ class CrestLoader(BudgetedPasses):
         this process.
     measure_cache_bytes : host memory for recently measured batches (see :class:`TorchModelOps`'s
         ``cache_bytes``; default 256 MiB, 0 off): the trust checks' examples are loaded once per selection.
+    reuse_checks : a trust check at the parameters of the check before, on the same kept inputs, takes its
+        measurement (default True; see :meth:`TorchModelOps.state_token`); False: every check measures.
     last_layer, forward, loss_fn : as for :class:`TorchModelOps`.
 
     Budget
@@ -1723,6 +1769,7 @@ class CrestLoader(BudgetedPasses):
         loss_fn: Callable | None = None,
         callbacks=None,
         progress: bool = False,
+        reuse_checks: bool = True,
     ):
         from .monitor import check_listeners
 
@@ -1757,7 +1804,7 @@ class CrestLoader(BudgetedPasses):
             model, measure_dataset if measure_dataset is not None else dataset, labels=lab, loss_fn=loss_fn,
             device=device, batch_size=measure_batch_size, collate_fn=collate_fn, last_layer=last_layer,
             forward=forward, num_workers=measure_workers, cache_bytes=measure_cache_bytes,
-            check_labels=labels is None or measure_dataset is not None,
+            check_labels=labels is None or measure_dataset is not None, reuse_checks=reuse_checks,
         )
         if labels is None:  # the labels the ops got were found here, from the training set: say so if checked
             self.ops._labels_origin = _found_origin(dataset)

@@ -107,13 +107,13 @@ class ModelOps(Protocol):
     ``example_losses(logits, labels)`` -> the per-example training loss of those logits ``(k,)`` in
     their library, or ``None`` for cross-entropy: the anchor loss, the trust checks and the drop records
     then measure the loss the model is trained on (a class-weighted or label-smoothed cross-entropy);
-    the selection's features stay the cross-entropy's logit gradients; and ``state_token()`` -> a value
-    that compares equal (``==``) between two calls exactly when nothing besides ``params()`` that the
-    outputs depend on has changed in between (BatchNorm's running statistics, frozen weights), or None
-    when it cannot tell: a trust
-    check whose parameters, token, anchor and check set are the last check's then takes that check's
-    measurement instead of a forward (a ``DataLoader`` with workers asks for several batches in a row at
-    an epoch's start, before the first of them trains). Without it every check measures.
+    the selection's features stay the cross-entropy's logit gradients; and ``state_token(indices)`` -> a
+    value that compares equal (``==``) between two calls when a measurement of ``indices`` would see
+    the same inputs and nothing besides ``params()`` that the outputs depend on has changed in between
+    (BatchNorm's running statistics, frozen weights), or None when it cannot tell: a trust check whose
+    parameters, token and selection are the last check's then takes that check's measurement instead
+    of a forward (a ``DataLoader`` with workers asks for several batches in a row at an epoch's start,
+    before the first of them trains). Without it every check measures.
 
     Examples
     --------
@@ -989,9 +989,9 @@ def _finite_params(w, step: int, where: str) -> None:
 
 class _LastCheck(NamedTuple):
     """A trust check's inputs and results: the parameters it measured (``params()``'s copy), the ops'
-    ``state_token()``, the selection it checked (``n_selections``: the anchor, quadratic model and check
-    set change only at a selection), the config (compared by value) and ops (by identity), and ``L_R``,
-    ``F`` and the check set's per-example losses (host; only with dropping on)."""
+    ``state_token(check_idx)`` after its pass, the selection it checked (``n_selections``: the anchor,
+    quadratic model and check set change only at a selection), the config (compared by value) and ops (by
+    identity), and ``L_R``, ``F`` and the check set's per-example losses (host; only with dropping on)."""
 
     params: Any
     token: Any
@@ -1003,10 +1003,10 @@ class _LastCheck(NamedTuple):
     losses: np.ndarray | None
 
 
-def _state_token(ops):
-    """``ops.state_token()``, or None when the ops has none (then no check reuses the last one's)."""
+def _state_token(ops, indices: np.ndarray):
+    """``ops.state_token(indices)``, or None when the ops has none (then no check reuses the last one's)."""
     get = getattr(ops, "state_token", None)
-    return get() if callable(get) else None
+    return get(indices) if callable(get) else None
 
 
 def _same_as_last(state: CrestState, w, token, ops, config: CrestConfig) -> _LastCheck | None:
@@ -1025,7 +1025,8 @@ def _same_as_last(state: CrestState, w, token, ops, config: CrestConfig) -> _Las
             "ops.params() returned memory shared with what it returned at the last trust check (a view of the "
             "live parameters?): params() must return a copy")
     prev = last.params
-    if type(w) is not type(prev) or tuple(w.shape) != tuple(prev.shape) or device_of(w) != device_of(prev):
+    if (type(w) is not type(prev) or tuple(w.shape) != tuple(prev.shape) or device_of(w) != device_of(prev)
+            or w.dtype != prev.dtype):
         return None
     if not bool(last.token == token):
         return None
@@ -1045,7 +1046,7 @@ def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
         # quadratic model belongs to the old ones, so no check is possible; a new selection starts a new
         # model on the new parameters, its curvature the new reference for the schedule (as at the first)
         return crest_parameters_changed(state)
-    token = _state_token(ops)
+    token = _state_token(ops, state.check_idx)
     same = _same_as_last(state, w, token, ops, config)
     if same is not None:  # nothing changed since the last check: its L_R and F, without a forward
         L_R, F, losses_h, spent = same.L_R, same.F, same.losses, 0
@@ -1065,6 +1066,7 @@ def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
                 "training has diverged. Lower the learning rate or clip the gradients."
             )
         losses_h, spent = (to_numpy(losses) if config.T2 else None), int(state.check_idx.size)
+        token = _state_token(ops, state.check_idx)  # after the pass: its inputs are what the next check compares
     # A float32 cross-entropy underflows to exactly 0 on confidently right examples; rho's denominator
     # (only it: L_R - F is the model's error as measured) is floored so a fully learned sample gives
     # rho = |F| / floor, not an error; |L_R| there for a user loss that may go negative

@@ -229,7 +229,7 @@ def test_save_restore_mid_run_is_exact(cfg):
 class _TokenOps(SoftmaxOps):
     """SoftmaxOps saying that its outputs depend on nothing besides its parameters (``state_token``)."""
 
-    def state_token(self):
+    def state_token(self, indices):
         return ()
 
 
@@ -330,7 +330,7 @@ def test_a_check_after_anything_changed_measures_again():
     ops.W[3, 4] = np.nextafter(ops.W[3, 4], np.inf)  # one ulp
     state, measured = step(state)
     assert measured == 1
-    ops.state_token = lambda: ("running statistics moved",)  # the parameters as they were, other state not
+    ops.state_token = lambda idx: ("running statistics moved",)  # the parameters as they were, other state not
     state, measured = step(state)
     assert measured == 1
     state, measured = step(state)

@@ -701,12 +701,24 @@ def test_items_default_collate_cannot_stack_name_the_collate_fn_the_sampler_need
             getattr(info.value, "__notes__", []))
 
 
-@pytest.mark.parametrize("frozen", [False, True], ids=["all-trainable", "frozen-first-layer"])
-def test_checks_at_unchanged_parameters_take_the_last_measurement(monkeypatch, frozen):
+class Jitter(Flip):
+    """A random augmentation in __getitem__ (noise from torch's global generator)."""
+
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return x + 0.3 * torch.randn(x.shape), y
+
+
+@pytest.mark.parametrize("frozen, data, cache", [(False, Flip, 256 << 20), (True, Flip, 256 << 20),
+                                                 (False, Jitter, 256 << 20), (False, Jitter, 0)],
+                         ids=["all-trainable", "frozen-first-layer", "random-transform", "random-transform-no-cache"])
+def test_checks_at_unchanged_parameters_take_the_last_measurement(monkeypatch, frozen, data, cache):
     """A DataLoader with workers asks for several batches at an epoch's start before the first trains, so
     their trust checks see the parameters the check before saw: those take its measurement instead of a
-    forward (TorchModelOps.state_token says nothing else changed). The run is the one that measures every
-    check: the same batches and weights, checks and selections, the same model, fewer forwards."""
+    forward (TorchModelOps.state_token says nothing else changed, and the check's examples would be the
+    kept rows the last check saw). The run is the one that measures every check: the same batches and
+    weights, checks and selections, the same model, fewer forwards. Without kept rows (no cache) a random
+    transform would draw other inputs: every check measures, as before."""
     from crestcore.adapters.torch import TorchModelOps
 
     X, y = make_data()
@@ -714,11 +726,12 @@ def test_checks_at_unchanged_parameters_take_the_last_measurement(monkeypatch, f
     def run(reuse):
         with monkeypatch.context() as mp:
             if not reuse:
-                mp.setattr(TorchModelOps, "state_token", lambda self: None)
+                mp.setattr(TorchModelOps, "state_token", lambda self, indices: None)
+            torch.manual_seed(123)
             model = mlp()
             if frozen:
                 model[0].requires_grad_(False)
-            sampler = CrestBatchSampler(model, Flip(X, y), **dict(CFG, budget=1.0))
+            sampler = CrestBatchSampler(model, data(X, y), measure_cache_bytes=cache, **dict(CFG, budget=1.0))
             loader = sampler.dataloader(num_workers=2, persistent_workers=True)
             opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
             seen = []
@@ -739,4 +752,7 @@ def test_checks_at_unchanged_parameters_take_the_last_measurement(monkeypatch, f
         assert torch.equal(pa, pb)
     assert st_a["checks"] == st_b["checks"] and st_a["selections"] == st_b["selections"]
     spared = st_b["counters"]["forward_examples"] - st_a["counters"]["forward_examples"]
-    assert spared > 0 and spared % 60 == 0  # whole checks (128 examples, capped at the subset size r = 60)
+    if cache:
+        assert spared > 0 and spared % 60 == 0  # whole checks (128 examples, capped at the subset size r = 60)
+    else:
+        assert spared == 0
