@@ -386,6 +386,11 @@ class DistributedModelOps:
             raise AttributeError(name)
         return getattr(self.inner, name)
 
+    def state_token(self, indices):
+        """None: every trust check measures. Each rank keeps the rows of its own share of a pass, and a
+        check one rank answered from the last one while another measured (a collective) would hang."""
+        return None
+
     # -- communication --------------------------------------------------------------------------
     def _wire(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` on a device the backend handles: CPU for gloo, the current CUDA device for NCCL."""

@@ -616,6 +616,10 @@ def test_one_process_group_matches_the_single_process_loader(tmp_path):
             assert np.array_equal(a["idx"], b["idx"]) and np.array_equal(a["w"], b["w"])
             assert np.array_equal(b["local_idx"], b["idx"])
         assert loader.stats["distributed"]["world_size"] == 1
+        # no check takes the last one's measurement under torch.distributed: the ranks keep different rows,
+        # and a rank that skipped a check's forward (a collective) while another measured would hang
+        assert loader.ops.inner.state_token(np.arange(8)) is not None  # (a TensorDataset's rows: it could)
+        assert loader.ops.state_token(np.arange(8)) is None
     finally:
         dist.destroy_process_group()
         torch.set_num_threads(before)
