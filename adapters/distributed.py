@@ -388,7 +388,17 @@ class DistributedModelOps:
 
     def state_token(self, indices):
         """None: every trust check measures. Each rank keeps the rows of its own share of a pass, and a
-        check one rank answered from the last one while another measured (a collective) would hang."""
+        check one rank answered from the last one while another measured (a collective) would hang.
+
+        Examples
+        --------
+        >>> import torch
+        >>> group = _OneProcess()  # one gloo process, as ``torchrun --nproc-per-node 1`` runs, and 32 examples
+        >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), group.data))
+        >>> ops.state_token([0, 5, 9]) is None
+        True
+        >>> group.close()
+        """
         return None
 
     # -- communication --------------------------------------------------------------------------
