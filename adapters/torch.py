@@ -835,6 +835,8 @@ class TorchModelOps:
         self._warned_repeat = False  # last_layer called more than once in a forward: said once
         self._layout_ok: bool | None = None  # whether the collate puts examples first (decided at the first keep)
         self._cache_sizes: dict = {}
+        self._cache_serial: dict = {}  # key -> the number of the pass kept under it (never reused)
+        self._passes_kept = 0
         self.progress = None  # a _Progress: a bar for measurement passes that run longer than a second
         self._pool = None  # the persistent DataLoader of the measurement passes (num_workers > 0), made lazily
         self._collate = collate_fn
@@ -1056,6 +1058,7 @@ class TorchModelOps:
         """
         self._cache.clear()
         self._cache_sizes.clear()
+        self._cache_serial.clear()
         # the buffers now (BatchNorm's running statistics) are the anchor's: every measurement until the
         # next anchor runs with them, so the training steps' updates of the statistics between the anchor
         # and a check do not count as the quadratic model's error (the model sees the parameters only)
@@ -1087,9 +1090,12 @@ class TorchModelOps:
         order = np.argsort(idx, kind="stable")
         self._cache[idx.tobytes()] = (idx[order], order, joined)
         self._cache_sizes[idx.tobytes()] = size
+        self._passes_kept += 1
+        self._cache_serial[idx.tobytes()] = self._passes_kept
         while sum(self._cache_sizes.values()) > self.cache_bytes or len(self._cache) > _CACHE_PASSES:
             old, _ = self._cache.popitem(last=False)
             self._cache_sizes.pop(old)
+            self._cache_serial.pop(old, None)
 
     def _cached(self, idx: np.ndarray, spans):
         """The host batches of ``idx`` taken from the most recent kept pass that read all of them, or None."""
@@ -1444,14 +1450,14 @@ class TorchModelOps:
                 tuple((id(p), p.data_ptr(), p._version) for p in self.model.parameters() if not p.requires_grad))
 
     def _kept_pass(self, idx: np.ndarray):
-        """The identity of the kept pass :meth:`_cached` would serve ``idx`` from (the most recent that read
-        them all), or None: a look that does not reorder the cache."""
+        """The number of the kept pass :meth:`_cached` would serve ``idx`` from (the most recent that read
+        them all; every pass kept gets a new number, so a pass over the same examples kept again, with
+        other random transforms, is another), or None: a look that does not reorder the cache."""
         for key in reversed(self._cache):
-            entry = self._cache[key]
-            keys = entry[0]
+            keys = self._cache[key][0]
             at = np.minimum(np.searchsorted(keys, idx), keys.size - 1)
             if np.array_equal(keys[at], idx):
-                return id(entry), key
+                return self._cache_serial.get(key)
         return None
 
     def _weighted_losses(self, batch, idx, w, a, b, N):

@@ -1914,3 +1914,43 @@ def test_a_model_of_two_inputs_without_forward_is_told_to_pass_forward():
     loader = CrestLoader(M2(), TwoIn(), config=CrestConfig(m=24, r=60), budget=0.5, epochs=1, seed=0,
                          forward=lambda model, batch: model(*batch[0]))
     assert sum(1 for _ in loader) == loader.total_steps
+
+
+def test_state_token_names_the_kept_rows_a_check_would_see():
+    """state_token(indices): None until a pass kept the rows (loading them may draw other random inputs),
+    then the same value while those rows would serve the examples; rows of the same examples kept again
+    (after new_anchor, with other random transforms) are another pass, another value, however the memory of
+    the old one is reused; reuse_checks=False gives None."""
+    X, y = make_data()
+
+    class Jitter(Dataset):
+        targets = y
+
+        def __len__(self):
+            return len(y)
+
+        def __getitem__(self, i):
+            return X[i] + 0.1 * torch.randn(D_IN), y[i]
+
+    ops = TorchModelOps(torch_mlp(D_IN, C), Jitter())
+    ops.new_anchor()
+    idx = np.arange(0, 40, 2)
+    assert ops.state_token(idx) is None
+    first = ops.outputs(idx)
+    token = ops.state_token(idx)
+    assert token is not None and token == ops.state_token(idx)
+    assert torch.equal(ops.outputs(idx), first)  # what the token promises: the kept rows again
+    assert ops.state_token(idx[:5]) == token  # a subset of a kept pass: served from it
+    for _ in range(3):
+        ops.new_anchor()
+        assert ops.state_token(idx) is None
+        again = ops.outputs(idx)
+        assert not torch.equal(again, first)  # other random inputs
+        assert ops.state_token(idx) not in (None, token)
+        token, first = ops.state_token(idx), again
+    off = TorchModelOps(torch_mlp(D_IN, C), Jitter(), reuse_checks=False)
+    off.new_anchor()
+    off.outputs(idx)
+    assert off.state_token(idx) is None
+    with pytest.raises(TypeError, match="reuse_checks must be a bool"):
+        TorchModelOps(torch_mlp(D_IN, C), Jitter(), reuse_checks=1)
