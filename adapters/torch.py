@@ -1400,7 +1400,8 @@ class TorchModelOps:
           holds them all, since loading them again may draw other random transforms (``cache_bytes=0``, a
           pass too big to keep, a collate whose batches cannot be kept);
         * each frozen parameter by identity and in-place version counter (a write through ``.data``, such
-          as ``p.data.copy_(...)``, bypasses the counter), and every non-floating buffer by value;
+          as ``p.data.copy_(...)``, bypasses the counter), and every non-floating buffer by value (but a
+          normalisation layer's ``num_batches_tracked``, which its eval-mode forward does not read);
         * the floating buffers (BatchNorm's running statistics) are the anchor's in every measurement
           (kept at :meth:`new_anchor`, at each selection), so the training steps' updates of them do not
           count; None while the measurements run with the live ones (before a first anchor).
@@ -1444,7 +1445,12 @@ class TorchModelOps:
             source = self._kept_pass(np.asarray(indices, dtype=np.int64)) if self._cacheable else None
         if source is None:
             return None
-        ints = [b.detach().reshape(-1).to(torch.int64) for b in self.model.buffers() if not b.is_floating_point()]
+        # non-floating buffers by value, but a normalisation layer's batch counter, which its eval-mode forward
+        # never reads (it moves at every training forward, and would end every reuse after a step)
+        ints = [b.detach().reshape(-1).to(torch.int64) for mod in self.model.modules()
+                for name, b in mod.named_buffers(recurse=False)
+                if b is not None and not b.is_floating_point()
+                and not (name == "num_batches_tracked" and isinstance(mod, nn.modules.batchnorm._NormBase))]
         values = torch.cat(ints).cpu().numpy().tobytes() if ints else b""  # one host read for all of them
         return (source, values,
                 tuple((id(p), p.data_ptr(), p._version) for p in self.model.parameters() if not p.requires_grad))
@@ -1452,11 +1458,15 @@ class TorchModelOps:
     def _kept_pass(self, idx: np.ndarray):
         """The number of the kept pass :meth:`_cached` would serve ``idx`` from (the most recent that read
         them all; every pass kept gets a new number, so a pass over the same examples kept again, with
-        other random transforms, is another), or None: a look that does not reorder the cache."""
+        other random transforms, is another), or None. The pass is marked as used, as :meth:`_cached` marks
+        it."""
         for key in reversed(self._cache):
             keys = self._cache[key][0]
             at = np.minimum(np.searchsorted(keys, idx), keys.size - 1)
             if np.array_equal(keys[at], idx):
+                # marked as used, as the pass it stands for would mark it: a check answered from the last one
+                # must leave the kept passes in the order a measured one leaves them (the oldest goes first)
+                self._cache.move_to_end(key)
                 return self._cache_serial.get(key)
         return None
 

@@ -1954,3 +1954,32 @@ def test_state_token_names_the_kept_rows_a_check_would_see():
     assert off.state_token(idx) is None
     with pytest.raises(TypeError, match="reuse_checks must be a bool"):
         TorchModelOps(torch_mlp(D_IN, C), Jitter(), reuse_checks=1)
+
+
+def test_state_token_ignores_what_an_eval_forward_does_not_read():
+    """A training forward moves BatchNorm's running statistics and its batch counter: neither reaches a
+    measurement (the anchor's statistics are measured with; eval mode never reads the counter), so the token
+    stays; an integer buffer of the user's that the forward reads does count."""
+    X, y = make_data()
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch_mlp(D_IN, C)  # Linear, BatchNorm1d, ReLU, Linear
+            self.register_buffer("mask", torch.ones(C, dtype=torch.bool))
+
+        def forward(self, x):
+            return self.net(x).masked_fill(~self.mask, -1e4)
+
+    model = Masked()
+    ops = TorchModelOps(model, TensorDataset(X, y))
+    ops.new_anchor()
+    idx = np.arange(16)
+    token = ops.state_token(idx)
+    assert token is not None
+    model.train()
+    model(X[:32])  # a training forward: running statistics and num_batches_tracked move
+    assert int(model.net[1].num_batches_tracked) == 1
+    assert ops.state_token(idx) == token
+    model.mask[0] = False  # the user's own buffer, read by the forward
+    assert ops.state_token(idx) != token
