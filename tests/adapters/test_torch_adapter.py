@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import json
 import warnings
@@ -1885,19 +1886,25 @@ def test_the_label_reading_warning_points_at_the_users_line():
         assert len(said) == 1 and said[0].filename == __file__, (make.__name__, said[0].filename)
 
 
+class _ItemsOf(Dataset):
+    """A map-style dataset of the items ``get(i)``, ``i < len(y)``, with ``targets`` (no label-reading pass):
+    items read one at a time, as a transform would read them."""
+
+    def __init__(self, get, y):
+        self.get, self.targets = get, y
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.get(i)
+
+
 def test_a_model_of_two_inputs_without_forward_is_told_to_pass_forward():
     """Items ((x1, x2), y) and forward(x1, x2): the model called with the batch's first field refuses it;
     the error names forward= (the dict branch did, the tuple branch gave torch's bare TypeError)."""
     X, y = make_data()
-
-    class TwoIn(Dataset):
-        targets = y
-
-        def __len__(self):
-            return len(y)
-
-        def __getitem__(self, i):
-            return (X[i, :3], X[i, 3:]), y[i]
+    TwoIn = functools.partial(_ItemsOf, lambda i: ((X[i, :3], X[i, 3:]), y[i]), y)
 
     class M2(nn.Module):
         def __init__(self):
@@ -1922,15 +1929,7 @@ def test_state_token_names_the_kept_rows_a_check_would_see():
     (after new_anchor, with other random transforms) are another pass, another value, however the memory of
     the old one is reused; reuse_checks=False gives None."""
     X, y = make_data()
-
-    class Jitter(Dataset):
-        targets = y
-
-        def __len__(self):
-            return len(y)
-
-        def __getitem__(self, i):
-            return X[i] + 0.1 * torch.randn(D_IN), y[i]
+    Jitter = functools.partial(_ItemsOf, lambda i: (X[i] + 0.1 * torch.randn(D_IN), y[i]), y)
 
     ops = TorchModelOps(torch_mlp(D_IN, C), Jitter())
     ops.new_anchor()
