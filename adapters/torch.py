@@ -1442,7 +1442,7 @@ class TorchModelOps:
         if self._fetch._tensors:  # a TensorDataset's rows, read directly: the same inputs every time
             source = ("tensors",)
         else:
-            source = self._kept_pass(np.asarray(indices, dtype=np.int64)) if self._cacheable else None
+            source = self._kept_pass(host_indices(indices, self.n)) if self._cacheable else None
         if source is None:
             return None
         # non-floating buffers by value, but a normalisation layer's batch counter, which its eval-mode forward

@@ -1009,15 +1009,16 @@ def _state_token(ops, indices: np.ndarray):
     return get(indices) if callable(get) else None
 
 
-def _same_as_last(state: CrestState, w, token, ops, config: CrestConfig) -> _LastCheck | None:
+def _same_as_last(state: CrestState, w, ops, config: CrestConfig) -> _LastCheck | None:
     """The last check when this one would measure exactly what it measured: the same parameters (equal
     values), state token (the ops says nothing else the outputs depend on changed), anchor, quadratic
     model, check set, ops and config, so the same ``L_R`` and ``F``. A ``DataLoader`` with workers asks
     for several batches in a row at an epoch's start before the first of them trains
     (``num_workers * prefetch_factor`` and one more), and each of those steps is checked at the
-    parameters the one before was."""
+    parameters the one before was. The ops' token is asked for last, only when everything else agrees
+    (most checks come after a step that moved the parameters)."""
     last = state.last_check
-    if (last is None or token is None or state.anchor is None or state.quad is None
+    if (last is None or last.token is None or state.anchor is None or state.quad is None
             or last.selection != state.n_selections or last.ops is not ops or last.config != config):
         return None
     if _shared(w, last.params):
@@ -1028,10 +1029,10 @@ def _same_as_last(state: CrestState, w, token, ops, config: CrestConfig) -> _Las
     if (type(w) is not type(prev) or tuple(w.shape) != tuple(prev.shape) or device_of(w) != device_of(prev)
             or w.dtype != prev.dtype):
         return None
-    if not bool(last.token == token):
-        return None
     xp = namespace(w, names=("params()",))
-    return last if bool(xp.all(w == prev)) else None
+    if not bool(xp.all(w == prev)):
+        return None
+    return last if bool(last.token == _state_token(ops, state.check_idx)) else None
 
 
 def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
@@ -1046,10 +1047,9 @@ def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
         # quadratic model belongs to the old ones, so no check is possible; a new selection starts a new
         # model on the new parameters, its curvature the new reference for the schedule (as at the first)
         return crest_parameters_changed(state)
-    token = _state_token(ops, state.check_idx)
-    same = _same_as_last(state, w, token, ops, config)
+    same = _same_as_last(state, w, ops, config)
     if same is not None:  # nothing changed since the last check: its L_R and F, without a forward
-        L_R, F, losses_h, spent = same.L_R, same.F, same.losses, 0
+        L_R, F, losses_h, spent, token = same.L_R, same.F, same.losses, 0, same.token
     else:
         xp, logits, emb, y, losses = _forward(state, ops, state.check_idx, config)
         L_R = float(to_numpy(xp.mean(losses)))
