@@ -567,6 +567,17 @@ def _unshared(batch, host):
     return batch
 
 
+def _same_rows(a, b) -> bool:
+    """Whether two row trees (as :func:`_rows_tree` gives) hold the same tensors, bit for bit."""
+    la, lb = _tensor_leaves(a), _tensor_leaves(b)
+    return len(la) == len(lb) and all(x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+                                      for x, y in zip(la, lb))
+
+
+# examples loaded again and found equal to their kept rows before a dataset counts as deterministic, and the
+# kept examples a pass that takes kept rows loads again all the same, to compare
+_VERIFY_ROWS, _SPOT_ROWS = 256, 8
+
 # the most passes kept at once (they are dropped oldest first, and when their bytes exceed cache_bytes):
 # a selection keeps its forward and, with just-in-time coresets, one pass per coreset
 _CACHE_PASSES = 256
@@ -732,9 +743,13 @@ class TorchModelOps:
         ``DataLoader`` with this ``collate_fn``, chunks in order); 0 (default) loads them in this process.
     cache_bytes : host memory for the collated batches of recent measurement passes (default 256 MiB; 0
         turns it off). The trust checks re-read the examples the anchor loss was measured on; kept, they
-        are not loaded again and see exactly the anchor's inputs (random transforms included). The kept
-        passes are those since the last :meth:`new_anchor` (the controller calls it at every selection,
-        the baselines' schedule before every selection): a new selection always loads fresh inputs.
+        are not loaded again and see exactly the anchor's inputs (random transforms included). A kept pass
+        serves whole the passes until the next :meth:`new_anchor` (the controller calls it at every
+        selection, the baselines' schedule before every selection), so a dataset with random transforms
+        gives each selection fresh inputs. Once the dataset has shown it loads alike every time (256
+        examples loaded again, each equal bit for bit to its kept rows), later anchors take the kept rows
+        of the examples they hold and load the others, and 8 held ones to compare (any difference ends
+        this for good). The passes of earlier anchors share ``cache_bytes``.
     collate_fn : as for a ``DataLoader``; default ``default_collate``.
     reuse_checks : let a trust check at unchanged parameters take the last check's measurement (default
         True; see :meth:`state_token`); False: every check measures.
@@ -837,6 +852,13 @@ class TorchModelOps:
         self._cache_sizes: dict = {}
         self._cache_serial: dict = {}  # key -> the number of the pass kept under it (never reused)
         self._passes_kept = 0
+        # rows kept across anchors while the dataset proves deterministic (_verify): None unproven, then a bool
+        self._static: bool | None = None
+        self._verified = 0  # examples loaded again and found equal to their kept rows
+        self._gen = 0  # the anchor the kept passes belong to (new_anchor counts them)
+        self._serial_key: dict = {}  # pass number -> its key in _cache
+        self._row_pass: np.ndarray | None = None  # (n,) the number of a kept pass holding each example, or -1
+        self._row_at: np.ndarray | None = None  # (n,) its row there
         self.progress = None  # a _Progress: a bar for measurement passes that run longer than a second
         self._pool = None  # the persistent DataLoader of the measurement passes (num_workers > 0), made lazily
         self._collate = collate_fn
@@ -926,7 +948,9 @@ class TorchModelOps:
         if cached is not None:
             source, keep = cached, None
         else:
-            source = self._host_batches(idx, spans)
+            source = self._assembled(idx, spans) if self._static and spans else None
+            if source is None:
+                source = self._host_batches(idx, spans)
             keep = [] if self._cacheable else None
         bar = self.progress.start(idx.size) if self.progress is not None and spans else None
         size = 0
@@ -1044,9 +1068,10 @@ class TorchModelOps:
                 "labels= to confirm them.", stacklevel=4)
 
     def new_anchor(self) -> None:
-        """Forget the kept measurement passes: the next passes load their examples again (fresh random
-        transforms). The controller calls this at every selection, so that the trust checks and the model
-        fit of a selection see that selection's inputs and never an earlier one's. It also keeps the
+        """Start a new anchor: the kept measurement passes no longer serve whole, so a dataset with random
+        transforms gives the next passes fresh inputs; the rows of a dataset that has shown it loads alike
+        every time stay (see ``cache_bytes``). The controller calls this at every selection, so that the
+        trust checks and the model fit of a selection see that selection's inputs. It also keeps the
         floating buffers as they are now (BatchNorm's running statistics): the measurements until the next
         anchor run with them, not with the statistics the training steps have moved since.
 
@@ -1056,9 +1081,9 @@ class TorchModelOps:
         >>> ops = TorchModelOps(torch.nn.Linear(4, 2), _example_data())  # 16 random points of 4 features
         >>> ops.new_anchor()  # nothing kept yet: nothing to forget
         """
-        self._cache.clear()
-        self._cache_sizes.clear()
-        self._cache_serial.clear()
+        if self._static is False:
+            self._forget(list(self._cache))
+        self._gen += 1  # a deterministic dataset's rows stay (_assembled); the passes serve this anchor no more
         # the buffers now (BatchNorm's running statistics) are the anchor's: every measurement until the
         # next anchor runs with them, so the training steps' updates of the statistics between the anchor
         # and a check do not count as the quadratic model's error (the model sees the parameters only)
@@ -1087,20 +1112,106 @@ class TorchModelOps:
         joined = _rows_tree(batches, counts=counts)
         if joined is None:  # not indexable by example: not kept
             return
+        if self._static is None:
+            self._verify(idx, joined)
         order = np.argsort(idx, kind="stable")
-        self._cache[idx.tobytes()] = (idx[order], order, joined)
-        self._cache_sizes[idx.tobytes()] = size
+        key = idx.tobytes()
+        self._forget([key] if key in self._cache else [])
+        self._cache[key] = (idx[order], order, joined, self._gen)
+        self._cache_sizes[key] = size
         self._passes_kept += 1
-        self._cache_serial[idx.tobytes()] = self._passes_kept
+        self._cache_serial[key] = self._passes_kept
+        self._serial_key[self._passes_kept] = key
+        if self._static is not False:
+            if self._row_pass is None:
+                self._row_pass, self._row_at = np.full(self.n, -1, np.int64), np.zeros(self.n, np.int64)
+            self._row_pass[idx], self._row_at[idx] = self._passes_kept, np.arange(idx.size)
         while sum(self._cache_sizes.values()) > self.cache_bytes or len(self._cache) > _CACHE_PASSES:
-            old, _ = self._cache.popitem(last=False)
-            self._cache_sizes.pop(old)
-            self._cache_serial.pop(old, None)
+            self._forget([next(iter(self._cache))])
+
+    def _forget(self, keys: list) -> None:
+        """Drop the kept passes of these keys, and their rows from the row index."""
+        for key in keys:
+            keys = self._cache.pop(key)[0]
+            self._cache_sizes.pop(key)
+            serial = self._cache_serial.pop(key)
+            self._serial_key.pop(serial)
+            if self._row_pass is not None:
+                held = keys[self._row_pass[keys] == serial]
+                self._row_pass[held] = -1
+
+    def _not_static(self) -> None:
+        """The dataset gave an example other rows than a kept pass holds (random transforms): rows are kept
+        within an anchor only from now on."""
+        self._static = False
+        self._forget([key for key, kept in self._cache.items() if kept[3] != self._gen])
+        self._row_pass = self._row_at = None
+
+    def _kept_rows(self, idx: np.ndarray, where: np.ndarray) -> list:
+        """``[(positions, rows)]``: the kept rows of ``idx[positions]`` for the positions ``where`` (all held by
+        a kept pass), one entry per pass they are read from."""
+        held = self._row_pass[idx[where]]
+        out = []
+        for serial in np.unique(held):
+            at = where[held == serial]
+            key = self._serial_key[int(serial)]
+            self._cache.move_to_end(key)  # used: the oldest-first eviction keeps it longer
+            rows = torch.from_numpy(self._row_at[idx[at]])
+            out.append((at, _rows_tree(self._cache[key][2], rows)))
+        return out
+
+    def _verify(self, idx: np.ndarray, joined) -> None:
+        """Compare the rows a pass loaded (``joined``, in ``idx``'s order) for examples a kept pass holds with
+        the kept rows: any difference (random transforms) keeps rows within an anchor only; after
+        ``_VERIFY_ROWS`` examples equal, the dataset counts as deterministic and later anchors take their rows
+        too (:meth:`_assembled`)."""
+        if self._row_pass is None:
+            return
+        hit = np.flatnonzero(self._row_pass[idx] >= 0)
+        for at, rows in self._kept_rows(idx, hit):
+            if not _same_rows(rows, _rows_tree(joined, torch.from_numpy(at))):
+                self._not_static()
+                return
+        self._verified += hit.size
+        if self._verified >= _VERIFY_ROWS:
+            self._static = True
+
+    def _assembled(self, idx: np.ndarray, spans):
+        """With a deterministic dataset, the host batches of ``idx`` with the rows of kept passes (of any
+        anchor) for the examples they hold and the others loaded; a few held examples (``_SPOT_ROWS``) are
+        loaded too and compared with their kept rows, and any difference ends this for good (the pass is
+        then loaded in full). None when no kept pass holds any of ``idx``."""
+        held = self._row_pass[idx] >= 0
+        hit = np.flatnonzero(held)
+        if hit.size == 0:
+            return None
+        spot = np.random.default_rng(self._passes_kept).choice(hit, size=min(_SPOT_ROWS, hit.size), replace=False)
+        load = np.union1d(np.flatnonzero(~held), spot)
+        sub = idx[load]
+        sub_spans = list(_common.chunk_spans(sub.size, self.batch_size))
+        loaded = _rows_tree(list(self._host_batches(sub, sub_spans)), counts=[b - a for a, b in sub_spans])
+        if loaded is not None:
+            kept = self._kept_rows(idx, np.sort(spot))
+            same = all(_same_rows(rows, _rows_tree(loaded, torch.from_numpy(np.searchsorted(load, at))))
+                       for at, rows in kept)
+            if same:
+                pieces = [(load, loaded)] + self._kept_rows(idx, np.setdiff1d(hit, spot))
+                joined = _rows_tree([rows for _, rows in pieces])
+                if joined is not None:
+                    where = np.empty(idx.size, np.int64)
+                    where[np.concatenate([at for at, _ in pieces])] = np.arange(idx.size)
+                    full = _rows_tree(joined, torch.from_numpy(where))
+                    return (_rows_tree(full, slice(a, b)) for a, b in spans)
+        self._not_static()
+        return None
 
     def _cached(self, idx: np.ndarray, spans):
-        """The host batches of ``idx`` taken from the most recent kept pass that read all of them, or None."""
+        """The host batches of ``idx`` taken from the most recent kept pass of this anchor that read all of
+        them, or None."""
         for key in reversed(self._cache):
-            keys, order, joined = self._cache[key]
+            keys, order, joined, gen = self._cache[key]
+            if gen != self._gen:
+                continue
             at = np.minimum(np.searchsorted(keys, idx), keys.size - 1)
             if not np.array_equal(keys[at], idx):
                 continue
@@ -1461,7 +1572,9 @@ class TorchModelOps:
         other random transforms, is another), or None. The pass is marked as used, as :meth:`_cached` marks
         it."""
         for key in reversed(self._cache):
-            keys = self._cache[key][0]
+            keys, _, _, gen = self._cache[key]
+            if gen != self._gen:
+                continue
             at = np.minimum(np.searchsorted(keys, idx), keys.size - 1)
             if np.array_equal(keys[at], idx):
                 # marked as used, as the pass it stands for would mark it: a check answered from the last one

@@ -501,6 +501,111 @@ def test_a_padding_collate_is_measured_without_keeping_its_batches():
     assert torch.equal(plain, kept)
 
 
+class _Reads(Dataset):
+    """``Flip``'s examples, counting the loads; ``noise`` adds a random draw to every item (a random
+    transform), from the moment it is set."""
+
+    def __init__(self, X, y):
+        self.X, self.y, self.targets, self.reads, self.noise = X, y, y, 0, False
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        x = -self.X[i] if i % 2 else self.X[i]
+        return (x + torch.rand(()) if self.noise else x), self.y[i]
+
+
+def _passes(seed, k, size=40):
+    rng = np.random.default_rng(seed)
+    return [np.sort(rng.choice(N, size=size, replace=False)) for _ in range(k)]
+
+
+def test_a_deterministic_dataset_s_rows_serve_later_anchors_with_the_same_outputs():
+    """Rows kept across anchors once the dataset proves deterministic: an example loaded again must give
+    its kept rows bit for bit (256 of them), then later anchors' passes load only the examples no kept pass
+    holds, and 8 held ones to compare. Every pass measures what a pass without any cache measures."""
+    from crestcore.adapters.torch import TorchModelOps
+
+    X, y = make_data()
+    model = mlp()
+    ds, plain_ds = _Reads(X, y), _Reads(X, y)
+    ops, plain = TorchModelOps(model, ds, batch_size=16), TorchModelOps(model, plain_ds, batch_size=16, cache_bytes=0)
+    loads = []
+    for idx in _passes(0, 30):
+        ops.new_anchor()
+        before = ds.reads
+        assert torch.equal(ops.outputs(idx), plain.outputs(idx))
+        loads.append((ds.reads - before, idx))
+    assert ops._static is True
+    held = 0
+    for k, (reads, idx) in enumerate(loads):
+        seen = set(np.concatenate([i for _, i in loads[:k]]).tolist()) if k else set()
+        missing = sum(int(i) not in seen for i in idx)
+        if reads < idx.size:  # served from kept rows: the missing ones and at most 8 held ones loaded
+            assert missing <= reads <= missing + 8
+            held += 1
+    assert held >= 5
+    assert ds.reads < plain_ds.reads * 3 // 4
+
+
+def test_a_random_transform_is_never_served_across_anchors():
+    """A dataset whose items differ between loads (a random transform) is found out when an example is
+    loaded again, and every later anchor loads its passes in full (fresh draws), as before the rows were
+    kept across anchors; a dataset that starts drawing only after it was found deterministic is found out
+    by the held examples each pass loads again to compare, and that pass is loaded in full."""
+    from crestcore.adapters.torch import TorchModelOps
+
+    X, y = make_data()
+    ds = _Reads(X, y)
+    ds.noise = True
+    ops = TorchModelOps(mlp(), ds, batch_size=16)
+    for k, idx in enumerate(_passes(1, 12)):
+        ops.new_anchor()
+        before = ds.reads
+        ops.outputs(idx)
+        assert ds.reads - before == idx.size + (3 if k == 0 else 0)  # (the first keep's layout check: 3 loads)
+    assert ops._static is False and all(v[3] == ops._gen for v in ops._cache.values())
+
+    late = _Reads(X, y)
+    ops = TorchModelOps(mlp(), late, batch_size=16)
+    for idx in _passes(2, 30):
+        ops.new_anchor()
+        ops.outputs(idx)
+    assert ops._static is True
+    late.noise = True
+    held = np.flatnonzero(ops._row_pass >= 0)
+    idx = held[:40]
+    ops.new_anchor()
+    before = late.reads
+    torch.manual_seed(5)
+    z = ops.outputs(idx)
+    assert ops._static is False
+    assert late.reads - before == 8 + idx.size  # the 8 compared, then the whole pass again
+    torch.manual_seed(5)
+    _ = [late[int(i)] for i in idx[:8]]  # as many draws as the compared loads took
+    fresh = TorchModelOps(ops.model, late, batch_size=16, cache_bytes=0)
+    assert torch.equal(z, fresh.outputs(idx))  # the pass's own fresh draws, not a kept row
+
+
+def test_rows_kept_across_anchors_stay_within_cache_bytes():
+    """The passes kept for later anchors share ``cache_bytes`` with the anchor's own (dropped oldest first);
+    the row index names live passes only."""
+    from crestcore.adapters.torch import TorchModelOps
+
+    X, y = make_data()
+    budget = 40 * D_IN * 4 * 5  # about five passes of 40 examples
+    ops = TorchModelOps(mlp(), _Reads(X, y), batch_size=16, cache_bytes=budget)
+    for idx in _passes(3, 40):
+        ops.new_anchor()
+        ops.outputs(idx)
+        assert sum(ops._cache_sizes.values()) <= budget
+        live = set(ops._serial_key)
+        assert set(np.unique(ops._row_pass[ops._row_pass >= 0]).tolist()) <= live
+    assert ops._static is True and 1 < len(ops._cache) <= 5
+
+
 def test_a_forward_that_changes_its_input_in_place_does_not_change_the_kept_rows():
     from crestcore.adapters.torch import TorchModelOps
 
