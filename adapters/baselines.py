@@ -222,7 +222,7 @@ class SubsetLoader(BudgetedPasses):
         labels=None,
         collate_fn: Callable | None = None,
         measure_dataset=None,
-        measure_batch_size: int = 512,
+        measure_batch_size: int | None = None,
         measure_workers: int = 0,
         last_layer: nn.Module | str | None = None,
         forward: Callable | None = None,

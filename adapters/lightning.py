@@ -172,7 +172,7 @@ class CrestCallback(pl.Callback):
         labels=None,
         collate_fn: Callable | None = None,
         measure_dataset=None,
-        measure_batch_size: int = 512,
+        measure_batch_size: int | None = None,
         measure_workers: int = 0,
         last_layer=None,
         forward: Callable | None = None,

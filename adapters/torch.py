@@ -578,6 +578,9 @@ def _same_rows(a, b) -> bool:
 # kept examples a pass that takes kept rows loads again all the same, to compare
 _VERIFY_ROWS, _SPOT_ROWS = 256, 8
 
+# examples per measurement forward on the CPU when none is given (TorchModelOps' batch_size)
+CPU_MEASURE_BATCH = 128
+
 # the most passes kept at once (they are dropped oldest first, and when their bytes exceed cache_bytes):
 # a selection keeps its forward and, with just-in-time coresets, one pass per coreset
 _CACHE_PASSES = 256
@@ -738,7 +741,10 @@ class TorchModelOps:
         logit gradients (the paper's last-layer gradients).
     device : where the measurement runs; default the device of the model's parameters at each call.
     batch_size : examples per forward in measurement passes (memory and speed; results equal up to
-        floating-point rounding, which another chunking may change in the last bits).
+        floating-point rounding, which another chunking may change in the last bits). Default
+        ``CPU_MEASURE_BATCH`` (128) when measuring on the CPU, 512 on an accelerator: on the CPU a forward
+        over 512 images at once took 1.5-2.4 times as long as four of 128 (large activations allocated
+        afresh at every call; docs/benchmarks.md, "Measurement chunks on the CPU").
     num_workers : worker processes that load the examples of the measurement passes (a persistent
         ``DataLoader`` with this ``collate_fn``, chunks in order); 0 (default) loads them in this process.
     cache_bytes : host memory for the collated batches of recent measurement passes (default 256 MiB; 0
@@ -807,7 +813,7 @@ class TorchModelOps:
         labels=None,
         loss_fn: Callable | None = None,
         device=None,
-        batch_size: int = 512,
+        batch_size: int | None = None,
         collate_fn: Callable | None = None,
         last_layer: nn.Module | str | None = None,
         forward: Callable | None = None,
@@ -820,7 +826,6 @@ class TorchModelOps:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         _common.check_count(num_workers, "num_workers", low=0)
         model = uncompiled(model)
-        _common.check_count(batch_size, "batch_size")
         self.model = model
         self.dataset = dataset
         self.n = _length(dataset)
@@ -836,7 +841,7 @@ class TorchModelOps:
         self._labels_origin = _found_origin(dataset) if labels is None else "as given"
         self.loss_fn = loss_fn if loss_fn is not None else _cross_entropy
         self._device = None if device is None else torch.device(device)
-        self.batch_size = int(batch_size)
+        self.batch_size = batch_size  # validated by the setter
         self._fetch = _Fetcher(dataset, collate_fn)
         self.num_workers = int(num_workers)
         self.cache_bytes = _common.check_count(cache_bytes, "cache_bytes", low=0)
@@ -896,6 +901,18 @@ class TorchModelOps:
         for t in self.model.buffers():
             return t.device
         return torch.device("cpu")
+
+    @property
+    def batch_size(self) -> int:
+        """Examples per forward in measurement passes: the one given, else ``CPU_MEASURE_BATCH`` on the CPU
+        and 512 on an accelerator (for the device of this call)."""
+        if self._batch_size is not None:
+            return self._batch_size
+        return CPU_MEASURE_BATCH if self.device.type == "cpu" else 512
+
+    @batch_size.setter
+    def batch_size(self, value: int | None) -> None:
+        self._batch_size = _common.check_count(value, "batch_size", optional=True)
 
     def _dtype(self) -> torch.dtype:
         """The dtype the measurement passes give floating-point inputs: the model's first floating-point
@@ -1737,7 +1754,7 @@ def _from_portable(x):
 
 
 def check_loader_arguments(*, config=None, budget=0.1, epochs=1, seed=0, budget_counts="steps", model=None,
-                           per_epoch=True, measure_batch_size=512, collate_fn=None, forward=None, loss_fn=None,
+                           per_epoch=True, measure_batch_size=None, collate_fn=None, forward=None, loss_fn=None,
                            device=None, measure_workers=0, check_model: bool = True,
                            prefix: str = "") -> CrestConfig:
     """The argument checks of :class:`CrestLoader`'s ``__init__`` (errors name the argument), as a function
@@ -1753,7 +1770,7 @@ def check_loader_arguments(*, config=None, budget=0.1, epochs=1, seed=0, budget_
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(per_epoch, (bool, np.bool_)):
         raise TypeError(f"per_epoch must be a bool, got {type(per_epoch).__name__} {per_epoch!r}")
-    _common.check_count(measure_batch_size, prefix + "measure_batch_size")
+    _common.check_count(measure_batch_size, prefix + "measure_batch_size", optional=True)
     _common.check_count(measure_workers, prefix + "measure_workers", low=0)
     for name, fn in (("collate_fn", collate_fn), ("forward", forward), ("loss_fn", loss_fn)):
         if fn is not None and not callable(fn):
@@ -1828,7 +1845,8 @@ class CrestLoader(BudgetedPasses):
         random augmentation; default ``dataset``.
     measure_batch_size : examples per forward in measurement passes (memory and speed, up to floating-point
         rounding, unless a layer uses the batch's own statistics in eval mode, as
-        ``BatchNorm(track_running_stats=False)`` does).
+        ``BatchNorm(track_running_stats=False)`` does); default 128 on the CPU, 512 on an accelerator
+        (see :class:`TorchModelOps`'s ``batch_size``).
     measure_workers : worker processes that load the measurement passes' examples (a persistent
         ``DataLoader`` over ``measure_dataset``: decoding and transforms in parallel); 0 loads them in
         this process.
@@ -1890,7 +1908,7 @@ class CrestLoader(BudgetedPasses):
         labels=None,
         collate_fn: Callable | None = None,
         measure_dataset=None,
-        measure_batch_size: int = 512,
+        measure_batch_size: int | None = None,
         measure_workers: int = 0,
         measure_cache_bytes: int = 256 << 20,
         last_layer: nn.Module | str | None = None,
