@@ -1982,3 +1982,38 @@ def test_state_token_ignores_what_an_eval_forward_does_not_read():
     assert ops.state_token(idx) == token
     model.mask[0] = False  # the user's own buffer, read by the forward
     assert ops.state_token(idx) != token
+
+
+def test_measurement_chunks_default_to_128_on_the_cpu_and_512_on_an_accelerator():
+    """``batch_size=None`` (the loaders' ``measure_batch_size=None``): 128 examples a forward when measuring on
+    the CPU (larger chunks were slower there, docs/benchmarks.md), 512 on an accelerator; a given size is
+    kept, and a bad one is refused naming the argument. A pass in chunks of 128 measures what one chunk of
+    all its examples measures."""
+    from crestcore.adapters.torch import CPU_MEASURE_BATCH, CrestLoader, TorchModelOps
+
+    X, y = make_data(n=300)
+    model = mlp()
+    ops = TorchModelOps(model, TensorDataset(X, y))
+    assert ops.batch_size == CPU_MEASURE_BATCH == 128
+    chunks = []
+    original = torch.nn.Module.__call__
+
+    def spy(module, *args, **kwargs):
+        if module is model:
+            chunks.append(args[0].shape[0])
+        return original(module, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.Module, "__call__", spy)
+        z = ops.outputs(np.arange(300))
+    assert chunks == [128, 128, 44]
+    assert torch.allclose(z, TorchModelOps(model, TensorDataset(X, y), batch_size=300).outputs(np.arange(300)),
+                          rtol=1e-5, atol=1e-6)
+    assert TorchModelOps(model, TensorDataset(X, y), batch_size=64).batch_size == 64
+    assert CrestLoader(model, TensorDataset(X, y), budget=0.5, seed=0).ops.batch_size == 128
+    with pytest.raises(ValueError, match="measure_batch_size"):
+        CrestLoader(model, TensorDataset(X, y), budget=0.5, seed=0, measure_batch_size=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        ops.batch_size = 0
+    if torch.cuda.is_available():
+        assert TorchModelOps(mlp().cuda(), TensorDataset(X, y)).batch_size == 512
