@@ -235,6 +235,7 @@ class SubsetLoader(BudgetedPasses):
         epochs = check_count(epochs, "epochs")
         m = check_count(m, "m")
         check_count(seed, "seed", low=0)
+        check_count(measure_batch_size, "measure_batch_size", optional=True)
         check_budget_counts(budget_counts)
         n = _length(dataset)
         if n == 0:

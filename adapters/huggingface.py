@@ -149,7 +149,8 @@ class CrestTrainer(transformers.Trainer):
     crest_budget : fraction of the full-data steps (default 0.1).
     crest_seed : seeds CREST's draws (default ``args.seed``).
     crest_labels : (n,) class indices; default read from the items' label key.
-    crest_measure_batch_size : examples per measurement forward (default 64).
+    crest_measure_batch_size : examples per measurement forward (default 64; None: 128 on the CPU, 512 on an
+        accelerator).
     crest_callbacks : listeners ``(event, step, scalars)`` (:mod:`crestcore.adapters.monitor`).
     crest_forward : ``forward(model, batch) -> logits`` (batch: the collated dict, labels included), for a
         model whose output is not ``.logits``, a ``"logits"`` entry or logits first in a tuple; used for the
@@ -189,7 +190,7 @@ class CrestTrainer(transformers.Trainer):
     """
 
     def __init__(self, *args, crest_config: CrestConfig | None = None, crest_budget: float = 0.1,
-                 crest_seed: int | None = None, crest_labels=None, crest_measure_batch_size: int = 64,
+                 crest_seed: int | None = None, crest_labels=None, crest_measure_batch_size: int | None = 64,
                  crest_callbacks=None, crest_forward=None, **kwargs):
         # before the Trainer's own checks: an IterableDataset there asks for max_steps, which CREST refuses
         train_dataset = kwargs["train_dataset"] if "train_dataset" in kwargs else (args[3] if len(args) > 3 else None)
@@ -213,7 +214,7 @@ class CrestTrainer(transformers.Trainer):
         self.crest_budget = float(crest_budget)
         self.crest_seed = int(seed)
         self.crest_labels = crest_labels
-        self.crest_measure_batch_size = int(crest_measure_batch_size)
+        self.crest_measure_batch_size = crest_measure_batch_size  # checked above (check_loader_arguments)
         self.crest_callbacks = crest_callbacks
         self.crest_forward = crest_forward
         self.crest: CrestBatchSampler | None = None

@@ -574,9 +574,9 @@ def _same_rows(a, b) -> bool:
                                       for x, y in zip(la, lb))
 
 
-# examples loaded again and found equal to their kept rows before a dataset counts as deterministic, and the
-# kept examples a pass that takes kept rows loads again all the same, to compare
-_VERIFY_ROWS, _SPOT_ROWS = 256, 8
+# distinct examples loaded again and found equal to their kept rows before a dataset counts as deterministic,
+# and the kept examples a pass that takes kept rows loads again all the same, to compare
+_VERIFY_ROWS, _SPOT_ROWS = 512, 8
 
 # examples per measurement forward on the CPU when none is given (TorchModelOps' batch_size)
 CPU_MEASURE_BATCH = 128
@@ -743,8 +743,11 @@ class TorchModelOps:
     batch_size : examples per forward in measurement passes (memory and speed; results equal up to
         floating-point rounding, which another chunking may change in the last bits). Default
         ``CPU_MEASURE_BATCH`` (128) when measuring on the CPU, 512 on an accelerator: on the CPU a forward
-        over 512 images at once took 1.5-2.4 times as long as four of 128 (large activations allocated
-        afresh at every call; docs/benchmarks.md, "Measurement chunks on the CPU").
+        over 512 examples at once took 1.1-2.5 times as long as four of 128 on convolutional models and up to
+        1.2 times on a transformer (large activations allocated afresh at every call), and 1-15 % less on
+        an MLP
+        (docs/benchmarks.md, "Measurement chunks on the CPU"). The gradient and Hessian-vector passes of
+        the model fit use the same chunks.
     num_workers : worker processes that load the examples of the measurement passes (a persistent
         ``DataLoader`` with this ``collate_fn``, chunks in order); 0 (default) loads them in this process.
     cache_bytes : host memory for the collated batches of recent measurement passes (default 256 MiB; 0
@@ -752,10 +755,14 @@ class TorchModelOps:
         are not loaded again and see exactly the anchor's inputs (random transforms included). A kept pass
         serves whole the passes until the next :meth:`new_anchor` (the controller calls it at every
         selection, the baselines' schedule before every selection), so a dataset with random transforms
-        gives each selection fresh inputs. Once the dataset has shown it loads alike every time (256
-        examples loaded again, each equal bit for bit to its kept rows), later anchors take the kept rows
-        of the examples they hold and load the others, and 8 held ones to compare (any difference ends
-        this for good). The passes of earlier anchors share ``cache_bytes``.
+        gives each selection fresh inputs. Once the dataset has shown it loads alike every time (512
+        distinct examples, or half the dataset if fewer, loaded again and each equal bit for bit to its
+        kept rows), later anchors take the kept rows of the examples they hold and load the others, and 8
+        held ones to compare (any difference ends this for good). A transform that changes few examples,
+        or items changed in place during training, can go unnoticed: give such a dataset
+        ``cache_bytes=0``. The passes of earlier anchors share ``cache_bytes`` (the least recently used
+        dropped first); the row index this needs (8 bytes an example) is kept only where it is at most a
+        sixteenth of ``cache_bytes``.
     collate_fn : as for a ``DataLoader``; default ``default_collate``.
     reuse_checks : let a trust check at unchanged parameters take the last check's measurement (default
         True; see :meth:`state_token`); False: every check measures.
@@ -858,8 +865,11 @@ class TorchModelOps:
         self._cache_serial: dict = {}  # key -> the number of the pass kept under it (never reused)
         self._passes_kept = 0
         # rows kept across anchors while the dataset proves deterministic (_verify): None unproven, then a bool
-        self._static: bool | None = None
-        self._verified = 0  # examples loaded again and found equal to their kept rows
+        # (the row index costs 8 bytes an example: only where that is a small part of cache_bytes)
+        self._static: bool | None = None if 8 * self.n <= self.cache_bytes // 16 else False
+        self._verified: set = set()  # examples loaded again and found equal to their kept rows
+        self._spot_draws = 0  # passes assembled from kept rows (seeds the choice of the rows compared)
+        self._row_bytes = float("inf")  # host bytes of one kept example (the last kept pass's)
         self._gen = 0  # the anchor the kept passes belong to (new_anchor counts them)
         self._serial_key: dict = {}  # pass number -> its key in _cache
         self._row_pass: np.ndarray | None = None  # (n,) the number of a kept pass holding each example, or -1
@@ -965,9 +975,9 @@ class TorchModelOps:
         if cached is not None:
             source, keep = cached, None
         else:
-            source = self._assembled(idx, spans) if self._static and spans else None
-            if source is None:
-                source = self._host_batches(idx, spans)
+            # a deterministic dataset's kept rows, for a pass small enough to keep (one too big loads chunk by chunk)
+            assemble = self._static and spans and idx.size * self._row_bytes <= self.cache_bytes // 2
+            source = self._assembled(idx, spans) if assemble else self._host_batches(idx, spans)
             keep = [] if self._cacheable else None
         bar = self.progress.start(idx.size) if self.progress is not None and spans else None
         size = 0
@@ -1139,9 +1149,10 @@ class TorchModelOps:
         self._passes_kept += 1
         self._cache_serial[key] = self._passes_kept
         self._serial_key[self._passes_kept] = key
+        self._row_bytes = size / max(idx.size, 1)
         if self._static is not False:
             if self._row_pass is None:
-                self._row_pass, self._row_at = np.full(self.n, -1, np.int64), np.zeros(self.n, np.int64)
+                self._row_pass, self._row_at = np.full(self.n, -1, np.int32), np.zeros(self.n, np.int32)
             self._row_pass[idx], self._row_at[idx] = self._passes_kept, np.arange(idx.size)
         while sum(self._cache_sizes.values()) > self.cache_bytes or len(self._cache) > _CACHE_PASSES:
             self._forget([next(iter(self._cache))])
@@ -1149,13 +1160,12 @@ class TorchModelOps:
     def _forget(self, keys: list) -> None:
         """Drop the kept passes of these keys, and their rows from the row index."""
         for key in keys:
-            keys = self._cache.pop(key)[0]
+            members = self._cache.pop(key)[0]
             self._cache_sizes.pop(key)
             serial = self._cache_serial.pop(key)
             self._serial_key.pop(serial)
             if self._row_pass is not None:
-                held = keys[self._row_pass[keys] == serial]
-                self._row_pass[held] = -1
+                self._row_pass[members[self._row_pass[members] == serial]] = -1
 
     def _not_static(self) -> None:
         """The dataset gave an example other rows than a kept pass holds (random transforms): rows are kept
@@ -1163,6 +1173,7 @@ class TorchModelOps:
         self._static = False
         self._forget([key for key, kept in self._cache.items() if kept[3] != self._gen])
         self._row_pass = self._row_at = None
+        self._verified.clear()
 
     def _kept_rows(self, idx: np.ndarray, where: np.ndarray) -> list:
         """``[(positions, rows)]``: the kept rows of ``idx[positions]`` for the positions ``where`` (all held by
@@ -1172,7 +1183,7 @@ class TorchModelOps:
         for serial in np.unique(held):
             at = where[held == serial]
             key = self._serial_key[int(serial)]
-            self._cache.move_to_end(key)  # used: the oldest-first eviction keeps it longer
+            self._cache.move_to_end(key)  # used: the least recently used pass is dropped first
             rows = torch.from_numpy(self._row_at[idx[at]])
             out.append((at, _rows_tree(self._cache[key][2], rows)))
         return out
@@ -1180,8 +1191,8 @@ class TorchModelOps:
     def _verify(self, idx: np.ndarray, joined) -> None:
         """Compare the rows a pass loaded (``joined``, in ``idx``'s order) for examples a kept pass holds with
         the kept rows: any difference (random transforms) keeps rows within an anchor only; after
-        ``_VERIFY_ROWS`` examples equal, the dataset counts as deterministic and later anchors take their rows
-        too (:meth:`_assembled`)."""
+        ``_VERIFY_ROWS`` distinct examples equal (half the dataset, if that is fewer), the dataset counts as
+        deterministic and later anchors take their rows too (:meth:`_assembled`)."""
         if self._row_pass is None:
             return
         hit = np.flatnonzero(self._row_pass[idx] >= 0)
@@ -1189,20 +1200,23 @@ class TorchModelOps:
             if not _same_rows(rows, _rows_tree(joined, torch.from_numpy(at))):
                 self._not_static()
                 return
-        self._verified += hit.size
-        if self._verified >= _VERIFY_ROWS:
+        self._verified.update(idx[hit].tolist())
+        if len(self._verified) >= min(_VERIFY_ROWS, max(self.n // 2, 1)):
             self._static = True
+            self._verified.clear()
 
     def _assembled(self, idx: np.ndarray, spans):
         """With a deterministic dataset, the host batches of ``idx`` with the rows of kept passes (of any
         anchor) for the examples they hold and the others loaded; a few held examples (``_SPOT_ROWS``) are
         loaded too and compared with their kept rows, and any difference ends this for good (the pass is
-        then loaded in full). None when no kept pass holds any of ``idx``."""
+        then loaded in full, as is a pass no kept pass holds any example of)."""
         held = self._row_pass[idx] >= 0
         hit = np.flatnonzero(held)
         if hit.size == 0:
-            return None
-        spot = np.random.default_rng(self._passes_kept).choice(hit, size=min(_SPOT_ROWS, hit.size), replace=False)
+            yield from self._host_batches(idx, spans)
+            return
+        self._spot_draws += 1
+        spot = np.random.default_rng(self._spot_draws).choice(hit, size=min(_SPOT_ROWS, hit.size), replace=False)
         load = np.union1d(np.flatnonzero(~held), spot)
         sub = idx[load]
         sub_spans = list(_common.chunk_spans(sub.size, self.batch_size))
@@ -1218,9 +1232,11 @@ class TorchModelOps:
                     where = np.empty(idx.size, np.int64)
                     where[np.concatenate([at for at, _ in pieces])] = np.arange(idx.size)
                     full = _rows_tree(joined, torch.from_numpy(where))
-                    return (_rows_tree(full, slice(a, b)) for a, b in spans)
+                    for a, b in spans:
+                        yield _rows_tree(full, slice(a, b))
+                    return
         self._not_static()
-        return None
+        yield from self._host_batches(idx, spans)
 
     def _cached(self, idx: np.ndarray, spans):
         """The host batches of ``idx`` taken from the most recent kept pass of this anchor that read all of

@@ -9,6 +9,7 @@ alternating; the median of ``--rounds`` passes (the first two dropped) and the l
 difference of the outputs from the 512-chunk outputs (floating-point rounding only).
 
     .venv/bin/python benchmarks/measure_chunk.py            # 1 and 2 threads
+    .venv/bin/python benchmarks/measure_chunk.py --json benchmarks/results/measure-chunk-DATE.json
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--json", help="write every row here")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child is not None:
@@ -111,6 +113,9 @@ def main(argv=None) -> int:
         res = subprocess.run([sys.executable, __file__, "--child", str(t), "--rounds", str(a.rounds)], env=env,
                              capture_output=True, text=True, check=True)
         rows += json.loads(res.stdout.strip().splitlines()[-1])
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"args": vars(a), "load_average": os.getloadavg(), "rows": rows}, f, indent=1)
     print("| model | threads | " + " | ".join(f"chunks of {c} (ms)" for c in CHUNKS) + " | 512 / 128 | outputs' largest relative difference |")
     print("|---|---|" + "---|" * len(CHUNKS) + "---|---|")
     for r in rows:

@@ -373,3 +373,10 @@ def test_class_budgets_override_the_hamilton_split():
         facility_location(G, 7, class_budgets=[7])
     with pytest.raises(ValueError, match="class_budgets needs labels"):
         gradmatch(G, 7, class_budgets=[7])
+
+
+def test_the_measurement_chunk_size_is_the_cpu_default_unless_given_and_named_when_bad():
+    assert loader("craig").ops.batch_size == 128  # measured on the CPU here: TorchModelOps' default
+    assert loader("craig", measure_batch_size=32).ops.batch_size == 32
+    with pytest.raises(ValueError, match="^measure_batch_size "):
+        loader("craig", measure_batch_size=0)

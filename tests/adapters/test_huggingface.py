@@ -500,6 +500,12 @@ def test_bad_crest_arguments_are_named_as_the_user_typed_them(tmp_path, kwargs, 
         _custom_trainer(tmp_path, tiny_bert(), **kwargs)
 
 
+def test_crest_measure_batch_size_none_takes_the_measurement_default(tmp_path):
+    trainer = _custom_trainer(tmp_path, tiny_bert(), crest_measure_batch_size=None)
+    trainer.get_train_dataloader()
+    assert trainer.crest.ops.batch_size == 128  # TorchModelOps' default when measuring on the CPU
+
+
 def test_labels_dropped_by_remove_unused_columns_are_explained(tmp_path):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), num_train_epochs=1, learning_rate=5e-3, report_to=[], use_cpu=True,

@@ -590,20 +590,45 @@ def test_a_random_transform_is_never_served_across_anchors():
 
 
 def test_rows_kept_across_anchors_stay_within_cache_bytes():
-    """The passes kept for later anchors share ``cache_bytes`` with the anchor's own (dropped oldest first);
-    the row index names live passes only."""
+    """The passes kept for later anchors share ``cache_bytes`` with the anchor's own (the least recently used
+    dropped first); the row index names live passes only; a pass too big to keep is loaded chunk by chunk,
+    not assembled from kept rows; and a dataset whose row index (8 bytes an example) would be more than a
+    sixteenth of ``cache_bytes`` keeps rows within an anchor only."""
     from crestcore.adapters.torch import TorchModelOps
 
     X, y = make_data()
-    budget = 40 * D_IN * 4 * 5  # about five passes of 40 examples
-    ops = TorchModelOps(mlp(), _Reads(X, y), batch_size=16, cache_bytes=budget)
+    wide = X.repeat(1, 8)  # 48 features: 192 bytes an example
+
+    def forward(model, batch):
+        return model(batch[0][:, :D_IN])
+
+    budget = 40 * 192 * 5  # five passes of 40 examples; the index of 240 examples (1,920 bytes) is allowed
+    ds = _Reads(wide, y)
+    ops = TorchModelOps(mlp(), ds, batch_size=16, cache_bytes=budget, forward=forward)
     for idx in _passes(3, 40):
         ops.new_anchor()
         ops.outputs(idx)
         assert sum(ops._cache_sizes.values()) <= budget
         live = set(ops._serial_key)
         assert set(np.unique(ops._row_pass[ops._row_pass >= 0]).tolist()) <= live
+        held = np.flatnonzero(ops._row_pass >= 0)
+        for serial in live:  # each entry names a pass that holds that very example at that row
+            keys, order, _, _ = ops._cache[ops._serial_key[serial]]
+            mine = held[ops._row_pass[held] == serial]
+            assert np.array_equal(keys[np.searchsorted(keys, mine)], mine)
     assert ops._static is True and 1 < len(ops._cache) <= 5
+    big = np.arange(0, N, 2)[:110]  # 110 examples, 21 kB: more than half the cache, so not kept
+    ops.new_anchor()
+    before = ds.reads
+    ops.outputs(big)
+    assert ds.reads - before == big.size  # loaded chunk by chunk, as before: nothing assembled
+
+    small = TorchModelOps(mlp(), _Reads(X, y), batch_size=16, cache_bytes=8 * N * 16 - 1)
+    assert small._static is False  # the index would be over a sixteenth of the cache
+    for idx in _passes(4, 5):
+        small.new_anchor()
+        small.outputs(idx)
+    assert small._row_pass is None and all(v[3] == small._gen for v in small._cache.values())
 
 
 def test_a_forward_that_changes_its_input_in_place_does_not_change_the_kept_rows():
