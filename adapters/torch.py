@@ -497,7 +497,7 @@ def _nbytes(batch) -> int:
 
 def _rows_tree(batches: list, take=None, counts=None):
     """Collated batches joined along their first dimension (``take`` None), or the rows ``take`` (a
-    slice or an int64 index tensor) of one joined batch; tensors nested in tuples, lists, NamedTuples and
+    slice or an integer index tensor) of one joined batch; tensors nested in tuples, lists, NamedTuples and
     dicts. None when a leaf is not a tensor with a row per example (it cannot be indexed by example): with
     ``counts`` (the examples of each batch), a leaf whose first dimension is not its batch's example count
     (a sequence-first layout, a shared tensor) is not one."""
@@ -581,7 +581,8 @@ _VERIFY_ROWS, _SPOT_ROWS = 512, 8
 # examples per measurement forward on the CPU when none is given (TorchModelOps' batch_size)
 CPU_MEASURE_BATCH = 128
 
-# the most passes kept at once (they are dropped oldest first, and when their bytes exceed cache_bytes):
+# the most passes kept at once (the least recently used are dropped first, also when their bytes exceed
+# cache_bytes):
 # a selection keeps its forward and, with just-in-time coresets, one pass per coreset
 _CACHE_PASSES = 256
 
@@ -762,7 +763,8 @@ class TorchModelOps:
         or items changed in place during training, can go unnoticed: give such a dataset
         ``cache_bytes=0``. The passes of earlier anchors share ``cache_bytes`` (the least recently used
         dropped first); the row index this needs (8 bytes an example) is kept only where it is at most a
-        sixteenth of ``cache_bytes``.
+        sixteenth of ``cache_bytes``. Set at construction: changing the attribute later takes effect only at
+        the next pass kept, and never turns the index on or off.
     collate_fn : as for a ``DataLoader``; default ``default_collate``.
     reuse_checks : let a trust check at unchanged parameters take the last check's measurement (default
         True; see :meth:`state_token`); False: every check measures.
@@ -1232,6 +1234,7 @@ class TorchModelOps:
                     where = np.empty(idx.size, np.int64)
                     where[np.concatenate([at for at, _ in pieces])] = np.arange(idx.size)
                     full = _rows_tree(joined, torch.from_numpy(where))
+                    del loaded, kept, pieces, joined  # only the assembled pass stays alive while it is measured
                     for a, b in spans:
                         yield _rows_tree(full, slice(a, b))
                     return
@@ -1611,7 +1614,8 @@ class TorchModelOps:
             at = np.minimum(np.searchsorted(keys, idx), keys.size - 1)
             if np.array_equal(keys[at], idx):
                 # marked as used, as the pass it stands for would mark it: a check answered from the last one
-                # must leave the kept passes in the order a measured one leaves them (the oldest goes first)
+                # must leave the kept passes in the order a measured one leaves them (the least recently used
+                # goes first)
                 self._cache.move_to_end(key)
                 return self._cache_serial.get(key)
         return None
