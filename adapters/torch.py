@@ -746,9 +746,8 @@ class TorchModelOps:
         ``CPU_MEASURE_BATCH`` (128) when measuring on the CPU, 512 on an accelerator: on the CPU a forward
         over 512 examples at once took 1.1-2.5 times as long as four of 128 on convolutional models and up to
         1.2 times on a transformer (large activations allocated afresh at every call), and 1-15 % less on
-        an MLP
-        (docs/benchmarks.md, "Measurement chunks on the CPU"). The gradient and Hessian-vector passes of
-        the model fit use the same chunks.
+        an MLP (docs/benchmarks.md, "Measurement chunks on the CPU"). The gradient and Hessian-vector
+        passes of the model fit use the same chunks.
     num_workers : worker processes that load the examples of the measurement passes (a persistent
         ``DataLoader`` with this ``collate_fn``, chunks in order); 0 (default) loads them in this process.
     cache_bytes : host memory for the collated batches of recent measurement passes (default 256 MiB; 0

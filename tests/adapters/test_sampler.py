@@ -524,8 +524,9 @@ def _passes(seed, k, size=40):
 
 def test_a_deterministic_dataset_s_rows_serve_later_anchors_with_the_same_outputs():
     """Rows kept across anchors once the dataset proves deterministic: an example loaded again must give
-    its kept rows bit for bit (256 of them), then later anchors' passes load only the examples no kept pass
-    holds, and 8 held ones to compare. Every pass measures what a pass without any cache measures."""
+    its kept rows bit for bit (512 distinct ones, or half the dataset: 120 here), then later anchors' passes
+    load only the examples no kept pass holds, and 8 held ones to compare. Every pass measures what a pass
+    without any cache measures."""
     from crestcore.adapters.torch import TorchModelOps
 
     X, y = make_data()
