@@ -1189,6 +1189,12 @@ class TorchModelOps:
             out.append((at, _rows_tree(self._cache[key][2], rows)))
         return out
 
+    def _as_kept(self, idx: np.ndarray, where: np.ndarray, fresh, fresh_of: np.ndarray) -> bool:
+        """Whether the rows just loaded for ``idx[where]`` (``fresh``, whose rows are the examples
+        ``idx[fresh_of]`` in that order, ``fresh_of`` sorted) equal the kept rows, bit for bit."""
+        return all(_same_rows(rows, _rows_tree(fresh, torch.from_numpy(np.searchsorted(fresh_of, at))))
+                   for at, rows in self._kept_rows(idx, where))
+
     def _verify(self, idx: np.ndarray, joined) -> None:
         """Compare the rows a pass loaded (``joined``, in ``idx``'s order) for examples a kept pass holds with
         the kept rows: any difference (random transforms) keeps rows within an anchor only; after
@@ -1197,10 +1203,9 @@ class TorchModelOps:
         if self._row_pass is None:
             return
         hit = np.flatnonzero(self._row_pass[idx] >= 0)
-        for at, rows in self._kept_rows(idx, hit):
-            if not _same_rows(rows, _rows_tree(joined, torch.from_numpy(at))):
-                self._not_static()
-                return
+        if not self._as_kept(idx, hit, joined, np.arange(idx.size)):  # joined: a row per position of idx
+            self._not_static()
+            return
         self._verified.update(idx[hit].tolist())
         if len(self._verified) >= min(_VERIFY_ROWS, max(self.n // 2, 1)):
             self._static = True
@@ -1223,39 +1228,45 @@ class TorchModelOps:
         sub_spans = list(_common.chunk_spans(sub.size, self.batch_size))
         loaded = _rows_tree(list(self._host_batches(sub, sub_spans)), counts=[b - a for a, b in sub_spans])
         if loaded is not None:
-            kept = self._kept_rows(idx, np.sort(spot))
-            same = all(_same_rows(rows, _rows_tree(loaded, torch.from_numpy(np.searchsorted(load, at))))
-                       for at, rows in kept)
-            if same:
+            if self._as_kept(idx, np.sort(spot), loaded, load):
                 pieces = [(load, loaded)] + self._kept_rows(idx, np.setdiff1d(hit, spot))
                 joined = _rows_tree([rows for _, rows in pieces])
                 if joined is not None:
                     where = np.empty(idx.size, np.int64)
                     where[np.concatenate([at for at, _ in pieces])] = np.arange(idx.size)
                     full = _rows_tree(joined, torch.from_numpy(where))
-                    del loaded, kept, pieces, joined  # only the assembled pass stays alive while it is measured
+                    del loaded, pieces, joined  # only the assembled pass stays alive while it is measured
                     for a, b in spans:
                         yield _rows_tree(full, slice(a, b))
                     return
         self._not_static()
         yield from self._host_batches(idx, spans)
 
-    def _cached(self, idx: np.ndarray, spans):
-        """The host batches of ``idx`` taken from the most recent kept pass of this anchor that read all of
-        them, or None."""
+    def _covering_pass(self, idx: np.ndarray):
+        """``(key, rows)`` of the most recent kept pass of this anchor that read every example of ``idx``
+        (``rows``: their rows there), marked as used (the least recently used pass is dropped first); or
+        None."""
         for key in reversed(self._cache):
-            keys, order, joined, gen = self._cache[key]
+            keys, order, _, gen = self._cache[key]
             if gen != self._gen:
                 continue
             at = np.minimum(np.searchsorted(keys, idx), keys.size - 1)
-            if not np.array_equal(keys[at], idx):
-                continue
-            self._cache.move_to_end(key)
-            rows = order[at]
-            if key == idx.tobytes():  # the same pass again: slices, no copies
-                return (_rows_tree(joined, slice(a, b)) for a, b in spans)
-            return (_rows_tree(joined, torch.from_numpy(rows[a:b].copy())) for a, b in spans)
+            if np.array_equal(keys[at], idx):
+                self._cache.move_to_end(key)
+                return key, order[at]
         return None
+
+    def _cached(self, idx: np.ndarray, spans):
+        """The host batches of ``idx`` taken from the most recent kept pass of this anchor that read all of
+        them, or None."""
+        found = self._covering_pass(idx)
+        if found is None:
+            return None
+        key, rows = found
+        joined = self._cache[key][2]
+        if key == idx.tobytes():  # the same pass again: slices, no copies
+            return (_rows_tree(joined, slice(a, b)) for a, b in spans)
+        return (_rows_tree(joined, torch.from_numpy(rows[a:b].copy())) for a, b in spans)
 
     def _host_batches(self, idx: np.ndarray, spans):
         if self.num_workers == 0:
@@ -1605,19 +1616,10 @@ class TorchModelOps:
         """The number of the kept pass :meth:`_cached` would serve ``idx`` from (the most recent that read
         them all; every pass kept gets a new number, so a pass over the same examples kept again, with
         other random transforms, is another), or None. The pass is marked as used, as :meth:`_cached` marks
-        it."""
-        for key in reversed(self._cache):
-            keys, _, _, gen = self._cache[key]
-            if gen != self._gen:
-                continue
-            at = np.minimum(np.searchsorted(keys, idx), keys.size - 1)
-            if np.array_equal(keys[at], idx):
-                # marked as used, as the pass it stands for would mark it: a check answered from the last one
-                # must leave the kept passes in the order a measured one leaves them (the least recently used
-                # goes first)
-                self._cache.move_to_end(key)
-                return self._cache_serial.get(key)
-        return None
+        it: a check answered from the last one must leave the kept passes in the order a measured one
+        leaves them."""
+        found = self._covering_pass(idx)
+        return None if found is None else self._cache_serial.get(found[0])
 
     def _weighted_losses(self, batch, idx, w, a, b, N):
         z = self._logits(batch, b - a)

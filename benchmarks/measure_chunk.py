@@ -15,11 +15,14 @@ difference of the outputs from the 512-chunk outputs (floating-point rounding on
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
+from pathlib import Path
+
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.append(_HERE)
 
 CHUNKS = (128, 256, 512)
 
@@ -97,31 +100,34 @@ def child(threads: int, rounds: int) -> list[dict]:
     return out
 
 
+def _child(args) -> dict:
+    """One thread count in a fresh process (``e2e.run_child``): ``args`` is ``[threads, rounds]``."""
+    return {"rows": child(int(args[0]), int(args[1]))}
+
+
 def main(argv=None) -> int:
+    from e2e import answer_child, md_row, publish, run_child
+
+    if answer_child(argv, _child):
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--json", help="write every row here")
-    ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    if a.child is not None:
-        print(json.dumps(child(a.child, a.rounds)))
-        return 0
     rows = []
     for t in (int(x) for x in a.threads.split(",")):
         env = dict(os.environ, OMP_NUM_THREADS=str(t), MKL_NUM_THREADS=str(t))
-        res = subprocess.run([sys.executable, __file__, "--child", str(t), "--rounds", str(a.rounds)], env=env,
-                             capture_output=True, text=True, check=True)
-        rows += json.loads(res.stdout.strip().splitlines()[-1])
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"args": vars(a), "load_average": os.getloadavg(), "rows": rows}, f, indent=1)
-    print("| model | threads | " + " | ".join(f"chunks of {c} (ms)" for c in CHUNKS) + " | 512 / 128 | outputs' largest relative difference |")
-    print("|---|---|" + "---|" * len(CHUNKS) + "---|---|")
+        rows += run_child(__file__, [str(t), str(a.rounds)], env=env, timeout=3600, what=f"{t} thread(s)")["rows"]
+    lines = [md_row("model", "threads", *(f"chunks of {c} (ms)" for c in CHUNKS), "512 / 128",
+                    "outputs' largest relative difference"),
+             "|---|---|" + "---|" * len(CHUNKS) + "---|---|"]
     for r in rows:
         ms = {int(k): v for k, v in r["ms"].items()}
-        print(f"| {r['model']} | {r['threads']} | " + " | ".join(f"{ms[c]:.2f}" for c in CHUNKS)
-              + f" | {ms[512] / ms[128]:.2f}x | {r['max_rel_diff']:.1e} |")
+        lines.append(md_row(r["model"], r["threads"], *(f"{ms[c]:.2f}" for c in CHUNKS), f"{ms[512] / ms[128]:.2f}x",
+                            f"{r['max_rel_diff']:.1e}"))
+    publish("\n".join(lines), json_path=a.json,
+            payload={"args": vars(a), "load_average": os.getloadavg(), "rows": rows})
     return 0
 
 
