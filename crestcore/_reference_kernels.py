@@ -14,11 +14,15 @@ These have exactly the names and signatures of the kernels in ``crestcore.backen
     ``similarity_batched``, ``greedy_batched`` and ``assign_batched`` in one call (the Numba backend
     fuses them and never forms the (B, n, n) similarities; its results are bit-for-bit those of its
     three kernels).
-``draw_stratified(members, starts, r_c, draws) -> (P, r) int64`` (host NumPy only)
+``draw_stratified(pool, cls, r_c, draws) -> (P, r) int64`` (host NumPy only)
     the subsets of :func:`crestcore.minibatch.draw_subsets` from pre-drawn Floyd draws.
 ``order_scores(D, cols, offsets, kernel, bound, scale) -> (objectives, weights, gains)`` (host NumPy only)
     objective, cluster sizes and gains of ordered pick lists on a distance block (see
     :func:`crestcore.facility.score_orders`).
+``finite_abs_max(X) -> float`` (host NumPy only)
+    ``max |x|`` over the float array, ``inf`` when an entry is NaN or infinite (the features' check).
+``class_counts(labels, limit) -> (C,) int64`` (host NumPy only)
+    ``bincount(labels)`` when every label lies in ``[0, limit)``, else an empty array.
 
 Conventions shared by every implementation
 -------------------------------------------
