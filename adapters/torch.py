@@ -2127,11 +2127,15 @@ class CrestLoader(BudgetedPasses):
         self._observe(self._batch.indices, losses)
 
     def _observe(self, indices: np.ndarray, losses, step: int | None = None) -> None:
-        """Check and record the training losses of the examples ``indices`` (host int64); ``step`` (for
-        the error message) defaults to the batch handed out last."""
-        vals = _observed_losses(losses, indices.size, self._position - 1 if step is None else step, "CREST")
+        """Check and record the training losses of the examples ``indices`` (host int64), trained in the
+        batch handed out at run position ``step`` (default the batch handed out last): recorded at that
+        batch's step, named in the error message."""
+        last = self._position - 1
+        vals = _observed_losses(losses, indices.size, last if step is None else step, "CREST")
         if self.config.T2 is not None:  # the loss history only feeds drop decisions
-            self._state = crest_observe(self._state, indices, vals)
+            # the controller's step of that batch: the batch handed out last is at its current step
+            at = None if step is None else self._state.step - (last - step)
+            self._state = crest_observe(self._state, indices, vals, step=at)
 
     @property
     def stats(self) -> dict:

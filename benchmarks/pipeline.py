@@ -106,7 +106,8 @@ def run_one(method: str, seed: int, a) -> dict:
             jit = dict(checks="reuse")
         cfg = CrestConfig(m=a.m, max_overhead=a.cap if method == "crest-cap" else None, **jit)
         sampler = CrestBatchSampler(model, train_set, config=cfg, budget=a.budget, epochs=a.epochs,
-                                    seed=seed, measure_dataset=measure_set, measure_batch_size=256,
+                                    seed=seed, measure_dataset=measure_set,
+                                    measure_batch_size=getattr(a, "measure_batch_size", None),
                                     measure_workers=0 if method in ("crest-inproc", "crest-reuse") else a.measure_workers,
                                     budget_counts="passes" if method == "crest-passes" else "steps")
         loader = sampler.dataloader(**kw)
@@ -154,6 +155,12 @@ def run(a) -> list[dict]:
     return rows
 
 
+def _chunk(a) -> str:
+    """The measurement chunk a run used, in the table's words (runs saved before the option passed 256)."""
+    size = getattr(a, "measure_batch_size", 256)
+    return "the default chunk (128 examples on the CPU)" if size is None else f"`measure_batch_size={size}`"
+
+
 def table(rows: list[dict], a, command: str) -> str:
     from e2e import md_row
 
@@ -172,7 +179,7 @@ def table(rows: list[dict], a, command: str) -> str:
         f"{os.getloadavg()[0]:.1f} at the end). {a.n} Fashion-MNIST images, uint8, normalised and randomly "
         f"flipped in `__getitem__`; `DataLoader(num_workers={a.workers}, persistent_workers=True)` for every "
         f"method; CREST through `CrestBatchSampler` (measurement passes: `measure_workers={a.measure_workers}`, "
-        f"no flip), `CrestConfig(m={a.m})` defaults. {a.epochs} epochs, m = {a.m}, budget {a.budget}, "
+        f"{_chunk(a)}, no flip), `CrestConfig(m={a.m})` defaults. {a.epochs} epochs, m = {a.m}, budget {a.budget}, "
         f"OneCycle lr {a.lr} for every method (not tuned per method: this measures wall clock; the "
         f"accuracies are indicative), one intra-op thread. Mean +- standard error over {a.seeds} seeds; "
         f"every run below.",
@@ -221,6 +228,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--measure-workers", type=int, default=2)
+    ap.add_argument("--measure-batch-size", type=int, default=None,
+                    help="chunk of the measurement passes (default: the sampler's own, 128 examples on the CPU; "
+                         "the runs before 2026-12-03 passed 256)")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--cap", type=float, default=0.5, help="max_overhead of the crest-cap row")
     a = parse_with_outputs(ap, argv, "pipeline-bench", "write every run here")

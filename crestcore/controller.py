@@ -1277,8 +1277,11 @@ def crest_parameters_changed(state: CrestState) -> CrestState:
     return state._replace(need_select=True, quad=None, anchor=None, h_norm_0=math.nan)
 
 
-def crest_observe(state: CrestState, indices, losses) -> CrestState:
-    """Record per-example training losses (measured at the current step) for the drop policy.
+def crest_observe(state: CrestState, indices, losses, step: int | None = None) -> CrestState:
+    """Record per-example training losses for the drop policy, as measured at ``step``: the step of the
+    batch they were trained on (default ``state.step``, the batch handed out last). A loop whose loader
+    fetches batches ahead of training (a ``DataLoader`` with workers) passes the trained batch's own step,
+    which is at most ``state.step``.
 
     Examples
     --------
@@ -1290,7 +1293,11 @@ def crest_observe(state: CrestState, indices, losses) -> CrestState:
     array([ nan, 0.02,  nan, 0.7 ])
     """
     _arguments("crest_observe", state)
-    return state._replace(drop=drop_record(state.drop, indices, losses, state.step))
+    if step is None:
+        step = state.step
+    elif isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step <= state.step:
+        raise ValueError(f"step must be an integer in [0, {state.step}] (a batch handed out already), got {step!r}")
+    return state._replace(drop=drop_record(state.drop, indices, losses, int(step)))
 
 
 def crest_stats(state: CrestState) -> dict:

@@ -227,7 +227,9 @@ def drop_record(state: DropState, indices, losses, step: int) -> DropState:
     """Record per-example ``losses`` of examples ``indices`` measured at ``step``. Returns the new state.
 
     A repeated index within one call keeps its last loss; a second record of an example at the same
-    step replaces the first (one measurement per step counts once towards ``min_records``).
+    step replaces the first, also when records of later steps came in between (one measurement per step
+    counts once towards ``min_records``). Steps may come in any order; the ring keeps the last ``history``
+    records in the order they came.
 
     O(batch): the rows of ``indices`` are written in place into ``state``'s buffers, which the returned
     state shares; ``state`` is consumed and must not be used afterwards (keep a snapshot with
@@ -287,11 +289,13 @@ def drop_record(state: DropState, indices, losses, step: int) -> DropState:
         head = np.array(state.head, dtype=np.int64)
         clock = np.zeros(1, dtype=np.int64)
     assert clock is not None  # owned states hold a clock (_owned checked it)
-    # a second measurement at the same step replaces the first: one step, one record
+    # a second measurement at the same step replaces the first wherever it sits in the ring (records may come
+    # out of step order: a training loss observed a few steps after its batch was handed out, behind the
+    # measurements of the steps handed out since): one step, one record
     h = head[idx]  # idx holds no repeats: every gather and scatter below touches each row once
-    prev = (h - 1) % H
-    same = (h > 0) & (S[idx, prev] == step)
-    slot = np.where(same, prev, h % H)
+    match = S[idx] == step  # (k, H); empty slots hold -1, never a step
+    same = match.any(axis=1)
+    slot = np.where(same, match.argmax(axis=1), h % H)
     L[idx, slot] = vals
     S[idx, slot] = step
     head[idx] = h + np.where(same, 0, 1)

@@ -888,6 +888,30 @@ def test_a_drop_decision_that_drops_starts_a_new_selection():
     assert list(state.log["selections"])[:3] == [0, 3, 6]
 
 
+def test_crest_observe_records_at_the_step_it_is_given():
+    # a loop whose loader fetches ahead passes the trained batch's step: the records carry it, a later step
+    # than the one handed out last (or a negative one, or a bool) is refused by name
+    cfg = CrestConfig(m=4, r=12, P=10, T1=50, tau=10.0, T2=100, drop=DropConfig(history=8))
+    ops = FakeOps(_labels(400))
+    state = crest_init(cfg, ops.labels, seed=5)
+    handed = []
+    for _ in range(4):
+        state, batch = crest_next_batch(state, ops, cfg)
+        handed.append(batch.indices)
+    assert state.step == 3
+    state = crest_observe(state, handed[0], np.full(handed[0].size, 7.0), step=0)
+    state = crest_observe(state, handed[1], np.full(handed[1].size, 8.0), step=np.int64(1))
+    for t, value in ((0, 7.0), (1, 8.0)):
+        rows = state.drop.losses[handed[t]]
+        steps = state.drop.steps[handed[t]]
+        assert ((rows == value) == (steps == t)).all() and (rows == value).any(axis=1).all()
+    state = crest_observe(state, handed[3], np.full(handed[3].size, 9.0))  # default: the step handed out last
+    assert (state.drop.steps[handed[3]][state.drop.losses[handed[3]] == 9.0] == 3).all()
+    for bad in (4, -1, True, 1.0):
+        with pytest.raises(ValueError, match=r"step must be an integer in \[0, 3\]"):
+            crest_observe(state, handed[2], np.full(handed[2].size, 1.0), step=bad)
+
+
 def _rare_class_labels():
     y = np.zeros(400, dtype=np.int64)
     y[:3] = 1  # a rare class

@@ -239,6 +239,25 @@ def test_a_second_record_at_the_same_step_replaces_the_first():
     assert w.head.tolist() == [3] and w.losses.tolist() == [[4.0, 2.0]] and w.steps.tolist() == [[2, 1]]
 
 
+def test_a_record_at_a_step_recorded_before_replaces_it_when_later_steps_came_in_between():
+    # a training loss observed after the batches handed out ahead of it were measured comes out of step
+    # order: its step's earlier record is replaced wherever it sits, so a step still counts once
+    cfg = DropConfig(alpha=0.1, window=10, history=4, min_records=2)
+    s = drop_init(2, cfg)
+    for step, loss in [(5, 0.01), (7, 0.02), (5, 0.5)]:  # step 5 again after step 7
+        s = drop_record(s, [0], [loss], step)
+    assert s.head.tolist() == [2, 0] and s.steps[0].tolist() == [5, 7, -1, -1]
+    np.testing.assert_array_equal(s.losses[0, :2], [0.5, 0.02])
+    assert drop_update(s, 8, cfg)[1].tolist() == []  # step 5's last loss (0.5) is not below alpha
+    s = drop_record(s, [0], [0.03], 3)  # an earlier step, new: appended
+    assert s.head.tolist() == [3, 0] and s.steps[0].tolist() == [5, 7, 3, -1]
+    # after the ring wrapped, the slot holding the step is the one replaced
+    w = drop_init(1, DropConfig(history=2, min_records=1))
+    for step, loss in [(4, 1.0), (6, 2.0), (8, 3.0), (6, 4.0)]:  # 4 overwritten by 8; 6 sits in slot 1
+        w = drop_record(w, [0], [loss], step)
+    assert w.head.tolist() == [3] and w.steps.tolist() == [[8, 6]] and w.losses.tolist() == [[3.0, 4.0]]
+
+
 def test_drop_record_accepts_torch_and_lists():
     cfg = DropConfig()
     a = drop_record(drop_init(3, cfg), torch.tensor([0, 2]), torch.tensor([0.5, 1.5], dtype=torch.float32), 1)
@@ -314,8 +333,8 @@ class RefRing:
             last[int(i)] = float(l)  # a repeated index keeps its last loss
         for i, l in last.items():
             h = self.head[i]
-            if h > 0 and self.S[i][(h - 1) % self.H] == step:  # same step: replace the newest record
-                self.L[i][(h - 1) % self.H] = l
+            if step in self.S[i]:  # a record at the same step (anywhere in the ring, at most one): replaced
+                self.L[i][self.S[i].index(step)] = l
             else:
                 self.L[i][h % self.H] = l
                 self.S[i][h % self.H] = step

@@ -31,6 +31,10 @@ def test_table_reports_every_method_and_run():
         assert f"| {m} |" in text
     assert text.count("\n| ") >= 2 * len(pipeline.METHODS) + len(pipeline.METHODS)
     assert "| full | 10.00 +- 0.00 | 1.50 +- 0.50 | 1.00 |" in text
+    # the measurement chunk the runs used: the saved runs before the option passed 256
+    assert "`measure_batch_size=256`" in text
+    assert "the default chunk (128 examples on the CPU)" in pipeline.table(rows, _args(measure_batch_size=None), "x")
+    assert "`measure_batch_size=64`" in pipeline.table(rows, _args(measure_batch_size=64), "x")
 
 
 @pytest.mark.skipif(not fashion_mnist_available(), reason="Fashion-MNIST is not installed")

@@ -1216,6 +1216,8 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
                 "Keras trained a step on a batch CrestCallback did not serve: pass crest.dataset as fit's x "
                 "(model.fit(crest.dataset, callbacks=[crest], ...))"
             )
+        # the batches in the queue are the last ones handed out, in order, the last at the controller's step
+        at = self._state.step - (len(self._queue) - 1 - self._queue.index(entry))
         self._queue.remove(entry)
         b = entry.batch
         self._position += 1
@@ -1227,7 +1229,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
             losses = self.ops.losses(b.indices)
             if not np.all(np.isfinite(losses)):
                 raise _common.measurement_error("losses", int((~np.isfinite(losses)).sum()), losses.size)
-            st = crest_observe(self._state, b.indices, losses)
+            st = crest_observe(self._state, b.indices, losses, step=at)  # the trained batch's step
             c = dict(st.counters)
             c["forward_examples"] += int(b.indices.size)
             self._state = st._replace(counters=c)

@@ -691,6 +691,26 @@ def test_dropping_gets_the_losses_of_the_trained_batches():
     json.dumps(s)  # plain data
 
 
+def test_the_losses_of_a_trained_batch_are_recorded_at_its_own_step(monkeypatch):
+    # the losses of the batch trained at run position t are recorded at step t, passed explicitly: the step of
+    # the batch handed out last when Keras fetches none ahead (as here), the trained batch's own when it does
+    # (the queue's order gives it; the torch sampler's prefetching case is tested in test_sampler.py)
+    X, y = digits(320)
+    cfg = CrestConfig(m=32, r=64, P=2, T1=3, T2=2, drop=DropConfig(alpha=1e-9, window=4, min_records=1))
+    seen = []
+    real = keras_adapter.crest_observe
+
+    def spy(state, indices, losses, step=None):
+        seen.append((np.asarray(indices).copy(), step))
+        return real(state, indices, losses, step=step)
+
+    monkeypatch.setattr(keras_adapter, "crest_observe", spy)
+    crest = fit(mlp(0), X, y, epochs=2, config=cfg)
+    assert len(seen) == len(crest.trained) == crest.position
+    for t, ((idx, step), (trained, _)) in enumerate(zip(seen, crest.trained)):
+        assert step == t and np.array_equal(idx, trained)
+
+
 def test_resume_continues_with_the_same_batches(tmp_path):
     X, y = digits()
     straight = mlp(0, cls=keras.Sequential, momentum=0.9)

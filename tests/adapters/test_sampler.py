@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 from _helpers import torch_mlp, weighted_step  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, TensorDataset  # noqa: E402
 
-from crestcore import CrestConfig  # noqa: E402
+from crestcore import CrestConfig, DropConfig  # noqa: E402
 from crestcore.adapters.torch import CrestBatchSampler, CrestLoader, WeightedDataset, WeightedKey  # noqa: E402
 
 N, D_IN, C = 240, 6, 3
@@ -287,6 +287,30 @@ def test_dropping_through_workers_with_indices():
     assert ahead >= 9  # all but the last batch or two of each epoch
     st = s.stats
     assert st["step"] == 15 and st["drops"], st["drops"]
+
+
+def test_observed_losses_are_recorded_at_the_step_their_batch_trained():
+    """With batches fetched ahead, a trained batch's losses go into the loss history at that batch's step
+    (the drop rule's window and its one record a step), not at the step of the batch handed out last."""
+    X, y = make_data()
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = CrestConfig(m=24, r=60, T2=100, drop=DropConfig(history=32))  # no drop decision falls in the run
+    s = CrestBatchSampler(model, TensorDataset(X, y), config=cfg, budget=0.5, epochs=2, seed=0)
+    loader = s.dataloader(indices=True, num_workers=2, prefetch_factor=2)
+    t = lags = 0
+    for _ in range(2):
+        for x, yb, w, i in loader:
+            step(model, opt, x, yb, w)
+            sentinel = 1000.0 + t  # no measured loss is this large: the record is found by its value
+            lags += s.controller_state.step > t  # batches were handed out ahead of this one
+            s.observe(torch.full((i.numel(),), sentinel), indices=i)
+            drop = s.controller_state.drop
+            for j in i.tolist():
+                at = np.flatnonzero(drop.losses[j] == sentinel)
+                assert at.size == 1 and drop.steps[j, at[0]] == t, (t, j, drop.steps[j])
+            t += 1
+    assert lags >= 8 and t == s.stats["step"]
 
 
 def test_observe_with_indices_and_bad_arguments():
