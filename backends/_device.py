@@ -543,8 +543,10 @@ def _stochastic_pick(F: Features, taken, cover, u_t):
     the lowest index among the best sampled candidates."""
     ops, xp = F.ops, F.xp
     free = ~taken
-    R = xp.sum(ops.astype(free, ops.float64))
-    pos = ops.astype(xp.minimum(xp.floor(ops.astype(u_t, ops.float64) * R), R - 1.0), ops.int64)
+    # the product in the draws' own dtype, as every other path takes it (_stochastic_mask, the reference, the
+    # Numba kernels): in float64 a float32 draw just below an integer position rounded to another candidate
+    R = xp.sum(ops.astype(free, u_t.dtype))
+    pos = ops.astype(xp.minimum(xp.floor(u_t * R), R - 1), ops.int64)
     cands = ops.searchsorted(xp.cumsum(ops.astype(free, ops.int64), axis=0), pos + 1)
     full = ops.full((F.n,), -math.inf, F.dt, F.dev)
     full[cands] = F.gains(cands, cover)  # duplicates carry equal values

@@ -434,7 +434,7 @@ def facility_location(
     out_gain: list[Any] = [None] * n_prob
     out_w: list[Any] = [None] * n_prob
     out_obj: list[Any] = [None] * n_prob
-    u_all = stochastic_draws(gen, sizes, budgets, eps) if gen is not None else None
+    u_all = stochastic_draws(gen, sizes, budgets, eps) if optimizer == "stochastic" and gen is not None else None
 
     plan_text = ""
     if auto or neighbors is not None:

@@ -356,7 +356,9 @@ def minibatch_coresets(
     rows : optional 1-D array of P distinct non-negative integers, with ``subsets``: the rows' numbers in a
         larger set of subsets (default ``0..P-1``). The random rounding of row p's class budgets depends
         only on ``rng`` and p, so solving a share of the rows (one process of several) gives those rows'
-        coresets of the call that solves them all.
+        coresets of the call that solves them all, with ``optimizer="lazy"`` or ``"naive"``; not with
+        ``"stochastic"``, whose draws are made for all the call's problems at once (they depend on which rows
+        the call holds).
     max_dense_bytes : memory guard (default None: a quarter of the memory available now where the
         features live, as for :func:`crestcore.facility_location`). All problems are solved densely in one batch; when
         their padded similarity matrices with the solver's work buffers (1.25x the similarities on the

@@ -781,3 +781,22 @@ def test_bfloat16_host_features_of_jax_take_the_numba_route_and_numpy_bfloat16_i
     assert a.weights.dtype == jnp.bfloat16
     with pytest.raises(TypeError, match="NumPy bfloat16 array"):
         crestcore.facility_location(X.astype(ml_dtypes.bfloat16), 5)
+
+
+def test_a_generator_passed_to_an_optimizer_that_draws_nothing_is_not_advanced():
+    # rng is only used by "stochastic": lazy and naive (and CRAIG's lazy per-class solves) leave a shared
+    # Generator's stream where it was, as the docs say, with the same picks
+    from crestcore.baselines import craig
+
+    X = np.random.default_rng(7).normal(size=(60, 3))
+    y = np.arange(60) % 3
+    for call in (lambda g: crestcore.facility_location(X, 5, rng=g),
+                 lambda g: crestcore.facility_location(X, 5, optimizer="naive", rng=g), lambda g: craig(X, y, 6, rng=g)):
+        g = np.random.default_rng(0)
+        before = g.bit_generator.state
+        out = call(g)
+        assert g.bit_generator.state == before
+        np.testing.assert_array_equal(np.asarray(out.indices), np.asarray(call(None).indices))
+    g = np.random.default_rng(0)
+    crestcore.facility_location(X, 5, optimizer="stochastic", rng=g)
+    assert g.bit_generator.state != np.random.default_rng(0).bit_generator.state  # the draws come from it

@@ -122,7 +122,9 @@ def glister(
 
         gain_j(S) = L_V(theta_S) - L_V(theta_S - eta g_j) + O(eta^2) = eta * g_j . grad L_V(theta_S).
 
-    Greedy adds the best gain (ties: lowest index), then recomputes the validation logits at
+    Greedy adds the best gain (ties in the computed gains: lowest index; the gains come from one
+    matrix-vector product, whose BLAS may round bit-identical rows an ulp apart, so a later duplicate
+    example can win), then recomputes the validation logits at
     ``theta_S`` (``z_v - eta G_S e_v`` for the last linear layer's weight, ``z_v - eta G_S`` for a bias
     on the logits, where ``G_S = sum_S g_j``) and the validation gradient there; the training gradients
     are not recomputed (that is the approximation).

@@ -571,7 +571,9 @@ def gradmatch(
     first. ``weights`` the fitted w (sum semantics: ``sum_S w_j g_j``
     approximates ``sum_i g_i``; when a class's gradients form tight clusters they approach the cluster
     sizes, but in general they need not sum to the class size). ``gains`` the decrease of J at
-    the step the pick was added (so they sum to the objective unless a pick retired on the way).
+    the step the pick was added (so they sum to the objective unless a pick retired on the way; with
+    ``per_batch`` every example of a picked batch carries its batch's gain, so the gains of the distinct
+    batches sum to it).
     ``objective`` the explained amount ``sum_c (||b_c||^2 - J_c)`` at the end (the final regularised
     error of class c is ``||b_c||^2`` minus its share).
 

@@ -541,3 +541,17 @@ def test_duplicate_points_tie_to_the_lowest_index_on_every_backend(seed, n, leve
             assert all(q in picks[: picks.index(p)] for q in earlier), (p, twins.tolist(), picks)
     # torch and the reference on torch run the same operations: the same picks
     assert torch.equal(results[2].indices, results[3].indices)
+
+
+def test_a_float32_draw_just_below_a_position_picks_the_candidate_every_path_picks():
+    # min(floor(u * R), R - 1) in the draw's own dtype, as the reference, the Numba kernels and the dense
+    # path take it: in float64 this draw (just below 17 / 1000) mapped to position 16, in float32 to 17
+    R = 1000
+    u = np.nextafter(np.float32(17 / R), np.float32(0))
+    assert np.floor(u * np.float32(R)) == 17 and np.floor(np.float64(u) * R) == 16
+    X = np.random.default_rng(0).normal(size=(R, 2)).astype(np.float32)
+    U = np.full((1, 1), u, dtype=np.float32)
+    want = ref.greedy_features(X, 1, "euclidean", "max-minus", 1.0, "stochastic", U, 256)[0]
+    got = tk.greedy_features(torch.from_numpy(X), 1, "euclidean", "max-minus", 1.0, "stochastic",
+                             torch.from_numpy(U), 256)[0]
+    assert want.tolist() == [17] and got.tolist() == [17]
