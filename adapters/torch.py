@@ -2131,11 +2131,14 @@ class CrestLoader(BudgetedPasses):
         batch handed out at run position ``step`` (default the batch handed out last): recorded at that
         batch's step, named in the error message."""
         last = self._position - 1
-        vals = _observed_losses(losses, indices.size, last if step is None else step, "CREST")
+        step = last if step is None else step
+        vals = _observed_losses(losses, indices.size, step, "CREST")
         if self.config.T2 is not None:  # the loss history only feeds drop decisions
-            # the controller's step of that batch: the batch handed out last is at its current step
-            at = None if step is None else self._state.step - (last - step)
-            self._state = crest_observe(self._state, indices, vals, step=at)
+            # the controller's step of that batch: the batch it made last is at its current step, and that is
+            # the last one handed out, or (while batches of a rewind or a checkpoint are handed out again)
+            # the last of those still pending
+            newest = last + len(self._pending)
+            self._state = crest_observe(self._state, indices, vals, step=self._state.step - (newest - step))
 
     @property
     def stats(self) -> dict:
@@ -2361,6 +2364,7 @@ class CrestBatchSampler(CrestLoader):
         self._handed_epoch: list[int] = []  # the epoch of the pass that handed out each
         self._handed_from = 0  # the run position of _handed[0]
         self._observed_step = -1  # the step of the batch observe(indices=) got last (for its error message)
+        self._unmatched_warned = False
         self._ahead = 64  # batches a DataLoader may fetch ahead (its workers x prefetch_factor, at least 64)
         self._loader_ahead = 0  # the batches the DataLoader that called iter() last fetches ahead
         self._pass_ahead = 0  # ... and that of the DataLoader the running pass hands its batches to
@@ -2492,6 +2496,12 @@ class CrestBatchSampler(CrestLoader):
                      if np.array_equal(self._handed[i].indices, idx)), None)
         if step is not None:
             self._observed_step = step
+        elif self.config.T2 is not None and not self._unmatched_warned:
+            self._unmatched_warned = True
+            warnings.warn(
+                "observe(indices=...) got indices that are no batch handed out since the last one observed (not "
+                "this sampler's batch, or a batch observed twice): its losses are recorded at the step of the "
+                "batch handed out last (warned once)", stacklevel=2)
         self._observe(idx, losses, step)
 
     def state_dict(self, trained: int | None = None) -> dict:

@@ -52,7 +52,9 @@ class DropConfig:
     alpha : an example is learned when all its losses in the window are below alpha (strictly).
     window : a decision at step ``t`` looks at the records of steps ``t - window`` to ``t``, both
         included (``window + 1`` steps): with ``window = T2`` it sees the records made at the previous
-        decision's step. Records after ``t`` are ignored.
+        decision's step. Records after ``t`` are ignored. A loop whose loader fetches batches ahead of training
+        records a trained batch's losses at its own step after the decision at a later step was made: with
+        a lag of ``k`` batches, ``window >= T2 + k`` lets the next decision see them.
     history : losses kept per example (a ring buffer: older records are forgotten even in the window).
     min_records : in-window records an example needs before it can be learned (one per step).
     floor, min_per_class : the pool never shrinks below ``floor`` examples, no class below

@@ -313,6 +313,39 @@ def test_observed_losses_are_recorded_at_the_step_their_batch_trained():
     assert lags >= 8 and t == s.stats["step"]
 
 
+@pytest.mark.parametrize("with_indices", [True, False])
+def test_batches_handed_out_again_after_rewind_record_their_own_steps(with_indices):
+    """After ``rewind`` the untrained batches come again: their losses go to the steps the controller made
+    them at (not after its newest batch), and the batches after them to the steps that follow."""
+    X, y = make_data()
+    cfg = CrestConfig(m=24, r=60, T2=100, drop=DropConfig(history=32))
+    s = CrestBatchSampler(mlp(), TensorDataset(X, y), config=cfg, budget=0.5, epochs=2, seed=0)
+    it = iter(s)
+    made = [np.array([k[0] for k in next(it)]) for _ in range(5)]  # controller steps 0..4
+    for t in range(2):
+        s.observe(torch.full((24,), 1000.0 + t), indices=torch.from_numpy(made[t]))
+    s.rewind(2)  # batches 2-4 were not trained: handed out again, first
+    batches = (b for _ in range(2) for b in s)  # the rest of the first epoch (2-4), then the second (5-9)
+    t = 1
+    for t, b in zip(range(2, 10), batches):  # each observed before the next is handed out
+        idx = np.array([k[0] for k in b])
+        if t < 5:
+            np.testing.assert_array_equal(idx, made[t])
+        losses = torch.full((24,), 1000.0 + t)
+        s.observe(losses, indices=torch.from_numpy(idx)) if with_indices else s.observe(losses)
+        drop = s.controller_state.drop
+        for j in idx.tolist():
+            at = np.flatnonzero(drop.losses[j] == 1000.0 + t)
+            assert at.size == 1 and drop.steps[j, at[0]] == t, (t, j, drop.steps[j])
+    assert t == 9
+    if with_indices:  # indices that are no batch handed out since: recorded at the last step, warned once
+        with pytest.warns(UserWarning, match="no batch handed out since"):
+            s.observe(torch.zeros(2), indices=torch.tensor([0, 1]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            s.observe(torch.zeros(2), indices=torch.tensor([0, 1]))
+
+
 def test_observe_with_indices_and_bad_arguments():
     X, y = make_data()
     ds = TensorDataset(X, y)
