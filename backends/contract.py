@@ -11,7 +11,8 @@ One module that the dispatch (``crestcore.backends``), every backend module and 
   ``|a|^2 + |b|^2 - 2 a.b`` within ``SNAP_ULPS * eps * (|a|^2 + |b|^2)`` of 0 is exactly 0, so identical
   points are at distance 0 on every backend;
 * stochastic greedy's sampling rule (:func:`sample_size`): each step looks at
-  ``ceil(n / k * ln(1 / epsilon))`` random remaining candidates (at least one, at most n);
+  ``ceil(n / k * ln(1 / epsilon))`` random remaining candidates (at least one, at most n), at positions
+  ``floor(u * R)`` of the ``R`` remaining, the product in the draws' dtype (:func:`draw_bits`);
 * the capability table (:data:`CAPABILITIES`): per backend, the array library it serves, the floating
   dtypes it computes in, the devices and the kernels it offers. The dispatch maps namespaces to modules
   from it, the docs print it and the tests check every module against it.
@@ -39,7 +40,8 @@ import numpy as np
 
 __all__ = [
     "KERNEL_NAMES", "SPARSE_KERNEL_NAMES", "HOST_KERNEL_NAMES", "SIGNATURES", "METRICS", "KERNELS",
-    "OPTIMIZERS", "SNAP_ULPS", "snap_tolerance", "exact_shift", "sample_sizes", "sample_size", "Capability", "CAPABILITIES",
+    "OPTIMIZERS", "SNAP_ULPS", "snap_tolerance", "exact_shift", "sample_sizes", "sample_size", "draw_bits",
+    "Capability", "CAPABILITIES",
     "backend_for_namespace",
 ]
 
@@ -165,6 +167,23 @@ def sample_size(n: int, k: int, epsilon: float) -> int:
     24
     """
     return int(sample_sizes([n], [k], epsilon)[0])
+
+
+# float32 reaches every position floor(u * R) of up to 2^24 remaining candidates (24 significand bits)
+FLOAT32_DRAW_LIMIT = 2**24
+
+
+def draw_bits(feature_bits: int, max_candidates: int) -> int:
+    """The width (32 or 64) of stochastic greedy's draws ``u`` and of the products ``u * R`` that map them
+    to candidates, for features computed in ``feature_bits`` and problems of at most ``max_candidates``
+    points: float64 for float64 features, and for float32 features once a problem has more than 2^24
+    points (in float32, ``u`` near 1 is spaced 2^-24, so ``floor(u * R)`` skips positions there and some
+    candidates could never be sampled); float32 otherwise.
+
+    >>> draw_bits(32, 60_000), draw_bits(64, 10), draw_bits(32, 2**24), draw_bits(32, 2**24 + 1)
+    (32, 64, 32, 64)
+    """
+    return 64 if int(feature_bits) >= 64 or int(max_candidates) > FLOAT32_DRAW_LIMIT else 32
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ Conventions shared by every implementation
   a candidate is accepted only when it beats every bound, ties included, by the same rule).
 * ``"stochastic"`` (Mirzasoleiman et al. 2015): at step ``t`` of problem ``b`` the candidates are the
   remaining ones at positions ``min(floor(u[b, t, q] * R), R - 1)`` (``R`` = number remaining,
-  ordered by index; the product is computed in u's dtype, where it can round up to R),
+  ordered by index; the product is computed in u's dtype, where it can round up to R; the caller
+  gives u the contract's ``draw_bits``: float64 for float64 or above 2^24 points, else float32),
   ``q = 0..s-1``; the best of those is picked. ``u`` holds uniform draws made by the caller's RNG, so
   every backend sees the same sample (``crestcore.facility.stochastic_draws``: for a step whose sample
   reaches the candidates remaining, draws that map to every one of them).

@@ -22,7 +22,7 @@ from . import _reference_kernels as ref
 from ._compat import detached, device_of, from_numpy, is_numpy_namespace, namespace, namespace_name, to_numpy
 from ._validation import (check_choice, check_class_budgets, check_epsilon, check_float_matrix, check_float_rows,
                           check_int, hamilton, isdtype, labels_to_host, make_rng)
-from .backends import exact_shift, get_host_kernel, sample_sizes
+from .backends import draw_bits, exact_shift, get_host_kernel, sample_sizes
 from .similarity import KERNELS, METRICS, kernel_scale, prepare, restore
 
 _log = logging.getLogger("crestcore")
@@ -184,6 +184,13 @@ def stochastic_draws(rng: np.random.Generator, sizes, budgets, epsilon: float) -
     return u
 
 
+def draws_on(xp, u_host: np.ndarray, X, max_candidates: int):
+    """The host draws ``u_host`` on X's device (X in its compute dtype, float32 or float64) in the contract's
+    draw dtype (``draw_bits``): X's, except float64 for float32 problems of more than 2^24 points."""
+    bits = draw_bits(int(xp.finfo(X.dtype).bits), max_candidates)
+    return xp.astype(from_numpy(u_host, xp, device_of(X)), xp.float64 if bits == 64 else xp.float32)
+
+
 def solve_batched(
     xp,
     X,
@@ -220,7 +227,7 @@ def solve_batched(
     """
     dev = device_of(X)
     budgets = from_numpy(budgets_host.astype(np.int64), xp, dev)
-    u = None if u_host is None else xp.astype(from_numpy(u_host, xp, dev), X.dtype)
+    u = None if u_host is None else draws_on(xp, u_host, X, int(X.shape[1]))
     if metric != "precomputed" and not force_reference:
         from crestcore.backends import get_kernel
 
@@ -472,7 +479,7 @@ def facility_location(
         Xp = xp.take(X, pidx, axis=0)
         u = None
         if u_all is not None:
-            u = xp.astype(from_numpy(u_all[p, : budgets[p]], xp, dev), X.dtype)
+            u = draws_on(xp, u_all[p, : budgets[p]], X, int(sizes[p]))
         gf = _kernel("greedy_features", xp, Xp, force_reference=force_ref)
         tile = max(64, int(max_dense_bytes // max(1, sizes[p] * itemsize * 4)))
         li, g, w, obj = gf(Xp, int(budgets[p]), metric, kernel, sc, optimizer, u, min(tile, 4096))
@@ -502,7 +509,7 @@ def facility_location(
                 nbr = np.zeros((n_p, 0), dtype=np.int64)
         u = None
         if u_all is not None:
-            u = xp.astype(from_numpy(u_all[p, : budgets[p]], xp, dev), X.dtype)
+            u = draws_on(xp, u_all[p, : budgets[p]], X, int(sizes[p]))
         assert kernel is not None  # the sparse path refuses metric="precomputed", so the kernel is set
         li, g_, w_, obj_ = solve_sparse(xp, Xp, nbr, int(budgets[p]), metric=metric, kernel=kernel, scale=sc,
                                         optimizer=optimizer, u=u, force_reference=force_ref)

@@ -313,6 +313,56 @@ def test_stochastic_draws_map_an_exact_steps_draws_to_every_remaining_candidate(
     assert s_b[0] < 50 and s_b[0] >= 50 - 44  # problem 0: sampled steps first, exact steps at the end
 
 
+def test_stochastic_draws_are_float64_above_float32s_reach(monkeypatch):
+    """Above 2^24 points a float32 ``u * R`` skips positions (``u`` near 1 is spaced 2^-24): some candidates
+    could never be sampled. The draws then take float64 on every path (dense batch, per class on the
+    matrix-free and sparse paths, minibatch coresets), float32 below it for float32 features. The limit
+    is lowered here so that small problems cross it; the draws that reach the kernels are recorded."""
+    import crestcore.backends.contract as contract
+    import crestcore.facility as fac
+    from crestcore.backends import draw_bits
+
+    # float32 cannot reach position R - 2 of R = 2^24 + 3 (the last draws below 1 all land on R - 1 or R - 3)
+    R = 2**24 + 3
+    top = np.nextafter(np.float32(1.0), np.float32(0.0))
+    reach32 = {int(np.floor(np.float32(top - i * np.float32(2.0**-24)) * np.float32(R))) for i in range(4)}
+    assert R - 2 not in reach32 and draw_bits(32, R) == 64 and draw_bits(32, 2**24) == 32
+
+    seen: list[tuple[int, str]] = []
+    real = fac.draws_on
+
+    def recording(xp, u_host, X, max_candidates):
+        u = real(xp, u_host, X, max_candidates)
+        seen.append((int(max_candidates), str(u.dtype).rsplit(".", 1)[-1]))
+        return u
+
+    monkeypatch.setattr(fac, "draws_on", recording)
+    monkeypatch.setattr(contract, "FLOAT32_DRAW_LIMIT", 40)
+    X = _features(4, 90, 3).astype(np.float32)
+    y = np.array([0] * 60 + [1] * 30)
+    cases = {
+        "dense": dict(labels=y),
+        "matrix-free": dict(labels=y, max_dense_bytes=1),
+        "sparse": dict(labels=y, neighbors=8),
+    }
+    for name, kw in cases.items():
+        seen.clear()
+        crestcore.facility_location(X, 10, optimizer="stochastic", rng=0, **kw)
+        assert seen, name
+        for size, dt in seen:
+            assert dt == ("float64" if size > 40 else "float32"), (name, size, dt)
+        assert {size for size, _ in seen} >= ({60, 30} if name != "dense" else {60}), (name, seen)
+    seen.clear()
+    crestcore.minibatch_coresets(X[:30], None, m=4, r=30, P=2, rng=0, optimizer="stochastic")
+    assert seen and all(dt == "float32" for _, dt in seen), seen
+    seen.clear()
+    crestcore.minibatch_coresets(X, None, m=4, r=60, P=2, rng=0, optimizer="stochastic")
+    assert seen and all(dt == "float64" for _, dt in seen), seen
+    seen.clear()
+    crestcore.facility_location(X.astype(np.float64), 5, optimizer="stochastic", rng=0, max_dense_bytes=1)
+    assert seen == [(90, "float64")]
+
+
 def test_stochastic_is_reproducible_from_the_seed():
     X = _features(2, 50, 3)
     a = crestcore.facility_location(X, 6, optimizer="stochastic", rng=123)
