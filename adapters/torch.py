@@ -377,6 +377,21 @@ def _double_backward_attention():
     return sdpa_kernel([SDPBackend.MATH])
 
 
+def _running_stats(model: nn.Module) -> list:
+    """``(name, buffer)`` of the model's normalisation running statistics, which its training forwards move
+    by themselves: the floating buffers of torch's BatchNorm and InstanceNorm layers (``_NormBase``), and
+    any module's floating buffer named ``running_mean`` or ``running_var`` (a normalisation layer of another
+    library). Names as ``model.named_buffers()`` gives them. Other floating buffers (a temperature the loop
+    anneals, a pruning mask) are the user's state: measurements see them live."""
+    out = []
+    for mname, mod in model.named_modules():
+        norm = isinstance(mod, nn.modules.batchnorm._NormBase)
+        for bname, b in mod.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point() and (norm or bname in ("running_mean", "running_var")):
+                out.append((f"{mname}.{bname}" if mname else bname, b))
+    return out
+
+
 def _rnn_without_cudnn(model: nn.Module):
     """cuDNN off for a model with recurrent layers (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``): on CUDA their cuDNN
     kernels refuse a backward in eval mode and have no double backward, which the measurements need
@@ -941,7 +956,7 @@ class TorchModelOps:
         self.model.eval()
         if self._anchor_buffers:  # the anchor's running statistics: the measured loss moves with the weights only
             with torch.no_grad():
-                for name, b in self.model.named_buffers():
+                for name, b in _running_stats(self.model):  # never another buffer (an older checkpoint's)
                     a = self._anchor_buffers.get(name)
                     if a is not None and a.shape == b.shape and a.dtype == b.dtype:
                         b.copy_(a)
@@ -1100,8 +1115,10 @@ class TorchModelOps:
         transforms gives the next passes fresh inputs; the rows of a dataset that has shown it loads alike
         every time stay (see ``cache_bytes``). The controller calls this at every selection, so that the
         trust checks and the model fit of a selection see that selection's inputs. It also keeps the
-        floating buffers as they are now (BatchNorm's running statistics): the measurements until the next
-        anchor run with them, not with the statistics the training steps have moved since.
+        normalisation layers' running statistics as they are now (BatchNorm's; see ``_running_stats``): the
+        measurements until the next anchor run with them, not with the statistics the training steps have
+        moved since. Other floating buffers (a temperature the loop anneals, a pruning mask) are measured
+        as they are.
 
         Examples
         --------
@@ -1112,11 +1129,11 @@ class TorchModelOps:
         if self._static is False:
             self._forget(list(self._cache))
         self._gen += 1  # a deterministic dataset's rows stay (_assembled); the passes serve this anchor no more
-        # the buffers now (BatchNorm's running statistics) are the anchor's: every measurement until the
-        # next anchor runs with them, so the training steps' updates of the statistics between the anchor
-        # and a check do not count as the quadratic model's error (the model sees the parameters only)
-        self._anchor_buffers = {name: b.detach().clone() for name, b in self.model.named_buffers()
-                                if b.is_floating_point()}
+        # the running statistics now (BatchNorm's) are the anchor's: every measurement until the next anchor
+        # runs with them, so the training steps' updates of the statistics between the anchor and a check do
+        # not count as the quadratic model's error (the model sees the parameters only); other floating
+        # buffers (a temperature, a pruning mask) are the user's and stay live
+        self._anchor_buffers = {name: b.detach().clone() for name, b in _running_stats(self.model)}
 
     def _examples_first(self, idx: np.ndarray) -> bool:
         """Whether the collate puts the examples first in every tensor it returns, decided once: a batch of
@@ -1557,11 +1574,12 @@ class TorchModelOps:
           holds them all, since loading them again may draw other random transforms (``cache_bytes=0``, a
           pass too big to keep, a collate whose batches cannot be kept);
         * each frozen parameter by identity and in-place version counter (a write through ``.data``, such
-          as ``p.data.copy_(...)``, bypasses the counter), and every non-floating buffer by value (but a
-          normalisation layer's ``num_batches_tracked``, which its eval-mode forward does not read);
-        * the floating buffers (BatchNorm's running statistics) are the anchor's in every measurement
-          (kept at :meth:`new_anchor`, at each selection), so the training steps' updates of them do not
-          count; None while the measurements run with the live ones (before a first anchor).
+          as ``p.data.copy_(...)``, bypasses the counter), and every buffer by value (but a normalisation
+          layer's ``num_batches_tracked``, which its eval-mode forward does not read, and its running
+          statistics);
+        * the running statistics (BatchNorm's) are the anchor's in every measurement (kept at
+          :meth:`new_anchor`, at each selection), so the training steps' updates of them do not count;
+          None while the measurements run with the live ones (before a first anchor).
 
         It cannot see Python attributes the forward reads, or state inside ``forward=`` or ``loss_fn``
         closures: a model whose outputs change through those between two steps that leave the parameters
@@ -1594,7 +1612,8 @@ class TorchModelOps:
         """
         if not self.reuse_checks:
             return None
-        if self._anchor_buffers is None and any(b.is_floating_point() for b in self.model.buffers()):
+        stats = _running_stats(self.model)
+        if self._anchor_buffers is None and stats:
             return None  # measured with the live statistics (a checkpoint from before the anchor's were kept)
         if self._fetch._tensors:  # a TensorDataset's rows, read directly: the same inputs every time
             source = ("tensors",)
@@ -1609,6 +1628,10 @@ class TorchModelOps:
                 if b is not None and not b.is_floating_point()
                 and not (name == "num_batches_tracked" and isinstance(mod, nn.modules.batchnorm._NormBase))]
         values = torch.cat(ints).cpu().numpy().tobytes() if ints else b""  # one host read for all of them
+        anchored = {id(b) for _, b in stats}
+        floats = [b.detach().reshape(-1).view(torch.uint8) for b in self.model.buffers()
+                  if b.is_floating_point() and id(b) not in anchored]  # the user's: a temperature, a mask
+        values += torch.cat(floats).cpu().numpy().tobytes() if floats else b""
         return (source, values,
                 tuple((id(p), p.data_ptr(), p._version) for p in self.model.parameters() if not p.requires_grad))
 
@@ -2281,6 +2304,13 @@ class WeightedKey(tuple):
         return WeightedKey, (self[0], self[1])
 
 
+def _callable_name(fn) -> str:
+    """A callable's name for a message: ``module.qualname`` of a function, the class name of an instance."""
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    module = getattr(fn, "__module__", None)
+    return f"{module}.{name}" if module and module != "builtins" else str(name)
+
+
 class WeightedDataset:
     """``dataset`` read through :class:`WeightedKey` s: item ``(i, w)`` is ``dataset[i]`` with the weight ``w``
     appended (``(x, y)`` becomes ``(x, y, w)``; a non-tuple item ``x`` becomes ``(x, w)``; a dict item gets
@@ -2365,6 +2395,7 @@ class CrestBatchSampler(CrestLoader):
         self._handed_from = 0  # the run position of _handed[0]
         self._observed_step = -1  # the step of the batch observe(indices=) got last (for its error message)
         self._unmatched_warned = False
+        self._collate_warned = False
         self._ahead = 64  # batches a DataLoader may fetch ahead (its workers x prefetch_factor, at least 64)
         self._loader_ahead = 0  # the batches the DataLoader that called iter() last fetches ahead
         self._pass_ahead = 0  # ... and that of the DataLoader the running pass hands its batches to
@@ -2396,11 +2427,27 @@ class CrestBatchSampler(CrestLoader):
                        "keys of the training set it was built with: DataLoader(WeightedDataset(train_set), "
                        "batch_sampler=sampler, ...), or sampler.dataloader(...) (to train on a part of a data set, "
                        "build the sampler on that part)")
+        elif ds is not None and self.ops._collate is None and getattr(loader, "collate_fn", default_collate) not in (
+                default_collate, None):
+            problem = (f"this DataLoader collates with its own collate_fn ({_callable_name(loader.collate_fn)}), but "
+                       "the sampler was given none: its measurement passes (the selections' features, the trust "
+                       "checks, the model fit) would collate the items with default_collate and measure other "
+                       "inputs than the ones you train on. Give the sampler a collate_fn too, "
+                       "CrestBatchSampler(..., collate_fn=...), one that takes the dataset's items as they are "
+                       "(without the weight WeightedDataset appends): often the same function")
         elif ds is not None and getattr(loader, "in_order", True) is False and getattr(loader, "num_workers", 0) > 0:
             problem = ("this DataLoader has in_order=False: its workers deliver batches as they finish, but the "
                        "sampler's checkpoints (state_dict(trained=)), rewind() and observe(indices=) count the "
                        "batches trained in the order it handed them out, and CREST's decisions would depend on "
                        "the workers' timing; leave in_order=True")
+        if (problem is None and ds is not None and self.ops._collate is not None and not self._collate_warned
+                and getattr(loader, "collate_fn", None) is default_collate):
+            self._collate_warned = True
+            warnings.warn(f"CrestBatchSampler: the sampler's measurement passes collate with your collate_fn "
+                          f"({_callable_name(self.ops._collate)}), but this DataLoader with default_collate: if the "
+                          "two make different inputs (padding, normalising), CREST measures other inputs than the "
+                          "ones you train on; give the DataLoader a collate_fn too (sampler.dataloader(collate_fn=...))",
+                          stacklevel=2)
         if problem is not None:
             if not hasattr(it, "_shutdown"):  # refused in the iterator's __init__, before any worker started:
                 it._shutdown = True  # its __del__ then has nothing to shut down (no AttributeError there)

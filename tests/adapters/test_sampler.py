@@ -130,6 +130,45 @@ def test_other_ways_of_handing_the_sampler_to_a_dataloader_wrongly_are_told_what
     assert len(list(sampler.dataloader(num_workers=workers))) == len(sampler)
 
 
+def _normalising(items):
+    """A collate that makes other inputs than default_collate: stacks, then scales the first field."""
+    batch = torch.utils.data.default_collate(items)
+    return (batch[0] * 2.0 - 1.0, *batch[1:])
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # the refused iterator's __del__
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_collate_fn_given_to_the_dataloader_alone_is_refused_and_given_to_both_is_measured(workers):
+    """The measurement passes collate with the sampler's collate_fn: a DataLoader that collates its own way
+    while the sampler was given none (also through sampler.dataloader(collate_fn=)) would have CREST measure
+    other inputs than the trained ones, silently (a normalising collate: logits off, trust checks on the
+    wrong loss). Refused, naming collate_fn; given to both, the measurements see the trained inputs; given
+    to the sampler alone, a warning."""
+    X, y = make_data()
+    train = Flip(X, y)
+    sampler = CrestBatchSampler(mlp(), train, **CFG)
+    with pytest.raises(TypeError, match=r"own collate_fn \(.*_normalising\).*CrestBatchSampler\(\.\.\., collate_fn="):
+        next(iter(DataLoader(WeightedDataset(train), batch_sampler=sampler, collate_fn=_normalising,
+                             num_workers=workers)))
+    with pytest.raises(TypeError, match="collate_fn"):
+        next(iter(sampler.dataloader(collate_fn=_normalising, num_workers=workers)))
+    assert sampler.position == 0  # nothing was handed out
+
+    model = mlp()
+    both = CrestBatchSampler(model, train, collate_fn=_normalising, **CFG)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same collate on both sides: nothing to say
+        x, yb, w, idx = next(iter(both.dataloader(collate_fn=_normalising, num_workers=workers, indices=True)))
+    expected = _normalising([train[int(i)] for i in idx])[0]
+    torch.testing.assert_close(x, expected)
+    with torch.no_grad():
+        torch.testing.assert_close(both.ops.outputs(np.asarray(idx)), model.eval()(expected))
+
+    alone = CrestBatchSampler(mlp(), train, collate_fn=_normalising, **CFG)
+    with pytest.warns(UserWarning, match="collate with your collate_fn .*_normalising.*default_collate"):
+        next(iter(alone.dataloader(num_workers=workers)))
+
+
 def test_checkpoints_anywhere_in_one_pass_over_the_whole_run_with_a_window_larger_than_an_epoch():
     """per_epoch=False: one pass is the run, and a DataLoader's prefetch window (2 workers x 4) exceeds an
     epoch's share (2 batches): state_dict(trained=step) works at every step of a long run, and rewind after a

@@ -1984,6 +1984,53 @@ def test_state_token_ignores_what_an_eval_forward_does_not_read():
     assert ops.state_token(idx) != token
 
 
+def test_only_running_statistics_are_the_anchors_other_floating_buffers_are_measured_live():
+    """The anchor keeps BatchNorm's running statistics (the training forwards move them by themselves), not
+    every floating buffer: a temperature the loop anneals, or a pruning mask (``torch.nn.utils.prune``'s
+    ``weight_mask``, a float buffer), is the model the user trains now. Measurements see them as they are,
+    and the token of a check at unchanged parameters changes with them (it stayed with the anchor's)."""
+    from torch.nn.utils import prune
+
+    X, y = make_data()
+
+    class Tempered(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch_mlp(D_IN, C)  # Linear, BatchNorm1d, ReLU, Linear
+            self.register_buffer("temperature", torch.ones(()))
+
+        def forward(self, x):
+            return self.net(x) / self.temperature
+
+    model = Tempered()
+    ops = TorchModelOps(model, TensorDataset(X, y))
+    idx = np.arange(40)
+    ops.new_anchor()
+    assert sorted(ops._anchor_buffers) == ["net.1.running_mean", "net.1.running_var"]
+    anchor_stats = [model.net[1].running_mean.clone(), model.net[1].running_var.clone()]
+    token = ops.state_token(idx)
+    model.train()
+    model(X[:32] * 3 + 1)  # a training forward moves the running statistics
+    model.eval()
+    assert ops.state_token(idx) == token  # the statistics a measurement does not use
+    moved = [model.net[1].running_mean.clone(), model.net[1].running_var.clone()]
+    with torch.no_grad():
+        model.temperature.fill_(4.0)
+    prune.l1_unstructured(model.net[0], "weight", amount=0.9)  # weight_mask: a float buffer
+    assert ops.state_token(idx) != token
+
+    def expected():  # an eval forward with the anchor's statistics and the live temperature and mask
+        ref = copy.deepcopy(model).eval()
+        with torch.no_grad():
+            ref.net[1].running_mean.copy_(anchor_stats[0])
+            ref.net[1].running_var.copy_(anchor_stats[1])
+            return ref(X[:40])
+
+    got = ops.outputs(idx)
+    torch.testing.assert_close(got, expected(), rtol=1e-5, atol=1e-6)
+    assert float(model.temperature) == 4.0 and torch.equal(model.net[1].running_mean, moved[0])  # restored
+
+
 def test_measurement_chunks_default_to_128_on_the_cpu_and_512_on_an_accelerator():
     """``batch_size=None`` (the loaders' ``measure_batch_size=None``): 128 examples a forward when measuring on
     the CPU (larger chunks were slower there, docs/benchmarks.md), 512 on an accelerator; a given size is
