@@ -475,6 +475,13 @@ def _variable_values(ops):
     return [v.value for v in ops.model.non_trainable_variables]
 
 
+def _moving_statistic(variable) -> bool:
+    """Whether a non-trainable variable is a normalisation layer's moving statistic, which the training
+    steps move by themselves (Keras's BatchNormalization names them ``moving_mean``, ``moving_variance``)."""
+    name = str(getattr(variable, "name", "")).rsplit("/", 1)[-1]
+    return name in ("moving_mean", "moving_variance") and "float" in str(getattr(variable, "dtype", "float"))
+
+
 def _anchor_items(ops) -> list:
     """``(position now, kept value)`` of the anchor's non-trainable values (``KerasModelOps.new_anchor``):
     matched to the very variables the anchor read, so that a layer frozen or unfrozen since (which moves
@@ -483,16 +490,17 @@ def _anchor_items(ops) -> list:
     from a checkpoint (the same model, rebuilt)."""
     kept = ops._anchor or {}
     held = ops._anchor_vars
-    if held is None:
-        return list(kept.items())
-    now = {id(v): j for j, v in enumerate(ops.model.non_trainable_variables)}
+    variables = ops.model.non_trainable_variables
+    if held is None:  # by position: only onto moving statistics (a checkpoint of an older version kept more)
+        return [(i, a) for i, a in kept.items() if i < len(variables) and _moving_statistic(variables[i])]
+    now = {id(v): j for j, v in enumerate(variables)}
     return [(now[id(held[i])], a) for i, a in kept.items() if i < len(held) and id(held[i]) in now]
 
 
 @contextlib.contextmanager
 def _assigned_anchor(ops):
-    """The anchor's floating non-trainable values (BatchNorm's moving statistics, kept by
-    ``KerasModelOps.new_anchor``) in the variables for a measurement, the current ones back afterwards
+    """The anchor's moving statistics (BatchNormalization's, kept by ``KerasModelOps.new_anchor``) in the
+    variables for a measurement, the current ones back afterwards
     (torch and the generic backends; jax hands them to its stateless calls instead)."""
     if not ops._anchor:
         yield
@@ -706,10 +714,12 @@ class KerasModelOps:
         return self._emb_model
 
     def new_anchor(self) -> None:
-        """Keep the floating non-trainable values as they are now (BatchNorm's moving statistics): the
-        measurements until the next anchor run with them, so the statistics the training steps move between
-        the anchor and a check do not count as the quadratic model's error. The controller calls this at
-        every selection.
+        """Keep the normalisation layers' moving statistics as they are now (BatchNormalization's
+        ``moving_mean`` and ``moving_variance``, and any variable of those names): the measurements until
+        the next anchor run with them, so the statistics the training steps move between the anchor and a
+        check do not count as the quadratic model's error. Other non-trainable values (a frozen layer, a
+        temperature the loop anneals) are measured as they are. The controller calls this at every
+        selection.
 
         Examples
         --------
@@ -720,12 +730,12 @@ class KerasModelOps:
         {}
         """
         kept = {}
+        variables = self.model.non_trainable_variables
         for i, v in enumerate(self._impl.live_non_trainable(self)):
-            a = _host_value(v)
-            if np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16":
-                kept[i] = a
+            if i < len(variables) and _moving_statistic(variables[i]):
+                kept[i] = _host_value(v)
         self._anchor = kept
-        self._anchor_vars = tuple(self.model.non_trainable_variables)
+        self._anchor_vars = tuple(variables)
 
     # -- ModelOps: outputs ----------------------------------------------------------------------
     def outputs(self, indices, embeddings: bool = False):

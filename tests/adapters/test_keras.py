@@ -1401,7 +1401,7 @@ def test_anchor_statistics_follow_their_variables_when_a_layer_is_unfrozen():
     base.trainable = False
     model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     ops = KerasModelOps(model, x, y)
-    ops.new_anchor()  # kept: the frozen kernel and bias, BatchNorm's mean and variance (1.0)
+    ops.new_anchor()  # kept: BatchNorm's mean and variance (1.0), not the frozen kernel and bias
     base.trainable = True
     assert [v.path for v in model.non_trainable_variables] == [bn.moving_mean.path, bn.moving_variance.path]
     with _assigned_anchor(ops):
@@ -1412,7 +1412,46 @@ def test_anchor_statistics_follow_their_variables_when_a_layer_is_unfrozen():
     ops._anchor_vars = None
     from crestcore.adapters.keras import _anchor_items
 
-    assert [i for i, _ in _anchor_items(ops)] == [0, 1, 2, 3]
+    assert [i for i, _ in _anchor_items(ops)] == []  # positions 2, 3 are gone: nothing put anywhere
+    base.trainable = False  # the model as the checkpoint saw it
+    assert [i for i, _ in _anchor_items(ops)] == [2, 3]
+
+
+def test_only_moving_statistics_are_the_anchors_other_non_trainable_values_are_measured_live():
+    """The anchor keeps BatchNormalization's moving statistics (the training steps move them by themselves),
+    not every non-trainable value: a temperature the loop anneals (or a frozen layer the user rewrites) is
+    the model trained now, and a measurement with the anchor's value measured another model, silently."""
+    from crestcore.adapters.keras import KerasModelOps
+
+    class Tempered(keras.layers.Layer):
+        def build(self, shape):
+            self.temperature = self.add_weight(shape=(), initializer="ones", trainable=False, name="temperature")
+
+        def call(self, z):
+            return z / self.temperature
+
+    x, y = _small()
+    x = x * 3.0 + 2.0  # far from BatchNorm's initial statistics
+    bn = keras.layers.BatchNormalization()
+    temp = Tempered()
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(8), bn, keras.layers.Dense(3), temp])
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    ops = KerasModelOps(model, x, y)
+    ops.new_anchor()
+    anchor = [np.array(keras.ops.convert_to_numpy(v)) for v in (bn.moving_mean, bn.moving_variance)]
+    model(x[:64], training=True)  # a training forward moves the moving statistics
+    moved = np.array(keras.ops.convert_to_numpy(bn.moving_mean))
+    assert not np.allclose(moved, anchor[0])
+    temp.temperature.assign(4.0)
+    ref = keras.models.clone_model(model)
+    ref.set_weights(model.get_weights())
+    ref.layers[1].moving_mean.assign(anchor[0])
+    ref.layers[1].moving_variance.assign(anchor[1])
+    expected = np.array(keras.ops.convert_to_numpy(ref(x[:40], training=False)))
+    got = np.array(keras.ops.convert_to_numpy(ops.outputs(np.arange(40))))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert float(keras.ops.convert_to_numpy(temp.temperature)) == 4.0  # restored after the measurement
+    np.testing.assert_array_equal(np.array(keras.ops.convert_to_numpy(bn.moving_mean)), moved)
 
 
 def test_data_that_is_not_in_memory_is_refused_by_name():
