@@ -392,6 +392,15 @@ def _running_stats(model: nn.Module) -> list:
     return out
 
 
+def _eager():
+    """Every ``torch.compile``d function run eagerly (``torch.compiler.set_stance("force_eager")``, torch >=
+    2.6): a compiled submodule, a LightningModule whose forward Lightning compiled (``trainer.fit(
+    torch.compile(module))``), ``nn.Module.compile()``. The measurements take double-backward Hessian-vector
+    products, which compiled graphs refuse (AOTAutograd's donated buffers)."""
+    stance = getattr(getattr(torch, "compiler", None), "set_stance", None)
+    return stance("force_eager") if stance is not None else contextlib.nullcontext()
+
+
 def _rnn_without_cudnn(model: nn.Module):
     """cuDNN off for a model with recurrent layers (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``): on CUDA their cuDNN
     kernels refuse a backward in eval mode and have no double backward, which the measurements need
@@ -964,7 +973,7 @@ class TorchModelOps:
             # outside autocast (a loop may call the loader inside an autocast region): the model is
             # measured in its own dtype, as documented; recurrent layers off cuDNN, whose RNN kernels have
             # no backward in eval mode and no double backward (the native ones have both)
-            with _no_autocast(self.device.type), _rnn_without_cudnn(self.model):
+            with _no_autocast(self.device.type), _rnn_without_cudnn(self.model), _eager():
                 yield
         finally:
             with torch.no_grad():
@@ -2427,6 +2436,11 @@ class CrestBatchSampler(CrestLoader):
                        "keys of the training set it was built with: DataLoader(WeightedDataset(train_set), "
                        "batch_sampler=sampler, ...), or sampler.dataloader(...) (to train on a part of a data set, "
                        "build the sampler on that part)")
+        elif isinstance(ds, WeightedDataset) and ds.dataset is not self.dataset and len(ds) != self.n:
+            problem = (f"this DataLoader reads WeightedDataset(a {type(ds.dataset).__name__} of {len(ds)} examples), but "
+                       f"the sampler was built on a {type(self.dataset).__name__} of {self.n}: its indices are positions "
+                       "in that one, so wrap the dataset the sampler was built on (to train on a part of a data set, "
+                       "build the sampler on that part and wrap the same part)")
         elif ds is not None and self.ops._collate is None and getattr(loader, "collate_fn", default_collate) not in (
                 default_collate, None):
             problem = (f"this DataLoader collates with its own collate_fn ({_callable_name(loader.collate_fn)}), but "

@@ -101,6 +101,22 @@ def test_callback_runs_a_short_fit_like_the_plain_loop(tmp_path):
     assert cb.stats["counters"]["selections"] >= 1 and cb.stats["checks"]
 
 
+def test_a_module_lightning_compiles_is_measured_eagerly(tmp_path):
+    """trainer.fit(torch.compile(module)): Lightning unwraps the compiled wrapper and compiles the module's
+    forward in place, so the callback gets a plain LightningModule whose forward is compiled; before, the
+    Hessian-vector probe failed inside torch ("double backward" / "donated buffers"). The measurements now
+    run it eagerly: the same batches as the uncompiled run's."""
+    cb = CrestCallback(data(), **CFG)
+    module = Module()
+    t = trainer(tmp_path, 2, cb)
+    t.fit(torch.compile(module, backend="aot_eager"), train_dataloaders=cb.dataloader())
+    assert t.global_step == 6 == cb.stats["step"] and cb.stats["checks"]
+    seen, _model, _loader = plain_loop(2)
+    assert len(module.seen) == len(seen) == 6
+    for a, b in zip(module.seen, seen):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_checkpoint_restores_the_controller(tmp_path):
     cb = CrestCallback(data(), **CFG)
     module = Module()

@@ -120,6 +120,10 @@ def test_other_ways_of_handing_the_sampler_to_a_dataloader_wrongly_are_told_what
         next(iter(DataLoader(torch.utils.data.Subset(train, range(N)), batch_sampler=sampler, num_workers=workers)))
     with pytest.raises(TypeError, match=r"training set itself \(a Flip\)"):
         next(iter(DataLoader(train, batch_sampler=sampler, num_workers=workers)))
+    for other in (Flip(X[: N // 2], y[: N // 2]), Flip(torch.cat([X, X]), torch.cat([y, y]))):
+        # another data set's rows at the sampler's positions (larger: silently the wrong examples)
+        with pytest.raises(TypeError, match=rf"WeightedDataset\(a Flip of {len(other)} examples\).*a Flip of {N}"):
+            next(iter(DataLoader(WeightedDataset(other), batch_sampler=sampler, num_workers=workers)))
     keyed = _KeyReading(X, y)
     own = CrestBatchSampler(mlp(), _KeyReading(X, y), **CFG)
     assert len(next(iter(DataLoader(keyed, batch_sampler=own, num_workers=workers)))) == 3

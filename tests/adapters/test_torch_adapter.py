@@ -802,6 +802,31 @@ def test_a_compiled_model_is_measured_through_its_original_module():
     assert loader.stats["counters"]["selections"] >= 1 and loader.stats["checks"]
 
 
+@pytest.mark.parametrize("how", ["submodule", "in-place"])
+def test_compiled_code_inside_the_model_is_measured_eagerly(how):
+    """A compiled submodule, or ``nn.Module.compile()`` (and Lightning's ``trainer.fit(torch.compile(module))``,
+    which compiles the module's forward in place), is no wrapper CREST can unwrap: the measurements run every
+    compiled function eagerly instead (AOTAutograd refuses the double backward of the Hessian-vector
+    products: before, torch's "does not support double backward" / "donated buffers" error, naming nothing
+    of CREST). The same batches as the uncompiled model's."""
+    X, y = make_data()
+    cfg = dict(config=CrestConfig(m=24, r=60, tau=0.05), budget=0.5, epochs=2, seed=0)
+    model = mlp()
+    if how == "submodule":
+        run = nn.Sequential(torch.compile(model[:2], backend="aot_eager"), *model[2:])  # aot_eager: no C++ needed
+    else:
+        model.compile(backend="aot_eager")
+        run = model
+    loader = CrestLoader(run, TensorDataset(X, y), **cfg)
+    seen, _ = train(loader, run)
+    ref_model = mlp()
+    ref_seen, _ = train(CrestLoader(ref_model, TensorDataset(X, y), **cfg), ref_model)
+    assert len(seen) == len(ref_seen) == 10
+    for (a, _wa), (b, _wb) in zip(seen, ref_seen):
+        np.testing.assert_array_equal(a, b)
+    assert loader.stats["counters"]["selections"] >= 1 and loader.stats["checks"]
+
+
 def test_a_full_label_pass_is_announced_and_leaves_the_global_rngs_alone():
     import random
 
