@@ -291,7 +291,10 @@ class SubsetLoader(BudgetedPasses):
         return self.schedule.counters
 
     def _step(self):
-        idx, w = self.schedule.next_indices(self._position, self.ops, sync=self._sync)
+        # under "passes" a pass ends early by the measurement's cost: the loader's epochs are then not blocks
+        # of steps_per_epoch steps, and the schedule's cadence follows the loader's epoch
+        epoch = self._pass_e if self.budget_counts == "passes" else None
+        idx, w = self.schedule.next_indices(self._position, self.ops, sync=self._sync, epoch=epoch)
         self._position += 1
         self._last = (idx, w)
         return self._make_batch(idx, w)

@@ -18,7 +18,11 @@ real. Importing this module imports cupy (the dispatcher treats an ImportError a
 
 from __future__ import annotations
 
-import cupy as cp
+try:
+    import cupy as cp
+except ImportError as exc:  # the optional dependency: say which extra brings it
+    raise ImportError(f"crestcore.backends.cupy needs CuPy, which cannot import here ({exc}): "
+                      "pip install 'crestcore[cupy]'") from exc
 
 from . import _device
 

@@ -23,7 +23,11 @@ Only this module imports torch.
 
 from __future__ import annotations
 
-import torch
+try:
+    import torch
+except ImportError as exc:  # the optional dependency: say which extra brings it
+    raise ImportError(f"crestcore.backends.torch needs PyTorch, which cannot import here ({exc}): "
+                      "pip install 'crestcore[torch]'") from exc
 
 from . import _device
 

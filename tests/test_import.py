@@ -73,9 +73,11 @@ def test_missing_numba_is_said_once_and_the_reference_still_answers():
 
 def test_adapters_name_the_extra_when_their_framework_is_missing():
     for module, extra in (("crestcore.adapters.torch", "crestcore[torch]"),
-                          ("crestcore.adapters.lightning", "crestcore[lightning]")):
+                          ("crestcore.adapters.lightning", "crestcore[lightning]"),
+                          ("crestcore.backends.torch", "crestcore[torch]"),
+                          ("crestcore.backends.cupy", "crestcore[cupy]")):
         res = _run(f"import sys\nsys.modules['torch'] = None\nsys.modules['lightning'] = None\n"
-                   f"sys.modules['pytorch_lightning'] = None\nimport {module}\n")
+                   f"sys.modules['pytorch_lightning'] = None\nsys.modules['cupy'] = None\nimport {module}\n")
         assert res.returncode != 0
         last = res.stderr.strip().splitlines()[-1]
         assert last.startswith("ImportError") and extra in last, (module, last)

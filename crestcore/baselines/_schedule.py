@@ -209,6 +209,7 @@ class SubsetSchedule:
         self.sel_w: np.ndarray | None = None  # ... and its weights, rescaled (selection mode) or raw
         self.sel_epoch = -1
         self.plan_key: int | None = None  # epoch (subset methods) or full-data pass (full, sgd-budget)
+        self.plan_start = 0  # the step of the planned epoch's first batch (next_indices(epoch=) counts from it)
         self.plan_idx: np.ndarray | None = None
         self.plan_w: np.ndarray | None = None
         self.losses = np.zeros(self.n, dtype=np.float64)  # prune: latest training loss per example
@@ -231,10 +232,16 @@ class SubsetSchedule:
                      self.prune_ratio, self.prune_anneal, self.fill, sorted(self.options.items())))
 
     # -- the batches ----------------------------------------------------------------------------
-    def next_indices(self, position: int, ops=None, sync: Callable[[], None] | None = None):
+    def next_indices(self, position: int, ops=None, sync: Callable[[], None] | None = None,
+                     epoch: int | None = None):
         """``(indices, weights)`` of the batch at step ``position`` (host int64, float64), selecting
         first when a selection is due (CRAIG, GradMatch and GLISTER measure ``ops``; ``sync`` is called
         around the timed measurement, e.g. a device synchronisation). Counts the step as trained.
+
+        ``epoch``: the loader's epoch this batch belongs to, when its epochs are not blocks of
+        ``steps_per_epoch`` steps (``budget_counts="passes"`` ends a pass early by the measurement's cost):
+        the reselection cadence (``reselect_every``) and the epoch's batch plan follow it, from the step
+        its first batch was handed out at. Default: epoch ``position // steps_per_epoch``.
 
         Examples
         --------
@@ -246,12 +253,12 @@ class SubsetSchedule:
         >>> sorted(np.concatenate([s.next_indices(t)[0] for t in range(3)]).tolist()) == list(range(10))
         True
         """
-        idx, w = self._indices(int(position), ops, sync)
+        idx, w = self._indices(int(position), ops, sync, epoch)
         self.counters["train_steps"] += 1
         self.counters["train_examples"] += int(idx.size)
         return idx, w
 
-    def _indices(self, t: int, ops, sync):
+    def _indices(self, t: int, ops, sync, epoch: int | None = None):
         if self.method in ("full", "sgd-budget"):
             p, b = divmod(t, self.full_steps_per_epoch)  # full-data pass p, its batch b
             if self.plan_key != p:
@@ -261,7 +268,11 @@ class SubsetSchedule:
             assert self.plan_idx is not None
             idx = self.plan_idx[b * self.m:(b + 1) * self.m]
             return idx.copy(), np.ones(idx.size)
-        e, b = divmod(t, self.steps_per_epoch)
+        if epoch is None:
+            e, b = divmod(t, self.steps_per_epoch)
+        else:
+            e = int(epoch)
+            b = (t - self.plan_start if self.plan_key == e else 0) % self.steps_per_epoch
         if self.plan_key != e:
             self._plan_epoch(e, t, ops, sync)
         assert self.plan_idx is not None and self.plan_w is not None
@@ -283,7 +294,7 @@ class SubsetSchedule:
         order = np.concatenate([gen.permutation(k) for _ in range(reps)])[:need]
         self.plan_idx = self.sel_idx[order]
         self.plan_w = self.sel_w[order]
-        self.plan_key = e
+        self.plan_key, self.plan_start = e, t
 
     def _selection_due(self, e: int) -> bool:
         if self.method in SELECTING_METHODS:
@@ -490,7 +501,7 @@ class SubsetSchedule:
             "selection": None if self.sel_idx is None else {
                 "indices": self.sel_idx.copy(), "weights": np.array(self.sel_w), "epoch": self.sel_epoch},
             "plan": None if self.plan_key is None else {
-                "key": self.plan_key, "indices": np.array(self.plan_idx),
+                "key": self.plan_key, "start": self.plan_start, "indices": np.array(self.plan_idx),
                 "weights": None if self.plan_w is None else self.plan_w.copy()},
             "losses": self.losses.copy() if self.method == "prune" else None,
             "seen": self.seen.copy() if self.method == "prune" else None,
@@ -531,6 +542,7 @@ class SubsetSchedule:
             self.plan_key = self.plan_idx = self.plan_w = None
         else:
             self.plan_key = int(plan["key"])
+            self.plan_start = int(plan.get("start", self.plan_key * self.steps_per_epoch))
             self.plan_idx = host(plan["indices"], np.int64)
             self.plan_w = None if plan["weights"] is None else host(plan["weights"], np.float64)
         if self.method == "prune":

@@ -300,6 +300,56 @@ def test_selection_measures_in_eval_mode_without_side_effects():
         assert torch.equal(v, bn.state_dict()[k]), k
 
 
+@pytest.mark.parametrize("every", [1, 2])
+def test_passes_mode_reselects_at_the_loaders_epochs(every):
+    """budget_counts="passes" ends a loader epoch early by the selection's forwards, so the run position
+    falls behind epoch * steps_per_epoch; the cadence counted epochs from the position, and CRAIG with
+    reselect_every=1 selected in loader epochs 0, 2, 4 only (the others trained on the last epoch's
+    selection, logged under another epoch). Now it follows the loader's epochs, with and without a resume."""
+    n_epochs = 6
+
+    def make():
+        return loader("craig", budget=0.6, epochs=n_epochs, budget_counts="passes", reselect_every=every)
+
+    def run(cut=None):
+        ld = make()
+        opt = torch.optim.SGD(ld.model.parameters(), lr=0.1)
+        per_epoch, seen = [], []
+        for e in range(n_epochs):
+            before, k, again = ld.stats["counters"]["selections"], 0, True
+            while again:  # one pass; after a checkpoint cut it, the resumed loader's pass completes the epoch
+                again = False
+                for x, y, w in ld:
+                    ld.observe(weighted_step(ld.model, opt, x, y, w))
+                    seen.append(ld.last_indices)
+                    k += 1
+                    if (e, k) == cut:  # a checkpoint mid-epoch, restored into new objects
+                        buf = io.BytesIO()
+                        torch.save({"ld": ld.state_dict(), "model": ld.model.state_dict(), "opt": opt.state_dict()},
+                                   buf)
+                        buf.seek(0)
+                        saved = torch.load(buf, weights_only=False)
+                        ld = make()
+                        ld.model.load_state_dict(saved["model"])
+                        ld.load_state_dict(saved["ld"])
+                        opt = torch.optim.SGD(ld.model.parameters(), lr=0.1)
+                        opt.load_state_dict(saved["opt"])
+                        again = True
+                        break
+            per_epoch.append((k, ld.stats["counters"]["selections"] - before))
+        return ld, per_epoch, seen
+
+    ld, per_epoch, seen = run()
+    assert all(k > 0 for k, _ in per_epoch), per_epoch  # every epoch trains (the share exceeds a selection)
+    assert [sel for _, sel in per_epoch] == [1 if e % every == 0 else 0 for e in range(n_epochs)], per_epoch
+    assert [s["epoch"] for s in ld.stats["selections"]] == list(range(0, n_epochs, every))
+    with_sel = [k for k, sel in per_epoch if sel]
+    assert max(with_sel) < ld.steps_per_epoch  # a selection's forwards take a share of its epoch's budget
+    assert all(k > max(with_sel) for k, sel in per_epoch[1:] if not sel)  # ... which later epochs catch up
+    _, _, resumed = run(cut=(1, 2))
+    assert len(resumed) == len(seen) and all(np.array_equal(a, b) for a, b in zip(resumed, seen))
+
+
 def test_set_epoch_and_per_epoch_passes():
     ld = loader("random", per_epoch=True)
     assert len(ld) == ld.steps_per_epoch
