@@ -25,6 +25,8 @@ from __future__ import annotations
 import collections
 import collections.abc
 import contextlib
+import functools
+import os
 import sys
 import time
 import warnings
@@ -334,13 +336,29 @@ def add_grad(loss, params, acc) -> None:
             s.add_(g)
 
 
+def _compiled_double_backward(e: Exception) -> None:
+    """Re-raise torch's refusal of a double backward through compiled code with what to do about it."""
+    text = str(e)
+    if "donated buffer" in text or "does not currently support double backward" in text:
+        raise RuntimeError(
+            "CREST's curvature estimate (the quadratic model's Hutchinson probe) takes a double backward, which "
+            "torch.compile'd code refuses. CREST runs compiled code eagerly in its measurements with "
+            f"torch.compiler.set_stance (torch >= 2.6; here {torch.__version__}); on an older torch compile the "
+            "whole model instead (torch.compile(model), whose original module CREST measures), not a part of it"
+        ) from e
+
+
 def add_hvp(loss, params, vectors, acc, grad_acc=None) -> None:
     """Add ``H v`` of ``loss`` w.r.t. ``params`` (double backward) into the tensors ``acc``, in place;
     with ``grad_acc``, add the gradient (the first backward's, no extra pass) into it too.
 
     ``vectors`` are shaped like ``params``; a loss that is linear in every parameter adds nothing.
     """
-    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    try:
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    except RuntimeError as e:
+        _compiled_double_backward(e)
+        raise
     if grad_acc is not None:
         for s, g in zip(grad_acc, grads):
             if g is not None:
@@ -355,6 +373,7 @@ def add_hvp(loss, params, vectors, acc, grad_acc=None) -> None:
     try:
         hv = torch.autograd.grad(dot, params, allow_unused=True)
     except (NotImplementedError, RuntimeError) as e:
+        _compiled_double_backward(e)
         if "derivative for" not in str(e) or "not implemented" not in str(e):
             raise
         raise NotImplementedError(
@@ -380,14 +399,17 @@ def _double_backward_attention():
 def _running_stats(model: nn.Module) -> list:
     """``(name, buffer)`` of the model's normalisation running statistics, which its training forwards move
     by themselves: the floating buffers of torch's BatchNorm and InstanceNorm layers (``_NormBase``), and
-    any module's floating buffer named ``running_mean`` or ``running_var`` (a normalisation layer of another
-    library). Names as ``model.named_buffers()`` gives them. Other floating buffers (a temperature the loop
-    anneals, a pruning mask) are the user's state: measurements see them live."""
-    out = []
+    any module's floating buffers named ``running_*`` (a normalisation layer of another library: a batch
+    renormalisation's ``running_mean`` and ``running_std`` together). Names as ``model.named_buffers()``
+    gives them, each buffer once. Other floating buffers (a temperature the loop anneals, a pruning mask)
+    are the user's state: measurements see them live."""
+    out, seen = [], set()
     for mname, mod in model.named_modules():
         norm = isinstance(mod, nn.modules.batchnorm._NormBase)
         for bname, b in mod.named_buffers(recurse=False):
-            if b is not None and b.is_floating_point() and (norm or bname in ("running_mean", "running_var")):
+            if (b is not None and b.is_floating_point() and id(b) not in seen
+                    and (norm or bname.startswith("running_"))):
+                seen.add(id(b))
                 out.append((f"{mname}.{bname}" if mname else bname, b))
     return out
 
@@ -1582,10 +1604,10 @@ class TorchModelOps:
           would serve ``indices`` (the very rows the last measurement of them saw); None when no kept pass
           holds them all, since loading them again may draw other random transforms (``cache_bytes=0``, a
           pass too big to keep, a collate whose batches cannot be kept);
-        * each frozen parameter by identity and in-place version counter (a write through ``.data``, such
-          as ``p.data.copy_(...)``, bypasses the counter), and every buffer by value (but a normalisation
-          layer's ``num_batches_tracked``, which its eval-mode forward does not read, and its running
-          statistics);
+        * each frozen parameter and each floating buffer (but the running statistics) by identity and
+          in-place version counter (a write through ``.data``, such as ``p.data.copy_(...)``, bypasses the
+          counter), and every other buffer by value (but a normalisation layer's ``num_batches_tracked``,
+          which its eval-mode forward does not read);
         * the running statistics (BatchNorm's) are the anchor's in every measurement (kept at
           :meth:`new_anchor`, at each selection), so the training steps' updates of them do not count;
           None while the measurements run with the live ones (before a first anchor).
@@ -1638,11 +1660,12 @@ class TorchModelOps:
                 and not (name == "num_batches_tracked" and isinstance(mod, nn.modules.batchnorm._NormBase))]
         values = torch.cat(ints).cpu().numpy().tobytes() if ints else b""  # one host read for all of them
         anchored = {id(b) for _, b in stats}
-        floats = [b.detach().reshape(-1).view(torch.uint8) for b in self.model.buffers()
-                  if b.is_floating_point() and id(b) not in anchored]  # the user's: a temperature, a mask
-        values += torch.cat(floats).cpu().numpy().tobytes() if floats else b""
         return (source, values,
-                tuple((id(p), p.data_ptr(), p._version) for p in self.model.parameters() if not p.requires_grad))
+                tuple((id(p), p.data_ptr(), p._version) for p in self.model.parameters() if not p.requires_grad),
+                # the user's floating buffers (a temperature, a pruning mask) as the frozen parameters: by
+                # identity and in-place version counter (no copy of a large buffer at every check)
+                tuple((id(b), b.data_ptr(), b._version) for b in self.model.buffers()
+                      if b.is_floating_point() and id(b) not in anchored))
 
     def _kept_pass(self, idx: np.ndarray):
         """The number of the kept pass :meth:`_cached` would serve ``idx`` from (the most recent that read
@@ -2314,7 +2337,10 @@ class WeightedKey(tuple):
 
 
 def _callable_name(fn) -> str:
-    """A callable's name for a message: ``module.qualname`` of a function, the class name of an instance."""
+    """A callable's name for a message: ``module.qualname`` of a function, the class name of an instance,
+    ``functools.partial(name, ...)`` of a partial."""
+    if isinstance(fn, functools.partial):
+        return f"functools.partial({_callable_name(fn.func)}, ...)"
     name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
     module = getattr(fn, "__module__", None)
     return f"{module}.{name}" if module and module != "builtins" else str(name)
@@ -2454,14 +2480,14 @@ class CrestBatchSampler(CrestLoader):
                        "sampler's checkpoints (state_dict(trained=)), rewind() and observe(indices=) count the "
                        "batches trained in the order it handed them out, and CREST's decisions would depend on "
                        "the workers' timing; leave in_order=True")
-        if (problem is None and ds is not None and self.ops._collate is not None and not self._collate_warned
-                and getattr(loader, "collate_fn", None) is default_collate):
+        if (problem is None and ds is not None and self.ops._collate not in (None, default_collate)
+                and not self._collate_warned and getattr(loader, "collate_fn", None) is default_collate):
             self._collate_warned = True
             warnings.warn(f"CrestBatchSampler: the sampler's measurement passes collate with your collate_fn "
                           f"({_callable_name(self.ops._collate)}), but this DataLoader with default_collate: if the "
                           "two make different inputs (padding, normalising), CREST measures other inputs than the "
                           "ones you train on; give the DataLoader a collate_fn too (sampler.dataloader(collate_fn=...))",
-                          stacklevel=2)
+                          stacklevel=_common.user_stacklevel(skip=(os.path.dirname(torch.utils.data.__file__),)))
         if problem is not None:
             if not hasattr(it, "_shutdown"):  # refused in the iterator's __init__, before any worker started:
                 it._shutdown = True  # its __del__ then has nothing to shut down (no AttributeError there)

@@ -169,8 +169,17 @@ def test_a_collate_fn_given_to_the_dataloader_alone_is_refused_and_given_to_both
         torch.testing.assert_close(both.ops.outputs(np.asarray(idx)), model.eval()(expected))
 
     alone = CrestBatchSampler(mlp(), train, collate_fn=_normalising, **CFG)
-    with pytest.warns(UserWarning, match="collate with your collate_fn .*_normalising.*default_collate"):
+    with pytest.warns(UserWarning, match="collate with your collate_fn .*_normalising.*default_collate") as rec:
         next(iter(alone.dataloader(num_workers=workers)))
+    assert rec[0].filename == __file__  # the user's line, not torch's DataLoader
+    explicit = CrestBatchSampler(mlp(), train, collate_fn=torch.utils.data.default_collate, **CFG)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # default_collate on both sides, one of them given explicitly
+        next(iter(explicit.dataloader(num_workers=workers)))
+    import functools
+
+    with pytest.raises(TypeError, match=r"functools\.partial\(.*_normalising, \.\.\.\)"):
+        next(iter(sampler.dataloader(collate_fn=functools.partial(_normalising), num_workers=workers)))
 
 
 def test_checkpoints_anywhere_in_one_pass_over_the_whole_run_with_a_window_larger_than_an_epoch():

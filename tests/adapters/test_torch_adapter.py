@@ -812,11 +812,20 @@ def test_compiled_code_inside_the_model_is_measured_eagerly(how):
     X, y = make_data()
     cfg = dict(config=CrestConfig(m=24, r=60, tau=0.05), budget=0.5, epochs=2, seed=0)
     model = mlp()
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     if how == "submodule":
         run = nn.Sequential(torch.compile(model[:2], backend="aot_eager"), *model[2:])  # aot_eager: no C++ needed
-    else:
-        model.compile(backend="aot_eager")
-        run = model
+    else:  # a module of the user's own (nn.Sequential.compile() compiles nothing under torch 2.13)
+        class Net(nn.Module):
+            def __init__(self, body):
+                super().__init__()
+                self.body = body
+
+            def forward(self, x):
+                return self.body(x)
+
+        run = Net(model)
+        run.compile(backend="aot_eager")
     loader = CrestLoader(run, TensorDataset(X, y), **cfg)
     seen, _ = train(loader, run)
     ref_model = mlp()
@@ -825,6 +834,20 @@ def test_compiled_code_inside_the_model_is_measured_eagerly(how):
     for (a, _wa), (b, _wb) in zip(seen, ref_seen):
         np.testing.assert_array_equal(a, b)
     assert loader.stats["counters"]["selections"] >= 1 and loader.stats["checks"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > frames  # the training steps ran compiled code
+
+
+def test_compiled_code_refusing_the_double_backward_is_explained():
+    """Where the measurements cannot run compiled code eagerly (torch < 2.6, no set_stance), torch's refusal
+    of the double backward is re-raised saying what CREST needs and what to do."""
+    from crestcore.adapters.torch import add_hvp
+
+    body = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
+    f = torch.compile(body, backend="aot_eager")
+    params = list(body.parameters())
+    loss = f(torch.randn(4, 3)).pow(2).sum()
+    with pytest.raises(RuntimeError, match=r"double backward.*torch\.compile\(model\)"):
+        add_hvp(loss, params, [torch.ones_like(p) for p in params], [torch.zeros_like(p) for p in params])
 
 
 def test_a_full_label_pass_is_announced_and_leaves_the_global_rngs_alone():
@@ -2054,6 +2077,48 @@ def test_only_running_statistics_are_the_anchors_other_floating_buffers_are_meas
     got = ops.outputs(idx)
     torch.testing.assert_close(got, expected(), rtol=1e-5, atol=1e-6)
     assert float(model.temperature) == 4.0 and torch.equal(model.net[1].running_mean, moved[0])  # restored
+
+
+def test_running_statistics_of_another_library_are_kept_together_and_odd_buffers_are_tokens():
+    """A normalisation layer of another library is told by its ``running_*`` buffers, all of them (a batch
+    renormalisation's running_mean with its running_std: keeping the mean alone measured a model that is
+    neither the anchor's nor the live one); a non-contiguous floating buffer (a column of a table) does
+    not break the check's token (it raised 'stride(-1) must be 1'), and writing it changes the token."""
+
+    class Renorm(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.register_buffer("running_mean", torch.zeros(d))
+            self.register_buffer("running_std", torch.ones(d))
+            self.register_buffer("table", torch.ones(d, 3))
+            self.register_buffer("scale", self.table[:, 0])  # a non-contiguous view
+
+        def forward(self, x):
+            if self.training:
+                with torch.no_grad():
+                    self.running_mean.lerp_(x.mean(0), 0.5)
+                    self.running_std.lerp_(x.std(0), 0.5)
+            return (x - self.running_mean) / self.running_std * self.scale
+
+    X, y = make_data()
+    model = nn.Sequential(nn.Linear(D_IN, 8), Renorm(8), nn.ReLU(), nn.Linear(8, C))
+    ops = TorchModelOps(model, TensorDataset(X, y))
+    idx = np.arange(30)
+    ops.new_anchor()
+    assert sorted(ops._anchor_buffers) == ["1.running_mean", "1.running_std"]
+    anchor = copy.deepcopy(model).eval()
+    token = ops.state_token(idx)
+    model.train()
+    model(X[:32] * 4 + 3)  # moves both statistics
+    model.eval()
+    assert ops.state_token(idx) == token
+    with torch.no_grad():
+        torch.testing.assert_close(ops.outputs(idx), anchor(X[:30]))
+        model[1].table[:, 0] = 2.0  # the user's buffer, written in place
+    assert ops.state_token(idx) != token
+    anchor[1].table[:, 0] = 2.0
+    with torch.no_grad():
+        torch.testing.assert_close(ops.outputs(idx), anchor(X[:30]))
 
 
 def test_measurement_chunks_default_to_128_on_the_cpu_and_512_on_an_accelerator():
