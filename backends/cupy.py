@@ -18,13 +18,10 @@ real. Importing this module imports cupy (the dispatcher treats an ImportError a
 
 from __future__ import annotations
 
-try:
-    import cupy as cp
-except ImportError as exc:  # the optional dependency: say which extra brings it
-    raise ImportError(f"crestcore.backends.cupy needs CuPy, which cannot import here ({exc}): "
-                      "pip install 'crestcore[cupy]'") from exc
-
 from . import _device
+from .contract import import_optional
+
+cp = import_optional("cupy", "CuPy", "cupy", "crestcore.backends.cupy")
 
 __all__ = ["usable_for", "similarity_batched", "greedy_batched", "assign_batched", "greedy_features",
            "facility_batched"]

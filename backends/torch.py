@@ -23,13 +23,10 @@ Only this module imports torch.
 
 from __future__ import annotations
 
-try:
-    import torch
-except ImportError as exc:  # the optional dependency: say which extra brings it
-    raise ImportError(f"crestcore.backends.torch needs PyTorch, which cannot import here ({exc}): "
-                      "pip install 'crestcore[torch]'") from exc
-
 from . import _device
+from .contract import import_optional
+
+torch = import_optional("torch", "PyTorch", "torch", "crestcore.backends.torch")
 
 __all__ = ["usable_for", "similarity_batched", "greedy_batched", "assign_batched", "greedy_features",
            "facility_batched"]

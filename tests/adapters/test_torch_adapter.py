@@ -816,15 +816,7 @@ def test_compiled_code_inside_the_model_is_measured_eagerly(how):
     if how == "submodule":
         run = nn.Sequential(torch.compile(model[:2], backend="aot_eager"), *model[2:])  # aot_eager: no C++ needed
     else:  # a module of the user's own (nn.Sequential.compile() compiles nothing under torch 2.13)
-        class Net(nn.Module):
-            def __init__(self, body):
-                super().__init__()
-                self.body = body
-
-            def forward(self, x):
-                return self.body(x)
-
-        run = Net(model)
+        run = _KeywordMLP(model)
         run.compile(backend="aot_eager")
     loader = CrestLoader(run, TensorDataset(X, y), **cfg)
     seen, _ = train(loader, run)
