@@ -77,6 +77,33 @@ def namespace_name(xp) -> str:
     return name.split(".")[-1] if name.startswith("array_api_compat") else name.split(".")[0]
 
 
+_INDEX_DTYPES: dict[int, Any] = {}
+
+
+def index_dtype(xp):
+    """The namespace's dtype for indices: its array-API default for indexing, int64 in every library
+    but JAX without ``jax_enable_x64`` (int32: an int64 request is truncated there, with a warning per
+    call). int64 where the namespace does not say.
+
+    >>> import numpy as np
+    >>> index_dtype(namespace(np.zeros(2)))
+    dtype('int64')
+    """
+    key = id(xp)
+    if key not in _INDEX_DTYPES:
+        dt = xp.int64
+        info = getattr(xp, "__array_namespace_info__", None)
+        if callable(info):
+            try:
+                dt = info().default_dtypes()["indexing"]
+            except Exception:  # an older namespace: int64
+                pass
+        if "jax" not in namespace_name(xp):  # jax's default follows jax_enable_x64, which may change: not cached
+            _INDEX_DTYPES[key] = dt
+        return dt
+    return _INDEX_DTYPES[key]
+
+
 def is_numpy_namespace(xp) -> bool:
     return bool(array_api_compat.is_numpy_namespace(xp))
 

@@ -49,7 +49,7 @@ import math
 
 import numpy as np
 
-from ._compat import device_of, from_numpy, host_to, namespace, to_numpy
+from ._compat import device_of, from_numpy, host_to, index_dtype, namespace, to_numpy
 from .backends import snap_tolerance
 from .similarity import _gram_distances, pairwise_distances
 
@@ -102,8 +102,8 @@ def greedy_batched(S, valid, budgets, optimizer, u=None):
         idx_cols.append(xp.where(active, j, xp.full_like(j, -1)))
         gain_cols.append(xp.where(active, g, xp.zeros_like(g)))
     if K == 0:
-        return (xp.zeros((B, 0), dtype=xp.int64, device=dev), xp.zeros((B, 0), dtype=S.dtype, device=dev))
-    return xp.astype(xp.stack(idx_cols, axis=1), xp.int64), xp.stack(gain_cols, axis=1)
+        return (xp.zeros((B, 0), dtype=index_dtype(xp), device=dev), xp.zeros((B, 0), dtype=S.dtype, device=dev))
+    return xp.astype(xp.stack(idx_cols, axis=1), index_dtype(xp)), xp.stack(gain_cols, axis=1)
 
 
 def assign_batched(S, valid, indices):

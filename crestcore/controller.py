@@ -49,6 +49,7 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any, NamedTuple, Protocol
 
+import array_api_compat
 import numpy as np
 
 from ._compat import device_of, from_numpy, namespace, once_per_array, to_numpy
@@ -963,10 +964,13 @@ def _select_next(state: CrestState, ops, config: CrestConfig) -> CrestState:
 
 
 def _shared(a, b) -> bool:
-    """Whether two parameter vectors share memory (NumPy: by their bounds; torch and CuPy: the same data
-    pointer), without importing their libraries."""
+    """Whether two parameter vectors share memory that a training step could change under the anchor
+    (NumPy: by their bounds; torch and CuPy: the same data pointer; JAX arrays are immutable, so the same
+    array twice is no view of anything), without importing their libraries."""
     if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
         return bool(np.may_share_memory(a, b))
+    if array_api_compat.is_jax_array(a) or array_api_compat.is_jax_array(b):
+        return False
     pa, pb = getattr(a, "data_ptr", None), getattr(b, "data_ptr", None)  # torch
     if callable(pa) and callable(pb):
         return bool(a.numel()) and pa() == pb()

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from . import _reference_kernels as ref
-from ._compat import detached, device_of, from_numpy, is_numpy_namespace, namespace, namespace_name, to_numpy
+from ._compat import (detached, device_of, from_numpy, index_dtype, is_numpy_namespace, namespace, namespace_name,
+                      to_numpy)
 from ._validation import (check_choice, check_class_budgets, check_epsilon, check_float_matrix, check_float_rows,
                           check_int, hamilton, isdtype, labels_to_host, make_rng)
 from .backends import draw_bits, exact_shift, get_host_kernel, sample_sizes
@@ -551,7 +552,7 @@ def facility_location(
             out_gain[p], out_w[p], out_obj[p] = g[b, :kb], w[b, :kb], obj[b]
 
     keep = [p for p in range(n_prob) if budgets[p] > 0]
-    indices = xp.concat([xp.astype(out_idx[p], xp.int64) for p in keep])
+    indices = xp.concat([xp.astype(out_idx[p], index_dtype(xp)) for p in keep])
     gains = xp.concat([out_gain[p] for p in keep])
     weights = xp.concat([out_w[p] for p in keep])
     objective = xp.sum(xp.stack([xp.asarray(out_obj[p], device=dev) for p in keep]))

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ._compat import detached, device_of, from_numpy, namespace, namespace_name
+from ._compat import detached, device_of, from_numpy, index_dtype, namespace, namespace_name
 from ._validation import apportion, check_choice, check_epsilon, check_float_matrix, check_int, hamilton
 from ._validation import labels_to_host, make_rng
 from .backends import get_host_kernel, get_kernel
@@ -553,7 +553,7 @@ def minibatch_coresets(
     B, K = li.shape
     pad_x = from_numpy(pad, xp, dev)
     safe = xp.where(li >= 0, li, xp.zeros_like(li))
-    rows = xp.reshape(xp.arange(B, device=dev, dtype=xp.int64), (B, 1)) * pad.shape[1]
+    rows = xp.reshape(xp.arange(B, device=dev, dtype=index_dtype(xp)), (B, 1)) * pad.shape[1]
     glob = xp.take(xp.reshape(pad_x, (-1,)), xp.reshape(safe + rows, (-1,)), axis=0)
     glob = xp.where(li >= 0, xp.reshape(glob, (B, K)), xp.full_like(li, -1))
     # slot layout: each problem's K columns -> the first budgets[b] (or the class's fixed width) slots

@@ -7,7 +7,7 @@ import numbers
 
 import numpy as np
 
-from .._compat import from_numpy, namespace
+from .._compat import from_numpy, index_dtype, namespace
 from .._validation import isdtype, make_rng
 from ..facility import Selection
 from ..similarity import restore
@@ -98,7 +98,7 @@ def host_selection(xp, like_dev, dtype, indices: np.ndarray, weights: np.ndarray
     """A Selection built from host arrays, moved to ``xp`` on ``like_dev`` with floating ``dtype``; a
     value that does not fit ``dtype`` (weights of 70,000 in float16) is refused with a ``ValueError`` by
     the numerics policy (:func:`crestcore.similarity.restore`), never returned as ``inf``."""
-    idx = xp.astype(from_numpy(np.asarray(indices, dtype=np.int64), xp, like_dev), xp.int64)
+    idx = xp.astype(from_numpy(np.asarray(indices, dtype=np.int64), xp, like_dev), index_dtype(xp))
 
     def moved(a, what):
         return restore(xp, from_numpy(np.asarray(a, dtype=np.float64), xp, like_dev), 0, dtype, what)

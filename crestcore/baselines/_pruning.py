@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from .._compat import detached, device_of, from_numpy, namespace, to_numpy
+from .._compat import detached, device_of, from_numpy, index_dtype, namespace, to_numpy
 from .._validation import check_int
 from ..facility import Selection
 from ..similarity import prepare, restore
@@ -113,7 +113,7 @@ def prune_schedule(losses, *, ratio: float = 0.5, epoch, epochs, anneal: float =
     idx = np.flatnonzero(keep).astype(np.int64)
     idx_d = from_numpy(idx, xp, dev)
     return Selection(
-        indices=xp.astype(idx_d, xp.int64),
+        indices=xp.astype(idx_d, index_dtype(xp)),
         weights=restore(xp, from_numpy(weights[idx], xp, dev), 0, losses.dtype, "weights"),
         gains=xp.take(losses, idx_d, axis=0),
         objective=xp.asarray(mean),
