@@ -133,7 +133,10 @@ class SubsetLoader(BudgetedPasses):
         is ``steps_per_epoch``; ``per_epoch=False``: one pass is the run and ``len()`` is ``total_steps``).
     weights : ``"selection"`` (default) or ``"batch"``: over what the weights are rescaled to mean 1.
     reselect_every : R, for craig, gradmatch and glister: select at epochs 0, R, 2R, ... (0-based epochs
-        of this run, each ``steps_per_epoch`` steps) and train on that selection in between.
+        of this run: the loader's passes with ``budget_counts="passes"`` and per-epoch passes, where a
+        selection's forwards shorten its epoch; otherwise blocks of ``steps_per_epoch`` steps, also for a
+        ``set_epoch`` ahead of the run and with ``per_epoch=False``, whose one pass has no epochs of its
+        own) and train on that selection in between.
     embeddings : for craig, gradmatch and glister: True uses the gradient w.r.t. the last linear layer's
         weight (``C * h`` features, :func:`crestcore.last_layer_gradients` with embeddings), False the
         gradient w.r.t. the logits (``C`` features). Default per method: craig False (CRAIG's choice),
@@ -292,8 +295,9 @@ class SubsetLoader(BudgetedPasses):
 
     def _step(self):
         # under "passes" a pass ends early by the measurement's cost: the loader's epochs are then not blocks
-        # of steps_per_epoch steps, and the schedule's cadence follows the loader's epoch
-        epoch = self._pass_e if self.budget_counts == "passes" else None
+        # of steps_per_epoch steps, and the schedule's cadence follows the loader's epoch (a pass that
+        # yields several epochs' shares, after a set_epoch ahead of the run, keeps blocks of steps)
+        epoch = self._pass_e if self.budget_counts == "passes" and self._pass_one_epoch else None
         idx, w = self.schedule.next_indices(self._position, self.ops, sync=self._sync, epoch=epoch)
         self._position += 1
         self._last = (idx, w)

@@ -340,11 +340,18 @@ def _compiled_double_backward(e: Exception) -> None:
     """Re-raise torch's refusal of a double backward through compiled code with what to do about it."""
     text = str(e)
     if "donated buffer" in text or "does not currently support double backward" in text:
+        has_stance = hasattr(getattr(torch, "compiler", None), "set_stance")
         raise RuntimeError(
             "CREST's curvature estimate (the quadratic model's Hutchinson probe) takes a double backward, which "
-            "torch.compile'd code refuses. CREST runs compiled code eagerly in its measurements with "
-            f"torch.compiler.set_stance (torch >= 2.6; here {torch.__version__}); on an older torch compile the "
-            "whole model instead (torch.compile(model), whose original module CREST measures), not a part of it"
+            "torch.compile'd code refuses. " + (
+                "CREST's measurements run compiled code eagerly (torch.compiler.set_stance('force_eager')), so "
+                "this compiled code was reached outside them, or in a way the stance does not cover (a "
+                "forward= or loss_fn of yours that compiles, a call to add_hvp of your own): run that code "
+                "eagerly in the measurements, or compile the whole model instead (torch.compile(model), "
+                "whose original module CREST measures)" if has_stance else
+                f"This torch ({torch.__version__}) has no torch.compiler.set_stance (torch >= 2.6), with which "
+                "CREST runs compiled code eagerly in its measurements: compile the whole model instead "
+                "(torch.compile(model), whose original module CREST measures), not a part of it")
         ) from e
 
 
@@ -396,19 +403,41 @@ def _double_backward_attention():
     return sdpa_kernel([SDPBackend.MATH])
 
 
+_RUNNING_NAMES = ("running_mean", "running_var", "running_std")  # normalisation statistics by name
+# the user's floating buffers a check's token copies at most (bytes); above it every check measures
+TOKEN_BUFFER_BYTES = 16 * 2**20
+
+
+class _Values:
+    """Tensors compared by value (``torch.equal``, on their device): a part of a check's token."""
+
+    __slots__ = ("tensors",)
+
+    def __init__(self, tensors: list):
+        self.tensors = tensors
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, _Values) and len(other.tensors) == len(self.tensors)
+                and all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+                        for a, b in zip(self.tensors, other.tensors)))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 def _running_stats(model: nn.Module) -> list:
     """``(name, buffer)`` of the model's normalisation running statistics, which its training forwards move
     by themselves: the floating buffers of torch's BatchNorm and InstanceNorm layers (``_NormBase``), and
-    any module's floating buffers named ``running_*`` (a normalisation layer of another library: a batch
-    renormalisation's ``running_mean`` and ``running_std`` together). Names as ``model.named_buffers()``
-    gives them, each buffer once. Other floating buffers (a temperature the loop anneals, a pruning mask)
-    are the user's state: measurements see them live."""
+    any module's floating buffers named ``running_mean``, ``running_var`` or ``running_std`` (a
+    normalisation layer of another library: a batch renormalisation's mean and std together). Names as
+    ``model.named_buffers()`` gives them, each buffer once. Other floating buffers (a temperature the loop
+    anneals, a pruning mask, a ``running_scale`` of the user's) are the user's state: measurements see
+    them live."""
     out, seen = [], set()
     for mname, mod in model.named_modules():
         norm = isinstance(mod, nn.modules.batchnorm._NormBase)
         for bname, b in mod.named_buffers(recurse=False):
             if (b is not None and b.is_floating_point() and id(b) not in seen
-                    and (norm or bname.startswith("running_"))):
+                    and (norm or bname in _RUNNING_NAMES)):
                 seen.add(id(b))
                 out.append((f"{mname}.{bname}" if mname else bname, b))
     return out
@@ -1604,10 +1633,11 @@ class TorchModelOps:
           would serve ``indices`` (the very rows the last measurement of them saw); None when no kept pass
           holds them all, since loading them again may draw other random transforms (``cache_bytes=0``, a
           pass too big to keep, a collate whose batches cannot be kept);
-        * each frozen parameter and each floating buffer (but the running statistics) by identity and
-          in-place version counter (a write through ``.data``, such as ``p.data.copy_(...)``, bypasses the
-          counter), and every other buffer by value (but a normalisation layer's ``num_batches_tracked``,
-          which its eval-mode forward does not read);
+        * each frozen parameter by identity and in-place version counter (a write through ``.data``, such
+          as ``p.data.copy_(...)``, bypasses the counter), and every buffer by value (a copy on its device;
+          but a normalisation layer's ``num_batches_tracked``, which its eval-mode forward does not read,
+          and its running statistics); None when the floating buffers take more than
+          ``TOKEN_BUFFER_BYTES`` (16 MiB): every check then measures;
         * the running statistics (BatchNorm's) are the anchor's in every measurement (kept at
           :meth:`new_anchor`, at each selection), so the training steps' updates of them do not count;
           None while the measurements run with the live ones (before a first anchor).
@@ -1660,12 +1690,15 @@ class TorchModelOps:
                 and not (name == "num_batches_tracked" and isinstance(mod, nn.modules.batchnorm._NormBase))]
         values = torch.cat(ints).cpu().numpy().tobytes() if ints else b""  # one host read for all of them
         anchored = {id(b) for _, b in stats}
+        floats = [b for b in self.model.buffers() if b.is_floating_point() and id(b) not in anchored]
+        if sum(b.numel() * b.element_size() for b in floats) > TOKEN_BUFFER_BYTES:
+            return None  # too large to copy at every check: every check measures
         return (source, values,
                 tuple((id(p), p.data_ptr(), p._version) for p in self.model.parameters() if not p.requires_grad),
-                # the user's floating buffers (a temperature, a pruning mask) as the frozen parameters: by
-                # identity and in-place version counter (no copy of a large buffer at every check)
-                tuple((id(b), b.data_ptr(), b._version) for b in self.model.buffers()
-                      if b.is_floating_point() and id(b) not in anchored))
+                # the user's floating buffers (a temperature, a pruning mask) by value, on their device: a
+                # write through .data, or a buffer replaced twice (a freed tensor's id and memory reused, its
+                # version 0 again), is seen
+                _Values([b.detach().clone() for b in floats]))
 
     def _kept_pass(self, idx: np.ndarray):
         """The number of the kept pass :meth:`_cached` would serve ``idx`` from (the most recent that read

@@ -159,6 +159,7 @@ class BudgetedPasses:
         self._position = 0  # batches handed out
         self._epochs_done = 0  # passes that ran to the end of their epoch's share
         self._pass_e: int | None = None  # the epoch of the pass running (None: the whole run)
+        self._pass_one_epoch = False  # whether the running pass yields one epoch's share only
         self._epoch_hint: int | None = None
         self._token = 0
         self._warned_done = False
@@ -247,6 +248,7 @@ class BudgetedPasses:
 
     def _pass(self, token: int):
         hinted = self._epoch_hint is not None
+        now = min(max(self._position // self.steps_per_epoch, self._epochs_done), self.epochs - 1)
         e = self._pass_epoch()
         finished = self._position >= self.total_steps or self._epochs_done >= self.epochs
         if finished and not self._warned_done:
@@ -265,6 +267,8 @@ class BudgetedPasses:
         self._pass_started()
         done = self.epochs if e is None else e + 1
         self._pass_e = e
+        # one epoch's share (the usual pass), or the shares of several (a set_epoch ahead of the run, warned)
+        self._pass_one_epoch = e is not None and e <= now
         while self._token == token and self._position < end:
             if self.budget_counts == "passes" and not self._replaying():
                 train, overhead = self._cost()

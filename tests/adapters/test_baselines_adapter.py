@@ -350,6 +350,27 @@ def test_passes_mode_reselects_at_the_loaders_epochs(every):
     assert len(resumed) == len(seen) and all(np.array_equal(a, b) for a, b in zip(resumed, seen))
 
 
+@pytest.mark.parametrize("method", ["random", "craig"])
+def test_a_pass_over_several_epochs_shares_keeps_their_epochs_under_passes(method):
+    """set_epoch(2) on a fresh loader yields the shares of epochs 0-2 in one pass (warned). Under "passes"
+    the schedule followed the pass's epoch for all of them and cycled epoch 2's plan (random: 18 of 27
+    batches repeated the one an epoch earlier, 1 selection); such a pass keeps blocks of steps_per_epoch
+    steps, as "steps" mode does (random, which measures nothing, the same batches)."""
+    runs = {}
+    for counts in ("steps", "passes"):
+        ld = loader(method, budget=0.6, epochs=6, budget_counts=counts)
+        ld.set_epoch(2)
+        with pytest.warns(UserWarning, match="ahead of the run"):
+            seen = [ld.last_indices for _ in ld]
+        spe = ld.steps_per_epoch
+        assert not any(np.array_equal(seen[i], seen[i - spe]) for i in range(spe, len(seen)))
+        assert [s["epoch"] for s in ld.stats["selections"]][:2] == [0, 1]
+        runs[counts] = seen
+    if method == "random":
+        assert len(runs["steps"]) == len(runs["passes"])
+        assert all(np.array_equal(a, b) for a, b in zip(runs["steps"], runs["passes"]))
+
+
 def test_set_epoch_and_per_epoch_passes():
     ld = loader("random", per_epoch=True)
     assert len(ld) == ld.steps_per_epoch

@@ -2072,10 +2072,12 @@ def test_only_running_statistics_are_the_anchors_other_floating_buffers_are_meas
 
 
 def test_running_statistics_of_another_library_are_kept_together_and_odd_buffers_are_tokens():
-    """A normalisation layer of another library is told by its ``running_*`` buffers, all of them (a batch
-    renormalisation's running_mean with its running_std: keeping the mean alone measured a model that is
-    neither the anchor's nor the live one); a non-contiguous floating buffer (a column of a table) does
-    not break the check's token (it raised 'stride(-1) must be 1'), and writing it changes the token."""
+    """A normalisation layer of another library is told by its running_mean / running_var / running_std
+    buffers, all of them (a batch renormalisation's running_mean with its running_std: keeping the mean
+    alone measured a model that is neither the anchor's nor the live one), and a user's own running_scale
+    stays live; a non-contiguous floating buffer (a column of a table) does not break the check's token
+    (it raised 'stride(-1) must be 1'), and writing it changes the token, through .data too, as does a
+    buffer replaced twice (a freed tensor's id, memory and version 0 come back)."""
 
     class Renorm(nn.Module):
         def __init__(self, d):
@@ -2084,13 +2086,14 @@ def test_running_statistics_of_another_library_are_kept_together_and_odd_buffers
             self.register_buffer("running_std", torch.ones(d))
             self.register_buffer("table", torch.ones(d, 3))
             self.register_buffer("scale", self.table[:, 0])  # a non-contiguous view
+            self.register_buffer("running_scale", torch.ones(()))  # the user's, read by the forward
 
         def forward(self, x):
             if self.training:
                 with torch.no_grad():
                     self.running_mean.lerp_(x.mean(0), 0.5)
                     self.running_std.lerp_(x.std(0), 0.5)
-            return (x - self.running_mean) / self.running_std * self.scale
+            return (x - self.running_mean) / self.running_std * self.scale * self.running_scale
 
     X, y = make_data()
     model = nn.Sequential(nn.Linear(D_IN, 8), Renorm(8), nn.ReLU(), nn.Linear(8, C))
@@ -2111,7 +2114,24 @@ def test_running_statistics_of_another_library_are_kept_together_and_odd_buffers
     anchor[1].table[:, 0] = 2.0
     with torch.no_grad():
         torch.testing.assert_close(ops.outputs(idx), anchor(X[:30]))
-
+    token = ops.state_token(idx)
+    model[1].running_scale.data.mul_(3.0)  # through .data: no version counter moves
+    assert ops.state_token(idx) != token
+    anchor[1].running_scale.data.mul_(3.0)
+    with torch.no_grad():
+        torch.testing.assert_close(ops.outputs(idx), anchor(X[:30]))
+    token = ops.state_token(idx)
+    for value in (5.0, 3.0 * 1.0):  # replaced twice, back to an equal value: the same token is right
+        model[1].running_scale = torch.tensor(value)
+    assert ops.state_token(idx) == token
+    model[1].running_scale = torch.tensor(7.0)
+    model[1].running_scale = torch.tensor(4.0)  # replaced twice, to another value
+    assert ops.state_token(idx) != token
+    big = TorchModelOps(nn.Sequential(model, Renorm(C)), TensorDataset(X, y))
+    big.model[1].register_buffer("mask", torch.ones(5 * 2**20))  # 20 MiB of the user's floating buffers
+    big.new_anchor()
+    big.outputs(idx)
+    assert big.state_token(idx) is None  # too large to copy at every check: every check measures
 
 def test_measurement_chunks_default_to_128_on_the_cpu_and_512_on_an_accelerator():
     """``batch_size=None`` (the loaders' ``measure_batch_size=None``): 128 examples a forward when measuring on
