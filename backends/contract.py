@@ -41,7 +41,7 @@ import numpy as np
 __all__ = [
     "KERNEL_NAMES", "SPARSE_KERNEL_NAMES", "HOST_KERNEL_NAMES", "SIGNATURES", "METRICS", "KERNELS",
     "OPTIMIZERS", "SNAP_ULPS", "snap_tolerance", "exact_shift", "sample_sizes", "sample_size", "draw_bits",
-    "import_optional",
+    "missing_library",
     "Capability", "CAPABILITIES",
     "backend_for_namespace",
 ]
@@ -170,27 +170,20 @@ def sample_size(n: int, k: int, epsilon: float) -> int:
     return int(sample_sizes([n], [k], epsilon)[0])
 
 
-def import_optional(module: str, library: str, extra: str, owner: str):
-    """``importlib.import_module(module)`` for the backend module ``owner``, or an ``ImportError`` that names
+def missing_library(owner: str, library: str, extra: str, exc: ImportError) -> ImportError:
+    """The ``ImportError`` a backend module ``owner`` raises when its ``library`` does not import: it names
     the extra installing it (the dispatch catches it and uses the reference).
 
     Examples
     --------
-    >>> import_optional("math", "Python's math", "none", "an example").__name__
-    'math'
     >>> try:
-    ...     import_optional("not_a_module_here", "Nothing", "nothing", "crestcore.backends.example")
+    ...     import not_a_module_here
     ... except ImportError as exc:
-    ...     print(str(exc).split(" (")[0], "...", str(exc).rsplit(": ", 1)[1])
-    crestcore.backends.example needs Nothing, which cannot import here ... pip install 'crestcore[nothing]'
+    ...     err = missing_library("crestcore.backends.example", "Nothing", "nothing", exc)
+    >>> str(err).split(" (")[0], str(err).rsplit(": ", 1)[1]
+    ('crestcore.backends.example needs Nothing, which cannot import here', "pip install 'crestcore[nothing]'")
     """
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise ImportError(f"{owner} needs {library}, which cannot import here ({exc}): "
-                          f"pip install 'crestcore[{extra}]'") from exc
+    return ImportError(f"{owner} needs {library}, which cannot import here ({exc}): pip install 'crestcore[{extra}]'")
 
 
 # float32 reaches every position floor(u * R) of up to 2^24 remaining candidates (24 significand bits)

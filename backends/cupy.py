@@ -19,9 +19,12 @@ real. Importing this module imports cupy (the dispatcher treats an ImportError a
 from __future__ import annotations
 
 from . import _device
-from .contract import import_optional
+from .contract import missing_library
 
-cp = import_optional("cupy", "CuPy", "cupy", "crestcore.backends.cupy")
+try:
+    import cupy as cp
+except ImportError as exc:  # the optional dependency: say which extra brings it
+    raise missing_library("crestcore.backends.cupy", "CuPy", "cupy", exc) from exc
 
 __all__ = ["usable_for", "similarity_batched", "greedy_batched", "assign_batched", "greedy_features",
            "facility_batched"]

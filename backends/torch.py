@@ -24,9 +24,12 @@ Only this module imports torch.
 from __future__ import annotations
 
 from . import _device
-from .contract import import_optional
+from .contract import missing_library
 
-torch = import_optional("torch", "PyTorch", "torch", "crestcore.backends.torch")
+try:
+    import torch
+except ImportError as exc:  # the optional dependency: say which extra brings it
+    raise missing_library("crestcore.backends.torch", "PyTorch", "torch", exc) from exc
 
 __all__ = ["usable_for", "similarity_batched", "greedy_batched", "assign_batched", "greedy_features",
            "facility_batched"]
