@@ -11,31 +11,13 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-import os
-import sys
 import warnings
 
 import numpy as np
 
-import crestcore
-import crestcore.backends
 from crestcore.controller import Batch, CrestConfig, crest_load_state_dict, crest_state_dict
-from crestcore.validation import check_count, host_indices, host_weights, stored_batch  # noqa: F401 (re-exported)
-
-# the folders of the library's code (one in a wheel; crestcore/, adapters/ and backends/ in a checkout)
-_OURS = tuple(os.path.dirname(os.path.abspath(f)) + os.sep
-              for f in (crestcore.__file__, __file__, crestcore.backends.__file__))
-
-
-def user_stacklevel(skip: tuple[str, ...] = ()) -> int:
-    """The ``stacklevel`` for ``warnings.warn`` called by the caller of this function that names the first
-    frame outside the library (and outside the directories ``skip``, a framework's code that called into
-    ours): the user's line, however deep the library's own calls go."""
-    ours = (*_OURS, *(os.path.abspath(d) + os.sep for d in skip))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(ours):
-        frame, level = frame.f_back, level + 1
-    return level
+from crestcore.validation import (check_count, host_indices, host_weights, stored_batch,  # noqa: F401 (re-exported)
+                                  user_stacklevel)
 
 
 # ------------------------------------------------------------------------------------------------

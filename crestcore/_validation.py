@@ -5,9 +5,30 @@ from __future__ import annotations
 import math
 import numbers
 
+from typing import Any
+
 import numpy as np
 
 from ._compat import to_numpy
+
+
+def user_stacklevel(skip: tuple[str, ...] = ()) -> int:
+    """The ``stacklevel`` for ``warnings.warn`` called by the caller of this function that names the first
+    frame outside the library (any module ``crestcore.*``, the adapters and backends included, wherever
+    their files lie) and outside the modules named by the prefixes ``skip`` (a framework's code that
+    called into ours, ``"torch.utils.data"`` or ``"keras"``): the user's line, however deep the calls go.
+
+    >>> user_stacklevel() >= 1
+    True
+    """
+    import sys
+
+    prefixes = ("crestcore.", *(p if p.endswith(".") else p + "." for p in skip))
+    frame: Any = sys._getframe(1)
+    level = 1
+    while frame is not None and (str(frame.f_globals.get("__name__", "")) + ".").startswith(prefixes):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class DivergenceError(FloatingPointError, ValueError):

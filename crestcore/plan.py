@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ._validation import apportion, hamilton
+from ._validation import apportion, hamilton, user_stacklevel
 
 __all__ = ["full_steps", "budget_steps", "hamilton", "apportion", "examples_spent", "budget_report",
            "BudgetedPasses"]
@@ -256,7 +256,7 @@ class BudgetedPasses:
             warnings.warn(
                 f"{type(self).__name__}: all planned steps are used ({self.epochs} epochs); this pass yields "
                 f"nothing (build it with a larger epochs= to train longer).",
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
         elif hinted and e is not None and not finished:
             e = self._check_hint(e)
@@ -306,7 +306,8 @@ class BudgetedPasses:
                     f"batches of the run are): ignored, this pass yields epoch {now}, the run's next. set_epoch "
                     f"takes the 0-based epoch about to be trained; with a DataLoader that has worker processes, "
                     f"call it before iter(loader), which starts the sampler's pass at once (a loader prepared by "
-                    f"accelerate calls it with its own count: call the prepared loader's set_epoch).", stacklevel=3)
+                    f"accelerate calls it with its own count: call the prepared loader's set_epoch).",
+                    stacklevel=user_stacklevel())
             return min(now, self.epochs - 1)
         if e > now and self._position <= now * self.steps_per_epoch:  # epoch `now` not started: skipped
             warnings.warn(
@@ -314,7 +315,7 @@ class BudgetedPasses:
                 f"batches handed out): this pass yields the shares of epochs {now}-{e}, "
                 f"{self._share_end(e) - self._position} batches instead of "
                 f"{self.steps_per_epoch}. Epochs count from 0; to continue a saved run, load its state_dict.",
-                stacklevel=3)
+                stacklevel=user_stacklevel())
         return e
 
     def _broken_pass(self, handed: int) -> None:

@@ -13,6 +13,8 @@ Each check returns a normalised host (NumPy) copy or raises an error naming the 
 
 from __future__ import annotations
 
-from ._validation import DivergenceError, check_count, check_int, host_indices, host_weights, stored_batch
+from ._validation import (DivergenceError, check_count, check_int, host_indices, host_weights, stored_batch,
+                          user_stacklevel)
 
-__all__ = ["DivergenceError", "check_count", "check_int", "host_indices", "host_weights", "stored_batch"]
+__all__ = ["DivergenceError", "check_count", "check_int", "host_indices", "host_weights", "stored_batch",
+           "user_stacklevel"]

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .._compat import device_of, from_numpy, namespace, on_cpu, to_numpy
-from .._validation import apportion, check_count
+from .._validation import apportion, check_count, user_stacklevel
 from ..features import last_layer_gradients
 from ._craig import craig
 from ._glister import glister
@@ -195,7 +195,7 @@ class SubsetSchedule:
                     f"val_fraction={self.val_fraction}): at least one example of every class with two or more "
                     "is held out, and these are never trained on; with many small classes, pass a smaller "
                     "val_fraction or use another method",
-                    stacklevel=3,
+                    stacklevel=user_stacklevel(),
                 )
             keep = np.ones(self.n, dtype=bool)
             keep[self.val_indices] = False
@@ -341,7 +341,7 @@ class SubsetSchedule:
             if not self._warned_epochs:
                 warnings.warn(f"prune: epoch {e} is past the {self.epochs} epoch(s) the schedule was built for "
                               "(epochs=): it keeps the last epoch's rule from here on. Pass the run's epochs as "
-                              "epochs= so that the pruning anneals over them.", stacklevel=4)
+                              "epochs= so that the pruning anneals over them.", stacklevel=user_stacklevel())
                 self._warned_epochs = True
             e = self.epochs - 1
         seen = np.flatnonzero(self.seen)
@@ -349,7 +349,8 @@ class SubsetSchedule:
             # an epoch has been trained and not one loss was recorded: prune would be random sampling
             warnings.warn("prune: no training losses were observed during the epochs so far, so nothing can "
                           "be pruned (every example counts as unseen). Pass each step's per-example losses "
-                          "to the loader's observe(losses) (the schedule's observe(indices, losses)).", stacklevel=4)
+                          "to the loader's observe(losses) (the schedule's observe(indices, losses)).",
+                          stacklevel=user_stacklevel())
             self._warned_unobserved = True
         if seen.size:
             sel = prune_schedule(self.losses[seen], ratio=self.prune_ratio, epoch=e, epochs=self.epochs,

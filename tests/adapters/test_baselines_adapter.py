@@ -371,6 +371,27 @@ def test_a_pass_over_several_epochs_shares_keeps_their_epochs_under_passes(metho
         assert all(np.array_equal(a, b) for a, b in zip(runs["steps"], runs["passes"]))
 
 
+def test_the_loaders_warnings_name_the_users_line():
+    """The pass's and the schedule's warnings are raised inside a generator and the schedule: a fixed
+    stacklevel named sys:1 or crestcore's own file; they name the line of the user's loop now."""
+    ld = loader("random", epochs=1)
+    ld.set_epoch(0)
+    list(ld)
+    with pytest.warns(UserWarning, match="all planned steps are used") as rec:
+        list(ld)
+    assert rec[0].filename == __file__
+    ahead = loader("random", epochs=3)
+    ahead.set_epoch(2)
+    with pytest.warns(UserWarning, match="ahead of the run") as rec:
+        next(iter(ahead))
+    assert rec[0].filename == __file__
+    prune = loader("prune", epochs=3)
+    with pytest.warns(UserWarning, match="no training losses were observed") as rec:
+        for _ in prune.iter_run():
+            pass
+    assert rec[0].filename == __file__
+
+
 def test_set_epoch_and_per_epoch_passes():
     ld = loader("random", per_epoch=True)
     assert len(ld) == ld.steps_per_epoch
