@@ -294,14 +294,27 @@ class SubsetLoader(BudgetedPasses):
         return self.schedule.counters
 
     def _step(self):
-        # under "passes" a pass ends early by the measurement's cost: the loader's epochs are then not blocks
-        # of steps_per_epoch steps, and the schedule's cadence follows the loader's epoch (a pass that
-        # yields several epochs' shares, after a set_epoch ahead of the run, keeps blocks of steps)
-        epoch = self._pass_e if self.budget_counts == "passes" and self._pass_one_epoch else None
+        epoch = self._schedule_epoch() if self.budget_counts == "passes" else None
         idx, w = self.schedule.next_indices(self._position, self.ops, sync=self._sync, epoch=epoch)
         self._position += 1
         self._last = (idx, w)
         return self._make_batch(idx, w)
+
+    def _schedule_epoch(self) -> int | None:
+        """Under "passes" a pass ends early by the measurement's cost, so the loader's epochs are not blocks of
+        ``steps_per_epoch`` steps: the schedule follows the loader's epoch. A pass that yields the shares of
+        epochs ``first .. e`` (a set_epoch ahead of the run, or one completing a broken-off epoch) walks them
+        in turn, each epoch's plan for ``steps_per_epoch`` steps, never past ``e``. None: one pass for the
+        whole run (``per_epoch=False``), blocks of steps."""
+        e = self._pass_e
+        if e is None:
+            return None
+        key, first = self.schedule.plan_key, self._pass_first
+        cur = key if key is not None and first <= key <= e else first
+        if (cur < e and key == cur
+                and self._position - self.schedule.plan_start >= self.steps_per_epoch):  # its share is used up
+            cur += 1
+        return cur
 
     def _make_batch(self, idx: np.ndarray, w: np.ndarray):
         return _weighted_batch(self, idx, w)

@@ -403,12 +403,23 @@ def _double_backward_attention():
 
 
 _RUNNING_NAMES = ("running_mean", "running_var", "running_std")  # normalisation statistics by name
-# the user's floating buffers a check's token copies at most (bytes); above it every check measures
+# the buffers a check's token copies at most (bytes; the running statistics aside); above it every check measures
 TOKEN_BUFFER_BYTES = 16 * 2**20
 
 
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bit patterns as integers of its element size (a complex tensor's as its real pairs'), so that
+    equality is bit for bit: a NaN equals itself, -0.0 differs from +0.0."""
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    return t if t.dtype == torch.bool else t.view(_BITS[t.element_size()])
+
+
 class _Values:
-    """Tensors compared by value (``torch.equal``, on their device): a part of a check's token."""
+    """Tensors compared bit for bit on their device: a part of a check's token."""
 
     __slots__ = ("tensors",)
 
@@ -417,8 +428,8 @@ class _Values:
 
     def __eq__(self, other) -> bool:
         return (isinstance(other, _Values) and len(other.tensors) == len(self.tensors)
-                and all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
-                        for a, b in zip(self.tensors, other.tensors)))
+                and all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+                        and torch.equal(_bits(a), _bits(b)) for a, b in zip(self.tensors, other.tensors)))
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -1633,9 +1644,9 @@ class TorchModelOps:
           holds them all, since loading them again may draw other random transforms (``cache_bytes=0``, a
           pass too big to keep, a collate whose batches cannot be kept);
         * each frozen parameter by identity and in-place version counter (a write through ``.data``, such
-          as ``p.data.copy_(...)``, bypasses the counter), and every buffer by value (a copy on its device;
-          but a normalisation layer's ``num_batches_tracked``, which its eval-mode forward does not read,
-          and its running statistics); None when the floating buffers take more than
+          as ``p.data.copy_(...)``, bypasses the counter), and every buffer by value, bit for bit (a copy
+          on its device; but a normalisation layer's ``num_batches_tracked``, which its eval-mode forward
+          does not read, and its running statistics); None when those buffers take more than
           ``TOKEN_BUFFER_BYTES`` (16 MiB): every check then measures;
         * the running statistics (BatchNorm's) are the anchor's in every measurement (kept at
           :meth:`new_anchor`, at each selection), so the training steps' updates of them do not count;
@@ -1681,23 +1692,18 @@ class TorchModelOps:
             source = self._kept_pass(host_indices(indices, self.n)) if self._cacheable else None
         if source is None:
             return None
-        # non-floating buffers by value, but a normalisation layer's batch counter, which its eval-mode forward
-        # never reads (it moves at every training forward, and would end every reuse after a step)
-        ints = [b.detach().reshape(-1).to(torch.int64) for mod in self.model.modules()
-                for name, b in mod.named_buffers(recurse=False)
-                if b is not None and not b.is_floating_point()
-                and not (name == "num_batches_tracked" and isinstance(mod, nn.modules.batchnorm._NormBase))]
-        values = torch.cat(ints).cpu().numpy().tobytes() if ints else b""  # one host read for all of them
+        # every buffer by value (bit for bit, on its device: a NaN equals itself, -0.0 is not +0.0, a write
+        # through .data or a buffer replaced twice is seen), but the running statistics (the anchor's in
+        # every measurement) and a normalisation layer's batch counter, which its eval-mode forward never
+        # reads (it moves at every training forward, and would end every reuse after a step)
         anchored = {id(b) for _, b in stats}
-        floats = [b for b in self.model.buffers() if b.is_floating_point() and id(b) not in anchored]
-        if sum(b.numel() * b.element_size() for b in floats) > TOKEN_BUFFER_BYTES:
+        values = [b for mod in self.model.modules() for name, b in mod.named_buffers(recurse=False)
+                  if b is not None and id(b) not in anchored
+                  and not (name == "num_batches_tracked" and isinstance(mod, nn.modules.batchnorm._NormBase))]
+        if sum(b.numel() * b.element_size() for b in values) > TOKEN_BUFFER_BYTES:
             return None  # too large to copy at every check: every check measures
-        return (source, values,
-                tuple((id(p), p.data_ptr(), p._version) for p in self.model.parameters() if not p.requires_grad),
-                # the user's floating buffers (a temperature, a pruning mask) by value, on their device: a
-                # write through .data, or a buffer replaced twice (a freed tensor's id and memory reused, its
-                # version 0 again), is seen
-                _Values([b.detach().clone() for b in floats]))
+        return (source, tuple((id(p), p.data_ptr(), p._version) for p in self.model.parameters() if not p.requires_grad),
+                _Values([b.detach().clone() for b in values]))
 
     def _kept_pass(self, idx: np.ndarray):
         """The number of the kept pass :meth:`_cached` would serve ``idx`` from (the most recent that read

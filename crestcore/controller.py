@@ -981,6 +981,17 @@ def _shared(a, b) -> bool:
     return a is b
 
 
+def _check_alive(a, what: str) -> None:
+    """A ``ValueError`` when the array ``params()`` returned earlier has been deleted since (a JAX training
+    step that donates its parameters, ``jax.jit(..., donate_argnums=...)``, deletes the array it was given)."""
+    is_deleted = getattr(a, "is_deleted", None)
+    if callable(is_deleted) and bool(is_deleted()):
+        raise ValueError(
+            f"the array ops.params() returned at {what} has been deleted since (a training step that donates its "
+            "parameters, jax.jit(..., donate_argnums=...), deletes the array it is given): params() must return "
+            "a copy (jnp.array(w, copy=True)) when the step donates them")
+
+
 def _finite_params(w, step: int, where: str) -> None:
     """A ``DivergenceError`` naming ``ops.params()`` when the parameter vector ``w`` is not finite."""
     xp = namespace(w, names=("params()",))
@@ -1025,6 +1036,7 @@ def _same_as_last(state: CrestState, w, ops, config: CrestConfig) -> _LastCheck 
     if (last is None or last.token is None or state.anchor is None or state.quad is None
             or last.selection != state.n_selections or last.ops is not ops or last.config != config):
         return None
+    _check_alive(last.params, "the last trust check")
     if _shared(w, last.params):
         raise ValueError(
             "ops.params() returned memory shared with what it returned at the last trust check (a view of the "
@@ -1041,6 +1053,8 @@ def _same_as_last(state: CrestState, w, ops, config: CrestConfig) -> _LastCheck 
 
 def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
     w = ops.params()
+    if state.anchor is not None:
+        _check_alive(state.anchor, "the selection (the anchor)")
     if state.anchor is not None and _shared(w, state.anchor):
         raise ValueError(
             "ops.params() returned memory shared with the anchor it returned at the selection (a view of the "

@@ -81,8 +81,8 @@ def numba_route(xp, X, solve, host_args: dict):
 class Selection:
     """A weighted selection, in the namespace and on the device of the input.
 
-    indices : (k,) int64. The picks; per class (ascending label) when labels were given, each class's
-        picks in greedy order.
+    indices : (k,) int64 (int32 on JAX without ``jax_enable_x64``). The picks; per class (ascending label)
+        when labels were given, each class's picks in greedy order.
     weights : (k,) floating. Cluster sizes: how many points have this pick as their most similar pick
         (in its own class when labels were given). They sum to n, except that a class given no pick
         (only possible when k < #classes) represents nobody, and on the sparse path (``neighbors=``) a
@@ -343,7 +343,8 @@ def facility_location(
 
     Returns
     -------
-    Selection, with arrays in X's namespace, on X's device, in X's dtype (indices int64). Ties break to
+    Selection, with arrays in X's namespace, on X's device, in X's dtype (indices int64; int32 on JAX
+    without x64). Ties break to
     the lowest index. All-identical points are a valid input: every gain after the first is 0, the picks
     are the lowest indices and the first pick of each problem carries all the weight (except all-zero rows
     under ``metric="cosine"``: a zero row has no direction, so its cosine distance is 1 to every point,

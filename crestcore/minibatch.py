@@ -29,7 +29,8 @@ __all__ = ["Coresets", "minibatch_coresets", "draw_subsets", "CLASS_BUDGETS"]
 class Coresets:
     """P weighted mini-batch coresets, in the namespace and on the device of the features.
 
-    indices : (P, m') int64 indices into the full dataset (``features`` rows). ``m' = m`` except with
+    indices : (P, m') int64 (int32 on JAX without x64) indices into the full dataset (``features`` rows).
+        ``m' = m`` except with
         ``class_budget="ceil"``, where ``m' = C * ceil(m / C)`` as in the CREST release; slots a class
         could not fill (fewer examples of it in the subset than its budget) hold -1 with weight 0.
         Within a coreset, picks are grouped by class (ascending label), each class in greedy order.

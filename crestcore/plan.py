@@ -159,7 +159,7 @@ class BudgetedPasses:
         self._position = 0  # batches handed out
         self._epochs_done = 0  # passes that ran to the end of their epoch's share
         self._pass_e: int | None = None  # the epoch of the pass running (None: the whole run)
-        self._pass_one_epoch = False  # whether the running pass yields one epoch's share only
+        self._pass_first = 0  # the first epoch whose share the running pass yields (see _pass)
         self._epoch_hint: int | None = None
         self._token = 0
         self._warned_done = False
@@ -267,8 +267,9 @@ class BudgetedPasses:
         self._pass_started()
         done = self.epochs if e is None else e + 1
         self._pass_e = e
-        # one epoch's share (the usual pass), or the shares of several (a set_epoch ahead of the run, warned)
-        self._pass_one_epoch = e is not None and e <= now
+        # the run's next epoch when the pass started: a pass yields from it to epoch e (the usual pass: one
+        # epoch's share; several after a set_epoch ahead of the run, or one that completes a broken-off epoch)
+        self._pass_first = now if e is None else min(now, e)
         while self._token == token and self._position < end:
             if self.budget_counts == "passes" and not self._replaying():
                 train, overhead = self._cost()

@@ -1758,6 +1758,14 @@ def test_a_jax_model_returning_its_stored_parameters_runs_without_warnings():
             if t % 3:  # two steps of three train; the third is checked at unchanged parameters
                 ops.w = ops.w - 0.1 * ops.gradient(batch.indices, batch.weights)[1]
     assert state.n_selections >= 1 and len(state.log["checks"]) >= 8
+    # a training step that donates the parameters deletes the array params() returned: refused by name
+    donate = jax.jit(lambda w, g: w - 0.1 * g, donate_argnums=0)
+    state = crest_init(cfg, y, seed=0)
+    state, batch = crest_next_batch(state, ops, cfg)
+    ops.w = donate(ops.w, ops.gradient(batch.indices, batch.weights)[1])
+    if state.anchor.is_deleted():  # the CPU backend may ignore the donation (it warns): nothing deleted then
+        with pytest.raises(ValueError, match=r"has been deleted since .*donate_argnums.*must return a copy"):
+            crest_next_batch(state, ops, cfg)
     sel = cc.facility_location(jnp.asarray(X, jnp.float32), 4, labels=jnp.asarray(y))
     assert sel.indices.dtype == jnp.int32 and np.array_equal(np.asarray(sel.indices),
                                                              cc.facility_location(X.astype(np.float32), 4, labels=y).indices)

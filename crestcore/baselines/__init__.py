@@ -11,7 +11,7 @@
 * :class:`SubsetSchedule` -- a baseline as a sequence of weighted mini-batches of dataset indices (when to
   select, what to measure, each epoch's layout): the framework adapters' loaders drive it.
 
-Every function returns a :class:`crestcore.Selection` (indices int64, weights, gains, objective) in
+Every function returns a :class:`crestcore.Selection` (indices int64, int32 on JAX without x64; weights, gains, objective) in
 the namespace, on the device and in the floating dtype of its input, takes randomness only from its
 ``rng`` argument, validates its inputs with errors naming the argument, and never modifies them.
 

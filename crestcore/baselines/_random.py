@@ -27,7 +27,7 @@ def random_subset(n, k, *, rng, epoch=None, xp=None, device=None, dtype=None):
 
     Returns
     -------
-    Selection: ``indices`` (k,) int64 sorted ascending, drawn uniformly without replacement (every
+    Selection: ``indices`` (k,) int64 (int32 on JAX without x64) sorted ascending, drawn uniformly without replacement (every
     k-subset equally likely); ``weights`` all ``n / k`` (so the weighted sum over the subset is an
     unbiased estimate of the full-data sum); ``gains`` all 0 and ``objective`` 0 (nothing is optimised).
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -369,6 +370,32 @@ def test_a_pass_over_several_epochs_shares_keeps_their_epochs_under_passes(metho
     if method == "random":
         assert len(runs["steps"]) == len(runs["passes"])
         assert all(np.array_equal(a, b) for a, b in zip(runs["steps"], runs["passes"]))
+
+
+@pytest.mark.parametrize("scenario", ["complete", "skip"])
+def test_a_pass_completing_a_broken_epoch_walks_its_epochs_under_passes(scenario):
+    """Under "passes", epoch 2 broken off after 2 batches and set_epoch(3) (the documented way to complete
+    it), or epoch 2 skipped with set_epoch(3) after epoch 1 (warned): the pass yields epochs 2 and 3 in
+    turn, each with its own selection (the first fix sent it back to a finished epoch: [0, 1, 2, 1, 4, 5]),
+    and no batch is repeated."""
+    ld = loader("craig", budget=0.6, epochs=6, budget_counts="passes")
+    opt = torch.optim.SGD(ld.model.parameters(), lr=0.1)
+    seen, e = [], 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the skip's "ahead of the run"
+        while e < 6:
+            for k, (x, y, w) in enumerate(ld, 1):
+                ld.observe(weighted_step(ld.model, opt, x, y, w))
+                seen.append(ld.last_indices)
+                if scenario == "complete" and e == 2 and k == 2:
+                    break
+            if e == (2 if scenario == "complete" else 1):
+                ld.set_epoch(3)
+                e = 3
+                continue
+            e += 1
+    assert [s["epoch"] for s in ld.stats["selections"]] == [0, 1, 2, 3, 4, 5]
+    assert not any(np.array_equal(seen[i], seen[j]) for i in range(len(seen)) for j in range(i))
 
 
 def test_the_loaders_warnings_name_the_users_line():

@@ -2127,8 +2127,18 @@ def test_running_statistics_of_another_library_are_kept_together_and_odd_buffers
     model[1].running_scale = torch.tensor(7.0)
     model[1].running_scale = torch.tensor(4.0)  # replaced twice, to another value
     assert ops.state_token(idx) != token
+    token = ops.state_token(idx)
+    model[1].register_buffer("odd", torch.tensor([float("nan"), 0.0]))  # bit for bit: NaN equals itself
+    model[1].register_buffer("phase", torch.ones(2, dtype=torch.complex64))
+    token = ops.state_token(idx)
+    assert ops.state_token(idx) == token
+    model[1].odd[1] = -0.0  # == +0.0, another bit pattern
+    assert ops.state_token(idx) != token
+    token = ops.state_token(idx)
+    model[1].phase.imag[0] = 2.0  # a complex buffer's imaginary part
+    assert ops.state_token(idx) != token
     big = TorchModelOps(nn.Sequential(model, Renorm(C)), TensorDataset(X, y))
-    big.model[1].register_buffer("mask", torch.ones(5 * 2**20))  # 20 MiB of the user's floating buffers
+    big.model[1].register_buffer("causal", torch.ones(20 * 2**20, dtype=torch.bool))  # 20 MiB of masks
     big.new_anchor()
     big.outputs(idx)
     assert big.state_token(idx) is None  # too large to copy at every check: every check measures
