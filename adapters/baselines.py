@@ -304,15 +304,17 @@ class SubsetLoader(BudgetedPasses):
         """Under "passes" a pass ends early by the measurement's cost, so the loader's epochs are not blocks of
         ``steps_per_epoch`` steps: the schedule follows the loader's epoch. A pass that yields the shares of
         epochs ``first .. e`` (a set_epoch ahead of the run, or one completing a broken-off epoch) walks them
-        in turn, each epoch's plan for ``steps_per_epoch`` steps, never past ``e``. None: one pass for the
+        in turn, each epoch's plan until its share of the budget is spent, never past ``e``. None: one pass for the
         whole run (``per_epoch=False``), blocks of steps."""
         e = self._pass_e
         if e is None:
             return None
         key, first = self.schedule.plan_key, self._pass_first
         cur = key if key is not None and first <= key <= e else first
-        if (cur < e and key == cur
-                and self._position - self.schedule.plan_start >= self.steps_per_epoch):  # its share is used up
+        train, overhead = self._cost()
+        # the next step belongs to the first epoch whose share (training and measurement, as the pass's cap
+        # counts them) it fits in: the split of a plain loop's passes
+        while cur < e and (train + overhead) / self._pass_m + 1 > (cur + 1) * self.steps_per_epoch + 1e-9:
             cur += 1
         return cur
 

@@ -413,6 +413,8 @@ _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """``t``'s bit patterns as integers of its element size (a complex tensor's as its real pairs'), so that
     equality is bit for bit: a NaN equals itself, -0.0 differs from +0.0."""
+    if t.is_quantized:  # its values with their scale and zero point (a view of a quantized tensor crashes torch)
+        t = t.dequantize()
     if t.is_complex():
         t = torch.view_as_real(t)
     return t if t.dtype == torch.bool else t.view(_BITS[t.element_size()])
@@ -1700,8 +1702,9 @@ class TorchModelOps:
         values = [b for mod in self.model.modules() for name, b in mod.named_buffers(recurse=False)
                   if b is not None and id(b) not in anchored
                   and not (name == "num_batches_tracked" and isinstance(mod, nn.modules.batchnorm._NormBase))]
-        if sum(b.numel() * b.element_size() for b in values) > TOKEN_BUFFER_BYTES:
-            return None  # too large to copy at every check: every check measures
+        if sum(b.numel() * b.element_size() for b in values) > TOKEN_BUFFER_BYTES or any(
+                b.layout != torch.strided or b.is_meta or b.is_nested for b in values):
+            return None  # too large to copy at every check, or not a dense tensor: every check measures
         return (source, tuple((id(p), p.data_ptr(), p._version) for p in self.model.parameters() if not p.requires_grad),
                 _Values([b.detach().clone() for b in values]))
 

@@ -12,18 +12,23 @@ import numpy as np
 from ._compat import to_numpy
 
 
+# frameworks whose code calls into ours on the way from the user's line (a fit loop, a DataLoader)
+_FRAMEWORKS = ("keras", "torch", "lightning", "pytorch_lightning", "transformers", "accelerate")
+
+
 def user_stacklevel(skip: tuple[str, ...] = ()) -> int:
     """The ``stacklevel`` for ``warnings.warn`` called by the caller of this function that names the first
     frame outside the library (any module ``crestcore.*``, the adapters and backends included, wherever
-    their files lie) and outside the modules named by the prefixes ``skip`` (a framework's code that
-    called into ours, ``"torch.utils.data"`` or ``"keras"``): the user's line, however deep the calls go.
+    their files lie), outside the frameworks that call into it (keras, torch, lightning, transformers,
+    accelerate: a fit loop, a DataLoader) and outside the modules named by the prefixes ``skip``: the
+    user's line, however deep the calls go.
 
     >>> user_stacklevel() >= 1
     True
     """
     import sys
 
-    prefixes = ("crestcore.", *(p if p.endswith(".") else p + "." for p in skip))
+    prefixes = ("crestcore.", *(p if p.endswith(".") else p + "." for p in (*_FRAMEWORKS, *skip)))
     frame: Any = sys._getframe(1)
     level = 1
     while frame is not None and (str(frame.f_globals.get("__name__", "")) + ".").startswith(prefixes):

@@ -42,18 +42,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import warnings
 from dataclasses import dataclass, field, replace
 from collections.abc import Sequence
-from types import FrameType
 from typing import Any, NamedTuple, Protocol
 
 import array_api_compat
 import numpy as np
 
 from ._compat import device_of, from_numpy, namespace, once_per_array, to_numpy
-from ._validation import DivergenceError, field_bool, field_choice, field_instance, field_int, field_real
+from ._validation import DivergenceError, user_stacklevel, field_bool, field_choice, field_instance, field_int, field_real
 from .dropping import DropConfig, DropState, _check_live, drop_init, drop_record, drop_update, pool_size
 from .features import cross_entropy, last_layer_gradients, softmax
 from .facility import BACKENDS, OPTIMIZERS
@@ -403,7 +401,7 @@ class CrestConfig:
         if self.T2 is None and _fields(self.drop) != _fields(DropConfig()):
             warnings.warn(f"CrestConfig: drop={self.drop!r} is set but T2 is None, so nothing is ever dropped: "
                           "set T2 (the steps between drop decisions) to turn dropping on",
-                          stacklevel=_caller_level())
+                          stacklevel=user_stacklevel(skip=("dataclasses",)))
         if self.coresets == "just-in-time" and (self.batches != "coreset" or self.check_union):
             raise ValueError(
                 f"CrestConfig.coresets='just-in-time' selects coreset p when step p needs it, so it needs "
@@ -1115,17 +1113,6 @@ def _fields(obj) -> dict:
     return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
 
 
-def _caller_level() -> int:
-    """The ``stacklevel`` of the first frame outside this module and ``dataclasses`` (a config built by
-    ``CrestConfig.paper(...)`` or ``dataclasses.replace`` is blamed on the line that called them)."""
-    frame: FrameType | None = sys._getframe(1)
-    level = 1
-    while frame is not None and (frame.f_code.co_filename in (__file__, dataclasses.__file__)
-                                 or (frame.f_code.co_filename == "<string>" and frame.f_code.co_name == "__init__")):
-        frame, level = frame.f_back, level + 1  # ("<string>", "__init__"): the __init__ a dataclass generates
-    return level
-
-
 def _arguments(where: str, state, config=None, ops=None, *, live: bool = True) -> None:
     """TypeErrors that name what a controller function got in place of its state, config or ops."""
     if not isinstance(state, CrestState):
@@ -1243,7 +1230,8 @@ def crest_next_batch(state: CrestState, ops: ModelOps, config: CrestConfig):
                     f"CREST's drop policy has shrunk the pool to {pool_size(drop)} examples at step {state.step}, "
                     f"one mini-batch (m = {config.m}): every selection from now on picks the same examples, so "
                     "the rest of the run trains on one batch. Keep more with DropConfig(floor=...) or a smaller "
-                    "alpha (the examples whose losses stayed below it leave)", stacklevel=_caller_level())
+                    "alpha (the examples whose losses stayed below it leave)",
+                    stacklevel=user_stacklevel(skip=("dataclasses",)))
             log = _logged(state, "drops", (state.step, int(gone.size)))
             state = state._replace(drop=drop, log=log, want_select=state.want_select or bool(gone.size))
         if state.want_select and not state.need_select and _affordable(state, config):

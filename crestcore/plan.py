@@ -310,12 +310,17 @@ class BudgetedPasses:
                     f"accelerate calls it with its own count: call the prepared loader's set_epoch).",
                     stacklevel=user_stacklevel())
             return min(now, self.epochs - 1)
-        if e > now and self._position <= now * self.steps_per_epoch:  # epoch `now` not started: skipped
+        # epoch `now` not started: skipped (a pass broken off in it started it; under "passes" the position
+        # lags the epochs by the measurements' cost, so it cannot tell)
+        started = self._open_handed > 0 or (self.budget_counts == "steps"
+                                            and self._position > now * self.steps_per_epoch)
+        if e > now and not started:
+            size = (f"{self._share_end(e) - self._position} batches instead of {self.steps_per_epoch}"
+                    if self.budget_counts == "steps" else f"until the budget of epochs {now}-{e} is spent")
             warnings.warn(
                 f"{name}: set_epoch({e}) is ahead of the run, whose epoch {now} has not started ({self._position} "
-                f"batches handed out): this pass yields the shares of epochs {now}-{e}, "
-                f"{self._share_end(e) - self._position} batches instead of "
-                f"{self.steps_per_epoch}. Epochs count from 0; to continue a saved run, load its state_dict.",
+                f"batches handed out): this pass yields the shares of epochs {now}-{e}, {size}. Epochs count "
+                "from 0; to continue a saved run, load its state_dict.",
                 stacklevel=user_stacklevel())
         return e
 

@@ -2137,6 +2137,11 @@ def test_running_statistics_of_another_library_are_kept_together_and_odd_buffers
     token = ops.state_token(idx)
     model[1].phase.imag[0] = 2.0  # a complex buffer's imaginary part
     assert ops.state_token(idx) != token
+    model[1].register_buffer("q", torch.quantize_per_tensor(torch.arange(4.0), 0.1, 0, torch.quint8))
+    token = ops.state_token(idx)  # a quantized buffer: by its values (a bit view of it crashed torch)
+    assert ops.state_token(idx) == token
+    model[1].q = torch.quantize_per_tensor(torch.arange(4.0) * 2, 0.1, 0, torch.quint8)  # other values
+    assert ops.state_token(idx) != token
     big = TorchModelOps(nn.Sequential(model, Renorm(C)), TensorDataset(X, y))
     big.model[1].register_buffer("causal", torch.ones(20 * 2**20, dtype=torch.bool))  # 20 MiB of masks
     big.new_anchor()
