@@ -155,7 +155,7 @@ def check_checkpoint(state, *, fmt: str, owner: str, kind: str, fingerprint: dic
         if diff == "" and _repr_difference(saved, value):  # only fields added since, as the saved run behaved
             return
         warnings.warn(f"{owner}.load_state_dict: {what}" + (f" ({diff}; the run continues with this one's)"
-                                                            if diff else ""), stacklevel=3)
+                                                            if diff else ""), stacklevel=user_stacklevel())
 
 
 def _repr_fields(text) -> dict | None:

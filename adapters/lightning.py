@@ -83,7 +83,7 @@ def _check_step_limits(trainer, planned: int, loader) -> None:
             f"({loader.epochs} epochs): the fit stops at global step {planned}, and a per-step scheduler sized "
             f"from trainer.estimated_stepping_batches ({high}) stops at about {planned / high:.0%} of its "
             "schedule. Size it from crest.loader.total_steps, or set max_epochs (and leave max_steps unset)",
-            stacklevel=3)
+            stacklevel=_common.user_stacklevel())
 
 
 class _CrestTrainLoader:
@@ -113,7 +113,7 @@ class _CrestTrainLoader:
             warnings.warn(
                 f"CrestCallback: the checkpoint's loop state is at CREST step {pos} but the callback's state "
                 f"at step {loader.position}; was the checkpoint saved with this callback?",
-                stacklevel=2,
+                stacklevel=_common.user_stacklevel(),
             )
 
 
@@ -258,7 +258,7 @@ class CrestCallback(pl.Callback):
             warnings.warn(
                 f"Trainer(limit_train_batches={limit!r}) cuts each epoch short of CREST's share (the budget sets "
                 "the steps per epoch): CREST's epochs then drift from Lightning's and none counts as finished; "
-                "leave it at 1.0 and set the budget instead", stacklevel=2)
+                "leave it at 1.0 and set the budget instead", stacklevel=_common.user_stacklevel())
         if self._kwargs["forward"] is None and type(pl_module).forward in (pl.LightningModule.forward,
                                                                            torch.nn.Module.forward):
             raise ValueError(
@@ -291,7 +291,7 @@ class CrestCallback(pl.Callback):
                    f"trainer.estimated_stepping_batches (which counts {most} epochs) stops at about "
                    f"{epochs / most:.0%} of its schedule" if most > epochs else
                    f"the fit ends after {most} epochs with {epochs - most} epochs of the budget untrained")
-                + "; leave epochs=None to take max_epochs", stacklevel=2)
+                + "; leave epochs=None to take max_epochs", stacklevel=_common.user_stacklevel())
         self._module, self._max_epochs = pl_module, trainer.max_epochs
         with _common.budget_said():  # said at construction
             self.loader = CrestLoader(pl_module, self.dataset, epochs=int(epochs), per_epoch=True, **self._kwargs)
@@ -343,7 +343,8 @@ class CrestCallback(pl.Callback):
             why = (f"max_steps={high} cannot be reached" if high is not None and high >= 0 else
                    "no max_epochs: every later epoch would be empty")
             warnings.warn(f"CrestCallback: all {loader.total_steps} planned steps ({loader.epochs} epochs) are "
-                          f"trained at global step {trainer.global_step}; stopping the fit ({why})", stacklevel=2)
+                          f"trained at global step {trainer.global_step}; stopping the fit ({why})",
+                          stacklevel=_common.user_stacklevel())
             trainer.should_stop = True
         self._log_epoch(pl_module, loader)
 

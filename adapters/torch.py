@@ -498,7 +498,8 @@ class _ProgressPass:
             except ImportError:
                 if not self.owner._warned:
                     self.owner._warned = True
-                    warnings.warn("progress=True needs tqdm (pip install tqdm); no progress is shown", stacklevel=2)
+                    warnings.warn("progress=True needs tqdm (pip install tqdm); no progress is shown",
+                                  stacklevel=_common.user_stacklevel())
                 return
             self.bar = tqdm(total=self.total, initial=self.done, desc="CREST measurement pass", unit="ex",
                             leave=False)
@@ -1172,7 +1173,8 @@ class TorchModelOps:
                 "as item[1], or a dict item's label key): measure_dataset must hold the same examples as the "
                 "training set, in the same order (each selection, check and fit would measure other examples "
                 "than CREST picks). If it does and its items' labels are mapped (a target_transform), pass "
-                "labels= with the labels the items carry; if item[1] is not the label, ignore this.", stacklevel=4)
+                "labels= with the labels the items carry; if item[1] is not the label, ignore this.",
+                stacklevel=_common.user_stacklevel())
         elif bad:
             warnings.warn(
                 f"crestcore: the labels CREST uses ({self._labels_origin}) "
@@ -1180,7 +1182,7 @@ class TorchModelOps:
                 "first measurement pass (read as item[1], or a dict item's label key): if __getitem__ maps its "
                 "targets, pass labels= with the labels the items carry (crest_labels= on CrestTrainer), since "
                 "CREST would select, check and drop by the wrong classes; if item[1] is not the label, pass "
-                "labels= to confirm them.", stacklevel=4)
+                "labels= to confirm them.", stacklevel=_common.user_stacklevel())
 
     def new_anchor(self) -> None:
         """Start a new anchor: the kept measurement passes no longer serve whole, so a dataset with random
@@ -1426,7 +1428,7 @@ class TorchModelOps:
             "trust checks and selection features would be those of softmax(p). Return logits (drop the final "
             "softmax), or give CREST log-probabilities, e.g. forward=lambda model, batch: "
             "model(batch[0]).clamp_min(1e-30).log() (their softmax is p, their cross-entropy -log p_y)",
-            stacklevel=4,
+            stacklevel=_common.user_stacklevel(),
         )
 
     def _labels_on(self, idx: np.ndarray, device) -> torch.Tensor:
@@ -2153,7 +2155,7 @@ class CrestLoader(BudgetedPasses):
                 warnings.warn(f"crestcore: the listener {listener!r} raised {type(exc).__name__}: {exc} at the "
                               f"{event!r} event of step {self._position}; the run and the other listeners go on (its "
                               "failures, this one included, are counted in listener_failures; no further warning)",
-                              RuntimeWarning, stacklevel=2)
+                              RuntimeWarning, stacklevel=_common.user_stacklevel())
 
     def _on_epoch_done(self) -> None:
         self._emit("epoch")
@@ -2547,7 +2549,7 @@ class CrestBatchSampler(CrestLoader):
                 f"to a DataLoader whose workers fetch up to {self._pass_ahead} batches ahead; they all count as "
                 "trained, and this pass continues after them. If the loop was broken off (or a batch taken with "
                 "next(iter(loader))), call sampler.rewind(batches_trained) before the next pass: the fetched, "
-                "untrained batches are then handed out again, first.", stacklevel=3)
+                "untrained batches are then handed out again, first.", stacklevel=_common.user_stacklevel())
 
     def _pass_started(self) -> None:
         self._pass_ahead = self._loader_ahead
@@ -2629,7 +2631,7 @@ class CrestBatchSampler(CrestLoader):
             warnings.warn(
                 "observe(indices=...) got indices that are no batch handed out since the last one observed (not "
                 "this sampler's batch, or a batch observed twice): its losses are recorded at the step of the "
-                "batch handed out last (warned once)", stacklevel=2)
+                "batch handed out last (warned once)", stacklevel=_common.user_stacklevel())
         self._observe(idx, losses, step)
 
     def state_dict(self, trained: int | None = None) -> dict:

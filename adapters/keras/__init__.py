@@ -338,15 +338,15 @@ def _warn_other_loss(facts: dict, what: str) -> None:
                       "assume that cross-entropy of the last layer's outputs (outputs= says whether they are logits "
                       "or probabilities), so they measure a different loss from the one trained; fine for a "
                       "cross-entropy of your own (a Loss subclass), else expect the selection to serve the "
-                      "cross-entropy, not your loss", stacklevel=3)
+                      "cross-entropy, not your loss", stacklevel=_common.user_stacklevel())
     elif facts.get("label_smoothing", 0.0) > 0:
         warnings.warn(f"the model's loss smooths its labels (label_smoothing={facts['label_smoothing']:g}): {what} "
                       "use the unsmoothed cross-entropy, so they measure a different loss from the one trained",
-                      stacklevel=3)
+                      stacklevel=_common.user_stacklevel())
     elif facts.get("ignore_class") is not None:
         warnings.warn(f"the model's loss ignores class {facts['ignore_class']} (ignore_class=): {what} count that "
                       "class's examples, so they measure a different loss from the one trained; leave those "
-                      "examples out of the data given to them", stacklevel=3)
+                      "examples out of the data given to them", stacklevel=_common.user_stacklevel())
 
 
 def _last_is_softmax(model) -> bool | None:
@@ -437,12 +437,13 @@ def resolve_outputs(model, outputs: str | None, who: str = "CrestCallback") -> s
         soft = _last_is_softmax(model)  # None: not known (a subclassed model), so no warning either way
         if fl and soft:
             warnings.warn("the model's last layer is a softmax but its loss has from_logits=True; CREST takes the "
-                          "outputs as logits (as the loss does). Pass outputs= to override.", stacklevel=3)
+                          "outputs as logits (as the loss does). Pass outputs= to override.",
+                          stacklevel=_common.user_stacklevel())
         elif not fl and soft is False:
             warnings.warn("the model's loss takes probabilities (from_logits=False, the default of Keras's "
                           "cross-entropies and their string names) but its last layer is no softmax; CREST takes "
                           "the outputs as probabilities, as the loss does. If they are logits, compile with "
-                          "from_logits=True (or pass outputs='logits').", stacklevel=3)
+                          "from_logits=True (or pass outputs='logits').", stacklevel=_common.user_stacklevel())
         return kind
     soft = _last_is_softmax(model)
     if soft:
@@ -1187,7 +1188,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
                 f"CrestCallback: this callback trained {self._position} steps of its run on another model object; "
                 "it continues that run (its step count and budget report) on this one, with a new selection and "
                 "quadratic model. For a new run build a new CrestCallback; to resume a saved run, "
-                "load_state_dict() first", stacklevel=2)
+                "load_state_dict() first", stacklevel=_common.user_stacklevel())
         ids = tuple(id(v) for v in model.trainable_variables)
         if self._trainable_ids is not None and ids != self._trainable_ids and not (
                 self._loaded and self._ops_model is not model):  # (a loaded run's new model: its own set)
@@ -1507,7 +1508,7 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
         if planned and int(planned) > self.epochs:
             warnings.warn(f"SubsetCallback(epochs={self.epochs}) but fit(epochs={planned}): the baseline's schedule "
                           f"(its budget, prune's annealing) covers {self.epochs} epochs; build it with "
-                          f"epochs={planned}", stacklevel=2)
+                          f"epochs={planned}", stacklevel=_common.user_stacklevel())
         if self._measures:
             kind = resolve_outputs(model, self.outputs_option, "SubsetCallback")
             _warn_other_loss(facts, f"the {self.method} selection's measurements")

@@ -1497,8 +1497,9 @@ def test_a_mean_over_the_sample_weights_is_exact_for_unweighted_baselines_only()
 def test_a_fit_longer_than_the_baselines_schedule_is_warned_about():
     x, y = _small()
     sub = SubsetCallback(x, y, method="random", budget=0.25, m=16, seed=0)  # epochs=1
-    with pytest.warns(UserWarning, match="SubsetCallback\\(epochs=1\\) but fit\\(epochs=2\\)"):
+    with pytest.warns(UserWarning, match="SubsetCallback\\(epochs=1\\) but fit\\(epochs=2\\)") as rec:
         _dense3().fit(sub.dataset, epochs=2, callbacks=[sub], verbose=0)
+    assert [w.filename for w in rec if "but fit" in str(w.message)] == [__file__]  # the fit's line, not Keras's
 
 
 def test_a_callback_reused_on_a_new_model_says_it_continues_its_run():
