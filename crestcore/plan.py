@@ -164,6 +164,7 @@ class BudgetedPasses:
         self._token = 0
         self._warned_done = False
         self._open_handed = 0  # batches the running (or last, if broken off) pass handed out; 0 once it ended
+        self._open_epoch: int | None = None  # the epoch of that pass while it is open (a broken-off epoch started)
         self._warned_hint = False  # a set_epoch naming an epoch handed out already was ignored, and said so
 
     def __len__(self) -> int:
@@ -277,12 +278,14 @@ class BudgetedPasses:
                     break
             item = self._step()
             self._open_handed += 1
+            self._open_epoch = e
             if self._position >= end:  # the share's last batch: the epoch is done even if the consumer stops here
                 self._finish_epochs(done)
             yield item
         if self._token == token:  # ran to its end (not broken off by the consumer, nor replaced)
             self._finish_epochs(done)
             self._open_handed = 0
+            self._open_epoch = None
 
     def _share_end(self, e: int) -> int:
         """The run position at the end of epoch ``e``'s share."""
@@ -311,14 +314,15 @@ class BudgetedPasses:
                     stacklevel=user_stacklevel())
             return min(now, self.epochs - 1)
         # epoch `now` not started: skipped (a pass broken off in it started it; under "passes" the position
-        # lags the epochs by the measurements' cost, so it cannot tell)
-        started = self._open_handed > 0 or (self.budget_counts == "steps"
-                                            and self._position > now * self.steps_per_epoch)
-        if e > now and not started:
+        # lags the epochs by the measurements' cost, so it cannot tell); an epoch after it skipped whole
+        started = self._open_epoch == now or (
+            self.budget_counts == "steps" and self._position > now * self.steps_per_epoch)
+        if e > now + 1 or (e > now and not started):
             size = (f"{self._share_end(e) - self._position} batches instead of {self.steps_per_epoch}"
                     if self.budget_counts == "steps" else f"until the budget of epochs {now}-{e} is spent")
+            state = "has not started" if not started else "is under way"
             warnings.warn(
-                f"{name}: set_epoch({e}) is ahead of the run, whose epoch {now} has not started ({self._position} "
+                f"{name}: set_epoch({e}) is ahead of the run, whose epoch {now} {state} ({self._position} "
                 f"batches handed out): this pass yields the shares of epochs {now}-{e}, {size}. Epochs count "
                 "from 0; to continue a saved run, load its state_dict.",
                 stacklevel=user_stacklevel())
@@ -347,7 +351,8 @@ class BudgetedPasses:
     def _pass_state(self, position: int | None = None, epochs_done: int | None = None) -> dict:
         return {"position": self._position if position is None else position, "per_epoch": self.per_epoch,
                 "budget_counts": self.budget_counts,
-                "epochs_done": self._epochs_done if epochs_done is None else epochs_done}
+                "epochs_done": self._epochs_done if epochs_done is None else epochs_done,
+                "open_epoch": self._open_epoch if position is None or position == self._position else None}
 
     def _load_pass_state(self, state: dict, position: int) -> None:
         # the pass plan is the loader's own (its arguments): a checkpoint of another plan is refused, not
@@ -367,6 +372,8 @@ class BudgetedPasses:
         self._token += 1  # passes started before the load stop
         self._warned_done = False
         self._open_handed = 0  # what a broken-off pass handed out is accounted for by the load (rewind)
+        open_epoch = state.get("open_epoch")  # the epoch a broken-off pass had started (None: none)
+        self._open_epoch = None if open_epoch is None else int(open_epoch)
         self._warned_hint = False
 
 

@@ -117,3 +117,51 @@ def test_apportion_gives_every_group_its_share_on_average():
         apportion(3, [2, -1], rng)
     with pytest.raises(TypeError, match="rng"):
         apportion(3, [2, 1], "seed")
+
+
+def test_set_epoch_warns_about_a_skipped_epoch_and_not_about_completing_a_started_one():
+    """set_epoch(e) ahead of the run: warned when epoch `now` has not started (also right after exactly one
+    epoch's batches, the pass paused after its last one: the fix for "passes" first took that for a started
+    epoch) and when a whole epoch after it is skipped; not when it completes an epoch broken off, also after
+    a checkpoint of the broken-off run is loaded (the started epoch is in the state)."""
+    import itertools
+    import warnings
+
+    from crestcore.plan import _StepNumbers
+
+    def ahead(run):
+        loader = _StepNumbers(n=1000, m=100, budget=0.3, epochs=4)  # 3 batches an epoch
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loader = run(loader)
+        return [str(w.message) for w in caught if "ahead of the run" in str(w.message)], loader
+
+    def exact_stop(ld):
+        list(itertools.islice(iter(ld), 3))  # exactly epoch 0's batches: the pass is paused, not ended
+        ld.set_epoch(2)  # epoch 1 skipped
+        assert list(ld) == [4, 5, 6, 7, 8, 9]
+        return ld
+
+    def complete(ld):
+        list(itertools.islice(iter(ld), 2))  # epoch 0 broken off after 2 of its 3 batches
+        ld.set_epoch(1)
+        assert list(ld) == [3, 4, 5, 6]
+        return ld
+
+    def complete_after_load(ld):
+        list(itertools.islice(iter(ld), 2))
+        other = _StepNumbers(n=1000, m=100, budget=0.3, epochs=4)
+        other._load_pass_state(ld._pass_state(), ld._pass_state()["position"])
+        other.set_epoch(1)
+        assert list(other) == [3, 4, 5, 6]
+        return other
+
+    def skip_two(ld):
+        list(itertools.islice(iter(ld), 2))  # epoch 0 started, epoch 1 skipped whole
+        ld.set_epoch(2)
+        assert list(ld) == [3, 4, 5, 6, 7, 8, 9]
+        return ld
+
+    for run, warned in ((exact_stop, True), (complete, False), (complete_after_load, False), (skip_two, True)):
+        messages, _ = ahead(run)
+        assert len(messages) == int(warned), (run.__name__, messages)
