@@ -2530,7 +2530,7 @@ class CrestBatchSampler(CrestLoader):
                           f"({_callable_name(self.ops._collate)}), but this DataLoader with default_collate: if the "
                           "two make different inputs (padding, normalising), CREST measures other inputs than the "
                           "ones you train on; give the DataLoader a collate_fn too (sampler.dataloader(collate_fn=...))",
-                          stacklevel=_common.user_stacklevel(skip=("torch.utils.data",)))
+                          stacklevel=_common.user_stacklevel())
         if problem is not None:
             if not hasattr(it, "_shutdown"):  # refused in the iterator's __init__, before any worker started:
                 it._shutdown = True  # its __del__ then has nothing to shut down (no AttributeError there)

@@ -1230,8 +1230,7 @@ def crest_next_batch(state: CrestState, ops: ModelOps, config: CrestConfig):
                     f"CREST's drop policy has shrunk the pool to {pool_size(drop)} examples at step {state.step}, "
                     f"one mini-batch (m = {config.m}): every selection from now on picks the same examples, so "
                     "the rest of the run trains on one batch. Keep more with DropConfig(floor=...) or a smaller "
-                    "alpha (the examples whose losses stayed below it leave)",
-                    stacklevel=user_stacklevel(skip=("dataclasses",)))
+                    "alpha (the examples whose losses stayed below it leave)", stacklevel=user_stacklevel())
             log = _logged(state, "drops", (state.step, int(gone.size)))
             state = state._replace(drop=drop, log=log, want_select=state.want_select or bool(gone.size))
         if state.want_select and not state.need_select and _affordable(state, config):

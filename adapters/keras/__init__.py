@@ -399,7 +399,7 @@ def _check_fit_steps(callback, who: str) -> None:
             f"more than planned (from initial_epoch={k}) or {spe - done} fewer (from initial_epoch={k + 1}). "
             f"Finish the interrupted epoch first, model.fit({x}.dataset, initial_epoch={k}, epochs={k + 1}, "
             f"steps_per_epoch={spe - done}, ...), then continue with initial_epoch={k + 1}",
-            stacklevel=_common.user_stacklevel(skip=("keras",)))
+            stacklevel=_common.user_stacklevel())
 
 
 def _fit_epoch_begins(callback, who: str) -> None:
