@@ -26,6 +26,7 @@ import collections
 import collections.abc
 import contextlib
 import functools
+import itertools
 import sys
 import time
 import warnings
@@ -434,6 +435,21 @@ class _Values:
                         and torch.equal(_bits(a), _bits(b)) for a, b in zip(self.tensors, other.tensors)))
 
     __hash__ = None  # type: ignore[assignment]
+
+
+def _check_materialized(model) -> None:
+    """Refuse a model with lazy parameters or buffers not yet materialised (``nn.LazyLinear``,
+    ``nn.LazyBatchNorm1d`` before their first forward): CREST measures the model before its first training
+    step, where torch's own error names no fix."""
+    lazy = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+            if torch.nn.parameter.is_lazy(t)]
+    if lazy:
+        more = f" and {len(lazy) - 3} more" if len(lazy) > 3 else ""
+        raise ValueError(
+            f"the model has lazy parameters or buffers not yet materialised ({', '.join(lazy[:3])}{more}): CREST "
+            "measures the model before the first training step, so run one forward on a batch before iterating "
+            "(as torch asks before building the optimizer)"
+        )
 
 
 def _running_stats(model: nn.Module) -> list:
@@ -1200,6 +1216,7 @@ class TorchModelOps:
         >>> ops = TorchModelOps(torch.nn.Linear(4, 2), _example_data())  # 16 random points of 4 features
         >>> ops.new_anchor()  # nothing kept yet: nothing to forget
         """
+        _check_materialized(self.model)
         if self._static is False:
             self._forget(list(self._cache))
         self._gen += 1  # a deterministic dataset's rows stay (_assembled); the passes serve this anchor no more

@@ -802,6 +802,33 @@ def test_a_compiled_model_is_measured_through_its_original_module():
     assert loader.stats["counters"]["selections"] >= 1 and loader.stats["checks"]
 
 
+def test_lazy_modules_are_refused_until_materialised_and_then_train():
+    """A model with lazy modules (``LazyLinear``, ``LazyBatchNorm1d``) before its first forward: torch's own
+    error at CREST's first selection named no fix; now a ValueError says to run a forward first, and after
+    that forward the run trains as the same model built eagerly does."""
+    X, y = make_data()
+
+    def lazy_model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.LazyLinear(16), torch.nn.LazyBatchNorm1d(), torch.nn.ReLU(),
+                                   torch.nn.Linear(16, C))
+
+    model = lazy_model()
+    loader = CrestLoader(model, TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.5, epochs=2, seed=0)
+    with pytest.raises(ValueError, match="lazy parameters or buffers not yet materialised .*0.weight.*run one forward"):
+        next(iter(loader.iter_run()))
+    model = lazy_model()
+    model(X[:2])  # materialise, as torch asks before building the optimizer
+    eager = copy.deepcopy(model)
+    loader = CrestLoader(model, TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.5, epochs=2, seed=0)
+    seen, _ = train(loader, model)
+    ref = CrestLoader(eager, TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.5, epochs=2, seed=0)
+    ref_seen, _ = train(ref, eager)
+    assert len(seen) == len(ref_seen) > 0
+    for (a, _wa), (b, _wb) in zip(seen, ref_seen):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("how", ["submodule", "in-place"])
 def test_compiled_code_inside_the_model_is_measured_eagerly(how):
     """A compiled submodule, or ``nn.Module.compile()`` (and Lightning's ``trainer.fit(torch.compile(module))``,
