@@ -26,6 +26,7 @@ import collections
 import collections.abc
 import contextlib
 import functools
+import inspect
 import itertools
 import sys
 import time
@@ -328,12 +329,31 @@ def _length(dataset) -> int:
 
 
 
-def add_grad(loss, params, acc) -> None:
+def _reentrant_checkpoint(e: Exception) -> None:
+    """Re-raise torch's refusal of ``torch.autograd.grad`` through ``checkpoint(use_reentrant=True)`` naming
+    CREST's passes and the fix (torch's message also offers a ``backward()`` change that is not the user's)."""
+    if "use_reentrant=True" in str(e):
+        raise RuntimeError(
+            "CREST's measurements take gradients and Hessian-vector products with torch.autograd.grad, which "
+            "torch.utils.checkpoint(..., use_reentrant=True) inside the model refuses: use "
+            "checkpoint(..., use_reentrant=False) (the same values and memory saving, and torch's recommended "
+            "setting)"
+        ) from e
+
+
+def add_grad(loss, params, acc) -> list[bool]:
     """Add the gradient of ``loss`` w.r.t. ``params`` into the tensors ``acc``, in place (a parameter the
-    loss does not use adds nothing). ``torch.autograd.grad``: no ``.grad`` attribute is touched."""
-    for s, g in zip(acc, torch.autograd.grad(loss, params, allow_unused=True)):
+    loss does not use adds nothing). ``torch.autograd.grad``: no ``.grad`` attribute is touched. Returns
+    whether the loss uses each parameter."""
+    try:
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    except RuntimeError as e:
+        _reentrant_checkpoint(e)
+        raise
+    for s, g in zip(acc, grads):
         if g is not None:
             s.add_(g)
+    return [g is not None for g in grads]
 
 
 def _compiled_double_backward(e: Exception) -> None:
@@ -355,9 +375,10 @@ def _compiled_double_backward(e: Exception) -> None:
         ) from e
 
 
-def add_hvp(loss, params, vectors, acc, grad_acc=None) -> None:
+def add_hvp(loss, params, vectors, acc, grad_acc=None) -> list[bool]:
     """Add ``H v`` of ``loss`` w.r.t. ``params`` (double backward) into the tensors ``acc``, in place;
-    with ``grad_acc``, add the gradient (the first backward's, no extra pass) into it too.
+    with ``grad_acc``, add the gradient (the first backward's, no extra pass) into it too. Returns whether
+    the loss uses each parameter.
 
     ``vectors`` are shaped like ``params``; a loss that is linear in every parameter adds nothing.
     """
@@ -365,6 +386,7 @@ def add_hvp(loss, params, vectors, acc, grad_acc=None) -> None:
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
     except RuntimeError as e:
         _compiled_double_backward(e)
+        _reentrant_checkpoint(e)
         raise
     if grad_acc is not None:
         for s, g in zip(grad_acc, grads):
@@ -375,8 +397,9 @@ def add_hvp(loss, params, vectors, acc, grad_acc=None) -> None:
         if g is not None and g.requires_grad:
             term = (g * v).sum()
             dot = term if dot is None else dot + term
+    used = [g is not None for g in grads]
     if dot is None:  # H = 0
-        return
+        return used
     try:
         hv = torch.autograd.grad(dot, params, allow_unused=True)
     except (NotImplementedError, RuntimeError) as e:
@@ -392,6 +415,7 @@ def add_hvp(loss, params, vectors, acc, grad_acc=None) -> None:
     for s, h in zip(acc, hv):
         if h is not None:
             s.add_(h.detach())
+    return used
 
 def _double_backward_attention():
     """``scaled_dot_product_attention`` on its math kernel: the fused (flash, memory-efficient) kernels
@@ -478,6 +502,27 @@ def _eager():
     products, which compiled graphs refuse (AOTAutograd's donated buffers)."""
     stance = getattr(getattr(torch, "compiler", None), "set_stance", None)
     return stance("force_eager") if stance is not None else contextlib.nullcontext()
+
+
+def _no_mha_fastpath():
+    """Attention's inference fast path off (``torch.backends.mha``): in eval mode without gradients,
+    ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` run a fused kernel on nested tensors whose
+    padded positions come out as 0, while the gradient passes take the ordinary path; a model that reads the
+    padded positions (a mean over all of them) would be measured as two functions."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "get_fastpath_enabled"):  # pragma: no cover - torch < 2.1
+        return contextlib.nullcontext()
+    return _fastpath_off(mha)
+
+
+@contextlib.contextmanager
+def _fastpath_off(mha):
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
 
 
 def _rnn_without_cudnn(model: nn.Module):
@@ -773,12 +818,24 @@ def _output_logits(out):
     return _named_logits(out) if logits is None else logits
 
 
+def _binds(model: nn.Module, *args, **kwargs) -> bool:
+    """Whether ``model.forward``'s signature takes these arguments (True when it cannot be told): a
+    ``TypeError`` from a call that binds was raised inside the forward, not by the call."""
+    try:
+        inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (a builtin)
+        return True
+    return True
+
+
 def _default_forward(model: nn.Module, batch):
     if isinstance(batch, (tuple, list)):
         try:
             out = model(batch[0])
         except TypeError as exc:
-            if "argument" not in str(exc):
+            if "argument" not in str(exc) or _binds(model, batch[0]):  # raised inside the forward: the user's
                 raise
             raise TypeError(
                 f"the model was called with the batch's first field, as (inputs, labels, ...) batches are, and "
@@ -793,7 +850,7 @@ def _default_forward(model: nn.Module, batch):
         try:
             out = model(**inputs)
         except TypeError as exc:
-            if "argument" not in str(exc):
+            if "argument" not in str(exc) or _binds(model, **inputs):  # raised inside the forward: the user's
                 raise
             raise TypeError(
                 f"the batch is a dict, so the model was called with keywords {sorted(inputs)} and refused them "
@@ -965,6 +1022,7 @@ class TorchModelOps:
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._anchor_buffers: dict | None = None  # the buffers at the last new_anchor(), for its measurements
         self._warned_repeat = False  # last_layer called more than once in a forward: said once
+        self._warned_unused = False  # trainable parameters without a gradient in the measurements: said once
         self._layout_ok: bool | None = None  # whether the collate puts examples first (decided at the first keep)
         self._cache_sizes: dict = {}
         self._cache_serial: dict = {}  # key -> the number of the pass kept under it (never reused)
@@ -1039,28 +1097,43 @@ class TorchModelOps:
 
     @contextlib.contextmanager
     def _measuring(self):
-        """All modules in eval mode; every module's mode and every buffer restored afterwards."""
-        modes = [(m, m.training) for m in self.model.modules()]
-        saved = [(b, b.detach().clone()) for b in self.model.buffers()]
+        """All modules in eval mode; every module's mode and every buffer restored afterwards.
+
+        The modes go back through each module's own ``train(mode)`` (a module whose ``train`` does something,
+        as a LoRA layer that merges its weights in eval mode and unmerges them in training mode, is left as
+        it was, not flagged as training while merged). The buffers are written through ``.data``: their
+        values are the user's again afterwards, bit for bit, and a buffer that a forward reassigned or
+        resized is put back as it was, while their autograd version counters do not move (a graph the user
+        holds across ``next(loader)``, with a buffer saved for its backward, still backpropagates)."""
+        modes = [(m, m.training) for m in self.model.modules()]  # parents before their children
+        saved = [(mod, name, b, b.detach().clone()) for mod in self.model.modules()
+                 for name, b in mod._buffers.items() if b is not None]
         self.model.eval()
         if self._anchor_buffers:  # the anchor's running statistics: the measured loss moves with the weights only
-            with torch.no_grad():
-                for name, b in _running_stats(self.model):  # never another buffer (an older checkpoint's)
-                    a = self._anchor_buffers.get(name)
-                    if a is not None and a.shape == b.shape and a.dtype == b.dtype:
-                        b.copy_(a)
+            for name, b in _running_stats(self.model):  # never another buffer (an older checkpoint's)
+                a = self._anchor_buffers.get(name)
+                if a is not None and a.shape == b.shape and a.dtype == b.dtype:
+                    b.data.copy_(a)
         try:
             # outside autocast (a loop may call the loader inside an autocast region): the model is
             # measured in its own dtype, as documented; recurrent layers off cuDNN, whose RNN kernels have
-            # no backward in eval mode and no double backward (the native ones have both)
-            with _no_autocast(self.device.type), _rnn_without_cudnn(self.model), _eager():
+            # no backward in eval mode and no double backward (the native ones have both); attention's
+            # inference fast path off, which in eval mode without gradients computes another function than
+            # the gradient passes (padded positions as 0)
+            with _no_autocast(self.device.type), _rnn_without_cudnn(self.model), _eager(), _no_mha_fastpath():
                 yield
         finally:
-            with torch.no_grad():
-                for b, s in saved:
-                    if b.shape == s.shape:
-                        b.copy_(s)
-            for m, mode in modes:
+            for mod, name, b, s in saved:
+                if mod._buffers.get(name) is not b:  # reassigned by the forward
+                    mod._buffers[name] = b
+                if b.shape == s.shape and b.dtype == s.dtype:
+                    b.data.copy_(s)
+                else:  # resized (an observer's first use) or retyped
+                    b.data = s
+            for m, mode in modes:  # each module's own train(): what it does there (merging, fusing) undone
+                if m.training != mode:
+                    m.train(mode)
+            for m, mode in modes:  # exact flags (a train() of a parent set its children's)
                 m.training = mode
 
     def _batches(self, idx: np.ndarray, dev):
@@ -1399,7 +1472,8 @@ class TorchModelOps:
 
     def _logits(self, batch, k: int):
         try:
-            out = self._forward(self.model, batch)
+            with _random_states_kept():  # a model random in eval mode (MC dropout) must not advance the user's RNGs
+                out = self._forward(self.model, batch)
         except RuntimeError as exc:  # name CREST's cast when the model fails on a dtype
             if "dtype" not in str(exc) and "scalar type" not in str(exc):
                 raise
@@ -1425,6 +1499,20 @@ class TorchModelOps:
                 "cross-entropy is the binary cross-entropy of z"
             )
         return _wide(out)
+
+    def _check_width(self, width: int) -> None:
+        """Warn once when the measured outputs have more columns than the labels' classes (``max + 1``): a
+        tensor other than the logits (the features of a ``(features, logits)`` output, whose first element
+        CREST takes) fits every check of shape. (Fewer columns than classes are refused where the labels
+        are read against them.)"""
+        classes = int(self.labels.max()) + 1 if self.labels.size else 0
+        if width > classes:
+            warnings.warn(
+                f"the model's measured outputs have {width} columns, more than the labels' {classes} classes: "
+                "CREST takes them as the logits (of a tuple output, the first element). If they are not the "
+                "logits (the features of a (features, logits) output), pass forward= (crest_forward= on "
+                "CrestTrainer) returning the logits; a head with more classes than these labels use is "
+                "measured correctly and can ignore this", stacklevel=_common.user_stacklevel())
 
     @staticmethod
     def _warn_if_probabilities(out: torch.Tensor, dtype) -> None:
@@ -1493,6 +1581,7 @@ class TorchModelOps:
         self._check_finite(z, "outputs")
         if not self._outputs_looked_at and z.shape[0] >= 2:
             self._outputs_looked_at = True  # the first measured outputs of at least two rows, once
+            self._check_width(z.shape[1])
             self._warn_if_probabilities(z, self._dtype())
         if not embeddings:
             return z
@@ -1765,16 +1854,36 @@ class TorchModelOps:
         params = self._trainable()
         dev = self.device
         acc = [torch.zeros_like(p, dtype=_wide(p).dtype) for p in params]  # half grads summed in float32
+        used = [False] * len(params)
         total = 0.0
         with self._measuring(), torch.enable_grad():
             for (a, b), batch in self._batches(idx, dev):
                 part, ell = self._weighted_losses(batch, idx, w, a, b, idx.size)
                 self._check_finite(ell.detach(), "losses")
-                add_grad(part, params, acc)
+                used = [u or v for u, v in zip(used, add_grad(part, params, acc))]
                 total += float(part.detach())
+        self._warn_unused(params, used)
         flat = _wide(torch.cat([g.reshape(-1) for g in acc]))
         self._check_finite(flat, "gradients")
         return total, flat
+
+    def _warn_unused(self, params: list, used: list) -> None:
+        """Warn once when trainable parameters get no gradient in a measurement over examples (the model runs
+        in eval mode there): the quadratic model then takes them as constant, and a layer that uses them in
+        training mode only (a LoRA layer that merges its weights in eval mode) moves the loss in ways the
+        trust check does not foresee."""
+        if self._warned_unused or not params or all(used):
+            return
+        self._warned_unused = True
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        unused = [names.get(id(p), "?") for p, u in zip(params, used) if not u]
+        more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
+        warnings.warn(
+            f"{len(unused)} trainable parameter(s) ({', '.join(unused[:3])}{more}) get no gradient in CREST's "
+            "measurements, which run the model in eval mode: the quadratic model takes them as constant. If "
+            "the model uses them in training mode only (a layer that merges or skips them in eval mode, an "
+            "auxiliary head), the trust checks do not see what their steps change; parameters the loss never "
+            "uses (an unused head) are harmless", stacklevel=_common.user_stacklevel())
 
     def rademacher(self, seed: int) -> torch.Tensor:
         """The probe ``z`` (D,) of :meth:`hutchinson`: +-1 from a ``torch.Generator`` seeded with
@@ -1848,15 +1957,17 @@ class TorchModelOps:
         zs = [t.view_as(p) for t, p in zip(torch.split(z, [p.numel() for p in params]), params)]
         acc = [torch.zeros_like(p, dtype=_wide(p).dtype) for p in params]  # half grads summed in float32
         gacc = [torch.zeros_like(p, dtype=_wide(p).dtype) for p in params] if with_gradient else None
+        used = [False] * len(params)
         total = 0.0
         dev = self.device
         with self._measuring(), torch.enable_grad(), _double_backward_attention():
             for (a, b), batch in self._batches(idx, dev):
                 part, ell = self._weighted_losses(batch, idx, w, a, b, idx.size)
                 self._check_finite(ell.detach(), "losses")
-                add_hvp(part, params, zs, acc, grad_acc=gacc)
+                used = [u or v for u, v in zip(used, add_hvp(part, params, zs, acc, grad_acc=gacc))]
                 if gacc is not None:
                     total += float(part.detach())
+        self._warn_unused(params, used)
         out = _wide(z) * _wide(torch.cat([h.reshape(-1) for h in acc]))
         self._check_finite(out, "Hessian-vector products")
         if gacc is None:

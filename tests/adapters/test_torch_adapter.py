@@ -2208,3 +2208,260 @@ def test_measurement_chunks_default_to_128_on_the_cpu_and_512_on_an_accelerator(
         ops.batch_size = 0
     if torch.cuda.is_available():
         assert TorchModelOps(mlp().cuda(), TensorDataset(X, y)).batch_size == 512
+
+
+# ------------------------------------------------------------------------------------------------
+# models whose modes, buffers, randomness or attention paths a measurement pass could disturb (review 13)
+# ------------------------------------------------------------------------------------------------
+class _MergingLoRA(torch.nn.Module):
+    """A LoRA linear layer that merges ``B @ A`` into its frozen weight in eval mode and unmerges it in
+    training mode (as loralib's ``merge_weights=True`` does), through its own ``train``."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.base = torch.nn.Linear(d_in, d_out)
+        self.base.weight.requires_grad_(False)
+        self.A = torch.nn.Parameter(torch.randn(2, d_in) * 0.1)
+        self.B = torch.nn.Parameter(torch.zeros(d_out, 2))
+        self.merged = False
+
+    def train(self, mode=True):
+        super().train(mode)
+        with torch.no_grad():
+            if mode and self.merged:
+                self.base.weight -= self.B @ self.A
+                self.merged = False
+            elif not mode and not self.merged:
+                self.base.weight += self.B @ self.A
+                self.merged = True
+        return self
+
+    def forward(self, x):
+        out = self.base(x)
+        return out if self.merged else out + x @ self.A.T @ self.B.T
+
+
+def test_a_module_whose_train_does_something_is_put_back_through_it():
+    """A measurement pass put every module in eval mode through its own ``train(False)`` (merging the LoRA
+    weights) but set the flags back without calling ``train(True)``: the layer stayed merged while flagged as
+    training, and its LoRA parameters never trained (lora B's norm 0 after a run). The parameters the
+    eval-mode measurements never see are warned about once."""
+    X, y = make_data()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_MergingLoRA(D_IN, 16), torch.nn.ReLU(), torch.nn.Linear(16, C))
+    ops = TorchModelOps(model, TensorDataset(X, y))
+    ops.outputs(np.arange(8))
+    assert model.training and model[0].training and not model[0].merged
+    model[2].eval()  # a mixed state comes back as it was too
+    ops.outputs(np.arange(8))
+    assert [m.training for m in model.modules()] == [True, True, True, True, False]
+    assert not model[0].merged
+    model[2].train()
+    loader = CrestLoader(model, TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.5, epochs=2, seed=0)
+    with pytest.warns(UserWarning, match=r"2 trainable parameter\(s\) \(0.A, 0.B\) get no gradient"):
+        train(loader, model)
+    assert float(model[0].B.detach().norm()) > 0.01 and not model[0].merged
+
+
+def _padded_tokens(n=96, length=10, vocab=40, classes=C):
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(n) % classes
+    tok = torch.randint(1, vocab, (n, length), generator=g)
+    tok[:, 0] = y + 1
+    lens = torch.randint(4, length + 1, (n,), generator=g)
+    tok[torch.arange(length)[None, :] >= lens[:, None]] = 0
+    return tok, y
+
+
+class _PaddedEncoder(torch.nn.Module):
+    """A transformer encoder with a key-padding mask, pooled over every position (the padded ones too)."""
+
+    def __init__(self, vocab=40, classes=C):
+        super().__init__()
+        torch.manual_seed(1)
+        self.emb = torch.nn.Embedding(vocab, 16, padding_idx=0)
+        layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+        self.fc = torch.nn.Linear(16, classes)
+
+    def forward(self, t):
+        return self.fc(self.enc(self.emb(t), src_key_padding_mask=(t == 0)).mean(1))
+
+
+def test_attention_fast_path_is_off_in_the_measurements():
+    """In eval mode without gradients torch's attention fast path gives padded positions 0, the gradient
+    passes' ordinary path does not: CREST's outputs differed from its own gradient passes' forward by up to
+    0.6 and every trust check's rho came out about 5x too high. Now every measurement is one function."""
+    tok, y = _padded_tokens()
+    model = _PaddedEncoder()
+    ops = TorchModelOps(model, TensorDataset(tok, y))
+    idx = np.arange(64)
+    z = ops.outputs(idx)
+    model.eval()
+    z_grad = model(tok[idx]).detach()  # eval mode with gradients: the path of the gradient passes
+    model.train()
+    torch.testing.assert_close(z, z_grad, rtol=1e-5, atol=1e-5)
+    loss, _ = ops.gradient(idx, np.ones(64))
+    assert abs(float(ops.losses(idx).mean()) - loss) < 1e-5
+    assert torch.backends.mha.get_fastpath_enabled()  # the user's setting is back
+
+
+class _MCDropout(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(D_IN, 16), torch.nn.Linear(16, C)
+
+    def forward(self, x):
+        return self.b(F.dropout(torch.relu(self.a(x)), 0.5, training=True))  # random in eval mode too
+
+
+def test_a_model_random_in_eval_mode_leaves_the_users_rng_alone():
+    """Monte Carlo dropout draws in eval mode too: CREST's measurement forwards advanced the user's torch RNG
+    (the user's dropout masks then depended on how many measurements CREST made)."""
+    X, y = make_data()
+    loader = CrestLoader(_MCDropout(), TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.5, epochs=2,
+                         seed=0)
+    before = torch.get_rng_state()
+    steps = sum(1 for _ in loader.iter_run())
+    assert steps > 0 and loader.stats["counters"]["selections"] >= 1
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_buffers_a_forward_reassigns_or_resizes_are_put_back():
+    """The buffers were restored by copying into the objects taken before the pass, and only where the shape
+    had not changed: a buffer the forward reassigned (``self.calls = self.calls + 1``) or resized (an
+    observer's first use) stayed as the measurement left it."""
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(D_IN, C)
+            self.register_buffer("calls", torch.zeros(()))
+            self.register_buffer("seen", torch.zeros(0))
+
+        def forward(self, x):
+            self.calls = self.calls + 1
+            if self.seen.numel() == 0:
+                self.seen.resize_(x.shape[1]).copy_(x.amax(0))
+            return self.lin(x)
+
+    X, y = make_data()
+    model = Counting()
+    calls, seen = model.calls, model.seen
+    TorchModelOps(model, TensorDataset(X, y)).outputs(np.arange(8))
+    assert model.calls is calls and float(model.calls) == 0.0
+    assert model.seen is seen and model.seen.shape == (0,)
+
+
+def test_a_graph_held_across_next_still_backpropagates_through_saved_buffers():
+    """Two batches' losses summed and one backward (the graph held across ``next(loader)``): a buffer saved
+    for that backward (a BatchNorm kept in eval mode, a cached scale multiplied in) was written back by the
+    measurement and its version moved, so torch refused the backward ("modified by an inplace operation")."""
+    X, y = make_data()
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(D_IN, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, C))
+    model[1].eval()  # frozen statistics while fine-tuning: its forward saves them for the backward
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = CrestLoader(model, TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.5, epochs=2, seed=0)
+    held, k = 0, 0
+    for x, yy, w in loader.iter_run():
+        held = held + (w * F.cross_entropy(model(x), yy, reduction="none")).mean()
+        k += 1
+        if k % 2 == 0:
+            opt.zero_grad()
+            held.backward()
+            opt.step()
+            held = 0
+    assert k >= 4 and loader.stats["counters"]["selections"] >= 2
+
+
+def test_a_type_error_inside_the_forward_is_the_users_own():
+    """A TypeError raised inside the forward (a bug of the model's) was re-raised as "the model was called with
+    the batch's first field ... pass forward=", the wrong fix; only a call the signature refuses gets that."""
+    class Buggy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.mask = torch.nn.Linear(D_IN, C), None
+
+        def forward(self, x):
+            return torch.where(self.mask, self.lin(x), 0.0)
+
+    class TwoInputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(D_IN, C)
+
+        def forward(self, x, extra):
+            return self.lin(x) + extra
+
+    X, y = make_data()
+    with pytest.raises(TypeError) as info:
+        TorchModelOps(Buggy(), TensorDataset(X, y)).outputs(np.arange(4))
+    assert "where()" in str(info.value) and "forward=" not in str(info.value)
+    with pytest.raises(TypeError, match="refused it.*forward="):
+        TorchModelOps(TwoInputs(), TensorDataset(X, y)).outputs(np.arange(4))
+
+
+def test_outputs_wider_than_the_classes_are_warned_about():
+    """A dict-batch model returning ``(features, logits)`` was measured on its 16 features as the logits of 3
+    classes, silently (a tuple's first element is the convention)."""
+    class Items(Dataset):
+        def __init__(self, x, y):
+            self.x, self.targets = x, y
+
+        def __len__(self):
+            return len(self.targets)
+
+        def __getitem__(self, i):
+            return {"x": self.x[i], "labels": self.targets[i]}
+
+    class FeaturesFirst(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.c = torch.nn.Linear(D_IN, 16), torch.nn.Linear(16, C)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return h, self.c(h)
+
+    X, y = make_data()
+    ops = TorchModelOps(FeaturesFirst(), Items(X, y))
+    with pytest.warns(UserWarning, match="16 columns, more than the labels' 3 classes.*forward="):
+        ops.outputs(np.arange(8))
+    ops = TorchModelOps(FeaturesFirst(), Items(X, y), forward=lambda m, b: m(b["x"])[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ops.outputs(np.arange(8)).shape == (8, C)
+
+
+def test_reentrant_checkpointing_is_explained():
+    """``checkpoint(use_reentrant=True)`` refuses ``torch.autograd.grad``; torch's message named neither CREST
+    nor the one fix that is the user's."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(torch.nn.Module):
+        def __init__(self, reentrant):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.mid, self.b = torch.nn.Linear(D_IN, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, C)
+            self.reentrant = reentrant
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            if self.reentrant is not None:
+                h = checkpoint(self.mid, h, use_reentrant=self.reentrant)
+            else:
+                h = self.mid(h)
+            return self.b(torch.tanh(h))
+
+    X, y = make_data()
+    idx, w = np.arange(16), np.ones(16)
+    for how in ("gradient", "gradient_and_hutchinson"):
+        args = (idx, w) if how == "gradient" else (idx, w, 3)
+        with pytest.raises(RuntimeError, match="CREST's measurements.*use_reentrant=False"):
+            getattr(TorchModelOps(Checkpointed(True), TensorDataset(X, y)), how)(*args)
+        got = getattr(TorchModelOps(Checkpointed(False), TensorDataset(X, y)), how)(*args)
+        ref = getattr(TorchModelOps(Checkpointed(None), TensorDataset(X, y)), how)(*args)
+        for a, b in zip(got[1:], ref[1:]):
+            torch.testing.assert_close(a, b)
