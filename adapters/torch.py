@@ -31,6 +31,7 @@ import itertools
 import sys
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -2458,6 +2459,13 @@ class CrestLoader(BudgetedPasses):
             raise ValueError(f"CrestLoader state dict: position must be an integer in [0, {self.total_steps}] "
                              f"(the planned steps), got {pos!r}{more}")
         pos = int(pos)
+        saved_epochs = state.get("epochs")
+        if isinstance(saved_epochs, (int, np.integer)) and not isinstance(saved_epochs, bool) and saved_epochs > self.epochs:
+            warnings.warn(
+                f"{type(self).__name__}: the state was saved by a run planned for {int(saved_epochs)} epochs, this "
+                f"loader plans {self.epochs}: the run continues from step {pos} and ends at step {self.total_steps} "
+                "(the budget report counts this shorter run). Build it with the saved epochs= to finish that run.",
+                stacklevel=_common.user_stacklevel())
         where = f"{type(self).__name__} state dict"
         pending = _common.stored_batches(state.get("pending", []), self.n, where, "pending", convert=_from_portable)
         if int(crest.counters["train_steps"]) != pos + len(pending):
@@ -2605,6 +2613,8 @@ class CrestBatchSampler(CrestLoader):
         self._ahead = 64  # batches a DataLoader may fetch ahead (its workers x prefetch_factor, at least 64)
         self._loader_ahead = 0  # the batches the DataLoader that called iter() last fetches ahead
         self._pass_ahead = 0  # ... and that of the DataLoader the running pass hands its batches to
+        self._loader_iter = self._pass_iter = None  # weak references to those DataLoaders' iterators
+        self._pass_from = 0  # the run position at the start of the last pass
 
     def __iter__(self):
         # The usual first mistake, DataLoader(train_set, batch_sampler=sampler) without WeightedDataset, ends
@@ -2664,6 +2674,7 @@ class CrestBatchSampler(CrestLoader):
                 it._shutdown = True  # its __del__ then has nothing to shut down (no AttributeError there)
             raise TypeError(problem)
         self._loader_ahead = 0
+        self._loader_iter = weakref.ref(it) if ds is not None and it is not None else None
         if ds is not None:  # the untrained batches a checkpoint may need are at most those fetched ahead
             ahead = int(getattr(loader, "num_workers", 0) or 0) * int(getattr(loader, "prefetch_factor", 0) or 0)
             self._ahead = max(self._ahead, ahead)
@@ -2681,6 +2692,20 @@ class CrestBatchSampler(CrestLoader):
 
     def _pass_started(self) -> None:
         self._pass_ahead = self._loader_ahead
+        self._pass_iter, self._pass_from = self._loader_iter, self._position
+
+    def _untrained_ahead(self) -> bool:
+        """Whether batches of the last pass were fetched ahead but not given to the loop: the DataLoader's
+        iterator, while alive, counts the batches it yielded (``_num_yielded``); once it is gone, a pass left
+        before its end (the loop broken off) may have left some. (A pass its workers finished while the loop
+        was still inside it, then broken off, cannot be told once the iterator is gone.)"""
+        if not self._pass_ahead or not self._position:
+            return False
+        it = self._pass_iter() if self._pass_iter is not None else None
+        yielded = getattr(it, "_num_yielded", None)
+        if isinstance(yielded, int):
+            return yielded < self._position - self._pass_from
+        return bool(self._open_handed)
 
     def _make_batch(self, batch: Batch):
         if not self._handed or self._handed_from + len(self._handed) != self._position - 1:
@@ -2764,7 +2789,16 @@ class CrestBatchSampler(CrestLoader):
 
     def state_dict(self, trained: int | None = None) -> dict:
         """:meth:`CrestLoader.state_dict` with the batches handed out after the first ``trained`` of the
-        run stored as pending (see the class docstring); ``trained=None``: all handed out are trained."""
+        run stored as pending (see the class docstring); ``trained=None``: all handed out are trained (warned
+        about where the DataLoader's workers have fetched batches its iterator has not yet yielded, or the pass
+        was broken off)."""
+        if trained is None and self._untrained_ahead():
+            warnings.warn(
+                f"CrestBatchSampler.state_dict() without trained=, while the DataLoader's workers have fetched "
+                f"batches your loop has not trained (up to {self._pass_ahead} ahead): all {self._position} "
+                "batches handed out count as trained, so a run resumed from this state would skip those. Pass "
+                "trained= (the batches of the run your loop has trained, e.g. its step count).",
+                stacklevel=_common.user_stacklevel())
         if trained is None or trained == self._position:
             return super().state_dict()
         low = self._handed_from + 1 if self._handed_from > 0 else 0  # the last trained batch must be known

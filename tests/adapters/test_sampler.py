@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import sys
 import warnings
@@ -319,6 +320,62 @@ def test_workers_resume_and_determinism(cut):
         assert torch.equal(xa, xb) and torch.equal(wa, wb)
     for p, q in zip(model_a.parameters(), model_c.parameters()):
         assert torch.equal(p, q)
+
+
+def test_a_checkpoint_without_trained_inside_a_pass_with_workers_is_warned_about():
+    """``state_dict()`` without ``trained=`` while the DataLoader's workers had fetched batches the loop had not
+    trained counted them all as trained, silently: a run resumed from it skipped them. Warned about inside
+    the loop (the DataLoader's iterator counts what it yielded) and after a loop broken off inside the pass;
+    quiet without workers, with ``trained=``, and at the end of an epoch (the documented checkpoint)."""
+    X, y = make_data()
+
+    def said(call):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            state = call()
+        return state, [str(m.message) for m in seen if "without trained=" in str(m.message)]
+
+    for workers, persistent in ((2, False), (2, True), (0, False)):
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sampler = CrestBatchSampler(model, Flip(X, y), **{**CFG, "budget": 1.0})  # 10 batches an epoch
+        loader = sampler.dataloader(num_workers=workers, persistent_workers=persistent)
+        for k, (x, yb, w) in enumerate(loader, start=1):
+            step(model, opt, x, yb, w)
+            if k == 2:  # a mid-epoch checkpoint inside the loop
+                state, msgs = said(sampler.state_dict)
+                assert len(msgs) == (1 if workers else 0), msgs
+                if workers:
+                    assert state["position"] > 2 and f"all {state['position']} batches handed out" in msgs[0]
+                assert not said(functools.partial(sampler.state_dict, trained=2))[1]
+                break
+        _, msgs = said(sampler.state_dict)  # broken off inside the pass (6 of 10 handed out)
+        assert len(msgs) == (1 if workers else 0), msgs
+        sampler.rewind(2)
+        for x, yb, w in loader:  # the rest of the epoch: every batch fetched is trained
+            step(model, opt, x, yb, w)
+        assert sampler.position == 10
+        assert not said(sampler.state_dict)[1]
+        del loader
+
+
+def test_a_state_loaded_into_fewer_epochs_is_warned_about():
+    """A state saved by a 3-epoch run loaded into a loader of 1 epoch (the position still fits) was accepted
+    silently: the run ends earlier than the one it continues."""
+    X, y = make_data()
+    model = mlp()
+    loader = CrestLoader(model, TensorDataset(X, y), **CFG)
+    it = loader.iter_run()
+    for _ in range(3):
+        next(it)
+    state = loader.state_dict()
+    shorter = CrestLoader(mlp(), TensorDataset(X, y), **{**CFG, "epochs": 1})
+    with pytest.warns(UserWarning, match="planned for 3 epochs, this loader plans 1.*ends at step 5"):
+        shorter.load_state_dict(state)
+    longer = CrestLoader(mlp(), TensorDataset(X, y), **{**CFG, "epochs": 4})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        longer.load_state_dict(state)
 
 
 def test_dropping_through_workers_with_indices():
