@@ -104,6 +104,24 @@ def index_dtype(xp):
     return _INDEX_DTYPES[key]
 
 
+def wide_float(xp):
+    """The namespace's widest real floating dtype for accumulations: float64, but float32 in JAX without
+    ``jax_enable_x64`` (a float64 request is truncated there, with a warning per call).
+
+    >>> import numpy as np
+    >>> wide_float(namespace(np.zeros(2)))
+    dtype('float64')
+    """
+    info = getattr(xp, "__array_namespace_info__", None)
+    if callable(info) and "jax" in namespace_name(xp):
+        try:
+            if "float64" not in info().dtypes(kind="real floating"):
+                return xp.float32
+        except Exception:  # an older namespace: float64
+            pass
+    return xp.float64
+
+
 def is_numpy_namespace(xp) -> bool:
     return bool(array_api_compat.is_numpy_namespace(xp))
 

@@ -42,7 +42,7 @@ import numbers
 
 import numpy as np
 
-from ._compat import device_of, from_numpy, namespace, namespace_name, to_numpy
+from ._compat import device_of, from_numpy, namespace, namespace_name, to_numpy, wide_float
 from .backends import exact_shift, snap_tolerance  # the kernel contract (crestcore.backends.contract)
 from ._validation import check_choice, check_float_matrix, check_int
 from .similarity import METRICS, _distances, prepare
@@ -365,8 +365,9 @@ def sparse_greedy(nbr, sims, order, indptr, budget, optimizer, u=None):
     n, K1 = nbr.shape
     dev = device_of(sims)
     rows = order // K1
-    # in float64, as the Numba kernel, which sums each candidate's terms in entry order
-    wide = xp.float64
+    # in float64, as the Numba kernel, which sums each candidate's terms in entry order (float32 in JAX
+    # without x64, which has no float64)
+    wide = wide_float(xp)
     vals = xp.astype(xp.take(xp.reshape(sims, (-1,)), order, axis=0), wide)
     lo, hi = indptr[:-1], indptr[1:]
     ptr = np.asarray(to_numpy(indptr), dtype=np.int64)  # host copy (indptr may be in the caller's library)

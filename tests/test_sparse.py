@@ -475,3 +475,22 @@ def test_a_graph_without_a_single_edge_is_refused():
     some = exact_knn(np, X, 4, "euclidean")
     some[:, 2:] = -1
     assert crestcore.facility_location(X, 5, neighbors=some).indices.shape == (5,)
+
+
+def test_jax_without_x64_runs_the_sparse_path_quietly_in_float32():
+    """JAX without ``jax_enable_x64`` has no float64: the reference sparse greedy asked for float64
+    accumulators and JAX warned at every step of every call (22 warnings for 10 picks); it now accumulates in
+    the namespace's widest float, with the NumPy reference's picks on the same float32 features."""
+    jax = pytest.importorskip("jax")
+    jnp = pytest.importorskip("jax.numpy")
+    import warnings
+
+    if jax.config.jax_enable_x64:
+        pytest.skip("jax_enable_x64 is on in this process")
+    X = _features(17, 120, 4).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sel = crestcore.facility_location(jnp.asarray(X), 9, neighbors=8)
+    ref = crestcore.facility_location(X, 9, neighbors=8, backend="reference")
+    np.testing.assert_array_equal(np.asarray(sel.indices), ref.indices)
+    np.testing.assert_allclose(np.asarray(sel.weights), ref.weights)
