@@ -347,7 +347,10 @@ def add_grad(loss, params, acc) -> list[bool]:
     loss does not use adds nothing). ``torch.autograd.grad``: no ``.grad`` attribute is touched. Returns
     whether the loss uses each parameter."""
     try:
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        # retain_graph: a module may keep a tensor made with gradients across forwards (LeViT's eval-mode
+        # attention-bias cache, rebuilt at the first measured forward after train()); the next chunk's
+        # backward goes through it again. The graph itself is freed with the chunk's loss.
+        grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
     except RuntimeError as e:
         _reentrant_checkpoint(e)
         raise
@@ -402,7 +405,7 @@ def add_hvp(loss, params, vectors, acc, grad_acc=None) -> list[bool]:
     if dot is None:  # H = 0
         return used
     try:
-        hv = torch.autograd.grad(dot, params, allow_unused=True)
+        hv = torch.autograd.grad(dot, params, allow_unused=True, retain_graph=True)  # as in add_grad
     except (NotImplementedError, RuntimeError) as e:
         _compiled_double_backward(e)
         if "derivative for" not in str(e) or "not implemented" not in str(e):
@@ -503,6 +506,37 @@ def _eager():
     products, which compiled graphs refuse (AOTAutograd's donated buffers)."""
     stance = getattr(getattr(torch, "compiler", None), "set_stance", None)
     return stance("force_eager") if stance is not None else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _torch_rng_kept(device: torch.device):
+    """torch's CPU generator (and ``device``'s, if CUDA) as they were: a model that draws in eval mode
+    (Monte Carlo dropout) draws the same numbers at every measured forward and leaves the user's stream
+    alone. A microsecond or two (Python's and NumPy's states, which a forward rarely draws from, would
+    cost 70 us a forward)."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+
+
+def _put_back(mod: nn.Module, name: str, b: torch.Tensor, snapshot: torch.Tensor) -> None:
+    """Buffer ``name`` of ``mod`` back to ``b`` holding ``snapshot``'s values, written through ``.data`` (no
+    autograd version bump): also when the forward reassigned the buffer or resized it. A TorchScript
+    module's buffers cannot be reassigned from Python, nor by its forward: only their values go back."""
+    try:
+        if mod._buffers[name] is not b:  # reassigned by the forward
+            mod._buffers[name] = b
+    except (KeyError, TypeError, AttributeError, RuntimeError):  # a ScriptModule's wrapper of its buffers
+        pass
+    if b.shape == snapshot.shape and b.dtype == snapshot.dtype:
+        b.data.copy_(snapshot)
+    else:  # resized (an observer's first use) or retyped
+        b.data = snapshot
 
 
 def _no_mha_fastpath():
@@ -822,6 +856,8 @@ def _output_logits(out):
 def _binds(model: nn.Module, *args, **kwargs) -> bool:
     """Whether ``model.forward``'s signature takes these arguments (True when it cannot be told): a
     ``TypeError`` from a call that binds was raised inside the forward, not by the call."""
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):  # the wrapped module's
+        model = model.module
     try:
         inspect.signature(model.forward).bind(*args, **kwargs)
     except TypeError:
@@ -831,7 +867,7 @@ def _binds(model: nn.Module, *args, **kwargs) -> bool:
     return True
 
 
-def _default_forward(model: nn.Module, batch):
+def _default_forward(model: nn.Module, batch, seen: dict | None = None):
     if isinstance(batch, (tuple, list)):
         try:
             out = model(batch[0])
@@ -857,6 +893,8 @@ def _default_forward(model: nn.Module, batch):
                 f"the batch is a dict, so the model was called with keywords {sorted(inputs)} and refused them "
                 f"({exc}); pass forward=lambda model, batch: model(batch['...']) returning the logits"
             ) from exc
+        if seen is not None and getattr(out, "logits", None) is None and isinstance(out, (tuple, list)):
+            seen["tuple"] = True  # the logits taken by convention: the first element
         return _output_logits(out)
     raise TypeError(
         f"cannot tell the model's input in a batch of type {type(batch).__name__}; pass "
@@ -1024,6 +1062,7 @@ class TorchModelOps:
         self._anchor_buffers: dict | None = None  # the buffers at the last new_anchor(), for its measurements
         self._warned_repeat = False  # last_layer called more than once in a forward: said once
         self._warned_unused = False  # trainable parameters without a gradient in the measurements: said once
+        self._seen: dict = {}  # what the default forward found ("tuple": the logits were a tuple's first element)
         self._layout_ok: bool | None = None  # whether the collate puts examples first (decided at the first keep)
         self._cache_sizes: dict = {}
         self._cache_serial: dict = {}  # key -> the number of the pass kept under it (never reused)
@@ -1124,18 +1163,16 @@ class TorchModelOps:
             with _no_autocast(self.device.type), _rnn_without_cudnn(self.model), _eager(), _no_mha_fastpath():
                 yield
         finally:
-            for mod, name, b, s in saved:
-                if mod._buffers.get(name) is not b:  # reassigned by the forward
-                    mod._buffers[name] = b
-                if b.shape == s.shape and b.dtype == s.dtype:
-                    b.data.copy_(s)
-                else:  # resized (an observer's first use) or retyped
-                    b.data = s
-            for m, mode in modes:  # each module's own train(): what it does there (merging, fusing) undone
+            # each module's own train() first: what it does there (unmerging, dropping a cache) acts on the
+            # state the measurement left, and the buffers it wrote (a merged weight kept as a buffer) are
+            # then put back as they were before the pass
+            for m, mode in modes:
                 if m.training != mode:
                     m.train(mode)
             for m, mode in modes:  # exact flags (a train() of a parent set its children's)
                 m.training = mode
+            for mod, name, b, s in saved:
+                _put_back(mod, name, b, s)
 
     def _batches(self, idx: np.ndarray, dev):
         """``((a, b), batch)`` for consecutive chunks ``idx[a:b]`` of at most ``batch_size``: loaded in this
@@ -1473,8 +1510,9 @@ class TorchModelOps:
 
     def _logits(self, batch, k: int):
         try:
-            with _random_states_kept():  # a model random in eval mode (MC dropout) must not advance the user's RNGs
-                out = self._forward(self.model, batch)
+            with _torch_rng_kept(self.device):  # a model random in eval mode (MC dropout): the user's RNG stays
+                out = (_default_forward(self.model, batch, self._seen) if self._forward is _default_forward
+                       else self._forward(self.model, batch))
         except RuntimeError as exc:  # name CREST's cast when the model fails on a dtype
             if "dtype" not in str(exc) and "scalar type" not in str(exc):
                 raise
@@ -1502,12 +1540,12 @@ class TorchModelOps:
         return _wide(out)
 
     def _check_width(self, width: int) -> None:
-        """Warn once when the measured outputs have more columns than the labels' classes (``max + 1``): a
-        tensor other than the logits (the features of a ``(features, logits)`` output, whose first element
-        CREST takes) fits every check of shape. (Fewer columns than classes are refused where the labels
+        """Warn once when the logits were a tuple output's first element (the convention for dict batches)
+        and have more columns than the labels' classes (``max + 1``): the features of a ``(features,
+        logits)`` output fit every check of shape. (Fewer columns than classes are refused where the labels
         are read against them.)"""
         classes = int(self.labels.max()) + 1 if self.labels.size else 0
-        if width > classes:
+        if width > classes and self._seen.get("tuple"):  # a wider head of its own is fine (absent classes)
             warnings.warn(
                 f"the model's measured outputs have {width} columns, more than the labels' {classes} classes: "
                 "CREST takes them as the logits (of a tuple output, the first element). If they are not the "
@@ -1863,6 +1901,7 @@ class TorchModelOps:
                 self._check_finite(ell.detach(), "losses")
                 used = [u or v for u, v in zip(used, add_grad(part, params, acc))]
                 total += float(part.detach())
+                del part, ell  # this chunk's graph (kept by retain_graph) freed before the next forward
         self._warn_unused(params, used)
         flat = _wide(torch.cat([g.reshape(-1) for g in acc]))
         self._check_finite(flat, "gradients")
@@ -1876,15 +1915,21 @@ class TorchModelOps:
         if self._warned_unused or not params or all(used):
             return
         self._warned_unused = True
+        # only where a module changes what it computes through its own train() (a LoRA layer merging its
+        # weights): elsewhere parameters an eval forward leaves out (experts not routed to, a head used in
+        # training only, a value read under no_grad) are the model's design, and the warning would be noise
+        if all(type(m).train is nn.Module.train for m in self.model.modules()):
+            return
         names = {id(p): n for n, p in self.model.named_parameters()}
         unused = [names.get(id(p), "?") for p, u in zip(params, used) if not u]
         more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
         warnings.warn(
             f"{len(unused)} trainable parameter(s) ({', '.join(unused[:3])}{more}) get no gradient in CREST's "
-            "measurements, which run the model in eval mode: the quadratic model takes them as constant. If "
-            "the model uses them in training mode only (a layer that merges or skips them in eval mode, an "
-            "auxiliary head), the trust checks do not see what their steps change; parameters the loss never "
-            "uses (an unused head) are harmless", stacklevel=_common.user_stacklevel())
+            "measurements, which run the model in eval mode, and a module of the model has a train() of its "
+            "own: the quadratic model takes them as constant. If that module uses them in training mode only "
+            "(a LoRA layer that merges its weights in eval mode), the trust checks do not see what their steps "
+            "change; parameters the eval forward leaves out by design are harmless",
+            stacklevel=_common.user_stacklevel())
 
     def rademacher(self, seed: int) -> torch.Tensor:
         """The probe ``z`` (D,) of :meth:`hutchinson`: +-1 from a ``torch.Generator`` seeded with
@@ -1968,6 +2013,7 @@ class TorchModelOps:
                 used = [u or v for u, v in zip(used, add_hvp(part, params, zs, acc, grad_acc=gacc))]
                 if gacc is not None:
                     total += float(part.detach())
+                del part, ell  # this chunk's graph (kept by retain_graph) freed before the next forward
         self._warn_unused(params, used)
         out = _wide(z) * _wide(torch.cat([h.reshape(-1) for h in acc]))
         self._check_finite(out, "Hessian-vector products")
@@ -2459,13 +2505,6 @@ class CrestLoader(BudgetedPasses):
             raise ValueError(f"CrestLoader state dict: position must be an integer in [0, {self.total_steps}] "
                              f"(the planned steps), got {pos!r}{more}")
         pos = int(pos)
-        saved_epochs = state.get("epochs")
-        if isinstance(saved_epochs, (int, np.integer)) and not isinstance(saved_epochs, bool) and saved_epochs > self.epochs:
-            warnings.warn(
-                f"{type(self).__name__}: the state was saved by a run planned for {int(saved_epochs)} epochs, this "
-                f"loader plans {self.epochs}: the run continues from step {pos} and ends at step {self.total_steps} "
-                "(the budget report counts this shorter run). Build it with the saved epochs= to finish that run.",
-                stacklevel=_common.user_stacklevel())
         where = f"{type(self).__name__} state dict"
         pending = _common.stored_batches(state.get("pending", []), self.n, where, "pending", convert=_from_portable)
         if int(crest.counters["train_steps"]) != pos + len(pending):
@@ -2496,6 +2535,13 @@ class CrestLoader(BudgetedPasses):
         self._batch = batch
         self._pending = pending
         _inner_ops(self.ops)._anchor_buffers = {k: t.detach().clone() for k, t in anchor.items()} if anchor else None
+        saved_epochs = state.get("epochs")  # loaded (every check above passed): a shorter plan is said once
+        if isinstance(saved_epochs, (int, np.integer)) and not isinstance(saved_epochs, bool) and saved_epochs > self.epochs:
+            warnings.warn(
+                f"{type(self).__name__}: the state was saved by a run planned for {int(saved_epochs)} epochs, this "
+                f"loader plans {self.epochs}: the run continues from step {pos} and ends at step {self.total_steps} "
+                "(the budget report counts this shorter run). Build it with the saved epochs= to finish that run.",
+                stacklevel=_common.user_stacklevel())
 
 
 # ------------------------------------------------------------------------------------------------

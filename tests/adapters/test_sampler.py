@@ -376,6 +376,19 @@ def test_a_state_loaded_into_fewer_epochs_is_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         longer.load_state_dict(state)
+    # a state refused for another reason (its pending batches do not fit the shorter plan) gets its error
+    # alone, not the shorter plan's warning first
+    sampler = CrestBatchSampler(mlp(), TensorDataset(X, y), **CFG)  # 5 batches an epoch
+    list(iter(sampler))
+    it = iter(sampler)
+    for _ in range(2):
+        next(it)  # 7 handed out
+    pending = sampler.state_dict(trained=3)  # position 3, 4 pending: more than one epoch's 5 steps
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        other = CrestBatchSampler(mlp(), TensorDataset(X, y), **{**CFG, "epochs": 1})
+        with pytest.raises(ValueError, match="exceed"):
+            other.load_state_dict(pending)
 
 
 def test_dropping_through_workers_with_indices():

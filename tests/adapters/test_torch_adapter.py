@@ -2465,3 +2465,138 @@ def test_reentrant_checkpointing_is_explained():
         ref = getattr(TorchModelOps(Checkpointed(None), TensorDataset(X, y)), how)(*args)
         for a, b in zip(got[1:], ref[1:]):
             torch.testing.assert_close(a, b)
+
+
+class _MergingIntoBuffer(torch.nn.Module):
+    """As ``_MergingLoRA``, with the frozen base weight kept as a buffer."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.register_buffer("weight", torch.randn(d_out, d_in) * 0.3)
+        self.A = torch.nn.Parameter(torch.randn(2, d_in) * 0.1)
+        self.B = torch.nn.Parameter(torch.randn(d_out, 2) * 0.1)
+        self.merged = False
+
+    def train(self, mode=True):
+        super().train(mode)
+        with torch.no_grad():
+            if mode and self.merged:
+                self.weight -= self.B @ self.A
+                self.merged = False
+            elif not mode and not self.merged:
+                self.weight += self.B @ self.A
+                self.merged = True
+        return self
+
+    def forward(self, x):
+        out = x @ self.weight.T
+        return out if self.merged else out + x @ self.A.T @ self.B.T
+
+
+def test_train_runs_before_the_buffers_are_put_back():
+    """Verification of the modes' fix: the buffers were written back before ``train(True)`` ran, so a layer
+    that merges into a buffer unmerged a value already unmerged and lost ``B @ A`` at every measurement."""
+    X, y = make_data()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_MergingIntoBuffer(D_IN, C))
+    before = model[0].weight.clone()
+    ops = TorchModelOps(model, TensorDataset(X, y))
+    for _ in range(3):
+        ops.outputs(np.arange(8))
+    assert not model[0].merged and torch.equal(model[0].weight, before)
+
+
+class _EvalCache(torch.nn.Module):
+    """A module that caches a tensor made from a parameter in eval mode and drops it in ``train()`` (as
+    LeViT's attention biases): the first gradient-pass forward after ``train()`` caches it with a graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(D_IN, C)
+        self.bias = torch.nn.Parameter(torch.zeros(C))
+        self.cache = None
+
+    def train(self, mode=True):
+        super().train(mode)
+        if mode:
+            self.cache = None
+        return self
+
+    def forward(self, x):
+        if self.training:
+            return self.lin(x) + self.bias * 2
+        if self.cache is None:
+            self.cache = self.bias * 2
+        return self.lin(x) + self.cache
+
+
+def test_a_cached_tensor_with_a_graph_across_chunks_backpropagates():
+    """Verification: with modes put back through ``train()``, a module's eval-mode cache is rebuilt with a
+    graph at the first gradient-pass chunk; the next chunk's backward went through that freed graph
+    ("Trying to backward through the graph a second time"). Now the gradient over several chunks equals one
+    chunk's (the cache's share included)."""
+    X, y = make_data()
+    torch.manual_seed(0)
+    model = _EvalCache()
+    idx, w = np.arange(32), np.ones(32)
+    ops = TorchModelOps(model, TensorDataset(X, y), batch_size=8)
+    ops.outputs(np.arange(4))  # a measurement: train() afterwards drops the cache
+    loss, g = ops.gradient(idx, w)
+    _, g2, _ = ops.gradient_and_hutchinson(idx, w, seed=1)
+    ref_loss, ref = TorchModelOps(model, TensorDataset(X, y), batch_size=32).gradient(idx, w)
+    torch.testing.assert_close(g, ref)
+    torch.testing.assert_close(g2, ref)
+    assert abs(loss - ref_loss) < 1e-5 and float(ref[-C:].abs().sum()) > 0  # the cached bias gets its gradient
+
+
+def test_scripted_and_data_parallel_models_are_measured():
+    """Verification: restoring buffers by ``mod._buffers.get`` broke every TorchScript model
+    (``OrderedDictWrapper`` has no ``get``); a wrong call of a ``DataParallel`` model lost the call-signature
+    explanation (its ``forward(*inputs, **kwargs)`` binds anything)."""
+    X, y = make_data()
+    torch.manual_seed(0)
+    scripted = torch.jit.script(torch.nn.Sequential(torch.nn.Linear(D_IN, 5), torch.nn.BatchNorm1d(5),
+                                                    torch.nn.Linear(5, C)))
+    ops = TorchModelOps(scripted, TensorDataset(X, y))
+    ops.outputs(np.arange(8))
+    ops.gradient(np.arange(8), np.ones(8))
+    assert all(m.training for m in scripted.modules())
+
+    class TwoInputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(D_IN, C)
+
+        def forward(self, x, extra):
+            return self.lin(x) + extra
+
+    with pytest.raises(TypeError, match="refused it.*forward="):
+        TorchModelOps(torch.nn.DataParallel(TwoInputs()), TensorDataset(X, y)).outputs(np.arange(4))
+
+
+def test_a_wider_head_of_its_own_is_not_warned_about():
+    """Verification: the width warning fired for a head wider than the labels' classes (a class absent from
+    the data); it is for a tuple output's first element only."""
+    X, y = make_data()
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TorchModelOps(torch.nn.Linear(D_IN, C + 2), TensorDataset(X, y)).outputs(np.arange(8))
+
+
+def test_the_unused_parameter_warning_needs_a_train_of_its_own():
+    """Verification: parameters an eval forward leaves out by design (experts not routed to, a head used in
+    training only) were warned about at every run; only a model with a module whose ``train()`` is its own
+    (where eval mode can change what is computed) is warned."""
+    class TrainOnlyHead(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.aux = torch.nn.Linear(D_IN, C), torch.nn.Linear(D_IN, C)
+
+        def forward(self, x):
+            return self.lin(x) + (self.aux(x) if self.training else 0)
+
+    X, y = make_data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TorchModelOps(TrainOnlyHead(), TensorDataset(X, y)).gradient(np.arange(8), np.ones(8))
