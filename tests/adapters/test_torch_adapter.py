@@ -2376,6 +2376,15 @@ def test_a_graph_held_across_next_still_backpropagates_through_saved_buffers():
     assert k >= 4 and loader.stats["counters"]["selections"] >= 2
 
 
+class _TwoInputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(D_IN, C)
+
+    def forward(self, x, extra):
+        return self.lin(x) + extra
+
+
 def test_a_type_error_inside_the_forward_is_the_users_own():
     """A TypeError raised inside the forward (a bug of the model's) was re-raised as "the model was called with
     the batch's first field ... pass forward=", the wrong fix; only a call the signature refuses gets that."""
@@ -2387,49 +2396,31 @@ def test_a_type_error_inside_the_forward_is_the_users_own():
         def forward(self, x):
             return torch.where(self.mask, self.lin(x), 0.0)
 
-    class TwoInputs(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(D_IN, C)
-
-        def forward(self, x, extra):
-            return self.lin(x) + extra
-
     X, y = make_data()
     with pytest.raises(TypeError) as info:
         TorchModelOps(Buggy(), TensorDataset(X, y)).outputs(np.arange(4))
     assert "where()" in str(info.value) and "forward=" not in str(info.value)
     with pytest.raises(TypeError, match="refused it.*forward="):
-        TorchModelOps(TwoInputs(), TensorDataset(X, y)).outputs(np.arange(4))
+        TorchModelOps(_TwoInputs(), TensorDataset(X, y)).outputs(np.arange(4))
 
 
 def test_outputs_wider_than_the_classes_are_warned_about():
     """A dict-batch model returning ``(features, logits)`` was measured on its 16 features as the logits of 3
     classes, silently (a tuple's first element is the convention)."""
-    class Items(Dataset):
-        def __init__(self, x, y):
-            self.x, self.targets = x, y
-
-        def __len__(self):
-            return len(self.targets)
-
-        def __getitem__(self, i):
-            return {"x": self.x[i], "labels": self.targets[i]}
-
     class FeaturesFirst(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.a, self.c = torch.nn.Linear(D_IN, 16), torch.nn.Linear(16, C)
 
-        def forward(self, x):
-            h = torch.relu(self.a(x))
+        def forward(self, inputs):
+            h = torch.relu(self.a(inputs))
             return h, self.c(h)
 
     X, y = make_data()
-    ops = TorchModelOps(FeaturesFirst(), Items(X, y))
+    ops = TorchModelOps(FeaturesFirst(), _DictSet(X, y))
     with pytest.warns(UserWarning, match="16 columns, more than the labels' 3 classes.*forward="):
         ops.outputs(np.arange(8))
-    ops = TorchModelOps(FeaturesFirst(), Items(X, y), forward=lambda m, b: m(b["x"])[1])
+    ops = TorchModelOps(FeaturesFirst(), _DictSet(X, y), forward=lambda m, b: m(b["inputs"])[1])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert ops.outputs(np.arange(8)).shape == (8, C)
@@ -2562,16 +2553,8 @@ def test_scripted_and_data_parallel_models_are_measured():
     ops.gradient(np.arange(8), np.ones(8))
     assert all(m.training for m in scripted.modules())
 
-    class TwoInputs(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(D_IN, C)
-
-        def forward(self, x, extra):
-            return self.lin(x) + extra
-
     with pytest.raises(TypeError, match="refused it.*forward="):
-        TorchModelOps(torch.nn.DataParallel(TwoInputs()), TensorDataset(X, y)).outputs(np.arange(4))
+        TorchModelOps(torch.nn.DataParallel(_TwoInputs()), TensorDataset(X, y)).outputs(np.arange(4))
 
 
 def test_a_wider_head_of_its_own_is_not_warned_about():
