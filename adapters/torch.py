@@ -330,6 +330,14 @@ def _length(dataset) -> int:
 
 
 
+def _graph_reused(e: Exception) -> bool:
+    """Whether torch refused a backward through a freed graph: a module kept a tensor made with gradients
+    across forwards (LeViT's eval-mode attention-bias cache, rebuilt at the first measured forward after
+    ``train()``), and the next chunk's backward went through it again. The pass is then run again with
+    the graphs retained (each freed with its chunk's loss), at the cost of the memory a backward frees."""
+    return isinstance(e, RuntimeError) and "backward through the graph a second time" in str(e)
+
+
 def _reentrant_checkpoint(e: Exception) -> None:
     """Re-raise torch's refusal of ``torch.autograd.grad`` through ``checkpoint(use_reentrant=True)`` naming
     CREST's passes and the fix (torch's message also offers a ``backward()`` change that is not the user's)."""
@@ -342,15 +350,16 @@ def _reentrant_checkpoint(e: Exception) -> None:
         ) from e
 
 
-def add_grad(loss, params, acc) -> list[bool]:
+def add_grad(loss, params, acc, retain_graph: bool = False) -> list[bool]:
     """Add the gradient of ``loss`` w.r.t. ``params`` into the tensors ``acc``, in place (a parameter the
     loss does not use adds nothing). ``torch.autograd.grad``: no ``.grad`` attribute is touched. Returns
-    whether the loss uses each parameter."""
+    whether the loss uses each parameter (none, adding nothing, for a loss that needs no gradient).
+    ``retain_graph``: for a module that keeps a tensor made with gradients across forwards (see
+    :func:`_graph_reused`)."""
+    if not loss.requires_grad:  # no parameter reached (a layer merged in eval mode): the caller says why
+        return [False] * len(params)
     try:
-        # retain_graph: a module may keep a tensor made with gradients across forwards (LeViT's eval-mode
-        # attention-bias cache, rebuilt at the first measured forward after train()); the next chunk's
-        # backward goes through it again. The graph itself is freed with the chunk's loss.
-        grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+        grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=retain_graph)
     except RuntimeError as e:
         _reentrant_checkpoint(e)
         raise
@@ -379,13 +388,15 @@ def _compiled_double_backward(e: Exception) -> None:
         ) from e
 
 
-def add_hvp(loss, params, vectors, acc, grad_acc=None) -> list[bool]:
+def add_hvp(loss, params, vectors, acc, grad_acc=None, retain_graph: bool = False) -> list[bool]:
     """Add ``H v`` of ``loss`` w.r.t. ``params`` (double backward) into the tensors ``acc``, in place;
     with ``grad_acc``, add the gradient (the first backward's, no extra pass) into it too. Returns whether
     the loss uses each parameter.
 
     ``vectors`` are shaped like ``params``; a loss that is linear in every parameter adds nothing.
     """
+    if not loss.requires_grad:  # no parameter reached (a layer merged in eval mode): the caller says why
+        return [False] * len(params)
     try:
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
     except RuntimeError as e:
@@ -405,7 +416,7 @@ def add_hvp(loss, params, vectors, acc, grad_acc=None) -> list[bool]:
     if dot is None:  # H = 0
         return used
     try:
-        hv = torch.autograd.grad(dot, params, allow_unused=True, retain_graph=True)  # as in add_grad
+        hv = torch.autograd.grad(dot, params, allow_unused=True, retain_graph=retain_graph)
     except (NotImplementedError, RuntimeError) as e:
         _compiled_double_backward(e)
         if "derivative for" not in str(e) or "not implemented" not in str(e):
@@ -522,6 +533,17 @@ def _torch_rng_kept(device: torch.device):
         torch.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state(cuda, device)
+
+
+_FRAMEWORKS = ("torch", "transformers", "accelerate", "lightning", "pytorch_lightning", "peft", "crestcore")
+
+
+def _own_train(module: nn.Module) -> bool:
+    """Whether ``module``'s class has a ``train()`` of the user's (or a third library's) own: not torch's,
+    nor one a framework defines for every model (Hugging Face's ``PreTrainedModel``, DDP, torch.ao's fused
+    modules)."""
+    f = type(module).train
+    return f is not nn.Module.train and str(getattr(f, "__module__", "")).split(".")[0] not in _FRAMEWORKS
 
 
 def _put_back(mod: nn.Module, name: str, b: torch.Tensor, snapshot: torch.Tensor) -> None:
@@ -1062,6 +1084,7 @@ class TorchModelOps:
         self._anchor_buffers: dict | None = None  # the buffers at the last new_anchor(), for its measurements
         self._warned_repeat = False  # last_layer called more than once in a forward: said once
         self._warned_unused = False  # trainable parameters without a gradient in the measurements: said once
+        self._retain_graphs = False  # gradient passes retain each chunk's graph (see _graph_reused)
         self._seen: dict = {}  # what the default forward found ("tuple": the logits were a tuple's first element)
         self._layout_ok: bool | None = None  # whether the collate puts examples first (decided at the first keep)
         self._cache_sizes: dict = {}
@@ -1163,15 +1186,17 @@ class TorchModelOps:
             with _no_autocast(self.device.type), _rnn_without_cudnn(self.model), _eager(), _no_mha_fastpath():
                 yield
         finally:
-            # each module's own train() first: what it does there (unmerging, dropping a cache) acts on the
-            # state the measurement left, and the buffers it wrote (a merged weight kept as a buffer) are
-            # then put back as they were before the pass
+            # each module's own train(): what it does there (unmerging, unfolding, dropping a cache) acts on
+            # the user's buffers, and the buffers it wrote (a merged weight kept as a buffer) are then put
+            # back as they were before the pass
+            for mod, name, b, s in saved:  # the user's buffers for their train() to see (a BatchNorm fold)
+                _put_back(mod, name, b, s)
             for m, mode in modes:
                 if m.training != mode:
                     m.train(mode)
             for m, mode in modes:  # exact flags (a train() of a parent set its children's)
                 m.training = mode
-            for mod, name, b, s in saved:
+            for mod, name, b, s in saved:  # and as they were, whatever train() wrote
                 _put_back(mod, name, b, s)
 
     def _batches(self, idx: np.ndarray, dev):
@@ -1892,43 +1917,66 @@ class TorchModelOps:
         idx, w = _common.weighted_examples(indices, weights, self.n, "gradient")
         params = self._trainable()
         dev = self.device
-        acc = [torch.zeros_like(p, dtype=_wide(p).dtype) for p in params]  # half grads summed in float32
-        used = [False] * len(params)
-        total = 0.0
-        with self._measuring(), torch.enable_grad():
-            for (a, b), batch in self._batches(idx, dev):
-                part, ell = self._weighted_losses(batch, idx, w, a, b, idx.size)
-                self._check_finite(ell.detach(), "losses")
-                used = [u or v for u, v in zip(used, add_grad(part, params, acc))]
-                total += float(part.detach())
-                del part, ell  # this chunk's graph (kept by retain_graph) freed before the next forward
+
+        def run():
+            acc = [torch.zeros_like(p, dtype=_wide(p).dtype) for p in params]  # half grads summed in float32
+            used = [False] * len(params)
+            total = 0.0
+            with self._measuring(), torch.enable_grad():
+                for (a, b), batch in self._batches(idx, dev):
+                    part, ell = self._weighted_losses(batch, idx, w, a, b, idx.size)
+                    self._check_finite(ell.detach(), "losses")
+                    used = [u or v for u, v in zip(used, add_grad(part, params, acc, self._retain_graphs))]
+                    total += float(part.detach())
+                    del part, ell  # this chunk's graph (if retained) freed before the next forward
+            return total, acc, used
+
+        total, acc, used = self._retrying(run)
         self._warn_unused(params, used)
         flat = _wide(torch.cat([g.reshape(-1) for g in acc]))
         self._check_finite(flat, "gradients")
         return total, flat
 
+    def _retrying(self, run):
+        """``run()``, once more with the graphs retained if a module kept a tensor with a graph across the
+        pass's forwards (:func:`_graph_reused`); later passes retain them from the start."""
+        try:
+            return run()
+        except RuntimeError as e:
+            if self._retain_graphs or not _graph_reused(e):
+                raise
+        self._retain_graphs = True
+        return run()
+
     def _warn_unused(self, params: list, used: list) -> None:
-        """Warn once when trainable parameters get no gradient in a measurement over examples (the model runs
-        in eval mode there): the quadratic model then takes them as constant, and a layer that uses them in
-        training mode only (a LoRA layer that merges its weights in eval mode) moves the loss in ways the
-        trust check does not foresee."""
-        if self._warned_unused or not params or all(used):
-            return
-        self._warned_unused = True
-        # only where a module changes what it computes through its own train() (a LoRA layer merging its
-        # weights): elsewhere parameters an eval forward leaves out (experts not routed to, a head used in
-        # training only, a value read under no_grad) are the model's design, and the warning would be noise
-        if all(type(m).train is nn.Module.train for m in self.model.modules()):
+        """Trainable parameters that get no gradient in a measurement over examples (the model runs in eval
+        mode there): the quadratic model takes them as constant. None reached at all is refused (nothing to
+        fit; a layer that merges its weights in eval mode, as loralib's ``merge_weights=True``); some not
+        reached are warned about once, where a module of the user's own changes what it computes through
+        its ``train()`` (such a merging layer). Elsewhere parameters an eval forward leaves out (experts not
+        routed to, a head used in training only, a value read under no_grad) are the model's design, and the
+        warning would be noise."""
+        if not params or all(used):
             return
         names = {id(p): n for n, p in self.model.named_parameters()}
         unused = [names.get(id(p), "?") for p, u in zip(params, used) if not u]
         more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
+        listed = f"{', '.join(unused[:3])}{more}"
+        if not any(used):
+            raise RuntimeError(
+                f"no trainable parameter ({listed}) gets a gradient in CREST's measurements, which run the model "
+                "in eval mode: the quadratic model and the trust checks have nothing to fit. A layer that merges "
+                "its trainable weights into frozen ones in eval mode (loralib's merge_weights=True) does this: "
+                "build it without merging (merge_weights=False)")
+        if self._warned_unused or not any(_own_train(m) for m in self.model.modules()):
+            return
+        self._warned_unused = True
         warnings.warn(
-            f"{len(unused)} trainable parameter(s) ({', '.join(unused[:3])}{more}) get no gradient in CREST's "
-            "measurements, which run the model in eval mode, and a module of the model has a train() of its "
-            "own: the quadratic model takes them as constant. If that module uses them in training mode only "
-            "(a LoRA layer that merges its weights in eval mode), the trust checks do not see what their steps "
-            "change; parameters the eval forward leaves out by design are harmless",
+            f"{len(unused)} trainable parameter(s) ({listed}) get no gradient in CREST's measurements, which run "
+            "the model in eval mode, and a module of the model has a train() of its own: the quadratic model "
+            "takes them as constant. If that module uses them in training mode only (a LoRA layer that merges "
+            "its weights in eval mode: merge_weights=False avoids it), the trust checks do not see what their "
+            "steps change; parameters the eval forward leaves out by design are harmless",
             stacklevel=_common.user_stacklevel())
 
     def rademacher(self, seed: int) -> torch.Tensor:
@@ -2001,19 +2049,25 @@ class TorchModelOps:
         params = self._trainable()
         z = self.rademacher(seed)
         zs = [t.view_as(p) for t, p in zip(torch.split(z, [p.numel() for p in params]), params)]
-        acc = [torch.zeros_like(p, dtype=_wide(p).dtype) for p in params]  # half grads summed in float32
-        gacc = [torch.zeros_like(p, dtype=_wide(p).dtype) for p in params] if with_gradient else None
-        used = [False] * len(params)
-        total = 0.0
         dev = self.device
-        with self._measuring(), torch.enable_grad(), _double_backward_attention():
-            for (a, b), batch in self._batches(idx, dev):
-                part, ell = self._weighted_losses(batch, idx, w, a, b, idx.size)
-                self._check_finite(ell.detach(), "losses")
-                used = [u or v for u, v in zip(used, add_hvp(part, params, zs, acc, grad_acc=gacc))]
-                if gacc is not None:
-                    total += float(part.detach())
-                del part, ell  # this chunk's graph (kept by retain_graph) freed before the next forward
+
+        def run():
+            acc = [torch.zeros_like(p, dtype=_wide(p).dtype) for p in params]  # half grads summed in float32
+            gacc = [torch.zeros_like(p, dtype=_wide(p).dtype) for p in params] if with_gradient else None
+            used = [False] * len(params)
+            total = 0.0
+            with self._measuring(), torch.enable_grad(), _double_backward_attention():
+                for (a, b), batch in self._batches(idx, dev):
+                    part, ell = self._weighted_losses(batch, idx, w, a, b, idx.size)
+                    self._check_finite(ell.detach(), "losses")
+                    used = [u or v for u, v in zip(used, add_hvp(part, params, zs, acc, grad_acc=gacc,
+                                                                 retain_graph=self._retain_graphs))]
+                    if gacc is not None:
+                        total += float(part.detach())
+                    del part, ell  # this chunk's graph (if retained) freed before the next forward
+            return total, acc, gacc, used
+
+        total, acc, gacc, used = self._retrying(run)
         self._warn_unused(params, used)
         out = _wide(z) * _wide(torch.cat([h.reshape(-1) for h in acc]))
         self._check_finite(out, "Hessian-vector products")

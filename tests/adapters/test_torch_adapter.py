@@ -2583,3 +2583,60 @@ def test_the_unused_parameter_warning_needs_a_train_of_its_own():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         TorchModelOps(TrainOnlyHead(), TensorDataset(X, y)).gradient(np.arange(8), np.ones(8))
+
+
+class _FoldBN(torch.nn.Module):
+    """Folds a BatchNorm's running scale into its linear weight in eval mode and unfolds it in ``train()``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(D_IN, C, bias=False)
+        self.bn = torch.nn.BatchNorm1d(C, affine=False)
+        self.folded = False
+
+    def train(self, mode=True):
+        super().train(mode)
+        with torch.no_grad():
+            k = (self.bn.running_var + self.bn.eps).sqrt()
+            if not mode and not self.folded:
+                self.lin.weight.div_(k[:, None])
+                self.folded = True
+            elif mode and self.folded:
+                self.lin.weight.mul_(k[:, None])
+                self.folded = False
+        return self
+
+    def forward(self, x):
+        y = self.lin(x)
+        if self.folded:
+            return y - self.bn.running_mean / (self.bn.running_var + self.bn.eps).sqrt()
+        return self.bn(y)
+
+
+def test_a_train_that_reads_buffers_sees_the_users_values():
+    """Second verification: ``train(True)`` ran while the buffers still held the anchor's running statistics,
+    so a module unfolding a BatchNorm scale with them corrupted its weight at every measurement (0.13);
+    the buffers go back before ``train()`` and again after it."""
+    X, y = make_data()
+    torch.manual_seed(0)
+    model = _FoldBN().train()
+    model(X[:16] * 3)
+    ops = TorchModelOps(model, TensorDataset(X, y), batch_size=7)
+    ops.new_anchor()
+    for _ in range(5):
+        model(X[:16] * 0.3)  # training moves the running statistics away from the anchor's
+    before = model.lin.weight.detach().clone()
+    ops.gradient(np.arange(24), np.ones(24))
+    torch.testing.assert_close(model.lin.weight.detach(), before, rtol=1e-6, atol=1e-6)
+
+
+def test_no_trainable_parameter_reached_in_eval_mode_is_refused_by_name():
+    """Second verification: a LoRA layer whose only trainable parameters merge away in eval mode crashed in
+    torch ("element 0 of tensors does not require grad"); it is refused naming the parameters and the fix."""
+    X, y = make_data()
+    torch.manual_seed(0)
+    model = _MergingLoRA(D_IN, C)
+    model.base.bias.requires_grad_(False)  # only A and B train
+    with pytest.raises(RuntimeError, match=r"no trainable parameter \(A, B\).*merge_weights=False"):
+        TorchModelOps(model, TensorDataset(X, y)).gradient(np.arange(8), np.ones(8))
+    assert model.training and not model.merged
