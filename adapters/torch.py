@@ -1172,6 +1172,10 @@ class TorchModelOps:
         saved = [(mod, name, b, b.detach().clone()) for mod in self.model.modules()
                  for name, b in mod._buffers.items() if b is not None]
         self.model.eval()
+        # the buffers as eval() left them, for the modules' own train() to read back (a module that keeps
+        # a weight in a buffer at eval() and restores it at train()); only where such a train() exists
+        evaled = ([(mod, name, b, b.detach().clone()) for mod, name, b, _ in saved]
+                  if any(type(m).train is not nn.Module.train for m, _ in modes) else [])
         if self._anchor_buffers:  # the anchor's running statistics: the measured loss moves with the weights only
             for name, b in _running_stats(self.model):  # never another buffer (an older checkpoint's)
                 a = self._anchor_buffers.get(name)
@@ -1189,7 +1193,7 @@ class TorchModelOps:
             # each module's own train(): what it does there (unmerging, unfolding, dropping a cache) acts on
             # the user's buffers, and the buffers it wrote (a merged weight kept as a buffer) are then put
             # back as they were before the pass
-            for mod, name, b, s in saved:  # the user's buffers for their train() to see (a BatchNorm fold)
+            for mod, name, b, s in evaled:  # the buffers as eval() left them, for train() to see
                 _put_back(mod, name, b, s)
             for m, mode in modes:
                 if m.training != mode:
@@ -1965,9 +1969,10 @@ class TorchModelOps:
         if not any(used):
             raise RuntimeError(
                 f"no trainable parameter ({listed}) gets a gradient in CREST's measurements, which run the model "
-                "in eval mode: the quadratic model and the trust checks have nothing to fit. A layer that merges "
-                "its trainable weights into frozen ones in eval mode (loralib's merge_weights=True) does this: "
-                "build it without merging (merge_weights=False)")
+                "in eval mode on these examples: the quadratic model and the trust checks have nothing to fit. "
+                "A layer that merges its trainable weights into frozen ones in eval mode does this (loralib's "
+                "merge_weights=True: build it with merge_weights=False), as do trainable parameters used only in "
+                "training mode, only under torch.no_grad, or only by examples with a branch these skipped")
         if self._warned_unused or not any(_own_train(m) for m in self.model.modules()):
             return
         self._warned_unused = True

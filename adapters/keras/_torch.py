@@ -65,15 +65,27 @@ def _part(ops, idx, w, a, b, N):
     return (torch.as_tensor(w[a:b], dtype=ell.dtype, device=ell.device) * ell).sum() / N
 
 
+def _check_reached(used: bool) -> None:
+    """Refuse a measurement in which no trainable variable got a gradient (the model's output does not
+    depend on any with ``training=False``): the quadratic model would be fitted to zeros."""
+    if not used:
+        raise RuntimeError(
+            "no trainable variable gets a gradient in CREST's measurements, which call the model with "
+            "training=False: the quadratic model and the trust checks have nothing to fit. A layer whose "
+            "trainable weights take part in training mode only cannot be measured so")
+
+
 def gradient(ops, idx: np.ndarray, w: np.ndarray):
     params_ = [v.value for v in ops._tvars()]
     acc = [torch.zeros_like(p) for p in params_]
     total = 0.0
+    used = False
     with torch.enable_grad():
         for a, b in _common.chunk_spans(idx.size, ops.batch_size):
             part = _part(ops, idx, w, a, b, idx.size)
-            add_grad(part, params_, acc)
+            used = any(add_grad(part, params_, acc)) or used
             total += float(part.detach())
+    _check_reached(used)
     flat = torch.cat([g.reshape(-1) for g in acc])
     if not bool(torch.isfinite(flat).all()):
         raise _common.measurement_error("gradients", 1, 1)
@@ -85,9 +97,11 @@ def hutchinson(ops, idx: np.ndarray, w: np.ndarray, z: np.ndarray):
     zt = torch.as_tensor(z, device=params_[0].device, dtype=params_[0].dtype)
     zs = [t.view_as(p) for t, p in zip(torch.split(zt, [p.numel() for p in params_]), params_)]
     acc = [torch.zeros_like(p) for p in params_]
+    used = False
     with torch.enable_grad():
         for a, b in _common.chunk_spans(idx.size, ops.batch_size):
-            add_hvp(_part(ops, idx, w, a, b, idx.size), params_, zs, acc)
+            used = any(add_hvp(_part(ops, idx, w, a, b, idx.size), params_, zs, acc)) or used
+    _check_reached(used)
     out = zt * torch.cat([h.reshape(-1) for h in acc])
     if not bool(torch.isfinite(out).all()):
         raise _common.measurement_error("Hessian-vector products", 1, 1)

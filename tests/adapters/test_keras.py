@@ -1624,3 +1624,24 @@ def test_swapping_which_layer_trains_between_fits_reselects_at_the_first_step():
     model.compile(optimizer="sgd", loss=loss)
     model.fit(crest.dataset, epochs=3, initial_epoch=2, callbacks=[crest], verbose=0)
     assert step in crest.stats["selections"]
+
+
+def test_no_trainable_variable_reached_with_training_false_is_refused():
+    """Third verification: a model whose only trainable weights act with ``training=True`` gave an all-zero
+    gradient silently on the torch backend (the shared ``add_grad`` now returns "unused" for a loss that
+    needs no gradient, which the Keras measurements ignored); it is refused, as torch refused it before."""
+    class TrainOnly(keras.layers.Layer):
+        def build(self, shape):
+            self.k = self.add_weight(shape=(shape[-1],), initializer="ones")
+
+        def call(self, x, training=None):
+            return x * self.k if training else x
+
+    inp = keras.Input((4,))
+    model = keras.Model(inp, TrainOnly()(keras.layers.Dense(3, trainable=False)(inp)))
+    X = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
+    ops = KerasModelOps(model, X, np.arange(16) % 3)
+    with pytest.raises(RuntimeError, match="no trainable variable gets a gradient"):
+        ops.gradient(np.arange(8), np.ones(8))
+    with pytest.raises(RuntimeError, match="no trainable variable gets a gradient"):
+        ops.hutchinson(np.arange(8), np.ones(8), seed=0)

@@ -2640,3 +2640,41 @@ def test_no_trainable_parameter_reached_in_eval_mode_is_refused_by_name():
     with pytest.raises(RuntimeError, match=r"no trainable parameter \(A, B\).*merge_weights=False"):
         TorchModelOps(model, TensorDataset(X, y)).gradient(np.arange(8), np.ones(8))
     assert model.training and not model.merged
+
+
+class _Stash(torch.nn.Module):
+    """Keeps its weight in a buffer at ``eval()`` (and halves it), and takes it back from there at ``train()``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(D_IN, C)
+        self.register_buffer("backup", torch.zeros(C, D_IN), persistent=False)
+        self.folded = False
+
+    def train(self, mode=True):
+        super().train(mode)
+        with torch.no_grad():
+            if not mode and not self.folded:
+                self.backup.copy_(self.lin.weight)
+                self.lin.weight.mul_(0.5)
+                self.folded = True
+            elif mode and self.folded:
+                self.lin.weight.copy_(self.backup)
+                self.folded = False
+        return self
+
+    def forward(self, x):
+        return self.lin(x) * (2.0 if self.folded else 1.0)
+
+
+def test_a_train_reads_the_buffers_its_eval_wrote():
+    """Third verification: the buffers went back to their pre-``eval()`` values before ``train()``, so a module
+    restoring its weight from a buffer its ``eval()`` filled copied the old (zero) buffer into the weight, at
+    every measurement. ``train()`` now sees the buffers as ``eval()`` left them."""
+    X, y = make_data()
+    torch.manual_seed(0)
+    model = _Stash()
+    before = model.lin.weight.detach().clone()
+    TorchModelOps(model, TensorDataset(X, y), batch_size=8).gradient(np.arange(16), np.ones(16))
+    assert torch.equal(model.lin.weight.detach(), before) and not model.folded
+    assert float(model.backup.abs().sum()) == 0.0  # the buffer itself back as it was
