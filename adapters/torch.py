@@ -350,19 +350,31 @@ def _reentrant_checkpoint(e: Exception) -> None:
         ) from e
 
 
+def _grads(loss, params, create_graph: bool = False, retain_graph: bool = False):
+    """``torch.autograd.grad`` of ``loss`` w.r.t. ``params`` (None for a parameter it does not use), or None
+    for a loss that needs no gradient (no parameter reached, as a layer merged in eval mode: the caller says
+    why); torch's refusals through compiled code or reentrant checkpoints explained."""
+    if not loss.requires_grad:
+        return None
+    try:
+        return torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True,
+                                   retain_graph=retain_graph or create_graph)
+    except RuntimeError as e:
+        if create_graph:
+            _compiled_double_backward(e)
+        _reentrant_checkpoint(e)
+        raise
+
+
 def add_grad(loss, params, acc, retain_graph: bool = False) -> list[bool]:
     """Add the gradient of ``loss`` w.r.t. ``params`` into the tensors ``acc``, in place (a parameter the
     loss does not use adds nothing). ``torch.autograd.grad``: no ``.grad`` attribute is touched. Returns
     whether the loss uses each parameter (none, adding nothing, for a loss that needs no gradient).
     ``retain_graph``: for a module that keeps a tensor made with gradients across forwards (see
     :func:`_graph_reused`)."""
-    if not loss.requires_grad:  # no parameter reached (a layer merged in eval mode): the caller says why
+    grads = _grads(loss, params, retain_graph=retain_graph)
+    if grads is None:
         return [False] * len(params)
-    try:
-        grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=retain_graph)
-    except RuntimeError as e:
-        _reentrant_checkpoint(e)
-        raise
     for s, g in zip(acc, grads):
         if g is not None:
             s.add_(g)
@@ -395,14 +407,9 @@ def add_hvp(loss, params, vectors, acc, grad_acc=None, retain_graph: bool = Fals
 
     ``vectors`` are shaped like ``params``; a loss that is linear in every parameter adds nothing.
     """
-    if not loss.requires_grad:  # no parameter reached (a layer merged in eval mode): the caller says why
+    grads = _grads(loss, params, create_graph=True)
+    if grads is None:
         return [False] * len(params)
-    try:
-        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-    except RuntimeError as e:
-        _compiled_double_backward(e)
-        _reentrant_checkpoint(e)
-        raise
     if grad_acc is not None:
         for s, g in zip(grad_acc, grads):
             if g is not None:
