@@ -1181,7 +1181,8 @@ class TorchModelOps:
         self.model.eval()
         # the buffers as eval() left them, for the modules' own train() to read back (a module that keeps
         # a weight in a buffer at eval() and restores it at train()); only where such a train() exists
-        evaled = ([(mod, name, b, b.detach().clone()) for mod, name, b, _ in saved]
+        evaled = ([(mod, name, b, b.detach().clone()) for mod in self.model.modules()
+                   for name, b in mod._buffers.items() if b is not None]  # the live ones: eval() may reassign
                   if any(type(m).train is not nn.Module.train for m, _ in modes) else [])
         if self._anchor_buffers:  # the anchor's running statistics: the measured loss moves with the weights only
             for name, b in _running_stats(self.model):  # never another buffer (an older checkpoint's)

@@ -2643,19 +2643,23 @@ def test_no_trainable_parameter_reached_in_eval_mode_is_refused_by_name():
 
 
 class _Stash(torch.nn.Module):
-    """Keeps its weight in a buffer at ``eval()`` (and halves it), and takes it back from there at ``train()``."""
+    """Keeps its weight in a buffer at ``eval()`` (and halves it), and takes it back from there at ``train()``;
+    with ``reassign``, ``eval()`` stores a new buffer object instead of writing into the old one."""
 
-    def __init__(self):
+    def __init__(self, reassign=False):
         super().__init__()
         self.lin = torch.nn.Linear(D_IN, C)
         self.register_buffer("backup", torch.zeros(C, D_IN), persistent=False)
-        self.folded = False
+        self.folded, self._reassign = False, reassign
 
     def train(self, mode=True):
         super().train(mode)
         with torch.no_grad():
             if not mode and not self.folded:
-                self.backup.copy_(self.lin.weight)
+                if self._reassign:  # a new buffer object
+                    self.backup = self.lin.weight.detach().clone()
+                else:
+                    self.backup.copy_(self.lin.weight)
                 self.lin.weight.mul_(0.5)
                 self.folded = True
             elif mode and self.folded:
@@ -2672,9 +2676,11 @@ def test_a_train_reads_the_buffers_its_eval_wrote():
     restoring its weight from a buffer its ``eval()`` filled copied the old (zero) buffer into the weight, at
     every measurement. ``train()`` now sees the buffers as ``eval()`` left them."""
     X, y = make_data()
-    torch.manual_seed(0)
-    model = _Stash()
-    before = model.lin.weight.detach().clone()
-    TorchModelOps(model, TensorDataset(X, y), batch_size=8).gradient(np.arange(16), np.ones(16))
-    assert torch.equal(model.lin.weight.detach(), before) and not model.folded
-    assert float(model.backup.abs().sum()) == 0.0  # the buffer itself back as it was
+    for reassign in (False, True):  # a fourth verification: eval() reassigning the buffer too
+        torch.manual_seed(0)
+        model = _Stash(reassign)
+        backup = model.backup
+        before = model.lin.weight.detach().clone()
+        TorchModelOps(model, TensorDataset(X, y), batch_size=8).gradient(np.arange(16), np.ones(16))
+        assert torch.equal(model.lin.weight.detach(), before) and not model.folded
+        assert model.backup is backup and float(model.backup.abs().sum()) == 0.0  # the buffer back as it was
