@@ -553,6 +553,12 @@ def _own_train(module: nn.Module) -> bool:
     return f is not nn.Module.train and str(getattr(f, "__module__", "")).split(".")[0] not in _FRAMEWORKS
 
 
+def _buffer_snapshot(model: nn.Module) -> list:
+    """``(module, name, buffer, copy)`` of every buffer of every module of ``model``, for :func:`_put_back`."""
+    return [(mod, name, b, b.detach().clone()) for mod in model.modules()
+            for name, b in mod._buffers.items() if b is not None]
+
+
 def _put_back(mod: nn.Module, name: str, b: torch.Tensor, snapshot: torch.Tensor) -> None:
     """Buffer ``name`` of ``mod`` back to ``b`` holding ``snapshot``'s values, written through ``.data`` (no
     autograd version bump): also when the forward reassigned the buffer or resized it. A TorchScript
@@ -568,6 +574,7 @@ def _put_back(mod: nn.Module, name: str, b: torch.Tensor, snapshot: torch.Tensor
         b.data = snapshot
 
 
+@contextlib.contextmanager
 def _no_mha_fastpath():
     """Attention's inference fast path off (``torch.backends.mha``): in eval mode without gradients,
     ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` run a fused kernel on nested tensors whose
@@ -575,12 +582,8 @@ def _no_mha_fastpath():
     padded positions (a mean over all of them) would be measured as two functions."""
     mha = getattr(torch.backends, "mha", None)
     if mha is None or not hasattr(mha, "get_fastpath_enabled"):  # pragma: no cover - torch < 2.1
-        return contextlib.nullcontext()
-    return _fastpath_off(mha)
-
-
-@contextlib.contextmanager
-def _fastpath_off(mha):
+        yield
+        return
     before = mha.get_fastpath_enabled()
     mha.set_fastpath_enabled(False)
     try:
@@ -1176,14 +1179,12 @@ class TorchModelOps:
         resized is put back as it was, while their autograd version counters do not move (a graph the user
         holds across ``next(loader)``, with a buffer saved for its backward, still backpropagates)."""
         modes = [(m, m.training) for m in self.model.modules()]  # parents before their children
-        saved = [(mod, name, b, b.detach().clone()) for mod in self.model.modules()
-                 for name, b in mod._buffers.items() if b is not None]
+        saved = _buffer_snapshot(self.model)
         self.model.eval()
-        # the buffers as eval() left them, for the modules' own train() to read back (a module that keeps
-        # a weight in a buffer at eval() and restores it at train()); only where such a train() exists
-        evaled = ([(mod, name, b, b.detach().clone()) for mod in self.model.modules()
-                   for name, b in mod._buffers.items() if b is not None]  # the live ones: eval() may reassign
-                  if any(type(m).train is not nn.Module.train for m, _ in modes) else [])
+        # the buffers as eval() left them (the live objects: eval() may reassign them), for the modules' own
+        # train() to read back (a module that keeps a weight in a buffer at eval() and restores it at
+        # train()); only where such a train() exists (torch's and the frameworks' own do not read them)
+        evaled = _buffer_snapshot(self.model) if any(_own_train(m) for m, _ in modes) else []
         if self._anchor_buffers:  # the anchor's running statistics: the measured loss moves with the weights only
             for name, b in _running_stats(self.model):  # never another buffer (an older checkpoint's)
                 a = self._anchor_buffers.get(name)
@@ -1944,7 +1945,7 @@ class TorchModelOps:
             return total, acc, used
 
         total, acc, used = self._retrying(run)
-        self._warn_unused(params, used)
+        self._check_unused(params, used)
         flat = _wide(torch.cat([g.reshape(-1) for g in acc]))
         self._check_finite(flat, "gradients")
         return total, flat
@@ -1960,7 +1961,7 @@ class TorchModelOps:
         self._retain_graphs = True
         return run()
 
-    def _warn_unused(self, params: list, used: list) -> None:
+    def _check_unused(self, params: list, used: list) -> None:
         """Trainable parameters that get no gradient in a measurement over examples (the model runs in eval
         mode there): the quadratic model takes them as constant. None reached at all is refused (nothing to
         fit; a layer that merges its weights in eval mode, as loralib's ``merge_weights=True``); some not
@@ -2081,7 +2082,7 @@ class TorchModelOps:
             return total, acc, gacc, used
 
         total, acc, gacc, used = self._retrying(run)
-        self._warn_unused(params, used)
+        self._check_unused(params, used)
         out = _wide(z) * _wide(torch.cat([h.reshape(-1) for h in acc]))
         self._check_finite(out, "Hessian-vector products")
         if gacc is None:
