@@ -519,6 +519,16 @@ def _assigned_anchor(ops):
             variables[i].assign(v)
 
 
+def _check_reached(used: bool) -> None:
+    """Refuse a measurement in which no trainable variable got a gradient (the model's output does not
+    depend on any with ``training=False``): the quadratic model would be fitted to zeros."""
+    if not used:
+        raise RuntimeError(
+            "no trainable variable gets a gradient in CREST's measurements, which call the model with "
+            "training=False: the quadratic model and the trust checks have nothing to fit. A layer whose "
+            "trainable weights take part in training mode only cannot be measured so")
+
+
 def _crossentropy(out, y, from_probabilities: bool):
     """Per-example cross-entropy with keras.ops (works on torch tensors with their graph, and inside jax.jit)."""
     out = kops.cast(out, "float32")

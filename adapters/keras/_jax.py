@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _common
-from . import _check_finite_np, _crossentropy, _jax_contract_error, _take, _anchor_items
+from . import _anchor_items, _check_finite_np, _check_reached, _crossentropy, _jax_contract_error, _take
 
 
 def _weights(ops):
@@ -118,8 +118,33 @@ def _compiled(ops) -> dict:
 
         return jax.jvp(grad_of, (tv,), (zs,))[1]
 
-    ops._compiled = {"forward": jax.jit(forward), "value_grad": jax.jit(value_grad), "hvp": jax.jit(hvp)}
+    ops._compiled = {"forward": jax.jit(forward), "value_grad": jax.jit(value_grad), "hvp": jax.jit(hvp),
+                     "wloss": wloss}
     return ops._compiled
+
+
+def _reaches(fn, tv, *args) -> bool:
+    """Whether ``fn(tv, *args)``'s first output depends on any leaf of ``tv``: a walk back from that output
+    through the equations of its jaxpr (an equation's outputs taken as depending on all its inputs, so a
+    weight inside a nested call counts as reached: never a false refusal). JAX's gradient of a weight the
+    output does not read is an exact 0, which the torch backend's autograd reports as unused instead."""
+    closed = jax.make_jaxpr(fn)(tv, *args)
+    jaxpr = closed.jaxpr
+    needed = {id(v) for v in jax.tree_util.tree_leaves(jaxpr.outvars[:1]) if not hasattr(v, "val")}
+    for eqn in reversed(jaxpr.eqns):
+        if any(id(o) in needed for o in eqn.outvars):
+            needed.update(id(v) for v in eqn.invars if not hasattr(v, "val"))  # (a Literal has .val)
+    n_tv = len(jax.tree_util.tree_leaves(tv))
+    return any(id(v) in needed for v in jaxpr.invars[:n_tv])
+
+
+def _check_reach(ops, tv, ntv, xb, yb, wb, N) -> None:
+    """:func:`_check_reached` for the jitted loss, traced once per :class:`KerasModelOps` (the model's
+    structure does not change between measurements)."""
+    compiled = _compiled(ops)
+    if "reached" not in compiled:
+        compiled["reached"] = _reaches(compiled["wloss"], tv, ntv, xb, yb, wb, N)
+    _check_reached(compiled["reached"])
 
 
 def _padded(ops, sel: np.ndarray) -> np.ndarray:
@@ -174,6 +199,7 @@ def gradient(ops, idx: np.ndarray, w: np.ndarray):
     acc = None
     total = 0.0
     for k, xb, yb, wb, N in _chunks(ops, idx, w):
+        _check_reach(ops, tv, ntv, xb, yb, wb, N)
         val, ell, g = value_grad(tv, ntv, xb, yb, wb, N)
         ell = np.asarray(ell)[:k]
         if not np.all(np.isfinite(ell)):
@@ -192,6 +218,7 @@ def hutchinson(ops, idx: np.ndarray, w: np.ndarray, z: np.ndarray):
     zs = [c.reshape(t.shape).astype(np.asarray(t).dtype) for c, t in zip(np.split(z, np.cumsum(sizes)[:-1]), tv)]
     acc = None
     for _, xb, yb, wb, N in _chunks(ops, idx, w):
+        _check_reach(ops, tv, ntv, xb, yb, wb, N)
         flat = _flat(hvp(tv, ntv, xb, yb, wb, N, zs))
         acc = flat if acc is None else acc + flat
     out = z * acc

@@ -17,7 +17,7 @@ from keras import tree
 
 from .. import _common
 from ..torch import add_grad, add_hvp  # the same accumulation as the PyTorch adapter
-from . import _assigned_anchor, _crossentropy, _log_probabilities, _take, _variable_values
+from . import _assigned_anchor, _check_reached, _crossentropy, _log_probabilities, _take, _variable_values
 
 
 def pinned(ops):
@@ -63,16 +63,6 @@ def _part(ops, idx, w, a, b, N):
     if not bool(torch.isfinite(ell.detach()).all()):
         raise _common.measurement_error("losses", int((~torch.isfinite(ell.detach())).sum()), b - a)
     return (torch.as_tensor(w[a:b], dtype=ell.dtype, device=ell.device) * ell).sum() / N
-
-
-def _check_reached(used: bool) -> None:
-    """Refuse a measurement in which no trainable variable got a gradient (the model's output does not
-    depend on any with ``training=False``): the quadratic model would be fitted to zeros."""
-    if not used:
-        raise RuntimeError(
-            "no trainable variable gets a gradient in CREST's measurements, which call the model with "
-            "training=False: the quadratic model and the trust checks have nothing to fit. A layer whose "
-            "trainable weights take part in training mode only cannot be measured so")
 
 
 def gradient(ops, idx: np.ndarray, w: np.ndarray):

@@ -320,6 +320,27 @@ _JAX_SCRIPT = textwrap.dedent(r"""
         res["interrupted_refit"] = "ok"
     except Exception as exc:
         res["interrupted_refit"] = f"{type(exc).__name__}: {exc}"
+
+    # 8. a model whose only trainable weights act with training=True: JAX's gradient of a weight the loss
+    #    does not read is an exact 0, which was fitted silently; refused as on the torch backend
+    class TrainOnly(keras.layers.Layer):
+        def build(self, shape):
+            self.k = self.add_weight(shape=(shape[-1],), initializer="ones")
+
+        def call(self, x, training=None):
+            return x * self.k if training else x
+
+    inp = keras.Input((64,))
+    m9 = keras.Model(inp, TrainOnly()(keras.layers.Dense(10, trainable=False)(inp)))
+    ops9 = KerasModelOps(m9, X, y)
+    refused = []
+    for call in (lambda: ops9.gradient(np.arange(8), np.ones(8)), lambda: ops9.hutchinson(np.arange(8), np.ones(8), 0)):
+        try:
+            call()
+            refused.append(None)
+        except RuntimeError as exc:
+            refused.append(str(exc))
+    res["train_only_refused"] = refused
     print("JSON" + json.dumps(res))
 """)
 
@@ -972,6 +993,8 @@ def test_jax_backend(jax_child):
     selections, rho, checks, moved = res["batchnorm_lr0"]
     assert selections == 1 and rho < 1e-5 and checks > 10 and moved > 0.1, res["batchnorm_lr0"]
     assert res["interrupted"] and res["interrupted_refit"] == "ok"
+    assert len(res["train_only_refused"]) == 2 and all(
+        msg and "no trainable variable gets a gradient" in msg for msg in res["train_only_refused"]), res
     for case, msg in res["jax_state_refusals"].items():
         assert msg is not None, f"an unrecognised JAX-trainer state ({case}) was read without an error"
         assert "model._jax_state" in msg and "KERAS_BACKEND=torch" in msg, (case, msg)
