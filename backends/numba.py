@@ -12,7 +12,11 @@ Implementation notes
   here is bit-for-bit symmetric. The inner loops run over a transposed copy of the features so that
   they vectorise over points, while every pair's sum is still accumulated in the fixed order
   ``k = 0..d-1``. ``similarity_batched`` rounds to X's dtype once, when it writes S;
-  ``greedy_features`` keeps its on-the-fly similarities in float64.
+  ``greedy_features`` rounds its on-the-fly similarities of a float32 problem to float32 the same way
+  (and keeps them in float64 arrays), so the dense, fused and matrix-free paths of a float32 problem
+  greedy over the same numbers (before, its float64 similarities gave other gains, and on near-ties
+  other picks, than the dense path's float32 ones, and the default ``max_dense_bytes``, read from the
+  memory free at the call, decided which).
 * A candidate's marginal gain ``sum_i max(s_ij - cover_i, 0)`` is always computed by one function,
   :func:`_gain`, in float64 and in one fixed order (four interleaved partial sums over ``i``, combined
   in a fixed way). Naive, lazy and stochastic greedy therefore see bit-identical gains, and lazy greedy
@@ -363,8 +367,10 @@ def _dist_to(X, XT, nrm, j, metric, lo, hi, buf):
 
 
 @njit(cache=True)
-def _sim_to(X, XT, nrm, j, metric, kernel, scale, M, lo, hi, buf):
-    """buf[i] = s(i, j) for i in [lo, hi) (max-minus with the given M, or exp(-D / scale))."""
+def _sim_to(X, XT, nrm, j, metric, kernel, scale, M, lo, hi, buf, r32):
+    """buf[i] = s(i, j) for i in [lo, hi) (max-minus with the given M, or exp(-D / scale)); ``r32``: each
+    rounded to float32, as the dense paths store float32 problems' similarities (``W`` in X's dtype), so
+    that every path of a float32 problem greedies over the same numbers."""
     _dist_to(X, XT, nrm, j, metric, lo, hi, buf)
     b = buf[lo:hi]
     if kernel == 0:
@@ -373,6 +379,9 @@ def _sim_to(X, XT, nrm, j, metric, kernel, scale, M, lo, hi, buf):
     else:
         for i in range(b.shape[0]):
             b[i] = _exp(-b[i] / scale)
+    if r32:
+        for i in range(b.shape[0]):
+            b[i] = np.float32(b[i])
 
 
 @njit(cache=True, nogil=True, inline='always')
@@ -1053,26 +1062,26 @@ def _max_distance(X, XT, nrm, metric, nthr):
 
 
 @njit(parallel=True, cache=True)
-def _feature_gains(X, XT, nrm, metric, kernel, scale, M, js, m, cover, nthr, out):
+def _feature_gains(X, XT, nrm, metric, kernel, scale, M, r32, js, m, cover, nthr, out):
     """out[q] = exact gain of candidate js[q], q < m, in parallel over candidates."""
     n = X.shape[0]
     nch = min(m, 4 * nthr)
     for c in prange(nch):
         buf = np.empty(n)
         for q in range(c * m // nch, (c + 1) * m // nch):
-            _sim_to(X, XT, nrm, js[q], metric, kernel, scale, M, np.int64(0), n, buf)
+            _sim_to(X, XT, nrm, js[q], metric, kernel, scale, M, np.int64(0), n, buf, r32)
             out[q] = _gain(buf, cover)
 
 
 @njit(cache=True)
-def _features_greedy(X, XT, nrm, k, metric, kernel, scale, M, opt, u, u32, nthr, batch, out_idx, out_gain):
+def _features_greedy(X, XT, nrm, k, metric, kernel, scale, M, r32, opt, u, u32, nthr, batch, out_idx, out_gain):
     n = X.shape[0]
     cover = np.zeros(n)
     buf = np.empty(n)
     js = np.arange(n)  # the remaining candidates, ascending (naive, stochastic)
     gs = np.empty(n)
     if opt == 1:  # lazy
-        _feature_gains(X, XT, nrm, metric, kernel, scale, M, js, n, cover, nthr, gs)  # exact at step 0
+        _feature_gains(X, XT, nrm, metric, kernel, scale, M, r32, js, n, cover, nthr, gs)  # exact at step 0
         keys = gs.copy()
         ids = js.copy()
         size = n
@@ -1090,13 +1099,13 @@ def _features_greedy(X, XT, nrm, k, metric, kernel, scale, M, opt, u, u32, nthr,
                     break
                 if evals >= _SERIAL_EVALS:  # many re-evaluations this step: parallel batches
                     m, size = _pop_stale(keys, ids, size, stamp, t, batch, js)
-                    _feature_gains(X, XT, nrm, metric, kernel, scale, M, js, m, cover, nthr, gs)
+                    _feature_gains(X, XT, nrm, metric, kernel, scale, M, r32, js, m, cover, nthr, gs)
                     for q in range(m):
                         size = _heap_push(keys, ids, size, gs[q], js[q])
                         stamp[js[q]] = t
                     evals += m
                     continue
-                _sim_to(X, XT, nrm, j, metric, kernel, scale, M, np.int64(0), n, buf)
+                _sim_to(X, XT, nrm, j, metric, kernel, scale, M, np.int64(0), n, buf, r32)
                 g = _gain(buf, cover)
                 evals += 1
                 r = _runner_up(keys, ids, size)
@@ -1108,7 +1117,7 @@ def _features_greedy(X, XT, nrm, k, metric, kernel, scale, M, opt, u, u32, nthr,
                 _sift_down(keys, ids, size, np.int64(0))
             out_idx[t] = j
             out_gain[t] = g
-            _sim_to(X, XT, nrm, j, metric, kernel, scale, M, np.int64(0), n, buf)
+            _sim_to(X, XT, nrm, j, metric, kernel, scale, M, np.int64(0), n, buf, r32)
             _add_to_cover(buf, cover)
     else:
         rem = np.arange(n)  # remaining candidates, ascending
@@ -1130,7 +1139,7 @@ def _features_greedy(X, XT, nrm, k, metric, kernel, scale, M, opt, u, u32, nthr,
                         hit[p] = False
                         js[nc] = rem[p]
                         nc += 1
-            _feature_gains(X, XT, nrm, metric, kernel, scale, M, js, nc, cover, nthr, gs)
+            _feature_gains(X, XT, nrm, metric, kernel, scale, M, r32, js, nc, cover, nthr, gs)
             bq = _first_max(gs, nc)
             j = js[bq]
             out_idx[t] = j
@@ -1139,12 +1148,12 @@ def _features_greedy(X, XT, nrm, k, metric, kernel, scale, M, opt, u, u32, nthr,
             while rem[p] != j:
                 p += 1
             R = _remove_at(rem, p, R)
-            _sim_to(X, XT, nrm, j, metric, kernel, scale, M, np.int64(0), n, buf)
+            _sim_to(X, XT, nrm, j, metric, kernel, scale, M, np.int64(0), n, buf, r32)
             _add_to_cover(buf, cover)
 
 
 @njit(parallel=True, cache=True)
-def _feature_assign(X, XT, nrm, metric, kernel, scale, M, picks, nthr, asg, best):
+def _feature_assign(X, XT, nrm, metric, kernel, scale, M, r32, picks, nthr, asg, best):
     """Each point's most similar pick (earliest on ties) and that similarity, in row chunks."""
     n = X.shape[0]
     k = picks.shape[0]
@@ -1162,7 +1171,7 @@ def _feature_assign(X, XT, nrm, metric, kernel, scale, M, picks, nthr, asg, best
             a[i] = -1
             bb[i] = 0.0
         for t in range(k):
-            _sim_to(X, XT, nrm, picks[t], metric, kernel, scale, M, lo, hi, buf)
+            _sim_to(X, XT, nrm, picks[t], metric, kernel, scale, M, lo, hi, buf, r32)
             for i in range(hi - lo):
                 if a[i] < 0 or bf[i] > bb[i]:
                     a[i] = t
@@ -1214,16 +1223,17 @@ def greedy_features(X, k, metric, kernel, scale, optimizer, u=None, tile=2048):
         _sqnorms(X64, nrm)
     sc = float(scale) if kk == 1 else 1.0
     M = float(_max_distance(X64, XT, nrm, m, nthr)) if (kk == 0 and n > 1) else 0.0
+    r32 = dtype == np.float32  # similarities rounded as the dense paths store them
     out_idx = np.full(k, -1, dtype=np.int64)
     out_gain = np.zeros(k)
     if k > 0:
-        _features_greedy(X64, XT, nrm, k, m, kk, sc, M, opt, uu, u32, nthr, 64 * nthr, out_idx, out_gain)
+        _features_greedy(X64, XT, nrm, k, m, kk, sc, M, r32, opt, uu, u32, nthr, 64 * nthr, out_idx, out_gain)
     weights = np.zeros(k)
     objective = 0.0
     if k > 0:
         asg = np.empty(n, dtype=np.int64)
         best = np.empty(n)
-        _feature_assign(X64, XT, nrm, m, kk, sc, M, out_idx, nthr, asg, best)
+        _feature_assign(X64, XT, nrm, m, kk, sc, M, r32, out_idx, nthr, asg, best)
         weights = np.bincount(asg, minlength=k).astype(np.float64)
         objective = float(best.sum())
     return (

@@ -589,6 +589,27 @@ def test_facility_location_auto_equals_reference(optimizer, dtype, matrix_free, 
         assert numba_calls == {"facility_batched": 3}, numba_calls
 
 
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_float32_dense_and_matrix_free_paths_agree_bit_for_bit(metric, kernel):
+    """Review 19: the matrix-free path kept its similarities in float64 while the dense paths store a
+    float32 problem's in float32, so their gains differed in most inputs and their picks on near-ties
+    (the default ``max_dense_bytes``, read from the memory free at the call, chose between them); a tight
+    angular cluster under cosine got entirely different picks. Now both greedy over the same numbers."""
+    rng = np.random.default_rng(0)
+    cases = [(rng.normal(size=(50, 4)) * 3 + 1).astype(np.float32) for _ in range(12)]
+    cases.append((1e3 + np.random.default_rng(1).normal(size=(40, 3)) * 0.01).astype(np.float32))
+    for optimizer in OPTIMIZERS:
+        for X in cases:
+            kw = dict(metric=metric, kernel=kernel, optimizer=optimizer, rng=3)
+            a = crestcore.facility_location(X, 10, **kw)
+            b = crestcore.facility_location(X, 10, max_dense_bytes=1, **kw)
+            assert (a.path, b.path) == ("dense", "matrix-free")
+            for x, y in ((a.indices, b.indices), (a.gains, b.gains), (a.weights, b.weights),
+                         (a.objective, b.objective)):
+                np.testing.assert_array_equal(x, y)
+
+
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_facility_location_max_dense_bytes_1000(optimizer, numba_calls):
     """The lead's recipe: a tiny max_dense_bytes sends every problem down the matrix-free path."""
