@@ -171,29 +171,105 @@ def available_backends() -> dict[str, str]:
     return out
 
 
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as fh:
+            text = fh.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # cgroup v2's "max" (no limit): None
+
+
+def _stat_value(path: str, keys: tuple) -> int:
+    try:
+        with open(path) as fh:
+            for line in fh:
+                k, _, v = line.partition(" ")
+                if k in keys and v.strip().isdigit():
+                    return int(v)
+    except OSError:
+        pass
+    return 0
+
+
+def cgroup_headroom(root: str = "/") -> int | None:
+    """Bytes this process's memory cgroup (Linux, v2 or v1) can still take before its limit: the smallest
+    ``limit - usage + inactive file pages`` over the process's cgroup and its ancestors that have a limit
+    (a container's limit is one of them; ``/proc/meminfo`` shows the host's memory there), or None where
+    no limit is set or none can be read. ``root``: where ``/proc`` and ``/sys`` are (tests).
+
+    Examples
+    --------
+    >>> room = cgroup_headroom()
+    >>> room is None or room >= 0
+    True
+    """
+    import os
+
+    places = []  # (cgroup directory, limit file, usage file, stat keys of reclaimable file pages)
+    try:
+        with open(os.path.join(root, "proc/self/cgroup")) as fh:
+            for line in fh:
+                parts = line.rstrip("\n").split(":", 2)
+                if len(parts) != 3:
+                    continue
+                hier, ctrl, rel = parts
+                if hier == "0" and ctrl == "":
+                    places.append((os.path.join(root, "sys/fs/cgroup"), rel, "memory.max", "memory.current",
+                                   ("inactive_file",)))
+                elif "memory" in ctrl.split(","):
+                    places.append((os.path.join(root, "sys/fs/cgroup/memory"), rel, "memory.limit_in_bytes",
+                                   "memory.usage_in_bytes", ("total_inactive_file", "inactive_file")))
+    except OSError:
+        return None
+    best = None
+    for base, rel, limit_file, usage_file, keys in places:
+        rel = rel.strip("/")
+        while True:  # the cgroup, then each ancestor (a namespaced path may not exist: skipped)
+            d = os.path.join(base, rel) if rel else base
+            limit = _read_int(os.path.join(d, limit_file))
+            usage = _read_int(os.path.join(d, usage_file))
+            if limit is not None and usage is not None and limit < (1 << 60):  # v1's "no limit" is ~2^63
+                stat = os.path.join(d, "memory.stat")
+                room = max(0, limit - usage + min(usage, _stat_value(stat, keys)))
+                best = room if best is None else min(best, room)
+            if not rel:
+                break
+            rel = os.path.dirname(rel)
+    return best
+
+
 def host_available_bytes() -> int | None:
     """Memory the host can give now without swapping (Linux ``MemAvailable``; else free physical pages),
-    or None where neither can be read.
+    bounded by this process's memory cgroup limit where one is set (:func:`cgroup_headroom`: a container's
+    ``/proc/meminfo`` shows the host's memory), or None where nothing can be read.
 
     Examples
     --------
     >>> free = host_available_bytes()
-    >>> free is None or free > 0
+    >>> free is None or free >= 0
     True
     """
+    free = None
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    free = int(line.split()[1]) * 1024
+                    break
     except OSError:
         pass
-    try:
-        import os
+    if free is None:
+        try:
+            import os
 
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return None
+            free = int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            free = None
+    room = cgroup_headroom()
+    if room is not None:
+        free = room if free is None else min(free, room)
+    return free
 
 
 def available_bytes(namespace_name: str, array: Any) -> int | None:

@@ -320,9 +320,10 @@ def facility_location(
         scale and ignore it).
     max_dense_bytes : problems whose dense similarity matrix would exceed this many bytes are solved by
         the matrix-free tiled path, which never forms the n x n matrix (several times slower). Default
-        None: a quarter of the memory available now where X lives (the host's ``MemAvailable``, or the
-        GPU's free memory), at least 64 MiB. The path taken is ``Selection.path`` and is logged on the
-        ``crestcore`` logger (INFO when a problem goes matrix-free).
+        None: a quarter of the memory available now where X lives (the host's ``MemAvailable``, bounded by
+        the memory cgroup's limit in a container, or the GPU's free memory), at least 64 MiB. The path
+        taken is ``Selection.path`` and is logged on the ``crestcore`` logger (INFO when a problem goes
+        matrix-free).
     backend : "auto" (native kernels where they fit the input, else the generic code), "reference"
         (always the generic array-API code; for testing) or "numba" (host input of any library, e.g. CPU
         torch tensors, solved on the Numba kernels through a NumPy view, results back in X's namespace

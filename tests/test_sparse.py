@@ -494,3 +494,25 @@ def test_jax_without_x64_runs_the_sparse_path_quietly_in_float32():
     ref = crestcore.facility_location(X, 9, neighbors=8, backend="reference")
     np.testing.assert_array_equal(np.asarray(sel.indices), ref.indices)
     np.testing.assert_allclose(np.asarray(sel.weights), ref.weights)
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_a_class_of_one_point_adds_nothing_to_the_sparse_objective(lib):
+    """Review 19: a class of one point has no edges on the sparse path; its M fell back to the constant 1
+    (meant for graphs whose every edge is at distance 0), so its pick gained 1 and the objective was
+    1.0656 instead of the dense path's 0.0656 on data of scale 1e-3. It keeps the dense path's M = 0."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(21, 2)) * 1e-3
+    y = np.r_[np.zeros(20, int), [1]]
+    if lib == "torch":
+        torch = pytest.importorskip("torch")
+        X, y = torch.from_numpy(X), torch.from_numpy(y)
+    dense = crestcore.facility_location(X, 4, labels=y)
+    sparse = crestcore.facility_location(X, 4, labels=y, neighbors=20)
+    assert sparse.path.startswith("sparse") and dense.path == "dense", (sparse.path, dense.path)
+    for a, b in ((dense.indices, sparse.indices), (dense.weights, sparse.weights)):
+        np.testing.assert_array_equal(np.asarray(to_numpy(a)), np.asarray(to_numpy(b)))
+    np.testing.assert_allclose(np.asarray(to_numpy(sparse.gains)), np.asarray(to_numpy(dense.gains)), rtol=1e-12,
+                               atol=1e-18)
+    assert float(sparse.objective) == pytest.approx(float(dense.objective), rel=1e-12)
+    assert float(sparse.objective) < 0.1

@@ -131,3 +131,51 @@ def test_the_default_memory_guard_reads_the_available_memory_only_above_its_floo
     assert reads == [1]
     crestcore.minibatch_coresets(X[:300], None, m=4, r=300, P=1, rng=0, max_dense_bytes=1 << 20)
     assert reads == [1]
+
+
+def _cgroup_tree(root, proc_lines, files):
+    (root / "proc/self").mkdir(parents=True)
+    (root / "proc/self/cgroup").write_text("".join(line + "\n" for line in proc_lines))
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def test_cgroup_limits_bound_the_available_memory(tmp_path, monkeypatch):
+    """Review 19: the default max_dense_bytes read /proc/meminfo only, which shows the host's memory inside
+    a container; a dense problem sized from it could be killed at the container's limit. The memory
+    cgroup's headroom (limit - usage + inactive file pages, the tightest of the cgroup and its ancestors)
+    now bounds it, on cgroup v2 and v1; no limit ('max', or v1's ~2^63) bounds nothing."""
+    import crestcore.backends as B
+    from crestcore.backends import cgroup_headroom
+
+    GiB = 1 << 30
+    v2 = tmp_path / "v2"
+    _cgroup_tree(v2, ["0::/job/step"], {
+        "sys/fs/cgroup/job/step/memory.max": "max",
+        "sys/fs/cgroup/job/step/memory.current": str(3 * GiB),
+        "sys/fs/cgroup/job/step/memory.stat": f"anon {2 * GiB}\ninactive_file {GiB}\n",
+        "sys/fs/cgroup/job/memory.max": str(8 * GiB),
+        "sys/fs/cgroup/job/memory.current": str(3 * GiB),
+        "sys/fs/cgroup/job/memory.stat": f"inactive_file {GiB}\n",
+    })
+    assert cgroup_headroom(str(v2)) == 6 * GiB  # the ancestor's limit: 8 - 3 + 1
+    v1 = tmp_path / "v1"
+    _cgroup_tree(v1, ["4:memory:/docker/abc", "1:cpu:/"], {
+        "sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes": str(4 * GiB),
+        "sys/fs/cgroup/memory/docker/abc/memory.usage_in_bytes": str(GiB),
+        "sys/fs/cgroup/memory/docker/abc/memory.stat": "cache 5\ntotal_inactive_file 0\n",
+        "sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712",
+        "sys/fs/cgroup/memory/memory.usage_in_bytes": str(GiB),
+    })
+    assert cgroup_headroom(str(v1)) == 3 * GiB
+    free = tmp_path / "free"
+    _cgroup_tree(free, ["0::/"], {"sys/fs/cgroup/memory.max": "max", "sys/fs/cgroup/memory.current": "10"})
+    assert cgroup_headroom(str(free)) is None
+    assert cgroup_headroom(str(tmp_path / "nothing")) is None
+    # host_available_bytes takes the smaller of MemAvailable and the cgroup's headroom
+    monkeypatch.setattr(B, "cgroup_headroom", lambda: 12345)
+    assert B.host_available_bytes() == 12345
+    monkeypatch.setattr(B, "cgroup_headroom", lambda: None)
+    assert B.host_available_bytes() > 12345
