@@ -402,10 +402,26 @@ def _check_fit_steps(callback, who: str) -> None:
             stacklevel=_common.user_stacklevel())
 
 
-def _fit_epoch_begins(callback, who: str) -> None:
+def _fit_epoch_begins(callback, who: str, epoch: int | None = None) -> None:
     """A fit that finishes an interrupted epoch (``steps_per_epoch`` = its steps left) runs one epoch: its
-    second is refused when it begins."""
+    second is refused when it begins. A fit whose first epoch is ahead of the run's next one (Keras's
+    ``BackupAndRestore`` resuming a new process at a later epoch, or ``fit(initial_epoch=...)`` with the
+    callback's state not loaded) is warned about: the callback plans its run from its own position, so
+    Keras's later epochs train the run's first ones and the budget report counts other epochs."""
     callback._fit_epochs += 1
+    spe = len(callback.dataset)
+    if (callback._fit_epochs == 1 and epoch is not None and not callback._finishing and spe
+            and callback._position % spe == 0 and int(epoch) > callback._position // spe):
+        # (only ahead: fits from epoch 0 that continue the run, one per epoch in a loop, are a usage)
+        k = callback._position // spe
+        x = "crest" if who == "CrestCallback" else "sub"
+        warnings.warn(
+            f"Keras starts this fit at epoch {int(epoch)}, but {who}'s run is at its epoch {k} ({callback._position} "
+            f"steps trained): its epochs {k}, {k + 1}, ... train as Keras's {int(epoch)}, {int(epoch) + 1}, ..., and its "
+            f"budget report counts its own. To continue a saved run (a checkpoint, or keras.callbacks."
+            f"BackupAndRestore), call {x}.load_state_dict() with the state saved at that epoch before fit "
+            f"({x}.state_dict() saved alongside the weights); to start a new run, leave initial_epoch out",
+            stacklevel=_common.user_stacklevel())
     if callback._finishing and callback._fit_epochs > 1:
         steps = (callback.params or {}).get("steps")
         raise ValueError(f"fit(steps_per_epoch={steps}) finished the epoch an earlier fit had stopped inside; "
@@ -1185,6 +1201,14 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         if spe not in (None, 1):
             raise ValueError(f"CrestCallback needs model.compile(steps_per_execution=1), got {spe}: several steps "
                              "per execution fetch their batches before the steps before them have trained")
+        accumulate = getattr(getattr(model, "optimizer", None), "gradient_accumulation_steps", None)
+        if accumulate not in (None, 1):
+            # the weights would move every k-th batch only: the trust checks between measure unchanged weights,
+            # T1 and P adapt to that, and the budget counts batches, not the optimizer's steps
+            raise ValueError(
+                f"CrestCallback needs an optimizer without gradient_accumulation_steps, got {accumulate!r}: CREST's "
+                "batches are the optimizer's steps (its trust checks measure the weights each step moved, its "
+                "budget counts steps). For larger batches raise CrestConfig(m=...) instead")
         ds = self.dataset
         if ds.workers != 1 or ds.use_multiprocessing:
             raise ValueError("crest.dataset must run with workers=1 and use_multiprocessing=False: a worker pool "
@@ -1257,7 +1281,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
             self.timings["observe"] += time.perf_counter() - t0
 
     def on_epoch_begin(self, epoch, logs=None):
-        _fit_epoch_begins(self, "CrestCallback")
+        _fit_epoch_begins(self, "CrestCallback", epoch)
 
     def on_epoch_end(self, epoch, logs=None):
         if not self.log_stats or logs is None:
@@ -1535,7 +1559,7 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
         self._idle_fetches = 0
 
     def on_epoch_begin(self, epoch, logs=None):
-        _fit_epoch_begins(self, "SubsetCallback")
+        _fit_epoch_begins(self, "SubsetCallback", epoch)
 
     def on_train_batch_begin(self, batch, logs=None):
         if self.ops is not None:

@@ -1668,3 +1668,36 @@ def test_no_trainable_variable_reached_with_training_false_is_refused():
         ops.gradient(np.arange(8), np.ones(8))
     with pytest.raises(RuntimeError, match="no trainable variable gets a gradient"):
         ops.hutchinson(np.arange(8), np.ones(8), seed=0)
+
+
+def test_a_fit_starting_at_another_epoch_than_the_runs_next_is_warned_about():
+    """Review 20: keras.callbacks.BackupAndRestore restarting a new process at epoch 2 (or a forgotten
+    load_state_dict with fit(initial_epoch=2)) silently started CREST's run over: Keras's epochs 2 and 3
+    trained the run's epochs 0 and 1 and the budget report counted those. Warned about now; a fit that
+    continues the run at its next epoch is not."""
+    X, y = digits()
+    model = mlp(0)
+    crest = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=3)
+    with pytest.warns(UserWarning, match=r"Keras starts this fit at epoch 2, but CrestCallback's run is at its "
+                                         r"epoch 0 \(0 steps trained\).*load_state_dict"):
+        model.fit(crest.dataset, epochs=3, initial_epoch=2, callbacks=[crest], verbose=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the run's next epoch (1) is Keras's next: nothing to say
+        model.fit(crest.dataset, epochs=2, initial_epoch=1, callbacks=[crest], verbose=0)
+    sub = SubsetCallback(X, y, method="random", budget=BUDGET, seed=0)
+    with pytest.warns(UserWarning, match="Keras starts this fit at epoch 1, but SubsetCallback's run"):
+        mlp(0).fit(sub.dataset, epochs=2, initial_epoch=1, callbacks=[sub], verbose=0)
+
+
+def test_optimizer_gradient_accumulation_is_refused():
+    """Review 20: Keras's own gradient_accumulation_steps moved the weights every k-th batch only, so the
+    trust checks between measured unchanged weights (rho exactly 0) and the budget counted batches for
+    steps, without a word; refused, as Lightning's and the Trainer's accumulation are."""
+    X, y = digits()
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(10)])
+    model.compile(optimizer=keras.optimizers.SGD(0.1, gradient_accumulation_steps=4),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    crest = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=3)
+    with pytest.raises(ValueError, match="without gradient_accumulation_steps, got 4.*CrestConfig\\(m=...\\)"):
+        model.fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
