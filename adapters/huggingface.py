@@ -50,7 +50,7 @@ from crestcore.controller import CrestConfig
 from . import _common
 from .monitor import check_listeners
 from .torch import _LABEL_KEYS, CrestBatchSampler, WeightedDataset, WeightedKey, _output_logits
-from .torch import check_loader_arguments, check_map_style
+from .torch import check_loader_arguments, check_map_style, check_training_data
 
 __all__ = ["CrestTrainer", "weighted_cross_entropy", "CREST_STATE_NAME"]
 
@@ -205,6 +205,9 @@ class CrestTrainer(transformers.Trainer):
         check_loader_arguments(config=config, budget=crest_budget, seed=seed, forward=crest_forward,
                                measure_batch_size=crest_measure_batch_size, check_model=False, prefix="crest_")
         check_listeners(crest_callbacks, "crest_callbacks")
+        if self.train_dataset is not None:  # as far as it can be checked without a pass over the items
+            check_training_data(self.train_dataset, config.m, crest_labels, read_items=False, name="train_dataset",
+                                labels_name="crest_labels")
         if self.args.gradient_accumulation_steps != 1:
             raise ValueError("CrestTrainer needs gradient_accumulation_steps=1: CREST's batches are its "
                              "mini-batches (set the batch size with crest_config=CrestConfig(m=...))")

@@ -48,9 +48,25 @@ from crestcore.controller import CrestConfig
 from . import _common
 from ._common import check_count
 from .monitor import scalars
-from .torch import CrestLoader, check_loader_arguments, check_map_style
+from .torch import CrestLoader, check_loader_arguments, check_training_data
 
 __all__ = ["CrestCallback"]
+
+
+def _check_batch_limit(trainer, loader) -> None:
+    """Warn when ``Trainer(limit_train_batches=...)`` cuts CREST's epochs short: Lightning reads a float as
+    a fraction of the epoch's batches and an int as a count of them (the int 1 is one batch an epoch, not
+    the whole epoch, although ``1 == 1.0``)."""
+    limit = getattr(trainer, "limit_train_batches", 1.0)
+    if limit is None or isinstance(limit, bool):
+        return
+    spe = int(loader.steps_per_epoch)
+    cut = (float(limit) < 1.0) if isinstance(limit, float) else (int(limit) < spe)
+    if cut:
+        warnings.warn(
+            f"Trainer(limit_train_batches={limit!r}) cuts each epoch short of CREST's share ({spe} batches an "
+            "epoch, set by the budget): CREST's epochs then drift from Lightning's and none counts as finished; "
+            "leave it out and set the budget instead", stacklevel=_common.user_stacklevel())
 
 
 def _check_accumulation(trainer) -> None:
@@ -100,7 +116,10 @@ class _CrestTrainLoader:
         return len(self._cb._require_loader())
 
     def __iter__(self):
-        return iter(self._cb._require_loader())
+        # the callback's loader is read at the first batch, not when Lightning makes the iterator: a fit
+        # resumed from a checkpoint makes it before on_train_start, where the callback may still replace the
+        # loader (a checkpoint without CREST's state, _foreign_checkpoint)
+        yield from self._cb._require_loader()
 
     def state_dict(self) -> dict:
         loader = self._cb.loader
@@ -189,9 +208,13 @@ class CrestCallback(pl.Callback):
             collate_fn=collate_fn, forward=forward, loss_fn=loss_fn, measure_workers=measure_workers,
             check_model=False,
         )
-        check_map_style(dataset)
+        # the data as far as it can be checked without the module (last_layer is looked up at setup) and
+        # without a pass over the items (labels found only by reading them are read once, at setup)
+        check_training_data(dataset, config.m, labels, measure_dataset, read_items=False)
         if not isinstance(losses_key, str):
             raise TypeError(f"losses_key must be a str, got {type(losses_key).__name__}")
+        if not isinstance(log_stats, bool):
+            raise TypeError(f"log_stats must be a bool, got {log_stats!r}")
         self.dataset = dataset
         self.epochs = epochs
         self.losses_key = losses_key
@@ -204,6 +227,7 @@ class CrestCallback(pl.Callback):
         self.loader: CrestLoader | None = None
         self._pending: dict | None = None
         self._epoch0 = 0  # the Trainer epoch this callback's CREST run started at (a continued fit: later)
+        self._restored = False  # a checkpoint's CREST state was loaded into this fit's loader
         self._last_position = -1  # the loader's position at the last batch start (is the batch CREST's?)
         self._module = None  # the LightningModule and max_epochs of the fit set up last (for _load)
         self._max_epochs: int | None = None
@@ -253,12 +277,6 @@ class CrestCallback(pl.Callback):
                 "use crestcore.adapters.distributed.DistributedCrestLoader in your own loop"
             )
         _check_accumulation(trainer)
-        limit = getattr(trainer, "limit_train_batches", 1.0)
-        if limit not in (None, 1.0):
-            warnings.warn(
-                f"Trainer(limit_train_batches={limit!r}) cuts each epoch short of CREST's share (the budget sets "
-                "the steps per epoch): CREST's epochs then drift from Lightning's and none counts as finished; "
-                "leave it at 1.0 and set the budget instead", stacklevel=_common.user_stacklevel())
         if self._kwargs["forward"] is None and type(pl_module).forward in (pl.LightningModule.forward,
                                                                            torch.nn.Module.forward):
             raise ValueError(
@@ -296,18 +314,43 @@ class CrestCallback(pl.Callback):
         with _common.budget_said():  # said at construction
             self.loader = CrestLoader(pl_module, self.dataset, epochs=int(epochs), per_epoch=True, **self._kwargs)
         self._epoch0 = epoch0
+        self._restored = False
+        _check_batch_limit(trainer, self.loader)
         if self._pending is not None:
             state, self._pending = self._pending, None
             self._load(state)
 
     def on_train_start(self, trainer, pl_module) -> None:
         loader = self._require_loader()
+        now = int(getattr(trainer, "current_epoch", 0) or 0)
+        if not self._restored and loader.position == 0 and now != self._epoch0:
+            loader = self._foreign_checkpoint(trainer, pl_module, now)
         self._last_position = loader.position
         most = trainer.max_epochs
         if most is None or most < 0:  # no max_epochs: the fit ends when CREST's planned steps are trained
             # here, not at setup: a fit with ckpt_path has restored the global step and CREST's position now
             end = int(trainer.global_step) + loader.total_steps - loader.position
             _check_step_limits(trainer, end, loader)
+
+    def _foreign_checkpoint(self, trainer, pl_module, now: int) -> CrestLoader:
+        """``fit(ckpt_path=...)`` restored a checkpoint without CREST's state (one saved before CREST was
+        added): the Trainer continues at epoch ``now``, which setup could not see. A new CREST run over the
+        epochs from there to max_epochs, as for a continued fit, said in a warning (before, the run was
+        planned from epoch 0 and ``set_epoch`` jumped ahead of it)."""
+        epochs = self.epochs
+        if epochs is None:
+            epochs = int(trainer.max_epochs) - now if trainer.max_epochs is not None and trainer.max_epochs >= 1 else None
+        warnings.warn(
+            f"CrestCallback: the checkpoint the Trainer resumed from (fit's ckpt_path) holds no CREST state; the "
+            f"fit continues at epoch {now}, and CREST starts a new run over "
+            + (f"its {epochs} epochs to max_epochs" if epochs else "the remaining epochs")
+            + " (the checkpoint's own training is not part of CREST's budget report)",
+            stacklevel=_common.user_stacklevel())
+        if epochs is not None and epochs >= 1:
+            with _common.budget_said():  # said at construction
+                self.loader = CrestLoader(pl_module, self.dataset, epochs=int(epochs), per_epoch=True, **self._kwargs)
+        self._epoch0 = now
+        return self._require_loader()
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         loader = self._require_loader()
@@ -380,3 +423,4 @@ class CrestCallback(pl.Callback):
                 self.loader = CrestLoader(self._module, self.dataset, epochs=epochs, per_epoch=True, **self._kwargs)
         self._epoch0 = epoch0
         self.loader.load_state_dict(state)
+        self._restored = True

@@ -2115,6 +2115,45 @@ def _from_portable(x):
     return _common.map_nested(x, lambda v: v.detach().cpu().numpy().copy() if isinstance(v, torch.Tensor) else v)
 
 
+def check_training_data(dataset, m: int, labels=None, measure_dataset=None, *, read_items: bool = True,
+                        name: str = "dataset", labels_name: str = "labels") -> np.ndarray | None:
+    """The checks of a CREST run's data, made where it is built: a non-empty map-style ``dataset``, its
+    labels (``labels``, else :func:`dataset_labels`: two classes at least, ``m`` at most the examples) and
+    a ``measure_dataset`` of the same length. Returns the labels, or None when they were not read:
+    ``read_items=False`` (an integration checking at construction what its loader reads later) reads them
+    only where that needs no pass over the items (given, or a ``targets``/``labels`` attribute or column).
+
+    Examples
+    --------
+    >>> data = TensorDataset(torch.zeros(6, 2), torch.tensor([0, 1, 0, 1, 0, 1]))
+    >>> check_training_data(data, 4).tolist()
+    [0, 1, 0, 1, 0, 1]
+    >>> check_training_data(data, 8)
+    Traceback (most recent call last):
+        ...
+    ValueError: the mini-batch size m=8 exceeds the dataset's 6 examples
+    """
+    check_map_style(dataset, name)
+    n = _length(dataset)
+    if n == 0:
+        raise ValueError(f"the training {name} is empty: CREST needs examples to select from")
+    lab = None
+    if labels is not None:
+        lab = _as_labels(labels, n, labels_name)
+    elif read_items or _labels_without_items(dataset):
+        lab = dataset_labels(dataset)
+    if lab is not None:
+        _common.check_training_labels(lab, m)
+    elif m > n:
+        raise ValueError(f"the mini-batch size m={m} exceeds the {name}'s {n} examples")
+    if measure_dataset is not None and _length(measure_dataset) != n:
+        raise ValueError(
+            f"measure_dataset has {_length(measure_dataset)} examples but {name} has {n}; it must hold "
+            "the same examples in the same order"
+        )
+    return lab
+
+
 def check_loader_arguments(*, config=None, budget=0.1, epochs=1, seed=0, budget_counts="steps", model=None,
                            per_epoch=True, measure_batch_size=None, collate_fn=None, forward=None, loss_fn=None,
                            device=None, measure_workers=0, check_model: bool = True,
@@ -2291,17 +2330,8 @@ class CrestLoader(BudgetedPasses):
             per_epoch=per_epoch, measure_batch_size=measure_batch_size, collate_fn=collate_fn, forward=forward,
             loss_fn=loss_fn, device=device, measure_workers=measure_workers,
         )
-        check_map_style(dataset)
-        n = _length(dataset)
-        if n == 0:
-            raise ValueError("the training dataset is empty: CREST needs examples to select from")
-        lab = dataset_labels(dataset) if labels is None else _as_labels(labels, n, "labels")
-        _common.check_training_labels(lab, self.config.m)
-        if measure_dataset is not None and _length(measure_dataset) != n:
-            raise ValueError(
-                f"measure_dataset has {_length(measure_dataset)} examples but dataset has {n}; it must hold "
-                "the same examples in the same order"
-            )
+        lab = check_training_data(dataset, self.config.m, labels, measure_dataset)
+        n = lab.size
         self.model = model
         self.dataset = dataset
         self.n = n

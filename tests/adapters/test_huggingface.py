@@ -107,6 +107,18 @@ def test_crest_trainer_refuses_what_it_cannot_do(tmp_path):
         with pytest.raises(TypeError, match="train_dataset must be a map-style"):  # positionally too
             CrestTrainer(tiny_bert(), transformers.TrainingArguments(**base, **extra),
                          transformers.default_data_collator, Stream())
+    # the data's checks at construction too (review 20: they came inside train()), where no pass over the
+    # items is needed: crest_labels given, m against the examples
+    n = len(Texts())
+    with pytest.raises(ValueError, match=r"crest_labels must be 1-D with one class index per example"):
+        CrestTrainer(model=tiny_bert(), args=transformers.TrainingArguments(**base), train_dataset=Texts(),
+                     crest_labels=[0, 1])
+    with pytest.raises(ValueError, match="single class"):
+        CrestTrainer(model=tiny_bert(), args=transformers.TrainingArguments(**base), train_dataset=Texts(),
+                     crest_labels=[0] * n)
+    with pytest.raises(ValueError, match=f"m={n + 1} exceeds the .*{n} examples"):
+        CrestTrainer(model=tiny_bert(), args=transformers.TrainingArguments(**base), train_dataset=Texts(),
+                     crest_config=CrestConfig(m=n + 1))
     # settings it would otherwise ignore silently
     with pytest.raises(ValueError, match="label_smoothing_factor"):
         CrestTrainer(model=tiny_bert(), args=transformers.TrainingArguments(label_smoothing_factor=0.1, **base),

@@ -192,6 +192,12 @@ def test_half_precision_fits(tmp_path, precision):
     (dict(measure_batch_size=0), ValueError, "measure_batch_size"),
     (dict(forward="model"), TypeError, "forward"),
     (dict(losses_key=3), TypeError, "losses_key"),
+    # review 20: the data's checks came at setup inside fit, after the sanity validation steps
+    (dict(labels=np.zeros(10, dtype=int)), ValueError, "labels must be 1-D with one class index per example"),
+    (dict(labels=np.zeros(N, dtype=int)), ValueError, "single class"),
+    (dict(config=CrestConfig(m=N + 1)), ValueError, f"m={N + 1} exceeds the dataset's {N} examples"),
+    (dict(measure_dataset=TensorDataset(torch.zeros(5, D_IN))), ValueError, "measure_dataset has 5 examples"),
+    (dict(log_stats="no"), TypeError, "log_stats must be a bool"),
 ])
 def test_callback_validates_its_arguments_at_construction(kwargs, error, name):
     with pytest.raises(error, match=name):
@@ -412,3 +418,46 @@ def test_the_stop_without_max_steps_says_why(tmp_path):
     with pytest.warns(UserWarning, match="stopping the fit \\(no max_epochs: every later epoch would be empty\\)"):
         t.fit(Module(), train_dataloaders=cb.dataloader())
     assert t.global_step == 6
+
+
+@pytest.mark.parametrize("limit, cut", [(1, True), (2, True), (0.5, True), (3, False), (100, False), (1.0, False)])
+def test_limit_train_batches_is_read_as_lightning_reads_it(tmp_path, limit, cut):
+    """Review 20: the check compared limit_train_batches with 1.0, but Lightning reads an int as a count of
+    batches: ``1`` (equal to 1.0) trained one batch an epoch without a warning, and an int of at least the
+    epoch's batches (cutting nothing) was warned about."""
+    cb = CrestCallback(data(), **CFG)  # 3 batches an epoch
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer(tmp_path, 2, cb, limit_train_batches=limit).fit(Module(), train_dataloaders=cb.dataloader())
+    said = [w for w in seen if "limit_train_batches" in str(w.message) and "CREST" in str(w.message)]
+    assert bool(said) == cut, [str(w.message) for w in said]
+    assert cb.stats["step"] == (min(3, limit if isinstance(limit, int) else int(3 * limit)) * 2)
+
+
+class _PlainModule(Module):
+    def training_step(self, batch, batch_idx):
+        x, y = batch[0], batch[1]
+        w = batch[2] if len(batch) == 3 else torch.ones(len(y))
+        self.seen.append(len(y))
+        return (w * F.cross_entropy(self(x), y, reduction="none")).mean()
+
+
+def test_a_checkpoint_without_crest_state_starts_a_run_over_the_epochs_left(tmp_path):
+    """Review 20: adding CREST to a run saved without it (fit's ckpt_path) planned CREST's run from epoch 0
+    at setup, before Lightning restored the epoch: set_epoch then jumped ahead of it with a warning whose
+    advice could not be followed, and of the 4 epochs' 12 planned steps 6 trained, epochs_done 0. Now a new
+    run over the epochs left (2, as for a continued fit), said in a warning."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    first = pl.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                       accelerator="cpu", default_root_dir=tmp_path,
+                       callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+    first.fit(_PlainModule(), train_dataloaders=torch.utils.data.DataLoader(data(), batch_size=24))
+    cb = CrestCallback(data(), **CFG)  # 3 batches an epoch
+    module = _PlainModule()
+    t = trainer(tmp_path, 4, cb)
+    with pytest.warns(UserWarning, match="holds no CREST state; the fit continues at epoch 2, and CREST starts a "
+                                         "new run over its 2 epochs"):
+        t.fit(module, train_dataloaders=cb.dataloader(), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert module.seen == [24] * 6 and cb.stats["step"] == 6 == cb.loader.total_steps
+    assert cb.stats["budget"]["epochs_done"] == 2
