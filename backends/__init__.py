@@ -206,7 +206,7 @@ def cgroup_headroom(root: str = "/") -> int | None:
     """
     import os
 
-    places = []  # (cgroup directory, limit file, usage file, stat keys of reclaimable file pages)
+    places: list[tuple[str, str, str, str, tuple[str, ...]]] = []  # (root, cgroup, limit, usage, stat keys)
     try:
         with open(os.path.join(root, "proc/self/cgroup")) as fh:
             for line in fh:
