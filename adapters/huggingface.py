@@ -214,6 +214,9 @@ class CrestTrainer(transformers.Trainer):
         _refuse_unsupported(self)
         self._planned_epochs()  # max_steps refused here, not only when train() starts
         self.crest_config = config
+        # the batch size the Trainer logs ("Total train batch size"), saves (trainer_state.json) and hands its
+        # training loop: CREST's m, not per_device_train_batch_size (which the CREST batches do not use)
+        self._train_batch_size = int(config.m)
         self.crest_budget = float(crest_budget)
         self.crest_seed = int(seed)
         self.crest_labels = crest_labels
