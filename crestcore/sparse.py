@@ -184,8 +184,50 @@ def exact_knn(xp, X, K: int, metric: str) -> np.ndarray:
         D = _distances(xp, X[a:b, :], X, metric, False, shift=False)
         rows = xp.arange(a, b, device=dev)[:, None]
         D = xp.where(rows == cols, xp.full_like(D, math.inf), D)
-        out[a:b] = to_numpy(xp.argsort(D, axis=1, stable=True)[:, :K])
+        out[a:b] = _k_smallest(xp, D, K)
     return out
+
+
+# the K smallest of a row are looked for in chunks of this many positions (a sort of the whole row when
+# K chunks would cover it)
+_CHUNK = 64
+
+
+def _k_smallest(xp, D, K: int) -> np.ndarray:
+    """Host (rows, K) int64: the positions of each row's K smallest values of ``D`` (rows, n), smallest first,
+    ties to the lower position: the first K of a stable argsort, without sorting the row (at n = 20,000,
+    K = 10 the sort took four fifths of an exact kNN graph's time).
+
+    The row is cut into chunks of ``_CHUNK`` positions; the K chunks with the smallest (minimum, chunk) pairs
+    hold the row's K smallest (value, position) pairs (a chunk left out has K chunks before it, each with an
+    entry before all of its own), so those ``K * _CHUNK`` candidates, in position order, are sorted stably
+    instead of the row. The chunks are chosen by K arg-minimum passes over the chunk minima (the array API's
+    argmin returns the first occurrence). Padding past n is +inf, after every real value."""
+    rows, n = D.shape
+    c = _CHUNK
+    if K * c >= n:
+        return to_numpy(xp.argsort(D, axis=1, stable=True)[:, :K])
+    dev = device_of(D)
+    nc = -(-n // c)
+    width = nc * c
+    if width > n:
+        D = xp.concat([D, xp.full((rows, width - n), math.inf, dtype=D.dtype, device=dev)], axis=1)
+    mins = xp.min(xp.reshape(D, (rows, nc, c)), axis=2)  # (rows, nc)
+    ccols = xp.reshape(xp.arange(nc, device=dev), (1, nc))
+    inf = xp.full_like(mins, math.inf)
+    chosen = []
+    for _ in range(K):
+        j = xp.argmin(mins, axis=1)
+        chosen.append(j)
+        mins = xp.where(ccols == xp.reshape(j, (rows, 1)), inf, mins)
+    chunks = xp.sort(xp.stack(chosen, axis=1), axis=1)  # (rows, K), ascending: candidates in position order
+    offs = xp.reshape(xp.arange(c, device=dev, dtype=chunks.dtype), (1, 1, c))
+    pos = xp.reshape(xp.reshape(chunks, (rows, K, 1)) * c + offs, (rows, K * c))  # positions in the row
+    base = xp.reshape(xp.arange(rows, device=dev, dtype=chunks.dtype), (rows, 1))
+    vals = xp.reshape(xp.take(xp.reshape(D, (-1,)), xp.reshape(pos + base * width, (-1,)), axis=0), (rows, K * c))
+    order = xp.argsort(vals, axis=1, stable=True)[:, :K]
+    picked = xp.take(xp.reshape(pos, (-1,)), xp.reshape(order + base * (K * c), (-1,)), axis=0)
+    return to_numpy(xp.reshape(picked, (rows, K))).astype(np.int64)
 
 
 def knn_graph(xp, X, K: int, metric: str, *, force_reference: bool = False) -> tuple[np.ndarray, str]:
