@@ -214,9 +214,6 @@ class CrestTrainer(transformers.Trainer):
         _refuse_unsupported(self)
         self._planned_epochs()  # max_steps refused here, not only when train() starts
         self.crest_config = config
-        # the batch size the Trainer logs ("Total train batch size"), saves (trainer_state.json) and hands its
-        # training loop: CREST's m, not per_device_train_batch_size (which the CREST batches do not use)
-        self._train_batch_size = int(config.m)
         self.crest_budget = float(crest_budget)
         self.crest_seed = int(seed)
         self.crest_labels = crest_labels
@@ -229,6 +226,13 @@ class CrestTrainer(transformers.Trainer):
         self._crest_new_run = True  # the next training dataloader starts a new CREST run
         # compute_loss returns a mean over the batch: the Trainer must not expect a sum over tokens
         self.model_accepts_loss_kwargs = False
+
+    def get_total_train_batch_size(self, args) -> int:
+        """The batch size the Trainer logs as "Total train batch size": CREST's ``m`` (one process, no
+        accumulation), not ``per_device_train_batch_size``, which CREST's batches do not use. (The Trainer's
+        own record, ``trainer_state.json``'s ``train_batch_size``, stays the argument's: a resume compares the
+        two.)"""
+        return int(self.crest_config.m)
 
     def _planned_epochs(self) -> int:
         if self.args.max_steps is not None and self.args.max_steps > 0:

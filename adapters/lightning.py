@@ -332,6 +332,22 @@ class CrestCallback(pl.Callback):
             end = int(trainer.global_step) + loader.total_steps - loader.position
             _check_step_limits(trainer, end, loader)
 
+    def _rebuilt(self, module, epochs: int) -> CrestLoader:
+        """The loader of this fit planned anew over ``epochs`` (a checkpoint's run, or one without CREST's
+        state): labels the loader built at setup found by reading the dataset are taken from it, not read
+        again, and still checked against the items as that loader would have."""
+        old = self.loader
+        kwargs = dict(self._kwargs)
+        found = kwargs["labels"] is None and old is not None
+        if found:
+            kwargs["labels"] = old.labels
+        with _common.budget_said():  # said at construction
+            loader = CrestLoader(module, self.dataset, epochs=int(epochs), per_epoch=True, **kwargs)
+        if found:
+            loader.ops._check_labels = old.ops._check_labels or loader.ops._check_labels
+            loader.ops._labels_origin = old.ops._labels_origin
+        return loader
+
     def _foreign_checkpoint(self, trainer, pl_module, now: int) -> CrestLoader:
         """``fit(ckpt_path=...)`` restored a checkpoint without CREST's state (one saved before CREST was
         added): the Trainer continues at epoch ``now``, which setup could not see. A new CREST run over the
@@ -347,8 +363,7 @@ class CrestCallback(pl.Callback):
             + " (the checkpoint's own training is not part of CREST's budget report)",
             stacklevel=_common.user_stacklevel())
         if epochs is not None and epochs >= 1:
-            with _common.budget_said():  # said at construction
-                self.loader = CrestLoader(pl_module, self.dataset, epochs=int(epochs), per_epoch=True, **self._kwargs)
+            self.loader = self._rebuilt(pl_module, int(epochs))
         self._epoch0 = now
         return self._require_loader()
 
@@ -419,8 +434,7 @@ class CrestCallback(pl.Callback):
             if epochs < 1:
                 raise ValueError(f"CrestCallback: the checkpoint's CREST run started at epoch {epoch0}, at or "
                                  f"beyond Trainer(max_epochs={self._max_epochs}): raise max_epochs")
-            with _common.budget_said():  # said at construction
-                self.loader = CrestLoader(self._module, self.dataset, epochs=epochs, per_epoch=True, **self._kwargs)
+            self.loader = self._rebuilt(self._module, epochs)
         self._epoch0 = epoch0
         self.loader.load_state_dict(state)
         self._restored = True

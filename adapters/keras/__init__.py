@@ -404,16 +404,21 @@ def _check_fit_steps(callback, who: str) -> None:
 
 def _fit_epoch_begins(callback, who: str, epoch: int | None = None) -> None:
     """A fit that finishes an interrupted epoch (``steps_per_epoch`` = its steps left) runs one epoch: its
-    second is refused when it begins. A fit whose first epoch is ahead of the run's next one (Keras's
-    ``BackupAndRestore`` resuming a new process at a later epoch, or ``fit(initial_epoch=...)`` with the
-    callback's state not loaded) is warned about: the callback plans its run from its own position, so
-    Keras's later epochs train the run's first ones and the budget report counts other epochs."""
+    second is refused when it begins. A fit whose first epoch is ahead of the run's next one and that ends
+    before the run's plan does (Keras's ``BackupAndRestore`` resuming a new process at a later epoch, or
+    ``fit(initial_epoch=...)`` with the callback's state not loaded) is warned about: the callback plans its
+    run from its own position, so Keras's later epochs train the run's first ones and part of its budget
+    is never trained."""
     callback._fit_epochs += 1
     spe = len(callback.dataset)
+    last = (callback.params or {}).get("epochs")
+    k = callback._position // spe if spe else 0
     if (callback._fit_epochs == 1 and epoch is not None and not callback._finishing and spe
-            and callback._position % spe == 0 and int(epoch) > callback._position // spe):
-        # (only ahead: fits from epoch 0 that continue the run, one per epoch in a loop, are a usage)
-        k = callback._position // spe
+            and callback._position % spe == 0 and int(epoch) > k
+            and last is not None and callback.epochs is not None and int(last) - int(epoch) < int(callback.epochs) - k):
+        # only a fit ahead of the run (fits from epoch 0 that continue it, one per epoch in a loop, are a
+        # usage) that ends before the run's plan does: a fit of the epochs the run plans (a warm-up without
+        # the callback, then CrestCallback(epochs=2) with fit(initial_epoch=2, epochs=4)) is the run
         x = "crest" if who == "CrestCallback" else "sub"
         warnings.warn(
             f"Keras starts this fit at epoch {int(epoch)}, but {who}'s run is at its epoch {k} ({callback._position} "
@@ -1201,7 +1206,10 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         if spe not in (None, 1):
             raise ValueError(f"CrestCallback needs model.compile(steps_per_execution=1), got {spe}: several steps "
                              "per execution fetch their batches before the steps before them have trained")
-        accumulate = getattr(getattr(model, "optimizer", None), "gradient_accumulation_steps", None)
+        accumulate, opt = None, getattr(model, "optimizer", None)
+        while opt is not None and accumulate in (None, 1):  # a LossScaleOptimizer wraps the one that accumulates
+            accumulate = getattr(opt, "gradient_accumulation_steps", None)
+            opt = getattr(opt, "inner_optimizer", None)
         if accumulate not in (None, 1):
             # the weights would move every k-th batch only: the trust checks between measure unchanged weights,
             # T1 and P adapt to that, and the budget counts batches, not the optimizer's steps

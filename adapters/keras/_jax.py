@@ -139,12 +139,14 @@ def _reaches(fn, tv, *args) -> bool:
 
 
 def _check_reach(ops, tv, ntv, xb, yb, wb, N) -> None:
-    """:func:`_check_reached` for the jitted loss, traced once per :class:`KerasModelOps` (the model's
-    structure does not change between measurements)."""
+    """:func:`_check_reached` for the jitted loss, traced once per :class:`KerasModelOps` and set of trainable
+    variables (the model's structure does not change between measurements of one set)."""
     compiled = _compiled(ops)
-    if "reached" not in compiled:
-        compiled["reached"] = _reaches(compiled["wloss"], tv, ntv, xb, yb, wb, N)
-    _check_reached(compiled["reached"])
+    reached = compiled.setdefault("reached", {})
+    key = tuple(id(v) for v in ops._tvars())  # layers frozen or unfrozen between fits: traced again
+    if key not in reached:
+        reached[key] = _reaches(compiled["wloss"], tv, ntv, xb, yb, wb, N)
+    _check_reached(reached[key])
 
 
 def _padded(ops, sel: np.ndarray) -> np.ndarray:

@@ -341,6 +341,21 @@ _JAX_SCRIPT = textwrap.dedent(r"""
         except RuntimeError as exc:
             refused.append(str(exc))
     res["train_only_refused"] = refused
+    # ... and when the layer that was reached is frozen between two fits (review 21: the reach was traced
+    #     once per KerasModelOps, which a second fit on the same model keeps)
+    keras.utils.set_random_seed(0)
+    dense = keras.layers.Dense(10)
+    m10 = keras.Model(inp, TrainOnly()(dense(inp)))
+    c10 = CrestCallback(X, y, config=CrestConfig(m=32), budget=0.2, seed=0, epochs=2)
+    m10.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    m10.fit(c10.dataset, epochs=1, callbacks=[c10], verbose=0)
+    dense.trainable = False
+    m10.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    try:
+        m10.fit(c10.dataset, epochs=2, initial_epoch=1, callbacks=[c10], verbose=0)
+        res["refrozen"] = None
+    except RuntimeError as exc:
+        res["refrozen"] = str(exc)
     print("JSON" + json.dumps(res))
 """)
 
@@ -993,6 +1008,7 @@ def test_jax_backend(jax_child):
     selections, rho, checks, moved = res["batchnorm_lr0"]
     assert selections == 1 and rho < 1e-5 and checks > 10 and moved > 0.1, res["batchnorm_lr0"]
     assert res["interrupted"] and res["interrupted_refit"] == "ok"
+    assert res["refrozen"] and "no trainable variable gets a gradient" in res["refrozen"], res["refrozen"]
     assert len(res["train_only_refused"]) == 2 and all(
         msg and "no trainable variable gets a gradient" in msg for msg in res["train_only_refused"]), res
     for case, msg in res["jax_state_refusals"].items():
@@ -1684,9 +1700,15 @@ def test_a_fit_starting_at_another_epoch_than_the_runs_next_is_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the run's next epoch (1) is Keras's next: nothing to say
         model.fit(crest.dataset, epochs=2, initial_epoch=1, callbacks=[crest], verbose=0)
-    sub = SubsetCallback(X, y, method="random", budget=BUDGET, seed=0)
+    sub = SubsetCallback(X, y, method="random", budget=BUDGET, seed=0, epochs=2)
     with pytest.warns(UserWarning, match="Keras starts this fit at epoch 1, but SubsetCallback's run"):
         mlp(0).fit(sub.dataset, epochs=2, initial_epoch=1, callbacks=[sub], verbose=0)
+    # review 21: a warm-up without the callback, then a run of the epochs it plans, is the run: quiet
+    warm = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=3, epochs=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mlp(0).fit(warm.dataset, epochs=4, initial_epoch=2, callbacks=[warm], verbose=0)
+    assert warm.stats["budget"]["epochs_done"] == 2
 
 
 def test_optimizer_gradient_accumulation_is_refused():
@@ -1700,4 +1722,9 @@ def test_optimizer_gradient_accumulation_is_refused():
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     crest = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=3)
     with pytest.raises(ValueError, match="without gradient_accumulation_steps, got 4.*CrestConfig\\(m=...\\)"):
+        model.fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
+    # wrapped for mixed precision (review 21: the wrapper's own attribute is None)
+    model.compile(optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1, gradient_accumulation_steps=3)),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with pytest.raises(ValueError, match="without gradient_accumulation_steps, got 3"):
         model.fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)

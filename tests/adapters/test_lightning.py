@@ -461,3 +461,36 @@ def test_a_checkpoint_without_crest_state_starts_a_run_over_the_epochs_left(tmp_
         t.fit(module, train_dataloaders=cb.dataloader(), ckpt_path=str(tmp_path / "last.ckpt"))
     assert module.seen == [24] * 6 and cb.stats["step"] == 6 == cb.loader.total_steps
     assert cb.stats["budget"]["epochs_done"] == 2
+
+
+class _NoTargets(torch.utils.data.Dataset):
+    def __init__(self):
+        self.base, self.reads = data(), 0
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.base[i]
+
+
+def test_a_checkpoint_without_crest_state_reads_label_less_data_once(tmp_path):
+    """Review 21: the new run over the epochs left built a second loader, which read a dataset without a
+    `targets` attribute in full again to find its labels (and said so twice)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    first = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                       accelerator="cpu", default_root_dir=tmp_path,
+                       callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+    first.fit(_PlainModule(), train_dataloaders=torch.utils.data.DataLoader(data(), batch_size=24))
+    ds = _NoTargets()
+    cb = CrestCallback(ds, **CFG)
+    assert ds.reads == 0  # not at construction: the labels need a pass over the items
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer(tmp_path, 3, cb).fit(_PlainModule(), train_dataloaders=cb.dataloader(),
+                                     ckpt_path=str(tmp_path / "last.ckpt"))
+    passes = [w for w in seen if "to find their labels" in str(w.message)]
+    assert len(passes) == 1, [str(w.message)[:80] for w in passes]
+    assert cb.stats["step"] == 6 and cb.stats["budget"]["epochs_done"] == 2
