@@ -112,6 +112,16 @@ def mlp(seed=0, cls=keras.Sequential, softmax=False, d=64, classes=10, hidden=16
     return model
 
 
+class TrainOnly(keras.layers.Layer):
+    """A layer whose weights act in training mode only (``training=False`` passes its input through)."""
+
+    def build(self, shape):
+        self.k = self.add_weight(shape=(shape[-1],), initializer="ones")
+
+    def call(self, x, training=None):
+        return x * self.k if training else x
+
+
 def flat(model):
     return np.concatenate([np.asarray(w).ravel() for w in model.get_weights()])
 
@@ -323,12 +333,7 @@ _JAX_SCRIPT = textwrap.dedent(r"""
 
     # 8. a model whose only trainable weights act with training=True: JAX's gradient of a weight the loss
     #    does not read is an exact 0, which was fitted silently; refused as on the torch backend
-    class TrainOnly(keras.layers.Layer):
-        def build(self, shape):
-            self.k = self.add_weight(shape=(shape[-1],), initializer="ones")
-
-        def call(self, x, training=None):
-            return x * self.k if training else x
+    TrainOnly = T.TrainOnly
 
     inp = keras.Input((64,))
     m9 = keras.Model(inp, TrainOnly()(keras.layers.Dense(10, trainable=False)(inp)))
@@ -1669,13 +1674,6 @@ def test_no_trainable_variable_reached_with_training_false_is_refused():
     """Third verification: a model whose only trainable weights act with ``training=True`` gave an all-zero
     gradient silently on the torch backend (the shared ``add_grad`` now returns "unused" for a loss that
     needs no gradient, which the Keras measurements ignored); it is refused, as torch refused it before."""
-    class TrainOnly(keras.layers.Layer):
-        def build(self, shape):
-            self.k = self.add_weight(shape=(shape[-1],), initializer="ones")
-
-        def call(self, x, training=None):
-            return x * self.k if training else x
-
     inp = keras.Input((4,))
     model = keras.Model(inp, TrainOnly()(keras.layers.Dense(3, trainable=False)(inp)))
     X = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
