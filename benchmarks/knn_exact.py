@@ -16,11 +16,11 @@ import time
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=20000)
-    ap.add_argument("--d", type=int, default=4)
-    ap.add_argument("--K", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=20000, help="points (standard normal, float32)")
+    ap.add_argument("--d", type=int, default=4, help="features")
+    ap.add_argument("--K", type=int, default=10, help="neighbours a point")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each search (the best is shown)")
     a = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import numpy as np
