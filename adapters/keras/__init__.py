@@ -402,6 +402,19 @@ def _check_fit_steps(callback, who: str) -> None:
             stacklevel=_common.user_stacklevel())
 
 
+def _keras_loop():
+    """``(frame, name, model)`` of the innermost Keras loop (``fit``, ``evaluate`` or ``predict`` of a
+    ``keras.Model``) on this thread's stack, or ``(None, None, None)``."""
+    f = sys._getframe(1)
+    while f is not None:
+        if f.f_code.co_name in ("fit", "evaluate", "predict"):
+            obj = f.f_locals.get("self")
+            if isinstance(obj, keras.Model):
+                return f, f.f_code.co_name, obj
+        f = f.f_back
+    return None, None, None
+
+
 def _fit_epoch_begins(callback, who: str, epoch: int | None = None) -> None:
     """A fit that finishes an interrupted epoch (``steps_per_epoch`` = its steps left) runs one epoch: its
     second is refused when it begins. A fit whose first epoch is ahead of the run's next one and that ends
@@ -1004,6 +1017,10 @@ class _TrainedSteps:
     _position: int
     _last: tuple[np.ndarray, np.ndarray] | None
     _finishing = False  # this fit finishes an epoch an earlier one stopped inside (_check_fit_steps)
+    # the frame of the fit whose on_train_begin ran: a fit that raised never calls on_train_end, and the next
+    # fit's build fetch (before its on_train_begin) must not count as a training fetch of the old one (it
+    # measured with that fit's pinned weights: on JAX, weights the user had changed since)
+    _fit_frame = None
     _fit_epochs = 0  # epochs begun in this fit
 
     def _make(self, idx: np.ndarray, w: np.ndarray):
@@ -1021,16 +1038,9 @@ class _TrainedSteps:
         ``"predict"`` or None: a user's look). The stack, not a flag alone, says it: a ``fit`` that raised
         never calls ``on_train_end``, and fit's validation pass (``validation_data=crest.dataset``) runs
         inside it."""
-        f = sys._getframe(2)
-        loop = owner = None
-        while f is not None:
-            if f.f_code.co_name in ("fit", "evaluate", "predict"):
-                obj = f.f_locals.get("self")
-                if isinstance(obj, keras.Model):
-                    loop, owner = f.f_code.co_name, obj
-                    break
-            f = f.f_back
-        return bool(self._fitting and loop == "fit" and owner is getattr(self, "_fit_model", None)), loop
+        frame, loop, owner = _keras_loop()
+        return bool(self._fitting and loop == "fit" and owner is getattr(self, "_fit_model", None)
+                    and frame is self._fit_frame), loop
 
     def _idle_probe(self, m: int, refusal: str, loop: str | None):
         """Keras's build fetch (before on_train_begin; two calls when Keras fetches one batch ahead), or a
@@ -1254,6 +1264,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
             self.epochs = int(planned)
         self._fitting = True
         self._fit_model = model  # (self.model inside a JAX step would sync the trainer's detached state)
+        self._fit_frame = _keras_loop()[0]
         self._idle_fetches = 0
 
     def on_train_batch_begin(self, batch, logs=None):
@@ -1304,6 +1315,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self._fitting = False
+        self._fit_frame = None
         self._idle_fetches = 0
         if self.ops is not None:
             self.ops.unpin()
@@ -1564,6 +1576,7 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
         self._queue.clear()
         self._fitting = True
         self._fit_model = model  # (self.model inside a JAX step would sync the trainer's detached state)
+        self._fit_frame = _keras_loop()[0]
         self._idle_fetches = 0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -1594,6 +1607,7 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self._fitting = False
+        self._fit_frame = None
         self._idle_fetches = 0
         if self.ops is not None:
             self.ops.unpin()

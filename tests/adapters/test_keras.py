@@ -361,6 +361,40 @@ _JAX_SCRIPT = textwrap.dedent(r"""
         res["refrozen"] = None
     except RuntimeError as exc:
         res["refrozen"] = str(exc)
+
+    # 9. a fit interrupted inside a selection (Ctrl-C) keeps the callback's fit open and that step's weights
+    #    pinned; the next fit's build fetch (after a compile, before on_train_begin) ran a selection on the
+    #    pinned weights, not on the ones the user had set since (review 22). It is a shape probe now.
+    keras.utils.set_random_seed(0)
+    m11 = keras.Sequential([keras.Input((64,)), keras.layers.Dense(10)])
+    m11.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    c11 = CrestCallback(X, y, config=CrestConfig(**T.CFG), budget=T.BUDGET, seed=3, epochs=2)
+    original, calls, seen = KerasModelOps.gradient, [0], []
+
+    def interrupted(ops, idx, w):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise KeyboardInterrupt
+        return original(ops, idx, w)
+
+    KerasModelOps.gradient = interrupted
+    try:
+        m11.fit(c11.dataset, epochs=2, callbacks=[c11], verbose=0)
+    except KeyboardInterrupt:
+        pass
+    m11.set_weights([np.zeros((64, 10), "float32"), np.zeros(10, "float32")])
+    m11.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+    def spied(ops, idx, w):
+        seen.append(float(np.abs(ops.params()).sum()))
+        return original(ops, idx, w)
+
+    KerasModelOps.gradient = spied
+    try:
+        m11.fit(c11.dataset, epochs=2, callbacks=[c11], verbose=0)
+    finally:
+        KerasModelOps.gradient = original
+    res["after_interrupt"] = [calls[0], seen[:1]]
     print("JSON" + json.dumps(res))
 """)
 
@@ -1013,6 +1047,7 @@ def test_jax_backend(jax_child):
     selections, rho, checks, moved = res["batchnorm_lr0"]
     assert selections == 1 and rho < 1e-5 and checks > 10 and moved > 0.1, res["batchnorm_lr0"]
     assert res["interrupted"] and res["interrupted_refit"] == "ok"
+    assert res["after_interrupt"] == [2, [0.0]], res["after_interrupt"]  # measured the weights set since
     assert res["refrozen"] and "no trainable variable gets a gradient" in res["refrozen"], res["refrozen"]
     assert len(res["train_only_refused"]) == 2 and all(
         msg and "no trainable variable gets a gradient" in msg for msg in res["train_only_refused"]), res
