@@ -1031,6 +1031,14 @@ class _TrainedSteps:
             w = w / w.size
         return _take(self.x, idx), self.y[idx], w.astype(np.float32)
 
+    def _end_fit(self) -> None:
+        """A fit's end (``on_train_end``): no fetch counts as a training fetch until the next fit begins."""
+        self._fitting = False
+        self._fit_frame = None
+        self._idle_fetches = 0
+        if self.ops is not None:
+            self.ops.unpin()
+
     def _training_fetch(self) -> tuple[bool, str | None]:
         """``(serve, loop)``: whether this fetch is one of the training fetches of the callback's own running
         ``fit`` (the callback is in that fit, and the innermost Keras loop on this thread's stack is the
@@ -1314,11 +1322,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
             logs["crest_rho"] = float(s["rho"][-1])
 
     def on_train_end(self, logs=None):
-        self._fitting = False
-        self._fit_frame = None
-        self._idle_fetches = 0
-        if self.ops is not None:
-            self.ops.unpin()
+        self._end_fit()
         for e in self._queue:  # fetched ahead and not trained: served first by the next fit
             e.served = False
 
@@ -1606,11 +1610,7 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
             self.timings["observe"] += time.perf_counter() - t0
 
     def on_train_end(self, logs=None):
-        self._fitting = False
-        self._fit_frame = None
-        self._idle_fetches = 0
-        if self.ops is not None:
-            self.ops.unpin()
+        self._end_fit()
 
     # -- observability and checkpoints ----------------------------------------------------------
     @property
