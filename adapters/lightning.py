@@ -116,6 +116,10 @@ class _CrestTrainLoader:
         return len(self._cb._require_loader())
 
     def __iter__(self):
+        self._cb._require_loader()  # outside a fit the callback set up: its error now, as len() gives it
+        return self._batches()
+
+    def _batches(self):
         # the callback's loader is read at the first batch, not when Lightning makes the iterator: a fit
         # resumed from a checkpoint makes it before on_train_start, where the callback may still replace the
         # loader (a checkpoint without CREST's state, _foreign_checkpoint)

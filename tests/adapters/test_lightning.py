@@ -204,6 +204,14 @@ def test_callback_validates_its_arguments_at_construction(kwargs, error, name):
         CrestCallback(data(), **kwargs)
 
 
+def test_the_dataloader_outside_a_fit_says_so_at_iter_and_len():
+    """Review 21: with the lazy iterator (the loader read at the first batch) iter() stopped raising."""
+    cb = CrestCallback(data(), **CFG)
+    for look in (len, iter):
+        with pytest.raises(RuntimeError, match="used before the callback was set up"):
+            look(cb.dataloader())
+
+
 def test_callback_refuses_an_iterable_dataset():
     with pytest.raises(TypeError, match="dataset"):
         CrestCallback(iter(range(10)))
