@@ -21,6 +21,7 @@ and the caller runs the generic array-API reference. Nothing here imports the fl
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 from collections.abc import Callable
 
@@ -204,8 +205,6 @@ def cgroup_headroom(root: str = "/") -> int | None:
     >>> room is None or room >= 0
     True
     """
-    import os
-
     places: list[tuple[str, str, str, str, tuple[str, ...]]] = []  # (root, cgroup, limit, usage, stat keys)
     try:
         with open(os.path.join(root, "proc/self/cgroup")) as fh:
@@ -261,8 +260,6 @@ def host_available_bytes() -> int | None:
         pass
     if free is None:
         try:
-            import os
-
             free = int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
         except (ValueError, OSError, AttributeError):
             free = None

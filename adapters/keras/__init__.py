@@ -1019,7 +1019,9 @@ class _TrainedSteps:
     _finishing = False  # this fit finishes an epoch an earlier one stopped inside (_check_fit_steps)
     # the frame of the fit whose on_train_begin ran: a fit that raised never calls on_train_end, and the next
     # fit's build fetch (before its on_train_begin) must not count as a training fetch of the old one (it
-    # measured with that fit's pinned weights: on JAX, weights the user had changed since)
+    # measured with that fit's pinned weights: on JAX, weights the user had changed since). Held until
+    # on_train_end or the next fit's on_train_begin: after a fit that raised, that fit's frame (and its
+    # locals) stays alive until then
     _fit_frame = None
     _fit_epochs = 0  # epochs begun in this fit
 

@@ -130,7 +130,7 @@ def _reaches(fn, tv, *args) -> bool:
     output does not read is an exact 0, which the torch backend's autograd reports as unused instead."""
     closed = jax.make_jaxpr(fn)(tv, *args)
     jaxpr = closed.jaxpr
-    needed = {id(v) for v in jax.tree_util.tree_leaves(jaxpr.outvars[:1]) if not hasattr(v, "val")}
+    needed = {id(v) for v in jaxpr.outvars[:1] if not hasattr(v, "val")}
     for eqn in reversed(jaxpr.eqns):
         if any(id(o) in needed for o in eqn.outvars):
             needed.update(id(v) for v in eqn.invars if not hasattr(v, "val"))  # (a Literal has .val)
