@@ -313,6 +313,76 @@ def test_stochastic_draws_map_an_exact_steps_draws_to_every_remaining_candidate(
     assert s_b[0] < 50 and s_b[0] >= 50 - 44  # problem 0: sampled steps first, exact steps at the end
 
 
+@pytest.mark.parametrize("bitgen", ["PCG64", "MT19937", "Philox"])
+def test_stochastic_draws_ragged_read_the_padded_stream(bitgen):
+    """Each problem's ragged draws are the used part of the one ``(B, K, s)`` block the host stream is read
+    as (rows past a problem's budget and columns past its sample skipped, advanced over with PCG64's
+    ``advance``, drawn and discarded otherwise), exact steps remapped; the generator ends where reading
+    the whole block leaves it. Blocks of 7 values make every problem cross a block boundary."""
+    from crestcore.backends import sample_sizes
+    from crestcore.facility import pad_draws, stochastic_draws, stochastic_draws_ragged
+
+    sizes, budgets, eps = np.array([50, 9, 3, 40, 2]), np.array([20, 4, 3, 0, 1]), 0.05
+    make = getattr(np.random, bitgen)
+    ref_rng, rng = np.random.Generator(make(3)), np.random.Generator(make(3))
+    K, s_b = int(budgets.max()), sample_sizes(sizes, budgets, eps)
+    block = ref_rng.random((sizes.size, K, int(s_b.max())))  # the stream as one padded block
+    ragged = stochastic_draws_ragged(rng, sizes, budgets, eps, chunk=7)
+    np.testing.assert_array_equal(rng.random(5), ref_rng.random(5))  # the same state after
+    for b in range(sizes.size):
+        k_b, sb = int(budgets[b]), int(s_b[b])
+        assert ragged[b].shape == (k_b, sb)
+        R = sizes[b] - np.arange(k_b)
+        exact = sb >= R
+        np.testing.assert_array_equal(ragged[b][~exact], block[b, :k_b, :sb][~exact])
+        for t in np.flatnonzero(exact):  # every remaining position once, in order
+            pos = np.minimum(np.floor(ragged[b][t] * R[t]), R[t] - 1)
+            assert pos.tolist() == np.minimum(np.arange(sb), R[t] - 1).tolist()
+    padded = stochastic_draws(np.random.Generator(make(3)), sizes, budgets, eps)
+    np.testing.assert_array_equal(padded, pad_draws(ragged))
+    np.testing.assert_array_equal(padded[0, :20, : s_b[0]], ragged[0])
+    np.testing.assert_array_equal(padded[1, :4, s_b[1]:], np.repeat(ragged[1][:, :1], padded.shape[2] - s_b[1], 1))
+
+
+def test_stochastic_greedy_with_many_classes_keeps_only_the_draws_it_uses():
+    """One class of 1,200 points (on the matrix-free path) and 2,000 of two points: the draws were one
+    padded (2001, 300, 19) float64 array and its copy (about 180 MiB) for about 50 kB used. Only each
+    problem's own draws are kept now (each dense group's padded to the group); the picks are those of
+    the whole padded block's rows (every sample as wide as the widest, as before)."""
+    import tracemalloc
+
+    import crestcore.facility as fac
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(1200 + 4000, 2))
+    y = np.concatenate([np.zeros(1200, dtype=np.int64), 1 + np.repeat(np.arange(2000), 2)])
+    kw = dict(labels=y, optimizer="stochastic", epsilon=0.01, rng=1, max_dense_bytes=1 << 20)
+    crestcore.facility_location(X[:60], 3, labels=y[:60] % 2, optimizer="stochastic", rng=0)  # compiled
+    tracemalloc.start()
+    try:
+        sel = crestcore.facility_location(X, 1500, **kw)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sel.path == "dense+matrix-free" and peak < 24 * 2**20, peak / 2**20
+
+    ragged = fac.stochastic_draws_ragged
+
+    def padded(gen, sizes, budgets, eps):  # as before: every problem's rows of the whole padded block
+        u = fac.pad_draws(ragged(gen, sizes, budgets, eps))
+        return [u[b, : budgets[b]] for b in range(len(sizes))]
+
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setattr(fac, "stochastic_draws_ragged", padded)
+        ref = crestcore.facility_location(X, 1500, **kw)
+    finally:
+        mp.undo()
+    np.testing.assert_array_equal(sel.indices, ref.indices)
+    np.testing.assert_array_equal(sel.weights, ref.weights)
+    assert float(sel.objective) == float(ref.objective)
+
+
 def test_stochastic_draws_are_float64_above_float32s_reach(monkeypatch):
     """Above 2^24 points a float32 ``u * R`` skips positions (``u`` near 1 is spaced 2^-24): some candidates
     could never be sampled. The draws then take float64 on every path (dense batch, per class on the
