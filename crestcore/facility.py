@@ -157,8 +157,9 @@ def _skip_draws(rng: np.random.Generator, count: int, chunk: int) -> None:
     discarded ``chunk`` at a time."""
     if count <= 0:
         return
-    if type(rng.bit_generator) in (np.random.PCG64, np.random.PCG64DXSM):
-        rng.bit_generator.advance(count)
+    bitgen: Any = rng.bit_generator
+    if type(bitgen) in (np.random.PCG64, np.random.PCG64DXSM):  # exactly: a subclass may draw otherwise
+        bitgen.advance(count)
         return
     while count > 0:
         rng.random(min(count, chunk))
