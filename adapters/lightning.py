@@ -102,6 +102,23 @@ def _check_step_limits(trainer, planned: int, loader) -> None:
             stacklevel=_common.user_stacklevel())
 
 
+def _data_function(data) -> bool:
+    """Whether ``data`` (the callback's ``dataset`` or ``measure_dataset``) is a function that returns the
+    dataset when the fit is set up, rather than a dataset: callable, and neither indexable nor sized."""
+    return data is not None and callable(data) and not hasattr(data, "__getitem__") and not hasattr(data, "__len__")
+
+
+def _called(function, name: str):
+    """What the function given as ``name`` returns at setup; None is refused with what to do."""
+    data = function()
+    if data is None:
+        raise ValueError(
+            f"CrestCallback's {name} function returned None at the fit's setup: it must return the dataset "
+            "(a LightningDataModule builds it in its setup, which the Trainer runs before the callback's when "
+            "the DataModule is passed to fit: trainer.fit(module, datamodule=dm))")
+    return data
+
+
 class _CrestTrainLoader:
     """What ``trainer.fit`` iterates: a thin view of the callback's loader (built at ``setup``).
 
@@ -144,7 +161,9 @@ class CrestCallback(pl.Callback):
     """CREST for a LightningModule: weighted coreset batches, selection and checks inside ``fit``.
 
     Parameters are those of :class:`~crestcore.adapters.torch.CrestLoader` (the model is the
-    LightningModule; ``epochs=None`` takes ``trainer.max_epochs``), plus:
+    LightningModule; ``epochs=None`` takes ``trainer.max_epochs``; ``dataset`` and ``measure_dataset`` may
+    also be functions without arguments that return the dataset, called at each fit's setup, after a
+    LightningDataModule's, which builds it: ``CrestCallback(lambda: dm.train_set, ...)``), plus:
 
     losses_key : key of a ``training_step`` output dict holding the per-example training losses of
         the batch (detached), fed to the drop policy; ignored when absent.
@@ -213,13 +232,17 @@ class CrestCallback(pl.Callback):
             check_model=False,
         )
         # the data as far as it can be checked without the module (last_layer is looked up at setup) and
-        # without a pass over the items (labels found only by reading them are read once, at setup)
-        check_training_data(dataset, config.m, labels, measure_dataset, read_items=False)
+        # without a pass over the items (labels found only by reading them are read once, at setup); a
+        # dataset given as a function (a DataModule's, built in its setup) is checked when it is called
+        if not _data_function(dataset):
+            check_training_data(dataset, config.m, labels,
+                                None if _data_function(measure_dataset) else measure_dataset, read_items=False)
         if not isinstance(losses_key, str):
             raise TypeError(f"losses_key must be a str, got {type(losses_key).__name__}")
         if not isinstance(log_stats, bool):
             raise TypeError(f"log_stats must be a bool, got {log_stats!r}")
-        self.dataset = dataset
+        self.dataset = dataset  # the dataset of the fit set up last, once a function given here was called
+        self._data = (dataset, measure_dataset)  # as given: a function is called at each fit's setup
         self.epochs = epochs
         self.losses_key = losses_key
         self.log_stats = bool(log_stats)
@@ -315,6 +338,7 @@ class CrestCallback(pl.Callback):
                    f"the fit ends after {most} epochs with {epochs - most} epochs of the budget untrained")
                 + "; leave epochs=None to take max_epochs", stacklevel=_common.user_stacklevel())
         self._module, self._max_epochs = pl_module, trainer.max_epochs
+        self._resolve_data()
         with _common.budget_said():  # said at construction
             self.loader = CrestLoader(pl_module, self.dataset, epochs=int(epochs), per_epoch=True, **self._kwargs)
         self._epoch0 = epoch0
@@ -323,6 +347,21 @@ class CrestCallback(pl.Callback):
         if self._pending is not None:
             state, self._pending = self._pending, None
             self._load(state)
+
+    def _resolve_data(self) -> None:
+        """The datasets of this fit: a function given for ``dataset`` or ``measure_dataset`` is called now
+        (after a LightningDataModule's ``setup``, which the Trainer runs before its callbacks'), and what it
+        returns gets the checks a dataset given directly got at construction."""
+        dataset, measure = self._data
+        called = False
+        if _data_function(dataset):
+            dataset, called = _called(dataset, "dataset"), True
+        if _data_function(measure):
+            measure, called = _called(measure, "measure_dataset"), True
+        if called:
+            kw = self._kwargs
+            check_training_data(dataset, kw["config"].m, kw["labels"], measure, read_items=False)
+        self.dataset, self._kwargs = dataset, dict(self._kwargs, measure_dataset=measure)
 
     def on_train_start(self, trainer, pl_module) -> None:
         loader = self._require_loader()

@@ -101,6 +101,57 @@ def test_callback_runs_a_short_fit_like_the_plain_loop(tmp_path):
     assert cb.stats["counters"]["selections"] >= 1 and cb.stats["checks"]
 
 
+
+class DataModule(pl.LightningDataModule):
+    """A DataModule that builds its training set in ``setup`` (a new object at every fit) and serves CREST's
+    dataloader from ``train_dataloader``."""
+
+    def __init__(self):
+        super().__init__()
+        self.train_set = self.crest = None
+        self.setups = 0
+
+    def setup(self, stage):
+        self.train_set, self.setups = data(), self.setups + 1
+
+    def train_dataloader(self):
+        return self.crest.dataloader()
+
+
+def test_a_datamodule_builds_the_dataset_the_callback_trains_on(tmp_path):
+    """``CrestCallback(lambda: dm.train_set)``: the function is called at the fit's setup, after the
+    DataModule's, which built the set there (before, the callback needed the dataset when it was built, so
+    a DataModule had to be set up by hand first, and the Trainer's own setup then built another set). Each
+    fit calls it again; what it returns gets the construction-time checks. Same run as the plain loop."""
+    dm = DataModule()
+    cb = dm.crest = CrestCallback(lambda: dm.train_set, **CFG)
+    assert cb.dataset is not None and dm.setups == 0
+    module = Module()
+    t = trainer(tmp_path, 3, cb)
+    t.fit(module, datamodule=dm)
+    assert dm.setups == 1 and cb.dataset is dm.train_set and cb.loader.dataset is dm.train_set
+    seen, model, loader = plain_loop(3)
+    assert t.global_step == 9 == len(module.seen)
+    for a, b in zip(module.seen, seen):
+        np.testing.assert_array_equal(a, b)
+    for p, q in zip(module.net.parameters(), model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+    first = dm.train_set  # a second fit: the DataModule's new set, checked as a dataset given directly is
+    pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_progress_bar=False, enable_model_summary=False,
+               enable_checkpointing=False, default_root_dir=tmp_path, accelerator="cpu").fit(Module(), datamodule=dm)
+    assert dm.setups == 2 and cb.loader.dataset is dm.train_set is not first
+
+    for bad, match in ((lambda: None, "returned None at the fit's setup"),
+                       (lambda: TensorDataset(torch.zeros(10, D_IN), torch.zeros(10, dtype=torch.long)),
+                        "holds a single class")):
+        cb = CrestCallback(bad, **CFG)
+        with pytest.raises(ValueError, match=match):
+            trainer(tmp_path, 1, cb).fit(Module(), train_dataloaders=cb.dataloader())
+    with pytest.raises(ValueError, match="measure_dataset has 5 examples"):  # a function for the measurements
+        cb = CrestCallback(data(), measure_dataset=lambda: TensorDataset(torch.zeros(5, D_IN)), **CFG)
+        trainer(tmp_path, 1, cb).fit(Module(), train_dataloaders=cb.dataloader())
+
 def test_a_module_lightning_compiles_is_measured_eagerly(tmp_path):
     """trainer.fit(torch.compile(module)): Lightning unwraps the compiled wrapper and compiles the module's
     forward in place, so the callback gets a plain LightningModule whose forward is compiled; before, the
