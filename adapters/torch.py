@@ -2204,9 +2204,11 @@ def _weighted_batch(loader, indices: np.ndarray, weights: np.ndarray):
 def _observed_losses(losses, k: int, step: int, who: str) -> np.ndarray:
     """The ``k`` per-example training losses a loader's ``observe`` got, detached, as host float64 (one
     copy). A wrong count raises ``ValueError``; NaN or infinite losses a ``FloatingPointError`` that names
-    ``step``, led by ``who`` ("CREST", the loader's name)."""
+    ``step``, led by ``who`` ("CREST", the loader's name). Float32 and float64 losses keep their values (a
+    float64 model's were rounded to float32 here, so a loss just below ``alpha`` dropped its example under
+    the distributed loader, which keeps float64, and not here); half precision is widened."""
     if isinstance(losses, torch.Tensor):
-        losses = losses.detach().float().cpu().numpy()
+        losses = _wide(losses.detach()).cpu().numpy()
     vals = np.asarray(losses, dtype=np.float64).reshape(-1)
     if vals.size != k:
         raise ValueError(

@@ -37,7 +37,7 @@ from .quadratic import (  # noqa: E402
     quadratic_update,
 )
 from .trust import relative_error, should_reselect, update_schedule  # noqa: E402
-from .dropping import DropConfig, DropState, drop_copy, drop_init, drop_record, drop_update  # noqa: E402
+from .dropping import DropConfig, DropState, drop_copy, drop_init, drop_record, drop_resize, drop_update  # noqa: E402
 from .controller import (  # noqa: E402
     Batch,
     CrestConfig,
@@ -57,7 +57,7 @@ __all__ += [
     "QuadraticConfig", "QuadraticState", "hutchinson_diagonal", "quadratic_anchor",
     "quadratic_curvature", "curvature_norm", "quadratic_init", "quadratic_predict", "quadratic_update",
     "relative_error", "should_reselect", "update_schedule",
-    "DropConfig", "DropState", "drop_copy", "drop_init", "drop_record", "drop_update",
+    "DropConfig", "DropState", "drop_copy", "drop_init", "drop_record", "drop_resize", "drop_update",
     "Batch", "CrestConfig", "CrestState", "ModelOps", "crest_init", "crest_load_state_dict",
     "crest_next_batch", "crest_observe", "crest_parameters_changed", "crest_state_dict", "crest_stats",
 ]

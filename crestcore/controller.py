@@ -52,7 +52,8 @@ import numpy as np
 
 from ._compat import device_of, from_numpy, namespace, once_per_array, to_numpy
 from ._validation import DivergenceError, user_stacklevel, field_bool, field_choice, field_instance, field_int, field_real
-from .dropping import DropConfig, DropState, _check_live, drop_init, drop_record, drop_update, pool_size
+from .dropping import (DropConfig, DropState, _check_live, drop_init, drop_record, drop_resize, drop_update,
+                       pool_size)
 from .features import cross_entropy, last_layer_gradients, softmax
 from .facility import BACKENDS, OPTIMIZERS
 from .minibatch import CLASS_BUDGETS, DenseMemoryError, _draw_blocked, minibatch_coresets
@@ -1204,11 +1205,11 @@ def crest_next_batch(state: CrestState, ops: ModelOps, config: CrestConfig):
         # before the first step, was given): the config passed here is the one that runs
         state = state._replace(T1=config.T1, P=config.P)
     reason = "first" if state.n_selections == 0 else "check"
-    if config.T2 is not None and state.drop.losses.shape[1] == 0:
-        # dropping turned on for a state made without it (no loss history kept): an empty history now
-        fresh = drop_init(state.labels.size, config.drop)
-        state = state._replace(drop=fresh._replace(active=state.drop.active,  # read-only, shared
-                                                   dropped_at=state.drop.dropped_at.copy()))
+    if config.T2 is not None and state.drop.losses.shape[1] != config.drop.history:
+        # dropping turned on for a state made without it (no loss history kept), or a config whose
+        # DropConfig.history differs from the one the state was made with (a resume under a new config): the
+        # config's ring, keeping the most recent records (a ring narrower than min_records dropped nothing)
+        state = state._replace(drop=drop_resize(state.drop, config.drop.history))
     if state.pending:
         state = state._replace(step=state.step + 1, since_check=state.since_check + 1, pending=False)
         # the trust check runs every T1 steps (when max_overhead allows) whatever else happens at this step;

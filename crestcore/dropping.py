@@ -25,7 +25,7 @@ its first record (copy on write) and left as it was. :func:`drop_update` stays f
 the history (O(n * history), once per decision) and returns new ``active`` / ``dropped_at`` arrays;
 its input and output share the history, and the first of them recorded into consumes the other.
 
-The release's rule (``faithful``): slots indexed by epoch, decision every 20 epochs, keep examples
+The paper's released code drops by another rule: slots indexed by epoch, decision every 20 epochs, keep examples
 with any slot above alpha or never seen, only while more than 40,000 remain; this module's window and
 floor parameters express that much (window = 5 epochs of steps less one, the window being closed;
 floor = 40,000). The release also keeps a whole class whenever ``ceil(0.01 n / C)`` or fewer of its
@@ -42,7 +42,8 @@ import numpy as np
 from ._compat import once_per_array, to_numpy
 from ._validation import DivergenceError, field_int, field_real
 
-__all__ = ["DropConfig", "DropState", "drop_init", "drop_record", "drop_update", "drop_copy", "pool_size"]
+__all__ = ["DropConfig", "DropState", "drop_init", "drop_record", "drop_update", "drop_copy", "drop_resize",
+           "pool_size"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,11 @@ class DropConfig:
             field_int(o, name, getattr(self, name))
         if self.min_records > self.history:
             raise ValueError(f"DropConfig.min_records ({self.min_records}) cannot exceed history ({self.history})")
+        if self.min_records > self.window + 1:  # one record a step, and the closed window spans window + 1 steps
+            raise ValueError(
+                f"DropConfig.min_records ({self.min_records}) cannot exceed window + 1 ({self.window + 1}): an example "
+                "keeps one record a step, and a decision sees the records of the window + 1 steps up to it, so no "
+                "example could ever be dropped; raise window or lower min_records")
 
 
 class DropState(NamedTuple):
@@ -217,6 +223,42 @@ def drop_copy(state: DropState) -> DropState:
         clock=np.zeros(1, dtype=np.int64),
         version=0,
     )
+
+
+def drop_resize(state: DropState, history: int) -> DropState:
+    """``state`` with ``history`` slots an example, keeping each example's most recent records (those the
+    ring would keep had it always had that size; a record replaced at its own step counts once), in the
+    order they came; the pool is unchanged. ``history=0`` keeps none. Functional: ``state`` is not written
+    and stays valid; the new state owns new buffers.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> state = drop_init(1, DropConfig(history=3))
+    >>> for step, loss in enumerate([0.5, 0.4, 0.3, 0.2]):  # the ring keeps the last three
+    ...     state = drop_record(state, np.array([0]), np.array([loss]), step)
+    >>> small = drop_resize(state, 2)
+    >>> small.losses, small.steps
+    (array([[0.3, 0.2]]), array([[2, 3]]))
+    >>> drop_resize(state, 5).steps
+    array([[ 1,  2,  3, -1, -1]])
+    """
+    _check_live(state)
+    if isinstance(history, bool) or not isinstance(history, (int, np.integer)) or history < 0:
+        raise ValueError(f"history must be a non-negative integer, got {history!r}")
+    H, H2, n = state.losses.shape[1], int(history), state.active.size
+    L, S = np.full((n, H2), np.nan), np.full((n, H2), -1, dtype=np.int64)
+    head = np.asarray(state.head, dtype=np.int64)
+    kept = np.minimum(np.minimum(head, H), H2)  # the records each example holds that the new ring keeps
+    rows = np.arange(n)
+    for j in range(min(H, H2)):  # new slot j: the (kept - j)-th most recent record, oldest first
+        has = j < kept
+        src = (head - kept + j) % max(H, 1)
+        L[has, j] = state.losses[rows[has], src[has]]
+        S[has, j] = state.steps[rows[has], src[has]]
+    return DropState(losses=L, steps=S, head=kept.astype(np.int64), active=state.active,
+                     dropped_at=np.array(state.dropped_at, dtype=np.int64), clock=np.zeros(1, dtype=np.int64),
+                     version=0)
 
 
 def _check_step(step) -> int:

@@ -36,6 +36,7 @@ from crestcore import (
     crest_next_batch,
     crest_observe,
     crest_state_dict,
+    crest_stats,
     quadratic_curvature,
     relative_error,
     update_schedule,
@@ -1926,6 +1927,40 @@ def test_without_dropping_no_loss_history_is_kept_and_turning_it_on_starts_one()
         back = crest_observe(back, batch.indices, np.full(batch.indices.size, 0.01))
     assert back.drop.losses.shape == (400, cfg.drop.history) and not back.drop.active.all()
 
+
+
+def test_a_config_with_another_drop_history_resizes_the_states_history():
+    """A state made under DropConfig(history=2) and continued under history=8, min_records=4 (a resume under
+    a changed config, which the loaders warn about and say the run continues with): the ring takes the
+    new config's 8 slots, keeping the records it had. Before, it kept 2, no example could ever hold 4 records
+    in the window, and nothing was dropped for the rest of the run, without a word; and the other way round
+    up to 8 old records kept counting where the config said 2."""
+    y = np.arange(400) % 4
+    X = np.random.default_rng(0).normal(size=(400, 3)) + y[:, None]
+    ops = _SoftmaxOps_for(X, y)
+    old = CrestConfig(m=8, T2=5, drop=DropConfig(alpha=10.0, window=40, history=2, min_records=2))
+    new = CrestConfig(m=8, T2=5, drop=DropConfig(alpha=10.0, window=40, history=8, min_records=4))
+    state = crest_init(old, y, seed=0)
+
+    def steps(state, config, k):
+        for _ in range(k):
+            state, batch = crest_next_batch(state, ops, config)
+            state = crest_observe(state, batch.indices, np.full(batch.indices.size, 0.01))
+        return state
+
+    state = steps(state, old, 3)
+    assert state.drop.losses.shape == (400, 2)
+    had = {i: sorted(int(t) for t in state.drop.steps[i] if t >= 0) for i in range(400)}
+    resumed = crest_load_state_dict(crest_state_dict(state), ops.params())
+    resumed, _ = crest_next_batch(resumed, ops, new)
+    assert resumed.drop.losses.shape == (400, 8)
+    for i in range(400):  # the records it had are kept (the step just accounted may have added one)
+        now = sorted(int(t) for t in resumed.drop.steps[i] if t >= 0)
+        assert set(had[i]) <= set(now)
+    resumed = steps(resumed, new, 30)
+    assert not resumed.drop.active.all() and crest_stats(resumed)["pool"] < 400
+    back = steps(crest_load_state_dict(crest_state_dict(resumed), ops.params()), old, 1)
+    assert back.drop.losses.shape == (400, 2)
 
 def test_a_selection_too_large_for_memory_names_crest_config_r(monkeypatch):
     """The memory guard's advice named minibatch_coresets' arguments (max_dense_bytes, P), which a CREST

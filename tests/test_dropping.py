@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import crestcore.dropping as dropping
-from crestcore import DropConfig, drop_init, drop_record, drop_update
+from crestcore import DropConfig, drop_init, drop_record, drop_resize, drop_update
 
 SETTINGS = settings(deadline=None, max_examples=60)
 
@@ -38,7 +38,7 @@ def traces(draw, max_n=12, max_events=25):
         min_per_class=1,
     )
     cfg = DropConfig(alpha=cfg.alpha, window=cfg.window, history=cfg.history,
-                     min_records=draw(st.integers(1, cfg.history)),
+                     min_records=draw(st.integers(1, min(cfg.history, cfg.window + 1))),
                      floor=draw(st.integers(1, n)), min_per_class=draw(st.integers(1, 3)))
     n_ev = draw(st.integers(0, max_events))
     step = 0
@@ -508,6 +508,53 @@ def test_drop_record_cost_does_not_scale_with_n():
     assert int(s.head.sum()) > 0
 
 
+
+def _ordered(state, i):
+    """Example ``i``'s records, oldest first, as (step, loss) pairs: the ring's slots from its head."""
+    H, h = state.losses.shape[1], int(state.head[i])
+    c = min(h, H)
+    return [(int(state.steps[i, (h - c + j) % H]), float(state.losses[i, (h - c + j) % H])) for j in range(c)]
+
+
+@settings(deadline=None, max_examples=60)
+@given(H=st.integers(0, 5), H2=st.integers(0, 6), steps=st.lists(st.integers(0, 9), max_size=25),
+       monotone=st.booleans(), more=st.lists(st.integers(0, 3), max_size=8))
+def test_drop_resize_keeps_each_examples_most_recent_records(H, H2, steps, monotone, more):
+    """A ring resized to H2 holds each example's last min(records, H, H2) records in the order they came,
+    the pool untouched; with steps in order and H2 <= H it is the ring that always had H2 slots, and the
+    two stay equal under further records (same-step records replacing the newest)."""
+    if monotone:
+        steps = sorted(steps)
+    n, rng = 3, np.random.default_rng(len(steps))
+    program = [(rng.integers(0, n, size=2), rng.random(2), t) for t in steps]
+    a, b = drop_init(n, history=H), drop_init(n, history=H2)
+    for idx, vals, t in program:
+        a, b = drop_record(a, idx, vals, t), drop_record(b, idx, vals, t)
+    before = [_ordered(a, i) for i in range(n)]
+    r = drop_resize(a, H2)
+    assert r.losses.shape == (n, H2) and r.active is a.active and np.array_equal(r.dropped_at, a.dropped_at)
+    assert all(_ordered(a, i) == before[i] for i in range(n))  # a is not written and stays usable
+    for i in range(n):
+        keep = min(len(before[i]), H2)
+        assert _ordered(r, i) == (before[i][len(before[i]) - keep:] if keep else [])
+    if monotone and H2 <= H:
+        t0 = steps[-1] if steps else 0
+        for k, dt in enumerate(more):
+            idx, vals = np.array([k % n]), np.array([0.5 + k])
+            r, b = drop_record(r, idx, vals, t0 + dt), drop_record(b, idx, vals, t0 + dt)
+            t0 += dt
+        assert all(_ordered(r, i) == _ordered(b, i) for i in range(n))
+
+
+def test_drop_resize_bad_history_and_consumed_state():
+    s = drop_init(2)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="history"):
+            drop_resize(s, bad)
+    old, s = s, drop_record(s, np.array([0]), np.array([0.1]), 0)
+    with pytest.raises(RuntimeError, match="consumed"):
+        drop_resize(old, 4)
+
 # --------------------------------------------------------------------------------------------
 # bad input
 # --------------------------------------------------------------------------------------------
@@ -516,6 +563,7 @@ def test_drop_record_cost_does_not_scale_with_n():
     (dict(alpha=float("inf")), "alpha"), (dict(window=0), "window"), (dict(history=1.5), "history"),
     (dict(min_records=0), "min_records"), (dict(floor=0), "floor"), (dict(min_per_class=True), "min_per_class"),
     (dict(history=2, min_records=3), "min_records"),
+    (dict(window=2, min_records=4), r"min_records \(4\) cannot exceed window \+ 1 \(3\)"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):

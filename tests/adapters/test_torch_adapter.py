@@ -694,7 +694,25 @@ def test_observe_feeds_the_drop_policy():
     assert s["drops"] and s["pool"] == 100  # alpha=10: every observed example counts as learned
 
 
-def test_embedding_features_and_release_config():
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_observed_losses_are_recorded_as_given(dtype):
+    """observe() recorded a float64 model's training losses rounded to float32 (the distributed loader and
+    crest_observe keep float64): a loss of alpha - 1e-10 became alpha, its example was not learned here but
+    was under DistributedCrestLoader, and the two runs dropped different examples. Float32 and float64 are
+    recorded as given now; bfloat16 is widened (exactly)."""
+    from crestcore import DropConfig
+
+    X, y = make_data()
+    alpha = 0.1
+    cfg = CrestConfig(m=24, r=60, T2=5, drop=DropConfig(alpha=alpha, window=50, min_records=1))
+    loader = CrestLoader(mlp(), TensorDataset(X, y), config=cfg, budget=1.0, epochs=1, seed=0)
+    x, _, _ = next(iter(loader))
+    given = torch.full((x.shape[0],), alpha - 1e-10, dtype=torch.float64).to(dtype)
+    loader.observe(given)
+    drop, i = loader.controller_state.drop, int(loader.last_indices[0])
+    recorded = drop.losses[i][drop.steps[i] == 0]
+    assert recorded.tolist() == [float(given[0].double())]
     X, y = make_data()
     for cfg in (CrestConfig(m=24, r=60, embeddings=True, tau=0.02), CrestConfig.release(m=24, r=60, P=2)):
         model = mlp()
