@@ -63,8 +63,8 @@ def numba_route(xp, X, solve, host_args: dict):
         raise ImportError("backend='numba' needs numba, which cannot import here: `pip install numba` (a "
                           "dependency of crestcore), or use backend='auto'")
     out = solve(**{k: (None if v is None else _numba_host(to_numpy(v))) for k, v in host_args.items()})
-    if is_numpy_namespace(xp):
-        return out
+    if is_numpy_namespace(xp) and X.dtype in (np.float32, np.float64):
+        return out  # else NumPy bfloat16 (ml_dtypes), solved in float32: its results go back to bfloat16
     moved = {}
     for f in dataclasses.fields(out):
         v = getattr(out, f.name)
@@ -656,6 +656,7 @@ def facility_objective(S, selected):
     >>> float(facility_objective(S, np.array([0]))), float(facility_objective(S, np.array([0, 2])))
     (1.5, 2.5)
     """
+    S, selected = detached(S), detached(selected)
     xp = _check_dense_and_selected(S, selected)
     if selected.shape[0] == 0:
         return xp.asarray(0.0, dtype=S.dtype, device=device_of(S))
@@ -679,6 +680,7 @@ def marginal_gains(S, selected):
     >>> marginal_gains(S, np.array([1])).tolist()
     [0.5, 0.0, 0.8]
     """
+    S, selected = detached(S), detached(selected)
     xp = _check_dense_and_selected(S, selected)
     dtype = S.dtype
     S, _, _, back = prepare(xp, S, metric="precomputed", kernel=None, scale=1.0)  # numerics policy

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ._compat import namespace, to_numpy
+from ._compat import detached, namespace, to_numpy
 from .similarity import compute_dtype
 from ._validation import DivergenceError, check_float_rows, field_choice, field_real, isdtype
 
@@ -149,12 +149,13 @@ def hutchinson_diagonal(hvp: Callable[[Any], Any], probes):
     """
     if not callable(hvp):
         raise TypeError("hvp must be callable: v -> H v")
+    probes = detached(probes)
     xp = namespace(probes, names=("probes",))
     check_float_rows(xp, probes, "probes", "(k, D) array")
     acc = None
     for i in range(probes.shape[0]):
         z = xp.asarray(probes[i, ...], copy=True)  # a copy: an hvp that writes its input leaves probes alone
-        hz = hvp(z)
+        hz = detached(hvp(z))  # an autograd product: its graph is not kept in the estimate
         try:
             same_library = namespace(hz, names=("hvp's result",)) is xp
         except TypeError:
@@ -243,6 +244,7 @@ def quadratic_update(state: QuadraticState, grad=None, zhz=None, config: Quadrat
     """
     if not isinstance(config, QuadraticConfig):
         raise TypeError(f"config must be a QuadraticConfig, got {type(config).__name__}")
+    grad, zhz = detached(grad), detached(zhz)  # the model keeps no autograd graph (a training loop's grew)
     xp = namespace(state.g_ema, grad, zhz, names=("state", "grad", "zhz"))
     D = state.g_ema.shape[0]
     g_ema, h_ema, n_g, n_h = state.g_ema, state.h_ema, state.n_g, state.n_h

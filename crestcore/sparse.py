@@ -295,12 +295,15 @@ def _similarities(xp, X, nbr: np.ndarray, metric: str, kernel: str, scale: float
     present = from_numpy(nbr >= 0, xp, dev)
     D = _edge_distances(xp, X, nbr, metric)
     if kernel == "max-minus":
-        M = xp.max(D) if D.shape[1] else xp.asarray(0.0, dtype=X.dtype, device=dev)
-        if D.shape[1]:
+        # a graph without edges (one point: a class of one; or a given graph whose rows list only other
+        # classes' points, -1 here) keeps the dense path's M = 0, not a unitless 1 that added 1 to the
+        # objective per pick whatever the data's scale
+        edges = bool(np.any(nbr >= 0))
+        M = xp.max(D) if edges else xp.asarray(0.0, dtype=X.dtype, device=dev)
+        if edges:
             # every edge of the graph at distance 0 (each point has K or more exact duplicates): M = 0 would
             # make every similarity 0 and the greedy arbitrary; any positive M keeps "a duplicate covers its
-            # point". A graph without edges (one point: a class of one) keeps the dense path's M = 0, not
-            # a unitless 1 that added 1 to the objective whatever the data's scale
+            # point"
             M = xp.where(M > 0, M, xp.ones_like(M))
         S = xp.where(present, M - D, xp.zeros_like(D))
         self_s = xp.zeros((n, 1), dtype=X.dtype, device=dev) + M  # M is a 0-d array

@@ -383,6 +383,39 @@ def test_stochastic_greedy_with_many_classes_keeps_only_the_draws_it_uses():
     assert float(sel.objective) == float(ref.objective)
 
 
+
+def test_objective_and_gains_of_autograd_similarities_carry_no_graph():
+    """Review 24: facility_objective and marginal_gains returned graph-carrying tensors for a similarity
+    matrix that required grad (torch warned on an asarray); the other selection functions detach. Now
+    these do too: the same values, no graph, no warning."""
+    torch = pytest.importorskip("torch")
+    S = torch.rand(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    sel = torch.tensor([1, 4])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        obj, gains = crestcore.facility_objective(S, sel), crestcore.marginal_gains(S, sel)
+    assert not obj.requires_grad and not gains.requires_grad
+    with torch.no_grad():  # the same values as a detached input's (the same library, the same sums)
+        ref_obj, ref_gains = crestcore.facility_objective(S.detach(), sel), crestcore.marginal_gains(S.detach(), sel)
+    assert float(obj) == float(ref_obj)
+    torch.testing.assert_close(gains, ref_gains, rtol=0, atol=0)
+
+
+def test_the_numba_route_returns_a_numpy_bfloat16_problems_results_in_bfloat16():
+    """Review 24: backend="numba" on a NumPy bfloat16 array (ml_dtypes, as JAX hands them out) solved in
+    float32 and returned float32 weights, gains and objective, where torch's and JAX's bfloat16 came back
+    in bfloat16 and the docs promise the input's dtype. The same picks as the float32 problem."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    X = np.random.default_rng(8).normal(size=(60, 3)).astype(ml_dtypes.bfloat16)
+    sel = crestcore.facility_location(X, 4, backend="numba")
+    ref = crestcore.facility_location(X.astype(np.float32), 4, backend="numba")
+    for name in ("weights", "gains", "objective"):
+        assert getattr(sel, name).dtype == X.dtype, name
+    np.testing.assert_array_equal(sel.indices, ref.indices)
+    np.testing.assert_array_equal(sel.weights.astype(np.float32), ref.weights.astype(X.dtype).astype(np.float32))
+    cs = crestcore.minibatch_coresets(X, None, m=2, r=10, P=2, rng=0, backend="numba")
+    assert cs.weights.dtype == X.dtype
+
 def test_stochastic_draws_are_float64_above_float32s_reach(monkeypatch):
     """Above 2^24 points a float32 ``u * R`` skips positions (``u`` near 1 is spaced 2^-24): some candidates
     could never be sampled. The draws then take float64 on every path (dense batch, per class on the

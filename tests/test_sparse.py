@@ -519,6 +519,28 @@ def test_a_class_of_one_point_adds_nothing_to_the_sparse_objective(lib):
     assert float(sparse.objective) < 0.1
 
 
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_a_class_whose_given_neighbours_are_all_in_other_classes_adds_nothing(lib):
+    """Review 24: with a given graph and labels, a class whose rows list only other classes' points has no
+    edge (its columns hold -1) but kept its columns, and the fallback M = 1 meant for graphs whose every
+    edge is at distance 0 added exactly 1 per pick whatever the data's scale. Its M is 0 now, as for a
+    class of one point, at every scale; the other class's gains are its edges' similarities."""
+    X = np.array([[0.0], [1.0], [100.0], [101.0], [102.0]])
+    y = np.array([0, 1, 0, 1, 1])
+    G = np.array([[1], [0], [3], [4], [3]])  # points 0 and 2 (class 0) list only class-1 points
+    for scale in (1e-3, 1.0, 1e3):
+        Xs, ys = X * scale, y
+        if lib == "torch":
+            torch = pytest.importorskip("torch")
+            Xs, ys = torch.from_numpy(Xs), torch.from_numpy(y)
+        sel = crestcore.facility_location(Xs, 3, labels=ys, neighbors=G)
+        idx, gains = np.asarray(to_numpy(sel.indices)), np.asarray(to_numpy(sel.gains))
+        assert sel.path == "sparse"
+        assert gains[y[idx] == 0].tolist() == [0.0]
+        np.testing.assert_allclose(gains[y[idx] == 1], [scale, scale], rtol=1e-12)  # M = 1 * scale, edges 3<->4
+        assert float(sel.objective) == pytest.approx(2 * scale, rel=1e-12)
+
+
 @settings(deadline=None, max_examples=40)
 @given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 5), n=st.integers(2, 700), kind=st.integers(0, 2),
        f32=st.booleans())
