@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 import numbers
 import dataclasses
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from . import _reference_kernels as ref
 from ._compat import (detached, device_of, from_numpy, index_dtype, is_numpy_namespace, namespace, namespace_name,
                       to_numpy)
 from ._validation import (check_choice, check_class_budgets, check_epsilon, check_float_matrix, check_float_rows,
-                          check_int, hamilton, isdtype, labels_to_host, make_rng)
+                          check_int, hamilton, isdtype, labels_to_host, make_rng, user_stacklevel)
 from .backends import draw_bits, exact_shift, get_host_kernel, sample_sizes
 from .similarity import KERNELS, METRICS, kernel_scale, prepare, restore
 
@@ -481,7 +482,7 @@ def facility_location(
     max_dense_bytes = resolve_dense_bytes(max_dense_bytes, xp, X)
     eps = check_epsilon(epsilon)
     gen = make_rng(rng) if optimizer == "stochastic" or rng is not None else None  # a bad rng is refused anyway
-    sc = kernel_scale(scale, X.shape[1]) if not precomputed else 1.0
+    sc = given_scale = kernel_scale(scale, X.shape[1]) if not precomputed else 1.0
     labels_host = labels_to_host(xp, labels, n) if labels is not None else None
     in_dtype = X.dtype
     # numerics policy (docs/selection.md): compute in >= float32, data rescaled by a power of two when
@@ -618,6 +619,13 @@ def facility_location(
     gains = xp.concat([out_gain[p] for p in keep])
     weights = xp.concat([out_w[p] for p in keep])
     objective = xp.sum(xp.stack([xp.asarray(out_obj[p], device=dev) for p in keep]))
+    if kernel == "exp" and 2 <= k < n and bool(to_numpy(xp.all(gains == 1.0))):
+        warnings.warn(
+            f"facility_location: with kernel='exp' and scale={given_scale:g} every pick gained exactly 1 (itself): the "
+            "similarities exp(-D / scale) between distinct points are below the float resolution, so every "
+            "selection is equally good and the picks carry no information (they are the lowest indices). Pass "
+            "a scale of about the data's typical distance (the default is the number of features)",
+            RuntimeWarning, stacklevel=user_stacklevel())
     return Selection(
         indices=indices,
         weights=restore(xp, weights, 0, in_dtype, "weights (cluster sizes)"),

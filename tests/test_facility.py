@@ -416,6 +416,22 @@ def test_the_numba_route_returns_a_numpy_bfloat16_problems_results_in_bfloat16()
     cs = crestcore.minibatch_coresets(X, None, m=2, r=10, P=2, rng=0, backend="numba")
     assert cs.weights.dtype == X.dtype
 
+
+def test_an_exp_kernel_whose_similarities_all_vanish_is_warned_about():
+    """Review 24: the exp kernel at the default scale (the number of features) on features of magnitude
+    1e3: every similarity between distinct points is below the float resolution, every pick gains exactly
+    1, and the picks were the first k rows without a word. Warned about now; a scale of the data's typical
+    distance selects as before, without a warning."""
+    X = np.random.default_rng(0).normal(size=(200, 3)) * 1000.0
+    for dt in (np.float32, np.float64):
+        with pytest.warns(RuntimeWarning, match="every pick gained exactly 1"):
+            sel = crestcore.facility_location(X.astype(dt), 5, kernel="exp")
+        assert sel.indices.tolist() == [0, 1, 2, 3, 4]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sel = crestcore.facility_location(X, 5, kernel="exp", scale=2000.0)
+    assert sel.indices.tolist() != [0, 1, 2, 3, 4]
+
 def test_stochastic_draws_are_float64_above_float32s_reach(monkeypatch):
     """Above 2^24 points a float32 ``u * R`` skips positions (``u`` near 1 is spaced 2^-24): some candidates
     could never be sampled. The draws then take float64 on every path (dense batch, per class on the
