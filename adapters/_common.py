@@ -31,6 +31,14 @@ def check_config(config) -> CrestConfig:
     return config
 
 
+def check_bool(value, name: str) -> bool:
+    """An adapter's on/off option: True or False (a NumPy bool too), not a value Python reads as one (the
+    string ``"false"`` is true); the error names ``name``."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
 def check_budget(budget, name: str = "budget") -> None:
     """``budget`` must be a positive finite fraction (a real number, NumPy scalars included, not a bool) of the
     full-data steps; the error names ``name``."""

@@ -165,8 +165,9 @@ class CrestCallback(pl.Callback):
     also be functions without arguments that return the dataset, called at each fit's setup, after a
     LightningDataModule's, which builds it: ``CrestCallback(lambda: dm.train_set, ...)``), plus:
 
-    losses_key : key of a ``training_step`` output dict holding the per-example training losses of
-        the batch (detached), fed to the drop policy; ignored when absent.
+    losses_key : key of a ``training_step`` output dict holding the per-example training losses of the
+        batch (detached), fed to the drop policy; None observes none. With dropping on (``T2``) an output
+        without it is warned about once (the drop policy then sees the measurement passes' losses alone).
     log_stats : log ``crest/*`` scalars (selections, checks, last rho, T1, P, budget fractions) at the
         end of every training epoch with ``pl_module.log``.
 
@@ -219,7 +220,7 @@ class CrestCallback(pl.Callback):
         last_layer=None,
         forward: Callable | None = None,
         loss_fn: Callable | None = None,
-        losses_key: str = "crest_losses",
+        losses_key: str | None = "crest_losses",
         log_stats: bool = True,
     ):
         super().__init__()
@@ -237,10 +238,9 @@ class CrestCallback(pl.Callback):
         if not _data_function(dataset):
             check_training_data(dataset, config.m, labels,
                                 None if _data_function(measure_dataset) else measure_dataset, read_items=False)
-        if not isinstance(losses_key, str):
-            raise TypeError(f"losses_key must be a str, got {type(losses_key).__name__}")
-        if not isinstance(log_stats, bool):
-            raise TypeError(f"log_stats must be a bool, got {log_stats!r}")
+        if losses_key is not None and not isinstance(losses_key, str):
+            raise TypeError(f"losses_key must be a str or None, got {type(losses_key).__name__}")
+        _common.check_bool(log_stats, "log_stats")
         self.dataset = dataset  # the dataset of the fit set up last, once a function given here was called
         self._data = (dataset, measure_dataset)  # as given: a function is called at each fit's setup
         self.epochs = epochs
@@ -256,6 +256,7 @@ class CrestCallback(pl.Callback):
         self._epoch0 = 0  # the Trainer epoch this callback's CREST run started at (a continued fit: later)
         self._restored = False  # a checkpoint's CREST state was loaded into this fit's loader
         self._last_position = -1  # the loader's position at the last batch start (is the batch CREST's?)
+        self._losses_warned = False  # dropping on and no losses under losses_key: said once
         self._module = None  # the LightningModule and max_epochs of the fit set up last (for _load)
         self._max_epochs: int | None = None
 
@@ -428,8 +429,19 @@ class CrestCallback(pl.Callback):
         self._last_position = loader.position
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if isinstance(outputs, dict) and self.losses_key in outputs and self.loader is not None:
-            self.loader.observe(outputs[self.losses_key])
+        key, loader = self.losses_key, self.loader
+        if loader is None or key is None:
+            return
+        if isinstance(outputs, dict) and key in outputs:
+            loader.observe(outputs[key])
+        elif loader.config.T2 is not None and not self._losses_warned:
+            self._losses_warned = True  # a misspelled key changed which examples were dropped, without a word
+            got = f"a dict with {sorted(map(str, outputs))}" if isinstance(outputs, dict) else type(outputs).__name__
+            warnings.warn(
+                f"CrestCallback: dropping is on (CrestConfig(T2={loader.config.T2})) but training_step returned "
+                f"{got}, without {key!r}: the drop policy sees only the measurement passes' losses. Return the "
+                f"per-example losses under {key!r} (detached), or pass losses_key=None to observe none (warned "
+                "once)", stacklevel=_common.user_stacklevel())
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.loader is None:

@@ -2911,6 +2911,13 @@ class CrestBatchSampler(CrestLoader):
         batch handed out last, right only with ``num_workers=0`` and a loader that fetches nothing ahead:
         not under ``accelerate``)."""
         if indices is None:
+            if self._pass_ahead:  # the batch handed out last is not the one trained: its losses would go there
+                raise ValueError(
+                    f"CrestBatchSampler.observe(losses) without indices=, but the DataLoader fetches up to "
+                    f"{self._pass_ahead} batches ahead (its workers): the batch handed out last is not the one "
+                    "these losses belong to. Pass the batch's indices: DataLoader(WeightedDataset(dataset, "
+                    "indices=True), ...) (or sampler.dataloader(indices=True)) yields x, y, w, i; then "
+                    "sampler.observe(losses, indices=i)")
             return super().observe(losses)
         idx = np.asarray(indices.detach().cpu().numpy() if isinstance(indices, torch.Tensor) else indices)
         if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer) or (
@@ -2919,19 +2926,22 @@ class CrestBatchSampler(CrestLoader):
         idx = idx.astype(np.int64)
         # the step of the batch these indices came in (under prefetching not the one handed out last): the
         # first one handed out after the batch observed before (batches are trained in the order handed
-        # out, and a coreset cycled through may come again later)
+        # out, and a coreset cycled through may come again later), in any order (a collate_fn may reorder
+        # a batch: each loss goes with its own index; a coreset holds no index twice)
         first = max(0, self._observed_step + 1 - self._handed_from)  # the scan starts after it: O(1) in order
+        key = np.sort(idx)
         step = next((self._handed_from + i for i in range(first, len(self._handed))
-                     if np.array_equal(self._handed[i].indices, idx)), None)
-        if step is not None:
-            self._observed_step = step
-        elif self.config.T2 is not None and not self._unmatched_warned:
+                     if self._handed[i].indices.size == key.size and np.array_equal(np.sort(self._handed[i].indices), key)),
+                    None)
+        if step is None and self.config.T2 is not None and not self._unmatched_warned:
             self._unmatched_warned = True
             warnings.warn(
                 "observe(indices=...) got indices that are no batch handed out since the last one observed (not "
                 "this sampler's batch, or a batch observed twice): its losses are recorded at the step of the "
                 "batch handed out last (warned once)", stacklevel=_common.user_stacklevel())
         self._observe(idx, losses, step)
+        if step is not None:  # only once recorded: a call refused (a wrong count, NaN) leaves its batch unobserved
+            self._observed_step = step
 
     def state_dict(self, trained: int | None = None) -> dict:
         """:meth:`CrestLoader.state_dict` with the batches handed out after the first ``trained`` of the

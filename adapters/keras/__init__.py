@@ -1100,7 +1100,8 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
     measure_batch_size : examples per forward in measurement passes (memory only).
     last_layer : the classifier ``Dense`` layer (or its name) for ``CrestConfig(embeddings=True)``.
     observe_losses : feed the inference-mode losses of every trained batch to the drop policy (one extra
-        forward of ``m`` examples per step, counted). Default: on exactly when dropping is on (``T2``).
+        forward of ``m`` examples per step, counted). Default: on exactly when dropping is on (``T2``);
+        True with dropping off is refused (the losses would be kept nowhere).
     record : keep ``trained``: a list of ``(indices, weights)`` of every trained step (the controller's
         weights; see :attr:`last_weights` for what Keras received).
     log_stats : add ``crest_*`` numbers (selections, checks, T1, P, pool, last rho) to the epoch logs
@@ -1159,9 +1160,15 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         self.outputs_option = outputs
         self.measure_batch_size = _common.check_count(measure_batch_size, "measure_batch_size")
         self.last_layer = last_layer
-        self.observe_losses = (self.config.T2 is not None) if observe_losses is None else bool(observe_losses)
-        self.record = bool(record)
-        self.log_stats = bool(log_stats)
+        dropping = self.config.T2 is not None
+        self.observe_losses = dropping if observe_losses is None else _common.check_bool(observe_losses,
+                                                                                        "observe_losses")
+        if self.observe_losses and not dropping:
+            raise ValueError("observe_losses=True feeds the drop policy, which is off (CrestConfig(T2=None)): it "
+                             "would cost a forward of m examples a step, counted in the budget, for losses kept "
+                             "nowhere. Turn dropping on (CrestConfig(T2=...)) or leave observe_losses unset")
+        self.record = _common.check_bool(record, "record")
+        self.log_stats = _common.check_bool(log_stats, "log_stats")
         m = self.config.m
         self.full_steps_per_epoch = full_steps(n, m)
         self.steps_per_epoch = budget_steps(self.budget, self.full_steps_per_epoch)

@@ -953,6 +953,12 @@ def test_misuse_is_refused_clearly():
     crest = CrestCallback(X, y, config=CrestConfig(m=32), budget=0.2)
     with pytest.raises(RuntimeError, match="callbacks"):  # the dataset without its callback
         mlp(0).fit(crest.dataset, epochs=3, verbose=0)
+    for name in ("observe_losses", "record", "log_stats"):  # review 25: "false" read as True
+        with pytest.raises(TypeError, match=f"{name} must be a bool"):
+            CrestCallback(X, y, config=CrestConfig(m=32, T2=5), **{name: "false"})
+    with pytest.raises(ValueError, match="observe_losses=True feeds the drop policy, which is off"):
+        CrestCallback(X, y, config=CrestConfig(m=32), observe_losses=True)  # a forward a step, kept nowhere
+    assert CrestCallback(X, y, config=CrestConfig(m=32, T2=5), observe_losses=np.bool_(False)).observe_losses is False
     from crestcore.adapters.keras import _unsupported
 
     msg = _unsupported("tensorflow", "gradients and Hessian-vector products")

@@ -255,6 +255,29 @@ def test_callback_validates_its_arguments_at_construction(kwargs, error, name):
         CrestCallback(data(), **kwargs)
 
 
+
+def test_dropping_on_without_losses_under_the_key_is_warned_about_once(tmp_path):
+    """Review 25: with dropping on, a training_step returning its losses under a misspelled key was ignored
+    without a word, and the drops changed. Warned once a fit now (naming the keys it got); losses_key=None
+    observes none, without a warning; the correct key, as before."""
+    cfg = dict(CFG, config=CrestConfig(m=24, r=60, tau=0.05, T2=2))
+
+    class Misspelled(Module):
+        def training_step(self, batch, batch_idx):
+            out = super().training_step(batch, batch_idx)
+            return {"loss": out["loss"], "crest_loss": out["crest_losses"]}
+
+    cb = CrestCallback(data(), **cfg)
+    with pytest.warns(UserWarning, match=r"\['crest_loss', 'loss'\], without 'crest_losses'") as got:
+        trainer(tmp_path, 2, cb).fit(Misspelled(), train_dataloaders=cb.dataloader())
+    assert sum("without 'crest_losses'" in str(w.message) for w in got) == 1
+    for module, key in ((Misspelled(), None), (Module(), "crest_losses")):
+        cb = CrestCallback(data(), losses_key=key, **cfg)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", "CrestCallback: dropping is on")
+            trainer(tmp_path, 2, cb).fit(module, train_dataloaders=cb.dataloader())
+    assert cb.stats["step"] == 6
+
 def test_the_dataloader_outside_a_fit_says_so_at_iter_and_len():
     """Review 21: with the lazy iterator (the loader read at the first batch) iter() stopped raising."""
     cb = CrestCallback(data(), **CFG)

@@ -468,6 +468,51 @@ def test_batches_handed_out_again_after_rewind_record_their_own_steps(with_indic
             s.observe(torch.zeros(2), indices=torch.tensor([0, 1]))
 
 
+
+def test_observe_under_prefetching_needs_the_indices_and_takes_them_in_any_order():
+    """Review 25: (1) observe(losses) without indices= under a DataLoader with workers credited each
+    batch's losses to the batch handed out last, 4 ahead (10 of 12 batches recorded wrongly, the drops
+    changed, nothing said): refused now. (2) A collate_fn that reorders a batch made every
+    observe(indices=) miss its batch (compared in order), recording up to 5 steps ahead with a warning that
+    blamed the caller: matched in any order now, each loss with its own index. (3) A refused
+    observe(indices=) (a wrong count) marked its batch observed, so the corrected call was recorded at a
+    later step: the batch stays unobserved until a call records it."""
+    X, y = make_data()
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = CrestConfig(m=24, r=60, T2=100, drop=DropConfig(history=32))
+
+    def reversing(items):  # a collate_fn that reorders the batch
+        return torch.utils.data.default_collate(items[::-1])
+
+    s = CrestBatchSampler(model, TensorDataset(X, y), config=cfg, budget=0.5, epochs=1, seed=0,
+                          collate_fn=lambda items: torch.utils.data.default_collate(items))
+    loader = s.dataloader(indices=True, num_workers=2, collate_fn=reversing)
+    t = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the collate_fn mismatch warning (intended here)
+        batches = iter(loader)
+        for x, yb, w, i in batches:
+            losses = step(model, opt, x, yb, w)
+            if t == 0:
+                with pytest.raises(ValueError, match="without indices=, but the DataLoader fetches up to 4"):
+                    s.observe(losses)
+                with pytest.raises(ValueError, match="losses"):
+                    s.observe(losses[:-1], indices=i)  # a wrong count: refused, the batch not marked
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # matched: no "no batch handed out" warning
+                s.observe(torch.full((i.numel(),), 1000.0 * (t + 1)) + torch.arange(i.numel()), indices=i)
+            drop = s.controller_state.drop
+            for r, j in enumerate(i.tolist()):  # each loss at its own example and its batch's step
+                at = np.flatnonzero(drop.losses[j] == 1000.0 * (t + 1) + r)
+                assert at.size == 1 and drop.steps[j, at[0]] == t, (t, j, drop.steps[j])
+            t += 1
+    assert t == s.stats["step"] == 5
+    plain = CrestBatchSampler(mlp(), TensorDataset(X, y), config=cfg, budget=0.5, epochs=1, seed=0)
+    for x, _yb, _w in plain.dataloader(num_workers=0):  # no prefetching: the batch handed out last
+        plain.observe(torch.ones(x.shape[0]))
+    assert plain.stats["step"] == 5
+
 def test_observe_with_indices_and_bad_arguments():
     X, y = make_data()
     ds = TensorDataset(X, y)
