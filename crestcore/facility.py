@@ -154,28 +154,77 @@ _EXACT_STEP_LIMIT = 1 << 22  # remaining candidates up to which an exact step's 
 
 def _skip_draws(rng: np.random.Generator, count: int, chunk: int) -> None:
     """Advance ``rng`` past ``count`` float64 uniforms, as ``rng.random(count)`` would, without keeping them:
-    PCG64's ``advance`` (one 64-bit output a double) where the bit generator has it exactly, else drawn and
+    PCG64's ``advance`` (one 64-bit output a double; the 32-bit half it may hold for a later 32-bit draw is
+    kept, as ``random`` keeps it) where the bit generator is exactly PCG64 or PCG64DXSM, else drawn and
     discarded ``chunk`` at a time."""
     if count <= 0:
         return
     bitgen: Any = rng.bit_generator
     if type(bitgen) in (np.random.PCG64, np.random.PCG64DXSM):  # exactly: a subclass may draw otherwise
+        held = bitgen.state
         bitgen.advance(count)
+        if held["has_uint32"]:  # advance drops the held half; random() would have left it for the next draw
+            state = bitgen.state
+            state["has_uint32"], state["uinteger"] = held["has_uint32"], held["uinteger"]
+            bitgen.state = state
         return
     while count > 0:
         rng.random(min(count, chunk))
         count -= chunk
 
 
+def _exact_steps(u: np.ndarray, sizes: np.ndarray, s_b: np.ndarray) -> None:
+    """In place: the draws ``u`` (B, K, s) of every step whose sample reaches the candidates remaining map to
+    each of them once, in order (``(q + 1/2) / R``; see :func:`stochastic_draws`)."""
+    K, s = u.shape[1], u.shape[2]
+    R = sizes[:, None] - np.arange(K)[None, :]  # (B, K): the candidates remaining at each step
+    b, t = np.nonzero((s_b[:, None] >= R) & (R >= 1) & (R <= _EXACT_STEP_LIMIT))
+    if b.size:
+        Rbt = R[b, t][:, None].astype(np.float64)
+        q = np.minimum(np.arange(s)[None, :], Rbt - 1)
+        u[b, t, :] = (q + 0.5) / Rbt
+
+
+def stochastic_draws(rng: np.random.Generator, sizes, budgets, epsilon: float) -> np.ndarray:
+    """Uniform draws (B, K, s) for stochastic greedy; ``s = ceil(n_b / k_b * ln(1 / epsilon))``.
+
+    Each draw ``u`` is mapped by every backend to the ``floor(u R)``-th of the ``R`` candidates remaining
+    (a sample with replacement: its chance of missing a set of ``a`` candidates, ``(1 - a/R)^s``, is the
+    bound the approximation guarantee uses). A step whose sample is at least as large as the candidates
+    remaining (``R = n_b - t``: every step takes one) looks at every one of them, an exact greedy step:
+    its draws are replaced by ``(q + 1/2) / R``, which map to the positions ``q = 0 .. R - 1`` (the rest
+    repeat the last). So a tiny ``epsilon`` gives the greedy picks. Problems needing fewer than ``s_max``
+    samples repeat their first draw in the spare columns (duplicates change nothing). Drawn on the host
+    so every backend sees the same sample: the host stream read as one ``(B, K, s)`` block, row ``t`` of
+    problem ``b`` at offset ``(b K + t) s``, padding included (:func:`stochastic_draws_ragged` keeps only
+    the part each problem uses, for problems of very different sizes).
+
+    >>> u = stochastic_draws(np.random.default_rng(0), [4], [2], 1e-6)  # s = 4 >= R: both steps exact
+    >>> np.minimum(np.floor(u * np.array([4, 3])[None, :, None]), np.array([3, 2])[None, :, None]).tolist()
+    [[[0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 2.0]]]
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    budgets = np.asarray(budgets, dtype=np.int64)
+    B = sizes.size
+    K = int(budgets.max()) if B else 0
+    s_b = sample_sizes(sizes, budgets, epsilon)  # the contract's rule
+    s = int(s_b.max()) if B else 1
+    u = rng.random((B, K, s))
+    spare = np.arange(s)[None, None, :] >= s_b[:, None, None]
+    u = np.where(spare, u[:, :, :1], u)
+    _exact_steps(u, sizes, s_b)
+    return u
+
+
 def stochastic_draws_ragged(rng: np.random.Generator, sizes, budgets, epsilon: float,
-                            chunk: int = 1 << 20) -> list:
-    """Stochastic greedy's uniform draws per problem: ``u_b`` of shape ``(k_b, s_b)`` with
-    ``s_b = ceil(n_b / k_b * ln(1 / epsilon))`` (clipped to ``[1, n_b]``), as :func:`stochastic_draws`
-    describes. The values are ``stochastic_draws(...)[b, :k_b, :s_b]`` and ``rng`` ends in the same state,
-    but only the draws a problem uses are kept: with one large class and many small ones the padded
-    ``(B, max k, max s)`` array is mostly padding (one class of 20,000 points and 500 of 10 at
-    ``epsilon=0.01``: 359 MiB padded for 0.9 MiB used). The host stream is read in blocks of at most
-    ``chunk`` values (one row when a row is longer).
+                            chunk: int = 1 << 22) -> list:
+    """Stochastic greedy's uniform draws per problem: ``u_b`` of shape ``(k_b, s_b)``, the values
+    ``stochastic_draws(...)[b, :k_b, :s_b]``, with ``rng`` left in the same state. With one large class and
+    many small ones the padded ``(B, max k, max s)`` block is mostly padding (one class of 20,000 points and
+    500 of 10 at ``epsilon=0.01``: 359 MiB padded for 0.9 MiB used); past ``chunk`` values the host stream
+    is read problem by problem in blocks of at most ``chunk`` values (one row when a row is longer) and only
+    the draws a problem uses are kept; below it, the block is drawn at once and sliced (faster for many
+    small problems).
 
     >>> rng = np.random.default_rng(0)
     >>> [u.shape for u in stochastic_draws_ragged(rng, [1000, 10], [100, 1], 0.1)]
@@ -189,21 +238,20 @@ def stochastic_draws_ragged(rng: np.random.Generator, sizes, budgets, epsilon: f
     K = int(budgets.max())
     s_b = sample_sizes(sizes, budgets, epsilon)  # the contract's rule
     s = int(s_b.max())
+    if B * K * s <= chunk:
+        u = stochastic_draws(rng, sizes, budgets, epsilon)
+        return [u[b, : budgets[b], : s_b[b]].copy() for b in range(B)]
     out = []
     for b in range(B):
         k_b, sb = int(budgets[b]), int(s_b[b])
-        u = np.empty((k_b, sb))
+        u = np.empty((1, k_b, sb))
         rows = max(1, chunk // s)
         for t0 in range(0, k_b, rows):
             t1 = min(k_b, t0 + rows)
-            u[t0:t1] = rng.random((t1 - t0, s))[:, :sb]
+            u[0, t0:t1] = rng.random((t1 - t0, s))[:, :sb]
         _skip_draws(rng, (K - k_b) * s, chunk)  # the rows past this problem's budget
-        R = sizes[b] - np.arange(k_b)  # the candidates remaining at each step
-        t = np.flatnonzero((sb >= R) & (R >= 1) & (R <= _EXACT_STEP_LIMIT))
-        if t.size:
-            Rt = R[t][:, None].astype(np.float64)
-            u[t, :] = (np.minimum(np.arange(sb)[None, :], Rt - 1) + 0.5) / Rt
-        out.append(u)
+        _exact_steps(u, sizes[b : b + 1], s_b[b : b + 1])
+        out.append(u[0])
     return out
 
 
@@ -221,30 +269,6 @@ def pad_draws(ragged: list, problems=None) -> np.ndarray:
         out[b, :k_b, :sb] = u
         out[b, :k_b, sb:] = u[:, :1]
     return out
-
-
-def stochastic_draws(rng: np.random.Generator, sizes, budgets, epsilon: float) -> np.ndarray:
-    """Uniform draws (B, K, s) for stochastic greedy; ``s = ceil(n_b / k_b * ln(1 / epsilon))``.
-
-    Each draw ``u`` is mapped by every backend to the ``floor(u R)``-th of the ``R`` candidates remaining
-    (a sample with replacement: its chance of missing a set of ``a`` candidates, ``(1 - a/R)^s``, is the
-    bound the approximation guarantee uses). A step whose sample is at least as large as the candidates
-    remaining (``R = n_b - t``: every step takes one) looks at every one of them, an exact greedy step:
-    its draws are replaced by ``(q + 1/2) / R``, which map to the positions ``q = 0 .. R - 1`` (the rest
-    repeat the last). So a tiny ``epsilon`` gives the greedy picks. Problems needing fewer than ``s_max``
-    samples repeat their first draw in the spare columns (duplicates change nothing). Drawn on the host
-    so every backend sees the same sample: the host stream is read as one ``(B, K, s)`` block, row ``t``
-    of problem ``b`` at offset ``(b K + t) s``, whatever part of it a problem uses (the padded array of
-    :func:`stochastic_draws_ragged`, which keeps only the used part).
-
-    >>> u = stochastic_draws(np.random.default_rng(0), [4], [2], 1e-6)  # s = 4 >= R: both steps exact
-    >>> np.minimum(np.floor(u * np.array([4, 3])[None, :, None]), np.array([3, 2])[None, :, None]).tolist()
-    [[[0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 2.0]]]
-    """
-    sizes = np.asarray(sizes, dtype=np.int64)
-    if sizes.size == 0:
-        return np.zeros((0, 0, 1))
-    return pad_draws(stochastic_draws_ragged(rng, sizes, budgets, epsilon))
 
 
 def draws_on(xp, u_host: np.ndarray, X, max_candidates: int):
@@ -619,7 +643,10 @@ def facility_location(
     gains = xp.concat([out_gain[p] for p in keep])
     weights = xp.concat([out_w[p] for p in keep])
     objective = xp.sum(xp.stack([xp.asarray(out_obj[p], device=dev) for p in keep]))
-    if kernel == "exp" and 2 <= k < n and bool(to_numpy(xp.all(gains == 1.0))):
+    # the problems where a pick could cover another point (two points or more, not all picked, on a path
+    # that measures every pair): a gain of exactly 1 at every pick of all of them means the similarities vanished
+    open_ = [p for p in keep if p not in sparse_p and 1 <= budgets[p] < sizes[p]]
+    if kernel == "exp" and open_ and all(bool(to_numpy(xp.all(out_gain[p] == 1.0))) for p in open_):
         warnings.warn(
             f"facility_location: with kernel='exp' and scale={given_scale:g} every pick gained exactly 1 (itself): the "
             "similarities exp(-D / scale) between distinct points are below the float resolution, so every "
@@ -655,7 +682,8 @@ def _check_dense_and_selected(S, selected):
 def facility_objective(S, selected):
     """``F(selected) = sum_i max_{j in selected} S[i, j]`` for a dense non-negative similarity matrix S (n, n).
 
-    ``selected`` is a 1-D integer array of candidate indices (may be empty: F = 0).
+    ``selected`` is a 1-D integer array of candidate indices (may be empty: F = 0). Differentiable in ``S``
+    where its library is (a torch ``S`` that requires grad gives an objective with its graph).
 
     Examples
     --------
@@ -664,14 +692,17 @@ def facility_objective(S, selected):
     >>> float(facility_objective(S, np.array([0]))), float(facility_objective(S, np.array([0, 2])))
     (1.5, 2.5)
     """
-    S, selected = detached(S), detached(selected)
+    selected = detached(selected)
     xp = _check_dense_and_selected(S, selected)
     if selected.shape[0] == 0:
         return xp.asarray(0.0, dtype=S.dtype, device=device_of(S))
     dtype = S.dtype
     S, _, _, back = prepare(xp, S, metric="precomputed", kernel=None, scale=1.0)  # numerics policy
     cols = xp.take(S, selected, axis=1)
-    return xp.asarray(restore(xp, xp.sum(xp.max(cols, axis=1)), back, dtype, "objective"))  # NumPy: 0-d, not a scalar
+    out = restore(xp, xp.sum(xp.max(cols, axis=1)), back, dtype, "objective")
+    # NumPy: 0-d, not a scalar; an array stays itself (a torch S that requires grad keeps its graph: the
+    # objective is differentiable in S, and asarray would warn about it)
+    return xp.asarray(out) if isinstance(out, (np.generic, float)) else out
 
 
 def marginal_gains(S, selected):
@@ -688,7 +719,7 @@ def marginal_gains(S, selected):
     >>> marginal_gains(S, np.array([1])).tolist()
     [0.5, 0.0, 0.8]
     """
-    S, selected = detached(S), detached(selected)
+    selected = detached(selected)
     xp = _check_dense_and_selected(S, selected)
     dtype = S.dtype
     S, _, _, back = prepare(xp, S, metric="precomputed", kernel=None, scale=1.0)  # numerics policy

@@ -313,21 +313,29 @@ def test_stochastic_draws_map_an_exact_steps_draws_to_every_remaining_candidate(
     assert s_b[0] < 50 and s_b[0] >= 50 - 44  # problem 0: sampled steps first, exact steps at the end
 
 
-@pytest.mark.parametrize("bitgen", ["PCG64", "MT19937", "Philox"])
-def test_stochastic_draws_ragged_read_the_padded_stream(bitgen):
+@pytest.mark.parametrize("bitgen", ["PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64"])
+@pytest.mark.parametrize("held", [False, True])
+@pytest.mark.parametrize("chunk", [7, 1 << 22])
+def test_stochastic_draws_ragged_read_the_padded_stream(bitgen, held, chunk):
     """Each problem's ragged draws are the used part of the one ``(B, K, s)`` block the host stream is read
-    as (rows past a problem's budget and columns past its sample skipped, advanced over with PCG64's
-    ``advance``, drawn and discarded otherwise), exact steps remapped; the generator ends where reading
-    the whole block leaves it. Blocks of 7 values make every problem cross a block boundary."""
+    as (streamed in blocks of 7 values, so that every problem crosses a block boundary, the rows past a
+    problem's budget skipped: PCG64's ``advance`` or drawn and discarded; or drawn at once and sliced), exact
+    steps remapped, and the generator ends exactly where reading the block leaves it, also when it held
+    the unused 32-bit half of a draw before (``integers`` leaves one; review 26: ``advance`` dropped it,
+    and every later draw of a CREST run changed)."""
     from crestcore.backends import sample_sizes
-    from crestcore.facility import pad_draws, stochastic_draws, stochastic_draws_ragged
+    from crestcore.facility import stochastic_draws, stochastic_draws_ragged
 
     sizes, budgets, eps = np.array([50, 9, 3, 40, 2]), np.array([20, 4, 3, 0, 1]), 0.05
     make = getattr(np.random, bitgen)
     ref_rng, rng = np.random.Generator(make(3)), np.random.Generator(make(3))
+    if held:
+        ref_rng.integers(10), rng.integers(10)
     K, s_b = int(budgets.max()), sample_sizes(sizes, budgets, eps)
     block = ref_rng.random((sizes.size, K, int(s_b.max())))  # the stream as one padded block
-    ragged = stochastic_draws_ragged(rng, sizes, budgets, eps, chunk=7)
+    ragged = stochastic_draws_ragged(rng, sizes, budgets, eps, chunk=chunk)
+    assert rng.bit_generator.state.keys() == ref_rng.bit_generator.state.keys()
+    np.testing.assert_array_equal(rng.integers(2**31 - 1, size=5), ref_rng.integers(2**31 - 1, size=5))
     np.testing.assert_array_equal(rng.random(5), ref_rng.random(5))  # the same state after
     for b in range(sizes.size):
         k_b, sb = int(budgets[b]), int(s_b[b])
@@ -338,10 +346,13 @@ def test_stochastic_draws_ragged_read_the_padded_stream(bitgen):
         for t in np.flatnonzero(exact):  # every remaining position once, in order
             pos = np.minimum(np.floor(ragged[b][t] * R[t]), R[t] - 1)
             assert pos.tolist() == np.minimum(np.arange(sb), R[t] - 1).tolist()
-    padded = stochastic_draws(np.random.Generator(make(3)), sizes, budgets, eps)
-    np.testing.assert_array_equal(padded, pad_draws(ragged))
-    np.testing.assert_array_equal(padded[0, :20, : s_b[0]], ragged[0])
-    np.testing.assert_array_equal(padded[1, :4, s_b[1]:], np.repeat(ragged[1][:, :1], padded.shape[2] - s_b[1], 1))
+    padded = stochastic_draws(np.random.Generator(make(3)), sizes, budgets, eps) if not held else None
+    if padded is not None:
+        for b in range(sizes.size):  # the padded block's used part; a sampled step's spare columns repeat its first
+            np.testing.assert_array_equal(padded[b, : budgets[b], : s_b[b]], ragged[b])
+            sampled = s_b[b] < sizes[b] - np.arange(budgets[b])
+            np.testing.assert_array_equal(padded[b, : budgets[b], s_b[b]:][sampled],
+                                          np.repeat(ragged[b][sampled, :1], padded.shape[2] - s_b[b], axis=1))
 
 
 def test_stochastic_greedy_with_many_classes_keeps_only_the_draws_it_uses():
@@ -384,21 +395,28 @@ def test_stochastic_greedy_with_many_classes_keeps_only_the_draws_it_uses():
 
 
 
-def test_objective_and_gains_of_autograd_similarities_carry_no_graph():
-    """Review 24: facility_objective and marginal_gains returned graph-carrying tensors for a similarity
-    matrix that required grad (torch warned on an asarray); the other selection functions detach. Now
-    these do too: the same values, no graph, no warning."""
+def test_objective_and_gains_of_autograd_similarities_are_differentiable_without_a_warning():
+    """Review 24: facility_objective of a similarity matrix that requires grad warned (torch's asarray on
+    a tensor with a graph). It no longer warns and stays differentiable in S (review 26: detaching it, the
+    first fix, broke .backward()): each row's gradient is 1 at its best selected column, 0 elsewhere.
+    marginal_gains keeps its graph too; both give the detached input's values."""
     torch = pytest.importorskip("torch")
     S = torch.rand(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     sel = torch.tensor([1, 4])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         obj, gains = crestcore.facility_objective(S, sel), crestcore.marginal_gains(S, sel)
-    assert not obj.requires_grad and not gains.requires_grad
-    with torch.no_grad():  # the same values as a detached input's (the same library, the same sums)
+        obj.backward()
+    best = sel[S.detach()[:, sel].argmax(dim=1)]
+    expected = torch.zeros(6, 6, dtype=torch.float64)
+    expected[torch.arange(6), best] = 1.0
+    torch.testing.assert_close(S.grad, expected, rtol=0, atol=0)
+    assert gains.requires_grad
+    with torch.no_grad():
         ref_obj, ref_gains = crestcore.facility_objective(S.detach(), sel), crestcore.marginal_gains(S.detach(), sel)
-    assert float(obj) == float(ref_obj)
-    torch.testing.assert_close(gains, ref_gains, rtol=0, atol=0)
+    assert float(obj.detach()) == float(ref_obj)
+    torch.testing.assert_close(gains.detach(), ref_gains, rtol=0, atol=0)
+    assert isinstance(crestcore.facility_objective(S.detach().numpy(), sel.numpy()), np.ndarray)  # 0-d, not a scalar
 
 
 def test_the_numba_route_returns_a_numpy_bfloat16_problems_results_in_bfloat16():
@@ -430,7 +448,16 @@ def test_an_exp_kernel_whose_similarities_all_vanish_is_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sel = crestcore.facility_location(X, 5, kernel="exp", scale=2000.0)
-    assert sel.indices.tolist() != [0, 1, 2, 3, 4]
+        assert sel.indices.tolist() != [0, 1, 2, 3, 4]
+        # review 26: picks that could cover nothing else gain exactly 1 on ordinary data: no warning
+        rs = np.random.default_rng(0)
+        Z = rs.normal(size=(13, 2))
+        crestcore.facility_location(Z, 3, labels=np.r_[0, 1, 2, np.full(10, 3)], kernel="exp", scale=1.0,
+                                    class_budgets=[1, 1, 1, 0])  # classes of one point; a class without a pick
+        crestcore.facility_location(Z[:6], 3, labels=np.arange(6), kernel="exp", scale=1.0)
+        yc = np.arange(20) % 2  # a given graph whose rows list only the other class: no edge within a class
+        nb = np.array([[j for j in range(20) if yc[j] != yc[i]][:3] for i in range(20)])
+        crestcore.facility_location(rs.normal(size=(20, 2)), 4, labels=yc, neighbors=nb, kernel="exp", scale=1.0)
 
 def test_stochastic_draws_are_float64_above_float32s_reach(monkeypatch):
     """Above 2^24 points a float32 ``u * R`` skips positions (``u`` near 1 is spaced 2^-24): some candidates
