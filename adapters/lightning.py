@@ -344,6 +344,7 @@ class CrestCallback(pl.Callback):
             self.loader = CrestLoader(pl_module, self.dataset, epochs=int(epochs), per_epoch=True, **self._kwargs)
         self._epoch0 = epoch0
         self._restored = False
+        self._losses_warned = False  # said once a fit
         _check_batch_limit(trainer, self.loader)
         if self._pending is not None:
             state, self._pending = self._pending, None
@@ -434,14 +435,17 @@ class CrestCallback(pl.Callback):
             return
         if isinstance(outputs, dict) and key in outputs:
             loader.observe(outputs[key])
-        elif loader.config.T2 is not None and not self._losses_warned:
+        elif (outputs is not None and not (isinstance(outputs, dict) and not outputs)
+              and loader.config.T2 is not None and not self._losses_warned):
+            # (None or {}: training_step returned None, and Lightning skipped the step)
             self._losses_warned = True  # a misspelled key changed which examples were dropped, without a word
-            got = f"a dict with {sorted(map(str, outputs))}" if isinstance(outputs, dict) else type(outputs).__name__
+            got = (f"holds {sorted(map(str, outputs))}" if isinstance(outputs, dict) else
+                   f"is a {type(outputs).__name__}")
             warnings.warn(
-                f"CrestCallback: dropping is on (CrestConfig(T2={loader.config.T2})) but training_step returned "
-                f"{got}, without {key!r}: the drop policy sees only the measurement passes' losses. Return the "
-                f"per-example losses under {key!r} (detached), or pass losses_key=None to observe none (warned "
-                "once)", stacklevel=_common.user_stacklevel())
+                f"CrestCallback: dropping is on (CrestConfig(T2={loader.config.T2})) but training_step's output "
+                f"(as Lightning passes it on: {got}) has no {key!r}: the drop policy sees only the measurement "
+                f"passes' losses. Return a dict with the per-example losses under {key!r} (detached), or pass "
+                "losses_key=None to observe none (warned once a fit)", stacklevel=_common.user_stacklevel())
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.loader is None:

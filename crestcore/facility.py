@@ -211,13 +211,13 @@ def stochastic_draws(rng: np.random.Generator, sizes, budgets, epsilon: float) -
     s = int(s_b.max()) if B else 1
     u = rng.random((B, K, s))
     spare = np.arange(s)[None, None, :] >= s_b[:, None, None]
-    u = np.where(spare, u[:, :, :1], u)
+    np.copyto(u, np.broadcast_to(u[:, :, :1], u.shape), where=spare)  # in place: no second block
     _exact_steps(u, sizes, s_b)
     return u
 
 
 def stochastic_draws_ragged(rng: np.random.Generator, sizes, budgets, epsilon: float,
-                            chunk: int = 1 << 22) -> list:
+                            chunk: int = 1 << 20) -> list:
     """Stochastic greedy's uniform draws per problem: ``u_b`` of shape ``(k_b, s_b)``, the values
     ``stochastic_draws(...)[b, :k_b, :s_b]``, with ``rng`` left in the same state. With one large class and
     many small ones the padded ``(B, max k, max s)`` block is mostly padding (one class of 20,000 points and
@@ -576,6 +576,7 @@ def facility_location(
         out_gain[p], out_w[p], out_obj[p] = g, w, obj
 
     graph_methods = set()
+    edgeless: set[int] = set()  # sparse problems whose graph has no edge
     for p in sparse_p:
         from .sparse import knn_graph, solve_sparse
 
@@ -596,6 +597,8 @@ def facility_location(
                 graph_methods.add(how)
             else:
                 nbr = np.zeros((n_p, 0), dtype=np.int64)
+        if not bool(np.any(nbr >= 0)):  # no edge: a pick covers nothing but itself, whatever the kernel
+            edgeless.add(p)
         u = None
         if u_all is not None:
             u = draws_on(xp, u_all[p], X, int(sizes[p]))
@@ -643,9 +646,9 @@ def facility_location(
     gains = xp.concat([out_gain[p] for p in keep])
     weights = xp.concat([out_w[p] for p in keep])
     objective = xp.sum(xp.stack([xp.asarray(out_obj[p], device=dev) for p in keep]))
-    # the problems where a pick could cover another point (two points or more, not all picked, on a path
-    # that measures every pair): a gain of exactly 1 at every pick of all of them means the similarities vanished
-    open_ = [p for p in keep if p not in sparse_p and 1 <= budgets[p] < sizes[p]]
+    # the problems where a pick could cover another point (two points or more, not all picked, a sparse one
+    # with an edge): a gain of exactly 1 at every pick of all of them means the similarities vanished
+    open_ = [p for p in keep if p not in edgeless and 1 <= budgets[p] < sizes[p]]
     if kernel == "exp" and open_ and all(bool(to_numpy(xp.all(out_gain[p] == 1.0))) for p in open_):
         warnings.warn(
             f"facility_location: with kernel='exp' and scale={given_scale:g} every pick gained exactly 1 (itself): the "
@@ -694,8 +697,9 @@ def facility_objective(S, selected):
     """
     selected = detached(selected)
     xp = _check_dense_and_selected(S, selected)
-    if selected.shape[0] == 0:
-        return xp.asarray(0.0, dtype=S.dtype, device=device_of(S))
+    if selected.shape[0] == 0:  # 0 as a sum over no column of S: differentiable like any other objective
+        out0 = xp.sum(xp.take(S, selected, axis=1))
+        return xp.asarray(out0) if isinstance(out0, (np.generic, float)) else out0
     dtype = S.dtype
     S, _, _, back = prepare(xp, S, metric="precomputed", kernel=None, scale=1.0)  # numerics policy
     cols = xp.take(S, selected, axis=1)

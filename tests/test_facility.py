@@ -417,6 +417,10 @@ def test_objective_and_gains_of_autograd_similarities_are_differentiable_without
     assert float(obj.detach()) == float(ref_obj)
     torch.testing.assert_close(gains.detach(), ref_gains, rtol=0, atol=0)
     assert isinstance(crestcore.facility_objective(S.detach().numpy(), sel.numpy()), np.ndarray)  # 0-d, not a scalar
+    empty = crestcore.facility_objective(S, torch.zeros(0, dtype=torch.int64))  # review 27: 0 with a graph too
+    empty.backward()
+    assert float(empty.detach()) == 0.0 and isinstance(crestcore.facility_objective(S.detach().numpy(), sel.numpy()[:0]),
+                                                        np.ndarray)
 
 
 def test_the_numba_route_returns_a_numpy_bfloat16_problems_results_in_bfloat16():
@@ -445,6 +449,8 @@ def test_an_exp_kernel_whose_similarities_all_vanish_is_warned_about():
         with pytest.warns(RuntimeWarning, match="every pick gained exactly 1"):
             sel = crestcore.facility_location(X.astype(dt), 5, kernel="exp")
         assert sel.indices.tolist() == [0, 1, 2, 3, 4]
+    with pytest.warns(RuntimeWarning, match="every pick gained exactly 1"):  # on a kNN graph too (review 27)
+        crestcore.facility_location(X, 5, kernel="exp", neighbors=5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sel = crestcore.facility_location(X, 5, kernel="exp", scale=2000.0)
