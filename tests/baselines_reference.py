@@ -372,7 +372,9 @@ def _val_state_ref(xp, val_logits, onehot, E, G_S, eta: float, C: int):
         gval = xp.sum(R, axis=0)
     else:
         gval = xp.reshape(xp.matmul(xp.matrix_transpose(R), E), (-1,))
-    loss = xp.sum(xp.log(xp.sum(e, axis=1)) - xp.sum(z * onehot, axis=1))
+    # the per-example losses summed in float64 (the objective's definition since review 28: a float32 sum over a
+    # large validation set quantised it)
+    loss = xp.sum(xp.astype(xp.log(xp.sum(e, axis=1)) - xp.sum(z * onehot, axis=1), xp.float64))
     return gval, loss
 
 

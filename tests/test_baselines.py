@@ -546,6 +546,24 @@ def test_glister_greedy_picks_the_best_gain_each_step(seed, bias_only, eta):
     np.testing.assert_allclose(to_numpy(sel.weights), 20 / 6)
 
 
+
+def test_glister_float32_objective_sums_the_validation_losses_wide():
+    """Review 28: the objective, the decrease of the summed validation loss, was the difference of two float32
+    sums over the validation set: 3.5 against float64's 3.51223 over 100,000 examples. The sums are taken
+    in float64 now (the per-example losses stay float32); the picks are unchanged."""
+    rng = np.random.default_rng(4)
+    n, C, nv = 200, 10, 100_000
+    P = np.exp(rng.normal(size=(n, C)))
+    P /= P.sum(1, keepdims=True)
+    y = rng.integers(0, C, n)
+    TG = (P - np.eye(C)[y]).astype(np.float32)
+    Zv, yv = (rng.normal(size=(nv, C)) * 3).astype(np.float32), rng.integers(0, C, nv)
+    a = glister(TG, Zv, yv, 20, eta=1e-3)
+    b = glister(TG.astype(np.float64), Zv.astype(np.float64), yv, 20, eta=1e-3)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    assert a.objective.dtype == np.float32
+    assert float(a.objective) == pytest.approx(float(b.objective), rel=1e-3)
+
 def test_glister_stochastic():
     p = _linear_softmax_problem(3, n=40)
     args = (p["G"], p["z_v"], p["y_v"], 8)

@@ -109,6 +109,12 @@ def _check_options(method: str, options: dict) -> None:
                          "directly for signed weights")
 
 
+def _mean_one(w: np.ndarray) -> np.ndarray:
+    """``w`` rescaled to mean 1; equal weights (the uniform methods') are exactly 1, not ``w / mean(w)``,
+    which rounds to 0.9999999999999997 for some sizes."""
+    return np.ones_like(w) if w.size and w.min() == w.max() else w / w.mean()
+
+
 class SubsetSchedule:
     """The weighted mini-batches of a baseline ``method`` (one of :data:`METHODS`), as dataset indices.
 
@@ -279,7 +285,7 @@ class SubsetSchedule:
         sl = slice(b * self.m, (b + 1) * self.m)
         idx, w = self.plan_idx[sl].copy(), self.plan_w[sl].copy()
         if self.weights_mode == "batch":
-            w = w / w.mean()
+            w = _mean_one(w)
         return idx, w
 
     def _plan_epoch(self, e: int, t: int, ops, sync) -> None:
@@ -327,7 +333,7 @@ class SubsetSchedule:
                                      "has no positive weight")
         raw_sum = float(w.sum())
         if self.weights_mode == "selection":
-            w = w / w.mean()
+            w = _mean_one(w)
         self.sel_idx, self.sel_w, self.sel_epoch = idx, w, e
         sync()
         dt = time.perf_counter() - t0
