@@ -38,7 +38,7 @@ Budget (identical to ``CrestLoader``'s)
 ---------------------------------------
 ``full_steps_per_epoch = ceil(n / m)`` with n the whole dataset (GLISTER's held-out part included, so
 every method gets the same number of steps), ``steps_per_epoch = max(1, round(budget *
-full_steps_per_epoch))``, ``total_steps = epochs * steps_per_epoch`` (``full``:
+full_steps_per_epoch))`` (half rounds up), ``total_steps = epochs * steps_per_epoch`` (``full``:
 ``full_steps_per_epoch``). With ``budget_counts="steps"`` exactly ``total_steps`` batches are yielded.
 With ``"passes"`` a batch is yielded only while the training examples so far plus the selection's
 measurement passes, in step-equivalents (``(forward + 2 * backward examples) / 3 / m``), stay within the

@@ -102,6 +102,14 @@ def _check_step_limits(trainer, planned: int, loader) -> None:
             stacklevel=_common.user_stacklevel())
 
 
+def _skipped(outputs, module) -> bool:
+    """Whether Lightning skipped the step: ``training_step`` returned None (passed on as None, or as ``{}``
+    under automatic optimization; under manual optimization the step trained whatever it returned)."""
+    if outputs is None:
+        return True
+    return isinstance(outputs, dict) and not outputs and bool(getattr(module, "automatic_optimization", True))
+
+
 def _data_function(data) -> bool:
     """Whether ``data`` (the callback's ``dataset`` or ``measure_dataset``) is a function that returns the
     dataset when the fit is set up, rather than a dataset: callable, and neither indexable nor sized."""
@@ -435,9 +443,7 @@ class CrestCallback(pl.Callback):
             return
         if isinstance(outputs, dict) and key in outputs:
             loader.observe(outputs[key])
-        elif (outputs is not None and not (isinstance(outputs, dict) and not outputs)
-              and loader.config.T2 is not None and not self._losses_warned):
-            # (None or {}: training_step returned None, and Lightning skipped the step)
+        elif not _skipped(outputs, pl_module) and loader.config.T2 is not None and not self._losses_warned:
             self._losses_warned = True  # a misspelled key changed which examples were dropped, without a word
             got = (f"holds {sorted(map(str, outputs))}" if isinstance(outputs, dict) else
                    f"is a {type(outputs).__name__}")

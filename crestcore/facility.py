@@ -211,7 +211,7 @@ def stochastic_draws(rng: np.random.Generator, sizes, budgets, epsilon: float) -
     s = int(s_b.max()) if B else 1
     u = rng.random((B, K, s))
     spare = np.arange(s)[None, None, :] >= s_b[:, None, None]
-    np.copyto(u, np.broadcast_to(u[:, :, :1], u.shape), where=spare)  # in place: no second block
+    np.copyto(u, u[:, :, :1].copy(), where=spare)  # in place (a copied column: an overlapping source is copied whole)
     _exact_steps(u, sizes, s_b)
     return u
 

@@ -355,6 +355,23 @@ def test_stochastic_draws_ragged_read_the_padded_stream(bitgen, held, chunk):
                                           np.repeat(ragged[b][sampled, :1], padded.shape[2] - s_b[b], axis=1))
 
 
+
+def test_the_padded_stochastic_block_is_the_only_block():
+    """The padded draws' spare columns are filled in place: the peak is one block (8 MiB here), not two
+    (review 29: a broadcast source overlapping the block was copied whole, 15.5 MiB at 1M values)."""
+    import tracemalloc
+
+    from crestcore.facility import stochastic_draws
+
+    sizes, budgets = np.array([4000] + [40] * 399), np.array([400] + [4] * 399)  # (400, 400, 6): ~1M values
+    tracemalloc.start()
+    try:
+        u = stochastic_draws(np.random.default_rng(0), sizes, budgets, 0.5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.3 * u.nbytes, (peak / 2**20, u.nbytes / 2**20)
+
 def test_stochastic_greedy_with_many_classes_keeps_only_the_draws_it_uses():
     """One class of 1,200 points (on the matrix-free path) and 2,000 of two points: the draws were one
     padded (2001, 300, 19) float64 array and its copy (about 180 MiB) for about 50 kB used. Only each

@@ -100,6 +100,17 @@ def test_uniform_methods_give_weights_of_exactly_one(weights):
     s = _schedule("craig", y, weights=weights)
     _, w = s.next_indices(0, EmbeddingOps(X, y, C=3))
     assert w.min() < w.max() and w.mean() == pytest.approx(1.0)
+    # a state saved before (equal weights a rounding off 1) resumes with weights of exactly 1 (review 29)
+    s = _schedule("random", y, weights=weights)
+    s.next_indices(0, EmbeddingOps(X, y, C=3))
+    state = s.state()
+    for key in ("selection", "plan"):
+        if state.get(key) is not None and state[key].get("weights") is not None and weights == "selection":
+            state[key]["weights"] = np.full_like(np.asarray(state[key]["weights"]), 0.9999999999999998)
+    r = _schedule("random", y, weights=weights)
+    r.load_state(state)
+    _, w = r.next_indices(1, EmbeddingOps(X, y, C=3))
+    assert np.all(w == 1.0)
 
 def test_a_selecting_method_without_ops_says_what_it_needs():
     _, y = _data()

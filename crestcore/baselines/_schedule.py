@@ -516,6 +516,13 @@ class SubsetSchedule:
             "selections": [dict(s) for s in self.log],
         }
 
+    def _loaded_weights(self, w: np.ndarray) -> np.ndarray:
+        """Weights from a state: in "selection" mode equal weights within rounding of 1 (a state saved before
+        they were made exactly 1: 0.9999999999999998 until the next selection) are exactly 1."""
+        if self.weights_mode == "selection" and w.size and w.min() == w.max() and abs(float(w[0]) - 1.0) < 1e-12:
+            return np.ones_like(w)
+        return w
+
     def load_state(self, state: dict) -> None:
         """Restore :meth:`state` (arrays may come back in any library: they are copied to the host).
 
@@ -542,7 +549,7 @@ class SubsetSchedule:
             self.sel_epoch = -1
         else:
             self.sel_idx = host(sel["indices"], np.int64)
-            self.sel_w = host(sel["weights"], np.float64)
+            self.sel_w = self._loaded_weights(host(sel["weights"], np.float64))
             self.sel_epoch = int(sel["epoch"])
         plan = state.get("plan")
         if plan is None:
@@ -551,7 +558,7 @@ class SubsetSchedule:
             self.plan_key = int(plan["key"])
             self.plan_start = int(plan.get("start", self.plan_key * self.steps_per_epoch))
             self.plan_idx = host(plan["indices"], np.int64)
-            self.plan_w = None if plan["weights"] is None else host(plan["weights"], np.float64)
+            self.plan_w = None if plan["weights"] is None else self._loaded_weights(host(plan["weights"], np.float64))
         if self.method == "prune":
             self.losses = host(state["losses"], np.float64)
             self.seen = host(state["seen"], bool)

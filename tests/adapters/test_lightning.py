@@ -282,6 +282,21 @@ def test_dropping_on_without_losses_under_the_key_is_warned_about_once(tmp_path)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", "CrestCallback: dropping is on")
         trainer(tmp_path, 1, cb).fit(SkipsFirst(), train_dataloaders=cb.dataloader())
+
+    class Manual(Module):  # manual optimization: a step returning None trained (review 29: it was taken as skipped)
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            out, opt = super().training_step(batch, batch_idx), self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(out["loss"])
+            opt.step()
+
+    cb = CrestCallback(data(), **cfg)
+    with pytest.warns(UserWarning, match="has no 'crest_losses'"):
+        trainer(tmp_path, 1, cb).fit(Manual(), train_dataloaders=cb.dataloader())
     for module, key in ((Misspelled(), None), (Module(), "crest_losses")):
         cb = CrestCallback(data(), losses_key=key, **cfg)
         with warnings.catch_warnings():
