@@ -12,6 +12,7 @@ class's expected share is its proportional one (CREST's subsets and coresets use
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 import numbers
 import warnings
 from collections.abc import Iterator
@@ -48,16 +49,19 @@ def budget_steps(budget: float, full: int) -> int:
     1
     >>> budget_steps(0.009, 1500)  # 13.5 rounds up, though 0.009 * 1500 is 13.499999999999998 in binary
     14
+    >>> budget_steps(0.4999, 1_000_001)  # 499900.4999 rounds down at any size
+    499900
     """
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not (
             math.isfinite(float(budget)) and float(budget) > 0):
         raise ValueError(f"budget must be a positive finite fraction of the full-data steps, got {budget!r}")
     if isinstance(full, bool) or not isinstance(full, numbers.Integral) or full < 1:
         raise ValueError(f"full must be a positive integer (steps of a full-data epoch), got {full!r}")
-    x = float(budget) * int(full)
     # half up as the decimal budget means it: 0.009 * 1500 is 13.499999999999998 in binary floating point
-    # (0.009 is stored a little low), so a relative 1e-9 of slack lets it round up to 14
-    return max(1, int(math.floor(x + 0.5 + 1e-9 * max(1.0, x))))
+    # (0.009 is stored a little low); the shortest decimal of the float (its repr) times full, exactly, is
+    # 13.5. (A relative slack did the same but rounded 0.4999 * 1000001 = 499900.4999 up.)
+    x = Fraction(repr(float(budget))) * int(full)
+    return max(1, int(math.floor(x + Fraction(1, 2))))
 
 
 def examples_spent(counters: dict) -> tuple[float, float]:

@@ -165,3 +165,22 @@ def test_set_epoch_warns_about_a_skipped_epoch_and_not_about_completing_a_starte
     for run, warned in ((exact_stop, True), (complete, False), (complete_after_load, False), (skip_two, True)):
         messages, _ = ahead(run)
         assert len(messages) == int(warned), (run.__name__, messages)
+
+
+def test_budget_steps_rounds_the_decimal_budget_half_up_at_any_size():
+    """Review 30: a relative slack of 1e-9 (for 0.009 * 1500 = 13.499999999999998 in binary) rounded
+    fractions just below one half up at about a million steps: 0.4999 * 1000001 = 499900.4999 gave 499901.
+    The decimal budget times the steps, exactly, rounded half up."""
+    from fractions import Fraction
+
+    from crestcore.plan import budget_steps
+
+    assert budget_steps(0.4999, 1_000_001) == 499900 and budget_steps(0.009, 1500) == 14
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        b = round(float(rng.uniform(0.0001, 1.0)), int(rng.integers(1, 6)))
+        if b <= 0:
+            continue
+        full = int(rng.integers(1, 10**7))
+        exact = Fraction(repr(b)) * full
+        assert budget_steps(b, full) == max(1, int(exact + Fraction(1, 2))), (b, full)
