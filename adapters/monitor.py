@@ -20,6 +20,7 @@ TensorBoard or W&B until a writer is built.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 from collections.abc import Callable
 
@@ -126,16 +127,17 @@ class TensorBoardWriter:
     """
 
     def __init__(self, writer: Any = None, *, events=EVENTS):
-        if writer is None or isinstance(writer, str):
+        events = _check_events(events)  # before a log directory is made: a refused call leaves no event file
+        if writer is None or isinstance(writer, (str, os.PathLike)):
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:  # pragma: no cover - depends on what is installed
                 raise ImportError("TensorBoardWriter needs TensorBoard: pip install tensorboard") from exc
-            writer = SummaryWriter(log_dir=writer)
+            writer = SummaryWriter(log_dir=None if writer is None else os.fspath(writer))
         if not callable(getattr(writer, "add_scalar", None)):
             raise TypeError(f"writer must have add_scalar(tag, value, step), got {type(writer).__name__}")
         self.writer = writer
-        self.events = _check_events(events)
+        self.events = events
         self._written: dict[str, tuple[int, float]] = {}  # tag -> (step, value) written last
 
     def __call__(self, event: str, step: int, values: dict[str, float]) -> None:
@@ -144,8 +146,8 @@ class TensorBoardWriter:
         for tag, v in values.items():
             if self._written.get(tag) == (step, v):  # several events at one step: one point, not duplicates
                 continue
-            self._written[tag] = (step, v)
             self.writer.add_scalar(tag, v, step)
+            self._written[tag] = (step, v)  # once written: a failed write is tried again at the next event
 
     def flush(self) -> None:
         """Write the pending events to disk (the writer's ``flush``, where it has one).

@@ -212,9 +212,22 @@ def _cmd_training_demo(ns: argparse.Namespace) -> int:
     for k in ("epochs", "budget", "device", "threads", "evals"):
         if getattr(ns, k) is not None:
             setattr(s, k, getattr(ns, k))
-    if ns.seed < 0:
-        _err(f"--seed must be a non-negative integer, got {ns.seed}")
+    if not 0 <= ns.seed < 2**63:  # torch's seed is a signed 64-bit integer
+        _err(f"--seed must be an integer in [0, 2**63), got {ns.seed}")
         return 2
+    if s.device is not None and ns.framework != "keras":
+        try:
+            import torch
+
+            kind = torch.device(s.device).type
+        except ImportError:
+            kind = None  # said below, by the demo's own import
+        except (RuntimeError, ValueError) as exc:
+            _err(f"--device {s.device!r} is not a torch device ({exc}); e.g. cpu or cuda")
+            return 2
+        if kind == "meta":
+            _err("--device meta holds no data, so nothing can train on it; e.g. cpu or cuda")
+            return 2
     methods = DEFAULT_METHODS
     if ns.methods is not None:
         try:

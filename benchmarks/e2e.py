@@ -40,22 +40,61 @@ PAPER_TABLE1 = {"sgd-budget": (21.3, 8.0), "random": (7.2, 1.4), "craig": (13.0,
                 "glister": (7.0, 0.1), "crest": (5.5, 0.2)}
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse names the flag in its error)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
+def budget_fraction(text: str) -> float:
+    """An argparse type: a share of the full run's steps in (0, 1]."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be a share of the full run's steps in (0, 1], got {v}")
+    return v
+
+
+def seed_list(text: str) -> list[int]:
+    """An argparse type: comma-separated distinct non-negative integer seeds, at least one (a repeated seed
+    would run the same run twice and report its spread as the seeds')."""
+    parts = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        seeds = [int(t) for t in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("must name at least one seed")
+    if any(v < 0 for v in seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be >= 0, got {text!r}")
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be distinct (a repeated seed repeats its run), got {text!r}")
+    return seeds
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="crest bench e2e", description=__doc__.split("\n\n")[0])
-    p.add_argument("--epochs", type=int, default=10, help="epochs of the full-data run (default: %(default)s)")
-    p.add_argument("--budget", type=float, default=0.1, help="share of the full run's steps (default: %(default)s)")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)")
+    p.add_argument("--epochs", type=positive_int, default=10, help="epochs of the full-data run (default: %(default)s)")
+    p.add_argument("--budget", type=budget_fraction, default=0.1, help="share of the full run's steps (default: %(default)s)")
+    p.add_argument("--seeds", type=seed_list, default="0,1,2", help="comma-separated distinct seeds (default: %(default)s)")
     p.add_argument("--methods", default="full,random,crest",
                    help="comma-separated methods of crestcore.apps.train_demo.METHODS, or 'all' "
                         "(default: %(default)s)")
-    p.add_argument("--reselect-every", type=int, default=None, metavar="R",
+    p.add_argument("--reselect-every", type=positive_int, default=None, metavar="R",
                    help="craig, gradmatch, glister: select every R epochs of the budgeted run "
                         "(default: ceil(epochs / 2), two selections per run)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    p.add_argument("--evals", type=int, default=4, help="test evaluations per run (default: %(default)s)")
-    p.add_argument("--limit-train", type=int, default=None, help="N random training images (smoke tests)")
-    p.add_argument("--limit-test", type=int, default=None, help="N random test images (smoke tests)")
+    p.add_argument("--evals", type=positive_int, default=4, help="test evaluations per run (default: %(default)s)")
+    p.add_argument("--limit-train", type=positive_int, default=None, help="N random training images (smoke tests)")
+    p.add_argument("--limit-test", type=positive_int, default=None, help="N random test images (smoke tests)")
     p.add_argument("--root", default=None, help="Fashion-MNIST folder")
     p.add_argument("--out", default=None, help="markdown file whose e2e-bench block is rewritten")
     p.add_argument("--json", default=None, help="write the raw results here")
@@ -434,7 +473,7 @@ def main(argv=None) -> int:
         return 2
     if "full" not in methods:
         methods.insert(0, "full")
-    seeds = [int(x) for x in ns.seeds.split(",") if x.strip()]
+    seeds = list(ns.seeds)
     t0 = time.perf_counter()
     load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
     torch = _import_torch()

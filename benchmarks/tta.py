@@ -60,6 +60,7 @@ if _HERE not in sys.path:  # e2e.py sits next to this file (on the path already 
     sys.path.append(_HERE)  # last: never shadows an installed module
 
 from e2e import _warm_up  # noqa: E402  (loads the selection kernels outside every clock)
+from e2e import budget_fraction, positive_int, seed_list  # noqa: E402
 from e2e import write_block as _write_block  # noqa: E402
 
 from crestcore.apps.train_demo import (  # noqa: E402
@@ -627,18 +628,18 @@ def parse_args(argv=None):
     a("--datasets", default="fmnist,fmnist-noisy40", help="fmnist, fmnist-noisyNN (default: %(default)s)")
     a("--methods", default="full,random,crest,crest-drop", help="main suite (default: %(default)s)")
     a("--budgets", default="0.05,0.1,0.2", help="share of the full run's steps (default: %(default)s)")
-    a("--seeds", default="0,1,2,3,4", help="final seeds (default: %(default)s)")
+    a("--seeds", type=seed_list, default="0,1,2,3,4", help="final seeds, distinct (default: %(default)s)")
     a("--lrs", default="0.025,0.05,0.1,0.2", help="learning rates of the sweep (default: %(default)s)")
     a("--sweep-seed", type=int, default=1000, help="seed of the sweep runs (default: %(default)s)")
     a("--lr", type=float, default=None, help="use this lr everywhere, no sweep")
-    a("--epochs", type=int, default=10, help="epochs of the full-data run (default: %(default)s)")
-    a("--evals", type=int, default=10, help="test evaluations per final run, for the curves (default: %(default)s)")
+    a("--epochs", type=positive_int, default=10, help="epochs of the full-data run (default: %(default)s)")
+    a("--evals", type=positive_int, default=10, help="test evaluations per final run, for the curves (default: %(default)s)")
     a("--ablations", default=",".join(ABLATIONS), help="variants of the ablation suite (default: all)")
-    a("--ablation-budget", type=float, default=TARGET_BUDGET, help="default: %(default)s")
-    a("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    a("--ablation-budget", type=budget_fraction, default=TARGET_BUDGET, help="default: %(default)s")
+    a("--threads", type=positive_int, default=2, help="torch CPU threads (default: %(default)s)")
     a("--device", default="cpu")
-    a("--limit-train", type=int, default=None, help="N random training images (smoke tests)")
-    a("--limit-test", type=int, default=None, help="N random test images (smoke tests)")
+    a("--limit-train", type=positive_int, default=None, help="N random training images (smoke tests)")
+    a("--limit-test", type=positive_int, default=None, help="N random test images (smoke tests)")
     a("--root", default=None, help="Fashion-MNIST folder")
     a("--out", default=None, help="markdown file whose tta-bench block is rewritten")
     a("--json", default=None, help="every record, rewritten after each run")
@@ -655,7 +656,6 @@ def parse_args(argv=None):
         if "full" not in ns.methods:
             ns.methods.insert(0, "full")  # relative errors and speedups need it
         ns.budgets, ns.lrs = floats(ns.budgets), floats(ns.lrs)
-        ns.seeds = [int(t) for t in ns.seeds.split(",") if t.strip()]
         ns.ablations = merge_commas([t.strip() for t in ns.ablations.split(",") if t.strip()])
         if bad := [v for v in ns.ablations if v not in ABLATIONS]:
             raise ValueError(f"--ablations: unknown {bad}; choose from {', '.join(ABLATIONS)}")

@@ -120,6 +120,37 @@ class _WandbRun:
         self.step = step
 
 
+
+def test_the_tensorboard_writer_takes_a_path_retries_a_failed_write_and_leaves_no_file_when_refused(tmp_path):
+    """Review 30: a pathlib.Path log directory was refused; a value was marked written before its write, so a
+    write that failed once was never retried at the same step; a refused events= left an event file."""
+    pytest.importorskip("tensorboard")
+    from crestcore.adapters.monitor import TensorBoardWriter
+
+    with pytest.raises(ValueError):
+        TensorBoardWriter(tmp_path / "refused", events=("bogus",))
+    assert not (tmp_path / "refused").exists()
+    w = TensorBoardWriter(tmp_path / "runs")  # a Path
+    w.close()
+    assert any((tmp_path / "runs").iterdir())
+
+    class Flaky:
+        def __init__(self):
+            self.points, self.fail = [], True
+
+        def add_scalar(self, tag, value, step):
+            if self.fail:
+                self.fail = False
+                raise OSError("disk full")
+            self.points.append((tag, value, step))
+
+    flaky = Flaky()
+    listener = TensorBoardWriter(flaky)
+    with pytest.raises(OSError):
+        listener("check", 3, {"crest/rho": 0.5})
+    listener("selection", 3, {"crest/rho": 0.5})  # the same step and value: written now
+    assert flaky.points == [("crest/rho", 0.5, 3)]
+
 def test_wandb_writer_logs_to_the_run_it_is_given():
     """Every event is its own row with its CREST step, plotted against ``crest/step``; the user's own logs
     keep W&B's step. Before, events were logged with step= (handed-out batches): several events at one
