@@ -349,12 +349,14 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
     import subprocess
 
     bdir = _source_benchmarks()
+    # a benchmark's name, not a path: "crest bench ../x" ran any Python file
     script = bdir / f"{ns.name}.py"
-    if ns.name is None or not script.is_file():
+    if ns.name is None or not ns.name.isidentifier() or not script.is_file():
         if bdir.is_dir():
             names = sorted(p.stem for p in bdir.glob("*.py") if not p.name.startswith("_"))
             known = f"available here: {', '.join(names)}" if names else "none written yet"
-            _err((f"no benchmark {ns.name!r}: {script} does not exist" if ns.name is not None else
+            _err((f"no benchmark {ns.name!r}" + (f": {script} does not exist" if ns.name.isidentifier() else
+                                                 " (a benchmark's name, not a path)") if ns.name is not None else
                   "name a benchmark: crest bench NAME [ARGS...]") + f" ({known}); "
                  "benchmarks run from a source checkout with `make bench`")
         else:

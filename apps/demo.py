@@ -40,6 +40,18 @@ __all__ = ["run_selection_demo", "evaluate_subset", "max_distance", "format_tabl
 _TILE = 2048
 
 
+def _finite_or_none(x):
+    """``x`` with every non-finite float (a ratio of two zero timings) replaced by None, recursively: JSON has
+    no Infinity or NaN, and ``json.dump`` would write them anyway."""
+    if isinstance(x, dict):
+        return {k: _finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_none(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
 # --------------------------------------------------------------------------------------------------
 # exact, tiled evaluation of a subset
 # --------------------------------------------------------------------------------------------------
@@ -428,8 +440,8 @@ def run_selection_demo(
         "paths": {"selected": str(sel_png), "random": str(rnd_png), "results": str(out / "results.json")},
     }
     results["time_total_s"] = time.perf_counter() - t_start
-    with open(out / "results.json", "w") as fh:
-        json.dump(results, fh, indent=1)
+    with open(out / "results.json", "w") as fh:  # strict JSON: a non-finite number (a 0/0 ratio) is null
+        json.dump(_finite_or_none(results), fh, indent=1, allow_nan=False)
     if print_fn is not None:
         print_fn(format_table(results))
         print_fn(f"\nwall clock {results['time_total_s']:.1f} s; figures: {sel_png}, {rnd_png}")

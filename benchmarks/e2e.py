@@ -230,7 +230,7 @@ def markdown(summary: dict, meta: dict) -> str:
                          f"{'-' if frac is None else f'{100 * frac:.1f}'} |")
         lines += ["", "Counted passes: training examples plus every measurement forward (and CREST's backward "
                       "passes, a backward = 2 forwards) in full-data steps, `stats['budget']['fraction_all_passes']`"
-                      " (the budget is 10 % of the full run's steps); CRAIG and GradMatch measure the whole "
+                      f" (the budget is {100 * meta['budget']:g} % of the full run's steps); CRAIG and GradMatch measure the whole "
                       "training set at each selection, GLISTER its training part plus the validation split."]
     if "full" in ms and len(ms) > 1:
         f = ms["full"]

@@ -185,7 +185,7 @@ def table(rows: list[dict], a, command: str) -> str:
         f"every run below.",
         "",
         "`crest-passes` is CREST with `budget_counts=\"passes\"`: its measurement passes count against the",
-        "budget too, so all its forward and backward passes stay within 10 % of the full run's.",
+        f"budget too, so all its forward and backward passes stay within {100 * a.budget:g} % of the full run's.",
         f"`crest-cap` is CREST with `CrestConfig(max_overhead={a.cap})`: its measurement passes are held to",
         f"{a.cap:g} of its training passes (checks and reselections wait until the count allows them).",
         "`crest` runs `CrestConfig(m=m)`'s defaults: coreset p selected just in time, at step p (a selection",

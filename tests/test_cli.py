@@ -131,6 +131,25 @@ def test_bench_without_a_name_lists_the_benchmarks(tmp_path, monkeypatch, capsys
     assert "name a benchmark: crest bench NAME" in err and "selection" in err
 
 
+
+def test_bench_takes_a_name_not_a_path(tmp_path, capsys):
+    """Review 30: `crest bench ../path` ran any Python file: a benchmark is named, not located."""
+    outside = tmp_path / "evil.py"
+    outside.write_text("raise SystemExit(7)\n")
+    bdir = Path(__file__).resolve().parents[1] / "benchmarks"
+    rel = os.path.relpath(outside.with_suffix(""), bdir)
+    assert cli.main(["bench", rel]) == 1
+    assert "a benchmark's name, not a path" in capsys.readouterr().err
+
+
+def test_demo_results_are_strict_json():
+    """Review 30: a ratio of two zero timings was written as Infinity, which is not JSON."""
+    from crestcore.apps.demo import _finite_or_none
+
+    data = {"a": float("inf"), "b": [1.0, float("nan"), {"c": -float("inf")}], "d": 2}
+    assert json.loads(json.dumps(_finite_or_none(data), allow_nan=False)) == {"a": None, "b": [1.0, None, {"c": None}],
+                                                                             "d": 2}
+
 def test_bench_finds_the_checkouts_benchmarks():
     """From the source checkout (apps/ next to benchmarks/) the lookup finds the real folder."""
     root = Path(__file__).resolve().parent.parent
