@@ -20,6 +20,7 @@ TensorBoard or W&B until a writer is built.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 from collections.abc import Callable
@@ -97,10 +98,22 @@ def check_listeners(callbacks, name: str = "callbacks") -> list[Callable]:
 def _check_events(events) -> tuple[str, ...]:
     if isinstance(events, str):  # one event by name, not its letters
         events = (events,)
+    try:
+        events = tuple(events)
+    except TypeError:
+        raise TypeError(f"events must be an event name or an iterable of them (among {EVENTS}), got "
+                        f"{events!r}") from None
     bad = set(events) - set(EVENTS)
     if bad:
         raise ValueError(f"events must be among {EVENTS}, got {sorted(bad)}")
     return tuple(events)
+
+
+def _isnan(v) -> bool:
+    try:
+        return math.isnan(v)
+    except TypeError:  # not a real number: compared by == only
+        return False
 
 
 class TensorBoardWriter:
@@ -144,7 +157,9 @@ class TensorBoardWriter:
         if event not in self.events:
             return
         for tag, v in values.items():
-            if self._written.get(tag) == (step, v):  # several events at one step: one point, not duplicates
+            last = self._written.get(tag)
+            # several events at one step: one point, not duplicates (a NaN, which equals nothing, included)
+            if last is not None and last[0] == step and (last[1] == v or (_isnan(last[1]) and _isnan(v))):
                 continue
             self.writer.add_scalar(tag, v, step)
             self._written[tag] = (step, v)  # once written: a failed write is tried again at the next event

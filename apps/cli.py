@@ -215,19 +215,25 @@ def _cmd_training_demo(ns: argparse.Namespace) -> int:
     if not 0 <= ns.seed < 2**63:  # torch's seed is a signed 64-bit integer
         _err(f"--seed must be an integer in [0, 2**63), got {ns.seed}")
         return 2
-    if s.device is not None and ns.framework != "keras":
-        try:
-            import torch
+    if ns.keras_backend is not None and ns.framework != "keras":
+        _err("--keras-backend needs --framework keras")
+        return 2
+    if s.device is not None:
+        if ns.framework == "keras" and (ns.keras_backend or "torch") == "jax":
+            if s.device != "cpu":  # JAX places arrays on its own default platform; only a CPU run is chosen here
+                _err(f"--device {s.device!r} with --keras-backend jax: only cpu can be chosen (JAX runs on its "
+                     "default platform otherwise: leave --device out)")
+                return 2
+        else:  # the torch demo, or Keras on torch (KERAS_TORCH_DEVICE)
+            from .train_demo import torch_device_problem
 
-            kind = torch.device(s.device).type
-        except ImportError:
-            kind = None  # said below, by the demo's own import
-        except (RuntimeError, ValueError) as exc:
-            _err(f"--device {s.device!r} is not a torch device ({exc}); e.g. cpu or cuda")
-            return 2
-        if kind == "meta":
-            _err("--device meta holds no data, so nothing can train on it; e.g. cpu or cuda")
-            return 2
+            try:
+                problem = torch_device_problem(s.device)
+            except ImportError:
+                problem = None  # said below, by the demo's own import, naming the extra
+            if problem is not None:
+                _err(f"--device: {problem}")
+                return 2
     methods = DEFAULT_METHODS
     if ns.methods is not None:
         try:
@@ -235,9 +241,6 @@ def _cmd_training_demo(ns: argparse.Namespace) -> int:
         except ValueError as exc:
             _err(f"--methods: {exc}")
             return 2
-    if ns.keras_backend is not None and ns.framework != "keras":
-        _err("--keras-backend needs --framework keras")
-        return 2
     if ns.framework == "keras":
         from .keras_demo import DEFAULT_METHODS as KERAS_DEFAULT, run_keras_comparison  # imports no keras
 

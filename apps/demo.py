@@ -20,7 +20,6 @@ What it does
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -34,22 +33,23 @@ from crestcore.facility import facility_location
 from crestcore.similarity import KERNELS, METRICS, kernel_scale, pairwise_distances
 
 from .datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
+from .train_demo import strict_json
 
 __all__ = ["run_selection_demo", "evaluate_subset", "max_distance", "format_table"]
 
 _TILE = 2048
 
 
-def _finite_or_none(x):
-    """``x`` with every non-finite float (a ratio of two zero timings) replaced by None, recursively: JSON has
-    no Infinity or NaN, and ``json.dump`` would write them anyway."""
-    if isinstance(x, dict):
-        return {k: _finite_or_none(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite_or_none(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
+def _ratio(f_coreset: float, f_random: float) -> float | None:
+    """F(coreset) / F(random); None where F(random) is 0 (a class of one image: both objectives are 0, and
+    the ratio is undefined, not infinite)."""
+    if f_random > 0:
+        return f_coreset / f_random
+    return None if f_coreset == 0 else math.inf
+
+
+def _fmt_ratio(x: float | None) -> str:
+    return f"{'n/a':>7}" if x is None else f"{x:>7.4f}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -180,14 +180,14 @@ def format_table(results: dict) -> str:
     for r in results["classes"]:
         lines.append(
             f"{r['name']:<12} {r['n']:>6} {r['k']:>4} {r['objective_coreset']:>13.1f} "
-            f"{r['objective_random']:>13.1f} {r['ratio']:>7.4f} {r['mean_distance_coreset']:>10.3f} "
+            f"{r['objective_random']:>13.1f} {_fmt_ratio(r['ratio'])} {r['mean_distance_coreset']:>10.3f} "
             f"{r['mean_distance_random']:>10.3f} {r['time_s']:>7.2f}"
         )
     t = results["total"]
     lines.append("-" * len(head))
     lines.append(
         f"{'total':<12} {t['n']:>6} {t['k']:>4} {t['objective_coreset']:>13.1f} "
-        f"{t['objective_random']:>13.1f} {t['ratio']:>7.4f} {t['mean_distance_coreset']:>10.3f} "
+        f"{t['objective_random']:>13.1f} {_fmt_ratio(t['ratio'])} {t['mean_distance_coreset']:>10.3f} "
         f"{t['mean_distance_random']:>10.3f} {t['time_s']:>7.2f}"
     )
     p = results["params"]
@@ -373,7 +373,7 @@ def run_selection_demo(
                 "objective_coreset": ev_sel["objective"],
                 "objective_coreset_reported": reported,
                 "objective_random": ev_rnd["objective"],
-                "ratio": ev_sel["objective"] / ev_rnd["objective"] if ev_rnd["objective"] > 0 else math.inf,
+                "ratio": _ratio(ev_sel["objective"], ev_rnd["objective"]),
                 "mean_distance_coreset": ev_sel["mean_distance"],
                 "mean_distance_random": ev_rnd["mean_distance"],
                 "max_distance": M,
@@ -400,7 +400,7 @@ def run_selection_demo(
         "objective_coreset": F_sel,
         "objective_coreset_reported": sum(r["objective_coreset_reported"] for r in per_class),
         "objective_random": F_rnd,
-        "ratio": F_sel / F_rnd if F_rnd > 0 else math.inf,
+        "ratio": _ratio(F_sel, F_rnd),
         "mean_distance_coreset": sum(r["mean_distance_coreset"] * r["n"] for r in per_class) / n_tot,
         "mean_distance_random": sum(r["mean_distance_random"] * r["n"] for r in per_class) / n_tot,
     }
@@ -422,7 +422,7 @@ def run_selection_demo(
     _save_grid(
         rnd_png, images, row_names, picks_rnd, weights_rnd,
         f"Uniform random subset, same size per class: {top} picks by weight (cluster size); "
-        f"F = {F_rnd:.4g} (coreset/random = {total['ratio']:.4f})",
+        f"F = {F_rnd:.4g} (coreset/random = {_fmt_ratio(total['ratio']).strip()})",
         top,
     )
 
@@ -440,8 +440,7 @@ def run_selection_demo(
         "paths": {"selected": str(sel_png), "random": str(rnd_png), "results": str(out / "results.json")},
     }
     results["time_total_s"] = time.perf_counter() - t_start
-    with open(out / "results.json", "w") as fh:  # strict JSON: a non-finite number (a 0/0 ratio) is null
-        json.dump(_finite_or_none(results), fh, indent=1, allow_nan=False)
+    (out / "results.json").write_text(strict_json(results))  # strict JSON: a ratio without a value is null
     if print_fn is not None:
         print_fn(format_table(results))
         print_fn(f"\nwall clock {results['time_total_s']:.1f} s; figures: {sel_png}, {rnd_png}")

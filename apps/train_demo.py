@@ -365,6 +365,40 @@ def _import_torch():
     return torch
 
 
+def torch_device_problem(device) -> str | None:
+    """Why torch cannot train on ``device`` here, in one line, or None when it can.
+
+    The name must parse (``cpu``, ``cuda``, ``cuda:1``, ``mps``, ...), hold data (not ``meta``), and take a
+    tensor in this process: a device type this torch build lacks (``mps`` or ``xpu`` on Linux), a CUDA
+    device without a GPU or past the GPUs present, fail the probe. torch has one CPU device (``cpu`` or
+    ``cpu:0``); a run on ``cpu:1`` would report a device it did not use.
+
+    Examples
+    --------
+    >>> torch_device_problem("cpu") is None
+    True
+    >>> torch_device_problem("meta")
+    'meta holds no data, so nothing can train on it; e.g. cpu or cuda'
+    """
+    torch = _import_torch()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        return f"{device!r} is not a torch device ({exc}); e.g. cpu or cuda"
+    if dev.type == "meta":
+        return "meta holds no data, so nothing can train on it; e.g. cpu or cuda"
+    if dev.type == "cpu" and dev.index not in (None, 0):
+        return f"torch has one CPU device (cpu or cpu:0), not {device!r}"
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return f"device {device!r} requested but torch.cuda.is_available() is False"
+    try:
+        torch.empty(1, device=dev)
+    except Exception as exc:  # whatever the build raises for a device it cannot reach (AssertionError for CUDA)
+        text = str(exc).strip()
+        return f"torch cannot use device {device!r} here ({text.splitlines()[0] if text else type(exc).__name__})"
+    return None
+
+
 def load_data(root=None, *, n_train: int | None = None, n_test: int | None = None, seed: int = 0):
     """Fashion-MNIST as normalised float32 tensors ``(x_train, y_train, x_test, y_test)``, x (n, 1, 28, 28).
 
@@ -1027,6 +1061,33 @@ def machine_line() -> str:
     return f"{cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}"
 
 
+def _finite_or_none(x):
+    """``x`` with every non-finite float replaced by None, recursively (dicts and lists)."""
+    if isinstance(x, dict):
+        return {k: _finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite_or_none(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def strict_json(obj, *, default=None, indent: int | None = 1) -> str:
+    """``obj`` as strict JSON text: every non-finite number (a NaN, a 0/0 ratio's infinity) becomes ``null``.
+
+    JSON has no NaN or Infinity, but ``json.dumps`` writes them, and strict readers (``JSON.parse``, jq,
+    ``json.loads(..., parse_constant=...)``) refuse the file. ``default`` converts what JSON cannot hold, as
+    for ``json.dumps``; the values it returns are cleaned too.
+
+    Examples
+    --------
+    >>> strict_json({"ratio": float("nan"), "runs": [1.5, float("inf")]}, indent=None)
+    '{"ratio": null, "runs": [1.5, null]}'
+    """
+    plain = json.loads(json.dumps(obj, default=default))  # what JSON would hold, NaN still in it
+    return json.dumps(_finite_or_none(plain), indent=indent, allow_nan=False)
+
+
 def _jsonable(records: dict) -> dict:
     out = {}
     for name, r in records.items():
@@ -1135,8 +1196,7 @@ def finish_comparison(results: dict, out: Path, t_start: float, *, table: str, n
     ['results.json']
     """
     results["time_total_s"] = time.perf_counter() - t_start
-    with open(out / "results.json", "w") as fh:
-        json.dump(results, fh, indent=1, default=json_default)
+    (out / "results.json").write_text(strict_json(results, default=json_default))  # strict: NaN -> null
     if print_fn is not None:
         print_fn("")
         print_fn(table)
@@ -1186,8 +1246,8 @@ def run_training_demo(
     data = load_data(root, n_train=n_train, n_test=n_test, seed=s.seed)  # FileNotFoundError if missing
     import torch
 
-    if torch.device(s.device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {s.device!r} requested but torch.cuda.is_available() is False")
+    if (problem := torch_device_problem(s.device)) is not None:
+        raise ValueError(problem)
     out = start_comparison(out, data, f"CNN, m={s.m}, {s.epochs} epochs of full data, budget {s.budget:g}, "
                            f"seed {s.seed}, device {s.device}, "
                            f"torch threads {torch.get_num_threads() if not s.threads else s.threads}", print_fn)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
 import statistics
 import sys
@@ -51,6 +52,17 @@ def positive_int(text: str) -> int:
     return v
 
 
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0 (a count of worker processes)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {v}")
+    return v
+
+
 def budget_fraction(text: str) -> float:
     """An argparse type: a share of the full run's steps in (0, 1]."""
     try:
@@ -63,20 +75,68 @@ def budget_fraction(text: str) -> float:
 
 
 def seed_list(text: str) -> list[int]:
-    """An argparse type: comma-separated distinct non-negative integer seeds, at least one (a repeated seed
-    would run the same run twice and report its spread as the seeds')."""
-    parts = [t.strip() for t in text.split(",") if t.strip()]
-    try:
-        seeds = [int(t) for t in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from None
-    if not seeds:
+    """An argparse type: comma-separated distinct integer seeds in [0, 2**63) (torch's seed is a signed
+    64-bit integer), at least one (a repeated seed would run the same run twice and report its spread as the
+    seeds'). Each item is plain digits: ``0,,1`` and ``1_0`` are refused, not read as ``0,1`` and 10."""
+    parts = [t.strip() for t in text.split(",")]
+    if parts == [""]:
         raise argparse.ArgumentTypeError("must name at least one seed")
-    if any(v < 0 for v in seeds):
-        raise argparse.ArgumentTypeError(f"seeds must be >= 0, got {text!r}")
+    if not all(t.isascii() and t.isdigit() for t in parts):
+        raise argparse.ArgumentTypeError(f"must be comma-separated non-negative integers, got {text!r}")
+    seeds = [int(t) for t in parts]
+    if any(v >= 2**63 for v in seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be below 2**63 (torch's seed range), got {text!r}")
     if len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"seeds must be distinct (a repeated seed repeats its run), got {text!r}")
     return seeds
+
+
+def one_seed(text: str) -> int:
+    """An argparse type: one seed in [0, 2**63)."""
+    if "," in text:
+        raise argparse.ArgumentTypeError(f"must be one non-negative integer, got {text!r}")
+    return seed_list(text)[0]
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0 (a learning rate)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return v
+
+
+def _list_of(item, what: str):
+    """An argparse type: a non-empty comma-separated list of ``item`` values, each checked by ``item``."""
+    def parse(text: str) -> list:
+        parts = [t.strip() for t in text.split(",")]
+        if parts == [""] or "" in parts:
+            raise argparse.ArgumentTypeError(f"must be a non-empty comma-separated list of {what}, got {text!r}")
+        out = []
+        for t in parts:
+            try:
+                out.append(item(t))
+            except argparse.ArgumentTypeError as exc:
+                raise argparse.ArgumentTypeError(f"{t!r}: {exc}") from None
+        return out
+
+    return parse
+
+
+budget_list = _list_of(budget_fraction, "shares in (0, 1]")
+lr_list = _list_of(positive_float, "positive learning rates")
+
+
+def torch_device(text: str) -> str:
+    """An argparse type: a device torch can train on in this process (``cpu``, ``cuda``, ``cuda:1``, ...)."""
+    from crestcore.apps.train_demo import torch_device_problem
+
+    if (problem := torch_device_problem(text)) is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def parse_args(argv=None):
@@ -91,7 +151,7 @@ def parse_args(argv=None):
                    help="craig, gradmatch, glister: select every R epochs of the budgeted run "
                         "(default: ceil(epochs / 2), two selections per run)")
     p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--device", type=torch_device, default="cpu", help="torch device (default: %(default)s)")
     p.add_argument("--evals", type=positive_int, default=4, help="test evaluations per run (default: %(default)s)")
     p.add_argument("--limit-train", type=positive_int, default=None, help="N random training images (smoke tests)")
     p.add_argument("--limit-test", type=positive_int, default=None, help="N random test images (smoke tests)")
@@ -189,7 +249,7 @@ def markdown(summary: dict, meta: dict) -> str:
         lines += ["", meta["methods_note"]]
     lines += [
         "",
-        "| method | steps | test acc % (mean +- std) | rel. error % | paper rel. error % (CIFAR-10, ResNet-20) "
+        "| method | steps | test acc % (mean +- std) | rel. error % | paper rel. error % at a 10 % budget (CIFAR-10, ResNet-20) "
         "| wall clock s (median) | speedup vs full (median) | selection s per run (mean) | ms per training step "
         "(median) |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -449,7 +509,16 @@ def run_child(script, args, *, env, timeout: float, what: str, tail: int = 2000)
 def main(argv=None) -> int:
     ns = parse_args(argv)
     if ns.from_json:
-        raw = json.loads(Path(ns.from_json).read_text())
+        try:
+            raw = json.loads(Path(ns.from_json).read_text())
+        except (OSError, ValueError) as exc:
+            print(f"--from-json: cannot read {ns.from_json}: {exc}", file=sys.stderr)
+            return 2
+        if not isinstance(raw, dict) or raw.get("meta", {}).get("partial") or "command" not in raw.get("meta", {}):
+            print(f"--from-json: {ns.from_json} is not a finished run's file (a run that broke off leaves "
+                  "its seeds' runs with no command, date or budget to report; run it again with --json)",
+                  file=sys.stderr)
+            return 2
         per_seed = raw["runs"]
         summary = aggregate(per_seed, list(per_seed[0]))
         md = markdown(summary, raw["meta"])
@@ -460,7 +529,7 @@ def main(argv=None) -> int:
         return 0
     from crestcore.apps.train_demo import (
         TrainSettings, _import_torch, breakdown_line, format_table, load_data, machine_line, parse_methods,
-        selects, summarize, train_method,
+        selects, strict_json, summarize, train_method,
     )
 
     try:
@@ -500,9 +569,9 @@ def main(argv=None) -> int:
                 print(breakdown_line(mth, recs[mth]), flush=True)
         per_seed.append(recs)
         if ns.json:  # partial results after every seed (a long run that breaks off keeps what it did)
-            Path(ns.json).write_text(json.dumps({"meta": {"partial": True}, "runs": [
+            Path(ns.json).write_text(strict_json({"meta": {"partial": True}, "runs": [
                 {k: {kk: vv for kk, vv in v.items() if kk != "forgetting"} for k, v in r.items()}
-                for r in per_seed]}, indent=1, default=str))
+                for r in per_seed]}, default=str))
     summary = aggregate(per_seed, methods)
     s0 = TrainSettings()
     meta = {
@@ -527,7 +596,7 @@ def main(argv=None) -> int:
         raw = {"meta": meta, "summary": summary,
                "runs": [{k: {kk: vv for kk, vv in v.items() if kk != "forgetting"} for k, v in recs.items()}
                         for recs in per_seed]}
-        Path(ns.json).write_text(json.dumps(raw, indent=1, default=str))
+        Path(ns.json).write_text(strict_json(raw, default=str))
     return 0
 
 

@@ -185,7 +185,8 @@ def table(rows: list[dict], a, command: str) -> str:
         f"every run below.",
         "",
         "`crest-passes` is CREST with `budget_counts=\"passes\"`: its measurement passes count against the",
-        f"budget too, so all its forward and backward passes stay within {100 * a.budget:g} % of the full run's.",
+        f"budget too: its forward and backward passes are held to the budget's steps ({100 * a.budget:g} % of the "
+        "full run's, rounded to whole steps an epoch; the last selection may pass the count by its own cost).",
         f"`crest-cap` is CREST with `CrestConfig(max_overhead={a.cap})`: its measurement passes are held to",
         f"{a.cap:g} of its training passes (checks and reselections wait until the count allows them).",
         "`crest` runs `CrestConfig(m=m)`'s defaults: coreset p selected just in time, at step p (a selection",
@@ -216,23 +217,25 @@ def table(rows: list[dict], a, command: str) -> str:
 
 
 def main(argv=None) -> int:
-    from e2e import answer_child, parse_with_outputs, publish
+    from e2e import (
+        answer_child, budget_fraction, non_negative_int, parse_with_outputs, positive_float, positive_int, publish,
+    )
 
     if answer_child(argv, _child):
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=20000)
-    ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--m", type=int, default=128)
-    ap.add_argument("--budget", type=float, default=0.1)
-    ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--measure-workers", type=int, default=2)
-    ap.add_argument("--measure-batch-size", type=int, default=None,
+    ap.add_argument("--n", type=positive_int, default=20000)
+    ap.add_argument("--epochs", type=positive_int, default=5)
+    ap.add_argument("--m", type=positive_int, default=128)
+    ap.add_argument("--budget", type=budget_fraction, default=0.1)
+    ap.add_argument("--lr", type=positive_float, default=0.05)
+    ap.add_argument("--workers", type=non_negative_int, default=2)
+    ap.add_argument("--measure-workers", type=non_negative_int, default=2)
+    ap.add_argument("--measure-batch-size", type=positive_int, default=None,
                     help="chunk of the measurement passes (default: the sampler's own, 128 examples on the CPU; "
                          "the runs before 2026-12-03 passed 256)")
-    ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--cap", type=float, default=0.5, help="max_overhead of the crest-cap row")
+    ap.add_argument("--seeds", type=positive_int, default=2)
+    ap.add_argument("--cap", type=positive_float, default=0.5, help="max_overhead of the crest-cap row")
     a = parse_with_outputs(ap, argv, "pipeline-bench", "write every run here")
     from crestcore.apps.datasets import fashion_mnist_available
 

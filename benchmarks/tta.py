@@ -60,7 +60,7 @@ if _HERE not in sys.path:  # e2e.py sits next to this file (on the path already 
     sys.path.append(_HERE)  # last: never shadows an installed module
 
 from e2e import _warm_up  # noqa: E402  (loads the selection kernels outside every clock)
-from e2e import budget_fraction, positive_int, seed_list  # noqa: E402
+from e2e import budget_fraction, budget_list, lr_list, positive_float, positive_int, one_seed, seed_list, torch_device  # noqa: E402
 from e2e import write_block as _write_block  # noqa: E402
 
 from crestcore.apps.train_demo import (  # noqa: E402
@@ -173,10 +173,6 @@ def noise_rate(name: str) -> float:
     return int(mt.group(1) or 0) / 100
 
 
-def floats(text: str) -> list[float]:
-    return [float(t) for t in text.split(",") if t.strip()]
-
-
 # --------------------------------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------------------------------
@@ -274,8 +270,10 @@ class Runner:
             return
         path = Path(self.ns.json)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"protocol": self.protocol, "records": self.records, **extra}, indent=1,
-                                  default=str))
+        from crestcore.apps.train_demo import strict_json
+
+        # strict JSON: a ratio without a value (a NaN wall ratio of a tiny run) is null, not NaN
+        tmp.write_text(strict_json({"protocol": self.protocol, "records": self.records, **extra}, default=str))
         os.replace(tmp, path)  # an interrupted write never leaves half a file
 
 
@@ -627,17 +625,17 @@ def parse_args(argv=None):
     a("--suite", choices=("main", "ablations", "all"), default="main", help="default: %(default)s")
     a("--datasets", default="fmnist,fmnist-noisy40", help="fmnist, fmnist-noisyNN (default: %(default)s)")
     a("--methods", default="full,random,crest,crest-drop", help="main suite (default: %(default)s)")
-    a("--budgets", default="0.05,0.1,0.2", help="share of the full run's steps (default: %(default)s)")
+    a("--budgets", type=budget_list, default="0.05,0.1,0.2", help="share of the full run's steps (default: %(default)s)")
     a("--seeds", type=seed_list, default="0,1,2,3,4", help="final seeds, distinct (default: %(default)s)")
-    a("--lrs", default="0.025,0.05,0.1,0.2", help="learning rates of the sweep (default: %(default)s)")
-    a("--sweep-seed", type=int, default=1000, help="seed of the sweep runs (default: %(default)s)")
-    a("--lr", type=float, default=None, help="use this lr everywhere, no sweep")
+    a("--lrs", type=lr_list, default="0.025,0.05,0.1,0.2", help="learning rates of the sweep (default: %(default)s)")
+    a("--sweep-seed", type=one_seed, default=1000, help="seed of the sweep runs (default: %(default)s)")
+    a("--lr", type=positive_float, default=None, help="use this lr everywhere, no sweep")
     a("--epochs", type=positive_int, default=10, help="epochs of the full-data run (default: %(default)s)")
     a("--evals", type=positive_int, default=10, help="test evaluations per final run, for the curves (default: %(default)s)")
     a("--ablations", default=",".join(ABLATIONS), help="variants of the ablation suite (default: all)")
     a("--ablation-budget", type=budget_fraction, default=TARGET_BUDGET, help="default: %(default)s")
     a("--threads", type=positive_int, default=2, help="torch CPU threads (default: %(default)s)")
-    a("--device", default="cpu")
+    a("--device", type=torch_device, default="cpu", help="torch device (default: %(default)s)")
     a("--limit-train", type=positive_int, default=None, help="N random training images (smoke tests)")
     a("--limit-test", type=positive_int, default=None, help="N random test images (smoke tests)")
     a("--root", default=None, help="Fashion-MNIST folder")
@@ -655,14 +653,11 @@ def parse_args(argv=None):
             raise ValueError(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
         if "full" not in ns.methods:
             ns.methods.insert(0, "full")  # relative errors and speedups need it
-        ns.budgets, ns.lrs = floats(ns.budgets), floats(ns.lrs)
         ns.ablations = merge_commas([t.strip() for t in ns.ablations.split(",") if t.strip()])
         if bad := [v for v in ns.ablations if v not in ABLATIONS]:
             raise ValueError(f"--ablations: unknown {bad}; choose from {', '.join(ABLATIONS)}")
         if ns.sweep_seed in ns.seeds:
             raise ValueError(f"--sweep-seed {ns.sweep_seed} is also a final seed")
-        if not all(0 < b <= 1 for b in [*ns.budgets, ns.ablation_budget]) or not ns.lrs or not ns.seeds:
-            raise ValueError("budgets must be in (0, 1]; --lrs and --seeds must not be empty")
     except ValueError as exc:
         p.error(str(exc))
     return ns

@@ -611,10 +611,10 @@ def _counters():
 def crest_init(config: CrestConfig, labels, *, seed: int, epoch_steps: int | None = None) -> CrestState:
     """A fresh controller for a dataset with integer ``labels`` (n,) (any array library).
 
-    ``epoch_steps``: training steps in one epoch of the budgeted run (``round(budget * ceil(n / m))``,
-    what the loaders pass). It caps the number of coresets per selection and the check interval, as the
-    release caps them, unless ``config.P_cap`` is set; without either the cap is one virtual epoch of the
-    pool, ``ceil(pool / m)``.
+    ``epoch_steps``: training steps in one epoch of the budgeted run (``budget * ceil(n / m)`` rounded half
+    up, :func:`crestcore.plan.budget_steps`, what the loaders pass). It caps the number of coresets per
+    selection and the check interval, as the release caps them, unless ``config.P_cap`` is set; without
+    either the cap is one virtual epoch of the pool, ``ceil(pool / m)``.
 
     Examples
     --------

@@ -61,6 +61,9 @@ class DropConfig:
     floor, min_per_class : the pool never shrinks below ``floor`` examples, no class below
         ``min_per_class`` (or what it had).
 
+    Every count is an integer >= 1 (``window``, ``history``, ``min_records``, ``floor``, ``min_per_class``):
+    a class always keeps at least one example, so the class-stratified draws still see every class.
+
     Examples
     --------
     >>> config = DropConfig(alpha=0.05, window=10, min_records=2, floor=100)

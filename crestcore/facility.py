@@ -434,8 +434,8 @@ def facility_location(
     without x64). Ties break to
     the lowest index. All-identical points are a valid input: every gain after the first is 0, the picks
     are the lowest indices and the first pick of each problem carries all the weight (except all-zero rows
-    under ``metric="cosine"``: a zero row has no direction, so its cosine distance is 1 to every point,
-    another zero row included).
+    under ``metric="cosine"``: a zero row has no direction, so its cosine distance is 1 to every other
+    point, another zero row included, and 0 to itself, as every point's).
 
     Examples
     --------

@@ -78,7 +78,9 @@ def cross_entropy(logits, labels, *, from_probabilities: bool = False):
         tiny = xp.finfo(logits.dtype).smallest_normal
         return -xp.log(xp.maximum(p, xp.full_like(p, tiny)))
     z = logits - xp.max(logits, axis=1, keepdims=True)  # shift first: no cancellation against max
-    return xp.log(xp.sum(xp.exp(z), axis=1)) - xp.sum(z * oh, axis=1)
+    # the label's entry picked, not z * onehot summed: a class far below the top (finite logits 2e38 apart in
+    # float32) shifts to -inf, and -inf * 0 is NaN where the loss is 0
+    return xp.log(xp.sum(xp.exp(z), axis=1)) - xp.sum(xp.where(oh > 0, z, xp.zeros_like(z)), axis=1)
 
 
 def last_layer_gradients(logits, labels, *, embeddings=None, from_probabilities: bool = False):

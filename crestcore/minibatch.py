@@ -448,7 +448,7 @@ def minibatch_coresets(
     row_ids = np.arange(P, dtype=np.int64)
     if rows is not None:
         if subsets is None:
-            raise ValueError("rows numbers given subsets' rows: pass subsets too")
+            raise ValueError("rows= numbers the rows of given subsets: pass subsets= too")
         row_ids = np.asarray(rows)
         if (row_ids.shape != (P,) or not np.issubdtype(row_ids.dtype, np.integer) or row_ids.dtype == bool
                 or (P and row_ids.min() < 0) or np.unique(row_ids).size != P):

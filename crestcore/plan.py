@@ -12,6 +12,7 @@ class's expected share is its proportional one (CREST's subsets and coresets use
 from __future__ import annotations
 
 import math
+from decimal import Decimal
 from fractions import Fraction
 import numbers
 import warnings
@@ -37,11 +38,40 @@ def full_steps(n: int, m: int) -> int:
     return -(-int(n) // int(m))
 
 
+def _decimal_budget(budget) -> Fraction:
+    """The budget as the number it was written as, exactly: an integer, ``Fraction`` or ``Decimal`` as it
+    is; a float by its shortest decimal in its own precision (``0.009``, also for ``np.float32(0.009)``,
+    which is 0.008999999612569809 widened to a Python float). ValueError unless positive and finite."""
+    bad = ValueError(f"budget must be a positive finite fraction of the full-data steps, got {budget!r}")
+    if isinstance(budget, bool) or isinstance(budget, np.bool_):
+        raise bad
+    if isinstance(budget, numbers.Integral):
+        x = Fraction(int(budget))
+    elif isinstance(budget, (Fraction, Decimal)):
+        if isinstance(budget, Decimal) and not budget.is_finite():
+            raise bad
+        x = Fraction(budget)
+    elif isinstance(budget, numbers.Real):
+        f = float(budget)
+        if not math.isfinite(f):
+            raise bad
+        # NumPy's str is the shortest decimal that reads back as the same value in the value's own precision
+        x = Fraction(str(budget) if isinstance(budget, np.floating) else repr(f))
+    else:
+        raise bad
+    if x <= 0:
+        raise bad
+    return x
+
+
 def budget_steps(budget: float, full: int) -> int:
-    """Steps of one budgeted epoch: ``max(1, floor(budget * full + 1/2))`` (half rounds up).
+    """Steps of one budgeted epoch: ``budget * full`` rounded half up, at least 1.
 
     ``budget`` is a positive fraction of the full-data steps (above 1: more steps than a full epoch);
-    ``full`` the full-data epoch's steps (:func:`full_steps`).
+    ``full`` the full-data epoch's steps (:func:`full_steps`). The product is exact, with the budget read
+    as the number it was written as: a ``Fraction``, ``Decimal`` or integer as it is, a float (Python's or
+    NumPy's, any width) by its shortest decimal in its own precision, so ``0.009`` means 9/1000 even though
+    its binary value is a little lower.
 
     >>> budget_steps(0.1, 469)
     47
@@ -51,17 +81,16 @@ def budget_steps(budget: float, full: int) -> int:
     14
     >>> budget_steps(0.4999, 1_000_001)  # 499900.4999 rounds down at any size
     499900
+    >>> from fractions import Fraction
+    >>> budget_steps(Fraction(1, 6), 9)  # exactly 3/2
+    2
     """
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not (
-            math.isfinite(float(budget)) and float(budget) > 0):
-        raise ValueError(f"budget must be a positive finite fraction of the full-data steps, got {budget!r}")
-    if isinstance(full, bool) or not isinstance(full, numbers.Integral) or full < 1:
+    x = _decimal_budget(budget)
+    if isinstance(full, (bool, np.bool_)) or not isinstance(full, numbers.Integral) or full < 1:
         raise ValueError(f"full must be a positive integer (steps of a full-data epoch), got {full!r}")
-    # half up as the decimal budget means it: 0.009 * 1500 is 13.499999999999998 in binary floating point
-    # (0.009 is stored a little low); the shortest decimal of the float (its repr) times full, exactly, is
-    # 13.5. (A relative slack did the same but rounded 0.4999 * 1000001 = 499900.4999 up.)
-    x = Fraction(repr(float(budget))) * int(full)
-    return max(1, int(math.floor(x + Fraction(1, 2))))
+    # half up as the budget means it (a relative slack did the same for 0.009 but rounded 0.4999 * 1000001 =
+    # 499900.4999 up; a float's binary value rounded 13.5 down)
+    return max(1, int(math.floor(x * int(full) + Fraction(1, 2))))
 
 
 def examples_spent(counters: dict) -> tuple[float, float]:

@@ -9,7 +9,8 @@ one of two kernels:
   features (the release divides by the number of classes, which is its feature dimension).
 
 Distances (``metric``): ``"euclidean"``, ``"sqeuclidean"`` and ``"cosine"`` (``1 - cos``, a zero vector
-has cosine similarity 0 with everything). The diagonal of a distance matrix is exactly 0.
+has cosine similarity 0 with everything else). The diagonal of a distance matrix is exactly 0, a zero row's
+included: every point, a zero row too, is at distance 0 from itself and so covers itself.
 
 The batched functions work on ``B`` problems padded to a common size ``n``: ``valid`` (B, n) marks real
 points; padded rows and columns of the similarity are exactly 0, so they add nothing to any objective.
@@ -241,7 +242,11 @@ def pairwise_distances(X, Y=None, *, metric: str = "euclidean"):
     """Distances between the rows of ``X`` (..., n, d) and ``Y`` (..., m, d): shape (..., n, m).
 
     Leading batch dimensions broadcast. With ``Y`` omitted the result is exactly symmetric (each entry
-    below the diagonal is its mirror above it) and the diagonal is exactly zero.
+    below the diagonal is its mirror above it) and the diagonal is exactly zero, a zero row's under
+    ``"cosine"`` included (the distance of a point to itself). With ``Y`` given no entry is known to pair a
+    point with itself: under ``"cosine"`` a zero row is at distance 1 from every row of ``Y``, an equal zero
+    row included, so ``pairwise_distances(X, X)`` differs from ``pairwise_distances(X)`` on a zero row's
+    diagonal entry.
 
     Examples
     --------

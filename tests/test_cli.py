@@ -24,6 +24,14 @@ needs_fmnist = pytest.mark.skipif(
 )
 
 
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
 def run_cli(*args, timeout=120):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     return subprocess.run(
@@ -57,7 +65,13 @@ def test_info_reports_missing_dataset(tmp_path, capsys):
      ["demo", "--kernel", "rbf"], ["demo", "--optimizer", "fast"], ["demo", "--limit-per-class", "0"],
      ["demo", "--selection", "--seed", "-1"], ["demo", "--seed", "-1"],
      # review 30: tracebacks (or a misleading run) before
-     ["demo", "--device", "foo"], ["demo", "--device", "meta"], ["demo", "--seed", str(2**70)]],
+     ["demo", "--device", "foo"], ["demo", "--device", "meta"], ["demo", "--seed", str(2**70)],
+     # review 32: a device type this torch lacks, another CPU index, the Keras demo's devices: tracebacks before
+     ["demo", "--device", "mps"], ["demo", "--device", "xpu"], ["demo", "--device", "cpu:1"],
+     ["demo", "--framework", "keras", "--device", "foo"], ["demo", "--framework", "keras", "--device", "meta"],
+     ["demo", "--framework", "keras", "--keras-backend", "jax", "--device", "cuda"]]
+    + ([["demo", "--device", "cuda"], ["demo", "--framework", "keras", "--device", "cuda"]]
+       if not _cuda() else []),
 )
 def test_usage_errors_exit_2(argv, capsys):
     assert cli.main(argv) == 2
@@ -69,6 +83,16 @@ def test_usage_errors_exit_2(argv, capsys):
     ("e2e", ["--budget", "1.5"], "--budget"), ("e2e", ["--threads", "0"], "--threads"),
     ("tta", ["--seeds", "0,0,1"], "--seeds"), ("tta", ["--epochs", "0"], "--epochs"),
     ("tta", ["--threads", "0"], "--threads"),
+    # review 32: tracebacks, messages naming no flag, or a run that reported nothing, before
+    ("e2e", ["--seeds", str(2**64)], "--seeds"), ("e2e", ["--seeds", "0,,1"], "--seeds"),
+    ("e2e", ["--seeds", "1_0"], "--seeds"), ("e2e", ["--device", "meta"], "--device"),
+    ("e2e", ["--device", "mps"], "--device"),
+    ("tta", ["--budgets", "abc"], "--budgets"), ("tta", ["--budgets", ""], "--budgets"),
+    ("tta", ["--budgets", "0.1,2"], "--budgets"), ("tta", ["--lrs", "x"], "--lrs"), ("tta", ["--lrs", "0,-1"], "--lrs"),
+    ("tta", ["--lr", "nan"], "--lr"), ("tta", ["--lr", "-1"], "--lr"), ("tta", ["--sweep-seed", "-1"], "--sweep-seed"),
+    ("tta", ["--device", "foo"], "--device"),
+    ("pipeline", ["--budget", "0"], "--budget"), ("pipeline", ["--epochs", "0"], "--epochs"),
+    ("pipeline", ["--workers", "-1"], "--workers"), ("pipeline", ["--lr", "0"], "--lr"),
 ])
 def test_the_benchmark_commands_refuse_bad_arguments_by_name(bench, argv, flag, capsys):
     """Review 30: `crest bench e2e --seeds 0,0` ran seed 0 twice and reported the spread of two identical
@@ -82,10 +106,48 @@ def test_the_benchmark_commands_refuse_bad_arguments_by_name(bench, argv, flag, 
 
         module = importlib.import_module(bench)
         with pytest.raises(SystemExit) as exit_:
-            module.parse_args(argv)
+            getattr(module, "parse_args", module.main)(argv)  # pipeline.py parses in its main
     finally:
         sys.path.remove(bench_dir)
-    assert exit_.value.code == 2 and flag in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # the error line names the flag (the usage above it lists every flag)
+    assert exit_.value.code == 2 and flag in err.strip().splitlines()[-1] and "Traceback" not in err, err
+
+
+def test_e2e_from_json_refuses_a_missing_or_partial_file_in_one_line(tmp_path, capsys):
+    """Review 32: a missing --from-json file and the partial file a broken-off run leaves (written after
+    each seed, with no command or budget) ended in tracebacks (FileNotFoundError, KeyError: 'command')."""
+    bench_dir = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, bench_dir)
+    try:
+        import importlib
+
+        e2e = importlib.import_module("e2e")
+        partial = tmp_path / "partial.json"
+        partial.write_text(json.dumps({"meta": {"partial": True}, "runs": [{"full": {"acc": 0.5}}]}))
+        for path, what in ((tmp_path / "missing.json", "cannot read"), (partial, "not a finished run")):
+            assert e2e.main(["--from-json", str(path)]) == 2
+            err = capsys.readouterr().err
+            assert what in err and len(err.strip().splitlines()) == 1, err
+    finally:
+        sys.path.remove(bench_dir)
+
+
+def test_strict_json_writes_null_for_non_finite_numbers():
+    """Review 32: tta's --json held NaN (a tiny run's wall ratios), which strict readers refuse; the
+    selection demo kept an infinite 0/0 ratio in the results it returned."""
+    from crestcore.apps.demo import _fmt_ratio, _ratio
+    from crestcore.apps.train_demo import strict_json
+
+    text = strict_json({"a": [float("nan"), np.float32(1.5), float("-inf")], "b": {"c": np.float64("nan")}},
+                       default=float)
+
+    def refuse(name):
+        raise ValueError(name)
+
+    assert json.loads(text, parse_constant=refuse) == {"a": [None, 1.5, None], "b": {"c": None}}
+    assert _ratio(0.0, 0.0) is None and _ratio(2.0, 4.0) == 0.5 and _ratio(1.0, 0.0) == float("inf")
+    assert _fmt_ratio(None).strip() == "n/a" and _fmt_ratio(0.5) == " 0.5000"
 
 
 def test_help_exits_0(capsys):
@@ -144,11 +206,11 @@ def test_bench_takes_a_name_not_a_path(tmp_path, capsys):
 
 def test_demo_results_are_strict_json():
     """Review 30: a ratio of two zero timings was written as Infinity, which is not JSON."""
-    from crestcore.apps.demo import _finite_or_none
+    from crestcore.apps.train_demo import strict_json
 
     data = {"a": float("inf"), "b": [1.0, float("nan"), {"c": -float("inf")}], "d": 2}
-    assert json.loads(json.dumps(_finite_or_none(data), allow_nan=False)) == {"a": None, "b": [1.0, None, {"c": None}],
-                                                                             "d": 2}
+    assert json.loads(strict_json(data)) == {"a": None, "b": [1.0, None, {"c": None}], "d": 2}
+
 
 def test_bench_finds_the_checkouts_benchmarks():
     """From the source checkout (apps/ next to benchmarks/) the lookup finds the real folder."""

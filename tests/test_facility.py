@@ -1019,3 +1019,22 @@ def test_a_generator_passed_to_an_optimizer_that_draws_nothing_is_not_advanced()
     g = np.random.default_rng(0)
     crestcore.facility_location(X, 5, optimizer="stochastic", rng=g)
     assert g.bit_generator.state != np.random.default_rng(0).bit_generator.state  # the draws come from it
+
+
+def test_a_zero_row_under_cosine_covers_itself_and_nothing_else():
+    """Review 33: the docs said a zero row is at cosine distance 1 from every point, itself included; the
+    code (rightly) keeps the diagonal at 0. What the docs now say, checked: distance 0 to itself, 1 to every
+    other point (another zero row included); with Y given no entry is a point's own, so 1 throughout."""
+    from crestcore import pairwise_distances
+
+    X = np.array([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0]])
+    D = pairwise_distances(X, metric="cosine")
+    assert D[0].tolist() == [0.0, 1.0, 1.0] and D[2].tolist() == [1.0, 1.0, 0.0]
+    assert pairwise_distances(X, X, metric="cosine")[0].tolist() == [1.0, 1.0, 1.0]
+    from crestcore import facility_location
+
+    # max-minus similarities 1 - D: 1 on the diagonal, 0 elsewhere, so each pick covers itself only (gain 1),
+    # ties to the lowest index; the uncovered zero row 2 joins the earliest pick's weight
+    sel = facility_location(X, 2, metric="cosine")
+    assert sel.indices.tolist() == [0, 1] and sel.gains.tolist() == [1.0, 1.0] and float(sel.objective) == 2.0
+    assert sel.weights.tolist() == [2.0, 1.0]

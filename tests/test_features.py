@@ -281,3 +281,18 @@ def test_probabilities_are_checked_by_cross_entropy_too_with_a_dtype_tolerance()
     g = last_layer_gradients(p, yt, from_probabilities=True)
     assert g.dtype == torch.bfloat16
     assert torch.isfinite(cross_entropy(p, yt, from_probabilities=True)).all()
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype, big", [(np.float16, 40000.0), (np.float32, 2e38), (np.float64, 1e308)])
+def test_cross_entropy_of_finite_logits_spread_past_the_dtype_is_zero_or_inf_never_nan(dtype, big):
+    """Review 33: the other class shifts to -inf (finite logits further apart than the dtype's largest
+    number), and summing z * onehot computed -inf * 0 = NaN where the loss is 0; the controller would have
+    called such a step diverged. torch agrees: 0 for the winning label, inf for the losing one."""
+    z = np.array([[big, -big], [-big, big]], dtype=dtype)
+    y = np.array([0, 0])
+    loss = cross_entropy(z, y)
+    assert loss.dtype == dtype and loss[0] == 0 and np.isposinf(loss[1])
+    zt = torch.from_numpy(z)
+    lt = cross_entropy(zt, torch.from_numpy(y))
+    assert lt[0].item() == 0 and lt[1].item() == float("inf")

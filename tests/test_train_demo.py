@@ -319,7 +319,7 @@ def test_bench_e2e_all_methods_markdown(tmp_path):
     assert text.startswith("# head") and text.rstrip().endswith("tail") and "\nold\n" not in text
     for name in METHODS:
         assert f"| {name} |" in text, name
-    assert "paper rel. error % (CIFAR-10, ResNet-20)" in text and "| 21.3 +- 8.0 |" in text
+    assert "paper rel. error % at a 10 % budget (CIFAR-10, ResNet-20)" in text and "| 21.3 +- 8.0 |" in text
     assert "Selection time per method" in text
     # E2's selection rows count the selections and the coresets made just in time: a run with 3 of one
     # and 7 of the other and 1 s of solves shows 10 calls of 100 ms

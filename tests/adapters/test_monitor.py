@@ -151,6 +151,28 @@ def test_the_tensorboard_writer_takes_a_path_retries_a_failed_write_and_leaves_n
     listener("selection", 3, {"crest/rho": 0.5})  # the same step and value: written now
     assert flaky.points == [("crest/rho", 0.5, 3)]
 
+def test_the_tensorboard_writer_writes_a_nan_once_a_step_and_names_a_bad_events_argument(tmp_path):
+    """Review 32: a NaN equals nothing, so a NaN scalar (a rho without a value) was written once per event
+    of its step (three events, three points at step 7); events=5 raised "'int' object is not iterable"."""
+    from crestcore.adapters.monitor import TensorBoardWriter
+
+    class Points:
+        def __init__(self):
+            self.points = []
+
+        def add_scalar(self, tag, value, step):
+            self.points.append((tag, step))
+
+    sink = Points()
+    listener = TensorBoardWriter(sink)
+    for event in ("check", "selection", "epoch"):
+        listener(event, 7, {"crest/rho": float("nan"), "crest/p": 2.0})
+    listener("check", 8, {"crest/rho": float("nan")})
+    assert sorted(sink.points) == [("crest/p", 7), ("crest/rho", 7), ("crest/rho", 8)]
+    with pytest.raises(TypeError, match="events"):
+        TensorBoardWriter(Points(), events=5)
+
+
 def test_wandb_writer_logs_to_the_run_it_is_given():
     """Every event is its own row with its CREST step, plotted against ``crest/step``; the user's own logs
     keep W&B's step. Before, events were logged with step= (handed-out batches): several events at one
