@@ -103,9 +103,9 @@ def _check_events(events) -> tuple[str, ...]:
     except TypeError:
         raise TypeError(f"events must be an event name or an iterable of them (among {EVENTS}), got "
                         f"{events!r}") from None
-    bad = set(events) - set(EVENTS)
+    bad = [e for e in events if not isinstance(e, str) or e not in EVENTS]
     if bad:
-        raise ValueError(f"events must be among {EVENTS}, got {sorted(bad)}")
+        raise ValueError(f"events must be among {EVENTS}, got {bad!r}")
     return tuple(events)
 
 

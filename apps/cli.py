@@ -4,8 +4,9 @@ The CLI sits on the applications floor (``crestcore.apps``), on top of everythin
 it. Heavy or optional modules (the demo, the backends, torch, numba, keras, tqdm, matplotlib) are imported
 inside the command that needs them, so ``crest --help`` and ``crest info`` stay quick.
 
-Exit codes: 0 success; 2 usage error (argparse); 1 a clear one-line error (missing data set, malformed
-file, bad value) without a traceback; 130 interrupted; ``crest bench`` passes on the benchmark's own.
+Exit codes: 0 success; 2 usage error (argparse, or a value refused before anything runs: a device torch
+cannot use, a seed out of range); 1 a clear one-line error (missing data set, malformed file) without a
+traceback; 130 interrupted; ``crest bench`` passes on the benchmark's own.
 """
 
 from __future__ import annotations
@@ -220,9 +221,9 @@ def _cmd_training_demo(ns: argparse.Namespace) -> int:
         return 2
     if s.device is not None:
         if ns.framework == "keras" and (ns.keras_backend or "torch") == "jax":
-            if s.device != "cpu":  # JAX places arrays on its own default platform; only a CPU run is chosen here
-                _err(f"--device {s.device!r} with --keras-backend jax: only cpu can be chosen (JAX runs on its "
-                     "default platform otherwise: leave --device out)")
+            if s.device != "cpu":  # the demo sets JAX_PLATFORMS=cpu: a JAX run from here is a CPU run
+                _err(f"--device {s.device!r} with --keras-backend jax: the Keras demo runs JAX on the CPU only "
+                     "(it sets JAX_PLATFORMS=cpu); --device takes only cpu there")
                 return 2
         else:  # the torch demo, or Keras on torch (KERAS_TORCH_DEVICE)
             from .train_demo import torch_device_problem

@@ -41,8 +41,8 @@ _TILE = 2048
 
 
 def _ratio(f_coreset: float, f_random: float) -> float | None:
-    """F(coreset) / F(random); None where F(random) is 0 (a class of one image: both objectives are 0, and
-    the ratio is undefined, not infinite)."""
+    """F(coreset) / F(random); None where both are 0 (a class of one image: the ratio is undefined, not
+    infinite); inf where only F(random) is 0 (not reached with either kernel, whose s_jj is positive)."""
     if f_random > 0:
         return f_coreset / f_random
     return None if f_coreset == 0 else math.inf

@@ -64,6 +64,8 @@ def keras_environment(backend: str = "torch", device: str | None = None) -> dict
     {'KERAS_BACKEND': 'torch', 'KERAS_TORCH_DEVICE': 'cuda:1'}
     >>> keras_environment("jax", "cpu")
     {'KERAS_BACKEND': 'jax', 'JAX_PLATFORMS': 'cpu'}
+    >>> keras_environment("torch", "cpu:0")  # torch's CPU device, as Keras compares it
+    {'KERAS_BACKEND': 'torch', 'KERAS_TORCH_DEVICE': 'cpu'}
 
     A launcher puts them in the environment of the process that runs keras, e.g.
     ``subprocess.run(cmd, env={**os.environ, **keras_environment("jax")})``.
@@ -72,7 +74,9 @@ def keras_environment(backend: str = "torch", device: str | None = None) -> dict
         raise ValueError(f"backend must be 'torch' or 'jax' (the Keras backends CREST supports), got {backend!r}")
     env = {"KERAS_BACKEND": backend}
     if backend == "torch" and device is not None:
-        env["KERAS_TORCH_DEVICE"] = str(device)
+        # torch's one CPU device is "cpu": Keras compares KERAS_TORCH_DEVICE with the tensors' device, which
+        # torch reports as "cpu", so "cpu:0" made every fit fail with "No gradients provided"
+        env["KERAS_TORCH_DEVICE"] = "cpu" if str(device).strip() in ("cpu:0",) else str(device)
     elif backend == "jax" and device == "cpu":
         env["JAX_PLATFORMS"] = "cpu"
     return env

@@ -394,8 +394,10 @@ def torch_device_problem(device) -> str | None:
     try:
         torch.empty(1, device=dev)
     except Exception as exc:  # whatever the build raises for a device it cannot reach (AssertionError for CUDA)
-        text = str(exc).strip()
-        return f"torch cannot use device {device!r} here ({text.splitlines()[0] if text else type(exc).__name__})"
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if len(text) > 160:  # torch's message for a missing backend lists every dispatch key (1,250 characters)
+            text = text[:157] + "..."
+        return f"torch cannot use device {device!r} here ({text})"
     return None
 
 

@@ -93,9 +93,10 @@ def seed_list(text: str) -> list[int]:
 
 def one_seed(text: str) -> int:
     """An argparse type: one seed in [0, 2**63)."""
-    if "," in text:
-        raise argparse.ArgumentTypeError(f"must be one non-negative integer, got {text!r}")
-    return seed_list(text)[0]
+    t = text.strip()
+    if not (t.isascii() and t.isdigit()) or int(t) >= 2**63:
+        raise argparse.ArgumentTypeError(f"must be one integer in [0, 2**63), got {text!r}")
+    return int(t)
 
 
 def positive_float(text: str) -> float:
@@ -110,7 +111,8 @@ def positive_float(text: str) -> float:
 
 
 def _list_of(item, what: str):
-    """An argparse type: a non-empty comma-separated list of ``item`` values, each checked by ``item``."""
+    """An argparse type: a non-empty comma-separated list of distinct ``item`` values, each checked by
+    ``item`` (a repeated value would repeat its rows in the report)."""
     def parse(text: str) -> list:
         parts = [t.strip() for t in text.split(",")]
         if parts == [""] or "" in parts:
@@ -121,6 +123,8 @@ def _list_of(item, what: str):
                 out.append(item(t))
             except argparse.ArgumentTypeError as exc:
                 raise argparse.ArgumentTypeError(f"{t!r}: {exc}") from None
+        if len(set(out)) != len(out):
+            raise argparse.ArgumentTypeError(f"must not repeat a value, got {text!r}")
         return out
 
     return parse
@@ -151,7 +155,9 @@ def parse_args(argv=None):
                    help="craig, gradmatch, glister: select every R epochs of the budgeted run "
                         "(default: ceil(epochs / 2), two selections per run)")
     p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (default: %(default)s)")
-    p.add_argument("--device", type=torch_device, default="cpu", help="torch device (default: %(default)s)")
+    # default None, read as cpu after parsing: argparse runs a string default through its type, and the
+    # probe imports torch, which --from-json (rendering a results file) does not need
+    p.add_argument("--device", type=torch_device, default=None, help="torch device (default: cpu)")
     p.add_argument("--evals", type=positive_int, default=4, help="test evaluations per run (default: %(default)s)")
     p.add_argument("--limit-train", type=positive_int, default=None, help="N random training images (smoke tests)")
     p.add_argument("--limit-test", type=positive_int, default=None, help="N random test images (smoke tests)")
@@ -161,7 +167,9 @@ def parse_args(argv=None):
     p.add_argument("--progress", action="store_true", help="progress bars")
     p.add_argument("--from-json", default=None, metavar="PATH",
                    help="do not train: re-render the tables of a --json file written earlier (and --out)")
-    return p.parse_args(argv)
+    ns = p.parse_args(argv)
+    ns.device = ns.device or "cpu"
+    return ns
 
 
 def _mean_std(xs):
@@ -519,9 +527,14 @@ def main(argv=None) -> int:
                   "its seeds' runs with no command, date or budget to report; run it again with --json)",
                   file=sys.stderr)
             return 2
-        per_seed = raw["runs"]
-        summary = aggregate(per_seed, list(per_seed[0]))
-        md = markdown(summary, raw["meta"])
+        try:
+            per_seed = raw["runs"]
+            summary = aggregate(per_seed, list(per_seed[0]))
+            md = markdown(summary, raw["meta"])
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+            print(f"--from-json: {ns.from_json} does not hold e2e's results ({type(exc).__name__}: {exc})",
+                  file=sys.stderr)
+            return 2
         print(md)
         if ns.out:
             write_block(ns.out, md)

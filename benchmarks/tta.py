@@ -635,7 +635,7 @@ def parse_args(argv=None):
     a("--ablations", default=",".join(ABLATIONS), help="variants of the ablation suite (default: all)")
     a("--ablation-budget", type=budget_fraction, default=TARGET_BUDGET, help="default: %(default)s")
     a("--threads", type=positive_int, default=2, help="torch CPU threads (default: %(default)s)")
-    a("--device", type=torch_device, default="cpu", help="torch device (default: %(default)s)")
+    a("--device", type=torch_device, default=None, help="torch device (default: cpu)")
     a("--limit-train", type=positive_int, default=None, help="N random training images (smoke tests)")
     a("--limit-test", type=positive_int, default=None, help="N random test images (smoke tests)")
     a("--root", default=None, help="Fashion-MNIST folder")
@@ -644,6 +644,7 @@ def parse_args(argv=None):
     a("--resume", action="store_true", help="continue the --json file: skip the runs it holds")
     a("--figdir", default=str(Path(__file__).resolve().parent / "out" / "tta"), help="default: benchmarks/out/tta")
     ns = p.parse_args(argv)
+    ns.device = ns.device or "cpu"  # None by default: argparse would probe a string default through torch
     try:
         ns.datasets = [t.strip() for t in ns.datasets.split(",") if t.strip()]
         for name in ns.datasets:

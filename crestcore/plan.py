@@ -39,16 +39,19 @@ def full_steps(n: int, m: int) -> int:
 
 
 def _decimal_budget(budget) -> Fraction:
-    """The budget as the number it was written as, exactly: an integer, ``Fraction`` or ``Decimal`` as it
-    is; a float by its shortest decimal in its own precision (``0.009``, also for ``np.float32(0.009)``,
-    which is 0.008999999612569809 widened to a Python float). ValueError unless positive and finite."""
+    """The budget as the number it was written as, exactly: an integer, a rational (``Fraction``) or a
+    ``Decimal`` as it is; a float by its shortest decimal in its own precision (``0.009``, also for
+    ``np.float32(0.009)``, which is 0.008999999612569809 widened to a Python float). ValueError unless
+    positive and finite."""
     bad = ValueError(f"budget must be a positive finite fraction of the full-data steps, got {budget!r}")
     if isinstance(budget, bool) or isinstance(budget, np.bool_):
         raise bad
     if isinstance(budget, numbers.Integral):
         x = Fraction(int(budget))
-    elif isinstance(budget, (Fraction, Decimal)):
-        if isinstance(budget, Decimal) and not budget.is_finite():
+    elif isinstance(budget, numbers.Rational):  # Fraction, or another exact rational type (gmpy's mpq)
+        x = Fraction(int(budget.numerator), int(budget.denominator))
+    elif isinstance(budget, Decimal):
+        if not budget.is_finite():
             raise bad
         x = Fraction(budget)
     elif isinstance(budget, numbers.Real):

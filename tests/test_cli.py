@@ -93,6 +93,9 @@ def test_usage_errors_exit_2(argv, capsys):
     ("tta", ["--device", "foo"], "--device"),
     ("pipeline", ["--budget", "0"], "--budget"), ("pipeline", ["--epochs", "0"], "--epochs"),
     ("pipeline", ["--workers", "-1"], "--workers"), ("pipeline", ["--lr", "0"], "--lr"),
+    # review 34: a repeated budget or lr repeated its report rows
+    ("tta", ["--budgets", "0.1,0.1"], "--budgets"), ("tta", ["--lrs", "0.1,0.1"], "--lrs"),
+    ("tta", ["--sweep-seed", "1,2"], "--sweep-seed"),
 ])
 def test_the_benchmark_commands_refuse_bad_arguments_by_name(bench, argv, flag, capsys):
     """Review 30: `crest bench e2e --seeds 0,0` ran seed 0 twice and reported the spread of two identical
@@ -125,12 +128,40 @@ def test_e2e_from_json_refuses_a_missing_or_partial_file_in_one_line(tmp_path, c
         e2e = importlib.import_module("e2e")
         partial = tmp_path / "partial.json"
         partial.write_text(json.dumps({"meta": {"partial": True}, "runs": [{"full": {"acc": 0.5}}]}))
-        for path, what in ((tmp_path / "missing.json", "cannot read"), (partial, "not a finished run")):
+        odd = tmp_path / "odd.json"  # parses, finished-looking, but not e2e's shape (review 34)
+        odd.write_text(json.dumps({"meta": {"command": "x"}, "runs": []}))
+        for path, what in ((tmp_path / "missing.json", "cannot read"), (partial, "not a finished run"),
+                           (odd, "does not hold e2e's results")):
             assert e2e.main(["--from-json", str(path)]) == 2
             err = capsys.readouterr().err
             assert what in err and len(err.strip().splitlines()) == 1, err
     finally:
         sys.path.remove(bench_dir)
+
+
+def test_e2e_from_json_renders_without_probing_torch_and_device_messages_stay_short():
+    """Review 34: --device's string default went through the torch probe at every parse, so rendering a
+    results file (--from-json) imported torch (3-7 s) and failed without it; torch's message for a missing
+    backend is one 1,250-character line."""
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import e2e; ns = e2e.parse_args(['--from-json', 'x']); "
+            "print('torch' in sys.modules, ns.device)")
+    r = subprocess.run([sys.executable, "-c", code, str(bench_dir)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.split() == ["False", "cpu"], r.stderr
+    pytest.importorskip("torch")
+    from crestcore.apps.train_demo import torch_device_problem
+
+    problem = torch_device_problem("mps")
+    assert problem is not None and len(problem) < 260, problem
+
+
+def test_keras_on_torch_gets_cpu_for_cpu_0():
+    """Review 34: KERAS_TORCH_DEVICE=cpu:0 made every Keras fit fail ("No gradients provided"): Keras
+    compares it with the tensors' device, which torch reports as cpu."""
+    from crestcore.apps.keras_demo import keras_environment
+
+    assert keras_environment("torch", "cpu:0")["KERAS_TORCH_DEVICE"] == "cpu"
+    assert keras_environment("torch", "cuda:0")["KERAS_TORCH_DEVICE"] == "cuda:0"
 
 
 def test_strict_json_writes_null_for_non_finite_numbers():

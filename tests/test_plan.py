@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
@@ -210,6 +211,15 @@ def test_budget_steps_reads_each_budget_type_as_the_number_it_was_written_as():
     assert budget_steps(np.float32(0.015), 100) == 2  # 1.5 rounds up
     assert budget_steps(Decimal("0.1"), 469) == 47 and budget_steps(np.int64(2), 3) == 6
     assert budget_steps(10**400, 1) == 10**400
+
+    class Ratio:  # an exact rational of another library (gmpy's mpq, sympy's Rational): read exactly too
+        numerator, denominator = 1, 6
+
+        def __float__(self):
+            return 1 / 6
+
+    numbers.Rational.register(Ratio)
+    assert budget_steps(Ratio(), 9) == 2  # review 34: read through float, 1 step
     for bad in (Decimal("NaN"), Decimal("-0.1"), Fraction(0), np.bool_(True), np.float32("inf")):
         with pytest.raises(ValueError, match="budget"):
             budget_steps(bad, 10)

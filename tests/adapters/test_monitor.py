@@ -171,6 +171,9 @@ def test_the_tensorboard_writer_writes_a_nan_once_a_step_and_names_a_bad_events_
     assert sorted(sink.points) == [("crest/p", 7), ("crest/rho", 7), ("crest/rho", 8)]
     with pytest.raises(TypeError, match="events"):
         TensorBoardWriter(Points(), events=5)
+    for bad in ([1, "x"], [["check"]]):  # review 34: sorting or hashing them raised errors naming nothing
+        with pytest.raises(ValueError, match="events must be among"):
+            TensorBoardWriter(Points(), events=bad)
 
 
 def test_wandb_writer_logs_to_the_run_it_is_given():
