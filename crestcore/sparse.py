@@ -95,8 +95,9 @@ def check_neighbors(neighbors, n: int):
         ...
     ValueError: neighbors=6 must be smaller than the number of points n=6 ...
     """
-    if isinstance(neighbors, bool):
-        raise TypeError("neighbors must be an integer K or an (n, K) integer array of neighbour indices, got bool")
+    if isinstance(neighbors, (bool, np.bool_, str, bytes)):
+        raise TypeError("neighbors must be an integer K or an (n, K) integer array of neighbour indices, got "
+                        f"{type(neighbors).__name__} {neighbors!r}")
     if isinstance(neighbors, numbers.Integral):
         K = int(neighbors)
         if K < 1:
