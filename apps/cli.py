@@ -31,14 +31,27 @@ def _fraction(text: str) -> float:
     return v
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return v
+def int_at_least(low: int):
+    """An argparse type: an integer >= ``low`` (argparse names the flag in its error).
+
+    >>> int_at_least(1)("3")
+    3
+    """
+    words = "a positive integer" if low == 1 else f"an integer >= {low}"
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {words}, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be {words}, got {v}")
+        return v
+
+    return parse
+
+
+_positive_int = int_at_least(1)
 
 
 def _source_benchmarks() -> Path:

@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from crestcore.apps.cli import int_at_least
+
 START, END = "<!-- e2e-bench:start -->", "<!-- e2e-bench:end -->"
 
 # targets of the issue (E1/E2)
@@ -41,26 +43,8 @@ PAPER_TABLE1 = {"sgd-budget": (21.3, 8.0), "random": (7.2, 1.4), "craig": (13.0,
                 "glister": (7.0, 0.1), "crest": (5.5, 0.2)}
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (argparse names the flag in its error)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
-    return v
-
-
-def non_negative_int(text: str) -> int:
-    """An argparse type: an integer >= 0 (a count of worker processes)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {v}")
-    return v
+positive_int = int_at_least(1)  # argparse types: counts >= 1 (epochs, threads, limits)
+non_negative_int = int_at_least(0)  # counts of worker processes
 
 
 def budget_fraction(text: str) -> float:
