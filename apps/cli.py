@@ -366,7 +366,10 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
     import subprocess
 
     bdir = _source_benchmarks()
-    # a benchmark's name, not a path: "crest bench ../x" ran any Python file
+    # a benchmark's name, not a path: "crest bench ../x" ran any Python file (refused with or without a checkout)
+    if ns.name is not None and not ns.name.isidentifier() and not bdir.is_dir():
+        _err(f"no benchmark {ns.name!r} (a benchmark's name, not a path); " + _no_checkout_message(bdir))
+        return 1
     script = bdir / f"{ns.name}.py"
     if ns.name is None or not ns.name.isidentifier() or not script.is_file():
         if bdir.is_dir():

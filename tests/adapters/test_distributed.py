@@ -831,15 +831,14 @@ def test_a_stuck_rank_times_out_with_a_clear_error(tmp_path):
     # long enough that the steps before the stall finish on a loaded machine (4 s timed out at step 0
     # under a load of 6: one rank reached the first collective late), short enough to keep the test quick
     pg_timeout = 12.0
-    t0 = time.monotonic()
-    results = launch("stall", tmp_path, timeout=60, pg_timeout=pg_timeout)
-    elapsed = time.monotonic() - t0
+    # the job's bound leaves room for two interpreters importing torch on a loaded machine (60 s was
+    # exceeded under a load of 8 in a CI run); a rank that hung would never end, whatever the bound
+    results = launch("stall", tmp_path, timeout=JOB_TIMEOUT_S, pg_timeout=pg_timeout)
     (c0, e0), (c1, e1) = results
     assert c0 != 0 and c1 != 0
     assert not list(tmp_path.glob("*.done"))
     assert "CREST distributed: rank 0 of 2 (gloo)" in e0 and "at step 4" in e0, e0[-3000:]
     assert "init_process_group(timeout=...)" in e0
-    assert elapsed < 60
 
 
 
