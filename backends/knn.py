@@ -178,7 +178,7 @@ def build(X, K: int, metric: str = "euclidean", *, method: str = "auto", seed: i
         for probe in probes:
             index.nprobe = probe
             got_d, got_i = index.search(A[sample], kq)
-            recall = _recall(exact_d, got_d, got_i, similarity)
+            recall = _recall(exact_d, got_d, got_i, sample, similarity)
             if recall >= RECALL_TARGET:
                 break
         if auto and recall < RECALL_TARGET:
@@ -204,10 +204,14 @@ def build(X, K: int, metric: str = "euclidean", *, method: str = "auto", seed: i
     return _drop_self(I, K), f"faiss-{method}"
 
 
-def _recall(exact_d: np.ndarray, got_d: np.ndarray, got_i: np.ndarray, similarity: bool) -> float:
-    """The share of the found neighbours that are among the exact ones, ties included: a found entry counts
-    when it is at least as near as the exact search's last (a point at the same distance is as good)."""
+def _recall(exact_d: np.ndarray, got_d: np.ndarray, got_i: np.ndarray, rows: np.ndarray, similarity: bool) -> float:
+    """The share of each sampled point's K neighbours (the (K + 1)-column search less the point itself,
+    which every search finds: counted, it made the recall of K = 1 read 0.90 where it was 0.81) that the
+    search found among the exact ones, ties included: a found entry counts when it is at least as near as
+    the exact search's last (a point at the same distance is as good)."""
     last = exact_d[:, -1:]
     tol = 1e-6 * np.maximum(np.abs(last), 1e-30)  # float32 search: equal distances may differ in the last bit
     near = got_d >= last - tol if similarity else got_d <= last + tol
-    return float((near & (got_i >= 0)).sum()) / float(got_i.size)
+    K = got_i.shape[1] - 1
+    hits = (near & (got_i >= 0) & (got_i != rows[:, None])).sum(axis=1)
+    return float(np.minimum(hits, K).sum()) / float(K * got_i.shape[0])

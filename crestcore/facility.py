@@ -552,15 +552,18 @@ def facility_location(
 
                 for p in sorted(range(n_prob), key=lambda q: (-int(sizes[q]), q)):
                     kp = min(neighbors, int(sizes[p]) - 1)
-                    need = sparse_bytes(int(sizes[p]), X.shape[1], kp)
+                    # the graph's own bytes: the fixed work buffers come on top of the bound, as on the
+                    # other paths (a six-point problem under a 200-byte bound is not refused for them)
+                    need = sparse_bytes(int(sizes[p]), X.shape[1], kp) - sparse_bytes(0, 0, 0)
                     if need > max_dense_bytes:
-                        fit = next((kk for kk in range(kp, 0, -1)
-                                    if sparse_bytes(int(sizes[p]), X.shape[1], kk) <= max_dense_bytes), None)
+                        fit = next((kk for kk in range(kp, 0, -1) if sparse_bytes(int(sizes[p]), X.shape[1], kk)
+                                    - sparse_bytes(0, 0, 0) <= max_dense_bytes), None)
                         raise ValueError(
                             f"neighbors={neighbors} needs about {need} bytes for its graph on a problem of "
                             f"n={int(sizes[p])} points, above max_dense_bytes={max_dense_bytes}: pass "
                             + (f"neighbors <= {fit} or " if fit else "")
-                            + f"max_dense_bytes >= {need} (or optimizer='auto', which sizes the path to the bound)")
+                            + f"max_dense_bytes >= {need} (or leave neighbors out with optimizer='auto', which "
+                            "sizes the path to the bound)")
         sparse_p = [p for p in range(n_prob) if kinds[p] == "sparse"]
         big = [p for p in range(n_prob) if kinds[p] == "matrix-free"]
         largest = int(np.argmax(sizes))
