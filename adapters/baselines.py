@@ -473,8 +473,15 @@ class SubsetLoader(BudgetedPasses):
         if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or not 0 <= int(pos) <= self.total_steps:
             raise ValueError(f"SubsetLoader state dict: position must be an integer in [0, {self.total_steps}], "
                              f"got {pos!r}")
+        self._checked_pass_state(state, int(pos))  # a refused state changes nothing
         last = state.get("last")
-        self._last = None if last is None else (torch.as_tensor(last["indices"]).numpy().astype(np.int64),
-                                                torch.as_tensor(last["weights"]).numpy().astype(np.float64))
-        self.schedule.load_state(state)
+        last = None if last is None else (torch.as_tensor(last["indices"]).numpy().astype(np.int64),
+                                          torch.as_tensor(last["weights"]).numpy().astype(np.float64))
+        before = self.schedule.state()
+        try:
+            self.schedule.load_state(state)
+        except Exception:
+            self.schedule.load_state(before)  # a state the schedule cannot read leaves it as it was
+            raise
+        self._last = last
         self._load_pass_state(state, int(pos))

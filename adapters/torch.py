@@ -983,7 +983,10 @@ class TorchModelOps:
     num_workers : worker processes that load the examples of the measurement passes (a persistent
         ``DataLoader`` with this ``collate_fn``, chunks in order); 0 (default) loads them in this process.
     cache_bytes : host memory for the collated batches of recent measurement passes (default 256 MiB; 0
-        turns it off). The trust checks re-read the examples the anchor loss was measured on; kept, they
+        turns it off). Used with torch's ``default_collate`` only: a ``collate_fn`` of yours may return
+        fields that are not a row per example (a sorting collate's order, a batch's longest length), which a
+        pass served by picking rows of a kept one would corrupt, so with one every pass is loaded. The
+        trust checks re-read the examples the anchor loss was measured on; kept, they
         are not loaded again and see exactly the anchor's inputs (random transforms included). A kept pass
         serves whole the passes until the next :meth:`new_anchor` (the controller calls it at every
         selection, the baselines' schedule before every selection), so a dataset with random transforms
@@ -1088,8 +1091,11 @@ class TorchModelOps:
         if not isinstance(reuse_checks, bool):
             raise TypeError(f"reuse_checks must be a bool, got {type(reuse_checks).__name__}")
         self.reuse_checks = reuse_checks
-        # a TensorDataset is sliced in place: nothing to save by keeping its batches
-        self._cacheable = self.cache_bytes > 0 and not self._fetch._tensors
+        # a TensorDataset is sliced in place: nothing to save by keeping its batches; a collate_fn of the
+        # user's may put fields in a batch that are not a row per example (the order of a sorting collate, a
+        # batch's longest length), which serving a pass by picking rows of a kept one would corrupt
+        self._cacheable = (self.cache_bytes > 0 and not self._fetch._tensors
+                           and collate_fn in (None, default_collate))
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._anchor_buffers: dict | None = None  # the buffers at the last new_anchor(), for its measurements
         self._warned_repeat = False  # last_layer called more than once in a forward: said once
@@ -1322,7 +1328,20 @@ class TorchModelOps:
         of the collated batch equal to them will do), a warning when they differ (a ``__getitem__`` that
         maps its targets), since CREST would select, check and drop by the wrong classes."""
         self._check_labels = False
-        if any(np.array_equal(c, self.labels[idx]) for c in _label_columns(host, idx.size)):
+        cols = _label_columns(host, idx.size)
+        if any(np.array_equal(c, self.labels[idx]) for c in cols):
+            self._probe_item_order(idx)
+            return
+        want = np.sort(self.labels[idx])
+        moved = [int((c != self.labels[idx]).sum()) for c in cols if np.array_equal(np.sort(c), want)]
+        if idx.size > 1 and moved:
+            self._probe_item_order(idx)  # the dataset's own __getitems__ first (an error there)
+            warnings.warn(
+                f"crestcore: {self._reordered(min(moved), idx.size, 'the first measurement pass')}. If forward= "
+                "undoes the collate's order, the measurements are right; CrestLoader's weights are appended "
+                "after the collate in the order asked for (loader.last_indices'): give row r the weight "
+                "w[order[r]] (w[order]), and observe() the losses in that order too (CrestBatchSampler's weights "
+                "travel inside the items, so a collate sorts them along).", stacklevel=_common.user_stacklevel())
             return
         got = host[1] if isinstance(host, (tuple, list)) and len(host) > 1 else None
         if isinstance(host, dict):
@@ -1348,6 +1367,39 @@ class TorchModelOps:
                 "targets, pass labels= with the labels the items carry (crest_labels= on CrestTrainer), since "
                 "CREST would select, check and drop by the wrong classes; if item[1] is not the label, pass "
                 "labels= to confirm them.", stacklevel=_common.user_stacklevel())
+
+    def _reordered(self, bad: int, k: int, where: str) -> str:
+        return (f"the examples of {where} come back in another order than CREST asked for them: the labels "
+                f"their rows carry are the asked examples' labels ({self._labels_origin}), reordered ({bad} of {k} "
+                "rows differ). CREST pairs row k of a collated batch with the k-th example it asked for (its "
+                "label, its weight), so every measurement and weight would belong to another example. A "
+                "collate_fn that sorts the rows (by length, for pack_padded_sequence) or a __getitems__ that "
+                "returns the items in another order than its keys (sorted for h5py, say) does this: keep the "
+                "keys' order (undo the sort before returning; sort inside the model's forward, or pack with "
+                "enforce_sorted=False)")
+
+    def _probe_item_order(self, idx: np.ndarray) -> None:
+        """Once, with the label probe: a dataset's own ``__getitems__`` asked for a few keys in descending order
+        must return the items in that order (the first pass asks in ascending order, which a ``__getitems__``
+        that sorts its keys, as h5py needs, hands back unchanged)."""
+        getitems = getattr(self.dataset, "__getitems__", None)
+        if not callable(getitems) or idx.size < 2:
+            return
+        keys = np.unique(idx)[::-1][:8]
+        if keys.size < 2 or np.unique(self.labels[keys]).size < 2:
+            return  # one class: the labels cannot tell an order
+        try:
+            with _random_states_kept(), torch.no_grad():
+                items = list(getitems([int(i) for i in keys]))
+            got = np.array([_label_value(it[1] if isinstance(it, (tuple, list)) else
+                                         next(it[k] for k in _LABEL_KEYS if k in it), i)
+                            for i, it in zip(keys, items)], dtype=np.int64)
+        except Exception:  # the probe's own load, or items without a label to read: nothing to tell
+            return
+        want = self.labels[keys]
+        if got.shape == want.shape and not np.array_equal(got, want) and np.array_equal(np.sort(got), np.sort(want)):
+            raise ValueError(self._reordered(int((got != want).sum()), keys.size,
+                                             "a batched __getitems__ asked for keys in descending order"))
 
     def new_anchor(self) -> None:
         """Start a new anchor: the kept measurement passes no longer serve whole, so a dataset with random
@@ -2361,10 +2413,27 @@ class CrestLoader(BudgetedPasses):
         self._batch: Batch | None = None
         self._pending: list[Batch] = []  # handed out before a checkpoint and not trained: replayed first
         self._trainable_ids: tuple | None = None  # the parameters the last step trained (their identities)
+        self._warned_broken = False  # a pass left before its end: said once (_broken_pass)
 
     # -- accounting and stepping ----------------------------------------------------------------
     def _replaying(self) -> bool:
         return bool(self._pending)
+
+    def _broken_pass(self, handed: int) -> None:
+        """Said once: a pass left before its end (a loop broken off, or ``next(iter(loader))`` to look at a
+        batch) handed out batches that count as trained; a batch only looked at is lost from the run."""
+        if self._warned_broken or self._open_done:  # (a pass that handed out its share's last batch is done)
+            return
+        self._warned_broken = True
+        keep = ("call sampler.rewind(batches_trained) before the next pass" if isinstance(self, CrestBatchSampler)
+                else "save loader.state_dict() before looking and load_state_dict() it after")
+        warnings.warn(
+            f"{type(self).__name__}: the last pass was left before its end after handing out {handed} "
+            f"batch{'es' if handed != 1 else ''}; they count as trained, and this pass continues after them. If a "
+            "batch was taken only to look at it (next(iter(loader)) before the training loop), the run trains "
+            "that many batches fewer than planned (a scheduler sized from len(loader) * epochs stops short): to look "
+            f"without spending it, {keep}. If the batches were trained, ignore this (said once).",
+            stacklevel=_common.user_stacklevel())
 
     def _counters(self) -> dict:
         c = self._state.counters
@@ -2628,10 +2697,10 @@ class CrestLoader(BudgetedPasses):
                     for k, t in anchor.items()):
                 raise ValueError(f"{where}: anchor_buffers must map the model's buffer names to tensors of their "
                                  "shapes (a checkpoint of another model?)")
+        self._load_pass_state(state, pos)  # checks the pass plan before it changes anything: the last check
         self._state = crest
         # the loaded anchor is over the trainable set as it is now: a change after the load counts
         self._trainable_ids = tuple(id(p) for p in self.ops._trainable())
-        self._load_pass_state(state, pos)
         self._batch = batch
         self._pending = pending
         _inner_ops(self.ops)._anchor_buffers = {k: t.detach().clone() for k, t in anchor.items()} if anchor else None
@@ -2754,6 +2823,7 @@ class CrestBatchSampler(CrestLoader):
         self._handed_epoch: list[int] = []  # the epoch of the pass that handed out each
         self._handed_from = 0  # the run position of _handed[0]
         self._observed_step = -1  # the step of the batch observe(indices=) got last (for its error message)
+        self._warned_last = False  # last_indices / last_weights read under a DataLoader that fetches ahead
         self._unmatched_warned = False
         self._collate_warned = False
         self._ahead = 64  # batches a DataLoader may fetch ahead (its workers x prefetch_factor, at least 64)
@@ -2827,14 +2897,42 @@ class CrestBatchSampler(CrestLoader):
             self._loader_ahead = ahead
         return super().__iter__()
 
-    def _broken_pass(self, handed: int) -> None:
-        if self._pass_ahead:  # its DataLoader fetched ahead: batches handed out may never have been trained
+    def _handed_ahead(self, name: str) -> None:
+        """Said once: under a DataLoader that fetches ahead, the batch handed out last is not the one the loop
+        holds."""
+        if self._pass_ahead and not self._warned_last:
+            self._warned_last = True
             warnings.warn(
-                f"CrestBatchSampler: the last pass was left before its end after handing out {handed} batches "
-                f"to a DataLoader whose workers fetch up to {self._pass_ahead} batches ahead; they all count as "
-                "trained, and this pass continues after them. If the loop was broken off (or a batch taken with "
-                "next(iter(loader))), call sampler.rewind(batches_trained) before the next pass: the fetched, "
-                "untrained batches are then handed out again, first.", stacklevel=_common.user_stacklevel())
+                f"CrestBatchSampler.{name} is the batch handed to the DataLoader last, and its workers fetch up to "
+                f"{self._pass_ahead} batches ahead of the one your loop holds: for the batch in hand, build the "
+                "DataLoader over WeightedDataset(dataset, indices=True) (sampler.dataloader(indices=True)), whose "
+                "batches carry their indices (x, y, w, i), and its weights are w (said once).",
+                stacklevel=_common.user_stacklevel())
+
+    @property
+    def last_indices(self) -> np.ndarray | None:
+        """Dataset indices of the batch handed out last (host int64), or None before the first: under a
+        ``DataLoader`` with workers, up to ``num_workers * prefetch_factor`` batches ahead of the one the loop
+        holds (warned about once; ``WeightedDataset(indices=True)`` gives each batch its own)."""
+        self._handed_ahead("last_indices")
+        return super().last_indices
+
+    @property
+    def last_weights(self) -> np.ndarray | None:
+        self._handed_ahead("last_weights")
+        return super().last_weights
+
+    def _broken_pass(self, handed: int) -> None:
+        if not self._pass_ahead:  # no look-ahead: as CrestLoader's (said once)
+            super()._broken_pass(handed)
+            return
+        # its DataLoader fetched ahead: batches handed out may never have been trained (said every time)
+        warnings.warn(
+            f"CrestBatchSampler: the last pass was left before its end after handing out {handed} batches "
+            f"to a DataLoader whose workers fetch up to {self._pass_ahead} batches ahead; they all count as "
+            "trained, and this pass continues after them. If the loop was broken off (or a batch taken with "
+            "next(iter(loader))), call sampler.rewind(batches_trained) before the next pass: the fetched, "
+            "untrained batches are then handed out again, first.", stacklevel=_common.user_stacklevel())
 
     def _pass_started(self) -> None:
         self._pass_ahead = self._loader_ahead

@@ -201,6 +201,7 @@ class BudgetedPasses:
         self._warned_done = False
         self._open_handed = 0  # batches the running (or last, if broken off) pass handed out; 0 once it ended
         self._open_epoch: int | None = None  # the epoch of that pass while it is open (a broken-off epoch started)
+        self._open_done = False  # whether that pass handed out its share's last batch (a consumer may stop there)
         self._warned_hint = False  # a set_epoch naming an epoch handed out already was ignored, and said so
 
     def __len__(self) -> int:
@@ -315,7 +316,8 @@ class BudgetedPasses:
             item = self._step()
             self._open_handed += 1
             self._open_epoch = e
-            if self._position >= end:  # the share's last batch: the epoch is done even if the consumer stops here
+            self._open_done = self._position >= end
+            if self._open_done:  # the share's last batch: the epoch is done even if the consumer stops here
                 self._finish_epochs(done)
             yield item
         if self._token == token:  # ran to its end (not broken off by the consumer, nor replaced)
@@ -390,7 +392,9 @@ class BudgetedPasses:
                 "epochs_done": self._epochs_done if epochs_done is None else epochs_done,
                 "open_epoch": self._open_epoch if position is None or position == self._position else None}
 
-    def _load_pass_state(self, state: dict, position: int) -> None:
+    def _checked_pass_state(self, state: dict, position: int) -> tuple[int, int | None]:
+        """``(epochs_done, open_epoch)`` of a saved pass state, checked against this loader's plan; raises
+        ``ValueError`` before anything is changed (a refused state leaves the loader as it was)."""
         # the pass plan is the loader's own (its arguments): a checkpoint of another plan is refused, not
         # adopted (adopting per_epoch silently changed len() and how much a pass yields)
         for name in ("per_epoch", "budget_counts"):
@@ -398,18 +402,26 @@ class BudgetedPasses:
                 raise ValueError(
                     f"{type(self).__name__} state dict: saved with {name}={state[name]!r}, but this loader "
                     f"has {name}={getattr(self, name)!r}; build the loader with the saved run's {name}")
-        self._position = int(position)
-        done = state.get("epochs_done", self._position // self.steps_per_epoch)
+        done = state.get("epochs_done", int(position) // self.steps_per_epoch)
         if isinstance(done, bool) or not isinstance(done, (int, np.integer)) or not 0 <= done <= self.epochs:
             raise ValueError(f"{type(self).__name__} state dict: epochs_done must be an integer in "
                              f"[0, {self.epochs}], got {done!r}")
-        self._epochs_done = int(done)
+        open_epoch = state.get("open_epoch")  # the epoch a broken-off pass had started (None: none)
+        if open_epoch is not None and (isinstance(open_epoch, bool) or not isinstance(open_epoch, (int, np.integer))
+                                       or not 0 <= open_epoch <= self.epochs):
+            raise ValueError(f"{type(self).__name__} state dict: open_epoch must be None or an integer in "
+                             f"[0, {self.epochs}], got {open_epoch!r}")
+        return int(done), None if open_epoch is None else int(open_epoch)
+
+    def _load_pass_state(self, state: dict, position: int) -> None:
+        done, open_epoch = self._checked_pass_state(state, position)  # everything checked before any change
+        self._position = int(position)
+        self._epochs_done = done
         self._epoch_hint = None
         self._token += 1  # passes started before the load stop
         self._warned_done = False
         self._open_handed = 0  # what a broken-off pass handed out is accounted for by the load (rewind)
-        open_epoch = state.get("open_epoch")  # the epoch a broken-off pass had started (None: none)
-        self._open_epoch = None if open_epoch is None else int(open_epoch)
+        self._open_epoch = open_epoch
         self._warned_hint = False
 
 

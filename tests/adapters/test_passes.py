@@ -94,3 +94,94 @@ def test_set_epoch_of_an_epoch_the_passes_cap_finished_early_is_ignored_and_said
     with pytest.warns(UserWarning, match=r"set_epoch\(0\) named an epoch"):
         s.set_epoch(0)
         assert len(list(s)) == per_epoch[1]
+
+
+def _state_of(ld):
+    """What a refused load must leave alone: the position, the controller's counters and selections, the
+    pass bookkeeping, and the next batch the loader hands out."""
+    return (ld.position, dict(ld.controller_state.counters), list(ld.stats["selections"]),
+            ld._epochs_done, ld._open_epoch)
+
+
+@pytest.mark.parametrize("bad", ["per_epoch", "epochs_done", "open_epoch"])
+def test_a_refused_state_dict_leaves_the_loader_as_it_was(bad):
+    """Regression: a state of another pass plan (per_epoch, budget_counts) or a corrupt epochs_done was refused
+    only after the controller state had been swapped in: the loader kept its position with the other run's
+    controller, and a loop that caught the error trained batches of neither run."""
+    other = CrestLoader(torch.nn.Linear(4, 2), _example_data(64), config=CrestConfig(m=8), budget=0.5, epochs=2,
+                        seed=0, per_epoch=False)
+    it = iter(other)
+    for _ in range(3):
+        next(it)
+    saved = other.state_dict()
+    if bad != "per_epoch":  # a state of this loader's plan, one field corrupt
+        saved = {**saved, "per_epoch": True, bad: -1}
+    ld, twin = _loader(), _loader()
+    a, b = iter(ld), iter(twin)
+    next(a), next(b)
+    before = _state_of(ld)
+    with pytest.raises(ValueError, match=bad):
+        ld.load_state_dict(saved)
+    assert _state_of(ld) == before
+    assert ld.controller_state.counters == twin.controller_state.counters
+    nxt, ref = next(iter(ld)), next(iter(twin))  # the run goes on as if nothing had been loaded
+    assert all(torch.equal(x, y) for x, y in zip(nxt, ref))
+
+
+def test_a_refused_subset_loader_state_leaves_it_as_it_was():
+    from crestcore.adapters.baselines import SubsetLoader
+
+    def make():
+        torch.manual_seed(0)
+        return SubsetLoader(torch.nn.Linear(4, 2), _example_data(64), method="random", budget=0.5, epochs=2, m=8,
+                            seed=0)
+
+    ld, twin, other = make(), make(), make()
+    next(iter(ld)), next(iter(twin))
+    it = iter(other)
+    for _ in range(3):  # another point of the run: its schedule and last batch differ from ld's
+        next(it)
+    saved = other.state_dict()
+    before = (ld.position, ld.schedule.state()["counters"], ld.last_indices.tolist())
+    for bad in ({**saved, "epochs_done": 7}, {**saved, "counters": None, "selection": {"indices": [0]}}):
+        with pytest.raises((ValueError, KeyError, TypeError)):
+            ld.load_state_dict(bad)
+        assert (ld.position, ld.schedule.state()["counters"], ld.last_indices.tolist()) == before
+    assert torch.equal(next(iter(ld))[0], next(iter(twin))[0])
+
+
+def test_a_batch_taken_to_look_at_is_said_once_and_a_saved_state_gives_it_back():
+    """Regression (review 37): next(iter(loader)) before the loop handed out the first batch, counted it as
+    trained, and the loop never saw it (a scheduler sized from len(loader) * epochs stopped a step short):
+    silently. The next pass says so, once; saving the state before the look and loading it after keeps
+    the batch for the loop."""
+    ld = _loader()
+    with pytest.warns(UserWarning, match="left before its end after handing out 1 batch;"):
+        peeked = next(iter(ld))
+        got = list(ld)
+    assert len(got) == ld.steps_per_epoch - 1  # the look cost the run its first batch
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per loader
+        next(iter(ld))
+        list(ld)
+    fresh = _loader()
+    saved = fresh.state_dict()
+    look = next(iter(fresh))
+    fresh.load_state_dict(saved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the load accounted for the look: nothing to say
+        epoch = list(fresh)
+    assert len(epoch) == fresh.steps_per_epoch and fresh.position == fresh.steps_per_epoch
+    assert all(torch.equal(a, b) for a, b in zip(look, epoch[0]))
+    assert all(torch.equal(a, b) for a, b in zip(peeked, epoch[0]))
+
+
+def test_a_sampler_without_workers_says_so_too():
+    torch.manual_seed(0)
+    s = CrestBatchSampler(torch.nn.Linear(4, 2), _example_data(64), config=CrestConfig(m=8), budget=0.5, epochs=2,
+                          seed=0)
+    next(iter(s))
+    with pytest.warns(UserWarning, match="sampler.rewind"):
+        list(s)

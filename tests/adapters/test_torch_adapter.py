@@ -1063,7 +1063,8 @@ def test_sequence_first_batches_are_measured_not_kept(L):
             loss.backward()
             opt.step()
         finals.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
-        assert loader.ops._cache_sizes == {} and loader.ops._layout_ok is (False if cache else None)
+        # a collate_fn of the user's: passes are never kept (so the layout is never asked)
+        assert loader.ops._cache_sizes == {} and not loader.ops._cacheable
     assert torch.equal(finals[0], finals[1])
 
 
@@ -2702,3 +2703,152 @@ def test_a_train_reads_the_buffers_its_eval_wrote():
         TorchModelOps(model, TensorDataset(X, y), batch_size=8).gradient(np.arange(16), np.ones(16))
         assert torch.equal(model.lin.weight.detach(), before) and not model.folded
         assert model.backup is backup and float(model.backup.abs().sum()) == 0.0  # the buffer back as it was
+
+
+def test_a_collate_returning_a_per_batch_order_is_measured_right_after_a_larger_pass():
+    """Regression (review 37): the docs' recipe for a collate that sorts by length (return the order, undo it
+    in forward=) passed the order check, but the measurement cache then served a pass by picking rows of a
+    kept one, the collate's order field included (positions, not a value per example): the forward undid a
+    wrong permutation and CREST measured other examples' logits (off by 0.5 in the review's run). With a
+    collate_fn of the user's, passes are loaded, not picked from kept rows."""
+    from torch.utils.data import Dataset
+
+    n, V, C = 120, 40, 3
+    g = np.random.default_rng(0)
+    seqs = [torch.tensor(g.integers(1, V, int(g.integers(2, 12)))) for _ in range(n)]
+    ys = g.integers(0, C, n)
+
+    class Txt(Dataset):
+        targets = list(ys)
+
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            return seqs[i], int(ys[i])
+
+    def sorted_collate(items):  # longest first, and the order for forward= to undo
+        order = sorted(range(len(items)), key=lambda k: -len(items[k][0]))
+        lens = torch.tensor([len(items[k][0]) for k in order])
+        x = torch.zeros(len(items), 11, dtype=torch.long)  # one width: every pass joins row by row
+        for r, k in enumerate(order):
+            x[r, :lens[r]] = items[k][0]
+        return x, lens, torch.tensor([items[k][1] for k in order]), torch.tensor(order)
+
+    class Bag(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e, self.h = torch.nn.Embedding(V, 8), torch.nn.Linear(8, C)
+
+        def forward(self, x, lens):
+            mask = (torch.arange(x.shape[1])[None] < lens[:, None]).float()
+            return self.h((self.e(x) * mask[..., None]).sum(1) / lens[:, None])
+
+    def undo(model, batch):
+        x, lens, _, order = batch
+        return model(x, lens)[torch.argsort(order)]
+
+    torch.manual_seed(0)
+    model = Bag()
+    sub = np.array([110, 3, 77, 42, 9, 100])
+    truth = torch.stack([undo(model, sorted_collate([Txt()[int(i)]]))[0] for i in sub]).detach().double()
+    ops = TorchModelOps(model, Txt(), collate_fn=sorted_collate, forward=undo)
+    ops.new_anchor()
+    ops.outputs(np.arange(n))  # a selection's forward (one chunk)
+    torch.testing.assert_close(ops.outputs(sub).double(), truth, rtol=1e-5, atol=1e-6)  # a check's pass
+
+
+def _sorted_text(n=96, C=3, V=40):
+    """Token sequences of 2-11 tokens (token 0 = 1 + the example's index), their labels, a Dataset with
+    ``targets``, a collate that sorts longest first and returns the order, and a model over it."""
+    from torch.utils.data import Dataset
+
+    g = np.random.default_rng(1)
+    seqs = [torch.tensor([1 + i] + list(g.integers(1, V, int(g.integers(1, 11))))) for i in range(n)]
+    ys = g.integers(0, C, n)
+
+    class Txt(Dataset):
+        targets = list(ys)
+
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            return seqs[i], int(ys[i])
+
+    def sorted_collate(items):
+        order = sorted(range(len(items)), key=lambda k: -len(items[k][0]))
+        lens = torch.tensor([len(items[k][0]) for k in order])
+        x = torch.zeros(len(items), int(lens.max()), dtype=torch.long)
+        for r, k in enumerate(order):
+            x[r, :lens[r]] = items[k][0]
+        return x, lens, torch.tensor([items[k][1] for k in order]), torch.tensor(order)
+
+    class Bag(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e, self.h = torch.nn.Embedding(n + V + 1, 8), torch.nn.Linear(8, C)
+
+        def forward(self, x, lens):
+            mask = (torch.arange(x.shape[1])[None] < lens[:, None]).float()
+            return self.h((self.e(x) * mask[..., None]).sum(1) / lens[:, None])
+
+    return Txt, sorted_collate, Bag
+
+
+def test_a_sorting_collate_is_told_how_crestloaders_weights_follow_the_rows():
+    """Regression (review 37): with the docs' recipe for a sorting collate (the order returned, undone in
+    forward=), CrestLoader appends the weights after the collate in the order it asked for: 93 of 112 rows
+    got another example's weight, silently. The first measurement pass sees the rows' labels reordered and
+    says how to index the weights; w[order] then gives every row its own weight."""
+    Txt, sorted_collate, Bag = _sorted_text()
+    torch.manual_seed(0)
+    loader = CrestLoader(Bag(), Txt(), config=CrestConfig(m=16), budget=0.5, epochs=1, seed=0,
+                         collate_fn=sorted_collate, forward=lambda m, b: m(b[0], b[1])[torch.argsort(b[3])])
+    with pytest.warns(UserWarning, match=r"come back in another order.*w\[order\]"):
+        assert len(list(loader)) == len(loader)
+    # w[order] gives each row its own example's weight (token 0 of a row is 1 + the example's index)
+    loader2 = CrestLoader(Bag(), Txt(), config=CrestConfig(m=16), budget=0.5, epochs=1, seed=0,
+                          collate_fn=sorted_collate, forward=lambda m, b: m(b[0], b[1])[torch.argsort(b[3])])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for x, _lens, _y, order, w in loader2:
+            truth = dict(zip(loader2.last_indices.tolist(), loader2.last_weights.tolist()))
+            rows = (x[:, 0] - 1).tolist()
+            assert [truth[i] for i in rows] == pytest.approx(w[order].tolist())
+
+
+def test_a_getitems_that_returns_the_items_in_another_order_is_refused():
+    """Regression (review 37): a batched __getitems__ that hands the items back sorted (as an h5py-backed
+    dataset that does not undo the sort h5py needs) misaligned weights, indices and the measurements' labels
+    on every path (80 of 160 weights, a coreset gradient off by 8.5), silently in a run: the first pass asks
+    in ascending order, which such a dataset returns unchanged."""
+    from torch.utils.data import Dataset
+
+    X = torch.randn(120, 5, generator=torch.Generator().manual_seed(0))
+    Y = torch.arange(120) % 3
+
+    class H5Like(Dataset):
+        targets = Y
+
+        def __len__(self):
+            return 120
+
+        def __getitem__(self, i):
+            return X[i], Y[i]
+
+        def __getitems__(self, idx):
+            return [(X[i], Y[i]) for i in sorted(idx)]
+
+    loader = CrestLoader(torch.nn.Linear(5, 3), H5Like(), config=CrestConfig(m=12), budget=0.5, epochs=1, seed=0)
+    with pytest.raises(ValueError, match="__getitems__ that returns the items in another order"):
+        next(iter(loader))
+
+    class InOrder(H5Like):
+        def __getitems__(self, idx):
+            return [(X[i], Y[i]) for i in idx]
+
+    ok = CrestLoader(torch.nn.Linear(5, 3), InOrder(), config=CrestConfig(m=12), budget=0.5, epochs=1, seed=0)
+    assert len(list(ok)) == len(ok)
