@@ -2711,38 +2711,8 @@ def test_a_collate_returning_a_per_batch_order_is_measured_right_after_a_larger_
     kept one, the collate's order field included (positions, not a value per example): the forward undid a
     wrong permutation and CREST measured other examples' logits (off by 0.5 in the review's run). With a
     collate_fn of the user's, passes are loaded, not picked from kept rows."""
-    from torch.utils.data import Dataset
-
-    n, V, C = 120, 40, 3
-    g = np.random.default_rng(0)
-    seqs = [torch.tensor(g.integers(1, V, int(g.integers(2, 12)))) for _ in range(n)]
-    ys = g.integers(0, C, n)
-
-    class Txt(Dataset):
-        targets = list(ys)
-
-        def __len__(self):
-            return n
-
-        def __getitem__(self, i):
-            return seqs[i], int(ys[i])
-
-    def sorted_collate(items):  # longest first, and the order for forward= to undo
-        order = sorted(range(len(items)), key=lambda k: -len(items[k][0]))
-        lens = torch.tensor([len(items[k][0]) for k in order])
-        x = torch.zeros(len(items), 11, dtype=torch.long)  # one width: every pass joins row by row
-        for r, k in enumerate(order):
-            x[r, :lens[r]] = items[k][0]
-        return x, lens, torch.tensor([items[k][1] for k in order]), torch.tensor(order)
-
-    class Bag(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.e, self.h = torch.nn.Embedding(V, 8), torch.nn.Linear(8, C)
-
-        def forward(self, x, lens):
-            mask = (torch.arange(x.shape[1])[None] < lens[:, None]).float()
-            return self.h((self.e(x) * mask[..., None]).sum(1) / lens[:, None])
+    n = 120
+    Txt, sorted_collate, Bag = _sorted_text(n, width=11)  # one width: every pass joins row by row
 
     def undo(model, batch):
         x, lens, _, order = batch
@@ -2758,9 +2728,10 @@ def test_a_collate_returning_a_per_batch_order_is_measured_right_after_a_larger_
     torch.testing.assert_close(ops.outputs(sub).double(), truth, rtol=1e-5, atol=1e-6)  # a check's pass
 
 
-def _sorted_text(n=96, C=3, V=40):
+def _sorted_text(n=96, C=3, V=40, width=None):
     """Token sequences of 2-11 tokens (token 0 = 1 + the example's index), their labels, a Dataset with
-    ``targets``, a collate that sorts longest first and returns the order, and a model over it."""
+    ``targets``, a collate that sorts longest first, pads to the batch's longest (or ``width``) and returns
+    the order, and a model over it."""
     from torch.utils.data import Dataset
 
     g = np.random.default_rng(1)
@@ -2779,7 +2750,7 @@ def _sorted_text(n=96, C=3, V=40):
     def sorted_collate(items):
         order = sorted(range(len(items)), key=lambda k: -len(items[k][0]))
         lens = torch.tensor([len(items[k][0]) for k in order])
-        x = torch.zeros(len(items), int(lens.max()), dtype=torch.long)
+        x = torch.zeros(len(items), width or int(lens.max()), dtype=torch.long)
         for r, k in enumerate(order):
             x[r, :lens[r]] = items[k][0]
         return x, lens, torch.tensor([items[k][1] for k in order]), torch.tensor(order)
