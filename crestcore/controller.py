@@ -52,8 +52,8 @@ import numpy as np
 
 from ._compat import device_of, from_numpy, namespace, once_per_array, to_numpy
 from ._validation import DivergenceError, user_stacklevel, field_bool, field_choice, field_instance, field_int, field_real
-from .dropping import (DropConfig, DropState, _check_live, drop_init, drop_record, drop_resize, drop_update,
-                       pool_size)
+from .dropping import (DropConfig, DropState, _check_live, _undone_on_error, drop_init, drop_record, drop_resize,
+                       drop_update, pool_size)
 from .features import cross_entropy, last_layer_gradients, softmax
 from .facility import BACKENDS, OPTIMIZERS
 from .minibatch import CLASS_BUDGETS, DenseMemoryError, _draw_blocked, minibatch_coresets
@@ -494,7 +494,9 @@ class CrestState(NamedTuple):
     :func:`crest_init`; every controller function returns a new one. With dropping on (``T2``) the loss
     history is written in place, so a state passed to :func:`crest_next_batch` or :func:`crest_observe`
     is consumed by the call (using it again raises ``RuntimeError``): keep the returned state, and take
-    a snapshot with :func:`crest_state_dict` before the call when one is needed. Saved and restored with
+    a snapshot with :func:`crest_state_dict` before the call when one is needed. A call that raises
+    (Ctrl-C, a divergence, an error of ``ops``) undoes the records it wrote, so the state passed in stays
+    usable: saved, or passed again once the cause is fixed. Saved and restored with
     :func:`crest_state_dict` / :func:`crest_load_state_dict`.
 
     Examples
@@ -1200,6 +1202,13 @@ def crest_next_batch(state: CrestState, ops: ModelOps, config: CrestConfig):
     (30, True, True)
     """
     _arguments("crest_next_batch", state, config, ops)
+    # atomic for the caller: a call that raises (a diverged selection after a check, Ctrl-C inside a forward)
+    # undoes the loss records it wrote in place, so the state passed in stays usable (a checkpoint, a retry)
+    with _undone_on_error():
+        return _next_batch(state, ops, config)
+
+
+def _next_batch(state: CrestState, ops: ModelOps, config: CrestConfig):
     if state.n_selections == 0 and state.step == 0 and not state.pending:
         # the schedule starts from this config's T1 and P (not those crest_init, or a checkpoint saved
         # before the first step, was given): the config passed here is the one that runs

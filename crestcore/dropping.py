@@ -34,6 +34,8 @@ examples would remain, which ``min_per_class`` (a fixed number) does not express
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -343,11 +345,39 @@ def drop_record(state: DropState, indices, losses, step: int) -> DropState:
     match = S[idx] == step  # (k, H); empty slots hold -1, never a step
     same = match.any(axis=1)
     slot = np.where(same, match.argmax(axis=1), h % H)
+    journal = getattr(_JOURNAL, "entries", None)
+    if owned and journal is not None:  # inside _undone_on_error: what this record overwrites, to put back
+        journal.append((L, S, head, clock, int(clock[0]), idx, slot, L[idx, slot], S[idx, slot], h))
     L[idx, slot] = vals
     S[idx, slot] = step
     head[idx] = h + np.where(same, 0, 1)
     clock[0] += 1  # every state made before this one over these buffers is now consumed
     return state._replace(losses=L, steps=S, head=head, clock=clock, version=int(clock[0]))
+
+
+_JOURNAL = threading.local()  # the in-place records of the running _undone_on_error block (this thread's)
+
+
+@contextlib.contextmanager
+def _undone_on_error():
+    """The in-place records made inside the block are undone if it raises (any exception, Ctrl-C
+    included): the history buffers get back the rows they overwrote and the clock its count, so the state
+    passed into the block is live again, as if the block had not run. O(records) kept, O(batch) each."""
+    outer = getattr(_JOURNAL, "entries", None)
+    _JOURNAL.entries = entries = []
+    try:
+        yield
+    except BaseException:
+        for L, S, head, clock, count, idx, slot, old_l, old_s, old_h in reversed(entries):
+            L[idx, slot] = old_l
+            S[idx, slot] = old_s
+            head[idx] = old_h
+            clock[0] = count
+        raise
+    finally:
+        _JOURNAL.entries = outer
+        if outer is not None:  # nested: the outer block undoes these too if it raises
+            outer.extend(entries)
 
 
 def drop_update(state: DropState, step: int, config: DropConfig = DropConfig(), labels=None):

@@ -2170,3 +2170,52 @@ def test_parameters_changed_validates_its_argument_and_leaves_a_fresh_state_alon
     assert cc.crest_parameters_changed(state) is state  # nothing selected yet: nothing to reset
     with pytest.raises(TypeError, match="state must be a CrestState"):
         cc.crest_parameters_changed({"anchor": None})
+
+
+@pytest.mark.parametrize("fault", [KeyboardInterrupt, FloatingPointError])
+def test_a_call_that_raises_after_its_check_leaves_the_state_usable(fault):
+    """Regression (review 38): with dropping on, a trust check records its losses into the history in place;
+    when the same crest_next_batch call raised afterwards (the just-in-time coreset's forward: Ctrl-C, a
+    divergence on examples the check did not cover), the state passed in was consumed: crest_state_dict and
+    every later call failed with "already passed to crest_next_batch". The call undoes its records: the
+    state is saved and the run retried as if the failed call had not happened."""
+    Xtr, ytr, _, _ = digits()
+    cfg = CrestConfig(m=M, T2=3, drop=DropConfig(history=4, window=6, min_records=1, alpha=0.05))
+
+    def run(steps, fail_at=None):
+        ops = SoftmaxOps(Xtr, ytr)
+        state, out, saved, armed = crest_init(cfg, ytr, seed=0), [], None, fail_at is not None
+        step = 0
+        while step < steps:
+            before = len(ops.calls["outputs"])
+            real = ops.outputs
+
+            def outputs(idx, embeddings=False, _armed=armed, _step=step, _before=before, _real=real):
+                # the second forward of one call at the armed step: the check's has been recorded
+                if _armed and _step == fail_at and len(ops.calls["outputs"]) - _before == 1:
+                    raise fault("injected")
+                return _real(idx, embeddings)
+
+            ops.outputs = outputs
+            try:
+                state, batch = crest_next_batch(state, ops, cfg)
+            except fault:
+                armed = False
+                saved = crest_state_dict(state)  # the state passed in is live: it can be saved
+                assert state.counters == crest_load_state_dict(saved, ops.params()).counters
+                continue  # and the same call retried
+            finally:
+                ops.outputs = real
+            out.append((batch.indices.tolist(), batch.weights.tolist()))
+            loss, grad = ops.gradient(batch.indices, batch.weights)
+            ops.W -= 0.5 * grad.reshape(ops.W.shape)
+            step += 1
+        return out, state, saved
+
+    ref, ref_state, _ = run(40)
+    checked = [s for s, *_ in ref_state.log["checks"]]
+    fail_at = next(s for s in checked if s > 3)  # a step whose call checks, then forwards the next coreset
+    got, state, saved = run(40, fail_at)
+    assert saved is not None  # the fault was injected (and survived)
+    assert got == ref and state.counters == ref_state.counters
+    assert np.array_equal(state.drop.losses, ref_state.drop.losses, equal_nan=True)
