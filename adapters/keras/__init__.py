@@ -415,6 +415,19 @@ def _keras_loop():
     return None, None, None
 
 
+def _from_callback(loop_frame, own) -> bool:
+    """Whether this thread's stack between the Keras loop ``loop_frame`` and here runs a method of a Keras
+    callback other than ``own``: a callback (``on_epoch_begin`` logging a sample batch, say) reading the
+    dataset, which Keras's own data fetches never do."""
+    f = sys._getframe(2)
+    while f is not None and f is not loop_frame:
+        obj = f.f_locals.get("self")
+        if isinstance(obj, keras.callbacks.Callback) and obj is not own:
+            return True
+        f = f.f_back
+    return False
+
+
 def _fit_epoch_begins(callback, who: str, epoch: int | None = None) -> None:
     """A fit that finishes an interrupted epoch (``steps_per_epoch`` = its steps left) runs one epoch: its
     second is refused when it begins. A fit whose first epoch is ahead of the run's next one and that ends
@@ -1049,6 +1062,8 @@ class _TrainedSteps:
         never calls ``on_train_end``, and fit's validation pass (``validation_data=crest.dataset``) runs
         inside it."""
         frame, loop, owner = _keras_loop()
+        if frame is not None and _from_callback(frame, self):
+            return False, None  # a callback's look inside a Keras loop (to log a batch): the probe, nothing spent
         return bool(self._fitting and loop == "fit" and owner is getattr(self, "_fit_model", None)
                     and frame is self._fit_frame), loop
 

@@ -532,6 +532,38 @@ def test_fits_validation_pass_and_a_look_after_a_fit_that_raised_take_no_batch()
     assert crest.controller_state.counters["train_steps"] == handed
 
 
+@pytest.mark.parametrize("who", ["crest", "subset"])
+def test_a_callbacks_look_inside_fit_is_a_probe_and_spends_no_step(who):
+    """Regression (review 38): a user callback reading crest.dataset[i] inside fit (to log a sample batch) got
+    the controller's next batch, booked as trained and never trained: every later step's record named the
+    batch Keras had trained one step earlier, and one coreset was never trained (SubsetCallback alike)."""
+    X, y = digits()
+    RECORD.clear()
+    model = mlp(0, cls=Recorder)
+    if who == "crest":
+        cb = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=0, record=True)
+    else:
+        cb = SubsetCallback(X, y, method="random", budget=BUDGET, epochs=3, m=CFG["m"], seed=0)
+    looked, booked = [], []
+
+    class Look(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            looked.append(cb.dataset[0][2])
+
+        def on_train_batch_end(self, batch, logs=None):
+            booked.append(cb.last_indices)
+
+    model.fit(cb.dataset, epochs=3, callbacks=[cb, Look()], verbose=0)
+    assert len(looked) == 3 and not any(w.any() for w in looked)  # probes: weight 0
+    assert cb.position == len(RECORD) == 3 * len(cb.dataset)
+    for (x, _, sw), idx in zip(RECORD, booked):  # every step's record is the batch Keras trained
+        np.testing.assert_array_equal(x, X[idx])
+    if who == "crest":
+        for (x, _, sw), (idx, w) in zip(RECORD, cb.trained):
+            np.testing.assert_array_equal(x, X[idx])
+            np.testing.assert_allclose(sw, w, rtol=1e-6)
+
+
 def test_batches_fetched_ahead_are_each_trained_once_in_order(monkeypatch):
     """Keras fetching one batch ahead (its JAX trainer does on accelerators): nothing lost or repeated."""
     from keras.src.backend.torch import trainer as tt
