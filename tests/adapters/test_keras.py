@@ -556,7 +556,7 @@ def test_a_callbacks_look_inside_fit_is_a_probe_and_spends_no_step(who):
     model.fit(cb.dataset, epochs=3, callbacks=[cb, Look()], verbose=0)
     assert len(looked) == 3 and not any(w.any() for w in looked)  # probes: weight 0
     assert cb.position == len(RECORD) == 3 * len(cb.dataset)
-    for (x, _, sw), idx in zip(RECORD, booked):  # every step's record is the batch Keras trained
+    for (x, _, _sw), idx in zip(RECORD, booked):  # every step's record is the batch Keras trained
         np.testing.assert_array_equal(x, X[idx])
     if who == "crest":
         for (x, _, sw), (idx, w) in zip(RECORD, cb.trained):
