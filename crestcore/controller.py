@@ -66,7 +66,7 @@ from .quadratic import (
     quadratic_predict,
     quadratic_update,
 )
-from .similarity import KERNELS, METRICS
+from .similarity import KERNELS, METRICS, compute_dtype
 from .trust import relative_error, should_reselect, update_schedule
 
 __all__ = [
@@ -1609,7 +1609,12 @@ def crest_load_state_dict(d: dict, params_like) -> CrestState:
     fields["anchor"] = None if d["anchor"] is None else vec(d["anchor"])
     if d["quad"] is not None:
         q = d["quad"]
-        fields["quad"] = QuadraticState(float(q["anchor_loss"]), vec(q["g_ema"]), vec(q["h_ema"]),
+        wide = compute_dtype(xp, params_like.dtype)  # the averages' dtype (quadratic_init's): float32 for half
+
+        def avg(a):
+            return xp.astype(from_numpy(np.asarray(a), xp, device_of(params_like)), wide)
+
+        fields["quad"] = QuadraticState(float(q["anchor_loss"]), avg(q["g_ema"]), avg(q["h_ema"]),
                                         int(q["n_g"]), int(q["n_h"]))
     dr = dict(d["drop"])
     kinds: dict[str, Any] = {"losses": np.float64, "steps": np.int64, "head": np.int64, "active": np.bool_,

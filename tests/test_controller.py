@@ -2219,3 +2219,24 @@ def test_a_call_that_raises_after_its_check_leaves_the_state_usable(fault):
     assert saved is not None  # the fault was injected (and survived)
     assert got == ref and state.counters == ref_state.counters
     assert np.array_equal(state.drop.losses, ref_state.drop.losses, equal_nan=True)
+
+
+def test_a_state_restored_for_half_precision_parameters_keeps_its_averages_in_float32():
+    """The quadratic model's averages are kept in the accumulation dtype (float32 for half precision, as
+    quadratic_init makes them, review 38): a state dict restored for bfloat16 parameters gives them back so,
+    and the next bfloat16 samples update them."""
+    from crestcore import quadratic_update
+
+    Xtr, ytr, _, _ = digits()
+    cfg = CrestConfig(m=M)
+    ops = SoftmaxOps(Xtr, ytr)
+    state = crest_init(cfg, ytr, seed=0)
+    for _ in range(3):
+        state, batch = crest_next_batch(state, ops, cfg)
+    like = torch.zeros(ops.params().size, dtype=torch.bfloat16)
+    back = crest_load_state_dict(crest_state_dict(state), like)
+    assert back.anchor.dtype == torch.bfloat16
+    assert back.quad.g_ema.dtype == back.quad.h_ema.dtype == torch.float32
+    torch.testing.assert_close(back.quad.h_ema, torch.as_tensor(state.quad.h_ema, dtype=torch.float32))
+    q = quadratic_update(back.quad, torch.ones_like(like), torch.ones_like(like), cfg.quadratic)
+    assert q.g_ema.dtype == torch.float32 and q.n_g == back.quad.n_g + 1
