@@ -134,6 +134,11 @@ def _refuse_unsupported(trainer) -> None:
     if getattr(a, "label_smoothing_factor", 0.0):
         raise ValueError("CrestTrainer computes CREST's weighted cross-entropy itself: label_smoothing_factor "
                          f"({a.label_smoothing_factor}) would be ignored; set it to 0")
+    strategy = getattr(a, "train_sampling_strategy", None)
+    if getattr(a, "group_by_length", False) or strategy not in (None, "random"):
+        what = "group_by_length=True" if getattr(a, "group_by_length", False) else f"train_sampling_strategy={strategy!r}"
+        raise ValueError(f"CrestTrainer: CREST decides the training batches and their order, so {what} would be "
+                         "ignored; leave the Trainer's sampling at its default ('random')")
     if getattr(trainer, "compute_loss_func", None) is not None:
         raise ValueError("CrestTrainer computes CREST's weighted cross-entropy itself: compute_loss_func would "
                          "not be called; leave it None")

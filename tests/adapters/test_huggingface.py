@@ -3,6 +3,7 @@ accelerate. The model is a tiny BERT built from a config in the test (no hub dow
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -126,6 +127,17 @@ def test_crest_trainer_refuses_what_it_cannot_do(tmp_path):
     with pytest.raises(ValueError, match="compute_loss_func"):
         CrestTrainer(model=tiny_bert(), args=transformers.TrainingArguments(**base), train_dataset=Texts(),
                      compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.logits.sum())
+    # review 37: the Trainer's sampling strategy was ignored silently (CREST decides the batches)
+    strategies = [f.name for f in dataclasses.fields(transformers.TrainingArguments)]
+    if "train_sampling_strategy" in strategies:
+        for strategy in ("group_by_length", "sequential"):
+            with pytest.raises(ValueError, match=f"train_sampling_strategy='{strategy}' would be ignored"):
+                CrestTrainer(model=tiny_bert(), train_dataset=Texts(),
+                             args=transformers.TrainingArguments(train_sampling_strategy=strategy, **base))
+    else:  # older transformers: the flag
+        with pytest.raises(ValueError, match="group_by_length=True would be ignored"):
+            CrestTrainer(model=tiny_bert(), args=transformers.TrainingArguments(group_by_length=True, **base),
+                         train_dataset=Texts())
     # several processes: every one would train the one run's batches
     t = CrestTrainer(model=tiny_bert(), args=transformers.TrainingArguments(**base), train_dataset=Texts())
     t.accelerator.state.num_processes = 2
