@@ -839,6 +839,12 @@ def _label_columns(host, k: int) -> list:
     return out
 
 
+def _a_function_of(got: np.ndarray, want: np.ndarray) -> bool:
+    """Whether ``got`` is a function of ``want`` (equal entries of ``want`` have equal entries of ``got``):
+    labels mapped by a ``__getitem__`` (``1 - y``), not reordered."""
+    return all(np.unique(got[want == v]).size == 1 for v in np.unique(want))
+
+
 def _explains(out: torch.Tensor, z: torch.Tensor) -> bool:
     """Whether the logits ``z`` are the layer output ``out`` changed by an offset per row (as log-softmax
     does), by a scale and an offset per column (a temperature, a learned bias), or by both (log-softmax
@@ -1333,7 +1339,10 @@ class TorchModelOps:
             self._probe_item_order(idx)
             return
         want = np.sort(self.labels[idx])
-        moved = [int((c != self.labels[idx]).sum()) for c in cols if np.array_equal(np.sort(c), want)]
+        # the labels reordered: the same labels, but not a function of the expected ones (which a
+        # __getitem__ that maps its targets gives, 1 - y say: warned about below as such)
+        moved = [int((c != self.labels[idx]).sum()) for c in cols
+                 if np.array_equal(np.sort(c), want) and not _a_function_of(c, self.labels[idx])]
         if idx.size > 1 and moved:
             self._probe_item_order(idx)  # the dataset's own __getitems__ first (an error there)
             warnings.warn(
@@ -1381,25 +1390,30 @@ class TorchModelOps:
     def _probe_item_order(self, idx: np.ndarray) -> None:
         """Once, with the label probe: a dataset's own ``__getitems__`` asked for a few keys in descending order
         must return the items in that order (the first pass asks in ascending order, which a ``__getitems__``
-        that sorts its keys, as h5py needs, hands back unchanged)."""
+        that sorts its keys, as h5py needs, hands back unchanged). The same keys loaded one by one are the
+        reference: their label column (the one equal to the labels) must come back the same."""
         getitems = getattr(self.dataset, "__getitems__", None)
         if not callable(getitems) or idx.size < 2:
             return
         keys = np.unique(idx)[::-1][:8]
-        if keys.size < 2 or np.unique(self.labels[keys]).size < 2:
+        want = self.labels[keys]
+        if keys.size < 2 or np.unique(want).size < 2:
             return  # one class: the labels cannot tell an order
+        ks = [int(i) for i in keys]
         try:
             with _random_states_kept(), torch.no_grad():
-                items = list(getitems([int(i) for i in keys]))
-            got = np.array([_label_value(it[1] if isinstance(it, (tuple, list)) else
-                                         next(it[k] for k in _LABEL_KEYS if k in it), i)
-                            for i, it in zip(keys, items)], dtype=np.int64)
-        except Exception:  # the probe's own load, or items without a label to read: nothing to tell
+                batched = _plain(self._fetch.collate(list(getitems(ks))))
+                single = _plain(self._fetch.collate([self.dataset[k] for k in ks]))
+        except Exception:  # the probe's own loads: the passes run (and fail) as they would without it
             return
-        want = self.labels[keys]
-        if got.shape == want.shape and not np.array_equal(got, want) and np.array_equal(np.sort(got), np.sort(want)):
-            raise ValueError(self._reordered(int((got != want).sum()), keys.size,
-                                             "a batched __getitems__ asked for keys in descending order"))
+        one, many = _label_columns(single, keys.size), _label_columns(batched, keys.size)
+        if len(one) != len(many):
+            return
+        for a, b in zip(one, many):
+            if (np.array_equal(a, want) and not np.array_equal(b, want)
+                    and np.array_equal(np.sort(b), np.sort(want))):
+                raise ValueError(self._reordered(int((b != want).sum()), keys.size,
+                                                 "a batched __getitems__ asked for keys in descending order"))
 
     def new_anchor(self) -> None:
         """Start a new anchor: the kept measurement passes no longer serve whole, so a dataset with random

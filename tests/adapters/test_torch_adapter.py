@@ -2823,3 +2823,47 @@ def test_a_getitems_that_returns_the_items_in_another_order_is_refused():
 
     ok = CrestLoader(torch.nn.Linear(5, 3), InOrder(), config=CrestConfig(m=12), budget=0.5, epochs=1, seed=0)
     assert len(list(ok)) == len(ok)
+
+
+def test_the_item_order_probe_reads_the_label_column_and_leaves_mapped_labels_to_their_warning():
+    """Regression (review 39): the __getitems__ order probe read item[1] as the label, and refused a fair
+    dataset whose item[1] is a group attribute (label at item[2]) when the groups happened to be a
+    permutation of the labels; and balanced binary labels that __getitem__ maps (1 - y) were read as
+    reordered (a ValueError for a Subset, the reorder warning otherwise) instead of the mapped-labels
+    warning."""
+    from torch.utils.data import Dataset, Subset
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(64, 4, generator=g)
+    targets = [i % 2 for i in range(64)]
+
+    class Fair(Dataset):
+        def __init__(self, group):
+            self.targets, self.group = targets, group
+
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, i):
+            return X[i], self.group[i], self.targets[i]
+
+    for seed in range(6):  # random binary groups: some seeds make the probe's 8 groups a permutation of the labels
+        group = torch.randint(0, 2, (64,), generator=torch.Generator().manual_seed(seed)).tolist()
+        ld = CrestLoader(torch.nn.Linear(4, 2), Subset(Fair(group), list(range(64))), config=CrestConfig(m=8),
+                         budget=0.5, epochs=1, seed=0, forward=lambda m, b: m(b[0]))
+        assert len(list(ld)) == len(ld)
+
+    class Mapped(Dataset):
+        targets = [i % 2 for i in range(64)]
+
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, i):
+            return X[i], 1 - self.targets[i]
+
+    for ds in (Mapped(), Subset(Mapped(), list(range(64)))):
+        ld = CrestLoader(torch.nn.Linear(4, 2), ds, config=CrestConfig(m=8), budget=0.5, epochs=1, seed=0)
+        with pytest.warns(UserWarning, match="maps its targets") as got:
+            list(ld)
+        assert not any("another order" in str(w.message) for w in got)
