@@ -116,8 +116,11 @@ class _ForwardColumns:
     they are. A class (not a closure), so that ``DataLoader`` workers started with ``spawn`` can pickle it."""
 
     def __init__(self, collate, columns):
+        from crestcore.adapters.torch import _row_safe
+
         self.collate = collate
         self.columns = frozenset(columns) | {"crest_weight", "crest_index"}
+        self.crest_rows = _row_safe(collate)  # dropping keys keeps a row-per-example collate so
 
     def __call__(self, features):
         return self.collate([{k: v for k, v in f.items() if k in self.columns} if isinstance(f, dict) else f

@@ -350,6 +350,7 @@ class CrestCallback(pl.Callback):
         self._resolve_data()
         with _common.budget_said():  # said at construction
             self.loader = CrestLoader(pl_module, self.dataset, epochs=int(epochs), per_epoch=True, **self._kwargs)
+        self.loader._warned_broken = True  # Lightning's loop ends passes early on purpose (limit_train_batches: said)
         self._epoch0 = epoch0
         self._restored = False
         self._losses_warned = False  # said once a fit
@@ -396,6 +397,7 @@ class CrestCallback(pl.Callback):
             kwargs["labels"] = old.labels
         with _common.budget_said():  # said at construction
             loader = CrestLoader(module, self.dataset, epochs=int(epochs), per_epoch=True, **kwargs)
+        loader._warned_broken = True  # Lightning's loop ends passes early on purpose (limit_train_batches: said)
         if found:
             loader.ops._check_labels = old.ops._check_labels or loader.ops._check_labels
             loader.ops._labels_origin = old.ops._labels_origin

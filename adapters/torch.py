@@ -839,6 +839,17 @@ def _label_columns(host, k: int) -> list:
     return out
 
 
+def _row_safe(collate) -> bool:
+    """Whether rows picked from a batch ``collate`` made are what it makes of those items (so a pass may be
+    served from kept rows): torch's ``default_collate`` (no collate given) and Hugging Face's
+    ``default_data_collator`` stack the items' fields; a collate of yours says so with an attribute
+    ``crest_rows = True`` (a wrapper forwards its inner collate's)."""
+    if collate is None or collate is default_collate or getattr(collate, "crest_rows", False) is True:
+        return True
+    return (getattr(collate, "__module__", None) == "transformers.data.data_collator"
+            and getattr(collate, "__name__", None) == "default_data_collator")
+
+
 def _a_function_of(got: np.ndarray, want: np.ndarray) -> bool:
     """Whether ``got`` is a function of ``want`` (equal entries of ``want`` have equal entries of ``got``):
     labels mapped by a ``__getitem__`` (``1 - y``), not reordered."""
@@ -989,9 +1000,11 @@ class TorchModelOps:
     num_workers : worker processes that load the examples of the measurement passes (a persistent
         ``DataLoader`` with this ``collate_fn``, chunks in order); 0 (default) loads them in this process.
     cache_bytes : host memory for the collated batches of recent measurement passes (default 256 MiB; 0
-        turns it off). Used with torch's ``default_collate`` only: a ``collate_fn`` of yours may return
-        fields that are not a row per example (a sorting collate's order, a batch's longest length), which a
-        pass served by picking rows of a kept one would corrupt, so with one every pass is loaded. The
+        turns it off). Used with torch's ``default_collate`` and Hugging Face's ``default_data_collator``
+        only: a ``collate_fn`` of yours may return fields that are not a row per example (a sorting
+        collate's order, a batch's longest length), which a pass served by picking rows of a kept one would
+        corrupt, so with one every pass is loaded, unless it has an attribute ``crest_rows = True`` (its
+        batches are a row per example, each the item's own, whatever else is in the batch). The
         trust checks re-read the examples the anchor loss was measured on; kept, they
         are not loaded again and see exactly the anchor's inputs (random transforms included). A kept pass
         serves whole the passes until the next :meth:`new_anchor` (the controller calls it at every
@@ -1100,8 +1113,7 @@ class TorchModelOps:
         # a TensorDataset is sliced in place: nothing to save by keeping its batches; a collate_fn of the
         # user's may put fields in a batch that are not a row per example (the order of a sorting collate, a
         # batch's longest length), which serving a pass by picking rows of a kept one would corrupt
-        self._cacheable = (self.cache_bytes > 0 and not self._fetch._tensors
-                           and collate_fn in (None, default_collate))
+        self._cacheable = self.cache_bytes > 0 and not self._fetch._tensors and _row_safe(collate_fn)
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._anchor_buffers: dict | None = None  # the buffers at the last new_anchor(), for its measurements
         self._warned_repeat = False  # last_layer called more than once in a forward: said once

@@ -539,6 +539,9 @@ def test_limit_train_batches_is_read_as_lightning_reads_it(tmp_path, limit, cut)
         trainer(tmp_path, 2, cb, limit_train_batches=limit).fit(Module(), train_dataloaders=cb.dataloader())
     said = [w for w in seen if "limit_train_batches" in str(w.message) and "CREST" in str(w.message)]
     assert bool(said) == cut, [str(w.message) for w in said]
+    # Lightning ends the passes early on purpose and trains what they handed out: no "left before its end"
+    # (review 39: that warning, new for a loader's passes broken off, fired here from the second epoch)
+    assert not [w for w in seen if "left before its end" in str(w.message)]
     assert cb.stats["step"] == (min(3, limit if isinstance(limit, int) else int(3 * limit)) * 2)
 
 

@@ -2867,3 +2867,37 @@ def test_the_item_order_probe_reads_the_label_column_and_leaves_mapped_labels_to
         with pytest.warns(UserWarning, match="maps its targets") as got:
             list(ld)
         assert not any("another order" in str(w.message) for w in got)
+
+
+def test_a_collate_that_says_its_batches_are_rows_keeps_the_measurement_cache():
+    """A collate_fn of the user's turns the measurement cache off (review 37), unless it says its batches
+    are a row per example (crest_rows = True); Hugging Face's default_data_collator is one (review 39: the
+    CrestTrainer loaded 2.4 times as many examples without it)."""
+    X = torch.randn(96, 5, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(96) % 3
+
+    class Items(torch.utils.data.Dataset):
+        targets = y
+
+        def __len__(self):
+            return 96
+
+        def __getitem__(self, i):
+            return X[i], y[i]
+
+    def stacked(items):
+        return torch.stack([x for x, _ in items]), torch.stack([t for _, t in items])
+
+    model = torch.nn.Linear(5, 3)
+    plain = TorchModelOps(model, Items(), collate_fn=stacked)
+    stacked.crest_rows = True
+    rows = TorchModelOps(model, Items(), collate_fn=stacked)
+    assert not plain._cacheable and rows._cacheable
+    for ops in (plain, rows):
+        ops.new_anchor()
+        ops.outputs(np.arange(96))
+        ops.outputs(np.array([5, 3, 77]))  # a check's pass: served from the kept rows when cacheable
+    assert bool(rows._cache) and not plain._cache
+    torch.testing.assert_close(rows.outputs(np.array([5, 3, 77])), plain.outputs(np.array([5, 3, 77])))
+    transformers = pytest.importorskip("transformers")
+    assert TorchModelOps(torch.nn.Linear(5, 3), Items(), collate_fn=transformers.default_data_collator)._cacheable
