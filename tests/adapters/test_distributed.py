@@ -744,9 +744,13 @@ def test_resume_per_rank_continues_the_same_schedule(job):
         np.testing.assert_array_equal(res["params"], res["params_resumed"])
 
 
+@pytest.mark.slow
 def test_ranks_compiling_numba_from_one_cold_cache_get_their_own_cache_slots(tmp_path):
     """Regression (issue 10): a DDP job's ranks on one machine share one cold Numba cache; compiling into
-    it at once races on Numba's index files. Each rank must compile into its own slot, agree, and exit 0."""
+    it at once races on Numba's index files. Each rank must compile into its own slot, agree, and exit 0.
+    Slow (`make test-slow`): two ranks compile every kernel from an empty cache, 60-80 s on this machine,
+    the default suite's longest test; the slots' claim and reuse are tested at once below, and the
+    every-kernel-module test compiles into a rank's slot."""
     pytest.importorskip("numba")
     from crestcore import minibatch_coresets
     from crestcore.backends import numba as kernels  # noqa: F401  (the kernels under test import)
