@@ -348,9 +348,7 @@ class CrestCallback(pl.Callback):
                 + "; leave epochs=None to take max_epochs", stacklevel=_common.user_stacklevel())
         self._module, self._max_epochs = pl_module, trainer.max_epochs
         self._resolve_data()
-        with _common.budget_said():  # said at construction
-            self.loader = CrestLoader(pl_module, self.dataset, epochs=int(epochs), per_epoch=True, **self._kwargs)
-        self.loader._warned_broken = True  # Lightning's loop ends passes early on purpose (limit_train_batches: said)
+        self.loader = self._new_loader(pl_module, epochs, self._kwargs)
         self._epoch0 = epoch0
         self._restored = False
         self._losses_warned = False  # said once a fit
@@ -386,6 +384,12 @@ class CrestCallback(pl.Callback):
             end = int(trainer.global_step) + loader.total_steps - loader.position
             _check_step_limits(trainer, end, loader)
 
+    def _new_loader(self, module, epochs: int, kwargs: dict) -> CrestLoader:
+        with _common.budget_said():  # said at construction
+            loader = CrestLoader(module, self.dataset, epochs=int(epochs), per_epoch=True, **kwargs)
+        loader._warned_broken = True  # Lightning's loop ends passes early on purpose (limit_train_batches: said)
+        return loader
+
     def _rebuilt(self, module, epochs: int) -> CrestLoader:
         """The loader of this fit planned anew over ``epochs`` (a checkpoint's run, or one without CREST's
         state): labels the loader built at setup found by reading the dataset are taken from it, not read
@@ -395,9 +399,7 @@ class CrestCallback(pl.Callback):
         found = kwargs["labels"] is None and old is not None
         if found:
             kwargs["labels"] = old.labels
-        with _common.budget_said():  # said at construction
-            loader = CrestLoader(module, self.dataset, epochs=int(epochs), per_epoch=True, **kwargs)
-        loader._warned_broken = True  # Lightning's loop ends passes early on purpose (limit_train_batches: said)
+        loader = self._new_loader(module, epochs, kwargs)
         if found:
             loader.ops._check_labels = old.ops._check_labels or loader.ops._check_labels
             loader.ops._labels_origin = old.ops._labels_origin

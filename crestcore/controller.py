@@ -1590,8 +1590,8 @@ def crest_load_state_dict(d: dict, params_like) -> CrestState:
         raise ValueError(f"params_like must be the flat (D,) parameter vector, got shape {tuple(params_like.shape)}")
     _validate_state_dict(d, int(params_like.shape[0]))
 
-    def vec(a):
-        return xp.astype(from_numpy(np.asarray(a), xp, device_of(params_like)), params_like.dtype)
+    def vec(a, dtype=params_like.dtype):
+        return xp.astype(from_numpy(np.asarray(a), xp, device_of(params_like)), dtype)
 
     fields = {k: d[k] for k in saved}
     # the arrays as the controller keeps them (host NumPy, int64 / float64), whatever the dict held
@@ -1610,11 +1610,7 @@ def crest_load_state_dict(d: dict, params_like) -> CrestState:
     if d["quad"] is not None:
         q = d["quad"]
         wide = compute_dtype(xp, params_like.dtype)  # the averages' dtype (quadratic_init's): float32 for half
-
-        def avg(a):
-            return xp.astype(from_numpy(np.asarray(a), xp, device_of(params_like)), wide)
-
-        fields["quad"] = QuadraticState(float(q["anchor_loss"]), avg(q["g_ema"]), avg(q["h_ema"]),
+        fields["quad"] = QuadraticState(float(q["anchor_loss"]), vec(q["g_ema"], wide), vec(q["h_ema"], wide),
                                         int(q["n_g"]), int(q["n_h"]))
     dr = dict(d["drop"])
     kinds: dict[str, Any] = {"losses": np.float64, "steps": np.int64, "head": np.int64, "active": np.bool_,

@@ -402,30 +402,20 @@ def _check_fit_steps(callback, who: str) -> None:
             stacklevel=_common.user_stacklevel())
 
 
-def _keras_loop():
-    """``(frame, name, model)`` of the innermost Keras loop (``fit``, ``evaluate`` or ``predict`` of a
-    ``keras.Model``) on this thread's stack, or ``(None, None, None)``."""
+def _keras_loop(own=None):
+    """``(frame, name, model, looked)`` of the innermost Keras loop (``fit``, ``evaluate`` or ``predict`` of a
+    ``keras.Model``) on this thread's stack, or ``(None, None, None, False)``. ``looked``: whether a method of
+    a Keras callback other than ``own`` runs between that loop and here: a callback (``on_epoch_begin``
+    logging a sample batch, say) reading the dataset, which Keras's own data fetches never do."""
     f = sys._getframe(1)
+    looked = False
     while f is not None:
-        if f.f_code.co_name in ("fit", "evaluate", "predict"):
-            obj = f.f_locals.get("self")
-            if isinstance(obj, keras.Model):
-                return f, f.f_code.co_name, obj
-        f = f.f_back
-    return None, None, None
-
-
-def _from_callback(loop_frame, own) -> bool:
-    """Whether this thread's stack between the Keras loop ``loop_frame`` and here runs a method of a Keras
-    callback other than ``own``: a callback (``on_epoch_begin`` logging a sample batch, say) reading the
-    dataset, which Keras's own data fetches never do."""
-    f = sys._getframe(2)
-    while f is not None and f is not loop_frame:
         obj = f.f_locals.get("self")
-        if isinstance(obj, keras.callbacks.Callback) and obj is not own:
-            return True
+        if f.f_code.co_name in ("fit", "evaluate", "predict") and isinstance(obj, keras.Model):
+            return f, f.f_code.co_name, obj, looked
+        looked = looked or (isinstance(obj, keras.callbacks.Callback) and obj is not own)
         f = f.f_back
-    return False
+    return None, None, None, False
 
 
 def _fit_epoch_begins(callback, who: str, epoch: int | None = None) -> None:
@@ -1061,8 +1051,8 @@ class _TrainedSteps:
         ``"predict"`` or None: a user's look). The stack, not a flag alone, says it: a ``fit`` that raised
         never calls ``on_train_end``, and fit's validation pass (``validation_data=crest.dataset``) runs
         inside it."""
-        frame, loop, owner = _keras_loop()
-        if frame is not None and _from_callback(frame, self):
+        frame, loop, owner, looked = _keras_loop(own=self)
+        if looked:
             return False, None  # a callback's look inside a Keras loop (to log a batch): the probe, nothing spent
         return bool(self._fitting and loop == "fit" and owner is getattr(self, "_fit_model", None)
                     and frame is self._fit_frame), loop
