@@ -346,8 +346,9 @@ def minibatch_coresets(
     pool : optional 1-D integer array (host NumPy or features' namespace) of the active example indices
         (e.g. after dropping learned examples); default all n.
     subsets : optional (P, r) integer array of pre-drawn subsets (rows of ``features``, distinct within a
-        row). Then no subsets are drawn and ``rng`` is only needed by the stochastic optimizer. This is
-        how a training loop computes features for the subsets' union only and selects on them. With
+        row; each row is taken sorted, and returned so). Then no subsets are drawn and ``rng`` is only
+        needed by the stochastic optimizer. This is how a training loop computes features for the subsets'
+        union only and selects on them. With
         ``pool`` too, every member must be in the pool. Passing a call's own ``subsets`` back with the same
         ``rng`` does not reproduce its coresets exactly: the classes' shares of m are rounded at random
         from the generator after the draw of the subsets (so a call that draws them and one that is
@@ -472,11 +473,11 @@ def minibatch_coresets(
             raise ValueError(f"subsets has shape {subsets.shape}, expected (P, r) = ({P}, {r})")
         if subsets.min() < 0 or subsets.max() >= n:
             raise ValueError(f"subsets must hold row indices in [0, {n})")
-        if r > 1:
-            srt = np.sort(subsets, axis=1)
-            if bool((srt[:, 1:] == srt[:, :-1]).any()):
-                raise ValueError("subsets rows must hold distinct indices")
-        subsets = subsets.astype(np.int64)
+        # each row sorted, as drawn ones are: the problems, and so the picks, do not depend on the order a
+        # row lists its members in (ties break to the lowest index), and the result's subsets are sorted
+        subsets = np.sort(subsets, axis=1).astype(np.int64)
+        if r > 1 and bool((subsets[:, 1:] == subsets[:, :-1]).any()):
+            raise ValueError("subsets rows must hold distinct indices")
         if pool is not None and not np.isin(subsets, pool_h).all():
             # the per-class problems are the pool's classes: a member outside the pool has no place there
             raise ValueError("subsets must be drawn from pool: they hold indices that pool does not")
@@ -535,21 +536,39 @@ def minibatch_coresets(
         sizes = np.full(P, r, dtype=np.int64)
         width = m
 
+    # only the problems with a pick are solved: with fewer picks than classes (m < C: most classes of a
+    # subset get none) the others would be most of the batch; a problem without a pick has no picks, gains,
+    # weights or objective, which are filled in after the solve
+    live = np.flatnonzero(budgets > 0)
+    some = live.size < budgets.size
+    pad_s, valid_s = (pad[live], valid_h[live]) if some else (pad, valid_h)
+    if some:
+        width_s = max(int(sizes[live].max()), 1)
+        pad_s, valid_s = pad_s[:, :width_s], valid_s[:, :width_s]  # members are packed first in each row
     # asked about the batched (B, n, d) problems the solve will pass, not the (n, d) features: the kernels'
     # rules depend on the batch's shape (the Numba kernels decline d above their direct limit)
     native = backend != "reference" and get_kernel("similarity_batched", namespace_name(xp),
                                                    xp.expand_dims(features, axis=0)) is not None
-    _guard_memory(int(xp.finfo(features.dtype).bits) // 8, pad.shape[0], pad.shape[1], d, P,
+    _guard_memory(int(xp.finfo(features.dtype).bits) // 8, pad_s.shape[0], pad_s.shape[1], d, P,
                   per_class and labels_host is not None, max_dense_bytes, "native" if native else "reference", xp,
                   features)
+    # drawn for every problem, so that the stream, and each problem's draws, are those of a solve of all
     u = stochastic_draws(gen, sizes, budgets, eps) if optimizer == "stochastic" and gen is not None else None
-    flat = from_numpy(pad.reshape(-1), xp, dev)
-    Xb = xp.reshape(xp.take(features, flat, axis=0), (pad.shape[0], pad.shape[1], d))
-    valid = from_numpy(valid_h, xp, dev)
+    flat = from_numpy(np.ascontiguousarray(pad_s).reshape(-1), xp, dev)
+    Xb = xp.reshape(xp.take(features, flat, axis=0), (pad_s.shape[0], pad_s.shape[1], d))
+    valid = from_numpy(np.ascontiguousarray(valid_s), xp, dev)
     li, g, w, obj = solve_batched(
-        xp, Xb, valid, budgets, metric=metric, kernel=kernel, scale=sc, optimizer=optimizer,
-        u_host=u, force_reference=backend == "reference",
+        xp, Xb, valid, budgets[live] if some else budgets, metric=metric, kernel=kernel, scale=sc,
+        optimizer=optimizer, u_host=(u[live] if some and u is not None else u), force_reference=backend == "reference",
     )
+    if some:  # every problem's row: the solved ones', and a row of no picks for the others
+        src = from_numpy(np.where(budgets > 0, np.cumsum(budgets > 0) - 1, live.size), xp, dev)
+
+        def rows_of(a, fill):
+            filler = xp.full((1,) + tuple(a.shape[1:]), fill, dtype=a.dtype, device=dev)
+            return xp.take(xp.concat([a, filler], axis=0), src, axis=0)
+
+        li, g, w, obj = rows_of(li, -1), rows_of(g, 0), rows_of(w, 0), rows_of(obj, 0)
     # local -> global indices without leaving the device: gather from the padded index table
     B, K = li.shape
     pad_x = from_numpy(pad, xp, dev)

@@ -1,0 +1,94 @@
+"""``crestcore.minibatch_coresets`` of two commits side by side in one process.
+
+``crestcore/minibatch.py`` of ``--old`` (a git revision of this checkout) is loaded next to the working
+tree's (both use the working tree's kernels) and both run alternately on the same inputs, on NumPy (the
+Numba kernels) and on torch CPU tensors (the torch kernels), one coreset (P = 1, m = 128, the defaults
+otherwise):
+
+- ``C2000``: 4,000 standard normal points of d = 2,000 (a 2,000-class head's logit gradients have C
+  columns) in 2,000 classes of 2, r = 2,000 (one member per class per subset);
+- ``imagenet``: 40,000 points of d = 1,000 in 1,000 classes, r = 13,000 (the default r for ImageNet's
+  1.28 million examples: 13 members per class per subset);
+- ``S1``: S1's shape, 20,000 points of d = 10 in 10 classes, r = 600 (every class gets picks: the
+  same work in both).
+
+The table gives medians, their ratio and whether every output (indices, weights, gains, objectives,
+subsets) is identical. Used for the 2026-12-03 change (problems without a pick left out of the batched
+solve): ``python benchmarks/minibatch_ab.py --old 21b7b77``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CASES = {"C2000": (4000, 2000, 2000, 2000), "imagenet": (40000, 1000, 13000, 1000), "S1": (20000, 10, 600, 10)}
+
+
+def load_old(rev: str):
+    """``crestcore/minibatch.py`` at ``rev`` as the module ``crestcore._minibatch_old``."""
+    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:crestcore/minibatch.py"], check=True,
+                         capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "_minibatch_old.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("crestcore._minibatch_old", path)
+    mod = importlib.util.module_from_spec(spec)
+    mod.__package__ = "crestcore"
+    sys.modules[spec.name] = mod  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--old", required=True, help="git revision whose crestcore/minibatch.py is the baseline")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ", ".join(CASES))
+    a = ap.parse_args(argv)
+    for var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(a.threads)
+    import numpy as np
+    import torch
+
+    import crestcore.minibatch as new
+
+    torch.set_num_threads(a.threads)
+    old = load_old(a.old)
+    print(f"minibatch_coresets, {a.old} against the working tree; {a.threads} thread(s), medians of {a.repeats} "
+          "alternating calls after one warm-up each\n")
+    print("| case | input | old | new | old / new | same outputs |")
+    print("|---|---|---|---|---|---|")
+    for case in a.cases.split(","):
+        n, C, r, d = CASES[case]
+        rng = np.random.default_rng(0)
+        X = rng.normal(size=(n, d)).astype(np.float32)
+        y = (np.arange(n) % C).astype(np.int64)
+        for lib in ("numpy", "torch"):
+            Xi, yi = (X, y) if lib == "numpy" else (torch.from_numpy(X), torch.from_numpy(y))
+            outs, times = {}, {"old": [], "new": []}
+            for rep in range(a.repeats + 1):
+                for name, mod in (("old", old), ("new", new)):
+                    t = time.perf_counter()
+                    cs = mod.minibatch_coresets(Xi, yi, m=128, r=r, P=1, rng=0)
+                    if rep:
+                        times[name].append(time.perf_counter() - t)
+                    outs[name] = [np.asarray(v) for v in (cs.indices, cs.weights, cs.gains, cs.objective, cs.subsets)]
+            same = all(np.array_equal(u, v) for u, v in zip(outs["old"], outs["new"]))
+            mo, mn = statistics.median(times["old"]), statistics.median(times["new"])
+            print(f"| {case} (n={n}, C={C}, r={r}, d={d}) | {lib} | {mo * 1e3:.1f} ms | {mn * 1e3:.1f} ms | "
+                  f"{mo / mn:.2f}x | {'yes' if same else 'NO'} |")
+            sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
