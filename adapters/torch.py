@@ -131,6 +131,15 @@ def _as_labels(lab, n: int, what: str) -> np.ndarray:
     return lab.astype(np.int64, copy=True)
 
 
+def _batch_loads(dataset) -> bool:
+    """Whether the dataset loads a batch of keys at once (``__getitems__``, which may return the items in
+    another order), seen through torch's ``Subset``, whose own ``__getitems__`` keeps the order and asks the
+    dataset under it."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return callable(getattr(dataset, "__getitems__", None))
+
+
 def _labels_without_items(dataset) -> bool:
     """Whether :func:`dataset_labels` finds ``dataset``'s labels without loading its examples."""
     if isinstance(dataset, TensorDataset):
@@ -944,6 +953,10 @@ def _default_forward(model: nn.Module, batch, seen: dict | None = None):
             ) from exc
         if seen is not None and getattr(out, "logits", None) is None and isinstance(out, (tuple, list)):
             seen["tuple"] = True  # the logits taken by convention: the first element
+            # and the widest other element that could be the logits (B rows, one column per class at least)
+            rows = out[0].shape[0] if isinstance(out[0], torch.Tensor) and out[0].ndim == 2 else None
+            seen["rival"] = max([int(t.shape[1]) for t in out[1:] if isinstance(t, torch.Tensor) and t.ndim == 2
+                                 and t.is_floating_point() and t.shape[0] == rows], default=0)
         return _output_logits(out)
     raise TypeError(
         f"cannot tell the model's input in a batch of type {type(batch).__name__}; pass "
@@ -1353,8 +1366,11 @@ class TorchModelOps:
         want = np.sort(self.labels[idx])
         # the labels reordered: the same labels, but not a function of the expected ones (which a
         # __getitem__ that maps its targets gives, 1 - y say: warned about below as such)
+        # (only where something can reorder them: the user's collate_fn or the dataset's __getitems__;
+        # otherwise the same labels in other rows are labels that differ, noisy labels drawn in __getitem__)
         moved = [int((c != self.labels[idx]).sum()) for c in cols
-                 if np.array_equal(np.sort(c), want) and not _a_function_of(c, self.labels[idx])]
+                 if np.array_equal(np.sort(c), want) and not _a_function_of(c, self.labels[idx])
+                 and (self._collate is not None or _batch_loads(self.dataset))]
         if idx.size > 1 and moved:
             self._probe_item_order(idx)  # the dataset's own __getitems__ first (an error there)
             warnings.warn(
@@ -1657,17 +1673,28 @@ class TorchModelOps:
 
     def _check_width(self, width: int) -> None:
         """Warn once when the logits were a tuple output's first element (the convention for dict batches)
-        and have more columns than the labels' classes (``max + 1``): the features of a ``(features,
-        logits)`` output fit every check of shape. (Fewer columns than classes are refused where the labels
-        are read against them.)"""
+        and have more columns than the labels' classes (``max + 1``), or another element of the tuple has
+        as many columns as the classes or more: the features of a ``(features, logits)`` output fit every
+        check of shape, and with a hidden width equal to the classes, nothing else tells them from the
+        logits. (Fewer columns than classes are refused where the labels are read against them.)"""
         classes = int(self.labels.max()) + 1 if self.labels.size else 0
-        if width > classes and self._seen.get("tuple"):  # a wider head of its own is fine (absent classes)
+        if not self._seen.get("tuple"):
+            return
+        rival = int(self._seen.get("rival", 0))
+        if width > classes:  # a wider head of its own is fine (absent classes)
             warnings.warn(
                 f"the model's measured outputs have {width} columns, more than the labels' {classes} classes: "
                 "CREST takes them as the logits (of a tuple output, the first element). If they are not the "
                 "logits (the features of a (features, logits) output), pass forward= (crest_forward= on "
                 "CrestTrainer) returning the logits; a head with more classes than these labels use is "
                 "measured correctly and can ignore this", stacklevel=_common.user_stacklevel())
+        elif rival >= classes:
+            warnings.warn(
+                f"the model returned a tuple: CREST takes its first element ({width} columns) as the logits, but "
+                f"another element has {rival} columns and could be them (the labels have {classes} classes). If "
+                "the first element is not the logits (the features of a (features, logits) output whose hidden "
+                "width equals the classes), pass forward= (crest_forward= on CrestTrainer) returning the logits; "
+                "if it is, this can be ignored", stacklevel=_common.user_stacklevel())
 
     @staticmethod
     def _warn_if_probabilities(out: torch.Tensor, dtype) -> None:

@@ -845,6 +845,13 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
     P = max(1, P)
     subsets = _pool_subsets(state.labels, pool, r, P, gen)
     jit = config.just_in_time
+    if not jit and P > 1 and r >= pool.size:
+        warnings.warn(
+            f"CREST's random subsets hold r = {r} examples, the whole pool of {pool.size}: every subset of a "
+            "selection is the pool, so with coresets='at-anchor' its P coresets are one coreset, trained P times "
+            "in a row. Pass CrestConfig(r=...) well below the pool (or the default just-in-time coresets, "
+            "selected at each step's own parameters); on data this small, training on all of it costs little",
+            stacklevel=user_stacklevel())
     # "just-in-time": the coresets the quadratic model is fitted on now, the rest when their step comes
     now = max(1, min(config.fit_batches, P)) if jit else P
     xp, union, losses, idx, valid, w = _coresets(state, ops, config, subsets[:now], gen)
