@@ -53,13 +53,13 @@ from .torch import CrestLoader, check_loader_arguments, check_training_data
 __all__ = ["CrestCallback"]
 
 
-def _check_batch_limit(trainer, loader) -> None:
-    """Warn when ``Trainer(limit_train_batches=...)`` cuts CREST's epochs short: Lightning reads a float as
-    a fraction of the epoch's batches and an int as a count of them (the int 1 is one batch an epoch, not
-    the whole epoch, although ``1 == 1.0``)."""
+def _check_batch_limit(trainer, loader) -> bool:
+    """Warn when ``Trainer(limit_train_batches=...)`` cuts CREST's epochs short, and say whether it does:
+    Lightning reads a float as a fraction of the epoch's batches and an int as a count of them (the int 1
+    is one batch an epoch, not the whole epoch, although ``1 == 1.0``)."""
     limit = getattr(trainer, "limit_train_batches", 1.0)
     if limit is None or isinstance(limit, bool):
-        return
+        return False
     spe = int(loader.steps_per_epoch)
     cut = (float(limit) < 1.0) if isinstance(limit, float) else (int(limit) < spe)
     if cut:
@@ -67,6 +67,7 @@ def _check_batch_limit(trainer, loader) -> None:
             f"Trainer(limit_train_batches={limit!r}) cuts each epoch short of CREST's share ({spe} batches an "
             "epoch, set by the budget): CREST's epochs then drift from Lightning's and none counts as finished; "
             "leave it out and set the budget instead", stacklevel=_common.user_stacklevel())
+    return cut
 
 
 def _check_accumulation(trainer) -> None:
@@ -262,6 +263,7 @@ class CrestCallback(pl.Callback):
         self.loader: CrestLoader | None = None
         self._pending: dict | None = None
         self._epoch0 = 0  # the Trainer epoch this callback's CREST run started at (a continued fit: later)
+        self._cut = False  # limit_train_batches cuts CREST's epochs (warned at setup)
         self._restored = False  # a checkpoint's CREST state was loaded into this fit's loader
         self._last_position = -1  # the loader's position at the last batch start (is the batch CREST's?)
         self._losses_warned = False  # dropping on and no losses under losses_key: said once
@@ -352,7 +354,7 @@ class CrestCallback(pl.Callback):
         self._epoch0 = epoch0
         self._restored = False
         self._losses_warned = False  # said once a fit
-        _check_batch_limit(trainer, self.loader)
+        self._cut = _check_batch_limit(trainer, self.loader)
         if self._pending is not None:
             state, self._pending = self._pending, None
             self._load(state)
@@ -428,6 +430,9 @@ class CrestCallback(pl.Callback):
         loader = self._require_loader()
         e = trainer.current_epoch - self._epoch0
         if 0 <= e < loader.epochs:
+            # with limit_train_batches cutting the epochs, their drift was said at setup: not again as a
+            # set_epoch of the user's, ahead of the run
+            loader._drift_said = self._cut
             loader.set_epoch(e)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

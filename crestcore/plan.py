@@ -203,6 +203,7 @@ class BudgetedPasses:
         self._open_epoch: int | None = None  # the epoch of that pass while it is open (a broken-off epoch started)
         self._open_done = False  # whether that pass handed out its share's last batch (a consumer may stop there)
         self._warned_hint = False  # a set_epoch naming an epoch handed out already was ignored, and said so
+        self._drift_said = False  # the epochs' drift was said by whoever calls set_epoch (Lightning's limit)
 
     def __len__(self) -> int:
         return self.steps_per_epoch if self.per_epoch else self.total_steps
@@ -355,7 +356,7 @@ class BudgetedPasses:
         # lags the epochs by the measurements' cost, so it cannot tell); an epoch after it skipped whole
         started = self._open_epoch == now or (
             self.budget_counts == "steps" and self._position > now * self.steps_per_epoch)
-        if e > now + 1 or (e > now and not started):
+        if (e > now + 1 or (e > now and not started)) and not self._drift_said:
             size = (f"{self._share_end(e) - self._position} batches instead of {self.steps_per_epoch}"
                     if self.budget_counts == "steps" else f"until the budget of epochs {now}-{e} is spent")
             state = "has not started" if not started else "is under way"

@@ -545,6 +545,20 @@ def test_limit_train_batches_is_read_as_lightning_reads_it(tmp_path, limit, cut)
     assert cb.stats["step"] == (min(3, limit if isinstance(limit, int) else int(3 * limit)) * 2)
 
 
+def test_a_batch_limit_is_said_once_not_again_as_a_set_epoch_of_the_users(tmp_path):
+    """Review 43: with limit_train_batches cutting CREST's epochs (warned at setup), the callback's own
+    set_epoch calls then warned that "set_epoch(3) is ahead of the run ... Epochs count from 0; to continue a
+    saved run, load its state_dict", advice about a call the user never made."""
+    cb = CrestCallback(data(), **CFG)  # 3 batches an epoch
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer(tmp_path, 4, cb, limit_train_batches=1).fit(Module(), train_dataloaders=cb.dataloader())
+    text = [str(w.message) for w in seen]
+    assert sum("limit_train_batches=1" in t for t in text) == 1, text
+    assert not [t for t in text if "set_epoch" in t], text
+    assert cb.stats["step"] == 4
+
+
 class _PlainModule(Module):
     def training_step(self, batch, batch_idx):
         x, y = batch[0], batch[1]
