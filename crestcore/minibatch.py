@@ -348,12 +348,11 @@ def minibatch_coresets(
     subsets : optional (P, r) integer array of pre-drawn subsets (rows of ``features``, distinct within a
         row; each row is taken sorted, and returned so). Then no subsets are drawn and ``rng`` is only
         needed by the stochastic optimizer. This is how a training loop computes features for the subsets'
-        union only and selects on them. With
-        ``pool`` too, every member must be in the pool. Passing a call's own ``subsets`` back with the same
-        ``rng`` does not reproduce its coresets exactly: the classes' shares of m are rounded at random
-        from the generator after the draw of the subsets (so a call that draws them and one that is
-        given them round from different points of the stream; ``class_budget="ceil"`` does not round at
-        random).
+        union only and selects on them. With ``pool`` too, every member must be in the pool. Passing a
+        call's own ``subsets`` back with the same ``rng`` does not reproduce its coresets exactly: the
+        classes' shares of m are rounded at random from the generator after the draw of the subsets (so a
+        call that draws them and one that is given them round from different points of the stream;
+        ``class_budget="ceil"`` does not round at random).
     backend : "auto", "reference" or "numba", as for :func:`crestcore.facility_location`.
     rows : optional 1-D array of P distinct non-negative integers, with ``subsets``: the rows' numbers in a
         larger set of subsets (default ``0..P-1``). The random rounding of row p's class budgets depends
