@@ -953,10 +953,12 @@ def _default_forward(model: nn.Module, batch, seen: dict | None = None):
             ) from exc
         if seen is not None and getattr(out, "logits", None) is None and isinstance(out, (tuple, list)):
             seen["tuple"] = True  # the logits taken by convention: the first element
-            # and the widest other element that could be the logits (B rows, one column per class at least)
-            rows = out[0].shape[0] if isinstance(out[0], torch.Tensor) and out[0].ndim == 2 else None
-            seen["rival"] = max([int(t.shape[1]) for t in out[1:] if isinstance(t, torch.Tensor) and t.ndim == 2
-                                 and t.is_floating_point() and t.shape[0] == rows], default=0)
+            # where the elements' memory is (told apart from the outputs of the model's linear layers, once)
+            first = out[0] if isinstance(out[0], torch.Tensor) and out[0].ndim == 2 else None
+            seen["first"] = None if first is None else first.data_ptr()
+            seen["others"] = [(t.data_ptr(), int(t.shape[1])) for t in out[1:] if first is not None
+                              and isinstance(t, torch.Tensor) and t.ndim == 2 and t.is_floating_point()
+                              and t.shape[0] == first.shape[0]]
         return _output_logits(out)
     raise TypeError(
         f"cannot tell the model's input in a batch of type {type(batch).__name__}; pass "
@@ -1641,10 +1643,21 @@ class TorchModelOps:
         return self._pool
 
     def _logits(self, batch, k: int):
+        # at the first forward, where the model's linear layers put their outputs (read by _check_width)
+        made: set = set()
+
+        def note(module, args, output):
+            if isinstance(output, torch.Tensor):
+                made.add(output.data_ptr())
+
+        watch = "linear" not in self._seen and self._forward is _default_forward
+        hooks = [m.register_forward_hook(note) for m in self.model.modules() if isinstance(m, nn.Linear)] if watch else []
         try:
             with _torch_rng_kept(self.device):  # a model random in eval mode (MC dropout): the user's RNG stays
                 out = (_default_forward(self.model, batch, self._seen) if self._forward is _default_forward
                        else self._forward(self.model, batch))
+            if watch:
+                self._seen["linear"] = made
         except RuntimeError as exc:  # name CREST's cast when the model fails on a dtype
             if "dtype" not in str(exc) and "scalar type" not in str(exc):
                 raise
@@ -1653,6 +1666,9 @@ class TorchModelOps:
                 f"first floating-point parameter, {self._dtype()}; for a model whose input layer takes another "
                 "dtype, pass forward= that casts them]"
             ) from exc
+        finally:
+            for h in hooks:
+                h.remove()
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != k:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(
@@ -1680,7 +1696,12 @@ class TorchModelOps:
         classes = int(self.labels.max()) + 1 if self.labels.size else 0
         if not self._seen.get("tuple"):
             return
-        rival = int(self._seen.get("rival", 0))
+        # another element that an nn.Linear returned, as wide as the classes, while the first is not one's:
+        # (features, logits) with a hidden width of the classes; not (logits, probabilities), (logits,
+        # aux_logits) or (logits, features), whose first element is the classifier's output
+        linear = self._seen.get("linear") or set()
+        rival = (max([w for ptr, w in self._seen.get("others", []) if ptr in linear], default=0)
+                 if self._seen.get("first") not in linear else 0)
         if width > classes:  # a wider head of its own is fine (absent classes)
             warnings.warn(
                 f"the model's measured outputs have {width} columns, more than the labels' {classes} classes: "
@@ -1691,10 +1712,10 @@ class TorchModelOps:
         elif rival >= classes:
             warnings.warn(
                 f"the model returned a tuple: CREST takes its first element ({width} columns) as the logits, but "
-                f"another element has {rival} columns and could be them (the labels have {classes} classes). If "
-                "the first element is not the logits (the features of a (features, logits) output whose hidden "
-                "width equals the classes), pass forward= (crest_forward= on CrestTrainer) returning the logits; "
-                "if it is, this can be ignored", stacklevel=_common.user_stacklevel())
+                f"another element of {rival} columns is the output of a linear layer, and the first is not (the "
+                f"labels have {classes} classes): if that element is the logits (a (features, logits) output whose "
+                "hidden width equals the classes), pass forward= (crest_forward= on CrestTrainer) returning it; "
+                "if the first element is the logits, this can be ignored", stacklevel=_common.user_stacklevel())
 
     @staticmethod
     def _warn_if_probabilities(out: torch.Tensor, dtype) -> None:

@@ -846,11 +846,13 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
     subsets = _pool_subsets(state.labels, pool, r, P, gen)
     jit = config.just_in_time
     if not jit and P > 1 and r >= pool.size:
-        warnings.warn(
-            f"CREST's random subsets hold r = {r} examples, the whole pool of {pool.size}: every subset of a "
-            "selection is the pool, so with coresets='at-anchor' its P coresets are one coreset, trained P times "
-            "in a row. Pass CrestConfig(r=...) well below the pool (or the default just-in-time coresets, "
-            "selected at each step's own parameters); on data this small, training on all of it costs little",
+        warnings.warn(  # no counts in the text: said once, not again at every size the pool shrinks to
+            "CREST's random subsets are the whole pool (r is at least the pool's size): every subset of a "
+            "selection is the pool, so its P at-anchor coresets are selected from the same examples at the same "
+            "parameters and differ only where the class budgets' random rounding or a stochastic optimizer makes "
+            "them (with fixed budgets and the lazy greedy they are one coreset, trained P times). Pass "
+            "CrestConfig(r=...) well below the pool, or use the default just-in-time coresets (selected at each "
+            "step's own parameters); on data this small, training on all of it costs little",
             stacklevel=user_stacklevel())
     # "just-in-time": the coresets the quadratic model is fitted on now, the rest when their step comes
     now = max(1, min(config.fit_batches, P)) if jit else P

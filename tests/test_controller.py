@@ -2245,13 +2245,14 @@ def test_a_state_restored_for_half_precision_parameters_keeps_its_averages_in_fl
 def test_at_anchor_coresets_from_subsets_that_are_the_whole_pool_are_warned_about():
     """When r reaches the pool every random subset is the pool, so at-anchor coresets are P copies of one
     coreset, trained P times in a row (review 40: at n = 64, 6 of 8 batches repeated and 17 of 64 examples
-    were ever trained), silently. Now warned; just-in-time coresets (the default), selected at each step's
-    own parameters, and r below the pool are not."""
+    were ever trained), silently. Now warned (they differ only by the class budgets' rounding; review 42: not
+    "one coreset" as a first wording said); just-in-time coresets (the default), selected at each step's own
+    parameters, and r below the pool are not."""
     Xtr, ytr, _, _ = digits()
     X, y = Xtr[:64], ytr[:64]
     paper = CrestConfig.paper(m=8)
     state = crest_init(dataclasses.replace(paper, r=64), y, seed=0)
-    with pytest.warns(UserWarning, match=r"r = 64 examples, the whole pool of 64.*one coreset, trained P times"):
+    with pytest.warns(UserWarning, match=r"subsets are the whole pool.*same examples at the same parameters"):
         state, batch = crest_next_batch(state, SoftmaxOps(X, y), dataclasses.replace(paper, r=64))
     for cfg in (CrestConfig(m=8, r=64), dataclasses.replace(paper, r=32)):
         state = crest_init(cfg, y, seed=0)

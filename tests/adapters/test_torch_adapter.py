@@ -2906,26 +2906,36 @@ def test_a_collate_that_says_its_batches_are_rows_keeps_the_measurement_cache():
 def test_a_tuple_output_with_another_element_as_wide_as_the_classes_is_warned_about():
     """A dict-batch model returning ``(features, logits)`` whose hidden width equals the classes was measured
     on the features as the logits, with no warning (only a wider first element was warned about; review 40:
-    the anchor loss 2.3099 against the logits' 2.3237). A tuple whose other elements cannot be the logits is
-    taken as it is, without a warning."""
-    class Equal(torch.nn.Module):
-        def __init__(self, hidden, first_features=True):
+    the anchor loss 2.3099 against the logits' 2.3237). Warned now where another element is a linear layer's
+    output as wide as the classes and the first is not; a first element that is the classifier's output,
+    next to probabilities, log-probabilities, auxiliary logits or wider features, is taken without a warning
+    (review 42: a first version warned on those by their width alone)."""
+    class Out(torch.nn.Module):
+        def __init__(self, kind):
             super().__init__()
-            self.a, self.c, self.first = torch.nn.Linear(D_IN, hidden), torch.nn.Linear(hidden, C), first_features
+            self.a, self.c, self.aux, self.kind = torch.nn.Linear(D_IN, C), torch.nn.Linear(C, C), \
+                torch.nn.Linear(C, C), kind
+            self.wide = torch.nn.Linear(D_IN, 32)
 
         def forward(self, inputs):
             h = torch.relu(self.a(inputs))
             z = self.c(h)
-            return (h, z) if self.first else (z, torch.zeros(3), [h])
+            return {"features-first": lambda: (h, z), "probabilities": lambda: (z, torch.softmax(z, 1)),
+                    "log-probabilities": lambda: (z, torch.log_softmax(z, 1)), "aux": lambda: (z, self.aux(h)),
+                    "wide-features": lambda: (z, self.wide(inputs)), "other": lambda: (z, torch.zeros(3), [h]),
+                    }[self.kind]()
 
     X, y = make_data()
-    ops = TorchModelOps(Equal(C), _DictSet(X, y))
-    with pytest.warns(UserWarning, match=rf"first element \({C} columns\).*another element has {C} columns.*forward="):
+    ops = TorchModelOps(Out("features-first"), _DictSet(X, y))
+    with pytest.warns(UserWarning, match=rf"first element \({C} columns\).*another element of {C} columns is the "
+                                         r"output of a linear layer.*forward="):
         ops.outputs(np.arange(8))
-    ops = TorchModelOps(Equal(C, first_features=False), _DictSet(X, y))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert ops.outputs(np.arange(8)).shape == (8, C)
+    for kind in ("probabilities", "log-probabilities", "aux", "wide-features", "other"):
+        ops = TorchModelOps(Out(kind), _DictSet(X, y))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert ops.outputs(np.arange(8)).shape == (8, C), kind
+
 
 
 class _Swapped(Dataset):
