@@ -20,31 +20,21 @@ solve): ``python benchmarks/minibatch_ab.py --old 21b7b77``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from at_revision import module_at  # noqa: E402
+
 CASES = {"C2000": (4000, 2000, 2000, 2000), "imagenet": (40000, 1000, 13000, 1000), "S1": (20000, 10, 600, 10)}
 
 
 def load_old(rev: str):
     """``crestcore/minibatch.py`` at ``rev`` as the module ``crestcore._minibatch_old``."""
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:crestcore/minibatch.py"], check=True,
-                         capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "_minibatch_old.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location("crestcore._minibatch_old", path)
-    mod = importlib.util.module_from_spec(spec)
-    mod.__package__ = "crestcore"
-    sys.modules[spec.name] = mod  # its dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
+    return module_at(rev, "crestcore/minibatch.py", "crestcore._minibatch_old", "crestcore")
 
 
 def main(argv=None) -> int:

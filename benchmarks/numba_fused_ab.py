@@ -20,28 +20,20 @@ columns in the lazy greedy): ``python benchmarks/numba_fused_ab.py --old 5f1ad3e
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from at_revision import module_at  # noqa: E402
 
 
 def load_old(rev: str):
     """``backends/numba.py`` at ``rev`` as the module ``crestcore.backends._numba_old`` (no disk cache)."""
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:backends/numba.py"], check=True,
-                         capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "_numba_old.py"
-    path.write_text(src.replace("cache=True", "cache=False"))
-    spec = importlib.util.spec_from_file_location("crestcore.backends._numba_old", path)
-    mod = importlib.util.module_from_spec(spec)
-    mod.__package__ = "crestcore.backends"
-    spec.loader.exec_module(mod)
-    return mod
+    return module_at(rev, "backends/numba.py", "crestcore.backends._numba_old", "crestcore.backends",
+                     edit=lambda src: src.replace("cache=True", "cache=False"))
 
 
 def main(argv=None) -> int:
