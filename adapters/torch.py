@@ -1368,13 +1368,17 @@ class TorchModelOps:
         want = np.sort(self.labels[idx])
         # the labels reordered: the same labels, but not a function of the expected ones (which a
         # __getitem__ that maps its targets gives, 1 - y say: warned about below as such)
-        # (only where something can reorder them: the user's collate_fn or the dataset's __getitems__;
-        # otherwise the same labels in other rows are labels that differ, noisy labels drawn in __getitem__)
         moved = [int((c != self.labels[idx]).sum()) for c in cols
-                 if np.array_equal(np.sort(c), want) and not _a_function_of(c, self.labels[idx])
-                 and (self._collate is not None or _batch_loads(self.dataset))]
+                 if np.array_equal(np.sort(c), want) and not _a_function_of(c, self.labels[idx])]
+        # a reordering only where something can reorder them: the user's collate_fn (its check compares the
+        # outputs, which a forward= undoing a sorting collate keeps in order, not the rows) or the dataset's
+        # __getitems__ where the item-order probe (which raises where it reorders) did not see it keep the
+        # order; otherwise the same labels in other rows are labels that differ (noisy labels drawn in
+        # __getitem__), said below as such
         if idx.size > 1 and moved:
-            self._probe_item_order(idx)  # the dataset's own __getitems__ first (an error there)
+            items_kept = self._probe_item_order(idx)  # the dataset's own __getitems__ first (an error there)
+            moved = moved if (self._collate is not None or (_batch_loads(self.dataset) and not items_kept)) else []
+        if idx.size > 1 and moved:
             warnings.warn(
                 f"crestcore: {self._reordered(min(moved), idx.size, 'the first measurement pass')}. If forward= "
                 "undoes the collate's order, the measurements are right; CrestLoader's weights are appended "
@@ -1417,33 +1421,37 @@ class TorchModelOps:
                 "keys' order (undo the sort before returning; sort inside the model's forward, or pack with "
                 "enforce_sorted=False)")
 
-    def _probe_item_order(self, idx: np.ndarray) -> None:
+    def _probe_item_order(self, idx: np.ndarray) -> bool:
         """Once, with the label probe: a dataset's own ``__getitems__`` asked for a few keys in descending order
         must return the items in that order (the first pass asks in ascending order, which a ``__getitems__``
         that sorts its keys, as h5py needs, hands back unchanged). The same keys loaded one by one are the
-        reference: their label column (the one equal to the labels) must come back the same."""
+        reference: their label column (the one equal to the labels) must come back the same. True when it
+        came back the same (the order seen kept), False when the probe could not tell."""
         getitems = getattr(self.dataset, "__getitems__", None)
         if not callable(getitems) or idx.size < 2:
-            return
+            return False
         keys = np.unique(idx)[::-1][:8]
         want = self.labels[keys]
         if keys.size < 2 or np.unique(want).size < 2:
-            return  # one class: the labels cannot tell an order
+            return False  # one class: the labels cannot tell an order
         ks = [int(i) for i in keys]
         try:
             with _random_states_kept(), torch.no_grad():
                 batched = _plain(self._fetch.collate(list(getitems(ks))))
                 single = _plain(self._fetch.collate([self.dataset[k] for k in ks]))
         except Exception:  # the probe's own loads: the passes run (and fail) as they would without it
-            return
+            return False
         one, many = _label_columns(single, keys.size), _label_columns(batched, keys.size)
         if len(one) != len(many):
-            return
+            return False
+        kept = False
         for a, b in zip(one, many):
             if (np.array_equal(a, want) and not np.array_equal(b, want)
                     and np.array_equal(np.sort(b), np.sort(want))):
                 raise ValueError(self._reordered(int((b != want).sum()), keys.size,
                                                  "a batched __getitems__ asked for keys in descending order"))
+            kept = kept or (np.array_equal(a, want) and np.array_equal(b, want))
+        return kept
 
     def new_anchor(self) -> None:
         """Start a new anchor: the kept measurement passes no longer serve whole, so a dataset with random

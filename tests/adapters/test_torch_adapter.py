@@ -2963,7 +2963,14 @@ def test_labels_that_differ_in_the_items_are_not_called_a_reordering_without_a_r
     a = int(np.flatnonzero(y.numpy() == 0)[0])
     b = int(np.flatnonzero(y.numpy() == 1)[0])
     model = torch.nn.Linear(D_IN, C)
-    for ds in (_Swapped(X, y, a, b), Subset(_Swapped(X, y, a, b), list(range(len(y))))):
+
+    class KeepsOrder(_Swapped):  # a __getitems__ that keeps the order (the item-order probe sees it)
+        def __getitems__(self, keys):
+            return [self[k] for k in keys]
+
+    # (review 42: that one was still blamed; a collate_fn of the user's still is: its check reads the outputs,
+    # which a forward= undoing a sorting collate keeps in order, so it cannot clear the rows)
+    for ds in (_Swapped(X, y, a, b), Subset(_Swapped(X, y, a, b), list(range(len(y)))), KeepsOrder(X, y, a, b)):
         ops = TorchModelOps(model, ds)
         with warnings.catch_warnings(record=True) as got:
             warnings.simplefilter("always")
