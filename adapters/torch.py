@@ -953,12 +953,13 @@ def _default_forward(model: nn.Module, batch, seen: dict | None = None):
             ) from exc
         if seen is not None and getattr(out, "logits", None) is None and isinstance(out, (tuple, list)):
             seen["tuple"] = True  # the logits taken by convention: the first element
-            # where the elements' memory is (told apart from the outputs of the model's linear layers, once)
-            first = out[0] if isinstance(out[0], torch.Tensor) and out[0].ndim == 2 else None
-            seen["first"] = None if first is None else first.data_ptr()
-            seen["others"] = [(t.data_ptr(), int(t.shape[1])) for t in out[1:] if first is not None
-                              and isinstance(t, torch.Tensor) and t.ndim == 2 and t.is_floating_point()
-                              and t.shape[0] == first.shape[0]]
+            if "first" not in seen:  # where the elements' memory is, at the forward whose linear outputs
+                # _logits notes (pointers of two forwards cannot be compared: memory is reused)
+                first = out[0] if isinstance(out[0], torch.Tensor) and out[0].ndim == 2 else None
+                seen["first"] = None if first is None else first.data_ptr()
+                seen["others"] = [(t.data_ptr(), int(t.shape[1])) for t in out[1:] if first is not None
+                                  and isinstance(t, torch.Tensor) and t.ndim == 2 and t.is_floating_point()
+                                  and t.shape[0] == first.shape[0]]
         return _output_logits(out)
     raise TypeError(
         f"cannot tell the model's input in a batch of type {type(batch).__name__}; pass "
@@ -1677,6 +1678,9 @@ class TorchModelOps:
         finally:
             for h in hooks:
                 h.remove()
+            if watch and "linear" not in self._seen:  # that forward failed: the next one is looked at instead
+                self._seen.pop("first", None)
+                self._seen.pop("others", None)
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != k:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(
@@ -1697,10 +1701,11 @@ class TorchModelOps:
 
     def _check_width(self, width: int) -> None:
         """Warn once when the logits were a tuple output's first element (the convention for dict batches)
-        and have more columns than the labels' classes (``max + 1``), or another element of the tuple has
-        as many columns as the classes or more: the features of a ``(features, logits)`` output fit every
-        check of shape, and with a hidden width equal to the classes, nothing else tells them from the
-        logits. (Fewer columns than classes are refused where the labels are read against them.)"""
+        and have more columns than the labels' classes (``max + 1``), or the first element is not an
+        ``nn.Linear``'s output while another element, as wide as the classes or wider, is (both as noted at
+        the first forward): the features of a ``(features, logits)`` output fit every check of shape, and
+        with a hidden width equal to the classes, only where they come from tells them from the logits.
+        (Fewer columns than classes are refused where the labels are read against them.)"""
         classes = int(self.labels.max()) + 1 if self.labels.size else 0
         if not self._seen.get("tuple"):
             return

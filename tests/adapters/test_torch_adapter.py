@@ -2926,15 +2926,18 @@ def test_a_tuple_output_with_another_element_as_wide_as_the_classes_is_warned_ab
                     }[self.kind]()
 
     X, y = make_data()
-    ops = TorchModelOps(Out("features-first"), _DictSet(X, y))
-    with pytest.warns(UserWarning, match=rf"first element \({C} columns\).*another element of {C} columns is the "
-                                         r"output of a linear layer.*forward="):
-        ops.outputs(np.arange(8))
+    # one chunk, and several (the elements and the linear outputs compared within one forward: memory is
+    # reused between forwards, and a first version compared the last chunk's elements with the first's)
+    for ops in (TorchModelOps(Out("features-first"), _DictSet(X, y)),
+                TorchModelOps(Out("features-first"), _DictSet(X, y), batch_size=4)):
+        with pytest.warns(UserWarning, match=rf"first element \({C} columns\).*another element of {C} columns is "
+                                             r"the output of a linear layer.*forward="):
+            ops.outputs(np.arange(32))
     for kind in ("probabilities", "log-probabilities", "aux", "wide-features", "other"):
         ops = TorchModelOps(Out(kind), _DictSet(X, y))
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            assert ops.outputs(np.arange(8)).shape == (8, C), kind
+            assert ops.outputs(np.arange(32)).shape == (32, C), kind
 
 
 
