@@ -743,7 +743,8 @@ def test_cuda_loader_runs_and_keeps_batchnorm_stats():
     assert z.is_cuda and all(torch.equal(v, stats[k]) for k, v in model.state_dict().items())
     model.train()
     seen, _ = train(loader, model)
-    assert len(seen) == len(loader) and seen[0][1].is_cuda
+    # iter_run() is the whole run (both epochs); len(loader) is one epoch's steps
+    assert len(seen) == loader.total_steps == 2 * len(loader) and all(w.is_cuda for _, w in seen)
     buf = io.BytesIO()
     torch.save(loader.state_dict(), buf)
     buf.seek(0)
