@@ -846,6 +846,8 @@ def config_summary(c) -> str:
     txt = (f"m={c.m}, r={c.r if c.r is not None else 'default'}, P={c.P} and T1={c.T1} at the start, "
            f"tau={c.tau:g}, h={c.h:g}, b={c.b:g}, fit_batches={c.fit_batches}, kernel={c.kernel}, "
            f"per_class={c.per_class}, batches={c.batches}")
+    if c.backend != "auto":
+        txt += f", backend={c.backend}"
     if c.T2 is not None:
         txt += (f", dropping every T2={c.T2} steps (alpha={c.drop.alpha:g}, window={c.drop.window}, "
                 f"min_records={c.drop.min_records})")

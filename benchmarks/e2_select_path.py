@@ -13,6 +13,13 @@ Numba), ``--route numpy`` converts them to NumPy first (the Numba kernels, which
 examples, drawing inside, ``class_budget="ceil"``), so the ratios to S1 come from one run. Prints the
 median milliseconds of each part (after one warm-up call per route that loads the kernels); the total
 is the path without the model's forward (stood in for by random logits, not timed).
+
+``--device cuda`` puts the logits (so the features) on the GPU, as a CUDA model's forward does; its routes
+(``both``) are ``torch`` (the CUDA kernels, the route ``backend="auto"`` takes for CUDA tensors) and
+``numpy`` (features and labels moved to NumPy by hand, then the Numba kernels; ``backend="numba"``
+itself refuses device arrays). ``--route numba`` passes the tensors with ``backend="numba"`` (host
+tensors only). Every timed call ends with a device synchronisation, since the loader needs the picks
+on the host before the next batch.
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--P", type=int, default=5)
     ap.add_argument("--r", type=int, default=384)
-    ap.add_argument("--route", choices=("torch", "numpy", "both", "all"), default="both")
+    ap.add_argument("--route", choices=("torch", "numpy", "numba", "both", "all"), default="both")
+    ap.add_argument("--device", default="cpu", help="torch device of the logits (cpu or cuda)")
     args = ap.parse_args(argv)
     for v in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[v] = str(args.threads)
@@ -45,8 +53,15 @@ def main(argv=None) -> None:
     host_kernel = mb.get_host_kernel
     route_now = {"name": ""}
 
+    cuda = torch.device(args.device).type == "cuda"
+
     def get_host_kernel(name, start=True):  # a CPU torch loop has not started Numba: reference draws
-        return None if route_now["name"] == "torch" and name == "draw_stratified" else host_kernel(name, start)
+        cpu_torch = route_now["name"] == "torch" and not cuda
+        return None if cpu_torch and name == "draw_stratified" else host_kernel(name, start)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
 
     mb.get_host_kernel = get_host_kernel
 
@@ -76,18 +91,24 @@ def main(argv=None) -> None:
         union, pos = _union_positions(subsets)
         t1 = time.perf_counter()
         # a stand-in for the model's forward over the union (not timed: E2 times the forward apart)
-        logits = torch.randn(union.size, C, generator=torch.Generator().manual_seed(seed))
-        y = torch.from_numpy(labels[union])
+        logits = torch.randn(union.size, C, generator=torch.Generator().manual_seed(seed)).to(args.device)
+        y = torch.from_numpy(labels[union]).to(args.device)
+        sync()
         t1b = time.perf_counter()
         f, yy = last_layer_gradients(logits, y), y
         if route == "numpy":
             f, yy = to_numpy(f), to_numpy(y)
+        sync()
         t2 = time.perf_counter()
-        crestcore.minibatch_coresets(f, yy, m=m, r=args.r, P=args.P, rng=gen, subsets=pos)
+        res = crestcore.minibatch_coresets(f, yy, m=m, r=args.r, P=args.P, rng=gen, subsets=pos,
+                                           backend="numba" if route == "numba" else "auto")
+        to_numpy(res.indices)  # the loader indexes its dataset with the picks: they come to the host
+        sync()
         t3 = time.perf_counter()
         return [1e3 * (t1 - t0), 1e3 * (t2 - t1b), 1e3 * (t3 - t2), 1e3 * (t3 - t2 + t2 - t1b + t1 - t0)]
 
-    routes = {"both": ("torch", "numpy"), "all": ("torch", "numpy", "s1")}.get(args.route, (args.route,))
+    both = ("torch", "numpy")
+    routes = {"both": both, "all": (*both, "s1")}.get(args.route, (args.route,))
     times: dict[str, list] = {r: [] for r in routes}
     for r in routes:
         step(0, r)
@@ -100,7 +121,7 @@ def main(argv=None) -> None:
         if r == "s1":
             print(f"P={args.P} r={args.r} threads={args.threads} S1's call: total {med[3]:.2f} ms")
             continue
-        print(f"P={args.P} r={args.r} threads={args.threads} route={r}: subsets + union {med[0]:.2f} ms, features"
+        print(f"P={args.P} r={args.r} threads={args.threads} device={args.device} route={r}: subsets + union {med[0]:.2f} ms, features"
               f"{' + to_numpy' if r == 'numpy' else ''} {med[1]:.2f} ms, minibatch_coresets(subsets=) {med[2]:.2f} ms, "
               f"total {med[3]:.2f} ms" + (f" ({med[3] / s1:.2f}x S1)" if s1 else ""))
 

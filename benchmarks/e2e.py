@@ -142,6 +142,8 @@ def parse_args(argv=None):
     # default None, read as cpu after parsing: argparse runs a string default through its type, and the
     # probe imports torch, which --from-json (rendering a results file) does not need
     p.add_argument("--device", type=torch_device, default=None, help="torch device (default: cpu)")
+    p.add_argument("--crest-backend", default="auto", choices=("auto", "numba", "torch", "cupy", "reference"),
+                   help="crest, crest-drop: CrestConfig(backend=...), the selection's kernels (default: %(default)s)")
     p.add_argument("--evals", type=positive_int, default=4, help="test evaluations per run (default: %(default)s)")
     p.add_argument("--limit-train", type=positive_int, default=None, help="N random training images (smoke tests)")
     p.add_argument("--limit-test", type=positive_int, default=None, help="N random test images (smoke tests)")
@@ -154,6 +156,12 @@ def parse_args(argv=None):
     ns = p.parse_args(argv)
     ns.device = ns.device or "cpu"
     return ns
+
+
+def crest_extra(ns) -> dict:
+    """TrainSettings.extra for the CREST options given on the command line (none: the defaults)."""
+    backend = getattr(ns, "crest_backend", "auto")
+    return {"crest": {"backend": backend}} if backend != "auto" else {}
 
 
 def _mean_std(xs):
@@ -548,7 +556,7 @@ def main(argv=None) -> int:
     data_cache = {}
     for seed in seeds:
         s = TrainSettings(epochs=ns.epochs, budget=ns.budget, seed=seed, threads=ns.threads, device=ns.device,
-                          evals=ns.evals, reselect_every=ns.reselect_every)
+                          evals=ns.evals, reselect_every=ns.reselect_every, extra=crest_extra(ns))
         key = (ns.limit_train, ns.limit_test, seed if ns.limit_train or ns.limit_test else 0)
         if key not in data_cache:
             data_cache.clear()
@@ -570,7 +578,7 @@ def main(argv=None) -> int:
                 {k: {kk: vv for kk, vv in v.items() if kk != "forgetting"} for k, v in r.items()}
                 for r in per_seed]}, default=str))
     summary = aggregate(per_seed, methods)
-    s0 = TrainSettings()
+    s0 = TrainSettings(extra=crest_extra(ns))
     meta = {
         "command": "crest bench e2e " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),

@@ -338,6 +338,22 @@ def test_bench_e2e_all_methods_markdown(tmp_path):
 
 
 @needs_fmnist
+def test_bench_e2e_crest_backend_reaches_the_crest_runs(tmp_path):
+    """``--crest-backend numba`` is CrestConfig(backend="numba") for crest and crest-drop, and the tables
+    say so; the default leaves the library's "auto" and the config line unchanged."""
+    e2e = load_benchmark("e2e.py", "e2e_bench_backend_under_test")
+    common = ["--methods", "crest,crest-drop", "--epochs", "1", "--seeds", "0", "--limit-train", "300",
+              "--limit-test", "50", "--evals", "1", "--threads", "1"]
+    assert e2e.main([*common, "--crest-backend", "numba", "--json", str(tmp_path / "numba.json")]) == 0
+    assert e2e.main([*common, "--json", str(tmp_path / "auto.json")]) == 0
+    numba = json.loads((tmp_path / "numba.json").read_text())["runs"][0]
+    auto = json.loads((tmp_path / "auto.json").read_text())["runs"][0]
+    for name in ("crest", "crest-drop"):
+        assert numba[name]["config"].endswith("backend=numba") or ", backend=numba," in numba[name]["config"]
+        assert "backend=" not in auto[name]["config"]
+
+
+@needs_fmnist
 def test_crest_drop_run_records_pool_and_checks(tmp_path):
     from crestcore.apps.train_demo import run_training_demo
 
