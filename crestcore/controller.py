@@ -55,7 +55,7 @@ from ._validation import DivergenceError, user_stacklevel, field_bool, field_cho
 from .dropping import (DropConfig, DropState, _check_live, _undone_on_error, drop_init, drop_record, drop_resize,
                        drop_update, pool_size)
 from .features import cross_entropy, last_layer_gradients, softmax
-from .facility import BACKENDS, OPTIMIZERS
+from .facility import BACKENDS, OPTIMIZERS, on_host_device
 from .minibatch import CLASS_BUDGETS, DenseMemoryError, _draw_blocked, minibatch_coresets
 from .quadratic import (
     QuadraticConfig,
@@ -322,9 +322,11 @@ class CrestConfig:
     ``coresets="at-anchor"``, whose selection makes all P at once (its one forward over the union of the P
     subsets can cross a tight cap by that much: at a very tight cap by more than the cap itself).
     backend : the selection's kernels, as :func:`crestcore.minibatch_coresets`'s ``backend``: "auto"
-    (the features' own library: CPU torch tensors on the torch kernels, which start no Numba), "numba"
-    (host features on the Numba kernels; a long CPU run of a small model, with many hundreds of
-    selections, repays Numba's one-off start of 0.5-0.9 s by 1-3 ms a selection) or "reference".
+    (the features' own library: CPU torch tensors on the torch kernels, which start no Numba, CUDA
+    tensors on the CUDA kernels), "numba" (the Numba kernels on the host; a long CPU run of a small
+    model, with many hundreds of selections, repays Numba's one-off start of 0.5-0.9 s by 1-3 ms a
+    selection; a model on a GPU has its selection's features copied to the host for them, a few
+    hundred kilobytes a selection, unless an adapter's ``ops.coresets`` solves) or "reference".
 
     Examples
     --------
@@ -801,7 +803,13 @@ def _coresets(state: CrestState, ops, config: CrestConfig, subsets: np.ndarray, 
     # an adapter may shard the solve; otherwise the features' own library solves it (CPU tensors on the
     # torch kernels: a few ms slower per call than Numba at these shapes, but no Numba start-up, 0.5-0.9 s
     # once per process, which a short CPU run paid at its first selection)
-    solve = getattr(ops, "coresets", None) or minibatch_coresets
+    solve = getattr(ops, "coresets", None)
+    if solve is None:
+        solve = minibatch_coresets
+        if config.backend == "numba" and not on_host_device(feats):
+            # asked for the host's kernels with a model on a device (a GPU): the features (P x r x C
+            # numbers, C x (h + 1) with embeddings) and labels come to the host, where the picks go anyway
+            feats, y = to_numpy(feats), to_numpy(y)
     try:
         cs = solve(
             feats, y, m=config.m, r=subsets.shape[1], P=subsets.shape[0], rng=gen, subsets=pos,

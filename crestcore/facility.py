@@ -49,13 +49,19 @@ def _numba_host(a: np.ndarray) -> np.ndarray:
     return a.astype(np.float32) if a.dtype.name == "bfloat16" else a
 
 
+def on_host_device(X) -> bool:
+    """Whether ``X`` lives in host memory: NumPy, CPU torch, jax on cpu:0, array-api-strict's CPU_DEVICE
+    (the arrays ``backend="numba"`` takes)."""
+    return "cpu" in str(device_of(X)).lower()
+
+
 def numba_route(xp, X, solve, host_args: dict):
     """``backend="numba"``: solve host features on the Numba kernels whatever their library (CPU torch
     tensors share their memory with the NumPy view, no copy) and return the result's arrays in ``X``'s
     namespace, on its device and, for the floating fields, in its dtype. ``solve(**numpy_args)`` is the
     caller with ``backend="auto"``; ``host_args`` its array arguments (None stays None)."""
     dev = device_of(X)
-    if "cpu" not in str(dev).lower():  # NumPy, CPU torch, jax on cpu:0, array-api-strict's CPU_DEVICE
+    if not on_host_device(X):
         raise ValueError(f"backend='numba' runs the Numba kernels on the host, but the features are on "
                          f"{dev}: pass host arrays, or backend='auto' to solve where they are")
     from .backends import backend_module

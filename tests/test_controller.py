@@ -614,6 +614,38 @@ def test_counters_match_the_calls_made(lib, fit_batches, embeddings, batches, ch
             before.counters["selections"])
 
 
+def test_backend_numba_with_a_model_on_a_device_solves_on_the_host(monkeypatch):
+    """CrestConfig(backend="numba") with a model whose outputs live on a device (a GPU; here
+    array-api-strict's "device1") raised minibatch_coresets' refusal of device arrays at the first
+    selection: the controller copies the selection's features and labels to the host for the Numba
+    kernels, and the run is the one a host model makes."""
+    import crestcore.controller as controller
+
+    real = controller.minibatch_coresets
+
+    dev = xs.Device("device1")
+    LIBS["strict-device1"] = lambda a: xs.asarray(a, device=dev)
+    seen = []
+
+    def spy(feats, y, **kw):
+        seen.append((type(feats).__module__.split(".")[0], kw["backend"]))
+        return real(feats, y, **kw)
+
+    monkeypatch.setattr(controller, "minibatch_coresets", spy)
+    try:
+        cfg = CrestConfig(m=4, r=12, P=3, T1=2, tau=0.05, backend="numba")
+        levels = [1.0, 1.0, 1.02, 1.5, 1.5, 0.5, 0.5, 0.52, 0.52, 2.0, 2.0, 2.0]
+        _, on_device = _run_trace(cfg, levels, FakeOps(_labels(), lib="strict-device1"))
+        assert seen and all(s == ("numpy", "numba") for s in seen)
+        _, on_host = _run_trace(cfg, levels, FakeOps(_labels(), lib="numpy"))
+    finally:
+        del LIBS["strict-device1"]
+    assert len(on_device) == len(on_host)
+    for (_, _, a, _), (_, _, b, _) in zip(on_device, on_host):
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_array_equal(a.weights, b.weights)
+
+
 # ------------------------------------------------------------------------------------------------
 # (5) the release's configuration runs and does what it says
 # ------------------------------------------------------------------------------------------------
