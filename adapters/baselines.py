@@ -158,6 +158,12 @@ class SubsetLoader(BudgetedPasses):
         optimizer, epsilon). Defaults: gradmatch ``lam=0.5, tol=1e-6``, glister ``optimizer="stochastic",
         epsilon=0.1``. ``rng``, if given, is an int seed (a Generator's state would not be checkpointed);
         by default the stochastic draws come from the loader's ``seed``.
+    solve_on : where craig, gradmatch and glister solve: ``"auto"`` (default: NumPy on the host for a CPU
+        model, torch on the device for a GPU model) or ``"host"`` (the measured outputs copied to the
+        host, a few megabytes, and solved in NumPy/Numba whatever the model's device). Their picks are
+        sequential, each a read back to the host on a GPU: on one H200 the device solve took GradMatch
+        6.9 s, GLISTER 4.6 s and CRAIG 1.6 s a selection at n = 60,000 (docs/benchmarks.md, "On a GPU"),
+        where the host solve took 2.7, 2.3 and 1.4 s on a 2-core CPU; ``"host"`` was not timed on a GPU.
     labels, collate_fn, measure_dataset, measure_batch_size, measure_workers, last_layer, forward, loss_fn :
         as for ``CrestLoader``.
 
@@ -222,6 +228,7 @@ class SubsetLoader(BudgetedPasses):
         prune_anneal: float = 0.875,
         fill: str = "random",
         options: dict | None = None,
+        solve_on: str = "auto",
         labels=None,
         collate_fn: Callable | None = None,
         measure_dataset=None,
@@ -267,7 +274,7 @@ class SubsetLoader(BudgetedPasses):
             method, lab, m=m, seed=self.seed, steps_per_epoch=self.steps_per_epoch,
             full_steps_per_epoch=self.full_steps_per_epoch, epochs=epochs, reselect_every=reselect_every,
             weights=weights, embeddings=embeddings, val_fraction=val_fraction, glister_lr=glister_lr,
-            prune_ratio=prune_ratio, prune_anneal=prune_anneal, fill=fill, options=options,
+            prune_ratio=prune_ratio, prune_anneal=prune_anneal, fill=fill, options=options, solve_on=solve_on,
         )
         self.ops = TorchModelOps(
             model, measure_dataset if measure_dataset is not None else dataset, labels=lab, loss_fn=loss_fn,

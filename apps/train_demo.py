@@ -139,7 +139,8 @@ class TrainSettings:
     seed: int = 0
     device: str = "cpu"
     threads: int | None = 2
-    # CREST: None = the library's CrestConfig default; extra["crest"] = more CrestConfig overrides
+    # CREST: None = the library's CrestConfig default; extra["crest"] = more CrestConfig overrides,
+    # extra["baselines"] = more SubsetLoader keyword arguments (e.g. solve_on)
     crest_r: int | None = None
     crest_P: int | None = None
     crest_T1: int | None = None
@@ -728,7 +729,8 @@ def train_method(method: str, data, s: TrainSettings, *, progress: bool = True, 
         sub = SubsetLoader(model, TensorDataset(x_dev, y_dev), method=method, budget=s.budget, epochs=s.epochs,
                            m=m, seed=s.seed, labels=y_tr.numpy(), measure_batch_size=s.measure_batch_size,
                            reselect_every=reselect, val_fraction=s.val_fraction, glister_lr=s.lr,
-                           prune_ratio=s.prune_ratio, prune_anneal=s.prune_anneal)
+                           prune_ratio=s.prune_ratio, prune_anneal=s.prune_anneal,
+                           **s.extra.get("baselines", {}))
         if sub.total_steps != total:
             raise RuntimeError(f"SubsetLoader plans {sub.total_steps} steps, expected {total}")
         batch_iter = sub.iter_run()

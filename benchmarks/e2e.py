@@ -144,6 +144,8 @@ def parse_args(argv=None):
     p.add_argument("--device", type=torch_device, default=None, help="torch device (default: cpu)")
     p.add_argument("--crest-backend", default="auto", choices=("auto", "numba", "torch", "cupy", "reference"),
                    help="crest, crest-drop: CrestConfig(backend=...), the selection's kernels (default: %(default)s)")
+    p.add_argument("--baseline-solve-on", default="auto", choices=("auto", "host"),
+                   help="craig, gradmatch, glister: SubsetLoader(solve_on=...), where they solve (default: %(default)s)")
     p.add_argument("--evals", type=positive_int, default=4, help="test evaluations per run (default: %(default)s)")
     p.add_argument("--limit-train", type=positive_int, default=None, help="N random training images (smoke tests)")
     p.add_argument("--limit-test", type=positive_int, default=None, help="N random test images (smoke tests)")
@@ -159,9 +161,16 @@ def parse_args(argv=None):
 
 
 def crest_extra(ns) -> dict:
-    """TrainSettings.extra for the CREST options given on the command line (none: the defaults)."""
+    """TrainSettings.extra for the CREST and baseline options given on the command line (none: the
+    defaults)."""
+    extra = {}
     backend = getattr(ns, "crest_backend", "auto")
-    return {"crest": {"backend": backend}} if backend != "auto" else {}
+    if backend != "auto":
+        extra["crest"] = {"backend": backend}
+    solve_on = getattr(ns, "baseline_solve_on", "auto")
+    if solve_on != "auto":
+        extra["baselines"] = {"solve_on": solve_on}
+    return extra
 
 
 def _mean_std(xs):
@@ -422,7 +431,8 @@ def methods_note(methods, epochs: int, reselect_every, s0, warm: float) -> str:
             f"GLISTER: {100 * s0.val_fraction:g} % of the training set held out (class-stratified) as its "
             "validation set and never trained on, stochastic greedy (epsilon 0.1) on the last layer's weight "
             "gradients, GLISTER's one-step model `theta - eta * sum_S g_j` with eta = the learning rate "
-            f"{s0.lr:g}")
+            f"{s0.lr:g}" + ("; solved on the host (`solve_on=\"host\"`)"
+                            if s0.extra.get("baselines", {}).get("solve_on") == "host" else ""))
     if "prune" in methods:
         parts.append(f"`prune`: InfoBatch-style, each epoch {100 * s0.prune_ratio:g} % of the examples whose last "
                      "training loss is below the mean are left out and the kept ones up-weighted, the batches "

@@ -286,3 +286,49 @@ def test_outputs_without_the_embeddings_pair_are_refused_clearly():
                        embeddings=True)
     with pytest.raises(ValueError, match="pair"):
         s.next_indices(0, LogitsOnly())
+
+
+class DeviceOps(EmbeddingOps):
+    """EmbeddingOps whose outputs live on array-api-strict's second device: a model on a GPU, as the
+    schedule sees it (no host memory, its own library)."""
+
+    def outputs(self, indices, embeddings=False):
+        import array_api_strict as xs
+
+        out = super().outputs(indices, embeddings)
+        dev = xs.Device("device1")
+        put = lambda a: xs.asarray(a, device=dev)  # noqa: E731
+        return tuple(put(a) for a in out) if embeddings else put(out)
+
+
+@pytest.mark.parametrize("method", ["craig", "gradmatch", "glister"])
+def test_solve_on_host_solves_a_device_model_in_numpy(method, monkeypatch):
+    """solve_on="host": a model's device outputs are copied to the host and solved in NumPy, and the
+    batches are a host model's; "auto" (default) solves them in their own library on their device."""
+    import crestcore.baselines._schedule as sched
+
+    X, y = _data()
+    real = getattr(sched, method)  # the core function of the same name
+    seen = []
+
+    def spy(G, *args, **kw):
+        seen.append(type(G).__module__.split(".")[0])
+        return real(G, *args, **kw)
+
+    monkeypatch.setattr(sched, method, spy)
+
+    def run(ops, **kw):
+        s = _schedule(method, y, **kw)
+        return [s.next_indices(t, ops) for t in range(2 * s.steps_per_epoch)]
+
+    host = run(EmbeddingOps(X, y, C=3))
+    on_host = run(DeviceOps(X, y, C=3), solve_on="host")
+    assert seen[-2:] == ["numpy", "numpy"]
+    on_device = run(DeviceOps(X, y, C=3))
+    assert seen[-1] == "array_api_strict"
+    for (a, wa), (b, wb) in zip(host, on_host):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(wa, wb)
+    assert len(on_device) == len(host)
+    with pytest.raises(ValueError, match="solve_on"):
+        _schedule(method, y, solve_on="gpu")

@@ -340,7 +340,8 @@ def test_bench_e2e_all_methods_markdown(tmp_path):
 @needs_fmnist
 def test_bench_e2e_crest_backend_reaches_the_crest_runs(tmp_path):
     """``--crest-backend numba`` is CrestConfig(backend="numba") for crest and crest-drop, and the tables
-    say so; the default leaves the library's "auto" and the config line unchanged."""
+    say so; the default leaves the library's "auto" and the config line unchanged. The same for
+    ``--baseline-solve-on host``."""
     e2e = load_benchmark("e2e.py", "e2e_bench_backend_under_test")
     common = ["--methods", "crest,crest-drop", "--epochs", "1", "--seeds", "0", "--limit-train", "300",
               "--limit-test", "50", "--evals", "1", "--threads", "1"]
@@ -351,6 +352,12 @@ def test_bench_e2e_crest_backend_reaches_the_crest_runs(tmp_path):
     for name in ("crest", "crest-drop"):
         assert numba[name]["config"].endswith("backend=numba") or ", backend=numba," in numba[name]["config"]
         assert "backend=" not in auto[name]["config"]
+    # --baseline-solve-on host: SubsetLoader(solve_on="host") for the selecting baselines, said in the note
+    out = tmp_path / "host.md"
+    assert e2e.main(["--methods", "craig", "--epochs", "1", "--seeds", "0", "--limit-train", "300",
+                     "--limit-test", "50", "--evals", "1", "--threads", "1", "--baseline-solve-on", "host",
+                     "--out", str(out)]) == 0
+    assert 'solved on the host (`solve_on="host"`)' in out.read_text()
 
 
 @needs_fmnist

@@ -1485,7 +1485,7 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
     the same seeds): ``method`` one of ``full``, ``sgd-budget``, ``random``, ``craig``, ``gradmatch``,
     ``glister``, ``prune``; ``budget``, ``epochs`` (the run's epochs: prune anneals over them), ``m``,
     ``seed``, ``reselect_every``, ``weights``, ``embeddings``, ``val_fraction``, ``glister_lr``,
-    ``prune_ratio``, ``prune_anneal``, ``fill`` and ``options`` as for ``SubsetLoader``. ``x``, ``y``,
+    ``prune_ratio``, ``prune_anneal``, ``fill``, ``options`` and ``solve_on`` as for ``SubsetLoader``. ``x``, ``y``,
     ``labels``, ``outputs``, ``measure_x``, ``measure_batch_size`` and ``last_layer`` as for
     :class:`CrestCallback`. CRAIG, GradMatch and GLISTER measure the model (inference mode) at the start
     of each selecting epoch, after every step before it; prune reads each trained batch's losses from an
@@ -1510,7 +1510,8 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
                  labels=None, outputs: str | None = None, measure_x=None, measure_batch_size: int = 512,
                  last_layer=None, reselect_every: int = 1, weights: str = "selection", embeddings: bool | None = None,
                  val_fraction: float = 0.1, glister_lr: float = 0.05, prune_ratio: float = 0.5,
-                 prune_anneal: float = 0.875, fill: str = "random", options: dict | None = None):
+                 prune_anneal: float = 0.875, fill: str = "random", options: dict | None = None,
+                 solve_on: str = "auto"):
         super().__init__()
         _require_supported("measurement forwards")
         if method != "full":
@@ -1532,7 +1533,7 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
             method, self.labels, m=m, seed=self.seed, steps_per_epoch=self.steps_per_epoch,
             full_steps_per_epoch=self.full_steps_per_epoch, epochs=epochs, reselect_every=reselect_every,
             weights=weights, embeddings=embeddings, val_fraction=val_fraction, glister_lr=glister_lr,
-            prune_ratio=prune_ratio, prune_anneal=prune_anneal, fill=fill, options=options)
+            prune_ratio=prune_ratio, prune_anneal=prune_anneal, fill=fill, options=options, solve_on=solve_on)
         self.dataset = CrestDataset(self)
         self.ops: KerasModelOps | None = None
         self._position = 0  # steps trained

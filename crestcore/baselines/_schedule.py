@@ -29,9 +29,10 @@ from ._gradmatch import gradmatch
 from ._pruning import prune_schedule
 from ._random import random_subset
 
-__all__ = ["SubsetSchedule", "METHODS", "SELECTING_METHODS"]
+__all__ = ["SubsetSchedule", "METHODS", "SELECTING_METHODS", "SOLVE_ON"]
 
 METHODS = ("full", "sgd-budget", "random", "craig", "gradmatch", "glister", "prune")
+SOLVE_ON = ("auto", "host")  # where craig, gradmatch and glister solve (SubsetSchedule's solve_on)
 SELECTING_METHODS = ("craig", "gradmatch", "glister")  # measure the model and reselect every R epochs
 
 # tags that separate the random streams of one seed: default_rng([seed, epoch, tag])
@@ -125,8 +126,11 @@ class SubsetSchedule:
     ``epochs`` the epochs of the run (prune's annealing). The options are ``SubsetLoader``'s (see
     ``crestcore.adapters.baselines``): ``reselect_every``, ``weights`` (``"selection"`` or ``"batch"``:
     over what the weights are rescaled to mean 1), ``embeddings``, ``val_fraction``, ``glister_lr``,
-    ``prune_ratio``, ``prune_anneal``, ``fill`` and ``options`` (keyword arguments of the core
-    function).
+    ``prune_ratio``, ``prune_anneal``, ``fill``, ``options`` (keyword arguments of the core
+    function) and ``solve_on``: where craig, gradmatch and glister solve, ``"auto"`` (default: a model's
+    host outputs in NumPy, device outputs (a GPU) in their own library on their device) or ``"host"``
+    (the outputs copied to NumPy on the host whatever their device: the selections are sequential, a
+    few thousand picks, each a read back to the host on a device).
 
     :meth:`next_indices` gives the batch of a step (selecting first when one is due, measuring the
     model through ``ops.outputs(indices, embeddings=...)``, which returns the logits, and with
@@ -152,13 +156,16 @@ class SubsetSchedule:
     def __init__(self, method: str, labels, *, m: int, seed: int, steps_per_epoch: int, full_steps_per_epoch: int,
                  epochs: int, reselect_every: int = 1, weights: str = "selection", embeddings: bool | None = None,
                  val_fraction: float = 0.1, glister_lr: float = 0.05, prune_ratio: float = 0.5,
-                 prune_anneal: float = 0.875, fill: str = "random", options: dict | None = None):
+                 prune_anneal: float = 0.875, fill: str = "random", options: dict | None = None,
+                 solve_on: str = "auto"):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if weights not in ("selection", "batch"):
             raise ValueError(f"weights must be 'selection' or 'batch', got {weights!r}")
         if fill not in ("random", "cycle"):
             raise ValueError(f"fill must be 'random' or 'cycle', got {fill!r}")
+        if solve_on not in SOLVE_ON:
+            raise ValueError(f"solve_on must be one of {SOLVE_ON}, got {solve_on!r}")
         if embeddings is not None and not isinstance(embeddings, bool):
             raise TypeError(f"embeddings must be a bool or None, got {type(embeddings).__name__}")
         if options is not None and not isinstance(options, dict):
@@ -186,6 +193,7 @@ class SubsetSchedule:
         self.prune_ratio = _fraction(prune_ratio, "prune_ratio", low_open=False)
         self.prune_anneal = _fraction(prune_anneal, "prune_anneal", low_open=False, high_open=False)
         self.fill = fill
+        self.solve_on = solve_on
         _check_options(method, options or {})
         self.options = {**_DEFAULT_OPTIONS.get(method, {}), **(options or {})}
         self._warned_epochs = False
@@ -373,7 +381,8 @@ class SubsetSchedule:
 
     def _features(self, ops, sync):
         """The model's outputs on the pool (and glister's validation split), eval mode; counted. On a CPU
-        model the solve runs on the host in NumPy, else in the outputs' library on their device."""
+        model (or with ``solve_on="host"``) the solve runs on the host in NumPy, else in the outputs'
+        library on their device."""
         sync()
         t0 = time.perf_counter()
         measure = self.pool if self.method != "glister" else np.concatenate([self.pool, self.val_indices])
@@ -387,7 +396,7 @@ class SubsetSchedule:
         z, emb = out if self.embeddings else (out, None)
         sync()
         fwd = time.perf_counter() - t0
-        if on_cpu(z):
+        if on_cpu(z) or self.solve_on == "host":
             z = to_numpy(z)
             emb = None if emb is None else to_numpy(emb)
             lab = self.labels[measure]

@@ -504,3 +504,19 @@ def test_the_measurement_chunk_size_is_the_cpu_default_unless_given_and_named_wh
     assert loader("craig", measure_batch_size=32).ops.batch_size == 32
     with pytest.raises(ValueError, match="^measure_batch_size "):
         loader("craig", measure_batch_size=0)
+
+
+@pytest.mark.parametrize("method", ["craig", "gradmatch", "glister"])
+def test_solve_on_host_gives_the_cpu_model_the_same_batches(method):
+    """solve_on="host" reaches the schedule (a GPU model's outputs would be solved in NumPy); a CPU
+    model's outputs are on the host already, so its batches are the default's."""
+    ld = loader(method, solve_on="host")
+    assert ld.schedule.solve_on == "host"
+    a, _ = train(ld, steps=6)
+    b, _ = train(loader(method), steps=6)
+    for (ia, wa), (ib, wb) in zip(a, b):
+        np.testing.assert_array_equal(ia, ib)
+        np.testing.assert_array_equal(wa, wb)
+    with pytest.raises(ValueError, match="solve_on"):
+        loader(method, solve_on="cuda")
+

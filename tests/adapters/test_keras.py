@@ -1248,6 +1248,9 @@ def test_subset_callback_serves_only_inside_a_fit_with_it():
         model.fit(sub.dataset, epochs=1, verbose=0)
     with pytest.raises(ValueError, match="method"):
         SubsetCallback(x, y, method="coreset", budget=0.5, m=8)
+    assert SubsetCallback(x, y, method="craig", budget=0.5, m=8, solve_on="host").schedule.solve_on == "host"
+    with pytest.raises(ValueError, match="solve_on"):
+        SubsetCallback(x, y, method="craig", budget=0.5, m=8, solve_on="gpu")
 
 
 @pytest.mark.parametrize("which", ["crest", "subset"])
