@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""The CREST selection path at E2's shapes (P = 5 subsets of r = 384 from 60,000 examples, C = 10,
-m = 128), without the model: subsets, their union, logit gradients of torch CPU logits and
+"""The CREST selection path at E2's shapes of 2026-11-30 (by default P = 5 subsets of r = 384 from 60,000
+examples, C = 10, m = 128; E1's calls since the just-in-time defaults are one subset of 600, ``--P 1
+--r 600``), without the model: subsets, their union, logit gradients of torch CPU logits and
 ``minibatch_coresets(subsets=...)``, as ``crestcore.controller._select`` runs them.
 
     flock /tmp/crest-bench.lock .venv/bin/python benchmarks/e2_select_path.py [--threads 1] [--repeats 30] [--route both]
@@ -41,6 +42,13 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     for v in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[v] = str(args.threads)
+    from crestcore.apps.train_demo import torch_device_problem
+
+    if (problem := torch_device_problem(args.device)) is not None:
+        ap.error(f"argument --device: {problem}")
+    if args.route == "numba" and not args.device.startswith("cpu"):
+        ap.error("argument --route: numba takes host tensors only (backend='numba' refuses device arrays); "
+                 "--route numpy moves them to the host first")
     import numpy as np
     import torch
 

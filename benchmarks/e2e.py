@@ -142,7 +142,7 @@ def parse_args(argv=None):
     # default None, read as cpu after parsing: argparse runs a string default through its type, and the
     # probe imports torch, which --from-json (rendering a results file) does not need
     p.add_argument("--device", type=torch_device, default=None, help="torch device (default: cpu)")
-    p.add_argument("--crest-backend", default="auto", choices=("auto", "numba", "torch", "cupy", "reference"),
+    p.add_argument("--crest-backend", default="auto", choices=("auto", "numba", "reference"),  # CrestConfig's
                    help="crest, crest-drop: CrestConfig(backend=...), the selection's kernels (default: %(default)s)")
     p.add_argument("--baseline-solve-on", default="auto", choices=("auto", "host"),
                    help="craig, gradmatch, glister: SubsetLoader(solve_on=...), where they solve (default: %(default)s)")

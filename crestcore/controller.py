@@ -325,8 +325,9 @@ class CrestConfig:
     (the features' own library: CPU torch tensors on the torch kernels, which start no Numba, CUDA
     tensors on the CUDA kernels), "numba" (the Numba kernels on the host; a long CPU run of a small
     model, with many hundreds of selections, repays Numba's one-off start of 0.5-0.9 s by 1-3 ms a
-    selection; a model on a GPU has its selection's features copied to the host for them, a few
-    hundred kilobytes a selection, unless an adapter's ``ops.coresets`` solves) or "reference".
+    selection; a model on a GPU has its selection's features copied to the host for them, tens of
+    kilobytes a selection; ``crestcore.adapters.distributed`` then solves them unsharded on every rank)
+    or "reference".
 
     Examples
     --------
@@ -803,13 +804,12 @@ def _coresets(state: CrestState, ops, config: CrestConfig, subsets: np.ndarray, 
     # an adapter may shard the solve; otherwise the features' own library solves it (CPU tensors on the
     # torch kernels: a few ms slower per call than Numba at these shapes, but no Numba start-up, 0.5-0.9 s
     # once per process, which a short CPU run paid at its first selection)
-    solve = getattr(ops, "coresets", None)
-    if solve is None:
-        solve = minibatch_coresets
-        if config.backend == "numba" and not on_host_device(feats):
-            # asked for the host's kernels with a model on a device (a GPU): the features (P x r x C
-            # numbers, C x (h + 1) with embeddings) and labels come to the host, where the picks go anyway
-            feats, y = to_numpy(feats), to_numpy(y)
+    if config.backend == "numba" and not on_host_device(feats):
+        # asked for the host's kernels with a model on a device (a GPU): the features (P x r x C numbers,
+        # C x (h + 1) a row with embeddings) and labels come to the host, where the picks go anyway; an
+        # adapter's own solve (ops.coresets) gets them there too
+        feats, y = to_numpy(feats), to_numpy(y)
+    solve = getattr(ops, "coresets", None) or minibatch_coresets
     try:
         cs = solve(
             feats, y, m=config.m, r=subsets.shape[1], P=subsets.shape[0], rng=gen, subsets=pos,

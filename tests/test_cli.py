@@ -94,7 +94,7 @@ def test_usage_errors_exit_2(argv, capsys):
     ("e2e", ["--seeds", str(2**64)], "--seeds"), ("e2e", ["--seeds", "0,,1"], "--seeds"),
     ("e2e", ["--seeds", "1_0"], "--seeds"), ("e2e", ["--device", "meta"], "--device"),
     ("e2e", ["--device", "mps"], "--device"),
-    ("e2e", ["--crest-backend", "gpu"], "--crest-backend"),
+    ("e2e", ["--crest-backend", "gpu"], "--crest-backend"), ("e2e", ["--crest-backend", "torch"], "--crest-backend"),
     ("e2e", ["--baseline-solve-on", "gpu"], "--baseline-solve-on"),
     ("tta", ["--budgets", "abc"], "--budgets"), ("tta", ["--budgets", ""], "--budgets"),
     ("tta", ["--budgets", "0.1,2"], "--budgets"), ("tta", ["--lrs", "x"], "--lrs"), ("tta", ["--lrs", "0,-1"], "--lrs"),

@@ -644,6 +644,21 @@ def test_backend_numba_with_a_model_on_a_device_solves_on_the_host(monkeypatch):
     for (_, _, a, _), (_, _, b, _) in zip(on_device, on_host):
         np.testing.assert_array_equal(a.indices, b.indices)
         np.testing.assert_array_equal(a.weights, b.weights)
+    # an adapter's own solve (ops.coresets, as the distributed adapter has) gets host features too: it
+    # passed backend="numba" on to minibatch_coresets with the device features, which refused them
+    class SolvingOps(FakeOps):
+        def coresets(self, feats, y, **kw):
+            seen.append(("coresets", type(feats).__module__.split(".")[0]))
+            return real(feats, y, **kw)
+
+    LIBS["strict-device1"] = lambda a: xs.asarray(a, device=dev)
+    try:
+        _, own = _run_trace(cfg, levels, SolvingOps(_labels(), lib="strict-device1"))
+    finally:
+        del LIBS["strict-device1"]
+    assert ("coresets", "numpy") in seen and ("coresets", "array_api_strict") not in seen
+    for (_, _, a, _), (_, _, b, _) in zip(own, on_host):
+        np.testing.assert_array_equal(a.indices, b.indices)
 
 
 # ------------------------------------------------------------------------------------------------
