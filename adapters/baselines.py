@@ -163,7 +163,7 @@ class SubsetLoader(BudgetedPasses):
         host, a few megabytes, and solved in NumPy/Numba whatever the model's device). Their picks are
         sequential, each a read back to the host on a GPU: on one H200 a selection at n = 60,000 took
         GradMatch 6.9 s, GLISTER 4.6 s and CRAIG 1.6 s on the device (docs/benchmarks.md, "On a GPU"),
-        where the host took 2.7-4.4, 2.3-3.0 and 1.4-2.1 s on a 2-core CPU; ``"host"`` was not timed on
+        where the host took 2.7-4.3, 2.3-3.0 and 1.4-2.1 s on a 2-core CPU; ``"host"`` was not timed on
         a GPU.
     labels, collate_fn, measure_dataset, measure_batch_size, measure_workers, last_layer, forward, loss_fn :
         as for ``CrestLoader``.

@@ -984,7 +984,11 @@ class DistributedCrestLoader(CrestLoader):
             "world_size": self.world_size,
             "backend": self.ops.backend,
             "sharded_solves": self.ops.sharded_solves,
-            "selection_sharded": self.config.optimizer != "stochastic",
+            # backend="numba" with a model on a GPU: the controller hands every rank host features, which
+            # each rank solves whole (the unsharded fallback)
+            "selection_sharded": self.config.optimizer != "stochastic" and not (
+                self.config.backend == "numba"
+                and next((p.device.type for p in _inner_ops(self.ops).model.parameters()), "cpu") != "cpu"),
             "numba_cache": None if self.ops.numba_cache is None else str(self.ops.numba_cache),
         }
         return s

@@ -19,6 +19,8 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -624,6 +626,15 @@ def test_one_process_group_matches_the_single_process_loader(tmp_path):
         # and a rank that skipped a check's forward (a collective) while another measured would hang
         assert loader.ops.inner.state_token(np.arange(8)) is not None  # (a TensorDataset's rows: it could)
         assert loader.ops.state_token(np.arange(8)) is None
+        # backend="numba" with the model on a device: the controller hands every rank host features, which
+        # each solves whole, so the selection is not sharded (the stat said it was)
+        assert loader.stats["distributed"]["selection_sharded"]
+        model = make_model()
+        numba = D.DistributedCrestLoader(model, TensorDataset(X, y), config=replace(make_config(), backend="numba"),
+                                         budget=BUDGET, epochs=1, seed=SEED)
+        assert numba.stats["distributed"]["selection_sharded"]  # a CPU model: its CPU tensors are sharded
+        model.to("meta")  # a stand-in for a GPU: parameters off the host
+        assert not numba.stats["distributed"]["selection_sharded"]
     finally:
         dist.destroy_process_group()
         torch.set_num_threads(before)
