@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 
 from crestcore.apps.cli import int_at_least
+from crestcore.baselines import SOLVE_ON
+from crestcore.facility import BACKENDS
 
 START, END = "<!-- e2e-bench:start -->", "<!-- e2e-bench:end -->"
 
@@ -142,9 +144,9 @@ def parse_args(argv=None):
     # default None, read as cpu after parsing: argparse runs a string default through its type, and the
     # probe imports torch, which --from-json (rendering a results file) does not need
     p.add_argument("--device", type=torch_device, default=None, help="torch device (default: cpu)")
-    p.add_argument("--crest-backend", default="auto", choices=("auto", "numba", "reference"),  # CrestConfig's
+    p.add_argument("--crest-backend", default="auto", choices=BACKENDS,
                    help="crest, crest-drop: CrestConfig(backend=...), the selection's kernels (default: %(default)s)")
-    p.add_argument("--baseline-solve-on", default="auto", choices=("auto", "host"),
+    p.add_argument("--baseline-solve-on", default="auto", choices=SOLVE_ON,
                    help="craig, gradmatch, glister: SubsetLoader(solve_on=...), where they solve (default: %(default)s)")
     p.add_argument("--evals", type=positive_int, default=4, help="test evaluations per run (default: %(default)s)")
     p.add_argument("--limit-train", type=positive_int, default=None, help="N random training images (smoke tests)")
@@ -160,7 +162,7 @@ def parse_args(argv=None):
     return ns
 
 
-def crest_extra(ns) -> dict:
+def settings_extra(ns) -> dict:
     """TrainSettings.extra for the CREST and baseline options given on the command line (none: the
     defaults)."""
     extra = {}
@@ -566,7 +568,7 @@ def main(argv=None) -> int:
     data_cache = {}
     for seed in seeds:
         s = TrainSettings(epochs=ns.epochs, budget=ns.budget, seed=seed, threads=ns.threads, device=ns.device,
-                          evals=ns.evals, reselect_every=ns.reselect_every, extra=crest_extra(ns))
+                          evals=ns.evals, reselect_every=ns.reselect_every, extra=settings_extra(ns))
         key = (ns.limit_train, ns.limit_test, seed if ns.limit_train or ns.limit_test else 0)
         if key not in data_cache:
             data_cache.clear()
@@ -588,7 +590,7 @@ def main(argv=None) -> int:
                 {k: {kk: vv for kk, vv in v.items() if kk != "forgetting"} for k, v in r.items()}
                 for r in per_seed]}, default=str))
     summary = aggregate(per_seed, methods)
-    s0 = TrainSettings(extra=crest_extra(ns))
+    s0 = TrainSettings(extra=settings_extra(ns))
     meta = {
         "command": "crest bench e2e " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),

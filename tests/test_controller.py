@@ -624,7 +624,7 @@ def test_backend_numba_with_a_model_on_a_device_solves_on_the_host(monkeypatch):
     real = controller.minibatch_coresets
 
     dev = xs.Device("device1")
-    LIBS["strict-device1"] = lambda a: xs.asarray(a, device=dev)
+    monkeypatch.setitem(LIBS, "strict-device1", lambda a: xs.asarray(a, device=dev))
     seen = []
 
     def spy(feats, y, **kw):
@@ -632,14 +632,11 @@ def test_backend_numba_with_a_model_on_a_device_solves_on_the_host(monkeypatch):
         return real(feats, y, **kw)
 
     monkeypatch.setattr(controller, "minibatch_coresets", spy)
-    try:
-        cfg = CrestConfig(m=4, r=12, P=3, T1=2, tau=0.05, backend="numba")
-        levels = [1.0, 1.0, 1.02, 1.5, 1.5, 0.5, 0.5, 0.52, 0.52, 2.0, 2.0, 2.0]
-        _, on_device = _run_trace(cfg, levels, FakeOps(_labels(), lib="strict-device1"))
-        assert seen and all(s == ("numpy", "numba") for s in seen)
-        _, on_host = _run_trace(cfg, levels, FakeOps(_labels(), lib="numpy"))
-    finally:
-        del LIBS["strict-device1"]
+    cfg = CrestConfig(m=4, r=12, P=3, T1=2, tau=0.05, backend="numba")
+    levels = [1.0, 1.0, 1.02, 1.5, 1.5, 0.5, 0.5, 0.52, 0.52, 2.0, 2.0, 2.0]
+    _, on_device = _run_trace(cfg, levels, FakeOps(_labels(), lib="strict-device1"))
+    assert seen and all(s == ("numpy", "numba") for s in seen)
+    _, on_host = _run_trace(cfg, levels, FakeOps(_labels(), lib="numpy"))
     assert len(on_device) == len(on_host)
     for (_, _, a, _), (_, _, b, _) in zip(on_device, on_host):
         np.testing.assert_array_equal(a.indices, b.indices)
@@ -651,11 +648,7 @@ def test_backend_numba_with_a_model_on_a_device_solves_on_the_host(monkeypatch):
             seen.append(("coresets", type(feats).__module__.split(".")[0]))
             return real(feats, y, **kw)
 
-    LIBS["strict-device1"] = lambda a: xs.asarray(a, device=dev)
-    try:
-        _, own = _run_trace(cfg, levels, SolvingOps(_labels(), lib="strict-device1"))
-    finally:
-        del LIBS["strict-device1"]
+    _, own = _run_trace(cfg, levels, SolvingOps(_labels(), lib="strict-device1"))
     assert ("coresets", "numpy") in seen and ("coresets", "array_api_strict") not in seen
     for (_, _, a, _), (_, _, b, _) in zip(own, on_host):
         np.testing.assert_array_equal(a.indices, b.indices)

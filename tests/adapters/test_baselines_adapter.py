@@ -519,4 +519,3 @@ def test_solve_on_host_gives_the_cpu_model_the_same_batches(method):
         np.testing.assert_array_equal(wa, wb)
     with pytest.raises(ValueError, match="solve_on"):
         loader(method, solve_on="cuda")
-

@@ -16,10 +16,9 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
-
-from dataclasses import replace
 
 import numpy as np
 import pytest
