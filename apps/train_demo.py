@@ -27,10 +27,10 @@ linear warm-up + cosine learning-rate schedule over its own number of steps. Tes
 batch loading, every training step and, for CREST, every selection, quadratic-model fit, trust check and
 drop decision (they all happen inside the loader's ``next``).
 
-The overhead of CREST is measured from the outside: the loader's :class:`TorchModelOps` methods are
-wrapped with timers (:class:`OpsTimer`), and the time spent in each ``next(loader)`` is attributed to
-selection (forward over the random subsets; features and facility location), quadratic model (gradient
-and Hutchinson probes), checks, or batch loading.
+The overhead of CREST is measured from the outside: the loader's :class:`TorchModelOps` methods and the
+controller's solve (``ops.coresets``) are wrapped with timers (:class:`OpsTimer`), and the time spent in each
+``next(loader)`` is attributed to selection (forward over the random subsets; facility location; the rest of
+the selection), quadratic model (gradient and Hutchinson probes), checks, or batch loading.
 """
 
 from __future__ import annotations
@@ -505,9 +505,11 @@ class OpsTimer:
     """Wraps a :class:`~crestcore.adapters.torch.TorchModelOps` instance's methods with timers.
 
     The controller calls ``outputs`` (a forward over the random subsets at a selection, over the check
-    sample at a trust check), ``gradient`` and ``hutchinson`` (the quadratic model's fit) and ``params``.
-    Each call is appended to ``events`` as ``(name, seconds)``; :meth:`attribute` splits the time of
-    one ``next(loader)`` into categories.
+    sample at a trust check), ``gradient`` and ``hutchinson`` (the quadratic model's fit), ``params``, and
+    its solve, ``ops.coresets`` when the adapter has one, else :func:`crestcore.minibatch_coresets`: an ops
+    object without one gets a timed ``coresets`` that calls :func:`crestcore.minibatch_coresets` with the
+    same arguments (the same picks). Each call is appended to ``events`` as ``(name, seconds)``;
+    :meth:`attribute` splits the time of one ``next(loader)`` into categories.
 
     Examples
     --------
@@ -522,16 +524,20 @@ class OpsTimer:
     ['outputs']
     """
 
-    CATEGORIES = ("select_forward", "select_solve", "model_fit", "checks", "drops", "data")
+    CATEGORIES = ("select_forward", "select_solve", "select_other", "model_fit", "checks", "drops", "data")
     FITS = ("gradient", "hutchinson", "gradient_and_hutchinson")  # the model fit's calls
 
     def __init__(self, ops, sync: Callable[[], None] | None = None):
         self.ops = ops
         self.sync = sync or (lambda: None)
         self.events: list[tuple[str, float]] = []
-        for name in ("outputs", "gradient", "hutchinson", "params", "gradient_and_hutchinson"):
+        for name in ("outputs", "gradient", "hutchinson", "params", "gradient_and_hutchinson", "coresets"):
             if getattr(ops, name, None) is not None:
                 setattr(ops, name, self._wrap(name, getattr(ops, name)))
+        if getattr(ops, "coresets", None) is None:  # the controller's own solve, timed: the same call
+            from crestcore import minibatch_coresets
+
+            ops.coresets = self._wrap("coresets", minibatch_coresets)
 
     def _wrap(self, name, fn):
         def timed(*args, **kwargs):
@@ -551,25 +557,31 @@ class OpsTimer:
         categories, then clear the events.
 
         In one ``next`` the controller may run a check (one ``outputs``) and then a selection (one
-        ``outputs``, then ``gradient``/``hutchinson``). With a selection, the last ``outputs`` before the
-        first ``gradient`` is the selection's forward and earlier ones are checks; without one, every
-        ``outputs`` is a check. The time outside the ops calls goes to the selection's solve (features,
-        facility location, subsets) when a selection ran, else to the check (the quadratic model's
-        prediction), else to the drop decision, else to loading the batch (``data``). With ``made``
-        (``coresets="just-in-time"`` selected this step's coreset, no selection ran) the last ``outputs``
-        is that coreset's forward and the rest of the time is its solve.
+        ``outputs``, one ``coresets``, then ``gradient``/``hutchinson``). With a selection, the last
+        ``outputs`` before the first ``gradient`` is the selection's forward and earlier ones are checks;
+        without one, every ``outputs`` is a check. The ``coresets`` calls (facility location) are the
+        selection's solve (``select_solve``). The time outside the ops calls goes to the rest of the
+        selection (``select_other``: the features, the subsets and their union, the weights, the quadratic
+        model's arithmetic, a check's prediction in the same step, handing out the batch) when a selection
+        ran, else to the check (the quadratic model's prediction), else to the drop decision, else to
+        loading the batch (``data``). With ``made`` (``coresets="just-in-time"`` selected this step's
+        coreset, no selection ran) the last ``outputs`` is that coreset's forward, its ``coresets`` call
+        its solve and the rest of the time ``select_other``.
 
         Examples
         --------
         A step that ran a trust check (an ``outputs`` of 0.2 s) and then a selection (an ``outputs`` of
-        0.5 s and a model fit of 0.3 s) in 1.5 s; what the ops calls leave is the selection's solve:
+        0.5 s, a solve of 0.1 s and a model fit of 0.3 s) in 1.5 s; what the ops calls leave is the rest of
+        the selection:
 
         >>> timer = OpsTimer(type("Ops", (), {"outputs": None, "gradient": None, "hutchinson": None,
-        ...                                   "params": None})())
-        >>> timer.events = [("outputs", 0.2), ("outputs", 0.5), ("gradient", 0.2), ("hutchinson", 0.1)]
+        ...                                   "params": None, "coresets": None})())
+        >>> timer.events = [("outputs", 0.2), ("outputs", 0.5), ("coresets", 0.1), ("gradient", 0.2),
+        ...                 ("hutchinson", 0.1)]
         >>> split = timer.attribute(1.5, selected=True, checked=True, dropped=False)
-        >>> {k: round(v, 6) for k, v in split.items()}
-        {'select_forward': 0.5, 'select_solve': 0.5, 'model_fit': 0.3, 'checks': 0.2, 'drops': 0.0, 'data': 0.0}
+        >>> {k: round(v, 6) for k, v in split.items()}  # doctest: +NORMALIZE_WHITESPACE
+        {'select_forward': 0.5, 'select_solve': 0.1, 'select_other': 0.4, 'model_fit': 0.3, 'checks': 0.2,
+         'drops': 0.0, 'data': 0.0}
         >>> timer.events
         []
         """
@@ -587,10 +599,12 @@ class OpsTimer:
                 out["model_fit"] += dt
             elif n == "outputs":
                 out["select_forward" if i == sel_out else "checks"] += dt
+            elif n == "coresets":  # facility location, at a selection or a coreset made just in time
+                out["select_solve"] += dt
             else:  # params(): a copy of the weights, at an anchor or a check
-                out["select_solve" if selected else "checks"] += dt
+                out["select_other" if selected else "checks"] += dt
         rest = max(0.0, total - spent)
-        key = "select_solve" if selected or made else "checks" if checked else "drops" if dropped else "data"
+        key = "select_other" if selected or made else "checks" if checked else "drops" if dropped else "data"
         out[key] += rest
         self.events = []
         return out
@@ -859,8 +873,8 @@ def config_summary(c) -> str:
 def overhead_seconds(bd: dict) -> float:
     """A method's overhead: selection (forward + solve) + CREST's quadratic model, checks and drop
     bookkeeping + prune's loss bookkeeping (0 for full and sgd-budget)."""
-    return sum(bd.get(k, 0.0) for k in ("select_forward", "select_solve", "model_fit", "checks", "drops",
-                                        "observe"))
+    return sum(bd.get(k, 0.0) for k in ("select_forward", "select_solve", "select_other", "model_fit", "checks",
+                                        "drops", "observe"))
 
 
 def selects(name: str) -> bool:
@@ -1300,7 +1314,8 @@ def run_training_demo(
 def breakdown_line(name: str, r: dict) -> str:
     bd = r["breakdown"]
     parts = [f"{k} {bd.get(k, 0.0):.1f}s" for k in ("train", "data", "select_forward", "select_solve",
-                                                      "model_fit", "checks", "drops", "observe") if k in bd]
+                                                      "select_other", "model_fit", "checks", "drops", "observe")
+             if k in bd]
     c = r["counts"]
     if not name.startswith("crest"):
         return f"{name}: {', '.join(parts)}; {c['selections']} selections"

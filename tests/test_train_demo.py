@@ -153,20 +153,44 @@ class _FakeOps:
         return "p"
 
 
+def test_ops_timer_times_the_controllers_solve_with_the_same_picks():
+    """An ops object without its own solve gets a timed ``coresets`` that is minibatch_coresets (the same
+    call, so the same picks); one with its own (the distributed adapter's) has that one timed."""
+    from crestcore import minibatch_coresets
+
+    rng = np.random.default_rng(0)
+    feats, labels = rng.normal(size=(90, 4)), np.arange(90) % 3
+    ops = _FakeOps()
+    t = OpsTimer(ops)
+    got = ops.coresets(feats, labels, m=6, r=30, P=2, rng=np.random.default_rng(5))
+    want = minibatch_coresets(feats, labels, m=6, r=30, P=2, rng=np.random.default_rng(5))
+    assert np.array_equal(got.indices, want.indices) and np.array_equal(got.weights, want.weights)
+    assert [name for name, _ in t.events] == ["coresets"]
+
+    class Own(_FakeOps):
+        def coresets(self, features, labels, **kw):
+            return "sharded"
+
+    own = Own()
+    t = OpsTimer(own)
+    assert own.coresets(feats, labels) == "sharded" and [name for name, _ in t.events] == ["coresets"]
+
+
 def test_ops_timer_attribution():
     ops = _FakeOps()
     t = OpsTimer(ops)
     assert ops.outputs([1]) == "z" and ops.gradient([1], [1.0]) == (0.0, "g")
     t.events = []
-    # a check, then a selection in the same next(): outputs (check), params, outputs (select), fit
-    t.events = [("outputs", 1.0), ("params", 0.1), ("outputs", 2.0), ("params", 0.1), ("gradient", 3.0),
-                ("hutchinson", 4.0)]
-    out = t.attribute(12.0, selected=True, checked=True, dropped=False)
+    # a check, then a selection in the same next(): outputs (check), params, outputs (select), the solve, fit
+    t.events = [("outputs", 1.0), ("params", 0.1), ("outputs", 2.0), ("coresets", 0.5), ("params", 0.1),
+                ("gradient", 3.0), ("hutchinson", 4.0)]
+    out = t.attribute(12.5, selected=True, checked=True, dropped=False)
     assert out["checks"] == pytest.approx(1.0)
     assert out["select_forward"] == pytest.approx(2.0)
     assert out["model_fit"] == pytest.approx(7.0)
-    assert out["select_solve"] == pytest.approx(0.2 + 1.8)  # params copies + the rest of the time
-    assert sum(out.values()) == pytest.approx(12.0)
+    assert out["select_solve"] == pytest.approx(0.5)  # the solve's own calls only
+    assert out["select_other"] == pytest.approx(0.2 + 1.8)  # params copies + the rest of the time
+    assert sum(out.values()) == pytest.approx(12.5)
     assert t.events == []
     # a check only
     t.events = [("outputs", 1.0), ("params", 0.5)]
@@ -177,11 +201,12 @@ def test_ops_timer_attribution():
     assert out["data"] == pytest.approx(0.3)
     out = t.attribute(0.3, selected=False, checked=False, dropped=True)
     assert out["drops"] == pytest.approx(0.3)
-    # coresets="just-in-time": a check, then this step's coreset (its forward and its solve)
-    t.events = [("outputs", 1.0), ("params", 0.1), ("outputs", 2.0)]
+    # coresets="just-in-time": a check, then this step's coreset (its forward, its solve, the rest)
+    t.events = [("outputs", 1.0), ("params", 0.1), ("outputs", 2.0), ("coresets", 0.25)]
     out = t.attribute(4.0, selected=False, checked=True, dropped=False, made=True)
     assert out["checks"] == pytest.approx(1.1) and out["select_forward"] == pytest.approx(2.0)
-    assert out["select_solve"] == pytest.approx(0.9) and out["model_fit"] == 0.0
+    assert out["select_solve"] == pytest.approx(0.25) and out["select_other"] == pytest.approx(0.65)
+    assert out["model_fit"] == 0.0
     # the fused model fit is a fit
     t.events = [("outputs", 2.0), ("gradient_and_hutchinson", 3.0)]
     out = t.attribute(6.0, selected=True, checked=False, dropped=False)
@@ -301,6 +326,9 @@ def test_demo_all_methods_tiny(tmp_path):
         assert runs[name]["breakdown"]["select_forward"] > 0
     assert runs["sgd-budget"]["stats"]["selections"] == []
     assert runs["prune"]["breakdown"]["observe"] > 0
+    for name in ("crest", "crest-drop"):  # the solve timed by its own calls, the rest of a selection apart
+        bd = runs[name]["breakdown"]
+        assert bd["select_solve"] > 0 and bd["select_other"] > 0 and bd["select_forward"] > 0, name
     rows = {r["method"]: r for r in res["rows"]}
     assert rows["sgd-budget"]["updates"] is None and rows["craig"]["updates"] == 2
     json.dumps(res)  # results.json holds plain data
@@ -322,16 +350,28 @@ def test_bench_e2e_all_methods_markdown(tmp_path):
     assert "paper rel. error % at a 10 % budget (CIFAR-10, ResNet-20)" in text and "| 21.3 +- 8.0 |" in text
     assert "Selection time per method" in text
     # E2's selection rows count the selections and the coresets made just in time: a run with 3 of one
-    # and 7 of the other and 1 s of solves shows 10 calls of 100 ms
+    # and 7 of the other, 1 s of solves and 0.5 s of the rest shows 10 calls of 100 ms and 50 ms
     raw = json.loads((tmp_path / "raw.json").read_text())
     run = raw["runs"][0]["crest"]
     run["counts"].update(selections=3, coresets_made=7)
-    run["breakdown"]["select_solve"] = 1.0
+    run["breakdown"].update(select_solve=1.0, select_other=0.5)
     (tmp_path / "edited.json").write_text(json.dumps(raw))
     assert e2e.main(["--from-json", str(tmp_path / "edited.json"), "--out", str(tmp_path / "edited.md")]) == 0
-    line = next(x for x in (tmp_path / "edited.md").read_text().splitlines()
-                if x.startswith("| selection: features + facility location |"))
-    assert [c.strip() for c in line.split("|")[4:6]] == ["10.0", "100.0"]
+    lines = (tmp_path / "edited.md").read_text().splitlines()
+    solve = next(x for x in lines if x.startswith("| selection: facility location "))
+    rest = next(x for x in lines if x.startswith("| selection: the rest "))
+    assert [c.strip() for c in solve.split("|")[4:6]] == ["10.0", "100.0"]
+    assert [c.strip() for c in rest.split("|")[4:6]] == ["10.0", "50.0"]
+    # a JSON written before the split (no select_other) keeps its one row, named for what it held
+    for seed_runs in raw["runs"]:
+        for name, r in seed_runs.items():
+            if name.startswith("crest"):
+                r["breakdown"].pop("select_other", None)
+    (tmp_path / "old.json").write_text(json.dumps(raw))
+    assert e2e.main(["--from-json", str(tmp_path / "old.json"), "--out", str(tmp_path / "old.md")]) == 0
+    text = (tmp_path / "old.md").read_text()
+    assert "| selection: features + facility location (and the rest of the selection) |" in text
+    assert "| selection: the rest " not in text
     # re-rendering from the JSON gives the same block
     rc = e2e.main(["--from-json", str(tmp_path / "raw.json"), "--out", str(tmp_path / "again.md")])
     assert rc == 0 and "| gradmatch |" in (tmp_path / "again.md").read_text()
