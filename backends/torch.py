@@ -16,12 +16,24 @@ ties); this module holds what is torch's own:
   ``similarity_batched`` and ``facility_batched`` for inputs that require grad, so that the generic
   reference keeps the graph;
 * ``usable_for``: tensors on one CPU or CUDA device, floating ones float32/float64 (float16/bfloat16
-  go to the reference); ``available_bytes``: a CUDA device's free memory.
+  go to the reference); ``available_bytes``: a CUDA device's free memory;
+* **Threads on the CPU.** The batched kernels run small CPU problems (at most ``_ONE_THREAD_MAX`` =
+  131,072 similarity entries, B x n x n: a CREST step's per-class problems) on one intra-op thread, the
+  caller's ``torch.set_num_threads`` put back afterwards. Their tensors sit just above torch's grain size
+  (32,768 elements), so each of a greedy's hundred-odd operations forked onto the OpenMP team, whose
+  threads fall asleep between the selection's operations when a training loop interleaves other work:
+  waking them cost more than the work (a CREST step's solve at P = 1, r = 600 took 6-9 ms a call on two
+  threads, 2.7-2.9 ms on one, in ``benchmarks/e2_select_path.py`` on the 2-core machine). The results are
+  the same (every element of these operations is computed by one thread in the same order whatever the
+  thread count; ``tests/backends/test_torch_threads.py``). The count is process-wide state of torch's
+  (``at::set_num_threads``): torch work another Python thread runs during the call runs on one thread too.
 
 Only this module imports torch.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 from . import _device
 from .contract import missing_library
@@ -35,6 +47,7 @@ __all__ = ["usable_for", "similarity_batched", "greedy_batched", "assign_batched
            "facility_batched"]
 
 _FLOATS = (torch.float32, torch.float64)
+_ONE_THREAD_MAX = 1 << 17  # similarity entries (B x n x n) up to which a CPU call runs on one thread
 _INTS = (torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 _DEVICE_TYPES = ("cpu", "cuda")
 
@@ -145,6 +158,28 @@ def usable_for(name: str, *arrays) -> bool:
     return _device.usable_for(name, arrays, _accepts, lambda a: a.device, lambda a: a.is_floating_point())
 
 
+@contextlib.contextmanager
+def _threads_for(x, entries: int):
+    """One intra-op thread for a small CPU problem (``entries`` similarity entries at most
+    ``_ONE_THREAD_MAX``), the caller's count put back after (also on an error); otherwise nothing
+    changes (CUDA tensors, larger problems, a caller on one thread already)."""
+    before = torch.get_num_threads()
+    if x.device.type != "cpu" or entries > _ONE_THREAD_MAX or before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _entries(x) -> int:
+    """B x n x n of a (B, n, d) or (B, n, n) argument (0 for another shape: the kernel's own check
+    refuses it)."""
+    return int(x.shape[0]) * int(x.shape[1]) ** 2 if x.ndim == 3 else 0
+
+
 def available_bytes(x) -> int | None:
     """Free memory of a CUDA tensor's device (``torch.cuda.mem_get_info``); None for CPU tensors (the
     caller reads the host's)."""
@@ -174,7 +209,8 @@ def similarity_batched(X, valid, metric: str, kernel: str, scale: float):
     >>> torch.allclose(S, ref.similarity_batched(X, valid, "euclidean", "max-minus", 1.0))
     True
     """
-    return _device.similarity_batched(_OPS, X, valid, metric, kernel, scale)
+    with _threads_for(X, _entries(X)):
+        return _device.similarity_batched(_OPS, X, valid, metric, kernel, scale)
 
 
 @torch.no_grad()
@@ -200,7 +236,8 @@ def greedy_batched(S, valid, budgets, optimizer, u=None):
     >>> torch.equal(idx, ref.greedy_batched(S, valid, budgets, "lazy")[0])
     True
     """
-    return _device.greedy_batched(_OPS, S.detach(), valid, budgets, optimizer, u)
+    with _threads_for(S, _entries(S)):
+        return _device.greedy_batched(_OPS, S.detach(), valid, budgets, optimizer, u)
 
 
 @torch.no_grad()
@@ -230,7 +267,8 @@ def assign_batched(S, valid, indices):
     >>> torch.equal(weights, ref.assign_batched(S, valid, idx)[0])
     True
     """
-    return _device.assign_batched(_OPS, S.detach(), valid, indices)
+    with _threads_for(S, _entries(S)):
+        return _device.assign_batched(_OPS, S.detach(), valid, indices)
 
 
 @torch.no_grad()
@@ -279,8 +317,9 @@ def facility_batched(X, valid, budgets, metric, kernel, scale, optimizer, u=None
     >>> all(torch.allclose(a, b) for a, b in zip((idx, gains, weights, objective), ref.facility_batched(*args)))
     True
     """
-    S = similarity_batched(X, valid, metric, kernel, scale)
-    # S is exactly symmetric by construction: the greedy reads candidates as rows, no check
-    idx, gains = _device.greedy_batched(_OPS, S.detach(), valid, budgets, optimizer, u, symmetric=True)
-    weights, objective = assign_batched(S, valid, idx)
+    with _threads_for(X, _entries(X)):
+        S = similarity_batched(X, valid, metric, kernel, scale)
+        # S is exactly symmetric by construction: the greedy reads candidates as rows, no check
+        idx, gains = _device.greedy_batched(_OPS, S.detach(), valid, budgets, optimizer, u, symmetric=True)
+        weights, objective = assign_batched(S, valid, idx)
     return idx, gains, weights, objective
