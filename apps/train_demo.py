@@ -871,8 +871,8 @@ def config_summary(c) -> str:
 
 
 def overhead_seconds(bd: dict) -> float:
-    """A method's overhead: selection (forward + solve) + CREST's quadratic model, checks and drop
-    bookkeeping + prune's loss bookkeeping (0 for full and sgd-budget)."""
+    """A method's overhead: selection (forward + solve + CREST's rest of a selection step) + CREST's
+    quadratic model, checks and drop bookkeeping + prune's loss bookkeeping (0 for full and sgd-budget)."""
     return sum(bd.get(k, 0.0) for k in ("select_forward", "select_solve", "select_other", "model_fit", "checks",
                                         "drops", "observe"))
 
