@@ -22,10 +22,12 @@ ties); this module holds what is torch's own:
   caller's ``torch.set_num_threads`` put back afterwards. Their tensors sit just above torch's grain size
   (32,768 elements), so each of a greedy's hundred-odd operations forked onto the OpenMP team, whose
   threads fall asleep between the selection's operations when a training loop interleaves other work:
-  waking them cost more than the work (a CREST step's solve at P = 1, r = 600 took 6-9 ms a call on two
-  threads, 2.7-2.9 ms on one, in ``benchmarks/e2_select_path.py`` on the 2-core machine). The results are
-  the same (every element of these operations is computed by one thread in the same order whatever the
-  thread count; ``tests/backends/test_torch_threads.py``). The count is process-wide state of torch's
+  waking them cost more than the work (a CREST step's solve at P = 1, r = 600: 5.8-6.3 ms a call on two
+  threads, 2.6-4.0 ms on one, ``benchmarks/e2_select_path.py`` on the 2-core machine). The results were
+  the same bit for bit on one and two threads in every case tested (``tests/backends/test_torch_threads.py``:
+  60 random batches with ties, both dtypes, every metric, kernel and optimizer); that torch computes each
+  element of these small operations alike on any thread count is what we expect of it, not a documented
+  guarantee. The count is process-wide state of torch's
   (``at::set_num_threads``): torch work another Python thread runs during the call runs on one thread too.
 
 Only this module imports torch.
