@@ -494,8 +494,9 @@ class _Values:
 
 def _check_materialized(model) -> None:
     """Refuse a model with lazy parameters or buffers not yet materialised (``nn.LazyLinear``,
-    ``nn.LazyBatchNorm1d`` before their first forward): CREST measures the model before its first training
-    step, where torch's own error names no fix."""
+    ``nn.LazyBatchNorm1d`` before their first forward) or with parameters or buffers on the ``meta``
+    device (deferred initialisation before ``to_empty``): CREST measures the model before its first
+    training step, where torch's own error names no fix."""
     lazy = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
             if torch.nn.parameter.is_lazy(t)]
     if lazy:
@@ -504,6 +505,14 @@ def _check_materialized(model) -> None:
             f"the model has lazy parameters or buffers not yet materialised ({', '.join(lazy[:3])}{more}): CREST "
             "measures the model before the first training step, so run one forward on a batch before iterating "
             "(as torch asks before building the optimizer)"
+        )
+    meta = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if meta:
+        more = f" and {len(meta) - 3} more" if len(meta) > 3 else ""
+        raise ValueError(
+            f"the model has parameters or buffers on the meta device ({', '.join(meta[:3])}{more}), which hold no "
+            "values: CREST measures the model before the first training step, so materialise it before iterating "
+            "(model.to_empty(device=...) and initialise the weights, or load_state_dict(..., assign=True))"
         )
 
 

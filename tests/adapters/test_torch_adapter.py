@@ -848,6 +848,35 @@ def test_lazy_modules_are_refused_until_materialised_and_then_train():
         np.testing.assert_array_equal(a, b)
 
 
+def test_meta_device_models_are_refused_until_materialised_and_then_train():
+    """A model built on the ``meta`` device (torch's deferred initialisation) holds no values: CREST's first
+    measurement ended in torch's "Tensor.item() cannot be called on meta tensors"; now a ValueError names
+    the parameters and the fix, and once materialised (``to_empty`` and the eager model's weights loaded)
+    the run trains as the eager model's does. Review 46."""
+    X, y = make_data()
+
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(D_IN, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                   torch.nn.Linear(16, C))
+
+    eager = build()
+    with torch.device("meta"):
+        model = build()
+    cfg = dict(config=CrestConfig(m=24, r=60), budget=0.5, epochs=2, seed=0)
+    loader = CrestLoader(model, TensorDataset(X, y), **cfg)
+    with pytest.raises(ValueError, match=r"on the meta device \(0.weight, 0.bias, 1.weight and \d+ more\).*to_empty"):
+        next(iter(loader.iter_run()))
+    model.to_empty(device="cpu")
+    model.load_state_dict(eager.state_dict())
+    loader = CrestLoader(model, TensorDataset(X, y), **cfg)
+    seen, _ = train(loader, model)
+    ref_seen, _ = train(CrestLoader(eager, TensorDataset(X, y), **cfg), eager)
+    assert len(seen) == len(ref_seen) > 0
+    for (a, _wa), (b, _wb) in zip(seen, ref_seen):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("how", ["submodule", "in-place"])
 def test_compiled_code_inside_the_model_is_measured_eagerly(how):
     """A compiled submodule, or ``nn.Module.compile()`` (and Lightning's ``trainer.fit(torch.compile(module))``,
