@@ -197,7 +197,8 @@ class BudgetedPasses:
         self._pass_e: int | None = None  # the epoch of the pass running (None: the whole run)
         self._pass_first = 0  # the first epoch whose share the running pass yields (see _pass)
         self._epoch_hint: int | None = None
-        self._token = 0
+        self._token = 0  # passes started (each takes the next number when it hands out its first batch)
+        self._loads = 0  # states loaded: a pass started before a load ends quietly
         self._warned_done = False
         self._open_handed = 0  # batches the running (or last, if broken off) pass handed out; 0 once it ended
         self._open_epoch: int | None = None  # the epoch of that pass while it is open (a broken-off epoch started)
@@ -265,8 +266,7 @@ class BudgetedPasses:
                              steps_done=self._position, counters=self._counters(), epochs_done=self._epochs_done)
 
     def __iter__(self) -> Iterator:
-        self._token += 1
-        return self._pass(self._token)
+        return self._pass()
 
     def iter_run(self) -> Iterator:
         """Every remaining batch of the run, epoch after epoch: one loop instead of an epoch loop
@@ -285,7 +285,11 @@ class BudgetedPasses:
         while self._position < self.total_steps and self._epochs_done < self.epochs:
             yield from self
 
-    def _pass(self, token: int):
+    def _pass(self):
+        # the pass takes over when it is first advanced, not at iter(): an iterator only built (a helper that
+        # inspects the loader, a second DataLoader iterator not yet read) leaves the running pass alone
+        self._token += 1
+        token, loads = self._token, self._loads
         hinted = self._epoch_hint is not None
         now = min(max(self._position // self.steps_per_epoch, self._epochs_done), self.epochs - 1)
         e = self._pass_epoch()
@@ -321,10 +325,28 @@ class BudgetedPasses:
             if self._open_done:  # the share's last batch: the epoch is done even if the consumer stops here
                 self._finish_epochs(done)
             yield item
-        if self._token == token:  # ran to its end (not broken off by the consumer, nor replaced)
+            if self._loads != loads:  # a state was loaded while this pass waited: it was the old run's
+                return
+            if self._token != token:  # another pass took a batch while this one waited
+                self._superseded()
+        if self._token == token:  # ran to its end (not broken off by the consumer)
             self._finish_epochs(done)
             self._open_handed = 0
             self._open_epoch = None
+
+    def _superseded(self):
+        """A pass asked for its next batch after another pass over the same object took its first batch:
+        the batches are one run's, handed out in order, so the two cannot both go on. Said loudly: ending
+        the old pass quietly cut its epoch short, and a scheduler sized from ``len()`` then ended far from
+        its end."""
+        name = type(self).__name__
+        raise RuntimeError(
+            f"{name}: this pass was superseded: another pass over the same {self._kind} took its first batch "
+            f"(a second iter() over it, or a second iterator of a DataLoader built on it, that was read) while "
+            f"this pass was still running. A {name} hands "
+            f"out one run's batches in order, one pass at a time: finish or leave a pass before reading the "
+            f"next (to look at a batch before training, save state_dict() before and load it after)"
+        )
 
     def _share_end(self, e: int) -> int:
         """The run position at the end of epoch ``e``'s share."""
@@ -419,7 +441,7 @@ class BudgetedPasses:
         self._position = int(position)
         self._epochs_done = done
         self._epoch_hint = None
-        self._token += 1  # passes started before the load stop
+        self._loads += 1  # passes started before the load stop (quietly: they were the old run's)
         self._warned_done = False
         self._open_handed = 0  # what a broken-off pass handed out is accounted for by the load (rewind)
         self._open_epoch = open_epoch

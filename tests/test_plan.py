@@ -223,3 +223,34 @@ def test_budget_steps_reads_each_budget_type_as_the_number_it_was_written_as():
     for bad in (Decimal("NaN"), Decimal("-0.1"), Fraction(0), np.bool_(True), np.float32("inf")):
         with pytest.raises(ValueError, match="budget"):
             budget_steps(bad, 10)
+
+
+def test_a_pass_is_superseded_only_when_another_takes_a_batch_and_then_says_so():
+    """Review 46: ``iter()`` on a loader while a pass ran ended the running pass after its current batch,
+    silently (an epoch of 6 steps trained 2, and a scheduler sized from ``len()`` ended far from its end).
+    An iterator only built now leaves the running pass alone; one that takes a batch supersedes it, and the
+    old pass, asked for its next batch, raises instead of ending quietly. A pass started before a state
+    was loaded still ends quietly (it belonged to the old run)."""
+    from crestcore.plan import _StepNumbers
+
+    loader = _StepNumbers(n=1000, m=100, budget=0.6, epochs=2)  # 6 batches an epoch
+    got = []
+    for step in loader:
+        got.append(step)
+        if step == 2:
+            iter(loader)  # built, never read: a helper looking at the loader
+    assert got == [1, 2, 3, 4, 5, 6] and loader.epoch == 1
+
+    running = iter(loader)
+    assert next(running) == 7
+    assert next(iter(loader)) == 8  # another pass takes a batch while the first is open
+    with pytest.raises(RuntimeError, match="this pass was superseded: another pass over the same loader took its "
+                                           "first batch.*one pass at a time"):
+        next(running)
+
+    loader = _StepNumbers(n=1000, m=100, budget=0.6, epochs=2)
+    old = iter(loader)
+    assert next(old) == 1
+    loader._load_pass_state({"epochs_done": 0}, 0)  # what load_state_dict does to the passes
+    assert list(old) == []  # quietly: the pass was the old run's
+    assert list(loader) == [1, 2, 3, 4, 5, 6]

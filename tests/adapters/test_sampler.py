@@ -1141,3 +1141,29 @@ def test_last_indices_under_workers_that_fetch_ahead_are_said_once_not_to_be_the
         warnings.simplefilter("error")  # no look-ahead: the batch handed out last is the batch in hand
         for *_, i in plain.dataloader(indices=True):
             assert np.array_equal(plain.last_indices, i.numpy())
+
+
+def test_a_second_dataloader_iterator_ends_no_epoch_until_it_is_read_and_then_the_first_says_so():
+    """Review 46: a second iterator over the user's DataLoader (it calls ``iter()`` on the batch sampler)
+    ended the running epoch after its current batch, silently (1 of 6 batches trained). Now an iterator
+    only built changes nothing; one that is read supersedes the running pass, which raises when read
+    again instead of cutting its epoch short."""
+    X, y = make_data()
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sampler = CrestBatchSampler(model, TensorDataset(X, y), **CFG)
+    loader = sampler.dataloader(num_workers=0)
+    trained = 0
+    for x, yy, w in loader:
+        step(model, opt, x, yy, w)
+        trained += 1
+        if trained == 1:
+            spare = iter(loader)  # built, not read
+    assert trained == len(loader) == sampler.steps_per_epoch
+    del spare
+    running = iter(loader)
+    next(running)
+    with pytest.warns(UserWarning, match="left before its end"):
+        next(iter(loader))  # read: it takes the next batch
+    with pytest.raises(RuntimeError, match="CrestBatchSampler: this pass was superseded"):
+        next(running)
