@@ -379,6 +379,8 @@ class DistributedModelOps:
         self._src = 0 if group is None else dist.get_global_rank(group, 0)
         self.broadcast_buffers = bool(broadcast_buffers)
         self.sharded_solves = 0
+        self._token_prev = None  # (this rank's last state token, the number the ranks gave it)
+        self._token_serial = 0
         self.context: Callable[[], str] = lambda: ""  # the loader says which step is being measured
 
     def __getattr__(self, name):
@@ -387,19 +389,44 @@ class DistributedModelOps:
         return getattr(self.inner, name)
 
     def state_token(self, indices):
-        """None: every trust check measures. Each rank keeps the rows of its own share of a pass, and a
-        check one rank answered from the last one while another measured (a collective) would hang.
+        """A token for the trust check's reuse that every rank holds alike (a collective: one all-reduce of two
+        integers). Each rank asks its inner ops for its own share of ``indices`` (the rows its part of a
+        measurement reads, as :meth:`outputs` shares them out); the token is None on every rank when any rank's
+        is None (every check then measures), and otherwise a number that stays the same for as long as no
+        rank's own token changed since the last call, and is new once one did. So the ranks take the same
+        decision, as one process takes it: a check at the parameters of the last one, with nothing else
+        changed on any rank, takes that check's measurement (no forward, none counted), and the counters, a
+        ``budget_counts="passes"`` run's length and ``max_overhead``'s decisions do not depend on the number
+        of processes. (Before, the token was None: every check measured under torch.distributed.)
 
         Examples
         --------
         >>> import torch
         >>> group = _OneProcess()  # one gloo process, as ``torchrun --nproc-per-node 1`` runs, and 32 examples
         >>> ops = DistributedModelOps(TorchModelOps(torch.nn.Linear(4, 2), group.data))
-        >>> ops.state_token([0, 5, 9]) is None
+        >>> first = ops.state_token([0, 5, 9])  # a TensorDataset's rows: the same inputs every time
+        >>> first is not None and first == ops.state_token([0, 5, 9])
         True
         >>> group.close()
         """
-        return None
+        idx = host_indices(indices, self.inner.n)
+        W = self.world_size
+        if W > 1 and idx.size >= W:
+            b = shard_bounds(idx.size, W)
+            idx = idx[b[self.rank]: b[self.rank + 1]]
+        local = self.inner.state_token(idx)
+        prev = self._token_prev
+        same = local is not None and prev is not None and bool(prev[0] == local)
+        flags = self.all_reduce_sum(torch.tensor([int(local is None), int(not same)], dtype=torch.int64),
+                                    "all_reduce of the trust check's state tokens")
+        if int(flags[0]):  # a rank cannot tell: every rank measures
+            self._token_prev = None
+            return None
+        if not int(flags[1]) and prev is not None:  # nothing changed on any rank since the last token
+            return ("ranks", prev[1])
+        self._token_serial += 1
+        self._token_prev = (local, self._token_serial)
+        return ("ranks", self._token_serial)
 
     # -- communication --------------------------------------------------------------------------
     def _wire(self, t: torch.Tensor) -> torch.Tensor:

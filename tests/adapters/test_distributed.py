@@ -411,14 +411,55 @@ def worker_numba(out: Path):
     _teardown(dist)
 
 
+def _skipping_run(loader, model, opt, *, ddp_arithmetic: bool) -> dict:
+    """A loop that trains every other batch only (the steps between leave the parameters as they were, as
+    under gradient accumulation): each trust check after an untrained batch is at the last check's
+    parameters. ``ddp_arithmetic``: a one-process loader's steps take :func:`ddp_step`'s arithmetic."""
+    idx, i = [], 0
+    for epoch in range(loader.epochs):
+        loader.set_epoch(epoch)
+        for x, y, w in loader:
+            i += 1
+            if i % 2:
+                if ddp_arithmetic:
+                    ddp_step(model, opt, x, y, w, loader.last_indices)
+                else:
+                    weighted_step(model, opt, x, y, w)
+            idx.append(loader.last_indices)
+    return {"idx": idx, "counters": loader.stats["counters"], "budget": loader.stats["budget"]}
+
+
+def skipping_config():
+    return CrestConfig(m=M, r=60, check_size=30)
+
+
+def worker_skipping(out: Path):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist = _init_group()
+    rank = dist.get_rank()
+    X, y = make_data()
+    model = make_model()
+    ddp = DDP(model)
+    loader = D.DistributedCrestLoader(ddp, TensorDataset(X, y), config=skipping_config(), budget=BUDGET,
+                                      epochs=EPOCHS, seed=SEED, budget_counts="passes")
+    result = _skipping_run(loader, ddp, make_opt(ddp), ddp_arithmetic=False)
+    with open(out / f"rank{rank}.pkl", "wb") as f:
+        pickle.dump(result, f)
+    del loader, ddp
+    _teardown(dist)
+
+
 def _worker_main(argv):
     p = argparse.ArgumentParser()
-    p.add_argument("--worker", required=True, choices=("train", "fail", "stall", "numba", "flags", "lossfn"))
+    p.add_argument("--worker", required=True, choices=("train", "fail", "stall", "numba", "flags", "lossfn",
+                                                              "skipping"))
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     {"train": worker_train, "fail": worker_fail, "stall": worker_stall,
-     "numba": worker_numba, "flags": worker_flags, "lossfn": worker_lossfn}[a.worker](Path(a.out))
+     "numba": worker_numba, "flags": worker_flags, "lossfn": worker_lossfn,
+     "skipping": worker_skipping}[a.worker](Path(a.out))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -621,10 +662,10 @@ def test_one_process_group_matches_the_single_process_loader(tmp_path):
             assert np.array_equal(a["idx"], b["idx"]) and np.array_equal(a["w"], b["w"])
             assert np.array_equal(b["local_idx"], b["idx"])
         assert loader.stats["distributed"]["world_size"] == 1
-        # no check takes the last one's measurement under torch.distributed: the ranks keep different rows,
-        # and a rank that skipped a check's forward (a collective) while another measured would hang
-        assert loader.ops.inner.state_token(np.arange(8)) is not None  # (a TensorDataset's rows: it could)
-        assert loader.ops.state_token(np.arange(8)) is None
+        # a check's token is the ranks' together (a collective): a TensorDataset's rows give one, the same
+        # while nothing changes
+        token = loader.ops.state_token(np.arange(8))
+        assert token is not None and token == loader.ops.state_token(np.arange(8))
         # backend="numba" with the model on a device: the controller hands every rank host features, which
         # each solves whole, so the selection is not sharded (the stat said it was)
         assert loader.stats["distributed"]["selection_sharded"]
@@ -736,6 +777,40 @@ def test_union_of_rank_batches_is_the_single_process_batch(job, single):
     assert [c["step"] for c in st["checks"]] == [c["step"] for c in ss["checks"]]
     np.testing.assert_allclose(st["rho"], ss["rho"], rtol=1e-8, atol=1e-12)
     np.testing.assert_allclose(r0["params"], single["params"], rtol=1e-9, atol=1e-12)
+
+
+def test_checks_at_unchanged_parameters_are_answered_alike_on_two_ranks_and_in_one_process(tmp_path):
+    """Review 49: with steps that leave the parameters as they were (here every other batch is not
+    trained, as under gradient accumulation), one process answers a trust check at the last check's
+    parameters from that check (no forward, none counted), while every rank measured every check: the
+    counters differed and, under ``budget_counts="passes"``, so did the run's length (10 steps on two ranks,
+    11 in one process, in the reviewer's run). The ranks now decide the reuse together: the same batches,
+    step for step, and the same counters as one process."""
+    assert_all_ranks_ok(launch("skipping", tmp_path))
+    ranks = []
+    for rank in range(2):
+        with open(tmp_path / f"rank{rank}.pkl", "rb") as f:
+            ranks.append(pickle.load(f))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        X, y = make_data()
+        runs = {}
+        for reuse in (True, False):
+            model = make_model()
+            loader = CrestLoader(model, TensorDataset(X, y), config=skipping_config(), budget=BUDGET, epochs=EPOCHS,
+                                 seed=SEED, budget_counts="passes", reuse_checks=reuse)
+            runs[reuse] = _skipping_run(loader, model, make_opt(model), ddp_arithmetic=True)
+    finally:
+        torch.set_num_threads(before)
+    one = runs[True]
+    # the scenario reuses checks in one process: without the reuse the counted forwards are more
+    assert runs[False]["counters"]["forward_examples"] > one["counters"]["forward_examples"]
+    for res in ranks:
+        assert len(res["idx"]) == len(one["idx"]) > 0
+        assert all(np.array_equal(a, b) for a, b in zip(res["idx"], one["idx"]))
+        assert res["counters"] == one["counters"]
+        assert res["budget"]["fraction_all_passes"] == one["budget"]["fraction_all_passes"]
 
 
 def test_training_loss_decreases(job):
