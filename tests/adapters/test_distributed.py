@@ -278,17 +278,21 @@ def worker_train(out: Path):
     _teardown(dist)
 
 
-def worker_fail(out: Path):
-    """Rank 1 dies at step 3; rank 0 must fail with a clear error, not wait forever."""
+def _ddp_job(config, **kwargs):
+    """This rank's process group, rank, DDP-wrapped model and loader on the shared problem."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     dist = _init_group()
-    rank = dist.get_rank()
     X, y = make_data()
-    model = make_model()
-    ddp = DDP(model)
-    loader = D.DistributedCrestLoader(ddp, TensorDataset(X, y), config=make_config(), budget=BUDGET,
-                                      epochs=EPOCHS, seed=SEED)
+    ddp = DDP(make_model())
+    loader = D.DistributedCrestLoader(ddp, TensorDataset(X, y), config=config, budget=BUDGET, epochs=EPOCHS,
+                                      seed=SEED, **kwargs)
+    return dist, dist.get_rank(), ddp, loader
+
+
+def worker_fail(out: Path):
+    """Rank 1 dies at step 3; rank 0 must fail with a clear error, not wait forever."""
+    dist, rank, ddp, loader = _ddp_job(make_config())
     opt = make_opt(ddp)
     for k, (x, y_, w) in enumerate(loader):
         if rank == 1 and k == 3:
@@ -434,15 +438,7 @@ def skipping_config():
 
 
 def worker_skipping(out: Path):
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    dist = _init_group()
-    rank = dist.get_rank()
-    X, y = make_data()
-    model = make_model()
-    ddp = DDP(model)
-    loader = D.DistributedCrestLoader(ddp, TensorDataset(X, y), config=skipping_config(), budget=BUDGET,
-                                      epochs=EPOCHS, seed=SEED, budget_counts="passes")
+    dist, rank, ddp, loader = _ddp_job(skipping_config(), budget_counts="passes")
     result = _skipping_run(loader, ddp, make_opt(ddp), ddp_arithmetic=False)
     with open(out / f"rank{rank}.pkl", "wb") as f:
         pickle.dump(result, f)
