@@ -305,7 +305,8 @@ class CrestConfig:
     max_age : the most training steps one selection's coresets are trained on before a new selection,
         even when every trust check passes: "epoch" (default) one budgeted epoch of steps (the
         ``epoch_steps`` the loaders give :func:`crest_init`; bare, ``ceil(pool / m)``; ``P_cap`` does not
-        change it), a positive integer, or None (only the trust check and drops reselect: the paper's
+        change it, but with ``reselect="epoch"`` it is that mode's period, ``P_cap`` when set), a positive
+        integer, or None (only the trust check and drops reselect: the paper's
         rule, :meth:`paper` and :meth:`release`). Without it a small learning rate, whose quadratic model
         stays trustworthy, kept cycling the first selection's P coresets for a whole run (5 batches, 4 %
         of the data, in a 220-step run). Like every reselection it waits for ``max_overhead`` to allow
@@ -740,10 +741,14 @@ def _cap(state: CrestState, config: CrestConfig) -> int:
 
 
 def _max_age(state: CrestState, config: CrestConfig) -> int:
-    """The most steps on one selection's coresets (``max_age``; "epoch": :func:`_epoch`, not ``P_cap``)."""
+    """The most steps on one selection's coresets (``max_age``; "epoch": :func:`_epoch`, not ``P_cap``, but
+    with ``reselect="epoch"`` that mode's own period, :func:`_cap`: ``P_cap`` coresets every ``P_cap``
+    steps, as documented, not a selection every epoch whose later coresets are never trained)."""
     age = config.max_age
     assert age is not None, "max_age=None sets no bound"
-    return _epoch(state, config) if isinstance(age, str) else int(age)
+    if isinstance(age, str):
+        return _cap(state, config) if config.reselect == "epoch" else _epoch(state, config)
+    return int(age)
 
 
 def _transform_weights(w: np.ndarray, valid: np.ndarray, rule: str) -> np.ndarray:

@@ -2299,3 +2299,25 @@ def test_at_anchor_coresets_from_subsets_that_are_the_whole_pool_are_warned_abou
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             crest_next_batch(state, SoftmaxOps(X, y), cfg)
+
+
+@pytest.mark.parametrize("max_age,expected", [("epoch", [0, 50, 100]), (None, [0, 50, 100]), (20, [0, 20, 40, 60, 80,
+                                                                                                    100, 120, 140])])
+def test_reselect_epoch_with_p_cap_selects_p_cap_coresets_every_p_cap_steps(max_age, expected):
+    """Review 50: ``reselect="epoch"`` with ``P_cap`` above one epoch (50 against 25 steps here) reselected every
+    epoch under the default ``max_age="epoch"``, silently, so the later 25 of each selection's 50 coresets
+    were never trained; the documented rule is P_cap coresets every P_cap steps. The default age is now that
+    mode's period; an integer ``max_age`` still bounds it."""
+    from crestcore.controller import _SoftmaxOps
+
+    rng = np.random.default_rng(0)
+    y = np.arange(400) % 2
+    X = rng.normal(size=(400, 2)) + 2.0 * y[:, None]
+    ops = _SoftmaxOps(X, y, C=2)
+    config = CrestConfig(m=16, reselect="epoch", P_cap=50, max_age=max_age)  # one epoch: ceil(400 / 16) = 25
+    state = crest_init(config, y, seed=0)
+    for _ in range(150):
+        state, batch = crest_next_batch(state, ops, config)
+        _, g = ops.gradient(batch.indices, batch.weights)
+        ops.W -= 0.5 * g.reshape(ops.W.shape)
+    assert list(state.log["selections"]) == expected
