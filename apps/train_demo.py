@@ -1143,7 +1143,7 @@ def methods_to_run(methods, known, budget: float) -> list[str]:
 
 def warm_selection_kernels(methods, print_fn: Callable[[str], None] | None = print) -> float | None:
     """Compile the Numba kernels that CRAIG's selections run on (per-class dense facility location on NumPy
-    features, float32 and float64) before any method is timed, when ``methods`` include ``craig``: a first
+    features, float32 and float64, the serial and the threaded kernel) before any method is timed, when ``methods`` include ``craig``: a first
     call in a fresh process compiles them (about 20 s on 2 cores), which is no cost of CRAIG's. Returns the
     seconds it took (None when nothing was warmed) and prints them with ``print_fn``.
 
@@ -1159,9 +1159,13 @@ def warm_selection_kernels(methods, print_fn: Callable[[str], None] | None = pri
     from crestcore import facility_location
 
     t0 = time.perf_counter()
-    labels = np.arange(64) % 2
-    for dtype in (np.float32, np.float64):
-        facility_location(np.random.default_rng(0).normal(size=(64, 10)).astype(dtype), 8, labels=labels)
+    # two classes of 32 points run the serial kernel; two of 128 the threaded one that CRAIG's real
+    # selections take when Numba has more than one thread (its first call compiled it inside CRAIG's first
+    # timed selection: 12 s of a 1000-example run's 12.1 s)
+    for n in (64, 256):
+        X = np.random.default_rng(0).normal(size=(n, 10))
+        for dtype in (np.float32, np.float64):
+            facility_location(X.astype(dtype), 8, labels=np.arange(n) % 2)
     dt = time.perf_counter() - t0
     if print_fn is not None:
         print_fn(f"selection kernels ready in {dt:.1f} s (Numba's compile on a first call; not counted in any "
