@@ -1143,9 +1143,10 @@ def methods_to_run(methods, known, budget: float) -> list[str]:
 
 def warm_selection_kernels(methods, print_fn: Callable[[str], None] | None = print) -> float | None:
     """Compile the Numba kernels that CRAIG's selections run on (per-class dense facility location on NumPy
-    features, float32 and float64, the serial and the threaded kernel) before any method is timed, when ``methods`` include ``craig``: a first
-    call in a fresh process compiles them (about 20 s on 2 cores), which is no cost of CRAIG's. Returns the
-    seconds it took (None when nothing was warmed) and prints them with ``print_fn``.
+    features, float32 and float64, the serial and the threaded kernel) before any method is timed, when
+    ``methods`` include ``craig``: a first call in a fresh process compiles them (about 20 s each on 2
+    cores), which is no cost of CRAIG's. Returns the seconds it took (None when nothing was warmed) and
+    prints them with ``print_fn``.
 
     Examples
     --------
