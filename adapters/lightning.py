@@ -27,6 +27,7 @@ is refused at ``setup``; the distributed adapter is separate. Every ``fit`` is a
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 from collections.abc import Callable
@@ -63,10 +64,19 @@ def _check_batch_limit(trainer, loader) -> bool:
     spe = int(loader.steps_per_epoch)
     cut = (float(limit) < 1.0) if isinstance(limit, float) else (int(limit) < spe)
     if cut:
+        # fast_dev_run and overfit_batches set limit_train_batches themselves: name what the user passed
+        dev, over = getattr(trainer, "fast_dev_run", False), getattr(trainer, "overfit_batches", 0)
+        if dev:
+            how, fix = f"Trainer(fast_dev_run={dev!r})", "a debugging run: CREST's run is not meant to finish there"
+        elif over:
+            how, fix = (f"Trainer(overfit_batches={over!r})", "and CREST's batches change at every step, so no "
+                        "batch repeats: to overfit a few batches, train on them without CrestCallback")
+        else:
+            how, fix = f"Trainer(limit_train_batches={limit!r})", "leave it out and set the budget instead"
         warnings.warn(
-            f"Trainer(limit_train_batches={limit!r}) cuts each epoch short of CREST's share ({spe} batches an "
-            "epoch, set by the budget): CREST's epochs then drift from Lightning's and none counts as finished; "
-            "leave it out and set the budget instead", stacklevel=_common.user_stacklevel())
+            f"{how} cuts each epoch short of CREST's share ({spe} batches an epoch, set by the budget): CREST's "
+            f"epochs then drift from Lightning's and none counts as finished; {fix}",
+            stacklevel=_common.user_stacklevel())
     return cut
 
 
@@ -81,23 +91,25 @@ def _check_accumulation(trainer) -> None:
         )
 
 
-def _check_step_limits(trainer, planned: int, loader) -> None:
+def _check_step_limits(trainer, planned: int, loader, per: float = 1.0) -> None:
     """A fit without ``max_epochs`` ends at CREST's last planned step (global step ``planned``; checked at
-    the fit's start, after a checkpoint's restore): refuse a ``min_steps`` beyond it (Lightning would then
-    loop over empty epochs forever, ``max_time`` included) and warn, before training, that a ``max_steps``
-    beyond it stops a schedule sized from it early."""
+    the fit's start, after a checkpoint's restore, or under manual optimization after the first trained
+    batch, whose ``per`` optimizer steps a batch ``planned`` counts): refuse a ``min_steps`` beyond it
+    (Lightning would then loop over empty epochs forever, ``max_time`` included) and warn that a
+    ``max_steps`` beyond it stops a schedule sized from it early."""
+    rate = "" if per == 1 else f", {per:g} optimizer steps a batch as the first batch took"
     low = getattr(trainer, "min_steps", None)
     if low is not None and low > planned:
         raise ValueError(
             f"Trainer(min_steps={low}) cannot be reached: CREST plans {loader.total_steps} steps ({loader.epochs} "
-            f"epochs at {loader.steps_per_epoch} a budgeted epoch), so the fit would stop at global step {planned} "
+            f"epochs at {loader.steps_per_epoch} a budgeted epoch{rate}), so the fit would stop at global step {planned} "
             "and Lightning, held by min_steps, would loop over empty epochs without end. Lower min_steps, or raise "
             "the budget or CrestCallback(epochs=...)")
     high = getattr(trainer, "max_steps", -1)
     if high is not None and high > planned:
         warnings.warn(
             f"Trainer(max_steps={high}) without max_epochs, but CREST plans {loader.total_steps} steps "
-            f"({loader.epochs} epochs): the fit stops at global step {planned}, and a per-step scheduler sized "
+            f"({loader.epochs} epochs{rate}): the fit stops at global step {planned}, and a per-step scheduler sized "
             f"from trainer.estimated_stepping_batches ({high}) stops at about {planned / high:.0%} of its "
             "schedule. Size it from crest.loader.total_steps, or set max_epochs (and leave max_steps unset)",
             stacklevel=_common.user_stacklevel())
@@ -265,6 +277,7 @@ class CrestCallback(pl.Callback):
         self._epoch0 = 0  # the Trainer epoch this callback's CREST run started at (a continued fit: later)
         self._cut = False  # limit_train_batches cuts CREST's epochs (warned at setup)
         self._restored = False  # a checkpoint's CREST state was loaded into this fit's loader
+        self._limits_from: tuple[int, int] | None = None  # (global step, position) whose rate checks the limits
         self._last_position = -1  # the loader's position at the last batch start (is the batch CREST's?)
         self._losses_warned = False  # dropping on and no losses under losses_key: said once
         self._module = None  # the LightningModule and max_epochs of the fit set up last (for _load)
@@ -339,14 +352,15 @@ class CrestCallback(pl.Callback):
             if epochs < 1:  # the Trainer has trained its max_epochs: this fit trains nothing, keep the record
                 return
         most = trainer.max_epochs
-        if self.epochs is not None and most is not None and most >= 1 and int(most) != int(epochs):
+        span = None if most is None or most < 1 else int(most) - epoch0  # the epochs this fit trains
+        if self.epochs is not None and span is not None and span != int(epochs):
+            fits = f"Trainer(max_epochs={most})" + (f" from epoch {epoch0}: this fit trains {span}" if epoch0 else "")
             warnings.warn(
-                f"CrestCallback(epochs={epochs}) but Trainer(max_epochs={most}): CREST plans its budget over "
-                f"{epochs} epochs, so "
-                + (f"the last {most - epochs} epochs yield no batches, and a per-step scheduler sized from "
-                   f"trainer.estimated_stepping_batches (which counts {most} epochs) stops at about "
-                   f"{epochs / most:.0%} of its schedule" if most > epochs else
-                   f"the fit ends after {most} epochs with {epochs - most} epochs of the budget untrained")
+                f"CrestCallback(epochs={epochs}) but {fits}: CREST plans its budget over {epochs} epochs, so "
+                + (f"the last {span - epochs} epochs yield no batches, and a per-step scheduler sized from "
+                   f"trainer.estimated_stepping_batches (which counts {span} epochs) stops at about "
+                   f"{epochs / span:.0%} of its schedule" if span > epochs else
+                   f"the fit ends after {span} epochs with {epochs - span} epochs of the budget untrained")
                 + "; leave epochs=None to take max_epochs", stacklevel=_common.user_stacklevel())
         self._module, self._max_epochs = pl_module, trainer.max_epochs
         self._resolve_data()
@@ -383,8 +397,11 @@ class CrestCallback(pl.Callback):
         most = trainer.max_epochs
         if most is None or most < 0:  # no max_epochs: the fit ends when CREST's planned steps are trained
             # here, not at setup: a fit with ckpt_path has restored the global step and CREST's position now
-            end = int(trainer.global_step) + loader.total_steps - loader.position
-            _check_step_limits(trainer, end, loader)
+            if getattr(pl_module, "automatic_optimization", True):  # one optimizer step a batch
+                end = int(trainer.global_step) + loader.total_steps - loader.position
+                _check_step_limits(trainer, end, loader)
+            else:  # manual optimization: as many as the step takes, read once the first batch has trained
+                self._limits_from = (int(trainer.global_step), loader.position)
 
     def _new_loader(self, module, epochs: int, kwargs: dict) -> CrestLoader:
         with _common.budget_said():  # said at construction
@@ -447,6 +464,13 @@ class CrestCallback(pl.Callback):
         self._last_position = loader.position
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._limits_from is not None and self.loader is not None:
+            g0, p0 = self._limits_from
+            done, steps = self.loader.position - p0, int(trainer.global_step) - g0
+            if done > 0 and steps > 0:  # the optimizer steps a batch takes under this manual optimization
+                self._limits_from = None
+                per = steps / done
+                _check_step_limits(trainer, g0 + math.ceil(per * (self.loader.total_steps - p0)), self.loader, per)
         key, loader = self.losses_key, self.loader
         if loader is None or key is None:
             return

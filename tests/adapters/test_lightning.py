@@ -619,3 +619,85 @@ def test_a_checkpoint_without_crest_state_reads_label_less_data_once(tmp_path):
     passes = [w for w in seen if "to find their labels" in str(w.message)]
     assert len(passes) == 1, [str(w.message)[:80] for w in passes]
     assert cb.stats["step"] == 6 and cb.stats["budget"]["epochs_done"] == 2
+
+
+class TwoOptimizers(Module):
+    """Manual optimization with two optimizers: two optimizer steps (global steps) a CREST batch."""
+
+    def __init__(self, seed=0):
+        super().__init__(seed)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y, w = batch
+        first, second = self.optimizers()
+        loss = (w * F.cross_entropy(self(x), y, reduction="none")).mean()
+        first.zero_grad()
+        second.zero_grad()
+        self.manual_backward(loss)
+        first.step()
+        second.step()
+
+    def configure_optimizers(self):
+        layers = [m for m in self.net if isinstance(m, torch.nn.Linear)]
+        return [torch.optim.SGD(layers[0].parameters(), lr=0.1),
+                torch.optim.SGD([p for m in layers[1:] for p in m.parameters()], lr=0.1)]
+
+
+def _said(record, what: str) -> list:
+    return [str(w.message) for w in record if what in str(w.message)]
+
+
+@pytest.mark.parametrize("max_steps,warned", [(12, False), (16, True)])
+def test_max_steps_under_manual_optimization_counts_its_optimizer_steps(tmp_path, max_steps, warned):
+    """Review 53: with two optimizer steps a CREST batch (manual optimization, two optimizers) the max_steps
+    check counted a batch as one global step: max_steps=12, exactly CREST's 6 planned batches, was warned
+    about ("the fit stops at global step 6", about 50 % of a schedule). The rate is read from the first
+    trained batch: no warning there, and one naming global step 12 for a max_steps beyond it."""
+    cb = CrestCallback(data(), epochs=2, **CFG)  # 3 batches an epoch: 6 planned, 12 optimizer steps
+    tr = trainer(tmp_path, None, cb, max_steps=max_steps)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        tr.fit(TwoOptimizers(), train_dataloaders=cb.dataloader())
+    assert cb.stats["step"] == 6 and tr.global_step == 12
+    said = _said(rec, f"Trainer(max_steps={max_steps}) without max_epochs")
+    assert len(said) == int(warned)
+    if warned:
+        assert "2 optimizer steps a batch" in said[0] and "stops at global step 12" in said[0]
+
+
+@pytest.mark.parametrize("second,warned", [(4, False), (3, True)])
+def test_a_continued_fit_compares_epochs_with_the_epochs_it_trains(tmp_path, second, warned):
+    """Review 53: a second fit on a Trainer fitted before is a new CREST run over the epochs it trains, from
+    the current epoch to max_epochs; the epochs/max_epochs warning compared epochs with max_epochs itself,
+    so raising max_epochs from 2 to 4 (2 epochs, CREST's 2) was warned about as "the last 2 epochs yield
+    no batches", and to 3 (1 epoch of CREST's 2) as its opposite."""
+    cb = CrestCallback(data(), epochs=2, **CFG)
+    tr = trainer(tmp_path, 2, cb)
+    module = Module()
+    tr.fit(module, train_dataloaders=cb.dataloader())
+    tr.fit_loop.max_epochs = second
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        tr.fit(module, train_dataloaders=cb.dataloader())
+    said = _said(rec, "CrestCallback(epochs=2)")
+    assert len(said) == int(warned)
+    if warned:
+        assert "from epoch 2: this fit trains 1" in said[0] and "1 epochs of the budget untrained" in said[0]
+    assert cb.stats["step"] == 3 * (second - 2)
+
+
+@pytest.mark.parametrize("kw,named", [(dict(fast_dev_run=2), "Trainer(fast_dev_run=2)"),
+                                      (dict(overfit_batches=2), "Trainer(overfit_batches=2)"),
+                                      (dict(limit_train_batches=2), "Trainer(limit_train_batches=2)")])
+def test_the_cut_epoch_warning_names_the_option_the_user_passed(tmp_path, kw, named):
+    """Review 53: fast_dev_run and overfit_batches set limit_train_batches themselves, and the warning named
+    limit_train_batches, which the user never passed; overfit_batches does not repeat CREST's batches."""
+    cb = CrestCallback(data(), epochs=2, **CFG)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        trainer(tmp_path, 2, cb, **kw).fit(Module(), train_dataloaders=cb.dataloader())
+    said = _said(rec, "cuts each epoch short of CREST's share")
+    assert len(said) == 1 and said[0].startswith(named)
+    if "overfit_batches" in kw:
+        assert "no batch repeats" in said[0]
