@@ -395,6 +395,7 @@ class CrestCallback(pl.Callback):
             loader = self._foreign_checkpoint(trainer, pl_module, now)
         self._last_position = loader.position
         most = trainer.max_epochs
+        self._limits_from = None  # a manual-optimization rate is read again in every fit
         if most is None or most < 0:  # no max_epochs: the fit ends when CREST's planned steps are trained
             # here, not at setup: a fit with ckpt_path has restored the global step and CREST's position now
             if getattr(pl_module, "automatic_optimization", True):  # one optimizer step a batch

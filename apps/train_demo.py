@@ -1144,8 +1144,8 @@ def methods_to_run(methods, known, budget: float) -> list[str]:
 def warm_selection_kernels(methods, print_fn: Callable[[str], None] | None = print) -> float | None:
     """Compile the Numba kernels that CRAIG's selections run on (per-class dense facility location on NumPy
     features, float32 and float64, the serial and the threaded kernel) before any method is timed, when
-    ``methods`` include ``craig``: a first call in a fresh process compiles them (about 20 s each on 2
-    cores), which is no cost of CRAIG's. Returns the seconds it took (None when nothing was warmed) and
+    ``methods`` include ``craig``: a first call in a fresh process compiles them (about a minute on 2 cores
+    from an empty cache), which is no cost of CRAIG's. Returns the seconds it took (None when nothing was warmed) and
     prints them with ``print_fn``.
 
     Examples
