@@ -554,16 +554,16 @@ def facility_location(
         else:
             kinds = ["sparse"] * n_prob
             if isinstance(neighbors, int):  # a graph built here: its memory is bounded like the other paths'
-                from .sparse import sparse_bytes
+                from .sparse import graph_bytes
 
                 for p in sorted(range(n_prob), key=lambda q: (-int(sizes[q]), q)):
                     kp = min(neighbors, int(sizes[p]) - 1)
                     # the graph's own bytes: the fixed work buffers come on top of the bound, as on the
                     # other paths (a six-point problem under a 200-byte bound is not refused for them)
-                    need = sparse_bytes(int(sizes[p]), X.shape[1], kp) - sparse_bytes(0, 0, 0)
+                    need = graph_bytes(int(sizes[p]), X.shape[1], kp)
                     if need > max_dense_bytes:
-                        fit = next((kk for kk in range(kp, 0, -1) if sparse_bytes(int(sizes[p]), X.shape[1], kk)
-                                    - sparse_bytes(0, 0, 0) <= max_dense_bytes), None)
+                        fit = next((kk for kk in range(kp, 0, -1)
+                                    if graph_bytes(int(sizes[p]), X.shape[1], kk) <= max_dense_bytes), None)
                         raise ValueError(
                             f"neighbors={neighbors} needs about {need} bytes for its graph on a problem of "
                             f"n={int(sizes[p])} points, above max_dense_bytes={max_dense_bytes}: pass "

@@ -8,7 +8,7 @@ path           memory                                      time
 =============  ==========================================  =====================================
 dense          ``n^2 itemsize`` (the n x n similarity)     ``n^2 d`` once, then cheap lazy steps
 matrix-free    ``16 n d + 64 n`` (float64 copies, O(n))    ``n d (n + R k)``, R re-evaluations/step
-sparse (K)     ``64 n (K + 1) + 8 n d`` (:func:`sparse_bytes`)  graph build + ``O(n K)`` greedy
+sparse (K)     ``64 n (K + 1) + 8 n d`` (:func:`graph_bytes`)   graph build + ``O(n K)`` greedy
 =============  ==========================================  =====================================
 
 :func:`plan_problem` takes, in this order, the first that fits ``max_dense_bytes`` (which bounds the
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .sparse import sparse_bytes
+from .sparse import graph_bytes
 
 __all__ = ["Plan", "plan_problem", "dense_bytes", "matrix_free_bytes", "AUTO_NEIGHBORS", "MIN_NEIGHBORS",
            "MATRIX_FREE_MAX_WORK"]
@@ -130,14 +130,14 @@ def plan_problem(n: int, d: int, k: int, itemsize: int, max_dense_bytes: int, *,
     why.append(f"matrix-free work {work:.2g} > {MATRIX_FREE_MAX_WORK:.2g}" if work > MATRIX_FREE_MAX_WORK
                else f"matrix-free needs {_gb(mb)}")
     if n <= 1:  # a single point: nothing to search
-        return Plan("sparse", "lazy", 0, sparse_bytes(n, d, 0), "; ".join(why))
+        return Plan("sparse", "lazy", 0, graph_bytes(n, d, 0), "; ".join(why))
     K = min(int(neighbors) if neighbors is not None else AUTO_NEIGHBORS, n - 1)
     low = K if neighbors is not None else min(MIN_NEIGHBORS, K)
     for kk in range(K, low - 1, -1):
-        sb = sparse_bytes(n, d, kk)
+        sb = graph_bytes(n, d, kk)
         if sb <= max_dense_bytes:
             return Plan("sparse", "lazy", kk, sb, "; ".join(why) + f"; sparse (neighbors={kk}) needs {_gb(sb)}")
-    need = sparse_bytes(n, d, low)
+    need = graph_bytes(n, d, low)
     fits = [(need, f"the sparse path, neighbors={low}")]
     if work <= MATRIX_FREE_MAX_WORK:
         fits.append((mb, "the matrix-free path"))

@@ -51,6 +51,7 @@ __all__ = [
     "SPARSE_KERNEL_NAMES",
     "check_neighbors",
     "sparse_bytes",
+    "graph_bytes",
     "exact_knn",
     "knn_graph",
     "solve_sparse",
@@ -78,6 +79,19 @@ def sparse_bytes(n: int, d: int, K: int) -> int:
     97048576
     """
     return 64 * n * (K + 1) + 8 * n * d + (1 << 20)
+
+
+def graph_bytes(n: int, d: int, K: int) -> int:
+    """:func:`sparse_bytes` without its fixed 1 MiB of work buffers: what ``max_dense_bytes`` bounds on the
+    sparse path (``64 n (K + 1) + 8 n d``), as on the other paths, whose fixed work buffers come on top of
+    the bound too (a six-point problem under a 1,000-byte bound is not refused for them).
+
+    Examples
+    --------
+    >>> graph_bytes(1000, 64, 6)
+    960000
+    """
+    return sparse_bytes(n, d, K) - sparse_bytes(0, 0, 0)
 
 
 def check_neighbors(neighbors, n: int):

@@ -375,13 +375,13 @@ def test_auto_records_the_plan_and_solves_on_it():
     old = planner.MATRIX_FREE_MAX_WORK
     try:
         planner.MATRIX_FREE_MAX_WORK = 1.0
-        sp = crestcore.facility_location(X, 20, optimizer="auto", max_dense_bytes=400 * 400 * 8 - 1)
+        sp = crestcore.facility_location(X, 20, optimizer="auto", max_dense_bytes=300_000)
     finally:
         planner.MATRIX_FREE_MAX_WORK = old
     assert sp.path == "sparse"
     K = int(sp.plan.split("sparse (neighbors=")[1].split(")")[0])  # lowered to fit the budget
     assert planner.MIN_NEIGHBORS <= K < planner.AUTO_NEIGHBORS
-    assert crestcore.sparse.sparse_bytes(400, 3, K) <= 400 * 400 * 8 - 1
+    assert crestcore.sparse.graph_bytes(400, 3, K) <= 300_000 < crestcore.sparse.graph_bytes(400, 3, K + 1)
     np.testing.assert_array_equal(sp.indices, crestcore.facility_location(X, 20, neighbors=K).indices)
     # per class: the small classes go dense, the big one not
     labels = (np.arange(400) < 300).astype(np.int64)
@@ -651,3 +651,15 @@ def test_a_tiny_sparse_problem_under_a_small_bound_is_not_refused_for_fixed_buff
     Y = np.random.default_rng(8).normal(size=(3000, 8))
     with pytest.raises(ValueError, match="leave neighbors out with optimizer='auto'"):
         crestcore.facility_location(Y, 10, neighbors=2999, max_dense_bytes=50 * 2**20)
+
+
+def test_auto_bounds_the_sparse_graph_as_an_explicit_neighbors_does():
+    """Review 52: under optimizer='auto' the planner counted sparse_bytes' fixed 1 MiB of work buffers in
+    the bound, an explicit neighbors=K did not (review 36), so auto refused bounds the documented
+    64 n (K + 1) + 8 n d allows: n = 1000, d = 64 under 1e6 bytes fits 6 neighbours (960,000 bytes)."""
+    X = np.random.default_rng(3).normal(size=(1000, 64))
+    auto = crestcore.facility_location(X, 20, optimizer="auto", max_dense_bytes=1_000_000)
+    assert auto.path == "sparse" and "sparse (neighbors=6)" in auto.plan
+    given = crestcore.facility_location(X, 20, neighbors=6, max_dense_bytes=1_000_000)
+    np.testing.assert_array_equal(auto.indices, given.indices)
+    assert planner.plan_problem(1000, 64, 20, 8, 1_000_000).bytes == crestcore.sparse.graph_bytes(1000, 64, 6)
