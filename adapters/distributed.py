@@ -58,7 +58,7 @@ except ImportError as exc:  # pragma: no cover - depends on what is installed
 import torch.distributed as dist
 from torch import nn
 
-from crestcore.controller import Batch
+from crestcore.controller import Batch, selection_on_host
 from crestcore.minibatch import Coresets
 from crestcore.minibatch import minibatch_coresets as _minibatch_coresets
 
@@ -1011,11 +1011,11 @@ class DistributedCrestLoader(CrestLoader):
             "world_size": self.world_size,
             "backend": self.ops.backend,
             "sharded_solves": self.ops.sharded_solves,
-            # backend="numba" with a model on a GPU: the controller hands every rank host features, which
-            # each rank solves whole (the unsharded fallback)
-            "selection_sharded": self.config.optimizer != "stochastic" and not (
-                self.config.backend == "numba"
-                and next((p.device.type for p in _inner_ops(self.ops).model.parameters()), "cpu") != "cpu"),
+            # a model on a GPU with the host's kernels (backend "auto" with Numba, or "numba"): the
+            # controller hands every rank host features, which each rank solves whole (the unsharded fallback)
+            "selection_sharded": self.config.optimizer != "stochastic" and not selection_on_host(
+                self.config.backend,
+                next((p.device.type for p in _inner_ops(self.ops).model.parameters()), "cpu") == "cpu"),
             "numba_cache": None if self.ops.numba_cache is None else str(self.ops.numba_cache),
         }
         return s

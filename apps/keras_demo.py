@@ -412,7 +412,9 @@ def run_keras_comparison(
                            f"{s.epochs} epochs of full data, budget {s.budget:g}, seed {s.seed}, device {s.device}",
                            print_fn)
     n = int(data[0].shape[0])
-    warm_selection_kernels(methods, print_fn)
+    from crestcore.controller import selection_on_host
+
+    warm_selection_kernels(methods, print_fn, crest_host=selection_on_host("auto", str(s.device).split(":")[0] == "cpu"))
     records = {}
     for mth in methods:
         records[mth] = train_keras_method(mth, data, s, backend=backend, progress=progress, desc=f"{mth:<10}")

@@ -1141,12 +1141,16 @@ def methods_to_run(methods, known, budget: float) -> list[str]:
     return methods
 
 
-def warm_selection_kernels(methods, print_fn: Callable[[str], None] | None = print) -> float | None:
-    """Compile the Numba kernels that CRAIG's selections run on (per-class dense facility location on NumPy
-    features, float32 and float64, the serial and the threaded kernel) before any method is timed, when
-    ``methods`` include ``craig``: a first call in a fresh process compiles them (about a minute on 2 cores
-    from an empty cache), which is no cost of CRAIG's. Returns the seconds it took (None when nothing was warmed) and
-    prints them with ``print_fn``.
+def warm_selection_kernels(methods, print_fn: Callable[[str], None] | None = print, *,
+                           crest_host: bool = False) -> float | None:
+    """Compile the Numba kernels the methods' selections run on before any method is timed: a first call in
+    a fresh process compiles them (about a minute on 2 cores from an empty cache), which is no cost of a
+    method's. With ``craig`` in ``methods``: per-class dense facility location on NumPy features, float32
+    and float64, the serial and the threaded kernel. With ``crest`` or ``crest-drop`` and ``crest_host``
+    (CREST's selection solves on the host's kernels: a GPU model's by default, or ``backend="numba"``): a
+    tiny CREST run on them (:func:`warm_crest_host_kernels`; its first selection compiled them inside the
+    first CREST run's clock: 16.1 s against 5.1-5.2 s on a fresh H200 machine). Returns the seconds it
+    took (None when nothing was warmed) and prints them with ``print_fn``.
 
     Examples
     --------
@@ -1155,23 +1159,61 @@ def warm_selection_kernels(methods, print_fn: Callable[[str], None] | None = pri
     >>> warm_selection_kernels(["craig"], print_fn=None) >= 0.0
     True
     """
-    if "craig" not in methods:
+    crest = crest_host and any(m in methods for m in ("crest", "crest-drop"))
+    if "craig" not in methods and not crest:
         return None
     from crestcore import facility_location
 
     t0 = time.perf_counter()
-    # two classes of 32 points run the serial kernel; two of 128 the threaded one that CRAIG's real
-    # selections take when Numba has more than one thread (its first call compiled it inside CRAIG's first
-    # timed selection: 12 s of a 1000-example run's 12.1 s)
-    for n in (64, 256):
-        X = np.random.default_rng(0).normal(size=(n, 10))
-        for dtype in (np.float32, np.float64):
-            facility_location(X.astype(dtype), 8, labels=np.arange(n) % 2)
+    if "craig" in methods:
+        # two classes of 32 points run the serial kernel; two of 128 the threaded one that CRAIG's real
+        # selections take when Numba has more than one thread (its first call compiled it inside CRAIG's
+        # first timed selection: 12 s of a 1000-example run's 12.1 s)
+        for n in (64, 256):
+            X = np.random.default_rng(0).normal(size=(n, 10))
+            for dtype in (np.float32, np.float64):
+                facility_location(X.astype(dtype), 8, labels=np.arange(n) % 2)
+    if crest:
+        warm_crest_host_kernels()
     dt = time.perf_counter() - t0
     if print_fn is not None:
         print_fn(f"selection kernels ready in {dt:.1f} s (Numba's compile on a first call; not counted in any "
                  "method's wall clock)")
     return dt
+
+
+def warm_crest_host_kernels() -> bool:
+    """Run a tiny CREST loop (a linear model on 300 random CPU examples, ``CrestConfig(backend="numba")``) in
+    float32 and float64, once with Numba's serial fused kernel and once with its threaded one, so that every
+    host kernel a CREST selection calls (the fused solve, the stratified draw, the class counts, the
+    finiteness check) is compiled or loaded. Returns False, doing nothing, when torch or Numba does not
+    import (``tests/test_train_demo.py`` checks what it runs)."""
+    try:
+        import torch
+
+        import crestcore.backends.numba as nb
+    except ImportError:
+        return False
+    from crestcore import CrestConfig
+    from crestcore.adapters.torch import CrestLoader
+
+    gen = torch.Generator().manual_seed(0)
+    work = nb._FUSED_PARALLEL_MIN_WORK
+    try:
+        for threshold in (0, 1 << 62):  # which variant a call takes depends on its size and the threads
+            nb._FUSED_PARALLEL_MIN_WORK = threshold
+            for dtype in (torch.float32, torch.float64):
+                X = torch.randn(300, 6, generator=gen, dtype=dtype)
+                y = torch.arange(300) % 3
+                model = torch.nn.Linear(6, 3).to(dtype)
+                loader = CrestLoader(model, torch.utils.data.TensorDataset(X, y), budget=0.2, epochs=1, seed=0,
+                                     config=CrestConfig(m=16, T1=1, backend="numba"))
+                for xb, yb, w in loader:
+                    model.zero_grad()
+                    (torch.nn.functional.cross_entropy(model(xb), yb, reduction="none") * w).mean().backward()
+    finally:
+        nb._FUSED_PARALLEL_MIN_WORK = work
+    return True
 
 
 def start_comparison(out, data, what: str, print_fn: Callable[[str], None] | None = print) -> Path:
@@ -1277,7 +1319,11 @@ def run_training_demo(
                            f"seed {s.seed}, device {s.device}, "
                            f"torch threads {torch.get_num_threads() if not s.threads else s.threads}", print_fn)
     n = int(data[0].shape[0])
-    warm_selection_kernels(methods, print_fn)
+    from crestcore.controller import selection_on_host
+
+    crest_backend = s.extra.get("crest", {}).get("backend", "auto")
+    on_cpu = str(s.device).split(":")[0] == "cpu"
+    warm_selection_kernels(methods, print_fn, crest_host=selection_on_host(crest_backend, on_cpu))
     records = {}
     for mth in methods:
         records[mth] = train_method(mth, data, s, progress=progress, track_forgetting=mth == "full",

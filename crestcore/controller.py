@@ -55,7 +55,7 @@ from ._validation import DivergenceError, user_stacklevel, field_bool, field_cho
 from .dropping import (DropConfig, DropState, _check_live, _undone_on_error, drop_init, drop_record, drop_resize,
                        drop_update, pool_size)
 from .features import cross_entropy, last_layer_gradients, softmax
-from .facility import BACKENDS, OPTIMIZERS, on_host_device
+from .facility import OPTIMIZERS, on_host_device
 from .minibatch import CLASS_BUDGETS, DenseMemoryError, _draw_blocked, minibatch_coresets
 from .quadratic import (
     QuadraticConfig,
@@ -90,6 +90,7 @@ RESELECT = ("trust", "epoch")
 BATCHES = ("coreset", "shuffled-union")
 CORESETS = ("at-anchor", "just-in-time")
 CHECKS = ("every", "reuse")
+CONFIG_BACKENDS = ("auto", "device", "numba", "reference")  # minibatch_coresets' three and "device"
 # CrestConfig fields added since checkpoints were first saved whose value here (as its repr) is how a run
 # saved before the field existed behaved: a loader resuming such a checkpoint with it counts no difference
 # (max_age is not one: its default changed what a run does)
@@ -322,13 +323,16 @@ class CrestConfig:
     (at the extreme the first one, for a whole short run); with a tight cap prefer
     ``coresets="at-anchor"``, whose selection makes all P at once (its one forward over the union of the P
     subsets can cross a tight cap by that much: at a very tight cap by more than the cap itself).
-    backend : the selection's kernels, as :func:`crestcore.minibatch_coresets`'s ``backend``: "auto"
-    (the features' own library: CPU torch tensors on the torch kernels, which start no Numba, CUDA
-    tensors on the CUDA kernels), "numba" (the Numba kernels on the host; a long CPU run of a small
-    model, with many hundreds of selections, repays Numba's one-off start of 0.5-0.9 s by 1-3 ms a
-    selection; a model on a GPU has its selection's features copied to the host for them, tens of
-    kilobytes a selection; ``crestcore.adapters.distributed`` then solves them unsharded on every rank)
-    or "reference".
+    backend : where the selection solves. "auto" (the default): CPU features on their own library's
+    kernels (CPU torch tensors on the torch kernels, which start no Numba); features on a device (a GPU)
+    copied to the host's Numba kernels when Numba imports (P x r x C numbers, tens of kilobytes a
+    selection, where the picks go anyway: on one H200, E1's selection path took 2.2 against 5.8 ms a call
+    on the CUDA kernels, and CREST's run 6.1 against 9.6 s; docs/benchmarks.md, "On a GPU"), else on the
+    device's kernels. "device": always the features' own library's kernels, where they are (CUDA tensors
+    on the CUDA kernels). "numba": always the Numba kernels on the host (a long CPU run of a small model,
+    with many hundreds of selections, repays Numba's one-off start of 0.5-0.9 s by 1-3 ms a selection).
+    "reference": the generic array-API code. Host features are solved whole on every rank by
+    ``crestcore.adapters.distributed`` (the unsharded fallback).
 
     Examples
     --------
@@ -398,7 +402,7 @@ class CrestConfig:
             raise ValueError(f"CrestConfig.max_age must be 'epoch', a positive integer or None, got {self.max_age!r}")
         if self.max_age != "epoch":
             field_int(o, "max_age", self.max_age, optional=True)
-        field_choice(o, "backend", self.backend, BACKENDS)
+        field_choice(o, "backend", self.backend, CONFIG_BACKENDS)
         if self.coresets is not None:  # None: the default, just in time wherever it applies (just_in_time)
             field_choice(o, "coresets", self.coresets, CORESETS)
         for name in ("per_class", "embeddings", "check_union"):
@@ -798,6 +802,27 @@ def _union_positions(subsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return s[first], pos.reshape(subsets.shape)
 
 
+def selection_on_host(backend: str, features_on_host: bool) -> bool:
+    """Whether a selection with ``CrestConfig(backend=backend)`` copies its features to the host's Numba
+    kernels: never when they are on the host already; with ``"numba"`` always; with ``"auto"`` when Numba
+    imports (otherwise the device's own kernels solve them); with ``"device"`` and ``"reference"`` never.
+
+    Examples
+    --------
+    >>> selection_on_host("auto", features_on_host=True), selection_on_host("device", features_on_host=False)
+    (False, False)
+    >>> selection_on_host("numba", features_on_host=False)
+    True
+    """
+    if features_on_host or backend in ("device", "reference"):
+        return False
+    if backend == "numba":
+        return True
+    from .backends import backend_module
+
+    return backend_module("numpy") is not None
+
+
 def _coresets(state: CrestState, ops, config: CrestConfig, subsets: np.ndarray, gen: np.random.Generator):
     """One forward over the union of ``subsets`` (k, r) at the current parameters and a mini-batch
     coreset from each. Returns the forward's namespace, ``union`` (host, sorted), per-example ``losses``
@@ -809,17 +834,17 @@ def _coresets(state: CrestState, ops, config: CrestConfig, subsets: np.ndarray, 
     # an adapter may shard the solve; otherwise the features' own library solves it (CPU tensors on the
     # torch kernels: a few ms slower per call than Numba at these shapes, but no Numba start-up, 0.5-0.9 s
     # once per process, which a short CPU run paid at its first selection)
-    if config.backend == "numba" and not on_host_device(feats):
-        # asked for the host's kernels with a model on a device (a GPU): the features (P x r x C numbers,
-        # C x (h + 1) a row with embeddings) and labels come to the host, where the picks go anyway; an
-        # adapter's own solve (ops.coresets) gets them there too
+    if selection_on_host(config.backend, on_host_device(feats)):
+        # a model on a device (a GPU) with the host's kernels: the features (P x r x C numbers, C x (h + 1)
+        # a row with embeddings) and labels come to the host, where the picks go anyway; an adapter's own
+        # solve (ops.coresets) gets them there too
         feats, y = to_numpy(feats), to_numpy(y)
     solve = getattr(ops, "coresets", None) or minibatch_coresets
     try:
         cs = solve(
             feats, y, m=config.m, r=subsets.shape[1], P=subsets.shape[0], rng=gen, subsets=pos,
             per_class=config.per_class, kernel=config.kernel, metric=config.metric, optimizer=config.optimizer,
-            class_budget=config.class_budget, backend=config.backend,
+            class_budget=config.class_budget, backend="auto" if config.backend == "device" else config.backend,
         )
     except DenseMemoryError as exc:
         # the memory guard's advice names minibatch_coresets' arguments: say what a CREST user sets

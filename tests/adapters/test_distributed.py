@@ -671,6 +671,14 @@ def test_one_process_group_matches_the_single_process_loader(tmp_path):
         assert numba.stats["distributed"]["selection_sharded"]  # a CPU model: its CPU tensors are sharded
         model.to("meta")  # a stand-in for a GPU: parameters off the host
         assert not numba.stats["distributed"]["selection_sharded"]
+        # the default, "auto", takes the host's kernels for a GPU model too; "device" keeps them sharded
+        for backend, sharded in (("auto", False), ("device", True)):
+            model = make_model()
+            other = D.DistributedCrestLoader(model, TensorDataset(X, y), budget=BUDGET, epochs=1, seed=SEED,
+                                             config=replace(make_config(), backend=backend))
+            assert other.stats["distributed"]["selection_sharded"]
+            model.to("meta")
+            assert other.stats["distributed"]["selection_sharded"] is sharded
     finally:
         dist.destroy_process_group()
         torch.set_num_threads(before)
