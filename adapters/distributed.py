@@ -74,6 +74,7 @@ __all__ = [
     "batch_share",
     "shard_bounds",
     "numba_cache_slot",
+    "selection_sharded",
 ]
 
 
@@ -183,6 +184,32 @@ def _slot_base() -> Path:
         return Path(user) / "crestcore-slots"
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(root) / "crestcore" / "numba"
+
+
+def selection_sharded(config, world_size: int, model_on_host: bool) -> bool:
+    """Whether a job's selections with more than one subset are shared out over its ranks
+    (``stats["distributed"]["selection_sharded"]``): not with one process, not with the stochastic optimizer
+    (its draws are taken for all problems at once), not when every call has one subset (the default
+    just-in-time coresets with ``fit_batches=1``: each call's one subset is solved whole on every rank), and
+    not when the features go to the host (a GPU model under ``backend="auto"`` with Numba, or
+    ``backend="numba"``: every rank solves the host copy whole).
+
+    Examples
+    --------
+    >>> from crestcore import CrestConfig
+    >>> selection_sharded(CrestConfig(), 2, True)  # just in time: one subset a call
+    False
+    >>> anchor = CrestConfig(coresets="at-anchor")  # P subsets a call
+    >>> selection_sharded(anchor, 2, True), selection_sharded(anchor, 1, True)
+    (True, False)
+    >>> selection_sharded(anchor, 2, False)  # a GPU model: the host's kernels
+    False
+    >>> selection_sharded(CrestConfig(coresets="at-anchor", backend="device"), 2, False)
+    True
+    """
+    return (world_size > 1 and config.optimizer != "stochastic"
+            and (not config.just_in_time or config.fit_batches > 1)
+            and not selection_on_host(config.backend, model_on_host))
 
 
 def numba_cache_slot(base=None) -> Path | None:
@@ -1011,10 +1038,8 @@ class DistributedCrestLoader(CrestLoader):
             "world_size": self.world_size,
             "backend": self.ops.backend,
             "sharded_solves": self.ops.sharded_solves,
-            # a model on a GPU with the host's kernels (backend "auto" with Numba, or "numba"): the
-            # controller hands every rank host features, which each rank solves whole (the unsharded fallback)
-            "selection_sharded": self.config.optimizer != "stochastic" and not selection_on_host(
-                self.config.backend,
+            "selection_sharded": selection_sharded(
+                self.config, self.world_size,
                 next((p.device.type for p in _inner_ops(self.ops).model.parameters()), "cpu") == "cpu"),
             "numba_cache": None if self.ops.numba_cache is None else str(self.ops.numba_cache),
         }

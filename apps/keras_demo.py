@@ -39,7 +39,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .train_demo import (
-    TrainSettings, crest_config, eval_steps, finish_comparison, format_table, load_arrays, make_figures,
+    TrainSettings, crest_config, crest_runs_numba, eval_steps, finish_comparison, format_table, load_arrays, make_figures,
     methods_to_run, relative_error, selects, start_comparison, warm_selection_kernels,
 )
 
@@ -412,9 +412,10 @@ def run_keras_comparison(
                            f"{s.epochs} epochs of full data, budget {s.budget:g}, seed {s.seed}, device {s.device}",
                            print_fn)
     n = int(data[0].shape[0])
-    from crestcore.controller import selection_on_host
-
-    warm_selection_kernels(methods, print_fn, crest_host=selection_on_host("auto", str(s.device).split(":")[0] == "cpu"))
+    # Keras on JAX hands CREST host NumPy features (the Numba kernels); on torch as the PyTorch demo's
+    on_cpu = str(s.device).split(":")[0] == "cpu"
+    warm_selection_kernels(methods, print_fn, crest_host=keras.backend.backend() == "jax"
+                           or crest_runs_numba(crest_config(s).backend, on_cpu))
     records = {}
     for mth in methods:
         records[mth] = train_keras_method(mth, data, s, backend=backend, progress=progress, desc=f"{mth:<10}")

@@ -1182,6 +1182,24 @@ def warm_selection_kernels(methods, print_fn: Callable[[str], None] | None = pri
     return dt
 
 
+def crest_runs_numba(backend: str, on_cpu: bool) -> bool:
+    """Whether CREST's selection with ``CrestConfig(backend=backend)`` runs the Numba kernels for a model on
+    the CPU (``on_cpu``) or on a device: always with ``"numba"``; with ``"auto"`` for a device's model when
+    Numba imports (its features go to the host); never with ``"device"`` or ``"reference"``, nor a CPU
+    model's default (the torch kernels).
+
+    Examples
+    --------
+    >>> crest_runs_numba("numba", on_cpu=True), crest_runs_numba("auto", on_cpu=True)
+    (True, False)
+    >>> crest_runs_numba("device", on_cpu=False)
+    False
+    """
+    from crestcore.controller import selection_on_host
+
+    return backend == "numba" or selection_on_host(backend, on_cpu)
+
+
 def warm_crest_host_kernels() -> bool:
     """Run a tiny CREST loop (a linear model on 300 random CPU examples, ``CrestConfig(backend="numba")``) in
     float32 and float64, once with Numba's serial fused kernel and once with its threaded one, so that every
@@ -1319,11 +1337,9 @@ def run_training_demo(
                            f"seed {s.seed}, device {s.device}, "
                            f"torch threads {torch.get_num_threads() if not s.threads else s.threads}", print_fn)
     n = int(data[0].shape[0])
-    from crestcore.controller import selection_on_host
-
     crest_backend = s.extra.get("crest", {}).get("backend", "auto")
-    on_cpu = str(s.device).split(":")[0] == "cpu"
-    warm_selection_kernels(methods, print_fn, crest_host=selection_on_host(crest_backend, on_cpu))
+    warm_selection_kernels(methods, print_fn,
+                           crest_host=crest_runs_numba(crest_backend, str(s.device).split(":")[0] == "cpu"))
     records = {}
     for mth in methods:
         records[mth] = train_method(mth, data, s, progress=progress, track_forgetting=mth == "full",

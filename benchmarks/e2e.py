@@ -579,10 +579,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
     torch = _import_torch()
-    from crestcore.controller import selection_on_host
+    from crestcore.apps.train_demo import crest_runs_numba
 
     # load the compiled kernels once, outside every clock
-    warm = _warm_up(methods, crest_host=selection_on_host(ns.crest_backend, str(ns.device).startswith("cpu")))
+    warm = _warm_up(methods, crest_host=crest_runs_numba(ns.crest_backend, str(ns.device).startswith("cpu")))
     per_seed = []
     data_cache = {}
     for seed in seeds:

@@ -55,7 +55,7 @@ from ._validation import DivergenceError, user_stacklevel, field_bool, field_cho
 from .dropping import (DropConfig, DropState, _check_live, _undone_on_error, drop_init, drop_record, drop_resize,
                        drop_update, pool_size)
 from .features import cross_entropy, last_layer_gradients, softmax
-from .facility import OPTIMIZERS, on_host_device
+from .facility import OPTIMIZERS, _numba_host, on_host_device
 from .minibatch import CLASS_BUDGETS, DenseMemoryError, _draw_blocked, minibatch_coresets
 from .quadratic import (
     QuadraticConfig,
@@ -100,7 +100,9 @@ CONFIG_AS_BEFORE = {"checks": "'every'", "probe_size": "None"}
 class ModelOps(Protocol):
     """What an adapter supplies (see the module docstring). Optionally it may also define
     ``coresets(features, labels, **kw)`` with :func:`crestcore.minibatch_coresets`'s signature and
-    result; the controller then selects through it (the distributed adapter shards the problems so);
+    result; the controller then selects through it (the distributed adapter shards the problems so; the
+    features and labels it gets are host NumPy arrays when the config's ``backend`` copies them there, as
+    the default does for a model on a GPU);
     ``gradient_and_hutchinson(indices, weights, seed)`` -> ``(loss, gradient, z * (H z))``, equal
     to the two calls, from one forward: the model fit then uses it; and ``new_anchor()``, called at
     every selection before its forward: an adapter that keeps the inputs of its measurement passes (the
@@ -326,13 +328,14 @@ class CrestConfig:
     backend : where the selection solves. "auto" (the default): CPU features on their own library's
     kernels (CPU torch tensors on the torch kernels, which start no Numba); features on a device (a GPU)
     copied to the host's Numba kernels when Numba imports (P x r x C numbers, tens of kilobytes a
-    selection, where the picks go anyway: on one H200, E1's selection path took 2.2 against 5.8 ms a call
-    on the CUDA kernels, and CREST's run 6.1 against 9.6 s; docs/benchmarks.md, "On a GPU"), else on the
-    device's kernels. "device": always the features' own library's kernels, where they are (CUDA tensors
-    on the CUDA kernels). "numba": always the Numba kernels on the host (a long CPU run of a small model,
-    with many hundreds of selections, repays Numba's one-off start of 0.5-0.9 s by 1-3 ms a selection).
-    "reference": the generic array-API code. Host features are solved whole on every rank by
-    ``crestcore.adapters.distributed`` (the unsharded fallback).
+    selection, C x h columns a row with embeddings of width h; where the picks go anyway: on one H200, E1's
+    selection path took 2.2 against 5.8 ms a call on the CUDA kernels, and CREST's run 5.2 against 8.6 s;
+    docs/benchmarks.md, "On a GPU, second lease"), else on the device's kernels. "device": always the
+    features' own library's kernels, where they are (CUDA tensors on the CUDA kernels). "numba": always the
+    Numba kernels on the host (a long CPU run of a small model, with many hundreds of selections, repays
+    Numba's one-off start of 0.5-0.9 s by 1-3 ms a selection). "reference": the generic array-API code.
+    Features copied to the host are NumPy arrays: an adapter's own ``coresets`` gets them so, and
+    ``crestcore.adapters.distributed`` solves them whole on every rank (the unsharded fallback).
 
     Examples
     --------
@@ -835,10 +838,10 @@ def _coresets(state: CrestState, ops, config: CrestConfig, subsets: np.ndarray, 
     # torch kernels: a few ms slower per call than Numba at these shapes, but no Numba start-up, 0.5-0.9 s
     # once per process, which a short CPU run paid at its first selection)
     if selection_on_host(config.backend, on_host_device(feats)):
-        # a model on a device (a GPU) with the host's kernels: the features (P x r x C numbers, C x (h + 1)
-        # a row with embeddings) and labels come to the host, where the picks go anyway; an adapter's own
+        # a model on a device (a GPU) with the host's kernels: the features (P x r x C numbers, C x h a
+        # row with embeddings) and labels come to the host, where the picks go anyway; an adapter's own
         # solve (ops.coresets) gets them there too
-        feats, y = to_numpy(feats), to_numpy(y)
+        feats, y = _numba_host(to_numpy(feats)), to_numpy(y)  # jax's bfloat16 as float32, as torch's comes
     solve = getattr(ops, "coresets", None) or minibatch_coresets
     try:
         cs = solve(

@@ -694,6 +694,41 @@ def test_auto_solves_a_device_models_selection_on_the_host_and_device_where_it_i
         CrestConfig(backend="gpu")
 
 
+def test_auto_takes_jax_bfloat16_features_off_the_host_as_numba_and_device_do(monkeypatch):
+    """Review 54: a jax model's bfloat16 logits on a GPU (stand-in: jax arrays counted as off the host) under
+    the default backend="auto" were copied to a NumPy bfloat16 array (ml_dtypes), which minibatch_coresets
+    refuses; "numba" and "device" worked. The copy is float32 now, as torch's bfloat16 comes to the host."""
+    jnp = pytest.importorskip("jax.numpy")
+    import crestcore.controller as controller
+
+    real = controller.on_host_device
+    monkeypatch.setattr(controller, "on_host_device", lambda X: False if "jax" in type(X).__module__ else real(X))
+    gen = np.random.default_rng(0)
+    y = gen.integers(0, 3, 200).astype(np.int64)
+    X, W = gen.normal(size=(200, 5)), gen.normal(size=(5, 3)) * 0.1
+
+    class JaxOps:
+        def outputs(self, idx, embeddings=False):
+            return jnp.asarray(X[idx] @ W, dtype=jnp.bfloat16)
+
+        def params(self):
+            return jnp.asarray(W.ravel())
+
+        def gradient(self, idx, w):
+            return 1.0, jnp.zeros(W.size)
+
+        def hutchinson(self, idx, w, seed):
+            return jnp.ones(W.size) * 0.1
+
+    picks = {}
+    for backend in ("numba", "device", "auto"):
+        cfg = CrestConfig(m=8, r=60, P=2, backend=backend)
+        _, batch = crest_next_batch(crest_init(cfg, y, seed=0), JaxOps(), cfg)
+        picks[backend] = np.asarray(batch.indices)
+    np.testing.assert_array_equal(picks["auto"], picks["numba"])
+    np.testing.assert_array_equal(picks["auto"], picks["device"])
+
+
 # ------------------------------------------------------------------------------------------------
 # (5) the release's configuration runs and does what it says
 # ------------------------------------------------------------------------------------------------

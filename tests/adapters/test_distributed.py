@@ -662,22 +662,22 @@ def test_one_process_group_matches_the_single_process_loader(tmp_path):
         # while nothing changes
         token = loader.ops.state_token(np.arange(8))
         assert token is not None and token == loader.ops.state_token(np.arange(8))
-        # backend="numba" with the model on a device: the controller hands every rank host features, which
-        # each solves whole, so the selection is not sharded (the stat said it was)
-        assert loader.stats["distributed"]["selection_sharded"]
-        model = make_model()
-        numba = D.DistributedCrestLoader(model, TensorDataset(X, y), config=replace(make_config(), backend="numba"),
-                                         budget=BUDGET, epochs=1, seed=SEED)
-        assert numba.stats["distributed"]["selection_sharded"]  # a CPU model: its CPU tensors are sharded
-        model.to("meta")  # a stand-in for a GPU: parameters off the host
-        assert not numba.stats["distributed"]["selection_sharded"]
-        # the default, "auto", takes the host's kernels for a GPU model too; "device" keeps them sharded
-        for backend, sharded in (("auto", False), ("device", True)):
+        # one process shards nothing (the stat said it did); the rule is selection_sharded's
+        assert loader.stats["distributed"]["selection_sharded"] is False
+        cfg = make_config(jit=False)  # at-anchor: P subsets a call
+        assert D.selection_sharded(cfg, 2, True) and not D.selection_sharded(cfg, 1, True)
+        assert not D.selection_sharded(make_config(jit=True), 2, True)  # one subset a call: solved whole
+        assert D.selection_sharded(replace(make_config(jit=True), fit_batches=2), 2, True)
+        assert not D.selection_sharded(replace(cfg, optimizer="stochastic"), 2, True)
+        # the model on a device: "numba" and the default "auto" hand every rank host features, which each
+        # solves whole (the stat said "numba"'s were sharded); "device" keeps them on the device, sharded
+        for backend, sharded in (("numba", False), ("auto", False), ("device", True)):
             model = make_model()
             other = D.DistributedCrestLoader(model, TensorDataset(X, y), budget=BUDGET, epochs=1, seed=SEED,
-                                             config=replace(make_config(), backend=backend))
-            assert other.stats["distributed"]["selection_sharded"]
-            model.to("meta")
+                                             config=replace(cfg, backend=backend))
+            other.world_size = 2  # the stat as a two-rank job's (the rule reads the world size)
+            assert other.stats["distributed"]["selection_sharded"]  # a CPU model: its CPU tensors are sharded
+            model.to("meta")  # a stand-in for a GPU: parameters off the host
             assert other.stats["distributed"]["selection_sharded"] is sharded
     finally:
         dist.destroy_process_group()

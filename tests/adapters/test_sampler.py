@@ -322,6 +322,37 @@ def test_workers_resume_and_determinism(cut):
         assert torch.equal(p, q)
 
 
+def test_a_resume_under_another_prefetch_window_is_warned_about():
+    """Review 55: a run saved under 2 workers (4 batches fetched ahead) and resumed under none continued
+    differently (the controller makes each batch that many steps before it is trained: other parameters
+    measured, other drop decisions), silently. The first pass after the load now says so; under the saved
+    window it says nothing."""
+    X, y = make_data()
+
+    def resumed(workers_after):
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sampler = CrestBatchSampler(model, TensorDataset(X, y), **{**CFG, "budget": 1.0})
+        for k, (x, yb, w) in enumerate(sampler.dataloader(num_workers=2, prefetch_factor=2), start=1):
+            step(model, opt, x, yb, w)
+            if k == 3:
+                state = sampler.state_dict(trained=k)
+                break
+        assert state["fetch_ahead"] == 4
+        again = CrestBatchSampler(model, TensorDataset(X, y), **{**CFG, "budget": 1.0})
+        again.load_state_dict(state)
+        kw = dict(num_workers=workers_after, prefetch_factor=2) if workers_after else {}
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            for _ in again.dataloader(**kw):
+                pass
+        return [str(m.message) for m in seen if "batches ahead; the saved run's" in str(m.message)]
+
+    said = resumed(0)
+    assert len(said) == 1 and "fetches 0 batches ahead; the saved run's fetched 4" in said[0]
+    assert resumed(2) == []
+
+
 def test_a_checkpoint_without_trained_inside_a_pass_with_workers_is_warned_about():
     """``state_dict()`` without ``trained=`` while the DataLoader's workers had fetched batches the loop had not
     trained counted them all as trained, silently: a run resumed from it skipped them. Warned about inside
@@ -433,6 +464,35 @@ def test_observed_losses_are_recorded_at_the_step_their_batch_trained():
                 assert at.size == 1 and drop.steps[j, at[0]] == t, (t, j, drop.steps[j])
             t += 1
     assert lags >= 8 and t == s.stats["step"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_cycled_coreset_observed_after_skipped_batches_is_recorded_at_its_own_step(workers):
+    """Review 55: with coresets cycled (A B C A B C ...) and a loop that observes only some batches,
+    observe(losses, indices=i) recorded batch 8's losses at step 2, the first unobserved batch with the same
+    examples, silently (a drop decision then saw none of them in its window). The batch just trained is
+    among the last handed out (the DataLoader fetches at most its prefetch window ahead): its own step."""
+    X, y = make_data()
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = CrestConfig(m=24, r=60, P=3, T1=1000, coresets="at-anchor", max_age=None, T2=100,
+                      drop=DropConfig(history=32))
+    s = CrestBatchSampler(model, TensorDataset(X, y), config=cfg, budget=1.0, epochs=1, seed=0)
+    kw = dict(num_workers=workers, prefetch_factor=1) if workers else {}
+    seen = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one candidate in the prefetch window: nothing ambiguous to say
+        for t, (x, yb, w, i) in enumerate(s.dataloader(indices=True, **kw)):
+            step(model, opt, x, yb, w)
+            seen[t] = np.sort(i.numpy())
+            if t == 8:
+                assert np.array_equal(seen[8], seen[2]) and np.array_equal(seen[8], seen[5])  # cycled
+                s.observe(torch.full((i.numel(),), 1000.0), indices=i)
+                break
+    drop = s.controller_state.drop
+    for j in seen[8].tolist():
+        at = np.flatnonzero(drop.losses[j] == 1000.0)
+        assert at.size == 1 and drop.steps[j, at[0]] == 8, (j, drop.steps[j])
 
 
 @pytest.mark.parametrize("with_indices", [True, False])
