@@ -371,7 +371,8 @@ def markdown(summary: dict, meta: dict) -> str:
         ]
         lines += [
             "",
-            f"Overhead (selection + model + checks) = {o:.1f} +- {so:.1f} % of CREST's training-step time; "
+            f"Overhead (selection + model + checks) = {o:.1f} +- {so:.1f} % (mean +- standard deviation over the "
+            "seeds) of CREST's training-step time; "
             f"all forward/backward passes CREST spent = {100 * d['fraction_all_passes']:.1f} % of the full run's "
             "(`stats['budget']['fraction_all_passes']`).",
         ]
