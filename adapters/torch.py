@@ -305,6 +305,23 @@ def _random_states_kept():
             np.random.set_state(npy)
 
 
+@contextlib.contextmanager
+def _measurement_randomness(idx: np.ndarray, anchor: int = 0):
+    """A measurement's in-process loads draw their random transforms from a stream of their own: torch's CPU,
+    NumPy's legacy and Python's global RNGs seeded inside from the anchor's number and the loaded indices,
+    the user's states restored after. A measurement then never moves the training's randomness (the
+    augmentations and dropout masks that follow a selection); a new anchor draws fresh inputs."""
+    import random
+    import zlib
+
+    seed = zlib.crc32(np.ascontiguousarray(idx, dtype=np.int64).tobytes(), zlib.crc32(np.int64(anchor).tobytes()))
+    with _random_states_kept():
+        torch.random.default_generator.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        yield
+
+
 def uncompiled(model: nn.Module) -> nn.Module:
     """The module a ``torch.compile``d model wraps (the same parameters and buffers), else ``model``.
 
@@ -680,6 +697,7 @@ class _Fetcher:
         self.dataset = dataset
         self.collate = collate_fn if collate_fn is not None else _DefaultCollate()
         self._tensors = type(dataset) is TensorDataset and collate_fn is None
+        self.random_free = self._tensors  # its loads draw no random numbers
 
     def __call__(self, idx: np.ndarray):
         if self._tensors:
@@ -1642,7 +1660,12 @@ class TorchModelOps:
     def _host_batches(self, idx: np.ndarray, spans):
         if self.num_workers == 0:
             for a, b in spans:
-                yield self._fetch(idx[a:b])
+                if self._fetch.random_free:  # a TensorDataset's rows: nothing random to keep apart
+                    yield self._fetch(idx[a:b])
+                    continue
+                with _measurement_randomness(idx[a:b], self._gen):  # not the user's RNGs (workers: their own)
+                    batch = self._fetch(idx[a:b])
+                yield batch
             return
         pool = self._worker_pool()
         pool.batch_sampler.items = [idx[a:b].tolist() for a, b in spans]
