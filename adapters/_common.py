@@ -141,6 +141,20 @@ def stored_batches(records, n: int, where: str, name: str, convert=None) -> list
     return [Batch(*stored_batch(r if convert is None else convert(r), n, where)) for r in records]
 
 
+def labels_digest(labels) -> str:
+    """A checkpoint's fingerprint of the labels (sha256 of them as int64): a state saved for a dataset of the
+    same size with other labels is refused on load.
+
+    Examples
+    --------
+    >>> labels_digest([0, 1, 1])[:12]
+    'ccb1ac866b7d'
+    """
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64).tobytes()).hexdigest()
+
+
 def check_checkpoint(state, *, fmt: str, owner: str, kind: str, fingerprint: dict, same: str,
                      options: tuple[str, object, str]) -> None:
     """Check the header of a state dict ``owner.load_state_dict`` got: its ``format`` must be ``fmt`` and

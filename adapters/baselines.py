@@ -90,7 +90,7 @@ from crestcore.adapters.torch import (  # the torch adapter's data access, share
     dataset_labels,
 )
 
-from ._common import check_budget, check_budget_counts, check_checkpoint, check_count
+from ._common import check_budget, check_budget_counts, check_checkpoint, check_count, labels_digest
 
 __all__ = ["SubsetLoader", "METHODS", "SELECTING_METHODS"]
 
@@ -406,9 +406,7 @@ class SubsetLoader(BudgetedPasses):
         return self.schedule.settings()
 
     def _labels_digest(self) -> str:
-        import hashlib
-
-        return hashlib.sha256(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes()).hexdigest()
+        return labels_digest(self.labels)
 
     def state_dict(self) -> dict:
         """Everything needed to continue with the same batches: position, the current selection and epoch

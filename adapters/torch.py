@@ -2532,27 +2532,10 @@ class CrestLoader(BudgetedPasses):
         self._batch: Batch | None = None
         self._pending: list[Batch] = []  # handed out before a checkpoint and not trained: replayed first
         self._trainable_ids: tuple | None = None  # the parameters the last step trained (their identities)
-        self._warned_broken = False  # a pass left before its end: said once (_broken_pass)
 
     # -- accounting and stepping ----------------------------------------------------------------
     def _replaying(self) -> bool:
         return bool(self._pending)
-
-    def _broken_pass(self, handed: int) -> None:
-        """Said once: a pass left before its end (a loop broken off, or ``next(iter(loader))`` to look at a
-        batch) handed out batches that count as trained; a batch only looked at is lost from the run."""
-        if self._warned_broken or self._open_done:  # (a pass that handed out its share's last batch is done)
-            return
-        self._warned_broken = True
-        keep = ("call sampler.rewind(batches_trained) before the next pass" if isinstance(self, CrestBatchSampler)
-                else "save loader.state_dict() before looking and load_state_dict() it after")
-        warnings.warn(
-            f"{type(self).__name__}: the last pass was left before its end after handing out {handed} "
-            f"batch{'es' if handed != 1 else ''}; they count as trained, and this pass continues after them. If a "
-            "batch was taken only to look at it (next(iter(loader)) before the training loop), the run trains "
-            "that many batches fewer than planned (a scheduler sized from len(loader) * epochs stops short): to look "
-            f"without spending it, {keep}. If the batches were trained, ignore this (said once).",
-            stacklevel=_common.user_stacklevel())
 
     def _counters(self) -> dict:
         c = self._state.counters
@@ -3042,6 +3025,8 @@ class CrestBatchSampler(CrestLoader):
     def last_weights(self) -> np.ndarray | None:
         self._handed_ahead("last_weights")
         return super().last_weights
+
+    _look_advice = "call sampler.rewind(batches_trained) before the next pass"
 
     def _broken_pass(self, handed: int) -> None:
         if not self._pass_ahead:  # no look-ahead: as CrestLoader's (said once)

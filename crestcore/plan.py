@@ -203,6 +203,7 @@ class BudgetedPasses:
         self._open_handed = 0  # batches the running (or last, if broken off) pass handed out; 0 once it ended
         self._open_epoch: int | None = None  # the epoch of that pass while it is open (a broken-off epoch started)
         self._open_done = False  # whether that pass handed out its share's last batch (a consumer may stop there)
+        self._warned_broken = False  # a pass left before its end: said once (_broken_pass)
         self._warned_hint = False  # a set_epoch naming an epoch handed out already was ignored, and said so
         self._drift_said = False  # the epochs' drift was said by whoever calls set_epoch (Lightning's limit)
 
@@ -389,9 +390,23 @@ class BudgetedPasses:
                 stacklevel=user_stacklevel())
         return e
 
+    #: how to look at a batch without spending it, in :meth:`_broken_pass`'s warning
+    _look_advice = "save loader.state_dict() before looking and load_state_dict() it after"
+
     def _broken_pass(self, handed: int) -> None:
         """Called when a pass starts after the previous one was left before its end, having handed out
-        ``handed`` batches (subclasses that can tell whether batches were lost say so)."""
+        ``handed`` batches. Said once: they count as trained; a batch only looked at (``next(iter(loader))``
+        before the loop) is lost from the run. A pass that handed out its share's last batch is done."""
+        if self._warned_broken or self._open_done:
+            return
+        self._warned_broken = True
+        warnings.warn(
+            f"{type(self).__name__}: the last pass was left before its end after handing out {handed} "
+            f"batch{'es' if handed != 1 else ''}; they count as trained, and this pass continues after them. If a "
+            "batch was taken only to look at it (next(iter(loader)) before the training loop), the run trains "
+            "that many batches fewer than planned (a scheduler sized from len(loader) * epochs stops short): to look "
+            f"without spending it, {self._look_advice}. If the batches were trained, ignore this (said once).",
+            stacklevel=user_stacklevel())
 
     def _pass_started(self) -> None:
         """Called when a pass starts handing out batches."""

@@ -817,3 +817,26 @@ def test_prune_never_prunes_a_loss_at_or_above_the_exact_mean_and_anneals_exactl
         on = prune_schedule(L, ratio=0.5, epoch=first_off - 1, epochs=epochs, anneal=anneal, rng=0)
         off = prune_schedule(L, ratio=0.5, epoch=first_off, epochs=epochs, anneal=anneal, rng=0)
         assert np.asarray(on.indices).size == 3 and np.asarray(off.indices).size == 4, (anneal, epochs)
+
+
+def test_subset_schedule_checks_observe_and_next_indices_at_the_boundary():
+    """Review 57: SubsetSchedule is public (another framework's loader drives it), yet observe broadcast a
+    batch's mean loss to every example, wrote index -1 to the last example and stored NaN; next_indices(1.5)
+    served step 1 again and counted it twice. Each is refused now, naming the argument."""
+    from crestcore.baselines import SubsetSchedule
+
+    s = SubsetSchedule("prune", np.arange(20) % 2, m=4, seed=0, steps_per_epoch=2, full_steps_per_epoch=5, epochs=2)
+    with pytest.raises(ValueError, match="one loss per index"):
+        s.observe(np.arange(4), np.array(0.7))
+    with pytest.raises(ValueError, match="indices must be"):
+        s.observe(np.array([-1, 2]), np.array([0.1, 0.2]))
+    with pytest.raises(ValueError, match="finite"):
+        s.observe(np.array([1, 2]), np.array([np.nan, 0.2]))
+    assert not s.seen.any()  # nothing recorded by a refused call
+    s.observe(np.array([1, 2]), np.array([0.1, 0.2]))
+    assert s.seen.sum() == 2
+    with pytest.raises(TypeError, match="position must be an integer"):
+        s.next_indices(1.5)
+    with pytest.raises(ValueError, match="position must be >= 0"):
+        s.next_indices(-1)
+    assert s.counters["train_steps"] == 0

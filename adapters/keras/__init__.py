@@ -1661,6 +1661,7 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
         """
         return {"format": _SUBSET_FORMAT, **self._fingerprint(), "budget": self.budget,
                 "settings": self.schedule.settings(), "position": self._position,
+                "labels_sha256": _common.labels_digest(self.labels),
                 "queue": [{"indices": i.copy(), "weights": w.copy()} for i, w in self._queue],
                 "schedule": self.schedule.state()}
 
@@ -1682,9 +1683,15 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
             state, fmt=_SUBSET_FORMAT, owner="SubsetCallback", kind="callback", fingerprint=self._fingerprint(),
             same="method, data, m, seed, budget and epochs",
             options=("settings", self.schedule.settings(), "the baseline's options differ from the saved ones"))
+        saved = state.get("labels_sha256")  # (states before 2026-12-04 have none)
+        if saved is not None and saved != _common.labels_digest(self.labels):
+            raise ValueError("the state dict was saved for data with different labels: its selection and "
+                             "records belong to those; resume with the same data")
         pos = state.get("position")
-        if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or pos < 0:
-            raise ValueError(f"SubsetCallback state dict: position must be a non-negative integer, got {pos!r}")
+        total = self.steps_per_epoch * self.epochs
+        if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or not 0 <= int(pos) <= total:
+            raise ValueError(f"SubsetCallback state dict: position must be an integer in [0, {total}] (the planned "
+                             f"steps), got {pos!r}")
         self.schedule.load_state(state["schedule"])
         self._position = int(pos)
         self._queue = [(np.asarray(q["indices"], dtype=np.int64), np.asarray(q["weights"], dtype=np.float64))

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .._compat import device_of, from_numpy, namespace, on_cpu, to_numpy
-from .._validation import apportion, check_count, user_stacklevel
+from .._validation import apportion, check_count, check_int, user_stacklevel
 from ..features import last_layer_gradients
 from ._craig import craig
 from ._glister import glister
@@ -267,7 +267,7 @@ class SubsetSchedule:
         >>> sorted(np.concatenate([s.next_indices(t)[0] for t in range(3)]).tolist()) == list(range(10))
         True
         """
-        idx, w = self._indices(int(position), ops, sync, epoch)
+        idx, w = self._indices(check_int(position, "position", low=0), ops, sync, epoch)
         self.counters["train_steps"] += 1
         self.counters["train_examples"] += int(idx.size)
         return idx, w
@@ -477,8 +477,8 @@ class SubsetSchedule:
 
     # -- feedback and checkpoints ---------------------------------------------------------------
     def observe(self, indices: np.ndarray, losses: np.ndarray) -> None:
-        """Record the training losses (host float, checked by the caller) of the examples ``indices``;
-        only prune reads them.
+        """Record the training losses of the examples ``indices`` (host; one finite loss per index, in
+        ``[0, n)``: a batch's mean loss or an index out of range is refused); only prune reads them.
 
         Examples
         --------
@@ -489,9 +489,19 @@ class SubsetSchedule:
         >>> s.seen.sum(), s.losses[3]
         (np.int64(2), np.float64(0.25))
         """
+        idx = np.asarray(indices)
+        vals = np.asarray(losses, dtype=np.float64)
+        if idx.ndim != 1 or not (idx.size == 0 or np.issubdtype(idx.dtype, np.integer)) or (
+                idx.size and (idx.min() < 0 or idx.max() >= self.n)):
+            raise ValueError(f"indices must be a 1-D integer array of example indices in [0, {self.n})")
+        if vals.shape != idx.shape:
+            raise ValueError(f"losses must hold one loss per index: shape {idx.shape}, got {vals.shape} (per-example "
+                             "losses, reduction='none', not the batch's mean)")
+        if not np.all(np.isfinite(vals)):
+            raise ValueError("losses must be finite (a NaN or infinite training loss: training has diverged)")
         if self.method == "prune":
-            self.losses[indices] = losses
-            self.seen[indices] = True
+            self.losses[idx] = vals
+            self.seen[idx] = True
 
     @property
     def selection(self) -> tuple[np.ndarray, np.ndarray] | None:

@@ -566,3 +566,17 @@ def test_measurement_loads_leave_the_global_rng_where_the_training_loads_leave_i
     with _measurement_randomness(idx):
         b = torch.rand(2)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_peeked_batch_is_said_to_count_as_trained_as_crestloader_says():
+    """Review 57: next(iter(loader)) before the loop spent a batch of a SubsetLoader's run silently (the
+    loop trained 11 of the 12 planned, stats counted 12); CrestLoader warned. Both say it now, once."""
+    ld = loader("random", epochs=2)
+    next(iter(ld))
+    with pytest.warns(UserWarning, match="left before its end after handing out 1 batch"):
+        trained = sum(1 for _ in iter(ld))
+    assert trained == len(ld) - 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        trained += sum(1 for _ in iter(ld))
+    assert trained + 1 == 2 * len(ld) == ld.stats["step"]
