@@ -191,8 +191,9 @@ def selection_sharded(config, world_size: int, model_on_host: bool) -> bool:
     (``stats["distributed"]["selection_sharded"]``): not with one process, not with the stochastic optimizer
     (its draws are taken for all problems at once), not when every call has one subset (the default
     just-in-time coresets with ``fit_batches=1``: each call's one subset is solved whole on every rank), and
-    not when the features go to the host (a GPU model under ``backend="auto"`` with Numba, or
-    ``backend="numba"``: every rank solves the host copy whole).
+    not when the features go to the host (``backend="numba"`` with a GPU model: every rank solves the host
+    copy whole; the default ``"auto"`` keeps a GPU model's solve on the device with more than one process,
+    :attr:`DistributedModelOps.host_selection`).
 
     Examples
     --------
@@ -202,14 +203,14 @@ def selection_sharded(config, world_size: int, model_on_host: bool) -> bool:
     >>> anchor = CrestConfig(coresets="at-anchor")  # P subsets a call
     >>> selection_sharded(anchor, 2, True), selection_sharded(anchor, 1, True)
     (True, False)
-    >>> selection_sharded(anchor, 2, False)  # a GPU model: the host's kernels
-    False
-    >>> selection_sharded(CrestConfig(coresets="at-anchor", backend="device"), 2, False)
+    >>> selection_sharded(anchor, 2, False)  # a GPU model: "auto" solves on the GPUs with two ranks
     True
+    >>> selection_sharded(CrestConfig(coresets="at-anchor", backend="numba"), 2, False)  # the host's kernels
+    False
     """
     return (world_size > 1 and config.optimizer != "stochastic"
             and (not config.just_in_time or config.fit_batches > 1)
-            and not selection_on_host(config.backend, model_on_host))
+            and not selection_on_host(config.backend, model_on_host, world_size == 1))
 
 
 def numba_cache_slot(base=None) -> Path | None:
@@ -783,6 +784,14 @@ class DistributedModelOps:
         return float(total[-1]), total[:D], total[D:2 * D]
 
     # -- the coreset solve ----------------------------------------------------------------------
+    @property
+    def host_selection(self) -> bool:
+        """Whether ``CrestConfig(backend="auto")`` may copy a GPU model's selection features to the host's
+        Numba kernels (the controller reads it): with one process, as a single-process run; with more, no,
+        the selection stays on the GPUs (every rank would run the threaded host kernels on the node's shared
+        cores; untimed), and ``backend="numba"`` still asks for the host."""
+        return self.world_size == 1
+
     def coresets(self, features, labels, *, m, r, P, rng=None, subsets=None, optimizer="lazy", **kwargs) -> Coresets:
         """:func:`crestcore.minibatch_coresets` with the ``P`` problems shared out over the ranks.
 

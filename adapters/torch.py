@@ -2933,6 +2933,7 @@ class CrestBatchSampler(CrestLoader):
         self._loader_ahead = 0  # the batches the DataLoader that called iter() last fetches ahead
         self._pass_ahead = 0  # ... and that of the DataLoader the running pass hands its batches to
         self._saved_ahead: int | None = None  # a loaded state's: compared with the first pass's after the load
+        self._ahead_known = False  # whether a pass ran (since construction or a load): _pass_ahead is its window
         self._loader_iter = self._pass_iter = None  # weak references to those DataLoaders' iterators
         self._pass_from = 0  # the run position at the start of the last pass
 
@@ -3041,7 +3042,7 @@ class CrestBatchSampler(CrestLoader):
             "untrained batches are then handed out again, first.", stacklevel=_common.user_stacklevel())
 
     def _pass_started(self) -> None:
-        self._pass_ahead = self._loader_ahead
+        self._pass_ahead, self._ahead_known = self._loader_ahead, True
         self._pass_iter, self._pass_from = self._loader_iter, self._position
         saved, self._saved_ahead = self._saved_ahead, None
         if saved is not None and saved != self._pass_ahead:
@@ -3053,8 +3054,11 @@ class CrestBatchSampler(CrestLoader):
                 "run's num_workers and prefetch_factor to continue it exactly", stacklevel=_common.user_stacklevel())
 
     def _state_dict(self, position: int, batch: Batch | None, pending: list, epochs_done: int) -> dict:
-        # how far ahead the saving run's DataLoader fetched: a resume under another count is told it differs
-        return {**super()._state_dict(position, batch, pending, epochs_done), "fetch_ahead": self._pass_ahead}
+        # how far ahead the saving run's DataLoader fetched (None before any pass: unknown; a loaded state's
+        # own value until a pass runs): a resume under another count is told it differs
+        ahead = self._saved_ahead if self._saved_ahead is not None else (
+            self._pass_ahead if self._ahead_known else None)
+        return {**super()._state_dict(position, batch, pending, epochs_done), "fetch_ahead": ahead}
 
     def _untrained_ahead(self) -> bool:
         """Whether batches of the last pass were fetched ahead but not given to the loop: the DataLoader's
@@ -3088,7 +3092,8 @@ class CrestBatchSampler(CrestLoader):
         super().load_state_dict(state)
         self._handed, self._handed_epoch, self._handed_from = [], [], self._position
         self._observed_step = self._position - 1
-        ahead = state.get("fetch_ahead")  # absent before 2026-12-04: nothing to compare
+        self._ahead_known = False
+        ahead = state.get("fetch_ahead")  # absent before 2026-12-04, None before a pass: nothing to compare
         self._saved_ahead = int(ahead) if isinstance(ahead, (int, np.integer)) and not isinstance(ahead, bool) else None
 
     def rewind(self, trained: int) -> None:
@@ -3148,27 +3153,28 @@ class CrestBatchSampler(CrestLoader):
         # a batch: each loss goes with its own index; a coreset holds no index twice)
         first = max(0, self._observed_step + 1 - self._handed_from)  # the scan starts after it: O(1) in order
         key = np.sort(idx)
+        # the batch just trained is among the last handed out (the DataLoader fetches at most its prefetch
+        # window ahead of the loop): the next batch in order, when it lies there, is taken at once (a loop
+        # that observes every batch); otherwise a cycled coreset's later copy in the window is its batch,
+        # not an earlier one the loop left unobserved
+        last = self._handed_from + len(self._handed) - 1
         hits = []
         for i in range(first, len(self._handed)):
             if self._handed[i].indices.size == key.size and np.array_equal(np.sort(self._handed[i].indices), key):
                 hits.append(self._handed_from + i)
-                if hits[0] == self._observed_step + 1:  # the next batch in order: the loop observes each one
+                if hits[0] == self._observed_step + 1 and hits[0] >= last - self._pass_ahead:
                     break
         step = hits[0] if hits else None
         if len(hits) > 1:
-            # the same examples came in several batches not yet observed (a cycled coreset comes again) and the
-            # loop left the batches before them unobserved: the batch just trained is among the last handed
-            # out (the DataLoader fetches at most its prefetch window ahead), not one skipped long before
-            last = self._handed_from + len(self._handed) - 1
             near = [h for h in hits if h >= last - self._pass_ahead]
             step = near[0] if near else step
             if len(near) != 1 and not self._ambiguous_warned:
                 self._ambiguous_warned = True
                 warnings.warn(
                     f"observe(indices=...) got the examples of the batches at steps {hits} (a coreset cycled "
-                    "through comes again), none of them observed, and the batches before them were not observed "
-                    f"either: its losses are recorded at step {step}, which may not be the batch they came from. "
-                    "Observe every trained batch, in order, to keep the drop policy's records exact (warned once)",
+                    f"through comes again), none of them observed: its losses are recorded at step {step}, which may "
+                    "not be the batch they came from. Observe every trained batch, in order, right after its step, "
+                    "to keep the drop policy's records exact (warned once)",
                     stacklevel=_common.user_stacklevel())
         if step is None and self.config.T2 is not None and not self._unmatched_warned:
             self._unmatched_warned = True

@@ -102,7 +102,8 @@ class ModelOps(Protocol):
     ``coresets(features, labels, **kw)`` with :func:`crestcore.minibatch_coresets`'s signature and
     result; the controller then selects through it (the distributed adapter shards the problems so; the
     features and labels it gets are host NumPy arrays when the config's ``backend`` copies them there, as
-    the default does for a model on a GPU);
+    the default does for a model on a GPU; a ``host_selection`` attribute False keeps the default's solve on
+    the device, as the distributed adapter's does with more than one process);
     ``gradient_and_hutchinson(indices, weights, seed)`` -> ``(loss, gradient, z * (H z))``, equal
     to the two calls, from one forward: the model fit then uses it; and ``new_anchor()``, called at
     every selection before its forward: an adapter that keeps the inputs of its measurement passes (the
@@ -335,7 +336,8 @@ class CrestConfig:
     Numba kernels on the host (a long CPU run of a small model, with many hundreds of selections, repays
     Numba's one-off start of 0.5-0.9 s by 1-3 ms a selection). "reference": the generic array-API code.
     Features copied to the host are NumPy arrays: an adapter's own ``coresets`` gets them so, and
-    ``crestcore.adapters.distributed`` solves them whole on every rank (the unsharded fallback).
+    ``crestcore.adapters.distributed`` solves them whole on every rank (the unsharded fallback); with more
+    than one process it keeps "auto"'s solve on the GPUs (the ranks would share the host's cores; untimed).
 
     Examples
     --------
@@ -805,10 +807,12 @@ def _union_positions(subsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return s[first], pos.reshape(subsets.shape)
 
 
-def selection_on_host(backend: str, features_on_host: bool) -> bool:
+def selection_on_host(backend: str, features_on_host: bool, auto_host: bool = True) -> bool:
     """Whether a selection with ``CrestConfig(backend=backend)`` copies its features to the host's Numba
     kernels: never when they are on the host already; with ``"numba"`` always; with ``"auto"`` when Numba
-    imports (otherwise the device's own kernels solve them); with ``"device"`` and ``"reference"`` never.
+    imports and ``auto_host`` (an adapter's ``host_selection``: False under torch.distributed with more than
+    one process, whose ranks would share the host's cores), otherwise the device's own kernels solve them;
+    with ``"device"`` and ``"reference"`` never.
 
     Examples
     --------
@@ -821,6 +825,8 @@ def selection_on_host(backend: str, features_on_host: bool) -> bool:
         return False
     if backend == "numba":
         return True
+    if not auto_host:
+        return False
     from .backends import backend_module
 
     return backend_module("numpy") is not None
@@ -837,7 +843,7 @@ def _coresets(state: CrestState, ops, config: CrestConfig, subsets: np.ndarray, 
     # an adapter may shard the solve; otherwise the features' own library solves it (CPU tensors on the
     # torch kernels: a few ms slower per call than Numba at these shapes, but no Numba start-up, 0.5-0.9 s
     # once per process, which a short CPU run paid at its first selection)
-    if selection_on_host(config.backend, on_host_device(feats)):
+    if selection_on_host(config.backend, on_host_device(feats), getattr(ops, "host_selection", True)):
         # a model on a device (a GPU) with the host's kernels: the features (P x r x C numbers, C x h a
         # row with embeddings) and labels come to the host, where the picks go anyway; an adapter's own
         # solve (ops.coresets) gets them there too

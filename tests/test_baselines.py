@@ -834,6 +834,7 @@ def test_subset_schedule_checks_observe_and_next_indices_at_the_boundary():
         s.observe(np.array([1, 2]), np.array([np.nan, 0.2]))
     assert not s.seen.any()  # nothing recorded by a refused call
     s.observe(np.array([1, 2]), np.array([0.1, 0.2]))
+    s.observe([], [])  # an empty batch records nothing (review 58: it raised an IndexError)
     assert s.seen.sum() == 2
     with pytest.raises(TypeError, match="position must be an integer"):
         s.next_indices(1.5)

@@ -694,6 +694,34 @@ def test_auto_solves_a_device_models_selection_on_the_host_and_device_where_it_i
         CrestConfig(backend="gpu")
 
 
+def test_an_adapter_can_keep_autos_solve_on_the_device(monkeypatch):
+    """Review 58: under torch.distributed with several processes every rank would run the threaded host
+    kernels on the node's shared cores; an adapter's ``host_selection = False`` (the distributed one's with
+    more than one process) keeps "auto"'s solve on the device, and "numba" still takes the host."""
+    import crestcore.controller as controller
+
+    real = controller.minibatch_coresets
+    dev = xs.Device("device1")
+    monkeypatch.setitem(LIBS, "strict-device1", lambda a: xs.asarray(a, device=dev))
+    seen = []
+
+    def spy(feats, y, **kw):
+        seen.append(type(feats).__module__.split(".")[0])
+        return real(feats, y, **kw)
+
+    monkeypatch.setattr(controller, "minibatch_coresets", spy)
+
+    class Ranked(FakeOps):
+        host_selection = False
+
+    levels = [1.0, 1.0, 1.02, 1.5, 1.5, 0.5]
+    for backend, lib in (("auto", "array_api_strict"), ("numba", "numpy")):
+        seen.clear()
+        cfg = CrestConfig(m=4, r=12, P=3, T1=2, tau=0.05, backend=backend)
+        _run_trace(cfg, levels, Ranked(_labels(), lib="strict-device1"))
+        assert seen and set(seen) == {lib}
+
+
 def test_auto_takes_jax_bfloat16_features_off_the_host_as_numba_and_device_do(monkeypatch):
     """Review 54: a jax model's bfloat16 logits on a GPU (stand-in: jax arrays counted as off the host) under
     the default backend="auto" were copied to a NumPy bfloat16 array (ml_dtypes), which minibatch_coresets

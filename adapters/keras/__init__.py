@@ -1687,11 +1687,9 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
         if saved is not None and saved != _common.labels_digest(self.labels):
             raise ValueError("the state dict was saved for data with different labels: its selection and "
                              "records belong to those; resume with the same data")
-        pos = state.get("position")
-        total = self.steps_per_epoch * self.epochs
-        if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or not 0 <= int(pos) <= total:
-            raise ValueError(f"SubsetCallback state dict: position must be an integer in [0, {total}] (the planned "
-                             f"steps), got {pos!r}")
+        pos = state.get("position")  # (no upper bound: a fit with more epochs than planned trains on, warned)
+        if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or pos < 0:
+            raise ValueError(f"SubsetCallback state dict: position must be a non-negative integer, got {pos!r}")
         self.schedule.load_state(state["schedule"])
         self._position = int(pos)
         self._queue = [(np.asarray(q["indices"], dtype=np.int64), np.asarray(q["weights"], dtype=np.float64))

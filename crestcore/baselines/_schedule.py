@@ -500,6 +500,7 @@ class SubsetSchedule:
         if not np.all(np.isfinite(vals)):
             raise ValueError("losses must be finite (a NaN or infinite training loss: training has diverged)")
         if self.method == "prune":
+            idx = idx.astype(np.int64)  # (an empty list comes as float64)
             self.losses[idx] = vals
             self.seen[idx] = True
 

@@ -669,9 +669,14 @@ def test_one_process_group_matches_the_single_process_loader(tmp_path):
         assert not D.selection_sharded(make_config(jit=True), 2, True)  # one subset a call: solved whole
         assert D.selection_sharded(replace(make_config(jit=True), fit_batches=2), 2, True)
         assert not D.selection_sharded(replace(cfg, optimizer="stochastic"), 2, True)
-        # the model on a device: "numba" and the default "auto" hand every rank host features, which each
-        # solves whole (the stat said "numba"'s were sharded); "device" keeps them on the device, sharded
-        for backend, sharded in (("numba", False), ("auto", False), ("device", True)):
+        # the model on a device: "numba" hands every rank host features, which each solves whole (the stat
+        # said they were sharded); "device", and "auto" with more than one process (review 58: the ranks
+        # would share the host's cores), keep them on the device, sharded
+        assert loader.ops.host_selection  # one process: "auto" takes the host's kernels, as a single process
+        loader.ops.world_size = 2
+        assert not loader.ops.host_selection
+        loader.ops.world_size = 1
+        for backend, sharded in (("numba", False), ("auto", True), ("device", True)):
             model = make_model()
             other = D.DistributedCrestLoader(model, TensorDataset(X, y), budget=BUDGET, epochs=1, seed=SEED,
                                              config=replace(cfg, backend=backend))
