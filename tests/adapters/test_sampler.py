@@ -351,6 +351,16 @@ def test_a_resume_under_another_prefetch_window_is_warned_about():
     said = resumed(0)
     assert len(said) == 1 and "fetches 0 batches ahead; the saved run's fetched 4" in said[0]
     assert resumed(2) == []
+    # review 58: a state saved before any pass knows no window (it said 0, and a resume under workers warned)
+    fresh = CrestBatchSampler(mlp(), TensorDataset(X, y), **{**CFG, "budget": 1.0})
+    state = fresh.state_dict()
+    assert state["fetch_ahead"] is None
+    again = CrestBatchSampler(mlp(), TensorDataset(X, y), **{**CFG, "budget": 1.0})
+    again.load_state_dict(state)
+    assert again.state_dict()["fetch_ahead"] is None  # saved again before a pass: still unknown
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        next(iter(again.dataloader(num_workers=2, prefetch_factor=2)))
 
 
 def test_a_checkpoint_without_trained_inside_a_pass_with_workers_is_warned_about():
@@ -466,12 +476,14 @@ def test_observed_losses_are_recorded_at_the_step_their_batch_trained():
     assert lags >= 8 and t == s.stats["step"]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_cycled_coreset_observed_after_skipped_batches_is_recorded_at_its_own_step(workers):
+@pytest.mark.parametrize("workers, observed", [(0, (8,)), (2, (8,)), (0, (0, 4, 8)), (2, (0, 4, 8))])
+def test_a_cycled_coreset_observed_after_skipped_batches_is_recorded_at_its_own_step(workers, observed):
     """Review 55: with coresets cycled (A B C A B C ...) and a loop that observes only some batches,
     observe(losses, indices=i) recorded batch 8's losses at step 2, the first unobserved batch with the same
     examples, silently (a drop decision then saw none of them in its window). The batch just trained is
-    among the last handed out (the DataLoader fetches at most its prefetch window ahead): its own step."""
+    among the last handed out (the DataLoader fetches at most its prefetch window ahead): its own step.
+    Review 58: observing every 4th batch (0, 4, 8), the next batch in order (1) holds batch 4's examples
+    and was taken at once; it is taken only inside the prefetch window."""
     X, y = make_data()
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -485,14 +497,17 @@ def test_a_cycled_coreset_observed_after_skipped_batches_is_recorded_at_its_own_
         for t, (x, yb, w, i) in enumerate(s.dataloader(indices=True, **kw)):
             step(model, opt, x, yb, w)
             seen[t] = np.sort(i.numpy())
+            if t in observed:
+                s.observe(torch.full((i.numel(),), 1000.0 + t), indices=i)
             if t == 8:
                 assert np.array_equal(seen[8], seen[2]) and np.array_equal(seen[8], seen[5])  # cycled
-                s.observe(torch.full((i.numel(),), 1000.0), indices=i)
+                assert np.array_equal(seen[4], seen[1])
                 break
     drop = s.controller_state.drop
-    for j in seen[8].tolist():
-        at = np.flatnonzero(drop.losses[j] == 1000.0)
-        assert at.size == 1 and drop.steps[j, at[0]] == 8, (j, drop.steps[j])
+    for t in observed:
+        for j in seen[t].tolist():
+            at = np.flatnonzero(drop.losses[j] == 1000.0 + t)
+            assert at.size == 1 and drop.steps[j, at[0]] == t, (t, j, drop.steps[j])
 
 
 @pytest.mark.parametrize("with_indices", [True, False])
