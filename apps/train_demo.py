@@ -1219,25 +1219,20 @@ def warm_crest_host_kernels() -> bool:
     work = nb._FUSED_PARALLEL_MIN_WORK
     with torch.random.fork_rng(devices=[]):  # the layers' initialisation draws: not the caller's RNG
         try:
-            _warm_crest_loops(nb, torch, gen, CrestConfig, CrestLoader)
+            for threshold in (0, 1 << 62):  # which variant a call takes depends on its size and the threads
+                nb._FUSED_PARALLEL_MIN_WORK = threshold
+                for dtype in (torch.float32, torch.float64):
+                    X = torch.randn(300, 6, generator=gen, dtype=dtype)
+                    y = torch.arange(300) % 3
+                    model = torch.nn.Linear(6, 3).to(dtype)
+                    loader = CrestLoader(model, torch.utils.data.TensorDataset(X, y), budget=0.2, epochs=1,
+                                         seed=0, config=CrestConfig(m=16, T1=1, backend="numba"))
+                    for xb, yb, w in loader:
+                        model.zero_grad()
+                        (torch.nn.functional.cross_entropy(model(xb), yb, reduction="none") * w).mean().backward()
         finally:
             nb._FUSED_PARALLEL_MIN_WORK = work
     return True
-
-
-def _warm_crest_loops(nb, torch, gen, CrestConfig, CrestLoader) -> None:
-    """The loops of :func:`warm_crest_host_kernels` (under its RNG fork, the threshold put back by it)."""
-    for threshold in (0, 1 << 62):  # which variant a call takes depends on its size and the threads
-        nb._FUSED_PARALLEL_MIN_WORK = threshold
-        for dtype in (torch.float32, torch.float64):
-            X = torch.randn(300, 6, generator=gen, dtype=dtype)
-            y = torch.arange(300) % 3
-            model = torch.nn.Linear(6, 3).to(dtype)
-            loader = CrestLoader(model, torch.utils.data.TensorDataset(X, y), budget=0.2, epochs=1, seed=0,
-                                 config=CrestConfig(m=16, T1=1, backend="numba"))
-            for xb, yb, w in loader:
-                model.zero_grad()
-                (torch.nn.functional.cross_entropy(model(xb), yb, reduction="none") * w).mean().backward()
 
 
 def start_comparison(out, data, what: str, print_fn: Callable[[str], None] | None = print) -> Path:
