@@ -62,7 +62,8 @@ def _solve_ref(Q: np.ndarray, h: np.ndarray) -> np.ndarray:
     return np.linalg.lstsq(Q, h, rcond=None)[0]
 
 
-def gram_nnls_reference(Q: np.ndarray, h: np.ndarray, w0: np.ndarray | None = None, *, positive: bool = True) -> np.ndarray:
+def gram_nnls_reference(Q: np.ndarray, h: np.ndarray, w0: np.ndarray | None = None, *, positive: bool = True,
+                        lam: float = 0.0) -> np.ndarray:
     """Minimise ``1/2 w^T Q w - h^T w`` over ``w >= 0`` (Q symmetric PSD) by Lawson-Hanson active sets.
 
     ``w0`` (feasible, >= 0) warm-starts the passive set; OMP passes the previous solution with the new
@@ -76,7 +77,10 @@ def gram_nnls_reference(Q: np.ndarray, h: np.ndarray, w0: np.ndarray | None = No
         return _solve_ref(Q, h)
     w = np.zeros(s) if w0 is None else np.maximum(np.asarray(w0, dtype=np.float64), 0.0)
     passive = w > 0
-    scale = max(float(np.max(np.abs(h))), float(np.max(np.abs(Q))) * max(1.0, float(np.sum(w))), 1e-300)
+    # the Gram part's scale, lam left out (review 60; the frozen code used max|Q|, lam included, which
+    # turned away every atom of gradients below about 1e-6 under lam = 0.5: changed here as in the library)
+    gmax = float(np.max(np.diagonal(Q))) - lam
+    scale = max(float(np.max(np.abs(h))), gmax * max(1.0, float(np.sum(w))), 1e-300)
     tol = 1e-12 * scale
 
     def inner(w, passive):
@@ -132,7 +136,7 @@ def nonneg_ridge_reference(atoms, target, *, lam: float = 0.0, positive: bool = 
     A = np.asarray(to_numpy(atoms), dtype=np.float64)
     b = np.asarray(to_numpy(target), dtype=np.float64)
     Q = A @ A.T + lam * np.eye(A.shape[0])
-    w = gram_nnls_reference(Q, A @ b, positive=positive)
+    w = gram_nnls_reference(Q, A @ b, positive=positive, lam=lam)
     return xp.astype(from_numpy(w, xp, device_of(atoms)), atoms.dtype)
 
 
@@ -188,7 +192,7 @@ def omp_reference(xp, A, b, k: int, lam: float, tol: float, positive: bool):
         h = np.append(h, float(to_numpy(xp.sum(a_j * b))))
         support.append(j)
         gains.append(0.0)
-        w = gram_nnls_reference(G + lam * np.eye(s + 1), h, np.append(w, 0.0), positive=positive)
+        w = gram_nnls_reference(G + lam * np.eye(s + 1), h, np.append(w, 0.0), positive=positive, lam=lam)
         # a pick whose refit weight is 0 retires for good: it leaves the support and is never picked
         # again, so the support grows by at most one per step and ends with k weighted examples
         live = w > 0 if positive else w != 0

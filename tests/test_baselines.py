@@ -397,6 +397,31 @@ def test_gradmatch_unsigned_variant_allows_negative_weights():
     assert np.all(to_numpy(pos.weights) > 0)
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e-6, 1e-8, 1e-30])
+def test_gradmatch_fills_its_budget_whatever_the_gradients_scale(scale):
+    """Regression (review 60): the refit's optimality tolerance counted the ridge term lam in its scale
+    (tol >= 1e-12 * lam), so under the default lam = 0.5 gradients below about 1e-6 found no atom above
+    it: 4 of 10 picks at 1e-7, none at 1e-8 (an empty selection, objective 0), silently. The picks at any
+    scale are those at scale 1 with lam scaled alike (lam is on the scale of ||g||^2)."""
+    G = np.random.default_rng(1).normal(size=(50, 10))
+    sel = gradmatch(G * scale, 10)
+    assert to_numpy(sel.indices).shape == (10,)
+    want = gradmatch(G, 10, lam=0.5 / scale**2)
+    np.testing.assert_array_equal(to_numpy(sel.indices), to_numpy(want.indices))
+
+
+def test_gradmatch_gives_a_well_learned_class_its_picks():
+    """Regression (review 60): a class whose gradients are about 3e-8 (its logit leads by 20 nats) got none of
+    its 4 picks, and the call returned 8 of 12 examples."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 20)
+    logits = rng.normal(size=(60, 3))
+    logits[y == 2, 2] += 20.0
+    G = crestcore.last_layer_gradients(logits, y)
+    sel = gradmatch(G, 12, labels=y)
+    assert np.bincount(y[to_numpy(sel.indices)], minlength=3).tolist() == [4, 4, 4]
+
+
 def test_gradmatch_zero_target_selects_nothing():
     G = np.array([[1.0, 0.0], [-1.0, 0.0]])
     sel = gradmatch(G, 2)

@@ -184,8 +184,8 @@ def test_gram_nnls_with_a_cache_across_a_growing_system_equals_the_reference(see
     w = np.zeros(0)
     for m in range(1, s + 1):
         w0 = np.append(w, 0.0)
-        w = _gram_nnls(Q[:m, :m], h[:m], w0, cache=cache)
-        want = gram_nnls_reference(Q[:m, :m], h[:m], w0)
+        w = _gram_nnls(Q[:m, :m], h[:m], w0, cache=cache, lam=lam)
+        want = gram_nnls_reference(Q[:m, :m], h[:m], w0, lam=lam)
         _close(w, want, 1e-9)
         w = want  # the next warm start as the reference would have it
 

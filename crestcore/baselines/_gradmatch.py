@@ -257,15 +257,21 @@ class _GramInverse:
 
 
 def _gram_nnls(Q: np.ndarray, h: np.ndarray, w0: np.ndarray | None = None, *, positive: bool = True,
-               cache: _GramInverse | None = None, qmax: float | None = None) -> np.ndarray:
+               cache: _GramInverse | None = None, qmax: float | None = None, lam: float = 0.0) -> np.ndarray:
     """Minimise ``1/2 w^T Q w - h^T w`` over ``w >= 0`` (Q symmetric PSD) by Lawson-Hanson active sets.
 
     ``w0`` (feasible, >= 0) warm-starts the passive set; OMP passes the previous solution with the new
     atom at 0, so a step usually costs one solve, on the previous passive set plus the new atom. The
     solves go through ``cache`` (a :class:`_GramInverse` the caller may keep across calls on a growing
     Q), so each costs O(s^2) instead of a fresh O(s^3) factorisation. ``qmax`` is ``max |Q|`` when the
-    caller knows it. Without ``positive`` it is the plain (regularised) least-squares solution
-    ``Q^-1 h``.
+    caller knows it. ``lam``: the ridge term on Q's diagonal (``Q = G + lam I``, G a Gram matrix). Without
+    ``positive`` it is the plain (regularised) least-squares solution ``Q^-1 h``.
+
+    The optimality test off the passive set, ``h_t - Q_t w > tol``, has ``tol`` at the rounding level of
+    its products: ``1e-12 * max(|h|, max|G| * max(1, sum w))``. The ridge term is left out of that scale:
+    off the diagonal Q is G, so lam enters none of those products (with it, ``tol >= 1e-12 * lam``
+    turned away every atom of gradients below about 1e-6 under the default lam = 0.5, and OMP returned
+    short or empty selections).
     """
     s = h.shape[0]
     if s == 0:
@@ -278,7 +284,8 @@ def _gram_nnls(Q: np.ndarray, h: np.ndarray, w0: np.ndarray | None = None, *, po
         return cache.solve(Q, h, np.arange(s), qmax)
     w = np.zeros(s) if w0 is None else np.maximum(np.asarray(w0, dtype=np.float64), 0.0)
     passive = w > 0
-    scale = max(float(np.abs(h).max()), qmax * max(1.0, float(w.sum())), 1e-300)
+    gmax = float(Q.diagonal().max()) - lam  # max |G| (G is positive semidefinite: its largest entry is diagonal)
+    scale = max(float(np.abs(h).max()), gmax * max(1.0, float(w.sum())), 1e-300)
     tol = 1e-12 * scale
 
     def inner(w, passive, z=None):
@@ -390,7 +397,7 @@ def nonneg_ridge(atoms, target, *, lam: float = 0.0, positive: bool = True):
     A = np.asarray(to_numpy(atoms), dtype=np.float64)
     b = np.asarray(to_numpy(target), dtype=np.float64)
     Q = A @ A.T + lam * np.eye(A.shape[0])
-    w = _gram_nnls(Q, A @ b, positive=positive)
+    w = _gram_nnls(Q, A @ b, positive=positive, lam=lam)
     return restore(xp, from_numpy(w, xp, device_of(atoms)), 0, atoms.dtype, "weights")
 
 
@@ -478,7 +485,7 @@ def _omp(xp, A, b, k: int, lam: float, tol: float, positive: bool):
         s += 1
         w0 = np.zeros(s)  # the warm start: the previous weights and the new atom at 0
         w0[:-1] = w
-        w = _gram_nnls(Q[:s, :s], h[:s], w0, positive=positive, cache=cache, qmax=qmax)
+        w = _gram_nnls(Q[:s, :s], h[:s], w0, positive=positive, cache=cache, qmax=qmax, lam=lam)
         # a pick whose refit weight is 0 retires for good: it leaves the support and is never picked
         # again, so the support grows by at most one per step and ends with k weighted examples
         live = w > 0 if positive else w != 0
@@ -535,9 +542,10 @@ def gradmatch(
     refit weight drops to 0 leaves the support for good (the support grows by at most one per step),
     so the budget is filled with examples that carry weight. It stops when ``k_c`` examples are in the
     support, when ``||r|| <= tol * ||b||``, or when no remaining example correlates positively with the
-    residual (beyond ``1e-12 * max|Q| * sum(w)``, the rounding level of the support's Gram products: a
-    pick below it gets weight 0 in the refit and retires, so gradients whose coordinates differ in scale
-    by 1e3 or more can end a little above ``tol`` with fewer than ``k_c`` picks).
+    residual (beyond ``1e-12 * max(|h|, max|G| * max(1, sum(w)))``, the rounding level of the support's
+    Gram products, with G the Gram matrix of the gradients and h their products with b, whatever their
+    scale: a pick below it gets weight 0 in the refit and retires, so gradients whose coordinates differ
+    in scale by 1e3 or more can end a little above ``tol`` with fewer than ``k_c`` picks).
 
     Parameters
     ----------
