@@ -67,6 +67,23 @@ def isdtype(xp, dtype, kind: str) -> bool:
 _HOST_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+def not_floating(name: str, dtype) -> TypeError:
+    """The error for an array ``name`` of a dtype that is not real floating; a NumPy bfloat16 (ml_dtypes)
+    array, which NumPy does not count as floating, is told what to do instead.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> not_floating("X", np.dtype(np.int64))
+    TypeError('X must have a real floating dtype (float16, bfloat16, float32 or float64), got int64')
+    """
+    if getattr(dtype, "name", "") == "bfloat16":  # NumPy's bfloat16 from ml_dtypes: not a NumPy float
+        return TypeError(f"{name} is a NumPy bfloat16 array (ml_dtypes), which NumPy's array API does not "
+                         "count as floating: cast it to float32 (backend='numba', where a function has it, does "
+                         "that itself), or pass a torch or jax bfloat16 array")
+    return TypeError(f"{name} must have a real floating dtype (float16, bfloat16, float32 or float64), got {dtype}")
+
+
 def check_float_matrix(xp, X, name: str, *, square: bool = False) -> float:
     """X must be a finite, non-empty, 2-D real floating array. Returns ``max|X|`` (the numerics policy's
     rescaling needs it): one max and one min over X, no temporaries (NaN propagates through both), or for
@@ -80,11 +97,7 @@ def check_float_matrix(xp, X, name: str, *, square: bool = False) -> float:
     if square and n != d:
         raise ValueError(f"{name} must be a square (n, n) similarity matrix, got shape {tuple(X.shape)}")
     if not isdtype(xp, X.dtype, "real floating"):
-        if getattr(X.dtype, "name", "") == "bfloat16":  # NumPy's bfloat16 from ml_dtypes: not a NumPy float
-            raise TypeError(f"{name} is a NumPy bfloat16 array (ml_dtypes), which NumPy's array API does not "
-                            "count as floating: cast it to float32 (backend='numba', where a function has it, does "
-                            "that itself), or pass a torch or jax bfloat16 array")
-        raise TypeError(f"{name} must have a real floating dtype (float16, bfloat16, float32 or float64), got {X.dtype}")
+        raise not_floating(name, X.dtype)
     if type(X) is np.ndarray and X.dtype in _HOST_FLOATS and (X.flags.c_contiguous or X.flags.f_contiguous):
         # a host array in one block, where the Numba backend is loaded already: one pass over the bits (a
         # max and a min are two); the NumPy reference otherwise (a strided view would be copied for the
@@ -111,7 +124,7 @@ def check_float_rows(xp, A, name: str, layout: str) -> None:
     if A.ndim != 2 or A.shape[0] == 0:
         raise ValueError(f"{name} must be a non-empty {layout}, got shape {tuple(A.shape)}")
     if not isdtype(xp, A.dtype, "real floating"):
-        raise TypeError(f"{name} must have a real floating dtype, got {A.dtype}")
+        raise not_floating(name, A.dtype)
     if not bool(xp.all(xp.isfinite(A))):
         raise ValueError(f"{name} contains NaN or infinite values")
 

@@ -23,7 +23,7 @@ from . import _reference_kernels as ref
 from ._compat import (detached, device_of, from_numpy, index_dtype, is_numpy_namespace, namespace, namespace_name,
                       to_numpy)
 from ._validation import (check_choice, check_class_budgets, check_epsilon, check_float_matrix, check_float_rows,
-                          check_int, hamilton, isdtype, labels_to_host, make_rng, user_stacklevel)
+                          check_int, hamilton, isdtype, labels_to_host, make_rng, not_floating, user_stacklevel)
 from .backends import draw_bits, exact_shift, get_host_kernel, sample_sizes
 from .similarity import KERNELS, METRICS, kernel_scale, prepare, restore
 
@@ -824,7 +824,7 @@ def score_orders(X, C, orders, *, metric: str = "euclidean", kernel: str = "max-
         if A.ndim != 2:
             raise ValueError(f"{name} must be 2-D (rows, features), got shape {A.shape}")
         if A.dtype.kind != "f":
-            raise TypeError(f"{name} must have a real floating dtype, got {A.dtype}")
+            raise not_floating(name, A.dtype)
         if not np.all(np.isfinite(A)):
             raise ValueError(f"{name} contains NaN or infinite values")
     if X.shape[1] != C.shape[1]:
@@ -862,9 +862,14 @@ def score_orders(X, C, orders, *, metric: str = "euclidean", kernel: str = "max-
     if used.size and X.shape[0]:
         # the selection functions' numerics policy: data far from magnitude 1 is scored at magnitude 1 (a
         # power of two, exact; cosine row by row), the bound and scale alike, and the sums scaled back
-        Xc, Cc, scale_v, back = prepare(np, np.asarray(X, dtype=np.float64), metric=metric,
-                                        kernel="exp" if kernel == "exp" else None, scale=scale_v,
-                                        Y=np.asarray(C[used], dtype=np.float64))
+        X64, C64 = np.asarray(X, dtype=np.float64), np.asarray(C[used], dtype=np.float64)
+        Xc, Cc, scale_v, back = prepare(np, X64, metric=metric, kernel="exp" if kernel == "exp" else None,
+                                        scale=scale_v, Y=C64)
+        if back < 0 and math.frexp(bound_v)[1] - back > 64:
+            # a bound beyond 2^64 times the rescaled distances (O(1)): every similarity bound - D rounds
+            # to the bound in float64 whatever the scale, and the rescaled bound can pass float64's range
+            # (data near 1e-300 with a bound of 1: an OverflowError): scored unscaled, where it is exact
+            Xc, Cc, back = X64, C64, 0
         bound_v = math.ldexp(bound_v, -back)
         if metric != "cosine":  # next to the origin, exactly, for the Gram form (as pairwise_distances)
             sh = exact_shift(np, np.concatenate([Xc, Cc]))

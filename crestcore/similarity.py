@@ -29,7 +29,7 @@ import numbers
 import warnings
 
 from ._compat import detached, namespace, to_numpy
-from ._validation import isdtype
+from ._validation import isdtype, not_floating
 from .backends import KERNELS, METRICS, exact_shift, snap_tolerance  # the kernel contract (crestcore.backends.contract)
 
 __all__ = [
@@ -209,11 +209,18 @@ def restore(xp, A, back: int, dtype, what: str):
         if A.dtype != dtype:
             A = xp.astype(A, dtype)
     if not bool(xp.all(xp.isfinite(A))):
+        name = _dtype_name(dtype)
         raise ValueError(
-            f"the {what} of this computation overflows {dtype} (the picks are fine, the values are out of "
-            f"{dtype}'s range): pass the data in a wider dtype, or divide it by a power of two"
+            f"the {what} of this computation overflows {name} (the values are out of {name}'s range; the "
+            f"picks of a selection are not affected): pass the data in a wider dtype, or divide it by a power "
+            f"of two"
         )
     return A
+
+
+def _dtype_name(dtype) -> str:
+    """``float16`` for NumPy's ``np.float16`` class as for ``np.dtype('float16')``; any other dtype as it prints."""
+    return dtype.__name__ if isinstance(dtype, type) else str(dtype)
 
 
 def kernel_scale(scale, n_features: int) -> float:
@@ -274,7 +281,7 @@ def pairwise_distances(X, Y=None, *, metric: str = "euclidean"):
         if A.ndim < 2:
             raise ValueError(f"{name} must be at least 2-D (..., n, d), got shape {tuple(A.shape)}")
         if not isdtype(xp, A.dtype, "real floating"):
-            raise TypeError(f"{name} must have a real floating dtype, got {A.dtype}")
+            raise not_floating(name, A.dtype)
         if 0 in tuple(A.shape):
             raise ValueError(f"{name} is empty (shape {tuple(A.shape)})")
     same = Y is None

@@ -53,10 +53,17 @@ def relative_error(loss_random, predicted, *, floor: float | None = None) -> flo
         fl = _finite(floor, "floor")
         if fl <= 0:
             raise ValueError(f"floor must be > 0, got {fl}")
-        return abs(L - F) / max(abs(L), fl)
+        return _ratio(L, F, max(abs(L), fl))
     if L <= 0:
         raise ValueError(f"loss_random must be > 0 (rho divides by it), got {L}")
-    return abs(L - F) / L
+    return _ratio(L, F, L)
+
+
+def _ratio(L: float, F: float, D: float) -> float:
+    """``|L - F| / D``; where ``L - F`` overflows (finite values of opposite signs near the float range),
+    ``|L / D - F / D|`` instead (``relative_error(1e308, -1e308)`` was inf, not 2)."""
+    num = abs(L - F)
+    return num / D if math.isfinite(num) else abs(L / D - F / D)
 
 
 def should_reselect(rho, tau) -> bool:

@@ -606,3 +606,34 @@ def test_small_functions_refuse_what_they_silently_took():
     np.testing.assert_array_equal(probes, np.eye(2))
     state = drop_record(drop_init(3), np.array([0]), np.array([-0.5]), step=1)  # a negative loss is a loss
     assert state.losses[0, 0] == -0.5
+
+
+def test_review_60_edge_values_get_their_finite_answers():
+    """Regression (review 60): score_orders with a unit bound on data near 1e-300 raised a bare
+    OverflowError (the rescaled bound passed float64's range) where every similarity is the bound (the
+    objective n * bound); relative_error(1e308, -1e308) overflowed to inf where rho is 2."""
+    X = np.random.default_rng(0).normal(size=(6, 3))
+    for scale in (1e-300, 1e-100, 1.0):
+        obj = crestcore.score_orders(X * scale, X * scale, [np.array([0])], metric="sqeuclidean", bound=1e3)[0][0]
+        assert obj == pytest.approx(6e3, rel=1e-12 if scale < 1 else 1e-2)
+    assert crestcore.score_orders(X * 1e-300, X * 1e-300, [np.array([0])], metric="sqeuclidean", bound=1.0)[0][0] == 6.0
+    assert crestcore.relative_error(1e308, -1e308) == 2.0
+    assert crestcore.relative_error(-1e308, 1e308, floor=1.0) == 2.0
+    assert crestcore.relative_error(2.0, 1.5) == 0.25
+
+
+def test_review_60_messages_and_an_unused_rng():
+    """Regression (review 60): glister accepted any rng under the naive optimizer (facility_location
+    refuses it); a NumPy bfloat16 array got 'must have a real floating dtype (..., bfloat16, ...), got
+    bfloat16' from prune_schedule; random_subset's overflow named '<class 'numpy.float16'>' and picks."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from crestcore.baselines import glister, prune_schedule, random_subset
+
+    X = np.random.default_rng(0).normal(size=(6, 3))
+    with pytest.raises(TypeError, match="rng"):
+        glister(X, X[:2], np.array([0, 1]), 2, rng="not a seed")
+    with pytest.raises(TypeError, match="ml_dtypes.*cast it to float32"):
+        prune_schedule(np.ones(4, dtype=ml_dtypes.bfloat16), epoch=0, epochs=2, rng=0)
+    with pytest.raises(ValueError, match=r"overflows float16 \(") as info:
+        random_subset(200000, 1, rng=0, dtype=np.float16)
+    assert "class" not in str(info.value)

@@ -8,7 +8,7 @@ import numbers
 import numpy as np
 
 from .._compat import from_numpy, index_dtype, namespace
-from .._validation import isdtype, make_rng
+from .._validation import isdtype, make_rng, not_floating
 from ..facility import Selection
 from ..similarity import restore
 
@@ -58,7 +58,7 @@ def check_vector(xp, x, name: str, *, floating: bool = True):
         raise ValueError(f"{name} is empty")
     if floating:
         if not isdtype(xp, x.dtype, "real floating"):
-            raise TypeError(f"{name} must have a real floating dtype (float16, bfloat16, float32, float64), got {x.dtype}")
+            raise not_floating(name, x.dtype)
         if not bool(xp.all(xp.isfinite(x))):
             raise ValueError(f"{name} contains NaN or infinite values")
 

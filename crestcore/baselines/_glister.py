@@ -148,7 +148,8 @@ def glister(
     optimizer : "naive" (exact greedy: all remaining candidates each step) or "stochastic" (stochastic
         greedy: each step evaluates ``ceil(n / k * ln(1 / epsilon))`` random remaining candidates).
     epsilon : stochastic greedy's parameter in (0, 1).
-    rng : int seed or ``numpy.random.Generator``; required by (and only used by) "stochastic".
+    rng : int seed or ``numpy.random.Generator``; required by (and only used by) "stochastic" (checked
+        with any optimizer, as :func:`crestcore.facility_location` does).
 
     Returns
     -------
@@ -205,7 +206,9 @@ def glister(
     eta = check_real(eta, "eta", low=0.0, low_open=True)
     optimizer = check_choice(optimizer, "optimizer", OPTIMIZERS)
     eps = check_epsilon(epsilon)
-    gen = epoch_rng(rng, None) if optimizer == "stochastic" else None
+    gen = epoch_rng(rng, None) if optimizer == "stochastic" or rng is not None else None  # a bad rng is refused
+    if optimizer != "stochastic":  # anyway (as facility_location does); only stochastic draws from it
+        gen = None
 
     dev = device_of(train_grads)
     in_dtype = train_grads.dtype

@@ -536,7 +536,10 @@ def gradmatch(
 
     Each step adds the example whose gradient has the largest positive correlation ``g_j . r`` with
     the residual ``r = b - sum_S w_j g_j`` (the steepest descent coordinate of J; ``|g_j . r|`` when
-    ``positive=False``), then refits all weights of the support by non-negative regularised least
+    ``positive=False``; ties in the computed correlations: lowest index, but they come from one
+    matrix-vector product, whose BLAS may round bit-identical rows an ulp apart, so NumPy and torch can
+    pick different copies of a duplicated gradient, with the same weights and objective), then refits all
+    weights of the support by non-negative regularised least
     squares (:func:`nonneg_ridge`, warm-started). ``J`` never increases along the steps (the previous
     weights stay feasible), so with ``lam = 0`` the residual norm never increases. An example whose
     refit weight drops to 0 leaves the support for good (the support grows by at most one per step),
