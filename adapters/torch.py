@@ -208,7 +208,9 @@ def _found_origin(dataset) -> str:
 def dataset_labels(dataset) -> np.ndarray:
     """The integer class label of every example of ``dataset`` as a host int64 array (n,).
 
-    Read without touching the examples where possible: ``TensorDataset`` (its second tensor),
+    Read without touching the examples where possible: ``TensorDataset`` (its second tensor; a
+    ``ValueError`` asks for ``labels=`` when a later tensor is an integer vector too, a categorical input
+    or example ids, say),
     ``Subset`` and ``ConcatDataset`` (recursively), or a ``targets`` / ``labels`` attribute (torchvision
     datasets; mapped through the dataset's ``target_transform`` when it has one, as its items are; a
     torchvision dataset given a joint ``transforms`` has its items read), or the label column (``labels``,
@@ -231,6 +233,15 @@ def dataset_labels(dataset) -> np.ndarray:
         if len(dataset.tensors) < 2:
             raise ValueError("a TensorDataset needs (inputs, labels) tensors to give labels; pass labels= "
                              "(crest_labels= on CrestTrainer)")
+        # more than one integer vector after the inputs (a categorical feature, example ids): which is the
+        # class is not for CREST to guess (it took the second, a model's categorical input, silently)
+        ints = [k for k, t in enumerate(dataset.tensors) if k >= 1 and t.ndim == 1 and not t.is_floating_point()
+                and not t.is_complex() and t.dtype != torch.bool]
+        if len(ints) > 1:
+            raise ValueError(
+                f"this TensorDataset holds {len(dataset.tensors)} tensors, of which tensors {ints} are integer "
+                "vectors: CREST cannot tell which one holds the class labels. Pass labels= (e.g. "
+                f"labels=dataset.tensors[{ints[-1]}]; crest_labels= on CrestTrainer)")
         return _as_labels(dataset.tensors[1], n, "the TensorDataset's second tensor")
     if isinstance(dataset, Subset) and _labels_without_items(dataset.dataset):
         base = dataset_labels(dataset.dataset)
@@ -1064,8 +1075,8 @@ class TorchModelOps:
     collate_fn : as for a ``DataLoader``; default ``default_collate``.
     reuse_checks : let a trust check at unchanged parameters take the last check's measurement (default
         True; see :meth:`state_token`); False: every check measures.
-    check_labels : compare the labels once with those the first measurement batch's items carry
-        (``item[1]``, or a dict item's label key) and warn when they differ; default: when ``labels`` is
+    check_labels : compare the labels with those the items of the first measurement pass carry, chunk
+        by chunk (``item[1]``, or a dict item's label key) and warn when they differ; default: when ``labels`` is
         None (found from the dataset, e.g. its ``targets``) and the dataset is not a ``TensorDataset`` (its
         second tensor is where its labels come from). The loaders pass it for labels they found, and for a
         ``measure_dataset`` (its items against the training set's labels: the same examples, in order).
@@ -1302,10 +1313,11 @@ class TorchModelOps:
             keep = [] if self._cacheable else None
         bar = self.progress.start(idx.size) if self.progress is not None and spans else None
         size = 0
+        probing = self._check_labels and cached is None  # the labels are probed over a whole pass, once
         try:
             for (a, b), host in zip(spans, source):
-                if self._check_labels:
-                    self._probe_labels(host, idx[a:b])
+                if probing and self._check_labels:
+                    self._probe_labels(host, idx[a:b], first=a == 0)
                 if keep is not None:
                     keep.append(host)
                     size += _nbytes(host)
@@ -1320,6 +1332,8 @@ class TorchModelOps:
             if keep is not None and len(keep) == len(spans):
                 self._remember(idx, keep, size)
         finally:
+            if probing:
+                self._check_labels = False
             if bar is not None:
                 bar.close()
 
@@ -1383,15 +1397,23 @@ class TorchModelOps:
         elif not same(z[0], z[0][order]):  # the order shows in the outputs: this pass kept it
             self._order_tries = None if kept + 1 >= 3 else (tries + 1, kept + 1)
 
-    def _probe_labels(self, host, idx: np.ndarray) -> None:
-        """Once: the labels found without the items (a ``targets`` attribute, say) against the labels the
-        first measurement batch's items carry (``item[1]`` collated, or a dict item's label key; any column
-        of the collated batch equal to them will do), a warning when they differ (a ``__getitem__`` that
-        maps its targets), since CREST would select, check and drop by the wrong classes."""
-        self._check_labels = False
+    def _probe_labels(self, host, idx: np.ndarray, first: bool = True) -> None:
+        """The labels found without the items (a ``targets`` attribute, say) against the labels the items
+        of one chunk of the first measurement pass carry (``item[1]`` collated, or a dict item's label key;
+        any column of the collated batch equal to them will do), a warning when they differ (a
+        ``__getitem__`` that maps its targets), since CREST would select, check and drop by the wrong
+        classes. Every chunk of that pass is probed (its examples spread over the whole dataset: a first
+        chunk alone, the lowest indices, missed the second part of a ``ConcatDataset`` whose ``targets``
+        disagreed with its items), until one warns; ``first``: the pass's first chunk, where the item
+        order is probed too."""
         cols = _label_columns(host, idx.size)
         if any(np.array_equal(c, self.labels[idx]) for c in cols):
-            self._probe_item_order(idx)
+            if first:
+                self._probe_item_order(idx)
+            return
+        self._check_labels = False  # one warning (or none) from here: the probing ends
+        if not first:  # the first chunk's labels were the items' in their order: a mismatch here is one
+            self._warn_labels(host, idx)
             return
         want = np.sort(self.labels[idx])
         # the labels reordered: the same labels, but not a function of the expected ones (which a
@@ -1414,6 +1436,11 @@ class TorchModelOps:
                 "w[order[r]] (w[order]), and observe() the losses in that order too (CrestBatchSampler's weights "
                 "travel inside the items, so a collate sorts them along).", stacklevel=_common.user_stacklevel())
             return
+        self._warn_labels(host, idx)
+
+    def _warn_labels(self, host, idx: np.ndarray) -> None:
+        """The warning of :meth:`_probe_labels` when the items' labels (``item[1]``, or a dict item's label
+        key) differ from the labels CREST uses for some examples of ``idx``."""
         got = host[1] if isinstance(host, (tuple, list)) and len(host) > 1 else None
         if isinstance(host, dict):
             got = next((host[k] for k in _LABEL_KEYS if k in host), None)
@@ -1424,7 +1451,7 @@ class TorchModelOps:
         if bad and self._measure_set:
             warnings.warn(
                 f"crestcore: the items of measure_dataset carry labels that differ from the training set's "
-                f"({self._labels_origin}) for {bad} of the {idx.size} examples of the first measurement pass (read "
+                f"({self._labels_origin}) for {bad} of {idx.size} examples of the first measurement pass (read "
                 "as item[1], or a dict item's label key): measure_dataset must hold the same examples as the "
                 "training set, in the same order (each selection, check and fit would measure other examples "
                 "than CREST picks). If it does and its items' labels are mapped (a target_transform), pass "
@@ -1433,7 +1460,7 @@ class TorchModelOps:
         elif bad:
             warnings.warn(
                 f"crestcore: the labels CREST uses ({self._labels_origin}) "
-                f"differ from the labels the dataset's items carry for {bad} of the {idx.size} examples of the "
+                f"differ from the labels the dataset's items carry for {bad} of {idx.size} examples of the "
                 "first measurement pass (read as item[1], or a dict item's label key): if __getitem__ maps its "
                 "targets, pass labels= with the labels the items carry (crest_labels= on CrestTrainer), since "
                 "CREST would select, check and drop by the wrong classes; if item[1] is not the label, pass "

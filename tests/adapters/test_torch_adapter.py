@@ -1421,6 +1421,43 @@ def test_labels_from_targets_that_the_items_map_are_flagged_once():
         crest_next_batch(crest_init(cfg, ops.labels, seed=0), ops, cfg)
 
 
+def test_labels_that_the_items_map_are_flagged_past_the_first_chunk_of_the_first_pass():
+    """Regression (review 59): the probe compared only the first chunk of the first measurement pass (its
+    lowest indices), so a ConcatDataset([A, B]) whose B's targets disagree with its items was used with
+    wrong labels for half the examples, silently; [B, A] warned. Every chunk of that pass is probed now,
+    with one warning at most."""
+    from torch.utils.data import ConcatDataset
+
+    x, y = make_data(480)
+    half = x.shape[0] // 2
+    same = _Remapped(x[:half], y[:half].tolist(), {0: 0, 1: 1, 2: 2})
+    mapped = _Remapped(x[half:], y[half:].tolist(), {0: 2, 1: 0, 2: 1})
+    for parts, warns in (([same, mapped], True), ([mapped, same], True), ([same, same], False)):
+        data = ConcatDataset(parts)
+        loader = CrestLoader(mlp(), data, config=CrestConfig(m=16), budget=0.5, seed=0,
+                             measure_batch_size=16)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            for _ in loader:
+                pass
+        flagged = [str(w.message) for w in seen if "differ from the labels the dataset's items carry" in str(w.message)]
+        assert len(flagged) == (1 if warns else 0), flagged
+
+
+def test_a_tensordataset_with_several_integer_vectors_asks_which_holds_the_labels():
+    """Regression (review 59): TensorDataset(x_num, x_cat, y) gave CREST the categorical feature x_cat (its
+    second tensor) as the labels, silently (the item probe is off for a TensorDataset); now a ValueError
+    asks for labels=. A float third tensor (sample weights, say) leaves the second as the labels."""
+    x, y = make_data(60)
+    cat = torch.arange(60) % 3
+    with pytest.raises(ValueError, match=r"tensors \[1, 2\] are integer vectors.*labels=dataset.tensors\[2\]"):
+        dataset_labels(TensorDataset(x, cat, y))
+    with pytest.raises(ValueError, match="labels="):
+        CrestLoader(mlp(), TensorDataset(x, cat, y), config=CrestConfig(m=16), budget=0.5)
+    CrestLoader(mlp(), TensorDataset(x, cat, y), config=CrestConfig(m=16), budget=0.5, labels=y)
+    np.testing.assert_array_equal(dataset_labels(TensorDataset(x, y, torch.rand(60))), y.numpy())
+
+
 def test_batchnorm_statistics_moved_by_training_are_not_the_quadratic_models_error():
     """Learning rate 0: the parameters never change, only BatchNorm's running statistics (the training
     forwards update them). The checks measure with the anchor's statistics, so every check sees the anchor
