@@ -286,6 +286,9 @@ class SubsetLoader(BudgetedPasses):
             self.ops._labels_origin = _found_origin(dataset)
         self._fetch = _Fetcher(dataset, collate_fn)
         self._last: tuple[np.ndarray, np.ndarray] | None = None
+        self._before_last: tuple[np.ndarray, np.ndarray] | None = None  # the batch handed out before _last
+        self._last_position = -1  # the run position after _last was handed out (-1: none since a load)
+        self._last_epoch = 0
 
     # the schedule's settings, read as the loader's own
     method = property(lambda self: self.schedule.method)
@@ -305,7 +308,10 @@ class SubsetLoader(BudgetedPasses):
         epoch = self._schedule_epoch() if self.budget_counts == "passes" else None
         idx, w = self.schedule.next_indices(self._position, self.ops, sync=self._sync, epoch=epoch)
         self._position += 1
-        self._last = (idx, w)
+        # the batch before (state_dict(trained=position - 1)) and the epoch of this one's pass
+        self._before_last = self._last if self._last_position == self._position - 1 else None
+        self._last, self._last_position = (idx, w), self._position
+        self._last_epoch = self._pass_e if self._pass_e is not None else (self._position - 1) // self.steps_per_epoch
         return self._make_batch(idx, w)
 
     def _schedule_epoch(self) -> int | None:
@@ -408,11 +414,14 @@ class SubsetLoader(BudgetedPasses):
     def _labels_digest(self) -> str:
         return labels_digest(self.labels)
 
-    def state_dict(self) -> dict:
+    def state_dict(self, trained: int | None = None) -> dict:
         """Everything needed to continue with the same batches: position, the current selection and epoch
         layout, prune's loss record, counters and the selection log. Tensors, numbers and strings only
         (``torch.load(..., weights_only=True)`` reads it). Restore the model too: a later selection
-        measures it.
+        measures it. ``trained``: ``position - 1`` when the loop saves with the batch handed out last not
+        yet trained (a preemption check at the top of the step): the resumed run hands it out again
+        (its selection, if it made one, is kept: it measured the model the loop has now). Default: every
+        batch handed out counts as trained.
 
         Examples
         --------
@@ -431,7 +440,26 @@ class SubsetLoader(BudgetedPasses):
         >>> _ = buffer.seek(0)
         >>> torch.load(buffer, weights_only=True)["position"]
         1
+        >>> loader.state_dict(trained=0)["position"]  # the batch handed out, not trained: handed out again
+        0
         """
+        schedule = self.schedule.state()
+        last, passes = self._last, self._pass_state()
+        if trained is not None and not (trained == self._position and not isinstance(trained, bool)):
+            ok = self._last_position == self._position and self._position >= 1 and (
+                self._position == 1 or self._before_last is not None)
+            if isinstance(trained, bool) or not isinstance(trained, (int, np.integer)) or not ok \
+                    or int(trained) != self._position - 1:
+                span = (f"{self._position - 1} or {self._position}" if ok else f"{self._position}")
+                raise ValueError(f"trained must be {span} (the batches of the run trained; {self._position} are "
+                                 f"handed out, and only the last can be untrained), got {trained!r}")
+            last = self._before_last
+            # the last batch is handed out again: it is not counted, and its epoch's pass is not done
+            counters = dict(schedule["counters"])
+            counters["train_steps"] -= 1
+            counters["train_examples"] -= int(self._last[0].size)
+            schedule["counters"] = counters
+            passes = self._pass_state(int(trained), min(self._epochs_done, self._last_epoch))
         return {
             "format": _FORMAT,
             **self._fingerprint(),
@@ -439,10 +467,9 @@ class SubsetLoader(BudgetedPasses):
             "budget_counts": self.budget_counts,
             "settings": self._settings(),
             "labels_sha256": self._labels_digest(),
-            **self._pass_state(),
-            "last": None if self._last is None else {"indices": _portable(self._last[0]),
-                                                     "weights": _portable(self._last[1])},
-            **{k: _portable(v) for k, v in self.schedule.state().items()},
+            **passes,
+            "last": None if last is None else {"indices": _portable(last[0]), "weights": _portable(last[1])},
+            **{k: _portable(v) for k, v in schedule.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -490,4 +517,5 @@ class SubsetLoader(BudgetedPasses):
             self.schedule.load_state(before)  # a state the schedule cannot read leaves it as it was
             raise
         self._last = last
+        self._before_last, self._last_position = None, -1
         self._load_pass_state(state, int(pos))

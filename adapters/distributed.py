@@ -1054,9 +1054,10 @@ class DistributedCrestLoader(CrestLoader):
         }
         return s
 
-    def state_dict(self) -> dict:
-        """As the single-process loader's (the same on every rank; save it from every rank or from rank 0).
-        The global schedule does not depend on the world size, so it also resumes on another one.
+    def state_dict(self, trained: int | None = None) -> dict:
+        """As the single-process loader's (the same on every rank; save it from every rank or from rank 0),
+        ``trained=`` included. The global schedule does not depend on the world size, so it also resumes on
+        another one.
 
         Examples
         --------
@@ -1069,7 +1070,7 @@ class DistributedCrestLoader(CrestLoader):
         1
         >>> group.close()
         """
-        d = super().state_dict()
+        d = super().state_dict(trained)
         d["world_size"] = self.world_size
         d["sharded_solves"] = int(self.ops.sharded_solves)  # stats count the whole run, as the others do
         return d

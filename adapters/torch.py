@@ -2558,6 +2558,9 @@ class CrestLoader(BudgetedPasses):
         self._state = crest_init(self.config, lab, seed=self.seed, epoch_steps=self.steps_per_epoch)
         self._batch: Batch | None = None
         self._pending: list[Batch] = []  # handed out before a checkpoint and not trained: replayed first
+        self._handed: list[Batch] = []  # the batches handed out last (see _handed_keep), in order
+        self._handed_epoch: list[int] = []  # the epoch of the pass that handed out each
+        self._handed_from = 0  # the run position of _handed[0]
         self._trainable_ids: tuple | None = None  # the parameters the last step trained (their identities)
 
     # -- accounting and stepping ----------------------------------------------------------------
@@ -2599,9 +2602,27 @@ class CrestLoader(BudgetedPasses):
                           if b > a]
         self._position += 1
         self._batch = batch
+        self._remember_handed(batch)
         for e in events:
             self._emit(e)
         return self._make_batch(batch)
+
+    def _handed_keep(self) -> int:
+        """Batches handed out that are kept for :meth:`state_dict` ``(trained=)``: the last two (a loop
+        that saves with the current batch untrained); the sampler keeps an epoch and a prefetch window."""
+        return 2
+
+    def _remember_handed(self, batch: Batch) -> None:
+        if not self._handed or self._handed_from + len(self._handed) != self._position - 1:
+            self._handed, self._handed_epoch, self._handed_from = [], [], self._position - 1
+        self._handed.append(batch)
+        e = self._pass_e
+        self._handed_epoch.append(e if e is not None else (self._position - 1) // self.steps_per_epoch)
+        keep = self._handed_keep()
+        if len(self._handed) > 2 * keep:  # trimmed in blocks: amortised O(1) a batch
+            drop = len(self._handed) - keep
+            self._handed, self._handed_from = self._handed[drop:], self._handed_from + drop
+            self._handed_epoch = self._handed_epoch[drop:]
 
     @staticmethod
     def _event_counts(state) -> tuple[int, int, int]:
@@ -2729,10 +2750,14 @@ class CrestLoader(BudgetedPasses):
         return {"n": self.n, "m": self.config.m, "seed": self.seed, "steps_per_epoch": self.steps_per_epoch,
                 "budget": self.budget}
 
-    def state_dict(self) -> dict:
+    def state_dict(self, trained: int | None = None) -> dict:
         """Everything needed to continue with the same batches: the controller state and the position.
 
         Holds tensors, numbers and strings only, so ``torch.load(..., weights_only=True)`` reads it.
+        ``trained``: the batches of the run your loop has trained, when it saves with the batch it was
+        handed last not yet trained (a preemption check at the top of the step): ``position - 1`` stores
+        that batch as pending, to be handed out again first. Default: every batch handed out counts as
+        trained.
 
         Examples
         --------
@@ -2747,8 +2772,24 @@ class CrestLoader(BudgetedPasses):
         >>> _ = buffer.seek(0)
         >>> torch.load(buffer, weights_only=True)["position"]
         1
+        >>> loader.state_dict(trained=0)["position"]  # the batch handed out, not trained: handed out again
+        0
         """
-        return self._state_dict(self._position, self._batch, self._pending, self._epochs_done)
+        if trained is None or (trained == self._position and not isinstance(trained, bool)):
+            return self._state_dict(self._position, self._batch, self._pending, self._epochs_done)
+        low = self._handed_from + 1 if self._handed_from > 0 else 0  # the last trained batch must be known
+        if not self._handed:  # nothing handed out since the start or a load: only the position itself
+            low = self._position
+        if isinstance(trained, bool) or not isinstance(trained, (int, np.integer)) or not \
+                low <= trained <= self._position:
+            span = f"[{low}, {self._position}]" if low < self._position else f"{self._position}"
+            raise ValueError(f"trained must be an integer in {span} (batches of the run trained; "
+                             f"{self._position} are handed out, the batches before {low} are not kept), "
+                             f"got {trained!r}")
+        k = int(trained) - self._handed_from
+        # the epoch of the first untrained batch is not done: a resumed run replays it in that epoch's pass
+        return self._state_dict(int(trained), self._handed[k - 1] if k > 0 else None,
+                                self._handed[k:] + self._pending, min(self._epochs_done, self._handed_epoch[k]))
 
     def _state_dict(self, position: int, batch: Batch | None, pending: list, epochs_done: int) -> dict:
         """The state with the run cut at ``position`` (batches handed out beyond it as ``pending``)."""
@@ -2832,6 +2873,7 @@ class CrestLoader(BudgetedPasses):
         self._trainable_ids = tuple(id(p) for p in self.ops._trainable())
         self._batch = batch
         self._pending = pending
+        self._handed, self._handed_epoch, self._handed_from = [], [], self._position
         _inner_ops(self.ops)._anchor_buffers = {k: t.detach().clone() for k, t in anchor.items()} if anchor else None
         saved_epochs = state.get("epochs")  # loaded (every check above passed): a shorter plan is said once
         if isinstance(saved_epochs, (int, np.integer)) and not isinstance(saved_epochs, bool) and saved_epochs > self.epochs:
@@ -2948,9 +2990,6 @@ class CrestBatchSampler(CrestLoader):
             raise TypeError("CrestBatchSampler has no device: the DataLoader yields host batches; move them "
                             "in your step (pin_memory=True speeds that up)")
         super().__init__(model, dataset, **kwargs)
-        self._handed: list[Batch] = []  # the batches handed out last (at least an epoch and a prefetch window), in order
-        self._handed_epoch: list[int] = []  # the epoch of the pass that handed out each
-        self._handed_from = 0  # the run position of _handed[0]
         self._observed_step = -1  # the step of the batch observe(indices=) got last (for its error message)
         self._warned_last = False  # last_indices / last_weights read under a DataLoader that fetches ahead
         self._unmatched_warned = False
@@ -3100,24 +3139,16 @@ class CrestBatchSampler(CrestLoader):
             return yielded < self._position - self._pass_from
         return bool(self._open_handed)
 
+    def _handed_keep(self) -> int:
+        # an epoch's batches and a prefetch window (state_dict(trained=) anywhere in the epoch; with
+        # per_epoch=False one pass is the whole run, and the window may exceed an epoch's share)
+        return self.steps_per_epoch + self._ahead
+
     def _make_batch(self, batch: Batch):
-        if not self._handed or self._handed_from + len(self._handed) != self._position - 1:
-            self._handed, self._handed_epoch, self._handed_from = [], [], self._position - 1
-        self._handed.append(batch)
-        e = self._pass_e
-        self._handed_epoch.append(e if e is not None else (self._position - 1) // self.steps_per_epoch)
-        # bounded: an epoch's batches and a prefetch window are kept (state_dict(trained=) anywhere in the
-        # epoch; with per_epoch=False one pass is the whole run, and the window may exceed an epoch's share)
-        keep = self.steps_per_epoch + self._ahead
-        if len(self._handed) > 2 * keep:  # trimmed in blocks: amortised O(1) a batch
-            drop = len(self._handed) - keep
-            self._handed, self._handed_from = self._handed[drop:], self._handed_from + drop
-            self._handed_epoch = self._handed_epoch[drop:]
         return [WeightedKey(i, w) for i, w in zip(batch.indices.tolist(), batch.weights.tolist())]
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self._handed, self._handed_epoch, self._handed_from = [], [], self._position
         self._observed_step = self._position - 1
         self._ahead_known = False
         ahead = state.get("fetch_ahead")  # absent before 2026-12-04, None before a pass: nothing to compare
@@ -3225,18 +3256,4 @@ class CrestBatchSampler(CrestLoader):
                 "batches handed out count as trained, so a run resumed from this state would skip those. Pass "
                 "trained= (the batches of the run your loop has trained, e.g. its step count).",
                 stacklevel=_common.user_stacklevel())
-        if trained is None or trained == self._position:
-            return super().state_dict()
-        low = self._handed_from + 1 if self._handed_from > 0 else 0  # the last trained batch must be known
-        if not self._handed:  # nothing handed out since the start or a load: only the position itself
-            low = self._position
-        if isinstance(trained, bool) or not isinstance(trained, (int, np.integer)) or not \
-                low <= trained <= self._position:
-            span = f"[{low}, {self._position}]" if low < self._position else f"{self._position}"
-            raise ValueError(f"trained must be an integer in {span} (batches of the run trained; "
-                             f"{self._position} are handed out, the batches before {low} are not kept), "
-                             f"got {trained!r}")
-        k = int(trained) - self._handed_from
-        # the epoch of the first untrained batch is not done: a resumed run replays it in that epoch's pass
-        return self._state_dict(int(trained), self._handed[k - 1] if k > 0 else None,
-                                self._handed[k:] + self._pending, min(self._epochs_done, self._handed_epoch[k]))
+        return super().state_dict(trained)

@@ -901,6 +901,19 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
             "CrestConfig(r=...) well below the pool, or use the default just-in-time coresets (selected at each "
             "step's own parameters); on data this small, training on all of it costs little",
             stacklevel=user_stacklevel())
+    # the classes of all labels (counted once per labels array) bound the pool's: the pool is counted only
+    # where r is below twice that
+    if config.per_class and r < 2 * once_per_array("classes", state.labels,
+                                                   lambda a: int(np.count_nonzero(np.bincount(a)))):
+        classes = int(np.count_nonzero(np.bincount(state.labels[pool])))
+        if classes > 1 and r < 2 * classes:
+            warnings.warn(  # said once (Python's default filter): the counts would change as the pool shrinks
+                "CREST's random subsets hold fewer than two examples of each class on average (r below twice "
+                "the number of classes in the pool): the per-class facility-location problems leave (almost) "
+                "nothing to choose, every pick being its class's only member, so the coresets are a random "
+                "sample at the cost of a forward over every subset. Pass CrestConfig(r=...) with several "
+                "examples per class, or CrestConfig(per_class=False) (one problem per subset, across classes)",
+                stacklevel=user_stacklevel())
     # "just-in-time": the coresets the quadratic model is fitted on now, the rest when their step comes
     now = max(1, min(config.fit_batches, P)) if jit else P
     xp, union, losses, idx, valid, w = _coresets(state, ops, config, subsets[:now], gen)

@@ -22,8 +22,8 @@ import numpy as np
 
 from ._validation import apportion, hamilton, user_stacklevel
 
-__all__ = ["full_steps", "budget_steps", "hamilton", "apportion", "examples_spent", "budget_report",
-           "BudgetedPasses"]
+__all__ = ["full_steps", "budget_steps", "planned_steps", "hamilton", "apportion", "examples_spent",
+           "budget_report", "BudgetedPasses"]
 
 
 def full_steps(n: int, m: int) -> int:
@@ -36,6 +36,31 @@ def full_steps(n: int, m: int) -> int:
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     return -(-int(n) // int(m))
+
+
+def planned_steps(budget: float, full: int) -> int:
+    """:func:`budget_steps` for a loader's plan, with a warning when its floor of one step (or the rounding)
+    makes an epoch's share more than 1.5 times the budget asked for (on data of a few batches: a budget
+    of 0.1 of 3 steps is one step, a third of the data, and with CREST's measurement passes more forward
+    passes than training on everything).
+
+    >>> planned_steps(0.1, 469)
+    47
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as w:
+    ...     warnings.simplefilter("always")
+    ...     planned_steps(0.1, 3), len(w)
+    (1, 1)
+    """
+    steps = budget_steps(budget, full)
+    if steps > 1.5 * float(budget) * full:
+        warnings.warn(
+            f"a budget of {float(budget):g} of the {full} full-data steps an epoch rounds to {steps} step"
+            f"{'s' if steps > 1 else ''} an epoch ({steps / full:.0%} of the data, against the "
+            f"{float(budget):.0%} asked for): a budgeted epoch takes at least one whole mini-batch. On data this "
+            "small, a smaller m, or training on all of it, fits the budget better",
+            stacklevel=user_stacklevel())
+    return steps
 
 
 def _decimal_budget(budget) -> Fraction:
@@ -187,7 +212,7 @@ class BudgetedPasses:
         self._pass_m = int(m)
         self.full_steps_per_epoch = full_steps(n, m)
         self.steps_per_epoch = (steps_per_epoch if steps_per_epoch is not None
-                                else budget_steps(budget, self.full_steps_per_epoch))
+                                else planned_steps(budget, self.full_steps_per_epoch))
         self.epochs = int(epochs)
         self.total_steps = self.epochs * self.steps_per_epoch
         self.per_epoch = bool(per_epoch)

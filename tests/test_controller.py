@@ -2404,6 +2404,23 @@ def test_at_anchor_coresets_from_subsets_that_are_the_whole_pool_are_warned_abou
             crest_next_batch(state, SoftmaxOps(X, y), cfg)
 
 
+def test_subsets_with_under_two_examples_a_class_are_warned_about():
+    """Regression (review 59): with many classes and few examples each (C = 40, r = 40 here; C = 1000, n =
+    3000, m = 32 in the review) every random subset holds one example of each class, so the per-class
+    problems leave nothing to choose and the coresets are a random sample, at a forward's cost, silently.
+    Warned now; several examples a class, or per_class=False, are not."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(40), 5)
+    X = rng.normal(size=(200, 6)) + y[:, None] * 0.1
+    cfg = CrestConfig(m=8, r=40)
+    with pytest.warns(UserWarning, match=r"fewer than two examples of each class.*per_class=False"):
+        crest_next_batch(crest_init(cfg, y, seed=0), SoftmaxOps(X, y, C=40), cfg)
+    for ok in (CrestConfig(m=8, r=120), CrestConfig(m=8, r=40, per_class=False)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            crest_next_batch(crest_init(ok, y, seed=0), SoftmaxOps(X, y, C=40), ok)
+
+
 @pytest.mark.parametrize("max_age,expected", [("epoch", [0, 50, 100]), (None, [0, 50, 100]), (20, [0, 20, 40, 60, 80,
                                                                                                     100, 120, 140])])
 def test_reselect_epoch_with_p_cap_selects_p_cap_coresets_every_p_cap_steps(max_age, expected):

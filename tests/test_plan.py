@@ -254,3 +254,19 @@ def test_a_pass_is_superseded_only_when_another_takes_a_batch_and_then_says_so()
     loader._load_pass_state({"epochs_done": 0}, 0)  # what load_state_dict does to the passes
     assert list(old) == []  # quietly: the pass was the old run's
     assert list(loader) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_budget_rounded_up_past_one_and_a_half_times_is_warned_about():
+    """Regression (review 59): on a small data set the floor of one step an epoch made budget=0.1 a third of
+    the data (n = 40, m = 16: 1 of 3 steps; with CREST's measurement passes 139 % of the full run's), and no
+    loader said so. planned_steps, which every loader's plan uses, warns when the share is above 1.5 times
+    the budget; ordinary rounding does not."""
+    import warnings
+
+    from crestcore.plan import planned_steps
+
+    with pytest.warns(UserWarning, match=r"rounds to 1 step an epoch \(33% of the data, against the 10%"):
+        assert planned_steps(0.1, 3) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [planned_steps(0.1, 469), planned_steps(0.5, 3), planned_steps(0.1, 10)] == [47, 2, 1]

@@ -66,7 +66,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from crestcore.plan import budget_report, budget_steps, full_steps
+from crestcore.plan import budget_report, full_steps, planned_steps
 from crestcore.validation import host_indices
 
 try:
@@ -1176,7 +1176,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         self.log_stats = _common.check_bool(log_stats, "log_stats")
         m = self.config.m
         self.full_steps_per_epoch = full_steps(n, m)
-        self.steps_per_epoch = budget_steps(self.budget, self.full_steps_per_epoch)
+        self.steps_per_epoch = planned_steps(self.budget, self.full_steps_per_epoch)
         self.dataset = CrestDataset(self)
         self.ops: KerasModelOps | None = None
         self.trained: list[tuple[np.ndarray, np.ndarray]] = []
@@ -1528,7 +1528,7 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
         self.last_layer = last_layer
         self.full_steps_per_epoch = full_steps(n, m)
         self.steps_per_epoch = (self.full_steps_per_epoch if method == "full"
-                                else budget_steps(self.budget, self.full_steps_per_epoch))
+                                else planned_steps(self.budget, self.full_steps_per_epoch))
         self.schedule = SubsetSchedule(
             method, self.labels, m=m, seed=self.seed, steps_per_epoch=self.steps_per_epoch,
             full_steps_per_epoch=self.full_steps_per_epoch, epochs=epochs, reselect_every=reselect_every,
