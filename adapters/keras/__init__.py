@@ -1460,6 +1460,14 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         self._position = int(pos)
         if self.epochs is None and epochs is not None:
             self.epochs = int(epochs)
+        elif epochs is not None and int(epochs) != self.epochs:
+            # as CrestLoader says of a shorter plan (review 61: loaded silently); the batches do not depend on it
+            warnings.warn(
+                f"CrestCallback: the state was saved by a run planned for {int(epochs)} epochs, this callback "
+                f"plans {self.epochs}: the batches go on as saved, and the budget report (stats['budget']) and "
+                "the warning past the planned epochs count this callback's epochs. Build it with the saved "
+                "epochs= (or epochs=None: the saved plan) to continue that run.",
+                stacklevel=_common.user_stacklevel())
         self._queue = [_Entry(b, False) for b in batches]
         kept = state.get("anchor_stats")  # absent from checkpoints before 2026-12-01: the live statistics
         if kept is not None and not (isinstance(kept, dict) and all(
