@@ -152,7 +152,8 @@ class SubsetLoader(BudgetedPasses):
         (defaults 0.5 and 0.875).
     fill : gradmatch only, when OMP stops with fewer than k picks: ``"random"`` (default) tops the
         selection up with uniformly random examples of the same classes, each weighted 1 on the sum scale
-        (itself); ``"cycle"`` trains on the smaller selection, cycled.
+        (itself); ``"cycle"`` trains on the smaller selection, cycled (an empty one, when no gradient
+        correlates positively with their sum, is filled at random, with a warning).
     options : extra keyword arguments for the core function (``craig``: metric, kernel, optimizer, ...;
         ``gradmatch``: lam, tol (``positive=True`` only: training weights are non-negative); ``glister``: eta,
         optimizer, epsilon). Defaults: gradmatch ``lam=0.5, tol=1e-6``, glister ``optimizer="stochastic",

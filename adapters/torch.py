@@ -2407,7 +2407,12 @@ def _observed_losses(losses, k: int, step: int, who: str) -> np.ndarray:
     the distributed loader, which keeps float64, and not here); half precision is widened."""
     if isinstance(losses, torch.Tensor):
         losses = _wide(losses.detach()).cpu().numpy()
-    vals = np.asarray(losses, dtype=np.float64).reshape(-1)
+    vals = np.asarray(losses, dtype=np.float64)
+    if vals.size == k and vals.shape not in ((k,), (k, 1)):
+        # one loss per example, as a vector or a column: a (2, 5) array is not a batch of 10 (review 62)
+        raise ValueError(f"observe() got losses of shape {vals.shape} for a batch of {k} examples: pass one loss "
+                         f"per example, shape ({k},) or ({k}, 1) (reduction='none')")
+    vals = vals.reshape(-1)
     if vals.size != k:
         raise ValueError(
             f"observe() got {vals.size} losses for a batch of {k} examples "

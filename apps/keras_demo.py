@@ -264,11 +264,13 @@ def train_keras_method(method: str, data, s: TrainSettings, *, backend: str | No
     else:  # the baselines: the PyTorch demo's schedule (crestcore.baselines.SubsetSchedule), same seeds
         from crestcore.adapters.keras import SubsetCallback
 
+        from crestcore.baselines import method_arguments
+
         sub = SubsetCallback(x_tr, np.asarray(y_tr, dtype=np.int64), method=method, budget=s.budget, epochs=s.epochs,
                              m=m, seed=s.seed, measure_batch_size=s.measure_batch_size,
-                             reselect_every=s.reselect_epochs(),
-                             val_fraction=s.val_fraction, glister_lr=s.lr, prune_ratio=s.prune_ratio,
-                             prune_anneal=s.prune_anneal)
+                             **method_arguments(method, reselect_every=s.reselect_epochs(),
+                                                val_fraction=s.val_fraction, glister_lr=s.lr,
+                                                prune_ratio=s.prune_ratio, prune_anneal=s.prune_anneal))
         if sub.steps_per_epoch != spe:
             raise RuntimeError(f"SubsetCallback plans {sub.steps_per_epoch} steps per epoch, expected {spe}")
         dataset = sub.dataset

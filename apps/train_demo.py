@@ -740,10 +740,13 @@ def train_method(method: str, data, s: TrainSettings, *, progress: bool = True, 
 
         from crestcore.adapters.baselines import SubsetLoader
 
+        from crestcore.baselines import method_arguments
+
         sub = SubsetLoader(model, TensorDataset(x_dev, y_dev), method=method, budget=s.budget, epochs=s.epochs,
                            m=m, seed=s.seed, labels=y_tr.numpy(), measure_batch_size=s.measure_batch_size,
-                           reselect_every=reselect, val_fraction=s.val_fraction, glister_lr=s.lr,
-                           prune_ratio=s.prune_ratio, prune_anneal=s.prune_anneal,
+                           **method_arguments(method, reselect_every=reselect, val_fraction=s.val_fraction,
+                                              glister_lr=s.lr, prune_ratio=s.prune_ratio,
+                                              prune_anneal=s.prune_anneal),
                            **s.extra.get("baselines", {}))
         if sub.total_steps != total:
             raise RuntimeError(f"SubsetLoader plans {sub.total_steps} steps, expected {total}")

@@ -169,6 +169,52 @@ def test_gradmatch_tops_up_each_class_to_its_share_and_fills_the_budget():
         assert s.log[-1]["size"] == s.subset_size == min(50, 5 * spe)
 
 
+def test_gradmatch_cycle_with_nothing_picked_fills_at_random_and_says_so():
+    """Regression (review 62): when no gradient correlates positively with their sum (a model that fits its
+    data: float32 gradients of 0), OMP picks nothing and fill='cycle' raised FloatingPointError ('the
+    selection is empty') mid-run; it now fills that selection at random, as fill='random' does, warned."""
+    n = 40
+    lab = np.arange(n) % 2
+    Z = np.where(lab[:, None] == np.arange(2)[None, :], 100.0, -100.0).astype(np.float32)  # certain, right
+    E = np.random.default_rng(0).normal(size=(n, 3)).astype(np.float32)
+
+    class Ops:
+        def outputs(self, idx, embeddings=False):
+            return (Z[idx], E[idx]) if embeddings else Z[idx]
+
+    s = SubsetSchedule("gradmatch", lab, m=4, seed=0, steps_per_epoch=2, full_steps_per_epoch=10, epochs=1,
+                       fill="cycle")
+    with pytest.warns(UserWarning, match="picked no example at epoch 0.*filled at random"):
+        idx, w = s.next_indices(0, Ops())
+    assert s.log[-1]["picked"] == 0 and s.log[-1]["size"] == 8 and idx.size == 4 and np.all(w > 0)
+
+
+def test_arguments_a_method_does_not_read_are_warned_about_and_method_arguments_drops_them():
+    """Regression (review 62): reselect_every=2 with random (which draws every epoch), fill with craig,
+    val_fraction with prune... were accepted silently, where options= for prune is refused. A value other
+    than the default for an argument the method never reads is warned about; method_arguments keeps only
+    those that apply, and defaults passed explicitly say nothing."""
+    import warnings
+
+    from crestcore.baselines import method_arguments
+
+    y = np.arange(40) % 2
+    kw = dict(m=4, seed=0, steps_per_epoch=2, full_steps_per_epoch=10, epochs=2)
+    with pytest.warns(UserWarning, match=r"'random' does not use reselect_every=2: it draws a new subset every epoch"):
+        SubsetSchedule("random", y, reselect_every=2, **kw)
+    with pytest.warns(UserWarning, match=r"'craig' does not use fill='cycle', val_fraction=0.2"):
+        SubsetSchedule("craig", y, fill="cycle", val_fraction=0.2, **kw)
+    every = dict(reselect_every=3, fill="cycle", val_fraction=0.2, glister_lr=0.1, prune_ratio=0.3, prune_anneal=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for method in METHODS:
+            if method in ("full", "sgd-budget"):
+                continue
+            SubsetSchedule(method, y, **method_arguments(method, **every), **kw)
+        SubsetSchedule("random", y, reselect_every=1, fill="random", **kw)  # the defaults, given
+    assert method_arguments("gradmatch", **every) == {"reselect_every": 3, "fill": "cycle"}
+
+
 def test_prune_past_its_planned_epochs_keeps_the_last_rule_and_says_so():
     X, y = _data()
     s = _schedule("prune", y, epochs=1)
@@ -196,6 +242,34 @@ def test_options_the_method_would_not_accept_are_refused_when_built(method, opti
     _schedule("gradmatch", y, options={"lam": 0.1, "positive": True})  # accepted
 
 
+def test_craig_weights_classes_by_their_chance_of_a_pick_when_k_is_below_the_classes():
+    """Regression (review 62): with k below the number of classes a class is selected with probability
+    p_c = k n_c / n, but a picked class kept its cluster-size weight n_c, so its expected weight went as
+    n_c^2: 50 classes of two examples (9.1 % of the data) got 1.8 % of CRAIG's weight. Its picks weigh
+    n_c / p_c now, and the classes' weight shares, averaged over selections, are their shares of the data."""
+    sizes = [20] * 10 + [2] * 10
+    y = np.repeat(np.arange(20), sizes)
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(y.size, 4))
+    ops = EmbeddingOps(X, y, C=20)
+    epochs = 150
+    s = SubsetSchedule("craig", y, m=6, seed=0, steps_per_epoch=2, full_steps_per_epoch=37, epochs=epochs,
+                       weights="selection")
+    k = 12  # below the 20 classes: every class of two examples is picked with p = 12 * 2 / 220
+    small = np.zeros(epochs)
+    for e in range(epochs):
+        s.next_indices(e * 2, ops)
+        cls = y[s.sel_idx]
+        assert s.sel_idx.size == k
+        picked_small = np.unique(cls[cls >= 10])
+        for c in picked_small:  # a class of two: its one pick weighs 2 / p (before the mean-1 rescaling)
+            w_c = s.sel_w[cls == c].sum() / s.sel_w.sum() * s.log[-1]["weight_sum"]
+            assert w_c == pytest.approx(2 / (k * 2 / y.size), rel=1e-9)
+        small[e] = s.sel_w[cls >= 10].sum() / s.sel_w.sum()
+    share = 20 / y.size  # the small classes' share of the data, 9.1 %
+    assert abs(small.mean() - share) < 0.02, (small.mean(), share)
+
+
 def test_glister_warns_when_small_classes_hold_out_more_than_val_fraction():
     """60 classes of 2 examples: one of each is held out (half the set, against val_fraction 0.1), and a
     warning says so; 3 classes of 40 hold out 10 % and do not warn."""
@@ -210,6 +284,11 @@ def test_glister_warns_when_small_classes_hold_out_more_than_val_fraction():
         warnings.simplefilter("error")
         s = SubsetSchedule("glister", np.repeat(np.arange(3), 40), **kw)
     assert s.val_indices.size == 12
+    # review 62: imbalanced, the whole set's share stays near 10 % while the small classes lose a third or half
+    y = np.repeat(np.arange(6), [990, 2, 2, 2, 3, 3])
+    with pytest.warns(UserWarning, match=r"holds out 104 of 1002 examples \(10%, val_fraction=0.1\), and 5 of "
+                                         r"the 6 classes \(of 2-3 examples\) lose 33%-50% of theirs"):
+        SubsetSchedule("glister", y, **kw)
 
 
 def test_full_data_methods_refuse_a_full_epoch_that_is_not_ceil_n_over_m():

@@ -26,7 +26,7 @@ from ._glister import glister
 from ._gradmatch import gradmatch, nonneg_ridge
 from ._pruning import prune_schedule
 from ._random import random_subset
-from ._schedule import METHODS, SELECTING_METHODS, SOLVE_ON, SubsetSchedule
+from ._schedule import METHODS, SELECTING_METHODS, SOLVE_ON, SubsetSchedule, method_arguments
 
 __all__ = ["random_subset", "craig", "gradmatch", "nonneg_ridge", "glister", "prune_schedule", "reselect_due",
-           "SubsetSchedule", "METHODS", "SELECTING_METHODS", "SOLVE_ON"]
+           "SubsetSchedule", "METHODS", "SELECTING_METHODS", "SOLVE_ON", "method_arguments"]

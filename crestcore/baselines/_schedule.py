@@ -29,11 +29,31 @@ from ._gradmatch import gradmatch
 from ._pruning import prune_schedule
 from ._random import random_subset
 
-__all__ = ["SubsetSchedule", "METHODS", "SELECTING_METHODS", "SOLVE_ON"]
+__all__ = ["SubsetSchedule", "METHODS", "SELECTING_METHODS", "SOLVE_ON", "method_arguments"]
 
 METHODS = ("full", "sgd-budget", "random", "craig", "gradmatch", "glister", "prune")
 SOLVE_ON = ("auto", "host")  # where craig, gradmatch and glister solve (SubsetSchedule's solve_on)
 SELECTING_METHODS = ("craig", "gradmatch", "glister")  # measure the model and reselect every R epochs
+# the schedule's method-specific arguments and the methods that read them
+_USED_BY = {"reselect_every": SELECTING_METHODS, "fill": ("gradmatch",), "val_fraction": ("glister",),
+            "glister_lr": ("glister",), "prune_ratio": ("prune",), "prune_anneal": ("prune",)}
+
+
+def method_arguments(method: str, **arguments) -> dict:
+    """``arguments`` without those of :class:`SubsetSchedule` (and the loaders built on it) that ``method``
+    does not read: a caller that sets them for every method passes only what applies (given to another
+    method, they are warned about).
+
+    Examples
+    --------
+    >>> method_arguments("random", reselect_every=3, prune_ratio=0.3, m=8)
+    {'m': 8}
+    >>> method_arguments("prune", reselect_every=3, prune_ratio=0.3, m=8)
+    {'prune_ratio': 0.3, 'm': 8}
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return {k: v for k, v in arguments.items() if k not in _USED_BY or method in _USED_BY[k]}
 
 # tags that separate the random streams of one seed: default_rng([seed, epoch, tag])
 _TAG_ORDER, _TAG_SELECT, _TAG_VAL, _TAG_FILL, _TAG_SPLIT = 101, 102, 103, 104, 105
@@ -195,6 +215,16 @@ class SubsetSchedule:
         self.fill = fill
         self.solve_on = solve_on
         _check_options(method, options or {})
+        # arguments this method never reads, given other values than their defaults (review 62: accepted
+        # silently, where options= for prune is refused; reselect_every=2 with random still drew every epoch)
+        given = {"reselect_every": reselect_every, "fill": fill, "val_fraction": val_fraction,
+                 "glister_lr": glister_lr, "prune_ratio": prune_ratio, "prune_anneal": prune_anneal}
+        defaults = {k: v.default for k, v in inspect.signature(SubsetSchedule.__init__).parameters.items()}
+        unused = [f"{k}={v!r}" for k, v in given.items() if method not in _USED_BY[k] and v != defaults[k]]
+        if unused:
+            warnings.warn(f"crestcore: method {method!r} does not use {', '.join(unused)}: "
+                          + ("it draws a new subset every epoch; " if method in ("random", "prune") else "")
+                          + "the argument has no effect", stacklevel=user_stacklevel())
         self.options = {**_DEFAULT_OPTIONS.get(method, {}), **(options or {})}
         self._warned_epochs = False
         self._warned_unobserved = False
@@ -203,11 +233,19 @@ class SubsetSchedule:
             if self.val_indices.size == 0:
                 raise ValueError("glister needs a validation split: the dataset is too small to hold one out")
             held = self.val_indices.size / self.n
-            if held > 1.5 * self.val_fraction:  # one example of every class is held out, however small
+            # per class too: on imbalanced data the whole set's share stays near val_fraction while each small
+            # class loses a third or half of its examples (review 62: classes of 2 and 3 beside one of 990)
+            _, cls, sizes = np.unique(self.labels, return_inverse=True, return_counts=True)
+            share = np.bincount(cls.reshape(-1)[self.val_indices], minlength=sizes.size) / sizes
+            hit = share > 2 * self.val_fraction
+            if held > 1.5 * self.val_fraction or hit.any():  # one example of every class is held out, however small
+                classes = (f", and {int(hit.sum())} of the {sizes.size} classes (of {int(sizes[hit].min())}-"
+                           f"{int(sizes[hit].max())} examples) lose {share[hit].min():.0%}-{share[hit].max():.0%} "
+                           "of theirs" if hit.any() else "")
                 warnings.warn(
                     f"crestcore: glister holds out {self.val_indices.size} of {self.n} examples ({held:.0%}, "
-                    f"val_fraction={self.val_fraction}): at least one example of every class with two or more "
-                    "is held out, and these are never trained on; with many small classes, pass a smaller "
+                    f"val_fraction={self.val_fraction}){classes}: at least one example of every class with two "
+                    "or more is held out, and these are never trained on; with small classes, pass a smaller "
                     "val_fraction or use another method",
                     stacklevel=user_stacklevel(),
                 )
@@ -412,13 +450,16 @@ class SubsetSchedule:
         G = last_layer_gradients(zp, lp, embeddings=ep)
         opts = dict(self.options)
         info: dict = {}
+        chance = None  # each class's probability of a pick, where some class may go without one
         if self.method in ("craig", "gradmatch"):
             # the per-class split with its leftover picks drawn at random at every selection (each class's
             # expected share is proportional): a fixed Hamilton split gives the leftovers to the same
             # classes every time, so with k below the number of classes the same classes were never picked
             if opts.get("class_budgets") is None:
                 sizes = np.bincount(np.unique(self.labels[self.pool], return_inverse=True)[1])
-                opts["class_budgets"] = apportion(k, sizes, _rng(self.seed, e, _TAG_SPLIT), at_least_one=True)[0]
+                units, p = apportion(k, sizes, _rng(self.seed, e, _TAG_SPLIT), at_least_one=True)
+                opts["class_budgets"] = units
+                chance = p if bool(np.any(p < 1.0)) else None
             self._split = np.asarray(opts["class_budgets"], dtype=np.int64)
         if self.method == "craig":
             if opts.get("optimizer") == "stochastic" and "rng" not in opts:
@@ -439,9 +480,23 @@ class SubsetSchedule:
             loc, w = loc[keep], w[keep]
             info["picked"] = int(loc.size)
             short = k - loc.size
-            if short > 0 and self.fill == "random":
+            if short > 0 and self.fill == "cycle" and loc.size == 0:
+                # nothing to cycle (review 62: a FloatingPointError mid-run): no training gradient correlates
+                # positively with their sum, as when the model fits its training data
+                warnings.warn(
+                    f"gradmatch picked no example at epoch {e}: no training gradient correlates positively with "
+                    "the gradients' sum (the model fits its training data, or its gradients are 0 in their "
+                    "dtype), so fill='cycle' has nothing to train on; this selection is filled at random, as "
+                    "fill='random' does", stacklevel=user_stacklevel())
+            if short > 0 and (self.fill == "random" or loc.size == 0):
                 loc, w = self._top_up(e, loc, w, short)
                 info["filled"] = int(loc.size - info["picked"])
+        if chance is not None:
+            # k below the number of classes: a class is in the selection with probability p_c only, so its
+            # examples weigh 1 / p_c (as CREST's coresets do), and each class's expected weight is its size
+            # (unweighted, CRAIG's 2 of 100 classes of two examples got 1.8 % of the weight for 9.1 % of the data)
+            cls = np.unique(self.labels[self.pool], return_inverse=True)[1].reshape(-1)
+            w = w / chance[cls[loc]]
         return self.pool[loc], w, info
 
     def _top_up(self, e: int, loc: np.ndarray, w: np.ndarray, short: int):

@@ -580,3 +580,15 @@ def test_a_peeked_batch_is_said_to_count_as_trained_as_crestloader_says():
         warnings.simplefilter("error")  # said once
         trained += sum(1 for _ in iter(ld))
     assert trained + 1 == 2 * len(ld) == ld.stats["step"]
+
+
+def test_observe_takes_one_loss_per_example_as_a_vector_or_a_column_only():
+    """Regression (review 62): observe() reshaped any array, so a (2, 5) array passed as the losses of a batch
+    of 10; (k,) and (k, 1) are taken, anything else of k values is refused naming the shapes."""
+    ld = loader("prune", epochs=2)
+    x, y, w = next(iter(ld))
+    k = y.shape[0]
+    ld.observe(torch.ones(k, 1))
+    ld.observe(torch.ones(k))
+    with pytest.raises(ValueError, match=rf"losses of shape \(2, {k // 2}\) for a batch of {k} examples"):
+        ld.observe(torch.ones(2, k // 2))
