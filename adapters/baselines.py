@@ -66,6 +66,7 @@ statistics untouched, modes and buffers restored); nothing touches ``.grad`` or 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -90,7 +91,8 @@ from crestcore.adapters.torch import (  # the torch adapter's data access, share
     dataset_labels,
 )
 
-from ._common import check_budget, check_budget_counts, check_checkpoint, check_count, labels_digest
+from ._common import (check_budget, check_budget_counts, check_checkpoint, check_count, labels_digest,
+                      user_stacklevel)
 
 __all__ = ["SubsetLoader", "METHODS", "SELECTING_METHODS"]
 
@@ -278,6 +280,20 @@ class SubsetLoader(BudgetedPasses):
             weights=weights, embeddings=embeddings, val_fraction=val_fraction, glister_lr=glister_lr,
             prune_ratio=prune_ratio, prune_anneal=prune_anneal, fill=fill, options=options, solve_on=solve_on,
         )
+        if budget_counts == "passes" and method in SELECTING_METHODS:
+            # a selection's forward over the pool (and glister's validation split) in step-equivalents (a
+            # forward is a third of a training step), against the budget's steps between two selections
+            sch = self.schedule
+            cost = (sch.pool.size + sch.val_indices.size) / 3.0 / m
+            share = self.steps_per_epoch * sch.reselect_every
+            if cost > 0.5 * share:
+                warnings.warn(
+                    f"SubsetLoader: under budget_counts='passes' each {method} selection's forward over "
+                    f"{sch.pool.size + sch.val_indices.size} examples costs about {cost:.1f} of the "
+                    f"{share} steps the budget allows between two selections ({min(cost / share, 1):.0%}): "
+                    "the run trains little (as little as a batch an epoch; an epoch's pass may end before "
+                    "its first batch, and its selection with it). Raise the budget or reselect_every, or count "
+                    "budget_counts='steps'", stacklevel=user_stacklevel())
         self.ops = TorchModelOps(
             model, measure_dataset if measure_dataset is not None else dataset, labels=lab, loss_fn=loss_fn,
             device=device, batch_size=measure_batch_size, collate_fn=collate_fn, last_layer=last_layer,

@@ -592,3 +592,18 @@ def test_observe_takes_one_loss_per_example_as_a_vector_or_a_column_only():
     ld.observe(torch.ones(k))
     with pytest.raises(ValueError, match=rf"losses of shape \(2, {k // 2}\) for a batch of {k} examples"):
         ld.observe(torch.ones(2, k // 2))
+
+
+def test_passes_budget_that_one_selection_exhausts_is_warned_about():
+    """Regression (review 62): under budget_counts='passes', a CRAIG selection whose forward (200 examples:
+    6.7 step-equivalents of m = 10) cost more than an epoch's share (6 steps) left one batch an epoch, an
+    epoch with none (its selection skipped) and the spend 10 % over the cap, silently. Warned when built now;
+    a budget that leaves most of it to training is not."""
+    import warnings
+
+    X, y = make_data(200)
+    with pytest.warns(UserWarning, match=r"budget_counts='passes' each craig selection's forward over 200 examples"):
+        loader("craig", data=(X, y), budget=0.3, epochs=7, m=10, reselect_every=1, budget_counts="passes")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loader("craig", data=(X, y), budget=0.5, epochs=7, m=10, reselect_every=3, budget_counts="passes")
