@@ -304,8 +304,9 @@ class SubsetLoader(BudgetedPasses):
         self._fetch = _Fetcher(dataset, collate_fn)
         self._last: tuple[np.ndarray, np.ndarray] | None = None
         self._before_last: tuple[np.ndarray, np.ndarray] | None = None  # the batch handed out before _last
-        self._last_position = -1  # the run position after _last was handed out (-1: none since a load)
+        self._last_position = -1  # the run position after _last was handed out (-1: none yet)
         self._last_epoch = 0
+        self._replay_at: int | None = None  # a state saved with trained=: the position handed out again
 
     # the schedule's settings, read as the loader's own
     method = property(lambda self: self.schedule.method)
@@ -325,11 +326,19 @@ class SubsetLoader(BudgetedPasses):
         epoch = self._schedule_epoch() if self.budget_counts == "passes" else None
         idx, w = self.schedule.next_indices(self._position, self.ops, sync=self._sync, epoch=epoch)
         self._position += 1
+        if self._replay_at is not None and self._position > self._replay_at:
+            self._replay_at = None  # the batch a trained= state left untrained is handed out again
         # the batch before (state_dict(trained=position - 1)) and the epoch of this one's pass
         self._before_last = self._last if self._last_position == self._position - 1 else None
         self._last, self._last_position = (idx, w), self._position
         self._last_epoch = self._pass_e if self._pass_e is not None else (self._position - 1) // self.steps_per_epoch
         return self._make_batch(idx, w)
+
+    def _replaying(self) -> bool:
+        # the batch a state saved with trained= left untrained: its step (its selection, if it made one,
+        # included) was paid and checked in the run that saved it; under "passes" it is handed out again
+        # without a second check (which counted that selection's cost and ended the pass before it)
+        return self._replay_at is not None and self._position == self._replay_at
 
     def _schedule_epoch(self) -> int | None:
         """Under "passes" a pass ends early by the measurement's cost, so the loader's epochs are not blocks of
@@ -462,6 +471,8 @@ class SubsetLoader(BudgetedPasses):
         """
         schedule = self.schedule.state()
         last, passes = self._last, self._pass_state()
+        # a batch to hand out again first: the one trained= leaves untrained, or one a loaded state left so
+        replay = self._replay_at if self._replay_at is not None and self._replay_at >= self._position else None
         if trained is not None and not (trained == self._position and not isinstance(trained, bool)):
             ok = self._last_position == self._position and self._position >= 1 and (
                 self._position == 1 or self._before_last is not None)
@@ -477,6 +488,7 @@ class SubsetLoader(BudgetedPasses):
             counters["train_examples"] -= int(self._last[0].size)
             schedule["counters"] = counters
             passes = self._pass_state(int(trained), min(self._epochs_done, self._last_epoch))
+            replay = int(trained)
         return {
             "format": _FORMAT,
             **self._fingerprint(),
@@ -486,6 +498,7 @@ class SubsetLoader(BudgetedPasses):
             "labels_sha256": self._labels_digest(),
             **passes,
             "last": None if last is None else {"indices": _portable(last[0]), "weights": _portable(last[1])},
+            "replay": replay,  # the position whose batch is handed out again first, else None
             **{k: _portable(v) for k, v in schedule.items()},
         }
 
@@ -534,5 +547,9 @@ class SubsetLoader(BudgetedPasses):
             self.schedule.load_state(before)  # a state the schedule cannot read leaves it as it was
             raise
         self._last = last
-        self._before_last, self._last_position = None, -1
+        # the loaded last batch is the one before the next: state_dict(trained=) works at the first step
+        self._before_last, self._last_position = None, (int(pos) if last is not None else -1)
+        replay = state.get("replay")  # absent before 2026-12-04: none
+        self._replay_at = int(replay) if isinstance(replay, (int, np.integer)) and not isinstance(replay, bool) \
+            and int(replay) == int(pos) else None
         self._load_pass_state(state, int(pos))

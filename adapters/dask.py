@@ -43,7 +43,7 @@ import numpy as np
 
 import crestcore
 from crestcore.plan import hamilton
-from crestcore.validation import check_int
+from crestcore.validation import check_int, not_floating
 from crestcore.facility import Selection
 from crestcore.similarity import KERNELS, METRICS, kernel_scale, restore
 
@@ -281,7 +281,7 @@ def facility_location(X, k, *, labels=None, client=None, partitions=None, seed=0
         raise ValueError("X has unknown chunk sizes (e.g. after boolean indexing); call X.compute_chunk_sizes() "
                          "first")
     if X.dtype.kind != "f":
-        raise TypeError(f"X must have a real floating dtype, got {X.dtype}")
+        raise not_floating("X", X.dtype)
     n, d = (int(s) for s in X.shape)
     k = check_int(k, "k", low=1, high=n)
     if options.get("neighbors") is not None:  # as the single-machine call refuses it, whatever the blocks

@@ -240,8 +240,9 @@ def dataset_labels(dataset) -> np.ndarray:
         if len(ints) > 1:
             raise ValueError(
                 f"this TensorDataset holds {len(dataset.tensors)} tensors, of which tensors {ints} are integer "
-                "vectors: CREST cannot tell which one holds the class labels. Pass labels= (e.g. "
-                f"labels=dataset.tensors[{ints[-1]}]; crest_labels= on CrestTrainer)")
+                "vectors (class labels, a categorical input, example ids, ...): CREST cannot tell which one holds "
+                f"the class labels. Pass labels=dataset.tensors[k] with k the one that does (one of {ints}; "
+                "crest_labels= on CrestTrainer)")
         return _as_labels(dataset.tensors[1], n, "the TensorDataset's second tensor")
     if isinstance(dataset, Subset) and _labels_without_items(dataset.dataset):
         base = dataset_labels(dataset.dataset)
@@ -2878,7 +2879,13 @@ class CrestLoader(BudgetedPasses):
         self._trainable_ids = tuple(id(p) for p in self.ops._trainable())
         self._batch = batch
         self._pending = pending
-        self._handed, self._handed_epoch, self._handed_from = [], [], self._position
+        # the window of batches handed out starts with the loaded last one (trained): state_dict(trained=)
+        # at the first step after the load needs it
+        if batch is not None:
+            self._handed, self._handed_from = [batch], self._position - 1
+            self._handed_epoch = [(self._position - 1) // self.steps_per_epoch]
+        else:
+            self._handed, self._handed_epoch, self._handed_from = [], [], self._position
         _inner_ops(self.ops)._anchor_buffers = {k: t.detach().clone() for k, t in anchor.items()} if anchor else None
         saved_epochs = state.get("epochs")  # loaded (every check above passed): a shorter plan is said once
         if isinstance(saved_epochs, (int, np.integer)) and not isinstance(saved_epochs, bool) and saved_epochs > self.epochs:

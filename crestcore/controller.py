@@ -907,12 +907,17 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
                                                    lambda a: int(np.count_nonzero(np.bincount(a)))):
         classes = int(np.count_nonzero(np.bincount(state.labels[pool])))
         if classes > 1 and r < 2 * classes:
+            # (the default r is max(C, 4 m) where the pool holds at most 100 examples a class: many classes and
+            # a small m land here by default)
+            fix = ("CrestConfig(per_class=False) (one problem per subset, across classes): the pool itself "
+                   "holds fewer than two examples a class" if pool.size < 2 * classes else
+                   "CrestConfig(r=...) with several examples per class, or CrestConfig(per_class=False) (one "
+                   "problem per subset, across classes)")
             warnings.warn(  # said once (Python's default filter): the counts would change as the pool shrinks
-                "CREST's random subsets hold fewer than two examples of each class on average (r below twice "
-                "the number of classes in the pool): the per-class facility-location problems leave (almost) "
+                f"CREST's random subsets hold fewer than two examples of each class on average (r = {r} against "
+                f"{classes} classes in the pool): the per-class facility-location problems leave (almost) "
                 "nothing to choose, every pick being its class's only member, so the coresets are a random "
-                "sample at the cost of a forward over every subset. Pass CrestConfig(r=...) with several "
-                "examples per class, or CrestConfig(per_class=False) (one problem per subset, across classes)",
+                f"sample at the cost of a forward over every subset. Pass {fix}",
                 stacklevel=user_stacklevel())
     # "just-in-time": the coresets the quadratic model is fitted on now, the rest when their step comes
     now = max(1, min(config.fit_batches, P)) if jit else P

@@ -154,6 +154,7 @@ def hutchinson_diagonal(hvp: Callable[[Any], Any], probes):
     xp = namespace(probes, names=("probes",))
     check_float_rows(xp, probes, "probes", "(k, D) array")
     acc = None
+    out_dtype = probes.dtype  # the estimate's: the probes' and the products' promoted dtype (as z * Hz gives)
     for i in range(probes.shape[0]):
         z = xp.asarray(probes[i, ...], copy=True)  # a copy: an hvp that writes its input leaves probes alone
         hz = detached(hvp(z))  # an autograd product: its graph is not kept in the estimate
@@ -177,10 +178,11 @@ def hutchinson_diagonal(hvp: Callable[[Any], Any], probes):
             # of 1 (300 probes of a diagonal of 1 gave 0.85), a float16 sum overflows where the mean fits
             term = _accumulating(xp, probes[i, ...]) * _accumulating(xp, hz)  # the probe itself, not its copy
             acc = term if acc is None else acc + term
+        out_dtype = xp.result_type(out_dtype, hz.dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = acc / probes.shape[0]
-        out = mean if mean.dtype == probes.dtype else xp.astype(mean, probes.dtype)
+        out = mean if mean.dtype == out_dtype else xp.astype(mean, out_dtype)
     if not bool(xp.all(xp.isfinite(out))):
         raise DivergenceError(f"the Hutchinson estimate overflows {out.dtype}: the curvature is not finite")
     return out

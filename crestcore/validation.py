@@ -8,13 +8,15 @@ Each check returns a normalised host (NumPy) copy or raises an error naming the 
 * :func:`check_int` -- an integer argument in a range (bools refused), named in the error.
 * :func:`check_count` -- a positive (or non-negative, or optional) integer argument, a ``ValueError``
   naming it otherwise.
+* :func:`not_floating` -- the ``TypeError`` for an array whose dtype is not real floating (a NumPy
+  bfloat16 array from ml_dtypes is told what to do).
 * :class:`DivergenceError` -- what CREST raises on non-finite numbers (a ``FloatingPointError``).
 """
 
 from __future__ import annotations
 
-from ._validation import (DivergenceError, check_count, check_int, host_indices, host_weights, stored_batch,
-                          user_stacklevel)
+from ._validation import (DivergenceError, check_count, check_int, host_indices, host_weights, not_floating,
+                          stored_batch, user_stacklevel)
 
-__all__ = ["DivergenceError", "check_count", "check_int", "host_indices", "host_weights", "stored_batch",
-           "user_stacklevel"]
+__all__ = ["DivergenceError", "check_count", "check_int", "host_indices", "host_weights", "not_floating",
+           "stored_batch", "user_stacklevel"]

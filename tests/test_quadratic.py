@@ -387,6 +387,16 @@ def test_hutchinson_diagonal_sums_half_precision_probes_in_float32(lib, half, k)
     assert [float(v) for v in est] == [1.0, 1.0, 1.0]
 
 
+def test_hutchinson_diagonal_keeps_a_wider_hvps_dtype():
+    """Regression (review 64): the half-precision fix cast every estimate to the probes' dtype, so float32
+    probes with a float64 hvp came back float32 (float64 before), and float16 probes with a float32 hvp of 1e5
+    raised DivergenceError; the estimate is in the probes' and the products' promoted dtype."""
+    est = hutchinson_diagonal(lambda v: v.astype(np.float64) * 3.0, np.ones((4, 2), dtype=np.float32))
+    assert est.dtype == np.float64 and est.tolist() == [3.0, 3.0]
+    est = hutchinson_diagonal(lambda v: v.to(torch.float32) * 1e5, torch.ones((4, 2), dtype=torch.float16))
+    assert est.dtype == torch.float32 and est.tolist() == [1e5, 1e5]
+
+
 def test_hutchinson_diagonal_in_float16_reports_no_divergence_for_a_mean_that_fits():
     """Regression (review 60): ten float16 terms of 1e4 overflow float16 when summed in it (DivergenceError
     'the curvature is not finite'), while their mean 1e4 is a float16 value."""

@@ -1460,7 +1460,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         self._position = int(pos)
         if self.epochs is None and epochs is not None:
             self.epochs = int(epochs)
-        elif epochs is not None and int(epochs) != self.epochs:
+        elif epochs is not None and int(epochs) > self.epochs:  # a plan may grow (as CrestLoader's)
             # as CrestLoader says of a shorter plan (review 61: loaded silently); the batches do not depend on it
             warnings.warn(
                 f"CrestCallback: the state was saved by a run planned for {int(epochs)} epochs, this callback "

@@ -843,21 +843,23 @@ def test_resume_continues_with_the_same_batches(tmp_path):
         other.load_state_dict(pickle.loads(blob))
 
 
-def test_a_state_of_another_planned_epochs_is_loaded_with_a_warning():
-    """Regression (review 61): a state saved by a 2-epoch run loaded into CrestCallback(epochs=3) silently
-    (CrestLoader warns; the budget report counts the callback's epochs); epochs=None takes the saved plan."""
+def test_a_state_of_a_longer_planned_run_is_loaded_with_a_warning():
+    """Regression (review 61): a state saved by a 3-epoch run loaded into CrestCallback(epochs=2) silently
+    (CrestLoader warns when the plan shrinks; the budget report counts the callback's epochs); a plan that
+    grows, as CrestLoader's may, is not warned about (review 64), and epochs=None takes the saved plan."""
     X, y = digits()
-    crest = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=3, epochs=2)
+    crest = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=3, epochs=3)
     mlp(0).fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
     saved = crest.state_dict()
-    assert saved["epochs"] == 2
-    with pytest.warns(UserWarning, match="planned for 2 epochs, this callback plans 3"):
-        CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=3, epochs=3).load_state_dict(saved)
+    assert saved["epochs"] == 3
+    with pytest.warns(UserWarning, match="planned for 3 epochs, this callback plans 2"):
+        CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=3, epochs=2).load_state_dict(saved)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=3, epochs=4).load_state_dict(saved)
         same = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=3)
         same.load_state_dict(saved)
-    assert same.epochs == 2
+    assert same.epochs == 3
 
 
 class _StopAfter(keras.callbacks.Callback):
