@@ -32,7 +32,7 @@ import sys
 import time
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -469,8 +469,10 @@ def add_hvp(loss, params, vectors, acc, grad_acc=None, retain_graph: bool = Fals
         raise NotImplementedError(
             "CREST's curvature estimate (the quadratic model's Hutchinson probe, a Hessian-vector product "
             "by double backward) needs second derivatives of the loss, and an operation of this model has "
-            f"none ({e}). Replace that operation by one that has them: nn.EmbeddingBag(mode='mean') by "
-            "nn.Embedding followed by a mean over the bag, a fused attention kernel by the math one"
+            f"none ({e}). Replace that operation, inside the model, by one written with operations that have "
+            "them: for instance nn.EmbeddingBag(mode='mean') by nn.Embedding followed by a mean over the bag, a "
+            "fused attention kernel by the math one, torch.cdist(a, b) by ((a[:, None] - b[None]) ** 2).sum(-1)"
+            ".clamp_min(1e-12).sqrt()"
         ) from e
     for s, h in zip(acc, hv):
         if h is not None:
@@ -1206,9 +1208,12 @@ class TorchModelOps:
     def _resolve_layer(self, layer):
         if isinstance(layer, str):
             mods = dict(self.model.named_modules())
-            if layer not in mods:
+            # a torch.compile'd model lists its modules under "_orig_mod." (review 63: refused as not a module);
+            # self.model is the module it wraps, where the name is the part after it
+            name = layer[len("_orig_mod."):] if layer.startswith("_orig_mod.") and layer not in mods else layer
+            if name not in mods:
                 raise ValueError(f"last_layer {layer!r} is not a module of the model")
-            return mods[layer]
+            return mods[name]
         if not any(m is layer for m in self.model.modules()):
             raise ValueError("last_layer is not a module of the model")
         return layer
@@ -2963,6 +2968,71 @@ class WeightedDataset:
         return [self._with(item, int(k[0]), k[1]) for item, k in zip(items, keys)]
 
 
+class WeightedCollate:
+    """A ``collate_fn`` for :class:`WeightedDataset` items from one written for the dataset's own items: it
+    collates the items without the fields ``WeightedDataset`` appends (the weight; with ``indices=True``
+    the index too), then appends them, the weights as a float32 tensor and the indices as int64, so
+    ``(x, y)`` items collated by ``collate_fn`` into ``(xs, lengths, ys)`` come out as
+    ``(xs, lengths, ys, w)``. Dict items: the ``"crest_weight"`` (and ``"crest_index"``) keys are taken out
+    and put back as tensors. A non-tuple item ``x`` (``WeightedDataset`` made it ``(x, w)``) is passed as
+    ``x``. Picklable when ``collate_fn`` is (worker processes).
+
+    A padding collate from the PyTorch tutorials reads its items' fields by position and drops a field it
+    does not expect: given ``WeightedDataset``'s items it would drop the weights, and the loop would train
+    unweighted (``CrestBatchSampler`` refuses such a ``DataLoader`` when the iteration starts).
+
+    Examples
+    --------
+    >>> import torch
+    >>> def pad(items):  # a collate written for (sequence, label) items
+    ...     xs = torch.nn.utils.rnn.pad_sequence([x for x, _ in items], batch_first=True)
+    ...     return xs, torch.tensor([len(x) for x, _ in items]), torch.tensor([y for _, y in items])
+    >>> items = [(torch.ones(2), 1, 0.5), (torch.ones(3), 0, 2.0)]  # WeightedDataset's (x, y, w)
+    >>> xs, lengths, ys, w = WeightedCollate(pad)(items)
+    >>> xs.shape, lengths.tolist(), ys.tolist(), w.tolist()
+    (torch.Size([2, 3]), [2, 3], [1, 0], [0.5, 2.0])
+    """
+
+    def __init__(self, collate_fn=None, *, indices: bool = False):
+        if collate_fn is not None and not callable(collate_fn):
+            raise TypeError(f"collate_fn must be callable or None, got {type(collate_fn).__name__}")
+        if not isinstance(indices, bool):
+            raise TypeError(f"indices must be a bool, got {type(indices).__name__}")
+        self.collate_fn = collate_fn if collate_fn is not None else default_collate
+        self.indices = indices
+
+    def __call__(self, items):
+        keys = ("crest_weight", "crest_index") if self.indices else ("crest_weight",)
+        if items and isinstance(items[0], dict):
+            out = self.collate_fn([{k: v for k, v in it.items() if k not in keys} for it in items])
+            extra = {"crest_weight": torch.tensor([float(it["crest_weight"]) for it in items], dtype=torch.float32)}
+            if self.indices:
+                extra["crest_index"] = torch.tensor([int(it["crest_index"]) for it in items], dtype=torch.int64)
+            return {**out, **extra}
+        k = len(keys)
+        bases = [it[0] if len(it) == k + 1 and not isinstance(it[0], (tuple, list)) else tuple(it[:-k])
+                 for it in items]
+        out = self.collate_fn(bases)
+        extra = (torch.tensor([float(it[-k]) for it in items], dtype=torch.float32),)
+        if self.indices:
+            extra += (torch.tensor([int(it[-1]) for it in items], dtype=torch.int64),)
+        return (*out, *extra) if isinstance(out, (tuple, list)) else (out, *extra)
+
+
+def _carries(batch, want: torch.Tensor, depth: int = 4) -> bool:
+    """Whether a floating tensor somewhere in a collated ``batch`` (nested tuples, lists and mappings) holds
+    the values ``want`` (k,, ascending), as (k,) or (k, 1), in any order (a collate may reorder a batch: the
+    weights travel in the items, each with its example)."""
+    if isinstance(batch, torch.Tensor):
+        k = want.numel()
+        return (batch.is_floating_point() and tuple(batch.shape) in ((k,), (k, 1))
+                and torch.equal(torch.sort(batch.detach().cpu().reshape(-1).to(want.dtype)).values, want))
+    if depth == 0:
+        return False
+    fields = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
+    return any(_carries(f, want, depth - 1) for f in fields)
+
+
 class CrestBatchSampler(CrestLoader):
     """CREST's weighted coreset batches for **your own** ``DataLoader`` (workers, pinned memory,
     persistent workers, your ``collate_fn``)::
@@ -3007,6 +3077,7 @@ class CrestBatchSampler(CrestLoader):
         self._unmatched_warned = False
         self._ambiguous_warned = False  # observe(indices=) matched several unobserved batches, none in order
         self._collate_warned = False
+        self._weights_probed = False  # a DataLoader's own collate_fn was checked to keep the weights
         self._ahead = 64  # batches a DataLoader may fetch ahead (its workers x prefetch_factor, at least 64)
         self._loader_ahead = 0  # the batches the DataLoader that called iter() last fetches ahead
         self._pass_ahead = 0  # ... and that of the DataLoader the running pass hands its batches to
@@ -3055,6 +3126,9 @@ class CrestBatchSampler(CrestLoader):
                        "inputs than the ones you train on. Give the sampler a collate_fn too, "
                        "CrestBatchSampler(..., collate_fn=...), one that takes the dataset's items as they are "
                        "(without the weight WeightedDataset appends): often the same function")
+        elif (isinstance(ds, WeightedDataset) and not self._weights_probed
+              and getattr(loader, "collate_fn", default_collate) not in (default_collate, None)):
+            problem = self._probe_weights(ds, loader.collate_fn)
         elif ds is not None and getattr(loader, "in_order", True) is False and getattr(loader, "num_workers", 0) > 0:
             problem = ("this DataLoader has in_order=False: its workers deliver batches as they finish, but the "
                        "sampler's checkpoints (state_dict(trained=)), rewind() and observe(indices=) count the "
@@ -3150,6 +3224,30 @@ class CrestBatchSampler(CrestLoader):
         if isinstance(yielded, int):
             return yielded < self._position - self._pass_from
         return bool(self._open_handed)
+
+    def _probe_weights(self, ds: WeightedDataset, collate_fn) -> str | None:
+        """Once: two items through ``ds`` with two probe weights, collated by the DataLoader's own
+        ``collate_fn``; the problem to raise when no field of the batch holds the weights (review 63: a padding
+        collate that reads its items' fields by position dropped them, and the loop trained unweighted,
+        silently), else None. A collate that fails on the probe is left to fail, as it will, in the run."""
+        self._weights_probed = True
+        if self.n < 1:
+            return None
+        want = torch.tensor([0.6875, 1.8125][: min(2, self.n)], dtype=torch.float32)
+        try:
+            with _random_states_kept():
+                items = [ds[(i, float(w))] for i, w in zip(range(self.n), want.tolist())]
+                batch = collate_fn(items)
+        except Exception:  # noqa: BLE001 - the run itself will raise it, with its own traceback
+            return None
+        if _carries(batch, want):
+            return None
+        return (f"this DataLoader's collate_fn ({_callable_name(collate_fn)}) drops the weights: WeightedDataset "
+                "appends each example's weight to its item (x, y) -> (x, y, w), and no field of the collated batch "
+                "holds them, so your loop would train on unweighted batches. Wrap your collate_fn: "
+                "DataLoader(WeightedDataset(train_set), batch_sampler=sampler, collate_fn=WeightedCollate(your_fn)) "
+                "(crestcore.adapters.torch.WeightedCollate: your_fn collates the items as they are, the weights "
+                "come last), or sampler.dataloader(collate_fn=WeightedCollate(your_fn))")
 
     def _handed_keep(self) -> int:
         # an epoch's batches and a prefetch window (state_dict(trained=) anywhere in the epoch; with

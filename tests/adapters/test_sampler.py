@@ -1242,3 +1242,63 @@ def test_a_second_dataloader_iterator_ends_no_epoch_until_it_is_read_and_then_th
         next(iter(loader))  # read: it takes the next batch
     with pytest.raises(RuntimeError, match="CrestBatchSampler: this pass was superseded"):
         next(running)
+
+
+class _Sequences(Dataset):
+    """Variable-length sequences of 4 features and a class each: (x, y) items, a padding collate's data."""
+
+    def __init__(self, n=120):
+        g = torch.Generator().manual_seed(0)
+        self.y = torch.arange(n) % 3
+        self.targets = self.y
+        self.x = [torch.randn(int(k), 4, generator=g) + self.y[i] for i, k in
+                  enumerate(torch.randint(2, 6, (n,), generator=g))]
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+def _pad(items):
+    """The tutorials' padding collate: reads fields by position (and drops any beyond the second)."""
+    xs = torch.nn.utils.rnn.pad_sequence([it[0] for it in items], batch_first=True)
+    return xs, torch.tensor([len(it[0]) for it in items]), torch.tensor([it[1] for it in items])
+
+
+class _MeanPool(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, xs, lengths):
+        return self.head(xs.sum(1) / lengths[:, None])
+
+
+def test_a_collate_that_drops_the_weights_is_refused_and_weighted_collate_keeps_them():
+    """Regression (review 63): the docs' advice (give the DataLoader your collate_fn) with a padding collate
+    that reads fields by position dropped WeightedDataset's weight: batches came as (x, lengths, y) and a
+    three-field loop trained unweighted, silently. The iteration now starts with a probe of the collate and
+    refuses it, naming WeightedCollate, which collates the items as they are and appends the weights."""
+    from crestcore.adapters.torch import WeightedCollate
+
+    data = _Sequences()
+
+    def sampler():
+        return CrestBatchSampler(_MeanPool(), data, config=CrestConfig(m=16), budget=0.5, collate_fn=_pad,
+                                 forward=lambda model, b: model(b[0], b[1]))
+
+    with pytest.raises(TypeError, match=r"collate_fn \(.*_pad\) drops the weights.*WeightedCollate"):
+        next(iter(DataLoader(WeightedDataset(data), batch_sampler=sampler(), collate_fn=_pad)))
+    s = sampler()
+    xs, lengths, y, w = next(iter(s.dataloader(collate_fn=WeightedCollate(_pad))))
+    np.testing.assert_array_equal(w.numpy(), s.last_weights.astype(np.float32))
+    assert xs.shape[0] == lengths.shape[0] == y.shape[0] == 16
+    s = sampler()  # with the indices too, for observe(indices=)
+    *_, w, i = next(iter(s.dataloader(indices=True, collate_fn=WeightedCollate(_pad, indices=True))))
+    np.testing.assert_array_equal(i.numpy(), s.last_indices)
+    # a collate that keeps the weight (here: as a nested field) is not refused
+    keeps = lambda items: (_pad(items), torch.tensor([float(it[-1]) for it in items]))  # noqa: E731
+    (xs, lengths, y), w = next(iter(DataLoader(WeightedDataset(data), batch_sampler=sampler(), collate_fn=keeps)))
+    assert w.shape == (16,)

@@ -821,6 +821,22 @@ def test_a_compiled_model_is_measured_through_its_original_module():
     assert loader.stats["counters"]["selections"] >= 1 and loader.stats["checks"]
 
 
+def test_a_compiled_models_own_module_names_name_the_last_layer():
+    """Regression (review 63): a torch.compile'd model lists its modules as "_orig_mod.<name>", and
+    last_layer="_orig_mod.<name>" was refused as 'not a module of the model' (the plain name and the module
+    worked); all three name the same layer now."""
+    model = mlp()
+    compiled = torch.compile(model, backend="eager")
+    name = [n for n, m in compiled.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+    assert name.startswith("_orig_mod.")
+    X, y = make_data()
+    for layer in (name, name[len("_orig_mod."):], dict(compiled.named_modules())[name]):
+        ops = TorchModelOps(compiled, TensorDataset(X, y), last_layer=layer)
+        assert ops._last_layer is dict(compiled.named_modules())[name]
+    with pytest.raises(ValueError, match="is not a module of the model"):
+        TorchModelOps(compiled, TensorDataset(X, y), last_layer="_orig_mod.nope")
+
+
 def test_lazy_modules_are_refused_until_materialised_and_then_train():
     """A model with lazy modules (``LazyLinear``, ``LazyBatchNorm1d``) before its first forward: torch's own
     error at CREST's first selection named no fix; now a ValueError says to run a forward first, and after
@@ -3119,3 +3135,22 @@ def test_a_state_saved_with_the_current_batch_untrained_hands_it_out_again(kind,
             np.testing.assert_array_equal(i, j)
             assert torch.equal(w, v)
         assert all(torch.equal(a, b) for a, b in zip(got, params))
+
+
+def test_a_distance_head_without_second_derivatives_is_told_how_to_write_it():
+    """Review 63: torch.cdist (a prototype head) has no double backward; the error named fixes for
+    EmbeddingBag and fused attention only. It names a cdist rewrite too."""
+
+    class Prototypes(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = torch.nn.Linear(D_IN, 8)
+            self.prototypes = torch.nn.Parameter(torch.randn(C, 8, generator=torch.Generator().manual_seed(0)))
+
+        def forward(self, x):
+            return -torch.cdist(self.features(x), self.prototypes)
+
+    X, y = make_data()
+    loader = CrestLoader(Prototypes(), TensorDataset(X, y), config=CrestConfig(m=16), budget=0.5)
+    with pytest.raises(NotImplementedError, match=r"torch.cdist\(a, b\) by \(\(a\[:, None\] - b\[None\]\) \*\* 2\)"):
+        next(iter(loader))
