@@ -285,7 +285,7 @@ class SubsetLoader(BudgetedPasses):
             # forward is a third of a training step), against the budget's steps between two selections
             sch = self.schedule
             cost = (sch.pool.size + sch.val_indices.size) / 3.0 / m
-            share = self.steps_per_epoch * sch.reselect_every
+            share = self.steps_per_epoch * min(sch.reselect_every, self.epochs)  # one selection for the run at most
             if cost > 0.5 * share:
                 warnings.warn(
                     f"SubsetLoader: under budget_counts='passes' each {method} selection's forward over "
@@ -307,6 +307,7 @@ class SubsetLoader(BudgetedPasses):
         self._last_position = -1  # the run position after _last was handed out (-1: none yet)
         self._last_epoch = 0
         self._replay_at: int | None = None  # a state saved with trained=: the position handed out again
+        self._loaded_at = 0  # the position a state was loaded at (trained= never goes below it)
 
     # the schedule's settings, read as the loader's own
     method = property(lambda self: self.schedule.method)
@@ -474,7 +475,7 @@ class SubsetLoader(BudgetedPasses):
         # a batch to hand out again first: the one trained= leaves untrained, or one a loaded state left so
         replay = self._replay_at if self._replay_at is not None and self._replay_at >= self._position else None
         if trained is not None and not (trained == self._position and not isinstance(trained, bool)):
-            ok = self._last_position == self._position and self._position >= 1 and (
+            ok = self._last_position == self._position and self._position - 1 >= self._loaded_at and (
                 self._position == 1 or self._before_last is not None)
             if isinstance(trained, bool) or not isinstance(trained, (int, np.integer)) or not ok \
                     or int(trained) != self._position - 1:
@@ -549,6 +550,7 @@ class SubsetLoader(BudgetedPasses):
         self._last = last
         # the loaded last batch is the one before the next: state_dict(trained=) works at the first step
         self._before_last, self._last_position = None, (int(pos) if last is not None else -1)
+        self._loaded_at = int(pos)
         replay = state.get("replay")  # absent before 2026-12-04: none
         self._replay_at = int(replay) if isinstance(replay, (int, np.integer)) and not isinstance(replay, bool) \
             and int(replay) == int(pos) else None

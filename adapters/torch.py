@@ -2414,7 +2414,7 @@ def _observed_losses(losses, k: int, step: int, who: str) -> np.ndarray:
     if isinstance(losses, torch.Tensor):
         losses = _wide(losses.detach()).cpu().numpy()
     vals = np.asarray(losses, dtype=np.float64)
-    if vals.size == k and vals.shape not in ((k,), (k, 1)):
+    if vals.size == k and vals.shape not in ((k,), (k, 1)) and not (k == 1 and vals.ndim == 0):
         # one loss per example, as a vector or a column: a (2, 5) array is not a batch of 10 (review 62)
         raise ValueError(f"observe() got losses of shape {vals.shape} for a batch of {k} examples: pass one loss "
                          f"per example, shape ({k},) or ({k}, 1) (reduction='none')")
@@ -2569,6 +2569,7 @@ class CrestLoader(BudgetedPasses):
         self._state = crest_init(self.config, lab, seed=self.seed, epoch_steps=self.steps_per_epoch)
         self._batch: Batch | None = None
         self._pending: list[Batch] = []  # handed out before a checkpoint and not trained: replayed first
+        self._loaded_position = 0  # the position a state was loaded at (trained= never goes below it)
         self._handed: list[Batch] = []  # the batches handed out last (see _handed_keep), in order
         self._handed_epoch: list[int] = []  # the epoch of the pass that handed out each
         self._handed_from = 0  # the run position of _handed[0]
@@ -2789,6 +2790,7 @@ class CrestLoader(BudgetedPasses):
         if trained is None or (trained == self._position and not isinstance(trained, bool)):
             return self._state_dict(self._position, self._batch, self._pending, self._epochs_done)
         low = self._handed_from + 1 if self._handed_from > 0 else 0  # the last trained batch must be known
+        low = max(low, self._loaded_position)  # a loaded state's batches were trained by the run that saved it
         if not self._handed:  # nothing handed out since the start or a load: only the position itself
             low = self._position
         if isinstance(trained, bool) or not isinstance(trained, (int, np.integer)) or not \
@@ -2886,6 +2888,7 @@ class CrestLoader(BudgetedPasses):
         self._pending = pending
         # the window of batches handed out starts with the loaded last one (trained): state_dict(trained=)
         # at the first step after the load needs it
+        self._loaded_position = self._position
         if batch is not None:
             self._handed, self._handed_from = [batch], self._position - 1
             self._handed_epoch = [(self._position - 1) // self.steps_per_epoch]
@@ -2973,13 +2976,15 @@ class WeightedCollate:
     collates the items without the fields ``WeightedDataset`` appends (the weight; with ``indices=True``
     the index too), then appends them, the weights as a float32 tensor and the indices as int64, so
     ``(x, y)`` items collated by ``collate_fn`` into ``(xs, lengths, ys)`` come out as
-    ``(xs, lengths, ys, w)``. Dict items: the ``"crest_weight"`` (and ``"crest_index"``) keys are taken out
-    and put back as tensors. A non-tuple item ``x`` (``WeightedDataset`` made it ``(x, w)``) is passed as
-    ``x``. Picklable when ``collate_fn`` is (worker processes).
+    ``(xs, lengths, ys, w)``. Tuple items reach ``collate_fn`` as plain tuples (a NamedTuple as a plain
+    tuple, as ``WeightedDataset`` returns it; a non-tuple item ``x``, which ``WeightedDataset`` made
+    ``(x, w)``, as the 1-tuple ``(x,)``). Dict items: the ``"crest_weight"`` (and ``"crest_index"``) keys
+    are taken out, and put back as tensors into the mapping ``collate_fn`` returns (a tuple result gets
+    them appended). Picklable when ``collate_fn`` is (worker processes).
 
     A padding collate from the PyTorch tutorials reads its items' fields by position and drops a field it
-    does not expect: given ``WeightedDataset``'s items it would drop the weights, and the loop would train
-    unweighted (``CrestBatchSampler`` refuses such a ``DataLoader`` when the iteration starts).
+    does not expect: given ``WeightedDataset``'s items it drops the weights, and a loop that reads three
+    fields trains unweighted, with nothing said: wrap such a collate in this class.
 
     Examples
     --------
@@ -3003,34 +3008,22 @@ class WeightedCollate:
 
     def __call__(self, items):
         keys = ("crest_weight", "crest_index") if self.indices else ("crest_weight",)
-        if items and isinstance(items[0], dict):
+        if items and isinstance(items[0], Mapping):
             out = self.collate_fn([{k: v for k, v in it.items() if k not in keys} for it in items])
-            extra = {"crest_weight": torch.tensor([float(it["crest_weight"]) for it in items], dtype=torch.float32)}
-            if self.indices:
-                extra["crest_index"] = torch.tensor([int(it["crest_index"]) for it in items], dtype=torch.int64)
-            return {**out, **extra}
-        k = len(keys)
-        bases = [it[0] if len(it) == k + 1 and not isinstance(it[0], (tuple, list)) else tuple(it[:-k])
-                 for it in items]
-        out = self.collate_fn(bases)
-        extra = (torch.tensor([float(it[-k]) for it in items], dtype=torch.float32),)
-        if self.indices:
-            extra += (torch.tensor([int(it[-1]) for it in items], dtype=torch.int64),)
-        return (*out, *extra) if isinstance(out, (tuple, list)) else (out, *extra)
-
-
-def _carries(batch, want: torch.Tensor, depth: int = 4) -> bool:
-    """Whether a floating tensor somewhere in a collated ``batch`` (nested tuples, lists and mappings) holds
-    the values ``want`` (k,, ascending), as (k,) or (k, 1), in any order (a collate may reorder a batch: the
-    weights travel in the items, each with its example)."""
-    if isinstance(batch, torch.Tensor):
-        k = want.numel()
-        return (batch.is_floating_point() and tuple(batch.shape) in ((k,), (k, 1))
-                and torch.equal(torch.sort(batch.detach().cpu().reshape(-1).to(want.dtype)).values, want))
-    if depth == 0:
-        return False
-    fields = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
-    return any(_carries(f, want, depth - 1) for f in fields)
+            w = [it["crest_weight"] for it in items]
+            i = [it["crest_index"] for it in items] if self.indices else None
+        else:
+            k = len(keys)
+            out = self.collate_fn([tuple(it[:-k]) for it in items])
+            w = [it[-k] for it in items]
+            i = [it[-1] for it in items] if self.indices else None
+        extra = {"crest_weight": torch.tensor([float(v) for v in w], dtype=torch.float32)}
+        if i is not None:
+            extra["crest_index"] = torch.tensor([int(v) for v in i], dtype=torch.int64)
+        if isinstance(out, collections.abc.MutableMapping):  # a dict, a Hugging Face BatchEncoding: kept
+            out.update(extra)
+            return out
+        return (*out, *extra.values()) if isinstance(out, (tuple, list)) else (out, *extra.values())
 
 
 class CrestBatchSampler(CrestLoader):
@@ -3077,7 +3070,6 @@ class CrestBatchSampler(CrestLoader):
         self._unmatched_warned = False
         self._ambiguous_warned = False  # observe(indices=) matched several unobserved batches, none in order
         self._collate_warned = False
-        self._weights_probed = False  # a DataLoader's own collate_fn was checked to keep the weights
         self._ahead = 64  # batches a DataLoader may fetch ahead (its workers x prefetch_factor, at least 64)
         self._loader_ahead = 0  # the batches the DataLoader that called iter() last fetches ahead
         self._pass_ahead = 0  # ... and that of the DataLoader the running pass hands its batches to
@@ -3126,9 +3118,6 @@ class CrestBatchSampler(CrestLoader):
                        "inputs than the ones you train on. Give the sampler a collate_fn too, "
                        "CrestBatchSampler(..., collate_fn=...), one that takes the dataset's items as they are "
                        "(without the weight WeightedDataset appends): often the same function")
-        elif (isinstance(ds, WeightedDataset) and not self._weights_probed
-              and getattr(loader, "collate_fn", default_collate) not in (default_collate, None)):
-            problem = self._probe_weights(ds, loader.collate_fn)
         elif ds is not None and getattr(loader, "in_order", True) is False and getattr(loader, "num_workers", 0) > 0:
             problem = ("this DataLoader has in_order=False: its workers deliver batches as they finish, but the "
                        "sampler's checkpoints (state_dict(trained=)), rewind() and observe(indices=) count the "
@@ -3224,30 +3213,6 @@ class CrestBatchSampler(CrestLoader):
         if isinstance(yielded, int):
             return yielded < self._position - self._pass_from
         return bool(self._open_handed)
-
-    def _probe_weights(self, ds: WeightedDataset, collate_fn) -> str | None:
-        """Once: two items through ``ds`` with two probe weights, collated by the DataLoader's own
-        ``collate_fn``; the problem to raise when no field of the batch holds the weights (review 63: a padding
-        collate that reads its items' fields by position dropped them, and the loop trained unweighted,
-        silently), else None. A collate that fails on the probe is left to fail, as it will, in the run."""
-        self._weights_probed = True
-        if self.n < 1:
-            return None
-        want = torch.tensor([0.6875, 1.8125][: min(2, self.n)], dtype=torch.float32)
-        try:
-            with _random_states_kept():
-                items = [ds[(i, float(w))] for i, w in zip(range(self.n), want.tolist())]
-                batch = collate_fn(items)
-        except Exception:  # noqa: BLE001 - the run itself will raise it, with its own traceback
-            return None
-        if _carries(batch, want):
-            return None
-        return (f"this DataLoader's collate_fn ({_callable_name(collate_fn)}) drops the weights: WeightedDataset "
-                "appends each example's weight to its item (x, y) -> (x, y, w), and no field of the collated batch "
-                "holds them, so your loop would train on unweighted batches. Wrap your collate_fn: "
-                "DataLoader(WeightedDataset(train_set), batch_sampler=sampler, collate_fn=WeightedCollate(your_fn)) "
-                "(crestcore.adapters.torch.WeightedCollate: your_fn collates the items as they are, the weights "
-                "come last), or sampler.dataloader(collate_fn=WeightedCollate(your_fn))")
 
     def _handed_keep(self) -> int:
         # an epoch's batches and a prefetch window (state_dict(trained=) anywhere in the epoch; with

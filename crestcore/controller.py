@@ -913,9 +913,9 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
                    "holds fewer than two examples a class" if pool.size < 2 * classes else
                    "CrestConfig(r=...) with several examples per class, or CrestConfig(per_class=False) (one "
                    "problem per subset, across classes)")
-            warnings.warn(  # said once (Python's default filter): the counts would change as the pool shrinks
-                f"CREST's random subsets hold fewer than two examples of each class on average (r = {r} against "
-                f"{classes} classes in the pool): the per-class facility-location problems leave (almost) "
+            warnings.warn(  # said once (Python's default filter): no counts in the text, which change as the pool shrinks
+                "CREST's random subsets hold fewer than two examples of each class on average (r below twice the "
+                "number of classes in the pool): the per-class facility-location problems leave (almost) "
                 "nothing to choose, every pick being its class's only member, so the coresets are a random "
                 f"sample at the cost of a forward over every subset. Pass {fix}",
                 stacklevel=user_stacklevel())

@@ -493,8 +493,9 @@ class SubsetSchedule:
                 info["filled"] = int(loc.size - info["picked"])
         if chance is not None:
             # k below the number of classes: a class is in the selection with probability p_c only, so its
-            # examples weigh 1 / p_c (as CREST's coresets do), and each class's expected weight is its size
-            # (unweighted, CRAIG's 2 of 100 classes of two examples got 1.8 % of the weight for 9.1 % of the data)
+            # examples weigh 1 / p_c (as CREST's coresets do): each class's expected weight is what its picks
+            # carry when picked (CRAIG: its size; without the division 50 classes of two examples got 1.8 % of
+            # CRAIG's weight for 9.1 % of the data)
             cls = np.unique(self.labels[self.pool], return_inverse=True)[1].reshape(-1)
             w = w / chance[cls[loc]]
         return self.pool[loc], w, info

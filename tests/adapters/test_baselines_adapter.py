@@ -590,6 +590,9 @@ def test_observe_takes_one_loss_per_example_as_a_vector_or_a_column_only():
     k = y.shape[0]
     ld.observe(torch.ones(k, 1))
     ld.observe(torch.ones(k))
+    ld._last = (ld._last[0][:1], ld._last[1][:1])  # a batch of one (the last of a full pass): a 0-d loss is its
+    ld.observe(torch.tensor(0.5))  # loss (review 65: criterion(...).squeeze() was refused)
+    ld._last = (ld._last[0].repeat(k), ld._last[1].repeat(k))
     with pytest.raises(ValueError, match=rf"losses of shape \(2, {k // 2}\) for a batch of {k} examples"):
         ld.observe(torch.ones(2, k // 2))
 
@@ -604,6 +607,9 @@ def test_passes_budget_that_one_selection_exhausts_is_warned_about():
     X, y = make_data(200)
     with pytest.warns(UserWarning, match=r"budget_counts='passes' each craig selection's forward over 200 examples"):
         loader("craig", data=(X, y), budget=0.3, epochs=7, m=10, reselect_every=1, budget_counts="passes")
+    # one selection for the whole run (reselect_every beyond epochs), costing most of it (review 65: unwarned)
+    with pytest.warns(UserWarning, match=r"budget_counts='passes'"):
+        loader("craig", data=(X, y), budget=0.1, epochs=3, m=10, reselect_every=10, budget_counts="passes")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loader("craig", data=(X, y), budget=0.5, epochs=7, m=10, reselect_every=3, budget_counts="passes")

@@ -1276,11 +1276,11 @@ class _MeanPool(torch.nn.Module):
         return self.head(xs.sum(1) / lengths[:, None])
 
 
-def test_a_collate_that_drops_the_weights_is_refused_and_weighted_collate_keeps_them():
-    """Regression (review 63): the docs' advice (give the DataLoader your collate_fn) with a padding collate
-    that reads fields by position dropped WeightedDataset's weight: batches came as (x, lengths, y) and a
-    three-field loop trained unweighted, silently. The iteration now starts with a probe of the collate and
-    refuses it, naming WeightedCollate, which collates the items as they are and appends the weights."""
+def test_weighted_collate_keeps_the_weights_a_padding_collate_drops():
+    """Review 63: the docs' advice (give the DataLoader your collate_fn) with a padding collate that reads
+    fields by position dropped WeightedDataset's weight: batches came as (x, lengths, y) and a three-field
+    loop trained unweighted, silently. WeightedCollate collates the items as that function expects them and
+    appends the weights (and indices); a mapping the collate returns keeps its type (review 65)."""
     from crestcore.adapters.torch import WeightedCollate
 
     data = _Sequences()
@@ -1289,8 +1289,8 @@ def test_a_collate_that_drops_the_weights_is_refused_and_weighted_collate_keeps_
         return CrestBatchSampler(_MeanPool(), data, config=CrestConfig(m=16), budget=0.5, collate_fn=_pad,
                                  forward=lambda model, b: model(b[0], b[1]))
 
-    with pytest.raises(TypeError, match=r"collate_fn \(.*_pad\) drops the weights.*WeightedCollate"):
-        next(iter(DataLoader(WeightedDataset(data), batch_sampler=sampler(), collate_fn=_pad)))
+    dropped = next(iter(DataLoader(WeightedDataset(data), batch_sampler=sampler(), collate_fn=_pad)))
+    assert len(dropped) == 3  # the pitfall: no weights
     s = sampler()
     xs, lengths, y, w = next(iter(s.dataloader(collate_fn=WeightedCollate(_pad))))
     np.testing.assert_array_equal(w.numpy(), s.last_weights.astype(np.float32))
@@ -1298,7 +1298,12 @@ def test_a_collate_that_drops_the_weights_is_refused_and_weighted_collate_keeps_
     s = sampler()  # with the indices too, for observe(indices=)
     *_, w, i = next(iter(s.dataloader(indices=True, collate_fn=WeightedCollate(_pad, indices=True))))
     np.testing.assert_array_equal(i.numpy(), s.last_indices)
-    # a collate that keeps the weight (here: as a nested field) is not refused
-    keeps = lambda items: (_pad(items), torch.tensor([float(it[-1]) for it in items]))  # noqa: E731
-    (xs, lengths, y), w = next(iter(DataLoader(WeightedDataset(data), batch_sampler=sampler(), collate_fn=keeps)))
-    assert w.shape == (16,)
+
+    class Encoding(dict):  # a mapping type of the collate's own (a Hugging Face BatchEncoding, say)
+        pass
+
+    out = WeightedCollate(lambda items: Encoding(x=torch.stack([it["x"] for it in items])))(
+        [{"x": torch.ones(2), "crest_weight": 0.5}, {"x": torch.zeros(2), "crest_weight": 2.0}])
+    assert type(out) is Encoding and out["crest_weight"].tolist() == [0.5, 2.0]
+    one = WeightedCollate(lambda items: items)([(torch.ones(2), 0.5)])  # a 1-field item reaches it as (x,)
+    assert isinstance(one[0], tuple) and len(one[0]) == 1 and one[1].tolist() == [0.5]

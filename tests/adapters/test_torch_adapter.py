@@ -3154,3 +3154,24 @@ def test_a_distance_head_without_second_derivatives_is_told_how_to_write_it():
     loader = CrestLoader(Prototypes(), TensorDataset(X, y), config=CrestConfig(m=16), budget=0.5)
     with pytest.raises(NotImplementedError, match=r"torch.cdist\(a, b\) by \(\(a\[:, None\] - b\[None\]\) \*\* 2\)"):
         next(iter(loader))
+
+
+def test_trained_never_reaches_before_a_loaded_states_position():
+    """Review 65: right after loading a state saved at position 1, state_dict(trained=0) was accepted and
+    marked a batch the saving run had trained as untrained; the loaded position is the floor."""
+    from crestcore.adapters.baselines import SubsetLoader
+
+    x, y = make_data(128)
+    data = TensorDataset(x, y)
+    for build in (lambda: CrestLoader(mlp(), data, config=CrestConfig(m=16), budget=0.5, seed=0),
+                  lambda: SubsetLoader(mlp(), data, method="craig", m=16, budget=0.5, seed=0)):
+        first = build()
+        next(iter(first))
+        state = first.state_dict()
+        resumed = build()
+        resumed.load_state_dict(state)
+        with pytest.raises(ValueError, match="trained must be"):
+            resumed.state_dict(trained=0)
+        passes = iter(resumed)
+        next(passes)
+        assert resumed.state_dict(trained=1)["position"] == 1  # the batch handed out after the load
