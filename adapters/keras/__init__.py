@@ -936,6 +936,13 @@ class CrestDataset(keras.utils.PyDataset):
     # (crest.dataset[0] in a notebook) is the user's and never counts as a fetch of a fit without the callback
     def on_epoch_begin(self):
         self.in_epoch = True
+        # evaluate / predict (or fit's validation) over this dataset is refused here, before its first fetch:
+        # on jax, Keras's trainer detaches the model's variables before that fetch, and a refusal there left
+        # the trained model without weights for good (review 66)
+        loop = _keras_loop()[1]
+        if loop in ("evaluate", "predict"):
+            raise RuntimeError(f"model.{loop} read this dataset (validation_data= it, or evaluate/predict on it): "
+                               + self._cb._REFUSAL)
 
     def on_epoch_end(self):
         self.in_epoch = False
@@ -1133,6 +1140,12 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
     (2, 4, 0)
     """
 
+    # what a read of crest.dataset outside its fit's training steps is told
+    _REFUSAL = ("crest.dataset serves CREST's batches only to the training steps of model.fit(crest.dataset, "
+                "callbacks=[crest]) (without the CrestCallback, add it to fit's callbacks; model.evaluate, "
+                "model.predict and fit's validation cannot read it: use your own arrays, e.g. "
+                "model.evaluate(x, y), validation_data=(x_val, y_val))")
+
     def __init__(
         self,
         x,
@@ -1197,11 +1210,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
     def _serve(self, index):
         serve, loop = self._training_fetch()
         if not serve:
-            return self._idle_probe(self.config.m, (
-                "crest.dataset serves CREST's batches only to the training steps of model.fit(crest.dataset, "
-                "callbacks=[crest]) (without the CrestCallback, add it to fit's callbacks; model.evaluate, "
-                "model.predict and fit's validation cannot read it: use your own arrays, e.g. "
-                "model.evaluate(x, y), validation_data=(x_val, y_val))"), loop)
+            return self._idle_probe(self.config.m, self._REFUSAL, loop)
         for e in self._queue:
             if not e.served:
                 e.served = True
@@ -1514,6 +1523,10 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
     (4, 2, 128)
     """
 
+    _REFUSAL = ("sub.dataset serves the baseline's batches only to the training steps of model.fit(sub.dataset, "
+                "callbacks=[sub]) (without the SubsetCallback, add it to fit's callbacks; model.evaluate, "
+                "model.predict and fit's validation cannot read it: use your own arrays)")
+
     def __init__(self, x, y, *, method: str, budget: float = 0.1, epochs: int = 1, m: int = 128, seed: int = 0,
                  labels=None, outputs: str | None = None, measure_x=None, measure_batch_size: int = 512,
                  last_layer=None, reselect_every: int = 1, weights: str = "selection", embeddings: bool | None = None,
@@ -1563,10 +1576,7 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
     def _serve(self, index=None):
         serve, loop = self._training_fetch()
         if not serve:
-            return self._idle_probe(self.m, "sub.dataset serves the baseline's batches only to the training steps of "
-                                    "model.fit(sub.dataset, callbacks=[sub]) (without the SubsetCallback, add it to "
-                                    "fit's callbacks; model.evaluate, model.predict and fit's validation cannot read "
-                                    "it: use your own arrays)", loop)
+            return self._idle_probe(self.m, self._REFUSAL, loop)
         idx, w = self.schedule.next_indices(self._position + len(self._queue), self.ops)
         self._queue.append((idx, w))
         return self._make(idx, w)

@@ -395,6 +395,28 @@ _JAX_SCRIPT = textwrap.dedent(r"""
     finally:
         KerasModelOps.gradient = original
     res["after_interrupt"] = [calls[0], seen[:1]]
+
+    # 12. evaluate / predict on the dataset are refused before Keras's JAX trainer detaches the variables
+    # (review 66: refused at the first fetch, after it, and the trained model was left without weights)
+    from crestcore.adapters.keras import SubsetCallback
+    kept = []
+    for make in (lambda: CrestCallback(X, y, config=CrestConfig(**T.CFG), budget=T.BUDGET, seed=3),
+                 lambda: SubsetCallback(X, y, method="random", m=16, budget=T.BUDGET, epochs=1, seed=3)):
+        for loop in ("evaluate", "predict"):
+            m12, cb = T.mlp(0), make()
+            m12.fit(cb.dataset, epochs=1, callbacks=[cb], verbose=0)
+            before = [np.asarray(a).copy() for a in m12.get_weights()]
+            try:
+                getattr(m12, loop)(cb.dataset, verbose=0)
+                refused = False
+            except RuntimeError:
+                refused = True
+            try:
+                same = all(np.array_equal(a, b) for a, b in zip(before, m12.get_weights()))
+            except Exception:  # noqa: BLE001 - the variables detached: get_weights fails
+                same = False
+            kept.append([refused, same])
+    res["refused_and_kept"] = kept
     print("JSON" + json.dumps(res))
 """)
 
@@ -1108,6 +1130,7 @@ def test_jax_backend(jax_child):
     assert res["refrozen"] and "no trainable variable gets a gradient" in res["refrozen"], res["refrozen"]
     assert len(res["train_only_refused"]) == 2 and all(
         msg and "no trainable variable gets a gradient" in msg for msg in res["train_only_refused"]), res
+    assert res["refused_and_kept"] == [[True, True]] * 4, res["refused_and_kept"]
     for case, msg in res["jax_state_refusals"].items():
         assert msg is not None, f"an unrecognised JAX-trainer state ({case}) was read without an error"
         assert "model._jax_state" in msg and "KERAS_BACKEND=torch" in msg, (case, msg)
