@@ -881,6 +881,23 @@ class KerasModelOps:
 # ------------------------------------------------------------------------------------------------
 # the dataset and the callback
 # ------------------------------------------------------------------------------------------------
+def _check_label_width(model, labels: np.ndarray) -> None:
+    """Labels beyond the model's outputs, refused when the fit begins, where the model's output width is
+    known (a built Sequential or functional model): the controller's own check comes at the first
+    selection, inside the first step, and on jax Keras's trainer has detached the model's variables by then,
+    so a refusal there left the model without weights (review 66)."""
+    outs = getattr(model, "outputs", None)
+    try:
+        width = outs[0].shape[-1] if outs else None
+    except (AttributeError, IndexError, TypeError, ValueError):  # a subclassed model: no symbolic outputs
+        width = None
+    if isinstance(width, int) and labels.size and int(labels.max()) >= width:
+        raise ValueError(
+            f"the labels hold class {int(labels.max())} but the model gives {width} outputs: CREST's labels (labels= "
+            "if you gave them, else the y given to the callback) must be the class indices "
+            f"0..{width - 1} the model is trained on; pass labels= with those")
+
+
 class CrestDataset(keras.utils.PyDataset):
     """What ``fit`` iterates: ``len`` is the callback's ``steps_per_epoch``; every ``__getitem__`` during
     ``fit`` serves the controller's next weighted coreset batch ``(x, y, sample_weight)``, whatever the
@@ -1266,6 +1283,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         self._scale = _weight_scale(facts["reduction"])
         kind = resolve_outputs(model, self.outputs_option)  # (its refusals first: then no warning before them)
         _warn_other_loss(facts, "CREST's features and trust check")
+        _check_label_width(model, self.labels)
         if self._ops_model is not None and self._ops_model is not model and self._position and not self._loaded:
             warnings.warn(
                 f"CrestCallback: this callback trained {self._position} steps of its run on another model object; "

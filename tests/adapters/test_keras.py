@@ -416,6 +416,20 @@ _JAX_SCRIPT = textwrap.dedent(r"""
             except Exception:  # noqa: BLE001 - the variables detached: get_weights fails
                 same = False
             kept.append([refused, same])
+    # 13. labels beyond the model's outputs: refused when the fit begins, the weights kept (review 66)
+    m13 = T.mlp(0)
+    before = [np.asarray(a).copy() for a in m13.get_weights()]
+    c13 = CrestCallback(X, y + 10, config=CrestConfig(**T.CFG), budget=T.BUDGET, seed=3)
+    try:
+        m13.fit(c13.dataset, epochs=1, callbacks=[c13], verbose=0)
+        refused = False
+    except ValueError as exc:
+        refused = "the labels hold class" in str(exc)
+    try:
+        same = all(a.shape == np.asarray(b).shape for a, b in zip(before, m13.get_weights()))
+    except Exception:  # noqa: BLE001 - the variables detached
+        same = False
+    kept.append([refused, same])
     res["refused_and_kept"] = kept
     print("JSON" + json.dumps(res))
 """)
@@ -1130,7 +1144,7 @@ def test_jax_backend(jax_child):
     assert res["refrozen"] and "no trainable variable gets a gradient" in res["refrozen"], res["refrozen"]
     assert len(res["train_only_refused"]) == 2 and all(
         msg and "no trainable variable gets a gradient" in msg for msg in res["train_only_refused"]), res
-    assert res["refused_and_kept"] == [[True, True]] * 4, res["refused_and_kept"]
+    assert res["refused_and_kept"] == [[True, True]] * 5, res["refused_and_kept"]
     for case, msg in res["jax_state_refusals"].items():
         assert msg is not None, f"an unrecognised JAX-trainer state ({case}) was read without an error"
         assert "model._jax_state" in msg and "KERAS_BACKEND=torch" in msg, (case, msg)
