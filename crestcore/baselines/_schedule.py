@@ -450,16 +450,17 @@ class SubsetSchedule:
         G = last_layer_gradients(zp, lp, embeddings=ep)
         opts = dict(self.options)
         info: dict = {}
-        chance = None  # each class's probability of a pick, where some class may go without one
+        chance = None
         if self.method in ("craig", "gradmatch"):
             # the per-class split with its leftover picks drawn at random at every selection (each class's
             # expected share is proportional): a fixed Hamilton split gives the leftovers to the same
             # classes every time, so with k below the number of classes the same classes were never picked
             if opts.get("class_budgets") is None:
-                sizes = np.bincount(np.unique(self.labels[self.pool], return_inverse=True)[1])
+                _, cls, sizes = np.unique(self.labels[self.pool], return_inverse=True, return_counts=True)
                 units, p = apportion(k, sizes, _rng(self.seed, e, _TAG_SPLIT), at_least_one=True)
                 opts["class_budgets"] = units
-                chance = p if bool(np.any(p < 1.0)) else None
+                # each pool position's chance of a pick in its class, where some class may go without one
+                chance = p[cls.reshape(-1)] if bool(np.any(p < 1.0)) else None
             self._split = np.asarray(opts["class_budgets"], dtype=np.int64)
         if self.method == "craig":
             if opts.get("optimizer") == "stochastic" and "rng" not in opts:
@@ -496,8 +497,7 @@ class SubsetSchedule:
             # examples weigh 1 / p_c (as CREST's coresets do): each class's expected weight is what its picks
             # carry when picked (CRAIG: its size; without the division 50 classes of two examples got 1.8 % of
             # CRAIG's weight for 9.1 % of the data)
-            cls = np.unique(self.labels[self.pool], return_inverse=True)[1].reshape(-1)
-            w = w / chance[cls[loc]]
+            w = w / chance[loc]
         return self.pool[loc], w, info
 
     def _top_up(self, e: int, loc: np.ndarray, w: np.ndarray, short: int):
