@@ -418,6 +418,25 @@ def _keras_loop(own=None):
     return None, None, None, False
 
 
+def _fit_has(frame, callback) -> bool | None:
+    """Whether the ``fit`` running in ``frame`` (from :func:`_keras_loop`) has ``callback`` among its
+    callbacks: its ``callbacks`` argument (the user's list, or the ``CallbackList`` Keras makes of it),
+    flattened; None when that cannot be read (the frame of another ``fit`` signature)."""
+    if frame is None or "callbacks" not in frame.f_locals:
+        return None
+    given = frame.f_locals["callbacks"]
+    given = getattr(given, "callbacks", given)  # a CallbackList's own list
+    stack, seen = [given], 0
+    while stack and seen < 10_000:
+        c = stack.pop()
+        seen += 1
+        if c is callback:
+            return True
+        if isinstance(c, (list, tuple)):
+            stack.extend(c)
+    return False
+
+
 def _fit_epoch_begins(callback, who: str, epoch: int | None = None) -> None:
     """A fit that finishes an interrupted epoch (``steps_per_epoch`` = its steps left) runs one epoch: its
     second is refused when it begins. A fit whose first epoch is ahead of the run's next one and that ends
@@ -761,6 +780,22 @@ class KerasModelOps:
         self._emb_model = keras.Model(inputs, [layer.input, m.outputs[0]])
         return self._emb_model
 
+    def preflight(self, embeddings: bool = False) -> int | None:
+        """What the first measurement would refuse, checked before any: the backend's own preflight on the
+        first examples (on jax, by abstract evaluation before Keras's trainer detaches the variables; nothing
+        on the other backends, where a refusal at the first selection leaves the weights in place). Returns
+        the model's output width where it was read, else None.
+
+        Examples
+        --------
+        >>> model, x, y = _example_problem()  # a linear classifier and 64 examples of two classes
+        >>> ops = KerasModelOps(model, x, y)
+        >>> ops.preflight() in (None, 2)  # 2 on jax, None on torch
+        True
+        """
+        return self._impl.preflight(self, np.arange(min(self.n, 8), dtype=np.int64), _common.check_bool(
+            embeddings, "embeddings"))
+
     def new_anchor(self) -> None:
         """Keep the normalisation layers' moving statistics as they are now (BatchNormalization's
         ``moving_mean`` and ``moving_variance``, and any variable of those names): the measurements until
@@ -881,16 +916,18 @@ class KerasModelOps:
 # ------------------------------------------------------------------------------------------------
 # the dataset and the callback
 # ------------------------------------------------------------------------------------------------
-def _check_label_width(model, labels: np.ndarray) -> None:
+def _check_label_width(model, labels: np.ndarray, width: int | None = None) -> None:
     """Labels beyond the model's outputs, refused when the fit begins, where the model's output width is
-    known (a built Sequential or functional model): the controller's own check comes at the first
-    selection, inside the first step, and on jax Keras's trainer has detached the model's variables by then,
-    so a refusal there left the model without weights (review 66)."""
-    outs = getattr(model, "outputs", None)
-    try:
-        width = outs[0].shape[-1] if outs else None
-    except (AttributeError, IndexError, TypeError, ValueError):  # a subclassed model: no symbolic outputs
-        width = None
+    known (a built Sequential or functional model, or ``width`` as the backend's preflight read it): the
+    controller's own check comes at the first selection, inside the first step, and on jax Keras's trainer
+    has detached the model's variables by then, so a refusal there left the model without weights (review
+    66)."""
+    if width is None:
+        outs = getattr(model, "outputs", None)
+        try:
+            width = outs[0].shape[-1] if outs else None
+        except (AttributeError, IndexError, TypeError, ValueError):  # a subclassed model: no symbolic outputs
+            width = None
     if isinstance(width, int) and labels.size and int(labels.max()) >= width:
         raise ValueError(
             f"the labels hold class {int(labels.max())} but the model gives {width} outputs: CREST's labels (labels= "
@@ -1078,6 +1115,11 @@ class _TrainedSteps:
         frame, loop, owner, looked = _keras_loop(own=self)
         if looked:
             return False, None  # a callback's look inside a Keras loop (to log a batch): the probe, nothing spent
+        if loop == "fit" and _fit_has(frame, self) is False:
+            # a fit without this callback, refused at its first fetch (Keras's build fetch, before any step):
+            # counting fetches let it train two steps on the weight-0 probes first (review 66), which moved
+            # momentum and BatchNorm statistics all the same
+            raise RuntimeError(self._REFUSAL)
         return bool(self._fitting and loop == "fit" and owner is getattr(self, "_fit_model", None)
                     and frame is self._fit_frame), loop
 
@@ -1304,6 +1346,8 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
             self.ops._anchor = getattr(self, "_anchor_stats", None)  # a loaded checkpoint's anchor statistics
             self._ops_model = model
         self.ops.unpin()  # a fit interrupted within a step (Ctrl-C, a callback that raised) left its weights pinned
+        # the first selection's refusals now, while the weights are in the variables (on jax; review 66)
+        _check_label_width(model, self.labels, self.ops.preflight(self.config.embeddings))
         self._sync_state()
         for e in self._queue:  # nothing is in flight when fit starts (e.g. after a fit that raised)
             e.served = False

@@ -41,6 +41,12 @@ def hutchinson(ops, idx: np.ndarray, w: np.ndarray, z: np.ndarray):
     _require_supported("Hessian-vector products (the Hutchinson probe)", ops.backend)
 
 
+def preflight(ops, idx: np.ndarray, embeddings: bool):
+    """Nothing to check before the first step: a refusal at the first selection leaves the weights in the
+    variables (only Keras's JAX trainer detaches them within an epoch). Returns None (width not read)."""
+    return None
+
+
 def live_non_trainable(ops):
     """The current non-trainable values (the variables are the weights), not the anchor's."""
     return _variable_values(ops)

@@ -84,6 +84,35 @@ def pinned(ops):
     return _live(ops)
 
 
+def preflight(ops, idx: np.ndarray, embeddings: bool):
+    """The first selection's refusals, raised before Keras's JAX trainer detaches the model's variables
+    (where raising left the model without weights, review 66): ``embeddings=True`` on a model without a
+    Dense classifier, no trainable variable reached by the loss; returns the output width (labels beyond it
+    are the caller's to refuse). By abstract evaluation (``jax.eval_shape``, the jaxpr of the loss): nothing
+    is computed or compiled, and the reach traced here is the one the first measurement reuses."""
+    tv, ntv = _weights(ops)
+    sel = _padded(ops, idx)
+    xb = _take(ops.x, sel)
+    net = ops._embedding_model() if embeddings else ops.model  # (its refusals first)
+    ttv, tntv = tv, ntv
+    if embeddings:
+        pos = {id(v): i for i, v in enumerate(ops._tvars())}
+        npos = {id(v): i for i, v in enumerate(ops.model.non_trainable_variables)}
+        ttv = [tv[pos[id(v)]] for v in net.trainable_variables]
+        tntv = [ntv[npos[id(v)]] for v in net.non_trainable_variables]
+
+    def call(a, b, x):
+        out, _ = net.stateless_call(a, b, x, **_eval_kwargs(net))
+        return out[1] if embeddings else out
+
+    spec = jax.eval_shape(call, ttv, tntv, xb)
+    width = int(spec.shape[-1]) if len(spec.shape) == 2 else None
+    if width is not None and width >= 2:  # (a one-column model is refused by the callback with its reason)
+        _, xc, yc, wc, N = next(_chunks(ops, idx, np.ones(idx.size)))
+        _check_reach(ops, tv, ntv, xc, np.minimum(yc, width - 1), wc, N)
+    return width
+
+
 def params(ops):
     tv, _ = _live(ops)
     return _flat(tv)

@@ -25,6 +25,12 @@ def pinned(ops):
     return None
 
 
+def preflight(ops, idx: np.ndarray, embeddings: bool):
+    """Nothing to check before the first step: on torch the weights stay in the variables, so a refusal at
+    the first selection leaves them in place. Returns None (width not read)."""
+    return None
+
+
 def params(ops):
     """A copy of the flat trainable weights, a torch tensor."""
     return torch.cat([v.value.detach().reshape(-1) for v in ops._tvars()]).clone()

@@ -430,6 +430,45 @@ _JAX_SCRIPT = textwrap.dedent(r"""
     except Exception:  # noqa: BLE001 - the variables detached
         same = False
     kept.append([refused, same])
+
+    # 14-16. the first selection's other refusals, raised before the variables detach (review 66): labels
+    #        beyond a subclassed model's outputs (no symbolic outputs to read before a step), embeddings=True
+    #        on a model whose last layer is no Dense, a model none of whose trainable weights the measured
+    #        loss reads
+    class Sub(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.hidden, self.out = keras.layers.Dense(16, activation="relu"), keras.layers.Dense(10)
+
+        def call(self, x):
+            return self.out(self.hidden(x))
+
+    keras.utils.set_random_seed(0)
+    m14 = Sub()
+    m14.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    m14(X[:2])  # built: its weights exist before the fit, to compare after
+    keras.utils.set_random_seed(0)
+    m15 = keras.Sequential([keras.Input((64,)), keras.layers.Dense(10), keras.layers.Activation("linear")])
+    m15.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    keras.utils.set_random_seed(0)
+    m16 = keras.Model(inp, TrainOnly()(keras.layers.Dense(10, trainable=False)(inp)))
+    m16.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    cases = [(m14, y + 10, {}, ValueError, "the labels hold class"),
+             (m15, y, {"embeddings": True}, ValueError, "Dense layer"),
+             (m16, y, {}, RuntimeError, "no trainable variable gets a gradient")]
+    for mk, yk, extra, err, text in cases:
+        before = [np.asarray(a).copy() for a in mk.get_weights()]
+        ck = CrestCallback(X, yk, config=CrestConfig(**T.CFG, **extra), budget=T.BUDGET, seed=3)
+        try:
+            mk.fit(ck.dataset, epochs=1, callbacks=[ck], verbose=0)
+            refused = False
+        except err as exc:
+            refused = text in str(exc)
+        try:
+            same = len(before) > 0 and all(np.array_equal(a, np.asarray(b)) for a, b in zip(before, mk.get_weights()))
+        except Exception:  # noqa: BLE001 - the variables detached
+            same = False
+        kept.append([refused, same])
     res["refused_and_kept"] = kept
     print("JSON" + json.dumps(res))
 """)
@@ -534,9 +573,22 @@ def test_build_fetch_is_a_probe_that_consumes_nothing():
     for _ in range(4):  # its epoch open): the user's, probes
         assert not crest.dataset[0][2].any()
     crest.dataset.on_epoch_end()
-    model = mlp(0)  # a fit without the callback: its fetches are refused after two (Keras fetching one
-    with pytest.raises(RuntimeError, match="without the CrestCallback"):  # batch ahead fetches twice to build)
-        model.fit(crest.dataset, epochs=1, verbose=0)
+    class Steps(keras.callbacks.Callback):
+        trained = 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            Steps.trained += 1
+
+    # a fit without the callback: refused at its first fetch (Keras's build fetch), before any step trained
+    # (review 66: after two fetches, two steps on the weight-0 probes had trained, which move momentum and
+    # BatchNorm statistics); the callbacks it has are not this one
+    model = mlp(0)
+    with pytest.raises(RuntimeError, match="without the CrestCallback"):
+        model.fit(crest.dataset, epochs=1, verbose=0, callbacks=[Steps()])
+    assert Steps.trained == 0
+    with pytest.raises(RuntimeError, match="without the CrestCallback"):  # another callback's own
+        model.fit(crest.dataset, epochs=1, verbose=0, callbacks=[Steps(), CrestCallback(X, y, config=CrestConfig(**CFG))])
+    assert Steps.trained == 0
     for loop in (model.evaluate, model.predict):  # evaluate and predict: refused at once
         with pytest.raises(RuntimeError, match=f"model.{loop.__name__} read this dataset"):
             loop(crest.dataset, verbose=0)
@@ -1070,7 +1122,7 @@ def test_backend_modules_share_one_set_of_functions():
     mods = {name: _public_functions(pkg / f"_{name}.py") for name in ("torch", "jax", "generic")}
     assert mods["torch"] == mods["jax"] == mods["generic"], mods
     assert set(mods["torch"]) == {"pinned", "params", "outputs", "gradient", "hutchinson", "live_non_trainable",
-                                  "measuring"}
+                                  "measuring", "preflight"}
     used = set(re.findall(r"self\._impl\.(\w+)\(", (pkg / "__init__.py").read_text()))
     assert used == set(mods["torch"]), used
     for backend in keras_adapter.SUPPORTED_BACKENDS:
@@ -1144,7 +1196,7 @@ def test_jax_backend(jax_child):
     assert res["refrozen"] and "no trainable variable gets a gradient" in res["refrozen"], res["refrozen"]
     assert len(res["train_only_refused"]) == 2 and all(
         msg and "no trainable variable gets a gradient" in msg for msg in res["train_only_refused"]), res
-    assert res["refused_and_kept"] == [[True, True]] * 5, res["refused_and_kept"]
+    assert res["refused_and_kept"] == [[True, True]] * 8, res["refused_and_kept"]
     for case, msg in res["jax_state_refusals"].items():
         assert msg is not None, f"an unrecognised JAX-trainer state ({case}) was read without an error"
         assert "model._jax_state" in msg and "KERAS_BACKEND=torch" in msg, (case, msg)
