@@ -939,8 +939,8 @@ class CrestDataset(keras.utils.PyDataset):
     """What ``fit`` iterates: ``len`` is the callback's ``steps_per_epoch``; every ``__getitem__`` during
     ``fit`` serves the controller's next weighted coreset batch ``(x, y, sample_weight)``, whatever the
     index (``fit(shuffle=...)`` is irrelevant). Outside ``fit`` (Keras's build fetch) it serves a fixed
-    shape probe and asks the controller nothing; a third fetch in a row outside a fit with the callback
-    raises ``RuntimeError`` (the callback was left out of ``fit``). Built by :class:`CrestCallback` (and by
+    shape probe and asks the controller nothing; a ``fit`` whose ``callbacks`` do not hold the callback
+    raises ``RuntimeError`` at its first fetch. Built by :class:`CrestCallback` (and by
     :class:`SubsetCallback`, whose baseline batches it serves the same way); one worker, no multiprocessing
     (a worker pool would fetch batches before the steps before them have trained).
 
@@ -1125,10 +1125,11 @@ class _TrainedSteps:
 
     def _idle_probe(self, m: int, refusal: str, loop: str | None):
         """Keras's build fetch (before on_train_begin; two calls when Keras fetches one batch ahead), or a
-        user's look outside any Keras loop: a fixed shape probe of the first ``m`` examples, weight 0. More
-        than two fetches inside Keras's epochs (between the dataset's ``on_epoch_begin`` and
-        ``on_epoch_end``) by a ``fit`` without the callback mean the dataset is being trained on without it,
-        and any fetch by ``evaluate`` or ``predict`` (also fit's validation pass) would score probes:
+        user's look outside any Keras loop: a fixed shape probe of the first ``m`` examples, weight 0. A ``fit``
+        without the callback is refused at its first fetch (:meth:`_training_fetch`, from fit's ``callbacks``);
+        where those cannot be read, more than two fetches inside Keras's epochs (between the dataset's
+        ``on_epoch_begin`` and ``on_epoch_end``) by a ``fit`` mean the dataset is being trained on without
+        it; any fetch by ``evaluate`` or ``predict`` (also fit's validation pass) would score probes:
         ``RuntimeError`` rather than probes."""
         if loop in ("evaluate", "predict"):
             raise RuntimeError(f"model.{loop} read this dataset (validation_data= it, or evaluate/predict on it): "
