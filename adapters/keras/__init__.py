@@ -351,16 +351,21 @@ def _warn_other_loss(facts: dict, what: str) -> None:
 
 def _last_is_softmax(model) -> bool | None:
     """Whether the model's last layer is a softmax: True or False for a Sequential or functional model
-    (their ``layers`` are in call order; a nested model's own last layer is looked at), None when it cannot
-    be told: a subclassed model lists its layers in the order they were assigned, not called."""
+    (their ``operations``, layers and operations such as ``keras.ops.softmax`` alike, are in call order; a
+    nested model's own last one is looked at), None when it cannot be told: a subclassed model lists its
+    layers in the order they were assigned, not called."""
     ordered = isinstance(model, keras.Sequential) or any(c.__name__ == "Functional" for c in type(model).__mro__)
-    layers = getattr(model, "layers", None) or []
-    if not ordered or not layers:
+    steps = getattr(model, "operations", None) or getattr(model, "layers", None) or []
+    if not ordered or not steps:
         return None
-    last = layers[-1]
+    k = len(steps) - 1
+    while k > 0 and type(steps[k]).__name__ == "Cast" and not isinstance(steps[k], keras.layers.Layer):
+        k -= 1  # a keras.ops.cast of the outputs (to float32 under mixed precision) is not the last layer
+    last = steps[k]
     if isinstance(last, keras.Model):
         return _last_is_softmax(last)
-    if isinstance(last, keras.layers.Softmax):
+    if isinstance(last, keras.layers.Softmax) or (
+            type(last).__name__ == "Softmax" and type(last).__module__.startswith("keras.")):  # keras.ops.softmax
         return True
     act = getattr(last, "activation", None)
     return act is keras.activations.softmax or getattr(act, "__name__", "") == "softmax"
