@@ -184,7 +184,9 @@ class CrestCallback(pl.Callback):
     Parameters are those of :class:`~crestcore.adapters.torch.CrestLoader` (the model is the
     LightningModule; ``epochs=None`` takes ``trainer.max_epochs``; ``dataset`` and ``measure_dataset`` may
     also be functions without arguments that return the dataset, called at each fit's setup, after a
-    LightningDataModule's, which builds it: ``CrestCallback(lambda: dm.train_set, ...)``), plus:
+    LightningDataModule's, which builds it: ``CrestCallback(lambda: dm.train_set, ...)``), except three that
+    the Trainer decides: ``device`` (the module's), ``per_epoch`` (always True: the Trainer's epochs are
+    CREST's) and ``callbacks`` (the statistics go to the Trainer's loggers, ``log_stats``); plus:
 
     losses_key : key of a ``training_step`` output dict holding the per-example training losses of the
         batch (detached), fed to the drop policy; None observes none. With dropping on (``T2``) an output
@@ -243,6 +245,9 @@ class CrestCallback(pl.Callback):
         loss_fn: Callable | None = None,
         losses_key: str | None = "crest_losses",
         log_stats: bool = True,
+        measure_cache_bytes: int = 256 << 20,
+        progress: bool = False,
+        reuse_checks: bool = True,
     ):
         super().__init__()
         # every argument is checked here, not at the first batch deep inside Trainer.fit
@@ -262,6 +267,9 @@ class CrestCallback(pl.Callback):
         if losses_key is not None and not isinstance(losses_key, str):
             raise TypeError(f"losses_key must be a str or None, got {type(losses_key).__name__}")
         _common.check_bool(log_stats, "log_stats")
+        _common.check_bool(progress, "progress")
+        _common.check_bool(reuse_checks, "reuse_checks")
+        _common.check_count(measure_cache_bytes, "measure_cache_bytes", low=0)
         self.dataset = dataset  # the dataset of the fit set up last, once a function given here was called
         self._data = (dataset, measure_dataset)  # as given: a function is called at each fit's setup
         self.epochs = epochs
@@ -271,6 +279,7 @@ class CrestCallback(pl.Callback):
             config=config, budget=budget, seed=seed, budget_counts=budget_counts, labels=labels,
             collate_fn=collate_fn, measure_dataset=measure_dataset, measure_batch_size=measure_batch_size,
             measure_workers=measure_workers, last_layer=last_layer, forward=forward, loss_fn=loss_fn,
+            measure_cache_bytes=measure_cache_bytes, progress=progress, reuse_checks=reuse_checks,
         )
         self.loader: CrestLoader | None = None
         self._pending: dict | None = None

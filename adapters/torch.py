@@ -2467,6 +2467,12 @@ class CrestLoader(BudgetedPasses):
     reuse_checks : a trust check at the parameters of the check before, on the same kept inputs, takes its
         measurement (default True; see :meth:`TorchModelOps.state_token`); False: every check measures.
     last_layer, forward, loss_fn : as for :class:`TorchModelOps`.
+    callbacks : listeners ``listener(event, step, scalars)`` (one callable or a list), called at every
+        selection, check, drop decision and epoch end with the scalars of ``stats``: see
+        :mod:`crestcore.adapters.monitor` (TensorBoard and W&B writers); a listener that raises is counted in
+        ``listener_failures`` and warned about once, and training goes on. Default none.
+    progress : a tqdm progress bar for measurement passes that run longer than a second (needs tqdm).
+        Default False.
 
     Budget
     ------

@@ -99,8 +99,9 @@ class Selection:
     objective : 0-d floating array. ``F(S)`` summed over the problems.
     path : how the problems were solved: "dense" (batched n x n similarities), "matrix-free" (tiled,
         never n x n; for problems above ``max_dense_bytes``), "sparse" (K-nearest-neighbour similarity,
-        ``neighbors=``), or several joined by "+" ("dense+matrix-free"); "" where the selection did not
-        come from facility location.
+        ``neighbors=``), or several joined by "+" ("dense+matrix-free"); "greedi" from
+        ``crestcore.adapters.dask.facility_location`` (partitions solved apart, then merged); "" where the
+        selection did not come from facility location.
     plan : with ``optimizer="auto"`` or ``neighbors=``, what was chosen and why (one line, see
         :mod:`crestcore.planner`); "" otherwise.
 
@@ -799,9 +800,11 @@ def score_orders(X, C, orders, *, metric: str = "euclidean", kernel: str = "max-
     C : (c, d) NumPy array of candidate rows.
     orders : sequence of 1-D integer arrays, each a list of distinct rows of ``C`` in greedy order.
     metric : ``"euclidean"``, ``"sqeuclidean"`` or ``"cosine"``.
-    kernel : ``"max-minus"`` (needs ``bound``, the kernel's M: for values comparable between blocks or
-        solutions, one bound of every distance of the problem) or ``"exp"`` (``scale`` defaults to d, as
-        in :func:`facility_location`).
+    kernel : ``"max-minus"`` or ``"exp"``.
+    bound : the max-minus kernel's M, required with it (for values comparable between blocks or
+        solutions, one bound of every distance of the problem); unused by ``"exp"``.
+    scale : the exp kernel's scale, positive; default d (as in :func:`facility_location`); unused by
+        ``"max-minus"``.
 
     Returns
     -------

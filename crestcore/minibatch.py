@@ -214,8 +214,18 @@ def _apportion_rows(total: int, counts: np.ndarray, gens) -> tuple[np.ndarray, n
     return units, p
 
 
-def draw_subsets(labels_host: np.ndarray | None, pool: np.ndarray, r: int, P: int, rng: np.random.Generator):
+def draw_subsets(labels_host: np.ndarray | None, pool: np.ndarray, r: int, P: int,
+                 rng: np.random.Generator | int):
     """P random subsets of size r from ``pool`` (host int array), class-stratified when labels are given.
+
+    Parameters
+    ----------
+    labels_host : (n,) host integer class of every example (the pool indexes it), or None: plain uniform
+        subsets, no stratification.
+    pool : (N,) distinct non-negative example indices to draw from.
+    r : the size of each subset, ``1 <= r <= N``.
+    P : the number of subsets, at least 1.
+    rng : a ``numpy.random.Generator`` (advanced by the draw) or an int seed.
 
     Stratification: class c of the pool gets ``r_c`` slots, its share ``q_c = r n_c / n`` of r rounded down
     or up at random (up with probability ``q_c - floor(q_c)``, :func:`crestcore.plan.apportion`), the same

@@ -101,6 +101,15 @@ def test_callback_runs_a_short_fit_like_the_plain_loop(tmp_path):
     assert cb.stats["counters"]["selections"] >= 1 and cb.stats["checks"]
 
 
+def test_the_loaders_measurement_options_reach_the_callbacks_loader(tmp_path):
+    """measure_cache_bytes, progress and reuse_checks are CrestLoader's, passed through (review 68: the
+    docstring promised CrestLoader's parameters and these were refused as unexpected)."""
+    cb = CrestCallback(data(), measure_cache_bytes=0, progress=True, reuse_checks=False, **CFG)
+    trainer(tmp_path, 1, cb).fit(Module(), train_dataloaders=cb.dataloader())
+    ops = cb.loader.ops
+    assert ops.cache_bytes == 0 and ops.reuse_checks is False and ops.progress is not None
+
+
 
 class DataModule(pl.LightningDataModule):
     """A DataModule that builds its training set in ``setup`` (a new object at every fit) and serves CREST's
@@ -249,6 +258,9 @@ def test_half_precision_fits(tmp_path, precision):
     (dict(config=CrestConfig(m=N + 1)), ValueError, f"m={N + 1} exceeds the dataset's {N} examples"),
     (dict(measure_dataset=TensorDataset(torch.zeros(5, D_IN))), ValueError, "measure_dataset has 5 examples"),
     (dict(log_stats="no"), TypeError, "log_stats must be a bool"),
+    (dict(progress=1), TypeError, "progress must be a bool"),
+    (dict(reuse_checks=None), TypeError, "reuse_checks must be a bool"),
+    (dict(measure_cache_bytes=-1), ValueError, "measure_cache_bytes"),
 ])
 def test_callback_validates_its_arguments_at_construction(kwargs, error, name):
     with pytest.raises(error, match=name):
