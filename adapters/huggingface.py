@@ -49,7 +49,7 @@ from crestcore.controller import CrestConfig
 
 from . import _common
 from .monitor import check_listeners
-from .torch import _LABEL_KEYS, CrestBatchSampler, WeightedDataset, WeightedKey, _output_logits
+from .torch import _LABEL_KEYS, CrestBatchSampler, WeightedCollate, WeightedDataset, WeightedKey, _output_logits
 from .torch import check_loader_arguments, check_map_style, check_training_data
 
 __all__ = ["CrestTrainer", "weighted_cross_entropy", "CREST_STATE_NAME"]
@@ -164,6 +164,10 @@ class CrestTrainer(transformers.Trainer):
         model whose output is not ``.logits``, a ``"logits"`` entry or logits first in a tuple; used for the
         measurement passes and for the training loss alike. Default: the model called with the batch's
         inputs (labels left out), its logits found as just said.
+    crest_loss_fn : ``loss_fn(logits, labels) -> (k,)`` per-example losses (``reduction="none"``), for a loss
+        other than the plain cross-entropy (class weights): the training loss is the CREST-weighted mean of
+        it, and CREST's quadratic model, trust checks and drop decisions measure it too (the sampler's
+        ``loss_fn``). Default the cross-entropy.
 
     ``trainer.crest`` is the :class:`~crestcore.adapters.torch.CrestBatchSampler` once training started
     (``trainer.crest.stats``).
@@ -199,7 +203,7 @@ class CrestTrainer(transformers.Trainer):
 
     def __init__(self, *args, crest_config: CrestConfig | None = None, crest_budget: float = 0.1,
                  crest_seed: int | None = None, crest_labels=None, crest_measure_batch_size: int | None = 64,
-                 crest_callbacks=None, crest_forward=None, **kwargs):
+                 crest_callbacks=None, crest_forward=None, crest_loss_fn=None, **kwargs):
         # before the Trainer's own checks: an IterableDataset there asks for max_steps, which CREST refuses
         train_dataset = kwargs["train_dataset"] if "train_dataset" in kwargs else (args[3] if len(args) > 3 else None)
         if train_dataset is not None:
@@ -211,7 +215,8 @@ class CrestTrainer(transformers.Trainer):
         seed = int(self.args.seed) if crest_seed is None else crest_seed
         # the loader's checks, their errors naming the crest_* keywords this class takes
         check_loader_arguments(config=config, budget=crest_budget, seed=seed, forward=crest_forward,
-                               measure_batch_size=crest_measure_batch_size, check_model=False, prefix="crest_")
+                               loss_fn=crest_loss_fn, measure_batch_size=crest_measure_batch_size, check_model=False,
+                               prefix="crest_")
         check_listeners(crest_callbacks, "crest_callbacks")
         if self.train_dataset is not None:  # as far as it can be checked without a pass over the items
             check_training_data(self.train_dataset, config.m, crest_labels, read_items=False, name="train_dataset",
@@ -228,6 +233,7 @@ class CrestTrainer(transformers.Trainer):
         self.crest_measure_batch_size = crest_measure_batch_size  # checked above (check_loader_arguments)
         self.crest_callbacks = crest_callbacks
         self.crest_forward = crest_forward
+        self.crest_loss_fn = crest_loss_fn
         self.crest: CrestBatchSampler | None = None
         self._crest_saved_in: str | None = None  # the checkpoint folder CREST's state was last written to
         self._crest_resume: str | None = None  # the checkpoint folder train() resumes from
@@ -329,7 +335,7 @@ class CrestTrainer(transformers.Trainer):
                     self.model, train_dataset, config=self.crest_config, budget=self.crest_budget,
                     epochs=self._planned_epochs(), seed=self.crest_seed, labels=self.crest_labels,
                     collate_fn=collate, measure_batch_size=self.crest_measure_batch_size,
-                    callbacks=self.crest_callbacks, forward=self.crest_forward,
+                    callbacks=self.crest_callbacks, forward=self.crest_forward, loss_fn=self.crest_loss_fn,
                 )
         batch_sampler = self.crest
         if self._crest_resume is not None:
@@ -344,10 +350,13 @@ class CrestTrainer(transformers.Trainer):
                      "worker_init_fn": functools.partial(transformers.trainer_utils.seed_worker, num_workers=workers,
                                                          rank=a.process_index)}
         # with the drop policy on, each item carries its index: the losses of a trained batch are recorded
-        # for its own examples (the prepared loader runs a batch ahead, so "the batch handed out last" is not)
+        # for its own examples (the prepared loader runs a batch ahead, so "the batch handed out last" is not).
+        # The weights (and indices) go around the user's collator: one that builds its batch from the keys it
+        # knows (a hand-written padding collator) dropped them, and every step trained unweighted (review 67)
+        with_index = self.crest_config.T2 is not None
         loader = torch.utils.data.DataLoader(
-            WeightedDataset(self.crest.dataset, indices=self.crest_config.T2 is not None),
-            batch_sampler=batch_sampler, collate_fn=collate,
+            WeightedDataset(self.crest.dataset, indices=with_index),
+            batch_sampler=batch_sampler, collate_fn=WeightedCollate(collate, indices=with_index),
             num_workers=workers, pin_memory=a.dataloader_pin_memory,
             persistent_workers=a.dataloader_persistent_workers and workers > 0, **extra,
         )
@@ -365,6 +374,11 @@ class CrestTrainer(transformers.Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "crest_weight" not in inputs:  # evaluation batches: the Trainer's own loss
+            if model.training and self.crest is not None and self.is_in_train:
+                raise ValueError(
+                    "CrestTrainer: a training batch without CREST's weights ('crest_weight'): it would train "
+                    "unweighted. Batches come from CrestTrainer.get_train_dataloader; an override of it must wrap "
+                    "its collator in crestcore.adapters.torch.WeightedCollate")
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         inputs = dict(inputs)
@@ -389,8 +403,17 @@ class CrestTrainer(transformers.Trainer):
                 f"CrestTrainer: the model's output gives no (batch, classes) logits (got {got}): return an output "
                 "with .logits, a dict with a 'logits' entry or logits first in a tuple, or pass "
                 "crest_forward=lambda model, batch: ... returning them")
-        loss = weighted_cross_entropy(logits, labels, weights)
+        if self.crest_loss_fn is None:
+            loss = weighted_cross_entropy(logits, labels, weights)
+        else:
+            ell = self.crest_loss_fn(logits, labels)
+            if not isinstance(ell, torch.Tensor) or tuple(ell.shape) != (logits.shape[0],):
+                raise ValueError(f"crest_loss_fn must return per-example losses of shape ({logits.shape[0]},) "
+                                 f"(reduction='none'), got {getattr(ell, 'shape', type(ell).__name__)}")
+            loss = (weights.to(ell.dtype) * ell).mean()
         if index is not None and self.crest is not None and model.training:
             # the drop policy (CrestConfig(T2=...)) learns from the training losses of the trained examples
-            self.crest.observe(F.cross_entropy(logits.detach().float(), labels, reduction="none"), indices=index)
+            own = None if self.crest_loss_fn is None else self.crest_loss_fn(logits.detach(), labels).float()
+            self.crest.observe(own if own is not None else F.cross_entropy(logits.detach().float(), labels,
+                                                                           reduction="none"), indices=index)
         return (loss, outputs) if return_outputs else loss

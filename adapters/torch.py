@@ -3032,6 +3032,58 @@ class WeightedCollate:
         return (*out, *extra.values()) if isinstance(out, (tuple, list)) else (out, *extra.values())
 
 
+class _IteratorSettings:
+    """The settings of a ``DataLoader`` that :class:`CrestBatchSampler` reads, from its iterator's own copies
+    (for a sampler reached through a wrapper's generator, where no frame holds the ``DataLoader``)."""
+
+    def __init__(self, it):
+        self.collate_fn = getattr(it, "_collate_fn", None)
+        self.num_workers = getattr(it, "_num_workers", 0)
+        self.prefetch_factor = getattr(it, "_prefetch_factor", None)
+        self.in_order = getattr(it, "_in_order", True)
+
+
+def _calling_loader_iterator(me, depth: int = 12):
+    """``(iterator, loader)`` of the ``DataLoader`` iterator that is calling ``iter()`` on a batch sampler, or
+    ``(None, None)``. Called directly, the caller's frame is the iterator's ``__init__`` / ``_reset(loader)``,
+    which holds the ``DataLoader``; through a batch-sampler wrapper (``CrestTrainer``'s resumed epoch,
+    accelerate's shards), ``iter()`` runs inside the wrapper's generator at the iterator's first
+    ``next()``, a few frames below the iterator's own method: the nearest frame whose ``self`` is a
+    ``DataLoader`` iterator above generator frames only, with that iterator's copies of the loader's
+    settings (review 67: the wrapper hid
+    the loader, and a resumed run under workers was told it fetched 0 batches ahead)."""
+    from torch.utils.data.dataloader import _BaseDataLoaderIter
+
+    try:
+        f = sys._getframe(2)
+    except ValueError:  # pragma: no cover - a stack without that frame
+        return None, None
+    for _ in range(depth):
+        if f is None:
+            break
+        try:
+            loc = f.f_locals
+        except AttributeError:  # pragma: no cover - interpreters without frame locals
+            return None, None
+        it = loc.get("self")
+        if isinstance(it, _BaseDataLoaderIter):
+            loader = loc.get("loader")
+            return it, (loader if loader is not None else _IteratorSettings(it))
+        skip = getattr(it, "skip_batches", None)
+        if getattr(it, "batch_sampler", None) is me and isinstance(skip, int) and skip > 0:
+            raise ValueError(
+                f"a {type(it).__name__} skips the first {skip} batches of CrestBatchSampler's pass (accelerate's "
+                "skip_first_batches, the usual mid-epoch resume): the sampler restores its own position, so its "
+                "next batch is already the first one not trained, and the skipped batches would be lost while "
+                "counted as trained. To resume, load_state_dict() (with the state saved by "
+                "state_dict(trained=...)) and iterate the loader as it is, without skipping")
+        if (isinstance(it, BatchSampler) and getattr(it, "sampler", None) is me) or not (
+                f.f_code.co_flags & inspect.CO_GENERATOR):
+            return it, None  # a BatchSampler over the sampler (given as sampler=), or a caller that is no wrapper
+        f = f.f_back  # a wrapper's generator (accelerate's SkipBatchSampler among them): look further up
+    return None, None
+
+
 class CrestBatchSampler(CrestLoader):
     """CREST's weighted coreset batches for **your own** ``DataLoader`` (workers, pinned memory,
     persistent workers, your ``collate_fn``)::
@@ -3091,12 +3143,8 @@ class CrestBatchSampler(CrestLoader):
         # the training set itself, say what to do. Anything unexpected in the frame skips the check.
         # The same frame tells two more mistakes: the sampler given as sampler= (a BatchSampler over it calls
         # iter()), and a DataLoader that delivers batches out of order (in_order=False).
-        try:
-            frame = sys._getframe(1).f_locals
-            it, loader = frame.get("self"), frame.get("loader")  # the iterator's __init__ / _reset(loader)
-            ds = getattr(it, "_dataset", None)
-        except (AttributeError, ValueError):  # pragma: no cover - interpreters without frame locals
-            it = ds = loader = None
+        it, loader = _calling_loader_iterator(self)
+        ds = getattr(it, "_dataset", None)
         if isinstance(it, BatchSampler) and getattr(it, "sampler", None) is self:
             raise TypeError("CrestBatchSampler yields whole batches: pass it as DataLoader(..., batch_sampler=sampler) "
                             "(not sampler=, and without batch_size), or use sampler.dataloader(...)")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -305,6 +307,29 @@ def test_a_sampler_resumed_under_accelerate_trains_the_rest_of_the_run():
     assert got == resumed.total_steps - state["position"] > 0 and resumed.position == resumed.total_steps
 
 
+def test_skipping_the_first_batches_of_a_resumed_sampler_is_refused():
+    """accelerate's skip_first_batches (its mid-epoch resume) over a restored sampler discarded batches CREST
+    had not trained, and counted them as trained (review 67: 10 of 12 steps, silently); refused, and the
+    plain resume trains the rest of the run."""
+    acc = accelerate.Accelerator(cpu=True)
+    kw = dict(config=CrestConfig(m=16, r=48), budget=0.5, epochs=2, seed=0,
+              collate_fn=transformers.default_data_collator, measure_batch_size=64)
+    first = CrestBatchSampler(tiny_bert(), Texts(), **kw)
+    loader = acc.prepare(first.dataloader(collate_fn=transformers.default_data_collator))
+    for step, _batch in enumerate(loader):
+        if step == 3:
+            break
+    state = first.state_dict(trained=4)
+    resumed = CrestBatchSampler(tiny_bert(), Texts(), **kw)
+    resumed.load_state_dict(state)
+    loader = acc.prepare(resumed.dataloader(collate_fn=transformers.default_data_collator))
+    with pytest.raises(ValueError, match="skips the first 4 batches of CrestBatchSampler's pass"):
+        next(iter(acc.skip_first_batches(loader, 4)))
+    assert resumed.position == 4
+    got = sum(1 for _batch in loader)  # the plain resume: the rest of the epoch
+    assert got == resumed.steps_per_epoch - 4 and resumed.position == resumed.steps_per_epoch
+
+
 def _resume_args(out, **kw):
     return transformers.TrainingArguments(
         output_dir=str(out), num_train_epochs=2, per_device_train_batch_size=16, learning_rate=5e-3,
@@ -351,7 +376,13 @@ def test_a_resumed_trainer_trains_the_same_batches_as_one_that_never_stopped(tmp
         assert len(state["pending"]) > 0
 
     resumed = _resume_trainer(tmp_path / "b", **kw)
-    resumed.train(resume_from_checkpoint=str(ckpt))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed.train(resume_from_checkpoint=str(ckpt))
+    # the same settings: no "resumed under a DataLoader that fetches 0 batches ahead" (review 67: the resumed
+    # epoch's wrapper hid the DataLoader from the sampler, which then took its look-ahead for 0)
+    assert not [w for w in caught if "resumed under a DataLoader" in str(w.message)], [str(w.message) for w in caught]
+    assert resumed.crest._pass_ahead == whole.crest._pass_ahead == 2 * workers
     assert resumed.state.global_step == whole.state.global_step == 12
     assert resumed.crest.position == whole.crest.position == 12
     assert resumed.batches == whole.batches[4:]  # the untrained rest of the run, no stand-in trained
@@ -405,6 +436,70 @@ def test_a_collator_returning_a_batch_encoding_trains(tmp_path):
     out = trainer.train()
     assert out.global_step == trainer.crest.total_steps == trainer.crest.position > 0
     assert trainer.crest.stats["counters"]["selections"] >= 1
+
+
+def test_a_collator_that_builds_its_batch_from_the_keys_it_knows_trains_weighted(tmp_path):
+    """A hand-written padding collator reads the keys it knows and drops the rest: CREST's weights went
+    with them and every step trained unweighted, silently (review 67). They go around the collator now:
+    the run trains the batches and weights of a run with the default collator, to the bit."""
+    def pad(features):  # a collator of the usual hand-written kind: input_ids, attention_mask and labels only
+        ids = torch.nn.utils.rnn.pad_sequence([f["input_ids"] for f in features], batch_first=True)
+        return {"input_ids": ids, "attention_mask": (ids != 0).long(),
+                "labels": torch.tensor([f["labels"] for f in features])}
+
+    runs = []
+    for collate in (transformers.default_data_collator, pad):
+        trainer = _short_trainer(tmp_path / str(len(runs)), data_collator=collate)
+        seen = []
+        original = trainer.compute_loss
+
+        def spy(model, inputs, _orig=original, _seen=seen, **kw):
+            if model.training:
+                _seen.append(inputs["crest_weight"].tolist())
+            return _orig(model, inputs, **kw)
+
+        trainer.compute_loss = spy
+        trainer.train()
+        runs.append((seen, [p.detach().clone() for p in trainer.model.parameters()]))
+    (w0, p0), (w1, p1) = runs
+    assert len(w1) == len(w0) > 0 and w1 == w0 and any(len(set(w)) > 1 for w in w1)
+    for a, b in zip(p0, p1):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_crest_loss_fn_is_the_loss_trained_and_measured(tmp_path):
+    """A class-weighted loss (review 67: CrestTrainer had no loss_fn; only a compute_loss override, which
+    CREST's measurements would not follow): the training loss is its CREST-weighted mean, and the sampler
+    measures it."""
+    cw = torch.tensor([1.0, 3.0, 0.5])
+
+    def weighted(z, y):
+        return torch.nn.functional.cross_entropy(z, y, weight=cw, reduction="none")
+
+    trainer = _short_trainer(tmp_path, crest_loss_fn=weighted)
+    trainer.train()
+    assert trainer.crest.ops.loss_fn is weighted
+    batch = transformers.default_data_collator([Texts()[i] for i in range(4)])
+    batch["crest_weight"] = torch.tensor([0.5, 1.0, 1.5, 1.0])
+    trainer.model.eval()  # (no dropout: the same logits in both calls)
+    got = trainer.compute_loss(trainer.model, dict(batch))
+    with torch.no_grad():
+        z = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    want = (batch["crest_weight"] * weighted(z, batch["labels"])).mean()
+    torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="crest_loss_fn must be callable"):
+        _short_trainer(tmp_path, crest_loss_fn="weighted")
+
+
+def test_a_training_batch_without_weights_is_refused(tmp_path):
+    trainer = _short_trainer(tmp_path)
+    batch = transformers.default_data_collator([Texts()[i] for i in range(4)])
+    trainer.crest, trainer.is_in_train = object(), True  # inside train(), a batch from an overriding loader
+    trainer.model.train()
+    with pytest.raises(ValueError, match="a training batch without CREST's weights"):
+        trainer.compute_loss(trainer.model, batch)
+    trainer.model.eval()  # evaluation batches: the Trainer's own loss
+    assert torch.isfinite(trainer.compute_loss(trainer.model, batch))
 
 
 def test_the_trainers_throughput_counts_the_examples_crest_trained(tmp_path):
