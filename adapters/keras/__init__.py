@@ -1120,6 +1120,13 @@ class _TrainedSteps:
         frame, loop, owner, looked = _keras_loop(own=self)
         if looked:
             return False, None  # a callback's look inside a Keras loop (to log a batch): the probe, nothing spent
+        if loop == "fit" and frame is not None and frame.f_locals.get("class_weight") is not None:
+            # Keras's own error ("cannot specify class_weight and sample_weight at the same time") names an
+            # argument the user did not pass: the sample weights are CREST's
+            raise ValueError(
+                f"fit(class_weight=...) cannot be used with {type(self).__name__}: its batches carry per-example "
+                "weights (as sample weights), which Keras does not combine with class weights, and the "
+                "selection measures the plain cross-entropy. Leave class_weight out")
         if loop == "fit" and _fit_has(frame, self) is False:
             # a fit without this callback, refused at its first fetch (Keras's build fetch, before any step):
             # counting fetches let it train two steps on the weight-0 probes first (review 66), which moved

@@ -1409,6 +1409,18 @@ def _dense3(loss=None, units=3, activation=None):
     return model
 
 
+@pytest.mark.parametrize("which", ["crest", "subset"])
+def test_class_weight_is_refused_by_name(which):
+    """Keras's own error named an argument the user did not pass ("class_weight and sample_weight at the
+    same time"; review 66): the refusal names class_weight and why."""
+    x, y = _small()
+    cb = (CrestCallback(x, y, config=CrestConfig(m=16), budget=0.25, seed=0) if which == "crest"
+          else SubsetCallback(x, y, method="random", m=16, budget=0.25, epochs=1, seed=0))
+    with pytest.raises(ValueError, match=r"fit\(class_weight=...\) cannot be used with"):
+        _dense3().fit(cb.dataset, epochs=1, callbacks=[cb], class_weight={0: 1.0, 1: 2.0, 2: 1.0}, verbose=0)
+    assert cb.position == 0
+
+
 def test_batches_looked_at_before_fit_do_not_count_as_a_fit_without_the_callback():
     x, y = _small()
     crest = CrestCallback(x, y, config=CrestConfig(m=16), budget=0.25, seed=0)
