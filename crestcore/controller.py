@@ -94,7 +94,7 @@ CONFIG_BACKENDS = ("auto", "device", "numba", "reference")  # minibatch_coresets
 # CrestConfig fields added since checkpoints were first saved whose value here (as its repr) is how a run
 # saved before the field existed behaved: a loader resuming such a checkpoint with it counts no difference
 # (max_age is not one: its default changed what a run does)
-CONFIG_AS_BEFORE = {"checks": "'every'", "probe_size": "None"}
+CONFIG_AS_BEFORE = {"checks": "'every'", "probe_size": "None", "probe_every": "1"}
 
 
 class ModelOps(Protocol):
@@ -267,6 +267,11 @@ class CrestConfig:
         model's prediction. Opt-in: 32 was level on Fashion-MNIST's validation split for 10 % less wall
         clock with a CNN, but 0.07 +- 0.06 points behind on one of five unseen pairs, and slower on MLPs
         (it takes two calls where the default makes one fused call; docs/benchmarks.md).
+    probe_every : the curvature is probed at every ``probe_every``-th selection (and whenever the model
+        starts anew: the first selection, new trainable parameters); the selections between fit the
+        gradient alone and keep the curvature of the last probe (the model's prediction at a check then
+        uses that anchor's diag(H)). Default 1 (every selection). The probe's double backward is most of a
+        fit's cost (about 2.6 of 3.6 gradients on a small CNN on a CPU).
     T2 : steps between drop decisions; None (default) turns dropping off. drop : the drop rule.
     quadratic : the loss model. kernel, metric, optimizer, per_class, class_budget : selection options
     (see :func:`crestcore.minibatch_coresets`). embeddings : select on last-linear-layer weight
@@ -360,6 +365,7 @@ class CrestConfig:
     P_cap: int | None = None
     fit_batches: int = 1
     probe_size: int | None = None
+    probe_every: int = 1
     T2: int | None = None
     drop: DropConfig = field(default_factory=DropConfig)
     quadratic: QuadraticConfig = field(default_factory=QuadraticConfig)
@@ -383,7 +389,7 @@ class CrestConfig:
     def __post_init__(self):
         # every field, at construction (issue 15): a bad config fails here, not at the first batch
         o = "CrestConfig"
-        for name in ("m", "P", "T1", "fit_batches"):
+        for name in ("m", "P", "T1", "fit_batches", "probe_every"):
             field_int(o, name, getattr(self, name))
         for name in ("r", "P_cap", "T2", "check_size", "probe_size"):
             field_int(o, name, getattr(self, name), optional=True)
@@ -954,18 +960,28 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
     # a selection, not a check, the first step after it): a new model on the new parameters, its curvature
     # the schedule's new reference, as _check starts one
     resized = state.anchor is not None and anchor.shape != state.anchor.shape
-    quad = state.quad if state.quad is not None and not resized else quadratic_init(anchor)
-    quad = quadratic_anchor(quad, anchor_loss, config.quadratic)
+    prev = state.quad if state.quad is not None and not resized else None
+    quad = quadratic_anchor(prev if prev is not None else quadratic_init(anchor), anchor_loss, config.quadratic)
     c = dict(state.counters)
     c["forward_examples"] += int(union.size)
     fused = getattr(ops, "gradient_and_hutchinson", None)
+    # the curvature is probed at every probe_every-th selection, and whenever the model starts anew; the
+    # selections between keep the last probed curvature (the hutchinson variant's anchor restarted it)
+    probe = prev is None or prev.n_h == 0 or state.counters["selections"] % config.probe_every == 0
+    if not probe:
+        quad = quad._replace(h_ema=prev.h_ema, n_h=prev.n_h)
     # reselect="epoch" never checks, so the model (and its schedule, fixed at the cap) is not fitted
     for p in range(min(config.fit_batches, made) if config.reselect != "epoch" else 0):
         bi, bw = rows_i[p], rows_w[p]
         seed = int(gen.integers(2**31 - 1))
         k = config.probe_size
         names = ("gradient", "hutchinson")
-        if k is not None and k < bi.size:  # the gradient on the coreset, the probe on k of its examples
+        if not probe:  # the gradient alone: the curvature average stays as it is
+            _, g = _returned(_method(ops, "gradient")(bi, bw), "gradient", 2, _GRADIENT)
+            zhz = None
+            c["forward_examples"] += bi.size
+            c["backward_examples"] += bi.size
+        elif k is not None and k < bi.size:  # the gradient on the coreset, the probe on k of its examples
             _, g = _returned(_method(ops, "gradient")(bi, bw), "gradient", 2, _GRADIENT)
             part = np.sort(np.random.default_rng([seed, 1]).choice(bi.size, size=k, replace=False))
             # mean(w l) over a uniform sample estimates the coreset's without bias

@@ -1375,6 +1375,60 @@ def test_probe_size_measures_the_hessian_vector_product_on_a_seeded_sample_of_th
     np.testing.assert_array_equal(again[0].W, runs[8][0].W)  # seeded: the same run again
 
 
+def test_probe_every_probes_the_curvature_at_every_kth_selection_only():
+    """probe_every=k: selections 0, k, 2k, ... fit the gradient and a Hutchinson probe; the others the
+    gradient alone, the last probe's curvature kept; counted as such."""
+
+    class Logged(SoftmaxOps):
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.fits = []
+
+        def gradient(self, idx, w):
+            self.fits.append("gradient")
+            return self.loss_grad(idx, w)
+
+        def hutchinson(self, idx, w, seed):
+            self.fits.append("hutchinson")
+            z = np.random.default_rng(seed).choice([-1.0, 1.0], size=self.W.size)
+            return z * self.hvp(idx, w, z)
+
+    Xtr, ytr, _, _ = digits()
+    runs = {}
+    for k in (1, 3):
+        seen = []  # (selection number, curvature average after it) at every selection
+        ops = Logged(Xtr, ytr)
+        cfg = CrestConfig(m=M, tau=0.005, probe_every=k)
+        state = crest_init(cfg, ytr, seed=4)
+        for _ in range(60):
+            before = state.counters["selections"]
+            state, batch = crest_next_batch(state, ops, cfg)
+            if state.counters["selections"] > before:
+                seen.append((before, state.quad.n_h, np.array(state.quad.h_ema, copy=True)))
+            _, g = ops.loss_grad(batch.indices, batch.weights)
+            ops.W -= LR * g.reshape(ops.W.shape)
+        runs[k] = (ops, state, seen)
+        assert len(seen) > 3
+        for j, (sel, n_h, h) in enumerate(seen):
+            assert n_h == 1  # the hutchinson variant: one probe, this anchor's or the last probing one's
+            if sel % k:
+                np.testing.assert_array_equal(h, seen[j - 1][2])  # the curvature of the last probe, kept
+            elif j:
+                assert not np.array_equal(h, seen[j - 1][2])  # a new probe
+        assert ops.fits.count("gradient") == len(seen)
+        assert ops.fits.count("hutchinson") == sum(1 for s, _, _ in seen if s % k == 0)
+    # the counters: a fit without the probe is one forward and one backward of the coreset
+    o3, s3, seen3 = runs[3]
+    assert o3.fits.count("hutchinson") < len(seen3)
+    outputs = sum(int(i.size) for i in o3.calls["outputs"])
+    probes = o3.fits.count("hutchinson")
+    fits = len(seen3)
+    assert s3.counters["forward_examples"] - outputs == 2 * M * probes + M * (fits - probes)
+    assert s3.counters["backward_examples"] == 3 * M * probes + M * (fits - probes)
+    with pytest.raises(ValueError, match="probe_every"):
+        CrestConfig(probe_every=0)
+
+
 @pytest.mark.parametrize("lib", ["numpy", "torch"])
 def test_a_selection_cut_short_forwards_only_the_subsets_it_used(lib):
     """Every check fails: at-anchor forwards P subsets per selection, just-in-time one; the counters
