@@ -100,7 +100,8 @@ def _validation_split(labels: np.ndarray, fraction: float, seed: int) -> np.ndar
 
 
 # what the schedule passes to the core functions itself (not accepted in options)
-_OWN_ARGUMENTS = {"craig": ("gradients", "labels", "k"), "gradmatch": ("gradients", "k", "labels"),
+_OWN_ARGUMENTS = {"craig": ("gradients", "labels", "k"),
+                  "gradmatch": ("gradients", "k", "labels", "per_batch", "target"),  # (the last two clash with labels)
                   "glister": ("train_grads", "val_logits", "val_labels", "k", "val_embeddings")}
 
 
@@ -350,7 +351,10 @@ class SubsetSchedule:
 
     def _selection_due(self, e: int) -> bool:
         if self.method in SELECTING_METHODS:
-            return e % self.reselect_every == 0 or self.sel_epoch < 0
+            # the first epoch of each block of reselect_every that trains: a due epoch whose pass handed out
+            # no batch (budget_counts='passes', a selection's forward ate its share) passes the selection on
+            # to the next epoch of its block, instead of leaving the old one for up to 2 R - 1 epochs (review 70)
+            return self.sel_epoch < 0 or e // self.reselect_every != self.sel_epoch // self.reselect_every
         return e != self.sel_epoch  # random and prune draw every epoch
 
     def _select(self, e: int, t: int, ops, sync) -> None:

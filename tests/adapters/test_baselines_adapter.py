@@ -597,6 +597,24 @@ def test_observe_takes_one_loss_per_example_as_a_vector_or_a_column_only():
         ld.observe(torch.ones(2, k // 2))
 
 
+def test_a_due_selection_whose_epoch_trains_nothing_is_made_at_the_next_epoch_that_trains():
+    """Under budget_counts='passes' a selection's forward can empty the next epochs' passes; a due epoch
+    that handed out no batch lost its selection for good (review 70: selections at epochs 0 and 4 of 8 with
+    reselect_every=2; epochs 3 and 7 trained on subsets selected 3 epochs before). The first epoch of the
+    block that trains selects now."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the passes budget's warning (the case it warns of)
+        ld = loader("craig", data=make_data(960), budget=0.1, m=16, epochs=8, budget_counts="passes", reselect_every=2)
+    per_epoch = [sum(1 for _ in ld) for _ in range(8)]
+    made = [s["epoch"] for s in ld.stats["selections"]]
+    assert 0 in per_epoch  # the case: some epochs train nothing
+    for e, b in enumerate(per_epoch):
+        if b:  # an epoch that trains uses a selection made in its own block of reselect_every epochs
+            assert max(s for s in made if s <= e) // 2 == e // 2, (per_epoch, made)
+
+
 def test_passes_budget_that_one_selection_exhausts_is_warned_about():
     """Regression (review 62): under budget_counts='passes', a CRAIG selection whose forward (200 examples:
     6.7 step-equivalents of m = 10) cost more than an epoch's share (6 steps) left one batch an epoch, an
