@@ -74,20 +74,28 @@ def _check_options(options: dict) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
+def _exponent(a: float) -> int | None:
+    """``e`` with ``a = f 2^e``, ``0.5 <= f < 1`` (``np.frexp``), or None for 0."""
+    return int(np.frexp(a)[1]) if a > 0.0 else None
+
+
 def _stats(block, p: int, start: int, labels_p, classes):
-    """NaN check (naming the chunk), and per class the row count and the sum of the rows."""
+    """NaN check (naming the chunk), and per class the row count and the sum of the rows, summed at the
+    block's own power-of-two scale ``2^-e`` (``e`` the exponent of its largest magnitude, returned with
+    them): a plain float64 sum of large finite values overflowed (review 69)."""
     B = np.asarray(block)
     if not np.all(np.isfinite(B)):
         bad = int(np.flatnonzero(~np.all(np.isfinite(B), axis=1))[0])
         raise ValueError(f"X: row chunk {p} (rows {start}-{start + B.shape[0] - 1}) contains NaN or infinite "
                          f"values (first at row {start + bad})")
+    e = _exponent(float(np.abs(B).max())) if B.size else None
     counts = np.zeros(len(classes), dtype=np.int64)
     sums = np.zeros((len(classes), B.shape[1]))
     for ci, c in enumerate(classes):
         rows = B[labels_p == c]
         counts[ci] = rows.shape[0]
-        sums[ci] = rows.astype(np.float64).sum(axis=0)
-    return counts, sums
+        sums[ci] = np.ldexp(rows.astype(np.float64), -(e or 0)).sum(axis=0)
+    return counts, sums, e
 
 
 def _for_rows(options: dict, rows: int) -> dict:
@@ -105,16 +113,16 @@ def _for_rows(options: dict, rows: int) -> dict:
     return out
 
 
-def _local(block, p: int, start: int, labels_p, classes, budgets, means, metric, seed: int, options):
+def _local(block, p: int, start: int, labels_p, classes, budgets, means, E: int, metric, seed: int, options):
     """Greedy per class on one block: global picks, their rows, and the class's largest distance from
-    its mean within the block (for the common objective's M)."""
+    its mean within the block (for the common objective's M), in the units of ``X 2^-E`` as ``means``."""
     B = np.asarray(block)
     out = []
     for ci, c in enumerate(classes):
         idx = np.flatnonzero(labels_p == c)
         r = 0.0
         if idx.size:
-            diff = B[idx].astype(np.float64) - means[ci]
+            diff = np.ldexp(B[idx].astype(np.float64), -E) - means[ci]
             top = float(np.abs(diff).max())  # norms of diff / top: no overflow or underflow at any scale
             r = top * float(np.sqrt(((diff / top) ** 2).sum(axis=1).max())) if 0.0 < top < np.inf else top
         kk = int(min(budgets[ci], idx.size))
@@ -128,18 +136,24 @@ def _local(block, p: int, start: int, labels_p, classes, budgets, means, metric,
     return out
 
 
-def _scores(block, labels_p, classes, metric, kernel, scale, Ms, candidates):
+def _scores(block, labels_p, classes, metric, kernel, scale, Ms, E: int, candidates):
     """For every class: this block's share of every candidate solution's objective, cluster sizes and
     gains along its order (:func:`crestcore.score_orders`: one distance pass over the union of the
     candidates, all of them scored in it). ``candidates`` is (per class the union's rows, per class the
-    candidates as orders of those rows)."""
+    candidates as orders of those rows). The max-minus kernel's are scored on ``X 2^-E``, the units its
+    bounds ``Ms`` are in (a bound in X's own units under- or overflowed at extreme scales, review 69):
+    objective and gains then come in those units (the driver scales them back)."""
     unions, orders = candidates
     B = np.asarray(block)
+    scaled = kernel == "max-minus"
     out = []
     for ci, c in enumerate(classes):
         idx = np.flatnonzero(labels_p == c)
-        out.append(crestcore.score_orders(B[idx], unions[ci], orders[ci], metric=metric, kernel=kernel,
-                                          bound=Ms[ci] if kernel == "max-minus" else None, scale=scale))
+        pts, cand = B[idx], unions[ci]
+        if scaled:
+            pts, cand = np.ldexp(pts.astype(np.float64), -E), np.ldexp(cand.astype(np.float64), -E)
+        out.append(crestcore.score_orders(pts, cand, orders[ci], metric=metric, kernel=kernel,
+                                          bound=Ms[ci] if scaled else None, scale=scale))
     return out
 
 
@@ -334,8 +348,11 @@ def facility_location(X, k, *, labels=None, client=None, partitions=None, seed=0
         labs = [lab[bounds[p]:bounds[p + 1]] for p in range(m)]
         stats = blocks.map(_stats, [(p, int(bounds[p]), labs[p], classes) for p in range(m)])
         counts = sum(s[0] for s in stats)
-        means = sum(s[1] for s in stats) / np.maximum(counts, 1)[:, None]
-        local = blocks.map(_local, [(p, int(bounds[p]), labs[p], classes, budgets, means, metric, seed, options)
+        # the class means in the units of X 2^-E (E: the exponent of X's largest magnitude), from the blocks'
+        # sums at their own scales: finite, and the radii and bounds below neither under- nor overflow
+        E = max((s[2] for s in stats if s[2] is not None), default=0)
+        means = sum(np.ldexp(s[1], (E if s[2] is None else s[2]) - E) for s in stats) / np.maximum(counts, 1)[:, None]
+        local = blocks.map(_local, [(p, int(bounds[p]), labs[p], classes, budgets, means, E, metric, seed, options)
                                     for p in range(m)])
         # the merge, per class, over the union of the partial solutions (sorted by global index); the
         # candidates are the merged solution and every partial one, as orders of rows of the union
@@ -359,7 +376,7 @@ def facility_location(X, k, *, labels=None, client=None, partitions=None, seed=0
             unions.append(rows)
             union_idx.append(U)
         # choose per class on the common objective: every block scores every candidate in one pass
-        shares = blocks.map(_scores, [(labs[p], classes, metric, kernel, scale, Ms) for p in range(m)],
+        shares = blocks.map(_scores, [(labs[p], classes, metric, kernel, scale, Ms, E) for p in range(m)],
                             shared=(unions, orders))
     finally:
         if own:
@@ -379,6 +396,11 @@ def facility_location(X, k, *, labels=None, client=None, partitions=None, seed=0
         total += objs[best]
     plan = (f"greedi: {m} partitions; winner per class: " + ", ".join(won) if len(classes) > 1
             else f"greedi: {m} partitions; winner: {won[0]}")
+    # max-minus values were scored on X 2^-E: a similarity M - D scales as D (2^E for euclidean, 2^(2E) for
+    # squared distances; cosine's are scale-free), exactly, by powers of two
+    p_units = {"euclidean": 1, "sqeuclidean": 2, "cosine": 0}[metric] if kernel == "max-minus" else 0
+    total = float(np.ldexp(total, p_units * E))
+    g_out = [np.ldexp(np.asarray(g, dtype=np.float64), p_units * E) for g in g_out]
     # in X's dtype, as the one-partition path returns them (a value beyond float16's range is an error)
     return Selection(
         indices=np.concatenate(idx_out).astype(np.int64),

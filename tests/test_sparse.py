@@ -314,6 +314,23 @@ def test_faiss_graph_does_not_depend_on_the_datas_scale():
     assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(ref, far)]) > 0.99
 
 
+def test_faiss_cosine_graph_of_directions_close_together_is_the_exact_graph():
+    """Directions 1e-4 apart around a common one: cosine distances of about 1e-8, below what float32's
+    inner products resolve (review 69: the faiss graph held 0.9 % of the true neighbours). Unit rows are
+    searched by their centred euclidean distances; rows of zeros keep the inner-product search."""
+    pytest.importorskip("faiss")
+    from crestcore.backends import knn
+
+    X = 7.0 + 1e-3 * np.random.default_rng(0).normal(size=(600, 3))
+    ref = exact_knn(np, X, 8, "cosine")
+    got, how = knn.build(X, 8, "cosine", method="exact")
+    assert how == "faiss-exact"
+    assert np.mean([len(set(a) & set(b)) / 8 for a, b in zip(ref, got)]) > 0.99
+    Z = np.vstack([X[:100], np.zeros((2, 3))])  # zero rows: cosine distance 1 from every row
+    got, _ = knn.build(Z, 4, "cosine", method="exact")
+    assert not np.isin(got[:100], [100, 101]).any()  # never a unit row's near neighbour
+
+
 def test_faiss_ivf_graph_is_deterministic_and_accurate_on_clustered_data():
     pytest.importorskip("faiss")
     from crestcore.backends import knn

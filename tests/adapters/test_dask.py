@@ -86,6 +86,28 @@ def test_greedi_at_extreme_magnitudes_picks_as_at_unit_scale(client):
         assert float(got.objective) == pytest.approx(float(ref.objective) * c, rel=1e-12)
 
 
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean"])
+def test_greedi_picks_alike_at_any_scale_and_offset(client, metric):
+    """Review 69: with squared distances the common objective's bound 4 r^2 underflowed to 0 for data
+    below about 1e-154 (every candidate scored 0, the merged one won the tie, all the weight went to the
+    first pick), and the class means were plain float64 sums, which overflowed for large finite data
+    (refused as a bound=inf the caller never passed). The bounds and means are taken on X 2^-E now."""
+    X = _features(10, 60, 3)
+    ref = cdask.facility_location(X, 4, client=client, partitions=3, metric=metric)
+    p = 1 if metric == "euclidean" else 2
+    for c in (1e-300, 2.0**-500, 2.0**-300, 2.0**300, 1e150):
+        got = cdask.facility_location(X * c, 4, client=client, partitions=3, metric=metric)
+        np.testing.assert_array_equal(got.indices, ref.indices)
+        np.testing.assert_array_equal(got.weights, ref.weights)
+        want = float(ref.objective) * c ** p if abs(math.log10(c)) * p < 300 else None
+        if want is not None:
+            assert float(got.objective) == pytest.approx(want, rel=1e-9)
+    # a large offset: finite data whose plain sums overflow
+    Y = 3e306 + 1e304 * _features(11, 200, 2)
+    got = cdask.facility_location(Y, 4, client=client, partitions=2, metric="euclidean")
+    assert got.indices.size == 4 and float(got.weights.sum()) == 200 and math.isfinite(float(got.objective))
+
+
 def test_greedi_is_no_worse_than_its_candidates_and_close_to_centralized(client):
     X = _features(2, 600, 4)
     k = 30
