@@ -970,7 +970,7 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
     # the curvature is probed at every probe_every-th selection, and whenever the model starts anew; the
     # selections between keep the last probed curvature (the hutchinson variant's anchor restarted it)
     probe = prev is None or prev.n_h == 0 or state.counters["selections"] % config.probe_every == 0
-    if not probe:
+    if prev is not None and not probe:
         quad = quad._replace(h_ema=prev.h_ema, n_h=prev.n_h)
     # reselect="epoch" never checks, so the model (and its schedule, fixed at the cap) is not fitted
     for p in range(min(config.fit_batches, made) if config.reselect != "epoch" else 0):
