@@ -156,11 +156,13 @@ _ONCE: dict[str, tuple] = {}  # key -> (weak reference to the last read-only arr
 
 
 def once_per_array(key: str, a: np.ndarray, fn) -> Any:
-    """``fn(a)``, computed once per read-only array ``a`` (per ``key``, for the last such array asked
-    about, held weakly): a value of an array nobody can write in place cannot go stale. A writeable array
-    is computed every time. For O(n) summaries asked at every step of arrays that change only by being
-    replaced (the pool mask, the labels)."""
-    if a.flags.writeable:
+    """``fn(a)``, computed once per read-only array ``a`` that owns its data (per ``key``, for the last
+    such array asked about, held weakly): a value of an array nobody can write in place cannot go stale. A
+    writeable array, or a view (read-only itself, its base may be written: review 72, a hand-built drop
+    state's pool counted stale and dropped below the floor), is computed every time. For O(n) summaries
+    asked at every step of arrays that change only by being replaced (the pool mask, the labels), which
+    the controller and the drop module make as read-only copies."""
+    if a.flags.writeable or a.base is not None:
         return fn(a)
     ref, value = _ONCE.get(key, (None, None))
     if ref is not None and ref() is a:

@@ -678,3 +678,16 @@ def test_pool_size_is_never_stale():
     assert pool_size(mine) == 10
     mine.active[:4] = False
     assert pool_size(mine) == 6
+    # a read-only view of a writeable mask: its base can change (review 72: the count of 10 was kept after
+    # the base dropped to 5, and drop_update dropped below the floor)
+    base = np.ones(10, dtype=bool)
+    view = base[:]
+    view.flags.writeable = False
+    viewed = state._replace(active=view)
+    assert pool_size(viewed) == 10
+    base[5:] = False
+    assert pool_size(viewed) == 5
+    config = DropConfig(alpha=0.5, window=10, min_records=1, floor=6)
+    viewed = drop_record(viewed, np.arange(10), np.full(10, 0.01), step=1)
+    _, dropped = drop_update(viewed, step=1, config=config)
+    assert dropped.size == 0  # the pool (5) is below the floor
