@@ -327,7 +327,12 @@ class CrestConfig:
     never exceed this fraction of the training passes (3 forward-equivalents per trained example) by
     more than the step that crosses it: one check, one selection, or a check and the selection its
     failure starts. A due check, epoch reselection or
-    drop-triggered reselection waits until the count allows it; meanwhile the coresets are cycled.
+    drop-triggered reselection waits until the count allows it; meanwhile the coresets are cycled. A
+    check answered from the last check's measurement (unchanged parameters, ``ops.state_token``) counts as
+    measured here (``counters["reused_examples"]``), so a run resumed from a checkpoint decides as the
+    uninterrupted one. Not capped: the selection that new trainable parameters start
+    (:func:`crest_parameters_changed`, a layer frozen or unfrozen), since the quadratic model of the old
+    ones cannot check anything.
     Deterministic: counts, not clocks. With just-in-time coresets (the default) each later coreset's
     forward must fit under the cap too, so a cap too tight for it keeps cycling the coresets made so far
     (at the extreme the first one, for a whole short run); with a tight cap prefer
@@ -628,7 +633,11 @@ def _logged(state: CrestState, key: str, record) -> dict:
 
 def _counters():
     return {"train_steps": 0, "train_examples": 0, "forward_examples": 0, "backward_examples": 0,
-            "selections": 0, "checks": 0}
+            "selections": 0, "checks": 0, "reused_examples": 0}
+
+
+# counters added since states were first saved, with the value a state saved before them holds
+_COUNTERS_ADDED = {"reused_examples": 0}
 
 
 def crest_init(config: CrestConfig, labels, *, seed: int, epoch_steps: int | None = None) -> CrestState:
@@ -1159,8 +1168,10 @@ def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
         # model on the new parameters, its curvature the new reference for the schedule (as at the first)
         return crest_parameters_changed(state)
     same = _same_as_last(state, w, ops, config)
+    reused = 0
     if same is not None:  # nothing changed since the last check: its L_R and F, without a forward
         L_R, F, losses_h, spent, token = same.L_R, same.F, same.losses, 0, same.token
+        reused = int(state.check_idx.size)
     else:
         xp, logits, emb, y, losses = _forward(state, ops, state.check_idx, config)
         L_R = float(to_numpy(xp.mean(losses)))
@@ -1184,6 +1195,7 @@ def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
     rho = relative_error(L_R, F, floor=_LOSS_FLOOR)
     c = dict(state.counters)
     c["forward_examples"] += spent
+    c["reused_examples"] += reused
     c["checks"] += 1
     log = _logged(state, "checks", (state.step, rho, L_R, F))
     drop = drop_record(state.drop, state.check_idx, losses_h, state.step) if config.T2 else state.drop
@@ -1195,11 +1207,15 @@ def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
 
 
 def _affordable(state: CrestState, config: CrestConfig) -> bool:
-    """Whether the measurement passes spent so far leave room for more under ``max_overhead``."""
+    """Whether the measurement passes spent so far leave room for more under ``max_overhead``. A check
+    answered from the last one's measurement counts as measured (``reused_examples``): what the cap allows
+    then does not depend on whether the last check is in memory, which a state loaded from a checkpoint's
+    is not (review 71: a resumed run measured that check, crossed the cap and cycled a coreset where the
+    uninterrupted run selected one)."""
     if config.max_overhead is None:
         return True
     c = state.counters
-    spent = c["forward_examples"] + 2 * c["backward_examples"]
+    spent = c["forward_examples"] + c["reused_examples"] + 2 * c["backward_examples"]
     return spent <= config.max_overhead * 3 * c["train_examples"]
 
 
@@ -1628,8 +1644,9 @@ def _validate_state_dict(d: dict, D: int) -> None:
     if np.any(active != (dropped < 0)) or (dropped.size and dropped.max() > step):
         raise _bad("drop.dropped_at must be -1 exactly for active examples and at most step")
     c = d["counters"]
-    if not isinstance(c, dict) or set(_counters()) - set(c):
-        raise _bad(f"counters must be a dict with {sorted(_counters())}")
+    if not isinstance(c, dict) or set(_counters()) - set(c) - set(_COUNTERS_ADDED):
+        raise _bad(f"counters must be a dict with {sorted(set(_counters()) - set(_COUNTERS_ADDED))}")
+    c = {**_COUNTERS_ADDED, **c}
     for k in _counters():
         _int_of(c, k)
     if int(c["train_steps"]) != step + int(pending):
@@ -1717,7 +1734,7 @@ def crest_load_state_dict(d: dict, params_like) -> CrestState:
     fields["drop"] = DropState(**dr)
     fields["made"] = int(d["made"])
     fields["subsets"] = np.array(_as_host(d["subsets"], 2), dtype=np.int64)
-    fields["counters"] = dict(d["counters"])
+    fields["counters"] = {**_COUNTERS_ADDED, **d["counters"]}  # (a state saved before a counter was added)
     # records as the run writes them (checks and drops are tuples; JSON gives them back as lists)
     fields["log"] = {k: EventLog(tuple(r) if isinstance(r, list) else r for r in v) for k, v in d["log"].items()}
     return CrestState(**fields)

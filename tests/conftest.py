@@ -192,3 +192,32 @@ def ref():
     import reference
 
     return reference
+
+
+# ------------------------------------------------------------------------------------------------
+# JAX's at-fork warning. A pytest-xdist worker that ran a test with jax arrays in-process has JAX's
+# os.register_at_fork hook installed, and every later fork of that process (DataLoader workers) warns
+# "os.fork() was called ..." through it: tests that count warnings or turn them into errors then failed
+# depending on which tests the worker had been given. The workers never use JAX. The hook cannot be
+# unregistered; it looks ``warnings`` up in its module at each call, so that name is given a stand-in
+# that drops this one warning and passes every other on.
+# ------------------------------------------------------------------------------------------------
+class _NoForkWarning:
+    def __init__(self, real):
+        self._real = real
+
+    def warn(self, message, category=None, stacklevel=1, **kw):
+        if category is RuntimeWarning and str(message).startswith("os.fork() was called"):
+            return
+        self._real.warn(message, category, stacklevel + 1, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_jax_fork_hook(monkeypatch):
+    bridge = sys.modules.get("jax._src.xla_bridge")
+    if bridge is not None and not isinstance(getattr(bridge, "warnings", None), _NoForkWarning):
+        monkeypatch.setattr(bridge, "warnings", _NoForkWarning(bridge.warnings))
+    yield

@@ -284,8 +284,10 @@ def test_a_check_at_the_parameters_of_the_last_one_reuses_its_measurement(cfg, m
     np.testing.assert_array_equal(state_a.drop.active, state_b.drop.active)
     spared = state_b.counters["forward_examples"] - state_a.counters["forward_examples"]
     assert spared == reused * state_a.check_idx.size > 0  # every reused check spared its forward, nothing else
-    assert {k: v for k, v in state_a.counters.items() if k != "forward_examples"} == \
-        {k: v for k, v in state_b.counters.items() if k != "forward_examples"}
+    assert state_a.counters["reused_examples"] == spared and state_b.counters["reused_examples"] == 0
+    moved = ("forward_examples", "reused_examples")
+    assert {k: v for k, v in state_a.counters.items() if k not in moved} == \
+        {k: v for k, v in state_b.counters.items() if k not in moved}
     assert len(ops_b.calls["outputs"]) - len(ops_a.calls["outputs"]) == reused  # one forward each
     # the last check is held in memory only: a loaded state's first check measures, with the same decision
     passing = dataclasses.replace(cfg, tau=1e9)  # a check that passes: no selection after it
@@ -1373,6 +1375,48 @@ def test_probe_size_measures_the_hessian_vector_product_on_a_seeded_sample_of_th
     assert c8["backward_examples"] == fits * (M + 2 * 8)
     again = train_crest(CrestConfig(m=M, tau=0.02, probe_size=8), 4, 25, ops=Logged(Xtr, ytr))
     np.testing.assert_array_equal(again[0].W, runs[8][0].W)  # seeded: the same run again
+
+
+def test_a_resumed_run_under_max_overhead_decides_as_the_uninterrupted_one_with_reused_checks():
+    """With ops.state_token a check at unchanged parameters reuses the last check's measurement, which a
+    loaded state does not hold: the resumed run measured it, and under max_overhead that extra count
+    crossed the cap, so it cycled an old coreset where the uninterrupted run selected a new one (review
+    71: other batches from the first step after the load). A reused check counts as measured for the cap
+    (counters["reused_examples"]); a state saved before that counter loads with it at 0."""
+
+    class TokenOps(SoftmaxOps):
+        def state_token(self, idx):
+            return 0  # the outputs depend on params() alone
+
+    Xtr, ytr, _, _ = digits()
+    X, y = Xtr[:300], ytr[:300]
+    config = CrestConfig(m=8, max_overhead=1.0, tau=10.0, check_size=128)
+    frozen, save, steps = range(3, 11), 8, 20  # steps 3-10 leave the parameters as they were
+
+    def run(ops, state, start, log):
+        for t in range(start, steps):
+            if t == save and start == 0:
+                log["saved"] = (crest_state_dict(state), ops.W.copy())
+            state, b = crest_next_batch(state, ops, config)
+            log.setdefault("batches", []).append(b.indices.tolist())
+            _, g = ops.loss_grad(b.indices, b.weights)
+            ops.W -= (0.0 if t in frozen else 0.5) * g.reshape(ops.W.shape)
+        return state
+
+    log: dict = {}
+    full = run(TokenOps(X, y), crest_init(config, y, seed=0), 0, log)
+    assert full.counters["reused_examples"] > 0  # the case: checks answered from memory
+    d, W = log["saved"]
+    for old_format in (False, True):
+        dd = copy.deepcopy(d)
+        if old_format:
+            del dd["counters"]["reused_examples"]
+        ops = TokenOps(X, y)
+        ops.W = W.copy()
+        log2: dict = {}
+        run(ops, crest_load_state_dict(dd, ops.params()), save, log2)
+        if not old_format:
+            assert log2["batches"] == log["batches"][save:]
 
 
 def test_probe_every_probes_the_curvature_at_every_kth_selection_only():
