@@ -192,7 +192,6 @@ def omp_reference(xp, A, b, k: int, lam: float, tol: float, positive: bool):
         h = np.append(h, float(to_numpy(xp.sum(a_j * b))))
         support.append(j)
         gains.append(0.0)
-        w_before = w
         w = gram_nnls_reference(G + lam * np.eye(s + 1), h, np.append(w, 0.0), positive=positive, lam=lam)
         # a pick whose refit weight is 0 retires for good: it leaves the support and is never picked
         # again, so the support grows by at most one per step and ends with k weighted examples
@@ -211,8 +210,6 @@ def omp_reference(xp, A, b, k: int, lam: float, tol: float, positive: bool):
         if live[-1]:
             gains[-1] = J - J_new
         J = J_new
-        if not live[-1] and bool(live[:-1].all()) and np.array_equal(w, w_before):
-            break  # the best candidate's correlation was at rounding level, and every remaining one's is less
     return np.asarray(support, dtype=np.int64), w, np.asarray(gains, dtype=np.float64), bnorm2 - J
 
 

@@ -485,7 +485,6 @@ def _omp(xp, A, b, k: int, lam: float, tol: float, positive: bool):
         s += 1
         w0 = np.zeros(s)  # the warm start: the previous weights and the new atom at 0
         w0[:-1] = w
-        w_before = w
         w = _gram_nnls(Q[:s, :s], h[:s], w0, positive=positive, cache=cache, qmax=qmax, lam=lam)
         # a pick whose refit weight is 0 retires for good: it leaves the support and is never picked
         # again, so the support grows by at most one per step and ends with k weighted examples
@@ -512,13 +511,6 @@ def _omp(xp, A, b, k: int, lam: float, tol: float, positive: bool):
         if live[-1]:
             gains[s - 1] = J - J_new
         J = J_new
-        if not live[-1] and bool(live[:-1].all()) and np.array_equal(w, w_before):
-            # the best candidate retired at once and left the fit as it was. In exact arithmetic an atom
-            # with a positive correlation always gets a positive weight (J decreases along it from the
-            # optimum without it), so its correlation was at the refit's rounding level, and every
-            # remaining atom's is at most that: trying them all (tol=0 after an exact fit) cost a full
-            # pass each for the same answer (review 70)
-            break
     return support[:s].copy(), w, gains[:s].copy(), bnorm2 - J
 
 
@@ -571,10 +563,10 @@ def gradmatch(
     lam : L2 regularisation (>= 0, default 0.5). It shrinks the weights: for a fixed support ``||w||``
         is non-increasing in lam, and for orthogonal gradients ``w_j = (g_j . b)_+ / (||g_j||^2 + lam)``.
         It is on the scale of ``||g||^2``.
-    tol : relative stopping tolerance (>= 0) on the residual, ``||r|| <= tol ||b||``. 0 never stops early,
-        except when no example correlates positively with the residual, or when the best candidate's refit
-        weight is 0 with the fit otherwise unchanged (in exact arithmetic a positive correlation always
-        earns a positive weight: its correlation, and every remaining one, is at rounding level).
+    tol : relative stopping tolerance (>= 0) on the residual, ``||r|| <= tol ||b||``. 0 never stops early
+        (except when no example correlates positively with the residual): after an exact fit every
+        remaining example whose correlation is positive by rounding is tried and retired, a refit each
+        (0.2 s at n = 4,000, d = 10, against 1 ms with the default 1e-6).
     per_batch : optional (n,) integer array assigning every example to a mini-batch (any integer ids).
         The per-batch variant: the atoms are the batches' gradient sums, the target the sum of all, and k
         counts batches. Every example of a selected batch is returned, with its batch's weight and gain.
