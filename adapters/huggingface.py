@@ -9,8 +9,9 @@
                            data_collator=collator, crest_config=CrestConfig(m=32), crest_budget=0.1)
     trainer.train()
 
-It overrides two methods, nothing else: ``get_train_dataloader`` (a ``DataLoader`` over the training set
-driven by a :class:`crestcore.adapters.torch.CrestBatchSampler`, with the Trainer's collator, workers
+Its training comes from two overridden methods (the others it overrides keep the books: ``train`` and the
+checkpoint writers for CREST's state, ``num_examples`` and ``get_total_train_batch_size``):
+``get_train_dataloader`` (a ``DataLoader`` over the training set driven by a :class:`crestcore.adapters.torch.CrestBatchSampler`, with the Trainer's collator, workers
 and pinned memory, prepared by the Trainer's ``Accelerator``) and ``compute_loss`` (the weighted mean of
 the per-example cross-entropy of the model's logits). ``len`` of that loader is one epoch's share, so
 the Trainer's step count, schedulers and logging follow the budget. Items are dicts of features with a
@@ -64,6 +65,8 @@ class _ResumedEpoch:
     first *untrained* batch, so the resumed pass leads with ``lead`` stand-ins for the Trainer to discard:
     the first ``m`` examples with zero weights (harmless even if something trained them).
     Later passes are the sampler's own."""
+
+    leads_with_stand_ins = True  # a skip over it discards the stand-ins (the sampler's skip refusal knows)
 
     def __init__(self, sampler: CrestBatchSampler, lead: int, stand_in: list):
         self.sampler, self._lead, self._stand_in = sampler, int(lead), stand_in

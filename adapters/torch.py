@@ -3058,6 +3058,7 @@ def _calling_loader_iterator(me, depth: int = 12):
         f = sys._getframe(2)
     except ValueError:  # pragma: no cover - a stack without that frame
         return None, None
+    led = False  # a wrapper on the way leads the pass with stand-ins for a skip above it to discard
     for _ in range(depth):
         if f is None:
             break
@@ -3066,11 +3067,14 @@ def _calling_loader_iterator(me, depth: int = 12):
         except AttributeError:  # pragma: no cover - interpreters without frame locals
             return None, None
         it = loc.get("self")
+        led = led or bool(getattr(it, "leads_with_stand_ins", False))
         if isinstance(it, _BaseDataLoaderIter):
             loader = loc.get("loader")
             return it, (loader if loader is not None else _IteratorSettings(it))
         skip = getattr(it, "skip_batches", None)
-        if getattr(it, "batch_sampler", None) is me and isinstance(skip, int) and skip > 0:
+        # every frame of this walk below here is a generator passing the sampler's batches up, so a skip
+        # here skips the sampler's (through any wrapper between: accelerate's shards, a user's generator)
+        if isinstance(skip, int) and not isinstance(skip, bool) and skip > 0 and not led:
             raise ValueError(
                 f"a {type(it).__name__} skips the first {skip} batches of CrestBatchSampler's pass (accelerate's "
                 "skip_first_batches, the usual mid-epoch resume): the sampler restores its own position, so its "

@@ -426,19 +426,29 @@ def _keras_loop(own=None):
 def _fit_has(frame, callback) -> bool | None:
     """Whether the ``fit`` running in ``frame`` (from :func:`_keras_loop`) has ``callback`` among its
     callbacks: its ``callbacks`` argument (the user's list, or the ``CallbackList`` Keras makes of it),
-    flattened; None when that cannot be read (the frame of another ``fit`` signature)."""
+    with lists, tuples, dicts and ``CallbackList`` objects unwrapped at any depth, and a user's callback's
+    own attributes looked into (one that forwards its hooks to callbacks it holds, review 73); None when
+    the ``callbacks`` cannot be read (the frame of another ``fit`` signature)."""
     if frame is None or "callbacks" not in frame.f_locals:
         return None
-    given = frame.f_locals["callbacks"]
-    given = getattr(given, "callbacks", given)  # a CallbackList's own list
-    stack, seen = [given], 0
-    while stack and seen < 10_000:
+    stack, seen = [frame.f_locals["callbacks"]], set()
+    while stack and len(seen) < 10_000:
         c = stack.pop()
-        seen += 1
         if c is callback:
             return True
+        if id(c) in seen:
+            continue
+        seen.add(id(c))
         if isinstance(c, (list, tuple)):
             stack.extend(c)
+        elif isinstance(c, dict):
+            stack.extend(c.values())
+        elif isinstance(c, keras.callbacks.Callback):
+            inner = getattr(c, "callbacks", None)
+            if isinstance(inner, (list, tuple)):  # a CallbackList (Keras's, or one nested in the list)
+                stack.extend(inner)
+            if not type(c).__module__.startswith(("keras.", "crestcore.")):  # a user's: what it holds
+                stack.extend(v for k, v in vars(c).items() if k not in ("model", "_model", "params"))
     return False
 
 

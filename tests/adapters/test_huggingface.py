@@ -17,7 +17,7 @@ accelerate = pytest.importorskip("accelerate")
 
 from crestcore import CrestConfig  # noqa: E402
 from crestcore.adapters.huggingface import CrestTrainer, weighted_cross_entropy  # noqa: E402
-from crestcore.adapters.torch import CrestBatchSampler  # noqa: E402
+from crestcore.adapters.torch import CrestBatchSampler, WeightedDataset  # noqa: E402
 
 N, SEQ, C = 192, 8, 3
 
@@ -325,6 +325,24 @@ def test_skipping_the_first_batches_of_a_resumed_sampler_is_refused():
     loader = acc.prepare(resumed.dataloader(collate_fn=transformers.default_data_collator))
     with pytest.raises(ValueError, match="skips the first 4 batches of CrestBatchSampler's pass"):
         next(iter(acc.skip_first_batches(loader, 4)))
+    assert resumed.position == 4
+
+    class Wrapper:  # a user's generator between the skip and the sampler (review 73: the skip went through)
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __iter__(self):
+            yield from self.inner
+
+    from accelerate.data_loader import SkipBatchSampler
+
+    wrapped = torch.utils.data.DataLoader(WeightedDataset(Texts()), batch_sampler=SkipBatchSampler(
+        Wrapper(resumed), skip_batches=2), collate_fn=transformers.default_data_collator)
+    with pytest.raises(ValueError, match="skips the first 2 batches"):
+        next(iter(wrapped))
     assert resumed.position == 4
     got = sum(1 for _batch in loader)  # the plain resume: the rest of the epoch
     assert got == resumed.steps_per_epoch - 4 and resumed.position == resumed.steps_per_epoch

@@ -587,8 +587,34 @@ def test_build_fetch_is_a_probe_that_consumes_nothing():
         model.fit(crest.dataset, epochs=1, verbose=0, callbacks=[Steps()])
     assert Steps.trained == 0
     with pytest.raises(RuntimeError, match="without the CrestCallback"):  # another callback's own
-        model.fit(crest.dataset, epochs=1, verbose=0, callbacks=[Steps(), CrestCallback(X, y, config=CrestConfig(**CFG))])
+        model.fit(crest.dataset, epochs=1, verbose=0, callbacks=[keras.callbacks.History(),
+                                                                 CrestCallback(X, y, config=CrestConfig(**CFG))])
     assert Steps.trained == 0
+    # the callback inside a CallbackList in the list, or behind a user's callback that forwards its hooks, is
+    # in the fit (review 73: refused at the first fetch when the check came in)
+    nested = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=0)
+    mlp(0).fit(nested.dataset, epochs=1, verbose=0, callbacks=[keras.callbacks.CallbackList([nested])])
+    assert nested.position == nested.steps_per_epoch
+
+    class Forwarding(keras.callbacks.Callback):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def set_model(self, model):
+            self.inner.set_model(model)
+
+        def set_params(self, params):
+            self.inner.set_params(params)
+
+        def __getattribute__(self, name):
+            if name.startswith("on_"):
+                return getattr(object.__getattribute__(self, "inner"), name)
+            return object.__getattribute__(self, name)
+
+    held = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=0)
+    mlp(0).fit(held.dataset, epochs=1, verbose=0, callbacks=[Forwarding(held)])
+    assert held.position == held.steps_per_epoch
     for loop in (model.evaluate, model.predict):  # evaluate and predict: refused at once
         with pytest.raises(RuntimeError, match=f"model.{loop.__name__} read this dataset"):
             loop(crest.dataset, verbose=0)
