@@ -11,8 +11,9 @@
 
 Its training comes from two overridden methods (the others it overrides keep the books: ``train`` and the
 checkpoint writers for CREST's state, ``num_examples`` and ``get_total_train_batch_size``):
-``get_train_dataloader`` (a ``DataLoader`` over the training set driven by a :class:`crestcore.adapters.torch.CrestBatchSampler`, with the Trainer's collator, workers
-and pinned memory, prepared by the Trainer's ``Accelerator``) and ``compute_loss`` (the weighted mean of
+``get_train_dataloader`` (a ``DataLoader`` over the training set driven by a
+:class:`crestcore.adapters.torch.CrestBatchSampler`, with the Trainer's collator, workers and pinned
+memory, prepared by the Trainer's ``Accelerator``) and ``compute_loss`` (the weighted mean of
 the per-example cross-entropy of the model's logits). ``len`` of that loader is one epoch's share, so
 the Trainer's step count, schedulers and logging follow the budget. Items are dicts of features with a
 label under ``labels``, ``label`` or ``label_ids`` (the usual Hugging Face layout); the model returns
