@@ -155,14 +155,27 @@ _NO_NUMPY_EQUIVALENT = _LazyTorchDtypes()
 _ONCE: dict[str, tuple] = {}  # key -> (weak reference to the last read-only array asked about, its value)
 
 
+_FROZEN: "weakref.WeakValueDictionary[int, np.ndarray]" = weakref.WeakValueDictionary()
+
+
+def frozen_copy(a) -> np.ndarray:
+    """A new read-only array with ``a``'s values (``a`` itself is not changed), known to
+    :func:`once_per_array` as one nothing can write: no view of it was ever handed out writeable."""
+    out = np.array(a, copy=True)
+    out.flags.writeable = False
+    _FROZEN[id(out)] = out
+    return out
+
+
 def once_per_array(key: str, a: np.ndarray, fn) -> Any:
-    """``fn(a)``, computed once per read-only array ``a`` that owns its data (per ``key``, for the last
-    such array asked about, held weakly): a value of an array nobody can write in place cannot go stale. A
-    writeable array, or a view (read-only itself, its base may be written: review 72, a hand-built drop
-    state's pool counted stale and dropped below the floor), is computed every time. For O(n) summaries
-    asked at every step of arrays that change only by being replaced (the pool mask, the labels), which
-    the controller and the drop module make as read-only copies."""
-    if a.flags.writeable or a.base is not None:
+    """``fn(a)``, computed once per array ``a`` made by :func:`frozen_copy` (per ``key``, for the last
+    such array asked about, held weakly): a value of an array nobody can write cannot go stale. Any other
+    array is computed every time: a writeable one, a read-only view (its base may be written: review 72,
+    a hand-built drop state's pool counted stale and dropped below the floor), or a read-only owner that
+    a writeable view taken before it was frozen can still write (review 73). For O(n) summaries asked at
+    every step of arrays that change only by being replaced (the pool mask, the labels), which the
+    controller and the drop module make by :func:`frozen_copy`."""
+    if _FROZEN.get(id(a)) is not a:
         return fn(a)
     ref, value = _ONCE.get(key, (None, None))
     if ref is not None and ref() is a:

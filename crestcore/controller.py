@@ -50,7 +50,7 @@ from typing import Any, NamedTuple, Protocol
 import array_api_compat
 import numpy as np
 
-from ._compat import device_of, from_numpy, namespace, once_per_array, to_numpy
+from ._compat import device_of, from_numpy, frozen_copy, namespace, once_per_array, to_numpy
 from ._validation import DivergenceError, user_stacklevel, field_bool, field_choice, field_instance, field_int, field_real
 from .dropping import (DropConfig, DropState, _check_live, _undone_on_error, drop_init, drop_record, drop_resize,
                        drop_update, pool_size)
@@ -677,8 +677,7 @@ def crest_init(config: CrestConfig, labels, *, seed: int, epoch_steps: int | Non
         raise ValueError("labels must be non-negative class indices")
     if int(lab.max()) > np.iinfo(np.int64).max:  # uint64 beyond int64: would wrap to negative classes
         raise ValueError(f"labels must be class indices, got {int(lab.max())}")
-    lab = lab.astype(np.int64)  # a copy, read-only: a state's labels never change (once_per_array)
-    lab.flags.writeable = False
+    lab = frozen_copy(lab.astype(np.int64))  # read-only: a state's labels never change (once_per_array)
     C = int(lab.max()) + 1
     if np.unique(lab).size < 2:
         raise ValueError("labels hold a single class: a classifier needs at least two")
@@ -1708,7 +1707,7 @@ def crest_load_state_dict(d: dict, params_like) -> CrestState:
     for k, dt, nd in (("labels", np.int64, 1), ("batch_idx", np.int64, 2), ("batch_w", np.float64, 2),
                       ("check_idx", np.int64, 1)):
         fields[k] = np.array(_as_host(d[k], nd), dtype=dt)
-    fields["labels"].flags.writeable = False  # as crest_init keeps them
+    fields["labels"] = frozen_copy(fields["labels"])  # as crest_init keeps them
     for k in ("seed", "n_classes", "step", "since_check", "T1", "P", "n_selections", "cursor", "epoch_steps"):
         fields[k] = int(d[k])
     for k in ("need_select", "want_select", "pending"):
@@ -1730,7 +1729,7 @@ def crest_load_state_dict(d: dict, params_like) -> CrestState:
         dr["clock"] = np.array(np.asarray(dr["clock"]), dtype=np.int64)
     if "version" in dr:
         dr["version"] = int(np.asarray(dr["version"]))
-    dr["active"].flags.writeable = False  # as the drop module makes its pool masks (see pool_size)
+    dr["active"] = frozen_copy(dr["active"])  # as the drop module makes its pool masks (see pool_size)
     fields["drop"] = DropState(**dr)
     fields["made"] = int(d["made"])
     fields["subsets"] = np.array(_as_host(d["subsets"], 2), dtype=np.int64)

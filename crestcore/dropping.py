@@ -41,7 +41,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._compat import once_per_array, to_numpy
+from ._compat import frozen_copy, once_per_array, to_numpy
 from ._validation import DivergenceError, field_int, field_real
 
 __all__ = ["DropConfig", "DropState", "drop_init", "drop_record", "drop_update", "drop_copy", "drop_resize",
@@ -169,9 +169,8 @@ def pool_size(state: DropState) -> int:
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
-    """``a`` made read-only (the pool masks this module makes: :func:`pool_size` may then keep its count)."""
-    a.flags.writeable = False
-    return a
+    """``a`` as a read-only copy :func:`pool_size` may keep its count of (the pool masks this module makes)."""
+    return frozen_copy(a)
 
 
 _CONSUMED = (

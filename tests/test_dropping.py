@@ -691,3 +691,11 @@ def test_pool_size_is_never_stale():
     viewed = drop_record(viewed, np.arange(10), np.full(10, 0.01), step=1)
     _, dropped = drop_update(viewed, step=1, config=config)
     assert dropped.size == 0  # the pool (5) is below the floor
+    # a read-only owner written through a view taken before it was frozen (review 73)
+    owner = np.ones(10, dtype=bool)
+    handle = owner[:]
+    owner.flags.writeable = False
+    held = state._replace(active=owner)
+    assert pool_size(held) == 10
+    handle[5:] = False
+    assert pool_size(held) == 5
