@@ -155,7 +155,7 @@ _NO_NUMPY_EQUIVALENT = _LazyTorchDtypes()
 _ONCE: dict[str, tuple] = {}  # key -> (weak reference to the last read-only array asked about, its value)
 
 
-_FROZEN: "weakref.WeakValueDictionary[int, np.ndarray]" = weakref.WeakValueDictionary()
+_FROZEN: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
 
 
 def frozen_copy(a) -> np.ndarray:
