@@ -431,24 +431,29 @@ def _fit_has(frame, callback) -> bool | None:
     the ``callbacks`` cannot be read (the frame of another ``fit`` signature)."""
     if frame is None or "callbacks" not in frame.f_locals:
         return None
+    def holders(items):  # what may hold a callback: containers and callbacks, not the values a list records
+        return [v for v in items if isinstance(v, (list, tuple, dict, keras.callbacks.Callback))]
+
     stack, seen = [frame.f_locals["callbacks"]], set()
-    while stack and len(seen) < 10_000:
+    while stack:
         c = stack.pop()
         if c is callback:
             return True
         if id(c) in seen:
             continue
         seen.add(id(c))
+        if len(seen) > 10_000:
+            return None  # too much to look through: not known (the fetch count decides)
         if isinstance(c, (list, tuple)):
-            stack.extend(c)
+            stack.extend(holders(c))
         elif isinstance(c, dict):
-            stack.extend(c.values())
+            stack.extend(holders(c.values()))
         elif isinstance(c, keras.callbacks.Callback):
             inner = getattr(c, "callbacks", None)
             if isinstance(inner, (list, tuple)):  # a CallbackList (Keras's, or one nested in the list)
-                stack.extend(inner)
+                stack.extend(holders(inner))
             if not type(c).__module__.startswith(("keras.", "crestcore.")):  # a user's: what it holds
-                stack.extend(v for k, v in vars(c).items() if k not in ("model", "_model", "params"))
+                stack.extend(holders(v for k, v in vars(c).items() if k not in ("model", "_model", "params")))
     return False
 
 

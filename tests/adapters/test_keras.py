@@ -615,6 +615,12 @@ def test_build_fetch_is_a_probe_that_consumes_nothing():
     held = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=0)
     mlp(0).fit(held.dataset, epochs=1, verbose=0, callbacks=[Forwarding(held)])
     assert held.position == held.steps_per_epoch
+    # a user's callback that records a long list is looked through quickly, whatever it holds
+    recorder = Steps()
+    recorder.values = [float(i) for i in range(50_000)]
+    with pytest.raises(RuntimeError, match="without the CrestCallback"):
+        mlp(0).fit(crest.dataset, epochs=1, verbose=0, callbacks=[recorder])
+    assert Steps.trained == 0
     for loop in (model.evaluate, model.predict):  # evaluate and predict: refused at once
         with pytest.raises(RuntimeError, match=f"model.{loop.__name__} read this dataset"):
             loop(crest.dataset, verbose=0)
