@@ -621,6 +621,9 @@ def test_build_fetch_is_a_probe_that_consumes_nothing():
     with pytest.raises(RuntimeError, match="without the CrestCallback"):
         mlp(0).fit(crest.dataset, epochs=1, verbose=0, callbacks=[recorder])
     assert Steps.trained == 0
+    after = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=0)  # looked at after the recorder
+    mlp(0).fit(after.dataset, epochs=1, verbose=0, callbacks=[after, recorder])
+    assert after.position == after.steps_per_epoch
     for loop in (model.evaluate, model.predict):  # evaluate and predict: refused at once
         with pytest.raises(RuntimeError, match=f"model.{loop.__name__} read this dataset"):
             loop(crest.dataset, verbose=0)
