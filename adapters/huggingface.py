@@ -115,7 +115,8 @@ def _is_hf_dataset(data) -> bool:
 
 class _ForwardColumns:
     """A data collator that first drops the keys of dict items that the model's ``forward`` does not take
-    (keeping the label keys and CREST's ``crest_weight`` / ``crest_index``), as the Trainer's own
+    (keeping the label keys; CREST's ``crest_weight`` / ``crest_index`` never reach it: the training loader's
+    ``WeightedCollate`` takes them out first), as the Trainer's own
     ``RemoveColumnsCollator`` does for a dataset that is not a ``datasets.Dataset``; other items pass as
     they are. A class (not a closure), so that ``DataLoader`` workers started with ``spawn`` can pickle it."""
 
@@ -123,7 +124,7 @@ class _ForwardColumns:
         from crestcore.adapters.torch import _row_safe
 
         self.collate = collate
-        self.columns = frozenset(columns) | {"crest_weight", "crest_index"}
+        self.columns = frozenset(columns)
         self.crest_rows = _row_safe(collate)  # dropping keys keeps a row-per-example collate so
 
     def __call__(self, features):
