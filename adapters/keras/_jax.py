@@ -84,6 +84,15 @@ def pinned(ops):
     return _live(ops)
 
 
+def _values_of(ops, net, tv, ntv):
+    """The model's (trainable, non-trainable) values ``tv``, ``ntv`` that ``net`` (a model sharing its layers,
+    the embedding model) reads, in ``net``'s variable order."""
+    pos = {id(v): i for i, v in enumerate(ops._tvars())}
+    npos = {id(v): i for i, v in enumerate(ops.model.non_trainable_variables)}
+    return ([tv[pos[id(v)]] for v in net.trainable_variables],
+            [ntv[npos[id(v)]] for v in net.non_trainable_variables])
+
+
 def preflight(ops, idx: np.ndarray, embeddings: bool):
     """The first selection's refusals, raised before Keras's JAX trainer detaches the model's variables
     (where raising left the model without weights, review 66): ``embeddings=True`` on a model without a
@@ -94,12 +103,7 @@ def preflight(ops, idx: np.ndarray, embeddings: bool):
     sel = _padded(ops, idx)
     xb = _take(ops.x, sel)
     net = ops._embedding_model() if embeddings else ops.model  # (its refusals first)
-    ttv, tntv = tv, ntv
-    if embeddings:
-        pos = {id(v): i for i, v in enumerate(ops._tvars())}
-        npos = {id(v): i for i, v in enumerate(ops.model.non_trainable_variables)}
-        ttv = [tv[pos[id(v)]] for v in net.trainable_variables]
-        tntv = [ntv[npos[id(v)]] for v in net.non_trainable_variables]
+    ttv, tntv = _values_of(ops, net, tv, ntv) if embeddings else (tv, ntv)
 
     def call(a, b, x):
         out, _ = net.stateless_call(a, b, x, **_eval_kwargs(net))
@@ -190,10 +194,7 @@ def outputs(ops, idx: np.ndarray, embeddings: bool):
     tv, ntv = _weights(ops)
     if embeddings:
         emb = ops._embedding_model()
-        pos = {id(v): i for i, v in enumerate(ops._tvars())}
-        npos = {id(v): i for i, v in enumerate(ops.model.non_trainable_variables)}
-        etv = [tv[pos[id(v)]] for v in emb.trainable_variables]
-        entv = [ntv[npos[id(v)]] for v in emb.non_trainable_variables]
+        etv, entv = _values_of(ops, emb, tv, ntv)
 
         def call(sel):
             (e, out), _ = emb.stateless_call(etv, entv, _take(ops.x, _padded(ops, sel)), **_eval_kwargs(emb))
