@@ -80,22 +80,25 @@ def _exponent(a: float) -> int | None:
 
 
 def _stats(block, p: int, start: int, labels_p, classes):
-    """NaN check (naming the chunk), and per class the row count and the sum of the rows, summed at the
-    block's own power-of-two scale ``2^-e`` (``e`` the exponent of its largest magnitude, returned with
-    them): a plain float64 sum of large finite values overflowed (review 69)."""
+    """NaN check (naming the chunk), and per class the row count, the sum of the rows and the exponent
+    ``e`` of the class's largest magnitude in the block (None without rows or with zeros only), the sum
+    taken at that power-of-two scale ``2^-e``: a plain float64 sum of large finite values overflowed
+    (review 69), and one scale for all classes flushed a class far smaller than the largest to zero."""
     B = np.asarray(block)
     if not np.all(np.isfinite(B)):
         bad = int(np.flatnonzero(~np.all(np.isfinite(B), axis=1))[0])
         raise ValueError(f"X: row chunk {p} (rows {start}-{start + B.shape[0] - 1}) contains NaN or infinite "
                          f"values (first at row {start + bad})")
-    e = _exponent(float(np.abs(B).max())) if B.size else None
     counts = np.zeros(len(classes), dtype=np.int64)
     sums = np.zeros((len(classes), B.shape[1]))
+    exps: list[int | None] = []
     for ci, c in enumerate(classes):
         rows = B[labels_p == c]
         counts[ci] = rows.shape[0]
+        e = _exponent(float(np.abs(rows).max())) if rows.size else None
+        exps.append(e)
         sums[ci] = np.ldexp(rows.astype(np.float64), -(e or 0)).sum(axis=0)
-    return counts, sums, e
+    return counts, sums, exps
 
 
 def _for_rows(options: dict, rows: int) -> dict:
@@ -113,16 +116,17 @@ def _for_rows(options: dict, rows: int) -> dict:
     return out
 
 
-def _local(block, p: int, start: int, labels_p, classes, budgets, means, E: int, metric, seed: int, options):
+def _local(block, p: int, start: int, labels_p, classes, budgets, means, E, metric, seed: int, options):
     """Greedy per class on one block: global picks, their rows, and the class's largest distance from
-    its mean within the block (for the common objective's M), in the units of ``X 2^-E`` as ``means``."""
+    its mean within the block (for the common objective's M), in the class's units ``X 2^-E[ci]`` as
+    ``means``."""
     B = np.asarray(block)
     out = []
     for ci, c in enumerate(classes):
         idx = np.flatnonzero(labels_p == c)
         r = 0.0
         if idx.size:
-            diff = np.ldexp(B[idx].astype(np.float64), -E) - means[ci]
+            diff = np.ldexp(B[idx].astype(np.float64), -E[ci]) - means[ci]
             top = float(np.abs(diff).max())  # norms of diff / top: no overflow or underflow at any scale
             r = top * float(np.sqrt(((diff / top) ** 2).sum(axis=1).max())) if 0.0 < top < np.inf else top
         kk = int(min(budgets[ci], idx.size))
@@ -136,13 +140,13 @@ def _local(block, p: int, start: int, labels_p, classes, budgets, means, E: int,
     return out
 
 
-def _scores(block, labels_p, classes, metric, kernel, scale, Ms, E: int, candidates):
+def _scores(block, labels_p, classes, metric, kernel, scale, Ms, E, candidates):
     """For every class: this block's share of every candidate solution's objective, cluster sizes and
     gains along its order (:func:`crestcore.score_orders`: one distance pass over the union of the
     candidates, all of them scored in it). ``candidates`` is (per class the union's rows, per class the
-    candidates as orders of those rows). The max-minus kernel's are scored on ``X 2^-E``, the units its
-    bounds ``Ms`` are in (a bound in X's own units under- or overflowed at extreme scales, review 69):
-    objective and gains then come in those units (the driver scales them back)."""
+    candidates as orders of those rows). The max-minus kernel's are scored on ``X 2^-E[ci]``, the units
+    of the class's bound ``Ms[ci]`` (a bound in X's own units under- or overflowed at extreme scales,
+    review 69): objective and gains then come in those units (the driver scales them back)."""
     unions, orders = candidates
     B = np.asarray(block)
     scaled = kernel == "max-minus"
@@ -151,7 +155,7 @@ def _scores(block, labels_p, classes, metric, kernel, scale, Ms, E: int, candida
         idx = np.flatnonzero(labels_p == c)
         pts, cand = B[idx], unions[ci]
         if scaled:
-            pts, cand = np.ldexp(pts.astype(np.float64), -E), np.ldexp(cand.astype(np.float64), -E)
+            pts, cand = np.ldexp(pts.astype(np.float64), -E[ci]), np.ldexp(cand.astype(np.float64), -E[ci])
         out.append(crestcore.score_orders(pts, cand, orders[ci], metric=metric, kernel=kernel,
                                           bound=Ms[ci] if scaled else None, scale=scale))
     return out
@@ -348,10 +352,12 @@ def facility_location(X, k, *, labels=None, client=None, partitions=None, seed=0
         labs = [lab[bounds[p]:bounds[p + 1]] for p in range(m)]
         stats = blocks.map(_stats, [(p, int(bounds[p]), labs[p], classes) for p in range(m)])
         counts = sum(s[0] for s in stats)
-        # the class means in the units of X 2^-E (E: the exponent of X's largest magnitude), from the blocks'
-        # sums at their own scales: finite, and the radii and bounds below neither under- nor overflow
-        E = max((s[2] for s in stats if s[2] is not None), default=0)
-        means = sum(np.ldexp(s[1], (E if s[2] is None else s[2]) - E) for s in stats) / np.maximum(counts, 1)[:, None]
+        # every class in its own units X 2^-E[ci] (E[ci]: the exponent of the class's largest magnitude), its
+        # mean from the blocks' sums at their own scales: finite, and the radii and bounds below neither
+        # under- nor overflow, whatever the other classes' magnitudes
+        E = [max((s[2][ci] for s in stats if s[2][ci] is not None), default=0) for ci in range(len(classes))]
+        means = np.stack([sum(np.ldexp(s[1][ci], (E[ci] if s[2][ci] is None else s[2][ci]) - E[ci]) for s in stats)
+                          for ci in range(len(classes))]) / np.maximum(counts, 1)[:, None]
         local = blocks.map(_local, [(p, int(bounds[p]), labs[p], classes, budgets, means, E, metric, seed, options)
                                     for p in range(m)])
         # the merge, per class, over the union of the partial solutions (sorted by global index); the
@@ -383,6 +389,9 @@ def facility_location(X, k, *, labels=None, client=None, partitions=None, seed=0
             client.close()
             cluster.close()
 
+    # max-minus values were scored on X 2^-E[ci]: a similarity M - D scales as D (2^E for euclidean, 2^(2E)
+    # for squared distances; cosine's are scale-free), exactly, by powers of two
+    p_units = {"euclidean": 1, "sqeuclidean": 2, "cosine": 0}[metric] if kernel == "max-minus" else 0
     idx_out, w_out, g_out, total, won = [], [], [], 0.0, []
     for ci in range(len(classes)):
         if budgets[ci] == 0:
@@ -392,15 +401,11 @@ def facility_location(X, k, *, labels=None, client=None, partitions=None, seed=0
         won.append("merged" if best == 0 else f"partition {best - 1}")
         idx_out.append(union_idx[ci][orders[ci][best]])
         w_out.append(sum(shares[p][ci][best][1] for p in range(m)))
-        g_out.append(sum(shares[p][ci][best][2] for p in range(m)))
-        total += objs[best]
+        g_out.append(np.ldexp(np.asarray(sum(shares[p][ci][best][2] for p in range(m)), dtype=np.float64),
+                              p_units * E[ci]))
+        total += float(np.ldexp(objs[best], p_units * E[ci]))
     plan = (f"greedi: {m} partitions; winner per class: " + ", ".join(won) if len(classes) > 1
             else f"greedi: {m} partitions; winner: {won[0]}")
-    # max-minus values were scored on X 2^-E: a similarity M - D scales as D (2^E for euclidean, 2^(2E) for
-    # squared distances; cosine's are scale-free), exactly, by powers of two
-    p_units = {"euclidean": 1, "sqeuclidean": 2, "cosine": 0}[metric] if kernel == "max-minus" else 0
-    total = float(np.ldexp(total, p_units * E))
-    g_out = [np.ldexp(np.asarray(g, dtype=np.float64), p_units * E) for g in g_out]
     # in X's dtype, as the one-partition path returns them (a value beyond float16's range is an error)
     return Selection(
         indices=np.concatenate(idx_out).astype(np.int64),

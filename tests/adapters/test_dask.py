@@ -250,3 +250,27 @@ def test_neighbors_of_n_or_more_are_refused_whatever_the_partitions(client):
     for parts in (1, 3):
         with pytest.raises(ValueError, match=r"neighbors must be in \[1, 299\]"):
             cdask.facility_location(X, 5, client=client, partitions=parts, neighbors=300)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean"])
+def test_greedi_scales_each_class_on_its_own(client, metric):
+    """Classes far apart in magnitude (2^1100 for distances, 2^530 for squared ones): each class picks as it
+    does at unit scale. One power-of-two scale for all of X (that of its largest magnitude) flushed the
+    small class's rows to zero or to subnormals (2^-560 times 2^-543 is below float64's smallest
+    subnormal), so its picks were arbitrary."""
+    X = _features(12, 90, 3)
+    labels = np.repeat([0, 1], [50, 40])
+    ref = cdask.facility_location(X, 8, labels=labels, client=client, partitions=3, seed=1, metric=metric)
+    p = 1 if metric == "euclidean" else 2
+    cases = {1: ((2.0**540, 2.0**-560), (1.0, 2.0**-1000), (2.0**300, 1.0)),  # squared: half the exponents
+             2: ((2.0**250, 2.0**-280), (1.0, 2.0**-500), (2.0**150, 1.0))}[p]
+    for big, small in cases:
+        Y = X * np.where(labels == 0, big, small)[:, None]
+        got = cdask.facility_location(Y, 8, labels=labels, client=client, partitions=3, seed=1, metric=metric)
+        np.testing.assert_array_equal(got.indices, ref.indices)
+        np.testing.assert_array_equal(got.weights, ref.weights)
+        in0 = labels[ref.indices] == 0
+        for cls, c in ((in0, big), (~in0, small)):
+            scaled = np.asarray(ref.gains)[cls] * c ** p
+            fine = np.abs(scaled) > 1e-290  # the gains that float64 still holds at full precision
+            np.testing.assert_allclose(np.asarray(got.gains)[cls][fine], scaled[fine], rtol=1e-9)
