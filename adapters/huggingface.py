@@ -409,16 +409,18 @@ class CrestTrainer(transformers.Trainer):
                 "with .logits, a dict with a 'logits' entry or logits first in a tuple, or pass "
                 "crest_forward=lambda model, batch: ... returning them")
         if self.crest_loss_fn is None:
-            loss = weighted_cross_entropy(logits, labels, weights)
+            if labels.shape != logits.shape[:1] or weights.shape != labels.shape:
+                raise ValueError(f"CrestTrainer: logits (k, C), labels (k,) and weights (k,) needed; got "
+                                 f"{tuple(logits.shape)}, {tuple(labels.shape)} and {tuple(weights.shape)}")
+            ell = F.cross_entropy(logits.float(), labels, reduction="none")  # as weighted_cross_entropy
         else:
             ell = self.crest_loss_fn(logits, labels)
             if not isinstance(ell, torch.Tensor) or tuple(ell.shape) != (logits.shape[0],):
                 raise ValueError(f"crest_loss_fn must return per-example losses of shape ({logits.shape[0]},) "
                                  f"(reduction='none'), got {getattr(ell, 'shape', type(ell).__name__)}")
-            loss = (weights.to(ell.dtype) * ell).mean()
+        loss = (weights.to(ell.dtype) * ell).mean()
         if index is not None and self.crest is not None and model.training:
             # the drop policy (CrestConfig(T2=...)) learns from the training losses of the trained examples
-            own = None if self.crest_loss_fn is None else self.crest_loss_fn(logits.detach(), labels).float()
-            self.crest.observe(own if own is not None else F.cross_entropy(logits.detach().float(), labels,
-                                                                           reduction="none"), indices=index)
+            # (the same per-example losses, computed once)
+            self.crest.observe(ell.detach().float(), indices=index)
         return (loss, outputs) if return_outputs else loss

@@ -505,6 +505,32 @@ def test_crest_loss_fn_is_the_loss_trained_and_measured(tmp_path):
         z = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     want = (batch["crest_weight"] * weighted(z, batch["labels"])).mean()
     torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
+    # a training step evaluates the loss once: the drop policy observes the per-example losses trained on
+    # (it evaluated crest_loss_fn a second time on the detached logits)
+    calls = []
+
+    def counted(z, y):
+        calls.append(1)
+        return weighted(z, y)
+
+    class Observer:
+        def observe(self, losses, indices):
+            self.seen = (losses, indices)
+
+    trainer.crest_loss_fn, trainer.crest = counted, Observer()
+    batch["crest_index"] = torch.tensor([0, 1, 2, 3])
+    got = trainer.compute_loss(trainer.model, dict(batch))  # (eval mode: nothing observed)
+    assert len(calls) == 1 and not hasattr(trainer.crest, "seen")
+    calls.clear()
+    trainer.model.train()
+    for mod in trainer.model.modules():  # training mode without dropout's randomness
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+    got = trainer.compute_loss(trainer.model, dict(batch))
+    assert len(calls) == 1
+    torch.testing.assert_close(trainer.crest.seen[0], weighted(z, batch["labels"]), rtol=1e-5, atol=1e-6)
+    assert trainer.crest.seen[1].tolist() == [0, 1, 2, 3]
+    torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
     with pytest.raises(TypeError, match="crest_loss_fn must be callable"):
         _short_trainer(tmp_path, crest_loss_fn="weighted")
 
