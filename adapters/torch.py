@@ -2823,14 +2823,42 @@ class CrestLoader(BudgetedPasses):
             "batch": None if batch is None else _to_portable(_common.batch_record(batch)),
             "pending": [_to_portable(_common.batch_record(b)) for b in pending],
             "crest": _to_portable(crest_state_dict(self._state)),
+            # the parameters the controller's vectors are over (the set of the last step), by name: a run
+            # resumed with another set trainable at the load (a layer unfrozen by an epoch hook that runs
+            # after it) compares against these at its first step
+            "trainable": self._trainable_names(),
             # the anchor's buffers, which the measurements until the next selection run with
             "anchor_buffers": dict(_inner_ops(self.ops)._anchor_buffers or {}),
         }
 
+    def _trainable_names(self) -> list[str]:
+        """The names of the parameters the controller state is over: the set the last step trained, else
+        (no step yet) the set that trains now."""
+        named = list(_inner_ops(self.ops).model.named_parameters())
+        if self._trainable_ids is None:
+            return [name for name, p in named if p.requires_grad]
+        ids = set(self._trainable_ids)
+        return [name for name, p in named if id(p) in ids]
+
+    def _saved_trainable(self, names, where: str) -> list[torch.Tensor]:
+        """The model's parameters a checkpoint's ``trainable`` names, in the model's order (they were
+        saved in it)."""
+        live = dict(_inner_ops(self.ops).model.named_parameters())
+        if not isinstance(names, (list, tuple)) or not all(isinstance(k, str) for k in names):
+            raise ValueError(f"{where}: trainable must be a list of parameter names")
+        missing = [k for k in names if k not in live]
+        if missing:
+            raise ValueError(f"{where}: trainable names parameters the model does not have ({missing[:3]}): a "
+                             "checkpoint of another model?")
+        return [live[k] for k in names]
+
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`'s output; the next pass continues exactly where it was saved.
 
-        Restore the model's and optimizer's states too (the controller measures the model).
+        Restore the model's and optimizer's states too (the controller measures the model). The parameters
+        that train may differ at the load from those of the saved run's last step (a layer unfrozen in an
+        epoch hook that runs after the load): the first step compares the set it trains with the saved one
+        and, if they differ, starts a new selection over the new set, as a run that changed its set does.
 
         Examples
         --------
@@ -2853,7 +2881,13 @@ class CrestLoader(BudgetedPasses):
             state, fmt=_FORMAT, owner="CrestLoader", kind="loader", fingerprint=self._fingerprint(),
             same="dataset, config.m, seed and budget",
             options=("config", repr(self.config), "the CrestConfig differs from the saved one", CONFIG_AS_BEFORE))
-        crest = _common.restore_controller(_from_portable(state["crest"]), self.labels, self.ops.params())
+        where = f"{type(self).__name__} state dict"
+        names = state.get("trainable")  # absent before 2026-12-05: the set that trains now
+        saved_set = None if names is None else self._saved_trainable(names, where)
+        like = self.ops.params() if saved_set is None else _wide(
+            torch.cat([p.detach().reshape(-1) for p in saved_set]) if saved_set else
+            torch.zeros(0, dtype=self.ops.params().dtype, device=self.ops.device))
+        crest = _common.restore_controller(_from_portable(state["crest"]), self.labels, like)
         pos = state.get("position")
         if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or not 0 <= int(pos) <= self.total_steps:
             saved = state.get("epochs")
@@ -2863,7 +2897,6 @@ class CrestLoader(BudgetedPasses):
             raise ValueError(f"CrestLoader state dict: position must be an integer in [0, {self.total_steps}] "
                              f"(the planned steps), got {pos!r}{more}")
         pos = int(pos)
-        where = f"{type(self).__name__} state dict"
         pending = _common.stored_batches(state.get("pending", []), self.n, where, "pending", convert=_from_portable)
         if int(crest.counters["train_steps"]) != pos + len(pending):
             raise ValueError(f"{where}: position {pos} and {len(pending)} pending batches differ from the "
@@ -2888,8 +2921,9 @@ class CrestLoader(BudgetedPasses):
                                  "shapes (a checkpoint of another model?)")
         self._load_pass_state(state, pos)  # checks the pass plan before it changes anything: the last check
         self._state = crest
-        # the loaded anchor is over the trainable set as it is now: a change after the load counts
-        self._trainable_ids = tuple(id(p) for p in self.ops._trainable())
+        # the loaded vectors are over the saved set (checkpoints before 2026-12-05: the set as it is now): the
+        # first step compares the set it trains with it
+        self._trainable_ids = tuple(id(p) for p in (self.ops._trainable() if saved_set is None else saved_set))
         self._batch = batch
         self._pending = pending
         # the window of batches handed out starts with the loaded last one (trained): state_dict(trained=)

@@ -201,6 +201,42 @@ def test_checkpoint_restores_the_controller(tmp_path):
     assert cb2.stats["counters"] == loader.stats["counters"]
 
 
+
+class FineTuned(Module):
+    """Its first layer frozen at construction and trained from epoch 1 on (an epoch hook, as Lightning's
+    BaseFinetuning freezes and unfreezes)."""
+
+    def __init__(self, seed=0):
+        super().__init__(seed)
+        self.net[0].requires_grad_(False)
+
+    def on_train_epoch_start(self):
+        self.net[0].requires_grad_(self.current_epoch >= 1)
+
+
+def test_a_checkpoint_saved_after_an_unfreezing_resumes(tmp_path):
+    """Review 77: Lightning loads the callback's state before the epoch hook unfreezes the layer again, and
+    the load refused the checkpoint ("anchor has ... parameters but the model has ..."). The state names the
+    parameters it is over; the hook restores that set before the first step: the uninterrupted run's batches
+    and weights."""
+    cb = CrestCallback(data(), **CFG)
+    module = FineTuned()
+    t = trainer(tmp_path, 2, cb)
+    t.fit(module, train_dataloaders=cb.dataloader())
+    path = tmp_path / "two.ckpt"
+    t.save_checkpoint(path)
+    cb2, module2 = CrestCallback(data(), **CFG), FineTuned(seed=5)
+    trainer(tmp_path, 3, cb2).fit(module2, train_dataloaders=cb2.dataloader(), ckpt_path=path)
+    cb3, module3 = CrestCallback(data(), **CFG), FineTuned()
+    trainer(tmp_path, 3, cb3).fit(module3, train_dataloaders=cb3.dataloader())
+    assert len(module2.seen) == 3 and len(module3.seen) == 9
+    for a, b in zip(module.seen + module2.seen, module3.seen):
+        np.testing.assert_array_equal(a, b)
+    for p, q in zip(module2.net.parameters(), module3.net.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert cb2.stats["selections"] == cb3.stats["selections"]
+
+
 def test_mid_epoch_checkpoint_resumes_exactly(tmp_path):
     cb = CrestCallback(data(), **CFG)
     module = Module()

@@ -1063,6 +1063,81 @@ def test_unfreezing_mid_run_starts_a_new_anchor():
     assert first_step in loader.stats["selections"]  # reselected at the first step after unfreezing
 
 
+
+def _finetune_run(cut=None, unfreeze_after_load=True):
+    """A backbone frozen at construction and unfrozen from epoch 1 on (as an epoch hook does, Lightning's
+    BaseFinetuning among them). With ``cut``, the run is saved after ``cut`` steps and resumed in a new
+    model, optimizer and loader, loaded while the backbone is frozen again (before the epoch hook runs)."""
+    import io
+
+    import torch.nn.functional as F
+    from torch.utils.data import TensorDataset
+
+    from crestcore.adapters.torch import CrestLoader
+
+    X = torch.randn(400, 6, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(400) % 4
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+        model[0].requires_grad_(False)
+        opt = torch.optim.SGD(model.parameters(), 0.1, momentum=0.9)
+        return model, opt, CrestLoader(model, TensorDataset(X, y), config=CrestConfig(m=16), budget=0.5,
+                                       epochs=3, seed=1)
+
+    model, opt, loader = build()
+    batches, resumed = [], False
+    epoch = 0
+    while epoch < 3:
+        if epoch >= 1 and (unfreeze_after_load or not resumed):
+            model[0].requires_grad_(True)  # the epoch hook
+        for x, yy, w in loader:
+            loss = (w * F.cross_entropy(model(x), yy, reduction="none")).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            batches.append((loader.last_indices.tolist(), loader.last_weights.tolist()))
+            if len(batches) == cut and not resumed:
+                buf = io.BytesIO()
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "loader": loader.state_dict()},
+                           buf)
+                buf.seek(0)
+                saved = torch.load(buf, weights_only=True)
+                model, opt, loader = build()  # frozen again, as at construction
+                model.load_state_dict(saved["model"])
+                opt.load_state_dict(saved["opt"])
+                loader.load_state_dict(saved["loader"])
+                resumed = True
+                break  # the resumed loader's pass continues this epoch
+        else:
+            epoch += 1
+    return batches, [p.detach().clone() for p in model.parameters()], loader
+
+
+def test_a_resume_loaded_before_an_epoch_hook_unfreezes_continues_the_run():
+    """Review 77: a checkpoint saved after a backbone was unfrozen was refused at the load ("anchor has 195
+    parameters but the model has 83"), since frameworks load callbacks' states before the epoch hook that
+    unfreezes it. The state now names the parameters it is over; the first step compares the set it
+    trains with them: the same set, the run goes on as if uninterrupted."""
+    ref, ref_params, _ = _finetune_run()
+    for cut in (14, 17, 30):  # after the unfreezing (epoch 1 starts at step 13), mid-epoch and later
+        got, params, _ = _finetune_run(cut)
+        assert got == ref, cut
+        for a, b in zip(params, ref_params):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_resume_whose_trainable_set_differs_from_the_saved_one_reselects():
+    """The set the resumed run trains differs from the saved one (the backbone left frozen): no error; the
+    first step starts a new selection over the set it trains, as a run that froze a layer does."""
+    ref, _, _ = _finetune_run()
+    got, _, loader = _finetune_run(17, unfreeze_after_load=False)
+    assert got[:17] == ref[:17] and len(got) == len(ref)
+    assert 17 in loader.stats["selections"]
+    assert loader.controller_state.anchor.shape[0] == 16 * 4 + 4  # over the head only
+
+
 @pytest.mark.parametrize("L", [40, 64])
 def test_sequence_first_batches_are_measured_not_kept(L):
     """A collate_fn that puts the sequence first ((L, B) token ids, nn.LSTM's default layout): the cache
