@@ -314,9 +314,10 @@ def _cosine_distance(dot, nj, ni):
         # sqrt(|x_i|^2 |x_j|^2): for x_i = x_j (or parallel by a power of 2) dot and denominator are
         # bit-equal, so identical points are at distance exactly 0, as the diagonal is
         den = nj * ni
-        # a product of two tiny squared norms can underflow to 0: then the (non-zero) product
-        # of the square roots, never a division by zero
-        c = dot / (math.sqrt(den) if den > 0.0 else math.sqrt(nj) * math.sqrt(ni))
+        # a product of two tiny squared norms can underflow to 0, and of two large ones (rows of
+        # magnitude up to the 2^256 above which cosine rescales them) overflow to inf: then the
+        # product of the square roots (never a division by zero, never every cosine 0, review 75)
+        c = dot / (math.sqrt(den) if 0.0 < den < math.inf else math.sqrt(nj) * math.sqrt(ni))
     D = min(max(1.0 - c, 0.0), 2.0)
     return 0.0 if D <= _COSINE_SNAP else D
 

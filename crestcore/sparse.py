@@ -286,7 +286,10 @@ def _edge_distances(xp, X, nbr: np.ndarray, metric: str):
             dot = xp.sum(Xn * Xi, axis=2)
             ni = xp.sum(Xi * Xi, axis=2)
             nn = xp.sum(Xn * Xn, axis=2)
-            den = xp.sqrt(ni * nn)
+            # the product of the square roots: the squared norms' product overflows (or underflows) for
+            # rows near the bounds of the range a cosine leaves unscaled (review 75); parallel rows whose
+            # quotient rounds off 1 by an ulp are snapped to 0 below
+            den = xp.sqrt(ni) * xp.sqrt(nn)
             ok = den > 0
             cos = xp.where(ok, dot / xp.where(ok, den, xp.ones_like(den)), xp.zeros_like(dot))
             D = xp.clip(1.0 - cos, 0.0, 2.0)

@@ -408,6 +408,37 @@ def test_cosine_does_not_depend_on_a_rows_scale_on_any_path(dtype):
     np.testing.assert_allclose(D, crestcore.pairwise_distances(X, metric="cosine"), atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cosine_of_rows_just_inside_the_unscaled_range(dtype):
+    """Review 75: rows whose largest magnitude is just under the bound above which a cosine rescales them
+    (2^32 in float32, 2^256 in float64) are left as they are, and the product of two of their squared norms
+    overflows. The Numba kernel's denominator sqrt(|x|^2 |y|^2) (and the sparse path's, on every backend)
+    then was inf: every cosine 0, every distance 1, and the selection the lowest indices, silently."""
+    import crestcore
+
+    top = 2.0 ** (31 if dtype == np.float32 else 255)
+    X = np.random.default_rng(5).standard_normal((40, 16)).astype(dtype)
+    X /= np.abs(X).max(axis=1, keepdims=True)  # every row's largest magnitude 1, then 2^31 / 2^255
+    Xs = X * dtype(top)
+    y = np.arange(40) % 2
+    torch = pytest.importorskip("torch")
+    cases = [("auto", X, Xs, {}), ("auto", X, Xs, dict(max_dense_bytes=1)), ("reference", X, Xs, {}),
+             ("auto", torch.from_numpy(X), torch.from_numpy(Xs), {})]
+    if dtype == np.float64:
+        cases.append(("numba", X, Xs, {}))
+    for backend, A, As, extra in cases:
+        for kw in (extra,) if extra else ({}, dict(neighbors=39), dict(neighbors=8)):
+            a = crestcore.facility_location(A, 6, metric="cosine", backend=backend, **kw)
+            b = crestcore.facility_location(As, 6, metric="cosine", backend=backend, **kw)
+            np.testing.assert_array_equal(np.asarray(b.indices), np.asarray(a.indices), err_msg=f"{backend} {kw}")
+            np.testing.assert_array_equal(np.asarray(b.weights), np.asarray(a.weights))
+            np.testing.assert_allclose(float(b.objective), float(a.objective), rtol=1e-5)
+        lab = torch.from_numpy(y) if isinstance(A, torch.Tensor) else y
+        a = crestcore.minibatch_coresets(A, lab, m=6, r=40, P=1, rng=0, metric="cosine", backend=backend)
+        b = crestcore.minibatch_coresets(As, lab, m=6, r=40, P=1, rng=0, metric="cosine", backend=backend)
+        np.testing.assert_array_equal(np.asarray(b.indices), np.asarray(a.indices))
+
+
 @pytest.mark.parametrize("case", ["torch-dense", "torch-matrix-free", "reference", "torch-knn", "reference-knn",
                                   "score-orders", "torch-minibatch"])
 def test_a_cloud_far_from_the_origin_selects_as_the_same_cloud_at_the_origin(case):
