@@ -1078,6 +1078,10 @@ class DistributedCrestLoader(CrestLoader):
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`'s output on every rank (collective: the restored states are compared).
 
+        Call it on every rank. A checkpoint refused on some ranks (a corrupt or foreign state) raises
+        :class:`CollectiveError` on every rank, naming the refusal on the ranks that refused it, and leaves
+        every rank's loader as it was; refused on all ranks, each raises its own reason.
+
         Examples
         --------
         A restored loader continues with the batches the saved one would have yielded:
@@ -1095,14 +1099,40 @@ class DistributedCrestLoader(CrestLoader):
         True
         >>> group.close()
         """
-        super().load_state_dict(state)
-        solves = state.get("sharded_solves", 0)
-        self.ops.sharded_solves = int(solves) if isinstance(solves, (int, np.integer)) and solves >= 0 else 0
-        self.ops.agree(
-            _digest(self._position, self._state.step, self._state.cursor, self._state.n_selections,
-                    self._state.batch_idx, self._state.batch_w, self._state.drop.active),
-            "the restored loader state (load the same checkpoint on every rank)",
-        )
+        # every rank reaches the agreements below, also one whose checkpoint is refused (a rank that raised
+        # before them left its peers in a collective it never joined: gloo aborted them, review 77); a
+        # refusal anywhere restores every rank's loader as it was before the call
+        kept, inner = dict(vars(self)), _inner_ops(self.ops)
+        kept_ops = (inner._anchor_buffers, self.ops.sharded_solves)
+        error = None
+        try:
+            super().load_state_dict(state)
+            solves = state.get("sharded_solves", 0)
+            self.ops.sharded_solves = int(solves) if isinstance(solves, (int, np.integer)) and solves >= 0 else 0
+        except Exception as exc:  # (any: a rank that leaves here early leaves its peers waiting)
+            error = exc
+        try:
+            self.ops.agree(int(error is None), "whether the checkpoint loaded (1) or was refused (0)")
+            if error is None:
+                self.ops.agree(
+                    _digest(self._position, self._state.step, self._state.cursor, self._state.n_selections,
+                            self._state.batch_idx, self._state.batch_w, self._state.drop.active),
+                    "the restored loader state (load the same checkpoint on every rank)",
+                )
+        except CollectiveError as exc:
+            self._restore(kept, kept_ops)
+            if error is not None:
+                raise CollectiveError(f"{exc} This rank refused the checkpoint: {error}") from error
+            raise
+        if error is not None:  # refused on every rank alike: each raises its own reason
+            self._restore(kept, kept_ops)
+            raise error
+
+    def _restore(self, kept: dict, kept_ops: tuple) -> None:
+        """The loader (and its ops' anchor buffers and solve count) as :meth:`load_state_dict` found them."""
+        vars(self).clear()
+        vars(self).update(kept)
+        _inner_ops(self.ops)._anchor_buffers, self.ops.sharded_solves = kept_ops
 
 
 # ------------------------------------------------------------------------------------------------

@@ -320,6 +320,33 @@ def worker_flags(out: Path):
     (out / f"rank{rank}.done").write_text("built")  # must never happen
 
 
+def worker_badload(out: Path):
+    """Both ranks load a checkpoint that rank 1 refuses (review 77: rank 1 raised before the agreement and
+    rank 0, left in it, was aborted by gloo), catch the error and go on with the run they had; then both
+    load one that every rank refuses."""
+    dist, rank, ddp, loader = _ddp_job(make_config())
+    opt = make_opt(ddp)
+    batches = iter(loader)
+    for _ in range(3):
+        weighted_step(ddp, opt, *next(batches))
+    saved = loader.state_dict()
+    before = (loader.position, loader.last_indices.copy())
+    try:
+        loader.load_state_dict(dict(saved, position=999) if rank == 1 else saved)
+    except D.CollectiveError as exc:
+        (out / f"rank{rank}.refused").write_text(str(exc))
+    assert (loader.position, loader.last_indices.tolist()) == (before[0], before[1].tolist())
+    for _ in range(3):  # the run goes on in lockstep (verify compares the ranks at every selection or check)
+        weighted_step(ddp, opt, *next(batches))
+    try:
+        loader.load_state_dict(dict(saved, position=-1))
+    except ValueError as exc:
+        (out / f"rank{rank}.own").write_text(f"{type(exc).__name__}: {exc}")
+    (out / f"rank{rank}.done").write_text(str(loader.position))
+    del batches, ddp
+    _teardown(dist)
+
+
 def _refused(out: Path, rank: int, build) -> bool:
     """Whether ``build()`` raised CollectiveError (its message written to ``rank<r>.refused``). The error is
     gone when this returns: its traceback holds the refused constructor's frame, and with it the DDP
@@ -449,13 +476,13 @@ def worker_skipping(out: Path):
 def _worker_main(argv):
     p = argparse.ArgumentParser()
     p.add_argument("--worker", required=True, choices=("train", "fail", "stall", "numba", "flags", "lossfn",
-                                                              "skipping"))
+                                                              "skipping", "badload"))
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     {"train": worker_train, "fail": worker_fail, "stall": worker_stall,
      "numba": worker_numba, "flags": worker_flags, "lossfn": worker_lossfn,
-     "skipping": worker_skipping}[a.worker](Path(a.out))
+     "skipping": worker_skipping, "badload": worker_badload}[a.worker](Path(a.out))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -923,6 +950,20 @@ def test_ranks_built_differently_are_refused_at_construction(tmp_path, worker, w
         assert f"disagree on {what}" in msg, msg
         # refused inside the constructor, well before the process group's timeout would have fired
         assert float((tmp_path / f"rank{rank}.refused_s").read_text()) < PG_TIMEOUT_S / 2
+
+
+def test_a_checkpoint_refused_on_one_rank_fails_every_rank_cleanly(tmp_path):
+    """load_state_dict is collective also when a rank refuses the checkpoint: every rank raises
+    CollectiveError (the refusing rank names its reason), every loader stays as it was, and the run can go
+    on; refused on every rank, each raises its own ValueError."""
+    results = launch("badload", tmp_path, timeout=PG_TIMEOUT_S + 60)
+    assert_all_ranks_ok(results)
+    for rank in range(2):
+        msg = (tmp_path / f"rank{rank}.refused").read_text()
+        assert "disagree on whether the checkpoint loaded" in msg, msg
+        assert ("position must be" in msg) == (rank == 1), msg
+        assert (tmp_path / f"rank{rank}.own").read_text().startswith("ValueError: CrestLoader state dict: position")
+        assert (tmp_path / f"rank{rank}.done").read_text() == "6"
 
 
 def test_a_stuck_rank_times_out_with_a_clear_error(tmp_path):
