@@ -68,6 +68,19 @@ def test_glister_holds_out_a_stratified_validation_split_it_never_trains_on():
     assert np.intersect1d(seen, s.val_indices).size == 0
 
 
+
+def test_glister_validation_split_rounds_halves_up_as_budgets_do():
+    """Review 76: round() took 2.5 of a class of 25 to 2 and 3.5 of 35 to 4 (halves to even, and the binary
+    product's halves either way); the split now rounds as the budgets do: half up, the fraction as written."""
+    from crestcore.baselines._schedule import _validation_split
+
+    y = np.repeat([0, 1, 2, 3], [25, 35, 15, 5])
+    val = _validation_split(y, 0.1, seed=0)
+    assert np.bincount(y[val]).tolist() == [3, 4, 2, 1]  # 2.5, 3.5, 1.5 and 0.5 up
+    val = _validation_split(np.repeat([0, 1], [7, 5]), 0.5, seed=0)
+    assert np.bincount(np.repeat([0, 1], [7, 5])[val]).tolist() == [4, 3]  # 3.5 and 2.5 up
+
+
 def test_reselection_cadence_and_weights_modes():
     X, y = _data()
     ops = EmbeddingOps(X, y, C=3)

@@ -16,6 +16,7 @@ import numbers
 import time
 import warnings
 from collections.abc import Callable
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ import numpy as np
 from .._compat import device_of, from_numpy, namespace, on_cpu, to_numpy
 from .._validation import apportion, check_count, check_int, user_stacklevel
 from ..features import last_layer_gradients
+from ..plan import _decimal_budget
 from ._craig import craig
 from ._glister import glister
 from ._gradmatch import gradmatch
@@ -86,13 +88,16 @@ def _rng(seed: int, epoch: int, tag: int) -> np.random.Generator:
 
 
 def _validation_split(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """GLISTER's held-out examples: ``round(fraction * size)`` of each class (at least 1, never all),
-    drawn once from the seed; sorted dataset indices."""
+    """GLISTER's held-out examples: ``fraction * size`` of each class rounded half up, the fraction read as
+    written (as budgets are, :func:`crestcore.plan.budget_steps`), at least 1, never all; drawn once from
+    the seed; sorted dataset indices. (Python's ``round`` rounded exact halves to even and the binary
+    product's halves either way: 2.5 of a class of 25 held out 2, 3.5 of 35 held out 4.)"""
     gen = _rng(seed, 0, _TAG_VAL)
     val = []
+    exact = _decimal_budget(fraction)
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
-        k = int(round(fraction * members.size))
+        k = int(math.floor(exact * members.size + Fraction(1, 2)))
         k = min(max(k, 1), members.size - 1) if members.size > 1 else 0
         if k:
             val.append(gen.choice(members, size=k, replace=False))
