@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import dataclasses
 import numbers
 
 from typing import Any
@@ -454,6 +455,28 @@ def field_bool(owner: str, name: str, value) -> None:
     if not isinstance(value, (bool, np.bool_)):
         raise FieldTypeError(f"{owner}.{name} must be a bool (True or False), got {type(value).__name__} {value!r}")
 
+
+
+def plain_fields(obj) -> None:
+    """Replace a frozen dataclass's NumPy scalar fields (``np.int64(16)``, ``np.float64(0.05)``,
+    ``np.True_``) by the Python scalars of the same value, after its validation: a config is then the same
+    object, and has the same ``repr``, whether its numbers came from NumPy or were typed (checkpoints compare
+    configs by their repr: a resumed run said its config differed from the saved one when only the
+    numbers' types did).
+
+    >>> from dataclasses import dataclass
+    >>> @dataclass(frozen=True)
+    ... class Config:
+    ...     m: int = 1
+    ...     def __post_init__(self):
+    ...         plain_fields(self)
+    >>> Config(m=np.int64(16))
+    Config(m=16)
+    """
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, np.generic):
+            object.__setattr__(obj, f.name, v.item())
 
 def field_instance(owner: str, name: str, value, cls) -> None:
     if not isinstance(value, cls):

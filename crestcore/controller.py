@@ -51,7 +51,8 @@ import array_api_compat
 import numpy as np
 
 from ._compat import device_of, from_numpy, frozen_copy, namespace, once_per_array, to_numpy
-from ._validation import DivergenceError, user_stacklevel, field_bool, field_choice, field_instance, field_int, field_real
+from ._validation import (DivergenceError, field_bool, field_choice, field_instance, field_int, field_real, plain_fields,
+                          user_stacklevel)
 from .dropping import (DropConfig, DropState, _check_live, _undone_on_error, drop_init, drop_record, drop_resize,
                        drop_update, pool_size)
 from .features import cross_entropy, last_layer_gradients, softmax
@@ -435,6 +436,7 @@ class CrestConfig:
                 f"batches='coreset' (got {self.batches!r}) and check_union=False (got {self.check_union}): "
                 "both use all P coresets or subsets at the anchor; set coresets='at-anchor' with them"
             )
+        plain_fields(self)
 
     @property
     def just_in_time(self) -> bool:

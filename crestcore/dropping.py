@@ -42,7 +42,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._compat import frozen_copy, once_per_array, to_numpy
-from ._validation import DivergenceError, field_int, field_real
+from ._validation import DivergenceError, field_int, field_real, plain_fields
 
 __all__ = ["DropConfig", "DropState", "drop_init", "drop_record", "drop_update", "drop_copy", "drop_resize",
            "pool_size"]
@@ -96,6 +96,7 @@ class DropConfig:
                 f"DropConfig.min_records ({self.min_records}) cannot exceed window + 1 ({self.window + 1}): an example "
                 "keeps one record a step, and a decision sees the records of the window + 1 steps up to it, so no "
                 "example could ever be dropped; raise window or lower min_records")
+        plain_fields(self)
 
 
 class DropState(NamedTuple):

@@ -29,7 +29,7 @@ import numpy as np
 
 from ._compat import detached, namespace, to_numpy
 from .similarity import compute_dtype
-from ._validation import DivergenceError, check_float_rows, field_choice, field_real, isdtype
+from ._validation import DivergenceError, check_float_rows, field_choice, field_real, isdtype, plain_fields
 
 __all__ = [
     "QuadraticConfig",
@@ -75,6 +75,7 @@ class QuadraticConfig:
             field_real(o, name, getattr(self, name), low=0.0, high=1.0, high_open=True)
         field_choice(o, "variant", self.variant, VARIANTS)
         field_real(o, "eps", self.eps, low=0.0)
+        plain_fields(self)
 
 
 class QuadraticState(NamedTuple):

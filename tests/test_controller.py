@@ -2539,3 +2539,19 @@ def test_reselect_epoch_with_p_cap_selects_p_cap_coresets_every_p_cap_steps(max_
         _, g = ops.gradient(batch.indices, batch.weights)
         ops.W -= 0.5 * g.reshape(ops.W.shape)
     assert list(state.log["selections"]) == expected
+
+
+def test_configs_from_numpy_scalars_are_the_typed_configs():
+    """Review 77: CrestConfig(m=np.int64(16)) kept the NumPy scalar, so its repr (what a checkpoint compares)
+    differed from CrestConfig(m=16)'s and a resumed run said its config differed from the saved one. The
+    configs hold Python scalars of the same values now."""
+    from crestcore import DropConfig, QuadraticConfig
+
+    a = CrestConfig(m=np.int64(16), r=np.int32(64), tau=np.float64(0.05), per_class=np.True_, T2=np.int64(5),
+                    drop=DropConfig(alpha=np.float64(0.2), window=np.int16(4)),
+                    quadratic=QuadraticConfig(beta1=np.float64(0.8)))
+    b = CrestConfig(m=16, r=64, tau=0.05, per_class=True, T2=5, drop=DropConfig(alpha=0.2, window=4),
+                    quadratic=QuadraticConfig(beta1=0.8))
+    assert repr(a) == repr(b) and a == b
+    assert type(a.m) is int and type(a.tau) is float and type(a.per_class) is bool and type(a.drop.window) is int
+    assert CrestConfig(tau=np.float32(0.05)).tau == float(np.float32(0.05))  # the value kept, in a Python float
