@@ -232,6 +232,10 @@ def _cmd_training_demo(ns: argparse.Namespace) -> int:
     if ns.keras_backend is not None and ns.framework != "keras":
         _err("--keras-backend needs --framework keras")
         return 2
+    if ns.threads is not None and ns.framework == "keras" and (ns.keras_backend or os.environ.get("KERAS_BACKEND")) == "jax":
+        _err("--threads sets torch's CPU threads, which the jax backend does not use (it would be ignored); set "
+             "XLA_FLAGS for XLA's threads instead")
+        return 2
     if s.device is not None:
         if ns.framework == "keras" and (ns.keras_backend or "torch") == "jax":
             if s.device != "cpu":  # the demo sets JAX_PLATFORMS=cpu: a JAX run from here is a CPU run

@@ -105,7 +105,7 @@ def run_one(variant: str, lr: float, seed: int, a) -> dict:
     with torch.no_grad():
         acc = float((model(torch.from_numpy(xva)).argmax(1) == torch.from_numpy(yva)).float().mean())
     out = {"variant": variant, "lr": lr, "seed": seed, "steps": steps, "val_acc": 100 * acc, "wall_s": wall,
-           "distinct_examples": len(seen), "pool": len(Y)}
+           "distinct_examples": len(seen), "pool": len(Y), "epochs": a.epochs, "m": a.m, "budget": a.budget}
     if loader is not None:
         out.update(selections=len(loader.stats["selections"]), checks=len(loader.stats["checks"]))
     return out
@@ -154,17 +154,21 @@ def main(argv=None) -> int:
     a.seeds = [int(v) for v in a.seeds.split(",")]
     path = Path(a.json)
     rows = json.loads(path.read_text()) if path.exists() else []
-    done = {(r["variant"], r["lr"], r["seed"]) for r in rows}
+    def key(r):  # a record of these settings (records of other --epochs, --m or --budget are not reused;
+        # records written before 2026-12-05 do not say theirs: the defaults, which they ran with)
+        return (r["variant"], r["lr"], r["seed"], r.get("epochs", 20), r.get("m", 128), r.get("budget", 0.1))
+
+    done = {key(r) for r in rows}
     for lr in a.lrs:
         for seed in a.seeds:
             for v in VARIANTS:
-                if (v, lr, seed) in done:
+                if (v, lr, seed, a.epochs, a.m, a.budget) in done:
                     continue
                 rows.append(run_one(v, lr, seed, a))
                 print(json.dumps(rows[-1]), flush=True)
                 path.write_text(json.dumps(rows, indent=1))
     command = "python benchmarks/age_study.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
-    text = table(rows, a, command)
+    text = table([r for r in rows if key(r)[2:] in {(s, a.epochs, a.m, a.budget) for s in a.seeds}], a, command)
     print(text)
     if a.out:
         doc = Path(a.out).read_text()

@@ -130,17 +130,12 @@ def real_features(n: int, seed: int, steps: int = 100):
 
 
 def val_split(labels, seed: int, fraction: float = 0.1):
-    """SubsetLoader's GLISTER split: per class round(fraction * n_c) examples, drawn once from the seed."""
+    """SubsetLoader's GLISTER split (its own function, so the same examples): (pool, validation) indices."""
     import numpy as np
 
-    gen = np.random.default_rng([seed, 0, 3])
-    val = []
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        k = min(max(int(round(fraction * members.size)), 1), members.size - 1) if members.size > 1 else 0
-        if k:
-            val.append(gen.choice(members, size=k, replace=False))
-    val = np.sort(np.concatenate(val)).astype(np.int64)
+    from crestcore.baselines._schedule import _validation_split
+
+    val = _validation_split(np.asarray(labels), fraction, seed)
     keep = np.ones(labels.size, dtype=bool)
     keep[val] = False
     return np.flatnonzero(keep).astype(np.int64), val

@@ -19,6 +19,10 @@ def test_val_split_is_class_stratified_and_disjoint():
     pool, val = bench.val_split(y, seed=0)
     assert np.intersect1d(pool, val).size == 0 and pool.size + val.size == y.size
     np.testing.assert_array_equal(np.bincount(y[val], minlength=4), [5, 3, 1, 1])
+    # SubsetLoader's own split, as the docstring says (review 78: it drew another with another seed tag)
+    from crestcore.baselines._schedule import _validation_split
+
+    np.testing.assert_array_equal(val, _validation_split(y, 0.1, 0))
 
 
 def test_tiny_run_writes_the_table_between_its_markers(tmp_path):

@@ -76,7 +76,9 @@ def test_info_reports_missing_dataset(tmp_path, capsys):
      # review 32: a device type this torch lacks, another CPU index, the Keras demo's devices: tracebacks before
      ["demo", "--device", "mps"], ["demo", "--device", "xpu"], ["demo", "--device", "cpu:1"],
      ["demo", "--framework", "keras", "--device", "foo"], ["demo", "--framework", "keras", "--device", "meta"],
-     ["demo", "--framework", "keras", "--keras-backend", "jax", "--device", "cuda"]]
+     ["demo", "--framework", "keras", "--keras-backend", "jax", "--device", "cuda"],
+     # review 78: torch's threads with the jax backend were ignored silently
+     ["demo", "--framework", "keras", "--keras-backend", "jax", "--threads", "1"]]
     + ([["demo", "--device", "cuda"], ["demo", "--framework", "keras", "--device", "cuda"]]
        if not _cuda() else []),
 )
