@@ -37,7 +37,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from crestcore.dropping import pool_size
-from crestcore.plan import BudgetedPasses
+from crestcore.plan import _BREAK_ADVICE, BudgetedPasses
 from crestcore.validation import host_indices, stored_batch
 try:
     import torch
@@ -3262,9 +3262,9 @@ class CrestBatchSampler(CrestLoader):
 
     _look_advice = "call sampler.rewind(batches_trained) before the next pass"
 
-    def _broken_pass(self, handed: int) -> None:
+    def _broken_pass(self, handed: int, named_later: bool = False) -> None:
         if not self._pass_ahead:  # no look-ahead: as CrestLoader's (said once)
-            super()._broken_pass(handed)
+            super()._broken_pass(handed, named_later)
             return
         # its DataLoader fetched ahead: batches handed out may never have been trained (said every time)
         warnings.warn(
@@ -3272,7 +3272,8 @@ class CrestBatchSampler(CrestLoader):
             f"to a DataLoader whose workers fetch up to {self._pass_ahead} batches ahead; they all count as "
             "trained, and this pass continues after them. If the loop was broken off (or a batch taken with "
             "next(iter(loader))), call sampler.rewind(batches_trained) before the next pass: the fetched, "
-            "untrained batches are then handed out again, first.", stacklevel=_common.user_stacklevel())
+            "untrained batches are then handed out again, first." + ("" if named_later else f" {_BREAK_ADVICE}"),
+            stacklevel=_common.user_stacklevel())
 
     def _pass_started(self) -> None:
         self._pass_ahead, self._ahead_known = self._loader_ahead, True

@@ -165,6 +165,13 @@ def budget_report(*, budget: float, counts: str, m: int, full_data_steps: int, p
     }
 
 
+#: what a loop that breaks out of its epochs must do, in the warnings about a pass left before its end
+_BREAK_ADVICE = (
+    "A loop that breaks out of an epoch (for epoch in range(E): for batch in loader: ... break) must call "
+    "loader.set_epoch(epoch) at each epoch's start: each pass then yields its epoch's share and the run ends "
+    "where planned. Without it every later pass yields the rest of the epoch before, and a loop of `epochs` "
+    "passes ends its run short (a scheduler sized from len(loader) * epochs stops before its end).")
+
 class BudgetedPasses:
     """The pass logic of a budgeted run, framework-free, shared by the loaders of the adapters
     (``crestcore.adapters.torch.CrestLoader`` and ``CrestBatchSampler``,
@@ -331,7 +338,9 @@ class BudgetedPasses:
             e = self._check_hint(e)
         end = self.total_steps if e is None else self._share_end(e)
         if self._open_handed:  # the last pass was left before its end
-            self._broken_pass(self._open_handed)
+            # (set_epoch naming a later epoch than the one left: a loop that breaks out of epochs, as it should)
+            self._broken_pass(self._open_handed, named_later=hinted and e is not None and self._open_epoch is not None
+                              and e > self._open_epoch)
         self._open_handed = 0
         self._pass_started()
         done = self.epochs if e is None else e + 1
@@ -418,19 +427,22 @@ class BudgetedPasses:
     #: how to look at a batch without spending it, in :meth:`_broken_pass`'s warning
     _look_advice = "save loader.state_dict() before looking and load_state_dict() it after"
 
-    def _broken_pass(self, handed: int) -> None:
+    def _broken_pass(self, handed: int, named_later: bool = False) -> None:
         """Called when a pass starts after the previous one was left before its end, having handed out
         ``handed`` batches. Said once: they count as trained; a batch only looked at (``next(iter(loader))``
-        before the loop) is lost from the run. A pass that handed out its share's last batch is done."""
-        if self._warned_broken or self._open_done:
+        before the loop) is lost from the run, and a loop that breaks out of epochs without ``set_epoch``
+        ends its run short. A pass that handed out its share's last batch is done; one that ``set_epoch``
+        started at a later epoch (``named_later``: the loop breaks out of epochs and says which) is what the
+        documentation asks for."""
+        if self._warned_broken or self._open_done or named_later:
             return
         self._warned_broken = True
         warnings.warn(
             f"{type(self).__name__}: the last pass was left before its end after handing out {handed} "
-            f"batch{'es' if handed != 1 else ''}; they count as trained, and this pass continues after them. If a "
-            "batch was taken only to look at it (next(iter(loader)) before the training loop), the run trains "
-            "that many batches fewer than planned (a scheduler sized from len(loader) * epochs stops short): to look "
-            f"without spending it, {self._look_advice}. If the batches were trained, ignore this (said once).",
+            f"batch{'es' if handed != 1 else ''}; they count as trained, and this pass continues that epoch's share "
+            f"instead of starting the next epoch. {_BREAK_ADVICE} If a batch was taken only to look at it "
+            "(next(iter(loader)) before the training loop), the run trains that many batches fewer than planned: "
+            f"to look without spending it, {self._look_advice}. (Said once.)",
             stacklevel=user_stacklevel())
 
     def _pass_started(self) -> None:

@@ -150,6 +150,35 @@ def test_a_refused_subset_loader_state_leaves_it_as_it_was():
     assert torch.equal(next(iter(ld))[0], next(iter(twin))[0])
 
 
+def test_a_loop_breaking_out_of_an_epoch_is_told_to_call_set_epoch():
+    """Review 80: `for epoch in range(E): for b in loader: ... break` (early stopping within an epoch) ended
+    its run a share short, and the only warning said to ignore it when the batches were trained. It names
+    set_epoch now, with which the same loop trains the whole plan."""
+    def run(set_epoch):
+        ld = _loader(epochs=3)
+        counts = []
+        for epoch in range(3):
+            if set_epoch:
+                ld.set_epoch(epoch)
+            k = 0
+            for _ in ld:
+                k += 1
+                if epoch == 1 and k == 1:
+                    break
+            counts.append(k)
+        return ld, counts
+
+    with pytest.warns(UserWarning, match=r"instead of starting the next epoch.*must call loader.set_epoch"):
+        ld, counts = run(False)
+    assert ld.position < ld.total_steps  # the short run the warning is about
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ld, counts = run(True)
+    assert ld.position == ld.total_steps and counts[1] == 1
+
+
 def test_a_batch_taken_to_look_at_is_said_once_and_a_saved_state_gives_it_back():
     """Regression (review 37): next(iter(loader)) before the loop handed out the first batch, counted it as
     trained, and the loop never saw it (a scheduler sized from len(loader) * epochs stopped a step short):
