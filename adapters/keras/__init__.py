@@ -284,7 +284,9 @@ def loss_facts(model) -> dict:
         raise ValueError("compile the model with a cross-entropy loss before fit (model.compile(loss=...))")
     if isinstance(loss, str):
         name = loss.lower()
-        ce = name in _CE_NAMES or name in ("sparsecategoricalcrossentropy", "categoricalcrossentropy")
+        # ("crossentropy" and "ce": Keras picks the sparse or the categorical one from the targets' shape)
+        ce = name in _CE_NAMES or name in ("sparsecategoricalcrossentropy", "categoricalcrossentropy", "crossentropy",
+                                           "ce")
         # Keras's string losses take probabilities (from_logits=False)
         return {"reduction": "sum_over_batch_size", "from_logits": False if ce else None, "crossentropy": ce}
     if isinstance(loss, keras.losses.Loss):
@@ -395,7 +397,7 @@ def _check_fit_steps(callback, who: str) -> None:
                             f"finished by a fit of one epoch with steps_per_epoch={spe - done}: model.fit({x}.dataset, "
                             f"initial_epoch=e, epochs=e + 1, steps_per_epoch={spe - done}, ...)"
                             if done else ""))
-    if done:
+    if done and not getattr(callback, "_rollback", False):  # (a rollback: said when its first epoch begins)
         k = callback._position // spe
         warnings.warn(
             f"{who} has trained {callback._position} steps, {done} into an epoch of {spe} (a checkpoint taken "
@@ -425,10 +427,11 @@ def _keras_loop(own=None):
 
 def _fit_has(frame, callback) -> bool | None:
     """Whether the ``fit`` running in ``frame`` (from :func:`_keras_loop`) has ``callback`` among its
-    callbacks: its ``callbacks`` argument (the user's list, or the ``CallbackList`` Keras makes of it),
-    with lists, tuples, dicts and ``CallbackList`` objects unwrapped at any depth, and a user's callback's
-    own attributes looked into (one that forwards its hooks to callbacks it holds, review 73); None when
-    the ``callbacks`` cannot be read (the frame of another ``fit`` signature)."""
+    callbacks (``callback`` a class: one of that class): its ``callbacks`` argument (the user's list, or the
+    ``CallbackList`` Keras makes of it), with lists, tuples, dicts and ``CallbackList`` objects unwrapped at
+    any depth, and a user's callback's own attributes looked into (one that forwards its hooks to callbacks
+    it holds, review 73); None when the ``callbacks`` cannot be read (the frame of another ``fit``
+    signature)."""
     if frame is None or "callbacks" not in frame.f_locals:
         return None
     def holders(items):  # what may hold a callback: containers and callbacks, not the values a list records
@@ -437,7 +440,7 @@ def _fit_has(frame, callback) -> bool | None:
     stack, seen = [frame.f_locals["callbacks"]], set()
     while stack:
         c = stack.pop()
-        if c is callback:
+        if c is callback or (isinstance(callback, type) and isinstance(c, callback)):
             return True
         if id(c) in seen:
             continue
@@ -468,6 +471,22 @@ def _fit_epoch_begins(callback, who: str, epoch: int | None = None) -> None:
     spe = len(callback.dataset)
     last = (callback.params or {}).get("epochs")
     k = callback._position // spe if spe else 0
+    if (callback._fit_epochs == 1 and epoch is not None and spe and not callback._finishing
+            and int(epoch) * spe < callback._position and (int(epoch) > 0 or getattr(callback, "_rollback", False))):
+        # behind the run (a loop of fits from epoch 0 that continue it is a usage): the weights rolled back
+        # (BackupAndRestore retrying in the same process restores the last finished epoch's) while the
+        # callback goes on from its own position (review 79: it served steps the restored weights had not
+        # trained from, skipped the ones in between and ran past its plan, silently at an epoch's end)
+        x = "crest" if who == "CrestCallback" else "sub"
+        warnings.warn(
+            f"Keras starts this fit at epoch {int(epoch)} (step {int(epoch) * spe} of the run), but {who} has "
+            f"trained {callback._position} steps: the model's weights were rolled back (keras.callbacks."
+            f"BackupAndRestore restores the last finished epoch's after a failure), and {who} cannot roll back with "
+            f"them, so it continues from its own position: the steps since that epoch are not trained again from "
+            f"the restored weights, and the fit trains past the run's plan. To resume in step, save "
+            f"{x}.state_dict() with the weights at every epoch's end and call {x}.load_state_dict() with the one "
+            "the weights came from before the fit (BackupAndRestore saves the model only)",
+            stacklevel=_common.user_stacklevel())
     if (callback._fit_epochs == 1 and epoch is not None and not callback._finishing and spe
             and callback._position % spe == 0 and int(epoch) > k
             and last is not None and callback.epochs is not None and int(last) - int(epoch) < int(callback.epochs) - k):
@@ -936,6 +955,27 @@ class KerasModelOps:
 # ------------------------------------------------------------------------------------------------
 # the dataset and the callback
 # ------------------------------------------------------------------------------------------------
+def _warn_own_train_step(model, who: str) -> None:
+    """Warn when the model's class overrides ``train_step`` without a word of ``sample_weight``: the weights
+    reach the loss as ``fit``'s sample weights, and the usual own step (``x, y = data``, or
+    ``unpack_x_y_sample_weight`` with the weights then left out of ``compute_loss``) trains unweighted, with
+    nothing said (review 79). A step whose source names ``sample_weight`` is taken to pass them on."""
+    import inspect
+
+    step = getattr(type(model), "train_step", None)
+    if step is None or (getattr(step, "__module__", "") or "").startswith("keras"):
+        return
+    try:
+        source = inspect.getsource(step)
+    except (OSError, TypeError):  # defined where its source cannot be read: nothing to go by
+        return
+    if "sample_weight" not in source:
+        warnings.warn(
+            f"{type(model).__name__} overrides train_step, and its source never names sample_weight: {who}'s "
+            "weights reach the loss as fit's sample weights, so a step that leaves them out trains unweighted. "
+            "Take them with x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data) and pass "
+            "sample_weight= to compute_loss", stacklevel=_common.user_stacklevel())
+
 def _check_label_width(model, labels: np.ndarray, width: int | None = None) -> None:
     """Labels beyond the model's outputs, refused when the fit begins, where the model's output width is
     known (a built Sequential or functional model, or ``width`` as the backend's preflight read it): the
@@ -1190,7 +1230,8 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         of arrays). ``y`` is served as given (class indices or one-hot rows, whatever the loss expects).
     config : :class:`crestcore.CrestConfig`; ``m`` is the mini-batch size. Default ``CrestConfig()``.
     budget : fraction of the full-data training steps per epoch (positive).
-    epochs : the epochs the budget refers to (reporting only); default ``fit``'s ``epochs``.
+    epochs : the epochs the budget refers to (reporting only); default the epochs the first ``fit`` trains
+        (its ``epochs`` less its ``initial_epoch``).
     seed : seeds every random draw of CREST (subsets, probes); independent of Keras's seeds.
     labels : (n,) class indices; default from ``y`` (class indices or one-hot rows).
     outputs : "logits", "probabilities" or None (default: detect from the compiled loss's
@@ -1292,6 +1333,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         self._ops_model = None
         self._loaded = False  # load_state_dict since the last fit began: a new model object is expected
         self._trainable_ids: tuple | None = None  # the variables the last fit trained (their identities)
+        self._epochs_from_fit = False  # epochs=None taken from fit at this fit's start: fixed at its first epoch
 
     # -- serving --------------------------------------------------------------------------------
     def _serve(self, index):
@@ -1353,6 +1395,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         self._scale = _weight_scale(facts["reduction"])
         kind = resolve_outputs(model, self.outputs_option)  # (its refusals first: then no warning before them)
         _warn_other_loss(facts, "CREST's features and trust check")
+        _warn_own_train_step(model, "CrestCallback")
         _check_label_width(model, self.labels)
         if self._ops_model is not None and self._ops_model is not model and self._position and not self._loaded:
             warnings.warn(
@@ -1379,10 +1422,14 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         self._sync_state()
         for e in self._queue:  # nothing is in flight when fit starts (e.g. after a fit that raised)
             e.served = False
+        # a BackupAndRestore in this fit may roll the weights back behind the run (said at the first epoch)
+        self._rollback = bool(_fit_has(_keras_loop()[0], keras.callbacks.BackupAndRestore))
         _check_fit_steps(self, "CrestCallback")
         planned = (self.params or {}).get("epochs")
+        self._epochs_from_fit = False
         if self.epochs is None and planned:
-            self.epochs = int(planned)
+            self.epochs = int(planned)  # fit's last epoch: the run's epochs once its first epoch is known
+            self._epochs_from_fit = self._position == 0
         self._fitting = True
         self._fit_model = model  # (self.model inside a JAX step would sync the trainer's detached state)
         self._fit_frame = _keras_loop()[0]
@@ -1421,6 +1468,18 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
             self.timings["observe"] += time.perf_counter() - t0
 
     def on_epoch_begin(self, epoch, logs=None):
+        if self._epochs_from_fit:  # a new run's epochs=None: the epochs this fit trains (review 79: a fit from
+            # initial_epoch=2 to epochs=4 after a warm-up without CREST planned 4 and counted its budget so)
+            self._epochs_from_fit = False
+            self.epochs = max(1, int(self.epochs) - int(epoch))
+            if int(epoch) > 0:  # a warm-up before, or a saved run not loaded: it cannot tell which
+                warnings.warn(
+                    f"Keras starts this fit at epoch {int(epoch)}, and CrestCallback starts a new run there, of the "
+                    f"{self.epochs} epochs this fit trains. If the fit continues a saved run (a checkpoint, or "
+                    "keras.callbacks.BackupAndRestore in a new process), call crest.load_state_dict() with the state "
+                    "saved at that epoch before fit (crest.state_dict() saved alongside the weights); if the epochs "
+                    f"before were a warm-up without CREST, build the callback with epochs={self.epochs} to say so "
+                    "(and not see this)", stacklevel=_common.user_stacklevel())
         _fit_epoch_begins(self, "CrestCallback", epoch)
 
     def on_epoch_end(self, epoch, logs=None):
@@ -1681,10 +1740,13 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
         spe = getattr(model, "steps_per_execution", 1)
         if spe not in (None, 1):
             raise ValueError(f"SubsetCallback needs model.compile(steps_per_execution=1), got {spe}")
+        self._rollback = bool(_fit_has(_keras_loop()[0], keras.callbacks.BackupAndRestore))
         _check_fit_steps(self, "SubsetCallback")
         facts = loss_facts(model)
         self._scale = _weight_scale(facts["reduction"], f"the {self.method} baseline's weighted loss",
                                     unweighted=self.method in ("full", "sgd-budget", "random"))
+        if self.method not in ("full", "sgd-budget", "random"):
+            _warn_own_train_step(model, "SubsetCallback")
         planned = (self.params or {}).get("epochs")
         if planned and int(planned) > self.epochs:
             warnings.warn(f"SubsetCallback(epochs={self.epochs}) but fit(epochs={planned}): the baseline's schedule "
@@ -1697,6 +1759,9 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
                 self.ops = KerasModelOps(model, self.measure_x, self.labels, outputs=kind,
                                          batch_size=self.measure_batch_size, last_layer=self.last_layer)
             self.ops.unpin()  # a fit interrupted within a step left its weights pinned
+            # the first selection's refusals now, while the weights are in the variables (on jax, a refusal
+            # inside the first step left the model without them: review 79, as CrestCallback's in review 66)
+            _check_label_width(model, self.labels, self.ops.preflight(self.schedule.embeddings))
         for idx, _ in self._queue:  # served and never trained (a fit that stopped): served again, counted once
             self.schedule.counters["train_steps"] -= 1
             self.schedule.counters["train_examples"] -= int(idx.size)

@@ -469,6 +469,24 @@ _JAX_SCRIPT = textwrap.dedent(r"""
         except Exception:  # noqa: BLE001 - the variables detached
             same = False
         kept.append([refused, same])
+    # 17. the same for a baseline that measures (review 79: SubsetCallback had no preflight, and its refusal
+    #     inside the first step left the subclassed model without weights)
+    keras.utils.set_random_seed(0)
+    m17 = Sub()
+    m17.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    m17(X[:2])
+    before = [np.asarray(a).copy() for a in m17.get_weights()]
+    c17 = SubsetCallback(X, y + 10, method="craig", m=16, budget=T.BUDGET, epochs=1, seed=3)
+    try:
+        m17.fit(c17.dataset, epochs=1, callbacks=[c17], verbose=0)
+        refused = False
+    except ValueError as exc:
+        refused = "the labels hold class" in str(exc)
+    try:
+        same = all(np.array_equal(a, np.asarray(b)) for a, b in zip(before, m17.get_weights()))
+    except Exception:  # noqa: BLE001 - the variables detached
+        same = False
+    kept.append([refused, same])
     res["refused_and_kept"] = kept
     print("JSON" + json.dumps(res))
 """)
@@ -1231,7 +1249,7 @@ def test_jax_backend(jax_child):
     assert res["refrozen"] and "no trainable variable gets a gradient" in res["refrozen"], res["refrozen"]
     assert len(res["train_only_refused"]) == 2 and all(
         msg and "no trainable variable gets a gradient" in msg for msg in res["train_only_refused"]), res
-    assert res["refused_and_kept"] == [[True, True]] * 8, res["refused_and_kept"]
+    assert res["refused_and_kept"] == [[True, True]] * 9, res["refused_and_kept"]
     for case, msg in res["jax_state_refusals"].items():
         assert msg is not None, f"an unrecognised JAX-trainer state ({case}) was read without an error"
         assert "model._jax_state" in msg and "KERAS_BACKEND=torch" in msg, (case, msg)
@@ -1923,9 +1941,11 @@ def test_a_fit_starting_at_another_epoch_than_the_runs_next_is_warned_about():
     X, y = digits()
     model = mlp(0)
     crest = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=3)
-    with pytest.warns(UserWarning, match=r"Keras starts this fit at epoch 2, but CrestCallback's run is at its "
-                                         r"epoch 0 \(0 steps trained\).*load_state_dict"):
+    with pytest.warns(UserWarning, match=r"Keras starts this fit at epoch 2, and CrestCallback starts a new run "
+                                         r"there, of the 1 epochs this fit trains.*load_state_dict.*warm-up"):
         model.fit(crest.dataset, epochs=3, initial_epoch=2, callbacks=[crest], verbose=0)
+    # review 79: the run is the fit's epochs (it planned fit's `epochs`, 3, and its budget report counted them)
+    assert crest.epochs == 1 and crest.stats["budget"]["planned_steps"] == len(crest.dataset)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the run's next epoch (1) is Keras's next: nothing to say
         model.fit(crest.dataset, epochs=2, initial_epoch=1, callbacks=[crest], verbose=0)
@@ -1977,3 +1997,68 @@ def test_subset_callback_refuses_a_state_of_other_labels_or_past_its_run():
     same = SubsetCallback(x, y, method="random", budget=0.25, epochs=2, m=8, seed=0)
     same.load_state_dict(saved)
     assert same.position == saved["position"]
+
+
+@pytest.mark.parametrize("name", ["crossentropy", "ce"])
+def test_keras_generic_crossentropy_names_are_crossentropy(name):
+    """Review 79: loss="crossentropy" (Keras picks the sparse or categorical one from the targets) was warned
+    about as "not a Keras categorical or sparse categorical cross-entropy"."""
+    model = mlp(softmax=True, loss=name)
+    facts = keras_adapter.loss_facts(model)
+    assert facts["crossentropy"] is True and facts["from_logits"] is False
+
+
+def test_an_own_train_step_without_sample_weights_is_warned_about():
+    """Review 79: keras.io's "customizing fit" step (the weights unpacked, then left out of compute_loss)
+    trained unweighted, silently. A step whose source never names sample_weight is warned about; one
+    that passes them on is not."""
+    X, y = digits()
+
+    class Unweighted(keras.Sequential):
+        def train_step(self, data):
+            x, yy = data[0], data[1]
+            return super().train_step((x, yy))
+
+    class Weighted(keras.Sequential):
+        def train_step(self, data):
+            x, yy, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+            return super().train_step((x, yy, sample_weight))
+
+    model = mlp(0, cls=Unweighted)
+    crest = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=3)
+    with pytest.warns(UserWarning, match="overrides train_step, and its source never names sample_weight"):
+        model.fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
+    model = mlp(0, cls=Weighted)
+    crest = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
+
+
+def test_a_backup_and_restore_rollback_in_the_same_process_is_warned_about(tmp_path):
+    """Review 79: BackupAndRestore's retry in the same process (its docstring's try: fit / except / fit
+    again) rolls the weights back to the last finished epoch, but the callback went on from its own
+    position: steps skipped, the run trained past its plan, and at an epoch's end nothing was said."""
+    X, y = digits()
+
+    class FailOnce(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.fired, self.epoch = False, 0
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_epoch_end(self, epoch, logs=None):  # after the epoch's steps, before BackupAndRestore's backup
+            if epoch == 1 and not self.fired:
+                self.fired = True
+                raise RuntimeError("simulated failure")
+
+    model = mlp(0)
+    crest = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=3)
+    callbacks = [FailOnce(), keras.callbacks.BackupAndRestore(str(tmp_path)), crest]
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        model.fit(crest.dataset, epochs=3, callbacks=callbacks, verbose=0)
+    assert crest.position == 2 * len(crest.dataset)  # epochs 0 and 1 trained; the backup holds epoch 0's end
+    with pytest.warns(UserWarning, match=r"Keras starts this fit at epoch 1 .* weights were rolled back"):
+        model.fit(crest.dataset, epochs=3, callbacks=callbacks, verbose=0)
