@@ -1101,6 +1101,13 @@ def _training_data(x, y, labels, measure_x, outputs, m: int):
     if labels is None:
         lab = labels_from_targets(y)
     else:
+        if y.ndim == 2 and y.shape[1] > 1 and not (np.all((y == 0) | (y == 1)) and np.all(y.sum(axis=1) == 1)):
+            # soft targets (mixup, distillation): trained on, but CREST measures labels= (review 79)
+            warnings.warn(
+                "y holds soft targets (rows that are not one-hot): the model trains on their cross-entropy, while "
+                "CREST's selections and trust checks measure the cross-entropy of labels=, a different loss; fine "
+                "for targets near one-hot, else expect the selection to serve the hard labels' loss",
+                stacklevel=_common.user_stacklevel())
         lab = np.asarray(_host(labels, "labels"))
         if lab.shape != (n,) or not np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool:
             raise ValueError(f"labels must be ({n},) integer class indices, got shape {lab.shape}, dtype {lab.dtype}")

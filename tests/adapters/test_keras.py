@@ -2062,3 +2062,17 @@ def test_a_backup_and_restore_rollback_in_the_same_process_is_warned_about(tmp_p
     assert crest.position == 2 * len(crest.dataset)  # epochs 0 and 1 trained; the backup holds epoch 0's end
     with pytest.warns(UserWarning, match=r"Keras starts this fit at epoch 1 .* weights were rolled back"):
         model.fit(crest.dataset, epochs=3, callbacks=callbacks, verbose=0)
+
+
+def test_soft_targets_with_labels_are_warned_about():
+    """Review 79: soft targets (mixup, distillation) with labels= trained on their own cross-entropy while
+    CREST measured the hard labels', with nothing said (label smoothing, the same mismatch, was warned)."""
+    X, y = digits()
+    soft = np.full((y.size, 10), 0.02, dtype="float32")
+    soft[np.arange(y.size), y] = 0.82
+    with pytest.warns(UserWarning, match="y holds soft targets"):
+        CrestCallback(X, soft, labels=y, config=CrestConfig(**CFG), budget=BUDGET, seed=3)
+    onehot = np.eye(10, dtype="float32")[y]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CrestCallback(X, onehot, labels=y, config=CrestConfig(**CFG), budget=BUDGET, seed=3)
