@@ -2215,7 +2215,10 @@ class TorchModelOps:
         gen = torch.Generator(device=dev)
         gen.manual_seed(int(seed))
         bits = torch.randint(0, 2, (D,), generator=gen, device=dev)
-        return bits.to(self._dtype()) * 2 - 1
+        # in the trainable parameters' dtype (that of params()'s concatenation before widening), not the
+        # model's first floating parameter's: a frozen float64 parameter before a float32 layer gave a float64
+        # probe, refused against the float32 vectors (review 83)
+        return bits.to(functools.reduce(torch.promote_types, (p.dtype for p in params))) * 2 - 1
 
     def hutchinson(self, indices, weights, seed: int):
         """One Hutchinson probe ``z * (H z)`` of the weighted loss's Hessian (double backward).
@@ -2266,7 +2269,9 @@ class TorchModelOps:
         idx, w = _common.weighted_examples(indices, weights, self.n, what)
         params = self._trainable()
         z = self.rademacher(seed)
-        zs = [t.view_as(p) for t, p in zip(torch.split(z, [p.numel() for p in params]), params)]
+        # (each parameter's part in its own dtype: +-1 is exact in any, and the double backward then runs in
+        # the parameters' dtypes)
+        zs = [t.view_as(p).to(p.dtype) for t, p in zip(torch.split(z, [p.numel() for p in params]), params)]
         dev = self.device
 
         def run():

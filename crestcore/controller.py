@@ -724,6 +724,14 @@ def _forward(state: CrestState, ops, idx: np.ndarray, config: CrestConfig):
         raise DivergenceError(
             f"CREST: the model's outputs are NaN or infinite at step {state.step}: training has diverged. "
             "Lower the learning rate or clip the gradients.")
+    # half-precision outputs (an adapter of the user's under autocast) are widened to float32, as the gradient
+    # and the curvature are: a bfloat16 log-sum-exp rounds every loss below about 2e-3 to 0, and the trust
+    # check then compared a zero loss with a non-zero prediction (review 83)
+    wide = compute_dtype(xp, logits.dtype)
+    if wide != logits.dtype:
+        logits = xp.astype(logits, wide)
+    if emb is not None and compute_dtype(xp, emb.dtype) != emb.dtype:
+        emb = xp.astype(emb, compute_dtype(xp, emb.dtype))
     lab = state.labels[idx]
     top = int(lab.max()) if idx.size else -1
     if top >= logits.shape[1]:

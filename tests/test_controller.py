@@ -2555,3 +2555,35 @@ def test_configs_from_numpy_scalars_are_the_typed_configs():
     assert repr(a) == repr(b) and a == b
     assert type(a.m) is int and type(a.tau) is float and type(a.per_class) is bool and type(a.drop.window) is int
     assert CrestConfig(tau=np.float32(0.05)).tau == float(np.float32(0.05))  # the value kept, in a Python float
+
+
+def test_half_precision_outputs_are_measured_in_float32():
+    """Review 83: a ModelOps of the user's returning float16 logits (autocast) had its losses computed in
+    float16, whose log-sum-exp rounds a confident example's loss to 0 and 40 % off above it: the trust
+    check's numbers (and the drop records) differed from the same logits' in float32. The controller widens
+    half-precision outputs first, as it keeps the gradient and curvature in float32."""
+    from crestcore.controller import _SoftmaxOps
+
+    rng = np.random.default_rng(0)
+    y = np.arange(400) % 2
+    X = rng.normal(size=(400, 3)) + 4.0 * y[:, None]
+
+    class Half(_SoftmaxOps):
+        def outputs(self, indices, embeddings=False):
+            return super().outputs(indices).astype(np.float16)
+
+    class Widened(Half):
+        def outputs(self, indices, embeddings=False):
+            return super().outputs(indices).astype(np.float32)  # the same float16 values
+
+    logs = []
+    for cls in (Half, Widened):
+        ops, cfg = cls(X, y, C=2), CrestConfig(m=16, check_size=64)
+        ops.W = np.array([[-3.0, 3.0]] * 3)  # a trained-looking start (float16 rounds its losses)
+        state = crest_init(cfg, y, seed=0)
+        for _ in range(30):
+            state, batch = crest_next_batch(state, ops, cfg)
+            _, g = ops.gradient(batch.indices, batch.weights)
+            ops.W = ops.W - 0.5 * g.reshape(ops.W.shape)
+        logs.append(list(state.log["checks"]))
+    assert len(logs[0]) > 10 and logs[0] == logs[1]

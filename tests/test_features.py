@@ -296,3 +296,17 @@ def test_cross_entropy_of_finite_logits_spread_past_the_dtype_is_zero_or_inf_nev
     zt = torch.from_numpy(z)
     lt = cross_entropy(zt, torch.from_numpy(y))
     assert lt[0].item() == 0 and lt[1].item() == float("inf")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cross_entropy_of_a_confident_example_keeps_its_precision(dtype):
+    """Review 83: log(1 + s) rounded 1 + s first, so a confident example's loss was a multiple of the
+    dtype's epsilon, and 0 below it (float32: every loss under 6e-8), while its gradient stayed exact; the
+    trust check then compared zero losses with non-zero predictions. log1p keeps the dtype's precision."""
+    logits = np.array([[18.0, 0.0, -1.0], [16.0, 0.0, 0.0], [40.0, 1.0, 2.0], [3.0, 3.0, 0.0]])
+    labels = np.array([0, 0, 0, 1])
+    exact = np.log(np.exp(logits).sum(axis=1)) - logits[np.arange(4), labels]  # well within float64 here
+    exact[:3] = np.log1p(np.exp(logits[:3, 1:] - logits[:3, :1]).sum(axis=1))
+    got = cross_entropy(logits.astype(dtype), labels)
+    assert got.dtype == dtype
+    np.testing.assert_allclose(got, exact, rtol=4 * np.finfo(dtype).eps)

@@ -3250,3 +3250,30 @@ def test_trained_never_reaches_before_a_loaded_states_position():
         passes = iter(resumed)
         next(passes)
         assert resumed.state_dict(trained=1)["position"] == 1  # the batch handed out after the load
+
+
+def test_the_hutchinson_probe_takes_the_trainable_parameters_dtype():
+    """Review 83: the probe took the model's first floating parameter's dtype, so a frozen float64 parameter
+    before a float32 layer gave a float64 probe, refused against the float32 parameter vectors (naming the
+    weights as the fault). It takes the trainable parameters' dtype now."""
+    from torch.utils.data import TensorDataset
+
+    from crestcore.adapters.torch import TorchModelOps
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(4, dtype=torch.float64), requires_grad=False)
+            self.fc = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc((x.double() * self.scale).float())
+
+    X = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+    ops = TorchModelOps(Scaled(), TensorDataset(X, torch.arange(16) % 2))
+    assert ops.rademacher(0).dtype == torch.float32 == ops.params().dtype
+    idx, w = np.arange(16), np.ones(16)
+    zhz = ops.hutchinson(idx, w, seed=0)
+    assert zhz.dtype == torch.float32
+    loss, g, both = ops.gradient_and_hutchinson(idx, w, seed=0)
+    torch.testing.assert_close(both, zhz)
