@@ -863,6 +863,16 @@ def _no_autocast(device_type: str):
         return contextlib.nullcontext()
 
 
+def _canonical(name: str) -> str:
+    """A parameter's name without the segments wrappers add: ``module.`` of ``DataParallel`` and
+    ``DistributedDataParallel`` in front, ``_orig_mod.`` of ``torch.compile`` anywhere; so a checkpoint
+    names the same parameters whether its model was wrapped at the save, at the load, or both."""
+    parts = name.split(".")
+    while len(parts) > 1 and parts[0] == "module":
+        parts = parts[1:]
+    return ".".join(p for p in parts if p != "_orig_mod")
+
+
 def _wide(t: torch.Tensor) -> torch.Tensor:
     """``t`` in float32 if it is float16 or bfloat16 (what CREST computes features, gradients and the
     quadratic model in), else unchanged."""
@@ -2607,13 +2617,14 @@ class CrestLoader(BudgetedPasses):
             batch = self._pending.pop(0)
         else:
             trainable = self.ops._trainable()  # one walk over the parameters a step
-            self._sync_device(trainable)
             ids = tuple(id(p) for p in trainable)
             if self._trainable_ids is not None and ids != self._trainable_ids:
                 # a layer frozen, unfrozen or swapped since the last step (even for one of the same size): a
-                # new selection and quadratic model over the new set now, not at the next check
+                # new selection and quadratic model over the new set now, not at the next check (before the
+                # vectors follow a moved model: those of the old set cannot be moved onto the new one, review 82)
                 self._state = crest_parameters_changed(self._state)
             self._trainable_ids = ids
+            self._sync_device(trainable)
             before = self._event_counts(self._state)
             try:
                 state, batch = self._advance()
@@ -2817,6 +2828,7 @@ class CrestLoader(BudgetedPasses):
 
     def _state_dict(self, position: int, batch: Batch | None, pending: list, epochs_done: int) -> dict:
         """The state with the run cut at ``position`` (batches handed out beyond it as ``pending``)."""
+        names, stale = self._trainable_names()
         return {
             "format": _FORMAT,
             **self._fingerprint(),
@@ -2827,34 +2839,39 @@ class CrestLoader(BudgetedPasses):
             **self._pass_state(position, epochs_done),
             "batch": None if batch is None else _to_portable(_common.batch_record(batch)),
             "pending": [_to_portable(_common.batch_record(b)) for b in pending],
-            "crest": _to_portable(crest_state_dict(self._state)),
+            # (a set changed since the last step: saved as the next step makes it, a new selection due)
+            "crest": _to_portable(crest_state_dict(crest_parameters_changed(self._state) if stale else self._state)),
             # the parameters the controller's vectors are over (the set of the last step), by name: a run
             # resumed with another set trainable at the load (a layer unfrozen by an epoch hook that runs
             # after it) compares against these at its first step
-            "trainable": self._trainable_names(),
+            "trainable": names,
             # the anchor's buffers, which the measurements until the next selection run with
             "anchor_buffers": dict(_inner_ops(self.ops)._anchor_buffers or {}),
         }
 
-    def _trainable_names(self) -> list[str]:
-        """The names of the parameters the controller state is over: the set the last step trained, else
-        (no step yet) the set that trains now."""
+    def _trainable_names(self) -> tuple[list[str], bool]:
+        """``(names, stale)``: the (wrapper-free) names of the parameters the controller state is over, the
+        set the last step trained (no step yet: the set that trains now); ``stale`` when a parameter of that
+        set is no longer the model's (a layer swapped since the last step): the names are then those of the
+        set that trains now, for a state saved as changed, as the next step would make it."""
         named = list(_inner_ops(self.ops).model.named_parameters())
         if self._trainable_ids is None:
-            return [name for name, p in named if p.requires_grad]
+            return [_canonical(name) for name, p in named if p.requires_grad], False
         ids = set(self._trainable_ids)
-        return [name for name, p in named if id(p) in ids]
+        if not ids <= {id(p) for _, p in named}:
+            return [_canonical(name) for name, p in named if p.requires_grad], True
+        return [_canonical(name) for name, p in named if id(p) in ids], False
 
-    def _saved_trainable(self, names, where: str) -> list[torch.Tensor]:
-        """The model's parameters a checkpoint's ``trainable`` names, in the model's order (they were
-        saved in it)."""
-        live = dict(_inner_ops(self.ops).model.named_parameters())
+    def _saved_trainable(self, names, where: str) -> list[torch.Tensor] | None:
+        """The model's parameters a checkpoint's ``trainable`` names (wrapper-free, in the model's order),
+        or None when the model has no such names (another wrapper around it, a LightningModule's inner
+        network saved alone): the set that trains now then stands for it, as for a checkpoint that names
+        none (a state of another size is refused by the controller's checks)."""
         if not isinstance(names, (list, tuple)) or not all(isinstance(k, str) for k in names):
             raise ValueError(f"{where}: trainable must be a list of parameter names")
-        missing = [k for k in names if k not in live]
-        if missing:
-            raise ValueError(f"{where}: trainable names parameters the model does not have ({missing[:3]}): a "
-                             "checkpoint of another model?")
+        live = {_canonical(k): p for k, p in _inner_ops(self.ops).model.named_parameters()}
+        if not all(k in live for k in names):
+            return None
         return [live[k] for k in names]
 
     def load_state_dict(self, state: dict) -> None:

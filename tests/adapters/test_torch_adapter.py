@@ -3277,3 +3277,102 @@ def test_the_hutchinson_probe_takes_the_trainable_parameters_dtype():
     assert zhz.dtype == torch.float32
     loss, g, both = ops.gradient_and_hutchinson(idx, w, seed=0)
     torch.testing.assert_close(both, zhz)
+
+
+class _BodyHead(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head = torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)))
+
+
+def _three_class_data():
+    from torch.utils.data import TensorDataset
+
+    X = torch.randn(240, 6, generator=torch.Generator().manual_seed(1))
+    return TensorDataset(X, torch.arange(240) % 3)
+
+
+def _steps(loader, model, opt, k):
+    import torch.nn.functional as F
+
+    it, out = iter(loader), []
+    for _ in range(k):
+        x, y, w = next(it)
+        loss = (w * F.cross_entropy(model(x), y, reduction="none")).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        out.append(loader.last_indices.tolist())
+    return out
+
+
+def test_a_checkpoint_loads_whatever_wraps_the_model():
+    """Review 82: the checkpoint's parameter names were matched exactly, so one saved with a DataParallel
+    model ("module." names) or a compiled submodule ("_orig_mod.") was refused by the plain model, which
+    had loaded it before the names were saved. Names are compared without wrappers' segments now, and a
+    model that names none of them (a LightningModule's inner network) takes its trainable set as before."""
+    import copy
+
+    from crestcore.adapters.torch import CrestLoader
+
+    kw = dict(config=CrestConfig(m=8), budget=0.5, epochs=3, seed=0)
+    model = _BodyHead()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = CrestLoader(torch.nn.DataParallel(model), _three_class_data(), **kw)
+    _steps(loader, model, opt, 3)
+    saved = loader.state_dict()
+    assert saved["trainable"] == ["body.weight", "body.bias", "head.weight", "head.bias"]
+    after = copy.deepcopy((model, opt))
+    ref = _steps(loader, model, opt, 4)
+    for wrap in (lambda m: m, lambda m: torch.nn.Sequential(m)):  # plain, and one that names them otherwise
+        m2, o2 = copy.deepcopy(after)
+        resumed = CrestLoader(wrap(m2), _three_class_data(), **kw)
+        resumed.load_state_dict(saved)
+        assert _steps(resumed, m2, o2, 4) == ref
+
+
+def test_a_layer_swapped_after_the_last_step_is_saved_as_the_next_step_sees_it():
+    """Review 82: a head replaced after the last step dropped out of the saved names while the controller's
+    vectors still covered it, so the checkpoint was refused by every loader, its own included (and so
+    CrestBatchSampler.rewind). It is saved as the next step makes it: a new selection over the new set."""
+    from crestcore.adapters.torch import CrestLoader
+
+    model = _BodyHead()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = CrestLoader(model, _three_class_data(), config=CrestConfig(m=8), budget=0.5, epochs=3, seed=0)
+    _steps(loader, model, opt, 3)
+    model.head = torch.nn.Linear(8, 3)  # swapped (same shape), then saved before the next step
+    saved = loader.state_dict()
+    loader.load_state_dict(saved)
+    position = loader.position
+    _steps(loader, model, torch.optim.SGD(model.parameters(), lr=0.1), 1)
+    assert position in loader.stats["selections"]
+
+
+def test_a_model_moved_after_a_load_with_another_set_reselects():
+    """Review 82: the first step after a load moved the controller's vectors to the model's new device or
+    dtype before it compared the trainable set, so a resumed model converted after the load (Lightning's
+    strategy setup runs after it restores callbacks: precision="64-true", a GPU) with another set failed
+    ("anchor has 83 parameters but the model has 27"). The set is compared first now."""
+    import copy
+
+    from crestcore.adapters.torch import CrestLoader
+
+    kw = dict(config=CrestConfig(m=8), budget=0.5, epochs=3, seed=0)
+    model = _BodyHead()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = CrestLoader(model, _three_class_data(), **kw)
+    _steps(loader, model, opt, 3)
+    saved = loader.state_dict()
+    m2 = copy.deepcopy(model)
+    m2.body.requires_grad_(False)
+    resumed = CrestLoader(m2, _three_class_data(), **kw)
+    resumed.load_state_dict(saved)
+    m2.double()
+    position = resumed.position
+    next(iter(resumed))
+    assert position in resumed.stats["selections"] and resumed.controller_state.anchor.dtype == torch.float64
