@@ -16,8 +16,8 @@ import warnings
 import numpy as np
 
 from crestcore.controller import Batch, CrestConfig, crest_load_state_dict, crest_state_dict
-from crestcore.validation import (check_count, host_indices, host_weights, stored_batch,  # noqa: F401 (re-exported)
-                                  user_stacklevel)
+from crestcore.validation import (DivergenceError, check_count, host_indices, host_weights,  # noqa: F401 (re-exported)
+                                  stored_batch, user_stacklevel)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -97,8 +97,9 @@ def chunk_spans(k: int, size: int):
 
 def measurement_error(what: str, count: int, total: int) -> FloatingPointError:
     """The error for NaN or infinite ``what`` (outputs, losses, gradients, ...) of ``count`` of the
-    ``total`` examples of a measurement pass: the model has diverged."""
-    return FloatingPointError(
+    ``total`` examples of a measurement pass: the model has diverged (a ``DivergenceError``, as every
+    divergence)."""
+    return DivergenceError(
         f"CREST: the model produced NaN or infinite {what} ({count} of {total} in this measurement pass): "
         "training has diverged. Lower the learning rate, add gradient clipping, or check the data and the loss."
     )
@@ -107,7 +108,7 @@ def measurement_error(what: str, count: int, total: int) -> FloatingPointError:
 def training_loss_error(who: str, step: int, bad: int, total: int, where: str = "") -> FloatingPointError:
     """The error for ``bad`` NaN or infinite training losses of the ``total`` examples observed at ``step``;
     ``who`` leads the message ("CREST", a loader's name), ``where`` follows the step (e.g. " on rank 1")."""
-    return FloatingPointError(
+    return DivergenceError(
         f"{who}: the training loss is NaN or infinite at step {step}{where} ({bad} of {total} examples): "
         "training has diverged. Lower the learning rate, add gradient clipping, or check the data."
     )

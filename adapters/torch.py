@@ -2629,7 +2629,8 @@ class CrestLoader(BudgetedPasses):
             try:
                 state, batch = self._advance()
             except FloatingPointError as exc:
-                raise FloatingPointError(f"{exc} [{type(self).__name__} at step {self._position}]") from exc
+                # (its own class: a DivergenceError stays one)
+                raise type(exc)(f"{exc} [{type(self).__name__} at step {self._position}]") from exc
             self._state = state
             if self._listeners:
                 events = [e for e, a, b in zip(("check", "drop", "selection"), before, self._event_counts(state))
@@ -2746,7 +2747,7 @@ class CrestLoader(BudgetedPasses):
         >>> loader.observe(torch.full((8,), float("nan")))
         Traceback (most recent call last):
             ...
-        FloatingPointError: ...
+        crestcore._validation.DivergenceError: ...
         """
         if self._batch is None:
             raise RuntimeError("observe() needs a batch: call it after training on a yielded batch")

@@ -750,11 +750,11 @@ def _forward(state: CrestState, ops, idx: np.ndarray, config: CrestConfig):
                          f"got {type(losses).__name__} of shape {tuple(getattr(losses, 'shape', ()))}")
     if not bool(xp.all(xp.isfinite(losses))):
         if own is not None:  # the adapter's (the user's) loss: it may fail on finite logits by itself
-            raise FloatingPointError(
+            raise DivergenceError(
                 f"CREST: the per-example losses of the adapter's example_losses (the loss_fn you gave) are NaN "
                 f"or infinite at step {state.step}, on finite logits: check that loss function on these "
                 "logits and labels; if training has diverged, lower the learning rate or clip the gradients.")
-        raise FloatingPointError(  # finite logits too large for their dtype's log-sum-exp
+        raise DivergenceError(  # finite logits too large for their dtype's log-sum-exp
             f"CREST: the model's loss is not finite at step {state.step} (its logits are finite but "
             "exploding): training has diverged. Lower the learning rate or clip the gradients."
         )
@@ -968,7 +968,7 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
     on_check = from_numpy(np.searchsorted(union, check_idx), xp, device_of(losses))
     anchor_loss = float(to_numpy(xp.mean(xp.take(losses, on_check, axis=0))))
     if not math.isfinite(anchor_loss):
-        raise FloatingPointError(
+        raise DivergenceError(
             f"CREST: the anchor loss is not finite at step {state.step}: training has diverged. Lower the "
             "learning rate or clip the gradients."
         )
@@ -1192,7 +1192,7 @@ def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
             _finite_params(w, state.step, "trust check")  # a non-finite parameter: say so, not "delta"
             raise
         if not (math.isfinite(L_R) and math.isfinite(F)):  # huge finite losses whose mean overflows
-            raise FloatingPointError(
+            raise DivergenceError(
                 f"CREST: the trust check's loss is not finite at step {state.step} (L_R = {L_R}, model F = {F}): "
                 "training has diverged. Lower the learning rate or clip the gradients."
             )

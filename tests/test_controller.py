@@ -2587,3 +2587,18 @@ def test_half_precision_outputs_are_measured_in_float32():
             ops.W = ops.W - 0.5 * g.reshape(ops.W.shape)
         logs.append(list(state.log["checks"]))
     assert len(logs[0]) > 10 and logs[0] == logs[1]
+
+
+def test_every_divergence_is_a_divergence_error():
+    """Review 81: the docs say a divergence raises DivergenceError (a FloatingPointError and a ValueError);
+    finite logits whose loss overflows, a non-finite anchor or check loss and a loss function giving NaN
+    raised plain FloatingPointErrors, which `except DivergenceError` / `except ValueError` missed."""
+    from crestcore.controller import _SoftmaxOps
+    from crestcore.validation import DivergenceError
+
+    y = np.arange(40) % 2
+    ops = _SoftmaxOps(np.ones((40, 1)), y, C=2)
+    ops.W = np.array([[1e308, -1e308]])  # finite logits, an overflowing log-sum-exp
+    with pytest.raises(DivergenceError, match="logits are finite but exploding"):
+        with np.errstate(over="ignore", invalid="ignore"):
+            crest_next_batch(crest_init(CrestConfig(m=4), y, seed=0), ops, CrestConfig(m=4))

@@ -655,12 +655,14 @@ def test_nan_raises_a_clear_error():
     next(it)
     with torch.no_grad():
         model[0].weight[0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match="NaN or infinite outputs.*diverged"):
+    from crestcore.validation import DivergenceError  # (review 81: every divergence is one, the step added)
+
+    with pytest.raises(DivergenceError, match=r"NaN or infinite outputs.*diverged.*\[CrestLoader at step"):
         for _ in it:
             pass
     loader2 = CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=24, r=60), seed=0)
     next(iter(loader2))
-    with pytest.raises(FloatingPointError, match="training loss is NaN"):
+    with pytest.raises(DivergenceError, match="training loss is NaN"):
         loader2.observe(torch.full((24,), float("nan")))
     with pytest.raises(ValueError, match="per-example"):
         loader2.observe(torch.ones(3))
