@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import dataclasses
+import math
 import numbers
 
 from typing import Any
@@ -456,7 +456,6 @@ def field_bool(owner: str, name: str, value) -> None:
         raise FieldTypeError(f"{owner}.{name} must be a bool (True or False), got {type(value).__name__} {value!r}")
 
 
-
 def plain_fields(obj) -> None:
     """Replace a frozen dataclass's NumPy scalar fields (``np.int64(16)``, ``np.float64(0.05)``,
     ``np.True_``) by the Python scalars of the same value, after its validation: a config is then the same
@@ -477,6 +476,7 @@ def plain_fields(obj) -> None:
         v = getattr(obj, f.name)
         if isinstance(v, np.generic):
             object.__setattr__(obj, f.name, v.item())
+
 
 def field_instance(owner: str, name: str, value, cls) -> None:
     if not isinstance(value, cls):

@@ -172,6 +172,7 @@ _BREAK_ADVICE = (
     "where planned. Without it every later pass yields the rest of the epoch before, and a loop of `epochs` "
     "passes ends its run short (a scheduler sized from len(loader) * epochs stops before its end).")
 
+
 class BudgetedPasses:
     """The pass logic of a budgeted run, framework-free, shared by the loaders of the adapters
     (``crestcore.adapters.torch.CrestLoader`` and ``CrestBatchSampler``,
