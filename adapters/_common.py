@@ -105,6 +105,16 @@ def measurement_error(what: str, count: int, total: int) -> FloatingPointError:
     )
 
 
+def at_step(exc: FloatingPointError, where: str) -> FloatingPointError:
+    """``exc`` with ``where`` (the loader and step) appended to its message, of its own class where that
+    class takes a message alone (a ``DivergenceError`` stays one), else a ``FloatingPointError``."""
+    msg = f"{exc} [{where}]"
+    try:
+        out = type(exc)(msg)
+    except Exception:  # noqa: BLE001 - a user's subclass with another constructor
+        return FloatingPointError(msg)
+    return out if isinstance(out, FloatingPointError) else FloatingPointError(msg)
+
 def training_loss_error(who: str, step: int, bad: int, total: int, where: str = "") -> FloatingPointError:
     """The error for ``bad`` NaN or infinite training losses of the ``total`` examples observed at ``step``;
     ``who`` leads the message ("CREST", a loader's name), ``where`` follows the step (e.g. " on rank 1")."""

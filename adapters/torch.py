@@ -2629,8 +2629,7 @@ class CrestLoader(BudgetedPasses):
             try:
                 state, batch = self._advance()
             except FloatingPointError as exc:
-                # (its own class: a DivergenceError stays one)
-                raise type(exc)(f"{exc} [{type(self).__name__} at step {self._position}]") from exc
+                raise _common.at_step(exc, f"{type(self).__name__} at step {self._position}") from exc
             self._state = state
             if self._listeners:
                 events = [e for e, a, b in zip(("check", "drop", "selection"), before, self._event_counts(state))

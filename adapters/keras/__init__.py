@@ -1365,7 +1365,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         try:
             state, batch = crest_next_batch(self._state, self.ops, self.config)
         except FloatingPointError as exc:
-            raise type(exc)(f"{exc} [CrestCallback at step {self._position}]") from exc  # (a DivergenceError stays one)
+            raise _common.at_step(exc, f"CrestCallback at step {self._position}") from exc
         dt = time.perf_counter() - t0
         self.timings["controller"] += dt
         if batch.reselected:

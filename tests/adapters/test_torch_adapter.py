@@ -3378,3 +3378,20 @@ def test_a_model_moved_after_a_load_with_another_set_reselects():
     position = resumed.position
     next(iter(resumed))
     assert position in resumed.stats["selections"] and resumed.controller_state.anchor.dtype == torch.float64
+
+
+def test_a_divergence_annotated_with_its_step_keeps_its_class():
+    """The step annotation keeps a DivergenceError's class (review 81), and a user's FloatingPointError
+    subclass with a constructor of its own becomes a FloatingPointError instead of a TypeError."""
+    from crestcore.adapters import _common
+    from crestcore.validation import DivergenceError
+
+    got = _common.at_step(DivergenceError("NaN"), "CrestLoader at step 3")
+    assert type(got) is DivergenceError and str(got) == "NaN [CrestLoader at step 3]"
+
+    class Own(FloatingPointError):
+        def __init__(self, what, where):
+            super().__init__(f"{what} at {where}")
+
+    got = _common.at_step(Own("NaN", "layer 2"), "CrestLoader at step 3")
+    assert type(got) is FloatingPointError and str(got) == "NaN at layer 2 [CrestLoader at step 3]"
