@@ -98,11 +98,17 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: 
     >>> weighted_cross_entropy(logits, labels, torch.tensor([3.0, 0.0, 0.0]))
     tensor(0.6931)
     """
-    if logits.ndim != 2 or labels.shape != logits.shape[:1] or weights.shape != labels.shape:
-        raise ValueError(f"weighted_cross_entropy needs logits (k, C), labels (k,) and weights (k,); got "
-                         f"{tuple(logits.shape)}, {tuple(labels.shape)} and {tuple(weights.shape)}")
-    losses = F.cross_entropy(logits.float(), labels, reduction="none")
+    losses = _example_losses(logits, labels, weights, "weighted_cross_entropy needs")
     return (weights.to(losses.dtype) * losses).mean()
+
+
+def _example_losses(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, who: str) -> torch.Tensor:
+    """The per-example cross-entropies (float32 at least) of :func:`weighted_cross_entropy`, the shapes
+    checked first (``who`` leads the message)."""
+    if logits.ndim != 2 or labels.shape != logits.shape[:1] or weights.shape != labels.shape:
+        raise ValueError(f"{who} logits (k, C), labels (k,) and weights (k,); got {tuple(logits.shape)}, "
+                         f"{tuple(labels.shape)} and {tuple(weights.shape)}")
+    return F.cross_entropy(logits.float(), labels, reduction="none")
 
 
 def _is_hf_dataset(data) -> bool:
@@ -409,10 +415,7 @@ class CrestTrainer(transformers.Trainer):
                 "with .logits, a dict with a 'logits' entry or logits first in a tuple, or pass "
                 "crest_forward=lambda model, batch: ... returning them")
         if self.crest_loss_fn is None:
-            if labels.shape != logits.shape[:1] or weights.shape != labels.shape:
-                raise ValueError(f"CrestTrainer: logits (k, C), labels (k,) and weights (k,) needed; got "
-                                 f"{tuple(logits.shape)}, {tuple(labels.shape)} and {tuple(weights.shape)}")
-            ell = F.cross_entropy(logits.float(), labels, reduction="none")  # as weighted_cross_entropy
+            ell = _example_losses(logits, labels, weights, "CrestTrainer needs")  # weighted_cross_entropy's
         else:
             ell = self.crest_loss_fn(logits, labels)
             if not isinstance(ell, torch.Tensor) or tuple(ell.shape) != (logits.shape[0],):
