@@ -221,6 +221,11 @@ def _take(x, idx: np.ndarray):
     return x[idx]
 
 
+def _one_hot_rows(y: np.ndarray) -> bool:
+    """Whether every row of the 2-D targets ``y`` is one-hot (a single 1, zeros elsewhere)."""
+    return bool(np.all((y == 0) | (y == 1)) and np.all(y.sum(axis=1) == 1))
+
+
 def labels_from_targets(y) -> np.ndarray:
     """The integer class of every example from Keras targets: class indices (n,) or (n, 1), or one-hot
     rows (n, C). Soft labels are refused (pass ``labels=``).
@@ -248,7 +253,7 @@ def labels_from_targets(y) -> np.ndarray:
                 raise TypeError(f"y must hold integer class indices (or one-hot rows), got dtype {y.dtype}")
         lab = y.astype(np.int64)
     elif y.ndim == 2:
-        is_onehot = np.all((y == 0) | (y == 1)) and np.all(y.sum(axis=1) == 1)
+        is_onehot = _one_hot_rows(y)
         if not is_onehot:
             raise ValueError("y has rows that are not one-hot (soft labels?): pass labels= with one class index "
                              "per example")
@@ -1101,7 +1106,7 @@ def _training_data(x, y, labels, measure_x, outputs, m: int):
     if labels is None:
         lab = labels_from_targets(y)
     else:
-        if y.ndim == 2 and y.shape[1] > 1 and not (np.all((y == 0) | (y == 1)) and np.all(y.sum(axis=1) == 1)):
+        if y.ndim == 2 and y.shape[1] > 1 and not _one_hot_rows(y):
             # soft targets (mixup, distillation): trained on, but CREST measures labels= (review 79)
             warnings.warn(
                 "y holds soft targets (rows that are not one-hot): the model trains on their cross-entropy, while "
