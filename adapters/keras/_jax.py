@@ -129,9 +129,14 @@ def _eval_kwargs(model) -> dict:
 
 
 def _compiled(ops) -> dict:
-    if ops._compiled is not None:
-        return ops._compiled
+    """The jitted measurements, made again when the model's variable lists changed (review 84): a trace
+    binds the values it is handed to the variables that were trainable when it was traced, and jax reuses
+    it for lists of the same shapes, so after a swap of which same-shape layer trains each value went into
+    the other layer, silently."""
     model, probs = ops.model, ops.from_probabilities
+    key = (tuple(id(v) for v in model.trainable_variables), tuple(id(v) for v in model.non_trainable_variables))
+    if ops._compiled is not None and ops._compiled["key"] == key:
+        return ops._compiled
 
     def forward(tv, ntv, xb):
         out, _ = model.stateless_call(tv, ntv, xb, **_eval_kwargs(model))
@@ -152,7 +157,7 @@ def _compiled(ops) -> dict:
         return jax.jvp(grad_of, (tv,), (zs,))[1]
 
     ops._compiled = {"forward": jax.jit(forward), "value_grad": jax.jit(value_grad), "hvp": jax.jit(hvp),
-                     "wloss": wloss}
+                     "wloss": wloss, "key": key}
     return ops._compiled
 
 
@@ -172,14 +177,12 @@ def _reaches(fn, tv, *args) -> bool:
 
 
 def _check_reach(ops, tv, ntv, xb, yb, wb, N) -> None:
-    """:func:`_check_reached` for the jitted loss, traced once per :class:`KerasModelOps` and set of trainable
-    variables (the model's structure does not change between measurements of one set)."""
+    """:func:`_check_reached` for the jitted loss, traced once per set of variables (the compiled functions'
+    key: the model's structure does not change between measurements of one set)."""
     compiled = _compiled(ops)
-    reached = compiled.setdefault("reached", {})
-    key = tuple(id(v) for v in ops._tvars())  # layers frozen or unfrozen between fits: traced again
-    if key not in reached:
-        reached[key] = _reaches(compiled["wloss"], tv, ntv, xb, yb, wb, N)
-    _check_reached(reached[key])
+    if "reached" not in compiled:
+        compiled["reached"] = _reaches(compiled["wloss"], tv, ntv, xb, yb, wb, N)
+    _check_reached(compiled["reached"])
 
 
 def _padded(ops, sel: np.ndarray) -> np.ndarray:

@@ -488,6 +488,26 @@ _JAX_SCRIPT = textwrap.dedent(r"""
         same = False
     kept.append([refused, same])
     res["refused_and_kept"] = kept
+
+    # 18. which of two same-shape layers trains swapped between measurements (review 84): jax reused the trace
+    #     of the first set, whose stateless_call put each value into the other layer's variable (outputs off
+    #     by 2.7, silently); the forward, gradient and curvature must be the fresh operations' after the swap
+    keras.utils.set_random_seed(0)
+    x18, y18 = X[:64, :8], y[:64] % 3
+    inp = keras.Input((8,))
+    a18, b18 = keras.layers.Dense(8, name="a"), keras.layers.Dense(8, name="b")
+    m18 = keras.Model(inp, keras.layers.Dense(3, name="head")(b18(keras.ops.relu(a18(inp)))))
+    b18.trainable = False
+    ops18, idx18, w18 = KerasModelOps(m18, x18, y18), np.arange(16), np.linspace(0.5, 1.5, 16)
+    ops18.outputs(idx18), ops18.gradient(idx18, w18), ops18.hutchinson(idx18, w18, 3)  # traced for {a, head}
+    a18.trainable, b18.trainable = False, True
+    fresh18 = KerasModelOps(m18, x18, y18)
+    want = np.asarray(m18(x18[idx18], training=False))
+    res["swapped_outputs"] = [float(np.abs(np.asarray(o.outputs(idx18)) - want).max()) for o in (ops18, fresh18)]
+    res["swapped_gradient"] = float(np.abs(np.asarray(ops18.gradient(idx18, w18)[1])
+                                           - np.asarray(fresh18.gradient(idx18, w18)[1])).max())
+    res["swapped_hutchinson"] = float(np.abs(np.asarray(ops18.hutchinson(idx18, w18, 3))
+                                             - np.asarray(fresh18.hutchinson(idx18, w18, 3))).max())
     print("JSON" + json.dumps(res))
 """)
 
@@ -1250,6 +1270,8 @@ def test_jax_backend(jax_child):
     assert len(res["train_only_refused"]) == 2 and all(
         msg and "no trainable variable gets a gradient" in msg for msg in res["train_only_refused"]), res
     assert res["refused_and_kept"] == [[True, True]] * 9, res["refused_and_kept"]
+    assert max(res["swapped_outputs"]) < 1e-5 and res["swapped_gradient"] < 1e-6, res  # review 84
+    assert res["swapped_hutchinson"] < 1e-6, res
     for case, msg in res["jax_state_refusals"].items():
         assert msg is not None, f"an unrecognised JAX-trainer state ({case}) was read without an error"
         assert "model._jax_state" in msg and "KERAS_BACKEND=torch" in msg, (case, msg)
