@@ -1162,6 +1162,15 @@ def _same_as_last(state: CrestState, w, ops, config: CrestConfig) -> _LastCheck 
     return last if bool(last.token == _state_token(ops, state.check_idx)) else None
 
 
+def _loss_floor(w) -> float:
+    """rho's floor: 1e-12, or the machine epsilon of the parameters' dtype where that is coarser (float32:
+    1.2e-7). The model's prediction F comes from the gradient at the anchor, computed in that dtype: where an
+    example's probability of its class rounds to 1, its share of the gradient is lost (review 85: a float32
+    gradient 71 % off at a check loss of 2.4e-10), so a loss below the dtype's epsilon is not predicted to
+    better than that, and float32 runs failed or passed checks on that rounding where float64 did not."""
+    return max(_LOSS_FLOOR, float(namespace(w, names=("params()",)).finfo(w.dtype).eps))
+
+
 def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
     w = ops.params()
     if state.anchor is not None:
@@ -1198,10 +1207,10 @@ def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
             )
         losses_h, spent = (to_numpy(losses) if config.T2 else None), int(state.check_idx.size)
         token = _state_token(ops, state.check_idx)  # after the pass: its inputs are what the next check compares
-    # A float32 cross-entropy underflows to exactly 0 on confidently right examples; rho's denominator
-    # (only it: L_R - F is the model's error as measured) is floored so a fully learned sample gives
-    # rho = |F| / floor, not an error; |L_R| there for a user loss that may go negative
-    rho = relative_error(L_R, F, floor=_LOSS_FLOOR)
+    # rho's denominator (only it: L_R - F is the model's error as measured) is floored, so a fully learned
+    # sample (L_R near 0) gives rho = |L_R - F| / floor, not a failed check on noise; |L_R| there for a user
+    # loss that may go negative
+    rho = relative_error(L_R, F, floor=_loss_floor(w))
     c = dict(state.counters)
     c["forward_examples"] += spent
     c["reused_examples"] += reused

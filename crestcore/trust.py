@@ -42,7 +42,8 @@ def relative_error(loss_random, predicted, *, floor: float | None = None) -> flo
     >>> relative_error(2.0, 1.5)
     0.25
 
-    A sample learned to a loss of exactly 0, predicted exactly, is trusted (the controller's floor 1e-12):
+    A sample learned to a loss of exactly 0, predicted exactly, is trusted (the controller's floor: 1e-12, or the
+    parameters' dtype's epsilon where coarser):
 
     >>> relative_error(0.0, 0.0, floor=1e-12)
     0.0
