@@ -630,6 +630,20 @@ def _runner_up(keys, ids, size):
 
 
 @njit(cache=True)
+def _reseat(keys, ids, size, stamp, t, g, j):
+    """Lazy greedy with the top entry j's bound just made exact (g) at step t: pop it when it beats the
+    runner-up (it is the pick), else put it back in the heap with its new bound. Returns (new size, picked).
+    """
+    r = _runner_up(keys, ids, size)
+    if r < 0 or _better(g, j, keys[r], ids[r]):
+        return _heap_pop(keys, ids, size), True
+    keys[0] = g
+    stamp[j] = t
+    _sift_down(keys, ids, size, np.int64(0))
+    return size, False
+
+
+@njit(cache=True)
 def _pop_stale(keys, ids, size, stamp, t, limit, out):
     """Pop up to ``limit`` entries from the top whose bound is stale at step t, into ``out``.
 
@@ -755,22 +769,13 @@ def _solve_dense(C, valid, budget, opt, u, u32, out_idx, out_gain, par):
         _heapify(gs, js, nc)
         stamp = np.zeros(n, dtype=np.int64)  # the step at which j's bound was last made exact
         for t in range(budget):
-            if nc == 0:
-                break
-            while True:
+            picked = False
+            while nc > 0 and not picked:  # a bound made exact at this step is the naive pick
                 j = js[0]
-                if stamp[j] == t:  # exact and >= every other bound: the naive pick
-                    g = gs[0]
-                    nc = _heap_pop(gs, js, nc)
-                    break
-                g = _gain(C[j], cover)
-                r = _runner_up(gs, js, nc)
-                if r < 0 or _better(g, j, gs[r], js[r]):
-                    nc = _heap_pop(gs, js, nc)
-                    break
-                gs[0] = g
-                stamp[j] = t
-                _sift_down(gs, js, nc, np.int64(0))
+                g = gs[0] if stamp[j] == t else _gain(C[j], cover)
+                nc, picked = _reseat(gs, js, nc, stamp, t, g, j)
+            if not picked:
+                break
             out_idx[t] = j
             out_gain[t] = g
             _add_to_cover(C[j], cover)
@@ -1089,15 +1094,14 @@ def _features_greedy(X, XT, nrm, k, metric, kernel, scale, M, r32, opt, u, u32, 
         _heapify(keys, ids, size)
         stamp = np.zeros(n, dtype=np.int64)
         for t in range(k):
-            if size == 0:
-                break
             evals = 0
-            while True:
+            picked = False
+            while size > 0 and not picked:
                 j = ids[0]
-                if stamp[j] == t:
+                if stamp[j] == t:  # exact at this step: the pick
                     g = keys[0]
-                    size = _heap_pop(keys, ids, size)
-                    break
+                    size, picked = _reseat(keys, ids, size, stamp, t, g, j)
+                    continue
                 if evals >= _SERIAL_EVALS:  # many re-evaluations this step: parallel batches
                     m, size = _pop_stale(keys, ids, size, stamp, t, batch, js)
                     _feature_gains(X, XT, nrm, metric, kernel, scale, M, r32, js, m, cover, nthr, gs)
@@ -1109,13 +1113,9 @@ def _features_greedy(X, XT, nrm, k, metric, kernel, scale, M, r32, opt, u, u32, 
                 _sim_to(X, XT, nrm, j, metric, kernel, scale, M, np.int64(0), n, buf, r32)
                 g = _gain(buf, cover)
                 evals += 1
-                r = _runner_up(keys, ids, size)
-                if r < 0 or _better(g, j, keys[r], ids[r]):
-                    size = _heap_pop(keys, ids, size)
-                    break
-                keys[0] = g
-                stamp[j] = t
-                _sift_down(keys, ids, size, np.int64(0))
+                size, picked = _reseat(keys, ids, size, stamp, t, g, j)
+            if not picked:
+                break
             out_idx[t] = j
             out_gain[t] = g
             _sim_to(X, XT, nrm, j, metric, kernel, scale, M, np.int64(0), n, buf, r32)

@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit, prange
 
 from .contract import OPTIMIZERS, SPARSE_KERNEL_NAMES
-from .numba import _better, _heap_pop, _heapify, _prepare_u_steps, _runner_up, _sample_position, _sift_down
+from .numba import _better, _heapify, _prepare_u_steps, _reseat, _sample_position
 
 __all__ = ["usable_for", "sparse_greedy", "sparse_assign"]
 
@@ -119,22 +119,13 @@ def _sparse_solve(rows, vals, indptr, budget, opt, u, u32, out_idx, out_gain):
         _heapify(keys, ids, size)
         stamp = np.zeros(n, dtype=np.int64)
         for t in range(budget):
-            if size == 0:
-                break
-            while True:
+            picked = False
+            while size > 0 and not picked:  # a bound made exact at this step is the pick
                 j = ids[0]
-                if stamp[j] == t:
-                    g = keys[0]
-                    size = _heap_pop(keys, ids, size)
-                    break
-                g = _sparse_gain(rows, vals, indptr[j], indptr[j + 1], cover)
-                r = _runner_up(keys, ids, size)
-                if r < 0 or _better(g, j, keys[r], ids[r]):
-                    size = _heap_pop(keys, ids, size)
-                    break
-                keys[0] = g
-                stamp[j] = t
-                _sift_down(keys, ids, size, np.int64(0))
+                g = keys[0] if stamp[j] == t else _sparse_gain(rows, vals, indptr[j], indptr[j + 1], cover)
+                size, picked = _reseat(keys, ids, size, stamp, t, g, j)
+            if not picked:
+                break
             out_idx[t] = j
             out_gain[t] = g
             _cover_with(rows, vals, indptr[j], indptr[j + 1], cover)
