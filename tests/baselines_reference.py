@@ -526,13 +526,8 @@ def glister_reference(
 
 def craig_reference(gradients, labels, k, *, metric="euclidean", kernel="max-minus", optimizer="lazy",
                     epsilon=0.1, rng=None, scale=None, max_dense_bytes=None, backend="auto"):
-    """CRAIG as it was: exactly ``facility_location(gradients, k, labels=labels, ...)``."""
-    xp = namespace(gradients, labels, names=("gradients", "labels"))
-    check_float_matrix(xp, gradients, "gradients")
-    n = gradients.shape[0]
-    k = check_int(k, "k", low=1, high=n)
-    if labels is not None:
-        labels_to_host(xp, labels, n)  # shape/dtype errors name `labels`
+    """CRAIG as it was: exactly ``facility_location(gradients, k, labels=labels, ...)`` (its own input checks,
+    which only renamed facility_location's errors, left out: the maths is what is frozen)."""
     return facility_location(
         gradients, k, labels=labels, metric=metric, kernel=kernel, optimizer=optimizer,
         epsilon=epsilon, rng=rng, scale=scale, max_dense_bytes=max_dense_bytes, backend=backend,

@@ -678,24 +678,19 @@ def test_pool_size_is_never_stale():
     assert pool_size(mine) == 10
     mine.active[:4] = False
     assert pool_size(mine) == 6
-    # a read-only view of a writeable mask: its base can change (review 72: the count of 10 was kept after
-    # the base dropped to 5, and drop_update dropped below the floor)
-    base = np.ones(10, dtype=bool)
-    view = base[:]
-    view.flags.writeable = False
-    viewed = state._replace(active=view)
-    assert pool_size(viewed) == 10
-    base[5:] = False
-    assert pool_size(viewed) == 5
+    # a read-only mask whose memory changes through another handle: a read-only view of a writeable base
+    # (review 72: the count of 10 was kept after the base dropped to 5, and drop_update dropped below the
+    # floor) and a read-only owner written through a view taken before it was frozen (review 73)
     config = DropConfig(alpha=0.5, window=10, min_records=1, floor=6)
-    viewed = drop_record(viewed, np.arange(10), np.full(10, 0.01), step=1)
-    _, dropped = drop_update(viewed, step=1, config=config)
-    assert dropped.size == 0  # the pool (5) is below the floor
-    # a read-only owner written through a view taken before it was frozen (review 73)
-    owner = np.ones(10, dtype=bool)
-    handle = owner[:]
-    owner.flags.writeable = False
-    held = state._replace(active=owner)
-    assert pool_size(held) == 10
-    handle[5:] = False
-    assert pool_size(held) == 5
+    for held_is_the_view in (True, False):
+        owner = np.ones(10, dtype=bool)
+        view = owner[:]
+        held, other = (view, owner) if held_is_the_view else (owner, view)
+        held.flags.writeable = False
+        kept = drop_init(10)._replace(active=held)
+        assert pool_size(kept) == 10
+        other[5:] = False
+        assert pool_size(kept) == 5
+        kept = drop_record(kept, np.arange(10), np.full(10, 0.01), step=1)
+        _, dropped = drop_update(kept, step=1, config=config)
+        assert dropped.size == 0  # the pool (5) is below the floor

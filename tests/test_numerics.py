@@ -390,20 +390,9 @@ def test_cosine_does_not_depend_on_a_rows_scale_on_any_path(dtype):
     Xs = X.copy()
     Xs[[3, 17]] *= dtype(tiny)
     Xs[[8, 30]] *= dtype(huge)
-    namespaces = [("auto", X, Xs), ("reference", X, Xs)]
     torch = pytest.importorskip("torch")
-    namespaces.append(("auto", torch.from_numpy(X), torch.from_numpy(Xs)))
-    for backend, A, As in namespaces:
-        for kw in (dict(), dict(neighbors=10)):
-            a = crestcore.facility_location(A, 9, metric="cosine", backend=backend, **kw)
-            b = crestcore.facility_location(As, 9, metric="cosine", backend=backend, **kw)
-            np.testing.assert_array_equal(np.asarray(b.indices), np.asarray(a.indices))
-            np.testing.assert_array_equal(np.asarray(b.weights), np.asarray(a.weights))
-            np.testing.assert_allclose(float(b.objective), float(a.objective), rtol=1e-5)
-        lab = torch.from_numpy(y) if isinstance(A, torch.Tensor) else y
-        a = crestcore.minibatch_coresets(A, lab, m=9, r=48, P=1, rng=0, metric="cosine", backend=backend)
-        b = crestcore.minibatch_coresets(As, lab, m=9, r=48, P=1, rng=0, metric="cosine", backend=backend)
-        np.testing.assert_array_equal(np.asarray(b.indices), np.asarray(a.indices))
+    cases = [("auto", X, Xs), ("reference", X, Xs), ("auto", torch.from_numpy(X), torch.from_numpy(Xs))]
+    _same_cosine_selections(cases, y, 9, ({}, dict(neighbors=10)))
     D = crestcore.pairwise_distances(Xs, metric="cosine")
     np.testing.assert_allclose(D, crestcore.pairwise_distances(X, metric="cosine"), atol=1e-5)
 
@@ -414,29 +403,36 @@ def test_cosine_of_rows_just_inside_the_unscaled_range(dtype):
     (2^32 in float32, 2^256 in float64) are left as they are, and the product of two of their squared norms
     overflows. The Numba kernel's denominator sqrt(|x|^2 |y|^2) (and the sparse path's, on every backend)
     then was inf: every cosine 0, every distance 1, and the selection the lowest indices, silently."""
-    import crestcore
-
     top = 2.0 ** (31 if dtype == np.float32 else 255)
     X = np.random.default_rng(5).standard_normal((40, 16)).astype(dtype)
     X /= np.abs(X).max(axis=1, keepdims=True)  # every row's largest magnitude 1, then 2^31 / 2^255
     Xs = X * dtype(top)
     y = np.arange(40) % 2
     torch = pytest.importorskip("torch")
-    cases = [("auto", X, Xs, {}), ("auto", X, Xs, dict(max_dense_bytes=1)), ("reference", X, Xs, {}),
-             ("auto", torch.from_numpy(X), torch.from_numpy(Xs), {})]
+    cases = [("auto", X, Xs), ("reference", X, Xs), ("auto", torch.from_numpy(X), torch.from_numpy(Xs))]
     if dtype == np.float64:
-        cases.append(("numba", X, Xs, {}))
-    for backend, A, As, extra in cases:
-        for kw in (extra,) if extra else ({}, dict(neighbors=39), dict(neighbors=8)):
-            a = crestcore.facility_location(A, 6, metric="cosine", backend=backend, **kw)
-            b = crestcore.facility_location(As, 6, metric="cosine", backend=backend, **kw)
+        cases.append(("numba", X, Xs))
+    _same_cosine_selections(cases, y, 6, ({}, dict(neighbors=39), dict(neighbors=8)))
+    _same_cosine_selections([("auto", X, Xs)], y, 6, (dict(max_dense_bytes=1),))
+
+
+def _same_cosine_selections(cases, y, k, options):
+    """For each (backend, A, As): facility_location (with each of ``options``) and minibatch_coresets pick the
+    same rows of A and of As (A's rows rescaled), with the same weights and objective."""
+    import crestcore
+    import torch
+
+    for backend, A, As in cases:
+        for kw in options:
+            a = crestcore.facility_location(A, k, metric="cosine", backend=backend, **kw)
+            b = crestcore.facility_location(As, k, metric="cosine", backend=backend, **kw)
             np.testing.assert_array_equal(np.asarray(b.indices), np.asarray(a.indices), err_msg=f"{backend} {kw}")
             np.testing.assert_array_equal(np.asarray(b.weights), np.asarray(a.weights))
             np.testing.assert_allclose(float(b.objective), float(a.objective), rtol=1e-5)
         lab = torch.from_numpy(y) if isinstance(A, torch.Tensor) else y
-        a = crestcore.minibatch_coresets(A, lab, m=6, r=40, P=1, rng=0, metric="cosine", backend=backend)
-        b = crestcore.minibatch_coresets(As, lab, m=6, r=40, P=1, rng=0, metric="cosine", backend=backend)
-        np.testing.assert_array_equal(np.asarray(b.indices), np.asarray(a.indices))
+        a = crestcore.minibatch_coresets(A, lab, m=k, r=A.shape[0], P=1, rng=0, metric="cosine", backend=backend)
+        b = crestcore.minibatch_coresets(As, lab, m=k, r=A.shape[0], P=1, rng=0, metric="cosine", backend=backend)
+        np.testing.assert_array_equal(np.asarray(b.indices), np.asarray(a.indices), err_msg=backend)
 
 
 @pytest.mark.parametrize("case", ["torch-dense", "torch-matrix-free", "reference", "torch-knn", "reference-knn",

@@ -282,7 +282,7 @@ _JAX_SCRIPT = textwrap.dedent(r"""
     res["jax_state_refusals"] = refusals
 
     # 4. a subclassed model whose call() takes no training argument (Keras's trainer passes none then)
-    class NoTraining(keras.Model):
+    class Sub(keras.Model):
         def __init__(self):
             super().__init__()
             self.hidden, self.out = keras.layers.Dense(16, activation="relu"), keras.layers.Dense(10)
@@ -290,7 +290,7 @@ _JAX_SCRIPT = textwrap.dedent(r"""
         def call(self, x):
             return self.out(self.hidden(x))
 
-    m6 = NoTraining()
+    m6 = Sub()
     m6.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     c6 = CrestCallback(X, y, config=CrestConfig(m=32), budget=0.2, seed=0)
     m6.fit(c6.dataset, epochs=1, callbacks=[c6], verbose=0)
@@ -399,50 +399,42 @@ _JAX_SCRIPT = textwrap.dedent(r"""
     # 12. evaluate / predict on the dataset are refused before Keras's JAX trainer detaches the variables
     # (review 66: refused at the first fetch, after it, and the trained model was left without weights)
     from crestcore.adapters.keras import SubsetCallback
+
+    def refused_and_kept(model, run, err, text=""):
+        # [run() raised err naming text, the model's weights unchanged by it (get_weights fails once the
+        # variables detached)]
+        before = [np.asarray(a).copy() for a in model.get_weights()]
+        try:
+            run()
+            refused = False
+        except err as exc:
+            refused = text in str(exc)
+        try:
+            same = len(before) > 0 and all(np.array_equal(a, np.asarray(b))
+                                           for a, b in zip(before, model.get_weights()))
+        except Exception:  # noqa: BLE001 - the variables detached
+            same = False
+        return [refused, same]
+
+    def fit_once(model, callback):
+        return lambda: model.fit(callback.dataset, epochs=1, callbacks=[callback], verbose=0)
+
     kept = []
     for make in (lambda: CrestCallback(X, y, config=CrestConfig(**T.CFG), budget=T.BUDGET, seed=3),
                  lambda: SubsetCallback(X, y, method="random", m=16, budget=T.BUDGET, epochs=1, seed=3)):
         for loop in ("evaluate", "predict"):
             m12, cb = T.mlp(0), make()
-            m12.fit(cb.dataset, epochs=1, callbacks=[cb], verbose=0)
-            before = [np.asarray(a).copy() for a in m12.get_weights()]
-            try:
-                getattr(m12, loop)(cb.dataset, verbose=0)
-                refused = False
-            except RuntimeError:
-                refused = True
-            try:
-                same = all(np.array_equal(a, b) for a, b in zip(before, m12.get_weights()))
-            except Exception:  # noqa: BLE001 - the variables detached: get_weights fails
-                same = False
-            kept.append([refused, same])
+            fit_once(m12, cb)()
+            kept.append(refused_and_kept(m12, lambda: getattr(m12, loop)(cb.dataset, verbose=0), RuntimeError))
     # 13. labels beyond the model's outputs: refused when the fit begins, the weights kept (review 66)
     m13 = T.mlp(0)
-    before = [np.asarray(a).copy() for a in m13.get_weights()]
     c13 = CrestCallback(X, y + 10, config=CrestConfig(**T.CFG), budget=T.BUDGET, seed=3)
-    try:
-        m13.fit(c13.dataset, epochs=1, callbacks=[c13], verbose=0)
-        refused = False
-    except ValueError as exc:
-        refused = "the labels hold class" in str(exc)
-    try:
-        same = all(a.shape == np.asarray(b).shape for a, b in zip(before, m13.get_weights()))
-    except Exception:  # noqa: BLE001 - the variables detached
-        same = False
-    kept.append([refused, same])
+    kept.append(refused_and_kept(m13, fit_once(m13, c13), ValueError, "the labels hold class"))
 
     # 14-16. the first selection's other refusals, raised before the variables detach (review 66): labels
     #        beyond a subclassed model's outputs (no symbolic outputs to read before a step), embeddings=True
     #        on a model whose last layer is no Dense, a model none of whose trainable weights the measured
-    #        loss reads
-    class Sub(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.hidden, self.out = keras.layers.Dense(16, activation="relu"), keras.layers.Dense(10)
-
-        def call(self, x):
-            return self.out(self.hidden(x))
-
+    #        loss reads (Sub: case 4's model)
     keras.utils.set_random_seed(0)
     m14 = Sub()
     m14.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -457,36 +449,16 @@ _JAX_SCRIPT = textwrap.dedent(r"""
              (m15, y, {"embeddings": True}, ValueError, "Dense layer"),
              (m16, y, {}, RuntimeError, "no trainable variable gets a gradient")]
     for mk, yk, extra, err, text in cases:
-        before = [np.asarray(a).copy() for a in mk.get_weights()]
         ck = CrestCallback(X, yk, config=CrestConfig(**T.CFG, **extra), budget=T.BUDGET, seed=3)
-        try:
-            mk.fit(ck.dataset, epochs=1, callbacks=[ck], verbose=0)
-            refused = False
-        except err as exc:
-            refused = text in str(exc)
-        try:
-            same = len(before) > 0 and all(np.array_equal(a, np.asarray(b)) for a, b in zip(before, mk.get_weights()))
-        except Exception:  # noqa: BLE001 - the variables detached
-            same = False
-        kept.append([refused, same])
+        kept.append(refused_and_kept(mk, fit_once(mk, ck), err, text))
     # 17. the same for a baseline that measures (review 79: SubsetCallback had no preflight, and its refusal
     #     inside the first step left the subclassed model without weights)
     keras.utils.set_random_seed(0)
     m17 = Sub()
     m17.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     m17(X[:2])
-    before = [np.asarray(a).copy() for a in m17.get_weights()]
     c17 = SubsetCallback(X, y + 10, method="craig", m=16, budget=T.BUDGET, epochs=1, seed=3)
-    try:
-        m17.fit(c17.dataset, epochs=1, callbacks=[c17], verbose=0)
-        refused = False
-    except ValueError as exc:
-        refused = "the labels hold class" in str(exc)
-    try:
-        same = all(np.array_equal(a, np.asarray(b)) for a, b in zip(before, m17.get_weights()))
-    except Exception:  # noqa: BLE001 - the variables detached
-        same = False
-    kept.append([refused, same])
+    kept.append(refused_and_kept(m17, fit_once(m17, c17), ValueError, "the labels hold class"))
     res["refused_and_kept"] = kept
 
     # 18. which of two same-shape layers trains swapped between measurements (review 84): jax reused the trace

@@ -177,20 +177,23 @@ def test_a_module_lightning_compiles_is_measured_eagerly(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_checkpoint_restores_the_controller(tmp_path):
+def _resumed(tmp_path, make):
+    """Two epochs of ``make()``, their checkpoint, and a third epoch resumed from it by ``make(seed=5)`` (other
+    weights: the checkpoint must bring them back): (first module, second callback, second module)."""
     cb = CrestCallback(data(), **CFG)
-    module = Module()
+    module = make()
     t = trainer(tmp_path, 2, cb)
     t.fit(module, train_dataloaders=cb.dataloader())
     path = tmp_path / "two.ckpt"
     t.save_checkpoint(path)
-    saved = torch.load(path, weights_only=True)["callbacks"]
-    assert saved["CrestCallback"]["position"] == 6
+    assert torch.load(path, weights_only=True)["callbacks"]["CrestCallback"]["position"] == 6
+    cb2, module2 = CrestCallback(data(), **CFG), make(seed=5)
+    trainer(tmp_path, 3, cb2).fit(module2, train_dataloaders=cb2.dataloader(), ckpt_path=path)
+    return module, cb2, module2
 
-    cb2 = CrestCallback(data(), **CFG)
-    module2 = Module(seed=5)  # other weights: the checkpoint must bring them back
-    t2 = trainer(tmp_path, 3, cb2)
-    t2.fit(module2, train_dataloaders=cb2.dataloader(), ckpt_path=path)
+
+def test_checkpoint_restores_the_controller(tmp_path):
+    module, cb2, module2 = _resumed(tmp_path, Module)
     seen, model, loader = plain_loop(3)
     assert len(module2.seen) == 3
     for a, b in zip(module.seen + module2.seen, seen):
@@ -219,14 +222,7 @@ def test_a_checkpoint_saved_after_an_unfreezing_resumes(tmp_path):
     the load refused the checkpoint ("anchor has ... parameters but the model has ..."). The state names the
     parameters it is over; the hook restores that set before the first step: the uninterrupted run's batches
     and weights."""
-    cb = CrestCallback(data(), **CFG)
-    module = FineTuned()
-    t = trainer(tmp_path, 2, cb)
-    t.fit(module, train_dataloaders=cb.dataloader())
-    path = tmp_path / "two.ckpt"
-    t.save_checkpoint(path)
-    cb2, module2 = CrestCallback(data(), **CFG), FineTuned(seed=5)
-    trainer(tmp_path, 3, cb2).fit(module2, train_dataloaders=cb2.dataloader(), ckpt_path=path)
+    module, cb2, module2 = _resumed(tmp_path, FineTuned)
     cb3, module3 = CrestCallback(data(), **CFG), FineTuned()
     trainer(tmp_path, 3, cb3).fit(module3, train_dataloaders=cb3.dataloader())
     assert len(module2.seen) == 3 and len(module3.seen) == 9
