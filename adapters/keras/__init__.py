@@ -1345,6 +1345,8 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         self._ops_model = None
         self._loaded = False  # load_state_dict since the last fit began: a new model object is expected
         self._trainable_ids: tuple | None = None  # the variables the last fit trained (their identities)
+        self._trainable_names: list[str] | None = None  # their paths: the set the anchor is over, saved
+        self._saved_names: list[str] | None = None  # a loaded state's, until the next fit compares them
         self._epochs_from_fit = False  # epochs=None taken from fit at this fit's start: fixed at its first epoch
 
     # -- serving --------------------------------------------------------------------------------
@@ -1416,12 +1418,20 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
                 "quadratic model. For a new run build a new CrestCallback; to resume a saved run, "
                 "load_state_dict() first", stacklevel=_common.user_stacklevel())
         ids = tuple(id(v) for v in model.trainable_variables)
-        if self._trainable_ids is not None and ids != self._trainable_ids and not (
-                self._loaded and self._ops_model is not model):  # (a loaded run's new model: its own set)
+        names = [v.path for v in model.trainable_variables]
+        changed = self._trainable_ids is not None and ids != self._trainable_ids and not (
+            self._loaded and self._ops_model is not model)  # (a loaded run's new model: by the names below)
+        if self._loaded and self._saved_names is not None and names != self._saved_names:
+            # a loaded run's anchor is over the variables it names: another set in this model (a layer frozen
+            # or unfrozen in the saved run, not in this one, even one of the same size) counts as a change;
+            # a model that names none of them (rebuilt in the same process: other paths) takes its own set
+            known = {v.path for v in model.variables}
+            changed = changed or all(k in known for k in self._saved_names)
+        if changed:
             # layers frozen, unfrozen or swapped between fits (even for ones of the same size): a new
             # selection and quadratic model over the new set at the first step
             self._state = crest_parameters_changed(self._state)
-        self._trainable_ids = ids
+        self._trainable_ids, self._trainable_names, self._saved_names = ids, names, None
         self._loaded = False
         if self.ops is None or self._ops_model is not model or self.ops.from_probabilities != (kind == "probabilities"):
             self.ops = KerasModelOps(model, self.measure_x, self.labels, outputs=kind,
@@ -1581,6 +1591,8 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
             "crest": _portable(crest_state_dict(self._state)),
             # the anchor's moving statistics, which the measurements until the next selection use
             "anchor_stats": None if kept is None else {str(i): a.copy() for i, a in kept.items()},
+            # the paths of the variables the anchor is over (the last fit's; a loaded state's until a fit)
+            "trainable": list(self._saved_names if self._saved_names is not None else self._trainable_names or []),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -1622,6 +1634,9 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
                                    or epochs < 1):
             raise ValueError(f"{where}: epochs must be a positive integer or None, got {epochs!r}")
         batches = _common.stored_batches(state.get("queue", []), self.n, where, "queue")
+        names = state.get("trainable")  # absent before 2026-12-05, empty before a fit: the set that trains then
+        if names is not None and not (isinstance(names, (list, tuple)) and all(isinstance(k, str) for k in names)):
+            raise ValueError(f"{where}: trainable must be a list of variable paths")
         handed = int(crest.counters["train_steps"])
         if handed != int(pos) + len(batches):
             raise ValueError(f"{where}: the controller handed out {handed} batches but position {int(pos)} and "
@@ -1646,6 +1661,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         self._anchor_stats = None if kept is None else {int(k): np.array(v) for k, v in kept.items()}
         if self.ops is not None:
             self.ops._anchor, self.ops._anchor_vars = self._anchor_stats, None
+        self._saved_names = list(names) if names else None
         self._loaded_unchecked = self.ops is None  # checked against the model at the next fit's start
         self._loaded = True
         # the loaded anchor is over the model's trainable set as it is now: a change after the load counts

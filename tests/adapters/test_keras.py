@@ -1913,6 +1913,45 @@ def test_swapping_which_layer_trains_between_fits_reselects_at_the_first_step():
     assert step in crest.stats["selections"]
 
 
+def _named_pair(trained):
+    """Two same-size layers ``a`` and ``b`` (explicit names, so a rebuilt model has the same variable paths, as
+    in a new process), ``trained`` the one whose weights train."""
+    inp = keras.Input((8,))
+    a, b = keras.layers.Dense(8, name="a"), keras.layers.Dense(8, name="b")
+    model = keras.Model(inp, keras.layers.Dense(3, name="head")(keras.layers.Add()([a(inp), b(inp)])), name="pair")
+    (b if trained == "a" else a).trainable = False
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+@pytest.mark.parametrize("resumed_with", ["a", "b"])
+def test_a_loaded_run_over_another_set_of_the_same_size_reselects(resumed_with):
+    """The Keras side of the torch loaders' named sets: a run saved after it swapped which layer trains
+    (``b``, the anchor over it) and resumed on a model rebuilt as the script starts (``a`` trains) measured
+    its trust checks with the quadratic model of ``b``'s weights against ``a``'s, silently. The state names
+    the variables the anchor is over: another set is a change (a selection at the first step), the same set
+    is not."""
+    x, y = _small()
+    config = CrestConfig(m=16, tau=1e9, max_age=None)  # nothing but a change of set starts a selection
+    model = _named_pair("a")
+    crest = CrestCallback(x, y, config=config, budget=0.25, seed=0)
+    model.fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
+    model.get_layer("a").trainable, model.get_layer("b").trainable = False, True
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(crest.dataset, epochs=2, initial_epoch=1, callbacks=[crest], verbose=0)
+    saved, step = crest.state_dict(), crest.stats["step"]
+    assert saved["trainable"] == ["b/kernel", "b/bias", "head/kernel", "head/bias"]
+    rebuilt = _named_pair(resumed_with)
+    rebuilt.set_weights(model.get_weights())
+    resumed = CrestCallback(x, y, config=config, budget=0.25, seed=0)
+    resumed.load_state_dict(saved)
+    rebuilt.fit(resumed.dataset, epochs=3, initial_epoch=2, callbacks=[resumed], verbose=0)
+    assert (step in resumed.stats["selections"]) == (resumed_with == "a")
+    resumed.load_state_dict(dict(saved, trainable=["other/kernel"]))  # names this model lacks: its own set
+    with pytest.raises(ValueError, match="trainable must be a list of variable paths"):
+        resumed.load_state_dict(dict(saved, trainable="b/kernel"))
+
+
 def test_no_trainable_variable_reached_with_training_false_is_refused():
     """Third verification: a model whose only trainable weights act with ``training=True`` gave an all-zero
     gradient silently on the torch backend (the shared ``add_grad`` now returns "unused" for a loss that
