@@ -1119,6 +1119,7 @@ def _training_data(x, y, labels, measure_x, outputs, m: int):
         if lab.min() < 0:
             raise ValueError("labels must be non-negative class indices")
         lab = lab.astype(np.int64)
+        _warn_other_labels(y, lab)
     _common.check_training_labels(lab, m, "data")
     if measure_x is None:
         return x, y, x, lab
@@ -1126,6 +1127,21 @@ def _training_data(x, y, labels, measure_x, outputs, m: int):
     if mn != n:
         raise ValueError(f"measure_x has {mn} examples but x has {n}; it must hold the same examples in the same order")
     return x, y, mx, lab
+
+
+def _warn_other_labels(y, lab: np.ndarray) -> None:
+    """Warn when ``labels=`` names other classes than hard targets ``y`` (class indices or one-hot rows) do
+    (review 84): the model trains on ``y`` while the selections and trust checks measure ``labels=``."""
+    try:
+        hard = labels_from_targets(y)
+    except (TypeError, ValueError):  # soft or other targets: nothing to compare (soft ones are warned about)
+        return
+    off = int(np.count_nonzero(hard != lab)) if hard.shape == lab.shape else 0
+    if off:
+        warnings.warn(
+            f"labels= names another class than y at {off} of {lab.size} examples: the model trains on y, while "
+            "CREST's selections and trust checks measure labels=. Pass the classes of y (or leave labels= out: "
+            "they are read from y)", stacklevel=_common.user_stacklevel())
 
 
 def _budget(cb, counters: dict, m: int) -> dict:

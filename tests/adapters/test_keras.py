@@ -2109,3 +2109,18 @@ def test_soft_targets_with_labels_are_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         CrestCallback(X, onehot, labels=y, config=CrestConfig(**CFG), budget=BUDGET, seed=3)
+
+
+def test_labels_that_disagree_with_hard_targets_are_warned_about():
+    """Review 84: labels= naming other classes than y's class indices (or one-hot rows) was taken without a
+    word: the model trained on y while the selections measured labels=."""
+    X, y = digits()
+    other = (y + 1) % 10
+    for targets in (y, np.eye(10, dtype="float32")[y]):
+        with pytest.warns(UserWarning, match=f"labels= names another class than y at {y.size} of {y.size}"):
+            CrestCallback(X, targets, labels=other, config=CrestConfig(**CFG), budget=BUDGET, seed=3)
+        with pytest.warns(UserWarning, match="labels= names another class than y"):
+            SubsetCallback(X, targets, labels=other, method="random", budget=BUDGET, seed=3, epochs=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            CrestCallback(X, targets, labels=y, config=CrestConfig(**CFG), budget=BUDGET, seed=3)
