@@ -41,11 +41,13 @@ so with ``optimizer="stochastic"`` every rank solves all problems (same result, 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from collections.abc import Callable
 
@@ -341,6 +343,7 @@ def _claim(base: Path):
         except BlockingIOError:
             f.close()
             continue
+        atexit.register(f.close)  # held for the process's life, closed at its end (not left to the finaliser)
         return d, f
     raise OSError(f"all 4096 Numba cache slots under {base} are locked by live processes")
 
@@ -1105,12 +1108,14 @@ class DistributedCrestLoader(CrestLoader):
         kept, inner = dict(vars(self)), _inner_ops(self.ops)
         kept_ops = (inner._anchor_buffers, self.ops.sharded_solves)
         error = None
-        try:
-            super().load_state_dict(state)
-            solves = state.get("sharded_solves", 0)
-            self.ops.sharded_solves = int(solves) if isinstance(solves, (int, np.integer)) and solves >= 0 else 0
-        except Exception as exc:  # (any: a rank that leaves here early leaves its peers waiting)
-            error = exc
+        with warnings.catch_warnings(record=True) as said:  # said once the ranks agree the load stands
+            warnings.simplefilter("always")
+            try:
+                super().load_state_dict(state)
+                solves = state.get("sharded_solves", 0)
+                self.ops.sharded_solves = int(solves) if isinstance(solves, (int, np.integer)) and solves >= 0 else 0
+            except Exception as exc:  # (any: a rank that leaves here early leaves its peers waiting)
+                error = exc
         try:
             self.ops.agree(int(error is None), "whether the checkpoint loaded (1) or was refused (0)")
             if error is None:
@@ -1127,6 +1132,8 @@ class DistributedCrestLoader(CrestLoader):
         if error is not None:  # refused on every rank alike: each raises its own reason
             self._restore(kept, kept_ops)
             raise error
+        for w in said:  # (a load rolled back above said nothing of the state it did not keep)
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
     def _restore(self, kept: dict, kept_ops: tuple) -> None:
         """The loader (and its ops' anchor buffers and solve count) as :meth:`load_state_dict` found them."""

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -331,10 +332,14 @@ def worker_badload(out: Path):
         weighted_step(ddp, opt, *next(batches))
     saved = loader.state_dict()
     before = (loader.position, loader.last_indices.copy())
-    try:
-        loader.load_state_dict(dict(saved, position=999) if rank == 1 else saved)
-    except D.CollectiveError as exc:
-        (out / f"rank{rank}.refused").write_text(str(exc))
+    # rank 0's copy is a longer run's (its load warns of the shorter plan): rolled back, it says nothing
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        try:
+            loader.load_state_dict(dict(saved, position=999) if rank == 1 else dict(saved, epochs=loader.epochs + 2))
+        except D.CollectiveError as exc:
+            (out / f"rank{rank}.refused").write_text(str(exc))
+    (out / f"rank{rank}.said").write_text("\n".join(str(w.message) for w in said))
     assert (loader.position, loader.last_indices.tolist()) == (before[0], before[1].tolist())
     for _ in range(3):  # the run goes on in lockstep (verify compares the ranks at every selection or check)
         weighted_step(ddp, opt, *next(batches))
@@ -685,6 +690,14 @@ def test_one_process_group_matches_the_single_process_loader(tmp_path):
             assert np.array_equal(a["idx"], b["idx"]) and np.array_equal(a["w"], b["w"])
             assert np.array_equal(b["local_idx"], b["idx"])
         assert loader.stats["distributed"]["world_size"] == 1
+        # a load that stands says what CrestLoader's says (held until the ranks agree on it)
+        resumed = D.DistributedCrestLoader(model, TensorDataset(X, y), config=make_config(), budget=BUDGET, epochs=1,
+                                           seed=SEED)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            resumed.load_state_dict(dict(loader.state_dict(), epochs=3))
+        assert len(said) == 1 and "planned for 3 epochs, this loader plans 1" in str(said[0].message)
+        assert said[0].filename == __file__  # at the caller's line, as it was said
         # a check's token is the ranks' together (a collective): a TensorDataset's rows give one, the same
         # while nothing changes
         token = loader.ops.state_token(np.arange(8))
@@ -964,6 +977,7 @@ def test_a_checkpoint_refused_on_one_rank_fails_every_rank_cleanly(tmp_path):
         assert ("position must be" in msg) == (rank == 1), msg
         assert (tmp_path / f"rank{rank}.own").read_text().startswith("ValueError: CrestLoader state dict: position")
         assert (tmp_path / f"rank{rank}.done").read_text() == "6"
+        assert "planned for" not in (tmp_path / f"rank{rank}.said").read_text()  # the load that did not stand
 
 
 def test_a_stuck_rank_times_out_with_a_clear_error(tmp_path):
