@@ -23,7 +23,7 @@ With plain ``accelerate``, use the sampler directly (``docs/pytorch.md`` has the
 
     sampler = CrestBatchSampler(model, train, config=CrestConfig(m=32), budget=0.1, epochs=3,
                                 collate_fn=collator)
-    loader = accelerator.prepare(sampler.dataloader(collate_fn=collator))
+    loader = accelerator.prepare(sampler.dataloader(collate_fn=WeightedCollate(collator)))
 
 Checkpoints: every checkpoint the Trainer writes also holds CREST's state (``crest_state.pt``: the
 controller, the run position and the batches handed out to the loader's workers but not yet trained), and
@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 
 try:
     import transformers
@@ -138,6 +139,45 @@ class _ForwardColumns:
                              for f in features])
 
 
+def _warn_own_loss(model, inputs: dict, key: str, labels) -> None:
+    """Warn when the model, given the labels, computes another loss than the cross-entropy of its logits
+    (review 86: a class-weighted loss in its ``forward`` was replaced by plain cross-entropy in training, and
+    only evaluation used it). One forward with the labels, in eval mode without gradients, on a forked RNG:
+    the training's own random stream is untouched."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a forward without a signature
+        return
+    if key not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    devices = [labels.device] if labels.device.type == "cuda" else []
+    modes = [(m, m.training) for m in model.modules()]  # (a frozen part kept in eval mode stays so)
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        model.eval()
+        try:
+            out = model(**inputs, **{key: labels})
+            own = getattr(out, "loss", None) if not isinstance(out, dict) else out.get("loss")
+            logits = _output_logits(out)
+            if (not isinstance(own, torch.Tensor) or own.numel() != 1 or not isinstance(logits, torch.Tensor)
+                    or logits.ndim != 2):
+                return
+            plain = F.cross_entropy(logits.float(), labels.reshape(-1).long())
+        except Exception:  # noqa: BLE001 - a forward that does not take the labels so: nothing to compare
+            return
+        finally:
+            for m, mode in modes:
+                m.training = mode
+    if not torch.isclose(own.float(), plain, rtol=1e-3, atol=1e-6):
+        warnings.warn(
+            f"CrestTrainer: the model computes its own loss from the labels ({float(own):.6g} on the first training "
+            f"batch), not the cross-entropy of its logits ({float(plain):.6g}); CREST trains and measures the "
+            "weighted cross-entropy, so training does not use the model's loss (evaluation does). Pass "
+            "crest_loss_fn=lambda logits, labels: ... (per-example losses) for that loss",
+            stacklevel=_common.user_stacklevel())
+
+
 def _refuse_unsupported(trainer) -> None:
     """Trainer settings CREST would otherwise ignore or break silently."""
     a = trainer.args
@@ -145,6 +185,13 @@ def _refuse_unsupported(trainer) -> None:
         raise ValueError(f"CrestTrainer runs in one process ({a.world_size} here): every process would train "
                          "one run's batches, and the step count would be wrong. For several processes use "
                          "crestcore.adapters.distributed.DistributedCrestLoader in your own loop")
+    if a.gradient_accumulation_steps != 1:  # (also when set after construction: a hyperparameter search's trial)
+        raise ValueError("CrestTrainer needs gradient_accumulation_steps=1: CREST's batches are its "
+                         "mini-batches (set the batch size with crest_config=CrestConfig(m=...))")
+    if getattr(a, "auto_find_batch_size", False):
+        raise ValueError("CrestTrainer: auto_find_batch_size=True would retry with a smaller "
+                         "per_device_train_batch_size, which CREST's batches do not use (their size is "
+                         "crest_config's m), from the middle of the spent run; set it False and choose m")
     if getattr(a, "label_smoothing_factor", 0.0):
         raise ValueError("CrestTrainer computes CREST's weighted cross-entropy itself: label_smoothing_factor "
                          f"({a.label_smoothing_factor}) would be ignored; set it to 0")
@@ -232,9 +279,6 @@ class CrestTrainer(transformers.Trainer):
         if self.train_dataset is not None:  # as far as it can be checked without a pass over the items
             check_training_data(self.train_dataset, config.m, crest_labels, read_items=False, name="train_dataset",
                                 labels_name="crest_labels")
-        if self.args.gradient_accumulation_steps != 1:
-            raise ValueError("CrestTrainer needs gradient_accumulation_steps=1: CREST's batches are its "
-                             "mini-batches (set the batch size with crest_config=CrestConfig(m=...))")
         _refuse_unsupported(self)
         self._planned_epochs()  # max_steps refused here, not only when train() starts
         self.crest_config = config
@@ -249,6 +293,7 @@ class CrestTrainer(transformers.Trainer):
         self._crest_saved_in: str | None = None  # the checkpoint folder CREST's state was last written to
         self._crest_resume: str | None = None  # the checkpoint folder train() resumes from
         self._crest_new_run = True  # the next training dataloader starts a new CREST run
+        self._crest_loss_checked = False  # the model's own loss compared with CREST's (first training batch)
         # compute_loss returns a mean over the batch: the Trainer must not expect a sum over tokens
         self.model_accepts_loss_kwargs = False
 
@@ -328,6 +373,7 @@ class CrestTrainer(transformers.Trainer):
     def get_train_dataloader(self):
         if self.train_dataset is None:
             raise ValueError("CrestTrainer: training requires a train_dataset.")
+        _refuse_unsupported(self)  # (after the Trainer applied a hyperparameter search's trial to args)
         train_dataset = self.train_dataset
         collate = self.data_collator
         # as the Trainer does (remove_unused_columns): only the columns the model's forward takes, from a
@@ -416,6 +462,9 @@ class CrestTrainer(transformers.Trainer):
                 "crest_forward=lambda model, batch: ... returning them")
         if self.crest_loss_fn is None:
             ell = _example_losses(logits, labels, weights, "CrestTrainer needs")  # weighted_cross_entropy's
+            if not self._crest_loss_checked and self.crest_forward is None and model.training:
+                self._crest_loss_checked = True
+                _warn_own_loss(model, inputs, key, labels)
         else:
             ell = self.crest_loss_fn(logits, labels)
             if not isinstance(ell, torch.Tensor) or tuple(ell.shape) != (logits.shape[0],):

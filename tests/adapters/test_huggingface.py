@@ -140,6 +140,16 @@ def test_crest_trainer_refuses_what_it_cannot_do(tmp_path):
         with pytest.raises(ValueError, match="group_by_length=True would be ignored"):
             CrestTrainer(model=tiny_bert(), args=transformers.TrainingArguments(group_by_length=True, **base),
                          train_dataset=Texts())
+    # review 86: set after construction (a hyperparameter search applies its trial's settings inside train()),
+    # accumulation trained 8 batches as 4 steps with books of 4; auto_find_batch_size retried a spent run
+    t = CrestTrainer(model=tiny_bert(), args=transformers.TrainingArguments(**base), train_dataset=Texts(),
+                     data_collator=transformers.default_data_collator)
+    t.args.gradient_accumulation_steps = 2
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=1"):
+        t.get_train_dataloader()
+    with pytest.raises(ValueError, match="auto_find_batch_size=True would retry"):
+        CrestTrainer(model=tiny_bert(), args=transformers.TrainingArguments(auto_find_batch_size=True, **base),
+                     train_dataset=Texts())
     # several processes: every one would train the one run's batches
     t = CrestTrainer(model=tiny_bert(), args=transformers.TrainingArguments(**base), train_dataset=Texts())
     t.accelerator.state.num_processes = 2
@@ -693,3 +703,32 @@ def test_the_trainer_logs_and_saves_crests_batch_size(tmp_path):
     # the Trainer's own record stays the argument's: a resume compares it with per_device_train_batch_size
     # (review 21: with m there, every resume logged a mismatch)
     assert trainer.state.train_batch_size == 8
+
+
+class _WeightedLossBert(_StrictBert):
+    """The tiny BERT whose forward, given labels, computes a class-weighted cross-entropy of its own."""
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        out = self.bert(input_ids=input_ids, attention_mask=attention_mask)
+        if labels is not None:
+            out.loss = torch.nn.functional.cross_entropy(out.logits, labels, weight=torch.tensor([1.0, 4.0, 0.5]))
+        return out
+
+
+def test_a_model_computing_another_loss_from_its_labels_is_warned_about(tmp_path):
+    """Review 86: CrestTrainer trains CREST's weighted cross-entropy of the logits; a model whose forward makes
+    another loss from the labels had it replaced in training (and used in evaluation) without a word. The
+    comparison's forward leaves the training's random stream (BERT's dropout) and modes untouched."""
+    def run(model, checked=False):
+        trainer = _custom_trainer(tmp_path, model)
+        trainer._crest_loss_checked = checked
+        trainer.train()
+        return [p.detach().clone() for p in model.parameters()]
+
+    with pytest.warns(UserWarning, match="computes its own loss from the labels.*crest_loss_fn"):
+        run(_WeightedLossBert())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # BERT's own loss is the cross-entropy: nothing to say
+        checked = run(_StrictBert())
+    for a, b in zip(checked, run(_StrictBert(), checked=True)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
