@@ -318,10 +318,13 @@ def _similarities(xp, X, nbr: np.ndarray, metric: str, kernel: str, scale: float
         # objective per pick whatever the data's scale
         edges = bool(np.any(nbr >= 0))
         M = xp.max(D) if edges else xp.asarray(0.0, dtype=X.dtype, device=dev)
-        if edges:
+        complete = nbr.shape[1] == n - 1 and bool(np.all(nbr >= 0))
+        if edges and not complete:
             # every edge of the graph at distance 0 (each point has K or more exact duplicates): M = 0 would
             # make every similarity 0 and the greedy arbitrary; any positive M keeps "a duplicate covers its
-            # point"
+            # point". A complete graph at distance 0 is n identical points, whose dense M is 0: kept (review
+            # 87: the sparse path at K = n - 1 reported an objective of n where the dense one, equal to it
+            # by contract, reported 0)
             M = xp.where(M > 0, M, xp.ones_like(M))
         S = xp.where(present, M - D, xp.zeros_like(D))
         self_s = xp.zeros((n, 1), dtype=X.dtype, device=dev) + M  # M is a 0-d array

@@ -680,3 +680,23 @@ def test_auto_bounds_the_sparse_graph_as_an_explicit_neighbors_does():
     given = crestcore.facility_location(X, 20, neighbors=6, max_dense_bytes=1_000_000)
     np.testing.assert_array_equal(auto.indices, given.indices)
     assert planner.plan_problem(1000, 64, 20, 8, 1_000_000).bytes == crestcore.sparse.graph_bytes(1000, 64, 6)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_identical_points_on_a_complete_graph_are_the_dense_problem(backend):
+    """Review 87: n identical points have M = 0 on the dense path (every similarity 0); the sparse path at
+    K = n - 1, equal to it by contract, replaced the M of its all-zero edges by 1 and reported an objective of n
+    (per class with labels: each class's size added). A graph that is not complete keeps the positive M."""
+    X = np.ones((7, 3))
+    labels = np.array([0, 0, 0, 1, 1, 1, 1])
+    for kw, K in ((dict(), 6), (dict(labels=labels), 3)):
+        dense = crestcore.facility_location(X, 2, backend=backend, **kw)
+        sparse = crestcore.facility_location(X, 2, backend=backend, neighbors=K, **kw)
+        assert sparse.path == "sparse" and float(sparse.objective) == float(dense.objective) == 0.0
+        np.testing.assert_array_equal(np.asarray(sparse.indices), np.asarray(dense.indices))
+        np.testing.assert_array_equal(np.asarray(sparse.weights), np.asarray(dense.weights))
+        np.testing.assert_array_equal(np.asarray(sparse.gains), np.asarray(dense.gains))
+    # two groups of identical points, each point's 2 neighbours its duplicates: one pick covers each group
+    Y = np.repeat(np.array([[0.0, 0.0], [5.0, 0.0]]), 4, axis=0)
+    sel = crestcore.facility_location(Y, 2, backend=backend, neighbors=2)
+    assert sorted(np.asarray(sel.indices) // 4) == [0, 1] and float(sel.objective) > 0
