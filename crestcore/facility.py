@@ -94,6 +94,8 @@ class Selection:
         (in its own class when labels were given). They sum to n, except that a class given no pick
         (only possible when k < #classes) represents nobody, and on the sparse path (``neighbors=``) a
         point with no pick among its neighbours counts for none: there they sum to the points covered.
+        In X's dtype: a 16-bit float holds integers exactly up to 2048 (float16) or 256 (bfloat16), so
+        larger cluster sizes are rounded to its precision there (pass float32 features for exact counts).
     gains : (k,) floating. The marginal gain of each pick when it was made (non-increasing per problem
         for "naive" and "lazy"; stochastic greedy's sampled gains need not be monotone).
     objective : 0-d floating array. ``F(S)`` summed over the problems.
