@@ -140,14 +140,16 @@ def _local(block, p: int, start: int, labels_p, classes, budgets, means, E, metr
     return out
 
 
-def _scores(block, labels_p, classes, metric, kernel, scale, Ms, E, candidates):
+def _scores(block, start: int, labels_p, classes, metric, kernel, scale, Ms, E, candidates):
     """For every class: this block's share of every candidate solution's objective, cluster sizes and
     gains along its order (:func:`crestcore.score_orders`: one distance pass over the union of the
     candidates, all of them scored in it). ``candidates`` is (per class the union's rows, per class the
     candidates as orders of those rows). The max-minus kernel's are scored on ``X 2^-E[ci]``, the units
     of the class's bound ``Ms[ci]`` (a bound in X's own units under- or overflowed at extreme scales,
-    review 69): objective and gains then come in those units (the driver scales them back)."""
-    unions, orders = candidates
+    review 69): objective and gains then come in those units (the driver scales them back). A point of the
+    block among the union's rows is at distance 0 from that row (``ids``: its global index; a cosine zero row
+    was at distance 1 from itself, review 87)."""
+    unions, union_idx, orders = candidates
     B = np.asarray(block)
     scaled = kernel == "max-minus"
     out = []
@@ -157,7 +159,8 @@ def _scores(block, labels_p, classes, metric, kernel, scale, Ms, E, candidates):
         if scaled:
             pts, cand = np.ldexp(pts.astype(np.float64), -E[ci]), np.ldexp(cand.astype(np.float64), -E[ci])
         out.append(crestcore.score_orders(pts, cand, orders[ci], metric=metric, kernel=kernel,
-                                          bound=Ms[ci] if scaled else None, scale=scale))
+                                          bound=Ms[ci] if scaled else None, scale=scale,
+                                          ids=(start + idx, union_idx[ci])))
     return out
 
 
@@ -382,8 +385,8 @@ def facility_location(X, k, *, labels=None, client=None, partitions=None, seed=0
             unions.append(rows)
             union_idx.append(U)
         # choose per class on the common objective: every block scores every candidate in one pass
-        shares = blocks.map(_scores, [(labs[p], classes, metric, kernel, scale, Ms, E) for p in range(m)],
-                            shared=(unions, orders))
+        shares = blocks.map(_scores, [(int(bounds[p]), labs[p], classes, metric, kernel, scale, Ms, E)
+                                      for p in range(m)], shared=(unions, union_idx, orders))
     finally:
         if own:
             client.close()

@@ -775,7 +775,7 @@ def _gram_rows(A, metric):
 
 
 def score_orders(X, C, orders, *, metric: str = "euclidean", kernel: str = "max-minus",
-                 bound: float | None = None, scale: float | None = None,
+                 bound: float | None = None, scale: float | None = None, ids=None,
                  ) -> list[tuple[float, np.ndarray, np.ndarray]]:
     """Score ordered pick lists on a set of points: the objective, cluster sizes and gains of each list.
 
@@ -807,6 +807,11 @@ def score_orders(X, C, orders, *, metric: str = "euclidean", kernel: str = "max-
         solutions, one bound of every distance of the problem); unused by ``"exp"``.
     scale : the exp kernel's scale, positive; default d (as in :func:`facility_location`); unused by
         ``"max-minus"``.
+    ids : optional ``(point_ids, candidate_ids)``, integer arrays of lengths n and c naming the points
+        and the candidate rows: a point and a candidate of the same id are one point, at distance 0 from
+        itself as in :func:`facility_location` (it matters for a zero row under ``"cosine"``, whose
+        cosine with anything is 0: without ``ids`` it is at distance 1 from its own copy among the
+        candidates). Candidate ids must be distinct.
 
     Returns
     -------
@@ -847,6 +852,16 @@ def score_orders(X, C, orders, *, metric: str = "euclidean", kernel: str = "max-
         scale_v, bound_v = kernel_scale(scale, X.shape[1]), 0.0
     if isinstance(orders, np.ndarray):
         raise TypeError("orders must be a sequence of 1-D index arrays (one per pick list), not one array")
+    if ids is not None:
+        if not (isinstance(ids, (tuple, list)) and len(ids) == 2):
+            raise ValueError("ids must be a pair (point_ids, candidate_ids)")
+        xid, cid = (np.asarray(a) for a in ids)
+        for name, a, n in (("point_ids", xid, X.shape[0]), ("candidate_ids", cid, C.shape[0])):
+            if a.shape != (n,) or (a.size and a.dtype.kind not in "iu"):
+                raise ValueError(f"ids: {name} must be a 1-D integer array of length {n}, got shape {a.shape}, "
+                                 f"dtype {a.dtype}")
+        if np.unique(cid).size != cid.size:
+            raise ValueError("ids: candidate_ids must be distinct")
     lists = []
     for q, o in enumerate(orders):
         o = np.asarray(o)
@@ -882,10 +897,21 @@ def score_orders(X, C, orders, *, metric: str = "euclidean", kernel: str = "max-
         cols = np.searchsorted(used, np.concatenate(lists))  # the lists as columns of D (rows of C used)
         kern = get_host_kernel("order_scores") or ref.order_scores
         R, sr = _gram_rows(Cc, metric)
+        if ids is not None:  # the used candidates' ids, sorted, for the search of each tile's own points
+            c_ids = cid[used].astype(np.int64)
+            c_order = np.argsort(c_ids, kind="stable")
+            c_sorted = c_ids[c_order]
         tile = max(1, _SCORE_TILE_ELEMENTS // used.size)
         for a in range(0, X.shape[0], tile):
             P, sp = _gram_rows(Xc[a:a + tile], metric)
-            o, w, g = kern(P @ R.T, sp, sr, cols, offsets, metric, kernel, bound_v, scale_v)
+            G = P @ R.T
+            if ids is not None:  # a point against its own copy: distance 0 (D = sp + sr - 2G = 0 exactly)
+                x_ids = xid[a:a + tile].astype(np.int64)
+                at = np.minimum(np.searchsorted(c_sorted, x_ids), c_sorted.size - 1)
+                hit = np.flatnonzero(c_sorted[at] == x_ids)
+                col = c_order[at[hit]]
+                G[hit, col] = 1.0 if metric == "cosine" else 0.5 * (sp[hit] + sr[col])
+            o, w, g = kern(G, sp, sr, cols, offsets, metric, kernel, bound_v, scale_v)
             objective += o
             weights += w
             gains += g

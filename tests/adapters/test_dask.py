@@ -274,3 +274,26 @@ def test_greedi_scales_each_class_on_its_own(client, metric):
             scaled = np.asarray(ref.gains)[cls] * c ** p
             fine = np.abs(scaled) > 1e-290  # the gains that float64 still holds at full precision
             np.testing.assert_allclose(np.asarray(got.gains)[cls][fine], scaled[fine], rtol=1e-9)
+
+
+def test_a_cosine_zero_row_covers_itself_as_on_one_machine(client):
+    """Review 87: the blocks scored the candidate solutions with a zero row at cosine distance 1 from its own
+    copy among the candidates (facility_location puts every point at distance 0 from itself), so the merged
+    solution scored below a partial one and GreeDi returned other picks than one machine."""
+    X = np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 0.05], [1.0, -0.05]])
+    one = crestcore.facility_location(X, 2, metric="cosine")
+    for parts in (1, 2):
+        sel = cdask.facility_location(X, 2, client=client, partitions=parts, metric="cosine")
+        assert sel.indices.tolist() == one.indices.tolist() == [1, 0], (parts, sel.plan)
+        assert sel.weights.tolist() == one.weights.tolist() == [3.0, 1.0]
+    # score_orders with the ids: the zero row is one point with its copy (weights 3 and 1), not a stranger
+    ids = np.arange(4)
+    assert crestcore.score_orders(X, X, [np.array([1, 0])], metric="cosine", bound=2.0)[0][1].tolist() == [4.0, 0.0]
+    scored = crestcore.score_orders(X, X, [np.array([1, 0])], metric="cosine", bound=2.0, ids=(ids, ids))[0]
+    assert scored[1].tolist() == [3.0, 1.0] and scored[0] == pytest.approx(sum(scored[2]))
+    for metric in ("euclidean", "sqeuclidean"):  # the other metrics' self-distances were 0 already: unchanged
+        a = crestcore.score_orders(X, X, [np.array([1, 0])], metric=metric, bound=4.0)[0]
+        b = crestcore.score_orders(X, X, [np.array([1, 0])], metric=metric, bound=4.0, ids=(ids, ids))[0]
+        assert a[0] == b[0] and a[1].tolist() == b[1].tolist() and a[2].tolist() == b[2].tolist()
+    with pytest.raises(ValueError, match="candidate_ids must be distinct"):
+        crestcore.score_orders(X, X, [np.array([1])], metric="cosine", bound=2.0, ids=(ids, np.zeros(4, int)))
