@@ -329,6 +329,8 @@ class CrestConfig:
     more than the step that crosses it: one check, one selection, or a check and the selection its
     failure starts. A due check, epoch reselection or
     drop-triggered reselection waits until the count allows it; meanwhile the coresets are cycled. A
+    reselection due by ``max_age`` or a drop comes before a check due at the same step (the check would
+    measure the anchor it replaces, and spent first it left no room for the reselection, at every step). A
     check answered from the last check's measurement (unchanged parameters, ``ops.state_token``) counts as
     measured here (``counters["reused_examples"]``), so a run resumed from a checkpoint decides as the
     uninterrupted one. Not capped: the selection that new trainable parameters start
@@ -1347,6 +1349,15 @@ def _next_batch(state: CrestState, ops: ModelOps, config: CrestConfig):
         state = state._replace(drop=drop_resize(state.drop, config.drop.history))
     if state.pending:
         state = state._replace(step=state.step + 1, since_check=state.since_check + 1, pending=False)
+        # a reselection already due (the pool shrank since the last selection, or max_age steps trained on
+        # it) comes first: the trust check would measure an anchor it replaces. After the check it waited
+        # for max_overhead to allow it again, which every due check then spent first (review 89: a cap of
+        # 1.0 above what the run spent uncapped made one selection in 200 steps)
+        if not state.need_select and _affordable(state, config):
+            if state.want_select:
+                state, reason = state._replace(need_select=True), "drop"
+            elif config.max_age is not None and state.cursor >= _max_age(state, config):
+                state, reason = state._replace(need_select=True), "age"
         # the trust check runs every T1 steps (when max_overhead allows) whatever else happens at this step;
         # with checks="reuse" a step that trains on a coreset selected now waits (since_check keeps counting)
         if not state.need_select and state.since_check >= state.T1 and _affordable(state, config):

@@ -187,3 +187,40 @@ def test_float32_checks_of_a_learned_model_do_not_fail_on_the_gradients_rounding
         failed[dtype] = sum(c["rho"] > config.tau for c in checks)
     assert failed[np.float64] == 11  # against 1e-12: the model's relative error on losses of 1e-10 to 1e-19
     assert failed[np.float32] <= 1  # 8 against 1e-12; the one left, F = 1.2e-8 for a loss of 4e-19, a real miss
+
+
+def _capped_run(config, steps=200):
+    """The review-89 run: softmax regression on 600 examples of 3 imbalanced classes, lr 0.05, losses observed
+    for the drop policy; (selections, checks, steps from the first drop to the next selection)."""
+    from crestcore import cross_entropy, crest_observe
+
+    rng = np.random.default_rng(0)
+    y = rng.choice(3, size=600, p=np.linspace(1, 2, 3) / np.linspace(1, 2, 3).sum()).astype(np.int64)
+    X = np.hstack([rng.normal(size=(600, 5)) + 1.5 * np.eye(3, 5)[y], np.ones((600, 1))])
+    ops = _SoftmaxOps(X, y, C=3)
+    state = crest_init(config, y, seed=0)
+    for _ in range(steps):
+        state, b = crest_next_batch(state, ops, config)
+        if config.T2:
+            state = crest_observe(state, b.indices, cross_entropy(X[b.indices] @ ops.W, y[b.indices]))
+        ops.W -= 0.05 * ops.gradient(b.indices, b.weights)[1].reshape(ops.W.shape)
+    log = crest_stats(state)
+    drops = [s for s, k in log["drops"] if k]
+    wait = min((s for s in log["selections"] if s >= drops[0]), default=steps) - drops[0] if drops else None
+    return state.counters["selections"], state.counters["checks"], wait
+
+
+def test_a_due_reselection_is_not_starved_by_the_checks_under_max_overhead():
+    """Review 89: under max_overhead the due trust check ran first at every step and spent the allowance, so
+    a reselection that max_age or a drop had made due never got its turn: a cap of 1.0, above the 0.9 the
+    run spends uncapped, made 1 selection in 200 steps where the uncapped run made 6, and after a drop the
+    run trained on dropped examples to its end. A due reselection now comes before the check."""
+    from crestcore import DropConfig
+
+    base = dict(m=16, tau=0.5, coresets="at-anchor")
+    uncapped = _capped_run(CrestConfig(**base))
+    capped = _capped_run(CrestConfig(**base, max_overhead=1.0))
+    assert capped[0] == uncapped[0] == 6
+    drop = dict(base, max_age=None, T2=10, drop=DropConfig(alpha=0.3, window=10, min_records=1))
+    selections, _, wait = _capped_run(CrestConfig(**drop, max_overhead=1.0))
+    assert selections >= 10 and wait is not None and wait <= 2
