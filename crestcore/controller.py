@@ -666,8 +666,9 @@ def crest_init(config: CrestConfig, labels, *, seed: int, epoch_steps: int | Non
     """
     if not isinstance(config, CrestConfig):
         raise TypeError(f"crest_init: config must be a CrestConfig, got {type(config).__name__}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
+        # (below 2^64: a checkpoint stores it as an integer array, review 89)
+        raise ValueError(f"seed must be a non-negative integer below 2**64, got {seed!r}")
     if epoch_steps is not None and (
         isinstance(epoch_steps, bool) or not isinstance(epoch_steps, (int, np.integer)) or epoch_steps < 1
     ):
@@ -1691,13 +1692,18 @@ def _validate_state_dict(d: dict, D: int) -> None:
         raise _bad("log must be a dict with selections, checks and drops")
 
 
-def crest_load_state_dict(d: dict, params_like) -> CrestState:
+def crest_load_state_dict(d: dict, params_like, *, labels=None) -> CrestState:
     """Restore a state; vectors go to the namespace/device/dtype of ``params_like`` (e.g. ops.params()).
 
     The state is validated first: shapes, ranges and cross-field consistency (the drop pool and the
     number of examples, step / pending batch / counters, finite weights and model vectors, the anchor's
     length and the model's parameter count ``params_like.shape[0]``). A corrupt or foreign state raises
     ``ValueError`` saying what is wrong. States carry ``format_version`` (absent: version 1).
+
+    ``labels`` (optional, the training set's (n,) class indices, as given to :func:`crest_init`): the
+    state must have been saved for these labels, else ``ValueError``. A state keeps its own labels and
+    draws its subsets from them, so a checkpoint resumed on another data set (other size, other order)
+    would select indices of the old one, silently; pass them (review 89).
 
     Examples
     --------
@@ -1727,6 +1733,14 @@ def crest_load_state_dict(d: dict, params_like) -> CrestState:
     if params_like.ndim != 1:
         raise ValueError(f"params_like must be the flat (D,) parameter vector, got shape {tuple(params_like.shape)}")
     _validate_state_dict(d, int(params_like.shape[0]))
+    if labels is not None:
+        namespace(labels, names=("labels",))  # an array of a supported library
+        given, saved_labels = np.asarray(to_numpy(labels)).reshape(-1), np.asarray(_as_host(d["labels"], 1))
+        if given.shape != saved_labels.shape or not np.array_equal(given, saved_labels):
+            raise ValueError(
+                f"the state dict was saved for other labels ({saved_labels.size} examples"
+                + ("" if given.size != saved_labels.size else ", the same count in another order or with other "
+                   "classes") + f"; labels has {given.size}): it belongs to another training set")
 
     def vec(a, dtype=params_like.dtype):
         return xp.astype(from_numpy(np.asarray(a), xp, device_of(params_like)), dtype)

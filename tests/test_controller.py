@@ -2602,3 +2602,21 @@ def test_every_divergence_is_a_divergence_error():
     with pytest.raises(DivergenceError, match="logits are finite but exploding"):
         with np.errstate(over="ignore", invalid="ignore"):
             crest_next_batch(crest_init(CrestConfig(m=4), y, seed=0), ops, CrestConfig(m=4))
+
+
+def test_a_state_loaded_with_labels_must_have_been_saved_for_them():
+    """Review 89: a bare controller's checkpoint resumed on another data set (800 examples, or the same 600 in
+    another order) loaded without a word and drew its subsets from the old labels. ``labels=`` ties the load
+    to the training set; seeds are below 2^64 (a larger one was accepted and its checkpoint refused)."""
+    y = np.arange(600) % 3
+    saved = crest_state_dict(crest_init(CrestConfig(m=16), y, seed=0))
+    restored = crest_load_state_dict(saved, np.zeros(6), labels=y)
+    assert np.array_equal(restored.labels, y)
+    with pytest.raises(ValueError, match=r"saved for other labels \(600 examples; labels has 800\)"):
+        crest_load_state_dict(saved, np.zeros(6), labels=np.arange(800) % 3)
+    with pytest.raises(ValueError, match="the same count in another order"):
+        crest_load_state_dict(saved, np.zeros(6), labels=np.random.default_rng(0).permutation(y))
+    with pytest.raises(ValueError, match="below 2\\*\\*64"):
+        crest_init(CrestConfig(m=16), y, seed=2**64)
+    big = crest_init(CrestConfig(m=16), y, seed=2**64 - 1)
+    assert crest_load_state_dict(crest_state_dict(big), np.zeros(6)).seed == 2**64 - 1
