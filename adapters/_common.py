@@ -224,6 +224,16 @@ def _repr_difference(saved, now, as_before: dict | None = None) -> str | None:
     return "; ".join(parts)
 
 
+def measure_anchor(state: dict, where: str) -> int | None:
+    """A loader state's ``measure_anchor`` (the anchors its measurements were made at: their random
+    transforms are drawn for that number, so a resumed run must go on counting from it; review 88), checked;
+    None for a checkpoint saved before 2026-12-05."""
+    number = state.get("measure_anchor")
+    if number is not None and (isinstance(number, bool) or not isinstance(number, (int, np.integer)) or number < 0):
+        raise ValueError(f"{where}: measure_anchor must be a non-negative integer, got {number!r}")
+    return None if number is None else int(number)
+
+
 def restore_controller(saved: dict, labels: np.ndarray, like, data: str = "a dataset"):
     """The controller state of a checkpoint, saved for these ``labels`` (else a ``ValueError``; ``data``
     names the training set), validated and with its vectors like ``like`` (``crest_load_state_dict``)."""

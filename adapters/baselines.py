@@ -92,7 +92,7 @@ from crestcore.adapters.torch import (  # the torch adapter's data access, share
 )
 
 from ._common import (check_budget, check_budget_counts, check_checkpoint, check_count, labels_digest,
-                      user_stacklevel)
+                      measure_anchor, user_stacklevel)
 
 __all__ = ["SubsetLoader", "METHODS", "SELECTING_METHODS"]
 
@@ -500,6 +500,8 @@ class SubsetLoader(BudgetedPasses):
             **passes,
             "last": None if last is None else {"indices": _portable(last[0]), "weights": _portable(last[1])},
             "replay": replay,  # the position whose batch is handed out again first, else None
+            # the anchors measured so far: a measurement's random transforms are drawn for its anchor's number
+            "measure_anchor": int(self.ops._gen),
             **{k: _portable(v) for k, v in schedule.items()},
         }
 
@@ -538,6 +540,7 @@ class SubsetLoader(BudgetedPasses):
             raise ValueError(f"SubsetLoader state dict: position must be an integer in [0, {self.total_steps}], "
                              f"got {pos!r}")
         self._checked_pass_state(state, int(pos))  # a refused state changes nothing
+        number = measure_anchor(state, "SubsetLoader state dict")
         last = state.get("last")
         last = None if last is None else (torch.as_tensor(last["indices"]).numpy().astype(np.int64),
                                           torch.as_tensor(last["weights"]).numpy().astype(np.float64))
@@ -555,3 +558,5 @@ class SubsetLoader(BudgetedPasses):
         self._replay_at = int(replay) if isinstance(replay, (int, np.integer)) and not isinstance(replay, bool) \
             and int(replay) == int(pos) else None
         self._load_pass_state(state, int(pos))
+        if number is not None:
+            self.ops._gen = number

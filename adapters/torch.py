@@ -2847,6 +2847,8 @@ class CrestLoader(BudgetedPasses):
             "trainable": names,
             # the anchor's buffers, which the measurements until the next selection run with
             "anchor_buffers": dict(_inner_ops(self.ops)._anchor_buffers or {}),
+            # the anchors measured so far: a measurement's random transforms are drawn for its anchor's number
+            "measure_anchor": int(_inner_ops(self.ops)._gen),
         }
 
     def _trainable_names(self) -> tuple[list[str], bool]:
@@ -2941,6 +2943,7 @@ class CrestLoader(BudgetedPasses):
                     for k, t in anchor.items()):
                 raise ValueError(f"{where}: anchor_buffers must map the model's buffer names to tensors of their "
                                  "shapes (a checkpoint of another model?)")
+        number = _common.measure_anchor(state, where)  # (checked before anything changes)
         self._load_pass_state(state, pos)  # checks the pass plan before it changes anything: the last check
         self._state = crest
         # the loaded vectors are over the saved set (checkpoints before 2026-12-05: the set as it is now): the
@@ -2957,6 +2960,8 @@ class CrestLoader(BudgetedPasses):
         else:
             self._handed, self._handed_epoch, self._handed_from = [], [], self._position
         _inner_ops(self.ops)._anchor_buffers = {k: t.detach().clone() for k, t in anchor.items()} if anchor else None
+        if number is not None:
+            _inner_ops(self.ops)._gen = number
         saved_epochs = state.get("epochs")  # loaded (every check above passed): a shorter plan is said once
         if isinstance(saved_epochs, (int, np.integer)) and not isinstance(saved_epochs, bool) and saved_epochs > self.epochs:
             warnings.warn(

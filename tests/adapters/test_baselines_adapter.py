@@ -135,6 +135,49 @@ def test_state_dict_resume_is_exact(method, cut):
     assert len(b.stats["selections"]) == len(ref.stats["selections"])
 
 
+@pytest.mark.parametrize("method", ["craig", "gradmatch", "glister"])
+def test_resume_is_exact_on_a_dataset_with_random_transforms(method):
+    """Review 88: a measurement's loads draw their transforms from a stream seeded by its anchor's number,
+    which a resumed loader counted from 0 again: the selections after the resume measured other noise (and
+    differed). The state carries the number."""
+    X, y = make_data()
+
+    def run(ld, model, steps=None, ck=None):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        if ck is not None:
+            opt.load_state_dict(ck["opt"])
+            torch.set_rng_state(ck["rng"])
+        seen = []
+        for k, (x, yb, w) in enumerate(ld.iter_run()):
+            ld.observe(weighted_step(model, opt, x, yb, w))
+            seen.append((ld.last_indices, w.numpy().copy()))
+            if steps is not None and k + 1 >= steps:
+                return seen, {"loader": ld.state_dict(), "model": copy.deepcopy(model.state_dict()),
+                              "opt": copy.deepcopy(opt.state_dict()), "rng": torch.get_rng_state()}
+        return seen, None
+
+    def build(model):
+        return SubsetLoader(model, _Noisy(TensorDataset(X, y)), method=method, budget=0.5, epochs=3, m=M, seed=1,
+                            reselect_every=1)
+
+    torch.manual_seed(0)
+    ref_model = mlp(0)
+    ref, _ = run(build(ref_model), ref_model)
+    torch.manual_seed(0)
+    first_model = mlp(0)
+    first, ck = run(build(first_model), first_model, steps=8)  # at an epoch's end: the next one reselects
+    assert ck["loader"]["measure_anchor"] == 1
+    model = mlp(5)
+    model.load_state_dict(ck["model"])
+    resumed = build(model)
+    resumed.load_state_dict(ck["loader"])
+    rest, _ = run(resumed, model, ck=ck)
+    assert len(first) + len(rest) == len(ref)
+    for (i1, w1), (i2, w2) in zip(first + rest, ref):
+        np.testing.assert_array_equal(i1, i2)
+        np.testing.assert_array_equal(w1, w2)
+
+
 def test_load_state_dict_checks_the_fingerprint():
     a = loader("random")
     train(a, steps=2)

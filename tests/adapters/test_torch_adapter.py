@@ -466,10 +466,26 @@ def test_cpu_runs_are_deterministic_under_a_seed():
     assert any(not np.array_equal(ia, ic) for (ia, _), (ic, _) in zip(a, c))
 
 
-@pytest.mark.parametrize("per_epoch", [False, True])
-def test_resume_is_exact(per_epoch):
+class _Augmented(Dataset):
+    """Rows with a random transform drawn from torch's global RNG at every load (as torchvision's)."""
+
+    def __init__(self, X, y):
+        self.X, self.y, self.targets = X, y, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.X[i] + 0.05 * torch.randn_like(self.X[i]), self.y[i]
+
+
+@pytest.mark.parametrize("per_epoch,augmented", [(False, False), (True, False), (False, True)])
+def test_resume_is_exact(per_epoch, augmented):
+    """Also on a dataset with random transforms (review 88: a measurement's transforms are drawn for its
+    anchor's number, which a resumed loader counted from 0 again; the torch RNG goes with the checkpoint)."""
     X, y = make_data()
-    ds = TensorDataset(X, y)
+    ds = _Augmented(X, y) if augmented else TensorDataset(X, y)
+    torch.manual_seed(0)
     cfg = CrestConfig(m=24, r=60, tau=0.05)
     epochs, lr = 3, 0.1
 
@@ -499,13 +515,14 @@ def test_resume_is_exact(per_epoch):
 
     cut = 7  # mid-epoch (epochs have 5 steps) and mid-selection
     part = []
+    torch.manual_seed(0)
     model, opt, sched, loader = new(0)
     for e in range(epochs if per_epoch else 1):
         if steps(model, opt, sched, loader, part, stop_after=cut, epoch=e if per_epoch else None):
             break
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                "crest": loader.state_dict()}, buf)
+                "crest": loader.state_dict(), "rng": torch.get_rng_state()}, buf)
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)  # plain tensors and numbers only
 
@@ -514,6 +531,7 @@ def test_resume_is_exact(per_epoch):
     opt2.load_state_dict(ckpt["opt"])
     sched2.load_state_dict(ckpt["sched"])
     loader2.load_state_dict(ckpt["crest"])
+    torch.set_rng_state(ckpt["rng"])
     assert loader2.position == cut
     if per_epoch:
         for e in range(loader2.epoch, epochs):
