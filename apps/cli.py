@@ -63,7 +63,8 @@ def _source_benchmarks() -> Path:
 def _no_checkout_message(bdir: Path) -> str:
     return (f"`crest bench` needs a source checkout of crestcore: the benchmarks are not installed with the "
             f"package (looked for {bdir}). Run it from a clone of the repository, installed with "
-            "`pip install -e .`, or run `make bench` there")
+            "`pip install -e '.[bench]'` (the peers it compares with: apricot, submodlib, ...), or run `make bench` "
+            "there")
 
 
 # defaults of the training demo, shown in --help (kept in step with crestcore.apps.train_demo.TrainSettings
@@ -434,7 +435,9 @@ def main(argv=None) -> int:
         _err(str(exc))
         return 1
     except ImportError as exc:  # e.g. matplotlib missing for the demo figures
-        _err(f"{exc}; install the demo extras with `pip install 'crestcore[demo]'`")
+        # the selection demo needs matplotlib only; the training demos torch (or keras) too (review 90)
+        need = "`pip install matplotlib`" if getattr(ns, "selection", False) else "`pip install 'crestcore[demo]'`"
+        _err(f"{exc}; install what the demo needs with {need}")
         return 1
     except KeyboardInterrupt:
         _err("interrupted")

@@ -291,7 +291,7 @@ def load_fashion_mnist(root=None, split: str = "train"):
         raise FileNotFoundError(
             f"Fashion-MNIST {split} files not found in {r} (missing: {', '.join(missing)}). "
             "Install them with `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), "
-            "or pass the folder that holds the gzipped IDX files."
+            "or pass the folder that holds the gzipped IDX files (`crest demo --root DIR`, or root=)."
         )
     images = read_idx(r / img_name)
     labels = read_idx(r / lab_name)
