@@ -168,8 +168,11 @@ class SubsetLoader(BudgetedPasses):
         GradMatch 6.9 s, GLISTER 4.6 s and CRAIG 1.6 s on the device (docs/benchmarks.md, "On a GPU"),
         where the host took 2.7-4.3, 2.3-3.0 and 1.4-2.1 s on a 2-core CPU; ``"host"`` was not timed on
         a GPU.
-    labels, collate_fn, measure_dataset, measure_batch_size, measure_workers, last_layer, forward, loss_fn :
-        as for ``CrestLoader``.
+    labels, collate_fn, measure_dataset, measure_batch_size, measure_workers, measure_cache_bytes,
+        last_layer, forward : as for ``CrestLoader`` (``measure_cache_bytes=0`` for a dataset changed in place
+        between selections: the kept measurement rows would be served stale).
+    loss_fn : accepted as for ``CrestLoader``, but the baselines' selections use the gradients of the
+        cross-entropy of the logits (their methods' own features), whatever it is: given, it is warned about.
 
     Attributes: ``n``, ``labels``, ``full_steps_per_epoch``, ``steps_per_epoch``, ``total_steps``,
     ``pool`` (indices that may be trained on: all, or glister's training part), ``val_indices``
@@ -238,6 +241,7 @@ class SubsetLoader(BudgetedPasses):
         measure_dataset=None,
         measure_batch_size: int | None = None,
         measure_workers: int = 0,
+        measure_cache_bytes: int = 256 << 20,
         last_layer: nn.Module | str | None = None,
         forward: Callable | None = None,
         loss_fn: Callable | None = None,
@@ -298,7 +302,13 @@ class SubsetLoader(BudgetedPasses):
             model, measure_dataset if measure_dataset is not None else dataset, labels=lab, loss_fn=loss_fn,
             device=device, batch_size=measure_batch_size, collate_fn=collate_fn, last_layer=last_layer,
             forward=forward, num_workers=measure_workers, check_labels=labels is None,
+            cache_bytes=measure_cache_bytes,
         )
+        if loss_fn is not None and method in SELECTING_METHODS:
+            warnings.warn(  # (review 88: accepted and silently unused)
+                f"SubsetLoader: loss_fn is not used by {method}'s selections, which measure the gradients of the "
+                "cross-entropy of the logits (the method's own features); your training step's loss is yours",
+                stacklevel=user_stacklevel())
         if labels is None:  # found here from the training set (the labels check's warning names where)
             self.ops._labels_origin = _found_origin(dataset)
         self._fetch = _Fetcher(dataset, collate_fn)

@@ -674,3 +674,20 @@ def test_passes_budget_that_one_selection_exhausts_is_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loader("craig", data=(X, y), budget=0.5, epochs=7, m=10, reselect_every=3, budget_counts="passes")
+
+
+def test_loss_fn_is_said_to_be_unused_and_the_measurement_cache_can_be_turned_off():
+    """Review 88: loss_fn was accepted and silently unused by the selections (CRAIG, GradMatch and GLISTER
+    measure cross-entropy's gradients); SubsetLoader had no measure_cache_bytes, the documented remedy for a
+    dataset changed in place between selections."""
+    def mse(z, y):
+        return ((z - torch.nn.functional.one_hot(y, C).float()) ** 2).sum(dim=1)
+
+    for method in ("craig", "gradmatch", "glister"):
+        with pytest.warns(UserWarning, match=f"loss_fn is not used by {method}'s selections"):
+            loader(method, loss_fn=mse)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loader("prune", loss_fn=mse)  # (prune reads the losses the loop observes)
+        assert loader("craig", measure_cache_bytes=0).ops.cache_bytes == 0
+        assert loader("craig").ops.cache_bytes == 256 << 20
