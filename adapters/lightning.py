@@ -164,8 +164,8 @@ class _CrestTrainLoader:
         yield from self._cb._require_loader()
 
     def state_dict(self) -> dict:
-        loader = self._cb.loader
-        return {"position": None if loader is None else loader.position}
+        loader, trained = self._cb.loader, self._cb._trained()
+        return {"position": None if loader is None else (loader.position if trained is None else trained)}
 
     def load_state_dict(self, state: dict) -> None:
         loader = self._cb.loader
@@ -288,6 +288,7 @@ class CrestCallback(pl.Callback):
         self._restored = False  # a checkpoint's CREST state was loaded into this fit's loader
         self._limits_from: tuple[int, int] | None = None  # (global step, position) whose rate checks the limits
         self._last_position = -1  # the loader's position at the last batch start (is the batch CREST's?)
+        self._in_flight = False  # a batch handed to a step that has not ended (on_train_batch_end)
         self._losses_warned = False  # dropping on and no losses under losses_key: said once
         self._module = None  # the LightningModule and max_epochs of the fit set up last (for _load)
         self._max_epochs: int | None = None
@@ -403,6 +404,7 @@ class CrestCallback(pl.Callback):
         if not self._restored and loader.position == 0 and now != self._epoch0:
             loader = self._foreign_checkpoint(trainer, pl_module, now)
         self._last_position = loader.position
+        self._in_flight = False
         most = trainer.max_epochs
         self._limits_from = None  # a manual-optimization rate is read again in every fit
         if most is None or most < 0:  # no max_epochs: the fit ends when CREST's planned steps are trained
@@ -472,8 +474,10 @@ class CrestCallback(pl.Callback):
                 "train_dataloader?). Pass train_dataloaders=crest.dataloader() to fit, or return "
                 "crest.dataloader() from train_dataloader()")
         self._last_position = loader.position
+        self._in_flight = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._in_flight = False
         if self._limits_from is not None and self.loader is not None:
             g0, p0 = self._limits_from
             done, steps = self.loader.position - p0, int(trainer.global_step) - g0
@@ -519,9 +523,16 @@ class CrestCallback(pl.Callback):
             pl_module.log_dict(scalars(loader.stats), on_step=False, on_epoch=True)
 
     # -- checkpoints ----------------------------------------------------------------------------
+    def _trained(self) -> int | None:
+        """The batches of the run trained: the loader's position, less the batch of a step that has not ended
+        (a checkpoint written from inside it, OnExceptionCheckpoint's or a preemption's, review 91: it was
+        counted as trained, and the resumed fit, which Lightning restarts at the completed batches, skipped
+        it); None when nothing is in flight."""
+        return self.loader.position - 1 if self._in_flight and self.loader is not None and self.loader.position else None
+
     def state_dict(self) -> dict[str, Any]:
         if self.loader is not None:
-            return {**self.loader.state_dict(), "lightning_epoch0": int(self._epoch0)}
+            return {**self.loader.state_dict(trained=self._trained()), "lightning_epoch0": int(self._epoch0)}
         return dict(self._pending) if self._pending is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -745,3 +745,35 @@ def test_the_cut_epoch_warning_names_the_option_the_user_passed(tmp_path, kw, na
     assert len(said) == 1 and said[0].startswith(named)
     if "overfit_batches" in kw:
         assert "no batch repeats" in said[0]
+
+
+class _FailsAtStep4(Module):
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 4:
+            raise RuntimeError("a failure inside the step")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_checkpoint_written_inside_a_step_resumes_with_that_steps_batch(tmp_path):
+    """Review 91: OnExceptionCheckpoint (or a preemption's checkpoint) writes the callback's state while the
+    step's batch is handed out but not trained; the state counted it as trained, and the resumed fit, which
+    Lightning restarts at the completed batches, skipped it: 8 of 9 steps, other weights. The batch is the
+    resumed fit's first now: the uninterrupted run's batches and weights."""
+    cb, module = CrestCallback(data(), **CFG), _FailsAtStep4()
+    saver = pl.callbacks.OnExceptionCheckpoint(dirpath=tmp_path)
+    first = pl.Trainer(max_epochs=3, callbacks=[cb, saver], logger=False, enable_progress_bar=False,
+                       enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu", deterministic=True)
+    with pytest.raises(RuntimeError, match="inside the step"):
+        first.fit(module, train_dataloaders=cb.dataloader())
+    path = tmp_path / "on_exception.ckpt"
+    saved = torch.load(path, weights_only=True)
+    assert saved["global_step"] == 4 and saved["callbacks"]["CrestCallback"]["position"] == 4
+    cb2, module2 = CrestCallback(data(), **CFG), Module(seed=5)
+    t2 = trainer(tmp_path, 3, cb2)
+    t2.fit(module2, train_dataloaders=cb2.dataloader(), ckpt_path=path)
+    seen, model, _ = plain_loop(3)
+    assert t2.global_step == 9 and len(module.seen) + len(module2.seen) == 9
+    for a, b in zip(module.seen + module2.seen, seen):
+        np.testing.assert_array_equal(a, b)
+    for p, q in zip(module2.net.parameters(), model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
