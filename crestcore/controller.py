@@ -1183,6 +1183,11 @@ def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
             "ops.params() returned memory shared with the anchor it returned at the selection (a view of the "
             "live parameters?): params() must return a copy, or the quadratic model always predicts the "
             "anchor's loss and every trust check is wrong")
+    if state.anchor is not None and w.shape == state.anchor.shape and w.dtype != state.anchor.dtype:
+        raise TypeError(
+            f"ops.params() is {w.dtype} but the state's anchor is {state.anchor.dtype}: a state restored with "
+            "crest_load_state_dict(d, params_like) takes params_like's dtype; pass ops.params() as params_like "
+            "(review 89: the checks ran in the other dtype, and the next selection failed naming ops.gradient)")
     if state.anchor is not None and w.shape != state.anchor.shape:
         # the trainable parameters changed since the anchor (a layer unfrozen or frozen mid-run): the
         # quadratic model belongs to the old ones, so no check is possible; a new selection starts a new

@@ -2620,3 +2620,32 @@ def test_a_state_loaded_with_labels_must_have_been_saved_for_them():
         crest_init(CrestConfig(m=16), y, seed=2**64)
     big = crest_init(CrestConfig(m=16), y, seed=2**64 - 1)
     assert crest_load_state_dict(crest_state_dict(big), np.zeros(6)).seed == 2**64 - 1
+
+
+def test_a_state_restored_in_another_dtype_than_the_parameters_is_refused_naming_params_like():
+    """Review 89: a float32 model's state restored with params_like=np.zeros(D) (float64) ran its checks in
+    float64 and failed at the next selection with an error about ops.gradient; now the first check says which
+    argument to fix."""
+    from crestcore.controller import _SoftmaxOps
+
+    class F32(_SoftmaxOps):
+        def params(self):
+            return super().params().astype(np.float32)
+
+        def gradient(self, indices, weights):
+            loss, g = super().gradient(indices, weights)
+            return loss, g.astype(np.float32)
+
+        def hutchinson(self, indices, weights, seed):
+            return super().hutchinson(indices, weights, seed).astype(np.float32)
+
+    y = np.arange(200) % 2
+    ops = F32(np.random.default_rng(0).normal(size=(200, 2)), y, C=2)
+    config = CrestConfig(m=10, T1=1)
+    state = crest_init(config, y, seed=0)
+    state, _ = crest_next_batch(state, ops, config)
+    restored = crest_load_state_dict(crest_state_dict(state), np.zeros(ops.params().size))
+    with pytest.raises(TypeError, match="ops.params\\(\\) is float32 but the state's anchor is float64.*params_like"):
+        crest_next_batch(restored, ops, config)
+    same = crest_load_state_dict(crest_state_dict(state), ops.params())
+    crest_next_batch(same, ops, config)  # the parameters' own dtype: goes on
