@@ -855,11 +855,11 @@ def score_orders(X, C, orders, *, metric: str = "euclidean", kernel: str = "max-
     if ids is not None:
         if not (isinstance(ids, (tuple, list)) and len(ids) == 2):
             raise ValueError("ids must be a pair (point_ids, candidate_ids)")
-        xid, cid = (np.asarray(a) for a in ids)
-        for name, a, n in (("point_ids", xid, X.shape[0]), ("candidate_ids", cid, C.shape[0])):
-            if a.shape != (n,) or (a.size and a.dtype.kind not in "iu"):
-                raise ValueError(f"ids: {name} must be a 1-D integer array of length {n}, got shape {a.shape}, "
-                                 f"dtype {a.dtype}")
+        xid, cid = (np.asarray(v) for v in ids)
+        for name, arr, n in (("point_ids", xid, X.shape[0]), ("candidate_ids", cid, C.shape[0])):
+            if arr.shape != (n,) or (arr.size and arr.dtype.kind not in "iu"):
+                raise ValueError(f"ids: {name} must be a 1-D integer array of length {n}, got shape {arr.shape}, "
+                                 f"dtype {arr.dtype}")
         if np.unique(cid).size != cid.size:
             raise ValueError("ids: candidate_ids must be distinct")
     lists = []

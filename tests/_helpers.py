@@ -4,7 +4,8 @@
 * :func:`load_benchmark` -- a script of ``benchmarks/`` as a module, or a skip where the tests run alone;
 * :func:`assert_import_stays_light` -- importing some modules in a fresh interpreter loads no heavy one;
 * :func:`torch_blobs`, :func:`torch_mlp`, :func:`weighted_step` -- the small classification problem,
-  model and training step of the PyTorch adapter tests (torch is imported when they are called).
+  model and training step of the PyTorch adapter tests (torch is imported when they are called);
+* :func:`float32_ops` -- a NumPy ModelOps class with float32 parameters, gradient and curvature.
 """
 
 from __future__ import annotations
@@ -114,3 +115,21 @@ def weighted_step(model, opt, x, y, w):
     (w * losses).mean().backward()
     opt.step()
     return losses
+
+
+def float32_ops(base):
+    """``base`` (a ModelOps class over float64 NumPy arrays, e.g. ``crestcore.controller._SoftmaxOps``) with
+    float32 parameters, gradient and curvature."""
+
+    class Float32(base):
+        def params(self):
+            return super().params().astype(np.float32)
+
+        def gradient(self, indices, weights):
+            loss, g = super().gradient(indices, weights)
+            return loss, g.astype(np.float32)
+
+        def hutchinson(self, indices, weights, seed):
+            return super().hutchinson(indices, weights, seed).astype(np.float32)
+
+    return Float32

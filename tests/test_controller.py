@@ -2626,19 +2626,11 @@ def test_a_state_restored_in_another_dtype_than_the_parameters_is_refused_naming
     """Review 89: a float32 model's state restored with params_like=np.zeros(D) (float64) ran its checks in
     float64 and failed at the next selection with an error about ops.gradient; now the first check says which
     argument to fix."""
+    from _helpers import float32_ops
+
     from crestcore.controller import _SoftmaxOps
 
-    class F32(_SoftmaxOps):
-        def params(self):
-            return super().params().astype(np.float32)
-
-        def gradient(self, indices, weights):
-            loss, g = super().gradient(indices, weights)
-            return loss, g.astype(np.float32)
-
-        def hutchinson(self, indices, weights, seed):
-            return super().hutchinson(indices, weights, seed).astype(np.float32)
-
+    F32 = float32_ops(_SoftmaxOps)
     y = np.arange(200) % 2
     ops = F32(np.random.default_rng(0).normal(size=(200, 2)), y, C=2)
     config = CrestConfig(m=10, T1=1)

@@ -3,6 +3,7 @@ where L_R != F (tiny and negative losses), the max_overhead gate before every me
 just-in-time coresets."""
 import numpy as np
 import pytest
+from _helpers import float32_ops
 
 from crestcore import CrestConfig, crest_init, crest_next_batch
 from crestcore.controller import _SoftmaxOps, crest_stats
@@ -107,18 +108,7 @@ def test_fit_batches_coresets_are_selected_and_fitted_at_the_anchor_with_just_in
     assert state.counters["backward_examples"] == 3 * fitted  # gradient + Hutchinson on both
 
 
-class _Float32(_Moving):
-    """_Moving with float32 parameters, gradient and curvature."""
-
-    def params(self):
-        return super().params().astype(np.float32)
-
-    def gradient(self, indices, weights):
-        loss, g = super().gradient(indices, weights)
-        return loss, g.astype(np.float32)
-
-    def hutchinson(self, indices, weights, seed):
-        return super().hutchinson(indices, weights, seed).astype(np.float32)
+_Float32 = float32_ops(_Moving)  # _Moving with float32 parameters, gradient and curvature
 
 
 def test_rho_is_floored_at_the_parameters_dtype_epsilon_where_coarser():
