@@ -221,7 +221,9 @@ def make_rng(rng, name: str = "rng") -> np.random.Generator:
     if isinstance(rng, np.random.Generator):
         return rng
     if isinstance(rng, bool) or rng is None:
-        raise TypeError(f"{name} must be an int seed or a numpy.random.Generator, got {rng!r}")
+        # (None: no hidden global RNG stands in; the call draws, so it needs a seed of the caller's, review 90)
+        need = " (this call draws random numbers, and none come from a global RNG: pass a seed)" if rng is None else ""
+        raise TypeError(f"{name} must be an int seed or a numpy.random.Generator, got {rng!r}{need}")
     if isinstance(rng, numbers.Integral):
         if int(rng) < 0:
             raise ValueError(f"{name} seed must be non-negative, got {int(rng)}")

@@ -387,3 +387,12 @@ def test_uint64_labels_beyond_int64_are_refused_not_reordered():
         crestcore.minibatch_coresets(X, big, m=2, r=4, P=1, rng=0)
     ok = crestcore.facility_location(X, 2, labels=np.array([1, 1, 2**62, 2**62], dtype=np.uint64))
     assert ok.indices.tolist() == [0, 2]
+
+
+def test_a_missing_rng_says_a_seed_is_needed():
+    """Review 90: rng=None (no seed) said only "rng must be an int seed or a numpy.random.Generator, got None";
+    nothing draws from a global RNG, so the message says to pass a seed."""
+    with pytest.raises(TypeError, match=r"got None \(this call draws random numbers.*pass a seed\)"):
+        crestcore.minibatch_coresets(np.zeros((20, 2)), np.arange(20) % 2, m=2, r=10, P=1)
+    with pytest.raises(TypeError, match="got True$"):  # (a bool is no seed, and says only that)
+        crestcore.minibatch_coresets(np.zeros((20, 2)), np.arange(20) % 2, m=2, r=10, P=1, rng=True)
