@@ -34,6 +34,7 @@ one that never stopped. Limits: one process (the distributed adapter is separate
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -282,6 +283,7 @@ class CrestTrainer(transformers.Trainer):
         _refuse_unsupported(self)
         self._planned_epochs()  # max_steps refused here, not only when train() starts
         self.crest_config = config
+        self._crest_m_from_args = crest_config is None  # m follows per_device_train_batch_size at each new run
         self.crest_budget = float(crest_budget)
         self.crest_seed = int(seed)
         self.crest_labels = crest_labels
@@ -387,6 +389,11 @@ class CrestTrainer(transformers.Trainer):
         if (self.crest is None or self.crest.model is not self.model or self._crest_resume is not None
                 or self._crest_new_run):
             self._crest_new_run = False
+            size = int(self.args.per_device_train_batch_size)
+            if self._crest_m_from_args and self.crest_config.m != size:
+                # the batch size set after construction (a hyperparameter search's trial sets it inside train():
+                # it had no effect, review 86) is this run's m, as at construction
+                self.crest_config = dataclasses.replace(self.crest_config, m=size)
             with _common.budget_said():  # said at construction
                 self.crest = CrestBatchSampler(
                     self.model, train_dataset, config=self.crest_config, budget=self.crest_budget,

@@ -732,3 +732,20 @@ def test_a_model_computing_another_loss_from_its_labels_is_warned_about(tmp_path
         checked = run(_StrictBert())
     for a, b in zip(checked, run(_StrictBert(), checked=True)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_without_crest_config_m_follows_the_batch_size_a_search_sets(tmp_path):
+    """Review 86: without crest_config, m is per_device_train_batch_size; a hyperparameter search sets that
+    inside train(), after construction, where it had no effect (m stayed the constructor's). Each new run takes
+    the batch size of its arguments; a given crest_config keeps its m."""
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), num_train_epochs=1, report_to=[], use_cpu=True,
+                                          save_strategy="no", per_device_train_batch_size=16)
+    t = CrestTrainer(model=tiny_bert(), args=args, train_dataset=Texts(), data_collator=transformers.default_data_collator)
+    t.args.per_device_train_batch_size = 8
+    t.get_train_dataloader()
+    assert t.crest_config.m == t.crest.config.m == 8 and t.get_total_train_batch_size(t.args) == 8
+    given = CrestTrainer(model=tiny_bert(), args=args, train_dataset=Texts(),
+                         data_collator=transformers.default_data_collator, crest_config=CrestConfig(m=12))
+    given.args.per_device_train_batch_size = 4
+    given.get_train_dataloader()
+    assert given.crest.config.m == 12
