@@ -607,9 +607,11 @@ def run_worker(spec, cache_dir=None, timeout=None, threads=None) -> dict:
             return res
     print(" FAILED", file=sys.stderr)
     tail = (cp.stderr or "")[-1500:]
+    last = tail.strip().splitlines()[-1] if tail.strip() else ""
+    if last.startswith("ModuleNotFoundError"):  # a peer library not installed (review 90)
+        last += " (the peers come with the bench extra: pip install -e '.[bench]')"
     return {"suite": spec["suite"], "method": spec["method"], "params": spec["params"],
-            "error": f"worker exit {cp.returncode}: {tail.strip().splitlines()[-1] if tail.strip() else ''}",
-            "stderr_tail": tail}
+            "error": f"worker exit {cp.returncode}: {last}", "stderr_tail": tail}
 
 
 def _rel(a, b):
