@@ -1740,7 +1740,9 @@ def crest_load_state_dict(d: dict, params_like, *, labels=None) -> CrestState:
     _validate_state_dict(d, int(params_like.shape[0]))
     if labels is not None:
         namespace(labels, names=("labels",))  # an array of a supported library
-        given, saved_labels = np.asarray(to_numpy(labels)).reshape(-1), np.asarray(_as_host(d["labels"], 1))
+        given, saved_labels = np.asarray(to_numpy(labels)), np.asarray(_as_host(d["labels"], 1))
+        if given.ndim != 1:
+            raise ValueError(f"labels must be the (n,) class indices given to crest_init, got shape {given.shape}")
         if given.shape != saved_labels.shape or not np.array_equal(given, saved_labels):
             raise ValueError(
                 f"the state dict was saved for other labels ({saved_labels.size} examples"

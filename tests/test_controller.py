@@ -2616,6 +2616,8 @@ def test_a_state_loaded_with_labels_must_have_been_saved_for_them():
         crest_load_state_dict(saved, np.zeros(6), labels=np.arange(800) % 3)
     with pytest.raises(ValueError, match="the same count in another order"):
         crest_load_state_dict(saved, np.zeros(6), labels=np.random.default_rng(0).permutation(y))
+    with pytest.raises(ValueError, match=r"labels must be the \(n,\) class indices.*\(600, 1\)"):
+        crest_load_state_dict(saved, np.zeros(6), labels=y[:, None])
     with pytest.raises(ValueError, match="below 2\\*\\*64"):
         crest_init(CrestConfig(m=16), y, seed=2**64)
     big = crest_init(CrestConfig(m=16), y, seed=2**64 - 1)
