@@ -167,6 +167,15 @@ def check_neighbors(neighbors, n: int):
 # --------------------------------------------------------------------------------------------------
 
 
+def _namespace_of(xp, X):
+    """``X``'s array-API namespace, after checking that ``xp`` (the library module, e.g. ``numpy`` or ``torch``,
+    or its compat namespace) is X's own library."""
+    own = namespace(X, names=("X",))
+    if xp is not own and namespace_name(xp) != namespace_name(own):
+        raise TypeError(f"xp must be the library of X ({namespace_name(own)}), got {getattr(xp, '__name__', xp)!r}")
+    return own
+
+
 def exact_knn(xp, X, K: int, metric: str) -> np.ndarray:
     """Exact K nearest other points of every row of X (n, d), as host (n, K) int64, nearest first, ties
     to the lower index. Any array library; tiles of rows, O(n) memory per row, O(n^2 d) time.
@@ -180,6 +189,7 @@ def exact_knn(xp, X, K: int, metric: str) -> np.ndarray:
     >>> exact_knn(np, X, 2, "euclidean").tolist()
     [[1, 2], [0, 2], [0, 1], [4, 5], [3, 5], [3, 4]]
     """
+    xp = _namespace_of(xp, X)
     check_float_matrix(xp, X, "X")
     check_choice(metric, "metric", METRICS)
     n = X.shape[0]
@@ -260,6 +270,7 @@ def knn_graph(xp, X, K: int, metric: str, *, force_reference: bool = False) -> t
     >>> nbr.tolist(), how
     ([[1], [0], [0], [4], [3], [3]], 'exact')
     """
+    xp = _namespace_of(xp, X)
     if not force_reference:
         from crestcore.backends import knn_builder
 

@@ -700,3 +700,23 @@ def test_identical_points_on_a_complete_graph_are_the_dense_problem(backend):
     Y = np.repeat(np.array([[0.0, 0.0], [5.0, 0.0]]), 4, axis=0)
     sel = crestcore.facility_location(Y, 2, backend=backend, neighbors=2)
     assert sorted(np.asarray(sel.indices) // 4) == [0, 1] and float(sel.objective) > 0
+
+
+def test_the_graph_builders_take_the_library_module_of_their_input():
+    """``exact_knn(numpy, X, ...)`` is how the docs call it; ``exact_knn(torch, X_t, ...)`` raised an
+    AttributeError (the bare torch module has no ``isdtype``), and a NumPy module with a torch tensor said
+    that float64 is not a floating dtype (review 94). The module now names X's library, which must match."""
+    torch = pytest.importorskip("torch")
+    from crestcore.sparse import knn_graph
+
+    X = np.random.default_rng(3).normal(size=(30, 3))
+    Xt = torch.from_numpy(X)
+    ref = exact_knn(np, X, 4, "euclidean")
+    np.testing.assert_array_equal(exact_knn(torch, Xt, 4, "euclidean"), ref)
+    nbr, how = knn_graph(torch, Xt, 4, "euclidean", force_reference=True)
+    assert how == "exact"
+    np.testing.assert_array_equal(nbr, ref)
+    with pytest.raises(TypeError, match=r"xp must be the library of X \(torch\)"):
+        exact_knn(np, Xt, 4, "euclidean")
+    with pytest.raises(TypeError, match=r"xp must be the library of X \(numpy\)"):
+        knn_graph(torch, X, 4, "euclidean")
