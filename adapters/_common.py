@@ -17,7 +17,7 @@ import numpy as np
 
 from crestcore.controller import Batch, CrestConfig, crest_load_state_dict, crest_state_dict
 from crestcore.validation import (DivergenceError, check_count, host_indices, host_weights,  # noqa: F401 (re-exported)
-                                  stored_batch, user_stacklevel)
+                                  masked_outputs_error, stored_batch, user_stacklevel)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -90,15 +90,30 @@ def weighted_examples(indices, weights, n: int, what: str) -> tuple[np.ndarray, 
 # measurement passes and divergence
 # ------------------------------------------------------------------------------------------------
 def chunk_spans(k: int, size: int):
-    """``(a, b)`` for the consecutive chunks ``[a, b)`` of ``k`` items, at most ``size`` each."""
+    """``(a, b)`` for the consecutive chunks ``[a, b)`` of ``k`` items, at most ``size`` each, and none of a
+    single item after a full one: ``k = q size + 1`` ends in chunks of ``size - 1`` and 2 (a layer that takes
+    its batch's statistics in eval mode, ``BatchNorm(track_running_stats=False)``, fails on a chunk of one;
+    review 93).
+
+    >>> list(chunk_spans(5, 2)), list(chunk_spans(7, 3)), list(chunk_spans(6, 3))
+    ([(0, 2), (2, 4), (4, 5)], [(0, 3), (3, 5), (5, 7)], [(0, 3), (3, 6)])
+    """
+    last = k - 2 if size > 2 and k > size and k % size == 1 else None  # where the last chunk of one starts
     for a in range(0, k, size):
+        if last is not None and a + size > last:
+            yield a, last
+            yield last, k
+            return
         yield a, min(k, a + size)
 
 
-def measurement_error(what: str, count: int, total: int) -> FloatingPointError:
+def measurement_error(what: str, count: int, total: int, *, neg_inf: bool = False) -> ValueError:
     """The error for NaN or infinite ``what`` (outputs, losses, gradients, ...) of ``count`` of the
     ``total`` examples of a measurement pass: the model has diverged (a ``DivergenceError``, as every
-    divergence)."""
+    divergence). ``neg_inf``: every non-finite value is ``-inf``; of outputs, that is a mask of classes, not a
+    divergence (:func:`crestcore.validation.masked_outputs_error`)."""
+    if neg_inf and what == "outputs":
+        return masked_outputs_error(count, total)
     return DivergenceError(
         f"CREST: the model produced NaN or infinite {what} ({count} of {total} in this measurement pass): "
         "training has diverged. Lower the learning rate, add gradient clipping, or check the data and the loss."

@@ -1835,7 +1835,8 @@ class TorchModelOps:
         bad = ~torch.isfinite(t)
         if bool(bad.any()):
             count = int(bad.reshape(bad.shape[0], -1).any(dim=1).sum()) if t.ndim else 1
-            raise _common.measurement_error(what, count, t.shape[0] if t.ndim else 1)
+            neg_inf = not bool((torch.isnan(t) | (t == torch.inf)).any())
+            raise _common.measurement_error(what, count, t.shape[0] if t.ndim else 1, neg_inf=neg_inf)
 
     # -- ModelOps -------------------------------------------------------------------------------
     def outputs(self, indices, embeddings: bool = False):

@@ -37,6 +37,22 @@ def user_stacklevel(skip: tuple[str, ...] = ()) -> int:
     return level
 
 
+def masked_outputs_error(rows: int, total: int) -> ValueError:
+    """The error for a model's outputs whose only non-finite entries are ``-inf`` (a mask of classes, not a
+    divergence): ``rows`` of the ``total`` rows measured hold one.
+
+    Examples
+    --------
+    >>> str(masked_outputs_error(3, 8)).split(":")[1]
+    " the model's outputs hold -inf in 3 of 8 rows (and no NaN or +inf), e.g. a mask of unused classes"
+    """
+    return ValueError(
+        f"CREST: the model's outputs hold -inf in {rows} of {total} rows (and no NaN or +inf), e.g. a mask of "
+        "unused classes: CREST's measurements (softmax features, per-example losses, the quadratic model's fit) "
+        "take finite logits. Mask with a large finite negative value instead, e.g. logits.masked_fill(mask, -1e4) "
+        "(finite in every float dtype; its softmax share underflows to 0, as -inf's is 0)")
+
+
 class DivergenceError(FloatingPointError, ValueError):
     """Non-finite numbers where a finite computation was expected (a diverged model, an overflowing
     estimate). A ``FloatingPointError`` (what the adapters document and annotate with the step), and a

@@ -51,8 +51,8 @@ import array_api_compat
 import numpy as np
 
 from ._compat import device_of, from_numpy, frozen_copy, namespace, once_per_array, to_numpy
-from ._validation import (DivergenceError, field_bool, field_choice, field_instance, field_int, field_real, plain_fields,
-                          user_stacklevel)
+from ._validation import (DivergenceError, field_bool, field_choice, field_instance, field_int, field_real,
+                          masked_outputs_error, plain_fields, user_stacklevel)
 from .dropping import (DropConfig, DropState, _check_live, _undone_on_error, drop_init, drop_record, drop_resize,
                        drop_update, pool_size)
 from .features import cross_entropy, last_layer_gradients, softmax
@@ -724,6 +724,9 @@ def _forward(state: CrestState, ops, idx: np.ndarray, config: CrestConfig):
     if logits.ndim != 2 or logits.shape[0] != idx.size:
         raise ValueError(f"outputs returned shape {tuple(logits.shape)} for {idx.size} indices")
     if not bool(xp.all(xp.isfinite(logits))):
+        if not bool(xp.any(xp.isnan(logits) | (logits == math.inf))):
+            raise masked_outputs_error(int(xp.sum(xp.astype(xp.any(logits == -math.inf, axis=1), xp.int64))),
+                                       idx.size)
         raise DivergenceError(
             f"CREST: the model's outputs are NaN or infinite at step {state.step}: training has diverged. "
             "Lower the learning rate or clip the gradients.")

@@ -11,12 +11,14 @@ Each check returns a normalised host (NumPy) copy or raises an error naming the 
 * :func:`not_floating` -- the ``TypeError`` for an array whose dtype is not real floating (a NumPy
   bfloat16 array from ml_dtypes is told what to do).
 * :class:`DivergenceError` -- what CREST raises on non-finite numbers (a ``FloatingPointError``).
+* :func:`masked_outputs_error` -- the ``ValueError`` for outputs whose only non-finite entries are ``-inf``
+  (a mask of classes, not a divergence).
 """
 
 from __future__ import annotations
 
-from ._validation import (DivergenceError, check_count, check_int, host_indices, host_weights, not_floating,
-                          stored_batch, user_stacklevel)
+from ._validation import (DivergenceError, check_count, check_int, host_indices, host_weights, masked_outputs_error,
+                          not_floating, stored_batch, user_stacklevel)
 
-__all__ = ["DivergenceError", "check_count", "check_int", "host_indices", "host_weights", "not_floating",
-           "stored_batch", "user_stacklevel"]
+__all__ = ["DivergenceError", "check_count", "check_int", "host_indices", "host_weights", "masked_outputs_error",
+           "not_floating", "stored_batch", "user_stacklevel"]

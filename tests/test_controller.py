@@ -1907,6 +1907,16 @@ def test_core_review_fixes_divergence_negative_losses_epoch_fits_and_rounding():
     with pytest.raises(DivergenceError, match="NaN or infinite at step 0.*diverged"):
         crest_next_batch(crest_init(cfg, y, seed=0), NaNOps(y), cfg)
 
+    class MaskedOps(FakeOps):  # review 93: -inf logits alone are a mask of classes, not a divergence
+        def outputs(self, idx, embeddings=False):
+            Z = np.array(super().outputs(idx, embeddings), dtype=float)
+            Z[:, 0] = -np.inf
+            return Z
+
+    with pytest.raises(ValueError, match=r"outputs hold -inf in 12 of 12 rows") as exc:
+        crest_next_batch(crest_init(cfg, y, seed=0), MaskedOps(y), cfg)
+    assert not isinstance(exc.value, FloatingPointError)
+
     epoch_cfg = CrestConfig(m=4, r=12, reselect="epoch")
     ops = FakeOps(y)
     state = crest_init(epoch_cfg, y, seed=0, epoch_steps=5)

@@ -642,7 +642,8 @@ def _check_finite_np(a: np.ndarray, what: str):
     bad = ~np.isfinite(a)
     if bad.any():
         rows = int(bad.reshape(bad.shape[0], -1).any(axis=1).sum()) if a.ndim else 1
-        raise _common.measurement_error(what, rows, a.shape[0] if a.ndim else 1)
+        neg_inf = not bool((np.isnan(a) | (a == np.inf)).any())
+        raise _common.measurement_error(what, rows, a.shape[0] if a.ndim else 1, neg_inf=neg_inf)
 
 
 # ------------------------------------------------------------------------------------------------

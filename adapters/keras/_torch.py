@@ -57,7 +57,8 @@ def outputs(ops, idx: np.ndarray, embeddings: bool):
     z = torch.cat(logits)
     bad = ~torch.isfinite(z)
     if bool(bad.any()):
-        raise _common.measurement_error("outputs", int(bad.any(dim=1).sum()), z.shape[0])
+        raise _common.measurement_error("outputs", int(bad.any(dim=1).sum()), z.shape[0],
+                                        neg_inf=not bool((torch.isnan(z) | (z == torch.inf)).any()))
     return (z, torch.cat(embs)) if embeddings else z
 
 

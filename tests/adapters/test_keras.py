@@ -914,6 +914,18 @@ def test_diverged_model_raises_floating_point_error():
         model.fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
 
 
+def test_logits_masked_to_minus_inf_are_refused_as_a_mask_not_a_divergence():
+    """Review 93's finding in the Keras callback: -inf logits (a mask) are not a divergence."""
+    X, y = digits(160)
+    model = mlp(0)
+    mask = keras.ops.convert_to_tensor(np.array([0.0] * 9 + [-np.inf], "float32"))
+    masked = keras.Sequential([model, keras.layers.Lambda(lambda z: z + mask)])
+    ops = KerasModelOps(masked, X, y)
+    with pytest.raises(ValueError, match="-inf in 10 of 10 rows") as exc:
+        ops.outputs(np.arange(10))
+    assert not isinstance(exc.value, FloatingPointError)
+
+
 # ------------------------------------------------------------------------------------------------
 # dropping, stats, resume, misuse
 # ------------------------------------------------------------------------------------------------

@@ -686,6 +686,60 @@ def test_nan_raises_a_clear_error():
         loader2.observe(torch.ones(3))
 
 
+def test_logits_masked_to_minus_inf_are_refused_as_a_mask_not_a_divergence():
+    """Review 93: a model that masks unused classes to -inf (finite losses, gradients and Hessian products in
+    torch) was told at step 0, before any training, that training had diverged and to lower the learning
+    rate. The error now names the mask and the finite fix, which then trains."""
+    X, y = make_data()
+
+    class Masked(torch.nn.Module):
+        def __init__(self, fill):
+            super().__init__()
+            self.body = mlp()
+            self.register_buffer("mask", torch.tensor([0.0] * C + [fill, fill]))
+
+        def forward(self, x):
+            z = self.body(x)
+            return torch.cat([z, torch.zeros(z.shape[0], 2)], dim=1) + self.mask
+
+    def loader(fill):
+        return CrestLoader(Masked(fill), TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.5,
+                           epochs=1, seed=0)
+
+    with pytest.raises(ValueError, match=r"outputs hold -inf in 60 of 60 rows .*masked_fill\(mask, -1e4\)") as exc:
+        next(iter(loader(float("-inf"))))
+    assert not isinstance(exc.value, FloatingPointError)
+    assert sum(1 for _ in loader(-1e4)) == len(loader(-1e4))
+    ops = TorchModelOps(Masked(float("-inf")), TensorDataset(X, y))
+    with pytest.raises(ValueError, match="-inf in 3 of 3 rows"):
+        ops.outputs(np.arange(3))
+    nan_ops = TorchModelOps(Masked(float("nan")), TensorDataset(X, y))
+    from crestcore.validation import DivergenceError
+
+    with pytest.raises(DivergenceError, match="NaN or infinite outputs"):
+        nan_ops.outputs(np.arange(3))
+
+
+def test_no_measurement_chunk_of_one_example_after_a_full_one():
+    """Review 93: a pass of k = q * batch_size + 1 examples ended in a chunk of one, on which a layer that takes
+    its batch's statistics in eval mode (BatchNorm(track_running_stats=False)) fails with torch's bare
+    "Expected more than 1 value per channel when training". Such a pass now ends in chunks of
+    batch_size - 1 and 2; a model without such a layer measures the same outputs."""
+    X, y = make_data(n=300)
+    torch.manual_seed(0)
+    bn = torch.nn.Sequential(torch.nn.Linear(X.shape[1], 16), torch.nn.BatchNorm1d(16, track_running_stats=False),
+                             torch.nn.ReLU(), torch.nn.Linear(16, C))
+    data = TensorDataset(X, y)
+    z = TorchModelOps(bn, data, batch_size=8).outputs(np.arange(17))
+    assert z.shape == (17, C) and bool(torch.isfinite(z).all())
+    plain = mlp()
+    torch.testing.assert_close(TorchModelOps(plain, data, batch_size=8).outputs(np.arange(17)),
+                               TorchModelOps(plain, data, batch_size=17).outputs(np.arange(17)))
+    loader = CrestLoader(bn, data, config=CrestConfig(m=32, r=129), budget=0.5, epochs=1, seed=0,
+                         measure_batch_size=128)
+    assert sum(1 for _ in loader) == len(loader)
+
+
 def test_empty_or_single_class_dataset_is_refused():
     X, y = make_data()
     with pytest.raises(ValueError, match="empty"):
