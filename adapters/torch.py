@@ -3150,6 +3150,27 @@ def _calling_loader_iterator(me, depth: int = 12):
     return None, None
 
 
+def _wrapper_look_ahead(depth: int = 24) -> int:
+    """1 when an ``accelerate`` data loader (``DataLoaderShard``, ``DataLoaderDispatcher``, what
+    ``Accelerator.prepare`` and the Hugging Face ``Trainer`` make of a ``DataLoader``) is iterating the
+    ``DataLoader`` whose iterator calls ``iter()`` on the sampler, else 0: it takes the next batch from the
+    ``DataLoader`` before it yields the current one, one batch beyond the workers' prefetch (review 96: under
+    ``num_workers=2`` a cycled coreset's later copy then lay in the window of ``observe(indices=)`` and took the
+    losses of the batch trained five steps before it)."""
+    try:
+        f = sys._getframe(2)
+    except ValueError:  # pragma: no cover - a stack without that frame
+        return 0
+    for _ in range(depth):
+        if f is None:
+            break
+        obj = f.f_locals.get("self") if f.f_code.co_name == "__iter__" else None
+        if obj is not None and type(obj).__module__.startswith("accelerate.") and hasattr(obj, "base_dataloader"):
+            return 1
+        f = f.f_back
+    return 0
+
+
 class CrestBatchSampler(CrestLoader):
     """CREST's weighted coreset batches for **your own** ``DataLoader`` (workers, pinned memory,
     persistent workers, your ``collate_fn``)::
@@ -3259,6 +3280,7 @@ class CrestBatchSampler(CrestLoader):
         self._loader_iter = weakref.ref(it) if ds is not None and it is not None else None
         if ds is not None:  # the untrained batches a checkpoint may need are at most those fetched ahead
             ahead = int(getattr(loader, "num_workers", 0) or 0) * int(getattr(loader, "prefetch_factor", 0) or 0)
+            ahead += _wrapper_look_ahead()  # accelerate's loaders hold one batch more
             self._ahead = max(self._ahead, ahead)
             self._loader_ahead = ahead
         return super().__iter__()
@@ -3310,8 +3332,9 @@ class CrestBatchSampler(CrestLoader):
         if saved is not None and saved != self._pass_ahead:
             warnings.warn(
                 f"CrestBatchSampler resumed under a DataLoader that fetches {self._pass_ahead} batches ahead; the "
-                f"saved run's fetched {saved} (num_workers x prefetch_factor): the controller makes each batch "
-                "that many steps before it is trained, so its selections, checks and drop decisions now measure "
+                f"saved run's fetched {saved} (num_workers x prefetch_factor, one more under accelerate): the "
+                "controller makes each batch that many steps before it is trained, so its selections, checks and "
+                "drop decisions now measure "
                 "other parameters and the run continues differently from the saved one's. Resume with the saved "
                 "run's num_workers and prefetch_factor to continue it exactly", stacklevel=_common.user_stacklevel())
 
@@ -3391,7 +3414,8 @@ class CrestBatchSampler(CrestLoader):
             if self._pass_ahead:  # the batch handed out last is not the one trained: its losses would go there
                 raise ValueError(
                     f"CrestBatchSampler.observe(losses) without indices=, but the DataLoader fetches up to "
-                    f"{self._pass_ahead} batches ahead (its workers): the batch handed out last is not the one "
+                    f"{self._pass_ahead} batches ahead (its workers; accelerate's loaders one more): the batch "
+                    "handed out last is not the one "
                     "these losses belong to. Pass the batch's indices: DataLoader(WeightedDataset(dataset, "
                     "indices=True), ...) (or sampler.dataloader(indices=True)) yields x, y, w, i; then "
                     "sampler.observe(losses, indices=i)")

@@ -17,7 +17,7 @@ accelerate = pytest.importorskip("accelerate")
 
 from crestcore import CrestConfig  # noqa: E402
 from crestcore.adapters.huggingface import CrestTrainer, weighted_cross_entropy  # noqa: E402
-from crestcore.adapters.torch import CrestBatchSampler, WeightedDataset  # noqa: E402
+from crestcore.adapters.torch import CrestBatchSampler, WeightedCollate, WeightedDataset  # noqa: E402
 
 N, SEQ, C = 192, 8, 3
 
@@ -298,6 +298,43 @@ def test_the_sampler_with_plain_accelerate():
     assert sampler.stats["counters"]["selections"] >= 1
 
 
+def test_under_accelerate_with_workers_each_batchs_losses_are_recorded_at_its_step(monkeypatch):
+    """Review 96: accelerate's prepared loader takes a batch from the DataLoader before it yields the one
+    before, one beyond the workers' prefetch; observe(indices=) looked for the trained batch only within the
+    prefetch window and, with num_workers=2, recorded 23 of 24 batches' losses at the step of the cycled
+    coreset's next copy, five steps later (the drop policy's records, and a resume, then differed)."""
+    from crestcore import DropConfig
+
+    recorded = []
+    original = CrestBatchSampler._observe
+
+    def spy(self, indices, losses, step=None):
+        recorded.append(step)
+        return original(self, indices, losses, step)
+
+    monkeypatch.setattr(CrestBatchSampler, "_observe", spy)
+    acc = accelerate.Accelerator(cpu=True)
+    model = tiny_bert()
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    config = CrestConfig(m=16, r=48, tau=0.05, T2=3, drop=DropConfig(alpha=0.05, window=8, min_records=1))
+    sampler = CrestBatchSampler(model, Texts(), config=config, budget=1.0, epochs=2, seed=0,
+                                collate_fn=transformers.default_data_collator)
+    model, opt = acc.prepare(model, opt)
+    collate = WeightedCollate(transformers.default_data_collator, indices=True)
+    loader = acc.prepare(sampler.dataloader(indices=True, num_workers=2, collate_fn=collate))
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            w, idx, labels = batch.pop("crest_weight"), batch.pop("crest_index"), batch.pop("labels")
+            losses = torch.nn.functional.cross_entropy(model(**batch).logits, labels, reduction="none")
+            opt.zero_grad()
+            acc.backward((w * losses).mean())
+            opt.step()
+            sampler.observe(losses.detach(), indices=idx)
+    assert len(recorded) == sampler.total_steps > 10
+    assert recorded == list(range(len(recorded)))
+
+
 def test_a_sampler_resumed_under_accelerate_trains_the_rest_of_the_run():
     """accelerate's prepared loader calls set_epoch with its own count at every iteration (0 in a resumed
     process): an epoch handed out already is ignored (said once), so the resumed run trains its remaining
@@ -410,7 +447,7 @@ def test_a_resumed_trainer_trains_the_same_batches_as_one_that_never_stopped(tmp
     # the same settings: no "resumed under a DataLoader that fetches 0 batches ahead" (review 67: the resumed
     # epoch's wrapper hid the DataLoader from the sampler, which then took its look-ahead for 0)
     assert not [w for w in caught if "resumed under a DataLoader" in str(w.message)], [str(w.message) for w in caught]
-    assert resumed.crest._pass_ahead == whole.crest._pass_ahead == 2 * workers
+    assert resumed.crest._pass_ahead == whole.crest._pass_ahead == 2 * workers + 1  # accelerate holds one more
     assert resumed.state.global_step == whole.state.global_step == 12
     assert resumed.crest.position == whole.crest.position == 12
     assert resumed.batches == whole.batches[4:]  # the untrained rest of the run, no stand-in trained
