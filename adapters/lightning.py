@@ -471,7 +471,9 @@ class CrestCallback(pl.Callback):
             raise RuntimeError(
                 "CrestCallback: this batch did not come from CREST's loader (its position did not move): the "
                 "Trainer trains on another dataloader (a LightningDataModule's or the module's own "
-                "train_dataloader?). Pass train_dataloaders=crest.dataloader() to fit, or return "
+                "train_dataloader?), or a CombinedLoader goes on after CREST's loader has yielded its share of the "
+                "epoch (mode='max_size': CREST's loader yields only its budget's share of each epoch; combine it "
+                "with mode='min_size'). Pass train_dataloaders=crest.dataloader() to fit, or return "
                 "crest.dataloader() from train_dataloader()")
         self._last_position = loader.position
         self._in_flight = True

@@ -455,6 +455,17 @@ def test_an_accumulation_scheduler_and_another_dataloader_are_refused(tmp_path):
     with pytest.raises(RuntimeError, match="did not come from CREST's loader"):
         trainer(tmp_path, 3, cb).fit(Module(), train_dataloaders=own)
 
+    class Combined(Module):  # review 96: a longer loader combined with mode="max_size" outlasts CREST's share
+        def training_step(self, batch, batch_idx):
+            return None if batch["crest"] is None else super().training_step(batch["crest"], batch_idx)
+
+    from lightning.pytorch.utilities import CombinedLoader
+
+    cb = CrestCallback(data(), **CFG)
+    combined = CombinedLoader({"crest": cb.dataloader(), "other": own}, mode="max_size")
+    with pytest.raises(RuntimeError, match="did not come from CREST's loader.*CombinedLoader.*mode='min_size'"):
+        trainer(tmp_path, 3, cb).fit(Combined(), train_dataloaders=combined)
+
 
 def test_max_steps_beyond_the_plan_stops_instead_of_looping(tmp_path):
     cb = CrestCallback(data(), epochs=2, **CFG)
