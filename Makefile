@@ -46,8 +46,9 @@ lint: setup
 	$(VPY) scripts/typecheck
 
 # the documentation site: guides, benchmark tables and the API reference from the docstrings, into site/
+# (no -q: it silences the warnings, and --strict then counts none of them)
 docs: setup
-	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -q
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # the wheel, shipping the Numba kernels of a first selection compiled for this machine's CPU
 # (scripts/warm_kernels.py; used only where the CPU, Python and Numba match, compiled anywhere else)
