@@ -16,7 +16,7 @@ from decimal import Decimal
 from fractions import Fraction
 import numbers
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -129,6 +129,8 @@ def examples_spent(counters: dict) -> tuple[float, float]:
     >>> examples_spent({"train_examples": 1280, "forward_examples": 600, "backward_examples": 150})
     (1280.0, 300.0)
     """
+    if not isinstance(counters, Mapping):
+        raise TypeError(f"counters must be a run's counters dict, got {type(counters).__name__}")
     missing = [k for k in ("train_examples", "forward_examples", "backward_examples") if k not in counters]
     if missing:
         raise ValueError(f"counters lacks {missing} (a run's counters: trained, forward and backward examples)")

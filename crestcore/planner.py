@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ._validation import check_int
 from .sparse import graph_bytes
 
 __all__ = ["Plan", "plan_problem", "dense_bytes", "matrix_free_bytes", "AUTO_NEIGHBORS", "MIN_NEIGHBORS",
@@ -113,6 +114,13 @@ def plan_problem(n: int, d: int, k: int, itemsize: int, max_dense_bytes: int, *,
         ...
     ValueError: max_dense_bytes=1000 is too small for any path ... pass max_dense_bytes >= 224000 (the matrix-free path)
     """
+    n = check_int(n, "n", low=0)
+    d = check_int(d, "d")
+    k = check_int(k, "k", low=0, high=n)
+    itemsize = check_int(itemsize, "itemsize")
+    max_dense_bytes = check_int(max_dense_bytes, "max_dense_bytes", low=0)
+    if neighbors is not None:
+        neighbors = check_int(neighbors, "neighbors")
     db = dense_bytes(n, itemsize)
     if db <= max_dense_bytes:
         return Plan("dense", "lazy", None, db, f"the dense similarity ({_gb(db)}) fits max_dense_bytes")

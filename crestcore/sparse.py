@@ -78,6 +78,7 @@ def sparse_bytes(n: int, d: int, K: int) -> int:
     >>> sparse_bytes(60000, 64, 16)
     97048576
     """
+    n, d, K = (check_int(v, name, low=0) for v, name in ((n, "n"), (d, "d"), (K, "K")))
     return 64 * n * (K + 1) + 8 * n * d + (1 << 20)
 
 

@@ -11,7 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from crestcore.plan import budget_steps, full_steps
+from crestcore import planner
+from crestcore.plan import budget_steps, examples_spent, full_steps
+from crestcore.sparse import graph_bytes
 
 
 @given(st.integers(1, 10**7), st.integers(1, 4096))
@@ -270,3 +272,21 @@ def test_a_budget_rounded_up_past_one_and_a_half_times_is_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert [planned_steps(0.1, 469), planned_steps(0.5, 3), planned_steps(0.1, 10)] == [47, 2, 1]
+
+
+@pytest.mark.parametrize("call, err, match", [
+    (lambda: planner.plan_problem(-5, 10, 3, 4, 100), ValueError, "n must be >= 0"),
+    (lambda: planner.plan_problem(1.5, 10, 1, 4, 100), TypeError, "n must be an integer"),
+    (lambda: planner.plan_problem(100, 10, 500, 4, 10**9), ValueError, r"k must be in \[0, 100\]"),
+    (lambda: planner.plan_problem(10**6, 64, 5, 4, 2**30, neighbors=-3), ValueError, "neighbors must be >= 1"),
+    (lambda: planner.plan_problem(10**6, 10, 5, 0, 10), ValueError, "itemsize must be >= 1"),
+    (lambda: planner.plan_problem(100, 0, 5, 4, 10), ValueError, "d must be >= 1"),
+    (lambda: graph_bytes(-10, 2, 3), ValueError, "n must be >= 0"),
+    (lambda: examples_spent(None), TypeError, "counters must be a run's counters dict"),
+])
+def test_the_planning_helpers_check_their_arguments(call, err, match):
+    """Review 94: plan_problem(-5, ...) planned a dense problem, neighbors=-3 a sparse one with -3
+    neighbours, itemsize=0 a million points densely; graph_bytes(-10, ...) was negative, and
+    examples_spent(None) failed inside without naming counters."""
+    with pytest.raises(err, match=match):
+        call()
