@@ -281,7 +281,9 @@ def markdown(summary: dict, meta: dict) -> str:
         "The paper's column is Table 1 of the CREST paper (talk): CIFAR-10 with ResNet-20, 200 epochs, GPU. "
         "**The data set, the model, the training length and the hardware differ**, so only the order of the "
         "methods can be compared, not the numbers. Its SGD-dagger is full-data SGD for the budget's number of "
-        "steps (here `sgd-budget`); the paper has no column for `prune` or `crest-drop`.",
+        "steps (here `sgd-budget`); the paper has no column for `prune` or `crest-drop`. The baselines here run "
+        "the one learning rate of every method, not tuned for them, and select only at the epochs named below: "
+        "their accuracies are those of this configuration, not each method's best.",
     ]
     sel_rows = [(k, d) for k, d in ms.items() if d.get("selection")]
     if sel_rows:
