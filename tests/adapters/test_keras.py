@@ -926,6 +926,44 @@ def test_logits_masked_to_minus_inf_are_refused_as_a_mask_not_a_divergence():
     assert not isinstance(exc.value, FloatingPointError)
 
 
+def test_a_state_saved_by_a_callback_listed_before_crests_matches_the_weights():
+    """Review 97: a saver in callbacks=[saver, crest] took state_dict() in its batch-end hook, before CREST's
+    own hook had accounted the step Keras had just trained: the state was one step behind the weights, and a
+    run resumed from it trained that batch twice. The step is accounted at the save now, once."""
+    X, y = digits()
+
+    class Saver(keras.callbacks.Callback):
+        def __init__(self, watched, at):
+            super().__init__()
+            self.watched, self.at, self.steps, self.saved = watched, at, 0, None
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.steps += 1
+            if self.steps == self.at:
+                its = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+                self.saved = (its, self.watched.state_dict())
+
+    plain = fit(mlp(0), X, y, epochs=2)
+    model = mlp(0)
+    crest = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=3, record=True)
+    sub = SubsetCallback(X, y, method="random", budget=BUDGET, epochs=2, m=CFG["m"], seed=3)
+    savers = [Saver(crest, 5)]
+    model.fit(crest.dataset, epochs=2, callbacks=[*savers, crest], verbose=0)
+    its, state = savers[0].saved
+    assert state["position"] == its == 5
+    trained5 = crest.trained[4][0].tolist()  # the batch of the step just taken is not in the saved queue
+    assert all(q["indices"].tolist() != trained5 for q in state["queue"])
+    assert crest.position == plain.position == 8  # the step was accounted once, not twice
+    assert [i.tolist() for i, _ in crest.trained] == [i.tolist() for i, _ in plain.trained]
+    resumed = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=3, record=True)
+    resumed.load_state_dict(state)
+    assert resumed.position == 5
+    model = mlp(0)
+    saver = Saver(sub, 3)
+    model.fit(sub.dataset, epochs=2, callbacks=[saver, sub], verbose=0)
+    assert saver.saved[1]["position"] == saver.saved[0] == 3 and sub.position == 8
+
+
 # ------------------------------------------------------------------------------------------------
 # dropping, stats, resume, misuse
 # ------------------------------------------------------------------------------------------------
