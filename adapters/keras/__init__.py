@@ -506,6 +506,19 @@ def _fit_epoch_begins(callback, who: str, epoch: int | None = None) -> None:
             f"BackupAndRestore), call {x}.load_state_dict() with the state saved at that epoch before fit "
             f"({x}.state_dict() saved alongside the weights); to start a new run, leave initial_epoch out",
             stacklevel=_common.user_stacklevel())
+    if (epoch is not None and spe and callback.epochs is not None and not callback._finishing
+            and callback._position >= int(callback.epochs) * spe and not callback._past_plan_said
+            and getattr(callback, "_plan_given", True)):
+        # a plan given (epochs=, or a loaded run's), not one taken from the first fit's epochs (fits that go on
+        # after it continue the run); the message of a loaded state with a longer plan names this warning
+        # (review 97: there was none)
+        callback._past_plan_said = True
+        warnings.warn(
+            f"{who}: Keras begins an epoch past the run's plan: {who} planned {int(callback.epochs)} epochs "
+            f"({int(callback.epochs) * spe} steps) and has trained {callback._position}. It goes on serving its "
+            "budget's share of each epoch, and its budget report (stats['budget']) counts the longer run. Build it "
+            "with epochs= the run's length to plan them (a fit that continues a loaded state: fit(initial_epoch=...) "
+            "at the saved epoch, up to the planned epochs)", stacklevel=_common.user_stacklevel())
     if callback._finishing and callback._fit_epochs > 1:
         steps = (callback.params or {}).get("steps")
         raise ValueError(f"fit(steps_per_epoch={steps}) finished the epoch an earlier fit had stopped inside; "
@@ -1164,6 +1177,7 @@ class _TrainedSteps:
     ``last_indices``)."""
 
     _step_open = False  # between this callback's batch-begin and batch-end hooks: the step is not accounted
+    _past_plan_said = False  # the warning of an epoch past the run's planned epochs, once
 
     def on_train_batch_end(self, batch, logs=None):
         if self._step_open:
@@ -1358,6 +1372,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         self.n = n = len(self.labels)
         self.budget = float(budget)
         self.epochs = None if epochs is None else int(epochs)
+        self._plan_given = epochs is not None  # a plan of the user's (or a loaded run's), not the first fit's
         self.seed = int(seed)
         self.outputs_option = outputs
         self.measure_batch_size = _common.check_count(measure_batch_size, "measure_batch_size")
@@ -1692,6 +1707,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         self._position = int(pos)
         if self.epochs is None and epochs is not None:
             self.epochs = int(epochs)
+            self._plan_given = True
         elif epochs is not None and int(epochs) > self.epochs:  # a plan may grow (as CrestLoader's)
             # as CrestLoader says of a shorter plan (review 61: loaded silently); the batches do not depend on it
             warnings.warn(

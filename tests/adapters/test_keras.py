@@ -1856,6 +1856,22 @@ def test_a_callback_reused_on_a_new_model_says_it_continues_its_run():
         _dense3().fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
 
 
+def test_a_fit_past_the_planned_epochs_is_warned_about_once():
+    """Review 97: CrestCallback(epochs=2) with fit(epochs=4), or a loaded run refit without initial_epoch, went
+    on past the plan silently (the budget report widened it), though a message promised a warning."""
+    x, y = _small()
+    crest = CrestCallback(x, y, config=CrestConfig(m=16), budget=0.25, seed=0, epochs=2)
+    with pytest.warns(UserWarning, match=r"past the run's plan: CrestCallback planned 2 epochs \(8 steps\)") as got:
+        _dense3().fit(crest.dataset, epochs=4, callbacks=[crest], verbose=0)
+    assert sum("past the run's plan" in str(w.message) for w in got) == 1 and crest.position == 16
+    within = CrestCallback(x, y, config=CrestConfig(m=16), budget=0.25, seed=0, epochs=4)
+    with warnings.catch_warnings():  # two fits of the planned epochs, or a plan taken from the first fit
+        warnings.simplefilter("error", UserWarning)
+        model = _dense3()
+        model.fit(within.dataset, epochs=2, callbacks=[within], verbose=0)
+        model.fit(within.dataset, epochs=4, initial_epoch=2, callbacks=[within], verbose=0)
+
+
 def test_array_likes_with_a_shape_are_read_and_streams_of_batches_are_refused():
     import torch
 
