@@ -391,6 +391,10 @@ def _check_fit_steps(callback, who: str) -> None:
     callback._finishing = False
     callback._fit_epochs = 0
     x = "crest" if who == "CrestCallback" else "sub"
+    frame = _keras_loop()[0]
+    if frame is not None and frame.f_locals.get("validation_data") is callback.dataset:
+        # refused at the start, not after a training epoch when Keras's validation first reads it (review 97)
+        raise RuntimeError("fit(validation_data=...) is this callback's dataset: " + callback._REFUSAL)
     if steps is not None and int(steps) != spe:
         if done and int(steps) == spe - done:
             callback._finishing = True

@@ -647,9 +647,15 @@ def test_fits_validation_pass_and_a_look_after_a_fit_that_raised_take_no_batch()
     X, y = digits()
     crest = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=0)
     model = mlp(0)
-    with pytest.raises(RuntimeError, match="model.evaluate read this dataset"):
+    w0 = [v.copy() for v in model.get_weights()]
+    with pytest.raises(RuntimeError, match=r"fit\(validation_data=...\) is this callback's dataset"):
         model.fit(crest.dataset, epochs=2, callbacks=[crest], validation_data=crest.dataset, verbose=0)
-    assert crest.controller_state.counters["train_steps"] == crest.position == crest.steps_per_epoch
+    # refused before any step (review 97: after a whole training epoch, when Keras's validation first read it)
+    assert crest.controller_state.counters["train_steps"] == crest.position == 0
+    assert all(np.array_equal(a, b) for a, b in zip(w0, model.get_weights()))
+    with pytest.raises(RuntimeError, match="model.evaluate read this dataset"):
+        model.evaluate(crest.dataset, verbose=0)
+    assert crest.controller_state.counters["train_steps"] == 0
 
     class Boom(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
