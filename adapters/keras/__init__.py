@@ -490,11 +490,13 @@ def _fit_epoch_begins(callback, who: str, epoch: int | None = None) -> None:
         warnings.warn(
             f"Keras starts this fit at epoch {int(epoch)} (step {int(epoch) * spe} of the run), but {who} has "
             f"trained {callback._position} steps: the model's weights were rolled back (keras.callbacks."
-            f"BackupAndRestore restores the last finished epoch's after a failure), and {who} cannot roll back with "
-            f"them, so it continues from its own position: the steps since that epoch are not trained again from "
-            f"the restored weights, and the fit trains past the run's plan. To resume in step, save "
-            f"{x}.state_dict() with the weights at every epoch's end and call {x}.load_state_dict() with the one "
-            "the weights came from before the fit (BackupAndRestore saves the model only)",
+            f"BackupAndRestore restores its last backup after a failure: the last finished epoch's, or with "
+            f"save_freq=<steps> one taken inside an epoch, which Keras then starts again at its first batch), and "
+            f"{who} cannot roll back with them, so it continues from its own position: the steps since the backup "
+            f"are not trained again from the restored weights, and the fit trains past the run's plan. To resume "
+            f"in step, back up at epochs' ends only (save_freq='epoch'), save {x}.state_dict() with the weights at "
+            f"every epoch's end and call {x}.load_state_dict() with the one the weights came from before the fit "
+            "(BackupAndRestore saves the model only)",
             stacklevel=_common.user_stacklevel())
     if (callback._fit_epochs == 1 and epoch is not None and not callback._finishing and spe
             and callback._position % spe == 0 and int(epoch) > k
