@@ -290,3 +290,12 @@ def test_the_planning_helpers_check_their_arguments(call, err, match):
     examples_spent(None) failed inside without naming counters."""
     with pytest.raises(err, match=match):
         call()
+
+
+def test_hamilton_takes_a_missing_groups_unit_from_the_lowest_of_the_largest():
+    """Review 99 (a surviving mutant): the donor among groups tied for the most units is the lowest one, as
+    documented; no case pinned it. 6 over [10, 10, 10, 1]: base split [2, 2, 2, 0], the last group takes its
+    unit from group 0."""
+    from crestcore.plan import hamilton
+
+    assert hamilton(6, [10, 10, 10, 1]).tolist() == [1, 2, 2, 1]
