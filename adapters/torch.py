@@ -3165,7 +3165,10 @@ def _wrapper_look_ahead(depth: int = 24) -> int:
         if f is None:
             break
         obj = f.f_locals.get("self") if f.f_code.co_name == "__iter__" else None
-        if obj is not None and type(obj).__module__.startswith("accelerate.") and hasattr(obj, "base_dataloader"):
+        # the two that look ahead (accelerate's SkipDataLoader, its other DataLoaderAdapter, yields each batch
+        # as it gets it; review 100), by class name along the class's own line: no import of accelerate here
+        if obj is not None and type(obj).__module__.startswith("accelerate.") and any(
+                c.__name__ in ("DataLoaderShard", "DataLoaderDispatcher") for c in type(obj).__mro__):
             return 1
         f = f.f_back
     return 0
@@ -3219,6 +3222,8 @@ class CrestBatchSampler(CrestLoader):
         self._loader_ahead = 0  # the batches the DataLoader that called iter() last fetches ahead
         self._pass_ahead = 0  # ... and that of the DataLoader the running pass hands its batches to
         self._saved_ahead: int | None = None  # a loaded state's: compared with the first pass's after the load
+        self._loader_held = self._pass_held = 0  # of those, accelerate's one batch (_wrapper_look_ahead)
+        self._saved_held: int | None = None  # a loaded state's; None: saved before that batch was counted
         self._ahead_known = False  # whether a pass ran (since construction or a load): _pass_ahead is its window
         self._loader_iter = self._pass_iter = None  # weak references to those DataLoaders' iterators
         self._pass_from = 0  # the run position at the start of the last pass
@@ -3276,11 +3281,12 @@ class CrestBatchSampler(CrestLoader):
             if not hasattr(it, "_shutdown"):  # refused in the iterator's __init__, before any worker started:
                 it._shutdown = True  # its __del__ then has nothing to shut down (no AttributeError there)
             raise TypeError(problem)
-        self._loader_ahead = 0
+        self._loader_ahead = self._loader_held = 0
         self._loader_iter = weakref.ref(it) if ds is not None and it is not None else None
         if ds is not None:  # the untrained batches a checkpoint may need are at most those fetched ahead
             ahead = int(getattr(loader, "num_workers", 0) or 0) * int(getattr(loader, "prefetch_factor", 0) or 0)
-            ahead += _wrapper_look_ahead()  # accelerate's loaders hold one batch more
+            self._loader_held = _wrapper_look_ahead()  # accelerate's loaders hold one batch more
+            ahead += self._loader_held
             self._ahead = max(self._ahead, ahead)
             self._loader_ahead = ahead
         return super().__iter__()
@@ -3327,9 +3333,14 @@ class CrestBatchSampler(CrestLoader):
 
     def _pass_started(self) -> None:
         self._pass_ahead, self._ahead_known = self._loader_ahead, True
+        self._pass_held = self._loader_held
         self._pass_iter, self._pass_from = self._loader_iter, self._position
         saved, self._saved_ahead = self._saved_ahead, None
-        if saved is not None and saved != self._pass_ahead:
+        saved_held, self._saved_held = self._saved_held, None
+        now = self._pass_ahead
+        if saved is not None and saved_held is None:  # saved before 2026-12-05: its count left accelerate's
+            now -= self._pass_held  # batch out, which was held then as now (review 100)
+        if saved is not None and saved != now:
             warnings.warn(
                 f"CrestBatchSampler resumed under a DataLoader that fetches {self._pass_ahead} batches ahead; the "
                 f"saved run's fetched {saved} (num_workers x prefetch_factor, one more under accelerate): the "
@@ -3341,9 +3352,12 @@ class CrestBatchSampler(CrestLoader):
     def _state_dict(self, position: int, batch: Batch | None, pending: list, epochs_done: int) -> dict:
         # how far ahead the saving run's DataLoader fetched (None before any pass: unknown; a loaded state's
         # own value until a pass runs): a resume under another count is told it differs
-        ahead = self._saved_ahead if self._saved_ahead is not None else (
-            self._pass_ahead if self._ahead_known else None)
-        return {**super()._state_dict(position, batch, pending, epochs_done), "fetch_ahead": ahead}
+        if self._saved_ahead is not None:
+            ahead, held = self._saved_ahead, self._saved_held
+        else:
+            ahead, held = (self._pass_ahead, self._pass_held) if self._ahead_known else (None, None)
+        return {**super()._state_dict(position, batch, pending, epochs_done), "fetch_ahead": ahead,
+                "fetch_ahead_accelerate": held}
 
     def _untrained_ahead(self) -> bool:
         """Whether batches of the last pass were fetched ahead but not given to the loop: the DataLoader's
@@ -3372,6 +3386,8 @@ class CrestBatchSampler(CrestLoader):
         self._ahead_known = False
         ahead = state.get("fetch_ahead")  # absent before 2026-12-04, None before a pass: nothing to compare
         self._saved_ahead = int(ahead) if isinstance(ahead, (int, np.integer)) and not isinstance(ahead, bool) else None
+        held = state.get("fetch_ahead_accelerate")  # of it, accelerate's batch; absent before 2026-12-05
+        self._saved_held = int(held) if isinstance(held, (int, np.integer)) and not isinstance(held, bool) else None
 
     def rewind(self, trained: int) -> None:
         """Tell the sampler that only the first ``trained`` batches of the run were trained: the batches it

@@ -335,6 +335,47 @@ def test_under_accelerate_with_workers_each_batchs_losses_are_recorded_at_its_st
     assert recorded == list(range(len(recorded)))
 
 
+def test_a_state_saved_before_accelerates_batch_was_counted_resumes_without_a_false_warning():
+    """Review 100: since accelerate's one-batch look-ahead is counted, a state saved before (its fetch_ahead
+    workers x prefetch_factor only) was told on resume, under the very same loader, that it fetched another
+    number of batches ahead and would continue differently. Such a state is compared without that batch."""
+    acc = accelerate.Accelerator(cpu=True)
+
+    def build():
+        s = CrestBatchSampler(tiny_bert(), Texts(), config=CrestConfig(m=16, r=48), budget=0.5, epochs=2, seed=0,
+                              collate_fn=transformers.default_data_collator)
+        return s, acc.prepare(s.dataloader(collate_fn=transformers.default_data_collator))
+
+    sampler, loader = build()
+    steps = sum(1 for _ in loader)
+    state = sampler.state_dict(trained=steps)
+    assert (state["fetch_ahead"], state["fetch_ahead_accelerate"]) == (1, 1)
+    old = {k: v for k, v in state.items() if k != "fetch_ahead_accelerate"}
+    old["fetch_ahead"] = 0  # what the code of 2026-12-04 saved under this loader
+    for saved, said in ((old, False), (state, False), ({**state, "fetch_ahead": 3}, True)):
+        resumed, loader = build()
+        resumed.load_state_dict(saved)
+        loader.set_epoch(1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            next(iter(loader))
+        assert any("resumed under a DataLoader" in str(w.message) for w in caught) == said
+
+
+def test_accelerates_skip_loader_which_does_not_look_ahead_counts_no_batch_ahead():
+    """Review 100: accelerate's SkipDataLoader yields each batch as it gets it; counted like its shards as a
+    batch ahead, observe(losses) without indices= was refused though the batch in hand is the last handed out."""
+    from accelerate.data_loader import SkipDataLoader
+
+    sampler = CrestBatchSampler(tiny_bert(), Texts(), config=CrestConfig(m=16, r=48), budget=0.5, epochs=1, seed=0,
+                                collate_fn=transformers.default_data_collator)
+    loader = SkipDataLoader(WeightedDataset(Texts()), batch_sampler=sampler, skip_batches=0,
+                            collate_fn=WeightedCollate(transformers.default_data_collator))
+    batch = next(iter(loader))
+    sampler.observe(torch.ones(batch["crest_weight"].shape[0]))  # accepted: no look-ahead
+    assert sampler.state_dict()["fetch_ahead"] == 0
+
+
 def test_a_sampler_resumed_under_accelerate_trains_the_rest_of_the_run():
     """accelerate's prepared loader calls set_epoch with its own count at every iteration (0 in a resumed
     process): an epoch handed out already is ignored (said once), so the resumed run trains its remaining
