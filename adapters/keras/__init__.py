@@ -1200,14 +1200,19 @@ class _TrainedSteps:
         behind, and a resumed run trained that batch twice: review 97.)"""
         if not self._step_open:
             return
+        # only under Keras's own batch-end dispatch (its CallbackList) of this callback's fit: not from another
+        # fit nested in a hook, nor from a hook of the batch's beginning calling a batch-end method (review 100)
+        dispatched = False
         f = sys._getframe(2)
         while f is not None:
             obj = f.f_locals.get("self")
             if f.f_code.co_name in ("fit", "evaluate", "predict") and isinstance(obj, keras.Model):
+                if dispatched and f is self._fit_frame:
+                    self._account_step()
                 return
-            if f.f_code.co_name == "on_train_batch_end" and obj is not self:
-                self._account_step()
-                return
+            if f.f_code.co_name in ("on_train_batch_end", "_on_train_batch_end") and isinstance(
+                    obj, keras.callbacks.CallbackList):
+                dispatched = True
             f = f.f_back
 
     x: object
@@ -1661,6 +1666,8 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
             "anchor_stats": None if kept is None else {str(i): a.copy() for i, a in kept.items()},
             # the paths of the variables the anchor is over (the last fit's; a loaded state's until a fit)
             "trainable": list(self._saved_names if self._saved_names is not None else self._trainable_names or []),
+            # whether the plan was given (epochs=, or a loaded run's given one) or taken from the first fit
+            "plan_given": bool(self._plan_given),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -1713,7 +1720,9 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         self._position = int(pos)
         if self.epochs is None and epochs is not None:
             self.epochs = int(epochs)
-            self._plan_given = True
+            # the saved run's plan, as given as it was there (absent before 2026-12-05: as taken from a fit,
+            # which never warned then); one taken from the first fit keeps growing quietly (review 100)
+            self._plan_given = bool(state.get("plan_given", False))
         elif epochs is not None and int(epochs) > self.epochs:  # a plan may grow (as CrestLoader's)
             # as CrestLoader says of a shorter plan (review 61: loaded silently); the batches do not depend on it
             warnings.warn(
@@ -1846,6 +1855,7 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
             _warn_own_train_step(model, "SubsetCallback")
         planned = (self.params or {}).get("epochs")
         if planned and int(planned) > self.epochs:
+            self._past_plan_said = True  # said here, at the start: not again when an epoch past the plan begins
             warnings.warn(f"SubsetCallback(epochs={self.epochs}) but fit(epochs={planned}): the baseline's schedule "
                           f"(its budget, prune's annealing) covers {self.epochs} epochs; build it with "
                           f"epochs={planned}", stacklevel=_common.user_stacklevel())

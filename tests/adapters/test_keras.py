@@ -1878,6 +1878,57 @@ def test_a_fit_past_the_planned_epochs_is_warned_about_once():
         model.fit(within.dataset, epochs=4, initial_epoch=2, callbacks=[within], verbose=0)
 
 
+def test_the_step_is_accounted_at_a_save_only_under_its_own_fits_batch_end():
+    """Review 100: a save from another fit nested in a hook of this one, or from a batch-begin hook calling a
+    batch-end method, accounted the step before Keras had trained it (the state one step ahead)."""
+    x, y = _small()
+    crest = CrestCallback(x, y, config=CrestConfig(m=16), budget=0.25, seed=0, epochs=1)
+    saved = []
+
+    class Saver(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            saved.append(crest.state_dict()["position"])
+
+    class Nested(keras.callbacks.Callback):  # trains another model at each step's beginning, saving there
+        def on_train_batch_begin(self, batch, logs=None):
+            aux = _dense3()
+            aux.fit(x[:8], y[:8], epochs=1, verbose=0, callbacks=[Saver()])
+
+    class Delegating(keras.callbacks.Callback):  # a batch-begin hook that calls its own batch-end method
+        def on_train_batch_begin(self, batch, logs=None):
+            self.on_train_batch_end(batch)
+
+        def on_train_batch_end(self, batch, logs=None):
+            saved.append(crest.state_dict()["position"])
+
+    _dense3().fit(crest.dataset, epochs=1, callbacks=[crest, Nested()], verbose=0)
+    assert saved == [0, 1, 2, 3] and crest.position == 4  # before each step: the steps trained so far
+    saved.clear()
+    crest = CrestCallback(x, y, config=CrestConfig(m=16), budget=0.25, seed=0, epochs=1)
+    _dense3().fit(crest.dataset, epochs=1, callbacks=[crest, Delegating()], verbose=0)
+    assert saved == [0, 1, 1, 2, 2, 3, 3, 4] and crest.position == 4
+
+
+def test_a_plan_taken_from_the_first_fit_grows_quietly_after_a_save_and_load():
+    """Review 100: a loaded state's plan counted as given, so a run whose plan came from its first fit warned
+    past that plan after a save and load, where the same run without them was quiet."""
+    x, y = _small()
+    crest = CrestCallback(x, y, config=CrestConfig(m=16), budget=0.25, seed=0)
+    model = _dense3()
+    model.fit(crest.dataset, epochs=2, callbacks=[crest], verbose=0)
+    again = CrestCallback(x, y, config=CrestConfig(m=16), budget=0.25, seed=0)
+    again.load_state_dict(crest.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model.fit(again.dataset, epochs=4, initial_epoch=2, callbacks=[again], verbose=0)
+    given = CrestCallback(x, y, config=CrestConfig(m=16), budget=0.25, seed=0, epochs=2)
+    _dense3().fit(given.dataset, epochs=2, callbacks=[given], verbose=0)
+    loaded = CrestCallback(x, y, config=CrestConfig(m=16), budget=0.25, seed=0)
+    loaded.load_state_dict(given.state_dict())
+    with pytest.warns(UserWarning, match="past the run's plan"):
+        _dense3().fit(loaded.dataset, epochs=4, initial_epoch=2, callbacks=[loaded], verbose=0)
+
+
 def test_array_likes_with_a_shape_are_read_and_streams_of_batches_are_refused():
     import torch
 
