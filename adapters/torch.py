@@ -3341,13 +3341,14 @@ class CrestBatchSampler(CrestLoader):
         if saved is not None and saved_held is None:  # saved before 2026-12-05: its count left accelerate's
             now -= self._pass_held  # batch out, which was held then as now (review 100)
         if saved is not None and saved != now:
+            basis = ("num_workers x prefetch_factor" if saved_held is None and self._pass_held
+                     else "num_workers x prefetch_factor, one more under accelerate")
             warnings.warn(
-                f"CrestBatchSampler resumed under a DataLoader that fetches {self._pass_ahead} batches ahead; the "
-                f"saved run's fetched {saved} (num_workers x prefetch_factor, one more under accelerate): the "
-                "controller makes each batch that many steps before it is trained, so its selections, checks and "
-                "drop decisions now measure "
-                "other parameters and the run continues differently from the saved one's. Resume with the saved "
-                "run's num_workers and prefetch_factor to continue it exactly", stacklevel=_common.user_stacklevel())
+                f"CrestBatchSampler resumed under a DataLoader that fetches {now} batches ahead; the saved run's "
+                f"fetched {saved} ({basis}): the controller makes each batch that many steps before it is trained, "
+                "so its selections, checks and drop decisions now measure other parameters and the run continues "
+                "differently from the saved one's. Resume with the saved run's num_workers and prefetch_factor to "
+                "continue it exactly", stacklevel=_common.user_stacklevel())
 
     def _state_dict(self, position: int, batch: Batch | None, pending: list, epochs_done: int) -> dict:
         # how far ahead the saving run's DataLoader fetched (None before any pass: unknown; a loaded state's
