@@ -514,7 +514,7 @@ def _fit_epoch_begins(callback, who: str, epoch: int | None = None) -> None:
             stacklevel=_common.user_stacklevel())
     if (epoch is not None and spe and callback.epochs is not None and not callback._finishing
             and callback._position >= int(callback.epochs) * spe and not callback._past_plan_said
-            and getattr(callback, "_plan_given", True)):
+            and callback._plan_given):
         # a plan given (epochs=, or a loaded run's), not one taken from the first fit's epochs (fits that go on
         # after it continue the run); the message of a loaded state with a longer plan names this warning
         # (review 97: there was none)
@@ -1184,6 +1184,7 @@ class _TrainedSteps:
 
     _step_open = False  # between this callback's batch-begin and batch-end hooks: the step is not accounted
     _past_plan_said = False  # the warning of an epoch past the run's planned epochs, once
+    _plan_given = True  # the epochs planned were given (CrestCallback: not taken from its first fit's)
 
     def on_train_batch_end(self, batch, logs=None):
         if self._step_open:
