@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 import numbers
 
+import array_api_compat
 import numpy as np
 
 from ._compat import device_of, from_numpy, namespace, namespace_name, to_numpy, wide_float
@@ -172,9 +173,19 @@ def _namespace_of(xp, X):
     """``X``'s array-API namespace, after checking that ``xp`` (the library module, e.g. ``numpy`` or ``torch``,
     or its compat namespace) is X's own library."""
     own = namespace(X, names=("X",))
-    if xp is not own and namespace_name(xp) != namespace_name(own):
-        raise TypeError(f"xp must be the library of X ({namespace_name(own)}), got {getattr(xp, '__name__', xp)!r}")
+    if xp is own:
+        return own
+    # a library's own module or its compat namespace; a submodule (numpy.random), a string or None is not
+    # one, although its name starts like one
+    named = isinstance(getattr(xp, "__name__", None), str)
+    if not (named and any(is_ns(xp) for is_ns in _NAMESPACE_TESTS) and namespace_name(xp) == namespace_name(own)):
+        raise TypeError(f"xp must be the library of X ({namespace_name(own)}), "
+                        f"got {getattr(xp, '__name__', None) or type(xp).__name__!r}")
     return own
+
+
+_NAMESPACE_TESTS = tuple(getattr(array_api_compat, f"is_{lib}_namespace") for lib in (
+    "numpy", "torch", "cupy", "jax", "dask", "array_api_strict") if hasattr(array_api_compat, f"is_{lib}_namespace"))
 
 
 def exact_knn(xp, X, K: int, metric: str) -> np.ndarray:

@@ -720,3 +720,19 @@ def test_the_graph_builders_take_the_library_module_of_their_input():
         exact_knn(np, Xt, 4, "euclidean")
     with pytest.raises(TypeError, match=r"xp must be the library of X \(numpy\)"):
         knn_graph(torch, X, 4, "euclidean")
+
+
+@pytest.mark.parametrize("xp", [None, "numpy", np.random, np.linalg], ids=["None", "str", "numpy.random", "numpy.linalg"])
+def test_the_graph_builders_refuse_an_xp_that_is_not_a_library_module(xp):
+    """``exact_knn(None, X)`` raised a bare AttributeError, and ``exact_knn(numpy.random, X)`` was accepted
+    because its name starts with "numpy": neither is an array library. Both builders now refuse them, naming
+    ``xp``; the library's module and its compat namespace are still taken."""
+    import array_api_compat.numpy as compat_np
+
+    from crestcore.sparse import knn_graph
+
+    X = np.random.default_rng(4).normal(size=(12, 3))
+    for build in (exact_knn, lambda xp, X, K, m: knn_graph(xp, X, K, m, force_reference=True)):
+        with pytest.raises(TypeError, match=r"xp must be the library of X \(numpy\)"):
+            build(xp, X, 2, "euclidean")
+    np.testing.assert_array_equal(exact_knn(compat_np, X, 2, "euclidean"), exact_knn(np, X, 2, "euclidean"))
