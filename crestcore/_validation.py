@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ._compat import to_numpy
+from ._compat import index_dtype, to_numpy
 
 
 # frameworks whose code calls into ours on the way from the user's line (a fit loop, a DataLoader)
@@ -204,10 +204,12 @@ def check_epsilon(epsilon) -> float:
 
 
 def check_labels(xp, labels, n: int, name: str = "labels", *, of: str | None = None,
-                 classes: int | None = None) -> None:
+                 classes: int | None = None):
     """``labels`` must be 1-D integers, one per example (``n`` of them); the errors name the argument
     ``name`` and, when ``of`` is given, the array whose ``n`` rows they label. With ``classes`` (the
-    columns of ``of``) every label must also lie in ``[0, classes)``."""
+    columns of ``of``) every label must also lie in ``[0, classes)``. Returns the labels for use in
+    their library: unsigned ones (torch's uint16-64 have no ordering, promotion or indexing) as the
+    library's index dtype, a value past its range wrapping below 0 and so refused; others as they are."""
     if labels.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(labels.shape)}")
     if labels.shape[0] != n:
@@ -215,8 +217,13 @@ def check_labels(xp, labels, n: int, name: str = "labels", *, of: str | None = N
         raise ValueError(f"{name} has length {labels.shape[0]} but {counted}")
     if not isdtype(xp, labels.dtype, "integral"):
         raise TypeError(f"{name} must have an integer dtype, got {labels.dtype}")
-    if classes is not None and n and (bool(xp.any(labels < 0)) or bool(xp.any(labels >= classes))):
+    if classes is None:
+        return labels
+    if isdtype(xp, labels.dtype, "unsigned integer"):
+        labels = xp.astype(labels, index_dtype(xp))
+    if n and (bool(xp.any(labels < 0)) or bool(xp.any(labels >= classes))):
         raise ValueError(f"{name} must lie in [0, {classes}) for {classes} classes ({of} has {classes} columns)")
+    return labels
 
 
 def labels_to_host(xp, labels, n: int, name: str = "labels") -> np.ndarray:

@@ -35,10 +35,14 @@ def _softmax(xp, logits):
 
 
 def _check_probabilities(xp, p) -> None:
-    """Rows non-negative and summing to 1, within ``max(1e-3, C eps)`` of the dtype (a bfloat16 softmax's
-    rows sum to 1 only within a few of its ulps)."""
-    tol = max(1e-3, p.shape[1] * float(xp.finfo(p.dtype).eps))
-    if bool(xp.any(p < 0)) or bool(xp.any(xp.abs(xp.sum(p, axis=1) - 1.0) > tol)):
+    """Rows non-negative and summing to 1 within ``max(1e-3, 2 eps)`` of the dtype, the sum taken in at least
+    float32 (a half-precision softmax's entries are each within half an ulp, so its rows miss 1 by at most
+    about ``eps / 2`` whatever the number of classes; the sum in the dtype itself would add an error that
+    grows with it, and a tolerance scaled by the classes let rows summing to 5 through)."""
+    eps = float(xp.finfo(p.dtype).eps)
+    tol = max(1e-3, 2.0 * eps)
+    wide = p if xp.finfo(p.dtype).bits >= 32 else xp.astype(p, xp.float32)
+    if bool(xp.any(p < 0)) or bool(xp.any(xp.abs(xp.sum(wide, axis=1) - 1.0) > tol)):
         raise ValueError(f"logits must hold probabilities (non-negative rows summing to 1 within {tol:.3g}) "
                          "when from_probabilities=True")
 
@@ -68,7 +72,7 @@ def cross_entropy(logits, labels, *, from_probabilities: bool = False):
     xp = namespace(logits, labels, names=("logits", "labels"))
     check_float_matrix(xp, logits, "logits")
     n, C = logits.shape
-    check_labels(xp, labels, n, of="logits", classes=C)
+    labels = check_labels(xp, labels, n, of="logits", classes=C)
     if not isinstance(from_probabilities, bool):
         raise TypeError(f"from_probabilities must be a bool, got {type(from_probabilities).__name__}")
     oh = _onehot(xp, labels, C, logits.dtype)
@@ -94,7 +98,8 @@ def last_layer_gradients(logits, labels, *, embeddings=None, from_probabilities:
     Parameters
     ----------
     logits : (n, C) real floating array: the model's logits, or probabilities when
-        ``from_probabilities=True`` (rows non-negative, summing to 1 within 1e-3).
+        ``from_probabilities=True`` (rows non-negative, summing to 1 within 1e-3, or twice the dtype's
+        eps where that is larger: bfloat16's 0.0156, float16's 0.002).
     labels : (n,) integer array in the same namespace, values in [0, C).
     embeddings : optional (n, h) penultimate-layer features (same namespace and dtype). When given the
         result is the gradient with respect to the last linear layer's weight matrix W (C, h),
@@ -126,7 +131,7 @@ def last_layer_gradients(logits, labels, *, embeddings=None, from_probabilities:
     xp = namespace(logits, labels, embeddings, names=("logits", "labels", "embeddings"))
     check_float_matrix(xp, logits, "logits")
     n, C = logits.shape
-    check_labels(xp, labels, n, of="logits", classes=C)
+    labels = check_labels(xp, labels, n, of="logits", classes=C)
     if not isinstance(from_probabilities, bool):
         raise TypeError(f"from_probabilities must be a bool, got {type(from_probabilities).__name__}")
     if from_probabilities:

@@ -283,6 +283,48 @@ def test_probabilities_are_checked_by_cross_entropy_too_with_a_dtype_tolerance()
     assert torch.isfinite(cross_entropy(p, yt, from_probabilities=True)).all()
 
 
+@pytest.mark.parametrize("C", [10, 1000, 32000])
+def test_the_probability_check_does_not_widen_with_the_number_of_classes(C):
+    """Review 102: the tolerance was ``max(1e-3, C eps)``, 7.8 for bfloat16 at 1,000 classes, so rows summing to
+    5 were taken as probabilities and the "gradients" summed to 4 per row, not 0. The rows are now summed in
+    float32 against ``max(1e-3, 2 eps)``: real half-precision softmax rows of any width pass, wrong ones do
+    not, in bfloat16, float16 and float32 alike."""
+    g = torch.Generator().manual_seed(C)
+    z = 3.0 * torch.randn(32, C, generator=g)
+    y = torch.arange(32) % C
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for p in (torch.softmax(z, 1).to(dtype), torch.softmax(z.to(dtype), 1)):
+            grads = last_layer_gradients(p, y, from_probabilities=True)
+            assert grads.dtype == dtype
+            assert float(grads.float().sum(1).abs().max()) < 0.02  # a gradient's row sums to 0
+        for wrong in (5.0 * torch.softmax(z, 1), torch.softmax(z, 1) + 0.05 / C):
+            with pytest.raises(ValueError, match="probabilities"):
+                last_layer_gradients(wrong.to(dtype), y, from_probabilities=True)
+            with pytest.raises(ValueError, match="probabilities"):
+                cross_entropy(wrong.to(dtype), y, from_probabilities=True)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "uint32", "uint64"])
+def test_torch_unsigned_labels_give_the_int64_answer(dtype):
+    """Review 102: torch's uint16/32/64 have no ordering comparison, promotion or indexing, so the label check
+    of cross_entropy, last_layer_gradients and glister raised torch's bare NotImplementedError, while the
+    selections took the same labels. They are now used as int64; a uint64 label past int64's range is still
+    refused as out of range."""
+    from crestcore.baselines import glister
+
+    dt = getattr(torch, dtype)
+    z = torch.randn(6, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y64 = torch.tensor([0, 1, 2, 1, 0, 2])
+    y = y64.to(dt)
+    assert torch.equal(cross_entropy(z, y), cross_entropy(z, y64))
+    assert torch.equal(last_layer_gradients(z, y), last_layer_gradients(z, y64))
+    a, b = glister(z, z, y, 2), glister(z, z, y64, 2)
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.weights, b.weights)
+    if dtype == "uint64":
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+            cross_entropy(z, torch.tensor([0, 1, 2**63 + 5, 1, 0, 2], dtype=dt))
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 @pytest.mark.parametrize("dtype, big", [(np.float16, 40000.0), (np.float32, 2e38), (np.float64, 1e308)])
 def test_cross_entropy_of_finite_logits_spread_past_the_dtype_is_zero_or_inf_never_nan(dtype, big):

@@ -187,7 +187,7 @@ def glister(
     n_v, C = val_logits.shape
     if val_logits.dtype != train_grads.dtype:
         raise TypeError(f"val_logits dtype {val_logits.dtype} differs from train_grads dtype {train_grads.dtype}")
-    check_labels(xp, val_labels, n_v, "val_labels", of="val_logits", classes=C)
+    val_labels = check_labels(xp, val_labels, n_v, "val_labels", of="val_logits", classes=C)
     E = val_embeddings
     if E is None:
         if d != C:
