@@ -143,7 +143,7 @@ def resolve_dense_bytes(max_dense_bytes, xp, X, name: str = "max_dense_bytes") -
     from crestcore.backends import available_bytes
 
     avail = available_bytes(namespace_name(xp), X)
-    if not avail:
+    if avail is None:  # cannot be told (0 can: a container at its memory limit gets the floor)
         return _FALLBACK_DENSE_BYTES
     return max(DENSE_FLOOR_BYTES, int(avail * DENSE_MEMORY_FRACTION))
 
@@ -541,6 +541,9 @@ def facility_location(
     out_obj: list[Any] = [None] * n_prob
     u_all = stochastic_draws_ragged(gen, sizes, budgets, eps) if optimizer == "stochastic" and gen is not None else None
 
+    # a problem without a pick (a class budget of 0: k below the number of classes, or given) adds nothing to
+    # the result; it is not sized, planned, searched or solved (its graph or similarity cost the whole call)
+    live = [p for p in range(n_prob) if budgets[p] > 0]
     plan_text = ""
     if auto or neighbors is not None:
         from .planner import plan_problem
@@ -549,17 +552,16 @@ def facility_location(
         if auto:
             # the largest class first: when a class does not fit, the bound the error suggests is the
             # largest class's, which fits every class (not the first class's, which a later one exceeds)
-            by_size = {p: plan_problem(int(sizes[p]), X.shape[1], int(budgets[p]), itemsize, max_dense_bytes,
-                                       neighbors=k_nb, precomputed=precomputed)
-                       for p in sorted(range(n_prob), key=lambda q: (-int(sizes[q]), q))}
-            plans = [by_size[p] for p in range(n_prob)]
-            kinds = [pl.path for pl in plans]
+            plans = {p: plan_problem(int(sizes[p]), X.shape[1], int(budgets[p]), itemsize, max_dense_bytes,
+                                     neighbors=k_nb, precomputed=precomputed)
+                     for p in sorted(live, key=lambda q: (-int(sizes[q]), q))}
+            kinds = {p: plans[p].path for p in live}
         else:
-            kinds = ["sparse"] * n_prob
+            kinds = dict.fromkeys(live, "sparse")
             if isinstance(neighbors, int):  # a graph built here: its memory is bounded like the other paths'
                 from .sparse import graph_bytes
 
-                for p in sorted(range(n_prob), key=lambda q: (-int(sizes[q]), q)):
+                for p in sorted(live, key=lambda q: (-int(sizes[q]), q)):
                     kp = min(neighbors, int(sizes[p]) - 1)
                     # the graph's own bytes: the fixed work buffers come on top of the bound, as on the
                     # other paths (a six-point problem under a 200-byte bound is not refused for them)
@@ -573,22 +575,23 @@ def facility_location(
                             + (f"neighbors <= {fit} or " if fit else "")
                             + f"max_dense_bytes >= {need} (or leave neighbors out with optimizer='auto', which "
                             "sizes the path to the bound)")
-        sparse_p = [p for p in range(n_prob) if kinds[p] == "sparse"]
-        big = [p for p in range(n_prob) if kinds[p] == "matrix-free"]
-        largest = int(np.argmax(sizes))
+        sparse_p = [p for p in live if kinds[p] == "sparse"]
+        big = [p for p in live if kinds[p] == "matrix-free"]
+        largest = max(live, key=lambda q: (int(sizes[q]), -q))
+        counted = list(kinds.values())
         plan_text = (f"{'auto' if auto else 'neighbors'}: " + ", ".join(
-            f"{kinds.count(c)} {c}" for c in ("dense", "matrix-free", "sparse") if c in kinds)
+            f"{counted.count(c)} {c}" for c in ("dense", "matrix-free", "sparse") if c in counted)
             + f" problem(s); largest (n={int(sizes[largest])}, d={X.shape[1]}, k={int(budgets[largest])}): "
             + (plans[largest].reason if auto else f"neighbors={min(int(k_nb or 0), int(sizes[largest]) - 1)}"))
     else:
         sparse_p = []
-        big = [p for p in range(n_prob) if not precomputed and sizes[p] * sizes[p] * itemsize > max_dense_bytes]
-    dense = [p for p in range(n_prob) if p not in big and p not in sparse_p]
+        big = [p for p in live if not precomputed and sizes[p] * sizes[p] * itemsize > max_dense_bytes]
+    dense = [p for p in live if p not in big and p not in sparse_p]
     path = "+".join(c for c, ps in (("dense", dense), ("matrix-free", big), ("sparse", sparse_p)) if ps)
     _log.log(logging.INFO if big else logging.DEBUG,
              "facility_location: %d problem(s), largest n=%d: %s path (max_dense_bytes=%d; a dense n x n "
-             "similarity of the largest takes %d bytes)", n_prob, int(sizes.max()), path, max_dense_bytes,
-             int(sizes.max()) ** 2 * itemsize)
+             "similarity of the largest takes %d bytes)", len(live), int(sizes[live].max()), path, max_dense_bytes,
+             int(sizes[live].max()) ** 2 * itemsize)
     for p in big:
         pidx = from_numpy(problems[p], xp, dev)
         Xp = xp.take(X, pidx, axis=0)
@@ -667,7 +670,7 @@ def facility_location(
             out_idx[p] = xp.take(from_numpy(problems[p], xp, dev), loc, axis=0)
             out_gain[p], out_w[p], out_obj[p] = g[b, :kb], w[b, :kb], obj[b]
 
-    keep = [p for p in range(n_prob) if budgets[p] > 0]
+    keep = live
     indices = xp.concat([xp.astype(out_idx[p], index_dtype(xp)) for p in keep])
     gains = xp.concat([out_gain[p] for p in keep])
     weights = xp.concat([out_w[p] for p in keep])
@@ -709,9 +712,10 @@ def _check_dense_and_selected(S, selected):
 
 
 def facility_objective(S, selected):
-    """``F(selected) = sum_i max_{j in selected} S[i, j]`` for a dense non-negative similarity matrix S (n, n).
+    """``F(selected) = sum_i max_{j in selected} S[i, j]`` for a dense non-negative similarity matrix S (n, c):
+    row i a point to cover, column j a candidate (square, (n, n), when the candidates are the points).
 
-    ``selected`` is a 1-D integer array of candidate indices (may be empty: F = 0). Differentiable in ``S``
+    ``selected`` is a 1-D integer array of candidate (column) indices (may be empty: F = 0). Differentiable in ``S``
     where its library is (a torch ``S`` that requires grad gives an objective with its graph).
 
     Examples
@@ -729,14 +733,15 @@ def facility_objective(S, selected):
     dtype = S.dtype
     S, _, _, back = prepare(xp, S, metric="precomputed", kernel=None, scale=1.0)  # numerics policy
     cols = xp.take(S, selected, axis=1)
-    out = restore(xp, xp.sum(xp.max(cols, axis=1)), back, dtype, "objective")
+    out = restore(xp, xp.sum(xp.max(cols, axis=1)), back, dtype, "objective", selection=False)
     # NumPy: 0-d, not a scalar; an array stays itself (a torch S that requires grad keeps its graph: the
     # objective is differentiable in S, and asarray would warn about it)
     return xp.asarray(out) if isinstance(out, (np.generic, float)) else out
 
 
 def marginal_gains(S, selected):
-    """Gains ``F(selected + j) - F(selected)`` of every candidate j (n,), for a dense non-negative S (n, n).
+    """Gains ``F(selected + j) - F(selected)`` of every candidate j (c,), for a dense non-negative S (n, c)
+    (rows the points, columns the candidates, as in :func:`facility_objective`).
 
     Examples
     --------
@@ -757,7 +762,8 @@ def marginal_gains(S, selected):
         cover = xp.zeros((S.shape[0],), dtype=S.dtype, device=device_of(S))
     else:
         cover = xp.max(xp.take(S, selected, axis=1), axis=1)
-    return restore(xp, xp.sum(xp.maximum(S - cover[:, None], xp.zeros_like(S)), axis=0), back, dtype, "gains")
+    gains = xp.sum(xp.maximum(S - cover[:, None], xp.zeros_like(S)), axis=0)
+    return restore(xp, gains, back, dtype, "gains", selection=False)
 
 
 _SCORE_TILE_ELEMENTS = 1 << 22  # inner products held at once by score_orders (32 MiB in float64)

@@ -185,9 +185,10 @@ def prepare(xp, X, *, metric: str, kernel: str | None, scale: float, Y=None, ama
     return Xc, Yc, scale, power * e
 
 
-def restore(xp, A, back: int, dtype, what: str):
+def restore(xp, A, back: int, dtype, what: str, *, selection: bool = True):
     """``A * 2**back`` cast to ``dtype`` (the input's); ``ValueError`` naming ``what`` when the value
-    does not fit that dtype (instead of a silent ``inf``).
+    does not fit that dtype (instead of a silent ``inf``). ``selection``: ``A`` is a selection's result,
+    and the message says that its picks are not affected.
 
     Examples
     --------
@@ -198,7 +199,7 @@ def restore(xp, A, back: int, dtype, what: str):
     >>> restore(np, gains, 200, gains.dtype, "gains")
     Traceback (most recent call last):
         ...
-    ValueError: the gains of this computation overflows float32 ...
+    ValueError: computing the gains overflows float32 ...
     """
     if back == 0 and A.dtype == dtype:
         return A
@@ -211,9 +212,9 @@ def restore(xp, A, back: int, dtype, what: str):
     if not bool(xp.all(xp.isfinite(A))):
         name = _dtype_name(dtype)
         raise ValueError(
-            f"the {what} of this computation overflows {name} (the values are out of {name}'s range; the "
-            f"picks of a selection are not affected): pass the data in a wider dtype, or divide it by a power "
-            f"of two"
+            f"computing the {what} overflows {name} (the values are out of {name}'s range"
+            f"{'; the picks are not affected' if selection else ''}): pass the data in a wider dtype, or divide "
+            f"it by a power of two"
         )
     return A
 
@@ -295,7 +296,7 @@ def pairwise_distances(X, Y=None, *, metric: str = "euclidean"):
     dtype = X.dtype
     X, Y, _, back = prepare(xp, X, metric=metric, kernel=None, scale=1.0, Y=Y)
     D = _distances(xp, X, X if same else Y, metric, same)
-    return restore(xp, D, back, dtype, "distances")
+    return restore(xp, D, back, dtype, "distances", selection=False)
 
 
 def _gram_distances(xp, G, sx, sy, metric: str, tol: float):

@@ -856,6 +856,13 @@ def test_default_max_dense_bytes_follows_available_memory_and_the_path_is_report
     # a machine with 100 MB free: a quarter is under the 64 MiB floor, and 72 MB does not fit it
     monkeypatch.setattr(B, "host_available_bytes", lambda: 100_000_000)
     assert resolve_dense_bytes(None, np, X) == 1 << 26
+    # none available (a container at its memory limit reads 0) is the floor too, not the 1 GiB of "cannot
+    # be told" (review 103: 0 was taken for None)
+    monkeypatch.setattr(B, "host_available_bytes", lambda: 0)
+    assert resolve_dense_bytes(None, np, X) == 1 << 26
+    monkeypatch.setattr(B, "host_available_bytes", lambda: None)
+    assert resolve_dense_bytes(None, np, X) == 1 << 30
+    monkeypatch.setattr(B, "host_available_bytes", lambda: 100_000_000)
     with caplog.at_level(logging.INFO, logger="crestcore"):
         sel = crestcore.facility_location(X, 10)
     assert sel.path == "matrix-free"
@@ -1038,3 +1045,38 @@ def test_a_zero_row_under_cosine_covers_itself_and_nothing_else():
     sel = facility_location(X, 2, metric="cosine")
     assert sel.indices.tolist() == [0, 1] and sel.gains.tolist() == [1.0, 1.0] and float(sel.objective) == 2.0
     assert sel.weights.tolist() == [2.0, 1.0]
+
+
+def test_objective_and_gains_take_a_rectangular_similarity_of_points_by_candidates():
+    """Review 102: both were documented for a square S but take any (n, c) one, rows the points to cover and
+    columns the candidates (the docs now say so). Checked against the definition, sum over the rows of the
+    best selected column, and the gain as the difference of two objectives."""
+    S = np.random.default_rng(5).uniform(size=(4, 6))
+    for sel in ([], [2], [0, 5], [1, 3, 4]):
+        picked = np.asarray(sel, dtype=np.int64)
+        want = float(S[:, picked].max(axis=1).sum()) if sel else 0.0
+        assert float(crestcore.facility_objective(S, picked)) == pytest.approx(want, rel=1e-12)
+        gains = crestcore.marginal_gains(S, picked)
+        assert gains.shape == (6,)
+        for j in range(6):
+            grown = np.union1d(picked, [j]).astype(np.int64)
+            assert gains[j] == pytest.approx(float(S[:, grown].max(axis=1).sum()) - want, rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("how", [dict(optimizer="auto"), dict(neighbors=3), dict()], ids=["auto", "neighbors", "lazy"])
+def test_a_class_without_picks_is_neither_sized_nor_solved(how):
+    """Review 103: a class with a budget of 0 (given, or k below the number of classes) was still planned,
+    searched and solved: a call whose picking class fits was refused for the other's memory ("too small for
+    any path on a problem of n=2000, ... k=0"), its graph or similarity was built (4.4 s for a 12,000-point
+    class at budget 0), and the path and plan counted it. It is now left out before any of that: the result,
+    path and plan are those of the picking class alone."""
+    X = np.random.default_rng(0).normal(size=(2010, 4))
+    labels = np.r_[np.zeros(2000, np.int64), np.ones(10, np.int64)]
+    got = crestcore.facility_location(X, 2, labels=labels, class_budgets=[0, 2], max_dense_bytes=4000, **how)
+    alone = crestcore.facility_location(X[2000:], 2, max_dense_bytes=4000, **how)
+    np.testing.assert_array_equal(got.indices, 2000 + alone.indices)
+    np.testing.assert_array_equal(got.weights, alone.weights)
+    assert float(got.objective) == float(alone.objective)
+    assert got.path == alone.path
+    if how:
+        assert "1 " in got.plan and "n=10," in got.plan and "n=2000" not in got.plan
