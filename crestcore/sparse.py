@@ -188,9 +188,21 @@ _NAMESPACE_TESTS = tuple(getattr(array_api_compat, f"is_{lib}_namespace") for li
     "numpy", "torch", "cupy", "jax", "dask", "array_api_strict") if hasattr(array_api_compat, f"is_{lib}_namespace"))
 
 
+def _graph_rows(X) -> int:
+    """X's number of rows, refused below 2 (a point's neighbours are other points)."""
+    n = int(X.shape[0])
+    if n < 2:
+        raise ValueError(f"X has {n} row(s): a neighbour graph needs at least 2 points (K in [1, n - 1])")
+    return n
+
+
 def exact_knn(xp, X, K: int, metric: str) -> np.ndarray:
     """Exact K nearest other points of every row of X (n, d), as host (n, K) int64, nearest first, ties
-    to the lower index. Any array library; tiles of rows, O(n) memory per row, O(n^2 d) time.
+    to the lower index. Any array library; tiles of rows, O(n) memory per row, O(n^2 d) time. The distances
+    are computed in X's dtype by the Gram form (one matrix product per tile), so the tie rule holds for
+    equal computed distances: copies of one non-integer row can come out an ulp apart (the product's
+    rounding depends on the column), and float32 X loses neighbours in clusters far tighter than the
+    data's extent; pass float64 X for such data.
 
     Examples
     --------
@@ -204,7 +216,7 @@ def exact_knn(xp, X, K: int, metric: str) -> np.ndarray:
     xp = _namespace_of(xp, X)
     check_float_matrix(xp, X, "X")
     check_choice(metric, "metric", METRICS)
-    n = X.shape[0]
+    n = _graph_rows(X)
     K = check_int(K, "K", high=n - 1)
     dev = device_of(X)
     tile = max(1, min(n, _TILE_ELEMENTS // max(n, 1)))
@@ -283,6 +295,8 @@ def knn_graph(xp, X, K: int, metric: str, *, force_reference: bool = False) -> t
     ([[1], [0], [0], [4], [3], [3]], 'exact')
     """
     xp = _namespace_of(xp, X)
+    check_float_matrix(xp, X, "X")
+    _graph_rows(X)
     if not force_reference:
         from crestcore.backends import knn_builder
 

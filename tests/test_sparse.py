@@ -736,3 +736,21 @@ def test_the_graph_builders_refuse_an_xp_that_is_not_a_library_module(xp):
         with pytest.raises(TypeError, match=r"xp must be the library of X \(numpy\)"):
             build(xp, X, 2, "euclidean")
     np.testing.assert_array_equal(exact_knn(compat_np, X, 2, "euclidean"), exact_knn(np, X, 2, "euclidean"))
+
+
+def test_the_graph_builders_refuse_too_few_points_and_bad_shapes_alike_on_every_route():
+    """Review 103: one point gave "K must be in [1, 0]", an empty X on the faiss route "K must be in [1, n - 1]
+    = [1, -1]" where the tiled route said "X is empty", and a 1-D X a TypeError on one route and a
+    ValueError on the other. Each route now refuses these first, with one message."""
+    from crestcore.sparse import knn_graph
+
+    builders = [lambda X: exact_knn(np, X, 1, "euclidean"),
+                lambda X: knn_graph(np, X, 1, "euclidean"),
+                lambda X: knn_graph(np, X, 1, "euclidean", force_reference=True)]
+    for build in builders:
+        with pytest.raises(ValueError, match=r"X has 1 row\(s\): a neighbour graph needs at least 2 points"):
+            build(np.zeros((1, 3)))
+        with pytest.raises(ValueError, match=r"X is empty"):
+            build(np.zeros((0, 3)))
+        with pytest.raises(ValueError, match=r"X must be 2-D"):
+            build(np.zeros(5))
