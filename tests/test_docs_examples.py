@@ -41,6 +41,11 @@ The directives:
 ``slow (REASON)``
     Mark the case ``pytest.mark.slow`` (``make test-slow``; not in the default run). For a block that
     runs here but takes too long for the default suite; the reason says why.
+``warns (REGEX)``
+    The block is meant to print a warning: one whose ``Category: message`` matches REGEX (``re.search``)
+    must appear on its stderr, and is allowed there. Any other warning a block prints fails its case, so a
+    change that makes a documented example warn is seen (the stand-in data are sized so that the pages'
+    loaders fit their budgets without the budget-rounding warning).
 ``skip (REASON)``
     Do not run the block. Only for a block that truly cannot run here (it needs a GPU, several machines,
     a hub download or a file the page does not make); the reason is required and says which.
@@ -92,6 +97,10 @@ FENCE = re.compile(r"^(`{3,}|~{3,})\s*([\w+-]*)")
 # ------------------------------------------------------------------------------------------------
 # preludes: the reader's own objects, as tiny synthetic stand-ins
 # ------------------------------------------------------------------------------------------------
+# the stand-ins' training examples: 20 full-data steps of the pages' m = 128, so that their budget of 0.1 is
+# two whole steps an epoch and no example prints the budget-rounding warning (see test_docs_example's
+# warning check; with 256 examples every loader example printed it, and a new warning went unseen)
+N_TRAIN = 2560
 _TORCH_DATA = '''
 def _docs_test_torch_data():
     import torch
@@ -99,10 +108,10 @@ def _docs_test_torch_data():
 
     g = torch.Generator().manual_seed(0)
     centers = 3.0 * torch.randn(10, 20, generator=g)
-    y = torch.arange(320) % 10
-    x = centers[y] + torch.randn(320, 20, generator=g)
-    train_set = TensorDataset(x[:256], y[:256])       # 256 examples of 10 classes, 20 features
-    val_set = TensorDataset(x[256:], y[256:])
+    y = torch.arange(N_TRAIN + 64) % 10
+    x = centers[y] + torch.randn(N_TRAIN + 64, 20, generator=g)
+    train_set = TensorDataset(x[:N_TRAIN], y[:N_TRAIN])       # 2,560 examples of 10 classes, 20 features
+    val_set = TensorDataset(x[N_TRAIN:], y[N_TRAIN:])
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -119,7 +128,7 @@ def _docs_test_torch_data():
 
 globals().update(_docs_test_torch_data())
 del _docs_test_torch_data
-'''
+'''.replace("N_TRAIN", str(N_TRAIN))
 
 _TORCH_LOOP = _TORCH_DATA + '''
 # pytorch.md's quickstart, one epoch into its run: its imports, its loader, the epoch, a checkpoint path
@@ -175,13 +184,13 @@ def build_dataset():
     import torch
     from torch.utils.data import TensorDataset
     g = torch.Generator().manual_seed(0)
-    y = torch.arange(256) % 10
-    return TensorDataset(3.0 * torch.randn(10, 20, generator=g)[y] + torch.randn(256, 20, generator=g), y)
+    y = torch.arange(N_TRAIN) % 10
+    return TensorDataset(3.0 * torch.randn(10, 20, generator=g)[y] + torch.randn(N_TRAIN, 20, generator=g), y)
 
 
 def validate(model):
     """The reader's own validation loop, which the page's loop calls: nothing to check here."""
-'''
+'''.replace("N_TRAIN", str(N_TRAIN))
 
 _KERAS_DATA = '''
 def _docs_test_keras_data():
@@ -191,16 +200,16 @@ def _docs_test_keras_data():
     import numpy as np
 
     rng = np.random.default_rng(0)
-    y = np.arange(320) % 10
-    x = (3.0 * rng.normal(size=(10, 20))[y] + rng.normal(size=(320, 20))).astype("float32")
+    y = np.arange(N_TRAIN + 64) % 10
+    x = (3.0 * rng.normal(size=(10, 20))[y] + rng.normal(size=(N_TRAIN + 64, 20))).astype("float32")
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((20,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(10)])
-    return dict(model=model, x_train=x[:256], y_train=y[:256], x_test=x[256:], y_test=y[256:])
+    return dict(model=model, x_train=x[:N_TRAIN], y_train=y[:N_TRAIN], x_test=x[N_TRAIN:], y_test=y[N_TRAIN:])
 
 
 globals().update(_docs_test_keras_data())
 del _docs_test_keras_data
-'''
+'''.replace("N_TRAIN", str(N_TRAIN))
 
 _KERAS_COMPILED = _KERAS_DATA + '''
 import keras
@@ -219,7 +228,7 @@ done_epochs = 2
 '''
 
 _KERAS_MIDEPOCH = _KERAS_COMPILED + '''
-# a run stopped inside an epoch: a callback that stops the fit after its sixth step (4 steps an epoch)
+# a run stopped inside an epoch: a callback that stops the fit after its sixth step (40 steps an epoch)
 import keras
 from crestcore import CrestConfig
 from crestcore.adapters.keras import CrestCallback
@@ -432,7 +441,7 @@ def parse_blocks(path: Path) -> list[Block]:
     return blocks
 
 
-KNOWN = {"setup", "continues", "signature", "keys-of", "torchrun", "needs-file", "slow", "skip"}
+KNOWN = {"setup", "continues", "signature", "keys-of", "torchrun", "needs-file", "slow", "skip", "warns"}
 
 
 def _reason(block: Block, key: str) -> str | None:
@@ -623,3 +632,43 @@ def test_docs_example(block: Block, tmp_path: Path) -> None:
         pytest.fail(f"{block.id} ({block.file}:{block.line}, under {block.heading!r}) exited with "
                     f"{proc.returncode}\n--- script ---\n{numbered}\n--- stdout (end) ---\n{proc.stdout[-3000:]}\n"
                     f"--- stderr (end) ---\n{proc.stderr[-6000:]}", pytrace=False)
+    _check_warnings(block, proc.stderr)
+
+
+# warnings about the machine the test runs on, not about the example: torch's on pinned memory without a GPU
+# (the pages pin memory for a GPU reader) and on more DataLoader workers than this machine's cores
+MACHINE_WARNINGS = (r"^UserWarning: 'pin_memory' argument is set as true but no accelerator is found",
+                    r"^UserWarning: This DataLoader will create \d+ worker processes in total\. Our suggested max")
+WARNING_LINE = re.compile(r"^.+?:\d+: ((?:\w+\.)*\w*Warning: .*)$", re.MULTILINE)  # warnings' default format
+
+
+def _check_warnings(block: Block, stderr: str) -> None:
+    """The warnings a block printed (Python's ``file:line: Category: message`` lines) must each match one of
+    its ``warns`` patterns or be about the machine (``MACHINE_WARNINGS``), and each pattern must match one of
+    them."""
+    printed = WARNING_LINE.findall(stderr)
+    patterns = [_reason(block, "warns")] if block.get("warns") else []
+    stray = [w for w in printed if not any(re.search(p, w) for p in patterns + list(MACHINE_WARNINGS))]
+    assert not stray, (f"{block.id} ({block.file}:{block.line}) printed warning(s) the page does not expect (a "
+                       f"`warns (REGEX)` directive allows one):\n" + "\n".join(stray))
+    missing = [p for p in patterns if not any(re.search(p, w) for w in printed)]
+    assert not missing, f"{block.id}: no warning matched `warns ({missing[0]})`; it printed: {printed}"
+
+
+def test_the_warning_check_refuses_stray_warnings_and_missing_expected_ones():
+    """The check itself (review 95: with 256 stand-in examples every loader example printed the
+    budget-rounding warning, and no test looked at warnings): a stray warning fails, a ``warns`` directive
+    allows its own and requires it, and the machine's warnings pass."""
+    rounding = ("/tmp/x/docs_example.py:31: UserWarning: a budget of 0.1 of the 2 full-data steps an epoch "
+                "rounds to 1 step an epoch (50% of the data, against the 10% asked for)\n  loader = ...\n")
+    machine = ("/venv/torch/utils/data/dataloader.py:665: UserWarning: 'pin_memory' argument is set as true but no "
+               "accelerator is found, then device pinned memory won't be used.\n")
+    plain = Block("docs/x.md", 1, 10, "x", "pass\n")
+    expecting = Block("docs/x.md", 2, 20, "x", "pass\n", [("warns", "(UserWarning: a budget of .* rounds to)")])
+    _check_warnings(plain, "")
+    _check_warnings(plain, machine + "some other stderr line\n")
+    with pytest.raises(AssertionError, match="printed warning"):
+        _check_warnings(plain, rounding)
+    _check_warnings(expecting, rounding + machine)
+    with pytest.raises(AssertionError, match="no warning matched"):
+        _check_warnings(expecting, machine)
