@@ -538,7 +538,8 @@ class SubsetLoader(BudgetedPasses):
         >>> resumed.position, bool((resumed.last_indices == loader.last_indices).all())
         (2, True)
         """
-        check_checkpoint(state, fmt=_FORMAT, owner="SubsetLoader", kind="loader", fingerprint=self._fingerprint(),
+        check_checkpoint(self.schedule.saved_header(state), fmt=_FORMAT, owner="SubsetLoader", kind="loader",
+                         fingerprint=self._fingerprint(),
                          same="method, dataset, m, seed, budget and epochs",
                          options=("settings", self._settings(), "the loader's options differ from the saved ones"))
         saved = state.get("labels_sha256")  # (checkpoints before 2026-12-01 have none)

@@ -1964,7 +1964,8 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
         ValueError: the state dict was saved with method='random', this callback has method='craig'; ...
         """
         _common.check_checkpoint(
-            state, fmt=_SUBSET_FORMAT, owner="SubsetCallback", kind="callback", fingerprint=self._fingerprint(),
+            self.schedule.saved_header(state), fmt=_SUBSET_FORMAT, owner="SubsetCallback", kind="callback",
+            fingerprint=self._fingerprint(),
             same="method, data, m, seed, budget and epochs",
             options=("settings", self.schedule.settings(), "the baseline's options differ from the saved ones"))
         saved = state.get("labels_sha256")  # (states before 2026-12-04 have none)

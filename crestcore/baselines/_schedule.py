@@ -276,18 +276,45 @@ class SubsetSchedule:
                          "selections": 0}
         self.log: list[dict] = []
 
+    _SETTINGS = ("weights", "reselect_every", "embeddings", "val_fraction", "glister_lr", "prune_ratio",
+                 "prune_anneal", "fill", "options")
+
     def settings(self) -> str:
-        """The options that decide the batches besides method, sizes and seed (a checkpoint compares them).
+        """The options that decide the batches besides method, sizes and seed (a checkpoint compares them,
+        and names the ones that differ), as a keyword repr.
 
         Examples
         --------
         >>> import numpy as np
         >>> SubsetSchedule("craig", np.arange(8) % 2, m=2, seed=0, steps_per_epoch=2, full_steps_per_epoch=4,
         ...                epochs=1).settings()
-        "('selection', 1, False, 0.1, 0.05, 0.5, 0.875, 'random', [])"
+        "Settings(weights='selection', reselect_every=1, embeddings=False, val_fraction=0.1, glister_lr=0.05,
+        prune_ratio=0.5, prune_anneal=0.875, fill='random', options=[])"
         """
-        return repr((self.weights_mode, self.reselect_every, self.embeddings, self.val_fraction, self.glister_lr,
-                     self.prune_ratio, self.prune_anneal, self.fill, sorted(self.options.items())))
+        values = (self.weights_mode, self.reselect_every, self.embeddings, self.val_fraction, self.glister_lr,
+                  self.prune_ratio, self.prune_anneal, self.fill, sorted(self.options.items()))
+        return self._named(values)
+
+    @classmethod
+    def _named(cls, values) -> str:
+        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in zip(cls._SETTINGS, values)) + ")"
+
+    @classmethod
+    def saved_header(cls, state):
+        """A checkpoint ``state`` whose ``settings`` are in the keyword form of :meth:`settings` (a shallow
+        copy; anything but a dict as it is): states saved before 2026-12-05 hold the bare tuple repr of the
+        same values in the same order, which a comparison could not break into fields."""
+        saved = state.get("settings") if isinstance(state, dict) else None
+        if isinstance(saved, str) and saved.startswith("("):
+            import ast
+
+            try:
+                values = ast.literal_eval(saved)
+            except (ValueError, SyntaxError):
+                return state
+            if isinstance(values, tuple) and len(values) == len(cls._SETTINGS):
+                return {**state, "settings": cls._named(values)}
+        return state
 
     # -- the batches ----------------------------------------------------------------------------
     def next_indices(self, position: int, ops=None, sync: Callable[[], None] | None = None,

@@ -178,6 +178,13 @@ def test_resume_is_exact_on_a_dataset_with_random_transforms(method):
         np.testing.assert_array_equal(w1, w2)
 
 
+def _fields(settings: str) -> list[str]:
+    """The values of a ``Settings(a=1, b=[...])`` repr, in order."""
+    from crestcore.adapters._common import _repr_fields
+
+    return list(_repr_fields(settings).values())
+
+
 def test_load_state_dict_checks_the_fingerprint():
     a = loader("random")
     train(a, steps=2)
@@ -188,8 +195,19 @@ def test_load_state_dict_checks_the_fingerprint():
         loader("craig").load_state_dict(sd)
     with pytest.raises(ValueError, match="format"):
         loader("random").load_state_dict({"position": 3})
-    with pytest.warns(UserWarning, match="options differ"):
-        loader("random", weights="batch").load_state_dict(sd)
+    # the options that differ are named (review 104: a bare "options differ", where CrestLoader names them),
+    # also against a state saved before 2026-12-05, whose settings were a bare tuple repr
+    with pytest.warns(UserWarning, match=r"options differ from the saved ones \(weights: 'selection' -> 'batch'; "
+                                         r"reselect_every: 1 -> 2; the run continues"):
+        loader("random", weights="batch", reselect_every=2).load_state_dict(sd)
+    import ast
+
+    old = {**sd, "settings": repr(tuple(ast.literal_eval(v) for v in _fields(sd["settings"])))}
+    with pytest.warns(UserWarning, match=r"\(prune_ratio: 0.5 -> 0.3; the run continues"):
+        loader("random", prune_ratio=0.3).load_state_dict(old)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loader("random").load_state_dict(old)  # the same options in the old form: no warning
     X, y = make_data()
     relabelled = y.clone()
     relabelled[:10] = (relabelled[:10] + 1) % int(y.max() + 1)  # the same size, other labels
