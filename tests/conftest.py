@@ -221,3 +221,12 @@ def _quiet_jax_fork_hook(monkeypatch):
     if bridge is not None and not isinstance(getattr(bridge, "warnings", None), _NoForkWarning):
         monkeypatch.setattr(bridge, "warnings", _NoForkWarning(bridge.warnings))
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """The opt-in slow tests (``make test-slow``: demos, long benchmarks, the docs' long examples with their
+    own subprocess timeouts) run without pytest-timeout's limit of the default suite (``timeout`` in
+    pyproject.toml), unless they set their own."""
+    for item in items:
+        if item.get_closest_marker("slow") is not None and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(0))
