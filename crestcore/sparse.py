@@ -196,12 +196,22 @@ def _graph_rows(X) -> int:
     return n
 
 
+def _first_copies(X) -> np.ndarray | None:
+    """For each row of X the index of the first row equal to it (host int64), or None when all rows differ."""
+    host = np.ascontiguousarray(to_numpy(X))
+    _, first, inverse = np.unique(host, axis=0, return_index=True, return_inverse=True)
+    if first.size == host.shape[0]:
+        return None
+    return first[inverse.reshape(-1)].astype(np.int64)
+
+
 def exact_knn(xp, X, K: int, metric: str) -> np.ndarray:
     """Exact K nearest other points of every row of X (n, d), as host (n, K) int64, nearest first, ties
     to the lower index. Any array library; tiles of rows, O(n) memory per row, O(n^2 d) time. The distances
-    are computed in X's dtype by the Gram form (one matrix product per tile), so the tie rule holds for
-    equal computed distances: copies of one non-integer row can come out an ulp apart (the product's
-    rounding depends on the column), and float32 X loses neighbours in clusters far tighter than the
+    are computed in X's dtype by the Gram form (one matrix product per tile), whose rounding depends on a
+    column's position: copies of one row (found on the host first) are therefore given their first copy's
+    distance, so that they tie exactly and are listed by index in every library; other ties hold as far
+    as the computed distances are equal. float32 X loses neighbours in clusters far tighter than the
     data's extent; pass float64 X for such data.
 
     Examples
@@ -225,12 +235,16 @@ def exact_knn(xp, X, K: int, metric: str) -> np.ndarray:
     # the numerics policy's preparation and the Gram form's exact shift once for the whole data set, not
     # per tile (each an O(n d) pass: per tile they cost as much as the tiles' products); the distances are
     # only ranked, so a power-of-two rescaling changes nothing
+    first = _first_copies(X)
     X, _, _, _ = prepare(xp, X, metric=metric, kernel=None, scale=1.0)
     if metric != "cosine":
         X = X - exact_shift(xp, X)
+    same = None if first is None else from_numpy(first, xp, dev)
     for a in range(0, n, tile):
         b = min(n, a + tile)
         D = _distances(xp, X[a:b, :], X, metric, False, shift=False)
+        if same is not None:  # every copy of a row gets its first copy's column: bit-equal, so tied exactly
+            D = xp.take(D, same, axis=1)
         rows = xp.arange(a, b, device=dev)[:, None]
         D = xp.where(rows == cols, xp.full_like(D, math.inf), D)
         out[a:b] = _k_smallest(xp, D, K)

@@ -754,3 +754,30 @@ def test_the_graph_builders_refuse_too_few_points_and_bad_shapes_alike_on_every_
             build(np.zeros((0, 3)))
         with pytest.raises(ValueError, match=r"X must be 2-D"):
             build(np.zeros(5))
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
+def test_copies_of_a_row_tie_exactly_and_are_listed_by_index_in_every_library(metric):
+    """Review 103: copies of a non-integer row came out of the Gram form an ulp apart, depending on their
+    columns, so the tiled search listed them by rounding, not by index, and where K cut through a group of
+    copies, NumPy and torch built different "exact" graphs and picked differently. Copies now get their first
+    copy's distance: each row lists its own copies first, then the nearest other group's copies, each group
+    in index order, in NumPy and in torch alike."""
+    torch = pytest.importorskip("torch")
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        base = rng.normal(size=(10, 6))
+        group = np.repeat(np.arange(10), 5)[rng.permutation(50)]
+        X = base[group]
+        Xb = base / np.linalg.norm(base, axis=1, keepdims=True) if metric == "cosine" else base
+        between = ((Xb[:, None, :] - Xb[None, :, :]) ** 2).sum(-1)
+        np.fill_diagonal(between, np.inf)
+        K = 7  # the 4 other copies, then 3 of the nearest group's 5: the cut goes through a 5-way tie
+        want = np.array([np.r_[np.flatnonzero((group == group[i]) & (np.arange(50) != i)),
+                               np.flatnonzero(group == np.argmin(between[group[i]]))[:3]] for i in range(50)])
+        np.testing.assert_array_equal(exact_knn(np, X, K, metric), want)
+        np.testing.assert_array_equal(exact_knn(torch, torch.as_tensor(X), K, metric), want)
+    # rows that all differ take the plain path (no copies to find)
+    from crestcore.sparse import _first_copies
+
+    assert _first_copies(np.random.default_rng(0).normal(size=(20, 3))) is None
