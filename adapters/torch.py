@@ -602,6 +602,43 @@ def _own_train(module: nn.Module) -> bool:
     return f is not nn.Module.train and str(getattr(f, "__module__", "")).split(".")[0] not in _FRAMEWORKS
 
 
+def _warn_loss_floor(loss_fn, config: CrestConfig, classes: int, owner: str) -> None:
+    """With dropping on (``T2``), warn when the user's ``loss_fn`` cannot go below ``DropConfig.alpha`` on an
+    example its model gets right (label smoothing has such a floor: 0.50 for 0.1 over ten classes), so that no
+    example can ever be dropped as learned (review 106: 0 of 1,797 dropped, silently). The probe is one
+    row per logit margin from 0 to 40 for the right class, on the CPU; a ``loss_fn`` that cannot take it
+    (another device, another output form) is not checked."""
+    if loss_fn is None or config.T2 is None or classes < 2:
+        return
+    margins = torch.linspace(0.0, 40.0, 161)
+    logits = torch.zeros(margins.numel(), classes)
+    logits[:, 0] = margins
+    try:
+        with torch.no_grad():
+            ell = loss_fn(logits, torch.zeros(margins.numel(), dtype=torch.long))
+        low = float(torch.as_tensor(ell).reshape(-1).min()) if torch.as_tensor(ell).numel() == margins.numel() else None
+    except Exception:  # noqa: BLE001 - a loss_fn for another device or output form: not checked here
+        return
+    alpha = float(config.drop.alpha)
+    if low is not None and np.isfinite(low) and low >= alpha:
+        warnings.warn(
+            f"{owner}: loss_fn's smallest loss on a correctly classified example is about {low:.3g} (over logit "
+            f"margins 0-40 on {classes} classes), not below DropConfig.alpha={alpha:g}: with dropping on (T2="
+            f"{config.T2}) no example can ever count as learned (label smoothing has such a floor). Pass an alpha "
+            f"above the floor, e.g. CrestConfig(..., drop=DropConfig(alpha={low + alpha:.2g})), or a loss_fn "
+            "without one", stacklevel=_common.user_stacklevel())
+
+
+def _gradients_possible() -> None:
+    """Refuse a gradient measurement under ``torch.inference_mode()``, which ``torch.enable_grad`` cannot lift
+    (review 106: the failure then read as a model whose parameters get no gradient, naming LoRA layers)."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "CREST's measurements need gradients, and this call runs under torch.inference_mode(), which they "
+            "cannot switch off (torch.no_grad they can): iterate the loader outside inference mode; "
+            "torch.no_grad() around the training loop is fine")
+
+
 def _buffer_snapshot(model: nn.Module) -> list:
     """``(module, name, buffer, copy)`` of every buffer of every module of ``model``, for :func:`_put_back`."""
     return [(mod, name, b, b.detach().clone()) for mod in model.modules()
@@ -2143,6 +2180,7 @@ class TorchModelOps:
         [None, None]
         """
         idx, w = _common.weighted_examples(indices, weights, self.n, "gradient")
+        _gradients_possible()
         params = self._trainable()
         dev = self.device
 
@@ -2278,6 +2316,7 @@ class TorchModelOps:
 
     def _probe(self, indices, weights, seed: int, what: str, with_gradient: bool):
         idx, w = _common.weighted_examples(indices, weights, self.n, what)
+        _gradients_possible()
         params = self._trainable()
         z = self.rademacher(seed)
         # (each parameter's part in its own dtype: +-1 is exact in any, and the double backward then runs in
@@ -2527,6 +2566,27 @@ class CrestLoader(BudgetedPasses):
     (4, 0.25)
     """
 
+    @property
+    def config(self) -> CrestConfig:
+        """The run's :class:`~crestcore.CrestConfig`, fixed at construction (its plan and selections were sized
+        from it: build a new loader for another one)."""
+        return self._config
+
+    @config.setter
+    def config(self, value) -> None:
+        raise AttributeError(f"{type(self).__name__}.config is fixed at construction (the run's plan, batch size "
+                             "and selections were made from it): build a new loader with the new config")
+
+    @property
+    def model(self) -> nn.Module:
+        """The model CREST measures, fixed at construction."""
+        return self._model
+
+    @model.setter
+    def model(self, value) -> None:
+        raise AttributeError(f"{type(self).__name__}.model is fixed at construction (every measurement runs on "
+                             "it): build a new loader for another model, and train the model you gave it")
+
     def __init__(
         self,
         model: nn.Module,
@@ -2558,14 +2618,15 @@ class CrestLoader(BudgetedPasses):
         self.listener_failures: dict[int, int] = {}  # failures per listener (by its position in callbacks)
         if not isinstance(progress, bool):
             raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
-        self.config = check_loader_arguments(
+        self._config = check_loader_arguments(
             config=config, budget=budget, epochs=epochs, seed=seed, budget_counts=budget_counts, model=model,
             per_epoch=per_epoch, measure_batch_size=measure_batch_size, collate_fn=collate_fn, forward=forward,
             loss_fn=loss_fn, device=device, measure_workers=measure_workers,
         )
         lab = check_training_data(dataset, self.config.m, labels, measure_dataset)
         n = lab.size
-        self.model = model
+        _warn_loss_floor(loss_fn, self.config, int(lab.max()) + 1 if n else 0, type(self).__name__)
+        self._model = model
         self.dataset = dataset
         self.n = n
         self.labels = lab

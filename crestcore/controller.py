@@ -1133,6 +1133,23 @@ class _LastCheck(NamedTuple):
     L_R: float
     F: float
     losses: np.ndarray | None
+    still: int = 0  # the checks in a row before this one that measured these same parameters
+
+
+# this many trust checks in a row at bit-equal parameters, over selections too, are warned about once: the
+# model measured is not the one trained (review 106: a loader built on a model the loop then replaced ran every
+# check and selection on the untrained model, silently); a DataLoader's look-ahead at an epoch's start and
+# gradient accumulation give a few such checks in a row, not this many
+_STILL_CHECKS = 25
+
+
+def _unchanged_since(last, w) -> bool:
+    """Whether the parameters ``w`` equal those the last check measured (bit for bit, same layout)."""
+    prev = last.params
+    if (type(w) is not type(prev) or tuple(w.shape) != tuple(prev.shape) or device_of(w) != device_of(prev)
+            or w.dtype != prev.dtype):
+        return False
+    return bool(namespace(w, names=("params()",)).all(w == prev))
 
 
 def _state_token(ops, indices: np.ndarray):
@@ -1228,7 +1245,18 @@ def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
     c["checks"] += 1
     log = _logged(state, "checks", (state.step, rho, L_R, F))
     drop = drop_record(state.drop, state.check_idx, losses_h, state.step) if config.T2 else state.drop
-    last = None if token is None else _LastCheck(w, token, state.n_selections, config, ops, L_R, F, losses_h)
+    prev = state.last_check
+    still = 0
+    if prev is not None and (same is not None or _unchanged_since(prev, w)):
+        still = prev.still + 1
+        if still == _STILL_CHECKS:
+            warnings.warn(
+                f"CREST: the model's parameters have not changed over the last {_STILL_CHECKS} trust checks (to "
+                f"step {state.step}): every check and selection measures a model that is not trained. Is the "
+                "model given to CREST the one your optimizer steps (not one built again after the loader, and "
+                "not a copy)? A learning rate of 0 does this too", RuntimeWarning, stacklevel=user_stacklevel())
+    last = (None if token is None else
+            _LastCheck(w, token, state.n_selections, config, ops, L_R, F, losses_h, still))
     new = state._replace(since_check=0, counters=c, log=log, drop=drop, last_check=last)
     if should_reselect(rho, config.tau):
         new = new._replace(need_select=True)  # the new anchor's curvature sets T1 and P (in _select)

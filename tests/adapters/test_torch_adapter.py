@@ -3467,3 +3467,75 @@ def test_a_divergence_annotated_with_its_step_keeps_its_class():
 
     got = _common.at_step(Own("NaN", "layer 2"), "CrestLoader at step 3")
     assert type(got) is FloatingPointError and str(got) == "NaN at layer 2 [CrestLoader at step 3]"
+
+
+# ------------------------------------------------------------------------------------------------
+# review 106: mistakes a user makes in their own loop, caught
+# ------------------------------------------------------------------------------------------------
+def test_a_loader_whose_model_is_never_trained_is_warned_about_once():
+    """A loader built on one model while the loop trains another (a model built again after the loader, an
+    optimizer over a copy) ran every trust check and selection on the untrained model: rho 0.0 at every
+    check, most answered from the last one's measurement, and nothing said. The controller now warns once
+    when 25 checks in a row measured the same parameters; a loop that trains the loader's model is quiet."""
+    X, y = make_data()
+    cfg = CrestConfig(m=8)
+    idle = CrestLoader(mlp(), TensorDataset(X, y), config=cfg, budget=0.5, epochs=3, seed=0)
+    other = mlp(1)  # the model the loop trains: not the loader's
+    with pytest.warns(RuntimeWarning, match=r"parameters have not changed over the last 25 trust checks") as got:
+        train(idle, other)
+    assert sum("have not changed" in str(w.message) for w in got) == 1
+    trained = CrestLoader(mlp(), TensorDataset(X, y), config=cfg, budget=0.5, epochs=3, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        train(trained, trained.model)
+    assert trained.stats["counters"]["checks"] >= 25
+
+
+def test_a_loss_fn_whose_floor_is_above_alpha_is_warned_about_when_dropping_is_on():
+    """Label smoothing passed as loss_fn= (as the guide suggests for a loss of one's own) put every loss at 0.50
+    or more over ten classes, above DropConfig.alpha = 0.1, so dropping never dropped anything, silently. The
+    loader now warns at construction, naming the floor; plain cross-entropy, and any loss without dropping,
+    are quiet."""
+    import torch.nn.functional as F
+
+    X, y = torch_blobs(300, D_IN, 10, seed=0)
+    data = TensorDataset(X, y)
+    model = torch_mlp(D_IN, 10, seed=0)
+    smooth = functools.partial(F.cross_entropy, label_smoothing=0.1, reduction="none")
+    with pytest.warns(UserWarning, match=r"smallest loss on a correctly classified example is about 0\.5 "
+                                         r"\(over logit margins 0-40 on 10 classes\), not below DropConfig\.alpha=0\.1"):
+        CrestLoader(model, data, config=CrestConfig(m=16, T2=5), budget=0.5, epochs=2, loss_fn=smooth)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CrestLoader(model, data, config=CrestConfig(m=16, T2=5), budget=0.5, epochs=2,
+                    loss_fn=functools.partial(F.cross_entropy, reduction="none"))
+        CrestLoader(model, data, config=CrestConfig(m=16), budget=0.5, epochs=2, loss_fn=smooth)  # no dropping
+
+
+def test_iterating_under_inference_mode_is_refused_naming_it():
+    """Under torch.inference_mode(), which torch.enable_grad cannot lift, the first measurement failed with a
+    message about parameters that get no gradient, naming LoRA layers. It now names inference mode;
+    torch.no_grad around the loop still works."""
+    X, y = make_data()
+    loader = CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=8), budget=0.5, epochs=1, seed=0)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"runs under torch\.inference_mode\(\)"):
+        next(iter(loader))
+    loader = CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=8), budget=0.5, epochs=1, seed=0)
+    with torch.no_grad():
+        x, yb, w = next(iter(loader))
+    assert w.shape == (8,)
+
+
+def test_the_loaders_config_and_model_cannot_be_replaced_after_construction():
+    """``loader.config = dataclasses.replace(cfg, m=16)`` was taken: the loader then yielded batches of 16 while
+    its plan stayed sized for 32 (half the budget's examples trained, silently), and ``loader.model = new`` was
+    a plain attribute nothing read (the measurements kept the old model). Both are now refused."""
+    import dataclasses
+
+    X, y = make_data()
+    loader = CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=8), budget=0.5, epochs=1, seed=0)
+    with pytest.raises(AttributeError, match=r"CrestLoader\.config is fixed at construction"):
+        loader.config = dataclasses.replace(loader.config, m=16)
+    with pytest.raises(AttributeError, match=r"CrestLoader\.model is fixed at construction"):
+        loader.model = mlp(1)
+    assert loader.config.m == 8 and loader.model is loader.ops.model
