@@ -545,8 +545,10 @@ class DistributedModelOps:
         self._collective(what, lambda: collective(w))
         return w.to(t.device)
 
-    def agree(self, value: int, what: str) -> None:
-        """Raise :class:`CollectiveError` on every rank unless every rank passes the same int64 ``value``.
+    def agree(self, value, what: str) -> None:
+        """Raise :class:`CollectiveError` on every rank unless every rank passes the same int64 ``value``, or
+        the same values of a dict ``{name: value}`` (any values: they are fingerprinted; the error then
+        names the ones that differ, and an int's value on each rank group).
 
         Examples
         --------
@@ -558,14 +560,22 @@ class DistributedModelOps:
         >>> ops.agree(32, "the dataset size")
         >>> group.close()
         """
-        t = torch.tensor([int(value)], dtype=torch.int64)
-        got = self.gather_rows(t, [1] * self.world_size, f"verify {what}").cpu().tolist()
-        if len(set(got)) > 1:
+        named = value if isinstance(value, dict) else {what: int(value)}
+        digests = [v if (isinstance(v, int) and not isinstance(v, bool)) else _digest(v) for v in named.values()]
+        t = torch.tensor([digests], dtype=torch.int64)
+        got = self.gather_rows(t, [1] * self.world_size, f"verify {what}").cpu().tolist()  # (ranks, values)
+        differ = []
+        for j, name in enumerate(named):
             groups: dict[int, list[int]] = {}
-            for q, v in enumerate(got):
-                groups.setdefault(v, []).append(q)
+            for q in range(self.world_size):
+                groups.setdefault(got[q][j], []).append(q)
+            if len(groups) > 1:
+                shown = (f" ({', '.join(f'{v} on ranks {r}' for v, r in groups.items())})"
+                         if isinstance(value, dict) and isinstance(named[name], int) else "")
+                differ.append(f"{name}{shown}: rank groups {sorted(groups.values())}")
+        if differ:
             raise CollectiveError(
-                f"CREST distributed: the ranks disagree on {what}: rank groups {sorted(groups.values())}. "
+                f"CREST distributed: the ranks disagree on {'; '.join(differ)}. "
                 "Every rank must build the loader with the same dataset, labels, config, seed and budget, "
                 "train a DDP-wrapped model (identical parameters), and iterate and observe in lockstep."
             )
@@ -934,9 +944,10 @@ class DistributedCrestLoader(CrestLoader):
                 "needs at least one example of each global mini-batch"
             )
         self.ops.agree(
-            _digest(self.n, self.labels, repr(self.config), self.seed, self.budget, self.epochs, self.per_epoch,
-                    self.budget_counts, self.total_steps),
-            "the loader's arguments (dataset size and labels, config, seed, budget, epochs)",
+            {"the dataset size": int(self.n), "the labels": self.labels, "the config": repr(self.config),
+             "seed": int(self.seed), "budget": self.budget, "epochs": int(self.epochs), "per_epoch": self.per_epoch,
+             "budget_counts": self.budget_counts, "the planned steps": int(self.total_steps)},
+            "the loader's arguments",
         )
         # the loss every rank measures with: ranks whose loss_fn differ decide checks differently and would
         # wait in mismatched collectives until the process group's timeout; its values on a fixed probe agree

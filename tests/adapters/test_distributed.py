@@ -389,6 +389,25 @@ def worker_lossfn(out: Path):
     (out / f"rank{rank}.done").write_text("built")  # must never happen
 
 
+def worker_shards(out: Path):
+    """Each rank gives the loader its own shard of the data (a DistributedSampler habit), of unequal sizes:
+    refused at construction on every rank, naming the dataset size and each rank's value (review 105: the
+    message named the loader's arguments as a whole)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist = _init_group()
+    rank = dist.get_rank()
+    X, y = make_data()
+    part = slice(0, X.shape[0] // 2 + 1) if rank == 0 else slice(X.shape[0] // 2 + 1, None)
+    ddp = DDP(make_model())
+    if _refused(out, rank, lambda: D.DistributedCrestLoader(ddp, TensorDataset(X[part], y[part]), config=make_config(),
+                                                            budget=BUDGET, epochs=EPOCHS, seed=SEED)):
+        del ddp
+        _teardown(dist)
+        return
+    (out / f"rank{rank}.done").write_text("built")  # must never happen
+
+
 def worker_stall(out: Path):
     """Rank 1 stays alive but stops iterating after step 3 (stuck); rank 0's next collective must time
     out with the adapter's error naming the rank, the step and the collective."""
@@ -481,12 +500,12 @@ def worker_skipping(out: Path):
 def _worker_main(argv):
     p = argparse.ArgumentParser()
     p.add_argument("--worker", required=True, choices=("train", "fail", "stall", "numba", "flags", "lossfn",
-                                                              "skipping", "badload"))
+                                                              "shards", "skipping", "badload"))
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     {"train": worker_train, "fail": worker_fail, "stall": worker_stall,
-     "numba": worker_numba, "flags": worker_flags, "lossfn": worker_lossfn,
+     "numba": worker_numba, "flags": worker_flags, "lossfn": worker_lossfn, "shards": worker_shards,
      "skipping": worker_skipping, "badload": worker_badload}[a.worker](Path(a.out))
 
 
@@ -951,7 +970,8 @@ def test_a_failing_rank_fails_the_job_instead_of_hanging(tmp_path):
     assert ("CREST distributed: rank 0 of 2" in e0) or ("gloo" in e0.lower()) or ("timed out" in e0.lower()), e0[-3000:]
 
 
-@pytest.mark.parametrize("worker, what", [("flags", "verify and broadcast_buffers"), ("lossfn", "loss_fn")])
+@pytest.mark.parametrize("worker, what", [("flags", "verify and broadcast_buffers"), ("lossfn", "loss_fn"),
+                                          ("shards", "the dataset size (241 on ranks [0], 239 on ranks [1])")])
 def test_ranks_built_differently_are_refused_at_construction(tmp_path, worker, what):
     """Settings that decide which collectives a rank issues (the verify flags) or what it decides (its
     loss_fn): every rank raises CollectiveError at construction instead of waiting until the timeout."""
