@@ -303,7 +303,15 @@ class SubsetSchedule:
     def saved_header(cls, state):
         """A checkpoint ``state`` whose ``settings`` are in the keyword form of :meth:`settings` (a shallow
         copy; anything but a dict as it is): states saved before 2026-12-05 hold the bare tuple repr of the
-        same values in the same order, which a comparison could not break into fields."""
+        same values in the same order, which a comparison could not break into fields.
+
+        Examples
+        --------
+        >>> old = {"format": "x", "settings": "('selection', 1, False, 0.1, 0.05, 0.5, 0.875, 'random', [])"}
+        >>> SubsetSchedule.saved_header(old)["settings"]
+        "Settings(weights='selection', reselect_every=1, embeddings=False, val_fraction=0.1, glister_lr=0.05,
+        prune_ratio=0.5, prune_anneal=0.875, fill='random', options=[])"
+        """
         saved = state.get("settings") if isinstance(state, dict) else None
         if isinstance(saved, str) and saved.startswith("("):
             import ast
