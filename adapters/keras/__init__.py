@@ -35,7 +35,9 @@ How the batches stay right whatever Keras does
   size, not by the sum of the weights: that *is* the controller's loss, so the weights are served as
   they are. With ``reduction="sum"`` they are served divided by the batch size. A loss compiled with
   ``reduction="mean_with_sample_weight"`` (divides by the sum of the weights, which no rescaling of the
-  weights can undo) is refused with a ``ValueError``.
+  weights can undo) is refused with a ``ValueError``, and so is a loss that ignores the sample weights, as
+  one does that reduces over the batch itself (``ops.mean(...)``: Keras then trains on ``mean(w) * loss``),
+  told from the compiled loss on a few examples when the fit begins (``_check_loss_weighs_examples``).
 
 Backends
 --------
@@ -335,6 +337,125 @@ def _weight_scale(reduction, who: str = "CREST's coreset loss", unweighted: bool
     raise ValueError(f"unknown loss reduction {reduction!r}")
 
 
+def _loss_name(loss) -> str:
+    """How the error messages name the compiled loss ``loss``: a string as it is, a function by its name, a
+    ``keras.losses.Loss`` by its class (and the function a ``LossFunctionWrapper`` wraps)."""
+    if isinstance(loss, str):
+        return repr(loss)
+    fn = getattr(loss, "fn", None) if type(loss).__name__ in ("LossFunctionWrapper", "_Wrapped") else None
+    if callable(fn):
+        return f"{type(loss).__name__} of {getattr(fn, '__qualname__', None) or getattr(fn, '__name__', repr(fn))}"
+    if isinstance(loss, keras.losses.Loss):
+        return f"{type(loss).__name__} (a keras.losses.Loss)"
+    return getattr(loss, "__qualname__", None) or getattr(loss, "__name__", None) or type(loss).__name__
+
+
+def _weighing_loss(model):
+    """The loss Keras's ``compute_loss`` applies to the sample weights: the model's ``CompileLoss`` (single
+    output: no loss-tracking metric, nothing it holds changes when called), or, should a Keras release not
+    have it, the compiled loss as Keras wraps it (a function as a ``Loss`` whose ``call`` it is). None for a
+    string Keras resolves from the targets' shapes ("crossentropy", "ce": Keras's own cross-entropies,
+    which weigh each example)."""
+    compiled = getattr(model, "_compile_loss", None)
+    if compiled is not None and callable(compiled):
+        return compiled
+    loss = _single_loss(model)
+    if isinstance(loss, str):
+        if loss.lower() in ("crossentropy", "ce"):
+            return None
+        loss = keras.losses.get(loss)
+    if not isinstance(loss, keras.losses.Loss):
+        class _Wrapped(keras.losses.Loss):  # what Keras's LossFunctionWrapper (not exported) does with it
+            def __init__(self, fn):
+                super().__init__(name=getattr(fn, "__name__", None))
+                self.fn = fn
+
+            def call(self, y_true, y_pred):
+                return self.fn(y_true, y_pred)
+
+        loss = _Wrapped(loss)
+    return loss
+
+
+def _losses_under_weights(loss_fn, y_true, y_pred) -> np.ndarray | None:
+    """The loss of the rows ``y_true``, ``y_pred`` (host arrays) with all the weight on one row, for every
+    row (weights ``B * e_i``, mean 1): the per-example losses for a loss that weighs each example, one value
+    repeated for a loss that ignores its weights. None when one is not finite."""
+    b = int(y_pred.shape[0])
+    yt, yp = kops.convert_to_tensor(y_true), kops.convert_to_tensor(y_pred)
+    out = []
+    for i in range(b):
+        w = np.zeros(b, dtype=np.float32)
+        w[i] = b
+        out.append(float(np.asarray(kops.convert_to_numpy(loss_fn(yt, yp, kops.convert_to_tensor(w))),
+                                    dtype=np.float64).reshape(-1).sum()))
+    values = np.array(out)
+    return values if np.all(np.isfinite(values)) else None
+
+
+def _all_equal(values: np.ndarray | None) -> bool | None:
+    """True when ``values`` are all one (nonzero) value, False when they differ, None when it cannot be
+    told (not finite, or all 0: a loss the probe rows do not reach)."""
+    if values is None or not np.any(values):
+        return None
+    return bool(values.max() - values.min() <= 1e-6 * np.abs(values).max())
+
+
+def _check_loss_weighs_examples(model, x, y, labels: np.ndarray, who: str) -> None:
+    """Refuse a compiled loss that ignores fit's sample weights (review 106): one that reduces over the batch
+    itself (a function or ``Loss.call`` returning ``ops.mean(...)``, one value for the batch) makes Keras
+    compute ``mean(w) * loss``, so the per-example weights (mean 1) drop out and every step trains
+    unweighted. Told from the loss itself, as Keras applies it (:func:`_weighing_loss`): on the model's
+    inference outputs for the first (up to) 4 examples, the loss with all the weight on one example and then
+    on another must differ. Should those examples' losses all be equal (a model whose outputs do not depend
+    on its input yet: zero-initialised), on a row of them with two columns swapped and with its label's
+    column raised by 1 (the swap moves the cross-entropy unless the two columns are equal, the raise unless
+    they are not). A handful of loss calls on a few rows and one inference forward of 4 examples, under
+    ``torch.no_grad`` on torch: no variable, moving statistic or random stream moves (``training=False``
+    draws nothing). A probe that fails (an exotic loss or model) or is not finite stays quiet, as does a
+    loss whose probe rows all have loss 0: ``fit``'s own step tells what is wrong then."""
+    k = min(int(labels.size), 4)
+    sel = np.arange(k)
+    try:
+        loss_fn = _weighing_loss(model)
+        if loss_fn is None or k < 1:
+            return
+        xb = keras.tree.map_structure(kops.convert_to_tensor, _take(x, sel))
+        if _backend() == "torch":
+            import torch
+
+            with torch.no_grad():
+                out = model(xb, training=False)
+        else:
+            out = model(xb, training=False)
+        if not hasattr(out, "shape") or keras.tree.is_nested(out):
+            return
+        p = _host_value(out)
+        if p.dtype.kind != "f" or p.ndim < 1 or p.shape[0] != k:
+            return
+        yt = np.asarray(y)[sel]
+        same = _all_equal(_losses_under_weights(loss_fn, yt, p))
+        if same is True and p.ndim == 2 and p.shape[1] >= 2:
+            c = int(min(max(int(labels[0]), 0), p.shape[1] - 1))
+            row = p[0]
+            others = np.delete(np.arange(p.shape[1]), c)
+            d = int(others[np.argmax(row[others])])
+            swapped, raised = row.copy(), row.copy()
+            swapped[[c, d]] = row[[d, c]]
+            raised[c] += 1
+            same = _all_equal(_losses_under_weights(loss_fn, yt[[0, 0, 0]], np.stack([row, swapped, raised])))
+    except Exception:  # noqa: BLE001 - the probe failed, not the loss: fit's own step says what is wrong
+        return
+    if same:
+        raise ValueError(
+            f"the model's loss {_loss_name(_single_loss(model))} ignores fit's sample weights: it gives the same "
+            "value whichever example they put all the weight on, as a loss does that reduces over the batch "
+            "itself (returns ops.mean(...) or ops.sum(...), one value for the whole batch). Keras then computes "
+            f"mean(weights) * loss, so {who}'s per-example weights (mean 1) drop out and every step would train "
+            "unweighted. Return the per-example losses instead, one value per example (shape (batch,)), and let "
+            "Keras reduce them with the weights (a Loss subclass's reduction=, default 'sum_over_batch_size')")
+
+
 def _warn_other_loss(facts: dict, what: str) -> None:
     """Warn when the compiled loss is not the plain cross-entropy that ``what`` (the measurements of a
     selection) assume: another loss, smoothed labels, an ignored class."""
@@ -344,8 +465,10 @@ def _warn_other_loss(facts: dict, what: str) -> None:
         warnings.warn(f"the model's loss is not a Keras categorical or sparse categorical cross-entropy: {what} "
                       "assume that cross-entropy of the last layer's outputs (outputs= says whether they are logits "
                       "or probabilities), so they measure a different loss from the one trained; fine for a "
-                      "cross-entropy of your own (a Loss subclass), else expect the selection to serve the "
-                      "cross-entropy, not your loss", stacklevel=_common.user_stacklevel())
+                      "cross-entropy of your own that returns one value per example (a function or a Loss "
+                      "subclass: one that takes the batch mean itself drops the sample weights and is refused), "
+                      "else expect the selection to serve the cross-entropy, not your loss",
+                      stacklevel=_common.user_stacklevel())
     elif facts.get("label_smoothing", 0.0) > 0:
         warnings.warn(f"the model's loss smooths its labels (label_smoothing={facts['label_smoothing']:g}): {what} "
                       "use the unsmoothed cross-entropy, so they measure a different loss from the one trained",
@@ -980,11 +1103,134 @@ class KerasModelOps:
 # ------------------------------------------------------------------------------------------------
 # the dataset and the callback
 # ------------------------------------------------------------------------------------------------
+_LOSS_CALLS = {"compute_loss": 4, "_compute_loss": 4, "compiled_loss": 3, "loss": 3}  # the weights' position
+_BATCH_LOOKS = ("unpack_x_y_sample_weight", "len", "isinstance", "type")  # calls that do not hand the batch on
+
+
+def _call_name(call) -> str:
+    f = call.func
+    return f.attr if type(f).__name__ == "Attribute" else f.id if type(f).__name__ == "Name" else ""
+
+
+def _step_passes_weights(source: str) -> bool | None:
+    """Whether the source of a ``train_step(self, data)`` hands fit's sample weights on (review 106), read
+    from its syntax tree: True when any of
+
+    * a call gets a ``sample_weight=`` keyword other than ``None`` (``compute_loss(..., sample_weight=sw)``,
+      ``self.compiled_loss(y, y_pred, sample_weight=sw)``, a loss object's);
+    * ``compute_loss`` gets a fourth positional argument, or ``compiled_loss`` / ``loss`` (``self.loss(y,
+      y_pred, sw)``) a third;
+    * a name the weights were unpacked into is read again: the third target of
+      ``x, y, sw = keras.utils.unpack_x_y_sample_weight(data)`` (or ``= data``, ``= data[:3]``), ``sw = data[2]``
+      or ``data[-1]``, any name of an unpacking with a starred target (``x, *rest = data``);
+    * ``data[2]``, ``data[-1]``, a slice holding them, or an index that is not a constant is read other
+      than into such a name;
+    * the batch itself is handed to a call other than ``unpack_x_y_sample_weight``, ``len``, ``isinstance``
+      or ``type`` (``super().train_step(data)``), or read in any other way than those, indexed, or unpacked.
+
+    The step's batch is its second parameter (``data``). False otherwise, so these are caught: ``x, y =
+    data[0], data[1]`` (or ``= data``); ``x, y, _ = unpack_x_y_sample_weight(data)``; ``sample_weight``
+    unpacked and then never read (left out of ``compute_loss``, or ``sample_weight=None``). None when the
+    source does not parse."""
+    import ast
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(source))
+    except SyntaxError:
+        return None
+    fn = next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))),
+              None)
+    if fn is None:
+        return None
+    params = [a.arg for a in fn.args.posonlyargs + fn.args.args]
+    batch = params[1] if len(params) >= 2 else None  # train_step(self, data)
+
+    def is_batch(node) -> bool:
+        return isinstance(node, ast.Name) and node.id == batch
+
+    def as_int(node):  # a constant integer (-1 is a unary minus of 1), else None
+        try:
+            v = ast.literal_eval(node)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            return None
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+    def weights_at(sub):
+        """Where the weights are in ``sub``, a subscript of the batch (x, y, sample_weight): 0 for ``data[2]``
+        or ``data[-1]``, their position in a slice (``data[1:]``: 1), -1 for an index or a bound that is not
+        a constant (it may hold them), None when it does not hold them."""
+        if not (isinstance(sub, ast.Subscript) and is_batch(sub.value)):
+            return None
+        k = sub.slice
+        if isinstance(k, ast.Slice):
+            parts = (k.lower, k.upper, k.step)
+            bounds = [None if b is None else as_int(b) for b in parts]
+            if any(b is None and e is not None for b, e in zip(bounds, parts)) or bounds[2] == 0:
+                return -1
+            kept = list(range(3)[slice(*bounds)])
+            return kept.index(2) if 2 in kept else None
+        i = as_int(k)
+        return -1 if i is None else 0 if i in (2, -1) else None
+
+    # the names the weights are unpacked into; reads of the batch (or of its weights) that hand nothing on
+    weights, looked = set(), set()
+    for node in ast.walk(fn):
+        if isinstance(node, ast.Assign):
+            value = node.value
+            at = 2 if is_batch(value) or (isinstance(value, ast.Call)
+                                          and _call_name(value) == "unpack_x_y_sample_weight") else None
+            sliced = weights_at(value)
+            if sliced is not None and sliced >= 0:
+                at = sliced  # w = data[2] (a name), x, y, w = data[:3] (a tuple)
+            for target in node.targets:
+                if isinstance(target, ast.Name) and sliced == 0 and not isinstance(value.slice, ast.Slice):
+                    weights.add(target.id)
+                    looked.add(id(value))
+                elif isinstance(target, (ast.Tuple, ast.List)) and at is not None:
+                    if any(isinstance(e, ast.Starred) for e in target.elts):  # x, *rest = data: any may hold them
+                        weights.update(n.id for e in target.elts for n in ast.walk(e) if isinstance(n, ast.Name))
+                    elif at < len(target.elts) and isinstance(target.elts[at], ast.Name):
+                        weights.add(target.elts[at].id)
+                    looked.add(id(value))  # unpacked: the weights, if any, go on as the name they are given
+            if is_batch(value) and any(isinstance(t, (ast.Tuple, ast.List)) for t in node.targets):
+                looked.add(id(value))  # x, y = data
+        elif isinstance(node, ast.Call) and _call_name(node) in _BATCH_LOOKS:
+            looked.update(id(a) for a in node.args if is_batch(a))
+        if isinstance(node, ast.Subscript) and is_batch(node.value):
+            looked.add(id(node.value))  # data[0]: its weights, if any, are the subscript's (below)
+    for node in ast.walk(fn):
+        if isinstance(node, ast.Call):
+            if any(k.arg == "sample_weight" and not (isinstance(k.value, ast.Constant) and k.value.value is None)
+                   for k in node.keywords):
+                return True
+            if any(k.arg is None for k in node.keywords) and _call_name(node) in _LOSS_CALLS:
+                return True  # **kwargs: may hold them
+            need = _LOSS_CALLS.get(_call_name(node))
+            if need is not None and (len(node.args) >= need or any(isinstance(a, ast.Starred) for a in node.args)):
+                return True
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            if node.id in weights or (node.id == batch and id(node) not in looked):
+                return True
+        elif isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load) and id(node) not in looked \
+                and weights_at(node) is not None:
+            return True
+    return False
+
+
 def _warn_own_train_step(model, who: str) -> None:
-    """Warn when the model's class overrides ``train_step`` without a word of ``sample_weight``: the weights
-    reach the loss as ``fit``'s sample weights, and the usual own step (``x, y = data``, or
-    ``unpack_x_y_sample_weight`` with the weights then left out of ``compute_loss``) trains unweighted, with
-    nothing said (review 79). A step whose source names ``sample_weight`` is taken to pass them on."""
+    """Warn when the model's class overrides ``train_step`` with a step that hands ``fit``'s sample weights to
+    nothing: the weights reach the loss as ``fit``'s sample weights, and a step that leaves them out trains
+    unweighted, with nothing said (review 79). What counts as handing them on is :func:`_step_passes_weights`'s
+    (review 106: the check had been whether the source contains ``sample_weight``, which the name
+    ``keras.utils.unpack_x_y_sample_weight`` always does, so ``x, y, _ = unpack_x_y_sample_weight(data)`` and
+    ``sample_weight`` unpacked and then left out of ``compute_loss`` passed). Warned about: ``x, y = data`` or
+    ``data[0], data[1]``; ``x, y, _ = keras.utils.unpack_x_y_sample_weight(data)``; ``x, y, sample_weight =
+    ...`` with ``sample_weight`` never read again (``compute_loss(x=x, y=y, y_pred=y_pred)``, or
+    ``sample_weight=None``). A step whose source cannot be read is not warned about; one that does not parse
+    (a lambda inside a longer expression) is warned about when it never names ``sample_weight`` outside
+    ``unpack_x_y_sample_weight``. A heuristic: a step that reads the weights for something else than its
+    loss (only to log them) is not warned about."""
     import inspect
 
     step = getattr(type(model), "train_step", None)
@@ -994,12 +1240,18 @@ def _warn_own_train_step(model, who: str) -> None:
         source = inspect.getsource(step)
     except (OSError, TypeError):  # defined where its source cannot be read: nothing to go by
         return
-    if "sample_weight" not in source:
+    passes = _step_passes_weights(source)
+    if passes is None:
+        passes = "sample_weight" in source.replace("unpack_x_y_sample_weight", "")
+    if not passes:
         warnings.warn(
-            f"{type(model).__name__} overrides train_step, and its source never names sample_weight: {who}'s "
-            "weights reach the loss as fit's sample weights, so a step that leaves them out trains unweighted. "
-            "Take them with x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data) and pass "
-            "sample_weight= to compute_loss", stacklevel=_common.user_stacklevel())
+            f"{type(model).__name__} overrides train_step, and its source never passes the sample weights on (no "
+            "sample_weight= to compute_loss or the loss, and the weights unpacked from the batch, if any, are "
+            f"never read): {who}'s weights reach the loss as fit's sample weights, so a step that leaves them "
+            "out trains unweighted. Take them with x, y, sample_weight = "
+            "keras.utils.unpack_x_y_sample_weight(data) and pass sample_weight=sample_weight to compute_loss",
+            stacklevel=_common.user_stacklevel())
+
 
 def _check_label_width(model, labels: np.ndarray, width: int | None = None) -> None:
     """Labels beyond the model's outputs, refused when the fit begins, where the model's output width is
@@ -1479,6 +1731,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         facts = loss_facts(model)
         self._scale = _weight_scale(facts["reduction"])
         kind = resolve_outputs(model, self.outputs_option)  # (its refusals first: then no warning before them)
+        _check_loss_weighs_examples(model, self.x, self.y, self.labels, "CrestCallback")
         _warn_other_loss(facts, "CREST's features and trust check")
         _warn_own_train_step(model, "CrestCallback")
         _check_label_width(model, self.labels)
@@ -1853,6 +2106,7 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
         self._scale = _weight_scale(facts["reduction"], f"the {self.method} baseline's weighted loss",
                                     unweighted=self.method in ("full", "sgd-budget", "random"))
         if self.method not in ("full", "sgd-budget", "random"):
+            _check_loss_weighs_examples(model, self.x, self.y, self.labels, f"the {self.method} baseline")
             _warn_own_train_step(model, "SubsetCallback")
         planned = (self.params or {}).get("epochs")
         if planned and int(planned) > self.epochs:

@@ -480,6 +480,35 @@ _JAX_SCRIPT = textwrap.dedent(r"""
                                            - np.asarray(fresh18.gradient(idx18, w18)[1])).max())
     res["swapped_hutchinson"] = float(np.abs(np.asarray(ops18.hutchinson(idx18, w18, 3))
                                              - np.asarray(fresh18.hutchinson(idx18, w18, 3))).max())
+
+    # 19. a loss that takes the batch mean itself drops the sample weights (review 106): refused when the fit
+    #     begins, the weights kept; per-example losses of the user's own train; the check moves no variable
+    from crestcore.adapters import keras as KA
+
+    m19 = T.mlp(0, loss=T._MeanCE())
+    c19 = CrestCallback(X, y, config=CrestConfig(**T.CFG), budget=T.BUDGET, seed=3, outputs="logits")
+    mean_loss = [refused_and_kept(m19, fit_once(m19, c19), ValueError, "ignores fit's sample weights")]
+    for loss in (T._per_example_ce, T._PerExampleCE()):
+        m20 = T.mlp(0, loss=loss)
+        c20 = CrestCallback(X, y, config=CrestConfig(**T.CFG), budget=T.BUDGET, seed=3, outputs="logits")
+        fit_once(m20, c20)()
+        mean_loss.append(c20.position == c20.steps_per_epoch)
+    keep = []
+    for loss in (keras.losses.SparseCategoricalCrossentropy(from_logits=True), T._MeanCE()):
+        m21 = keras.Sequential([keras.Input((64,)), keras.layers.Dense(16), keras.layers.BatchNormalization(),
+                                keras.layers.Dropout(0.5), keras.layers.Dense(10)])
+        m21.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss=loss)
+        m21.fit(X[:32], y[:32], epochs=1, verbose=0)
+        before = [np.array(v.value) for v in m21.variables + m21.optimizer.variables]
+        try:
+            KA._check_loss_weighs_examples(m21, X, y, y, "CrestCallback")
+            refused = False
+        except ValueError:
+            refused = True
+        after = [np.array(v.value) for v in m21.variables + m21.optimizer.variables]
+        keep.append([refused, len(before) == len(after) and all(np.array_equal(a, b) for a, b in zip(before, after))])
+    res["batch_mean_loss"] = mean_loss
+    res["loss_check_kept"] = keep
     print("JSON" + json.dumps(res))
 """)
 
@@ -1300,6 +1329,9 @@ def test_jax_backend(jax_child):
     assert res["refused_and_kept"] == [[True, True]] * 9, res["refused_and_kept"]
     assert max(res["swapped_outputs"]) < 1e-5 and res["swapped_gradient"] < 1e-6, res  # review 84
     assert res["swapped_hutchinson"] < 1e-6, res
+    # review 106: a loss that takes the batch mean itself is refused on jax too, and the check moves nothing
+    assert res["batch_mean_loss"] == [[True, True], True, True], res["batch_mean_loss"]
+    assert res["loss_check_kept"] == [[False, True], [True, True]], res["loss_check_kept"]
     for case, msg in res["jax_state_refusals"].items():
         assert msg is not None, f"an unrecognised JAX-trainer state ({case}) was read without an error"
         assert "model._jax_state" in msg and "KERAS_BACKEND=torch" in msg, (case, msg)
@@ -2166,8 +2198,8 @@ def test_keras_generic_crossentropy_names_are_crossentropy(name):
 
 def test_an_own_train_step_without_sample_weights_is_warned_about():
     """Review 79: keras.io's "customizing fit" step (the weights unpacked, then left out of compute_loss)
-    trained unweighted, silently. A step whose source never names sample_weight is warned about; one
-    that passes them on is not."""
+    trained unweighted, silently. A step whose source never passes them on is warned about; one that
+    passes them on is not."""
     X, y = digits()
 
     class Unweighted(keras.Sequential):
@@ -2182,7 +2214,7 @@ def test_an_own_train_step_without_sample_weights_is_warned_about():
 
     model = mlp(0, cls=Unweighted)
     crest = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=3)
-    with pytest.warns(UserWarning, match="overrides train_step, and its source never names sample_weight"):
+    with pytest.warns(UserWarning, match="overrides train_step, and its source never passes the sample weights on"):
         model.fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
     model = mlp(0, cls=Weighted)
     crest = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=3)
@@ -2247,3 +2279,220 @@ def test_labels_that_disagree_with_hard_targets_are_warned_about():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             CrestCallback(X, targets, labels=y, config=CrestConfig(**CFG), budget=BUDGET, seed=3)
+
+
+def _mean_ce(y_true, y_pred):
+    """A loss that takes the batch mean itself: one value for the whole batch."""
+    return keras.ops.mean(keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True))
+
+
+def _per_example_ce(y_true, y_pred):
+    return keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
+
+
+class _MeanCE(keras.losses.Loss):
+    def call(self, y_true, y_pred):
+        return keras.ops.mean(keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True))
+
+
+class _PerExampleCE(keras.losses.Loss):
+    def call(self, y_true, y_pred):
+        return keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
+
+
+@pytest.mark.parametrize("which", ["crest", "craig"])
+@pytest.mark.parametrize("loss", [_mean_ce, _MeanCE(), _MeanCE(reduction="sum")],
+                         ids=["function", "Loss subclass", "Loss subclass, reduction sum"])
+def test_a_loss_that_takes_the_batch_mean_itself_is_refused(which, loss):
+    """Review 106: a compiled loss that returns ops.mean(...) (one value for the batch) makes Keras compute
+    mean(w) * loss, so CREST's weights (mean 1) dropped out and every step trained unweighted, silently; the
+    only warning said the loss was "fine for a cross-entropy of your own (a Loss subclass)". Refused when the
+    fit begins, naming the loss and the fix, with the weights as they were."""
+    x, y = _small()
+    model = _dense3(loss)
+    before = [np.array(w) for w in model.get_weights()]
+    cb = (CrestCallback(x, y, config=CrestConfig(m=16), budget=0.25, seed=0, outputs="logits") if which == "crest"
+          else SubsetCallback(x, y, method="craig", budget=0.25, m=16, seed=0, outputs="logits"))
+    name = "_mean_ce" if loss is _mean_ce else "_MeanCE"
+    with pytest.raises(ValueError, match=f"{name}.*ignores fit's sample weights.*one value per example"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(cb.dataset, epochs=1, callbacks=[cb], verbose=0)
+    assert cb.position == 0
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_loss_that_takes_the_batch_mean_itself_is_fine_for_an_unweighted_baseline():
+    """Review 106: random, full and sgd-budget serve weight 1 everywhere, so mean(w) * loss is their loss."""
+    x, y = _small()
+    sub = SubsetCallback(x, y, method="random", budget=0.25, m=16, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _dense3(_mean_ce).fit(sub.dataset, epochs=1, callbacks=[sub], verbose=0)
+    assert sub.position == sub.steps_per_epoch
+
+
+@pytest.mark.parametrize("loss", [
+    "sparse_categorical_crossentropy", "crossentropy",
+    keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum"),
+    keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean"),
+    keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=0),
+    keras.losses.CategoricalFocalCrossentropy(from_logits=True),
+    _per_example_ce, _PerExampleCE(), _PerExampleCE(reduction="sum"),
+], ids=lambda v: v if isinstance(v, str) else getattr(v, "__name__", None) or
+        f"{type(v).__name__}-{v.reduction}-{getattr(v, '_fn_kwargs', {}).get('ignore_class')}")
+def test_losses_that_weigh_each_example_are_not_refused(loss):
+    """Review 106: the check of the sample weights stays quiet for every loss that honours them: Keras's
+    string and class losses with the reductions the callback takes, and per-example functions and Loss
+    subclasses; a zero-initialised model, whose examples all have one loss, included. The warning for a
+    loss of the user's own no longer calls every Loss subclass fine."""
+    x, y = _small()
+    softmax = isinstance(loss, str)
+    if isinstance(loss, keras.losses.CategoricalFocalCrossentropy):
+        y = np.eye(3, dtype="float32")[y]
+    for init in ("glorot_uniform", "zeros"):
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(
+            3, activation="softmax" if softmax else None, kernel_initializer=init)])
+        model.compile(optimizer="sgd", loss=loss)
+        crest = CrestCallback(x, y, config=CrestConfig(m=16), budget=0.25, seed=0,
+                              outputs="probabilities" if softmax else "logits")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
+        assert crest.position == crest.steps_per_epoch
+        for w in caught:
+            assert "fine for a cross-entropy of your own (a Loss subclass)" not in str(w.message), str(w.message)
+        if loss in (_per_example_ce,) or isinstance(loss, _PerExampleCE):
+            assert any("one value per example" in str(w.message) for w in caught), [str(w.message) for w in caught]
+
+
+def test_the_loss_weight_check_leaves_every_variable_and_random_stream_as_it_was():
+    """Review 106: the check of the compiled loss's sample weights runs a forward pass and the loss on a
+    few examples when the fit begins: no variable (the model's, the optimizer's, a dropout layer's seed),
+    no moving statistic and no random stream (torch's, NumPy's, Keras's global seed) may move, whether the
+    loss is refused or not."""
+    X, y = digits(160)
+    for loss in (keras.losses.SparseCategoricalCrossentropy(from_logits=True), _MeanCE()):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(16), keras.layers.BatchNormalization(),
+                                  keras.layers.ReLU(), keras.layers.Dropout(0.5), keras.layers.Dense(10)])
+        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss=loss)
+        model.fit(X[:32], y[:32], epochs=1, verbose=0)  # built, with optimizer and seed-generator state
+        before = [np.array(keras.ops.convert_to_numpy(v.value)) for v in model.variables + model.optimizer.variables]
+        torch_rng, np_rng = torch.random.get_rng_state(), np.random.get_state()
+        from keras.src.backend.common import global_state
+        keras_seed = global_state.get_global_attribute("global_seed_generator")
+        keras_seed = None if keras_seed is None else np.array(keras.ops.convert_to_numpy(keras_seed.state.value))
+        grads = [None if v.value.grad is None else v.value.grad.clone() for v in model.trainable_variables]
+        try:
+            keras_adapter._check_loss_weighs_examples(model, X, y, y, "CrestCallback")
+            refused = False
+        except ValueError:
+            refused = True
+        assert refused == isinstance(loss, _MeanCE)
+        after = [np.array(keras.ops.convert_to_numpy(v.value)) for v in model.variables + model.optimizer.variables]
+        assert len(before) == len(after)
+        for a, b in zip(before, after):
+            np.testing.assert_array_equal(a, b)
+        assert torch.equal(torch_rng, torch.random.get_rng_state())
+        np_now = np.random.get_state()
+        assert np_rng[0] == np_now[0] and np.array_equal(np_rng[1], np_now[1]) and np_rng[2:] == np_now[2:]
+        now = global_state.get_global_attribute("global_seed_generator")
+        assert (keras_seed is None and now is None) or np.array_equal(
+            keras_seed, np.array(keras.ops.convert_to_numpy(now.state.value)))
+        for g, v in zip(grads, model.trainable_variables):  # no .grad written or accumulated
+            assert (g is None and v.value.grad is None) or torch.equal(g, v.value.grad)
+
+
+def _step_source_warns(step) -> bool:
+    """Whether the adapter warns about a model class whose train_step is ``step``."""
+    cls = type("Own", (keras.Sequential,), {"train_step": step})
+    model = cls([keras.Input((8,)), keras.layers.Dense(3)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        keras_adapter._warn_own_train_step(model, "CrestCallback")
+    return any("overrides train_step" in str(w.message) for w in caught)
+
+
+def test_an_own_train_step_that_unpacks_the_weights_and_drops_them_is_warned_about():
+    """Review 106: the check tested whether the step's source contains "sample_weight", which the name
+    keras.utils.unpack_x_y_sample_weight always does: `x, y, _ = unpack_x_y_sample_weight(data)` (the
+    weights thrown away) and a step that unpacks sample_weight and leaves it out of compute_loss both trained
+    unweighted without a word. Steps that pass the weights on stay quiet."""
+    X, y = digits()
+
+    class Discards(keras.Sequential):
+        def train_step(self, data):
+            x, yy, _ = keras.utils.unpack_x_y_sample_weight(data)
+            return super().train_step((x, yy))
+
+    model = mlp(0, cls=Discards)
+    crest = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=3)
+    with pytest.warns(UserWarning, match="overrides train_step, and its source never passes the sample weights on"):
+        model.fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
+
+    def unpacked_then_left_out(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred = self(x, training=True)
+        loss = self.compute_loss(x=x, y=y, y_pred=y_pred)
+        return self.apply(loss)
+
+    def unpacked_then_none(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred = self(x, training=True)
+        return self.apply(self.compute_loss(x, y, y_pred, sample_weight=None))
+
+    def thrown_away(self, data):
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+        return self.apply(self.compute_loss(x=x, y=y, y_pred=self(x, training=True)))
+
+    def indexed(self, data):
+        x, y = data[0], data[1]
+        return self.apply(self.compute_loss(x=x, y=y, y_pred=self(x, training=True)))
+
+    def from_unpack_import(self, data):
+        x, y, sw = unpack_x_y_sample_weight(data)  # noqa: F821 - never run, only read
+        return self.apply(self.compute_loss(x=x, y=y, y_pred=self(x, training=True)))
+
+    for step in (unpacked_then_left_out, unpacked_then_none, thrown_away, indexed, from_unpack_import):
+        assert _step_source_warns(step), step.__name__
+
+    def keyword(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        return self.apply(self.compute_loss(x=x, y=y, y_pred=self(x, training=True), sample_weight=sample_weight))
+
+    def positional(self, data):
+        x, y, sw = keras.utils.unpack_x_y_sample_weight(data)
+        return self.apply(self.compute_loss(x, y, self(x, training=True), sw))
+
+    def compiled_loss(self, data):
+        x, y, w = keras.utils.unpack_x_y_sample_weight(data)
+        return self.apply(self.compiled_loss(y, self(x, training=True), sample_weight=w))
+
+    def own_loss(self, data):
+        x, y, w = keras.utils.unpack_x_y_sample_weight(data)
+        return self.apply(self.loss(y, self(x, training=True), w))
+
+    def direct(self, data):
+        x, y = data[0], data[1]
+        return self.apply(self.compute_loss(x=x, y=y, y_pred=self(x, training=True), sample_weight=data[2]))
+
+    def handed_on(self, data):
+        x, y, sw = keras.utils.unpack_x_y_sample_weight(data)
+        return super(type(self), self).train_step((x, y, sw))
+
+    def whole_batch(self, data):
+        return super(type(self), self).train_step(data)
+
+    def old_guide(self, data):
+        if len(data) == 3:
+            x, y, sample_weight = data
+        else:
+            sample_weight = None
+            x, y = data
+        return self.apply(self.compute_loss(y=y, y_pred=self(x, training=True), sample_weight=sample_weight))
+
+    for step in (keyword, positional, compiled_loss, own_loss, direct, handed_on, whole_batch, old_guide):
+        assert not _step_source_warns(step), step.__name__
