@@ -561,7 +561,8 @@ class DistributedModelOps:
         >>> group.close()
         """
         named = value if isinstance(value, dict) else {what: int(value)}
-        digests = [v if (isinstance(v, int) and not isinstance(v, bool)) else _digest(v) for v in named.values()]
+        digests = [v if (isinstance(v, int) and not isinstance(v, bool) and -(1 << 63) <= v < (1 << 63))
+                   else _digest(v) for v in named.values()]  # an int as it is (shown), where int64 holds it
         t = torch.tensor([digests], dtype=torch.int64)
         got = self.gather_rows(t, [1] * self.world_size, f"verify {what}").cpu().tolist()  # (ranks, values)
         differ = []
@@ -571,7 +572,8 @@ class DistributedModelOps:
                 groups.setdefault(got[q][j], []).append(q)
             if len(groups) > 1:
                 shown = (f" ({', '.join(f'{v} on ranks {r}' for v, r in groups.items())})"
-                         if isinstance(value, dict) and isinstance(named[name], int) else "")
+                         if isinstance(value, dict) and isinstance(named[name], int) and named[name] == digests[j]
+                         else "")
                 differ.append(f"{name}{shown}: rank groups {sorted(groups.values())}")
         if differ:
             raise CollectiveError(

@@ -606,13 +606,15 @@ def _warn_loss_floor(loss_fn, config: CrestConfig, classes: int, owner: str) -> 
     """With dropping on (``T2``), warn when the user's ``loss_fn`` cannot go below ``DropConfig.alpha`` on an
     example its model gets right (label smoothing has such a floor: 0.50 for 0.1 over ten classes), so that no
     example can ever be dropped as learned (review 106: 0 of 1,797 dropped, silently). The probe is one
-    row per logit margin from 0 to 40 for the right class, on the CPU; a ``loss_fn`` that cannot take it
-    (another device, another output form) is not checked."""
+    row per logit margin t from 0 to 40, the right class at t / 2 and every other at -t / 2 (a softmax loss
+    sees the margin alone; a one-vs-rest sigmoid loss, BCE or focal, also sees every other class's logit
+    go down, which it needs to reach its own floor: review 107), on the CPU; a ``loss_fn`` that cannot take
+    it (another device, another output form) is not checked."""
     if loss_fn is None or config.T2 is None or classes < 2:
         return
     margins = torch.linspace(0.0, 40.0, 161)
-    logits = torch.zeros(margins.numel(), classes)
-    logits[:, 0] = margins
+    logits = (-margins / 2)[:, None].repeat(1, classes)
+    logits[:, 0] = margins / 2
     try:
         with torch.no_grad():
             ell = loss_fn(logits, torch.zeros(margins.numel(), dtype=torch.long))
@@ -625,8 +627,8 @@ def _warn_loss_floor(loss_fn, config: CrestConfig, classes: int, owner: str) -> 
             f"{owner}: loss_fn's smallest loss on a correctly classified example is about {low:.3g} (over logit "
             f"margins 0-40 on {classes} classes), not below DropConfig.alpha={alpha:g}: with dropping on (T2="
             f"{config.T2}) no example can ever count as learned (label smoothing has such a floor). Pass an alpha "
-            f"above the floor, e.g. CrestConfig(..., drop=DropConfig(alpha={low + alpha:.2g})), or a loss_fn "
-            "without one", stacklevel=_common.user_stacklevel())
+            f"a little above the floor, e.g. CrestConfig(..., drop=DropConfig(alpha={low + alpha:.2g})), or a "
+            "loss_fn without one", stacklevel=_common.user_stacklevel())
 
 
 def _gradients_possible() -> None:

@@ -1134,20 +1134,24 @@ class _LastCheck(NamedTuple):
     F: float
     losses: np.ndarray | None
     still: int = 0  # the checks in a row before this one that measured these same parameters
+    warned: bool = False  # the warning on an untrained model was given in this run
 
 
-# this many trust checks in a row at bit-equal parameters, over selections too, are warned about once: the
-# model measured is not the one trained (review 106: a loader built on a model the loop then replaced ran every
-# check and selection on the untrained model, silently); a DataLoader's look-ahead at an epoch's start and
-# gradient accumulation give a few such checks in a row, not this many
-_STILL_CHECKS = 25
+# this many trust checks in a row at bit-equal parameters, over selections too, are warned about once a run:
+# the model measured is not the one trained (review 106: a loader built on a model the loop then replaced ran
+# every check and selection on the untrained model, silently). A DataLoader's look-ahead at an epoch's start
+# (num_workers * prefetch_factor batches: 32 with 16 workers) and gradient accumulation (one optimizer step
+# per k batches) give such runs too, far shorter than this (review 107: 25 warned with 16 workers)
+_STILL_CHECKS = 200
 
 
 def _unchanged_since(last, w) -> bool:
-    """Whether the parameters ``w`` equal those the last check measured (bit for bit, same layout)."""
+    """Whether the parameters ``w`` equal those the last check measured (bit for bit, same layout; False for
+    an array deleted since, which :func:`_same_as_last` reports)."""
     prev = last.params
+    is_deleted = getattr(prev, "is_deleted", None)
     if (type(w) is not type(prev) or tuple(w.shape) != tuple(prev.shape) or device_of(w) != device_of(prev)
-            or w.dtype != prev.dtype):
+            or w.dtype != prev.dtype or (callable(is_deleted) and bool(is_deleted()))):
         return False
     return bool(namespace(w, names=("params()",)).all(w == prev))
 
@@ -1158,14 +1162,16 @@ def _state_token(ops, indices: np.ndarray):
     return get(indices) if callable(get) else None
 
 
-def _same_as_last(state: CrestState, w, ops, config: CrestConfig) -> _LastCheck | None:
+def _same_as_last(state: CrestState, w, ops, config: CrestConfig, equal: bool) -> _LastCheck | None:
     """The last check when this one would measure exactly what it measured: the same parameters (equal
     values), state token (the ops says nothing else the outputs depend on changed), anchor, quadratic
     model, check set, ops and config, so the same ``L_R`` and ``F``. A ``DataLoader`` with workers asks
     for several batches in a row at an epoch's start before the first of them trains
     (``num_workers * prefetch_factor`` and one more), and each of those steps is checked at the
     parameters the one before was. The ops' token is asked for last, only when everything else agrees
-    (most checks come after a step that moved the parameters)."""
+    (most checks come after a step that moved the parameters). ``equal``: whether ``w`` equals the last
+    check's parameters (:func:`_unchanged_since`, compared once for this and for the warning on an untrained
+    model)."""
     last = state.last_check
     if (last is None or last.token is None or state.anchor is None or state.quad is None
             or last.selection != state.n_selections or last.ops is not ops or last.config != config):
@@ -1175,12 +1181,7 @@ def _same_as_last(state: CrestState, w, ops, config: CrestConfig) -> _LastCheck 
         raise ValueError(
             "ops.params() returned memory shared with what it returned at the last trust check (a view of the "
             "live parameters?): params() must return a copy")
-    prev = last.params
-    if (type(w) is not type(prev) or tuple(w.shape) != tuple(prev.shape) or device_of(w) != device_of(prev)
-            or w.dtype != prev.dtype):
-        return None
-    xp = namespace(w, names=("params()",))
-    if not bool(xp.all(w == prev)):
+    if not equal:
         return None
     return last if bool(last.token == _state_token(ops, state.check_idx)) else None
 
@@ -1213,7 +1214,9 @@ def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
         # quadratic model belongs to the old ones, so no check is possible; a new selection starts a new
         # model on the new parameters, its curvature the new reference for the schedule (as at the first)
         return crest_parameters_changed(state)
-    same = _same_as_last(state, w, ops, config)
+    prev = state.last_check
+    equal = prev is not None and _unchanged_since(prev, w)
+    same = _same_as_last(state, w, ops, config, equal)
     reused = 0
     if same is not None:  # nothing changed since the last check: its L_R and F, without a forward
         L_R, F, losses_h, spent, token = same.L_R, same.F, same.losses, 0, same.token
@@ -1245,18 +1248,17 @@ def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
     c["checks"] += 1
     log = _logged(state, "checks", (state.step, rho, L_R, F))
     drop = drop_record(state.drop, state.check_idx, losses_h, state.step) if config.T2 else state.drop
-    prev = state.last_check
-    still = 0
-    if prev is not None and (same is not None or _unchanged_since(prev, w)):
-        still = prev.still + 1
-        if still == _STILL_CHECKS:
-            warnings.warn(
-                f"CREST: the model's parameters have not changed over the last {_STILL_CHECKS} trust checks (to "
-                f"step {state.step}): every check and selection measures a model that is not trained. Is the "
-                "model given to CREST the one your optimizer steps (not one built again after the loader, and "
-                "not a copy)? A learning rate of 0 does this too", RuntimeWarning, stacklevel=user_stacklevel())
+    still = prev.still + 1 if (prev is not None and equal) else 0
+    warned = prev is not None and prev.warned
+    if still >= _STILL_CHECKS and not warned:
+        warned = True
+        warnings.warn(
+            f"CREST: the model's parameters have not changed over the last {_STILL_CHECKS} trust checks: every "
+            "check and selection measures a model that is not trained. Is the model given to CREST the one your "
+            "optimizer steps (not one built again after the loader, and not a copy)? A learning rate of 0 does "
+            "this too", RuntimeWarning, stacklevel=user_stacklevel())
     last = (None if token is None else
-            _LastCheck(w, token, state.n_selections, config, ops, L_R, F, losses_h, still))
+            _LastCheck(w, token, state.n_selections, config, ops, L_R, F, losses_h, still, warned))
     new = state._replace(since_check=0, counters=c, log=log, drop=drop, last_check=last)
     if should_reselect(rho, config.tau):
         new = new._replace(need_select=True)  # the new anchor's curvature sets T1 and P (in _select)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import types
 
 import array_api_compat
 import numpy as np
@@ -175,10 +176,12 @@ def _namespace_of(xp, X):
     own = namespace(X, names=("X",))
     if xp is own:
         return own
-    # a library's own module or its compat namespace; a submodule (numpy.random), a string or None is not
-    # one, although its name starts like one
-    named = isinstance(getattr(xp, "__name__", None), str)
-    if not (named and any(is_ns(xp) for is_ns in _NAMESPACE_TESTS) and namespace_name(xp) == namespace_name(own)):
+    # a library's own module (numpy, torch, jax, ...) or its compat namespace (jax.numpy); a submodule
+    # (numpy.random), a string or None is not one, although its name starts like one
+    name = getattr(xp, "__name__", None)
+    library = isinstance(xp, types.ModuleType) and name == namespace_name(own)
+    known = isinstance(name, str) and any(is_ns(xp) for is_ns in _NAMESPACE_TESTS)
+    if not ((library or known) and namespace_name(xp) == namespace_name(own)):
         raise TypeError(f"xp must be the library of X ({namespace_name(own)}), "
                         f"got {getattr(xp, '__name__', None) or type(xp).__name__!r}")
     return own

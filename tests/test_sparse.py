@@ -736,6 +736,15 @@ def test_the_graph_builders_refuse_an_xp_that_is_not_a_library_module(xp):
         with pytest.raises(TypeError, match=r"xp must be the library of X \(numpy\)"):
             build(xp, X, 2, "euclidean")
     np.testing.assert_array_equal(exact_knn(compat_np, X, 2, "euclidean"), exact_knn(np, X, 2, "euclidean"))
+    # the library's top-level module is taken where its namespace is a submodule (review 107: jax was refused
+    # with "xp must be the library of X (jax), got 'jax'")
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    Xj = jnp.asarray(X)
+    np.testing.assert_array_equal(exact_knn(jax, Xj, 2, "euclidean"), exact_knn(jnp, Xj, 2, "euclidean"))
+    with pytest.raises(TypeError, match=r"xp must be the library of X \(jax\), got 'numpy'"):
+        exact_knn(np, Xj, 2, "euclidean")
 
 
 def test_the_graph_builders_refuse_too_few_points_and_bad_shapes_alike_on_every_route():

@@ -291,37 +291,47 @@ class SubsetSchedule:
         "Settings(weights='selection', reselect_every=1, embeddings=False, val_fraction=0.1, glister_lr=0.05,
         prune_ratio=0.5, prune_anneal=0.875, fill='random', options=[])"
         """
-        values = (self.weights_mode, self.reselect_every, self.embeddings, self.val_fraction, self.glister_lr,
-                  self.prune_ratio, self.prune_anneal, self.fill, sorted(self.options.items()))
-        return self._named(values)
+        return self._named(self._values())
+
+    def _values(self) -> tuple:
+        return (self.weights_mode, self.reselect_every, self.embeddings, self.val_fraction, self.glister_lr,
+                self.prune_ratio, self.prune_anneal, self.fill, sorted(self.options.items()))
 
     @classmethod
     def _named(cls, values) -> str:
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in zip(cls._SETTINGS, values)) + ")"
 
-    @classmethod
-    def saved_header(cls, state):
+    def saved_header(self, state):
         """A checkpoint ``state`` whose ``settings`` are in the keyword form of :meth:`settings` (a shallow
         copy; anything but a dict as it is): states saved before 2026-12-05 hold the bare tuple repr of the
-        same values in the same order, which a comparison could not break into fields.
+        same values in the same order, which a comparison could not break into fields. Such a repr equal to
+        this schedule's own in that form is its settings; another one is read as Python literals where it
+        can be (a repr holding ``np.float64(...)`` cannot: it stays as it is, and a load says only that the
+        options differ).
 
         Examples
         --------
-        >>> old = {"format": "x", "settings": "('selection', 1, False, 0.1, 0.05, 0.5, 0.875, 'random', [])"}
-        >>> SubsetSchedule.saved_header(old)["settings"]
-        "Settings(weights='selection', reselect_every=1, embeddings=False, val_fraction=0.1, glister_lr=0.05,
+        >>> import numpy as np
+        >>> schedule = SubsetSchedule("craig", np.arange(8) % 2, m=2, seed=0, steps_per_epoch=2,
+        ...                           full_steps_per_epoch=4, epochs=1)
+        >>> old = {"format": "x", "settings": "('selection', 2, False, 0.1, 0.05, 0.5, 0.875, 'random', [])"}
+        >>> schedule.saved_header(old)["settings"]
+        "Settings(weights='selection', reselect_every=2, embeddings=False, val_fraction=0.1, glister_lr=0.05,
         prune_ratio=0.5, prune_anneal=0.875, fill='random', options=[])"
         """
         saved = state.get("settings") if isinstance(state, dict) else None
-        if isinstance(saved, str) and saved.startswith("("):
-            import ast
+        if not (isinstance(saved, str) and saved.startswith("(")):
+            return state
+        if saved == repr(self._values()):
+            return {**state, "settings": self.settings()}
+        import ast
 
-            try:
-                values = ast.literal_eval(saved)
-            except (ValueError, SyntaxError):
-                return state
-            if isinstance(values, tuple) and len(values) == len(cls._SETTINGS):
-                return {**state, "settings": cls._named(values)}
+        try:
+            values = ast.literal_eval(saved)
+        except (ValueError, SyntaxError):
+            return state
+        if isinstance(values, tuple) and len(values) == len(self._SETTINGS):
+            return {**state, "settings": self._named(values)}
         return state
 
     # -- the batches ----------------------------------------------------------------------------

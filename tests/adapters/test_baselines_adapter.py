@@ -208,6 +208,14 @@ def test_load_state_dict_checks_the_fingerprint():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loader("random").load_state_dict(old)  # the same options in the old form: no warning
+        # review 107: an old repr holding a NumPy scalar (np.float64(0.25)) is no Python literal, and it was
+        # read as every option differing; one equal to the loader's own old repr is its settings
+        a = loader("gradmatch", options={"lam": np.float64(0.25)})
+        train(a, steps=1)
+        s = a.schedule
+        a_old = {**a.state_dict(), "settings": repr(s._values())}
+        assert "np.float64(0.25)" in a_old["settings"]
+        loader("gradmatch", options={"lam": np.float64(0.25)}).load_state_dict(a_old)
     X, y = make_data()
     relabelled = y.clone()
     relabelled[:10] = (relabelled[:10] + 1) % int(y.max() + 1)  # the same size, other labels

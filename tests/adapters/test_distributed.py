@@ -1073,3 +1073,19 @@ def test_every_cached_kernel_module_compiles_into_the_ranks_slot(tmp_path, order
     folder = Path(crestcore.backends.__file__).parent
     cached = {f"crestcore.backends.{p.stem}" for p in folder.glob("*.py") if "cache=True" in p.read_text()}
     assert cached <= set(D._KERNELS), sorted(cached - set(D._KERNELS))
+
+
+def test_a_seed_past_int64_is_agreed_on_like_any_other():
+    """CrestLoader takes seeds of 2**63 and more; the distributed loader's agreement on its arguments put the
+    seed itself on the wire as an int64 and failed with torch's bare "Overflow when unpacking long long"
+    (review 107). Such a value is fingerprinted instead."""
+    from crestcore import CrestConfig
+
+    group = D._OneProcess(64)
+    try:
+        loader = D.DistributedCrestLoader(torch.nn.Linear(4, 2), group.data, config=CrestConfig(m=8), budget=0.5,
+                                          seed=2**63 + 5)
+        assert loader.seed == 2**63 + 5
+        loader.ops.agree({"a big int": 2**64 + 1, "a small one": 3}, "two values")
+    finally:
+        group.close()
