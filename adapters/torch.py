@@ -617,12 +617,12 @@ def _warn_loss_floor(loss_fn, config: CrestConfig, classes: int, owner: str) -> 
     logits[:, 0] = margins / 2
     try:
         with torch.no_grad():
-            ell = loss_fn(logits, torch.zeros(margins.numel(), dtype=torch.long))
-        low = float(torch.as_tensor(ell).reshape(-1).min()) if torch.as_tensor(ell).numel() == margins.numel() else None
+            ell = torch.as_tensor(loss_fn(logits, torch.zeros(margins.numel(), dtype=torch.long))).reshape(-1)
+        low = float(ell.min())
     except Exception:  # noqa: BLE001 - a loss_fn for another device or output form: not checked here
         return
     alpha = float(config.drop.alpha)
-    if low is not None and np.isfinite(low) and low >= alpha:
+    if ell.numel() == margins.numel() and np.isfinite(low) and low >= alpha:
         warnings.warn(
             f"{owner}: loss_fn's smallest loss on a correctly classified example is about {low:.3g} (over logit "
             f"margins 0-40 on {classes} classes), not below DropConfig.alpha={alpha:g}: with dropping on (T2="

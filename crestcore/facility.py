@@ -670,14 +670,13 @@ def facility_location(
             out_idx[p] = xp.take(from_numpy(problems[p], xp, dev), loc, axis=0)
             out_gain[p], out_w[p], out_obj[p] = g[b, :kb], w[b, :kb], obj[b]
 
-    keep = live
-    indices = xp.concat([xp.astype(out_idx[p], index_dtype(xp)) for p in keep])
-    gains = xp.concat([out_gain[p] for p in keep])
-    weights = xp.concat([out_w[p] for p in keep])
-    objective = xp.sum(xp.stack([xp.asarray(out_obj[p], device=dev) for p in keep]))
+    indices = xp.concat([xp.astype(out_idx[p], index_dtype(xp)) for p in live])
+    gains = xp.concat([out_gain[p] for p in live])
+    weights = xp.concat([out_w[p] for p in live])
+    objective = xp.sum(xp.stack([xp.asarray(out_obj[p], device=dev) for p in live]))
     # the problems where a pick could cover another point (two points or more, not all picked, a sparse one
     # with an edge): a gain of exactly 1 at every pick of all of them means the similarities vanished
-    open_ = [p for p in keep if p not in edgeless and 1 <= budgets[p] < sizes[p]]
+    open_ = [p for p in live if p not in edgeless and 1 <= budgets[p] < sizes[p]]
     if kernel == "exp" and open_ and all(bool(to_numpy(xp.all(out_gain[p] == 1.0))) for p in open_):
         warnings.warn(
             f"facility_location: with kernel='exp' and scale={given_scale:g} every pick gained exactly 1 (itself): the "
