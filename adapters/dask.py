@@ -43,7 +43,7 @@ import numpy as np
 
 import crestcore
 from crestcore.plan import hamilton
-from crestcore.validation import check_int, not_floating
+from crestcore.validation import check_int, int64_labels, not_floating
 from crestcore.facility import Selection
 from crestcore.similarity import KERNELS, METRICS, kernel_scale, restore
 
@@ -318,7 +318,7 @@ def facility_location(X, k, *, labels=None, client=None, partitions=None, seed=0
             raise ValueError(f"labels must be 1-D with one label per row of X (n={n}), got shape {lab.shape}")
         if lab.dtype.kind not in "iu":
             raise TypeError(f"labels must have an integer dtype, got {lab.dtype}")
-        lab = lab.astype(np.int64)
+        lab = int64_labels(lab)
     classes, class_sizes = np.unique(lab, return_counts=True)
     budgets = hamilton(k, class_sizes)
     metric = options.get("metric", "euclidean")

@@ -38,7 +38,7 @@ import numpy as np
 
 from crestcore.dropping import pool_size
 from crestcore.plan import _BREAK_ADVICE, BudgetedPasses
-from crestcore.validation import host_indices, stored_batch
+from crestcore.validation import host_indices, int64_labels, stored_batch
 try:
     import torch
 except ImportError as exc:  # pragma: no cover - depends on what is installed
@@ -128,7 +128,7 @@ def _as_labels(lab, n: int, what: str) -> np.ndarray:
         raise TypeError(f"{what} must hold integer class indices, got dtype {lab.dtype}: {_CLASSIFICATION}")
     if n and lab.min() < 0:
         raise ValueError(f"{what} must be non-negative class indices, got minimum {lab.min()}")
-    return lab.astype(np.int64, copy=True)
+    return int64_labels(lab, what)
 
 
 def _batch_loads(dataset) -> bool:

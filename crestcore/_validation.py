@@ -230,13 +230,29 @@ def labels_to_host(xp, labels, n: int, name: str = "labels") -> np.ndarray:
     """Integer labels (n,) -> host int64 array (one transfer); unsigned labels above int64's range are
     refused (they would wrap to negative values and reorder the classes)."""
     check_labels(xp, labels, n, name)
-    host = np.asarray(to_numpy(labels))
-    if host.dtype == np.uint64 and host.size and int(host.max()) > np.iinfo(np.int64).max:
+    return int64_labels(np.asarray(to_numpy(labels)), name, copy=False)
+
+
+def int64_labels(labels: np.ndarray, name: str = "labels", *, copy: bool = True) -> np.ndarray:
+    """A host integer label array as int64 (a copy unless ``copy=False``); unsigned labels above 2^63 - 1 are
+    refused: the cast would wrap them to negative values and reorder the classes.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> int64_labels(np.array([3, 1], dtype=np.uint8))
+    array([3, 1])
+    >>> int64_labels(np.array([1, 2**63 + 5], dtype=np.uint64), "y")
+    Traceback (most recent call last):
+        ...
+    ValueError: y holds values above 2^63 - 1 (uint64), which int64 class positions cannot hold in order: ...
+    """
+    if labels.dtype == np.uint64 and labels.size and int(labels.max()) > np.iinfo(np.int64).max:
         raise ValueError(
             f"{name} holds values above 2^63 - 1 (uint64), which int64 class positions cannot hold in order: "
             f"pass class numbers instead, e.g. numpy.unique({name}, return_inverse=True)[1]"
         )
-    return host.astype(np.int64, copy=False)
+    return labels.astype(np.int64, copy=copy)
 
 
 def make_rng(rng, name: str = "rng") -> np.random.Generator:

@@ -57,7 +57,7 @@ from .dropping import (DropConfig, DropState, _check_live, _undone_on_error, dro
                        drop_update, pool_size)
 from .features import cross_entropy, last_layer_gradients, softmax
 from .facility import OPTIMIZERS, _numba_host, on_host_device
-from .minibatch import CLASS_BUDGETS, DenseMemoryError, _draw_blocked, minibatch_coresets
+from .minibatch import CLASS_BUDGETS, DenseMemoryError, _count_classes, _draw_blocked, minibatch_coresets
 from .quadratic import (
     QuadraticConfig,
     QuadraticState,
@@ -706,7 +706,7 @@ def _subset_size(config: CrestConfig, pool: int, labels: np.ndarray) -> int:
     otherwise round r up to a multiple of the id range); at most the pool."""
     if config.r is not None:
         return int(min(config.r, pool))
-    C = once_per_array("classes", labels, lambda a: int(np.count_nonzero(np.bincount(a))))  # read-only labels
+    C = once_per_array("classes", labels, _count_classes)  # read-only labels: counted once
     return int(min(max(C * math.ceil(0.01 * pool / C), 4 * config.m), pool))
 
 
@@ -935,9 +935,8 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
             stacklevel=user_stacklevel())
     # the classes of all labels (counted once per labels array) bound the pool's: the pool is counted only
     # where r is below twice that
-    if config.per_class and r < 2 * once_per_array("classes", state.labels,
-                                                   lambda a: int(np.count_nonzero(np.bincount(a)))):
-        classes = int(np.count_nonzero(np.bincount(state.labels[pool])))
+    if config.per_class and r < 2 * once_per_array("classes", state.labels, _count_classes):
+        classes = _count_classes(state.labels[pool])
         if classes > 1 and r < 2 * classes:
             # (the default r is max(C, 4 m) where the pool holds at most 100 examples a class: many classes and
             # a small m land here by default)

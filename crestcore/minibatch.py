@@ -95,6 +95,17 @@ def _class_positions(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     return classes, cls.reshape(-1).astype(np.int64), sizes
 
 
+def _count_classes(labels: np.ndarray) -> int:
+    """The number of distinct labels of the 1-D int array: O(n) through ``class_counts`` for small
+    non-negative labels, else a sort (never a count array as long as the largest label: review 109, ids
+    such as 10**11)."""
+    from ._reference_kernels import class_counts
+
+    count = get_host_kernel("class_counts", start=False) or class_counts
+    counts = count(labels, 4 * labels.size + 1024)
+    return int(np.count_nonzero(counts)) if counts.size else int(np.unique(labels).size)
+
+
 def _positions_in(classes: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Each entry of ``values`` (all among the sorted distinct ``classes``) as its position in ``classes``:
     a lookup table for small non-negative labels, else a binary search."""
@@ -141,6 +152,12 @@ def _class_budgets(m: int, counts: np.ndarray, gen: np.random.Generator | None, 
     (:func:`apportion`: every class's expected share is its proportional one); without it
     :func:`hamilton`'s fixed split (the same classes every time)."""
     if gen is None:
+        present = int((counts > 0).sum(axis=1).max(initial=0))
+        if m < present:  # a fixed split would give the picks to the same classes and reweight nothing (review 109)
+            raise TypeError(
+                f"rng is required: m ({m}) is below the number of classes in a subset ({present}), so which classes "
+                "get a pick is drawn at random, each pick's weight divided by its chance (every class's expected "
+                "weight its count); pass rng=, an int seed or a numpy.random.Generator")
         return np.stack([hamilton(m, row) for row in counts]), None
     key = int(gen.integers(2**62))  # row p's rounding from (key, p) alone: a share of the rows rounds alike
     budgets, p = _apportion_rows(m, counts, _RowGenerators(key, rows))
@@ -250,16 +267,19 @@ def draw_subsets(labels_host: np.ndarray | None, pool: np.ndarray, r: int, P: in
     """
     rng = make_rng(rng)
     raw = np.asarray(pool)
-    if raw.ndim != 1 or raw.size == 0 or not np.issubdtype(raw.dtype, np.integer) or raw.dtype == bool:
-        raise ValueError(f"pool must be a non-empty 1-D array of integer example indices, got shape {raw.shape}, "
-                         f"dtype {raw.dtype}")
+    if not np.issubdtype(raw.dtype, np.integer) or raw.dtype == bool:  # a wrong type: TypeError (review 109)
+        raise TypeError(f"pool must be an array of integer example indices, got dtype {raw.dtype}")
+    if raw.ndim != 1 or raw.size == 0:
+        raise ValueError(f"pool must be a non-empty 1-D array of integer example indices, got shape {raw.shape}")
     pool = raw.astype(np.int64)
     if pool.min() < 0 or _has_repeats(pool):
         raise ValueError("pool must hold distinct non-negative example indices")
     if labels_host is not None:
         lab = np.asarray(labels_host)
-        if lab.ndim != 1 or not np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool:
-            raise ValueError(f"labels_host must be a 1-D integer array or None, got shape {lab.shape}, dtype {lab.dtype}")
+        if not np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool:
+            raise TypeError(f"labels_host must be an integer array or None, got dtype {lab.dtype}")
+        if lab.ndim != 1:
+            raise ValueError(f"labels_host must be a 1-D integer array or None, got shape {lab.shape}")
         if pool.max() >= lab.size:
             raise ValueError(f"pool holds index {int(pool.max())}, beyond the {lab.size} labels")
         labels_host = lab
@@ -352,7 +372,8 @@ def minibatch_coresets(
         fixed split when ``rng`` is None), every class of the subset at least one pick when m allows, so a
         coreset has exactly m picks; when m is below the number of classes present, a class gets its
         one pick with probability its share and that pick's weight is divided by it, so every class's
-        expected weight is its count) or "ceil" (the release: ``ceil(m / C)`` per class).
+        expected weight is its count (this needs ``rng``: None is then refused with a ``TypeError``) or
+        "ceil" (the release: ``ceil(m / C)`` per class).
     pool : optional 1-D integer array (host NumPy or features' namespace) of the active example indices
         (e.g. after dropping learned examples); default all n.
     subsets : optional (P, r) integer array of pre-drawn subsets (rows of ``features``, distinct within a
@@ -460,8 +481,9 @@ def minibatch_coresets(
         if subsets is None:
             raise ValueError("rows= numbers the rows of given subsets: pass subsets= too")
         row_ids = np.asarray(rows)
-        if (row_ids.shape != (P,) or not np.issubdtype(row_ids.dtype, np.integer) or row_ids.dtype == bool
-                or (P and row_ids.min() < 0) or np.unique(row_ids).size != P):
+        if not np.issubdtype(row_ids.dtype, np.integer) or row_ids.dtype == bool:
+            raise TypeError(f"rows must be an array of integer row numbers, got dtype {row_ids.dtype}")
+        if row_ids.shape != (P,) or (P and row_ids.min() < 0) or np.unique(row_ids).size != P:
             raise ValueError(f"rows must be a 1-D array of {P} distinct non-negative integers (one per row of "
                              f"subsets), got {rows!r}")
         row_ids = row_ids.astype(np.int64)

@@ -5,6 +5,8 @@ Each check returns a normalised host (NumPy) copy or raises an error naming the 
 * :func:`host_indices` -- example indices: 1-D integers in ``[0, n)``, as int64.
 * :func:`host_weights` -- per-example weights: ``k`` finite numbers, as float64.
 * :func:`stored_batch` -- a batch read back from a checkpoint (indices, weights, reselected).
+* :func:`int64_labels` -- host integer labels as int64 (unsigned ones past int64's range refused, not
+  wrapped to negative values).
 * :func:`check_int` -- an integer argument in a range (bools refused), named in the error.
 * :func:`check_count` -- a positive (or non-negative, or optional) integer argument, a ``ValueError``
   naming it otherwise.
@@ -17,8 +19,8 @@ Each check returns a normalised host (NumPy) copy or raises an error naming the 
 
 from __future__ import annotations
 
-from ._validation import (DivergenceError, check_count, check_int, host_indices, host_weights, masked_outputs_error,
-                          not_floating, stored_batch, user_stacklevel)
+from ._validation import (DivergenceError, check_count, check_int, host_indices, host_weights, int64_labels,
+                          masked_outputs_error, not_floating, stored_batch, user_stacklevel)
 
-__all__ = ["DivergenceError", "check_count", "check_int", "host_indices", "host_weights", "masked_outputs_error",
-           "not_floating", "stored_batch", "user_stacklevel"]
+__all__ = ["DivergenceError", "check_count", "check_int", "host_indices", "host_weights", "int64_labels",
+           "masked_outputs_error", "not_floating", "stored_batch", "user_stacklevel"]

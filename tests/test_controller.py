@@ -13,6 +13,7 @@ Self-contained: no conftest fixtures.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -2078,6 +2079,20 @@ def test_the_default_subset_size_counts_the_classes_present_not_the_label_range(
         state, _ = crest_next_batch(crest_init(cfg, lab, seed=0), ops, cfg)
         rs[name] = state.subsets.shape[1]
     assert rs["dense"] == rs["sparse"] == 128  # max(10 ceil(20 / 10), 4 m)
+
+
+def test_a_huge_label_id_gets_the_outputs_message_not_a_dense_class_count():
+    """Review 109 F1: ids {0, 1, 10**11} were counted with a dense bincount (745 GiB) before the forward's
+    check that names the fix; the classes are counted by sorting when the ids are that sparse."""
+    from crestcore.controller import _SoftmaxOps
+
+    y = np.array([0, 1, 10**11] * 20)
+    X = np.random.default_rng(0).normal(size=(60, 3))
+    for r in (None, 4):  # the default r (counts the classes) and r below twice their number (counts the pool's)
+        cfg = CrestConfig(m=2, r=r)
+        with (pytest.warns(UserWarning, match="fewer than two examples") if r else contextlib.nullcontext(),
+              pytest.raises(ValueError, match="labels hold class 100000000000 but the model gives 3 outputs")):
+            crest_next_batch(crest_init(cfg, y, seed=0), _SoftmaxOps(X, y, 3), cfg)
 
 
 def _SoftmaxOps_for(X, lab):

@@ -240,9 +240,16 @@ def test_bad_arguments_are_refused_naming_them():
 
     assert draw_subsets(labels, np.arange(8), 4, 2, 0).shape == (2, 4)  # an int seed is a seed
     for pool, match in ((np.array([0, 0, 1, 2]), "distinct"), (np.array([-1, 2, 3, 4]), "non-negative"),
-                        (np.array([0.0, 1.0, 2.0, 3.0]), "integer"), (np.array([0, 1, 2, 9]), "beyond")):
+                        (np.array([[0, 1], [2, 3]]), "1-D"), (np.array([0, 1, 2, 9]), "beyond")):
         with pytest.raises(ValueError, match=match):
             draw_subsets(labels, pool, 2, 1, gen)
+    # a wrong dtype is a wrong type: TypeError, as for minibatch_coresets' arguments (review 109 F5)
+    with pytest.raises(TypeError, match="pool must be an array of integer example indices, got dtype float64"):
+        draw_subsets(labels, np.array([0.0, 1.0, 2.0, 3.0]), 2, 1, gen)
+    with pytest.raises(TypeError, match="labels_host must be an integer array or None, got dtype float64"):
+        draw_subsets(labels.astype(float), np.arange(8), 2, 1, gen)
+    with pytest.raises(ValueError, match="labels_host must be a 1-D"):
+        draw_subsets(labels[None], np.arange(8), 2, 1, gen)
     with pytest.raises(ValueError, match="r"):
         draw_subsets(labels, np.arange(8), 9, 1, gen)
     with pytest.raises(ValueError, match="P"):

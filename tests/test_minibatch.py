@@ -405,8 +405,26 @@ def test_a_share_of_the_rows_gives_those_rows_coresets():
     np.testing.assert_array_equal(part.weights, whole.weights[2:])
     with pytest.raises(ValueError, match="rows"):
         crestcore.minibatch_coresets(X, labels, P=2, rng=0, **{**kw, "subsets": subs[2:]}, rows=[3, 3])
+    with pytest.raises(TypeError, match="rows must be an array of integer row numbers, got dtype float64"):
+        crestcore.minibatch_coresets(X, labels, P=2, rng=0, **{**kw, "subsets": subs[2:]}, rows=[2.0, 3.0])
     with pytest.raises(ValueError, match="subsets"):
         crestcore.minibatch_coresets(X, labels, m=20, r=60, P=2, rng=0, rows=[0, 1])
+
+
+def test_given_subsets_without_rng_are_refused_when_m_is_below_the_classes_present():
+    """Review 109 F3: with subsets= and rng=None the class budgets took the fixed Hamilton split, which with m
+    below the number of classes gave every pick to the same classes, reweighting none (weights summing to 50
+    of r = 60, every call); the unbiased draw needs rng, so None is refused there. With m at least the number
+    of classes the fixed split stays (every class gets a pick; the weights sum to r)."""
+    lab = np.array([0] * 50 + [1] * 3 + [2] * 2 + [3] * 1 + [4] * 4)
+    X = np.random.default_rng(0).normal(size=(lab.size, 2))
+    V = np.arange(lab.size)[None, :]
+    with pytest.raises(TypeError, match=r"rng is required: m \(3\) is below the number of classes in a subset \(5\)"):
+        crestcore.minibatch_coresets(X, lab, m=3, r=60, P=1, subsets=V)
+    c = crestcore.minibatch_coresets(X, lab, m=5, r=60, P=1, subsets=V)
+    assert sorted(lab[c.indices[0]].tolist()) == [0, 1, 2, 3, 4] and c.weights.sum() == 60
+    ceil = crestcore.minibatch_coresets(X, lab, m=3, r=60, P=1, subsets=V, class_budget="ceil")  # no draw there
+    assert ceil.weights.sum() == 60
 
 
 @settings(max_examples=300, deadline=None)

@@ -69,7 +69,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from crestcore.plan import budget_report, full_steps, planned_steps
-from crestcore.validation import host_indices
+from crestcore.validation import host_indices, int64_labels
 
 try:
     import keras
@@ -253,7 +253,7 @@ def labels_from_targets(y) -> np.ndarray:
         if not np.issubdtype(y.dtype, np.integer):
             if not np.issubdtype(y.dtype, np.floating) or not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
                 raise TypeError(f"y must hold integer class indices (or one-hot rows), got dtype {y.dtype}")
-        lab = y.astype(np.int64)
+        lab = int64_labels(y, "y") if np.issubdtype(y.dtype, np.integer) else y.astype(np.int64)
     elif y.ndim == 2:
         is_onehot = _one_hot_rows(y)
         if not is_onehot:
@@ -837,7 +837,7 @@ class KerasModelOps:
         lab = np.asarray(labels)
         if lab.shape != (self.n,) or not np.issubdtype(lab.dtype, np.integer):
             raise ValueError(f"labels must be (n,) = ({self.n},) integers, got shape {lab.shape}, dtype {lab.dtype}")
-        self.labels = lab.astype(np.int64)
+        self.labels = int64_labels(lab)
         self.from_probabilities = outputs == "probabilities"
         self.batch_size = int(batch_size)
         self._last_layer = last_layer
@@ -1390,7 +1390,7 @@ def _training_data(x, y, labels, measure_x, outputs, m: int):
             raise ValueError(f"labels must be ({n},) integer class indices, got shape {lab.shape}, dtype {lab.dtype}")
         if lab.min() < 0:
             raise ValueError("labels must be non-negative class indices")
-        lab = lab.astype(np.int64)
+        lab = int64_labels(lab)
         _warn_other_labels(y, lab)
     _common.check_training_labels(lab, m, "data")
     if measure_x is None:

@@ -138,6 +138,14 @@ def test_greedi_within_its_guarantee_on_brute_forceable_instances(client):
         assert got >= (1 - 1 / math.e) * opt
 
 
+def test_uint64_labels_past_int64_are_refused_not_wrapped(client):
+    """Review 109 F2: the cast to int64 wrapped them to negative values, reordering the classes."""
+    X = np.random.default_rng(0).normal(size=(40, 3))
+    labels = np.array([1, 2**63 + 5] * 20, dtype=np.uint64)
+    with pytest.raises(ValueError, match=r"labels holds values above 2\^63 - 1"):
+        cdask.facility_location(X, 4, labels=labels, client=client, partitions=2)
+
+
 def test_labels_get_the_single_machine_budgets(client):
     X = _features(4, 500, 3)
     labels = np.random.default_rng(4).integers(0, 3, 500)

@@ -864,6 +864,8 @@ def test_labels_from_targets():
         labels_from_targets(np.array([[0.3, 0.7], [1, 0]]))
     with pytest.raises(TypeError):
         labels_from_targets(np.array([0.5, 1.0]))
+    with pytest.raises(ValueError, match=r"above 2\^63 - 1"):  # review 109 F2: not wrapped to negative classes
+        labels_from_targets(np.array([1, 2**63 + 5], dtype=np.uint64))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -85,6 +85,31 @@ def test_a_checkpoint_whose_pending_batches_exceed_the_plan_is_refused():
         short.load_state_dict(state)
 
 
+def test_uint64_labels_past_int64_are_refused_not_wrapped_to_negative_ones():
+    """Review 109 F2: dataset_labels cast uint64 targets of 2^63 and more to negative int64 values (and the
+    loader then reported a minimum the data never held); labels= the same."""
+    from crestcore import CrestConfig
+    from crestcore.adapters.torch import CrestLoader, dataset_labels
+
+    class Targets(torch.utils.data.Dataset):
+        def __init__(self, t):
+            self.targets = t
+
+        def __len__(self):
+            return len(self.targets)
+
+        def __getitem__(self, i):
+            return torch.zeros(3), int(self.targets[i])
+
+    big = np.array([0, 1, 2**63 + 5, 1] * 5, dtype=np.uint64)
+    with pytest.raises(ValueError, match=r"above 2\^63 - 1"):
+        dataset_labels(Targets(big))
+    with pytest.raises(ValueError, match=r"above 2\^63 - 1"):
+        CrestLoader(torch.nn.Linear(3, 3), Targets(big % 3), config=CrestConfig(m=4), labels=big)
+    small = np.array([0, 1, 2, 1] * 5, dtype=np.uint64)  # uint64 within range: taken as they are
+    np.testing.assert_array_equal(dataset_labels(Targets(small)), small.astype(np.int64))
+
+
 def test_dataset_labels_is_a_copy_and_refuses_negative_labels():
     """dataset_labels: 'a host int64 array' of its own -- for an int64 TensorDataset it must not be a view
     of the dataset's label tensor (writing it would relabel the data); negative ids are refused."""
