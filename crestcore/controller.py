@@ -896,9 +896,31 @@ def _coresets(state: CrestState, ops, config: CrestConfig, subsets: np.ndarray, 
         ) from exc
     loc = np.asarray(to_numpy(cs.indices))
     valid = loc >= 0
-    w = _transform_weights(np.asarray(to_numpy(cs.weights), dtype=np.float64), valid, config.weights)
+    raw = np.asarray(to_numpy(cs.weights), dtype=np.float64)
+    _warn_copied_features(state, config, valid, raw)
+    w = _transform_weights(raw, valid, config.weights)
     idx = np.where(valid, union[np.maximum(loc, 0)], -1)
     return xp, union, losses, idx, valid, w
+
+
+def _warn_copied_features(state: CrestState, config: CrestConfig, valid: np.ndarray, weights: np.ndarray) -> None:
+    """Warn (once: no counts in the text) when most picks of a selection carry weight 0, i.e. their features
+    equal an earlier pick's: a last layer initialised to zero gives every example of a class the same logit
+    gradient, and each coreset is then about one weighted example per class (review 109). Not at a
+    just-in-time run's first step: its next coreset is selected after a step has moved the layer."""
+    if state.step == 0 and config.just_in_time:
+        return
+    picks = int(np.count_nonzero(valid))
+    if picks < 4 or 2 * int(np.count_nonzero(valid & (weights == 0))) <= picks:
+        return
+    fix = ("CrestConfig(embeddings=True) selects on the last layer's weight gradients, which tell such examples "
+           "apart by their penultimate features" if not config.embeddings else
+           "with embeddings=True the examples' penultimate features are the same too (identical inputs?)")
+    warnings.warn(
+        "CREST: most picks of this selection carry weight 0: their selection features equal earlier picks' "
+        "(a last layer initialised to zero gives every example of a class the same logit gradient until "
+        "training moves it), so each coreset trains on about one weighted example per class. " + fix,
+        RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def _coreset_rows(idx: np.ndarray, valid: np.ndarray, w: np.ndarray) -> tuple[list, list]:

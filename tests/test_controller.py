@@ -2008,7 +2008,8 @@ def test_a_jax_model_returning_its_stored_parameters_runs_without_warnings():
         warnings.simplefilter("error")
         for t in range(12):
             state, batch = crest_next_batch(state, ops, cfg)
-            if t % 3:  # two steps of three train; the third is checked at unchanged parameters
+            if t % 3 != 2:  # two steps of three train; the third is checked at unchanged parameters (the
+                # first trains: at still-zero parameters the second coreset would be warned about, review 109)
                 ops.w = ops.w - 0.1 * ops.gradient(batch.indices, batch.weights)[1]
     assert state.n_selections >= 1 and len(state.log["checks"]) >= 8
     # a training step that donates the parameters deletes the array params() returned: refused by name
@@ -2093,6 +2094,42 @@ def test_a_huge_label_id_gets_the_outputs_message_not_a_dense_class_count():
         with (pytest.warns(UserWarning, match="fewer than two examples") if r else contextlib.nullcontext(),
               pytest.raises(ValueError, match="labels hold class 100000000000 but the model gives 3 outputs")):
             crest_next_batch(crest_init(cfg, y, seed=0), _SoftmaxOps(X, y, 3), cfg)
+
+
+def test_a_selection_on_features_equal_within_each_class_is_warned_about():
+    """Review 109 O1: at a zero last layer every example of a class has the same logit gradient, and each
+    coreset is one weighted example per class (the rest weight 0). At-anchor coresets keep it for the whole
+    selection: warned at once, naming embeddings=True. A just-in-time run's first coreset is not warned
+    about (the step moves the layer); one still at zero parameters at its second step is."""
+    from crestcore.controller import _SoftmaxOps
+
+    y = np.repeat(np.arange(4), 60)
+    X = np.random.default_rng(0).normal(size=(240, 5)) + y[:, None]
+    cfg = CrestConfig.paper(m=16, r=80)
+    with pytest.warns(RuntimeWarning, match=r"most picks of this selection carry weight 0.*embeddings=True"):
+        state, batch = crest_next_batch(crest_init(cfg, y, seed=0), _SoftmaxOps(X, y, 4), cfg)
+    assert np.count_nonzero(batch.weights == 0) > 8  # the degenerate coreset the warning describes
+    class WithInputs(_SoftmaxOps):  # softmax regression's "penultimate features" are its inputs
+        def outputs(self, indices, embeddings=False):
+            z = self.X[indices] @ self.W
+            return (z, self.X[indices]) if embeddings else z
+
+    emb = CrestConfig.paper(m=16, r=80, embeddings=True)  # the penultimate features tell the examples apart
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state, batch = crest_next_batch(crest_init(emb, y, seed=0), WithInputs(X, y, 4), emb)
+    assert np.count_nonzero(batch.weights == 0) == 0
+    cfg = CrestConfig(m=16, r=80)  # just in time, trained at every step: quiet
+    ops, state = _SoftmaxOps(X, y, 4), crest_init(cfg, y, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(4):
+            state, batch = crest_next_batch(state, ops, cfg)
+            ops.W -= 0.5 * ops.gradient(batch.indices, batch.weights)[1].reshape(ops.W.shape)
+    ops, state = _SoftmaxOps(X, y, 4), crest_init(cfg, y, seed=0)  # never trained: warned at the second step
+    state, batch = crest_next_batch(state, ops, cfg)
+    with pytest.warns(RuntimeWarning, match="most picks of this selection carry weight 0"):
+        crest_next_batch(state, ops, cfg)
 
 
 def _SoftmaxOps_for(X, lab):
