@@ -144,8 +144,10 @@ class TensorBoardWriter:
         if writer is None or isinstance(writer, (str, os.PathLike)):
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError as exc:  # pragma: no cover - depends on what is installed
-                raise ImportError("TensorBoardWriter needs TensorBoard: pip install tensorboard") from exc
+            except ImportError as exc:  # torch's writer: torch and tensorboard both (review 108)
+                need = "PyTorch's SummaryWriter: pip install 'crestcore[torch,monitor]'" if getattr(
+                    exc, "name", None) == "torch" else "TensorBoard: pip install tensorboard"
+                raise ImportError(f"TensorBoardWriter needs {need} (or pass a writer with add_scalar)") from exc
             writer = SummaryWriter(log_dir=None if writer is None else os.fspath(writer))
         if not callable(getattr(writer, "add_scalar", None)):
             raise TypeError(f"writer must have add_scalar(tag, value, step), got {type(writer).__name__}")

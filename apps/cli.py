@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+from crestcore.apps import MissingExtra
+
 __all__ = ["main", "build_parser"]
 
 PROG = "crest"
@@ -272,6 +274,9 @@ def _cmd_training_demo(ns: argparse.Namespace) -> int:
                 backend=backend, progress=not ns.no_progress, root=ns.root,
                 n_train=ns.limit_train, n_test=ns.limit_test,
             )
+        except MissingExtra as exc:  # says what to install
+            _err(str(exc))
+            return 1
         except ImportError as exc:
             extra = "keras-jax,demo" if backend == "jax" else "keras,torch,demo"
             _err(f"{exc}; the Keras demo on its {backend} backend needs Keras 3 and {backend}: pip install "
@@ -284,6 +289,9 @@ def _cmd_training_demo(ns: argparse.Namespace) -> int:
             settings=s, methods=methods, progress=not ns.no_progress, root=ns.root,
             n_train=ns.limit_train, n_test=ns.limit_test,
         )
+    except MissingExtra as exc:  # says what to install
+        _err(str(exc))
+        return 1
     except ImportError as exc:
         if getattr(exc, "name", None) == "torch" or "torch" in str(exc):
             _err(f"{exc}; the training demo needs PyTorch: pip install 'crestcore[torch,demo]'")
@@ -432,6 +440,9 @@ def main(argv=None) -> int:
         _err(str(exc))
         return 1
     except ValueError as exc:  # bad values reaching the library, malformed data files
+        _err(str(exc))
+        return 1
+    except MissingExtra as exc:  # checked before any work; the message says what to install
         _err(str(exc))
         return 1
     except ImportError as exc:  # e.g. matplotlib missing for the demo figures

@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from crestcore.apps import require
 from crestcore.facility import facility_location
 from crestcore.similarity import KERNELS, METRICS, kernel_scale, pairwise_distances
 
@@ -309,6 +310,7 @@ def run_selection_demo(
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if limit_per_class is not None and int(limit_per_class) < 1:
         raise ValueError(f"limit_per_class must be a positive integer, got {limit_per_class!r}")
+    require("the selection demo", "pip install matplotlib", "matplotlib")  # before the output folder is made
     out = Path(out_dir)
     t_start = time.perf_counter()
 

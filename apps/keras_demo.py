@@ -38,6 +38,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from crestcore.apps import require
+
 from .train_demo import (
     TrainSettings, crest_config, crest_runs_numba, eval_steps, finish_comparison, format_table, load_arrays, make_figures,
     methods_to_run, relative_error, selects, start_comparison, warm_selection_kernels,
@@ -403,6 +405,8 @@ def run_keras_comparison(
     [('full', 4), ('random', 2), ('crest', 2)]
     >>> folder.cleanup()
     """
+    require("the Keras demo", "pip install 'crestcore[keras,demo]'", "keras",
+            *(["matplotlib"] if figures else []), *(["tqdm"] if progress else []))
     s = settings or TrainSettings()
     methods = methods_to_run(methods, METHODS, s.budget)
     if backend is not None and backend not in ("torch", "jax"):

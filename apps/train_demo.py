@@ -46,6 +46,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from crestcore.apps import require
+
 __all__ = [
     "TrainSettings",
     "ForgettingTracker",
@@ -1329,6 +1331,8 @@ def run_training_demo(
     True
     >>> folder.cleanup()
     """
+    require("the training demo", "pip install 'crestcore[torch,demo]'", "torch",
+            *(["matplotlib"] if figures else []), *(["tqdm"] if progress else []))
     s = settings or TrainSettings()
     methods = methods_to_run(parse_methods(methods) if isinstance(methods, str) else methods, METHODS, s.budget)
     t_start = time.perf_counter()

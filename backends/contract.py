@@ -98,6 +98,14 @@ def _is_floating(xp, X) -> bool:
     return bool(getattr(X.dtype, "is_floating_point", False)) or getattr(X.dtype, "kind", "") == "f"
 
 
+def _array_api(xp):
+    """NumPy's own module as its array-API namespace (NumPy before 2.0 has no ``bool``, ``astype`` or
+    ``pow``: review 108); any other namespace as it is."""
+    if xp is np:
+        import array_api_compat.numpy as xp
+    return xp
+
+
 def exact_shift(xp, X, valid=None):
     """The translation the Gram-form distances take first, shape (..., 1, d): per problem (the leading
     axes of ``X`` (..., n, d); ``valid`` (..., n) marks its rows, default all), a coordinate whose values
@@ -118,6 +126,7 @@ def exact_shift(xp, X, valid=None):
     >>> exact_shift(np, X).tolist(), (X - exact_shift(np, X)).tolist()
     ([[1000.5, 2.0, 0.0]], [[0.0, 0.0, 0.1], [2.75, 0.0, -0.3], [-1.5, 0.0, 0.2]])
     """
+    xp = _array_api(xp)
     if X.shape[-2] == 0:
         return xp.zeros_like(X[..., :1, :])
     if not _is_floating(xp, X):  # integers: found in float64 (the shift is a data value, so it is an integer)

@@ -205,8 +205,14 @@ def available_bytes(x) -> int | None:
     return None
 
 
+# the host arrays the kernels take: NumPy's, and its file-backed memmaps (the usual holder of a large
+# embedding file; review 108 saw them sent to the generic path, 5-10x slower); not other subclasses
+# (matrix, masked), whose operations differ
+_HOST_ARRAYS = (np.ndarray, np.memmap)
+
+
 def usable_for(name: str, *arrays) -> bool:
-    """True when these kernels accept the arrays: NumPy arrays (or None), floats float32/float64.
+    """True when these kernels accept the arrays: NumPy arrays or memmaps (or None), floats float32/float64.
 
     Examples
     --------
@@ -231,7 +237,7 @@ def usable_for(name: str, *arrays) -> bool:
         if a is None:
             continue
         seen = True
-        if type(a) is not np.ndarray:
+        if type(a) not in _HOST_ARRAYS:
             return False
         dt = a.dtype
         kind = dt.kind

@@ -43,7 +43,7 @@ def usable_for(name: str, *arrays) -> bool:
     """
     if name not in SPARSE_KERNEL_NAMES:
         return False
-    return bool(arrays) and all(type(a) is np.ndarray for a in arrays) and arrays[0].dtype in _FLOATS
+    return bool(arrays) and all(type(a) in (np.ndarray, np.memmap) for a in arrays) and arrays[0].dtype in _FLOATS
 
 
 @njit(cache=True)

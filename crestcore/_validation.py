@@ -115,10 +115,12 @@ def check_float_matrix(xp, X, name: str, *, square: bool = False) -> float:
         raise ValueError(f"{name} must be a square (n, n) similarity matrix, got shape {tuple(X.shape)}")
     if not isdtype(xp, X.dtype, "real floating"):
         raise not_floating(name, X.dtype)
-    if type(X) is np.ndarray and X.dtype in _HOST_FLOATS and (X.flags.c_contiguous or X.flags.f_contiguous):
+    if (type(X) in (np.ndarray, np.memmap) and X.dtype in _HOST_FLOATS and X.flags.writeable
+            and (X.flags.c_contiguous or X.flags.f_contiguous)):
         # a host array in one block, where the Numba backend is loaded already: one pass over the bits (a
         # max and a min are two); the NumPy reference otherwise (a strided view would be copied for the
-        # kernel), whose result is the same
+        # kernel, and a read-only one, np.load(mmap_mode="r")'s, compiled as another type), whose result is
+        # the same
         from crestcore.backends import get_host_kernel
 
         kern = get_host_kernel("finite_abs_max", start=False)

@@ -148,6 +148,28 @@ def resolve_dense_bytes(max_dense_bytes, xp, X, name: str = "max_dense_bytes") -
     return max(DENSE_FLOOR_BYTES, int(avail * DENSE_MEMORY_FRACTION))
 
 
+# n^2 k of the dense problems above which torch's greedy on the CPU takes about a second or more (one thread:
+# 3.3 s in float32 at n = 4,000, k = 400, 6.4e9; benchmarks/torch_cpu_dense.py)
+_HOST_TORCH_WARN_WORK = 2_000_000_000
+
+
+def _warn_host_torch(work: int) -> None:
+    """Say once (no numbers in the text) that CPU tensors take torch's dense greedy, which re-evaluates every
+    candidate at each pick (made for a GPU), where the Numba kernels are about 40x faster at large k (review
+    108: a silent slow path); small problems, such as CREST's per-step ones, are not warned about."""
+    if work <= _HOST_TORCH_WARN_WORK:
+        return
+    from .backends import backend_module
+
+    if backend_module("numpy") is None:  # no Numba here: torch's kernels are the fastest there are
+        return
+    warnings.warn(
+        "facility_location on CPU torch tensors runs torch's dense greedy, which re-evaluates every candidate "
+        "at each pick (made for a GPU): at this size the Numba kernels are tens of times faster. Pass "
+        "backend='numba' (a zero-copy view of the tensors; the results come back as tensors)",
+        RuntimeWarning, stacklevel=user_stacklevel())
+
+
 def _kernel(name: str, xp, *arrays, force_reference: bool):
     if not force_reference:
         from crestcore.backends import get_kernel
@@ -587,6 +609,8 @@ def facility_location(
         sparse_p = []
         big = [p for p in live if not precomputed and sizes[p] * sizes[p] * itemsize > max_dense_bytes]
     dense = [p for p in live if p not in big and p not in sparse_p]
+    if backend == "auto" and dense and namespace_name(xp) == "torch" and on_host_device(X):
+        _warn_host_torch(sum(int(sizes[p]) ** 2 * int(budgets[p]) for p in dense))
     path = "+".join(c for c, ps in (("dense", dense), ("matrix-free", big), ("sparse", sparse_p)) if ps)
     _log.log(logging.INFO if big else logging.DEBUG,
              "facility_location: %d problem(s), largest n=%d: %s path (max_dense_bytes=%d; a dense n x n "

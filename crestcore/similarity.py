@@ -28,7 +28,7 @@ import math
 import numbers
 import warnings
 
-from ._compat import detached, namespace, to_numpy
+from ._compat import array_api, detached, namespace, to_numpy
 from ._validation import isdtype, not_floating
 from .backends import KERNELS, METRICS, exact_shift, snap_tolerance  # the kernel contract (crestcore.backends.contract)
 
@@ -122,6 +122,7 @@ def _cosine_rows(xp, A):
            [3.  , 4.  ],
            [0.  , 0.  ]], dtype=float32)
     """
+    xp = array_api(xp)
     R = _max_exponent(xp, A.dtype) // 4
     a = xp.max(xp.abs(A), axis=-1, keepdims=True)
     out = (a > 0) & ((a < 2.0 ** -R) | (a > 2.0 ** R))
@@ -156,6 +157,7 @@ def prepare(xp, X, *, metric: str, kernel: str | None, scale: float, Y=None, ama
     (array([[0.5 , 0.  ],
            [0.  , 0.25]], dtype=float32), 100)
     """
+    xp = array_api(xp)
     cd = compute_dtype(xp, X.dtype)
     Xc = X if X.dtype == cd else xp.astype(X, cd)
     Yc = None if Y is None else (Y if Y.dtype == cd else xp.astype(Y, cd))
@@ -203,6 +205,7 @@ def restore(xp, A, back: int, dtype, what: str, *, selection: bool = True):
     """
     if back == 0 and A.dtype == dtype:
         return A
+    xp = array_api(xp)
     with warnings.catch_warnings():  # NumPy warns on overflow; it is reported as an error just below
         warnings.simplefilter("ignore", RuntimeWarning)
         if back != 0:

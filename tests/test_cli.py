@@ -368,3 +368,33 @@ def test_demo_out_that_is_a_file_is_one_line(tmp_path, capsys):
     code = cli.main(["demo", "--selection", "--out", str(target), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "is a file" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_missing_module_is_named_before_any_work(tmp_path, monkeypatch, capsys):
+    """Review 108: without matplotlib the training demo trained every method, then failed and saved nothing,
+    and the Python entry points raised a bare ModuleNotFoundError; the selection demo left an empty output
+    folder. Each now checks what it needs first and names what to install (the data folder here does not
+    exist: reaching it would be a FileNotFoundError)."""
+    import importlib.util
+
+    from crestcore.apps import MissingExtra
+    from crestcore.apps.demo import run_selection_demo
+    from crestcore.apps.keras_demo import run_keras_comparison
+    from crestcore.apps.train_demo import run_training_demo
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    out = tmp_path / "out"
+    with pytest.raises(MissingExtra, match=r"the training demo needs matplotlib, which is not installed: "
+                                           r"pip install 'crestcore\[torch,demo\]'"):
+        run_training_demo(out, root=tmp_path / "none", progress=False)
+    with pytest.raises(MissingExtra, match=r"the Keras demo needs matplotlib, .*crestcore\[keras,demo\]"):
+        run_keras_comparison(out, root=tmp_path / "none", progress=False)
+    with pytest.raises(MissingExtra, match="the selection demo needs matplotlib"):
+        run_selection_demo(out, root=tmp_path / "none", progress=False)
+    assert not out.exists()
+    assert cli.main(["demo", "--selection", "--root", str(tmp_path / "none"), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "crest: error: the selection demo needs matplotlib, which is not installed: pip install matplotlib"
+    assert cli.main(["demo", "--root", str(tmp_path / "none"), "--no-progress", "--out", str(out)]) == 1
+    assert "the training demo needs matplotlib" in capsys.readouterr().err and not out.exists()

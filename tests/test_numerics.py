@@ -571,3 +571,27 @@ def test_a_cloud_far_from_the_origin_with_an_outlier_selects_as_at_the_origin(ca
         return np.asarray(sel.indices).tolist(), np.asarray(sel.weights).tolist()
 
     assert run(far) == run(base)
+
+
+def test_the_host_helpers_take_numpy_itself_as_numpy_1_x_has_it(monkeypatch):
+    """Review 108: `numpy>=1.24` is declared, but score_orders, the Dask adapter and the faiss search hand
+    `numpy` itself to helpers that used NumPy 2's array-API names (`bool`, `astype`, `pow`): on NumPy 1.24-1.26
+    score_orders raised AttributeError. The helpers take NumPy's module as its array-API namespace; here
+    NumPy 2 without those three names stands in for NumPy 1.x."""
+    from crestcore.backends.contract import exact_shift
+    from crestcore.similarity import prepare, restore
+
+    X = np.random.default_rng(0).normal(size=(50, 4)) + 1000
+    tiny = np.array([[3 * 2.0**-110, 2.0**-108], [3.0, 4.0]], dtype=np.float32)
+    want = (restore(np, np.array([0.5], dtype=np.float32), 3, np.dtype("float64"), "gains"),
+            prepare(np, tiny, metric="cosine", kernel=None, scale=1.0)[0], exact_shift(np, X),
+            exact_shift(np, X.astype(np.int64)))
+    with monkeypatch.context() as m:
+        for name in ("bool", "astype", "pow"):
+            m.delattr(np, name)
+        got = (restore(np, np.array([0.5], dtype=np.float32), 3, np.dtype("float64"), "gains"),
+               prepare(np, tiny, metric="cosine", kernel=None, scale=1.0)[0], exact_shift(np, X),
+               exact_shift(np, X.astype(np.int64)))
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+        assert g.dtype == w.dtype

@@ -322,3 +322,23 @@ def test_a_progress_bar_counts_the_time_before_it_was_shown(monkeypatch):
     loader.ops.outputs(np.arange(200))
     took = time.perf_counter() - t0
     assert closed and took - 0.1 <= closed[0] <= took + 0.05  # (tqdm closes twice: once from __del__)
+
+
+@pytest.mark.parametrize("missing, says", [("torch", r"PyTorch's SummaryWriter: pip install 'crestcore\[torch,monitor\]'"),
+                                           ("tensorboard", "TensorBoard: pip install tensorboard")])
+def test_the_tensorboard_writer_names_the_module_that_is_missing(tmp_path, monkeypatch, missing, says):
+    """Review 108: without torch (the monitor extra does not install it) the writer asked for tensorboard."""
+    import builtins
+
+    from crestcore.adapters.monitor import TensorBoardWriter
+
+    real = builtins.__import__
+
+    def fake(name, *args, **kwargs):
+        if name == "torch.utils.tensorboard":
+            raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    with pytest.raises(ImportError, match=f"TensorBoardWriter needs {says}"):
+        TensorBoardWriter(tmp_path / "runs")
