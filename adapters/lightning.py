@@ -161,7 +161,30 @@ class _CrestTrainLoader:
         # the callback's loader is read at the first batch, not when Lightning makes the iterator: a fit
         # resumed from a checkpoint makes it before on_train_start, where the callback may still replace the
         # loader (a checkpoint without CREST's state, _foreign_checkpoint)
+        trainer = self._cb._trainer
+        if trainer is not None:
+            self._check_training_loop(trainer)
         yield from self._cb._require_loader()
+        if trainer is not None:
+            self._cb._passed_epoch = int(trainer.current_epoch)
+
+    def _check_training_loop(self, trainer) -> None:
+        """Refuse a read of CREST's batches by another loop than the training loop's, and a second pass in one
+        Trainer epoch (review 112: each took planned training steps, and the stats still counted them)."""
+        other = next((name for name, flag in (("sanity check", "sanity_checking"), ("validation", "validating"),
+                                             ("test", "testing"), ("predict", "predicting"))
+                      if getattr(trainer, flag, False)), None)
+        if other is not None:
+            raise RuntimeError(
+                f"CrestCallback: the Trainer's {other} loop reads crest.dataloader(): its batches are CREST's "
+                "training steps, chosen and counted for training (a loop that reads them takes them from the "
+                f"training epochs). Pass the {other} loop a DataLoader of its own")
+        if self._cb._passed_epoch == int(trainer.current_epoch):
+            raise RuntimeError(
+                f"CrestCallback: crest.dataloader() is read a second time in Trainer epoch {trainer.current_epoch} "
+                "after its pass ended: a CombinedLoader in its default mode='max_size_cycle' starts the shorter "
+                "loader again, and CREST's next epochs would train inside this one. Combine it with "
+                "mode='min_size'")
 
     def state_dict(self) -> dict:
         loader, trained = self._cb.loader, self._cb._trained()
@@ -290,6 +313,8 @@ class CrestCallback(pl.Callback):
         self._last_position = -1  # the loader's position at the last batch start (is the batch CREST's?)
         self._in_flight = False  # a batch handed to a step that has not ended (on_train_batch_end)
         self._losses_warned = False  # dropping on and no losses under losses_key: said once
+        self._trainer = None  # the Trainer of the fit set up last (which loop reads the batches)
+        self._passed_epoch: int | None = None  # the Trainer epoch whose pass of CREST's loader ended last
         self._module = None  # the LightningModule and max_epochs of the fit set up last (for _load)
         self._max_epochs: int | None = None
 
@@ -373,6 +398,7 @@ class CrestCallback(pl.Callback):
                    f"the fit ends after {span} epochs with {epochs - span} epochs of the budget untrained")
                 + "; leave epochs=None to take max_epochs", stacklevel=_common.user_stacklevel())
         self._module, self._max_epochs = pl_module, trainer.max_epochs
+        self._trainer, self._passed_epoch = trainer, None
         self._resolve_data()
         self.loader = self._new_loader(pl_module, epochs, self._kwargs)
         self._epoch0 = epoch0

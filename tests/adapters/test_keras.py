@@ -2458,7 +2458,14 @@ def test_an_own_train_step_that_unpacks_the_weights_and_drops_them_is_warned_abo
         x, y, sw = unpack_x_y_sample_weight(data)  # noqa: F821 - never run, only read
         return self.apply(self.compute_loss(x=x, y=y, y_pred=self(x, training=True)))
 
-    for step in (unpacked_then_left_out, unpacked_then_none, thrown_away, indexed, from_unpack_import):
+    def jax_thrown_away(self, state, data):  # review 112: JAX's train_step(self, state, data); the optimizer
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)  # state, third in `state`, was read as the weights
+        trainable, non_trainable, optimizer_vars, metrics_vars = state
+        loss, grads = self.stateless_compute_loss(trainable, non_trainable, x, y)
+        return self.optimizer.stateless_apply(optimizer_vars, grads, trainable)
+
+    for step in (unpacked_then_left_out, unpacked_then_none, thrown_away, indexed, from_unpack_import,
+                 jax_thrown_away):
         assert _step_source_warns(step), step.__name__
 
     def keyword(self, data):
@@ -2496,5 +2503,11 @@ def test_an_own_train_step_that_unpacks_the_weights_and_drops_them_is_warned_abo
             x, y = data
         return self.apply(self.compute_loss(y=y, y_pred=self(x, training=True), sample_weight=sample_weight))
 
-    for step in (keyword, positional, compiled_loss, own_loss, direct, handed_on, whole_batch, old_guide):
+    def jax_passed_on(self, state, data):
+        x, y, sw = keras.utils.unpack_x_y_sample_weight(data)
+        trainable, non_trainable, optimizer_vars, metrics_vars = state
+        return self.stateless_compute_loss(trainable, non_trainable, x, y, sample_weight=sw)
+
+    for step in (keyword, positional, compiled_loss, own_loss, direct, handed_on, whole_batch, old_guide,
+                 jax_passed_on):
         assert not _step_source_warns(step), step.__name__

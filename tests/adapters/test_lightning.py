@@ -467,6 +467,38 @@ def test_an_accumulation_scheduler_and_another_dataloader_are_refused(tmp_path):
         trainer(tmp_path, 3, cb).fit(Combined(), train_dataloaders=combined)
 
 
+def test_crests_batches_are_refused_to_other_loops_and_to_a_second_pass_in_one_epoch(tmp_path):
+    """Review 112: crest.dataloader() as the validation loader served the sanity check and validation from
+    CREST's training steps (8 of 12 trained, 6 with the sanity check, the stats saying 12); a CombinedLoader
+    in its default mode='max_size_cycle' started CREST's loader again inside Lightning's first epoch, which
+    trained all three CREST epochs. Both refused; mode='min_size' trains one share an epoch."""
+    from lightning.pytorch.utilities import CombinedLoader
+
+    class Validated(Module):
+        def validation_step(self, batch, batch_idx):
+            return None
+
+    for sanity in (2, 0):
+        cb = CrestCallback(data(), **CFG)
+        with pytest.raises(RuntimeError, match=f"the Trainer's {'sanity check' if sanity else 'validation'} loop "
+                                               "reads crest.dataloader"):
+            trainer(tmp_path, 3, cb, num_sanity_val_steps=sanity).fit(
+                Validated(), train_dataloaders=cb.dataloader(), val_dataloaders=cb.dataloader())
+
+    class Combined(Module):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch["crest"], batch_idx)
+
+    own = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data().tensors, torch.ones(N)), batch_size=8)
+    cb = CrestCallback(data(), **CFG)
+    with pytest.raises(RuntimeError, match="read a second time in Trainer epoch 0.*max_size_cycle.*min_size"):
+        trainer(tmp_path, 3, cb).fit(Combined(), train_dataloaders={"crest": cb.dataloader(), "other": own})
+    cb = CrestCallback(data(), **CFG)
+    t = trainer(tmp_path, 3, cb)
+    t.fit(Combined(), train_dataloaders=CombinedLoader({"crest": cb.dataloader(), "other": own}, mode="min_size"))
+    assert t.global_step == cb.stats["step"] == 3 * len(cb.dataloader()) == 9  # one share in each of 3 epochs
+
+
 def test_max_steps_beyond_the_plan_stops_instead_of_looping(tmp_path):
     cb = CrestCallback(data(), epochs=2, **CFG)
     # max_time: without the stop the fit would loop over empty epochs forever; bounded, it fails below
