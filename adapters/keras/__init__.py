@@ -1128,7 +1128,7 @@ def _step_passes_weights(source: str) -> bool | None:
     * the batch itself is handed to a call other than ``unpack_x_y_sample_weight``, ``len``, ``isinstance``
       or ``type`` (``super().train_step(data)``), or read in any other way than those, indexed, or unpacked.
 
-    The step's batch is its last parameter (``data``: ``train_step(self, data)`` on torch and TensorFlow,
+    The step's batch is its last parameter without a default (``data``: ``train_step(self, data)`` on torch and TensorFlow,
     ``train_step(self, state, data)`` on JAX; review 112: the JAX form's ``state`` was read as the batch).
     False otherwise, so these are caught: ``x, y =
     data[0], data[1]`` (or ``= data``); ``x, y, _ = unpack_x_y_sample_weight(data)``; ``sample_weight``
@@ -1146,7 +1146,8 @@ def _step_passes_weights(source: str) -> bool | None:
     if fn is None:
         return None
     params = [a.arg for a in fn.args.posonlyargs + fn.args.args]
-    batch = params[-1] if len(params) >= 2 else None  # train_step(self, data), JAX's (self, state, data)
+    required = params[:len(params) - len(fn.args.defaults)]  # an extra parameter with a default is not the batch
+    batch = required[-1] if len(required) >= 2 else None  # train_step(self, data), JAX's (self, state, data)
 
     def is_batch(node) -> bool:
         return isinstance(node, ast.Name) and node.id == batch

@@ -2464,8 +2464,12 @@ def test_an_own_train_step_that_unpacks_the_weights_and_drops_them_is_warned_abo
         loss, grads = self.stateless_compute_loss(trainable, non_trainable, x, y)
         return self.optimizer.stateless_apply(optimizer_vars, grads, trainable)
 
+    def extra_parameter(self, data, training=True):  # the batch is the last parameter without a default
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+        return self.apply(self.compute_loss(x=x, y=y, y_pred=self(x, training=training)))
+
     for step in (unpacked_then_left_out, unpacked_then_none, thrown_away, indexed, from_unpack_import,
-                 jax_thrown_away):
+                 jax_thrown_away, extra_parameter):
         assert _step_source_warns(step), step.__name__
 
     def keyword(self, data):
