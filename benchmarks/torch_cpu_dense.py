@@ -21,11 +21,8 @@ import warnings
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=4000)
-    ap.add_argument("--d", type=int, default=10)
-    ap.add_argument("--k", type=int, default=400)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
+    for name, default in (("n", 4000), ("d", 10), ("k", 400), ("repeats", 3), ("threads", 1)):
+        ap.add_argument(f"--{name}", type=int, default=default)
     a = ap.parse_args(argv)
     import numpy as np
     import torch
