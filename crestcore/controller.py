@@ -906,20 +906,23 @@ def _coresets(state: CrestState, ops, config: CrestConfig, subsets: np.ndarray, 
 def _warn_copied_features(state: CrestState, config: CrestConfig, valid: np.ndarray, weights: np.ndarray) -> None:
     """Warn (once: no counts in the text) when most picks of a selection carry weight 0, i.e. their features
     equal an earlier pick's: a last layer initialised to zero gives every example of a class the same logit
-    gradient, and each coreset is then about one weighted example per class (review 109). Not at a
-    just-in-time run's first step: its next coreset is selected after a step has moved the layer."""
-    if state.step == 0 and config.just_in_time:
+    gradient, and each coreset is then about one weighted example per class (review 109). Not for a
+    just-in-time run's single first coreset: its next one is selected after a step has moved the layer (with
+    ``fit_batches`` of 2 or more, the step-0 selection's later coresets are trained at the same layer: warned)."""
+    if state.step == 0 and config.just_in_time and valid.shape[0] == 1:
         return
     picks = int(np.count_nonzero(valid))
     if picks < 4 or 2 * int(np.count_nonzero(valid & (weights == 0))) <= picks:
         return
     fix = ("CrestConfig(embeddings=True) selects on the last layer's weight gradients, which tell such examples "
            "apart by their penultimate features" if not config.embeddings else
-           "with embeddings=True the examples' penultimate features are the same too (identical inputs?)")
+           "with embeddings=True the examples' penultimate features are the same too")
     warnings.warn(
-        "CREST: most picks of this selection carry weight 0: their selection features equal earlier picks' "
-        "(a last layer initialised to zero gives every example of a class the same logit gradient until "
-        "training moves it), so each coreset trains on about one weighted example per class. " + fix,
+        "CREST: most picks of this selection carry weight 0: their selection features equal earlier picks', so "
+        "each coreset trains on a few weighted examples per class. Where the data hold that few distinct "
+        "examples, this is the right coreset; otherwise the features do not tell the examples apart, as at a last "
+        "layer initialised to zero (every example of a class has the same logit gradient until training moves "
+        "it): " + fix,
         RuntimeWarning, stacklevel=user_stacklevel())
 
 

@@ -267,6 +267,8 @@ def draw_subsets(labels_host: np.ndarray | None, pool: np.ndarray, r: int, P: in
     """
     rng = make_rng(rng)
     raw = np.asarray(pool)
+    if raw.size == 0:  # ([] is float64 to NumPy: the empty pool is what is wrong, review 113)
+        raise ValueError("pool must be a non-empty 1-D array of integer example indices, got an empty one")
     if not np.issubdtype(raw.dtype, np.integer) or raw.dtype == bool:  # a wrong type: TypeError (review 109)
         raise TypeError(f"pool must be an array of integer example indices, got dtype {raw.dtype}")
     if raw.ndim != 1 or raw.size == 0:

@@ -2130,6 +2130,9 @@ def test_a_selection_on_features_equal_within_each_class_is_warned_about():
     state, batch = crest_next_batch(state, ops, cfg)
     with pytest.warns(RuntimeWarning, match="most picks of this selection carry weight 0"):
         crest_next_batch(state, ops, cfg)
+    cfg = CrestConfig(m=16, r=80, fit_batches=2)  # review 113: the second coreset of step 0 trains at step 1
+    with pytest.warns(RuntimeWarning, match="most picks of this selection carry weight 0"):
+        crest_next_batch(crest_init(cfg, y, seed=0), _SoftmaxOps(X, y, 4), cfg)
 
 
 def _SoftmaxOps_for(X, lab):

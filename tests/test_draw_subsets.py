@@ -248,6 +248,9 @@ def test_bad_arguments_are_refused_naming_them():
         draw_subsets(labels, np.array([0.0, 1.0, 2.0, 3.0]), 2, 1, gen)
     with pytest.raises(TypeError, match="labels_host must be an integer array or None, got dtype float64"):
         draw_subsets(labels.astype(float), np.arange(8), 2, 1, gen)
+    for empty in ([], np.zeros(0, dtype=np.int64)):  # [] is float64 to NumPy: still the empty pool's error
+        with pytest.raises(ValueError, match="non-empty"):
+            draw_subsets(labels, empty, 2, 1, gen)
     with pytest.raises(ValueError, match="labels_host must be a 1-D"):
         draw_subsets(labels[None], np.arange(8), 2, 1, gen)
     with pytest.raises(ValueError, match="r"):

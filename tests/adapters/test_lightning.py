@@ -493,8 +493,7 @@ def test_crests_batches_are_refused_to_other_loops_and_to_a_second_pass_in_one_e
     cb = CrestCallback(data(), **CFG)
     with pytest.raises(RuntimeError, match="read a second time in Trainer epoch 0.*max_size_cycle.*min_size"):
         trainer(tmp_path, 3, cb).fit(Combined(), train_dataloaders={"crest": cb.dataloader(), "other": own})
-    cb = CrestCallback(data(), **CFG)
-    t = trainer(tmp_path, 3, cb)
+    t = trainer(tmp_path, 3, cb)  # the same callback on a new Trainer: a new run, not refused for the old pass
     t.fit(Combined(), train_dataloaders=CombinedLoader({"crest": cb.dataloader(), "other": own}, mode="min_size"))
     assert t.global_step == cb.stats["step"] == 3 * len(cb.dataloader()) == 9  # one share in each of 3 epochs
 
