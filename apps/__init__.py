@@ -7,6 +7,9 @@
 ``crestcore.apps.keras_demo``  the training demo through Keras 3 (``crest demo --framework keras``)
 ``crestcore.apps.datasets``    the Fashion-MNIST reader (gzipped IDX files)
 
+:func:`require` checks, before an application does any work, that the modules it needs are installed, and
+names what to install (:class:`MissingExtra`) when one is not.
+
 These modules may import everything below them (``crestcore``, ``crestcore.backends``,
 ``crestcore.adapters``); nothing below imports them (``tests/test_layering.py`` checks it). Importing
 this package imports nothing, and the modules import torch, keras, tqdm and matplotlib only inside the

@@ -1128,9 +1128,9 @@ def _step_passes_weights(source: str) -> bool | None:
     * the batch itself is handed to a call other than ``unpack_x_y_sample_weight``, ``len``, ``isinstance``
       or ``type`` (``super().train_step(data)``), or read in any other way than those, indexed, or unpacked.
 
-    The step's batch is its last parameter without a default (``data``: ``train_step(self, data)`` on torch and TensorFlow,
-    ``train_step(self, state, data)`` on JAX; review 112: the JAX form's ``state`` was read as the batch).
-    False otherwise, so these are caught: ``x, y =
+    The step's batch is its last parameter without a default (``data``: ``train_step(self, data)`` on torch
+    and TensorFlow, ``train_step(self, state, data)`` on JAX; review 112: the JAX form's ``state`` was read
+    as the batch). False otherwise, so these are caught: ``x, y =
     data[0], data[1]`` (or ``= data``); ``x, y, _ = unpack_x_y_sample_weight(data)``; ``sample_weight``
     unpacked and then never read (left out of ``compute_loss``, or ``sample_weight=None``). None when the
     source does not parse."""
