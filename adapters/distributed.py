@@ -67,7 +67,7 @@ from crestcore.minibatch import minibatch_coresets as _minibatch_coresets
 from crestcore.validation import host_indices
 
 from ._common import training_loss_error, weighted_examples
-from .torch import CrestLoader, TorchModelOps, _example_data, _inner_ops
+from .torch import _PROBE_CLASSES, CrestLoader, TorchModelOps, _example_data, _inner_ops
 
 __all__ = [
     "DistributedModelOps",
@@ -960,8 +960,10 @@ class DistributedCrestLoader(CrestLoader):
         dtype, at least float32), rounded to float32: a fingerprint of ``loss_fn`` that does not depend on
         the process. A loss that fails on the probe gives its type's name and its failure instead."""
         inner = _inner_ops(self.ops)
-        C = max(2, int(self.labels.max()) + 1 if self.labels.size else 2)
-        k = max(4, C)
+        # at most _PROBE_CLASSES columns and 64 rows: a fingerprint needs no more (a label id of 10**11, or a
+        # 50,000-word vocabulary, made it (C, C) logits)
+        C = min(max(2, int(self.labels.max()) + 1 if self.labels.size else 2), _PROBE_CLASSES)
+        k = max(4, min(C, 64))
         dev = next((p.device for p in inner.model.parameters()), torch.device("cpu"))
         # logits as the measurements give them: the model's floating dtype, widened to float32 at least
         dtype = inner._dtype()

@@ -602,6 +602,11 @@ def _own_train(module: nn.Module) -> bool:
     return f is not nn.Module.train and str(getattr(f, "__module__", "")).split(".")[0] not in _FRAMEWORKS
 
 
+# the widest label space a probe of the user's loss_fn is built for (161 x 65,536 logits: 42 MB in float32);
+# wider ones (label ids such as 10**11 make max + 1 that wide) are not probed
+_PROBE_CLASSES = 1 << 16
+
+
 def _warn_loss_floor(loss_fn, config: CrestConfig, classes: int, owner: str) -> None:
     """With dropping on (``T2``), warn when the user's ``loss_fn`` cannot go below ``DropConfig.alpha`` on an
     example its model gets right (label smoothing has such a floor: 0.50 for 0.1 over ten classes), so that no
@@ -610,7 +615,7 @@ def _warn_loss_floor(loss_fn, config: CrestConfig, classes: int, owner: str) -> 
     sees the margin alone; a one-vs-rest sigmoid loss, BCE or focal, also sees every other class's logit
     go down, which it needs to reach its own floor: review 107), on the CPU; a ``loss_fn`` that cannot take
     it (another device, another output form) is not checked."""
-    if loss_fn is None or config.T2 is None or classes < 2:
+    if loss_fn is None or config.T2 is None or not 2 <= classes <= _PROBE_CLASSES:
         return
     margins = torch.linspace(0.0, 40.0, 161)
     logits = (-margins / 2)[:, None].repeat(1, classes)

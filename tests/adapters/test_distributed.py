@@ -1089,3 +1089,25 @@ def test_a_seed_past_int64_is_agreed_on_like_any_other():
         loader.ops.agree({"a big int": 2**64 + 1, "a small one": 3}, "two values")
     finally:
         group.close()
+
+
+def test_the_loss_probe_stays_small_for_wide_label_spaces():
+    """Read-through: the loss_fn fingerprint built (max(4, C), C) logits with C the largest label + 1, so a
+    label id of 10**11 asked for 10**22 of them and a 50,000-class label space for 2.5e9 (10 GB). At most 64
+    rows and 65,536 columns now; a label id that wide then fails where the labels meet the model's outputs."""
+    from torch.utils.data import TensorDataset
+
+    from crestcore import CrestConfig
+
+    group = D._OneProcess(8)
+    try:
+        y = torch.tensor([0, 1, 10**11] * 20)
+        ce = torch.nn.CrossEntropyLoss(reduction="none")
+        loader = D.DistributedCrestLoader(torch.nn.Linear(3, 3), TensorDataset(torch.randn(60, 3), y),
+                                          config=CrestConfig(m=6, T2=5), budget=0.5, loss_fn=ce)
+        probe = loader._loss_probe()
+        assert isinstance(probe, str) or probe.size <= 64  # one loss per row, or the loss's failure
+        with pytest.raises(ValueError, match="labels hold class 100000000000 but the model gives 3 outputs"):
+            next(iter(loader))
+    finally:
+        group.close()

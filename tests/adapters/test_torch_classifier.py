@@ -125,3 +125,19 @@ def test_dataset_labels_is_a_copy_and_refuses_negative_labels():
     assert int(ds.tensors[1][0]) == 0
     with pytest.raises(ValueError, match="non-negative"):
         dataset_labels(TensorDataset(torch.zeros(3, 3), torch.tensor([0, -1, 1])))
+
+
+def test_a_huge_label_id_builds_the_loader_and_fails_where_labels_meet_outputs():
+    """Read-through: with dropping on and a loss_fn, the loss-floor probe built 161 x (largest label + 1)
+    logits at construction (64 TB for a label id of 10**11); wider label spaces than 65,536 are not probed,
+    and the first batch names the mismatch with the model's 3 outputs (review 109's message)."""
+    from torch.utils.data import TensorDataset
+
+    from crestcore import CrestConfig
+    from crestcore.adapters.torch import CrestLoader
+
+    y = torch.tensor([0, 1, 10**11] * 20)
+    loader = CrestLoader(torch.nn.Linear(3, 3), TensorDataset(torch.randn(60, 3), y), config=CrestConfig(m=6, T2=5),
+                         budget=0.5, epochs=1, loss_fn=torch.nn.CrossEntropyLoss(reduction="none"))
+    with pytest.raises(ValueError, match="labels hold class 100000000000 but the model gives 3 outputs"):
+        next(iter(loader))
