@@ -301,7 +301,7 @@ class SubsetLoader(BudgetedPasses):
         self.ops = TorchModelOps(
             model, measure_dataset if measure_dataset is not None else dataset, labels=lab, loss_fn=loss_fn,
             device=device, batch_size=measure_batch_size, collate_fn=collate_fn, last_layer=last_layer,
-            forward=forward, num_workers=measure_workers, check_labels=labels is None,
+            forward=forward, num_workers=measure_workers, check_labels=True,
             cache_bytes=measure_cache_bytes,
         )
         if loss_fn is not None and method in SELECTING_METHODS:

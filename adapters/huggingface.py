@@ -46,6 +46,7 @@ except ImportError as exc:  # pragma: no cover - depends on what is installed
     raise ImportError(
         "crestcore.adapters.huggingface needs transformers: pip install 'crestcore[huggingface]'"
     ) from exc
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -107,6 +108,8 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: 
 def _example_losses(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, who: str) -> torch.Tensor:
     """The per-example cross-entropies (float32 at least) of :func:`weighted_cross_entropy`, the shapes
     checked first (``who`` leads the message)."""
+    if labels.ndim == 2 and labels.shape[1] == 1:  # a column of class indices (size-1 label tensors, collated)
+        labels = labels[:, 0]
     if logits.ndim != 2 or labels.shape != logits.shape[:1] or weights.shape != labels.shape:
         raise ValueError(f"{who} logits (k, C), labels (k,) and weights (k,); got {tuple(logits.shape)}, "
                          f"{tuple(labels.shape)} and {tuple(weights.shape)}")
@@ -296,6 +299,7 @@ class CrestTrainer(transformers.Trainer):
         self._crest_resume: str | None = None  # the checkpoint folder train() resumes from
         self._crest_new_run = True  # the next training dataloader starts a new CREST run
         self._crest_loss_checked = False  # the model's own loss compared with CREST's (first training batch)
+        self._crest_pairs_checked = False  # the batch's labels compared with CREST's (first training batch)
         # compute_loss returns a mean over the batch: the Trainer must not expect a sum over tokens
         self.model_accepts_loss_kwargs = False
 
@@ -389,6 +393,7 @@ class CrestTrainer(transformers.Trainer):
         if (self.crest is None or self.crest.model is not self.model or self._crest_resume is not None
                 or self._crest_new_run):
             self._crest_new_run = False
+            self._crest_pairs_checked = False  # a new run's first batch is compared again
             size = int(self.args.per_device_train_batch_size)
             if self._crest_m_from_args and self.crest_config.m != size:
                 # the batch size set after construction (a hyperparameter search's trial sets it inside train():
@@ -417,7 +422,9 @@ class CrestTrainer(transformers.Trainer):
         # for its own examples (the prepared loader runs a batch ahead, so "the batch handed out last" is not).
         # The weights (and indices) go around the user's collator: one that builds its batch from the keys it
         # knows (a hand-written padding collator) dropped them, and every step trained unweighted (review 67)
-        with_index = self.crest_config.T2 is not None
+        # every item carries its index: the first training batch's labels are compared with CREST's for those
+        # examples (review 118), and with the drop policy on, the losses are recorded for their own examples
+        with_index = True
         loader = torch.utils.data.DataLoader(
             WeightedDataset(self.crest.dataset, indices=with_index),
             batch_sampler=batch_sampler, collate_fn=WeightedCollate(collate, indices=with_index),
@@ -478,8 +485,33 @@ class CrestTrainer(transformers.Trainer):
                 raise ValueError(f"crest_loss_fn must return per-example losses of shape ({logits.shape[0]},) "
                                  f"(reduction='none'), got {getattr(ell, 'shape', type(ell).__name__)}")
         loss = (weights.to(ell.dtype) * ell).mean()
-        if index is not None and self.crest is not None and model.training:
+        if index is not None and self.crest is not None and model.training and not self._crest_pairs_checked:
+            self._crest_pairs_checked = True
+            self._check_batch_labels(labels, index)
+        if index is not None and self.crest is not None and model.training and self.crest_config.T2 is not None:
             # the drop policy (CrestConfig(T2=...)) learns from the training losses of the trained examples
             # (the same per-example losses, computed once)
             self.crest.observe(ell.detach().float(), indices=index)
         return (loss, outputs) if return_outputs else loss
+
+    def _check_batch_labels(self, labels: torch.Tensor, index: torch.Tensor) -> None:
+        """The first training batch's labels against the labels CREST selects, fits and checks with for the
+        same examples (``crest_labels``, or those read from the items): a mismatch means every measurement
+        is of other examples' losses than the step trains, or that the step pairs its logits with other
+        rows' labels (review 118), so it is refused."""
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            return
+        got = labels.detach().reshape(-1).cpu().numpy().astype(np.int64)
+        want = self.crest.labels[index.detach().cpu().numpy().astype(np.int64)]
+        if got.shape != want.shape or np.array_equal(got, want):
+            return
+        bad = int((got != want).sum())
+        raise ValueError(
+            f"CrestTrainer: the labels of the first training batch are not the labels CREST uses for its examples "
+            f"({bad} of {got.size} rows differ). CREST selects, weights, fits and checks example crest_index[r] "
+            "with its label in crest_labels (or the label read from its item), so the step would train other "
+            "losses than CREST measures. Either crest_labels do not list the train_dataset's labels in its order "
+            "(taken before a shuffle, filter or split of the dataset?), or the data collator reorders the rows "
+            "(sorted by length, say) while crest_forward undoes the order for the logits but not for the labels: "
+            "return the labels (and every per-example field) in item order from the collator, or keep its rows "
+            "in item order")

@@ -72,9 +72,11 @@ _FORMAT = "crestcore.adapters.torch.CrestLoader/1"
 # ------------------------------------------------------------------------------------------------
 # data access
 # ------------------------------------------------------------------------------------------------
-_CLASSIFICATION = ("CREST is for single-label classification (regression targets, float or soft labels are not "
-                   "supported; pass labels=, one class index per example, when the items carry another target; "
-                   "crest_labels= on CrestTrainer)")
+_CLASSIFICATION = ("CREST is for single-label classification: it selects, fits and checks on the softmax "
+                   "cross-entropy of one class index per example. Regression targets and float, soft or multi-label "
+                   "targets are not supported: labels= (crest_labels= on CrestTrainer) helps only when the items "
+                   "carry a class index in another form, since CREST would measure that cross-entropy, not the "
+                   "loss the training step takes")
 _ONE_LABEL = ("CREST selects whole examples, each by one class label; per-token or multi-label targets are not "
               "supported (pass labels=, one class index per example, if the examples have one; crest_labels= on "
               "CrestTrainer)")
@@ -202,6 +204,8 @@ def _label_origin(dataset) -> str:
 
 def _found_origin(dataset) -> str:
     """Where :func:`dataset_labels` found ``dataset``'s labels, for the labels check's warning."""
+    if not _labels_without_items(dataset):  # read item by item (review 118: not "without reading the items")
+        return "read from the items once, item[1] or a dict item's label key"
     return "found without reading the items: " + _label_origin(dataset)
 
 
@@ -962,9 +966,10 @@ def _a_function_of(got: np.ndarray, want: np.ndarray) -> bool:
 
 def _explains(out: torch.Tensor, z: torch.Tensor) -> bool:
     """Whether the logits ``z`` are the layer output ``out`` changed by an offset per row (as log-softmax
-    does), by a scale and an offset per column (a temperature, a learned bias), or by both (log-softmax
+    does), by one scale (a temperature) and an offset per column (a learned bias), or by both (log-softmax
     after a temperature or a bias), to the rounding of the output's dtype, on a batch of at least three
-    rows."""
+    rows. A scale per column (a per-class logit scale) is not: the layer's weight gradients are then the
+    logit gradients scaled per class, not the features ``embeddings=True`` computes (review 116)."""
     if out.shape != z.shape or out.shape[0] < 3:
         return False
     tol = 1e-2 if out.dtype in (torch.float16, torch.bfloat16) else 1e-5
@@ -978,8 +983,8 @@ def _explains(out: torch.Tensor, z: torch.Tensor) -> bool:
             oc, zc = oo - oo.mean(dim=0), z2 - z2.mean(dim=0)
             if bool((oc.abs().amax(dim=0) == 0).any()):  # a constant output column explains nothing
                 continue
-            a = (oc * zc).sum(dim=0) / (oc * oc).sum(dim=0)
-            if bool((a != 0).all()) and float((zc - a * oc).abs().max()) <= tol * scale:
+            a = float((oc * zc).sum() / (oc * oc).sum())  # one scale for every column
+            if a != 0 and float((zc - a * oc).abs().max()) <= tol * scale:
                 return True
         return False
 
@@ -1133,16 +1138,18 @@ class TorchModelOps:
     reuse_checks : let a trust check at unchanged parameters take the last check's measurement (default
         True; see :meth:`state_token`); False: every check measures.
     check_labels : compare the labels with those the items of the first measurement pass carry, chunk
-        by chunk (``item[1]``, or a dict item's label key) and warn when they differ; default: when ``labels`` is
-        None (found from the dataset, e.g. its ``targets``) and the dataset is not a ``TensorDataset`` (its
-        second tensor is where its labels come from). The loaders pass it for labels they found, and for a
-        ``measure_dataset`` (its items against the training set's labels: the same examples, in order).
+        by chunk (``item[1]``, or a dict item's label key) and warn when they differ; default: unless the
+        labels were found from a ``TensorDataset`` (its second tensor is where they come from). Labels found
+        from the dataset (its ``targets``, say) may differ from what a ``__getitem__`` that maps them returns;
+        labels given may have been taken before the dataset was shuffled or filtered (review 118). The loaders
+        check both, and a ``measure_dataset``'s items against the training set's labels (the same examples,
+        in order).
     last_layer : for ``outputs(..., embeddings=True)``: the ``nn.Linear`` (or its name in
         ``model.named_modules()``) whose input is the penultimate embedding. Default: found at the first
         measurement and checked at every later one: the ``nn.Linear`` call of the forward whose output is
         the logits the model returns (so an auxiliary head running after the classifier is not taken), else
-        the one whose output gives them up to a per-row offset (log-softmax) or a per-column scale and
-        offset (a temperature, a learned bias), else the last ``nn.Linear`` executed if it is the only one
+        the one whose output gives them up to a per-row offset (log-softmax) or a scale and a per-column
+        offset (a temperature, a learned bias; not a scale per class), else the last ``nn.Linear`` executed if it is the only one
         mapping to the C logits; otherwise an error.
     forward : ``forward(model, batch) -> logits`` with ``batch`` the collated examples on the device;
         default ``model(batch[0])``.
@@ -1206,7 +1213,7 @@ class TorchModelOps:
             raise ValueError("the dataset is empty: CREST needs examples to select from")
         self.labels = dataset_labels(dataset) if labels is None else _as_labels(labels, self.n, "labels")
         # labels found by dataset_labels: compared once with the labels the items carry (below, _probe_labels)
-        self._check_labels = ((labels is None and not isinstance(dataset, TensorDataset)) if check_labels is None
+        self._check_labels = (not (labels is None and isinstance(dataset, TensorDataset)) if check_labels is None
                               else bool(check_labels))
         self._measure_set = False  # dataset is a loader's measure_dataset, checked against the training labels
         # does the user's collate keep the items' order? checked at the first measurement passes (_check_collate)
@@ -1492,9 +1499,10 @@ class TorchModelOps:
             warnings.warn(
                 f"crestcore: {self._reordered(min(moved), idx.size, 'the first measurement pass')}. If forward= "
                 "undoes the collate's order, the measurements are right; CrestLoader's weights are appended "
-                "after the collate in the order asked for (loader.last_indices'): give row r the weight "
-                "w[order[r]] (w[order]), and observe() the losses in that order too (CrestBatchSampler's weights "
-                "travel inside the items, so a collate sorts them along).", stacklevel=_common.user_stacklevel())
+                "after the collate in the order asked for (loader.last_indices'), and so are CrestBatchSampler's "
+                "through WeightedCollate: give row r the weight w[order[r]] (w[order]), and observe() the losses in "
+                "that order too (only a collate handed WeightedDataset's items as they are sorts their weights "
+                "along).", stacklevel=_common.user_stacklevel())
             return
         self._warn_labels(host, idx)
 
@@ -1517,14 +1525,22 @@ class TorchModelOps:
                 "than CREST picks). If it does and its items' labels are mapped (a target_transform), pass "
                 "labels= with the labels the items carry; if item[1] is not the label, ignore this.",
                 stacklevel=_common.user_stacklevel())
+        elif bad and self._labels_origin == "as given":
+            warnings.warn(
+                f"crestcore: the labels passed as labels= (crest_labels= on CrestTrainer) differ from the labels the "
+                f"dataset's items carry for {bad} of {idx.size} examples of the first measurement pass (read as "
+                "item[1], or a dict item's label key): labels= must give every example's class in the dataset's "
+                "order (labels taken before the dataset was shuffled, filtered or split pair each example with "
+                "another's class, and CREST would select, check and drop by the wrong classes); if item[1] is not "
+                "the class label, ignore this.", stacklevel=_common.user_stacklevel())
         elif bad:
             warnings.warn(
                 f"crestcore: the labels CREST uses ({self._labels_origin}) "
                 f"differ from the labels the dataset's items carry for {bad} of {idx.size} examples of the "
                 "first measurement pass (read as item[1], or a dict item's label key): if __getitem__ maps its "
                 "targets, pass labels= with the labels the items carry (crest_labels= on CrestTrainer), since "
-                "CREST would select, check and drop by the wrong classes; if item[1] is not the label, pass "
-                "labels= to confirm them.", stacklevel=_common.user_stacklevel())
+                "CREST would select, check and drop by the wrong classes; if item[1] is not the label, ignore "
+                "this.", stacklevel=_common.user_stacklevel())
 
     def _reordered(self, bad: int, k: int, where: str) -> str:
         return (f"the examples of {where} come back in another order than CREST asked for them: the labels "
@@ -1966,7 +1982,7 @@ class TorchModelOps:
     def _found_input(self, seen, z: torch.Tensor, k: int) -> torch.Tensor:
         """The classifier's input. The classifier (a module and which of its calls in a forward) is found
         at the first measurement and checked at every later one: kept while its output still gives the
-        logits (equal, or explained up to a row offset or a column scale and offset: a learned offset after
+        logits (equal, or explained up to a row offset or a scale and a column offset: a learned offset after
         it moves in training), found again otherwise (a layer that matched at initialisation only, such as
         the wide part of a wide-and-deep model whose deep head starts at zero), which may raise then."""
         if self._found_layer is not None:
@@ -1997,7 +2013,7 @@ class TorchModelOps:
     def _classifier_input(seen, z: torch.Tensor) -> tuple[torch.Tensor, nn.Module, int]:
         """The input of the classifier (and the classifier) among the ``nn.Linear`` calls ``seen`` in a
         forward that returned the logits ``z``: the last call whose output is the logits as returned; else
-        the one call whose output explains them up to a row offset or a column scale and offset
+        the one call whose output explains them up to a row offset or a scale and a column offset
         (:func:`_explains`); else the last call, when it is the only one mapping to as many features as
         ``z`` has; else an error asking for ``last_layer=`` (an auxiliary head, or a hidden layer of width
         C, would otherwise pass silently)."""
@@ -2644,7 +2660,7 @@ class CrestLoader(BudgetedPasses):
             model, measure_dataset if measure_dataset is not None else dataset, labels=lab, loss_fn=loss_fn,
             device=device, batch_size=measure_batch_size, collate_fn=collate_fn, last_layer=last_layer,
             forward=forward, num_workers=measure_workers, cache_bytes=measure_cache_bytes,
-            check_labels=labels is None or measure_dataset is not None, reuse_checks=reuse_checks,
+            check_labels=True, reuse_checks=reuse_checks,
         )
         if labels is None:  # the labels the ops got were found here, from the training set: say so if checked
             self.ops._labels_origin = _found_origin(dataset)

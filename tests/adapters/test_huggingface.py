@@ -606,6 +606,7 @@ def test_crest_loss_fn_is_the_loss_trained_and_measured(tmp_path):
             self.seen = (losses, indices)
 
     trainer.crest_loss_fn, trainer.crest = counted, Observer()
+    trainer.crest_config = dataclasses.replace(trainer.crest_config, T2=2)  # the drop policy observes the losses
     batch["crest_index"] = torch.tensor([0, 1, 2, 3])
     got = trainer.compute_loss(trainer.model, dict(batch))  # (eval mode: nothing observed)
     assert len(calls) == 1 and not hasattr(trainer.crest, "seen")
@@ -621,6 +622,88 @@ def test_crest_loss_fn_is_the_loss_trained_and_measured(tmp_path):
     torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
     with pytest.raises(TypeError, match="crest_loss_fn must be callable"):
         _short_trainer(tmp_path, crest_loss_fn="weighted")
+
+
+def _sorted_token_data(n=64, V=30):
+    """Variable-length token lists whose class is their length mod 3, a collator that sorts the rows longest
+    first (labels sorted along) and returns the order, a model over it and a crest_forward undoing the order."""
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(2, 12, (n,), generator=g)
+    seqs = [torch.randint(1, V, (int(k),), generator=g) for k in lens]
+    data = [{"input_ids": s, "labels": int(len(s) % C)} for s in seqs]
+
+    def sort_collate(items):
+        order = sorted(range(len(items)), key=lambda k: -len(items[k]["input_ids"]))
+        ids = torch.nn.utils.rnn.pad_sequence([items[k]["input_ids"] for k in order], batch_first=True)
+        return {"input_ids": ids, "attention_mask": (ids != 0).long(),
+                "labels": torch.tensor([items[k]["labels"] for k in order]), "order": torch.tensor(order)}
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e, self.h = torch.nn.Embedding(V, 8, padding_idx=0), torch.nn.Linear(8, C)
+
+        def forward(self, input_ids, attention_mask=None, order=None, labels=None):
+            mask = attention_mask.unsqueeze(-1).float()
+            return {"logits": self.h((self.e(input_ids) * mask).sum(1) / mask.sum(1))}
+
+    def undo(model, batch):  # the logits back in item order
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])["logits"][
+            torch.argsort(batch["order"])]
+
+    return data, sort_collate, Net, undo
+
+
+def test_a_training_batch_whose_labels_are_not_crests_is_refused(tmp_path):
+    """Review 118: with a collator that sorts the rows (labels along) and a crest_forward that undoes the
+    order for the logits, compute_loss paired item-order logits and weights with sorted labels: 44-88 % of
+    the rows trained on another example's label, silently when crest_labels was given. Labels taken before
+    the dataset was shuffled did the same to CREST's measurements. The first training batch's labels are
+    compared with CREST's for its examples now."""
+    data, sort_collate, Net, undo = _sorted_token_data(n=192)  # three measurement chunks of 64
+    labels = [d["labels"] for d in data]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), num_train_epochs=1, per_device_train_batch_size=16, learning_rate=5e-3,
+        report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0,
+        remove_unused_columns=False)
+    kw = dict(args=args, train_dataset=data, crest_config=CrestConfig(m=16), crest_budget=0.5)
+    trainer = CrestTrainer(model=Net(), data_collator=sort_collate, crest_forward=undo, crest_labels=labels, **kw)
+    with pytest.warns(UserWarning, match="another order"), pytest.raises(
+            ValueError, match=r"labels of the first training batch are not the labels CREST uses"):
+        trainer.train()
+    # labels from before a shuffle: the same refusal (and the measurement pass's warning before it)
+    shuffled = list(np.random.default_rng(0).permutation(labels))
+    trainer = CrestTrainer(model=Net(), data_collator=sort_collate, crest_forward=undo, crest_labels=shuffled,
+                           **kw)
+    with pytest.warns(UserWarning, match="labels passed as labels="), pytest.raises(ValueError, match="shuffle"):
+        trainer.train()
+
+    def item_order(items):  # the labels in item order, only the inputs sorted: trains
+        out = sort_collate(items)
+        out["labels"] = torch.tensor([it["labels"] for it in items])
+        return out
+
+    trainer = CrestTrainer(model=Net(), data_collator=item_order, crest_forward=undo, crest_labels=labels, **kw)
+    assert trainer.train().global_step == trainer.crest.total_steps > 0
+
+
+def test_labels_as_one_element_tensors_train(tmp_path):
+    """Review 118: items whose label is a (1,) tensor collate to (B, 1) labels; the sampler took them, a
+    plain Trainer trains on them, and CrestTrainer refused its first step after a selection had run."""
+    class Column(Texts):
+        def __getitem__(self, i):
+            item = super().__getitem__(i)
+            return {**item, "labels": torch.tensor([item["labels"]])}
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), num_train_epochs=1, per_device_train_batch_size=16, learning_rate=5e-3,
+        report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0)
+    trainer = CrestTrainer(model=tiny_bert(), args=args, train_dataset=Column(), crest_config=CrestConfig(m=16, r=48),
+                           crest_budget=0.25, data_collator=transformers.default_data_collator)
+    assert trainer.train().global_step == trainer.crest.total_steps > 0
+    z = torch.tensor([[0.0, 1.0], [2.0, 0.0]])
+    torch.testing.assert_close(weighted_cross_entropy(z, torch.tensor([[1], [0]]), torch.ones(2)),
+                               weighted_cross_entropy(z, torch.tensor([1, 0]), torch.ones(2)))
 
 
 def test_a_training_batch_without_weights_is_refused(tmp_path):

@@ -1663,6 +1663,30 @@ def test_probability_outputs_measure_keras_clipped_cross_entropy():
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
+def test_probability_outputs_of_many_classes_measure_the_loss_keras_trains():
+    """Review 116: the controller took the cross-entropy of log(clip(p)), log(sum clip(p)) - log clip(p_y):
+    for confident 1,000-class examples 9.99e-5 against the 1.19e-7 Keras trains on ((C - 1) eps more),
+    while the gradient and the probes differentiate -log clip(p_y). The losses CREST measures (ops.losses,
+    and the anchor and check losses through example_losses) are Keras's now."""
+    C, n = 1000, 8
+    x = np.eye(n, 4, dtype="float32")
+    inp = keras.Input((4,))
+    model = keras.Model(inp, keras.layers.Dense(C, activation="softmax")(inp))
+    kernel = np.zeros((4, C), "float32")
+    kernel[np.arange(4), np.arange(4)] = 25.0  # example i (< 4) confident in class i
+    model.layers[-1].kernel.assign(kernel)
+    y = np.arange(n) % 4
+    ops = KerasModelOps(model, x, y, outputs="probabilities")
+    theirs = keras.ops.convert_to_numpy(keras.losses.sparse_categorical_crossentropy(y, model(x, training=False)))
+    ours = np.asarray(ops.losses(np.arange(n)))
+    assert theirs[:4].max() < 1e-6  # confident: (C - 1) eps = 1e-4 would dwarf these
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-9)
+    logits = np.asarray(keras.ops.convert_to_numpy(ops.outputs(np.arange(n))))
+    np.testing.assert_allclose(ops.example_losses(logits, y), theirs, rtol=1e-5, atol=1e-9)
+    loss, _ = ops.gradient(np.arange(n), np.ones(n))  # the gradient pass's loss is the same function
+    np.testing.assert_allclose(float(loss), theirs.mean(), rtol=1e-5, atol=1e-9)
+
+
 def test_batchnorm_statistics_moved_by_training_are_not_the_quadratic_models_error():
     """Learning rate 0: only BatchNormalization's moving statistics change. Measured with the anchor's
     statistics, every check sees the anchor loss again and nothing is reselected (with the live ones the

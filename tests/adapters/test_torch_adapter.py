@@ -125,7 +125,7 @@ def test_embeddings_are_the_last_linear_layers_input():
     with torch.no_grad():
         torch.testing.assert_close(e, two.body[:-1](X[idx]))  # the classifier's input, not the aux head's
     # logits scaled after the classifier (a temperature) and a second C-output layer: the classifier's
-    # output explains the logits up to a scale per column, the aux head's does not
+    # output explains the logits up to a scale, the aux head's does not
     scaled = TwoHeads(2.0).eval()
     got = TorchModelOps(scaled, TensorDataset(X, y), forward=first).outputs(idx, embeddings=True)[1]
     with torch.no_grad():
@@ -3021,6 +3021,90 @@ def test_a_sorting_collate_is_told_how_crestloaders_weights_follow_the_rows():
             truth = dict(zip(loader2.last_indices.tolist(), loader2.last_weights.tolist()))
             rows = (x[:, 0] - 1).tolist()
             assert [truth[i] for i in rows] == pytest.approx(w[order].tolist())
+
+
+def test_a_sorting_collate_through_weightedcollate_leaves_the_samplers_weights_in_item_order():
+    """Review 118: the docs and the reorder warning said CrestBatchSampler's weights "travel inside the items
+    and are sorted along" by a sorting collate; through WeightedCollate (the documented way to give the
+    sampler's loader your own collate) they are appended after it in item order, as CrestLoader's: row r
+    needs w[order[r]]. The warning now says so, and w[order] is right."""
+    from crestcore.adapters.torch import CrestBatchSampler, WeightedCollate
+
+    Txt, sorted_collate, Bag = _sorted_text()
+    torch.manual_seed(0)
+    sampler = CrestBatchSampler(Bag(), Txt(), config=CrestConfig(m=16), budget=0.5, epochs=1, seed=0,
+                                collate_fn=sorted_collate, forward=lambda m, b: m(b[0], b[1])[torch.argsort(b[3])])
+    loader = sampler.dataloader(collate_fn=WeightedCollate(sorted_collate, indices=True), indices=True)
+    with pytest.warns(UserWarning, match=r"come back in another order.*through WeightedCollate.*w\[order\]"):
+        batches = list(loader)
+    assert len(batches) == len(sampler)
+    for x, _lens, _y, order, w, idx in batches:
+        rows = (x[:, 0] - 1).tolist()  # token 0 of a row is 1 + its example's index
+        assert sorted(rows) == sorted(idx.tolist())
+        # the indices, appended after the collate as the weights are, are in item order: row r's are [order[r]]
+        assert idx[order].tolist() == rows
+        assert w.shape == idx.shape
+    assert any(o.tolist() != sorted(o.tolist()) for *_, o, _w, _i in batches)  # the collate did reorder rows
+
+
+def test_labels_passed_that_differ_from_the_items_are_warned_about():
+    """Review 118: labels passed as labels= were never compared with the items, so labels taken before the
+    dataset was shuffled (a third of them right) had CREST select, fit and check by other examples'
+    classes, silently. The first measurement pass compares them now, as it does for labels found from a
+    targets attribute, and names labels=; matching labels say nothing."""
+    from torch.utils.data import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(200, 6, generator=g), torch.arange(200) % 4
+
+    class Plain(Dataset):  # no targets attribute: its labels would need a pass over the items
+        def __len__(self):
+            return 200
+
+        def __getitem__(self, i):
+            return X[i], int(Y[i])
+
+    shuffled_before = Y[torch.randperm(200, generator=g)]
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4))
+    loader = CrestLoader(model, Plain(), config=CrestConfig(m=16), budget=0.3, epochs=1, seed=0,
+                         labels=shuffled_before)
+    with pytest.warns(UserWarning, match=r"labels passed as labels=.*differ from the labels the dataset's items"):
+        next(iter(loader))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ok = CrestLoader(model, Plain(), config=CrestConfig(m=16), budget=0.3, epochs=1, seed=0, labels=Y)
+        assert len(list(ok)) == len(ok)
+
+
+def test_labels_read_from_the_items_are_not_said_to_be_found_without_them():
+    """Review 118: labels read item by item were named "found without reading the items: the dataset's
+    label attributes" in the labels check's warnings."""
+    from torch.utils.data import Dataset
+
+    from crestcore.adapters.torch import _found_origin
+
+    class Plain(Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return torch.zeros(2), i % 2
+
+    assert _found_origin(Plain()) == "read from the items once, item[1] or a dict item's label key"
+    Tv = type("Tv", (Plain,), {"targets": [0, 1, 0]})
+    assert _found_origin(Tv()) == "found without reading the items: dataset.targets"
+
+
+def test_the_refusal_of_float_targets_does_not_offer_labels_as_a_way_round():
+    """Review 118: refusing multi-hot or regression targets, the message advised labels= (one class index
+    per example); followed, CREST fitted and checked a softmax cross-entropy of those labels while the loop
+    trained another loss. It now says what CREST measures and that labels= helps only for class indices."""
+    from torch.utils.data import TensorDataset
+
+    data = TensorDataset(torch.randn(40, 3), (torch.rand(40, 5) < 0.3).float())
+    with pytest.raises(TypeError, match=r"multi-label.*not the loss the training step takes") as info:
+        CrestLoader(torch.nn.Linear(3, 5), data, config=CrestConfig(m=8), budget=0.5, epochs=1, seed=0)
+    assert "pass labels=, one class index per example, when" not in str(info.value)
 
 
 def test_a_getitems_that_returns_the_items_in_another_order_is_refused():

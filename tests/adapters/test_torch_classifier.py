@@ -17,7 +17,21 @@ def test_explains_needs_three_rows():
     out3, z3 = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
     assert not _explains(out3, z3)
     assert _explains(out3, torch.log_softmax(out3, dim=1))  # a row offset explains
-    assert _explains(out3, 2.0 * out3 + torch.arange(4.0))  # a column scale and offset explains
+    assert _explains(out3, 2.0 * out3 + torch.arange(4.0))  # a temperature and a column offset explain
+
+
+def test_a_scale_per_class_after_the_classifier_does_not_explain_the_logits():
+    """Review 116: logits fc(e) * a with a per-class scale a = (0.2, 1, 5) were taken as explained by fc,
+    with no warning; embeddings=True then selected on (softmax - onehot) e^T while fc's weight gradients
+    are (a * (softmax - onehot)) e^T (cosines down to 0.53, up to 3 of 10 picks a class changed). Only
+    one scale for all classes (a temperature, whose features are a uniform multiple) explains them now."""
+    g = torch.Generator().manual_seed(3)
+    out = torch.randn(32, 3, generator=g, dtype=torch.float64)
+    a = torch.tensor([0.2, 1.0, 5.0], dtype=torch.float64)
+    assert not _explains(out, out * a)
+    assert not _explains(out, torch.log_softmax(out * a + 0.5, dim=1))
+    assert _explains(out, out * 2.5 + torch.tensor([0.0, 1.0, -1.0], dtype=torch.float64))
+    assert _explains(out, torch.log_softmax(out / 0.7, dim=1))
 
 
 def test_explains_tolerates_float32_rounding_only():
