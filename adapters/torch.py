@@ -1149,8 +1149,8 @@ class TorchModelOps:
         measurement and checked at every later one: the ``nn.Linear`` call of the forward whose output is
         the logits the model returns (so an auxiliary head running after the classifier is not taken), else
         the one whose output gives them up to a per-row offset (log-softmax) or a scale and a per-column
-        offset (a temperature, a learned bias; not a scale per class), else the last ``nn.Linear`` executed if it is the only one
-        mapping to the C logits; otherwise an error.
+        offset (a temperature, a learned bias; not a scale per class), else the last ``nn.Linear``
+        executed if it is the only one mapping to the C logits; otherwise an error.
     forward : ``forward(model, batch) -> logits`` with ``batch`` the collated examples on the device;
         default ``model(batch[0])``.
 
