@@ -153,7 +153,7 @@ def resolve_dense_bytes(max_dense_bytes, xp, X, name: str = "max_dense_bytes") -
 _HOST_TORCH_WARN_WORK = 2_000_000_000
 
 
-def _warn_host_torch(work: int) -> None:
+def _warn_host_torch(work: int, who: str = "facility_location") -> None:
     """Say once (no numbers in the text) that CPU tensors take torch's dense greedy, which re-evaluates every
     candidate at each pick (made for a GPU), where the Numba kernels are about 40x faster at large k (review
     108: a silent slow path); small problems, such as CREST's per-step ones, are not warned about."""
@@ -164,7 +164,7 @@ def _warn_host_torch(work: int) -> None:
     if backend_module("numpy") is None:  # no Numba here: torch's kernels are the fastest there are
         return
     warnings.warn(
-        "facility_location on CPU torch tensors runs torch's dense greedy, which re-evaluates every candidate "
+        f"{who} on CPU torch tensors runs torch's dense greedy, which re-evaluates every candidate "
         "at each pick (made for a GPU): at this size the Numba kernels are tens of times faster. Pass "
         "backend='numba' (a zero-copy view of the tensors; the results come back as tensors)",
         RuntimeWarning, stacklevel=user_stacklevel())
@@ -352,8 +352,8 @@ def solve_batched(
         fused = get_kernel("facility_batched", namespace_name(xp), X, valid, budgets)
         if fused is not None:  # one call: similarities, greedy and weights (Numba never forms (B, n, n))
             return fused(X, valid, budgets, metric, kernel, scale, optimizer, u)
-    if metric == "precomputed":
-        zero = xp.zeros_like(X)
+    if metric == "precomputed":  # (a copy: the kernels may work in place, and the input is the caller's)
+        zero = xp.zeros((), dtype=X.dtype, device=dev)
         S = xp.where(valid[:, :, None] & valid[:, None, :], X, zero)
     else:
         sim = _kernel("similarity_batched", xp, X, valid, force_reference=force_reference)
@@ -366,14 +366,68 @@ def solve_batched(
 
 
 def _problems_from_labels(labels_host: np.ndarray | None, n: int):
+    """Each class's members (ascending), classes in ascending label order: one stable sort, O(n log n)
+    (a comparison of the whole array per class cost O(n C): 6.5 s of a 7.6 s call at 10^5 classes, review
+    117)."""
     if labels_host is None:
         return [np.arange(n, dtype=np.int64)]
-    classes = np.unique(labels_host)
-    return [np.flatnonzero(labels_host == c).astype(np.int64) for c in classes]
+    order = np.argsort(labels_host, kind="stable").astype(np.int64)
+    ordered = labels_host[order]
+    cuts = np.flatnonzero(ordered[1:] != ordered[:-1]) + 1
+    return np.split(order, cuts) if order.size else []
 
 
-def _pack(sizes: np.ndarray, itemsize: int, max_dense_bytes: int, per_point_extra: int):
-    """Group problems (sorted by size) into batches whose padded dense similarities fit the limit."""
+# Bytes a batched dense solve holds at its peak per entry of its padded (B, n, n) similarities, as a multiple
+# of one such array: "fused", the Numba kernel that solves problem after problem in one n x n work buffer per
+# thread (a multiple of one problem's matrix, not of the batch's); "native", the torch and CuPy kernels, in
+# place beside small work buffers (benchmarks/memory.py measured 1.05-1.12x); "reference", the generic
+# array-API code, which builds the distances functionally with several full-size temporaries alive at once
+# (measured 3.7-4.1x; review 117 saw 3.9x of max_dense_bytes where only 1x was counted).
+PEAK_FACTOR = {"fused": 1.0, "native": 1.25, "reference": 4.5}
+
+
+def dense_path(xp, X3, *, force_reference: bool = False, precomputed: bool = False) -> str:
+    """Which dense solver :func:`solve_batched` runs on the batched problems ``X3`` (B, n, d), or on
+    (B, n, n) similarities with ``precomputed``: a key of :data:`PEAK_FACTOR`."""
+    from crestcore.backends import get_kernel
+
+    if force_reference:
+        return "reference"
+    ns = namespace_name(xp)
+    # (the device backends' facility_batched builds the (B, n, n) similarities: only the host's fuses)
+    if not precomputed and ns == "numpy" and get_kernel("facility_batched", ns, X3) is not None:
+        return "fused"
+    if get_kernel("greedy_batched" if precomputed else "similarity_batched", ns, X3) is not None:
+        return "native"
+    return "reference"
+
+
+def host_threads() -> int:
+    """The threads a host kernel may run on (``NUMBA_NUM_THREADS`` when set, else the cores): each of
+    the fused kernel's threads holds its own n x n work buffer."""
+    import os
+
+    try:
+        return max(1, int(os.environ.get("NUMBA_NUM_THREADS") or 0) or os.cpu_count() or 1)
+    except ValueError:
+        return max(1, os.cpu_count() or 1)
+
+
+def dense_batch_bytes(path: str, B: int, n_max: int, d: int, itemsize: int) -> int:
+    """The peak bytes of a batched dense solve of ``B`` problems padded to ``n_max`` points of ``d``
+    features (``d = 0`` for precomputed similarities) on ``path`` (:func:`dense_path`), with the gathered
+    features: the fused kernel holds one matrix per thread, the others one per problem times their factor."""
+    mats = min(B, host_threads()) if path == "fused" else B
+    feature_bytes = 8 if path == "fused" else itemsize  # the fused kernel reads a float64 copy of the features
+    return math.ceil(mats * n_max * n_max * itemsize * PEAK_FACTOR[path] + B * n_max * d * feature_bytes)
+
+
+def _pack(sizes: np.ndarray, itemsize: int, max_dense_bytes: int, per_point_extra: int, path: str = "native"):
+    """Group problems (sorted by size) into batches whose padded dense solve fits the limit
+    (:func:`dense_batch_bytes`), each batch's problems within a factor of two of its largest: the torch,
+    CuPy and generic kernels work on the whole padded batch (every problem as large as the largest, and
+    as many picks), so one class of 2,000 points with a hundred of 20 cost 44x a loop over the classes
+    (review 117)."""
     order = np.argsort(-sizes, kind="stable")
     groups: list[list[int]] = []
     cur: list[int] = []
@@ -381,7 +435,8 @@ def _pack(sizes: np.ndarray, itemsize: int, max_dense_bytes: int, per_point_extr
     for p in order:
         n_p = int(sizes[p])
         n_max = max(cur_n, n_p)
-        if cur and (len(cur) + 1) * n_max * (n_max + per_point_extra) * itemsize > max_dense_bytes:
+        if cur and (dense_batch_bytes(path, len(cur) + 1, n_max, per_point_extra, itemsize) > max_dense_bytes
+                    or 2 * n_p < cur_n):
             groups.append(cur)
             cur, n_max = [], n_p
         cur.append(int(p))
@@ -435,8 +490,9 @@ def facility_location(
     rng : int seed or ``numpy.random.Generator``; only used (and then required) by "stochastic".
     scale : the "exp" kernel's length scale; default the number of features (the other kernels have no
         scale and ignore it).
-    max_dense_bytes : problems whose dense similarity matrix would exceed this many bytes are solved by
-        the matrix-free tiled path, which never forms the n x n matrix (several times slower). Default
+    max_dense_bytes : problems whose dense solve would exceed this many bytes (the similarity matrix on
+        the Numba kernels, times :data:`PEAK_FACTOR`'s 1.25 on torch and CuPy and 4.5 on the generic code)
+        are solved by the matrix-free tiled path, which never forms the n x n matrix (slower). Default
         None: a quarter of the memory available now where X lives (the host's ``MemAvailable``, bounded by
         the memory cgroup's limit in a container, or the GPU's free memory), at least 64 MiB. The path
         taken is ``Selection.path`` and is logged on the ``crestcore`` logger (INFO when a problem goes
@@ -567,6 +623,9 @@ def facility_location(
     # the result; it is not sized, planned, searched or solved (its graph or similarity cost the whole call)
     live = [p for p in range(n_prob) if budgets[p] > 0]
     plan_text = ""
+    # the dense solver these problems would get, and its peak memory per similarity entry (review 117)
+    dpath = dense_path(xp, xp.expand_dims(X, axis=0), force_reference=force_ref, precomputed=precomputed)
+    peak = PEAK_FACTOR[dpath]
     if auto or neighbors is not None:
         from .planner import plan_problem
 
@@ -575,7 +634,7 @@ def facility_location(
             # the largest class first: when a class does not fit, the bound the error suggests is the
             # largest class's, which fits every class (not the first class's, which a later one exceeds)
             plans = {p: plan_problem(int(sizes[p]), X.shape[1], int(budgets[p]), itemsize, max_dense_bytes,
-                                     neighbors=k_nb, precomputed=precomputed)
+                                     neighbors=k_nb, precomputed=precomputed, peak=peak)
                      for p in sorted(live, key=lambda q: (-int(sizes[q]), q))}
             kinds = {p: plans[p].path for p in live}
         else:
@@ -607,10 +666,15 @@ def facility_location(
             + (plans[largest].reason if auto else f"neighbors={min(int(k_nb or 0), int(sizes[largest]) - 1)}"))
     else:
         sparse_p = []
-        big = [p for p in live if not precomputed and sizes[p] * sizes[p] * itemsize > max_dense_bytes]
+        big = [p for p in live if not precomputed and sizes[p] * sizes[p] * itemsize * peak > max_dense_bytes]
     dense = [p for p in live if p not in big and p not in sparse_p]
+    extra = 0 if precomputed else X.shape[1]
+    groups = [[dense[g] for g in group]
+              for group in (_pack(sizes[dense], itemsize, max_dense_bytes, extra, dpath) if dense else [])]
     if backend == "auto" and dense and namespace_name(xp) == "torch" and on_host_device(X):
-        _warn_host_torch(sum(int(sizes[p]) ** 2 * int(budgets[p]) for p in dense))
+        # the work of the padded batches the kernels run: every problem of a batch as large as its largest,
+        # with as many picks
+        _warn_host_torch(sum(len(g) * int(sizes[g].max()) ** 2 * int(budgets[g].max()) for g in groups))
     path = "+".join(c for c, ps in (("dense", dense), ("matrix-free", big), ("sparse", sparse_p)) if ps)
     _log.log(logging.INFO if big else logging.DEBUG,
              "facility_location: %d problem(s), largest n=%d: %s path (max_dense_bytes=%d; a dense n x n "
@@ -664,9 +728,7 @@ def facility_location(
         plan_text += f"; graph: {'+'.join(sorted(graph_methods))}"
         _log.info("facility_location: %s", plan_text)
 
-    extra = 0 if precomputed else X.shape[1]
-    for group in _pack(sizes[dense], itemsize, max_dense_bytes, extra) if dense else []:
-        group = [dense[g] for g in group]
+    for group in groups:
         n_max = int(sizes[group].max())
         pad_idx = np.zeros((len(group), n_max), dtype=np.int64)
         valid_h = np.zeros((len(group), n_max), dtype=bool)
@@ -674,7 +736,9 @@ def facility_location(
             pad_idx[b, : sizes[p]] = problems[p]
             valid_h[b, : sizes[p]] = True
         flat = from_numpy(pad_idx.reshape(-1), xp, dev)
-        if precomputed:
+        if precomputed and len(group) == 1 and n_max == n:  # the whole matrix, in order: no gathered copies
+            Xb = xp.reshape(X, (1, n, n))  # (solve_batched's masking copies it before any kernel sees it)
+        elif precomputed:
             rows = xp.take(X, flat, axis=0)  # (B*n_max, n)
             rows = xp.reshape(rows, (len(group), n_max, n))
             Xb = xp.stack([xp.take(rows[b, ...], from_numpy(pad_idx[b], xp, dev), axis=1) for b in range(len(group))])

@@ -15,9 +15,9 @@ import numpy as np
 from ._compat import detached, device_of, from_numpy, index_dtype, namespace, namespace_name
 from ._validation import apportion, check_choice, check_epsilon, check_float_matrix, check_int, hamilton
 from ._validation import labels_to_host, make_rng
-from .backends import get_host_kernel, get_kernel
+from .backends import get_host_kernel
 from .facility import BACKENDS, DENSE_FLOOR_BYTES, OPTIMIZERS, numba_route, resolve_dense_bytes, solve_batched
-from .facility import stochastic_draws
+from .facility import _warn_host_torch, dense_batch_bytes, dense_path, on_host_device, stochastic_draws
 from .similarity import KERNELS, METRICS, kernel_scale, prepare, restore
 
 CLASS_BUDGETS = ("proportional", "ceil")
@@ -291,13 +291,6 @@ def draw_subsets(labels_host: np.ndarray | None, pool: np.ndarray, r: int, P: in
     return np.sort(blocked, axis=1)
 
 
-# Bytes per similarity entry a batched dense solve holds at its peak, as multiples of one (B, n, n)
-# tensor: the native kernels work in place beside small work buffers (benchmarks/memory.py measured
-# 1.05-1.12x the NumPy path's peak on torch); the generic array-API reference builds the distances
-# functionally, with several full-size temporaries alive at once (measured 3.7-4.1x).
-_PEAK_FACTOR = {"native": 1.25, "reference": 4.5}
-
-
 class DenseMemoryError(ValueError):
     """:func:`minibatch_coresets` refused a batched dense solve above ``max_dense_bytes`` (a ``ValueError``
     whose message names what would fit; its own type lets a caller with other knobs, the CREST controller,
@@ -307,16 +300,18 @@ class DenseMemoryError(ValueError):
 def _guard_memory(dtype_bytes: int, B: int, n_max: int, d: int, P: int, per_class: bool, limit: int | None,
                   path: str, xp, features) -> None:
     """Refuse, before allocating, a batched dense solve above ``limit`` bytes (see ``max_dense_bytes``;
-    None: the default, read from the available memory only for a solve above its 64 MiB floor)."""
-    need = math.ceil(B * n_max * (_PEAK_FACTOR[path] * n_max + d) * dtype_bytes)
+    None: the default, read from the available memory only for a solve above its 64 MiB floor), its peak
+    on ``path`` by :func:`crestcore.facility.dense_batch_bytes` (the fused Numba kernel holds one matrix per
+    thread, not one per problem: review 117 saw it refused at 8.59 GiB where it used 721 MiB)."""
+    need = dense_batch_bytes(path, B, n_max, d, dtype_bytes)
     if limit is None:
         if need <= DENSE_FLOOR_BYTES:  # the default is never below the floor
             return
         limit = resolve_dense_bytes(None, xp, features)
     if need <= limit:
         return
-    per_coreset = need / P
-    fit = int(limit // per_coreset)
+    per = B // P  # problems per coreset
+    fit = next((q for q in range(P - 1, 0, -1) if dense_batch_bytes(path, q * per, n_max, d, dtype_bytes) <= limit), 0)
     hint = f"P <= {fit}" if fit >= 1 else "no P fits"
     raise DenseMemoryError(
         f"minibatch_coresets would need {_size(need)} ({B} dense {n_max} x {n_max} similarity "
@@ -580,11 +575,12 @@ def minibatch_coresets(
         pad_s, valid_s = pad_s[:, :width_s], valid_s[:, :width_s]  # members are packed first in each row
     # asked about the batched (B, n, d) problems the solve will pass, not the (n, d) features: the kernels'
     # rules depend on the batch's shape (the Numba kernels decline d above their direct limit)
-    native = backend != "reference" and get_kernel("similarity_batched", namespace_name(xp),
-                                                   xp.expand_dims(features, axis=0)) is not None
+    path = dense_path(xp, xp.expand_dims(features, axis=0), force_reference=backend == "reference")
     _guard_memory(int(xp.finfo(features.dtype).bits) // 8, pad_s.shape[0], pad_s.shape[1], d, P,
-                  per_class and labels_host is not None, max_dense_bytes, "native" if native else "reference", xp,
-                  features)
+                  per_class and labels_host is not None, max_dense_bytes, path, xp, features)
+    if backend == "auto" and path != "fused" and namespace_name(xp) == "torch" and on_host_device(features):
+        # torch's dense greedy on CPU tensors, silent at 13 s where the Numba kernels take 0.5 s (review 117)
+        _warn_host_torch(pad_s.shape[0] * pad_s.shape[1] ** 2 * int(budgets.max(initial=0)), "minibatch_coresets")
     # drawn for every problem, so that the stream, and each problem's draws, are those of a solve of all
     u = stochastic_draws(gen, sizes, budgets, eps) if optimizer == "stochastic" and gen is not None else None
     flat = from_numpy(np.ascontiguousarray(pad_s).reshape(-1), xp, dev)

@@ -27,6 +27,8 @@ The plan is recorded on the result (``Selection.path``, ``Selection.plan``).
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 from ._validation import check_int
@@ -54,7 +56,7 @@ class Plan:
     >>> plan.path, plan.optimizer, plan.neighbors, plan.bytes
     ('dense', 'lazy', None, 4000000)
     >>> plan.reason
-    'the dense similarity (0.004 GB) fits max_dense_bytes'
+    "the dense similarity with the solver's work (0.004 GB) fits max_dense_bytes"
     """
 
     path: str
@@ -91,8 +93,11 @@ def _gb(b: float) -> str:
 
 
 def plan_problem(n: int, d: int, k: int, itemsize: int, max_dense_bytes: int, *, neighbors: int | None = None,
-                 precomputed: bool = False) -> Plan:
-    """The plan for one problem (see the module docstring for the rule).
+                 precomputed: bool = False, peak: float = 1.0) -> Plan:
+    """The plan for one problem (see the module docstring for the rule). ``peak``: the dense solver's peak
+    memory as a multiple of the similarity matrix (``crestcore.facility.PEAK_FACTOR``: 1 for the Numba
+    kernel, 1.25 for torch and CuPy, 4.5 for the generic array-API code); the dense path is taken when
+    ``peak`` times the matrix fits ``max_dense_bytes``.
 
     Examples
     --------
@@ -121,13 +126,16 @@ def plan_problem(n: int, d: int, k: int, itemsize: int, max_dense_bytes: int, *,
     max_dense_bytes = check_int(max_dense_bytes, "max_dense_bytes", low=0)
     if neighbors is not None:
         neighbors = check_int(neighbors, "neighbors")
-    db = dense_bytes(n, itemsize)
+    if isinstance(peak, bool) or not isinstance(peak, (int, float)) or not 1.0 <= peak < math.inf:
+        raise ValueError(f"peak must be a number >= 1 (the dense solver's memory over the matrix's), got {peak!r}")
+    db = math.ceil(dense_bytes(n, itemsize) * peak)
     if db <= max_dense_bytes:
-        return Plan("dense", "lazy", None, db, f"the dense similarity ({_gb(db)}) fits max_dense_bytes")
+        return Plan("dense", "lazy", None, db, f"the dense similarity with the solver's work ({_gb(db)}) fits "
+                    "max_dense_bytes")
     if precomputed:
         raise ValueError(
-            f"max_dense_bytes={max_dense_bytes} is smaller than the precomputed ({n}, {n}) similarity itself "
-            f"({db} bytes); pass max_dense_bytes >= {db}"
+            f"max_dense_bytes={max_dense_bytes} is smaller than the precomputed ({n}, {n}) similarity's solve "
+            f"({db} bytes, the masked copy the solver works on included); pass max_dense_bytes >= {db}"
         )
     why = [f"dense needs {_gb(db)}"]
     mb = matrix_free_bytes(n, d)

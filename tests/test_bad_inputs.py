@@ -197,15 +197,34 @@ def test_valid_configs_still_build():
     assert not c.per_class and c.max_overhead == 0.5 and c.T2 == 10 and c.drop.alpha == 0.5
 
 
-def test_memory_guard_names_what_fits():
-    # native (Numba) path, float64: per coreset 16 x (1.25 * 16 + 3) x 8 bytes = 2944; 3 coresets 8832
+def test_memory_guard_names_what_fits(monkeypatch):
+    # the fused Numba kernel, float64, two threads: one 16 x 16 matrix a thread (2 x 2048 bytes) and the
+    # float64 features of every problem (16 x 3 x 8 = 384 bytes a coreset): 5248 bytes for 3 coresets
+    import crestcore.facility as fac
+
+    monkeypatch.setattr(fac, "host_threads", lambda: 2)
     with pytest.raises(ValueError, match=r"P <= 2.*per_class=True"):
-        crestcore.minibatch_coresets(X, Y, m=2, r=16, P=3, rng=0, per_class=False, max_dense_bytes=6000)
-    cs = crestcore.minibatch_coresets(X, Y, m=2, r=16, P=2, rng=0, per_class=False, max_dense_bytes=6000)
+        crestcore.minibatch_coresets(X, Y, m=2, r=16, P=3, rng=0, per_class=False, max_dense_bytes=5000)
+    cs = crestcore.minibatch_coresets(X, Y, m=2, r=16, P=2, rng=0, per_class=False, max_dense_bytes=5000)
     assert cs.indices.shape == (2, 2)
-    with pytest.raises(ValueError, match="max_dense_bytes >= 8832"):
-        crestcore.minibatch_coresets(X, Y, m=2, r=16, P=3, rng=0, per_class=False, max_dense_bytes=8831)
-    crestcore.minibatch_coresets(X, Y, m=2, r=16, P=3, rng=0, per_class=False, max_dense_bytes=8832)
+    with pytest.raises(ValueError, match="max_dense_bytes >= 5248"):
+        crestcore.minibatch_coresets(X, Y, m=2, r=16, P=3, rng=0, per_class=False, max_dense_bytes=5247)
+    crestcore.minibatch_coresets(X, Y, m=2, r=16, P=3, rng=0, per_class=False, max_dense_bytes=5248)
+
+
+def test_memory_guard_charges_the_fused_kernel_one_matrix_a_thread(monkeypatch):
+    """Review 117: the guard charged the Numba path for every problem's matrix (10 coresets of r = 9,600
+    refused as 8.59 GiB, where the kernel used 721 MiB: it solves problem after problem in one buffer a
+    thread). With one thread, ten coresets cost one matrix and ten coresets' features."""
+    import crestcore.facility as fac
+
+    monkeypatch.setattr(fac, "host_threads", lambda: 1)
+    need = 16 * 16 * 8 + 10 * 16 * 3 * 8  # 3968 bytes, where ten matrices were 26,240
+    assert fac.dense_batch_bytes("fused", 10, 16, 3, 8) == need
+    cs = crestcore.minibatch_coresets(X, Y, m=2, r=16, P=10, rng=0, per_class=False, max_dense_bytes=need)
+    assert cs.indices.shape == (10, 2)
+    with pytest.raises(ValueError, match=f"max_dense_bytes >= {need}"):
+        crestcore.minibatch_coresets(X, Y, m=2, r=16, P=10, rng=0, per_class=False, max_dense_bytes=need - 1)
 
 
 def test_memory_guard_counts_the_reference_paths_temporaries():

@@ -10,7 +10,7 @@ import numpy as np
 from .._compat import device_of, from_numpy, is_numpy_namespace, namespace, to_numpy
 from ..similarity import prepare, restore
 from .._validation import check_class_budgets, check_float_matrix, check_int, hamilton, labels_to_host
-from ..facility import Selection
+from ..facility import Selection, _problems_from_labels
 from ._common import check_bool, check_real, host_selection, set_row
 
 
@@ -658,9 +658,8 @@ def gradmatch(
 
     if per_batch is not None:
         batch_h = labels_to_host(xp, per_batch, n, name="per_batch")
-        ids, inverse = np.unique(batch_h, return_inverse=True)
-        k = check_int(k, "k", low=1, high=int(ids.size))
-        members = [np.flatnonzero(inverse == b).astype(np.int64) for b in range(ids.size)]
+        members = _problems_from_labels(batch_h, n)  # one sort, not a comparison per batch (review 117)
+        k = check_int(k, "k", low=1, high=len(members))
         atoms = xp.stack([xp.sum(xp.take(gradients, from_numpy(m, xp, dev), axis=0), axis=0) for m in members])
         b = xp.sum(gradients, axis=0) if target is None else target
         sup, w, g, expl = _omp(xp, atoms, b, k, lam, tol, positive)
@@ -677,7 +676,7 @@ def gradmatch(
         problems = [np.arange(n, dtype=np.int64)]
     else:
         lab_h = labels_to_host(xp, labels, n)
-        problems = [np.flatnonzero(lab_h == c).astype(np.int64) for c in np.unique(lab_h)]
+        problems = _problems_from_labels(lab_h, n)
     sizes = np.array([p.size for p in problems])
     if class_budgets is None:
         budgets = hamilton(k, sizes)

@@ -122,12 +122,12 @@ def test_the_default_memory_guard_reads_the_available_memory_only_above_its_floo
 
     monkeypatch.setattr(B, "host_available_bytes", hundred_mb)
     rng = np.random.default_rng(0)
-    X = rng.normal(size=(2600, 4))
-    crestcore.minibatch_coresets(X, None, m=4, r=600, P=2, rng=0)  # 2 x 600 x (750 + 4) x 8 bytes: 7 MB
+    X = rng.normal(size=(3000, 4))
+    crestcore.minibatch_coresets(X, None, m=4, r=600, P=2, rng=0)  # at most 2 x 600 x (600 + 4) x 8 bytes: 6 MB
     assert reads == []
-    # one 2600 x 2600 problem: 2600 x (1.25 x 2600 + 4) x 8 bytes = 67.7 MB > max(64 MiB, 25 MB)
+    # one 2900 x 2900 problem (the fused kernel's one buffer): 2900 x (2900 + 4) x 8 bytes = 67.4 MB > 64 MiB
     with pytest.raises(ValueError, match="max_dense_bytes"):
-        crestcore.minibatch_coresets(X, None, m=4, r=2600, P=1, rng=0)
+        crestcore.minibatch_coresets(X, None, m=4, r=2900, P=1, rng=0)
     assert reads == [1]
     crestcore.minibatch_coresets(X[:300], None, m=4, r=300, P=1, rng=0, max_dense_bytes=1 << 20)
     assert reads == [1]
