@@ -29,6 +29,7 @@ import functools
 import inspect
 import itertools
 import sys
+import threading
 import time
 import warnings
 import weakref
@@ -570,13 +571,43 @@ def _running_stats(model: nn.Module) -> list:
     return out
 
 
+_SHARED_LOCK = threading.Lock()
+_shared_held: dict[str, list] = {}  # a process-wide setting's name -> [holders, the context that set it]
+
+
+@contextlib.contextmanager
+def _shared_setting(name: str, make):
+    """``make()``'s context (a process-wide setting changed and put back) held while any thread holds it:
+    the first to enter enters it, the last to leave exits it. Entered and exited by each holder, two loaders
+    measuring in two threads put the setting back in the wrong order and left it changed for the process
+    (review 114: attention's fast path off, every later ``torch.compile`` run eagerly)."""
+    with _SHARED_LOCK:
+        held = _shared_held.get(name)
+        if held is None:
+            ctx = make()
+            ctx.__enter__()
+            held = _shared_held[name] = [0, ctx]
+        held[0] += 1
+    try:
+        yield
+    finally:
+        with _SHARED_LOCK:
+            held[0] -= 1
+            if held[0] == 0:
+                del _shared_held[name]
+                held[1].__exit__(None, None, None)
+
+
 def _eager():
     """Every ``torch.compile``d function run eagerly (``torch.compiler.set_stance("force_eager")``, torch >=
     2.6): a compiled submodule, a LightningModule whose forward Lightning compiled (``trainer.fit(
     torch.compile(module))``), ``nn.Module.compile()``. The measurements take double-backward Hessian-vector
-    products, which compiled graphs refuse (AOTAutograd's donated buffers)."""
+    products, which compiled graphs refuse (AOTAutograd's donated buffers). Process-wide: shared between
+    threads (:func:`_shared_setting`)."""
     stance = getattr(getattr(torch, "compiler", None), "set_stance", None)
-    return stance("force_eager") if stance is not None else contextlib.nullcontext()
+    if stance is None:
+        return contextlib.nullcontext()
+    return _shared_setting("compile stance", lambda: stance("force_eager"))
 
 
 @contextlib.contextmanager
@@ -671,16 +702,20 @@ def _put_back(mod: nn.Module, name: str, b: torch.Tensor, snapshot: torch.Tensor
         b.data = snapshot
 
 
-@contextlib.contextmanager
 def _no_mha_fastpath():
     """Attention's inference fast path off (``torch.backends.mha``): in eval mode without gradients,
     ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` run a fused kernel on nested tensors whose
     padded positions come out as 0, while the gradient passes take the ordinary path; a model that reads the
-    padded positions (a mean over all of them) would be measured as two functions."""
+    padded positions (a mean over all of them) would be measured as two functions. Process-wide: shared
+    between threads (:func:`_shared_setting`)."""
     mha = getattr(torch.backends, "mha", None)
     if mha is None or not hasattr(mha, "get_fastpath_enabled"):  # pragma: no cover - torch < 2.1
-        yield
-        return
+        return contextlib.nullcontext()
+    return _shared_setting("mha fast path", lambda: _mha_fastpath_off(mha))
+
+
+@contextlib.contextmanager
+def _mha_fastpath_off(mha):
     before = mha.get_fastpath_enabled()
     mha.set_fastpath_enabled(False)
     try:
@@ -1325,17 +1360,21 @@ class TorchModelOps:
         holds across ``next(loader)``, with a buffer saved for its backward, still backpropagates)."""
         modes = [(m, m.training) for m in self.model.modules()]  # parents before their children
         saved = _buffer_snapshot(self.model)
-        self.model.eval()
-        # the buffers as eval() left them (the live objects: eval() may reassign them), for the modules' own
-        # train() to read back (a module that keeps a weight in a buffer at eval() and restores it at
-        # train()); only where such a train() exists (torch's and the frameworks' own do not read them)
-        evaled = _buffer_snapshot(self.model) if any(_own_train(m) for m, _ in modes) else []
-        if self._anchor_buffers:  # the anchor's running statistics: the measured loss moves with the weights only
-            for name, b in _running_stats(self.model):  # never another buffer (an older checkpoint's)
-                a = self._anchor_buffers.get(name)
-                if a is not None and a.shape == b.shape and a.dtype == b.dtype:
-                    b.data.copy_(a)
+        evaled: list = []
+        # everything that changes the model is inside the try: a KeyboardInterrupt between eval() and the
+        # try left the model in eval mode with the anchor's running statistics for a loop that caught it and
+        # went on training (review 114)
         try:
+            self.model.eval()
+            # the buffers as eval() left them (the live objects: eval() may reassign them), for the modules'
+            # own train() to read back (a module that keeps a weight in a buffer at eval() and restores it at
+            # train()); only where such a train() exists (torch's and the frameworks' own do not read them)
+            evaled = _buffer_snapshot(self.model) if any(_own_train(m) for m, _ in modes) else []
+            if self._anchor_buffers:  # the anchor's running statistics: the measured loss moves with the weights
+                for name, b in _running_stats(self.model):  # never another buffer (an older checkpoint's)
+                    a = self._anchor_buffers.get(name)
+                    if a is not None and a.shape == b.shape and a.dtype == b.dtype:
+                        b.data.copy_(a)
             # outside autocast (a loop may call the loader inside an autocast region): the model is
             # measured in its own dtype, as documented; recurrent layers off cuDNN, whose RNN kernels have
             # no backward in eval mode and no double backward (the native ones have both); attention's
@@ -1772,10 +1811,34 @@ class TorchModelOps:
             return
         pool = self._worker_pool()
         pool.batch_sampler.items = [idx[a:b].tolist() for a, b in spans]
-        for batch in pool:
-            yield _plain(batch)
+        handed = 0
+        try:
+            for batch in pool:
+                handed += 1
+                yield _plain(batch)
+        finally:
+            # a pass broken off before its last chunk (an error, an interrupt) leaves the workers mid-pass:
+            # the next starts new ones (a pass whose chunks were all taken is closed unfinished, as usual)
+            if handed < len(spans):
+                self._drop_pool()
+
+    def _drop_pool(self) -> None:
+        """Shut the measurement workers down; the next pass starts new ones."""
+        pool, self._pool = self._pool, None
+        it = getattr(pool, "_iterator", None)
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if callable(shutdown):
+            try:
+                shutdown()
+            except Exception:  # noqa: BLE001 - workers already gone: nothing left to shut down
+                pass
 
     def _worker_pool(self):
+        it = getattr(self._pool, "_iterator", None)
+        if it is not None and not all(w.is_alive() for w in getattr(it, "_workers", ())):
+            # a worker died between passes (a Ctrl-C sent to the process group kills the workers too): every
+            # later pass failed with "DataLoader worker exited unexpectedly" (review 114)
+            self._drop_pool()
         if self._pool is None:
             from torch.utils.data import DataLoader
 

@@ -3638,3 +3638,112 @@ def test_the_loaders_config_and_model_cannot_be_replaced_after_construction():
     with pytest.raises(AttributeError, match=r"CrestLoader\.model is fixed at construction"):
         loader.model = mlp(1)
     assert loader.config.m == 8 and loader.model is loader.ops.model
+
+
+def test_an_interrupt_as_a_measurement_starts_leaves_the_model_as_it_was():
+    """Review 114: model.eval() and the copy of the anchor's running statistics ran before the try that
+    restores them, so a KeyboardInterrupt landing there (a caught Ctrl-C in a notebook) left the model in
+    eval mode, Dropout off and BatchNorm frozen, with the anchor's statistics in the user's buffers, for
+    the rest of a run that went on training."""
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(64, 5, generator=g), torch.arange(64) % 3
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Dropout(0.2), nn.Linear(8, 3))
+    ops = TorchModelOps(model, TensorDataset(X, y))
+    model.train()
+    ops.new_anchor()
+    ops.outputs(np.arange(16))  # the anchor's statistics are kept
+    model(X)  # training moves the live statistics away from the anchor's
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    original = model.eval
+
+    def interrupted():
+        original()
+        raise KeyboardInterrupt
+
+    model.eval = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        ops.outputs(np.arange(16))
+    assert all(m.training for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_process_wide_settings_of_measurements_in_two_threads_are_put_back():
+    """Review 114: each measurement saved and restored attention's fast-path flag and torch.compile's
+    stance by itself, so two loaders measuring in two threads put them back in the wrong order: the fast
+    path stayed off and every later torch.compile ran eagerly, for the whole process. They are held while
+    any thread measures now, and put back by the last."""
+    import threading
+
+    from crestcore.adapters.torch import _no_mha_fastpath
+
+    mha = torch.backends.mha
+    assert mha.get_fastpath_enabled()
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen: list = []
+
+    def first():
+        with _no_mha_fastpath():
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()
+
+    def second():
+        a_in.wait(5)
+        with _no_mha_fastpath():
+            b_in.set()
+            a_out.wait(5)
+            seen.append(mha.get_fastpath_enabled())  # still off while this thread measures
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen == [False] and mha.get_fastpath_enabled()
+
+
+def test_measurement_workers_that_died_between_passes_are_started_again():
+    """Review 114: a Ctrl-C sent to the process group (a terminal's) kills the persistent measurement
+    workers too; a loop that caught the KeyboardInterrupt and went on failed at every later step with
+    "DataLoader worker exited unexpectedly". Dead workers are replaced at the next pass now, and a pass
+    broken off by an error or an interrupt starts the next with new workers."""
+    from torch.utils.data import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(240, 6, generator=g), torch.arange(240) % 3
+
+    class Noisy(Dataset):  # a random transform: the measurement passes load their examples each time
+        targets = y
+
+        def __len__(self):
+            return 240
+
+        def __getitem__(self, i):
+            return X[i] + 0.01 * torch.randn(6), int(y[i])
+
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    loader = CrestLoader(model, Noisy(), config=CrestConfig(m=24, r=60, tau=0.05), budget=0.5,
+                         epochs=2, seed=1, measure_workers=1, measure_batch_size=20)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    steps, killed, errors = 0, 0, []
+    while steps < loader.total_steps and len(errors) < 3:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (the pass left before its end is said)
+                for x, yb, w in loader:
+                    loss = (w * nn.functional.cross_entropy(model(x), yb, reduction="none")).mean()
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    steps += 1
+                    if not killed and loader.ops._pool is not None:
+                        killed = len(loader.ops._pool._iterator._workers)  # (torch's report may come at once)
+                        for worker in loader.ops._pool._iterator._workers:  # as a process-group Ctrl-C does
+                            worker.kill()
+                            worker.join(10)
+        except RuntimeError as exc:  # torch's own report of the death (its SIGCHLD handler), caught as a user would
+            errors.append(str(exc))
+    assert killed and steps == loader.total_steps and len(errors) <= 1, errors
+    assert loader.ops._pool is not None and all(w.is_alive() for w in loader.ops._pool._iterator._workers)
+    loader.ops._drop_pool()
