@@ -196,6 +196,12 @@ def _inner_ops(ops):
 
 
 def _label_origin(dataset) -> str:
+    if isinstance(dataset, TensorDataset):
+        return "the TensorDataset's second tensor"
+    if isinstance(dataset, (Subset, ConcatDataset)):
+        inner = dataset.dataset if isinstance(dataset, Subset) else dataset.datasets[0] if dataset.datasets else None
+        kind = type(dataset).__name__
+        return f"a {kind} of {_label_origin(inner)}" if inner is not None else f"the {kind}'s parts"
     attr = _label_attribute(dataset)
     col = None if attr is not None else _label_column(dataset)
     if col is not None:
@@ -1551,19 +1557,31 @@ class TorchModelOps:
         got = host[1] if isinstance(host, (tuple, list)) and len(host) > 1 else None
         if isinstance(host, dict):
             got = next((host[k] for k in _LABEL_KEYS if k in host), None)
-        if (not isinstance(got, torch.Tensor) or got.shape != (idx.size,) or got.dtype.is_floating_point
-                or got.dtype.is_complex or got.dtype == torch.bool):
+        # the label field as a column of class indices: (k,) or (k, 1), integer or whole-valued float (review
+        # 119: a (1,) label tensor per item, or float targets, were never compared)
+        col = _label_columns((got,), idx.size) if isinstance(got, torch.Tensor) else []
+        if not col:
             return
-        bad = int((got.cpu().numpy().astype(np.int64) != self.labels[idx]).sum())
+        got_np, want = col[0], self.labels[idx]
+        bad = int((got_np != want).sum())
+        if bad and self._labels_origin == "as given" and not self._measure_set and (
+                not np.isin(got_np, self._label_values()).all() or _a_function_of(got_np, want)):
+            # given labels beside a field in another encoding (1-based classes, example ids: values CREST's
+            # labels do not take, or a fixed relabelling of them), which is why they were given: no warning
+            # (labels taken before a shuffle or a filter take CREST's values, not as a function of them)
+            return
         if bad and self._measure_set:
+            given = self._labels_origin == "as given"
             warnings.warn(
                 f"crestcore: the items of measure_dataset carry labels that differ from the training set's "
                 f"({self._labels_origin}) for {bad} of {idx.size} examples of the first measurement pass (read "
                 "as item[1], or a dict item's label key): measure_dataset must hold the same examples as the "
                 "training set, in the same order (each selection, check and fit would measure other examples "
-                "than CREST picks). If it does and its items' labels are mapped (a target_transform), pass "
-                "labels= with the labels the items carry; if item[1] is not the label, ignore this.",
-                stacklevel=_common.user_stacklevel())
+                "than CREST picks)" + (", and labels= must give their classes in that order (labels taken before "
+                "a shuffle or a filter would pair each example with another's class; the training set's items "
+                "are not compared with them)" if given else "") + ". If both hold and its items' labels are "
+                "mapped (a target_transform), pass labels= with the labels the items carry; if item[1] is not "
+                "the label, ignore this.", stacklevel=_common.user_stacklevel())
         elif bad and self._labels_origin == "as given":
             warnings.warn(
                 f"crestcore: the labels passed as labels= (crest_labels= on CrestTrainer) differ from the labels the "
@@ -1580,6 +1598,12 @@ class TorchModelOps:
                 "targets, pass labels= with the labels the items carry (crest_labels= on CrestTrainer), since "
                 "CREST would select, check and drop by the wrong classes; if item[1] is not the label, ignore "
                 "this.", stacklevel=_common.user_stacklevel())
+
+    def _label_values(self) -> np.ndarray:
+        """The distinct values of the labels CREST uses (sorted), computed once."""
+        if getattr(self, "_values", None) is None:
+            self._values = np.unique(self.labels)
+        return self._values
 
     def _reordered(self, bad: int, k: int, where: str) -> str:
         return (f"the examples of {where} come back in another order than CREST asked for them: the labels "

@@ -3747,3 +3747,88 @@ def test_measurement_workers_that_died_between_passes_are_started_again():
     assert killed and steps == loader.total_steps and len(errors) <= 1, errors
     assert loader.ops._pool is not None and all(w.is_alive() for w in loader.ops._pool._iterator._workers)
     loader.ops._drop_pool()
+
+
+@pytest.mark.parametrize("form", ["(1,) tensor", "whole float"])
+def test_labels_passed_are_compared_with_column_and_float_label_fields(form):
+    """Review 119: the comparison of labels= with the items read only an integer (k,) label field, so
+    labels taken before a shuffle beside items whose label is a (1,) tensor or a whole-valued float were
+    never warned about (147 of 200 wrong in its repro)."""
+    from torch.utils.data import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(200, 6, generator=g), torch.arange(200) % 4
+
+    class Items(Dataset):
+        def __len__(self):
+            return 200
+
+        def __getitem__(self, i):
+            y = torch.tensor([int(Y[i])]) if form == "(1,) tensor" else float(Y[i])
+            return X[i], y
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4))
+    shuffled = Y[torch.randperm(200, generator=g)]
+    loader = CrestLoader(model, Items(), config=CrestConfig(m=16), budget=0.3, epochs=1, seed=0, labels=shuffled)
+    with pytest.warns(UserWarning, match=r"labels passed as labels=.*differ"):
+        next(iter(loader))
+
+
+def test_labels_passed_beside_another_encoding_of_the_items_are_not_warned_about():
+    """Review 119: correct labels= beside items whose second field is an example id, or the class in
+    another encoding (1-based), warned at every run that the labels were taken before a shuffle (the docs
+    tell users to pass labels= in exactly that case). A field whose values the labels do not take, or a
+    fixed relabelling of them, is another encoding: nothing is said."""
+    from torch.utils.data import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(200, 6, generator=g), torch.arange(200) % 4
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4))
+    for second in (lambda i: i, lambda i: int(Y[i]) + 1, lambda i: 3 - int(Y[i])):
+        class Items(Dataset):
+            def __len__(self):
+                return 200
+
+            def __getitem__(self, i, second=second):
+                return X[i], second(i)
+
+        loader = CrestLoader(model, Items(), config=CrestConfig(m=16), budget=0.3, epochs=1, seed=0, labels=Y)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert len(list(loader)) == len(loader)
+
+
+def test_a_measure_dataset_that_disagrees_with_given_labels_names_both():
+    """Review 119: with labels= and measure_dataset both given, a wrong labels= was blamed on the
+    measure_dataset alone; the warning names labels= too, and says the training items are not compared."""
+    from torch.utils.data import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(200, 6, generator=g), torch.arange(200) % 4
+
+    class Items(Dataset):
+        def __len__(self):
+            return 200
+
+        def __getitem__(self, i):
+            return X[i], int(Y[i])
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4))
+    wrong = Y[torch.randperm(200, generator=g)]
+    loader = CrestLoader(model, Items(), config=CrestConfig(m=16), budget=0.3, epochs=1, seed=0, labels=wrong,
+                         measure_dataset=Items())
+    with pytest.warns(UserWarning, match=r"measure_dataset.*labels= must give their classes in that order"):
+        next(iter(loader))
+
+
+def test_where_found_labels_come_from_is_named_for_torchs_own_datasets():
+    """Review 119: a TensorDataset's, a Subset's and a ConcatDataset's labels were said to come from "the
+    dataset's label attributes"."""
+    from torch.utils.data import ConcatDataset, Subset
+
+    from crestcore.adapters.torch import _found_origin
+
+    data = TensorDataset(torch.zeros(4, 2), torch.tensor([0, 1, 0, 1]))
+    assert _found_origin(data).endswith("the TensorDataset's second tensor")
+    assert _found_origin(Subset(data, [0, 2])).endswith("a Subset of the TensorDataset's second tensor")
+    assert _found_origin(ConcatDataset([data, data])).endswith("a ConcatDataset of the TensorDataset's second tensor")
