@@ -12,7 +12,7 @@ FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # instead of skipping when jax does not import.
 TEST_ENV := OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 CRESTCORE_TEST_REQUIRE_JAX=1
 
-.PHONY: setup test test-slow test-gpu demo bench clean fashion-mnist docs lint wheel
+.PHONY: setup test test-lower test-slow test-gpu demo bench clean fashion-mnist docs lint wheel
 
 setup: $(STAMP) fashion-mnist
 
@@ -32,6 +32,23 @@ fashion-mnist:
 
 test: setup
 	$(TEST_ENV) $(VPY) -m pytest -q -m "not slow and not gpu" -n 2 tests
+
+# The oldest versions the core declares (pyproject.toml: numpy>=1.24, array-api-compat>=1.9, numba>=0.59,
+# pinned in constraints-lower.txt), in an environment of their own without torch or the other extras: the
+# core's and the backends' tests against them (the adapters and the applications need their frameworks:
+# the default suite runs those). A core test that uses torch is skipped there, named (tests/conftest.py).
+LOWER   := .venv-lower
+test-lower:
+	test -x $(LOWER)/bin/python || $(PY) -m venv $(LOWER)
+	$(LOWER)/bin/python -m pip install -q --upgrade pip
+	$(LOWER)/bin/python -m pip install -q -c constraints-lower.txt numpy array-api-compat numba pytest pytest-xdist \
+	  pytest-timeout hypothesis array-api-strict scikit-learn
+	$(LOWER)/bin/python -m pip install -q --no-deps -e .
+	$(LOWER)/bin/python -c "import numpy, numba, array_api_compat; print('lower bounds: numpy', numpy.__version__, \
+	  '| numba', numba.__version__, '| array-api-compat', array_api_compat.__version__)"
+	OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(LOWER)/bin/python -m pytest -q \
+	  -m "not slow and not gpu" -n 2 tests --ignore=tests/adapters --ignore=tests/test_cli.py \
+	  --ignore=tests/test_train_demo.py
 
 test-slow: setup
 	$(TEST_ENV) $(VPY) -m pytest -q -m "slow" tests
@@ -65,5 +82,5 @@ bench: setup
 	$(VENV)/bin/crest bench e2e --out docs/benchmarks.md
 
 clean:
-	rm -rf $(VENV) .venv-wheel build dist site *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-wheel .venv-lower build dist site *.egg-info .pytest_cache .hypothesis
 	find . -path ./.git -prune -o \( -name '*.nbi' -o -name '*.nbc' \) -type f -print0 | xargs -0 rm -f

@@ -414,9 +414,11 @@ def solve_sparse(xp, X, nbr: np.ndarray, budget: int, *, metric: str, kernel: st
     three points:
 
     >>> import numpy as np
+    >>> from array_api_compat import array_namespace
     >>> X = np.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [10.0, 10.0], [10.0, 11.0], [12.0, 10.0]])
-    >>> nbr = exact_knn(np, X, 2, "euclidean")
-    >>> idx, gains, weights, objective = solve_sparse(np, X, nbr, 2, metric="euclidean", kernel="max-minus",
+    >>> xp = array_namespace(X)  # the namespace the library passes (NumPy's own module on NumPy 2 only)
+    >>> nbr = exact_knn(xp, X, 2, "euclidean")
+    >>> idx, gains, weights, objective = solve_sparse(xp, X, nbr, 2, metric="euclidean", kernel="max-minus",
     ...                                               scale=1.0, optimizer="lazy", u=None)
     >>> idx.tolist(), weights.tolist(), round(float(objective), 4)
     ([0, 3], [3.0, 3.0], 8.4164)

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -230,3 +232,40 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("slow") is not None and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(0))
+
+
+# ------------------------------------------------------------------------------------------------
+# the lower-bounds run (`make test-lower`): NumPy, Numba and array-api-compat at their oldest declared
+# versions, without torch. A core test module imports torch where it is there (a second array library);
+# a test whose code uses it is skipped there, named, and runs everywhere else.
+# ------------------------------------------------------------------------------------------------
+NO_TORCH = importlib.util.find_spec("torch") is None
+# the torch backend's own tests import it at the top: not collected without it
+collect_ignore = ["backends/test_torch.py", "backends/test_torch_threads.py"] if NO_TORCH else []
+
+
+def _names_torch(source: str) -> bool:
+    """Whether code (not a comment or a docstring's prose) names torch: the name, or the string "torch" (a
+    parameter value)."""
+    import io
+    import tokenize
+
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(textwrap.dedent(source)).readline))
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        return "torch" in source
+    return any((t.type == tokenize.NAME and t.string == "torch")
+               or (t.type == tokenize.STRING and t.string.strip("\"'") == "torch") for t in tokens)
+
+
+@pytest.fixture(autouse=True)
+def _skip_what_uses_torch_without_torch(request):
+    if not NO_TORCH or request.function is None:
+        return
+    try:
+        source = inspect.getsource(request.function)
+    except (OSError, TypeError):
+        return
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    if _names_torch(source) or any(v == "torch" for v in params.values()):
+        pytest.skip("uses torch, which is not installed (the lower-bounds run)")

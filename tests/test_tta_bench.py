@@ -172,7 +172,7 @@ class FakeTrainer:
 
 @pytest.fixture
 def fake(monkeypatch):
-    import torch
+    torch = pytest.importorskip("torch")  # (the lower-bounds run has none)
 
     g = torch.Generator().manual_seed(0)
     x_tr, x_te = torch.randn(N_TRAIN, 1, 28, 28, generator=g), torch.randn(N_TEST, 1, 28, 28, generator=g)
@@ -292,6 +292,7 @@ def test_ablations_run_the_table(fake, tmp_path, monkeypatch):
 @needs_fmnist
 def test_smoke_fashion_mnist(tmp_path, monkeypatch):
     """The whole harness, tiny: 600 training / 200 test images, one epoch, two seeds, two lrs."""
+    pytest.importorskip("torch")  # the training recipe (the lower-bounds run has no torch)
     from crestcore.apps.train_demo import train_method
 
     seen = []

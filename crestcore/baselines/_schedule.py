@@ -596,8 +596,8 @@ class SubsetSchedule:
         >>> s = SubsetSchedule("prune", np.arange(10) % 2, m=4, seed=0, steps_per_epoch=2,
         ...                    full_steps_per_epoch=3, epochs=2)
         >>> s.observe(np.array([1, 3]), np.array([0.5, 0.25]))
-        >>> s.seen.sum(), s.losses[3]
-        (np.int64(2), np.float64(0.25))
+        >>> int(s.seen.sum()), float(s.losses[3])
+        (2, 0.25)
         """
         idx = np.asarray(indices)
         vals = np.asarray(losses, dtype=np.float64)
