@@ -3749,11 +3749,8 @@ def test_measurement_workers_that_died_between_passes_are_started_again():
     loader.ops._drop_pool()
 
 
-@pytest.mark.parametrize("form", ["(1,) tensor", "whole float"])
-def test_labels_passed_are_compared_with_column_and_float_label_fields(form):
-    """Review 119: the comparison of labels= with the items read only an integer (k,) label field, so
-    labels taken before a shuffle beside items whose label is a (1,) tensor or a whole-valued float were
-    never warned about (147 of 200 wrong in its repro)."""
+def _labelled_items(second):
+    """200 examples of 6 features in 4 classes (i % 4), and a Dataset whose items are (x_i, second(i))."""
     from torch.utils.data import Dataset
 
     g = torch.Generator().manual_seed(0)
@@ -3764,12 +3761,20 @@ def test_labels_passed_are_compared_with_column_and_float_label_fields(form):
             return 200
 
         def __getitem__(self, i):
-            y = torch.tensor([int(Y[i])]) if form == "(1,) tensor" else float(Y[i])
-            return X[i], y
+            return X[i], second(i, Y)
 
+    return Items(), Y, g
+
+
+@pytest.mark.parametrize("form", ["(1,) tensor", "whole float"])
+def test_labels_passed_are_compared_with_column_and_float_label_fields(form):
+    """Review 119: the comparison of labels= with the items read only an integer (k,) label field, so
+    labels taken before a shuffle beside items whose label is a (1,) tensor or a whole-valued float were
+    never warned about (147 of 200 wrong in its repro)."""
+    items, Y, g = _labelled_items(lambda i, Y: torch.tensor([int(Y[i])]) if form == "(1,) tensor" else float(Y[i]))
     model = torch.nn.Sequential(torch.nn.Linear(6, 4))
     shuffled = Y[torch.randperm(200, generator=g)]
-    loader = CrestLoader(model, Items(), config=CrestConfig(m=16), budget=0.3, epochs=1, seed=0, labels=shuffled)
+    loader = CrestLoader(model, items, config=CrestConfig(m=16), budget=0.3, epochs=1, seed=0, labels=shuffled)
     with pytest.warns(UserWarning, match=r"labels passed as labels=.*differ"):
         next(iter(loader))
 
@@ -3779,20 +3784,10 @@ def test_labels_passed_beside_another_encoding_of_the_items_are_not_warned_about
     another encoding (1-based), warned at every run that the labels were taken before a shuffle (the docs
     tell users to pass labels= in exactly that case). A field whose values the labels do not take, or a
     fixed relabelling of them, is another encoding: nothing is said."""
-    from torch.utils.data import Dataset
-
-    g = torch.Generator().manual_seed(0)
-    X, Y = torch.randn(200, 6, generator=g), torch.arange(200) % 4
     model = torch.nn.Sequential(torch.nn.Linear(6, 4))
-    for second in (lambda i: i, lambda i: int(Y[i]) + 1, lambda i: 3 - int(Y[i])):
-        class Items(Dataset):
-            def __len__(self):
-                return 200
-
-            def __getitem__(self, i, second=second):
-                return X[i], second(i)
-
-        loader = CrestLoader(model, Items(), config=CrestConfig(m=16), budget=0.3, epochs=1, seed=0, labels=Y)
+    for second in (lambda i, Y: i, lambda i, Y: int(Y[i]) + 1, lambda i, Y: 3 - int(Y[i])):
+        items, Y, _ = _labelled_items(second)
+        loader = CrestLoader(model, items, config=CrestConfig(m=16), budget=0.3, epochs=1, seed=0, labels=Y)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert len(list(loader)) == len(loader)
@@ -3801,22 +3796,11 @@ def test_labels_passed_beside_another_encoding_of_the_items_are_not_warned_about
 def test_a_measure_dataset_that_disagrees_with_given_labels_names_both():
     """Review 119: with labels= and measure_dataset both given, a wrong labels= was blamed on the
     measure_dataset alone; the warning names labels= too, and says the training items are not compared."""
-    from torch.utils.data import Dataset
-
-    g = torch.Generator().manual_seed(0)
-    X, Y = torch.randn(200, 6, generator=g), torch.arange(200) % 4
-
-    class Items(Dataset):
-        def __len__(self):
-            return 200
-
-        def __getitem__(self, i):
-            return X[i], int(Y[i])
-
+    items, Y, g = _labelled_items(lambda i, Y: int(Y[i]))
     model = torch.nn.Sequential(torch.nn.Linear(6, 4))
     wrong = Y[torch.randperm(200, generator=g)]
-    loader = CrestLoader(model, Items(), config=CrestConfig(m=16), budget=0.3, epochs=1, seed=0, labels=wrong,
-                         measure_dataset=Items())
+    loader = CrestLoader(model, items, config=CrestConfig(m=16), budget=0.3, epochs=1, seed=0, labels=wrong,
+                         measure_dataset=items)
     with pytest.warns(UserWarning, match=r"measure_dataset.*labels= must give their classes in that order"):
         next(iter(loader))
 
