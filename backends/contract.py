@@ -238,7 +238,7 @@ class Capability:
 CAPABILITIES: dict[str, Capability] = {
     "numba": Capability(
         "numpy", "numba", ("float32", "float64"), ("cpu",), KERNEL_NAMES + HOST_KERNEL_NAMES,
-        "direct-difference distances up to 192 features (more: the reference's BLAS product is faster)"),
+        "direct-difference distances up to 192 features (more: the reference's BLAS product, faster on large problems)"),
     "numba_sparse": Capability("numpy", "numba_sparse", ("float32", "float64"), ("cpu",), SPARSE_KERNEL_NAMES),
     "torch": Capability(
         "torch", "torch", ("float32", "float64"), ("cpu", "cuda"), KERNEL_NAMES,

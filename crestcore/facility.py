@@ -383,7 +383,9 @@ def _problems_from_labels(labels_host: np.ndarray | None, n: int):
 # place beside small work buffers (benchmarks/memory.py measured 1.05-1.12x); "reference", the generic
 # array-API code, which builds the distances functionally with several full-size temporaries alive at once
 # (measured 3.7-4.1x; review 117 saw 3.9x of max_dense_bytes where only 1x was counted).
-PEAK_FACTOR = {"fused": 1.0, "native": 1.25, "reference": 4.5}
+# "precomputed": a given similarity matrix, copied once under the mask, and once more transposed where the
+# Numba greedy walks a non-symmetric matrix's columns (review 120 measured 2.1x).
+PEAK_FACTOR = {"fused": 1.0, "native": 1.25, "reference": 4.5, "precomputed": 2.25}
 
 
 def dense_path(xp, X3, *, force_reference: bool = False, precomputed: bool = False) -> str:
@@ -393,6 +395,8 @@ def dense_path(xp, X3, *, force_reference: bool = False, precomputed: bool = Fal
 
     if force_reference:
         return "reference"
+    if precomputed:
+        return "precomputed"
     ns = namespace_name(xp)
     # (the device backends' facility_batched builds the (B, n, n) similarities: only the host's fuses)
     if not precomputed and ns == "numpy" and get_kernel("facility_batched", ns, X3) is not None:
@@ -403,23 +407,37 @@ def dense_path(xp, X3, *, force_reference: bool = False, precomputed: bool = Fal
 
 
 def host_threads() -> int:
-    """The threads a host kernel may run on (``NUMBA_NUM_THREADS`` when set, else the cores): each of
-    the fused kernel's threads holds its own n x n work buffer."""
+    """The threads the host kernels run on now: Numba's ``get_num_threads()`` (which follows
+    ``numba.set_num_threads`` and the CPU affinity) where the Numba backend is loaded, else the cores. Each
+    of the fused kernel's threads holds its own n x n work buffer."""
     import os
+    import sys
 
-    try:
-        return max(1, int(os.environ.get("NUMBA_NUM_THREADS") or 0) or os.cpu_count() or 1)
-    except ValueError:
-        return max(1, os.cpu_count() or 1)
+    nb = sys.modules.get("crestcore.backends.numba")
+    count = getattr(nb, "get_num_threads", None)
+    if callable(count):
+        return max(1, int(count()))
+    return max(1, os.cpu_count() or 1)
 
 
-def dense_batch_bytes(path: str, B: int, n_max: int, d: int, itemsize: int) -> int:
+def _thread_scratch(n: int) -> int:
+    """Bytes of the fused kernel's small per-thread buffers (``_fused_buffers``): a packed triangle of at
+    most 512 points and about two dozen length-n vectors."""
+    m = min(n, 512)
+    return 8 * (m * (m + 1) // 2 + 24 * n)
+
+
+def dense_batch_bytes(path: str, B: int, n_max: int, d: int, itemsize: int, threads: int | None = None) -> int:
     """The peak bytes of a batched dense solve of ``B`` problems padded to ``n_max`` points of ``d``
     features (``d = 0`` for precomputed similarities) on ``path`` (:func:`dense_path`), with the gathered
-    features: the fused kernel holds one matrix per thread, the others one per problem times their factor."""
-    mats = min(B, host_threads()) if path == "fused" else B
-    feature_bytes = 8 if path == "fused" else itemsize  # the fused kernel reads a float64 copy of the features
-    return math.ceil(mats * n_max * n_max * itemsize * PEAK_FACTOR[path] + B * n_max * d * feature_bytes)
+    features: the fused kernel holds one matrix per thread (``threads``, default :func:`host_threads`) with
+    the features transposed and small buffers, and reads a float64 copy of the gathered features; the others
+    hold one matrix per problem times their factor."""
+    if path == "fused":
+        mats = min(B, threads if threads is not None else host_threads())
+        per_thread = n_max * n_max * itemsize + 8 * n_max * d + _thread_scratch(n_max)
+        return math.ceil(mats * per_thread + B * n_max * d * (8 + itemsize))
+    return math.ceil(B * n_max * n_max * itemsize * PEAK_FACTOR[path] + B * n_max * d * itemsize)
 
 
 def _pack(sizes: np.ndarray, itemsize: int, max_dense_bytes: int, per_point_extra: int, path: str = "native"):
@@ -432,10 +450,11 @@ def _pack(sizes: np.ndarray, itemsize: int, max_dense_bytes: int, per_point_extr
     groups: list[list[int]] = []
     cur: list[int] = []
     cur_n = 0
+    threads = host_threads() if path == "fused" else None  # once, not per problem (review 120)
     for p in order:
         n_p = int(sizes[p])
         n_max = max(cur_n, n_p)
-        if cur and (dense_batch_bytes(path, len(cur) + 1, n_max, per_point_extra, itemsize) > max_dense_bytes
+        if cur and (dense_batch_bytes(path, len(cur) + 1, n_max, per_point_extra, itemsize, threads) > max_dense_bytes
                     or 2 * n_p < cur_n):
             groups.append(cur)
             cur, n_max = [], n_p
@@ -738,10 +757,9 @@ def facility_location(
         flat = from_numpy(pad_idx.reshape(-1), xp, dev)
         if precomputed and len(group) == 1 and n_max == n:  # the whole matrix, in order: no gathered copies
             Xb = xp.reshape(X, (1, n, n))  # (solve_batched's masking copies it before any kernel sees it)
-        elif precomputed:
-            rows = xp.take(X, flat, axis=0)  # (B*n_max, n)
-            rows = xp.reshape(rows, (len(group), n_max, n))
-            Xb = xp.stack([xp.take(rows[b, ...], from_numpy(pad_idx[b], xp, dev), axis=1) for b in range(len(group))])
+        elif precomputed:  # each problem's block, rows then columns (not every problem's rows at once: B n_max x n)
+            Xb = xp.stack([xp.take(xp.take(X, pb, axis=0), pb, axis=1)
+                           for pb in (from_numpy(pad_idx[b], xp, dev) for b in range(len(group)))])
         else:
             Xb = xp.reshape(xp.take(X, flat, axis=0), (len(group), n_max, X.shape[1]))
         valid = from_numpy(valid_h, xp, dev)

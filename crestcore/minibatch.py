@@ -310,7 +310,7 @@ def _guard_memory(dtype_bytes: int, B: int, n_max: int, d: int, P: int, per_clas
         limit = resolve_dense_bytes(None, xp, features)
     if need <= limit:
         return
-    per = B // P  # problems per coreset
+    per = -(-B // P)  # problems per coreset, rounded up: a hint that is then refused helps nobody (review 120)
     fit = next((q for q in range(P - 1, 0, -1) if dense_batch_bytes(path, q * per, n_max, d, dtype_bytes) <= limit), 0)
     hint = f"P <= {fit}" if fit >= 1 else "no P fits"
     raise DenseMemoryError(
@@ -390,9 +390,10 @@ def minibatch_coresets(
         the call holds).
     max_dense_bytes : memory guard (default None: a quarter of the memory available now where the
         features live, as for :func:`crestcore.facility_location`). All problems are solved densely in one batch; when
-        their padded similarity matrices with the solver's work buffers (1.25x the similarities on the
-        native NumPy/Numba, torch and CuPy kernels; 4.5x on the generic array-API reference, which
-        cannot work in place) and the gathered features would exceed this many bytes, the call is
+        their padded similarity matrices with the solver's work buffers (on NumPy input one matrix per
+        Numba thread, which solves the problems one after the other; 1.25x every problem's matrix on
+        the torch and CuPy kernels; 4.5x on the generic array-API reference, which cannot work in place)
+        and the gathered features would exceed this many bytes, the call is
         refused with a ``ValueError`` before anything is allocated, naming what would make it fit (a
         smaller ``P``, ``per_class``, or a larger ``max_dense_bytes``).
 

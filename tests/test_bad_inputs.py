@@ -197,34 +197,50 @@ def test_valid_configs_still_build():
     assert not c.per_class and c.max_overhead == 0.5 and c.T2 == 10 and c.drop.alpha == 0.5
 
 
+def _fused_need(P, threads, n=16, d=3):
+    """The fused Numba kernel's peak as the guard counts it, by hand: per thread a float64 n x n matrix,
+    the transposed features and the small buffers (a packed triangle and 24 vectors of n); per problem the
+    gathered features and their float64 copy."""
+    per_thread = n * n * 8 + 8 * n * d + 8 * (n * (n + 1) // 2 + 24 * n)
+    return min(P, threads) * per_thread + P * n * d * 16
+
+
 def test_memory_guard_names_what_fits(monkeypatch):
-    # the fused Numba kernel, float64, two threads: one 16 x 16 matrix a thread (2 x 2048 bytes) and the
-    # float64 features of every problem (16 x 3 x 8 = 384 bytes a coreset): 5248 bytes for 3 coresets
     import crestcore.facility as fac
 
     monkeypatch.setattr(fac, "host_threads", lambda: 2)
+    need3 = _fused_need(3, 2)
+    assert fac.dense_batch_bytes("fused", 3, 16, 3, 8) == need3
     with pytest.raises(ValueError, match=r"P <= 2.*per_class=True"):
-        crestcore.minibatch_coresets(X, Y, m=2, r=16, P=3, rng=0, per_class=False, max_dense_bytes=5000)
-    cs = crestcore.minibatch_coresets(X, Y, m=2, r=16, P=2, rng=0, per_class=False, max_dense_bytes=5000)
+        crestcore.minibatch_coresets(X, Y, m=2, r=16, P=3, rng=0, per_class=False, max_dense_bytes=need3 - 1)
+    cs = crestcore.minibatch_coresets(X, Y, m=2, r=16, P=2, rng=0, per_class=False, max_dense_bytes=need3 - 1)
     assert cs.indices.shape == (2, 2)
-    with pytest.raises(ValueError, match="max_dense_bytes >= 5248"):
-        crestcore.minibatch_coresets(X, Y, m=2, r=16, P=3, rng=0, per_class=False, max_dense_bytes=5247)
-    crestcore.minibatch_coresets(X, Y, m=2, r=16, P=3, rng=0, per_class=False, max_dense_bytes=5248)
+    with pytest.raises(ValueError, match=f"max_dense_bytes >= {need3}"):
+        crestcore.minibatch_coresets(X, Y, m=2, r=16, P=3, rng=0, per_class=False, max_dense_bytes=need3 - 1)
+    crestcore.minibatch_coresets(X, Y, m=2, r=16, P=3, rng=0, per_class=False, max_dense_bytes=need3)
 
 
 def test_memory_guard_charges_the_fused_kernel_one_matrix_a_thread(monkeypatch):
     """Review 117: the guard charged the Numba path for every problem's matrix (10 coresets of r = 9,600
     refused as 8.59 GiB, where the kernel used 721 MiB: it solves problem after problem in one buffer a
-    thread). With one thread, ten coresets cost one matrix and ten coresets' features."""
+    thread). With one thread, ten coresets cost one matrix and ten coresets' features; the threads are
+    Numba's own count (review 120: numba.set_num_threads was not followed)."""
+    import numba
+
     import crestcore.facility as fac
 
-    monkeypatch.setattr(fac, "host_threads", lambda: 1)
-    need = 16 * 16 * 8 + 10 * 16 * 3 * 8  # 3968 bytes, where ten matrices were 26,240
-    assert fac.dense_batch_bytes("fused", 10, 16, 3, 8) == need
-    cs = crestcore.minibatch_coresets(X, Y, m=2, r=16, P=10, rng=0, per_class=False, max_dense_bytes=need)
-    assert cs.indices.shape == (10, 2)
-    with pytest.raises(ValueError, match=f"max_dense_bytes >= {need}"):
-        crestcore.minibatch_coresets(X, Y, m=2, r=16, P=10, rng=0, per_class=False, max_dense_bytes=need - 1)
+    need = _fused_need(10, 1)
+    assert need < 10 * 16 * 16 * 8  # less than ten matrices
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        assert fac.host_threads() == 1
+        cs = crestcore.minibatch_coresets(X, Y, m=2, r=16, P=10, rng=0, per_class=False, max_dense_bytes=need)
+        assert cs.indices.shape == (10, 2)
+        with pytest.raises(ValueError, match=f"max_dense_bytes >= {need}"):
+            crestcore.minibatch_coresets(X, Y, m=2, r=16, P=10, rng=0, per_class=False, max_dense_bytes=need - 1)
+    finally:
+        numba.set_num_threads(before)
 
 
 def test_memory_guard_counts_the_reference_paths_temporaries():

@@ -1182,7 +1182,8 @@ def test_the_generic_dense_path_is_sized_with_its_temporaries():
 
 def test_a_precomputed_matrix_is_solved_without_gathered_copies():
     """Review 117: one precomputed problem was gathered twice and stacked (rows, columns, stack) and
-    masked against a full zero matrix: 4-5 copies of the input. Now one masked copy."""
+    masked against a full zero matrix: 4-5 copies of the input. Now one masked copy, and a transposed one
+    for a matrix that is not symmetric (review 120): within PEAK_FACTOR["precomputed"] = 2.25."""
     import tracemalloc
 
     rng = np.random.default_rng(1)
@@ -1199,3 +1200,11 @@ def test_a_precomputed_matrix_is_solved_without_gathered_copies():
     assert peak <= 1.5 * S.nbytes, peak / S.nbytes
     want = crestcore.facility_location(S, 10, metric="precomputed", backend="reference")
     assert np.array_equal(np.asarray(sel.indices), np.asarray(want.indices))
+    A = S * rng.uniform(0.5, 1.0, size=S.shape)  # not symmetric
+    tracemalloc.start()
+    try:
+        crestcore.facility_location(A, 10, metric="precomputed")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= crestcore.facility.PEAK_FACTOR["precomputed"] * A.nbytes, peak / A.nbytes

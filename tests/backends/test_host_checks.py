@@ -130,7 +130,7 @@ def test_the_default_memory_guard_reads_the_available_memory_only_above_its_floo
     with pytest.raises(ValueError, match="max_dense_bytes"):
         crestcore.minibatch_coresets(X, None, m=4, r=2900, P=1, rng=0)
     assert reads == [1]
-    crestcore.minibatch_coresets(X[:300], None, m=4, r=300, P=1, rng=0, max_dense_bytes=1 << 20)
+    crestcore.minibatch_coresets(X[:300], None, m=4, r=300, P=1, rng=0, max_dense_bytes=2 << 20)
     assert reads == [1]
 
 
