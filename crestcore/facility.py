@@ -399,11 +399,9 @@ def dense_path(xp, X3, *, force_reference: bool = False, precomputed: bool = Fal
         return "precomputed"
     ns = namespace_name(xp)
     # (the device backends' facility_batched builds the (B, n, n) similarities: only the host's fuses)
-    if not precomputed and ns == "numpy" and get_kernel("facility_batched", ns, X3) is not None:
+    if ns == "numpy" and get_kernel("facility_batched", ns, X3) is not None:
         return "fused"
-    if get_kernel("greedy_batched" if precomputed else "similarity_batched", ns, X3) is not None:
-        return "native"
-    return "reference"
+    return "native" if get_kernel("similarity_batched", ns, X3) is not None else "reference"
 
 
 def host_threads() -> int:
