@@ -40,7 +40,8 @@ import numpy as np
 
 __all__ = [
     "KERNEL_NAMES", "SPARSE_KERNEL_NAMES", "HOST_KERNEL_NAMES", "SIGNATURES", "METRICS", "KERNELS",
-    "OPTIMIZERS", "SNAP_ULPS", "snap_tolerance", "exact_shift", "sample_sizes", "sample_size", "draw_bits",
+    "OPTIMIZERS", "SNAP_ULPS", "snap_tolerance", "exact_shift", "array_api", "sample_sizes", "sample_size",
+    "draw_bits",
     "missing_library",
     "Capability", "CAPABILITIES",
     "backend_for_namespace",
@@ -98,9 +99,15 @@ def _is_floating(xp, X) -> bool:
     return bool(getattr(X.dtype, "is_floating_point", False)) or getattr(X.dtype, "kind", "") == "f"
 
 
-def _array_api(xp):
-    """NumPy's own module as its array-API namespace (NumPy before 2.0 has no ``bool``, ``astype`` or
-    ``pow``: review 108); any other namespace as it is."""
+def array_api(xp):
+    """NumPy's own module as its array-API namespace (``array_api_compat.numpy``: NumPy before 2.0 has no
+    ``bool``, ``astype`` or ``pow``, review 108); any other namespace as it is. For the helpers, here and in
+    the core, that take ``xp`` and are called with ``numpy`` itself on host arrays.
+
+    >>> import numpy as np
+    >>> array_api(np).__name__
+    'array_api_compat.numpy'
+    """
     if xp is np:
         import array_api_compat.numpy as xp
     return xp
@@ -126,7 +133,7 @@ def exact_shift(xp, X, valid=None):
     >>> exact_shift(np, X).tolist(), (X - exact_shift(np, X)).tolist()
     ([[1000.5, 2.0, 0.0]], [[0.0, 0.0, 0.1], [2.75, 0.0, -0.3], [-1.5, 0.0, 0.2]])
     """
-    xp = _array_api(xp)
+    xp = array_api(xp)
     if X.shape[-2] == 0:
         return xp.zeros_like(X[..., :1, :])
     if not _is_floating(xp, X):  # integers: found in float64 (the shift is a data value, so it is an integer)

@@ -65,13 +65,6 @@ def namespace(*arrays: Any, names: tuple[str, ...] | None = None):
     return xp
 
 
-def array_api(xp):
-    """NumPy's own module as its array-API namespace (``array_api_compat.numpy``: NumPy before 2.0 has no
-    ``bool``, ``astype`` or ``pow``, review 108); any other namespace as it is. For the helpers that take
-    ``xp`` and are called with ``numpy`` itself on host arrays."""
-    return array_api_compat.numpy if xp is np else xp
-
-
 def namespace_name(xp) -> str:
     """'numpy', 'torch', 'cupy', 'array_api_strict', ... for a compat namespace."""
     if array_api_compat.is_numpy_namespace(xp):

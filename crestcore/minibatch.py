@@ -271,7 +271,7 @@ def draw_subsets(labels_host: np.ndarray | None, pool: np.ndarray, r: int, P: in
         raise ValueError("pool must be a non-empty 1-D array of integer example indices, got an empty one")
     if not np.issubdtype(raw.dtype, np.integer) or raw.dtype == bool:  # a wrong type: TypeError (review 109)
         raise TypeError(f"pool must be an array of integer example indices, got dtype {raw.dtype}")
-    if raw.ndim != 1 or raw.size == 0:
+    if raw.ndim != 1:
         raise ValueError(f"pool must be a non-empty 1-D array of integer example indices, got shape {raw.shape}")
     pool = raw.astype(np.int64)
     if pool.min() < 0 or _has_repeats(pool):

@@ -126,8 +126,11 @@ def plan_problem(n: int, d: int, k: int, itemsize: int, max_dense_bytes: int, *,
     max_dense_bytes = check_int(max_dense_bytes, "max_dense_bytes", low=0)
     if neighbors is not None:
         neighbors = check_int(neighbors, "neighbors")
-    if isinstance(peak, bool) or not isinstance(peak, (int, float)) or not 1.0 <= peak < math.inf:
-        raise ValueError(f"peak must be a number >= 1 (the dense solver's memory over the matrix's), got {peak!r}")
+    if isinstance(peak, bool) or not isinstance(peak, (int, float)):
+        raise TypeError(f"peak must be a real number (the dense solver's memory over the matrix's), got "
+                        f"{type(peak).__name__}")
+    if not 1.0 <= peak < math.inf:
+        raise ValueError(f"peak must be a finite number >= 1 (the dense solver's memory over the matrix's), got {peak!r}")
     db = math.ceil(dense_bytes(n, itemsize) * peak)
     if db <= max_dense_bytes:
         return Plan("dense", "lazy", None, db, f"the dense similarity with the solver's work ({_gb(db)}) fits "

@@ -28,9 +28,9 @@ import math
 import numbers
 import warnings
 
-from ._compat import array_api, detached, namespace, to_numpy
+from ._compat import detached, namespace, to_numpy
 from ._validation import isdtype, not_floating
-from .backends import KERNELS, METRICS, exact_shift, snap_tolerance  # the kernel contract (crestcore.backends.contract)
+from .backends import KERNELS, METRICS, array_api, exact_shift, snap_tolerance  # the kernel contract
 
 __all__ = [
     "METRICS",
