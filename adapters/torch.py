@@ -1565,7 +1565,7 @@ class TorchModelOps:
         got_np, want = col[0], self.labels[idx]
         bad = int((got_np != want).sum())
         if bad and self._labels_origin == "as given" and not self._measure_set and (
-                not np.isin(got_np, self._label_values()).all() or _a_function_of(got_np, want)):
+                not np.isin(got_np, np.unique(self.labels)).all() or _a_function_of(got_np, want)):
             # given labels beside a field in another encoding (1-based classes, example ids: values CREST's
             # labels do not take, or a fixed relabelling of them), which is why they were given: no warning
             # (labels taken before a shuffle or a filter take CREST's values, not as a function of them)
@@ -1598,12 +1598,6 @@ class TorchModelOps:
                 "targets, pass labels= with the labels the items carry (crest_labels= on CrestTrainer), since "
                 "CREST would select, check and drop by the wrong classes; if item[1] is not the label, ignore "
                 "this.", stacklevel=_common.user_stacklevel())
-
-    def _label_values(self) -> np.ndarray:
-        """The distinct values of the labels CREST uses (sorted), computed once."""
-        if getattr(self, "_values", None) is None:
-            self._values = np.unique(self.labels)
-        return self._values
 
     def _reordered(self, bad: int, k: int, where: str) -> str:
         return (f"the examples of {where} come back in another order than CREST asked for them: the labels "
