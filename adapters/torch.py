@@ -3402,11 +3402,18 @@ class CrestBatchSampler(CrestLoader):
         # iter()), and a DataLoader that delivers batches out of order (in_order=False).
         it, loader = _calling_loader_iterator(self)
         ds = getattr(it, "_dataset", None)
+        # sampler= with a batch_size wraps it in a BatchSampler; with batch_size=None (torch's idiom for a sampler
+        # that yields whole batches) the loader's iterator reads it directly, and would fetch each batch of keys as
+        # one item (review 121)
+        whole = ("CrestBatchSampler yields whole batches: pass it as DataLoader(..., batch_sampler=sampler) "
+                 "(not sampler=, and without batch_size), or use sampler.dataloader(...)")
         if isinstance(it, BatchSampler) and getattr(it, "sampler", None) is self:
-            raise TypeError("CrestBatchSampler yields whole batches: pass it as DataLoader(..., batch_sampler=sampler) "
-                            "(not sampler=, and without batch_size), or use sampler.dataloader(...)")
+            raise TypeError(whole)
         problem = None
-        if ds is not None and ds is self.dataset:
+        if (loader is not None and getattr(loader, "sampler", None) is self
+                and getattr(loader, "batch_sampler", self) is None):
+            problem = whole
+        elif ds is not None and ds is self.dataset:
             problem = (f"this DataLoader reads the training set itself (a {type(ds).__name__}), but "
                        "CrestBatchSampler yields (index, weight) "
                        "keys: wrap it, DataLoader(WeightedDataset(train_set), batch_sampler=sampler, ...), or use "

@@ -117,6 +117,12 @@ def test_other_ways_of_handing_the_sampler_to_a_dataloader_wrongly_are_told_what
     sampler = CrestBatchSampler(mlp(), train, **CFG)
     with pytest.raises(TypeError, match="batch_sampler=sampler"):
         next(iter(DataLoader(WeightedDataset(train), sampler=sampler, batch_size=24, num_workers=workers)))
+    # torch's idiom for a sampler of whole batches, sampler= with batch_size=None: no BatchSampler wraps it (it
+    # was blamed on a collate_fn the user never gave, or failed in a worker; review 121)
+    for extra in ({}, {"collate_fn": torch.utils.data.default_collate}):
+        with pytest.raises(TypeError, match="batch_sampler=sampler"):
+            next(iter(DataLoader(WeightedDataset(train), sampler=sampler, batch_size=None, num_workers=workers,
+                                 **extra)))
     with pytest.raises(TypeError, match=r"reads a Subset.*WeightedDataset\(train_set\)"):
         next(iter(DataLoader(torch.utils.data.Subset(train, range(N)), batch_sampler=sampler, num_workers=workers)))
     with pytest.raises(TypeError, match=r"training set itself \(a Flip\)"):
