@@ -65,6 +65,23 @@ def namespace(*arrays: Any, names: tuple[str, ...] | None = None):
     return xp
 
 
+def native_order(dtype):
+    """A NumPy dtype in the host's byte order (``'>f8'`` -> ``float64`` on a little-endian host); any other
+    dtype as it is. Results are returned in the input's dtype in this order: array-API dtypes carry no byte
+    order, and NumPy's own operations return native arrays (review 122: a big-endian input gave big-endian
+    weights and gains but a native objective).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> native_order(np.dtype(">f4")) == np.float32, native_order(np.dtype("float64")) == np.float64
+    (True, True)
+    """
+    if isinstance(dtype, np.dtype) and not dtype.isnative:
+        return dtype.newbyteorder("=")
+    return dtype
+
+
 def namespace_name(xp) -> str:
     """'numpy', 'torch', 'cupy', 'array_api_strict', ... for a compat namespace."""
     if array_api_compat.is_numpy_namespace(xp):
@@ -188,9 +205,13 @@ def once_per_array(key: str, a: np.ndarray, fn) -> Any:
 def detached(x: Any) -> Any:
     """``x`` without its autograd graph where it has one (a torch tensor that requires grad; duck-typed, no
     torch import): selections are not differentiable, and their outputs should carry no graph (the generic
-    reference path's did, and torch warned on its asarray calls)."""
+    reference path's did, and torch warned on its asarray calls). A NumPy array of the other byte order comes
+    as a native copy: the compiled kernels take native arrays only, and such an input went to the generic
+    path, several times slower (review 122)."""
     if getattr(x, "requires_grad", False) and callable(getattr(x, "detach", None)):
         return x.detach()
+    if isinstance(x, np.ndarray) and not x.dtype.isnative:
+        return x.astype(native_order(x.dtype))
     return x
 
 

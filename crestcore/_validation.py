@@ -271,7 +271,12 @@ def make_rng(rng, name: str = "rng") -> np.random.Generator:
         return np.random.default_rng(int(rng))
     if isinstance(rng, np.random.SeedSequence):
         return np.random.default_rng(rng)
-    raise TypeError(f"{name} must be an int seed or a numpy.random.Generator, got {type(rng).__name__}")
+    # the type's public module too: a torch.Generator read "must be a numpy.random.Generator, got Generator"
+    # (review 122)
+    kind = type(rng)
+    module = ".".join(p for p in kind.__module__.split(".") if not p.startswith("_"))
+    what = kind.__qualname__ if module in ("", "builtins") else f"{module}.{kind.__qualname__}"
+    raise TypeError(f"{name} must be an int seed or a numpy.random.Generator, got {what}")
 
 
 def _group_sizes(sizes) -> np.ndarray:

@@ -308,9 +308,17 @@ def drop_record(state: DropState, indices, losses, step: int) -> DropState:
     """
     owned = _owned(state)  # first: a consumed state raises before anything else
     idx = np.asarray(to_numpy(indices))
+    if idx.size == 0 and idx.dtype != bool:  # an empty batch given as lists: [] is float64 to NumPy (review 122)
+        idx = idx.astype(np.int64)
     if not np.issubdtype(idx.dtype, np.integer):
         raise TypeError(f"indices must hold integers, got dtype {idx.dtype}")
-    vals = np.asarray(to_numpy(losses), dtype=np.float64)
+    raw = np.asarray(to_numpy(losses))
+    try:
+        if raw.dtype == bool or np.issubdtype(raw.dtype, np.complexfloating):
+            raise TypeError(f"got dtype {raw.dtype}")
+        vals = raw.astype(np.float64, copy=False)
+    except (TypeError, ValueError) as exc:  # strings, objects: the error names the argument (review 122)
+        raise TypeError(f"losses must hold real numbers: {exc}") from None
     if vals.ndim > 1 and np.squeeze(vals).shape != np.squeeze(idx).shape:  # a (k, 1) column is k losses
         raise ValueError(f"losses must hold one loss per index: shape {vals.shape} for indices of shape {idx.shape}")
     idx = idx.astype(np.int64, copy=False).ravel()

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import _reference_kernels as ref
 from ._compat import (detached, device_of, from_numpy, index_dtype, is_numpy_namespace, namespace, namespace_name,
-                      to_numpy)
+                      native_order, to_numpy)
 from ._validation import (check_choice, check_class_budgets, check_epsilon, check_float_matrix, check_float_rows,
                           check_int, hamilton, isdtype, labels_to_host, make_rng, not_floating, user_stacklevel)
 from .backends import draw_bits, exact_shift, get_host_kernel, sample_sizes
@@ -70,7 +70,8 @@ def numba_route(xp, X, solve, host_args: dict):
         raise ImportError("backend='numba' needs numba, which cannot import here: `pip install numba` (a "
                           "dependency of crestcore), or use backend='auto'")
     out = solve(**{k: (None if v is None else _numba_host(to_numpy(v))) for k, v in host_args.items()})
-    if is_numpy_namespace(xp) and X.dtype in (np.float32, np.float64):
+    dtype = native_order(X.dtype)  # the results in the features' dtype, in the host's byte order
+    if is_numpy_namespace(xp) and dtype in (np.float32, np.float64):
         return out  # else NumPy bfloat16 (ml_dtypes), solved in float32: its results go back to bfloat16
     moved = {}
     for f in dataclasses.fields(out):
@@ -78,8 +79,8 @@ def numba_route(xp, X, solve, host_args: dict):
         if isinstance(v, (np.ndarray, np.generic)):  # 0-d results may come back as NumPy scalars
             host = np.asarray(v)
             v = from_numpy(host, xp, dev)
-            if np.issubdtype(host.dtype, np.floating) and v.dtype != X.dtype:
-                v = xp.astype(v, X.dtype)
+            if np.issubdtype(host.dtype, np.floating) and v.dtype != dtype:
+                v = xp.astype(v, dtype)
         moved[f.name] = v
     return dataclasses.replace(out, **moved)
 

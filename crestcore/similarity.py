@@ -28,7 +28,7 @@ import math
 import numbers
 import warnings
 
-from ._compat import detached, namespace, to_numpy
+from ._compat import detached, namespace, native_order, to_numpy
 from ._validation import isdtype, not_floating
 from .backends import KERNELS, METRICS, array_api, exact_shift, snap_tolerance  # the kernel contract
 
@@ -203,6 +203,7 @@ def restore(xp, A, back: int, dtype, what: str, *, selection: bool = True):
         ...
     ValueError: computing the gains overflows float32 ...
     """
+    dtype = native_order(dtype)  # the input's dtype in the host's byte order
     if back == 0 and A.dtype == dtype:
         return A
     xp = array_api(xp)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import crestcore
-from crestcore.baselines import gradmatch
+from crestcore.baselines import gradmatch, nonneg_ridge
 from crestcore.similarity import compute_dtype, pow2_scale, rescale_exponent
 
 torch = pytest.importorskip("torch")
@@ -211,6 +211,25 @@ def test_gradmatch_1e200_is_not_silently_empty():
     A = np.random.default_rng(0).normal(size=(50, 4)) * 1e200
     with pytest.raises(ValueError, match="overflow"):  # |g|^2 ~ 1e400: not representable in float64
         gradmatch(A, 5)
+
+
+@pytest.mark.parametrize("power", [0, 540, 700, -560, -660])
+@pytest.mark.parametrize("positive", [True, False])
+def test_nonneg_ridge_weights_do_not_depend_on_the_data_scale(power, positive):
+    """Atoms and target scaled by 2^power (lam by its square) give the same weights: at 2^540 (1e162) the
+    Gram products overflowed float64 and the weights came back [0, 0] (positive=False: LinAlgError), at
+    2^-560 they underflowed to the same zeros (review 122)."""
+    rng = np.random.default_rng(1)
+    atoms, target = rng.normal(size=(4, 6)), rng.normal(size=6)
+    target = target + 2.0 * atoms[0] + 0.5 * atoms[2]
+    for lam in ((0.0, 0.3) if abs(2 * power) < 1000 else (0.0,)):  # lam * 2^(2 power) must be a float64
+        base = nonneg_ridge(atoms, target, lam=lam, positive=positive)
+        assert np.any(base > 0)
+        got = nonneg_ridge(np.ldexp(atoms, power), np.ldexp(target, power), lam=math.ldexp(lam, 2 * power),
+                           positive=positive)
+        np.testing.assert_allclose(got, base, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="lam=.*beyond float64 relative to the squared atoms"):
+        nonneg_ridge(np.ldexp(atoms, -600), np.ldexp(target, -600), lam=1e300)
 
 
 def test_gradmatch_half_precision_computes_in_float32():

@@ -3,6 +3,7 @@ names the argument, or gives a documented correct answer; no input is ever mutat
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -396,3 +397,65 @@ def test_a_missing_rng_says_a_seed_is_needed():
         crestcore.minibatch_coresets(np.zeros((20, 2)), np.arange(20) % 2, m=2, r=10, P=1)
     with pytest.raises(TypeError, match="got True$"):  # (a bool is no seed, and says only that)
         crestcore.minibatch_coresets(np.zeros((20, 2)), np.arange(20) % 2, m=2, r=10, P=1, rng=True)
+
+
+def test_big_endian_inputs_give_native_results_equal_to_the_native_inputs():
+    """Every floating result of a big-endian float64 input is native float64 and equals the native input's
+    (review 122: the weights and gains came back big-endian, the objective native, and backend="numba"
+    big-endian throughout; array-API dtypes carry no byte order)."""
+    from crestcore import (cross_entropy, facility_location, facility_objective, last_layer_gradients,
+                           marginal_gains, minibatch_coresets, pairwise_distances, softmax)
+    from crestcore.baselines import craig, glister, gradmatch, nonneg_ridge
+
+    other = ">" if np.little_endian else "<"
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(24, 3))
+    y = np.arange(24) % 3
+    S = np.exp(-pairwise_distances(X))
+    calls = [
+        *(lambda A, b=b: facility_location(A, 4, backend=b) for b in ("auto", "numba", "reference")),
+        lambda A: facility_location(A, 4, labels=y),
+        lambda A: minibatch_coresets(A, y, m=3, r=12, P=2, rng=0),
+        lambda A: minibatch_coresets(A, y, m=3, r=12, P=2, rng=0, backend="numba"),
+        lambda A: gradmatch(A, 4), lambda A: craig(A, y, 4), lambda A: glister(A, A[:6], y[:6], 4),
+        lambda A: nonneg_ridge(A[:4], A[5]), lambda A: pairwise_distances(A),
+        lambda A: softmax(A), lambda A: cross_entropy(A, y), lambda A: last_layer_gradients(A, y),
+    ]
+    similarity = [lambda A: facility_objective(A, np.array([0, 3])), lambda A: marginal_gains(A, np.array([0, 3])),
+                  lambda A: facility_location(A, 4, metric="precomputed")]
+    for data, fns in ((X, calls), (S, similarity)):
+        swapped = data.astype(np.dtype(np.float64).newbyteorder(other))
+        for fn in fns:
+            got, want = fn(swapped), fn(data)
+            fields = ([getattr(got, f.name) for f in dataclasses.fields(got)] if dataclasses.is_dataclass(got)
+                      else [got])
+            wants = ([getattr(want, f.name) for f in dataclasses.fields(want)] if dataclasses.is_dataclass(want)
+                     else [want])
+            for g, w in zip(fields, wants):
+                if isinstance(g, np.ndarray) and g.dtype.kind == "f":
+                    assert g.dtype == np.float64 and g.dtype.isnative, (fn, g.dtype)
+                    np.testing.assert_array_equal(g, w)
+
+
+def test_errors_name_the_argument_and_an_empty_batch_of_lists_is_a_batch():
+    """Review 122: a torch.Generator as rng read "must be a numpy.random.Generator, got Generator"; an empty
+    batch given as lists ([] is float64 to NumPy) was refused as non-integer indices; string losses and a
+    complex anchor loss failed inside NumPy or float() without naming the argument."""
+    from crestcore import DropConfig, QuadraticConfig, draw_subsets, drop_init, drop_record, quadratic_anchor, \
+        quadratic_init
+
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=r"rng must be an int seed or a numpy\.random\.Generator, got torch\.Generator"):
+        draw_subsets(np.arange(10) % 2, np.arange(10), 4, 2, torch.Generator())
+    state = drop_init(6, DropConfig())
+    state = drop_record(state, [], [], step=1)  # an empty batch, as lists
+    assert state.active.all()
+    state = drop_record(state, [0, 1], [0.1, 0.2], step=2)
+    with pytest.raises(TypeError, match="losses must hold real numbers"):
+        drop_record(state, [0], ["a"], step=3)
+    with pytest.raises(TypeError, match="losses must hold real numbers"):
+        drop_record(state, [0], [1 + 2j], step=3)
+    quad = quadratic_init(np.zeros(3))
+    for bad in (1 + 2j, np.complex128(1.0), torch.tensor(1 + 0j)):
+        with pytest.raises(TypeError, match="loss must be a real number"):
+            quadratic_anchor(quad, bad, QuadraticConfig())

@@ -361,6 +361,18 @@ def _check_target(xp, target, matrix, name: str) -> None:
         raise ValueError("target contains NaN or infinite values")
 
 
+def _scaled_lam(lam: float, back: int, what: str = "gradients") -> float:
+    """``lam`` on the rescaled data's scale (``2^-back``, the squared rescaling of :func:`prepare`); a ``lam``
+    that leaves float64's range there is refused: every weight would underflow to 0."""
+    try:
+        return math.ldexp(lam, -back)
+    except OverflowError:
+        raise ValueError(
+            f"lam={lam!r} is beyond float64 relative to the squared {what} (about 2^{back}): every weight "
+            f"would underflow to 0; scale lam with the {what} (it is on the scale of their squared norms)"
+        ) from None
+
+
 def nonneg_ridge(atoms, target, *, lam: float = 0.0, positive: bool = True):
     """Weights ``w`` minimising ``||target - sum_j w_j atoms[j]||^2 + lam ||w||^2`` subject to ``w >= 0``.
 
@@ -394,8 +406,13 @@ def nonneg_ridge(atoms, target, *, lam: float = 0.0, positive: bool = True):
     _check_target(xp, target, atoms, "atoms")
     lam = check_real(lam, "lam", low=0.0)
     positive = check_bool(positive, "positive")
-    A = np.asarray(to_numpy(atoms), dtype=np.float64)
-    b = np.asarray(to_numpy(target), dtype=np.float64)
+    # the numerics policy, as gradmatch's: atoms and target whose Gram products would overflow or underflow
+    # float64 are divided by the same power of two, lam by its square; the weights do not change (at 1e160 or
+    # 1e-170 the unscaled products came back as all-zero weights, silently: review 122)
+    atoms_c, target_c, _, back = prepare(xp, atoms, metric="sqeuclidean", kernel=None, scale=1.0, Y=target)
+    lam = _scaled_lam(lam, back, "atoms")
+    A = np.asarray(to_numpy(atoms_c), dtype=np.float64)
+    b = np.asarray(to_numpy(target_c), dtype=np.float64)
     Q = A @ A.T + lam * np.eye(A.shape[0])
     w = _gram_nnls(Q, A @ b, positive=positive, lam=lam)
     return restore(xp, from_numpy(w, xp, device_of(atoms)), 0, atoms.dtype, "weights")
@@ -635,13 +652,7 @@ def gradmatch(
     # could overflow or underflow are divided by 2^e, lam by 2^2e (J scales with the square of the
     # gradients, the weights not at all); gains and the objective are scaled back by 2^2e at the end
     gradients, target, _, back = prepare(xp, gradients, metric="sqeuclidean", kernel=None, scale=1.0, Y=target)
-    try:
-        lam = math.ldexp(lam, -back)
-    except OverflowError:
-        raise ValueError(
-            f"lam={lam!r} is beyond float64 relative to the squared gradients (about 2^{back}): every weight "
-            "would underflow to 0; scale lam with the gradients (it is on the scale of ||g||^2)"
-        ) from None
+    lam = _scaled_lam(lam, back)
 
     def finish(idx, weights, gains, expl):
         with np.errstate(over="ignore"):  # an overflow becomes inf here and is reported just below
