@@ -15,7 +15,9 @@ Usage (``docs/pytorch.md`` has the whole example)::
 The callback builds a :class:`crestcore.adapters.torch.CrestLoader` on the LightningModule at
 ``setup("fit")`` (``epochs`` defaults to ``trainer.max_epochs``), in per-epoch mode: every Lightning epoch
 yields ``steps_per_epoch`` weighted coreset batches, so ``len(dataloader)`` is exact and Lightning
-never pre-fetches (a pre-fetched batch would be selected before the previous optimizer step). Its
+never pre-fetches (a pre-fetched batch would be selected before the previous optimizer step). Under
+``budget_counts="passes"`` ``len`` is an upper bound: an epoch ends when its share of the measurement budget
+is spent, and Lightning then skips its end-of-epoch validation (warned at the fit's start; validate by steps). Its
 ``state_dict`` carries the controller and the position into checkpoints; resuming from a checkpoint
 (``trainer.fit(..., ckpt_path=...)``) continues with the same batches, mid-epoch included.
 
@@ -138,6 +140,26 @@ def _called(function, name: str):
             "(a LightningDataModule builds it in its setup, which the Trainer runs before the callback's when "
             "the DataModule is passed to fit: trainer.fit(module, datamodule=dm))")
     return data
+
+
+def _check_epoch_validation(trainer, loader: CrestLoader) -> None:
+    """Under ``budget_counts="passes"`` an epoch's pass ends when its share of the measurement budget is spent,
+    before ``len(dataloader)`` batches; Lightning learns of it only from the loader's end and then leaves its
+    epoch loop without the validation it runs at an epoch's end (review 124: none in 4 epochs, no checkpoint
+    by ``monitor=``, ``EarlyStopping`` failing on the missing metric). Said when the fit validates by epochs."""
+    if loader.budget_counts != "passes" or getattr(trainer, "check_val_every_n_epoch", None) is None:
+        return
+    try:
+        validates = bool(trainer.enable_validation)
+    except Exception:  # noqa: BLE001 - a Lightning without the property: not said
+        return
+    if validates:
+        warnings.warn(
+            "CrestCallback(budget_counts='passes'): an epoch ends when its share of the measurement budget is spent, "
+            "before len(dataloader) batches, and Lightning then skips the validation it runs at an epoch's end (and "
+            "what monitors it: ModelCheckpoint(monitor=...), EarlyStopping, ReduceLROnPlateau). Validate by steps, "
+            "Trainer(check_val_every_n_epoch=None, val_check_interval=k), or count the budget in training steps "
+            "(budget_counts='steps', the default)", stacklevel=_common.user_stacklevel())
 
 
 class _CrestTrainLoader:
@@ -431,6 +453,7 @@ class CrestCallback(pl.Callback):
             loader = self._foreign_checkpoint(trainer, pl_module, now)
         self._last_position = loader.position
         self._in_flight = False
+        _check_epoch_validation(trainer, loader)
         most = trainer.max_epochs
         self._limits_from = None  # a manual-optimization rate is read again in every fit
         if most is None or most < 0:  # no max_epochs: the fit ends when CREST's planned steps are trained

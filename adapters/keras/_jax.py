@@ -110,6 +110,8 @@ def preflight(ops, idx: np.ndarray, embeddings: bool):
         return out[1] if embeddings else out
 
     spec = jax.eval_shape(call, ttv, tntv, xb)
+    if not hasattr(spec, "shape"):  # a dict or list of outputs: the refusal that says how to build the model
+        ops._check_out(spec, int(sel.size))
     width = int(spec.shape[-1]) if len(spec.shape) == 2 else None
     if width is not None and width >= 2:  # (a one-column model is refused by the callback with its reason)
         _, xc, yc, wc, N = next(_chunks(ops, idx, np.ones(idx.size)))

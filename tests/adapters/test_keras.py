@@ -459,6 +459,13 @@ _JAX_SCRIPT = textwrap.dedent(r"""
     m17(X[:2])
     c17 = SubsetCallback(X, y + 10, method="craig", m=16, budget=T.BUDGET, epochs=1, seed=3)
     kept.append(refused_and_kept(m17, fit_once(m17, c17), ValueError, "the labels hold class"))
+    # a model whose one output is in a dict: the refusal that says how to build it, as on torch (review 124: jax's
+    # preflight read the dict's .shape, an AttributeError)
+    inp = keras.Input((64,))
+    m22 = keras.Model(inp, {"main": keras.layers.Dense(10)(inp)})
+    m22.compile(optimizer="sgd", loss={"main": keras.losses.SparseCategoricalCrossentropy(from_logits=True)})
+    c22 = CrestCallback(X, y, config=CrestConfig(**T.CFG), budget=T.BUDGET, seed=3)
+    kept.append(refused_and_kept(m22, fit_once(m22, c22), ValueError, "got a dict with 1 entry ('main')"))
     res["refused_and_kept"] = kept
 
     # 18. which of two same-shape layers trains swapped between measurements (review 84): jax reused the trace
@@ -1328,7 +1335,7 @@ def test_jax_backend(jax_child):
     assert res["refrozen"] and "no trainable variable gets a gradient" in res["refrozen"], res["refrozen"]
     assert len(res["train_only_refused"]) == 2 and all(
         msg and "no trainable variable gets a gradient" in msg for msg in res["train_only_refused"]), res
-    assert res["refused_and_kept"] == [[True, True]] * 9, res["refused_and_kept"]
+    assert res["refused_and_kept"] == [[True, True]] * 10, res["refused_and_kept"]
     assert max(res["swapped_outputs"]) < 1e-5 and res["swapped_gradient"] < 1e-6, res  # review 84
     assert res["swapped_hutchinson"] < 1e-6, res
     # review 106: a loss that takes the batch mean itself is refused on jax too, and the check moves nothing

@@ -819,3 +819,41 @@ def test_a_checkpoint_written_inside_a_step_resumes_with_that_steps_batch(tmp_pa
         np.testing.assert_array_equal(a, b)
     for p, q in zip(module2.net.parameters(), model.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_passes_budgets_warn_that_lightning_skips_epoch_end_validation(tmp_path):
+    """Review 124: under budget_counts="passes" an epoch ends when its measurement budget is spent, before
+    len(dataloader) batches, and Lightning then skips its end-of-epoch validation (none ran in four epochs),
+    silently. Said at the fit's start when it validates by epochs; validation by steps runs and is not warned."""
+
+    class Validated(Module):
+        def __init__(self):
+            super().__init__()
+            self.validated_at = []
+
+        def validation_step(self, batch, batch_idx):
+            if batch_idx == 0:
+                self.validated_at.append(int(self.trainer.global_step))
+
+    val = torch.utils.data.DataLoader(data(), batch_size=60)
+    cfg = dict(CFG, budget=0.5, budget_counts="passes")
+    cb = CrestCallback(data(), **cfg)
+    module = Validated()
+    with pytest.warns(UserWarning, match="skips the validation it runs at an epoch's end"):
+        trainer(tmp_path, 4, cb, num_sanity_val_steps=0).fit(module, train_dataloaders=cb.dataloader(),
+                                                              val_dataloaders=val)
+    assert cb.stats["step"] < 4 * len(cb.dataloader())  # the epochs ended early: the case warned about
+    cb = CrestCallback(data(), **cfg)
+    module = Validated()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", ".*skips the validation.*")
+        t = trainer(tmp_path, 4, cb, num_sanity_val_steps=0, check_val_every_n_epoch=None, val_check_interval=2)
+        t.fit(module, train_dataloaders=cb.dataloader(), val_dataloaders=val)
+    assert module.validated_at == list(range(2, t.global_step + 1, 2)) and len(module.validated_at) >= 2
+    cb = CrestCallback(data(), **dict(CFG, budget=0.5))  # steps (the default): every epoch's validation runs
+    module = Validated()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", ".*skips the validation.*")
+        trainer(tmp_path, 4, cb, num_sanity_val_steps=0).fit(module, train_dataloaders=cb.dataloader(),
+                                                              val_dataloaders=val)
+    assert len(module.validated_at) == 4
