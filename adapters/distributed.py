@@ -44,6 +44,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import math
 import os
 import sys
 import tempfile
@@ -67,7 +68,7 @@ from crestcore.minibatch import minibatch_coresets as _minibatch_coresets
 from crestcore.validation import host_indices
 
 from ._common import training_loss_error, weighted_examples
-from .torch import _PROBE_CLASSES, CrestLoader, TorchModelOps, _example_data, _inner_ops
+from .torch import _PROBE_CLASSES, CrestLoader, TorchModelOps, _callable_name, _example_data, _inner_ops
 
 __all__ = [
     "DistributedModelOps",
@@ -945,10 +946,18 @@ class DistributedCrestLoader(CrestLoader):
                 f"CrestConfig(m={self.config.m}) is smaller than the world size {self.world_size}: every rank "
                 "needs at least one example of each global mini-batch"
             )
+        inner = _inner_ops(self.ops)
+        # which layer the embeddings come from, and which forward and collate measure (by name: functions do
+        # not compare across processes): ranks that differ selected from a mix of two layers' features, or were
+        # aborted by gloo with a message that named none of them (review 125)
+        layer = next((name or "(the model)" for name, mod in inner.model.named_modules() if mod is inner._last_layer),
+                     None) if inner._last_layer is not None else None
         self.ops.agree(
             {"the dataset size": int(self.n), "the labels": self.labels, "the config": repr(self.config),
              "seed": int(self.seed), "budget": self.budget, "epochs": int(self.epochs), "per_epoch": self.per_epoch,
-             "budget_counts": self.budget_counts, "the planned steps": int(self.total_steps)},
+             "budget_counts": self.budget_counts, "the planned steps": int(self.total_steps),
+             "last_layer": layer, "forward": _callable_name(inner._forward),
+             "collate_fn": None if inner._collate is None else _callable_name(inner._collate)},
             "the loader's arguments",
         )
         # the loss every rank measures with: ranks whose loss_fn differ decide checks differently and would
@@ -1034,6 +1043,11 @@ class DistributedCrestLoader(CrestLoader):
             raise RuntimeError("observe() needs a batch: call it after training on a yielded batch")
         m = self._batch.indices.size
         counts = [len(range(q, m, self.world_size)) for q in range(self.world_size)]
+        k, shape = counts[self.rank], tuple(losses.shape) if hasattr(losses, "shape") else np.shape(losses)
+        if math.prod(shape) == k and shape not in ((k,), (k, 1)) and not (k == 1 and shape == ()):
+            # one loss per example, as CrestLoader.observe takes them: a (2, 4) array is not a share of 8 (review 125)
+            raise ValueError(f"observe() got losses of shape {shape} for this rank's share of {k} examples: pass "
+                             f"one loss per example, shape ({k},) or ({k}, 1) (reduction='none')")
         if isinstance(losses, torch.Tensor):
             t = losses.detach().reshape(-1).to(torch.float64)
         else:
@@ -1121,7 +1135,10 @@ class DistributedCrestLoader(CrestLoader):
         # before them left its peers in a collective it never joined: gloo aborted them, review 77); a
         # refusal anywhere restores every rank's loader as it was before the call
         kept, inner = dict(vars(self)), _inner_ops(self.ops)
-        kept_ops = (inner._anchor_buffers, self.ops.sharded_solves)
+        # every attribute of the ops the load may set (the anchor's buffers, the count of anchors measured,
+        # which seeds the measurements' random transforms: review 125, a rank that accepted a checkpoint refused
+        # elsewhere kept the checkpoint's count, and its augmented measurements differed from then on)
+        kept_ops = (dict(vars(inner)), self.ops.sharded_solves)
         error = None
         with warnings.catch_warnings(record=True) as said:  # said once the ranks agree the load stands
             warnings.simplefilter("always")
@@ -1151,10 +1168,13 @@ class DistributedCrestLoader(CrestLoader):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
     def _restore(self, kept: dict, kept_ops: tuple) -> None:
-        """The loader (and its ops' anchor buffers and solve count) as :meth:`load_state_dict` found them."""
+        """The loader (and its ops' attributes and solve count) as :meth:`load_state_dict` found them."""
         vars(self).clear()
         vars(self).update(kept)
-        _inner_ops(self.ops)._anchor_buffers, self.ops.sharded_solves = kept_ops
+        inner = _inner_ops(self.ops)
+        vars(inner).clear()
+        vars(inner).update(kept_ops[0])
+        self.ops.sharded_solves = kept_ops[1]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -101,8 +101,10 @@ def make_config(jit=None):
     # selected just in time, the check on 30 examples
     jit = os.environ.get("CREST_TEST_JIT") == "1" if jit is None else jit
     extra = dict(coresets="just-in-time", check_size=30) if jit else dict(coresets="at-anchor", check_size=None)
-    return CrestConfig(m=M, r=60, P=3, T1=2, tau=0.02, h=1.0, b=2.0, T2=8, embeddings=True,
-                       drop=DropConfig(alpha=0.3, window=8, min_records=1), **extra)
+    if os.environ.get("CREST_TEST_CEIL") == "1":  # m = 14, each of 3 classes ceil(14 / 3) = 5: batches of 15
+        extra.update(m=M - 1, class_budget="ceil")
+    return CrestConfig(**{"m": M, **extra, "r": 60, "P": 3, "T1": 2, "tau": 0.02, "h": 1.0, "b": 2.0, "T2": 8,
+                          "embeddings": True, "drop": DropConfig(alpha=0.3, window=8, min_records=1)})
 
 
 def make_opt(model):
@@ -332,15 +334,21 @@ def worker_badload(out: Path):
         weighted_step(ddp, opt, *next(batches))
     saved = loader.state_dict()
     before = (loader.position, loader.last_indices.copy())
+    anchors = saved["measure_anchor"]
+    # the count of anchors measured (it seeds the measurements' random transforms) is rolled back too (review
+    # 125: the rank that accepted kept the checkpoint's)
+    saved_other = dict(saved, measure_anchor=anchors + 4)
     # rank 0's copy is a longer run's (its load warns of the shorter plan): rolled back, it says nothing
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         try:
-            loader.load_state_dict(dict(saved, position=999) if rank == 1 else dict(saved, epochs=loader.epochs + 2))
+            loader.load_state_dict(dict(saved, position=999) if rank == 1 else
+                                   dict(saved_other, epochs=loader.epochs + 2))
         except D.CollectiveError as exc:
             (out / f"rank{rank}.refused").write_text(str(exc))
     (out / f"rank{rank}.said").write_text("\n".join(str(w.message) for w in said))
     assert (loader.position, loader.last_indices.tolist()) == (before[0], before[1].tolist())
+    assert loader.state_dict()["measure_anchor"] == anchors
     for _ in range(3):  # the run goes on in lockstep (verify compares the ranks at every selection or check)
         weighted_step(ddp, opt, *next(batches))
     try:
@@ -383,6 +391,24 @@ def worker_lossfn(out: Path):
     loss = (lambda z, t: torch.nn.functional.cross_entropy(z, t, weight=weights, reduction="none"))
     if _refused(out, rank, lambda: D.DistributedCrestLoader(ddp, TensorDataset(X, y), config=make_config(),
                                                             budget=BUDGET, epochs=EPOCHS, seed=SEED, loss_fn=loss)):
+        del ddp
+        _teardown(dist)
+        return
+    (out / f"rank{rank}.done").write_text("built")  # must never happen
+
+
+def worker_lastlayer(out: Path):
+    """The ranks name different layers for the embeddings (review 125: with equal input widths every selection
+    mixed two layers' features, silently; with unequal ones gloo aborted a rank): refused at construction."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist = _init_group()
+    rank = dist.get_rank()
+    X, y = make_data()
+    ddp = DDP(make_model())
+    if _refused(out, rank, lambda: D.DistributedCrestLoader(
+            ddp, TensorDataset(X, y), config=make_config(), budget=BUDGET, epochs=EPOCHS,
+            seed=SEED, last_layer="2" if rank == 0 else "0")):
         del ddp
         _teardown(dist)
         return
@@ -500,13 +526,13 @@ def worker_skipping(out: Path):
 def _worker_main(argv):
     p = argparse.ArgumentParser()
     p.add_argument("--worker", required=True, choices=("train", "fail", "stall", "numba", "flags", "lossfn",
-                                                              "shards", "skipping", "badload"))
+                                                              "shards", "skipping", "badload", "lastlayer"))
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     {"train": worker_train, "fail": worker_fail, "stall": worker_stall,
      "numba": worker_numba, "flags": worker_flags, "lossfn": worker_lossfn, "shards": worker_shards,
-     "skipping": worker_skipping, "badload": worker_badload}[a.worker](Path(a.out))
+     "skipping": worker_skipping, "badload": worker_badload, "lastlayer": worker_lastlayer}[a.worker](Path(a.out))
     # The rank's work is done and its results written: leave without the interpreter's finalization, where
     # torch's process-group threads abort a rank now and then after a clean teardown ("terminate called
     # without an active exception", <no Python frame>: a plain torch DDP script of two ranks does it too,
@@ -979,6 +1005,7 @@ def test_a_failing_rank_fails_the_job_instead_of_hanging(tmp_path):
 
 
 @pytest.mark.parametrize("worker, what", [("flags", "verify and broadcast_buffers"), ("lossfn", "loss_fn"),
+                                          ("lastlayer", "last_layer"),
                                           ("shards", "the dataset size (241 on ranks [0], 239 on ranks [1])")])
 def test_ranks_built_differently_are_refused_at_construction(tmp_path, worker, what):
     """Settings that decide which collectives a rank issues (the verify flags) or what it decides (its
@@ -1038,6 +1065,27 @@ def test_just_in_time_coresets_under_ddp_are_the_single_process_ones(job_jit):
     # direct call with P = 5 was sharded
     assert r0["stats"]["distributed"]["sharded_solves"] == 1
     np.testing.assert_array_equal(r0["params"], r1["params"])
+
+
+def test_batches_larger_than_m_are_split_and_rescaled_by_their_own_size(tmp_path, monkeypatch):
+    """Review 125: no two-rank job had a batch of another size than m (scaling the shares by m instead of the
+    batch's size would have passed). With class_budget="ceil" and m = 14 every batch holds 15 examples: the
+    ranks' shares of 8 and 7 carry the coreset weights times 2 * 8 / 15 and 2 * 7 / 15, and the job trains
+    the single-process run's batches to the same parameters."""
+    r0, r1 = _train_job(tmp_path, {"CREST_TEST_CEIL": "1"})
+    monkeypatch.setenv("CREST_TEST_CEIL", "1")
+    one = _single_run(jit=False)
+    assert len(r0["records"]) == len(one["records"]) > 0
+    sizes = set()
+    for a, b, s in zip(r0["records"], r1["records"], one["records"]):
+        assert np.array_equal(a["idx"], s["idx"]) and np.array_equal(a["w"], s["w"])
+        k = s["idx"].size
+        sizes.add(k)
+        for rank, rec in enumerate((a, b)):
+            share = np.arange(rank, k, 2)
+            np.testing.assert_allclose(rec["local_w"], s["w"][share] * 2 * share.size / k, rtol=1e-15)
+    assert sizes == {15}
+    np.testing.assert_allclose(r0["params"], one["params"], rtol=1e-9, atol=1e-12)
 
 
 if __name__ == "__main__":
@@ -1117,5 +1165,23 @@ def test_the_loss_probe_stays_small_for_wide_label_spaces():
         assert isinstance(probe, str) or probe.size <= 64  # one loss per row, or the loss's failure
         with pytest.raises(ValueError, match="labels hold class 100000000000 but the model gives 3 outputs"):
             next(iter(loader))
+    finally:
+        group.close()
+
+
+def test_observe_takes_one_loss_per_example_as_crest_loader_does():
+    """Review 125: the distributed loader took losses of shape (2, 4) for a share of 8 (any shape of the right
+    size), which CrestLoader.observe refuses: a (2, 4) array is not a batch's per-example losses."""
+    from crestcore import CrestConfig
+
+    group = D._OneProcess(64)
+    try:
+        model = torch.nn.Linear(4, 2)
+        loader = D.DistributedCrestLoader(model, group.data, config=CrestConfig(m=8, T2=2), budget=0.5, seed=0)
+        x, y, w = next(iter(loader))
+        losses = torch.nn.functional.cross_entropy(model(x), y, reduction="none").detach()
+        with pytest.raises(ValueError, match=r"shape \(2, 4\) for this rank's share of 8 examples"):
+            loader.observe(losses.reshape(2, 4))
+        loader.observe(losses.reshape(8, 1))  # a column is one loss per example
     finally:
         group.close()
