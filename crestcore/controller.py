@@ -51,13 +51,13 @@ import array_api_compat
 import numpy as np
 
 from ._compat import device_of, from_numpy, frozen_copy, namespace, once_per_array, to_numpy
-from ._validation import (DivergenceError, field_bool, field_choice, field_instance, field_int, field_real,
-                          masked_outputs_error, plain_fields, user_stacklevel)
+from ._validation import (DivergenceError, apportion, field_bool, field_choice, field_instance, field_int,
+                          field_real, masked_outputs_error, plain_fields, user_stacklevel)
 from .dropping import (DropConfig, DropState, _check_live, _undone_on_error, drop_init, drop_record, drop_resize,
                        drop_update, pool_size)
 from .features import cross_entropy, last_layer_gradients, softmax
 from .facility import OPTIMIZERS, _numba_host, on_host_device
-from .minibatch import CLASS_BUDGETS, DenseMemoryError, _count_classes, _draw_blocked, minibatch_coresets
+from .minibatch import CLASS_BUDGETS, DenseMemoryError, _count_classes, _draw_rows, _pool_classes, minibatch_coresets
 from .quadratic import (
     QuadraticConfig,
     QuadraticState,
@@ -554,7 +554,7 @@ class CrestState(NamedTuple):
     batch_idx: np.ndarray  # (nb, m) int64
     batch_w: np.ndarray  # (nb, m) float64
     made: int  # rows of batch_idx selected so far (the rest wait for coresets="just-in-time")
-    subsets: np.ndarray  # (nb, r) int64: the selection's random subsets (kept for "just-in-time"; else (0, 0))
+    subsets: np.ndarray  # (nb, r) int64: a format-3 state's random subsets (kept for "just-in-time"); else (0, 0)
     check_idx: np.ndarray  # (u,) int64 sorted: the examples the trust check's L_R is measured on
     anchor: Any  # flat params at the anchor (adapter namespace) or None
     quad: QuadraticState | None
@@ -564,6 +564,10 @@ class CrestState(NamedTuple):
     counters: dict
     epoch_steps: int  # steps of one budgeted epoch (the cap of P and T1); 0: unknown
     log: dict  # EventLogs: selections (steps), checks (step, rho, L_R, F), drops (step, count)
+    # "just-in-time": how the selection's random subsets are drawn again when their step comes (see _subset_row):
+    # {"pool": the pool (empty: every example), "r_c": each class's members per subset, "rng": the stream
+    # before the subsets' draws}; None when every row is made (or a format-3 state holds them in subsets)
+    draw: Any = None
     # the last trust check, to answer the next one without a forward when nothing it depends on changed
     # (see _check); held in memory only: crest_state_dict leaves it out, so a loaded state's first check
     # measures (in a run that trains, the parameters have moved since the last check anyway)
@@ -817,12 +821,75 @@ def _row(state: CrestState, b: int) -> tuple[np.ndarray, np.ndarray]:
     return state.batch_idx[b][keep], state.batch_w[b][keep]
 
 
-def _pool_subsets(labels: np.ndarray, pool: np.ndarray, r: int, P: int, gen: np.random.Generator) -> np.ndarray:
-    """:func:`crestcore.draw_subsets` without its checks of the pool (``flatnonzero`` of the active mask:
-    distinct and in range) and, when nothing is dropped, without gathering the pool's labels (they are
-    all the labels). The same subsets."""
-    blocked, _ = _draw_blocked(labels, pool, r, P, gen, whole=pool.size == labels.size)
-    return np.sort(blocked, axis=1)
+_WORD = (1 << 64) - 1
+
+
+def _stream_words(gen: np.random.Generator) -> np.ndarray:
+    """The state of ``gen`` (PCG64, as ``default_rng`` makes) as 6 int64 words: the 128-bit state and
+    increment, and the buffered 32-bit half (plain integers: any checkpoint format stores them)."""
+    st = gen.bit_generator.state
+    if st.get("bit_generator") != "PCG64":  # pragma: no cover - the controller's generators are default_rng's
+        raise RuntimeError(f"expected a PCG64 stream, got {st.get('bit_generator')}")
+    x, inc = int(st["state"]["state"]), int(st["state"]["inc"])
+    words = [x >> 64, x & _WORD, inc >> 64, inc & _WORD, int(st["has_uint32"]), int(st["uinteger"])]
+    return np.array(words, dtype=np.uint64).view(np.int64)
+
+
+def _skip_draws(bits, k: int) -> None:
+    """Move the PCG64 ``bits`` past ``k`` 64-bit draws (``k`` uniform doubles) as drawing them would: its
+    buffered 32-bit half stays (``advance`` clears it; doubles never use it)."""
+    before = bits.state
+    bits.advance(int(k))
+    after = bits.state
+    after["has_uint32"], after["uinteger"] = before["has_uint32"], before["uinteger"]
+    bits.state = after
+
+
+def _stream_at(words: np.ndarray, skip: int) -> np.random.Generator:
+    """The generator :func:`_stream_words` saved, ``skip`` draws on."""
+    w = [int(v) for v in np.asarray(words, dtype=np.int64).view(np.uint64)]
+    bits = np.random.PCG64()
+    bits.state = {"bit_generator": "PCG64", "state": {"state": (w[0] << 64) | w[1], "inc": (w[2] << 64) | w[3]},
+                  "has_uint32": w[4], "uinteger": w[5]}
+    if skip:
+        _skip_draws(bits, skip)
+    return np.random.Generator(bits)
+
+
+def _selection_subsets(labels: np.ndarray, pool: np.ndarray, r: int, P: int, now: int,
+                       gen: np.random.Generator) -> tuple[np.ndarray, dict | None]:
+    """The selection's P class-stratified random subsets of r from ``pool`` (:func:`crestcore.draw_subsets`
+    without its checks of the pool, ``flatnonzero`` of the active mask), of which only the first ``now``
+    rows are drawn: ``(rows (now, r), recipe)``, the recipe (None when ``now == P``) drawing row p later,
+    when its just-in-time coreset is made (:func:`_subset_row`). ``gen`` ends where drawing all P rows
+    would leave it, so the selection's other draws, and the rows, are those of the eager draw; the state
+    then holds O(n) for the subsets, not P x r (with P up to a budgeted epoch of steps and r 1 % of the
+    pool, the rows grew as n^2: 250 MB of a checkpoint at 10^6 examples, review 123)."""
+    whole = pool.size == labels.size  # nothing dropped: the pool is every example
+    cls, sizes = _pool_classes(labels, pool, whole)
+    r_c, _ = apportion(r, sizes, gen)  # class c's expected share of every subset is its share of the pool
+    recipe = None
+    if now < P:
+        recipe = {"pool": np.zeros(0, dtype=np.int64) if whole else pool.astype(np.int64),
+                  "r_c": np.asarray(r_c, dtype=np.int64), "rng": _stream_words(gen)}
+    rows = np.sort(_draw_rows(pool, cls, sizes, r_c, gen, now), axis=1)
+    if now < P:
+        _skip_draws(gen.bit_generator, (P - now) * r)
+    return rows, recipe
+
+
+def _subset_row(state: CrestState, p: int) -> np.ndarray:
+    """Random subset p (1, r) of the state's selection: a format-3 state's stored row, else drawn from its
+    recipe (the same row the selection would have drawn with the others)."""
+    if state.draw is None:
+        return state.subsets[p : p + 1]
+    d = state.draw
+    whole = d["pool"].size == 0
+    pool = np.arange(state.labels.size, dtype=np.int64) if whole else d["pool"]
+    cls, sizes = _pool_classes(state.labels, pool, whole)
+    r_c = d["r_c"]
+    gen = _stream_at(d["rng"], p * int(r_c.sum()))
+    return np.sort(_draw_rows(pool, cls, sizes, r_c, gen, 1), axis=1)
 
 
 def _union_positions(subsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -947,8 +1014,10 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
     r = _subset_size(config, pool.size, state.labels)
     P = cap if config.reselect == "epoch" else min(state.P, cap)
     P = max(1, P)
-    subsets = _pool_subsets(state.labels, pool, r, P, gen)
     jit = config.just_in_time
+    # "just-in-time": the coresets the quadratic model is fitted on now, the rest when their step comes
+    now = max(1, min(config.fit_batches, P)) if jit else P
+    subsets, recipe = _selection_subsets(state.labels, pool, r, P, now, gen)
     if not jit and P > 1 and r >= pool.size:
         warnings.warn(  # no counts in the text: said once, not again at every size the pool shrinks to
             "CREST's random subsets are the whole pool (r is at least the pool's size): every subset of a "
@@ -975,9 +1044,7 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
                 "nothing to choose, every pick being its class's only member, so the coresets are a random "
                 f"sample at the cost of a forward over every subset. Pass {fix}",
                 stacklevel=user_stacklevel())
-    # "just-in-time": the coresets the quadratic model is fitted on now, the rest when their step comes
-    now = max(1, min(config.fit_batches, P)) if jit else P
-    xp, union, losses, idx, valid, w = _coresets(state, ops, config, subsets[:now], gen)
+    xp, union, losses, idx, valid, w = _coresets(state, ops, config, subsets, gen)
     if config.batches == "coreset":
         rows_i, rows_w = _coreset_rows(idx, valid, w)
     else:  # the release: union of the coresets, mean-1 weights over it, shuffled into batches of ~m
@@ -1078,7 +1145,7 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
         need_select=False, want_select=False, n_selections=state.n_selections + 1, cursor=0,
         since_check=state.since_check if reason == "drop" else 0, T1=T1, P=P_next,
         batch_idx=batch_idx, batch_w=batch_w, made=made,
-        subsets=subsets if jit else np.zeros((0, 0), dtype=np.int64), check_idx=check_idx, anchor=anchor,
+        subsets=np.zeros((0, 0), dtype=np.int64), draw=recipe, check_idx=check_idx, anchor=anchor,
         quad=quad, h_norm_0=h0, h_norm_t=h_norm, drop=drop, counters=c, log=log,
     )
 
@@ -1088,7 +1155,7 @@ def _select_next(state: CrestState, ops, config: CrestConfig) -> CrestState:
     current parameters; it becomes batch row ``state.made``."""
     p = state.made
     gen = np.random.default_rng([state.seed, state.n_selections, p])
-    _, union, losses, idx, valid, w = _coresets(state, ops, config, state.subsets[p : p + 1], gen)
+    _, union, losses, idx, valid, w = _coresets(state, ops, config, _subset_row(state, p), gen)
     (ri,), (rw,) = _coreset_rows(idx, valid, w)
     bi, bw = state.batch_idx, state.batch_w
     if ri.size > bi.shape[1]:  # a wider coreset than the padding holds ("ceil" class budgets)
@@ -1545,7 +1612,9 @@ def crest_stats(state: CrestState) -> dict:
 
 
 def crest_state_dict(state: CrestState) -> dict:
-    """Plain NumPy arrays and Python numbers/lists; :func:`crest_load_state_dict` restores exactly.
+    """Plain NumPy arrays and Python numbers/lists; :func:`crest_load_state_dict` restores exactly. Integer
+    arrays are stored in the narrowest signed dtype that holds their values (the labels of ten classes in
+    int8), and the rows a just-in-time selection has not made yet as the recipe that draws them (O(n)).
 
     Examples
     --------
@@ -1554,14 +1623,15 @@ def crest_state_dict(state: CrestState) -> dict:
     >>> state = crest_init(CrestConfig(m=2), np.array([0, 1, 0, 1]), seed=3)
     >>> d = crest_state_dict(state)
     >>> d["seed"], d["step"], d["format_version"]
-    (3, 0, 3)
+    (3, 0, 4)
     >>> pickle.loads(pickle.dumps(d))["labels"]  # plain data: any checkpoint format stores it
-    array([0, 1, 0, 1])
+    array([0, 1, 0, 1], dtype=int8)
     """
     _arguments("crest_state_dict", state)
     d = {k: getattr(state, k) for k in CrestState._fields if k != "last_check"}  # (held in memory only)
     for k in ("labels", "batch_idx", "batch_w", "check_idx", "subsets"):  # copies: the dict is the caller's
         d[k] = np.array(d[k], copy=True)
+    d["draw"] = None if state.draw is None else {k: np.array(v, copy=True) for k, v in state.draw.items()}
     d["anchor"] = None if state.anchor is None else np.asarray(to_numpy(state.anchor)).copy()
     if state.quad is not None:
         q = state.quad
@@ -1572,12 +1642,28 @@ def crest_state_dict(state: CrestState) -> dict:
     d["counters"] = dict(state.counters)
     d["log"] = {k: list(v) for k, v in state.log.items()}
     d["format_version"] = STATE_FORMAT
-    return d
+    return _narrowed(d)
+
+
+def _narrowed(x):
+    """``x`` (nested dicts) with each integer array in the narrowest signed dtype that holds its values (a load
+    widens them to int64 again): the per-example labels, pool records and drop steps of a run without drops
+    took 24 of a checkpoint's 25 MB at 10^6 examples in int64 (review 123), 3 MB in int8."""
+    if isinstance(x, dict):
+        return {k: _narrowed(v) for k, v in x.items()}
+    if isinstance(x, np.ndarray) and x.size and np.issubdtype(x.dtype, np.signedinteger):
+        low, high = int(x.min()), int(x.max())
+        for dt in (np.int8, np.int16, np.int32):
+            info = np.iinfo(dt)
+            if info.min <= low and high <= info.max:
+                return x.astype(dt)
+    return x
 
 
 # 1: before epoch_steps / want_select (filled with defaults on load); 2: format_version; 3: made and
-# subsets (coresets="just-in-time"; a version-2 state has every row made)
-STATE_FORMAT = 3
+# subsets (coresets="just-in-time"; a version-2 state has every row made); 4: draw, the recipe of the rows
+# not yet made instead of the subsets themselves (a version-3 state keeps its subsets)
+STATE_FORMAT = 4
 
 
 def _bad(msg: str):
@@ -1624,6 +1710,23 @@ def _host(v, name, ndim, kind):
     return a
 
 
+def _validate_recipe(recipe, labels, n: int) -> None:
+    """A state dict's ``draw``: the pool (distinct ascending example indices, or empty: all), each class's
+    members per subset (no more than the pool holds) and the 6 words of the stream."""
+    if not isinstance(recipe, dict) or set(recipe) != {"pool", "r_c", "rng"}:
+        raise _bad("draw must be None or a dict with pool, r_c and rng")
+    pool = _host(recipe["pool"], "draw['pool']", 1, "i")
+    if pool.size and (pool.min() < 0 or pool.max() >= n or np.any(np.diff(pool) <= 0)):
+        raise _bad(f"draw['pool'] must hold distinct ascending example indices in [0, {n})")
+    rc = _host(recipe["r_c"], "draw['r_c']", 1, "i")
+    members = np.asarray(_as_host(labels, 1))
+    counts = np.unique(members if not pool.size else members[pool], return_counts=True)[1]
+    if rc.shape != counts.shape or rc.min(initial=0) < 0 or np.any(rc > counts) or rc.sum() < 1:
+        raise _bad("draw['r_c'] must give each class of the pool a count of members per subset it can hold")
+    if _host(recipe["rng"], "draw['rng']", 1, "i").shape != (6,):
+        raise _bad("draw['rng'] must be the 6 words of a PCG64 stream")
+
+
 def _validate_state_dict(d: dict, D: int) -> None:
     """Shapes, ranges and cross-field consistency of a state dict (after defaults are filled)."""
     ver = d.get("format_version", 1)
@@ -1668,8 +1771,12 @@ def _validate_state_dict(d: dict, D: int) -> None:
     if sub.size and (sub.shape[0] != bi.shape[0] or sub.min() < 0 or sub.max() >= n):
         raise _bad(f"subsets must hold one row of example indices in [0, {n}) per batch row "
                    f"({bi.shape[0]}), got shape {sub.shape}")
-    if made < bi.shape[0] and sub.shape[0] != bi.shape[0]:
-        raise _bad(f"{bi.shape[0] - made} batch rows wait to be selected but subsets has {sub.shape[0]} rows")
+    recipe = d["draw"]
+    if recipe is not None:
+        _validate_recipe(recipe, d["labels"], n)
+    if made < bi.shape[0] and sub.shape[0] != bi.shape[0] and recipe is None:
+        raise _bad(f"{bi.shape[0] - made} batch rows wait to be selected but subsets has {sub.shape[0]} rows "
+                   "and there is no draw to make them")
     if n_sel > 0 and not need and cursor < 1 and pending:
         raise _bad(f"cursor {cursor} is inconsistent with a pending batch")
     if n_sel == 0 and not need:
@@ -1783,7 +1890,7 @@ def crest_load_state_dict(d: dict, params_like, *, labels=None) -> CrestState:
     """
     if not isinstance(d, dict):
         raise TypeError(f"d must be a dict (from crest_state_dict), got {type(d).__name__}")
-    d = {"want_select": False, "epoch_steps": 0, **d}  # fields added after the first format
+    d = {"want_select": False, "epoch_steps": 0, "draw": None, **d}  # fields added after the first format
     if "made" not in d and "batch_idx" in d:  # before format 3 every stored row was selected
         d = {"made": int(np.asarray(d["batch_idx"]).shape[0]) if np.ndim(d["batch_idx"]) == 2 else 0,
              "subsets": np.zeros((0, 0), dtype=np.int64), **d}
@@ -1841,6 +1948,8 @@ def crest_load_state_dict(d: dict, params_like, *, labels=None) -> CrestState:
     fields["drop"] = DropState(**dr)
     fields["made"] = int(d["made"])
     fields["subsets"] = np.array(_as_host(d["subsets"], 2), dtype=np.int64)
+    if d["draw"] is not None:
+        fields["draw"] = {k: np.array(_as_host(d["draw"][k], 1), dtype=np.int64) for k in ("pool", "r_c", "rng")}
     fields["counters"] = {**_COUNTERS_ADDED, **d["counters"]}  # (a state saved before a counter was added)
     # records as the run writes them (checks and drops are tuples; JSON gives them back as lists)
     fields["log"] = {k: EventLog(tuple(r) if isinstance(r, list) else r for r in v) for k, v in d["log"].items()}

@@ -119,29 +119,43 @@ def _positions_in(classes: np.ndarray, values: np.ndarray) -> np.ndarray:
 _NATIVE_DRAW_CELLS = 1 << 21  # P x r above which the host draw starts Numba (the reference takes about 40 ms there)
 
 
+def _pool_classes(labels_host: np.ndarray | None, pool: np.ndarray, whole: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(cls, sizes): each pool member's class position and each class's count in the pool (one class
+    without labels). ``whole``: the pool is ``0..n-1`` of the n labels (no gather of the pool's labels)."""
+    if labels_host is None:
+        return np.zeros(pool.size, dtype=np.int64), np.array([pool.size], dtype=np.int64)
+    _, cls, sizes = _class_positions(labels_host if whole else labels_host[pool])
+    return cls, sizes
+
+
+def _draw_rows(pool: np.ndarray, cls: np.ndarray, sizes: np.ndarray, r_c: np.ndarray, rng: np.random.Generator,
+               rows: int, native: bool = True) -> np.ndarray:
+    """``rows`` class-blocked subsets (rows, r) from the next ``rows * r`` uniforms of ``rng``: row q from
+    the q-th r of them alone (so any row can be drawn later from the stream's state, advanced past the rows
+    before it: :func:`crestcore.controller` draws a just-in-time selection's rows when their step comes)."""
+    r = int(r_c.sum())
+    blk = np.repeat(np.arange(sizes.size), r_c)
+    t = np.arange(r) - np.repeat(np.cumsum(r_c) - r_c, r_c)
+    high = (sizes - r_c)[blk] + t + 1  # Floyd's draw at slot t is uniform in [0, N_c - r_c + t]
+    draws = np.minimum(np.floor(rng.random((rows, r)) * high).astype(np.int64), high - 1)
+    # both give the same subsets; the reference is vectorised (two sorts per row, O(P r log r)) and within
+    # 2-6x of the kernel, so Numba (a start of 0.5-0.9 s) is started for the draw only when it is large
+    kern = get_host_kernel("draw_stratified", start=rows * r > _NATIVE_DRAW_CELLS) if native else None
+    if kern is None:
+        from ._reference_kernels import draw_stratified
+
+        kern = draw_stratified
+    return kern(pool, cls, r_c, draws)
+
+
 def _draw_blocked(labels_host: np.ndarray | None, pool: np.ndarray, r: int, P: int,
                   rng: np.random.Generator, native: bool = True, whole: bool = False):
     """P class-blocked subsets: ``(blocked (P, r), r_c (C,))``, block c of every row holding the
     ``r_c[c]`` members of the pool's c-th class (ascending label) drawn for that subset, sorted.
     ``whole``: the pool is ``0..n-1`` of the n labels (no gather of the pool's labels)."""
-    if labels_host is None:
-        cls = np.zeros(pool.size, dtype=np.int64)
-        sizes = np.array([pool.size], dtype=np.int64)
-    else:
-        _, cls, sizes = _class_positions(labels_host if whole else labels_host[pool])
+    cls, sizes = _pool_classes(labels_host, pool, whole)
     r_c, _ = apportion(r, sizes, rng)  # class c's expected share of every subset is its share of the pool
-    blk = np.repeat(np.arange(sizes.size), r_c)
-    t = np.arange(r) - np.repeat(np.cumsum(r_c) - r_c, r_c)
-    high = (sizes - r_c)[blk] + t + 1  # Floyd's draw at slot t is uniform in [0, N_c - r_c + t]
-    draws = np.minimum(np.floor(rng.random((P, r)) * high).astype(np.int64), high - 1)
-    # both give the same subsets; the reference is vectorised (two sorts per row, O(P r log r)) and within
-    # 2-6x of the kernel, so Numba (a start of 0.5-0.9 s) is started for the draw only when it is large
-    kern = get_host_kernel("draw_stratified", start=P * r > _NATIVE_DRAW_CELLS) if native else None
-    if kern is None:
-        from ._reference_kernels import draw_stratified
-
-        kern = draw_stratified
-    return kern(pool, cls, r_c, draws), r_c
+    return _draw_rows(pool, cls, sizes, r_c, rng, P, native), r_c
 
 
 def _class_budgets(m: int, counts: np.ndarray, gen: np.random.Generator | None, rows: np.ndarray):

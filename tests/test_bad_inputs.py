@@ -388,7 +388,7 @@ CORRUPT = [
     ("step-vs-counters", ("step",), lambda s: s + 7, "train_steps"),
     ("nan-batch-weight", ("batch_w",), lambda w: np.where(np.arange(w.size).reshape(w.shape) == 0, np.nan, w),
      "batch_w"),
-    ("batch-index-range", ("batch_idx",), lambda b: b + 1000, "batch_idx"),
+    ("batch-index-range", ("batch_idx",), lambda b: b.astype(np.int64) + 1000, "batch_idx"),
     ("batch-shapes", ("batch_w",), lambda w: w[:, :1], "batch_idx|batch_w"),
     ("foreign-anchor", ("anchor",), lambda a: np.zeros(a.size + 5), "anchor.*another model"),
     ("foreign-g-ema", ("quad", "g_ema"), lambda a: np.zeros(a.size - 1), "g_ema"),
@@ -424,7 +424,7 @@ def test_intact_state_loads_and_continues_identically(saved):
         a, ba = crest_next_batch(a, ops, cfg)
         b, bb = crest_next_batch(b, ops, cfg)
         assert np.array_equal(ba.indices, bb.indices) and np.array_equal(ba.weights, bb.weights)
-    assert d["format_version"] == 3
+    assert d["format_version"] == 4
 
 
 def test_version_1_state_without_new_fields_loads(saved):

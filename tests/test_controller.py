@@ -1716,7 +1716,7 @@ def test_a_state_saved_between_just_in_time_coresets_restores_exactly():
     ops_a, state_a = train_crest(cfg, 1, 6, ops=ops, state=state)
     Xtr, ytr, _, _ = digits()
     ops_b = SoftmaxOps(Xtr, ytr)
-    ops_b.W = W
+    ops_b.W = W.copy()
     ops_b, state_b = train_crest(cfg, 1, 6, ops=ops_b, state=crest_load_state_dict(saved, ops_b.params()))
     np.testing.assert_array_equal(ops_a.W, ops_b.W)
     np.testing.assert_array_equal(state_a.batch_idx, state_b.batch_idx)
@@ -1725,7 +1725,33 @@ def test_a_state_saved_between_just_in_time_coresets_restores_exactly():
     bad["batch_idx"][-1, 0] = 3  # a row not selected yet must still be padding
     with pytest.raises(ValueError, match="padding"):
         crest_load_state_dict(bad, ops_b.params())
+    # the rows not made are drawn from the state's recipe, O(n) (review 123: all P rows were kept, P x r, which
+    # grew as n^2); a state without it (or with a broken one) is refused
+    assert saved["subsets"].size == 0 and set(saved["draw"]) == {"pool", "r_c", "rng"}
     bad = copy.deepcopy(saved)
+    bad["draw"] = None
+    with pytest.raises(ValueError, match="subsets has 0 rows and there is no draw"):
+        crest_load_state_dict(bad, ops_b.params())
+    for key, value, text in (("r_c", lambda v: v.astype(np.int64) + 10_000, "r_c"), ("rng", lambda v: v[:5], "6 words"),
+                             ("pool", lambda v: np.array([3, 1]), "ascending")):
+        bad = copy.deepcopy(saved)
+        bad["draw"][key] = value(bad["draw"][key])
+        with pytest.raises(ValueError, match=text):
+            crest_load_state_dict(bad, ops_b.params())
+    # a format-3 state (every row of the selection's subsets stored) continues as before
+    from crestcore.controller import _subset_row
+
+    old = copy.deepcopy(saved)
+    loaded = crest_load_state_dict(saved, ops_b.params())
+    old["subsets"] = np.concatenate([_subset_row(loaded, p) for p in range(loaded.batch_idx.shape[0])])
+    old["format_version"] = 3
+    del old["draw"]
+    ops_c = SoftmaxOps(Xtr, ytr)
+    ops_c.W = W.copy()
+    ops_c, state_c = train_crest(cfg, 1, 6, ops=ops_c, state=crest_load_state_dict(old, ops_c.params()))
+    np.testing.assert_array_equal(ops_a.W, ops_c.W)
+    np.testing.assert_array_equal(state_a.batch_idx, state_c.batch_idx)
+    bad = copy.deepcopy(old)
     bad["subsets"] = bad["subsets"][:1]
     with pytest.raises(ValueError, match="subsets"):
         crest_load_state_dict(bad, ops_b.params())
@@ -2081,7 +2107,7 @@ def test_the_default_subset_size_counts_the_classes_present_not_the_label_range(
     for name, lab in (("dense", y), ("sparse", y * 100 + 7)):
         ops = _SoftmaxOps_for(X, lab)
         state, _ = crest_next_batch(crest_init(cfg, lab, seed=0), ops, cfg)
-        rs[name] = state.subsets.shape[1]
+        rs[name] = int(state.draw["r_c"].sum())  # each subset's size (the rows not made yet are drawn from it)
     assert rs["dense"] == rs["sparse"] == 128  # max(10 ceil(20 / 10), 4 m)
 
 
@@ -2208,10 +2234,13 @@ def test_the_controllers_subsets_are_draw_subsets_of_its_generator():
     dropped): the subsets are draw_subsets' for the selection's generator."""
     Xtr, ytr, _, _ = digits()
     cfg = CrestConfig(m=32, P=4)
+    from crestcore.controller import _subset_row
+
     state, _ = crest_next_batch(crest_init(cfg, ytr, seed=3), SoftmaxOps(Xtr, ytr), cfg)
-    want = cc.draw_subsets(ytr, np.arange(ytr.size), state.subsets.shape[1], state.subsets.shape[0],
-                           np.random.default_rng([3, 0]))
-    np.testing.assert_array_equal(state.subsets, want)
+    rows = np.concatenate([_subset_row(state, p) for p in range(state.batch_idx.shape[0])])
+    want = cc.draw_subsets(ytr, np.arange(ytr.size), rows.shape[1], rows.shape[0], np.random.default_rng([3, 0]))
+    np.testing.assert_array_equal(rows, want)
+    assert rows.shape[0] == 4 and state.subsets.size == 0  # the rows are drawn when their step comes
 
 
 def test_without_dropping_no_loss_history_is_kept_and_turning_it_on_starts_one():
@@ -2711,3 +2740,64 @@ def test_a_state_restored_in_another_dtype_than_the_parameters_is_refused_naming
         crest_next_batch(restored, ops, config)
     same = crest_load_state_dict(crest_state_dict(state), ops.params())
     crest_next_batch(same, ops, config)  # the parameters' own dtype: goes on
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(20, 400), C=st.integers(1, 6), P=st.integers(1, 7),
+       now=st.integers(1, 7), dropped=st.floats(0.0, 0.6), half=st.booleans())
+def test_subsets_drawn_at_their_step_are_the_eager_draws_rows(seed, n, C, P, now, dropped, half):
+    """A just-in-time selection keeps a recipe, not its P x r subsets (review 123: they grew as n^2): every row
+    drawn later from it is the row the eager draw of all P made, and the selection's generator ends where the
+    eager draw left it, a buffered 32-bit half included (the later draws of the selection unchanged)."""
+    from crestcore.controller import _selection_subsets, _subset_row
+    from crestcore.minibatch import _draw_blocked
+
+    now = min(now, P)
+    g = np.random.default_rng(seed)
+    labels = g.integers(0, C, size=n)
+    pool = np.flatnonzero(g.random(n) >= dropped)
+    if pool.size < 2:
+        pool = np.arange(n)
+    r = int(g.integers(1, pool.size + 1))
+    eager_gen, lazy_gen = np.random.default_rng([seed, 1]), np.random.default_rng([seed, 1])
+    if half:  # a 32-bit draw before leaves half of a 64-bit output buffered
+        eager_gen.integers(0, 7, dtype=np.int32), lazy_gen.integers(0, 7, dtype=np.int32)
+    blocked, _ = _draw_blocked(labels, pool, r, P, eager_gen, whole=pool.size == n)
+    eager = np.sort(blocked, axis=1)
+    rows, recipe = _selection_subsets(labels, pool, r, P, now, lazy_gen)
+    np.testing.assert_array_equal(rows, eager[:now])
+    assert (recipe is None) == (now == P)
+    if recipe is not None:
+        import types
+
+        state = types.SimpleNamespace(labels=labels, draw=recipe, subsets=np.zeros((0, 0), dtype=np.int64))
+        for p in range(P):
+            np.testing.assert_array_equal(_subset_row(state, p)[0], eager[p])
+    assert eager_gen.integers(2**31 - 1, size=3).tolist() == lazy_gen.integers(2**31 - 1, size=3).tolist()
+    assert eager_gen.random() == lazy_gen.random()
+
+
+def test_a_state_dict_stays_linear_in_the_examples():
+    """Review 123: with reselect="epoch" (P one budgeted epoch of coresets) and r 1 % of the pool, the kept
+    P x r subsets grew as n^2 (250 of a checkpoint's 277 MB at 10^6 examples), and the per-example int64 arrays
+    of a run without drops took 24 MB more. The state dict now holds a few bytes an example."""
+    n = 20_000
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, n)
+    X = rng.normal(size=(n, 4)) + y[:, None]
+    cfg = CrestConfig(m=32, reselect="epoch")
+    state = crest_init(cfg, y, seed=0, epoch_steps=n // 10 // 32)
+    state, _ = crest_next_batch(state, _SoftmaxOps_for(X, y), cfg)
+    d = crest_state_dict(state)
+
+    def nbytes(x):
+        if isinstance(x, dict):
+            return sum(nbytes(v) for v in x.values())
+        return x.nbytes if isinstance(x, np.ndarray) else 0
+
+    assert state.batch_idx.shape[0] == n // 10 // 32 and state.made == 1  # P rows, one made
+    assert d["subsets"].size == 0 and d["draw"]["pool"].size == 0  # nothing dropped: no pool stored
+    assert d["labels"].dtype == np.int8 and d["drop"]["head"].dtype == np.int8
+    assert nbytes(d) < 6 * n, nbytes(d)  # labels, pool mask, drop head and dropped_at a byte each; the batches
+    back = crest_load_state_dict(d, _SoftmaxOps_for(X, y).params())
+    assert back.labels.dtype == np.int64 and np.array_equal(back.labels, y)
