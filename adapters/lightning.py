@@ -44,6 +44,7 @@ except ImportError:  # pragma: no cover - depends on what is installed
             "crestcore.adapters.lightning needs Lightning: pip install 'crestcore[lightning]'"
         ) from exc
 
+import numpy as np
 import torch
 
 from crestcore.controller import CrestConfig
@@ -51,7 +52,7 @@ from crestcore.controller import CrestConfig
 from . import _common
 from ._common import check_count
 from .monitor import scalars
-from .torch import CrestLoader, check_loader_arguments, check_training_data
+from .torch import CrestLoader, _weighted_batch, check_loader_arguments, check_training_data
 
 __all__ = ["CrestCallback"]
 
@@ -162,6 +163,20 @@ def _check_epoch_validation(trainer, loader: CrestLoader) -> None:
             "(budget_counts='steps', the default)", stacklevel=_common.user_stacklevel())
 
 
+def _swa_batch_norm_epoch(trainer) -> bool:
+    """Whether this epoch is the one Lightning's ``StochasticWeightAveraging`` adds after ``max_epochs`` for a
+    model with BatchNorm: it resets the averaged model's BatchNorm statistics and recomputes them over the
+    training batches, with no backward and no optimizer step."""
+    swa = getattr(getattr(pl, "callbacks", None), "StochasticWeightAveraging", None)
+    for cb in getattr(trainer, "callbacks", None) or []:
+        if swa is not None and isinstance(cb, swa) and getattr(cb, "_model_contains_batch_norm", False):
+            try:
+                return int(trainer.current_epoch) == int(cb.swa_end) + 1
+            except Exception:  # noqa: BLE001 - an SWA without the property: not its epoch as far as we know
+                return False
+    return False
+
+
 class _CrestTrainLoader:
     """What ``trainer.fit`` iterates: a thin view of the callback's loader (built at ``setup``).
 
@@ -186,7 +201,10 @@ class _CrestTrainLoader:
         trainer = self._cb._trainer
         if trainer is not None:
             self._check_training_loop(trainer)
-        yield from self._cb._require_loader()
+        if self._cb._bn_epoch:
+            yield from self._cb._batch_norm_batches()
+        else:
+            yield from self._cb._require_loader()
         if trainer is not None:
             self._cb._passed_epoch = int(trainer.current_epoch)
 
@@ -337,6 +355,7 @@ class CrestCallback(pl.Callback):
         self._losses_warned = False  # dropping on and no losses under losses_key: said once
         self._trainer = None  # the Trainer of the fit set up last (which loop reads the batches)
         self._passed_epoch: int | None = None  # the Trainer epoch whose pass of CREST's loader ended last
+        self._bn_epoch = False  # StochasticWeightAveraging's BatchNorm epoch after CREST's plan: unweighted batches
         self._module = None  # the LightningModule and max_epochs of the fit set up last (for _load)
         self._max_epochs: int | None = None
 
@@ -464,6 +483,18 @@ class CrestCallback(pl.Callback):
             else:  # manual optimization: as many as the step takes, read once the first batch has trained
                 self._limits_from = (int(trainer.global_step), loader.position)
 
+    def _batch_norm_batches(self):
+        """StochasticWeightAveraging's BatchNorm epoch, after CREST's plan (review 124: it got no batch, and the
+        averaged model kept the reset statistics, mean 0 and variance 1): ``len(dataloader)`` batches of ``m``
+        examples drawn without replacement from the whole training set (from the run's seed), weight 1, so the
+        statistics are those of the data. No CREST step: nothing is selected, counted or observed."""
+        loader = self._require_loader()
+        m = loader.config.m
+        order = np.random.default_rng([loader.seed, 0x5A7]).permutation(loader.n)[: len(loader) * m]
+        for a in range(0, order.size, m):
+            idx = np.sort(order[a : a + m])
+            yield _weighted_batch(loader, idx, np.ones(idx.size))
+
     def _new_loader(self, module, epochs: int, kwargs: dict) -> CrestLoader:
         with _common.budget_said():  # said at construction
             loader = CrestLoader(module, self.dataset, epochs=int(epochs), per_epoch=True, **kwargs)
@@ -507,6 +538,7 @@ class CrestCallback(pl.Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         loader = self._require_loader()
         e = trainer.current_epoch - self._epoch0
+        self._bn_epoch = e >= loader.epochs and _swa_batch_norm_epoch(trainer)
         if 0 <= e < loader.epochs:
             # with limit_train_batches cutting the epochs, their drift was said at setup: not again as a
             # set_epoch of the user's, ahead of the run
@@ -514,6 +546,8 @@ class CrestCallback(pl.Callback):
             loader.set_epoch(e)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._bn_epoch:  # SWA's statistics pass: no CREST step (SWA sets the accumulation for it)
+            return
         _check_accumulation(trainer)  # a GradientAccumulationScheduler sets it at each epoch's start
         loader = self._require_loader()
         if loader.position == self._last_position:
@@ -529,6 +563,8 @@ class CrestCallback(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._in_flight = False
+        if self._bn_epoch:  # nothing trains in SWA's statistics pass: its losses are no CREST step's
+            return
         if self._limits_from is not None and self.loader is not None:
             g0, p0 = self._limits_from
             done, steps = self.loader.position - p0, int(trainer.global_step) - g0

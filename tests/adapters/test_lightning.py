@@ -857,3 +857,47 @@ def test_passes_budgets_warn_that_lightning_skips_epoch_end_validation(tmp_path)
         trainer(tmp_path, 4, cb, num_sanity_val_steps=0).fit(module, train_dataloaders=cb.dataloader(),
                                                               val_dataloaders=val)
     assert len(module.validated_at) == 4
+
+
+def test_stochastic_weight_averagings_batch_norm_epoch_gets_the_datas_statistics(tmp_path):
+    """Review 124: Lightning's StochasticWeightAveraging adds an epoch after max_epochs for a model with
+    BatchNorm, resets the averaged model's statistics and recomputes them over the training batches. Past
+    CREST's plan that epoch got no batch, and the model kept mean 0, variance 1. It now gets len(dataloader)
+    unweighted batches of m examples drawn from the whole training set (no CREST step is taken or counted),
+    and the statistics are theirs."""
+
+    class BatchNormed(Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = torch.nn.Sequential(torch.nn.Linear(D_IN, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                           torch.nn.Linear(16, C))
+            self.inputs = []
+
+        def training_step(self, batch, batch_idx):
+            with torch.no_grad():  # what the BatchNorm layer sees in this step
+                self.inputs.append((int(self.trainer.current_epoch), batch[0].clone(), batch[2].clone(),
+                                    self.net[0](batch[0])))
+            return super().training_step(batch, batch_idx)
+
+    cb = CrestCallback(data(), **CFG)
+    module = BatchNormed()
+    swa = pl.callbacks.StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", ".*all planned steps are used.*")
+        pl.Trainer(max_epochs=3, callbacks=[cb, swa], logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                   accelerator="cpu", deterministic=True).fit(module, train_dataloaders=cb.dataloader())
+    steps = len(cb.dataloader())
+    assert cb.stats["step"] == 3 * steps  # the BN epoch took no CREST step
+    last = [rec for rec in module.inputs if rec[0] == 3]  # the epoch SWA added
+    assert len(last) == steps
+    X, _ = data().tensors
+    order = np.random.default_rng([CFG["seed"], 0x5A7]).permutation(N)[: steps * 24]
+    for a, (_, x, w, _) in zip(range(0, order.size, 24), last):
+        assert torch.equal(x, X[np.sort(order[a : a + 24])]) and torch.equal(w, torch.ones_like(w))
+    bn = module.net[1]
+    assert int(bn.num_batches_tracked) == steps
+    h = [rec[3] for rec in last]
+    torch.testing.assert_close(bn.running_mean, torch.stack([b.mean(0) for b in h]).mean(0))
+    torch.testing.assert_close(bn.running_var, torch.stack([b.var(0) for b in h]).mean(0))
