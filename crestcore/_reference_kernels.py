@@ -300,8 +300,21 @@ def draw_stratified(pool, cls, r_c, draws):
     # 8- and 16-bit integers by radix (linear), int64 by merging (about 5x slower at 60,000); same order
     key = cls.astype(np.uint8) if C <= 256 else (cls.astype(np.uint16) if C <= 65536 else cls)
     members = pool[np.argsort(key, kind="stable")]
-    sizes = np.bincount(cls, minlength=C)
-    if r_c.ndim != 1 or (r_c.size and (bool((r_c < 0).any()) or bool((r_c > sizes).any()))):
+    return draw_grouped(members, np.bincount(cls, minlength=C), r_c, draws)
+
+
+def draw_grouped(members, sizes, r_c, draws):
+    """:func:`draw_stratified` on a pool already grouped by class: ``members`` (N,) the pool's indices class
+    after class (each class in pool order), ``sizes`` (C,) each class's count. The same subsets, in
+    O(P r log r): nothing is done over the pool (a just-in-time selection draws its rows one at a time, each
+    when its step comes, from the grouping made once)."""
+    members = np.asarray(members, dtype=np.int64)
+    sizes = np.asarray(sizes, dtype=np.int64)
+    r_c = np.asarray(r_c, dtype=np.int64)
+    draws = np.asarray(draws, dtype=np.int64)
+    C = r_c.size
+    P, r = draws.shape
+    if r_c.ndim != 1 or sizes.shape != (C,) or (r_c.size and (bool((r_c < 0).any()) or bool((r_c > sizes).any()))):
         raise ValueError("r_c must be 1-D with 0 <= r_c[c] <= the size of class c")
     start = np.cumsum(sizes) - sizes
     off = np.cumsum(r_c) - r_c
@@ -323,7 +336,7 @@ def draw_stratified(pool, cls, r_c, draws):
             break
         taken[chain[up]] = True
     vals = members[np.where(taken.reshape(P, r), j[None, :], draws) + start[blk][None, :]]
-    big = int(pool.max()) + 1 if pool.size else 1
+    big = int(members.max()) + 1 if members.size else 1
     key = blk[None, :] * big + vals  # sort within blocks: the block order is kept by the key
     key.sort(axis=1)
     return key - blk[None, :] * big

@@ -128,19 +128,25 @@ def _pool_classes(labels_host: np.ndarray | None, pool: np.ndarray, whole: bool)
     return cls, sizes
 
 
+def _floyd_draws(sizes: np.ndarray, r_c: np.ndarray, rng: np.random.Generator, rows: int) -> np.ndarray:
+    """(rows, r) positions for Floyd's algorithm from the next ``rows * r`` uniforms of ``rng``: slot t of
+    class c's block uniform in ``[0, N_c - r_c + t]``."""
+    r = int(r_c.sum())
+    blk = np.repeat(np.arange(sizes.size), r_c)
+    t = np.arange(r) - np.repeat(np.cumsum(r_c) - r_c, r_c)
+    high = (sizes - r_c)[blk] + t + 1
+    return np.minimum(np.floor(rng.random((rows, r)) * high).astype(np.int64), high - 1)
+
+
 def _draw_rows(pool: np.ndarray, cls: np.ndarray, sizes: np.ndarray, r_c: np.ndarray, rng: np.random.Generator,
                rows: int, native: bool = True) -> np.ndarray:
     """``rows`` class-blocked subsets (rows, r) from the next ``rows * r`` uniforms of ``rng``: row q from
     the q-th r of them alone (so any row can be drawn later from the stream's state, advanced past the rows
     before it: :func:`crestcore.controller` draws a just-in-time selection's rows when their step comes)."""
-    r = int(r_c.sum())
-    blk = np.repeat(np.arange(sizes.size), r_c)
-    t = np.arange(r) - np.repeat(np.cumsum(r_c) - r_c, r_c)
-    high = (sizes - r_c)[blk] + t + 1  # Floyd's draw at slot t is uniform in [0, N_c - r_c + t]
-    draws = np.minimum(np.floor(rng.random((rows, r)) * high).astype(np.int64), high - 1)
+    draws = _floyd_draws(sizes, r_c, rng, rows)
     # both give the same subsets; the reference is vectorised (two sorts per row, O(P r log r)) and within
     # 2-6x of the kernel, so Numba (a start of 0.5-0.9 s) is started for the draw only when it is large
-    kern = get_host_kernel("draw_stratified", start=rows * r > _NATIVE_DRAW_CELLS) if native else None
+    kern = get_host_kernel("draw_stratified", start=draws.size > _NATIVE_DRAW_CELLS) if native else None
     if kern is None:
         from ._reference_kernels import draw_stratified
 
