@@ -227,8 +227,9 @@ def quadratic_anchor(state: QuadraticState, loss: float, config: QuadraticConfig
     >>> kept.n_g, kept.g_ema
     (1, array([ 0.1, -0.1]))
     """
+    complex_array = "complex" in str(getattr(loss, "dtype", ""))
     if loss is None or isinstance(loss, (str, bytes, bool, np.bool_, complex, np.complexfloating)) or (
-            hasattr(loss, "shape") and (tuple(loss.shape) not in ((), (1,)) or "complex" in str(loss.dtype))):
+            hasattr(loss, "shape") and (tuple(loss.shape) not in ((), (1,)) or complex_array)):
         raise TypeError(f"loss must be a real number (the anchor loss), got {type(loss).__name__}"
                         + (f" of shape {tuple(loss.shape)}" if hasattr(loss, "shape") else ""))
     if not isinstance(config, QuadraticConfig):
