@@ -486,11 +486,13 @@ class CrestCallback(pl.Callback):
     def _batch_norm_batches(self):
         """StochasticWeightAveraging's BatchNorm epoch, after CREST's plan (review 124: it got no batch, and the
         averaged model kept the reset statistics, mean 0 and variance 1): ``len(dataloader)`` batches of ``m``
-        examples drawn without replacement from the whole training set (from the run's seed), weight 1, so the
-        statistics are those of the data. No CREST step: nothing is selected, counted or observed."""
+        examples (at most the training set's whole batches: a last batch of one example failed in BatchNorm,
+        review 126) drawn without replacement from the whole training set (from the run's seed), weight 1, so
+        the statistics are those of the data. No CREST step: nothing is selected, counted or observed."""
         loader = self._require_loader()
         m = loader.config.m
-        order = np.random.default_rng([loader.seed, 0x5A7]).permutation(loader.n)[: len(loader) * m]
+        batches = max(1, min(len(loader), loader.n // m))
+        order = np.random.default_rng([loader.seed, 0x5A7]).permutation(loader.n)[: batches * m]
         for a in range(0, order.size, m):
             idx = np.sort(order[a : a + m])
             yield _weighted_batch(loader, idx, np.ones(idx.size))
@@ -538,8 +540,9 @@ class CrestCallback(pl.Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         loader = self._require_loader()
         e = trainer.current_epoch - self._epoch0
-        self._bn_epoch = e >= loader.epochs and _swa_batch_norm_epoch(trainer)
-        if 0 <= e < loader.epochs:
+        # (also inside CREST's plan: CrestCallback(epochs=) beyond max_epochs puts SWA's epoch there, review 126)
+        self._bn_epoch = _swa_batch_norm_epoch(trainer)
+        if 0 <= e < loader.epochs and not self._bn_epoch:
             # with limit_train_batches cutting the epochs, their drift was said at setup: not again as a
             # set_epoch of the user's, ahead of the run
             loader._drift_said = self._cut

@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     import crestcore
     import crestcore.minibatch as mb
     from crestcore._compat import to_numpy
-    from crestcore.controller import _pool_subsets, _union_positions
+    from crestcore.controller import _selection_subsets, _union_positions
     from crestcore.features import last_layer_gradients
 
     host_kernel = mb.get_host_kernel
@@ -95,7 +95,7 @@ def main(argv=None) -> None:
             return [np.nan, np.nan, np.nan, 1e3 * (t3 - t0)]
         gen = np.random.default_rng(seed)
         t0 = time.perf_counter()
-        subsets = _pool_subsets(labels, pool, args.r, args.P, gen)  # the controller's draw
+        subsets, _ = _selection_subsets(labels, pool, args.r, args.P, args.P, gen)  # the controller's draw (all rows)
         union, pos = _union_positions(subsets)
         t1 = time.perf_counter()
         # a stand-in for the model's forward over the union (not timed: E2 times the forward apart)

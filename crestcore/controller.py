@@ -1733,8 +1733,12 @@ def _validate_recipe(recipe, labels, n: int) -> None:
     counts = np.unique(members if not pool.size else members[pool], return_counts=True)[1]
     if rc.shape != counts.shape or rc.min(initial=0) < 0 or np.any(rc > counts) or rc.sum() < 1:
         raise _bad("draw['r_c'] must give each class of the pool a count of members per subset it can hold")
-    if _host(recipe["rng"], "draw['rng']", 1, "i").shape != (6,):
+    words = _host(recipe["rng"], "draw['rng']", 1, "i")
+    if words.shape != (6,):
         raise _bad("draw['rng'] must be the 6 words of a PCG64 stream")
+    w = [int(v) for v in words.astype(np.int64).view(np.uint64)]
+    if w[3] % 2 == 0 or w[4] not in (0, 1) or w[5] >> 32:  # PCG64's increment is odd; a buffered 32-bit half
+        raise _bad("draw['rng'] is not a PCG64 state (an odd increment, a flag of 0 or 1 and a 32-bit half)")
 
 
 def _validate_state_dict(d: dict, D: int) -> None:

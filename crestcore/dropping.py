@@ -464,6 +464,6 @@ def drop_update(state: DropState, step: int, config: DropConfig = DropConfig(), 
     picked = np.sort(chosen).astype(np.int64)
     active = state.active.copy()
     active[picked] = False
-    dropped_at = state.dropped_at.copy()
+    dropped_at = np.array(state.dropped_at, dtype=np.int64)  # a copy, int64 whatever a hand-built state held
     dropped_at[picked] = int(step)
     return state._replace(active=_frozen(active), dropped_at=dropped_at), picked

@@ -1733,6 +1733,9 @@ def test_a_state_saved_between_just_in_time_coresets_restores_exactly():
     with pytest.raises(ValueError, match="subsets has 0 rows and there is no draw"):
         crest_load_state_dict(bad, ops_b.params())
     for key, value, text in (("r_c", lambda v: v.astype(np.int64) + 10_000, "r_c"), ("rng", lambda v: v[:5], "6 words"),
+                             ("rng", lambda v: np.r_[v[:4], 7, v[5]], "not a PCG64 state"),
+                             ("rng", lambda v: np.r_[v[:5], -1], "not a PCG64 state"),
+                             ("rng", lambda v: np.r_[v[:3], v[3] & ~1, v[4:]], "not a PCG64 state"),
                              ("pool", lambda v: np.array([3, 1]), "ascending")):
         bad = copy.deepcopy(saved)
         bad["draw"][key] = value(bad["draw"][key])
@@ -2801,3 +2804,23 @@ def test_a_state_dict_stays_linear_in_the_examples():
     assert nbytes(d) < 6 * n, nbytes(d)  # labels, pool mask, drop head and dropped_at a byte each; the batches
     back = crest_load_state_dict(d, _SoftmaxOps_for(X, y).params())
     assert back.labels.dtype == np.int64 and np.array_equal(back.labels, y)
+
+
+def test_a_drop_state_rebuilt_from_a_narrowed_state_dict_records_late_steps():
+    """Review 126: a DropState rebuilt from a state dict's drop fields (int8 there) overflowed once a drop
+    decision wrote a step past 127; the drop functions write into int64 copies of a hand-built state's arrays."""
+    from crestcore.dropping import DropState
+
+    y = np.arange(300) % 3
+    d = crest_state_dict(crest_init(CrestConfig(m=8, T2=2), y, seed=0))
+    assert d["drop"]["dropped_at"].dtype == np.int8
+    cfg = DropConfig(alpha=0.5, window=400, min_records=1)
+    runs = []
+    for drop in (DropState(**d["drop"]), cc.drop_init(300, DropConfig())):
+        for step in (100, 130, 300, 40000):
+            drop = cc.drop_record(drop, np.arange(60), np.full(60, 0.01), step=step)
+        runs.append(cc.drop_update(drop, 40000, cfg, labels=y))
+    (a, da), (b, db) = runs
+    np.testing.assert_array_equal(da, db)
+    np.testing.assert_array_equal(a.dropped_at, b.dropped_at)
+    assert set(np.unique(a.dropped_at).tolist()) == {-1, 40000}

@@ -230,6 +230,11 @@ def test_nonneg_ridge_weights_do_not_depend_on_the_data_scale(power, positive):
         np.testing.assert_allclose(got, base, rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="lam=.*beyond float64 relative to the squared atoms"):
         nonneg_ridge(np.ldexp(atoms, -600), np.ldexp(target, -600), lam=1e300)
+    # the target alone scaled: the weights scale with it (review 126: one power of two for atoms and target
+    # lost a target 1e150 times the atoms, all-zero weights at 1e200)
+    base = nonneg_ridge(atoms, target, positive=positive)
+    got = nonneg_ridge(atoms, np.ldexp(target, power), positive=positive)
+    np.testing.assert_allclose(got, np.ldexp(base, power), rtol=1e-12, atol=0)
 
 
 def test_gradmatch_half_precision_computes_in_float32():

@@ -406,16 +406,19 @@ def nonneg_ridge(atoms, target, *, lam: float = 0.0, positive: bool = True):
     _check_target(xp, target, atoms, "atoms")
     lam = check_real(lam, "lam", low=0.0)
     positive = check_bool(positive, "positive")
-    # the numerics policy, as gradmatch's: atoms and target whose Gram products would overflow or underflow
-    # float64 are divided by the same power of two, lam by its square; the weights do not change (at 1e160 or
-    # 1e-170 the unscaled products came back as all-zero weights, silently: review 122)
-    atoms_c, target_c, _, back = prepare(xp, atoms, metric="sqeuclidean", kernel=None, scale=1.0, Y=target)
+    # the numerics policy: atoms whose Gram products would overflow or underflow float64 are divided by a power
+    # of two 2^a, lam by its square, and the target by its own 2^t; the weights of the scaled problem times
+    # 2^(t - a) are the problem's (at 1e160 or 1e-170 the unscaled products came back as all-zero weights,
+    # silently: review 122; one power for both lost a target 1e150 times the atoms: review 126)
+    atoms_c, _, _, back = prepare(xp, atoms, metric="sqeuclidean", kernel=None, scale=1.0)
+    target_c, _, _, back_t = prepare(xp, xp.reshape(target, (1, -1)), metric="sqeuclidean", kernel=None, scale=1.0)
     lam = _scaled_lam(lam, back, "atoms")
     A = np.asarray(to_numpy(atoms_c), dtype=np.float64)
-    b = np.asarray(to_numpy(target_c), dtype=np.float64)
+    b = np.asarray(to_numpy(target_c), dtype=np.float64).reshape(-1)
     Q = A @ A.T + lam * np.eye(A.shape[0])
     w = _gram_nnls(Q, A @ b, positive=positive, lam=lam)
-    return restore(xp, from_numpy(w, xp, device_of(atoms)), 0, atoms.dtype, "weights")
+    # sqeuclidean's back is twice each power
+    return restore(xp, from_numpy(w, xp, device_of(atoms)), (back_t - back) // 2, atoms.dtype, "weights")
 
 
 # ------------------------------------------------------------------------------------------------

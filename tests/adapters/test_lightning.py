@@ -901,3 +901,38 @@ def test_stochastic_weight_averagings_batch_norm_epoch_gets_the_datas_statistics
     h = [rec[3] for rec in last]
     torch.testing.assert_close(bn.running_mean, torch.stack([b.mean(0) for b in h]).mean(0))
     torch.testing.assert_close(bn.running_var, torch.stack([b.var(0) for b in h]).mean(0))
+
+
+def test_stochastic_weight_averagings_epoch_with_a_partial_batch_or_inside_crests_plan(tmp_path):
+    """Review 126: the BatchNorm epoch cut its batches from the whole training set, and a last batch of one
+    example (n = 241, m = 24, budget 1.0) failed in BatchNorm; with CrestCallback(epochs=4) beyond
+    max_epochs=3 SWA's epoch fell inside CREST's plan, was served CREST's batches, and the fit failed on SWA's
+    accumulate_grad_batches with a message that blamed the user. Whole batches only, and the epoch is SWA's
+    wherever it falls."""
+
+    class BatchNormed(Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = torch.nn.Sequential(torch.nn.Linear(D_IN, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                           torch.nn.Linear(16, C))
+            self.sizes = []
+
+        def training_step(self, batch, batch_idx):
+            self.sizes.append((int(self.trainer.current_epoch), int(batch[0].shape[0]), float(batch[2].std())))
+            return super().training_step(batch, batch_idx)
+
+    X, y = data().tensors
+    for ds, kw in ((TensorDataset(torch.cat([X, X[:1]]), torch.cat([y, y[:1]])), dict(CFG, budget=1.0)),
+                   (data(), dict(CFG, epochs=4))):
+        cb = CrestCallback(ds, **kw)
+        module = BatchNormed()
+        swa = pl.callbacks.StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=1)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*CrestCallback\\(epochs=4\\) but Trainer.*")
+            pl.Trainer(max_epochs=3, callbacks=[cb, swa], logger=False, enable_progress_bar=False,
+                       enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                       accelerator="cpu").fit(module, train_dataloaders=cb.dataloader())
+        bn_epoch = [(size, std) for epoch, size, std in module.sizes if epoch == 3]
+        assert bn_epoch and all(size == 24 and std == 0.0 for size, std in bn_epoch), bn_epoch
+        assert cb.stats["step"] == 3 * len(cb.dataloader())  # SWA's epoch took no CREST step
