@@ -45,14 +45,14 @@ import math
 import warnings
 from dataclasses import dataclass, field, replace
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import array_api_compat
 import numpy as np
 
-from ._compat import device_of, from_numpy, frozen_copy, namespace, once_per_array, to_numpy
+from ._compat import device_of, from_numpy, frozen_copy, namespace, namespace_name, once_per_array, to_numpy
 from ._validation import (DivergenceError, apportion, field_bool, field_choice, field_instance, field_int,
-                          field_real, masked_outputs_error, plain_fields, user_stacklevel)
+                          field_real, isdtype, masked_outputs_error, plain_fields, user_stacklevel)
 from .dropping import (DropConfig, DropState, _check_live, _undone_on_error, drop_init, drop_record, drop_resize,
                        drop_update, pool_size)
 from .features import cross_entropy, last_layer_gradients, softmax
@@ -100,6 +100,7 @@ CONFIG_BACKENDS = ("auto", "device", "numba", "reference")  # minibatch_coresets
 CONFIG_AS_BEFORE = {"checks": "'every'", "probe_size": "None", "probe_every": "1"}
 
 
+@runtime_checkable
 class ModelOps(Protocol):
     """What an adapter supplies (see the module docstring). Optionally it may also define
     ``coresets(features, labels, **kw)`` with :func:`crestcore.minibatch_coresets`'s signature and
@@ -181,7 +182,11 @@ class ModelOps(Protocol):
         """``(loss, flat gradient)`` of the weighted mean loss ``mean_i(w_i * l_i)`` over the examples
         ``indices`` at the current parameters; the gradient is shaped like :meth:`params` and in its dtype
         (``weights`` arrive as a float64 host array: cast them to the model's dtype first in a float32
-        model, or the product comes out float64 and is refused).
+        model, or the product comes out float64 and is refused). Measured as :meth:`outputs` measures (eval
+        mode: no dropout, BatchNorm's running statistics), so the loss is the one the selection's forward saw:
+        the controller compares the two and warns when they differ (a weighted sum instead of the mean, the
+        weights left out, dropout on). ``indices`` may repeat an example (``batches="shuffled-union"``): each
+        occurrence counts, with its own weight (``np.add.at``, not ``g[idx] += v``).
 
         Examples
         --------
@@ -204,7 +209,10 @@ class ModelOps(Protocol):
 
     def hutchinson(self, indices: np.ndarray, weights: np.ndarray, seed: int) -> Any:
         """One Hutchinson probe ``z * (H z)``: ``z`` Rademacher (+-1) drawn from ``seed``, ``H`` the
-        Hessian of the weighted mean loss of :meth:`gradient`; shaped like :meth:`params`.
+        Hessian of the weighted mean loss of :meth:`gradient` (measured as it is); shaped like :meth:`params`.
+        The probe must depend on ``seed`` alone (no other random state): a resumed run draws the same seeds
+        and repeats the run's decisions exactly. ``z * (H z)``, not ``H z``: its mean over probes is the
+        Hessian's diagonal.
 
         Examples
         --------
@@ -721,7 +729,11 @@ def _labels_in(xp, lab_host, like):
 
 
 def _forward(state: CrestState, ops, idx: np.ndarray, config: CrestConfig):
-    out = ops.outputs(idx, embeddings=True) if config.embeddings else ops.outputs(idx)
+    # the ops get copies of the host arrays the controller keeps (here and in the model fit): an ops that wrote
+    # the indices it was given changed the controller's own records (the check's examples, a coreset), or
+    # failed far from the write (review 127); read-only views made torch warn at every from_numpy
+    mine = idx.copy()
+    out = ops.outputs(mine, embeddings=True) if config.embeddings else ops.outputs(mine)
     if config.embeddings and not (isinstance(out, (tuple, list)) and len(out) == 2):
         raise ValueError("CrestConfig(embeddings=True) needs outputs(indices, embeddings=True) to return the "
                          f"pair (logits, embeddings); the adapter returned {type(out).__name__}")
@@ -729,6 +741,8 @@ def _forward(state: CrestState, ops, idx: np.ndarray, config: CrestConfig):
     xp = namespace(logits, names=("outputs",))
     if logits.ndim != 2 or logits.shape[0] != idx.size:
         raise ValueError(f"outputs returned shape {tuple(logits.shape)} for {idx.size} indices")
+    if not isdtype(xp, logits.dtype, "real floating"):  # (an integer array failed deep in the features: review 127)
+        raise TypeError(f"outputs must return real floating logits, got dtype {logits.dtype}")
     if not bool(xp.all(xp.isfinite(logits))):
         if not bool(xp.any(xp.isnan(logits) | (logits == math.inf))):
             raise masked_outputs_error(int(xp.sum(xp.astype(xp.any(logits == -math.inf, axis=1), xp.int64))),
@@ -1098,34 +1112,38 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
     if prev is not None and not probe:
         quad = quad._replace(h_ema=prev.h_ema, n_h=prev.n_h)
     # reselect="epoch" never checks, so the model (and its schedule, fixed at the cap) is not fitted
+    fit_losses = None  # the forward's losses on the host, for the fits' loss check (read once, if a fit runs)
     for p in range(min(config.fit_batches, made) if config.reselect != "epoch" else 0):
-        bi, bw = rows_i[p], rows_w[p]
+        bi, bw = rows_i[p].copy(), rows_w[p].copy()  # the ops' copies, as _forward's
         seed = int(gen.integers(2**31 - 1))
         k = config.probe_size
         names = ("gradient", "hutchinson")
         if not probe:  # the gradient alone: the curvature average stays as it is
-            _, g = _returned(_method(ops, "gradient")(bi, bw), "gradient", 2, _GRADIENT)
+            fit_loss, g = _returned(_method(ops, "gradient")(bi, bw), "gradient", 2, _GRADIENT)
             zhz = None
             c["forward_examples"] += bi.size
             c["backward_examples"] += bi.size
         elif k is not None and k < bi.size:  # the gradient on the coreset, the probe on k of its examples
-            _, g = _returned(_method(ops, "gradient")(bi, bw), "gradient", 2, _GRADIENT)
+            fit_loss, g = _returned(_method(ops, "gradient")(bi, bw), "gradient", 2, _GRADIENT)
             part = np.sort(np.random.default_rng([seed, 1]).choice(bi.size, size=k, replace=False))
             # mean(w l) over a uniform sample estimates the coreset's without bias
             zhz = _present(_method(ops, "hutchinson")(bi[part], bw[part], seed), "hutchinson", _PROBE)
             c["forward_examples"] += bi.size + k
             c["backward_examples"] += bi.size + 2 * k
         elif fused is not None:  # one forward; the probe's first backward gives the gradient
-            _, g, zhz = _returned(fused(bi, bw, seed), "gradient_and_hutchinson", 3,
+            fit_loss, g, zhz = _returned(fused(bi, bw, seed), "gradient_and_hutchinson", 3,
                                 "(loss, flat gradient, probe z * (H z)), vectors like params()")
             names = ("gradient_and_hutchinson",) * 2
             c["forward_examples"] += bi.size
             c["backward_examples"] += 2 * bi.size
         else:  # gradient: one forward + one backward; Hessian-vector product: its own forward and a double backward
-            _, g = _returned(_method(ops, "gradient")(bi, bw), "gradient", 2, _GRADIENT)
+            fit_loss, g = _returned(_method(ops, "gradient")(bi, bw), "gradient", 2, _GRADIENT)
             zhz = _present(_method(ops, "hutchinson")(bi, bw, seed), "hutchinson", _PROBE)
             c["forward_examples"] += 2 * bi.size
             c["backward_examples"] += 3 * bi.size
+        if fit_losses is None:
+            fit_losses = np.asarray(to_numpy(losses), dtype=np.float64)
+        _check_fit_loss(fit_loss, rows_i[p], rows_w[p], union, fit_losses, names[0])  # (the controller's own)
         try:
             quad = quadratic_update(quad, g, zhz, config.quadratic)
         except DivergenceError:
@@ -1158,6 +1176,26 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
         subsets=np.zeros((0, 0), dtype=np.int64), draw=recipe, check_idx=check_idx, anchor=anchor,
         quad=quad, h_norm_0=h0, h_norm_t=h_norm, drop=drop, counters=c, log=log,
     )
+
+
+def _check_fit_loss(loss, idx: np.ndarray, w: np.ndarray, union: np.ndarray, losses: np.ndarray, name: str) -> None:
+    """Warn (once) when the loss ``ops.gradient`` (or the fused call) returned for a coreset is not the
+    weighted mean of the losses the selection's forward measured for the same examples at the same
+    parameters: a gradient of the weighted sum (the loss k times larger) fails nearly every trust check
+    (96 % against 37 % in review 127's run) and nearly doubles the selections, silently; so does one
+    measured in another mode than ``outputs`` (dropout on)."""
+    try:
+        got = float(to_numpy(loss).reshape(())) if hasattr(loss, "shape") else float(loss)
+    except (TypeError, ValueError):
+        return  # not a number: the protocol's loss is informational, nothing else reads it
+    want = float(np.mean(w * losses[np.searchsorted(union, idx)]))
+    if math.isfinite(got) and abs(got - want) > 0.25 * abs(want) + 1e-6:
+        warnings.warn(
+            f"CREST: ops.{name} returned a loss that is not the weighted mean loss mean_i(w_i * l_i) the selection's "
+            "forward measured on the same examples at the same parameters: the gradient and the curvature fitted "
+            "to the quadratic model would not be that loss's (a weighted sum instead of the mean, weights left out, "
+            "or a measurement in another mode than outputs', e.g. with dropout on), and the trust checks would "
+            "compare it with another loss. See ModelOps.gradient", RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def _select_next(state: CrestState, ops, config: CrestConfig) -> CrestState:
@@ -1300,6 +1338,13 @@ def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
     w = ops.params()
     if state.anchor is not None:
         _check_alive(state.anchor, "the selection (the anchor)")
+    if state.anchor is not None:
+        libs = [namespace_name(namespace(v, names=(name,))) for v, name in ((w, "params()"), (state.anchor, "anchor"))]
+        if libs[0] != libs[1]:  # (it failed later, mixing the two libraries, naming neither: review 127)
+            raise TypeError(
+                f"ops.params() returns {libs[0]} arrays but the state's anchor is a {libs[1]} array: a state restored "
+                "with crest_load_state_dict(d, params_like) takes params_like's library; pass ops.params() as "
+                "params_like")
     if state.anchor is not None and _shared(w, state.anchor):
         raise ValueError(
             "ops.params() returned memory shared with the anchor it returned at the selection (a view of the "
@@ -1811,7 +1856,8 @@ def _validate_state_dict(d: dict, D: int) -> None:
         if a.size != D:
             raise _bad(f"anchor has {a.size} parameters but the model has {D}: the state was saved for "
                        "another model (architecture), or before layers were frozen or unfrozen (load it first, "
-                       "then change which parameters train)")
+                       "then change which parameters train; a loop of your own that changed them before saving "
+                       "calls crest_parameters_changed(state) first, as the adapters do)")
         if not np.all(np.isfinite(a)):
             raise _bad("anchor contains NaN or infinite values")
     q = d["quad"]
@@ -1823,7 +1869,8 @@ def _validate_state_dict(d: dict, D: int) -> None:
             if v.size != D:
                 raise _bad(f"quad.{name} has {v.size} entries but the model has {D} parameters: the state "
                            "was saved for another model (architecture), or before layers were frozen or unfrozen "
-                           "(load it first, then change which parameters train)")
+                           "(load it first, then change which parameters train; a loop of your own that changed "
+                           "them before saving calls crest_parameters_changed(state) first)")
             if not np.all(np.isfinite(v)):
                 raise _bad(f"quad.{name} contains NaN or infinite values")
         _int_of(q, "n_g")
