@@ -287,20 +287,21 @@ def draw_stratified(pool, cls, r_c, draws):
     The first is found by one sort per row; the second is a chain through earlier slots, resolved by
     repeating one gather until nothing changes (as many rounds as the longest chain, usually one).
     """
-    pool = np.asarray(pool, dtype=np.int64)
     cls = np.asarray(cls, dtype=np.int64)
-    r_c = np.asarray(r_c, dtype=np.int64)
-    draws = np.asarray(draws, dtype=np.int64)
-    C = r_c.size
-    P, r = draws.shape
-    # refused as the Numba kernel refuses it (the 8- or 16-bit sort keys below would wrap such values)
+    C = np.asarray(r_c).size
+    # refused as the Numba kernel refuses it (the 8- or 16-bit sort keys would wrap such values)
     if cls.size and (int(cls.min()) < 0 or int(cls.max()) >= C):
         raise ValueError(f"cls must hold class positions in [0, {C})")
-    # a stable sort of the class positions as the narrowest unsigned type that holds them: NumPy sorts
-    # 8- and 16-bit integers by radix (linear), int64 by merging (about 5x slower at 60,000); same order
+    return draw_grouped(group_by_class(pool, cls, C), np.bincount(cls, minlength=C), r_c, draws)
+
+
+def group_by_class(pool, cls, C: int) -> np.ndarray:
+    """The pool's indices class after class (each class in pool order): a stable sort of the class positions
+    ``cls`` (in ``[0, C)``) as the narrowest unsigned type that holds them (NumPy sorts 8- and 16-bit integers
+    by radix, linear; int64 by merging, about 5x slower at 60,000; the same order)."""
+    cls = np.asarray(cls, dtype=np.int64)
     key = cls.astype(np.uint8) if C <= 256 else (cls.astype(np.uint16) if C <= 65536 else cls)
-    members = pool[np.argsort(key, kind="stable")]
-    return draw_grouped(members, np.bincount(cls, minlength=C), r_c, draws)
+    return np.asarray(pool, dtype=np.int64)[np.argsort(key, kind="stable")]
 
 
 def draw_grouped(members, sizes, r_c, draws):

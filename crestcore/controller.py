@@ -57,7 +57,7 @@ from .dropping import (DropConfig, DropState, _check_live, _undone_on_error, dro
                        drop_update, pool_size)
 from .features import cross_entropy, last_layer_gradients, softmax
 from .facility import OPTIMIZERS, _numba_host, on_host_device
-from ._reference_kernels import draw_grouped
+from ._reference_kernels import draw_grouped, group_by_class
 from .minibatch import (CLASS_BUDGETS, DenseMemoryError, _count_classes, _draw_rows, _floyd_draws, _pool_classes,
                         minibatch_coresets)
 from .quadratic import (
@@ -907,8 +907,7 @@ def _subset_row(state: CrestState, p: int) -> np.ndarray:
         whole = d["pool"].size == 0
         pool = np.arange(state.labels.size, dtype=np.int64) if whole else d["pool"]
         cls, sizes = _pool_classes(state.labels, pool, whole)
-        key = cls.astype(np.uint8) if sizes.size <= 256 else cls  # a stable radix sort for few classes
-        return pool[np.argsort(key, kind="stable")], sizes
+        return group_by_class(pool, cls, sizes.size), sizes
 
     members, sizes = once_per_array("subset rows", d["rng"], grouped)
     r_c = d["r_c"]

@@ -859,6 +859,34 @@ def test_passes_budgets_warn_that_lightning_skips_epoch_end_validation(tmp_path)
     assert len(module.validated_at) == 4
 
 
+class _BatchNormed(Module):
+    """Module's MLP with a BatchNorm layer; records each step's (epoch, inputs, weights, BatchNorm's input)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(D_IN, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                       torch.nn.Linear(16, C))
+        self.inputs = []
+
+    def training_step(self, batch, batch_idx):
+        with torch.no_grad():  # what the BatchNorm layer sees in this step
+            self.inputs.append((int(self.trainer.current_epoch), batch[0].clone(), batch[2].clone(),
+                                self.net[0](batch[0])))
+        return super().training_step(batch, batch_idx)
+
+
+def _swa_fit(tmp_path, dataset, kw):
+    """Three epochs of _BatchNormed with CREST and StochasticWeightAveraging (from epoch 1): (callback, module)."""
+    cb = CrestCallback(dataset, **kw)
+    module = _BatchNormed()
+    swa = pl.callbacks.StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=1)
+    pl.Trainer(max_epochs=3, callbacks=[cb, swa], logger=False, enable_progress_bar=False, enable_model_summary=False,
+               enable_checkpointing=False, default_root_dir=tmp_path, accelerator="cpu",
+               deterministic=True).fit(module, train_dataloaders=cb.dataloader())
+    return cb, module
+
+
 def test_stochastic_weight_averagings_batch_norm_epoch_gets_the_datas_statistics(tmp_path):
     """Review 124: Lightning's StochasticWeightAveraging adds an epoch after max_epochs for a model with
     BatchNorm, resets the averaged model's statistics and recomputes them over the training batches. Past
@@ -866,28 +894,9 @@ def test_stochastic_weight_averagings_batch_norm_epoch_gets_the_datas_statistics
     unweighted batches of m examples drawn from the whole training set (no CREST step is taken or counted),
     and the statistics are theirs."""
 
-    class BatchNormed(Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.net = torch.nn.Sequential(torch.nn.Linear(D_IN, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
-                                           torch.nn.Linear(16, C))
-            self.inputs = []
-
-        def training_step(self, batch, batch_idx):
-            with torch.no_grad():  # what the BatchNorm layer sees in this step
-                self.inputs.append((int(self.trainer.current_epoch), batch[0].clone(), batch[2].clone(),
-                                    self.net[0](batch[0])))
-            return super().training_step(batch, batch_idx)
-
-    cb = CrestCallback(data(), **CFG)
-    module = BatchNormed()
-    swa = pl.callbacks.StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=1)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", ".*all planned steps are used.*")
-        pl.Trainer(max_epochs=3, callbacks=[cb, swa], logger=False, enable_progress_bar=False,
-                   enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
-                   accelerator="cpu", deterministic=True).fit(module, train_dataloaders=cb.dataloader())
+        cb, module = _swa_fit(tmp_path, data(), CFG)
     steps = len(cb.dataloader())
     assert cb.stats["step"] == 3 * steps  # the BN epoch took no CREST step
     last = [rec for rec in module.inputs if rec[0] == 3]  # the epoch SWA added
@@ -910,29 +919,12 @@ def test_stochastic_weight_averagings_epoch_with_a_partial_batch_or_inside_crest
     accumulate_grad_batches with a message that blamed the user. Whole batches only, and the epoch is SWA's
     wherever it falls."""
 
-    class BatchNormed(Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.net = torch.nn.Sequential(torch.nn.Linear(D_IN, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
-                                           torch.nn.Linear(16, C))
-            self.sizes = []
-
-        def training_step(self, batch, batch_idx):
-            self.sizes.append((int(self.trainer.current_epoch), int(batch[0].shape[0]), float(batch[2].std())))
-            return super().training_step(batch, batch_idx)
-
     X, y = data().tensors
     for ds, kw in ((TensorDataset(torch.cat([X, X[:1]]), torch.cat([y, y[:1]])), dict(CFG, budget=1.0)),
                    (data(), dict(CFG, epochs=4))):
-        cb = CrestCallback(ds, **kw)
-        module = BatchNormed()
-        swa = pl.callbacks.StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=1)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*CrestCallback\\(epochs=4\\) but Trainer.*")
-            pl.Trainer(max_epochs=3, callbacks=[cb, swa], logger=False, enable_progress_bar=False,
-                       enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
-                       accelerator="cpu").fit(module, train_dataloaders=cb.dataloader())
-        bn_epoch = [(size, std) for epoch, size, std in module.sizes if epoch == 3]
+            cb, module = _swa_fit(tmp_path, ds, kw)
+        bn_epoch = [(x.shape[0], float(w.std())) for epoch, x, w, _ in module.inputs if epoch == 3]
         assert bn_epoch and all(size == 24 and std == 0.0 for size, std in bn_epoch), bn_epoch
         assert cb.stats["step"] == 3 * len(cb.dataloader())  # SWA's epoch took no CREST step
