@@ -1313,3 +1313,38 @@ def test_weighted_collate_keeps_the_weights_a_padding_collate_drops():
     assert type(out) is Encoding and out["crest_weight"].tolist() == [0.5, 2.0]
     one = WeightedCollate(lambda items: items)([(torch.ones(2), 0.5)])  # a 1-field item reaches it as (x,)
     assert isinstance(one[0], tuple) and len(one[0]) == 1 and one[1].tolist() == [0.5]
+
+
+class _Augmented(Dataset):
+    """Blobs read with a random flip and noise drawn at every read (torch's global RNG, as a transform draws it)."""
+
+    def __init__(self, n=400, C=4, d=16):
+        g = np.random.default_rng(0)
+        self.targets = torch.as_tensor(np.arange(n) % C)
+        self.X = torch.as_tensor((g.normal(size=(C, d)) * 2.0)[self.targets.numpy()] + g.normal(size=(n, d)),
+                                 dtype=torch.float32)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        x = self.X[i].flip(-1) if torch.rand(()) < 0.5 else self.X[i]
+        return x + 0.5 * torch.randn_like(x), self.targets[i]
+
+
+def test_random_transforms_drawn_again_for_the_model_fit_are_not_blamed_on_the_ops():
+    """Review 128: with random transforms and no kept measurement passes (measure_cache_bytes=0, or a
+    collate_fn of the user's), the model fit reads its coreset again with new draws, and its loss differed
+    from the selection's forward by 0.4-1.5x: the controller's loss check warned that the (correct) adapter
+    returned a weighted sum. It warns about a loss about k times the forward's only."""
+    for extra in ({"measure_cache_bytes": 0}, {"collate_fn": torch.utils.data.default_collate}):
+        torch.manual_seed(0)
+        model = torch_mlp(16, 4, seed=0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", ".*CREST: ops.* returned a loss.*")
+            loader = CrestLoader(model, _Augmented(), config=CrestConfig(m=16), budget=0.3, epochs=20, seed=0,
+                                 **extra)
+            for x, t, w in loader.iter_run():
+                step(model, opt, x, t, w)
+        assert len(loader.stats["selections"]) >= 3
