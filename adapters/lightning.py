@@ -355,7 +355,7 @@ class CrestCallback(pl.Callback):
         self._losses_warned = False  # dropping on and no losses under losses_key: said once
         self._trainer = None  # the Trainer of the fit set up last (which loop reads the batches)
         self._passed_epoch: int | None = None  # the Trainer epoch whose pass of CREST's loader ended last
-        self._bn_epoch = False  # StochasticWeightAveraging's BatchNorm epoch after CREST's plan: unweighted batches
+        self._bn_epoch = False  # StochasticWeightAveraging's BatchNorm epoch (no CREST epoch): unweighted batches
         self._module = None  # the LightningModule and max_epochs of the fit set up last (for _load)
         self._max_epochs: int | None = None
 
@@ -484,7 +484,7 @@ class CrestCallback(pl.Callback):
                 self._limits_from = (int(trainer.global_step), loader.position)
 
     def _batch_norm_batches(self):
-        """StochasticWeightAveraging's BatchNorm epoch, after CREST's plan (review 124: it got no batch, and the
+        """StochasticWeightAveraging's BatchNorm epoch, no CREST epoch (review 124: it got no batch, and the
         averaged model kept the reset statistics, mean 0 and variance 1): ``len(dataloader)`` batches of ``m``
         examples (at most the training set's whole batches: a last batch of one example failed in BatchNorm,
         review 126) drawn without replacement from the whole training set (from the run's seed), weight 1, so

@@ -1343,7 +1343,7 @@ def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
     w = ops.params()
     if state.anchor is not None:
         _check_alive(state.anchor, "the selection (the anchor)")
-    if state.anchor is not None:
+    if state.anchor is not None and type(w) is not type(state.anchor):  # (the same type: the same library)
         libs = [namespace_name(namespace(v, names=(name,))) for v, name in ((w, "params()"), (state.anchor, "anchor"))]
         if libs[0] != libs[1]:  # (it failed later, mixing the two libraries, naming neither: review 127)
             raise TypeError(

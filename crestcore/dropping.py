@@ -313,9 +313,9 @@ def drop_record(state: DropState, indices, losses, step: int) -> DropState:
     if not np.issubdtype(idx.dtype, np.integer):
         raise TypeError(f"indices must hold integers, got dtype {idx.dtype}")
     raw = np.asarray(to_numpy(losses))
+    if raw.dtype == bool or np.issubdtype(raw.dtype, np.complexfloating):
+        raise TypeError(f"losses must hold real numbers, got dtype {raw.dtype}")
     try:
-        if raw.dtype == bool or np.issubdtype(raw.dtype, np.complexfloating):
-            raise TypeError(f"got dtype {raw.dtype}")
         vals = raw.astype(np.float64, copy=False)
     except (TypeError, ValueError) as exc:  # strings, objects: the error names the argument (review 122)
         raise TypeError(f"losses must hold real numbers: {exc}") from None
