@@ -1911,7 +1911,9 @@ class TorchModelOps:
                 "cross-entropy over C >= 2 logits (a regression model is not supported). For a sigmoid / "
                 "BCEWithLogits classifier give it two, e.g. "
                 "forward=lambda model, batch: torch.cat([torch.zeros_like(z := model(batch[0])), z], 1), whose "
-                "cross-entropy is the binary cross-entropy of z"
+                "cross-entropy is the binary cross-entropy of z. A loss_fn= then gets these two columns and the "
+                "labels as class indices: the logit is column 1, e.g. loss_fn=lambda z, y: "
+                "F.binary_cross_entropy_with_logits(z[:, 1], y.float(), pos_weight=..., reduction='none')"
             )
         return _wide(out)
 

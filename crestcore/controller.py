@@ -1145,6 +1145,7 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
         if fit_losses is None:
             fit_losses = np.asarray(to_numpy(losses), dtype=np.float64)
         _check_fit_loss(fit_loss, rows_i[p], rows_w[p], union, fit_losses, names[0])  # (the controller's own)
+        _check_fit_gradient(g, fit_loss, names[0])
         try:
             quad = quadratic_update(quad, g, zhz, config.quadratic)
         except DivergenceError:
@@ -1200,6 +1201,29 @@ def _check_fit_loss(loss, idx: np.ndarray, w: np.ndarray, union: np.ndarray, los
             "forward measured on the same k examples: a gradient of the weighted sum instead of the mean? The "
             "gradient and the curvature fitted to the quadratic model must be the mean's, or the trust checks "
             "compare the loss with a prediction k times too steep. See ModelOps.gradient", RuntimeWarning,
+            stacklevel=user_stacklevel())
+
+
+def _check_fit_gradient(g, loss, name: str) -> None:
+    """Warn when the gradient fitted to the quadratic model is exactly zero while the loss is not: a loss that
+    does not depend on the parameters through the logits (a binary model's ``loss_fn`` reading the constant
+    column of a two-column ``forward=``, a network whose units are all dead). The model is then flat, every
+    trust check passes with a prediction equal to the anchor's loss, and selections come only from the
+    schedule's cap, silently (review 130)."""
+    xp = array_api_compat.array_namespace(g)
+    if g.shape[0] == 0 or bool(xp.any(g != 0)):
+        return
+    try:
+        got = float(to_numpy(loss).reshape(())) if hasattr(loss, "shape") else float(loss)
+    except (TypeError, ValueError):
+        return
+    if math.isfinite(got) and got != 0.0:
+        warnings.warn(
+            f"CREST: ops.{name} returned a gradient that is exactly zero at the new anchor while the coreset's "
+            f"loss is {got:.4g}: the loss does not depend on the trainable parameters (a loss_fn that reads a "
+            "constant column, a binary model's forward= that prepends a zero column with a loss_fn reading column "
+            "0 instead of the logit's column 1, or a network whose units are all inactive). The quadratic model is "
+            "flat: every trust check passes and CREST reselects only at the schedule's cap", RuntimeWarning,
             stacklevel=user_stacklevel())
 
 

@@ -2864,6 +2864,32 @@ def test_an_ops_whose_gradient_loss_is_not_the_weighted_mean_is_warned_about():
         crest_next_batch(crest_init(cfg, ytr, seed=0), Counts(Xtr, ytr, 10), cfg)
 
 
+def test_an_exactly_zero_gradient_under_a_nonzero_loss_is_warned_about():
+    """Review 130: a loss that does not depend on the parameters (a constant column read) gave an exactly zero
+    gradient; the model was flat and every check passed, silently. Warned at the fit; a real gradient is not,
+    nor a zero gradient of a zero loss (nothing left to learn)."""
+    from crestcore.controller import _SoftmaxOps
+
+    Xtr, ytr, _, _ = digits()
+    cfg = CrestConfig(m=M)
+
+    class Flat(_SoftmaxOps):
+        def gradient(self, idx, w):
+            loss, g = super().gradient(idx, w)
+            return loss, np.zeros_like(g)
+
+    class Done(Flat):
+        def gradient(self, idx, w):
+            return 0.0, super().gradient(idx, w)[1]
+
+    with pytest.warns(RuntimeWarning, match=r"exactly zero at the new anchor while the coreset's loss is 2\.3"):
+        crest_next_batch(crest_init(cfg, ytr, seed=0), Flat(Xtr, ytr, 10), cfg)
+    for ops in (_SoftmaxOps(Xtr, ytr, 10), Done(Xtr, ytr, 10)):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", ".*exactly zero.*")
+            crest_next_batch(crest_init(cfg, ytr, seed=0), ops, cfg)
+
+
 def test_a_state_restored_in_another_library_than_the_ops_is_told_to_pass_ops_params():
     """Review 127: a run whose ops.params() are of one library, restored with a params_like of another, failed
     at its first check mixing the two, naming neither params_like nor the fix."""

@@ -1472,6 +1472,38 @@ def test_a_single_logit_classifier_is_told_how_to_give_two():
     assert torch.allclose(torch.as_tensor(loader.ops.losses(idx)).float(), bce, atol=1e-6)
 
 
+def test_a_binary_loss_fn_reading_the_constant_column_is_warned_about():
+    """Review 130: a 1-logit model given the two columns [0, z] and a BCE loss_fn written for the model's own
+    (B, 1) output as z[:, 0] measured the constant column: the gradient was exactly zero, every trust check
+    passed with rho 0 and selections came only from the cap, silently. The refusal names column 1, and the
+    controller warns about an exactly zero gradient under a nonzero loss; the loss on column 1 is not warned."""
+    X, y = make_data(classes=2)
+
+    def two(model, batch):
+        z = model(batch[0])
+        return torch.cat([torch.zeros_like(z), z], 1)
+
+    loader = CrestLoader(nn.Linear(D_IN, 1), TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.5,
+                         epochs=1, seed=0)
+    with pytest.raises(ValueError, match=r"loss_fn= then gets these two columns.*the logit is column 1"):
+        next(iter(loader))
+    pw = torch.tensor(3.0)
+    for col, warns in ((0, True), (1, False)):
+        torch.manual_seed(0)
+        model = nn.Linear(D_IN, 1)
+        loss_fn = (lambda z, t, c=col: F.binary_cross_entropy_with_logits(z[:, c], t.float(), pos_weight=pw,
+                                                                          reduction="none"))
+        loader = CrestLoader(model, TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.5, epochs=1,
+                             seed=0, forward=two, loss_fn=loss_fn)
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            next(iter(loader))
+        zero = [w for w in got if "exactly zero" in str(w.message)]
+        assert bool(zero) == warns, [str(w.message) for w in got]
+        if warns:
+            assert "column 0 instead of the logit's column 1" in str(zero[0].message)
+
+
 def test_a_model_failing_on_crests_input_dtype_is_told_about_the_cast():
     """Inputs are cast to the first floating-point parameter's dtype (documented); a model whose first
     parameter is float64 and body float32 fails inside its forward, and the error says why."""
