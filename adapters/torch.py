@@ -3435,9 +3435,20 @@ class CrestBatchSampler(CrestLoader):
             problem = (f"this DataLoader collates with its own collate_fn ({_callable_name(loader.collate_fn)}), but "
                        "the sampler was given none: its measurement passes (the selections' features, the trust "
                        "checks, the model fit) would collate the items with default_collate and measure other "
-                       "inputs than the ones you train on. Give the sampler a collate_fn too, "
-                       "CrestBatchSampler(..., collate_fn=...), one that takes the dataset's items as they are "
-                       "(without the weight WeightedDataset appends): often the same function")
+                       "inputs than the ones you train on. Give the sampler your collate_fn f, which takes the "
+                       "dataset's items as they are, CrestBatchSampler(..., collate_fn=f), and the DataLoader "
+                       "WeightedCollate(f), which takes the weight WeightedDataset appends out of each item before "
+                       "f and appends the weights after it (f alone would collate the weight as one of the item's "
+                       "fields): sampler.dataloader(collate_fn=WeightedCollate(f))")
+        elif (ds is not None and getattr(loader, "collate_fn", None) is self.ops._collate
+              and not (_row_safe(self.ops._collate) and not getattr(self.ops._collate, "crest_rows", False))):
+            # (default_collate and Hugging Face's default_data_collator stack the weight field as it is)
+            problem = (f"this DataLoader collates with the sampler's own collate_fn ({_callable_name(loader.collate_fn)}), "
+                       "which takes the dataset's items, but the DataLoader's items are WeightedDataset's, with the "
+                       "weight appended: a collate that reads its items' fields by position drops the weights or "
+                       "takes another field for them, silently. Give the DataLoader "
+                       "WeightedCollate(f) (the weight taken out before f and appended after it): "
+                       "sampler.dataloader(collate_fn=WeightedCollate(f))")
         elif ds is not None and getattr(loader, "in_order", True) is False and getattr(loader, "num_workers", 0) > 0:
             problem = ("this DataLoader has in_order=False: its workers deliver batches as they finish, but the "
                        "sampler's checkpoints (state_dict(trained=)), rewind() and observe(indices=) count the "

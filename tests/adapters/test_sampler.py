@@ -1295,8 +1295,19 @@ def test_weighted_collate_keeps_the_weights_a_padding_collate_drops():
         return CrestBatchSampler(_MeanPool(), data, config=CrestConfig(m=16), budget=0.5, collate_fn=_pad,
                                  forward=lambda model, b: model(b[0], b[1]))
 
-    dropped = next(iter(DataLoader(WeightedDataset(data), batch_sampler=sampler(), collate_fn=_pad)))
-    assert len(dropped) == 3  # the pitfall: no weights
+    # the pitfall, the sampler's own collate handed to the DataLoader (batches (x, lengths, y): no weights; with
+    # a collate of (x, y, lengths) a three-field loop trained on the lengths as weights): refused (review 130)
+    for loader in (DataLoader(WeightedDataset(data), batch_sampler=sampler(), collate_fn=_pad),
+                   sampler().dataloader(collate_fn=_pad)):
+        with pytest.raises(TypeError, match=r"collates with the sampler's own collate_fn \(\S*_pad\).*"
+                                            r"sampler\.dataloader\(collate_fn=WeightedCollate\(f\)\)"):
+            next(iter(loader))
+    # a sampler given none, a DataLoader given one: told to give both, the DataLoader's wrapped
+    plain = CrestBatchSampler(_MeanPool(), data, config=CrestConfig(m=16), budget=0.5,
+                              forward=lambda model, b: model(b[0], b[1]))
+    with pytest.raises(TypeError, match=r"CrestBatchSampler\(\.\.\., collate_fn=f\), and the DataLoader "
+                                        r"WeightedCollate\(f\)"):
+        next(iter(plain.dataloader(collate_fn=_pad)))
     s = sampler()
     xs, lengths, y, w = next(iter(s.dataloader(collate_fn=WeightedCollate(_pad))))
     np.testing.assert_array_equal(w.numpy(), s.last_weights.astype(np.float32))
