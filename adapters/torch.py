@@ -1300,6 +1300,7 @@ class TorchModelOps:
         self._found_layer = None  # (module, which of its calls) the classifier found for embeddings
         self._shape_only_warned = False  # a classifier found by its shape only was named once
         self._forward = forward if forward is not None else _default_forward
+        self._check_inputs = forward is None  # the default forward's model(batch[0]) looked at once (_probe_inputs)
         self._last_layer = self._resolve_layer(last_layer) if last_layer is not None else None
         if self._last_layer is not None and not isinstance(self._last_layer, nn.Linear):
             raise TypeError(f"last_layer must be an nn.Linear, got {type(self._last_layer).__name__}")
@@ -1428,6 +1429,8 @@ class TorchModelOps:
         probing = self._check_labels and cached is None  # the labels are probed over a whole pass, once
         try:
             for (a, b), host in zip(spans, source):
+                if self._check_inputs:
+                    self._probe_inputs(host, idx[a:b])
                 if probing and self._check_labels:
                     self._probe_labels(host, idx[a:b], first=a == 0)
                 if keep is not None:
@@ -1508,6 +1511,33 @@ class TorchModelOps:
                 "enforce_sorted=False), or undo the sort in forward=")
         elif not same(z[0], z[0][order]):  # the order shows in the outputs: this pass kept it
             self._order_tries = None if kept + 1 >= 3 else (tries + 1, kept + 1)
+
+    def _probe_inputs(self, host, idx: np.ndarray) -> None:
+        """Warn (once, at the first chunk measured) when the default forward calls ``model(batch[0])`` but the
+        batch's second field is a per-example tensor that is not the labels (a later field is), and the
+        model's ``forward`` takes a second input: a model that packs by lengths or masks padding when given
+        them, ``forward(x, lengths=None)``, is then measured on another function than the one trained
+        (review 130: a loss of 0.98 measured against 0.55 trained, silently)."""
+        self._check_inputs = False
+        k = idx.size
+        if not isinstance(host, (tuple, list)) or len(host) < 3:
+            return
+        extra = host[1]
+        if not isinstance(extra, torch.Tensor) or extra.ndim == 0 or extra.shape[0] != k:
+            return
+        want = self.labels[idx]
+        if any(np.array_equal(c, want) for c in _label_columns((extra,), k)):
+            return  # the second field is the labels: (x, y, ...)
+        if not any(np.array_equal(c, want) for c in _label_columns(host[2:], k)):
+            return  # the labels are in no field: nothing tells what the second one is
+        if _binds(self.model, host[0], extra) and _binds(self.model, host[0]):
+            warnings.warn(
+                "crestcore: CREST's measurement passes call the model with the batch's first field, model(batch[0]) "
+                "(no forward= given), but the batch's second field is a per-example tensor that is not the labels "
+                "(a later field is), and the model's forward takes a second input. If the model uses it (lengths to "
+                "pack by, a padding mask), every selection, check and fit measures another function than the one "
+                "you train: pass forward=lambda model, batch: model(batch[0], batch[1]) (crest_forward= on "
+                "CrestTrainer); if it does not, ignore this.", stacklevel=_common.user_stacklevel())
 
     def _probe_labels(self, host, idx: np.ndarray, first: bool = True) -> None:
         """The labels found without the items (a ``targets`` attribute, say) against the labels the items
@@ -3385,6 +3415,7 @@ class CrestBatchSampler(CrestLoader):
         self._unmatched_warned = False
         self._ambiguous_warned = False  # observe(indices=) matched several unobserved batches, none in order
         self._collate_warned = False
+        self._weights_kept: bool | None = None  # the sampler's collate_fn tried on weighted items (once)
         self._ahead = 64  # batches a DataLoader may fetch ahead (its workers x prefetch_factor, at least 64)
         self._loader_ahead = 0  # the batches the DataLoader that called iter() last fetches ahead
         self._pass_ahead = 0  # ... and that of the DataLoader the running pass hands its batches to
@@ -3440,15 +3471,16 @@ class CrestBatchSampler(CrestLoader):
                        "WeightedCollate(f), which takes the weight WeightedDataset appends out of each item before "
                        "f and appends the weights after it (f alone would collate the weight as one of the item's "
                        "fields): sampler.dataloader(collate_fn=WeightedCollate(f))")
-        elif (ds is not None and getattr(loader, "collate_fn", None) is self.ops._collate
-              and not (_row_safe(self.ops._collate) and not getattr(self.ops._collate, "crest_rows", False))):
+        elif (isinstance(ds, WeightedDataset) and getattr(loader, "collate_fn", None) is self.ops._collate
+              and not (_row_safe(self.ops._collate) and not getattr(self.ops._collate, "crest_rows", False))
+              and not self._collate_keeps_weights(ds)):
             # (default_collate and Hugging Face's default_data_collator stack the weight field as it is)
             problem = (f"this DataLoader collates with the sampler's own collate_fn ({_callable_name(loader.collate_fn)}), "
                        "which takes the dataset's items, but the DataLoader's items are WeightedDataset's, with the "
-                       "weight appended: a collate that reads its items' fields by position drops the weights or "
-                       "takes another field for them, silently. Give the DataLoader "
-                       "WeightedCollate(f) (the weight taken out before f and appended after it): "
-                       "sampler.dataloader(collate_fn=WeightedCollate(f))")
+                       "weight appended, and this collate does not return the weights as its last field (tried on "
+                       "two items): a collate that reads its items' fields by position drops the weights or takes "
+                       "another field for them, silently. Give the DataLoader WeightedCollate(f) (the weight taken "
+                       "out before f and appended after it): sampler.dataloader(collate_fn=WeightedCollate(f))")
         elif ds is not None and getattr(loader, "in_order", True) is False and getattr(loader, "num_workers", 0) > 0:
             problem = ("this DataLoader has in_order=False: its workers deliver batches as they finish, but the "
                        "sampler's checkpoints (state_dict(trained=)), rewind() and observe(indices=) count the "
@@ -3595,6 +3627,40 @@ class CrestBatchSampler(CrestLoader):
         last = self._state.last_check  # the controller's state is the same after the rewind: its last check too
         self.load_state_dict(self.state_dict(trained=trained))
         self._state = self._state._replace(last_check=last)
+
+    def _collate_keeps_weights(self, ds: "WeightedDataset") -> bool:
+        """Whether the sampler's own collate_fn, handed WeightedDataset's items (weight appended), returns what
+        it makes of the dataset's items plus the weights as its last field (a dict: a ``"crest_weight"``
+        entry), as ``default_collate`` does. Tried once per sampler, on two items read under kept random
+        states (their loads move no RNG of the training); a collate that fails on the weighted items does not
+        keep them."""
+        if self._weights_kept is None:
+            f, k = self.ops._collate, min(2, self.n)
+            w = [np.float32(0.5 + j) for j in range(k)]
+            try:
+                with _random_states_kept():
+                    raw = [self.dataset[j] for j in range(k)]
+                    plain = f(list(raw))
+            except Exception:  # the measurement passes report a collate failing on the dataset's own items
+                self._weights_kept = True
+                return True
+            want = torch.tensor(w, dtype=torch.float32)
+            try:
+                with _random_states_kept():
+                    out = f([ds._with(item, j, w[j]) for j, item in enumerate(raw)])
+                extra = 2 if ds.indices else 1  # WeightedDataset(indices=True) appends (w, i)
+                if isinstance(out, Mapping) and isinstance(plain, Mapping):
+                    got = out.get("crest_weight")
+                    same = set(out) - set(plain) == ({"crest_weight", "crest_index"} if ds.indices else {"crest_weight"})
+                elif isinstance(out, (tuple, list)) and isinstance(plain, (tuple, list)):
+                    got, same = out[-extra], len(out) == len(plain) + extra
+                else:
+                    got, same = None, False
+                self._weights_kept = bool(same and isinstance(got, torch.Tensor) and got.shape == want.shape
+                                          and torch.allclose(got.detach().cpu().to(torch.float32), want))
+            except Exception:
+                self._weights_kept = False
+        return self._weights_kept
 
     def dataloader(self, *, indices: bool = False, **kwargs):
         """``DataLoader(WeightedDataset(dataset, indices=indices), batch_sampler=self, **kwargs)``:

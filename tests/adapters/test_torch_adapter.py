@@ -1504,6 +1504,66 @@ def test_a_binary_loss_fn_reading_the_constant_column_is_warned_about():
             assert "column 0 instead of the logit's column 1" in str(zero[0].message)
 
 
+class _Padded(Dataset):
+    """Sequences padded to 6 steps of D_IN features, items (x, length, y) or, with ``label_second``, (x, y, length)."""
+
+    def __init__(self, label_second=False):
+        X, y = make_data()
+        self.X, self.y = X, y
+        self.lengths = torch.arange(len(y)) % 5 + 2
+        self.label_second = label_second
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        x = torch.zeros(6, D_IN)
+        x[: int(self.lengths[i])] = self.X[i]
+        return (x, self.y[i], self.lengths[i]) if self.label_second else (x, self.lengths[i], self.y[i])
+
+
+class _OptionalLengths(nn.Module):
+    """Mean over the steps, over the given lengths when passed (forward(x, lengths=None))."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(D_IN, C)
+
+    def forward(self, x, lengths=None):
+        if lengths is None:
+            return self.head(x.mean(1))
+        return self.head(x.sum(1) / lengths[:, None].to(x.dtype))
+
+
+def test_a_model_taking_an_optional_second_input_the_batch_holds_is_warned_about():
+    """Review 130: batches (x, lengths, y) and a model forward(x, lengths=None) trained as model(x, lengths)
+    were measured as model(x) (the default forward), another function, silently. Warned once at the first
+    measurement; not with forward= given, nor when the second field is the labels, nor for a model of one
+    input."""
+    def run(data, model, **kw):
+        loader = CrestLoader(model, data, config=CrestConfig(m=16, r=48), budget=0.5, epochs=1, seed=0,
+                             labels=data.y, **kw)
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            next(iter(loader))
+        return [str(w.message) for w in got if "takes a second input" in str(w.message)]
+
+    got = run(_Padded(), _OptionalLengths())
+    assert len(got) == 1 and "forward=lambda model, batch: model(batch[0], batch[1])" in got[0]
+    assert run(_Padded(), _OptionalLengths(), forward=lambda model, b: model(b[0], b[1])) == []
+    assert run(_Padded(label_second=True), _OptionalLengths()) == []
+
+    class OneInput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(D_IN, C)
+
+        def forward(self, x):
+            return self.head(x.mean(1))
+
+    assert run(_Padded(), OneInput()) == []
+
+
 def test_a_model_failing_on_crests_input_dtype_is_told_about_the_cast():
     """Inputs are cast to the first floating-point parameter's dtype (documented); a model whose first
     parameter is float64 and body float32 fails inside its forward, and the error says why."""
