@@ -1595,10 +1595,13 @@ class TorchModelOps:
         got_np, want = col[0], self.labels[idx]
         bad = int((got_np != want).sum())
         if bad and self._labels_origin == "as given" and not self._measure_set and (
-                not np.isin(got_np, np.unique(self.labels)).all() or _a_function_of(got_np, want)):
+                not np.isin(got_np, np.unique(self.labels)).all()
+                or (_a_function_of(got_np, want) and not _a_function_of(want, got_np))):
             # given labels beside a field in another encoding (1-based classes, example ids: values CREST's
-            # labels do not take, or a fixed relabelling of them), which is why they were given: no warning
-            # (labels taken before a shuffle or a filter take CREST's values, not as a function of them)
+            # labels do not take, or a coarser labelling of them), which is why they were given: no warning
+            # (labels taken before a shuffle or a filter take CREST's values, not as a function of them; a
+            # one-to-one relabelling within CREST's classes is labels= from another encoder's class order, the
+            # items' labels the ones trained on: warned, review 130)
             return
         if bad and self._measure_set:
             given = self._labels_origin == "as given"
