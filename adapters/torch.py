@@ -293,6 +293,7 @@ def dataset_labels(dataset) -> np.ndarray:
         stacklevel=_common.user_stacklevel(),
     )
     out = np.empty(n, dtype=np.int64)
+    later: dict[int, list] | None = None  # item[k], k >= 2, an integer scalar in every item so far: its values
     with _random_states_kept():  # random transforms in __getitem__ must not advance the user's RNGs
         for i in range(n):
             item = dataset[i]
@@ -302,7 +303,7 @@ def dataset_labels(dataset) -> np.ndarray:
                     raise TypeError(f"cannot find the labels of this dataset: its dict items have none of the keys "
                                     f"{_LABEL_KEYS}; pass labels= (one class index per example; crest_labels= "
                                     "on CrestTrainer)")
-                out[i] = _label_value(item[key], i)
+                out[i] = _item_label(item[key], i)
                 continue
             if not isinstance(item, (tuple, list)) or len(item) < 2:
                 raise TypeError(
@@ -310,8 +311,52 @@ def dataset_labels(dataset) -> np.ndarray:
                     "and it has no `targets` attribute; pass labels= (one class index per example; "
                     "crest_labels= on CrestTrainer)"
                 )
-            out[i] = _label_value(item[1], i)
+            out[i] = _item_label(item[1], i)
+            if later is None:
+                later = {k: [] for k in range(2, len(item))}
+            for k in list(later):
+                v = _integer_scalar(item[k]) if k < len(item) else None
+                if v is None:
+                    del later[k]
+                else:
+                    later[k].append(v)
+    # a later field of integer scalars that are not one per example (ids): a class label as likely as item[1]
+    # (items (x, lengths, y) had the lengths taken as the classes, review 130; a TensorDataset is refused)
+    other = [k for k, v in (later or {}).items() if len(set(v)) < n]
+    if other:
+        warnings.warn(
+            f"crestcore: the {type(dataset).__name__}'s items hold integer fields after the input at item[1] and "
+            f"item{other} (item[{other[0]}] repeats values, so it is no example id): CREST took item[1] as the class "
+            "label. If another field is the label (items (x, lengths, y), say), pass labels= with it (crest_labels= "
+            "on CrestTrainer): CREST would select, check and drop by the wrong field.",
+            stacklevel=_common.user_stacklevel())
     return _as_labels(out, n, "the dataset's labels")
+
+
+def _item_label(v, i: int) -> int:
+    """An item's label field as a class index, an error saying to pass labels= when it is not one (float 0/1
+    targets for a BCE loss, say: review 130)."""
+    try:
+        return _label_value(v, i)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{exc} (pass labels=, one integer class index per example, e.g. labels=targets.long(); "
+                        "crest_labels= on CrestTrainer)") from None
+
+
+def _integer_scalar(v) -> int | None:
+    """``v`` as an int when it is one integer (a Python or NumPy integer, a 0-d or one-element integer tensor or
+    array), else None."""
+    if isinstance(v, np.ndarray):
+        if v.size != 1:
+            return None
+        v = v.reshape(()).item()
+    elif isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            return None
+        v = v.reshape(()).item()
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        return None
+    return int(v)
 
 
 @contextlib.contextmanager
@@ -1037,9 +1082,12 @@ def _gives_logits(out: torch.Tensor, z: torch.Tensor) -> bool:
 
 
 def _named_logits(out):
-    """A model output's logits where it names them: a plain dict's ``"logits"`` entry; else ``out``."""
+    """A model output's logits where it names them: a dict's ``"logits"`` entry, an output object's ``.logits``
+    tensor (a dataclass, a Hugging Face ``ModelOutput``); else ``out``."""
     if isinstance(out, dict) and isinstance(out.get("logits"), torch.Tensor):
         return out["logits"]
+    if not isinstance(out, torch.Tensor) and isinstance(getattr(out, "logits", None), torch.Tensor):
+        return out.logits
     return out
 
 
@@ -2156,7 +2204,8 @@ class TorchModelOps:
                              "nn.Linear computes the logits (a tied-embedding or cosine head), use embeddings=False")
         raise ValueError(f"{len(fits)} nn.Linear calls in the forward map to {C} features and none returns the "
                          "logits as the model returns them (an auxiliary head, or a hidden layer of that width): pass "
-                         "last_layer= (the classifier layer)")
+                         "last_layer= (the classifier layer), or, when no single nn.Linear computes the logits (heads "
+                         "averaged or summed, an ensemble), use embeddings=False")
 
     def losses(self, indices):
         """Eval-mode per-example losses (k,) at the current parameters (no graph).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import io
 import json
@@ -132,7 +133,7 @@ def test_embeddings_are_the_last_linear_layers_input():
         torch.testing.assert_close(got, scaled.body[:-1](X[idx]))
     # a nonlinear change after the classifier and a second C-output layer: which one is it is unknown
     bent = (lambda m, b: torch.sin(m(b[0])[0]))
-    with pytest.raises(ValueError, match="2 nn.Linear calls .* none returns the logits"):
+    with pytest.raises(ValueError, match="2 nn.Linear calls .* none returns the logits.*use embeddings=False"):
         TorchModelOps(TwoHeads().eval(), TensorDataset(X, y), forward=bent).outputs(idx, embeddings=True)
     named = TorchModelOps(scaled, TensorDataset(X, y), forward=first, last_layer=scaled.body[-1])
     with torch.no_grad():
@@ -223,6 +224,9 @@ def test_label_layouts_of_one_class_per_example_are_read_and_others_refused_sayi
         dataset_labels(Items(lambda i: torch.tensor([0, 1, -100])))  # token labels
     with pytest.raises(ValueError, match="per-token or multi-label"):
         dataset_labels(Items(lambda i: 0, attr=np.eye(3)[np.arange(12) % 3]))  # one-hot rows
+    with pytest.warns(UserWarning, match="reading all 12"), \
+            pytest.raises(TypeError, match=r"label is 1\.0 \(float\).*pass labels=.*labels=targets\.long\(\)"):
+        dataset_labels(Items(lambda i: 1.0))  # float targets for a BCE loss (review 130: no pointer to labels=)
     with pytest.raises(ValueError, match=r"got shape \(\): pass labels="):
         dataset_labels(Items(lambda i: 0, attr={"cat": 0, "dog": 1}))  # class names, not labels
 
@@ -240,6 +244,19 @@ def test_a_model_returning_a_dict_of_logits_is_measured_on_them():
             return {"logits": self.body(x), "features": x}
 
     z = TorchModelOps(Named(), TensorDataset(X, y)).outputs(np.arange(10))
+    with torch.no_grad():
+        torch.testing.assert_close(z, body(X[:10]))
+
+    @dataclasses.dataclass
+    class Out:  # an output object naming its logits (review 130: read for dict batches only)
+        logits: torch.Tensor
+        aux: torch.Tensor
+
+    class Dataclassed(Named):
+        def forward(self, x):
+            return Out(self.body(x), x)
+
+    z = TorchModelOps(Dataclassed(), TensorDataset(X, y)).outputs(np.arange(10))
     with torch.no_grad():
         torch.testing.assert_close(z, body(X[:10]))
 
@@ -1562,6 +1579,32 @@ def test_a_model_taking_an_optional_second_input_the_batch_holds_is_warned_about
             return self.head(x.mean(1))
 
     assert run(_Padded(), OneInput()) == []
+
+
+def test_items_with_another_integer_field_after_the_input_are_warned_about():
+    """Review 130: items (x, length, y) of a Dataset without targets had the lengths taken as the classes, after
+    only the generic warning about reading the items (a TensorDataset of the same tensors is refused). Warned,
+    naming the other field; a later field of example ids (one value per example) is not warned about."""
+    from crestcore.adapters.torch import dataset_labels
+
+    data = _Padded()
+    with pytest.warns(UserWarning) as rec:
+        got = dataset_labels(data)
+    assert np.array_equal(got, data.lengths.numpy())  # item[1], as documented
+    msgs = [str(w.message) for w in rec]
+    assert any("item[2] repeats values" in m and "pass labels=" in m for m in msgs), msgs
+
+    class WithIds(Dataset):
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            return data.X[i], int(data.y[i]), np.int64(i)
+
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        assert np.array_equal(dataset_labels(WithIds()), data.y.numpy())
+    assert not [w for w in rec if "repeats values" in str(w.message)]
 
 
 def test_a_model_failing_on_crests_input_dtype_is_told_about_the_cast():
