@@ -21,7 +21,7 @@ import numpy as np
 
 from . import _reference_kernels as ref
 from ._compat import (detached, device_of, from_numpy, index_dtype, is_numpy_namespace, namespace, namespace_name,
-                      native_order, to_numpy)
+                      native_order, take_rows, to_numpy)
 from ._validation import (check_choice, check_class_budgets, check_epsilon, check_float_matrix, check_float_rows,
                           check_int, hamilton, isdtype, labels_to_host, make_rng, not_floating, user_stacklevel)
 from .backends import draw_bits, exact_shift, get_host_kernel, sample_sizes
@@ -700,7 +700,7 @@ def facility_location(
              int(sizes[live].max()) ** 2 * itemsize)
     for p in big:
         pidx = from_numpy(problems[p], xp, dev)
-        Xp = xp.take(X, pidx, axis=0)
+        Xp = take_rows(xp, X, pidx)
         u = None
         if u_all is not None:
             u = draws_on(xp, u_all[p], X, int(sizes[p]))
@@ -717,7 +717,7 @@ def facility_location(
 
         members = problems[p]
         pidx = from_numpy(members, xp, dev)
-        Xp = xp.take(X, pidx, axis=0)
+        Xp = take_rows(xp, X, pidx)
         n_p = int(sizes[p])
         if isinstance(neighbors, np.ndarray):  # a given graph, restricted to the problem's points
             loc = np.full(n, -1, dtype=np.int64)
@@ -757,10 +757,10 @@ def facility_location(
         if precomputed and len(group) == 1 and n_max == n:  # the whole matrix, in order: no gathered copies
             Xb = xp.reshape(X, (1, n, n))  # (solve_batched's masking copies it before any kernel sees it)
         elif precomputed:  # each problem's block, rows then columns (not every problem's rows at once: B n_max x n)
-            Xb = xp.stack([xp.take(xp.take(X, pb, axis=0), pb, axis=1)
+            Xb = xp.stack([xp.take(take_rows(xp, X, pb), pb, axis=1)
                            for pb in (from_numpy(pad_idx[b], xp, dev) for b in range(len(group)))])
         else:
-            Xb = xp.reshape(xp.take(X, flat, axis=0), (len(group), n_max, X.shape[1]))
+            Xb = xp.reshape(take_rows(xp, X, flat), (len(group), n_max, X.shape[1]))
         valid = from_numpy(valid_h, xp, dev)
         u = None
         if u_all is not None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ._compat import detached, device_of, from_numpy, index_dtype, namespace, namespace_name
+from ._compat import detached, device_of, from_numpy, index_dtype, namespace, namespace_name, take_rows
 from ._validation import apportion, check_choice, check_epsilon, check_float_matrix, check_int, hamilton
 from ._validation import labels_to_host, make_rng
 from .backends import get_host_kernel
@@ -605,7 +605,7 @@ def minibatch_coresets(
     # drawn for every problem, so that the stream, and each problem's draws, are those of a solve of all
     u = stochastic_draws(gen, sizes, budgets, eps) if optimizer == "stochastic" and gen is not None else None
     flat = from_numpy(np.ascontiguousarray(pad_s).reshape(-1), xp, dev)
-    Xb = xp.reshape(xp.take(features, flat, axis=0), (pad_s.shape[0], pad_s.shape[1], d))
+    Xb = xp.reshape(take_rows(xp, features, flat), (pad_s.shape[0], pad_s.shape[1], d))
     valid = from_numpy(np.ascontiguousarray(valid_s), xp, dev)
     li, g, w, obj = solve_batched(
         xp, Xb, valid, budgets[live] if some else budgets, metric=metric, kernel=kernel, scale=sc,

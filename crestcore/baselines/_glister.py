@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from .._compat import device_of, from_numpy, is_numpy_namespace, namespace, to_numpy, wide_float
+from .._compat import device_of, from_numpy, is_numpy_namespace, namespace, take_rows, to_numpy, wide_float
 from .._validation import DivergenceError, check_choice, check_epsilon, check_float_matrix, check_int, check_labels
 from ..similarity import compute_dtype
 from ..facility import Selection
@@ -256,7 +256,7 @@ def glister(
             done = removed[:t]
             cand = _kth_remaining(done, pos.astype(np.int64, copy=False), steps[:t])
             cand.sort()
-            g = eta * np.matmul(train_grads.take(cand, axis=0), gval)
+            g = eta * np.matmul(take_rows(np, train_grads, cand), gval)
             loc = int(g.argmax())
             j, gj = int(cand[loc]), float(g[loc])
             at = int(done.searchsorted(j))
@@ -266,7 +266,7 @@ def glister(
             # the same draw as gen.choice(np.flatnonzero(remaining), ...): positions among the remaining
             pos = gen.choice(n - t, size=min(s, n - t), replace=False)
             cand = np.sort(_kth_remaining(removed, np.asarray(pos, dtype=np.int64))).astype(np.int64)
-            g = eta * xp.matmul(xp.take(train_grads, from_numpy(cand, xp, dev), axis=0), gval)
+            g = eta * xp.matmul(take_rows(xp, train_grads, from_numpy(cand, xp, dev)), gval)
             loc = int(to_numpy(xp.argmax(g)))
             j, gj = int(cand[loc]), float(to_numpy(g[loc]))
             removed = np.insert(removed, int(np.searchsorted(removed, j)), j)

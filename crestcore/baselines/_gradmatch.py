@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 
-from .._compat import device_of, from_numpy, is_numpy_namespace, namespace, to_numpy
+from .._compat import device_of, from_numpy, is_numpy_namespace, namespace, take_rows, to_numpy
 from ..similarity import prepare, restore
 from .._validation import check_class_budgets, check_float_matrix, check_int, hamilton, labels_to_host
 from ..facility import Selection, _problems_from_labels
@@ -674,7 +674,7 @@ def gradmatch(
         batch_h = labels_to_host(xp, per_batch, n, name="per_batch")
         members = _problems_from_labels(batch_h, n)  # one sort, not a comparison per batch (review 117)
         k = check_int(k, "k", low=1, high=len(members))
-        atoms = xp.stack([xp.sum(xp.take(gradients, from_numpy(m, xp, dev), axis=0), axis=0) for m in members])
+        atoms = xp.stack([xp.sum(take_rows(xp, gradients, from_numpy(m, xp, dev)), axis=0) for m in members])
         b = xp.sum(gradients, axis=0) if target is None else target
         sup, w, g, expl = _omp(xp, atoms, b, k, lam, tol, positive)
         if sup.size:
@@ -700,7 +700,7 @@ def gradmatch(
     for rows, kc in zip(problems, budgets):
         if kc == 0:
             continue
-        A = gradients if labels is None else xp.take(gradients, from_numpy(rows, xp, dev), axis=0)
+        A = gradients if labels is None else take_rows(xp, gradients, from_numpy(rows, xp, dev))
         b = xp.sum(A, axis=0) if target is None else target
         sup, w, g, expl = _omp(xp, A, b, int(kc), lam, tol, positive)
         out_i.append(rows[sup])
