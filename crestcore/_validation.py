@@ -129,11 +129,32 @@ def check_float_matrix(xp, X, name: str, *, square: bool = False) -> float:
             if not math.isfinite(amax):
                 raise ValueError(f"{name} contains NaN or infinite values")
             return amax
+    if type(X) in (np.ndarray, np.memmap) and X.dtype == np.float16:
+        return _half_abs_max(X, name)
     hi = float(to_numpy(xp.max(X)))  # to_numpy: detached (a tensor that requires grad warns on float())
     lo = float(to_numpy(xp.min(X)))
     if not (math.isfinite(hi) and math.isfinite(lo)):
         raise ValueError(f"{name} contains NaN or infinite values")
     return max(hi, -lo)
+
+
+def _half_abs_max(X: np.ndarray, name: str) -> float:
+    """``max|X|`` of a host float16 array (a ``ValueError`` naming ``name`` if an entry is NaN or infinite) from
+    two integer maxima over its bits, no temporaries: NumPy's float16 max and min convert every entry and took
+    0.68 s on 10^6 x 64 (review 129). As int16 the non-negative floats are the non-negative ints in the order
+    of their magnitudes; as uint16 the negative ones are ``0x8000 + magnitude``, above every non-negative one."""
+    s, u = X.view(np.int16), X.view(np.uint16)
+    mags = []
+    top = int(s.max())
+    if top >= 0:
+        mags.append(top)
+    top = int(u.max())
+    if top >= 0x8000:
+        mags.append(top - 0x8000)
+    m = max(mags)
+    if m >= 0x7C00:  # the exponent all ones: infinite or NaN
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return float(np.array(m, dtype=np.uint16).view(np.float16))
 
 
 def check_float_rows(xp, A, name: str, layout: str) -> None:

@@ -18,7 +18,7 @@ from ._validation import labels_to_host, make_rng
 from .backends import get_host_kernel
 from .facility import BACKENDS, DENSE_FLOOR_BYTES, OPTIMIZERS, numba_route, resolve_dense_bytes, solve_batched
 from .facility import _warn_host_torch, dense_batch_bytes, dense_path, on_host_device, stochastic_draws
-from .similarity import KERNELS, METRICS, kernel_scale, prepare, restore
+from .similarity import KERNELS, METRICS, compute_dtype, kernel_scale, prepare, restore
 
 CLASS_BUDGETS = ("proportional", "ceil")
 
@@ -491,8 +491,10 @@ def minibatch_coresets(
     dev = device_of(features)
     in_dtype = features.dtype
     # numerics policy (docs/selection.md): compute in >= float32, features rescaled by a power of two
-    # when their magnitude could overflow or underflow; gains and objectives are scaled back at the end
-    features, _, sc, back = prepare(xp, features, metric=metric, kernel=kernel, scale=sc, amax=amax)
+    # when their magnitude (max|X| over all of them) could overflow or underflow; gains and objectives are
+    # scaled back at the end. Applied to the rows the problems gather, not all n (review 129: a float16
+    # array's whole float32 copy, or a rescaled one, at every call): the same values, elementwise
+    cd = compute_dtype(xp, features.dtype)
 
     row_ids = np.arange(P, dtype=np.int64)
     if rows is not None:
@@ -596,8 +598,9 @@ def minibatch_coresets(
         pad_s, valid_s = pad_s[:, :width_s], valid_s[:, :width_s]  # members are packed first in each row
     # asked about the batched (B, n, d) problems the solve will pass, not the (n, d) features: the kernels'
     # rules depend on the batch's shape (the Numba kernels decline d above their direct limit)
-    path = dense_path(xp, xp.expand_dims(features, axis=0), force_reference=backend == "reference")
-    _guard_memory(int(xp.finfo(features.dtype).bits) // 8, pad_s.shape[0], pad_s.shape[1], d, P,
+    # (a one-row stand-in of the batch, in the compute dtype: the path depends on the library, dtype and d)
+    path = dense_path(xp, xp.zeros((1, 1, d), dtype=cd, device=dev), force_reference=backend == "reference")
+    _guard_memory(int(xp.finfo(cd).bits) // 8, pad_s.shape[0], pad_s.shape[1], d, P,
                   per_class and labels_host is not None, max_dense_bytes, path, xp, features)
     if backend == "auto" and path != "fused" and namespace_name(xp) == "torch" and on_host_device(features):
         # torch's dense greedy on CPU tensors, silent at 13 s where the Numba kernels take 0.5 s (review 117)
@@ -605,7 +608,9 @@ def minibatch_coresets(
     # drawn for every problem, so that the stream, and each problem's draws, are those of a solve of all
     u = stochastic_draws(gen, sizes, budgets, eps) if optimizer == "stochastic" and gen is not None else None
     flat = from_numpy(np.ascontiguousarray(pad_s).reshape(-1), xp, dev)
-    Xb = xp.reshape(take_rows(xp, features, flat), (pad_s.shape[0], pad_s.shape[1], d))
+    rows_x, _, sc, back = prepare(xp, take_rows(xp, features, flat), metric=metric, kernel=kernel, scale=sc,
+                                  amax=amax)
+    Xb = xp.reshape(rows_x, (pad_s.shape[0], pad_s.shape[1], d))
     valid = from_numpy(np.ascontiguousarray(valid_s), xp, dev)
     li, g, w, obj = solve_batched(
         xp, Xb, valid, budgets[live] if some else budgets, metric=metric, kernel=kernel, scale=sc,
