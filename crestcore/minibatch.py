@@ -17,7 +17,8 @@ from ._validation import apportion, check_choice, check_epsilon, check_float_mat
 from ._validation import labels_to_host, make_rng
 from .backends import get_host_kernel
 from .facility import BACKENDS, DENSE_FLOOR_BYTES, OPTIMIZERS, numba_route, resolve_dense_bytes, solve_batched
-from .facility import _warn_host_torch, dense_batch_bytes, dense_path, on_host_device, stochastic_draws
+from .facility import _warn_host_torch, dense_batch_bytes, dense_path, on_host_device, pad_draws
+from .facility import _pack, stochastic_draws_ragged
 from .similarity import KERNELS, METRICS, compute_dtype, kernel_scale, prepare, restore
 
 CLASS_BUDGETS = ("proportional", "ceil")
@@ -533,6 +534,9 @@ def minibatch_coresets(
             # the per-class problems are the pool's classes: a member outside the pool has no place there
             raise ValueError("subsets must be drawn from pool: they hold indices that pool does not")
     included = None  # (P, C): the probability that class c of subset p got a pick, where below 1
+    # Only the problems with a pick are built and solved (with fewer picks than classes, m < C, most classes of
+    # a subset get none), each padded to the largest of them: tables of every (subset, class) problem padded to
+    # the largest class held 887 MiB for 64,000 members with one large class and 999 small ones (review 129).
     if per_class and labels_host is not None and blocked is not None:
         # drawn here: class c has r_c[c] members in every subset, block c of each row, sorted
         C = r_c.size
@@ -543,14 +547,15 @@ def minibatch_coresets(
         else:
             b_c, included = _class_budgets(m, np.tile(r_c, (P, 1)), gen, row_ids)
             width = m
-        n_max = int(r_c.max())
-        tt = np.arange(n_max)
-        valid_c = tt[None, :] < r_c[:, None]  # (C, n_max)
-        col = np.where(valid_c, (np.cumsum(r_c) - r_c)[:, None] + tt[None, :], 0)
-        pad = np.where(valid_c[None], blocked[:, col], 0).reshape(P * C, n_max)
-        valid_h = np.broadcast_to(valid_c[None], (P, C, n_max)).reshape(P * C, n_max)
         budgets = b_c.reshape(P * C)
         sizes = np.tile(r_c, P)
+        live = np.flatnonzero(budgets > 0)
+        lp, lc = np.divmod(live, C)
+        n_max = max(int(r_c[lc].max(initial=0)), 1)
+        tt = np.arange(n_max)
+        valid_s = tt[None, :] < r_c[lc][:, None]  # (live, n_max)
+        col = (np.cumsum(r_c) - r_c)[lc][:, None] + tt[None, :]
+        pad_s = np.where(valid_s, blocked[lp[:, None], np.where(valid_s, col, 0)], 0)
     elif per_class and labels_host is not None:
         classes, _, _ = _class_positions(labels_host if pool is None else labels_host[pool_h])
         C = classes.size
@@ -563,7 +568,10 @@ def minibatch_coresets(
         else:
             budgets, included = _class_budgets(m, counts, gen, row_ids)
             width = m
-        n_max = int(counts.max())
+        budgets = budgets.reshape(P * C)
+        sizes = counts.reshape(P * C)
+        live = np.flatnonzero(budgets > 0)
+        n_max = max(int(sizes[live].max(initial=0)), 1)
         # group each subset's members by class (members stay in index order within a class): one sort of
         # the keys class * n + index along each row
         key = np.sort(cls * n + subsets, axis=1)
@@ -571,76 +579,87 @@ def minibatch_coresets(
         mem = key - mcls * n
         start = np.cumsum(counts, axis=1) - counts  # (P, C) first position of each class
         rank = np.arange(r)[None, :] - np.take_along_axis(start, mcls, axis=1)
-        pad = np.zeros((P, C, n_max), dtype=np.int64)
-        valid_h = np.zeros((P, C, n_max), dtype=bool)
-        pp = np.repeat(np.arange(P), r)
-        pad[pp, mcls.ravel(), rank.ravel()] = mem.ravel()
-        valid_h[pp, mcls.ravel(), rank.ravel()] = True
-        pad = pad.reshape(P * C, n_max)
-        valid_h = valid_h.reshape(P * C, n_max)
-        budgets = budgets.reshape(P * C)
-        sizes = counts.reshape(P * C)
+        row_of = np.full(P * C, -1, dtype=np.int64)
+        row_of[live] = np.arange(live.size)
+        at = row_of[(np.arange(P)[:, None] * C + mcls).ravel()]
+        kept = at >= 0  # members of a problem with a pick
+        pad_s = np.zeros((live.size, n_max), dtype=np.int64)
+        valid_s = np.zeros((live.size, n_max), dtype=bool)
+        pad_s[at[kept], rank.ravel()[kept]] = mem.ravel()[kept]
+        valid_s[at[kept], rank.ravel()[kept]] = True
     else:
         C = 1
-        pad, valid_h = subsets.copy(), np.ones((P, r), dtype=bool)
+        pad_s, valid_s = subsets.copy(), np.ones((P, r), dtype=bool)
         budgets = np.full(P, m, dtype=np.int64)
         sizes = np.full(P, r, dtype=np.int64)
+        live = np.arange(P)
         width = m
-
-    # only the problems with a pick are solved: with fewer picks than classes (m < C: most classes of a
-    # subset get none) the others would be most of the batch; a problem without a pick has no picks, gains,
-    # weights or objective, which are filled in after the solve
-    live = np.flatnonzero(budgets > 0)
-    some = live.size < budgets.size
-    pad_s, valid_s = (pad[live], valid_h[live]) if some else (pad, valid_h)
-    if some:
-        width_s = max(int(sizes[live].max()), 1)
-        pad_s, valid_s = pad_s[:, :width_s], valid_s[:, :width_s]  # members are packed first in each row
+    B = budgets.size
     # asked about the batched (B, n, d) problems the solve will pass, not the (n, d) features: the kernels'
     # rules depend on the batch's shape (the Numba kernels decline d above their direct limit)
     # (a one-row stand-in of the batch, in the compute dtype: the path depends on the library, dtype and d)
     path = dense_path(xp, xp.zeros((1, 1, d), dtype=cd, device=dev), force_reference=backend == "reference")
     _guard_memory(int(xp.finfo(cd).bits) // 8, pad_s.shape[0], pad_s.shape[1], d, P,
                   per_class and labels_host is not None, max_dense_bytes, path, xp, features)
+    # the fused Numba kernel solves each problem at its own size; the torch, CuPy and generic kernels work on
+    # the whole padded batch (every problem as large as the largest, with as many picks): there the problems
+    # are solved in groups within a factor two of their group's largest, as facility_location packs them (one
+    # class of 576 members with nine of 7 took 4.7x the time of two classes on CPU torch: review 129)
+    lsizes = sizes[live]
+    groups = [np.arange(live.size)] if path == "fused" or live.size == 0 else [
+        np.sort(np.asarray(g, dtype=np.int64)) for g in _pack(lsizes, 1, 1 << 62, 0)]
     if backend == "auto" and path != "fused" and namespace_name(xp) == "torch" and on_host_device(features):
         # torch's dense greedy on CPU tensors, silent at 13 s where the Numba kernels take 0.5 s (review 117)
-        _warn_host_torch(pad_s.shape[0] * pad_s.shape[1] ** 2 * int(budgets.max(initial=0)), "minibatch_coresets")
-    # drawn for every problem, so that the stream, and each problem's draws, are those of a solve of all
-    u = stochastic_draws(gen, sizes, budgets, eps) if optimizer == "stochastic" and gen is not None else None
+        _warn_host_torch(sum(g.size * int(lsizes[g].max()) ** 2 * int(budgets[live[g]].max()) for g in groups),
+                         "minibatch_coresets")
+    # drawn for every problem (only the draws each uses kept), so that the stream, and each problem's draws,
+    # are those of a solve of all
+    u_all = (stochastic_draws_ragged(gen, sizes, budgets, eps) if optimizer == "stochastic" and gen is not None
+             else None)
     flat = from_numpy(np.ascontiguousarray(pad_s).reshape(-1), xp, dev)
     rows_x, _, sc, back = prepare(xp, take_rows(xp, features, flat), metric=metric, kernel=kernel, scale=sc,
                                   amax=amax)
-    Xb = xp.reshape(rows_x, (pad_s.shape[0], pad_s.shape[1], d))
-    valid = from_numpy(np.ascontiguousarray(valid_s), xp, dev)
-    li, g, w, obj = solve_batched(
-        xp, Xb, valid, budgets[live] if some else budgets, metric=metric, kernel=kernel, scale=sc,
-        optimizer=optimizer, u_host=(u[live] if some and u is not None else u), force_reference=backend == "reference",
-    )
-    if some:  # every problem's row: the solved ones', and a row of no picks for the others
-        src = from_numpy(np.where(budgets > 0, np.cumsum(budgets > 0) - 1, live.size), xp, dev)
-
-        def rows_of(a, fill):
-            filler = xp.full((1,) + tuple(a.shape[1:]), fill, dtype=a.dtype, device=dev)
-            return xp.take(xp.concat([a, filler], axis=0), src, axis=0)
-
-        li, g, w, obj = rows_of(li, -1), rows_of(g, 0), rows_of(w, 0), rows_of(obj, 0)
-    # local -> global indices without leaving the device: gather from the padded index table
-    B, K = li.shape
-    pad_x = from_numpy(pad, xp, dev)
-    safe = xp.where(li >= 0, li, xp.zeros_like(li))
-    rows = xp.reshape(xp.arange(B, device=dev, dtype=index_dtype(xp)), (B, 1)) * pad.shape[1]
-    glob = xp.take(xp.reshape(pad_x, (-1,)), xp.reshape(safe + rows, (-1,)), axis=0)
-    glob = xp.where(li >= 0, xp.reshape(glob, (B, K)), xp.full_like(li, -1))
-    # slot layout: each problem's K columns -> the first budgets[b] (or the class's fixed width) slots
+    Xs = xp.reshape(rows_x, (pad_s.shape[0], pad_s.shape[1], d))
+    lb = budgets[live]
+    K = int(lb.max(initial=0))
+    parts = []
+    for grp in groups:
+        w_g = max(int(lsizes[grp].max(initial=0)), 1)
+        whole = grp.size == live.size
+        gi = from_numpy(grp, xp, dev)
+        Xg = Xs if whole and w_g == pad_s.shape[1] else xp.take(Xs, gi, axis=0)[:, :w_g, :]
+        vg = from_numpy(np.ascontiguousarray(valid_s[grp, :w_g]), xp, dev)
+        li_g, g_g, w_gg, obj_g = solve_batched(
+            xp, Xg, vg, lb[grp], metric=metric, kernel=kernel, scale=sc, optimizer=optimizer,
+            u_host=None if u_all is None else pad_draws(u_all, live[grp]), force_reference=backend == "reference",
+        )
+        # local -> global indices without leaving the device: gather from the group's rows of the index table
+        Bg, Kg = li_g.shape
+        pad_g = from_numpy(np.ascontiguousarray(pad_s[grp, :w_g]), xp, dev)
+        safe = xp.where(li_g >= 0, li_g, xp.zeros_like(li_g))
+        offs = xp.reshape(xp.arange(Bg, device=dev, dtype=index_dtype(xp)), (Bg, 1)) * w_g
+        glob_g = xp.take(xp.reshape(pad_g, (-1,)), xp.reshape(safe + offs, (-1,)), axis=0)
+        glob_g = xp.where(li_g >= 0, xp.reshape(glob_g, (Bg, Kg)), xp.full_like(li_g, -1))
+        if Kg < K:  # every group's results K columns wide (its budgets are at most its own largest)
+            glob_g, g_g, w_gg = (xp.concat([a, xp.full((Bg, K - Kg), f, dtype=a.dtype, device=dev)], axis=1)
+                                 for a, f in ((glob_g, -1), (g_g, 0), (w_gg, 0)))
+        parts.append((glob_g, g_g, w_gg, obj_g))
+    if len(parts) == 1 and groups[0].size == live.size and bool(np.all(groups[0] == np.arange(live.size))):
+        glob, g, w, obj = parts[0]
+    else:  # the groups' rows back in live order
+        inv = from_numpy(np.argsort(np.concatenate(groups), kind="stable"), xp, dev)
+        glob, g, w, obj = (xp.take(xp.concat([pt[j] for pt in parts], axis=0), inv, axis=0) for j in range(4))
+    # slot layout: each problem's picks -> the first budgets[b] (or the class's fixed width) slots of its
+    # coreset, class-major; take-positions (on the host) into the flat (live, K) results
+    row_of = np.full(B, -1, dtype=np.int64)
+    row_of[live] = np.arange(live.size)
     slot_w = (math.ceil(m / C) if (class_budget == "ceil" and C > 1) else None)
-    # order picks class-major inside each coreset; compute the take-positions on the host
-    # take-positions into the flat (B, K) results: problem b's first budgets[b] picks, class-major
     if slot_w is None:
         t = np.arange(K)[None, :]
-        take = (np.arange(B)[:, None] * K + t)[t < budgets[:, None]].reshape(P, width)
+        take = (row_of[:, None] * K + t)[t < budgets[:, None]].reshape(P, width)
     else:
         t = np.arange(slot_w)[None, :]
-        take = np.where(t < budgets[:, None], np.arange(B)[:, None] * K + t, -1).reshape(P, width)
+        take = np.where(t < budgets[:, None], row_of[:, None] * K + t, -1).reshape(P, width)
     tk = from_numpy(take.reshape(-1), xp, dev)
     tk_safe = xp.where(tk >= 0, tk, xp.zeros_like(tk))
     hole = xp.reshape(tk < 0, (P, width))
@@ -650,10 +669,13 @@ def minibatch_coresets(
         return xp.where(hole, xp.full_like(v, fill), v)
 
     if included is not None:  # a class picked with probability p < 1 stands for its members / p
-        w = w / from_numpy(included.reshape(B, 1), xp, dev)
+        w = w / from_numpy(np.ascontiguousarray(included.reshape(B)[live]).reshape(live.size, 1), xp, dev)
     indices = gather(glob, -1)
     weights = restore(xp, gather(w, 0), 0, in_dtype, "weights (cluster sizes)")
     gains = restore(xp, gather(g, 0), back, in_dtype, "gains")
-    objective = restore(xp, xp.sum(xp.reshape(obj, (P, C)), axis=1), back, in_dtype, "objectives")
+    # each coreset's objective: the sum over its problems with a pick (the others' is 0)
+    per_problem = xp.take(xp.concat([obj, xp.zeros((1,), dtype=obj.dtype, device=dev)], axis=0),
+                          from_numpy(np.where(row_of >= 0, row_of, live.size), xp, dev), axis=0)
+    objective = restore(xp, xp.sum(xp.reshape(per_problem, (P, C)), axis=1), back, in_dtype, "objectives")
     return Coresets(indices=indices, weights=weights, gains=gains, objective=objective,
                     subsets=from_numpy(subsets, xp, dev))
