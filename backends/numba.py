@@ -202,6 +202,21 @@ _TILE = 64
 # d = 96 / 128 / 192 / 256 against the generic path's 0.53 / 0.53 / 0.62 / 0.55 s, which also holds about
 # 4.5 similarity matrices at its peak where the kernel holds one a thread (review 117: a 4-6x cliff at 65).
 _DIRECT_MAX_FEATURES = 192
+# ... except for small problems, where the generic path's O(B n d) passes (exact_shift's temporaries) cost
+# more than the kernel's O(B n^2 d) loops saves (review 129, one thread, minibatch_coresets' per-class
+# problems): the kernel 1.3-4.5x faster at n <= 128 for d up to 4,096, 1.3-1.6x at n = 256 for d <= 512,
+# level at n = 400, d = 512, and slower beyond (0.45-0.8x at n = 256-400, d >= 2,048)
+_DIRECT_SMALL_N, _DIRECT_SMALL_N_MAX_FEATURES, _DIRECT_CELLS_PER_FEATURE = 128, 8192, 800
+
+
+def _direct_pays(n: int, d: int) -> bool:
+    """Whether the direct-difference kernels take problems of ``n`` points and ``d`` features."""
+    if d <= _DIRECT_MAX_FEATURES:
+        return True
+    if _DIRECT_MAX_FEATURES <= 0:  # (benchmarks/dense_paths.py sends every d to the generic path)
+        return False
+    return (n <= _DIRECT_SMALL_N and d <= _DIRECT_SMALL_N_MAX_FEATURES) or n * d <= (
+        _DIRECT_CELLS_PER_FEATURE * _DIRECT_MAX_FEATURES)
 
 
 def available_bytes(x) -> int | None:
@@ -226,15 +241,17 @@ def usable_for(name: str, *arrays) -> bool:
     True
     >>> usable_for("greedy_batched", S.astype(np.float16), valid, budgets)  # float16: the reference
     False
-    >>> usable_for("similarity_batched", np.zeros((1, 3, 200)), valid)  # many features: BLAS is faster
+    >>> usable_for("similarity_batched", np.zeros((1, 1000, 200)), valid)  # many features: BLAS is faster
     False
+    >>> usable_for("similarity_batched", np.zeros((1, 100, 200)), valid)  # ... but for small problems
+    True
     """
     if name not in KERNEL_NAMES:
         return False
     if name in ("similarity_batched", "facility_batched") and arrays and getattr(arrays[0], "ndim", 0) == 3:
         # Direct-difference loops cost O(n^2 d) scalar work; past about two hundred features the generic
         # path's BLAS matrix product is faster (seen: d=784, n=6000, 70 s here vs ~2 s with BLAS).
-        if arrays[0].shape[2] > _DIRECT_MAX_FEATURES:
+        if not _direct_pays(int(arrays[0].shape[1]), int(arrays[0].shape[2])):
             return False
     seen = False
     for a in arrays:

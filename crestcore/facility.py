@@ -642,7 +642,11 @@ def facility_location(
     live = [p for p in range(n_prob) if budgets[p] > 0]
     plan_text = ""
     # the dense solver these problems would get, and its peak memory per similarity entry (review 117)
-    dpath = dense_path(xp, xp.expand_dims(X, axis=0), force_reference=force_ref, precomputed=precomputed)
+    # (asked about the largest problem's shape, a broadcast stand-in: the Numba kernels' rules depend on n and d)
+    n_top = max((int(sizes[p]) for p in live), default=1)
+    dpath = dense_path(xp, xp.broadcast_to(xp.zeros((1, 1, 1), dtype=X.dtype, device=device_of(X)),
+                                           (1, n_top, int(X.shape[1]))),
+                       force_reference=force_ref, precomputed=precomputed)
     peak = PEAK_FACTOR[dpath]
     if auto or neighbors is not None:
         from .planner import plan_problem

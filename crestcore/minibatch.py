@@ -597,8 +597,10 @@ def minibatch_coresets(
     B = budgets.size
     # asked about the batched (B, n, d) problems the solve will pass, not the (n, d) features: the kernels'
     # rules depend on the batch's shape (the Numba kernels decline d above their direct limit)
-    # (a one-row stand-in of the batch, in the compute dtype: the path depends on the library, dtype and d)
-    path = dense_path(xp, xp.zeros((1, 1, d), dtype=cd, device=dev), force_reference=backend == "reference")
+    # (a stand-in of the batch's shape, in the compute dtype, a broadcast of one zero: the path depends on the
+    # library, the dtype and the problems' n and d)
+    stand_in = xp.broadcast_to(xp.zeros((1, 1, 1), dtype=cd, device=dev), (1, int(pad_s.shape[1]), d))
+    path = dense_path(xp, stand_in, force_reference=backend == "reference")
     _guard_memory(int(xp.finfo(cd).bits) // 8, pad_s.shape[0], pad_s.shape[1], d, P,
                   per_class and labels_host is not None, max_dense_bytes, path, xp, features)
     # the fused Numba kernel solves each problem at its own size; the torch, CuPy and generic kernels work on
