@@ -766,8 +766,9 @@ def _forward(state: CrestState, ops, idx: np.ndarray, config: CrestConfig):
         raise ValueError(
             f"the labels hold class {top} but the model gives {logits.shape[1]} outputs: CREST's labels (labels= "
             "if you gave them, else what the adapter found: a torch dataset's `targets`, the `y` given to Keras's "
-            f"callback) must be the class indices 0..{logits.shape[1] - 1} the model is trained on; pass labels= "
-            "with those")
+            f"callback) must be the class indices 0..{logits.shape[1] - 1} the model is trained on. If the targets "
+            "the model trains on hold that class too (classes numbered from 1, say), the model cannot represent it: "
+            f"remap them to 0..C-1 or give the model {top + 1} outputs; labels= only changes what CREST measures")
     y = _labels_in(xp, lab, logits)
     own = getattr(ops, "example_losses", None)
     losses = own(logits, y) if own is not None else None

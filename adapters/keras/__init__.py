@@ -193,7 +193,8 @@ def _in_memory(v, what: str) -> np.ndarray:
             f"{what} is a {type(v).__name__}: CREST reads any example at any time (its random subsets, its "
             "measurement passes), so it needs the training data as in-memory arrays of numbers (NumPy, or a dict "
             "/ list of them): materialise it first, e.g. np.concatenate over its batches, or np.asarray of a "
-            "dataset's numeric columns")
+            "dataset's numeric columns (random augmentation belongs in the model then, as Keras preprocessing "
+            "layers such as RandomFlip, which train augmented and measure in inference mode without it)")
     return a
 
 
@@ -278,8 +279,11 @@ def _single_loss(model):
         loss = list(loss.values())
     if isinstance(loss, (list, tuple)):
         if len(loss) != 1:
-            raise ValueError(f"CREST needs a classifier with one output and one loss; the model is compiled "
-                             f"with {len(loss)} losses")
+            used = sum(v is not None for v in loss)
+            raise ValueError(f"CREST needs a classifier with one output and one loss; the model has {len(loss)} "
+                             f"outputs (compiled with {used} loss(es) for them): build a model of the one output "
+                             "you train for CREST's callback, e.g. keras.Model(model.inputs, model.outputs[0]) "
+                             "sharing its layers")
         loss = loss[0]
     return loss
 
@@ -420,18 +424,8 @@ def _check_loss_weighs_examples(model, x, y, labels: np.ndarray, who: str) -> No
         loss_fn = _weighing_loss(model)
         if loss_fn is None or k < 1:
             return
-        xb = keras.tree.map_structure(kops.convert_to_tensor, _take(x, sel))
-        if _backend() == "torch":
-            import torch
-
-            with torch.no_grad():
-                out = model(xb, training=False)
-        else:
-            out = model(xb, training=False)
-        if not hasattr(out, "shape") or keras.tree.is_nested(out):
-            return
-        p = _host_value(out)
-        if p.dtype.kind != "f" or p.ndim < 1 or p.shape[0] != k:
+        p = _probe_outputs(model, x, k)
+        if p is None:
             return
         yt = np.asarray(y)[sel]
         same = _all_equal(_losses_under_weights(loss_fn, yt, p))
@@ -454,6 +448,52 @@ def _check_loss_weighs_examples(model, x, y, labels: np.ndarray, who: str) -> No
             f"mean(weights) * loss, so {who}'s per-example weights (mean 1) drop out and every step would train "
             "unweighted. Return the per-example losses instead, one value per example (shape (batch,)), and let "
             "Keras reduce them with the weights (a Loss subclass's reduction=, default 'sum_over_batch_size')")
+
+
+def _probe_outputs(model, x, k: int) -> np.ndarray | None:
+    """The model's outputs on the first ``k`` examples of ``x`` (an inference forward, under ``torch.no_grad``
+    on torch: nothing moves) as a host floating array of ``k`` rows, or None (a nested output)."""
+    xb = keras.tree.map_structure(kops.convert_to_tensor, _take(x, np.arange(k)))
+    if _backend() == "torch":
+        import torch
+
+        with torch.no_grad():
+            out = model(xb, training=False)
+    else:
+        out = model(xb, training=False)
+    if not hasattr(out, "shape") or keras.tree.is_nested(out):
+        return None
+    p = _host_value(out)
+    return p if p.dtype.kind == "f" and p.ndim >= 1 and p.shape[0] == k else None
+
+
+def _check_output_kind(model, x, n: int, kind: str, given: bool) -> None:
+    """Where the last layer cannot be read (a subclassed model), the outputs of an inference forward on up to
+    16 examples against the loss's ``from_logits``: rows of probabilities (non-negative, summing to 1) under a
+    loss that takes logits, or rows that are no probabilities under one that takes probabilities, are warned
+    about as a functional model's last layer is (review 131: CREST read logits as probabilities, clipping
+    every negative one, silently). Not when ``outputs=`` was given, nor where the forward fails."""
+    if given or _last_is_softmax(model) is not None or loss_facts(model)["from_logits"] is None:
+        return
+    try:
+        p = _probe_outputs(model, x, min(16, int(n)))
+    except Exception:  # noqa: BLE001 - fit's own step says what is wrong with the model
+        return
+    if p is None or p.ndim != 2 or p.shape[1] < 2 or not np.isfinite(p).all():
+        return
+    q = p.astype(np.float64)
+    tol = 1e-2 if p.dtype.itemsize <= 2 else 1e-4
+    probs = bool((q >= 0).all() and np.abs(q.sum(axis=1) - 1.0).max() <= tol)
+    if kind == "logits" and probs:
+        warnings.warn("the model's outputs look like probabilities (non-negative rows summing to 1: a softmax last "
+                      "layer) but its loss has from_logits=True; CREST takes the outputs as logits (as the loss "
+                      "does). Pass outputs= to override.", stacklevel=_common.user_stacklevel())
+    elif kind == "probabilities" and not probs:
+        warnings.warn("the model's loss takes probabilities (from_logits=False, the default of Keras's "
+                      "cross-entropies and their string names) but its outputs are no probabilities (negative "
+                      "values, or rows that do not sum to 1: no softmax last layer); CREST takes the outputs as probabilities, as the loss "
+                      "does. If they are logits, compile with from_logits=True (or pass outputs='logits').",
+                      stacklevel=_common.user_stacklevel())
 
 
 def _warn_other_loss(facts: dict, what: str) -> None:
@@ -1302,7 +1342,9 @@ def _check_label_width(model, labels: np.ndarray, width: int | None = None) -> N
         raise ValueError(
             f"the labels hold class {int(labels.max())} but the model gives {width} outputs: CREST's labels (labels= "
             "if you gave them, else the y given to the callback) must be the class indices "
-            f"0..{width - 1} the model is trained on; pass labels= with those")
+            f"0..{width - 1} the model is trained on. If y holds that class too (classes numbered from 1, say), the "
+            "model cannot represent it: remap y to 0..C-1 (np.unique(y, return_inverse=True)[1]) or give the model "
+            f"{int(labels.max()) + 1} outputs; labels= only changes what CREST measures, not what Keras trains on")
 
 
 class CrestDataset(keras.utils.PyDataset):
@@ -1446,7 +1488,8 @@ def _warn_other_labels(y, lab: np.ndarray) -> None:
         warnings.warn(
             f"labels= names another class than y at {off} of {lab.size} examples: the model trains on y, while "
             "CREST's selections and trust checks measure labels=. Pass the classes of y (or leave labels= out: "
-            "they are read from y)", stacklevel=_common.user_stacklevel())
+            "they are read from y); if y's classes are out of the model's outputs' range, remap y (or widen the "
+            "model) instead", stacklevel=_common.user_stacklevel())
 
 
 def _budget(cb, counters: dict, m: int) -> dict:
@@ -1764,6 +1807,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         facts = loss_facts(model)
         self._scale = _weight_scale(facts["reduction"])
         kind = resolve_outputs(model, self.outputs_option)  # (its refusals first: then no warning before them)
+        _check_output_kind(model, self.x, self.labels.size, kind, self.outputs_option is not None)
         _check_loss_weighs_examples(model, self.x, self.y, self.labels, "CrestCallback")
         _warn_other_loss(facts, "CREST's features and trust check")
         _warn_own_train_step(model, "CrestCallback")
@@ -2149,6 +2193,7 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
                           f"epochs={planned}", stacklevel=_common.user_stacklevel())
         if self._measures:
             kind = resolve_outputs(model, self.outputs_option, "SubsetCallback")
+            _check_output_kind(model, self.measure_x, self.labels.size, kind, self.outputs_option is not None)
             _warn_other_loss(facts, f"the {self.method} selection's measurements")
             if self.ops is None or self.ops.model is not model or self.ops.from_probabilities != (kind == "probabilities"):
                 self.ops = KerasModelOps(model, self.measure_x, self.labels, outputs=kind,

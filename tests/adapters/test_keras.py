@@ -445,7 +445,8 @@ _JAX_SCRIPT = textwrap.dedent(r"""
     keras.utils.set_random_seed(0)
     m16 = keras.Model(inp, TrainOnly()(keras.layers.Dense(10, trainable=False)(inp)))
     m16.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    cases = [(m14, y + 10, {}, ValueError, "the labels hold class"),
+    cases = [(m14, y + 10, {}, ValueError, "remap y to 0..C-1 (np.unique(y, return_inverse=True)[1]) or give the "
+                                           "model 20 outputs"),
              (m15, y, {"embeddings": True}, ValueError, "Dense layer"),
              (m16, y, {}, RuntimeError, "no trainable variable gets a gradient")]
     for mk, yk, extra, err, text in cases:

@@ -38,3 +38,65 @@ def test_a_softmax_last_layer_means_probabilities(case):
     model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     with pytest.warns(UserWarning, match="last layer is a softmax"):
         assert resolve_outputs(model, None) == "logits"
+
+
+class _Subclassed(keras.Model):
+    """A subclassed classifier: its last layer cannot be read from model.layers."""
+
+    def __init__(self, softmax):
+        super().__init__()
+        self.h = keras.layers.Dense(8, activation="relu")
+        self.o = keras.layers.Dense(3)
+        self.softmax = softmax
+
+    def call(self, x, training=None):
+        z = self.o(self.h(x))
+        return keras.ops.softmax(z) if self.softmax else z
+
+
+@pytest.mark.parametrize("softmax", [True, False])
+def test_a_subclassed_models_outputs_are_checked_against_its_loss(softmax):
+    """Review 131: a subclassed model's softmax outputs under from_logits=True, or its logits under a loss that
+    takes probabilities, trained with no warning (a functional model's last layer is read; CREST then read
+    logits as probabilities, clipping every negative one). At fit's start the outputs of a forward on a few
+    examples are compared with the loss; matching ones, and an outputs= option, are not warned about."""
+    import numpy as np
+
+    from crestcore import CrestConfig
+    from crestcore.adapters.keras import CrestCallback
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 4)).astype("float32")
+    y = np.arange(60) % 3
+    wrong = keras.losses.SparseCategoricalCrossentropy(from_logits=softmax)
+    right = keras.losses.SparseCategoricalCrossentropy(from_logits=not softmax)
+
+    def fit(loss, **kw):
+        keras.utils.set_random_seed(0)
+        model = _Subclassed(softmax)
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss=loss)
+        crest = CrestCallback(x, y, config=CrestConfig(m=12), budget=0.5, seed=0, **kw)
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            model.fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
+        return [str(w.message) for w in got if "probabilities" in str(w.message) and "loss" in str(w.message)]
+
+    said = fit(wrong)
+    assert len(said) == 1, said
+    assert ("look like probabilities" if softmax else "are no probabilities") in said[0]
+    assert fit(right) == []
+    assert fit(wrong, outputs="probabilities" if softmax else "logits") == []
+
+
+def test_a_model_of_two_outputs_is_told_to_give_crest_the_one_it_trains():
+    """Review 131: a two-output model compiled with loss=[ce, None] (Keras trains the first output) was refused
+    as "compiled with 2 losses"; the refusal names the outputs and the one-output model to build."""
+    from crestcore.adapters.keras import loss_facts
+
+    inp = keras.Input((4,))
+    h = keras.layers.Dense(8)(inp)
+    model = keras.Model(inp, [keras.layers.Dense(3)(h), keras.layers.Dense(2)(h)])
+    model.compile(optimizer="sgd", loss=[keras.losses.SparseCategoricalCrossentropy(from_logits=True), None])
+    with pytest.raises(ValueError, match=r"the model has 2 outputs \(compiled with 1 loss\(es\) for them\).*"
+                                         r"keras\.Model\(model\.inputs, model\.outputs\[0\]\)"):
+        loss_facts(model)
