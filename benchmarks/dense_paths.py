@@ -9,6 +9,9 @@ alternately, after a warm-up call each (review 117's cliffs, 2026-12-05):
 2. NumPy features of ``d`` = 64 to 256 columns: the Numba kernel's direct distances (the default up to
    192 features) against the generic Gram-form path (what NumPy input beyond the kernel's limit gets; forced
    here by lowering the limit for the call).
+3. ``minibatch_coresets``' per-class problems of about 32 to 400 points at ``d`` = 193 to 4,096 (review 129):
+   the Numba kernel against the generic path, and which one the default takes (the kernel keeps problems of
+   at most 128 points up to 8,192 features, and those with ``n d <= 153,600``).
 
     flock /tmp/crest-bench.lock .venv/bin/python benchmarks/dense_paths.py [--repeats 3] [--threads 2]
 
@@ -104,6 +107,38 @@ def main(argv=None) -> None:
         print(f"   d = {d:3d}: Numba kernel {med['kernel']:6.3f} s, generic Gram path {med['generic']:6.3f} s "
               f"({med['generic'] / med['kernel']:4.2f}x); default: {default}; same picks: "
               f"{np.array_equal(picks['kernel'], picks['generic'])}")
+
+
+    print(f"3. minibatch_coresets per class (10 classes of n = 20,000), {a.threads} thread(s), medians of {a.repeats}")
+    y3 = rng.integers(0, 10, 20_000)
+    for npts in (32, 128, 256, 400):
+        r, m, P = npts * 10, max(10, npts // 4), max(1, 1280 // npts)
+        for d in (193, 512, 2048, 4096):
+            X = rng.standard_normal((20_000, d)).astype(np.float32)
+
+            def route(limit_now, X=X, r=r, m=m, P=P):
+                def run():
+                    nbk._DIRECT_MAX_FEATURES = limit_now
+                    try:
+                        return np.asarray(crestcore.minibatch_coresets(X, y3, m=m, r=r, P=P, rng=0).indices)
+                    finally:
+                        nbk._DIRECT_MAX_FEATURES = limit
+                return run
+
+            routes = {"kernel": route(1 << 30), "generic": route(0), "default": route(limit)}
+            picks = {name: f() for name, f in routes.items()}
+            med = _timed(routes, a.repeats)
+            fused, calls = nbk.facility_batched, []
+            nbk.facility_batched = lambda *args, _f=fused, _c=calls, **kw: _c.append(1) or _f(*args, **kw)
+            try:
+                routes["default"]()  # which path the default takes: the fused kernel called or not
+            finally:
+                nbk.facility_batched = fused
+            took = "kernel" if calls else "generic"
+            print(f"   ~{npts:3d} points, d = {d:4d}: kernel {med['kernel'] * 1e3:8.1f} ms, generic "
+                  f"{med['generic'] * 1e3:8.1f} ms ({med['generic'] / med['kernel']:4.2f}x), default "
+                  f"{med['default'] * 1e3:8.1f} ms (the {took}); same picks: "
+                  f"{np.array_equal(picks['kernel'], picks['generic'])}")
 
 
 if __name__ == "__main__":

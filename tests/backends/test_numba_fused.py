@@ -109,7 +109,8 @@ def test_fused_dispatch_and_argument_errors():
     v = np.ones((2, 3), dtype=bool)
     b = np.ones(2, dtype=np.int64)
     assert get_kernel("facility_batched", "numpy", X, v, b) is nbk.facility_batched
-    assert get_kernel("facility_batched", "numpy", np.zeros((2, 3, 193)), v, b) is None  # BLAS wins there
+    assert get_kernel("facility_batched", "numpy", np.zeros((2, 1000, 193)), v, b) is None  # BLAS wins there
+    assert get_kernel("facility_batched", "numpy", np.zeros((2, 3, 193)), v, b) is nbk.facility_batched  # small n
     with pytest.raises(ValueError, match="metric"):
         nbk.facility_batched(X, v, b, "manhattan", "exp", 1.0, "lazy")
     with pytest.raises(ValueError, match="optimizer"):
