@@ -457,7 +457,7 @@ def minibatch_coresets(
 
         return numba_route(xp, features, solve, {"features": features, "labels": labels, "pool": pool,
                                                  "subsets": subsets, "rows": rows})
-    amax = check_float_matrix(xp, features, "features")
+    check_float_matrix(xp, features, "features")  # (its max|X| is of all n rows: the scale is the gathered rows')
     n, d = features.shape
     labels_host = labels_to_host(xp, labels, n) if labels is not None else None
     if pool is None:
@@ -492,9 +492,9 @@ def minibatch_coresets(
     dev = device_of(features)
     in_dtype = features.dtype
     # numerics policy (docs/selection.md): compute in >= float32, features rescaled by a power of two
-    # when their magnitude (max|X| over all of them) could overflow or underflow; gains and objectives are
-    # scaled back at the end. Applied to the rows the problems gather, not all n (review 129: a float16
-    # array's whole float32 copy, or a rescaled one, at every call): the same values, elementwise
+    # when their magnitude (max|X| over the rows the problems gather) could overflow or underflow; gains and
+    # objectives are scaled back at the end. Applied to those rows, not all n (review 129: a float16 array's
+    # whole float32 copy, or a rescaled one, at every call)
     cd = compute_dtype(xp, features.dtype)
 
     row_ids = np.arange(P, dtype=np.int64)
@@ -619,8 +619,10 @@ def minibatch_coresets(
     u_all = (stochastic_draws_ragged(gen, sizes, budgets, eps) if optimizer == "stochastic" and gen is not None
              else None)
     flat = from_numpy(np.ascontiguousarray(pad_s).reshape(-1), xp, dev)
-    rows_x, _, sc, back = prepare(xp, take_rows(xp, features, flat), metric=metric, kernel=kernel, scale=sc,
-                                  amax=amax)
+    # max|X| over the gathered rows: a row no problem holds (outside the pool or every subset) must not set the
+    # scale (review 132: one float32 row of 1e24 elsewhere scaled the problems' squared distances to 0 on the
+    # torch and generic kernels, every objective 0 and the picks the lowest indices)
+    rows_x, _, sc, back = prepare(xp, take_rows(xp, features, flat), metric=metric, kernel=kernel, scale=sc)
     Xs = xp.reshape(rows_x, (pad_s.shape[0], pad_s.shape[1], d))
     lb = budgets[live]
     K = int(lb.max(initial=0))

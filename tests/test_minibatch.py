@@ -711,3 +711,28 @@ def test_small_problems_of_many_features_stay_on_the_fused_kernel(monkeypatch):
     assert len(calls) == 1
     np.testing.assert_array_equal(got.indices, want.indices)
     np.testing.assert_array_equal(got.weights, want.weights)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_a_row_no_problem_holds_does_not_set_the_scale(backend):
+    """Review 132: one float32 row of magnitude 1e24 outside the pool (never in a subset) set the power-of-two
+    rescaling of every problem: their squared distances became 0 on the torch and generic kernels, every
+    objective 0 and the picks the lowest indices, silently; tiny features (1e-25) beside one ordinary row
+    elsewhere were not rescaled at all. The scale is the gathered rows'."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 8)).astype(np.float32)
+    y = rng.integers(0, 4, 400)
+    pool = np.arange(399)
+    conv = (lambda a: a)
+    if backend == "torch":
+        torch = pytest.importorskip("torch")
+        conv = torch.from_numpy
+    kw = dict(m=12, r=200, P=2, rng=0, pool=conv(pool), backend="reference" if backend == "reference" else "auto")
+    for base, odd in ((X, 1e24), (X * np.float32(1e-25), 1.0)):
+        clean = crestcore.minibatch_coresets(conv(base), conv(y), **kw)
+        other = base.copy()
+        other[-1] = odd
+        got = crestcore.minibatch_coresets(conv(other), conv(y), **kw)
+        assert float(np.asarray(clean.objective).min()) > 0
+        np.testing.assert_array_equal(np.asarray(got.indices), np.asarray(clean.indices))
+        np.testing.assert_array_equal(np.asarray(got.objective), np.asarray(clean.objective))
