@@ -283,20 +283,23 @@ def dataset_labels(dataset) -> np.ndarray:
         return _as_labels(mapped, n, f"dataset.target_transform(dataset.{attr})")
     why = ("its joint `transforms` may change the targets" if _joint_transform(dataset)
            else "it has no `targets` or `labels` attribute")
-    warnings.warn(
-        f"crestcore: reading all {n} examples of the {type(dataset).__name__} once to find their labels ({why}), "
-        "taking each item's second field (item[1]) or, for dict items, the first "
-        f"of the keys {_LABEL_KEYS}: pass labels= (one class index per example; crest_labels= on CrestTrainer) "
-        "if that is not the class label, or "
-        "to skip this pass (or give the dataset a `targets` attribute). The global random states are restored "
-        "afterwards.",
-        stacklevel=_common.user_stacklevel(),
-    )
     out = np.empty(n, dtype=np.int64)
-    later: dict[int, list] | None = None  # item[k], k >= 2, an integer scalar in every item so far: its values
     with _random_states_kept():  # random transforms in __getitem__ must not advance the user's RNGs
         for i in range(n):
             item = dataset[i]
+            if i == 0:  # the warning names the item's other integer fields: items (x, lengths, y) had the lengths
+                # taken as the classes after a warning that named item[1] only (review 130)
+                others = ([k for k in range(2, len(item)) if _integer_scalar(item[k]) is not None]
+                          if isinstance(item, (tuple, list)) else [])
+                also = (f" Its items hold integers at item{others} too: if one of those is the class label (items "
+                        "(x, lengths, y), say), pass labels= with it." if others else "")
+                warnings.warn(
+                    f"crestcore: reading all {n} examples of the {type(dataset).__name__} once to find their labels "
+                    f"({why}), taking each item's second field (item[1]) or, for dict items, the first of the keys "
+                    f"{_LABEL_KEYS}: pass labels= (one class index per example; crest_labels= on CrestTrainer) if "
+                    "that is not the class label, or to skip this pass (or give the dataset a `targets` attribute). "
+                    "The global random states are restored afterwards." + also,
+                    stacklevel=_common.user_stacklevel())
             if isinstance(item, dict):
                 key = next((k for k in _LABEL_KEYS if k in item), None)
                 if key is None:
@@ -312,24 +315,6 @@ def dataset_labels(dataset) -> np.ndarray:
                     "crest_labels= on CrestTrainer)"
                 )
             out[i] = _item_label(item[1], i)
-            if later is None:
-                later = {k: [] for k in range(2, len(item))}
-            for k in list(later):
-                v = _integer_scalar(item[k]) if k < len(item) else None
-                if v is None:
-                    del later[k]
-                else:
-                    later[k].append(v)
-    # a later field of integer scalars that are not one per example (ids): a class label as likely as item[1]
-    # (items (x, lengths, y) had the lengths taken as the classes, review 130; a TensorDataset is refused)
-    other = [k for k, v in (later or {}).items() if len(set(v)) < n]
-    if other:
-        warnings.warn(
-            f"crestcore: the {type(dataset).__name__}'s items hold integer fields after the input at item[1] and "
-            f"item{other} (item[{other[0]}] repeats values, so it is no example id): CREST took item[1] as the class "
-            "label. If another field is the label (items (x, lengths, y), say), pass labels= with it (crest_labels= "
-            "on CrestTrainer): CREST would select, check and drop by the wrong field.",
-            stacklevel=_common.user_stacklevel())
     return _as_labels(out, n, "the dataset's labels")
 
 
