@@ -54,7 +54,8 @@ from crestcore.controller import CrestConfig
 
 from . import _common
 from .monitor import check_listeners
-from .torch import _LABEL_KEYS, CrestBatchSampler, WeightedCollate, WeightedDataset, WeightedKey, _output_logits
+from .torch import (_LABEL_KEYS, CrestBatchSampler, WeightedCollate, WeightedDataset, WeightedKey, _output_logits,
+                     dataset_labels)
 from .torch import check_loader_arguments, check_map_style, check_training_data
 
 __all__ = ["CrestTrainer", "weighted_cross_entropy", "CREST_STATE_NAME"]
@@ -197,8 +198,11 @@ def _refuse_unsupported(trainer) -> None:
                          "per_device_train_batch_size, which CREST's batches do not use (their size is "
                          "crest_config's m), from the middle of the spent run; set it False and choose m")
     if getattr(a, "label_smoothing_factor", 0.0):
+        ls = a.label_smoothing_factor
         raise ValueError("CrestTrainer computes CREST's weighted cross-entropy itself: label_smoothing_factor "
-                         f"({a.label_smoothing_factor}) would be ignored; set it to 0")
+                         f"({ls}) would be ignored; set it to 0 and pass the smoothed loss as CREST's, which the "
+                         "training step and CREST's measurements then both use: crest_loss_fn=lambda z, y: "
+                         f"torch.nn.functional.cross_entropy(z, y, label_smoothing={ls}, reduction='none')")
     strategy = getattr(a, "train_sampling_strategy", None)
     if getattr(a, "group_by_length", False) or strategy not in (None, "random"):
         what = "group_by_length=True" if getattr(a, "group_by_length", False) else f"train_sampling_strategy={strategy!r}"
@@ -206,7 +210,8 @@ def _refuse_unsupported(trainer) -> None:
                          "ignored; leave the Trainer's sampling at its default ('random')")
     if getattr(trainer, "compute_loss_func", None) is not None:
         raise ValueError("CrestTrainer computes CREST's weighted cross-entropy itself: compute_loss_func would "
-                         "not be called; leave it None")
+                         "not be called; leave it None and pass a per-example loss as crest_loss_fn=lambda logits, "
+                         "labels: ... (reduction='none'), which the training step and CREST's measurements both use")
 
 
 class CrestTrainer(transformers.Trainer):
@@ -399,10 +404,14 @@ class CrestTrainer(transformers.Trainer):
                 # the batch size set after construction (a hyperparameter search's trial sets it inside train():
                 # it had no effect, review 86) is this run's m, as at construction
                 self.crest_config = dataclasses.replace(self.crest_config, m=size)
+            labels = self.crest_labels
+            key = self._crest_label_key()
+            if labels is None and key is not None:  # items whose label is under the Trainer's own label name
+                labels = dataset_labels(train_dataset, keys=(key,))
             with _common.budget_said():  # said at construction
                 self.crest = CrestBatchSampler(
                     self.model, train_dataset, config=self.crest_config, budget=self.crest_budget,
-                    epochs=self._planned_epochs(), seed=self.crest_seed, labels=self.crest_labels,
+                    epochs=self._planned_epochs(), seed=self.crest_seed, labels=labels,
                     collate_fn=collate, measure_batch_size=self.crest_measure_batch_size,
                     callbacks=self.crest_callbacks, forward=self.crest_forward, loss_fn=self.crest_loss_fn,
                 )
@@ -443,6 +452,12 @@ class CrestTrainer(transformers.Trainer):
             return len(self.crest) * self.crest_config.m
         return super().num_examples(dataloader)
 
+    def _crest_label_key(self) -> str | None:
+        """``TrainingArguments(label_names=[key])``'s one key where it is none of the usual label keys (a model
+        whose label argument is, say, ``targets``), else None."""
+        names = list(getattr(self.args, "label_names", None) or [])
+        return names[0] if len(names) == 1 and names[0] not in _LABEL_KEYS else None
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "crest_weight" not in inputs:  # evaluation batches: the Trainer's own loss
             if model.training and self.crest is not None and self.is_in_train:
@@ -455,12 +470,17 @@ class CrestTrainer(transformers.Trainer):
         inputs = dict(inputs)
         weights = inputs.pop("crest_weight")
         index = inputs.pop("crest_index", None)
-        key = next((k for k in _LABEL_KEYS if k in inputs), None)
+        # the Trainer's own label name (a model whose label argument is, say, "targets"; review 133), then the
+        # usual keys
+        own = self._crest_label_key()
+        keys = _LABEL_KEYS if own is None else (own, *_LABEL_KEYS)
+        key = next((k for k in keys if k in inputs), None)
         if key is None:
             raise ValueError(
-                f"CrestTrainer: the batch has none of the label keys {_LABEL_KEYS}. A model whose forward takes no "
+                f"CrestTrainer: the batch has none of the label keys {keys}. A model whose forward takes no "
                 "labels argument needs TrainingArguments(label_names=['labels']) (else the Trainer's "
-                "remove_unused_columns drops them), or remove_unused_columns=False")
+                "remove_unused_columns drops them), or remove_unused_columns=False; labels under another key need "
+                "TrainingArguments(label_names=[that key])")
         if self.crest_forward is not None:  # the measurement passes' forward, on the same batch (a copy: it
             labels = inputs[key]  # may pop the labels)
             outputs = logits = self.crest_forward(model, dict(inputs))

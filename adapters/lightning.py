@@ -404,6 +404,16 @@ class CrestCallback(pl.Callback):
                 "use crestcore.adapters.distributed.DistributedCrestLoader in your own loop"
             )
         _check_accumulation(trainer)
+        from lightning.pytorch.callbacks import BatchSizeFinder
+
+        if any(isinstance(cb, BatchSizeFinder) for cb in getattr(trainer, "callbacks", [])):
+            # (review 133: every trial trained CREST's batches of m, so every one "succeeded", and the size found
+            # was written into the DataModule, where nothing uses it)
+            raise ValueError(
+                "CrestCallback cannot run under Lightning's batch-size finder (Tuner.scale_batch_size, "
+                "BatchSizeFinder): its trials would train CREST's batches, of CrestConfig(m=...) examples whatever "
+                "batch size they try, so the size it finds is meaningless. Choose m in CrestConfig(m=...) instead (a "
+                "Trainer the finder ran on keeps it among its callbacks: fit with a new Trainer)")
         if self._kwargs["forward"] is None and type(pl_module).forward in (pl.LightningModule.forward,
                                                                            torch.nn.Module.forward):
             raise ValueError(

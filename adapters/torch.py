@@ -165,16 +165,18 @@ def _joint_transform(dataset) -> bool:
     return t is not None and callable(t) and type(t).__name__ != "StandardTransform"
 
 
-def _label_column(dataset) -> str | None:
+def _label_column(dataset, keys=None) -> str | None:
     """For a Hugging Face ``datasets.Dataset`` whose items are its rows as stored (no ``set_transform`` /
-    ``with_transform``), the name of its label column (the first of ``_LABEL_KEYS`` it has), else None."""
+    ``with_transform``), the name of its label column (the first of ``keys``, default ``_LABEL_KEYS``, it has),
+    else None."""
+    keys = _LABEL_KEYS if keys is None else keys
     if type(dataset).__module__.split(".")[0] != "datasets" or not hasattr(dataset, "column_names"):
         return None
     fmt = getattr(dataset, "format", None)
     if not isinstance(fmt, dict) or fmt.get("type") == "custom":  # a transform may change the labels
         return None
     shown = fmt.get("columns")  # a format showing some columns only: the items carry those
-    return next((k for k in _LABEL_KEYS if k in dataset.column_names and (shown is None or k in shown)), None)
+    return next((k for k in keys if k in dataset.column_names and (shown is None or k in shown)), None)
 
 
 def _label_attribute(dataset) -> str | None:
@@ -216,8 +218,10 @@ def _found_origin(dataset) -> str:
     return "found without reading the items: " + _label_origin(dataset)
 
 
-def dataset_labels(dataset) -> np.ndarray:
-    """The integer class label of every example of ``dataset`` as a host int64 array (n,).
+def dataset_labels(dataset, keys=None) -> np.ndarray:
+    """The integer class label of every example of ``dataset`` as a host int64 array (n,); ``keys``: the keys
+    a dict item or a ``datasets.Dataset`` column holds its label under (default ``("labels", "label",
+    "label_ids")``; ``CrestTrainer`` passes ``TrainingArguments(label_names=[key])``'s).
 
     Read without touching the examples where possible: ``TensorDataset`` (its second tensor; a
     ``ValueError`` asks for ``labels=`` when a later tensor is an integer vector too, a categorical input
@@ -239,6 +243,7 @@ def dataset_labels(dataset) -> np.ndarray:
     >>> dataset_labels(ConcatDataset([Subset(data, [5, 4]), data]))
     array([2, 1, 0, 1, 2, 0, 1, 2])
     """
+    keys = _LABEL_KEYS if keys is None else tuple(keys)
     n = _length(dataset)
     if isinstance(dataset, TensorDataset):
         if len(dataset.tensors) < 2:
@@ -256,13 +261,13 @@ def dataset_labels(dataset) -> np.ndarray:
                 "crest_labels= on CrestTrainer)")
         return _as_labels(dataset.tensors[1], n, "the TensorDataset's second tensor")
     if isinstance(dataset, Subset) and _labels_without_items(dataset.dataset):
-        base = dataset_labels(dataset.dataset)
+        base = dataset_labels(dataset.dataset, keys)
         return _as_labels(base[np.asarray(dataset.indices, dtype=np.int64)], n, "the Subset's labels")
     # (a Subset of a dataset whose labels need its items: read the Subset's own items below, not the base's)
     if isinstance(dataset, ConcatDataset):
-        parts = [dataset_labels(d) for d in dataset.datasets]
+        parts = [dataset_labels(d, keys) for d in dataset.datasets]
         return _as_labels(np.concatenate(parts) if parts else np.zeros(0, np.int64), n, "labels")
-    col = _label_column(dataset)
+    col = _label_column(dataset, keys)
     if col is not None:  # a datasets.Dataset: its label column, read from its Arrow table without decoding rows
         return _as_labels(dataset.with_format("numpy")[col], n, f"the dataset's {col!r} column")
     attr = _label_attribute(dataset)
@@ -296,15 +301,15 @@ def dataset_labels(dataset) -> np.ndarray:
                 warnings.warn(
                     f"crestcore: reading all {n} examples of the {type(dataset).__name__} once to find their labels "
                     f"({why}), taking each item's second field (item[1]) or, for dict items, the first of the keys "
-                    f"{_LABEL_KEYS}: pass labels= (one class index per example; crest_labels= on CrestTrainer) if "
+                    f"{keys}: pass labels= (one class index per example; crest_labels= on CrestTrainer) if "
                     "that is not the class label, or to skip this pass (or give the dataset a `targets` attribute). "
                     "The global random states are restored afterwards." + also,
                     stacklevel=_common.user_stacklevel())
             if isinstance(item, dict):
-                key = next((k for k in _LABEL_KEYS if k in item), None)
+                key = next((k for k in keys if k in item), None)
                 if key is None:
                     raise TypeError(f"cannot find the labels of this dataset: its dict items have none of the keys "
-                                    f"{_LABEL_KEYS}; pass labels= (one class index per example; crest_labels= "
+                                    f"{keys}; pass labels= (one class index per example; crest_labels= "
                                     "on CrestTrainer)")
                 out[i] = _item_label(item[key], i)
                 continue
@@ -1984,14 +1989,26 @@ class TorchModelOps:
         return _wide(out)
 
     def _check_width(self, width: int) -> None:
-        """Warn once when the logits were a tuple output's first element (the convention for dict batches)
-        and have more columns than the labels' classes (``max + 1``), or the first element is not an
+        """Warn once when the measured logits have more columns than the labels' classes (``max + 1``): a tuple
+        output's first element (the convention for dict batches), or a plain output of more than twice as many
+        columns; or when a tuple's first element is not an
         ``nn.Linear``'s output while another element, as wide as the classes or wider, is (both as noted at
         the first forward): the features of a ``(features, logits)`` output fit every check of shape, and
         with a hidden width equal to the classes, only where they come from tells them from the logits.
         (Fewer columns than classes are refused where the labels are read against them.)"""
         classes = int(self.labels.max()) + 1 if self.labels.size else 0
         if not self._seen.get("tuple"):
+            # a plain output more than twice as wide too (review 133: a LightningModule's forward returning the
+            # backbone's 16 features, its training_step applying the head, measured as 16-class logits against 3
+            # classes, silently); a head a few classes wider than the labels use (classes absent from the data)
+            # is common and not warned about
+            if width > 2 * classes:
+                warnings.warn(
+                    f"the model's measured outputs have {width} columns, more than the labels' {classes} classes: "
+                    "CREST takes them as the logits. If they are not (a forward that returns features, the head "
+                    "applied in the training step), pass forward= (crest_forward= on CrestTrainer) returning the "
+                    "logits; a head with more classes than these labels use is measured correctly and can ignore "
+                    "this", stacklevel=_common.user_stacklevel())
             return
         # another element that an nn.Linear returned, as wide as the classes, while the first is not one's:
         # (features, logits) with a hidden width of the classes; not (logits, probabilities), (logits,

@@ -910,3 +910,38 @@ def test_without_crest_config_m_follows_the_batch_size_a_search_sets(tmp_path):
     given.args.per_device_train_batch_size = 4
     given.get_train_dataloader()
     assert given.crest.config.m == 12
+
+
+class _Targets(Texts):
+    """Texts whose label key is "targets", the label argument of _TargetsModel."""
+
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        item["targets"] = item.pop("labels")
+        return item
+
+
+class _TargetsModel(_DictOut):
+    def forward(self, input_ids, attention_mask=None, targets=None):
+        return super().forward(input_ids, attention_mask)
+
+
+def test_the_trainers_own_label_name_is_honoured(tmp_path):
+    """Review 133: TrainingArguments(label_names=["targets"]) (a model whose label argument is "targets") could not
+    be trained at all, and the error told the user to set label_names; its labels are read from that key, in the
+    items and in the batches. The smoothing refusal names crest_loss_fn, with which label smoothing trains."""
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), num_train_epochs=1, learning_rate=5e-3, report_to=[], use_cpu=True,
+        save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0, label_names=["targets"])
+    data = _Targets(n=64)
+    trainer = CrestTrainer(model=_TargetsModel(), args=args, train_dataset=data,
+                           data_collator=transformers.default_data_collator, crest_config=CrestConfig(m=8, r=24),
+                           crest_budget=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (reading the items for their labels: said)
+        assert trainer.train().global_step == trainer.crest.total_steps == 4
+    np.testing.assert_array_equal(trainer.crest.labels, np.asarray(data.targets))
+    with pytest.raises(ValueError, match=r"label_smoothing_factor \(0\.1\).*crest_loss_fn=lambda z, y: "
+                                         r"torch\.nn\.functional\.cross_entropy\(z, y, label_smoothing=0\.1"):
+        CrestTrainer(model=tiny_bert(), args=transformers.TrainingArguments(
+            output_dir=str(tmp_path), label_smoothing_factor=0.1, report_to=[], use_cpu=True), train_dataset=Texts())

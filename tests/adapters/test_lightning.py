@@ -435,6 +435,24 @@ def test_gradient_accumulation_and_a_module_without_forward_are_refused_at_setup
     assert t.global_step == cb.stats["step"] > 0
 
 
+def test_the_batch_size_finder_is_refused(tmp_path):
+    """Review 133: Tuner.scale_batch_size's trials all trained CREST's batches of m, so each "succeeded" and the
+    size it found (written into the DataModule) was meaningless, silently. Refused at setup, naming m."""
+    from lightning.pytorch.tuner import Tuner
+
+    class DM(pl.LightningDataModule):
+        def __init__(self, cb):
+            super().__init__()
+            self.cb, self.batch_size = cb, 16
+
+        def train_dataloader(self):
+            return self.cb.dataloader()
+
+    cb = CrestCallback(data(), **CFG)
+    with pytest.raises(ValueError, match=r"batch-size finder.*CrestConfig\(m=\.\.\.\)"):
+        Tuner(trainer(tmp_path, 3, cb)).scale_batch_size(Module(), datamodule=DM(cb), mode="power", max_trials=3)
+
+
 # ------------------------------------------------------------------------------------------------
 # settings that slipped past setup (review)
 # ------------------------------------------------------------------------------------------------

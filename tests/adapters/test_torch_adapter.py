@@ -2811,6 +2811,17 @@ def test_outputs_wider_than_the_classes_are_warned_about():
         warnings.simplefilter("error")
         assert ops.outputs(np.arange(8)).shape == (8, C)
 
+    class Backbone(FeaturesFirst):  # review 133: a forward returning the features, the head applied in the step
+        def forward(self, x):
+            return torch.relu(self.a(x))
+
+    with pytest.warns(UserWarning, match="16 columns, more than the labels' 3 classes.*forward="):
+        TorchModelOps(Backbone(), TensorDataset(X, y)).outputs(np.arange(8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TorchModelOps(Backbone(), TensorDataset(X, y), forward=lambda m, b: m.c(m(b[0]))).outputs(np.arange(8))
+        TorchModelOps(mlp(), TensorDataset(X, y)).outputs(np.arange(8))  # as wide as the classes
+
 
 def test_reentrant_checkpointing_is_explained():
     """``checkpoint(use_reentrant=True)`` refuses ``torch.autograd.grad``; torch's message named neither CREST
@@ -2945,7 +2956,7 @@ def test_scripted_and_data_parallel_models_are_measured():
 
 def test_a_wider_head_of_its_own_is_not_warned_about():
     """Verification: the width warning fired for a head wider than the labels' classes (a class absent from
-    the data); it is for a tuple output's first element only."""
+    the data); it is for a tuple output's first element, and a plain output more than twice as wide."""
     X, y = make_data()
     torch.manual_seed(0)
     with warnings.catch_warnings():
