@@ -329,6 +329,13 @@ def _item_label(v, i: int) -> int:
     try:
         return _label_value(v, i)
     except (TypeError, ValueError) as exc:
+        try:
+            whole = float(v.reshape(()).item() if hasattr(v, "reshape") else v).is_integer()
+        except (TypeError, ValueError, RuntimeError):
+            whole = True
+        if not whole:  # a fractional target: regression (review 133: told to cast it to class indices first)
+            raise type(exc)(f"{exc}: CREST is for classification (one class index per example); regression "
+                            "targets are not supported") from None
         raise type(exc)(f"{exc} (pass labels=, one integer class index per example, e.g. labels=targets.long(); "
                         "crest_labels= on CrestTrainer)") from None
 

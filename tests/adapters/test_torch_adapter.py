@@ -227,6 +227,9 @@ def test_label_layouts_of_one_class_per_example_are_read_and_others_refused_sayi
     with pytest.warns(UserWarning, match="reading all 12"), \
             pytest.raises(TypeError, match=r"label is 1\.0 \(float\).*pass labels=.*labels=targets\.long\(\)"):
         dataset_labels(Items(lambda i: 1.0))  # float targets for a BCE loss (review 130: no pointer to labels=)
+    with pytest.warns(UserWarning, match="reading all 12"), \
+            pytest.raises(TypeError, match=r"label is 0\.37 \(float\).*regression targets are not supported"):
+        dataset_labels(Items(lambda i: 0.37))  # review 133: a regression target was told to cast to class indices
     with pytest.raises(ValueError, match=r"got shape \(\): pass labels="):
         dataset_labels(Items(lambda i: 0, attr={"cat": 0, "dog": 1}))  # class names, not labels
 
