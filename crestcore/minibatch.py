@@ -595,11 +595,15 @@ def minibatch_coresets(
         live = np.arange(P)
         width = m
     B = budgets.size
+    # padding slots hold their problem's first member (every live problem has one, packed first), not row 0: the
+    # gathered rows are then exactly the problems' own, and their max|X| sets the scale below
+    pad_s = np.where(valid_s, pad_s, pad_s[:, :1])
     # asked about the batched (B, n, d) problems the solve will pass, not the (n, d) features: the kernels'
     # rules depend on the batch's shape (the Numba kernels decline d above their direct limit)
     # (a stand-in of the batch's shape, in the compute dtype, a broadcast of one zero: the path depends on the
     # library, the dtype and the problems' n and d)
-    stand_in = xp.broadcast_to(xp.zeros((1, 1, 1), dtype=cd, device=dev), (1, int(pad_s.shape[1]), d))
+    stand_in = (np.empty((1, int(pad_s.shape[1]), d), dtype=cd) if namespace_name(xp) == "numpy"  # (untouched)
+                else xp.broadcast_to(xp.zeros((1, 1, 1), dtype=cd, device=dev), (1, int(pad_s.shape[1]), d)))
     path = dense_path(xp, stand_in, force_reference=backend == "reference")
     _guard_memory(int(xp.finfo(cd).bits) // 8, pad_s.shape[0], pad_s.shape[1], d, P,
                   per_class and labels_host is not None, max_dense_bytes, path, xp, features)
@@ -622,24 +626,25 @@ def minibatch_coresets(
     # max|X| over the gathered rows: a row no problem holds (outside the pool or every subset) must not set the
     # scale (review 132: one float32 row of 1e24 elsewhere scaled the problems' squared distances to 0 on the
     # torch and generic kernels, every objective 0 and the picks the lowest indices)
-    rows_x, _, sc, back = prepare(xp, take_rows(xp, features, flat), metric=metric, kernel=kernel, scale=sc)
+    rows_x = take_rows(xp, features, flat)
+    rows_x, _, sc, back = prepare(xp, rows_x, metric=metric, kernel=kernel, scale=sc,
+                                  amax=check_float_matrix(xp, rows_x, "features"))  # (the host kernel's one pass)
     Xs = xp.reshape(rows_x, (pad_s.shape[0], pad_s.shape[1], d))
     lb = budgets[live]
     K = int(lb.max(initial=0))
     parts = []
+    one = len(groups) == 1  # (every live problem in order: the tables as they are)
     for grp in groups:
-        w_g = max(int(lsizes[grp].max(initial=0)), 1)
-        whole = grp.size == live.size
-        gi = from_numpy(grp, xp, dev)
-        Xg = Xs if whole and w_g == pad_s.shape[1] else xp.take(Xs, gi, axis=0)[:, :w_g, :]
-        vg = from_numpy(np.ascontiguousarray(valid_s[grp, :w_g]), xp, dev)
+        w_g = pad_s.shape[1] if one else max(int(lsizes[grp].max(initial=0)), 1)
+        Xg = Xs if one else xp.take(Xs, from_numpy(grp, xp, dev), axis=0)[:, :w_g, :]
+        vg = from_numpy(np.ascontiguousarray(valid_s if one else valid_s[grp, :w_g]), xp, dev)
         li_g, g_g, w_gg, obj_g = solve_batched(
-            xp, Xg, vg, lb[grp], metric=metric, kernel=kernel, scale=sc, optimizer=optimizer,
+            xp, Xg, vg, lb if one else lb[grp], metric=metric, kernel=kernel, scale=sc, optimizer=optimizer,
             u_host=None if u_all is None else pad_draws(u_all, live[grp]), force_reference=backend == "reference",
         )
         # local -> global indices without leaving the device: gather from the group's rows of the index table
         Bg, Kg = li_g.shape
-        pad_g = from_numpy(np.ascontiguousarray(pad_s[grp, :w_g]), xp, dev)
+        pad_g = from_numpy(np.ascontiguousarray(pad_s if one else pad_s[grp, :w_g]), xp, dev)
         safe = xp.where(li_g >= 0, li_g, xp.zeros_like(li_g))
         offs = xp.reshape(xp.arange(Bg, device=dev, dtype=index_dtype(xp)), (Bg, 1)) * w_g
         glob_g = xp.take(xp.reshape(pad_g, (-1,)), xp.reshape(safe + offs, (-1,)), axis=0)
@@ -648,7 +653,7 @@ def minibatch_coresets(
             glob_g, g_g, w_gg = (xp.concat([a, xp.full((Bg, K - Kg), f, dtype=a.dtype, device=dev)], axis=1)
                                  for a, f in ((glob_g, -1), (g_g, 0), (w_gg, 0)))
         parts.append((glob_g, g_g, w_gg, obj_g))
-    if len(parts) == 1 and groups[0].size == live.size and bool(np.all(groups[0] == np.arange(live.size))):
+    if one:
         glob, g, w, obj = parts[0]
     else:  # the groups' rows back in live order
         inv = from_numpy(np.argsort(np.concatenate(groups), kind="stable"), xp, dev)
@@ -678,8 +683,9 @@ def minibatch_coresets(
     weights = restore(xp, gather(w, 0), 0, in_dtype, "weights (cluster sizes)")
     gains = restore(xp, gather(g, 0), back, in_dtype, "gains")
     # each coreset's objective: the sum over its problems with a pick (the others' is 0)
-    per_problem = xp.take(xp.concat([obj, xp.zeros((1,), dtype=obj.dtype, device=dev)], axis=0),
-                          from_numpy(np.where(row_of >= 0, row_of, live.size), xp, dev), axis=0)
+    per_problem = obj if live.size == B else xp.take(
+        xp.concat([obj, xp.zeros((1,), dtype=obj.dtype, device=dev)], axis=0),
+        from_numpy(np.where(row_of >= 0, row_of, live.size), xp, dev), axis=0)
     objective = restore(xp, xp.sum(xp.reshape(per_problem, (P, C)), axis=1), back, in_dtype, "objectives")
     return Coresets(indices=indices, weights=weights, gains=gains, objective=objective,
                     subsets=from_numpy(subsets, xp, dev))
