@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ._compat import detached, device_of, from_numpy, index_dtype, namespace, namespace_name, take_rows
+from ._compat import detached, device_of, from_numpy, index_dtype, namespace, namespace_name, take_rows, to_numpy
 from ._validation import apportion, check_choice, check_epsilon, check_float_matrix, check_int, hamilton
 from ._validation import labels_to_host, make_rng
 from .backends import get_host_kernel
@@ -350,6 +350,16 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 2**10:.2f} KiB"
 
 
+def _abs_max(xp, A) -> float:
+    """``max|A|`` of a finite array: the host kernel's one pass over a NumPy array's bits where Numba is loaded,
+    else one reduction."""
+    if isinstance(A, np.ndarray) and A.dtype in (np.float32, np.float64) and A.flags.c_contiguous:
+        kern = get_host_kernel("finite_abs_max", start=False)
+        if kern is not None:
+            return float(kern(A))
+    return float(to_numpy(xp.max(xp.abs(A))))
+
+
 def minibatch_coresets(
     features,
     labels,
@@ -600,10 +610,10 @@ def minibatch_coresets(
     pad_s = np.where(valid_s, pad_s, pad_s[:, :1])
     # asked about the batched (B, n, d) problems the solve will pass, not the (n, d) features: the kernels'
     # rules depend on the batch's shape (the Numba kernels decline d above their direct limit)
-    # (a stand-in of the batch's shape, in the compute dtype, a broadcast of one zero: the path depends on the
-    # library, the dtype and the problems' n and d)
-    stand_in = (np.empty((1, int(pad_s.shape[1]), d), dtype=cd) if namespace_name(xp) == "numpy"  # (untouched)
-                else xp.broadcast_to(xp.zeros((1, 1, 1), dtype=cd, device=dev), (1, int(pad_s.shape[1]), d)))
+    # (a stand-in of the batch in the compute dtype: the path depends on the library, the dtype, d, and on
+    # NumPy input the problems' n too; np.empty's memory is never touched)
+    stand_in = (np.empty((1, int(pad_s.shape[1]), d), dtype=cd) if namespace_name(xp) == "numpy"
+                else xp.zeros((1, 1, d), dtype=cd, device=dev))
     path = dense_path(xp, stand_in, force_reference=backend == "reference")
     _guard_memory(int(xp.finfo(cd).bits) // 8, pad_s.shape[0], pad_s.shape[1], d, P,
                   per_class and labels_host is not None, max_dense_bytes, path, xp, features)
@@ -612,8 +622,8 @@ def minibatch_coresets(
     # are solved in groups within a factor two of their group's largest, as facility_location packs them (one
     # class of 576 members with nine of 7 took 4.7x the time of two classes on CPU torch: review 129)
     lsizes = sizes[live]
-    groups = [np.arange(live.size)] if path == "fused" or live.size == 0 else [
-        np.sort(np.asarray(g, dtype=np.int64)) for g in _pack(lsizes, 1, 1 << 62, 0)]
+    groups = ([np.arange(live.size)] if path == "fused" or live.size == 0 or lsizes.max() <= 2 * lsizes.min()
+              else [np.sort(np.asarray(g, dtype=np.int64)) for g in _pack(lsizes, 1, 1 << 62, 0)])
     if backend == "auto" and path != "fused" and namespace_name(xp) == "torch" and on_host_device(features):
         # torch's dense greedy on CPU tensors, silent at 13 s where the Numba kernels take 0.5 s (review 117)
         _warn_host_torch(sum(g.size * int(lsizes[g].max()) ** 2 * int(budgets[live[g]].max()) for g in groups),
@@ -627,8 +637,7 @@ def minibatch_coresets(
     # scale (review 132: one float32 row of 1e24 elsewhere scaled the problems' squared distances to 0 on the
     # torch and generic kernels, every objective 0 and the picks the lowest indices)
     rows_x = take_rows(xp, features, flat)
-    rows_x, _, sc, back = prepare(xp, rows_x, metric=metric, kernel=kernel, scale=sc,
-                                  amax=check_float_matrix(xp, rows_x, "features"))  # (the host kernel's one pass)
+    rows_x, _, sc, back = prepare(xp, rows_x, metric=metric, kernel=kernel, scale=sc, amax=_abs_max(xp, rows_x))
     Xs = xp.reshape(rows_x, (pad_s.shape[0], pad_s.shape[1], d))
     lb = budgets[live]
     K = int(lb.max(initial=0))
