@@ -11,6 +11,7 @@ otherwise):
   1.28 million examples: 13 members per class per subset);
 - ``S1``: S1's shape, 20,000 points of d = 10 in 10 classes, r = 600 (every class gets picks: the
   same work in both);
+- ``S1P10``: the S1 benchmark's 60,000 points and its ten coresets (P = 10; the defaults otherwise);
 - ``longtail``: 50,000 points of d = 16, one class of 90 % and 999 classes sharing the rest, P = 100
   coresets of m = 32 from subsets of r = 640 (review 129: every (subset, class) problem was built padded
   to the large class's share, picks or not);
@@ -38,7 +39,7 @@ from at_revision import module_at  # noqa: E402
 
 # n, C, r, d, m, P, long-tailed labels (one class of 90 %)
 CASES = {"C2000": (4000, 2000, 2000, 2000, 128, 1, False), "imagenet": (40000, 1000, 13000, 1000, 128, 1, False),
-         "S1": (20000, 10, 600, 10, 128, 1, False), "longtail": (50000, 1000, 640, 16, 32, 100, True),
+         "S1": (20000, 10, 600, 10, 128, 1, False), "S1P10": (60000, 10, 600, 10, 128, 10, False), "longtail": (50000, 1000, 640, 16, 32, 100, True),
          "longtail10": (50000, 10, 640, 16, 32, 5, True)}
 
 
