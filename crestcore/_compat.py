@@ -54,6 +54,11 @@ def namespace(*arrays: Any, names: tuple[str, ...] | None = None):
     except TypeError as exc:
         kinds = ", ".join(f"{labels[i]}: {type(a).__module__}.{type(a).__name__}" for i, a in present)
         raise TypeError(f"arrays from different libraries cannot be mixed ({kinds})") from exc
+    traced = [labels[i] for i, a in present if type(a).__module__.startswith("jax") and "Tracer" in type(a).__name__]
+    if traced:  # (a tracer has no device: the device check below blamed a device mismatch, review 134)
+        raise TypeError(f"{traced[0]} is a JAX tracer: crestcore's functions check their inputs on the host (values, "
+                        "finiteness) and cannot run inside jax.jit, jax.grad or jax.vmap; call them on concrete "
+                        "arrays, outside the traced function")
     if len(present) > 1:
         devs = [(labels[i], _device(a)) for i, a in present]
         first = devs[0][1]

@@ -304,11 +304,22 @@ def make_rng(rng, name: str = "rng") -> np.random.Generator:
     raise TypeError(f"{name} must be an int seed or a numpy.random.Generator, got {what}")
 
 
-def _group_sizes(sizes) -> np.ndarray:
+_INT64_MAX = int(np.iinfo(np.int64).max)
+
+
+def _group_sizes(sizes, total: int = 0) -> np.ndarray:
+    """``sizes`` as int64, refused where the exact integer arithmetic of a split of ``total`` over them (``total *
+    size``, their sum) would pass int64's range (it wrapped: ``hamilton(2**40, [2**40, 2**30])`` gave [1, 1],
+    review 134)."""
     raw = np.asarray(sizes)
     if raw.ndim != 1 or (raw.size and (not np.issubdtype(raw.dtype, np.integer) or raw.min() < 0)):
         raise ValueError(f"sizes must be a 1-D array of non-negative integers, got shape {raw.shape} and "
                          f"dtype {raw.dtype}")
+    if raw.size:
+        top = int(raw.max())
+        if top * max(int(total), raw.size) > _INT64_MAX:
+            raise ValueError(f"sizes up to {top} over {raw.size} groups with total={int(total)} are beyond the exact "
+                             "int64 arithmetic of the split (total * size and the sizes' sum must stay below 2^63)")
     return raw.astype(np.int64)
 
 
@@ -328,7 +339,7 @@ def hamilton(total: int, sizes: np.ndarray) -> np.ndarray:
     [1, 1, 1]
     """
     total = check_int(total, "total", low=0)
-    sizes = _group_sizes(sizes)
+    sizes = _group_sizes(sizes, total)
     n = int(sizes.sum())
     if n == 0:
         return np.zeros_like(sizes)
@@ -405,7 +416,7 @@ def apportion(total: int, sizes, rng: np.random.Generator, *, at_least_one: bool
     True
     """
     total = check_int(total, "total", low=0)
-    sizes = _group_sizes(sizes)
+    sizes = _group_sizes(sizes, total)
     rng = make_rng(rng)
     if not isinstance(at_least_one, bool):
         raise TypeError(f"at_least_one must be a bool, got {type(at_least_one).__name__}")

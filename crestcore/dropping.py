@@ -190,6 +190,15 @@ def _check_live(state: DropState) -> None:
         raise RuntimeError(_CONSUMED)
 
 
+def _check_active(state: DropState) -> None:
+    """A hand-built state's ``active`` must be a bool mask: an integer 0/1 array indexed positions 0 and 1 where it
+    masked, so a class's counts were wrong and ``min_per_class`` let a class lose every example (review 134)."""
+    a = state.active
+    if not isinstance(a, np.ndarray) or a.dtype != bool or a.ndim != 1:
+        raise TypeError(f"state.active must be a 1-D bool NumPy array (a mask over the examples), got "
+                        f"{type(a).__name__} of dtype {getattr(a, 'dtype', None)}")
+
+
 def _has_clock(state: DropState) -> bool:
     c = state.clock
     return isinstance(c, np.ndarray) and c.shape == (1,) and c.dtype == np.int64
@@ -307,6 +316,7 @@ def drop_record(state: DropState, indices, losses, step: int) -> DropState:
     RuntimeError: this DropState was consumed: ...
     """
     owned = _owned(state)  # first: a consumed state raises before anything else
+    _check_active(state)
     idx = np.asarray(to_numpy(indices))
     if idx.size == 0 and idx.dtype != bool:  # an empty batch given as lists: [] is float64 to NumPy (review 122)
         idx = idx.astype(np.int64)
@@ -417,6 +427,7 @@ def drop_update(state: DropState, step: int, config: DropConfig = DropConfig(), 
     array([0])
     """
     _check_live(state)
+    _check_active(state)
     n = state.active.size
     step = _check_step(step)
     if not isinstance(config, DropConfig):

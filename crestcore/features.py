@@ -28,10 +28,18 @@ def softmax(logits):
     return _softmax(xp, logits)
 
 
+def _wide(xp, x):
+    """``x`` in the dtype its sums are accumulated in: float32 for float16 and bfloat16 (a half-precision row of
+    128,256 near-uniform exponentials summed past float16's 65,504: every probability 0, review 134)."""
+    return xp.astype(x, xp.float32) if int(xp.finfo(x.dtype).bits) < 32 else x
+
+
 def _softmax(xp, logits):
     z = logits - xp.max(logits, axis=-1, keepdims=True)
     e = xp.exp(z)
-    return e / xp.sum(e, axis=-1, keepdims=True)
+    w = _wide(xp, e)
+    p = w / xp.sum(w, axis=-1, keepdims=True)
+    return p if w is e else xp.astype(p, logits.dtype)
 
 
 def _check_probabilities(xp, p) -> None:
@@ -82,14 +90,19 @@ def cross_entropy(logits, labels, *, from_probabilities: bool = False):
         tiny = xp.finfo(logits.dtype).smallest_normal
         return -xp.log(xp.maximum(p, xp.full_like(p, tiny)))
     z = logits - xp.max(logits, axis=1, keepdims=True)  # shift first: no cancellation against max
-    # log(sum_j exp(z_j)) as log1p of the sum without the top entry (exp(0) = 1): log(1 + s) rounded 1 + s
-    # first, so a confident example's loss came out as a multiple of the dtype's epsilon, 0 below it
-    # (float32: every loss under 6e-8; review 83), where log1p keeps it to the dtype's precision
+    # log(sum_j exp(z_j)) as log1p of the sum without the top entry's 1: log(1 + s) rounded 1 + s first, so a
+    # confident example's loss came out as a multiple of the dtype's epsilon, 0 below it (float32: every loss
+    # under 6e-8; review 83), where log1p keeps it to the dtype's precision. The top entry enters as
+    # expm1(z_top), 0 in value: so the log-sum-exp is differentiated as one (a constant 1 there gave a wrong
+    # autograd gradient wherever the largest logit is tied, as at a zero-initialised last layer: review 134;
+    # the shift's own gradient cancels against the label's term). Summed in at least float32.
     top = xp.arange(C, device=device_of(logits))[None, :] == xp.argmax(logits, axis=1)[:, None]
-    rest = xp.sum(xp.where(top, xp.zeros_like(z), xp.exp(z)), axis=1)
+    zero = xp.zeros_like(z)
+    rest = xp.sum(_wide(xp, xp.where(top, xp.expm1(z), xp.exp(z))), axis=1)
     # the label's entry picked, not z * onehot summed: a class far below the top (finite logits 2e38 apart in
     # float32) shifts to -inf, and -inf * 0 is NaN where the loss is 0
-    return xp.log1p(rest) - xp.sum(xp.where(oh > 0, z, xp.zeros_like(z)), axis=1)
+    loss = xp.log1p(rest) - _wide(xp, xp.sum(xp.where(oh > 0, z, zero), axis=1))
+    return xp.astype(loss, logits.dtype) if int(xp.finfo(logits.dtype).bits) < 32 else loss
 
 
 def last_layer_gradients(logits, labels, *, embeddings=None, from_probabilities: bool = False):

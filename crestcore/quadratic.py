@@ -356,6 +356,7 @@ def quadratic_predict(state: QuadraticState, delta, config: QuadraticConfig = Qu
     >>> round(quadratic_predict(state, np.array([-0.5, -0.5])), 6)  # loss at w = (0.5, 0.5)
     0.625
     """
+    delta = detached(delta)  # (params - anchor of a training loop's parameters: no graph, no torch warning)
     xp = namespace(state.g_ema, delta, names=("state", "delta"))
     _check_vec(xp, delta, "delta", state.g_ema.shape[0], finite=False)
     if not math.isfinite(state.anchor_loss):

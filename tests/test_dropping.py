@@ -697,3 +697,14 @@ def test_pool_size_is_never_stale():
         kept = drop_record(kept, np.arange(10), np.full(10, 0.01), step=1)
         _, dropped = drop_update(kept, step=1, config=config)
         assert dropped.size == 0  # the pool (5) is below the floor
+
+
+def test_a_hand_built_state_with_an_integer_active_mask_is_refused():
+    """Review 134: an int 0/1 `active` indexed positions 0 and 1 where it should mask, the class counts were
+    wrong, and min_per_class let a class lose every example; refused by name in drop_record and drop_update."""
+    s = drop_init(3)
+    bad = s._replace(active=s.active.astype(np.int64))
+    with pytest.raises(TypeError, match="state.active must be a 1-D bool NumPy array"):
+        drop_update(bad, 5, DropConfig(min_records=1), labels=np.array([0, 0, 1]))
+    with pytest.raises(TypeError, match="state.active must be a 1-D bool NumPy array"):
+        drop_record(bad, np.array([0]), np.array([0.1]), 1)

@@ -356,3 +356,49 @@ def test_cross_entropy_of_a_confident_example_keeps_its_precision(dtype):
     got = cross_entropy(logits.astype(dtype), labels)
     assert got.dtype == dtype
     np.testing.assert_allclose(got, exact, rtol=4 * np.finfo(dtype).eps)
+
+
+def test_cross_entropy_is_differentiated_as_a_log_sum_exp_where_the_top_logit_is_tied():
+    """Review 134: the top entry's exp(0) entered the log-sum-exp as a constant 1, so torch's gradient was wrong
+    wherever the largest logit is tied (at a zero-initialised last layer: [0.11, -0.56, 0.44] for
+    softmax - onehot = [1/3, -2/3, 1/3]); the values were right."""
+    torch = pytest.importorskip("torch")
+    for z0 in ([[0.0, 0.0, 0.0]], [[2.0, 2.0, 0.0], [1.0, 3.0, 3.0]], [[0.5, -1.0, 4.0]]):
+        z = torch.tensor(z0, dtype=torch.float64, requires_grad=True)
+        y = torch.tensor([1] * len(z0))
+        cross_entropy(z, y).sum().backward()
+        want = torch.softmax(z.detach(), dim=1) - torch.nn.functional.one_hot(y, 3).double()
+        torch.testing.assert_close(z.grad, want)
+        torch.testing.assert_close(cross_entropy(z, y).detach(),
+                                   torch.nn.functional.cross_entropy(z.detach(), y, reduction="none"))
+
+
+def test_half_precision_rows_of_many_classes_are_summed_in_float32():
+    """Review 134: a float16 row of 128,256 near-uniform exponentials summed past 65,504: every probability 0,
+    every example's features -onehot(y) (all of a class alike), every loss inf. Summed in float32, the results
+    in float16."""
+    rng = np.random.default_rng(0)
+    z = (0.1 * rng.standard_normal((3, 128_256))).astype(np.float16)
+    y = np.array([0, 5, 77])
+    p = softmax(z)
+    assert p.dtype == np.float16
+    np.testing.assert_allclose(p.astype(np.float64).sum(axis=1), 1.0, atol=1e-2)
+    ref = z.astype(np.float64)
+    lse = np.log(np.exp(ref - ref.max(axis=1, keepdims=True)).sum(axis=1)) + ref.max(axis=1)
+    ce = cross_entropy(z, y)
+    assert ce.dtype == np.float16
+    np.testing.assert_allclose(ce.astype(np.float64), lse - ref[np.arange(3), y], rtol=2e-3)
+    g = last_layer_gradients(z, y)
+    assert (np.count_nonzero(g, axis=1) > 1000).all()
+
+
+def test_jax_tracers_are_refused_saying_why():
+    """Review 134: under jax.grad a tracer (no device) was blamed on a device mismatch with the labels, and under
+    jax.jit the host check failed inside JAX; the error now says the functions run on concrete arrays only."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    with pytest.raises(TypeError, match="logits is a JAX tracer.*cannot run inside jax.jit, jax.grad"):
+        jax.grad(lambda z: cross_entropy(z, jnp.array([0])).sum())(jnp.zeros((1, 3)))
+    with pytest.raises(TypeError, match="logits is a JAX tracer"):
+        jax.jit(softmax)(jnp.zeros((1, 3)))
+    assert float(cross_entropy(jnp.zeros((1, 3)), jnp.array([0]))[0]) == pytest.approx(np.log(3.0))

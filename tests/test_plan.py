@@ -299,3 +299,16 @@ def test_hamilton_takes_a_missing_groups_unit_from_the_lowest_of_the_largest():
     from crestcore.plan import hamilton
 
     assert hamilton(6, [10, 10, 10, 1]).tolist() == [1, 2, 2, 1]
+
+
+def test_splits_beyond_int64_are_refused_not_wrapped():
+    """Review 134: total * size in int64 wrapped: hamilton(2**40, [2**40, 2**30]) gave [1, 1], and uint64 sizes
+    above 2^63 went negative; both are refused, naming the range."""
+    from crestcore.plan import apportion, hamilton
+
+    for sizes in ([2**40, 2**30], np.array([2**63 + 5, 1], dtype=np.uint64)):
+        with pytest.raises(ValueError, match="beyond the exact int64 arithmetic"):
+            hamilton(2**40, sizes)
+        with pytest.raises(ValueError, match="beyond the exact int64 arithmetic"):
+            apportion(2**40, sizes, np.random.default_rng(0))
+    assert hamilton(10**9, [10**9, 3]).tolist() == [999_999_997, 3]

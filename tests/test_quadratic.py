@@ -8,6 +8,8 @@ from __future__ import annotations
 import itertools
 import math
 
+import warnings
+
 import numpy as np
 import pytest
 try:
@@ -180,6 +182,11 @@ def test_predict_with_torch_vectors():
     d = np.array([0.5, -1.0, 2.0, 0.1])
     out = quadratic_predict(s, torch.tensor(d))
     assert type(out) is float and out == pytest.approx(q.loss(d), rel=1e-12)
+    # review 134: a delta of training parameters (params - anchor, requires_grad) built a graph and torch warned
+    p = torch.nn.Parameter(torch.tensor(d))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert quadratic_predict(s, p - torch.zeros(4, dtype=torch.float64)) == pytest.approx(q.loss(d), rel=1e-12)
 
 
 # --------------------------------------------------------------------------------------------
