@@ -3689,7 +3689,7 @@ class CrestBatchSampler(CrestLoader):
         self.load_state_dict(self.state_dict(trained=trained))
         self._state = self._state._replace(last_check=last)
 
-    def _collate_keeps_weights(self, ds: "WeightedDataset") -> bool:
+    def _collate_keeps_weights(self, ds: WeightedDataset) -> bool:
         """Whether the sampler's own collate_fn, handed WeightedDataset's items (weight appended), returns what
         it makes of the dataset's items plus the weights as its last field (a dict: a ``"crest_weight"``
         entry), as ``default_collate`` does. Tried once per sampler, on two items read under kept random

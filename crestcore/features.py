@@ -7,6 +7,8 @@ gradient with respect to ``W`` is the outer product ``(softmax(z) - onehot(y)) e
 
 from __future__ import annotations
 
+import numpy as np
+
 from ._compat import device_of, namespace
 from ._validation import check_float_matrix, check_labels
 
@@ -26,6 +28,15 @@ def softmax(logits):
     xp = namespace(logits, names=("logits",))
     check_float_matrix(xp, logits, "logits")
     return _softmax(xp, logits)
+
+
+def _flag(v) -> bool:
+    """``from_probabilities`` as a bool: NumPy's bool taken (its refusal read "must be a bool, got bool")."""
+    if isinstance(v, np.bool_):
+        return bool(v)
+    if not isinstance(v, bool):
+        raise TypeError(f"from_probabilities must be a bool, got {type(v).__name__}")
+    return v
 
 
 def _wide(xp, x):
@@ -81,8 +92,7 @@ def cross_entropy(logits, labels, *, from_probabilities: bool = False):
     check_float_matrix(xp, logits, "logits")
     n, C = logits.shape
     labels = check_labels(xp, labels, n, of="logits", classes=C)
-    if not isinstance(from_probabilities, bool):
-        raise TypeError(f"from_probabilities must be a bool, got {type(from_probabilities).__name__}")
+    from_probabilities = _flag(from_probabilities)
     oh = _onehot(xp, labels, C, logits.dtype)
     if from_probabilities:
         _check_probabilities(xp, logits)
@@ -145,8 +155,7 @@ def last_layer_gradients(logits, labels, *, embeddings=None, from_probabilities:
     check_float_matrix(xp, logits, "logits")
     n, C = logits.shape
     labels = check_labels(xp, labels, n, of="logits", classes=C)
-    if not isinstance(from_probabilities, bool):
-        raise TypeError(f"from_probabilities must be a bool, got {type(from_probabilities).__name__}")
+    from_probabilities = _flag(from_probabilities)
     if from_probabilities:
         _check_probabilities(xp, logits)
         p = logits

@@ -210,6 +210,13 @@ def quadratic_init(params) -> QuadraticState:
     return QuadraticState(anchor_loss=math.nan, g_ema=z, h_ema=xp.zeros_like(z), n_g=0, n_h=0)
 
 
+def _check_state(state) -> None:
+    """The model's state must be a :class:`QuadraticState` (a swapped argument gave an AttributeError about
+    ``g_ema``: review 134)."""
+    if not isinstance(state, QuadraticState):
+        raise TypeError(f"state must be a QuadraticState (from quadratic_init), got {type(state).__name__}")
+
+
 def quadratic_anchor(state: QuadraticState, loss: float, config: QuadraticConfig = QuadraticConfig()):
     """Start a new piece at a new anchor with anchor loss ``loss``.
 
@@ -227,6 +234,7 @@ def quadratic_anchor(state: QuadraticState, loss: float, config: QuadraticConfig
     >>> kept.n_g, kept.g_ema
     (1, array([ 0.1, -0.1]))
     """
+    _check_state(state)
     complex_array = "complex" in str(getattr(loss, "dtype", ""))
     if loss is None or isinstance(loss, (str, bytes, bool, np.bool_, complex, np.complexfloating)) or (
             hasattr(loss, "shape") and (tuple(loss.shape) not in ((), (1,)) or complex_array)):
@@ -257,6 +265,7 @@ def quadratic_update(state: QuadraticState, grad=None, zhz=None, config: Quadrat
     >>> np.round(state.g_ema, 6), np.round(state.h_ema, 6)
     (array([0.2, 0. ]), array([0.001, 0.004]))
     """
+    _check_state(state)
     if not isinstance(config, QuadraticConfig):
         raise TypeError(f"config must be a QuadraticConfig, got {type(config).__name__}")
     grad, zhz = detached(grad), detached(zhz)  # the model keeps no autograd graph (a training loop's grew)
@@ -310,6 +319,7 @@ def curvature_norm(state: QuadraticState, config: QuadraticConfig = QuadraticCon
     >>> curvature_norm(state)
     5.0
     """
+    _check_state(state)
     xp = namespace(state.h_ema)
     h = _accumulating(xp, quadratic_curvature(state, config))
     with warnings.catch_warnings():  # an overflow is a non-finite norm, which the callers report
@@ -335,6 +345,7 @@ def quadratic_curvature(state: QuadraticState, config: QuadraticConfig = Quadrat
     >>> np.round(quadratic_curvature(state), 6)
     array([1., 4.])
     """
+    _check_state(state)
     xp = namespace(state.h_ema)
     h = state.h_ema if state.n_h == 0 else state.h_ema / (1.0 - config.beta2 ** state.n_h)
     if config.variant == "hutchinson":
@@ -356,6 +367,7 @@ def quadratic_predict(state: QuadraticState, delta, config: QuadraticConfig = Qu
     >>> round(quadratic_predict(state, np.array([-0.5, -0.5])), 6)  # loss at w = (0.5, 0.5)
     0.625
     """
+    _check_state(state)
     delta = detached(delta)  # (params - anchor of a training loop's parameters: no graph, no torch warning)
     xp = namespace(state.g_ema, delta, names=("state", "delta"))
     _check_vec(xp, delta, "delta", state.g_ema.shape[0], finite=False)

@@ -501,3 +501,11 @@ def test_autograd_inputs_leave_no_graph_in_the_model_or_the_estimate():
         est = crestcore.hutchinson_diagonal(lambda v: H @ v, probes)
     assert not est.requires_grad
     torch.testing.assert_close(est, torch.arange(1.0, 5.0, dtype=torch.float64))
+
+
+def test_a_state_of_another_type_is_refused_by_name():
+    """Review 134: a swapped argument (an array where the state goes) failed with an AttributeError about g_ema."""
+    for f in (lambda st: quadratic_update(st, np.zeros(3)), lambda st: quadratic_predict(st, np.zeros(3)),
+              lambda st: quadratic_anchor(st, 1.0), lambda st: quadratic_curvature(st)):
+        with pytest.raises(TypeError, match="state must be a QuadraticState"):
+            f(np.zeros(3))

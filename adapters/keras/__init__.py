@@ -491,8 +491,9 @@ def _check_output_kind(model, x, n: int, kind: str, given: bool) -> None:
     elif kind == "probabilities" and not probs:
         warnings.warn("the model's loss takes probabilities (from_logits=False, the default of Keras's "
                       "cross-entropies and their string names) but its outputs are no probabilities (negative "
-                      "values, or rows that do not sum to 1: no softmax last layer); CREST takes the outputs as probabilities, as the loss "
-                      "does. If they are logits, compile with from_logits=True (or pass outputs='logits').",
+                      "values, or rows that do not sum to 1: no softmax last layer); CREST takes the outputs as "
+                      "probabilities, as the loss does. If they are logits, compile with from_logits=True (or pass "
+                      "outputs='logits').",
                       stacklevel=_common.user_stacklevel())
 
 

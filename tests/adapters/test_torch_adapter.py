@@ -1720,7 +1720,8 @@ def test_labels_from_targets_that_the_items_map_are_flagged_once():
     # raw ids beyond the model's outputs: the error says where the labels came from and what to pass
     data = _Remapped(x, (y + 10).tolist(), {10: 0, 11: 1, 12: 2})
     ops = TorchModelOps(mlp(), data)
-    with pytest.raises(ValueError, match="the labels hold class 12 but the model gives 3 outputs.*targets.*remap them to 0..C-1 or give the model 13 outputs"):
+    with pytest.raises(ValueError, match="the labels hold class 12 but the model gives 3 outputs.*targets.*"
+                                         "remap them to 0..C-1 or give the model 13 outputs"):
         crest_next_batch(crest_init(cfg, ops.labels, seed=0), ops, cfg)
 
 
