@@ -235,7 +235,12 @@ def _cmd_training_demo(ns: argparse.Namespace) -> int:
     if ns.keras_backend is not None and ns.framework != "keras":
         _err("--keras-backend needs --framework keras")
         return 2
-    if ns.threads is not None and ns.framework == "keras" and (ns.keras_backend or os.environ.get("KERAS_BACKEND")) == "jax":
+    if ns.limit_train is not None and ns.limit_train < s.m:  # (it failed after the full run, naming m: review 135)
+        _err(f"--limit-train must be at least {s.m}, the demo's mini-batch size (got {ns.limit_train})")
+        return 2
+    # the Keras demo runs on --keras-backend, torch when not given (KERAS_BACKEND is not read: it ran on torch
+    # while the --threads check below took KERAS_BACKEND=jax for a jax run, review 135)
+    if ns.threads is not None and ns.framework == "keras" and (ns.keras_backend or "torch") == "jax":
         _err("--threads sets torch's CPU threads, which the jax backend does not use (it would be ignored); set "
              "XLA_FLAGS for XLA's threads instead")
         return 2

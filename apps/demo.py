@@ -316,6 +316,7 @@ def run_selection_demo(
 
     images, labels = load_fashion_mnist(root, split="train")
     rng = np.random.default_rng(seed)
+    keep = np.arange(labels.shape[0])  # each row's index in the training set (results.json saves those)
     if limit_per_class is not None:
         keep = _subsample(labels, int(limit_per_class), rng)
         images, labels = images[keep], labels[keep]
@@ -383,9 +384,10 @@ def run_selection_demo(
                 "mean_distance_coreset": ev_sel["mean_distance"],
                 "mean_distance_random": ev_rnd["mean_distance"],
                 "max_distance": M,
-                "indices": members[local].tolist(),
+                # Fashion-MNIST training-set indices, also of a subsample (review 135: its positions were saved)
+                "indices": keep[members[local]].tolist(),
                 "weights": w_sel.tolist(),
-                "random_indices": members[rand_local].tolist(),
+                "random_indices": keep[members[rand_local]].tolist(),
                 "random_weights": ev_rnd["weights"].astype(float).tolist(),
             }
         )

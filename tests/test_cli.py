@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -337,7 +338,12 @@ def test_demo_end_to_end(tmp_path, capsys):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     res = json.loads((out / "results.json").read_text())
     assert res["n"] == 2000 and res["n_features"] == 784 and len(res["classes"]) == 10
-    for c in res["classes"]:
+    from crestcore.apps.datasets import load_fashion_mnist
+
+    _, train_labels = load_fashion_mnist(None, split="train")
+    for i, c in enumerate(res["classes"]):
+        # training-set indices of the class, also for a subsample (review 135: positions in it were saved)
+        assert (train_labels[c["indices"] + c["random_indices"]] == i).all(), c["name"] if "name" in c else i
         assert c["n"] == 200 and c["k"] == 2
         assert len(c["indices"]) == 2 and sum(c["weights"]) == 200 and sum(c["random_weights"]) == 200
         # the tiled re-evaluation agrees with what facility_location reported (float32 sums)
@@ -398,3 +404,41 @@ def test_a_missing_module_is_named_before_any_work(tmp_path, monkeypatch, capsys
     assert err.strip() == "crest: error: the selection demo needs matplotlib, which is not installed: pip install matplotlib"
     assert cli.main(["demo", "--root", str(tmp_path / "none"), "--no-progress", "--out", str(out)]) == 1
     assert "the training demo needs matplotlib" in capsys.readouterr().err and not out.exists()
+
+
+def test_training_demo_arguments_that_fail_late_are_refused_first(monkeypatch, capsys):
+    """Review 135: --limit-train below the mini-batch failed after the full run had trained, naming m (no CLI
+    option); KERAS_BACKEND=jax made --threads be refused as a jax run although the Keras demo ran on torch; a
+    full run scoring 0 (a tiny test set) raised after every method had trained, saving nothing."""
+    from crestcore.apps import keras_demo
+    from crestcore.apps.train_demo import summarize
+
+    assert cli.main(["demo", "--limit-train", "30", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--limit-train must be at least 128" in err and len(err.strip().splitlines()) == 1
+    seen = {}
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    monkeypatch.setattr(cli, "_choose_keras_backend", lambda backend, device: seen.setdefault("chosen", backend))
+    monkeypatch.setattr(keras_demo, "run_keras_comparison", lambda out, **kw: seen.update(kw))
+    assert cli.main(["demo", "--framework", "keras", "--threads", "1", "--no-progress"]) == 0
+    assert seen["chosen"] == seen["backend"] == "torch"
+    bd = {"train": 1.0, "data": 0.0}
+    rows = summarize({"full": {"breakdown": bd, "steps": 10, "acc": 0.0, "wall": 2.0, "counts": {}},
+                      "random": {"breakdown": bd, "steps": 1, "acc": 0.0, "wall": 1.0, "counts": {"selections": 1}}})
+    assert all(math.isnan(r["rel_error"]) for r in rows)
+
+
+def test_the_warm_up_readies_crests_host_draw_where_craig_loaded_numba():
+    """Review 135: CRAIG's warm-up loaded Numba, after which CREST's draws take its host kernels, compiled then
+    inside the first CREST run's clock (0.8 s of 1.0 s on an empty cache). The warm-up runs them too (a fresh
+    process: the kernels' dispatchers hold no signature before their first call)."""
+    code = textwrap.dedent("""
+        from crestcore.apps.train_demo import warm_selection_kernels
+        import crestcore.backends.numba as nb
+        warm_selection_kernels(["craig", "crest"], print_fn=None)
+        print(len(nb._draw_stratified.signatures), len(nb._class_counts.signatures))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "NUMBA_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    assert all(int(v) >= 1 for v in out.stdout.split()), out.stdout
