@@ -1111,6 +1111,19 @@ def _binds(model: nn.Module, *args, **kwargs) -> bool:
     return True
 
 
+def _flag_second(model: nn.Module) -> bool:
+    """Whether ``model.forward``'s second positional parameter defaults to a bool: a flag such as
+    ``return_features=False`` or CORDS' ``last=False``, not an input (review 136: warned about as one)."""
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
+    try:
+        params = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return False
+    return len(params) > 1 and isinstance(params[1].default, bool)
+
+
 def _default_forward(model: nn.Module, batch, seen: dict | None = None):
     if isinstance(batch, (tuple, list)):
         try:
@@ -1575,7 +1588,7 @@ class TorchModelOps:
             return  # the second field is the labels: (x, y, ...)
         if not any(np.array_equal(c, want) for c in _label_columns(host[2:], k)):
             return  # the labels are in no field: nothing tells what the second one is
-        if _binds(self.model, host[0], extra) and _binds(self.model, host[0]):
+        if _binds(self.model, host[0], extra) and _binds(self.model, host[0]) and not _flag_second(self.model):
             warnings.warn(
                 "crestcore: CREST's measurement passes call the model with the batch's first field, model(batch[0]) "
                 "(no forward= given), but the batch's second field is a per-example tensor that is not the labels "
@@ -1641,12 +1654,14 @@ class TorchModelOps:
         bad = int((got_np != want).sum())
         if bad and self._labels_origin == "as given" and not self._measure_set and (
                 not np.isin(got_np, np.unique(self.labels)).all()
+                or np.unique(got_np - want).size == 1
                 or (_a_function_of(got_np, want) and not _a_function_of(want, got_np))):
-            # given labels beside a field in another encoding (1-based classes, example ids: values CREST's
-            # labels do not take, or a coarser labelling of them), which is why they were given: no warning
-            # (labels taken before a shuffle or a filter take CREST's values, not as a function of them; a
-            # one-to-one relabelling within CREST's classes is labels= from another encoder's class order, the
-            # items' labels the ones trained on: warned, review 130)
+            # given labels beside a field in another encoding (1-based classes, a constant offset however few
+            # classes the chunk holds (review 136: a chunk without the top class took them for a relabelling);
+            # example ids: values CREST's labels do not take; or a coarser labelling of them), which is why they
+            # were given: no warning (labels taken before a shuffle or a filter take CREST's values, not as a
+            # function of them; another one-to-one relabelling within CREST's classes is labels= from another
+            # encoder's class order, the items' labels the ones trained on: warned, review 130)
             return
         if bad and self._measure_set:
             given = self._labels_origin == "as given"
@@ -2005,17 +2020,19 @@ class TorchModelOps:
         (Fewer columns than classes are refused where the labels are read against them.)"""
         classes = int(self.labels.max()) + 1 if self.labels.size else 0
         if not self._seen.get("tuple"):
-            # a plain output more than twice as wide too (review 133: a LightningModule's forward returning the
-            # backbone's 16 features, its training_step applying the head, measured as 16-class logits against 3
-            # classes, silently); a head a few classes wider than the labels use (classes absent from the data)
-            # is common and not warned about
-            if width > 2 * classes:
+            # a plain output more than twice as wide as the classes the labels hold (review 133: a LightningModule's
+            # forward returning the backbone's 16 features, its training_step applying the head, measured as
+            # 16-class logits against 3 classes, silently); counted as distinct classes, so a run on classes
+            # 90..99 of a 100-class head is told as one on 0..9 is (review 136); a head a few classes wider than
+            # the labels use (classes absent from the data) is common and not warned about
+            held = int(np.unique(self.labels).size)
+            if width > 2 * held:
                 warnings.warn(
-                    f"the model's measured outputs have {width} columns, more than the labels' {classes} classes: "
-                    "CREST takes them as the logits. If they are not (a forward that returns features, the head "
-                    "applied in the training step), pass forward= (crest_forward= on CrestTrainer) returning the "
-                    "logits; a head with more classes than these labels use is measured correctly and can ignore "
-                    "this", stacklevel=_common.user_stacklevel())
+                    f"the model's measured outputs have {width} columns, more than twice the {held} classes the "
+                    "labels hold: CREST takes them as the logits. If they are not (a forward that returns features, "
+                    "the head applied in the training step), pass forward= (crest_forward= on CrestTrainer) "
+                    "returning the logits; a head of more classes than these labels use (a run on some of its "
+                    "classes) is measured correctly and can ignore this", stacklevel=_common.user_stacklevel())
             return
         # another element that an nn.Linear returned, as wide as the classes, while the first is not one's:
         # (features, logits) with a hidden width of the classes; not (logits, probabilities), (logits,

@@ -1555,6 +1555,36 @@ class _OptionalLengths(nn.Module):
         return self.head(x.sum(1) / lengths[:, None].to(x.dtype))
 
 
+def test_a_flag_argument_and_one_based_item_labels_are_not_warned_about():
+    """Review 136: a forward(x, return_features=False) with items (x, id, y) was warned about as a model taking a
+    second input; items carrying 1-based classes beside 0-based labels= were warned about as a relabelling when the
+    chunk compared held no example of the top class."""
+    class Flagged(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(D_IN, C)
+
+        def forward(self, x, return_features=False):
+            h = x.mean(1)
+            return (self.head(h), h) if return_features else self.head(h)
+
+    data = _Padded(label_second=False)
+    loader = CrestLoader(Flagged(), data, config=CrestConfig(m=16, r=48), budget=0.5, epochs=1, seed=0,
+                         labels=data.y)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        next(iter(loader))
+    assert not [w for w in got if "takes a second input" in str(w.message)]
+    y = torch.arange(200) % 100
+    ops = TorchModelOps(nn.Linear(D_IN, 100), TensorDataset(torch.randn(200, D_IN), y + 1), labels=y)
+    idx = np.arange(50)  # classes 0..49 only: the top class absent
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops._warn_labels((torch.zeros(50, D_IN), (y + 1)[:50]), idx)
+    with pytest.warns(UserWarning, match="labels passed as labels="):  # a permutation of them is still told
+        ops._warn_labels((torch.zeros(50, D_IN), torch.flip(y[:50], (0,))), idx)
+
+
 def test_a_model_taking_an_optional_second_input_the_batch_holds_is_warned_about():
     """Review 130: batches (x, lengths, y) and a model forward(x, lengths=None) trained as model(x, lengths)
     were measured as model(x) (the default forward), another function, silently. Warned once at the first
@@ -2819,8 +2849,13 @@ def test_outputs_wider_than_the_classes_are_warned_about():
         def forward(self, x):
             return torch.relu(self.a(x))
 
-    with pytest.warns(UserWarning, match="16 columns, more than the labels' 3 classes.*forward="):
+    with pytest.warns(UserWarning, match="16 columns, more than twice the 3 classes the labels hold.*forward="):
         TorchModelOps(Backbone(), TensorDataset(X, y)).outputs(np.arange(8))
+    # review 136: counted as the classes the labels hold, so a run on classes 90..99 of a 100-class head is told
+    # as one on 0..9 is (the largest label + 1 warned for the second only)
+    for offset in (0, 90):
+        with pytest.warns(UserWarning, match="100 columns, more than twice the 3 classes the labels hold"):
+            TorchModelOps(nn.Linear(D_IN, 100), TensorDataset(X, y + offset)).outputs(np.arange(8))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         TorchModelOps(Backbone(), TensorDataset(X, y), forward=lambda m, b: m.c(m(b[0]))).outputs(np.arange(8))
