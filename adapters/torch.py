@@ -310,7 +310,8 @@ def dataset_labels(dataset, keys=None) -> np.ndarray:
                 if key is None:
                     raise TypeError(f"cannot find the labels of this dataset: its dict items have none of the keys "
                                     f"{keys}; pass labels= (one class index per example; crest_labels= "
-                                    "on CrestTrainer)")
+                                    "on CrestTrainer, where labels under another key are named by "
+                                    "TrainingArguments(label_names=[key]))")
                 out[i] = _item_label(item[key], i)
                 continue
             if not isinstance(item, (tuple, list)) or len(item) < 2:

@@ -941,6 +941,13 @@ def test_the_trainers_own_label_name_is_honoured(tmp_path):
         warnings.simplefilter("ignore", UserWarning)  # (reading the items for their labels: said)
         assert trainer.train().global_step == trainer.crest.total_steps == 4
     np.testing.assert_array_equal(trainer.crest.labels, np.asarray(data.targets))
+    from crestcore.adapters.torch import dataset_labels
+
+    items = [data[i] for i in range(8)]  # dict items without a targets attribute to read
+    with pytest.raises(TypeError, match=r"none of the keys.*TrainingArguments\(label_names=\[key\]\)"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dataset_labels(items)  # review 137: this first error named crest_labels only, the next label_names
     with pytest.raises(ValueError, match=r"label_smoothing_factor \(0\.1\).*crest_loss_fn=lambda z, y: "
                                          r"torch\.nn\.functional\.cross_entropy\(z, y, label_smoothing=0\.1"):
         CrestTrainer(model=tiny_bert(), args=transformers.TrainingArguments(
