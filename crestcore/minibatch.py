@@ -608,52 +608,58 @@ def minibatch_coresets(
     # padding slots hold their problem's first member (every live problem has one, packed first), not row 0: the
     # gathered rows are then exactly the problems' own, and their max|X| sets the scale below
     pad_s = np.where(valid_s, pad_s, pad_s[:, :1])
-    # asked about the batched (B, n, d) problems the solve will pass, not the (n, d) features: the kernels'
-    # rules depend on the batch's shape (the Numba kernels decline d above their direct limit)
-    # (a stand-in of the batch in the compute dtype: the path depends on the library, the dtype, d, and on
-    # NumPy input the problems' n too; np.empty's memory is never touched)
-    stand_in = (np.empty((1, int(pad_s.shape[1]), d), dtype=cd) if namespace_name(xp) == "numpy"
-                else xp.zeros((1, 1, d), dtype=cd, device=dev))
-    path = dense_path(xp, stand_in, force_reference=backend == "reference")
-    _guard_memory(int(xp.finfo(cd).bits) // 8, pad_s.shape[0], pad_s.shape[1], d, P,
-                  per_class and labels_host is not None, max_dense_bytes, path, xp, features)
-    # the fused Numba kernel solves each problem at its own size; the torch, CuPy and generic kernels work on
-    # the whole padded batch (every problem as large as the largest, with as many picks): there the problems
-    # are solved in groups within a factor two of their group's largest, as facility_location packs them (one
-    # class of 576 members with nine of 7 took 4.7x the time of two classes on CPU torch: review 129)
+    # the problems are solved in groups within a factor two of their group's largest, as facility_location packs
+    # them, each group gathered at its own width: the torch, CuPy and generic kernels work on a whole padded batch
+    # (one class of 576 members with nine of 7 took 4.7x the time of two classes on CPU torch: review 129), and
+    # every kernel's gathered features are a padded table (one class of 25,000 beside 99 of 250 gathered 163,815
+    # rows for 10,000 members, 8.4 GiB with embeddings: review 138)
     lsizes = sizes[live]
-    groups = ([np.arange(live.size)] if path == "fused" or live.size == 0 or lsizes.max() <= 2 * lsizes.min()
+    groups = ([np.arange(live.size)] if live.size == 0 or lsizes.max() <= 2 * lsizes.min()
               else [np.sort(np.asarray(g, dtype=np.int64)) for g in _pack(lsizes, 1, 1 << 62, 0)])
-    if backend == "auto" and path != "fused" and namespace_name(xp) == "torch" and on_host_device(features):
+    one = len(groups) == 1  # (every live problem in order: the tables as they are)
+    widths = [int(pad_s.shape[1]) if one else max(int(lsizes[g].max(initial=0)), 1) for g in groups]
+    itemsize = int(xp.finfo(cd).bits) // 8
+    paths = []
+    for grp, w_g in zip(groups, widths):
+        # asked about each group's batched (B, n, d) problems, not the (n, d) features: the kernels' rules depend
+        # on the batch's shape (the Numba kernels decline many features in large problems); a stand-in in the
+        # compute dtype (np.empty's memory is never touched; off NumPy the path depends on the dtype and d only)
+        stand_in = (np.empty((1, w_g, d), dtype=cd) if namespace_name(xp) == "numpy"
+                    else xp.zeros((1, 1, d), dtype=cd, device=dev))
+        paths.append(dense_path(xp, stand_in, force_reference=backend == "reference"))
+        # one group's solve at a time: each within the bound
+        _guard_memory(itemsize, grp.size, w_g, d, P, per_class and labels_host is not None, max_dense_bytes,
+                      paths[-1], xp, features)
+    if backend == "auto" and namespace_name(xp) == "torch" and on_host_device(features) and any(
+            q != "fused" for q in paths):
         # torch's dense greedy on CPU tensors, silent at 13 s where the Numba kernels take 0.5 s (review 117)
-        _warn_host_torch(sum(g.size * int(lsizes[g].max()) ** 2 * int(budgets[live[g]].max()) for g in groups),
-                         "minibatch_coresets")
+        _warn_host_torch(sum(g.size * w_g ** 2 * int(budgets[live[g]].max())
+                             for g, w_g, q in zip(groups, widths, paths) if q != "fused"), "minibatch_coresets")
     # drawn for every problem (only the draws each uses kept), so that the stream, and each problem's draws,
     # are those of a solve of all
     u_all = (stochastic_draws_ragged(gen, sizes, budgets, eps) if optimizer == "stochastic" and gen is not None
              else None)
-    flat = from_numpy(np.ascontiguousarray(pad_s).reshape(-1), xp, dev)
+    tables = [pad_s if one else np.ascontiguousarray(pad_s[grp, :w_g]) for grp, w_g in zip(groups, widths)]
+    gathered = [take_rows(xp, features, from_numpy(np.ascontiguousarray(t).reshape(-1), xp, dev)) for t in tables]
     # max|X| over the gathered rows: a row no problem holds (outside the pool or every subset) must not set the
     # scale (review 132: one float32 row of 1e24 elsewhere scaled the problems' squared distances to 0 on the
-    # torch and generic kernels, every objective 0 and the picks the lowest indices)
-    rows_x = take_rows(xp, features, flat)
-    rows_x, _, sc, back = prepare(xp, rows_x, metric=metric, kernel=kernel, scale=sc, amax=_abs_max(xp, rows_x))
-    Xs = xp.reshape(rows_x, (pad_s.shape[0], pad_s.shape[1], d))
+    # torch and generic kernels, every objective 0 and the picks the lowest indices); one scale for the call
+    amax = max(_abs_max(xp, rows) for rows in gathered)
     lb = budgets[live]
     K = int(lb.max(initial=0))
     parts = []
-    one = len(groups) == 1  # (every live problem in order: the tables as they are)
-    for grp in groups:
-        w_g = pad_s.shape[1] if one else max(int(lsizes[grp].max(initial=0)), 1)
-        Xg = Xs if one else xp.take(Xs, from_numpy(grp, xp, dev), axis=0)[:, :w_g, :]
+    for grp, w_g, table, rows in zip(groups, widths, tables, gathered):
+        rows, _, sc_g, back = prepare(xp, rows, metric=metric, kernel=kernel, scale=sc, amax=amax)
+        Xg = xp.reshape(rows, (grp.size, w_g, d))
         vg = from_numpy(np.ascontiguousarray(valid_s if one else valid_s[grp, :w_g]), xp, dev)
         li_g, g_g, w_gg, obj_g = solve_batched(
-            xp, Xg, vg, lb if one else lb[grp], metric=metric, kernel=kernel, scale=sc, optimizer=optimizer,
+            xp, Xg, vg, lb if one else lb[grp], metric=metric, kernel=kernel, scale=sc_g, optimizer=optimizer,
             u_host=None if u_all is None else pad_draws(u_all, live[grp]), force_reference=backend == "reference",
         )
+        del Xg, rows  # (the group's features: freed before the next group's solve)
         # local -> global indices without leaving the device: gather from the group's rows of the index table
         Bg, Kg = li_g.shape
-        pad_g = from_numpy(np.ascontiguousarray(pad_s if one else pad_s[grp, :w_g]), xp, dev)
+        pad_g = from_numpy(np.ascontiguousarray(table), xp, dev)
         safe = xp.where(li_g >= 0, li_g, xp.zeros_like(li_g))
         offs = xp.reshape(xp.arange(Bg, device=dev, dtype=index_dtype(xp)), (Bg, 1)) * w_g
         glob_g = xp.take(xp.reshape(pad_g, (-1,)), xp.reshape(safe + offs, (-1,)), axis=0)
