@@ -545,8 +545,9 @@ def minibatch_coresets(
             raise ValueError("subsets must be drawn from pool: they hold indices that pool does not")
     included = None  # (P, C): the probability that class c of subset p got a pick, where below 1
     # Only the problems with a pick are built and solved (with fewer picks than classes, m < C, most classes of
-    # a subset get none), each padded to the largest of them: tables of every (subset, class) problem padded to
-    # the largest class held 887 MiB for 64,000 members with one large class and 999 small ones (review 129).
+    # a subset get none; their tables padded to the largest of them, sliced per size group below): tables of
+    # every (subset, class) problem padded to the largest class held 887 MiB for 64,000 members with one large
+    # class and 999 small ones (review 129).
     if per_class and labels_host is not None and blocked is not None:
         # drawn here: class c has r_c[c] members in every subset, block c of each row, sorted
         C = r_c.size
