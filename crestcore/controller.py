@@ -1146,7 +1146,6 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
         if fit_losses is None:
             fit_losses = np.asarray(to_numpy(losses), dtype=np.float64)
         _check_fit_loss(fit_loss, rows_i[p], rows_w[p], union, fit_losses, names[0])  # (the controller's own)
-        _check_fit_gradient(g, fit_loss, names[0])
         try:
             quad = quadratic_update(quad, g, zhz, config.quadratic)
         except DivergenceError:
@@ -1155,6 +1154,7 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
             raise type(e)(f"CREST's model fit: the gradient ('grad') is ops.{names[0]}'s, the probe ('zhz') "
                           f"ops.{names[1]}'s; both must be flat vectors like ops.params() (its length and "
                           f"dtype: cast float64 weights to the parameters' dtype): {e}") from e
+        _check_fit_gradient(g, fit_loss, names[0])  # (after the update has checked g: a vector like params())
     h_norm = curvature_norm(quad, config.quadratic)
     # The schedule (Algorithm 1: T1 <- h ||H_0|| / ||H_t||, P <- b T1) is set from the curvature measured
     # at the new anchor, as the release does; the first selection measures ||H_0|| and keeps T1 and P.

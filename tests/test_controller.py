@@ -2889,6 +2889,14 @@ def test_an_exactly_zero_gradient_under_a_nonzero_loss_is_warned_about():
             warnings.filterwarnings("error", ".*exactly zero.*")
             crest_next_batch(crest_init(cfg, ytr, seed=0), ops, cfg)
 
+    class Listed(_SoftmaxOps):  # the check comes after the fit has checked the gradient, whose error names it
+        def gradient(self, idx, w):
+            loss, g = super().gradient(idx, w)
+            return loss, list(g)
+
+    with pytest.raises(TypeError, match="CREST's model fit: the gradient .* is ops.gradient's"):
+        crest_next_batch(crest_init(cfg, ytr, seed=0), Listed(Xtr, ytr, 10), cfg)
+
 
 def test_a_state_restored_in_another_library_than_the_ops_is_told_to_pass_ops_params():
     """Review 127: a run whose ops.params() are of one library, restored with a params_like of another, failed
