@@ -11,6 +11,7 @@ import numpy as np
 
 from ._compat import device_of, namespace
 from ._validation import check_float_matrix, check_labels
+from .similarity import accumulating
 
 __all__ = ["last_layer_gradients", "softmax", "cross_entropy"]
 
@@ -39,16 +40,10 @@ def _flag(v) -> bool:
     return v
 
 
-def _wide(xp, x):
-    """``x`` in the dtype its sums are accumulated in: float32 for float16 and bfloat16 (a half-precision row of
-    128,256 near-uniform exponentials summed past float16's 65,504: every probability 0, review 134)."""
-    return xp.astype(x, xp.float32) if int(xp.finfo(x.dtype).bits) < 32 else x
-
-
 def _softmax(xp, logits):
     z = logits - xp.max(logits, axis=-1, keepdims=True)
     e = xp.exp(z)
-    w = _wide(xp, e)
+    w = accumulating(xp, e)
     p = w / xp.sum(w, axis=-1, keepdims=True)
     return p if w is e else xp.astype(p, logits.dtype)
 
@@ -108,10 +103,10 @@ def cross_entropy(logits, labels, *, from_probabilities: bool = False):
     # the shift's own gradient cancels against the label's term). Summed in at least float32.
     top = xp.arange(C, device=device_of(logits))[None, :] == xp.argmax(logits, axis=1)[:, None]
     zero = xp.zeros_like(z)
-    rest = xp.sum(_wide(xp, xp.where(top, xp.expm1(z), xp.exp(z))), axis=1)
+    rest = xp.sum(accumulating(xp, xp.where(top, xp.expm1(z), xp.exp(z))), axis=1)
     # the label's entry picked, not z * onehot summed: a class far below the top (finite logits 2e38 apart in
     # float32) shifts to -inf, and -inf * 0 is NaN where the loss is 0
-    loss = xp.log1p(rest) - _wide(xp, xp.sum(xp.where(oh > 0, z, zero), axis=1))
+    loss = xp.log1p(rest) - accumulating(xp, xp.sum(xp.where(oh > 0, z, zero), axis=1))
     return xp.astype(loss, logits.dtype) if int(xp.finfo(logits.dtype).bits) < 32 else loss
 
 

@@ -28,6 +28,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ._compat import detached, namespace, to_numpy
+from .similarity import accumulating as _accumulating
 from .similarity import compute_dtype
 from ._validation import DivergenceError, check_float_rows, field_choice, field_real, isdtype, plain_fields
 
@@ -298,14 +299,6 @@ def quadratic_update(state: QuadraticState, grad=None, zhz=None, config: Quadrat
                 "training has diverged (lower the learning rate, add gradient clipping)"
             )
     return new
-
-
-def _accumulating(xp, x):
-    """``x`` in the dtype sums over it are accumulated in (the numerics policy: float32 for float16 and
-    bfloat16, else its own): a half-precision model's curvature norm or prediction must not overflow
-    where its entries do not (100,000 curvatures of 1.0 sum past float16's 65,504)."""
-    wide = compute_dtype(xp, x.dtype)
-    return x if wide == x.dtype else xp.astype(x, wide)
 
 
 def curvature_norm(state: QuadraticState, config: QuadraticConfig = QuadraticConfig()) -> float:

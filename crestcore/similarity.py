@@ -59,6 +59,14 @@ def compute_dtype(xp, dtype):
     return xp.float32 if int(xp.finfo(dtype).bits) < 32 else dtype
 
 
+def accumulating(xp, x):
+    """``x`` in the dtype sums over it are accumulated in (:func:`compute_dtype`: float32 for float16 and
+    bfloat16, else ``x`` itself): a half-precision curvature norm, or a row of 128,256 exponentials, must not
+    overflow where its entries do not (review 134)."""
+    wide = compute_dtype(xp, x.dtype)
+    return x if wide == x.dtype else xp.astype(x, wide)
+
+
 def _max_exponent(xp, dtype) -> int:
     return math.frexp(float(xp.finfo(dtype).max))[1]  # 128 for float32, 1024 for float64
 
