@@ -343,18 +343,13 @@ def _item_label(v, i: int) -> int:
 
 def _integer_scalar(v) -> int | None:
     """``v`` as an int when it is one integer (a Python or NumPy integer, a 0-d or one-element integer tensor or
-    array), else None."""
-    if isinstance(v, np.ndarray):
-        if v.size != 1:
-            return None
-        v = v.reshape(()).item()
-    elif isinstance(v, torch.Tensor):
-        if v.numel() != 1:
-            return None
-        v = v.reshape(()).item()
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+    array: what :func:`_label_value` takes, but a list), else None."""
+    if isinstance(v, (list, tuple)):
         return None
-    return int(v)
+    try:
+        return _label_value(v, 0)
+    except (TypeError, ValueError):
+        return None
 
 
 @contextlib.contextmanager
