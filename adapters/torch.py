@@ -243,7 +243,11 @@ def dataset_labels(dataset, keys=None) -> np.ndarray:
     >>> dataset_labels(ConcatDataset([Subset(data, [5, 4]), data]))
     array([2, 1, 0, 1, 2, 0, 1, 2])
     """
+    if isinstance(keys, str):  # one key (a string is no sequence of keys: its letters were taken for them)
+        keys = (keys,)
     keys = _LABEL_KEYS if keys is None else tuple(keys)
+    if not keys or not all(isinstance(k, str) for k in keys):
+        raise TypeError(f"keys must be label keys (strings), got {keys!r}")
     n = _length(dataset)
     if isinstance(dataset, TensorDataset):
         if len(dataset.tensors) < 2:

@@ -944,6 +944,11 @@ def test_the_trainers_own_label_name_is_honoured(tmp_path):
     from crestcore.adapters.torch import dataset_labels
 
     items = [data[i] for i in range(8)]  # dict items without a targets attribute to read
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        assert dataset_labels(items, keys="targets").tolist() == data.targets[:8]  # one key as a string
+    with pytest.raises(TypeError, match="keys must be label keys"):
+        dataset_labels(items, keys=[0])
     with pytest.raises(TypeError, match=r"none of the keys.*TrainingArguments\(label_names=\[key\]\)"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
