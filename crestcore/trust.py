@@ -19,8 +19,11 @@ __all__ = ["relative_error", "should_reselect", "update_schedule"]
 
 
 def _finite(x, name):
-    if isinstance(x, (str, bytes, bool, np.bool_)):  # float("2.0") and float(True) would pass
+    if isinstance(x, (str, bytes, bool, np.bool_, complex)):  # float("2.0") and float(True) would pass
         raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    kind = str(getattr(x, "dtype", ""))
+    if "bool" in kind or "complex" in kind:  # a 0-d bool array read as 1.0, a complex one as its real part
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__} of dtype {kind}")
     try:
         v = float(detached(x))
     except (TypeError, ValueError) as exc:

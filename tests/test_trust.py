@@ -79,6 +79,9 @@ def test_rho_accepts_numpy_and_0d_scalars():
     (float("nan"), 1.0, ValueError, "loss_random"), (float("inf"), 1.0, ValueError, "loss_random"),
     (1.0, float("nan"), ValueError, "predicted"), (1.0, float("-inf"), ValueError, "predicted"),
     ("a", 1.0, TypeError, "loss_random"), (1.0, None, TypeError, "predicted"),
+    # a 0-d bool array was read as 1.0 and a complex scalar as its real part (review 134)
+    (np.array(True), 1.0, TypeError, "loss_random"), (2.0, np.complex128(1.5 + 2j), TypeError, "predicted"),
+    (2.0, 1.5 + 0j, TypeError, "predicted"), (np.array(2.0 + 0j), 1.0, TypeError, "loss_random"),
 ])
 def test_rho_bad_inputs(L, F, exc, match):
     with pytest.raises(exc, match=match):
