@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from crestcore.apps import MissingExtra
@@ -184,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _err(msg: str) -> None:
     print(f"{PROG}: error: {msg}", file=sys.stderr)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning during a command, as the command line's own line: its category and message, without the
+    Python source line it was attributed to (a library warning's stack level points at this module)."""
+    print(f"{PROG}: warning: {category.__name__}: {message}", file=sys.stderr if file is None else file)
 
 
 def _cmd_demo(ns: argparse.Namespace) -> int:
@@ -440,7 +447,9 @@ def main(argv=None) -> int:
         return 2
     commands = {"demo": _cmd_demo, "info": _cmd_info, "bench": _cmd_bench}
     try:
-        return commands[ns.command](ns)
+        with warnings.catch_warnings():  # (the filters as they are; only the display changes, restored after)
+            warnings.showwarning = _show_warning
+            return commands[ns.command](ns)
     except OSError as exc:  # a missing data folder, an --out that is a file, no permission to write
         _err(str(exc))
         return 1

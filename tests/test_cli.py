@@ -67,6 +67,23 @@ def test_info_reports_missing_dataset(tmp_path, capsys):
     assert "train missing" in out and "apt-get install dataset-fashion-mnist" in out
 
 
+def test_a_warning_during_a_command_is_one_line_of_the_command_line(monkeypatch, capsys):
+    # a library warning showed the CLI's own source line after the message (review 135); the filters stay
+    import warnings
+
+    def warns(ns):
+        warnings.warn("the check is loose here", UserWarning, stacklevel=2)
+        warnings.warn("the check is loose here", UserWarning, stacklevel=2)  # the default filter: shown once
+        return 0
+
+    monkeypatch.setattr(cli, "_cmd_info", warns)
+    before = warnings.showwarning
+    assert cli.main(["info"]) == 0
+    err = capsys.readouterr().err
+    assert err == "crest: warning: UserWarning: the check is loose here\n"
+    assert warnings.showwarning is before  # put back after the command
+
+
 @pytest.mark.parametrize(
     "argv",
     [[], ["nope"], ["demo", "--fraction", "0"], ["demo", "--fraction", "1.5"], ["demo", "--metric", "l1"],
