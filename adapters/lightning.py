@@ -83,6 +83,14 @@ def _check_batch_limit(trainer, loader) -> bool:
     return cut
 
 
+def _processed(trainer) -> int | None:
+    """The batches the fit loop has processed (trained) in total, as its checkpoints count them; None where
+    the Trainer has no such counter."""
+    progress = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "batch_progress", None)
+    processed = getattr(getattr(progress, "total", None), "processed", None)
+    return int(processed) if isinstance(processed, int) else None
+
+
 def _check_accumulation(trainer) -> None:
     accumulate = getattr(trainer, "accumulate_grad_batches", 1)
     if accumulate != 1:
@@ -352,6 +360,7 @@ class CrestCallback(pl.Callback):
         self._limits_from: tuple[int, int] | None = None  # (global step, position) whose rate checks the limits
         self._last_position = -1  # the loader's position at the last batch start (is the batch CREST's?)
         self._in_flight = False  # a batch handed to a step that has not ended (on_train_batch_end)
+        self._processed_at_start: int | None = None  # Lightning's processed-batch count when it started
         self._losses_warned = False  # dropping on and no losses under losses_key: said once
         self._trainer = None  # the Trainer of the fit set up last (which loop reads the batches)
         self._passed_epoch: int | None = None  # the Trainer epoch whose pass of CREST's loader ended last
@@ -573,6 +582,7 @@ class CrestCallback(pl.Callback):
                 "crest.dataloader() from train_dataloader()")
         self._last_position = loader.position
         self._in_flight = True
+        self._processed_at_start = _processed(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._in_flight = False
@@ -627,8 +637,16 @@ class CrestCallback(pl.Callback):
         """The batches of the run trained: the loader's position, less the batch of a step that has not ended
         (a checkpoint written from inside it, OnExceptionCheckpoint's or a preemption's, review 91: it was
         counted as trained, and the resumed fit, which Lightning restarts at the completed batches, skipped
-        it); None when nothing is in flight."""
-        return self.loader.position - 1 if self._in_flight and self.loader is not None and self.loader.position else None
+        it); None when nothing is in flight. A batch whose step has run counts as trained, as Lightning counts
+        it (it resumes after a batch it has processed): a checkpoint written in the ``on_train_batch_end`` of a
+        callback listed before this one, after the optimizer step, counted it as untrained, and the resumed
+        fit trained it twice and never trained the run's last batch (review 140)."""
+        if not (self._in_flight and self.loader is not None and self.loader.position):
+            return None
+        now = _processed(self._trainer)
+        if now is not None and self._processed_at_start is not None and now > self._processed_at_start:
+            return None  # Lightning has processed this batch: it resumes after it
+        return self.loader.position - 1
 
     def state_dict(self) -> dict[str, Any]:
         if self.loader is not None:

@@ -839,6 +839,43 @@ def test_a_checkpoint_written_inside_a_step_resumes_with_that_steps_batch(tmp_pa
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
+class _SaveAtStep(pl.Callback):
+    """A user's "save every N steps" callback: a checkpoint from its on_train_batch_end, after the step."""
+
+    def __init__(self, path, step):
+        self.path, self.step = path, step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
+@pytest.mark.parametrize("saver_first", [True, False])
+def test_a_checkpoint_from_another_callbacks_batch_end_resumes_after_that_batch(tmp_path, saver_first):
+    """Review 140: a checkpoint written by a callback listed before CREST's, from its on_train_batch_end (the
+    step has run), counted the batch as untrained: the resumed fit, which Lightning restarts after the batch
+    it has processed, trained that batch twice and never trained the run's last. The uninterrupted run's
+    batches and weights now, whichever callback comes first."""
+    path = tmp_path / "at4.ckpt"
+    cb, module = CrestCallback(data(), **CFG), Module()
+    saver = _SaveAtStep(path, 4)
+    first = pl.Trainer(max_epochs=3, callbacks=[saver, cb] if saver_first else [cb, saver], logger=False,
+                       enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                       default_root_dir=tmp_path, accelerator="cpu", deterministic=True)
+    first.fit(module, train_dataloaders=cb.dataloader())
+    saved = torch.load(path, weights_only=True)
+    assert saved["global_step"] == 4 and saved["callbacks"]["CrestCallback"]["position"] == 4
+    cb2, module2 = CrestCallback(data(), **CFG), Module(seed=5)
+    t2 = trainer(tmp_path, 3, cb2)
+    t2.fit(module2, train_dataloaders=cb2.dataloader(), ckpt_path=path)
+    seen, model, _ = plain_loop(3)
+    assert t2.global_step == 9
+    for a, b in zip(module.seen[:4] + module2.seen, seen, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for p, q in zip(module2.net.parameters(), model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
 def test_passes_budgets_warn_that_lightning_skips_epoch_end_validation(tmp_path):
     """Review 124: under budget_counts="passes" an epoch ends when its measurement budget is spent, before
     len(dataloader) batches, and Lightning then skips its end-of-epoch validation (none ran in four epochs),
