@@ -3449,6 +3449,41 @@ def _wrapper_look_ahead(depth: int = 24) -> int:
     return 0
 
 
+class _CountedPass:
+    """A :class:`CrestBatchSampler` pass as its multi-process DataLoader reads it: the batches handed out and
+    the DataLoader's requests for index lists, counted. Such a DataLoader asks for ``window`` index lists
+    (``num_workers x prefetch_factor``) before its first batch and one more for each batch it gives the loop,
+    also once the pass has ended, so a pass its loop read to the end got ``window + handed`` requests and one
+    left earlier fewer: the batches the workers had fetched ahead were never trained."""
+
+    def __init__(self, sampler: CrestBatchSampler, batches, window: int):
+        self.sampler, self.batches, self.window = sampler, batches, int(window)
+        self.requests = self.handed = 0
+        self.ended = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.requests += 1
+        if self.ended:
+            raise StopIteration
+        self.sampler._advancing = self  # (the pass's start, _pass_started, reads which pass it is)
+        try:
+            item = next(self.batches)
+        except StopIteration:
+            self.ended = True
+            raise
+        finally:
+            self.sampler._advancing = None
+        self.handed += 1
+        return item
+
+    def untrained(self) -> bool:
+        """Whether the pass ran to its end while its DataLoader gave the loop fewer batches than it handed out."""
+        return self.ended and self.requests - self.window < self.handed
+
+
 class CrestBatchSampler(CrestLoader):
     """CREST's weighted coreset batches for **your own** ``DataLoader`` (workers, pinned memory,
     persistent workers, your ``collate_fn``)::
@@ -3503,6 +3538,8 @@ class CrestBatchSampler(CrestLoader):
         self._ahead_known = False  # whether a pass ran (since construction or a load): _pass_ahead is its window
         self._loader_iter = self._pass_iter = None  # weak references to those DataLoaders' iterators
         self._pass_from = 0  # the run position at the start of the last pass
+        self._counted: _CountedPass | None = None  # the last pass advanced (its DataLoader's requests counted)
+        self._advancing: _CountedPass | None = None  # the counted pass whose next() runs now, else None
 
     def __iter__(self):
         # The usual first mistake, DataLoader(train_set, batch_sampler=sampler) without WeightedDataset, ends
@@ -3584,7 +3621,8 @@ class CrestBatchSampler(CrestLoader):
             ahead += self._loader_held
             self._ahead = max(self._ahead, ahead)
             self._loader_ahead = ahead
-        return super().__iter__()
+        window = self._loader_ahead - self._loader_held if it is not None and self._loader_ahead else 0
+        return _CountedPass(self, super().__iter__(), window) if window else super().__iter__()
 
     def _handed_ahead(self, name: str) -> None:
         """Said once: under a DataLoader that fetches ahead, the batch handed out last is not the one the loop
@@ -3627,6 +3665,19 @@ class CrestBatchSampler(CrestLoader):
             stacklevel=_common.user_stacklevel())
 
     def _pass_started(self) -> None:
+        last, self._counted = self._counted, self._advancing
+        if last is not None and last is not self._advancing and last.untrained():
+            # the last pass ran to its share's end (so no broken pass was seen), but its DataLoader gave the loop
+            # fewer batches than it handed out: a loop left within the workers' last prefetch window (a break
+            # near the epoch's end, zip with a shorter iterable, short epochs), review 140
+            received = last.requests - last.window
+            warnings.warn(
+                f"CrestBatchSampler: the last pass handed out {last.handed} batches, but its DataLoader gave your "
+                f"loop only {received} of them before the loop left it (its workers fetch up to {last.window} "
+                f"batches ahead); all count as trained, and this pass continues after them. If the loop was broken "
+                f"off (zip with a shorter iterable, a break near the epoch's end), call "
+                f"sampler.rewind(batches_trained) before the next pass: the fetched, untrained batches are then "
+                f"handed out again, first.", stacklevel=_common.user_stacklevel())
         self._pass_ahead, self._ahead_known = self._loader_ahead, True
         self._pass_held = self._loader_held
         self._pass_iter, self._pass_from = self._loader_iter, self._position
@@ -3678,6 +3729,7 @@ class CrestBatchSampler(CrestLoader):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
+        self._counted = None  # (rewind() comes here too: the last pass's batches are accounted for)
         self._observed_step = self._position - 1
         self._ahead_known = False
         ahead = state.get("fetch_ahead")  # absent before 2026-12-04, None before a pass: nothing to compare

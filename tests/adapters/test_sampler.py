@@ -1004,6 +1004,46 @@ def test_a_pass_left_with_batches_fetched_ahead_is_told_about_unless_rewound():
         assert len(list(plain)) == len(plain) - 1
 
 
+@pytest.mark.parametrize("leave", ["break", "zip"])
+def test_a_pass_left_within_the_workers_last_prefetch_window_is_told_about(leave):
+    """Review 140: a loop that left a pass once the workers had asked for the epoch's last batch (a break near
+    the epoch's end, zip with a shorter iterable, short epochs) left fetched batches untrained that count as
+    trained, and nothing said so: the pass had run to its end, so no broken pass was seen. The DataLoader's
+    requests for index lists tell it (window + one per batch given to the loop)."""
+    X, y = make_data()
+    sampler = CrestBatchSampler(mlp(), Flip(X, y), **CFG)
+    loader = sampler.dataloader(num_workers=2)  # 4 batches ahead; 5 batches an epoch
+    sampler.set_epoch(0)
+    if leave == "zip":
+        assert len(list(zip(loader, range(2)))) == 2  # zip takes a third batch before it finds range(2) ended
+    else:
+        for k, _ in enumerate(loader):
+            if k == 1:
+                break
+    assert sampler.position == 5  # the workers had asked for the whole share
+    sampler.set_epoch(1)
+    given = 3 if leave == "zip" else 2
+    with pytest.warns(UserWarning, match=rf"handed out 5 batches, but its DataLoader gave your loop only {given} "
+                                         r"of them.*rewind"):
+        assert len(list(loader)) == 5
+
+
+@pytest.mark.parametrize("kw", [dict(num_workers=2), dict(num_workers=2, persistent_workers=True),
+                                dict(num_workers=1, prefetch_factor=1, pin_memory=True)])
+def test_passes_read_to_their_end_with_workers_are_not_told_about(kw):
+    """The requests count of the check above raises no false alarm on full passes, whatever the workers."""
+    X, y = make_data()
+    sampler = CrestBatchSampler(mlp(), Flip(X, y), **CFG)
+    loader = sampler.dataloader(**kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", ".*'pin_memory' argument is set as true but no accelerator")  # torch's
+        for epoch in range(sampler.epochs):
+            sampler.set_epoch(epoch)
+            assert len(list(loader)) == 5
+    assert sampler.position == sampler.total_steps
+
+
 def test_set_epoch_that_empties_a_pass_or_skips_an_epoch_is_told_about():
     X, y = make_data()
     sampler = CrestBatchSampler(mlp(), Flip(X, y), **CFG)
