@@ -118,11 +118,16 @@ def _check_step_limits(trainer, planned: int, loader, per: float = 1.0) -> None:
             "the budget or CrestCallback(epochs=...)")
     high = getattr(trainer, "max_steps", -1)
     if high is not None and high > planned:
+        # under manual optimization a batch is not one optimizer step (accumulation: fewer; several optimizers:
+        # more, the global step counting each), so total_steps, CREST's batches, is no scheduler's length there
+        size = ("crest.loader.total_steps" if per == 1 else
+                f"the steps its optimizer takes in CREST's {loader.total_steps} batches ({planned} global steps in "
+                "all; Lightning counts every optimizer's)")
         warnings.warn(
             f"Trainer(max_steps={high}) without max_epochs, but CREST plans {loader.total_steps} steps "
             f"({loader.epochs} epochs{rate}): the fit stops at global step {planned}, and a per-step scheduler sized "
             f"from trainer.estimated_stepping_batches ({high}) stops at about {planned / high:.0%} of its "
-            "schedule. Size it from crest.loader.total_steps, or set max_epochs (and leave max_steps unset)",
+            f"schedule. Size it from {size}, or set max_epochs (and leave max_steps unset)",
             stacklevel=_common.user_stacklevel())
 
 

@@ -768,6 +768,9 @@ def test_max_steps_under_manual_optimization_counts_its_optimizer_steps(tmp_path
     assert len(said) == int(warned)
     if warned:
         assert "2 optimizer steps a batch" in said[0] and "stops at global step 12" in said[0]
+        # (review 140: the advice named crest.loader.total_steps, CREST's 6 batches, under any rate)
+        assert "the steps its optimizer takes in CREST's 6 batches (12 global steps" in said[0]
+        assert "Size it from crest.loader.total_steps" not in said[0]
 
 
 @pytest.mark.parametrize("second,warned", [(4, False), (3, True)])
