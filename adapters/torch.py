@@ -2991,6 +2991,17 @@ class CrestLoader(BudgetedPasses):
         if anchor.device != first.device or anchor.dtype != (torch.float32 if dt in _HALF else dt):
             self._state = _common.rehomed(self._state, self.ops.params())
 
+    @property
+    def sampler(self):
+        """No such thing: said by name (accelerate's ``skip_first_batches(loader, k)`` failed on this attribute
+        with an AttributeError that did not say why skipping is wrong here; review 140). ``hasattr`` and
+        ``getattr(loader, "sampler", None)`` still see none."""
+        raise AttributeError(
+            f"{type(self).__name__} has no sampler: it chooses its own batches, and a resumed run continues from "
+            "the position load_state_dict restored, with the first batch not trained. Do not skip batches after a "
+            "resume (accelerate's skip_first_batches, or `if i < done: continue` in the loop): the skipped batches "
+            "would be lost, counted as trained")
+
     # -- feedback and observability -------------------------------------------------------------
     @property
     def last_indices(self) -> np.ndarray | None:

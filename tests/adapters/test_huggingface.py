@@ -957,3 +957,18 @@ def test_the_trainers_own_label_name_is_honoured(tmp_path):
                                          r"torch\.nn\.functional\.cross_entropy\(z, y, label_smoothing=0\.1"):
         CrestTrainer(model=tiny_bert(), args=transformers.TrainingArguments(
             output_dir=str(tmp_path), label_smoothing_factor=0.1, report_to=[], use_cpu=True), train_dataset=Texts())
+
+
+def test_accelerates_skip_first_batches_on_a_crest_loader_says_why_not():
+    """Review 140: skip_first_batches(CrestLoader, k) died in accelerate on a missing .sampler, an
+    AttributeError that said nothing about resuming; the attribute's error now says that the loader
+    continues from its restored position, and hasattr still sees no sampler."""
+    from accelerate import skip_first_batches
+
+    from crestcore.adapters.torch import CrestLoader
+
+    loader = CrestLoader(tiny_bert(), Texts(), config=CrestConfig(m=16, r=48), budget=0.5, epochs=1, seed=0,
+                         collate_fn=transformers.default_data_collator)
+    assert not hasattr(loader, "sampler") and getattr(loader, "sampler", None) is None
+    with pytest.raises(AttributeError, match="CrestLoader has no sampler.*Do not skip batches after a resume"):
+        skip_first_batches(loader, 2)
