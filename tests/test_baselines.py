@@ -9,6 +9,7 @@ pruning rule against its expectation (a statistical test with a fixed seed and a
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -866,3 +867,19 @@ def test_subset_schedule_checks_observe_and_next_indices_at_the_boundary():
     with pytest.raises(ValueError, match="position must be >= 0"):
         s.next_indices(-1)
     assert s.counters["train_steps"] == 0
+
+
+def test_gradmatch_float32_raises_no_spurious_invalid_value_warning():
+    """Review 141: OpenBLAS's float32 matrix-vector product can leave the invalid flag set on finite inputs and
+    finite results (this input reproduces it on the project's machine), and NumPy then warned "invalid value
+    encountered in matmul" on correct picks; the correlations are checked for finiteness instead."""
+    rng = np.random.default_rng(224)
+    n, d, C = int(rng.integers(2, 40)), int(rng.integers(2, 8)), int(rng.integers(1, 4))
+    G = rng.normal(size=(n, d)) + rng.normal(size=d) * rng.random()
+    y = rng.integers(0, C, size=n)
+    k = int(rng.integers(1, n + 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = gradmatch(G.astype(np.float32), k, labels=y, lam=5.0)
+    ref = gradmatch(G, k, labels=y, lam=5.0)
+    assert sorted(np.asarray(got.indices).tolist()) == sorted(np.asarray(ref.indices).tolist())

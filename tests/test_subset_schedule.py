@@ -141,6 +141,8 @@ def test_a_selecting_method_without_ops_says_what_it_needs():
     (dict(val_fraction=1.0), "val_fraction"),
     (dict(prune_anneal=1.5), "prune_anneal"),
     (dict(options={"optimizer": "stochastic", "rng": np.random.default_rng(0)}), "rng must be an int seed"),
+    # review 141: glister's eta given in options won over glister_lr, which the settings still reported
+    (dict(method="glister", options={"eta": 0.5}), r"\['eta'\].*eta is set by glister_lr="),
 ])
 def test_bad_arguments_are_refused_by_name(kwargs, match):
     _, y = _data()

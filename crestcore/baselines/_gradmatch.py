@@ -463,7 +463,16 @@ def _omp(xp, A, b, k: int, lam: float, tol: float, positive: bool):
     while s < k and tried < n:
         if bnorm2 == 0.0 or math.sqrt(max(rnorm2, 0.0)) <= tol * math.sqrt(bnorm2):
             break
-        c = matmul(A, r)
+        if host:
+            # OpenBLAS's float32 product can leave the invalid flag set on finite inputs and finite results, and
+            # NumPy then warned "invalid value encountered in matmul" on correct picks (review 141); the flag is
+            # not read, the result is checked instead (finite atoms, residual and rescaling: finite correlations)
+            with np.errstate(invalid="ignore"):
+                c = matmul(A, r)
+            if not np.isfinite(c).all():
+                raise FloatingPointError("gradmatch: the correlations of the atoms with the residual are not finite")
+        else:
+            c = matmul(A, r)
         if host:  # c is a fresh array: mask it in place
             score = c if positive else np.abs(c, out=c)
             np.putmask(score, taken, -math.inf)

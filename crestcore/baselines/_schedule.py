@@ -107,7 +107,10 @@ def _validation_split(labels: np.ndarray, fraction: float, seed: int) -> np.ndar
 # what the schedule passes to the core functions itself (not accepted in options)
 _OWN_ARGUMENTS = {"craig": ("gradients", "labels", "k"),
                   "gradmatch": ("gradients", "k", "labels", "per_batch", "target"),  # (the last two clash with labels)
-                  "glister": ("train_grads", "val_logits", "val_labels", "k", "val_embeddings")}
+                  # (eta is glister_lr=: given both ways, options' won and the settings named glister_lr's, review 141)
+                  "glister": ("train_grads", "val_logits", "val_labels", "k", "val_embeddings", "eta")}
+# where an argument of the schedule's own sets it (named in the refusal)
+_OWN_HINTS = {("glister", "eta"): "glister_lr="}
 
 
 def _check_options(method: str, options: dict) -> None:
@@ -124,7 +127,9 @@ def _check_options(method: str, options: dict) -> None:
     bad = sorted(k for k in options if k not in params or k in own)
     if bad:
         allowed = sorted(k for k in params if k not in own)
-        raise ValueError(f"options {bad} are not keyword arguments {method}() accepts here; allowed: {allowed}")
+        hints = [f"{k} is set by {_OWN_HINTS[method, k]}" for k in bad if (method, k) in _OWN_HINTS]
+        raise ValueError(f"options {bad} are not keyword arguments {method}() accepts here"
+                         + (f" ({'; '.join(hints)})" if hints else "") + f"; allowed: {allowed}")
     if "rng" in options and not (isinstance(options["rng"], numbers.Integral) and not isinstance(options["rng"], bool)):
         raise ValueError(f"options: rng must be an int seed, got {type(options['rng']).__name__}: a Generator's "
                          "state is not in the loader's checkpoints (a resumed run would draw differently) and "
@@ -525,7 +530,7 @@ class SubsetSchedule:
         else:  # glister
             zv, lv = z[npool:, ...], lab[npool:]
             ev = None if emb is None else emb[npool:, ...]
-            opts.setdefault("eta", self.glister_lr)
+            opts["eta"] = self.glister_lr
             if opts.get("optimizer") == "stochastic" and "rng" not in opts:
                 opts["rng"] = gen
             sel = glister(G, zv, lv, k, val_embeddings=ev, **opts)
