@@ -1933,6 +1933,11 @@ class TorchModelOps:
             if handed < len(spans):
                 self._drop_pool()
 
+    def __getstate__(self) -> dict:
+        # the measurement workers are this process's (their iterator does not pickle, nor deepcopy: review 139);
+        # a copy starts its own at its first pass, as after a pass broken off
+        return {**self.__dict__, "_pool": None}
+
     def _drop_pool(self) -> None:
         """Shut the measurement workers down; the next pass starts new ones."""
         pool, self._pool = self._pool, None
@@ -2872,6 +2877,27 @@ class CrestLoader(BudgetedPasses):
         self._handed_from = 0  # the run position of _handed[0]
         self._trainable_ids: tuple | None = None  # the parameters the last step trained (their identities)
 
+    # -- copies ---------------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        # the identities of the parameters the last step trained are this model's: a copy (deepcopy, pickle)
+        # holds another model, whose parameters never matched them, and its first step took that for a changed
+        # set, a selection out of turn, and went on as another run (review 139); carried by name instead
+        state = self.__dict__.copy()
+        if self._trainable_ids is not None:
+            names, stale = self._trainable_names()
+            state["_trainable_ids"] = ("by name", None if stale else tuple(names))
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        held = state.get("_trainable_ids")
+        if isinstance(held, tuple) and held[:1] == ("by name",):
+            named = {_canonical(k): p for k, p in _inner_ops(self.ops).model.named_parameters()}
+            names = held[1]
+            # (a set that had changed before the copy stays changed: no parameter's identity is -1)
+            self._trainable_ids = ((-1,) if names is None or any(k not in named for k in names)
+                                   else tuple(id(named[k]) for k in names))
+
     # -- accounting and stepping ----------------------------------------------------------------
     def _replaying(self) -> bool:
         return bool(self._pending)
@@ -3471,12 +3497,15 @@ class _CountedPass:
         self.sampler, self.batches, self.window = sampler, batches, int(window)
         self.requests = self.handed = 0
         self.ended = False
+        self.loads = sampler._loads  # a state loaded after this: the batches handed out were the old run's
 
     def __iter__(self):
         return self
 
     def __next__(self):
         self.requests += 1
+        if self.handed and self.sampler._loads != self.loads and self.requests > self.window:
+            self.stale()
         if self.ended:
             raise StopIteration
         self.sampler._advancing = self  # (the pass's start, _pass_started, reads which pass it is)
@@ -3493,6 +3522,21 @@ class _CountedPass:
     def untrained(self) -> bool:
         """Whether the pass ran to its end while its DataLoader gave the loop fewer batches than it handed out."""
         return self.ended and self.requests - self.window < self.handed
+
+    def stale(self) -> None:
+        """A request after a ``load_state_dict``: the DataLoader has just given the loop a batch its workers had
+        fetched before the load, a batch of the old run that no count or checkpoint of the loaded one holds
+        (review 139: a loop that rolled back to a checkpoint and read on trained 30 batches for a plan of 26).
+        Said once a pass."""
+        if getattr(self, "said", False):
+            return
+        self.said = True
+        warnings.warn(
+            f"CrestBatchSampler: load_state_dict was called while this DataLoader's pass was running, and the "
+            f"DataLoader has just given your loop a batch its workers had fetched before the load (up to "
+            f"{self.window} such): it belongs to the run before the load, and no count or checkpoint of the loaded "
+            "run holds it. Leave the loop after load_state_dict (skip the batches it still yields) and start a new "
+            "pass, iter(loader), which begins at the loaded position", stacklevel=_common.user_stacklevel())
 
 
 class CrestBatchSampler(CrestLoader):
@@ -3551,6 +3595,12 @@ class CrestBatchSampler(CrestLoader):
         self._pass_from = 0  # the run position at the start of the last pass
         self._counted: _CountedPass | None = None  # the last pass advanced (its DataLoader's requests counted)
         self._advancing: _CountedPass | None = None  # the counted pass whose next() runs now, else None
+
+    def __getstate__(self) -> dict:
+        # the DataLoaders' iterators are this object's and this process's (weak references, which do not pickle;
+        # a deepcopy kept the original's and read its counts: review 139), as are the passes running over them
+        return {**super().__getstate__(), "_loader_iter": None, "_pass_iter": None, "_counted": None,
+                "_advancing": None}
 
     def __iter__(self):
         # The usual first mistake, DataLoader(train_set, batch_sampler=sampler) without WeightedDataset, ends

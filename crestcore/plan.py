@@ -233,7 +233,8 @@ class BudgetedPasses:
         self._pass_first = 0  # the first epoch whose share the running pass yields (see _pass)
         self._epoch_hint: int | None = None
         self._token = 0  # passes started (each takes the next number when it hands out its first batch)
-        self._loads = 0  # states loaded: a pass started before a load ends quietly
+        self._loads = 0  # states loaded: a pass started before a load ends (said once, _pass_cut_by_load)
+        self._warned_cut = False
         self._warned_done = False
         self._open_handed = 0  # batches the running (or last, if broken off) pass handed out; 0 once it ended
         self._open_epoch: int | None = None  # the epoch of that pass while it is open (a broken-off epoch started)
@@ -364,6 +365,7 @@ class BudgetedPasses:
                 self._finish_epochs(done)
             yield item
             if self._loads != loads:  # a state was loaded while this pass waited: it was the old run's
+                self._pass_cut_by_load(hinted)
                 return
             if self._token != token:  # another pass took a batch while this one waited
                 self._superseded()
@@ -451,6 +453,22 @@ class BudgetedPasses:
     def _pass_started(self) -> None:
         """Called when a pass starts handing out batches."""
 
+    def _pass_cut_by_load(self, hinted: bool) -> None:
+        """Called when a pass is read on after a ``load_state_dict`` made inside it (a loop that rolls back to a
+        checkpoint and goes on): the pass ends there, its batches were the old run's. The loop takes the cut for
+        the end of an epoch; one without ``set_epoch`` (``hinted``: the pass was started by one) then ends its run
+        short (review 139: 16 of 24 steps, silently): said once."""
+        if self._warned_cut or hinted:
+            return
+        self._warned_cut = True
+        warnings.warn(
+            f"{type(self).__name__}: load_state_dict was called inside this pass, which then ends (its batches were "
+            "the run's before the load): your loop takes that for the end of an epoch, and without set_epoch the run "
+            "ends short. Call loader.set_epoch(epoch) at each epoch's start (the next pass then completes the loaded "
+            "epoch's share and the run ends where planned), or leave the loop after a load and continue with the "
+            "loaded run's epochs, from loader.epoch. (Said once.)",
+            stacklevel=user_stacklevel())
+
     def _replaying(self) -> bool:
         """Whether the next step hands out a batch decided before a checkpoint or a rewind (the run that
         decided it had its budget checked then; its measurement work is already counted): no cap check."""
@@ -496,7 +514,7 @@ class BudgetedPasses:
         self._position = int(position)
         self._epochs_done = done
         self._epoch_hint = None
-        self._loads += 1  # passes started before the load stop (quietly: they were the old run's)
+        self._loads += 1  # passes started before the load stop (they were the old run's; said if read on)
         self._warned_done = False
         self._open_handed = 0  # what a broken-off pass handed out is accounted for by the load (rewind)
         self._open_epoch = open_epoch

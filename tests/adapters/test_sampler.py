@@ -1044,6 +1044,94 @@ def test_passes_read_to_their_end_with_workers_are_not_told_about(kw):
     assert sampler.position == sampler.total_steps
 
 
+def test_a_rollback_inside_a_pass_is_told_about_where_it_goes_wrong():
+    """Review 139: a loop that loads a checkpoint inside a pass and reads on (a rollback on divergence). With
+    workers the DataLoader still gave the loop the batches they had fetched for the old run (trained, counted
+    nowhere: 30 batches for a plan of 26); without workers and without set_epoch the cut pass ended the loop's
+    epoch and the run ended short (16 of 24). Both silent; both said now. With set_epoch and no workers the
+    run ends where planned, unwarned."""
+    X, y = make_data()
+
+    def run(workers, set_epoch):
+        sampler = CrestBatchSampler(mlp(), Flip(X, y), **CFG)
+        loader = sampler.dataloader(num_workers=workers)
+        trained, saved = 0, None
+        for epoch in range(sampler.epochs):
+            if set_epoch:
+                sampler.set_epoch(epoch)
+            for _ in loader:
+                trained += 1
+                if trained == 6:
+                    saved = sampler.state_dict(trained=6)
+                elif trained == 8 and saved is not None:
+                    sampler.load_state_dict(saved)  # roll back two steps and read on
+                    saved = None
+        return sampler, trained
+
+    with pytest.warns(UserWarning, match="fetched before the load"):
+        run(2, True)
+    with pytest.warns(UserWarning, match="load_state_dict was called inside this pass.*set_epoch"):
+        sampler, trained = run(0, False)
+    assert sampler.position < sampler.total_steps  # the case said: the run ended short
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sampler, trained = run(0, True)
+    assert sampler.position == sampler.total_steps and trained == sampler.total_steps + 2
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_of_a_loader_made_mid_epoch_continues_as_the_original(how):
+    """Review 139: a deepcopy or pickle of a CrestLoader mid-epoch held the original model's parameter
+    identities, never matched by the copy's model, and the copy's first step took that for a changed trainable
+    set: a selection out of turn, another run from there. The set is carried by name now."""
+    import copy
+    import pickle
+
+    X, y = make_data()
+    model = mlp()
+    loader = CrestLoader(model, Flip(X, y), **CFG)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for k, (xb, yb, wb) in enumerate(loader):
+        step(model, opt, xb, yb, wb)
+        if k == 2:
+            break
+    twin = copy.deepcopy(loader) if how == "deepcopy" else pickle.loads(pickle.dumps(loader))
+    runs = []
+    for ld in (loader, twin):
+        m = ld.model
+        o = torch.optim.SGD(m.parameters(), lr=0.1)
+        seen = []
+        for _epoch in range(ld.epoch, ld.epochs):
+            for xb, yb, wb in ld:
+                step(m, o, xb, yb, wb)
+                seen.append(wb.clone())
+        runs.append((seen, ld.stats["selections"], [p.detach().clone() for p in m.parameters()]))
+    (a, sel_a, pa), (b, sel_b, pb) = runs
+    assert sel_a == sel_b and len(a) == len(b)
+    assert all(torch.equal(u, v) for u, v in zip(a, b)) and all(torch.equal(u, v) for u, v in zip(pa, pb))
+
+
+def test_a_sampler_that_served_a_dataloader_and_a_loader_with_measurement_workers_copy_and_pickle():
+    """Review 139: a sampler that had served a DataLoader failed to pickle (its weak references to the
+    DataLoader's iterator), and a deepcopy kept them, reading the original's counts; a loader whose measurement
+    passes had started workers failed both (their iterator)."""
+    import copy
+    import pickle
+
+    X, y = make_data()
+    sampler = CrestBatchSampler(mlp(), Flip(X, y), **CFG)
+    loader = sampler.dataloader(num_workers=2)
+    for k, _ in enumerate(loader):
+        if k == 1:
+            break
+    for twin in (copy.deepcopy(sampler), pickle.loads(pickle.dumps(sampler))):
+        assert twin.position == sampler.position and twin._pass_iter is None
+    measured = CrestLoader(mlp(), Flip(X, y), measure_workers=1, **CFG)
+    next(iter(measured))
+    for twin in (copy.deepcopy(measured), pickle.loads(pickle.dumps(measured))):
+        assert twin.position == measured.position and next(iter(twin))[2].shape == (24,)
+
+
 def test_set_epoch_that_empties_a_pass_or_skips_an_epoch_is_told_about():
     X, y = make_data()
     sampler = CrestBatchSampler(mlp(), Flip(X, y), **CFG)
