@@ -2928,10 +2928,19 @@ class CrestLoader(BudgetedPasses):
             self._trainable_ids = ids
             self._sync_device(trainable)
             before = self._event_counts(self._state)
+            # the controller's state is taken only from a step that succeeds; so is the measurements' anchor count
+            # (an interrupt or error inside a selection had advanced it, and a dataset with random transforms
+            # measured other draws at the retried selection than the uninterrupted run: review 139)
+            inner = _inner_ops(self.ops)
+            anchor = (getattr(inner, "_gen", None), getattr(inner, "_anchor_buffers", None))
             try:
                 state, batch = self._advance()
-            except FloatingPointError as exc:
-                raise _common.at_step(exc, f"{type(self).__name__} at step {self._position}") from exc
+            except BaseException as exc:
+                if anchor[0] is not None:
+                    inner._gen, inner._anchor_buffers = anchor
+                if isinstance(exc, FloatingPointError):
+                    raise _common.at_step(exc, f"{type(self).__name__} at step {self._position}") from exc
+                raise
             self._state = state
             if self._listeners:
                 events = [e for e, a, b in zip(("check", "drop", "selection"), before, self._event_counts(state))

@@ -1132,6 +1132,42 @@ def test_a_sampler_that_served_a_dataloader_and_a_loader_with_measurement_worker
         assert twin.position == measured.position and next(iter(twin))[2].shape == (24,)
 
 
+def test_a_selection_interrupted_and_retried_measures_what_the_uninterrupted_run_does():
+    """Review 139: an interrupt inside a selection (Ctrl-C in a measurement forward), then the same step
+    again: the measurements' anchor count had moved on, so a dataset with random transforms measured other
+    draws at the retried selection, and the run went on differently. The count is kept from the failed step
+    no more."""
+
+    class Noisy(Flip):
+        def __getitem__(self, i):
+            x, y_i = super().__getitem__(i)
+            return x + 0.3 * torch.randn(x.shape), y_i
+
+    class Interrupts(torch.nn.Module):
+        def __init__(self, fire):
+            super().__init__()
+            self.net, self.fire, self.calls = mlp(), fire, 0
+
+        def forward(self, x):
+            if not self.training:
+                self.calls += 1
+                if self.calls == self.fire:
+                    raise KeyboardInterrupt("in a measurement")
+            return self.net(x)
+
+    X, y = make_data()
+    firsts = []
+    for fire in (None, 1):
+        torch.manual_seed(0)
+        loader = CrestLoader(Interrupts(fire), Noisy(X, y), **CFG)
+        try:
+            batch = next(iter(loader))
+        except KeyboardInterrupt:
+            batch = next(iter(loader))  # the step again
+        firsts.append(batch[2])
+    torch.testing.assert_close(firsts[0], firsts[1], rtol=0, atol=0)
+
+
 def test_set_epoch_that_empties_a_pass_or_skips_an_epoch_is_told_about():
     X, y = make_data()
     sampler = CrestBatchSampler(mlp(), Flip(X, y), **CFG)
