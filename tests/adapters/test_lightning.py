@@ -828,15 +828,21 @@ def test_a_checkpoint_written_inside_a_step_resumes_with_that_steps_batch(tmp_pa
                        enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu", deterministic=True)
     with pytest.raises(RuntimeError, match="inside the step"):
         first.fit(module, train_dataloaders=cb.dataloader())
-    path = tmp_path / "on_exception.ckpt"
+    assert len(module.seen) == 4  # the failing step's batch never trained
+    _resumes_as_uninterrupted(tmp_path, tmp_path / "on_exception.ckpt", module.seen)
+
+
+def _resumes_as_uninterrupted(tmp_path, path, before):
+    """The checkpoint at ``path`` (global step 4, CREST's position 4), resumed by a new fit, trains the rest of
+    the uninterrupted run: after the 4 batches ``before``, its batches and its final parameters."""
     saved = torch.load(path, weights_only=True)
     assert saved["global_step"] == 4 and saved["callbacks"]["CrestCallback"]["position"] == 4
     cb2, module2 = CrestCallback(data(), **CFG), Module(seed=5)
     t2 = trainer(tmp_path, 3, cb2)
     t2.fit(module2, train_dataloaders=cb2.dataloader(), ckpt_path=path)
     seen, model, _ = plain_loop(3)
-    assert t2.global_step == 9 and len(module.seen) + len(module2.seen) == 9
-    for a, b in zip(module.seen + module2.seen, seen):
+    assert t2.global_step == 9
+    for a, b in zip(list(before[:4]) + module2.seen, seen, strict=True):
         np.testing.assert_array_equal(a, b)
     for p, q in zip(module2.net.parameters(), model.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
@@ -866,17 +872,7 @@ def test_a_checkpoint_from_another_callbacks_batch_end_resumes_after_that_batch(
                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                        default_root_dir=tmp_path, accelerator="cpu", deterministic=True)
     first.fit(module, train_dataloaders=cb.dataloader())
-    saved = torch.load(path, weights_only=True)
-    assert saved["global_step"] == 4 and saved["callbacks"]["CrestCallback"]["position"] == 4
-    cb2, module2 = CrestCallback(data(), **CFG), Module(seed=5)
-    t2 = trainer(tmp_path, 3, cb2)
-    t2.fit(module2, train_dataloaders=cb2.dataloader(), ckpt_path=path)
-    seen, model, _ = plain_loop(3)
-    assert t2.global_step == 9
-    for a, b in zip(module.seen[:4] + module2.seen, seen, strict=True):
-        np.testing.assert_array_equal(a, b)
-    for p, q in zip(module2.net.parameters(), model.parameters()):
-        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    _resumes_as_uninterrupted(tmp_path, path, module.seen)
 
 
 def test_passes_budgets_warn_that_lightning_skips_epoch_end_validation(tmp_path):
