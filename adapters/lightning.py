@@ -272,6 +272,9 @@ class CrestCallback(pl.Callback):
 
     Attributes: ``loader`` (the ``CrestLoader``, after setup) and ``stats`` (its ``stats``).
 
+    At each fit's setup the callback moves itself to the front of the Trainer's callbacks: its hooks run first,
+    so a checkpoint another callback writes from ``on_train_batch_end`` holds the batch's losses too.
+
     Examples
     --------
     A linear classifier on 64 examples, trained for a quarter of the steps of two epochs:
@@ -464,6 +467,15 @@ class CrestCallback(pl.Callback):
                 + "; leave epochs=None to take max_epochs", stacklevel=_common.user_stacklevel())
         self._module, self._max_epochs = pl_module, trainer.max_epochs
         self._trainer, self._passed_epoch = trainer, None
+        # first among the Trainer's callbacks: a batch's losses reach the drop policy in this callback's
+        # on_train_batch_end, and a checkpoint a callback before it wrote there held the batch as trained but
+        # not its losses, so the resumed run's drop decisions went another way (review 142). (Moved within the
+        # list Lightning is iterating for setup: the callbacks before it have had theirs, those after it keep
+        # their places.)
+        callbacks = getattr(trainer, "callbacks", None)
+        if isinstance(callbacks, list) and callbacks and callbacks[0] is not self and self in callbacks:
+            callbacks.remove(self)
+            callbacks.insert(0, self)
         self._resolve_data()
         self.loader = self._new_loader(pl_module, epochs, self._kwargs)
         self._epoch0 = epoch0

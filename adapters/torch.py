@@ -3502,8 +3502,8 @@ class _CountedPass:
     also once the pass has ended, so a pass its loop read to the end got ``window + handed`` requests and one
     left earlier fewer: the batches the workers had fetched ahead were never trained."""
 
-    def __init__(self, sampler: CrestBatchSampler, batches, window: int):
-        self.sampler, self.batches, self.window = sampler, batches, int(window)
+    def __init__(self, sampler: CrestBatchSampler, batches, window: int, held: int = 0):
+        self.sampler, self.batches, self.window, self.held = sampler, batches, int(window), int(held)
         self.requests = self.handed = 0
         self.ended = False
         self.loads = sampler._loads  # a state loaded after this: the batches handed out were the old run's
@@ -3528,9 +3528,16 @@ class _CountedPass:
         self.handed += 1
         return item
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "batches": None}  # (a copy's record of the pass; the pass itself is the original's)
+
     def untrained(self) -> bool:
         """Whether the pass ran to its end while its DataLoader gave the loop fewer batches than it handed out."""
         return self.ended and self.requests - self.window < self.handed
+
+    def given(self) -> int:
+        """The batches the loop got (a wrapper that holds one, accelerate's, got one more from the DataLoader)."""
+        return max(self.requests - self.window - self.held, 0)
 
     def stale(self) -> None:
         """A request after a ``load_state_dict``: the DataLoader has just given the loop a batch its workers had
@@ -3608,8 +3615,7 @@ class CrestBatchSampler(CrestLoader):
     def __getstate__(self) -> dict:
         # the DataLoaders' iterators are this object's and this process's (weak references, which do not pickle;
         # a deepcopy kept the original's and read its counts: review 139), as are the passes running over them
-        return {**super().__getstate__(), "_loader_iter": None, "_pass_iter": None, "_counted": None,
-                "_advancing": None}
+        return {**super().__getstate__(), "_loader_iter": None, "_pass_iter": None, "_advancing": None}
 
     def __iter__(self):
         # The usual first mistake, DataLoader(train_set, batch_sampler=sampler) without WeightedDataset, ends
@@ -3691,8 +3697,12 @@ class CrestBatchSampler(CrestLoader):
             ahead += self._loader_held
             self._ahead = max(self._ahead, ahead)
             self._loader_ahead = ahead
-        window = self._loader_ahead - self._loader_held if it is not None and self._loader_ahead else 0
-        return _CountedPass(self, super().__iter__(), window) if window else super().__iter__()
+        # the DataLoader's requests reach the pass only where it reads this sampler itself: through a wrapper
+        # (CrestTrainer's resumed epoch, accelerate's shards, a user's generator) they stop at the wrapper once
+        # it has ended, and every full pass looked left early (review 142)
+        direct = it is not None and getattr(it, "_index_sampler", None) is self
+        window = self._loader_ahead - self._loader_held if direct else 0
+        return _CountedPass(self, super().__iter__(), window, self._loader_held) if window > 0 else super().__iter__()
 
     def _handed_ahead(self, name: str) -> None:
         """Said once: under a DataLoader that fetches ahead, the batch handed out last is not the one the loop
@@ -3740,10 +3750,9 @@ class CrestBatchSampler(CrestLoader):
             # the last pass ran to its share's end (so no broken pass was seen), but its DataLoader gave the loop
             # fewer batches than it handed out: a loop left within the workers' last prefetch window (a break
             # near the epoch's end, zip with a shorter iterable, short epochs), review 140
-            received = last.requests - last.window
             warnings.warn(
                 f"CrestBatchSampler: the last pass handed out {last.handed} batches, but its DataLoader gave your "
-                f"loop only {received} of them before the loop left it (its workers fetch up to {last.window} "
+                f"loop only {last.given()} of them before the loop left it (its workers fetch up to {last.window} "
                 f"batches ahead); all count as trained, and this pass continues after them. If the loop was broken "
                 f"off (zip with a shorter iterable, a break near the epoch's end), call "
                 f"sampler.rewind(batches_trained) before the next pass: the fetched, untrained batches are then "
@@ -3779,15 +3788,19 @@ class CrestBatchSampler(CrestLoader):
     def _untrained_ahead(self) -> bool:
         """Whether batches of the last pass were fetched ahead but not given to the loop: the DataLoader's
         iterator, while alive, counts the batches it yielded (``_num_yielded``); once it is gone, a pass left
-        before its end (the loop broken off) may have left some. (A pass its workers finished while the loop
-        was still inside it, then broken off, cannot be told once the iterator is gone.)"""
+        before its end (the loop broken off) may have left some, and one its workers read to its end while the
+        loop was inside it, left there, is told by its DataLoader's requests (:class:`_CountedPass`, where that
+        DataLoader reads the sampler itself)."""
         if not self._pass_ahead or not self._position:
             return False
         it = self._pass_iter() if self._pass_iter is not None else None
         yielded = getattr(it, "_num_yielded", None)
         if isinstance(yielded, int):
             return yielded < self._position - self._pass_from
-        return bool(self._open_handed)
+        # a pass its workers read to its end while the loop was still inside it, left there: its DataLoader's
+        # requests tell (review 142: a checkpoint then counted the batches fetched ahead as trained, silently)
+        counted = self._counted
+        return bool(self._open_handed) or (counted is not None and counted.untrained())
 
     def _handed_keep(self) -> int:
         # an epoch's batches and a prefetch window (state_dict(trained=) anywhere in the epoch; with

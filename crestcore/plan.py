@@ -235,6 +235,7 @@ class BudgetedPasses:
         self._token = 0  # passes started (each takes the next number when it hands out its first batch)
         self._loads = 0  # states loaded: a pass started before a load ends (said once, _pass_cut_by_load)
         self._warned_cut = False
+        self._run_loop = False  # iter_run's passes are running (each followed by the next until the run's end)
         self._warned_done = False
         self._open_handed = 0  # batches the running (or last, if broken off) pass handed out; 0 once it ended
         self._open_epoch: int | None = None  # the epoch of that pass while it is open (a broken-off epoch started)
@@ -320,7 +321,11 @@ class BudgetedPasses:
         2
         """
         while self._position < self.total_steps and self._epochs_done < self.epochs:
-            yield from self
+            self._run_loop = True  # (a pass cut by a load is followed by the next: nothing to say)
+            try:
+                yield from self
+            finally:
+                self._run_loop = False
 
     def _pass(self):
         # the pass takes over when it is first advanced, not at iter(): an iterator only built (a helper that
@@ -365,7 +370,7 @@ class BudgetedPasses:
                 self._finish_epochs(done)
             yield item
             if self._loads != loads:  # a state was loaded while this pass waited: it was the old run's
-                self._pass_cut_by_load(hinted)
+                self._pass_cut_by_load(hinted, e)
                 return
             if self._token != token:  # another pass took a batch while this one waited
                 self._superseded()
@@ -453,20 +458,25 @@ class BudgetedPasses:
     def _pass_started(self) -> None:
         """Called when a pass starts handing out batches."""
 
-    def _pass_cut_by_load(self, hinted: bool) -> None:
+    def _pass_cut_by_load(self, hinted: bool, e: int | None) -> None:
         """Called when a pass is read on after a ``load_state_dict`` made inside it (a loop that rolls back to a
-        checkpoint and goes on): the pass ends there, its batches were the old run's. The loop takes the cut for
-        the end of an epoch; one without ``set_epoch`` (``hinted``: the pass was started by one) then ends its run
-        short (review 139: 16 of 24 steps, silently): said once."""
-        if self._warned_cut or hinted:
+        checkpoint and goes on): the pass ends there, its batches were the old run's, and the loop takes the
+        cut for the end of an epoch. Said once, unless another pass follows for sure: ``iter_run``'s, or one a
+        ``set_epoch`` loop starts after a pass it started (``hinted``) at an epoch ``e`` before the last (review
+        139: 16 of 24 steps, silently; review 142: a cut in the last epoch, or a whole-run pass, ends the run
+        short under set_epoch too)."""
+        if self._warned_cut or self._run_loop or (hinted and e is not None and e < self.epochs - 1):
             return
         self._warned_cut = True
+        name = type(self).__name__
+        how = ("iterate the loader again: a new pass continues from the loaded position" if not self.per_epoch else
+               "continue with the loaded run's remaining epochs, for epoch in range(loader.epoch, loader.epochs) "
+               "with loader.set_epoch(epoch), or train with loader.iter_run(), which goes on to the run's end")
         warnings.warn(
-            f"{type(self).__name__}: load_state_dict was called inside this pass, which then ends (its batches were "
-            "the run's before the load): your loop takes that for the end of an epoch, and without set_epoch the run "
-            "ends short. Call loader.set_epoch(epoch) at each epoch's start (the next pass then completes the loaded "
-            "epoch's share and the run ends where planned), or leave the loop after a load and continue with the "
-            "loaded run's epochs, from loader.epoch. (Said once.)",
+            f"{name}: load_state_dict was called inside this pass, which then ends (its batches were the run's "
+            f"before the load): your loop takes that for the end of "
+            f"{'the run' if not self.per_epoch else 'an epoch'}, and the run ends short of its plan unless another "
+            f"pass follows. After a load inside a pass, {how}. (Said once.)",
             stacklevel=user_stacklevel())
 
     def _replaying(self) -> bool:

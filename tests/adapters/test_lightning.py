@@ -875,6 +875,43 @@ def test_a_checkpoint_from_another_callbacks_batch_end_resumes_after_that_batch(
     _resumes_as_uninterrupted(tmp_path, path, module.seen)
 
 
+def test_with_dropping_a_checkpoint_from_another_callbacks_batch_end_holds_that_batchs_losses(tmp_path):
+    """Review 142: the batch counted as trained (review 140's fix), but its losses reach the drop policy in
+    CrestCallback's own on_train_batch_end, which ran after the earlier callback's save: the checkpoint held the
+    batch without its losses, and the resumed run's drop decisions went another way. The callback now runs its
+    hooks first, so the state saved is the one a saver listed after it writes."""
+    from crestcore import DropConfig
+
+    cfg = dict(CFG, config=CrestConfig(m=24, r=60, tau=0.05, T2=2,
+                                       drop=DropConfig(alpha=2.0, window=4, min_records=1, floor=60)))
+    states = []
+    for saver_first in (True, False):
+        path = tmp_path / f"first{saver_first}.ckpt"
+        cb, saver = CrestCallback(data(), **cfg), _SaveAtStep(path, 4)
+        t = pl.Trainer(max_epochs=3, callbacks=[saver, cb] if saver_first else [cb, saver], logger=False,
+                       enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                       default_root_dir=tmp_path, accelerator="cpu", deterministic=True)
+        t.fit(Module(), train_dataloaders=cb.dataloader())
+        states.append(torch.load(path, weights_only=True)["callbacks"]["CrestCallback"])
+
+    def same(a, b, where):
+        assert type(a) is type(b), where
+        if isinstance(a, dict):
+            assert a.keys() == b.keys(), where
+            for key in a:
+                same(a[key], b[key], f"{where}.{key}")
+        elif isinstance(a, (list, tuple)):
+            assert len(a) == len(b), where
+            for k, (u, v) in enumerate(zip(a, b)):
+                same(u, v, f"{where}[{k}]")
+        elif isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=where)
+        else:
+            assert a == b, where
+
+    same(states[0], states[1], "state")
+
+
 def test_passes_budgets_warn_that_lightning_skips_epoch_end_validation(tmp_path):
     """Review 124: under budget_counts="passes" an epoch ends when its measurement budget is spent, before
     len(dataloader) batches, and Lightning then skips its end-of-epoch validation (none ran in four epochs),

@@ -1168,6 +1168,87 @@ def test_a_selection_interrupted_and_retried_measures_what_the_uninterrupted_run
     torch.testing.assert_close(firsts[0], firsts[1], rtol=0, atol=0)
 
 
+def test_full_passes_through_a_wrapper_of_the_sampler_are_not_taken_for_passes_left_early():
+    """Review 142: through a batch-sampler wrapper (a generator over the sampler, as CrestTrainer's resumed epoch
+    and accelerate's shards are) the DataLoader's requests stop at the wrapper once it has ended, and every full
+    pass was warned about as one left early. Counted only where the DataLoader reads the sampler itself."""
+    from torch.utils.data import DataLoader
+
+    class Wrapper:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __iter__(self):
+            yield from self.inner
+
+        def __len__(self):
+            return len(self.inner)
+
+    X, y = make_data()
+    sampler = CrestBatchSampler(mlp(), Flip(X, y), **CFG)
+    loader = DataLoader(WeightedDataset(Flip(X, y)), batch_sampler=Wrapper(sampler), num_workers=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for epoch in range(sampler.epochs):
+            sampler.set_epoch(epoch)
+            assert len(list(loader)) == 5
+    assert sampler.position == sampler.total_steps
+
+
+def test_a_checkpoint_after_a_pass_left_within_the_prefetch_window_is_told_about():
+    """Review 142: a loop left once the workers had fetched the epoch's last batch, then state_dict() without
+    trained= (the DataLoader's iterator gone): silent, and the checkpoint counted the fetched batches as trained.
+    The pass's request count tells it."""
+    X, y = make_data()
+    sampler = CrestBatchSampler(mlp(), Flip(X, y), **CFG)
+    loader = sampler.dataloader(num_workers=2)
+    for k, _ in enumerate(loader):
+        if k == 1:
+            break
+    with pytest.warns(UserWarning, match=r"state_dict\(\) without trained="):
+        sampler.state_dict()
+
+
+@pytest.mark.parametrize("how", ["iter_run", "last epoch", "whole run"])
+def test_a_rollback_inside_a_pass_is_said_exactly_where_the_run_would_end_short(how):
+    """Review 142: under iter_run a rollback inside a pass is followed by the next pass, and the run ends where
+    planned: no warning (it told the loop to call set_epoch); under set_epoch a rollback in the last epoch, and
+    under per_epoch=False any, end the run short: warned (set_epoch's exemption missed the first, and its
+    advice raised for the second)."""
+    X, y = make_data()
+    kw = dict(CFG, per_epoch=False) if how == "whole run" else CFG
+    loader = CrestLoader(mlp(), Flip(X, y), **kw)
+    at_save, at_load = (11, 13) if how == "last epoch" else (6, 8)
+    trained, saved = 0, None
+
+    def passes():
+        if how == "iter_run":
+            yield loader.iter_run()
+        elif how == "whole run":
+            yield loader
+        else:
+            for epoch in range(loader.epochs):
+                loader.set_epoch(epoch)
+                yield loader
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for batches in passes():
+            for _ in batches:
+                trained += 1
+                if trained == at_save:
+                    saved = loader.state_dict()
+                elif trained == at_load and saved is not None:
+                    loader.load_state_dict(saved)
+                    saved = None
+    said = [str(w.message) for w in caught if "load_state_dict was called inside this pass" in str(w.message)]
+    if how == "iter_run":
+        assert not said and loader.position == loader.total_steps and trained == loader.total_steps + 2
+    else:
+        assert len(said) == 1 and loader.position < loader.total_steps
+        assert ("iterate the loader again" in said[0]) == (how == "whole run")
+
+
 def test_set_epoch_that_empties_a_pass_or_skips_an_epoch_is_told_about():
     X, y = make_data()
     sampler = CrestBatchSampler(mlp(), Flip(X, y), **CFG)
