@@ -362,6 +362,7 @@ class CrestCallback(pl.Callback):
         )
         self.loader: CrestLoader | None = None
         self._pending: dict | None = None
+        self._load_for_fit = True  # the checkpoint Lightning loads next is fit's (on_load_checkpoint says)
         self._epoch0 = 0  # the Trainer epoch this callback's CREST run started at (a continued fit: later)
         self._cut = False  # limit_train_batches cuts CREST's epochs (warned at setup)
         self._restored = False  # a checkpoint's CREST state was loaded into this fit's loader
@@ -670,8 +671,18 @@ class CrestCallback(pl.Callback):
             return {**self.loader.state_dict(trained=self._trained()), "lightning_epoch0": int(self._epoch0)}
         return dict(self._pending) if self._pending is not None else {}
 
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        # (Lightning calls this just before load_state_dict, with the Trainer: which entry point loads it)
+        fn = getattr(getattr(trainer, "state", None), "fn", None)
+        self._load_for_fit = fn is None or str(getattr(fn, "value", fn)) == "fit"
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
+        for_fit, self._load_for_fit = self._load_for_fit, True
+        if not state_dict or not for_fit:
+            # a checkpoint loaded to evaluate (validate, test or predict with ckpt_path, the default test() after a
+            # fit with a ModelCheckpoint) rewound the run's record and loader to it, failed on another run's plan,
+            # or, before any fit, was applied to the next fit as if it resumed it (review 143): CREST's state is
+            # restored by fit(ckpt_path=...) only
             return
         if self.loader is not None:
             self._load(dict(state_dict))

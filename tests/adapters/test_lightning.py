@@ -912,6 +912,36 @@ def test_with_dropping_a_checkpoint_from_another_callbacks_batch_end_holds_that_
     same(states[0], states[1], "state")
 
 
+def test_a_checkpoint_loaded_to_evaluate_leaves_the_crest_run_alone(tmp_path):
+    """Review 143: Lightning loads the callbacks' states with every checkpoint, for validate/test/predict too:
+    trainer.test() after a fit with a ModelCheckpoint rewound CREST's record and loader to the checkpoint's
+    point, and a checkpoint evaluated before any fit was applied to the next fit as if it resumed it. CREST's
+    state is restored by fit(ckpt_path=...) only."""
+
+    class Tested(Module):
+        def test_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("test_loss", F.cross_entropy(self(x), y))
+
+        validation_step = test_step
+
+    cb = CrestCallback(data(), **CFG)
+    every = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    t = pl.Trainer(max_epochs=3, callbacks=[cb, every], logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu", deterministic=True)
+    t.fit(Tested(), train_dataloaders=cb.dataloader())
+    ckpt = str(next(tmp_path.glob("epoch=0-*.ckpt")))  # the run at step 3
+    before = (cb.stats["step"], cb.stats["selections"], cb.loader.position)
+    t.test(ckpt_path=ckpt, dataloaders=torch.utils.data.DataLoader(data(), batch_size=60), verbose=False)
+    assert (cb.stats["step"], cb.stats["selections"], cb.loader.position) == before == (9, before[1], 9)
+    fresh = CrestCallback(data(), **CFG)
+    t2 = trainer(tmp_path, 3, fresh)
+    t2.validate(Tested(), ckpt_path=ckpt, dataloaders=torch.utils.data.DataLoader(data(), batch_size=60),
+                verbose=False)
+    t2.fit(Tested(), train_dataloaders=fresh.dataloader())  # a new run: not the checkpoint's continued
+    assert fresh.stats["step"] == 9 and fresh.stats["selections"] == before[1]
+
+
 def test_passes_budgets_warn_that_lightning_skips_epoch_end_validation(tmp_path):
     """Review 124: under budget_counts="passes" an epoch ends when its measurement budget is spent, before
     len(dataloader) batches, and Lightning then skips its end-of-epoch validation (none ran in four epochs),
