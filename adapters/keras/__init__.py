@@ -598,13 +598,13 @@ def _keras_loop(own=None):
     return None, None, None, False
 
 
-def _fit_has(frame, callback) -> bool | None:
+def _fit_has(frame, callback):
     """Whether the ``fit`` running in ``frame`` (from :func:`_keras_loop`) has ``callback`` among its
-    callbacks (``callback`` a class: one of that class): its ``callbacks`` argument (the user's list, or the
-    ``CallbackList`` Keras makes of it), with lists, tuples, dicts and ``CallbackList`` objects unwrapped at
-    any depth, and a user's callback's own attributes looked into (one that forwards its hooks to callbacks
-    it holds, review 73); None when the ``callbacks`` cannot be read (the frame of another ``fit``
-    signature)."""
+    callbacks (``callback`` a class: one of that class), as the callback found (truthy) or False: its
+    ``callbacks`` argument (the user's list, or the ``CallbackList`` Keras makes of it), with lists, tuples,
+    dicts and ``CallbackList`` objects unwrapped at any depth, and a user's callback's own attributes looked
+    into (one that forwards its hooks to callbacks it holds, review 73); None when the ``callbacks`` cannot be
+    read (the frame of another ``fit`` signature)."""
     if frame is None or "callbacks" not in frame.f_locals:
         return None
     def holders(items):  # what may hold a callback: containers and callbacks, not the values a list records
@@ -614,7 +614,7 @@ def _fit_has(frame, callback) -> bool | None:
     while stack:
         c = stack.pop()
         if c is callback or (isinstance(callback, type) and isinstance(c, callback)):
-            return True
+            return c
         if id(c) in seen:
             continue
         seen.add(id(c))
@@ -631,6 +631,22 @@ def _fit_has(frame, callback) -> bool | None:
             if not type(c).__module__.startswith(("keras.", "crestcore.")):  # a user's: what it holds
                 stack.extend(holders(v for k, v in vars(c).items() if k not in ("model", "_model", "params")))
     return False
+
+
+def _backup_in_fit(who: str) -> bool:
+    """Whether this ``fit`` has a ``BackupAndRestore`` (which may roll the weights back behind the run; said at
+    the first epoch). One that backs up inside epochs (``save_freq=<steps>``) is warned about now: Keras
+    resumes such a backup at its epoch's first batch, so the run trains that epoch's steps before the backup
+    again and goes on out of step (review 143: weights 0.016 from the uninterrupted run's, silently)."""
+    backup = _fit_has(_keras_loop()[0], keras.callbacks.BackupAndRestore)
+    freq = getattr(backup, "save_freq", "epoch") if backup else "epoch"
+    if freq != "epoch":
+        warnings.warn(
+            f"{who}: BackupAndRestore(save_freq={freq!r}) backs up inside epochs, and Keras resumes such a backup "
+            "at the start of its epoch: the run would train that epoch's batches before the backup again and go on "
+            "out of step with the uninterrupted run. Back up at epochs' ends (save_freq='epoch', its default) and "
+            f"save the callback's state_dict() with it", stacklevel=_common.user_stacklevel())
+    return bool(backup)
 
 
 def _fit_epoch_begins(callback, who: str, epoch: int | None = None) -> None:
@@ -1847,7 +1863,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         for e in self._queue:  # nothing is in flight when fit starts (e.g. after a fit that raised)
             e.served = False
         # a BackupAndRestore in this fit may roll the weights back behind the run (said at the first epoch)
-        self._rollback = bool(_fit_has(_keras_loop()[0], keras.callbacks.BackupAndRestore))
+        self._rollback = _backup_in_fit("CrestCallback")
         _check_fit_steps(self, "CrestCallback")
         planned = (self.params or {}).get("epochs")
         self._epochs_from_fit = False
@@ -2178,7 +2194,7 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
         spe = getattr(model, "steps_per_execution", 1)
         if spe not in (None, 1):
             raise ValueError(f"SubsetCallback needs model.compile(steps_per_execution=1), got {spe}")
-        self._rollback = bool(_fit_has(_keras_loop()[0], keras.callbacks.BackupAndRestore))
+        self._rollback = _backup_in_fit("SubsetCallback")
         _check_fit_steps(self, "SubsetCallback")
         facts = loss_facts(model)
         self._scale = _weight_scale(facts["reduction"], f"the {self.method} baseline's weighted loss",
