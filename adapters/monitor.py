@@ -1,7 +1,8 @@
 """Watching a CREST run outside Lightning: a small listener protocol, TensorBoard and W&B writers.
 
-A listener is any callable ``listener(event, step, scalars)``: ``event`` is ``"selection"`` (coresets were
-selected), ``"check"`` (a trust check ran), ``"drop"`` (a drop decision was made; it may have removed
+A listener is any callable ``listener(event, step, scalars)``: ``event`` is ``"selection"`` (a selection
+started: new random subsets and a model fit; the just-in-time coresets of the steps after it are no events),
+``"check"`` (a trust check ran), ``"drop"`` (a drop decision was made; it may have removed
 no example) or ``"epoch"`` (an epoch's share was handed out); ``step`` is the run's step counted in batches
 handed out, the event's own batch included (one more than the 0-based step ``stats`` records for it);
 several events of one batch are several calls, each with all the scalars;
@@ -32,7 +33,8 @@ EVENTS = ("selection", "check", "drop", "epoch")
 
 def scalars(stats: dict) -> dict[str, float]:
     """The numbers worth plotting from a loader's ``stats``: selections and checks so far, the last rho,
-    T1, P, the pool size, drops, and both budget fractions (training steps; all passes).
+    T1, P, the pool size, drop decisions (each may have removed no example: the pool size tells the examples
+    left), and both budget fractions (training steps; all passes).
 
     Examples
     --------

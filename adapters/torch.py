@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from crestcore.dropping import pool_size
-from crestcore.plan import _BREAK_ADVICE, BudgetedPasses
+from crestcore.plan import _BREAK_ADVICE, BudgetedPasses, budget_report
 from crestcore.validation import host_indices, int64_labels, stored_batch
 try:
     import torch
@@ -3785,22 +3785,59 @@ class CrestBatchSampler(CrestLoader):
         return {**super()._state_dict(position, batch, pending, epochs_done), "fetch_ahead": ahead,
                 "fetch_ahead_accelerate": held}
 
-    def _untrained_ahead(self) -> bool:
-        """Whether batches of the last pass were fetched ahead but not given to the loop: the DataLoader's
-        iterator, while alive, counts the batches it yielded (``_num_yielded``); once it is gone, a pass left
-        before its end (the loop broken off) may have left some, and one its workers read to its end while the
-        loop was inside it, left there, is told by its DataLoader's requests (:class:`_CountedPass`, where that
-        DataLoader reads the sampler itself)."""
+    def _fetched_untrained(self) -> int | None:
+        """The batches handed out that the DataLoader has not given the loop (its workers fetched them ahead):
+        from its live iterator's count of the batches it yielded (``_num_yielded``), else from the last counted
+        pass's requests (:class:`_CountedPass`, where the DataLoader read the sampler itself); None where that
+        cannot be told (a pass left before its end, its iterator gone, through a wrapper)."""
         if not self._pass_ahead or not self._position:
-            return False
+            return 0
         it = self._pass_iter() if self._pass_iter is not None else None
         yielded = getattr(it, "_num_yielded", None)
         if isinstance(yielded, int):
-            return yielded < self._position - self._pass_from
-        # a pass its workers read to its end while the loop was still inside it, left there: its DataLoader's
-        # requests tell (review 142: a checkpoint then counted the batches fetched ahead as trained, silently)
+            return max(0, self._position - self._pass_from - yielded)
         counted = self._counted
-        return bool(self._open_handed) or (counted is not None and counted.untrained())
+        if counted is not None:
+            return max(0, counted.handed - counted.given())
+        return None if self._open_handed else 0
+
+    def _untrained_ahead(self) -> bool:
+        """Whether batches of the last pass were fetched ahead but not given to the loop (or may have been)."""
+        k = self._fetched_untrained()
+        return k is None or k > 0
+
+    def _trained_view(self) -> tuple[int, dict, int]:
+        """``(steps, counters, epochs_done)`` of the run as the loop has trained it: the batches the workers
+        fetched ahead are handed out (the controller made them, and charged their measurements) but not trained
+        yet, and ``stats`` counted them as trained, up to the prefetch window ahead during a run and for good
+        after a loop left early (review 145: 15 trained reported for 11)."""
+        counters = dict(self._counters())
+        k = min(self._fetched_untrained() or 0, len(self._handed))
+        if not k:
+            return self._position, counters, self._epochs_done
+        counters["train_steps"] -= k
+        counters["train_examples"] -= sum(int(b.indices.size) for b in self._handed[-k:])
+        steps = self._position - k
+        done = self._epochs_done
+        if self.budget_counts == "steps" and self.per_epoch:  # an epoch is done once its share's last batch trains
+            done = min(done, steps // self.steps_per_epoch)
+        return steps, counters, done
+
+    def _budget_report(self) -> dict:
+        steps, counters, done = self._trained_view()
+        return budget_report(budget=self.budget, counts=self.budget_counts, m=self._pass_m,
+                             full_data_steps=self.epochs * self.full_steps_per_epoch, planned_steps=self.total_steps,
+                             steps_done=steps, counters=counters, epochs_done=done)
+
+    @property
+    def stats(self) -> dict:
+        """As :attr:`CrestLoader.stats`, with ``step``, the training counters and the budget report those of the
+        batches your loop has been given: the ones the DataLoader's workers fetched ahead are left out."""
+        st = super().stats
+        steps, counters, _ = self._trained_view()
+        st["step"] = steps
+        st["counters"] = {k: int(v) for k, v in counters.items()}
+        return st
 
     def _handed_keep(self) -> int:
         # an epoch's batches and a prefetch window (state_dict(trained=) anywhere in the epoch; with

@@ -1249,6 +1249,30 @@ def test_a_rollback_inside_a_pass_is_said_exactly_where_the_run_would_end_short(
         assert ("iterate the loader again" in said[0]) == (how == "whole run")
 
 
+@pytest.mark.parametrize("persistent", [False, True])
+def test_stats_count_the_batches_the_loop_has_trained_not_those_fetched_ahead(persistent):
+    """Review 145: with workers, stats counted the batches the DataLoader had fetched ahead as trained (steps,
+    training counters, budget fractions), up to the prefetch window during a run and for good after a loop
+    left early: 15 trained reported for 11. They are the batches the loop has been given now."""
+    X, y = make_data()
+    sampler = CrestBatchSampler(mlp(), Flip(X, y), config=CrestConfig(m=24, r=60, tau=0.05), budget=0.5,
+                                epochs=3, seed=1)
+    loader = sampler.dataloader(num_workers=2, persistent_workers=persistent)
+    trained = 0
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        for _ in loader:
+            trained += 1
+            st = sampler.stats
+            assert st["step"] == st["counters"]["train_steps"] == st["budget"]["steps_done"] == trained
+            assert st["counters"]["train_examples"] == 24 * trained
+            if epoch == 1 and trained == 7:
+                break  # an early stop: the workers had fetched the epoch's rest
+    st = sampler.stats
+    assert sampler.position == 10 and st["step"] == st["budget"]["steps_done"] == 7
+    assert st["budget"]["fraction_steps"] == pytest.approx(7 / st["budget"]["full_data_steps"])
+
+
 def test_set_epoch_that_empties_a_pass_or_skips_an_epoch_is_told_about():
     X, y = make_data()
     sampler = CrestBatchSampler(mlp(), Flip(X, y), **CFG)
