@@ -272,8 +272,9 @@ class CrestCallback(pl.Callback):
 
     Attributes: ``loader`` (the ``CrestLoader``, after setup) and ``stats`` (its ``stats``).
 
-    At each fit's setup the callback moves itself to the front of the Trainer's callbacks: its hooks run first,
-    so a checkpoint another callback writes from ``on_train_batch_end`` holds the batch's losses too.
+    With dropping on, list it before a callback of yours that saves checkpoints from ``on_train_batch_end``:
+    the batch's losses reach the drop policy in this callback's ``on_train_batch_end`` (a checkpoint written
+    before it is warned about).
 
     Examples
     --------
@@ -468,15 +469,6 @@ class CrestCallback(pl.Callback):
                 + "; leave epochs=None to take max_epochs", stacklevel=_common.user_stacklevel())
         self._module, self._max_epochs = pl_module, trainer.max_epochs
         self._trainer, self._passed_epoch = trainer, None
-        # first among the Trainer's callbacks: a batch's losses reach the drop policy in this callback's
-        # on_train_batch_end, and a checkpoint a callback before it wrote there held the batch as trained but
-        # not its losses, so the resumed run's drop decisions went another way (review 142). (Moved within the
-        # list Lightning is iterating for setup: the callbacks before it have had theirs, those after it keep
-        # their places.)
-        callbacks = getattr(trainer, "callbacks", None)
-        if isinstance(callbacks, list) and callbacks and callbacks[0] is not self and self in callbacks:
-            callbacks.remove(self)
-            callbacks.insert(0, self)
         self._resolve_data()
         self.loader = self._new_loader(pl_module, epochs, self._kwargs)
         self._epoch0 = epoch0
@@ -668,13 +660,31 @@ class CrestCallback(pl.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         if self.loader is not None:
-            return {**self.loader.state_dict(trained=self._trained()), "lightning_epoch0": int(self._epoch0)}
+            trained = self._trained()
+            if (self._in_flight and trained is None and self.loader.config.T2 is not None and self.losses_key
+                    is not None and not self._bn_epoch):
+                # a checkpoint written after the step, before this callback's on_train_batch_end, where the batch's
+                # losses reach the drop policy: it holds the batch as trained without them, and a run resumed
+                # from it can drop other examples (review 142: weights 0.06 from the uninterrupted run's). Moving
+                # this callback first among the Trainer's changed other callbacks' order (review 144)
+                warnings.warn(
+                    "CrestCallback: a checkpoint written after this batch's step but before CrestCallback's "
+                    "on_train_batch_end (by a callback listed before it) holds the batch as trained but not its "
+                    "losses, which the drop policy receives there: a run resumed from it can drop other examples. "
+                    "List CrestCallback before the callback that saves (Lightning's ModelCheckpoint runs last by "
+                    "itself)", stacklevel=_common.user_stacklevel())
+            return {**self.loader.state_dict(trained=trained), "lightning_epoch0": int(self._epoch0)}
         return dict(self._pending) if self._pending is not None else {}
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        # (Lightning calls this just before load_state_dict, with the Trainer: which entry point loads it)
+        # (Lightning calls this just before load_state_dict, with the Trainer: which entry point loads it; the
+        # state is then handed over only where the checkpoint holds one for this callback, so the flag is set
+        # only then: a stale one dropped the next load_state_dict of the user's, review 144)
         fn = getattr(getattr(trainer, "state", None), "fn", None)
-        self._load_for_fit = fn is None or str(getattr(fn, "value", fn)) == "fit"
+        states = checkpoint.get("callbacks") if isinstance(checkpoint, dict) else None
+        mine = isinstance(states, dict) and bool(
+            states.get(self.state_key, states.get(getattr(self, "_legacy_state_key", None))))
+        self._load_for_fit = not mine or fn is None or str(getattr(fn, "value", fn)) == "fit"
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for_fit, self._load_for_fit = self._load_for_fit, True

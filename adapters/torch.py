@@ -3730,6 +3730,7 @@ class CrestBatchSampler(CrestLoader):
         return super().last_weights
 
     _look_advice = "call sampler.rewind(batches_trained) before the next pass"
+    _run_loop_advice = ""  # (iter_run is the loader's; a DataLoader reads a sampler pass by pass)
 
     def _broken_pass(self, handed: int, named_later: bool = False) -> None:
         if not self._pass_ahead:  # no look-ahead: as CrestLoader's (said once)

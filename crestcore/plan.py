@@ -458,6 +458,9 @@ class BudgetedPasses:
     def _pass_started(self) -> None:
         """Called when a pass starts handing out batches."""
 
+    #: the whole-run loop to name after a load inside a pass (a batch sampler read by a DataLoader has none)
+    _run_loop_advice = ", or train with loader.iter_run(), which goes on to the run's end"
+
     def _pass_cut_by_load(self, hinted: bool, e: int | None) -> None:
         """Called when a pass is read on after a ``load_state_dict`` made inside it (a loop that rolls back to a
         checkpoint and goes on): the pass ends there, its batches were the old run's, and the loop takes the
@@ -471,7 +474,7 @@ class BudgetedPasses:
         name = type(self).__name__
         how = ("iterate the loader again: a new pass continues from the loaded position" if not self.per_epoch else
                "continue with the loaded run's remaining epochs, for epoch in range(loader.epoch, loader.epochs) "
-               "with loader.set_epoch(epoch), or train with loader.iter_run(), which goes on to the run's end")
+               "with loader.set_epoch(epoch)" + self._run_loop_advice)
         warnings.warn(
             f"{name}: load_state_dict was called inside this pass, which then ends (its batches were the run's "
             f"before the load): your loop takes that for the end of "

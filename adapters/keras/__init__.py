@@ -598,26 +598,30 @@ def _keras_loop(own=None):
     return None, None, None, False
 
 
-def _fit_has(frame, callback):
+def _fit_has(frame, callback, every: bool = False):
     """Whether the ``fit`` running in ``frame`` (from :func:`_keras_loop`) has ``callback`` among its
-    callbacks (``callback`` a class: one of that class), as the callback found (truthy) or False: its
-    ``callbacks`` argument (the user's list, or the ``CallbackList`` Keras makes of it), with lists, tuples,
-    dicts and ``CallbackList`` objects unwrapped at any depth, and a user's callback's own attributes looked
-    into (one that forwards its hooks to callbacks it holds, review 73); None when the ``callbacks`` cannot be
-    read (the frame of another ``fit`` signature)."""
+    callbacks (``callback`` a class: one of that class), as the callback found (truthy) or False (``every``:
+    the list of all found, empty for none): its ``callbacks`` argument (the user's list, or the
+    ``CallbackList`` Keras makes of it), with lists, tuples, dicts and ``CallbackList`` objects unwrapped at
+    any depth, and a user's callback's own attributes looked into (one that forwards its hooks to callbacks
+    it holds, review 73); None when the ``callbacks`` cannot be read (the frame of another ``fit``
+    signature)."""
     if frame is None or "callbacks" not in frame.f_locals:
         return None
     def holders(items):  # what may hold a callback: containers and callbacks, not the values a list records
         return [v for v in items if isinstance(v, (list, tuple, dict, keras.callbacks.Callback))]
 
-    stack, seen = [frame.f_locals["callbacks"]], set()
+    stack, seen, found = [frame.f_locals["callbacks"]], set(), []
     while stack:
         c = stack.pop()
-        if c is callback or (isinstance(callback, type) and isinstance(c, callback)):
-            return c
         if id(c) in seen:
             continue
         seen.add(id(c))
+        if c is callback or (isinstance(callback, type) and isinstance(c, callback)):
+            if not every:
+                return c
+            found.append(c)
+            continue
         if len(seen) > 10_000:
             return None  # too much to look through: not known (the fetch count decides)
         if isinstance(c, (list, tuple)):
@@ -630,7 +634,7 @@ def _fit_has(frame, callback):
                 stack.extend(holders(inner))
             if not type(c).__module__.startswith(("keras.", "crestcore.")):  # a user's: what it holds
                 stack.extend(holders(v for k, v in vars(c).items() if k not in ("model", "_model", "params")))
-    return False
+    return found if every else False
 
 
 def _backup_in_fit(who: str) -> bool:
@@ -638,15 +642,15 @@ def _backup_in_fit(who: str) -> bool:
     the first epoch). One that backs up inside epochs (``save_freq=<steps>``) is warned about now: Keras
     resumes such a backup at its epoch's first batch, so the run trains that epoch's steps before the backup
     again and goes on out of step (review 143: weights 0.016 from the uninterrupted run's, silently)."""
-    backup = _fit_has(_keras_loop()[0], keras.callbacks.BackupAndRestore)
-    freq = getattr(backup, "save_freq", "epoch") if backup else "epoch"
-    if freq != "epoch":
+    backups = _fit_has(_keras_loop()[0], keras.callbacks.BackupAndRestore, every=True) or []
+    freq = next((b.save_freq for b in backups if getattr(b, "save_freq", "epoch") != "epoch"), "epoch")
+    if freq != "epoch":  # (every one looked at: review 144 found a second one hid the first)
         warnings.warn(
             f"{who}: BackupAndRestore(save_freq={freq!r}) backs up inside epochs, and Keras resumes such a backup "
             "at the start of its epoch: the run would train that epoch's batches before the backup again and go on "
             "out of step with the uninterrupted run. Back up at epochs' ends (save_freq='epoch', its default) and "
             f"save the callback's state_dict() with it", stacklevel=_common.user_stacklevel())
-    return bool(backup)
+    return bool(backups)
 
 
 def _fit_epoch_begins(callback, who: str, epoch: int | None = None) -> None:

@@ -2296,7 +2296,8 @@ def test_a_backup_inside_epochs_is_warned_about(tmp_path):
     crest = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=3)
     with pytest.warns(UserWarning, match=r"BackupAndRestore\(save_freq=2\) backs up inside epochs"):
         model.fit(crest.dataset, epochs=1, verbose=0,
-                  callbacks=[keras.callbacks.BackupAndRestore(str(tmp_path / "steps"), save_freq=2), crest])
+                  callbacks=[keras.callbacks.BackupAndRestore(str(tmp_path / "steps"), save_freq=2),
+                             keras.callbacks.BackupAndRestore(str(tmp_path / "ends")), crest])  # (each looked at)
     crest = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
