@@ -372,6 +372,7 @@ class CrestCallback(pl.Callback):
         self._in_flight = False  # a batch handed to a step that has not ended (on_train_batch_end)
         self._processed_at_start: int | None = None  # Lightning's processed-batch count when it started
         self._losses_warned = False  # dropping on and no losses under losses_key: said once
+        self._losses_seen = False  # a training_step output held the losses (the order of the hooks matters then)
         self._trainer = None  # the Trainer of the fit set up last (which loop reads the batches)
         self._passed_epoch: int | None = None  # the Trainer epoch whose pass of CREST's loader ended last
         self._bn_epoch = False  # StochasticWeightAveraging's BatchNorm epoch (no CREST epoch): unweighted batches
@@ -609,6 +610,7 @@ class CrestCallback(pl.Callback):
         if loader is None or key is None:
             return
         if isinstance(outputs, dict) and key in outputs:
+            self._losses_seen = True
             loader.observe(outputs[key])
         elif not _skipped(outputs, pl_module) and loader.config.T2 is not None and not self._losses_warned:
             self._losses_warned = True  # a misspelled key changed which examples were dropped, without a word
@@ -621,6 +623,9 @@ class CrestCallback(pl.Callback):
                 "losses_key=None to observe none (warned once a fit)", stacklevel=_common.user_stacklevel())
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        # a batch whose on_train_batch_start returned -1 (the rest of the epoch skipped) never reaches
+        # on_train_batch_end; Lightning counts it processed, and an epoch-end checkpoint is past it (review 146)
+        self._in_flight = False
         if self.loader is None:
             return
         loader = self.loader
@@ -662,17 +667,18 @@ class CrestCallback(pl.Callback):
         if self.loader is not None:
             trained = self._trained()
             if (self._in_flight and trained is None and self.loader.config.T2 is not None and self.losses_key
-                    is not None and not self._bn_epoch):
+                    is not None and not self._bn_epoch and self._losses_seen):
                 # a checkpoint written after the step, before this callback's on_train_batch_end, where the batch's
                 # losses reach the drop policy: it holds the batch as trained without them, and a run resumed
                 # from it can drop other examples (review 142: weights 0.06 from the uninterrupted run's). Moving
                 # this callback first among the Trainer's changed other callbacks' order (review 144)
                 warnings.warn(
                     "CrestCallback: a checkpoint written after this batch's step but before CrestCallback's "
-                    "on_train_batch_end (by a callback listed before it) holds the batch as trained but not its "
-                    "losses, which the drop policy receives there: a run resumed from it can drop other examples. "
-                    "List CrestCallback before the callback that saves (Lightning's ModelCheckpoint runs last by "
-                    "itself)", stacklevel=_common.user_stacklevel())
+                    "on_train_batch_end (by a callback listed before it, or on an error raised there) holds the "
+                    "batch as trained but not its losses, which the drop policy receives there: a run resumed from "
+                    "it can drop other examples. List CrestCallback before callbacks that save checkpoints or may "
+                    "raise in on_train_batch_end (Lightning's ModelCheckpoint runs last by itself)",
+                    stacklevel=_common.user_stacklevel())
             return {**self.loader.state_dict(trained=trained), "lightning_epoch0": int(self._epoch0)}
         return dict(self._pending) if self._pending is not None else {}
 

@@ -2982,7 +2982,9 @@ class CrestLoader(BudgetedPasses):
         checks = st.log["checks"]
         values = scalars({"selections": st.log["selections"], "checks": checks, "drops": st.log["drops"],
                           "rho": [checks[-1][1]] if len(checks) else [], "T1": st.T1, "P": st.P,
-                          "pool": pool_size(st.drop), "budget": self._budget_report()})
+                          "pool": pool_size(st.drop), "budget": BudgetedPasses._budget_report(self)})
+        # (the budget of the batches handed out, as the event's step counts them: a sampler's stats count those
+        # its loop was given, and the two mixed made a flat curve under workers, review 146)
         for k, listener in enumerate(self._listeners):
             try:
                 listener(event, self._position, values)
@@ -3536,8 +3538,11 @@ class _CountedPass:
         return self.ended and self.requests - self.window < self.handed
 
     def given(self) -> int:
-        """The batches the loop got (a wrapper that holds one, accelerate's, got one more from the DataLoader)."""
-        return max(self.requests - self.window - self.held, 0)
+        """The batches the loop got: the DataLoader gave every one it was asked for; left early, a wrapper that
+        holds one (accelerate's) had one more from it than it gave the loop (a pass read to its end got them
+        all: review 146 found every full epoch one short under accelerate)."""
+        got = self.requests - self.window
+        return got if got >= self.handed else max(got - self.held, 0)
 
     def stale(self) -> None:
         """A request after a ``load_state_dict``: the DataLoader has just given the loop a batch its workers had
@@ -3818,11 +3823,10 @@ class CrestBatchSampler(CrestLoader):
             return self._position, counters, self._epochs_done
         counters["train_steps"] -= k
         counters["train_examples"] -= sum(int(b.indices.size) for b in self._handed[-k:])
-        steps = self._position - k
-        done = self._epochs_done
-        if self.budget_counts == "steps" and self.per_epoch:  # an epoch is done once its share's last batch trains
-            done = min(done, steps // self.steps_per_epoch)
-        return steps, counters, done
+        # an epoch is done once its share's last batch is trained: not before the first batch not given (review
+        # 146: whole-run passes and passes budgets, where the epochs do not follow from the steps)
+        done = min(self._epochs_done, self._handed_epoch[-k]) if len(self._handed_epoch) >= k else self._epochs_done
+        return self._position - k, counters, done
 
     def _budget_report(self) -> dict:
         steps, counters, done = self._trained_view()
@@ -3851,6 +3855,9 @@ class CrestBatchSampler(CrestLoader):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self._counted = None  # (rewind() comes here too: the last pass's batches are accounted for)
+        # the last pass's iterator counts the old run's batches (a later state loaded beside a live persistent
+        # iterator read as batches fetched ahead: review 146)
+        self._pass_iter, self._pass_from = None, self._position
         self._observed_step = self._position - 1
         self._ahead_known = False
         ahead = state.get("fetch_ahead")  # absent before 2026-12-04, None before a pass: nothing to compare

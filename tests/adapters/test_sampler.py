@@ -1273,6 +1273,25 @@ def test_stats_count_the_batches_the_loop_has_trained_not_those_fetched_ahead(pe
     assert st["budget"]["fraction_steps"] == pytest.approx(7 / st["budget"]["full_data_steps"])
 
 
+def test_events_under_workers_carry_the_budget_of_the_batches_handed_out_as_their_step_counts():
+    """Review 146: the events' step counts the batches handed out while their budget had become the trained
+    view (the sampler's stats), and under workers the curve of fraction_steps read 0 through the first epoch,
+    then flat; each event's budget is the handed-out one again."""
+    X, y = make_data()
+    seen = []
+
+    def listener(event, step, scalars):
+        seen.append((step, scalars["crest/fraction_steps"]))
+
+    sampler = CrestBatchSampler(mlp(), Flip(X, y), callbacks=[listener], **CFG)
+    loader = sampler.dataloader(num_workers=2)
+    for epoch in range(sampler.epochs):
+        sampler.set_epoch(epoch)
+        list(loader)
+    full = sampler.stats["budget"]["full_data_steps"]
+    assert seen and all(v == pytest.approx(step / full) for step, v in seen)
+
+
 def test_set_epoch_that_empties_a_pass_or_skips_an_epoch_is_told_about():
     X, y = make_data()
     sampler = CrestBatchSampler(mlp(), Flip(X, y), **CFG)
