@@ -176,6 +176,22 @@ def _check_epoch_validation(trainer, loader: CrestLoader) -> None:
             "(budget_counts='steps', the default)", stacklevel=_common.user_stacklevel())
 
 
+def _check_lr_finder(trainer, loader) -> None:
+    """Lightning's learning-rate finder (``Tuner.lr_find`` adds a ``LearningRateFinder`` to the callbacks for
+    its fit) trains CREST's planned batches: a sweep longer than the plan stopped early, and Lightning then
+    gave no suggestion or one read from the part of the sweep that ran, written into the module (review 147:
+    3.0e-6 from a sweep stopped at 4.4e-6 of its 1.0). Said at setup."""
+    finder = getattr(getattr(pl, "callbacks", None), "LearningRateFinder", None)
+    for cb in getattr(trainer, "callbacks", None) or []:
+        steps = getattr(cb, "_num_training_steps", None)
+        if finder is not None and isinstance(cb, finder) and isinstance(steps, int) and steps > loader.total_steps:
+            warnings.warn(
+                f"CrestCallback: the learning-rate finder sweeps {steps} steps (num_training), but CREST plans "
+                f"{loader.total_steps} ({loader.epochs} epochs at {loader.steps_per_epoch} a budgeted epoch): the "
+                "sweep stops early, and its suggestion, if any, is read from the part that ran. Pass "
+                f"num_training={loader.total_steps} or less", stacklevel=_common.user_stacklevel())
+
+
 def _swa_batch_norm_epoch(trainer) -> bool:
     """Whether this epoch is the one Lightning's ``StochasticWeightAveraging`` adds after ``max_epochs`` for a
     model with BatchNorm: it resets the averaged model's BatchNorm statistics and recomputes them over the
@@ -472,6 +488,7 @@ class CrestCallback(pl.Callback):
         self._trainer, self._passed_epoch = trainer, None
         self._resolve_data()
         self.loader = self._new_loader(pl_module, epochs, self._kwargs)
+        _check_lr_finder(trainer, self.loader)
         self._epoch0 = epoch0
         self._restored = False
         self._losses_warned = False  # said once a fit

@@ -940,6 +940,29 @@ def test_a_checkpoint_loaded_to_evaluate_leaves_the_crest_run_alone(tmp_path):
     assert later.state_dict()["position"] == 3  # kept for the next fit, as before
 
 
+@pytest.mark.parametrize("num_training,warned", [(100, True), (5, False)])
+def test_a_learning_rate_sweep_longer_than_the_plan_is_warned_about(tmp_path, num_training, warned):
+    """Review 147: the LR finder's trials train CREST's planned batches; a sweep longer than the plan stopped
+    early and Lightning gave no suggestion, or one from the part that ran, written into the module. Said at
+    setup; a sweep within the plan is quiet."""
+    from lightning.pytorch.tuner import Tuner
+
+    class Tuned(Module):
+        def __init__(self):
+            super().__init__()
+            self.lr = 0.1
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    cb = CrestCallback(data(), **CFG)  # 3 steps an epoch: 9 planned
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        Tuner(trainer(tmp_path, 3, cb)).lr_find(Tuned(), train_dataloaders=cb.dataloader(), num_training=num_training)
+    said = _said(rec, "the learning-rate finder sweeps")
+    assert len(said) == int(warned) and (not warned or "CREST plans 9" in said[0])
+
+
 def test_passes_budgets_warn_that_lightning_skips_epoch_end_validation(tmp_path):
     """Review 124: under budget_counts="passes" an epoch ends when its measurement budget is spent, before
     len(dataloader) batches, and Lightning then skips its end-of-epoch validation (none ran in four epochs),
