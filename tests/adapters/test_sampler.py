@@ -1111,6 +1111,17 @@ def test_a_copy_of_a_loader_made_mid_epoch_continues_as_the_original(how):
     assert all(torch.equal(u, v) for u, v in zip(a, b)) and all(torch.equal(u, v) for u, v in zip(pa, pb))
 
 
+def _left_after_two_batches():
+    """A sampler whose loop, under a DataLoader with two workers, left its first pass after two batches (the
+    workers had fetched the epoch's rest)."""
+    X, y = make_data()
+    sampler = CrestBatchSampler(mlp(), Flip(X, y), **CFG)
+    for k, _ in enumerate(sampler.dataloader(num_workers=2)):
+        if k == 1:
+            break
+    return sampler
+
+
 def test_a_sampler_that_served_a_dataloader_and_a_loader_with_measurement_workers_copy_and_pickle():
     """Review 139: a sampler that had served a DataLoader failed to pickle (its weak references to the
     DataLoader's iterator), and a deepcopy kept them, reading the original's counts; a loader whose measurement
@@ -1119,11 +1130,7 @@ def test_a_sampler_that_served_a_dataloader_and_a_loader_with_measurement_worker
     import pickle
 
     X, y = make_data()
-    sampler = CrestBatchSampler(mlp(), Flip(X, y), **CFG)
-    loader = sampler.dataloader(num_workers=2)
-    for k, _ in enumerate(loader):
-        if k == 1:
-            break
+    sampler = _left_after_two_batches()
     for twin in (copy.deepcopy(sampler), pickle.loads(pickle.dumps(sampler))):
         assert twin.position == sampler.position and twin._pass_iter is None
     measured = CrestLoader(mlp(), Flip(X, y), measure_workers=1, **CFG)
@@ -1199,12 +1206,7 @@ def test_a_checkpoint_after_a_pass_left_within_the_prefetch_window_is_told_about
     """Review 142: a loop left once the workers had fetched the epoch's last batch, then state_dict() without
     trained= (the DataLoader's iterator gone): silent, and the checkpoint counted the fetched batches as trained.
     The pass's request count tells it."""
-    X, y = make_data()
-    sampler = CrestBatchSampler(mlp(), Flip(X, y), **CFG)
-    loader = sampler.dataloader(num_workers=2)
-    for k, _ in enumerate(loader):
-        if k == 1:
-            break
+    sampler = _left_after_two_batches()
     with pytest.warns(UserWarning, match=r"state_dict\(\) without trained="):
         sampler.state_dict()
 
