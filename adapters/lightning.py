@@ -687,8 +687,8 @@ class CrestCallback(pl.Callback):
                     is not None and not self._bn_epoch and self._losses_seen):
                 # a checkpoint written after the step, before this callback's on_train_batch_end, where the batch's
                 # losses reach the drop policy: it holds the batch as trained without them, and a run resumed
-                # from it can drop other examples (review 142: weights 0.06 from the uninterrupted run's). Moving
-                # this callback first among the Trainer's changed other callbacks' order (review 144)
+                # from it can drop other examples (review 142: weights 0.06 from the uninterrupted run's). (Moving
+                # this callback first among the Trainer's callbacks instead changed the others' order: review 144)
                 warnings.warn(
                     "CrestCallback: a checkpoint written after this batch's step but before CrestCallback's "
                     "on_train_batch_end (by a callback listed before it, or on an error raised there) holds the "
