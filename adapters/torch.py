@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from crestcore.dropping import pool_size
-from crestcore.plan import _BREAK_ADVICE, BudgetedPasses, budget_report
+from crestcore.plan import _BREAK_ADVICE, BudgetedPasses
 from crestcore.validation import host_indices, int64_labels, stored_batch
 try:
     import torch
@@ -2982,7 +2982,7 @@ class CrestLoader(BudgetedPasses):
         checks = st.log["checks"]
         values = scalars({"selections": st.log["selections"], "checks": checks, "drops": st.log["drops"],
                           "rho": [checks[-1][1]] if len(checks) else [], "T1": st.T1, "P": st.P,
-                          "pool": pool_size(st.drop), "budget": BudgetedPasses._budget_report(self)})
+                          "pool": pool_size(st.drop), "budget": self._budget_report(trained=False)})
         # (the budget of the batches handed out, as the event's step counts them: a sampler's stats count those
         # its loop was given, and the two mixed made a flat curve under workers, review 146)
         for k, listener in enumerate(self._listeners):
@@ -3509,6 +3509,7 @@ class _CountedPass:
         self.requests = self.handed = 0
         self.ended = False
         self.loads = sampler._loads  # a state loaded after this: the batches handed out were the old run's
+        self.said = False  # the stale batches told about (once a pass)
 
     def __iter__(self):
         return self
@@ -3549,7 +3550,7 @@ class _CountedPass:
         fetched before the load, a batch of the old run that no count or checkpoint of the loaded one holds
         (review 139: a loop that rolled back to a checkpoint and read on trained 30 batches for a plan of 26).
         Said once a pass."""
-        if getattr(self, "said", False):
+        if self.said:
             return
         self.said = True
         warnings.warn(
@@ -3827,12 +3828,6 @@ class CrestBatchSampler(CrestLoader):
         # 146: whole-run passes and passes budgets, where the epochs do not follow from the steps)
         done = min(self._epochs_done, self._handed_epoch[-k]) if len(self._handed_epoch) >= k else self._epochs_done
         return self._position - k, counters, done
-
-    def _budget_report(self) -> dict:
-        steps, counters, done = self._trained_view()
-        return budget_report(budget=self.budget, counts=self.budget_counts, m=self._pass_m,
-                             full_data_steps=self.epochs * self.full_steps_per_epoch, planned_steps=self.total_steps,
-                             steps_done=steps, counters=counters, epochs_done=done)
 
     @property
     def stats(self) -> dict:

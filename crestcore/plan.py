@@ -298,10 +298,19 @@ class BudgetedPasses:
             return None
         return min(max(self._position // self.steps_per_epoch, self._epochs_done), self.epochs - 1)
 
-    def _budget_report(self) -> dict:
+    def _trained_view(self) -> tuple[int, dict, int]:
+        """``(steps, counters, epochs_done)`` of the run as trained: here the batches handed out (a loader whose
+        consumer fetches ahead leaves those out)."""
+        return self._position, self._counters(), self._epochs_done
+
+    def _budget_report(self, trained: bool = True) -> dict:
+        """The budget report of the run as trained (:meth:`_trained_view`), or, ``trained=False``, of the batches
+        handed out."""
+        steps, counters, done = (self._trained_view() if trained else
+                                 (self._position, self._counters(), self._epochs_done))
         return budget_report(budget=self.budget, counts=self.budget_counts, m=self._pass_m,
                              full_data_steps=self.epochs * self.full_steps_per_epoch, planned_steps=self.total_steps,
-                             steps_done=self._position, counters=self._counters(), epochs_done=self._epochs_done)
+                             steps_done=steps, counters=counters, epochs_done=done)
 
     def __iter__(self) -> Iterator:
         return self._pass()
