@@ -436,10 +436,13 @@ class BudgetedPasses:
             size = (f"{self._share_end(e) - self._position} batches instead of {self.steps_per_epoch}"
                     if self.budget_counts == "steps" else f"until the budget of epochs {now}-{e} is spent")
             state = "has not started" if not started else "is under way"
+            # after a load the user holds a state already: the loop's own epoch count is what is off
+            advice = (f"A state_dict was loaded, which continues the run at epoch {now}: count the loop's epochs "
+                      f"from there (set_epoch({now}) for the next pass)" if self._loads else
+                      "Epochs count from 0; to continue a saved run, load its state_dict")
             warnings.warn(
                 f"{name}: set_epoch({e}) is ahead of the run, whose epoch {now} {state} ({self._position} "
-                f"batches handed out): this pass yields the shares of epochs {now}-{e}, {size}. Epochs count "
-                "from 0; to continue a saved run, load its state_dict.",
+                f"batches handed out): this pass yields the shares of epochs {now}-{e}, {size}. {advice}.",
                 stacklevel=user_stacklevel())
         return e
 

@@ -594,6 +594,28 @@ def test_len_epochs_and_budget_accounting():
         whole.set_epoch(0)
 
 
+def test_ahead_of_the_run_after_a_load_names_the_loaded_epoch():
+    """A loop rolled back by loading an earlier state_dict while its own epoch count went on: the warning says
+    which epoch the loaded state continues at, not to load a state_dict (review 144's open item)."""
+    X, y = make_data()
+    loader = CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.25, epochs=4)
+    assert len(list(loader)) == 3
+    saved = copy.deepcopy(loader.state_dict())  # at the start of epoch 1
+    for e in (1, 2):
+        loader.set_epoch(e)
+        assert len(list(loader)) == 3
+    loader.load_state_dict(saved)
+    loader.set_epoch(3)  # the loop's count, not rolled back
+    with pytest.warns(UserWarning, match=r"set_epoch\(3\) is ahead of the run, whose epoch 1 has not started.*"
+                                         r"A state_dict was loaded, which continues the run at epoch 1: count the "
+                                         r"loop's epochs from there \(set_epoch\(1\)"):
+        assert len(list(loader)) == 9
+    fresh = CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.25, epochs=4)
+    fresh.set_epoch(2)  # never loaded: the advice stays the old one
+    with pytest.warns(UserWarning, match="Epochs count from 0; to continue a saved run, load its state_dict"):
+        assert len(list(fresh)) == 9
+
+
 def test_passes_accounting_gives_every_epoch_its_share():
     """budget_counts="passes" with per-epoch passes and no set_epoch: each pass may train up to its
     epoch's cumulative cap. (The old loader computed the epoch from the steps trained, which lag behind
