@@ -281,7 +281,8 @@ class CrestConfig:
     probe_every : the curvature is probed at every ``probe_every``-th selection (and whenever the model
         starts anew: the first selection, new trainable parameters); the selections between fit the
         gradient alone and keep the curvature of the last probe (the model's prediction at a check then
-        uses that anchor's diag(H)). Default 1 (every selection). The probe's double backward is most of a
+        uses that anchor's diag(H), and the schedule's T1 and P come from that probe's norm(H): they stay what
+        the last probed selection set, not re-measured at the new anchor). Default 1 (every selection). The probe's double backward is most of a
         fit's cost (about 2.6 of 3.6 gradients on a small CNN on a CPU). Opt-in: 4 was level on a CNN for
         16 % less wall clock, but 0.37 +- 0.14 points behind on a 30-class long-tailed MLP, where checks fail
         often (docs/benchmarks.md).
@@ -1588,10 +1589,15 @@ def _next_batch(state: CrestState, ops: ModelOps, config: CrestConfig):
             before = pool_size(state.drop)
             drop, gone = drop_update(state.drop, state.step, replace(config.drop, floor=floor), state.labels)
             if gone.size and pool_size(drop) <= config.m < before:
+                # an epoch of one batch (no epoch_steps given): max_age="epoch" reselects at every step (review 148)
+                every = (config.max_age is not None and _max_age(state._replace(drop=drop), config) <= 1)
                 warnings.warn(
                     f"CREST's drop policy has shrunk the pool to {pool_size(drop)} examples at step {state.step}, "
                     f"one mini-batch (m = {config.m}): every selection from now on picks the same examples, so "
-                    "the rest of the run trains on one batch. Keep more with DropConfig(floor=...) or a smaller "
+                    "the rest of the run trains on one batch" + (
+                        f" (and reselects them at every step: max_age={config.max_age!r} is one step now, each "
+                        "selection a forward, a gradient and a curvature probe over them)" if every else "")
+                    + ". Keep more with DropConfig(floor=...) or a smaller "
                     "alpha (the examples whose losses stayed below it leave)", stacklevel=user_stacklevel())
             log = _logged(state, "drops", (state.step, int(gone.size)))
             state = state._replace(drop=drop, log=log, want_select=state.want_select or bool(gone.size))

@@ -397,7 +397,8 @@ def minibatch_coresets(
     kernel, metric, optimizer, epsilon, scale : as for :func:`crestcore.facility_location`.
     class_budget : "proportional" (default: class c's share ``m n_c / r`` of m in its subset, rounded down
         or up at random with ``rng`` (:func:`crestcore.plan.apportion`; :func:`crestcore.plan.hamilton`'s
-        fixed split when ``rng`` is None), every class of the subset at least one pick when m allows, so a
+        fixed split when ``rng`` is None), every class of the subset at least one pick when m allows (taken
+        from a class with the most picks, which can leave that one a pick below its rounded-down share), so a
         coreset has exactly m picks; when m is below the number of classes present, a class gets its
         one pick with probability its share and that pick's weight is divided by it, so every class's
         expected weight is its count (this needs ``rng``: None is then refused with a ``TypeError``) or

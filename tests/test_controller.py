@@ -840,6 +840,14 @@ def test_dropping_never_shrinks_the_pool_below_a_selection():
     assert state.drop.active.sum() >= M
     said = [w for w in caught if "shrunk the pool" in str(w.message)]
     assert len(said) == 1 and said[0].filename == __file__  # once, when the pool reached one batch
+    # the bare controller's epoch is now one step: max_age="epoch" reselects at every step, and the warning says so
+    # (review 148)
+    shrunk = state.log["drops"][-1][0]
+    assert set(range(shrunk + 1, 40)) <= set(state.log["selections"])
+    assert "reselects them at every step: max_age='epoch' is one step now" in str(said[0].message)
+    with pytest.warns(UserWarning, match="shrunk the pool") as caught:  # without an age bound: no such words
+        train_crest(dataclasses.replace(cfg, max_age=None), 0, 80, observe=True)
+    assert not [w for w in caught if "every step" in str(w.message)]
 
 
 # ------------------------------------------------------------------------------------------------
