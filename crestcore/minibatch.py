@@ -417,7 +417,9 @@ def minibatch_coresets(
     rows : optional 1-D array of P distinct non-negative integers, with ``subsets``: the rows' numbers in a
         larger set of subsets (default ``0..P-1``). The random rounding of row p's class budgets depends
         only on ``rng`` and p, so solving a share of the rows (one process of several) gives those rows'
-        coresets of the call that solves them all, with ``optimizer="lazy"`` or ``"naive"``; not with
+        coresets of the call that solves them all, with ``optimizer="lazy"`` or ``"naive"``, up to gains equal
+        in exact arithmetic (the rounding of a problem's gains depends on the width its group is padded to,
+        that of the largest problem beside it, so such a tie can break another way in a share); not with
         ``"stochastic"``, whose draws are made for all the call's problems at once (they depend on which rows
         the call holds).
     max_dense_bytes : memory guard (default None: a quarter of the memory available now where the
