@@ -542,9 +542,6 @@ def _double_backward_attention():
     return sdpa_kernel([SDPBackend.MATH])
 
 
-# CREST's own work between the model's passes on one intra-op thread (TorchModelOps._bookkeeping_threads); off
-# only for benchmarks/bookkeeping_threads.py's side-by-side runs
-_ONE_THREAD_BOOKKEEPING = True
 _RUNNING_NAMES = ("running_mean", "running_var", "running_std")  # normalisation statistics by name
 # the buffers a check's token copies at most (bytes; the running statistics aside); above it every check measures
 TOKEN_BUFFER_BYTES = 16 * 2**20
@@ -1356,7 +1353,6 @@ class TorchModelOps:
         self._row_at: np.ndarray | None = None  # (n,) its row there
         self.progress = None  # a _Progress: a bar for measurement passes that run longer than a second
         self._pool = None  # the persistent DataLoader of the measurement passes (num_workers > 0), made lazily
-        self._user_threads: int | None = None  # inside a controller step on the CPU: the caller's intra-op threads
         self._collate = collate_fn
         self._outputs_looked_at = False  # the first measured outputs are checked for probabilities once
         self._found_layer = None  # (module, which of its calls) the classifier found for embeddings
@@ -1418,45 +1414,6 @@ class TorchModelOps:
         return torch.get_default_dtype()
 
     @contextlib.contextmanager
-    def _bookkeeping_threads(self):
-        """One intra-op thread for CREST's own work between the model's passes on the CPU (the quadratic
-        model, the trust check, the features, the selection: vectors of the model's size and problems of
-        tens of points, just above torch's grain size), the caller's ``torch.set_num_threads`` put back
-        after, also on an error; the model's passes inside get the caller's count back
-        (:meth:`_model_threads`). On two threads each of those operations forked onto the OpenMP team,
-        whose threads sleep between them while the controller's NumPy and Python work runs: waking them
-        cost more than the work, and on a busy machine an operation waited for the other thread to be
-        scheduled (a fold of the quadratic model, 106,122 parameters: 0.56 ms on two idle threads, 37 ms on
-        two busy ones, 0.93-1.08 ms on one). Its sums then do not depend on the caller's thread count.
-        Nothing changes on a GPU, for a caller on one thread, or when nested."""
-        before = torch.get_num_threads()
-        if (not _ONE_THREAD_BOOKKEEPING or self.device.type != "cpu" or before == 1
-                or self._user_threads is not None):
-            yield
-            return
-        self._user_threads = before
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            self._user_threads = None
-            torch.set_num_threads(before)
-
-    @contextlib.contextmanager
-    def _model_threads(self):
-        """The caller's intra-op threads for a model pass inside :meth:`_bookkeeping_threads` (the model's
-        convolutions and matrix products use them); one thread again after."""
-        n = self._user_threads
-        if n is None:
-            yield
-            return
-        torch.set_num_threads(n)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(1)
-
-    @contextlib.contextmanager
     def _measuring(self):
         """All modules in eval mode; every module's mode and every buffer restored afterwards.
 
@@ -1488,8 +1445,7 @@ class TorchModelOps:
             # no backward in eval mode and no double backward (the native ones have both); attention's
             # inference fast path off, which in eval mode without gradients computes another function than
             # the gradient passes (padded positions as 0)
-            with (_no_autocast(self.device.type), _rnn_without_cudnn(self.model), _eager(), _no_mha_fastpath(),
-                  self._model_threads()):
+            with _no_autocast(self.device.type), _rnn_without_cudnn(self.model), _eager(), _no_mha_fastpath():
                 yield
         finally:
             # each module's own train(): what it does there (unmerging, unfolding, dropping a cache) acts on
@@ -3051,7 +3007,7 @@ class CrestLoader(BudgetedPasses):
         off for all of it, the selection's kernels included, not only the model passes: a loop that
         iterates the loader inside ``torch.autocast`` gets the batches and weights of one that does not
         (the similarities had come out in bfloat16 there, and 14 of 17 batches differed)."""
-        with _no_autocast(self.ops.device.type), self.ops._bookkeeping_threads():
+        with _no_autocast(self.ops.device.type):
             return crest_next_batch(self._state, self.ops, self.config)
 
     def _make_batch(self, batch: Batch):

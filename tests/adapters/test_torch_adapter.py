@@ -616,50 +616,6 @@ def test_ahead_of_the_run_after_a_load_names_the_loaded_epoch():
         assert len(list(fresh)) == 9
 
 
-def test_crest_arithmetic_runs_on_one_thread_and_the_model_on_the_callers(monkeypatch):
-    """On the CPU a controller step's own work (here the quadratic model's fold) runs on one intra-op thread,
-    the model's passes (the forward= given) on the caller's count, which is put back after every step, also
-    after a step that failed; the batches are those of a caller on one thread."""
-    import crestcore.controller as ctl
-
-    X, y = make_data()
-    seen = {"model": set(), "fold": set()}
-    fold = ctl.quadratic_update
-
-    def spy_fold(*a, **k):
-        seen["fold"].add(torch.get_num_threads())
-        return fold(*a, **k)
-
-    def forward(model, batch):
-        seen["model"].add(torch.get_num_threads())
-        return model(batch[0])
-
-    monkeypatch.setattr(ctl, "quadratic_update", spy_fold)
-    before = torch.get_num_threads()
-    runs = {}
-    try:
-        for threads in (2, 1):
-            torch.set_num_threads(threads)
-            seen["model"].clear()
-            seen["fold"].clear()
-            loader = CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.5, epochs=2,
-                                 forward=forward)
-            runs[threads] = []
-            for x, _, w in loader.iter_run():
-                assert torch.get_num_threads() == threads
-                runs[threads].append((x.sum().item(), w.tolist()))
-            assert seen["model"] == {threads} and seen["fold"] == {1}, (threads, seen)
-        assert runs[2] == runs[1]
-        torch.set_num_threads(2)
-        broken = CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.5, epochs=2,
-                             forward=lambda model, batch: 1 / 0)
-        with pytest.raises(ZeroDivisionError):
-            next(iter(broken))
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
-
-
 def test_passes_accounting_gives_every_epoch_its_share():
     """budget_counts="passes" with per-epoch passes and no set_epoch: each pass may train up to its
     epoch's cumulative cap. (The old loader computed the epoch from the steps trained, which lag behind
