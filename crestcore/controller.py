@@ -283,9 +283,9 @@ class CrestConfig:
         gradient alone and keep the curvature of the last probe (the model's prediction at a check then
         uses that anchor's diag(H), and the schedule's T1 and P come from that probe's norm(H): they stay what
         the last probed selection set, not re-measured at the new anchor). Default 1 (every selection). The
-        probe's double backward is most of a fit's cost (about 2.6 of 3.6 gradients on a small CNN on a CPU). Opt-in: 4 was level on a CNN for
-        16 % less wall clock, but 0.37 +- 0.14 points behind on a 30-class long-tailed MLP, where checks fail
-        often (docs/benchmarks.md).
+        probe's double backward is most of a fit's cost (about 2.6 of 3.6 gradients on a small CNN on a CPU).
+        Opt-in: 4 was level on a CNN for 16 % less wall clock, but 0.37 +- 0.14 points behind on a 30-class
+        long-tailed MLP, where checks fail often (docs/benchmarks.md).
     T2 : steps between drop decisions; None (default) turns dropping off. drop : the drop rule.
     quadratic : the loss model. kernel, metric, optimizer, per_class, class_budget : selection options
     (see :func:`crestcore.minibatch_coresets`). embeddings : select on last-linear-layer weight
