@@ -72,6 +72,54 @@ __all__ = [
 ]
 
 
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` of ``warnings.warn``, called by the caller of this function, that names the first frame
+    outside crestcore (the user's call)."""
+    import sys
+
+    f, level = sys._getframe(1), 1
+    while f is not None and str(f.f_globals.get("__name__", "")).startswith("crestcore"):
+        f, level = f.f_back, level + 1
+    return level
+
+
+def _import_kernels(mod: str):
+    """``crestcore.backends.<mod>``, imported. A Numba module whose ``cache=True`` kernels find nowhere to cache
+    (the installed package's folder is not writable, as in a container run as another user, and neither is the
+    user's cache folder, as with ``HOME=/``: Numba raises "no locator available" at the import) is imported again
+    with Numba's cache folder set to one of this user's in the temporary directory, said once (review 149: the
+    first selection failed with Numba's bare error). Numba's ``CACHE_DIR`` then stays set for the process: any
+    other ``cache=True`` function would have failed the same way."""
+    name = f"crestcore.backends.{mod}"
+    try:
+        return importlib.import_module(name)
+    except RuntimeError as exc:
+        if "no locator available" not in str(exc) or not mod.startswith("numba"):
+            raise
+        import sys
+        import tempfile
+        import warnings
+
+        from numba.core import config
+
+        if config.CACHE_DIR:  # a cache folder was given and still fails: nothing of ours to fix
+            raise
+        folder = os.path.join(tempfile.gettempdir(), f"crestcore-numba-{os.getuid() if hasattr(os, 'getuid') else 0}")
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+        except OSError as err:
+            raise RuntimeError(f"{exc}. crestcore: Numba can cache its kernels neither next to the installed "
+                               f"package nor in your cache folder, nor in {folder} ({err}): set NUMBA_CACHE_DIR to a "
+                               "writable folder") from exc
+        config.CACHE_DIR = folder
+        sys.modules.pop(name, None)  # (the failed import's partial module)
+        warnings.warn(f"crestcore: Numba cannot cache the kernels next to the installed package or in your cache "
+                      f"folder (neither is writable: {exc}); they are cached in {folder} instead, for every Numba "
+                      "function of this process. Set NUMBA_CACHE_DIR to a writable folder to choose where.",
+                      RuntimeWarning, stacklevel=_outside_stacklevel())
+        return importlib.import_module(name)
+
+
 def backend_module(namespace_name: str):
     """The backend module for an array namespace, or ``None`` when none exists or it cannot import.
 
@@ -90,7 +138,7 @@ def backend_module(namespace_name: str):
     if mod in _failed:
         return None
     try:
-        m = importlib.import_module(f"crestcore.backends.{mod}")
+        m = _import_kernels(mod)
     except ImportError as exc:  # the optional dependency is not installed
         _failed[mod] = str(exc)
         if mod == "numba":  # a core dependency: its absence costs ~250x on every NumPy selection, say so once
@@ -302,7 +350,7 @@ def _sparse_module(namespace_name: str):
         return None
     if mod not in _loaded and mod not in _failed:
         try:
-            _loaded[mod] = importlib.import_module(f"crestcore.backends.{mod}")
+            _loaded[mod] = _import_kernels(mod)
         except ImportError as exc:
             _failed[mod] = str(exc)
     return _loaded.get(mod)

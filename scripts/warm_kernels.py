@@ -63,14 +63,22 @@ def main() -> None:
     crestcore.minibatch_coresets(X, y, m=16, r=100, P=4, rng=0)
     # the fused dense kernel has a serial and a parallel variant (whole problems over the threads, from
     # _FUSED_PARALLEL_MIN_WORK of work): compile both, whatever the thread count here picks for a shape
-    work = nb._FUSED_PARALLEL_MIN_WORK
+    # (the parallel one is taken only with two threads or more: a build with NUMBA_NUM_THREADS=1, or on one CPU,
+    # shipped none, and users' first calls compiled it, review 149; its problems dealt to two chunks run on one
+    # thread alike)
+    work, threads = nb._FUSED_PARALLEL_MIN_WORK, nb.get_num_threads
     try:
+        nb.get_num_threads = lambda: max(2, threads())
         for threshold in (0, 1 << 62):
             nb._FUSED_PARALLEL_MIN_WORK = threshold
             for dt in (np.float32, np.float64):
                 crestcore.minibatch_coresets(X.astype(dt), y, m=16, r=100, P=4, rng=0)
     finally:
-        nb._FUSED_PARALLEL_MIN_WORK = work
+        nb._FUSED_PARALLEL_MIN_WORK, nb.get_num_threads = work, threads
+    for kernel in (nb._fused_parallel, nb._fused_serial):
+        if len(kernel.signatures) < 2:
+            raise SystemExit(f"{kernel.__name__} was compiled for {len(kernel.signatures)} signature(s), not float32 "
+                             "and float64: the wheel would ship without it")
     files = sorted(CACHE.glob("*.nb*"))
     size = sum(f.stat().st_size for f in files)
     print(f"removed {removed} old cache files; wrote {len(files)} ({size / 1e6:.1f} MB) into {CACHE}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import ast
 import importlib.util
 import math
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +119,46 @@ def test_stochastic_draws_use_the_contracts_sample_sizes():
     sizes, budgets = np.array([100, 40]), np.array([10, 4])
     u = stochastic_draws(np.random.default_rng(0), sizes, budgets, 0.1)
     assert u.shape[2] == int(contract.sample_sizes(sizes, budgets, 0.1).max()) == 24
+
+
+def test_numba_without_a_writable_cache_folder_caches_in_the_temporary_directory(monkeypatch, tmp_path):
+    """Review 149: an installed package whose folder is not writable (a container run as another user), with no
+    writable home either, made Numba raise "no locator available" at the kernels' import, the user's first
+    selection failing with it; the kernels are imported again with Numba's cache folder in the temporary
+    directory, said once. Simulated here: the first import raises Numba's error."""
+    import importlib
+    import sys
+
+    pytest.importorskip("numba")
+    from numba.core import config
+
+    real, calls = importlib.import_module, []
+    real("crestcore.backends.numba")  # (imported: restored as it was after the test)
+    numba_error = RuntimeError("cannot cache function '_exp': no locator available for file '/ro/backends/numba.py'")
+
+    def import_module(name, *a, **k):
+        calls.append(name)
+        if len(calls) == 1:
+            raise numba_error
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", import_module)
+    monkeypatch.setattr(config, "CACHE_DIR", "")
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setitem(sys.modules, "crestcore.backends.numba", sys.modules["crestcore.backends.numba"])
+    with pytest.warns(RuntimeWarning, match="cannot cache the kernels next to the installed package.*cached in "
+                                            f"{tmp_path}.*NUMBA_CACHE_DIR") as said:
+        mod = backends._import_kernels("numba")
+    assert said[0].filename == __file__  # the caller's line
+    assert mod.__name__ == "crestcore.backends.numba" and calls == ["crestcore.backends.numba"] * 2
+    assert config.CACHE_DIR.startswith(str(tmp_path)) and os.path.isdir(config.CACHE_DIR)
+    # a cache folder that was given and still fails, or another error: Numba's own error, unchanged
+    calls.clear()
+    monkeypatch.setattr(config, "CACHE_DIR", str(tmp_path / "given"))
+    with pytest.raises(RuntimeError, match="no locator available"):
+        backends._import_kernels("numba")
+    calls.clear()
+    numba_error = RuntimeError("something else")
+    monkeypatch.setattr(config, "CACHE_DIR", "")
+    with pytest.raises(RuntimeError, match="something else"):
+        backends._import_kernels("numba")
