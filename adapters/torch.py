@@ -263,7 +263,17 @@ def dataset_labels(dataset, keys=None) -> np.ndarray:
                 "vectors (class labels, a categorical input, example ids, ...): CREST cannot tell which one holds "
                 f"the class labels. Pass labels=dataset.tensors[k] with k the one that does (one of {ints}; "
                 "crest_labels= on CrestTrainer)")
-        return _as_labels(dataset.tensors[1], n, "the TensorDataset's second tensor")
+        second = dataset.tensors[1]
+        if ints and ints[0] > 1:  # the second is no integer vector, a later one is
+            # (inputs, more inputs, labels): tabular categorical and numeric features, say (review 151: refused as
+            # if the task were no classification)
+            raise ValueError(
+                f"the TensorDataset's second tensor (shape {tuple(second.shape)}, {second.dtype}) is not one class "
+                f"index per example, but tensors[{ints[0]}] is an integer vector: if it holds the class labels (a "
+                f"TensorDataset of several inputs before the labels), pass labels=dataset.tensors[{ints[0]}] "
+                "(crest_labels= on CrestTrainer), and forward= to give the model its inputs (the default calls "
+                "model(batch[0]))")
+        return _as_labels(second, n, "the TensorDataset's second tensor")
     if isinstance(dataset, Subset) and _labels_without_items(dataset.dataset):
         base = dataset_labels(dataset.dataset, keys)
         return _as_labels(base[np.asarray(dataset.indices, dtype=np.int64)], n, "the Subset's labels")
@@ -334,6 +344,9 @@ def _item_label(v, i: int) -> int:
     try:
         return _label_value(v, i)
     except (TypeError, ValueError) as exc:
+        size = getattr(v, "size", None)
+        if isinstance(v, torch.Tensor) and v.numel() != 1 or isinstance(v, np.ndarray) and size != 1:
+            raise  # a vector (multi-hot, one-hot, soft targets): the refusal as it is, no cast to suggest (review 151)
         try:
             whole = float(v.reshape(()).item() if hasattr(v, "reshape") else v).is_integer()
         except (TypeError, ValueError, RuntimeError):
