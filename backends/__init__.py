@@ -84,15 +84,14 @@ def _outside_stacklevel() -> int:
 
 
 def _import_kernels(mod: str):
-    """``crestcore.backends.<mod>``, imported. A Numba module whose ``cache=True`` kernels find nowhere to cache
+    """``crestcore.backends.<mod>``, imported. A Numba module whose cached kernels find nowhere to cache
     (the installed package's folder is not writable, as in a container run as another user, and neither is the
     user's cache folder, as with ``HOME=/``: Numba raises "no locator available" at the import) is imported again
     with Numba's cache folder set to one of this user's in the temporary directory, said once (review 149: the
     first selection failed with Numba's bare error). Numba's ``CACHE_DIR`` then stays set for the process: any
-    other ``cache=True`` function would have failed the same way."""
-    name = f"crestcore.backends.{mod}"
+    other cached Numba function would have failed the same way."""
     try:
-        return importlib.import_module(name)
+        return importlib.import_module(f"crestcore.backends.{mod}")
     except RuntimeError as exc:
         if "no locator available" not in str(exc) or not mod.startswith("numba"):
             raise
@@ -112,12 +111,12 @@ def _import_kernels(mod: str):
                                f"package nor in your cache folder, nor in {folder} ({err}): set NUMBA_CACHE_DIR to a "
                                "writable folder") from exc
         config.CACHE_DIR = folder
-        sys.modules.pop(name, None)  # (the failed import's partial module)
+        sys.modules.pop(f"crestcore.backends.{mod}", None)  # (the failed import's partial module)
         warnings.warn(f"crestcore: Numba cannot cache the kernels next to the installed package or in your cache "
                       f"folder (neither is writable: {exc}); they are cached in {folder} instead, for every Numba "
                       "function of this process. Set NUMBA_CACHE_DIR to a writable folder to choose where.",
                       RuntimeWarning, stacklevel=_outside_stacklevel())
-        return importlib.import_module(name)
+        return importlib.import_module(f"crestcore.backends.{mod}")
 
 
 def backend_module(namespace_name: str):

@@ -273,7 +273,7 @@ def test_the_reader_sees_the_projects_own_imports(modules):
     assert any(i.name == "crestcore.backends" and i.function == "_kernel" for i in facility)  # lazy, absolute
     assert any(i.name == "crestcore._reference_kernels" and i.function is None for i in facility)  # from . import
     dispatch = _imports(by_name["crestcore.backends"], known)
-    assert any(i.name == f"crestcore.backends.{COMPUTED}" and i.function == "backend_module" for i in dispatch)
+    assert any(i.name == f"crestcore.backends.{COMPUTED}" and i.function == "_import_kernels" for i in dispatch)
     assert not [i for i in dispatch if i.name is None]
     assert any(i.name == "crestcore.controller" for i in _imports(by_name["crestcore.adapters.torch"], known))
 

@@ -145,7 +145,10 @@ def test_numba_without_a_writable_cache_folder_caches_in_the_temporary_directory
     monkeypatch.setattr(importlib, "import_module", import_module)
     monkeypatch.setattr(config, "CACHE_DIR", "")
     monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    # the module as it was afterwards, in sys.modules and as the package's attribute (the import binds both: a later
+    # `from crestcore.backends import numba` got the re-imported one, which the dispatch does not call)
     monkeypatch.setitem(sys.modules, "crestcore.backends.numba", sys.modules["crestcore.backends.numba"])
+    monkeypatch.setattr(backends, "numba", sys.modules["crestcore.backends.numba"])
     with pytest.warns(RuntimeWarning, match="cannot cache the kernels next to the installed package.*cached in "
                                             f"{tmp_path}.*NUMBA_CACHE_DIR") as said:
         mod = backends._import_kernels("numba")
