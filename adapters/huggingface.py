@@ -114,6 +114,13 @@ def _example_losses(logits: torch.Tensor, labels: torch.Tensor, weights: torch.T
     if logits.ndim != 2 or labels.shape != logits.shape[:1] or weights.shape != labels.shape:
         raise ValueError(f"{who} logits (k, C), labels (k,) and weights (k,); got {tuple(logits.shape)}, "
                          f"{tuple(labels.shape)} and {tuple(weights.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        # (class indices stored as floats, from a CSV or pandas: crest_labels= gives CREST the classes, but the
+        # batches' labels are the collator's, and torch's cross-entropy took them for probabilities' shapes or
+        # failed with its own message: review 151)
+        raise TypeError(f"{who} integer class indices as the batch's labels, got {labels.dtype}: cast them to "
+                        "integers in the dataset or the data collator (crest_labels= gives CREST the classes, but "
+                        "the training step's loss reads the labels of each batch)")
     return F.cross_entropy(logits.float(), labels, reduction="none")
 
 

@@ -892,6 +892,25 @@ def _plain(batch):
     return batch
 
 
+def _same_batch(a, b) -> bool:
+    """Whether two collated batches are equal, field by field (tensors and arrays bit for bit, NaN equal to
+    NaN; mappings by key; sequences element by element; anything else by ``==``)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and torch.equal(_bits(a), _bits(b)))
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape
+                and a.dtype == b.dtype and np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
+    if isinstance(a, collections.abc.Mapping) and isinstance(b, collections.abc.Mapping):
+        return a.keys() == b.keys() and all(_same_batch(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_batch(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
 def _nbytes(batch) -> int:
     """Bytes of the tensors (and NumPy arrays) in a collated batch."""
     if isinstance(batch, torch.Tensor):
@@ -1536,8 +1555,9 @@ class TorchModelOps:
         leave one sample in place, as ties do, is caught by another), with an error at the first that
         did not. Passes whose outputs cannot tell (every example measured alike, as with a zero head) do
         not count, up to 12 passes in all. Skipped for good when the same batch measures differently twice
-        (a random collate or model), when ``__getitems__`` does not return a list of the examples, or when
-        the check's own load or forward fails (the pass then runs, and fails, as without it)."""
+        (a random model), when ``__getitems__`` does not return a list of the examples, or when the check's own
+        load or forward fails (the pass then runs, and fails, as without it); and, with a warning, when the same
+        items collate into two different batches (a random collate: mixup or cutmix mixes the examples)."""
         k = min(16, self.batch_size, idx.size)
         if k < 2:
             return
@@ -1558,10 +1578,26 @@ class TorchModelOps:
                 if not isinstance(items, (list, tuple)) or len(items) != len(keys):
                     self._order_tries = None  # not a list of the examples: nothing to reorder here
                     return
-                z = [self._logits(_to_device(_plain(self._fetch.collate(list(order))), dev, floats=self._dtype()),
-                                  len(keys)).double() for order in (items, items, [items[i] for i in perm])]
+                batches = [_plain(self._fetch.collate(list(order))) for order in (items, items, [items[i] for i in perm])]
+                random = not _same_batch(batches[0], batches[1])
+                if not random:
+                    z = [self._logits(_to_device(b, dev, floats=self._dtype()), len(keys)).double() for b in batches]
         except Exception:  # the check's own load or forward: the pass runs (and fails) as it would without it
             self._order_tries = None
+            return
+        if random:  # the same items collated twice, two batches: a collate that mixes them (review 151)
+            self._order_tries = None
+            warnings.warn(
+                f"crestcore: the collate_fn of CREST's measurement passes ({_callable_name(self._fetch.collate)}) "
+                "collated the same examples "
+                "into two different batches: a random collate, such as mixup or cutmix, mixes the examples (and "
+                "their labels), so CREST's measurement passes (the selections' features, the trust checks, the "
+                "model fit) measure mixed inputs, other ones at every pass, each against its own example's label. "
+                "Batch-level augmentation belongs to the training batches only: give CREST a collate_fn that does "
+                "not mix (torch.utils.data.default_collate, or yours without the mixing), and mix in the training "
+                "step, or, with a CrestBatchSampler, in the DataLoader's collate "
+                "(sampler.dataloader(collate_fn=WeightedCollate(mix))). (Said once.)",
+                stacklevel=_common.user_stacklevel())
             return
         tol = (1e-2 if self._dtype() in _HALF else 1e-5) * float(z[0].abs().max().clamp_min(1e-30))
         order = torch.as_tensor(perm, device=z[0].device)
@@ -2024,7 +2060,9 @@ class TorchModelOps:
                 "forward=lambda model, batch: torch.cat([torch.zeros_like(z := model(batch[0])), z], 1), whose "
                 "cross-entropy is the binary cross-entropy of z. A loss_fn= then gets these two columns and the "
                 "labels as class indices: the logit is column 1, e.g. loss_fn=lambda z, y: "
-                "F.binary_cross_entropy_with_logits(z[:, 1], y.float(), pos_weight=..., reduction='none')"
+                "F.binary_cross_entropy_with_logits(z[:, 1], y.float(), pos_weight=..., reduction='none') (on "
+                "CrestTrainer: crest_forward= and crest_loss_fn=, whose batch is the collated dict: "
+                "model(**batch).logits in place of model(batch[0]))"
             )
         return _wide(out)
 
@@ -3680,7 +3718,10 @@ class CrestBatchSampler(CrestLoader):
                        "dataset's items as they are, CrestBatchSampler(..., collate_fn=f), and the DataLoader "
                        "WeightedCollate(f), which takes the weight WeightedDataset appends out of each item before "
                        "f and appends the weights after it (f alone would collate the weight as one of the item's "
-                       "fields): sampler.dataloader(collate_fn=WeightedCollate(f))")
+                       "fields): sampler.dataloader(collate_fn=WeightedCollate(f)). A collate that mixes examples "
+                       "or their labels (mixup, cutmix) is for the training batches only: then give the sampler "
+                       "one that does not mix, CrestBatchSampler(..., collate_fn=torch.utils.data.default_collate) "
+                       "or yours without the mixing, so that its passes measure the examples themselves")
         elif (isinstance(ds, WeightedDataset) and getattr(loader, "collate_fn", None) is self.ops._collate
               and not (_row_safe(self.ops._collate) and not getattr(self.ops._collate, "crest_rows", False))
               and not self._collate_keeps_weights(ds)):

@@ -80,6 +80,10 @@ def test_the_loss_is_the_weighted_mean_of_per_example_cross_entropy():
     assert torch.allclose(weighted_cross_entropy(logits, labels, w), want)
     with pytest.raises(ValueError, match="weights"):
         weighted_cross_entropy(logits, labels, w[:3])
+    # class indices stored as floats (a CSV's): a message of CREST's saying to cast them where the batches are made,
+    # not torch's about target dtypes or shapes (review 151: crest_labels= had been the advice, and then this failed)
+    with pytest.raises(TypeError, match="integer class indices as the batch's labels, got torch.float32: cast them"):
+        weighted_cross_entropy(logits, labels.float(), w)
 
 
 def test_crest_trainer_refuses_what_it_cannot_do(tmp_path):

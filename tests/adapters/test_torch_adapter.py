@@ -1478,6 +1478,34 @@ def test_a_scalar_parameter_first_a_learned_temperature_trains():
         assert len(seen) == loader.total_steps and loader.stats["counters"]["selections"] >= 2
 
 
+def test_a_collate_that_mixes_examples_is_warned_about():
+    """Review 151: a mixup collate_fn given to CREST made its measurement passes measure mixed inputs, other ones at
+    every pass, each against its own example's label, silently (the collate order check gave up on it as random);
+    now said once. A collate that makes the same batch twice is not."""
+    X, y = make_data()
+
+    def mixup(items):
+        x = torch.stack([it[0] for it in items])
+        lam, perm = torch.rand(()), torch.randperm(len(items))
+        return lam * x + (1 - lam) * x[perm], torch.stack([it[1] for it in items])
+
+    def plain(items):
+        return torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items])
+
+    said = "collated the same examples into two different batches: a random collate, such as mixup"
+    for collate, warns in ((mixup, True), (plain, False)):
+        loader = CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.5, epochs=1,
+                             seed=0, collate_fn=collate)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            for _ in loader:
+                pass
+        hits = [w for w in seen if said in str(w.message)]
+        assert len(hits) == (1 if warns else 0), [str(w.message) for w in seen]
+        if warns:
+            assert hits[0].filename == __file__ and "default_collate" in str(hits[0].message)
+
+
 def test_a_single_logit_classifier_is_told_how_to_give_two():
     """A sigmoid classifier (one logit, BCEWithLogits) is refused naming what CREST measures and the
     forward= that makes it two logits; with it, the run measures the binary cross-entropy of the logit."""
@@ -1485,7 +1513,8 @@ def test_a_single_logit_classifier_is_told_how_to_give_two():
     model = nn.Linear(D_IN, 1)
     loader = CrestLoader(model, TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.5, epochs=1, seed=0)
     with pytest.raises(ValueError, match=r"one output per example.*regression.*sigmoid.*"
-                                         r"forward=lambda model, batch: torch\.cat"):
+                                         r"forward=lambda model, batch: torch\.cat.*on CrestTrainer: crest_forward= "
+                                         r"and crest_loss_fn=, whose batch is the collated dict"):
         next(iter(loader))
     # regression and multi-label targets: told that CREST is for single-label classification
     for targets in (torch.randn(len(y)), torch.rand(len(y), 3)):
@@ -1812,6 +1841,18 @@ def test_a_tensordataset_with_several_integer_vectors_asks_which_holds_the_label
         CrestLoader(mlp(), TensorDataset(x, cat, y), config=CrestConfig(m=16), budget=0.5)
     CrestLoader(mlp(), TensorDataset(x, cat, y), config=CrestConfig(m=16), budget=0.5, labels=y)
     np.testing.assert_array_equal(dataset_labels(TensorDataset(x, y, torch.rand(60))), y.numpy())
+    # several inputs before the labels (tabular categorical and numeric features): the integer vector after the
+    # second tensor is named, not the task refused as regression or multi-label (review 151)
+    for second in (torch.randn(60, 6), torch.stack([cat, cat], 1)):
+        with pytest.raises(ValueError, match=r"second tensor \(shape \(60, .\), torch\.\w+\) is not one class index "
+                                             r"per example, but tensors\[2\] is an integer vector.*"
+                                             r"pass labels=dataset.tensors\[2\].*forward="):
+            dataset_labels(TensorDataset(x, second, y))
+    # an item whose label is a vector (multi-hot, one-hot, soft targets): refused without a cast to suggest
+    items = [(x[i], torch.nn.functional.one_hot(y[i], 3).float()) for i in range(60)]
+    with pytest.raises(ValueError, match="multi-label targets are not supported") as refused:
+        dataset_labels(items)
+    assert ".long()" not in str(refused.value)
 
 
 def test_batchnorm_statistics_moved_by_training_are_not_the_quadratic_models_error():
