@@ -661,25 +661,32 @@ def test_the_ivf_recall_leaves_each_point_itself_out():
 
 def test_a_tiny_sparse_problem_under_a_small_bound_is_not_refused_for_fixed_buffers():
     """Review 36: the refusal counted sparse_bytes' fixed 1 MiB of work buffers (they come on top of the
-    bound, as on the other paths), so six points with neighbors=1 under a 1,000-byte bound (their graph:
-    864 bytes) were refused; the advice named optimizer='auto', which keeps the given K."""
+    bound, as on the other paths), so six points with neighbors=1 under a 1,100-byte bound (their graph and
+    the builder's copies: 1,080 bytes) were refused; the advice named optimizer='auto', which keeps the given K."""
     X = np.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [10.0, 10.0], [10.0, 11.0], [12.0, 10.0]])
-    assert crestcore.facility_location(X, 2, neighbors=1, max_dense_bytes=1000).indices.shape == (2,)
+    assert crestcore.sparse.graph_bytes(6, 2, 1) == 1080
+    assert crestcore.facility_location(X, 2, neighbors=1, max_dense_bytes=1100).indices.shape == (2,)
     Y = np.random.default_rng(8).normal(size=(3000, 8))
     with pytest.raises(ValueError, match="leave neighbors out with optimizer='auto'"):
         crestcore.facility_location(Y, 10, neighbors=2999, max_dense_bytes=50 * 2**20)
 
 
-def test_auto_bounds_the_sparse_graph_as_an_explicit_neighbors_does():
+def test_auto_bounds_the_sparse_graph_as_an_explicit_neighbors_does(monkeypatch):
     """Review 52: under optimizer='auto' the planner counted sparse_bytes' fixed 1 MiB of work buffers in
     the bound, an explicit neighbors=K did not (review 36), so auto refused bounds the documented
-    64 n (K + 1) + 8 n d allows: n = 1000, d = 64 under 1e6 bytes fits 6 neighbours (960,000 bytes)."""
+    64 n (K + 1) + 26 n d allows: n = 1000, d = 64 under that bound at K = 6 fits 6 neighbours. (Since the
+    builder's copies are counted, 26 n d, the sparse path needs more than the matrix-free one at such a size:
+    the matrix-free path is ruled out here by its work limit, as it is for the large problems auto sends to
+    the sparse path.)"""
+    monkeypatch.setattr(planner, "MATRIX_FREE_MAX_WORK", 0.0)
+    bound = crestcore.sparse.graph_bytes(1000, 64, 6)
     X = np.random.default_rng(3).normal(size=(1000, 64))
-    auto = crestcore.facility_location(X, 20, optimizer="auto", max_dense_bytes=1_000_000)
+    auto = crestcore.facility_location(X, 20, optimizer="auto", max_dense_bytes=bound)
     assert auto.path == "sparse" and "sparse (neighbors=6)" in auto.plan
-    given = crestcore.facility_location(X, 20, neighbors=6, max_dense_bytes=1_000_000)
+    given = crestcore.facility_location(X, 20, neighbors=6, max_dense_bytes=bound)
     np.testing.assert_array_equal(auto.indices, given.indices)
-    assert planner.plan_problem(1000, 64, 20, 8, 1_000_000).bytes == crestcore.sparse.graph_bytes(1000, 64, 6)
+    assert planner.plan_problem(1000, 64, 20, 8, bound).bytes == bound
+    assert planner.plan_problem(1000, 64, 20, 8, bound - 1).neighbors == 5
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
