@@ -44,7 +44,7 @@ import numpy as np
 import crestcore
 from crestcore.plan import hamilton
 from crestcore.validation import check_int, int64_labels, not_floating
-from crestcore.facility import Selection
+from crestcore.facility import BACKENDS, OPTIMIZERS, Selection
 from crestcore.similarity import KERNELS, METRICS, kernel_scale, restore
 
 __all__ = ["facility_location"]
@@ -66,6 +66,19 @@ def _check_options(options: dict) -> dict:
     nb = options.get("neighbors")
     if nb is not None and (isinstance(nb, bool) or not isinstance(nb, numbers.Integral)):
         raise TypeError("neighbors must be an integer K here (an index graph refers to the whole data set)")
+    # the rest of facility_location's choices too, here before any chunk is read or sent (review 152: a typo
+    # was found on the workers, after every chunk had been computed, with a worker error logged per partition)
+    opt = options.get("optimizer", "lazy")
+    if opt not in OPTIMIZERS + ("auto",):
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS + ('auto',)}, got {opt!r}")
+    backend = options.get("backend", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    eps = options.get("epsilon", 0.1)
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"epsilon must be a number in (0, 1), got {type(eps).__name__}")
+    if not 0.0 < float(eps) < 1.0:
+        raise ValueError(f"epsilon must be in (0, 1), got {eps!r}")
     return options
 
 

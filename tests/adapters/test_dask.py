@@ -199,6 +199,19 @@ def test_bad_input_is_refused_clearly(client):
     with pytest.raises(TypeError, match="X must be"):
         cdask.facility_location([[1.0]], 1, client=client)
     np.testing.assert_array_equal(np.isnan(Xn).sum(), 1)  # the input was not modified
+    # facility_location's other choices are refused before any chunk is computed (review 152: on the workers,
+    # after every chunk had been read, with a worker error logged per partition)
+
+    def unread(block):
+        raise RuntimeError("a chunk was computed")
+
+    untouched = da.from_array(X, chunks=(50, 3)).map_blocks(unread, dtype=X.dtype)
+    for bad, err, what in (({"optimizer": "lazzy"}, ValueError, "optimizer must be one of"),
+                           ({"backend": "numpy"}, ValueError, "backend must be one of"),
+                           ({"optimizer": "stochastic", "epsilon": 2.0}, ValueError, r"epsilon must be in \(0, 1\)"),
+                           ({"epsilon": "0.1"}, TypeError, "epsilon must be a number")):
+        with pytest.raises(err, match=what):
+            cdask.facility_location(untouched, 5, client=client, **bad)
 
 
 def test_without_a_client_a_local_cluster_is_started_and_closed():
