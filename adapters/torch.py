@@ -2922,6 +2922,7 @@ class CrestLoader(BudgetedPasses):
         self._state = crest_init(self.config, lab, seed=self.seed, epoch_steps=self.steps_per_epoch)
         self._batch: Batch | None = None
         self._pending: list[Batch] = []  # handed out before a checkpoint and not trained: replayed first
+        self._replayed = False  # whether the batch handed out last was one of those
         self._loaded_position = 0  # the position a state was loaded at (trained= never goes below it)
         self._handed: list[Batch] = []  # the batches handed out last (see _handed_keep), in order
         self._handed_epoch: list[int] = []  # the epoch of the pass that handed out each
@@ -2966,6 +2967,7 @@ class CrestLoader(BudgetedPasses):
 
     def _step(self):
         events = ()
+        self._replayed = bool(self._pending)
         if self._pending:  # batches the controller handed out before a checkpoint, not trained then
             batch = self._pending.pop(0)
         else:
@@ -3050,7 +3052,10 @@ class CrestLoader(BudgetedPasses):
                               RuntimeWarning, stacklevel=_common.user_stacklevel())
 
     def _on_epoch_done(self) -> None:
-        self._emit("epoch")
+        # an epoch completed by a batch replayed after a load or a rewind was reported when that batch was first
+        # handed out, as its selections and checks were (review 152: the resumed run said "epoch" twice)
+        if not getattr(self, "_replayed", False):  # (a loader pickled before the attribute existed: none)
+            self._emit("epoch")
 
     def _advance(self):
         """One controller step: ``(state, batch)``. The hook subclasses wrap (e.g. the distributed

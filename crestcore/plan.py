@@ -377,6 +377,10 @@ class BudgetedPasses:
             self._open_done = self._position >= end
             if self._open_done:  # the share's last batch: the epoch is done even if the consumer stops here
                 self._finish_epochs(done)
+            elif e is None and self._position % self.steps_per_epoch == 0:
+                # one pass over the whole run (per_epoch=False): each epoch's share is done as its last batch
+                # goes out, as in per-epoch passes (review 152: one "epoch" event for the whole run)
+                self._finish_epochs(self._position // self.steps_per_epoch)
             yield item
             if self._loads != loads:  # a state was loaded while this pass waited: it was the old run's
                 self._pass_cut_by_load(hinted, e)

@@ -61,6 +61,37 @@ def test_listeners_see_every_selection_check_drop_and_epoch():
     assert all(isinstance(v, float) for _, _, vals in rec.calls for v in vals.values())
 
 
+def test_epoch_events_come_at_every_epochs_end_in_one_pass_and_once_across_a_resume():
+    """Review 152: with per_epoch=False (one pass over the whole run) the "epoch" event came once, at the run's
+    end, while stats["epoch"] advanced at every epoch; and a run saved with state_dict(trained=position - 1) on an
+    epoch's last batch said that epoch again when the resumed run handed the batch out again (its selections and
+    checks, made before the save, were not said again)."""
+    rec = Recorder()
+    model, loader = setup(callbacks=[rec], per_epoch=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y, w in loader:
+        loader.observe(weighted_step(model, opt, x, y, w))
+    assert [s for e, s, _ in rec.calls if e == "epoch"] == [5, 10, 15]
+
+    first, second = Recorder(), Recorder()
+    model, loader = setup(callbacks=[first])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y, w in loader:
+        if loader.position == 5:  # the epoch's last batch handed out, not trained: saved as such
+            saved = loader.state_dict(trained=loader.position - 1)
+            break
+        loader.observe(weighted_step(model, opt, x, y, w))
+    model2, resumed = setup(callbacks=[second])
+    model2.load_state_dict(model.state_dict())
+    resumed.load_state_dict(saved)
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1)
+    for e in range(resumed.epoch, resumed.epochs):
+        resumed.set_epoch(e)
+        for x, y, w in resumed:
+            resumed.observe(weighted_step(model2, opt2, x, y, w))
+    assert [s for e, s, _ in first.calls + second.calls if e == "epoch"] == [5, 10, 15]
+
+
 def test_tensorboard_writer_writes_event_files(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
