@@ -1071,7 +1071,7 @@ def _select(state: CrestState, ops, config: CrestConfig, reason: str) -> CrestSt
                 "nothing to choose, every pick being its class's only member, so the coresets are a random "
                 f"sample at the cost of a forward over every subset. {fix} lets the greedy choose, but is no "
                 "sure gain: on 100 synthetic classes with m = 32 both trained 1-8 points below this random sample "
-                "(a review's check, 3 seeds); compare them on a validation split, or train on a random subset "
+                "(3 seeds); compare them on a validation split, or train on a random subset "
                 "re-drawn every epoch, which is what this is without the forwards",
                 stacklevel=user_stacklevel())
     xp, union, losses, idx, valid, w = _coresets(state, ops, config, subsets, gen)
