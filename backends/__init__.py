@@ -77,7 +77,8 @@ def _outside_stacklevel() -> int:
     outside crestcore (the user's call)."""
     import sys
 
-    f, level = sys._getframe(1), 1
+    f: Any = sys._getframe(1)
+    level = 1
     while f is not None and str(f.f_globals.get("__name__", "")).startswith("crestcore"):
         f, level = f.f_back, level + 1
     return level
@@ -99,8 +100,9 @@ def _import_kernels(mod: str):
         import tempfile
         import warnings
 
-        from numba.core import config
+        from numba.core import config as numba_config
 
+        config: Any = numba_config  # (its settings are set at import: no attributes for a type checker)
         if config.CACHE_DIR:  # a cache folder was given and still fails: nothing of ours to fix
             raise
         folder = os.path.join(tempfile.gettempdir(), f"crestcore-numba-{os.getuid() if hasattr(os, 'getuid') else 0}")
