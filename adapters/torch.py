@@ -3051,10 +3051,12 @@ class CrestLoader(BudgetedPasses):
                               "failures, this one included, are counted in listener_failures; no further warning)",
                               RuntimeWarning, stacklevel=_common.user_stacklevel())
 
-    def _on_epoch_done(self) -> None:
-        # an epoch completed by a batch replayed after a load or a rewind was reported when that batch was first
-        # handed out, as its selections and checks were (review 152: the resumed run said "epoch" twice)
-        if not getattr(self, "_replayed", False):  # (a loader pickled before the attribute existed: none)
+    def _on_epoch_done(self, at_step: bool = False) -> None:
+        # an epoch completed as a batch replayed after a load or a rewind is handed out was reported when that batch
+        # was first handed out, as its selections and checks were (review 152: the resumed run said "epoch" twice);
+        # one that ends at a pass's end (under "passes", by its cost at the next request) is reported now, the first
+        # run having stopped before it (review 153)
+        if not (at_step and getattr(self, "_replayed", False)):  # (a loader pickled before the attribute: none)
             self._emit("epoch")
 
     def _advance(self):

@@ -376,11 +376,12 @@ class BudgetedPasses:
             self._open_epoch = e
             self._open_done = self._position >= end
             if self._open_done:  # the share's last batch: the epoch is done even if the consumer stops here
-                self._finish_epochs(done)
-            elif e is None and self._position % self.steps_per_epoch == 0:
-                # one pass over the whole run (per_epoch=False): each epoch's share is done as its last batch
-                # goes out, as in per-epoch passes (review 152: one "epoch" event for the whole run)
-                self._finish_epochs(self._position // self.steps_per_epoch)
+                self._finish_epochs(done, at_step=True)
+            elif e is None and self.budget_counts == "steps" and self._position % self.steps_per_epoch == 0:
+                # one pass over the whole run (per_epoch=False) counting steps: each epoch's share is done as its
+                # last batch goes out, as in per-epoch passes (review 152: one "epoch" event for the whole run;
+                # under "passes" an epoch ends by its cost, at the next request: review 153)
+                self._finish_epochs(self._position // self.steps_per_epoch, at_step=True)
             yield item
             if self._loads != loads:  # a state was loaded while this pass waited: it was the old run's
                 self._pass_cut_by_load(hinted, e)
@@ -441,8 +442,8 @@ class BudgetedPasses:
                     if self.budget_counts == "steps" else f"until the budget of epochs {now}-{e} is spent")
             state = "has not started" if not started else "is under way"
             # after a load the user holds a state already: the loop's own epoch count is what is off
-            advice = (f"A state_dict was loaded, which continues the run at epoch {now}: count the loop's epochs "
-                      f"from there (set_epoch({now}) for the next pass)" if self._loads else
+            advice = (f"A state_dict was loaded (or the run rewound), which continues the run at epoch {now}: count "
+                      f"the loop's epochs from there (set_epoch({now}) for the next pass)" if self._loads else
                       "Epochs count from 0; to continue a saved run, load its state_dict")
             warnings.warn(
                 f"{name}: set_epoch({e}) is ahead of the run, whose epoch {now} {state} ({self._position} "
@@ -503,13 +504,15 @@ class BudgetedPasses:
         decided it had its budget checked then; its measurement work is already counted): no cap check."""
         return False
 
-    def _finish_epochs(self, done: int) -> None:
+    def _finish_epochs(self, done: int, at_step: bool = False) -> None:
         if done > self._epochs_done:
             self._epochs_done = done
-            self._on_epoch_done()
+            self._on_epoch_done(at_step)
 
-    def _on_epoch_done(self) -> None:
-        """Called once each time an epoch's share has been handed out (subclasses report it)."""
+    def _on_epoch_done(self, at_step: bool = False) -> None:
+        """Called once each time an epoch's share has been handed out (subclasses report it). ``at_step``: as
+        the batch that completes it is handed out (a batch replayed after a load completed it when it was first
+        handed out, too), else at the end of a pass (the consumer asked for more, under "passes" its cost)."""
 
     def _pass_state(self, position: int | None = None, epochs_done: int | None = None) -> dict:
         return {"position": self._position if position is None else position, "per_epoch": self.per_epoch,

@@ -61,27 +61,32 @@ def test_listeners_see_every_selection_check_drop_and_epoch():
     assert all(isinstance(v, float) for _, _, vals in rec.calls for v in vals.values())
 
 
-def test_epoch_events_come_at_every_epochs_end_in_one_pass_and_once_across_a_resume():
+@pytest.mark.parametrize("counts, cut, per_epoch_false, resumed_events", [
+    ("steps", 5, [5, 10, 15], [5, 10, 15]), ("passes", 2, [5], [2, 4, 5])])
+def test_epoch_events_come_at_every_epochs_end_in_one_pass_and_once_across_a_resume(counts, cut, per_epoch_false,
+                                                                                   resumed_events):
     """Review 152: with per_epoch=False (one pass over the whole run) the "epoch" event came once, at the run's
     end, while stats["epoch"] advanced at every epoch; and a run saved with state_dict(trained=position - 1) on an
     epoch's last batch said that epoch again when the resumed run handed the batch out again (its selections and
-    checks, made before the save, were not said again)."""
+    checks, made before the save, were not said again). Review 153: under "passes", where an epoch ends by its
+    cost at the next request, the one pass said two epochs at one step, and the resumed run said the epoch the
+    first run had stopped before, never. (Under "passes" the one pass has one event, at its end.)"""
     rec = Recorder()
-    model, loader = setup(callbacks=[rec], per_epoch=False)
+    model, loader = setup(callbacks=[rec], per_epoch=False, budget_counts=counts)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for x, y, w in loader:
         loader.observe(weighted_step(model, opt, x, y, w))
-    assert [s for e, s, _ in rec.calls if e == "epoch"] == [5, 10, 15]
+    assert [s for e, s, _ in rec.calls if e == "epoch"] == per_epoch_false
 
     first, second = Recorder(), Recorder()
-    model, loader = setup(callbacks=[first])
+    model, loader = setup(callbacks=[first], budget_counts=counts)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for x, y, w in loader:
-        if loader.position == 5:  # the epoch's last batch handed out, not trained: saved as such
+        if loader.position == cut:  # the epoch's last batch handed out, not trained: saved as such
             saved = loader.state_dict(trained=loader.position - 1)
             break
         loader.observe(weighted_step(model, opt, x, y, w))
-    model2, resumed = setup(callbacks=[second])
+    model2, resumed = setup(callbacks=[second], budget_counts=counts)
     model2.load_state_dict(model.state_dict())
     resumed.load_state_dict(saved)
     opt2 = torch.optim.SGD(model2.parameters(), lr=0.1)
@@ -89,7 +94,7 @@ def test_epoch_events_come_at_every_epochs_end_in_one_pass_and_once_across_a_res
         resumed.set_epoch(e)
         for x, y, w in resumed:
             resumed.observe(weighted_step(model2, opt2, x, y, w))
-    assert [s for e, s, _ in first.calls + second.calls if e == "epoch"] == [5, 10, 15]
+    assert [s for e, s, _ in first.calls + second.calls if e == "epoch"] == resumed_events
 
 
 def test_tensorboard_writer_writes_event_files(tmp_path):

@@ -607,8 +607,8 @@ def test_ahead_of_the_run_after_a_load_names_the_loaded_epoch():
     loader.load_state_dict(saved)
     loader.set_epoch(3)  # the loop's count, not rolled back
     with pytest.warns(UserWarning, match=r"set_epoch\(3\) is ahead of the run, whose epoch 1 has not started.*"
-                                         r"A state_dict was loaded, which continues the run at epoch 1: count the "
-                                         r"loop's epochs from there \(set_epoch\(1\)"):
+                                         r"A state_dict was loaded \(or the run rewound\), which continues the run at "
+                                         r"epoch 1: count the loop's epochs from there \(set_epoch\(1\)"):
         assert len(list(loader)) == 9
     fresh = CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.25, epochs=4)
     fresh.set_epoch(2)  # never loaded: the advice stays the old one
