@@ -79,6 +79,11 @@ def _check_options(options: dict) -> dict:
         raise TypeError(f"epsilon must be a number in (0, 1), got {type(eps).__name__}")
     if not 0.0 < float(eps) < 1.0:
         raise ValueError(f"epsilon must be in (0, 1), got {eps!r}")
+    mdb = options.get("max_dense_bytes")
+    if mdb is not None and (isinstance(mdb, bool) or not isinstance(mdb, numbers.Integral)):
+        raise TypeError(f"max_dense_bytes must be an integer, got {type(mdb).__name__}")
+    if mdb is not None and mdb < 1:
+        raise ValueError(f"max_dense_bytes must be >= 1, got {mdb}")
     return options
 
 

@@ -231,7 +231,9 @@ def numba_cache_slot(base=None) -> Path | None:
     imported (claiming a slot does not import Numba, which takes seconds and would skew the ranks; a kernel
     module reloaded later with ``importlib.reload`` is not re-pointed again). Returns the slot, or
     ``None`` when Numba is not installed (nothing to protect). Numba's global configuration and
-    ``os.environ`` are left as they were, so other Numba code and subprocesses are not redirected.
+    ``os.environ`` are left as they were, so other Numba code and subprocesses are not redirected, except where
+    Numba finds no cache folder at all (a read-only install without a writable home): then the kernels' import
+    sets Numba's cache folder to the slot for the whole process (said in a warning).
 
     Examples
     --------
@@ -267,6 +269,11 @@ def numba_cache_slot(base=None) -> Path | None:
             "NUMBA_CACHE_DIR to a writable directory (each rank gets a slot below it)."
         )
     _SLOT.update(path=slot, lock=lock)
+    # the slot too where Numba finds no cache folder at all and crestcore's import falls back to one (review 153:
+    # the kernels went to a folder every rank shared)
+    import crestcore.backends
+
+    crestcore.backends._CACHE_FALLBACK = str(slot)
     waiting = []
     for name in _KERNELS:
         kernels = sys.modules.get(name)

@@ -121,6 +121,8 @@ def _example_losses(logits: torch.Tensor, labels: torch.Tensor, weights: torch.T
         raise TypeError(f"{who} integer class indices as the batch's labels, got {labels.dtype}: cast them to "
                         "integers in the dataset or the data collator (crest_labels= gives CREST the classes, but "
                         "the training step's loss reads the labels of each batch)")
+    if labels.dtype not in (torch.int64, torch.uint8):  # int32, int16 class indices (torch takes int64 or uint8)
+        labels = labels.long()
     return F.cross_entropy(logits.float(), labels, reduction="none")
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import collections.abc
 import contextlib
+import dataclasses
 import functools
 import inspect
 import itertools
@@ -264,16 +265,20 @@ def dataset_labels(dataset, keys=None) -> np.ndarray:
                 f"the class labels. Pass labels=dataset.tensors[k] with k the one that does (one of {ints}; "
                 "crest_labels= on CrestTrainer)")
         second = dataset.tensors[1]
-        if ints and ints[0] > 1:  # the second is no integer vector, a later one is
+        try:
+            return _as_labels(second, n, "the TensorDataset's second tensor")
+        except (TypeError, ValueError) as exc:
+            if not (ints and ints[0] > 1):
+                raise
             # (inputs, more inputs, labels): tabular categorical and numeric features, say (review 151: refused as
-            # if the task were no classification)
+            # if the task were no classification); only where the second is no labels (an (n, 1) column of class
+            # indices beside an id vector is: review 153)
             raise ValueError(
                 f"the TensorDataset's second tensor (shape {tuple(second.shape)}, {second.dtype}) is not one class "
                 f"index per example, but tensors[{ints[0]}] is an integer vector: if it holds the class labels (a "
                 f"TensorDataset of several inputs before the labels), pass labels=dataset.tensors[{ints[0]}] "
                 "(crest_labels= on CrestTrainer), and forward= to give the model its inputs (the default calls "
-                "model(batch[0]))")
-        return _as_labels(second, n, "the TensorDataset's second tensor")
+                "model(batch[0]))") from exc
     if isinstance(dataset, Subset) and _labels_without_items(dataset.dataset):
         base = dataset_labels(dataset.dataset, keys)
         return _as_labels(base[np.asarray(dataset.indices, dtype=np.int64)], n, "the Subset's labels")
@@ -893,22 +898,39 @@ def _plain(batch):
 
 
 def _same_batch(a, b) -> bool:
-    """Whether two collated batches are equal, field by field (tensors and arrays bit for bit, NaN equal to
-    NaN; mappings by key; sequences element by element; anything else by ``==``)."""
+    """Whether two collated batches are equal, field by field: tensors and arrays bit for bit (NaN equal to
+    NaN); mappings by key, sequences element by element, dataclasses and other objects by their fields; floats
+    with NaN equal to NaN; anything else by ``==``. True where equality cannot be told (an object whose ``==``
+    fails or is not a truth value): only a batch shown to differ counts as a random collate (review 153: a
+    deterministic dataclass batch counted as one, which also skipped the order check)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
                 and a.dtype == b.dtype and torch.equal(_bits(a), _bits(b)))
-    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape
-                and a.dtype == b.dtype and np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
+    if isinstance(a, (np.ndarray, np.generic)) or isinstance(b, (np.ndarray, np.generic)):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        try:
+            return bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fcmM"))
+        except (TypeError, ValueError):
+            return True
     if isinstance(a, collections.abc.Mapping) and isinstance(b, collections.abc.Mapping):
         return a.keys() == b.keys() and all(_same_batch(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same_batch(x, y) for x, y in zip(a, b))
-    try:
-        return bool(a == b)
-    except Exception:
+    if type(a) is not type(b):
         return False
+    if isinstance(a, float):
+        return a == b or (a != a and b != b)
+    if dataclasses.is_dataclass(a) and not isinstance(a, type):
+        return all(_same_batch(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
+    if hasattr(a, "__dict__") and type(a).__eq__ is object.__eq__:  # no equality of its own: its fields
+        return _same_batch(vars(a), vars(b))
+    try:
+        same = a == b
+        return bool(same) if isinstance(same, (bool, np.bool_)) else True
+    except Exception:
+        return True
 
 
 def _nbytes(batch) -> int:
@@ -1557,7 +1579,7 @@ class TorchModelOps:
         not count, up to 12 passes in all. Skipped for good when the same batch measures differently twice
         (a random model), when ``__getitems__`` does not return a list of the examples, or when the check's own
         load or forward fails (the pass then runs, and fails, as without it); and, with a warning, when the same
-        items collate into two different batches (a random collate: mixup or cutmix mixes the examples)."""
+        items collate into two different batches (a random collate: mixup or cutmix, random noise or crops)."""
         k = min(16, self.batch_size, idx.size)
         if k < 2:
             return
@@ -1590,13 +1612,13 @@ class TorchModelOps:
             warnings.warn(
                 f"crestcore: the collate_fn of CREST's measurement passes ({_callable_name(self._fetch.collate)}) "
                 "collated the same examples "
-                "into two different batches: a random collate, such as mixup or cutmix, mixes the examples (and "
-                "their labels), so CREST's measurement passes (the selections' features, the trust checks, the "
-                "model fit) measure mixed inputs, other ones at every pass, each against its own example's label. "
-                "Batch-level augmentation belongs to the training batches only: give CREST a collate_fn that does "
-                "not mix (torch.utils.data.default_collate, or yours without the mixing), and mix in the training "
-                "step, or, with a CrestBatchSampler, in the DataLoader's collate "
-                "(sampler.dataloader(collate_fn=WeightedCollate(mix))). (Said once.)",
+                "into two different batches: with a random collate (mixup or cutmix, which mix the examples and "
+                "their labels; random noise or crops of the batch) CREST's measurement passes (the selections' "
+                "features, the trust checks, the model fit) measure other inputs at every pass, mixed ones against "
+                "their own example's label. Batch-level augmentation belongs to the training batches only: give "
+                "CREST a collate_fn that does not draw (torch.utils.data.default_collate, or yours without the "
+                "augmentation), and augment in the training step, or, with a CrestBatchSampler, in the "
+                "DataLoader's collate (sampler.dataloader(collate_fn=WeightedCollate(mix))). (Said once.)",
                 stacklevel=_common.user_stacklevel())
             return
         tol = (1e-2 if self._dtype() in _HALF else 1e-5) * float(z[0].abs().max().clamp_min(1e-30))

@@ -72,6 +72,11 @@ __all__ = [
 ]
 
 
+# where Numba caches when it finds no place next to the package or in the user's cache folder (_import_kernels):
+# a distributed rank's own slot, set by crestcore.adapters.distributed.numba_cache_slot; None: the temporary directory
+_CACHE_FALLBACK: str | None = None
+
+
 def _outside_stacklevel() -> int:
     """The ``stacklevel`` of ``warnings.warn``, called by the caller of this function, that names the first frame
     outside crestcore (the user's call)."""
@@ -105,9 +110,16 @@ def _import_kernels(mod: str):
         config: Any = numba_config  # (its settings are set at import: no attributes for a type checker)
         if config.CACHE_DIR:  # a cache folder was given and still fails: nothing of ours to fix
             raise
-        folder = os.path.join(tempfile.gettempdir(), f"crestcore-numba-{os.getuid() if hasattr(os, 'getuid') else 0}")
+        # a distributed rank's own slot where it claimed one (crestcore.adapters.distributed.numba_cache_slot: ranks
+        # must not share a cache, review 153), else this user's folder in the temporary directory, used only when it
+        # is this user's and nobody else can write it (Numba's index is a pickle), else a new private one
+        folder = _CACHE_FALLBACK or os.path.join(tempfile.gettempdir(),
+                                                 f"crestcore-numba-{os.getuid() if hasattr(os, 'getuid') else 0}")
         try:
             os.makedirs(folder, mode=0o700, exist_ok=True)
+            st = os.stat(folder)
+            if not _CACHE_FALLBACK and hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o022):
+                folder = tempfile.mkdtemp(prefix="crestcore-numba-")
         except OSError as err:
             raise RuntimeError(f"{exc}. crestcore: Numba can cache its kernels neither next to the installed "
                                f"package nor in your cache folder, nor in {folder} ({err}): set NUMBA_CACHE_DIR to a "

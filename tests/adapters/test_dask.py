@@ -209,7 +209,9 @@ def test_bad_input_is_refused_clearly(client):
     for bad, err, what in (({"optimizer": "lazzy"}, ValueError, "optimizer must be one of"),
                            ({"backend": "numpy"}, ValueError, "backend must be one of"),
                            ({"optimizer": "stochastic", "epsilon": 2.0}, ValueError, r"epsilon must be in \(0, 1\)"),
-                           ({"epsilon": "0.1"}, TypeError, "epsilon must be a number")):
+                           ({"epsilon": "0.1"}, TypeError, "epsilon must be a number"),
+                           ({"max_dense_bytes": "1GB"}, TypeError, "max_dense_bytes must be an integer"),
+                           ({"max_dense_bytes": -5}, ValueError, "max_dense_bytes must be >= 1")):
         with pytest.raises(err, match=what):
             cdask.facility_location(untouched, 5, client=client, **bad)
 

@@ -84,6 +84,8 @@ def test_the_loss_is_the_weighted_mean_of_per_example_cross_entropy():
     # not torch's about target dtypes or shapes (review 151: crest_labels= had been the advice, and then this failed)
     with pytest.raises(TypeError, match="integer class indices as the batch's labels, got torch.float32: cast them"):
         weighted_cross_entropy(logits, labels.float(), w)
+    for dtype in (torch.int32, torch.int16, torch.uint8):  # other integer class indices: the same loss (review 153)
+        assert torch.allclose(weighted_cross_entropy(logits, labels.to(dtype), w), want)
 
 
 def test_crest_trainer_refuses_what_it_cannot_do(tmp_path):

@@ -1492,10 +1492,30 @@ def test_a_collate_that_mixes_examples_is_warned_about():
     def plain(items):
         return torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items])
 
-    said = "collated the same examples into two different batches: a random collate, such as mixup"
-    for collate, warns in ((mixup, True), (plain, False)):
+    said = "collated the same examples into two different batches: with a random collate (mixup or cutmix"
+
+    @dataclasses.dataclass
+    class Batch:  # a deterministic batch of its own type, a NaN field: the same batch twice (review 153)
+        x: torch.Tensor
+        y: torch.Tensor
+        note: float = float("nan")
+
+    def as_dataclass(items):
+        return Batch(*plain(items))
+
+    def sort_rows(items):  # deterministic but not order-keeping: refused by the order check, not taken for random
+        x, y = plain(items)
+        order = torch.argsort(x[:, 0])
+        return Batch(x[order], y[order])
+
+    forward = {as_dataclass: lambda model, b: model(b.x), sort_rows: lambda model, b: model(b.x)}
+    loader = CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.5, epochs=1, seed=0,
+                         collate_fn=sort_rows, forward=forward[sort_rows])
+    with pytest.raises(ValueError, match="does not keep the items' order"):
+        next(iter(loader))
+    for collate, warns in ((mixup, True), (plain, False), (as_dataclass, False)):
         loader = CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.5, epochs=1,
-                             seed=0, collate_fn=collate)
+                             seed=0, collate_fn=collate, **({"forward": forward[collate]} if collate in forward else {}))
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             for _ in loader:
@@ -1843,6 +1863,8 @@ def test_a_tensordataset_with_several_integer_vectors_asks_which_holds_the_label
     np.testing.assert_array_equal(dataset_labels(TensorDataset(x, y, torch.rand(60))), y.numpy())
     # several inputs before the labels (tabular categorical and numeric features): the integer vector after the
     # second tensor is named, not the task refused as regression or multi-label (review 151)
+    # an (n, 1) column of class indices before an id vector is the labels, as without the ids (review 153)
+    np.testing.assert_array_equal(dataset_labels(TensorDataset(x, y[:, None], torch.arange(60))), y.numpy())
     for second in (torch.randn(60, 6), torch.stack([cat, cat], 1)):
         with pytest.raises(ValueError, match=r"second tensor \(shape \(60, .\), torch\.\w+\) is not one class index "
                                              r"per example, but tensors\[2\] is an integer vector.*"

@@ -155,6 +155,22 @@ def test_numba_without_a_writable_cache_folder_caches_in_the_temporary_directory
     assert said[0].filename == __file__  # the caller's line
     assert mod.__name__ == "crestcore.backends.numba" and calls == ["crestcore.backends.numba"] * 2
     assert config.CACHE_DIR.startswith(str(tmp_path)) and os.path.isdir(config.CACHE_DIR)
+    # a folder of that name that another user could write is not used (review 153: Numba's index is a pickle)
+    calls.clear()
+    os.chmod(config.CACHE_DIR, 0o777)
+    shared = config.CACHE_DIR
+    monkeypatch.setattr(config, "CACHE_DIR", "")
+    with pytest.warns(RuntimeWarning, match="cannot cache the kernels"):
+        backends._import_kernels("numba")
+    assert config.CACHE_DIR != shared and os.stat(config.CACHE_DIR).st_mode & 0o077 == 0
+    # a distributed rank's slot, where one was claimed (review 153: the ranks shared the temporary folder)
+    calls.clear()
+    monkeypatch.setattr(config, "CACHE_DIR", "")
+    monkeypatch.setattr(backends, "_CACHE_FALLBACK", str(tmp_path / "slot0"))
+    with pytest.warns(RuntimeWarning, match="slot0"):
+        backends._import_kernels("numba")
+    assert config.CACHE_DIR == str(tmp_path / "slot0")
+    monkeypatch.setattr(backends, "_CACHE_FALLBACK", None)
     # a cache folder that was given and still fails, or another error: Numba's own error, unchanged
     calls.clear()
     monkeypatch.setattr(config, "CACHE_DIR", str(tmp_path / "given"))
