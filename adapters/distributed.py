@@ -252,12 +252,17 @@ def numba_cache_slot(base=None) -> Path | None:
 
     if importlib.util.find_spec("numba") is None:
         return None
-    bases = [Path(base) if base is not None else _slot_base(),
-             Path(tempfile.gettempdir()) / f"crestcore-numba-{os.getuid() if hasattr(os, 'getuid') else 0}"]
+    from crestcore.backends import _private_folder
+
+    shared = Path(tempfile.gettempdir()) / f"crestcore-numba-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    bases = [Path(base) if base is not None else _slot_base(), shared]
     slot, lock, errors = None, None, []
     for b in bases:
         try:
-            b.mkdir(parents=True, exist_ok=True)
+            if b is shared:  # in the temporary directory: a folder only this user can write (review 154)
+                b = Path(_private_folder(b))
+            else:
+                b.mkdir(parents=True, exist_ok=True)
             slot, lock = _claim(b)
             break
         except OSError as exc:

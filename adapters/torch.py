@@ -256,29 +256,29 @@ def dataset_labels(dataset, keys=None) -> np.ndarray:
                              "(crest_labels= on CrestTrainer)")
         # more than one integer vector after the inputs (a categorical feature, example ids): which is the
         # class is not for CREST to guess (it took the second, a model's categorical input, silently)
-        ints = [k for k, t in enumerate(dataset.tensors) if k >= 1 and t.ndim == 1 and not t.is_floating_point()
-                and not t.is_complex() and t.dtype != torch.bool]
+        # (an (n, 1) column counts as a vector: it is read as one, so (x, cat column, y) is as ambiguous as
+        # (x, cat, y): review 154)
+        ints = [k for k, t in enumerate(dataset.tensors)
+                if k >= 1 and (t.ndim == 1 or (t.ndim == 2 and t.shape[1] == 1))
+                and not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool]
         if len(ints) > 1:
             raise ValueError(
                 f"this TensorDataset holds {len(dataset.tensors)} tensors, of which tensors {ints} are integer "
-                "vectors (class labels, a categorical input, example ids, ...): CREST cannot tell which one holds "
+                "vectors or columns (class labels, a categorical input, example ids, ...): CREST cannot tell which "
+                "one holds "
                 f"the class labels. Pass labels=dataset.tensors[k] with k the one that does (one of {ints}; "
                 "crest_labels= on CrestTrainer)")
         second = dataset.tensors[1]
-        try:
-            return _as_labels(second, n, "the TensorDataset's second tensor")
-        except (TypeError, ValueError) as exc:
-            if not (ints and ints[0] > 1):
-                raise
+        if ints and ints[0] > 1:  # the second is no integer vector or column, a later one is
             # (inputs, more inputs, labels): tabular categorical and numeric features, say (review 151: refused as
-            # if the task were no classification); only where the second is no labels (an (n, 1) column of class
-            # indices beside an id vector is: review 153)
+            # if the task were no classification)
             raise ValueError(
                 f"the TensorDataset's second tensor (shape {tuple(second.shape)}, {second.dtype}) is not one class "
                 f"index per example, but tensors[{ints[0]}] is an integer vector: if it holds the class labels (a "
                 f"TensorDataset of several inputs before the labels), pass labels=dataset.tensors[{ints[0]}] "
                 "(crest_labels= on CrestTrainer), and forward= to give the model its inputs (the default calls "
-                "model(batch[0]))") from exc
+                "model(batch[0]))")
+        return _as_labels(second, n, "the TensorDataset's second tensor")
     if isinstance(dataset, Subset) and _labels_without_items(dataset.dataset):
         base = dataset_labels(dataset.dataset, keys)
         return _as_labels(base[np.asarray(dataset.indices, dtype=np.int64)], n, "the Subset's labels")
@@ -910,6 +910,8 @@ def _same_batch(a, b) -> bool:
         a, b = np.asarray(a), np.asarray(b)
         if a.shape != b.shape or a.dtype != b.dtype:
             return False
+        if a.dtype == object:  # (elements that are tensors or objects: one by one)
+            return all(_same_batch(x, y) for x, y in zip(a.ravel(), b.ravel()))
         try:
             return bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fcmM"))
         except (TypeError, ValueError):
@@ -920,17 +922,32 @@ def _same_batch(a, b) -> bool:
         return len(a) == len(b) and all(_same_batch(x, y) for x, y in zip(a, b))
     if type(a) is not type(b):
         return False
-    if isinstance(a, float):
+    if isinstance(a, (float, complex)):
         return a == b or (a != a and b != b)
     if dataclasses.is_dataclass(a) and not isinstance(a, type):
         return all(_same_batch(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
-    if hasattr(a, "__dict__") and type(a).__eq__ is object.__eq__:  # no equality of its own: its fields
-        return _same_batch(vars(a), vars(b))
+    fields = _object_fields(a)
+    if fields:  # an object of fields (in __dict__ or __slots__): compared by them, whatever its own == says (review
+        # 154: slots objects fell back to identity, objects whose == returns a tensor to "cannot tell")
+        return fields == _object_fields(b) and all(_same_batch(getattr(a, f), getattr(b, f)) for f in fields)
     try:
         same = a == b
-        return bool(same) if isinstance(same, (bool, np.bool_)) else True
     except Exception:
         return True
+    if type(a).__eq__ is object.__eq__ or not isinstance(same, (bool, np.bool_)):
+        return True  # identity, or no truth value: cannot tell
+    return bool(same)
+
+
+def _object_fields(a) -> list[str]:
+    """The attribute names of an object's state: its ``__dict__`` and the ``__slots__`` of its classes (those set)."""
+    names = list(getattr(a, "__dict__", {}) or {})
+    for cls in type(a).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        for name in ((slots,) if isinstance(slots, str) else slots):
+            if name not in ("__dict__", "__weakref__") and name not in names and hasattr(a, name):
+                names.append(name)
+    return names
 
 
 def _nbytes(batch) -> int:

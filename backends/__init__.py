@@ -77,6 +77,25 @@ __all__ = [
 _CACHE_FALLBACK: str | None = None
 
 
+def _private_folder(path) -> str:
+    """``path``, made if missing, as a folder only this user can write (a cache whose index Numba loads with pickle
+    must not be another user's to fill): this user's own is kept (its group and others' write permission taken
+    away: a umask of 002 made it group-writable, review 154), another user's gives way to a new private folder
+    beside it (``tempfile.mkdtemp``)."""
+    import tempfile
+
+    path = str(path)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if not hasattr(os, "getuid"):  # (no owners to tell apart)
+        return path
+    st = os.stat(path)
+    if st.st_uid != os.getuid():
+        return tempfile.mkdtemp(prefix=os.path.basename(path.rstrip(os.sep)) + "-", dir=os.path.dirname(path) or None)
+    if st.st_mode & 0o022:
+        os.chmod(path, st.st_mode & ~0o022)
+    return path
+
+
 def _outside_stacklevel() -> int:
     """The ``stacklevel`` of ``warnings.warn``, called by the caller of this function, that names the first frame
     outside crestcore (the user's call)."""
@@ -116,10 +135,7 @@ def _import_kernels(mod: str):
         folder = _CACHE_FALLBACK or os.path.join(tempfile.gettempdir(),
                                                  f"crestcore-numba-{os.getuid() if hasattr(os, 'getuid') else 0}")
         try:
-            os.makedirs(folder, mode=0o700, exist_ok=True)
-            st = os.stat(folder)
-            if not _CACHE_FALLBACK and hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o022):
-                folder = tempfile.mkdtemp(prefix="crestcore-numba-")
+            folder = _private_folder(folder)
         except OSError as err:
             raise RuntimeError(f"{exc}. crestcore: Numba can cache its kernels neither next to the installed "
                                f"package nor in your cache folder, nor in {folder} ({err}): set NUMBA_CACHE_DIR to a "

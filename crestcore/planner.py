@@ -8,7 +8,7 @@ path           memory                                      time
 =============  ==========================================  =====================================
 dense          ``n^2 itemsize`` (the n x n similarity)     ``n^2 d`` once, then cheap lazy steps
 matrix-free    ``16 n d + 64 n`` (float64 copies, O(n))    ``n d (n + R k)``, R re-evaluations/step
-sparse (K)     ``64 n (K + 1) + 40 n d`` (:func:`graph_bytes`)   graph build + ``O(n K)`` greedy
+sparse (K)     ``64 n (K + 1) + 42 n d`` (:func:`graph_bytes`)   graph build + ``O(n K)`` greedy
 =============  ==========================================  =====================================
 
 :func:`plan_problem` takes, in this order, the first that fits ``max_dense_bytes`` (which bounds the
@@ -103,7 +103,7 @@ def plan_problem(n: int, d: int, k: int, itemsize: int, max_dense_bytes: int, *,
     --------
     With a 1 GiB bound and float32 data, 1,000 points fit densely and 20,000 go matrix-free; a million
     points with 64 features take the sparse path under 3 GiB, with as many neighbours as fit (the graph
-    builder's copies of the features alone take 2.56 GB):
+    builder's copies of the features alone take 2.69 GB):
 
     >>> plan_problem(1000, 10, 100, 4, 2**30).path
     'dense'
@@ -111,7 +111,7 @@ def plan_problem(n: int, d: int, k: int, itemsize: int, max_dense_bytes: int, *,
     'matrix-free'
     >>> plan = plan_problem(1_000_000, 64, 1000, 4, 3 * 2**30)
     >>> plan.path, plan.neighbors
-    ('sparse', 9)
+    ('sparse', 7)
 
     When nothing fits, the error names the bound that would:
 

@@ -70,31 +70,31 @@ _TILE_ELEMENTS = 1 << 22
 def sparse_bytes(n: int, d: int, K: int) -> int:
     """Upper estimate of the sparse path's working memory for one problem of n points, d features, K
     neighbours: the graph, the similarities and their candidate-major order (about 64 bytes per pair),
-    plus the graph builder's copies of the features (40 n d: a float64 copy, the column statistics of the
+    plus the graph builder's copies of the features (42 n d: a float64 copy, the column statistics of the
     contract's exact shift, then float32 copies for the search; reviews measured the faiss builder at 26-35
-    bytes a feature value and a whole call at 38, where 8 had been counted).
+    bytes a feature value and a whole call at 38 (float32 input) and 42 (float64), where 8 had been counted).
 
     Examples
     --------
-    60,000 points with 64 features and 16 neighbours: about 220 MB, where the dense similarity takes
+    60,000 points with 64 features and 16 neighbours: about 230 MB, where the dense similarity takes
     14.4 GB in float32:
 
     >>> sparse_bytes(60000, 64, 16)
-    219928576
+    227608576
     """
     n, d, K = (check_int(v, name, low=0) for v, name in ((n, "n"), (d, "d"), (K, "K")))
-    return 64 * n * (K + 1) + 40 * n * d + (1 << 20)
+    return 64 * n * (K + 1) + 42 * n * d + (1 << 20)
 
 
 def graph_bytes(n: int, d: int, K: int) -> int:
     """:func:`sparse_bytes` without its fixed 1 MiB of work buffers: what ``max_dense_bytes`` bounds on the
-    sparse path (``64 n (K + 1) + 40 n d``), as on the other paths, whose fixed work buffers come on top of
+    sparse path (``64 n (K + 1) + 42 n d``), as on the other paths, whose fixed work buffers come on top of
     the bound too (a six-point problem under a 1,000-byte bound is not refused for them).
 
     Examples
     --------
     >>> graph_bytes(1000, 64, 6)
-    3008000
+    3136000
     """
     return sparse_bytes(n, d, K) - sparse_bytes(0, 0, 0)
 

@@ -1072,7 +1072,7 @@ def test_a_class_without_picks_is_neither_sized_nor_solved(how):
     path and plan are those of the picking class alone."""
     X = np.random.default_rng(0).normal(size=(2010, 4))
     labels = np.r_[np.zeros(2000, np.int64), np.ones(10, np.int64)]
-    # (4,500 bytes: the ten points' graph with neighbors=3 and its builder's copies of their features take 4,160)
+    # (4,500 bytes: the ten points' graph with neighbors=3 and its builder's copies of their features take 4,240)
     got = crestcore.facility_location(X, 2, labels=labels, class_budgets=[0, 2], max_dense_bytes=4500, **how)
     alone = crestcore.facility_location(X[2000:], 2, max_dense_bytes=4500, **how)
     np.testing.assert_array_equal(got.indices, 2000 + alone.indices)

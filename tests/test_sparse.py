@@ -662,9 +662,9 @@ def test_the_ivf_recall_leaves_each_point_itself_out():
 def test_a_tiny_sparse_problem_under_a_small_bound_is_not_refused_for_fixed_buffers():
     """Review 36: the refusal counted sparse_bytes' fixed 1 MiB of work buffers (they come on top of the
     bound, as on the other paths), so six points with neighbors=1 under a 1,300-byte bound (their graph and
-    the builder's copies: 1,248 bytes) were refused; the advice named optimizer='auto', which keeps the given K."""
+    the builder's copies: 1,272 bytes) were refused; the advice named optimizer='auto', which keeps the given K."""
     X = np.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [10.0, 10.0], [10.0, 11.0], [12.0, 10.0]])
-    assert crestcore.sparse.graph_bytes(6, 2, 1) == 1248
+    assert crestcore.sparse.graph_bytes(6, 2, 1) == 1272
     assert crestcore.facility_location(X, 2, neighbors=1, max_dense_bytes=1300).indices.shape == (2,)
     Y = np.random.default_rng(8).normal(size=(3000, 8))
     with pytest.raises(ValueError, match="leave neighbors out with optimizer='auto'"):
@@ -674,8 +674,8 @@ def test_a_tiny_sparse_problem_under_a_small_bound_is_not_refused_for_fixed_buff
 def test_auto_bounds_the_sparse_graph_as_an_explicit_neighbors_does(monkeypatch):
     """Review 52: under optimizer='auto' the planner counted sparse_bytes' fixed 1 MiB of work buffers in
     the bound, an explicit neighbors=K did not (review 36), so auto refused bounds the documented
-    64 n (K + 1) + 40 n d allows: n = 1000, d = 64 under that bound at K = 6 fits 6 neighbours. (Since the
-    builder's copies are counted, 40 n d, the sparse path needs more than the matrix-free one at such a size:
+    64 n (K + 1) + 42 n d allows: n = 1000, d = 64 under that bound at K = 6 fits 6 neighbours. (Since the
+    builder's copies are counted, 42 n d, the sparse path needs more than the matrix-free one at such a size:
     the matrix-free path is ruled out here by its work limit, as it is for the large problems auto sends to
     the sparse path.)"""
     monkeypatch.setattr(planner, "MATRIX_FREE_MAX_WORK", 0.0)

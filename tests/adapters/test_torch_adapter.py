@@ -1526,6 +1526,48 @@ def test_a_collate_that_mixes_examples_is_warned_about():
             assert hits[0].filename == __file__ and "default_collate" in str(hits[0].message)
 
 
+def test_batches_are_compared_by_their_fields_whatever_their_own_equality():
+    """Review 154: the random-collate check compared an object with __slots__ by identity (a deterministic batch
+    taken for random, and a sorting collate into it not refused) and gave up on an object whose == returns a tensor
+    (mixup in it not warned about); both are compared by their fields now."""
+    from crestcore.adapters.torch import _same_batch
+
+    class Slots:
+        __slots__ = ("x", "y")
+
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+    class TensorEq:
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+        def __eq__(self, other):
+            return self.x == other.x
+
+        __hash__ = None
+
+    a, b = torch.arange(6.0).reshape(3, 2), torch.tensor([0, 1, 2])
+    for kind in (Slots, TensorEq):
+        assert _same_batch(kind(a.clone(), b.clone()), kind(a.clone(), b.clone()))
+        assert not _same_batch(kind(a, b), kind(a + 1, b))
+    assert _same_batch((complex("nan"), float("nan"), np.float64("nan")), (complex("nan"), float("nan"), np.float64("nan")))
+    pair, other = np.empty(2, dtype=object), np.empty(2, dtype=object)  # an object array of tensors
+    pair[:], other[:] = [a, b], [a + 1, b]
+    assert _same_batch(pair, pair.copy()) and not _same_batch(pair, other)
+    X, y = make_data()
+
+    def sort_rows(items):
+        x = torch.stack([it[0] for it in items])
+        order = torch.argsort(x[:, 0])
+        return Slots(x[order], torch.stack([it[1] for it in items])[order])
+
+    loader = CrestLoader(mlp(), TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.5, epochs=1, seed=0,
+                         collate_fn=sort_rows, forward=lambda model, batch: model(batch.x))
+    with pytest.raises(ValueError, match="does not keep the items' order"):
+        next(iter(loader))
+
+
 def test_a_single_logit_classifier_is_told_how_to_give_two():
     """A sigmoid classifier (one logit, BCEWithLogits) is refused naming what CREST measures and the
     forward= that makes it two logits; with it, the run measures the binary cross-entropy of the logit."""
@@ -1863,8 +1905,14 @@ def test_a_tensordataset_with_several_integer_vectors_asks_which_holds_the_label
     np.testing.assert_array_equal(dataset_labels(TensorDataset(x, y, torch.rand(60))), y.numpy())
     # several inputs before the labels (tabular categorical and numeric features): the integer vector after the
     # second tensor is named, not the task refused as regression or multi-label (review 151)
-    # an (n, 1) column of class indices before an id vector is the labels, as without the ids (review 153)
-    np.testing.assert_array_equal(dataset_labels(TensorDataset(x, y[:, None], torch.arange(60))), y.numpy())
+    # an (n, 1) integer column counts as a vector: before another integer vector it is as ambiguous as a vector (a
+    # column of class indices before ids, or a categorical column before the labels: review 154 saw the second
+    # taken as the labels), and with labels= either is clear
+    for data in (TensorDataset(x, y[:, None], torch.arange(60)), TensorDataset(x, cat[:, None], y)):
+        with pytest.raises(ValueError, match=r"tensors \[1, 2\] are integer vectors or columns.*CREST cannot tell"):
+            dataset_labels(data)
+    CrestLoader(mlp(), TensorDataset(x, cat[:, None], y), config=CrestConfig(m=16), budget=0.5, labels=y)
+    np.testing.assert_array_equal(dataset_labels(TensorDataset(x, y[:, None])), y.numpy())
     for second in (torch.randn(60, 6), torch.stack([cat, cat], 1)):
         with pytest.raises(ValueError, match=r"second tensor \(shape \(60, .\), torch\.\w+\) is not one class index "
                                              r"per example, but tensors\[2\] is an integer vector.*"

@@ -155,14 +155,15 @@ def test_numba_without_a_writable_cache_folder_caches_in_the_temporary_directory
     assert said[0].filename == __file__  # the caller's line
     assert mod.__name__ == "crestcore.backends.numba" and calls == ["crestcore.backends.numba"] * 2
     assert config.CACHE_DIR.startswith(str(tmp_path)) and os.path.isdir(config.CACHE_DIR)
-    # a folder of that name that another user could write is not used (review 153: Numba's index is a pickle)
+    # this user's folder that others could write is made private before use (review 153: Numba's index is a pickle;
+    # another user's folder is not used at all: the next test)
     calls.clear()
     os.chmod(config.CACHE_DIR, 0o777)
     shared = config.CACHE_DIR
     monkeypatch.setattr(config, "CACHE_DIR", "")
     with pytest.warns(RuntimeWarning, match="cannot cache the kernels"):
         backends._import_kernels("numba")
-    assert config.CACHE_DIR != shared and os.stat(config.CACHE_DIR).st_mode & 0o077 == 0
+    assert config.CACHE_DIR == shared and os.stat(config.CACHE_DIR).st_mode & 0o022 == 0
     # a distributed rank's slot, where one was claimed (review 153: the ranks shared the temporary folder)
     calls.clear()
     monkeypatch.setattr(config, "CACHE_DIR", "")
@@ -181,3 +182,24 @@ def test_numba_without_a_writable_cache_folder_caches_in_the_temporary_directory
     monkeypatch.setattr(config, "CACHE_DIR", "")
     with pytest.raises(RuntimeError, match="something else"):
         backends._import_kernels("numba")
+
+
+def test_the_numba_fallback_folder_is_one_only_this_user_can_write(tmp_path):
+    """Review 154: a umask of 002 left this user's fallback folder group-writable, and each later process then made
+    a new private folder (never reused); a folder another user owns must not be used at all (Numba's index is a
+    pickle). This user's own is kept, made private; another user's gives way to a new private folder."""
+    if not hasattr(os, "getuid"):
+        pytest.skip("no file owners here")
+    own = tmp_path / "crestcore-numba-x"
+    own.mkdir(mode=0o775)
+    os.chmod(own, 0o775)
+    assert backends._private_folder(own) == str(own) and os.stat(own).st_mode & 0o022 == 0
+    fresh = backends._private_folder(tmp_path / "made")
+    assert os.path.isdir(fresh) and os.stat(fresh).st_mode & 0o022 == 0
+    if os.getuid() != 0:
+        return  # (giving a folder to another user needs root)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o777)
+    os.chown(theirs, 65534, 65534)
+    got = backends._private_folder(theirs)
+    assert got != str(theirs) and os.stat(got).st_uid == os.getuid() and os.stat(got).st_mode & 0o077 == 0
