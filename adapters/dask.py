@@ -43,7 +43,7 @@ import numpy as np
 
 import crestcore
 from crestcore.plan import hamilton
-from crestcore.validation import check_int, int64_labels, not_floating
+from crestcore.validation import check_choice, check_epsilon, check_int, int64_labels, not_floating
 from crestcore.facility import BACKENDS, OPTIMIZERS, Selection
 from crestcore.similarity import KERNELS, METRICS, kernel_scale, restore
 
@@ -66,24 +66,14 @@ def _check_options(options: dict) -> dict:
     nb = options.get("neighbors")
     if nb is not None and (isinstance(nb, bool) or not isinstance(nb, numbers.Integral)):
         raise TypeError("neighbors must be an integer K here (an index graph refers to the whole data set)")
-    # the rest of facility_location's choices too, here before any chunk is read or sent (review 152: a typo
-    # was found on the workers, after every chunk had been computed, with a worker error logged per partition)
-    opt = options.get("optimizer", "lazy")
-    if opt not in OPTIMIZERS + ("auto",):
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS + ('auto',)}, got {opt!r}")
-    backend = options.get("backend", "auto")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    eps = options.get("epsilon", 0.1)
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"epsilon must be a number in (0, 1), got {type(eps).__name__}")
-    if not 0.0 < float(eps) < 1.0:
-        raise ValueError(f"epsilon must be in (0, 1), got {eps!r}")
-    mdb = options.get("max_dense_bytes")
-    if mdb is not None and (isinstance(mdb, bool) or not isinstance(mdb, numbers.Integral)):
-        raise TypeError(f"max_dense_bytes must be an integer, got {type(mdb).__name__}")
-    if mdb is not None and mdb < 1:
-        raise ValueError(f"max_dense_bytes must be >= 1, got {mdb}")
+    # the rest of facility_location's choices too, with its checks, here before any chunk is read or sent
+    # (review 152: a typo was found on the workers, after every chunk had been computed, with a worker error
+    # logged per partition)
+    check_choice(options.get("optimizer", "lazy"), "optimizer", OPTIMIZERS + ("auto",))
+    check_choice(options.get("backend", "auto"), "backend", BACKENDS)
+    check_epsilon(options.get("epsilon", 0.1))
+    if options.get("max_dense_bytes") is not None:
+        check_int(options["max_dense_bytes"], "max_dense_bytes")
     return options
 
 

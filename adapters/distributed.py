@@ -252,9 +252,9 @@ def numba_cache_slot(base=None) -> Path | None:
 
     if importlib.util.find_spec("numba") is None:
         return None
-    from crestcore.backends import _private_folder
+    from crestcore.backends import _private_folder, _user_temp_folder
 
-    shared = Path(tempfile.gettempdir()) / f"crestcore-numba-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    shared = Path(_user_temp_folder())
     bases = [Path(base) if base is not None else _slot_base(), shared]
     slot, lock, errors = None, None, []
     for b in bases:

@@ -349,8 +349,7 @@ def _item_label(v, i: int) -> int:
     try:
         return _label_value(v, i)
     except (TypeError, ValueError) as exc:
-        size = getattr(v, "size", None)
-        if isinstance(v, torch.Tensor) and v.numel() != 1 or isinstance(v, np.ndarray) and size != 1:
+        if (isinstance(v, torch.Tensor) and v.numel() != 1) or (isinstance(v, np.ndarray) and v.size != 1):
             raise  # a vector (multi-hot, one-hot, soft targets): the refusal as it is, no cast to suggest (review 151)
         try:
             whole = float(v.reshape(()).item() if hasattr(v, "reshape") else v).is_integer()

@@ -77,6 +77,14 @@ __all__ = [
 _CACHE_FALLBACK: str | None = None
 
 
+def _user_temp_folder() -> str:
+    """This user's Numba cache folder in the temporary directory, ``crestcore-numba-<uid>`` (the fallback of
+    :func:`_import_kernels`, and the base of a distributed rank's slot where its own base is not writable)."""
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), f"crestcore-numba-{os.getuid() if hasattr(os, 'getuid') else 0}")
+
+
 def _private_folder(path) -> str:
     """``path``, made if missing, as a folder only this user can write (a cache whose index Numba loads with pickle
     must not be another user's to fill): this user's own is kept (its group and others' write permission taken
@@ -121,7 +129,6 @@ def _import_kernels(mod: str):
         if "no locator available" not in str(exc) or not mod.startswith("numba"):
             raise
         import sys
-        import tempfile
         import warnings
 
         from numba.core import config as numba_config
@@ -132,8 +139,7 @@ def _import_kernels(mod: str):
         # a distributed rank's own slot where it claimed one (crestcore.adapters.distributed.numba_cache_slot: ranks
         # must not share a cache, review 153), else this user's folder in the temporary directory, used only when it
         # is this user's and nobody else can write it (Numba's index is a pickle), else a new private one
-        folder = _CACHE_FALLBACK or os.path.join(tempfile.gettempdir(),
-                                                 f"crestcore-numba-{os.getuid() if hasattr(os, 'getuid') else 0}")
+        folder = _CACHE_FALLBACK or _user_temp_folder()
         try:
             folder = _private_folder(folder)
         except OSError as err:

@@ -216,12 +216,34 @@ def check_count(value, name: str, *, low: int = 1, optional: bool = False):
 
 
 def check_choice(value, name: str, choices) -> str:
+    """``value`` when it is one of ``choices``; the error names the argument ``name`` and the choices.
+
+    Examples
+    --------
+    >>> check_choice("lazy", "optimizer", ("naive", "lazy"))
+    'lazy'
+    >>> check_choice("lazzy", "optimizer", ("naive", "lazy"))
+    Traceback (most recent call last):
+    ...
+    ValueError: optimizer must be one of ('naive', 'lazy'), got 'lazzy'
+    """
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
     return value
 
 
 def check_epsilon(epsilon) -> float:
+    """The stochastic greedy's ``epsilon`` as a float in (0, 1); the errors name it.
+
+    Examples
+    --------
+    >>> check_epsilon(0.1)
+    0.1
+    >>> check_epsilon(2)
+    Traceback (most recent call last):
+    ...
+    ValueError: epsilon must be in (0, 1), got 2
+    """
     if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
         raise TypeError(f"epsilon must be a number in (0, 1), got {type(epsilon).__name__}")
     e = float(epsilon)

@@ -8,6 +8,8 @@ Each check returns a normalised host (NumPy) copy or raises an error naming the 
 * :func:`int64_labels` -- host integer labels as int64 (unsigned ones past int64's range refused, not
   wrapped to negative values).
 * :func:`check_int` -- an integer argument in a range (bools refused), named in the error.
+* :func:`check_choice` -- an argument that must be one of a few names, named in the error.
+* :func:`check_epsilon` -- the stochastic greedy's ``epsilon``, a number in (0, 1).
 * :func:`check_count` -- a positive (or non-negative, or optional) integer argument, a ``ValueError``
   naming it otherwise.
 * :func:`not_floating` -- the ``TypeError`` for an array whose dtype is not real floating (a NumPy
@@ -19,8 +21,8 @@ Each check returns a normalised host (NumPy) copy or raises an error naming the 
 
 from __future__ import annotations
 
-from ._validation import (DivergenceError, check_count, check_int, host_indices, host_weights, int64_labels,
-                          masked_outputs_error, not_floating, stored_batch, user_stacklevel)
+from ._validation import (DivergenceError, check_choice, check_count, check_epsilon, check_int, host_indices,
+                          host_weights, int64_labels, masked_outputs_error, not_floating, stored_batch, user_stacklevel)
 
-__all__ = ["DivergenceError", "check_count", "check_int", "host_indices", "host_weights", "int64_labels",
-           "masked_outputs_error", "not_floating", "stored_batch", "user_stacklevel"]
+__all__ = ["DivergenceError", "check_choice", "check_count", "check_epsilon", "check_int", "host_indices",
+           "host_weights", "int64_labels", "masked_outputs_error", "not_floating", "stored_batch", "user_stacklevel"]
