@@ -3569,17 +3569,18 @@ def _calling_loader_iterator(me, depth: int = 12):
     return None, None
 
 
-def _wrapper_look_ahead(depth: int = 24) -> int:
-    """1 when an ``accelerate`` data loader (``DataLoaderShard``, ``DataLoaderDispatcher``, what
-    ``Accelerator.prepare`` and the Hugging Face ``Trainer`` make of a ``DataLoader``) is iterating the
-    ``DataLoader`` whose iterator calls ``iter()`` on the sampler, else 0: it takes the next batch from the
+def _wrapper_look_ahead(depth: int = 24):
+    """The ``accelerate`` data loader (``DataLoaderShard``, ``DataLoaderDispatcher``, what
+    ``Accelerator.prepare`` and the Hugging Face ``Trainer`` make of a ``DataLoader``) iterating the
+    ``DataLoader`` whose iterator calls ``iter()`` on the sampler, else None: it takes the next batch from the
     ``DataLoader`` before it yields the current one, one batch beyond the workers' prefetch (review 96: under
     ``num_workers=2`` a cycled coreset's later copy then lay in the window of ``observe(indices=)`` and took the
-    losses of the batch trained five steps before it)."""
+    losses of the batch trained five steps before it), until the ``DataLoader`` ends (its ``end_of_dataloader``
+    set: the last batch is given to the loop then)."""
     try:
         f = sys._getframe(2)
     except ValueError:  # pragma: no cover - a stack without that frame
-        return 0
+        return None
     for _ in range(depth):
         if f is None:
             break
@@ -3588,9 +3589,9 @@ def _wrapper_look_ahead(depth: int = 24) -> int:
         # as it gets it; review 100), by class name along the class's own line: no import of accelerate here
         if obj is not None and type(obj).__module__.startswith("accelerate.") and any(
                 c.__name__ in ("DataLoaderShard", "DataLoaderDispatcher") for c in type(obj).__mro__):
-            return 1
+            return obj
         f = f.f_back
-    return 0
+    return None
 
 
 class _CountedPass:
@@ -3707,6 +3708,7 @@ class CrestBatchSampler(CrestLoader):
         self._pass_ahead = 0  # ... and that of the DataLoader the running pass hands its batches to
         self._saved_ahead: int | None = None  # a loaded state's: compared with the first pass's after the load
         self._loader_held = self._pass_held = 0  # of those, accelerate's one batch (_wrapper_look_ahead)
+        self._loader_shard = self._pass_shard = None  # weak references to that accelerate loader
         self._saved_held: int | None = None  # a loaded state's; None: saved before that batch was counted
         self._ahead_known = False  # whether a pass ran (since construction or a load): _pass_ahead is its window
         self._loader_iter = self._pass_iter = None  # weak references to those DataLoaders' iterators
@@ -3717,7 +3719,8 @@ class CrestBatchSampler(CrestLoader):
     def __getstate__(self) -> dict:
         # the DataLoaders' iterators are this object's and this process's (weak references, which do not pickle;
         # a deepcopy kept the original's and read its counts: review 139), as are the passes running over them
-        return {**super().__getstate__(), "_loader_iter": None, "_pass_iter": None, "_advancing": None}
+        return {**super().__getstate__(), "_loader_iter": None, "_pass_iter": None, "_advancing": None,
+                "_loader_shard": None, "_pass_shard": None}
 
     def __iter__(self):
         # The usual first mistake, DataLoader(train_set, batch_sampler=sampler) without WeightedDataset, ends
@@ -3795,10 +3798,13 @@ class CrestBatchSampler(CrestLoader):
                 it._shutdown = True  # its __del__ then has nothing to shut down (no AttributeError there)
             raise TypeError(problem)
         self._loader_ahead = self._loader_held = 0
+        self._loader_shard = None
         self._loader_iter = weakref.ref(it) if ds is not None and it is not None else None
         if ds is not None:  # the untrained batches a checkpoint may need are at most those fetched ahead
             ahead = int(getattr(loader, "num_workers", 0) or 0) * int(getattr(loader, "prefetch_factor", 0) or 0)
-            self._loader_held = _wrapper_look_ahead()  # accelerate's loaders hold one batch more
+            shard = _wrapper_look_ahead()  # accelerate's loaders hold one batch more
+            self._loader_held = int(shard is not None)
+            self._loader_shard = weakref.ref(shard) if shard is not None else None
             ahead += self._loader_held
             self._ahead = max(self._ahead, ahead)
             self._loader_ahead = ahead
@@ -3864,7 +3870,7 @@ class CrestBatchSampler(CrestLoader):
                 f"sampler.rewind(batches_trained) before the next pass: the fetched, untrained batches are then "
                 f"handed out again, first.", stacklevel=_common.user_stacklevel())
         self._pass_ahead, self._ahead_known = self._loader_ahead, True
-        self._pass_held = self._loader_held
+        self._pass_held, self._pass_shard = self._loader_held, self._loader_shard
         self._pass_iter, self._pass_from = self._loader_iter, self._position
         saved, self._saved_ahead = self._saved_ahead, None
         saved_held, self._saved_held = self._saved_held, None
@@ -3898,14 +3904,27 @@ class CrestBatchSampler(CrestLoader):
         cannot be told (a pass left before its end, its iterator gone, through a wrapper)."""
         if not self._pass_ahead or not self._position:
             return 0
-        it = self._pass_iter() if self._pass_iter is not None else None
-        yielded = getattr(it, "_num_yielded", None)
-        if isinstance(yielded, int):
-            return max(0, self._position - self._pass_from - yielded)
+        live = self._live_untrained()
+        if live is not None:
+            return live
         counted = self._counted
         if counted is not None:
             return max(0, counted.handed - counted.given())
         return None if self._open_handed else 0
+
+    def _live_untrained(self) -> int | None:
+        """The batches handed out that the DataLoader has not given the loop, counted exactly from its live
+        iterator (``_num_yielded``, less the batch an ``accelerate`` loader took from it and holds until the
+        DataLoader ends: review 157, a checkpoint inside its loop skipped that batch), else None."""
+        it = self._pass_iter() if self._pass_iter is not None else None
+        yielded = getattr(it, "_num_yielded", None)
+        if not isinstance(yielded, int):
+            return None
+        held = 0
+        if self._pass_held and yielded > 0:
+            shard = self._pass_shard() if self._pass_shard is not None else None
+            held = int(shard is not None and getattr(shard, "end_of_dataloader", True) is False)
+        return max(0, self._position - self._pass_from - yielded + held)
 
     def _untrained_ahead(self) -> bool:
         """Whether batches of the last pass were fetched ahead but not given to the loop (or may have been)."""
@@ -3951,7 +3970,7 @@ class CrestBatchSampler(CrestLoader):
         self._counted = None  # (rewind() comes here too: the last pass's batches are accounted for)
         # the last pass's iterator counts the old run's batches (a later state loaded beside a live persistent
         # iterator read as batches fetched ahead: review 146)
-        self._pass_iter, self._pass_from = None, self._position
+        self._pass_iter, self._pass_shard, self._pass_from = None, None, self._position
         self._observed_step = self._position - 1
         self._ahead_known = False
         ahead = state.get("fetch_ahead")  # absent before 2026-12-04, None before a pass: nothing to compare
@@ -4086,14 +4105,20 @@ class CrestBatchSampler(CrestLoader):
 
     def state_dict(self, trained: int | None = None) -> dict:
         """:meth:`CrestLoader.state_dict` with the batches handed out after the first ``trained`` of the
-        run stored as pending (see the class docstring); ``trained=None``: all handed out are trained (warned
-        about where the DataLoader's workers have fetched batches its iterator has not yet yielded, or the pass
-        was broken off)."""
-        if trained is None and self._untrained_ahead():
-            warnings.warn(
-                f"CrestBatchSampler.state_dict() without trained=, while the DataLoader's workers have fetched "
-                f"batches your loop has not trained (up to {self._pass_ahead} ahead): all {self._position} "
-                "batches handed out count as trained, so a run resumed from this state would skip those. Pass "
-                "trained= (the batches of the run your loop has trained, e.g. its step count).",
-                stacklevel=_common.user_stacklevel())
+        run stored as pending (see the class docstring). ``trained=None``: the batches the DataLoader has given
+        your loop (the one in hand included) while its iterator is alive, which it counts, beyond its workers'
+        prefetch and the batch an ``accelerate`` loader holds (so ``accelerator.register_for_checkpointing(
+        sampler)`` checkpoints exactly); else all handed out, warned about where the DataLoader fetched ahead
+        and may not have given them all (its iterator gone after a pass left early)."""
+        if trained is None and self._pass_ahead and self._position:
+            live = self._live_untrained()
+            if live:
+                trained = self._position - live
+            elif live is None and self._untrained_ahead():
+                warnings.warn(
+                    f"CrestBatchSampler.state_dict() without trained=, after a DataLoader that fetches up to "
+                    f"{self._pass_ahead} batches ahead left a pass early and its iterator is gone: all "
+                    f"{self._position} batches handed out count as trained, so a run resumed from this state "
+                    "would skip those fetched but not trained. Pass trained= (the batches of the run your loop "
+                    "has trained, e.g. its step count).", stacklevel=_common.user_stacklevel())
         return super().state_dict(trained)

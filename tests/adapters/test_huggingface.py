@@ -39,10 +39,11 @@ class Texts(torch.utils.data.Dataset):
                 "labels": self.targets[i]}
 
 
-def tiny_bert(seed=0):
+def tiny_bert(seed=0, dropout=0.1):
     torch.manual_seed(seed)
     cfg = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=32, max_position_embeddings=SEQ, num_labels=C)
+                                  intermediate_size=32, max_position_embeddings=SEQ, num_labels=C,
+                                  hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     return transformers.BertForSequenceClassification(cfg)
 
 
@@ -366,6 +367,76 @@ def test_a_state_saved_before_accelerates_batch_was_counted_resumes_without_a_fa
             warnings.simplefilter("always")
             next(iter(loader))
         assert any("resumed under a DataLoader" in str(w.message) for w in caught) == said
+
+
+def _accelerated_sampler(seed, tmp_path=None, workers=0):
+    """A sampler, its accelerate-prepared DataLoader (batches carry their indices), a model and an optimizer;
+    with ``tmp_path``, the sampler registered for accelerate's own checkpointing."""
+    acc = accelerate.Accelerator(cpu=True)
+    # no dropout: a resumed loop's new DataLoader iterator draws its base seed from torch's global generator,
+    # after load_state restored it, so a dropout model's masks differ from the uninterrupted run's (torch's, not CREST's)
+    model = tiny_bert(seed, dropout=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=5e-2)
+    sampler = CrestBatchSampler(model, Texts(), config=CrestConfig(m=16, r=48), budget=0.5, epochs=3, seed=0,
+                                collate_fn=transformers.default_data_collator)
+    model, opt = acc.prepare(model, opt)
+    loader = acc.prepare(sampler.dataloader(indices=True, num_workers=workers, collate_fn=WeightedCollate(
+        transformers.default_data_collator, indices=True)))
+    if tmp_path is not None:
+        acc.register_for_checkpointing(sampler)
+
+    def step(batch):
+        w, labels, idx = batch.pop("crest_weight"), batch.pop("labels"), batch.pop("crest_index")
+        loss = weighted_cross_entropy(model(**batch).logits, labels, w)
+        opt.zero_grad()
+        acc.backward(loss)
+        opt.step()
+        return tuple(idx.tolist())
+
+    return acc, sampler, loader, step
+
+
+def test_accelerates_own_checkpointing_resumes_a_sampler_exactly_mid_epoch(tmp_path):
+    """Review 157: accelerate's register_for_checkpointing(sampler) calls state_dict() without trained=, and
+    the batch its prepared loader holds ahead of the loop's was stored as trained: a mid-epoch save_state /
+    load_state resumed one batch late (9 of the 10 remaining batches, batch 8 never trained), silently. The
+    sampler counts what the DataLoader gave the loop, that held batch left out, so the resume is exact."""
+    acc, sampler, loader, step = _accelerated_sampler(0, tmp_path)
+    seen = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for epoch in range(3):
+            loader.set_epoch(epoch)
+            for batch in loader:
+                seen.append(step(batch))
+                if len(seen) == 8:  # epoch 1, its second batch of six
+                    acc.save_state(str(tmp_path / "ckpt"))
+    assert len(seen) == 18
+    acc, resumed, loader, step = _accelerated_sampler(5, tmp_path)
+    acc.load_state(str(tmp_path / "ckpt"))
+    assert resumed.position == 8
+    rest = []
+    for epoch in range(resumed.epoch, 3):
+        loader.set_epoch(epoch)
+        rest.extend(step(batch) for batch in loader)
+    assert rest == seen[8:]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_under_accelerate_stats_count_the_batches_the_loop_was_given(workers):
+    """Review 157: inside an accelerate loop ``stats["step"]`` (and the training counters, the budget fractions)
+    counted the batch the prepared loader holds ahead as trained, one more than the loop had got at every step
+    but an epoch's last; ``state_dict()`` without trained= too."""
+    _, sampler, loader, step = _accelerated_sampler(0, workers=workers)
+    got = 0
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            step(batch)
+            got += 1
+            assert sampler.stats["step"] == sampler.stats["counters"]["train_steps"] == got
+            assert sampler.state_dict()["position"] == got
+    assert sampler.position == got == 12
 
 
 def test_accelerates_skip_loader_which_does_not_look_ahead_counts_no_batch_ahead():

@@ -369,11 +369,13 @@ def test_a_resume_under_another_prefetch_window_is_warned_about():
         next(iter(again.dataloader(num_workers=2, prefetch_factor=2)))
 
 
-def test_a_checkpoint_without_trained_inside_a_pass_with_workers_is_warned_about():
+def test_a_checkpoint_without_trained_inside_a_pass_with_workers_is_exact_or_warned_about():
     """``state_dict()`` without ``trained=`` while the DataLoader's workers had fetched batches the loop had not
-    trained counted them all as trained, silently: a run resumed from it skipped them. Warned about inside
-    the loop (the DataLoader's iterator counts what it yielded) and after a loop broken off inside the pass;
-    quiet without workers, with ``trained=``, and at the end of an epoch (the documented checkpoint)."""
+    trained counted them all as trained, silently: a run resumed from it skipped them. While the DataLoader's
+    iterator lives (inside the loop, or after a loop broken off under persistent workers) it counts what it gave
+    the loop, so the checkpoint is the one ``trained=`` makes (review 157; it was a warning before); once that
+    count is gone (a broken-off loop's iterator without persistent workers) the checkpoint is warned about.
+    Quiet without workers, with ``trained=``, and at the end of an epoch (the documented checkpoint)."""
     X, y = make_data()
 
     def said(call):
@@ -381,6 +383,13 @@ def test_a_checkpoint_without_trained_inside_a_pass_with_workers_is_warned_about
             warnings.simplefilter("always")
             state = call()
         return state, [str(m.message) for m in seen if "without trained=" in str(m.message)]
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(
+            same(a[k], b[k]) if isinstance(a[k], dict) else
+            (torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else
+             np.array_equal(a[k], b[k]) if isinstance(a[k], np.ndarray) else repr(a[k]) == repr(b[k]))
+            for k in a)
 
     for workers, persistent in ((2, False), (2, True), (0, False)):
         model = mlp()
@@ -391,13 +400,18 @@ def test_a_checkpoint_without_trained_inside_a_pass_with_workers_is_warned_about
             step(model, opt, x, yb, w)
             if k == 2:  # a mid-epoch checkpoint inside the loop
                 state, msgs = said(sampler.state_dict)
-                assert len(msgs) == (1 if workers else 0), msgs
+                assert not msgs and state["position"] == 2
+                assert same(state, said(functools.partial(sampler.state_dict, trained=2))[0])
                 if workers:
-                    assert state["position"] > 2 and f"all {state['position']} batches handed out" in msgs[0]
-                assert not said(functools.partial(sampler.state_dict, trained=2))[1]
+                    assert sampler.position > 2  # fetched ahead, not trained
                 break
-        _, msgs = said(sampler.state_dict)  # broken off inside the pass (6 of 10 handed out)
-        assert len(msgs) == (1 if workers else 0), msgs
+        lost = workers and not persistent  # the broken-off loop's iterator is gone with it
+        state, msgs = said(sampler.state_dict)  # broken off inside the pass (6 of 10 handed out)
+        assert len(msgs) == (1 if lost else 0), msgs
+        if lost:
+            assert f"all {state['position']} batches handed out" in msgs[0] and state["position"] > 2
+        else:
+            assert state["position"] == 2
         sampler.rewind(2)
         for x, yb, w in loader:  # the rest of the epoch: every batch fetched is trained
             step(model, opt, x, yb, w)
