@@ -176,6 +176,24 @@ def _check_epoch_validation(trainer, loader: CrestLoader) -> None:
             "(budget_counts='steps', the default)", stacklevel=_common.user_stacklevel())
 
 
+def _check_step_schedulers(trainer, loader: CrestLoader) -> None:
+    """Under ``budget_counts="passes"`` the fit trains fewer batches than ``len(dataloader)`` per epoch (the
+    measurement passes take their share of the budget), so a scheduler stepped per batch and sized from
+    ``trainer.estimated_stepping_batches`` stops short of its end (review 157: a OneCycle schedule at 7 of its 20
+    steps, its learning rate near the peak); said when the fit has one."""
+    if loader.budget_counts != "passes":
+        return
+    configs = getattr(trainer, "lr_scheduler_configs", None) or []
+    if any(getattr(c, "interval", None) == "step" for c in configs):
+        warnings.warn(
+            "CrestCallback(budget_counts='passes') with a learning-rate scheduler stepped every batch "
+            "(interval='step'): the measurement passes take their share of each epoch's budget, so the fit trains "
+            "fewer batches than trainer.estimated_stepping_batches counts, and a schedule sized from it (OneCycleLR, "
+            "a cosine decay) stops before its end. Count the budget in training steps (budget_counts='steps', the "
+            "default: the schedule's length is then exact), or step the scheduler per epoch",
+            stacklevel=_common.user_stacklevel())
+
+
 def _check_lr_finder(trainer, loader) -> None:
     """Lightning's learning-rate finder (``Tuner.lr_find`` adds a ``LearningRateFinder`` to the callbacks for
     its fit) trains CREST's planned batches: a sweep longer than the plan stopped early, and Lightning then
@@ -520,6 +538,7 @@ class CrestCallback(pl.Callback):
         self._last_position = loader.position
         self._in_flight = False
         _check_epoch_validation(trainer, loader)
+        _check_step_schedulers(trainer, loader)
         most = trainer.max_epochs
         self._limits_from = None  # a manual-optimization rate is read again in every fit
         if most is None or most < 0:  # no max_epochs: the fit ends when CREST's planned steps are trained

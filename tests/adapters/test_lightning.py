@@ -1001,6 +1001,36 @@ def test_passes_budgets_warn_that_lightning_skips_epoch_end_validation(tmp_path)
     assert len(module.validated_at) == 4
 
 
+class _OneCycle(Module):
+    """A OneCycle schedule stepped every batch, sized from trainer.estimated_stepping_batches."""
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.1)
+        self.planned = int(self.trainer.estimated_stepping_batches)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=self.planned)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def test_passes_budgets_warn_that_a_per_step_schedule_stops_short(tmp_path):
+    """Review 157: under budget_counts="passes" a OneCycle schedule sized from estimated_stepping_batches stopped at
+    7 of its 20 steps, its learning rate near the peak, and the callback said nothing (it warns about the same
+    scheduler failure for max_steps and epochs). Said at the fit's start; a steps budget, whose length is exact,
+    is quiet and ends its schedule."""
+    cb = CrestCallback(data(), **dict(CFG, budget=0.5, budget_counts="passes"))
+    module = _OneCycle()
+    with pytest.warns(UserWarning, match="with a learning-rate scheduler stepped every batch"):
+        t = trainer(tmp_path, 4, cb)
+        t.fit(module, train_dataloaders=cb.dataloader())
+    assert t.global_step < module.planned  # the case warned about: the schedule stopped short
+    cb = CrestCallback(data(), **dict(CFG, budget=0.5))
+    module = _OneCycle()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", ".*stepped every batch.*")
+        t = trainer(tmp_path, 4, cb)
+        t.fit(module, train_dataloaders=cb.dataloader())
+    assert t.global_step == module.planned and t.optimizers[0].param_groups[0]["lr"] < 0.01  # (peak 0.1)
+
+
 class _BatchNormed(Module):
     """Module's MLP with a BatchNorm layer; records each step's (epoch, inputs, weights, BatchNorm's input)."""
 
