@@ -520,14 +520,20 @@ def _warn_other_loss(facts: dict, what: str) -> None:
                       "examples out of the data given to them", stacklevel=_common.user_stacklevel())
 
 
+def _in_call_order(model) -> bool:
+    """Whether the model lists its layers in call order (a Sequential or functional model; not a subclassed one)."""
+    return isinstance(model, keras.Sequential) or any(c.__name__ == "Functional" for c in type(model).__mro__)
+
+
 def _last_is_softmax(model) -> bool | None:
     """Whether the model's last layer is a softmax: True or False for a Sequential or functional model
     (their ``operations``, layers and operations such as ``keras.ops.softmax`` alike, are in call order; a
     nested model's own last one is looked at), None when it cannot be told: a subclassed model lists its
-    layers in the order they were assigned, not called."""
-    ordered = isinstance(model, keras.Sequential) or any(c.__name__ == "Functional" for c in type(model).__mro__)
+    layers in the order they were assigned, not called; a last ``Lambda`` or layer of the user's own runs
+    code that cannot be read (review 156: ``Lambda(lambda t: keras.ops.softmax(t / T))`` was told its last
+    layer is no softmax; the outputs probe, :func:`_check_output_kind`, decides there)."""
     steps = getattr(model, "operations", None) or getattr(model, "layers", None) or []
-    if not ordered or not steps:
+    if not _in_call_order(model) or not steps:
         return None
     k = len(steps) - 1
     while k > 0 and type(steps[k]).__name__ == "Cast" and not isinstance(steps[k], keras.layers.Layer):
@@ -535,6 +541,9 @@ def _last_is_softmax(model) -> bool | None:
     last = steps[k]
     if isinstance(last, keras.Model):
         return _last_is_softmax(last)
+    if isinstance(last, keras.layers.Lambda) or (
+            isinstance(last, keras.layers.Layer) and not type(last).__module__.startswith("keras.")):
+        return None
     if isinstance(last, keras.layers.Softmax) or (
             type(last).__name__ == "Softmax" and type(last).__module__.startswith("keras.")):  # keras.ops.softmax
         return True
@@ -596,6 +605,15 @@ def _keras_loop(own=None):
         looked = looked or (isinstance(obj, keras.callbacks.Callback) and obj is not own)
         f = f.f_back
     return None, None, None, False
+
+
+def _check_one_step_per_execution(model, who: str) -> None:
+    """Refuse ``model.compile(steps_per_execution=k)`` with k > 1 (at the fit's start, and at Keras's build fetch,
+    which on torch fetches a whole execution's batches before any hook runs: review 156)."""
+    spe = getattr(model, "steps_per_execution", 1)
+    if spe not in (None, 1):
+        raise ValueError(f"{who} needs model.compile(steps_per_execution=1), got {spe}: several steps per "
+                         "execution fetch their batches before the steps before them have trained")
 
 
 def _fit_has(frame, callback, every: bool = False):
@@ -752,7 +770,8 @@ def resolve_outputs(model, outputs: str | None, who: str = "CrestCallback") -> s
     if soft:
         return "probabilities"
     last = ("the last layer is no softmax" if soft is False else
-            "a subclassed model's last layer cannot be read from model.layers, whose order is the assignment's")
+            "its last layer, a Lambda or a layer of your own, runs code that cannot be read" if _in_call_order(model)
+            else "a subclassed model's last layer cannot be read from model.layers, whose order is the assignment's")
     raise ValueError(
         "cannot tell whether the model's last layer gives logits or probabilities (the loss is not a Keras "
         f"cross-entropy with from_logits, and {last}): pass "
@@ -1312,6 +1331,55 @@ def _step_passes_weights(source: str) -> bool | None:
     return False
 
 
+def _own_method(model, name: str) -> bool:
+    """Whether the model's class overrides Keras's ``name`` (``train_step``, ``compute_loss``) with its own."""
+    fn = getattr(type(model), name, None)
+    return fn is not None and not (getattr(fn, "__module__", "") or "").startswith("keras")
+
+
+class _LossWeightSpy:
+    """Whether the model's compiled loss (``model._compile_loss``, what Keras's ``compute_loss`` applies) got
+    ``fit``'s sample weights during a training step (review 156: a ``train_step`` that hands the weights to its
+    metrics only, or an overridden ``compute_loss`` that calls ``super().compute_loss`` without them, trained
+    every step unweighted, silently; the step's source passed the syntax check, and the loss probe goes around
+    ``compute_loss``). The loss object's class is swapped for a subclass that notes each call's
+    ``sample_weight`` (None or not) and calls the original, for one training step; :meth:`remove` restores it.
+    On JAX the step's trace calls it (once per compiled step function: a step function kept from an earlier
+    fit is not traced again, and nothing is seen)."""
+
+    def __init__(self, model):
+        self.loss = getattr(model, "_compile_loss", None)
+        self.cls = type(self.loss)
+        self.got = self.missed = False
+        self.on = False
+
+    def usable(self) -> bool:
+        return self.loss is not None and callable(self.loss)
+
+    def install(self) -> None:
+        spy, cls = self, self.cls
+
+        def __call__(obj, *args, **kwargs):
+            sw = kwargs["sample_weight"] if "sample_weight" in kwargs else args[2] if len(args) > 2 else None
+            if sw is None:
+                spy.missed = True
+            else:
+                spy.got = True
+            return cls.__call__(obj, *args, **kwargs)
+
+        self.loss.__class__ = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                                          "__qualname__": cls.__qualname__})
+        self.on = True
+
+    def remove(self) -> bool | None:
+        """Restore the loss's class; True when a call got the weights, False when the loss was called and never
+        with them, None when it was not called."""
+        if self.on:
+            self.loss.__class__ = self.cls
+            self.on = False
+        return True if self.got else False if self.missed else None
+
+
 def _warn_own_train_step(model, who: str) -> None:
     """Warn when the model's class overrides ``train_step`` with a step that hands ``fit``'s sample weights to
     nothing: the weights reach the loss as ``fit``'s sample weights, and a step that leaves them out trains
@@ -1535,12 +1603,60 @@ class _TrainedSteps:
     _past_plan_said = False  # the warning of an epoch past the run's planned epochs, once
     _plan_given = True  # the epochs planned were given (CrestCallback: not taken from its first fit's)
 
+    _weight_spy: _LossWeightSpy | None = None  # armed at on_train_begin, installed for the fit's first step
+    _weight_who = ""
+
     def on_train_batch_end(self, batch, logs=None):
+        self._weights_reached_loss()
         if self._step_open:
             self._account_step()
 
     def _account_step(self) -> None:  # the step just trained: its batch leaves the queue (each class's own)
         raise NotImplementedError
+
+    def _check_own_step(self, model, who: str) -> None:
+        """At a fit's start, for weighted batches: a model whose class overrides ``train_step`` or ``compute_loss``
+        gets its compiled loss watched for the fit's first step (:class:`_LossWeightSpy`, decided at its end);
+        where that cannot be watched (no compiled loss; a torch step compiled with ``jit_compile``) the
+        ``train_step``'s source is read (:func:`_warn_own_train_step`), as before."""
+        self._drop_weight_spy()
+        if not (_own_method(model, "train_step") or _own_method(model, "compute_loss")):
+            return
+        spy = _LossWeightSpy(model)
+        if spy.usable() and not (_backend() == "torch" and getattr(model, "jit_compile", False) is True):
+            self._weight_spy, self._weight_who = spy, who
+        else:
+            _warn_own_train_step(model, who)
+
+    def _arm_weight_spy(self) -> None:
+        """At the first step's beginning: watch the compiled loss during this step."""
+        spy = self._weight_spy
+        if spy is not None and not spy.on:
+            spy.install()
+
+    def _drop_weight_spy(self) -> bool | None:
+        spy, self._weight_spy = self._weight_spy, None
+        return None if spy is None else spy.remove()
+
+    def _weights_reached_loss(self) -> None:
+        """At the first step's end: refuse a step whose compiled loss never got the weights; when the loss was
+        not called (the step's own loss), fall back to reading the step's source."""
+        if self._weight_spy is None or not self._weight_spy.on:
+            return
+        model, who = self._fit_model, self._weight_who
+        got = self._drop_weight_spy()
+        if got is None:
+            _warn_own_train_step(model, who)
+        elif got is False:
+            own = [f for f in ("train_step", "compute_loss") if _own_method(model, f)]
+            raise ValueError(
+                f"{type(model).__name__} overrides {' and '.join(own)}, and in the first training step its compiled "
+                f"loss got no sample weights (sample_weight=None at every call): {who}'s per-example weights never "
+                "reached the loss, so every step would train unweighted (passing them to the metrics does not weigh "
+                "the loss). Hand them on: in train_step, x, y, sample_weight = "
+                "keras.utils.unpack_x_y_sample_weight(data) and self.compute_loss(x=x, y=y, y_pred=y_pred, "
+                "sample_weight=sample_weight); in an overridden compute_loss, super().compute_loss(x=x, y=y, "
+                "y_pred=y_pred, sample_weight=sample_weight, training=training)")
 
     def _account_before_save(self) -> None:
         """``state_dict()`` in the batch-end hook of a callback listed before this one (a saver in
@@ -1590,6 +1706,7 @@ class _TrainedSteps:
 
     def _end_fit(self) -> None:
         """A fit's end (``on_train_end``): no fetch counts as a training fetch until the next fit begins."""
+        self._drop_weight_spy()
         self._fitting = False
         self._fit_frame = None
         self._idle_fetches = 0
@@ -1613,7 +1730,12 @@ class _TrainedSteps:
                 f"fit(class_weight=...) cannot be used with {type(self).__name__}: its batches carry per-example "
                 "weights (as sample weights), which Keras does not combine with class weights, and the "
                 "selection measures the plain cross-entropy. Leave class_weight out")
-        if loop == "fit" and _fit_has(frame, self) is False:
+        has = _fit_has(frame, self) if loop == "fit" else None
+        if has:
+            # this fit's own build fetch: on torch a whole execution's batches are fetched before on_train_begin
+            # (more than the fetches a fit without the callback is allowed below): say what to change instead
+            _check_one_step_per_execution(frame.f_locals.get("self"), type(self).__name__)
+        if has is False:
             # a fit without this callback, refused at its first fetch (Keras's build fetch, before any step):
             # counting fetches let it train two steps on the weight-0 probes first (review 66), which moved
             # momentum and BatchNorm statistics all the same
@@ -1806,10 +1928,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         _require_supported("gradients and Hessian-vector products")
         model = self.model
-        spe = getattr(model, "steps_per_execution", 1)
-        if spe not in (None, 1):
-            raise ValueError(f"CrestCallback needs model.compile(steps_per_execution=1), got {spe}: several steps "
-                             "per execution fetch their batches before the steps before them have trained")
+        _check_one_step_per_execution(model, "CrestCallback")
         accumulate, opt = None, getattr(model, "optimizer", None)
         while opt is not None and accumulate in (None, 1):  # a LossScaleOptimizer wraps the one that accumulates
             accumulate = getattr(opt, "gradient_accumulation_steps", None)
@@ -1831,7 +1950,8 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         _check_output_kind(model, self.x, self.labels.size, kind, self.outputs_option is not None)
         _check_loss_weighs_examples(model, self.x, self.y, self.labels, "CrestCallback")
         _warn_other_loss(facts, "CREST's features and trust check")
-        _warn_own_train_step(model, "CrestCallback")
+        if self.config.weights != "uniform":
+            self._check_own_step(model, "CrestCallback")
         _check_label_width(model, self.labels)
         if self._ops_model is not None and self._ops_model is not model and self._position and not self._loaded:
             warnings.warn(
@@ -1883,6 +2003,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         if self.ops is not None:
             self.ops.pin()
         self._step_open = True
+        self._arm_weight_spy()
 
     def _account_step(self) -> None:
         self._step_open = False
@@ -2195,9 +2316,7 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
     # -- Keras hooks ----------------------------------------------------------------------------
     def on_train_begin(self, logs=None):
         model = self.model
-        spe = getattr(model, "steps_per_execution", 1)
-        if spe not in (None, 1):
-            raise ValueError(f"SubsetCallback needs model.compile(steps_per_execution=1), got {spe}")
+        _check_one_step_per_execution(model, "SubsetCallback")
         self._rollback = _backup_in_fit("SubsetCallback")
         _check_fit_steps(self, "SubsetCallback")
         facts = loss_facts(model)
@@ -2205,7 +2324,7 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
                                     unweighted=self.method in ("full", "sgd-budget", "random"))
         if self.method not in ("full", "sgd-budget", "random"):
             _check_loss_weighs_examples(model, self.x, self.y, self.labels, f"the {self.method} baseline")
-            _warn_own_train_step(model, "SubsetCallback")
+            self._check_own_step(model, "SubsetCallback")
         planned = (self.params or {}).get("epochs")
         if planned and int(planned) > self.epochs:
             self._past_plan_said = True  # said here, at the start: not again when an epoch past the plan begins
@@ -2239,6 +2358,7 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
         if self.ops is not None:
             self.ops.pin()  # jax: the weights of this step, held apart from the variables within an epoch
         self._step_open = True
+        self._arm_weight_spy()
 
     def _account_step(self) -> None:
         self._step_open = False

@@ -517,6 +517,25 @@ _JAX_SCRIPT = textwrap.dedent(r"""
         keep.append([refused, len(before) == len(after) and all(np.array_equal(a, b) for a, b in zip(before, after))])
     res["batch_mean_loss"] = mean_loss
     res["loss_check_kept"] = keep
+
+    # 20. weights that never reach the compiled loss (review 156: an overridden compute_loss that leaves them out):
+    #     refused at the first step on jax too (the step's trace calls the loss), the model still usable
+    m23 = T.mlp(0, cls=T.DropsWeightsInComputeLoss)
+    c23 = CrestCallback(X, y, config=CrestConfig(**T.CFG), budget=T.BUDGET, seed=3)
+    try:
+        fit_once(m23, c23)()
+        msg = None
+    except ValueError as exc:
+        msg = str(exc)
+    try:
+        usable = bool(np.all(np.isfinite(np.asarray(m23.predict(X[:4], verbose=0)))))
+    except Exception:  # noqa: BLE001 - the variables detached
+        usable = False
+    m24 = T.mlp(0, cls=T.KeepsWeightsInComputeLoss)
+    c24 = CrestCallback(X, y, config=CrestConfig(**T.CFG), budget=T.BUDGET, seed=3)
+    fit_once(m24, c24)()
+    res["weights_never_reach"] = [msg, usable, c24.position == c24.steps_per_epoch,
+                                  type(m23._compile_loss) is type(m24._compile_loss)]
     print("JSON" + json.dumps(res))
 """)
 
@@ -1342,6 +1361,8 @@ def test_jax_backend(jax_child):
     # review 106: a loss that takes the batch mean itself is refused on jax too, and the check moves nothing
     assert res["batch_mean_loss"] == [[True, True], True, True], res["batch_mean_loss"]
     assert res["loss_check_kept"] == [[False, True], [True, True]], res["loss_check_kept"]
+    msg, usable, keeps, restored = res["weights_never_reach"]  # review 156, on jax
+    assert msg and "its compiled loss got no sample weights" in msg and usable and keeps and restored, res
     for case, msg in res["jax_state_refusals"].items():
         assert msg is not None, f"an unrecognised JAX-trainer state ({case}) was read without an error"
         assert "model._jax_state" in msg and "KERAS_BACKEND=torch" in msg, (case, msg)
@@ -2248,13 +2269,98 @@ def test_an_own_train_step_without_sample_weights_is_warned_about():
 
     model = mlp(0, cls=Unweighted)
     crest = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=3)
-    with pytest.warns(UserWarning, match="overrides train_step, and its source never passes the sample weights on"):
+    with pytest.raises(ValueError, match="overrides train_step, and in the first training step its compiled loss got "
+                                         "no sample weights"):
         model.fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
     model = mlp(0, cls=Weighted)
     crest = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model.fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
+
+
+class MetricsOnlyStep(keras.Sequential):
+    """keras.io's "customizing fit" step with the weights handed to the metrics only (torch's signature)."""
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred = self(x, training=True)
+        loss = self.compute_loss(x=x, y=y, y_pred=y_pred)
+        self.optimizer.apply(self._grads(loss), self.trainable_weights)
+        for metric in self.metrics:
+            if metric.name == "loss":
+                metric.update_state(loss)
+            else:
+                metric.update_state(y, y_pred, sample_weight=sample_weight)
+        return {m.name: m.result() for m in self.metrics}
+
+    def _grads(self, loss):
+        self.zero_grad()
+        loss.backward()
+        return [v.value.grad for v in self.trainable_weights]
+
+
+class DropsWeightsInComputeLoss(keras.Sequential):
+    """Keras's built-in train_step, and a compute_loss override (an L2 term) that calls the parent without them."""
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        loss = super().compute_loss(x=x, y=y, y_pred=y_pred, training=training)
+        return loss + 1e-4 * sum(keras.ops.sum(w ** 2) for w in self.trainable_weights)
+
+
+class KeepsWeightsInComputeLoss(keras.Sequential):
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        loss = super().compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
+        return loss + 1e-4 * sum(keras.ops.sum(w ** 2) for w in self.trainable_weights)
+
+
+class OwnLossStep(keras.Sequential):
+    """A train_step with its own loss object, not compile's: the compiled loss is never called."""
+
+    def train_step(self, data):
+        x, y = data[0], data[1]
+        y_pred = self(x, training=True)
+        loss = keras.ops.mean(keras.losses.sparse_categorical_crossentropy(y, y_pred, from_logits=True))
+        self.zero_grad()
+        loss.backward()
+        self.optimizer.apply([v.value.grad for v in self.trainable_weights], self.trainable_weights)
+        return {"loss": loss}
+
+
+def test_weights_that_never_reach_the_compiled_loss_are_refused_at_the_first_step():
+    """Review 156: a train_step that hands CREST's weights to its metrics only, and an overridden compute_loss that
+    calls super().compute_loss without them, trained every step unweighted, silently (the step's source
+    passed the syntax check; the loss probe goes around compute_loss). The compiled loss is watched during
+    the first step; a step that uses its own loss object is read from its source (warned), one that hands
+    them on is quiet, and the loss object is left as it was."""
+    X, y = digits()
+
+    def run(cls, *, weights="tempered", method=None):
+        model = mlp(0, cls=cls)
+        loss_class = type(model._compile_loss)
+        if method is None:
+            cb = CrestCallback(X, y, config=CrestConfig(**CFG, weights=weights), budget=BUDGET, seed=3)
+        else:
+            cb = SubsetCallback(X, y, method=method, m=16, budget=BUDGET, epochs=1, seed=3)
+        try:
+            model.fit(cb.dataset, epochs=1, callbacks=[cb], verbose=0)
+        finally:
+            assert type(model._compile_loss) is loss_class  # the spy's class swap is undone, also on a refusal
+        return cb
+
+    for cls in (MetricsOnlyStep, DropsWeightsInComputeLoss):
+        with pytest.raises(ValueError, match=f"{cls.__name__} overrides .*its compiled loss got no sample weights"):
+            run(cls)
+        with pytest.raises(ValueError, match="its compiled loss got no sample weights"):
+            run(cls, method="craig")  # a weighted baseline
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cb = run(KeepsWeightsInComputeLoss)
+        assert cb.position == cb.steps_per_epoch
+        run(MetricsOnlyStep, weights="uniform")  # every weight 1: nothing to lose
+        run(MetricsOnlyStep, method="random")  # an unweighted baseline
+    with pytest.warns(UserWarning, match="overrides train_step, and its source never passes the sample weights on"):
+        run(OwnLossStep)
 
 
 def test_a_backup_and_restore_rollback_in_the_same_process_is_warned_about(tmp_path):
@@ -2484,7 +2590,7 @@ def test_an_own_train_step_that_unpacks_the_weights_and_drops_them_is_warned_abo
 
     model = mlp(0, cls=Discards)
     crest = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=3)
-    with pytest.warns(UserWarning, match="overrides train_step, and its source never passes the sample weights on"):
+    with pytest.raises(ValueError, match="its compiled loss got no sample weights"):
         model.fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
 
     def unpacked_then_left_out(self, data):
@@ -2570,3 +2676,20 @@ def test_an_own_train_step_that_unpacks_the_weights_and_drops_them_is_warned_abo
     for step in (keyword, positional, compiled_loss, own_loss, direct, handed_on, whole_batch, old_guide,
                  jax_passed_on, whole_batch_extra):
         assert not _step_source_warns(step), step.__name__
+
+
+@pytest.mark.parametrize("spe", [2, 4])
+def test_several_steps_per_execution_are_refused_by_name(spe):
+    """Review 156: on torch, Keras's build fetch reads a whole execution's batches before any hook runs, and with
+    steps_per_execution >= 3 the callback's fetch count refused the fit as one "without the CrestCallback" (the
+    callback was there); both callbacks now name the setting to change."""
+    X, y = digits()
+    for make in (lambda: CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=3),
+                 lambda: SubsetCallback(X, y, method="random", m=16, budget=BUDGET, epochs=1, seed=3)):
+        model = mlp(0)
+        model.compile(optimizer=keras.optimizers.SGD(0.1), steps_per_execution=spe,
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        cb = make()
+        with pytest.raises(ValueError, match=rf"{type(cb).__name__} needs model.compile\(steps_per_execution=1\), "
+                                             rf"got {spe}"):
+            model.fit(cb.dataset, epochs=1, callbacks=[cb], verbose=0)

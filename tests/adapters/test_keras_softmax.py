@@ -100,3 +100,34 @@ def test_a_model_of_two_outputs_is_told_to_give_crest_the_one_it_trains():
     with pytest.raises(ValueError, match=r"the model has 2 outputs \(compiled with 1 loss\(es\) for them\).*"
                                          r"keras\.Model\(model\.inputs, model\.outputs\[0\]\)"):
         loss_facts(model)
+
+
+@pytest.mark.parametrize("softmax", [True, False])
+def test_a_lambda_last_layer_is_judged_by_its_outputs(softmax):
+    """Review 156: a functional model ending in Lambda(lambda t: keras.ops.softmax(t / T)) (ported code, a
+    temperature) was told its last layer is no softmax, a warning the docs call almost always a bug. A Lambda or a
+    layer of the user's own cannot be read, so its outputs decide, as a subclassed model's do: quiet when they are
+    probabilities, warned about when they are not; and where the loss cannot tell either, the refusal says why."""
+    import numpy as np
+
+    from crestcore import CrestConfig
+    from crestcore.adapters.keras import CrestCallback
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 4)).astype("float32")
+    y = np.arange(60) % 3
+    inp = keras.Input((4,))
+    z = keras.layers.Dense(3)(keras.layers.Dense(8, activation="relu")(inp))
+    out = keras.layers.Lambda(lambda t: keras.ops.softmax(t / 2.0) if softmax else t * 2.0)(z)
+    model = keras.Model(inp, out)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+    crest = CrestCallback(x, y, config=CrestConfig(m=12), budget=0.5, seed=0)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        model.fit(crest.dataset, epochs=1, callbacks=[crest], verbose=0)
+    said = [str(w.message) for w in got if "probabilities" in str(w.message) and "loss" in str(w.message)]
+    assert said == ([] if softmax else [said[0]]) and (softmax or "are no probabilities" in said[0]), said
+    model.compile(optimizer="sgd", loss=_custom_loss)
+    with pytest.raises(ValueError, match="its last layer, a Lambda or a layer of your own, runs code that cannot be "
+                                         "read"):
+        resolve_outputs(model, None)
