@@ -48,7 +48,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .contract import KERNEL_NAMES, KERNELS, METRICS, OPTIMIZERS, exact_shift, snap_tolerance
+from .contract import (KERNEL_NAMES, KERNELS, METRICS, OPTIMIZERS, check_choice, check_picks, exact_shift,
+                       refuse_nonfinite_gains, snap_tolerance)
 
 # Upper bound on the elements of one work buffer (gain chunks, similarity tiles): 2**25 elements is
 # 128 MiB in float32 / 256 MiB in float64.
@@ -156,12 +157,6 @@ class Ops:
     def top_k(self, x, k: int):
         """``(values, indices)`` of ``k`` largest entries of the 1-D ``x``."""
         raise NotImplementedError
-
-
-def check_choice(value, name: str, choices) -> None:
-    """A ValueError naming the choices unless ``value`` is one of them."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def usable_for(name: str, arrays, accept, device_of, floating) -> bool:
@@ -343,8 +338,9 @@ def _stochastic_mask(ops: Ops, remaining, u_t):
 def greedy_batched(ops: Ops, S, valid, budgets, optimizer: str, u=None, symmetric: bool | None = None):
     """Facility-location greedy on B dense problems at once -> (indices (B, K) int64, gains (B, K)).
 
-    ``K = max(budgets)`` is read once (the one host sync), then :func:`greedy_loop` runs. ``symmetric``:
-    whether S is exactly symmetric (None: checked here, with the same host read).
+    ``K = max(budgets)`` is read once (a host sync), then :func:`greedy_loop` runs, and its gains are read
+    once for finiteness (:func:`~crestcore.backends.contract.refuse_nonfinite_gains`). ``symmetric``: whether S
+    is exactly symmetric (None: checked here, with the first host read).
     """
     check_choice(optimizer, "optimizer", OPTIMIZERS)
     if optimizer == "stochastic" and u is None:
@@ -353,7 +349,10 @@ def greedy_batched(ops: Ops, S, valid, budgets, optimizer: str, u=None, symmetri
     K = int(budgets.max()) if B and math.prod(budgets.shape) else 0
     if symmetric is None:
         symmetric = bool(ops.xp.all(S == ops.xp.swapaxes(S, 1, 2))) if K > 0 else True
-    return greedy_loop(ops, S, valid, budgets, K, optimizer, u, symmetric=symmetric)
+    idx, gains = greedy_loop(ops, S, valid, budgets, K, optimizer, u, symmetric=symmetric)
+    if K > 0:
+        refuse_nonfinite_gains(bool(ops.xp.all(ops.xp.isfinite(gains))))
+    return idx, gains
 
 
 def greedy_loop(ops: Ops, S, valid, budgets, K: int, optimizer: str, u=None, *, symmetric: bool = False):
@@ -389,7 +388,10 @@ def greedy_loop(ops: Ops, S, valid, budgets, K: int, optimizer: str, u=None, *, 
         idx_cols.append(j[:, 0])
         cover = xp.maximum(cover, ops.take_columns(S, j)[:, :, 0])  # S[b, :, j_b]
         ops.put_along_rows_(penalty, j, -math.inf)
-    active = ops.arange(0, K, dev)[None, :] < budgets[:, None]
+    # a problem picks budgets[b] points, fewer when its valid candidates run out (each step picks a new valid
+    # one while any remain; after that the argmax fell on a -inf penalty): padded with -1, as the Numba kernel
+    nvalid = xp.sum(ops.astype(valid, budgets.dtype), axis=1)
+    active = ops.arange(0, K, dev)[None, :] < xp.minimum(budgets, nvalid)[:, None]
     picks = xp.where(active, xp.stack(idx_cols, axis=1), ops.full((), -1, ops.int64, dev))
     return picks, xp.where(active, xp.stack(gain_cols, axis=1), ops.zeros((), dt, dev))
 
@@ -567,7 +569,7 @@ def greedy_features(ops: Ops, X, k, metric: str, kernel: str, scale: float, opti
         raise ValueError("optimizer='stochastic' needs the uniform draws u (k, s)")
     xp = ops.xp
     n = X.shape[0]
-    k = int(k)
+    k = check_picks(k, n)
     dev, dt = ops.device(X), X.dtype
     if k <= 0 or n == 0:
         return (ops.zeros((0,), ops.int64, dev), ops.zeros((0,), dt, dev), ops.zeros((0,), dt, dev),
@@ -598,6 +600,7 @@ def greedy_features(ops: Ops, X, k, metric: str, kernel: str, scale: float, opti
         pick_gains.append(g)
     idx = ops.astype(xp.stack(picks), ops.int64)
     gains = ops.astype(xp.stack(pick_gains), dt)
+    refuse_nonfinite_gains(bool(xp.all(xp.isfinite(gains))))
     # weights: every point to its most similar pick (earliest pick on ties), tile by tile
     counts = ops.zeros((k,), dt, dev)
     objective = ops.zeros((), ops.float64, dev)

@@ -13,6 +13,14 @@ One module that the dispatch (``crestcore.backends``), every backend module and 
 * stochastic greedy's sampling rule (:func:`sample_size`): each step looks at
   ``ceil(n / k * ln(1 / epsilon))`` random remaining candidates (at least one, at most n), at positions
   ``floor(u * R)`` of the ``R`` remaining, the product in the draws' dtype (:func:`draw_bits`);
+* what the kernels take and refuse (:func:`check_choice`, :func:`check_picks`,
+  :func:`refuse_nonfinite_gains`): every kernel checks its choices and counts, pads with -1 the picks of a
+  problem whose valid candidates run out, and refuses non-finite gains. They compute without rescaling, so
+  they expect what ``crestcore``'s callers give them: finite features of moderate magnitude (scaled by a
+  power of two, :func:`crestcore.similarity.prepare`); features near 1e150 or above give non-finite
+  similarities (refused), features near 1e-150 or below distances that underflow to 0 (the greedy then
+  sees ties everywhere), and NaN similarities handed to ``greedy_batched`` are refused by the reference
+  and read as no coverage by the Numba kernel;
 * the capability table (:data:`CAPABILITIES`): per backend, the array library it serves, the floating
   dtypes it computes in, the devices and the kernels it offers. The dispatch maps namespaces to modules
   from it, the docs print it and the tests check every module against it.
@@ -42,7 +50,7 @@ __all__ = [
     "KERNEL_NAMES", "SPARSE_KERNEL_NAMES", "HOST_KERNEL_NAMES", "SIGNATURES", "METRICS", "KERNELS",
     "OPTIMIZERS", "SNAP_ULPS", "snap_tolerance", "exact_shift", "array_api", "sample_sizes", "sample_size",
     "draw_bits",
-    "missing_library",
+    "missing_library", "check_choice", "is_choice", "check_picks", "refuse_nonfinite_gains",
     "Capability", "CAPABILITIES",
     "backend_for_namespace",
 ]
@@ -184,6 +192,68 @@ def sample_size(n: int, k: int, epsilon: float) -> int:
     24
     """
     return int(sample_sizes([n], [k], epsilon)[0])
+
+
+def check_choice(value, name: str, choices) -> None:
+    """A ValueError naming the argument and the choices unless ``value`` is one of them (compared only with
+    choices whose type it has: an array is refused, not compared elementwise).
+
+    >>> check_choice("lazy", "optimizer", OPTIMIZERS)
+    >>> check_choice("greedy", "optimizer", OPTIMIZERS)
+    Traceback (most recent call last):
+    ...
+    ValueError: optimizer must be one of ('naive', 'lazy', 'stochastic'), got 'greedy'
+    """
+    if not is_choice(value, choices):
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def is_choice(value, choices) -> bool:
+    """Whether ``value`` is one of ``choices``, compared only with choices whose type it has (``value in choices``
+    compares an array elementwise and fails on its truth value).
+
+    >>> is_choice("lazy", OPTIMIZERS), is_choice(np.array(["lazy", "naive"]), OPTIMIZERS)
+    (True, False)
+    """
+    return any(value is c or (isinstance(value, type(c)) and bool(value == c)) for c in choices)
+
+
+def check_picks(k, n: int) -> int:
+    """The number of picks ``k`` of a one-problem kernel (``greedy_features``) as an int in ``[0, n]``, else a
+    ValueError (a greedy cannot pick more points than it has; the reference picked duplicates).
+
+    >>> check_picks(3, 9)
+    3
+    >>> check_picks(10, 9)
+    Traceback (most recent call last):
+    ...
+    ValueError: k must be in [0, 9], got 10
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= int(k) <= n:
+        raise ValueError(f"k must be in [0, {n}], got {k!r}")
+    return int(k)
+
+
+def refuse_nonfinite_gains(finite: bool) -> None:
+    """The kernels' answer to non-finite gains (``finite`` False): a ValueError. The kernels compute the
+    distances in float64 (the torch and CuPy ones in the features' dtype) without rescaling, so features that
+    hold NaN or inf, or whose distances overflow (magnitudes near 1e150 and above in float64), give NaN or
+    infinite similarities; ``crestcore``'s own callers validate the features and scale them by a power of two
+    first (:func:`crestcore.similarity.prepare`), so this is for direct calls of the kernels. (Features of
+    magnitude near 1e-150 and below underflow to zero distances instead: scale them first too.)
+
+    >>> refuse_nonfinite_gains(True)
+    >>> refuse_nonfinite_gains(False)
+    Traceback (most recent call last):
+    ...
+    ValueError: the greedy's gains are not finite: the similarities hold NaN or inf (features that do, or ...
+    """
+    if not finite:
+        raise ValueError(
+            "the greedy's gains are not finite: the similarities hold NaN or inf (features that do, or whose "
+            "distances overflow: the kernels compute without rescaling). Validate the features and scale them "
+            "by a power of two first, as crestcore.similarity.prepare does (facility_location and "
+            "minibatch_coresets do both)")
 
 
 def missing_library(owner: str, library: str, extra: str, exc: ImportError) -> ImportError:

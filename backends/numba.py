@@ -79,7 +79,7 @@ from numba import get_num_threads, njit, prange, set_num_threads, types
 from numba import get_num_threads as _active_threads
 from numba.extending import intrinsic
 
-from .contract import KERNEL_NAMES, KERNELS, METRICS, OPTIMIZERS, snap_tolerance
+from .contract import KERNEL_NAMES, KERNELS, METRICS, OPTIMIZERS, check_picks, refuse_nonfinite_gains, snap_tolerance
 
 
 def _launch_keeping_openmp_threads() -> None:
@@ -586,7 +586,14 @@ def _similarity_batched_impl(X, valid, metric, kernel, scale):
 
 @njit(cache=True)
 def _better(k1, i1, k2, i2):
-    return k1 > k2 or (k1 == k2 and i1 < i2)
+    """Whether key k1 (candidate i1) comes before key k2 (candidate i2): the larger key, the lower index on
+    ties, and a NaN key after every number (NaN gains from non-finite similarities: a lazy loop that compared
+    them as numbers never accepted its NaN top and ran forever, review 155; the wrappers refuse them after)."""
+    if k1 > k2:
+        return True
+    if k1 == k2:
+        return i1 < i2
+    return k2 != k2 and (k1 == k1 or i1 < i2)
 
 
 @njit(cache=True, nogil=True, inline='always')
@@ -929,7 +936,15 @@ def _prepare_u(u, shape_bk, optimizer_code):
     u32 = u.dtype == np.float32
     if u.ndim != 3 or u.shape[0] != B or u.shape[1] < K or u.shape[2] < 1:
         raise ValueError(f"u must have shape (B, K, s) = ({B}, >= {K}, >= 1), got {u.shape}")
-    return _arr(u, dtype=np.float64), bool(u32)
+    return _draws_in_range(_arr(u, dtype=np.float64)), bool(u32)
+
+
+def _draws_in_range(u: np.ndarray) -> np.ndarray:
+    """``u`` when it holds uniform draws in [0, 1] (1.0: a draw rounded up in float32, the sampling rule's last
+    position), else a ValueError."""
+    if u.size and not (float(u.min()) >= 0.0 and float(u.max()) <= 1.0):
+        raise ValueError("u must hold uniform draws in [0, 1] (1 in float32 rounding: the last candidate)")
+    return u
 
 
 def _prepare_u_steps(u, k: int, optimizer_code: int, steps: str = "k"):
@@ -943,7 +958,7 @@ def _prepare_u_steps(u, k: int, optimizer_code: int, steps: str = "k"):
     uu = _arr(u, dtype=np.float64)
     if uu.ndim != 2 or uu.shape[0] < k or uu.shape[1] < 1:
         raise ValueError(f"u must have shape ({steps}, s) = ({k}, >= 1), got {uu.shape}")
-    return uu, bool(u32)
+    return _draws_in_range(uu), bool(u32)
 
 
 def _greedy_batched_impl(S, valid, budgets, optimizer, u=None):
@@ -1239,9 +1254,7 @@ def greedy_features(X, k, metric, kernel, scale, optimizer, u=None, tile=2048):
     X = _features(X, 2)
     dtype = X.dtype
     n = X.shape[0]
-    k = int(k)
-    if k < 0 or k > n:
-        raise ValueError(f"k must be in [0, {n}], got {k}")
+    k = check_picks(k, n)
     uu, u32 = _prepare_u_steps(u, k, opt)
     nthr = get_num_threads()
     X64 = _arr(X, dtype=np.float64)
@@ -1256,6 +1269,7 @@ def greedy_features(X, k, metric, kernel, scale, optimizer, u=None, tile=2048):
     out_gain = np.zeros(k)
     if k > 0:
         _features_greedy(X64, XT, nrm, k, m, kk, sc, M, r32, opt, uu, u32, nthr, 64 * nthr, out_idx, out_gain)
+        refuse_nonfinite_gains(bool(np.isfinite(out_gain).all()))
     weights = np.zeros(k)
     objective = 0.0
     if k > 0:
@@ -1997,6 +2011,7 @@ def facility_batched(X, valid, budgets, metric, kernel, scale, optimizer, u=None
         else:
             _fused_serial(X64, valid, budgets, m, kk, sc, opt, uu, u32, W,
                           out_idx, out_gain, out_w, out_obj)
+        refuse_nonfinite_gains(bool(np.isfinite(out_gain).all()))
     dt = X.dtype
     return out_idx, out_gain.astype(dt), out_w.astype(dt), out_obj.astype(dt)
 
@@ -2339,7 +2354,9 @@ def similarity_batched(X, valid, metric, kernel, scale):
 @functools.wraps(_greedy_batched_impl)
 def greedy_batched(S, valid, budgets, optimizer, u=None):
     with _threads_for(_dense_work(S)):
-        return _greedy_batched_impl(S, valid, budgets, optimizer, u)
+        idx, gains = _greedy_batched_impl(S, valid, budgets, optimizer, u)
+    refuse_nonfinite_gains(bool(np.isfinite(gains).all()))
+    return idx, gains
 
 
 @functools.wraps(_assign_batched_impl)

@@ -51,6 +51,7 @@ import numpy as np
 
 from ._compat import device_of, from_numpy, host_to, index_dtype, namespace, to_numpy
 from .backends import snap_tolerance
+from .backends.contract import OPTIMIZERS, check_choice, check_picks, refuse_nonfinite_gains
 from .similarity import _gram_distances, pairwise_distances
 
 __all__ = ["similarity_batched", "greedy_batched", "assign_batched", "greedy_features", "facility_batched",
@@ -74,12 +75,36 @@ def _stochastic_mask(xp, remaining, u_t):
     return hit & remaining
 
 
+def _check_draws(u, optimizer, shape: tuple) -> None:
+    """The stochastic optimizer's draws: given, of at least ``shape``'s extents ((B, K) or (k,), then s >= 1), in
+    ``[0, 1]`` (1.0: a float32 draw rounded up); a ValueError otherwise (the other optimizers ignore them)."""
+    check_choice(optimizer, "optimizer", OPTIMIZERS)
+    if optimizer != "stochastic":
+        return
+    want = "(" + ", ".join(str(e) for e in shape) + ", s)"
+    if u is None:
+        raise ValueError(f"u (uniform draws of shape {want}) is required by the 'stochastic' optimizer")
+    dims = tuple(u.shape)
+    if len(dims) != len(shape) + 1 or any(a < b for a, b in zip(dims, shape)) or dims[-1] < 1:
+        raise ValueError(f"u must have shape {want} (at least those extents), got {dims}")
+    h = to_numpy(u)
+    if h.size and not (float(h.min()) >= 0.0 and float(h.max()) <= 1.0):
+        raise ValueError("u must hold uniform draws in [0, 1] (1 in float32 rounding: the last candidate)")
+
+
 def greedy_batched(S, valid, budgets, optimizer, u=None):
-    """Reference greedy over B dense problems; ``lazy`` and ``naive`` coincide by construction here."""
+    """Reference greedy over B dense problems; ``lazy`` and ``naive`` coincide by construction here. A
+    problem whose valid candidates run out picks fewer (padded with -1, gain 0); non-finite gains are refused
+    (:func:`~crestcore.backends.contract.refuse_nonfinite_gains`)."""
     xp = namespace(S, valid, budgets, names=("S", "valid", "budgets"))
+    if S.ndim != 3 or S.shape[1] != S.shape[2]:
+        raise ValueError(f"S must be (B, n, n), got shape {tuple(S.shape)}")
     B, n, _ = S.shape
     dev = device_of(S)
     K = int(to_numpy(xp.max(budgets))) if B else 0
+    _check_draws(u, optimizer, (B, K))
+    # each step picks a new valid candidate while any remain
+    limit = xp.minimum(budgets, xp.sum(xp.astype(valid, budgets.dtype), axis=1)) if B else budgets
     cover = xp.zeros((B, n), dtype=S.dtype, device=dev)
     selected = xp.zeros((B, n), dtype=xp.bool, device=dev)
     ar = xp.arange(n, device=dev)
@@ -94,7 +119,7 @@ def greedy_batched(S, valid, budgets, optimizer, u=None):
         masked = xp.where(cand, gains, _neg_inf(xp, gains))
         j = xp.argmax(masked, axis=1)  # first maximum = lowest index
         onehot = ar[None, :] == j[:, None]
-        active = budgets > t
+        active = limit > t
         g = xp.sum(xp.where(onehot, gains, xp.zeros_like(gains)), axis=1)
         col = xp.sum(xp.where(onehot[:, None, :], S, zero), axis=2)  # (B, n) = S[b, :, j_b]
         cover = xp.where(active[:, None], xp.maximum(cover, col), cover)
@@ -103,7 +128,9 @@ def greedy_batched(S, valid, budgets, optimizer, u=None):
         gain_cols.append(xp.where(active, g, xp.zeros_like(g)))
     if K == 0:
         return (xp.zeros((B, 0), dtype=index_dtype(xp), device=dev), xp.zeros((B, 0), dtype=S.dtype, device=dev))
-    return xp.astype(xp.stack(idx_cols, axis=1), index_dtype(xp)), xp.stack(gain_cols, axis=1)
+    gains = xp.stack(gain_cols, axis=1)
+    refuse_nonfinite_gains(bool(to_numpy(xp.all(xp.isfinite(gains)))))
+    return xp.astype(xp.stack(idx_cols, axis=1), index_dtype(xp)), gains
 
 
 def assign_batched(S, valid, indices):
@@ -189,6 +216,9 @@ def greedy_features(X, k, metric, kernel, scale, optimizer, u=None, tile=2048):
     """
     xp = namespace(X, names=("X",))
     n = X.shape[0]
+    k = check_picks(k, n)
+    _check_draws(u, optimizer, (k,))
+    tile = max(1, int(tile))
     dev = device_of(X)
     M = _max_distance(xp, X, metric, tile) if kernel == "max-minus" else 0.0
     cover = xp.zeros((n,), dtype=X.dtype, device=dev)

@@ -203,3 +203,99 @@ def test_the_numba_fallback_folder_is_one_only_this_user_can_write(tmp_path):
     os.chown(theirs, 65534, 65534)
     got = backends._private_folder(theirs)
     assert got != str(theirs) and os.stat(got).st_uid == os.getuid() and os.stat(got).st_mode & 0o077 == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# what every kernel takes and refuses when called directly (review 155)
+# --------------------------------------------------------------------------------------------------
+
+def _kernel_modules():
+    from crestcore import _reference_kernels as ref
+
+    mods = [("reference", ref, np)]
+    try:
+        from crestcore.backends import numba as nb
+
+        mods.append(("numba", nb, np))
+    except ImportError:  # pragma: no cover - numba is a core dependency
+        pass
+    try:
+        import torch
+
+        from crestcore.backends import torch as tb
+
+        mods.append(("torch", tb, torch))
+    except ImportError:  # pragma: no cover - the torch extra
+        pass
+    return mods
+
+
+_HANG_CASES = {
+    "features with a NaN": "X[2, 1] = np.nan; nb.greedy_features(X, 3, 'euclidean', 'max-minus', 1.0, 'lazy')",
+    "distances that overflow": "nb.greedy_features(X * 1e200, 3, 'euclidean', 'max-minus', 1.0, 'lazy')",
+    "squared distances that overflow": "nb.greedy_features(X * 1e160, 3, 'sqeuclidean', 'max-minus', 1.0, 'lazy')",
+    "a fused batch with a NaN": "nb.facility_batched(np.where(np.arange(27).reshape(1, 9, 3) == 4, np.nan, "
+                                "X[None]), np.ones((1, 9), bool), np.array([3]), 'euclidean', 'max-minus', 1.0, "
+                                "'lazy')",
+}
+
+
+@pytest.mark.parametrize("case", sorted(_HANG_CASES))
+def test_the_numba_lazy_greedy_refuses_non_finite_gains_instead_of_running_forever(case):
+    """Review 155: a candidate whose exact gain is NaN (features with NaN or inf, or distances that overflow) was
+    never accepted by the lazy loop, which compared it as a number, and was never passed over either: the
+    kernel ran forever inside compiled code (Ctrl-C does not stop it). NaN keys now sort after every number,
+    and the kernels refuse non-finite gains. Run in a subprocess with a timeout, so that a regression fails."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("numba")
+    code = ("import numpy as np; from crestcore.backends import numba as nb; np.seterr(all='ignore'); "
+            "X = np.random.default_rng(0).normal(size=(9, 3))\ntry:\n    " + _HANG_CASES[case] +
+            "\nexcept ValueError as exc:\n    print('REFUSED', exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0 and "REFUSED the greedy's gains are not finite" in out.stdout, out.stdout + out.stderr
+
+
+def test_kernels_refuse_bad_counts_choices_and_draws_alike():
+    """Review 155: the reference (and torch) kernels took k > n, an unknown optimizer, draws outside [0, 1] or no
+    draws, and returned duplicate or padding picks with -inf gains, where the Numba kernel refused or padded;
+    a problem whose valid candidates run out now pads with -1 on every backend, and NaN gains are refused."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(9, 3))
+    S = np.abs(rng.normal(size=(2, 5, 5)))
+    valid = np.ones((2, 5), dtype=bool)
+    valid[1, 3:] = False  # 3 valid points
+    valid_none = np.zeros((2, 5), dtype=bool)
+    for name, mod, lib in _kernel_modules():
+        a = np.asarray if lib is np else lib.as_tensor
+        with pytest.raises(ValueError, match=r"k must be in \[0, 9\], got 10"):
+            mod.greedy_features(a(X), 10, "euclidean", "max-minus", 1.0, "lazy")
+        with pytest.raises(ValueError, match="optimizer must be one of"):
+            mod.greedy_batched(a(S), a(valid), a(np.array([2, 2])), "greedy")
+        with pytest.raises(ValueError, match="stochastic"):
+            mod.greedy_batched(a(S), a(valid), a(np.array([2, 2])), "stochastic")
+        idx, gains = mod.greedy_batched(a(S), a(valid), a(np.array([2, 4])), "lazy")
+        idx = np.asarray(idx)
+        assert idx[1, 3] == -1 and sorted(idx[1, :3].tolist()) == [0, 1, 2], (name, idx)
+        assert np.asarray(gains)[1, 3] == 0, name
+        idx, _ = mod.greedy_batched(a(S), a(valid_none), a(np.array([2, 2])), "lazy")
+        assert (np.asarray(idx) == -1).all(), (name, idx)
+        bad = S.copy()
+        bad[0, :, 1] = np.nan
+        if name != "numba":  # the Numba kernel reads a NaN similarity as no coverage (the contract says so)
+            with pytest.raises(ValueError, match="gains are not finite"):
+                mod.greedy_batched(a(bad), a(valid), a(np.array([2, 2])), "naive")
+        if name != "torch":  # the draws' range is checked on the host arrays
+            with pytest.raises(ValueError, match=r"uniform draws in \[0, 1\]"):
+                mod.greedy_batched(a(S), a(valid), a(np.array([2, 2])), "stochastic", a(np.full((2, 2, 3), -0.5)))
+
+
+def test_check_choice_refuses_an_array_by_name():
+    """Review 155: check_choice(np.array(...)) failed on the array's truth value, naming nothing."""
+    from crestcore.validation import check_choice
+
+    for check in (check_choice, contract.check_choice):
+        with pytest.raises(ValueError, match=r"optimizer must be one of \('naive', 'lazy', 'stochastic'\), got array"):
+            check(np.array(["lazy", "naive"]), "optimizer", contract.OPTIMIZERS)
+    assert check_choice(np.str_("lazy"), "optimizer", contract.OPTIMIZERS) == "lazy"
