@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ._compat import index_dtype, to_numpy
+from .backends.contract import is_choice
 
 
 # frameworks whose code calls into ours on the way from the user's line (a fit loop, a DataLoader)
@@ -227,7 +228,7 @@ def check_choice(value, name: str, choices) -> str:
     ...
     ValueError: optimizer must be one of ('naive', 'lazy'), got 'lazzy'
     """
-    if value not in choices:
+    if not is_choice(value, choices):  # (not `value in choices`: an array there fails on its truth value)
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
     return value
 
@@ -283,8 +284,11 @@ def labels_to_host(xp, labels, n: int, name: str = "labels") -> np.ndarray:
 
 
 def int64_labels(labels: np.ndarray, name: str = "labels", *, copy: bool = True) -> np.ndarray:
-    """A host integer label array as int64 (a copy unless ``copy=False``); unsigned labels above 2^63 - 1 are
-    refused: the cast would wrap them to negative values and reorder the classes.
+    """Integer labels, one per example, as a host int64 array (a copy unless ``copy=False``; a list or another
+    library's array is brought to the host first). Labels that are not a 1-D array of integers (floats, even
+    integral ones, booleans, strings) are refused with a ``TypeError`` or ``ValueError`` naming ``name`` (review
+    155: they were cast, 0.7 to 0 and NaN to -2^63); unsigned labels above 2^63 - 1 are refused: the cast would
+    wrap them to negative values and reorder the classes.
 
     Examples
     --------
@@ -295,7 +299,18 @@ def int64_labels(labels: np.ndarray, name: str = "labels", *, copy: bool = True)
     Traceback (most recent call last):
         ...
     ValueError: y holds values above 2^63 - 1 (uint64), which int64 class positions cannot hold in order: ...
+    >>> int64_labels(np.array([0.0, 1.0]))
+    Traceback (most recent call last):
+        ...
+    TypeError: labels must hold integer class indices, got dtype float64
     """
+    if not isinstance(labels, np.ndarray):
+        labels = np.asarray(to_numpy(labels))
+        copy = False  # (a new array already)
+    if labels.dtype == bool or not np.issubdtype(labels.dtype, np.integer):
+        raise TypeError(f"{name} must hold integer class indices, got dtype {labels.dtype}")
+    if labels.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, one class index per example, got shape {labels.shape}")
     if labels.dtype == np.uint64 and labels.size and int(labels.max()) > np.iinfo(np.int64).max:
         raise ValueError(
             f"{name} holds values above 2^63 - 1 (uint64), which int64 class positions cannot hold in order: "
@@ -502,7 +517,11 @@ def host_weights(weights, k: int, name: str = "weights") -> np.ndarray:
     ...
     ValueError: w contain NaN or infinite values
     """
-    w = np.asarray(weights, dtype=np.float64)
+    w = np.asarray(to_numpy(weights))
+    if w.dtype == bool or not (np.issubdtype(w.dtype, np.integer) or np.issubdtype(w.dtype, np.floating)):
+        # (strings were parsed, booleans taken as 0/1 and complex values cut to their real parts: review 155)
+        raise TypeError(f"{name} must be real numbers, got dtype {w.dtype}")
+    w = w.astype(np.float64)
     if w.shape != (k,):
         raise ValueError(f"{name} must have shape ({k},) like the indices, got {w.shape}")
     if not np.all(np.isfinite(w)):
@@ -606,4 +625,7 @@ def stored_batch(record, n: int, where: str):
     if bw.shape != bi.shape or not np.issubdtype(bw.dtype, np.floating) or not np.all(np.isfinite(bw)) \
             or (bw.size and bw.min() < 0):
         raise ValueError(f"{where}: batch weights must be finite, non-negative and one per index")
-    return bi.astype(np.int64), bw.astype(np.float64), bool(record["reselected"])
+    flag = record["reselected"]
+    if not isinstance(flag, (bool, np.bool_)):  # (a string "False" read back was True: review 155)
+        raise ValueError(f"{where}: a batch's reselected must be a boolean, got {flag!r}")
+    return bi.astype(np.int64), bw.astype(np.float64), bool(flag)

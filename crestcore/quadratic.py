@@ -303,7 +303,10 @@ def quadratic_update(state: QuadraticState, grad=None, zhz=None, config: Quadrat
 
 def curvature_norm(state: QuadraticState, config: QuadraticConfig = QuadraticConfig()) -> float:
     """``||h||``, the Euclidean norm of the curvature vector the model uses, as a Python float,
-    accumulated in at least float32 (the trust schedule's ``||H_t||``).
+    accumulated in at least float32 (the trust schedule's ``||H_t||``), with ``h`` scaled by a power of two
+    near its largest magnitude first (exact), so that squares that would underflow or overflow the working
+    dtype do not (review 155: a float32 curvature near 1e-24 had norm 0, which sent the check interval to its
+    cap, and one near 1e19 was refused as overflowing); in between the value is the unscaled sum's, bit for bit.
 
     Examples
     --------
@@ -315,9 +318,15 @@ def curvature_norm(state: QuadraticState, config: QuadraticConfig = QuadraticCon
     _check_state(state)
     xp = namespace(state.h_ema)
     h = _accumulating(xp, quadratic_curvature(state, config))
-    with warnings.catch_warnings():  # an overflow is a non-finite norm, which the callers report
+    top = float(xp.max(xp.abs(h))) if math.prod(h.shape) else 0.0
+    if top == 0.0 or not math.isfinite(top):
+        return top  # 0, or the non-finite norm the callers report
+    # a power of two at or below the largest magnitude (so representable in h's dtype): h / scale is exact,
+    # its entries below 2
+    scale = math.ldexp(1.0, math.frexp(top)[1] - 1)
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return float(xp.sqrt(xp.sum(h * h)))
+        return float(xp.sqrt(xp.sum((h / scale) * (h / scale)))) * scale
 
 
 def _gradient(state: QuadraticState, config: QuadraticConfig):

@@ -437,13 +437,18 @@ def test_half_precision_averages_do_not_drift(half):
 
 
 def test_an_exploding_curvature_is_reported_as_divergence():
-    """Finite curvature samples whose norm overflows (1e30 in float32, squared past its range, even when
-    accumulated in float32) are divergence, named as such, with the dtype."""
+    """Finite curvature samples whose estimate overflows (AdaHessian's squares of 1e20 past float32's range) are
+    divergence, named as such, with the dtype. Samples of 1e30 in float32, whose squares overflow but whose norm
+    (2e30) does not, were refused too, because the norm squared in the working dtype; the norm is taken of h
+    scaled by a power of two now (review 155)."""
     from crestcore._validation import DivergenceError
+    from crestcore.quadratic import QuadraticConfig, curvature_norm
 
     state = quadratic_init(np.zeros(4, dtype=np.float32))
     with pytest.raises(DivergenceError, match=r"curvature estimate .* overflows float32"):
-        quadratic_update(state, zhz=np.full(4, 1e30, dtype=np.float32))
+        quadratic_update(state, zhz=np.full(4, 1e20, dtype=np.float32), config=QuadraticConfig(variant="adahessian"))
+    big = quadratic_update(state, zhz=np.full(4, 1e30, dtype=np.float32))
+    assert curvature_norm(big) == pytest.approx(2 * float(np.float32(1e30)), rel=1e-6)
 
 
 def test_samples_of_another_dtype_are_refused_and_a_tensor_loss_is_read_without_warning():

@@ -495,3 +495,44 @@ def test_the_finiteness_pass_reads_strided_and_read_only_host_arrays_in_blocks(m
                     check_float_matrix(xp, Y, "X")
             finally:
                 Y[-1, -1] = keep
+
+
+def test_the_public_label_and_weight_checks_refuse_what_they_used_to_cast():
+    """Review 155: crestcore.validation.int64_labels, documented as a boundary check, cast float labels (0.7 and
+    1.9 to 0 and 1, NaN to -2^63), booleans, strings and 2-D arrays, and failed on a list with an
+    AttributeError; host_weights parsed strings, took booleans and cut complex values to their real parts;
+    stored_batch read a string "False" as True."""
+    from crestcore.validation import host_weights, int64_labels, stored_batch
+
+    assert int64_labels([2, 0]).tolist() == [2, 0] and int64_labels(np.array([3, 1], np.uint8)).dtype == np.int64
+    for bad in (np.array([0.7, 1.9]), np.array([np.nan, 1.0]), np.array([True, False]), np.array(["3", "1"])):
+        with pytest.raises(TypeError, match="y must hold integer class indices"):
+            int64_labels(bad, "y")
+    with pytest.raises(ValueError, match="y must be 1-D"):
+        int64_labels(np.array([[1, 2]]), "y")
+    assert host_weights([1, 0.5], 2).tolist() == [1.0, 0.5]
+    for bad in (["1.5", "2"], [True, False], np.array([1 + 2j, 3])):
+        with pytest.raises(TypeError, match="w must be real numbers"):
+            host_weights(bad, 2, "w")
+    with pytest.raises(ValueError, match="ckpt: a batch's reselected must be a boolean, got 'False'"):
+        stored_batch({"indices": [1, 2], "weights": [1.0, 2.0], "reselected": "False"}, 3, "ckpt")
+    assert stored_batch({"indices": [1, 2], "weights": [1.0, 2.0], "reselected": np.bool_(False)}, 3, "c")[2] is False
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_curvature_norm_neither_underflows_nor_overflows_where_the_norm_is_representable(dtype):
+    """Review 155: curvature_norm squared in the working dtype, so a float32 curvature near 1e-24 had norm 0
+    (the check interval then went to its cap) and one near 1e19 was refused as overflowing float32; the
+    norm is taken of h scaled by a power of two, bit for bit the unscaled one in between."""
+    from crestcore import quadratic_init, quadratic_update
+    from crestcore.quadratic import curvature_norm
+
+    tiny, huge = (1e-24, 1e19) if dtype == np.float32 else (1e-170, 1e155)
+    for v in (tiny, huge, 0.75):
+        state = quadratic_update(quadratic_init(np.zeros(10, dtype=dtype)), zhz=np.full(10, v, dtype=dtype))
+        got = curvature_norm(state)
+        want = float(np.sqrt(10.0)) * float(dtype(v))
+        assert got == pytest.approx(want, rel=1e-6), (v, got)
+        if v == 0.75:  # in range: the unscaled float32/64 sum, bit for bit
+            h = np.full(10, v, dtype=dtype)
+            assert got == float(np.sqrt(np.sum(h * h)))
