@@ -3594,6 +3594,20 @@ def _wrapper_look_ahead(depth: int = 24):
     return None
 
 
+def _accelerate_caller(depth: int = 4) -> bool:
+    """Whether an ``accelerate`` data loader's own method is among the callers of the caller (its ``set_epoch``,
+    which its ``__iter__`` calls at every iteration)."""
+    f = sys._getframe(2)
+    for _ in range(depth):
+        if f is None:
+            return False
+        obj = f.f_locals.get("self")
+        if obj is not None and type(obj).__module__.startswith("accelerate."):
+            return True
+        f = f.f_back
+    return False
+
+
 class _CountedPass:
     """A :class:`CrestBatchSampler` pass as its multi-process DataLoader reads it: the batches handed out and
     the DataLoader's requests for index lists, counted. Such a DataLoader asks for ``window`` index lists
@@ -3601,8 +3615,9 @@ class _CountedPass:
     also once the pass has ended, so a pass its loop read to the end got ``window + handed`` requests and one
     left earlier fewer: the batches the workers had fetched ahead were never trained."""
 
-    def __init__(self, sampler: CrestBatchSampler, batches, window: int, held: int = 0):
+    def __init__(self, sampler: CrestBatchSampler, batches, window: int, held: int = 0, shard=None):
         self.sampler, self.batches, self.window, self.held = sampler, batches, int(window), int(held)
+        self.shard = shard  # a weak reference to the accelerate loader that holds ``held`` batch, or None
         self.requests = self.handed = 0
         self.ended = False
         self.loads = sampler._loads  # a state loaded after this: the batches handed out were the old run's
@@ -3640,7 +3655,16 @@ class _CountedPass:
         holds one (accelerate's) had one more from it than it gave the loop (a pass read to its end got them
         all: review 146 found every full epoch one short under accelerate)."""
         got = self.requests - self.window
-        return got if got >= self.handed else max(got - self.held, 0)
+        if got < self.handed:
+            return max(got - self.held, 0)
+        # every batch reached the wrapper; it gave the loop the last one only if it reached its end (review 158:
+        # a loop left one batch before the epoch's end had that batch counted as trained). Its end flag is this
+        # pass's until it starts its next one (then read as ended: the warning at a pass's start cannot tell)
+        # (while this is the sampler's last pass: the wrapper's next pass resets the flag before its first batch)
+        shard = self.shard() if self.shard is not None else None
+        holding = (self.held and shard is not None and self.sampler._counted is self
+                   and getattr(shard, "end_of_dataloader", True) is False)
+        return got - 1 if holding else got
 
     def stale(self) -> None:
         """A request after a ``load_state_dict``: the DataLoader has just given the loop a batch its workers had
@@ -3813,7 +3837,16 @@ class CrestBatchSampler(CrestLoader):
         # it has ended, and every full pass looked left early (review 142)
         direct = it is not None and getattr(it, "_index_sampler", None) is self
         window = self._loader_ahead - self._loader_held if direct else 0
-        return _CountedPass(self, super().__iter__(), window, self._loader_held) if window > 0 else super().__iter__()
+        return (_CountedPass(self, super().__iter__(), window, self._loader_held, self._loader_shard) if window > 0
+                else super().__iter__())
+
+    def set_epoch(self, epoch: int) -> None:
+        """As :meth:`CrestLoader.set_epoch`; with ``per_epoch=False`` (one pass is the whole run) the call an
+        ``accelerate`` loader makes at each of its iterations is ignored (review 158: it was refused, telling the
+        user to drop an option they need, for a call they never made)."""
+        if not self.per_epoch and _accelerate_caller():
+            return
+        super().set_epoch(epoch)
 
     def _handed_ahead(self, name: str) -> None:
         """Said once: under a DataLoader that fetches ahead, the batch handed out last is not the one the loop

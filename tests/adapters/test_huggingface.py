@@ -369,7 +369,7 @@ def test_a_state_saved_before_accelerates_batch_was_counted_resumes_without_a_fa
         assert any("resumed under a DataLoader" in str(w.message) for w in caught) == said
 
 
-def _accelerated_sampler(seed, tmp_path=None, workers=0):
+def _accelerated_sampler(seed, tmp_path=None, workers=0, **kw):
     """A sampler, its accelerate-prepared DataLoader (batches carry their indices), a model and an optimizer;
     with ``tmp_path``, the sampler registered for accelerate's own checkpointing."""
     acc = accelerate.Accelerator(cpu=True)
@@ -378,7 +378,7 @@ def _accelerated_sampler(seed, tmp_path=None, workers=0):
     model = tiny_bert(seed, dropout=0.0)
     opt = torch.optim.SGD(model.parameters(), lr=5e-2)
     sampler = CrestBatchSampler(model, Texts(), config=CrestConfig(m=16, r=48), budget=0.5, epochs=3, seed=0,
-                                collate_fn=transformers.default_data_collator)
+                                collate_fn=transformers.default_data_collator, **kw)
     model, opt = acc.prepare(model, opt)
     loader = acc.prepare(sampler.dataloader(indices=True, num_workers=workers, collate_fn=WeightedCollate(
         transformers.default_data_collator, indices=True)))
@@ -437,6 +437,34 @@ def test_under_accelerate_stats_count_the_batches_the_loop_was_given(workers):
             assert sampler.stats["step"] == sampler.stats["counters"]["train_steps"] == got
             assert sampler.state_dict()["position"] == got
     assert sampler.position == got == 12
+
+
+def test_under_accelerate_a_loop_left_one_batch_before_the_epochs_end_is_counted_or_warned_about():
+    """Review 158: with workers, a loop that left an epoch one batch before its end (a step limit) had the batch the
+    prepared loader held counted as trained, by stats and by state_dict() (what save_state calls), silently: the
+    resumed run trained 11 of 12 batches. stats count what the loop got; state_dict() without trained= warns."""
+    _, sampler, loader, step = _accelerated_sampler(0, workers=2)
+    for k, batch in enumerate(loader, start=1):
+        step(batch)
+        if k == 5:  # of 6
+            break
+    assert sampler.position == 6 and sampler.stats["step"] == 5
+    with pytest.warns(UserWarning, match=r"state_dict\(\) without trained="):
+        sampler.state_dict()
+    assert sampler.state_dict(trained=5)["position"] == 5
+
+
+def test_a_whole_run_sampler_works_under_accelerate():
+    """Review 158: accelerate's prepared loader calls set_epoch at each iteration, which a per_epoch=False
+    sampler refused, telling the user to drop the option: the call is ignored there, and the one pass trains
+    the whole run."""
+    _, sampler, loader, step = _accelerated_sampler(0, per_epoch=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = sum(1 for batch in loader if step(batch))
+    assert got == sampler.total_steps == sampler.position == 18
+    with pytest.raises(ValueError, match="set_epoch is for per-epoch passes"):
+        sampler.set_epoch(0)  # the user's own call is still refused
 
 
 def test_accelerates_skip_loader_which_does_not_look_ahead_counts_no_batch_ahead():
