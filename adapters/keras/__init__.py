@@ -64,6 +64,7 @@ import math
 import sys
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -541,14 +542,16 @@ def _last_is_softmax(model) -> bool | None:
     last = steps[k]
     if isinstance(last, keras.Model):
         return _last_is_softmax(last)
-    if isinstance(last, keras.layers.Lambda) or (
-            isinstance(last, keras.layers.Layer) and not type(last).__module__.startswith("keras.")):
-        return None
     if isinstance(last, keras.layers.Softmax) or (
             type(last).__name__ == "Softmax" and type(last).__module__.startswith("keras.")):  # keras.ops.softmax
         return True
     act = getattr(last, "activation", None)
-    return act is keras.activations.softmax or getattr(act, "__name__", "") == "softmax"
+    if act is keras.activations.softmax or getattr(act, "__name__", "") == "softmax":
+        return True  # (a Dense of the user's own with activation="softmax" too: review 158)
+    if isinstance(last, keras.layers.Lambda) or (
+            isinstance(last, keras.layers.Layer) and not _keras_module(type(last))):
+        return None
+    return False
 
 
 def _check_fit_steps(callback, who: str) -> None:
@@ -1334,7 +1337,19 @@ def _step_passes_weights(source: str) -> bool | None:
 def _own_method(model, name: str) -> bool:
     """Whether the model's class overrides Keras's ``name`` (``train_step``, ``compute_loss``) with its own."""
     fn = getattr(type(model), name, None)
-    return fn is not None and not (getattr(fn, "__module__", "") or "").startswith("keras")
+    return fn is not None and not _keras_module(fn)
+
+
+def _keras_module(obj) -> bool:
+    """Whether ``obj`` (a function or class) is Keras's own: its module is ``keras`` or under ``keras.`` (a user
+    module named ``keras_models`` is not: review 158)."""
+    mod = getattr(obj, "__module__", "") or ""
+    return mod == "keras" or mod.startswith("keras.")
+
+
+# the loss objects a spy has swapped the class of -> their own class (a first step that raised left its spy's
+# class on the loss, since Keras then calls no on_train_end: the next spy starts from the original, review 158)
+_SPIED_LOSSES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class _LossWeightSpy:
@@ -1344,12 +1359,15 @@ class _LossWeightSpy:
     every step unweighted, silently; the step's source passed the syntax check, and the loss probe goes around
     ``compute_loss``). The loss object's class is swapped for a subclass that notes each call's
     ``sample_weight`` (None or not) and calls the original, for one training step; :meth:`remove` restores it.
-    On JAX the step's trace calls it (once per compiled step function: a step function kept from an earlier
-    fit is not traced again, and nothing is seen)."""
+    On JAX the step's trace calls it (the callback has the step function built again at the fit's start, so
+    that a step function kept from an earlier fit is traced, and seen, again)."""
 
     def __init__(self, model):
         self.loss = getattr(model, "_compile_loss", None)
-        self.cls = type(self.loss)
+        try:
+            self.cls = _SPIED_LOSSES.get(self.loss, type(self.loss))
+        except TypeError:  # not weak-referenceable: no spy (usable() is False)
+            self.loss, self.cls = None, type(None)
         self.got = self.missed = False
         self.on = False
 
@@ -1367,6 +1385,7 @@ class _LossWeightSpy:
                 spy.got = True
             return cls.__call__(obj, *args, **kwargs)
 
+        _SPIED_LOSSES[self.loss] = cls
         self.loss.__class__ = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
                                                           "__qualname__": cls.__qualname__})
         self.on = True
@@ -1374,10 +1393,43 @@ class _LossWeightSpy:
     def remove(self) -> bool | None:
         """Restore the loss's class; True when a call got the weights, False when the loss was called and never
         with them, None when it was not called."""
-        if self.on:
-            self.loss.__class__ = self.cls
-            self.on = False
+        if self.loss is not None and self.loss in _SPIED_LOSSES:
+            self.loss.__class__ = _SPIED_LOSSES.pop(self.loss)
+        self.on = False
         return True if self.got else False if self.missed else None
+
+
+def _unwatched_step(model, who: str) -> None:
+    """Where the compiled loss could not be watched (a torch step compiled with ``jit_compile``; a step or a
+    ``compute_loss`` that never calls it): the ``train_step``'s source is read (:func:`_warn_own_train_step`),
+    and an overridden ``compute_loss`` whose source never reads its ``sample_weight`` is warned about (review 158:
+    one computing its own loss without the weights trained unweighted, silently)."""
+    _warn_own_train_step(model, who)
+    if not _own_method(model, "compute_loss"):
+        return
+    import ast
+    import inspect
+    import textwrap
+
+    fn = type(model).compute_loss
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):  # no source to read: nothing to go by
+        return
+    node = next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
+    if node is None:
+        return
+    a = node.args
+    params = [p.arg for p in a.posonlyargs + a.args + a.kwonlyargs]
+    name = "sample_weight" if "sample_weight" in params else params[4] if len(params) > 4 else None
+    if a.vararg is not None or a.kwarg is not None or name is None:
+        return  # (*args, **kwargs: the weights may be in them)
+    if not any(isinstance(n, ast.Name) and n.id == name and isinstance(n.ctx, ast.Load) for n in ast.walk(node)):
+        warnings.warn(
+            f"{type(model).__name__} overrides compute_loss, and its source never reads {name}: {who}'s weights "
+            "reach the loss as fit's sample weights, so a compute_loss that leaves them out trains unweighted. "
+            f"Weigh each example's loss by {name} (or pass it on: super().compute_loss(..., sample_weight={name}))",
+            stacklevel=_common.user_stacklevel())
 
 
 def _warn_own_train_step(model, who: str) -> None:
@@ -1396,7 +1448,7 @@ def _warn_own_train_step(model, who: str) -> None:
     import inspect
 
     step = getattr(type(model), "train_step", None)
-    if step is None or (getattr(step, "__module__", "") or "").startswith("keras"):
+    if step is None or _keras_module(step):
         return
     try:
         source = inspect.getsource(step)
@@ -1623,10 +1675,16 @@ class _TrainedSteps:
         if not (_own_method(model, "train_step") or _own_method(model, "compute_loss")):
             return
         spy = _LossWeightSpy(model)
+        spy.remove()  # a spy's class left on the loss by a first step that raised (no on_train_end then)
         if spy.usable() and not (_backend() == "torch" and getattr(model, "jit_compile", False) is True):
             self._weight_spy, self._weight_who = spy, who
+            make = getattr(model, "make_train_function", None)
+            if _backend() == "jax" and callable(make):
+                # a step function compiled by an earlier fit (a warm-up fit, or this one run again after its
+                # refusal) is not traced again, and the spy would see nothing (review 158): build it afresh
+                make(force=True)
         else:
-            _warn_own_train_step(model, who)
+            _unwatched_step(model, who)
 
     def _arm_weight_spy(self) -> None:
         """At the first step's beginning: watch the compiled loss during this step."""
@@ -1646,7 +1704,7 @@ class _TrainedSteps:
         model, who = self._fit_model, self._weight_who
         got = self._drop_weight_spy()
         if got is None:
-            _warn_own_train_step(model, who)
+            _unwatched_step(model, who)
         elif got is False:
             own = [f for f in ("train_step", "compute_loss") if _own_method(model, f)]
             raise ValueError(

@@ -527,6 +527,12 @@ _JAX_SCRIPT = textwrap.dedent(r"""
         msg = None
     except ValueError as exc:
         msg = str(exc)
+    try:  # the same fit again (review 158: jax kept the first fit's compiled step, the spy saw nothing, it trained)
+        fit_once(m23, CrestCallback(X, y, config=CrestConfig(**T.CFG), budget=T.BUDGET, seed=3))()
+        again = None
+    except ValueError as exc:
+        again = str(exc)
+    msg = msg if again == msg else f"again: {again}"
     try:
         usable = bool(np.all(np.isfinite(np.asarray(m23.predict(X[:4], verbose=0)))))
     except Exception:  # noqa: BLE001 - the variables detached
@@ -2314,6 +2320,13 @@ class KeepsWeightsInComputeLoss(keras.Sequential):
         return loss + 1e-4 * sum(keras.ops.sum(w ** 2) for w in self.trainable_weights)
 
 
+class OwnUnweightedComputeLoss(keras.Sequential):
+    """A compute_loss of its own that never calls the compiled loss, nor reads the weights (review 158)."""
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        return keras.ops.mean(keras.losses.sparse_categorical_crossentropy(y, y_pred, from_logits=True))
+
+
 class OwnLossStep(keras.Sequential):
     """A train_step with its own loss object, not compile's: the compiled loss is never called."""
 
@@ -2361,6 +2374,8 @@ def test_weights_that_never_reach_the_compiled_loss_are_refused_at_the_first_ste
         run(MetricsOnlyStep, method="random")  # an unweighted baseline
     with pytest.warns(UserWarning, match="overrides train_step, and its source never passes the sample weights on"):
         run(OwnLossStep)
+    with pytest.warns(UserWarning, match="overrides compute_loss, and its source never reads sample_weight"):
+        run(OwnUnweightedComputeLoss)  # review 158: the compiled loss is never called, so the spy saw nothing
 
 
 def test_a_backup_and_restore_rollback_in_the_same_process_is_warned_about(tmp_path):

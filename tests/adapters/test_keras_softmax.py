@@ -131,3 +131,23 @@ def test_a_lambda_last_layer_is_judged_by_its_outputs(softmax):
     with pytest.raises(ValueError, match="its last layer, a Lambda or a layer of your own, runs code that cannot be "
                                          "read"):
         resolve_outputs(model, None)
+
+
+def test_a_softmax_layer_or_activation_of_a_users_own_subclass_is_a_softmax():
+    """Review 158: after a last layer of the user's own was left to the outputs probe, a keras.layers.Softmax
+    subclass, or a Dense subclass with activation="softmax", under a loss whose from_logits cannot be read, was
+    refused as undecidable (the probe needs from_logits); they are softmaxes, as before."""
+
+    class MySoftmax(keras.layers.Softmax):
+        pass
+
+    class MyDense(keras.layers.Dense):
+        pass
+
+    inp = keras.Input((4,))
+    for model in (keras.Model(inp, MySoftmax()(keras.layers.Dense(3)(inp))),
+                  keras.Sequential([keras.Input((4,)), MyDense(3, activation="softmax")])):
+        model.compile(optimizer="sgd", loss=_custom_loss)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert resolve_outputs(model, None) == "probabilities"
