@@ -184,13 +184,17 @@ def _check_step_schedulers(trainer, loader: CrestLoader) -> None:
     if loader.budget_counts != "passes":
         return
     configs = getattr(trainer, "lr_scheduler_configs", None) or []
-    if any(getattr(c, "interval", None) == "step" for c in configs):
+    module = getattr(trainer, "lightning_module", None)
+    manual = module is not None and getattr(module, "automatic_optimization", True) is False
+    # under manual optimization training_step steps its schedulers itself, whatever their interval (review 158)
+    if configs and (manual or any(getattr(c, "interval", None) == "step" for c in configs)):
         warnings.warn(
             "CrestCallback(budget_counts='passes') with a learning-rate scheduler stepped every batch "
-            "(interval='step'): the measurement passes take their share of each epoch's budget, so the fit trains "
-            "fewer batches than trainer.estimated_stepping_batches counts, and a schedule sized from it (OneCycleLR, "
-            "a cosine decay) stops before its end. Count the budget in training steps (budget_counts='steps', the "
-            "default: the schedule's length is then exact), or step the scheduler per epoch",
+            f"({'stepped by your training_step' if manual else 'interval=step'}): the measurement passes take "
+            "their share of each epoch's budget, so the fit trains fewer batches than "
+            "trainer.estimated_stepping_batches counts, and a schedule sized from it (OneCycleLR, a cosine decay) "
+            "stops before its end. Count the budget in training steps (budget_counts='steps', the default: the "
+            "schedule's length is then exact), or step the scheduler per epoch",
             stacklevel=_common.user_stacklevel())
 
 

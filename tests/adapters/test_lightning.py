@@ -1011,6 +1011,26 @@ class _OneCycle(Module):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+class _ManualOneCycle(_OneCycle):
+    """The same schedule under manual optimization, stepped by training_step (interval left at "epoch")."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y, w = batch
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        opt.zero_grad()
+        self.manual_backward((w * F.cross_entropy(self(x), y, reduction="none")).mean())
+        opt.step()
+        sched.step()
+
+    def configure_optimizers(self):
+        out = super().configure_optimizers()
+        return {"optimizer": out["optimizer"], "lr_scheduler": {"scheduler": out["lr_scheduler"]["scheduler"]}}
+
+
 def test_passes_budgets_warn_that_a_per_step_schedule_stops_short(tmp_path):
     """Review 157: under budget_counts="passes" a OneCycle schedule sized from estimated_stepping_batches stopped at
     7 of its 20 steps, its learning rate near the peak, and the callback said nothing (it warns about the same
@@ -1029,6 +1049,9 @@ def test_passes_budgets_warn_that_a_per_step_schedule_stops_short(tmp_path):
         t = trainer(tmp_path, 4, cb)
         t.fit(module, train_dataloaders=cb.dataloader())
     assert t.global_step == module.planned and t.optimizers[0].param_groups[0]["lr"] < 0.01  # (peak 0.1)
+    cb = CrestCallback(data(), **dict(CFG, budget=0.5, budget_counts="passes"))  # review 158: manual stepping
+    with pytest.warns(UserWarning, match=r"stepped every batch \(stepped by your training_step\)"):
+        trainer(tmp_path, 4, cb).fit(_ManualOneCycle(), train_dataloaders=cb.dataloader())
 
 
 class _BatchNormed(Module):
