@@ -50,8 +50,7 @@ import math
 import numpy as np
 
 from ._compat import device_of, from_numpy, host_to, index_dtype, namespace, to_numpy
-from .backends import snap_tolerance
-from .backends.contract import OPTIMIZERS, check_choice, check_picks, refuse_nonfinite_gains
+from .backends import OPTIMIZERS, check_choice, check_picks, refuse_nonfinite_gains, snap_tolerance
 from .similarity import _gram_distances, pairwise_distances
 
 __all__ = ["similarity_batched", "greedy_batched", "assign_batched", "greedy_features", "facility_batched",

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ._compat import index_dtype, to_numpy
-from .backends.contract import is_choice
+from .backends import is_choice
 
 
 # frameworks whose code calls into ours on the way from the user's line (a fit loop, a DataLoader)
