@@ -1658,6 +1658,14 @@ class _TrainedSteps:
     _weight_spy: _LossWeightSpy | None = None  # armed at on_train_begin, installed for the fit's first step
     _weight_who = ""
 
+    ops = None  # each class's model operations (KerasModelOps), None until a fit needs them
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.ops is not None:
+            self.ops.pin()  # jax: the weights of this step, held apart from the variables within an epoch
+        self._step_open = True
+        self._arm_weight_spy()
+
     def on_train_batch_end(self, batch, logs=None):
         self._weights_reached_loss()
         if self._step_open:
@@ -2057,12 +2065,6 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         self._fit_frame = _keras_loop()[0]
         self._idle_fetches = 0
 
-    def on_train_batch_begin(self, batch, logs=None):
-        if self.ops is not None:
-            self.ops.pin()
-        self._step_open = True
-        self._arm_weight_spy()
-
     def _account_step(self) -> None:
         self._step_open = False
         if self.ops is not None:
@@ -2411,12 +2413,6 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         _fit_epoch_begins(self, "SubsetCallback", epoch)
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if self.ops is not None:
-            self.ops.pin()  # jax: the weights of this step, held apart from the variables within an epoch
-        self._step_open = True
-        self._arm_weight_spy()
 
     def _account_step(self) -> None:
         self._step_open = False
