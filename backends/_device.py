@@ -335,6 +335,16 @@ def _stochastic_mask(ops: Ops, remaining, u_t):
     return hit[:, :n] & remaining
 
 
+def _check_draws(ops: Ops, u, shape: str) -> None:
+    """The stochastic optimizer's draws: given, and in [0, 1] (one host read of their range; review 159: draws
+    outside it, or NaN, gave duplicate picks here where the Numba kernel and the reference refuse them)."""
+    if u is None:
+        raise ValueError(f"optimizer='stochastic' needs the uniform draws u {shape}")
+    xp = ops.xp
+    if math.prod(u.shape) and not bool(xp.all((u >= 0) & (u <= 1))):
+        raise ValueError("u must hold uniform draws in [0, 1] (1 in float32 rounding: the last candidate)")
+
+
 def greedy_batched(ops: Ops, S, valid, budgets, optimizer: str, u=None, symmetric: bool | None = None):
     """Facility-location greedy on B dense problems at once -> (indices (B, K) int64, gains (B, K)).
 
@@ -343,8 +353,8 @@ def greedy_batched(ops: Ops, S, valid, budgets, optimizer: str, u=None, symmetri
     is exactly symmetric (None: checked here, with the first host read).
     """
     check_choice(optimizer, "optimizer", OPTIMIZERS)
-    if optimizer == "stochastic" and u is None:
-        raise ValueError("optimizer='stochastic' needs the uniform draws u (B, K, s)")
+    if optimizer == "stochastic":
+        _check_draws(ops, u, "(B, K, s)")
     B = S.shape[0]
     K = int(budgets.max()) if B and math.prod(budgets.shape) else 0
     if symmetric is None:
@@ -565,8 +575,8 @@ def greedy_features(ops: Ops, X, k, metric: str, kernel: str, scale: float, opti
     check_choice(metric, "metric", METRICS)
     check_choice(kernel, "kernel", KERNELS)
     check_choice(optimizer, "optimizer", OPTIMIZERS)
-    if optimizer == "stochastic" and u is None:
-        raise ValueError("optimizer='stochastic' needs the uniform draws u (k, s)")
+    if optimizer == "stochastic":
+        _check_draws(ops, u, "(k, s)")
     xp = ops.xp
     n = X.shape[0]
     k = check_picks(k, n)

@@ -19,8 +19,9 @@ One module that the dispatch (``crestcore.backends``), every backend module and 
   they expect what ``crestcore``'s callers give them: finite features of moderate magnitude (scaled by a
   power of two, :func:`crestcore.similarity.prepare`); features near 1e150 or above give non-finite
   similarities (refused), features near 1e-150 or below distances that underflow to 0 (the greedy then
-  sees ties everywhere), and NaN similarities handed to ``greedy_batched`` are refused by the reference
-  and read as no coverage by the Numba kernel;
+  sees ties everywhere); NaN similarities handed to ``greedy_batched`` are refused by the reference and the
+  torch kernel, and by the Numba kernels where a NaN reaches a pick's gain (its naive greedy), while its lazy
+  and stochastic greedies may pass over them and return picks: validate ``S`` before a direct call;
 * the capability table (:data:`CAPABILITIES`): per backend, the array library it serves, the floating
   dtypes it computes in, the devices and the kernels it offers. The dispatch maps namespaces to modules
   from it, the docs print it and the tests check every module against it.

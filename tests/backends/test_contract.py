@@ -286,9 +286,11 @@ def test_kernels_refuse_bad_counts_choices_and_draws_alike():
         if name != "numba":  # the Numba kernel reads a NaN similarity as no coverage (the contract says so)
             with pytest.raises(ValueError, match="gains are not finite"):
                 mod.greedy_batched(a(bad), a(valid), a(np.array([2, 2])), "naive")
-        if name != "torch":  # the draws' range is checked on the host arrays
+        for bad_u in (-0.5, 1.5, np.nan):  # (torch's were taken too, review 159: duplicate picks)
             with pytest.raises(ValueError, match=r"uniform draws in \[0, 1\]"):
-                mod.greedy_batched(a(S), a(valid), a(np.array([2, 2])), "stochastic", a(np.full((2, 2, 3), -0.5)))
+                mod.greedy_batched(a(S), a(valid), a(np.array([2, 2])), "stochastic", a(np.full((2, 2, 3), bad_u)))
+            with pytest.raises(ValueError, match=r"uniform draws in \[0, 1\]"):
+                mod.greedy_features(a(X), 2, "euclidean", "max-minus", 1.0, "stochastic", a(np.full((2, 3), bad_u)))
 
 
 def test_check_choice_refuses_an_array_by_name():
