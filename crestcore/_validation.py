@@ -518,7 +518,7 @@ def host_weights(weights, k: int, name: str = "weights") -> np.ndarray:
     ValueError: w contain NaN or infinite values
     """
     w = np.asarray(to_numpy(weights))
-    if w.dtype == bool or not (np.issubdtype(w.dtype, np.integer) or np.issubdtype(w.dtype, np.floating)):
+    if w.dtype.kind in "bcUSOMm":  # (ml_dtypes' bfloat16, kind "V", is a real number too: review 159)
         # (strings were parsed, booleans taken as 0/1 and complex values cut to their real parts: review 155)
         raise TypeError(f"{name} must be real numbers, got dtype {w.dtype}")
     w = w.astype(np.float64)
@@ -626,6 +626,8 @@ def stored_batch(record, n: int, where: str):
             or (bw.size and bw.min() < 0):
         raise ValueError(f"{where}: batch weights must be finite, non-negative and one per index")
     flag = record["reselected"]
-    if not isinstance(flag, (bool, np.bool_)):  # (a string "False" read back was True: review 155)
+    v = np.asarray(to_numpy(flag)) if not isinstance(flag, str) else None
+    # a boolean, or 0 / 1, also as a 0-d array (a string "False" read back was True: review 155)
+    if v is None or v.shape != () or v.dtype.kind not in "biu" or int(v) not in (0, 1):
         raise ValueError(f"{where}: a batch's reselected must be a boolean, got {flag!r}")
-    return bi.astype(np.int64), bw.astype(np.float64), bool(flag)
+    return bi.astype(np.int64), bw.astype(np.float64), bool(v)

@@ -517,6 +517,16 @@ def test_the_public_label_and_weight_checks_refuse_what_they_used_to_cast():
     with pytest.raises(ValueError, match="ckpt: a batch's reselected must be a boolean, got 'False'"):
         stored_batch({"indices": [1, 2], "weights": [1.0, 2.0], "reselected": "False"}, 3, "ckpt")
     assert stored_batch({"indices": [1, 2], "weights": [1.0, 2.0], "reselected": np.bool_(False)}, 3, "c")[2] is False
+    for ok in (1, np.array(True), np.int8(0)):  # (review 159: 0/1 and 0-d arrays, as before)
+        assert stored_batch({"indices": [1], "weights": [1.0], "reselected": ok}, 3, "c")[2] is bool(ok)
+
+
+def test_host_weights_take_bfloat16():
+    """Review 159: the dtype check of review 155 refused ml_dtypes' (and so JAX's) bfloat16 weights."""
+    from crestcore.validation import host_weights
+
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    assert host_weights(np.array([1.5, 2.0], dtype=ml_dtypes.bfloat16), 2).tolist() == [1.5, 2.0]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
