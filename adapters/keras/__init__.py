@@ -1347,6 +1347,11 @@ def _keras_module(obj) -> bool:
     return mod == "keras" or mod.startswith("keras.")
 
 
+# model -> the JAX step function a fit's weight check watched and passed (or could not watch): a later fit that
+# runs the same compiled step needs neither the check nor the step built again (review 159: rebuilding it at
+# every fit cost each one-epoch fit a trace)
+_CHECKED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
 # the loss objects a spy has swapped the class of -> their own class (a first step that raised left its spy's
 # class on the loss, since Keras then calls no on_train_end: the next spy starts from the original, review 158)
 _SPIED_LOSSES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -1684,10 +1689,14 @@ class _TrainedSteps:
             return
         spy = _LossWeightSpy(model)
         spy.remove()  # a spy's class left on the loss by a first step that raised (no on_train_end then)
+        jax = _backend() == "jax"
+        step = getattr(model, "train_function", None)
+        if jax and step is not None and _CHECKED_STEPS.get(model) is step:
+            return  # this compiled step was checked by an earlier fit (it is run, not traced, again)
         if spy.usable() and not (_backend() == "torch" and getattr(model, "jit_compile", False) is True):
             self._weight_spy, self._weight_who = spy, who
             make = getattr(model, "make_train_function", None)
-            if _backend() == "jax" and callable(make):
+            if jax and step is not None and callable(make):
                 # a step function compiled by an earlier fit (a warm-up fit, or this one run again after its
                 # refusal) is not traced again, and the spy would see nothing (review 158): build it afresh
                 make(force=True)
@@ -1711,6 +1720,8 @@ class _TrainedSteps:
             return
         model, who = self._fit_model, self._weight_who
         got = self._drop_weight_spy()
+        if got is not False and _backend() == "jax" and getattr(model, "train_function", None) is not None:
+            _CHECKED_STEPS[model] = model.train_function  # (passed, or not watchable: said below, once)
         if got is None:
             _unwatched_step(model, who)
         elif got is False:

@@ -540,8 +540,12 @@ _JAX_SCRIPT = textwrap.dedent(r"""
     m24 = T.mlp(0, cls=T.KeepsWeightsInComputeLoss)
     c24 = CrestCallback(X, y, config=CrestConfig(**T.CFG), budget=T.BUDGET, seed=3)
     fit_once(m24, c24)()
+    step24 = m24.train_function  # checked and passed: a later fit runs it as it is (review 159: no retrace)
+    c24b = CrestCallback(X, y, config=CrestConfig(**T.CFG), budget=T.BUDGET, seed=3)
+    fit_once(m24, c24b)()
     res["weights_never_reach"] = [msg, usable, c24.position == c24.steps_per_epoch,
-                                  type(m23._compile_loss) is type(m24._compile_loss)]
+                                  type(m23._compile_loss) is type(m24._compile_loss),
+                                  m24.train_function is step24 and c24b.position == c24b.steps_per_epoch]
     print("JSON" + json.dumps(res))
 """)
 
@@ -1367,8 +1371,9 @@ def test_jax_backend(jax_child):
     # review 106: a loss that takes the batch mean itself is refused on jax too, and the check moves nothing
     assert res["batch_mean_loss"] == [[True, True], True, True], res["batch_mean_loss"]
     assert res["loss_check_kept"] == [[False, True], [True, True]], res["loss_check_kept"]
-    msg, usable, keeps, restored = res["weights_never_reach"]  # review 156, on jax
+    msg, usable, keeps, restored, kept_step = res["weights_never_reach"]  # review 156, on jax
     assert msg and "its compiled loss got no sample weights" in msg and usable and keeps and restored, res
+    assert kept_step, res
     for case, msg in res["jax_state_refusals"].items():
         assert msg is not None, f"an unrecognised JAX-trainer state ({case}) was read without an error"
         assert "model._jax_state" in msg and "KERAS_BACKEND=torch" in msg, (case, msg)
