@@ -176,18 +176,30 @@ def _check_epoch_validation(trainer, loader: CrestLoader) -> None:
             "(budget_counts='steps', the default)", stacklevel=_common.user_stacklevel())
 
 
-def _check_step_schedulers(trainer, loader: CrestLoader) -> None:
+def _scheduler_steps(trainer) -> list[int] | None:
+    """Under manual optimization with ``budget_counts``-relevant schedulers: each configured scheduler's step
+    count (``last_epoch``), to tell at the first epoch's end whether ``training_step`` steps them per batch
+    (review 159: its interval says nothing there); None otherwise."""
+    module = getattr(trainer, "lightning_module", None)
+    if module is None or getattr(module, "automatic_optimization", True) is not False:
+        return None
+    configs = getattr(trainer, "lr_scheduler_configs", None) or []
+    return [int(getattr(c.scheduler, "last_epoch", 0)) for c in configs] or None
+
+
+def _check_step_schedulers(trainer, loader: CrestLoader, before: list[int] | None = None) -> None:
     """Under ``budget_counts="passes"`` the fit trains fewer batches than ``len(dataloader)`` per epoch (the
     measurement passes take their share of the budget), so a scheduler stepped per batch and sized from
     ``trainer.estimated_stepping_batches`` stops short of its end (review 157: a OneCycle schedule at 7 of its 20
-    steps, its learning rate near the peak); said when the fit has one."""
+    steps, its learning rate near the peak); said at the fit's start when one has ``interval="step"``, and under
+    manual optimization (``before``: the schedulers' step counts at the fit's start, :func:`_scheduler_steps`) at
+    the first epoch's end when ``training_step`` stepped one more than once in it (review 158)."""
     if loader.budget_counts != "passes":
         return
     configs = getattr(trainer, "lr_scheduler_configs", None) or []
-    module = getattr(trainer, "lightning_module", None)
-    manual = module is not None and getattr(module, "automatic_optimization", True) is False
-    # under manual optimization training_step steps its schedulers itself, whatever their interval (review 158)
-    if configs and (manual or any(getattr(c, "interval", None) == "step" for c in configs)):
+    now = _scheduler_steps(trainer) if before is not None else None
+    manual = now is not None and len(now) == len(before) and any(b - a >= 2 for a, b in zip(before, now))
+    if manual or (before is None and any(getattr(c, "interval", None) == "step" for c in configs)):
         warnings.warn(
             "CrestCallback(budget_counts='passes') with a learning-rate scheduler stepped every batch "
             f"({'stepped by your training_step' if manual else 'interval=step'}): the measurement passes take "
@@ -543,6 +555,7 @@ class CrestCallback(pl.Callback):
         self._in_flight = False
         _check_epoch_validation(trainer, loader)
         _check_step_schedulers(trainer, loader)
+        self._sched_steps = _scheduler_steps(trainer) if loader.budget_counts == "passes" else None
         most = trainer.max_epochs
         self._limits_from = None  # a manual-optimization rate is read again in every fit
         if most is None or most < 0:  # no max_epochs: the fit ends when CREST's planned steps are trained
@@ -669,6 +682,9 @@ class CrestCallback(pl.Callback):
         if self.loader is None:
             return
         loader = self.loader
+        before, self._sched_steps = getattr(self, "_sched_steps", None), None  # (the fit's first epoch only)
+        if before is not None:
+            _check_step_schedulers(trainer, loader, before)
         unbounded = trainer.max_epochs is None or trainer.max_epochs < 0
         if unbounded and loader.position >= loader.total_steps and not trainer.should_stop:
             # every later epoch would be empty: with max_steps and no max_epochs the fit would never end

@@ -1031,6 +1031,24 @@ class _ManualOneCycle(_OneCycle):
         return {"optimizer": out["optimizer"], "lr_scheduler": {"scheduler": out["lr_scheduler"]["scheduler"]}}
 
 
+class _ManualPerEpoch(_ManualOneCycle):
+    """Manual optimization with a StepLR stepped once an epoch, in on_train_epoch_end (review 159: warned about)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y, w = batch
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward((w * F.cross_entropy(self(x), y, reduction="none")).mean())
+        opt.step()
+
+    def on_train_epoch_end(self):
+        self.lr_schedulers().step()
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.1)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)}
+
+
 def test_passes_budgets_warn_that_a_per_step_schedule_stops_short(tmp_path):
     """Review 157: under budget_counts="passes" a OneCycle schedule sized from estimated_stepping_batches stopped at
     7 of its 20 steps, its learning rate near the peak, and the callback said nothing (it warns about the same
@@ -1052,6 +1070,12 @@ def test_passes_budgets_warn_that_a_per_step_schedule_stops_short(tmp_path):
     cb = CrestCallback(data(), **dict(CFG, budget=0.5, budget_counts="passes"))  # review 158: manual stepping
     with pytest.warns(UserWarning, match=r"stepped every batch \(stepped by your training_step\)"):
         trainer(tmp_path, 4, cb).fit(_ManualOneCycle(), train_dataloaders=cb.dataloader())
+    cb = CrestCallback(data(), **dict(CFG, budget=0.5, budget_counts="passes"))
+    module = _ManualPerEpoch()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", ".*stepped every batch.*")
+        trainer(tmp_path, 3, cb).fit(module, train_dataloaders=cb.dataloader())
+    assert module.optimizers().param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 3)
 
 
 class _BatchNormed(Module):
