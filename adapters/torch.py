@@ -3658,9 +3658,9 @@ class _CountedPass:
         if got < self.handed:
             return max(got - self.held, 0)
         # every batch reached the wrapper; it gave the loop the last one only if it reached its end (review 158:
-        # a loop left one batch before the epoch's end had that batch counted as trained). Its end flag is this
-        # pass's until it starts its next one (then read as ended: the warning at a pass's start cannot tell)
-        # (while this is the sampler's last pass: the wrapper's next pass resets the flag before its first batch)
+        # a loop left one batch before the epoch's end had that batch counted as trained). Its end flag tells
+        # that only while this is the sampler's last pass: the wrapper's next pass resets it before its first
+        # batch (so the warning at that pass's start cannot tell, docs/pytorch.md)
         shard = self.shard() if self.shard is not None else None
         holding = (self.held and shard is not None and self.sampler._counted is self
                    and getattr(shard, "end_of_dataloader", True) is False)

@@ -86,8 +86,8 @@ def _check_draws(u, optimizer, shape: tuple) -> None:
     dims = tuple(u.shape)
     if len(dims) != len(shape) + 1 or any(a < b for a, b in zip(dims, shape)) or dims[-1] < 1:
         raise ValueError(f"u must have shape {want} (at least those extents), got {dims}")
-    h = to_numpy(u)
-    if h.size and not (float(h.min()) >= 0.0 and float(h.max()) <= 1.0):
+    xp = namespace(u, names=("u",))
+    if math.prod(dims) and not bool(xp.all((u >= 0) & (u <= 1))):  # (NaN too; bool(), not to_numpy: any device)
         raise ValueError("u must hold uniform draws in [0, 1] (1 in float32 rounding: the last candidate)")
 
 
@@ -128,7 +128,7 @@ def greedy_batched(S, valid, budgets, optimizer, u=None):
     if K == 0:
         return (xp.zeros((B, 0), dtype=index_dtype(xp), device=dev), xp.zeros((B, 0), dtype=S.dtype, device=dev))
     gains = xp.stack(gain_cols, axis=1)
-    refuse_nonfinite_gains(bool(to_numpy(xp.all(xp.isfinite(gains)))))
+    refuse_nonfinite_gains(bool(xp.all(xp.isfinite(gains))))  # (bool(), not to_numpy: any device)
     return xp.astype(xp.stack(idx_cols, axis=1), index_dtype(xp)), gains
 
 
