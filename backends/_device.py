@@ -49,7 +49,7 @@ import math
 from typing import Any
 
 from .contract import (KERNEL_NAMES, KERNELS, METRICS, OPTIMIZERS, check_choice, check_picks, exact_shift,
-                       refuse_nonfinite_gains, snap_tolerance)
+                       refuse_draws_outside, refuse_nonfinite_gains, snap_tolerance)
 
 # Upper bound on the elements of one work buffer (gain chunks, similarity tiles): 2**25 elements is
 # 128 MiB in float32 / 256 MiB in float64.
@@ -341,8 +341,7 @@ def _check_draws(ops: Ops, u, shape: str) -> None:
     if u is None:
         raise ValueError(f"optimizer='stochastic' needs the uniform draws u {shape}")
     xp = ops.xp
-    if math.prod(u.shape) and not bool(xp.all((u >= 0) & (u <= 1))):
-        raise ValueError("u must hold uniform draws in [0, 1] (1 in float32 rounding: the last candidate)")
+    refuse_draws_outside(not math.prod(u.shape) or bool(xp.all((u >= 0) & (u <= 1))))
 
 
 def greedy_batched(ops: Ops, S, valid, budgets, optimizer: str, u=None, symmetric: bool | None = None):

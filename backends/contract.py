@@ -52,6 +52,7 @@ __all__ = [
     "OPTIMIZERS", "SNAP_ULPS", "snap_tolerance", "exact_shift", "array_api", "sample_sizes", "sample_size",
     "draw_bits",
     "missing_library", "check_choice", "is_choice", "check_picks", "refuse_nonfinite_gains",
+    "refuse_draws_outside",
     "Capability", "CAPABILITIES",
     "backend_for_namespace",
 ]
@@ -255,6 +256,20 @@ def refuse_nonfinite_gains(finite: bool) -> None:
             "distances overflow: the kernels compute without rescaling). Validate the features and scale them "
             "by a power of two first, as crestcore.similarity.prepare does (facility_location and "
             "minibatch_coresets do both)")
+
+
+def refuse_draws_outside(in_range: bool) -> None:
+    """The kernels' answer to stochastic draws outside ``[0, 1]`` or NaN (``in_range`` False): a ValueError (1.0
+    is a float32 draw rounded up, which the sampling rule maps to the last candidate).
+
+    >>> refuse_draws_outside(True)
+    >>> refuse_draws_outside(False)
+    Traceback (most recent call last):
+    ...
+    ValueError: u must hold uniform draws in [0, 1] (1 in float32 rounding: the last candidate)
+    """
+    if not in_range:
+        raise ValueError("u must hold uniform draws in [0, 1] (1 in float32 rounding: the last candidate)")
 
 
 def missing_library(owner: str, library: str, extra: str, exc: ImportError) -> ImportError:

@@ -79,7 +79,8 @@ from numba import get_num_threads, njit, prange, set_num_threads, types
 from numba import get_num_threads as _active_threads
 from numba.extending import intrinsic
 
-from .contract import KERNEL_NAMES, KERNELS, METRICS, OPTIMIZERS, check_picks, refuse_nonfinite_gains, snap_tolerance
+from .contract import (KERNEL_NAMES, KERNELS, METRICS, OPTIMIZERS, check_picks, refuse_draws_outside,
+                       refuse_nonfinite_gains, snap_tolerance)
 
 
 def _launch_keeping_openmp_threads() -> None:
@@ -942,8 +943,7 @@ def _prepare_u(u, shape_bk, optimizer_code):
 def _draws_in_range(u: np.ndarray) -> np.ndarray:
     """``u`` when it holds uniform draws in [0, 1] (1.0: a draw rounded up in float32, the sampling rule's last
     position), else a ValueError."""
-    if u.size and not (float(u.min()) >= 0.0 and float(u.max()) <= 1.0):
-        raise ValueError("u must hold uniform draws in [0, 1] (1 in float32 rounding: the last candidate)")
+    refuse_draws_outside(not u.size or (float(u.min()) >= 0.0 and float(u.max()) <= 1.0))
     return u
 
 

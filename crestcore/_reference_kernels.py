@@ -50,7 +50,8 @@ import math
 import numpy as np
 
 from ._compat import device_of, from_numpy, host_to, index_dtype, namespace, to_numpy
-from .backends import OPTIMIZERS, check_choice, check_picks, refuse_nonfinite_gains, snap_tolerance
+from .backends import (OPTIMIZERS, check_choice, check_picks, refuse_draws_outside, refuse_nonfinite_gains,
+                       snap_tolerance)
 from .similarity import _gram_distances, pairwise_distances
 
 __all__ = ["similarity_batched", "greedy_batched", "assign_batched", "greedy_features", "facility_batched",
@@ -87,8 +88,8 @@ def _check_draws(u, optimizer, shape: tuple) -> None:
     if len(dims) != len(shape) + 1 or any(a < b for a, b in zip(dims, shape)) or dims[-1] < 1:
         raise ValueError(f"u must have shape {want} (at least those extents), got {dims}")
     xp = namespace(u, names=("u",))
-    if math.prod(dims) and not bool(xp.all((u >= 0) & (u <= 1))):  # (NaN too; bool(), not to_numpy: any device)
-        raise ValueError("u must hold uniform draws in [0, 1] (1 in float32 rounding: the last candidate)")
+    # (NaN is out of range too; bool(), not to_numpy: any device)
+    refuse_draws_outside(not math.prod(dims) or bool(xp.all((u >= 0) & (u <= 1))))
 
 
 def greedy_batched(S, valid, budgets, optimizer, u=None):
