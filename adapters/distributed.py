@@ -296,9 +296,13 @@ _KERNELS = ("crestcore.backends.numba", "crestcore.backends.numba_sparse")
 
 
 def _repoint(kernels, slot: Path) -> None:
-    """Point the cache of every cached jitted function of ``kernels`` at ``slot``."""
+    """Point the cache of every cached jitted function of ``kernels`` at ``slot``, with the kernels a wheel ships
+    copied there first (a new slot would compile them all again)."""
     import numba.core.config as ncfg
 
+    from crestcore.backends import _seed_shipped_kernels
+
+    _seed_shipped_kernels(kernels.__name__.rsplit(".", 1)[-1], str(slot))
     before = ncfg.CACHE_DIR
     ncfg.CACHE_DIR = str(slot)
     try:

@@ -128,6 +128,109 @@ def _outside_stacklevel() -> int:
     return level
 
 
+def _index_head(path: str):
+    """``(numba version, source stamp, overloads)`` of a Numba cache index file (its format: the pickled version
+    string, then the pickled ``(stamp, overloads)``), or ``None`` when it is missing or unreadable."""
+    import pickle
+
+    try:
+        with open(path, "rb") as f:
+            version = pickle.load(f)
+            stamp, overloads = pickle.loads(f.read())
+    except Exception:  # missing, truncated or of another format: not an index this code can use
+        return None
+    return version, stamp, overloads
+
+
+def _copy_replacing(src: str, dst: str) -> None:
+    """Copy a file so that a concurrent reader sees the old file or the whole new one (a temporary name, then
+    ``os.replace``, as Numba writes its own)."""
+    import shutil
+    import uuid
+
+    tmp = f"{dst}.tmp.{uuid.uuid4().hex[:16]}"
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _seed_shipped_kernels(mod: str, cache_dir: str | None = None) -> int:
+    """Copy the compiled kernels a wheel ships (``backends/__pycache__``, written by ``make wheel``) into the folder
+    Numba caches ``crestcore.backends.<mod>`` in, when that is not the package's own folder: Numba reads its in-tree
+    cache only where it can also write there, so a package installed by root and run as another user, or a
+    read-only container image, compiled every kernel again (review 149). Returns the number of indexes copied.
+
+    Called by the kernel modules as they are imported, before their kernels find their cache. ``cache_dir``: a
+    Numba cache folder crestcore chose for the kernels (a distributed rank's slot); None: the fallback folder of
+    :func:`_import_kernels` where it set one, else the folder Numba chooses itself, only while ``NUMBA_CACHE_DIR``
+    is unset (a user's own cache folder or locator classes are left alone: an empty one may be there to time a
+    cold start).
+    Only an index of this source (its stamp) and this Numba version is copied, and only where the target's index
+    is missing or stale: a user's own fresh cache is kept. Best effort: any failure leaves the folder to Numba,
+    which compiles as it would have."""
+    try:
+        from numba import __version__ as numba_version
+        from numba.core import caching
+        from numba.core import config as numba_config
+    except Exception:
+        return 0
+    config: Any = numba_config
+    cache_dir = _FALLBACK_SET if cache_dir is None else cache_dir
+    if getattr(config, "CACHE_LOCATOR_CLASSES", None) or (cache_dir is None and config.CACHE_DIR):
+        return 0
+    here = os.path.dirname(os.path.abspath(__file__))
+    source, shipped = os.path.join(here, f"{mod}.py"), os.path.join(here, "__pycache__")
+    try:
+        names = sorted(f for f in os.listdir(shipped) if f.startswith(f"{mod}.") and f.endswith(".nbi"))
+    except OSError:
+        return 0
+    if not names or not os.path.isfile(source):
+        return 0
+    copied, before = 0, config.CACHE_DIR
+    try:
+        if cache_dir is not None:
+            config.CACHE_DIR = str(cache_dir)
+        locator = None
+        for cls in caching.CacheImpl._locator_classes:  # Numba's own choice of folder, in its order
+            locator = cls.from_function(_seed_shipped_kernels, source)  # (the folder depends on the file only)
+            if locator is not None:
+                break
+        if locator is None:
+            return 0
+        target = os.path.abspath(locator.get_cache_path())
+        if os.path.samefile(target, shipped):
+            return 0  # the package's own folder: Numba reads the shipped kernels there itself
+        stamp = locator.get_source_stamp()
+        for name in names:
+            head = _index_head(os.path.join(shipped, name))
+            if head is None or head[0] != numba_version or head[1] != stamp:
+                continue  # another Numba's or another source's kernels: Numba would not load them
+            own = _index_head(os.path.join(target, name))
+            if own is not None and own[0] == numba_version and own[1] == stamp:
+                continue  # the user's cache of this source: theirs, possibly with more kernels
+            for data in head[2].values():  # the data first: the index that names them comes last
+                if not (isinstance(data, str) and os.path.basename(data) == data):
+                    raise ValueError(f"unexpected data file name in {name}: {data!r}")
+                _copy_replacing(os.path.join(shipped, data), os.path.join(target, data))
+            _copy_replacing(os.path.join(shipped, name), os.path.join(target, name))
+            copied += 1
+    except Exception:  # an optimisation only: Numba compiles what was not copied, as it would have
+        return copied
+    finally:
+        config.CACHE_DIR = before
+    return copied
+
+
+# the folder _import_kernels's fallback gave Numba (config.CACHE_DIR), which _seed_shipped_kernels fills
+_FALLBACK_SET: str | None = None
+
+
 def _import_kernels(mod: str):
     """``crestcore.backends.<mod>``, imported. A Numba module whose cached kernels find nowhere to cache
     (the installed package's folder is not writable, as in a container run as another user, and neither is the
@@ -135,6 +238,7 @@ def _import_kernels(mod: str):
     with Numba's cache folder set to one of this user's in the temporary directory, said once (review 149: the
     first selection failed with Numba's bare error). Numba's ``CACHE_DIR`` then stays set for the process: any
     other cached Numba function would have failed the same way."""
+    global _FALLBACK_SET
     try:
         return importlib.import_module(f"crestcore.backends.{mod}")
     except RuntimeError as exc:
@@ -158,7 +262,7 @@ def _import_kernels(mod: str):
             raise RuntimeError(f"{exc}. crestcore: Numba can cache its kernels neither next to the installed "
                                f"package nor in your cache folder, nor in {folder} ({err}): set NUMBA_CACHE_DIR to a "
                                "writable folder") from exc
-        config.CACHE_DIR = folder
+        config.CACHE_DIR = _FALLBACK_SET = folder
         sys.modules.pop(f"crestcore.backends.{mod}", None)  # (the failed import's partial module)
         warnings.warn(f"crestcore: Numba cannot cache the kernels next to the installed package or in your cache "
                       f"folder (neither is writable: {exc}); they are cached in {folder} instead, for every Numba "

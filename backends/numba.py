@@ -81,6 +81,10 @@ from numba.extending import intrinsic
 
 from .contract import (KERNEL_NAMES, KERNELS, METRICS, OPTIMIZERS, check_picks, refuse_draws_outside,
                        refuse_nonfinite_gains, snap_tolerance)
+from . import _seed_shipped_kernels
+
+# before any kernel below finds its cache: a wheel's compiled kernels, copied where Numba caches outside the package
+_seed_shipped_kernels("numba")
 
 
 def _launch_keeping_openmp_threads() -> None:

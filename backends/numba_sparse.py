@@ -21,6 +21,9 @@ from numba import njit, prange
 
 from .contract import OPTIMIZERS, SPARSE_KERNEL_NAMES
 from .numba import _better, _heapify, _prepare_u_steps, _reseat, _sample_position
+from . import _seed_shipped_kernels
+
+_seed_shipped_kernels("numba_sparse")  # (as in .numba: before the kernels below find their cache)
 
 __all__ = ["usable_for", "sparse_greedy", "sparse_assign"]
 
