@@ -197,7 +197,8 @@ def _seed_shipped_kernels(mod: str, cache_dir: str | None = None) -> int:
         if cache_dir is not None:
             config.CACHE_DIR = str(cache_dir)
         locator = None
-        for cls in caching.CacheImpl._locator_classes:  # Numba's own choice of folder, in its order
+        classes: list[Any] = list(caching.CacheImpl._locator_classes)
+        for cls in classes:  # Numba's own choice of folder, in its order
             locator = cls.from_function(_seed_shipped_kernels, source)  # (the folder depends on the file only)
             if locator is not None:
                 break
