@@ -9,6 +9,7 @@ that differ between them (the owner's class name, "dataset" or "data") as argume
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import numbers
 import warnings
@@ -45,18 +46,26 @@ def check_budget(budget, name: str = "budget") -> None:
     if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, numbers.Real) or not (
             math.isfinite(budget) and budget > 0):
         raise ValueError(f"{name} must be a positive finite fraction of the full-data steps, got {budget!r}")
-    if budget > 1:  # allowed (more steps than full data), but far more often a percentage by mistake
+    if budget > 1 and not _BUDGET_SAID.get():  # allowed (more steps than full data), far more often a percentage
         warnings.warn(f"crestcore: budget={budget!r} trains {budget!r} times the full-data steps; the budget is a "
                       f"fraction (budget=0.1 for 10 %)", stacklevel=user_stacklevel())
+
+
+# set by budget_said: the warning was given at the adapter's construction
+_BUDGET_SAID = contextvars.ContextVar("crestcore_budget_said", default=False)
 
 
 @contextlib.contextmanager
 def budget_said():
     """For an adapter that checked ``budget`` at its own construction (the warning at the user's line) and
-    builds its loader later, inside a framework's call: the loader does not say it again."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"crestcore: budget=.* times the full-data steps")
+    builds its loader later, inside a framework's call: the loader does not say it again. A context variable,
+    not a warnings filter: ``warnings.catch_warnings`` resets every module's record of the warnings already
+    shown (review 163) and filters the whole process while it lasts."""
+    token = _BUDGET_SAID.set(True)
+    try:
         yield
+    finally:
+        _BUDGET_SAID.reset(token)
 
 
 def check_budget_counts(budget_counts) -> None:

@@ -144,6 +144,15 @@ def wide_float(xp):
     return xp.float64
 
 
+def float_errors_quiet():
+    r"""A context in which NumPy's floating-point errors (overflow, invalid, divide, underflow: NumPy's
+    ``RuntimeWarning``\ s, casts included) pass silently, for code that checks the result's finiteness itself.
+    ``numpy.errstate``, not ``warnings.catch_warnings``: that one's exit resets every module's record of the
+    warnings already shown, so a user's once-per-line warning came back after every trust check (review 163),
+    and its filter is the whole process's while it lasts. Other array libraries do not warn there."""
+    return np.errstate(all="ignore")
+
+
 def is_numpy_namespace(xp) -> bool:
     return bool(array_api_compat.is_numpy_namespace(xp))
 

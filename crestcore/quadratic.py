@@ -20,14 +20,13 @@ State is a NamedTuple of arrays (in the parameters' namespace) and numbers: ``qu
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 from collections.abc import Callable
 
 import numpy as np
 
-from ._compat import detached, namespace, to_numpy
+from ._compat import detached, float_errors_quiet, namespace, to_numpy
 from .similarity import accumulating as _accumulating
 from .similarity import compute_dtype
 from ._validation import DivergenceError, check_float_rows, field_choice, field_real, isdtype, plain_fields
@@ -174,15 +173,13 @@ def hutchinson_diagonal(hvp: Callable[[Any], Any], probes):
                 f"hvp returned NaN or infinite values for probe {i}: the Hessian-vector product is not "
                 "finite (a diverged model?)"
             )
-        with warnings.catch_warnings():  # an overflow is reported as divergence below
-            warnings.simplefilter("ignore", RuntimeWarning)
+        with float_errors_quiet():  # an overflow is reported as divergence below
             # summed in at least float32 (the numerics policy): a bfloat16 sum stops growing at 256 terms
             # of 1 (300 probes of a diagonal of 1 gave 0.85), a float16 sum overflows where the mean fits
             term = _accumulating(xp, probes[i, ...]) * _accumulating(xp, hz)  # the probe itself, not its copy
             acc = term if acc is None else acc + term
         out_dtype = xp.result_type(out_dtype, hz.dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
+    with float_errors_quiet():
         mean = acc / probes.shape[0]
         out = mean if mean.dtype == out_dtype else xp.astype(mean, out_dtype)
     if not bool(xp.all(xp.isfinite(out))):
@@ -273,8 +270,7 @@ def quadratic_update(state: QuadraticState, grad=None, zhz=None, config: Quadrat
     xp = namespace(state.g_ema, grad, zhz, names=("state", "grad", "zhz"))
     D = state.g_ema.shape[0]
     g_ema, h_ema, n_g, n_h = state.g_ema, state.h_ema, state.n_g, state.n_h
-    with warnings.catch_warnings():  # NumPy warns on overflow; it is reported as divergence below
-        warnings.simplefilter("ignore", RuntimeWarning)
+    with float_errors_quiet():  # NumPy warns on overflow; it is reported as divergence below
         if grad is not None:
             _check_vec(xp, grad, "grad", D, diverged=True)
             _check_same_dtype(xp, grad, g_ema, "grad")
@@ -324,8 +320,7 @@ def curvature_norm(state: QuadraticState, config: QuadraticConfig = QuadraticCon
     # a power of two at or below the largest magnitude (so representable in h's dtype): h / scale is exact,
     # its entries below 2
     scale = math.ldexp(1.0, math.frexp(top)[1] - 1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
+    with float_errors_quiet():
         return float(xp.sqrt(xp.sum((h / scale) * (h / scale)))) * scale
 
 
@@ -378,8 +373,7 @@ def quadratic_predict(state: QuadraticState, delta, config: QuadraticConfig = Qu
     g = _accumulating(xp, _gradient(state, config))
     h = _accumulating(xp, quadratic_curvature(state, config))
     dw = _accumulating(xp, delta)
-    with warnings.catch_warnings():  # an overflow is reported as divergence just below
-        warnings.simplefilter("ignore", RuntimeWarning)
+    with float_errors_quiet():  # an overflow is reported as divergence just below
         val = xp.sum(g * dw) + 0.5 * xp.sum(h * dw * dw)
     out = state.anchor_loss + float(val)
     if not math.isfinite(out):

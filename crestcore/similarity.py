@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 
-from ._compat import detached, namespace, native_order, to_numpy
+from ._compat import detached, float_errors_quiet, namespace, native_order, to_numpy
 from ._validation import isdtype, not_floating
 from .backends import KERNELS, METRICS, array_api, exact_shift, snap_tolerance  # the kernel contract
 
@@ -215,8 +214,7 @@ def restore(xp, A, back: int, dtype, what: str, *, selection: bool = True):
     if back == 0 and A.dtype == dtype:
         return A
     xp = array_api(xp)
-    with warnings.catch_warnings():  # NumPy warns on overflow; it is reported as an error just below
-        warnings.simplefilter("ignore", RuntimeWarning)
+    with float_errors_quiet():  # NumPy warns on overflow; it is reported as an error just below
         if back != 0:
             A = pow2_scale(A, back)
         if A.dtype != dtype:

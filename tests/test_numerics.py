@@ -619,3 +619,43 @@ def test_the_host_helpers_take_numpy_itself_as_numpy_1_x_has_it(monkeypatch):
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
         assert g.dtype == w.dtype
+
+
+_REGISTRY_CHECK = r"""
+import warnings
+import numpy as np
+import crestcore
+from crestcore.baselines import gradmatch
+
+shown = []
+warnings.showwarning = lambda *a, **k: shown.append(str(a[0]))
+rng = np.random.default_rng(0)
+p = rng.normal(size=8).astype(np.float32)
+state = crestcore.quadratic_anchor(crestcore.quadratic_init(p), 1.0)
+G = rng.normal(size=(40, 6)).astype(np.float32)
+for i in range(5):
+    if i:  # (the first round imports what the calls import, SciPy among them, whose imports set filters)
+        warnings.warn("the user's deprecation", UserWarning)  # default action: once for this line
+    d = crestcore.hutchinson_diagonal(lambda z: 2.0 * z, rng.choice([-1.0, 1.0], size=(3, 8)).astype(np.float32))
+    state = crestcore.quadratic_update(state, grad=p, zhz=d)
+    crestcore.curvature_norm(state)
+    crestcore.quadratic_predict(state, p * 0.1)
+    crestcore.facility_location(G, 5)  # float32 features: the similarity's cast
+    gradmatch(G, 5)
+print("SHOWN", len(shown))
+"""
+
+
+def test_core_calls_leave_the_users_warnings_shown_once():
+    """Review 163: every trust check and selection made Python forget which warnings it had shown (the core
+    silenced NumPy's overflow warnings with ``warnings.catch_warnings``, whose exit resets every module's
+    registry of warnings shown): a user's once-per-line warning came back after each check. NumPy's
+    ``errstate`` silences them without touching the warnings module. In a fresh interpreter: pytest's own
+    warning capture changes the filters."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _REGISTRY_CHECK], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "PYTHONWARNINGS": ""})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "SHOWN 1" in out.stdout, out.stdout

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 
-from .._compat import device_of, from_numpy, is_numpy_namespace, namespace, take_rows, to_numpy
+from .._compat import device_of, float_errors_quiet, from_numpy, is_numpy_namespace, namespace, take_rows, to_numpy
 from ..similarity import prepare, restore
 from .._validation import check_class_budgets, check_float_matrix, check_int, hamilton, labels_to_host
 from ..facility import Selection, _problems_from_labels
@@ -670,8 +669,7 @@ def gradmatch(
         with np.errstate(over="ignore"):  # an overflow becomes inf here and is reported just below
             gains = np.ldexp(np.asarray(gains, dtype=np.float64), back)
             expl = float(np.ldexp(np.float64(expl), back))
-        with warnings.catch_warnings():  # an overflowing cast is reported just below
-            warnings.simplefilter("ignore", RuntimeWarning)
+        with float_errors_quiet():  # an overflowing cast is reported just below
             sel = host_selection(xp, dev, in_dtype, idx, weights, gains, expl)
         for what, v in (("weights", sel.weights), ("gains", sel.gains), ("objective", sel.objective)):
             if not bool(xp.all(xp.isfinite(v))):

@@ -4141,3 +4141,33 @@ def test_where_found_labels_come_from_is_named_for_torchs_own_datasets():
     assert _found_origin(data).endswith("the TensorDataset's second tensor")
     assert _found_origin(Subset(data, [0, 2])).endswith("a Subset of the TensorDataset's second tensor")
     assert _found_origin(ConcatDataset([data, data])).endswith("a ConcatDataset of the TensorDataset's second tensor")
+
+
+def test_training_loop_shows_a_users_warning_once():
+    """Review 163: every trust check and selection reset Python's record of the warnings already shown (the core
+    silenced NumPy's overflow warnings with ``warnings.catch_warnings``), so a warning of the user's training
+    step, shown once per line by default, came back 18 times in 24 steps. In a fresh interpreter: pytest's own
+    warning capture changes the filters."""
+    out = fresh_python(
+        "import warnings, torch, torch.nn.functional as F\n"
+        "from torch.utils.data import TensorDataset\n"
+        "from crestcore import CrestConfig\n"
+        "from crestcore.adapters.torch import CrestLoader\n"
+        "torch.manual_seed(0)\n"
+        "y = torch.arange(600) % 10; X = torch.randn(600, 20) + 0.5 * F.one_hot(y, 20).float()\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))\n"
+        "opt = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+        "shown = []\n"
+        "warnings.showwarning = lambda msg, *a, **k: shown.append(str(msg))\n"
+        "loader = CrestLoader(model, TensorDataset(X, y), config=CrestConfig(m=32), budget=0.3, epochs=4, seed=0)\n"
+        "steps = 0\n"
+        "for epoch in range(4):\n"
+        "    for x, t, w in loader:\n"
+        "        if steps:  # (the first step imports what CREST's work imports)\n"
+        "            warnings.warn('my_option is deprecated', UserWarning)\n"
+        "        loss = (w * F.cross_entropy(model(x), t, reduction='none')).mean()\n"
+        "        opt.zero_grad(); loss.backward(); opt.step(); steps += 1\n"
+        "print(steps, sum('my_option' in s for s in shown), loader.stats['counters']['checks'])\n")
+    steps, shown, checks = map(int, out[-3:])
+    assert steps > 10 and checks > 5, out
+    assert shown == 1, out
