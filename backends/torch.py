@@ -27,8 +27,11 @@ ties); this module holds what is torch's own:
   the same bit for bit on one and two threads in every case tested (``tests/backends/test_torch_threads.py``:
   60 random batches with ties, both dtypes, every metric, kernel and optimizer); that torch computes each
   element of these small operations alike on any thread count is what we expect of it, not a documented
-  guarantee. The count is process-wide state of torch's
-  (``at::set_num_threads``): torch work another Python thread runs during the call runs on one thread too.
+  guarantee. The count is set for the calling thread alone, through the OpenMP runtime torch runs on
+  (``omp_set_num_threads``); other threads, and threads started during the call, keep theirs (with
+  ``torch.set_num_threads``, process-wide, a thread whose first torch operation fell inside the call kept
+  one thread for its life: review 163). Where torch runs on no OpenMP runtime found loaded, the process's
+  count is changed only while no other Python thread runs.
 
 Only this module imports torch.
 """
@@ -36,6 +39,7 @@ Only this module imports torch.
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 from . import _device
 from .contract import missing_library
@@ -160,13 +164,65 @@ def usable_for(name: str, *arrays) -> bool:
     return _device.usable_for(name, arrays, _accepts, lambda a: a.device, lambda a: a.is_floating_point())
 
 
+# the OpenMP runtime torch's intra-op threads run on, found at the first small CPU call (_own_openmp): a ctypes
+# library whose omp_set_num_threads sets the calling thread's count alone, or False (none found)
+_OPENMP: Any = None
+
+
+def _own_openmp():
+    """The OpenMP runtime torch runs its CPU operations on, already loaded in this process (never loaded here: a
+    second OpenMP runtime in a process can abort it), when setting its thread count on this thread is seen by
+    torch (``torch.get_num_threads()`` reads the calling thread's OpenMP setting); else False."""
+    global _OPENMP
+    if _OPENMP is None:
+        _OPENMP = False
+        import ctypes
+        import os
+        import sys
+
+        noload = getattr(os, "RTLD_NOLOAD", None)
+        names = {"linux": ("libgomp.so.1", "libomp.so", "libiomp5.so"),
+                 "darwin": ("libomp.dylib", "libiomp5.dylib")}.get(sys.platform, ())
+        before = torch.get_num_threads()
+        for name in names if noload is not None and before > 1 else ():
+            try:
+                lib = ctypes.CDLL(name, mode=noload | getattr(os, "RTLD_LAZY", 1))
+                lib.omp_set_num_threads(1)
+            except (OSError, AttributeError):  # not loaded, or not an OpenMP runtime
+                continue
+            seen = torch.get_num_threads()
+            lib.omp_set_num_threads(before)
+            if seen == 1 and torch.get_num_threads() == before:
+                _OPENMP = lib
+                break
+    return _OPENMP
+
+
 @contextlib.contextmanager
 def _threads_for(x, entries: int):
     """One intra-op thread for a small CPU problem (``entries`` similarity entries at most
     ``_ONE_THREAD_MAX``), the caller's count put back after (also on an error); otherwise nothing
-    changes (CUDA tensors, larger problems, a caller on one thread already)."""
+    changes (CUDA tensors, larger problems, a caller on one thread already).
+
+    The count is set on the calling thread only, through torch's OpenMP runtime: ``torch.set_num_threads`` sets
+    the process's count, which a thread whose first torch operation fell inside the call kept for its life
+    (review 163). Where that runtime is not found (torch without OpenMP), the process's count is changed only
+    while no other Python thread runs, and otherwise left alone."""
     before = torch.get_num_threads()
     if x.device.type != "cpu" or entries > _ONE_THREAD_MAX or before == 1:
+        yield
+        return
+    omp = _own_openmp()
+    if omp:
+        omp.omp_set_num_threads(1)
+        try:
+            yield
+        finally:
+            omp.omp_set_num_threads(before)
+        return
+    import threading
+
+    if threading.active_count() > 1:
         yield
         return
     torch.set_num_threads(1)

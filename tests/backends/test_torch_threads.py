@@ -95,3 +95,53 @@ def test_large_problems_and_one_thread_callers_are_left_alone(two_threads, monke
     small = X[:, :8]
     tk.facility_batched(small, valid[:, :8], budgets, "euclidean", "max-minus", 1.0, "lazy")
     assert seen == [2, 1] and calls == []  # a one-thread caller: no change made, none to undo
+
+
+def test_other_threads_keep_their_count(two_threads, monkeypatch):
+    """Review 163: the one-thread setting was torch's process-wide count, and a thread whose first torch
+    operation fell inside the call kept one thread for its life. Set on the calling thread only, threads started
+    during the call (and after it) see the caller's count."""
+    import threading
+
+    X, valid, budgets, metric, kernel, opt, u = _problem(1)
+    real = _device.similarity_batched
+    inside, started = [], []
+
+    def spy(*args, **kwargs):
+        inside.append(torch.get_num_threads())
+        t = threading.Thread(target=lambda: started.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_device, "similarity_batched", spy)
+    tk.facility_batched(X, valid, budgets, metric, kernel, 1.0, opt, u)
+    assert inside == [1] and started == [2], (inside, started)
+    later = []
+    t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert later == [2] and torch.get_num_threads() == 2
+
+
+def test_without_openmp_found_the_process_count_changes_only_when_no_other_thread_runs(two_threads, monkeypatch):
+    """Torch without an OpenMP runtime found: ``torch.set_num_threads`` around the call, only while this is the
+    only Python thread (no other thread can start torch work inside the call)."""
+    import threading
+
+    X, valid, budgets, metric, kernel, opt, u = _problem(1)
+    monkeypatch.setattr(tk, "_OPENMP", False)
+    seen = _spy(monkeypatch, "similarity_batched")
+    if threading.active_count() == 1:
+        tk.facility_batched(X, valid, budgets, metric, kernel, 1.0, opt, u)
+        assert seen == [1] and torch.get_num_threads() == 2
+        seen.clear()
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        tk.facility_batched(X, valid, budgets, metric, kernel, 1.0, opt, u)
+    finally:
+        stop.set()
+        other.join()
+    assert seen == [2] and torch.get_num_threads() == 2
