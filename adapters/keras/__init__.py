@@ -886,8 +886,10 @@ class KerasModelOps:
         are copied to the host once.
     labels : (n,) integer class indices.
     outputs : "logits" or "probabilities" (the model's last layer). Probabilities ``p`` are handed to
-        the controller as ``log p`` (``softmax(log p) = p``; the cross-entropy is ``-log p_y``).
-    batch_size : examples per forward in measurement passes (memory only).
+        the controller as ``log(clip(p / sum p, eps, 1 - eps))`` with Keras's ``epsilon()``, as Keras's own
+        probability cross-entropy takes them (docs/keras.md).
+    batch_size : examples per forward in measurement passes (memory; a measurement's last float bits may
+        change with it, as the reductions' order does).
     last_layer : for ``outputs(..., embeddings=True)``: the ``Dense`` layer (or its name) whose input is
         the penultimate embedding; default the model's last layer. Sequential and functional models only.
 
@@ -1375,14 +1377,22 @@ class _LossWeightSpy:
             self.loss, self.cls = None, type(None)
         self.got = self.missed = False
         self.on = False
+        self.fit_frame = None  # the frame of the fit whose first step is watched
 
     def usable(self) -> bool:
         return self.loss is not None and callable(self.loss)
 
-    def install(self) -> None:
+    def install(self, fit_frame=None) -> None:
+        """Watch the loss from now on, within the fit running in ``fit_frame`` (None: any call): a call made
+        outside that fit (its first step raised, so no batch-end hook removed the spy, and the user goes on
+        with another fit or an evaluation: review 163) restores the loss's own class instead."""
         spy, cls = self, self.cls
+        self.fit_frame = fit_frame
 
         def __call__(obj, *args, **kwargs):
+            if spy.fit_frame is not None and not _on_stack(spy.fit_frame):
+                spy.remove()  # the watched fit is gone: the loss gets its own class back, this call included
+                return cls.__call__(obj, *args, **kwargs)
             sw = kwargs["sample_weight"] if "sample_weight" in kwargs else args[2] if len(args) > 2 else None
             if sw is None:
                 spy.missed = True
@@ -1401,7 +1411,18 @@ class _LossWeightSpy:
         if self.loss is not None and self.loss in _SPIED_LOSSES:
             self.loss.__class__ = _SPIED_LOSSES.pop(self.loss)
         self.on = False
+        self.fit_frame = None
         return True if self.got else False if self.missed else None
+
+
+def _on_stack(frame) -> bool:
+    """Whether ``frame`` is on the calling thread's stack."""
+    f = sys._getframe(1)
+    while f is not None:
+        if f is frame:
+            return True
+        f = f.f_back
+    return False
 
 
 def _unwatched_step(model, who: str) -> None:
@@ -1707,7 +1728,7 @@ class _TrainedSteps:
         """At the first step's beginning: watch the compiled loss during this step."""
         spy = self._weight_spy
         if spy is not None and not spy.on:
-            spy.install()
+            spy.install(self._fit_frame)
 
     def _drop_weight_spy(self) -> bool | None:
         spy, self._weight_spy = self._weight_spy, None
@@ -1867,7 +1888,8 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
     outputs : "logits", "probabilities" or None (default: detect from the compiled loss's
         ``from_logits``, else a softmax last layer means probabilities, else a ``ValueError``).
     measure_x : the same examples, same order, for the measurement passes (e.g. without augmentation).
-    measure_batch_size : examples per forward in measurement passes (memory only).
+    measure_batch_size : examples per forward in measurement passes (memory; a measurement's last float bits
+        may change with it, as the reductions' order does).
     last_layer : the classifier ``Dense`` layer (or its name) for ``CrestConfig(embeddings=True)``.
     observe_losses : feed the inference-mode losses of every trained batch to the drop policy (one extra
         forward of ``m`` examples per step, counted). Default: on exactly when dropping is on (``T2``);

@@ -2383,6 +2383,28 @@ def test_weights_that_never_reach_the_compiled_loss_are_refused_at_the_first_ste
         run(OwnUnweightedComputeLoss)  # review 158: the compiled loss is never called, so the spy saw nothing
 
 
+def test_a_first_step_that_raises_gives_the_loss_its_class_back_at_the_next_call():
+    """Review 163: a first step that raised (a callback before CREST's, Ctrl-C) never reached the batch-end hook
+    that removes the spy on the compiled loss, and Keras calls no on_train_end: the loss kept the spy's class
+    through later fits without CREST. Its next call outside the watched fit restores it."""
+    X, y = digits()
+    model = mlp(0, cls=KeepsWeightsInComputeLoss)
+    loss_class = type(model._compile_loss)
+
+    class Boom(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            raise KeyboardInterrupt("Ctrl-C")
+
+    cb = CrestCallback(X, y, config=CrestConfig(**CFG), budget=BUDGET, seed=3)
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(cb.dataset, epochs=1, callbacks=[Boom(), cb], verbose=0)
+    assert type(model._compile_loss) is not loss_class  # (the step raised inside the watch)
+    before = [w.copy() for w in model.get_weights()]
+    model.fit(X[:64], y[:64], epochs=1, batch_size=32, verbose=0)  # the user goes on without CREST
+    assert type(model._compile_loss) is loss_class
+    assert any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights()))  # it trained
+
+
 def test_a_backup_and_restore_rollback_in_the_same_process_is_warned_about(tmp_path):
     """Review 79: BackupAndRestore's retry in the same process (its docstring's try: fit / except / fit
     again) rolls the weights back to the last finished epoch, but the callback went on from its own
