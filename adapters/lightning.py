@@ -187,6 +187,14 @@ def _scheduler_steps(trainer) -> list[int] | None:
     return [int(getattr(c.scheduler, "last_epoch", 0)) for c in configs] or None
 
 
+def _has_length(config) -> bool:
+    """Whether a scheduler config's schedule has a length a budget could cut short: not a ``ReduceLROnPlateau``
+    (stepped on a monitored metric, however often: review 160 saw it warned about after step-based validation)."""
+    plateau = getattr(getattr(torch.optim, "lr_scheduler", None), "ReduceLROnPlateau", None)
+    return not (getattr(config, "reduce_on_plateau", False) is True
+                or (plateau is not None and isinstance(getattr(config, "scheduler", None), plateau)))
+
+
 def _check_step_schedulers(trainer, loader: CrestLoader, before: list[int] | None = None) -> None:
     """Under ``budget_counts="passes"`` the fit trains fewer batches than ``len(dataloader)`` per epoch (the
     measurement passes take their share of the budget), so a scheduler stepped per batch and sized from
@@ -198,11 +206,12 @@ def _check_step_schedulers(trainer, loader: CrestLoader, before: list[int] | Non
         return
     configs = getattr(trainer, "lr_scheduler_configs", None) or []
     now = _scheduler_steps(trainer) if before is not None else None
-    manual = now is not None and len(now) == len(before) and any(b - a >= 2 for a, b in zip(before, now))
-    if manual or (before is None and any(getattr(c, "interval", None) == "step" for c in configs)):
+    manual = now is not None and len(now) == len(before) == len(configs) and any(
+        b - a >= 2 and _has_length(c) for a, b, c in zip(before, now, configs))
+    if manual or (before is None and any(getattr(c, "interval", None) == "step" and _has_length(c) for c in configs)):
         warnings.warn(
             "CrestCallback(budget_counts='passes') with a learning-rate scheduler stepped every batch "
-            f"({'stepped by your training_step' if manual else 'interval=step'}): the measurement passes take "
+            f"({'stepped more than once in the first epoch' if manual else 'interval=step'}): the measurement passes take "
             "their share of each epoch's budget, so the fit trains fewer batches than "
             "trainer.estimated_stepping_batches counts, and a schedule sized from it (OneCycleLR, a cosine decay) "
             "stops before its end. Count the budget in training steps (budget_counts='steps', the default: the "

@@ -1068,7 +1068,7 @@ def test_passes_budgets_warn_that_a_per_step_schedule_stops_short(tmp_path):
         t.fit(module, train_dataloaders=cb.dataloader())
     assert t.global_step == module.planned and t.optimizers[0].param_groups[0]["lr"] < 0.01  # (peak 0.1)
     cb = CrestCallback(data(), **dict(CFG, budget=0.5, budget_counts="passes"))  # review 158: manual stepping
-    with pytest.warns(UserWarning, match=r"stepped every batch \(stepped by your training_step\)"):
+    with pytest.warns(UserWarning, match=r"stepped every batch \(stepped more than once in the first epoch\)"):
         trainer(tmp_path, 4, cb).fit(_ManualOneCycle(), train_dataloaders=cb.dataloader())
     cb = CrestCallback(data(), **dict(CFG, budget=0.5, budget_counts="passes"))
     module = _ManualPerEpoch()
@@ -1076,6 +1076,55 @@ def test_passes_budgets_warn_that_a_per_step_schedule_stops_short(tmp_path):
         warnings.filterwarnings("error", ".*stepped every batch.*")
         trainer(tmp_path, 3, cb).fit(module, train_dataloaders=cb.dataloader())
     assert module.optimizers().param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 3)
+
+
+class _PlateauByStep(Module):
+    """ReduceLROnPlateau on the validation loss, validation every 2 batches: Lightning's recipe (interval "step",
+    frequency 2, a monitor), or under manual optimization stepped at each validation's end."""
+
+    def __init__(self, manual):
+        super().__init__()
+        self.automatic_optimization = not manual
+
+    def training_step(self, batch, batch_idx):
+        x, y, w = batch
+        loss = (w * F.cross_entropy(self(x), y, reduction="none")).mean()
+        if self.automatic_optimization:
+            return loss
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def on_validation_epoch_end(self):
+        if not self.automatic_optimization and "val_loss" in self.trainer.callback_metrics:
+            self.lr_schedulers().step(self.trainer.callback_metrics["val_loss"])
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+        if not self.automatic_optimization:
+            return {"optimizer": opt, "lr_scheduler": sched}
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 2,
+                                                   "monitor": "val_loss"}}
+
+
+@pytest.mark.parametrize("manual", [False, True])
+def test_a_plateau_scheduler_stepped_by_validation_is_no_per_step_schedule(tmp_path, manual):
+    """Review 160: ReduceLROnPlateau stepped after step-based validation was warned about as a schedule "stepped
+    every batch" that a passes budget stops short: it has no length to run out of."""
+    val = torch.utils.data.DataLoader(data(), batch_size=60)
+    cb = CrestCallback(data(), **dict(CFG, budget=0.5, budget_counts="passes"))
+    module = _PlateauByStep(manual)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", ".*stepped every batch.*")
+        t = trainer(tmp_path, 3, cb, num_sanity_val_steps=0, check_val_every_n_epoch=None, val_check_interval=2)
+        t.fit(module, train_dataloaders=cb.dataloader(), val_dataloaders=val)
+    assert t.global_step >= 4
 
 
 class _BatchNormed(Module):
