@@ -20,8 +20,8 @@ One module that the dispatch (``crestcore.backends``), every backend module and 
   power of two, :func:`crestcore.similarity.prepare`); features near 1e150 or above give non-finite
   similarities (refused), features near 1e-150 or below distances that underflow to 0 (the greedy then
   sees ties everywhere); NaN similarities handed to ``greedy_batched`` are refused by the reference and the
-  torch kernel, and by the Numba kernels where a NaN reaches a pick's gain (its naive greedy), while its lazy
-  and stochastic greedies may pass over them and return picks: validate ``S`` before a direct call;
+  torch kernel, while the Numba kernels' greedies (naive, lazy and stochastic) may pass over a candidate whose
+  gain is NaN and return picks: validate ``S`` before a direct call;
 * the capability table (:data:`CAPABILITIES`): per backend, the array library it serves, the floating
   dtypes it computes in, the devices and the kernels it offers. The dispatch maps namespaces to modules
   from it, the docs print it and the tests check every module against it.
@@ -43,6 +43,7 @@ Examples
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -226,14 +227,22 @@ def check_picks(k, n: int) -> int:
 
     >>> check_picks(3, 9)
     3
+    >>> check_picks(np.array(3), 9)  # a 0-d integer array (budgets[p]) too
+    3
     >>> check_picks(10, 9)
     Traceback (most recent call last):
     ...
     ValueError: k must be in [0, 9], got 10
     """
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= int(k) <= n:
-        raise ValueError(f"k must be in [0, {n}], got {k!r}")
-    return int(k)
+    try:
+        value = None if isinstance(k, (bool, np.bool_)) else operator.index(k)  # (an integer, of any library)
+    except TypeError:
+        value = None
+    if value is None:
+        raise TypeError(f"k must be an integer number of picks, got {type(k).__name__} {k!r}")
+    if not 0 <= value <= n:
+        raise ValueError(f"k must be in [0, {n}], got {value}")
+    return value
 
 
 def refuse_nonfinite_gains(finite: bool) -> None:

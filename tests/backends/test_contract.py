@@ -271,6 +271,12 @@ def test_kernels_refuse_bad_counts_choices_and_draws_alike():
         a = np.asarray if lib is np else lib.as_tensor
         with pytest.raises(ValueError, match=r"k must be in \[0, 9\], got 10"):
             mod.greedy_features(a(X), 10, "euclidean", "max-minus", 1.0, "lazy")
+        # review 160: a count read from a 0-d integer array (budgets[p]) is a count; a float is not
+        picks = np.asarray(mod.greedy_features(a(X), 3, "euclidean", "max-minus", 1.0, "lazy")[0]).tolist()
+        zero_d = np.asarray(mod.greedy_features(a(X), a(np.array(3)), "euclidean", "max-minus", 1.0, "lazy")[0])
+        assert zero_d.tolist() == picks, name
+        with pytest.raises(TypeError, match="k must be an integer number of picks, got float"):
+            mod.greedy_features(a(X), 3.0, "euclidean", "max-minus", 1.0, "lazy")
         with pytest.raises(ValueError, match="optimizer must be one of"):
             mod.greedy_batched(a(S), a(valid), a(np.array([2, 2])), "greedy")
         with pytest.raises(ValueError, match="stochastic"):
@@ -301,3 +307,33 @@ def test_check_choice_refuses_an_array_by_name():
         with pytest.raises(ValueError, match=r"optimizer must be one of \('naive', 'lazy', 'stochastic'\), got array"):
             check(np.array(["lazy", "naive"]), "optimizer", contract.OPTIMIZERS)
     assert check_choice(np.str_("lazy"), "optimizer", contract.OPTIMIZERS) == "lazy"
+
+
+def test_sparse_kernels_refuse_bad_draws_and_nonfinite_similarities_alike():
+    """Review 160: the sparse kernels had none of the dense kernels' new refusals: the reference took draws
+    outside [0, 1], crashed with an IndexError on a NaN draw and returned NaN gains, and the Numba kernel passed
+    over a NaN candidate."""
+    from crestcore import sparse as ref
+    from crestcore.backends._examples import three_points
+
+    mods = [ref]
+    try:
+        from crestcore.backends import numba_sparse
+        mods.append(numba_sparse)
+    except ImportError:
+        pass
+    nbr, sims, order, indptr = three_points(np)
+    bad = sims.copy()
+    bad[0, 1] = np.nan
+    for mod in mods:
+        for u in (np.array([[1.5], [0.1]]), np.array([[np.nan], [0.1]]), np.array([[-0.5], [0.1]])):
+            with pytest.raises(ValueError, match=r"uniform draws in \[0, 1\]"):
+                mod.sparse_greedy(nbr, sims, order, indptr, 2, "stochastic", u)
+        with pytest.raises(ValueError, match="stochastic"):
+            mod.sparse_greedy(nbr, sims, order, indptr, 2, "stochastic")
+        with pytest.raises(ValueError, match="optimizer must be one of"):
+            mod.sparse_greedy(nbr, sims, order, indptr, 2, "greedy")
+        for opt in ("lazy", "naive"):
+            with pytest.raises(ValueError, match="gains are not finite"):
+                mod.sparse_greedy(nbr, bad, order, indptr, 2, opt)
+        assert np.asarray(mod.sparse_greedy(nbr, sims, order, indptr, 2, "lazy")[0]).tolist() == [1, 2]
