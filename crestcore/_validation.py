@@ -517,7 +517,14 @@ def host_weights(weights, k: int, name: str = "weights") -> np.ndarray:
     ...
     ValueError: w contain NaN or infinite values
     """
-    w = np.asarray(to_numpy(weights))
+    try:
+        w = np.asarray(to_numpy(weights))
+    except TypeError as exc:  # (a list of Decimals: to_numpy's message named nothing, review 160)
+        raise TypeError(f"{name} must be real numbers (an array, a tensor or a list of numbers), got "
+                        f"{type(weights).__name__}: {exc}") from None
+    if w.dtype.kind == "O" and all(isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+                                   for v in w.flat):
+        w = w.astype(np.float64)  # an object array of real numbers (Fractions, floats: review 160)
     if w.dtype.kind in "bcUSOMm":  # (ml_dtypes' bfloat16, kind "V", is a real number too: review 159)
         # (strings were parsed, booleans taken as 0/1 and complex values cut to their real parts: review 155)
         raise TypeError(f"{name} must be real numbers, got dtype {w.dtype}")
@@ -626,7 +633,10 @@ def stored_batch(record, n: int, where: str):
             or (bw.size and bw.min() < 0):
         raise ValueError(f"{where}: batch weights must be finite, non-negative and one per index")
     flag = record["reselected"]
-    v = np.asarray(to_numpy(flag)) if not isinstance(flag, str) else None
+    try:  # (None and other objects NumPy cannot hold failed with to_numpy's bare TypeError: review 160)
+        v = np.asarray(to_numpy(flag)) if not isinstance(flag, str) and flag is not None else None
+    except TypeError:
+        v = None
     # a boolean, or 0 / 1, also as a 0-d array (a string "False" read back was True: review 155)
     if v is None or v.shape != () or v.dtype.kind not in "biu" or int(v) not in (0, 1):
         raise ValueError(f"{where}: a batch's reselected must be a boolean, got {flag!r}")

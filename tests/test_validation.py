@@ -546,3 +546,22 @@ def test_the_curvature_norm_neither_underflows_nor_overflows_where_the_norm_is_r
         if v == 0.75:  # in range: the unscaled float32/64 sum, bit for bit
             h = np.full(10, v, dtype=dtype)
             assert got == float(np.sqrt(np.sum(h * h)))
+
+
+def test_weights_and_stored_flags_name_themselves_on_inputs_numpy_cannot_hold():
+    """Review 160: a list of Decimals failed with to_numpy's bare "cannot copy a list to NumPy", an object
+    array of floats was refused, and a batch's reselected of None gave a bare TypeError."""
+    from decimal import Decimal
+    from fractions import Fraction
+
+    from crestcore._validation import host_weights, stored_batch
+
+    assert host_weights(np.array([1.0, 0.5], dtype=object), 2).tolist() == [1.0, 0.5]
+    assert host_weights(np.array([Fraction(1, 2), 1], dtype=object), 2).tolist() == [0.5, 1.0]
+    with pytest.raises(TypeError, match="w must be real numbers .*got list"):
+        host_weights([Decimal("1"), Decimal("0.5")], 2, name="w")
+    with pytest.raises(TypeError, match="w must be real numbers, got dtype object"):
+        host_weights(np.array([True, 1.0], dtype=object), 2, name="w")
+    for flag in (None, object()):
+        with pytest.raises(ValueError, match="ckpt: a batch's reselected must be a boolean"):
+            stored_batch({"indices": [1], "weights": [1.0], "reselected": flag}, 3, "ckpt")
