@@ -749,9 +749,9 @@ class DistributedModelOps:
             with self._rank0_buffers():
                 return self.inner.gradient(indices, weights)
         idx, w, lo, hi = self._share(indices, weights, "gradient")
-        if hi > lo:
-            with self._rank0_buffers():
-                loss, g = self.inner.gradient(idx[lo:hi], w[lo:hi])
+        with self._rank0_buffers():  # on every rank, a share or none: the broadcast is a collective (review 161)
+            loss, g = self.inner.gradient(idx[lo:hi], w[lo:hi]) if hi > lo else (0.0, None)
+        if g is not None:
             f = (hi - lo) / idx.size
             part = torch.cat([g * f, torch.tensor([loss * f], dtype=g.dtype, device=g.device)])
         else:
@@ -777,10 +777,9 @@ class DistributedModelOps:
             with self._rank0_buffers():
                 return self.inner.hutchinson(indices, weights, seed)
         idx, w, lo, hi = self._share(indices, weights, "hutchinson")
-        if hi > lo:
-            with self._rank0_buffers():
-                part = self.inner.hutchinson(idx[lo:hi], w[lo:hi], seed) * ((hi - lo) / idx.size)
-        else:
+        with self._rank0_buffers():  # on every rank, a share or none: the broadcast is a collective (review 161)
+            part = self.inner.hutchinson(idx[lo:hi], w[lo:hi], seed) * ((hi - lo) / idx.size) if hi > lo else None
+        if part is None:
             part = self._zero_share(1, 0)
         return self.all_reduce_sum(part, f"all_reduce of the Hutchinson probe over {idx.size} examples")
 
@@ -805,9 +804,10 @@ class DistributedModelOps:
                 return self.inner.gradient_and_hutchinson(indices, weights, seed)
         idx, w, lo, hi = self._share(indices, weights, "gradient_and_hutchinson")
         D = self.inner.params().numel()
-        if hi > lo:
-            with self._rank0_buffers():
-                loss, g, probe = self.inner.gradient_and_hutchinson(idx[lo:hi], w[lo:hi], seed)
+        with self._rank0_buffers():  # on every rank, a share or none: the broadcast is a collective (review 161)
+            loss, g, probe = (self.inner.gradient_and_hutchinson(idx[lo:hi], w[lo:hi], seed) if hi > lo
+                              else (0.0, None, None))
+        if g is not None:
             f = (hi - lo) / idx.size
             part = torch.cat([g * f, probe * f, torch.tensor([loss * f], dtype=g.dtype, device=g.device)])
         else:

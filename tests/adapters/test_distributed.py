@@ -230,6 +230,21 @@ def worker_train(out: Path):
     _, g0, h0 = bops.inner.gradient_and_hutchinson(idx, wts, 5)
     checks["fused fit with rank 0's buffers"] = bool(torch.allclose(gf, g0, rtol=1e-10, atol=1e-13)
                                                      and torch.allclose(hf, h0, rtol=1e-10, atol=1e-12))
+    # review 161: one example, so a rank without a share (a probe_size below the world size): every rank takes
+    # part in the buffers' broadcast (the rank without a share skipped it, and every rank hung until the timeout)
+    one, w1 = np.array([4]), np.ones(1)
+    with torch.no_grad():
+        bn[1].running_mean.fill_(float(rank))
+    l1, g1 = bops.gradient(one, w1)
+    h1 = bops.hutchinson(one, w1, 5)
+    lf, gf, hf = bops.gradient_and_hutchinson(one, w1, 5)
+    with torch.no_grad():
+        bn[1].running_mean.fill_(0.0)
+    l0, g0 = bops.inner.gradient(one, w1)
+    h0 = bops.inner.hutchinson(one, w1, 5)
+    checks["one example with buffers"] = bool(
+        abs(l1 - l0) < 1e-12 and torch.allclose(g1, g0, rtol=1e-10, atol=1e-13)
+        and torch.allclose(h1, h0, rtol=1e-10, atol=1e-12) and torch.equal(gf, g1) and torch.equal(hf, h1))
     # the anchor keeps rank 0's statistics on every rank (each rank kept its own: the ranks' shares of a
     # pass were measured with different statistics), and the live ones are left as they were
     with torch.no_grad():
