@@ -408,6 +408,10 @@ def facility_location(X, k, *, labels=None, client=None, partitions=None, seed=0
         if budgets[ci] == 0:
             continue
         objs = [sum(shares[p][ci][q][0] for p in range(m)) for q in range(len(orders[ci]))]
+        # only solutions of the class's whole budget compete: a partition holding fewer of the class gave fewer
+        # picks, and won now and then over a poor merged solution (review 161: 5 picks for k = 6); the merged
+        # one always has them all (the union holds at least the budget's members)
+        objs = [o if len(orders[ci][q]) == int(budgets[ci]) else -np.inf for q, o in enumerate(objs)]
         best = int(np.argmax(objs))  # the merged solution (0) on ties
         won.append("merged" if best == 0 else f"partition {best - 1}")
         idx_out.append(union_idx[ci][orders[ci][best]])

@@ -320,3 +320,21 @@ def test_a_cosine_zero_row_covers_itself_as_on_one_machine(client):
         assert a[0] == b[0] and a[1].tolist() == b[1].tolist() and a[2].tolist() == b[2].tolist()
     with pytest.raises(ValueError, match="candidate_ids must be distinct"):
         crestcore.score_orders(X, X, [np.array([1])], metric="cosine", bound=2.0, ids=(ids, np.zeros(4, int)))
+
+
+def test_labelled_greedi_returns_every_classs_budget(client):
+    """Review 161: with labels, a partition holding fewer of a class than its budget gave fewer picks, and its
+    partial solution could win the final comparison over a poor merged one (stochastic greedy on a small union):
+    5 picks for k = 6, silently. Only solutions of the whole budget compete."""
+    from crestcore.adapters import dask as cdask
+
+    rng = np.random.default_rng(366)  # (the review's random search: 10 points, 2 partitions, one class, k = 6)
+    n, parts, C = int(rng.integers(10, 40)), int(rng.integers(2, 6)), int(rng.integers(1, 4))
+    X, labels = rng.normal(size=(n, 1)), rng.integers(0, C, n)
+    k = int(rng.integers(C, n))
+    assert (n, parts, C, k) == (10, 2, 1, 6)
+    sel = cdask.facility_location(X, k, labels=labels, client=client, partitions=parts, seed=366,
+                                  optimizer="stochastic")
+    picks = np.asarray(sel.indices).tolist()
+    assert len(picks) == k and len(set(picks)) == k, sel.plan
+    assert float(np.asarray(sel.weights).sum()) == n
