@@ -3677,7 +3677,7 @@ class _CountedPass:
         warnings.warn(
             f"CrestBatchSampler: load_state_dict was called while this DataLoader's pass was running, and the "
             f"DataLoader has just given your loop a batch its workers had fetched before the load (up to "
-            f"{self.window} such): it belongs to the run before the load, and no count or checkpoint of the loaded "
+            f"{self.window + self.held} such): it belongs to the run before the load, and no count or checkpoint of the loaded "
             "run holds it. Leave the loop after load_state_dict (skip the batches it still yields) and start a new "
             "pass, iter(loader), which begins at the loaded position", stacklevel=_common.user_stacklevel())
 
@@ -3837,8 +3837,10 @@ class CrestBatchSampler(CrestLoader):
         # it has ended, and every full pass looked left early (review 142)
         direct = it is not None and getattr(it, "_index_sampler", None) is self
         window = self._loader_ahead - self._loader_held if direct else 0
-        return (_CountedPass(self, super().__iter__(), window, self._loader_held, self._loader_shard) if window > 0
-                else super().__iter__())
+        # counted where workers fetch ahead, or an accelerate loader holds a batch (review 160: without workers its
+        # held batch was counted as trained after a loop left one batch before the epoch's end)
+        return (_CountedPass(self, super().__iter__(), window, self._loader_held, self._loader_shard)
+                if window > 0 or (direct and self._loader_held) else super().__iter__())
 
     def set_epoch(self, epoch: int) -> None:
         """As :meth:`CrestLoader.set_epoch`; with ``per_epoch=False`` (one pass is the whole run) the call an

@@ -439,11 +439,13 @@ def test_under_accelerate_stats_count_the_batches_the_loop_was_given(workers):
     assert sampler.position == got == 12
 
 
-def test_under_accelerate_a_loop_left_one_batch_before_the_epochs_end_is_counted_or_warned_about():
+@pytest.mark.parametrize("workers", [2, 0])
+def test_under_accelerate_a_loop_left_one_batch_before_the_epochs_end_is_counted_or_warned_about(workers):
     """Review 158: with workers, a loop that left an epoch one batch before its end (a step limit) had the batch the
     prepared loader held counted as trained, by stats and by state_dict() (what save_state calls), silently: the
-    resumed run trained 11 of 12 batches. stats count what the loop got; state_dict() without trained= warns."""
-    _, sampler, loader, step = _accelerated_sampler(0, workers=2)
+    resumed run trained 11 of 12 batches. stats count what the loop got; state_dict() without trained= warns.
+    Review 160: without workers too."""
+    _, sampler, loader, step = _accelerated_sampler(0, workers=workers)
     for k, batch in enumerate(loader, start=1):
         step(batch)
         if k == 5:  # of 6
