@@ -3677,9 +3677,9 @@ class _CountedPass:
         warnings.warn(
             f"CrestBatchSampler: load_state_dict was called while this DataLoader's pass was running, and the "
             f"DataLoader has just given your loop a batch its workers had fetched before the load (up to "
-            f"{self.window + self.held} such): it belongs to the run before the load, and no count or checkpoint of the loaded "
-            "run holds it. Leave the loop after load_state_dict (skip the batches it still yields) and start a new "
-            "pass, iter(loader), which begins at the loaded position", stacklevel=_common.user_stacklevel())
+            f"{self.window + self.held} such): it belongs to the run before the load, and no count or checkpoint of "
+            "the loaded run holds it. Leave the loop after load_state_dict (skip the batches it still yields) and "
+            "start a new pass, iter(loader), which begins at the loaded position", stacklevel=_common.user_stacklevel())
 
 
 class CrestBatchSampler(CrestLoader):
