@@ -291,6 +291,21 @@ def numba_cache_slot(base=None) -> Path | None:
     return slot
 
 
+def _config_fields(config, prefix: str = "config.") -> dict:
+    """``{"config.<field>": value}`` of a config dataclass, nested ones flattened (``config.drop.alpha``), so that
+    the ranks' agreement names the field that differs (review 161: "the config" alone, among some forty)."""
+    import dataclasses
+
+    out: dict = {prefix.rstrip("."): type(config).__qualname__}  # (a subclass of a config class differs too)
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            out.update(_config_fields(v, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = v if isinstance(v, int) and not isinstance(v, bool) else repr(v)
+    return out
+
+
 # every module of crestcore's with cached jitted kernels (tests/adapters/test_distributed.py checks the list)
 _KERNELS = ("crestcore.backends.numba", "crestcore.backends.numba_sparse")
 
@@ -969,7 +984,7 @@ class DistributedCrestLoader(CrestLoader):
         layer = next((name or "(the model)" for name, mod in inner.model.named_modules() if mod is inner._last_layer),
                      None) if inner._last_layer is not None else None
         self.ops.agree(
-            {"the dataset size": int(self.n), "the labels": self.labels, "the config": repr(self.config),
+            {"the dataset size": int(self.n), "the labels": self.labels, **_config_fields(self.config),
              "seed": int(self.seed), "budget": self.budget, "epochs": int(self.epochs), "per_epoch": self.per_epoch,
              "budget_counts": self.budget_counts, "the planned steps": int(self.total_steps),
              "last_layer": layer, "forward": _callable_name(inner._forward),

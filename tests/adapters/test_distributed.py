@@ -430,6 +430,27 @@ def worker_lastlayer(out: Path):
     (out / f"rank{rank}.done").write_text("built")  # must never happen
 
 
+def worker_config(out: Path):
+    """The ranks' configs differ in one nested field (review 161: the error said "the config", not which of
+    its some forty fields): refused at construction, naming it."""
+    import dataclasses
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist = _init_group()
+    rank = dist.get_rank()
+    X, y = make_data()
+    ddp = DDP(make_model())
+    cfg = make_config()
+    cfg = dataclasses.replace(cfg, drop=dataclasses.replace(cfg.drop, alpha=0.3 if rank == 0 else 0.25))
+    if _refused(out, rank, lambda: D.DistributedCrestLoader(ddp, TensorDataset(X, y), config=cfg, budget=BUDGET,
+                                                            epochs=EPOCHS, seed=SEED)):
+        del ddp
+        _teardown(dist)
+        return
+    (out / f"rank{rank}.done").write_text("built")  # must never happen
+
+
 def worker_shards(out: Path):
     """Each rank gives the loader its own shard of the data (a DistributedSampler habit), of unequal sizes:
     refused at construction on every rank, naming the dataset size and each rank's value (review 105: the
@@ -541,13 +562,14 @@ def worker_skipping(out: Path):
 def _worker_main(argv):
     p = argparse.ArgumentParser()
     p.add_argument("--worker", required=True, choices=("train", "fail", "stall", "numba", "flags", "lossfn",
-                                                              "shards", "skipping", "badload", "lastlayer"))
+                                                              "shards", "skipping", "badload", "lastlayer", "config"))
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     {"train": worker_train, "fail": worker_fail, "stall": worker_stall,
      "numba": worker_numba, "flags": worker_flags, "lossfn": worker_lossfn, "shards": worker_shards,
-     "skipping": worker_skipping, "badload": worker_badload, "lastlayer": worker_lastlayer}[a.worker](Path(a.out))
+     "skipping": worker_skipping, "badload": worker_badload, "lastlayer": worker_lastlayer,
+     "config": worker_config}[a.worker](Path(a.out))
     # The rank's work is done and its results written: leave without the interpreter's finalization, where
     # torch's process-group threads abort a rank now and then after a clean teardown ("terminate called
     # without an active exception", <no Python frame>: a plain torch DDP script of two ranks does it too,
@@ -1020,7 +1042,7 @@ def test_a_failing_rank_fails_the_job_instead_of_hanging(tmp_path):
 
 
 @pytest.mark.parametrize("worker, what", [("flags", "verify and broadcast_buffers"), ("lossfn", "loss_fn"),
-                                          ("lastlayer", "last_layer"),
+                                          ("lastlayer", "last_layer"), ("config", "config.drop.alpha: rank"),
                                           ("shards", "the dataset size (241 on ranks [0], 239 on ranks [1])")])
 def test_ranks_built_differently_are_refused_at_construction(tmp_path, worker, what):
     """Settings that decide which collectives a rank issues (the verify flags) or what it decides (its
