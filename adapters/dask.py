@@ -266,7 +266,10 @@ def facility_location(X, k, *, labels=None, client=None, partitions=None, seed=0
     -------
     Selection of NumPy arrays in X's dtype: global indices (per class in ascending label), cluster-size
     weights over all n points, gains and objective on the common objective; ``path`` "greedi" and ``plan``
-    what won.
+    what won. With one partition the call is :func:`crestcore.facility_location` itself, its result as it
+    returns it: with ``neighbors=K`` its weights then count each point only where a pick is among its K
+    neighbours (they sum to fewer than n), while two or more partitions score every point against every pick
+    (review 161).
 
     Examples
     --------
