@@ -546,6 +546,12 @@ _JAX_SCRIPT = textwrap.dedent(r"""
     res["weights_never_reach"] = [msg, usable, c24.position == c24.steps_per_epoch,
                                   type(m23._compile_loss) is type(m24._compile_loss),
                                   m24.train_function is step24 and c24b.position == c24b.steps_per_epoch]
+    m25 = T.mlp(0, cls=T.OwnLossObjectInComputeLoss)  # review 160: a loss object of its own, unweighted
+    try:
+        fit_once(m25, CrestCallback(X, y, config=CrestConfig(**T.CFG), budget=T.BUDGET, seed=3))()
+        res["own_loss_object"] = None
+    except ValueError as exc:
+        res["own_loss_object"] = [str(exc), type(T.OwnLossObjectInComputeLoss.loss_fn).__name__]
     print("JSON" + json.dumps(res))
 """)
 
@@ -1371,6 +1377,8 @@ def test_jax_backend(jax_child):
     # review 106: a loss that takes the batch mean itself is refused on jax too, and the check moves nothing
     assert res["batch_mean_loss"] == [[True, True], True, True], res["batch_mean_loss"]
     assert res["loss_check_kept"] == [[False, True], [True, True]], res["loss_check_kept"]
+    own = res["own_loss_object"]  # review 160, on jax
+    assert own and "got no sample weights" in own[0] and own[1] == "SparseCategoricalCrossentropy", own
     msg, usable, keeps, restored, kept_step = res["weights_never_reach"]  # review 156, on jax
     assert msg and "its compiled loss got no sample weights" in msg and usable and keeps and restored, res
     assert kept_step, res
@@ -2311,6 +2319,57 @@ class MetricsOnlyStep(keras.Sequential):
         return [v.value.grad for v in self.trainable_weights]
 
 
+class OwnLossObjectStep(MetricsOnlyStep):
+    """The same step with a loss object of its own, not compile's (review 160): unweighted, the weights handed to
+    the metrics only."""
+
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred = self(x, training=True)
+        loss = self.loss_fn(y, y_pred)
+        self.optimizer.apply(self._grads(loss), self.trainable_weights)
+        for metric in self.metrics:
+            if metric.name != "loss":
+                metric.update_state(y, y_pred, sample_weight=sample_weight)
+        return {"loss": loss}
+
+
+class OwnLossObjectWeighted(OwnLossObjectStep):
+    """Its own loss object, called with the weights."""
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred = self(x, training=True)
+        loss = self.loss_fn(y, y_pred, sample_weight=sample_weight)
+        self.optimizer.apply(self._grads(loss), self.trainable_weights)
+        return {"loss": loss}
+
+
+class OwnPerExampleLossWeighedAfter(OwnLossObjectStep):
+    """Its own per-example loss object (reduction None), called without the weights and weighed after."""
+
+    per_example = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred = self(x, training=True)
+        loss = keras.ops.mean(self.per_example(y, y_pred) * sample_weight)
+        self.optimizer.apply(self._grads(loss), self.trainable_weights)
+        return {"loss": loss}
+
+
+class OwnLossObjectInComputeLoss(keras.Sequential):
+    """Keras's built-in train_step, and a compute_loss that calls a loss object of its own without the weights
+    (review 160; on jax as on torch)."""
+
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        return self.loss_fn(y, y_pred)
+
+
 class DropsWeightsInComputeLoss(keras.Sequential):
     """Keras's built-in train_step, and a compute_loss override (an L2 term) that calls the parent without them."""
 
@@ -2366,13 +2425,15 @@ def test_weights_that_never_reach_the_compiled_loss_are_refused_at_the_first_ste
             assert type(model._compile_loss) is loss_class  # the spy's class swap is undone, also on a refusal
         return cb
 
-    for cls in (MetricsOnlyStep, DropsWeightsInComputeLoss):
-        with pytest.raises(ValueError, match=f"{cls.__name__} overrides .*its compiled loss got no sample weights"):
+    for cls in (MetricsOnlyStep, DropsWeightsInComputeLoss, OwnLossObjectStep, OwnLossObjectInComputeLoss):
+        with pytest.raises(ValueError, match=f"{cls.__name__} overrides .*got no sample weights"):
             run(cls)
-        with pytest.raises(ValueError, match="its compiled loss got no sample weights"):
+        with pytest.raises(ValueError, match="got no sample weights"):
             run(cls, method="craig")  # a weighted baseline
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        run(OwnLossObjectWeighted)  # review 160: its own loss object, with the weights
+        run(OwnPerExampleLossWeighedAfter)  # its own per-example loss, weighed after the call
         cb = run(KeepsWeightsInComputeLoss)
         assert cb.position == cb.steps_per_epoch
         run(MetricsOnlyStep, weights="uniform")  # every weight 1: nothing to lose
