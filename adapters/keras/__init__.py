@@ -1222,6 +1222,10 @@ _LOSS_CALLS = {"compute_loss": 4, "_compute_loss": 4, "compiled_loss": 3, "loss"
 _BATCH_LOOKS = ("unpack_x_y_sample_weight", "len", "isinstance", "type")  # calls that do not hand the batch on
 
 
+# calls whose sample_weight weighs a metric, not the loss (_step_passes_weights)
+_METRIC_CALLS = frozenset({"update_state"})
+
+
 def _call_name(call) -> str:
     f = call.func
     return f.attr if type(f).__name__ == "Attribute" else f.id if type(f).__name__ == "Name" else ""
@@ -1247,8 +1251,10 @@ def _step_passes_weights(source: str) -> bool | None:
     and TensorFlow, ``train_step(self, state, data)`` on JAX; review 112: the JAX form's ``state`` was read
     as the batch). False otherwise, so these are caught: ``x, y =
     data[0], data[1]`` (or ``= data``); ``x, y, _ = unpack_x_y_sample_weight(data)``; ``sample_weight``
-    unpacked and then never read (left out of ``compute_loss``, or ``sample_weight=None``). None when the
-    source does not parse."""
+    unpacked and then never read (left out of ``compute_loss``, or ``sample_weight=None``). What a metric's
+    ``update_state`` is given does not count (review 160: a step whose loss is a loss object of its own, called
+    without the weights, and which handed them to its metrics only, trained unweighted, silently). None when
+    the source does not parse."""
     import ast
     import textwrap
 
@@ -1291,8 +1297,12 @@ def _step_passes_weights(source: str) -> bool | None:
         i = as_int(k)
         return -1 if i is None else 0 if i in (2, -1) else None
 
-    # the names the weights are unpacked into; reads of the batch (or of its weights) that hand nothing on
+    # the names the weights are unpacked into; reads of the batch (or of its weights) that hand nothing on (a
+    # metric's update_state weighs its running value, not the loss)
     weights, looked = set(), set()
+    for node in ast.walk(fn):
+        if isinstance(node, ast.Call) and _call_name(node) in _METRIC_CALLS:
+            looked.update(id(n) for a in [*node.args, *(k.value for k in node.keywords)] for n in ast.walk(a))
     for node in ast.walk(fn):
         if isinstance(node, ast.Assign):
             value = node.value
@@ -1318,7 +1328,7 @@ def _step_passes_weights(source: str) -> bool | None:
         if isinstance(node, ast.Subscript) and is_batch(node.value):
             looked.add(id(node.value))  # data[0]: its weights, if any, are the subscript's (below)
     for node in ast.walk(fn):
-        if isinstance(node, ast.Call):
+        if isinstance(node, ast.Call) and _call_name(node) not in _METRIC_CALLS:
             if any(k.arg == "sample_weight" and not (isinstance(k.value, ast.Constant) and k.value.value is None)
                    for k in node.keywords):
                 return True
@@ -1327,8 +1337,8 @@ def _step_passes_weights(source: str) -> bool | None:
             need = _LOSS_CALLS.get(_call_name(node))
             if need is not None and (len(node.args) >= need or any(isinstance(a, ast.Starred) for a in node.args)):
                 return True
-        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
-            if node.id in weights or (node.id == batch and id(node) not in looked):
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and id(node) not in looked:
+            if node.id in weights or node.id == batch:
                 return True
         elif isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load) and id(node) not in looked \
                 and weights_at(node) is not None:
@@ -1360,89 +1370,59 @@ _SPIED_LOSSES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class _LossWeightSpy:
-    """Whether the model's losses got ``fit``'s sample weights during a training step (review 156: a
-    ``train_step`` that hands the weights to its metrics only, or an overridden ``compute_loss`` that calls
-    ``super().compute_loss`` without them, trained every step unweighted, silently; the step's source passed the
-    syntax check, and the loss probe goes around ``compute_loss``). Watched: the compiled loss
-    (``model._compile_loss``, what Keras's ``compute_loss`` applies) and the ``keras.losses.Loss`` objects the
-    model holds as attributes, its own class's included (review 160: a step calling its own loss object, the
-    weights handed to the metrics only, trained unweighted too). Each loss object's class is swapped for a
-    subclass that notes each call's ``sample_weight`` (None or not) and calls the original, for one training
-    step; :meth:`remove` restores them. A call without weights of a loss that returns one loss per example
-    (``reduction=None`` or ``"none"``) is not counted as missing them: the step may weigh its output. On JAX
-    the step's trace calls them (the callback has the step function built again at the fit's start, so that a
-    step function kept from an earlier fit is traced, and seen, again)."""
+    """Whether the model's compiled loss (``model._compile_loss``, what Keras's ``compute_loss`` applies) got
+    ``fit``'s sample weights during a training step (review 156: a ``train_step`` that hands the weights to its
+    metrics only, or an overridden ``compute_loss`` that calls ``super().compute_loss`` without them, trained
+    every step unweighted, silently; the step's source passed the syntax check, and the loss probe goes around
+    ``compute_loss``). The loss object's class is swapped for a subclass that notes each call's
+    ``sample_weight`` (None or not) and calls the original, for one training step; :meth:`remove` restores it.
+    On JAX the step's trace calls it (the callback has the step function built again at the fit's start, so
+    that a step function kept from an earlier fit is traced, and seen, again)."""
 
     def __init__(self, model):
-        self.losses: list = []  # (loss object, its own class, whether a call without weights misses them)
-        compiled = getattr(model, "_compile_loss", None)
-        for obj in ([compiled] if compiled is not None else []) + _own_loss_objects(model, compiled):
-            try:
-                cls = _SPIED_LOSSES.get(obj, type(obj))
-            except TypeError:  # not weak-referenceable: not watched
-                continue
-            if callable(obj):
-                self.losses.append((obj, cls, obj is compiled or getattr(obj, "reduction", None) not in (None, "none")))
+        self.loss = getattr(model, "_compile_loss", None)
+        try:
+            self.cls = _SPIED_LOSSES.get(self.loss, type(self.loss))
+        except TypeError:  # not weak-referenceable: no spy (usable() is False)
+            self.loss, self.cls = None, type(None)
         self.got = self.missed = False
         self.on = False
         self.fit_frame = None  # the frame of the fit whose first step is watched
 
     def usable(self) -> bool:
-        return bool(self.losses)
+        return self.loss is not None and callable(self.loss)
 
     def install(self, fit_frame=None) -> None:
-        """Watch the losses from now on, within the fit running in ``fit_frame`` (None: any call): a call made
+        """Watch the loss from now on, within the fit running in ``fit_frame`` (None: any call): a call made
         outside that fit (its first step raised, so no batch-end hook removed the spy, and the user goes on
-        with another fit or an evaluation: review 163) restores the losses' own classes instead."""
+        with another fit or an evaluation: review 163) restores the loss's own class instead."""
+        spy, cls = self, self.cls
         self.fit_frame = fit_frame
-        for obj, cls, counts in self.losses:
-            _SPIED_LOSSES[obj] = cls
-            obj.__class__ = type(cls.__name__, (cls,), {"__call__": self._watching(cls, counts),
-                                                        "__module__": cls.__module__, "__qualname__": cls.__qualname__})
-        self.on = True
-
-    def _watching(self, cls, counts: bool):
-        spy = self
 
         def __call__(obj, *args, **kwargs):
             if spy.fit_frame is not None and not _on_stack(spy.fit_frame):
-                spy.remove()  # the watched fit is gone: the losses get their own classes back, this call included
+                spy.remove()  # the watched fit is gone: the loss gets its own class back, this call included
                 return cls.__call__(obj, *args, **kwargs)
             sw = kwargs["sample_weight"] if "sample_weight" in kwargs else args[2] if len(args) > 2 else None
-            if sw is not None:
-                spy.got = True
-            elif counts:
+            if sw is None:
                 spy.missed = True
+            else:
+                spy.got = True
             return cls.__call__(obj, *args, **kwargs)
 
-        return __call__
+        _SPIED_LOSSES[self.loss] = cls
+        self.loss.__class__ = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                                          "__qualname__": cls.__qualname__})
+        self.on = True
 
     def remove(self) -> bool | None:
-        """Restore the losses' classes; True when a call got the weights, False when a loss was called and none
-        ever with them, None when none was called (or only per-example losses without them)."""
-        for obj, _, _ in self.losses:
-            if obj in _SPIED_LOSSES:
-                obj.__class__ = _SPIED_LOSSES.pop(obj)
+        """Restore the loss's class; True when a call got the weights, False when the loss was called and never
+        with them, None when it was not called."""
+        if self.loss is not None and self.loss in _SPIED_LOSSES:
+            self.loss.__class__ = _SPIED_LOSSES.pop(self.loss)
         self.on = False
         self.fit_frame = None
         return True if self.got else False if self.missed else None
-
-
-def _own_loss_objects(model, compiled) -> list:
-    """The ``keras.losses.Loss`` objects ``model`` holds as attributes, its own and its classes' below Keras's
-    (found without calling properties), other than ``compiled`` and what ``compile(loss=...)`` was given (the
-    compiled loss calls those)."""
-    given = getattr(model, "__dict__", {}).get("loss")
-    given = list(given.values()) if isinstance(given, dict) else list(given) if isinstance(given, (list, tuple)) \
-        else [given]
-    found: dict[int, object] = {id(v): None for v in given if v is not None}
-    spaces = [getattr(model, "__dict__", {})] + [
-        vars(c) for c in type(model).__mro__ if not str(getattr(c, "__module__", "")).startswith(("keras", "builtins"))]
-    for space in spaces:
-        for value in list(space.values()):
-            if isinstance(value, keras.losses.Loss) and value is not compiled:
-                found.setdefault(id(value), value)
-    return [v for v in found.values() if v is not None]
 
 
 def _on_stack(frame) -> bool:
@@ -1713,7 +1693,6 @@ class _TrainedSteps:
 
     _weight_spy: _LossWeightSpy | None = None  # armed at on_train_begin, installed for the fit's first step
     _weight_who = ""
-    _weight_spy_losses: list = []  # the losses the last spy watched (for its message)
 
     ops = None  # each class's model operations (KerasModelOps), None until a fit needs them
 
@@ -1733,8 +1712,7 @@ class _TrainedSteps:
 
     def _check_own_step(self, model, who: str) -> None:
         """At a fit's start, for weighted batches: a model whose class overrides ``train_step`` or ``compute_loss``
-        gets its compiled loss and its own loss objects watched for the fit's first step (:class:`_LossWeightSpy`,
-        decided at its end);
+        gets its compiled loss watched for the fit's first step (:class:`_LossWeightSpy`, decided at its end);
         where that cannot be watched (no compiled loss; a torch step compiled with ``jit_compile``) the
         ``train_step``'s source is read (:func:`_warn_own_train_step`), as before."""
         self._drop_weight_spy()
@@ -1772,7 +1750,6 @@ class _TrainedSteps:
         if self._weight_spy is None or not self._weight_spy.on:
             return
         model, who = self._fit_model, self._weight_who
-        self._weight_spy_losses = self._weight_spy.losses
         got = self._drop_weight_spy()
         if got is not False and _backend() == "jax" and getattr(model, "train_function", None) is not None:
             _CHECKED_STEPS[model] = model.train_function  # (passed, or not watchable: said below, once)
@@ -1781,15 +1758,13 @@ class _TrainedSteps:
         elif got is False:
             own = [f for f in ("train_step", "compute_loss") if _own_method(model, f)]
             raise ValueError(
-                f"{type(model).__name__} overrides {' and '.join(own)}, and in the first training step its "
-                f"compiled loss{'' if len(self._weight_spy_losses) == 1 else ' and the loss objects it holds'} "
-                f"got no sample weights (sample_weight=None at every call): {who}'s per-example weights never "
+                f"{type(model).__name__} overrides {' and '.join(own)}, and in the first training step its compiled "
+                f"loss got no sample weights (sample_weight=None at every call): {who}'s per-example weights never "
                 "reached the loss, so every step would train unweighted (passing them to the metrics does not weigh "
                 "the loss). Hand them on: in train_step, x, y, sample_weight = "
                 "keras.utils.unpack_x_y_sample_weight(data) and self.compute_loss(x=x, y=y, y_pred=y_pred, "
                 "sample_weight=sample_weight); in an overridden compute_loss, super().compute_loss(x=x, y=y, "
-                "y_pred=y_pred, sample_weight=sample_weight, training=training); with a loss object of your own, "
-                "loss_fn(y, y_pred, sample_weight=sample_weight)")
+                "y_pred=y_pred, sample_weight=sample_weight, training=training)")
 
     def _account_before_save(self) -> None:
         """``state_dict()`` in the batch-end hook of a callback listed before this one (a saver in

@@ -546,12 +546,6 @@ _JAX_SCRIPT = textwrap.dedent(r"""
     res["weights_never_reach"] = [msg, usable, c24.position == c24.steps_per_epoch,
                                   type(m23._compile_loss) is type(m24._compile_loss),
                                   m24.train_function is step24 and c24b.position == c24b.steps_per_epoch]
-    m25 = T.mlp(0, cls=T.OwnLossObjectInComputeLoss)  # review 160: a loss object of its own, unweighted
-    try:
-        fit_once(m25, CrestCallback(X, y, config=CrestConfig(**T.CFG), budget=T.BUDGET, seed=3))()
-        res["own_loss_object"] = None
-    except ValueError as exc:
-        res["own_loss_object"] = [str(exc), type(T.OwnLossObjectInComputeLoss.loss_fn).__name__]
     print("JSON" + json.dumps(res))
 """)
 
@@ -1377,8 +1371,6 @@ def test_jax_backend(jax_child):
     # review 106: a loss that takes the batch mean itself is refused on jax too, and the check moves nothing
     assert res["batch_mean_loss"] == [[True, True], True, True], res["batch_mean_loss"]
     assert res["loss_check_kept"] == [[False, True], [True, True]], res["loss_check_kept"]
-    own = res["own_loss_object"]  # review 160, on jax
-    assert own and "got no sample weights" in own[0] and own[1] == "SparseCategoricalCrossentropy", own
     msg, usable, keeps, restored, kept_step = res["weights_never_reach"]  # review 156, on jax
     assert msg and "its compiled loss got no sample weights" in msg and usable and keeps and restored, res
     assert kept_step, res
@@ -2319,57 +2311,6 @@ class MetricsOnlyStep(keras.Sequential):
         return [v.value.grad for v in self.trainable_weights]
 
 
-class OwnLossObjectStep(MetricsOnlyStep):
-    """The same step with a loss object of its own, not compile's (review 160): unweighted, the weights handed to
-    the metrics only."""
-
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-    def train_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        y_pred = self(x, training=True)
-        loss = self.loss_fn(y, y_pred)
-        self.optimizer.apply(self._grads(loss), self.trainable_weights)
-        for metric in self.metrics:
-            if metric.name != "loss":
-                metric.update_state(y, y_pred, sample_weight=sample_weight)
-        return {"loss": loss}
-
-
-class OwnLossObjectWeighted(OwnLossObjectStep):
-    """Its own loss object, called with the weights."""
-
-    def train_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        y_pred = self(x, training=True)
-        loss = self.loss_fn(y, y_pred, sample_weight=sample_weight)
-        self.optimizer.apply(self._grads(loss), self.trainable_weights)
-        return {"loss": loss}
-
-
-class OwnPerExampleLossWeighedAfter(OwnLossObjectStep):
-    """Its own per-example loss object (reduction None), called without the weights and weighed after."""
-
-    per_example = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
-
-    def train_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        y_pred = self(x, training=True)
-        loss = keras.ops.mean(self.per_example(y, y_pred) * sample_weight)
-        self.optimizer.apply(self._grads(loss), self.trainable_weights)
-        return {"loss": loss}
-
-
-class OwnLossObjectInComputeLoss(keras.Sequential):
-    """Keras's built-in train_step, and a compute_loss that calls a loss object of its own without the weights
-    (review 160; on jax as on torch)."""
-
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        return self.loss_fn(y, y_pred)
-
-
 class DropsWeightsInComputeLoss(keras.Sequential):
     """Keras's built-in train_step, and a compute_loss override (an L2 term) that calls the parent without them."""
 
@@ -2425,15 +2366,13 @@ def test_weights_that_never_reach_the_compiled_loss_are_refused_at_the_first_ste
             assert type(model._compile_loss) is loss_class  # the spy's class swap is undone, also on a refusal
         return cb
 
-    for cls in (MetricsOnlyStep, DropsWeightsInComputeLoss, OwnLossObjectStep, OwnLossObjectInComputeLoss):
-        with pytest.raises(ValueError, match=f"{cls.__name__} overrides .*got no sample weights"):
+    for cls in (MetricsOnlyStep, DropsWeightsInComputeLoss):
+        with pytest.raises(ValueError, match=f"{cls.__name__} overrides .*its compiled loss got no sample weights"):
             run(cls)
-        with pytest.raises(ValueError, match="got no sample weights"):
+        with pytest.raises(ValueError, match="its compiled loss got no sample weights"):
             run(cls, method="craig")  # a weighted baseline
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        run(OwnLossObjectWeighted)  # review 160: its own loss object, with the weights
-        run(OwnPerExampleLossWeighedAfter)  # its own per-example loss, weighed after the call
         cb = run(KeepsWeightsInComputeLoss)
         assert cb.position == cb.steps_per_epoch
         run(MetricsOnlyStep, weights="uniform")  # every weight 1: nothing to lose
@@ -2729,8 +2668,22 @@ def test_an_own_train_step_that_unpacks_the_weights_and_drops_them_is_warned_abo
         x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
         return self.apply(self.compute_loss(x=x, y=y, y_pred=self(x, training=training)))
 
+    def own_loss_object_metrics_only(self, data):  # review 160: the weights reach the metrics only
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred = self(x, training=True)
+        loss = self.loss_fn(y, y_pred)
+        for metric in self.metrics:
+            metric.update_state(y, y_pred, sample_weight=sample_weight)
+        return self.apply(loss)
+
+    def metrics_only_positional(self, data):
+        x, y, sw = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred = self(x, training=True)
+        self.accuracy.update_state(y, y_pred, sw)
+        return self.apply(self.loss_fn(y, y_pred))
+
     for step in (unpacked_then_left_out, unpacked_then_none, thrown_away, indexed, from_unpack_import,
-                 jax_thrown_away, extra_parameter):
+                 jax_thrown_away, extra_parameter, own_loss_object_metrics_only, metrics_only_positional):
         assert _step_source_warns(step), step.__name__
 
     def keyword(self, data):
@@ -2776,8 +2729,24 @@ def test_an_own_train_step_that_unpacks_the_weights_and_drops_them_is_warned_abo
     def whole_batch_extra(self, data, log_every=10):  # review 113: the extra parameter is not the batch
         return super(type(self), self).train_step(data)
 
+    def guide_with_metrics(self, data):  # keras.io's step: the loss and the metrics both weighted
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred = self(x, training=True)
+        loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
+        for metric in self.metrics:
+            metric.update_state(y, y_pred, sample_weight=sample_weight)
+        return self.apply(loss)
+
+    def weighed_by_hand_with_a_monitor(self, data):  # review 164: weighed by hand, an unweighted loss logged
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred = self(x, training=True)
+        per = keras.losses.sparse_categorical_crossentropy(y, y_pred, from_logits=True)
+        loss = keras.ops.sum(per * sample_weight) / keras.ops.sum(sample_weight)
+        self.monitor.update_state(self.monitor_ce(y, y_pred))
+        return self.apply(loss)
+
     for step in (keyword, positional, compiled_loss, own_loss, direct, handed_on, whole_batch, old_guide,
-                 jax_passed_on, whole_batch_extra):
+                 jax_passed_on, whole_batch_extra, guide_with_metrics, weighed_by_hand_with_a_monitor):
         assert not _step_source_warns(step), step.__name__
 
 
