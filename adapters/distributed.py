@@ -956,6 +956,8 @@ class DistributedCrestLoader(CrestLoader):
     >>> store.cleanup()
     """
 
+    _one_process = False  # (one schedule over every rank: the one-process refusal is not for it)
+
     def __init__(self, model: nn.Module, dataset, *, group=None, verify: bool = True,
                  broadcast_buffers: bool = True, **kwargs):
         _require_initialized()

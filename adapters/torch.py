@@ -191,6 +191,14 @@ def _label_attribute(dataset) -> str | None:
     return None
 
 
+def _dtype_error(exc: BaseException) -> bool:
+    """Whether torch's error is about mismatched dtypes (its messages vary by operation: "expected scalar type",
+    "must have the same dtype", convolution's "Input type (unsigned char) and bias type (float) should be the
+    same")."""
+    msg = str(exc)
+    return "dtype" in msg or "scalar type" in msg or ("type (" in msg and "should be the same" in msg)
+
+
 def _inner_ops(ops):
     """The TorchModelOps under a wrapper (the distributed adapter's ``inner``), else ``ops``."""
     while "inner" in vars(ops):
@@ -1328,8 +1336,9 @@ class TorchModelOps:
     respect to the parameters with ``requires_grad`` (the same set as :meth:`params`), never ``.grad``.
     NaN or infinite logits or losses raise ``FloatingPointError``.
 
-    Precision: the measurement passes give floating-point inputs in the dtype of the trainable
-    parameters (a ``.half()`` / ``.bfloat16()`` model, or Lightning's ``"bf16-true"``, works unchanged), and
+    Precision: the measurement passes give floating-point inputs in the dtype of the model's first floating-point
+    parameter, trainable or not (a ``.half()`` / ``.bfloat16()`` model, or Lightning's ``"bf16-true"``, works
+    unchanged), and
     logits, embeddings, gradients, Hessian probes and ``params()`` of a float16 or bfloat16 model come back
     in float32, so CREST's features, losses and quadratic model are computed in at least float32. A
     float32 model trained under ``torch.autocast`` is measured in float32 (outside the autocast region).
@@ -1483,6 +1492,32 @@ class TorchModelOps:
                 return p.dtype
         return torch.get_default_dtype()
 
+    _autocast_said = False  # the warning of a measurement inside a caching autocast region, once
+
+    def _warn_cached_autocast(self) -> None:
+        """A measurement inside a ``torch.autocast`` region whose weight cache is on: a loop that iterates the
+        loader inside one region (review 165) trains a forward that reuses the low-precision weights cast at the
+        region's first forward until the region ends (torch's cache), so the optimizer's steps never reach it,
+        while CREST measures the weights that move. Said once."""
+        if self._autocast_said:
+            return
+        dev = self.device.type
+        try:
+            on = bool(torch.is_autocast_enabled(dev))
+        except TypeError:  # (torch before 2.4: no device argument)
+            on = bool(torch.is_autocast_cpu_enabled() if dev == "cpu" else torch.is_autocast_enabled())
+        except (RuntimeError, ValueError):  # a device type without autocast (meta)
+            on = False
+        if on and torch.is_autocast_cache_enabled():
+            self._autocast_said = True
+            warnings.warn(
+                "CREST measures inside a torch.autocast region (your loop advances the loader inside one) whose "
+                "weight cache is on: torch keeps the low-precision copies of the weights it cast at the region's "
+                "first forward until the region ends, so a forward and optimizer steps inside the same region "
+                "train on those stale copies (the loss does not move), while CREST measures the weights that "
+                "move. Wrap only the forward and the loss in torch.autocast, as torch advises, or pass "
+                "cache_enabled=False", stacklevel=_common.user_stacklevel())
+
     @contextlib.contextmanager
     def _measuring(self):
         """All modules in eval mode; every module's mode and every buffer restored afterwards.
@@ -1493,6 +1528,7 @@ class TorchModelOps:
         values are the user's again afterwards, bit for bit, and a buffer that a forward reassigned or
         resized is put back as it was, while their autograd version counters do not move (a graph the user
         holds across ``next(loader)``, with a buffer saved for its backward, still backpropagates)."""
+        self._warn_cached_autocast()
         modes = [(m, m.training) for m in self.model.modules()]  # parents before their children
         saved = _buffer_snapshot(self.model)
         evaled: list = []
@@ -2069,12 +2105,14 @@ class TorchModelOps:
             if watch:
                 self._seen["linear"] = made
         except RuntimeError as exc:  # name CREST's cast when the model fails on a dtype
-            if "dtype" not in str(exc) and "scalar type" not in str(exc):
+            if not _dtype_error(exc):
                 raise
             raise RuntimeError(
-                f"{exc} [crestcore: the measurement passes give the model's floating-point inputs the dtype of its "
-                f"first floating-point parameter, {self._dtype()}; for a model whose input layer takes another "
-                "dtype, pass forward= that casts them]"
+                f"{exc} [crestcore: the measurement passes give the model the dataset's inputs, floating-point ones "
+                f"cast to the dtype of its first floating-point parameter ({self._dtype()}), others (integer "
+                "images) as they are; where your step casts or transforms the inputs otherwise (x.float() / 255, "
+                "a normalisation, a first layer in another dtype), pass forward= that does the same: "
+                "forward=lambda model, batch: model(transform(batch[0]))]"
             ) from exc
         finally:
             for h in hooks:
@@ -2343,7 +2381,7 @@ class TorchModelOps:
         idx = host_indices(indices, self.n)
         z = self.outputs(idx)
         with torch.no_grad():
-            return self.loss_fn(z, self._labels_on(idx, z.device))
+            return self._call_loss_fn(z, self._labels_on(idx, z.device))
 
     def example_losses(self, logits, labels):
         """The user's ``loss_fn`` on logits the controller measured, per example, or ``None`` without one
@@ -2362,7 +2400,7 @@ class TorchModelOps:
         if self.loss_fn is _cross_entropy:
             return None
         with torch.no_grad():
-            ell = self.loss_fn(logits, labels)
+            ell = self._call_loss_fn(logits, labels)
         if not isinstance(ell, torch.Tensor) or ell.shape != (logits.shape[0],):
             raise ValueError(f"loss_fn must return per-example losses of shape ({logits.shape[0]},) "
                              f"(reduction='none'), got {getattr(ell, 'shape', type(ell).__name__)}")
@@ -2462,9 +2500,23 @@ class TorchModelOps:
         found = self._covering_pass(idx)
         return None if found is None else self._cache_serial.get(found[0])
 
+    def _call_loss_fn(self, z, labels):
+        """``loss_fn(z, labels)``, with a hint where it fails on a dtype: the logits of a float16 or bfloat16
+        model reach it in float32 (review 165: a loss with class weights in the model's dtype failed with torch's
+        bare "expected scalar type Float")."""
+        try:
+            return self.loss_fn(z, labels)
+        except RuntimeError as exc:
+            if not _dtype_error(exc) or self.loss_fn is _cross_entropy:
+                raise
+            raise RuntimeError(
+                f"{exc} [crestcore: loss_fn gets the logits in {z.dtype} (CREST computes its losses in at least "
+                "float32, also for a float16 or bfloat16 model): tensors of its own, such as class weights, must "
+                "be in that dtype, or cast in the function]") from exc
+
     def _weighted_losses(self, batch, idx, w, a, b, N):
         z = self._logits(batch, b - a)
-        ell = self.loss_fn(z, self._labels_on(idx[a:b], z.device))
+        ell = self._call_loss_fn(z, self._labels_on(idx[a:b], z.device))
         if not isinstance(ell, torch.Tensor) or ell.shape != (b - a,):
             raise ValueError(f"loss_fn must return per-example losses of shape ({b - a},)")
         wt = torch.as_tensor(w[a:b], dtype=ell.dtype, device=ell.device)
@@ -2989,6 +3041,23 @@ class CrestLoader(BudgetedPasses):
                                    else tuple(id(named[k]) for k in names))
 
     # -- accounting and stepping ----------------------------------------------------------------
+    _one_process = True  # (the distributed adapter's loader runs one schedule over every rank)
+
+    def _pass_started(self) -> None:
+        """A pass under ``torch.distributed`` with several processes is refused (review 166: a sampler under
+        ``accelerate``'s sharding of its batches ran a controller per rank, each training half of its own
+        schedule, their drops and trust checks apart, silently), as the Lightning and Hugging Face integrations
+        refuse the setting."""
+        if not self._one_process:
+            return
+        dist = getattr(torch, "distributed", None)
+        if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise RuntimeError(
+                f"{type(self).__name__} runs in one process, and this one is rank {dist.get_rank()} of "
+                f"{dist.get_world_size()}: each process would run its own CREST schedule (under accelerate, or a "
+                "DistributedSampler-like wrapper, each training a share of its own batches). For several processes "
+                "use crestcore.adapters.distributed.DistributedCrestLoader (docs/distributed.md)")
+
     def _replaying(self) -> bool:
         return bool(self._pending)
 
@@ -3103,6 +3172,9 @@ class CrestLoader(BudgetedPasses):
         off for all of it, the selection's kernels included, not only the model passes: a loop that
         iterates the loader inside ``torch.autocast`` gets the batches and weights of one that does not
         (the similarities had come out in bfloat16 there, and 14 of 17 batches differed)."""
+        inner = _inner_ops(self.ops)
+        if isinstance(inner, TorchModelOps):
+            inner._warn_cached_autocast()  # (before autocast is turned off here)
         with _no_autocast(self.ops.device.type):
             return crest_next_batch(self._state, self.ops, self.config)
 
@@ -3892,6 +3964,7 @@ class CrestBatchSampler(CrestLoader):
             stacklevel=_common.user_stacklevel())
 
     def _pass_started(self) -> None:
+        super()._pass_started()
         last, self._counted = self._counted, self._advancing
         if last is not None and last is not self._advancing and last.untrained():
             # the last pass ran to its share's end (so no broken pass was seen), but its DataLoader gave the loop

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -1314,7 +1315,7 @@ def test_measurement_is_outside_autocast_and_takes_a_frozen_backbones_dtype():
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     ops = TorchModelOps(model, TensorDataset(X, y))
     plain = ops.outputs(np.arange(64))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
         inside = ops.outputs(np.arange(64))
     assert inside.dtype == torch.float32 and torch.equal(inside, plain)
 
@@ -1343,7 +1344,7 @@ def test_a_loop_inside_autocast_gets_the_batches_of_one_outside_it():
     runs = []
     for inside in (False, True):
         loader = CrestLoader(model, TensorDataset(X, y), config=CrestConfig(m=32), budget=0.5, epochs=2, seed=0)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=inside):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=inside, cache_enabled=False):  # (the cache: warned)
             runs.append([(loader.last_indices.copy(), w.clone()) for _x, _y, w in loader.iter_run()])
     assert len(runs[0]) == len(runs[1]) > 5
     for (ia, wa), (ib, wb) in zip(*runs):
@@ -1768,7 +1769,7 @@ def test_a_model_failing_on_crests_input_dtype_is_told_about_the_cast():
 
     X, y = make_data()
     loader = CrestLoader(Mixed(), TensorDataset(X, y), config=CrestConfig(m=24, r=60), budget=0.5, epochs=1, seed=0)
-    with pytest.raises(RuntimeError, match=r"dtype of its first floating-point parameter, torch\.float64.*forward="):
+    with pytest.raises(RuntimeError, match=r"dtype of its first floating-point parameter \(torch\.float64\).*forward="):
         next(iter(loader))
 
 
@@ -4171,3 +4172,85 @@ def test_training_loop_shows_a_users_warning_once():
     steps, shown, checks = map(int, out[-3:])
     assert steps > 10 and checks > 5, out
     assert shown == 1, out
+
+
+def test_a_pass_under_several_processes_is_refused(monkeypatch):
+    """Review 166: a CrestBatchSampler prepared by accelerate on two processes ran a CREST controller per rank,
+    each training every other batch of its own schedule (drops and trust checks apart, the budget counted
+    twice), silently. Under torch.distributed with several processes a pass of the one-process loaders is
+    refused, pointing to the distributed adapter; one process is not."""
+    from crestcore.adapters.torch import CrestBatchSampler
+
+    X, y = torch_blobs(96, 4, 3)
+    data = TensorDataset(X, y)
+    dist = torch.distributed
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    for world, refused in ((2, True), (1, False)):
+        monkeypatch.setattr(dist, "get_world_size", lambda group=None, w=world: w)
+        for loader in (CrestLoader(torch_mlp(4, 3), data, config=CrestConfig(m=16, r=48), budget=0.5, epochs=1),
+                       CrestBatchSampler(torch_mlp(4, 3), data, config=CrestConfig(m=16, r=48), budget=0.5,
+                                         epochs=1)):
+            if refused:
+                with pytest.raises(RuntimeError, match=r"runs in one process, and this one is rank 1 of 2.*"
+                                                       r"DistributedCrestLoader"):
+                    next(iter(loader))
+                assert loader.position == 0
+            else:
+                assert next(iter(loader)) is not None
+
+
+def test_a_loop_inside_one_caching_autocast_region_is_warned_about():
+    """Review 165: a loop that iterates the loader inside one torch.autocast region trains a forward that reuses
+    the bfloat16 weights the region cast at its first forward (torch's cache, until the region ends): the loss
+    stayed at chance while CREST measured the float32 weights that moved, and nothing was said. Said once; a
+    region around the forward only, or one without the cache, is quiet."""
+    X, y = make_data()
+
+    def run(whole: bool, cache: bool):
+        model = mlp()
+        loader = CrestLoader(model, TensorDataset(X, y), config=CrestConfig(m=24, r=60, tau=0.05), budget=0.5,
+                             epochs=2, seed=0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        outer = torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=cache) if whole else contextlib.nullcontext()
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            with outer:
+                for x, yy, w in loader.iter_run():
+                    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=cache):
+                        losses = F.cross_entropy(model(x).float(), yy, reduction="none")
+                    opt.zero_grad()
+                    (w * losses).mean().backward()
+                    opt.step()
+        return [str(r.message) for r in rec if "torch.autocast region" in str(r.message)]
+
+    said = run(whole=True, cache=True)
+    assert len(said) == 1 and "cache_enabled=False" in said[0], said
+    assert run(whole=False, cache=True) == [] and run(whole=True, cache=False) == []
+
+
+def test_dtype_errors_of_the_forward_and_the_loss_name_what_crest_gives_them():
+    """Review 165: uint8 images normalised in the user's step failed in CREST's first selection with a
+    convolution's "Input type (unsigned char) and bias type (float) should be the same" and no hint, and a
+    bfloat16 model's loss_fn with bfloat16 class weights with torch's bare "expected scalar type Float" (CREST
+    hands it float32 logits)."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (60, 1, 6, 6), dtype=torch.uint8, generator=g)
+    y = torch.arange(60) % 3
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    loader = CrestLoader(cnn, TensorDataset(images, y), config=CrestConfig(m=12, r=30), budget=0.5, epochs=1)
+    with pytest.raises(RuntimeError, match=r"should be the same \[crestcore: .*others \(integer images\) as they "
+                                           r"are.*pass forward= that does the same"):
+        next(iter(loader))
+    fixed = CrestLoader(cnn, TensorDataset(images, y), config=CrestConfig(m=12, r=30), budget=0.5, epochs=1,
+                        forward=lambda model, batch: model(batch[0].float() / 255))
+    assert next(iter(fixed))[2].shape == (12,)
+
+    X, yy = torch_blobs(60, 4, 3)
+    model = torch_mlp(4, 3).bfloat16()
+    cw = torch.tensor([1.0, 2.0, 1.0], dtype=torch.bfloat16)
+    lf = lambda z, t: F.cross_entropy(z, t, weight=cw, reduction="none")  # noqa: E731
+    loader = CrestLoader(model, TensorDataset(X, yy), config=CrestConfig(m=12, r=30), budget=0.5, epochs=1,
+                         loss_fn=lf)
+    with pytest.raises(RuntimeError, match=r"\[crestcore: loss_fn gets the logits in torch.float32"):
+        next(iter(loader))
