@@ -234,8 +234,9 @@ def check_picks(k, n: int) -> int:
     ...
     ValueError: k must be in [0, 9], got 10
     """
-    try:
-        value = None if isinstance(k, (bool, np.bool_)) else operator.index(k)  # (an integer, of any library)
+    try:  # an integer of any library, a 0-d one included; not a bool, nor a one-element array (review 164)
+        boolean = isinstance(k, (bool, np.bool_)) or "bool" in str(getattr(k, "dtype", ""))
+        value = None if boolean or getattr(k, "ndim", 0) != 0 else operator.index(k)
     except TypeError:
         value = None
     if value is None:

@@ -520,8 +520,11 @@ def host_weights(weights, k: int, name: str = "weights") -> np.ndarray:
     try:
         w = np.asarray(to_numpy(weights))
     except TypeError as exc:  # (a list of Decimals: to_numpy's message named nothing, review 160)
-        raise TypeError(f"{name} must be real numbers (an array, a tensor or a list of numbers), got "
-                        f"{type(weights).__name__}: {exc}") from None
+        if not isinstance(weights, (list, tuple)):
+            raise TypeError(f"{name} must be real numbers (an array, a tensor or a list of numbers), got "
+                            f"{type(weights).__name__}: {exc}") from None
+        w = np.empty(len(weights), dtype=object)  # a list of numbers NumPy does not know (Fractions): read below
+        w[:] = list(weights)
     if w.dtype.kind == "O" and all(isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
                                    for v in w.flat):
         w = w.astype(np.float64)  # an object array of real numbers (Fractions, floats: review 160)

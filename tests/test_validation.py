@@ -558,7 +558,8 @@ def test_weights_and_stored_flags_name_themselves_on_inputs_numpy_cannot_hold():
 
     assert host_weights(np.array([1.0, 0.5], dtype=object), 2).tolist() == [1.0, 0.5]
     assert host_weights(np.array([Fraction(1, 2), 1], dtype=object), 2).tolist() == [0.5, 1.0]
-    with pytest.raises(TypeError, match="w must be real numbers .*got list"):
+    assert host_weights([Fraction(1, 2), Fraction(1)], 2).tolist() == [0.5, 1.0]  # (review 164: a list too)
+    with pytest.raises(TypeError, match="w must be real numbers, got dtype object"):
         host_weights([Decimal("1"), Decimal("0.5")], 2, name="w")
     with pytest.raises(TypeError, match="w must be real numbers, got dtype object"):
         host_weights(np.array([True, 1.0], dtype=object), 2, name="w")

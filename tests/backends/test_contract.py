@@ -277,6 +277,9 @@ def test_kernels_refuse_bad_counts_choices_and_draws_alike():
         assert zero_d.tolist() == picks, name
         with pytest.raises(TypeError, match="k must be an integer number of picks, got float"):
             mod.greedy_features(a(X), 3.0, "euclidean", "max-minus", 1.0, "lazy")
+        for bad in (a(np.array(True)), a(np.array([3]))):  # (review 164: torch's bool and 1-element ones passed)
+            with pytest.raises(TypeError, match="k must be an integer number of picks"):
+                mod.greedy_features(a(X), bad, "euclidean", "max-minus", 1.0, "lazy")
         with pytest.raises(ValueError, match="optimizer must be one of"):
             mod.greedy_batched(a(S), a(valid), a(np.array([2, 2])), "greedy")
         with pytest.raises(ValueError, match="stochastic"):
