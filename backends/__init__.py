@@ -167,7 +167,8 @@ def _seed_shipped_kernels(mod: str, cache_dir: str | None = None) -> int:
     read-only container image, compiled every kernel again (review 149). Returns the number of indexes copied.
 
     Called by the kernel modules as they are imported, before their kernels find their cache. ``cache_dir``: a
-    Numba cache folder crestcore chose for the kernels (a distributed rank's slot); None: the fallback folder of
+    Numba cache folder crestcore chose for the kernels (a distributed rank's slot, which may lie below a user's
+    ``NUMBA_CACHE_DIR``: the slot is crestcore's, and a new one gets the shipped kernels); None: the fallback folder of
     :func:`_import_kernels` where it set one, else the folder Numba chooses itself, only while ``NUMBA_CACHE_DIR``
     is unset (a user's own cache folder or locator classes are left alone: an empty one may be there to time a
     cold start).

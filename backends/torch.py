@@ -30,8 +30,8 @@ ties); this module holds what is torch's own:
   guarantee. The count is set for the calling thread alone, through the OpenMP runtime torch runs on
   (``omp_set_num_threads``); other threads, and threads started during the call, keep theirs (with
   ``torch.set_num_threads``, process-wide, a thread whose first torch operation fell inside the call kept
-  one thread for its life: review 163). Where torch runs on no OpenMP runtime found loaded, the process's
-  count is changed only while no other Python thread runs.
+  one thread for its life: review 163); MKL's own count is left as it is. Where torch runs on no OpenMP
+  runtime found loaded, the process's count is changed only while no other Python thread runs.
 
 Only this module imports torch.
 """
