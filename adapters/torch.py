@@ -1501,6 +1501,8 @@ class TorchModelOps:
         while CREST measures the weights that move. Said once."""
         if self._autocast_said:
             return
+        if not any(p.requires_grad and p.dtype in (torch.float32, torch.float64) for p in self.model.parameters()):
+            return  # (the cache holds casts of float32 and float64 weights only: a bfloat16 model's are its own)
         dev = self.device.type
         try:
             on = bool(torch.is_autocast_enabled(dev))
@@ -3044,19 +3046,27 @@ class CrestLoader(BudgetedPasses):
     _one_process = True  # (the distributed adapter's loader runs one schedule over every rank)
 
     def _pass_started(self) -> None:
-        """A pass under ``torch.distributed`` with several processes is refused (review 166: a sampler under
-        ``accelerate``'s sharding of its batches ran a controller per rank, each training half of its own
-        schedule, their drops and trust checks apart, silently), as the Lightning and Hugging Face integrations
-        refuse the setting."""
+        """A pass of one training across several processes (``torch.distributed`` with a DDP-wrapped model, or a
+        loader sharded by ``accelerate``) is refused (review 166: a sampler under ``accelerate``'s sharding of its
+        batches ran a controller per rank, each training half of its own schedule, their drops and trust checks
+        apart, silently), as the Lightning and Hugging Face integrations refuse the setting."""
         if not self._one_process:
             return
         dist = getattr(torch, "distributed", None)
-        if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+            return
+        # one training across the processes: a DDP-wrapped model, or a pass read through accelerate's loader, which
+        # shards it over them (independent runs, one per process, are left alone: review 167)
+        model = getattr(_inner_ops(self.ops), "model", None)
+        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        if ddp or getattr(self, "_loader_shard", None) is not None:
             raise RuntimeError(
-                f"{type(self).__name__} runs in one process, and this one is rank {dist.get_rank()} of "
-                f"{dist.get_world_size()}: each process would run its own CREST schedule (under accelerate, or a "
-                "DistributedSampler-like wrapper, each training a share of its own batches). For several processes "
-                "use crestcore.adapters.distributed.DistributedCrestLoader (docs/distributed.md)")
+                f"{type(self).__name__} runs one training in one process, and this one is rank {dist.get_rank()} of "
+                f"{dist.get_world_size()} of a training across processes ("
+                f"{'the model is wrapped in DistributedDataParallel' if ddp else 'accelerate shards the loader'}): "
+                "each process would run its own CREST schedule and train a share of its own batches. For one "
+                "training across processes use crestcore.adapters.distributed.DistributedCrestLoader "
+                "(docs/distributed.md)")
 
     def _replaying(self) -> bool:
         return bool(self._pending)

@@ -4177,23 +4177,33 @@ def test_training_loop_shows_a_users_warning_once():
 def test_a_pass_under_several_processes_is_refused(monkeypatch):
     """Review 166: a CrestBatchSampler prepared by accelerate on two processes ran a CREST controller per rank,
     each training every other batch of its own schedule (drops and trust checks apart, the budget counted
-    twice), silently. Under torch.distributed with several processes a pass of the one-process loaders is
-    refused, pointing to the distributed adapter; one process is not."""
+    twice), silently. A pass of one training across processes (a DDP-wrapped model) is refused, pointing to the
+    distributed adapter; independent runs, one per process (review 167), and one process are not."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
     from crestcore.adapters.torch import CrestBatchSampler
+
+    class Wrapped(DDP):  # DDP's type without its process group (the refusal reads the type only)
+        def __init__(self, module):
+            nn.Module.__init__(self)
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
 
     X, y = torch_blobs(96, 4, 3)
     data = TensorDataset(X, y)
     dist = torch.distributed
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
-    for world, refused in ((2, True), (1, False)):
+    for world, wrap, refused in ((2, True, True), (2, False, False), (1, True, False)):
         monkeypatch.setattr(dist, "get_world_size", lambda group=None, w=world: w)
-        for loader in (CrestLoader(torch_mlp(4, 3), data, config=CrestConfig(m=16, r=48), budget=0.5, epochs=1),
-                       CrestBatchSampler(torch_mlp(4, 3), data, config=CrestConfig(m=16, r=48), budget=0.5,
-                                         epochs=1)):
+        for cls in (CrestLoader, CrestBatchSampler):
+            model = Wrapped(torch_mlp(4, 3)) if wrap else torch_mlp(4, 3)
+            loader = cls(model, data, config=CrestConfig(m=16, r=48), budget=0.5, epochs=1)
             if refused:
-                with pytest.raises(RuntimeError, match=r"runs in one process, and this one is rank 1 of 2.*"
-                                                       r"DistributedCrestLoader"):
+                with pytest.raises(RuntimeError, match=r"rank 1 of 2 of a training across processes \(the model "
+                                                       r"is wrapped in DistributedDataParallel\).*DistributedCrestLoader"):
                     next(iter(loader))
                 assert loader.position == 0
             else:
@@ -4207,8 +4217,8 @@ def test_a_loop_inside_one_caching_autocast_region_is_warned_about():
     region around the forward only, or one without the cache, is quiet."""
     X, y = make_data()
 
-    def run(whole: bool, cache: bool):
-        model = mlp()
+    def run(whole: bool, cache: bool, half: bool = False):
+        model = mlp().bfloat16() if half else mlp()
         loader = CrestLoader(model, TensorDataset(X, y), config=CrestConfig(m=24, r=60, tau=0.05), budget=0.5,
                              epochs=2, seed=0)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -4218,7 +4228,8 @@ def test_a_loop_inside_one_caching_autocast_region_is_warned_about():
             with outer:
                 for x, yy, w in loader.iter_run():
                     with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=cache):
-                        losses = F.cross_entropy(model(x).float(), yy, reduction="none")
+                        losses = F.cross_entropy(model(x.to(next(model.parameters()).dtype)).float(), yy,
+                                                 reduction="none")
                     opt.zero_grad()
                     (w * losses).mean().backward()
                     opt.step()
@@ -4227,6 +4238,7 @@ def test_a_loop_inside_one_caching_autocast_region_is_warned_about():
     said = run(whole=True, cache=True)
     assert len(said) == 1 and "cache_enabled=False" in said[0], said
     assert run(whole=False, cache=True) == [] and run(whole=True, cache=False) == []
+    assert run(whole=True, cache=True, half=True) == []  # (review 167: a bfloat16 model's weights are not cast)
 
 
 def test_dtype_errors_of_the_forward_and_the_loss_name_what_crest_gives_them():
