@@ -1222,8 +1222,9 @@ _LOSS_CALLS = {"compute_loss": 4, "_compute_loss": 4, "compiled_loss": 3, "loss"
 _BATCH_LOOKS = ("unpack_x_y_sample_weight", "len", "isinstance", "type")  # calls that do not hand the batch on
 
 
-# calls whose sample_weight weighs a metric, not the loss (_step_passes_weights)
-_METRIC_CALLS = frozenset({"update_state"})
+# calls whose sample_weight weighs a metric, not the loss (_step_passes_weights): a metric's, JAX's stateless one,
+# the model's compute_metrics (review 167)
+_METRIC_CALLS = frozenset({"update_state", "stateless_update_state", "compute_metrics"})
 
 
 def _call_name(call) -> str:
@@ -1252,9 +1253,9 @@ def _step_passes_weights(source: str) -> bool | None:
     as the batch). False otherwise, so these are caught: ``x, y =
     data[0], data[1]`` (or ``= data``); ``x, y, _ = unpack_x_y_sample_weight(data)``; ``sample_weight``
     unpacked and then never read (left out of ``compute_loss``, or ``sample_weight=None``). What a metric's
-    ``update_state`` is given does not count (review 160: a step whose loss is a loss object of its own, called
-    without the weights, and which handed them to its metrics only, trained unweighted, silently). None when
-    the source does not parse."""
+    ``update_state`` (or ``stateless_update_state``, or the model's ``compute_metrics``) is given does not
+    count (review 160: a step whose loss is a loss object of its own, called without the weights, and which
+    handed them to its metrics only, trained unweighted, silently). None when the source does not parse."""
     import ast
     import textwrap
 

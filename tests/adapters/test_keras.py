@@ -2682,8 +2682,22 @@ def test_an_own_train_step_that_unpacks_the_weights_and_drops_them_is_warned_abo
         self.accuracy.update_state(y, y_pred, sw)
         return self.apply(self.loss_fn(y, y_pred))
 
+    def compute_metrics_only(self, data):  # review 167: the model's compute_metrics, the loss unweighted
+        x, y, sw = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred = self(x, training=True)
+        self.apply(self.loss_fn(y, y_pred))
+        return self.compute_metrics(x, y, y_pred, sample_weight=sw)
+
+    def jax_stateless_metrics_only(self, state, data):  # review 167: JAX's stateless metric update
+        x, y, sw = keras.utils.unpack_x_y_sample_weight(data)
+        trainable, non_trainable, optimizer_vars, metrics_vars = state
+        loss, grads = self.stateless_compute_loss(trainable, non_trainable, x, y)
+        new = self.accuracy.stateless_update_state(metrics_vars, y, x, sample_weight=sw)
+        return self.optimizer.stateless_apply(optimizer_vars, grads, trainable), new
+
     for step in (unpacked_then_left_out, unpacked_then_none, thrown_away, indexed, from_unpack_import,
-                 jax_thrown_away, extra_parameter, own_loss_object_metrics_only, metrics_only_positional):
+                 jax_thrown_away, extra_parameter, own_loss_object_metrics_only, metrics_only_positional,
+                 compute_metrics_only, jax_stateless_metrics_only):
         assert _step_source_warns(step), step.__name__
 
     def keyword(self, data):
