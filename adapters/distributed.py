@@ -985,8 +985,13 @@ class DistributedCrestLoader(CrestLoader):
         # aborted by gloo with a message that named none of them (review 125)
         layer = next((name or "(the model)" for name, mod in inner.model.named_modules() if mod is inner._last_layer),
                      None) if inner._last_layer is not None else None
+        fields = _config_fields(self.config)
+        # the fields' names first, in one value: ranks whose config classes differ in their fields would gather
+        # rows of different lengths below, which gloo answers by killing a rank (review 167)
+        self.ops.agree({"the config's class and fields": [f"{k}" for k in fields] + [str(fields["config"])]},
+                       "the config's fields")
         self.ops.agree(
-            {"the dataset size": int(self.n), "the labels": self.labels, **_config_fields(self.config),
+            {"the dataset size": int(self.n), "the labels": self.labels, **fields,
              "seed": int(self.seed), "budget": self.budget, "epochs": int(self.epochs), "per_epoch": self.per_epoch,
              "budget_counts": self.budget_counts, "the planned steps": int(self.total_steps),
              "last_layer": layer, "forward": _callable_name(inner._forward),

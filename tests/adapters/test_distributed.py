@@ -451,6 +451,32 @@ def worker_config(out: Path):
     (out / f"rank{rank}.done").write_text("built")  # must never happen
 
 
+def worker_configclass(out: Path):
+    """Rank 1's config is a subclass with a field of its own (review 167: the ranks gathered rows of different
+    lengths, and gloo killed a rank): refused at construction, naming the config's class and fields."""
+    import dataclasses
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from crestcore import CrestConfig
+
+    dist = _init_group()
+    rank = dist.get_rank()
+    X, y = make_data()
+    ddp = DDP(make_model())
+    cfg = make_config()
+    if rank == 1:
+        extra = dataclasses.make_dataclass("Extra", [("extra", int, 0)], bases=(CrestConfig,),
+                                           frozen=CrestConfig.__dataclass_params__.frozen)
+        cfg = extra(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
+    if _refused(out, rank, lambda: D.DistributedCrestLoader(ddp, TensorDataset(X, y), config=cfg, budget=BUDGET,
+                                                            epochs=EPOCHS, seed=SEED)):
+        del ddp
+        _teardown(dist)
+        return
+    (out / f"rank{rank}.done").write_text("built")  # must never happen
+
+
 def worker_shards(out: Path):
     """Each rank gives the loader its own shard of the data (a DistributedSampler habit), of unequal sizes:
     refused at construction on every rank, naming the dataset size and each rank's value (review 105: the
@@ -562,14 +588,15 @@ def worker_skipping(out: Path):
 def _worker_main(argv):
     p = argparse.ArgumentParser()
     p.add_argument("--worker", required=True, choices=("train", "fail", "stall", "numba", "flags", "lossfn",
-                                                              "shards", "skipping", "badload", "lastlayer", "config"))
+                                                              "shards", "skipping", "badload", "lastlayer", "config",
+                                                              "configclass"))
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     {"train": worker_train, "fail": worker_fail, "stall": worker_stall,
      "numba": worker_numba, "flags": worker_flags, "lossfn": worker_lossfn, "shards": worker_shards,
      "skipping": worker_skipping, "badload": worker_badload, "lastlayer": worker_lastlayer,
-     "config": worker_config}[a.worker](Path(a.out))
+     "config": worker_config, "configclass": worker_configclass}[a.worker](Path(a.out))
     # The rank's work is done and its results written: leave without the interpreter's finalization, where
     # torch's process-group threads abort a rank now and then after a clean teardown ("terminate called
     # without an active exception", <no Python frame>: a plain torch DDP script of two ranks does it too,
@@ -1043,6 +1070,7 @@ def test_a_failing_rank_fails_the_job_instead_of_hanging(tmp_path):
 
 @pytest.mark.parametrize("worker, what", [("flags", "verify and broadcast_buffers"), ("lossfn", "loss_fn"),
                                           ("lastlayer", "last_layer"), ("config", "config.drop.alpha: rank"),
+                                          ("configclass", "the config's class and fields: rank"),
                                           ("shards", "the dataset size (241 on ranks [0], 239 on ranks [1])")])
 def test_ranks_built_differently_are_refused_at_construction(tmp_path, worker, what):
     """Settings that decide which collectives a rank issues (the verify flags) or what it decides (its
