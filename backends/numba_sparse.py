@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .contract import OPTIMIZERS, SPARSE_KERNEL_NAMES, refuse_nonfinite_gains
+from .contract import OPTIMIZERS, SPARSE_KERNEL_NAMES, check_picks, refuse_nonfinite_gains
 from .numba import _better, _heapify, _prepare_u_steps, _reseat, _sample_position
 from . import _seed_shipped_kernels
 
@@ -211,7 +211,7 @@ def sparse_greedy(nbr, sims, order, indptr, budget, optimizer, u=None):
     rows = order // K1
     vals = np.ascontiguousarray(np.asarray(sims, dtype=np.float64).reshape(-1)[order])
     refuse_nonfinite_gains(bool(np.isfinite(vals).all()))  # (a NaN candidate was passed over: review 160)
-    budget = int(budget)
+    budget = check_picks(budget, n)  # (review 167: True, 2.7 and budgets above n were taken)
     uu, u32 = _prepare_u_steps(u, budget, opt, "budget")
     out_idx = np.full(budget, -1, dtype=np.int64)
     out_gain = np.zeros(budget)

@@ -45,7 +45,7 @@ import array_api_compat
 import numpy as np
 
 from ._compat import device_of, from_numpy, namespace, namespace_name, to_numpy, wide_float
-from .backends import exact_shift, refuse_nonfinite_gains, snap_tolerance  # the kernel contract
+from .backends import check_picks, exact_shift, refuse_nonfinite_gains, snap_tolerance  # the kernel contract
 from ._validation import check_choice, check_float_matrix, check_int
 from ._reference_kernels import _check_draws
 from .similarity import METRICS, _distances, prepare
@@ -491,7 +491,8 @@ def sparse_greedy(nbr, sims, order, indptr, budget, optimizer, u=None):
     """
     xp = namespace(sims, names=("sims",))
     n, K1 = nbr.shape
-    _check_draws(u, optimizer, (int(budget),))  # the dense kernels' refusals (review 160: a NaN draw crashed)
+    budget = check_picks(budget, n)  # (review 167: True, 2.7 and budgets above n were taken)
+    _check_draws(u, optimizer, (budget,))  # the dense kernels' refusals (review 160: a NaN draw crashed)
     refuse_nonfinite_gains(bool(xp.all(xp.isfinite(sims))))  # (NaN gains were returned: review 160)
     dev = device_of(sims)
     rows = order // K1

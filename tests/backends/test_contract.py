@@ -145,6 +145,9 @@ def test_numba_without_a_writable_cache_folder_caches_in_the_temporary_directory
     monkeypatch.setattr(importlib, "import_module", import_module)
     monkeypatch.setattr(config, "CACHE_DIR", "")
     monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    # (no rank's slot claimed by an earlier test in this process; the fallback this test sets is undone after it)
+    monkeypatch.setattr(backends, "_CACHE_FALLBACK", None)
+    monkeypatch.setattr(backends, "_FALLBACK_SET", None)
     # the module as it was afterwards, in sys.modules and as the package's attribute (the import binds both: a later
     # `from crestcore.backends import numba` got the re-imported one, which the dispatch does not call)
     monkeypatch.setitem(sys.modules, "crestcore.backends.numba", sys.modules["crestcore.backends.numba"])
@@ -340,3 +343,8 @@ def test_sparse_kernels_refuse_bad_draws_and_nonfinite_similarities_alike():
             with pytest.raises(ValueError, match="gains are not finite"):
                 mod.sparse_greedy(nbr, bad, order, indptr, 2, opt)
         assert np.asarray(mod.sparse_greedy(nbr, sims, order, indptr, 2, "lazy")[0]).tolist() == [1, 2]
+        for count in (True, 2.7, np.array([2])):  # review 167: counts as the dense kernels take them
+            with pytest.raises(TypeError, match="k must be an integer number of picks"):
+                mod.sparse_greedy(nbr, sims, order, indptr, count, "lazy")
+        with pytest.raises(ValueError, match=r"k must be in \[0, 3\], got 4"):
+            mod.sparse_greedy(nbr, sims, order, indptr, 4, "lazy")
