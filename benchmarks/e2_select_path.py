@@ -39,6 +39,10 @@ def main(argv=None) -> None:
     ap.add_argument("--r", type=int, default=384)
     ap.add_argument("--route", choices=("torch", "numpy", "numba", "both", "all"), default="both")
     ap.add_argument("--device", default="cpu", help="torch device of the logits (cpu or cuda)")
+    ap.add_argument("--one-thread", choices=("compare",), default=None,
+                    help="time the torch route three ways, alternately: small CPU problems on one thread set for "
+                         "the calling thread (the library since 2026-12-06), on one thread set for the process "
+                         "(torch.set_num_threads, before), and on the caller's threads")
     args = ap.parse_args(argv)
     for v in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[v] = str(args.threads)
@@ -117,6 +121,21 @@ def main(argv=None) -> None:
 
     both = ("torch", "numpy")
     routes = {"both": both, "all": (*both, "s1")}.get(args.route, (args.route,))
+    if args.one_thread == "compare":
+        routes = ("torch:thread", "torch:process", "torch:off")
+        from crestcore.backends import torch as tk
+
+        omp, limit = tk._own_openmp(), tk._ONE_THREAD_MAX
+        plain = step
+
+        def step(seed, route):  # noqa: F811 - the torch route under one of the three settings
+            name, how = route.split(":")
+            tk._OPENMP = omp if how == "thread" else False  # (False: torch.set_num_threads, no other thread here)
+            tk._ONE_THREAD_MAX = -1 if how == "off" else limit
+            try:
+                return plain(seed, name)
+            finally:
+                tk._OPENMP, tk._ONE_THREAD_MAX = omp, limit
     times: dict[str, list] = {r: [] for r in routes}
     for r in routes:
         step(0, r)
