@@ -191,11 +191,41 @@ def _label_attribute(dataset) -> str | None:
     return None
 
 
+def _in_ddp(model: nn.Module) -> bool:
+    """Whether ``model`` trains in a ``DistributedDataParallel`` of more than one process: it is one or holds one,
+    or one wraps it (the loader given ``ddp.module`` while the DDP model trains: review 168; found through the
+    garbage collector's referrers, once, at a pass under several processes)."""
+    import gc
+
+    DDP = nn.parallel.DistributedDataParallel
+
+    def several(d) -> bool:
+        group = getattr(d, "process_group", None)
+        try:
+            return group is None or group.size() > 1
+        except Exception:  # noqa: BLE001 - a group that cannot say: counted as several
+            return True
+
+    if any(isinstance(m, DDP) and several(m) for m in model.modules()):
+        return True
+    for holder in gc.get_referrers(model):  # DDP keeps its module in its _modules dict, in the DDP's __dict__
+        if isinstance(holder, dict) and holder.get("module") is model:
+            for up in gc.get_referrers(holder):
+                found = [up] if isinstance(up, DDP) else [d for d in gc.get_referrers(up) if isinstance(d, DDP)
+                                                          and getattr(d, "__dict__", None) is up] \
+                    if isinstance(up, dict) else []
+                if any(several(d) for d in found):
+                    return True
+    return False
+
+
 def _dtype_error(exc: BaseException) -> bool:
     """Whether torch's error is about mismatched dtypes (its messages vary by operation: "expected scalar type",
     "must have the same dtype", convolution's "Input type (unsigned char) and bias type (float) should be the
     same")."""
     msg = str(exc)
+    if "cuda" in msg.lower() or "device" in msg:  # ("Input type (torch.FloatTensor) and weight type
+        return False  # (torch.cuda.FloatTensor) should be the same": devices, not dtypes, review 168)
     return "dtype" in msg or "scalar type" in msg or ("type (" in msg and "should be the same" in msg)
 
 
@@ -1501,8 +1531,8 @@ class TorchModelOps:
         while CREST measures the weights that move. Said once."""
         if self._autocast_said:
             return
-        if not any(p.requires_grad and p.dtype in (torch.float32, torch.float64) for p in self.model.parameters()):
-            return  # (the cache holds casts of float32 and float64 weights only: a bfloat16 model's are its own)
+        if not any(p.requires_grad and p.dtype == torch.float32 for p in self.model.parameters()):
+            return  # (the cache holds casts of float32 weights only: review 168, a float64 model's are not cast)
         dev = self.device.type
         try:
             on = bool(torch.is_autocast_enabled(dev))
@@ -3055,15 +3085,16 @@ class CrestLoader(BudgetedPasses):
         dist = getattr(torch, "distributed", None)
         if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
             return
-        # one training across the processes: a DDP-wrapped model, or a pass read through accelerate's loader, which
-        # shards it over them (independent runs, one per process, are left alone: review 167)
+        # one training across the processes: a model in DDP (wrapped, wrapping one, or given as ddp.module), or a
+        # pass read through accelerate's loader, which shards it over them (independent runs, one per process,
+        # are left alone: review 167)
         model = getattr(_inner_ops(self.ops), "model", None)
-        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        ddp = isinstance(model, nn.Module) and _in_ddp(model)
         if ddp or getattr(self, "_loader_shard", None) is not None:
             raise RuntimeError(
                 f"{type(self).__name__} runs one training in one process, and this one is rank {dist.get_rank()} of "
                 f"{dist.get_world_size()} of a training across processes ("
-                f"{'the model is wrapped in DistributedDataParallel' if ddp else 'accelerate shards the loader'}): "
+                f"{'the model is in a DistributedDataParallel' if ddp else 'accelerate shards the loader'}): "
                 "each process would run its own CREST schedule and train a share of its own batches. For one "
                 "training across processes use crestcore.adapters.distributed.DistributedCrestLoader "
                 "(docs/distributed.md)")

@@ -221,7 +221,7 @@ def is_choice(value, choices) -> bool:
     return any(value is c or (isinstance(value, type(c)) and bool(value == c)) for c in choices)
 
 
-def check_picks(k, n: int) -> int:
+def check_picks(k, n: int, name: str = "k") -> int:
     """The number of picks ``k`` of a one-problem kernel (``greedy_features``) as an int in ``[0, n]``, else a
     ValueError (a greedy cannot pick more points than it has; the reference picked duplicates).
 
@@ -240,9 +240,9 @@ def check_picks(k, n: int) -> int:
     except TypeError:
         value = None
     if value is None:
-        raise TypeError(f"k must be an integer number of picks, got {type(k).__name__} {k!r}")
+        raise TypeError(f"{name} must be an integer number of picks, got {type(k).__name__} {k!r}")
     if not 0 <= value <= n:
-        raise ValueError(f"k must be in [0, {n}], got {value}")
+        raise ValueError(f"{name} must be in [0, {n}], got {value}")
     return value
 
 

@@ -211,7 +211,7 @@ def sparse_greedy(nbr, sims, order, indptr, budget, optimizer, u=None):
     rows = order // K1
     vals = np.ascontiguousarray(np.asarray(sims, dtype=np.float64).reshape(-1)[order])
     refuse_nonfinite_gains(bool(np.isfinite(vals).all()))  # (a NaN candidate was passed over: review 160)
-    budget = check_picks(budget, n)  # (review 167: True, 2.7 and budgets above n were taken)
+    budget = check_picks(budget, n, "budget")  # (review 167: True, 2.7 and budgets above n were taken)
     uu, u32 = _prepare_u_steps(u, budget, opt, "budget")
     out_idx = np.full(budget, -1, dtype=np.int64)
     out_gain = np.zeros(budget)

@@ -491,7 +491,7 @@ def sparse_greedy(nbr, sims, order, indptr, budget, optimizer, u=None):
     """
     xp = namespace(sims, names=("sims",))
     n, K1 = nbr.shape
-    budget = check_picks(budget, n)  # (review 167: True, 2.7 and budgets above n were taken)
+    budget = check_picks(budget, n, "budget")  # (review 167: True, 2.7 and budgets above n were taken)
     _check_draws(u, optimizer, (budget,))  # the dense kernels' refusals (review 160: a NaN draw crashed)
     refuse_nonfinite_gains(bool(xp.all(xp.isfinite(sims))))  # (NaN gains were returned: review 160)
     dev = device_of(sims)

@@ -4196,14 +4196,22 @@ def test_a_pass_under_several_processes_is_refused(monkeypatch):
     dist = torch.distributed
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
-    for world, wrap, refused in ((2, True, True), (2, False, False), (1, True, False)):
+    kept = []  # (the wrappers of the loaders given their inner module stay alive, as a training's do)
+    for world, wrap, refused in ((2, "wrapped", True), (2, "inner", True), (2, "holder", True), (2, None, False),
+                                 (1, "wrapped", False)):
         monkeypatch.setattr(dist, "get_world_size", lambda group=None, w=world: w)
         for cls in (CrestLoader, CrestBatchSampler):
-            model = Wrapped(torch_mlp(4, 3)) if wrap else torch_mlp(4, 3)
+            model = torch_mlp(4, 3)
+            if wrap == "wrapped":
+                model = Wrapped(model)
+            elif wrap == "inner":  # review 168: the loader given ddp.module while the DDP model trains
+                kept.append(Wrapped(model))
+            elif wrap == "holder":  # a module holding the DDP model
+                model = nn.Sequential(Wrapped(model))
             loader = cls(model, data, config=CrestConfig(m=16, r=48), budget=0.5, epochs=1)
             if refused:
                 with pytest.raises(RuntimeError, match=r"rank 1 of 2 of a training across processes \(the model "
-                                                       r"is wrapped in DistributedDataParallel\).*DistributedCrestLoader"):
+                                                       r"is in a DistributedDataParallel\).*DistributedCrestLoader"):
                     next(iter(loader))
                 assert loader.position == 0
             else:

@@ -344,7 +344,7 @@ def test_sparse_kernels_refuse_bad_draws_and_nonfinite_similarities_alike():
                 mod.sparse_greedy(nbr, bad, order, indptr, 2, opt)
         assert np.asarray(mod.sparse_greedy(nbr, sims, order, indptr, 2, "lazy")[0]).tolist() == [1, 2]
         for count in (True, 2.7, np.array([2])):  # review 167: counts as the dense kernels take them
-            with pytest.raises(TypeError, match="k must be an integer number of picks"):
+            with pytest.raises(TypeError, match="budget must be an integer number of picks"):
                 mod.sparse_greedy(nbr, sims, order, indptr, count, "lazy")
-        with pytest.raises(ValueError, match=r"k must be in \[0, 3\], got 4"):
+        with pytest.raises(ValueError, match=r"budget must be in \[0, 3\], got 4"):
             mod.sparse_greedy(nbr, sims, order, indptr, 4, "lazy")
