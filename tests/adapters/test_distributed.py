@@ -430,25 +430,31 @@ def worker_lastlayer(out: Path):
     (out / f"rank{rank}.done").write_text("built")  # must never happen
 
 
-def worker_config(out: Path):
-    """The ranks' configs differ in one nested field (review 161: the error said "the config", not which of
-    its some forty fields): refused at construction, naming it."""
-    import dataclasses
-
+def _config_refusal(out: Path, config_of) -> None:
+    """Each rank builds the loader with ``config_of(rank, make_config())``: refused at construction on every rank
+    (the configs differ), the rank's message written for the test."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     dist = _init_group()
     rank = dist.get_rank()
     X, y = make_data()
     ddp = DDP(make_model())
-    cfg = make_config()
-    cfg = dataclasses.replace(cfg, drop=dataclasses.replace(cfg.drop, alpha=0.3 if rank == 0 else 0.25))
+    cfg = config_of(rank, make_config())
     if _refused(out, rank, lambda: D.DistributedCrestLoader(ddp, TensorDataset(X, y), config=cfg, budget=BUDGET,
                                                             epochs=EPOCHS, seed=SEED)):
         del ddp
         _teardown(dist)
         return
     (out / f"rank{rank}.done").write_text("built")  # must never happen
+
+
+def worker_config(out: Path):
+    """The ranks' configs differ in one nested field (review 161: the error said "the config", not which of
+    its some forty fields): refused at construction, naming it."""
+    import dataclasses
+
+    _config_refusal(out, lambda rank, cfg: dataclasses.replace(
+        cfg, drop=dataclasses.replace(cfg.drop, alpha=0.3 if rank == 0 else 0.25)))
 
 
 def worker_configclass(out: Path):
@@ -456,25 +462,16 @@ def worker_configclass(out: Path):
     lengths, and gloo killed a rank): refused at construction, naming the config's class and fields."""
     import dataclasses
 
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     from crestcore import CrestConfig
 
-    dist = _init_group()
-    rank = dist.get_rank()
-    X, y = make_data()
-    ddp = DDP(make_model())
-    cfg = make_config()
-    if rank == 1:
+    def config_of(rank, cfg):
+        if rank == 0:
+            return cfg
         extra = dataclasses.make_dataclass("Extra", [("extra", int, 0)], bases=(CrestConfig,),
                                            frozen=CrestConfig.__dataclass_params__.frozen)
-        cfg = extra(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
-    if _refused(out, rank, lambda: D.DistributedCrestLoader(ddp, TensorDataset(X, y), config=cfg, budget=BUDGET,
-                                                            epochs=EPOCHS, seed=SEED)):
-        del ddp
-        _teardown(dist)
-        return
-    (out / f"rank{rank}.done").write_text("built")  # must never happen
+        return extra(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
+
+    _config_refusal(out, config_of)
 
 
 def worker_shards(out: Path):
