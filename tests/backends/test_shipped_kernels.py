@@ -21,8 +21,6 @@ import pytest
 
 pytest.importorskip("numba")
 
-ROOT = Path(__file__).resolve().parents[2]
-
 # the kernel used: small, so that a compile takes about a second
 CALL = """
 import json, sys, numpy as np
@@ -52,11 +50,19 @@ import warnings; warnings.simplefilter("ignore", RuntimeWarning)
 def site(tmp_path_factory):
     """A copy of the package (core, backends and adapters, sources only) whose in-tree cache holds ``class_counts``'s
     kernel, compiled by a first interpreter there, as ``make wheel`` ships it."""
+    import importlib
+
+    import crestcore
+
     base = tmp_path_factory.mktemp("shipped")
     pkg = base / "site" / "crestcore"
-    shutil.copytree(ROOT / "crestcore", pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT / "backends", pkg / "backends", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT / "adapters", pkg / "adapters", ignore=shutil.ignore_patterns("__pycache__"))
+    # the package under test, wherever it is: a source checkout (backends/ and adapters/ beside crestcore/) or an
+    # installed wheel (inside it; the wheel's CI runs a copy of tests/ alone)
+    skip = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(Path(crestcore.__file__).parent, pkg, ignore=skip)
+    for sub in ("backends", "adapters"):
+        if not (pkg / sub).exists():
+            shutil.copytree(Path(importlib.import_module(f"crestcore.{sub}").__file__).parent, pkg / sub, ignore=skip)
     run(base, "")
     shipped = sorted(p.name for p in (pkg / "backends" / "__pycache__").glob("numba._class_counts-*.nbi"))
     assert len(shipped) == 1, shipped
