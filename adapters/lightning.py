@@ -201,7 +201,8 @@ def _check_step_schedulers(trainer, loader: CrestLoader, before: list[int] | Non
     ``trainer.estimated_stepping_batches`` stops short of its end (review 157: a OneCycle schedule at 7 of its 20
     steps, its learning rate near the peak); said at the fit's start when one has ``interval="step"``, and under
     manual optimization (``before``: the schedulers' step counts at the fit's start, :func:`_scheduler_steps`) at
-    the first epoch's end when ``training_step`` stepped one more than once in it (review 158)."""
+    the first epoch's end when one with a length (not ``ReduceLROnPlateau``) was stepped more than once in it
+    (review 158)."""
     if loader.budget_counts != "passes":
         return
     configs = getattr(trainer, "lr_scheduler_configs", None) or []

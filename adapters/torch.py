@@ -1531,8 +1531,6 @@ class TorchModelOps:
         while CREST measures the weights that move. Said once."""
         if self._autocast_said:
             return
-        if not any(p.requires_grad and p.dtype == torch.float32 for p in self.model.parameters()):
-            return  # (the cache holds casts of float32 weights only: review 168, a float64 model's are not cast)
         dev = self.device.type
         try:
             on = bool(torch.is_autocast_enabled(dev))
@@ -1540,7 +1538,10 @@ class TorchModelOps:
             on = bool(torch.is_autocast_cpu_enabled() if dev == "cpu" else torch.is_autocast_enabled())
         except (RuntimeError, ValueError):  # a device type without autocast (meta)
             on = False
-        if on and torch.is_autocast_cache_enabled():
+        if not (on and torch.is_autocast_cache_enabled()):
+            return  # (the usual case, at every measurement: the parameters are not scanned)
+        if any(p.requires_grad and p.dtype == torch.float32 for p in self.model.parameters()):
+            # (the cache holds casts of float32 weights only: review 168, a float64 model's are not cast)
             self._autocast_said = True
             warnings.warn(
                 "CREST measures inside a torch.autocast region (your loop advances the loader inside one) whose "
