@@ -68,6 +68,35 @@ def budget_said():
         _BUDGET_SAID.reset(token)
 
 
+# set by held_warnings: the list the adapters' warnings go to instead of being shown
+_HELD = contextvars.ContextVar("crestcore_held_warnings", default=None)
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` at the user's line, or, inside :func:`held_warnings`, kept for its caller to show
+    later (or never). For warnings that hold only once something else is decided (a checkpoint's notices,
+    shown once every rank has accepted it)."""
+    held = _HELD.get()
+    if held is not None:
+        held.append((message, category))
+        return
+    warnings.warn(message, category, stacklevel=user_stacklevel())
+
+
+@contextlib.contextmanager
+def held_warnings():
+    """Keep the warnings :func:`warn` gives inside the block in the list it yields, as ``(message,
+    category)`` pairs, instead of showing them. A context variable, not ``warnings.catch_warnings``, whose
+    exit makes every warning of the process already shown once at a line show again (review 164), and
+    whose filters hold for every thread while it lasts."""
+    held: list[tuple[str, type[Warning]]] = []
+    token = _HELD.set(held)
+    try:
+        yield held
+    finally:
+        _HELD.reset(token)
+
+
 def check_budget_counts(budget_counts) -> None:
     """``budget_counts`` must be ``"steps"`` or ``"passes"`` (what counts against the budget)."""
     if budget_counts not in ("steps", "passes"):
@@ -211,8 +240,7 @@ def check_checkpoint(state, *, fmt: str, owner: str, kind: str, fingerprint: dic
         diff = _repr_difference(saved, value, rest[0] if rest else {})
         if diff == "" and _repr_difference(saved, value):  # only fields added since, as the saved run behaved
             return
-        warnings.warn(f"{owner}.load_state_dict: {what}" + (f" ({diff}; the run continues with this one's)"
-                                                            if diff else ""), stacklevel=user_stacklevel())
+        warn(f"{owner}.load_state_dict: {what}" + (f" ({diff}; the run continues with this one's)" if diff else ""))
 
 
 def _repr_fields(text) -> dict | None:

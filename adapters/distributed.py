@@ -67,6 +67,7 @@ from crestcore.minibatch import minibatch_coresets as _minibatch_coresets
 
 from crestcore.validation import host_indices
 
+from . import _common
 from ._common import training_loss_error, weighted_examples
 from .torch import _PROBE_CLASSES, CrestLoader, TorchModelOps, _callable_name, _example_data, _inner_ops
 
@@ -1178,8 +1179,7 @@ class DistributedCrestLoader(CrestLoader):
         # elsewhere kept the checkpoint's count, and its augmented measurements differed from then on)
         kept_ops = (dict(vars(inner)), self.ops.sharded_solves)
         error = None
-        with warnings.catch_warnings(record=True) as said:  # said once the ranks agree the load stands
-            warnings.simplefilter("always")
+        with _common.held_warnings() as said:  # said once the ranks agree the load stands
             try:
                 super().load_state_dict(state)
                 solves = state.get("sharded_solves", 0)
@@ -1202,8 +1202,8 @@ class DistributedCrestLoader(CrestLoader):
         if error is not None:  # refused on every rank alike: each raises its own reason
             self._restore(kept, kept_ops)
             raise error
-        for w in said:  # (a load rolled back above said nothing of the state it did not keep)
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        for message, category in said:  # (a load rolled back above said nothing of the state it did not keep)
+            warnings.warn(message, category, stacklevel=_common.user_stacklevel())
 
     def _restore(self, kept: dict, kept_ops: tuple) -> None:
         """The loader (and its ops' attributes and solve count) as :meth:`load_state_dict` found them."""

@@ -3498,11 +3498,10 @@ class CrestLoader(BudgetedPasses):
             _inner_ops(self.ops)._gen = number
         saved_epochs = state.get("epochs")  # loaded (every check above passed): a shorter plan is said once
         if isinstance(saved_epochs, (int, np.integer)) and not isinstance(saved_epochs, bool) and saved_epochs > self.epochs:
-            warnings.warn(
+            _common.warn(
                 f"{type(self).__name__}: the state was saved by a run planned for {int(saved_epochs)} epochs, this "
                 f"loader plans {self.epochs}: the run continues from step {pos} and ends at step {self.total_steps} "
-                "(the budget report counts this shorter run). Build it with the saved epochs= to finish that run.",
-                stacklevel=_common.user_stacklevel())
+                "(the budget report counts this shorter run). Build it with the saved epochs= to finish that run.")
 
 
 # ------------------------------------------------------------------------------------------------

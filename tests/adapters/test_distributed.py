@@ -1247,3 +1247,34 @@ def test_observe_takes_one_loss_per_example_as_crest_loader_does():
         loader.observe(losses.reshape(8, 1))  # a column is one loss per example
     finally:
         group.close()
+
+
+def _once_here():
+    warnings.warn("a warning of the user's own, said once at its line", stacklevel=1)
+
+
+def test_loading_a_checkpoint_leaves_the_processs_warnings_as_they_were():
+    """Review 164: load_state_dict held its notices (said once every rank accepts the checkpoint) with
+    ``warnings.catch_warnings(record=True)``, whose exit makes every warning already shown once at its line
+    show again (a user's, torch's, crestcore's) and whose ``simplefilter("always")`` held for every thread
+    meanwhile. The notices are held in a context variable now; they are still said once the load stands."""
+    from crestcore import CrestConfig
+
+    group = D._OneProcess(64)
+    try:
+        model = torch.nn.Linear(4, 2)
+        loader = D.DistributedCrestLoader(model, group.data, config=CrestConfig(m=8), budget=0.5, seed=0)
+        next(iter(loader))
+        saved = loader.state_dict()
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("default")
+            _once_here()
+            loader.load_state_dict(dict(saved, epochs=loader.epochs + 2))  # a longer run's: said after the load
+            _once_here()
+        texts = [str(w.message) for w in said]
+        assert texts.count("a warning of the user's own, said once at its line") == 1, texts
+        assert sum("saved by a run planned for" in t for t in texts) == 1, texts
+        notice = next(w for w in said if "saved by a run planned for" in str(w.message))
+        assert notice.filename == __file__  # at the user's line
+    finally:
+        group.close()
