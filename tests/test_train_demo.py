@@ -540,7 +540,7 @@ def test_the_crest_warm_up_runs_both_fused_kernels_in_both_dtypes(monkeypatch):
 
     def record_parallel(X, *args):
         seen["parallel"].add(args[8].dtype)  # recorded, not compiled (the outputs stay empty: no picks)
-        return serial(X, *args[:8], args[8], *args[10:])
+        return serial(X, *args[:8], args[8][0], *args[10:])  # (thread 0's buffer of the threads')
 
     draw = nbk.draw_stratified
 
