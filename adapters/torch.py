@@ -902,7 +902,9 @@ class _Fetcher:
     def __call__(self, idx: np.ndarray):
         if self._tensors:
             t = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
-            return tuple(x[t.to(x.device)] for x in self.dataset.tensors)
+            # index_select, not x[t]: sparse COO tensors take it (advanced indexing raised torch's bare
+            # NotImplementedError for them, review 169)
+            return tuple(x.index_select(0, t.to(x.device)) for x in self.dataset.tensors)
         keys = [int(i) for i in idx]
         getitems = getattr(self.dataset, "__getitems__", None)
         items = getitems(keys) if callable(getitems) else [self.dataset[i] for i in keys]

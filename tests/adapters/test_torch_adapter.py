@@ -4274,3 +4274,29 @@ def test_dtype_errors_of_the_forward_and_the_loss_name_what_crest_gives_them():
                          loss_fn=lf)
     with pytest.raises(RuntimeError, match=r"\[crestcore: loss_fn gets the logits in torch.float32"):
         next(iter(loader))
+
+
+def test_a_tensor_dataset_of_sparse_inputs_trains():
+    """Review 169: a TensorDataset holding a sparse COO tensor failed inside the loader's measurement pass with
+    torch's bare "Could not run 'aten::index.Tensor' with arguments from the 'SparseCPU' backend" (the fast
+    path sliced it with x[t]). Its rows are taken with index_select now: the batches are the dataset's rows,
+    sparse as given, and a model that takes sparse inputs trains on them."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (300,), generator=g)
+    dense = (torch.rand(300, 12, generator=g) < 0.2).float() * (y[:, None] + 1)
+    model = torch.nn.Linear(12, 3)
+    loader = CrestLoader(model, TensorDataset(dense.to_sparse(), y), config=CrestConfig(m=16), budget=0.5,
+                         epochs=1, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    steps = 0
+    for x, yb, w in loader:
+        assert x.is_sparse
+        idx = torch.as_tensor(loader.last_indices)
+        assert torch.equal(x.to_dense(), dense[idx]) and torch.equal(yb, y[idx])
+        loss = (w * torch.nn.functional.cross_entropy(torch.sparse.mm(x, model.weight.T) + model.bias, yb,
+                                                       reduction="none")).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        steps += 1
+    assert steps == loader.total_steps > 0 and len(loader.stats["selections"]) >= 1  # (the steps selected at)
