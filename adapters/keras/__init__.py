@@ -258,6 +258,12 @@ def labels_from_targets(y) -> np.ndarray:
         lab = int64_labels(y, "y") if np.issubdtype(y.dtype, np.integer) else y.astype(np.int64)
     elif y.ndim == 2:
         is_onehot = _one_hot_rows(y)
+        if not is_onehot and bool(np.all((y == 0) | (y == 1))) and bool(np.any(y.sum(axis=1) > 1)):
+            raise ValueError(  # multi-hot rows: not soft labels that labels= could stand for (review 169)
+                "y has rows with several 1s (multi-label targets): CREST selects whole examples, each by one "
+                "class label, and measures the softmax cross-entropy of that label; multi-label targets are not "
+                "supported (labels= helps only if every example has one class, and CREST then measures that "
+                "label's cross-entropy, not the loss the model trains on)")
         if not is_onehot:
             raise ValueError("y has rows that are not one-hot (soft labels?): pass labels= with one class index "
                              "per example")
@@ -1634,9 +1640,10 @@ def _training_data(x, y, labels, measure_x, outputs, m: int):
         if y.ndim == 2 and y.shape[1] > 1 and not _one_hot_rows(y):
             # soft targets (mixup, distillation): trained on, but CREST measures labels= (review 79)
             warnings.warn(
-                "y holds soft targets (rows that are not one-hot): the model trains on their cross-entropy, while "
-                "CREST's selections and trust checks measure the cross-entropy of labels=, a different loss; fine "
-                "for targets near one-hot, else expect the selection to serve the hard labels' loss",
+                "y holds soft or multi-label targets (rows that are not one-hot): the model trains on its loss of "
+                "them, while CREST's selections and trust checks measure the softmax cross-entropy of labels=, a "
+                "different loss; fine for targets near one-hot, else expect the selection to serve the hard "
+                "labels' loss",
                 stacklevel=_common.user_stacklevel())
         lab = np.asarray(_host(labels, "labels"))
         if lab.shape != (n,) or not np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool:

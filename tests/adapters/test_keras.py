@@ -903,6 +903,12 @@ def test_labels_from_targets():
         labels_from_targets(np.array([0.5, 1.0]))
     with pytest.raises(ValueError, match=r"above 2\^63 - 1"):  # review 109 F2: not wrapped to negative classes
         labels_from_targets(np.array([1, 2**63 + 5], dtype=np.uint64))
+    # review 169: multi-hot rows were called soft labels, with labels= as the way out (then a second refusal,
+    # then a run that measures another loss than the model's); they are multi-label targets, not supported
+    with pytest.raises(ValueError, match=r"several 1s \(multi-label targets\).*not supported"):
+        labels_from_targets(np.array([[1.0, 1.0, 0.0], [0.0, 1.0, 0.0]]))
+    with pytest.raises(ValueError, match="soft labels"):  # all-zero rows are not multi-label
+        labels_from_targets(np.array([[0.0, 0.0], [0.0, 1.0]]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2460,7 +2466,7 @@ def test_soft_targets_with_labels_are_warned_about():
     X, y = digits()
     soft = np.full((y.size, 10), 0.02, dtype="float32")
     soft[np.arange(y.size), y] = 0.82
-    with pytest.warns(UserWarning, match="y holds soft targets"):
+    with pytest.warns(UserWarning, match="y holds soft or multi-label targets"):
         CrestCallback(X, soft, labels=y, config=CrestConfig(**CFG), budget=BUDGET, seed=3)
     onehot = np.eye(10, dtype="float32")[y]
     with warnings.catch_warnings():
