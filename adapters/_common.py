@@ -83,6 +83,15 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
     warnings.warn(message, category, stacklevel=user_stacklevel())
 
 
+def say(held) -> None:
+    """Show the warnings :func:`held_warnings` kept, in their order, through :func:`warn` (an outer
+    :func:`held_warnings` keeps them in turn). A checkpoint load says its notices so once every check has passed
+    and before it changes anything: a refused state says nothing, and a warnings filter that raises (``error``)
+    leaves the loader as it was."""
+    for message, category in tuple(held):
+        warn(message, category)
+
+
 @contextlib.contextmanager
 def held_warnings():
     """Keep the warnings :func:`warn` gives inside the block in the list it yields, as ``(message,

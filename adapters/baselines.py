@@ -91,6 +91,7 @@ from crestcore.adapters.torch import (  # the torch adapter's data access, share
     dataset_labels,
 )
 
+from . import _common
 from ._common import (check_budget, check_budget_counts, check_checkpoint, check_count, labels_digest,
                       measure_anchor, user_stacklevel)
 
@@ -538,26 +539,28 @@ class SubsetLoader(BudgetedPasses):
         >>> resumed.position, bool((resumed.last_indices == loader.last_indices).all())
         (2, True)
         """
-        check_checkpoint(self.schedule.saved_header(state), fmt=_FORMAT, owner="SubsetLoader", kind="loader",
-                         fingerprint=self._fingerprint(),
-                         same="method, dataset, m, seed, budget and epochs",
-                         options=("settings", self._settings(), "the loader's options differ from the saved ones"))
-        saved = state.get("labels_sha256")  # (checkpoints before 2026-12-01 have none)
-        if saved is not None and saved != self._labels_digest():
-            raise ValueError("the state dict was saved for a dataset with different labels: its selection and "
-                             "records belong to those; resume with the same dataset")
-        pos = state.get("position")
-        if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or not 0 <= int(pos) <= self.total_steps:
-            raise ValueError(f"SubsetLoader state dict: position must be an integer in [0, {self.total_steps}], "
-                             f"got {pos!r}")
-        self._checked_pass_state(state, int(pos))  # a refused state changes nothing
-        number = measure_anchor(state, "SubsetLoader state dict")
-        last = state.get("last")
-        last = None if last is None else (torch.as_tensor(last["indices"]).numpy().astype(np.int64),
-                                          torch.as_tensor(last["weights"]).numpy().astype(np.float64))
+        with _common.held_warnings() as said:  # the notices: said once every check has passed (review 170)
+            check_checkpoint(self.schedule.saved_header(state), fmt=_FORMAT, owner="SubsetLoader", kind="loader",
+                             fingerprint=self._fingerprint(),
+                             same="method, dataset, m, seed, budget and epochs",
+                             options=("settings", self._settings(), "the loader's options differ from the saved ones"))
+            saved = state.get("labels_sha256")  # (checkpoints before 2026-12-01 have none)
+            if saved is not None and saved != self._labels_digest():
+                raise ValueError("the state dict was saved for a dataset with different labels: its selection and "
+                                 "records belong to those; resume with the same dataset")
+            pos = state.get("position")
+            if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or not 0 <= int(pos) <= self.total_steps:
+                raise ValueError(f"SubsetLoader state dict: position must be an integer in [0, {self.total_steps}], "
+                                 f"got {pos!r}")
+            self._checked_pass_state(state, int(pos))  # a refused state changes nothing
+            number = measure_anchor(state, "SubsetLoader state dict")
+            last = state.get("last")
+            last = None if last is None else (torch.as_tensor(last["indices"]).numpy().astype(np.int64),
+                                              torch.as_tensor(last["weights"]).numpy().astype(np.float64))
         before = self.schedule.state()
         try:
             self.schedule.load_state(state)
+            _common.say(said)  # every check passed: the notices (a filter that raises leaves the loader as it was)
         except Exception:
             self.schedule.load_state(before)  # a state the schedule cannot read leaves it as it was
             raise

@@ -48,7 +48,6 @@ import math
 import os
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 from collections.abc import Callable
 
@@ -1202,8 +1201,11 @@ class DistributedCrestLoader(CrestLoader):
         if error is not None:  # refused on every rank alike: each raises its own reason
             self._restore(kept, kept_ops)
             raise error
-        for message, category in said:  # (a load rolled back above said nothing of the state it did not keep)
-            warnings.warn(message, category, stacklevel=_common.user_stacklevel())
+        try:  # (a load rolled back above said nothing of the state it did not keep)
+            _common.say(said)
+        except Exception:  # a warnings filter that raises (error): the loader as it was, as CrestLoader leaves it
+            self._restore(kept, kept_ops)
+            raise
 
     def _restore(self, kept: dict, kept_ops: tuple) -> None:
         """The loader (and its ops' attributes and solve count) as :meth:`load_state_dict` found them."""

@@ -898,13 +898,22 @@ class _Fetcher:
         self.collate = collate_fn if collate_fn is not None else _DefaultCollate()
         self._tensors = type(dataset) is TensorDataset and collate_fn is None
         self.random_free = self._tensors  # its loads draw no random numbers
+        if self._tensors:
+            for x in dataset.tensors:  # (review 170: torch's bare "Could not run 'aten::index_select'" otherwise)
+                if x.layout not in (torch.strided, torch.sparse_coo):
+                    raise TypeError(
+                        f"the TensorDataset holds a tensor of layout {x.layout}, whose rows torch cannot select: "
+                        "give it as a sparse COO tensor (x.to_sparse_coo()) or a dense one, or pass collate_fn= "
+                        "to build the batches from its items")
 
     def __call__(self, idx: np.ndarray):
         if self._tensors:
             t = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
-            # index_select, not x[t]: sparse COO tensors take it (advanced indexing raised torch's bare
-            # NotImplementedError for them, review 169)
-            return tuple(x.index_select(0, t.to(x.device)) for x in self.dataset.tensors)
+            # a sparse COO tensor's rows by index_select (advanced indexing raised torch's bare
+            # NotImplementedError, review 169), coalesced as a loaded batch is; dense ones by indexing, which
+            # keeps their memory format (channels_last) and a subclass's own indexing
+            return tuple(x.index_select(0, t.to(x.device)).coalesce() if x.layout == torch.sparse_coo
+                         else x[t.to(x.device)] for x in self.dataset.tensors)
         keys = [int(i) for i in idx]
         getitems = getattr(self.dataset, "__getitems__", None)
         items = getitems(keys) if callable(getitems) else [self.dataset[i] for i in keys]
@@ -3437,50 +3446,60 @@ class CrestLoader(BudgetedPasses):
         >>> bool(torch.equal(next(passes)[1], next(iter(resumed))[1]))
         True
         """
-        _common.check_checkpoint(
-            state, fmt=_FORMAT, owner="CrestLoader", kind="loader", fingerprint=self._fingerprint(),
-            same="dataset, config.m, seed and budget",
-            options=("config", repr(self.config), "the CrestConfig differs from the saved one", CONFIG_AS_BEFORE))
-        where = f"{type(self).__name__} state dict"
-        names = state.get("trainable")  # absent before 2026-12-05: the set that trains now
-        saved_set = None if names is None else self._saved_trainable(names, where)
-        like = self.ops.params() if saved_set is None else _wide(
-            torch.cat([p.detach().reshape(-1) for p in saved_set]) if saved_set else
-            torch.zeros(0, dtype=self.ops.params().dtype, device=self.ops.device))
-        crest = _common.restore_controller(_from_portable(state["crest"]), self.labels, like)
-        pos = state.get("position")
-        if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or not 0 <= int(pos) <= self.total_steps:
-            saved = state.get("epochs")
-            more = (f": the state was saved by a run planned for {saved} epochs, this loader plans {self.epochs} "
-                    f"(epochs=, or Trainer(max_epochs=) with Lightning; it may grow, not shrink)"
-                    if isinstance(saved, (int, np.integer)) and saved != self.epochs else "")
-            raise ValueError(f"CrestLoader state dict: position must be an integer in [0, {self.total_steps}] "
-                             f"(the planned steps), got {pos!r}{more}")
-        pos = int(pos)
-        pending = _common.stored_batches(state.get("pending", []), self.n, where, "pending", convert=_from_portable)
-        if int(crest.counters["train_steps"]) != pos + len(pending):
-            raise ValueError(f"{where}: position {pos} and {len(pending)} pending batches differ from the "
-                             f"controller's {int(crest.counters['train_steps'])} batches handed out")
-        if pos + len(pending) > self.total_steps:
-            raise ValueError(f"{where}: position {pos} plus {len(pending)} pending batches exceed the "
-                             f"{self.total_steps} planned steps")
-        b = state.get("batch")
-        if (b is None) != (pos == 0):
-            raise ValueError(f"CrestLoader state dict: batch must be present exactly when position > 0 "
-                             f"(position {pos}, batch {'missing' if b is None else 'present'})")
-        batch = None
-        if b is not None:
-            batch = Batch(*stored_batch(_from_portable(b), self.n, "CrestLoader state dict"))
-        anchor = state.get("anchor_buffers")  # absent from checkpoints before 2026-12-01: the live buffers
-        if anchor is not None:
-            live = dict(self.ops.model.named_buffers())
-            if not isinstance(anchor, dict) or any(
-                    not isinstance(t, torch.Tensor) or k not in live or t.shape != live[k].shape
-                    for k, t in anchor.items()):
-                raise ValueError(f"{where}: anchor_buffers must map the model's buffer names to tensors of their "
-                                 "shapes (a checkpoint of another model?)")
-        number = _common.measure_anchor(state, where)  # (checked before anything changes)
-        self._load_pass_state(state, pos)  # checks the pass plan before it changes anything: the last check
+        with _common.held_warnings() as said:  # the notices: said once every check has passed (review 170)
+            _common.check_checkpoint(
+                state, fmt=_FORMAT, owner="CrestLoader", kind="loader", fingerprint=self._fingerprint(),
+                same="dataset, config.m, seed and budget",
+                options=("config", repr(self.config), "the CrestConfig differs from the saved one", CONFIG_AS_BEFORE))
+            where = f"{type(self).__name__} state dict"
+            names = state.get("trainable")  # absent before 2026-12-05: the set that trains now
+            saved_set = None if names is None else self._saved_trainable(names, where)
+            like = self.ops.params() if saved_set is None else _wide(
+                torch.cat([p.detach().reshape(-1) for p in saved_set]) if saved_set else
+                torch.zeros(0, dtype=self.ops.params().dtype, device=self.ops.device))
+            crest = _common.restore_controller(_from_portable(state["crest"]), self.labels, like)
+            pos = state.get("position")
+            if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or not 0 <= int(pos) <= self.total_steps:
+                saved = state.get("epochs")
+                more = (f": the state was saved by a run planned for {saved} epochs, this loader plans {self.epochs} "
+                        f"(epochs=, or Trainer(max_epochs=) with Lightning; it may grow, not shrink)"
+                        if isinstance(saved, (int, np.integer)) and saved != self.epochs else "")
+                raise ValueError(f"CrestLoader state dict: position must be an integer in [0, {self.total_steps}] "
+                                 f"(the planned steps), got {pos!r}{more}")
+            pos = int(pos)
+            pending = _common.stored_batches(state.get("pending", []), self.n, where, "pending", convert=_from_portable)
+            if int(crest.counters["train_steps"]) != pos + len(pending):
+                raise ValueError(f"{where}: position {pos} and {len(pending)} pending batches differ from the "
+                                 f"controller's {int(crest.counters['train_steps'])} batches handed out")
+            if pos + len(pending) > self.total_steps:
+                raise ValueError(f"{where}: position {pos} plus {len(pending)} pending batches exceed the "
+                                 f"{self.total_steps} planned steps")
+            b = state.get("batch")
+            if (b is None) != (pos == 0):
+                raise ValueError(f"CrestLoader state dict: batch must be present exactly when position > 0 "
+                                 f"(position {pos}, batch {'missing' if b is None else 'present'})")
+            batch = None
+            if b is not None:
+                batch = Batch(*stored_batch(_from_portable(b), self.n, "CrestLoader state dict"))
+            anchor = state.get("anchor_buffers")  # absent from checkpoints before 2026-12-01: the live buffers
+            if anchor is not None:
+                live = dict(self.ops.model.named_buffers())
+                if not isinstance(anchor, dict) or any(
+                        not isinstance(t, torch.Tensor) or k not in live or t.shape != live[k].shape
+                        for k, t in anchor.items()):
+                    raise ValueError(f"{where}: anchor_buffers must map the model's buffer names to tensors of their "
+                                     "shapes (a checkpoint of another model?)")
+            number = _common.measure_anchor(state, where)  # (checked before anything changes)
+        self._checked_pass_state(state, pos)  # the pass plan: the last check
+        saved_epochs = state.get("epochs")  # a shorter plan is said once
+        if isinstance(saved_epochs, (int, np.integer)) and not isinstance(saved_epochs, bool) and saved_epochs > self.epochs:
+            said.append((
+                f"{type(self).__name__}: the state was saved by a run planned for {int(saved_epochs)} epochs, this "
+                f"loader plans {self.epochs}: the run continues from step {pos} and ends at step {self.total_steps} "
+                "(the budget report counts this shorter run). Build it with the saved epochs= to finish that run.",
+                UserWarning))
+        _common.say(said)  # before anything changes: a warnings filter that raises leaves the loader as it was
+        self._load_pass_state(state, pos)
         self._state = crest
         # the loaded vectors are over the saved set (checkpoints before 2026-12-05: the set as it is now): the
         # first step compares the set it trains with it
@@ -3498,12 +3517,6 @@ class CrestLoader(BudgetedPasses):
         _inner_ops(self.ops)._anchor_buffers = {k: t.detach().clone() for k, t in anchor.items()} if anchor else None
         if number is not None:
             _inner_ops(self.ops)._gen = number
-        saved_epochs = state.get("epochs")  # loaded (every check above passed): a shorter plan is said once
-        if isinstance(saved_epochs, (int, np.integer)) and not isinstance(saved_epochs, bool) and saved_epochs > self.epochs:
-            _common.warn(
-                f"{type(self).__name__}: the state was saved by a run planned for {int(saved_epochs)} epochs, this "
-                f"loader plans {self.epochs}: the run continues from step {pos} and ends at step {self.total_steps} "
-                "(the budget report counts this shorter run). Build it with the saved epochs= to finish that run.")
 
 
 # ------------------------------------------------------------------------------------------------

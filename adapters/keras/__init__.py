@@ -230,6 +230,17 @@ def _one_hot_rows(y: np.ndarray) -> bool:
     return bool(np.all((y == 0) | (y == 1)) and np.all(y.sum(axis=1) == 1))
 
 
+def _refuse_multi_hot(y: np.ndarray) -> None:
+    """Refuse 2-D targets of 0s and 1s with several 1s in a row: multi-label (or per-token) targets, which CREST,
+    selecting whole examples by one class label, does not support, with ``labels=`` or without (review 169: they
+    were called soft labels, with labels= as the way out, which then trained on a loss CREST did not measure)."""
+    if y.ndim == 2 and y.shape[1] > 1 and bool(np.all((y == 0) | (y == 1))) and bool(np.any(y.sum(axis=1) > 1)):
+        raise ValueError(
+            "y has rows with several 1s (multi-label or per-token targets): CREST selects whole examples, each by "
+            "one class label, and measures the softmax cross-entropy of that label; such targets are not supported, "
+            "with labels= or without (the model would train on another loss than the one CREST measures)")
+
+
 def labels_from_targets(y) -> np.ndarray:
     """The integer class of every example from Keras targets: class indices (n,) or (n, 1), or one-hot
     rows (n, C). Soft labels are refused (pass ``labels=``).
@@ -258,12 +269,7 @@ def labels_from_targets(y) -> np.ndarray:
         lab = int64_labels(y, "y") if np.issubdtype(y.dtype, np.integer) else y.astype(np.int64)
     elif y.ndim == 2:
         is_onehot = _one_hot_rows(y)
-        if not is_onehot and bool(np.all((y == 0) | (y == 1))) and bool(np.any(y.sum(axis=1) > 1)):
-            raise ValueError(  # multi-hot rows: not soft labels that labels= could stand for (review 169)
-                "y has rows with several 1s (multi-label targets): CREST selects whole examples, each by one "
-                "class label, and measures the softmax cross-entropy of that label; multi-label targets are not "
-                "supported (labels= helps only if every example has one class, and CREST then measures that "
-                "label's cross-entropy, not the loss the model trains on)")
+        _refuse_multi_hot(y)
         if not is_onehot:
             raise ValueError("y has rows that are not one-hot (soft labels?): pass labels= with one class index "
                              "per example")
@@ -1637,6 +1643,7 @@ def _training_data(x, y, labels, measure_x, outputs, m: int):
     if labels is None:
         lab = labels_from_targets(y)
     else:
+        _refuse_multi_hot(y)
         if y.ndim == 2 and y.shape[1] > 1 and not _one_hot_rows(y):
             # soft targets (mixup, distillation): trained on, but CREST measures labels= (review 79)
             warnings.warn(
@@ -2271,35 +2278,50 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
         >>> resumed.position
         2
         """
-        _common.check_checkpoint(
-            state, fmt=_FORMAT, owner="CrestCallback", kind="callback", fingerprint=self._fingerprint(),
-            same="data, config.m, seed and budget",
-            options=("config", repr(self.config), "the CrestConfig differs from the saved one", CONFIG_AS_BEFORE))
-        d = state["crest"]
-        anchor = None if d.get("anchor") is None else np.asarray(d["anchor"])
-        # the flat parameter vector's length is what crest_load_state_dict checks the anchor against: the
-        # model's when this callback has measured it already, else the anchor's own (then checked against the
-        # model at the next fit's on_train_begin, by _sync_state)
-        size = (int(self.ops.params().shape[0]) if self.ops is not None
-                else (anchor.size if anchor is not None else 1))
-        like = np.zeros(size, dtype=anchor.dtype if anchor is not None else np.float32)
-        crest = _common.restore_controller(d, self.labels, like, "data")  # validates the controller state
-        where = "CrestCallback state dict"
-        pos = state.get("position")
-        if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or pos < 0:
-            raise ValueError(f"{where}: position must be a non-negative integer (steps trained), got {pos!r}")
-        epochs = state.get("epochs")
-        if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer))
-                                   or epochs < 1):
-            raise ValueError(f"{where}: epochs must be a positive integer or None, got {epochs!r}")
-        batches = _common.stored_batches(state.get("queue", []), self.n, where, "queue")
-        names = state.get("trainable")  # absent before 2026-12-05, empty before a fit: the set that trains then
-        if names is not None and not (isinstance(names, (list, tuple)) and all(isinstance(k, str) for k in names)):
-            raise ValueError(f"{where}: trainable must be a list of variable paths")
-        handed = int(crest.counters["train_steps"])
-        if handed != int(pos) + len(batches):
-            raise ValueError(f"{where}: the controller handed out {handed} batches but position {int(pos)} and "
-                             f"{len(batches)} queued batches account for {int(pos) + len(batches)}")
+        # every check before any change (review 170: a bad anchor_stats was refused after the state and position
+        # were loaded), the notices said once they have all passed
+        with _common.held_warnings() as said:
+            _common.check_checkpoint(
+                state, fmt=_FORMAT, owner="CrestCallback", kind="callback", fingerprint=self._fingerprint(),
+                same="data, config.m, seed and budget",
+                options=("config", repr(self.config), "the CrestConfig differs from the saved one", CONFIG_AS_BEFORE))
+            d = state["crest"]
+            anchor = None if d.get("anchor") is None else np.asarray(d["anchor"])
+            # the flat parameter vector's length is what crest_load_state_dict checks the anchor against: the
+            # model's when this callback has measured it already, else the anchor's own (then checked against the
+            # model at the next fit's on_train_begin, by _sync_state)
+            size = (int(self.ops.params().shape[0]) if self.ops is not None
+                    else (anchor.size if anchor is not None else 1))
+            like = np.zeros(size, dtype=anchor.dtype if anchor is not None else np.float32)
+            crest = _common.restore_controller(d, self.labels, like, "data")  # validates the controller state
+            where = "CrestCallback state dict"
+            pos = state.get("position")
+            if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or pos < 0:
+                raise ValueError(f"{where}: position must be a non-negative integer (steps trained), got {pos!r}")
+            epochs = state.get("epochs")
+            if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer))
+                                       or epochs < 1):
+                raise ValueError(f"{where}: epochs must be a positive integer or None, got {epochs!r}")
+            batches = _common.stored_batches(state.get("queue", []), self.n, where, "queue")
+            names = state.get("trainable")  # absent before 2026-12-05, empty before a fit: the set that trains then
+            if names is not None and not (isinstance(names, (list, tuple)) and all(isinstance(k, str) for k in names)):
+                raise ValueError(f"{where}: trainable must be a list of variable paths")
+            handed = int(crest.counters["train_steps"])
+            if handed != int(pos) + len(batches):
+                raise ValueError(f"{where}: the controller handed out {handed} batches but position {int(pos)} and "
+                                 f"{len(batches)} queued batches account for {int(pos) + len(batches)}")
+            kept = state.get("anchor_stats")  # absent from checkpoints before 2026-12-01: the live statistics
+            if kept is not None and not (isinstance(kept, dict) and all(
+                    isinstance(k, str) and k.isdigit() and isinstance(v, np.ndarray) for k, v in kept.items())):
+                raise ValueError(f"{where}: anchor_stats must map variable positions to arrays")
+        if epochs is not None and self.epochs is not None and int(epochs) > self.epochs:  # a plan may grow
+            # as CrestLoader says of a shorter plan (review 61: loaded silently); the batches do not depend on it
+            said.append((
+                f"CrestCallback: the state was saved by a run planned for {int(epochs)} epochs, this callback "
+                f"plans {self.epochs}: the batches go on as saved, and the budget report (stats['budget']) and "
+                "the warning past the planned epochs count this callback's epochs. Build it with the saved "
+                "epochs= (or epochs=None: the saved plan) to continue that run.", UserWarning))
+        _common.say(said)  # before anything changes: a warnings filter that raises leaves the callback as it was
         self._state = crest
         self._position = int(pos)
         if self.epochs is None and epochs is not None:
@@ -2307,19 +2329,7 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
             # the saved run's plan, as given as it was there (absent before 2026-12-05: as taken from a fit,
             # which never warned then); one taken from the first fit keeps growing quietly (review 100)
             self._plan_given = bool(state.get("plan_given", False))
-        elif epochs is not None and int(epochs) > self.epochs:  # a plan may grow (as CrestLoader's)
-            # as CrestLoader says of a shorter plan (review 61: loaded silently); the batches do not depend on it
-            warnings.warn(
-                f"CrestCallback: the state was saved by a run planned for {int(epochs)} epochs, this callback "
-                f"plans {self.epochs}: the batches go on as saved, and the budget report (stats['budget']) and "
-                "the warning past the planned epochs count this callback's epochs. Build it with the saved "
-                "epochs= (or epochs=None: the saved plan) to continue that run.",
-                stacklevel=_common.user_stacklevel())
         self._queue = [_Entry(b, False) for b in batches]
-        kept = state.get("anchor_stats")  # absent from checkpoints before 2026-12-01: the live statistics
-        if kept is not None and not (isinstance(kept, dict) and all(
-                isinstance(k, str) and k.isdigit() and isinstance(v, np.ndarray) for k, v in kept.items())):
-            raise ValueError(f"{where}: anchor_stats must map variable positions to arrays")
         self._anchor_stats = None if kept is None else {int(k): np.array(v) for k, v in kept.items()}
         if self.ops is not None:
             self.ops._anchor, self.ops._anchor_vars = self._anchor_stats, None
@@ -2541,19 +2551,26 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
             ...
         ValueError: the state dict was saved with method='random', this callback has method='craig'; ...
         """
-        _common.check_checkpoint(
-            self.schedule.saved_header(state), fmt=_SUBSET_FORMAT, owner="SubsetCallback", kind="callback",
-            fingerprint=self._fingerprint(),
-            same="method, data, m, seed, budget and epochs",
-            options=("settings", self.schedule.settings(), "the baseline's options differ from the saved ones"))
-        saved = state.get("labels_sha256")  # (states before 2026-12-04 have none)
-        if saved is not None and saved != _common.labels_digest(self.labels):
-            raise ValueError("the state dict was saved for data with different labels: its selection and "
-                             "records belong to those; resume with the same data")
-        pos = state.get("position")  # (no upper bound: a fit with more epochs than planned trains on, warned)
-        if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or pos < 0:
-            raise ValueError(f"SubsetCallback state dict: position must be a non-negative integer, got {pos!r}")
-        self.schedule.load_state(state["schedule"])
+        with _common.held_warnings() as said:  # the notices: said once every check has passed (review 170)
+            _common.check_checkpoint(
+                self.schedule.saved_header(state), fmt=_SUBSET_FORMAT, owner="SubsetCallback", kind="callback",
+                fingerprint=self._fingerprint(),
+                same="method, data, m, seed, budget and epochs",
+                options=("settings", self.schedule.settings(), "the baseline's options differ from the saved ones"))
+            saved = state.get("labels_sha256")  # (states before 2026-12-04 have none)
+            if saved is not None and saved != _common.labels_digest(self.labels):
+                raise ValueError("the state dict was saved for data with different labels: its selection and "
+                                 "records belong to those; resume with the same data")
+            pos = state.get("position")  # (no upper bound: a fit with more epochs than planned trains on, warned)
+            if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or pos < 0:
+                raise ValueError(f"SubsetCallback state dict: position must be a non-negative integer, got {pos!r}")
+        before = self.schedule.state()
+        try:
+            self.schedule.load_state(state["schedule"])
+            _common.say(said)  # every check passed: the notices (a filter that raises leaves the callback as it was)
+        except Exception:
+            self.schedule.load_state(before)  # a state the schedule cannot read leaves it as it was
+            raise
         self._position = int(pos)
         self._queue = [(np.asarray(q["indices"], dtype=np.int64), np.asarray(q["weights"], dtype=np.float64))
                        for q in state.get("queue", [])]

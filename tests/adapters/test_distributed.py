@@ -1276,5 +1276,12 @@ def test_loading_a_checkpoint_leaves_the_processs_warnings_as_they_were():
         assert sum("saved by a run planned for" in t for t in texts) == 1, texts
         notice = next(w for w in said if "saved by a run planned for" in str(w.message))
         assert notice.filename == __file__  # at the user's line
+        # review 170: a warnings filter that raises on the notice left the load applied; the loader is as it was
+        fresh = D.DistributedCrestLoader(model, group.data, config=CrestConfig(m=8), budget=0.5, seed=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(UserWarning, match="saved by a run planned for"):
+                fresh.load_state_dict(dict(saved, epochs=fresh.epochs + 2))
+        assert fresh.position == 0 and fresh.state_dict()["position"] == 0
     finally:
         group.close()

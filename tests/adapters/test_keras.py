@@ -905,7 +905,7 @@ def test_labels_from_targets():
         labels_from_targets(np.array([1, 2**63 + 5], dtype=np.uint64))
     # review 169: multi-hot rows were called soft labels, with labels= as the way out (then a second refusal,
     # then a run that measures another loss than the model's); they are multi-label targets, not supported
-    with pytest.raises(ValueError, match=r"several 1s \(multi-label targets\).*not supported"):
+    with pytest.raises(ValueError, match=r"several 1s \(multi-label or per-token targets\).*not supported"):
         labels_from_targets(np.array([[1.0, 1.0, 0.0], [0.0, 1.0, 0.0]]))
     with pytest.raises(ValueError, match="soft labels"):  # all-zero rows are not multi-label
         labels_from_targets(np.array([[0.0, 0.0], [0.0, 1.0]]))
@@ -2785,3 +2785,39 @@ def test_several_steps_per_execution_are_refused_by_name(spe):
         with pytest.raises(ValueError, match=rf"{type(cb).__name__} needs model.compile\(steps_per_execution=1\), "
                                              rf"got {spe}"):
             model.fit(cb.dataset, epochs=1, callbacks=[cb], verbose=0)
+
+
+def test_a_refused_state_leaves_the_callback_as_it_was_and_says_nothing():
+    """Review 170: CrestCallback.load_state_dict checked anchor_stats after it had loaded the controller state and
+    the position, so a state refused there left the callback half-loaded; and the notices (a CrestConfig that
+    differs) were said before a later check refused the state. Every check comes first now, the notices are said
+    once they have all passed, and a warnings filter that raises leaves the callback as it was."""
+    X, y = digits()
+    b = fit(mlp(0), X, y, epochs=1)
+    saved = b.state_dict()
+    c = CrestCallback(X, y, config=CrestConfig(**dict(CFG, tau=0.01)), budget=BUDGET, seed=3)
+    fresh = c._state
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match="anchor_stats must map"):
+            c.load_state_dict(dict(saved, anchor_stats={"x": 1}))
+    assert [str(w.message) for w in said] == [] and c.position == 0 and c._state is fresh
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="the CrestConfig differs"):
+            c.load_state_dict(saved)
+    assert c.position == 0 and c._state is fresh
+    with pytest.warns(UserWarning, match="the CrestConfig differs"):
+        c.load_state_dict(saved)
+    assert c.position == saved["position"] > 0
+
+
+def test_multi_hot_targets_are_refused_with_labels_too():
+    """Review 170: with labels= multi-hot targets were taken after a warning, and fit trained the model on a
+    multi-label loss that CREST does not measure, while the docs and the refusal without labels= call them
+    unsupported. Refused either way now."""
+    X, y = digits()
+    multi = np.eye(10, dtype="float32")[y]
+    multi[:, 0] = 1.0  # every row also in class 0
+    with pytest.raises(ValueError, match="multi-label or per-token targets.*with labels= or without"):
+        CrestCallback(X, multi, labels=y, config=CrestConfig(**CFG), budget=BUDGET, seed=3)
