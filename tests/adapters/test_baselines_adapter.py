@@ -717,3 +717,17 @@ def test_loss_fn_is_said_to_be_unused_and_the_measurement_cache_can_be_turned_of
         loader("prune", loss_fn=mse)  # (prune reads the losses the loop observes)
         assert loader("craig", measure_cache_bytes=0).ops.cache_bytes == 0
         assert loader("craig").ops.cache_bytes == 256 << 20
+
+
+def test_a_refused_state_says_nothing_of_its_options():
+    """Review 170: load_state_dict said "the loader's options differ ... the run continues" and then refused
+    the state (a position out of range); the notices are said once every check has passed."""
+    a = loader("random")
+    train(a, steps=2)
+    sd = a.state_dict()
+    b = loader("random", weights="batch")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match="position must be an integer"):
+            b.load_state_dict(dict(sd, position=10**6))
+    assert [str(w.message) for w in said] == [] and b.position == 0
