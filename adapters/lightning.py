@@ -776,12 +776,13 @@ class CrestCallback(pl.Callback):
         continued fit, ``lightning_epoch0``) plans the epochs from there to max_epochs: the loader is
         rebuilt for them first (one planned from epoch 0 would have grown the run's budget)."""
         epoch0 = int(state.pop("lightning_epoch0", 0))
+        loader = self.loader
         if epoch0 != self._epoch0 and self.epochs is None and self._max_epochs:
             epochs = int(self._max_epochs) - epoch0
             if epochs < 1:
                 raise ValueError(f"CrestCallback: the checkpoint's CREST run started at epoch {epoch0}, at or "
                                  f"beyond Trainer(max_epochs={self._max_epochs}): raise max_epochs")
-            self.loader = self._rebuilt(self._module, epochs)
-        self._epoch0 = epoch0
-        self.loader.load_state_dict(state)
+            loader = self._rebuilt(self._module, epochs)
+        loader.load_state_dict(state)  # (put in place once it accepted the state: a refused one changes nothing)
+        self.loader, self._epoch0 = loader, epoch0
         self._restored = True

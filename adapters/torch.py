@@ -1443,6 +1443,12 @@ class TorchModelOps:
         self.batch_size = batch_size  # validated by the setter
         self._fetch = _Fetcher(dataset, collate_fn)
         self.num_workers = int(num_workers)
+        if self.num_workers and self._fetch._tensors and any(x.is_sparse for x in dataset.tensors):
+            raise ValueError(  # (review 172: torch's error at the first selection)
+                "measurement workers (measure_workers > 0) with a TensorDataset of sparse tensors: the workers "
+                "batch its items with default_collate, which cannot batch sparse tensors; keep the measurement "
+                "passes in the training process (measure_workers=0: a TensorDataset's rows are sliced there, "
+                "which costs little) or pass collate_fn=")
         self.cache_bytes = _common.check_count(cache_bytes, "cache_bytes", low=0)
         if not isinstance(reuse_checks, bool):
             raise TypeError(f"reuse_checks must be a bool, got {type(reuse_checks).__name__}")
@@ -3448,7 +3454,7 @@ class CrestLoader(BudgetedPasses):
         """
         with _common.held_warnings() as said:  # the notices: said once every check has passed (review 170)
             _common.check_checkpoint(
-                state, fmt=_FORMAT, owner="CrestLoader", kind="loader", fingerprint=self._fingerprint(),
+                state, fmt=_FORMAT, owner=type(self).__name__, kind="loader", fingerprint=self._fingerprint(),
                 same="dataset, config.m, seed and budget",
                 options=("config", repr(self.config), "the CrestConfig differs from the saved one", CONFIG_AS_BEFORE))
             where = f"{type(self).__name__} state dict"

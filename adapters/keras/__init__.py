@@ -231,10 +231,16 @@ def _one_hot_rows(y: np.ndarray) -> bool:
 
 
 def _refuse_multi_hot(y: np.ndarray) -> None:
-    """Refuse 2-D targets of 0s and 1s with several 1s in a row: multi-label (or per-token) targets, which CREST,
-    selecting whole examples by one class label, does not support, with ``labels=`` or without (review 169: they
-    were called soft labels, with labels= as the way out, which then trained on a loss CREST did not measure)."""
-    if y.ndim == 2 and y.shape[1] > 1 and bool(np.all((y == 0) | (y == 1))) and bool(np.any(y.sum(axis=1) > 1)):
+    """Refuse 2-D targets of whole numbers that are not one-hot, beyond rows of zeros: multi-hot rows (several
+    1s) or class indices per position (a value above 1), multi-label or per-token targets, which CREST,
+    selecting whole examples by one class label, does not support, with ``labels=`` or without (reviews 169 and
+    172: they were called soft labels, with labels= as the way out, which then trained on a loss CREST did not
+    measure, or failed inside Keras)."""
+    if y.ndim != 2 or y.shape[1] < 2 or y.dtype == bool or not (
+            np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and bool(np.all(np.isfinite(y)))
+                                                   and bool(np.all(y == np.round(y))))):
+        return
+    if bool(np.any(y.sum(axis=1) > 1)) or bool(np.any(y > 1)) or bool(np.any(y < 0)):
         raise ValueError(
             "y has rows with several 1s (multi-label or per-token targets): CREST selects whole examples, each by "
             "one class label, and measures the softmax cross-entropy of that label; such targets are not supported, "
@@ -2564,6 +2570,12 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
             pos = state.get("position")  # (no upper bound: a fit with more epochs than planned trains on, warned)
             if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or pos < 0:
                 raise ValueError(f"SubsetCallback state dict: position must be a non-negative integer, got {pos!r}")
+            queue = state.get("queue", [])  # checked before anything changes (review 172: read after the load)
+            if not isinstance(queue, list):
+                raise ValueError(f"SubsetCallback state dict: queue must be a list of batches, got "
+                                 f"{type(queue).__name__}")
+            queue = [_common.stored_batch(dict(q, reselected=False) if isinstance(q, dict) else q, self.n,
+                                          "SubsetCallback state dict")[:2] for q in queue]
         before = self.schedule.state()
         try:
             self.schedule.load_state(state["schedule"])
@@ -2572,8 +2584,7 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
             self.schedule.load_state(before)  # a state the schedule cannot read leaves it as it was
             raise
         self._position = int(pos)
-        self._queue = [(np.asarray(q["indices"], dtype=np.int64), np.asarray(q["weights"], dtype=np.float64))
-                       for q in state.get("queue", [])]
+        self._queue = queue
 
 
 # ------------------------------------------------------------------------------------------------

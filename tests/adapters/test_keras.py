@@ -2821,3 +2821,36 @@ def test_multi_hot_targets_are_refused_with_labels_too():
     multi[:, 0] = 1.0  # every row also in class 0
     with pytest.raises(ValueError, match="multi-label or per-token targets.*with labels= or without"):
         CrestCallback(X, multi, labels=y, config=CrestConfig(**CFG), budget=BUDGET, seed=3)
+
+
+def test_per_token_class_targets_are_refused_as_such():
+    """Review 172: (n, T) targets of class indices above 1 were called soft labels without labels= and, with
+    labels=, accepted until fit failed inside Keras with a bare shape error; refused either way."""
+    X, y = digits()
+    per_token = np.stack([y % 3, (y + 1) % 3, (y + 2) % 3], axis=1)
+    with pytest.raises(ValueError, match="multi-label or per-token targets"):
+        labels_from_targets(per_token)
+    with pytest.raises(ValueError, match="multi-label or per-token targets"):
+        CrestCallback(X, per_token.astype("float32"), labels=y, config=CrestConfig(**CFG), budget=BUDGET, seed=3)
+
+
+def test_a_subset_callbacks_refused_queue_leaves_it_as_it_was():
+    """Review 172: SubsetCallback read its queue after loading the schedule and the position (and after its
+    notice), so a bad queue entry failed with a bare KeyError and left the callback half-loaded."""
+    X, y = digits()
+    a = SubsetCallback(X, y, method="random", budget=BUDGET, m=32, seed=3)
+    keras.utils.set_random_seed(0)
+    model = mlp(0)
+    model.fit(a.dataset, epochs=1, callbacks=[a], verbose=0)
+    saved = a.state_dict()
+    b = SubsetCallback(X, y, method="random", budget=BUDGET, m=32, seed=3)
+    schedule = b.schedule.state()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match="SubsetCallback state dict: a batch must be a dict"):
+            b.load_state_dict(dict(saved, queue=[{"indices": [1, 2]}]))
+        with pytest.raises(ValueError, match="queue must be a list"):
+            b.load_state_dict(dict(saved, queue=None))
+    assert said == [] and b.position == 0 and repr(b.schedule.state()) == repr(schedule)
+    b.load_state_dict(saved)
+    assert b.position == saved["position"]

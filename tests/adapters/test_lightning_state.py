@@ -56,3 +56,19 @@ def test_a_restored_continued_run_keeps_its_start_epoch_in_the_next_checkpoint()
     fresh.setup(fake_trainer(current_epoch=0), module, "fit")  # a fresh Trainer resuming from ckpt_path
     assert fresh.loader.epochs == 2
     assert fresh.state_dict()["lightning_epoch0"] == 3  # the next checkpoint still says where the run started
+
+
+def test_a_refused_checkpoint_of_a_continued_run_leaves_the_callback_as_it_was():
+    """Review 172: loading a continued run's checkpoint (another lightning_epoch0) put a rebuilt loader and the
+    new start epoch in place before the loader checked the state, so a refused one left the callback describing
+    a new run at position 0. The rebuilt loader is put in place once it accepted the state."""
+    module = Module()
+    cb = CrestCallback(data(), **CFG)
+    cb.setup(fake_trainer(current_epoch=0), module, "fit")
+    loader = cb.loader
+    state = cb.state_dict()
+    with pytest.raises(ValueError, match="position must be an integer"):
+        cb.load_state_dict(dict(state, lightning_epoch0=1, position=10**6))
+    assert cb.loader is loader and cb._epoch0 == 0 and cb.state_dict()["lightning_epoch0"] == 0
+    cb.load_state_dict(dict(state, lightning_epoch0=1))  # accepted: rebuilt over the epochs from 1
+    assert cb.loader is not loader and cb._epoch0 == 1 and cb.loader.epochs == 4

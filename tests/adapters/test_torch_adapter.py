@@ -4352,3 +4352,28 @@ def test_a_refused_checkpoint_says_nothing_and_a_raising_filter_leaves_the_loade
     with pytest.warns(UserWarning, match=r"the CrestConfig differs from the saved one \(tau"):
         other.load_state_dict(saved)  # accepted: said once, and loaded
     assert other.position == saved["position"]
+
+
+def test_sparse_inputs_with_measurement_workers_are_refused_at_construction():
+    """Review 172: a sparse COO TensorDataset with measure_workers > 0 failed at the first selection with
+    torch's "Batches of sparse tensors are not currently supported by the default collate_fn" (the workers
+    collate items); refused when the loader is built, naming measure_workers=0 and collate_fn=."""
+    y = torch.arange(40) % 2
+    x = torch.eye(40)[:, :8].to_sparse()
+    with pytest.raises(ValueError, match=r"measure_workers > 0.*sparse.*measure_workers=0.*collate_fn="):
+        CrestLoader(torch.nn.Linear(8, 2), TensorDataset(x, y), config=CrestConfig(m=4), budget=0.5,
+                    measure_workers=1)
+
+
+def test_a_subclass_loaders_notices_name_its_own_class():
+    """Review 172: DistributedCrestLoader's config notice was labelled 'CrestLoader.load_state_dict'."""
+
+    class MyLoader(CrestLoader):
+        pass
+
+    X, y = torch_blobs(64, 4, 2)
+    model = torch_mlp(4, 2)
+    saved = CrestLoader(model, TensorDataset(X, y), config=CrestConfig(m=8), budget=0.5, seed=0).state_dict()
+    other = MyLoader(model, TensorDataset(X, y), config=CrestConfig(m=8, tau=0.2), budget=0.5, seed=0)
+    with pytest.warns(UserWarning, match=r"^MyLoader\.load_state_dict: the CrestConfig differs"):
+        other.load_state_dict(saved)
