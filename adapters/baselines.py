@@ -302,7 +302,8 @@ class SubsetLoader(BudgetedPasses):
         self.ops = TorchModelOps(
             model, measure_dataset if measure_dataset is not None else dataset, labels=lab, loss_fn=loss_fn,
             device=device, batch_size=measure_batch_size, collate_fn=collate_fn, last_layer=last_layer,
-            forward=forward, num_workers=measure_workers, check_labels=True,
+            # (workers only where the method measures the model: review 173, a sparse dataset refused for nothing)
+            forward=forward, num_workers=measure_workers if method in SELECTING_METHODS else 0, check_labels=True,
             cache_bytes=measure_cache_bytes,
         )
         if loss_fn is not None and method in SELECTING_METHODS:

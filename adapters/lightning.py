@@ -537,9 +537,9 @@ class CrestCallback(pl.Callback):
         self._restored = False
         self._losses_warned = False  # said once a fit
         self._cut = _check_batch_limit(trainer, self.loader)
-        if self._pending is not None:
-            state, self._pending = self._pending, None
-            self._load(state)
+        if self._pending is not None:  # kept until it loads: a refused one is there for the retry (review 173)
+            self._load(self._pending)
+            self._pending = None
 
     def _resolve_data(self) -> None:
         """The datasets of this fit: a function given for ``dataset`` or ``measure_dataset`` is called now
@@ -775,6 +775,7 @@ class CrestCallback(pl.Callback):
         """Restore a checkpoint into the loader built at setup. A run that started at a later epoch (a
         continued fit, ``lightning_epoch0``) plans the epochs from there to max_epochs: the loader is
         rebuilt for them first (one planned from epoch 0 would have grown the run's budget)."""
+        state = dict(state)  # (the pending one is kept whole for a retry)
         epoch0 = int(state.pop("lightning_epoch0", 0))
         loader = self.loader
         if epoch0 != self._epoch0 and self.epochs is None and self._max_epochs:

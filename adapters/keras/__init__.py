@@ -230,21 +230,39 @@ def _one_hot_rows(y: np.ndarray) -> bool:
     return bool(np.all((y == 0) | (y == 1)) and np.all(y.sum(axis=1) == 1))
 
 
+def _queued_batch(q, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A ``SubsetCallback`` checkpoint's queued batch, ``{"indices", "weights"}``, checked as a stored batch is
+    (the weights as float64: whole-number weights are weights too)."""
+    where = "SubsetCallback state dict"
+    if not isinstance(q, dict) or not {"indices", "weights"} <= set(q):
+        raise ValueError(f"{where}: a queued batch must be a dict holding indices and weights")
+    try:
+        w = np.asarray(q["weights"], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: a queued batch's weights must be numbers") from exc
+    idx, w, _ = _common.stored_batch({"indices": q["indices"], "weights": w, "reselected": False}, n, where)
+    return idx, w
+
+
 def _refuse_multi_hot(y: np.ndarray) -> None:
     """Refuse 2-D targets of whole numbers that are not one-hot, beyond rows of zeros: multi-hot rows (several
     1s) or class indices per position (a value above 1), multi-label or per-token targets, which CREST,
     selecting whole examples by one class label, does not support, with ``labels=`` or without (reviews 169 and
     172: they were called soft labels, with labels= as the way out, which then trained on a loss CREST did not
     measure, or failed inside Keras)."""
-    if y.ndim != 2 or y.shape[1] < 2 or y.dtype == bool or not (
-            np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and bool(np.all(np.isfinite(y)))
+    if y.ndim != 2 or y.shape[1] < 2:
+        return
+    if y.dtype == bool:  # multi-hot rows as booleans (review 173: skipped, then trained on with labels=)
+        y = y.astype(np.int8)
+    if not (np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and bool(np.all(np.isfinite(y)))
                                                    and bool(np.all(y == np.round(y))))):
         return
     if bool(np.any(y.sum(axis=1) > 1)) or bool(np.any(y > 1)) or bool(np.any(y < 0)):
         raise ValueError(
-            "y has rows with several 1s (multi-label or per-token targets): CREST selects whole examples, each by "
-            "one class label, and measures the softmax cross-entropy of that label; such targets are not supported, "
-            "with labels= or without (the model would train on another loss than the one CREST measures)")
+            "y holds rows of whole numbers that are not one-hot (several 1s, or class indices per position: "
+            "multi-label or per-token targets): CREST selects whole examples, each by one class label, and "
+            "measures the softmax cross-entropy of that label; such targets are not supported, with labels= or "
+            "without (the model would train on another loss than the one CREST measures)")
 
 
 def labels_from_targets(y) -> np.ndarray:
@@ -2574,8 +2592,7 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
             if not isinstance(queue, list):
                 raise ValueError(f"SubsetCallback state dict: queue must be a list of batches, got "
                                  f"{type(queue).__name__}")
-            queue = [_common.stored_batch(dict(q, reselected=False) if isinstance(q, dict) else q, self.n,
-                                          "SubsetCallback state dict")[:2] for q in queue]
+            queue = [_queued_batch(q, self.n) for q in queue]
         before = self.schedule.state()
         try:
             self.schedule.load_state(state["schedule"])

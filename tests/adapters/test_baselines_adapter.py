@@ -731,3 +731,19 @@ def test_a_refused_state_says_nothing_of_its_options():
         with pytest.raises(ValueError, match="position must be an integer"):
             b.load_state_dict(dict(sd, position=10**6))
     assert [str(w.message) for w in said] == [] and b.position == 0
+
+
+def test_a_sparse_dataset_with_workers_is_refused_only_where_the_method_measures():
+    """Review 173: SubsetLoader refused a sparse TensorDataset with measure_workers > 0 for every method, also
+    random, full and sgd-budget, which never start the workers (they ran before); the methods that measure
+    (craig, gradmatch, glister) are refused at construction, naming measure_workers=0."""
+    y = torch.arange(60) % 3
+    x = torch.eye(60)[:, :12].to_sparse()
+    for method in ("random", "full", "sgd-budget"):
+        sub = SubsetLoader(torch.nn.Linear(12, 3), TensorDataset(x, y), method=method, budget=0.5, epochs=1, m=6,
+                           seed=0, measure_workers=1)
+        xb, yb, w = next(iter(sub))
+        assert xb.is_sparse and xb.shape[0] == 6
+    with pytest.raises(ValueError, match="measure_workers=0"):
+        SubsetLoader(torch.nn.Linear(12, 3), TensorDataset(x, y), method="craig", budget=0.5, epochs=1, m=6,
+                     seed=0, measure_workers=1)

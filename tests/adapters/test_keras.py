@@ -905,7 +905,7 @@ def test_labels_from_targets():
         labels_from_targets(np.array([1, 2**63 + 5], dtype=np.uint64))
     # review 169: multi-hot rows were called soft labels, with labels= as the way out (then a second refusal,
     # then a run that measures another loss than the model's); they are multi-label targets, not supported
-    with pytest.raises(ValueError, match=r"several 1s \(multi-label or per-token targets\).*not supported"):
+    with pytest.raises(ValueError, match=r"not one-hot \(several 1s.*multi-label or per-token targets\).*not supported"):
         labels_from_targets(np.array([[1.0, 1.0, 0.0], [0.0, 1.0, 0.0]]))
     with pytest.raises(ValueError, match="soft labels"):  # all-zero rows are not multi-label
         labels_from_targets(np.array([[0.0, 0.0], [0.0, 1.0]]))
@@ -2847,10 +2847,25 @@ def test_a_subset_callbacks_refused_queue_leaves_it_as_it_was():
     schedule = b.schedule.state()
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
-        with pytest.raises(ValueError, match="SubsetCallback state dict: a batch must be a dict"):
+        with pytest.raises(ValueError, match="SubsetCallback state dict: a queued batch must be a dict holding "
+                                             "indices and weights"):
             b.load_state_dict(dict(saved, queue=[{"indices": [1, 2]}]))
         with pytest.raises(ValueError, match="queue must be a list"):
             b.load_state_dict(dict(saved, queue=None))
     assert said == [] and b.position == 0 and repr(b.schedule.state()) == repr(schedule)
     b.load_state_dict(saved)
     assert b.position == saved["position"]
+
+
+def test_boolean_multi_hot_targets_are_refused_and_whole_number_queue_weights_taken():
+    """Review 173: boolean multi-hot targets were skipped by the multi-label refusal (trained on with labels=), and
+    a SubsetCallback queue with whole-number weights, taken before, was refused naming a key it never stores."""
+    X, y = digits()
+    multi = np.eye(10, dtype=bool)[y]
+    multi[:, 0] = True
+    with pytest.raises(ValueError, match="multi-label or per-token targets"):
+        CrestCallback(X, multi, labels=y, config=CrestConfig(**CFG), budget=BUDGET, seed=3)
+    from crestcore.adapters.keras import _queued_batch
+
+    idx, w = _queued_batch({"indices": [3, 1], "weights": [2, 1]}, 10)
+    assert idx.tolist() == [3, 1] and w.tolist() == [2.0, 1.0] and w.dtype == np.float64

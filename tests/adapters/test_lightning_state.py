@@ -72,3 +72,19 @@ def test_a_refused_checkpoint_of_a_continued_run_leaves_the_callback_as_it_was()
     assert cb.loader is loader and cb._epoch0 == 0 and cb.state_dict()["lightning_epoch0"] == 0
     cb.load_state_dict(dict(state, lightning_epoch0=1))  # accepted: rebuilt over the epochs from 1
     assert cb.loader is not loader and cb._epoch0 == 1 and cb.loader.epochs == 4
+
+
+def test_a_checkpoint_refused_at_setup_is_kept_for_the_retry():
+    """Review 173: a checkpoint loaded before setup (fit(ckpt_path=) restores callbacks first) and refused there
+    (a continued run at or beyond max_epochs: "raise max_epochs") was dropped, so the retry the error asks for
+    silently started a new CREST run from step 0. It is kept until it loads."""
+    module = Module()
+    cb = CrestCallback(data(), **CFG)
+    cb.setup(fake_trainer(current_epoch=0, max_epochs=5), module, "fit")
+    state = dict(cb.state_dict(), lightning_epoch0=3)
+    again = CrestCallback(data(), **CFG)
+    again.load_state_dict(state)  # before setup: kept for it
+    with pytest.raises(ValueError, match="raise max_epochs"):
+        again.setup(fake_trainer(current_epoch=0, max_epochs=3), module, "fit")
+    again.setup(fake_trainer(current_epoch=0, max_epochs=6), module, "fit")  # the retry loads it
+    assert again._restored and again._epoch0 == 3 and again.loader.epochs == 3
