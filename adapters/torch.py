@@ -40,7 +40,7 @@ import numpy as np
 
 from crestcore.dropping import pool_size
 from crestcore.plan import _BREAK_ADVICE, BudgetedPasses
-from crestcore.validation import host_indices, int64_labels, stored_batch
+from crestcore.validation import all_finite, host_indices, int64_labels, stored_batch
 try:
     import torch
 except ImportError as exc:  # pragma: no cover - depends on what is installed
@@ -1445,7 +1445,8 @@ class TorchModelOps:
         self.num_workers = int(num_workers)
         if self.num_workers and self._fetch._tensors and any(x.is_sparse for x in dataset.tensors):
             raise ValueError(  # (review 172: torch's error at the first selection)
-                "measurement workers (measure_workers > 0) with a TensorDataset of sparse tensors: the workers "
+                "measurement workers (measure_workers > 0; num_workers of TorchModelOps) with a TensorDataset of "
+                "sparse tensors: the workers "
                 "batch its items with default_collate, which cannot batch sparse tensors; keep the measurement "
                 "passes in the training process (measure_workers=0: a TensorDataset's rows are sliced there, "
                 "which costs little) or pass collate_fn=")
@@ -2264,6 +2265,8 @@ class TorchModelOps:
 
     @staticmethod
     def _check_finite(t: torch.Tensor, what: str):
+        if all_finite(torch, t):  # one sum: the entrywise test only to count a failure (review 171)
+            return
         bad = ~torch.isfinite(t)
         if bool(bad.any()):
             count = int(bad.reshape(bad.shape[0], -1).any(dim=1).sum()) if t.ndim else 1
@@ -3470,7 +3473,7 @@ class CrestLoader(BudgetedPasses):
                 more = (f": the state was saved by a run planned for {saved} epochs, this loader plans {self.epochs} "
                         f"(epochs=, or Trainer(max_epochs=) with Lightning; it may grow, not shrink)"
                         if isinstance(saved, (int, np.integer)) and saved != self.epochs else "")
-                raise ValueError(f"CrestLoader state dict: position must be an integer in [0, {self.total_steps}] "
+                raise ValueError(f"{where}: position must be an integer in [0, {self.total_steps}] "
                                  f"(the planned steps), got {pos!r}{more}")
             pos = int(pos)
             pending = _common.stored_batches(state.get("pending", []), self.n, where, "pending", convert=_from_portable)
@@ -3482,11 +3485,11 @@ class CrestLoader(BudgetedPasses):
                                  f"{self.total_steps} planned steps")
             b = state.get("batch")
             if (b is None) != (pos == 0):
-                raise ValueError(f"CrestLoader state dict: batch must be present exactly when position > 0 "
+                raise ValueError(f"{where}: batch must be present exactly when position > 0 "
                                  f"(position {pos}, batch {'missing' if b is None else 'present'})")
             batch = None
             if b is not None:
-                batch = Batch(*stored_batch(_from_portable(b), self.n, "CrestLoader state dict"))
+                batch = Batch(*stored_batch(_from_portable(b), self.n, where))
             anchor = state.get("anchor_buffers")  # absent from checkpoints before 2026-12-01: the live buffers
             if anchor is not None:
                 live = dict(self.ops.model.named_buffers())

@@ -52,6 +52,7 @@ import numpy as np
 from ._compat import device_of, from_numpy, host_to, index_dtype, namespace, to_numpy
 from .backends import (OPTIMIZERS, check_choice, check_picks, refuse_draws_outside, refuse_nonfinite_gains,
                        snap_tolerance)
+from ._validation import all_finite
 from .similarity import _gram_distances, pairwise_distances
 
 __all__ = ["similarity_batched", "greedy_batched", "assign_batched", "greedy_features", "facility_batched",
@@ -129,7 +130,7 @@ def greedy_batched(S, valid, budgets, optimizer, u=None):
     if K == 0:
         return (xp.zeros((B, 0), dtype=index_dtype(xp), device=dev), xp.zeros((B, 0), dtype=S.dtype, device=dev))
     gains = xp.stack(gain_cols, axis=1)
-    refuse_nonfinite_gains(bool(xp.all(xp.isfinite(gains))))  # (bool(), not to_numpy: any device)
+    refuse_nonfinite_gains(all_finite(xp, gains))  # (bool(), not to_numpy: any device)
     return xp.astype(xp.stack(idx_cols, axis=1), index_dtype(xp)), gains
 
 

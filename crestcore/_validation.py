@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ._compat import index_dtype, to_numpy
+from ._compat import float_errors_quiet, index_dtype, to_numpy
 from .backends import is_choice
 
 
@@ -162,6 +162,25 @@ def _half_abs_max(X: np.ndarray, name: str) -> float:
     return float(np.array(m, dtype=np.uint16).view(np.float16))
 
 
+def all_finite(xp, x) -> bool:
+    """Whether every entry of the array ``x`` is finite: one sum (finite only when every entry is, since an
+    infinity or a NaN makes it infinite or NaN), the entrywise test only when the sum is not finite (finite
+    entries whose sum overflowed). ``xp.all(xp.isfinite(x))``'s answer without its boolean array: at
+    2048 x 10,000 float32 logits, 3 ms against 135 ms on one CPU thread (torch), and 6 against 18 us at 600 x 10
+    (review 171).
+
+    >>> import numpy as np
+    >>> all_finite(np, np.array([[1.0, -2.0], [3.0, 4.0]])), all_finite(np, np.array([1.0, np.nan]))
+    (True, False)
+    >>> all_finite(np, np.array([3e38, 3e38], dtype=np.float32))  # the sum overflows, the entries are finite
+    True
+    """
+    with float_errors_quiet():  # (NumPy's overflow warning of a sum of finite entries: not the user's concern)
+        if bool(xp.isfinite(xp.sum(x))):  # (a boolean of no graph: float() of a sum that requires grad warns)
+            return True
+    return bool(xp.all(xp.isfinite(x)))
+
+
 def check_float_rows(xp, A, name: str, layout: str) -> None:
     """A must be a 2-D real floating array with at least one row, every entry finite (``layout`` words the
     expected array in the shape error, e.g. ``"(k, D) array"``). Unlike :func:`check_float_matrix` it
@@ -170,7 +189,7 @@ def check_float_rows(xp, A, name: str, layout: str) -> None:
         raise ValueError(f"{name} must be a non-empty {layout}, got shape {tuple(A.shape)}")
     if not isdtype(xp, A.dtype, "real floating"):
         raise not_floating(name, A.dtype)
-    if not bool(xp.all(xp.isfinite(A))):
+    if not all_finite(xp, A):
         raise ValueError(f"{name} contains NaN or infinite values")
 
 

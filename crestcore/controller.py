@@ -51,7 +51,7 @@ import array_api_compat
 import numpy as np
 
 from ._compat import device_of, from_numpy, frozen_copy, namespace, namespace_name, once_per_array, to_numpy
-from ._validation import (DivergenceError, apportion, field_bool, field_choice, field_instance, field_int,
+from ._validation import (DivergenceError, all_finite, apportion, field_bool, field_choice, field_instance, field_int,
                           field_real, isdtype, masked_outputs_error, plain_fields, user_stacklevel)
 from .dropping import (DropConfig, DropState, _check_live, _undone_on_error, drop_init, drop_record, drop_resize,
                        drop_update, pool_size)
@@ -746,7 +746,7 @@ def _forward(state: CrestState, ops, idx: np.ndarray, config: CrestConfig):
     # not count as floating, is widened below like any half-precision output: review 128)
     if not (isdtype(xp, logits.dtype, "real floating") or getattr(logits.dtype, "name", "") == "bfloat16"):
         raise TypeError(f"outputs must return real floating logits, got dtype {logits.dtype}")
-    if not bool(xp.all(xp.isfinite(logits))):
+    if not all_finite(xp, logits):
         if not bool(xp.any(xp.isnan(logits) | (logits == math.inf))):
             raise masked_outputs_error(int(xp.sum(xp.astype(xp.any(logits == -math.inf, axis=1), xp.int64))),
                                        idx.size)
@@ -778,7 +778,7 @@ def _forward(state: CrestState, ops, idx: np.ndarray, config: CrestConfig):
     elif tuple(losses.shape) != (idx.size,) or namespace(losses, names=("example_losses",)) is not xp:
         raise ValueError(f"example_losses must return ({idx.size},) per-example losses in the logits' library, "
                          f"got {type(losses).__name__} of shape {tuple(getattr(losses, 'shape', ()))}")
-    if not bool(xp.all(xp.isfinite(losses))):
+    if not all_finite(xp, losses):
         if own is not None:  # the adapter's (the user's) loss: it may fail on finite logits by itself
             raise DivergenceError(
                 f"CREST: the per-example losses of the adapter's example_losses (the loss_fn you gave) are NaN "
@@ -1285,7 +1285,7 @@ def _check_alive(a, what: str) -> None:
 def _finite_params(w, step: int, where: str) -> None:
     """A ``DivergenceError`` naming ``ops.params()`` when the parameter vector ``w`` is not finite."""
     xp = namespace(w, names=("params()",))
-    if not bool(xp.all(xp.isfinite(w))):
+    if not all_finite(xp, w):
         raise DivergenceError(
             f"CREST: ops.params() holds NaN or infinite values at step {step} ({where}): training has diverged "
             "(or a parameter the measured examples do not reach went non-finite). Lower the learning rate or "

@@ -29,7 +29,7 @@ import numpy as np
 from ._compat import detached, float_errors_quiet, namespace, to_numpy
 from .similarity import accumulating as _accumulating
 from .similarity import compute_dtype
-from ._validation import DivergenceError, check_float_rows, field_choice, field_real, isdtype, plain_fields
+from ._validation import DivergenceError, all_finite, check_float_rows, field_choice, field_real, isdtype, plain_fields
 
 __all__ = [
     "QuadraticConfig",
@@ -107,7 +107,7 @@ def _check_vec(xp, v, name, dim=None, *, diverged: bool = False, finite: bool = 
         raise ValueError(f"{name} has length {v.shape[0]}, expected {dim}")
     if not isdtype(xp, v.dtype, "real floating"):
         raise TypeError(f"{name} must be real floating, got {v.dtype}")
-    if finite and not bool(xp.all(xp.isfinite(v))):
+    if finite and not all_finite(xp, v):
         if diverged:
             raise DivergenceError(
                 f"{name} contains NaN or infinite values: the model's gradient or curvature is not finite, "
@@ -168,7 +168,7 @@ def hutchinson_diagonal(hvp: Callable[[Any], Any], probes):
                             f"{type(hz).__name__}")
         if tuple(hz.shape) != tuple(z.shape):
             raise ValueError(f"hvp returned shape {tuple(hz.shape)} for a probe of shape {tuple(z.shape)}")
-        if not bool(xp.all(xp.isfinite(hz))):
+        if not all_finite(xp, hz):
             raise DivergenceError(
                 f"hvp returned NaN or infinite values for probe {i}: the Hessian-vector product is not "
                 "finite (a diverged model?)"
@@ -182,7 +182,7 @@ def hutchinson_diagonal(hvp: Callable[[Any], Any], probes):
     with float_errors_quiet():
         mean = acc / probes.shape[0]
         out = mean if mean.dtype == out_dtype else xp.astype(mean, out_dtype)
-    if not bool(xp.all(xp.isfinite(out))):
+    if not all_finite(xp, out):
         raise DivergenceError(f"the Hutchinson estimate overflows {out.dtype}: the curvature is not finite")
     return out
 
@@ -286,7 +286,7 @@ def quadratic_update(state: QuadraticState, grad=None, zhz=None, config: Quadrat
     new = QuadraticState(state.anchor_loss, g_ema, h_ema, n_g, n_h)
     # Finite but exploding samples (huge logits) can overflow the EMAs or the curvature's norm (which
     # the trust schedule needs): that is divergence, reported as such rather than as a later failure.
-    if grad is not None and not bool(xp.all(xp.isfinite(g_ema))):
+    if grad is not None and not all_finite(xp, g_ema):
         raise DivergenceError(f"the gradient EMA overflows {g_ema.dtype}: training has diverged")
     if zhz is not None:
         if not math.isfinite(curvature_norm(new, config)):

@@ -28,7 +28,7 @@ import math
 import numbers
 
 from ._compat import detached, float_errors_quiet, namespace, native_order, to_numpy
-from ._validation import isdtype, not_floating
+from ._validation import all_finite, isdtype, not_floating
 from .backends import KERNELS, METRICS, array_api, exact_shift, snap_tolerance  # the kernel contract
 
 __all__ = [
@@ -219,7 +219,7 @@ def restore(xp, A, back: int, dtype, what: str, *, selection: bool = True):
             A = pow2_scale(A, back)
         if A.dtype != dtype:
             A = xp.astype(A, dtype)
-    if not bool(xp.all(xp.isfinite(A))):
+    if not all_finite(xp, A):
         name = _dtype_name(dtype)
         raise ValueError(
             f"computing the {what} overflows {name} (the values are out of {name}'s range"
@@ -299,7 +299,7 @@ def pairwise_distances(X, Y=None, *, metric: str = "euclidean"):
     if not same and X.shape[-1] != Y.shape[-1]:
         raise ValueError(f"X has {X.shape[-1]} features but Y has {Y.shape[-1]}")
     for name, A in (("X", X), ("Y", Y)):
-        if A is not None and not bool(xp.all(xp.isfinite(A))):
+        if A is not None and not all_finite(xp, A):
             raise ValueError(f"{name} contains NaN or infinite values")
     if not same and X.dtype != Y.dtype:
         raise TypeError(f"X and Y must have the same dtype, got {X.dtype} and {Y.dtype}")

@@ -46,7 +46,7 @@ import numpy as np
 
 from ._compat import device_of, from_numpy, namespace, namespace_name, to_numpy, wide_float
 from .backends import check_picks, exact_shift, refuse_nonfinite_gains, snap_tolerance  # the kernel contract
-from ._validation import check_choice, check_float_matrix, check_int
+from ._validation import all_finite, check_choice, check_float_matrix, check_int
 from ._reference_kernels import _check_draws
 from .similarity import METRICS, _distances, prepare
 
@@ -493,7 +493,7 @@ def sparse_greedy(nbr, sims, order, indptr, budget, optimizer, u=None):
     n, K1 = nbr.shape
     budget = check_picks(budget, n, "budget")  # (review 167: True, 2.7 and budgets above n were taken)
     _check_draws(u, optimizer, (budget,))  # the dense kernels' refusals (review 160: a NaN draw crashed)
-    refuse_nonfinite_gains(bool(xp.all(xp.isfinite(sims))))  # (NaN gains were returned: review 160)
+    refuse_nonfinite_gains(all_finite(xp, sims))  # (NaN gains were returned: review 160)
     dev = device_of(sims)
     rows = order // K1
     # in float64, as the Numba kernel, which sums each candidate's terms in entry order (float32 in JAX

@@ -14,6 +14,8 @@ Each check returns a normalised host (NumPy) copy or raises an error naming the 
   naming it otherwise.
 * :func:`not_floating` -- the ``TypeError`` for an array whose dtype is not real floating (a NumPy
   bfloat16 array from ml_dtypes is told what to do).
+* :func:`all_finite` -- whether every entry of an array is finite, by one sum (the entrywise test only
+  when the sum is not finite).
 * :class:`DivergenceError` -- what CREST raises on non-finite numbers (a ``FloatingPointError``).
 * :func:`masked_outputs_error` -- the ``ValueError`` for outputs whose only non-finite entries are ``-inf``
   (a mask of classes, not a divergence).
@@ -21,8 +23,8 @@ Each check returns a normalised host (NumPy) copy or raises an error naming the 
 
 from __future__ import annotations
 
-from ._validation import (DivergenceError, check_choice, check_count, check_epsilon, check_int, host_indices,
+from ._validation import (DivergenceError, all_finite, check_choice, check_count, check_epsilon, check_int, host_indices,
                           host_weights, int64_labels, masked_outputs_error, not_floating, stored_batch, user_stacklevel)
 
-__all__ = ["DivergenceError", "check_choice", "check_count", "check_epsilon", "check_int", "host_indices",
+__all__ = ["DivergenceError", "all_finite", "check_choice", "check_count", "check_epsilon", "check_int", "host_indices",
            "host_weights", "int64_labels", "masked_outputs_error", "not_floating", "stored_batch", "user_stacklevel"]

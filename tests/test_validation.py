@@ -566,3 +566,33 @@ def test_weights_and_stored_flags_name_themselves_on_inputs_numpy_cannot_hold():
     for flag in (None, object()):
         with pytest.raises(ValueError, match="ckpt: a batch's reselected must be a boolean"):
             stored_batch({"indices": [1], "weights": [1.0], "reselected": flag}, 3, "ckpt")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_all_finite_answers_as_the_entrywise_test_does(dtype):
+    """all_finite (one sum, the entrywise test only when the sum is not finite; review 171) gives the answer of
+    xp.all(xp.isfinite(x)) for NaN, +-inf, both infinities (their sum is NaN), sums that overflow on finite
+    entries, and empty arrays, on NumPy and torch, without NumPy's overflow warning."""
+    import warnings
+
+    from crestcore.validation import all_finite
+
+    big = float(np.finfo(dtype).max)
+    cases = [np.ones((3, 4)), np.zeros((0, 5)), np.array([[1.0, np.nan]]), np.array([np.inf, 1.0]),
+             np.array([-np.inf, 2.0]), np.array([np.inf, -np.inf]), np.array([big, big, -1.0]),
+             np.array([[big, big], [big, np.nan]]), np.array(3.0), np.array(np.inf)]
+    libs = [np]
+    try:
+        import torch
+
+        libs.append(torch)
+    except ImportError:  # pragma: no cover
+        pass
+    for case in cases:
+        a = case.astype(dtype)
+        expected = bool(np.all(np.isfinite(a)))
+        for xp in libs:
+            x = a if xp is np else xp.from_numpy(a)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                assert all_finite(xp, x) is expected, (xp.__name__, dtype, case)
