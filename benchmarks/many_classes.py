@@ -25,7 +25,6 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--steps", type=int, default=60)
     a = ap.parse_args(argv)
-    import numpy as np
     import torch
     import torch.nn.functional as F
     from torch.utils.data import TensorDataset
@@ -59,11 +58,18 @@ def main(argv=None) -> int:
         training.append(time.perf_counter() - t1)
         st = loader.controller_state
         (making if (st.made, st.counters["selections"]) != before else checking).append(dt)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"C = {a.classes}, r = {a.r}, n = {a.n}: a step that makes a coreset {1e3 * np.median(making):.1f} ms "
-          f"(median of {len(making)}), a check-only step {1e3 * np.median(checking):.2f} ms (median of "
-          f"{len(checking)}), the model's training step {1e3 * np.median(training):.2f} ms; peak RSS {peak:.0f} MB")
+    print(_report(a, {"a step that makes a coreset": making, "a check-only step": checking,
+                      "the model's training step": training}))
     return 0
+
+
+def _report(a, times: dict) -> str:
+    """One line: the median milliseconds of each kind of step (and how many there were), the peak RSS."""
+    import numpy as np
+
+    parts = [f"{kind} {1e3 * float(np.median(t)):.2f} ms (median of {len(t)})" for kind, t in times.items() if t]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return f"C = {a.classes}, r = {a.r}, n = {a.n}: " + ", ".join(parts) + f"; peak RSS {peak:.0f} MB"
 
 
 if __name__ == "__main__":

@@ -1092,7 +1092,8 @@ def test_a_checkpoint_refused_on_one_rank_fails_every_rank_cleanly(tmp_path):
         msg = (tmp_path / f"rank{rank}.refused").read_text()
         assert "disagree on whether the checkpoint loaded" in msg, msg
         assert ("position must be" in msg) == (rank == 1), msg
-        assert (tmp_path / f"rank{rank}.own").read_text().startswith("ValueError: DistributedCrestLoader state dict: position")
+        own = (tmp_path / f"rank{rank}.own").read_text()
+        assert own.startswith("ValueError: DistributedCrestLoader state dict: position"), own
         assert (tmp_path / f"rank{rank}.done").read_text() == "6"
         assert "planned for" not in (tmp_path / f"rank{rank}.said").read_text()  # the load that did not stand
 
