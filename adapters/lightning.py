@@ -538,7 +538,13 @@ class CrestCallback(pl.Callback):
         self._losses_warned = False  # said once a fit
         self._cut = _check_batch_limit(trainer, self.loader)
         if self._pending is not None:  # kept until it loads: a refused one is there for the retry (review 173)
-            self._load(self._pending)
+            try:
+                self._load(self._pending)
+            except Exception as exc:
+                exc.add_note("CrestCallback: the state given to load_state_dict stays pending for the next fit (a fit "
+                             "of this callback starts from it once it loads); build a new CrestCallback to start "
+                             "afresh")
+                raise
             self._pending = None
 
     def _resolve_data(self) -> None:

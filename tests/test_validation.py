@@ -596,3 +596,15 @@ def test_all_finite_answers_as_the_entrywise_test_does(dtype):
             with warnings.catch_warnings():
                 warnings.simplefilter("error")
                 assert all_finite(xp, x) is expected, (xp.__name__, dtype, case)
+
+
+def test_all_finite_takes_narrow_floats_entrywise():
+    """Review 174: all_finite summed float8 logits, for which torch has no CPU sum (NotImplementedError where the
+    entrywise test answered); half and narrower floats take the entrywise test."""
+    torch = pytest.importorskip("torch")
+    from crestcore.validation import all_finite
+
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).to(torch.float8_e5m2)
+    assert all_finite(torch, x) is True
+    y = torch.tensor([1.0, float("nan")]).to(torch.float8_e5m2)
+    assert all_finite(torch, y) is False

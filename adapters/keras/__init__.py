@@ -236,10 +236,10 @@ def _queued_batch(q, n: int) -> tuple[np.ndarray, np.ndarray]:
     where = "SubsetCallback state dict"
     if not isinstance(q, dict) or not {"indices", "weights"} <= set(q):
         raise ValueError(f"{where}: a queued batch must be a dict holding indices and weights")
-    try:
-        w = np.asarray(q["weights"], dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{where}: a queued batch's weights must be numbers") from exc
+    w = np.asarray(q["weights"])
+    if w.dtype.kind not in "iuf":  # (booleans and strings are no weights: review 174)
+        raise ValueError(f"{where}: a queued batch's weights must be numbers, got dtype {w.dtype}")
+    w = w.astype(np.float64)
     idx, w, _ = _common.stored_batch({"indices": q["indices"], "weights": w, "reselected": False}, n, where)
     return idx, w
 

@@ -2869,3 +2869,6 @@ def test_boolean_multi_hot_targets_are_refused_and_whole_number_queue_weights_ta
 
     idx, w = _queued_batch({"indices": [3, 1], "weights": [2, 1]}, 10)
     assert idx.tolist() == [3, 1] and w.tolist() == [2.0, 1.0] and w.dtype == np.float64
+    for bad in ([True, False], ["1.0", "2.0"]):  # review 174: no weights, as stored_batch refuses them
+        with pytest.raises(ValueError, match="weights must be numbers"):
+            _queued_batch({"indices": [3, 1], "weights": bad}, 10)

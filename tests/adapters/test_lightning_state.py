@@ -75,16 +75,17 @@ def test_a_refused_checkpoint_of_a_continued_run_leaves_the_callback_as_it_was()
 
 
 def test_a_checkpoint_refused_at_setup_is_kept_for_the_retry():
-    """Review 173: a checkpoint loaded before setup (fit(ckpt_path=) restores callbacks first) and refused there
-    (a continued run at or beyond max_epochs: "raise max_epochs") was dropped, so the retry the error asks for
-    silently started a new CREST run from step 0. It is kept until it loads."""
+    """Review 173: a state given to load_state_dict before setup (by hand, before fit) and refused there (a
+    continued run at or beyond max_epochs: "raise max_epochs") was dropped, so the retry the error asks for
+    silently started a new CREST run from step 0. It is kept until it loads, and the error says so."""
     module = Module()
     cb = CrestCallback(data(), **CFG)
     cb.setup(fake_trainer(current_epoch=0, max_epochs=5), module, "fit")
     state = dict(cb.state_dict(), lightning_epoch0=3)
     again = CrestCallback(data(), **CFG)
     again.load_state_dict(state)  # before setup: kept for it
-    with pytest.raises(ValueError, match="raise max_epochs"):
+    with pytest.raises(ValueError, match="raise max_epochs") as refused:
         again.setup(fake_trainer(current_epoch=0, max_epochs=3), module, "fit")
+    assert any("stays pending for the next fit" in note for note in refused.value.__notes__)
     again.setup(fake_trainer(current_epoch=0, max_epochs=6), module, "fit")  # the retry loads it
     assert again._restored and again._epoch0 == 3 and again.loader.epochs == 3
