@@ -1446,10 +1446,9 @@ class TorchModelOps:
         if self.num_workers and self._fetch._tensors and any(x.is_sparse for x in dataset.tensors):
             raise ValueError(  # (review 172: torch's error at the first selection)
                 "measurement workers (measure_workers > 0; num_workers of TorchModelOps) with a TensorDataset of "
-                "sparse tensors: the workers "
-                "batch its items with default_collate, which cannot batch sparse tensors; keep the measurement "
-                "passes in the training process (measure_workers=0: a TensorDataset's rows are sliced there, "
-                "which costs little) or pass collate_fn=")
+                "sparse tensors: the workers batch its items with default_collate, which cannot batch sparse "
+                "tensors; keep the measurement passes in the training process (measure_workers=0: a TensorDataset's "
+                "rows are sliced there, which costs little) or pass collate_fn=")
         self.cache_bytes = _common.check_count(cache_bytes, "cache_bytes", low=0)
         if not isinstance(reuse_checks, bool):
             raise TypeError(f"reuse_checks must be a bool, got {type(reuse_checks).__name__}")

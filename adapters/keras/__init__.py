@@ -292,9 +292,8 @@ def labels_from_targets(y) -> np.ndarray:
                 raise TypeError(f"y must hold integer class indices (or one-hot rows), got dtype {y.dtype}")
         lab = int64_labels(y, "y") if np.issubdtype(y.dtype, np.integer) else y.astype(np.int64)
     elif y.ndim == 2:
-        is_onehot = _one_hot_rows(y)
-        _refuse_multi_hot(y)
-        if not is_onehot:
+        if not _one_hot_rows(y):
+            _refuse_multi_hot(y)
             raise ValueError("y has rows that are not one-hot (soft labels?): pass labels= with one class index "
                              "per example")
         lab = np.argmax(y, axis=1).astype(np.int64)
@@ -1667,8 +1666,8 @@ def _training_data(x, y, labels, measure_x, outputs, m: int):
     if labels is None:
         lab = labels_from_targets(y)
     else:
-        _refuse_multi_hot(y)
         if y.ndim == 2 and y.shape[1] > 1 and not _one_hot_rows(y):
+            _refuse_multi_hot(y)
             # soft targets (mixup, distillation): trained on, but CREST measures labels= (review 79)
             warnings.warn(
                 "y holds soft or multi-label targets (rows that are not one-hot): the model trains on its loss of "
