@@ -556,11 +556,14 @@ class SubsetLoader(BudgetedPasses):
             self._checked_pass_state(state, int(pos))  # a refused state changes nothing
             number = measure_anchor(state, "SubsetLoader state dict")
             last = state.get("last")
-            last = None if last is None else (torch.as_tensor(last["indices"]).numpy().astype(np.int64),
-                                              torch.as_tensor(last["weights"]).numpy().astype(np.float64))
+            if last is not None:  # the batch handed out last: checked as every stored batch is
+                if not isinstance(last, dict) or not {"indices", "weights"} <= set(last):
+                    raise ValueError("SubsetLoader state dict: last must be None or a dict holding indices and "
+                                     "weights")
+                last = _common.stored_batch({**last, "reselected": False}, self.n, "SubsetLoader state dict")[:2]
         before = self.schedule.state()
         try:
-            self.schedule.load_state(state)
+            self.schedule.load_state(state, where="SubsetLoader state dict")
             _common.say(said)  # every check passed: the notices (a filter that raises leaves the loader as it was)
         except Exception:
             self.schedule.load_state(before)  # a state the schedule cannot read leaves it as it was

@@ -3465,7 +3465,7 @@ class CrestLoader(BudgetedPasses):
             like = self.ops.params() if saved_set is None else _wide(
                 torch.cat([p.detach().reshape(-1) for p in saved_set]) if saved_set else
                 torch.zeros(0, dtype=self.ops.params().dtype, device=self.ops.device))
-            crest = _common.restore_controller(_from_portable(state["crest"]), self.labels, like)
+            crest = _common.restore_controller(_from_portable(state.get("crest")), self.labels, like)
             pos = state.get("position")
             if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or not 0 <= int(pos) <= self.total_steps:
                 saved = state.get("epochs")

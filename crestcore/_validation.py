@@ -640,6 +640,40 @@ def field_instance(owner: str, name: str, value, cls) -> None:
         raise FieldTypeError(f"{owner}.{name} must be a {cls.__name__}, got {type(value).__name__} {value!r}")
 
 
+def state_array(value, where: str, name: str, ndim: int, kind: str) -> np.ndarray:
+    """A checkpoint's array field on the host, checked: ``ndim`` dimensions and ``kind`` "i" (integers),
+    "b" (booleans) or "f" (floats); any library's array, or nested lists and tuples (a JSON round trip, whose
+    empty list stands for an empty array of ``ndim`` dimensions and any number kind). Anything else (None, a
+    dict, a ragged list) is a ``ValueError`` that names the field: ``"{where}: {name} must be ..."``.
+
+    >>> state_array([[1, 2]], "ckpt", "rows", 2, "i")
+    array([[1, 2]])
+    >>> state_array(None, "ckpt", "rows", 2, "i")
+    Traceback (most recent call last):
+        ...
+    ValueError: ckpt: rows must be a 2-D array (or nested lists), got NoneType
+    """
+    try:
+        if isinstance(value, (list, tuple)):
+            a = np.asarray(value)
+            if a.size == 0 and a.ndim != ndim:
+                a = a.reshape((0,) * ndim)
+        else:
+            a = np.asarray(to_numpy(value))
+    except (TypeError, ValueError) as e:  # None, a dict, a ragged list: what the field is, not NumPy's words
+        raise ValueError(f"{where}: {name} must be a {ndim}-D array (or nested lists), got {type(value).__name__}") \
+            from e
+    if a.ndim != ndim:
+        raise ValueError(f"{where}: {name} must be {ndim}-D, got shape {a.shape}")
+    empty_number = a.size == 0 and np.issubdtype(a.dtype, np.number)  # JSON's [] reads back as float64
+    ok = {"i": (np.issubdtype(a.dtype, np.integer) and a.dtype != bool) or empty_number, "b": a.dtype == bool,
+          "f": np.issubdtype(a.dtype, np.floating) or empty_number}[kind]
+    if not ok:
+        raise ValueError(f"{where}: {name} has dtype {a.dtype}, expected "
+                         f"{dict(i='integer', b='bool', f='floating')[kind]}")
+    return a
+
+
 def stored_batch(record, n: int, where: str):
     """A handed-out batch read back from a checkpoint (a dict with ``indices``, ``weights``,
     ``reselected``), checked: 1-D integer indices in [0, n), finite non-negative weights, one per index.
@@ -650,12 +684,11 @@ def stored_batch(record, n: int, where: str):
     """
     if not isinstance(record, dict) or not {"indices", "weights", "reselected"} <= set(record):
         raise ValueError(f"{where}: a batch must be a dict holding indices, weights and reselected")
-    bi = np.asarray(to_numpy(record["indices"]))
-    bw = np.asarray(to_numpy(record["weights"]))
-    if bi.ndim != 1 or not np.issubdtype(bi.dtype, np.integer) or (bi.size and (bi.min() < 0 or bi.max() >= n)):
+    bi = state_array(record["indices"], where, "a batch's indices", 1, "i")
+    bw = state_array(record["weights"], where, "a batch's weights", 1, "f")
+    if bi.size and (bi.min() < 0 or bi.max() >= n):
         raise ValueError(f"{where}: batch indices must be a 1-D integer array in [0, {n})")
-    if bw.shape != bi.shape or not np.issubdtype(bw.dtype, np.floating) or not np.all(np.isfinite(bw)) \
-            or (bw.size and bw.min() < 0):
+    if bw.shape != bi.shape or not np.all(np.isfinite(bw)) or (bw.size and bw.min() < 0):
         raise ValueError(f"{where}: batch weights must be finite, non-negative and one per index")
     flag = record["reselected"]
     try:  # (None and other objects NumPy cannot hold failed with to_numpy's bare TypeError: review 160)

@@ -52,7 +52,7 @@ import numpy as np
 
 from ._compat import device_of, from_numpy, frozen_copy, namespace, namespace_name, once_per_array, to_numpy
 from ._validation import (DivergenceError, all_finite, apportion, field_bool, field_choice, field_instance, field_int,
-                          field_real, isdtype, masked_outputs_error, plain_fields, user_stacklevel)
+                          field_real, isdtype, masked_outputs_error, plain_fields, state_array, user_stacklevel)
 from .dropping import (DropConfig, DropState, _check_live, _undone_on_error, drop_init, drop_record, drop_resize,
                        drop_update, pool_size)
 from .features import cross_entropy, last_layer_gradients, softmax
@@ -1782,8 +1782,7 @@ def _bool_of(d, name):
 
 
 def _as_host(v, ndim: int | None = None) -> np.ndarray:
-    """A state dict's array field on the host: lists and tuples (a JSON round trip) or any library's array.
-    An empty list is an empty array of ``ndim`` dimensions (JSON writes an empty (0, m) array as ``[]``)."""
+    """A state dict's array field on the host (validated: see :func:`_host`)."""
     if isinstance(v, (list, tuple)):
         a = np.asarray(v)
         if a.size == 0 and ndim is not None and a.ndim != ndim:
@@ -1793,15 +1792,7 @@ def _as_host(v, ndim: int | None = None) -> np.ndarray:
 
 
 def _host(v, name, ndim, kind):
-    a = _as_host(v, ndim)
-    if a.ndim != ndim:
-        raise _bad(f"{name} must be {ndim}-D, got shape {a.shape}")
-    empty_number = a.size == 0 and np.issubdtype(a.dtype, np.number)  # JSON's [] reads back as float64
-    ok = {"i": (np.issubdtype(a.dtype, np.integer) and a.dtype != bool) or empty_number, "b": a.dtype == bool,
-          "f": np.issubdtype(a.dtype, np.floating) or empty_number}[kind]
-    if not ok:
-        raise _bad(f"{name} has dtype {a.dtype}, expected {dict(i='integer', b='bool', f='floating')[kind]}")
-    return a
+    return state_array(v, "corrupt or foreign CREST state dict", name, ndim, kind)
 
 
 def _validate_recipe(recipe, labels, n: int) -> None:
@@ -1942,6 +1933,10 @@ def _validate_state_dict(d: dict, D: int) -> None:
         raise _bad(f"drop.steps must be -1 exactly on empty slots and in [0, step={step}] elsewhere")
     if np.any(active != (dropped < 0)) or (dropped.size and dropped.max() > step):
         raise _bad("drop.dropped_at must be -1 exactly for active examples and at most step")
+    if dr.get("clock") is not None and _host(dr["clock"], "drop.clock", 1, "i").size != 1:
+        raise _bad("drop.clock must hold one integer (the records made to the histories)")
+    if "version" in dr:
+        _int_of(dr, "version")
     c = d["counters"]
     if not isinstance(c, dict) or set(_counters()) - set(c) - set(_COUNTERS_ADDED):
         raise _bad(f"counters must be a dict with {sorted(set(_counters()) - set(_COUNTERS_ADDED))}")
@@ -1959,6 +1954,11 @@ def _validate_state_dict(d: dict, D: int) -> None:
     lg = d["log"]
     if not isinstance(lg, dict) or {"selections", "checks", "drops"} - set(lg):
         raise _bad("log must be a dict with selections, checks and drops")
+    # the records as the run writes them: selection steps, (step, rho, L_R, F) checks, (step, dropped) drops
+    for k, nd, kind, width in (("selections", 1, "i", None), ("checks", 2, "f", 4), ("drops", 2, "i", 2)):
+        rec = _host(list(lg[k]) if isinstance(lg[k], EventLog) else lg[k], f"log.{k}", nd, kind)
+        if width is not None and rec.size and rec.shape[1] != width:
+            raise _bad(f"log.{k} records must hold {width} numbers each, got shape {rec.shape}")
 
 
 def crest_load_state_dict(d: dict, params_like, *, labels=None) -> CrestState:

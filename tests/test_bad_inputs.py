@@ -409,6 +409,16 @@ CORRUPT = [
     ("h-norm-negative", ("h_norm_t",), -1.0, "h_norm_t"),
     ("since-check-beyond-step", ("since_check",), 10_000, "since_check"),
     ("no-selection-yet", ("n_selections",), 0, "n_selections|selections"),
+    # fields that are no arrays at all, named (NumPy's "cannot copy a NoneType" named none of them)
+    ("batch-idx-none", ("batch_idx",), None, "batch_idx must be a 2-D array"),
+    ("subsets-dict", ("subsets",), {"a": 1}, "subsets must be a 2-D array"),
+    ("g-ema-none", ("quad", "g_ema"), None, "quad.g_ema must be a 1-D array"),
+    ("drop-losses-ragged", ("drop", "losses"), [[1.0], [1.0, 2.0]], "drop.losses must be a 2-D array"),
+    ("drop-clock-text", ("drop", "clock"), "x", "drop.clock"),
+    ("drop-version-none", ("drop", "version"), None, "version must be an integer"),
+    ("log-checks-int", ("log", "checks"), 5, "log.checks"),
+    ("log-checks-width", ("log", "checks"), [[1.0, 2.0]], "log.checks records must hold 4"),
+    ("log-selections-nested", ("log", "selections"), [[1]], "log.selections must be 1-D"),
 ]
 
 
@@ -514,6 +524,9 @@ LOADER_CORRUPT = [
     ("batch-index-range", lambda s: s["batch"].update(indices=s["batch"]["indices"] + 100), "indices"),
     ("batch-missing", lambda s: s.update(batch=None), "batch"),
     ("pool-truncated", lambda s: s["crest"]["drop"].update(active=s["crest"]["drop"]["active"][:20]), "drop.active"),
+    ("crest-none", lambda s: s.update(crest=None), "crest entry must be the controller's state"),
+    ("crest-missing", lambda s: s.pop("crest"), "crest entry must be the controller's state"),
+    ("batch-indices-none", lambda s: s["batch"].update(indices=None), "indices must be a 1-D array"),
 ]
 
 

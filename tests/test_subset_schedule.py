@@ -426,3 +426,55 @@ def test_solve_on_host_solves_a_device_model_in_numpy(method, monkeypatch):
     assert len(on_device) == len(host)
     with pytest.raises(ValueError, match="solve_on"):
         _schedule(method, y, solve_on="gpu")
+
+
+def _trained_schedule(method):
+    X, y = _data()
+    s = _schedule(method, y)
+    ops = EmbeddingOps(X, y, 3)
+    for t in range(4):
+        idx, _ = s.next_indices(t, ops)
+        s.observe(idx, np.full(idx.size, 0.5))
+    return s, y
+
+
+SCHEDULE_CORRUPT = [
+    ("selection-indices-none", "craig", ("selection", "indices"), None, "selection.indices must be a 1-D array"),
+    ("selection-indices-range", "craig", ("selection", "indices"), lambda a: a + 1000, "selection.indices must hold"),
+    ("selection-weights-short", "random", ("selection", "weights"), lambda a: a[:-1], "selection.weights must hold"),
+    ("selection-weights-nan", "random", ("selection", "weights"), lambda a: a * np.nan, "selection.weights must hold"),
+    ("selection-epoch-text", "random", ("selection", "epoch"), "x", "selection.epoch must be an integer"),
+    ("selection-not-dict", "random", ("selection",), 5, "selection must be None or a dict"),
+    ("plan-key-missing", "random", ("plan",), {"indices": [], "weights": []}, "plan must be None or a dict"),
+    ("plan-indices-size", "random", ("plan", "indices"), lambda a: a[:3], "plan.indices must hold 24 indices"),
+    ("plan-weights-none", "random", ("plan", "weights"), None, "plan.weights must hold the planned"),
+    ("full-plan-weighted", "full", ("plan", "weights"), lambda _: np.ones(120), "plan.weights must be None"),
+    ("prune-losses-none", "prune", ("losses",), None, "losses must be a 1-D array"),
+    ("prune-seen-short", "prune", ("seen",), lambda a: a[:5], "losses and seen must hold one entry"),
+    ("counters-none", "random", ("counters",), None, "counters must be a dict"),
+    ("counter-float", "random", ("counters", "train_steps"), 1.5, "counters.train_steps must be an integer"),
+    ("log-not-records", "random", ("selections",), [1, 2], "selections must be a list of records"),
+]
+
+
+@pytest.mark.parametrize("method, path, value, match", [c[1:] for c in SCHEDULE_CORRUPT],
+                         ids=[c[0] for c in SCHEDULE_CORRUPT])
+def test_a_corrupt_state_is_refused_by_field_and_changes_nothing(method, path, value, match):
+    """A state whose fields are not what :meth:`SubsetSchedule.state` writes is refused with the field's name,
+    and the schedule keeps its own state (before 2026-12-06 it took any value: ``selection.indices=5`` trained
+    on example 5 alone, ``None`` gave NumPy's "cannot copy a NoneType", a missing key a bare KeyError)."""
+    s, y = _trained_schedule(method)
+    bad = s.state()
+    cur = bad
+    for k in path[:-1]:
+        cur = cur[k]
+    cur[path[-1]] = value(cur[path[-1]]) if callable(value) else value
+    other = _schedule(method, y)
+    before = other.state()
+    with pytest.raises(ValueError, match=match):
+        other.load_state(bad, where="test state")
+    after = other.state()
+    assert after.keys() == before.keys()
+    assert all((after[k] is None and before[k] is None) or repr(after[k]) == repr(before[k]) for k in before)
+    other.load_state(s.state())  # the intact state still loads
+    assert repr(other.state()) == repr(s.state())

@@ -2308,8 +2308,8 @@ class CrestCallback(_TrainedSteps, keras.callbacks.Callback):
                 state, fmt=_FORMAT, owner="CrestCallback", kind="callback", fingerprint=self._fingerprint(),
                 same="data, config.m, seed and budget",
                 options=("config", repr(self.config), "the CrestConfig differs from the saved one", CONFIG_AS_BEFORE))
-            d = state["crest"]
-            anchor = None if d.get("anchor") is None else np.asarray(d["anchor"])
+            d = state.get("crest")
+            anchor = None if not isinstance(d, dict) or d.get("anchor") is None else np.asarray(d["anchor"])
             # the flat parameter vector's length is what crest_load_state_dict checks the anchor against: the
             # model's when this callback has measured it already, else the anchor's own (then checked against the
             # model at the next fit's on_train_begin, by _sync_state)
@@ -2594,7 +2594,7 @@ class SubsetCallback(_TrainedSteps, keras.callbacks.Callback):
             queue = [_queued_batch(q, self.n) for q in queue]
         before = self.schedule.state()
         try:
-            self.schedule.load_state(state["schedule"])
+            self.schedule.load_state(state.get("schedule"), where="SubsetCallback state dict: schedule")
             _common.say(said)  # every check passed: the notices (a filter that raises leaves the callback as it was)
         except Exception:
             self.schedule.load_state(before)  # a state the schedule cannot read leaves it as it was

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .._compat import device_of, from_numpy, namespace, on_cpu, to_numpy
-from .._validation import apportion, check_count, check_int, user_stacklevel
+from .._validation import apportion, check_count, check_int, state_array, user_stacklevel
 from ..features import last_layer_gradients
 from ..plan import _decimal_budget
 from ._craig import craig
@@ -658,8 +658,10 @@ class SubsetSchedule:
             return np.ones_like(w)
         return w
 
-    def load_state(self, state: dict) -> None:
-        """Restore :meth:`state` (arrays may come back in any library: they are copied to the host).
+    def load_state(self, state: dict, where: str = "subset schedule state") -> None:
+        """Restore :meth:`state` (arrays may come back in any library: they are copied to the host). Every
+        field is checked before anything changes: a corrupt or foreign state raises a ``ValueError`` naming
+        the field (``where`` prefixes it: the owner's state dict) and leaves the schedule as it was.
 
         Examples
         --------
@@ -673,29 +675,89 @@ class SubsetSchedule:
         >>> b.load_state(a.state())
         >>> all(np.array_equal(a.next_indices(t)[0], b.next_indices(t)[0]) for t in range(1, 6))
         True
+        >>> bad = a.state()
+        >>> bad["selection"]["indices"] = None
+        >>> b.load_state(bad)
+        Traceback (most recent call last):
+            ...
+        ValueError: subset schedule state: selection.indices must be a 1-D array (or nested lists), got NoneType
         """
+        loaded = self._checked_state(state, where)
+        for k, v in loaded.items():
+            setattr(self, k, v)
 
-        def host(a, dtype):
-            return np.asarray(to_numpy(a), dtype=dtype).copy()
+    def _checked_state(self, state, where: str) -> dict:
+        """The attributes :meth:`load_state` sets, from ``state``, every field checked (a ``ValueError`` naming
+        it otherwise): indices of this data set's examples, finite non-negative weights one per index, an epoch
+        plan of the size this schedule lays out, whole-number counters."""
+        n = self.n
 
-        sel = state.get("selection")
+        def bad(msg):
+            return ValueError(f"{where}: {msg}")
+
+        def number(v, name, low):
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or int(v) < low:
+                raise bad(f"{name} must be an integer >= {low}, got {type(v).__name__} {v!r}")
+            return int(v)
+
+        def part(name, keys):
+            v = state.get(name)
+            if v is not None and (not isinstance(v, dict) or set(keys) - set(v)):
+                raise bad(f"{name} must be None or a dict holding {', '.join(keys)}")
+            return v
+
+        def indices(v, name, size=None):
+            a = state_array(v, where, name, 1, "i")
+            if a.size and (a.min() < 0 or a.max() >= n):
+                raise bad(f"{name} must hold example indices in [0, {n})")
+            if size is not None and a.size != size:
+                raise bad(f"{name} must hold {size} indices, got {a.size}")
+            return a.astype(np.int64)
+
+        def weights(v, name, size):
+            a = state_array(v, where, name, 1, "f")
+            if a.size != size or not np.all(np.isfinite(a)) or (a.size and a.min() < 0):
+                raise bad(f"{name} must hold {size} finite non-negative weights (one per index)")
+            return self._loaded_weights(a.astype(np.float64))
+
+        if not isinstance(state, dict):
+            raise bad(f"the state must be a dict (from state()), got {type(state).__name__}")
+        out: dict[str, Any] = {}
+        sel = part("selection", ("indices", "weights", "epoch"))
         if sel is None:
-            self.sel_idx = self.sel_w = None
-            self.sel_epoch = -1
+            out.update(sel_idx=None, sel_w=None, sel_epoch=-1)
         else:
-            self.sel_idx = host(sel["indices"], np.int64)
-            self.sel_w = self._loaded_weights(host(sel["weights"], np.float64))
-            self.sel_epoch = int(sel["epoch"])
-        plan = state.get("plan")
+            idx = indices(sel["indices"], "selection.indices")
+            if idx.size == 0:
+                raise bad("selection.indices is empty: a selection holds at least one example")
+            out.update(sel_idx=idx, sel_w=weights(sel["weights"], "selection.weights", idx.size),
+                       sel_epoch=number(sel["epoch"], "selection.epoch", 0))
+        plan = part("plan", ("key", "indices", "weights"))
         if plan is None:
-            self.plan_key = self.plan_idx = self.plan_w = None
+            out.update(plan_key=None, plan_idx=None, plan_w=None)
         else:
-            self.plan_key = int(plan["key"])
-            self.plan_start = int(plan.get("start", self.plan_key * self.steps_per_epoch))
-            self.plan_idx = host(plan["indices"], np.int64)
-            self.plan_w = None if plan["weights"] is None else self._loaded_weights(host(plan["weights"], np.float64))
+            full = self.method in ("full", "sgd-budget")  # a permutation of the data, unweighted; else the epoch's slots
+            key = number(plan["key"], "plan.key", 0)
+            idx = indices(plan["indices"], "plan.indices", n if full else self.steps_per_epoch * self.m)
+            if full and plan["weights"] is not None:
+                raise bad(f"plan.weights must be None for method {self.method!r} (unweighted passes)")
+            if not full and plan["weights"] is None:
+                raise bad(f"plan.weights must hold the planned epoch's weights for method {self.method!r}")
+            out.update(plan_key=key, plan_idx=idx,
+                       plan_start=number(plan.get("start", key * self.steps_per_epoch), "plan.start", 0),
+                       plan_w=None if full else weights(plan["weights"], "plan.weights", idx.size))
         if self.method == "prune":
-            self.losses = host(state["losses"], np.float64)
-            self.seen = host(state["seen"], bool)
-        self.counters = {k: int(v) for k, v in state["counters"].items()}
-        self.log = [dict(s) for s in state.get("selections", [])]
+            losses = state_array(state.get("losses"), where, "losses", 1, "f")
+            seen = state_array(state.get("seen"), where, "seen", 1, "b")
+            if losses.size != n or seen.size != n or not np.all(np.isfinite(losses)):
+                raise bad(f"losses and seen must hold one entry per example ({n}), the losses finite")
+            out.update(losses=losses.astype(np.float64), seen=seen.copy())
+        counters = state.get("counters")
+        if not isinstance(counters, dict) or set(self.counters) - set(counters):
+            raise bad(f"counters must be a dict holding {', '.join(self.counters)}")
+        out["counters"] = {k: number(counters[k], f"counters.{k}", 0) for k in self.counters}
+        log = state.get("selections", [])
+        if not isinstance(log, (list, tuple)) or not all(isinstance(r, dict) for r in log):
+            raise bad("selections must be a list of records (dicts)")
+        out["log"] = [dict(r) for r in log]
+        return out

@@ -747,3 +747,22 @@ def test_a_sparse_dataset_with_workers_is_refused_only_where_the_method_measures
     with pytest.raises(ValueError, match="measure_workers=0"):
         SubsetLoader(torch.nn.Linear(12, 3), TensorDataset(x, y), method="craig", budget=0.5, epochs=1, m=6,
                      seed=0, measure_workers=1)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("last", {"indices": None, "weights": [1.0]}, "indices must be a 1-D array"),
+    ("last", {"weights": [1.0]}, "last must be None or a dict holding indices and weights"),
+    ("last", 5, "last must be None or a dict"),
+    ("selection", {"indices": [3], "weights": [1.0]}, "selection must be None or a dict holding"),
+    ("counters", None, "counters must be a dict"),
+], ids=["last-indices-none", "last-no-indices", "last-number", "selection-no-epoch", "counters-none"])
+def test_a_corrupt_state_is_refused_by_field_and_leaves_the_loader_as_it_was(field, value, match):
+    """Review of 2026-12-06: SubsetLoader's state fields were read without a check (a KeyError, NumPy's
+    "cannot copy a NoneType", or a selection of one example taken as it was); each is refused by its name."""
+    a = loader("craig")
+    train(a, steps=3)
+    b = loader("craig")
+    before = b.state_dict()
+    with pytest.raises(ValueError, match=f"SubsetLoader state dict: .*{match}"):
+        b.load_state_dict(dict(a.state_dict(), **{field: value}))
+    assert repr(b.state_dict()) == repr(before)

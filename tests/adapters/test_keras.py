@@ -2259,6 +2259,28 @@ def test_subset_callback_refuses_a_state_of_other_labels_or_past_its_run():
     assert same.position == saved["position"]
 
 
+def test_callbacks_refuse_a_state_without_its_parts_by_name():
+    """Review of 2026-12-06: a CrestCallback state whose crest entry was None or missing failed with a bare
+    AttributeError or KeyError, a SubsetCallback state without its schedule with a KeyError; each is a
+    ValueError naming the entry, and the callback keeps its state."""
+    _, x, y = _example_problem()
+    from crestcore import CrestConfig as Config
+
+    saved = CrestCallback(x, y, config=Config(m=8), budget=0.25, seed=0).state_dict()
+    for bad in ({**saved, "crest": None}, {k: v for k, v in saved.items() if k != "crest"}):
+        crest = CrestCallback(x, y, config=Config(m=8), budget=0.25, seed=0)
+        with pytest.raises(ValueError, match="crest entry must be the controller's state"):
+            crest.load_state_dict(bad)
+        assert crest.position == 0
+    sub = SubsetCallback(x, y, method="random", budget=0.25, epochs=2, m=8, seed=0)
+    saved = sub.state_dict()
+    for bad, match in (({k: v for k, v in saved.items() if k != "schedule"}, "the state must be a dict"),
+                       ({**saved, "schedule": {**saved["schedule"], "counters": None}}, "counters must be a dict")):
+        with pytest.raises(ValueError, match=f"SubsetCallback state dict: schedule: {match}"):
+            sub.load_state_dict(bad)
+        assert repr(sub.state_dict()) == repr(saved)
+
+
 @pytest.mark.parametrize("name", ["crossentropy", "ce"])
 def test_keras_generic_crossentropy_names_are_crossentropy(name):
     """Review 79: loss="crossentropy" (Keras picks the sparse or categorical one from the targets) was warned
