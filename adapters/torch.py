@@ -745,33 +745,58 @@ def _own_train(module: nn.Module) -> bool:
 _PROBE_CLASSES = 1 << 16
 
 
+# the logits one probe of the user's loss_fn builds at most (161 margins x classes probed x classes: 16 MB in
+# float32): every class up to about 160 classes, fewer (spread over the classes, class 0 and the last among
+# them) above
+_PROBE_LOGITS = 4 * 2**20
+
+
 def _warn_loss_floor(loss_fn, config: CrestConfig, classes: int, owner: str) -> None:
     """With dropping on (``T2``), warn when the user's ``loss_fn`` cannot go below ``DropConfig.alpha`` on an
     example its model gets right (label smoothing has such a floor: 0.50 for 0.1 over ten classes), so that no
     example can ever be dropped as learned (review 106: 0 of 1,797 dropped, silently). The probe is one
     row per logit margin t from 0 to 40, the right class at t / 2 and every other at -t / 2 (a softmax loss
     sees the margin alone; a one-vs-rest sigmoid loss, BCE or focal, also sees every other class's logit
-    go down, which it needs to reach its own floor: review 107), on the CPU; a ``loss_fn`` that cannot take
+    go down, which it needs to reach its own floor: review 107), for every class (a class-weighted loss has a
+    floor per class: review 176, where class 0's alone was probed and the advice left the other nine classes
+    undroppable), or for as many classes as ``_PROBE_LOGITS`` allows, on the CPU; a ``loss_fn`` that cannot take
     it (another device, another output form) is not checked."""
     if loss_fn is None or config.T2 is None or not 2 <= classes <= _PROBE_CLASSES:
         return
     margins = torch.linspace(0.0, 40.0, 161)
-    logits = (-margins / 2)[:, None].repeat(1, classes)
-    logits[:, 0] = margins / 2
+    k = margins.numel()
+    probed = np.unique(np.linspace(0, classes - 1, max(1, min(classes, _PROBE_LOGITS // (k * classes))))
+                       .round().astype(np.int64))
+    rows = probed.size * k  # one call: every probed class's margins, (class, margin) row-major
     try:
+        logits = (-margins / 2)[None, :, None].repeat(probed.size, 1, classes)
+        cls = torch.as_tensor(probed)
+        logits[torch.arange(probed.size), :, cls] = margins / 2
         with torch.no_grad():
-            ell = torch.as_tensor(loss_fn(logits, torch.zeros(margins.numel(), dtype=torch.long))).reshape(-1)
-        low = float(ell.min())
+            ell = torch.as_tensor(loss_fn(logits.reshape(rows, classes), cls.repeat_interleave(k))).reshape(-1)
     except Exception:  # noqa: BLE001 - a loss_fn for another device or output form: not checked here
         return
+    if ell.numel() != rows:
+        return
+    low = ell.reshape(probed.size, k).min(dim=1).values.double().numpy()  # each probed class's floor
     alpha = float(config.drop.alpha)
-    if ell.numel() == margins.numel() and np.isfinite(low) and low >= alpha:
-        warnings.warn(
-            f"{owner}: loss_fn's smallest loss on a correctly classified example is about {low:.3g} (over logit "
-            f"margins 0-40 on {classes} classes), not below DropConfig.alpha={alpha:g}: with dropping on (T2="
-            f"{config.T2}) no example can ever count as learned (label smoothing has such a floor). Pass an alpha "
-            f"a little above the floor, e.g. CrestConfig(..., drop=DropConfig(alpha={low + alpha:.2g})), or a "
-            "loss_fn without one", stacklevel=_common.user_stacklevel())
+    stuck = probed[np.isfinite(low) & (low >= alpha)]
+    if stuck.size == 0:
+        return
+    top = float(low[np.isfinite(low)].max())
+    named = f"class {', '.join(str(int(c)) for c in stuck[:5])}{', ...' if stuck.size > 5 else ''}"
+    which = (f"on {classes} classes" if stuck.size == probed.size == classes else
+             f"for {stuck.size} of the {classes} classes ({named})" if probed.size == classes else
+             f"for {stuck.size} of the {probed.size} classes probed (of {classes}; {named})")
+    spread = "" if float(low.min()) == top or not np.all(np.isfinite(low)) else (
+        f"; the floors differ by class, {float(low.min()):.3g} to {top:.3g} (class weights?)")
+    warnings.warn(
+        f"{owner}: loss_fn's smallest loss on a correctly classified example is about {top:.3g} (over logit "
+        f"margins 0-40 {which}), not below DropConfig.alpha={alpha:g}{spread}: with dropping on (T2="
+        f"{config.T2}) no example of {'these classes' if stuck.size < classes else 'any class'} can ever count as "
+        f"learned (label smoothing has such a floor). Pass an alpha a little above the largest floor, e.g. "
+        f"CrestConfig(..., drop=DropConfig(alpha={top + alpha:.2g})), or a loss_fn without one",
+        stacklevel=_common.user_stacklevel())
 
 
 def _gradients_possible() -> None:
@@ -1381,8 +1406,12 @@ class TorchModelOps:
     parameter, trainable or not (a ``.half()`` / ``.bfloat16()`` model, or Lightning's ``"bf16-true"``, works
     unchanged), and
     logits, embeddings, gradients, Hessian probes and ``params()`` of a float16 or bfloat16 model come back
-    in float32, so CREST's features, losses and quadratic model are computed in at least float32. A
-    float32 model trained under ``torch.autocast`` is measured in float32 (outside the autocast region).
+    in float32, so CREST's features, losses and quadratic model are computed in at least float32. The
+    backward passes themselves run in the model's dtype, as its training step's do (the chunks' gradients
+    are summed in float32): in float16, whose smallest step is 6e-8, the gradient of an almost learned
+    coreset (losses of about 1e-5 and below) underflows in part or wholly to zero, as the training step's
+    own does (review 176); bfloat16 has float32's range. A float32 model trained under ``torch.autocast``
+    is measured in float32 (outside the autocast region).
 
     Examples
     --------

@@ -1227,8 +1227,10 @@ def _check_fit_gradient(g, loss, name: str) -> None:
             f"CREST: ops.{name} returned a gradient that is exactly zero at the new anchor while the coreset's "
             f"loss is {got:.4g}: the loss does not depend on the trainable parameters (a loss_fn that reads a "
             "constant column, a binary model's forward= that prepends a zero column with a loss_fn reading column "
-            "0 instead of the logit's column 1, or a network whose units are all inactive). The quadratic model is "
-            "flat: every trust check passes and CREST reselects only at the schedule's cap", RuntimeWarning,
+            "0 instead of the logit's column 1, or a network whose units are all inactive), or, at so small a loss, "
+            "a float16 model's backward underflowing to zero (train it in bfloat16 or float32, or under autocast). "
+            "The quadratic model is flat: every trust check passes and CREST reselects only at the schedule's cap",
+            RuntimeWarning,
             stacklevel=user_stacklevel())
 
 

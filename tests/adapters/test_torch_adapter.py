@@ -3930,6 +3930,30 @@ def test_a_loss_fn_whose_floor_is_above_alpha_is_warned_about_when_dropping_is_o
         CrestLoader(model, data, config=CrestConfig(m=16, T2=5), budget=0.5, epochs=2, loss_fn=one_vs_rest)
 
 
+def test_the_loss_floor_is_probed_for_every_class():
+    """Review 176: the floor probe labelled every row class 0, so a class-weighted, label-smoothed loss_fn was
+    judged by class 0's floor (0.08 with weight 0.05, below alpha: no warning), while the nine other classes'
+    floors (0.12) kept every example of theirs from ever being dropped; with class 0 above alpha too, the advice
+    (alpha = class 0's floor + alpha) still left the others undroppable. Every class is probed now, and the
+    warning names the classes and the largest floor."""
+    import torch.nn.functional as F
+
+    X, y = torch_blobs(300, D_IN, 10, seed=0)
+    data = TensorDataset(X, y)
+    model = torch_mlp(D_IN, 10, seed=0)
+    cw = torch.ones(10)
+    cw[0] = 0.05
+    some = functools.partial(F.cross_entropy, weight=cw, label_smoothing=0.02, reduction="none")
+    with pytest.warns(UserWarning, match=r"about 0\.118 \(over logit margins 0-40 for 9 of the 10 classes \(class 1, "
+                                         r"2, 3, 4, 5, \.\.\.\)\), not below DropConfig\.alpha=0\.1; the floors differ "
+                                         r"by class, 0\.0786 to 0\.118"):
+        CrestLoader(model, data, config=CrestConfig(m=16, T2=5), budget=0.5, epochs=2, loss_fn=some)
+    every = functools.partial(F.cross_entropy, weight=cw, label_smoothing=0.1, reduction="none")
+    with pytest.warns(UserWarning, match=r"about 0\.457 \(over logit margins 0-40 on 10 classes\).*0\.284 to 0\.457.*"
+                                         r"DropConfig\(alpha=0\.56\)"):
+        CrestLoader(model, data, config=CrestConfig(m=16, T2=5), budget=0.5, epochs=2, loss_fn=every)
+
+
 def test_iterating_under_inference_mode_is_refused_naming_it():
     """Under torch.inference_mode(), which torch.enable_grad cannot lift, the first measurement failed with a
     message about parameters that get no gradient, naming LoRA layers. It now names inference mode;
