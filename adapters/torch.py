@@ -66,7 +66,8 @@ from crestcore.controller import (
 
 from . import _common
 
-__all__ = ["TorchModelOps", "CrestLoader", "dataset_labels"]
+__all__ = ["TorchModelOps", "CrestLoader", "CrestBatchSampler", "WeightedDataset", "WeightedCollate", "WeightedKey",
+           "dataset_labels"]
 
 _FORMAT = "crestcore.adapters.torch.CrestLoader/1"
 
