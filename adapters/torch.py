@@ -3563,7 +3563,14 @@ class CrestLoader(BudgetedPasses):
 class WeightedKey(tuple):
     """``(index, weight)``: what :class:`CrestBatchSampler` hands the ``DataLoader`` for each example.
     :class:`WeightedDataset` turns it into the example plus its weight; a plain tuple, so it pickles to
-    worker processes unchanged."""
+    worker processes unchanged.
+
+    Examples
+    --------
+    >>> key = WeightedKey(7, 1.25)
+    >>> key[0], float(key[1]), isinstance(key, tuple)
+    (7, 1.25, True)
+    """
 
     __slots__ = ()
 
@@ -3590,7 +3597,18 @@ class WeightedDataset:
     the key ``"crest_weight"``, and ``"crest_index"`` with ``indices=True``). The weight is a
     float32 scalar, so ``default_collate`` stacks a batch's weights into a float32 tensor. Plain integer
     keys read ``dataset`` unchanged (weight-free evaluation through the same object). Map-style,
-    picklable, and its own transforms are the dataset's: safe in ``DataLoader`` worker processes."""
+    picklable, and its own transforms are the dataset's: safe in ``DataLoader`` worker processes.
+
+    Examples
+    --------
+    >>> data = _example_data()  # this module's example data: 16 points of 4 features, two classes
+    >>> weighted = WeightedDataset(data)
+    >>> x, y, w = weighted[WeightedKey(3, 0.5)]
+    >>> bool(torch.equal(x, data[3][0])), int(y), float(w)
+    (True, 1, 0.5)
+    >>> len(weighted[3])  # a plain index reads the dataset's item unchanged
+    2
+    """
 
     def __init__(self, dataset, *, indices: bool = False):
         check_map_style(dataset)
@@ -3878,6 +3896,16 @@ class CrestBatchSampler(CrestLoader):
     at an epoch's end.
     ``observe(losses, indices=...)`` feeds the drop policy with the indices of the batch the losses
     belong to (``WeightedDataset(dataset, indices=True)`` appends them to each item: ``x, y, w, i``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> model = torch.nn.Linear(4, 2)
+    >>> sampler = CrestBatchSampler(model, _example_data(64), config=CrestConfig(m=8), budget=0.5, seed=0)
+    >>> loader = sampler.dataloader()  # DataLoader(WeightedDataset(data), batch_sampler=sampler)
+    >>> x, y, w = next(iter(loader))
+    >>> x.shape, w.dtype, round(float(w.mean()), 4), len(loader) == len(sampler)
+    (torch.Size([8, 4]), torch.float32, 1.0, True)
     """
 
     _kind = "sampler"
@@ -4011,7 +4039,20 @@ class CrestBatchSampler(CrestLoader):
     def set_epoch(self, epoch: int) -> None:
         """As :meth:`CrestLoader.set_epoch`; with ``per_epoch=False`` (one pass is the whole run) the call an
         ``accelerate`` loader makes at each of its iterations is ignored (review 158: it was refused, telling the
-        user to drop an option they need, for a call they never made)."""
+        user to drop an option they need, for a call they never made).
+
+        Examples
+        --------
+        >>> import torch
+        >>> sampler = CrestBatchSampler(torch.nn.Linear(4, 2), _example_data(), config=CrestConfig(m=4),
+        ...                             budget=1.0, epochs=2)  # 4 batches of 4 a pass
+        >>> loader = sampler.dataloader()
+        >>> for epoch in range(2):
+        ...     sampler.set_epoch(epoch)
+        ...     batches = sum(1 for _ in loader)
+        >>> batches, sampler.position
+        (4, 8)
+        """
         if not self.per_epoch and _accelerate_caller():
             return
         super().set_epoch(epoch)
@@ -4168,6 +4209,21 @@ class CrestBatchSampler(CrestLoader):
         return [WeightedKey(i, w) for i, w in zip(batch.indices.tolist(), batch.weights.tolist())]
 
     def load_state_dict(self, state: dict) -> None:
+        """As :meth:`CrestLoader.load_state_dict`: the batches stored as pending (handed out beyond ``trained``)
+        come first in the next pass.
+
+        Examples
+        --------
+        >>> import torch
+        >>> model = torch.nn.Linear(4, 2)
+        >>> sampler = CrestBatchSampler(model, _example_data(), config=CrestConfig(m=4), budget=1.0, seed=0)
+        >>> it = iter(sampler.dataloader())
+        >>> first, second = next(it), next(it)  # two batches handed out, the first trained
+        >>> resumed = CrestBatchSampler(model, _example_data(), config=CrestConfig(m=4), budget=1.0, seed=0)
+        >>> resumed.load_state_dict(sampler.state_dict(trained=1))
+        >>> resumed.position, bool(torch.equal(next(iter(resumed.dataloader()))[0], second[0]))
+        (1, True)
+        """
         super().load_state_dict(state)
         self._counted = None  # (rewind() comes here too: the last pass's batches are accounted for)
         # the last pass's iterator counts the old run's batches (a later state loaded beside a live persistent
@@ -4238,7 +4294,16 @@ class CrestBatchSampler(CrestLoader):
     def dataloader(self, *, indices: bool = False, **kwargs):
         """``DataLoader(WeightedDataset(dataset, indices=indices), batch_sampler=self, **kwargs)``:
         ``num_workers``, ``pin_memory``, ``persistent_workers``, ``prefetch_factor``, ``collate_fn``, ...
-        are yours."""
+        are yours.
+
+        Examples
+        --------
+        >>> import torch
+        >>> sampler = CrestBatchSampler(torch.nn.Linear(4, 2), _example_data(), config=CrestConfig(m=4), budget=1.0)
+        >>> x, y, w, i = next(iter(sampler.dataloader(indices=True)))  # the batch's dataset indices too
+        >>> x.shape, i.dtype
+        (torch.Size([4, 4]), torch.int64)
+        """
         from torch.utils.data import DataLoader
 
         for bad in ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"):
@@ -4250,7 +4315,19 @@ class CrestBatchSampler(CrestLoader):
         """The per-example training losses of one trained batch, for the drop policy and the NaN check.
         ``indices``: that batch's dataset indices (needed when a ``DataLoader`` prefetches; default the
         batch handed out last, right only with ``num_workers=0`` and a loader that fetches nothing ahead:
-        not under ``accelerate``)."""
+        not under ``accelerate``).
+
+        Examples
+        --------
+        >>> import torch
+        >>> model = torch.nn.Linear(4, 2)
+        >>> sampler = CrestBatchSampler(model, _example_data(), config=CrestConfig(m=4, T2=2), budget=1.0)
+        >>> for x, y, w, i in sampler.dataloader(indices=True):
+        ...     losses = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+        ...     sampler.observe(losses.detach(), indices=i)
+        >>> sampler.stats["step"]
+        4
+        """
         if indices is None:
             if self._pass_ahead:  # the batch handed out last is not the one trained: its losses would go there
                 raise ValueError(
@@ -4311,7 +4388,17 @@ class CrestBatchSampler(CrestLoader):
         your loop (the one in hand included) while its iterator is alive, which it counts, beyond its workers'
         prefetch and the batch an ``accelerate`` loader holds (so ``accelerator.register_for_checkpointing(
         sampler)`` checkpoints exactly); else all handed out, warned about where the DataLoader fetched ahead
-        and may not have given them all (its iterator gone after a pass left early)."""
+        and may not have given them all (its iterator gone after a pass left early).
+
+        Examples
+        --------
+        >>> import torch
+        >>> sampler = CrestBatchSampler(torch.nn.Linear(4, 2), _example_data(), config=CrestConfig(m=4), budget=1.0)
+        >>> it = iter(sampler.dataloader())
+        >>> _ = next(it), next(it)  # two batches handed out, one trained
+        >>> len(sampler.state_dict(trained=1)["pending"])  # the untrained one is stored, to come first after a load
+        1
+        """
         if trained is None and self._pass_ahead and self._position:
             live = self._live_untrained()
             if live:
