@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     loader = CrestLoader(model, TensorDataset(x, y), config=CrestConfig(m=128, r=a.r), budget=0.1, epochs=200,
                          seed=0)
-    steps = iter(loader)
+    steps = loader.iter_run()  # (past one epoch: --steps may exceed an epoch of steps)
     making, checking, training = [], [], []
     for _ in range(a.steps):
         st = loader.controller_state

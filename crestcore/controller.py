@@ -55,7 +55,7 @@ from ._validation import (DivergenceError, all_finite, apportion, field_bool, fi
                           field_real, isdtype, masked_outputs_error, plain_fields, state_array, user_stacklevel)
 from .dropping import (DropConfig, DropState, _check_live, _undone_on_error, drop_init, drop_record, drop_resize,
                        drop_update, pool_size)
-from .features import cross_entropy, last_layer_gradients, softmax
+from .features import _gradient_features, _logits_cross_entropy, cross_entropy, softmax
 from .facility import OPTIMIZERS, _numba_host, on_host_device
 from ._reference_kernels import draw_grouped, group_by_class
 from .minibatch import (CLASS_BUDGETS, DenseMemoryError, _count_classes, _draw_rows, _floyd_draws, _pool_classes,
@@ -774,7 +774,7 @@ def _forward(state: CrestState, ops, idx: np.ndarray, config: CrestConfig):
     own = getattr(ops, "example_losses", None)
     losses = own(logits, y) if own is not None else None
     if losses is None:
-        losses = cross_entropy(logits, y)
+        losses = _logits_cross_entropy(xp, logits, y)  # (checked above: finite, the labels in range)
     elif tuple(losses.shape) != (idx.size,) or namespace(losses, names=("example_losses",)) is not xp:
         raise ValueError(f"example_losses must return ({idx.size},) per-example losses in the logits' library, "
                          f"got {type(losses).__name__} of shape {tuple(getattr(losses, 'shape', ()))}")
@@ -965,7 +965,7 @@ def _coresets(state: CrestState, ops, config: CrestConfig, subsets: np.ndarray, 
     the configured (not yet normalised) weights ``w``."""
     union, pos = _union_positions(subsets)
     xp, logits, emb, y, losses = _forward(state, ops, union, config)
-    feats = last_layer_gradients(logits, y, embeddings=emb)
+    feats = _gradient_features(xp, logits, y, emb)  # (the logits and labels checked by _forward)
     # an adapter may shard the solve; otherwise the features' own library solves it (CPU tensors on the
     # torch kernels: a few ms slower per call than Numba at these shapes, but no Numba start-up, 0.5-0.9 s
     # once per process, which a short CPU run paid at its first selection)
