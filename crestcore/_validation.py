@@ -75,8 +75,13 @@ class DivergenceError(FloatingPointError, ValueError):
 def isdtype(xp, dtype, kind: str) -> bool:
     """``xp.isdtype(dtype, kind)``, False for a dtype the library does not know as one of its own (NumPy
     raises ``TypeError`` for an extension dtype such as ml_dtypes' bfloat16): the callers then refuse it
-    with their own message, which names the argument."""
+    with their own message, which names the argument. NumPy's extended precision (``np.longdouble``, float128 on
+    x86-64) is no real floating dtype here either: the library computes in float16 to float64 only, and its
+    checks read maxima as Python floats (review 177: finite float128 values of 1e400 were refused as "NaN or
+    infinite")."""
     try:
+        if kind == "real floating" and isinstance(dtype, np.dtype) and dtype.kind == "f" and dtype.itemsize > 8:
+            return False
         return bool(xp.isdtype(dtype, kind))
     except TypeError:
         return False

@@ -538,7 +538,8 @@ def facility_location(
     Selection, with arrays in X's namespace, on X's device, in X's dtype (indices int64; int32 on JAX
     without x64). Ties break to
     the lowest index. All-identical points are a valid input: every gain after the first is 0, the picks
-    are the lowest indices and the first pick of each problem carries all the weight (except all-zero rows
+    are the lowest indices (with ``optimizer="lazy"`` or ``"naive"``; stochastic greedy picks among the
+    candidates it samples) and the first pick of each problem carries all the weight (except all-zero rows
     under ``metric="cosine"``: a zero row has no direction, so its cosine distance is 1 to every other
     point, another zero row included, and 0 to itself, as every point's).
 

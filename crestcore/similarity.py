@@ -171,27 +171,36 @@ def prepare(xp, X, *, metric: str, kernel: str | None, scale: float, Y=None, ama
     if metric == "cosine":  # each row on its own: a cosine does not depend on the rows' scales
         Xc = _cosine_rows(xp, Xc)
         Yc = None if Yc is None else _cosine_rows(xp, Yc)
-        return Xc, Yc, scale, 0
+        return Xc, Yc, (_exp_scale(xp, scale, cd, 0) if kernel == "exp" else scale), 0
     e = rescale_exponent(xp, Xc, Yc, amax=amax if Y is None else None)  # amax: max|X|, if known
+    power = {"euclidean": 1, "sqeuclidean": 2, "cosine": 0, "precomputed": 1}[metric]
     if e == 0:
-        return Xc, Yc, scale, 0
+        # the exp kernel's scale checked as a rescaled one is (review 177: a float32 scale of 1e-50 became 0, and
+        # the reference and torch kernels blamed the features for the NaN similarities it made)
+        return Xc, Yc, (_exp_scale(xp, scale, cd, 0) if kernel == "exp" else scale), 0
     Xc = pow2_scale(Xc, -e)
     Yc = None if Yc is None else pow2_scale(Yc, -e)
-    power = {"euclidean": 1, "sqeuclidean": 2, "cosine": 0, "precomputed": 1}[metric]
     if kernel == "exp":
-        try:
-            sc = math.ldexp(float(scale), -power * e)
-        except OverflowError:  # beyond every float: out of range below, as is a finite value beyond fi.max
-            sc = math.inf
-        fi = xp.finfo(cd)
-        if not (float(fi.smallest_normal) <= sc <= float(fi.max)):
-            raise ValueError(
-                f"scale={scale!r} is out of range for data of magnitude 2^{e}: the exp kernel's "
-                f"exp(-D / scale) would be exactly 0 or 1 for every pair in {cd}; pass a scale comparable "
-                f"to the distances, or rescale the data"
-            )
-        return Xc, Yc, sc, 0
+        return Xc, Yc, _exp_scale(xp, scale, cd, power * e), 0
     return Xc, Yc, scale, power * e
+
+
+def _exp_scale(xp, scale, cd, shift: int) -> float:
+    """The exp kernel's length scale for distances divided by ``2^shift``: ``scale / 2^shift``, which must be
+    in the compute dtype's normal range (else every ``exp(-D / scale)`` is exactly 0 or 1, or the scale itself
+    rounds to 0 or inf in that dtype): ``ValueError`` naming ``scale`` otherwise."""
+    try:
+        sc = math.ldexp(float(scale), -shift)
+    except OverflowError:  # beyond every float: out of range below, as is a finite value beyond fi.max
+        sc = math.inf
+    fi = xp.finfo(cd)
+    if not (float(fi.smallest_normal) <= sc <= float(fi.max)):
+        data = f"for data of magnitude 2^{shift}" if shift else f"in {cd}"
+        raise ValueError(
+            f"scale={scale!r} is out of range {data}: the exp kernel's exp(-D / scale) would be exactly 0 or 1 "
+            f"for every pair in {cd}; pass a scale comparable to the distances, or rescale the data"
+        )
+    return sc
 
 
 def restore(xp, A, back: int, dtype, what: str, *, selection: bool = True):

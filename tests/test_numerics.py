@@ -8,6 +8,7 @@ Data for the invariance properties are small integers, exactly representable in 
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -167,6 +168,39 @@ def test_exp_kernel_scale_out_of_range_is_refused():
     A = np.random.default_rng(3).normal(size=(40, 3)) * 1e300
     with pytest.raises(ValueError, match="scale"):
         crestcore.facility_location(A, 5, kernel="exp", metric="sqeuclidean")
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_an_exp_scale_outside_the_dtype_is_refused_on_every_path_for_data_not_rescaled(metric):
+    """Review 177: the scale's range was checked only for data the policy rescaled; a float32 scale of 1e-50 on
+    data of magnitude 1 became 0 in the reference and torch kernels, whose NaN similarities were blamed on the
+    features, while the Numba path (float64) returned the lowest indices. Every path refuses it by name now."""
+    X = np.random.default_rng(0).normal(size=(20, 3)).astype(np.float32)
+    arrays = [(X, {}), (X, {"backend": "reference"})]
+    if torch is not None:
+        arrays.append((torch.from_numpy(X), {}))
+    for A, kw in arrays:
+        for scale in (1e-39, 1e-50, 1e39):
+            with pytest.raises(ValueError, match=rf"scale={re.escape(repr(scale))} is out of range in (torch\.)?float32"):
+                crestcore.facility_location(A, 4, metric=metric, kernel="exp", scale=scale, **kw)
+        with pytest.warns(RuntimeWarning, match="every pick gained exactly 1"):  # in range: computed, and said
+            crestcore.facility_location(A, 4, metric=metric, kernel="exp", scale=1e-30, **kw)
+    with pytest.raises(ValueError, match="scale=1e-50 is out of range"):
+        crestcore.minibatch_coresets(X, None, m=2, r=10, P=1, rng=0, kernel="exp", scale=1e-50)
+
+
+def test_extended_precision_is_refused_as_the_dtype_it_is():
+    """Review 177: np.longdouble (float128 on x86-64) was accepted, and its finite values beyond float64's range
+    refused as "NaN or infinite"; it is refused with the dtype message, which never listed it."""
+    if np.dtype(np.longdouble).itemsize <= 8:
+        pytest.skip("long double is float64 on this platform")
+    X = np.random.default_rng(31).normal(size=(20, 3)).astype(np.longdouble)
+    for A in (X, X * np.longdouble("1e400")):
+        with pytest.raises(TypeError, match=r"X must have a real floating dtype \(float16, bfloat16, float32 or "
+                                            r"float64\), got float128"):
+            crestcore.facility_location(A, 5)
+    with pytest.raises(TypeError, match="features must have a real floating dtype"):
+        crestcore.minibatch_coresets(X, None, m=2, r=10, P=1, rng=0)
 
 
 def test_objective_that_overflows_the_dtype_is_refused():
