@@ -75,6 +75,19 @@ def _row_entries(xp, a, cols):
     return xp.take(xp.reshape(a, (-1,)), at, axis=0)
 
 
+def _checked(logits, labels, from_probabilities):
+    """The public functions' checks of ``logits`` (finite (n, C) real floating; probabilities when
+    ``from_probabilities``) and ``labels`` ((n,) in [0, C)): ``(xp, labels, from_probabilities as a bool)``."""
+    xp = namespace(logits, labels, names=("logits", "labels"))
+    check_float_matrix(xp, logits, "logits")
+    n, C = logits.shape
+    labels = check_labels(xp, labels, n, of="logits", classes=C)
+    flag = _flag(from_probabilities)
+    if flag:
+        _check_probabilities(xp, logits)
+    return xp, labels, flag
+
+
 def cross_entropy(logits, labels, *, from_probabilities: bool = False):
     """Per-example cross-entropy (n,) from logits (stable log-sum-exp) or from probabilities.
 
@@ -92,13 +105,8 @@ def cross_entropy(logits, labels, *, from_probabilities: bool = False):
     >>> np.round(cross_entropy(softmax(logits), labels, from_probabilities=True), 4)
     array([0.6931, 0.2877])
     """
-    xp = namespace(logits, labels, names=("logits", "labels"))
-    check_float_matrix(xp, logits, "logits")
-    n, C = logits.shape
-    labels = check_labels(xp, labels, n, of="logits", classes=C)
-    from_probabilities = _flag(from_probabilities)
+    xp, labels, from_probabilities = _checked(logits, labels, from_probabilities)
     if from_probabilities:
-        _check_probabilities(xp, logits)
         p = _row_entries(xp, logits, labels)
         tiny = xp.finfo(logits.dtype).smallest_normal
         return -xp.log(xp.maximum(p, xp.full_like(p, tiny)))
@@ -163,13 +171,8 @@ def last_layer_gradients(logits, labels, *, embeddings=None, from_probabilities:
     >>> last_layer_gradients(logits, labels, embeddings=np.ones((3, 4))).shape
     (3, 8)
     """
-    xp = namespace(logits, labels, embeddings, names=("logits", "labels", "embeddings"))
-    check_float_matrix(xp, logits, "logits")
-    n, C = logits.shape
-    labels = check_labels(xp, labels, n, of="logits", classes=C)
-    from_probabilities = _flag(from_probabilities)
-    if from_probabilities:
-        _check_probabilities(xp, logits)
+    namespace(logits, labels, embeddings, names=("logits", "labels", "embeddings"))  # (one library for all three)
+    xp, labels, from_probabilities = _checked(logits, labels, from_probabilities)
     return _gradient_features(xp, logits, labels, embeddings, from_probabilities)
 
 
