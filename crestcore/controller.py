@@ -55,7 +55,7 @@ from ._validation import (DivergenceError, all_finite, apportion, field_bool, fi
                           field_real, isdtype, masked_outputs_error, plain_fields, state_array, user_stacklevel)
 from .dropping import (DropConfig, DropState, _check_live, _undone_on_error, drop_init, drop_record, drop_resize,
                        drop_update, pool_size)
-from .features import _gradient_features, _logits_cross_entropy, cross_entropy, softmax
+from .features import _gradient_features, _logits_cross_entropy, _shifted, cross_entropy, softmax
 from .facility import OPTIMIZERS, _numba_host, on_host_device
 from ._reference_kernels import draw_grouped, group_by_class
 from .minibatch import (CLASS_BUDGETS, DenseMemoryError, _count_classes, _draw_rows, _floyd_draws, _pool_classes,
@@ -773,8 +773,12 @@ def _forward(state: CrestState, ops, idx: np.ndarray, config: CrestConfig):
     y = _labels_in(xp, lab, logits)
     own = getattr(ops, "example_losses", None)
     losses = own(logits, y) if own is not None else None
-    if losses is None:
-        losses = _logits_cross_entropy(xp, logits, y)  # (checked above: finite, the labels in range)
+    exps = None
+    if losses is None:  # (the logits and labels checked above: finite, the labels in range)
+        shifted = _shifted(xp, logits)
+        losses = _logits_cross_entropy(xp, logits, y, shifted)
+        exps = shifted[1]  # (kept for the features, whose softmax starts from them too)
+        del shifted
     elif tuple(losses.shape) != (idx.size,) or namespace(losses, names=("example_losses",)) is not xp:
         raise ValueError(f"example_losses must return ({idx.size},) per-example losses in the logits' library, "
                          f"got {type(losses).__name__} of shape {tuple(getattr(losses, 'shape', ()))}")
@@ -788,7 +792,7 @@ def _forward(state: CrestState, ops, idx: np.ndarray, config: CrestConfig):
             f"CREST: the model's loss is not finite at step {state.step} (its logits are finite but "
             "exploding): training has diverged. Lower the learning rate or clip the gradients."
         )
-    return xp, logits, emb, y, losses
+    return xp, logits, emb, y, losses, exps
 
 
 def _epoch(state: CrestState, config: CrestConfig) -> int:
@@ -964,8 +968,9 @@ def _coresets(state: CrestState, ops, config: CrestConfig, subsets: np.ndarray, 
     (over ``union``), and the picks as dataset indices ``idx`` (k, width; -1 padding), ``valid`` and
     the configured (not yet normalised) weights ``w``."""
     union, pos = _union_positions(subsets)
-    xp, logits, emb, y, losses = _forward(state, ops, union, config)
-    feats = _gradient_features(xp, logits, y, emb)  # (the logits and labels checked by _forward)
+    xp, logits, emb, y, losses, exps = _forward(state, ops, union, config)
+    feats = _gradient_features(xp, logits, y, emb, exps=exps)  # (the logits and labels checked by _forward)
+    del exps
     # an adapter may shard the solve; otherwise the features' own library solves it (CPU tensors on the
     # torch kernels: a few ms slower per call than Numba at these shapes, but no Numba start-up, 0.5-0.9 s
     # once per process, which a short CPU run paid at its first selection)
@@ -1404,7 +1409,7 @@ def _check(state: CrestState, ops, config: CrestConfig) -> CrestState:
         L_R, F, losses_h, spent, token = same.L_R, same.F, same.losses, 0, same.token
         reused = int(state.check_idx.size)
     else:
-        xp, logits, emb, y, losses = _forward(state, ops, state.check_idx, config)
+        xp, logits, emb, y, losses, _ = _forward(state, ops, state.check_idx, config)
         L_R = float(to_numpy(xp.mean(losses)))
         namespace(w, state.anchor, names=("params()", "anchor"))  # same library and device
         assert state.quad is not None, "a trust check runs only after a selection set the quadratic model"

@@ -40,10 +40,23 @@ def _flag(v) -> bool:
     return v
 
 
-def _softmax(xp, logits):
-    z = logits - xp.max(logits, axis=-1, keepdims=True)
-    e = xp.exp(z)
+def _shifted(xp, logits):
+    """``(z, exp(z))`` for ``z`` the (n, C) logits less each row's maximum: what the softmax and the
+    cross-entropy both start from (the controller computes them once for both: at 10^4 classes each is a pass
+    over the whole array)."""
+    z = logits - xp.max(logits, axis=-1, keepdims=True)  # shift first: no cancellation against max
+    return z, xp.exp(z)
+
+
+def _softmax(xp, logits, exps=None):
+    """The softmax; ``exps``: the exponentials of :func:`_shifted`, computed already and not read again by the
+    caller, which are then divided in place where they are summed in their own dtype (no array of their size
+    more at the peak: at 10^4 classes and r = 2,048, 80 MB)."""
+    e = _shifted(xp, logits)[1] if exps is None else exps
     w = accumulating(xp, e)
+    if exps is not None and w is e:
+        w /= xp.sum(w, axis=-1, keepdims=True)  # (a library without in-place operators makes a new array)
+        return w
     p = w / xp.sum(w, axis=-1, keepdims=True)
     return p if w is e else xp.astype(p, logits.dtype)
 
@@ -113,11 +126,12 @@ def cross_entropy(logits, labels, *, from_probabilities: bool = False):
     return _logits_cross_entropy(xp, logits, labels)
 
 
-def _logits_cross_entropy(xp, logits, labels):
+def _logits_cross_entropy(xp, logits, labels, shifted=None):
     """:func:`cross_entropy` of logits already checked (finite, (n, C), labels (n,) in [0, C) of the logits'
-    namespace): the controller's, whose forward checked them. One exponential over the logits."""
+    namespace): the controller's, whose forward checked them. One exponential over the logits; ``shifted``:
+    :func:`_shifted` of them, if computed already."""
     C = logits.shape[1]
-    z = logits - xp.max(logits, axis=1, keepdims=True)  # shift first: no cancellation against max
+    z, e = _shifted(xp, logits) if shifted is None else shifted
     # log(sum_j exp(z_j)) as log1p of the sum without the top entry's 1: log(1 + s) rounded 1 + s first, so a
     # confident example's loss came out as a multiple of the dtype's epsilon, 0 below it (float32: every loss
     # under 6e-8; review 83), where log1p keeps it to the dtype's precision. The top entry enters as
@@ -128,7 +142,7 @@ def _logits_cross_entropy(xp, logits, labels):
     # the exponential took a third of the time at 10^3 classes.
     first = xp.argmax(logits, axis=1)
     top = xp.arange(C, device=device_of(logits), dtype=first.dtype)[None, :] == first[:, None]
-    rest = xp.sum(accumulating(xp, xp.where(top, xp.expm1(_row_entries(xp, z, first))[:, None], xp.exp(z))), axis=1)
+    rest = xp.sum(accumulating(xp, xp.where(top, xp.expm1(_row_entries(xp, z, first))[:, None], e)), axis=1)
     # the label's entry picked, not z * onehot summed: a class far below the top (finite logits 2e38 apart in
     # float32) shifts to -inf, and -inf * 0 is NaN where the loss is 0
     loss = xp.log1p(rest) - accumulating(xp, _row_entries(xp, z, labels))
@@ -176,12 +190,12 @@ def last_layer_gradients(logits, labels, *, embeddings=None, from_probabilities:
     return _gradient_features(xp, logits, labels, embeddings, from_probabilities)
 
 
-def _gradient_features(xp, logits, labels, embeddings=None, from_probabilities: bool = False):
+def _gradient_features(xp, logits, labels, embeddings=None, from_probabilities: bool = False, exps=None):
     """:func:`last_layer_gradients` of logits (or probabilities) and labels already checked (finite, (n, C),
     labels (n,) in [0, C) of the logits' namespace): the controller's, whose forward checked them; the
-    embeddings are checked here."""
+    embeddings are checked here. ``exps``: the exponentials of :func:`_shifted`, if computed already."""
     n, C = logits.shape
-    p = logits if from_probabilities else _softmax(xp, logits)
+    p = logits if from_probabilities else _softmax(xp, logits, exps)
     g = p - _onehot(xp, labels, C, logits.dtype)
     if embeddings is None:
         return g

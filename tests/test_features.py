@@ -410,7 +410,7 @@ def test_the_controllers_unchecked_versions_equal_the_public_functions(lib):
     labels checked already; 2026-12-06: the checks and an expm1 over the whole array were a third to a half of
     a selection at 10^3 classes): they must equal the public functions bit for bit, ties and confident rows
     included."""
-    from crestcore.features import _gradient_features, _logits_cross_entropy
+    from crestcore.features import _gradient_features, _logits_cross_entropy, _shifted
 
     if lib == "torch" and torch is None:
         pytest.skip("torch is not installed")
@@ -426,9 +426,13 @@ def test_the_controllers_unchecked_versions_equal_the_public_functions(lib):
     from crestcore._compat import namespace
 
     xp = namespace(Z)
+    # the controller's forward shifts and exponentiates once for the loss and the features (whose softmax then
+    # divides the exponentials in place: each use gets its own here)
     pairs = [(cross_entropy(Z, Y), _logits_cross_entropy(xp, Z, Y)),
+             (cross_entropy(Z, Y), _logits_cross_entropy(xp, Z, Y, _shifted(xp, Z))),
              (last_layer_gradients(Z, Y), _gradient_features(xp, Z, Y)),
-             (last_layer_gradients(Z, Y, embeddings=E), _gradient_features(xp, Z, Y, E))]
+             (last_layer_gradients(Z, Y), _gradient_features(xp, Z, Y, exps=_shifted(xp, Z)[1])),
+             (last_layer_gradients(Z, Y, embeddings=E), _gradient_features(xp, Z, Y, E, exps=_shifted(xp, Z)[1]))]
     for a, b in pairs:
         assert np.array_equal(np.asarray(a), np.asarray(b))
     assert float(np.asarray(cross_entropy(Z, Y))[15:20].max()) > 0.0  # log1p kept the confident losses
