@@ -298,12 +298,13 @@ def measure_anchor(state: dict, where: str) -> int | None:
 def restore_controller(saved: dict, labels: np.ndarray, like, data: str = "a dataset"):
     """The controller state of a checkpoint, saved for these ``labels`` (else a ``ValueError``; ``data``
     names the training set), validated and with its vectors like ``like`` (``crest_load_state_dict``)."""
-    if not isinstance(saved, dict) or "labels" not in saved:
+    if not isinstance(saved, dict):
         raise ValueError("corrupt or foreign state dict: its crest entry must be the controller's state (a dict "
-                         f"from crest_state_dict, holding labels), got {type(saved).__name__}")
-    if not np.array_equal(np.asarray(saved["labels"]), labels):
+                         f"from crest_state_dict), got {type(saved).__name__}")
+    state = crest_load_state_dict(saved, like)  # (validated first: a corrupt labels field is said to be that)
+    if not np.array_equal(state.labels, labels):
         raise ValueError(f"the state dict was saved for {data} with different labels")
-    return crest_load_state_dict(saved, like)
+    return state
 
 
 def rehomed(state, like):

@@ -746,9 +746,10 @@ def _own_train(module: nn.Module) -> bool:
 _PROBE_CLASSES = 1 << 16
 
 
-# the logits one probe of the user's loss_fn builds at most (161 margins x classes probed x classes: 16 MB in
-# float32): every class up to about 160 classes, fewer (spread over the classes, class 0 and the last among
-# them) above
+# the logits one probe of the user's loss_fn builds (161 margins x classes probed x classes), at most this many
+# or 161 x classes where one class alone is more (42 MB in float32 at _PROBE_CLASSES): every class up to about
+# 160 classes, fewer above (spread over the classes, class 0 and the last among them), class 0 alone from about
+# 13,000
 _PROBE_LOGITS = 4 * 2**20
 
 
@@ -775,11 +776,13 @@ def _warn_loss_floor(loss_fn, config: CrestConfig, classes: int, owner: str) -> 
         logits[torch.arange(probed.size), :, cls] = margins / 2
         with torch.no_grad():
             ell = torch.as_tensor(loss_fn(logits.reshape(rows, classes), cls.repeat_interleave(k))).reshape(-1)
+        if ell.numel() != rows:
+            return
+        # each probed class's floor (read back inside the try: a loss on another device, or one that requires grad,
+        # is not checked, as before the per-class probe: review 178)
+        low = ell.detach().reshape(probed.size, k).min(dim=1).values.double().cpu().numpy()
     except Exception:  # noqa: BLE001 - a loss_fn for another device or output form: not checked here
         return
-    if ell.numel() != rows:
-        return
-    low = ell.reshape(probed.size, k).min(dim=1).values.double().numpy()  # each probed class's floor
     alpha = float(config.drop.alpha)
     stuck = probed[np.isfinite(low) & (low >= alpha)]
     if stuck.size == 0:
@@ -790,13 +793,16 @@ def _warn_loss_floor(loss_fn, config: CrestConfig, classes: int, owner: str) -> 
              f"for {stuck.size} of the {classes} classes ({named})" if probed.size == classes else
              f"for {stuck.size} of the {probed.size} classes probed (of {classes}; {named})")
     spread = "" if float(low.min()) == top or not np.all(np.isfinite(low)) else (
-        f"; the floors differ by class, {float(low.min()):.3g} to {top:.3g} (class weights?)")
+        f"; the floors differ by class, {float(low.min()):.3g} to {top:.3g} (class weights? with class-weighted "
+        "label smoothing, unequal logits of the other classes reach a little below the probe's, which sets them "
+        "equal)")
     warnings.warn(
         f"{owner}: loss_fn's smallest loss on a correctly classified example is about {top:.3g} (over logit "
         f"margins 0-40 {which}), not below DropConfig.alpha={alpha:g}{spread}: with dropping on (T2="
         f"{config.T2}) no example of {'these classes' if stuck.size < classes else 'any class'} can ever count as "
-        f"learned (label smoothing has such a floor). Pass an alpha a little above the largest floor, e.g. "
-        f"CrestConfig(..., drop=DropConfig(alpha={top + alpha:.2g})), or a loss_fn without one",
+        f"learned (label smoothing has such a floor). Pass an alpha above the largest floor, e.g. the floor plus "
+        f"yours, which keeps your margin above it, CrestConfig(..., drop=DropConfig(alpha={top + alpha:.2g})), or a "
+        "loss_fn without one",
         stacklevel=_common.user_stacklevel())
 
 

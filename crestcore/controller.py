@@ -739,7 +739,8 @@ def _forward(state: CrestState, ops, idx: np.ndarray, config: CrestConfig):
         raise ValueError("CrestConfig(embeddings=True) needs outputs(indices, embeddings=True) to return the "
                          f"pair (logits, embeddings); the adapter returned {type(out).__name__}")
     logits, emb = (out if config.embeddings else (out, None))
-    xp = namespace(logits, names=("outputs",))
+    # (embeddings of another library than the logits: said, not an AttributeError on their dtype: review 178)
+    xp = namespace(logits, emb, names=("outputs", "embeddings"))
     if logits.ndim != 2 or logits.shape[0] != idx.size:
         raise ValueError(f"outputs returned shape {tuple(logits.shape)} for {idx.size} indices")
     # (an integer array failed deep in the features: review 127; NumPy's bfloat16 from ml_dtypes, which NumPy does
@@ -1940,9 +1941,16 @@ def _validate_state_dict(d: dict, D: int) -> None:
         raise _bad(f"drop.steps must be -1 exactly on empty slots and in [0, step={step}] elsewhere")
     if np.any(active != (dropped < 0)) or (dropped.size and dropped.max() > step):
         raise _bad("drop.dropped_at must be -1 exactly for active examples and at most step")
-    if dr.get("clock") is not None and _host(dr["clock"], "drop.clock", 1, "i").size != 1:
-        raise _bad("drop.clock must hold one integer (the records made to the histories)")
-    if "version" in dr:
+    if dr.get("clock") is not None:
+        clock = _host(dr["clock"], "drop.clock", 1, "i")
+        if clock.size != 1:
+            raise _bad("drop.clock must hold one integer (the records made to the histories)")
+        # a state is saved live (its version equal to the clock): another pair loaded, and the next step said
+        # the caller had reused a consumed state (review 178)
+        if "version" not in dr or _int_of(dr, "version") != int(clock[0]):
+            raise _bad(f"drop.version ({dr.get('version')!r}) must equal drop.clock[0] ({int(clock[0])}): a saved "
+                       "state is live")
+    elif "version" in dr:
         _int_of(dr, "version")
     c = d["counters"]
     if not isinstance(c, dict) or set(_counters()) - set(c) - set(_COUNTERS_ADDED):

@@ -84,6 +84,9 @@ def _row_entries(xp, a, cols):
     array API has no take_along_axis before 2024.12), differentiable where ``take`` is."""
     n, C = a.shape
     it = index_dtype(xp)  # (int32 labels times C would overflow past 2^31 entries)
+    if n * C > int(xp.iinfo(it).max):  # (JAX without x64 indexes in int32): the entry summed with zeros, its value
+        pick = xp.arange(C, device=device_of(a), dtype=cols.dtype)[None, :] == cols[:, None]
+        return xp.sum(xp.where(pick, a, xp.zeros_like(a)), axis=1)
     at = xp.arange(n, device=device_of(a), dtype=it) * C + xp.astype(cols, it)
     return xp.take(xp.reshape(a, (-1,)), at, axis=0)
 

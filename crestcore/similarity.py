@@ -195,10 +195,11 @@ def _exp_scale(xp, scale, cd, shift: int) -> float:
         sc = math.inf
     fi = xp.finfo(cd)
     if not (float(fi.smallest_normal) <= sc <= float(fi.max)):
-        data = f"for data of magnitude 2^{shift}" if shift else f"in {cd}"
+        name = cd.__name__ if isinstance(cd, type) else str(cd)  # (NumPy's compute dtype is a scalar type)
+        data = f"for data of magnitude 2^{shift}" if shift else f"in {name}"
         raise ValueError(
             f"scale={scale!r} is out of range {data}: the exp kernel's exp(-D / scale) would be exactly 0 or 1 "
-            f"for every pair in {cd}; pass a scale comparable to the distances, or rescale the data"
+            f"for every pair in {name}; pass a scale comparable to the distances, or rescale the data"
         )
     return sc
 

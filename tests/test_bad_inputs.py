@@ -419,6 +419,11 @@ CORRUPT = [
     ("log-checks-int", ("log", "checks"), 5, "log.checks"),
     ("log-checks-width", ("log", "checks"), [[1.0, 2.0]], "log.checks records must hold 4"),
     ("log-selections-nested", ("log", "selections"), [[1]], "log.selections must be 1-D"),
+    # review 178: a clock and version that disagree loaded, and the next step blamed the caller for reusing a state
+    ("drop-version-not-the-clock", ("drop", "version"), lambda v: int(v) + 5, "drop.version .* must equal drop.clock"),
+    ("drop-clock-without-version", ("drop",), lambda dr: {k: v for k, v in dr.items() if k != "version"},
+     "must equal drop.clock"),
+    ("labels-none", ("labels",), None, "labels must be a 1-D array"),
 ]
 
 
@@ -690,3 +695,22 @@ def test_review_60_messages_and_an_unused_rng():
     with pytest.raises(ValueError, match=r"overflows float16 \(") as info:
         random_subset(200000, 1, rng=0, dtype=np.float16)
     assert "class" not in str(info.value)
+
+
+def test_embeddings_of_another_library_than_the_logits_are_refused_by_the_controller():
+    """Review 178: ops whose outputs gave torch logits with NumPy embeddings failed in the controller's forward
+    with an AttributeError on the embeddings' dtype; refused as arrays of different libraries, as
+    last_layer_gradients refuses them."""
+    from crestcore.controller import _SoftmaxOps
+
+    class Mixed(_SoftmaxOps):
+        def outputs(self, indices, embeddings=False):
+            z = torch.from_numpy(self.X[indices] @ self.W)
+            return (z, self.X[indices].copy()) if embeddings else z
+
+    rng = np.random.default_rng(0)
+    y = np.arange(60) % 3
+    ops = Mixed(rng.normal(size=(60, 4)), y, 3)
+    cfg = CrestConfig(m=6, embeddings=True)
+    with pytest.raises(TypeError, match="different libraries cannot be mixed .*embeddings: numpy.ndarray"):
+        crest_next_batch(crest_init(cfg, y, seed=0), ops, cfg)

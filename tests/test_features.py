@@ -436,3 +436,16 @@ def test_the_controllers_unchecked_versions_equal_the_public_functions(lib):
     for a, b in pairs:
         assert np.array_equal(np.asarray(a), np.asarray(b))
     assert float(np.asarray(cross_entropy(Z, Y))[15:20].max()) > 0.0  # log1p kept the confident losses
+
+
+def test_the_rows_entries_past_the_index_dtype_are_summed_not_gathered(monkeypatch):
+    """Review 178: the label's and the top entry's gathers index the flat array, which wraps past 2^31 entries
+    where the indices are 32-bit (JAX without x64); there the entry is summed with zeros, the same value. The
+    index dtype is narrowed here to reach that path on a small array."""
+    import crestcore.features as features
+
+    z, y = _problem(3, 40, 9)
+    want = cross_entropy(z, y)
+    monkeypatch.setattr(features, "index_dtype", lambda xp: xp.int8)  # 40 x 9 = 360 entries > 127
+    assert np.array_equal(features._row_entries(np, z, y), z[np.arange(40), y])
+    assert np.array_equal(cross_entropy(z, y), want)

@@ -187,6 +187,8 @@ def test_an_exp_scale_outside_the_dtype_is_refused_on_every_path_for_data_not_re
             crestcore.facility_location(A, 4, metric=metric, kernel="exp", scale=1e-30, **kw)
     with pytest.raises(ValueError, match="scale=1e-50 is out of range"):
         crestcore.minibatch_coresets(X, None, m=2, r=10, P=1, rng=0, kernel="exp", scale=1e-50)
+    with pytest.raises(ValueError, match=r"out of range in float32: .* every pair in float32;"):  # (not a type's repr)
+        crestcore.facility_location(X.astype(np.float16), 4, kernel="exp", scale=1e-39)
 
 
 def test_extended_precision_is_refused_as_the_dtype_it_is():

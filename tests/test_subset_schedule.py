@@ -454,6 +454,11 @@ SCHEDULE_CORRUPT = [
     ("counters-none", "random", ("counters",), None, "counters must be a dict"),
     ("counter-float", "random", ("counters", "train_steps"), 1.5, "counters.train_steps must be an integer"),
     ("log-not-records", "random", ("selections",), [1, 2], "selections must be a list of records"),
+    # review 178: accepted, and trained on example 0 alone, on glister's held-out examples, or with weight 0
+    ("full-plan-not-a-permutation", "full", ("plan", "indices"), lambda a: a * 0, "must be a permutation"),
+    ("glister-selection-held-out", "glister", ("selection", "indices"), "held-out",
+     "outside the pool this schedule selects from"),
+    ("selection-weights-zero", "random", ("selection", "weights"), lambda a: a * 0.0, "not all 0"),
 ]
 
 
@@ -468,6 +473,9 @@ def test_a_corrupt_state_is_refused_by_field_and_changes_nothing(method, path, v
     cur = bad
     for k in path[:-1]:
         cur = cur[k]
+    if value == "held-out":  # the held-out validation examples as the selection
+        value = s.val_indices[: cur[path[-1]].size]
+        cur["weights"] = np.ones(value.size)
     cur[path[-1]] = value(cur[path[-1]]) if callable(value) else value
     other = _schedule(method, y)
     before = other.state()

@@ -706,18 +706,22 @@ class SubsetSchedule:
                 raise bad(f"{name} must be None or a dict holding {', '.join(keys)}")
             return v
 
-        def indices(v, name, size=None):
+        def indices(v, name, size=None, within=None):
             a = state_array(v, where, name, 1, "i")
             if a.size and (a.min() < 0 or a.max() >= n):
                 raise bad(f"{name} must hold example indices in [0, {n})")
             if size is not None and a.size != size:
                 raise bad(f"{name} must hold {size} indices, got {a.size}")
+            if within is not None and within.size < n and not np.isin(a, within).all():
+                # (glister's held-out validation examples are never trained on: review 178)
+                raise bad(f"{name} holds examples outside the pool this schedule selects from (glister's held-out "
+                          "validation examples, or another data set's)")
             return a.astype(np.int64)
 
         def weights(v, name, size):
             a = state_array(v, where, name, 1, "f")
-            if a.size != size or not np.all(np.isfinite(a)) or (a.size and a.min() < 0):
-                raise bad(f"{name} must hold {size} finite non-negative weights (one per index)")
+            if a.size != size or not np.all(np.isfinite(a)) or (a.size and a.min() < 0) or (a.size and a.sum() <= 0):
+                raise bad(f"{name} must hold {size} finite non-negative weights (one per index), not all 0")
             return self._loaded_weights(a.astype(np.float64))
 
         if not isinstance(state, dict):
@@ -727,7 +731,7 @@ class SubsetSchedule:
         if sel is None:
             out.update(sel_idx=None, sel_w=None, sel_epoch=-1)
         else:
-            idx = indices(sel["indices"], "selection.indices")
+            idx = indices(sel["indices"], "selection.indices", within=self.pool)
             if idx.size == 0:
                 raise bad("selection.indices is empty: a selection holds at least one example")
             out.update(sel_idx=idx, sel_w=weights(sel["weights"], "selection.weights", idx.size),
@@ -738,7 +742,10 @@ class SubsetSchedule:
         else:
             full = self.method in ("full", "sgd-budget")  # a permutation of the data, unweighted; else the epoch's slots
             key = number(plan["key"], "plan.key", 0)
-            idx = indices(plan["indices"], "plan.indices", n if full else self.steps_per_epoch * self.m)
+            idx = indices(plan["indices"], "plan.indices", n if full else self.steps_per_epoch * self.m,
+                          within=None if full else self.pool)
+            if full and not np.array_equal(np.sort(idx), np.arange(n)):
+                raise bad(f"plan.indices must be a permutation of the {n} examples for method {self.method!r}")
             if full and plan["weights"] is not None:
                 raise bad(f"plan.weights must be None for method {self.method!r} (unweighted passes)")
             if not full and plan["weights"] is None:

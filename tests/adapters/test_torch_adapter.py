@@ -3954,6 +3954,31 @@ def test_the_loss_floor_is_probed_for_every_class():
         CrestLoader(model, data, config=CrestConfig(m=16, T2=5), budget=0.5, epochs=2, loss_fn=every)
 
 
+def test_a_loss_fn_whose_output_cannot_be_read_back_is_not_probed():
+    """Review 178: the per-class floor probe read its result back after its try, so a loss_fn whose output lives
+    on another device (or needs grad) made the loader's constructor raise. One on another device is not probed,
+    as documented and as before the per-class probe; one that needs grad is read (detached) and probed."""
+    import torch.nn.functional as F
+
+    X, y = torch_blobs(300, D_IN, 10, seed=0)
+    data = TensorDataset(X, y)
+
+    def needs_grad(z, t):
+        with torch.enable_grad():
+            return F.cross_entropy(z.requires_grad_(), t, label_smoothing=0.1, reduction="none")
+
+    def elsewhere(z, t):  # (a loss moved to a GPU is the real case; the meta device cannot be read back either)
+        return F.cross_entropy(z, t, label_smoothing=0.1, reduction="none").to("meta")
+
+    with pytest.warns(UserWarning, match=r"about 0\.5 \(over logit margins 0-40 on 10 classes\)"):
+        CrestLoader(torch_mlp(D_IN, 10, seed=0), data, config=CrestConfig(m=16, T2=5), budget=0.5, epochs=2,
+                    loss_fn=needs_grad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CrestLoader(torch_mlp(D_IN, 10, seed=0), data, config=CrestConfig(m=16, T2=5), budget=0.5, epochs=2,
+                    loss_fn=elsewhere)
+
+
 def test_iterating_under_inference_mode_is_refused_naming_it():
     """Under torch.inference_mode(), which torch.enable_grad cannot lift, the first measurement failed with a
     message about parameters that get no gradient, naming LoRA layers. It now names inference mode;
