@@ -106,6 +106,27 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: 
     return (weights.to(losses.dtype) * losses).mean()
 
 
+def _example_parts():
+    """The examples' fine-tuning run: ``(model, args, data, labels, folder)``, a one-layer BERT (untrained) for 64
+    token sequences of two classes (``data``: dicts with ``input_ids`` and ``labels``), ``TrainingArguments`` of two
+    epochs on the CPU writing nothing (``folder``, a temporary directory, is their output_dir: clean it up), and
+    the labels."""
+    import tempfile
+
+    ids = torch.randint(3, 60, (64, 8), generator=torch.Generator().manual_seed(0))
+    labels = (ids[:, 0] % 2).tolist()
+    data = [{"input_ids": ids[i], "labels": labels[i]} for i in range(64)]
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=8, num_labels=2))
+    folder = tempfile.TemporaryDirectory()
+    args = transformers.TrainingArguments(
+        output_dir=folder.name, num_train_epochs=2, learning_rate=5e-3, use_cpu=True, report_to=[], save_strategy="no",
+        logging_strategy="no", disable_tqdm=True, per_device_train_batch_size=8)
+    return model, args, data, labels, folder
+
+
 def _example_losses(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, who: str) -> torch.Tensor:
     """The per-example cross-entropies (float32 at least) of :func:`weighted_cross_entropy`, the shapes
     checked first (``who`` leads the message)."""
@@ -314,6 +335,10 @@ class CrestTrainer(transformers.Trainer):
         self._crest_new_run = True  # the next training dataloader starts a new CREST run
         self._crest_loss_checked = False  # the model's own loss compared with CREST's (first training batch)
         self._crest_pairs_checked = False  # the batch's labels compared with CREST's (first training batch)
+        # the training batch's CREST weights and indices, taken off the batch by training_step (a compute_loss of
+        # a subclass passes the batch to the model: review 179), and whether the step's loss used them
+        self._crest_held: tuple | None = None
+        self._crest_used = False
         # compute_loss returns a mean over the batch: the Trainer must not expect a sum over tokens
         self.model_accepts_loss_kwargs = False
 
@@ -467,7 +492,69 @@ class CrestTrainer(transformers.Trainer):
         names = list(getattr(self.args, "label_names", None) or [])
         return names[0] if len(names) == 1 and names[0] not in _LABEL_KEYS else None
 
+    def training_step(self, model, inputs, *args, **kwargs):
+        """The Trainer's step, with CREST's weights (and indices) taken off the batch first and handed to
+        :meth:`compute_loss` beside it: a ``compute_loss`` of a subclass that passes the batch to the model (the
+        usual ``labels = inputs.pop("labels"); outputs = model(**inputs)``) gave them to its forward, which ignored
+        them (the coreset trained unweighted, silently) or refused them. A step whose loss did not use them
+        raises, before the optimizer steps (review 179)."""
+        if "crest_weight" not in inputs:
+            return super().training_step(model, inputs, *args, **kwargs)
+        inputs = dict(inputs)
+        self._crest_held = (inputs.pop("crest_weight"), inputs.pop("crest_index", None))
+        self._crest_used = False
+        try:
+            loss = super().training_step(model, inputs, *args, **kwargs)
+        finally:
+            self._crest_held = None
+        if not self._crest_used:
+            owner = type(self).compute_loss.__qualname__
+            raise ValueError(
+                f"CrestTrainer: this training step's loss did not use CREST's weights: {owner} does not call "
+                "CrestTrainer.compute_loss, so the coreset would train unweighted (and the drop policy would see no "
+                "losses). For a loss of your own (class weights, say) pass crest_loss_fn=lambda logits, labels: "
+                "F.cross_entropy(logits, labels, weight=w, reduction='none') and drop the override, or call "
+                "super().compute_loss(model, inputs, ...) from it; an override that weights the loss itself reads "
+                "the batch's weights as self.crest_batch_weights")
+        return loss
+
+    @property
+    def crest_batch_weights(self):
+        """The CREST weights of the training batch whose step runs now (float32, one per row, mean 1), for a
+        ``compute_loss`` of your own that weights its per-example losses itself; None outside a training step.
+        Reading them counts as using them (see :meth:`training_step`).
+
+        Examples
+        --------
+        A subclass that computes its own loss, weighted by the batch's CREST weights (``crest_loss_fn=`` does the
+        same without a subclass):
+
+        >>> import torch
+        >>> class Weighted(CrestTrainer):
+        ...     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ...         labels = inputs.pop("labels")
+        ...         losses = torch.nn.functional.cross_entropy(model(**inputs).logits, labels, reduction="none")
+        ...         return (self.crest_batch_weights * losses).mean()
+        >>> model, args, data, labels, folder = _example_parts()  # a one-layer BERT, 64 sequences of two classes
+        >>> trainer = Weighted(model=model, args=args, train_dataset=data, crest_budget=0.25, crest_labels=labels)
+        >>> trainer.crest_batch_weights is None  # outside a training step
+        True
+        >>> trainer.train().global_step
+        {'train_runtime': ...}
+        4
+        >>> folder.cleanup()
+        """
+        if self._crest_held is None:
+            return None
+        self._crest_used = True
+        return self._crest_held[0]
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "crest_weight" not in inputs and self._crest_held is not None:  # taken off the batch by training_step
+            inputs = {**inputs, "crest_weight": self._crest_held[0]}
+            if self._crest_held[1] is not None:
+                inputs["crest_index"] = self._crest_held[1]
+            self._crest_used = True
         if "crest_weight" not in inputs:  # evaluation batches: the Trainer's own loss
             if model.training and self.crest is not None and self.is_in_train:
                 raise ValueError(
@@ -513,7 +600,7 @@ class CrestTrainer(transformers.Trainer):
             if not isinstance(ell, torch.Tensor) or tuple(ell.shape) != (logits.shape[0],):
                 raise ValueError(f"crest_loss_fn must return per-example losses of shape ({logits.shape[0]},) "
                                  f"(reduction='none'), got {getattr(ell, 'shape', type(ell).__name__)}")
-        loss = (weights.to(ell.dtype) * ell).mean()
+        loss = (weights.to(device=ell.device, dtype=ell.dtype) * ell).mean()
         if index is not None and self.crest is not None and model.training and not self._crest_pairs_checked:
             self._crest_pairs_checked = True
             self._check_batch_labels(labels, index)

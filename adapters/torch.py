@@ -344,6 +344,21 @@ def dataset_labels(dataset, keys=None) -> np.ndarray:
                                  "pass labels= (the class index of each example as the items carry it; "
                                  "crest_labels= on CrestTrainer)") from exc
         return _as_labels(mapped, n, f"dataset.target_transform(dataset.{attr})")
+    fmt = getattr(dataset, "format", None)
+    if type(dataset).__module__.split(".")[0] == "datasets" and hasattr(dataset, "column_names") and isinstance(
+            fmt, dict) and fmt.get("type") != "custom":
+        # a Hugging Face dataset's rows hold its columns, none of them a label key: no pass over them would find one
+        # (review 179: a warning about a missing `targets` attribute of a dataset with a `targets` column, a pass
+        # announced over every row, and the refusal at the first)
+        cols = list(dataset.column_names)
+        shown = list(fmt.get("columns") or cols)
+        hidden = [k for k in keys if k in cols and k not in shown]
+        raise TypeError(
+            f"cannot find the labels of this {type(dataset).__name__}: "
+            + (f"its label column {hidden[0]!r} is not among the columns its format shows, {shown}"
+               if hidden else f"none of its columns {cols} is one of the label keys {keys}")
+            + "; pass labels= (one class index per example; crest_labels= on CrestTrainer, where labels under "
+            "another key are named by TrainingArguments(label_names=[key]))")
     why = ("its joint `transforms` may change the targets" if _joint_transform(dataset)
            else "it has no `targets` or `labels` attribute")
     out = np.empty(n, dtype=np.int64)

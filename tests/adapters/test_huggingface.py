@@ -277,7 +277,8 @@ def test_a_datasets_datasets_labels_come_from_its_label_column_without_reading_r
     with pytest.raises(ValueError, match="not hold one class index per example.*per-token"):
         dataset_labels(ragged)
     hidden = data.with_format("torch", columns=["input_ids"])  # the items do not carry the label column
-    with pytest.warns(UserWarning, match="reading all 7"), pytest.raises(TypeError, match="none of the keys"):
+    # (refused at once, without a pass over the rows, which would find no label either: review 179)
+    with pytest.raises(TypeError, match=r"its label column 'label' is not among the columns its format shows"):
         dataset_labels(hidden)
 
 
@@ -640,8 +641,10 @@ def _short_trainer(tmp_path, **kw):
         output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=16, learning_rate=5e-3,
         report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0)
     kw.setdefault("data_collator", transformers.default_data_collator)
-    return CrestTrainer(model=tiny_bert(), args=args, train_dataset=Texts(), crest_config=CrestConfig(m=16, r=48),
-                        crest_budget=0.25, **kw)
+    cls = kw.pop("trainer_class", CrestTrainer)
+    model = kw.pop("model", None) or tiny_bert()
+    return cls(model=model, args=args, train_dataset=Texts(), crest_config=CrestConfig(m=16, r=48),
+               crest_budget=0.25, **kw)
 
 
 def test_a_collator_returning_a_batch_encoding_trains(tmp_path):
@@ -671,9 +674,9 @@ def test_a_collator_that_builds_its_batch_from_the_keys_it_knows_trains_weighted
         seen = []
         original = trainer.compute_loss
 
-        def spy(model, inputs, _orig=original, _seen=seen, **kw):
-            if model.training:
-                _seen.append(inputs["crest_weight"].tolist())
+        def spy(model, inputs, _orig=original, _seen=seen, _trainer=trainer, **kw):
+            if model.training:  # (the weights are held beside the batch: training_step takes them off it)
+                _seen.append(_trainer.crest_batch_weights.tolist())
             return _orig(model, inputs, **kw)
 
         trainer.compute_loss = spy
@@ -855,8 +858,8 @@ def test_the_drop_policy_gets_each_trained_batchs_losses(tmp_path, monkeypatch):
 
     class Recording(CrestTrainer):
         def compute_loss(self, model, inputs, **kw):
-            if "crest_index" in inputs:
-                trained.append(np.asarray(inputs["crest_index"]).copy())
+            if self._crest_held is not None:  # (a training batch: its CREST weights and indices held beside it)
+                trained.append(np.asarray(self._crest_held[1]).copy())
             return super().compute_loss(model, inputs, **kw)
 
     args = transformers.TrainingArguments(
@@ -1084,3 +1087,66 @@ def test_accelerates_skip_first_batches_on_a_crest_loader_says_why_not():
     assert not hasattr(loader, "sampler") and getattr(loader, "sampler", None) is None
     with pytest.raises(AttributeError, match="CrestLoader has no sampler.*Do not skip batches after a resume"):
         skip_first_batches(loader, 2)
+
+
+def test_a_compute_loss_of_a_subclass_that_ignores_crests_weights_is_refused_before_the_step(tmp_path):
+    """Review 179: the usual Hugging Face override, ``labels = inputs.pop("labels"); outputs = model(**inputs)``,
+    handed crest_weight and crest_index to the model's forward, which ignored them: every step trained the coreset
+    unweighted, silently (a forward without **kwargs refused them with a TypeError naming crest_weight). The
+    weights are taken off the batch now: such a step is refused before the optimizer steps; an override that
+    reads self.crest_batch_weights, or calls super().compute_loss, trains weighted."""
+
+    class Plain(CrestTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            return torch.nn.functional.cross_entropy(model(**inputs).logits, labels)
+
+    class Strict(torch.nn.Module):  # a forward without **kwargs
+        def __init__(self):
+            super().__init__()
+            self.bert = tiny_bert()
+
+        def forward(self, input_ids, attention_mask=None, labels=None):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask)
+
+    for model in (tiny_bert(), Strict()):
+        trainer = _short_trainer(tmp_path, trainer_class=Plain, model=model)
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(ValueError, match=r"loss did not use CREST's weights: .*Plain.compute_loss does not call "
+                                             r"CrestTrainer.compute_loss"):
+            trainer.train()
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # no step was taken
+
+    seen = []
+
+    class Own(CrestTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            losses = torch.nn.functional.cross_entropy(model(**inputs).logits, labels, reduction="none")
+            seen.append(self.crest_batch_weights)
+            return (self.crest_batch_weights * losses).mean()
+
+    class Super(CrestTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    for cls in (Own, Super):
+        trainer = _short_trainer(tmp_path, trainer_class=cls)
+        assert trainer.train().global_step == trainer.crest.total_steps
+    assert len(seen) == trainer.crest.total_steps and all(float(w.mean()) == pytest.approx(1.0) for w in seen)
+    assert trainer.crest_batch_weights is None  # outside a step
+
+
+def test_a_datasets_dataset_without_a_label_column_is_refused_at_once_naming_its_columns(recwarn):
+    """Review 179: a datasets.Dataset whose label column is named `targets` (no label_names given) was warned
+    about as having no `targets` attribute, with a pass over all its rows announced, then refused at the first
+    row; it is refused at once, its columns named, with label_names= and crest_labels= as the ways out."""
+    datasets = pytest.importorskip("datasets")
+    from crestcore.adapters.torch import dataset_labels
+
+    ds = datasets.Dataset.from_dict({"input_ids": [[3, 4], [5, 6]] * 4, "targets": [0, 1] * 4})
+    with pytest.raises(TypeError, match=r"none of its columns \['input_ids', 'targets'\] is one of the label keys "
+                                        r".*TrainingArguments\(label_names=\[key\]\)"):
+        dataset_labels(ds)
+    assert not [w for w in recwarn if "reading all" in str(w.message)]
+    assert dataset_labels(ds, ("targets",)).tolist() == [0, 1] * 4
