@@ -39,6 +39,7 @@ import functools
 import math
 import os
 import warnings
+from typing import Any
 
 try:
     import transformers
@@ -104,6 +105,51 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: 
     """
     losses = _example_losses(logits, labels, weights, "weighted_cross_entropy needs")
     return (weights.to(losses.dtype) * losses).mean()
+
+
+class _CrestBatch(dict):
+    """A training batch that tells its trainer when CREST's weights are read from it (by key, ``get`` or ``pop``;
+    ``model(**batch)`` unpacks a dict without these calls, so passing the batch on does not count). The trainer is
+    a class attribute of a subclass made per trainer (:func:`_batch_type`): the Trainer rebuilds the batch as
+    ``type(batch)({...})`` when it moves it to the device."""
+
+    trainer: Any = None
+
+    def _read(self, key):
+        if key == "crest_weight" and self.trainer is not None:
+            self.trainer._crest_used = True
+
+    def __getitem__(self, key):
+        self._read(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self._read(key)
+        return super().get(key, default)
+
+    def pop(self, key, *default):
+        self._read(key)
+        return super().pop(key, *default)
+
+
+def _batch_type(trainer) -> type:
+    """:class:`_CrestBatch` bound to ``trainer`` (made once per trainer)."""
+    cls = trainer.__dict__.get("_crest_batch_type")
+    if cls is None:
+        cls = trainer._crest_batch_type = type("_CrestBatch", (_CrestBatch,), {"trainer": trainer})
+    return cls
+
+
+def _owner(trainer) -> str:
+    """The ``compute_loss`` a trainer's steps run, by its qualified name."""
+    return f"{type(trainer).compute_loss.__qualname__}"
+
+
+_USE_THE_WEIGHTS = (
+    "For a loss of your own (class weights, say) pass crest_loss_fn=lambda logits, labels: F.cross_entropy(logits, "
+    "labels, weight=w, reduction='none') and drop the override, or call super().compute_loss(model, inputs, ...) "
+    "from it; an override that weights its per-example losses itself takes the weights off the batch first, "
+    "w = inputs.pop('crest_weight') (and inputs.pop('crest_index', None)), before calling the model")
 
 
 def _example_parts():
@@ -335,9 +381,7 @@ class CrestTrainer(transformers.Trainer):
         self._crest_new_run = True  # the next training dataloader starts a new CREST run
         self._crest_loss_checked = False  # the model's own loss compared with CREST's (first training batch)
         self._crest_pairs_checked = False  # the batch's labels compared with CREST's (first training batch)
-        # the training batch's CREST weights and indices, taken off the batch by training_step (a compute_loss of
-        # a subclass passes the batch to the model: review 179), and whether the step's loss used them
-        self._crest_held: tuple | None = None
+        # whether the running training step's loss read CREST's weights (training_step; review 179)
         self._crest_used = False
         # compute_loss returns a mean over the batch: the Trainer must not expect a sum over tokens
         self.model_accepts_loss_kwargs = False
@@ -493,68 +537,52 @@ class CrestTrainer(transformers.Trainer):
         return names[0] if len(names) == 1 and names[0] not in _LABEL_KEYS else None
 
     def training_step(self, model, inputs, *args, **kwargs):
-        """The Trainer's step, with CREST's weights (and indices) taken off the batch first and handed to
-        :meth:`compute_loss` beside it: a ``compute_loss`` of a subclass that passes the batch to the model (the
-        usual ``labels = inputs.pop("labels"); outputs = model(**inputs)``) gave them to its forward, which ignored
-        them (the coreset trained unweighted, silently) or refused them. A step whose loss did not use them
-        raises, before the optimizer steps (review 179)."""
-        if "crest_weight" not in inputs:
-            return super().training_step(model, inputs, *args, **kwargs)
-        inputs = dict(inputs)
-        self._crest_held = (inputs.pop("crest_weight"), inputs.pop("crest_index", None))
-        self._crest_used = False
-        try:
-            loss = super().training_step(model, inputs, *args, **kwargs)
-        finally:
-            self._crest_held = None
-        if not self._crest_used:
-            owner = type(self).compute_loss.__qualname__
-            raise ValueError(
-                f"CrestTrainer: this training step's loss did not use CREST's weights: {owner} does not call "
-                "CrestTrainer.compute_loss, so the coreset would train unweighted (and the drop policy would see no "
-                "losses). For a loss of your own (class weights, say) pass crest_loss_fn=lambda logits, labels: "
-                "F.cross_entropy(logits, labels, weight=w, reduction='none') and drop the override, or call "
-                "super().compute_loss(model, inputs, ...) from it; an override that weights the loss itself reads "
-                "the batch's weights as self.crest_batch_weights")
-        return loss
-
-    @property
-    def crest_batch_weights(self):
-        """The CREST weights of the training batch whose step runs now (float32, one per row, mean 1), for a
-        ``compute_loss`` of your own that weights its per-example losses itself; None outside a training step.
-        Reading them counts as using them (see :meth:`training_step`).
+        """The Trainer's step, refused (before the optimizer steps) where its loss did not read CREST's weights:
+        a ``compute_loss`` of a subclass that passes the batch to the model (the usual ``labels =
+        inputs.pop("labels"); outputs = model(**inputs)``) gave them to its forward, which ignored them, and the
+        coreset trained unweighted, silently (review 179). The loss reads them when :meth:`compute_loss` runs
+        on the batch (or a part of it), or when the override reads ``inputs["crest_weight"]`` (``get`` and
+        ``pop`` count too; unpacking the batch into the model's call does not). A forward that refuses the
+        ``crest_*`` keys is said to be that.
 
         Examples
         --------
-        A subclass that computes its own loss, weighted by the batch's CREST weights (``crest_loss_fn=`` does the
-        same without a subclass):
+        A subclass that computes its own loss takes the weights (and indices) off the batch and weights its
+        per-example losses (``crest_loss_fn=`` does the same without a subclass):
 
         >>> import torch
         >>> class Weighted(CrestTrainer):
         ...     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ...         w, _ = inputs.pop("crest_weight"), inputs.pop("crest_index", None)
         ...         labels = inputs.pop("labels")
         ...         losses = torch.nn.functional.cross_entropy(model(**inputs).logits, labels, reduction="none")
-        ...         return (self.crest_batch_weights * losses).mean()
+        ...         return (w * losses).mean()
         >>> model, args, data, labels, folder = _example_parts()  # a one-layer BERT, 64 sequences of two classes
         >>> trainer = Weighted(model=model, args=args, train_dataset=data, crest_budget=0.25, crest_labels=labels)
-        >>> trainer.crest_batch_weights is None  # outside a training step
-        True
         >>> trainer.train().global_step
         {'train_runtime': ...}
         4
         >>> folder.cleanup()
         """
-        if self._crest_held is None:
-            return None
-        self._crest_used = True
-        return self._crest_held[0]
+        if "crest_weight" not in inputs:
+            return super().training_step(model, inputs, *args, **kwargs)
+        self._crest_used = False
+        try:
+            loss = super().training_step(model, _batch_type(self)(inputs), *args, **kwargs)
+        except TypeError as exc:
+            if "crest_weight" not in str(exc) and "crest_index" not in str(exc):
+                raise
+            raise ValueError(
+                f"CrestTrainer: the model was called with CREST's batch keys ({exc}): {_owner(self)} passes the whole "
+                "batch to the model. " + _USE_THE_WEIGHTS) from exc
+        if not self._crest_used:
+            raise ValueError(
+                f"CrestTrainer: this training step's loss did not read CREST's weights: {_owner(self)} neither calls "
+                "CrestTrainer.compute_loss nor reads inputs['crest_weight'], so the coreset would train unweighted "
+                "(and the drop policy would see no losses). " + _USE_THE_WEIGHTS)
+        return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if "crest_weight" not in inputs and self._crest_held is not None:  # taken off the batch by training_step
-            inputs = {**inputs, "crest_weight": self._crest_held[0]}
-            if self._crest_held[1] is not None:
-                inputs["crest_index"] = self._crest_held[1]
-            self._crest_used = True
         if "crest_weight" not in inputs:  # evaluation batches: the Trainer's own loss
             if model.training and self.crest is not None and self.is_in_train:
                 raise ValueError(
@@ -566,6 +594,7 @@ class CrestTrainer(transformers.Trainer):
         inputs = dict(inputs)
         weights = inputs.pop("crest_weight")
         index = inputs.pop("crest_index", None)
+        self._crest_used = True
         # the Trainer's own label name (a model whose label argument is, say, "targets"; review 133), then the
         # usual keys
         own = self._crest_label_key()
@@ -600,7 +629,7 @@ class CrestTrainer(transformers.Trainer):
             if not isinstance(ell, torch.Tensor) or tuple(ell.shape) != (logits.shape[0],):
                 raise ValueError(f"crest_loss_fn must return per-example losses of shape ({logits.shape[0]},) "
                                  f"(reduction='none'), got {getattr(ell, 'shape', type(ell).__name__)}")
-        loss = (weights.to(device=ell.device, dtype=ell.dtype) * ell).mean()
+        loss = (weights.to(ell.dtype) * ell).mean()
         if index is not None and self.crest is not None and model.training and not self._crest_pairs_checked:
             self._crest_pairs_checked = True
             self._check_batch_labels(labels, index)

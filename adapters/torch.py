@@ -177,7 +177,8 @@ def _label_column(dataset, keys=None) -> str | None:
     fmt = getattr(dataset, "format", None)
     if not isinstance(fmt, dict) or fmt.get("type") == "custom":  # a transform may change the labels
         return None
-    shown = fmt.get("columns")  # a format showing some columns only: the items carry those
+    shown = None if fmt.get("output_all_columns") else fmt.get("columns")  # a format showing some columns only:
+    # the items carry those (and the others too, untransformed, with output_all_columns: review 180)
     return next((k for k in keys if k in dataset.column_names and (shown is None or k in shown)), None)
 
 
@@ -351,7 +352,7 @@ def dataset_labels(dataset, keys=None) -> np.ndarray:
         # (review 179: a warning about a missing `targets` attribute of a dataset with a `targets` column, a pass
         # announced over every row, and the refusal at the first)
         cols = list(dataset.column_names)
-        shown = list(fmt.get("columns") or cols)
+        shown = cols if fmt.get("output_all_columns") else list(fmt.get("columns") or cols)
         hidden = [k for k in keys if k in cols and k not in shown]
         raise TypeError(
             f"cannot find the labels of this {type(dataset).__name__}: "
@@ -793,8 +794,8 @@ def _warn_loss_floor(loss_fn, config: CrestConfig, classes: int, owner: str) -> 
             ell = torch.as_tensor(loss_fn(logits.reshape(rows, classes), cls.repeat_interleave(k))).reshape(-1)
         if ell.numel() != rows:
             return
-        # each probed class's floor (read back inside the try: a loss on another device, or one that requires grad,
-        # is not checked, as before the per-class probe: review 178)
+        # each probed class's floor, read back inside the try (a loss on another device is not checked, as before
+        # the per-class probe: review 178), detached (a loss that requires grad is read and checked)
         low = ell.detach().reshape(probed.size, k).min(dim=1).values.double().cpu().numpy()
     except Exception:  # noqa: BLE001 - a loss_fn for another device or output form: not checked here
         return
