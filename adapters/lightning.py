@@ -220,6 +220,31 @@ def _check_step_schedulers(trainer, loader: CrestLoader, before: list[int] | Non
             stacklevel=_common.user_stacklevel())
 
 
+_BATCH_HOOKS = ("on_before_batch_transfer", "on_after_batch_transfer")
+
+
+def _warn_batch_hooks(trainer, pl_module) -> None:
+    """Warn when the module or the DataModule changes the training batches in a batch hook (Lightning's place for
+    on-device preprocessing) and no ``forward=`` is given: CREST's measurement passes read the dataset's items and
+    call the model on them without those hooks, so every selection, check and fit measured inputs the model does
+    not train on (review 181: a standardisation there changed half the first coreset and rho three to tenfold,
+    silently)."""
+    owners = [(pl_module, pl.LightningModule)]
+    dm = getattr(trainer, "datamodule", None)
+    if dm is not None:
+        owners.append((dm, pl.LightningDataModule))
+    found = [f"{type(obj).__name__}.{name}" for obj, parent in owners for name in _BATCH_HOOKS
+             if getattr(type(obj), name, None) is not getattr(parent, name, None)]
+    if found:
+        warnings.warn(
+            f"CrestCallback: {', '.join(found)} may change the training batches, but CREST's measurement passes (its "
+            "selections' features, trust checks and model fits) read the dataset's items and call the model on them "
+            "without Lightning's batch hooks: if the hook transforms the inputs (normalises, augments on the "
+            "device), pass CrestCallback(forward=lambda module, batch: module(transform(batch[0]))) with the same "
+            "transform (without random augmentation), else CREST measures inputs the model does not train on; if "
+            "it only moves or packs the batch, ignore this", stacklevel=_common.user_stacklevel())
+
+
 def _check_lr_finder(trainer, loader) -> None:
     """Lightning's learning-rate finder (``Tuner.lr_find`` adds a ``LearningRateFinder`` to the callbacks for
     its fit) trains CREST's planned batches: a sweep longer than the plan stopped early, and Lightning then
@@ -263,6 +288,15 @@ class _CrestTrainLoader:
     def __len__(self) -> int:
         return len(self._cb._require_loader())
 
+    def __getitem__(self, index):
+        # a DataLoader given this loader as its dataset (DataLoader(crest.dataloader(), num_workers=2)) reads it by
+        # index, in its workers, where the error was "'_CrestTrainLoader' object is not subscriptable" (review 181)
+        raise TypeError(
+            "crest.dataloader() is a loader of CREST's batches, not a dataset: hand it to the Trainer as it is. "
+            "Its batches are loaded in the training process; measure_workers= loads CREST's measurement passes in "
+            "worker processes, and for the training batches in workers use CrestBatchSampler in a loop of your "
+            "own (docs/pytorch.md)")
+
     def __iter__(self):
         self._cb._require_loader()  # outside a fit the callback set up: its error now, as len() gives it
         return self._batches()
@@ -292,6 +326,13 @@ class _CrestTrainLoader:
                 f"CrestCallback: the Trainer's {other} loop reads crest.dataloader(): its batches are CREST's "
                 "training steps, chosen and counted for training (a loop that reads them takes them from the "
                 f"training epochs). Pass the {other} loop a DataLoader of its own")
+        if not getattr(trainer, "training", True):
+            # the fit's Trainer is not training: another Trainer (a predict or validate of a new one) reads them
+            # (review 181: predict took two planned steps, counted as trained; validate was told of a CombinedLoader)
+            raise RuntimeError(
+                "CrestCallback: crest.dataloader() is read outside the training loop of the fit it was set up for "
+                "(by another Trainer's loop, or after the fit): its batches are CREST's training steps, chosen and "
+                "counted for training. Give other loops a DataLoader of their own")
         if self._cb._passed_epoch == int(trainer.current_epoch):
             raise RuntimeError(
                 f"CrestCallback: crest.dataloader() is read a second time in Trainer epoch {trainer.current_epoch} "
@@ -531,6 +572,8 @@ class CrestCallback(pl.Callback):
         self._module, self._max_epochs = pl_module, trainer.max_epochs
         self._trainer, self._passed_epoch = trainer, None
         self._resolve_data()
+        if self._kwargs["forward"] is None:
+            _warn_batch_hooks(trainer, pl_module)
         self.loader = self._new_loader(pl_module, epochs, self._kwargs)
         _check_lr_finder(trainer, self.loader)
         self._epoch0 = epoch0

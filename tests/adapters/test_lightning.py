@@ -1196,3 +1196,58 @@ def test_stochastic_weight_averagings_epoch_with_a_partial_batch_or_inside_crest
         bn_epoch = [(x.shape[0], float(w.std())) for epoch, x, w, _ in module.inputs if epoch == 3]
         assert bn_epoch and all(size == 24 and std == 0.0 for size, std in bn_epoch), bn_epoch
         assert cb.stats["step"] == 3 * len(cb.dataloader())  # SWA's epoch took no CREST step
+
+
+def test_a_batch_hook_that_may_transform_the_inputs_is_warned_about_without_forward(tmp_path):
+    """Review 181: a standardisation in Lightning's on_after_batch_transfer (on the module or the DataModule) was
+    invisible to CREST's measurement passes, which read the dataset and call the model without the hooks: half
+    the first coreset and the trust checks' rho changed, silently. Warned at setup where no forward= is given;
+    with forward= (repeating the transform), or without such hooks, nothing is said."""
+
+    class Hooked(Module):
+        def on_after_batch_transfer(self, batch, dataloader_idx):
+            x, y, w = batch
+            return (x - 1.0) / 2.0, y, w
+
+    class HookedData(DataModule):
+        def on_before_batch_transfer(self, batch, dataloader_idx):
+            return batch
+
+    cb = CrestCallback(data(), **CFG)
+    with pytest.warns(UserWarning, match=r"Hooked.on_after_batch_transfer may change the training batches.*"
+                                         r"pass CrestCallback\(forward="):
+        trainer(tmp_path, 1, cb).fit(Hooked(), train_dataloaders=cb.dataloader())
+    hooked = HookedData()
+    cb2 = hooked.crest = CrestCallback(lambda: hooked.train_set, **CFG)
+    with pytest.warns(UserWarning, match=r"HookedData.on_before_batch_transfer may change"):
+        trainer(tmp_path, 1, cb2).fit(Module(), datamodule=hooked)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        fwd = CrestCallback(data(), forward=lambda module, batch: module((batch[0] - 1.0) / 2.0), **CFG)
+        trainer(tmp_path, 1, fwd).fit(Hooked(), train_dataloaders=fwd.dataloader())
+        plain = CrestCallback(data(), **CFG)
+        trainer(tmp_path, 1, plain).fit(Module(), train_dataloaders=plain.dataloader())
+
+
+def test_crests_batches_are_refused_to_another_trainer_and_to_a_dataloader_over_them(tmp_path):
+    """Review 181: a new Trainer's predict over crest.dataloader() after a fit took two planned steps, counted as
+    trained, and its validate was told of a CombinedLoader; a DataLoader wrapping crest.dataloader() (for loading
+    workers) failed in a worker with "'_CrestTrainLoader' object is not subscriptable". Both are refused, saying
+    what the loader is for."""
+
+    class Predicting(Module):
+        def predict_step(self, batch, batch_idx):
+            return self(batch[0])
+
+    cb = CrestCallback(data(), **CFG)
+    module = Predicting()
+    trainer(tmp_path, 2, cb, max_steps=2).fit(module, train_dataloaders=cb.dataloader())
+    steps = cb.stats["counters"]["train_steps"]
+    other = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                       default_root_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="read outside the training loop of the fit it was set up for"):
+        other.predict(module, dataloaders=cb.dataloader())
+    assert cb.stats["counters"]["train_steps"] == steps  # no planned step taken
+    with pytest.raises(TypeError, match=r"crest.dataloader\(\) is a loader of CREST's batches, not a dataset"):
+        next(iter(torch.utils.data.DataLoader(cb.dataloader(), batch_size=None)))
