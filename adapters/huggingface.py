@@ -38,8 +38,8 @@ import dataclasses
 import functools
 import math
 import os
+import contextvars
 import warnings
-from typing import Any
 
 try:
     import transformers
@@ -107,17 +107,21 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: 
     return (weights.to(losses.dtype) * losses).mean()
 
 
-class _CrestBatch(dict):
-    """A training batch that tells its trainer when CREST's weights are read from it (by key, ``get`` or ``pop``;
-    ``model(**batch)`` unpacks a dict without these calls, so passing the batch on does not count). The trainer is
-    a class attribute of a subclass made per trainer (:func:`_batch_type`): the Trainer rebuilds the batch as
-    ``type(batch)({...})`` when it moves it to the device."""
+# the CrestTrainer whose training step runs now (training_step sets it): _CrestBatch tells it of reads
+_STEP: contextvars.ContextVar = contextvars.ContextVar("crestcore_hf_step", default=None)
 
-    trainer: Any = None
+
+class _CrestBatch(dict):
+    """A training batch (a plain dict's) that tells the trainer whose step runs when CREST's weights are read
+    from it (by key, ``get`` or ``pop``; ``model(**batch)`` unpacks a dict without these calls, so passing the
+    batch on does not count). Module-level, holding no trainer: it pickles, and the Trainer's
+    ``type(batch)({...})`` (moving it to the device) keeps it."""
 
     def _read(self, key):
-        if key == "crest_weight" and self.trainer is not None:
-            self.trainer._crest_used = True
+        if key == "crest_weight":
+            trainer = _STEP.get()
+            if trainer is not None:
+                trainer._crest_used = True
 
     def __getitem__(self, key):
         self._read(key)
@@ -131,13 +135,8 @@ class _CrestBatch(dict):
         self._read(key)
         return super().pop(key, *default)
 
-
-def _batch_type(trainer) -> type:
-    """:class:`_CrestBatch` bound to ``trainer`` (made once per trainer)."""
-    cls = trainer.__dict__.get("_crest_batch_type")
-    if cls is None:
-        cls = trainer._crest_batch_type = type("_CrestBatch", (_CrestBatch,), {"trainer": trainer})
-    return cls
+    def copy(self):
+        return type(self)(self)
 
 
 def _owner(trainer) -> str:
@@ -381,8 +380,10 @@ class CrestTrainer(transformers.Trainer):
         self._crest_new_run = True  # the next training dataloader starts a new CREST run
         self._crest_loss_checked = False  # the model's own loss compared with CREST's (first training batch)
         self._crest_pairs_checked = False  # the batch's labels compared with CREST's (first training batch)
-        # whether the running training step's loss read CREST's weights (training_step; review 179)
+        # whether the running training step's loss read CREST's weights, and whether a step that did not was said
+        # this run (training_step; reviews 179, 182)
         self._crest_used = False
+        self._crest_unread_warned = False
         # compute_loss returns a mean over the batch: the Trainer must not expect a sum over tokens
         self.model_accepts_loss_kwargs = False
 
@@ -477,6 +478,7 @@ class CrestTrainer(transformers.Trainer):
                 or self._crest_new_run):
             self._crest_new_run = False
             self._crest_pairs_checked = False  # a new run's first batch is compared again
+            self._crest_unread_warned = False
             size = int(self.args.per_device_train_batch_size)
             if self._crest_m_from_args and self.crest_config.m != size:
                 # the batch size set after construction (a hyperparameter search's trial sets it inside train():
@@ -537,13 +539,15 @@ class CrestTrainer(transformers.Trainer):
         return names[0] if len(names) == 1 and names[0] not in _LABEL_KEYS else None
 
     def training_step(self, model, inputs, *args, **kwargs):
-        """The Trainer's step, refused (before the optimizer steps) where its loss did not read CREST's weights:
-        a ``compute_loss`` of a subclass that passes the batch to the model (the usual ``labels =
-        inputs.pop("labels"); outputs = model(**inputs)``) gave them to its forward, which ignored them, and the
-        coreset trained unweighted, silently (review 179). The loss reads them when :meth:`compute_loss` runs
-        on the batch (or a part of it), or when the override reads ``inputs["crest_weight"]`` (``get`` and
-        ``pop`` count too; unpacking the batch into the model's call does not). A forward that refuses the
-        ``crest_*`` keys is said to be that.
+        """The Trainer's step, with a warning (once a run) where its loss may not have read CREST's weights: a
+        ``compute_loss`` of a subclass that passes the batch to the model (the usual ``labels =
+        inputs.pop("labels"); outputs = model(**inputs)``) gives them to its forward, which may ignore them, and
+        the coreset trained unweighted, silently (review 179). A step reads them when :meth:`compute_loss` runs on
+        the batch (or a part of it), or when the override reads ``inputs["crest_weight"]`` from the batch it is
+        given, a plain dict's (``get``, ``pop`` and ``copy()`` count too; unpacking the batch into the model's call
+        does not; a read from another copy, ``dict(inputs)`` say, or from a batch of another mapping type, a
+        ``BatchEncoding``, cannot be seen, hence a warning and not a refusal: review 182). A forward that refuses
+        the ``crest_*`` keys is said to be that.
 
         Examples
         --------
@@ -567,19 +571,29 @@ class CrestTrainer(transformers.Trainer):
         if "crest_weight" not in inputs:
             return super().training_step(model, inputs, *args, **kwargs)
         self._crest_used = False
+        tracked = type(inputs) is dict  # (another mapping, a BatchEncoding, is passed as it is: reads go unseen)
+        token = _STEP.set(self)
         try:
-            loss = super().training_step(model, _batch_type(self)(inputs), *args, **kwargs)
+            loss = super().training_step(model, _CrestBatch(inputs) if tracked else inputs, *args, **kwargs)
         except TypeError as exc:
             if "crest_weight" not in str(exc) and "crest_index" not in str(exc):
                 raise
             raise ValueError(
                 f"CrestTrainer: the model was called with CREST's batch keys ({exc}): {_owner(self)} passes the whole "
                 "batch to the model. " + _USE_THE_WEIGHTS) from exc
-        if not self._crest_used:
-            raise ValueError(
-                f"CrestTrainer: this training step's loss did not read CREST's weights: {_owner(self)} neither calls "
-                "CrestTrainer.compute_loss nor reads inputs['crest_weight'], so the coreset would train unweighted "
-                "(and the drop policy would see no losses). " + _USE_THE_WEIGHTS)
+        finally:
+            _STEP.reset(token)
+        if not self._crest_used and not self._crest_unread_warned:
+            self._crest_unread_warned = True  # (once a run)
+            seen = ("no read of inputs['crest_weight'] was seen" if tracked else
+                    f"its reads of the batch (a {type(inputs).__name__}) cannot be seen")
+            warnings.warn(
+                f"CrestTrainer: {_owner(self)} did not call CrestTrainer.compute_loss in this training step, and "
+                f"{seen}: unless it weights its per-example losses by the batch's crest_weight, the coreset trains "
+                "unweighted (the usual outputs = model(**inputs) hands CREST's keys to the model's forward, which may "
+                "ignore them), and the drop policy sees no losses. " + _USE_THE_WEIGHTS + ". If it does weight them "
+                "(taken from a copy of the batch, say), ignore this (said once a run).",
+                stacklevel=_common.user_stacklevel())
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

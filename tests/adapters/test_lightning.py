@@ -1217,6 +1217,11 @@ def test_a_batch_hook_that_may_transform_the_inputs_is_warned_about_without_forw
     with pytest.warns(UserWarning, match=r"Hooked.on_after_batch_transfer may change the training batches.*"
                                          r"pass CrestCallback\(forward="):
         trainer(tmp_path, 1, cb).fit(Hooked(), train_dataloaders=cb.dataloader())
+    patched = Module()  # a hook assigned on the instance, which Lightning calls too (review 182)
+    patched.on_after_batch_transfer = lambda batch, dataloader_idx: batch
+    cb = CrestCallback(data(), **CFG)
+    with pytest.warns(UserWarning, match=r"Module.on_after_batch_transfer may change"):
+        trainer(tmp_path, 1, cb).fit(patched, train_dataloaders=cb.dataloader())
     hooked = HookedData()
     cb2 = hooked.crest = CrestCallback(lambda: hooked.train_set, **CFG)
     with pytest.warns(UserWarning, match=r"HookedData.on_before_batch_transfer may change"):
