@@ -112,10 +112,12 @@ _STEP: contextvars.ContextVar = contextvars.ContextVar("crestcore_hf_step", defa
 
 
 class _CrestBatch(dict):
-    """A training batch (a plain dict's) that tells the trainer whose step runs when CREST's weights are read
-    from it (by key, ``get`` or ``pop``; ``model(**batch)`` unpacks a dict without these calls, so passing the
-    batch on does not count). Module-level, holding no trainer: it pickles, and the Trainer's
-    ``type(batch)({...})`` (moving it to the device) keeps it."""
+    """A training batch (a plain dict's, or a BatchEncoding's items, which also read as attributes) that tells the
+    trainer whose step runs when CREST's weights are read from it (by key, attribute, ``get`` or ``pop``;
+    ``model(**batch)`` unpacks a dict without these calls, so passing the batch on does not count).
+    Module-level, holding no trainer: it pickles (not for ``torch.load``'s default ``weights_only``, which reads
+    plain dicts only: save ``dict(batch)``), and the Trainer's ``type(batch)({...})`` (moving it to the device)
+    keeps it."""
 
     def _read(self, key):
         if key == "crest_weight":
@@ -137,6 +139,13 @@ class _CrestBatch(dict):
 
     def copy(self):
         return type(self)(self)
+
+    def __getattr__(self, name):
+        # a BatchEncoding's items read as attributes (inputs.input_ids), as the batch it replaces allowed
+        if name.startswith("__") or name not in self:
+            raise AttributeError(name)
+        self._read(name)
+        return dict.__getitem__(self, name)
 
 
 def _owner(trainer) -> str:
@@ -545,9 +554,9 @@ class CrestTrainer(transformers.Trainer):
         the coreset trained unweighted, silently (review 179). A step reads them when :meth:`compute_loss` runs on
         the batch (or a part of it), or when the override reads ``inputs["crest_weight"]`` from the batch it is
         given, a plain dict's (``get``, ``pop`` and ``copy()`` count too; unpacking the batch into the model's call
-        does not; a read from another copy, ``dict(inputs)`` say, or from a batch of another mapping type, a
-        ``BatchEncoding``, cannot be seen, hence a warning and not a refusal: review 182). A forward that refuses
-        the ``crest_*`` keys is said to be that.
+        does not; a ``BatchEncoding`` batch comes as a dict whose items read as attributes too; a read from
+        another copy, ``dict(inputs)`` say, or from a batch of another mapping type cannot be seen, hence a
+        warning and not a refusal: review 182). A forward that refuses the ``crest_*`` keys is said to be that.
 
         Examples
         --------
@@ -571,7 +580,10 @@ class CrestTrainer(transformers.Trainer):
         if "crest_weight" not in inputs:
             return super().training_step(model, inputs, *args, **kwargs)
         self._crest_used = False
-        tracked = type(inputs) is dict  # (another mapping, a BatchEncoding, is passed as it is: reads go unseen)
+        # a plain dict, or a BatchEncoding (DataCollatorWithPadding's: a UserDict, whose unpacking into the model's
+        # call reads every key, so it is tracked as a dict with its items as attributes too; review 183); another
+        # mapping is passed as it is, its reads unseen
+        tracked = type(inputs) is dict or isinstance(inputs, transformers.BatchEncoding)
         token = _STEP.set(self)
         try:
             loss = super().training_step(model, _CrestBatch(inputs) if tracked else inputs, *args, **kwargs)

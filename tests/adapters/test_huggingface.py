@@ -1178,3 +1178,34 @@ def test_a_format_that_outputs_all_columns_keeps_the_label_column_readable():
     shown = data.with_format("torch", columns=["input_ids"], output_all_columns=True)
     assert "label" in shown[0]
     assert dataset_labels(shown).tolist() == y
+
+
+def test_a_batch_encodings_reads_are_seen(tmp_path):
+    """Review 183: DataCollatorWithPadding's batches are BatchEncodings, passed untracked, so the docstring's own
+    override (taking crest_weight off the batch) was warned about at every run. A BatchEncoding batch comes as
+    the tracked dict, its items readable as attributes too; an override that ignores the weights is still
+    warned about."""
+
+    def collate(features):
+        return transformers.BatchEncoding(transformers.default_data_collator(features))
+
+    class Attributes(CrestTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            path = tmp_path / "batch.pt"
+            torch.save(dict(inputs), path)  # (as a plain dict: torch.load's weights_only reads those)
+            assert torch.equal(torch.load(path)["crest_weight"], inputs["crest_weight"])
+            w = inputs.crest_weight  # (a BatchEncoding's attribute access kept)
+            logits = model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask).logits
+            return (w * torch.nn.functional.cross_entropy(logits, inputs.labels, reduction="none")).mean()
+
+    class Plain(CrestTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            return torch.nn.functional.cross_entropy(model(**inputs).logits, labels)
+
+    for cls, warned in ((Attributes, False), (Plain, True)):
+        trainer = _short_trainer(tmp_path, trainer_class=cls, data_collator=collate)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            trainer.train()
+        assert bool([w for w in said if "did not call CrestTrainer.compute_loss" in str(w.message)]) == warned, cls
