@@ -34,11 +34,11 @@ one that never stopped. Limits: one process (the distributed adapter is separate
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import math
 import os
-import contextvars
 import warnings
 
 try:
@@ -150,7 +150,7 @@ class _CrestBatch(dict):
 
 def _owner(trainer) -> str:
     """The ``compute_loss`` a trainer's steps run, by its qualified name."""
-    return f"{type(trainer).compute_loss.__qualname__}"
+    return type(trainer).compute_loss.__qualname__
 
 
 _USE_THE_WEIGHTS = (
