@@ -167,19 +167,25 @@ def _joint_transform(dataset) -> bool:
     return t is not None and callable(t) and type(t).__name__ != "StandardTransform"
 
 
-def _label_column(dataset, keys=None) -> str | None:
+def _shown_columns(dataset) -> list | None:
     """For a Hugging Face ``datasets.Dataset`` whose items are its rows as stored (no ``set_transform`` /
-    ``with_transform``), the name of its label column (the first of ``keys``, default ``_LABEL_KEYS``, it has),
-    else None."""
-    keys = _LABEL_KEYS if keys is None else keys
+    ``with_transform``, which may change the labels), the columns its items carry: those its format shows (all
+    of them, untransformed, with ``output_all_columns``: review 180); else None."""
     if type(dataset).__module__.split(".")[0] != "datasets" or not hasattr(dataset, "column_names"):
         return None
     fmt = getattr(dataset, "format", None)
-    if not isinstance(fmt, dict) or fmt.get("type") == "custom":  # a transform may change the labels
+    if not isinstance(fmt, dict) or fmt.get("type") == "custom":
         return None
-    shown = None if fmt.get("output_all_columns") else fmt.get("columns")  # a format showing some columns only:
-    # the items carry those (and the others too, untransformed, with output_all_columns: review 180)
-    return next((k for k in keys if k in dataset.column_names and (shown is None or k in shown)), None)
+    cols = list(dataset.column_names)
+    return cols if fmt.get("output_all_columns") else list(fmt.get("columns") or cols)
+
+
+def _label_column(dataset, keys=None) -> str | None:
+    """For a Hugging Face ``datasets.Dataset`` whose items are its rows as stored, the name of its label column
+    (the first of ``keys``, default ``_LABEL_KEYS``, its items carry), else None."""
+    keys = _LABEL_KEYS if keys is None else keys
+    shown = _shown_columns(dataset)
+    return None if shown is None else next((k for k in keys if k in shown), None)
 
 
 def _label_attribute(dataset) -> str | None:
@@ -345,14 +351,12 @@ def dataset_labels(dataset, keys=None) -> np.ndarray:
                                  "pass labels= (the class index of each example as the items carry it; "
                                  "crest_labels= on CrestTrainer)") from exc
         return _as_labels(mapped, n, f"dataset.target_transform(dataset.{attr})")
-    fmt = getattr(dataset, "format", None)
-    if type(dataset).__module__.split(".")[0] == "datasets" and hasattr(dataset, "column_names") and isinstance(
-            fmt, dict) and fmt.get("type") != "custom":
+    shown = _shown_columns(dataset)
+    if shown is not None:
         # a Hugging Face dataset's rows hold its columns, none of them a label key: no pass over them would find one
         # (review 179: a warning about a missing `targets` attribute of a dataset with a `targets` column, a pass
         # announced over every row, and the refusal at the first)
         cols = list(dataset.column_names)
-        shown = cols if fmt.get("output_all_columns") else list(fmt.get("columns") or cols)
         hidden = [k for k in keys if k in cols and k not in shown]
         raise TypeError(
             f"cannot find the labels of this {type(dataset).__name__}: "

@@ -645,6 +645,21 @@ def field_instance(owner: str, name: str, value, cls) -> None:
         raise FieldTypeError(f"{owner}.{name} must be a {cls.__name__}, got {type(value).__name__} {value!r}")
 
 
+def host_array(value, ndim: int | None = None) -> np.ndarray:
+    """A checkpoint's array field on the host, unchecked: nested lists and tuples (a JSON round trip, whose empty
+    list stands for an empty array of ``ndim`` dimensions) or any library's array.
+
+    >>> host_array([], 2).shape
+    (0, 0)
+    """
+    if isinstance(value, (list, tuple)):
+        a = np.asarray(value)
+        if a.size == 0 and ndim is not None and a.ndim != ndim:
+            a = a.reshape((0,) * ndim)
+        return a
+    return np.asarray(to_numpy(value))
+
+
 def state_array(value, where: str, name: str, ndim: int, kind: str) -> np.ndarray:
     """A checkpoint's array field on the host, checked: ``ndim`` dimensions and ``kind`` "i" (integers),
     "b" (booleans) or "f" (floats); any library's array, or nested lists and tuples (a JSON round trip, whose
@@ -659,12 +674,7 @@ def state_array(value, where: str, name: str, ndim: int, kind: str) -> np.ndarra
     ValueError: ckpt: rows must be a 2-D array (or nested lists), got NoneType
     """
     try:
-        if isinstance(value, (list, tuple)):
-            a = np.asarray(value)
-            if a.size == 0 and a.ndim != ndim:
-                a = a.reshape((0,) * ndim)
-        else:
-            a = np.asarray(to_numpy(value))
+        a = host_array(value, ndim)
     except (TypeError, ValueError) as e:  # None, a dict, a ragged list: what the field is, not NumPy's words
         raise ValueError(f"{where}: {name} must be a {ndim}-D array (or nested lists), got {type(value).__name__}") \
             from e

@@ -52,7 +52,8 @@ import numpy as np
 
 from ._compat import device_of, from_numpy, frozen_copy, namespace, namespace_name, once_per_array, to_numpy
 from ._validation import (DivergenceError, all_finite, apportion, field_bool, field_choice, field_instance, field_int,
-                          field_real, isdtype, masked_outputs_error, plain_fields, state_array, user_stacklevel)
+                          field_real, host_array, isdtype, masked_outputs_error, plain_fields, state_array,
+                          user_stacklevel)
 from .dropping import (DropConfig, DropState, _check_live, _undone_on_error, drop_init, drop_record, drop_resize,
                        drop_update, pool_size)
 from .features import _gradient_features, _logits_cross_entropy, _shifted, cross_entropy, softmax
@@ -1789,16 +1790,6 @@ def _bool_of(d, name):
     return bool(a)
 
 
-def _as_host(v, ndim: int | None = None) -> np.ndarray:
-    """A state dict's array field on the host (validated: see :func:`_host`)."""
-    if isinstance(v, (list, tuple)):
-        a = np.asarray(v)
-        if a.size == 0 and ndim is not None and a.ndim != ndim:
-            a = a.reshape((0,) * ndim)
-        return a
-    return np.asarray(to_numpy(v))
-
-
 def _host(v, name, ndim, kind):
     return state_array(v, "corrupt or foreign CREST state dict", name, ndim, kind)
 
@@ -1812,7 +1803,7 @@ def _validate_recipe(recipe, labels, n: int) -> None:
     if pool.size and (pool.min() < 0 or pool.max() >= n or np.any(np.diff(pool) <= 0)):
         raise _bad(f"draw['pool'] must hold distinct ascending example indices in [0, {n})")
     rc = _host(recipe["r_c"], "draw['r_c']", 1, "i")
-    members = np.asarray(_as_host(labels, 1))
+    members = np.asarray(host_array(labels, 1))
     counts = np.unique(members if not pool.size else members[pool], return_counts=True)[1]
     if rc.shape != counts.shape or rc.min(initial=0) < 0 or np.any(rc > counts) or rc.sum() < 1:
         raise _bad("draw['r_c'] must give each class of the pool a count of members per subset it can hold")
@@ -2019,7 +2010,7 @@ def crest_load_state_dict(d: dict, params_like, *, labels=None) -> CrestState:
     _validate_state_dict(d, int(params_like.shape[0]))
     if labels is not None:
         namespace(labels, names=("labels",))  # an array of a supported library
-        given, saved_labels = np.asarray(to_numpy(labels)), np.asarray(_as_host(d["labels"], 1))
+        given, saved_labels = np.asarray(to_numpy(labels)), np.asarray(host_array(d["labels"], 1))
         if given.ndim != 1:
             raise ValueError(f"labels must be the (n,) class indices given to crest_init, got shape {given.shape}")
         if given.shape != saved_labels.shape or not np.array_equal(given, saved_labels):
@@ -2036,7 +2027,7 @@ def crest_load_state_dict(d: dict, params_like, *, labels=None) -> CrestState:
     # (lists, int32 arrays, tensors: the validator accepted them)
     for k, dt, nd in (("labels", np.int64, 1), ("batch_idx", np.int64, 2), ("batch_w", np.float64, 2),
                       ("check_idx", np.int64, 1)):
-        fields[k] = np.array(_as_host(d[k], nd), dtype=dt)
+        fields[k] = np.array(host_array(d[k], nd), dtype=dt)
     fields["labels"] = frozen_copy(fields["labels"])  # as crest_init keeps them
     for k in ("seed", "n_classes", "step", "since_check", "T1", "P", "n_selections", "cursor", "epoch_steps"):
         fields[k] = int(d[k])
@@ -2054,7 +2045,7 @@ def crest_load_state_dict(d: dict, params_like, *, labels=None) -> CrestState:
     kinds: dict[str, Any] = {"losses": np.float64, "steps": np.int64, "head": np.int64, "active": np.bool_,
                              "dropped_at": np.int64}
     for k, dt in kinds.items():
-        dr[k] = np.array(_as_host(dr[k]), dtype=dt)
+        dr[k] = np.array(host_array(dr[k]), dtype=dt)
     if dr.get("clock") is not None:
         dr["clock"] = np.array(np.asarray(dr["clock"]), dtype=np.int64)
     if "version" in dr:
@@ -2062,9 +2053,9 @@ def crest_load_state_dict(d: dict, params_like, *, labels=None) -> CrestState:
     dr["active"] = frozen_copy(dr["active"])  # as the drop module makes its pool masks (see pool_size)
     fields["drop"] = DropState(**dr)
     fields["made"] = int(d["made"])
-    fields["subsets"] = np.array(_as_host(d["subsets"], 2), dtype=np.int64)
+    fields["subsets"] = np.array(host_array(d["subsets"], 2), dtype=np.int64)
     if d["draw"] is not None:
-        fields["draw"] = {k: np.array(_as_host(d["draw"][k], 1), dtype=np.int64) for k in ("pool", "r_c", "rng")}
+        fields["draw"] = {k: np.array(host_array(d["draw"][k], 1), dtype=np.int64) for k in ("pool", "r_c", "rng")}
         fields["draw"]["rng"] = frozen_copy(fields["draw"]["rng"])  # the key of the grouped pool (_subset_row)
     fields["counters"] = {**_COUNTERS_ADDED, **d["counters"]}  # (a state saved before a counter was added)
     # records as the run writes them (checks and drops are tuples; JSON gives them back as lists)
